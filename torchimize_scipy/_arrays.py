@@ -1,0 +1,130 @@
+"""Array namespaces at the boundary: what the caller passed, and what comes back.
+
+The engine works on torch tensors only. At the boundary we remember which kind
+of array the caller used (numpy or anything numpy-like, torch, or another
+array-API library found through ``array-api-compat``) so that ``fun`` receives
+and the result holds that same kind, as under scipy for numpy users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+try:  # optional at import time; declared as a dependency
+    import array_api_compat
+except ImportError:  # pragma: no cover - exercised only without the dependency
+    array_api_compat = None
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Where the caller's arrays live.
+
+    Attributes
+    ----------
+    kind : {'numpy', 'torch', 'xp'}
+        ``'xp'`` is any other array-API library (reached through numpy on the host).
+    device : torch.device
+        Device the engine computes on.
+    dtype : torch.dtype
+        Floating dtype the engine computes in.
+    xp : module or None
+        The foreign namespace for ``kind == 'xp'``.
+    """
+
+    kind: str
+    device: torch.device
+    dtype: torch.dtype
+    xp: Any = None
+
+    # ---- engine -> caller -------------------------------------------------
+    def to_user(self, t: torch.Tensor) -> Any:
+        """Convert an engine tensor to the caller's array kind."""
+        if self.kind == "torch":
+            return t
+        a = t.detach().cpu().numpy()
+        if self.kind == "xp":
+            return self.xp.asarray(a)
+        return a
+
+    def row_to_fun(self, t: torch.Tensor) -> Any:
+        """Convert one point ``(n,)`` to what ``fun`` receives."""
+        if self.kind == "torch":
+            return t
+        a = t.detach().cpu().numpy()
+        if a.dtype == np.float32:
+            a = a.astype(np.float64)
+        if self.kind == "xp":
+            return self.xp.asarray(a)
+        return a
+
+    # ---- caller -> engine -------------------------------------------------
+    def from_user(self, a: Any, complex_ok: bool = False) -> torch.Tensor:
+        """Convert an array returned by the caller's function to an engine tensor."""
+        if isinstance(a, torch.Tensor):
+            t = a.detach()
+        else:
+            arr = np.asarray(a)
+            if arr.dtype == object:
+                raise ValueError("`fun` and `jac` must return numeric array_like values.")
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+        if t.is_complex():
+            if not complex_ok:
+                t = t.real
+            return t.to(device=self.device)
+        return t.to(device=self.device, dtype=self.dtype)
+
+
+def is_torch(x: Any) -> bool:
+    """True for torch tensors."""
+    return isinstance(x, torch.Tensor)
+
+
+def detect_namespace(x0: Any, device: Any = None, dtype: Any = None) -> Namespace:
+    """Work out the caller's array kind and the engine's device and dtype.
+
+    numpy arrays, lists and scalars give ``'numpy'`` with float64 on the CPU
+    (as scipy casts ``x0`` to float); tensors keep their device and floating
+    dtype (integers become float64); ``device=``/``dtype=`` override both.
+    """
+    tdtype = _torch_dtype(dtype) if dtype is not None else None
+    if is_torch(x0):
+        dev = torch.device(device) if device is not None else x0.device
+        if tdtype is None:
+            tdtype = x0.dtype if x0.is_floating_point() else torch.float64
+        return Namespace("torch", dev, tdtype)
+    xp = None
+    kind = "numpy"
+    if array_api_compat is not None and not isinstance(x0, (list, tuple, int, float)):
+        try:
+            ns = array_api_compat.array_namespace(x0)
+        except TypeError:
+            ns = None
+        if ns is not None and not array_api_compat.is_numpy_namespace(ns):
+            kind, xp = "xp", ns
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return Namespace(kind, dev, tdtype or torch.float64, xp)
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError("`dtype` must be a real floating dtype.")
+        return dtype
+    np_dtype = np.dtype(dtype)
+    table = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32,
+             np.dtype(np.float16): torch.float16}
+    if np_dtype not in table:
+        raise ValueError("`dtype` must be a real floating dtype.")
+    return table[np_dtype]
+
+
+def as_numpy(a: Any) -> np.ndarray:
+    """Host numpy view of any supported array (for validation)."""
+    if is_torch(a):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)

@@ -1,0 +1,90 @@
+"""Run the engine on a batch of validated problems and collect the results.
+
+Frontends (``least_squares``, ``batch_least_squares``) validate and translate
+options, build the batched callables and then call :func:`solve`, which builds
+the engine's :class:`~torchimize_scipy._engine.problem.Problem`, its initial
+state and result buffers, and runs the shared loop with the method's step rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ._engine import status as codes
+from ._engine.loop import run
+from ._engine.problem import BatchedFun, BatchedJac, Problem
+from ._engine.steps import RULES
+
+
+def default_max_nfev(method: str, n: int) -> int:
+    """scipy's default budget (``100 n``); ``'gd'`` gets ``1000 n``."""
+    return (1000 if method == "gd" else 100) * n
+
+
+def solve(
+    *,
+    method: str,
+    fun: BatchedFun,
+    jac: BatchedJac,
+    x0: Tensor,
+    f0: Tensor,
+    J0: Tensor,
+    lb: Tensor,
+    ub: Tensor,
+    x_scale: Tensor | str,
+    loss: object | None,
+    ftol: float,
+    xtol: float,
+    gtol: float,
+    max_nfev: int | None,
+    verbose: int = 0,
+    callback: Callable[[dict], bool] | None = None,
+    initial_status: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Solve ``B`` problems; return batch-first result tensors.
+
+    Parameters are engine tensors: ``x0, lb, ub (B, n)``, ``f0 (B, m)``,
+    ``J0 (B, m, n)`` (raw, before any loss scaling); ``x_scale`` is ``'jac'``
+    or ``(B, n)``. ``initial_status`` may pre-set a status for problems that
+    must not run (e.g. non-finite residuals at ``x0``).
+
+    Returns
+    -------
+    dict
+        ``x, cost, f_true, J, g, optimality, active_mask, nfev, njev, nit, status``.
+    """
+    B, n = x0.shape
+    m = f0.shape[-1]
+    dev, dtype = x0.device, x0.dtype
+    bounded = bool(torch.isfinite(lb).any() or torch.isfinite(ub).any())
+    jac_scale = isinstance(x_scale, str)
+    problem = Problem(
+        fun=fun, jac=jac, m=m, n=n, loss=loss, ftol=ftol, xtol=xtol, gtol=gtol,
+        max_nfev=max_nfev if max_nfev is not None else default_max_nfev(method, n),
+        jac_scale=jac_scale, bounded=bounded, callback=callback, verbose=verbose)
+    if jac_scale:
+        scale = torch.ones_like(x0)
+    else:
+        scale = x_scale.to(device=dev, dtype=dtype)
+    ones = torch.ones(B, dtype=torch.long, device=dev)
+    state = {
+        "ids": torch.arange(B, device=dev), "x": x0, "f_true": f0, "J_true": J0,
+        "lb": lb, "ub": ub, "scale": scale, "scale_inv": 1.0 / scale,
+        "nfev": ones.clone(), "njev": ones.clone(),
+    }
+    if initial_status is not None:
+        state["status"] = initial_status
+    out = {
+        "x": torch.empty_like(x0), "cost": x0.new_empty(B), "f_true": torch.empty_like(f0),
+        "J": torch.empty_like(J0), "g": torch.empty_like(x0), "optimality": x0.new_empty(B),
+        "active_mask": torch.zeros(B, n, dtype=torch.long, device=dev),
+        "nfev": torch.zeros(B, dtype=torch.long, device=dev),
+        "njev": torch.zeros(B, dtype=torch.long, device=dev),
+        "nit": torch.zeros(B, dtype=torch.long, device=dev),
+        "status": torch.full((B,), codes.RUNNING, dtype=torch.long, device=dev),
+    }
+    run(problem, RULES[method](), state, out)
+    return out

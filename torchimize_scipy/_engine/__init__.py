@@ -1,0 +1,1 @@
+"""The batched least-squares engine: one loop, pluggable step rules."""

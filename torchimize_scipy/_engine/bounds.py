@@ -1,0 +1,91 @@
+"""Batched helpers for box constraints ``lb <= x <= ub``.
+
+These are the geometric pieces of the bounded trust-region methods: distance to
+the box along a direction, Coleman-Li scaling (Branch, Coleman & Li, SIAM J. Sci.
+Comput. 21(1), 1999, eq. 2.2), the strictly-feasible shift used by 'trf' and the
+detection of active constraints reported in ``active_mask``. Unbounded
+coordinates carry ``-inf``/``inf`` and fall out of every formula naturally.
+All arrays are ``(B, n)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def in_bounds(x: Tensor, lb: Tensor, ub: Tensor) -> Tensor:
+    """``(B,)`` mask: is every coordinate inside the box."""
+    return ((x >= lb) & (x <= ub)).all(-1)
+
+
+def step_size_to_bound(x: Tensor, s: Tensor, lb: Tensor, ub: Tensor) -> tuple[Tensor, Tensor]:
+    """Largest ``t >= 0`` with ``x + t s`` in the box, and which bounds it hits.
+
+    Returns ``t (B,)`` (``inf`` when ``s`` is zero or points nowhere near a finite
+    bound) and ``hits (B, n)``: -1 lower bound hit, 1 upper, 0 none.
+    """
+    nonzero = s != 0
+    safe_s = torch.where(nonzero, s, torch.ones_like(s))
+    steps = torch.maximum((lb - x) / safe_s, (ub - x) / safe_s)
+    steps = torch.where(nonzero, steps, torch.full_like(steps, float("inf")))
+    min_step = steps.min(-1).values
+    hits = (steps == min_step.unsqueeze(-1)).to(s.dtype) * torch.sign(s)
+    return min_step, hits.to(torch.long)
+
+
+def find_active_constraints(x: Tensor, lb: Tensor, ub: Tensor, rtol: float = 1e-10) -> Tensor:
+    """Integer mask of active bounds: -1 lower, 1 upper, 0 free.
+
+    A bound is active when ``x`` is within ``rtol * max(1, |bound|)`` of it and
+    closer to it than to the opposite bound; with ``rtol = 0`` only exact
+    contact counts.
+    """
+    active = torch.zeros(x.shape, dtype=torch.long, device=x.device)
+    if rtol == 0:
+        active = torch.where(x <= lb, -1, active)
+        return torch.where(x >= ub, 1, active)
+    lower_dist = x - lb
+    upper_dist = ub - x
+    lower_thr = rtol * torch.clamp(lb.abs(), min=1.0)
+    upper_thr = rtol * torch.clamp(ub.abs(), min=1.0)
+    lower = torch.isfinite(lb) & (lower_dist <= torch.minimum(upper_dist, lower_thr))
+    upper = torch.isfinite(ub) & (upper_dist <= torch.minimum(lower_dist, upper_thr))
+    active = torch.where(lower, -1, active)
+    return torch.where(upper, 1, active)
+
+
+def make_strictly_feasible(x: Tensor, lb: Tensor, ub: Tensor, rstep: float = 1e-10) -> Tensor:
+    """Move coordinates on (or within ``rstep``) of a bound into the interior.
+
+    With ``rstep = 0`` the point moves to the next representable number.
+    """
+    active = find_active_constraints(x, lb, ub, rstep)
+    lower = active == -1
+    upper = active == 1
+    if rstep == 0:
+        new_lower = torch.nextafter(lb, ub)
+        new_upper = torch.nextafter(ub, lb)
+    else:
+        new_lower = lb + rstep * torch.clamp(lb.abs(), min=1.0)
+        new_upper = ub - rstep * torch.clamp(ub.abs(), min=1.0)
+    x_new = torch.where(lower, new_lower, torch.where(upper, new_upper, x))
+    tight = (x_new < lb) | (x_new > ub)
+    return torch.where(tight, 0.5 * (lb + ub), x_new)
+
+
+def coleman_li_scaling(x: Tensor, g: Tensor, lb: Tensor, ub: Tensor) -> tuple[Tensor, Tensor]:
+    """Coleman-Li scaling vector ``v`` and its derivative ``dv`` (diagonal).
+
+    ``v_i`` is the distance to the bound the anti-gradient points to (1 where
+    that bound is infinite); ``dv_i`` is -1, 1 or 0 accordingly.
+    """
+    ones = torch.ones_like(x)
+    zeros = torch.zeros_like(x)
+    to_upper = (g < 0) & torch.isfinite(ub)
+    to_lower = (g > 0) & torch.isfinite(lb)
+    v = torch.where(to_upper, ub - x, ones)
+    dv = torch.where(to_upper, -ones, zeros)
+    v = torch.where(to_lower, x - lb, v)
+    dv = torch.where(to_lower, ones, dv)
+    return v, dv

@@ -1,0 +1,225 @@
+r"""Batched dense linear algebra for the step computations.
+
+Every trust-region method here needs, for each problem, the minimiser of
+
+.. math:: \lVert A p + b \rVert^2 + \alpha \lVert p \rVert^2,
+          \qquad A = \begin{bmatrix} J\,\mathrm{diag}(d) \\ \mathrm{diag}(c)^{1/2} \end{bmatrix}
+
+for several values of the Levenberg-Marquardt parameter :math:`\alpha`. One thin
+SVD :math:`A = U \Sigma V^\top` serves them all:
+:math:`p(\alpha) = -V (\Sigma^2 + \alpha I)^{-1} \Sigma U^\top b`. This never forms
+:math:`J^\top J`, so the condition number is not squared (the stacked-system
+view of Moré 1977). For tall matrices the SVD is taken of the triangular factor
+of a QR decomposition, which costs :math:`O(mn^2)` once and leaves only
+:math:`n \times n` work per problem.
+
+The radius-matching root finders follow J. J. Moré, "The Levenberg-Marquardt
+algorithm: implementation and theory", Lecture Notes in Mathematics 630 (1978),
+pp. 105-116: Newton's method on :math:`1/\lVert p(\alpha)\rVert - 1/\Delta`
+safeguarded by the interval :math:`[\alpha_l, \alpha_u]`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def svd_factors(
+    J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD data of the (optionally augmented) scaled Jacobian.
+
+    Parameters
+    ----------
+    J : Tensor, shape (B, m, n)
+    d : Tensor, shape (B, n), optional
+        Column scaling; the matrix factorised is ``J diag(d)``.
+    f : Tensor, shape (B, m)
+        Right-hand side; ``uf = U^T [f; 0]`` is returned.
+    diag : Tensor, shape (B, n), optional
+        Non-negative diagonal appended below as ``diag(sqrt(diag))`` rows.
+
+    Returns
+    -------
+    s : Tensor, shape (B, k)
+        Singular values in decreasing order, ``k = n`` when augmented or
+        ``m >= n``, else ``m``.
+    V : Tensor, shape (B, n, k)
+    uf : Tensor, shape (B, k)
+    """
+    A = J if d is None else J * d.unsqueeze(-2)
+    B, m, n = A.shape
+    rhs = f
+    if m > n:
+        # Reduce to the n x n triangular factor first; Q^T f carries the rhs.
+        Q, R = torch.linalg.qr(A, mode="reduced")
+        rhs = torch.bmm(Q.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
+        A = R
+    if diag is not None:
+        A = torch.cat([A, torch.diag_embed(diag.clamp(min=0).sqrt())], dim=-2)
+        rhs = torch.cat([rhs, torch.zeros_like(diag)], dim=-1)
+    U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    uf = torch.bmm(U.transpose(-1, -2), rhs.unsqueeze(-1)).squeeze(-1)
+    return s, Vh.transpose(-1, -2), uf
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` with 0 where ``den`` is 0 (the numerators vanish there too)."""
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def full_rank_mask(s: Tensor, m: int, n: int) -> Tensor:
+    """Numerical full column rank, judged as scipy's 'trf' does (``eps * m * s_max``)."""
+    if m < n or s.shape[-1] < n:
+        return torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
+    eps = torch.finfo(s.dtype).eps
+    return s[:, -1] > eps * m * s[:, 0]
+
+
+def gauss_newton_step(s: Tensor, V: Tensor, uf: Tensor, rcond: float | None = None) -> Tensor:
+    """Minimum-norm least-squares step ``-pinv(A) b`` from SVD data, ``(B, n)``.
+
+    Singular values below ``rcond * s_max`` (default: the dtype's epsilon times
+    the larger dimension, as ``numpy.linalg.lstsq``) are treated as zero.
+    """
+    if rcond is None:
+        rcond = torch.finfo(s.dtype).eps
+    cutoff = rcond * s[:, :1]
+    keep = s > cutoff
+    coef = torch.where(keep, _safe_div(uf, s), torch.zeros_like(uf))
+    return -torch.bmm(V, coef.unsqueeze(-1)).squeeze(-1)
+
+
+def _phi(alpha: Tensor, suf: Tensor, s: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``|p(alpha)| - delta``, its derivative in alpha, and ``|p(alpha)|``."""
+    denom = s * s + alpha.unsqueeze(-1)
+    p_norm = _safe_div(suf, denom).norm(dim=-1)
+    phi = p_norm - delta
+    dphi = -_safe_div(suf * suf, denom**3).sum(-1) / torch.where(
+        p_norm > 0, p_norm, torch.ones_like(p_norm))
+    return phi, dphi, p_norm
+
+
+def _step_for_alpha(alpha: Tensor, suf: Tensor, s: Tensor, V: Tensor) -> Tensor:
+    coef = _safe_div(suf, s * s + alpha.unsqueeze(-1))
+    return -torch.bmm(V, coef.unsqueeze(-1)).squeeze(-1)
+
+
+def solve_trust_region_scipy(
+    s: Tensor, V: Tensor, uf: Tensor, delta: Tensor, alpha0: Tensor, m: int, n: int,
+    rtol: float = 0.01, max_iter: int = 10,
+) -> tuple[Tensor, Tensor]:
+    """Trust-region subproblem ``min |A p + b|, |p| <= delta`` as in scipy's 'trf'.
+
+    The Gauss-Newton step is returned (with ``alpha = 0``) when the matrix has
+    full rank and the step fits; otherwise ``alpha`` is found by Moré's
+    safeguarded Newton iteration to ``|p| = delta (1 +- rtol)`` and the step is
+    rescaled onto the boundary.
+
+    Returns
+    -------
+    p : Tensor, shape (B, n)
+    alpha : Tensor, shape (B,)
+    """
+    suf = s * uf
+    full_rank = full_rank_mask(s, m, n)
+    p_gn = _step_for_alpha(torch.zeros_like(delta), suf, s, V)
+    inside = full_rank & (p_gn.norm(dim=-1) <= delta)
+    if bool(inside.all()):
+        return p_gn, torch.zeros_like(delta)
+
+    upper = suf.norm(dim=-1) / delta
+    phi0, dphi0, _ = _phi(torch.zeros_like(delta), suf, s, delta)
+    lower = torch.where(full_rank, -phi0 / torch.where(dphi0 != 0, dphi0, torch.ones_like(dphi0)),
+                        torch.zeros_like(delta))
+
+    def restart(lo: Tensor, up: Tensor) -> Tensor:
+        return torch.maximum(0.001 * up, (lo * up).sqrt())
+
+    alpha = torch.where(~full_rank & (alpha0 == 0), restart(lower, upper), alpha0)
+    running = ~inside
+    for _ in range(max_iter):
+        out = (alpha < lower) | (alpha > upper)
+        alpha_it = torch.where(out, restart(lower, upper), alpha)
+        phi, dphi, _ = _phi(alpha_it, suf, s, delta)
+        upper_it = torch.where(phi < 0, alpha_it, upper)
+        ratio = phi / torch.where(dphi != 0, dphi, torch.ones_like(dphi))
+        lower_it = torch.maximum(lower, alpha_it - ratio)
+        alpha_next = alpha_it - (phi + delta) * ratio / delta
+        alpha = torch.where(running, alpha_next, alpha)
+        lower = torch.where(running, lower_it, lower)
+        upper = torch.where(running, upper_it, upper)
+        running = running & ~(phi.abs() < rtol * delta)
+        if not bool(running.any()):
+            break
+    p = _step_for_alpha(alpha, suf, s, V)
+    pn = p.norm(dim=-1)
+    p = p * (delta / torch.where(pn > 0, pn, torch.ones_like(pn))).unsqueeze(-1)
+    p = torch.where(inside.unsqueeze(-1), p_gn, p)
+    alpha = torch.where(inside, torch.zeros_like(alpha), alpha)
+    return p, alpha
+
+
+def solve_trust_region_minpack(
+    s: Tensor, V: Tensor, uf: Tensor, delta: Tensor, par0: Tensor, m: int, n: int,
+    max_iter: int = 10,
+) -> tuple[Tensor, Tensor]:
+    """Levenberg-Marquardt parameter search of MINPACK's ``lmpar`` (Moré 1978).
+
+    Works in scaled variables (``A = J diag(1/D)``) and stops when
+    ``| |p| - delta | <= 0.1 delta``. Unlike the 'trf' variant, the step is not
+    rescaled onto the boundary.
+
+    Returns
+    -------
+    p : Tensor, shape (B, n)
+        Step in scaled variables.
+    par : Tensor, shape (B,)
+    """
+    dtype = s.dtype
+    dwarf = torch.finfo(dtype).tiny
+    suf = s * uf
+    full_rank = full_rank_mask(s, m, n)
+    p_gn = gauss_newton_step(s, V, uf)
+    dxnorm = p_gn.norm(dim=-1)
+    fp = dxnorm - delta
+    gn_ok = fp <= 0.1 * delta
+    if bool(gn_ok.all()):
+        return p_gn, torch.zeros_like(delta)
+
+    zeros = torch.zeros_like(delta)
+    phi0, dphi0, _ = _phi(zeros, suf, s, delta)
+    safe_d = torch.where(dphi0 != 0, dphi0, torch.ones_like(dphi0))
+    parl = torch.where(full_rank, (-phi0 / safe_d) * (dxnorm / delta), zeros)
+    gnorm = suf.norm(dim=-1)
+    paru = gnorm / delta
+    paru = torch.where(paru == 0, dwarf / torch.clamp(delta, max=0.1), paru)
+    par = torch.minimum(torch.maximum(par0, parl), paru)
+    par = torch.where(par == 0, gnorm / torch.where(dxnorm > 0, dxnorm, torch.ones_like(dxnorm)),
+                      par)
+    running = ~gn_ok
+    for it in range(1, max_iter + 1):
+        par_it = torch.where(par == 0, torch.clamp(0.001 * paru, min=dwarf), par)
+        phi, dphi, pnorm = _phi(par_it, suf, s, delta)
+        temp = fp
+        fp_it = phi
+        stop = ((fp_it.abs() <= 0.1 * delta) | ((parl == 0) & (fp_it <= temp) & (temp < 0))
+                | torch.full_like(running, it == max_iter))
+        parc = -(phi / torch.where(dphi != 0, dphi, torch.ones_like(dphi))) * (pnorm / delta)
+        parl_it = torch.where(fp_it > 0, torch.maximum(parl, par_it), parl)
+        paru_it = torch.where(fp_it < 0, torch.minimum(paru, par_it), paru)
+        par_next = torch.maximum(parl_it, par_it + parc)
+        # rows that stop keep the parameter they were evaluated at
+        par = torch.where(running, torch.where(stop, par_it, par_next), par)
+        parl = torch.where(running & ~stop, parl_it, parl)
+        paru = torch.where(running & ~stop, paru_it, paru)
+        fp = torch.where(running, fp_it, fp)
+        running = running & ~stop
+        if not bool(running.any()):
+            break
+    p = _step_for_alpha(par, suf, s, V)
+    p = torch.where(gn_ok.unsqueeze(-1), p_gn, p)
+    par = torch.where(gn_ok, zeros, par)
+    return p, par

@@ -1,0 +1,200 @@
+"""The one batched iteration loop shared by every method.
+
+Each problem of the batch runs the classic two-level trust-region scheme of
+scipy's solvers (Moré 1978; Branch, Coleman & Li 1999; Voglis & Lagaris 2004):
+
+* an *outer* iteration starts at a point with a fresh Jacobian: the step rule
+  measures first-order optimality (``gtol`` test) and factorises the model;
+* *trials* follow: the rule proposes a step, the residuals are evaluated there
+  (one ``nfev``), and the rule judges the trial, updating its radius/damping and
+  applying the ``ftol``/``xtol`` tests. An accepted trial moves the point, the
+  Jacobian is evaluated (one ``njev``) and a new outer iteration begins.
+
+Here the two levels are flattened into one loop over trials so that problems at
+different stages advance together. Per-problem state is a ``dict`` of
+batch-first tensors. A problem whose ``status`` is set is *finished*: its
+results are written out and its rows are dropped from the working state
+(compaction), so it costs no further evaluations. The residual and Jacobian
+callables only ever see the rows of running problems, together with their
+problem indices.
+
+A step rule (see ``steps/``) provides ``init``, ``top`` (optimality and the
+``gtol`` test), ``prepare`` (factorisation), ``propose`` (trial point),
+``judge`` (acceptance, radius update, termination tests) and ``finalize``
+(``grad`` and ``active_mask`` as scipy reports them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import status as st_codes
+from .problem import Problem
+
+State = dict[str, Tensor]
+
+#: Keys written to the output for every problem.
+RESULT_KEYS = ("x", "cost", "f_true", "J", "g", "optimality", "active_mask", "nfev", "njev",
+               "nit", "status")
+
+
+def take(state: State, rows: Tensor | None) -> State:
+    """Rows ``rows`` of every tensor in ``state`` (all of them when None)."""
+    if rows is None:
+        return dict(state)
+    return {k: v.index_select(0, rows) for k, v in state.items()}
+
+
+def put(state: State, rows: Tensor | None, sub: State) -> None:
+    """Write the tensors of ``sub`` back into ``state`` at ``rows`` (out of place)."""
+    for k, v in sub.items():
+        if rows is None:
+            state[k] = v
+        elif k in state:
+            state[k] = state[k].index_copy(0, rows, v)
+        else:
+            raise KeyError(f"new state key {k!r} must be created in init()")
+
+
+def _rows(mask: Tensor, total: int) -> Tensor | None:
+    """Indices where ``mask`` is true, or None meaning "all rows"."""
+    count = int(mask.sum())
+    if count == total:
+        return None
+    return mask.nonzero().squeeze(-1)
+
+
+def _print_row(state: State, header: bool) -> None:
+    if header:
+        print("{:^15}{:^15}{:^15}{:^15}{:^15}{:^15}".format(
+            "Iteration", "Total nfev", "Cost", "Cost reduction", "Step norm", "Optimality"))
+    red = float(state["last_reduction"][0])
+    stp = float(state["last_step_norm"][0])
+    red_s = " " * 15 if red != red else f"{red:^15.2e}"
+    stp_s = " " * 15 if stp != stp else f"{stp:^15.2e}"
+    print(f"{int(state['nit'][0]):^15}{int(state['nfev'][0]):^15}"
+          f"{float(state['cost'][0]):^15.4e}{red_s}{stp_s}{float(state['optimality'][0]):^15.2e}")
+
+
+def run(problem: Problem, rule, state: State, out: State) -> None:
+    """Run ``rule`` on every problem in ``state`` until all are finished.
+
+    Parameters
+    ----------
+    problem : Problem
+    rule : step rule object
+    state : dict
+        Initial state with at least ``ids, x, f_true, J_true, lb, ub, scale,
+        scale_inv, nfev, njev`` (``J_true`` is the raw Jacobian at ``x``).
+        Rows may already carry a ``status`` (e.g. non-finite start).
+    out : dict
+        Preallocated result tensors indexed by problem id (keys
+        :data:`RESULT_KEYS`); filled in place as problems finish.
+    """
+    B = state["x"].shape[0]
+    dev = state["x"].device
+    dtype = state["x"].dtype
+    nan = torch.full((B,), float("nan"), dtype=dtype, device=dev)
+    J_true = state.pop("J_true")
+    f, J, g = problem.linearize(state["f_true"], J_true)
+    state.update(
+        f=f, J=J, g=g, cost=problem.cost(state["f_true"]),
+        nit=torch.zeros(B, dtype=torch.long, device=dev),
+        status=state.get("status", torch.full((B,), st_codes.RUNNING, dtype=torch.long,
+                                               device=dev)),
+        fresh=torch.ones(B, dtype=torch.bool, device=dev),
+        optimality=torch.zeros(B, dtype=dtype, device=dev),
+        last_reduction=nan.clone(), last_step_norm=nan.clone(),
+    )
+    bad = ~(torch.isfinite(J).flatten(1).all(-1) & torch.isfinite(state["f_true"]).all(-1))
+    state["status"] = torch.where(bad & (state["status"] == st_codes.RUNNING),
+                                  st_codes.NONFINITE, state["status"])
+    rule.init(problem, state)
+    printed_header = False
+
+    while True:
+        # ---- top of an outer iteration: optimality, gtol, budget -------------
+        status = state["status"]
+        top = state["fresh"] & (status != st_codes.CALLBACK_STOP) & (status != st_codes.NONFINITE)
+        if bool(top.any()):
+            rows = _rows(top, top.shape[0])
+            sub = take(state, rows)
+            gtol_hit = rule.top(problem, sub)
+            may_override = (sub["status"] == st_codes.RUNNING) | (
+                (sub["status"] >= st_codes.FTOL) & (sub["status"] <= st_codes.FTOL_XTOL))
+            sub["status"] = torch.where(gtol_hit & may_override, st_codes.GTOL, sub["status"])
+            if problem.verbose == 2 and B == 1:
+                _print_row(sub, header=not printed_header)
+                printed_header = True
+            over = sub["nfev"] >= problem.max_nfev
+            sub["status"] = torch.where((sub["status"] == st_codes.RUNNING) & over,
+                                        st_codes.MAX_NFEV, sub["status"])
+            go = sub["status"] == st_codes.RUNNING
+            if bool(go.any()):
+                grow = _rows(go, go.shape[0])
+                part = take(sub, grow)
+                rule.prepare(problem, part)
+                put(sub, grow, part)
+            put(state, rows, sub)
+        state["fresh"] = torch.zeros_like(state["fresh"])
+        finished = state["status"] != st_codes.RUNNING
+        if bool(finished.any()):
+            _write_out(problem, rule, state, finished, out)
+            keep = ~finished
+            if not bool(keep.any()):
+                return
+            state.update(take(state, keep.nonzero().squeeze(-1)))
+
+        # ---- one trial per running problem -----------------------------------
+        trial = rule.propose(problem, state)
+        x_new = trial["x_new"]
+        f_new = problem.fun(x_new, state["ids"])
+        state["nfev"] = state["nfev"] + 1
+        finite = torch.isfinite(f_new).all(-1)
+        f_new = torch.where(finite.unsqueeze(-1), f_new, torch.zeros_like(f_new))
+        cost_new = problem.cost(f_new)
+        accept, code, x_acc = rule.judge(problem, state, trial, f_new, cost_new, finite)
+        red = state["cost"] - cost_new
+        state["status"] = torch.where(code != st_codes.RUNNING, code, state["status"])
+        over = state["nfev"] >= problem.max_nfev
+        boundary = accept | (state["status"] != st_codes.RUNNING) | over
+        state["last_reduction"] = torch.where(
+            boundary, torch.where(accept, red, torch.zeros_like(red)), state["last_reduction"])
+        state["last_step_norm"] = torch.where(
+            boundary, torch.where(accept, trial["step_norm"], torch.zeros_like(red)),
+            state["last_step_norm"])
+        state["nit"] = state["nit"] + boundary.long()
+        state["fresh"] = boundary
+        if bool(accept.any()):
+            arows = _rows(accept, accept.shape[0])
+            sub = take(state, arows)
+            sub["x"] = x_acc if arows is None else x_acc.index_select(0, arows)
+            sub["f_true"] = f_new if arows is None else f_new.index_select(0, arows)
+            sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
+            J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
+            sub["njev"] = sub["njev"] + 1
+            sub["f"], sub["J"], sub["g"] = problem.linearize(sub["f_true"], J_true)
+            okJ = torch.isfinite(sub["J"]).flatten(1).all(-1)
+            sub["status"] = torch.where(okJ | (sub["status"] != st_codes.RUNNING),
+                                        sub["status"], st_codes.NONFINITE)
+            rule.after_jacobian(problem, sub)
+            put(state, arows, sub)
+        if problem.callback is not None and B == 1 and bool(boundary[0]):
+            if problem.callback(state):
+                state["status"] = torch.full_like(state["status"], st_codes.CALLBACK_STOP)
+
+
+def _write_out(problem: Problem, rule, state: State, mask: Tensor, out: State) -> None:
+    rows = mask.nonzero().squeeze(-1)
+    sub = take(state, rows)
+    extra = rule.finalize(problem, sub)
+    ids = sub["ids"]
+    values = {
+        "x": sub["x"], "cost": sub["cost"], "f_true": sub["f_true"], "J": sub["J"],
+        "g": extra.get("grad", sub["g"]), "optimality": sub["optimality"],
+        "active_mask": extra["active_mask"], "nfev": sub["nfev"], "njev": sub["njev"],
+        "nit": sub["nit"], "status": sub["status"],
+    }
+    for k, v in values.items():
+        out[k].index_copy_(0, ids, v.to(out[k].dtype))

@@ -1,0 +1,90 @@
+"""The static description of one engine run and the per-problem linearisation.
+
+:class:`Problem` holds what does not change during a run: the batched residual
+and Jacobian callables, the loss, tolerances and limits. The engine's mutable
+state lives in a plain ``dict`` of batch-first tensors (see ``loop.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._loss import scale_for_robust_loss
+
+#: ``fun(x (k, n), idx (k,)) -> f (k, m)``; ``idx`` names the problem of each row.
+BatchedFun = Callable[[Tensor, Tensor], Tensor]
+#: ``jac(x (k, n), f (k, m), idx (k,)) -> J (k, m, n)``.
+BatchedJac = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Problem:
+    """Everything the engine needs that is fixed for a run.
+
+    Attributes
+    ----------
+    fun, jac
+        Batched residuals and Jacobian (see :data:`BatchedFun`, :data:`BatchedJac`).
+    m, n
+        Number of residuals and of variables.
+    loss
+        A robust loss object from :mod:`torchimize_scipy._loss`, or None for
+        the linear loss.
+    ftol, xtol, gtol
+        Tolerances (already checked by the frontend; 0 disables a test).
+    max_nfev
+        Evaluation budget per problem.
+    jac_scale
+        True for ``x_scale='jac'``.
+    bounded
+        True when some problem has a finite bound (selects the bounded code
+        paths; they reduce to the unbounded ones when all bounds are infinite).
+    callback
+        ``callback(state_row_dict) -> bool`` called after each iteration of a
+        single problem; True stops it with status -2.
+    verbose
+        0, 1 or 2 as in scipy; the iteration table is printed for ``B == 1``.
+    """
+
+    fun: BatchedFun
+    jac: BatchedJac
+    m: int
+    n: int
+    loss: object | None
+    ftol: float
+    xtol: float
+    gtol: float
+    max_nfev: int
+    jac_scale: bool
+    bounded: bool
+    callback: Callable[[dict], bool] | None = None
+    verbose: int = 0
+
+    def cost(self, f: Tensor) -> Tensor:
+        """Cost ``0.5 * sum(rho(f**2))`` per problem, ``(B,)``."""
+        if self.loss is None:
+            return 0.5 * (f * f).sum(-1)
+        return self.loss.cost(f)
+
+    def linearize(self, f_true: Tensor, J_true: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Loss-scaled residuals and Jacobian and the gradient ``J^T f``.
+
+        Returns ``(f, J, g)`` where, for a robust loss, ``J^T J`` is the
+        Gauss-Newton Hessian of the cost and ``J^T f`` its gradient.
+        """
+        if self.loss is None:
+            f, J = f_true, J_true
+        else:
+            rho = self.loss.rho(f_true)
+            J, f = scale_for_robust_loss(J_true, f_true, rho)
+        g = torch.bmm(J.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
+        return f, J, g
+
+
+def jac_column_norms(J: Tensor) -> Tensor:
+    """Euclidean norms of the columns of each Jacobian, ``(B, n)``."""
+    return J.norm(dim=-2)

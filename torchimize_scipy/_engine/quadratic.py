@@ -1,0 +1,160 @@
+r"""Batched helpers for the quadratic model of the least-squares cost.
+
+Around the current point the Gauss-Newton model of the change in cost along a
+step :math:`s` is
+
+.. math:: q(s) = \tfrac12 \lVert J s \rVert^2 + \tfrac12 s^\top \operatorname{diag}(c)\, s
+          + g^\top s ,
+
+where :math:`g = J^\top f` and the optional diagonal term :math:`c` comes from the
+Coleman-Li scaling of bounded problems (Branch, Coleman & Li 1999, eq. 2.5).
+Trust-region methods compare :math:`-q(s)` (the predicted reduction) with the
+actual reduction of the cost. All functions work on a batch: ``J (B, m, n)``,
+``g, s, c (B, n)``; scalars per problem have shape ``(B,)``.
+
+The matrix ``J`` is never scaled in memory: a scaled Jacobian ``J diag(d)`` is
+represented by ``(J, d)`` and applied as ``J @ (d * s)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def jac_times(J: Tensor, s: Tensor, d: Tensor | None = None) -> Tensor:
+    """Return ``J diag(d) s`` for a batch: ``(B, m, n) x (B, n) -> (B, m)``."""
+    if d is not None:
+        s = s * d
+    return torch.bmm(J, s.unsqueeze(-1)).squeeze(-1)
+
+
+def evaluate_quadratic(
+    J: Tensor, d: Tensor | None, g: Tensor, s: Tensor, diag: Tensor | None = None
+) -> Tensor:
+    """Value of the model ``0.5 |J_h s|^2 + 0.5 s.diag.s + g.s`` with ``J_h = J diag(d)``."""
+    Js = jac_times(J, s, d)
+    q = (Js * Js).sum(-1)
+    if diag is not None:
+        q = q + (diag * s * s).sum(-1)
+    return 0.5 * q + (g * s).sum(-1)
+
+
+def build_quadratic_1d(
+    J: Tensor,
+    d: Tensor | None,
+    g: Tensor,
+    s: Tensor,
+    diag: Tensor | None = None,
+    s0: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Coefficients ``a t^2 + b t + c`` of the model along the line ``s0 + t s``."""
+    v = jac_times(J, s, d)
+    a = (v * v).sum(-1)
+    if diag is not None:
+        a = a + (diag * s * s).sum(-1)
+    a = 0.5 * a
+    b = (g * s).sum(-1)
+    c = torch.zeros_like(b)
+    if s0 is not None:
+        u = jac_times(J, s0, d)
+        b = b + (u * v).sum(-1)
+        c = 0.5 * (u * u).sum(-1) + (g * s0).sum(-1)
+        if diag is not None:
+            b = b + (diag * s0 * s).sum(-1)
+            c = c + 0.5 * (diag * s0 * s0).sum(-1)
+    return a, b, c
+
+
+def minimize_quadratic_1d(
+    a: Tensor, b: Tensor, lb: Tensor, ub: Tensor, c: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Minimise ``a t^2 + b t + c`` over ``[lb, ub]`` for each problem.
+
+    The candidates are the two ends and, when it lies strictly inside, the
+    stationary point; ties go to the first candidate in that order.
+    """
+    if c is None:
+        c = torch.zeros_like(a)
+    safe_a = torch.where(a != 0, a, torch.ones_like(a))
+    extremum = -0.5 * b / safe_a
+    inside = (a != 0) & (lb < extremum) & (extremum < ub)
+    extremum = torch.where(inside, extremum, lb)
+    t = torch.stack([lb, ub, extremum], dim=-1)
+    y = t * (a.unsqueeze(-1) * t + b.unsqueeze(-1)) + c.unsqueeze(-1)
+    y = y.clone()
+    y[..., 2] = torch.where(inside, y[..., 2], torch.full_like(y[..., 2], float("inf")))
+    # NaN-safe argmin: a NaN value never wins.
+    y = torch.nan_to_num(y, nan=float("inf"))
+    k = torch.argmin(y, dim=-1, keepdim=True)
+    return t.gather(-1, k).squeeze(-1), y.gather(-1, k).squeeze(-1)
+
+
+def intersect_trust_region(x: Tensor, s: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Roots ``t`` of ``|x + t s| = delta`` (negative one first), per problem.
+
+    Uses the cancellation-free form of the quadratic formula. Rows with ``s = 0``
+    give ``(-inf, inf)``.
+    """
+    a = (s * s).sum(-1)
+    b = (x * s).sum(-1)
+    c = (x * x).sum(-1) - delta * delta
+    disc = torch.clamp(b * b - a * c, min=0.0).sqrt()
+    q = -(b + torch.copysign(disc, b))
+    safe_a = torch.where(a != 0, a, torch.ones_like(a))
+    safe_q = torch.where(q != 0, q, torch.ones_like(q))
+    t1 = q / safe_a
+    t2 = c / safe_q
+    lo = torch.minimum(t1, t2)
+    hi = torch.maximum(t1, t2)
+    inf = torch.full_like(lo, float("inf"))
+    lo = torch.where(a != 0, lo, -inf)
+    hi = torch.where(a != 0, hi, inf)
+    return lo, hi
+
+
+def update_tr_radius(
+    delta: Tensor,
+    actual_reduction: Tensor,
+    predicted_reduction: Tensor,
+    step_norm: Tensor,
+    bound_hit: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Trust-region radius update of Moré (1983) as used by scipy's 'trf'/'dogbox'.
+
+    ``ratio = actual / predicted``; shrink to a quarter of the step when
+    ``ratio < 0.25``; double when ``ratio > 0.75`` and the step reached the
+    boundary. Returns the new radius and the ratio.
+    """
+    safe_pred = torch.where(predicted_reduction > 0, predicted_reduction,
+                            torch.ones_like(predicted_reduction))
+    ratio = torch.where(
+        predicted_reduction > 0,
+        actual_reduction / safe_pred,
+        torch.where(
+            (predicted_reduction == 0) & (actual_reduction == 0),
+            torch.ones_like(delta),
+            torch.zeros_like(delta),
+        ),
+    )
+    new = torch.where(ratio < 0.25, 0.25 * step_norm,
+                      torch.where((ratio > 0.75) & bound_hit, 2.0 * delta, delta))
+    return new, ratio
+
+
+def check_termination(
+    dF: Tensor, F: Tensor, dx_norm: Tensor, x_norm: Tensor, ratio: Tensor,
+    ftol: float, xtol: float,
+) -> Tensor:
+    """The ``ftol``/``xtol`` tests of scipy's trust-region solvers.
+
+    Returns an integer code per problem: 4 both, 2 ``ftol``, 3 ``xtol`` and 0
+    for "not satisfied".
+    """
+    ftol_ok = (dF < ftol * F) & (ratio > 0.25)
+    xtol_ok = dx_norm < xtol * (xtol + x_norm)
+    code = torch.zeros(dF.shape, dtype=torch.long, device=dF.device)
+    code = torch.where(ftol_ok, torch.full_like(code, 2), code)
+    code = torch.where(xtol_ok, torch.full_like(code, 3), code)
+    code = torch.where(ftol_ok & xtol_ok, torch.full_like(code, 4), code)
+    return code

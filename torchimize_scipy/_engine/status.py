@@ -1,0 +1,41 @@
+"""Termination status codes and the one table that turns them into messages.
+
+Solvers only ever return the integer codes below; the frontends turn them into
+``message`` and ``success`` through :data:`TERMINATION_MESSAGES`, whose texts are
+the ones ``scipy.optimize.least_squares`` prints, so results compare field by field.
+Codes 5 and 6 are ours: they are only produced inside batches, where one problem
+must not stop the others.
+"""
+
+from __future__ import annotations
+
+CALLBACK_STOP = -2
+IMPROPER_INPUT = -1
+MAX_NFEV = 0
+GTOL = 1
+FTOL = 2
+XTOL = 3
+FTOL_XTOL = 4
+NONFINITE = 5
+SINGULAR = 6
+
+#: Sentinel for "still running" inside the engine; never returned.
+RUNNING = -100
+
+TERMINATION_MESSAGES: dict[int, str] = {
+    CALLBACK_STOP: "Stopped because `callback` function raised `StopIteration` or "
+    "returned `True`",
+    IMPROPER_INPUT: "Improper input parameters status returned from `leastsq`",
+    MAX_NFEV: "The maximum number of function evaluations is exceeded.",
+    GTOL: "`gtol` termination condition is satisfied.",
+    FTOL: "`ftol` termination condition is satisfied.",
+    XTOL: "`xtol` termination condition is satisfied.",
+    FTOL_XTOL: "Both `ftol` and `xtol` termination conditions are satisfied.",
+    NONFINITE: "Residuals or Jacobian became non-finite; the problem was stopped.",
+    SINGULAR: "The linear system of the step is singular; the problem was stopped.",
+}
+
+
+def message(status: int) -> str:
+    """Return the termination message for one integer status code."""
+    return TERMINATION_MESSAGES[int(status)]

@@ -1,0 +1,125 @@
+r"""Gauss-Newton ('gn') and gradient descent ('gd') step rules with a line search.
+
+Both methods move along a direction :math:`p` by a length :math:`t`, found by
+backtracking (Nocedal & Wright, *Numerical Optimization*, 2nd ed., 2006,
+Algorithm 3.1): a trial is accepted when the cost decreases by at least
+:math:`10^{-4}` of the decrease the Gauss-Newton model predicts for it
+(Armijo's condition); otherwise :math:`t` is halved. With bounds the trial
+point is projected onto the box (projected search, Bertsekas 1982).
+
+* Gauss-Newton: :math:`p` is the minimum-norm solution of
+  :math:`\min \lVert J p + f \rVert` (SVD); each outer iteration starts from
+  the full step :math:`t = 1`, so near a zero-residual solution the method
+  converges quadratically, and the search keeps it from diverging elsewhere.
+* Gradient descent: :math:`p = -D^2 g`, steepest descent in the variables
+  scaled by ``x_scale`` (``D = diag(x_scale)``); the length carries over
+  between iterations and doubles after each accepted step. The first length
+  is :math:`\Delta_0 / \lVert D g \rVert` with scipy's initial trust radius
+  :math:`\Delta_0 = \lVert x_0 / D \rVert` (1 when that is 0).
+
+Optimality and the ``gtol`` test use scipy's bounded measure
+:math:`\lVert v \odot g \rVert_\infty` (Coleman-Li ``v``; :math:`\lVert g
+\rVert_\infty` without bounds); ``ftol`` and ``xtol`` are scipy's trust-region
+tests, applied to each trial.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import status as codes
+from ..bounds import coleman_li_scaling, find_active_constraints
+from ..linalg import gauss_newton_step, svd_factors
+from ..problem import Problem
+from ..quadratic import check_termination, evaluate_quadratic
+from ._common import inf_norm, initial_scale, update_jac_scale
+
+ARMIJO = 1e-4
+
+
+class _LineSearch:
+    """Shared acceptance rule of the line-search methods."""
+
+    name = "line-search"
+
+    def init(self, problem: Problem, state: dict) -> None:
+        initial_scale(problem, state)
+        x = state["x"]
+        state["direction"] = torch.zeros_like(x)
+        state["t"] = x.new_ones(x.shape[0])
+
+    def top(self, problem: Problem, state: dict) -> Tensor:
+        v, _ = coleman_li_scaling(state["x"], state["g"], state["lb"], state["ub"])
+        state["optimality"] = inf_norm(state["g"] * v)
+        return state["optimality"] < problem.gtol
+
+    def propose(self, problem: Problem, state: dict) -> dict:
+        x = state["x"]
+        x_new = x + state["t"].unsqueeze(-1) * state["direction"]
+        if problem.bounded:
+            x_new = torch.minimum(torch.maximum(x_new, state["lb"]), state["ub"])
+        step = x_new - x
+        predicted = -evaluate_quadratic(state["J"], None, state["g"], step)
+        return {"x_new": x_new, "step": step, "predicted": predicted,
+                "step_norm": step.norm(dim=-1)}
+
+    def judge(self, problem, state, trial, f_new, cost_new, finite):
+        actual = state["cost"] - cost_new
+        predicted = trial["predicted"]
+        safe = torch.where(predicted > 0, predicted, torch.ones_like(predicted))
+        ratio = torch.where(predicted > 0, actual / safe,
+                            torch.where(actual == predicted, torch.ones_like(actual),
+                                        torch.zeros_like(actual)))
+        accept = finite & (actual > 0) & (actual >= ARMIJO * predicted)
+        code = check_termination(actual, state["cost"], trial["step_norm"],
+                                 state["x"].norm(dim=-1), ratio, problem.ftol, problem.xtol)
+        stop = finite & (code != 0)
+        status = torch.where(stop, code, torch.full_like(code, codes.RUNNING))
+        self.update_length(state, accept)
+        return accept, status, trial["x_new"]
+
+    def update_length(self, state: dict, accept: Tensor) -> None:
+        state["t"] = torch.where(accept, state["t"], 0.5 * state["t"])
+
+    def after_jacobian(self, problem: Problem, state: dict) -> None:
+        update_jac_scale(problem, state)
+
+    def finalize(self, problem: Problem, state: dict) -> dict:
+        if problem.bounded:
+            active = find_active_constraints(state["x"], state["lb"], state["ub"],
+                                             rtol=problem.xtol)
+        else:
+            active = torch.zeros_like(state["x"], dtype=torch.long)
+        return {"active_mask": active}
+
+
+class GaussNewton(_LineSearch):
+    """Gauss-Newton direction, full step first, backtracking."""
+
+    name = "gn"
+
+    def prepare(self, problem: Problem, state: dict) -> None:
+        d = state["scale"]
+        sv, V, uf = svd_factors(state["J"], d, state["f"])
+        state["direction"] = d * gauss_newton_step(sv, V, uf)
+        state["t"] = torch.ones_like(state["t"])
+
+
+class GradientDescent(_LineSearch):
+    """Scaled steepest descent with a carried-over, adaptive step length."""
+
+    name = "gd"
+
+    def init(self, problem: Problem, state: dict) -> None:
+        super().init(problem, state)
+        delta = (state["x"] * state["scale_inv"]).norm(dim=-1)
+        delta = torch.where(delta == 0, torch.ones_like(delta), delta)
+        dg = (state["scale"] * state["g"]).norm(dim=-1)
+        state["t"] = delta / torch.where(dg > 0, dg, torch.ones_like(dg))
+
+    def prepare(self, problem: Problem, state: dict) -> None:
+        state["direction"] = -(state["scale"] ** 2) * state["g"]
+
+    def update_length(self, state: dict, accept: Tensor) -> None:
+        state["t"] = torch.where(accept, 2.0 * state["t"], 0.5 * state["t"])

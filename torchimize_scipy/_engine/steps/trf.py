@@ -1,0 +1,195 @@
+r"""Trust Region Reflective ('trf') step rule.
+
+M. A. Branch, T. F. Coleman and Y. Li, "A Subspace, Interior, and Conjugate
+Gradient Method for Large-Scale Bound-Constrained Minimization Problems",
+SIAM J. Sci. Comput. 21(1), 1999.
+
+With the Coleman-Li vector :math:`v(x)` and its derivative :math:`\partial v`,
+the first-order optimality measure is :math:`\lVert v \odot g\rVert_\infty`.
+Variables are scaled by :math:`D = \mathrm{diag}(v^{1/2} \odot s)` (``s`` the
+``x_scale``), and the step in scaled variables solves the trust-region problem
+for the augmented system :math:`[J D;\ \mathrm{diag}(g \odot \partial v \odot
+s)^{1/2}]` (Moré's method on one SVD). If the step leaves the box, the best of
+three candidates is taken: the step cut back to ``theta`` of the way to the
+boundary, its reflection off the boundary, and the scaled anti-gradient, each
+minimising the quadratic model along its line. Iterates are kept strictly
+feasible. Without finite bounds all of this reduces to a plain scaled
+trust-region Gauss-Newton method (Moré 1978).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import status as codes
+from ..bounds import (
+    coleman_li_scaling,
+    find_active_constraints,
+    in_bounds,
+    make_strictly_feasible,
+    step_size_to_bound,
+)
+from ..linalg import solve_trust_region_scipy, svd_factors
+from ..problem import Problem
+from ..quadratic import (
+    build_quadratic_1d,
+    check_termination,
+    evaluate_quadratic,
+    intersect_trust_region,
+    minimize_quadratic_1d,
+    update_tr_radius,
+)
+from ._common import alloc_svd, inf_norm, initial_scale, svd_width, update_jac_scale
+
+
+def _scaled_v(state: dict) -> tuple[Tensor, Tensor]:
+    v, dv = coleman_li_scaling(state["x"], state["g"], state["lb"], state["ub"])
+    return v, dv
+
+
+class TRF:
+    """Step rule of the Trust Region Reflective method."""
+
+    name = "trf"
+
+    def init(self, problem: Problem, state: dict) -> None:
+        initial_scale(problem, state)
+        v, dv = _scaled_v(state)
+        v = torch.where(dv != 0, v * state["scale_inv"], v)
+        delta = (state["x"] * state["scale_inv"] / v.sqrt()).norm(dim=-1)
+        state["delta"] = torch.where(delta == 0, torch.ones_like(delta), delta)
+        state["alpha"] = torch.zeros_like(delta)
+        x = state["x"]
+        state["d"] = torch.ones_like(x)
+        state["diag_h"] = torch.zeros_like(x)
+        state["g_h"] = torch.zeros_like(x)
+        state["theta"] = torch.zeros_like(delta)
+        alloc_svd(state, svd_width(problem, problem.bounded))
+
+    def top(self, problem: Problem, state: dict) -> Tensor:
+        v, _ = _scaled_v(state)
+        state["optimality"] = inf_norm(state["g"] * v)
+        return state["optimality"] < problem.gtol
+
+    def prepare(self, problem: Problem, state: dict) -> None:
+        v, dv = _scaled_v(state)
+        v = torch.where(dv != 0, v * state["scale_inv"], v)
+        d = v.sqrt() * state["scale"]
+        diag_h = state["g"] * dv * state["scale"]
+        state["d"] = d
+        state["diag_h"] = diag_h
+        state["g_h"] = d * state["g"]
+        state["sv"], state["V"], state["uf"] = svd_factors(
+            state["J"], d, state["f"], diag_h if problem.bounded else None)
+        state["theta"] = torch.clamp(1 - state["optimality"], min=0.995)
+
+    def propose(self, problem: Problem, state: dict) -> dict:
+        p_h, alpha = solve_trust_region_scipy(
+            state["sv"], state["V"], state["uf"], state["delta"], state["alpha"],
+            problem.m, problem.n)
+        d = state["d"]
+        diag_h = state["diag_h"] if problem.bounded else None
+        if problem.bounded:
+            step, step_h, predicted = select_step(state, p_h, diag_h)
+            x_new = make_strictly_feasible(state["x"] + step, state["lb"], state["ub"], rstep=0)
+        else:
+            step_h = p_h
+            step = d * p_h
+            predicted = -evaluate_quadratic(state["J"], d, state["g_h"], p_h)
+            x_new = state["x"] + step
+        return {"x_new": x_new, "step": step, "step_h_norm": step_h.norm(dim=-1),
+                "predicted": predicted, "alpha": alpha, "step_norm": step.norm(dim=-1)}
+
+    def judge(self, problem, state, trial, f_new, cost_new, finite):
+        delta = state["delta"]
+        step_h_norm = trial["step_h_norm"]
+        actual = state["cost"] - cost_new
+        delta_new, ratio = update_tr_radius(delta, actual, trial["predicted"], step_h_norm,
+                                            step_h_norm > 0.95 * delta)
+        code = check_termination(actual, state["cost"], trial["step_norm"],
+                                 state["x"].norm(dim=-1), ratio, problem.ftol, problem.xtol)
+        stop = finite & (code != 0)
+        cont = finite & ~stop
+        safe_new = torch.where(delta_new > 0, delta_new, torch.ones_like(delta_new))
+        state["alpha"] = torch.where(cont, trial["alpha"] * delta / safe_new, trial["alpha"])
+        state["delta"] = torch.where(cont, delta_new,
+                                     torch.where(finite, delta, 0.25 * step_h_norm))
+        status = torch.where(stop, code, torch.full_like(code, codes.RUNNING))
+        accept = finite & (actual > 0)
+        return accept, status, trial["x_new"]
+
+    def after_jacobian(self, problem: Problem, state: dict) -> None:
+        update_jac_scale(problem, state)
+
+    def finalize(self, problem: Problem, state: dict) -> dict:
+        if problem.bounded:
+            active = find_active_constraints(state["x"], state["lb"], state["ub"],
+                                             rtol=problem.xtol)
+        else:
+            active = torch.zeros_like(state["x"], dtype=torch.long)
+        return {"active_mask": active}
+
+
+def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Choose between the cut-back, reflected and anti-gradient steps (batched).
+
+    Returns ``(step, step_h, predicted_reduction)``.
+    """
+    x, lb, ub = state["x"], state["lb"], state["ub"]
+    J, d, g_h, delta, theta = state["J"], state["d"], state["g_h"], state["delta"], state["theta"]
+    p = d * p_h
+    inside = in_bounds(x + p, lb, ub)
+    p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h)
+    if bool(inside.all()):
+        return p, p_h, -p_value_full
+
+    inf = torch.full_like(delta, float("inf"))
+    p_stride, hits = step_size_to_bound(x, p, lb, ub)
+    p_stride = torch.where(inside, torch.ones_like(p_stride), p_stride)
+    r_h = torch.where(hits != 0, -p_h, p_h)
+    r = d * r_h
+    p_cut = p * p_stride.unsqueeze(-1)
+    p_h_cut = p_h * p_stride.unsqueeze(-1)
+    x_on_bound = x + p_cut
+    _, to_tr = intersect_trust_region(p_h_cut, r_h, delta)
+    to_bound, _ = step_size_to_bound(x_on_bound, r, lb, ub)
+    r_stride = torch.minimum(to_bound, to_tr)
+    positive = r_stride > 0
+    safe_rs = torch.where(positive, r_stride, torch.ones_like(r_stride))
+    r_lo = torch.where(positive, (1 - theta) * p_stride / safe_rs, torch.zeros_like(r_stride))
+    r_hi = torch.where(positive, torch.where(r_stride == to_bound, theta * to_bound, to_tr),
+                       -torch.ones_like(r_stride))
+    usable = r_lo <= r_hi
+    a, b, c = build_quadratic_1d(J, d, g_h, r_h, diag=diag_h, s0=p_h_cut)
+    r_hi_f = torch.where(usable & torch.isfinite(r_hi), r_hi, r_lo)
+    t_r, r_value = minimize_quadratic_1d(a, b, r_lo, r_hi_f, c=c)
+    r_h_new = r_h * t_r.unsqueeze(-1) + p_h_cut
+    r_value = torch.where(usable, r_value, inf)
+
+    p_theta = p_cut * theta.unsqueeze(-1)
+    p_h_theta = p_h_cut * theta.unsqueeze(-1)
+    p_value = evaluate_quadratic(J, d, g_h, p_h_theta, diag=diag_h)
+
+    ag_h = -g_h
+    ag = d * ag_h
+    ag_norm = ag_h.norm(dim=-1)
+    to_tr_ag = delta / torch.where(ag_norm > 0, ag_norm, torch.ones_like(ag_norm))
+    to_bound_ag, _ = step_size_to_bound(x, ag, lb, ub)
+    ag_stride = torch.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
+    a2, b2, _ = build_quadratic_1d(J, d, g_h, ag_h, diag=diag_h)
+    t_ag, ag_value = minimize_quadratic_1d(a2, b2, torch.zeros_like(ag_stride), ag_stride)
+    ag_h = ag_h * t_ag.unsqueeze(-1)
+    ag = ag * t_ag.unsqueeze(-1)
+
+    use_p = (p_value < r_value) & (p_value < ag_value)
+    use_r = ~use_p & (r_value < p_value) & (r_value < ag_value)
+    step_h = torch.where(use_p.unsqueeze(-1), p_h_theta,
+                         torch.where(use_r.unsqueeze(-1), r_h_new, ag_h))
+    step = torch.where(use_p.unsqueeze(-1), p_theta,
+                       torch.where(use_r.unsqueeze(-1), d * r_h_new, ag))
+    value = torch.where(use_p, p_value, torch.where(use_r, r_value, ag_value))
+    step_h = torch.where(inside.unsqueeze(-1), p_h, step_h)
+    step = torch.where(inside.unsqueeze(-1), p, step)
+    value = torch.where(inside, p_value_full, value)
+    return step, step_h, -value

@@ -1,0 +1,420 @@
+r"""Batched Jacobians by finite differences and by automatic differentiation.
+
+Every routine works on a batch of ``B`` independent problems with parameters
+``x`` of shape ``(B, n)`` and residuals ``f`` of shape ``(B, m)`` and returns
+Jacobians of shape ``(B, m, n)``.
+
+Finite differences
+------------------
+For column :math:`j` and absolute step :math:`h_j` (Nocedal & Wright,
+*Numerical Optimization*, 2nd ed., section 8.1):
+
+* forward / backward (``'2-point'``, first order):
+  :math:`J_{:,j} \approx (f(x + h_j e_j) - f(x)) / \delta_j`;
+* central (``'3-point'``, second order):
+  :math:`J_{:,j} \approx (f(x + h_j e_j) - f(x - h_j e_j)) / \delta_j`;
+* one-sided second order (``'3-point'`` next to a bound):
+  :math:`J_{:,j} \approx (-3 f(x) + 4 f(x + h_j e_j) - f(x + 2 h_j e_j)) / \delta_j`,
+  the derivative at :math:`x` of the quadratic interpolating the three points;
+* complex step (``'cs'``, Squire & Trapp, "Using complex variables to estimate
+  derivatives of real functions", SIAM Review 40(1), 1998):
+  :math:`J_{:,j} \approx \operatorname{Im} f(x + i h_j e_j) / h_j`, free of
+  subtractive cancellation; ``f`` must be analytic and accept complex input.
+
+Here :math:`\delta_j` is the *actually representable* distance between the
+evaluation points, e.g. :math:`\delta_j = (x_j + h_j) - x_j` computed in
+floating point, which removes the rounding error of the step itself
+(Nocedal & Wright, eq. 8.6 and the discussion around it).
+
+Step size.  With :math:`\epsilon` the machine epsilon of the working precision
+(the smaller of the precisions of ``x`` and ``f``), the default relative step is
+:math:`r = \epsilon^{1/2}` for ``'2-point'`` and ``'cs'`` and
+:math:`r = \epsilon^{1/3}` for ``'3-point'``, which balances truncation and
+rounding error for first and second order formulas respectively.  The
+absolute step is :math:`h = r\,\sigma(x)\max(1, |x|)` with
+:math:`\sigma(x) = +1` for :math:`x \ge 0` and :math:`-1` otherwise.  A user
+relative step ``rel_step`` gives :math:`h = \text{rel\_step}\,\sigma(x)|x|`
+instead, falling back to the default rule wherever that step is lost to
+rounding (:math:`(x + h) - x = 0`).
+
+Bounds.  Steps are adjusted so that every evaluation point satisfies
+:math:`lb \le x \le ub`, using the same rules as SciPy's
+``scipy.optimize._numdiff.approx_derivative``: a one-sided step that would
+leave the box is reversed if the reversed step fits, otherwise it is shrunk to
+the larger of the two distances to the bounds; a central step that does not
+fit becomes a one-sided second-order step towards the farther bound (shrunk to
+half of the distance to that bound if necessary), and if that is not larger
+than the smaller distance to the bounds the central scheme is kept with that
+smaller distance as step.  Bounds are ignored for the complex step.
+
+All perturbed points of all problems are built into one tensor and the
+residual function is called once per Jacobian.
+
+Automatic differentiation
+-------------------------
+:func:`autograd_jacobian` uses :mod:`torch.func`: forward mode (one
+Jacobian-vector product per column, vectorised with ``vmap``) when
+:math:`n \le m`, and reverse mode (one vector-Jacobian product per row)
+otherwise, exploiting that row ``i`` of the output depends only on row ``i``
+of the input so that a single tangent/cotangent direction serves the whole
+batch (Griewank & Walther, *Evaluating Derivatives*, 2nd ed., 2008).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["autograd_jacobian", "default_rel_step", "finite_difference_jacobian"]
+
+BatchedFun = Callable[[Tensor, Tensor], Tensor]
+FDMethod = Literal["2-point", "3-point", "cs"]
+_FD_METHODS = ("2-point", "3-point", "cs")
+
+
+def default_rel_step(x_dtype: torch.dtype, f_dtype: torch.dtype, method: FDMethod) -> float:
+    """Default relative finite-difference step for the given dtypes and method.
+
+    Parameters
+    ----------
+    x_dtype, f_dtype : torch.dtype
+        Dtypes of the parameters and of the residuals.
+    method : {'2-point', '3-point', 'cs'}
+        Finite-difference scheme.
+
+    Returns
+    -------
+    float
+        ``eps**0.5`` for ``'2-point'`` and ``'cs'``, ``eps**(1/3)`` for
+        ``'3-point'``, where ``eps`` is the machine epsilon of ``x_dtype``, or of
+        ``f_dtype`` when that is a floating/complex type with a smaller item
+        size; ``float64`` epsilon when ``x_dtype`` is not floating.
+    """
+    eps = torch.finfo(torch.float64).eps
+    x_is_fp = x_dtype.is_floating_point or x_dtype.is_complex
+    if x_is_fp:
+        eps = torch.finfo(x_dtype).eps
+    if (f_dtype.is_floating_point or f_dtype.is_complex) and x_is_fp:
+        if f_dtype.itemsize < x_dtype.itemsize:
+            eps = torch.finfo(f_dtype).eps
+    if method in ("2-point", "cs"):
+        return eps**0.5
+    if method == "3-point":
+        return eps ** (1 / 3)
+    raise ValueError(f"Unknown method {method!r}, should be one of {_FD_METHODS}.")
+
+
+def _absolute_step(x0: Tensor, rstep: float, rel_step: Tensor | float | None) -> Tensor:
+    """Absolute steps ``h`` (same shape as ``x0``) from relative steps."""
+    sign_x0 = torch.where(x0 >= 0, 1.0, -1.0).to(x0.dtype)
+    default = rstep * sign_x0 * torch.clamp(torch.abs(x0), min=1.0)
+    if rel_step is None:
+        return default
+    rel_step = torch.as_tensor(rel_step, dtype=x0.dtype, device=x0.device)
+    h = rel_step * sign_x0 * torch.abs(x0)
+    dx = (x0 + h) - x0
+    return torch.where(dx == 0, default, h)
+
+
+def _adjust_one_sided(x0: Tensor, h: Tensor, num_steps: int, lb: Tensor, ub: Tensor) -> Tensor:
+    """Bound-adjusted steps for a one-sided scheme (see module docstring)."""
+    h_total = h * num_steps
+    lower_dist = x0 - lb
+    upper_dist = ub - x0
+    x = x0 + h_total
+    violated = (x < lb) | (x > ub)
+    fitting = torch.abs(h_total) <= torch.maximum(lower_dist, upper_dist)
+    h_adj = torch.where(violated & fitting, -h, h)
+    forward = (upper_dist >= lower_dist) & ~fitting
+    backward = (upper_dist < lower_dist) & ~fitting
+    h_adj = torch.where(forward, upper_dist / num_steps, h_adj)
+    h_adj = torch.where(backward, -lower_dist / num_steps, h_adj)
+    return h_adj
+
+
+def _adjust_two_sided(
+    x0: Tensor, h: Tensor, num_steps: int, lb: Tensor, ub: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Bound-adjusted steps and one-sided mask for a central scheme."""
+    h = torch.abs(h)
+    h_total = h * num_steps
+    lower_dist = x0 - lb
+    upper_dist = ub - x0
+    central = (lower_dist >= h_total) & (upper_dist >= h_total)
+    forward = (upper_dist >= lower_dist) & ~central
+    backward = (upper_dist < lower_dist) & ~central
+    h_adj = torch.where(forward, torch.minimum(h, 0.5 * upper_dist / num_steps), h)
+    h_adj = torch.where(backward, -torch.minimum(h, 0.5 * lower_dist / num_steps), h_adj)
+    one_sided = forward | backward
+    min_dist = torch.minimum(upper_dist, lower_dist) / num_steps
+    adjusted_central = ~central & (torch.abs(h_adj) <= min_dist)
+    h_adj = torch.where(adjusted_central, min_dist, h_adj)
+    one_sided = one_sided & ~adjusted_central
+    return h_adj, one_sided
+
+
+def _perturb(x0: Tensor, xj: Tensor) -> Tensor:
+    """Points ``P[b, j] = x0[b]`` with component ``j`` replaced by ``xj[b, j]``.
+
+    Returns shape ``(B, n, n)``; uses selection (not addition) so that the
+    unperturbed components are bit-identical to ``x0``.
+    """
+    n = x0.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=x0.device)
+    return torch.where(eye, xj.unsqueeze(-1), x0.unsqueeze(-2))
+
+
+def _call(fun: BatchedFun, pts: Tensor, idx: Tensor, m: int) -> Tensor:
+    """Evaluate ``fun`` on ``pts`` of shape ``(S, B, n, n)``; returns ``(S, B, n, m)``."""
+    s, b, n, _ = pts.shape
+    rows_idx = idx.repeat_interleave(n).repeat(s)
+    out = fun(pts.reshape(s * b * n, n), rows_idx)
+    if out.shape != (s * b * n, m):
+        raise ValueError(
+            f"`fun` returned shape {tuple(out.shape)} for {s * b * n} points; "
+            f"expected {(s * b * n, m)}."
+        )
+    return out.reshape(s, b, n, m)
+
+
+def finite_difference_jacobian(
+    fun: BatchedFun,
+    x: Tensor,
+    f0: Tensor,
+    idx: Tensor | None = None,
+    method: FDMethod = "2-point",
+    rel_step: Tensor | float | None = None,
+    lb: Tensor | None = None,
+    ub: Tensor | None = None,
+) -> Tensor:
+    """Finite-difference Jacobians of a batch of residual functions.
+
+    Parameters
+    ----------
+    fun : callable
+        ``fun(x, idx) -> f``: batched residuals.  ``x`` has shape ``(k, n)``
+        and ``idx`` (a ``LongTensor`` of shape ``(k,)``) gives for each row the
+        problem it belongs to; the result has shape ``(k, m)``.  Called exactly
+        once.  For ``method='cs'``, ``x`` is complex and ``fun`` must be analytic.
+    x : Tensor
+        Points at which to differentiate, shape ``(B, n)``.
+    f0 : Tensor
+        ``fun(x, idx)``, shape ``(B, m)``.
+    idx : Tensor, optional
+        Problem index of each row of ``x``, shape ``(B,)``; defaults to
+        ``arange(B)``.
+    method : {'2-point', '3-point', 'cs'}
+        Difference scheme (see the module docstring).
+    rel_step : Tensor or float, optional
+        Relative step, broadcastable to ``(B, n)`` (e.g. ``(n,)``).  Default: the
+        dtype-dependent step of :func:`default_rel_step`, scaled by
+        ``max(1, |x|)``.
+    lb, ub : Tensor, optional
+        Bounds broadcastable to ``(B, n)``; evaluation points stay within them
+        (ignored for ``'cs'``).  ``x`` is assumed to satisfy them.
+
+    Returns
+    -------
+    Tensor
+        Jacobians, shape ``(B, m, n)``, dtype of ``f0`` and ``x`` promoted
+        (real for ``'cs'``).
+    """
+    if method not in _FD_METHODS:
+        raise ValueError(f"Unknown method {method!r}, should be one of {_FD_METHODS}.")
+    if x.ndim != 2 or f0.ndim != 2 or x.shape[0] != f0.shape[0]:
+        raise ValueError("`x` must have shape (B, n) and `f0` shape (B, m).")
+    x0 = x.detach()
+    if not x0.is_floating_point():
+        x0 = x0.to(f0.dtype if f0.is_floating_point() else torch.float64)
+    f0 = f0.detach()
+    bsz, n = x0.shape
+    m = f0.shape[1]
+    if idx is None:
+        idx = torch.arange(bsz, device=x0.device)
+
+    rstep = default_rel_step(x0.dtype, f0.dtype, method)
+    h = _absolute_step(x0, rstep, rel_step)
+
+    if method == "cs":
+        xc = torch.complex(x0, torch.zeros_like(x0))
+        pts = _perturb(xc, torch.complex(x0, h))
+        f1 = _call(fun, pts.unsqueeze(0), idx, m)[0]  # (B, n, m)
+        jt = f1.imag / h.unsqueeze(-1)
+        return jt.transpose(-1, -2)
+
+    bounded = lb is not None or ub is not None
+    if bounded:
+        inf = torch.full((), torch.inf, dtype=x0.dtype, device=x0.device)
+        lb_t = -inf if lb is None else torch.as_tensor(lb, dtype=x0.dtype, device=x0.device)
+        ub_t = inf if ub is None else torch.as_tensor(ub, dtype=x0.dtype, device=x0.device)
+        lb_t, ub_t = torch.broadcast_tensors(lb_t, ub_t, x0)[:2]
+
+    if method == "2-point":
+        if bounded:
+            h = _adjust_one_sided(x0, h, 1, lb_t, ub_t)
+        x1 = x0 + h
+        f1 = _call(fun, _perturb(x0, x1).unsqueeze(0), idx, m)[0]  # (B, n, m)
+        dx = x1 - x0
+        jt = (f1 - f0.unsqueeze(1)) / dx.unsqueeze(-1)
+        return jt.transpose(-1, -2)
+
+    # 3-point
+    if bounded:
+        h, one_sided = _adjust_two_sided(x0, h, 1, lb_t, ub_t)
+    else:
+        h = torch.abs(h)
+        one_sided = torch.zeros_like(x0, dtype=torch.bool)
+    xa = torch.where(one_sided, x0 + h, x0 - h)
+    xb = torch.where(one_sided, x0 + 2 * h, x0 + h)
+    pts = torch.stack([_perturb(x0, xa), _perturb(x0, xb)])  # (2, B, n, n)
+    fa, fb = _call(fun, pts, idx, m).unbind(0)  # (B, n, m) each
+    f0e = f0.unsqueeze(1)
+    df = torch.where(one_sided.unsqueeze(-1), -3.0 * f0e + 4 * fa - fb, fb - fa)
+    dx = torch.where(one_sided, xb - x0, xb - xa)
+    jt = df / dx.unsqueeze(-1)
+    return jt.transpose(-1, -2)
+
+
+_forward_ad_ready = False
+
+
+def _prepare_forward_ad() -> None:
+    """Trigger torch's one-time lazy setup of forward-mode AD quietly.
+
+    On first use, forward AD compiles some decompositions with ``torch.jit.script``,
+    which emits a ``DeprecationWarning`` in recent torch versions that is irrelevant
+    to users of this package.
+    """
+    global _forward_ad_ready
+    if _forward_ad_ready:
+        return
+    loader = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+    if loader is not None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+            try:
+                loader()
+            except Exception:  # pragma: no cover - best effort only
+                pass
+    _forward_ad_ready = True
+
+
+def _jac_forward(fun: Callable[[Tensor], Tensor], x: Tensor, vectorize: bool) -> Tensor:
+    """Forward-mode Jacobian, ``(B, m, n)``."""
+    _prepare_forward_ad()
+    bsz, n = x.shape
+    eye = torch.eye(n, dtype=x.dtype, device=x.device)
+    tangents = eye.unsqueeze(1).expand(n, bsz, n)  # direction e_j for every row
+
+    def push(t: Tensor) -> Tensor:
+        return torch.func.jvp(fun, (x,), (t,))[1]
+
+    if vectorize:
+        cols = torch.func.vmap(push)(tangents)  # (n, B, m)
+    else:
+        cols = torch.stack([push(tangents[j]) for j in range(n)])
+    return cols.permute(1, 2, 0)
+
+
+def _jac_reverse(
+    fun: Callable[[Tensor], Tensor], x: Tensor, vectorize: bool, vjp_pair: tuple | None = None
+) -> Tensor:
+    """Reverse-mode Jacobian, ``(B, m, n)``."""
+    out, vjp_fn = vjp_pair if vjp_pair is not None else torch.func.vjp(fun, x)
+    bsz, m = out.shape
+    eye = torch.eye(m, dtype=out.dtype, device=out.device)
+    cotangents = eye.unsqueeze(1).expand(m, bsz, m)
+
+    def pull(c: Tensor) -> Tensor:
+        return vjp_fn(c)[0]
+
+    if vectorize:
+        rows = torch.func.vmap(pull)(cotangents)  # (m, B, n)
+    else:
+        rows = torch.stack([pull(cotangents[i]) for i in range(m)])
+    return rows.permute(1, 0, 2)
+
+
+def _jac_reverse_classic(fun: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Reverse-mode Jacobian with :func:`torch.autograd.grad`, one output column at a time."""
+    xg = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fun(xg)
+        m = out.shape[-1]
+        rows = []
+        for i in range(m):
+            (g,) = torch.autograd.grad(
+                out[:, i].sum(), xg, retain_graph=i < m - 1, allow_unused=True
+            )
+            rows.append(torch.zeros_like(xg) if g is None else g)
+    return torch.stack(rows, dim=1)
+
+
+def autograd_jacobian(
+    fun_torch: Callable[[Tensor], Tensor], x: Tensor, m: int | None = None
+) -> Tensor:
+    """Jacobians of a batch of row-independent differentiable functions.
+
+    Parameters
+    ----------
+    fun_torch : callable
+        ``fun_torch(x) -> f`` with ``x`` of shape ``(B, n)`` and ``f`` of shape
+        ``(B, m)``, differentiable with :mod:`torch.func`; row ``i`` of ``f``
+        must depend on row ``i`` of ``x`` only.
+    x : Tensor
+        Points, shape ``(B, n)``.
+    m : int, optional
+        Number of residuals, if known; it lets forward mode be chosen without
+        a preliminary evaluation.
+
+    Returns
+    -------
+    Tensor
+        Detached Jacobians, shape ``(B, m, n)``.
+
+    Notes
+    -----
+    Forward mode is used when ``n <= m`` and reverse mode otherwise, both
+    vectorised with :func:`torch.func.vmap`.  If vectorisation fails for
+    ``fun_torch`` (e.g. data-dependent control flow or unsupported ops) the
+    directions are processed in a Python loop instead; if forward mode is not
+    supported by an operation, reverse mode is tried, and as a last resort
+    plain :func:`torch.autograd.grad` (which supports any
+    :class:`torch.autograd.Function`) is looped over the ``m`` outputs.
+    """
+    x = x.detach()
+    n = x.shape[-1]
+    vjp_pair = None
+    if m is None:
+        try:
+            vjp_pair = torch.func.vjp(fun_torch, x)
+            m = vjp_pair[0].shape[-1]
+        except Exception:
+            with torch.no_grad():
+                m = fun_torch(x).shape[-1]
+
+    attempts: list[Callable[[], Tensor]]
+    if n <= m:
+        attempts = [
+            lambda: _jac_forward(fun_torch, x, True),
+            lambda: _jac_forward(fun_torch, x, False),
+            lambda: _jac_reverse(fun_torch, x, False, vjp_pair),
+            lambda: _jac_reverse_classic(fun_torch, x),
+        ]
+    else:
+        attempts = [
+            lambda: _jac_reverse(fun_torch, x, True, vjp_pair),
+            lambda: _jac_reverse(fun_torch, x, False, vjp_pair),
+            lambda: _jac_reverse_classic(fun_torch, x),
+        ]
+    for k, attempt in enumerate(attempts):
+        try:
+            return attempt().detach()
+        except Exception:
+            if k == len(attempts) - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,328 @@
+r"""Robust loss functions for batched nonlinear least squares.
+
+A robust least-squares problem minimises, for every problem of the batch,
+
+.. math::
+
+    F(x) = \frac{1}{2} \sum_{i=0}^{m-1} C^2 \rho\!\left(\left(f_i(x) / C\right)^2\right),
+
+where :math:`f(x)` are the residuals, :math:`C > 0` is the soft margin
+``f_scale`` and :math:`\rho(z)` is a scalar function of :math:`z = (f/C)^2`
+with :math:`\rho(z) = z + O(z^2)` near zero, so that small residuals are
+treated like ordinary least squares while large ones are down-weighted.
+
+The built-in choices, with their first and second derivatives in :math:`z`,
+are
+
+* ``linear``:  :math:`\rho(z) = z` (standard least squares),
+* ``soft_l1``: :math:`\rho(z) = 2(\sqrt{1 + z} - 1)`,
+* ``huber``:   :math:`\rho(z) = z` for :math:`z \le 1`, else :math:`2\sqrt{z} - 1`,
+* ``cauchy``:  :math:`\rho(z) = \log(1 + z)`,
+* ``arctan``:  :math:`\rho(z) = \arctan(z)`.
+
+These are the losses offered by :func:`scipy.optimize.least_squares`; the
+formulas above are evaluated in the same algebraic form so that the results
+agree with SciPy to rounding.
+
+Scaling
+-------
+With :math:`\tilde\rho(f) = C^2 \rho((f/C)^2)` the derivatives with respect
+to :math:`z` transform as :math:`\tilde\rho_0 = C^2 \rho_0`,
+:math:`\tilde\rho_1 = \rho_1` and :math:`\tilde\rho_2 = \rho_2 / C^2`.
+
+Gauss-Newton steps for a robust loss are obtained by solving an ordinary
+least-squares subproblem with rescaled Jacobian and residuals (Triggs et al.,
+"Bundle Adjustment - A Modern Synthesis", 1999, section 4.3; the same
+rescaling is used by SciPy and Ceres Solver).  Writing
+:math:`s = \tilde\rho_1 + 2\tilde\rho_2 f^2` (clipped below at the machine
+epsilon so that the square root is real and nonzero),
+
+.. math::
+
+    \hat J = \sqrt{s}\, J, \qquad \hat f = \frac{\tilde\rho_1}{\sqrt{s}}\, f,
+
+so that :math:`\hat J^T \hat f = J^T (\tilde\rho_1 f)` is the true gradient
+of :math:`F` and :math:`\hat J^T \hat J` approximates its Hessian.
+
+All functions here are pure PyTorch, work on any device and floating dtype,
+and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOSSES",
+    "LossFunction",
+    "arctan",
+    "cauchy",
+    "huber",
+    "linear",
+    "make_loss",
+    "scale_for_robust_loss",
+    "soft_l1",
+]
+
+RhoFn = Callable[[Tensor], Tensor]
+
+
+def linear(z: Tensor) -> Tensor:
+    """Linear loss ``rho(z) = z`` (ordinary least squares).
+
+    Parameters
+    ----------
+    z : Tensor
+        Squared scaled residuals, any shape.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(3, *z.shape)``: ``rho(z)``, ``rho'(z)``, ``rho''(z)``.
+    """
+    return torch.stack([z, torch.ones_like(z), torch.zeros_like(z)])
+
+
+def soft_l1(z: Tensor) -> Tensor:
+    """Smooth approximation of the l1 loss, ``rho(z) = 2 (sqrt(1 + z) - 1)``.
+
+    Parameters
+    ----------
+    z : Tensor
+        Squared scaled residuals, any shape.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(3, *z.shape)``: ``rho(z)``, ``rho'(z)``, ``rho''(z)``.
+    """
+    t = 1 + z
+    rho0 = 2 * (torch.sqrt(t) - 1)
+    rho1 = t**-0.5
+    rho2 = -0.5 * t**-1.5
+    return torch.stack([rho0, rho1, rho2])
+
+
+def huber(z: Tensor) -> Tensor:
+    """Huber loss, ``rho(z) = z`` if ``z <= 1`` else ``2 sqrt(z) - 1``.
+
+    Parameters
+    ----------
+    z : Tensor
+        Squared scaled residuals, any shape.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(3, *z.shape)``: ``rho(z)``, ``rho'(z)``, ``rho''(z)``.
+    """
+    inner = z <= 1
+    # Evaluate the outer branch on a safe argument so that neither the values
+    # nor autograd through ``torch.where`` produce inf/nan on the inner side.
+    zo = torch.where(inner, torch.ones_like(z), z)
+    rho0 = torch.where(inner, z, 2 * torch.sqrt(zo) - 1)
+    rho1 = torch.where(inner, torch.ones_like(z), zo**-0.5)
+    rho2 = torch.where(inner, torch.zeros_like(z), -0.5 * zo**-1.5)
+    return torch.stack([rho0, rho1, rho2])
+
+
+def cauchy(z: Tensor) -> Tensor:
+    """Cauchy loss, ``rho(z) = log(1 + z)``.
+
+    Parameters
+    ----------
+    z : Tensor
+        Squared scaled residuals, any shape.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(3, *z.shape)``: ``rho(z)``, ``rho'(z)``, ``rho''(z)``.
+    """
+    t = 1 + z
+    return torch.stack([torch.log1p(z), 1 / t, -1 / t**2])
+
+
+def arctan(z: Tensor) -> Tensor:
+    """Arctangent loss, ``rho(z) = arctan(z)``.
+
+    Parameters
+    ----------
+    z : Tensor
+        Squared scaled residuals, any shape.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(3, *z.shape)``: ``rho(z)``, ``rho'(z)``, ``rho''(z)``.
+    """
+    t = 1 + z**2
+    return torch.stack([torch.arctan(z), 1 / t, -2 * z / t**2])
+
+
+LOSSES: dict[str, RhoFn] = {
+    "linear": linear,
+    "soft_l1": soft_l1,
+    "huber": huber,
+    "cauchy": cauchy,
+    "arctan": arctan,
+}
+
+
+def _as_rho(out: Tensor | tuple | list, z: Tensor) -> Tensor:
+    """Normalise the output of a (user) loss callable to a ``(3, *z.shape)`` tensor."""
+    if not isinstance(out, Tensor):
+        out = torch.stack([torch.as_tensor(r, dtype=z.dtype, device=z.device) for r in out])
+    if out.shape != (3, *z.shape):
+        raise ValueError(
+            f"The loss callable must return an array of shape (3, *z.shape) = "
+            f"{(3, *z.shape)}, got {tuple(out.shape)}."
+        )
+    return out
+
+
+class LossFunction:
+    """A robust loss ``rho`` with soft margin ``f_scale`` applied to residuals.
+
+    Parameters
+    ----------
+    rho_fn : callable
+        Maps ``z`` of shape ``(B, m)`` to a tensor of shape ``(3, B, m)`` holding
+        ``rho(z)``, ``rho'(z)`` and ``rho''(z)``.  A tuple/list of three tensors
+        is accepted too.
+    f_scale : float or Tensor
+        Soft margin between inlier and outlier residuals.  Either a scalar
+        or a tensor of shape ``(B,)`` (one margin per problem).
+
+    Notes
+    -----
+    With ``z = (f / f_scale)**2`` the cost is
+    ``0.5 * f_scale**2 * sum(rho(z))`` and the derivative array returned by
+    :meth:`rho` is rescaled to derivatives of ``f_scale**2 * rho(z)`` with
+    respect to ``f**2``.
+    """
+
+    def __init__(self, rho_fn: RhoFn, f_scale: float | Tensor = 1.0) -> None:
+        self.rho_fn = rho_fn
+        self.f_scale = f_scale
+
+    def _scale(self, f: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """Return ``f_scale`` shaped for element-wise use and for per-problem use."""
+        c = self.f_scale
+        if isinstance(c, Tensor):
+            c = c.to(device=f.device)
+            if c.ndim == 1:
+                return c[:, None], c
+        return c, c
+
+    def _rho_unscaled(self, f: Tensor) -> tuple[Tensor, Tensor | float, Tensor | float]:
+        c_elem, c_prob = self._scale(f)
+        z = (f / c_elem) ** 2
+        return _as_rho(self.rho_fn(z), z), c_elem, c_prob
+
+    def cost(self, f: Tensor) -> Tensor:
+        """Robust cost of each problem.
+
+        Parameters
+        ----------
+        f : Tensor
+            Residuals, shape ``(B, m)``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``(B,)``: ``0.5 * f_scale**2 * sum(rho(z), axis=-1)``.
+        """
+        rho, _, c_prob = self._rho_unscaled(f)
+        return 0.5 * c_prob**2 * rho[0].sum(dim=-1)
+
+    def rho(self, f: Tensor) -> Tensor:
+        """Scaled loss values and derivatives.
+
+        Parameters
+        ----------
+        f : Tensor
+            Residuals, shape ``(B, m)``.
+
+        Returns
+        -------
+        Tensor
+            Shape ``(3, B, m)``: ``f_scale**2 * rho(z)``, ``rho'(z)`` and
+            ``rho''(z) / f_scale**2``.
+        """
+        rho, c_elem, _ = self._rho_unscaled(f)
+        c2 = c_elem**2
+        return torch.stack([rho[0] * c2, rho[1], rho[2] / c2])
+
+    def __call__(self, f: Tensor, cost_only: bool = False) -> Tensor:
+        """Return :meth:`cost` if ``cost_only`` else :meth:`rho`."""
+        return self.cost(f) if cost_only else self.rho(f)
+
+    def __repr__(self) -> str:
+        name = getattr(self.rho_fn, "__name__", repr(self.rho_fn))
+        return f"LossFunction({name}, f_scale={self.f_scale!r})"
+
+
+def make_loss(loss: str | RhoFn, f_scale: float | Tensor = 1.0) -> LossFunction | None:
+    """Build the loss object used by the solvers.
+
+    Parameters
+    ----------
+    loss : str or callable
+        One of ``'linear'``, ``'soft_l1'``, ``'huber'``, ``'cauchy'``,
+        ``'arctan'``, or a torch callable mapping ``z`` (shape ``(B, m)``) to
+        an array of shape ``(3, B, m)`` with ``rho(z)`` and its first two
+        derivatives.
+    f_scale : float or Tensor
+        Soft margin (scalar, or shape ``(B,)``).
+
+    Returns
+    -------
+    LossFunction or None
+        ``None`` for the ``'linear'`` loss, meaning the plain cost
+        ``0.5 * sum(f**2)`` should be used without rescaling.
+    """
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {sorted(LOSSES)} or a callable.")
+        if loss == "linear":
+            return None
+        return LossFunction(LOSSES[loss], f_scale)
+    if callable(loss):
+        return LossFunction(loss, f_scale)
+    raise ValueError(f"`loss` must be one of {sorted(LOSSES)} or a callable.")
+
+
+def scale_for_robust_loss(J: Tensor, f: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
+    """Rescale Jacobian and residuals so that a robust loss becomes least squares.
+
+    Parameters
+    ----------
+    J : Tensor
+        Jacobians, shape ``(B, m, n)``.
+    f : Tensor
+        Residuals, shape ``(B, m)``.
+    rho : Tensor
+        Scaled loss derivatives from :meth:`LossFunction.rho`, shape ``(3, B, m)``.
+
+    Returns
+    -------
+    J_scaled : Tensor
+        ``sqrt(s)[..., None] * J`` with ``s = max(rho1 + 2 rho2 f**2, eps)``.
+    f_scaled : Tensor
+        ``f * rho1 / sqrt(s)``.
+
+    Notes
+    -----
+    New tensors are returned; the inputs are not modified.  ``eps`` is the
+    machine epsilon of the dtype of ``s``.
+    """
+    s = rho[1] + 2 * rho[2] * f**2
+    s = torch.clamp(s, min=torch.finfo(s.dtype).eps)
+    s = torch.sqrt(s)
+    f_scaled = f * (rho[1] / s)
+    J_scaled = J * s[..., None]
+    return J_scaled, f_scaled

@@ -1,0 +1,177 @@
+"""Adapters from the caller's ``fun``/``jac`` to the engine's batched callables.
+
+The engine calls ``fun(x (k, n), idx (k,)) -> (k, m)`` with torch tensors, where
+``idx`` says which problem each row belongs to. The caller wrote either
+
+* a scipy-style function of one point, ``fun(x (n,), *args, **kwargs)``, which
+  receives numpy float64 arrays (or tensors, or the caller's array library);
+  rows are evaluated one by one, through ``workers`` when given, or all at once
+  with :func:`torch.vmap` when the function is torch code that allows it; or
+* a vectorised function of a batch, ``fun(x (b, n), *args, **kwargs) -> (b, m)``,
+  where every array in ``args`` has a leading batch dimension and is sliced
+  with ``idx`` (``batch_least_squares``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._arrays import Namespace, is_torch
+
+
+def _is_batch_array(a: Any, B: int) -> bool:
+    return (is_torch(a) or isinstance(a, np.ndarray)) and a.ndim >= 1 and a.shape[0] == B
+
+
+class PerProblemArgs:
+    """``args`` of a batch call: arrays with leading dimension B are sliced per row."""
+
+    def __init__(self, args: Sequence[Any], B: int, ns: Namespace) -> None:
+        self.args = tuple(args)
+        self.B = B
+        self.ns = ns
+        self.sliced = tuple(_is_batch_array(a, B) for a in self.args)
+        if ns.kind == "torch":
+            self.args = tuple(
+                a.to(ns.device) if (s and is_torch(a)) else a for a, s in zip(self.args, self.sliced)
+            )
+
+    def select(self, idx: Tensor | None) -> tuple:
+        """The arguments for rows ``idx`` (all rows when None)."""
+        if idx is None:
+            return self.args
+        out = []
+        for a, s in zip(self.args, self.sliced):
+            if not s:
+                out.append(a)
+            elif is_torch(a):
+                out.append(a.index_select(0, idx.to(a.device)))
+            else:
+                out.append(a[idx.cpu().numpy()])
+        return tuple(out)
+
+    def row(self, i: int) -> tuple:
+        """The arguments of problem ``i``."""
+        return tuple(a[i] if s else a for a, s in zip(self.args, self.sliced))
+
+
+class RowwiseFunction:
+    """Evaluate a function of one point on every row of a batch.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(x (n,), *args, **kwargs)``; returns an array_like.
+    args, kwargs
+        Extra arguments; ``args`` may be a :class:`PerProblemArgs`.
+    ns : Namespace
+        The caller's array kind.
+    workers : None, int or map-like callable
+        As scipy's ``workers``: rows are evaluated with ``workers(func, iterable)``.
+    try_vmap : bool
+        For torch functions, first try :func:`torch.vmap` over the rows.
+    """
+
+    def __init__(self, fn: Callable, args: Any, kwargs: dict, ns: Namespace,
+                 workers: Any = None, try_vmap: bool = True) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.ns = ns
+        self.map = _make_map(workers)
+        self._vmap_ok = try_vmap and ns.kind == "torch" and not isinstance(args, PerProblemArgs)
+
+    def _args_for(self, i: int) -> tuple:
+        if isinstance(self.args, PerProblemArgs):
+            return self.args.row(i)
+        return self.args
+
+    def call_one(self, x: Tensor, i: int = 0) -> Any:
+        """Raw call for one point (the caller's return value, unconverted)."""
+        return self.fn(self.ns.row_to_fun(x), *self._args_for(i), **self.kwargs)
+
+    def __call__(self, x: Tensor, idx: Tensor, complex_ok: bool = False) -> Tensor:
+        k = x.shape[0]
+        if self._vmap_ok and k > 1:
+            try:
+                out = torch.vmap(lambda r: torch.as_tensor(
+                    self.fn(r, *self.args, **self.kwargs)))(x)
+                out = out.reshape(k, -1)
+                return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex())
+            except Exception:  # noqa: BLE001 - any failure means "not vmappable"
+                self._vmap_ok = False
+        ids = idx.tolist()
+        rows = [x[r] for r in range(k)]
+        if self.map is None:
+            vals = [self.call_one(rows[r], ids[r]) for r in range(k)]
+        else:
+            items = [(self.ns.row_to_fun(rows[r]), self._args_for(ids[r])) for r in range(k)]
+            vals = list(self.map(_RowCall(self.fn, self.kwargs), items))
+        cplx = complex_ok or x.is_complex()
+        parts = [self.ns.from_user(v, complex_ok=cplx).reshape(-1) for v in vals]
+        return torch.stack(parts)
+
+
+class _RowCall:
+    """Picklable ``(point, args) -> fn(point, *args, **kwargs)`` for process pools."""
+
+    def __init__(self, fn: Callable, kwargs: dict) -> None:
+        self.fn = fn
+        self.kwargs = kwargs
+
+    def __call__(self, item: tuple) -> Any:
+        x, args = item
+        return self.fn(x, *args, **self.kwargs)
+
+
+def _make_map(workers: Any) -> Callable | None:
+    """scipy's ``workers``: None/1 serial, int -> process pool, callable -> map-like."""
+    if workers is None or workers == 1:
+        return None
+    if callable(workers):
+        return workers
+    if isinstance(workers, (int, np.integer)) and (workers == -1 or workers > 1):
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(None if workers == -1 else int(workers))
+        return _PoolMap(pool)
+    raise ValueError("`workers` must be None, a positive integer, -1 or a map-like callable.")
+
+
+class _PoolMap:
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def __call__(self, func: Callable, iterable: Any) -> list:
+        return self.pool.map(func, iterable)
+
+    def __del__(self) -> None:  # pragma: no cover - cleanup
+        try:
+            self.pool.terminate()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class VectorizedFunction:
+    """Evaluate a function of a batch, ``fn(x (b, n), *args_b, **kwargs) -> (b, ...)``."""
+
+    def __init__(self, fn: Callable, args: PerProblemArgs, kwargs: dict, ns: Namespace) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.ns = ns
+
+    def __call__(self, x: Tensor, idx: Tensor, complex_ok: bool = False) -> Tensor:
+        if self.ns.kind == "torch":
+            xu = x
+        else:
+            xu = x.detach().cpu().numpy()
+            if self.ns.kind == "xp":
+                xu = self.ns.xp.asarray(xu)
+        out = self.fn(xu, *self.args.select(idx), **self.kwargs)
+        return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex())

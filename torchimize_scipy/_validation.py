@@ -1,0 +1,152 @@
+"""Input checks shared by the frontends, with scipy's wording.
+
+Checks run in scipy's order (string options, ``x0`` and bounds, ``x_scale`` and
+tolerances) so that a call that scipy rejects is rejected here with the same
+``ValueError``. Options we add are named in the messages.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+from scipy.optimize import Bounds
+
+METHODS = ("trf", "dogbox", "lm", "gn", "gd")
+FD_METHODS = ("2-point", "3-point", "cs")
+JAC_STRINGS = FD_METHODS + ("autograd",)
+LOSS_NAMES = ("linear", "huber", "soft_l1", "cauchy", "arctan")
+
+
+def check_options(method: str, jac: Any, tr_solver: Any, tr_options: Any, loss: Any,
+                  verbose: Any, max_nfev: Any, jac_sparsity: Any) -> None:
+    """Validate the string and simple options in scipy's order."""
+    if method not in METHODS:
+        raise ValueError("`method` must be 'trf', 'dogbox', 'lm', 'gn' or 'gd'.")
+    if not callable(jac) and jac not in JAC_STRINGS:
+        raise ValueError("`jac` must be '2-point', '3-point', 'cs', 'autograd' or callable.")
+    if tr_solver not in (None, "exact", "lsmr"):
+        raise ValueError("`tr_solver` must be None, 'exact' or 'lsmr'.")
+    if not callable(loss) and loss not in LOSS_NAMES:
+        raise ValueError("`loss` must be one of dict_keys(['linear', 'huber', 'soft_l1', "
+                         "'cauchy', 'arctan']) or a callable.")
+    if method == "lm" and loss != "linear":
+        raise ValueError("method='lm' supports only 'linear' loss function.")
+    if verbose not in (0, 1, 2):
+        raise ValueError("`verbose` must be in [0, 1, 2].")
+    if max_nfev is not None and max_nfev <= 0:
+        raise ValueError("`max_nfev` must be None or positive integer.")
+    if method != "lm":
+        if tr_solver == "lsmr":
+            raise ValueError("tr_solver='lsmr' is not supported yet by torchimize_scipy; "
+                             "use tr_solver='exact' (or None).")
+        if jac_sparsity is not None:
+            raise ValueError("`jac_sparsity` is not supported yet by torchimize_scipy.")
+        if tr_options:
+            raise ValueError("`tr_options` is not supported yet by torchimize_scipy "
+                             "(it only applies to tr_solver='lsmr').")
+
+
+def prepare_bounds(bounds: Any, n: int, batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(lb, ub)`` as float arrays broadcast to ``(n,)`` (or ``(B, n)`` for a batch)."""
+    if isinstance(bounds, Bounds):
+        lb, ub = bounds.lb, bounds.ub
+    else:
+        if len(bounds) != 2:
+            raise ValueError("`bounds` must contain 2 elements.")
+        lb, ub = bounds
+    lb = np.asarray(_host(lb), dtype=float)
+    ub = np.asarray(_host(ub), dtype=float)
+    shape = (n,) if batch is None else (batch, n)
+    out = []
+    for b in (lb, ub):
+        if b.ndim == 0:
+            b = np.full(shape, float(b))
+        elif batch is not None and b.shape == (n,):
+            b = np.broadcast_to(b, shape).copy()
+        out.append(b)
+    return out[0], out[1]
+
+
+def _host(a: Any) -> Any:
+    try:
+        import torch
+
+        if isinstance(a, torch.Tensor):
+            return a.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    return a
+
+
+def check_bounds(lb: np.ndarray, ub: np.ndarray, x0: np.ndarray, method: str) -> None:
+    """scipy's bound checks (``x0`` may be ``(n,)`` or ``(B, n)``)."""
+    if method == "lm" and not np.all((lb == -np.inf) & (ub == np.inf)):
+        raise ValueError("Method 'lm' doesn't support bounds.")
+    if lb.shape != x0.shape or ub.shape != x0.shape:
+        raise ValueError("Inconsistent shapes between bounds and `x0`.")
+    if np.any(lb >= ub):
+        raise ValueError("Each lower bound must be strictly less than each upper bound.")
+    if not np.all((x0 >= lb) & (x0 <= ub)):
+        raise ValueError("Initial guess is outside of provided bounds")
+
+
+def check_x_scale(x_scale: Any, x0: np.ndarray, method: str) -> np.ndarray | str:
+    """``'jac'`` or a positive float array shaped like ``x0`` (scipy's defaults)."""
+    if x_scale is None:
+        if method == "lm":
+            return "jac"
+        x_scale = 1.0
+    if isinstance(x_scale, str) and x_scale == "jac":
+        return x_scale
+    try:
+        arr = np.asarray(_host(x_scale), dtype=float)
+        valid = bool(np.all(np.isfinite(arr)) and np.all(arr > 0))
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise ValueError("`x_scale` must be 'jac' or array_like with positive numbers.")
+    if arr.ndim == 0:
+        arr = np.full(x0.shape, float(arr))
+    elif x0.ndim == 2 and arr.shape == x0.shape[1:]:
+        arr = np.broadcast_to(arr, x0.shape).copy()
+    if arr.shape != x0.shape:
+        raise ValueError("Inconsistent shapes between `x_scale` and `x0`.")
+    return arr
+
+
+def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
+                    eps: float = float(np.finfo(float).eps)) -> tuple[float, float, float]:
+    """None means 0; below-epsilon values warn; scipy's errors when all are too small."""
+
+    def check(tol: Any, name: str) -> float:
+        if tol is None:
+            return 0.0
+        if tol < eps:
+            warnings.warn(f"Setting `{name}` below the machine epsilon ({eps:.2e}) effectively "
+                          "disables the corresponding termination condition.", stacklevel=4)
+        return float(tol)
+
+    ftol = check(ftol, "ftol")
+    xtol = check(xtol, "xtol")
+    gtol = check(gtol, "gtol")
+    if method == "lm" and (ftol < eps or xtol < eps or gtol < eps):
+        raise ValueError("All tolerances must be higher than machine epsilon "
+                         f"({eps:.2e}) for method 'lm'.")
+    if ftol < eps and xtol < eps and gtol < eps:
+        raise ValueError("At least one of the tolerances must be higher than "
+                         f"machine epsilon ({eps:.2e}).")
+    return ftol, xtol, gtol
+
+
+def check_diff_step(diff_step: Any, n: int) -> np.ndarray | None:
+    """Relative finite-difference step: None or an array broadcast to ``(n,)``."""
+    if diff_step is None:
+        return None
+    arr = np.asarray(_host(diff_step), dtype=float)
+    if arr.ndim == 0:
+        arr = np.full(n, float(arr))
+    if arr.shape[-1] != n:
+        raise ValueError("`diff_step` must be a scalar or have the shape of `x0`.")
+    return arr
