@@ -43,6 +43,7 @@ def solve(
     verbose: int = 0,
     callback: Callable[[dict], bool] | None = None,
     initial_status: Tensor | None = None,
+    on_finish: Callable[[int], None] | None = None,
 ) -> dict[str, Tensor]:
     """Solve ``B`` problems; return batch-first result tensors.
 
@@ -86,5 +87,5 @@ def solve(
         "nit": torch.zeros(B, dtype=torch.long, device=dev),
         "status": torch.full((B,), codes.RUNNING, dtype=torch.long, device=dev),
     }
-    run(problem, RULES[method](), state, out)
+    run(problem, RULES[method](), state, out, on_finish)
     return out

@@ -37,16 +37,15 @@ class PerProblemArgs:
         self.ns = ns
         self.sliced = tuple(_is_batch_array(a, B) for a in self.args)
         if ns.kind == "torch":
-            self.args = tuple(
-                a.to(ns.device) if (s and is_torch(a)) else a for a, s in zip(self.args, self.sliced)
-            )
+            self.args = tuple(a.to(ns.device) if (s and is_torch(a)) else a
+                              for a, s in zip(self.args, self.sliced, strict=True))
 
     def select(self, idx: Tensor | None) -> tuple:
         """The arguments for rows ``idx`` (all rows when None)."""
         if idx is None:
             return self.args
         out = []
-        for a, s in zip(self.args, self.sliced):
+        for a, s in zip(self.args, self.sliced, strict=False):
             if not s:
                 out.append(a)
             elif is_torch(a):
@@ -57,7 +56,7 @@ class PerProblemArgs:
 
     def row(self, i: int) -> tuple:
         """The arguments of problem ``i``."""
-        return tuple(a[i] if s else a for a, s in zip(self.args, self.sliced))
+        return tuple(a[i] if s else a for a, s in zip(self.args, self.sliced, strict=False))
 
 
 class RowwiseFunction:
@@ -90,6 +89,13 @@ class RowwiseFunction:
         if isinstance(self.args, PerProblemArgs):
             return self.args.row(i)
         return self.args
+
+    def raw(self, x: Tensor, idx: Tensor) -> Tensor:
+        """Differentiable evaluation for torch functions (no detach), ``(k, m)``."""
+        ids = idx.tolist()
+        return torch.stack([torch.as_tensor(self.fn(x[r], *self._args_for(ids[r]),
+                                                    **self.kwargs)).reshape(-1)
+                            for r in range(x.shape[0])])
 
     def call_one(self, x: Tensor, i: int = 0) -> Any:
         """Raw call for one point (the caller's return value, unconverted)."""
@@ -165,6 +171,10 @@ class VectorizedFunction:
         self.args = args
         self.kwargs = kwargs
         self.ns = ns
+
+    def raw(self, x: Tensor, idx: Tensor) -> Tensor:
+        """Differentiable evaluation for torch functions (no detach), ``(b, m)``."""
+        return torch.as_tensor(self.fn(x, *self.args.select(idx), **self.kwargs))
 
     def __call__(self, x: Tensor, idx: Tensor, complex_ok: bool = False) -> Tensor:
         if self.ns.kind == "torch":

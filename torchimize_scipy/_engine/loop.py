@@ -26,6 +26,8 @@ A step rule (see ``steps/``) provides ``init``, ``top`` (optimality and the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -39,22 +41,71 @@ RESULT_KEYS = ("x", "cost", "f_true", "J", "g", "optimality", "active_mask", "nf
                "nit", "status")
 
 
-def take(state: State, rows: Tensor | None) -> State:
-    """Rows ``rows`` of every tensor in ``state`` (all of them when None)."""
-    if rows is None:
-        return dict(state)
-    return {k: v.index_select(0, rows) for k, v in state.items()}
+class RowView(dict):
+    """Rows of the state, selected lazily; remembers which keys were written.
+
+    Reading a key selects its rows on first access; :func:`put` writes back
+    only the keys that were assigned, so untouched tensors are never copied.
+    """
+
+    def __init__(self, state: State, rows: Tensor | None) -> None:
+        super().__init__()
+        self.state = state
+        self.rows = rows
+        self.written: set[str] = set()
+
+    def __missing__(self, key: str) -> Tensor:
+        value = self.state[key]
+        if self.rows is not None:
+            value = value.index_select(0, self.rows)
+        dict.__setitem__(self, key, value)
+        return value
+
+    def __setitem__(self, key: str, value: Tensor) -> None:
+        self.written.add(key)
+        dict.__setitem__(self, key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.state or dict.__contains__(self, key)
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
 
 
-def put(state: State, rows: Tensor | None, sub: State) -> None:
-    """Write the tensors of ``sub`` back into ``state`` at ``rows`` (out of place)."""
-    for k, v in sub.items():
+def take(state: State, rows: Tensor | None) -> RowView:
+    """A lazy view of rows ``rows`` of ``state`` (all rows when None)."""
+    return RowView(state, rows)
+
+
+def put(state: State, rows: Tensor | None, sub: RowView) -> None:
+    """Write the keys assigned in ``sub`` back into ``state`` at ``rows`` (out of place)."""
+    for k in sub.written:
+        v = dict.__getitem__(sub, k)
         if rows is None:
             state[k] = v
         elif k in state:
             state[k] = state[k].index_copy(0, rows, v)
         else:
             raise KeyError(f"new state key {k!r} must be created in init()")
+
+
+def compact(state: State, keep: Tensor) -> None:
+    """Drop the rows of finished problems from every tensor of ``state``."""
+    for k, v in state.items():
+        state[k] = v.index_select(0, keep)
+
+
+def all_finite(a: Tensor) -> Tensor:
+    """``(B,)`` mask: every entry of each row of ``a`` is finite.
+
+    A cheap sum decides for almost all rows; only rows whose sum is not
+    finite (a NaN/inf entry, or an overflowing sum) are checked entry by entry.
+    """
+    total = a.sum(dim=tuple(range(1, a.ndim)))
+    ok = torch.isfinite(total)
+    if not bool(ok.all()):
+        ok = torch.isfinite(a).flatten(1).all(-1)
+    return ok
 
 
 def _rows(mask: Tensor, total: int) -> Tensor | None:
@@ -77,7 +128,8 @@ def _print_row(state: State, header: bool) -> None:
           f"{float(state['cost'][0]):^15.4e}{red_s}{stp_s}{float(state['optimality'][0]):^15.2e}")
 
 
-def run(problem: Problem, rule, state: State, out: State) -> None:
+def run(problem: Problem, rule, state: State, out: State,
+        on_finish: Callable[[int], None] | None = None) -> None:
     """Run ``rule`` on every problem in ``state`` until all are finished.
 
     Parameters
@@ -91,6 +143,8 @@ def run(problem: Problem, rule, state: State, out: State) -> None:
     out : dict
         Preallocated result tensors indexed by problem id (keys
         :data:`RESULT_KEYS`); filled in place as problems finish.
+    on_finish : callable, optional
+        Called with the number of problems that just finished (progress bars).
     """
     B = state["x"].shape[0]
     dev = state["x"].device
@@ -107,7 +161,7 @@ def run(problem: Problem, rule, state: State, out: State) -> None:
         optimality=torch.zeros(B, dtype=dtype, device=dev),
         last_reduction=nan.clone(), last_step_norm=nan.clone(),
     )
-    bad = ~(torch.isfinite(J).flatten(1).all(-1) & torch.isfinite(state["f_true"]).all(-1))
+    bad = ~(all_finite(J) & all_finite(state["f_true"]))
     state["status"] = torch.where(bad & (state["status"] == st_codes.RUNNING),
                                   st_codes.NONFINITE, state["status"])
     rule.init(problem, state)
@@ -141,18 +195,21 @@ def run(problem: Problem, rule, state: State, out: State) -> None:
         finished = state["status"] != st_codes.RUNNING
         if bool(finished.any()):
             _write_out(problem, rule, state, finished, out)
+            if on_finish is not None:
+                on_finish(int(finished.sum()))
             keep = ~finished
             if not bool(keep.any()):
                 return
-            state.update(take(state, keep.nonzero().squeeze(-1)))
+            compact(state, keep.nonzero().squeeze(-1))
 
         # ---- one trial per running problem -----------------------------------
         trial = rule.propose(problem, state)
         x_new = trial["x_new"]
         f_new = problem.fun(x_new, state["ids"])
         state["nfev"] = state["nfev"] + 1
-        finite = torch.isfinite(f_new).all(-1)
-        f_new = torch.where(finite.unsqueeze(-1), f_new, torch.zeros_like(f_new))
+        finite = all_finite(f_new)
+        if not bool(finite.all()):
+            f_new = torch.where(finite.unsqueeze(-1), f_new, torch.zeros_like(f_new))
         cost_new = problem.cost(f_new)
         accept, code, x_acc = rule.judge(problem, state, trial, f_new, cost_new, finite)
         red = state["cost"] - cost_new
@@ -175,7 +232,7 @@ def run(problem: Problem, rule, state: State, out: State) -> None:
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
             sub["njev"] = sub["njev"] + 1
             sub["f"], sub["J"], sub["g"] = problem.linearize(sub["f_true"], J_true)
-            okJ = torch.isfinite(sub["J"]).flatten(1).all(-1)
+            okJ = all_finite(sub["J"])
             sub["status"] = torch.where(okJ | (sub["status"] != st_codes.RUNNING),
                                         sub["status"], st_codes.NONFINITE)
             rule.after_jacobian(problem, sub)

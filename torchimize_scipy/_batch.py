@@ -1,0 +1,339 @@
+"""``batch_least_squares``: many independent problems in one call.
+
+Every problem ``i`` of the batch is the ``least_squares`` problem with residuals
+``fun(x0[i], *args_i, **kwargs)``; the engine advances them together, freezes
+each one as soon as it terminates and stops evaluating it (compaction), and
+processes the batch in chunks so that memory stays bounded. The results are
+those of calling ``least_squares`` on each problem (same method, options and
+termination tests), gathered in a :class:`BatchOptimizeResult`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import OptimizeResult
+
+from ._arrays import Namespace, as_numpy, detect_namespace
+from ._driver import solve
+from ._engine import status as codes
+from ._engine.bounds import make_strictly_feasible
+from ._jacobian import autograd_jacobian, finite_difference_jacobian
+from ._loss import make_loss
+from ._user_functions import PerProblemArgs, RowwiseFunction, VectorizedFunction
+from ._validation import (
+    FD_METHODS,
+    check_bounds,
+    check_diff_step,
+    check_options,
+    check_tolerance,
+    check_x_scale,
+    prepare_bounds,
+)
+
+#: Result fields with a leading batch dimension.
+ARRAY_FIELDS = ("x", "cost", "fun", "jac", "grad", "optimality", "active_mask", "nfev", "njev",
+                "status", "success")
+
+
+class BatchOptimizeResult(OptimizeResult):
+    """Results of a batch of least-squares problems.
+
+    scipy's field names with a leading batch dimension: ``x (B, n)``,
+    ``cost (B,)``, ``fun (B, m)``, ``jac (B, m, n)``, ``grad (B, n)``,
+    ``optimality (B,)``, ``active_mask (B, n)``, ``nfev (B,)``, ``njev (B,)``,
+    ``status (B,)``, ``success (B,)`` and ``message`` (a list of B strings).
+    ``len(res)`` is B and ``res[i]`` is the :class:`scipy.optimize.OptimizeResult`
+    of problem ``i``.
+    """
+
+    def __len__(self) -> int:
+        return len(self["message"])
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return super().__getitem__(key)
+        i = int(key)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"problem index {key} out of range for a batch of {len(self)}")
+        res = OptimizeResult()
+        for name in ARRAY_FIELDS:
+            value = super().__getitem__(name)
+            if value is None:
+                res[name] = None
+                continue
+            item = value[i]
+            if name in ("cost", "optimality"):
+                item = item if isinstance(item, torch.Tensor) else float(item)
+            elif name in ("nfev", "njev", "status"):
+                item = int(item)
+            elif name == "success":
+                item = bool(item)
+            res[name] = item
+        res["message"] = self["message"][i]
+        return res
+
+    def __iter__(self):  # iterate over problems, not keys
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        status = np.asarray(as_numpy(self["status"]))
+        cost = np.asarray(as_numpy(self["cost"]), dtype=float)
+        counts = ", ".join(f"{int(s)}: {int((status == s).sum())}" for s in np.unique(status))
+        q = np.quantile(cost, [0.0, 0.5, 1.0]) if cost.size else [np.nan] * 3
+        ok = int(np.asarray(as_numpy(self["success"])).sum())
+        return (f"BatchOptimizeResult(problems={len(self)}, success={ok}, "
+                f"status counts {{{counts}}}, cost min/median/max = "
+                f"{q[0]:.3e}/{q[1]:.3e}/{q[2]:.3e})")
+
+    __str__ = __repr__
+
+
+def batch_least_squares(
+    fun: Callable,
+    x0: Any,
+    jac: str | Callable = "2-point",
+    bounds: Any = (-np.inf, np.inf),
+    method: str = "trf",
+    ftol: float | None = 1e-8,
+    xtol: float | None = 1e-8,
+    gtol: float | None = 1e-8,
+    x_scale: Any = None,
+    loss: str | Callable = "linear",
+    f_scale: float = 1.0,
+    diff_step: Any = None,
+    max_nfev: int | None = None,
+    verbose: int = 0,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    vectorized: bool = True,
+    device: Any = None,
+    dtype: Any = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+    return_jac: bool = True,
+) -> BatchOptimizeResult:
+    """Solve B independent nonlinear least-squares problems at once.
+
+    Problem ``i`` minimises ``0.5 * sum(rho(f_i(x)**2))`` subject to
+    ``lb_i <= x <= ub_i`` from ``x0[i]``, exactly as
+    :func:`torchimize_scipy.least_squares` would; all options mean what they
+    mean there.
+
+    Parameters
+    ----------
+    fun : callable
+        With ``vectorized=True``: ``fun(x, *args, **kwargs)`` takes ``x`` of
+        shape ``(b, n)`` (the rows of the problems still running) and returns
+        ``(b, m)``; every array in ``args`` whose leading dimension is B is
+        per-problem data and is sliced together with ``x``; ``kwargs`` are
+        shared. With ``vectorized=False``: ``fun(x (n,), *args_i, **kwargs)``
+        for one problem, mapped over the batch (with :func:`torch.vmap` for
+        torch code that allows it, a loop otherwise).
+    x0 : array_like or Tensor, shape (B, n)
+        Starting points.
+    jac : {'2-point', '3-point', 'cs', 'autograd'} or callable, optional
+        A callable follows ``fun``'s convention and returns ``(b, m, n)``
+        (``(m, n)`` per problem when not vectorized).
+    bounds : 2-tuple or `scipy.optimize.Bounds`, optional
+        Each bound a scalar, shape ``(n,)`` or ``(B, n)``.
+    method, ftol, xtol, gtol, x_scale, loss, f_scale, diff_step, max_nfev
+        As in :func:`torchimize_scipy.least_squares`; ``x_scale`` may also be
+        ``(B, n)``.
+    verbose : {0, 1, 2}, optional
+        1 prints a summary at the end, 2 also one line per chunk.
+    args, kwargs : optional
+        Extra arguments of ``fun`` and ``jac``.
+    vectorized : bool, optional
+        Calling convention of ``fun``/``jac`` (see above).
+    device, dtype : optional
+        Where and in which dtype to compute (default: those of ``x0``; numpy
+        input computes in float64 on the CPU).
+    chunk_size : int, optional
+        Number of problems solved together; the default bounds the Jacobian
+        of a chunk to about 2**25 entries.
+    progress : bool, optional
+        Show a tqdm progress bar over finished problems.
+    return_jac : bool, optional
+        Keep the ``(B, m, n)`` Jacobians in the result (set False to save
+        memory on very large batches; ``jac`` is then None).
+
+    Returns
+    -------
+    BatchOptimizeResult
+        Per-problem fields with a leading batch dimension; numpy arrays for
+        numpy input, tensors for torch input.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from torchimize_scipy import batch_least_squares
+    >>> t = np.linspace(0, 1, 20)
+    >>> rates = np.array([0.5, 1.0, 2.0])
+    >>> y = np.exp(-rates[:, None] * t)
+    >>> def model(x, y):          # x (b, 1), y (b, 20)
+    ...     return np.exp(-x[:, :1] * t) - y
+    >>> res = batch_least_squares(model, np.ones((3, 1)), args=(y,))
+    >>> np.round(res.x[:, 0], 6)
+    array([0.5, 1. , 2. ])
+    """
+    check_options(method, jac, None, None, loss, verbose, max_nfev, None)
+    ns = detect_namespace(x0, device, dtype)
+    x0_host = as_numpy(x0)
+    if np.iscomplexobj(x0_host):
+        raise ValueError("`x0` must be real.")
+    x0_host = np.asarray(x0_host, dtype=float)
+    if x0_host.ndim != 2:
+        raise ValueError("`x0` must have shape (B, n) for batch_least_squares.")
+    B, n = x0_host.shape
+    lb, ub = prepare_bounds(bounds, n, batch=B)
+    check_bounds(lb, ub, x0_host, method)
+    x_scale = check_x_scale(x_scale, x0_host, method)
+    ftol, xtol, gtol = check_tolerance(ftol, xtol, gtol, method)
+    rel_step = check_diff_step(diff_step, n)
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size <= 0):
+        raise ValueError("`chunk_size` must be None or a positive integer.")
+    kwargs = {} if kwargs is None else kwargs
+
+    dev, dt = ns.device, ns.dtype
+    if isinstance(x0, torch.Tensor):
+        x0_all = x0.detach().to(device=dev, dtype=dt).clone()
+    else:
+        x0_all = torch.tensor(x0_host, device=dev, dtype=dt)
+    lb_all = torch.as_tensor(lb, device=dev, dtype=dt)
+    ub_all = torch.as_tensor(ub, device=dev, dtype=dt)
+    if method == "trf":
+        x0_all = make_strictly_feasible(x0_all, lb_all, ub_all)
+    scale_all = None if isinstance(x_scale, str) else torch.as_tensor(x_scale, device=dev,
+                                                                        dtype=dt)
+    fun_ns = Namespace("torch", dev, dt) if jac == "autograd" else ns
+    pargs = PerProblemArgs(args, B, fun_ns)
+    fun_b = _batched(fun, pargs, kwargs, fun_ns, vectorized)
+    jac_b = _batched(jac, pargs, kwargs, ns, vectorized) if callable(jac) else None
+
+    # probe one problem for m and for scipy's shape errors
+    probe = fun_b(x0_all[:1], torch.zeros(1, dtype=torch.long, device=dev))
+    if probe.ndim != 2:
+        raise ValueError("`fun` must return an array of shape (b, m) for x of shape (b, n).")
+    m = probe.shape[1]
+    if method == "lm" and m < n:
+        raise ValueError("Method 'lm' doesn't work when the number of "
+                         "residuals is less than the number of variables.")
+    loss_obj = make_loss(loss, f_scale) if not callable(loss) else make_loss(
+        _torch_loss(loss, ns), f_scale)
+
+    if chunk_size is None:
+        chunk_size = max(1, min(B, 2**25 // max(1, m * n)))
+    chunk_size = int(chunk_size)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=B, desc=f"batch_least_squares[{method}]", unit="fit")
+    results: list[dict] = []
+    try:
+        for start in range(0, B, chunk_size):
+            stop = min(B, start + chunk_size)
+            out = _solve_chunk(
+                start, stop, method=method, fun_b=fun_b, jac=jac, jac_b=jac_b, x0=x0_all,
+                lb=lb_all, ub=ub_all, scale=scale_all, rel_step=rel_step, m=m, n=n,
+                loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
+                on_finish=bar.update if bar is not None else None)
+            if not return_jac:
+                out.pop("J")
+            if ns.kind != "torch":
+                out = {k: v.cpu() for k, v in out.items()}
+            results.append(out)
+            if verbose == 2:
+                ok = int((out["status"] > 0).sum())
+                print(f"chunk {start}:{stop} solved, {ok}/{stop - start} successful")
+    finally:
+        if bar is not None:
+            bar.close()
+    merged = {k: torch.cat([r[k] for r in results]) for k in results[0]}
+    res = _build(merged, ns, method, jac, bool(np.isfinite(lb).any() or np.isfinite(ub).any()))
+    if verbose >= 1:
+        print(repr(res))
+    return res
+
+
+def _batched(fn: Callable, pargs: PerProblemArgs, kwargs: dict, ns: Namespace,
+             vectorized: bool) -> Callable:
+    if vectorized:
+        return VectorizedFunction(fn, pargs, kwargs, ns)
+    return RowwiseFunction(fn, pargs, kwargs, ns, None)
+
+
+def _torch_loss(loss: Callable, ns: Namespace) -> Callable:
+    """A user loss ``rho(z (b, m)) -> (3, b, m)`` in the caller's array kind."""
+
+    def rho_fn(z: torch.Tensor) -> torch.Tensor:
+        zu = z if ns.kind == "torch" else z.detach().cpu().numpy()
+        return ns.from_user(loss(zu))
+
+    return rho_fn
+
+
+def _solve_chunk(start: int, stop: int, *, method, fun_b, jac, jac_b, x0, lb, ub, scale,
+                 rel_step, m, n, loss, ftol, xtol, gtol, max_nfev, on_finish) -> dict:
+    dev, dt = x0.device, x0.dtype
+    sl = slice(start, stop)
+    x0c, lbc, ubc = x0[sl], lb[sl], ub[sl]
+    b = x0c.shape[0]
+
+    def fun_c(x, idx):
+        return fun_b(x, idx + start)
+
+    idx0 = torch.arange(b, device=dev)
+    f0 = fun_c(x0c, idx0)
+    if tuple(f0.shape) != (b, m):
+        raise ValueError(f"`fun` returned shape {tuple(f0.shape)}, expected {(b, m)}.")
+    status0 = torch.where(torch.isfinite(f0).all(-1), codes.RUNNING, codes.NONFINITE)
+
+    if callable(jac):
+        def jac_c(x, f, idx):
+            J = jac_b(x, idx + start)
+            if tuple(J.shape) != (x.shape[0], m, n):
+                J = J.reshape(x.shape[0], m, n)
+            return J
+    elif jac in FD_METHODS:
+        rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)
+
+        def jac_c(x, f, idx):
+            return finite_difference_jacobian(fun_c, x, f, idx, jac, rel, lbc[idx], ubc[idx])
+    else:
+        def jac_c(x, f, idx):
+            return autograd_jacobian(lambda X: fun_b.raw(X, idx + start), x, m)
+
+    J0 = jac_c(x0c, f0, idx0)
+    if tuple(J0.shape) != (b, m, n):
+        raise ValueError(f"The return value of `jac` has wrong shape: expected {(b, m, n)}, "
+                         f"actual {tuple(J0.shape)}.")
+    scale_c = "jac" if scale is None else scale[sl]
+    return solve(method=method, fun=fun_c, jac=jac_c, x0=x0c, f0=f0, J0=J0, lb=lbc, ub=ubc,
+                 x_scale=scale_c, loss=loss, ftol=ftol, xtol=xtol, gtol=gtol,
+                 max_nfev=max_nfev, initial_status=status0, on_finish=on_finish)
+
+
+def _build(out: dict, ns: Namespace, method: str, jac: Any, bounded: bool) -> BatchOptimizeResult:
+    status = out["status"]
+    success = (status > 0) & (status != codes.NONFINITE) & (status != codes.SINGULAR)
+    njev = out["njev"]
+    res = BatchOptimizeResult(
+        x=ns.to_user(out["x"]), cost=ns.to_user(out["cost"]), fun=ns.to_user(out["f_true"]),
+        jac=ns.to_user(out["J"]) if "J" in out else None, grad=ns.to_user(out["g"]),
+        optimality=ns.to_user(out["optimality"]),
+        active_mask=ns.to_user(out["active_mask"]),
+        nfev=ns.to_user(out["nfev"]),
+        njev=None if (method == "lm" and not callable(jac)) else ns.to_user(njev),
+        status=ns.to_user(status), success=ns.to_user(success),
+        message=[codes.message(int(s)) for s in status.tolist()],
+    )
+    return res
