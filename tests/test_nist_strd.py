@@ -17,6 +17,8 @@ Three groups of tests:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from nist_strd import (
@@ -171,7 +173,8 @@ def test_jacobian_finite_difference(name: str, point: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _cases() -> list[pytest.param]:
+def _cases() -> list[Any]:
+    """One ``pytest.param`` per dataset, start and method."""
     return [
         pytest.param(name, start, method, id=f"{name}-start{start}-{method}")
         for name in DATASET_NAMES

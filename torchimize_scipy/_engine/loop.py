@@ -128,6 +128,7 @@ def _print_row(state: State, header: bool) -> None:
           f"{float(state['cost'][0]):^15.4e}{red_s}{stp_s}{float(state['optimality'][0]):^15.2e}")
 
 
+@torch.no_grad()
 def run(problem: Problem, rule, state: State, out: State,
         on_finish: Callable[[int], None] | None = None) -> None:
     """Run ``rule`` on every problem in ``state`` until all are finished.
@@ -212,15 +213,15 @@ def run(problem: Problem, rule, state: State, out: State,
             f_new = torch.where(finite.unsqueeze(-1), f_new, torch.zeros_like(f_new))
         cost_new = problem.cost(f_new)
         accept, code, x_acc = rule.judge(problem, state, trial, f_new, cost_new, finite)
-        red = state["cost"] - cost_new
+        red = state["cost"] - cost_new if problem.verbose == 2 else None
         state["status"] = torch.where(code != st_codes.RUNNING, code, state["status"])
         over = state["nfev"] >= problem.max_nfev
         boundary = accept | (state["status"] != st_codes.RUNNING) | over
-        state["last_reduction"] = torch.where(
-            boundary, torch.where(accept, red, torch.zeros_like(red)), state["last_reduction"])
-        state["last_step_norm"] = torch.where(
-            boundary, torch.where(accept, trial["step_norm"], torch.zeros_like(red)),
-            state["last_step_norm"])
+        if problem.verbose == 2:
+            state["last_reduction"] = torch.where(
+                boundary, torch.where(accept, red, 0.0), state["last_reduction"])
+            state["last_step_norm"] = torch.where(
+                boundary, torch.where(accept, trial["step_norm"], 0.0), state["last_step_norm"])
         state["nit"] = state["nit"] + boundary.long()
         state["fresh"] = boundary
         if bool(accept.any()):
@@ -250,7 +251,8 @@ def _write_out(problem: Problem, rule, state: State, mask: Tensor, out: State) -
     values = {
         "x": sub["x"], "cost": sub["cost"], "f_true": sub["f_true"], "J": sub["J"],
         "g": extra.get("grad", sub["g"]), "optimality": sub["optimality"],
-        "active_mask": extra["active_mask"], "nfev": sub["nfev"], "njev": sub["njev"],
+        "active_mask": extra["active_mask"], "nfev": sub["nfev"],
+        "njev": extra.get("njev", sub["njev"]),
         "nit": sub["nit"], "status": sub["status"],
     }
     for k, v in values.items():

@@ -50,6 +50,8 @@ class LevenbergMarquardt:
         state["gnorm"] = x.new_zeros(B)
         state["first"] = torch.ones(B, dtype=torch.bool, device=x.device)
         state["started"] = torch.zeros(B, dtype=torch.bool, device=x.device)
+        # MINPACK does not evaluate J at a point accepted by the terminating trial
+        state["uncounted_jac"] = torch.zeros(B, dtype=torch.long, device=x.device)
         alloc_svd(state, svd_width(problem, False))
 
     def top(self, problem: Problem, state: dict) -> torch.Tensor:
@@ -145,10 +147,12 @@ class LevenbergMarquardt:
         status = torch.where(running & (delta <= eps * xnorm), codes.XTOL, status)
         running = status == codes.RUNNING
         status = torch.where(running & (state["gnorm"] <= eps), codes.GTOL, status)
+        state["uncounted_jac"] = (accept & (status != codes.RUNNING)).long()
         return accept, status, x_new
 
     def after_jacobian(self, problem: Problem, state: dict) -> None:
         pass
 
     def finalize(self, problem: Problem, state: dict) -> dict:
-        return {"active_mask": torch.zeros_like(state["x"], dtype=torch.long)}
+        return {"active_mask": torch.zeros_like(state["x"], dtype=torch.long),
+                "njev": state["njev"] - state["uncounted_jac"]}

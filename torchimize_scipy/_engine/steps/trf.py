@@ -68,21 +68,27 @@ class TRF:
         alloc_svd(state, svd_width(problem, problem.bounded))
 
     def top(self, problem: Problem, state: dict) -> Tensor:
-        v, _ = _scaled_v(state)
-        state["optimality"] = inf_norm(state["g"] * v)
+        if problem.bounded:
+            v, _ = _scaled_v(state)
+            state["optimality"] = inf_norm(state["g"] * v)
+        else:
+            state["optimality"] = inf_norm(state["g"])
         return state["optimality"] < problem.gtol
 
     def prepare(self, problem: Problem, state: dict) -> None:
-        v, dv = _scaled_v(state)
-        v = torch.where(dv != 0, v * state["scale_inv"], v)
-        d = v.sqrt() * state["scale"]
-        diag_h = state["g"] * dv * state["scale"]
+        if problem.bounded:
+            v, dv = _scaled_v(state)
+            v = torch.where(dv != 0, v * state["scale_inv"], v)
+            d = v.sqrt() * state["scale"]
+            diag_h = state["g"] * dv * state["scale"]
+            state["diag_h"] = diag_h
+            state["theta"] = torch.clamp(1 - state["optimality"], min=0.995)
+        else:
+            d = state["scale"]
+            diag_h = None
         state["d"] = d
-        state["diag_h"] = diag_h
         state["g_h"] = d * state["g"]
-        state["sv"], state["V"], state["uf"] = svd_factors(
-            state["J"], d, state["f"], diag_h if problem.bounded else None)
-        state["theta"] = torch.clamp(1 - state["optimality"], min=0.995)
+        state["sv"], state["V"], state["uf"] = svd_factors(state["J"], d, state["f"], diag_h)
 
     def propose(self, problem: Problem, state: dict) -> dict:
         p_h, alpha = solve_trust_region_scipy(
@@ -111,7 +117,7 @@ class TRF:
                                  state["x"].norm(dim=-1), ratio, problem.ftol, problem.xtol)
         stop = finite & (code != 0)
         cont = finite & ~stop
-        safe_new = torch.where(delta_new > 0, delta_new, torch.ones_like(delta_new))
+        safe_new = torch.where(delta_new > 0, delta_new, 1.0)
         state["alpha"] = torch.where(cont, trial["alpha"] * delta / safe_new, trial["alpha"])
         state["delta"] = torch.where(cont, delta_new,
                                      torch.where(finite, delta, 0.25 * step_h_norm))
