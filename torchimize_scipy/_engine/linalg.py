@@ -10,8 +10,8 @@ SVD :math:`A = U \Sigma V^\top` serves them all:
 :math:`p(\alpha) = -V (\Sigma^2 + \alpha I)^{-1} \Sigma U^\top b`. This never forms
 :math:`J^\top J`, so the condition number is not squared (the stacked-system
 view of Moré 1977). For tall matrices the SVD is taken of the triangular factor
-of a QR decomposition, which costs :math:`O(mn^2)` once and leaves only
-:math:`n \times n` work per problem.
+of a QR decomposition when a batch holds several problems, which costs
+:math:`O(mn^2)` once and leaves only :math:`n \times n` work per problem.
 
 The radius-matching root finders follow J. J. Moré, "The Levenberg-Marquardt
 algorithm: implementation and theory", Lecture Notes in Mathematics 630 (1978),
@@ -51,8 +51,11 @@ def svd_factors(
     A = J if d is None else J * d.unsqueeze(-2)
     B, m, n = A.shape
     rhs = f
-    if m > n:
-        # Reduce to the n x n triangular factor first; Q^T f carries the rhs.
+    if m > n and B > 1:
+        # Batches: reduce to the n x n triangular factor first (Q^T f carries the
+        # rhs), which is cheaper than batched SVDs of tall matrices. A single
+        # problem takes the SVD of the tall matrix directly, as scipy does, so
+        # that its rounding matches scipy's as closely as possible.
         Q, R = torch.linalg.qr(A, mode="reduced")
         rhs = torch.bmm(Q.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
         A = R

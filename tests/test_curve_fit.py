@@ -1,0 +1,554 @@
+"""``torchimize_scipy.curve_fit`` against ``scipy.optimize.curve_fit``, call by call."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.optimize as so
+import torch
+from scipy.optimize import Bounds, OptimizeWarning
+
+from torchimize_scipy._curve_fit import curve_fit
+
+RTOL_P = 1e-6
+RTOL_C = 1e-5
+COV_MSG = "Covariance of the parameters could not be estimated"
+
+
+def func(x, a, b, c):
+    return a * np.exp(-b * x) + c
+
+
+def func_t(x, a, b, c):
+    return a * torch.exp(-b * x) + c
+
+
+def func_jac(x, a, b, c):
+    e = np.exp(-b * x)
+    return np.stack([e, -a * x * e, np.ones_like(x)], axis=1)
+
+
+def func_redundant(x, a, b, c, d):  # a and d only appear as a product
+    return a * d * np.exp(-b * x) + c
+
+
+def func_unused(x, a, b, c):  # c has no effect: a zero Jacobian column
+    return a * np.exp(-b * x) + 0 * c
+
+
+def plane(X, a, b, c):
+    return a * X[0] ** 2 + b * X[1] + c
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(1234)
+    x = np.linspace(0, 4, 50)
+    y = func(x, 2.5, 1.3, 0.5) + 0.2 * rng.normal(size=x.size)
+    sig = 0.1 + rng.random(x.size)
+    cov = np.diag(sig**2) + 0.01 * np.exp(-np.abs(x[:, None] - x[None, :]))
+    return x, y, sig, cov
+
+
+def assert_cov_close(ours, ref, rtol=RTOL_C):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+def both(*args, rtol_p=RTOL_P, rtol_c=RTOL_C, same_status=True, **kwargs):
+    """Run scipy and ours with full_output; compare popt, pcov and the info."""
+    ref = so.curve_fit(*args, full_output=True, **kwargs)
+    got = curve_fit(*args, full_output=True, **kwargs)
+    np.testing.assert_allclose(got[0], ref[0], rtol=rtol_p)
+    assert_cov_close(got[1], ref[1], rtol_c)
+    assert got[2].keys() == ref[2].keys()
+    if same_status:
+        assert got[3] == ref[3]
+        assert got[4] == ref[4]
+    else:
+        assert got[4] in (1, 2, 3, 4)
+    return ref, got
+
+
+# ---------------------------------------------------------------------------
+# scipy's documented examples
+# ---------------------------------------------------------------------------
+def test_docstring_example_unbounded(data):
+    x, y, _, _ = data
+    ref, got = both(func, x, y)
+    assert isinstance(got[0], np.ndarray) and got[0].dtype == np.float64
+    assert isinstance(got[1], np.ndarray) and got[1].shape == (3, 3)
+
+
+@pytest.mark.parametrize("method", [None, "trf", "dogbox"])
+def test_docstring_example_bounded(data, method):
+    x, y, _, _ = data
+    # bounded 'dogbox' ends here with first-order optimality next to gtol (scipy
+    # 2.8e-9, least_squares' engine 2.4e-8): status 1 vs 3, same solution.
+    both(func, x, y, bounds=(0, [3.0, 1.0, 0.5]), method=method,
+         same_status=method != "dogbox")
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+def test_docstring_example_methods(data, method):
+    x, y, _, _ = data
+    both(func, x, y, method=method)
+
+
+def test_docstring_example_bad_scale():
+    x = np.linspace(0, 4, 50)
+    y = func(x, 500000, 0.01, 15)
+    msg = ("Optimal parameters not found: The maximum number of function "
+           "evaluations is exceeded.")
+    with pytest.raises(RuntimeError, match="^" + msg.replace(".", r"\.") + "$"):
+        curve_fit(func, x, y, method="trf")
+    popt, _ = curve_fit(func, x, y, method="trf", x_scale=[1000, 1, 1])
+    ref, _ = so.curve_fit(func, x, y, method="trf", x_scale=[1000, 1, 1])
+    np.testing.assert_allclose(popt, ref, rtol=1e-7)
+
+
+def test_docstring_example_redundant_parameter(data):
+    """Overparametrised model: scipy's condition-number check gives the same verdict."""
+    x, y, _, _ = data
+    _, pcov_ref = so.curve_fit(func_redundant, x, y)
+    popt, pcov = curve_fit(func_redundant, x, y)
+    assert np.linalg.cond(pcov) > 1e20 and np.linalg.cond(pcov_ref) > 1e20
+    # the identifiable combinations agree
+    ref, _ = so.curve_fit(func_redundant, x, y)
+    np.testing.assert_allclose(popt[0] * popt[3], ref[0] * ref[3], rtol=1e-6)
+    np.testing.assert_allclose(popt[1:3], ref[1:3], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# weights
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("method", [None, "trf", "dogbox"])
+@pytest.mark.parametrize("absolute_sigma", [False, True])
+@pytest.mark.parametrize("kind", ["1d", "2d", "scalar", "len1"])
+def test_sigma(data, method, absolute_sigma, kind):
+    x, y, sig, cov = data
+    sigma = {"1d": sig, "2d": cov, "scalar": 0.3, "len1": [0.3]}[kind]
+    both(func, x, y, sigma=sigma, absolute_sigma=absolute_sigma, method=method)
+
+
+def test_absolute_vs_relative_sigma(data):
+    x, y, sig, _ = data
+    p1, c_rel = curve_fit(func, x, y, sigma=sig)
+    p2, c_abs = curve_fit(func, x, y, sigma=sig, absolute_sigma=True)
+    r = (func(x, *p1) - y) / sig
+    np.testing.assert_allclose(p1, p2)
+    np.testing.assert_allclose(c_rel, c_abs * (r @ r) / (x.size - 3), rtol=1e-10)
+    # relative sigma: scaling sigma changes nothing
+    _, c_rel10 = curve_fit(func, x, y, sigma=10 * sig)
+    np.testing.assert_allclose(c_rel10, c_rel, rtol=1e-6)
+
+
+def test_sigma_errors(data):
+    x, y, sig, cov = data
+    for cf in (so.curve_fit, curve_fit):
+        with pytest.raises(ValueError, match="`sigma` has incorrect shape."):
+            cf(func, x, y, sigma=np.ones(3))
+        with pytest.raises(ValueError, match="`sigma` must be positive definite."):
+            cf(func, x, y, sigma=-np.eye(x.size))
+
+
+# ---------------------------------------------------------------------------
+# Jacobians, methods, options
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("method", [None, "trf", "dogbox"])
+@pytest.mark.parametrize("sigma", [None, "1d", "2d"])
+def test_callable_jac(data, method, sigma):
+    x, y, sig, cov = data
+    s = {None: None, "1d": sig, "2d": cov}[sigma]
+    ref, got = both(func, x, y, jac=func_jac, sigma=s, method=method)
+    assert got[2]["nfev"] == ref[2]["nfev"]
+    if method is None:
+        assert got[2]["njev"] == ref[2]["njev"]
+
+
+def test_scalar_sigma_with_callable_jac(data):
+    """scipy fails here (it solves a triangular system with a 0-d matrix); we scale."""
+    x, y, _, _ = data
+    with pytest.raises(ValueError):
+        so.curve_fit(func, x, y, jac=func_jac, sigma=0.3)
+    p, c = curve_fit(func, x, y, jac=func_jac, sigma=0.3)
+    ref = so.curve_fit(func, x, y, jac=func_jac, sigma=np.full(x.size, 0.3))
+    np.testing.assert_allclose(p, ref[0], rtol=RTOL_P)
+    assert_cov_close(c, ref[1])
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+@pytest.mark.parametrize("jac", ["2-point", "3-point", "cs"])
+def test_string_jac(data, method, jac):
+    x, y, _, _ = data
+    both(func, x, y, method=method, jac=jac)
+
+
+def test_lm_extra_string_jacobians(data):
+    """'3-point' and 'autograd' with 'lm' are ours (scipy's leastsq rejects strings)."""
+    x, y, _, _ = data
+    ref = so.curve_fit(func, x, y)
+    for jac, f in (("3-point", func), ("autograd", func_t)):
+        p, c = curve_fit(f, x, y, jac=jac)
+        np.testing.assert_allclose(p, ref[0], rtol=1e-6)
+        assert_cov_close(c, ref[1], rtol=1e-3)  # Jacobian at the solution, see module notes
+
+
+@pytest.mark.parametrize("method", [None, "trf"])
+def test_autograd_numpy_input(data, method):
+    x, y, sig, _ = data
+    ref = so.curve_fit(func, x, y, sigma=sig, method=method, jac=func_jac)
+    p, c = curve_fit(func_t, x, y, sigma=sig, method=method, jac="autograd")
+    assert isinstance(p, np.ndarray)
+    np.testing.assert_allclose(p, ref[0], rtol=RTOL_P)
+    assert_cov_close(c, ref[1], rtol=1e-3 if method is None else RTOL_C)
+
+
+@pytest.mark.parametrize("method", ["gn", "gd"])
+def test_our_methods(data, method):
+    x, y, _, _ = data
+    ref = so.curve_fit(func, x, y, method="trf", ftol=1e-12, xtol=1e-12, gtol=1e-12)
+    p, c = curve_fit(func, x, y, method=method, ftol=1e-12, xtol=1e-12, gtol=1e-12,
+                     max_nfev=20000)
+    np.testing.assert_allclose(p, ref[0], rtol=1e-5)
+    assert_cov_close(c, ref[1], rtol=1e-4)
+
+
+def test_trf_options_pass_through(data):
+    x, y, _, _ = data
+    both(func, x, y, method="trf", loss="soft_l1", f_scale=0.3)
+    both(func, x, y, method="dogbox", x_scale=[1.0, 2.0, 0.5], ftol=1e-10)
+
+
+def test_leastsq_options(data):
+    x, y, _, _ = data
+    both(func, x, y, ftol=1e-10, xtol=1e-10)
+    both(func, x, y, epsfcn=1e-10)
+    both(func, x, y, diag=[1.0, 2.0, 3.0])
+    both(func, x, y, gtol=1e-3)
+
+
+@pytest.mark.parametrize("jac", [None, func_jac])
+def test_lm_maxfev_boundary(data, jac):
+    """leastsq counts finite-difference calls in ``nfev``/``maxfev``; so do we."""
+    x, y, _, _ = data
+    ref = so.curve_fit(func, x, y, jac=jac, full_output=True)
+    need = ref[2]["nfev"]
+    for maxfev in (need - 1, need):
+        outcome = []
+        for cf in (so.curve_fit, curve_fit):
+            try:
+                cf(func, x, y, jac=jac, maxfev=maxfev)
+                outcome.append("ok")
+            except RuntimeError as e:
+                outcome.append(str(e))
+        assert outcome[0] == outcome[1]
+    with pytest.raises(RuntimeError, match=r"^Optimal parameters not found: Number of calls "
+                                           r"to function has reached maxfev = 7\.$"):
+        curve_fit(func, x, y, jac=jac, maxfev=7)
+
+
+def test_trf_maxfev_is_max_nfev(data):
+    x, y, _, _ = data
+    for cf in (so.curve_fit, curve_fit):
+        with pytest.raises(RuntimeError, match="maximum number of function evaluations"):
+            cf(func, x, y, method="trf", maxfev=3)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'maxfev'"):
+            cf(func, x, y, method="trf", maxfev=3, max_nfev=3)
+
+
+def test_full_output_lm(data):
+    x, y, _, _ = data
+    ref, got = both(func, x, y)
+    info_r, info_g = ref[2], got[2]
+    assert list(info_g) == ["fvec", "nfev", "fjac", "ipvt", "qtf"]
+    assert info_g["nfev"] == info_r["nfev"]
+    np.testing.assert_allclose(info_g["fvec"], info_r["fvec"], rtol=1e-6, atol=1e-8)
+    assert info_g["ipvt"].dtype == np.int32
+    np.testing.assert_array_equal(info_g["ipvt"], info_r["ipvt"])
+    assert info_g["fjac"].shape == info_r["fjac"].shape == (3, x.size)
+    np.testing.assert_allclose(info_g["fjac"], info_r["fjac"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(info_g["qtf"], info_r["qtf"], rtol=1e-3, atol=1e-8)
+    assert 1 <= got[4] <= 4
+    # cov_x of leastsq, rebuilt from fjac and ipvt as its docstring says
+    n = 3
+    R = np.triu(info_g["fjac"].T[:n])
+    Rinv = np.linalg.inv(R)
+    W = np.empty_like(Rinv)
+    W[info_g["ipvt"]] = Rinv
+    s_sq = (info_g["fvec"] ** 2).sum() / (x.size - n)
+    np.testing.assert_allclose(W @ W.T * s_sq, got[1], rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+def test_full_output_trf(data, method):
+    x, y, _, _ = data
+    ref, got = both(func, x, y, method=method)
+    assert list(got[2]) == ["nfev", "fvec"]
+    assert got[2]["nfev"] == ref[2]["nfev"]
+    np.testing.assert_allclose(got[2]["fvec"], ref[2]["fvec"], rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------
+# covariance corner cases
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("method", [None, "trf", "dogbox"])
+def test_rank_deficient_zero_column(data, method):
+    """'lm': singular R -> inf and a warning; 'trf'/'dogbox': pseudo-inverse."""
+    x, y, _, _ = data
+    with warnings.catch_warnings(record=True) as w_ref:
+        warnings.simplefilter("always")
+        ref = so.curve_fit(func_unused, x, y, method=method)
+    with warnings.catch_warnings(record=True) as w_got:
+        warnings.simplefilter("always")
+        got = curve_fit(func_unused, x, y, method=method)
+    assert [str(w.message) for w in w_got] == [str(w.message) for w in w_ref]
+    np.testing.assert_allclose(got[0], ref[0], rtol=RTOL_P)
+    if method is None:
+        assert np.isinf(got[1]).all() and np.isinf(ref[1]).all()
+        assert any(issubclass(w.category, OptimizeWarning) for w in w_got)
+    else:
+        assert_cov_close(got[1], ref[1])
+        assert got[1][2, 2] == 0
+
+
+def test_rank_deficient_redundant_dogbox(data):
+    x, y, _, _ = data
+    both(func_redundant, x, y, method="dogbox")
+
+
+@pytest.mark.parametrize("method", [None, "trf"])
+def test_no_degrees_of_freedom(data, method):
+    x, y, _, _ = data
+    for cf in (so.curve_fit, curve_fit):
+        with pytest.warns(OptimizeWarning, match=COV_MSG):
+            _, pcov = cf(func, x[:3], y[:3], method=method)
+        assert np.isinf(pcov).all()
+    ref = so.curve_fit(func, x[:3], y[:3], method=method, absolute_sigma=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OptimizeWarning)
+        got = curve_fit(func, x[:3], y[:3], method=method, absolute_sigma=True)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+    assert_cov_close(got[1], ref[1], rtol=1e-4)
+
+
+def test_fewer_points_than_parameters(data):
+    x, y, _, _ = data
+    for cf in (so.curve_fit, curve_fit):
+        with pytest.raises(TypeError, match="The number of func parameters=3 must not exceed "
+                                            "the number of data points=2"):
+            cf(func, x[:2], y[:2])
+    both(func, x[:2], y[:2], method="trf")
+
+
+# ---------------------------------------------------------------------------
+# NaN handling and input checks
+# ---------------------------------------------------------------------------
+def test_check_finite(data):
+    x, y, _, _ = data
+    yn, xn, yi = y.copy(), x.copy(), y.copy()
+    yn[3], xn[5], yi[7] = np.nan, np.nan, np.inf
+    for cf in (so.curve_fit, curve_fit):
+        for xx, yy in ((x, yn), (xn, y), (x, yi)):
+            with pytest.raises(ValueError, match="array must not contain infs or NaNs"):
+                cf(func, xx, yy)
+            with pytest.raises(ValueError, match="array must not contain infs or NaNs"):
+                cf(func, xx, yy, nan_policy="omit", check_finite=True)
+
+
+@pytest.mark.parametrize("method", [None, "trf"])
+def test_nan_policy(data, method):
+    x, y, sig, cov = data
+    yn, xn = y.copy(), x.copy()
+    yn[[3, 10]], xn[20] = np.nan, np.nan
+    for cf in (so.curve_fit, curve_fit):
+        for xx, yy in ((x, yn), (xn, y)):
+            with pytest.raises(ValueError, match="The input contains nan values"):
+                cf(func, xx, yy, nan_policy="raise", method=method)
+        with pytest.raises(ValueError, match="`nan_policy='propagate'` is not supported"):
+            cf(func, x, yn, nan_policy="propagate")
+        with pytest.raises(ValueError, match=r"nan_policy must be one of \{None, 'raise', "
+                                             r"'omit'\}"):
+            cf(func, x, y, nan_policy="foo")
+    both(func, x, y, nan_policy="raise", method=method)
+    both(func, xn, yn, nan_policy="omit", method=method)
+    both(func, xn, yn, nan_policy="omit", sigma=sig, method=method)
+    both(func, xn, yn, nan_policy="omit", sigma=cov, method=method)
+
+
+def test_nan_policy_omit_multidimensional():
+    rng = np.random.default_rng(7)
+    X = np.stack([np.linspace(0, 1, 30), np.linspace(1, 3, 30) ** 1.5])
+    y = plane(X, 1.0, 2.0, 3.0) + 0.01 * rng.normal(size=30)
+    X[1, 4] = np.nan
+    y[9] = np.nan
+    both(plane, X, y, nan_policy="omit")
+
+
+def test_input_errors(data):
+    x, y, _, _ = data
+
+    def no_params(x):
+        return x
+
+    def var_params(x, *p):
+        return p[0] * x
+
+    for cf in (so.curve_fit, curve_fit):
+        with pytest.raises(ValueError, match="`ydata` must not be empty!"):
+            cf(func, x, [])
+        for f in (no_params, var_params):
+            with pytest.raises(ValueError, match="Unable to determine number of fit "
+                                                 "parameters."):
+                cf(f, x, y)
+        with pytest.raises(ValueError, match="Method 'lm' only works for unconstrained "
+                                             "problems. Use 'trf' or 'dogbox' instead."):
+            cf(func, x, y, bounds=(0, 10), method="lm")
+        for method in (None, "trf"):
+            with pytest.raises(ValueError, match="'args' is not a supported keyword"):
+                cf(func, x, y, args=(1,), method=method)
+        with pytest.raises(RuntimeError, match="Improper input parameters."):
+            cf(func, x, y, ftol=-1.0)
+        with pytest.raises(TypeError, match="must not exceed func output vector length M=1"):
+            cf(lambda x, a, b: a * x + b, 2.0, [1.0])
+    np.testing.assert_allclose(curve_fit(var_params, x, y, p0=[1.0])[0],
+                               so.curve_fit(var_params, x, y, p0=[1.0])[0], rtol=RTOL_P)
+
+
+@pytest.mark.parametrize("bounds", [
+    ([0, 0, 0], [3, 1, 0.5]),
+    Bounds([0, 0, 0], [3, 1, 0.5]),
+    ([0, -np.inf, -np.inf], [np.inf, 2.0, np.inf]),   # one-sided: p0 = lb + 1, ub - 1
+])
+def test_default_p0_with_bounds(data, bounds):
+    x, y, _, _ = data
+    both(func, x, y, bounds=bounds)
+
+
+def test_list_inputs(data):
+    x, y, _, _ = data
+    both(func, list(x), list(y))
+    both(func, x, y, p0=[2, 1, 1])
+
+
+def test_xdata_passed_unchanged():
+    """Non-array xdata reaches ``f`` as it is."""
+
+    class Grid:
+        def __init__(self, t):
+            self.t = t
+
+    seen = []
+    t = np.linspace(0, 1, 20)
+    y = 3.0 * t + 1.0
+
+    def lin(g, a, b):
+        seen.append(g)
+        return a * g.t + b
+
+    g = Grid(t)
+    popt, _ = curve_fit(lin, g, y)
+    np.testing.assert_allclose(popt, [3.0, 1.0], rtol=1e-8)
+    assert all(s is g for s in seen)
+
+
+# ---------------------------------------------------------------------------
+# multi-dimensional xdata
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("method", [None, "trf", "dogbox"])
+@pytest.mark.parametrize("as_tuple", [True, False])
+def test_multidimensional_xdata(method, as_tuple):
+    rng = np.random.default_rng(3)
+    X = (np.linspace(0, 1, 30), np.linspace(1, 3, 30) ** 1.5)
+    y = plane(X, 1.0, 2.0, 3.0) + 0.01 * rng.normal(size=30)
+    xdata = X if as_tuple else np.stack(X)
+    both(plane, xdata, y, method=method)
+
+
+# ---------------------------------------------------------------------------
+# torch in, torch out
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [
+    {}, {"method": "trf"}, {"method": "dogbox"}, {"sigma": "1d"}, {"sigma": "2d"},
+    {"bounds": (0, [3.0, 1.0, 0.5])}, {"jac": "autograd", "method": "trf"},
+])
+def test_torch_inputs(data, kwargs):
+    x, y, sig, cov = data
+    kw = dict(kwargs)
+    if "sigma" in kw:
+        kw["sigma"] = {"1d": sig, "2d": cov}[kw["sigma"]]
+    ref = so.curve_fit(func, x, y, full_output=True,
+                       **{k: v for k, v in kw.items() if k != "jac"})
+    seen = []
+
+    def model(xx, a, b, c):
+        seen.append((type(xx), type(a)))
+        return func_t(xx, a, b, c)
+
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    if "sigma" in kw:
+        kw["sigma"] = torch.tensor(kw["sigma"])
+    popt, pcov, info, mesg, ier = curve_fit(model, xt, yt, full_output=True, **kw)
+    assert isinstance(popt, torch.Tensor) and isinstance(pcov, torch.Tensor)
+    assert popt.dtype == pcov.dtype == torch.float64
+    assert popt.device == yt.device and pcov.device == yt.device
+    assert isinstance(info["fvec"], torch.Tensor)
+    assert all(tx is torch.Tensor and ta is torch.Tensor for tx, ta in seen)
+    np.testing.assert_allclose(popt.numpy(), ref[0], rtol=RTOL_P)
+    assert_cov_close(pcov.numpy(), ref[1])
+    assert mesg == ref[3] and ier == ref[4]
+    if "jac" not in kw:
+        assert info["nfev"] == ref[2]["nfev"]
+
+
+def test_torch_multidimensional_and_nan_omit():
+    rng = np.random.default_rng(5)
+    X = np.stack([np.linspace(0, 1, 30), np.linspace(1, 3, 30) ** 1.5])
+    y = plane(X, 1.0, 2.0, 3.0) + 0.01 * rng.normal(size=30)
+    X[0, 2] = np.nan
+    ref = so.curve_fit(plane, X, y, nan_policy="omit")
+    Xt = tuple(torch.tensor(r) for r in X)
+    popt, pcov = curve_fit(plane, Xt, torch.tensor(y), nan_policy="omit")
+    np.testing.assert_allclose(popt.numpy(), ref[0], rtol=RTOL_P)
+    assert_cov_close(pcov.numpy(), ref[1])
+
+
+def test_torch_dtype_follows_p0_then_ydata(data):
+    x, y, _, _ = data
+    xt = torch.tensor(x)
+    popt, pcov = curve_fit(func_t, xt, y, p0=torch.ones(3, dtype=torch.float32))
+    assert popt.dtype == pcov.dtype == torch.float32
+    popt, pcov = curve_fit(func_t, xt.float(), torch.tensor(y, dtype=torch.float32),
+                           method="trf")
+    assert popt.dtype == torch.float32
+    np.testing.assert_allclose(popt.numpy(), so.curve_fit(func, x, y)[0], rtol=1e-3)
+    popt, _ = curve_fit(func_t, xt, torch.tensor(y), dtype=torch.float32)
+    assert popt.dtype == torch.float32
+
+
+def test_torch_check_finite(data):
+    x, y, _, _ = data
+    yt = torch.tensor(y)
+    yt[4] = float("nan")
+    with pytest.raises(ValueError, match="array must not contain infs or NaNs"):
+        curve_fit(func_t, torch.tensor(x), yt)
+    with pytest.raises(ValueError, match="The input contains nan values"):
+        curve_fit(func_t, torch.tensor(x), yt, nan_policy="raise")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_cuda(data):  # pragma: no cover - device only
+    x, y, sig, _ = data
+    ref = so.curve_fit(func, x, y, sigma=sig)
+    xt, yt = torch.tensor(x, device="cuda"), torch.tensor(y, device="cuda")
+    popt, pcov = curve_fit(func_t, xt, yt, sigma=torch.tensor(sig, device="cuda"))
+    assert popt.device.type == "cuda" and pcov.device.type == "cuda"
+    np.testing.assert_allclose(popt.cpu().numpy(), ref[0], rtol=RTOL_P)
+    assert_cov_close(pcov.cpu().numpy(), ref[1])
+    popt, pcov = curve_fit(func, x, y, sigma=sig, method="trf", device="cuda")
+    assert isinstance(popt, np.ndarray)
+    np.testing.assert_allclose(popt, so.curve_fit(func, x, y, sigma=sig, method="trf")[0],
+                               rtol=RTOL_P)

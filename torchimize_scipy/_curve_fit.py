@@ -1,0 +1,791 @@
+r"""``curve_fit``: scipy's nonlinear regression frontend on ``least_squares``.
+
+The model is :math:`y = f(x, p) + \varepsilon` with :math:`M` observations and
+:math:`N` parameters. With the error covariance :math:`\Sigma` (``sigma``
+2-D), or :math:`\Sigma = \mathrm{diag}(\sigma_i^2)` (``sigma`` 1-D or scalar,
+standard deviations), write :math:`\Sigma = L L^T` (Cholesky) and fit the
+*whitened* residuals
+
+.. math::
+
+    r(p) = L^{-1} \bigl(f(x, p) - y\bigr), \qquad
+    \hat p = \arg\min_p \lVert r(p) \rVert^2 = \arg\min_p\,
+    (f - y)^T \Sigma^{-1} (f - y),
+
+that is :math:`r_i = (f_i - y_i) / \sigma_i` for 1-D ``sigma``. The
+minimisation is :func:`torchimize_scipy.least_squares` for every method.
+
+Covariance of the estimate (linearisation of the model at :math:`\hat p`;
+Seber & Wild, *Nonlinear Regression*, Wiley 1989, ch. 2; Vugrin et al.,
+Water Resour. Res. 43, W03423, 2007): with :math:`J = \partial r / \partial p`
+at :math:`\hat p`,
+
+.. math::
+
+    \mathrm{Cov}(\hat p) \approx (J^T J)^{-1} \cdot
+    \begin{cases} 1 & \text{absolute\_sigma} \\
+    s^2 = \lVert r(\hat p) \rVert^2 / (M - N) & \text{otherwise}
+    \end{cases}
+
+where :math:`s^2` (the reduced chi-square) rescales ``sigma`` so that the fit
+is statistically consistent. :math:`(J^T J)^{-1}` is computed as scipy does:
+
+* 'trf', 'dogbox' (and our 'gn', 'gd'): thin SVD :math:`J = U S V^T`, singular
+  values :math:`s_i \le \epsilon \max(M, N) s_1` are discarded and
+  :math:`(J^T J)^{+} = V S^{-2} V^T` (Moore-Penrose pseudo-inverse);
+* 'lm': QR with column pivoting :math:`J P = Q R` (Businger & Golub 1965,
+  MINPACK's ``qrfac``), :math:`(J^T J)^{-1} = P R^{-1} R^{-T} P^T`; an
+  exactly singular :math:`R` means the covariance is indeterminate.
+
+An indeterminate covariance (singular :math:`R` for 'lm', NaN entries, or
+:math:`M \le N` when the scale :math:`s^2` is needed) is returned filled
+with ``inf`` together with an :class:`~scipy.optimize.OptimizeWarning`.
+
+Differences from scipy's ``leastsq`` path for ``method='lm'``: MINPACK's
+``fjac``/``ipvt``/``qtf`` come from the Jacobian of its *last Jacobian
+evaluation*, which usually precedes the final step; here they (and ``pcov``)
+come from the pivoted QR of the Jacobian *at the returned* ``popt``. ``pcov``
+therefore differs from scipy's 'lm' value by about the size of the last step
+(typically :math:`10^{-6}`-:math:`10^{-4}` relative) and is closer to the
+covariance at the optimum (what 'trf' reports).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+from scipy.optimize import OptimizeWarning
+
+from ._arrays import as_numpy, detect_namespace
+from ._engine import status as codes
+from ._least_squares import least_squares
+from ._validation import prepare_bounds
+
+#: scipy's ``leastsq`` defaults, used for ``method='lm'``.
+LEASTSQ_FTOL = 1.49012e-8
+LEASTSQ_XTOL = 1.49012e-8
+LEASTSQ_GTOL = 0.0
+#: Keywords of scipy's ``leastsq`` accepted (and translated) for ``method='lm'``.
+LEASTSQ_KEYS = ("col_deriv", "ftol", "xtol", "gtol", "maxfev", "epsfcn", "factor", "diag")
+#: least_squares status -> MINPACK ``info`` (the ``ier`` of ``leastsq``).
+STATUS_TO_IER = {codes.FTOL: 1, codes.XTOL: 2, codes.FTOL_XTOL: 3, codes.GTOL: 4,
+                 codes.MAX_NFEV: 5}
+_EPS = float(np.finfo(float).eps)
+_COV_MSG = "Covariance of the parameters could not be estimated"
+
+
+# ---------------------------------------------------------------------------
+# public function
+# ---------------------------------------------------------------------------
+def curve_fit(
+    f: Callable,
+    xdata: Any,
+    ydata: Any,
+    p0: Any = None,
+    sigma: Any = None,
+    absolute_sigma: bool = False,
+    check_finite: bool | None = None,
+    bounds: Any = (-np.inf, np.inf),
+    method: str | None = None,
+    jac: Callable | str | None = None,
+    *,
+    full_output: bool = False,
+    nan_policy: str | None = None,
+    **kwargs: Any,
+) -> tuple:
+    """Fit a model ``f(xdata, *params)`` to data by nonlinear least squares.
+
+    A drop-in replacement for :func:`scipy.optimize.curve_fit` (scipy 1.17
+    behaviour, errors and warnings) whose minimisation runs on
+    :func:`torchimize_scipy.least_squares`. It assumes
+    ``ydata = f(xdata, *params) + eps`` and minimises
+    ``sum(((f(xdata, *params) - ydata) / sigma)**2)`` (or the generalised
+    ``r.T @ inv(sigma) @ r`` for a 2-D ``sigma``).
+
+    Parameters
+    ----------
+    f : callable
+        The model ``f(x, p_1, ..., p_N)``: the independent variable first, then
+        the ``N`` parameters as separate scalar arguments. It returns an array
+        of the shape of ``ydata`` (or one that broadcasts against it).
+    xdata : array_like or object
+        The independent variable. A list, tuple, numpy array or tensor is
+        converted to a float array (e.g. ``(k, M)`` for ``k`` predictors, or a
+        tuple of ``k`` arrays) and checked as scipy does; any other object is
+        passed to ``f`` unchanged.
+    ydata : array_like or Tensor, shape (M,)
+        The observations.
+    p0 : array_like or Tensor, shape (N,), optional
+        Initial guess. By default ``N`` is read from ``f``'s signature (the
+        number of positional parameters minus one) and the guess is 1 for
+        unbounded parameters, the midpoint of two finite bounds, or one unit
+        inside a single finite bound.
+    sigma : None, scalar, array_like of shape (M,) or (M, M), optional
+        Standard deviations of ``ydata`` (scalar or 1-D), or the covariance
+        matrix of its errors (2-D, must be positive definite). None means
+        ones.
+    absolute_sigma : bool, optional
+        If True, ``sigma`` is absolute and ``pcov`` is ``inv(J.T @ J)``. If
+        False (default), only the relative sizes of ``sigma`` matter and
+        ``pcov`` is scaled by the reduced chi-square ``chisq / (M - N)``.
+    check_finite : bool, optional
+        Reject NaN or inf in ``xdata``/``ydata`` with a ``ValueError``.
+        Default: True unless ``nan_policy`` is given.
+    bounds : 2-tuple of array_like or `scipy.optimize.Bounds`, optional
+        Lower and upper bounds on the parameters (scalars or length ``N``).
+    method : {'lm', 'trf', 'dogbox', 'gn', 'gd'}, optional
+        Default 'lm' without bounds, 'trf' with bounds. 'lm' is scipy's
+        ``leastsq`` (MINPACK Levenberg-Marquardt), here
+        ``least_squares(method='lm')`` with ``leastsq``'s tolerances; 'gn' and
+        'gd' are torchimize_scipy's Gauss-Newton and gradient descent.
+    jac : callable or {'2-point', '3-point', 'cs', 'autograd'}, optional
+        ``jac(x, p_1, ..., p_N)`` returning the ``(M, N)`` Jacobian of the
+        model (it is whitened with ``sigma`` here), or a finite-difference
+        scheme; 'autograd' (ours) differentiates ``f`` with :mod:`torch.func`,
+        so ``f`` must then be torch code (it receives ``xdata``, ``ydata``-like
+        data and the parameters as tensors). Default: '2-point'.
+    full_output : bool, optional
+        Also return ``infodict``, ``mesg`` and ``ier``.
+    nan_policy : {'raise', 'omit', None}, optional
+        'raise' raises on NaN in the data, 'omit' drops the observations with
+        a NaN in ``ydata`` or in any row of ``xdata`` (and the matching entries
+        of ``sigma``); None does nothing special. Giving it turns
+        ``check_finite`` off by default.
+    **kwargs
+        Passed to :func:`torchimize_scipy.least_squares` (e.g. ``x_scale``,
+        ``loss``, ``ftol``, ``max_nfev``, ``device``, ``dtype``). ``maxfev``
+        means ``max_nfev``. For 'lm', ``leastsq``'s keywords are understood:
+        ``ftol``, ``xtol``, ``gtol`` (defaults 1.49012e-8, 1.49012e-8, 0),
+        ``maxfev`` (default ``200 (N + 1)``, ``100 (N + 1)`` with a callable
+        ``jac``), ``epsfcn`` (``diff_step = sqrt(epsfcn)``), ``diag``
+        (``x_scale = 1 / diag``), ``col_deriv`` and ``factor`` (only 100).
+
+    Returns
+    -------
+    popt : ndarray or Tensor, shape (N,)
+        Optimal parameters.
+    pcov : ndarray or Tensor, shape (N, N)
+        Estimated covariance of ``popt`` (``inf`` where it cannot be
+        estimated; see the module notes for its formula).
+    infodict : dict
+        Only with ``full_output``: ``nfev`` and ``fvec`` (the whitened
+        residuals at ``popt``); for 'lm' also ``fjac`` (shape ``(N, M)``,
+        MINPACK's layout: ``triu(fjac.T[:N])`` is ``R`` of the pivoted QR of
+        the final Jacobian, the rest its Householder vectors), ``ipvt`` (the
+        0-based pivot indices, int32, as scipy 1.17 returns them), ``qtf``
+        (the first ``N`` entries of ``Q.T @ fvec``) and, with a callable
+        ``jac``, ``njev``.
+    mesg : str
+        Only with ``full_output``: the termination message (``leastsq``'s
+        texts for 'lm').
+    ier : int
+        Only with ``full_output``: ``leastsq``'s ``info`` (1 to 4 is success)
+        for 'lm'; the ``least_squares`` status otherwise.
+
+    Raises
+    ------
+    ValueError
+        For NaN or inf in the data when checked, empty ``ydata``, a ``sigma``
+        of the wrong shape or not positive definite, bounds with 'lm', or a
+        signature from which ``N`` cannot be read.
+    RuntimeError
+        If the minimisation fails (``"Optimal parameters not found: ..."``).
+
+    Warns
+    -----
+    OptimizeWarning
+        If the covariance of the parameters cannot be estimated.
+
+    Notes
+    -----
+    numpy input (``p0``, ``ydata`` and ``xdata`` not tensors) gives numpy
+    output and ``f`` receives float64 numpy data and scalar parameters, as
+    under scipy. If any of ``p0``, ``ydata``, ``xdata`` is a tensor, the data
+    are converted to tensors on the device and in the floating dtype of the
+    first one of them (unless ``device=``/``dtype=`` say otherwise), ``f``
+    receives tensors (the parameters as 0-d tensors) and ``popt``, ``pcov``
+    and the arrays of ``infodict`` are tensors there.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from torchimize_scipy import curve_fit
+    >>> def func(x, a, b, c):
+    ...     return a * np.exp(-b * x) + c
+    >>> xdata = np.linspace(0, 4, 50)
+    >>> ydata = func(xdata, 2.5, 1.3, 0.5)
+    >>> popt, pcov = curve_fit(func, xdata, ydata)
+    >>> np.round(popt, 6)
+    array([2.5, 1.3, 0.5])
+    >>> popt, pcov = curve_fit(func, xdata, ydata, bounds=(0, [3., 1., 0.5]))
+    >>> np.round(popt, 4)
+    array([2.3969, 1.    , 0.4608])
+    """
+    lead = _torch_lead(p0, ydata, xdata)
+    ns = detect_namespace(lead, kwargs.get("device"), kwargs.get("dtype")) \
+        if lead is not None else None
+
+    # ---- number of parameters, bounds, initial guess, method ----------------
+    if p0 is None:
+        n = _count_parameters(f)
+    else:
+        p0 = _as_host(p0)
+        p0 = np.atleast_1d(p0)
+        n = p0.size
+    lb, ub = prepare_bounds(bounds, n)
+    if p0 is None:
+        p0 = _feasible_start(lb, ub)
+    bounded = bool(np.any((lb > -np.inf) | (ub < np.inf)))
+    if method is None:
+        method = "trf" if bounded else "lm"
+    if method == "lm" and bounded:
+        raise ValueError("Method 'lm' only works for unconstrained problems. "
+                         "Use 'trf' or 'dogbox' instead.")
+
+    # ---- data: conversion, finiteness, NaN policy, sigma --------------------
+    if check_finite is None:
+        check_finite = nan_policy is None
+    ydata = _float_array(ydata, check_finite)
+    if isinstance(xdata, list | tuple | np.ndarray | torch.Tensor):
+        xdata_is_array = True
+        xdata = _float_array(xdata, check_finite)
+    else:
+        xdata_is_array = False  # passed to ``f`` as it is, as scipy does
+    if ydata.size == 0:
+        raise ValueError("`ydata` must not be empty!")
+    if not check_finite and nan_policy is not None:
+        xdata, ydata, sigma = _apply_nan_policy(nan_policy, xdata, ydata, sigma)
+    transform = _sigma_transform(sigma, ydata.size)
+
+    if ns is not None:
+        data = _TorchData(xdata if xdata_is_array else None, ydata, transform,
+                          ns.device, ns.dtype)
+        p0 = torch.as_tensor(np.asarray(p0, dtype=float), device=ns.device, dtype=ns.dtype)
+        kwargs["device"], kwargs["dtype"] = ns.device, ns.dtype
+    else:
+        data = None
+    col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False
+    model = _Model(f, jac if callable(jac) else None, xdata, xdata_is_array, ydata, transform,
+                   data, col_deriv)
+
+    if callable(jac):
+        jac_arg: Any = model.jacobian
+    elif jac is None:
+        jac_arg = "2-point"
+    else:
+        jac_arg = jac
+    if jac_arg == "autograd" and data is None:
+        # ``f`` is torch code then: give it tensors even for numpy input
+        model.data = _TorchData(xdata if xdata_is_array else None, ydata, transform,
+                                None, None)
+
+    if "args" in kwargs:
+        raise ValueError("'args' is not a supported keyword argument.")
+
+    if method == "lm":
+        popt, pcov, infodict, mesg, ier, ysize, cost = _fit_lm(
+            model, p0, n, ydata.size, jac_arg, callable(jac), kwargs,
+            ns.dtype if ns is not None else torch.float64)
+    else:
+        if "max_nfev" not in kwargs:
+            kwargs["max_nfev"] = kwargs.pop("maxfev", None)
+        res = least_squares(model.residuals, p0, jac=jac_arg, bounds=bounds, method=method,
+                            **kwargs)
+        if not res.success:
+            raise RuntimeError("Optimal parameters not found: " + res.message)
+        infodict = {"nfev": res.nfev, "fvec": res.fun}
+        ier, mesg = res.status, res.message
+        fvec = as_numpy(res.fun)
+        ysize = fvec.size
+        cost = 2 * float(res.cost)
+        popt = res.x
+        pcov = _pinv_normal_matrix(as_numpy(res.jac))
+
+    pcov = _finish_covariance(pcov, n, ysize, cost, absolute_sigma)
+    if ns is not None:
+        pcov = torch.as_tensor(pcov, device=ns.device, dtype=ns.dtype)
+    if full_output:
+        return popt, pcov, infodict, mesg, ier
+    return popt, pcov
+
+
+# ---------------------------------------------------------------------------
+# Levenberg-Marquardt path (scipy's ``leastsq``)
+# ---------------------------------------------------------------------------
+def _fit_lm(model: _Model, p0: Any, n: int, ysize_data: int, jac_arg: Any,
+            user_jac: bool, kwargs: dict, dtype: Any) -> tuple:
+    """Run ``least_squares(method='lm')`` as scipy's ``leastsq`` would run MINPACK.
+
+    With a callable or forward-difference Jacobian (``lmder``/``lmdif``), the
+    Jacobian goes through :class:`_LeastsqBook`, which counts evaluations the
+    way MINPACK does (finite-difference evaluations included in ``nfev`` and
+    ``maxfev``), and keeps the Jacobian of MINPACK's last Jacobian evaluation
+    for ``fjac``/``ipvt``/``qtf`` and ``pcov``. Other string Jacobians
+    ('3-point', 'cs', 'autograd') are ours: they use ``least_squares``'s counts
+    and the Jacobian at the solution.
+    """
+    if ysize_data != 1 and n > ysize_data:
+        raise TypeError(f"The number of func parameters={n} must not"
+                        f" exceed the number of data points={ysize_data}")
+    if ysize_data == 1:  # the model may broadcast: check its real length first
+        m = np.atleast_1d(as_numpy(model.evaluate(p0))).size
+        if n > m:
+            raise TypeError(f"Improper input: func input vector length N={n} must"
+                            f" not exceed func output vector length M={m}")
+    ftol = kwargs.pop("ftol", LEASTSQ_FTOL)
+    xtol = kwargs.pop("xtol", LEASTSQ_XTOL)
+    gtol = kwargs.pop("gtol", LEASTSQ_GTOL)
+    maxfev = kwargs.pop("maxfev", 0)
+    if "max_nfev" in kwargs:
+        if maxfev:
+            raise TypeError("curve_fit() got both 'maxfev' and 'max_nfev'.")
+        maxfev = kwargs.pop("max_nfev") or 0
+    epsfcn = kwargs.pop("epsfcn", None)
+    factor = kwargs.pop("factor", 100)
+    diag = kwargs.pop("diag", None)
+    if maxfev == 0:
+        maxfev = 100 * (n + 1) if user_jac else 200 * (n + 1)
+    improper = (ftol < 0 or xtol < 0 or gtol < 0 or maxfev < 0 or factor <= 0
+                or (diag is not None and bool(np.any(np.asarray(_as_host(diag)) <= 0))))
+    if improper:  # MINPACK's info = 0; curve_fit turns it into a RuntimeError
+        raise RuntimeError("Optimal parameters not found: Improper input parameters.")
+    if factor != 100:
+        raise ValueError("torchimize_scipy's 'lm' only supports factor=100 (MINPACK's "
+                         "default initial step bound).")
+    if diag is not None:
+        if "x_scale" in kwargs:
+            raise ValueError("Give only one of `diag` and `x_scale`.")
+        kwargs["x_scale"] = 1.0 / np.asarray(_as_host(diag), dtype=float)
+    messages = _leastsq_messages(ftol, xtol, gtol, maxfev)
+
+    minpack_fd = jac_arg == "2-point"
+    book = None
+    if user_jac or minpack_fd:
+        eps_mach = float(torch.finfo(dtype).eps)
+        diff_step = kwargs.pop("diff_step", None)
+        if epsfcn is not None:
+            rel = math.sqrt(max(float(epsfcn), eps_mach))
+        elif diff_step is not None:
+            rel = np.broadcast_to(np.asarray(_as_host(diff_step), dtype=float), (n,))
+        else:
+            rel = math.sqrt(eps_mach)
+        book = _LeastsqBook(maxfev, rel, n)
+        model.book = book
+        jac_arg = model.jacobian if user_jac else model.fd_jacobian
+    elif epsfcn is not None and "diff_step" not in kwargs:
+        kwargs["diff_step"] = math.sqrt(max(float(epsfcn), _EPS))
+
+    # least_squares('lm') needs tolerances of at least machine epsilon; leastsq
+    # accepts smaller ones (including gtol=0, its default).
+    try:
+        res = least_squares(model.residuals, p0, jac=jac_arg, method="lm",
+                            ftol=max(ftol, _EPS), xtol=max(xtol, _EPS), gtol=max(gtol, _EPS),
+                            max_nfev=maxfev, **kwargs)
+    except _MaxfevReached:
+        raise RuntimeError("Optimal parameters not found: " + messages[5]) from None
+    finally:
+        model.book = None
+    ier = STATUS_TO_IER.get(int(res.status))
+    if ier is None:  # our non-finite / singular stops: no MINPACK equivalent
+        raise RuntimeError("Optimal parameters not found: " + res.message)
+    mesg = messages[ier]
+    if ier not in (1, 2, 3, 4):
+        raise RuntimeError("Optimal parameters not found: " + mesg)
+
+    nfev, njev = res.nfev, res.njev
+    if book is not None:
+        # Our engine also evaluates the Jacobian after an accepted step that
+        # ends the run; MINPACK stops before doing so.
+        extra = (book.calls > 1 and book.status_needs_jac(res.status)
+                 and _same(book.last_x, res.x))
+        jac_x, jac_f, J = book.history[-2] if extra and len(book.history) > 1 \
+            else book.history[-1]
+        njev = book.jac_calls - int(extra)
+        if minpack_fd:
+            nfev = res.nfev + n * njev
+    else:
+        jac_f, J = res.fun, res.jac
+    fvec = as_numpy(res.fun)
+    fjac, ipvt, qtf, R = _pivoted_qr(as_numpy(J), as_numpy(jac_f))
+    cov = _inverse_from_qr(R, ipvt)
+    infodict: dict[str, Any] = {"fvec": res.fun, "nfev": int(nfev)}
+    if user_jac:
+        infodict["njev"] = int(njev)
+    to_user = model.to_user_like(res.x)
+    infodict["fjac"] = to_user(fjac)
+    infodict["ipvt"] = ipvt if not isinstance(res.x, torch.Tensor) else torch.as_tensor(
+        ipvt, device=res.x.device)
+    infodict["qtf"] = to_user(qtf)
+    cost = float(np.sum(fvec.astype(float) ** 2))
+    return res.x, cov, infodict, mesg, ier, fvec.size, cost
+
+
+class _MaxfevReached(Exception):
+    """Raised inside the residual function once MINPACK's ``maxfev`` is spent."""
+
+
+class _LeastsqBook:
+    """MINPACK's bookkeeping for ``method='lm'``: evaluation counts and Jacobians.
+
+    ``calls`` counts residual evaluations made by the solver (the start point
+    and the trial points), ``fd_evals`` those of the forward differences; once
+    a trial leaves ``calls + fd_evals >= maxfev`` the next trial is refused,
+    which is where MINPACK stops with ``info = 5``. ``history`` keeps the last
+    two ``(x, f, J)`` at which the Jacobian was evaluated.
+    """
+
+    def __init__(self, maxfev: int, rel_step: Any, n: int) -> None:
+        self.maxfev = maxfev
+        self.rel_step = rel_step
+        self.n = n
+        self.calls = 0
+        self.fd_evals = 0
+        self.jac_calls = 0
+        self.over_budget = False
+        self.last_x: Any = None
+        self.last_f: Any = None
+        self.history: list[tuple] = []
+
+    def record_call(self, p: Any, r: Any) -> None:
+        self.calls += 1
+        self.last_x, self.last_f = _copy(p), r
+        if self.calls > 1 and self.calls + self.fd_evals >= self.maxfev:
+            self.over_budget = True
+
+    def record_jac(self, p: Any, f: Any, J: Any) -> None:
+        self.jac_calls += 1
+        self.history = [*self.history[-1:], (_copy(p), f, J)]
+
+    @staticmethod
+    def status_needs_jac(status: int) -> bool:
+        """True for terminations decided after a trial (not by the ``gtol`` test)."""
+        return int(status) != codes.GTOL
+
+
+def _copy(a: Any) -> Any:
+    return a.detach().clone() if isinstance(a, torch.Tensor) else np.array(a, copy=True)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return bool(torch.equal(torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu()))
+    return bool(np.array_equal(a, b))
+
+
+def _leastsq_messages(ftol: float, xtol: float, gtol: float, maxfev: int) -> dict[int, str]:
+    """``leastsq``'s termination messages for MINPACK's ``info`` 1 to 5."""
+    return {
+        1: "Both actual and predicted relative reductions in the sum of squares\n"
+           f"  are at most {ftol:f}",
+        2: f"The relative error between two consecutive iterates is at most {xtol:f}",
+        3: "Both actual and predicted relative reductions in the sum of squares\n"
+           f"  are at most {ftol:f} and the relative error between two consecutive "
+           f"iterates is at \n  most {xtol:f}",
+        4: "The cosine of the angle between func(x) and any column of the\n"
+           f"  Jacobian is at most {gtol:f} in absolute value",
+        5: f"Number of calls to function has reached maxfev = {maxfev}.",
+    }
+
+
+def _pivoted_qr(J: np.ndarray, fvec: np.ndarray) -> tuple:
+    """MINPACK-style ``fjac, ipvt, qtf`` and ``R`` from ``J P = Q R``.
+
+    ``fjac`` is returned as MINPACK stores it (and ``leastsq`` transposes it):
+    ``R`` on and above the diagonal, and below it column ``j`` of MINPACK's
+    Householder vector ``u_j`` (reflector ``I - u_j u_j^T / u_jj``), which is
+    LAPACK's ``tau_j v_j`` for LAPACK's reflector ``I - tau_j v_j v_j^T``.
+    """
+    m, n = J.shape
+    (raw, tau), _, perm = scipy.linalg.qr(J, pivoting=True, mode="raw")
+    R = np.triu(raw[:n, :n])
+    below = np.tril(raw, -1) * tau[np.newaxis, :n]
+    fjac = np.triu(raw) + below
+    Q, _, _ = scipy.linalg.qr(J, pivoting=True, mode="economic")
+    qtf = Q.T @ fvec
+    return fjac.T.copy(), perm.astype(np.int32), qtf, R
+
+
+def _inverse_from_qr(R: np.ndarray, perm: np.ndarray) -> np.ndarray | None:
+    """``(J^T J)^{-1} = P R^{-1} R^{-T} P^T``; None when ``R`` is exactly singular."""
+    trtri = scipy.linalg.get_lapack_funcs("trtri", (R,))
+    try:
+        Rinv, info = trtri(R)
+    except ValueError:
+        return None
+    if info != 0:
+        return None
+    W = np.empty_like(Rinv)
+    W[perm] = Rinv  # row perm[k] of W is row k of R^{-1}
+    return W @ W.T
+
+
+# ---------------------------------------------------------------------------
+# covariance
+# ---------------------------------------------------------------------------
+def _pinv_normal_matrix(J: np.ndarray) -> np.ndarray:
+    """``(J^T J)^+`` from the thin SVD, small singular values discarded."""
+    _, s, Vt = scipy.linalg.svd(J, full_matrices=False)
+    threshold = np.finfo(J.dtype).eps * max(J.shape) * s[0]
+    keep = int(np.count_nonzero(s > threshold))
+    s, Vt = s[:keep], Vt[:keep]
+    return (Vt.T / s**2) @ Vt
+
+
+def _finish_covariance(pcov: np.ndarray | None, n: int, ysize: int, cost: float,
+                       absolute_sigma: bool) -> np.ndarray:
+    """Scale by the reduced chi-square, or fill with inf (and warn) when undefined."""
+    warn = False
+    if pcov is None or np.isnan(pcov).any():
+        pcov = np.full((n, n), np.inf)
+        warn = True
+    elif not absolute_sigma:
+        if ysize > n:
+            pcov = pcov * (cost / (ysize - n))
+        else:
+            pcov = np.full_like(pcov, np.inf)
+            warn = True
+    if warn:
+        warnings.warn(_COV_MSG, category=OptimizeWarning, stacklevel=3)
+    return pcov
+
+
+# ---------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------
+def _count_parameters(f: Callable) -> int:
+    """Positional parameters of ``f`` minus the independent variable."""
+    params = inspect.signature(f).parameters.values()
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2:
+        raise ValueError("Unable to determine number of fit parameters.")
+    return len(positional) - 1
+
+
+def _feasible_start(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
+    """1 where unbounded, midpoints of finite boxes, one unit inside a single bound."""
+    lo, hi = np.isfinite(lb), np.isfinite(ub)
+    p0 = np.ones_like(lb, dtype=float)
+    p0 = np.where(lo & hi, 0.5 * (np.where(lo, lb, 0) + np.where(hi, ub, 0)), p0)
+    p0 = np.where(lo & ~hi, np.where(lo, lb, 0) + 1, p0)
+    p0 = np.where(~lo & hi, np.where(hi, ub, 0) - 1, p0)
+    return p0
+
+
+def _torch_lead(p0: Any, ydata: Any, xdata: Any) -> torch.Tensor | None:
+    """The tensor that decides device and dtype (``p0``, then ``ydata``, then ``xdata``)."""
+    for a in (p0, ydata, xdata):
+        if isinstance(a, torch.Tensor):
+            return a
+    if isinstance(xdata, list | tuple):
+        for a in xdata:
+            if isinstance(a, torch.Tensor):
+                return a
+    return None
+
+
+def _as_host(a: Any) -> Any:
+    """Tensors (also inside lists and tuples) to numpy; anything else unchanged."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    if isinstance(a, list | tuple) and any(isinstance(e, torch.Tensor | list | tuple)
+                                           for e in a):
+        return [_as_host(e) for e in a]
+    return a
+
+
+def _float_array(a: Any, check_finite: bool) -> np.ndarray:
+    """scipy's cast to float, with ``asarray_chkfinite``'s check when asked."""
+    a = _as_host(a)
+    if check_finite:
+        return np.asarray_chkfinite(a, float)
+    return np.asarray(a, float)
+
+
+def _apply_nan_policy(nan_policy: str, xdata: Any, ydata: np.ndarray,
+                      sigma: Any) -> tuple:
+    """scipy's ``nan_policy`` for curve_fit: 'raise' or 'omit' (rows with a NaN)."""
+    if nan_policy == "propagate":
+        raise ValueError("`nan_policy='propagate'` is not supported by this function.")
+    if nan_policy not in ("raise", "omit"):
+        raise ValueError("nan_policy must be one of {None, 'raise', 'omit'}")
+    x_nan = _contains_nan(xdata)
+    if x_nan and nan_policy == "raise":
+        raise ValueError("The input contains nan values")
+    y_nan = _contains_nan(ydata)
+    if y_nan and nan_policy == "raise":
+        raise ValueError("The input contains nan values")
+    if (x_nan or y_nan) and nan_policy == "omit":
+        xnan = np.isnan(xdata)
+        bad = xnan.any(axis=tuple(range(xnan.ndim - 1))) | np.isnan(ydata)
+        xdata = xdata[..., ~bad]
+        ydata = ydata[~bad]
+        if sigma is not None:
+            sigma = np.asarray(_as_host(sigma))
+            if sigma.ndim == 1:
+                sigma = sigma[~bad]
+            elif sigma.ndim == 2:
+                sigma = sigma[~bad][:, ~bad]
+    return xdata, ydata, sigma
+
+
+def _contains_nan(a: Any) -> bool:
+    if not isinstance(a, np.ndarray) or a.size == 0:
+        return False
+    if np.issubdtype(a.dtype, np.inexact):
+        return bool(np.isnan(a).any())
+    return False
+
+
+def _sigma_transform(sigma: Any, m: int) -> np.ndarray | None:
+    """``1 / sigma`` for standard deviations, lower Cholesky factor for a covariance."""
+    if sigma is None:
+        return None
+    sigma = np.asarray(_as_host(sigma))
+    if sigma.size == 1 or sigma.shape == (m,):
+        with np.errstate(divide="ignore"):
+            return 1.0 / sigma
+    if sigma.shape == (m, m):
+        try:
+            return scipy.linalg.cholesky(sigma, lower=True)
+        except np.linalg.LinAlgError as e:
+            raise ValueError("`sigma` must be positive definite.") from e
+    raise ValueError("`sigma` has incorrect shape.")
+
+
+class _TorchData:
+    """Tensor copies of ``xdata``, ``ydata`` and the ``sigma`` transform."""
+
+    def __init__(self, xdata: np.ndarray | None, ydata: np.ndarray,
+                 transform: np.ndarray | None, device: Any, dtype: Any) -> None:
+        self.host = (xdata, ydata, transform)
+        self.cache: dict = {}
+        if device is not None:
+            self.get(torch.device(device), dtype)
+
+    def get(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        key = (str(device), dtype)
+        if key not in self.cache:
+            self.cache[key] = tuple(
+                None if a is None else torch.as_tensor(a, device=device, dtype=dtype)
+                for a in self.host)
+        return self.cache[key]
+
+
+class _Model:
+    """Whitened residuals ``L^{-1} (f(x, *p) - y)`` and Jacobian ``L^{-1} J_f``."""
+
+    def __init__(self, f: Callable, jac: Callable | None, xdata: Any, xdata_is_array: bool,
+                 ydata: np.ndarray, transform: np.ndarray | None, data: _TorchData | None,
+                 col_deriv: bool) -> None:
+        self.f = f
+        self.jac = jac
+        self.xdata = xdata
+        self.xdata_is_array = xdata_is_array
+        self.ydata = ydata
+        self.transform = transform
+        self.data = data
+        self.col_deriv = col_deriv
+        self.book: _LeastsqBook | None = None
+
+    def _inputs(self, p: Any) -> tuple:
+        if isinstance(p, torch.Tensor) and self.data is not None:
+            x, y, T = self.data.get(p.device, p.dtype)
+            return (x if self.xdata_is_array else self.xdata), y, T
+        return self.xdata, self.ydata, self.transform
+
+    def evaluate(self, p: Any) -> Any:
+        """The whitened residuals at ``p`` (no bookkeeping)."""
+        x, y, T = self._inputs(p)
+        out = self.f(x, *p)
+        if isinstance(y, torch.Tensor):
+            if not isinstance(out, torch.Tensor):
+                out = torch.as_tensor(np.asarray(out), device=y.device, dtype=y.dtype)
+            r = out - y
+            if T is None:
+                return r
+            if T.ndim < 2:
+                return T * r
+            return torch.linalg.solve_triangular(T, r.unsqueeze(-1), upper=False).squeeze(-1)
+        r = np.asarray(out) - y
+        if T is None:
+            return r
+        if T.ndim < 2:
+            return T * r
+        return scipy.linalg.solve_triangular(T, r, lower=True)
+
+    def residuals(self, p: Any) -> Any:
+        """The function handed to ``least_squares``."""
+        book = self.book
+        if book is None:
+            return self.evaluate(p)
+        if book.over_budget:
+            raise _MaxfevReached
+        r = self.evaluate(p)
+        book.record_call(p, r)
+        return r
+
+    def _value_at(self, p: Any) -> Any:
+        book = self.book
+        if book is not None and book.last_x is not None and _same(book.last_x, p):
+            return book.last_f
+        return self.evaluate(p)
+
+    def jacobian(self, p: Any) -> Any:
+        """The user's Jacobian of the model, whitened like the residuals."""
+        x, y, T = self._inputs(p)
+        J = self.jac(x, *p)
+        if isinstance(y, torch.Tensor):
+            J = J if isinstance(J, torch.Tensor) else torch.as_tensor(
+                np.asarray(J), device=y.device, dtype=y.dtype)
+        else:
+            J = np.asarray(J)
+        if self.col_deriv:
+            J = J.T
+        if T is not None:
+            if T.ndim == 1:
+                J = T[:, None] * J
+            elif T.ndim == 0:
+                J = T * J
+            elif isinstance(J, torch.Tensor):
+                J = torch.linalg.solve_triangular(T, J, upper=False)
+            else:
+                J = scipy.linalg.solve_triangular(T, J, lower=True)
+        if self.book is not None:
+            self.book.record_jac(p, self._value_at(p), J)
+        return J
+
+    def fd_jacobian(self, p: Any) -> Any:
+        """MINPACK's forward differences (``fdjac2``): ``h_j = eps |p_j|`` (``eps`` if 0)."""
+        book = self.book
+        f0 = self._value_at(p)
+        rel = book.rel_step
+        cols = []
+        for j in range(book.n):
+            eps_j = rel if np.ndim(rel) == 0 else float(rel[j])
+            h = eps_j * abs(p[j])
+            if h == 0:
+                h = eps_j
+            pj = _copy(p)
+            pj[j] = p[j] + h
+            cols.append((self.evaluate(pj) - f0) / h)
+        book.fd_evals += book.n
+        if isinstance(f0, torch.Tensor):
+            J = torch.stack(cols, dim=-1)
+        else:
+            J = np.stack(cols, axis=-1)
+        book.record_jac(p, f0, J)
+        return J
+
+    def to_user_like(self, like: Any) -> Callable[[np.ndarray], Any]:
+        """Converter of host arrays to the kind of ``like`` (numpy or a tensor)."""
+        if isinstance(like, torch.Tensor):
+            return lambda a: torch.as_tensor(a, device=like.device, dtype=like.dtype)
+        return lambda a: a
