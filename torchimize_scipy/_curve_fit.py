@@ -226,7 +226,7 @@ def curve_fit(
     array([2.5, 1.3, 0.5])
     >>> popt, pcov = curve_fit(func, xdata, ydata, bounds=(0, [3., 1., 0.5]))
     >>> np.round(popt, 4)
-    array([2.3969, 1.    , 0.4608])
+    array([2.4079, 1.    , 0.3902])
     """
     lead = _torch_lead(p0, ydata, xdata)
     ns = detect_namespace(lead, kwargs.get("device"), kwargs.get("dtype")) \
@@ -292,7 +292,7 @@ def curve_fit(
     if method == "lm":
         popt, pcov, infodict, mesg, ier, ysize, cost = _fit_lm(
             model, p0, n, ydata.size, jac_arg, callable(jac), kwargs,
-            ns.dtype if ns is not None else torch.float64)
+            (ns or detect_namespace(p0, kwargs.get("device"), kwargs.get("dtype"))).dtype)
     else:
         if "max_nfev" not in kwargs:
             kwargs["max_nfev"] = kwargs.pop("maxfev", None)
@@ -339,55 +339,24 @@ def _fit_lm(model: _Model, p0: Any, n: int, ysize_data: int, jac_arg: Any,
         if n > m:
             raise TypeError(f"Improper input: func input vector length N={n} must"
                             f" not exceed func output vector length M={m}")
-    ftol = kwargs.pop("ftol", LEASTSQ_FTOL)
-    xtol = kwargs.pop("xtol", LEASTSQ_XTOL)
-    gtol = kwargs.pop("gtol", LEASTSQ_GTOL)
-    maxfev = kwargs.pop("maxfev", 0)
-    if "max_nfev" in kwargs:
-        if maxfev:
-            raise TypeError("curve_fit() got both 'maxfev' and 'max_nfev'.")
-        maxfev = kwargs.pop("max_nfev") or 0
-    epsfcn = kwargs.pop("epsfcn", None)
-    factor = kwargs.pop("factor", 100)
-    diag = kwargs.pop("diag", None)
-    if maxfev == 0:
-        maxfev = 100 * (n + 1) if user_jac else 200 * (n + 1)
-    improper = (ftol < 0 or xtol < 0 or gtol < 0 or maxfev < 0 or factor <= 0
-                or (diag is not None and bool(np.any(np.asarray(_as_host(diag)) <= 0))))
-    if improper:  # MINPACK's info = 0; curve_fit turns it into a RuntimeError
-        raise RuntimeError("Optimal parameters not found: Improper input parameters.")
-    if factor != 100:
-        raise ValueError("torchimize_scipy's 'lm' only supports factor=100 (MINPACK's "
-                         "default initial step bound).")
-    if diag is not None:
-        if "x_scale" in kwargs:
-            raise ValueError("Give only one of `diag` and `x_scale`.")
-        kwargs["x_scale"] = 1.0 / np.asarray(_as_host(diag), dtype=float)
+    opts = _leastsq_options(kwargs, n, user_jac)
+    ftol, xtol, gtol, maxfev, epsfcn = (opts[k] for k in ("ftol", "xtol", "gtol", "maxfev",
+                                                          "epsfcn"))
     messages = _leastsq_messages(ftol, xtol, gtol, maxfev)
 
     minpack_fd = jac_arg == "2-point"
     book = None
     if user_jac or minpack_fd:
-        eps_mach = float(torch.finfo(dtype).eps)
-        diff_step = kwargs.pop("diff_step", None)
-        if epsfcn is not None:
-            rel = math.sqrt(max(float(epsfcn), eps_mach))
-        elif diff_step is not None:
-            rel = np.broadcast_to(np.asarray(_as_host(diff_step), dtype=float), (n,))
-        else:
-            rel = math.sqrt(eps_mach)
+        rel = _minpack_step(epsfcn, kwargs.pop("diff_step", None), n, dtype)
         book = _LeastsqBook(maxfev, rel, n)
         model.book = book
         jac_arg = model.jacobian if user_jac else model.fd_jacobian
     elif epsfcn is not None and "diff_step" not in kwargs:
         kwargs["diff_step"] = math.sqrt(max(float(epsfcn), _EPS))
 
-    # least_squares('lm') needs tolerances of at least machine epsilon; leastsq
-    # accepts smaller ones (including gtol=0, its default).
     try:
-        res = least_squares(model.residuals, p0, jac=jac_arg, method="lm",
-                            ftol=max(ftol, _EPS), xtol=max(xtol, _EPS), gtol=max(gtol, _EPS),
-                            max_nfev=maxfev, **kwargs)
+        res = least_squares(model.residuals, p0, jac=jac_arg, method="lm", **_lm_tolerances(opts),
+                            **kwargs)
     except _MaxfevReached:
         raise RuntimeError("Optimal parameters not found: " + messages[5]) from None
     finally:
@@ -477,6 +446,56 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return bool(torch.equal(torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu()))
     return bool(np.array_equal(a, b))
+
+
+def _leastsq_options(kwargs: dict, n: int, user_jac: bool) -> dict:
+    """Pop ``leastsq``'s keywords from ``kwargs``, check them as MINPACK does.
+
+    ``x_scale`` is set from ``diag``; the returned dict holds ``ftol, xtol,
+    gtol, maxfev, epsfcn`` with ``leastsq``'s defaults.
+    """
+    opts = {"ftol": kwargs.pop("ftol", LEASTSQ_FTOL), "xtol": kwargs.pop("xtol", LEASTSQ_XTOL),
+            "gtol": kwargs.pop("gtol", LEASTSQ_GTOL), "epsfcn": kwargs.pop("epsfcn", None)}
+    maxfev = kwargs.pop("maxfev", 0)
+    if "max_nfev" in kwargs:
+        if maxfev:
+            raise TypeError("curve_fit() got both 'maxfev' and 'max_nfev'.")
+        maxfev = kwargs.pop("max_nfev") or 0
+    factor = kwargs.pop("factor", 100)
+    diag = kwargs.pop("diag", None)
+    if maxfev == 0:
+        maxfev = 100 * (n + 1) if user_jac else 200 * (n + 1)
+    opts["maxfev"] = maxfev
+    improper = (opts["ftol"] < 0 or opts["xtol"] < 0 or opts["gtol"] < 0 or maxfev < 0
+                or factor <= 0
+                or (diag is not None and bool(np.any(np.asarray(_as_host(diag)) <= 0))))
+    if improper:  # MINPACK's info = 0; curve_fit turns it into a RuntimeError
+        raise RuntimeError("Optimal parameters not found: Improper input parameters.")
+    if factor != 100:
+        raise ValueError("torchimize_scipy's 'lm' only supports factor=100 (MINPACK's "
+                         "default initial step bound).")
+    if diag is not None:
+        if "x_scale" in kwargs:
+            raise ValueError("Give only one of `diag` and `x_scale`.")
+        kwargs["x_scale"] = 1.0 / np.asarray(_as_host(diag), dtype=float)
+    return opts
+
+
+def _lm_tolerances(opts: dict) -> dict:
+    """``least_squares('lm')`` needs tolerances of at least machine epsilon;
+    ``leastsq`` accepts smaller ones (including ``gtol=0``, its default)."""
+    return {"ftol": max(opts["ftol"], _EPS), "xtol": max(opts["xtol"], _EPS),
+            "gtol": max(opts["gtol"], _EPS), "max_nfev": opts["maxfev"]}
+
+
+def _minpack_step(epsfcn: Any, diff_step: Any, n: int, dtype: Any) -> Any:
+    """Relative forward-difference step: ``sqrt(max(epsfcn, eps))`` as MINPACK."""
+    eps_mach = float(torch.finfo(dtype).eps)
+    if epsfcn is not None:
+        return math.sqrt(max(float(epsfcn), eps_mach))
+    if diff_step is not None:
+        return np.broadcast_to(np.asarray(_as_host(diff_step), dtype=float), (n,))
+    return math.sqrt(eps_mach)
 
 
 def _leastsq_messages(ftol: float, xtol: float, gtol: float, maxfev: int) -> dict[int, str]:
@@ -789,3 +808,536 @@ class _Model:
         if isinstance(like, torch.Tensor):
             return lambda a: torch.as_tensor(a, device=like.device, dtype=like.dtype)
         return lambda a: a
+
+
+# ---------------------------------------------------------------------------
+# batch_curve_fit
+# ---------------------------------------------------------------------------
+def batch_curve_fit(
+    f: Callable,
+    xdata: Any,
+    ydata: Any,
+    p0: Any,
+    sigma: Any = None,
+    absolute_sigma: bool = False,
+    bounds: Any = (-np.inf, np.inf),
+    method: str | None = None,
+    jac: Callable | str | None = None,
+    *,
+    full_output: bool = False,
+    device: Any = None,
+    dtype: Any = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+    **kwargs: Any,
+) -> tuple:
+    """Fit one model to B data sets at once, as a loop of :func:`curve_fit` would.
+
+    Problem ``i`` fits ``f(x_i, *params)`` to ``ydata[i]`` from ``p0[i]`` with
+    the same method, options and covariance formulas as :func:`curve_fit`;
+    all problems are solved together by
+    :func:`torchimize_scipy.batch_least_squares` (vectorised calls of ``f``,
+    finished problems dropped, chunks to bound memory).
+
+    Parameters
+    ----------
+    f : callable
+        ``f(x, p_1, ..., p_P)`` evaluated for ``b`` problems at a time: each
+        ``p_j`` is a column of shape ``(b, 1)`` so that numpy-style models such
+        as ``a * np.exp(-k * x) + c`` broadcast to ``(b, M)``; ``x`` is the
+        ``xdata`` of those problems (see below). Returns ``(b, M)`` (or a
+        shape that broadcasts to it).
+    xdata : array_like, Tensor, tuple or object
+        Shared or per-problem independent variable:
+
+        * ``(M,)`` or ``(k, M)`` with ``k != B``: shared, passed unchanged;
+        * ``(B, M)``: per problem, ``f`` receives the ``(b, M)`` rows;
+        * ``(B, k, M)``: per problem with ``k`` predictors, ``f`` receives
+          ``(k, b, M)`` so that ``x[0]`` is the first predictor;
+        * a tuple/list of ``k`` predictors, each ``(M,)`` (shared) or
+          ``(B, M)`` (per problem): ``f`` receives a ``(k, M)`` array when all
+          are shared, else a tuple of ``(M,)``/``(b, M)`` entries;
+        * any other object is passed unchanged.
+
+        A 2-D array with ``B`` rows is taken as per problem; pass shared
+        ``k = B`` predictors as a tuple.
+    ydata : array_like or Tensor, shape (B, M)
+        The observations, one data set per row.
+    p0 : array_like or Tensor, shape (B, P)
+        Initial guesses.
+    sigma : None, scalar, array_like of shape (M,), (B, M) or (B, M, M), optional
+        Standard deviations, shared or per problem, or per-problem error
+        covariance matrices ``(B, M, M)``.
+    absolute_sigma : bool, optional
+        As in :func:`curve_fit`.
+    bounds : 2-tuple or `scipy.optimize.Bounds`, optional
+        Each bound a scalar, shape ``(P,)`` or ``(B, P)``.
+    method : {'lm', 'trf', 'dogbox', 'gn', 'gd'}, optional
+        Default 'lm' without bounds, 'trf' with bounds. 'lm' follows
+        ``leastsq`` as in :func:`curve_fit` (MINPACK's forward differences,
+        evaluation counts and ``maxfev``).
+    jac : callable or {'2-point', '3-point', 'cs', 'autograd'}, optional
+        ``jac(x, p_1, ..., p_P)`` with the same conventions as ``f``, returning
+        ``(b, M, P)``; or a finite-difference scheme, or 'autograd'.
+    full_output : bool, optional
+        Also return ``infodict``, ``mesg`` and ``ier`` per problem.
+    device, dtype : optional
+        Where and in which floating dtype to compute (default: those of the
+        first tensor among ``p0``, ``ydata``, ``xdata``; float64 on the CPU
+        for numpy input).
+    chunk_size : int, optional
+        Problems solved together (see :func:`batch_least_squares`).
+    progress : bool, optional
+        Show a progress bar.
+    **kwargs
+        Options of :func:`curve_fit` / ``least_squares`` (``ftol``, ``xtol``,
+        ``gtol``, ``x_scale``, ``loss``, ``maxfev``/``max_nfev``, ``epsfcn``,
+        ``diag``, ...), common to all problems.
+
+    Returns
+    -------
+    popt : ndarray or Tensor, shape (B, P)
+        Optimal parameters; NaN for problems whose fit failed (where
+        :func:`curve_fit` raises ``RuntimeError``).
+    pcov : ndarray or Tensor, shape (B, P, P)
+        Covariances as :func:`curve_fit` computes them (``inf`` where they
+        cannot be estimated, NaN for failed fits).
+    infodict : dict
+        Only with ``full_output``: ``nfev (B,)``, ``fvec (B, M)`` and, for 'lm'
+        with a callable ``jac``, ``njev (B,)`` (the keys of :func:`curve_fit`
+        except ``fjac``, ``ipvt`` and ``qtf``).
+    mesg : list of str
+        Only with ``full_output``: one termination message per problem.
+    ier : ndarray or Tensor of int, shape (B,)
+        Only with ``full_output``: ``leastsq``'s ``info`` for 'lm' (1 to 4
+        success, 5 ``maxfev`` reached, 0 for a non-finite or singular stop of
+        our engine), the ``least_squares`` status otherwise (success if
+        positive and not 5 or 6).
+
+    Warns
+    -----
+    OptimizeWarning
+        Once, if some covariances cannot be estimated, and once if some fits
+        failed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from torchimize_scipy import batch_curve_fit
+    >>> def decay(x, a, k):          # a, k: (b, 1) columns; x: (M,)
+    ...     return a * np.exp(-k * x)
+    >>> x = np.linspace(0, 3, 40)
+    >>> true = np.array([[1.0, 0.5], [2.0, 1.5], [0.5, 3.0]])
+    >>> y = decay(x, true[:, :1], true[:, 1:])
+    >>> popt, pcov = batch_curve_fit(decay, x, y, p0=np.ones((3, 2)))
+    >>> np.round(popt, 6)
+    array([[1. , 0.5],
+           [2. , 1.5],
+           [0.5, 3. ]])
+    """
+    from ._batch import batch_least_squares
+
+    lead = _torch_lead(p0, ydata, xdata)
+    ns = detect_namespace(lead if lead is not None else np.zeros(1), device, dtype)
+    p0_host = np.asarray(_as_host(p0), dtype=float)
+    if p0_host.ndim != 2:
+        raise ValueError("`p0` must have shape (B, P) for batch_curve_fit.")
+    B, n = p0_host.shape
+    Y = np.asarray(_as_host(ydata), dtype=float)
+    if Y.size == 0:
+        raise ValueError("`ydata` must not be empty!")
+    if Y.ndim != 2 or Y.shape[0] != B:
+        raise ValueError(f"`ydata` must have shape (B, M) = ({B}, M) to match `p0` {(B, n)}.")
+    M = Y.shape[1]
+    lb, ub = prepare_bounds(bounds, n, batch=B)
+    bounded = bool(np.any((lb > -np.inf) | (ub < np.inf)))
+    if method is None:
+        method = "trf" if bounded else "lm"
+    if method == "lm" and bounded:
+        raise ValueError("Method 'lm' only works for unconstrained problems. "
+                         "Use 'trf' or 'dogbox' instead.")
+    if "args" in kwargs:
+        raise ValueError("'args' is not a supported keyword argument.")
+    if method == "lm" and n > M:
+        raise TypeError(f"The number of func parameters={n} must not"
+                        f" exceed the number of data points={M}")
+    kwargs.pop("return_jac", None)
+
+    data = _BatchData(xdata, Y, _batch_sigma_transform(sigma, B, M), B)
+    col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False
+    model = _BatchModel(f, jac if callable(jac) else None, data, n, M, col_deriv)
+    torch_mode = lead is not None
+    if torch_mode:
+        x0: Any = torch.as_tensor(p0_host, device=ns.device, dtype=ns.dtype)
+        ids: Any = torch.arange(B, device=ns.device)
+    else:
+        x0, ids = p0_host, np.arange(B)
+
+    if callable(jac):
+        jac_arg: Any = model.jacobian
+    elif jac is None:
+        jac_arg = "2-point"
+    else:
+        jac_arg = jac
+    book = None
+    opts: dict = {}
+    if method == "lm":
+        opts = _leastsq_options(kwargs, n, callable(jac))
+        if callable(jac) or jac_arg == "2-point":
+            rel = _minpack_step(opts["epsfcn"], kwargs.pop("diff_step", None), n, ns.dtype)
+            book = _BatchBook(opts["maxfev"], rel, B, n, M, ns.device, ns.dtype)
+            model.book = book
+            if not callable(jac):
+                jac_arg = model.fd_jacobian
+        elif opts["epsfcn"] is not None and "diff_step" not in kwargs:
+            kwargs["diff_step"] = math.sqrt(max(float(opts["epsfcn"]), _EPS))
+        kwargs.update(_lm_tolerances(opts))
+    elif "max_nfev" not in kwargs:
+        kwargs["max_nfev"] = kwargs.pop("maxfev", None)
+
+    res = batch_least_squares(model.residuals, x0, jac=jac_arg, bounds=(lb, ub), method=method,
+                              args=(ids,), device=ns.device, dtype=ns.dtype,
+                              chunk_size=chunk_size, progress=progress,
+                              return_jac=book is None, **kwargs)
+
+    t = {k: torch.as_tensor(as_numpy(res[k]) if not isinstance(res[k], torch.Tensor)
+                            else res[k]).to(ns.device)
+         for k in ("x", "cost", "fun", "status", "nfev")}
+    status = t["status"]
+    nfev = t["nfev"]
+    njev = None
+    if method == "lm":
+        ier = torch.zeros_like(status)
+        for code, info in STATUS_TO_IER.items():
+            ier = torch.where(status == code, info, ier)
+        if book is not None:
+            ier = torch.where(book.hit, 5, ier)
+            extra = book.extra(t["x"], status)
+            R = torch.where(extra[:, None, None], book.R_prev, book.R_last)
+            njev = book.jac_calls - extra.long()
+            if not callable(jac):
+                nfev = nfev + n * njev
+        else:
+            J = torch.as_tensor(as_numpy(res.jac) if not isinstance(res.jac, torch.Tensor)
+                                else res.jac).to(device=ns.device, dtype=ns.dtype)
+            R = torch.linalg.qr(J, mode="r")[1]
+        ok = (ier >= 1) & (ier <= 4)
+        cov = _batch_inverse_from_r(R)
+        messages = _leastsq_messages(opts["ftol"], opts["xtol"], opts["gtol"], opts["maxfev"])
+        mesg = [messages[i] if i in messages else codes.message(s)
+                for i, s in zip(ier.tolist(), status.tolist(), strict=True)]
+    else:
+        ier = status
+        ok = (status > 0) & (status != codes.NONFINITE) & (status != codes.SINGULAR)
+        J = torch.as_tensor(as_numpy(res.jac) if not isinstance(res.jac, torch.Tensor)
+                            else res.jac).to(device=ns.device, dtype=ns.dtype)
+        cov = _batch_pinv_normal_matrix(J)
+        mesg = list(res.message)
+
+    cost = 2 * t["cost"]
+    cov, warn_cov = _batch_finish_covariance(cov, ok, n, M, cost, absolute_sigma)
+    popt = torch.where(ok[:, None], t["x"], torch.full_like(t["x"], float("nan")))
+    if warn_cov:
+        warnings.warn(f"{_COV_MSG} for {warn_cov} of {B} problems", category=OptimizeWarning,
+                      stacklevel=2)
+    failed = int((~ok).sum())
+    if failed:
+        warnings.warn(f"Optimal parameters not found for {failed} of {B} problems; their "
+                      "popt and pcov are NaN (see `mesg` and `ier` with full_output=True)",
+                      category=OptimizeWarning, stacklevel=2)
+
+    def out(a: torch.Tensor) -> Any:
+        return a if torch_mode else a.detach().cpu().numpy()
+
+    if not full_output:
+        return out(popt), out(cov)
+    infodict = {"nfev": out(nfev), "fvec": out(t["fun"])}
+    if njev is not None and callable(jac):  # 'lm' only, as leastsq
+        infodict["njev"] = out(njev)
+    return out(popt), out(cov), infodict, mesg, out(ier)
+
+
+def _batch_sigma_transform(sigma: Any, B: int, M: int) -> tuple[str, np.ndarray] | None:
+    """``('diag', 1/sigma)`` (scalar, (M,) or (B, M)) or ``('chol', L)`` for (B, M, M)."""
+    if sigma is None:
+        return None
+    sigma = np.asarray(_as_host(sigma), dtype=float)
+    if sigma.size == 1:
+        return "diag", (1.0 / sigma).reshape(1, 1)
+    if sigma.shape == (M,):
+        return "diag", (1.0 / sigma)[None, :]
+    if sigma.shape == (B, M):
+        return "diag", 1.0 / sigma
+    if sigma.shape == (B, M, M):
+        try:
+            return "chol", np.linalg.cholesky(sigma)
+        except np.linalg.LinAlgError as e:
+            raise ValueError("`sigma` must be positive definite.") from e
+    raise ValueError("`sigma` has incorrect shape.")
+
+
+class _BatchData:
+    """``xdata``, ``ydata`` and the ``sigma`` transform; rows by problem index."""
+
+    def __init__(self, xdata: Any, Y: np.ndarray, transform: tuple | None, B: int) -> None:
+        self.B = B
+        self.xkind, self.xparts = self._parse_x(xdata, B)
+        self.Y = Y
+        self.tkind = None if transform is None else transform[0]
+        self.T = None if transform is None else transform[1]
+        self.cache: dict = {}
+
+    @staticmethod
+    def _parse_x(xdata: Any, B: int) -> tuple[str, Any]:
+        if isinstance(xdata, list | tuple) and any(
+                np.ndim(_as_host(e)) >= 1 for e in xdata):
+            parts = [np.asarray(_as_host(e), dtype=float) for e in xdata]
+            batched = [p.ndim >= 2 and p.shape[0] == B for p in parts]
+            if not any(batched):
+                return "shared", np.asarray(parts)
+            return "tuple", [(p, s) for p, s in zip(parts, batched, strict=True)]
+        if isinstance(xdata, list | tuple | np.ndarray | torch.Tensor):
+            arr = np.asarray(_as_host(xdata), dtype=float)
+            if arr.ndim >= 2 and arr.shape[0] == B:
+                return ("rows" if arr.ndim == 2 else "stack"), arr
+            return "shared", arr
+        return "object", xdata
+
+    def arrays(self, like: Any) -> dict:
+        """All data converted to the kind (numpy/torch, device, real dtype) of ``like``."""
+        if not isinstance(like, torch.Tensor):
+            key: Any = "numpy"
+        else:
+            key = (str(like.device), like.real.dtype if like.is_complex() else like.dtype)
+        if key not in self.cache:
+            if key == "numpy":
+                conv: Callable = np.asarray
+            else:
+                dev, dt = key
+
+                def conv(a: np.ndarray) -> torch.Tensor:
+                    return torch.as_tensor(a, device=dev, dtype=dt)
+            if self.xkind == "tuple":
+                x = [(conv(p), s) for p, s in self.xparts]
+            elif self.xkind == "object":
+                x = self.xparts
+            else:
+                x = conv(self.xparts)
+            self.cache[key] = {"x": x, "Y": conv(self.Y),
+                               "T": None if self.T is None else conv(self.T)}
+        return self.cache[key]
+
+    @staticmethod
+    def _rows(a: Any, ids: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return a.index_select(0, torch.as_tensor(ids, device=a.device))
+        return a[np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)]
+
+    def select(self, ids: Any, like: Any) -> tuple:
+        """``(x, y, T)`` for the problems ``ids``, in the kind of ``like``."""
+        d = self.arrays(like)
+        x = d["x"]
+        if self.xkind == "rows":
+            x = self._rows(x, ids)
+        elif self.xkind == "stack":
+            x = self._rows(x, ids)
+            x = x.movedim(0, 1) if isinstance(x, torch.Tensor) else np.moveaxis(x, 0, 1)
+        elif self.xkind == "tuple":
+            x = tuple(self._rows(p, ids) if s else p for p, s in x)
+        T = d["T"]
+        if T is not None and T.shape[0] == self.B:
+            T = self._rows(T, ids)
+        return x, self._rows(d["Y"], ids), T
+
+
+class _BatchModel:
+    """Vectorised whitened residuals ``(b, M)`` and Jacobians ``(b, M, P)``."""
+
+    def __init__(self, f: Callable, jac: Callable | None, data: _BatchData, n: int, m: int,
+                 col_deriv: bool) -> None:
+        self.f = f
+        self.jac = jac
+        self.data = data
+        self.n = n
+        self.m = m
+        self.col_deriv = col_deriv
+        self.book: _BatchBook | None = None
+
+    def _whiten(self, r: Any, T: Any, jac: bool) -> Any:
+        kind = self.data.tkind
+        if kind is None:
+            return r
+        if isinstance(r, torch.Tensor):
+            T = T.to(r.dtype)
+            if kind == "diag":
+                return (T[..., None] if jac else T) * r
+            rhs = r if jac else r.unsqueeze(-1)
+            out = torch.linalg.solve_triangular(T, rhs, upper=False)
+            return out if jac else out.squeeze(-1)
+        if kind == "diag":
+            return (T[..., None] if jac else T) * r
+        if jac:
+            return np.stack([scipy.linalg.solve_triangular(L, Jb, lower=True)
+                             for L, Jb in zip(T, r, strict=True)])
+        return np.stack([scipy.linalg.solve_triangular(L, rb, lower=True)
+                         for L, rb in zip(T, r, strict=True)])
+
+    def evaluate(self, P: Any, ids: Any) -> Any:
+        """Whitened residuals of problems ``ids`` at parameters ``P (b, P)``."""
+        x, y, T = self.data.select(ids, P)
+        out = self.f(x, *[P[:, j:j + 1] for j in range(self.n)])
+        if isinstance(P, torch.Tensor):
+            out = out if isinstance(out, torch.Tensor) else torch.as_tensor(
+                np.asarray(out), device=P.device)
+            r = out - y
+            r = r.expand(P.shape[0], self.m) if r.shape != (P.shape[0], self.m) else r
+        else:
+            r = np.asarray(out) - y
+            if r.shape != (P.shape[0], self.m):
+                r = np.broadcast_to(r, (P.shape[0], self.m)).copy()
+        return self._whiten(r, T, jac=False)
+
+    def residuals(self, P: Any, ids: Any) -> Any:
+        """The vectorised function handed to ``batch_least_squares``."""
+        r = self.evaluate(P, ids)
+        if self.book is not None:
+            self.book.record_call(_t(ids), _t(P), _t(r))
+        return r
+
+    def jacobian(self, P: Any, ids: Any) -> Any:
+        """The user's Jacobian ``(b, M, P)``, whitened."""
+        x, y, T = self.data.select(ids, P)
+        J = self.jac(x, *[P[:, j:j + 1] for j in range(self.n)])
+        if isinstance(P, torch.Tensor):
+            J = J if isinstance(J, torch.Tensor) else torch.as_tensor(
+                np.asarray(J), device=P.device, dtype=P.dtype)
+            if self.col_deriv:
+                J = J.transpose(-1, -2)
+        else:
+            J = np.asarray(J)
+            if self.col_deriv:
+                J = np.swapaxes(J, -1, -2)
+        J = self._whiten(J, T, jac=True)
+        if self.book is not None:
+            self.book.record_jac(_t(ids), _t(J))
+        return J
+
+    def fd_jacobian(self, P: Any, ids: Any) -> Any:
+        """MINPACK's forward differences for ``b`` problems in one call of ``f``."""
+        book = self.book
+        Pt, idt = _t(P), _t(ids)
+        f0 = book.value_at(idt, Pt)
+        if f0 is None:
+            f0 = _t(self.evaluate(P, ids))
+        b, n = Pt.shape
+        rel = torch.as_tensor(book.rel_step, dtype=Pt.dtype, device=Pt.device)
+        h = rel * Pt.abs()
+        h = torch.where(h == 0, rel.expand_as(h), h)
+        Pp = Pt.unsqueeze(1).repeat(1, n, 1)
+        eye = torch.eye(n, dtype=torch.bool, device=Pt.device)
+        Pp = torch.where(eye, Pt.unsqueeze(1) + h.unsqueeze(1), Pp).reshape(b * n, n)
+        ids_rep = idt.repeat_interleave(n)
+        if isinstance(P, torch.Tensor):
+            F = self.evaluate(Pp, ids_rep)
+        else:
+            F = torch.as_tensor(self.evaluate(Pp.cpu().numpy(), ids_rep.cpu().numpy()))
+        F = _t(F).to(Pt.device).reshape(b, n, self.m)
+        J = ((F - f0.unsqueeze(1)) / h.unsqueeze(-1)).transpose(1, 2)
+        book.fd_evals.index_add_(0, idt.to(book.device), torch.full_like(idt, n).to(book.device))
+        book.record_jac(idt, J)
+        return J if isinstance(P, torch.Tensor) else J.cpu().numpy()
+
+
+def _t(a: Any) -> torch.Tensor:
+    return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+
+
+class _BatchBook:
+    """:class:`_LeastsqBook` for B problems: per-problem counts and Jacobian factors.
+
+    Instead of the Jacobians it keeps ``R`` of their QR factorisations (enough
+    for :math:`(J^T J)^{-1} = R^{-1} R^{-T}`) at the last two Jacobian points.
+    ``hit`` marks problems that MINPACK would have stopped with ``info = 5``.
+    """
+
+    def __init__(self, maxfev: int, rel_step: Any, B: int, n: int, m: int, device: Any,
+                 dtype: Any) -> None:
+        self.maxfev = maxfev
+        self.rel_step = rel_step
+        self.device = torch.device(device)
+        z = torch.zeros(B, dtype=torch.long, device=self.device)
+        self.trials, self.fd_evals, self.jac_calls = z.clone(), z.clone(), z.clone()
+        self.over = torch.zeros(B, dtype=torch.bool, device=self.device)
+        self.hit = self.over.clone()
+        self.seen = self.over.clone()
+        self.last_x = torch.zeros(B, n, dtype=dtype, device=self.device)
+        self.last_f = torch.zeros(B, m, dtype=dtype, device=self.device)
+        self.R_last = torch.zeros(B, n, n, dtype=dtype, device=self.device)
+        self.R_prev = self.R_last.clone()
+
+    def record_call(self, ids: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> None:
+        ids = ids.to(self.device)
+        started = self.jac_calls[ids] > 0  # evaluations after the first Jacobian are trials
+        self.hit[ids] |= self.over[ids] & started
+        trials = self.trials[ids] + started.long()
+        self.trials[ids] = trials
+        self.last_x[ids] = x.to(self.device, self.last_x.dtype)
+        self.last_f[ids] = r.to(self.device, self.last_f.dtype)
+        self.seen[ids] = True
+        total = 1 + trials + self.fd_evals[ids]
+        self.over[ids] |= started & (total >= self.maxfev)
+
+    def value_at(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        ids = ids.to(self.device)
+        same = self.seen[ids].all() and torch.equal(self.last_x[ids], x.to(self.device))
+        return self.last_f[ids].to(x.device) if same else None
+
+    def record_jac(self, ids: torch.Tensor, J: torch.Tensor) -> None:
+        ids = ids.to(self.device)
+        R = torch.linalg.qr(J.to(self.device, self.R_last.dtype), mode="r")[1]
+        self.R_prev[ids] = self.R_last[ids]
+        self.R_last[ids] = R
+        self.jac_calls[ids] += 1
+
+    def extra(self, x: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
+        """Problems whose last Jacobian (ours, after the final step) MINPACK never made."""
+        same = (self.last_x == x.to(self.device, self.last_x.dtype)).all(-1)
+        return (self.trials > 0) & same & (status.to(self.device) != codes.GTOL)
+
+
+def _batch_inverse_from_r(R: torch.Tensor) -> torch.Tensor:
+    """``R^{-1} R^{-T}``; NaN where ``R`` has an exactly zero diagonal entry."""
+    n = R.shape[-1]
+    singular = (torch.diagonal(R, dim1=-2, dim2=-1) == 0).any(-1)
+    eye = torch.eye(n, dtype=R.dtype, device=R.device).expand_as(R)
+    safe = torch.where(singular[:, None, None], eye, R)
+    Rinv = torch.linalg.solve_triangular(safe, eye, upper=True)
+    cov = Rinv @ Rinv.transpose(-1, -2)
+    return torch.where(singular[:, None, None], torch.full_like(cov, float("nan")), cov)
+
+
+def _batch_pinv_normal_matrix(J: torch.Tensor) -> torch.Tensor:
+    """``(J^T J)^+`` per problem from the thin SVD, as :func:`_pinv_normal_matrix`."""
+    _, s, Vh = torch.linalg.svd(J, full_matrices=False)
+    threshold = torch.finfo(J.dtype).eps * max(J.shape[-2:]) * s[:, :1]
+    keep = s > threshold
+    inv_s2 = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)) ** 2,
+                         torch.zeros_like(s))
+    return (Vh.transpose(-1, -2) * inv_s2.unsqueeze(-2)) @ Vh
+
+
+def _batch_finish_covariance(cov: torch.Tensor, ok: torch.Tensor, n: int, m: int,
+                             cost: torch.Tensor, absolute_sigma: bool
+                             ) -> tuple[torch.Tensor, int]:
+    """:func:`_finish_covariance` per problem; returns the count that would warn."""
+    bad = torch.isnan(cov).flatten(1).any(-1)
+    warn = bad.clone()
+    if not absolute_sigma:
+        if m > n:
+            cov = cov * (cost / (m - n))[:, None, None]
+        else:
+            warn = torch.ones_like(bad)
+            bad = warn
+    cov = torch.where(bad[:, None, None], torch.full_like(cov, float("inf")), cov)
+    cov = torch.where(ok[:, None, None], cov, torch.full_like(cov, float("nan")))
+    return cov, int((warn & ok).sum())

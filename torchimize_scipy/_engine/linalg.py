@@ -10,8 +10,11 @@ SVD :math:`A = U \Sigma V^\top` serves them all:
 :math:`p(\alpha) = -V (\Sigma^2 + \alpha I)^{-1} \Sigma U^\top b`. This never forms
 :math:`J^\top J`, so the condition number is not squared (the stacked-system
 view of Moré 1977). For tall matrices the SVD is taken of the triangular factor
-of a QR decomposition when a batch holds several problems, which costs
-:math:`O(mn^2)` once and leaves only :math:`n \times n` work per problem.
+of the eigen-decomposition of the small Gram matrix when a batch holds
+several well-conditioned problems (:math:`O(mn^2)` once, then only
+:math:`n \times n` work per problem); a single problem, and any problem with
+:math:`\mathrm{cond}(A)^2 > 10^{10}`, takes the SVD of :math:`A` itself as scipy
+does.
 
 The radius-matching root finders follow J. J. Moré, "The Levenberg-Marquardt
 algorithm: implementation and theory", Lecture Notes in Mathematics 630 (1978),
@@ -26,7 +29,8 @@ from torch import Tensor
 
 
 def svd_factors(
-    J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = None
+    J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = None,
+    gram: Tensor | None = None, g: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD data of the (optionally augmented) scaled Jacobian.
 
@@ -39,6 +43,8 @@ def svd_factors(
         Right-hand side; ``uf = U^T [f; 0]`` is returned.
     diag : Tensor, shape (B, n), optional
         Non-negative diagonal appended below as ``diag(sqrt(diag))`` rows.
+    gram, g : Tensor, shapes (B, n, n) and (B, n), optional
+        ``J^T J`` and ``J^T f`` if already known (used by the batched route).
 
     Returns
     -------
@@ -48,23 +54,64 @@ def svd_factors(
     V : Tensor, shape (B, n, k)
     uf : Tensor, shape (B, k)
     """
+    B, m, n = J.shape
+    if B > 1 and m >= n:
+        return _svd_factors_gram(J, d, f, diag, gram, g)
     A = J if d is None else J * d.unsqueeze(-2)
-    B, m, n = A.shape
+    return _svd_factors_direct(A, f, diag)
+
+
+#: Largest ``cond(A)**2`` for which the Gram-matrix route is trusted.
+GRAM_COND2_LIMIT = 1e10
+
+
+def _svd_factors_direct(A: Tensor, f: Tensor, diag: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of the (augmented) matrix itself, as scipy computes it."""
     rhs = f
-    if m > n and B > 1:
-        # Batches: reduce to the n x n triangular factor first (Q^T f carries the
-        # rhs), which is cheaper than batched SVDs of tall matrices. A single
-        # problem takes the SVD of the tall matrix directly, as scipy does, so
-        # that its rounding matches scipy's as closely as possible.
-        Q, R = torch.linalg.qr(A, mode="reduced")
-        rhs = torch.bmm(Q.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
-        A = R
     if diag is not None:
         A = torch.cat([A, torch.diag_embed(diag.clamp(min=0).sqrt())], dim=-2)
         rhs = torch.cat([rhs, torch.zeros_like(diag)], dim=-1)
     U, s, Vh = torch.linalg.svd(A, full_matrices=False)
     uf = torch.bmm(U.transpose(-1, -2), rhs.unsqueeze(-1)).squeeze(-1)
     return s, Vh.transpose(-1, -2), uf
+
+
+def _svd_factors_gram(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None,
+                      gram: Tensor | None, g: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD data from the eigen-decomposition of the small Gram matrix ``A^T A``.
+
+    For a batch of small problems this is several times cheaper than QR and
+    SVD of each tall matrix. Squaring the matrix squares its condition number,
+    so problems with ``cond(A)**2 > GRAM_COND2_LIMIT`` (and any whose Gram
+    matrix is not finite) are redone with the direct SVD.
+    """
+    Jt = J.transpose(-1, -2)
+    H = torch.bmm(Jt, J) if gram is None else gram
+    Atf = torch.bmm(Jt, f.unsqueeze(-1)).squeeze(-1) if g is None else g
+    if d is not None:
+        H = H * d.unsqueeze(-1) * d.unsqueeze(-2)
+        Atf = Atf * d
+    if diag is not None:
+        H = H + torch.diag_embed(diag.clamp(min=0))
+    lam, V = torch.linalg.eigh(H)
+    lam = lam.flip(-1)
+    V = V.flip(-1)
+    lam_max = lam[:, :1]
+    bad = ~(lam[:, -1:] > lam_max / GRAM_COND2_LIMIT).squeeze(-1) | ~torch.isfinite(lam_max[:, 0])
+    s = lam.clamp(min=0).sqrt()
+    suf = torch.bmm(V.transpose(-1, -2), Atf.unsqueeze(-1)).squeeze(-1)
+    uf = _safe_div(suf, s)
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(-1)
+        A = J.index_select(0, rows)
+        if d is not None:
+            A = A * d.index_select(0, rows).unsqueeze(-2)
+        s_b, V_b, uf_b = _svd_factors_direct(A, f.index_select(0, rows),
+                                             None if diag is None else diag.index_select(0, rows))
+        s = s.index_copy(0, rows, s_b)
+        V = V.index_copy(0, rows, V_b)
+        uf = uf.index_copy(0, rows, uf_b)
+    return s, V, uf
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:

@@ -89,6 +89,33 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             raise KeyError(f"new state key {k!r} must be created in init()")
 
 
+def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None]) -> None:
+    """Run ``fn`` on the rows of ``state`` selected by ``mask`` and keep what it assigns.
+
+    When most rows are selected, ``fn`` runs on all of them and only the
+    selected rows of each assigned tensor are kept (``torch.where``), which
+    avoids gathering and scattering the large per-problem tensors; otherwise
+    the selected rows are gathered, processed and scattered back.
+    """
+    total = mask.shape[0]
+    count = int(mask.sum())
+    if count == total or count * 2 >= total:
+        view = RowView(state, None)
+        fn(view)
+        for k in view.written:
+            new = dict.__getitem__(view, k)
+            if count == total:
+                state[k] = new
+            else:
+                keep = mask.view(-1, *([1] * (new.ndim - 1)))
+                state[k] = torch.where(keep, new, state[k])
+        return
+    rows = mask.nonzero().squeeze(-1)
+    view = RowView(state, rows)
+    fn(view)
+    put(state, rows, view)
+
+
 def compact(state: State, keep: Tensor) -> None:
     """Drop the rows of finished problems from every tensor of ``state``."""
     for k, v in state.items():
@@ -152,9 +179,9 @@ def run(problem: Problem, rule, state: State, out: State,
     dtype = state["x"].dtype
     nan = torch.full((B,), float("nan"), dtype=dtype, device=dev)
     J_true = state.pop("J_true")
-    f, J, g = problem.linearize(state["f_true"], J_true)
+    f, J, g, G = problem.linearize(state["f_true"], J_true)
     state.update(
-        f=f, J=J, g=g, cost=problem.cost(state["f_true"]),
+        f=f, J=J, g=g, G=G, cost=problem.cost(state["f_true"]),
         nit=torch.zeros(B, dtype=torch.long, device=dev),
         status=state.get("status", torch.full((B,), st_codes.RUNNING, dtype=torch.long,
                                                device=dev)),
@@ -173,25 +200,24 @@ def run(problem: Problem, rule, state: State, out: State,
         status = state["status"]
         top = state["fresh"] & (status != st_codes.CALLBACK_STOP) & (status != st_codes.NONFINITE)
         if bool(top.any()):
-            rows = _rows(top, top.shape[0])
-            sub = take(state, rows)
-            gtol_hit = rule.top(problem, sub)
-            may_override = (sub["status"] == st_codes.RUNNING) | (
-                (sub["status"] >= st_codes.FTOL) & (sub["status"] <= st_codes.FTOL_XTOL))
-            sub["status"] = torch.where(gtol_hit & may_override, st_codes.GTOL, sub["status"])
-            if problem.verbose == 2 and B == 1:
-                _print_row(sub, header=not printed_header)
-                printed_header = True
-            over = sub["nfev"] >= problem.max_nfev
-            sub["status"] = torch.where((sub["status"] == st_codes.RUNNING) & over,
-                                        st_codes.MAX_NFEV, sub["status"])
-            go = sub["status"] == st_codes.RUNNING
-            if bool(go.any()):
-                grow = _rows(go, go.shape[0])
-                part = take(sub, grow)
-                rule.prepare(problem, part)
-                put(sub, grow, part)
-            put(state, rows, sub)
+            def outer_top(sub: RowView) -> None:
+                nonlocal printed_header
+                gtol_hit = rule.top(problem, sub)
+                may_override = (sub["status"] == st_codes.RUNNING) | (
+                    (sub["status"] >= st_codes.FTOL) & (sub["status"] <= st_codes.FTOL_XTOL))
+                sub["status"] = torch.where(gtol_hit & may_override, st_codes.GTOL,
+                                            sub["status"])
+                if problem.verbose == 2 and B == 1:
+                    _print_row(sub, header=not printed_header)
+                    printed_header = True
+                over = sub["nfev"] >= problem.max_nfev
+                sub["status"] = torch.where((sub["status"] == st_codes.RUNNING) & over,
+                                            st_codes.MAX_NFEV, sub["status"])
+                go = sub["status"] == st_codes.RUNNING
+                if bool(go.any()):
+                    on_rows(sub, go, lambda part: rule.prepare(problem, part))
+
+            on_rows(state, top, outer_top)
         state["fresh"] = torch.zeros_like(state["fresh"])
         finished = state["status"] != st_codes.RUNNING
         if bool(finished.any()):
@@ -232,7 +258,7 @@ def run(problem: Problem, rule, state: State, out: State,
             sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
             sub["njev"] = sub["njev"] + 1
-            sub["f"], sub["J"], sub["g"] = problem.linearize(sub["f_true"], J_true)
+            sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
             okJ = all_finite(sub["J"])
             sub["status"] = torch.where(okJ | (sub["status"] != st_codes.RUNNING),
                                         sub["status"], st_codes.NONFINITE)

@@ -70,21 +70,19 @@ class Problem:
             return 0.5 * (f * f).sum(-1)
         return self.loss.cost(f)
 
-    def linearize(self, f_true: Tensor, J_true: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Loss-scaled residuals and Jacobian and the gradient ``J^T f``.
+    def linearize(self, f_true: Tensor, J_true: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Loss-scaled residuals and Jacobian, the gradient and the Gram matrix.
 
-        Returns ``(f, J, g)`` where, for a robust loss, ``J^T J`` is the
-        Gauss-Newton Hessian of the cost and ``J^T f`` its gradient.
+        Returns ``(f, J, g, G)`` with ``g = J^T f`` and ``G = J^T J``: for a
+        robust loss, ``G`` is the Gauss-Newton Hessian of the cost and ``g`` its
+        gradient.
         """
         if self.loss is None:
             f, J = f_true, J_true
         else:
             rho = self.loss.rho(f_true)
             J, f = scale_for_robust_loss(J_true, f_true, rho)
-        g = torch.bmm(J.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
-        return f, J, g
+        Jt = J.transpose(-1, -2)
+        g = torch.bmm(Jt, f.unsqueeze(-1)).squeeze(-1)
+        return f, J, g, torch.bmm(Jt, J)
 
-
-def jac_column_norms(J: Tensor) -> Tensor:
-    """Euclidean norms of the columns of each Jacobian, ``(B, n)``."""
-    return J.norm(dim=-2)

@@ -8,10 +8,15 @@ from torch import Tensor
 from ..problem import Problem
 
 
+def column_norms(state: dict) -> Tensor:
+    """Euclidean norms of the Jacobian's columns, from the Gram matrix ``J^T J``."""
+    return torch.diagonal(state["G"], dim1=-2, dim2=-1).clamp(min=0).sqrt()
+
+
 def initial_scale(problem: Problem, state: dict) -> None:
     """Set ``scale``/``scale_inv`` from the first Jacobian when ``x_scale='jac'``."""
     if problem.jac_scale:
-        scale_inv = state["J"].norm(dim=-2)
+        scale_inv = column_norms(state)
         scale_inv = torch.where(scale_inv == 0, torch.ones_like(scale_inv), scale_inv)
         state["scale"] = 1.0 / scale_inv
         state["scale_inv"] = scale_inv
@@ -20,7 +25,7 @@ def initial_scale(problem: Problem, state: dict) -> None:
 def update_jac_scale(problem: Problem, state: dict) -> None:
     """Keep the running maximum of the Jacobian column norms (``x_scale='jac'``)."""
     if problem.jac_scale:
-        scale_inv = torch.maximum(state["J"].norm(dim=-2), state["scale_inv"])
+        scale_inv = torch.maximum(column_norms(state), state["scale_inv"])
         state["scale"] = 1.0 / scale_inv
         state["scale_inv"] = scale_inv
 

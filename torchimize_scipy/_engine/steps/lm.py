@@ -27,7 +27,7 @@ from .. import status as codes
 from ..linalg import solve_trust_region_minpack, svd_factors
 from ..problem import Problem
 from ..quadratic import jac_times
-from ._common import alloc_svd, inf_norm, svd_width
+from ._common import alloc_svd, column_norms, inf_norm, svd_width
 
 FACTOR = 100.0
 
@@ -56,7 +56,7 @@ class LevenbergMarquardt:
 
     def top(self, problem: Problem, state: dict) -> torch.Tensor:
         J, f = state["J"], state["f"]
-        acnorm = J.norm(dim=-2)
+        acnorm = column_norms(state)
         fnorm = f.norm(dim=-1)
         g = state["g"]
         state["optimality"] = inf_norm(g)
@@ -83,8 +83,8 @@ class LevenbergMarquardt:
         return (gnorm <= problem.gtol) & (state["status"] == codes.RUNNING)
 
     def prepare(self, problem: Problem, state: dict) -> None:
-        state["sv"], state["V"], state["uf"] = svd_factors(state["J"], 1.0 / state["diag"],
-                                                           state["f"])
+        state["sv"], state["V"], state["uf"] = svd_factors(
+            state["J"], 1.0 / state["diag"], state["f"], gram=state["G"], g=state["g"])
 
     def propose(self, problem: Problem, state: dict) -> dict:
         q, par = solve_trust_region_minpack(state["sv"], state["V"], state["uf"], state["delta"],

@@ -88,7 +88,8 @@ class TRF:
             diag_h = None
         state["d"] = d
         state["g_h"] = d * state["g"]
-        state["sv"], state["V"], state["uf"] = svd_factors(state["J"], d, state["f"], diag_h)
+        state["sv"], state["V"], state["uf"] = svd_factors(
+            state["J"], d, state["f"], diag_h, gram=state["G"], g=state["g"])
 
     def propose(self, problem: Problem, state: dict) -> dict:
         p_h, alpha = solve_trust_region_scipy(

@@ -1,0 +1,987 @@
+"""Tests of ``batch_least_squares`` and ``BatchOptimizeResult``.
+
+The reference for every batch is the same set of problems solved one by one,
+with ``torchimize_scipy.least_squares`` (which must agree to rounding: same
+engine, same options) and with ``scipy.optimize.least_squares`` (which must
+agree to the solver's accuracy; the only status difference tolerated is the
+borderline gtol/ftol case of ``test_parity.py``). Further tests check
+compaction (finished problems are never evaluated again), isolation of
+failing problems (non-finite residuals or Jacobians, singular Jacobians),
+chunking, the result container and input validation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.optimize as so
+import torch
+
+from torchimize_scipy import BatchOptimizeResult, batch_least_squares, least_squares
+from torchimize_scipy._engine import status as codes
+
+GTOL_FACTOR = 5.0
+T = np.linspace(0.0, 2.0, 12)
+M = T.size
+N = 2
+FIELDS = ("x", "cost", "fun", "jac", "grad", "optimality", "active_mask", "nfev", "njev",
+          "status", "success")
+
+
+# ============================================================================ problems
+def make_data(B, seed=0, outliers=False):
+    """Noisy exponential decays ``a exp(-k t)``; row ``i`` of ``y`` is problem ``i``."""
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(0.5, 2.0, B)
+    k = rng.uniform(0.3, 2.0, B)
+    y = a[:, None] * np.exp(-k[:, None] * T) + 0.01 * rng.standard_normal((B, M))
+    if outliers:
+        y[:, 3] += 2.0
+        y[:, 8] -= 1.0
+    x0 = np.column_stack([rng.uniform(0.8, 1.2, B), rng.uniform(0.8, 1.2, B)])
+    return x0, y
+
+
+# vectorised numpy: x (b, 2), y (b, m)
+def fun_v(x, y, t=T):
+    return x[:, :1] * np.exp(-x[:, 1:2] * t) - y
+
+
+def jac_v(x, y, t=T):
+    e = np.exp(-x[:, 1:2] * t)
+    return np.stack([e, -x[:, :1] * t * e], axis=-1)
+
+
+# one problem numpy: x (2,), y (m,)
+def fun_1(x, y, t=T):
+    return x[0] * np.exp(-x[1] * t) - y
+
+
+def jac_1(x, y, t=T):
+    e = np.exp(-x[1] * t)
+    return np.column_stack([e, -x[0] * t * e])
+
+
+# torch versions
+TT = torch.as_tensor(T)
+
+
+def fun_vt(x, y, t=TT):
+    return x[:, :1] * torch.exp(-x[:, 1:2] * t.to(x.dtype)) - y.to(x.dtype)
+
+
+def fun_1t(x, y, t=TT):
+    return x[0] * torch.exp(-x[1] * t.to(x.dtype)) - y.to(x.dtype)
+
+
+# ============================================================================ helpers
+def _np(a):
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def assert_same(res, refs, x_rtol=1e-8):
+    """Batch ``res`` equals the single-problem results ``refs`` (same engine).
+
+    Batched linear algebra rounds differently for different batch sizes (last
+    bits of a step); finite-difference Jacobians amplify that to ~1e-8, so the
+    fields are compared to the accuracy of the solution, counts exactly.
+    """
+    assert len(res) == len(refs)
+    for i, ref in enumerate(refs):
+        got = res[i]
+        np.testing.assert_allclose(_np(got.x), _np(ref.x), rtol=x_rtol, atol=1e-12,
+                                   err_msg=f"problem {i}, x")
+        np.testing.assert_allclose(float(got.cost), float(ref.cost), rtol=1e-10, atol=1e-15,
+                                   err_msg=f"problem {i}, cost")
+        for name in ("fun", "grad", "optimality"):
+            np.testing.assert_allclose(_np(got[name]), _np(ref[name]), rtol=1e-6, atol=1e-8,
+                                       err_msg=f"problem {i}, {name}")
+        if got.jac is not None:
+            np.testing.assert_allclose(_np(got.jac), _np(ref.jac), rtol=1e-6, atol=1e-6,
+                                       err_msg=f"problem {i}, jac")
+        np.testing.assert_array_equal(_np(got.active_mask).astype(int),
+                                      _np(ref.active_mask).astype(int))
+        for name in ("nfev", "njev", "status", "success", "message"):
+            assert got[name] == ref[name], (i, name, got[name], ref[name])
+
+
+def assert_status_parity(ours, ref, gtol=1e-8):
+    if ours.status == ref.status:
+        return
+    pair = {int(ours.status), int(ref.status)}
+    assert pair in ({1, 2}, {1, 4}), (ours.status, ref.status)
+    assert min(float(ours.optimality), float(ref.optimality)) < GTOL_FACTOR * gtol, (
+        ours.status, ref.status, float(ours.optimality), float(ref.optimality))
+
+
+def assert_like_scipy(res, refs, x_rtol=1e-7, cost_rtol=1e-10, gtol=1e-8, status=True):
+    for i, ref in enumerate(refs):
+        got = res[i]
+        np.testing.assert_allclose(_np(got.x), ref.x, rtol=x_rtol, atol=1e-12,
+                                   err_msg=f"problem {i}")
+        np.testing.assert_allclose(float(got.cost), ref.cost, rtol=cost_rtol, atol=1e-15,
+                                   err_msg=f"problem {i}")
+        if status:
+            assert_status_parity(got, ref, gtol)
+            assert bool(got.success) == bool(ref.success)
+        np.testing.assert_array_equal(_np(got.active_mask).astype(int),
+                                      np.asarray(ref.active_mask).astype(int))
+
+
+def row_bounds(bounds, i, B):
+    """Bounds of problem ``i`` from a batch ``bounds`` argument."""
+    if isinstance(bounds, so.Bounds):
+        lb, ub = bounds.lb, bounds.ub
+    else:
+        lb, ub = bounds
+    out = []
+    for b in (lb, ub):
+        b = np.asarray(b, dtype=float)
+        if b.ndim == 2:
+            b = b[i]
+        out.append(b)
+    return tuple(out)
+
+
+def solve_each(fun, x0, args=(), kwargs=None, bounds=(-np.inf, np.inf), x_scale=None,
+               scipy=False, **kw):
+    """Solve each problem alone (``args`` arrays are sliced per problem)."""
+    B = x0.shape[0]
+    kwargs = {} if kwargs is None else kwargs
+    solver = so.least_squares if scipy else least_squares
+    out = []
+    for i in range(B):
+        args_i = tuple(a[i] for a in args)
+        xs = x_scale
+        if xs is None:
+            xs = "jac" if kw.get("method") == "lm" else 1.0
+        elif not isinstance(xs, str) and np.ndim(xs) == 2:
+            xs = np.asarray(xs)[i]
+        out.append(solver(fun, x0[i], args=args_i, kwargs=kwargs,
+                          bounds=row_bounds(bounds, i, B), x_scale=xs, **kw))
+    return out
+
+
+# ============================================================================ parity
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm", "gn"])
+def test_methods_match_loop_and_scipy(method):
+    x0, y = make_data(12, seed=1)
+    res = batch_least_squares(fun_v, x0, method=method, args=(y,))
+    assert_same(res, solve_each(fun_1, x0, args=(y,), method=method))
+    ref = solve_each(fun_1, x0, args=(y,), method=method if method != "gn" else "trf",
+                     scipy=True)
+    assert_like_scipy(res, ref, status=method != "gn")
+    if method in ("trf", "dogbox", "lm"):
+        np.testing.assert_array_equal(res.nfev, [r.nfev for r in ref])
+    if method == "lm":
+        assert res.njev is None
+        assert all(res[i].njev is None for i in range(len(res)))
+    else:
+        assert res.njev.dtype.kind == "i"
+    assert res.x.dtype == np.float64 and isinstance(res.x, np.ndarray)
+
+
+def fun_easy_v(x, c):
+    """Well conditioned: residuals ``x - c`` plus a mild coupling term."""
+    return np.concatenate([x - c, 0.3 * (x[:, :1] * x[:, 1:2] - c[:, :1] * c[:, 1:2])], -1)
+
+
+def fun_easy_1(x, c):
+    return np.concatenate([x - c, 0.3 * (x[:1] * x[1:2] - c[:1] * c[1:2])])
+
+
+def test_gd_easy_problems():
+    rng = np.random.default_rng(5)
+    c = rng.uniform(-1, 1, (8, 2))
+    x0 = c + rng.uniform(-0.5, 0.5, (8, 2))
+    res = batch_least_squares(fun_easy_v, x0, method="gd", args=(c,))
+    assert_same(res, solve_each(fun_easy_1, x0, args=(c,), method="gd"))
+    assert np.all(res.success)
+    ref = solve_each(fun_easy_1, x0, args=(c,), scipy=True)
+    # steepest descent stops on ftol/xtol well before trf's accuracy
+    assert_like_scipy(res, ref, x_rtol=0, cost_rtol=0, status=False)  # only active mask
+    np.testing.assert_allclose(res.x, c, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+@pytest.mark.parametrize("loss", ["linear", "soft_l1", "huber", "cauchy", "arctan"])
+def test_losses(method, loss):
+    x0, y = make_data(8, seed=2, outliers=True)
+    kw = dict(method=method, loss=loss, f_scale=0.1)
+    res = batch_least_squares(fun_v, x0, args=(y,), **kw)
+    assert_same(res, solve_each(fun_1, x0, args=(y,), **kw))
+    assert_like_scipy(res, solve_each(fun_1, x0, args=(y,), scipy=True, **kw))
+
+
+def _bounds_cases(B):
+    rng = np.random.default_rng(3)
+    lb_rows = np.column_stack([rng.uniform(0.2, 0.9, B), rng.uniform(0.0, 0.6, B)])
+    ub_rows = np.column_stack([rng.uniform(1.1, 1.6, B), rng.uniform(1.3, 3.0, B)])
+    return {
+        "scalar": (0.7, 1.5),
+        "vector": (np.array([0.6, 0.0]), np.array([1.4, 1.2])),
+        "mixed": (0.0, np.array([1.3, np.inf])),
+        "per-problem": (lb_rows, ub_rows),
+        "Bounds": so.Bounds(lb_rows, np.full((B, N), 1.4)),
+    }
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "gn"])
+@pytest.mark.parametrize("kind", ["scalar", "vector", "mixed", "per-problem", "Bounds"])
+def test_bounds(method, kind):
+    B = 10
+    x0, y = make_data(B, seed=3)
+    bounds = _bounds_cases(B)[kind]
+    lb, ub = (bounds.lb, bounds.ub) if isinstance(bounds, so.Bounds) else bounds
+    x0 = np.clip(x0, np.broadcast_to(lb, x0.shape) + 1e-3, np.broadcast_to(ub, x0.shape) - 1e-3)
+    res = batch_least_squares(fun_v, x0, bounds=bounds, method=method, args=(y,))
+    assert_same(res, solve_each(fun_1, x0, args=(y,), bounds=bounds, method=method))
+    ref = solve_each(fun_1, x0, args=(y,), bounds=bounds,
+                     method=method if method != "gn" else "trf", scipy=True)
+    if method == "gn":
+        # projected Gauss-Newton reaches the same constrained minima
+        assert_like_scipy(res, ref, x_rtol=1e-5, cost_rtol=1e-8, status=False)
+    else:
+        assert_like_scipy(res, ref)
+    assert np.any(res.active_mask != 0)  # the bounds matter
+    assert np.all((res.x >= np.broadcast_to(lb, x0.shape))
+                  & (res.x <= np.broadcast_to(ub, x0.shape)))
+
+
+def test_torch_bounds_are_accepted():
+    B = 6
+    x0, y = make_data(B, seed=3)
+    lb = torch.zeros(B, N, dtype=torch.float64)
+    ub = torch.full((N,), 1.3, dtype=torch.float64)
+    res = batch_least_squares(fun_v, x0, bounds=(lb, ub), args=(y,))
+    ref = batch_least_squares(fun_v, x0, bounds=(0.0, 1.3), args=(y,))
+    np.testing.assert_array_equal(res.x, ref.x)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+@pytest.mark.parametrize("jac", ["2-point", "3-point", "cs", "analytic"])
+def test_jacobians(method, jac):
+    x0, y = make_data(8, seed=4)
+    jb, j1 = (jac_v, jac_1) if jac == "analytic" else (jac, jac)
+    res = batch_least_squares(fun_v, x0, jac=jb, method=method, args=(y,))
+    assert_same(res, solve_each(fun_1, x0, args=(y,), jac=j1, method=method))
+    assert_like_scipy(res, solve_each(fun_1, x0, args=(y,), jac=j1, method=method,
+                                      scipy=True))
+    if method == "lm" and jac != "analytic":
+        assert res.njev is None
+    else:
+        assert np.all(res.njev >= 1)
+
+
+def test_jacobian_bounded_fd():
+    """Finite differences respect per-problem bounds (x0 on a bound)."""
+    B = 6
+    x0, y = make_data(B, seed=4)
+    lb = np.column_stack([x0[:, 0], np.full(B, -np.inf)])  # x0 on the lower bound
+    ub = np.column_stack([np.full(B, np.inf), x0[:, 1] + 1e-9])  # and just under the upper
+    for jac in ("2-point", "3-point"):
+        res = batch_least_squares(fun_v, x0, jac=jac, bounds=(lb, ub), method="dogbox",
+                                  args=(y,))
+        assert_same(res, solve_each(fun_1, x0, args=(y,), jac=jac, bounds=(lb, ub),
+                                    method="dogbox"))
+        assert_like_scipy(res, solve_each(fun_1, x0, args=(y,), jac=jac, bounds=(lb, ub),
+                                          method="dogbox", scipy=True))
+
+
+@pytest.mark.parametrize("method", ["trf", "lm", "gn"])
+def test_autograd_torch(method):
+    x0, y = make_data(8, seed=6)
+    x0t, yt = torch.tensor(x0), torch.tensor(y)
+    res = batch_least_squares(fun_vt, x0t, jac="autograd", method=method, args=(yt,))
+    assert isinstance(res.x, torch.Tensor) and res.x.dtype == torch.float64
+    assert isinstance(res.status, torch.Tensor)
+    refs = [least_squares(fun_1t, x0t[i], jac="autograd", method=method, args=(yt[i],))
+            for i in range(8)]
+    assert_same(res, refs)
+    sp = solve_each(fun_1, x0, args=(y,), jac=jac_1,
+                    method=method if method != "gn" else "trf", scipy=True)
+    assert_like_scipy(res, sp, status=method != "gn")
+    # the exact Jacobian equals the analytic one
+    np.testing.assert_allclose(_np(res.jac), jac_v(_np(res.x), y), rtol=1e-12, atol=1e-14)
+
+
+def test_autograd_with_numpy_x0():
+    """jac='autograd' hands tensors to ``fun`` even for numpy ``x0``; results are numpy."""
+    x0, y = make_data(6, seed=6)
+    yt = torch.tensor(y)
+    res = batch_least_squares(fun_vt, x0, jac="autograd", args=(yt,))
+    assert isinstance(res.x, np.ndarray)
+    ref = batch_least_squares(fun_v, x0, jac=jac_v, args=(y,))
+    np.testing.assert_allclose(res.x, ref.x, rtol=1e-12)
+    np.testing.assert_array_equal(res.nfev, ref.nfev)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+@pytest.mark.parametrize("kind", ["scalar", "vector", "per-problem", "jac"])
+def test_x_scale(method, kind):
+    B = 8
+    x0, y = make_data(B, seed=7)
+    rng = np.random.default_rng(7)
+    x_scale = {"scalar": 2.0, "vector": np.array([0.5, 3.0]),
+               "per-problem": rng.uniform(0.3, 3.0, (B, N)), "jac": "jac"}[kind]
+    res = batch_least_squares(fun_v, x0, x_scale=x_scale, method=method, args=(y,))
+    assert_same(res, solve_each(fun_1, x0, args=(y,), x_scale=x_scale, method=method))
+    assert_like_scipy(res, solve_each(fun_1, x0, args=(y,), x_scale=x_scale, method=method,
+                                      scipy=True))
+
+
+def test_x_scale_differs_per_problem():
+    """A (B, n) x_scale really is applied row by row (lm uses it as diag)."""
+    B = 4
+    x0, y = make_data(B, seed=8)
+    xs = np.array([[1.0, 1.0], [10.0, 0.1], [1.0, 1.0], [0.1, 10.0]])
+    res = batch_least_squares(fun_v, x0, x_scale=xs, method="lm", args=(y,))
+    one = batch_least_squares(fun_v, x0, x_scale=1.0, method="lm", args=(y,))
+    np.testing.assert_array_equal(res.nfev[[0, 2]], one.nfev[[0, 2]])
+    assert not np.array_equal(res.nfev[[1, 3]], one.nfev[[1, 3]]) or not np.array_equal(
+        res.x[[1, 3]], one.x[[1, 3]])
+
+
+def test_args_and_kwargs():
+    """Per-problem arrays (leading dim B) are sliced; other args and kwargs are shared."""
+    B = 9
+    x0, y = make_data(B, seed=9)
+    w = np.random.default_rng(9).uniform(0.5, 2.0, (B, 1))  # per-problem weight
+    t2 = np.linspace(0.0, 2.0, M)  # shared array whose length is not B
+    offset = 0.01  # shared scalar
+
+    def fun(x, y, t_shared, off, w, *, power=1.0):
+        assert x.shape[0] == y.shape[0] == w.shape[0]
+        assert t_shared.shape == (M,) and off == offset
+        return w * (x[:, :1] * np.exp(-x[:, 1:2] * t_shared) ** power - y + off)
+
+    def fun1(x, y, t_shared, off, w, *, power=1.0):
+        return w * (x[0] * np.exp(-x[1] * t_shared) ** power - y + off)
+
+    kwargs = {"power": 1.5}
+    res = batch_least_squares(fun, x0, args=(y, t2, offset, w), kwargs=kwargs)
+    refs = [least_squares(fun1, x0[i], args=(y[i], t2, offset, w[i]), kwargs=kwargs)
+            for i in range(B)]
+    assert_same(res, refs)
+    sp = [so.least_squares(fun1, x0[i], args=(y[i], t2, offset, w[i]), kwargs=kwargs)
+          for i in range(B)]
+    assert_like_scipy(res, sp)
+
+
+def test_torch_args_sliced():
+    B = 7
+    x0, y = make_data(B, seed=10)
+    x0t, yt = torch.tensor(x0), torch.tensor(y)
+    seen = []
+
+    def fun(x, y, t=TT):
+        assert isinstance(y, torch.Tensor)
+        seen.append(y.shape[0] == x.shape[0])
+        return fun_vt(x, y, t)
+
+    res = batch_least_squares(fun, x0t, args=(yt,), kwargs={"t": TT})
+    assert all(seen)
+    ref = batch_least_squares(fun_v, x0, args=(y,))
+    np.testing.assert_allclose(_np(res.x), ref.x, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+def test_not_vectorized_numpy(method):
+    B = 6
+    x0, y = make_data(B, seed=11)
+    res = batch_least_squares(fun_1, x0, method=method, args=(y,), vectorized=False)
+    assert_same(res, solve_each(fun_1, x0, args=(y,), method=method))
+    vec = batch_least_squares(fun_v, x0, method=method, args=(y,))
+    for f in FIELDS:
+        if vec[f] is not None:
+            np.testing.assert_allclose(res[f], vec[f], rtol=1e-10, atol=1e-14)
+    # with an analytic per-problem Jacobian as well
+    res_j = batch_least_squares(fun_1, x0, jac=jac_1, method=method, args=(y,),
+                                kwargs={"t": T}, vectorized=False)
+    assert_same(res_j, solve_each(fun_1, x0, args=(y,), jac=jac_1, method=method))
+
+
+@pytest.mark.parametrize("jac", ["2-point", "autograd"])
+def test_not_vectorized_torch(jac):
+    B = 6
+    x0, y = make_data(B, seed=12)
+    x0t, yt = torch.tensor(x0), torch.tensor(y)
+    shapes = set()
+
+    def f(x, y):
+        shapes.add(tuple(x.shape))
+        return fun_1t(x, y)
+
+    res = batch_least_squares(f, x0t, jac=jac, args=(yt,), vectorized=False)
+    assert shapes == {(N,)}
+    assert isinstance(res.x, torch.Tensor)
+    refs = [least_squares(fun_1t, x0t[i], jac=jac, args=(yt[i],)) for i in range(B)]
+    assert_same(res, refs)
+
+
+# ============================================================================ compaction
+class Recorder:
+    """Vectorised residuals (and Jacobian) that record the problem ids of every call."""
+
+    def __init__(self):
+        self.fun_calls = []
+        self.jac_calls = []
+
+    def fun(self, x, y, ids):
+        self.fun_calls.append(np.asarray(ids).copy())
+        return fun_v(x, y)
+
+    def jac(self, x, y, ids):
+        self.jac_calls.append(np.asarray(ids).copy())
+        return jac_v(x, y)
+
+
+def _per_problem_counts(calls, B):
+    counts = np.zeros(B, dtype=int)
+    for ids in calls:
+        np.add.at(counts, ids, 1)
+    return counts
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "gn"])
+def test_compaction_analytic_jac(method):
+    B = 12
+    x0, y = make_data(B, seed=13)
+    ids = np.arange(B)
+    rec = Recorder()
+    res = batch_least_squares(rec.fun, x0, jac=rec.jac, method=method, args=(y, ids))
+    # the first call is the probe that finds m (problem 0 only)
+    probe, calls = rec.fun_calls[0], rec.fun_calls[1:]
+    np.testing.assert_array_equal(probe, [0])
+    # every call sees each running problem once, and the running set only shrinks
+    prev = set(range(B))
+    for c in calls:
+        assert len(set(c.tolist())) == len(c)
+        assert set(c.tolist()) <= prev
+        prev = set(c.tolist())
+    sizes = [len(c) for c in calls]
+    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[0] == B and sizes[-1] < B  # the batch does shrink
+    # after its last evaluation a problem never comes back
+    last = {i: max(k for k, c in enumerate(calls) if i in c) for i in range(B)}
+    for i in range(B):
+        assert all(i not in c for c in calls[last[i] + 1:])
+    # exactly nfev residual and njev Jacobian evaluations per problem
+    np.testing.assert_array_equal(_per_problem_counts(calls, B), res.nfev)
+    np.testing.assert_array_equal(_per_problem_counts(rec.jac_calls, B), res.njev)
+    for c in rec.jac_calls:
+        assert set(c.tolist()) <= set(range(B))
+        assert len(set(c.tolist())) == len(c)
+
+
+@pytest.mark.parametrize("jac,per_jac", [("2-point", N), ("3-point", 2 * N), ("cs", N)])
+def test_compaction_finite_differences(jac, per_jac):
+    B = 10
+    x0, y = make_data(B, seed=14)
+    ids = np.arange(B)
+    calls = []
+
+    def fun(x, y, ids):
+        calls.append(np.asarray(ids).copy())
+        return x[:, :1] * np.exp(-x[:, 1:2] * T) - y
+
+    res = batch_least_squares(fun, x0, jac=jac, args=(y, ids), max_nfev=7)
+    calls = calls[1:]  # drop the probe
+    trials = [c for c in calls if len(set(c.tolist())) == len(c)]
+    fd = [c for c in calls if len(set(c.tolist())) != len(c)]
+    # FD calls only contain problems of the preceding trial call, each per_jac times
+    running = set(range(B))
+    for c in calls:
+        u, cnt = np.unique(c, return_counts=True)
+        if len(u) == len(c):
+            assert set(u.tolist()) <= running
+            running = set(u.tolist())
+        else:
+            assert set(u.tolist()) <= running
+            assert np.all(cnt == per_jac)
+    assert len(trials) > 0 and len(fd) > 0
+    counts = _per_problem_counts(calls, B)
+    np.testing.assert_array_equal(counts, res.nfev + per_jac * res.njev)
+    assert np.any(res.status == 0)  # some problems hit max_nfev, others converged
+    assert np.all(res.nfev <= 7)
+
+
+def test_compaction_with_chunks():
+    B = 7
+    x0, y = make_data(B, seed=15)
+    rec = Recorder()
+    res = batch_least_squares(rec.fun, x0, jac=rec.jac, args=(y, np.arange(B)), chunk_size=3)
+    calls = rec.fun_calls[1:]
+    chunk_of = np.arange(B) // 3
+    for c in calls + rec.jac_calls:
+        assert len(set(chunk_of[c].tolist())) == 1  # never mixes chunks
+        assert len(c) <= 3
+    np.testing.assert_array_equal(_per_problem_counts(calls, B), res.nfev)
+    np.testing.assert_array_equal(_per_problem_counts(rec.jac_calls, B), res.njev)
+
+
+# ============================================================================ failures
+def _nan_fun(x, y, bad_region):
+    """Residuals; NaN for rows whose ``x[1]`` exceeds ``bad_region`` (per problem)."""
+    f = fun_v(x, y)
+    return np.where((x[:, 1:2] > bad_region[:, None]), np.nan, f)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm", "gn"])
+@pytest.mark.parametrize("bad_row", [0, 4])
+def test_nan_at_x0_isolated(method, bad_row):
+    B = 8
+    x0, y = make_data(B, seed=16)
+    y_bad = y.copy()
+    y_bad[bad_row, 5] = np.nan
+    res = batch_least_squares(fun_v, x0, method=method, args=(y_bad,))
+    good = batch_least_squares(fun_v, x0, method=method, args=(y,))
+    assert res.status[bad_row] == codes.NONFINITE == 5
+    assert not res.success[bad_row]
+    assert res.message[bad_row] == codes.message(codes.NONFINITE)
+    assert res[bad_row].status == 5 and res[bad_row].success is False
+    np.testing.assert_array_equal(res.x[bad_row], x0[bad_row])
+    assert res.nfev[bad_row] == 1
+    others = np.arange(B) != bad_row
+    for f in FIELDS:
+        if res[f] is not None:
+            np.testing.assert_array_equal(res[f][others], good[f][others], err_msg=f)
+    assert [m for i, m in enumerate(res.message) if i != bad_row] == [
+        m for i, m in enumerate(good.message) if i != bad_row]
+    # and the same as the batch without that problem at all
+    keep = np.flatnonzero(others)
+    alone = batch_least_squares(fun_v, x0[keep], method=method, args=(y[keep],))
+    np.testing.assert_allclose(res.x[keep], alone.x, rtol=1e-13)
+    np.testing.assert_array_equal(res.nfev[keep], alone.nfev)
+
+
+def test_nan_at_x0_torch_and_inf():
+    B = 5
+    x0, y = make_data(B, seed=17)
+    y[2, 0] = np.inf
+    y[3, 1] = np.nan
+    res = batch_least_squares(fun_vt, torch.tensor(x0), args=(torch.tensor(y),))
+    np.testing.assert_array_equal(_np(res.status)[[2, 3]], [5, 5])
+    assert bool(res.success[[0, 1, 4]].all())
+
+
+def _nan_jac(x, y, bad):
+    J = jac_v(x, y)
+    J[bad & (np.abs(x[:, 0] - 1.0) > 0.05)] = np.nan  # once the row has moved
+    return J
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm", "gn"])
+def test_nonfinite_jacobian_mid_run(method):
+    B = 8
+    x0, y = make_data(B, seed=18)
+    x0[:, 0] = 1.0
+    bad = np.zeros(B, dtype=bool)
+    bad[3] = True
+    res = batch_least_squares(fun_v, x0, jac=_nan_jac, method=method, args=(y, bad))
+    good = batch_least_squares(fun_v, x0, jac=_nan_jac, method=method,
+                               args=(y, np.zeros(B, dtype=bool)))
+    assert res.status[3] == codes.NONFINITE
+    assert not res.success[3]
+    assert res.nfev[3] > 1  # it did run for a while
+    assert np.all(np.isfinite(res.x[3]))
+    others = np.arange(B) != 3
+    for f in FIELDS:
+        if res[f] is not None:
+            np.testing.assert_array_equal(res[f][others], good[f][others], err_msg=f)
+    assert np.all(good.success)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+def test_nan_residuals_mid_run_follow_scipy(method):
+    """A trial with non-finite residuals is rejected and the radius shrinks, as in scipy.
+
+    Row 2's residuals are NaN for ``x[1] > 1.25`` while its minimum lies beyond,
+    so the row ends on the edge of the region; the other rows are unaffected.
+    """
+    B = 6
+    x0, y = make_data(B, seed=19)
+    region = np.full(B, np.inf)
+    x_free = batch_least_squares(fun_v, x0, method=method, args=(y,)).x
+    region[2] = 0.5 * (x0[2, 1] + x_free[2, 1])
+    assert x0[2, 1] < region[2] < x_free[2, 1]
+    res = batch_least_squares(_nan_fun, x0, method=method, args=(y, region))
+    good = batch_least_squares(_nan_fun, x0, method=method, args=(y, np.full(B, np.inf)))
+    others = np.arange(B) != 2
+    for f in FIELDS:
+        if res[f] is not None:
+            np.testing.assert_array_equal(res[f][others], good[f][others], err_msg=f)
+    assert np.all(np.isfinite(res.fun[2]))
+    assert res.x[2, 1] <= region[2]
+
+    def one(x, y, r):
+        return _nan_fun(x[None], y[None], np.array([r]))[0]
+
+    alone = least_squares(one, x0[2], method=method, args=(y[2], region[2]))
+    assert_same(_Sub(res, [2]), [alone])
+    sp = so.least_squares(one, x0[2], method=method, args=(y[2], region[2]))
+    np.testing.assert_allclose(res.x[2], sp.x, rtol=1e-6)
+    assert res.status[2] == sp.status
+
+
+class _Sub:
+    """A view of some problems of a batch result, for :func:`assert_same`."""
+
+    def __init__(self, res, rows):
+        self.res, self.rows = res, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.res[self.rows[i]]
+
+
+def fun_singular_v(x, y, uses_c):
+    """``a exp(-k t) + c`` where ``c`` is absent from problems with ``uses_c == 0``."""
+    return fun_v(x[:, :2], y) + uses_c[:, None] * x[:, 2:3]
+
+
+def fun_singular_1(x, y, uses_c):
+    return fun_1(x[:2], y) + uses_c * x[2]
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm", "gn"])
+def test_singular_jacobian_isolated(method):
+    B = 8
+    x0, y = make_data(B, seed=20)
+    x0 = np.column_stack([x0, np.full(B, 0.1)])
+    uses_c = np.ones(B)
+    uses_c[5] = 0.0
+    res = batch_least_squares(fun_singular_v, x0, method=method, args=(y, uses_c))
+    assert np.all(res.success), res.message
+    assert np.all(np.isfinite(res.x))
+    assert res.x[5, 2] == pytest.approx(0.1)  # the free parameter does not move
+    np.testing.assert_array_equal(res.jac[5][:, 2], 0.0)
+    assert_same(res, solve_each(fun_singular_1, x0, args=(y, uses_c), method=method))
+    if method != "gn":
+        sp = solve_each(fun_singular_1, x0, args=(y, uses_c), method=method, scipy=True)
+        assert_like_scipy(res, sp)
+    # the others are as in a batch where every problem is regular
+    full = batch_least_squares(fun_singular_v, x0, method=method, args=(y, np.ones(B)))
+    others = np.arange(B) != 5
+    np.testing.assert_array_equal(res.x[others], full.x[others])
+    np.testing.assert_array_equal(res.nfev[others], full.nfev[others])
+
+
+# ============================================================================ chunks, progress
+@pytest.mark.parametrize("method", ["trf", "lm"])
+def test_chunk_size_invariance(method):
+    B = 10
+    x0, y = make_data(B, seed=21)
+    base = batch_least_squares(fun_v, x0, method=method, args=(y,))
+    for cs in (1, 3, B, 100):
+        res = batch_least_squares(fun_v, x0, method=method, args=(y,), chunk_size=cs)
+        for f in FIELDS:
+            if base[f] is None:
+                assert res[f] is None
+            else:
+                np.testing.assert_array_equal(res[f], base[f], err_msg=f"{f} chunk {cs}")
+        assert res.message == base.message
+
+
+def test_progress_bar(capsys):
+    B = 9
+    x0, y = make_data(B, seed=22)
+    res = batch_least_squares(fun_v, x0, args=(y,), progress=True, chunk_size=4)
+    err = capsys.readouterr().err
+    assert f"{B}/{B}" in err
+    assert "batch_least_squares[trf]" in err
+    ref = batch_least_squares(fun_v, x0, args=(y,))
+    np.testing.assert_array_equal(res.x, ref.x)
+
+
+def test_progress_counts_nonfinite_start(capsys):
+    B = 4
+    x0, y = make_data(B, seed=22)
+    y[1, 0] = np.nan
+    batch_least_squares(fun_v, x0, args=(y,), progress=True)
+    assert f"{B}/{B}" in capsys.readouterr().err
+
+
+def test_verbose(capsys):
+    x0, y = make_data(5, seed=23)
+    batch_least_squares(fun_v, x0, args=(y,), verbose=2, chunk_size=2)
+    out = capsys.readouterr().out
+    assert "chunk 0:2 solved" in out and "chunk 4:5 solved" in out
+    assert "BatchOptimizeResult(problems=5" in out
+
+
+def test_return_jac_false():
+    x0, y = make_data(5, seed=24)
+    res = batch_least_squares(fun_v, x0, args=(y,), return_jac=False)
+    ref = batch_least_squares(fun_v, x0, args=(y,))
+    assert res.jac is None and res["jac"] is None and res[0].jac is None
+    np.testing.assert_array_equal(res.x, ref.x)
+    np.testing.assert_array_equal(res.grad, ref.grad)
+    res_t = batch_least_squares(fun_vt, torch.tensor(x0), args=(torch.tensor(y),),
+                                return_jac=False, chunk_size=2)
+    assert res_t.jac is None
+
+
+# ============================================================================ dtype, device
+def test_float32_torch():
+    B = 16
+    x0, y = make_data(B, seed=25)
+    x0t = torch.tensor(x0, dtype=torch.float32)
+    yt = torch.tensor(y, dtype=torch.float32)
+    ref = batch_least_squares(fun_v, x0, args=(y,))
+    for jac in ("2-point", "autograd"):
+        res = batch_least_squares(fun_vt, x0t, jac=jac, args=(yt,))
+        assert res.x.dtype == torch.float32 and res.cost.dtype == torch.float32
+        assert res.jac.dtype == torch.float32 and res.fun.dtype == torch.float32
+        assert bool(res.success.all()), res.message
+        np.testing.assert_allclose(_np(res.x), ref.x, rtol=2e-3)
+        np.testing.assert_allclose(_np(res.cost), ref.cost, rtol=1e-2)
+
+
+def test_dtype_keyword():
+    x0, y = make_data(6, seed=26)
+    res = batch_least_squares(fun_vt, torch.tensor(x0), args=(torch.tensor(y),),
+                              dtype=torch.float32)
+    assert res.x.dtype == torch.float32
+    # numpy input with dtype='float32': fun still gets numpy, results are numpy
+    res_np = batch_least_squares(fun_v, x0, args=(y,), dtype="float32")
+    assert isinstance(res_np.x, np.ndarray) and res_np.x.dtype == np.float32
+    assert np.all(res_np.success)
+
+
+def test_device_cpu_keyword():
+    x0, y = make_data(6, seed=27)
+    res = batch_least_squares(fun_vt, torch.tensor(x0), args=(torch.tensor(y),), device="cpu")
+    assert res.x.device.type == "cpu"
+    ref = batch_least_squares(fun_vt, torch.tensor(x0), args=(torch.tensor(y),))
+    torch.testing.assert_close(res.x, ref.x, rtol=0, atol=0)
+    res_np = batch_least_squares(fun_v, x0, args=(y,), device=torch.device("cpu"))
+    np.testing.assert_array_equal(res_np.x, _np(ref.x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda():
+    B = 32
+    x0, y = make_data(B, seed=28)
+    x0c = torch.tensor(x0, device="cuda")
+    yc = torch.tensor(y, device="cuda")
+    seen = set()
+
+    def fun(x, y):
+        seen.add(x.device.type)
+        assert y.device.type == "cuda"
+        return fun_vt(x, y, TT.to(x.device))
+
+    res = batch_least_squares(fun, x0c, args=(yc,))
+    assert res.x.device.type == "cuda" and seen == {"cuda"}
+    assert res.status.device.type == "cuda"
+    ref = batch_least_squares(fun_v, x0, args=(y,))
+    np.testing.assert_allclose(_np(res.x), ref.x, rtol=1e-7)
+    # numpy data, computed on the GPU, comes back as numpy
+    res_np = batch_least_squares(fun_v, x0, args=(y,), device="cuda")
+    assert isinstance(res_np.x, np.ndarray)
+    np.testing.assert_allclose(res_np.x, ref.x, rtol=1e-7)
+    res_ag = batch_least_squares(fun_vt, x0, jac="autograd", args=(torch.tensor(y),),
+                                 device="cuda")
+    assert isinstance(res_ag.x, np.ndarray)
+    np.testing.assert_allclose(res_ag.x, ref.x, rtol=1e-7)
+
+
+# ============================================================================ result object
+@pytest.fixture(scope="module")
+def small_result():
+    x0, y = make_data(6, seed=29)
+    y[4, 0] = np.nan
+    return batch_least_squares(fun_v, x0, args=(y,))
+
+
+def test_result_len_and_index(small_result):
+    res = small_result
+    assert isinstance(res, BatchOptimizeResult)
+    assert len(res) == 6
+    last = res[-1]
+    np.testing.assert_array_equal(last.x, res.x[5])
+    np.testing.assert_array_equal(res[-6].x, res.x[0])
+    assert res[np.int64(2)].cost == res.cost[2]
+    for bad in (6, -7, 100):
+        with pytest.raises(IndexError):
+            res[bad]
+    assert res["x"] is res.x
+
+
+def test_result_iteration(small_result):
+    res = small_result
+    items = list(res)
+    assert len(items) == 6
+    for i, r in enumerate(items):
+        assert isinstance(r, so.OptimizeResult)
+        np.testing.assert_array_equal(r.x, res.x[i])
+        assert r.status == res.status[i]
+    assert [r.message for r in res] == res.message
+
+
+def test_result_item_types(small_result):
+    r = small_result[1]
+    assert isinstance(r.x, np.ndarray) and r.x.shape == (N,)
+    assert isinstance(r.fun, np.ndarray) and r.fun.shape == (M,)
+    assert isinstance(r.jac, np.ndarray) and r.jac.shape == (M, N)
+    assert isinstance(r.grad, np.ndarray) and r.grad.shape == (N,)
+    assert isinstance(r.active_mask, np.ndarray) and r.active_mask.shape == (N,)
+    assert type(r.cost) is float and type(r.optimality) is float
+    for name in ("nfev", "njev", "status"):
+        assert type(r[name]) is int
+    assert type(r.success) is bool and isinstance(r.message, str)
+    bad = small_result[4]
+    assert bad.status == 5 and bad.success is False
+    assert bad.message == codes.TERMINATION_MESSAGES[5]
+
+
+def test_result_shapes(small_result):
+    res = small_result
+    B = 6
+    assert res.x.shape == (B, N) and res.cost.shape == (B,) and res.fun.shape == (B, M)
+    assert res.jac.shape == (B, M, N) and res.grad.shape == (B, N)
+    assert res.optimality.shape == (B,) and res.active_mask.shape == (B, N)
+    for f in ("nfev", "njev", "status", "success"):
+        assert res[f].shape == (B,)
+    assert res.success.dtype == bool
+    assert isinstance(res.message, list) and len(res.message) == B
+
+
+def test_result_repr(small_result):
+    text = repr(small_result)
+    assert text.startswith("BatchOptimizeResult(problems=6, success=5")
+    assert "5: 1" in text
+    assert "cost min/median/max" in text
+    assert str(small_result) == text
+    assert len(text.splitlines()) == 1 and len(text) < 300
+
+
+def test_result_torch_items():
+    x0, y = make_data(3, seed=30)
+    res = batch_least_squares(fun_vt, torch.tensor(x0), args=(torch.tensor(y),))
+    r = res[0]
+    assert isinstance(r.x, torch.Tensor) and r.x.shape == (N,)
+    assert isinstance(r.cost, torch.Tensor) and r.cost.ndim == 0
+    assert type(r.nfev) is int and type(r.status) is int and type(r.success) is bool
+    assert "problems=3" in repr(res)
+
+
+# ============================================================================ validation
+def test_x0_must_be_2d():
+    x0, y = make_data(3)
+    with pytest.raises(ValueError, match=r"shape \(B, n\)"):
+        batch_least_squares(fun_v, x0[0], args=(y,))
+    with pytest.raises(ValueError, match=r"shape \(B, n\)"):
+        batch_least_squares(fun_v, x0[None], args=(y,))
+    with pytest.raises(ValueError, match="real"):
+        batch_least_squares(fun_v, x0 + 0j, args=(y,))
+
+
+@pytest.mark.parametrize("bounds", [
+    (np.zeros(3), np.inf),
+    (np.zeros((2, N)), np.inf),
+    (0.0, np.ones((3, N + 1))),
+    so.Bounds(np.zeros(N + 1), np.inf),
+])
+def test_bounds_shape_mismatch(bounds):
+    x0, y = make_data(3)
+    with pytest.raises(ValueError, match="Inconsistent shapes between bounds and `x0`"):
+        batch_least_squares(fun_v, x0, bounds=bounds, args=(y,))
+
+
+def test_bounds_other_errors():
+    x0, y = make_data(3)
+    with pytest.raises(ValueError, match="must contain 2 elements"):
+        batch_least_squares(fun_v, x0, bounds=(0.0, 1.0, 2.0), args=(y,))
+    lb = np.zeros((3, N))
+    ub = np.full((3, N), 2.0)
+    ub[1, 0] = 0.0
+    with pytest.raises(ValueError, match="strictly less"):
+        batch_least_squares(fun_v, x0, bounds=(lb, ub), args=(y,))
+
+
+def test_infeasible_x0_in_one_row():
+    x0, y = make_data(4)
+    lb = np.zeros((4, N))
+    ub = np.full((4, N), 5.0)
+    ub[2, 1] = 0.5  # x0[2, 1] is about 1
+    with pytest.raises(ValueError, match="Initial guess is outside of provided bounds"):
+        batch_least_squares(fun_v, x0, bounds=(lb, ub), args=(y,))
+
+
+def test_lm_with_bounds():
+    x0, y = make_data(3)
+    with pytest.raises(ValueError, match="Method 'lm' doesn't support bounds."):
+        batch_least_squares(fun_v, x0, bounds=(0.0, 10.0), method="lm", args=(y,))
+    lb = np.full((3, N), -np.inf)
+    lb[1, 0] = 0.0
+    with pytest.raises(ValueError, match="Method 'lm' doesn't support bounds."):
+        batch_least_squares(fun_v, x0, bounds=(lb, np.inf), method="lm", args=(y,))
+
+
+def test_lm_m_less_than_n():
+    x0 = np.ones((3, 3))
+    with pytest.raises(ValueError, match="number of residuals is less"):
+        batch_least_squares(lambda x: x[:, :2] ** 2, x0, method="lm")
+
+
+@pytest.mark.parametrize("chunk_size", [0, -2, 1.5, 2.0000001])
+def test_bad_chunk_size(chunk_size):
+    x0, y = make_data(3)
+    with pytest.raises(ValueError, match="chunk_size"):
+        batch_least_squares(fun_v, x0, args=(y,), chunk_size=chunk_size)
+
+
+def test_integral_float_chunk_size():
+    x0, y = make_data(5)
+    res = batch_least_squares(fun_v, x0, args=(y,), chunk_size=2.0)
+    ref = batch_least_squares(fun_v, x0, args=(y,))
+    np.testing.assert_array_equal(res.x, ref.x)
+
+
+def test_fun_wrong_shape():
+    x0, y = make_data(4)
+    with pytest.raises(ValueError, match=r"shape \(b, m\)"):
+        batch_least_squares(lambda x, y: fun_v(x, y).ravel(), x0, args=(y,))
+    with pytest.raises(ValueError, match=r"shape \(b, m\)"):
+        batch_least_squares(lambda x, y: fun_v(x, y)[..., None], x0, args=(y,))
+    # right rank, wrong number of rows
+    with pytest.raises(ValueError, match="`fun` returned shape"):
+        batch_least_squares(lambda x, y: fun_v(x, y)[:1], x0, args=(y,))
+
+
+def test_fun_wrong_shape_not_vectorized():
+    x0, y = make_data(4)
+    with pytest.raises(ValueError):
+        batch_least_squares(lambda x, y: np.ones((2, 2)), x0, args=(y,), vectorized=False)
+
+
+def test_jac_wrong_shape():
+    x0, y = make_data(4)
+    with pytest.raises(ValueError, match="The return value of `jac` has wrong shape"):
+        batch_least_squares(fun_v, x0, jac=lambda x, y: jac_v(x, y)[:, :, :1], args=(y,))
+    with pytest.raises(ValueError, match="The return value of `jac` has wrong shape"):
+        batch_least_squares(fun_v, x0, jac=lambda x, y: jac_v(x, y)[:, :-1], args=(y,))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(method="foo"), "`method` must be"),
+    (dict(jac="4-point"), "`jac` must be"),
+    (dict(loss="l2"), "`loss` must be"),
+    (dict(method="lm", loss="huber"), "only 'linear' loss"),
+    (dict(max_nfev=0), "max_nfev"),
+    (dict(verbose=3), "verbose"),
+    (dict(x_scale=-1.0), "x_scale"),
+    (dict(x_scale=np.ones(3)), "Inconsistent shapes between `x_scale`"),
+    (dict(x_scale=np.ones((2, N))), "Inconsistent shapes between `x_scale`"),
+    (dict(ftol=None, xtol=None, gtol=None), "At least one of the tolerances"),
+])
+def test_option_errors(kw, match):
+    x0, y = make_data(3)
+    with pytest.raises(ValueError, match=match):
+        batch_least_squares(fun_v, x0, args=(y,), **kw)
