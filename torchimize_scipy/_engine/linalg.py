@@ -65,7 +65,8 @@ def svd_factors(
 GRAM_COND2_LIMIT = 1e10
 
 
-def _svd_factors_direct(A: Tensor, f: Tensor, diag: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _svd_factors_direct(A: Tensor, f: Tensor,
+                        diag: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of the (augmented) matrix itself, as scipy computes it."""
     rhs = f
     if diag is not None:

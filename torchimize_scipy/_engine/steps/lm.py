@@ -55,7 +55,7 @@ class LevenbergMarquardt:
         alloc_svd(state, svd_width(problem, False))
 
     def top(self, problem: Problem, state: dict) -> torch.Tensor:
-        J, f = state["J"], state["f"]
+        f = state["f"]
         acnorm = column_norms(state)
         fnorm = f.norm(dim=-1)
         g = state["g"]
