@@ -967,11 +967,17 @@ def batch_curve_fit(
     col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False
     model = _BatchModel(f, jac if callable(jac) else None, data, n, M, col_deriv)
     torch_mode = lead is not None
+    # curve_fit rejects non-finite data (check_finite); here such problems are
+    # reported as failed and kept out of the solve.
+    good = data.finite_rows() & np.isfinite(p0_host).all(axis=1)
+    good_idx = np.flatnonzero(good)
     if torch_mode:
-        x0: Any = torch.as_tensor(p0_host, device=ns.device, dtype=ns.dtype)
-        ids: Any = torch.arange(B, device=ns.device)
+        x0: Any = torch.as_tensor(p0_host[good_idx], device=ns.device, dtype=ns.dtype)
+        ids: Any = torch.as_tensor(good_idx, device=ns.device)
     else:
-        x0, ids = p0_host, np.arange(B)
+        x0, ids = p0_host[good_idx], good_idx
+    if "x_scale" in kwargs and np.ndim(_as_host(kwargs["x_scale"])) == 2:
+        kwargs["x_scale"] = np.asarray(_as_host(kwargs["x_scale"]), dtype=float)[good_idx]
 
     if callable(jac):
         jac_arg: Any = model.jacobian
@@ -995,14 +1001,9 @@ def batch_curve_fit(
     elif "max_nfev" not in kwargs:
         kwargs["max_nfev"] = kwargs.pop("maxfev", None)
 
-    res = batch_least_squares(model.residuals, x0, jac=jac_arg, bounds=(lb, ub), method=method,
-                              args=(ids,), device=ns.device, dtype=ns.dtype,
-                              chunk_size=chunk_size, progress=progress,
-                              return_jac=book is None, **kwargs)
-
-    t = {k: torch.as_tensor(as_numpy(res[k]) if not isinstance(res[k], torch.Tensor)
-                            else res[k]).to(ns.device)
-         for k in ("x", "cost", "fun", "status", "nfev")}
+    t = _batch_solve(batch_least_squares, model.residuals, x0, jac_arg, lb[good_idx],
+                     ub[good_idx], method, ids, good_idx, B, M, ns, book is None,
+                     dict(kwargs, chunk_size=chunk_size, progress=progress))
     status = t["status"]
     nfev = t["nfev"]
     njev = None
@@ -1018,21 +1019,17 @@ def batch_curve_fit(
             if not callable(jac):
                 nfev = nfev + n * njev
         else:
-            J = torch.as_tensor(as_numpy(res.jac) if not isinstance(res.jac, torch.Tensor)
-                                else res.jac).to(device=ns.device, dtype=ns.dtype)
-            R = torch.linalg.qr(J, mode="r")[1]
+            R = torch.linalg.qr(t["jac"], mode="r")[1]
         ok = (ier >= 1) & (ier <= 4)
         cov = _batch_inverse_from_r(R)
         messages = _leastsq_messages(opts["ftol"], opts["xtol"], opts["gtol"], opts["maxfev"])
-        mesg = [messages[i] if i in messages else codes.message(s)
+        mesg = [messages[i] if i in messages else _batch_message(s)
                 for i, s in zip(ier.tolist(), status.tolist(), strict=True)]
     else:
         ier = status
         ok = (status > 0) & (status != codes.NONFINITE) & (status != codes.SINGULAR)
-        J = torch.as_tensor(as_numpy(res.jac) if not isinstance(res.jac, torch.Tensor)
-                            else res.jac).to(device=ns.device, dtype=ns.dtype)
-        cov = _batch_pinv_normal_matrix(J)
-        mesg = list(res.message)
+        cov = _batch_pinv_normal_matrix(t["jac"])
+        mesg = [_batch_message(s) for s in status.tolist()]
 
     cost = 2 * t["cost"]
     cov, warn_cov = _batch_finish_covariance(cov, ok, n, M, cost, absolute_sigma)
@@ -1055,6 +1052,48 @@ def batch_curve_fit(
     if njev is not None and callable(jac):  # 'lm' only, as leastsq
         infodict["njev"] = out(njev)
     return out(popt), out(cov), infodict, mesg, out(ier)
+
+
+def _batch_solve(batch_least_squares: Callable, fun: Callable, x0: Any, jac: Any,
+                 lb: np.ndarray, ub: np.ndarray, method: str, ids: Any, good_idx: np.ndarray,
+                 B: int, M: int, ns: Any, want_jac: bool, kwargs: dict) -> dict:
+    """Solve the problems ``good_idx`` and scatter the results into B-sized tensors.
+
+    Problems left out keep NaN results and the status :data:`_NOT_FINITE`.
+    """
+    n = lb.shape[1]
+    dev, dt = ns.device, ns.dtype
+    t = {"x": torch.full((B, n), float("nan"), device=dev, dtype=dt),
+         "cost": torch.full((B,), float("nan"), device=dev, dtype=dt),
+         "fun": torch.full((B, M), float("nan"), device=dev, dtype=dt),
+         "status": torch.full((B,), _NOT_FINITE, device=dev, dtype=torch.long),
+         "nfev": torch.zeros(B, device=dev, dtype=torch.long),
+         "jac": torch.zeros(B, M, n, device=dev, dtype=dt)}
+    if good_idx.size == 0:
+        return t
+    res = fun_res = batch_least_squares(fun, x0, jac=jac, bounds=(lb, ub), method=method,
+                                        args=(ids,), device=dev, dtype=dt,
+                                        return_jac=want_jac, **kwargs)
+    rows = torch.as_tensor(good_idx, device=dev)
+    for key, src in (("x", "x"), ("cost", "cost"), ("fun", "fun"), ("status", "status"),
+                     ("nfev", "nfev"), ("jac", "jac")):
+        if key == "jac" and not want_jac:
+            continue
+        v = fun_res[src]
+        v = v if isinstance(v, torch.Tensor) else torch.as_tensor(as_numpy(v))
+        t[key] = t[key].index_copy(0, rows, v.to(device=dev, dtype=t[key].dtype))
+    del res
+    return t
+
+
+#: Status of problems kept out of a batch because their data are not finite.
+_NOT_FINITE = -1000
+
+
+def _batch_message(status: int) -> str:
+    if status == _NOT_FINITE:
+        return "array must not contain infs or NaNs"
+    return codes.message(status)
 
 
 def _batch_sigma_transform(sigma: Any, B: int, M: int) -> tuple[str, np.ndarray] | None:
@@ -1102,6 +1141,30 @@ class _BatchData:
                 return ("rows" if arr.ndim == 2 else "stack"), arr
             return "shared", arr
         return "object", xdata
+
+    def finite_rows(self) -> np.ndarray:
+        """Problems whose ``ydata``, per-problem ``xdata`` and ``sigma`` are finite.
+
+        Non-finite shared ``xdata`` raises, as :func:`curve_fit` does.
+        """
+        ok = np.isfinite(self.Y).all(axis=1)
+        if self.T is not None:
+            T = self.T.reshape(self.T.shape[0], -1)
+            fin = np.isfinite(T).all(axis=1)
+            ok &= fin if T.shape[0] == self.B else bool(fin.all())
+        parts = []
+        if self.xkind in ("rows", "stack"):
+            parts = [(self.xparts, True)]
+        elif self.xkind == "shared":
+            parts = [(self.xparts, False)]
+        elif self.xkind == "tuple":
+            parts = self.xparts
+        for p, batched in parts:
+            if batched:
+                ok &= np.isfinite(p.reshape(self.B, -1)).all(axis=1)
+            elif not np.isfinite(p).all():
+                raise ValueError("array must not contain infs or NaNs")
+        return ok
 
     def arrays(self, like: Any) -> dict:
         """All data converted to the kind (numpy/torch, device, real dtype) of ``like``."""

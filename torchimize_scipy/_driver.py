@@ -44,6 +44,7 @@ def solve(
     callback: Callable[[dict], bool] | None = None,
     initial_status: Tensor | None = None,
     on_finish: Callable[[int], None] | None = None,
+    on_iteration: Callable[[dict], None] | None = None,
 ) -> dict[str, Tensor]:
     """Solve ``B`` problems; return batch-first result tensors.
 
@@ -87,5 +88,5 @@ def solve(
         "nit": torch.zeros(B, dtype=torch.long, device=dev),
         "status": torch.full((B,), codes.RUNNING, dtype=torch.long, device=dev),
     }
-    run(problem, RULES[method](), state, out, on_finish)
+    run(problem, RULES[method](), state, out, on_finish, on_iteration)
     return out

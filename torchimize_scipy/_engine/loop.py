@@ -157,7 +157,8 @@ def _print_row(state: State, header: bool) -> None:
 
 @torch.no_grad()
 def run(problem: Problem, rule, state: State, out: State,
-        on_finish: Callable[[int], None] | None = None) -> None:
+        on_finish: Callable[[int], None] | None = None,
+        on_iteration: Callable[[State], None] | None = None) -> None:
     """Run ``rule`` on every problem in ``state`` until all are finished.
 
     Parameters
@@ -173,6 +174,9 @@ def run(problem: Problem, rule, state: State, out: State,
         :data:`RESULT_KEYS`); filled in place as problems finish.
     on_finish : callable, optional
         Called with the number of problems that just finished (progress bars).
+    on_iteration : callable, optional
+        Called with the (read-only) state of the running problems after each
+        round of trials; ``state["ids"]`` names the problem of each row.
     """
     B = state["x"].shape[0]
     dev = state["x"].device
@@ -264,6 +268,8 @@ def run(problem: Problem, rule, state: State, out: State,
                                         sub["status"], st_codes.NONFINITE)
             rule.after_jacobian(problem, sub)
             put(state, arows, sub)
+        if on_iteration is not None:
+            on_iteration(state)
         if problem.callback is not None and B == 1 and bool(boundary[0]):
             if problem.callback(state):
                 state["status"] = torch.full_like(state["status"], st_codes.CALLBACK_STOP)
