@@ -523,10 +523,10 @@ def test_compaction_with_chunks():
 
 
 # ============================================================================ failures
-def _nan_fun(x, y, bad_region):
-    """Residuals; NaN for rows whose ``x[1]`` exceeds ``bad_region`` (per problem)."""
+def _nan_fun(x, y, floor):
+    """Residuals; NaN for rows whose ``x[1]`` is below ``floor`` (per problem)."""
     f = fun_v(x, y)
-    return np.where((x[:, 1:2] > bad_region[:, None]), np.nan, f)
+    return np.where((x[:, 1:2] < floor[:, None]), np.nan, f)
 
 
 @pytest.mark.parametrize("method", ["trf", "dogbox", "lm", "gn"])
@@ -567,6 +567,10 @@ def test_nan_at_x0_torch_and_inf():
     assert bool(res.success[[0, 1, 4]].all())
 
 
+def _fun_ignoring(x, y, bad):
+    return fun_v(x, y)
+
+
 def _nan_jac(x, y, bad):
     J = jac_v(x, y)
     J[bad & (np.abs(x[:, 0] - 1.0) > 0.05)] = np.nan  # once the row has moved
@@ -580,8 +584,8 @@ def test_nonfinite_jacobian_mid_run(method):
     x0[:, 0] = 1.0
     bad = np.zeros(B, dtype=bool)
     bad[3] = True
-    res = batch_least_squares(fun_v, x0, jac=_nan_jac, method=method, args=(y, bad))
-    good = batch_least_squares(fun_v, x0, jac=_nan_jac, method=method,
+    res = batch_least_squares(_fun_ignoring, x0, jac=_nan_jac, method=method, args=(y, bad))
+    good = batch_least_squares(_fun_ignoring, x0, jac=_nan_jac, method=method,
                                args=(y, np.zeros(B, dtype=bool)))
     assert res.status[3] == codes.NONFINITE
     assert not res.success[3]
@@ -598,30 +602,30 @@ def test_nonfinite_jacobian_mid_run(method):
 def test_nan_residuals_mid_run_follow_scipy(method):
     """A trial with non-finite residuals is rejected and the radius shrinks, as in scipy.
 
-    Row 2's residuals are NaN for ``x[1] > 1.25`` while its minimum lies beyond,
+    Row 2's residuals are NaN for ``x[1] < floor`` while its minimum lies below,
     so the row ends on the edge of the region; the other rows are unaffected.
     """
     B = 6
     x0, y = make_data(B, seed=19)
-    region = np.full(B, np.inf)
+    floor = np.full(B, -np.inf)
     x_free = batch_least_squares(fun_v, x0, method=method, args=(y,)).x
-    region[2] = 0.5 * (x0[2, 1] + x_free[2, 1])
-    assert x0[2, 1] < region[2] < x_free[2, 1]
-    res = batch_least_squares(_nan_fun, x0, method=method, args=(y, region))
-    good = batch_least_squares(_nan_fun, x0, method=method, args=(y, np.full(B, np.inf)))
+    floor[2] = 0.5 * (x0[2, 1] + x_free[2, 1])
+    assert x0[2, 1] > floor[2] > x_free[2, 1]
+    res = batch_least_squares(_nan_fun, x0, method=method, args=(y, floor))
+    good = batch_least_squares(_nan_fun, x0, method=method, args=(y, np.full(B, -np.inf)))
     others = np.arange(B) != 2
     for f in FIELDS:
         if res[f] is not None:
             np.testing.assert_array_equal(res[f][others], good[f][others], err_msg=f)
     assert np.all(np.isfinite(res.fun[2]))
-    assert res.x[2, 1] <= region[2]
+    assert floor[2] <= res.x[2, 1] < x0[2, 1]
 
     def one(x, y, r):
         return _nan_fun(x[None], y[None], np.array([r]))[0]
 
-    alone = least_squares(one, x0[2], method=method, args=(y[2], region[2]))
+    alone = least_squares(one, x0[2], method=method, args=(y[2], floor[2]))
     assert_same(_Sub(res, [2]), [alone])
-    sp = so.least_squares(one, x0[2], method=method, args=(y[2], region[2]))
+    sp = so.least_squares(one, x0[2], method=method, args=(y[2], floor[2]))
     np.testing.assert_allclose(res.x[2], sp.x, rtol=1e-6)
     assert res.status[2] == sp.status
 

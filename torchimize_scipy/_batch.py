@@ -208,7 +208,8 @@ def batch_least_squares(
         x0_all = torch.tensor(x0_host, device=dev, dtype=dt)
     lb_all = torch.as_tensor(lb, device=dev, dtype=dt)
     ub_all = torch.as_tensor(ub, device=dev, dtype=dt)
-    if method == "trf":
+    bounded = bool(np.isfinite(lb).any() or np.isfinite(ub).any())
+    if method == "trf" and bounded:
         x0_all = make_strictly_feasible(x0_all, lb_all, ub_all)
     scale_all = None if isinstance(x_scale, str) else torch.as_tensor(x_scale, device=dev,
                                                                         dtype=dt)
@@ -243,7 +244,8 @@ def batch_least_squares(
             stop = min(B, start + chunk_size)
             out = _solve_chunk(
                 start, stop, method=method, fun_b=fun_b, jac=jac, jac_b=jac_b, x0=x0_all,
-                lb=lb_all, ub=ub_all, scale=scale_all, rel_step=rel_step, m=m, n=n,
+                lb=lb_all, ub=ub_all, bounded=bounded, scale=scale_all, rel_step=rel_step,
+                m=m, n=n,
                 loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
                 on_finish=bar.update if bar is not None else None)
             if not return_jac:
@@ -258,7 +260,7 @@ def batch_least_squares(
         if bar is not None:
             bar.close()
     merged = {k: torch.cat([r[k] for r in results]) for k in results[0]}
-    res = _build(merged, ns, method, jac, bool(np.isfinite(lb).any() or np.isfinite(ub).any()))
+    res = _build(merged, ns, method, jac, bounded)
     if verbose >= 1:
         print(repr(res))
     return res
@@ -281,7 +283,7 @@ def _torch_loss(loss: Callable, ns: Namespace) -> Callable:
     return rho_fn
 
 
-def _solve_chunk(start: int, stop: int, *, method, fun_b, jac, jac_b, x0, lb, ub, scale,
+def _solve_chunk(start: int, stop: int, *, method, fun_b, jac, jac_b, x0, lb, ub, bounded, scale,
                  rel_step, m, n, loss, ftol, xtol, gtol, max_nfev, on_finish) -> dict:
     dev, dt = x0.device, x0.dtype
     sl = slice(start, stop)
@@ -307,6 +309,8 @@ def _solve_chunk(start: int, stop: int, *, method, fun_b, jac, jac_b, x0, lb, ub
         rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)
 
         def jac_c(x, f, idx):
+            if not bounded:
+                return finite_difference_jacobian(fun_c, x, f, idx, jac, rel)
             return finite_difference_jacobian(fun_c, x, f, idx, jac, rel, lbc[idx], ubc[idx])
     else:
         def jac_c(x, f, idx):

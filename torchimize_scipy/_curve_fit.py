@@ -1071,18 +1071,15 @@ def _batch_solve(batch_least_squares: Callable, fun: Callable, x0: Any, jac: Any
          "jac": torch.zeros(B, M, n, device=dev, dtype=dt)}
     if good_idx.size == 0:
         return t
-    res = fun_res = batch_least_squares(fun, x0, jac=jac, bounds=(lb, ub), method=method,
-                                        args=(ids,), device=dev, dtype=dt,
-                                        return_jac=want_jac, **kwargs)
+    res = batch_least_squares(fun, x0, jac=jac, bounds=(lb, ub), method=method, args=(ids,),
+                              device=dev, dtype=dt, return_jac=want_jac, **kwargs)
     rows = torch.as_tensor(good_idx, device=dev)
-    for key, src in (("x", "x"), ("cost", "cost"), ("fun", "fun"), ("status", "status"),
-                     ("nfev", "nfev"), ("jac", "jac")):
+    for key in ("x", "cost", "fun", "status", "nfev", "jac"):
         if key == "jac" and not want_jac:
             continue
-        v = fun_res[src]
+        v = res[key]
         v = v if isinstance(v, torch.Tensor) else torch.as_tensor(as_numpy(v))
         t[key] = t[key].index_copy(0, rows, v.to(device=dev, dtype=t[key].dtype))
-    del res
     return t
 
 

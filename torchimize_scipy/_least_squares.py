@@ -172,7 +172,8 @@ def least_squares(
     lb_t = torch.as_tensor(lb, device=dev, dtype=dt).unsqueeze(0)
     ub_t = torch.as_tensor(ub, device=dev, dtype=dt).unsqueeze(0)
     x0_t = x0_t.unsqueeze(0)
-    if method == "trf":
+    bounded = bool(np.isfinite(lb).any() or np.isfinite(ub).any())
+    if method == "trf" and bounded:
         x0_t = make_strictly_feasible(x0_t, lb_t, ub_t)
     kwargs = {} if kwargs is None else kwargs
 
@@ -218,9 +219,10 @@ def least_squares(
     elif jac in FD_METHODS:
         rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)
 
+        fd_lb, fd_ub = (lb_t, ub_t) if bounded else (None, None)
+
         def batched_jac(x, f, idx):
-            return finite_difference_jacobian(batched_fun, x, f, idx, jac, rel,
-                                              lb_t.expand_as(x), ub_t.expand_as(x))
+            return finite_difference_jacobian(batched_fun, x, f, idx, jac, rel, fd_lb, fd_ub)
 
         J0 = batched_jac(x0_t, f0, torch.zeros(1, dtype=torch.long, device=dev))
     else:  # autograd
@@ -246,8 +248,7 @@ def least_squares(
                 J0=J0.to(device=dev, dtype=dt), lb=lb_t, ub=ub_t, x_scale=scale,
                 loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
                 verbose=verbose, callback=engine_callback)
-    result = _build_result(out, ns, method, jac, bounded=bool(np.isfinite(lb).any()
-                                                              or np.isfinite(ub).any()))
+    result = _build_result(out, ns, method, jac, bounded=bounded)
     if verbose >= 1:
         initial_cost = float(loss_obj.cost(f0)[0]) if loss_obj is not None else float(
             0.5 * (f0 * f0).sum())
