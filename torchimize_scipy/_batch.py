@@ -238,7 +238,7 @@ def batch_least_squares(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=B, desc=f"batch_least_squares[{method}]", unit="fit")
-    results: list[dict] = []
+    merged: dict[str, torch.Tensor] = {}
     try:
         for start in range(0, B, chunk_size):
             stop = min(B, start + chunk_size)
@@ -250,16 +250,18 @@ def batch_least_squares(
                 on_finish=bar.update if bar is not None else None)
             if not return_jac:
                 out.pop("J")
-            if ns.kind != "torch":
-                out = {k: v.cpu() for k, v in out.items()}
-            results.append(out)
+            home = dev if ns.kind == "torch" else torch.device("cpu")
+            for k, v in out.items():
+                if k not in merged:  # full-size result buffers, filled chunk by chunk
+                    merged[k] = torch.empty((B, *v.shape[1:]), dtype=v.dtype, device=home)
+                merged[k][start:stop] = v
+            del out
             if verbose == 2:
-                ok = int((out["status"] > 0).sum())
+                ok = int((merged["status"][start:stop] > 0).sum())
                 print(f"chunk {start}:{stop} solved, {ok}/{stop - start} successful")
     finally:
         if bar is not None:
             bar.close()
-    merged = {k: torch.cat([r[k] for r in results]) for k in results[0]}
     res = _build(merged, ns, method, jac, bounded)
     if verbose >= 1:
         print(repr(res))
@@ -323,7 +325,7 @@ def _solve_chunk(start: int, stop: int, *, method, fun_b, jac, jac_b, x0, lb, ub
     scale_c = "jac" if scale is None else scale[sl]
     return solve(method=method, fun=fun_c, jac=jac_c, x0=x0c, f0=f0, J0=J0, lb=lbc, ub=ubc,
                  x_scale=scale_c, loss=loss, ftol=ftol, xtol=xtol, gtol=gtol,
-                 max_nfev=max_nfev, initial_status=status0, on_finish=on_finish)
+                 max_nfev=max_nfev, initial_status=status0, on_finish=on_finish, batched=True)
 
 
 def _build(out: dict, ns: Namespace, method: str, jac: Any, bounded: bool) -> BatchOptimizeResult:

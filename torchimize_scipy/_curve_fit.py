@@ -1303,7 +1303,7 @@ class _BatchModel:
             F = torch.as_tensor(self.evaluate(Pp.cpu().numpy(), ids_rep.cpu().numpy()))
         F = _t(F).to(Pt.device).reshape(b, n, self.m)
         J = ((F - f0.unsqueeze(1)) / h.unsqueeze(-1)).transpose(1, 2)
-        book.fd_evals.index_add_(0, idt.to(book.device), torch.full_like(idt, n).to(book.device))
+        book.add_fd_evals(idt, n)
         book.record_jac(idt, J)
         return J if isinstance(P, torch.Tensor) else J.cpu().numpy()
 
@@ -1337,27 +1337,37 @@ class _BatchBook:
 
     def record_call(self, ids: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> None:
         ids = ids.to(self.device)
-        started = self.jac_calls[ids] > 0  # evaluations after the first Jacobian are trials
-        self.hit[ids] |= self.over[ids] & started
-        trials = self.trials[ids] + started.long()
-        self.trials[ids] = trials
-        self.last_x[ids] = x.to(self.device, self.last_x.dtype)
-        self.last_f[ids] = r.to(self.device, self.last_f.dtype)
-        self.seen[ids] = True
-        total = 1 + trials + self.fd_evals[ids]
-        self.over[ids] |= started & (total >= self.maxfev)
+
+        def get(a: torch.Tensor) -> torch.Tensor:
+            return a.index_select(0, ids)
+
+        started = get(self.jac_calls) > 0  # evaluations after the first Jacobian are trials
+        self.hit.index_copy_(0, ids, get(self.hit) | (get(self.over) & started))
+        trials = get(self.trials) + started.long()
+        self.trials.index_copy_(0, ids, trials)
+        self.last_x.index_copy_(0, ids, x.to(self.device, self.last_x.dtype))
+        self.last_f.index_copy_(0, ids, r.to(self.device, self.last_f.dtype))
+        self.seen.index_fill_(0, ids, True)
+        total = 1 + trials + get(self.fd_evals)
+        self.over.index_copy_(0, ids, get(self.over) | (started & (total >= self.maxfev)))
 
     def value_at(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """The residuals last evaluated at ``x`` for problems ``ids``, if they match."""
         ids = ids.to(self.device)
-        same = self.seen[ids].all() and torch.equal(self.last_x[ids], x.to(self.device))
-        return self.last_f[ids].to(x.device) if same else None
+        same = bool(self.seen.index_select(0, ids).all()) and torch.equal(
+            self.last_x.index_select(0, ids), x.to(self.device, self.last_x.dtype))
+        return self.last_f.index_select(0, ids).to(x.device) if same else None
 
     def record_jac(self, ids: torch.Tensor, J: torch.Tensor) -> None:
         ids = ids.to(self.device)
         R = torch.linalg.qr(J.to(self.device, self.R_last.dtype), mode="r")[1]
-        self.R_prev[ids] = self.R_last[ids]
-        self.R_last[ids] = R
-        self.jac_calls[ids] += 1
+        self.R_prev.index_copy_(0, ids, self.R_last.index_select(0, ids))
+        self.R_last.index_copy_(0, ids, R)
+        self.jac_calls.index_add_(0, ids, torch.ones_like(ids))
+
+    def add_fd_evals(self, ids: torch.Tensor, count: int) -> None:
+        ids = ids.to(self.device)
+        self.fd_evals.index_add_(0, ids, torch.full_like(ids, count))
 
     def extra(self, x: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
         """Problems whose last Jacobian (ours, after the final step) MINPACK never made."""

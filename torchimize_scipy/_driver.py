@@ -45,6 +45,7 @@ def solve(
     initial_status: Tensor | None = None,
     on_finish: Callable[[int], None] | None = None,
     on_iteration: Callable[[dict], None] | None = None,
+    batched: bool = False,
 ) -> dict[str, Tensor]:
     """Solve ``B`` problems; return batch-first result tensors.
 
@@ -66,7 +67,8 @@ def solve(
     problem = Problem(
         fun=fun, jac=jac, m=m, n=n, loss=loss, ftol=ftol, xtol=xtol, gtol=gtol,
         max_nfev=max_nfev if max_nfev is not None else default_max_nfev(method, n),
-        jac_scale=jac_scale, bounded=bounded, callback=callback, verbose=verbose)
+        jac_scale=jac_scale, bounded=bounded, callback=callback, verbose=verbose,
+        use_gram=batched)
     if jac_scale:
         scale = torch.ones_like(x0)
     else:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 def svd_factors(
     J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = None,
-    gram: Tensor | None = None, g: Tensor | None = None,
+    gram: Tensor | None = None, g: Tensor | None = None, use_gram: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD data of the (optionally augmented) scaled Jacobian.
 
@@ -44,7 +44,10 @@ def svd_factors(
     diag : Tensor, shape (B, n), optional
         Non-negative diagonal appended below as ``diag(sqrt(diag))`` rows.
     gram, g : Tensor, shapes (B, n, n) and (B, n), optional
-        ``J^T J`` and ``J^T f`` if already known (used by the batched route).
+        ``J^T J`` and ``J^T f`` if already known (used by the Gram route).
+    use_gram : bool, optional
+        Take the Gram-matrix route (batches) instead of the direct SVD
+        (single problems, as scipy).
 
     Returns
     -------
@@ -55,7 +58,7 @@ def svd_factors(
     uf : Tensor, shape (B, k)
     """
     B, m, n = J.shape
-    if B > 1 and m >= n:
+    if use_gram and m >= n:
         return _svd_factors_gram(J, d, f, diag, gram, g)
     A = J if d is None else J * d.unsqueeze(-2)
     return _svd_factors_direct(A, f, diag)

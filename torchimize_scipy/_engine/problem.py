@@ -48,6 +48,9 @@ class Problem:
         single problem; True stops it with status -2.
     verbose
         0, 1 or 2 as in scipy; the iteration table is printed for ``B == 1``.
+    use_gram
+        Factorise through the Gram matrix ``J^T J`` (batches) rather than by
+        a direct SVD of ``J`` (single problems); see ``linalg.svd_factors``.
     """
 
     fun: BatchedFun
@@ -63,6 +66,7 @@ class Problem:
     bounded: bool
     callback: Callable[[dict], bool] | None = None
     verbose: int = 0
+    use_gram: bool = False
 
     def cost(self, f: Tensor) -> Tensor:
         """Cost ``0.5 * sum(rho(f**2))`` per problem, ``(B,)``."""

@@ -61,7 +61,7 @@ class Dogbox:
         g_free = torch.where(free, state["g"], 0.0)
         fm = free.to(state["G"].dtype)
         sv, V, uf = svd_factors(J_free, None, state["f"], gram=state["G"] * fm.unsqueeze(-1)
-                                * fm.unsqueeze(-2), g=g_free)
+                                * fm.unsqueeze(-2), g=g_free, use_gram=problem.use_gram)
         state["newton"] = gauss_newton_step(sv, V, uf)
         state["qa"], state["qb"], _ = build_quadratic_1d(J_free, None, g_free, -g_free)
 

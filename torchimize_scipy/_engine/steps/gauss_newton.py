@@ -101,7 +101,8 @@ class GaussNewton(_LineSearch):
 
     def prepare(self, problem: Problem, state: dict) -> None:
         d = state["scale"]
-        sv, V, uf = svd_factors(state["J"], d, state["f"], gram=state["G"], g=state["g"])
+        sv, V, uf = svd_factors(state["J"], d, state["f"], gram=state["G"], g=state["g"],
+            use_gram=problem.use_gram)
         state["direction"] = d * gauss_newton_step(sv, V, uf)
         state["t"] = torch.ones_like(state["t"])
 

@@ -84,7 +84,8 @@ class LevenbergMarquardt:
 
     def prepare(self, problem: Problem, state: dict) -> None:
         state["sv"], state["V"], state["uf"] = svd_factors(
-            state["J"], 1.0 / state["diag"], state["f"], gram=state["G"], g=state["g"])
+            state["J"], 1.0 / state["diag"], state["f"], gram=state["G"], g=state["g"],
+            use_gram=problem.use_gram)
 
     def propose(self, problem: Problem, state: dict) -> dict:
         q, par = solve_trust_region_minpack(state["sv"], state["V"], state["uf"], state["delta"],

@@ -89,7 +89,8 @@ class TRF:
         state["d"] = d
         state["g_h"] = d * state["g"]
         state["sv"], state["V"], state["uf"] = svd_factors(
-            state["J"], d, state["f"], diag_h, gram=state["G"], g=state["g"])
+            state["J"], d, state["f"], diag_h, gram=state["G"], g=state["g"],
+            use_gram=problem.use_gram)
 
     def propose(self, problem: Problem, state: dict) -> dict:
         p_h, alpha = solve_trust_region_scipy(
