@@ -171,9 +171,6 @@ def test_float32_scipy_reference():
     np.testing.assert_allclose(ref.x, EXACT32, atol=9e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (gh-12991 regression): fun returning float32 "
-                   "with numpy x0: FD step chosen for float64, J0 is all zeros, "
-                   "converges to a wrong point with status 3")
 def test_float32_residuals_numpy_x0():
     res = least_squares(err32, [-1.0, -1.0], args=(X32, Y32))
     assert res.nfev > 2
@@ -292,9 +289,6 @@ def test_fun_mutating_input_scipy_reference():
     np.testing.assert_allclose(ref.x, [1.0, 1.0])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: fun receives a view of the engine's state "
-                   "(numpy() shares memory); a fun that writes to x corrupts the solve: "
-                   "x=[1e6, 2], status 3 (scipy: [1, 1], status 1)")
 @pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
 def test_fun_mutating_input_numpy(method):
     x0 = np.array([2.0, 2.0])
@@ -304,8 +298,6 @@ def test_fun_mutating_input_numpy(method):
     assert res.status == ref.status
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: fun receives the engine's own tensor; "
-                   "in-place writes by fun corrupt the solve")
 @pytest.mark.parametrize("jac", ["2-point", "autograd"])
 def test_fun_mutating_input_torch(jac):
     res = least_squares(fun_mutating_torch, torch.tensor([2.0, 2.0], dtype=torch.float64),
@@ -464,8 +456,6 @@ def test_verbose_0_silent(capsys):
     assert _run_capture(capsys, least_squares, verbose=0) == ""
 
 
-@pytest.mark.xfail(strict=True, reason="DISCREPANCY: with method='lm', verbose=2 prints an "
-                   "iteration table; scipy (and our docstring) print none")
 def test_verbose_2_lm_no_table(capsys):
     ours = _run_capture(capsys, least_squares, method="lm", verbose=2)
     ref = _run_capture(capsys, so.least_squares, method="lm", verbose=2)

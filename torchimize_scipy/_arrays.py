@@ -52,12 +52,14 @@ class Namespace:
         return a
 
     def row_to_fun(self, t: torch.Tensor) -> Any:
-        """Convert one point ``(n,)`` to what ``fun`` receives."""
+        """Convert one point ``(n,)`` to what ``fun`` receives: a fresh copy.
+
+        ``fun`` may write to its argument without touching the solver's state.
+        """
         if self.kind == "torch":
-            return t
+            return t.clone()
         a = t.detach().cpu().numpy()
-        if a.dtype == np.float32:
-            a = a.astype(np.float64)
+        a = a.astype(np.float64) if a.dtype == np.float32 else a.copy()
         if self.kind == "xp":
             return self.xp.asarray(a)
         return a

@@ -1,4 +1,9 @@
-r"""``curve_fit``: scipy's nonlinear regression frontend on ``least_squares``.
+r"""``curve_fit`` and ``batch_curve_fit``: scipy's nonlinear regression on our solvers.
+
+:func:`curve_fit` reproduces :func:`scipy.optimize.curve_fit` on
+:func:`torchimize_scipy.least_squares`; :func:`batch_curve_fit` fits one model
+to B data sets at once on :func:`torchimize_scipy.batch_least_squares`, with
+the results a loop of :func:`curve_fit` would give.
 
 The model is :math:`y = f(x, p) + \varepsilon` with :math:`M` observations and
 :math:`N` parameters. With the error covariance :math:`\Sigma` (``sigma``
@@ -13,7 +18,8 @@ standard deviations), write :math:`\Sigma = L L^T` (Cholesky) and fit the
     (f - y)^T \Sigma^{-1} (f - y),
 
 that is :math:`r_i = (f_i - y_i) / \sigma_i` for 1-D ``sigma``. The
-minimisation is :func:`torchimize_scipy.least_squares` for every method.
+minimisation is :func:`torchimize_scipy.least_squares` (or
+``batch_least_squares``) for every method, 'lm' included.
 
 Covariance of the estimate (linearisation of the model at :math:`\hat p`;
 Seber & Wild, *Nonlinear Regression*, Wiley 1989, ch. 2; Vugrin et al.,
@@ -41,13 +47,18 @@ An indeterminate covariance (singular :math:`R` for 'lm', NaN entries, or
 :math:`M \le N` when the scale :math:`s^2` is needed) is returned filled
 with ``inf`` together with an :class:`~scipy.optimize.OptimizeWarning`.
 
-Differences from scipy's ``leastsq`` path for ``method='lm'``: MINPACK's
-``fjac``/``ipvt``/``qtf`` come from the Jacobian of its *last Jacobian
-evaluation*, which usually precedes the final step; here they (and ``pcov``)
-come from the pivoted QR of the Jacobian *at the returned* ``popt``. ``pcov``
-therefore differs from scipy's 'lm' value by about the size of the last step
-(typically :math:`10^{-6}`-:math:`10^{-4}` relative) and is closer to the
-covariance at the optimum (what 'trf' reports).
+scipy's ``leastsq`` (``method='lm'``) takes ``fjac``/``ipvt``/``qtf`` and
+``pcov`` from the Jacobian of MINPACK's *last Jacobian evaluation*, which
+usually precedes the final step; the Jacobian at the returned ``popt``
+would differ from scipy's 'lm' value by about the size of the last step
+(typically :math:`10^{-6}`-:math:`10^{-4}` relative). To match scipy, 'lm'
+with a callable or the default finite-difference Jacobian emulates MINPACK:
+forward differences with MINPACK's step :math:`h_j = \sqrt{\epsilon}\,|p_j|`,
+evaluation counts that include them (``nfev``, ``maxfev``), and ``fjac``,
+``ipvt``, ``qtf`` and ``pcov`` from the Jacobian of MINPACK's last Jacobian
+evaluation (our engine also evaluates one after an accepted final step,
+which MINPACK never does; that one is set aside). The other Jacobians
+('3-point', 'cs', 'autograd') use the Jacobian at the solution.
 """
 
 from __future__ import annotations
@@ -178,7 +189,8 @@ def curve_fit(
         Only with ``full_output``: ``nfev`` and ``fvec`` (the whitened
         residuals at ``popt``); for 'lm' also ``fjac`` (shape ``(N, M)``,
         MINPACK's layout: ``triu(fjac.T[:N])`` is ``R`` of the pivoted QR of
-        the final Jacobian, the rest its Householder vectors), ``ipvt`` (the
+        the Jacobian MINPACK factored last, the rest its Householder vectors;
+        see the module notes), ``ipvt`` (the
         0-based pivot indices, int32, as scipy 1.17 returns them), ``qtf``
         (the first ``N`` entries of ``Q.T @ fvec``) and, with a callable
         ``jac``, ``njev``.

@@ -220,14 +220,18 @@ def least_squares(
         rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)
 
         fd_lb, fd_ub = (lb_t, ub_t) if bounded else (None, None)
+        # float32 residuals take float32-sized default steps (scipy gh-12991);
+        # the residuals themselves were float32, so this cast is exact
+        f_dtype = torch.float32 if (f0_raw.dtype == np.float32 and dt == torch.float64) else dt
 
         def batched_jac(x, f, idx):
-            return finite_difference_jacobian(batched_fun, x, f, idx, jac, rel, fd_lb, fd_ub)
+            return finite_difference_jacobian(batched_fun, x, f.to(f_dtype), idx, jac, rel,
+                                              fd_lb, fd_ub)
 
         J0 = batched_jac(x0_t, f0, torch.zeros(1, dtype=torch.long, device=dev))
     else:  # autograd
         def fun_torch(X: torch.Tensor) -> torch.Tensor:
-            rows = [torch.as_tensor(fun(X[i], *args, **kwargs)).reshape(-1)
+            rows = [torch.as_tensor(fun(X[i].clone(), *args, **kwargs)).reshape(-1)
                     for i in range(X.shape[0])]
             return torch.stack(rows)
 
@@ -249,6 +253,8 @@ def least_squares(
                 loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
                 verbose=verbose, callback=engine_callback)
     result = _build_result(out, ns, method, jac, bounded=bounded)
+    if ns.kind == "numpy" and f0_raw.dtype == np.float32:
+        result.fun = result.fun.astype(np.float32)  # scipy returns fun's own dtype
     if verbose >= 1:
         initial_cost = float(loss_obj.cost(f0)[0]) if loss_obj is not None else float(
             0.5 * (f0 * f0).sum())

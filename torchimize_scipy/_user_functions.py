@@ -178,9 +178,9 @@ class VectorizedFunction:
 
     def __call__(self, x: Tensor, idx: Tensor, complex_ok: bool = False) -> Tensor:
         if self.ns.kind == "torch":
-            xu = x
+            xu = x.clone()
         else:
-            xu = x.detach().cpu().numpy()
+            xu = x.detach().cpu().numpy().copy()
             if self.ns.kind == "xp":
                 xu = self.ns.xp.asarray(xu)
         out = self.fn(xu, *self.args.select(idx), **self.kwargs)

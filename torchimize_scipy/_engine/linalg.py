@@ -75,9 +75,31 @@ def _svd_factors_direct(A: Tensor, f: Tensor,
     if diag is not None:
         A = torch.cat([A, torch.diag_embed(diag.clamp(min=0).sqrt())], dim=-2)
         rhs = torch.cat([rhs, torch.zeros_like(diag)], dim=-1)
-    U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    try:
+        U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    except RuntimeError:  # LAPACK did not converge for some problem: isolate it
+        U, s, Vh = _svd_rowwise(A)
     uf = torch.bmm(U.transpose(-1, -2), rhs.unsqueeze(-1)).squeeze(-1)
     return s, Vh.transpose(-1, -2), uf
+
+
+def _svd_rowwise(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD problem by problem; a problem whose SVD fails gets NaN factors.
+
+    The step rules turn NaN factors into the status ``SINGULAR`` for that
+    problem only.
+    """
+    B, m, n = A.shape
+    k = min(m, n)
+    U = A.new_full((B, m, k), float("nan"))
+    s = A.new_full((B, k), float("nan"))
+    Vh = A.new_full((B, k, n), float("nan"))
+    for i in range(B):
+        try:
+            U[i], s[i], Vh[i] = torch.linalg.svd(A[i], full_matrices=False)
+        except RuntimeError:
+            pass
+    return U, s, Vh
 
 
 def _svd_factors_gram(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None,
@@ -97,7 +119,11 @@ def _svd_factors_gram(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | Non
         Atf = Atf * d
     if diag is not None:
         H = H + torch.diag_embed(diag.clamp(min=0))
-    lam, V = torch.linalg.eigh(H)
+    try:
+        lam, V = torch.linalg.eigh(H)
+    except RuntimeError:  # send every problem through the (per-problem safe) SVD
+        lam = torch.zeros_like(H[..., 0])
+        V = torch.zeros_like(H)
     lam = lam.flip(-1)
     V = V.flip(-1)
     lam_max = lam[:, :1]

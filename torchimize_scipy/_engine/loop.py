@@ -211,12 +211,13 @@ def run(problem: Problem, rule, state: State, out: State,
                     (sub["status"] >= st_codes.FTOL) & (sub["status"] <= st_codes.FTOL_XTOL))
                 sub["status"] = torch.where(gtol_hit & may_override, st_codes.GTOL,
                                             sub["status"])
-                if problem.verbose == 2 and B == 1:
+                if problem.verbose == 2 and B == 1 and rule.prints_table:
                     _print_row(sub, header=not printed_header)
                     printed_header = True
-                over = sub["nfev"] >= problem.max_nfev
-                sub["status"] = torch.where((sub["status"] == st_codes.RUNNING) & over,
-                                            st_codes.MAX_NFEV, sub["status"])
+                if rule.budget_at_top:
+                    over = sub["nfev"] >= problem.max_nfev
+                    sub["status"] = torch.where((sub["status"] == st_codes.RUNNING) & over,
+                                                st_codes.MAX_NFEV, sub["status"])
                 go = sub["status"] == st_codes.RUNNING
                 if bool(go.any()):
                     on_rows(sub, go, lambda part: rule.prepare(problem, part))

@@ -3,8 +3,9 @@
 Solvers only ever return the integer codes below; the frontends turn them into
 ``message`` and ``success`` through :data:`TERMINATION_MESSAGES`, whose texts are
 the ones ``scipy.optimize.least_squares`` prints, so results compare field by field.
-Codes 5 and 6 are ours: they are only produced inside batches, where one problem
-must not stop the others.
+Codes 5 and 6 are ours: a problem whose residuals or Jacobian become non-finite
+during the run (scipy would raise ``LinAlgError`` or return NaNs) stops with 5,
+and inside a batch the other problems carry on.
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ from ..quadratic import (
     minimize_quadratic_1d,
     update_tr_radius,
 )
-from ._common import inf_norm, initial_scale, update_jac_scale
+from ._common import StepRule, flag_singular, inf_norm, initial_scale, update_jac_scale
 
 
-class Dogbox:
+class Dogbox(StepRule):
     """Step rule of the rectangular-trust-region dogleg method."""
 
     name = "dogbox"
@@ -63,6 +63,7 @@ class Dogbox:
         sv, V, uf = svd_factors(J_free, None, state["f"], gram=state["G"] * fm.unsqueeze(-1)
                                 * fm.unsqueeze(-2), g=g_free, use_gram=problem.use_gram)
         state["newton"] = gauss_newton_step(sv, V, uf)
+        flag_singular(state, torch.isfinite(sv).all(-1))
         state["qa"], state["qb"], _ = build_quadratic_1d(J_free, None, g_free, -g_free)
 
     def propose(self, problem: Problem, state: dict) -> dict:

@@ -8,7 +8,10 @@ Algorithm 3.1): a trial is accepted when the cost decreases by at least
 point is projected onto the box (projected search, Bertsekas 1982).
 
 * Gauss-Newton: :math:`p` is the minimum-norm solution of
-  :math:`\min \lVert J p + f \rVert` (SVD); each outer iteration starts from
+  :math:`\min \lVert J p + f \rVert` (SVD) over the free variables (those
+  not held at a bound by an outward-pointing gradient), or the projected
+  steepest-descent direction if that is not a descent direction; each outer
+  iteration starts from
   the full step :math:`t = 1`, so near a zero-residual solution the method
   converges quadratically, and the search keeps it from diverging elsewhere.
 * Gradient descent: :math:`p = -D^2 g`, steepest descent in the variables
@@ -33,12 +36,12 @@ from ..bounds import coleman_li_scaling, find_active_constraints
 from ..linalg import gauss_newton_step, svd_factors
 from ..problem import Problem
 from ..quadratic import check_termination, evaluate_quadratic
-from ._common import inf_norm, initial_scale, update_jac_scale
+from ._common import StepRule, flag_singular, inf_norm, initial_scale, update_jac_scale
 
 ARMIJO = 1e-4
 
 
-class _LineSearch:
+class _LineSearch(StepRule):
     """Shared acceptance rule of the line-search methods."""
 
     name = "line-search"
@@ -69,8 +72,7 @@ class _LineSearch:
         predicted = trial["predicted"]
         safe = torch.where(predicted > 0, predicted, torch.ones_like(predicted))
         ratio = torch.where(predicted > 0, actual / safe,
-                            torch.where(actual == predicted, torch.ones_like(actual),
-                                        torch.zeros_like(actual)))
+                            ((actual == 0) & (predicted == 0)).to(actual.dtype))
         accept = finite & (actual > 0) & (actual >= ARMIJO * predicted)
         code = check_termination(actual, state["cost"], trial["step_norm"],
                                  state["x"].norm(dim=-1), ratio, problem.ftol, problem.xtol)
@@ -81,6 +83,15 @@ class _LineSearch:
 
     def update_length(self, state: dict, accept: Tensor) -> None:
         state["t"] = torch.where(accept, state["t"], 0.5 * state["t"])
+
+    @staticmethod
+    def free_variables(problem: Problem, state: dict) -> Tensor:
+        """Variables not held at a bound by a gradient pointing out of the box."""
+        if not problem.bounded:
+            return torch.ones_like(state["x"], dtype=torch.bool)
+        x, g = state["x"], state["g"]
+        held = ((x <= state["lb"]) & (g > 0)) | ((x >= state["ub"]) & (g < 0))
+        return ~held
 
     def after_jacobian(self, problem: Problem, state: dict) -> None:
         update_jac_scale(problem, state)
@@ -100,10 +111,19 @@ class GaussNewton(_LineSearch):
     name = "gn"
 
     def prepare(self, problem: Problem, state: dict) -> None:
-        d = state["scale"]
-        sv, V, uf = svd_factors(state["J"], d, state["f"], gram=state["G"], g=state["g"],
-            use_gram=problem.use_gram)
-        state["direction"] = d * gauss_newton_step(sv, V, uf)
+        # Gauss-Newton step on the free variables (active-set projection,
+        # Bertsekas 1982), falling back to projected steepest descent if it
+        # is not a descent direction.
+        free = self.free_variables(problem, state)
+        d = state["scale"] * free
+        g = state["g"]
+        sv, V, uf = svd_factors(state["J"], d, state["f"], gram=state["G"], g=g,
+                                use_gram=problem.use_gram)
+        direction = d * gauss_newton_step(sv, V, uf)
+        flag_singular(state, torch.isfinite(sv).all(-1))
+        steepest = -(d * d) * g
+        descent = (direction * g).sum(-1) < 0
+        state["direction"] = torch.where(descent.unsqueeze(-1), direction, steepest)
         state["t"] = torch.ones_like(state["t"])
 
 
@@ -120,7 +140,8 @@ class GradientDescent(_LineSearch):
         state["t"] = delta / torch.where(dg > 0, dg, torch.ones_like(dg))
 
     def prepare(self, problem: Problem, state: dict) -> None:
-        state["direction"] = -(state["scale"] ** 2) * state["g"]
+        d = state["scale"] * self.free_variables(problem, state)
+        state["direction"] = -(d * d) * state["g"]
 
     def update_length(self, state: dict, accept: Tensor) -> None:
         state["t"] = torch.where(accept, 2.0 * state["t"], 0.5 * state["t"])

@@ -27,15 +27,17 @@ from .. import status as codes
 from ..linalg import solve_trust_region_minpack, svd_factors
 from ..problem import Problem
 from ..quadratic import jac_times
-from ._common import alloc_svd, column_norms, inf_norm, svd_width
+from ._common import StepRule, alloc_svd, column_norms, flag_singular, inf_norm, svd_width
 
 FACTOR = 100.0
 
 
-class LevenbergMarquardt:
+class LevenbergMarquardt(StepRule):
     """Step rule reproducing MINPACK ``lmder``."""
 
     name = "lm"
+    budget_at_top = False  # MINPACK tests nfev after each trial
+    prints_table = False  # scipy prints no iteration table for 'lm'
 
     def init(self, problem: Problem, state: dict) -> None:
         x = state["x"]
@@ -86,6 +88,7 @@ class LevenbergMarquardt:
         state["sv"], state["V"], state["uf"] = svd_factors(
             state["J"], 1.0 / state["diag"], state["f"], gram=state["G"], g=state["g"],
             use_gram=problem.use_gram)
+        flag_singular(state, torch.isfinite(state["sv"]).all(-1))
 
     def propose(self, problem: Problem, state: dict) -> dict:
         q, par = solve_trust_region_minpack(state["sv"], state["V"], state["uf"], state["delta"],
@@ -150,9 +153,6 @@ class LevenbergMarquardt:
         status = torch.where(running & (state["gnorm"] <= eps), codes.GTOL, status)
         state["uncounted_jac"] = (accept & (status != codes.RUNNING)).long()
         return accept, status, x_new
-
-    def after_jacobian(self, problem: Problem, state: dict) -> None:
-        pass
 
     def finalize(self, problem: Problem, state: dict) -> dict:
         return {"active_mask": torch.zeros_like(state["x"], dtype=torch.long),

@@ -40,7 +40,15 @@ from ..quadratic import (
     minimize_quadratic_1d,
     update_tr_radius,
 )
-from ._common import alloc_svd, inf_norm, initial_scale, svd_width, update_jac_scale
+from ._common import (
+    StepRule,
+    alloc_svd,
+    flag_singular,
+    inf_norm,
+    initial_scale,
+    svd_width,
+    update_jac_scale,
+)
 
 
 def _scaled_v(state: dict) -> tuple[Tensor, Tensor]:
@@ -48,7 +56,7 @@ def _scaled_v(state: dict) -> tuple[Tensor, Tensor]:
     return v, dv
 
 
-class TRF:
+class TRF(StepRule):
     """Step rule of the Trust Region Reflective method."""
 
     name = "trf"
@@ -91,6 +99,7 @@ class TRF:
         state["sv"], state["V"], state["uf"] = svd_factors(
             state["J"], d, state["f"], diag_h, gram=state["G"], g=state["g"],
             use_gram=problem.use_gram)
+        flag_singular(state, torch.isfinite(state["sv"]).all(-1))
 
     def propose(self, problem: Problem, state: dict) -> dict:
         p_h, alpha = solve_trust_region_scipy(
