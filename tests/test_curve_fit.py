@@ -557,3 +557,249 @@ def test_torch_cuda(data):  # pragma: no cover - device only
     assert isinstance(popt, np.ndarray)
     np.testing.assert_allclose(popt, so.curve_fit(func, x, y, sigma=sig, method="trf")[0],
                                rtol=RTOL_P)
+
+
+# ===========================================================================
+# batch_curve_fit: equal to a loop of curve_fit
+# ===========================================================================
+from torchimize_scipy._curve_fit import batch_curve_fit  # noqa: E402
+
+NB = 8
+
+
+def func_b_jac(x, a, b, c):  # (b, M, 3) for (b, 1) columns; also (M, 3) for scalars
+    e = np.exp(-b * x)
+    return np.stack(np.broadcast_arrays(e, -a * x * e, np.ones_like(a * x)), axis=-1)
+
+
+@pytest.fixture(scope="module")
+def bdata():
+    rng = np.random.default_rng(99)
+    x = np.linspace(0, 4, 40)
+    true = np.stack([2 + rng.random(NB), 1 + rng.random(NB), 0.5 + 0.5 * rng.random(NB)], 1)
+    Y = func(x, true[:, :1], true[:, 1:2], true[:, 2:]) + 0.05 * rng.normal(size=(NB, x.size))
+    P0 = np.ones((NB, 3)) + 0.1 * rng.random((NB, 3))
+    sig = 0.1 + rng.random((NB, x.size))
+    cov = np.stack([np.diag(s**2) + 0.01 * np.exp(-np.abs(x[:, None] - x[None, :]))
+                    for s in sig])
+    return x, Y, P0, sig, cov
+
+
+def _np(a):
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def assert_batch_is_loop(batch, loop, *, same_ier=True, nfev=True):
+    popt, pcov, info, mesg, ier = batch
+    popt, pcov, ier = _np(popt), _np(pcov), _np(ier)
+    assert popt.shape == (len(loop), loop[0][0].size)
+    for i, ref in enumerate(loop):
+        p_ref, c_ref = _np(ref[0]), _np(ref[1])
+        np.testing.assert_allclose(popt[i], p_ref, rtol=RTOL_P,
+                                   atol=RTOL_P * np.abs(p_ref).max())
+        assert_cov_close(pcov[i], c_ref)
+        np.testing.assert_allclose(_np(info["fvec"])[i], _np(ref[2]["fvec"]), rtol=1e-5,
+                                   atol=1e-6)
+        assert set(info) == set(ref[2]) - {"fjac", "ipvt", "qtf"}
+        if nfev:
+            assert int(_np(info["nfev"])[i]) == ref[2]["nfev"]
+            if "njev" in ref[2]:
+                assert int(_np(info["njev"])[i]) == ref[2]["njev"]
+        if same_ier:
+            assert int(ier[i]) == ref[4] and mesg[i] == ref[3]
+        else:
+            assert 1 <= int(ier[i]) <= 4 or int(ier[i]) > 0
+
+
+def loop_fit(f, xs, Y, P0, **kw):
+    return [curve_fit(f, xs(i), Y[i], P0[i], full_output=True,
+                      **{k: (v(i) if callable(v) and k == "sigma" else v) for k, v in kw.items()})
+            for i in range(len(Y))]
+
+
+@pytest.mark.parametrize("method", [None, "trf", "dogbox"])
+@pytest.mark.parametrize("jac", [None, func_b_jac])
+def test_batch_matches_loop(bdata, method, jac):
+    x, Y, P0, _, _ = bdata
+    loop_jac = None if jac is None else func_jac
+    batch = batch_curve_fit(func, x, Y, P0, method=method, jac=jac, full_output=True)
+    assert_batch_is_loop(batch, loop_fit(func, lambda i: x, Y, P0, method=method,
+                                         jac=loop_jac))
+
+
+@pytest.mark.parametrize("method", [None, "trf"])
+@pytest.mark.parametrize("kind", ["shared", "rows", "cov", "scalar"])
+@pytest.mark.parametrize("absolute_sigma", [False, True])
+def test_batch_sigma(bdata, method, kind, absolute_sigma):
+    x, Y, P0, sig, cov = bdata
+    sigma = {"shared": sig[0], "rows": sig, "cov": cov, "scalar": 0.2}[kind]
+    per = {"shared": lambda i: sig[0], "rows": lambda i: sig[i], "cov": lambda i: cov[i],
+           "scalar": lambda i: np.full(x.size, 0.2)}[kind]
+    batch = batch_curve_fit(func, x, Y, P0, sigma=sigma, absolute_sigma=absolute_sigma,
+                            method=method, full_output=True)
+    assert_batch_is_loop(batch, loop_fit(func, lambda i: x, Y, P0, sigma=per, method=method,
+                                         absolute_sigma=absolute_sigma), same_ier=False)
+
+
+def test_batch_bounds_per_problem(bdata):
+    x, Y, P0, _, _ = bdata
+    ub = np.tile([3.0, 1.2, 0.8], (NB, 1))
+    ub[::2, 1] = 5.0
+    batch = batch_curve_fit(func, x, Y, P0 * 0.5, bounds=(0, ub), full_output=True)
+    loop = [curve_fit(func, x, Y[i], P0[i] * 0.5, bounds=(0, ub[i]), full_output=True)
+            for i in range(NB)]
+    assert_batch_is_loop(batch, loop, same_ier=False)
+
+
+def test_batch_xdata_layouts():
+    rng = np.random.default_rng(11)
+    true = np.stack([1 + rng.random(NB), 2 + rng.random(NB), 3 + rng.random(NB)], 1)
+    cols = true[:, :1], true[:, 1:2], true[:, 2:]
+    X2 = np.stack([np.linspace(0, 1, 30), np.linspace(1, 3, 30) ** 1.5])       # (k, M)
+    X3 = np.stack([X2 * (1 + 0.1 * i) for i in range(NB)])                      # (B, k, M)
+    P0 = np.ones((NB, 3))
+    noise = 0.01 * rng.normal(size=(NB, 30))
+    Y2 = plane(X2, *cols) + noise
+    Y3 = plane(np.moveaxis(X3, 0, 1), *cols) + noise
+    cases = [
+        (X2, Y2, lambda i: X2),                                 # shared (k, M) array
+        (tuple(X2), Y2, lambda i: tuple(X2)),                   # shared tuple
+        (X3, Y3, lambda i: X3[i]),                              # per problem (B, k, M)
+        ((X3[:, 0], X3[:, 1]), Y3, lambda i: X3[i]),            # tuple of (B, M)
+        (torch.tensor(X3), Y3, lambda i: X3[i]),                # tensor -> torch mode
+    ]
+    for xb, Y, xs in cases:
+        for method in (None, "trf"):
+            batch = batch_curve_fit(plane, xb, Y, P0, method=method, full_output=True)
+            assert_batch_is_loop(batch, loop_fit(plane, xs, Y, P0, method=method),
+                                 same_ier=False, nfev=False)
+    # (B, M): one row of xdata per problem
+    Xr = np.stack([np.linspace(0, 4 + 0.2 * i, 40) for i in range(NB)])
+    Yr = func(Xr, *cols) + 0.01 * rng.normal(size=Xr.shape)
+    batch = batch_curve_fit(func, Xr, Yr, P0, full_output=True)
+    assert_batch_is_loop(batch, loop_fit(func, lambda i: Xr[i], Yr, P0))
+
+
+@pytest.mark.parametrize("method", [None, "trf", "dogbox"])
+@pytest.mark.parametrize("jac", [None, "autograd"])
+def test_batch_torch(bdata, method, jac):
+    x, Y, P0, sig, _ = bdata
+    popt, pcov, info, mesg, ier = batch_curve_fit(
+        func_t, torch.tensor(x), torch.tensor(Y), torch.tensor(P0), sigma=torch.tensor(sig),
+        method=method, jac=jac, full_output=True)
+    assert all(isinstance(a, torch.Tensor) for a in (popt, pcov, info["fvec"], ier))
+    assert popt.dtype == pcov.dtype == torch.float64 and pcov.shape == (NB, 3, 3)
+    loop = loop_fit(func, lambda i: x, Y, P0, sigma=lambda i: sig[i], method=method,
+                    jac=None if jac is None else func_jac)
+    if jac is None:
+        assert_batch_is_loop((popt, pcov, info, mesg, ier), loop, same_ier=False)
+    else:  # exact Jacobian: 'lm' covariance at the solution (see curve_fit's notes)
+        for i, ref in enumerate(loop):
+            np.testing.assert_allclose(popt[i].numpy(), ref[0], rtol=RTOL_P)
+            assert_cov_close(pcov[i].numpy(), ref[1], rtol=1e-3 if method is None else RTOL_C)
+
+
+def test_batch_chunks_and_float32(bdata):
+    x, Y, P0, _, _ = bdata
+    a = batch_curve_fit(func, x, Y, P0)
+    b = batch_curve_fit(func, x, Y, P0, chunk_size=3)
+    np.testing.assert_allclose(b[0], a[0], rtol=1e-12)
+    np.testing.assert_allclose(b[1], a[1], rtol=1e-10)
+    p32, c32 = batch_curve_fit(func_t, torch.tensor(x, dtype=torch.float32),
+                               torch.tensor(Y, dtype=torch.float32), P0, method="trf")
+    assert p32.dtype == torch.float32
+    np.testing.assert_allclose(p32.numpy(), a[0], rtol=1e-3)
+
+
+def test_batch_failures_are_nan(bdata):
+    """Where curve_fit raises, the batch reports NaN, ier and the same message."""
+    x, Y, P0, _, _ = bdata
+    P0 = P0.copy()
+    P0[2] = [1.0, 8.0, 1.0]  # a slow start: runs out of maxfev
+    Yn = Y.copy()
+    Yn[5, 3] = np.nan        # curve_fit's check_finite rejects this one
+    for method, maxfev in ((None, 30), ("trf", 6)):
+        with pytest.warns(OptimizeWarning, match="Optimal parameters not found for"):
+            popt, pcov, info, mesg, ier = batch_curve_fit(func, x, Yn, P0, method=method,
+                                                          maxfev=maxfev, full_output=True)
+        for i in range(NB):
+            try:
+                ref = curve_fit(func, x, Yn[i], P0[i], method=method, maxfev=maxfev,
+                                full_output=True)
+            except (RuntimeError, ValueError) as e:
+                assert np.isnan(popt[i]).all() and np.isnan(pcov[i]).all()
+                assert not 1 <= ier[i] <= 4
+                assert str(e).endswith(mesg[i])
+            else:
+                np.testing.assert_allclose(popt[i], ref[0], rtol=RTOL_P)
+                assert ier[i] == ref[4] and info["nfev"][i] == ref[2]["nfev"]
+
+
+@pytest.mark.parametrize("method", [None, "trf"])
+def test_batch_covariance_warnings(bdata, method):
+    x, Y, P0, _, _ = bdata
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        popt, pcov = batch_curve_fit(func_unused, x, Y, P0, method=method)
+    for i in range(NB):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)
+            p_ref, c_ref = curve_fit(func_unused, x, Y[i], P0[i], method=method)
+        np.testing.assert_allclose(popt[i], p_ref, rtol=RTOL_P)
+        if method is None:
+            assert np.isinf(pcov[i]).all() and np.isinf(c_ref).all()
+        else:
+            assert_cov_close(pcov[i], c_ref)
+    expected = [f"{COV_MSG} for {NB} of {NB} problems"] if method is None else []
+    assert [str(w.message) for w in rec] == expected
+    # M == N: relative covariance undefined (inf, one warning), absolute is not
+    xs = np.array([0.0, 1.0, 2.5])
+    Ys = func(xs, P0[:, :1] * 2, P0[:, 1:2], P0[:, 2:] * 0.5)
+    with pytest.warns(OptimizeWarning, match=f"{COV_MSG} for {NB} of {NB} problems"):
+        _, pcov = batch_curve_fit(func, xs, Ys, P0, method=method)
+    assert np.isinf(pcov).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OptimizeWarning)
+        _, pcov = batch_curve_fit(func, xs, Ys, P0, method=method, absolute_sigma=True)
+    assert np.isfinite(pcov).all()
+
+
+def test_batch_input_errors(bdata):
+    x, Y, P0, sig, _ = bdata
+    with pytest.raises(ValueError, match=r"`p0` must have shape \(B, P\)"):
+        batch_curve_fit(func, x, Y, P0[0])
+    with pytest.raises(ValueError, match="`ydata` must have shape"):
+        batch_curve_fit(func, x, Y[0], P0)
+    with pytest.raises(ValueError, match="`ydata` must not be empty!"):
+        batch_curve_fit(func, x, np.zeros((NB, 0)), P0)
+    with pytest.raises(ValueError, match="Method 'lm' only works for unconstrained"):
+        batch_curve_fit(func, x, Y, P0, bounds=(0, 10), method="lm")
+    with pytest.raises(ValueError, match="'args' is not a supported keyword argument."):
+        batch_curve_fit(func, x, Y, P0, args=(1,))
+    with pytest.raises(ValueError, match="`sigma` has incorrect shape."):
+        batch_curve_fit(func, x, Y, P0, sigma=np.ones(3))
+    with pytest.raises(ValueError, match="`sigma` must be positive definite."):
+        batch_curve_fit(func, x, Y, P0, sigma=-np.tile(np.eye(x.size), (NB, 1, 1)))
+    with pytest.raises(TypeError, match="must not exceed the number of data points=2"):
+        batch_curve_fit(func, x[:2], Y[:, :2], P0)
+    xn = x.copy()
+    xn[0] = np.nan
+    with pytest.raises(ValueError, match="array must not contain infs or NaNs"):
+        batch_curve_fit(func, xn, Y, P0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batch_cuda(bdata):  # pragma: no cover - device only
+    x, Y, P0, sig, _ = bdata
+    dev = "cuda"
+    for method in (None, "trf"):
+        popt, pcov = batch_curve_fit(func_t, torch.tensor(x, device=dev),
+                                     torch.tensor(Y, device=dev), torch.tensor(P0, device=dev),
+                                     sigma=torch.tensor(sig, device=dev), method=method)
+        assert popt.device.type == dev and pcov.device.type == dev
+        loop = loop_fit(func, lambda i: x, Y, P0, sigma=lambda i: sig[i], method=method)
+        for i, ref in enumerate(loop):
+            np.testing.assert_allclose(popt[i].cpu().numpy(), ref[0], rtol=RTOL_P)
+            assert_cov_close(pcov[i].cpu().numpy(), ref[1])
+    popt, _ = batch_curve_fit(func, x, Y, P0, device=dev)
+    assert isinstance(popt, np.ndarray)

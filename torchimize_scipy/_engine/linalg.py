@@ -61,7 +61,17 @@ def svd_factors(
     if use_gram and m >= n:
         return _svd_factors_gram(J, d, f, diag, gram, g)
     A = J if d is None else J * d.unsqueeze(-2)
-    return _svd_factors_direct(A, f, diag)
+    ok = torch.isfinite(A.sum((-2, -1)))
+    if bool(ok.all()):
+        return _svd_factors_direct(A, f, diag)
+    # non-finite rows get NaN factors without disturbing the others
+    zero = torch.zeros((), dtype=A.dtype, device=A.device)
+    s, V, uf = _svd_factors_direct(torch.where(ok[:, None, None], A, zero),
+                                   torch.where(ok[:, None], f, zero),
+                                   None if diag is None else torch.where(ok[:, None], diag, zero))
+    nan = torch.full((), float("nan"), dtype=A.dtype, device=A.device)
+    return (torch.where(ok[:, None], s, nan), torch.where(ok[:, None, None], V, nan),
+            torch.where(ok[:, None], uf, nan))
 
 
 #: Largest ``cond(A)**2`` for which the Gram-matrix route is trusted.
@@ -119,15 +129,21 @@ def _svd_factors_gram(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | Non
         Atf = Atf * d
     if diag is not None:
         H = H + torch.diag_embed(diag.clamp(min=0))
+    finite = torch.isfinite(H.sum((-2, -1)))
+    if not bool(finite.all()):  # non-finite rows go to the direct route, which isolates them
+        H = torch.where(finite[:, None, None], H, torch.eye(H.shape[-1], dtype=H.dtype,
+                                                             device=H.device))
     try:
         lam, V = torch.linalg.eigh(H)
     except RuntimeError:  # send every problem through the (per-problem safe) SVD
         lam = torch.zeros_like(H[..., 0])
         V = torch.zeros_like(H)
+        finite = torch.zeros_like(finite)
     lam = lam.flip(-1)
     V = V.flip(-1)
     lam_max = lam[:, :1]
-    bad = ~(lam[:, -1:] > lam_max / GRAM_COND2_LIMIT).squeeze(-1) | ~torch.isfinite(lam_max[:, 0])
+    bad = (~(lam[:, -1:] > lam_max / GRAM_COND2_LIMIT).squeeze(-1)
+           | ~torch.isfinite(lam_max[:, 0]) | ~finite)
     s = lam.clamp(min=0).sqrt()
     suf = torch.bmm(V.transpose(-1, -2), Atf.unsqueeze(-1)).squeeze(-1)
     uf = _safe_div(suf, s)
@@ -136,8 +152,8 @@ def _svd_factors_gram(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | Non
         A = J.index_select(0, rows)
         if d is not None:
             A = A * d.index_select(0, rows).unsqueeze(-2)
-        s_b, V_b, uf_b = _svd_factors_direct(A, f.index_select(0, rows),
-                                             None if diag is None else diag.index_select(0, rows))
+        s_b, V_b, uf_b = svd_factors(A, None, f.index_select(0, rows),
+                                     None if diag is None else diag.index_select(0, rows))
         s = s.index_copy(0, rows, s_b)
         V = V.index_copy(0, rows, V_b)
         uf = uf.index_copy(0, rows, uf_b)
