@@ -1,13 +1,15 @@
 """Tests of ``batch_least_squares`` and ``BatchOptimizeResult``.
 
 The reference for every batch is the same set of problems solved one by one,
-with ``torchimize_scipy.least_squares`` (which must agree to rounding: same
-engine, same options) and with ``scipy.optimize.least_squares`` (which must
-agree to the solver's accuracy; the only status difference tolerated is the
-borderline gtol/ftol case of ``test_parity.py``). Further tests check
-compaction (finished problems are never evaluated again), isolation of
-failing problems (non-finite residuals or Jacobians, singular Jacobians),
-chunking, the result container and input validation.
+with ``torchimize_scipy.least_squares`` and with ``scipy.optimize.least_squares``,
+which must agree to the solver's accuracy (batches take the step's SVD data from
+the Gram matrix, single problems from the Jacobian, so not to the last bit); the
+only status/count difference tolerated is the borderline gtol/ftol case of
+``test_parity.py``. Within batches results are bit for bit independent of the
+other problems: of chunking, and of a neighbour that fails. Further tests check
+compaction (finished problems are never evaluated again), isolation of failing
+problems (non-finite residuals or Jacobians, singular Jacobians), progress,
+dtype/device, the result container and input validation.
 """
 
 from __future__ import annotations
@@ -81,30 +83,70 @@ def _np(a):
     return np.asarray(a)
 
 
-def assert_same(res, refs, x_rtol=1e-8):
-    """Batch ``res`` equals the single-problem results ``refs`` (same engine).
+def assert_same(res, refs, x_rtol=1e-7, cost_rtol=1e-10):
+    """Batch ``res`` agrees with the single-problem results ``refs`` (same engine).
 
-    Batched linear algebra rounds differently for different batch sizes (last
-    bits of a step); finite-difference Jacobians amplify that to ~1e-8, so the
-    fields are compared to the accuracy of the solution, counts exactly.
+    Not to the last bit: for batches of several problems the engine takes the
+    SVD data from the small Gram matrix (a single problem uses the SVD of the
+    Jacobian itself), and finite-difference Jacobians amplify the rounding
+    differences; so values are compared to the accuracy of the solution and
+    the counts and statuses exactly.
     """
     assert len(res) == len(refs)
     for i, ref in enumerate(refs):
         got = res[i]
-        np.testing.assert_allclose(_np(got.x), _np(ref.x), rtol=x_rtol, atol=1e-12,
-                                   err_msg=f"problem {i}, x")
-        np.testing.assert_allclose(float(got.cost), float(ref.cost), rtol=1e-10, atol=1e-15,
-                                   err_msg=f"problem {i}, cost")
+        x_ref = _np(ref.x)
+        np.testing.assert_allclose(_np(got.x), x_ref, rtol=x_rtol,
+                                   atol=x_rtol * np.abs(x_ref).max(), err_msg=f"problem {i}, x")
+        np.testing.assert_allclose(float(got.cost), float(ref.cost), rtol=cost_rtol,
+                                   atol=1e-15, err_msg=f"problem {i}, cost")
         for name in ("fun", "grad", "optimality"):
-            np.testing.assert_allclose(_np(got[name]), _np(ref[name]), rtol=1e-6, atol=1e-8,
+            np.testing.assert_allclose(_np(got[name]), _np(ref[name]), rtol=1e-5, atol=1e-6,
                                        err_msg=f"problem {i}, {name}")
         if got.jac is not None:
             np.testing.assert_allclose(_np(got.jac), _np(ref.jac), rtol=1e-6, atol=1e-6,
                                        err_msg=f"problem {i}, jac")
         np.testing.assert_array_equal(_np(got.active_mask).astype(int),
                                       _np(ref.active_mask).astype(int))
-        for name in ("nfev", "njev", "status", "success", "message"):
+        if _borderline(got, ref):
+            # the Gram route's rounding decides whether the last step was needed
+            assert abs(got.nfev - ref.nfev) <= 2, (i, got.nfev, ref.nfev)
+            assert_status_parity(got, ref)
+            names = ("success",)
+        else:
+            names = ("nfev", "njev", "status", "success", "message")
+        for name in names:
             assert got[name] == ref[name], (i, name, got[name], ref[name])
+
+
+def _borderline(got, ref, gtol=1e-8):
+    """Both runs ended on gtol/ftol with an optimality within a few ``gtol``."""
+    return (got.status in (1, 2, 4) and ref.status in (1, 2, 4)
+            and min(float(got.optimality), float(ref.optimality)) < GTOL_FACTOR * gtol)
+
+
+def assert_batches_identical(res, ref, rows=None):
+    """Two batch results are bit for bit the same on ``rows``."""
+    rows = np.arange(len(ref)) if rows is None else np.asarray(rows)
+    for f in FIELDS:
+        if ref[f] is None:
+            assert res[f] is None, f
+        else:
+            np.testing.assert_array_equal(_np(res[f])[rows], _np(ref[f])[rows], err_msg=f)
+    assert [res.message[i] for i in rows] == [ref.message[i] for i in rows]
+
+
+class _Sub:
+    """Some problems of a batch result, indexable like a list of results."""
+
+    def __init__(self, res, rows):
+        self.res, self.rows = res, list(rows)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.res[int(self.rows[i])]
 
 
 def assert_status_parity(ours, ref, gtol=1e-8):
@@ -119,8 +161,8 @@ def assert_status_parity(ours, ref, gtol=1e-8):
 def assert_like_scipy(res, refs, x_rtol=1e-7, cost_rtol=1e-10, gtol=1e-8, status=True):
     for i, ref in enumerate(refs):
         got = res[i]
-        np.testing.assert_allclose(_np(got.x), ref.x, rtol=x_rtol, atol=1e-12,
-                                   err_msg=f"problem {i}")
+        np.testing.assert_allclose(_np(got.x), ref.x, rtol=x_rtol,
+                                   atol=x_rtol * np.abs(ref.x).max(), err_msg=f"problem {i}")
         np.testing.assert_allclose(float(got.cost), ref.cost, rtol=cost_rtol, atol=1e-15,
                                    err_msg=f"problem {i}")
         if status:
@@ -199,10 +241,11 @@ def test_gd_easy_problems():
     res = batch_least_squares(fun_easy_v, x0, method="gd", args=(c,))
     assert_same(res, solve_each(fun_easy_1, x0, args=(c,), method="gd"))
     assert np.all(res.success)
+    # the same (zero-residual) minimum as scipy, to steepest descent's accuracy
     ref = solve_each(fun_easy_1, x0, args=(c,), scipy=True)
-    # steepest descent stops on ftol/xtol well before trf's accuracy
-    assert_like_scipy(res, ref, x_rtol=0, cost_rtol=0, status=False)  # only active mask
-    np.testing.assert_allclose(res.x, c, atol=1e-3)
+    np.testing.assert_allclose(res.x, [r.x for r in ref], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(res.x, c, atol=1e-4)
+    assert np.all(res.cost < 1e-8)
 
 
 @pytest.mark.parametrize("method", ["trf", "dogbox"])
@@ -228,26 +271,55 @@ def _bounds_cases(B):
     }
 
 
-@pytest.mark.parametrize("method", ["trf", "dogbox", "gn"])
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
 @pytest.mark.parametrize("kind", ["scalar", "vector", "mixed", "per-problem", "Bounds"])
 def test_bounds(method, kind):
     B = 10
+    x0, y, bounds, lb, ub = _bounded_problem(B, kind)
+    res = batch_least_squares(fun_v, x0, bounds=bounds, method=method, args=(y,))
+    assert_same(res, solve_each(fun_1, x0, args=(y,), bounds=bounds, method=method))
+    assert_like_scipy(res, solve_each(fun_1, x0, args=(y,), bounds=bounds, method=method,
+                                      scipy=True))
+    assert np.any(res.active_mask != 0)  # the bounds matter
+    assert np.all((res.x >= lb) & (res.x <= ub))
+
+
+def _bounded_problem(B, kind):
     x0, y = make_data(B, seed=3)
     bounds = _bounds_cases(B)[kind]
     lb, ub = (bounds.lb, bounds.ub) if isinstance(bounds, so.Bounds) else bounds
-    x0 = np.clip(x0, np.broadcast_to(lb, x0.shape) + 1e-3, np.broadcast_to(ub, x0.shape) - 1e-3)
-    res = batch_least_squares(fun_v, x0, bounds=bounds, method=method, args=(y,))
-    assert_same(res, solve_each(fun_1, x0, args=(y,), bounds=bounds, method=method))
-    ref = solve_each(fun_1, x0, args=(y,), bounds=bounds,
-                     method=method if method != "gn" else "trf", scipy=True)
-    if method == "gn":
-        # projected Gauss-Newton reaches the same constrained minima
-        assert_like_scipy(res, ref, x_rtol=1e-5, cost_rtol=1e-8, status=False)
-    else:
-        assert_like_scipy(res, ref)
-    assert np.any(res.active_mask != 0)  # the bounds matter
-    assert np.all((res.x >= np.broadcast_to(lb, x0.shape))
-                  & (res.x <= np.broadcast_to(ub, x0.shape)))
+    lb, ub = np.broadcast_to(lb, x0.shape), np.broadcast_to(ub, x0.shape)
+    x0 = np.clip(x0, lb + 1e-3, ub - 1e-3)
+    return x0, y, bounds, lb, ub
+
+
+@pytest.mark.parametrize("kind", ["scalar", "vector", "mixed", "per-problem", "Bounds"])
+def test_bounds_gn_matches_loop(kind):
+    B = 10
+    x0, y, bounds, lb, ub = _bounded_problem(B, kind)
+    res = batch_least_squares(fun_v, x0, bounds=bounds, method="gn", args=(y,))
+    # (where 'gn' stalls, see below, the cost is first order in x)
+    assert_same(res, solve_each(fun_1, x0, args=(y,), bounds=bounds, method="gn"),
+                cost_rtol=1e-8)
+    assert np.all((res.x >= lb) & (res.x <= ub))
+
+
+@pytest.mark.parametrize("kind", ["scalar", "vector", "mixed", "per-problem", "Bounds"])
+def test_bounds_gn_reaches_constrained_minimum(kind):
+    """Projected Gauss-Newton finds scipy's constrained minima.
+
+    (Exactly on the bound where scipy's 'trf', strictly feasible, stays a hair inside.)
+    """
+    B = 10
+    x0, y, bounds, lb, ub = _bounded_problem(B, kind)
+    res = batch_least_squares(fun_v, x0, bounds=bounds, method="gn", args=(y,))
+    ref = solve_each(fun_1, x0, args=(y,), bounds=bounds, scipy=True)
+    assert np.all(res.success)
+    # (the line search stops on ftol with optimality ~1e-5: x to ~1e-6)
+    np.testing.assert_allclose(res.x, [r.x for r in ref], rtol=1e-5)
+    cost_ref = np.array([r.cost for r in ref])
+    np.testing.assert_allclose(res.cost, cost_ref, rtol=1e-6)
+    assert np.all(res.cost <= cost_ref * (1 + 1e-9))
 
 
 def test_torch_bounds_are_accepted():
@@ -339,9 +411,9 @@ def test_x_scale_differs_per_problem():
     xs = np.array([[1.0, 1.0], [10.0, 0.1], [1.0, 1.0], [0.1, 10.0]])
     res = batch_least_squares(fun_v, x0, x_scale=xs, method="lm", args=(y,))
     one = batch_least_squares(fun_v, x0, x_scale=1.0, method="lm", args=(y,))
-    np.testing.assert_array_equal(res.nfev[[0, 2]], one.nfev[[0, 2]])
-    assert not np.array_equal(res.nfev[[1, 3]], one.nfev[[1, 3]]) or not np.array_equal(
-        res.x[[1, 3]], one.x[[1, 3]])
+    assert_batches_identical(res, one, [0, 2])
+    for i in (1, 3):
+        assert not np.array_equal(res.x[i], one.x[i])
 
 
 def test_args_and_kwargs():
@@ -368,6 +440,21 @@ def test_args_and_kwargs():
     sp = [so.least_squares(fun1, x0[i], args=(y[i], t2, offset, w[i]), kwargs=kwargs)
           for i in range(B)]
     assert_like_scipy(res, sp)
+
+
+def test_kwargs_never_sliced():
+    """Arrays in ``kwargs`` are shared even when their leading dimension equals B."""
+    B = M  # the shared time grid has B entries
+    x0, y = make_data(B, seed=9)
+    seen = []
+
+    def fun(x, y, t):
+        seen.append(t.shape)
+        return fun_v(x, y, t)
+
+    res = batch_least_squares(fun, x0, args=(y,), kwargs={"t": T}, chunk_size=5)
+    assert set(seen) == {(M,)}
+    assert_same(res, solve_each(fun_1, x0, args=(y,), kwargs={"t": T}))
 
 
 def test_torch_args_sliced():
@@ -452,9 +539,9 @@ def test_compaction_analytic_jac(method):
     ids = np.arange(B)
     rec = Recorder()
     res = batch_least_squares(rec.fun, x0, jac=rec.jac, method=method, args=(y, ids))
-    # the first call is the probe that finds m (problem 0 only)
-    probe, calls = rec.fun_calls[0], rec.fun_calls[1:]
-    np.testing.assert_array_equal(probe, [0])
+    # no extra probe: the first call evaluates every problem at x0 once
+    calls = rec.fun_calls
+    np.testing.assert_array_equal(calls[0], np.arange(B))
     # every call sees each running problem once, and the running set only shrinks
     prev = set(range(B))
     for c in calls:
@@ -488,7 +575,7 @@ def test_compaction_finite_differences(jac, per_jac):
         return x[:, :1] * np.exp(-x[:, 1:2] * T) - y
 
     res = batch_least_squares(fun, x0, jac=jac, args=(y, ids), max_nfev=7)
-    calls = calls[1:]  # drop the probe
+    np.testing.assert_array_equal(calls[0], np.arange(B))  # x0, evaluated once
     trials = [c for c in calls if len(set(c.tolist())) == len(c)]
     fd = [c for c in calls if len(set(c.tolist())) != len(c)]
     # FD calls only contain problems of the preceding trial call, each per_jac times
@@ -513,7 +600,7 @@ def test_compaction_with_chunks():
     x0, y = make_data(B, seed=15)
     rec = Recorder()
     res = batch_least_squares(rec.fun, x0, jac=rec.jac, args=(y, np.arange(B)), chunk_size=3)
-    calls = rec.fun_calls[1:]
+    calls = rec.fun_calls
     chunk_of = np.arange(B) // 3
     for c in calls + rec.jac_calls:
         assert len(set(chunk_of[c].tolist())) == 1  # never mixes chunks
@@ -537,24 +624,21 @@ def test_nan_at_x0_isolated(method, bad_row):
     y_bad = y.copy()
     y_bad[bad_row, 5] = np.nan
     res = batch_least_squares(fun_v, x0, method=method, args=(y_bad,))
-    good = batch_least_squares(fun_v, x0, method=method, args=(y,))
     assert res.status[bad_row] == codes.NONFINITE == 5
     assert not res.success[bad_row]
     assert res.message[bad_row] == codes.message(codes.NONFINITE)
     assert res[bad_row].status == 5 and res[bad_row].success is False
     np.testing.assert_array_equal(res.x[bad_row], x0[bad_row])
     assert res.nfev[bad_row] == 1
-    others = np.arange(B) != bad_row
+    others = np.flatnonzero(np.arange(B) != bad_row)
+    # the others are as in the batch without the NaN ...
+    good = batch_least_squares(fun_v, x0, method=method, args=(y,))
+    assert_batches_identical(res, good, others)
+    # ... and as in the batch without that problem at all
+    alone = batch_least_squares(fun_v, x0[others], method=method, args=(y[others],))
     for f in FIELDS:
-        if res[f] is not None:
-            np.testing.assert_array_equal(res[f][others], good[f][others], err_msg=f)
-    assert [m for i, m in enumerate(res.message) if i != bad_row] == [
-        m for i, m in enumerate(good.message) if i != bad_row]
-    # and the same as the batch without that problem at all
-    keep = np.flatnonzero(others)
-    alone = batch_least_squares(fun_v, x0[keep], method=method, args=(y[keep],))
-    np.testing.assert_allclose(res.x[keep], alone.x, rtol=1e-13)
-    np.testing.assert_array_equal(res.nfev[keep], alone.nfev)
+        if alone[f] is not None:
+            np.testing.assert_array_equal(res[f][others], alone[f], err_msg=f)
 
 
 def test_nan_at_x0_torch_and_inf():
@@ -587,15 +671,13 @@ def test_nonfinite_jacobian_mid_run(method):
     res = batch_least_squares(_fun_ignoring, x0, jac=_nan_jac, method=method, args=(y, bad))
     good = batch_least_squares(_fun_ignoring, x0, jac=_nan_jac, method=method,
                                args=(y, np.zeros(B, dtype=bool)))
+    assert np.all(good.success)
     assert res.status[3] == codes.NONFINITE
     assert not res.success[3]
+    assert res.message[3] == codes.message(codes.NONFINITE)
     assert res.nfev[3] > 1  # it did run for a while
-    assert np.all(np.isfinite(res.x[3]))
-    others = np.arange(B) != 3
-    for f in FIELDS:
-        if res[f] is not None:
-            np.testing.assert_array_equal(res[f][others], good[f][others], err_msg=f)
-    assert np.all(good.success)
+    assert np.all(np.isfinite(res.x[3])) and np.all(np.isfinite(res.fun[3]))
+    assert_batches_identical(res, good, [i for i in range(B) if i != 3])
 
 
 @pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
@@ -613,34 +695,20 @@ def test_nan_residuals_mid_run_follow_scipy(method):
     assert x0[2, 1] > floor[2] > x_free[2, 1]
     res = batch_least_squares(_nan_fun, x0, method=method, args=(y, floor))
     good = batch_least_squares(_nan_fun, x0, method=method, args=(y, np.full(B, -np.inf)))
-    others = np.arange(B) != 2
-    for f in FIELDS:
-        if res[f] is not None:
-            np.testing.assert_array_equal(res[f][others], good[f][others], err_msg=f)
+    assert_batches_identical(res, good, [i for i in range(B) if i != 2])
     assert np.all(np.isfinite(res.fun[2]))
     assert floor[2] <= res.x[2, 1] < x0[2, 1]
 
     def one(x, y, r):
         return _nan_fun(x[None], y[None], np.array([r]))[0]
 
+    # stopped on the edge, not at a minimum: the cost is first order in x
     alone = least_squares(one, x0[2], method=method, args=(y[2], floor[2]))
-    assert_same(_Sub(res, [2]), [alone])
-    sp = so.least_squares(one, x0[2], method=method, args=(y[2], floor[2]))
-    np.testing.assert_allclose(res.x[2], sp.x, rtol=1e-6)
-    assert res.status[2] == sp.status
-
-
-class _Sub:
-    """A view of some problems of a batch result, for :func:`assert_same`."""
-
-    def __init__(self, res, rows):
-        self.res, self.rows = res, rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.res[self.rows[i]]
+    assert_same(_Sub(res, [2]), [alone], cost_rtol=1e-8)
+    if method != "lm":  # MINPACK has no rule for NaN residuals
+        sp = so.least_squares(one, x0[2], method=method, args=(y[2], floor[2]))
+        np.testing.assert_allclose(res.x[2], sp.x, rtol=1e-7)
+        assert (res.status[2], res.nfev[2]) == (sp.status, sp.nfev)
 
 
 def fun_singular_v(x, y, uses_c):
@@ -670,25 +738,27 @@ def test_singular_jacobian_isolated(method):
         assert_like_scipy(res, sp)
     # the others are as in a batch where every problem is regular
     full = batch_least_squares(fun_singular_v, x0, method=method, args=(y, np.ones(B)))
-    others = np.arange(B) != 5
-    np.testing.assert_array_equal(res.x[others], full.x[others])
-    np.testing.assert_array_equal(res.nfev[others], full.nfev[others])
+    assert_batches_identical(res, full, [i for i in range(B) if i != 5])
 
 
-# ============================================================================ chunks, progress
-@pytest.mark.parametrize("method", ["trf", "lm"])
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm", "gn"])
 def test_chunk_size_invariance(method):
+    """A problem's arithmetic does not depend on which problems run beside it."""
     B = 10
     x0, y = make_data(B, seed=21)
     base = batch_least_squares(fun_v, x0, method=method, args=(y,))
     for cs in (1, 3, B, 100):
         res = batch_least_squares(fun_v, x0, method=method, args=(y,), chunk_size=cs)
-        for f in FIELDS:
-            if base[f] is None:
-                assert res[f] is None
-            else:
-                np.testing.assert_array_equal(res[f], base[f], err_msg=f"{f} chunk {cs}")
-        assert res.message == base.message
+        assert_batches_identical(res, base)
+
+
+def test_chunk_size_invariance_bounded_robust():
+    B = 7
+    x0, y = make_data(B, seed=21, outliers=True)
+    kw = dict(bounds=(0.2, 1.6), loss="soft_l1", f_scale=0.1, jac="3-point",
+              x_scale="jac", args=(y,))
+    base = batch_least_squares(fun_v, x0, **kw)
+    assert_batches_identical(batch_least_squares(fun_v, x0, chunk_size=2, **kw), base)
 
 
 def test_progress_bar(capsys):
@@ -698,8 +768,7 @@ def test_progress_bar(capsys):
     err = capsys.readouterr().err
     assert f"{B}/{B}" in err
     assert "batch_least_squares[trf]" in err
-    ref = batch_least_squares(fun_v, x0, args=(y,))
-    np.testing.assert_array_equal(res.x, ref.x)
+    assert_batches_identical(res, batch_least_squares(fun_v, x0, args=(y,)))
 
 
 def test_progress_counts_nonfinite_start(capsys):
@@ -799,8 +868,7 @@ def test_cuda():
 @pytest.fixture(scope="module")
 def small_result():
     x0, y = make_data(6, seed=29)
-    y[4, 0] = np.nan
-    return batch_least_squares(fun_v, x0, args=(y,))
+    return batch_least_squares(fun_v, x0, args=(y,), max_nfev=4)
 
 
 def test_result_len_and_index(small_result):
@@ -839,9 +907,9 @@ def test_result_item_types(small_result):
     for name in ("nfev", "njev", "status"):
         assert type(r[name]) is int
     assert type(r.success) is bool and isinstance(r.message, str)
-    bad = small_result[4]
-    assert bad.status == 5 and bad.success is False
-    assert bad.message == codes.TERMINATION_MESSAGES[5]
+    for r in small_result:
+        assert r.message == codes.TERMINATION_MESSAGES[r.status]
+        assert r.success == (r.status > 0)
 
 
 def test_result_shapes(small_result):
@@ -857,12 +925,25 @@ def test_result_shapes(small_result):
 
 
 def test_result_repr(small_result):
-    text = repr(small_result)
-    assert text.startswith("BatchOptimizeResult(problems=6, success=5")
-    assert "5: 1" in text
-    assert "cost min/median/max" in text
-    assert str(small_result) == text
+    res = small_result
+    text = repr(res)
+    ok = int(res.success.sum())
+    assert text.startswith(f"BatchOptimizeResult(problems=6, success={ok}, status counts {{")
+    for s_, c in zip(*np.unique(res.status, return_counts=True), strict=True):
+        assert f"{s_}: {c}" in text
+    assert f"{res.cost.min():.3e}/{np.median(res.cost):.3e}/{res.cost.max():.3e}" in text
+    assert str(res) == text
     assert len(text.splitlines()) == 1 and len(text) < 300
+
+
+def test_result_repr_counts_failures():
+    x0, y = make_data(6, seed=29)
+    y[4, 0] = np.nan
+    res = batch_least_squares(fun_v, x0, args=(y,))
+    assert "problems=6, success=5" in repr(res) and "5: 1" in repr(res)
+    bad = res[4]
+    assert bad.status == 5 and bad.success is False
+    assert bad.message == codes.TERMINATION_MESSAGES[5]
 
 
 def test_result_torch_items():
@@ -944,8 +1025,7 @@ def test_bad_chunk_size(chunk_size):
 def test_integral_float_chunk_size():
     x0, y = make_data(5)
     res = batch_least_squares(fun_v, x0, args=(y,), chunk_size=2.0)
-    ref = batch_least_squares(fun_v, x0, args=(y,))
-    np.testing.assert_array_equal(res.x, ref.x)
+    assert_batches_identical(res, batch_least_squares(fun_v, x0, args=(y,), chunk_size=2))
 
 
 def test_fun_wrong_shape():
@@ -955,22 +1035,48 @@ def test_fun_wrong_shape():
     with pytest.raises(ValueError, match=r"shape \(b, m\)"):
         batch_least_squares(lambda x, y: fun_v(x, y)[..., None], x0, args=(y,))
     # right rank, wrong number of rows
-    with pytest.raises(ValueError, match="`fun` returned shape"):
+    with pytest.raises(ValueError, match=r"got \(1, 12\) for b = 4"):
         batch_least_squares(lambda x, y: fun_v(x, y)[:1], x0, args=(y,))
 
 
-def test_fun_wrong_shape_not_vectorized():
+def test_fun_wrong_rows_not_vectorized():
+    x0, y = make_data(4)
+    n_calls = []
+
+    def fun(x, y):
+        n_calls.append(1)
+        return fun_1(x, y)[: 12 - len(n_calls) % 2]  # m changes from call to call
+
+    with pytest.raises(ValueError):
+        batch_least_squares(fun, x0, args=(y,), vectorized=False)
+
+
+def test_fun_2d_not_vectorized():
+    x0, y = make_data(4)
+    with pytest.raises(ValueError, match="at most 1-d"):
+        batch_least_squares(lambda x, y: np.ones((2, 6)) * x[0], x0, args=(y,),
+                            vectorized=False)
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(lambda J: J[:, :, :1], id="too-few-columns"),
+    pytest.param(lambda J: J[:, :-1], id="too-few-rows"),
+    pytest.param(lambda J: J[:1], id="too-few-problems"),
+    pytest.param(lambda J: J.reshape(len(J), -1), id="flat"),
+    pytest.param(lambda J: np.swapaxes(J, 1, 2), id="transposed"),
+])
+def test_jac_wrong_shape(bad):
+    x0, y = make_data(4)
+    with pytest.raises(ValueError, match="The return value of `jac` has wrong shape"):
+        batch_least_squares(fun_v, x0, jac=lambda x, y: bad(jac_v(x, y)), args=(y,))
+
+
+@pytest.mark.parametrize("method", ["trf", "lm"])
+def test_jac_wrong_shape_not_vectorized(method):
     x0, y = make_data(4)
     with pytest.raises(ValueError):
-        batch_least_squares(lambda x, y: np.ones((2, 2)), x0, args=(y,), vectorized=False)
-
-
-def test_jac_wrong_shape():
-    x0, y = make_data(4)
-    with pytest.raises(ValueError, match="The return value of `jac` has wrong shape"):
-        batch_least_squares(fun_v, x0, jac=lambda x, y: jac_v(x, y)[:, :, :1], args=(y,))
-    with pytest.raises(ValueError, match="The return value of `jac` has wrong shape"):
-        batch_least_squares(fun_v, x0, jac=lambda x, y: jac_v(x, y)[:, :-1], args=(y,))
+        batch_least_squares(fun_1, x0, jac=lambda x, y: jac_1(x, y)[:, :1], args=(y,),
+                            method=method, vectorized=False)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -989,3 +1095,16 @@ def test_option_errors(kw, match):
     x0, y = make_data(3)
     with pytest.raises(ValueError, match=match):
         batch_least_squares(fun_v, x0, args=(y,), **kw)
+
+
+def test_empty_batch_raises():
+    with pytest.raises(ValueError, match="at least one problem"):
+        batch_least_squares(lambda x: x - 1, np.zeros((0, 2)))
+
+
+def test_result_index_must_be_integer():
+    x0, y = make_data(3)
+    res = batch_least_squares(fun_v, x0, args=(y,))
+    with pytest.raises(TypeError):
+        res[1.5]
+    assert res[np.int64(1)].cost == res.cost[1]

@@ -10,6 +10,7 @@ termination tests), gathered in a :class:`BatchOptimizeResult`.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -56,7 +57,7 @@ class BatchOptimizeResult(OptimizeResult):
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
             return super().__getitem__(key)
-        i = int(key)
+        i = operator.index(key)
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
@@ -192,6 +193,8 @@ def batch_least_squares(
     if x0_host.ndim != 2:
         raise ValueError("`x0` must have shape (B, n) for batch_least_squares.")
     B, n = x0_host.shape
+    if B == 0 or n == 0:
+        raise ValueError("`x0` must hold at least one problem with at least one variable.")
     lb, ub = prepare_bounds(bounds, n, batch=B)
     check_bounds(lb, ub, x0_host, method)
     x_scale = check_x_scale(x_scale, x0_host, method)
@@ -215,14 +218,21 @@ def batch_least_squares(
                                                                         dtype=dt)
     fun_ns = Namespace("torch", dev, dt) if jac == "autograd" else ns
     pargs = PerProblemArgs(args, B, fun_ns)
-    fun_b = _batched(fun, pargs, kwargs, fun_ns, vectorized)
-    jac_b = _batched(jac, pargs, kwargs, ns, vectorized) if callable(jac) else None
+    fun_b = _batched(fun, pargs, kwargs, fun_ns, vectorized, "fun")
+    jac_b = _batched(jac, pargs, kwargs, ns, vectorized, "jac") if callable(jac) else None
 
-    # probe one problem for m and for scipy's shape errors
-    probe = fun_b(x0_all[:1], torch.zeros(1, dtype=torch.long, device=dev))
-    if probe.ndim != 2:
-        raise ValueError("`fun` must return an array of shape (b, m) for x of shape (b, n).")
-    m = probe.shape[1]
+    if chunk_size is None:
+        # bound the Jacobian of a chunk: 2**22 entries on the CPU (larger chunks
+        # only add page-fault time there), 2**26 on accelerators; m is not known
+        # yet, so the first chunk's residuals are evaluated on a provisional size
+        first = min(B, 4096)
+    else:
+        first = min(B, int(chunk_size))
+    f0_first = fun_b(x0_all[:first], torch.arange(first, device=dev))
+    if f0_first.ndim != 2 or f0_first.shape[0] != first:
+        raise ValueError("`fun` must return an array of shape (b, m) for x of shape (b, n); "
+                         f"got {tuple(f0_first.shape)} for b = {first}.")
+    m = f0_first.shape[1]
     if method == "lm" and m < n:
         raise ValueError("Method 'lm' doesn't work when the number of "
                          "residuals is less than the number of variables.")
@@ -230,8 +240,6 @@ def batch_least_squares(
         _torch_loss(loss, ns), f_scale)
 
     if chunk_size is None:
-        # bound the Jacobian of a chunk: 2**22 entries on the CPU (larger chunks
-        # only add page-fault time there), 2**26 on accelerators
         budget = 2**22 if dev.type == "cpu" else 2**26
         chunk_size = max(1, min(B, budget // max(1, m * n)))
     chunk_size = int(chunk_size)
@@ -246,7 +254,8 @@ def batch_least_squares(
         for start in range(0, B, chunk_size):
             stop = min(B, start + chunk_size)
             out = _solve_chunk(
-                start, stop, method=method, fun_b=fun_b, jac=jac, jac_b=jac_b, x0=x0_all,
+                start, stop, f0_known=f0_first[start:stop] if start < first else None,
+                method=method, fun_b=fun_b, jac=jac, jac_b=jac_b, x0=x0_all,
                 lb=lb_all, ub=ub_all, bounded=bounded, scale=scale_all, rel_step=rel_step,
                 m=m, n=n,
                 loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
@@ -272,10 +281,10 @@ def batch_least_squares(
 
 
 def _batched(fn: Callable, pargs: PerProblemArgs, kwargs: dict, ns: Namespace,
-             vectorized: bool) -> Callable:
+             vectorized: bool, kind: str) -> Callable:
     if vectorized:
         return VectorizedFunction(fn, pargs, kwargs, ns)
-    return RowwiseFunction(fn, pargs, kwargs, ns, None)
+    return RowwiseFunction(fn, pargs, kwargs, ns, None, kind=kind)
 
 
 def _torch_loss(loss: Callable, ns: Namespace) -> Callable:
@@ -288,8 +297,9 @@ def _torch_loss(loss: Callable, ns: Namespace) -> Callable:
     return rho_fn
 
 
-def _solve_chunk(start: int, stop: int, *, method, fun_b, jac, jac_b, x0, lb, ub, bounded, scale,
-                 rel_step, m, n, loss, ftol, xtol, gtol, max_nfev, on_finish) -> dict:
+def _solve_chunk(start: int, stop: int, *, f0_known, method, fun_b, jac, jac_b, x0, lb, ub,
+                 bounded, scale, rel_step, m, n, loss, ftol, xtol, gtol, max_nfev,
+                 on_finish) -> dict:
     dev, dt = x0.device, x0.dtype
     sl = slice(start, stop)
     x0c, lbc, ubc = x0[sl], lb[sl], ub[sl]
@@ -299,7 +309,14 @@ def _solve_chunk(start: int, stop: int, *, method, fun_b, jac, jac_b, x0, lb, ub
         return fun_b(x, idx + start)
 
     idx0 = torch.arange(b, device=dev)
-    f0 = fun_c(x0c, idx0)
+    # residuals at x0 already evaluated (while learning m) are not evaluated again
+    known = 0 if f0_known is None else f0_known.shape[0]
+    if known == b:
+        f0 = f0_known
+    elif known == 0:
+        f0 = fun_c(x0c, idx0)
+    else:
+        f0 = torch.cat([f0_known, fun_c(x0c[known:], idx0[known:])])
     if tuple(f0.shape) != (b, m):
         raise ValueError(f"`fun` returned shape {tuple(f0.shape)}, expected {(b, m)}.")
     status0 = torch.where(torch.isfinite(f0).all(-1), codes.RUNNING, codes.NONFINITE)
@@ -308,7 +325,8 @@ def _solve_chunk(start: int, stop: int, *, method, fun_b, jac, jac_b, x0, lb, ub
         def jac_c(x, f, idx):
             J = jac_b(x, idx + start)
             if tuple(J.shape) != (x.shape[0], m, n):
-                J = J.reshape(x.shape[0], m, n)
+                raise ValueError("The return value of `jac` has wrong shape: expected "
+                                 f"{(x.shape[0], m, n)}, actual {tuple(J.shape)}.")
             return J
     elif jac in FD_METHODS:
         rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)

@@ -200,7 +200,7 @@ def least_squares(
         return fun_rows(x, idx)
 
     if callable(jac):
-        jac_rows = RowwiseFunction(jac, args, kwargs, ns, None)
+        jac_rows = RowwiseFunction(jac, args, kwargs, ns, None, kind="jac")
         J0_raw = jac_rows.call_one(x0_t[0])
         if issparse(J0_raw) or isinstance(J0_raw, LinearOperator):
             if method == "lm":
@@ -213,7 +213,7 @@ def least_squares(
                              f"actual {J0_np.shape}.")
 
         def batched_jac(x, f, idx):
-            return jac_rows(x, idx).reshape(x.shape[0], m, n)
+            return jac_rows(x, idx)
 
         J0 = ns.from_user(J0_np).reshape(1, m, n)
     elif jac in FD_METHODS:

@@ -74,10 +74,14 @@ class RowwiseFunction:
         As scipy's ``workers``: rows are evaluated with ``workers(func, iterable)``.
     try_vmap : bool
         For torch functions, first try :func:`torch.vmap` over the rows.
+    kind : {'fun', 'jac'}
+        What ``fn`` returns for one point: residuals (at most 1-D, stacked to
+        ``(k, m)``) or a Jacobian (at most 2-D, stacked to ``(k, m, n)``).
     """
 
     def __init__(self, fn: Callable, args: Any, kwargs: dict, ns: Namespace,
-                 workers: Any = None, try_vmap: bool = True) -> None:
+                 workers: Any = None, try_vmap: bool = True, kind: str = "fun") -> None:
+        self.kind = kind
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
@@ -107,10 +111,11 @@ class RowwiseFunction:
             try:
                 out = torch.vmap(lambda r: torch.as_tensor(
                     self.fn(r, *self.args, **self.kwargs)))(x)
-                out = out.reshape(k, -1)
-                return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex())
             except Exception:  # noqa: BLE001 - any failure means "not vmappable"
                 self._vmap_ok = False
+            else:
+                out = self._shaped(out.reshape(k, *_atleast(out.shape[1:], self._ndim)))
+                return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex())
         ids = idx.tolist()
         rows = [x[r] for r in range(k)]
         if self.map is None:
@@ -119,8 +124,27 @@ class RowwiseFunction:
             items = [(self.ns.row_to_fun(rows[r]), self._args_for(ids[r])) for r in range(k)]
             vals = list(self.map(_RowCall(self.fn, self.kwargs), items))
         cplx = complex_ok or x.is_complex()
-        parts = [self.ns.from_user(v, complex_ok=cplx).reshape(-1) for v in vals]
-        return torch.stack(parts)
+        parts = [self.ns.from_user(v, complex_ok=cplx) for v in vals]
+        parts = [p.reshape(_atleast(tuple(p.shape), self._ndim)) for p in parts]
+        shapes = {tuple(p.shape) for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"`{self.kind}` returned arrays of different shapes for different "
+                             f"problems: {sorted(shapes)}.")
+        return self._shaped(torch.stack(parts))
+
+    @property
+    def _ndim(self) -> int:
+        return 1 if self.kind == "fun" else 2
+
+    def _shaped(self, out: Tensor) -> Tensor:
+        """Check the stacked result is ``(k, m)`` (fun) or ``(k, m, n)`` (jac)."""
+        if out.ndim != self._ndim + 1:
+            if self.kind == "fun":
+                raise ValueError("`fun` must return at most 1-d array_like. "
+                                 f"f0.shape: {tuple(out.shape[1:])}")
+            raise ValueError("`jac` must return at most 2-d array_like; got shape "
+                             f"{tuple(out.shape[1:])}.")
+        return out
 
 
 class _RowCall:
@@ -133,6 +157,14 @@ class _RowCall:
     def __call__(self, item: tuple) -> Any:
         x, args = item
         return self.fn(x, *args, **self.kwargs)
+
+
+def _atleast(shape: tuple, ndim: int) -> tuple:
+    """``numpy.atleast_1d``/``atleast_2d`` applied to a shape."""
+    shape = tuple(shape)
+    if len(shape) >= ndim:
+        return shape
+    return (1,) * (ndim - len(shape)) + shape
 
 
 def _make_map(workers: Any) -> Callable | None:
