@@ -30,13 +30,15 @@ RESULTS_DIR = BENCH_DIR / "results"
 
 
 # --------------------------------------------------------------------------- options
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, *, device: str = "cpu", dtype: str = "float64",
+                dtypes: tuple[str, ...] = ("float64", "float32")) -> argparse.ArgumentParser:
     """An argument parser with the options every script shares."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="torch device for our solver (cpu, cuda, ...)")
-    p.add_argument("--dtype", default="float64", choices=("float64", "float32"),
-                   help="dtype of our solver (scipy always runs in float64)")
+    p.add_argument("--device", default=device,
+                   help=f"torch device for our solver (cpu, cuda, ...; default {device})")
+    p.add_argument("--dtype", default=dtype, choices=dtypes,
+                   help=f"dtype of our solver (default {dtype}; scipy always runs in float64)")
     p.add_argument("--threads", type=int, default=2,
                    help="threads for torch and for numpy/scipy BLAS (default 2)")
     p.add_argument("--quick", action="store_true", help="small sizes, to validate the script")
@@ -50,7 +52,7 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """Apply ``--threads``; return the torch device and dtype of ``args``."""
     torch.set_num_threads(max(1, args.threads))
     dev = torch.device(args.device)
-    dt = torch.float64 if args.dtype == "float64" else torch.float32
+    dt = torch.float32 if args.dtype == "float32" else torch.float64
     return dev, dt
 
 
@@ -218,7 +220,7 @@ def compare_costs(ours: np.ndarray, ref: np.ndarray, rtol: float = 1e-6) -> dict
 #: Sample points of the 1-D Gaussian-peak problems (m = 64).
 PEAK_M = 64
 PEAK_T = np.linspace(-3.0, 3.0, PEAK_M)
-PEAK_BLOCK = 65536  # problems per random block: problem i's data does not depend on B
+PEAK_BLOCK = 4096  # problems per random block: problem i's data does not depend on B
 
 
 def peak_data(B: int, seed: int = 0, dtype: Any = np.float64,
@@ -228,7 +230,7 @@ def peak_data(B: int, seed: int = 0, dtype: Any = np.float64,
     Truth: ``a ~ U(1, 3)``, ``mu ~ U(-1, 1)``, ``s ~ U(0.4, 1)``,
     ``c ~ U(-0.2, 0.2)``; noise ``N(0, 0.05)``; start ``a (1 + 0.2u)``,
     ``mu + 0.3u``, ``s (1 + 0.2u)``, ``c + 0.1u`` with ``u ~ U(-1, 1)``.
-    Generated in blocks of 65,536 problems seeded by ``(seed, block)``, so
+    Generated in blocks of 4,096 problems seeded by ``(seed, block)``, so
     problem ``i`` is the same for every ``B`` and memory stays at ``y``.
 
     Returns ``y (B, 64)``, ``p_true (B, 4)``, ``p0 (B, 4)`` in ``dtype``.

@@ -24,16 +24,21 @@ decade; ``--quick`` stops at 10^4), one subprocess per size so that
 with a plot (``benchmarks/batch_scaling.png`` for a full CPU float64 run)
 when matplotlib is installed.
 
+Part 3 -- fits/s and user/system CPU time vs ``chunk_size`` (1,000 ... the
+library default) on 10^5 problems (``--quick``: 10^4).
+
 Usage::
 
     python benchmarks/bench_batch.py [--quick] [--device cuda] [--dtype float32]
-           [--threads 2] [--batch 20000] [--scipy-subset 1000] [--no-scaling]
+           [--threads 2] [--batch 20000] [--scipy-subset 1000] [--chunk-size N]
+           [--no-comparison] [--no-scaling] [--no-chunk-sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -81,7 +86,7 @@ VARIANTS = {
 
 
 def make_call(variant: str, p0: np.ndarray, y: np.ndarray, dev: torch.device, dt: torch.dtype,
-              method: str, return_jac: bool = True):
+              method: str, return_jac: bool = True, chunk_size: int | None = None):
     """A zero-argument callable running ``batch_least_squares`` for ``variant``."""
     kind, jac, _ = VARIANTS[variant]
     if kind == "numpy":
@@ -99,7 +104,7 @@ def make_call(variant: str, p0: np.ndarray, y: np.ndarray, dev: torch.device, dt
 
     def call():
         return batch_least_squares(fun, x0, jac=jac_arg, method=method, args=(data,),
-                                   return_jac=return_jac, **extra)
+                                   return_jac=return_jac, chunk_size=chunk_size, **extra)
 
     return call
 
@@ -120,7 +125,7 @@ def run_comparison(args, dev, dt) -> list[dict[str, Any]]:
             ref = ref_cache[(method, sjac)]
             # warm-up (first use of torch.func etc.), then the timed runs
             make_call(name, p0[:64], y[:64], dev, dt, method)()
-            call = make_call(name, p0, y, dev, dt, method)
+            call = make_call(name, p0, y, dev, dt, method, chunk_size=args.chunk_size)
             times = []
             res = None
             for _ in range(repeat):
@@ -187,7 +192,8 @@ def scaling_worker(args, dev, dt) -> None:
     y, _, p0 = peak_data(N, seed=args.seed)
     name = args.scaling_variant
     make_call(name, p0[: min(N, 64)], y[: min(N, 64)], dev, dt, args.scaling_method)()
-    call = make_call(name, p0, y, dev, dt, args.scaling_method, return_jac=not args.no_return_jac)
+    call = make_call(name, p0, y, dev, dt, args.scaling_method, return_jac=not args.no_return_jac,
+                     chunk_size=args.chunk_size)
     base_rss = current_rss_bytes()
     if dev.type == "cuda":
         sync(dev)
@@ -220,6 +226,8 @@ def run_scaling(args) -> list[dict[str, Any]]:
             cmd.append("--quick")
         if args.no_return_jac:
             cmd.append("--no-return-jac")
+        if args.chunk_size:
+            cmd += ["--chunk-size", str(args.chunk_size)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -256,6 +264,42 @@ def print_scaling(rows, args) -> None:
     print("\nEach size runs in a fresh process (data generation included in the peak RSS; "
           "'RSS before solve' = after imports, data and a warm-up call). Time = median of "
           "repeated calls until at least 1 s (0.2 s with --quick) was spent.")
+
+
+# --------------------------------------------------------------------------- chunk sweep
+def run_chunk_sweep(args, dev, dt) -> list[dict[str, Any]]:
+    """fits/s and CPU time (user, system) vs ``chunk_size`` at one batch size."""
+    B = args.chunk_sweep_batch or (10**4 if args.quick else 10**5)
+    y, _, p0 = peak_data(B, seed=args.seed)
+    name, method = args.scaling_variant, args.scaling_method
+    make_call(name, p0[:64], y[:64], dev, dt, method)()
+    sizes = [c for c in (1000, 4000, 16000, 64000) if c < B] + [None]
+    out = []
+    for cs in sizes:
+        call = make_call(name, p0, y, dev, dt, method, chunk_size=cs)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        seconds, res = timed(call, dev)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        default = max(1, min(B, 2**25 // (64 * 4)))
+        out.append({"B": B, "chunk_size": cs if cs else default, "default": cs is None,
+                    "seconds": seconds, "fits_per_s": B / seconds,
+                    "user_s": r1.ru_utime - r0.ru_utime, "system_s": r1.ru_stime - r0.ru_stime})
+        del res
+        print(f"  chunk_size={out[-1]['chunk_size']:>7,}{' (default)' if cs is None else ''}: "
+              f"{out[-1]['fits_per_s']:10.0f} fits/s", flush=True)
+    return out
+
+
+def print_chunk_sweep(rows, args) -> None:
+    if not rows:
+        return
+    print(f"\n### fits/s vs chunk_size ({rows[0]['B']:,} problems, {args.scaling_method}, "
+          f"{args.scaling_variant}, {args.device}, {args.dtype})\n")
+    headers = ["chunk_size", "fits/s", "wall (s)", "user CPU (s)", "system CPU (s)"]
+    table = [[f"{r['chunk_size']:,}" + (" (default)" if r["default"] else ""), r["fits_per_s"],
+              r["seconds"], r["user_s"], r["system_s"]] for r in rows]
+    print(md_table(headers, table))
+    print("\nSystem CPU time is mostly page faults of large temporary tensors.")
 
 
 def plot_scaling(rows, comparison, args) -> Path | None:
@@ -297,6 +341,7 @@ def plot_scaling(rows, comparison, args) -> Path | None:
     ax2.semilogx(sizes, mem, "s:", color="tab:red",
                  label="peak GPU memory" if gpu else "peak RSS (process)")
     ax2.set_ylabel("GiB")
+    ax2.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
@@ -326,6 +371,11 @@ def main() -> None:
     p.add_argument("--no-return-jac", action="store_true",
                    help="part 2 with return_jac=False (default: the library default, True)")
     p.add_argument("--plot", default=None, help="path of the scaling plot")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="chunk_size of parts 1 and 2 (default: the library's)")
+    p.add_argument("--no-chunk-sweep", action="store_true", help="skip part 3")
+    p.add_argument("--chunk-sweep-batch", type=int, default=None,
+                   help="problems of part 3 (default 10^5; quick 10^4)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     dev, dt = setup(args)
@@ -350,6 +400,11 @@ def main() -> None:
         plot = plot_scaling(scaling, comparison, args)
         if plot is not None:
             print(f"\nplot: {plot}")
+    sweep: list[dict[str, Any]] = []
+    if not args.no_chunk_sweep:
+        print("\npart 3: fits/s vs chunk_size", flush=True)
+        sweep = run_chunk_sweep(args, dev, dt)
+        print_chunk_sweep(sweep, args)
     path = write_json(args, "bench_batch", {
         "problem": "1-D Gaussian peak, n=4, m=64, noise 0.05, see benchmarks/_common.py",
         "rtol": args.rtol,
@@ -358,6 +413,7 @@ def main() -> None:
         "scaling": {"method": args.scaling_method, "variant": args.scaling_variant,
                     "return_jac": not args.no_return_jac, "rows": scaling,
                     "plot": str(plot) if plot else None},
+        "chunk_sweep": sweep,
     })
     print(f"results: {path}")
 

@@ -98,6 +98,9 @@ def main() -> None:
                    help="problems solved by scipy (default 1000; quick 200)")
     p.add_argument("--max-iter", type=int, default=100, help="torchimize's max_iter")
     p.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance of 'equal cost'")
+    p.add_argument("--jacs", nargs="+", default=["analytic", "autograd"],
+                   choices=["analytic", "autograd"],
+                   help="Jacobians to run (torchimize's autograd one is slow with meth='lev')")
     p.add_argument("--torchimize-path", default=None,
                    help="folder holding the torchimize package (pip install --target)")
     args = p.parse_args()
@@ -143,7 +146,7 @@ def main() -> None:
         return call
 
     solvers = []
-    for jac in ("analytic", "autograd"):
+    for jac in args.jacs:
         solvers += [("torchimize lsq_lma_parallel(meth='lev')", jac, "tz", tz_call("lev", jac)),
                     ("torchimize lsq_lma_parallel(meth='marq')", jac, "tz",
                      tz_call("marq", jac)),

@@ -144,9 +144,21 @@ def batch_least_squares(
         (``(m, n)`` per problem when not vectorized).
     bounds : 2-tuple or `scipy.optimize.Bounds`, optional
         Each bound a scalar, shape ``(n,)`` or ``(B, n)``.
-    method, ftol, xtol, gtol, x_scale, loss, f_scale, diff_step, max_nfev
-        As in :func:`torchimize_scipy.least_squares`; ``x_scale`` may also be
-        ``(B, n)``.
+    method : {'trf', 'dogbox', 'lm', 'gn', 'gd'}, optional
+        As in :func:`torchimize_scipy.least_squares`.
+    ftol, xtol, gtol : float or None, optional
+        As in :func:`torchimize_scipy.least_squares`.
+    x_scale : array_like or 'jac', optional
+        As in :func:`torchimize_scipy.least_squares`; may also be ``(B, n)``.
+    loss : str or callable, optional
+        As in :func:`torchimize_scipy.least_squares`; a callable maps ``z``
+        of shape ``(b, m)`` to ``(3, b, m)``.
+    f_scale : float, optional
+        Soft margin of the robust loss.
+    diff_step : array_like, optional
+        Relative finite-difference step.
+    max_nfev : int, optional
+        Evaluation budget per problem.
     verbose : {0, 1, 2}, optional
         1 prints a summary at the end, 2 also one line per chunk.
     args, kwargs : optional
@@ -357,7 +369,9 @@ def _build(out: dict, ns: Namespace, method: str, jac: Any, bounded: bool) -> Ba
         x=ns.to_user(out["x"]), cost=ns.to_user(out["cost"]), fun=ns.to_user(out["f_true"]),
         jac=ns.to_user(out["J"]) if "J" in out else None, grad=ns.to_user(out["g"]),
         optimality=ns.to_user(out["optimality"]),
-        active_mask=ns.to_user(out["active_mask"]),
+        active_mask=ns.to_user(out["active_mask"].to(out["x"].dtype)
+                               if (method in ("trf", "gn", "gd") and not bounded)
+                               else out["active_mask"]),
         nfev=ns.to_user(out["nfev"]),
         njev=None if (method == "lm" and not callable(jac)) else ns.to_user(njev),
         status=ns.to_user(status), success=ns.to_user(success),

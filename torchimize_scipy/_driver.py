@@ -46,6 +46,7 @@ def solve(
     on_finish: Callable[[int], None] | None = None,
     on_iteration: Callable[[dict], None] | None = None,
     batched: bool = False,
+    step_length: float | None = None,
 ) -> dict[str, Tensor]:
     """Solve ``B`` problems; return batch-first result tensors.
 
@@ -68,7 +69,7 @@ def solve(
         fun=fun, jac=jac, m=m, n=n, loss=loss, ftol=ftol, xtol=xtol, gtol=gtol,
         max_nfev=max_nfev if max_nfev is not None else default_max_nfev(method, n),
         jac_scale=jac_scale, bounded=bounded, callback=callback, verbose=verbose,
-        use_gram=batched)
+        use_gram=batched, step_length=step_length)
     if jac_scale:
         scale = torch.ones_like(x0)
     else:

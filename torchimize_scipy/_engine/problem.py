@@ -48,6 +48,10 @@ class Problem:
         single problem; True stops it with status -2.
     verbose
         0, 1 or 2 as in scipy; the iteration table is printed for ``B == 1``.
+    step_length
+        Line-search methods only: the length tried first in every outer
+        iteration ('gn': fraction of the Gauss-Newton step, default 1; 'gd':
+        multiple of the scaled anti-gradient, default adaptive).
     use_gram
         Factorise through the Gram matrix ``J^T J`` (batches) rather than by
         a direct SVD of ``J`` (single problems); see ``linalg.svd_factors``.
@@ -67,6 +71,7 @@ class Problem:
     callback: Callable[[dict], bool] | None = None
     verbose: int = 0
     use_gram: bool = False
+    step_length: float | None = None
 
     def cost(self, f: Tensor) -> Tensor:
         """Cost ``0.5 * sum(rho(f**2))`` per problem, ``(B,)``."""

@@ -18,7 +18,9 @@ point is projected onto the box (projected search, Bertsekas 1982).
   scaled by ``x_scale`` (``D = diag(x_scale)``); the length carries over
   between iterations and doubles after each accepted step. The first length
   is :math:`\Delta_0 / \lVert D g \rVert` with scipy's initial trust radius
-  :math:`\Delta_0 = \lVert x_0 / D \rVert` (1 when that is 0).
+  :math:`\Delta_0 = \lVert x_0 / D \rVert` (1 when that is 0). With a fixed
+  ``step_length`` :math:`l` (the torchimize layer's ``l``), every iteration
+  tries :math:`x - l D^2 g` first and only halves it when that fails.
 
 Optimality and the ``gtol`` test use scipy's bounded measure
 :math:`\lVert v \odot g \rVert_\infty` (Coleman-Li ``v``; :math:`\lVert g
@@ -78,10 +80,11 @@ class _LineSearch(StepRule):
                                  state["x"].norm(dim=-1), ratio, problem.ftol, problem.xtol)
         stop = finite & (code != 0)
         status = torch.where(stop, code, torch.full_like(code, codes.RUNNING))
-        self.update_length(state, accept)
+        self.update_length(problem, state, accept)
         return accept, status, trial["x_new"]
 
-    def update_length(self, state: dict, accept: Tensor) -> None:
+    def update_length(self, problem: Problem, state: dict, accept: Tensor) -> None:
+        """Halve the length after a rejected trial."""
         state["t"] = torch.where(accept, state["t"], 0.5 * state["t"])
 
     @staticmethod
@@ -124,7 +127,8 @@ class GaussNewton(_LineSearch):
         steepest = -(d * d) * g
         descent = (direction * g).sum(-1) < 0
         state["direction"] = torch.where(descent.unsqueeze(-1), direction, steepest)
-        state["t"] = torch.ones_like(state["t"])
+        first = 1.0 if problem.step_length is None else problem.step_length
+        state["t"] = torch.full_like(state["t"], first)
 
 
 class GradientDescent(_LineSearch):
@@ -142,6 +146,10 @@ class GradientDescent(_LineSearch):
     def prepare(self, problem: Problem, state: dict) -> None:
         d = state["scale"] * self.free_variables(problem, state)
         state["direction"] = -(d * d) * state["g"]
+        if problem.step_length is not None:  # a fixed first length, as classic GD
+            state["t"] = torch.full_like(state["t"], problem.step_length)
 
-    def update_length(self, state: dict, accept: Tensor) -> None:
-        state["t"] = torch.where(accept, 2.0 * state["t"], 0.5 * state["t"])
+    def update_length(self, problem: Problem, state: dict, accept: Tensor) -> None:
+        """Halve after a rejected trial; double after an accepted one (adaptive mode)."""
+        grow = 2.0 if problem.step_length is None else 1.0
+        state["t"] = torch.where(accept, grow * state["t"], 0.5 * state["t"])

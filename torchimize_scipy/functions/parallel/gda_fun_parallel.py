@@ -1,0 +1,93 @@
+"""Gradient descent for a batch of multi-channel problems."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .._core import (
+    ParallelModel,
+    check_gd_step,
+    check_max_iter,
+    check_tolerances,
+    minimize,
+    parallel_result,
+    start_point,
+)
+from ._docs import fill_doc
+
+
+@fill_doc
+def gradient_descent_parallel(
+    p: torch.Tensor,
+    function: Callable,
+    jac_function: Callable | None = None,
+    args: Sequence = (),
+    wvec: torch.Tensor | None = None,
+    ftol: float = 1e-8,
+    ptol: float = 1e-8,
+    gtol: float = 1e-8,
+    l: float = 1.0,
+    max_iter: int = 100,
+) -> list[torch.Tensor]:
+    r"""Minimise each problem's weighted cost by gradient descent.
+
+    Runs the engine's ``'gd'`` rule on every problem: steps :math:`p \leftarrow
+    p - t\,g` along the negative gradient :math:`g = \sum_c w_c J_c^\top f_c`,
+    starting with the step size :math:`t = l` (the first trial is exactly
+    :math:`p_0 - l\,g(p_0)`); a trial that does not decrease the cost enough
+    (Armijo) is rejected and :math:`t` halved, an accepted one doubles it.
+    Each problem stops on its own tests and is frozen afterwards.
+
+    Parameters
+    ----------
+    {common}
+    ftol : float, optional
+        Stop a problem when its cost decreases by less than ``ftol * cost``.
+    ptol : float, optional
+        Stop when ``||step|| < ptol * (ptol + ||p - p0||)``.
+    gtol : float, optional
+        Stop when ``max |g| < gtol``.
+    l : float, optional
+        Initial step size, > 0.
+    max_iter : int, optional
+        Maximum number of iterations (trial steps), i.e. of returned tensors.
+
+    Returns
+    -------
+    list of Tensor
+        The ``(B, n)`` iterates after each iteration (at least one); the last
+        holds the results. The list's ``info`` attribute holds per-problem
+        cost, status and counters.
+    """
+    x0 = start_point(p, 2)
+    ftol, xtol, gtol = check_tolerances(ftol, ptol, gtol)
+    step = check_gd_step(l)
+    max_iter = check_max_iter(max_iter)
+    model = ParallelModel(function, jac_function, args, x0, wvec)
+    its = minimize(model, x0, "gd", ftol=ftol, xtol=xtol, gtol=gtol, max_trials=max_iter,
+                   step_size=step)
+    return parallel_result(its)
+
+
+def gradient_descent_parallel_plain(
+    p: torch.Tensor,
+    function: Callable,
+    jac_function: Callable,
+    wvec: torch.Tensor,
+    l: float = 1.0,
+    max_iter: int = 100,
+) -> torch.Tensor:
+    """:func:`gradient_descent_parallel` without stop tests; returns the final ``(B, n)``.
+
+    Runs exactly ``max_iter`` iterations (tolerances 0); ``jac_function`` may
+    be None for autograd.
+    """
+    x0 = start_point(p, 2)
+    step = check_gd_step(l)
+    max_iter = check_max_iter(max_iter)
+    model = ParallelModel(function, jac_function, (), x0, wvec)
+    its = minimize(model, x0, "gd", ftol=0.0, xtol=0.0, gtol=0.0, max_trials=max_iter,
+                   step_size=step)
+    return its.info["x"]

@@ -1,0 +1,76 @@
+"""Gradient descent for one least-squares problem (torchimize's ``gradient_descent``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .._core import (
+    SingleModel,
+    check_gd_step,
+    check_max_iter,
+    check_tolerances,
+    minimize,
+    single_result,
+    start_point,
+)
+
+
+def gradient_descent(
+    p: torch.Tensor,
+    function: Callable,
+    jac_function: Callable | None = None,
+    args: Sequence = (),
+    ftol: float = 1e-8,
+    ptol: float = 1e-8,
+    gtol: float = 1e-8,
+    l: float = 1.0,
+    max_iter: int = 100,
+) -> list[torch.Tensor]:
+    r"""Minimise :math:`\tfrac12\lVert f(p)\rVert^2` by gradient descent.
+
+    Runs the engine's ``'gd'`` rule: steps :math:`p \leftarrow p - t\,g` along
+    the negative gradient :math:`g = J^\top f`, starting with the step size
+    :math:`t = l` (the first trial is exactly :math:`p_0 - l\,g(p_0)`); a trial
+    that does not decrease the cost enough (Armijo) is rejected and :math:`t`
+    halved, an accepted one doubles :math:`t` for the next step.
+
+    Parameters
+    ----------
+    p : Tensor, shape (n,)
+        Starting point (never modified).
+    function : callable
+        ``function(p, *args) -> (m,)`` residuals.
+    jac_function : callable, optional
+        ``jac_function(p, *args) -> (m, n)``; default: exact Jacobian by autograd.
+    args : tuple or list, optional
+        Extra arguments of ``function`` and ``jac_function``.
+    ftol : float, optional
+        Stop when the cost decreases by less than ``ftol * cost`` in a step
+        (scipy's ``ftol`` test).
+    ptol : float, optional
+        Stop when ``||step|| < ptol * (ptol + ||p - p0||)`` (scipy's ``xtol``
+        test; see the migration notes for why ``p - p0``).
+    gtol : float, optional
+        Stop when ``max |g| < gtol``.
+    l : float, optional
+        Initial step size, > 0.
+    max_iter : int, optional
+        Maximum length of the returned list (the start point included), i.e.
+        at most ``max_iter - 1`` trial steps.
+
+    Returns
+    -------
+    list of Tensor
+        ``[p0, p1, ...]``, each of shape ``(n,)``; the last is the result. The
+        list's ``info`` attribute holds the final cost, status and counters.
+    """
+    x0 = start_point(p, 1)
+    ftol, xtol, gtol = check_tolerances(ftol, ptol, gtol)
+    step = check_gd_step(l)
+    max_iter = check_max_iter(max_iter)
+    model = SingleModel(function, jac_function, args, x0)
+    its = minimize(model, x0[None], "gd", ftol=ftol, xtol=xtol, gtol=gtol,
+                   max_trials=max_iter - 1, step_size=step)
+    return single_result(x0[None], its)
