@@ -44,7 +44,20 @@ class StepRule:
     prints_table = True
 
     def after_jacobian(self, problem: Problem, state: dict) -> None:
-        """Update state that depends on the new Jacobian (default: nothing)."""
+        """Update state that depends on the new Jacobian (default: ``x_scale='jac'``)."""
+        update_jac_scale(problem, state)
+
+
+def bound_activity(problem: Problem, state: dict) -> dict:
+    """``finalize`` result of the interior methods: bounds within ``xtol`` are active."""
+    if problem.bounded:
+        from ..bounds import find_active_constraints
+
+        active = find_active_constraints(state["x"], state["lb"], state["ub"],
+                                         rtol=problem.xtol)
+    else:
+        active = torch.zeros_like(state["x"], dtype=torch.long)
+    return {"active_mask": active}
 
 
 def flag_singular(state: dict, ok: Tensor) -> None:

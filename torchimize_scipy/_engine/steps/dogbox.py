@@ -28,7 +28,12 @@ from ..quadratic import (
     minimize_quadratic_1d,
     update_tr_radius,
 )
-from ._common import StepRule, flag_singular, inf_norm, initial_scale, update_jac_scale
+from ._common import (
+    StepRule,
+    flag_singular,
+    inf_norm,
+    initial_scale,
+)
 
 
 class Dogbox(StepRule):
@@ -96,9 +101,6 @@ class Dogbox(StepRule):
         x_acc = torch.where(on_bound == -1, state["lb"],
                             torch.where(on_bound == 1, state["ub"], trial["x_new"]))
         return accept, status, x_acc
-
-    def after_jacobian(self, problem: Problem, state: dict) -> None:
-        update_jac_scale(problem, state)
 
     def finalize(self, problem: Problem, state: dict) -> dict:
         return {"active_mask": state["on_bound"]}

@@ -34,11 +34,17 @@ import torch
 from torch import Tensor
 
 from .. import status as codes
-from ..bounds import coleman_li_scaling, find_active_constraints
+from ..bounds import coleman_li_scaling
 from ..linalg import gauss_newton_step, svd_factors
 from ..problem import Problem
 from ..quadratic import check_termination, evaluate_quadratic
-from ._common import StepRule, flag_singular, inf_norm, initial_scale, update_jac_scale
+from ._common import (
+    StepRule,
+    bound_activity,
+    flag_singular,
+    inf_norm,
+    initial_scale,
+)
 
 ARMIJO = 1e-4
 
@@ -96,16 +102,8 @@ class _LineSearch(StepRule):
         held = ((x <= state["lb"]) & (g > 0)) | ((x >= state["ub"]) & (g < 0))
         return ~held
 
-    def after_jacobian(self, problem: Problem, state: dict) -> None:
-        update_jac_scale(problem, state)
-
     def finalize(self, problem: Problem, state: dict) -> dict:
-        if problem.bounded:
-            active = find_active_constraints(state["x"], state["lb"], state["ub"],
-                                             rtol=problem.xtol)
-        else:
-            active = torch.zeros_like(state["x"], dtype=torch.long)
-        return {"active_mask": active}
+        return bound_activity(problem, state)
 
 
 class GaussNewton(_LineSearch):

@@ -154,6 +154,9 @@ class LevenbergMarquardt(StepRule):
         state["uncounted_jac"] = (accept & (status != codes.RUNNING)).long()
         return accept, status, x_new
 
+    def after_jacobian(self, problem: Problem, state: dict) -> None:
+        """MINPACK keeps its own scaling ``diag`` (updated in ``top``)."""
+
     def finalize(self, problem: Problem, state: dict) -> dict:
         return {"active_mask": torch.zeros_like(state["x"], dtype=torch.long),
                 "njev": state["njev"] - state["uncounted_jac"]}

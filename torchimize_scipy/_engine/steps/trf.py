@@ -25,7 +25,6 @@ from torch import Tensor
 from .. import status as codes
 from ..bounds import (
     coleman_li_scaling,
-    find_active_constraints,
     in_bounds,
     make_strictly_feasible,
     step_size_to_bound,
@@ -43,11 +42,11 @@ from ..quadratic import (
 from ._common import (
     StepRule,
     alloc_svd,
+    bound_activity,
     flag_singular,
     inf_norm,
     initial_scale,
     svd_width,
-    update_jac_scale,
 )
 
 
@@ -136,16 +135,8 @@ class TRF(StepRule):
         accept = finite & (actual > 0)
         return accept, status, trial["x_new"]
 
-    def after_jacobian(self, problem: Problem, state: dict) -> None:
-        update_jac_scale(problem, state)
-
     def finalize(self, problem: Problem, state: dict) -> dict:
-        if problem.bounded:
-            active = find_active_constraints(state["x"], state["lb"], state["ub"],
-                                             rtol=problem.xtol)
-        else:
-            active = torch.zeros_like(state["x"], dtype=torch.long)
-        return {"active_mask": active}
+        return bound_activity(problem, state)
 
 
 def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
