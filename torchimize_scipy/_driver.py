@@ -19,6 +19,16 @@ from ._engine.problem import BatchedFun, BatchedJac, Problem
 from ._engine.steps import RULES
 
 
+def _large(m: int, n: int) -> bool:
+    """Tall, large problems factorise through ``J^T J`` (with the SVD fallback).
+
+    For ``m >= 10 n`` and ``m n >= 2**20`` the Gram matrix costs a fraction of
+    an SVD of ``J``, and the route falls back to the SVD wherever
+    ``cond(J)**2`` is too large for it.
+    """
+    return m >= 10 * n and m * n >= 2**20
+
+
 def default_max_nfev(method: str, n: int) -> int:
     """scipy's default budget (``100 n``); ``'gd'`` gets ``1000 n``."""
     return (1000 if method == "gd" else 100) * n
@@ -69,7 +79,7 @@ def solve(
         fun=fun, jac=jac, m=m, n=n, loss=loss, ftol=ftol, xtol=xtol, gtol=gtol,
         max_nfev=max_nfev if max_nfev is not None else default_max_nfev(method, n),
         jac_scale=jac_scale, bounded=bounded, callback=callback, verbose=verbose,
-        use_gram=batched, step_length=step_length)
+        use_gram=batched or _large(m, n), step_length=step_length)
     if jac_scale:
         scale = torch.ones_like(x0)
     else:
