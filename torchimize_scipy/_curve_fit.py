@@ -973,7 +973,9 @@ def batch_curve_fit(
     if method == "lm" and n > M:
         raise TypeError(f"The number of func parameters={n} must not"
                         f" exceed the number of data points={M}")
-    kwargs.pop("return_jac", None)
+    if "return_jac" in kwargs:
+        raise ValueError("`return_jac` cannot be set: batch_curve_fit needs the Jacobians "
+                         "to compute pcov.")
 
     data = _BatchData(xdata, Y, _batch_sigma_transform(sigma, B, M), B)
     col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False
