@@ -196,8 +196,7 @@ def least_squares(
     if not callable(jac) and method == "lm" and jac_sparsity is not None:
         raise ValueError("method='lm' does not support `jac_sparsity`.")
 
-    def batched_fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return fun_rows(x, idx)
+    batched_fun = fun_rows  # (k, n), idx -> (k, m): the engine's residual callable
 
     if callable(jac):
         jac_rows = RowwiseFunction(jac, args, kwargs, ns, None, kind="jac")
