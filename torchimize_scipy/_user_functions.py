@@ -24,8 +24,20 @@ from torch import Tensor
 from ._arrays import Namespace, is_torch
 
 
+def _is_array(a: Any) -> bool:
+    """numpy, torch or any other array-API array (not lists or scalars)."""
+    if is_torch(a) or isinstance(a, np.ndarray):
+        return True
+    try:
+        import array_api_compat
+
+        return bool(array_api_compat.is_array_api_obj(a))
+    except ImportError:  # pragma: no cover
+        return False
+
+
 def _is_batch_array(a: Any, B: int) -> bool:
-    return (is_torch(a) or isinstance(a, np.ndarray)) and a.ndim >= 1 and a.shape[0] == B
+    return _is_array(a) and a.ndim >= 1 and a.shape[0] == B
 
 
 class PerProblemArgs:
@@ -50,8 +62,13 @@ class PerProblemArgs:
                 out.append(a)
             elif is_torch(a):
                 out.append(a.index_select(0, idx.to(a.device)))
-            else:
+            elif isinstance(a, np.ndarray):
                 out.append(a[idx.cpu().numpy()])
+            else:  # another array-API library
+                import array_api_compat
+
+                ax = array_api_compat.array_namespace(a)
+                out.append(ax.take(a, ax.asarray(idx.cpu().numpy()), axis=0))
         return tuple(out)
 
     def row(self, i: int) -> tuple:
