@@ -261,7 +261,21 @@ def batch_least_squares(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=B, desc=f"batch_least_squares[{method}]", unit="fit")
-    merged: dict[str, torch.Tensor] = {}
+    # full-size results; chunks are solved straight into them when they live on
+    # the engine's device, otherwise copied over chunk by chunk
+    home = dev if ns.kind == "torch" else torch.device("cpu")
+    long = {"dtype": torch.long, "device": home}
+    merged: dict[str, torch.Tensor] = {
+        "x": torch.empty(B, n, dtype=dt, device=home), "cost": torch.empty(B, dtype=dt,
+                                                                           device=home),
+        "f_true": torch.empty(B, m, dtype=dt, device=home),
+        "g": torch.empty(B, n, dtype=dt, device=home),
+        "optimality": torch.empty(B, dtype=dt, device=home),
+        "active_mask": torch.zeros(B, n, **long), "nfev": torch.zeros(B, **long),
+        "njev": torch.zeros(B, **long), "nit": torch.zeros(B, **long),
+        "status": torch.zeros(B, **long)}
+    if return_jac:
+        merged["J"] = torch.empty(B, m, n, dtype=dt, device=home)
     try:
         for start in range(0, B, chunk_size):
             stop = min(B, start + chunk_size)
@@ -271,14 +285,11 @@ def batch_least_squares(
                 lb=lb_all, ub=ub_all, bounded=bounded, scale=scale_all, rel_step=rel_step,
                 m=m, n=n,
                 loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
-                on_finish=bar.update if bar is not None else None)
-            if not return_jac:
-                out.pop("J")
-            home = dev if ns.kind == "torch" else torch.device("cpu")
-            for k, v in out.items():
-                if k not in merged:  # full-size result buffers, filled chunk by chunk
-                    merged[k] = torch.empty((B, *v.shape[1:]), dtype=v.dtype, device=home)
-                merged[k][start:stop] = v
+                on_finish=bar.update if bar is not None else None,
+                out={k: v[start:stop] for k, v in merged.items()} if home == dev else None)
+            if home != dev:
+                for k, v in merged.items():
+                    v[start:stop] = out[k]
             del out
             if verbose == 2:
                 ok = int((merged["status"][start:stop] > 0).sum())
@@ -311,7 +322,7 @@ def _torch_loss(loss: Callable, ns: Namespace) -> Callable:
 
 def _solve_chunk(start: int, stop: int, *, f0_known, method, fun_b, jac, jac_b, x0, lb, ub,
                  bounded, scale, rel_step, m, n, loss, ftol, xtol, gtol, max_nfev,
-                 on_finish) -> dict:
+                 on_finish, out) -> dict:
     dev, dt = x0.device, x0.dtype
     sl = slice(start, stop)
     x0c, lbc, ubc = x0[sl], lb[sl], ub[sl]
@@ -358,7 +369,8 @@ def _solve_chunk(start: int, stop: int, *, f0_known, method, fun_b, jac, jac_b, 
     scale_c = "jac" if scale is None else scale[sl]
     return solve(method=method, fun=fun_c, jac=jac_c, x0=x0c, f0=f0, J0=J0, lb=lbc, ub=ubc,
                  x_scale=scale_c, loss=loss, ftol=ftol, xtol=xtol, gtol=gtol,
-                 max_nfev=max_nfev, initial_status=status0, on_finish=on_finish, batched=True)
+                 max_nfev=max_nfev, initial_status=status0, on_finish=on_finish, batched=True,
+                 out=out)
 
 
 def _build(out: dict, ns: Namespace, method: str, jac: Any, bounded: bool) -> BatchOptimizeResult:

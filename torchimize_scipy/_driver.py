@@ -57,6 +57,7 @@ def solve(
     on_iteration: Callable[[dict], None] | None = None,
     batched: bool = False,
     step_length: float | None = None,
+    out: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Solve ``B`` problems; return batch-first result tensors.
 
@@ -64,6 +65,9 @@ def solve(
     ``J0 (B, m, n)`` (raw, before any loss scaling); ``x_scale`` is ``'jac'``
     or ``(B, n)``. ``initial_status`` may pre-set a status for problems that
     must not run (e.g. non-finite residuals at ``x0``).
+
+    ``out`` may hold preallocated result tensors (e.g. views into a larger
+    result), which are filled in place; missing ones are allocated.
 
     Returns
     -------
@@ -92,14 +96,19 @@ def solve(
     }
     if initial_status is not None:
         state["status"] = initial_status
-    out = {
-        "x": torch.empty_like(x0), "cost": x0.new_empty(B), "f_true": torch.empty_like(f0),
-        "J": torch.empty_like(J0), "g": torch.empty_like(x0), "optimality": x0.new_empty(B),
-        "active_mask": torch.zeros(B, n, dtype=torch.long, device=dev),
-        "nfev": torch.zeros(B, dtype=torch.long, device=dev),
-        "njev": torch.zeros(B, dtype=torch.long, device=dev),
-        "nit": torch.zeros(B, dtype=torch.long, device=dev),
-        "status": torch.full((B,), codes.RUNNING, dtype=torch.long, device=dev),
+    out = dict(out or {})
+    fresh = {
+        "x": lambda: torch.empty_like(x0), "cost": lambda: x0.new_empty(B),
+        "f_true": lambda: torch.empty_like(f0), "J": lambda: torch.empty_like(J0),
+        "g": lambda: torch.empty_like(x0), "optimality": lambda: x0.new_empty(B),
+        "active_mask": lambda: torch.zeros(B, n, dtype=torch.long, device=dev),
+        "nfev": lambda: torch.zeros(B, dtype=torch.long, device=dev),
+        "njev": lambda: torch.zeros(B, dtype=torch.long, device=dev),
+        "nit": lambda: torch.zeros(B, dtype=torch.long, device=dev),
+        "status": lambda: torch.full((B,), codes.RUNNING, dtype=torch.long, device=dev),
     }
+    for key, make in fresh.items():
+        if key not in out:
+            out[key] = make()
     run(problem, RULES[method](), state, out, on_finish, on_iteration)
     return out
