@@ -29,7 +29,7 @@ def step_size_to_bound(x: Tensor, s: Tensor, lb: Tensor, ub: Tensor) -> tuple[Te
     safe_s = torch.where(nonzero, s, torch.ones_like(s))
     steps = torch.maximum((lb - x) / safe_s, (ub - x) / safe_s)
     steps = torch.where(nonzero, steps, torch.full_like(steps, float("inf")))
-    min_step = steps.min(-1).values
+    min_step = steps.amin(-1)
     hits = (steps == min_step.unsqueeze(-1)).to(s.dtype) * torch.sign(s)
     return min_step, hits.to(torch.long)
 
@@ -80,12 +80,9 @@ def coleman_li_scaling(x: Tensor, g: Tensor, lb: Tensor, ub: Tensor) -> tuple[Te
     ``v_i`` is the distance to the bound the anti-gradient points to (1 where
     that bound is infinite); ``dv_i`` is -1, 1 or 0 accordingly.
     """
-    ones = torch.ones_like(x)
-    zeros = torch.zeros_like(x)
-    to_upper = (g < 0) & torch.isfinite(ub)
-    to_lower = (g > 0) & torch.isfinite(lb)
-    v = torch.where(to_upper, ub - x, ones)
-    dv = torch.where(to_upper, -ones, zeros)
-    v = torch.where(to_lower, x - lb, v)
-    dv = torch.where(to_lower, ones, dv)
+    to_upper = (g < 0) & (ub < torch.inf)
+    to_lower = (g > 0) & (lb > -torch.inf)
+    v = torch.where(to_lower, x - lb, torch.where(to_upper, ub - x, 1.0))
+    # -1, 1 or +0.0 (the two masks never overlap)
+    dv = to_lower.to(x.dtype) - to_upper.to(x.dtype)
     return v, dv

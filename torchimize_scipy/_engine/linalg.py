@@ -24,8 +24,11 @@ safeguarded by the interval :math:`[\alpha_l, \alpha_u]`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+from torch.linalg import vector_norm as vnorm
 
 
 def svd_factors(
@@ -61,9 +64,9 @@ def svd_factors(
     if use_gram and m >= n:
         return _svd_factors_gram(J, d, f, diag, gram, g)
     A = J if d is None else J * d.unsqueeze(-2)
-    ok = torch.isfinite(A.sum((-2, -1)))
-    if bool(ok.all()):
+    if math.isfinite(float(A.sum())):  # a finite sum: every entry is finite
         return _svd_factors_direct(A, f, diag)
+    ok = torch.isfinite(A).flatten(1).all(-1)
     # non-finite rows get NaN factors without disturbing the others
     zero = torch.zeros((), dtype=A.dtype, device=A.device)
     s, V, uf = _svd_factors_direct(torch.where(ok[:, None, None], A, zero),
@@ -191,7 +194,7 @@ def gauss_newton_step(s: Tensor, V: Tensor, uf: Tensor, rcond: float | None = No
 def _phi(alpha: Tensor, suf: Tensor, s: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``|p(alpha)| - delta``, its derivative in alpha, and ``|p(alpha)|``."""
     denom = s * s + alpha.unsqueeze(-1)
-    p_norm = _safe_div(suf, denom).norm(dim=-1)
+    p_norm = vnorm(_safe_div(suf, denom), dim=-1)
     phi = p_norm - delta
     dphi = -_safe_div(suf * suf, denom**3).sum(-1) / torch.where(
         p_norm > 0, p_norm, torch.ones_like(p_norm))
@@ -222,11 +225,11 @@ def solve_trust_region_scipy(
     suf = s * uf
     full_rank = full_rank_mask(s, m, n)
     p_gn = _step_for_alpha(torch.zeros_like(delta), suf, s, V)
-    inside = full_rank & (p_gn.norm(dim=-1) <= delta)
+    inside = full_rank & (vnorm(p_gn, dim=-1) <= delta)
     if bool(inside.all()):
         return p_gn, torch.zeros_like(delta)
 
-    upper = suf.norm(dim=-1) / delta
+    upper = vnorm(suf, dim=-1) / delta
     phi0, dphi0, _ = _phi(torch.zeros_like(delta), suf, s, delta)
     lower = torch.where(full_rank, -phi0 / torch.where(dphi0 != 0, dphi0, torch.ones_like(dphi0)),
                         torch.zeros_like(delta))
@@ -251,7 +254,7 @@ def solve_trust_region_scipy(
         if not bool(running.any()):
             break
     p = _step_for_alpha(alpha, suf, s, V)
-    pn = p.norm(dim=-1)
+    pn = vnorm(p, dim=-1)
     p = p * (delta / torch.where(pn > 0, pn, torch.ones_like(pn))).unsqueeze(-1)
     p = torch.where(inside.unsqueeze(-1), p_gn, p)
     alpha = torch.where(inside, torch.zeros_like(alpha), alpha)
@@ -276,20 +279,20 @@ def solve_trust_region_minpack(
     """
     dtype = s.dtype
     dwarf = torch.finfo(dtype).tiny
-    suf = s * uf
-    full_rank = full_rank_mask(s, m, n)
     p_gn = gauss_newton_step(s, V, uf)
-    dxnorm = p_gn.norm(dim=-1)
+    dxnorm = vnorm(p_gn, dim=-1)
     fp = dxnorm - delta
     gn_ok = fp <= 0.1 * delta
     if bool(gn_ok.all()):
         return p_gn, torch.zeros_like(delta)
 
+    suf = s * uf
+    full_rank = full_rank_mask(s, m, n)
     zeros = torch.zeros_like(delta)
     phi0, dphi0, _ = _phi(zeros, suf, s, delta)
     safe_d = torch.where(dphi0 != 0, dphi0, torch.ones_like(dphi0))
     parl = torch.where(full_rank, (-phi0 / safe_d) * (dxnorm / delta), zeros)
-    gnorm = suf.norm(dim=-1)
+    gnorm = vnorm(suf, dim=-1)
     paru = gnorm / delta
     paru = torch.where(paru == 0, dwarf / torch.clamp(delta, max=0.1), paru)
     par = torch.minimum(torch.maximum(par0, parl), paru)

@@ -26,6 +26,7 @@ A step rule (see ``steps/``) provides ``init``, ``top`` (optimality and the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -98,7 +99,7 @@ def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None]) -> None:
     the selected rows are gathered, processed and scattered back.
     """
     total = mask.shape[0]
-    count = int(mask.sum())
+    count = total if bool(mask.all()) else int(mask.sum())
     if count == total or count * 2 >= total:
         view = RowView(state, None)
         fn(view)
@@ -125,20 +126,18 @@ def compact(state: State, keep: Tensor) -> None:
 def all_finite(a: Tensor) -> Tensor:
     """``(B,)`` mask: every entry of each row of ``a`` is finite.
 
-    A cheap sum decides for almost all rows; only rows whose sum is not
-    finite (a NaN/inf entry, or an overflowing sum) are checked entry by entry.
+    One sum decides in the usual case: it is finite only when every entry
+    is (an infinite or NaN entry makes it infinite or NaN). Otherwise, or
+    when the sum overflows, the entries are checked one by one.
     """
-    total = a.sum(dim=tuple(range(1, a.ndim)))
-    ok = torch.isfinite(total)
-    if not bool(ok.all()):
-        ok = torch.isfinite(a).flatten(1).all(-1)
-    return ok
+    if math.isfinite(float(a.sum())):
+        return torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+    return torch.isfinite(a).flatten(1).all(-1)
 
 
 def _rows(mask: Tensor, total: int) -> Tensor | None:
     """Indices where ``mask`` is true, or None meaning "all rows"."""
-    count = int(mask.sum())
-    if count == total:
+    if bool(mask.all()):
         return None
     return mask.nonzero().squeeze(-1)
 
@@ -207,10 +206,11 @@ def run(problem: Problem, rule, state: State, out: State,
             def outer_top(sub: RowView) -> None:
                 nonlocal printed_header
                 gtol_hit = rule.top(problem, sub)
-                may_override = (sub["status"] == st_codes.RUNNING) | (
-                    (sub["status"] >= st_codes.FTOL) & (sub["status"] <= st_codes.FTOL_XTOL))
-                sub["status"] = torch.where(gtol_hit & may_override, st_codes.GTOL,
-                                            sub["status"])
+                if bool(gtol_hit.any()):
+                    may_override = (sub["status"] == st_codes.RUNNING) | (
+                        (sub["status"] >= st_codes.FTOL) & (sub["status"] <= st_codes.FTOL_XTOL))
+                    sub["status"] = torch.where(gtol_hit & may_override, st_codes.GTOL,
+                                                sub["status"])
                 if problem.verbose == 2 and B == 1 and rule.prints_table:
                     _print_row(sub, header=not printed_header)
                     printed_header = True
@@ -253,7 +253,7 @@ def run(problem: Problem, rule, state: State, out: State,
                 boundary, torch.where(accept, red, 0.0), state["last_reduction"])
             state["last_step_norm"] = torch.where(
                 boundary, torch.where(accept, trial["step_norm"], 0.0), state["last_step_norm"])
-        state["nit"] = state["nit"] + boundary.long()
+        state["nit"] = state["nit"] + boundary
         state["fresh"] = boundary
         if bool(accept.any()):
             arows = _rows(accept, accept.shape[0])
@@ -277,8 +277,7 @@ def run(problem: Problem, rule, state: State, out: State,
 
 
 def _write_out(problem: Problem, rule, state: State, mask: Tensor, out: State) -> None:
-    rows = mask.nonzero().squeeze(-1)
-    sub = take(state, rows)
+    sub = take(state, _rows(mask, mask.shape[0]))
     extra = rule.finalize(problem, sub)
     ids = sub["ids"]
     values = {
@@ -289,4 +288,5 @@ def _write_out(problem: Problem, rule, state: State, mask: Tensor, out: State) -
         "nit": sub["nit"], "status": sub["status"],
     }
     for k, v in values.items():
-        out[k].index_copy_(0, ids, v.to(out[k].dtype))
+        dest = out[k]
+        dest.index_copy_(0, ids, v if v.dtype == dest.dtype else v.to(dest.dtype))

@@ -74,16 +74,16 @@ def minimize_quadratic_1d(
     The candidates are the two ends and, when it lies strictly inside, the
     stationary point; ties go to the first candidate in that order.
     """
-    if c is None:
-        c = torch.zeros_like(a)
-    safe_a = torch.where(a != 0, a, torch.ones_like(a))
+    nonzero = a != 0
+    safe_a = torch.where(nonzero, a, torch.ones_like(a))
     extremum = -0.5 * b / safe_a
-    inside = (a != 0) & (lb < extremum) & (extremum < ub)
+    inside = nonzero & (lb < extremum) & (extremum < ub)
     extremum = torch.where(inside, extremum, lb)
     t = torch.stack([lb, ub, extremum], dim=-1)
-    y = t * (a.unsqueeze(-1) * t + b.unsqueeze(-1)) + c.unsqueeze(-1)
-    y = y.clone()
-    y[..., 2] = torch.where(inside, y[..., 2], torch.full_like(y[..., 2], float("inf")))
+    y = t * (a.unsqueeze(-1) * t + b.unsqueeze(-1))
+    # (adding 0.0 without ``c`` turns -0.0 into 0.0 as adding a zero ``c`` would)
+    y = y + (0.0 if c is None else c.unsqueeze(-1))
+    y.select(-1, 2).masked_fill_(~inside, float("inf"))  # y is a fresh tensor
     # NaN-safe argmin: a NaN value never wins.
     y = torch.nan_to_num(y, nan=float("inf"))
     k = torch.argmin(y, dim=-1, keepdim=True)
@@ -126,17 +126,11 @@ def update_tr_radius(
     ``ratio < 0.25``; double when ``ratio > 0.75`` and the step reached the
     boundary. Returns the new radius and the ratio.
     """
-    safe_pred = torch.where(predicted_reduction > 0, predicted_reduction,
-                            torch.ones_like(predicted_reduction))
-    ratio = torch.where(
-        predicted_reduction > 0,
-        actual_reduction / safe_pred,
-        torch.where(
-            (predicted_reduction == 0) & (actual_reduction == 0),
-            torch.ones_like(delta),
-            torch.zeros_like(delta),
-        ),
-    )
+    pos = predicted_reduction > 0
+    safe_pred = torch.where(pos, predicted_reduction, torch.ones_like(predicted_reduction))
+    # 1 where both reductions are exactly zero, else 0
+    both_zero = ((predicted_reduction == 0) & (actual_reduction == 0)).to(delta.dtype)
+    ratio = torch.where(pos, actual_reduction / safe_pred, both_zero)
     new = torch.where(ratio < 0.25, 0.25 * step_norm,
                       torch.where((ratio > 0.75) & bound_hit, 2.0 * delta, delta))
     return new, ratio
@@ -153,8 +147,4 @@ def check_termination(
     """
     ftol_ok = (dF < ftol * F) & (ratio > 0.25)
     xtol_ok = dx_norm < xtol * (xtol + x_norm)
-    code = torch.zeros(dF.shape, dtype=torch.long, device=dF.device)
-    code = torch.where(ftol_ok, torch.full_like(code, 2), code)
-    code = torch.where(xtol_ok, torch.full_like(code, 3), code)
-    code = torch.where(ftol_ok & xtol_ok, torch.full_like(code, 4), code)
-    return code
+    return torch.where(xtol_ok, torch.where(ftol_ok, 4, 3), torch.where(ftol_ok, 2, 0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -66,6 +68,15 @@ def flag_singular(state: dict, ok: Tensor) -> None:
 
     state["status"] = torch.where(~ok & (state["status"] == codes.RUNNING), codes.SINGULAR,
                                   state["status"])
+
+
+def flag_singular_factors(state: dict, sv: Tensor) -> None:
+    """:func:`flag_singular` for problems whose singular values ``sv`` are not all finite.
+
+    A finite sum of ``sv`` means every value is finite: nothing to flag.
+    """
+    if not math.isfinite(float(sv.sum())):
+        flag_singular(state, torch.isfinite(sv).all(-1))
 
 
 def column_norms(state: dict) -> Tensor:

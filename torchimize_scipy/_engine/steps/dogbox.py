@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.linalg import vector_norm as vnorm
 
 from .. import status as codes
 from ..bounds import in_bounds, step_size_to_bound
@@ -30,7 +31,7 @@ from ..quadratic import (
 )
 from ._common import (
     StepRule,
-    flag_singular,
+    flag_singular_factors,
     inf_norm,
     initial_scale,
 )
@@ -68,7 +69,7 @@ class Dogbox(StepRule):
         sv, V, uf = svd_factors(J_free, None, state["f"], gram=state["G"] * fm.unsqueeze(-1)
                                 * fm.unsqueeze(-2), g=g_free, use_gram=problem.use_gram)
         state["newton"] = gauss_newton_step(sv, V, uf)
-        flag_singular(state, torch.isfinite(sv).all(-1))
+        flag_singular_factors(state, sv)
         state["qa"], state["qb"], _ = build_quadratic_1d(J_free, None, g_free, -g_free)
 
     def propose(self, problem: Problem, state: dict) -> dict:
@@ -83,7 +84,7 @@ class Dogbox(StepRule):
         x_new = torch.minimum(torch.maximum(x + step, lb), ub)
         on_bound_new = torch.where(free, hits, state["on_bound"])
         return {"x_new": x_new, "step": step, "predicted": predicted, "tr_hit": tr_hit,
-                "on_bound": on_bound_new, "step_norm": step.norm(dim=-1),
+                "on_bound": on_bound_new, "step_norm": vnorm(step, dim=-1),
                 "step_h_norm": inf_norm(step * state["scale_inv"])}
 
     def judge(self, problem, state, trial, f_new, cost_new, finite):
@@ -92,7 +93,7 @@ class Dogbox(StepRule):
                                             trial["step_h_norm"], trial["tr_hit"])
         state["delta"] = torch.where(finite, delta_new, 0.25 * trial["step_h_norm"])
         code = check_termination(actual, state["cost"], trial["step_norm"],
-                                 state["x"].norm(dim=-1), ratio, problem.ftol, problem.xtol)
+                                 vnorm(state["x"], dim=-1), ratio, problem.ftol, problem.xtol)
         stop = finite & (code != 0)
         status = torch.where(stop, code, torch.full_like(code, codes.RUNNING))
         accept = finite & (actual > 0)
@@ -122,6 +123,9 @@ def dogleg_step(x: Tensor, newton: Tensor, g: Tensor, a: Tensor, b: Tensor, tr_b
     tr_l = lb_total == -tr_bounds
     tr_u = ub_total == tr_bounds
     newton_ok = in_bounds(newton, lb_total, ub_total)
+    if bool(newton_ok.all()):  # every Newton step fits: no dogleg needed
+        return (newton, torch.zeros_like(x, dtype=torch.long),
+                torch.zeros_like(newton_ok))
     zero = torch.zeros_like(x)
     to_bounds, _ = step_size_to_bound(zero, -g, lb_total, ub_total)
     t_c, _ = minimize_quadratic_1d(a, b, torch.zeros_like(to_bounds),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.linalg import vector_norm as vnorm
 
 from .. import status as codes
 from ..bounds import coleman_li_scaling
@@ -41,7 +42,7 @@ from ..quadratic import check_termination, evaluate_quadratic
 from ._common import (
     StepRule,
     bound_activity,
-    flag_singular,
+    flag_singular_factors,
     inf_norm,
     initial_scale,
 )
@@ -73,7 +74,7 @@ class _LineSearch(StepRule):
         step = x_new - x
         predicted = -evaluate_quadratic(state["J"], None, state["g"], step)
         return {"x_new": x_new, "step": step, "predicted": predicted,
-                "step_norm": step.norm(dim=-1)}
+                "step_norm": vnorm(step, dim=-1)}
 
     def judge(self, problem, state, trial, f_new, cost_new, finite):
         actual = state["cost"] - cost_new
@@ -83,7 +84,7 @@ class _LineSearch(StepRule):
                             ((actual == 0) & (predicted == 0)).to(actual.dtype))
         accept = finite & (actual > 0) & (actual >= ARMIJO * predicted)
         code = check_termination(actual, state["cost"], trial["step_norm"],
-                                 state["x"].norm(dim=-1), ratio, problem.ftol, problem.xtol)
+                                 vnorm(state["x"], dim=-1), ratio, problem.ftol, problem.xtol)
         stop = finite & (code != 0)
         status = torch.where(stop, code, torch.full_like(code, codes.RUNNING))
         self.update_length(problem, state, accept)
@@ -121,7 +122,7 @@ class GaussNewton(_LineSearch):
         sv, V, uf = svd_factors(state["J"], d, state["f"], gram=state["G"], g=g,
                                 use_gram=problem.use_gram)
         direction = d * gauss_newton_step(sv, V, uf)
-        flag_singular(state, torch.isfinite(sv).all(-1))
+        flag_singular_factors(state, sv)
         steepest = -(d * d) * g
         descent = (direction * g).sum(-1) < 0
         state["direction"] = torch.where(descent.unsqueeze(-1), direction, steepest)
@@ -136,9 +137,9 @@ class GradientDescent(_LineSearch):
 
     def init(self, problem: Problem, state: dict) -> None:
         super().init(problem, state)
-        delta = (state["x"] * state["scale_inv"]).norm(dim=-1)
+        delta = vnorm((state["x"] * state["scale_inv"]), dim=-1)
         delta = torch.where(delta == 0, torch.ones_like(delta), delta)
-        dg = (state["scale"] * state["g"]).norm(dim=-1)
+        dg = vnorm((state["scale"] * state["g"]), dim=-1)
         state["t"] = delta / torch.where(dg > 0, dg, torch.ones_like(dg))
 
     def prepare(self, problem: Problem, state: dict) -> None:

@@ -22,12 +22,13 @@ and 8, which scipy cannot map, are reported as 2, 3 and 1.
 from __future__ import annotations
 
 import torch
+from torch.linalg import vector_norm as vnorm
 
 from .. import status as codes
 from ..linalg import solve_trust_region_minpack, svd_factors
 from ..problem import Problem
 from ..quadratic import jac_times
-from ._common import StepRule, alloc_svd, column_norms, flag_singular, inf_norm, svd_width
+from ._common import StepRule, alloc_svd, column_norms, flag_singular_factors, inf_norm, svd_width
 
 FACTOR = 100.0
 
@@ -50,6 +51,7 @@ class LevenbergMarquardt(StepRule):
         state["par"] = x.new_zeros(B)
         state["xnorm"] = x.new_zeros(B)
         state["gnorm"] = x.new_zeros(B)
+        state["fnorm"] = x.new_zeros(B)  # |f| at the current point, from top()
         state["first"] = torch.ones(B, dtype=torch.bool, device=x.device)
         state["started"] = torch.zeros(B, dtype=torch.bool, device=x.device)
         # MINPACK does not evaluate J at a point accepted by the terminating trial
@@ -59,7 +61,8 @@ class LevenbergMarquardt(StepRule):
     def top(self, problem: Problem, state: dict) -> torch.Tensor:
         f = state["f"]
         acnorm = column_norms(state)
-        fnorm = f.norm(dim=-1)
+        fnorm = vnorm(f, dim=-1)
+        state["fnorm"] = fnorm
         g = state["g"]
         state["optimality"] = inf_norm(g)
         denom = fnorm.unsqueeze(-1) * acnorm
@@ -70,59 +73,67 @@ class LevenbergMarquardt(StepRule):
         state["gnorm"] = gnorm
         # scaling and initial radius on the very first outer iteration
         start = ~state["started"]
+        any_start = bool(start.any())
         if problem.jac_scale:
-            first_diag = torch.where(acnorm == 0, torch.ones_like(acnorm), acnorm)
-            diag = torch.where(start.unsqueeze(-1), first_diag,
-                               torch.maximum(state["diag"], acnorm))
+            grown = torch.maximum(state["diag"], acnorm)
+            if any_start:
+                first_diag = torch.where(acnorm == 0, torch.ones_like(acnorm), acnorm)
+                diag = torch.where(start.unsqueeze(-1), first_diag, grown)
+            else:
+                diag = grown
+            state["diag"] = diag
         else:
             diag = state["diag"]
-        xnorm = (diag * state["x"]).norm(dim=-1)
-        delta0 = torch.where(xnorm == 0, torch.full_like(xnorm, FACTOR), FACTOR * xnorm)
-        state["delta"] = torch.where(start, delta0, state["delta"])
-        state["xnorm"] = torch.where(start, xnorm, state["xnorm"])
-        state["diag"] = diag
-        state["started"] = torch.ones_like(start)
+        if any_start:
+            xnorm = vnorm((diag * state["x"]), dim=-1)
+            delta0 = torch.where(xnorm == 0, torch.full_like(xnorm, FACTOR), FACTOR * xnorm)
+            state["delta"] = torch.where(start, delta0, state["delta"])
+            state["xnorm"] = torch.where(start, xnorm, state["xnorm"])
+            state["started"] = torch.ones_like(start)
         return (gnorm <= problem.gtol) & (state["status"] == codes.RUNNING)
 
     def prepare(self, problem: Problem, state: dict) -> None:
         state["sv"], state["V"], state["uf"] = svd_factors(
             state["J"], 1.0 / state["diag"], state["f"], gram=state["G"], g=state["g"],
             use_gram=problem.use_gram)
-        flag_singular(state, torch.isfinite(state["sv"]).all(-1))
+        flag_singular_factors(state, state["sv"])
 
     def propose(self, problem: Problem, state: dict) -> dict:
         q, par = solve_trust_region_minpack(state["sv"], state["V"], state["uf"], state["delta"],
                                             state["par"], problem.m, problem.n)
         step = q / state["diag"]
-        pnorm = q.norm(dim=-1)
+        pnorm = vnorm(q, dim=-1)
         # on the first iteration the radius is cut to the first step's length
         state["delta"] = torch.where(state["first"], torch.minimum(state["delta"], pnorm),
                                      state["delta"])
         return {"x_new": state["x"] + step, "step": step, "pnorm": pnorm, "par": par,
-                "step_norm": step.norm(dim=-1)}
+                "step_norm": vnorm(step, dim=-1)}
 
     def judge(self, problem, state, trial, f_new, cost_new, finite):
-        f = state["f"]
-        fnorm = f.norm(dim=-1)
-        fnorm1 = torch.where(finite, f_new.norm(dim=-1), torch.full_like(fnorm, float("inf")))
+        fnorm = state["fnorm"]  # f has not changed since top()
+        fnorm1 = torch.where(finite, vnorm(f_new, dim=-1), torch.full_like(fnorm, float("inf")))
         safe_f = torch.where(fnorm != 0, fnorm, torch.ones_like(fnorm))
-        actred = torch.where(0.1 * fnorm1 < fnorm, 1 - (fnorm1 / safe_f) ** 2,
-                             -torch.ones_like(fnorm))
+        tenth1 = 0.1 * fnorm1
+        small = tenth1 < fnorm
+        rel1 = fnorm1 / safe_f
+        # (x * x is x ** 2 exactly, without the slower pow call)
+        actred = torch.where(small, 1 - rel1 * rel1, torch.full_like(fnorm, -1.0))
         pnorm, par = trial["pnorm"], trial["par"]
-        temp1 = jac_times(state["J"], trial["step"]).norm(dim=-1) / safe_f
+        temp1 = vnorm(jac_times(state["J"], trial["step"]), dim=-1) / safe_f
         temp2 = par.sqrt() * pnorm / safe_f
-        prered = temp1**2 + temp2**2 / 0.5
-        dirder = -(temp1**2 + temp2**2)
-        ratio = torch.where(prered != 0, actred / torch.where(prered != 0, prered,
-                                                               torch.ones_like(prered)),
+        t1sq = temp1 * temp1
+        t2sq = temp2 * temp2
+        prered = t1sq + t2sq / 0.5
+        dirder = -(t1sq + t2sq)
+        pos = prered != 0
+        ratio = torch.where(pos, actred / torch.where(pos, prered, torch.ones_like(prered)),
                             torch.zeros_like(prered))
         delta = state["delta"]
         # radius and damping update
         den = dirder + 0.5 * actred
-        temp = torch.where(actred >= 0, torch.full_like(actred, 0.5),
+        temp = torch.where(actred >= 0, 0.5,
                            0.5 * dirder / torch.where(den != 0, den, torch.ones_like(den)))
-        temp = torch.where((0.1 * fnorm1 >= fnorm) | (temp < 0.1), torch.full_like(temp, 0.1),
-                           temp)
+        temp = torch.where((tenth1 >= fnorm) | (temp < 0.1), 0.1, temp)
         shrink = ratio <= 0.25
         grow = ~shrink & ((par == 0) | (ratio >= 0.75))
         delta = torch.where(shrink, temp * torch.minimum(delta, pnorm / 0.1),
@@ -130,27 +141,21 @@ class LevenbergMarquardt(StepRule):
         par = torch.where(shrink, par / temp, torch.where(grow, 0.5 * par, par))
         accept = ratio >= 1e-4
         x_new = trial["x_new"]
-        xnorm = torch.where(accept, (state["diag"] * x_new).norm(dim=-1), state["xnorm"])
+        xnorm = torch.where(accept, vnorm((state["diag"] * x_new), dim=-1), state["xnorm"])
         state["delta"], state["par"], state["xnorm"] = delta, par, xnorm
         state["first"] = state["first"] & ~accept
-        # MINPACK's termination tests
+        # MINPACK's termination tests, the first that holds giving the status
         eps = torch.finfo(delta.dtype).eps
-        ftol_ok = (actred.abs() <= problem.ftol) & (prered <= problem.ftol) & (0.5 * ratio <= 1)
+        half_ok = 0.5 * ratio <= 1
+        ftol_ok = (actred.abs() <= problem.ftol) & (prered <= problem.ftol) & half_ok
         xtol_ok = delta <= problem.xtol * xnorm
-        status = torch.full(delta.shape, codes.RUNNING, dtype=torch.long, device=delta.device)
-        status = torch.where(ftol_ok, codes.FTOL, status)
-        status = torch.where(xtol_ok, codes.XTOL, status)
-        status = torch.where(ftol_ok & xtol_ok, codes.FTOL_XTOL, status)
-        running = status == codes.RUNNING
-        status = torch.where(running & (state["nfev"] >= problem.max_nfev), codes.MAX_NFEV,
-                             status)
-        running = status == codes.RUNNING
-        tiny_f = (actred.abs() <= eps) & (prered <= eps) & (0.5 * ratio <= 1)
-        status = torch.where(running & tiny_f, codes.FTOL, status)
-        running = status == codes.RUNNING
-        status = torch.where(running & (delta <= eps * xnorm), codes.XTOL, status)
-        running = status == codes.RUNNING
-        status = torch.where(running & (state["gnorm"] <= eps), codes.GTOL, status)
+        status = torch.where(state["gnorm"] <= eps, codes.GTOL, codes.RUNNING)
+        status = torch.where(delta <= eps * xnorm, codes.XTOL, status)
+        tiny_f = (actred.abs() <= eps) & (prered <= eps) & half_ok
+        status = torch.where(tiny_f, codes.FTOL, status)
+        status = torch.where(state["nfev"] >= problem.max_nfev, codes.MAX_NFEV, status)
+        status = torch.where(xtol_ok, torch.where(ftol_ok, codes.FTOL_XTOL, codes.XTOL),
+                             torch.where(ftol_ok, codes.FTOL, status))
         state["uncounted_jac"] = (accept & (status != codes.RUNNING)).long()
         return accept, status, x_new
 

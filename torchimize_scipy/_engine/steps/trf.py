@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.linalg import vector_norm as vnorm
 
 from .. import status as codes
 from ..bounds import (
@@ -43,7 +44,7 @@ from ._common import (
     StepRule,
     alloc_svd,
     bound_activity,
-    flag_singular,
+    flag_singular_factors,
     inf_norm,
     initial_scale,
     svd_width,
@@ -62,9 +63,12 @@ class TRF(StepRule):
 
     def init(self, problem: Problem, state: dict) -> None:
         initial_scale(problem, state)
-        v, dv = _scaled_v(state)
-        v = torch.where(dv != 0, v * state["scale_inv"], v)
-        delta = (state["x"] * state["scale_inv"] / v.sqrt()).norm(dim=-1)
+        if problem.bounded:
+            v, dv = _scaled_v(state)
+            v = torch.where(dv != 0, v * state["scale_inv"], v)
+            delta = vnorm(state["x"] * state["scale_inv"] / v.sqrt(), dim=-1)
+        else:  # v = 1: the division by sqrt(v) is exact
+            delta = vnorm(state["x"] * state["scale_inv"], dim=-1)
         state["delta"] = torch.where(delta == 0, torch.ones_like(delta), delta)
         state["alpha"] = torch.zeros_like(delta)
         x = state["x"]
@@ -73,10 +77,14 @@ class TRF(StepRule):
         state["g_h"] = torch.zeros_like(x)
         state["theta"] = torch.zeros_like(delta)
         alloc_svd(state, svd_width(problem, problem.bounded))
+        if problem.bounded:  # Coleman-Li data of the outer iteration, from top() to prepare()
+            state["cl_v"] = torch.ones_like(x)
+            state["cl_dv"] = torch.zeros_like(x)
 
     def top(self, problem: Problem, state: dict) -> Tensor:
         if problem.bounded:
-            v, _ = _scaled_v(state)
+            v, dv = _scaled_v(state)
+            state["cl_v"], state["cl_dv"] = v, dv
             state["optimality"] = inf_norm(state["g"] * v)
         else:
             state["optimality"] = inf_norm(state["g"])
@@ -84,7 +92,7 @@ class TRF(StepRule):
 
     def prepare(self, problem: Problem, state: dict) -> None:
         if problem.bounded:
-            v, dv = _scaled_v(state)
+            v, dv = state["cl_v"], state["cl_dv"]  # x and g are those of top()
             v = torch.where(dv != 0, v * state["scale_inv"], v)
             d = v.sqrt() * state["scale"]
             diag_h = state["g"] * dv * state["scale"]
@@ -98,7 +106,7 @@ class TRF(StepRule):
         state["sv"], state["V"], state["uf"] = svd_factors(
             state["J"], d, state["f"], diag_h, gram=state["G"], g=state["g"],
             use_gram=problem.use_gram)
-        flag_singular(state, torch.isfinite(state["sv"]).all(-1))
+        flag_singular_factors(state, state["sv"])
 
     def propose(self, problem: Problem, state: dict) -> dict:
         p_h, alpha = solve_trust_region_scipy(
@@ -114,8 +122,8 @@ class TRF(StepRule):
             step = d * p_h
             predicted = -evaluate_quadratic(state["J"], d, state["g_h"], p_h)
             x_new = state["x"] + step
-        return {"x_new": x_new, "step": step, "step_h_norm": step_h.norm(dim=-1),
-                "predicted": predicted, "alpha": alpha, "step_norm": step.norm(dim=-1)}
+        return {"x_new": x_new, "step": step, "step_h_norm": vnorm(step_h, dim=-1),
+                "predicted": predicted, "alpha": alpha, "step_norm": vnorm(step, dim=-1)}
 
     def judge(self, problem, state, trial, f_new, cost_new, finite):
         delta = state["delta"]
@@ -124,7 +132,7 @@ class TRF(StepRule):
         delta_new, ratio = update_tr_radius(delta, actual, trial["predicted"], step_h_norm,
                                             step_h_norm > 0.95 * delta)
         code = check_termination(actual, state["cost"], trial["step_norm"],
-                                 state["x"].norm(dim=-1), ratio, problem.ftol, problem.xtol)
+                                 vnorm(state["x"], dim=-1), ratio, problem.ftol, problem.xtol)
         stop = finite & (code != 0)
         cont = finite & ~stop
         safe_new = torch.where(delta_new > 0, delta_new, 1.0)
@@ -181,7 +189,7 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
 
     ag_h = -g_h
     ag = d * ag_h
-    ag_norm = ag_h.norm(dim=-1)
+    ag_norm = vnorm(ag_h, dim=-1)
     to_tr_ag = delta / torch.where(ag_norm > 0, ag_norm, torch.ones_like(ag_norm))
     to_bound_ag, _ = step_size_to_bound(x, ag, lb, ub)
     ag_stride = torch.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
