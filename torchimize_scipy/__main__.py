@@ -2,8 +2,9 @@
 
 Solves a few of scipy's documented least-squares problems with numpy and with
 torch inputs next to :func:`scipy.optimize.least_squares` and prints how close
-the answers are and how long each took; then fits a batch of Gaussian peaks
-with :func:`batch_least_squares` against a loop of scipy calls.
+the answers are and how long each took; compares one ``curve_fit`` with
+scipy's; then fits a batch of Gaussian peaks with :func:`batch_least_squares`
+against a loop of scipy calls.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import time
 
 import numpy as np
 import scipy
+import scipy.optimize
 import torch
 from scipy.optimize import least_squares as scipy_least_squares
 
-from . import __version__, batch_least_squares, least_squares
+from . import __version__, batch_least_squares, curve_fit, least_squares
 
 
 def _rosenbrock(x):
@@ -82,6 +84,20 @@ def _single_problems() -> None:
               f"{1e3 * t_ours:9.2f}{'':>10s}")
 
 
+def _curve_fit_demo() -> None:
+    def decay(x, a, b, c):
+        return a * np.exp(-b * x) + c
+
+    rng = np.random.default_rng(2)
+    x = np.linspace(0, 4, 50)
+    y = decay(x, 2.5, 1.3, 0.5) + 0.2 * rng.normal(size=x.size)
+    ref, ref_cov = scipy.optimize.curve_fit(decay, x, y)
+    ours, cov = curve_fit(decay, x, y)
+    print(f"\ncurve_fit(a*exp(-b*x)+c): popt {np.array2string(ours, precision=4)}, "
+          f"max|dpopt| vs scipy {np.max(np.abs(ours - ref)):.1e}, "
+          f"max rel. dpcov {np.max(np.abs(cov - ref_cov)) / np.max(np.abs(ref_cov)):.1e}")
+
+
 def _batch_demo(B: int = 4000, m: int = 64) -> None:
     rng = np.random.default_rng(1)
     t = np.linspace(-3, 3, m)
@@ -119,6 +135,7 @@ def main() -> None:
     print(f"torchimize_scipy {__version__}  (torch {torch.__version__}, scipy "
           f"{scipy.__version__}, {torch.get_num_threads()} threads)\n")
     _single_problems()
+    _curve_fit_demo()
     _batch_demo()
 
 
