@@ -19,9 +19,10 @@ import torch
 from scipy.optimize import OptimizeResult
 
 from ._arrays import Namespace, as_numpy, detect_namespace
-from ._driver import solve
+from ._driver import result_buffers, solve
 from ._engine import status as codes
 from ._engine.bounds import make_strictly_feasible
+from ._engine.loop import RESULT_KEYS
 from ._jacobian import autograd_jacobian, finite_difference_jacobian
 from ._loss import make_loss
 from ._user_functions import PerProblemArgs, RowwiseFunction, VectorizedFunction
@@ -264,18 +265,8 @@ def batch_least_squares(
     # full-size results; chunks are solved straight into them when they live on
     # the engine's device, otherwise copied over chunk by chunk
     home = dev if ns.kind == "torch" else torch.device("cpu")
-    long = {"dtype": torch.long, "device": home}
-    merged: dict[str, torch.Tensor] = {
-        "x": torch.empty(B, n, dtype=dt, device=home), "cost": torch.empty(B, dtype=dt,
-                                                                           device=home),
-        "f_true": torch.empty(B, m, dtype=dt, device=home),
-        "g": torch.empty(B, n, dtype=dt, device=home),
-        "optimality": torch.empty(B, dtype=dt, device=home),
-        "active_mask": torch.zeros(B, n, **long), "nfev": torch.zeros(B, **long),
-        "njev": torch.zeros(B, **long), "nit": torch.zeros(B, **long),
-        "status": torch.zeros(B, **long)}
-    if return_jac:
-        merged["J"] = torch.empty(B, m, n, dtype=dt, device=home)
+    keys = [k for k in RESULT_KEYS if return_jac or k != "J"]
+    merged = result_buffers(B, n, m, dt, home, keys=keys)
     try:
         for start in range(0, B, chunk_size):
             stop = min(B, start + chunk_size)

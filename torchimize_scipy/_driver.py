@@ -13,10 +13,20 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._engine import status as codes
-from ._engine.loop import run
+from ._engine.loop import RESULT_KEYS, run
 from ._engine.problem import BatchedFun, BatchedJac, Problem
 from ._engine.steps import RULES
+
+
+def result_buffers(B: int, n: int, m: int, dtype: torch.dtype, device: torch.device,
+                   keys: tuple[str, ...] | list[str] = RESULT_KEYS) -> dict[str, Tensor]:
+    """Uninitialised per-problem result tensors (the engine fills every row)."""
+    shapes = {"x": (B, n), "cost": (B,), "f_true": (B, m), "J": (B, m, n), "g": (B, n),
+              "optimality": (B,), "active_mask": (B, n), "nfev": (B,), "njev": (B,),
+              "nit": (B,), "status": (B,)}
+    integer = {"active_mask", "nfev", "njev", "nit", "status"}
+    return {k: torch.empty(shapes[k], dtype=torch.long if k in integer else dtype,
+                           device=device) for k in keys}
 
 
 def _large(m: int, n: int) -> bool:
@@ -97,18 +107,8 @@ def solve(
     if initial_status is not None:
         state["status"] = initial_status
     out = dict(out or {})
-    fresh = {
-        "x": lambda: torch.empty_like(x0), "cost": lambda: x0.new_empty(B),
-        "f_true": lambda: torch.empty_like(f0), "J": lambda: torch.empty_like(J0),
-        "g": lambda: torch.empty_like(x0), "optimality": lambda: x0.new_empty(B),
-        "active_mask": lambda: torch.zeros(B, n, dtype=torch.long, device=dev),
-        "nfev": lambda: torch.zeros(B, dtype=torch.long, device=dev),
-        "njev": lambda: torch.zeros(B, dtype=torch.long, device=dev),
-        "nit": lambda: torch.zeros(B, dtype=torch.long, device=dev),
-        "status": lambda: torch.full((B,), codes.RUNNING, dtype=torch.long, device=dev),
-    }
-    for key, make in fresh.items():
-        if key not in out:
-            out[key] = make()
+    missing = [k for k in RESULT_KEYS if k not in out]
+    if missing:
+        out.update(result_buffers(B, n, m, dtype, dev, keys=missing))
     run(problem, RULES[method](), state, out, on_finish, on_iteration)
     return out

@@ -41,7 +41,7 @@ from .._engine import status as codes
 from .._jacobian import autograd_jacobian
 
 __all__ = [
-    "Iterates", "ParallelModel", "SingleModel", "check_gd_step", "check_gn_step",
+    "Iterates", "ParallelModel", "SingleModel", "check_step",
     "check_lm_options", "check_max_iter", "check_tolerances", "check_weights", "minimize",
     "parallel_result", "single_result", "start_point",
 ]
@@ -111,19 +111,11 @@ def check_max_iter(max_iter: Any) -> int:
     return int(max_iter)
 
 
-def check_gd_step(l: Any) -> float:
-    """Gradient-descent step size ``l``: finite and positive."""
-    v = _number(l, "l")
-    if v <= 0:
-        raise ValueError(f"`l` (the gradient-descent step size) must be positive, got {l!r}.")
-    return v
-
-
-def check_gn_step(l: Any) -> float:
-    """Gauss-Newton step fraction ``l``: finite and positive."""
+def check_step(l: Any, meaning: str) -> float:
+    """Step length ``l`` of 'gd' (step size) or 'gn' (step fraction): finite and positive."""
     v = _number(l, "l")
     if not v > 0:
-        raise ValueError(f"`l` (the Gauss-Newton step fraction) must be positive, got {l!r}.")
+        raise ValueError(f"`l` (the {meaning}) must be positive, got {l!r}.")
     return v
 
 

@@ -8,8 +8,8 @@ import torch
 
 from .._core import (
     ParallelModel,
-    check_gd_step,
     check_max_iter,
+    check_step,
     check_tolerances,
     minimize,
     parallel_result,
@@ -35,9 +35,9 @@ def gradient_descent_parallel(
 
     Runs the engine's ``'gd'`` rule on every problem: steps :math:`p \leftarrow
     p - t\,g` along the negative gradient :math:`g = \sum_c w_c J_c^\top f_c`,
-    starting with the step size :math:`t = l` (the first trial is exactly
+    every iteration first trying :math:`t = l` (the first trial is exactly
     :math:`p_0 - l\,g(p_0)`); a trial that does not decrease the cost enough
-    (Armijo) is rejected and :math:`t` halved, an accepted one doubles it.
+    (Armijo) is rejected and :math:`t` halved.
     Each problem stops on its own tests and is frozen afterwards.
 
     Parameters
@@ -46,11 +46,11 @@ def gradient_descent_parallel(
     ftol : float, optional
         Stop a problem when its cost decreases by less than ``ftol * cost``.
     ptol : float, optional
-        Stop when ``||step|| < ptol * (ptol + ||p - p0||)``.
+        Stop when ``||step|| < ptol * (ptol + ||p||)``.
     gtol : float, optional
         Stop when ``max |g| < gtol``.
     l : float, optional
-        Initial step size, > 0.
+        Step size tried first in every iteration, > 0.
     max_iter : int, optional
         Maximum number of iterations (trial steps), i.e. of returned tensors.
 
@@ -63,7 +63,7 @@ def gradient_descent_parallel(
     """
     x0 = start_point(p, 2)
     ftol, xtol, gtol = check_tolerances(ftol, ptol, gtol)
-    step = check_gd_step(l)
+    step = check_step(l, "gradient-descent step size")
     max_iter = check_max_iter(max_iter)
     model = ParallelModel(function, jac_function, args, x0, wvec)
     its = minimize(model, x0, "gd", ftol=ftol, xtol=xtol, gtol=gtol, max_trials=max_iter,
@@ -85,7 +85,7 @@ def gradient_descent_parallel_plain(
     be None for autograd.
     """
     x0 = start_point(p, 2)
-    step = check_gd_step(l)
+    step = check_step(l, "gradient-descent step size")
     max_iter = check_max_iter(max_iter)
     model = ParallelModel(function, jac_function, (), x0, wvec)
     its = minimize(model, x0, "gd", ftol=0.0, xtol=0.0, gtol=0.0, max_trials=max_iter,

@@ -8,8 +8,8 @@ import torch
 
 from .._core import (
     ParallelModel,
-    check_gn_step,
     check_max_iter,
+    check_step,
     check_tolerances,
     minimize,
     parallel_result,
@@ -46,7 +46,8 @@ def lsq_gna_parallel(
         scipy's ``ftol`` (relative cost decrease), ``xtol`` (``||step|| <
         ptol * (ptol + ||p||)``) and ``max |g| < gtol`` tests, per problem.
     l : float, optional
-        Step fraction; only ``1`` (the full step, then backtracking) is supported.
+        Fraction of the Gauss-Newton step tried first in every iteration, > 0
+        (then halved while the cost does not decrease enough).
     max_iter : int, optional
         Maximum number of iterations (trial steps), i.e. of returned tensors.
 
@@ -58,7 +59,7 @@ def lsq_gna_parallel(
     """
     x0 = start_point(p, 2)
     ftol, xtol, gtol = check_tolerances(ftol, ptol, gtol)
-    step = check_gn_step(l)
+    step = check_step(l, "Gauss-Newton step fraction")
     max_iter = check_max_iter(max_iter)
     model = ParallelModel(function, jac_function, args, x0, wvec)
     its = minimize(model, x0, "gn", ftol=ftol, xtol=xtol, gtol=gtol, max_trials=max_iter,
@@ -80,7 +81,7 @@ def lsq_gna_parallel_plain(
     be None for autograd.
     """
     x0 = start_point(p, 2)
-    step = check_gn_step(l)
+    step = check_step(l, "Gauss-Newton step fraction")
     max_iter = check_max_iter(max_iter)
     model = ParallelModel(function, jac_function, (), x0, wvec)
     its = minimize(model, x0, "gn", ftol=0.0, xtol=0.0, gtol=0.0, max_trials=max_iter,

@@ -8,8 +8,8 @@ import torch
 
 from .._core import (
     SingleModel,
-    check_gd_step,
     check_max_iter,
+    check_step,
     check_tolerances,
     minimize,
     single_result,
@@ -31,10 +31,10 @@ def gradient_descent(
     r"""Minimise :math:`\tfrac12\lVert f(p)\rVert^2` by gradient descent.
 
     Runs the engine's ``'gd'`` rule: steps :math:`p \leftarrow p - t\,g` along
-    the negative gradient :math:`g = J^\top f`, starting with the step size
-    :math:`t = l` (the first trial is exactly :math:`p_0 - l\,g(p_0)`); a trial
-    that does not decrease the cost enough (Armijo) is rejected and :math:`t`
-    halved, an accepted one doubles :math:`t` for the next step.
+    the negative gradient :math:`g = J^\top f`; every iteration first tries
+    :math:`t = l` (so the first trial is exactly :math:`p_0 - l\,g(p_0)`), and
+    a trial that does not decrease the cost enough (Armijo) is rejected and
+    :math:`t` halved.
 
     Parameters
     ----------
@@ -50,12 +50,11 @@ def gradient_descent(
         Stop when the cost decreases by less than ``ftol * cost`` in a step
         (scipy's ``ftol`` test).
     ptol : float, optional
-        Stop when ``||step|| < ptol * (ptol + ||p - p0||)`` (scipy's ``xtol``
-        test; see the migration notes for why ``p - p0``).
+        Stop when ``||step|| < ptol * (ptol + ||p||)`` (scipy's ``xtol`` test).
     gtol : float, optional
         Stop when ``max |g| < gtol``.
     l : float, optional
-        Initial step size, > 0.
+        Step size tried first in every iteration, > 0.
     max_iter : int, optional
         Maximum length of the returned list (the start point included), i.e.
         at most ``max_iter - 1`` trial steps.
@@ -68,7 +67,7 @@ def gradient_descent(
     """
     x0 = start_point(p, 1)
     ftol, xtol, gtol = check_tolerances(ftol, ptol, gtol)
-    step = check_gd_step(l)
+    step = check_step(l, "gradient-descent step size")
     max_iter = check_max_iter(max_iter)
     model = SingleModel(function, jac_function, args, x0)
     its = minimize(model, x0[None], "gd", ftol=ftol, xtol=xtol, gtol=gtol,

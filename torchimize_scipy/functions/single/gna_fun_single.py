@@ -8,8 +8,8 @@ import torch
 
 from .._core import (
     SingleModel,
-    check_gn_step,
     check_max_iter,
+    check_step,
     check_tolerances,
     minimize,
     single_result,
@@ -48,7 +48,8 @@ def lsq_gna(
         scipy's ``ftol`` (relative cost decrease), ``xtol`` (relative step) and
         ``max |g| < gtol`` tests.
     l : float, optional
-        Step fraction; only ``1`` (the full step, then backtracking) is supported.
+        Fraction of the Gauss-Newton step tried first in every iteration, > 0
+        (then halved while the cost does not decrease enough).
     max_iter : int, optional
         Maximum length of the returned list (the start point included).
 
@@ -59,7 +60,7 @@ def lsq_gna(
     """
     x0 = start_point(p, 1)
     ftol, xtol, gtol = check_tolerances(ftol, ptol, gtol)
-    step = check_gn_step(l)
+    step = check_step(l, "Gauss-Newton step fraction")
     max_iter = check_max_iter(max_iter)
     model = SingleModel(function, jac_function, args, x0)
     its = minimize(model, x0[None], "gn", ftol=ftol, xtol=xtol, gtol=gtol,
