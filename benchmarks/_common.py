@@ -266,14 +266,15 @@ def peak_np(p: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def peak_jac_np(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Analytic Jacobians of a batch, numpy, ``(b, 64, 4)``."""
+    """Analytic Jacobians of a batch, numpy, ``(b, 64, 4)``, written column by column."""
     a, mu, s = (p[:, i : i + 1] for i in range(3))
     z = (PEAK_T - mu) / s
     e = np.exp(-0.5 * z * z)
     J = np.empty((p.shape[0], PEAK_M, 4), dtype=np.result_type(p, y))
     J[..., 0] = e
-    J[..., 1] = a * e * z / s
-    J[..., 2] = a * e * z * z / s
+    dmu = np.multiply(e, a / s, out=J[..., 1])
+    dmu *= z
+    np.multiply(dmu, z, out=J[..., 2])
     J[..., 3] = 1.0
     return J
 
@@ -316,13 +317,17 @@ def peak_torch(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def peak_jac_torch(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Analytic Jacobians of a batch, torch, ``(b, 64, 4)``."""
+    """Analytic Jacobians of a batch, torch, ``(b, 64, 4)``, written column by column."""
     a, mu, s, _ = p.unbind(-1)
-    z = (_peak_t(p) - mu[:, None]) / s[:, None]
+    t = _peak_t(p)
+    J = p.new_empty((p.shape[0], t.shape[0], 4))
+    z = (t - mu[:, None]) / s[:, None]
     e = torch.exp(-0.5 * z * z)
-    ae = a[:, None] * e / s[:, None]
-    dmu = ae * z
-    return torch.stack([e, dmu, dmu * z, torch.ones_like(e)], dim=-1)
+    J[..., 0] = e
+    dmu = torch.mul(e, (a / s)[:, None], out=J[..., 1]).mul_(z)  # a e z / s
+    torch.mul(dmu, z, out=J[..., 2])
+    J[..., 3] = 1.0
+    return J
 
 
 def scipy_loop(fun: Callable, jac: Any, p0: np.ndarray, data: np.ndarray, method: str,

@@ -5,37 +5,82 @@ Every trust-region method here needs, for each problem, the minimiser of
 .. math:: \lVert A p + b \rVert^2 + \alpha \lVert p \rVert^2,
           \qquad A = \begin{bmatrix} J\,\mathrm{diag}(d) \\ \mathrm{diag}(c)^{1/2} \end{bmatrix}
 
-for several values of the Levenberg-Marquardt parameter :math:`\alpha`. One thin
-SVD :math:`A = U \Sigma V^\top` serves them all:
-:math:`p(\alpha) = -V (\Sigma^2 + \alpha I)^{-1} \Sigma U^\top b`. This never forms
-:math:`J^\top J`, so the condition number is not squared (the stacked-system
-view of Moré 1977). For tall matrices the SVD is taken of the triangular factor
-of the eigen-decomposition of the small Gram matrix when a batch holds
-several well-conditioned problems (:math:`O(mn^2)` once, then only
-:math:`n \times n` work per problem); a single problem, and any problem with
-:math:`\mathrm{cond}(A)^2 > 10^{10}`, takes the SVD of :math:`A` itself as scipy
-does.
+for several values of the Levenberg-Marquardt parameter :math:`\alpha`, that is
+:math:`p(\alpha) = -(A^\top A + \alpha I)^{-1} A^\top b`. :func:`factorize`
+prepares one of two representations per problem (a :class:`Factors`):
+
+* **SVD rows.** One thin SVD :math:`A = U \Sigma V^\top` serves every
+  :math:`\alpha`: :math:`p(\alpha) = -V (\Sigma^2 + \alpha I)^{-1} \Sigma U^\top b`.
+  This never forms :math:`J^\top J`, so the condition number is not squared
+  (the stacked-system view of Moré 1977). Single problems always take this
+  route, with the SVD of :math:`A` itself, as scipy does.
+* **Gram rows** (batches, and tall large single problems). The small matrix
+  :math:`H = A^\top A` is formed once (:math:`O(mn^2)`) and every solve is an
+  :math:`n \times n` one: :math:`H^{-1}` is kept for :math:`\alpha = 0`, and
+  :math:`(H + \alpha I)^{-1}` is formed for each trial :math:`\alpha > 0`.
+  Squaring the matrix squares its condition number, so a problem takes this
+  route only when :math:`\mathrm{cond}_1(H) \le 10^{10}/n` (hence
+  :math:`\mathrm{cond}_2(H) \le 10^{10}`) and every entry is finite; any other
+  problem of the batch gets SVD data instead, from the eigen-decomposition of
+  :math:`H` or, when even that is not trusted, from the SVD of :math:`A`.
+  For a batch of small matrices an inverse costs about one twentieth of an
+  eigen-decomposition on the CPU.
 
 The radius-matching root finders follow J. J. Moré, "The Levenberg-Marquardt
 algorithm: implementation and theory", Lecture Notes in Mathematics 630 (1978),
-pp. 105-116: Newton's method on :math:`1/\lVert p(\alpha)\rVert - 1/\Delta`
-safeguarded by the interval :math:`[\alpha_l, \alpha_u]`.
+pp. 105-116: Newton's method on :math:`\lVert p(\alpha)\rVert - \Delta` (with
+:math:`\mathrm{d}\lVert p\rVert / \mathrm{d}\alpha = -p^\top (A^\top A +
+\alpha I)^{-1} p / \lVert p\rVert`) safeguarded by the interval
+:math:`[\alpha_l, \alpha_u]`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 
-def svd_factors(
+class Factors(NamedTuple):
+    """What :func:`factorize` prepares for each problem of a batch.
+
+    Attributes
+    ----------
+    s : Tensor, shape (B, k)
+        Singular values in decreasing order (SVD rows; zeros on Gram rows).
+    V : Tensor, shape (B, n, k)
+        Right singular vectors (SVD rows).
+    uf : Tensor, shape (B, k)
+        ``U^T b`` (SVD rows).
+    H, Hinv : Tensor, shape (B, n, n), or (B, 0, 0) without the Gram route
+        ``A^T A`` and its inverse (Gram rows).
+    b : Tensor, shape (B, n), or (B, 0)
+        ``A^T [f; 0]``, the scaled gradient (Gram rows).
+    gram : Tensor, shape (B,), bool
+        True where the problem is solved through ``H`` rather than the SVD data.
+    """
+
+    s: Tensor
+    V: Tensor
+    uf: Tensor
+    H: Tensor
+    Hinv: Tensor
+    b: Tensor
+    gram: Tensor
+
+
+#: Largest ``cond_2(A^T A) = cond(A)**2`` for which the Gram route is trusted.
+GRAM_COND2_LIMIT = 1e10
+
+
+def factorize(
     J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = None,
     gram: Tensor | None = None, g: Tensor | None = None, use_gram: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD data of the (optionally augmented) scaled Jacobian.
+) -> Factors:
+    """Prepare the damped least-squares solves of ``A = [J diag(d); diag(diag)^(1/2)]``.
 
     Parameters
     ----------
@@ -43,14 +88,63 @@ def svd_factors(
     d : Tensor, shape (B, n), optional
         Column scaling; the matrix factorised is ``J diag(d)``.
     f : Tensor, shape (B, m)
-        Right-hand side; ``uf = U^T [f; 0]`` is returned.
+        Right-hand side (``b = [f; 0]``).
     diag : Tensor, shape (B, n), optional
         Non-negative diagonal appended below as ``diag(sqrt(diag))`` rows.
     gram, g : Tensor, shapes (B, n, n) and (B, n), optional
         ``J^T J`` and ``J^T f`` if already known (used by the Gram route).
     use_gram : bool, optional
-        Take the Gram-matrix route (batches) instead of the direct SVD
-        (single problems, as scipy).
+        Take the Gram route where it is trusted (batches) instead of the
+        direct SVD (single problems, as scipy).
+
+    Returns
+    -------
+    Factors
+    """
+    B, m, n = J.shape
+    if not (use_gram and m >= n):
+        s, V, uf = svd_factors(J, d, f, diag)
+        empty = J.new_zeros(B, 0, 0)
+        return Factors(s, V, uf, empty, empty, J.new_zeros(B, 0),
+                       torch.zeros(B, dtype=torch.bool, device=J.device))
+    Jt = J.transpose(-1, -2)
+    H = torch.bmm(Jt, J) if gram is None else gram
+    Atf = torch.bmm(Jt, f.unsqueeze(-1)).squeeze(-1) if g is None else g
+    if d is not None:
+        H = H * d.unsqueeze(-1) * d.unsqueeze(-2)
+        Atf = Atf * d
+    if diag is not None:
+        H = H + torch.diag_embed(diag.clamp(min=0))
+    finite = torch.isfinite(H.sum((-2, -1)) + Atf.sum(-1))
+    if not bool(finite.all()):  # keep the inversion away from non-finite rows
+        H = torch.where(finite[:, None, None], H, torch.eye(n, dtype=H.dtype, device=H.device))
+    Hinv, info = torch.linalg.inv_ex(H)
+    # cond_2 <= n cond_1: trusting cond_1 <= limit / n keeps cond_2 within the limit
+    cond1 = H.abs().sum(-2).amax(-1) * Hinv.abs().sum(-2).amax(-1)
+    ok = finite & (info == 0) & (cond1 <= GRAM_COND2_LIMIT / n)  # a NaN cond1 fails too
+    s = H.new_zeros(B, n)
+    V = H.new_zeros(B, n, n)
+    uf = H.new_zeros(B, n)
+    if not bool(ok.all()):
+        rows = (~ok).nonzero().squeeze(-1)
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(0, rows)
+
+        s_b, V_b, uf_b = _eig_factors(pick(H), pick(Atf), pick(J), pick(d), pick(f), pick(diag),
+                                      pick(finite))
+        s = s.index_copy(0, rows, s_b)
+        V = V.index_copy(0, rows, V_b)
+        uf = uf.index_copy(0, rows, uf_b)
+    return Factors(s, V, uf, H, Hinv, Atf, ok)
+
+
+def svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
+                diag: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD data of the (optionally augmented) scaled Jacobian, per problem.
+
+    Parameters are those of :func:`factorize`. Problems with non-finite
+    entries get NaN factors without disturbing the others.
 
     Returns
     -------
@@ -60,9 +154,6 @@ def svd_factors(
     V : Tensor, shape (B, n, k)
     uf : Tensor, shape (B, k)
     """
-    B, m, n = J.shape
-    if use_gram and m >= n:
-        return _svd_factors_gram(J, d, f, diag, gram, g)
     A = J if d is None else J * d.unsqueeze(-2)
     if math.isfinite(float(A.sum())):  # a finite sum: every entry is finite
         return _svd_factors_direct(A, f, diag)
@@ -75,10 +166,6 @@ def svd_factors(
     nan = torch.full((), float("nan"), dtype=A.dtype, device=A.device)
     return (torch.where(ok[:, None], s, nan), torch.where(ok[:, None, None], V, nan),
             torch.where(ok[:, None], uf, nan))
-
-
-#: Largest ``cond(A)**2`` for which the Gram-matrix route is trusted.
-GRAM_COND2_LIMIT = 1e10
 
 
 def _svd_factors_direct(A: Tensor, f: Tensor,
@@ -115,27 +202,15 @@ def _svd_rowwise(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return U, s, Vh
 
 
-def _svd_factors_gram(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None,
-                      gram: Tensor | None, g: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD data from the eigen-decomposition of the small Gram matrix ``A^T A``.
+def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
+                 diag: Tensor | None, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD data of the problems the Gram inverse does not serve.
 
-    For a batch of small problems this is several times cheaper than QR and
-    SVD of each tall matrix. Squaring the matrix squares its condition number,
-    so problems with ``cond(A)**2 > GRAM_COND2_LIMIT`` (and any whose Gram
-    matrix is not finite) are redone with the direct SVD.
+    The eigen-decomposition of ``H = A^T A`` gives them when
+    ``cond(A)**2 <= GRAM_COND2_LIMIT``; problems beyond that (and any whose
+    ``H`` is not finite) are redone with the direct SVD of ``A``, which also
+    handles rank deficiency as scipy does.
     """
-    Jt = J.transpose(-1, -2)
-    H = torch.bmm(Jt, J) if gram is None else gram
-    Atf = torch.bmm(Jt, f.unsqueeze(-1)).squeeze(-1) if g is None else g
-    if d is not None:
-        H = H * d.unsqueeze(-1) * d.unsqueeze(-2)
-        Atf = Atf * d
-    if diag is not None:
-        H = H + torch.diag_embed(diag.clamp(min=0))
-    finite = torch.isfinite(H.sum((-2, -1)))
-    if not bool(finite.all()):  # non-finite rows go to the direct route, which isolates them
-        H = torch.where(finite[:, None, None], H, torch.eye(H.shape[-1], dtype=H.dtype,
-                                                             device=H.device))
     try:
         lam, V = torch.linalg.eigh(H)
     except RuntimeError:  # send every problem through the (per-problem safe) SVD
@@ -169,45 +244,113 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def full_rank_mask(s: Tensor, m: int, n: int) -> Tensor:
-    """Numerical full column rank, judged as scipy's 'trf' does (``eps * m * s_max``)."""
-    if m < n or s.shape[-1] < n:
-        return torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
-    eps = torch.finfo(s.dtype).eps
-    return s[:, -1] > eps * m * s[:, 0]
+def full_rank_mask(fac: Factors, m: int, n: int) -> Tensor:
+    """Numerical full column rank, judged as scipy's 'trf' does (``eps * m * s_max``).
 
-
-def gauss_newton_step(s: Tensor, V: Tensor, uf: Tensor, rcond: float | None = None) -> Tensor:
-    """Minimum-norm least-squares step ``-pinv(A) b`` from SVD data, ``(B, n)``.
-
-    Singular values below ``rcond * s_max`` (default: the dtype's epsilon times
-    the larger dimension, as ``numpy.linalg.lstsq``) are treated as zero.
+    Gram rows have full rank by construction (their condition is bounded).
     """
-    if rcond is None:
-        rcond = torch.finfo(s.dtype).eps
-    cutoff = rcond * s[:, :1]
-    keep = s > cutoff
-    coef = torch.where(keep, _safe_div(uf, s), torch.zeros_like(uf))
-    return -torch.bmm(V, coef.unsqueeze(-1)).squeeze(-1)
+    s = fac.s
+    if m < n or s.shape[-1] < n:
+        return fac.gram.clone()
+    eps = torch.finfo(s.dtype).eps
+    return (s[:, -1] > eps * m * s[:, 0]) | fac.gram
 
 
-def _phi(alpha: Tensor, suf: Tensor, s: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``|p(alpha)| - delta``, its derivative in alpha, and ``|p(alpha)|``."""
-    denom = s * s + alpha.unsqueeze(-1)
-    p_norm = vnorm(_safe_div(suf, denom), dim=-1)
-    phi = p_norm - delta
-    dphi = -_safe_div(suf * suf, denom**3).sum(-1) / torch.where(
-        p_norm > 0, p_norm, torch.ones_like(p_norm))
-    return phi, dphi, p_norm
+def _routes(fac: Factors) -> tuple[bool, bool]:
+    """Whether any problem takes the Gram route, and whether any takes the SVD route."""
+    if fac.H.shape[-1] == 0:
+        return False, True
+    count = int(fac.gram.sum())
+    return count > 0, count < fac.gram.shape[0]
 
 
-def _step_for_alpha(alpha: Tensor, suf: Tensor, s: Tensor, V: Tensor) -> Tensor:
-    coef = _safe_div(suf, s * s + alpha.unsqueeze(-1))
-    return -torch.bmm(V, coef.unsqueeze(-1)).squeeze(-1)
+def _mix(fac: Factors, gram_value: Tensor | None, svd_value: Tensor | None) -> Tensor:
+    """Gram rows from ``gram_value``, the others from ``svd_value`` (either may be None)."""
+    if svd_value is None:
+        return gram_value
+    if gram_value is None:
+        return svd_value
+    mask = fac.gram.view(-1, *([1] * (svd_value.ndim - 1)))
+    return torch.where(mask, gram_value, svd_value)
+
+
+def _gram_solve(fac: Factors, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``p = -(H + alpha I)^{-1} b`` and ``q = p^T (H + alpha I)^{-1} p`` on Gram rows.
+
+    ``alpha=None`` means 0 (the stored inverse is used). Rows that do not
+    take the Gram route get meaningless values.
+    """
+    if alpha is None:
+        M = fac.Hinv
+    else:
+        H = fac.H + torch.diag_embed(alpha.unsqueeze(-1).expand_as(fac.b))
+        M = torch.linalg.inv_ex(H)[0]
+    p = -torch.bmm(M, fac.b.unsqueeze(-1))
+    q = (p * torch.bmm(M, p)).sum((-2, -1))
+    return p.squeeze(-1), q
+
+
+def grad_norm(fac: Factors) -> Tensor:
+    """``|A^T b|`` per problem."""
+    has_gram, has_svd = _routes(fac)
+    return _mix(fac, vnorm(fac.b, dim=-1) if has_gram else None,
+                vnorm(fac.s * fac.uf, dim=-1) if has_svd else None)
+
+
+def gauss_newton_step(fac: Factors, rcond: float | None = None) -> Tensor:
+    """Minimum-norm least-squares step ``-pinv(A) b``, ``(B, n)``.
+
+    On SVD rows, singular values below ``rcond * s_max`` (default: the
+    dtype's epsilon, as ``numpy.linalg.lstsq`` with its larger dimension)
+    are treated as zero; Gram rows have full rank and use ``H^{-1}``.
+    """
+    has_gram, has_svd = _routes(fac)
+    p_svd = None
+    if has_svd:
+        s, uf = fac.s, fac.uf
+        if rcond is None:
+            rcond = torch.finfo(s.dtype).eps
+        keep = s > rcond * s[:, :1]
+        coef = torch.where(keep, _safe_div(uf, s), torch.zeros_like(uf))
+        p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
+    return _mix(fac, _gram_solve(fac, None)[0] if has_gram else None, p_svd)
+
+
+def _phi(fac: Factors, alpha: Tensor, delta: Tensor,
+         zero: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``|p(alpha)| - delta``, its derivative in alpha, and ``|p(alpha)|``.
+
+    ``zero=True`` says that ``alpha`` is 0 for every problem.
+    """
+    has_gram, has_svd = _routes(fac)
+    pn_s = dphi_s = pn_g = dphi_g = None
+    if has_svd:
+        suf = fac.s * fac.uf
+        denom = fac.s * fac.s + alpha.unsqueeze(-1)
+        pn_s = vnorm(_safe_div(suf, denom), dim=-1)
+        dphi_s = -_safe_div(suf * suf, denom**3).sum(-1) / torch.where(
+            pn_s > 0, pn_s, torch.ones_like(pn_s))
+    if has_gram:
+        p, q = _gram_solve(fac, None if zero else alpha)
+        pn_g = vnorm(p, dim=-1)
+        dphi_g = -q / torch.where(pn_g > 0, pn_g, torch.ones_like(pn_g))
+    p_norm = _mix(fac, pn_g, pn_s)
+    return p_norm - delta, _mix(fac, dphi_g, dphi_s), p_norm
+
+
+def _step_for_alpha(fac: Factors, alpha: Tensor, zero: bool = False) -> Tensor:
+    """``p(alpha) = -(A^T A + alpha I)^+ A^T b`` (zero singular values dropped)."""
+    has_gram, has_svd = _routes(fac)
+    p_svd = None
+    if has_svd:
+        coef = _safe_div(fac.s * fac.uf, fac.s * fac.s + alpha.unsqueeze(-1))
+        p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
+    p_gram = _gram_solve(fac, None if zero else alpha)[0] if has_gram else None
+    return _mix(fac, p_gram, p_svd)
 
 
 def solve_trust_region_scipy(
-    s: Tensor, V: Tensor, uf: Tensor, delta: Tensor, alpha0: Tensor, m: int, n: int,
+    fac: Factors, delta: Tensor, alpha0: Tensor, m: int, n: int,
     rtol: float = 0.01, max_iter: int = 10,
 ) -> tuple[Tensor, Tensor]:
     """Trust-region subproblem ``min |A p + b|, |p| <= delta`` as in scipy's 'trf'.
@@ -222,17 +365,17 @@ def solve_trust_region_scipy(
     p : Tensor, shape (B, n)
     alpha : Tensor, shape (B,)
     """
-    suf = s * uf
-    full_rank = full_rank_mask(s, m, n)
-    p_gn = _step_for_alpha(torch.zeros_like(delta), suf, s, V)
+    full_rank = full_rank_mask(fac, m, n)
+    zeros = torch.zeros_like(delta)
+    p_gn = _step_for_alpha(fac, zeros, zero=True)
     inside = full_rank & (vnorm(p_gn, dim=-1) <= delta)
     if bool(inside.all()):
-        return p_gn, torch.zeros_like(delta)
+        return p_gn, zeros
 
-    upper = vnorm(suf, dim=-1) / delta
-    phi0, dphi0, _ = _phi(torch.zeros_like(delta), suf, s, delta)
+    upper = grad_norm(fac) / delta
+    phi0, dphi0, _ = _phi(fac, zeros, delta, zero=True)
     lower = torch.where(full_rank, -phi0 / torch.where(dphi0 != 0, dphi0, torch.ones_like(dphi0)),
-                        torch.zeros_like(delta))
+                        zeros)
 
     def restart(lo: Tensor, up: Tensor) -> Tensor:
         return torch.maximum(0.001 * up, (lo * up).sqrt())
@@ -242,7 +385,7 @@ def solve_trust_region_scipy(
     for _ in range(max_iter):
         out = (alpha < lower) | (alpha > upper)
         alpha_it = torch.where(out, restart(lower, upper), alpha)
-        phi, dphi, _ = _phi(alpha_it, suf, s, delta)
+        phi, dphi, _ = _phi(fac, alpha_it, delta)
         upper_it = torch.where(phi < 0, alpha_it, upper)
         ratio = phi / torch.where(dphi != 0, dphi, torch.ones_like(dphi))
         lower_it = torch.maximum(lower, alpha_it - ratio)
@@ -253,17 +396,16 @@ def solve_trust_region_scipy(
         running = running & ~(phi.abs() < rtol * delta)
         if not bool(running.any()):
             break
-    p = _step_for_alpha(alpha, suf, s, V)
+    p = _step_for_alpha(fac, alpha)
     pn = vnorm(p, dim=-1)
     p = p * (delta / torch.where(pn > 0, pn, torch.ones_like(pn))).unsqueeze(-1)
     p = torch.where(inside.unsqueeze(-1), p_gn, p)
-    alpha = torch.where(inside, torch.zeros_like(alpha), alpha)
+    alpha = torch.where(inside, zeros, alpha)
     return p, alpha
 
 
 def solve_trust_region_minpack(
-    s: Tensor, V: Tensor, uf: Tensor, delta: Tensor, par0: Tensor, m: int, n: int,
-    max_iter: int = 10,
+    fac: Factors, delta: Tensor, par0: Tensor, m: int, n: int, max_iter: int = 10,
 ) -> tuple[Tensor, Tensor]:
     """Levenberg-Marquardt parameter search of MINPACK's ``lmpar`` (Moré 1978).
 
@@ -277,22 +419,21 @@ def solve_trust_region_minpack(
         Step in scaled variables.
     par : Tensor, shape (B,)
     """
-    dtype = s.dtype
+    dtype = delta.dtype
     dwarf = torch.finfo(dtype).tiny
-    p_gn = gauss_newton_step(s, V, uf)
+    p_gn = gauss_newton_step(fac)
     dxnorm = vnorm(p_gn, dim=-1)
     fp = dxnorm - delta
     gn_ok = fp <= 0.1 * delta
     if bool(gn_ok.all()):
         return p_gn, torch.zeros_like(delta)
 
-    suf = s * uf
-    full_rank = full_rank_mask(s, m, n)
+    full_rank = full_rank_mask(fac, m, n)
     zeros = torch.zeros_like(delta)
-    phi0, dphi0, _ = _phi(zeros, suf, s, delta)
+    phi0, dphi0, _ = _phi(fac, zeros, delta, zero=True)
     safe_d = torch.where(dphi0 != 0, dphi0, torch.ones_like(dphi0))
     parl = torch.where(full_rank, (-phi0 / safe_d) * (dxnorm / delta), zeros)
-    gnorm = vnorm(suf, dim=-1)
+    gnorm = grad_norm(fac)
     paru = gnorm / delta
     paru = torch.where(paru == 0, dwarf / torch.clamp(delta, max=0.1), paru)
     par = torch.minimum(torch.maximum(par0, parl), paru)
@@ -301,7 +442,7 @@ def solve_trust_region_minpack(
     running = ~gn_ok
     for it in range(1, max_iter + 1):
         par_it = torch.where(par == 0, torch.clamp(0.001 * paru, min=dwarf), par)
-        phi, dphi, pnorm = _phi(par_it, suf, s, delta)
+        phi, dphi, pnorm = _phi(fac, par_it, delta)
         temp = fp
         fp_it = phi
         stop = ((fp_it.abs() <= 0.1 * delta) | ((parl == 0) & (fp_it <= temp) & (temp < 0))
@@ -318,7 +459,7 @@ def solve_trust_region_minpack(
         running = running & ~stop
         if not bool(running.any()):
             break
-    p = _step_for_alpha(par, suf, s, V)
+    p = _step_for_alpha(fac, par)
     p = torch.where(gn_ok.unsqueeze(-1), p_gn, p)
     par = torch.where(gn_ok, zeros, par)
     return p, par

@@ -54,7 +54,7 @@ class Problem:
         multiple of the scaled anti-gradient, default adaptive).
     use_gram
         Factorise through the Gram matrix ``J^T J`` (batches) rather than by
-        a direct SVD of ``J`` (single problems); see ``linalg.svd_factors``.
+        a direct SVD of ``J`` (single problems); see ``linalg.factorize``.
     """
 
     fun: BatchedFun

@@ -13,7 +13,11 @@ actual reduction of the cost. All functions work on a batch: ``J (B, m, n)``,
 ``g, s, c (B, n)``; scalars per problem have shape ``(B,)``.
 
 The matrix ``J`` is never scaled in memory: a scaled Jacobian ``J diag(d)`` is
-represented by ``(J, d)`` and applied as ``J @ (d * s)``.
+represented by ``(J, d)`` and applied as ``J @ (d * s)``. Problems that take
+the Gram route of ``linalg.factorize`` (well-conditioned members of a batch)
+may pass ``G = J^T J`` with a row mask ``gram``: their squared norms
+:math:`\lVert J u\rVert^2 = u^\top G u` then cost :math:`O(n^2)` instead of
+:math:`O(mn)` per problem.
 """
 
 from __future__ import annotations
@@ -29,12 +33,45 @@ def jac_times(J: Tensor, s: Tensor, d: Tensor | None = None) -> Tensor:
     return torch.bmm(J, s.unsqueeze(-1)).squeeze(-1)
 
 
+def gram_form(G: Tensor, u: Tensor, v: Tensor | None = None) -> Tensor:
+    """``u^T G v`` per problem (``v = u`` by default), ``(B,)``."""
+    Gv = torch.bmm(G, (u if v is None else v).unsqueeze(-1)).squeeze(-1)
+    return (u * Gv).sum(-1)
+
+
+def _gram_rows(gram: Tensor | None) -> int:
+    """How many problems use the Gram form: 0, some, or all (``gram.shape[0]``)."""
+    return 0 if gram is None else int(gram.sum())
+
+
+def cross_jac(J: Tensor, u: Tensor, v: Tensor, G: Tensor | None = None,
+              gram: Tensor | None = None) -> Tensor:
+    """``(J u) . (J v)`` per problem; through ``G = J^T J`` on rows where ``gram`` holds.
+
+    ``u`` and ``v`` are already scaled; ``v`` may be ``u``.
+    """
+    count = _gram_rows(gram)
+    if count:
+        via_g = gram_form(G, u, None if v is u else v)
+        if v is u:
+            via_g = via_g.clamp(min=0)
+        if count == gram.shape[0]:
+            return via_g
+    Ju = jac_times(J, u)
+    direct = (Ju * (Ju if v is u else jac_times(J, v))).sum(-1)
+    return direct if not count else torch.where(gram, via_g, direct)
+
+
 def evaluate_quadratic(
-    J: Tensor, d: Tensor | None, g: Tensor, s: Tensor, diag: Tensor | None = None
+    J: Tensor, d: Tensor | None, g: Tensor, s: Tensor, diag: Tensor | None = None,
+    G: Tensor | None = None, gram: Tensor | None = None,
 ) -> Tensor:
-    """Value of the model ``0.5 |J_h s|^2 + 0.5 s.diag.s + g.s`` with ``J_h = J diag(d)``."""
-    Js = jac_times(J, s, d)
-    q = (Js * Js).sum(-1)
+    """Value of the model ``0.5 |J_h s|^2 + 0.5 s.diag.s + g.s`` with ``J_h = J diag(d)``.
+
+    ``G``/``gram``: see :func:`cross_jac`.
+    """
+    u = s if d is None else s * d
+    q = cross_jac(J, u, u, G, gram)
     if diag is not None:
         q = q + (diag * s * s).sum(-1)
     return 0.5 * q + (g * s).sum(-1)
@@ -47,19 +84,33 @@ def build_quadratic_1d(
     s: Tensor,
     diag: Tensor | None = None,
     s0: Tensor | None = None,
+    G: Tensor | None = None,
+    gram: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Coefficients ``a t^2 + b t + c`` of the model along the line ``s0 + t s``."""
-    v = jac_times(J, s, d)
-    a = (v * v).sum(-1)
+    """Coefficients ``a t^2 + b t + c`` of the model along the line ``s0 + t s``.
+
+    ``G``/``gram``: see :func:`cross_jac`.
+    """
+    if not _gram_rows(gram):
+        G = gram = None
+    v = s if d is None else s * d
+    Jv = None if gram is not None else jac_times(J, v)
+    a = cross_jac(J, v, v, G, gram) if Jv is None else (Jv * Jv).sum(-1)
     if diag is not None:
         a = a + (diag * s * s).sum(-1)
     a = 0.5 * a
     b = (g * s).sum(-1)
     c = torch.zeros_like(b)
     if s0 is not None:
-        u = jac_times(J, s0, d)
-        b = b + (u * v).sum(-1)
-        c = 0.5 * (u * u).sum(-1) + (g * s0).sum(-1)
+        u = s0 if d is None else s0 * d
+        if Jv is None:
+            b = b + cross_jac(J, u, v, G, gram)
+            uu = cross_jac(J, u, u, G, gram)
+        else:
+            Ju = jac_times(J, u)
+            b = b + (Ju * Jv).sum(-1)
+            uu = (Ju * Ju).sum(-1)
+        c = 0.5 * uu + (g * s0).sum(-1)
         if diag is not None:
             b = b + (diag * s0 * s).sum(-1)
             c = c + 0.5 * (diag * s0 * s0).sum(-1)

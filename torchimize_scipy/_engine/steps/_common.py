@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..linalg import Factors
 from ..problem import Problem
 
 
@@ -102,19 +103,37 @@ def update_jac_scale(problem: Problem, state: dict) -> None:
 
 
 def svd_width(problem: Problem, augmented: bool) -> int:
-    """Number of singular values kept by :func:`linalg.svd_factors`."""
+    """Number of singular values kept by :func:`linalg.factorize`."""
     if augmented or problem.m >= problem.n:
         return problem.n
     return problem.m
 
 
-def alloc_svd(state: dict, k: int) -> None:
-    """Placeholders for the SVD data of each problem."""
+#: State keys holding a :class:`linalg.Factors` between ``prepare`` and ``propose``.
+FACTOR_KEYS = tuple(f"fac_{name}" for name in Factors._fields)
+
+
+def alloc_factors(problem: Problem, state: dict, augmented: bool) -> None:
+    """Placeholders for the factorisation of each problem (see :func:`linalg.factorize`)."""
     x = state["x"]
     B, n = x.shape
-    state["sv"] = x.new_zeros(B, k)
-    state["V"] = x.new_zeros(B, n, k)
-    state["uf"] = x.new_zeros(B, k)
+    k = svd_width(problem, augmented)
+    g = n if problem.use_gram and problem.m >= n else 0
+    store_factors(state, Factors(
+        x.new_zeros(B, k), x.new_zeros(B, n, k), x.new_zeros(B, k), x.new_zeros(B, g, g),
+        x.new_zeros(B, g, g), x.new_zeros(B, g), torch.zeros(B, dtype=torch.bool,
+                                                               device=x.device)))
+
+
+def store_factors(state: dict, fac: Factors) -> None:
+    """Keep ``fac`` in ``state`` (one tensor per field, so that compaction applies)."""
+    for key, value in zip(FACTOR_KEYS, fac, strict=True):
+        state[key] = value
+
+
+def load_factors(state: dict) -> Factors:
+    """The :class:`linalg.Factors` kept by :func:`store_factors`."""
+    return Factors(*(state[key] for key in FACTOR_KEYS))
 
 
 def inf_norm(v: Tensor) -> Tensor:

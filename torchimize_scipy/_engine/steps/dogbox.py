@@ -20,7 +20,7 @@ from torch.linalg import vector_norm as vnorm
 
 from .. import status as codes
 from ..bounds import in_bounds, step_size_to_bound
-from ..linalg import gauss_newton_step, svd_factors
+from ..linalg import factorize, gauss_newton_step
 from ..problem import Problem
 from ..quadratic import (
     build_quadratic_1d,
@@ -65,11 +65,18 @@ class Dogbox(StepRule):
         free = state["free"]
         J_free = state["J"] * free.unsqueeze(-2)
         g_free = torch.where(free, state["g"], 0.0)
-        fm = free.to(state["G"].dtype)
-        sv, V, uf = svd_factors(J_free, None, state["f"], gram=state["G"] * fm.unsqueeze(-1)
-                                * fm.unsqueeze(-2), g=g_free, use_gram=problem.use_gram)
-        state["newton"] = gauss_newton_step(sv, V, uf)
-        flag_singular_factors(state, sv)
+        G = state["G"]
+        fm = free.to(G.dtype)
+        # Gram matrix of the free columns; a fixed variable gets a lone diagonal
+        # entry of the same scale (its right-hand side is 0, so its step is 0)
+        # rather than a zero row that would make the matrix singular
+        col2 = torch.diagonal(G, dim1=-2, dim2=-1)
+        fixed_diag = torch.where(col2 > 0, col2, torch.ones_like(col2)) * (1 - fm)
+        G_free = G * fm.unsqueeze(-1) * fm.unsqueeze(-2) + torch.diag_embed(fixed_diag)
+        fac = factorize(J_free, None, state["f"], gram=G_free, g=g_free,
+                        use_gram=problem.use_gram)
+        state["newton"] = gauss_newton_step(fac)
+        flag_singular_factors(state, fac.s)
         state["qa"], state["qb"], _ = build_quadratic_1d(J_free, None, g_free, -g_free)
 
     def propose(self, problem: Problem, state: dict) -> dict:

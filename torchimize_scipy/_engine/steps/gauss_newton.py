@@ -36,7 +36,7 @@ from torch.linalg import vector_norm as vnorm
 
 from .. import status as codes
 from ..bounds import coleman_li_scaling
-from ..linalg import gauss_newton_step, svd_factors
+from ..linalg import factorize, gauss_newton_step
 from ..problem import Problem
 from ..quadratic import check_termination, evaluate_quadratic
 from ._common import (
@@ -119,10 +119,10 @@ class GaussNewton(_LineSearch):
         free = self.free_variables(problem, state)
         d = state["scale"] * free
         g = state["g"]
-        sv, V, uf = svd_factors(state["J"], d, state["f"], gram=state["G"], g=g,
-                                use_gram=problem.use_gram)
-        direction = d * gauss_newton_step(sv, V, uf)
-        flag_singular_factors(state, sv)
+        fac = factorize(state["J"], d, state["f"], gram=state["G"], g=g,
+                        use_gram=problem.use_gram)
+        direction = d * gauss_newton_step(fac)
+        flag_singular_factors(state, fac.s)
         steepest = -(d * d) * g
         descent = (direction * g).sum(-1) < 0
         state["direction"] = torch.where(descent.unsqueeze(-1), direction, steepest)

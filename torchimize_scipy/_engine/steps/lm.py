@@ -25,10 +25,18 @@ import torch
 from torch.linalg import vector_norm as vnorm
 
 from .. import status as codes
-from ..linalg import solve_trust_region_minpack, svd_factors
+from ..linalg import factorize, solve_trust_region_minpack
 from ..problem import Problem
-from ..quadratic import jac_times
-from ._common import StepRule, alloc_svd, column_norms, flag_singular_factors, inf_norm, svd_width
+from ..quadratic import cross_jac, jac_times
+from ._common import (
+    StepRule,
+    alloc_factors,
+    column_norms,
+    flag_singular_factors,
+    inf_norm,
+    load_factors,
+    store_factors,
+)
 
 FACTOR = 100.0
 
@@ -56,7 +64,7 @@ class LevenbergMarquardt(StepRule):
         state["started"] = torch.zeros(B, dtype=torch.bool, device=x.device)
         # MINPACK does not evaluate J at a point accepted by the terminating trial
         state["uncounted_jac"] = torch.zeros(B, dtype=torch.long, device=x.device)
-        alloc_svd(state, svd_width(problem, False))
+        alloc_factors(problem, state, augmented=False)
 
     def top(self, problem: Problem, state: dict) -> torch.Tensor:
         f = state["f"]
@@ -93,14 +101,14 @@ class LevenbergMarquardt(StepRule):
         return (gnorm <= problem.gtol) & (state["status"] == codes.RUNNING)
 
     def prepare(self, problem: Problem, state: dict) -> None:
-        state["sv"], state["V"], state["uf"] = svd_factors(
-            state["J"], 1.0 / state["diag"], state["f"], gram=state["G"], g=state["g"],
-            use_gram=problem.use_gram)
-        flag_singular_factors(state, state["sv"])
+        fac = factorize(state["J"], 1.0 / state["diag"], state["f"], gram=state["G"],
+                        g=state["g"], use_gram=problem.use_gram)
+        store_factors(state, fac)
+        flag_singular_factors(state, fac.s)
 
     def propose(self, problem: Problem, state: dict) -> dict:
-        q, par = solve_trust_region_minpack(state["sv"], state["V"], state["uf"], state["delta"],
-                                            state["par"], problem.m, problem.n)
+        q, par = solve_trust_region_minpack(load_factors(state), state["delta"], state["par"],
+                                            problem.m, problem.n)
         step = q / state["diag"]
         pnorm = vnorm(q, dim=-1)
         # on the first iteration the radius is cut to the first step's length
@@ -119,7 +127,12 @@ class LevenbergMarquardt(StepRule):
         # (x * x is x ** 2 exactly, without the slower pow call)
         actred = torch.where(small, 1 - rel1 * rel1, torch.full_like(fnorm, -1.0))
         pnorm, par = trial["pnorm"], trial["par"]
-        temp1 = vnorm(jac_times(state["J"], trial["step"]), dim=-1) / safe_f
+        step = trial["step"]
+        if problem.use_gram:  # |J step| through J^T J on the Gram rows
+            Jstep_norm = cross_jac(state["J"], step, step, state["G"], state["fac_gram"]).sqrt()
+        else:
+            Jstep_norm = vnorm(jac_times(state["J"], step), dim=-1)
+        temp1 = Jstep_norm / safe_f
         temp2 = par.sqrt() * pnorm / safe_f
         t1sq = temp1 * temp1
         t2sq = temp2 * temp2

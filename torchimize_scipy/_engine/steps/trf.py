@@ -30,7 +30,7 @@ from ..bounds import (
     make_strictly_feasible,
     step_size_to_bound,
 )
-from ..linalg import solve_trust_region_scipy, svd_factors
+from ..linalg import factorize, solve_trust_region_scipy
 from ..problem import Problem
 from ..quadratic import (
     build_quadratic_1d,
@@ -42,12 +42,13 @@ from ..quadratic import (
 )
 from ._common import (
     StepRule,
-    alloc_svd,
+    alloc_factors,
     bound_activity,
     flag_singular_factors,
     inf_norm,
     initial_scale,
-    svd_width,
+    load_factors,
+    store_factors,
 )
 
 
@@ -76,7 +77,7 @@ class TRF(StepRule):
         state["diag_h"] = torch.zeros_like(x)
         state["g_h"] = torch.zeros_like(x)
         state["theta"] = torch.zeros_like(delta)
-        alloc_svd(state, svd_width(problem, problem.bounded))
+        alloc_factors(problem, state, augmented=problem.bounded)
         if problem.bounded:  # Coleman-Li data of the outer iteration, from top() to prepare()
             state["cl_v"] = torch.ones_like(x)
             state["cl_dv"] = torch.zeros_like(x)
@@ -103,15 +104,14 @@ class TRF(StepRule):
             diag_h = None
         state["d"] = d
         state["g_h"] = d * state["g"]
-        state["sv"], state["V"], state["uf"] = svd_factors(
-            state["J"], d, state["f"], diag_h, gram=state["G"], g=state["g"],
-            use_gram=problem.use_gram)
-        flag_singular_factors(state, state["sv"])
+        fac = factorize(state["J"], d, state["f"], diag_h, gram=state["G"], g=state["g"],
+                        use_gram=problem.use_gram)
+        store_factors(state, fac)
+        flag_singular_factors(state, fac.s)
 
     def propose(self, problem: Problem, state: dict) -> dict:
-        p_h, alpha = solve_trust_region_scipy(
-            state["sv"], state["V"], state["uf"], state["delta"], state["alpha"],
-            problem.m, problem.n)
+        p_h, alpha = solve_trust_region_scipy(load_factors(state), state["delta"], state["alpha"],
+                                              problem.m, problem.n)
         d = state["d"]
         diag_h = state["diag_h"] if problem.bounded else None
         if problem.bounded:
@@ -120,7 +120,8 @@ class TRF(StepRule):
         else:
             step_h = p_h
             step = d * p_h
-            predicted = -evaluate_quadratic(state["J"], d, state["g_h"], p_h)
+            predicted = -evaluate_quadratic(state["J"], d, state["g_h"], p_h, G=state["G"],
+                                            gram=state["fac_gram"])
             x_new = state["x"] + step
         return {"x_new": x_new, "step": step, "step_h_norm": vnorm(step_h, dim=-1),
                 "predicted": predicted, "alpha": alpha, "step_norm": vnorm(step, dim=-1)}
@@ -154,9 +155,10 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
     """
     x, lb, ub = state["x"], state["lb"], state["ub"]
     J, d, g_h, delta, theta = state["J"], state["d"], state["g_h"], state["delta"], state["theta"]
+    G, gram = state["G"], state["fac_gram"]
     p = d * p_h
     inside = in_bounds(x + p, lb, ub)
-    p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h)
+    p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram)
     if bool(inside.all()):
         return p, p_h, -p_value_full
 
@@ -177,7 +179,7 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
     r_hi = torch.where(positive, torch.where(r_stride == to_bound, theta * to_bound, to_tr),
                        -torch.ones_like(r_stride))
     usable = r_lo <= r_hi
-    a, b, c = build_quadratic_1d(J, d, g_h, r_h, diag=diag_h, s0=p_h_cut)
+    a, b, c = build_quadratic_1d(J, d, g_h, r_h, diag=diag_h, s0=p_h_cut, G=G, gram=gram)
     r_hi_f = torch.where(usable & torch.isfinite(r_hi), r_hi, r_lo)
     t_r, r_value = minimize_quadratic_1d(a, b, r_lo, r_hi_f, c=c)
     r_h_new = r_h * t_r.unsqueeze(-1) + p_h_cut
@@ -185,7 +187,7 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
 
     p_theta = p_cut * theta.unsqueeze(-1)
     p_h_theta = p_h_cut * theta.unsqueeze(-1)
-    p_value = evaluate_quadratic(J, d, g_h, p_h_theta, diag=diag_h)
+    p_value = evaluate_quadratic(J, d, g_h, p_h_theta, diag=diag_h, G=G, gram=gram)
 
     ag_h = -g_h
     ag = d * ag_h
@@ -193,7 +195,7 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
     to_tr_ag = delta / torch.where(ag_norm > 0, ag_norm, torch.ones_like(ag_norm))
     to_bound_ag, _ = step_size_to_bound(x, ag, lb, ub)
     ag_stride = torch.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
-    a2, b2, _ = build_quadratic_1d(J, d, g_h, ag_h, diag=diag_h)
+    a2, b2, _ = build_quadratic_1d(J, d, g_h, ag_h, diag=diag_h, G=G, gram=gram)
     t_ag, ag_value = minimize_quadratic_1d(a2, b2, torch.zeros_like(ag_stride), ag_stride)
     ag_h = ag_h * t_ag.unsqueeze(-1)
     ag = ag * t_ag.unsqueeze(-1)
