@@ -442,6 +442,32 @@ def test_args_and_kwargs():
     assert_like_scipy(res, sp)
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_per_problem_args_selection(kind):
+    """Ascending runs of rows are passed as views; other selections gather the rows."""
+    from torchimize_scipy._arrays import detect_namespace
+    from torchimize_scipy._user_functions import PerProblemArgs
+
+    y = np.arange(24.0).reshape(6, 4)
+    y = torch.as_tensor(y) if kind == "torch" else y
+    args = PerProblemArgs((y, 7.0), 6, detect_namespace(y))
+    run = torch.arange(2, 5)
+    (sel, scalar) = args.select(run)
+    np.testing.assert_array_equal(_np(sel), _np(y)[2:5])
+    assert scalar == 7.0
+    if kind == "torch":
+        assert sel.data_ptr() == y[2].data_ptr()
+    else:
+        assert np.shares_memory(sel, y)
+    assert args.select(run)[0] is sel  # the same idx again: the same selection
+    picked = torch.tensor([0, 3, 5])
+    np.testing.assert_array_equal(_np(args.select(picked)[0]), _np(y)[[0, 3, 5]])
+    repeated = torch.tensor([1, 1, 2, 2])
+    np.testing.assert_array_equal(_np(args.select(repeated)[0]), _np(y)[[1, 1, 2, 2]])
+    empty = torch.tensor([], dtype=torch.long)
+    assert _np(args.select(empty)[0]).shape == (0, 4)
+
+
 def test_kwargs_never_sliced():
     """Arrays in ``kwargs`` are shared even when their leading dimension equals B."""
     B = M  # the shared time grid has B entries

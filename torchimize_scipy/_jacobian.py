@@ -168,6 +168,36 @@ def _perturb(x0: Tensor, xj: Tensor) -> Tensor:
     return torch.where(eye, xj.unsqueeze(-1), x0.unsqueeze(-2))
 
 
+#: Above this many residual values per call (``rows * n * m``), the perturbed
+#: points are evaluated one column at a time: every call then sees the same
+#: rows (so per-problem arguments are selected once) and temporaries stay small.
+COLUMNWISE_ENTRIES = 2**16
+
+
+def _call_columns(fun: BatchedFun, x0: Tensor, xs: list[Tensor], idx: Tensor,
+                  m: int) -> list[Tensor]:
+    """``fun`` at ``x0`` with column ``j`` replaced by ``xs[k][:, j]``, one call per (k, j).
+
+    Returns, for each ``k``, a tensor ``(n, B, m)``.
+    """
+    bsz, n = x0.shape
+    out = []
+    for xk in xs:
+        cols = []
+        for j in range(n):
+            pts = x0.clone()
+            pts[:, j] = xk[:, j]
+            fj = fun(pts, idx)
+            if fj.shape != (bsz, m):
+                raise ValueError(
+                    f"`fun` returned shape {tuple(fj.shape)} for {bsz} points; "
+                    f"expected {(bsz, m)}."
+                )
+            cols.append(fj)
+        out.append(torch.stack(cols))
+    return out
+
+
 def _call(fun: BatchedFun, pts: Tensor, idx: Tensor, m: int) -> Tensor:
     """Evaluate ``fun`` on ``pts`` of shape ``(S, B, n, n)``; returns ``(S, B, n, m)``."""
     s, b, n, _ = pts.shape
@@ -240,12 +270,19 @@ def finite_difference_jacobian(
     rstep = default_rel_step(x0.dtype, f0.dtype, method)
     h = _absolute_step(x0, rstep, rel_step)
 
+    columnwise = bsz * n * m > COLUMNWISE_ENTRIES
+
+    def evaluate(base: Tensor, xs: list[Tensor]) -> list[Tensor]:
+        """``f`` with column ``j`` of ``base`` replaced by ``xk[:, j]``: ``(B, m, n)`` each."""
+        if columnwise:
+            return [fk.permute(1, 2, 0) for fk in _call_columns(fun, base, xs, idx, m)]
+        pts = torch.stack([_perturb(base, xk) for xk in xs])  # (S, B, n, n)
+        return [fk.transpose(-1, -2) for fk in _call(fun, pts, idx, m).unbind(0)]
+
     if method == "cs":
         xc = torch.complex(x0, torch.zeros_like(x0))
-        pts = _perturb(xc, torch.complex(x0, h))
-        f1 = _call(fun, pts.unsqueeze(0), idx, m)[0]  # (B, n, m)
-        jt = f1.imag / h.unsqueeze(-1)
-        return jt.transpose(-1, -2)
+        (f1,) = evaluate(xc, [torch.complex(x0, h)])  # (B, m, n)
+        return f1.imag / h.unsqueeze(-2)
 
     bounded = lb is not None or ub is not None
     if bounded:
@@ -258,10 +295,9 @@ def finite_difference_jacobian(
         if bounded:
             h = _adjust_one_sided(x0, h, 1, lb_t, ub_t)
         x1 = x0 + h
-        f1 = _call(fun, _perturb(x0, x1).unsqueeze(0), idx, m)[0]  # (B, n, m)
+        (f1,) = evaluate(x0, [x1])  # (B, m, n)
         dx = x1 - x0
-        jt = (f1 - f0.unsqueeze(1)) / dx.unsqueeze(-1)
-        return jt.transpose(-1, -2)
+        return (f1 - f0.unsqueeze(-1)) / dx.unsqueeze(-2)
 
     # 3-point
     if bounded:
@@ -271,13 +307,11 @@ def finite_difference_jacobian(
         one_sided = torch.zeros_like(x0, dtype=torch.bool)
     xa = torch.where(one_sided, x0 + h, x0 - h)
     xb = torch.where(one_sided, x0 + 2 * h, x0 + h)
-    pts = torch.stack([_perturb(x0, xa), _perturb(x0, xb)])  # (2, B, n, n)
-    fa, fb = _call(fun, pts, idx, m).unbind(0)  # (B, n, m) each
-    f0e = f0.unsqueeze(1)
-    df = torch.where(one_sided.unsqueeze(-1), -3.0 * f0e + 4 * fa - fb, fb - fa)
+    fa, fb = evaluate(x0, [xa, xb])  # (B, m, n) each
+    f0e = f0.unsqueeze(-1)
+    df = torch.where(one_sided.unsqueeze(-2), -3.0 * f0e + 4 * fa - fb, fb - fa)
     dx = torch.where(one_sided, xb - x0, xb - xa)
-    jt = df / dx.unsqueeze(-1)
-    return jt.transpose(-1, -2)
+    return df / dx.unsqueeze(-2)
 
 
 _forward_ad_ready = False

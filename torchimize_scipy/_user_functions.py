@@ -40,6 +40,19 @@ def _is_batch_array(a: Any, B: int) -> bool:
     return _is_array(a) and a.ndim >= 1 and a.shape[0] == B
 
 
+def _ascending_run(idx: Tensor) -> tuple[int, int] | None:
+    """``(start, stop)`` if ``idx`` is ``start, start+1, ..., stop-1``, else None."""
+    b = idx.shape[0]
+    if b == 0:
+        return None
+    first, last = int(idx[0]), int(idx[-1])
+    if last - first != b - 1:
+        return None
+    if b > 1 and not bool((idx[1:] - idx[:-1] == 1).all()):
+        return None
+    return first, last + 1
+
+
 class PerProblemArgs:
     """``args`` of a batch call: arrays with leading dimension B are sliced per row."""
 
@@ -48,18 +61,33 @@ class PerProblemArgs:
         self.B = B
         self.ns = ns
         self.sliced = tuple(_is_batch_array(a, B) for a in self.args)
+        self._last: tuple[Tensor, tuple] | None = None
         if ns.kind == "torch":
             self.args = tuple(a.to(ns.device) if (s and is_torch(a)) else a
                               for a, s in zip(self.args, self.sliced, strict=True))
 
     def select(self, idx: Tensor | None) -> tuple:
-        """The arguments for rows ``idx`` (all rows when None)."""
+        """The arguments for rows ``idx`` (all rows when None).
+
+        Rows that form one ascending run ``k, k+1, ..., k+b-1`` (a whole
+        chunk, or a chunk before any problem finished) are passed as slices of
+        the caller's arrays, without copying; the last selection is reused
+        when the same ``idx`` comes again (finite differences call ``fun``
+        several times on the same rows).
+        """
         if idx is None:
             return self.args
+        if not any(self.sliced):
+            return self.args
+        if self._last is not None and self._last[0] is idx:
+            return self._last[1]
+        run = _ascending_run(idx)
         out = []
         for a, s in zip(self.args, self.sliced, strict=False):
             if not s:
                 out.append(a)
+            elif run is not None:
+                out.append(a[run[0]:run[1], ...])
             elif is_torch(a):
                 out.append(a.index_select(0, idx.to(a.device)))
             elif isinstance(a, np.ndarray):
@@ -69,7 +97,9 @@ class PerProblemArgs:
 
                 ax = array_api_compat.array_namespace(a)
                 out.append(ax.take(a, ax.asarray(idx.cpu().numpy()), axis=0))
-        return tuple(out)
+        selected = tuple(out)
+        self._last = (idx, selected)
+        return selected
 
     def row(self, i: int) -> tuple:
         """The arguments of problem ``i``."""

@@ -79,13 +79,21 @@ def take(state: State, rows: Tensor | None) -> RowView:
 
 
 def put(state: State, rows: Tensor | None, sub: RowView) -> None:
-    """Write the keys assigned in ``sub`` back into ``state`` at ``rows`` (out of place)."""
+    """Write the keys assigned in ``sub`` back into ``state`` at ``rows`` (out of place).
+
+    Keys assigned the same tensor get the same merged tensor (one scatter).
+    """
+    done: dict[tuple[int, int], Tensor] = {}
     for k in sub.written:
         v = dict.__getitem__(sub, k)
         if rows is None:
             state[k] = v
         elif k in state:
-            state[k] = state[k].index_copy(0, rows, v)
+            key = (id(v), id(state[k]))
+            merged = done.get(key)
+            if merged is None:
+                merged = done[key] = state[k].index_copy(0, rows, v)
+            state[k] = merged
         else:
             raise KeyError(f"new state key {k!r} must be created in init()")
 
@@ -118,9 +126,17 @@ def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None]) -> None:
 
 
 def compact(state: State, keep: Tensor) -> None:
-    """Drop the rows of finished problems from every tensor of ``state``."""
+    """Drop the rows of finished problems from every tensor of ``state``.
+
+    Keys holding the same tensor (``f`` and ``f_true`` for the linear loss)
+    stay shared: each tensor is gathered once.
+    """
+    done: dict[int, Tensor] = {}
     for k, v in state.items():
-        state[k] = v.index_select(0, keep)
+        new = done.get(id(v))
+        if new is None:
+            new = done[id(v)] = v.index_select(0, keep)
+        state[k] = new
 
 
 def all_finite(a: Tensor) -> Tensor:
@@ -133,6 +149,18 @@ def all_finite(a: Tensor) -> Tensor:
     if math.isfinite(float(a.sum())):
         return torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
     return torch.isfinite(a).flatten(1).all(-1)
+
+
+def jacobian_finite(J: Tensor, G: Tensor) -> Tensor:
+    """``(B,)`` mask: every entry of each ``J`` is finite, decided from ``G = J^T J``.
+
+    A non-finite entry of ``J`` makes a diagonal entry of ``G`` infinite or
+    NaN, so a finite ``G`` (much smaller) proves a finite ``J``; otherwise, or
+    when ``G`` overflowed, ``J`` itself is checked.
+    """
+    if math.isfinite(float(G.sum())):
+        return torch.ones(J.shape[0], dtype=torch.bool, device=J.device)
+    return all_finite(J)
 
 
 def _rows(mask: Tensor, total: int) -> Tensor | None:
@@ -192,7 +220,7 @@ def run(problem: Problem, rule, state: State, out: State,
         optimality=torch.zeros(B, dtype=dtype, device=dev),
         last_reduction=nan.clone(), last_step_norm=nan.clone(),
     )
-    bad = ~(all_finite(J) & all_finite(state["f_true"]))
+    bad = ~(jacobian_finite(J, G) & all_finite(state["f_true"]))
     state["status"] = torch.where(bad & (state["status"] == st_codes.RUNNING),
                                   st_codes.NONFINITE, state["status"])
     rule.init(problem, state)
@@ -264,7 +292,7 @@ def run(problem: Problem, rule, state: State, out: State,
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
             sub["njev"] = sub["njev"] + 1
             sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
-            okJ = all_finite(sub["J"])
+            okJ = jacobian_finite(sub["J"], sub["G"])
             sub["status"] = torch.where(okJ | (sub["status"] != st_codes.RUNNING),
                                         sub["status"], st_codes.NONFINITE)
             rule.after_jacobian(problem, sub)
