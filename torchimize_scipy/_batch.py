@@ -378,6 +378,6 @@ def _build(out: dict, ns: Namespace, method: str, jac: Any, bounded: bool) -> Ba
         nfev=ns.to_user(out["nfev"]),
         njev=None if (method == "lm" and not callable(jac)) else ns.to_user(njev),
         status=ns.to_user(status), success=ns.to_user(success),
-        message=[codes.message(int(s)) for s in status.tolist()],
+        message=codes.messages(status.tolist()),
     )
     return res

@@ -40,3 +40,9 @@ TERMINATION_MESSAGES: dict[int, str] = {
 def message(status: int) -> str:
     """Return the termination message for one integer status code."""
     return TERMINATION_MESSAGES[int(status)]
+
+
+def messages(statuses: list[int]) -> list[str]:
+    """Termination messages of many problems (one dictionary lookup each)."""
+    table = TERMINATION_MESSAGES
+    return [table[s] for s in statuses]
