@@ -19,6 +19,7 @@ from torchimize_scipy._engine.linalg import (
     full_rank_mask,
     gauss_newton_step,
     grad_norm,
+    gram_cond_limit,
 )
 from torchimize_scipy._engine.quadratic import build_quadratic_1d, cross_jac, evaluate_quadratic
 
@@ -171,3 +172,16 @@ def test_quadratic_models_gram_form_match_direct():
     ref = build_quadratic_1d(J, d, g, s, diag=c, s0=s0)
     for a, b in zip(got, ref, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-11)
+
+
+def test_float32_gram_limit(batch):
+    """In float32 a Gram matrix with cond 1e6 is not trusted; the step stays accurate."""
+    A, f = batch
+    assert gram_cond_limit(torch.float64) == 1e10
+    assert 1e4 < gram_cond_limit(torch.float32) < 1e5
+    fac = factorize(A.float(), None, f.float(), use_gram=True)
+    assert fac.gram.tolist() == [True, False, False, False]
+    p = _step_for_alpha(fac, torch.full((4,), 1e-3), zero=False).double().numpy()
+    for i in range(2):
+        ref = _reference(A[i].numpy(), f[i].numpy(), 1e-3)
+        np.testing.assert_allclose(p[i], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())

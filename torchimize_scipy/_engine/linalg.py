@@ -20,7 +20,8 @@ prepares one of two representations per problem (a :class:`Factors`):
   :math:`(H + \alpha I)^{-1}` is formed for each trial :math:`\alpha > 0`.
   Squaring the matrix squares its condition number, so a problem takes this
   route only when :math:`\mathrm{cond}_1(H) \le 10^{10}/n` (hence
-  :math:`\mathrm{cond}_2(H) \le 10^{10}`) and every entry is finite; any other
+  :math:`\mathrm{cond}_2(H) \le 10^{10}`; in float32 the limit is
+  :math:`0.01/\epsilon`) and every entry is finite; any other
   problem of the batch gets SVD data instead, from the eigen-decomposition of
   :math:`H` or, when even that is not trusted, from the SVD of :math:`A`.
   For a batch of small matrices an inverse costs about one twentieth of an
@@ -72,8 +73,18 @@ class Factors(NamedTuple):
     gram: Tensor
 
 
-#: Largest ``cond_2(A^T A) = cond(A)**2`` for which the Gram route is trusted.
+#: Largest ``cond_2(A^T A) = cond(A)**2`` for which the Gram route is trusted
+#: in float64; see :func:`gram_cond_limit` for other dtypes.
 GRAM_COND2_LIMIT = 1e10
+
+
+def gram_cond_limit(dtype: torch.dtype) -> float:
+    """``min(GRAM_COND2_LIMIT, 0.01 / eps)``: Gram solves keep about 1 % accuracy.
+
+    1e10 in float64 (relative error of a step about ``eps * cond`` = 2e-6);
+    about 8e4 in float32, where 1e10 would leave no correct digit.
+    """
+    return min(GRAM_COND2_LIMIT, 0.01 / torch.finfo(dtype).eps)
 
 
 def factorize(
@@ -121,7 +132,8 @@ def factorize(
     Hinv, info = torch.linalg.inv_ex(H)
     # cond_2 <= n cond_1: trusting cond_1 <= limit / n keeps cond_2 within the limit
     cond1 = H.abs().sum(-2).amax(-1) * Hinv.abs().sum(-2).amax(-1)
-    ok = finite & (info == 0) & (cond1 <= GRAM_COND2_LIMIT / n)  # a NaN cond1 fails too
+    limit = gram_cond_limit(H.dtype)
+    ok = finite & (info == 0) & (cond1 <= limit / n)  # a NaN cond1 fails too
     s = H.new_zeros(B, n)
     V = H.new_zeros(B, n, n)
     uf = H.new_zeros(B, n)
@@ -207,7 +219,7 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
     """SVD data of the problems the Gram inverse does not serve.
 
     The eigen-decomposition of ``H = A^T A`` gives them when
-    ``cond(A)**2 <= GRAM_COND2_LIMIT``; problems beyond that (and any whose
+    ``cond(A)**2 <= gram_cond_limit(dtype)``; problems beyond that (and any whose
     ``H`` is not finite) are redone with the direct SVD of ``A``, which also
     handles rank deficiency as scipy does.
     """
@@ -220,7 +232,7 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
     lam = lam.flip(-1)
     V = V.flip(-1)
     lam_max = lam[:, :1]
-    bad = (~(lam[:, -1:] > lam_max / GRAM_COND2_LIMIT).squeeze(-1)
+    bad = (~(lam[:, -1:] > lam_max / gram_cond_limit(H.dtype)).squeeze(-1)
            | ~torch.isfinite(lam_max[:, 0]) | ~finite)
     s = lam.clamp(min=0).sqrt()
     suf = torch.bmm(V.transpose(-1, -2), Atf.unsqueeze(-1)).squeeze(-1)
