@@ -174,27 +174,21 @@ def _perturb(x0: Tensor, xj: Tensor) -> Tensor:
 COLUMNWISE_ENTRIES = 2**16
 
 
-def _call_columns(fun: BatchedFun, x0: Tensor, xs: list[Tensor], idx: Tensor,
-                  m: int) -> list[Tensor]:
-    """``fun`` at ``x0`` with column ``j`` replaced by ``xs[k][:, j]``, one call per (k, j).
-
-    Returns, for each ``k``, a tensor ``(n, B, m)``.
-    """
-    bsz, n = x0.shape
+def _column_values(fun: BatchedFun, x0: Tensor, xs: list[Tensor], j: int, idx: Tensor,
+                   m: int) -> list[Tensor]:
+    """``fun`` at ``x0`` with column ``j`` replaced by ``xk[:, j]``, one call per ``xk``."""
+    bsz = x0.shape[0]
     out = []
     for xk in xs:
-        cols = []
-        for j in range(n):
-            pts = x0.clone()
-            pts[:, j] = xk[:, j]
-            fj = fun(pts, idx)
-            if fj.shape != (bsz, m):
-                raise ValueError(
-                    f"`fun` returned shape {tuple(fj.shape)} for {bsz} points; "
-                    f"expected {(bsz, m)}."
-                )
-            cols.append(fj)
-        out.append(torch.stack(cols))
+        pts = x0.clone()
+        pts[:, j] = xk[:, j]
+        fj = fun(pts, idx)
+        if fj.shape != (bsz, m):
+            raise ValueError(
+                f"`fun` returned shape {tuple(fj.shape)} for {bsz} points; "
+                f"expected {(bsz, m)}."
+            )
+        out.append(fj)
     return out
 
 
@@ -272,17 +266,34 @@ def finite_difference_jacobian(
 
     columnwise = bsz * n * m > COLUMNWISE_ENTRIES
 
-    def evaluate(base: Tensor, xs: list[Tensor]) -> list[Tensor]:
-        """``f`` with column ``j`` of ``base`` replaced by ``xk[:, j]``: ``(B, m, n)`` each."""
-        if columnwise:
-            return [fk.permute(1, 2, 0) for fk in _call_columns(fun, base, xs, idx, m)]
-        pts = torch.stack([_perturb(base, xk) for xk in xs])  # (S, B, n, n)
-        return [fk.transpose(-1, -2) for fk in _call(fun, pts, idx, m).unbind(0)]
+    def differences(base: Tensor, xs: list[Tensor],
+                    formula: Callable[[list[Tensor], int | None], Tensor]) -> Tensor:
+        """Jacobians ``(B, m, n)`` from ``formula(values, j)``.
+
+        ``values[k]`` holds ``f`` with column ``j`` of ``base`` replaced by
+        ``xs[k][:, j]``: shape ``(B, m)`` for one column ``j``, or ``(B, n, m)``
+        for all columns at once (``j=None``, one call of ``fun``).
+        """
+        if not columnwise:
+            pts = torch.stack([_perturb(base, xk) for xk in xs])  # (S, B, n, n)
+            return formula(list(_call(fun, pts, idx, m).unbind(0)), None).transpose(-1, -2)
+        jt = None
+        for j in range(n):
+            col = formula(_column_values(fun, base, xs, j, idx, m), j)
+            if jt is None:
+                jt = col.new_empty((bsz, n, m))
+            jt[:, j] = col
+        return jt.transpose(-1, -2)
+
+    def at(t: Tensor, j: int | None) -> Tensor:
+        """Per-variable ``t (B, n)`` against the values of column ``j`` (or all)."""
+        return t.unsqueeze(-1) if j is None else t[:, j : j + 1]
+
+    f0e = f0.unsqueeze(1) if not columnwise else f0
 
     if method == "cs":
         xc = torch.complex(x0, torch.zeros_like(x0))
-        (f1,) = evaluate(xc, [torch.complex(x0, h)])  # (B, m, n)
-        return f1.imag / h.unsqueeze(-2)
+        return differences(xc, [torch.complex(x0, h)], lambda v, j: v[0].imag / at(h, j))
 
     bounded = lb is not None or ub is not None
     if bounded:
@@ -295,9 +306,8 @@ def finite_difference_jacobian(
         if bounded:
             h = _adjust_one_sided(x0, h, 1, lb_t, ub_t)
         x1 = x0 + h
-        (f1,) = evaluate(x0, [x1])  # (B, m, n)
         dx = x1 - x0
-        return (f1 - f0.unsqueeze(-1)) / dx.unsqueeze(-2)
+        return differences(x0, [x1], lambda v, j: (v[0] - f0e) / at(dx, j))
 
     # 3-point
     if bounded:
@@ -307,11 +317,14 @@ def finite_difference_jacobian(
         one_sided = torch.zeros_like(x0, dtype=torch.bool)
     xa = torch.where(one_sided, x0 + h, x0 - h)
     xb = torch.where(one_sided, x0 + 2 * h, x0 + h)
-    fa, fb = evaluate(x0, [xa, xb])  # (B, m, n) each
-    f0e = f0.unsqueeze(-1)
-    df = torch.where(one_sided.unsqueeze(-2), -3.0 * f0e + 4 * fa - fb, fb - fa)
     dx = torch.where(one_sided, xb - x0, xb - xa)
-    return df / dx.unsqueeze(-2)
+
+    def three_point(v: list[Tensor], j: int | None) -> Tensor:
+        fa, fb = v
+        df = torch.where(at(one_sided, j), -3.0 * f0e + 4 * fa - fb, fb - fa)
+        return df / at(dx, j)
+
+    return differences(x0, [xa, xb], three_point)
 
 
 _forward_ad_ready = False
