@@ -185,6 +185,18 @@ def batch_least_squares(
         Per-problem fields with a leading batch dimension; numpy arrays for
         numpy input, tensors for torch input.
 
+    Notes
+    -----
+    Each step of a well-conditioned problem (``cond(J)**2 <= 1e10`` after
+    scaling; about 8e4 in float32) is solved through the small ``n x n``
+    matrix ``J^T J`` and its inverse, which for a batch costs far less than a
+    factorisation of each ``m x n`` Jacobian; the other problems of the batch
+    use the eigen-decomposition of ``J^T J`` or, when even that is not
+    trusted, the SVD of ``J`` as a single call does. Results therefore agree
+    with a loop of :func:`torchimize_scipy.least_squares` calls to rounding
+    (about 1e-8 relative in ``x`` with finite-difference Jacobians), and they
+    do not depend on ``chunk_size`` or on the other problems of the batch.
+
     Examples
     --------
     >>> import numpy as np
