@@ -2,7 +2,7 @@
 
 Problems: the 1-D Gaussian peak of ``bench_batch.py`` (n = 4 parameters,
 m = 64 points), 10,000,000 of them (``--quick``: 100,000), torch model and
-analytic Jacobian, solved with ``chunk_size`` (default 200,000) and
+analytic Jacobian, solved with ``chunk_size`` (default: the library's) and
 ``return_jac=False``. Reports the time, fits/s, the peak resident set size
 of the process (``ru_maxrss``, data included; the target is < 24 GiB), an RSS
 timeline sampled every 0.25 s, the statuses and, on the first
@@ -14,7 +14,7 @@ returned ``fun (B, 64)``, i.e. 2 x 5.1 GB for 10^7 problems in float64.
 
 Usage::
 
-    python benchmarks/memory_10m.py [--quick] [--problems 10000000] [--chunk-size 200000]
+    python benchmarks/memory_10m.py [--quick] [--problems 10000000] [--chunk-size N]
            [--method lm] [--dtype float64] [--threads 2] [--progress]
 """
 
@@ -88,7 +88,8 @@ def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--problems", type=int, default=None,
                    help="number of problems (default 10^7; quick 10^5)")
-    p.add_argument("--chunk-size", type=int, default=200_000)
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="problems per chunk (default: the library's choice)")
     p.add_argument("--method", default="lm", choices=["lm", "trf", "dogbox", "gn"])
     p.add_argument("--scipy-subset", type=int, default=None,
                    help="problems re-solved by scipy to check the costs (default 1000; "
@@ -140,8 +141,9 @@ def main() -> None:
     estimate = {"data_y": B * PEAK_M * elem, "result_fun": B * PEAK_M * elem,
                 "result_small_fields": B * (4 * 4 * elem + 3 * elem + 4 * 8) + B * 8 * 3}
     ok = gib(peak) < LIMIT_GIB
+    chunk = "library default" if args.chunk_size is None else f"{args.chunk_size:,}"
     print(f"\n### {B:,} Gaussian-peak fits (n=4, m=64), {args.method}, chunk_size="
-          f"{args.chunk_size:,}, return_jac=False, {args.device}, {args.dtype}, "
+          f"{chunk}, return_jac=False, {args.device}, {args.dtype}, "
           f"{args.threads} threads\n")
     rows = [
         ["problems", B],
