@@ -267,22 +267,29 @@ def finite_difference_jacobian(
     columnwise = bsz * n * m > COLUMNWISE_ENTRIES
 
     def differences(base: Tensor, xs: list[Tensor],
-                    formula: Callable[[list[Tensor], int | None], Tensor]) -> Tensor:
-        """Jacobians ``(B, m, n)`` from ``formula(values, j)``.
+                    formula: Callable[[list[Tensor], int | None, Tensor | None], Tensor]
+                    ) -> Tensor:
+        """Jacobians ``(B, m, n)`` from ``formula(values, j, out)``.
 
         ``values[k]`` holds ``f`` with column ``j`` of ``base`` replaced by
-        ``xs[k][:, j]``: shape ``(B, m)`` for one column ``j``, or ``(B, n, m)``
-        for all columns at once (``j=None``, one call of ``fun``).
+        ``xs[k][:, j]``: shape ``(B, m)`` for one column ``j`` (the result is
+        written into ``out``), or ``(B, n, m)`` for all columns at once
+        (``j=None``, one call of ``fun``, ``out=None``).
         """
         if not columnwise:
-            pts = torch.stack([_perturb(base, xk) for xk in xs])  # (S, B, n, n)
-            return formula(list(_call(fun, pts, idx, m).unbind(0)), None).transpose(-1, -2)
+            if len(xs) == 1:
+                pts = _perturb(base, xs[0]).unsqueeze(0)
+            else:
+                pts = torch.stack([_perturb(base, xk) for xk in xs])  # (S, B, n, n)
+            values = _call(fun, pts, idx, m)
+            return formula([values[k] for k in range(len(xs))], None, None).transpose(-1, -2)
         jt = None
         for j in range(n):
-            col = formula(_column_values(fun, base, xs, j, idx, m), j)
+            values = _column_values(fun, base, xs, j, idx, m)
             if jt is None:
-                jt = col.new_empty((bsz, n, m))
-            jt[:, j] = col
+                dtype = values[0].real.dtype if method == "cs" else values[0].dtype
+                jt = torch.empty((bsz, n, m), dtype=dtype, device=values[0].device)
+            formula(values, j, jt[:, j])
         return jt.transpose(-1, -2)
 
     def at(t: Tensor, j: int | None) -> Tensor:
@@ -293,7 +300,8 @@ def finite_difference_jacobian(
 
     if method == "cs":
         xc = torch.complex(x0, torch.zeros_like(x0))
-        return differences(xc, [torch.complex(x0, h)], lambda v, j: v[0].imag / at(h, j))
+        return differences(xc, [torch.complex(x0, h)],
+                           lambda v, j, out: torch.div(v[0].imag, at(h, j), out=out))
 
     bounded = lb is not None or ub is not None
     if bounded:
@@ -307,7 +315,8 @@ def finite_difference_jacobian(
             h = _adjust_one_sided(x0, h, 1, lb_t, ub_t)
         x1 = x0 + h
         dx = x1 - x0
-        return differences(x0, [x1], lambda v, j: (v[0] - f0e) / at(dx, j))
+        return differences(
+            x0, [x1], lambda v, j, out: torch.sub(v[0], f0e, out=out).div_(at(dx, j)))
 
     # 3-point
     if bounded:
@@ -319,10 +328,10 @@ def finite_difference_jacobian(
     xb = torch.where(one_sided, x0 + 2 * h, x0 + h)
     dx = torch.where(one_sided, xb - x0, xb - xa)
 
-    def three_point(v: list[Tensor], j: int | None) -> Tensor:
+    def three_point(v: list[Tensor], j: int | None, out: Tensor | None) -> Tensor:
         fa, fb = v
-        df = torch.where(at(one_sided, j), -3.0 * f0e + 4 * fa - fb, fb - fa)
-        return df / at(dx, j)
+        df = torch.where(at(one_sided, j), -3.0 * f0e + 4 * fa - fb, fb - fa, out=out)
+        return df.div_(at(dx, j))
 
     return differences(x0, [xa, xb], three_point)
 

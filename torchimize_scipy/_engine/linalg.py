@@ -56,21 +56,22 @@ class Factors(NamedTuple):
         Right singular vectors (SVD rows).
     uf : Tensor, shape (B, k)
         ``U^T b`` (SVD rows).
-    H, Hinv : Tensor, shape (B, n, n), or (B, 0, 0) without the Gram route
+    H, Hinv : Tensor, shape (B, n, n), or None without the Gram route
         ``A^T A`` and its inverse (Gram rows).
-    b : Tensor, shape (B, n), or (B, 0)
+    b : Tensor, shape (B, n), or None
         ``A^T [f; 0]``, the scaled gradient (Gram rows).
-    gram : Tensor, shape (B,), bool
-        True where the problem is solved through ``H`` rather than the SVD data.
+    gram : Tensor, shape (B,), bool, or None
+        True where the problem is solved through ``H`` rather than the SVD
+        data; None when no problem takes the Gram route (single problems).
     """
 
     s: Tensor
     V: Tensor
     uf: Tensor
-    H: Tensor
-    Hinv: Tensor
-    b: Tensor
-    gram: Tensor
+    H: Tensor | None = None
+    Hinv: Tensor | None = None
+    b: Tensor | None = None
+    gram: Tensor | None = None
 
 
 #: Largest ``cond_2(A^T A) = cond(A)**2`` for which the Gram route is trusted
@@ -114,10 +115,7 @@ def factorize(
     """
     B, m, n = J.shape
     if not (use_gram and m >= n):
-        s, V, uf = svd_factors(J, d, f, diag)
-        empty = J.new_zeros(B, 0, 0)
-        return Factors(s, V, uf, empty, empty, J.new_zeros(B, 0),
-                       torch.zeros(B, dtype=torch.bool, device=J.device))
+        return Factors(*svd_factors(J, d, f, diag))
     Jt = J.transpose(-1, -2)
     H = torch.bmm(Jt, J) if gram is None else gram
     Atf = torch.bmm(Jt, f.unsqueeze(-1)).squeeze(-1) if g is None else g
@@ -263,14 +261,15 @@ def full_rank_mask(fac: Factors, m: int, n: int) -> Tensor:
     """
     s = fac.s
     if m < n or s.shape[-1] < n:
-        return fac.gram.clone()
+        return torch.zeros_like(s[:, 0], dtype=torch.bool) if fac.gram is None else fac.gram
     eps = torch.finfo(s.dtype).eps
-    return (s[:, -1] > eps * m * s[:, 0]) | fac.gram
+    svd_rank = s[:, -1] > eps * m * s[:, 0]
+    return svd_rank if fac.gram is None else svd_rank | fac.gram
 
 
 def _routes(fac: Factors) -> tuple[bool, bool]:
     """Whether any problem takes the Gram route, and whether any takes the SVD route."""
-    if fac.H.shape[-1] == 0:
+    if fac.gram is None:
         return False, True
     count = int(fac.gram.sum())
     return count > 0, count < fac.gram.shape[0]

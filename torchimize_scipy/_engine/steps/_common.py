@@ -118,22 +118,27 @@ def alloc_factors(problem: Problem, state: dict, augmented: bool) -> None:
     x = state["x"]
     B, n = x.shape
     k = svd_width(problem, augmented)
-    g = n if problem.use_gram and problem.m >= n else 0
-    store_factors(state, Factors(
-        x.new_zeros(B, k), x.new_zeros(B, n, k), x.new_zeros(B, k), x.new_zeros(B, g, g),
-        x.new_zeros(B, g, g), x.new_zeros(B, g), torch.zeros(B, dtype=torch.bool,
-                                                               device=x.device)))
+    gram = None
+    if problem.use_gram and problem.m >= n:
+        gram = (x.new_zeros(B, n, n), x.new_zeros(B, n, n), x.new_zeros(B, n),
+                torch.zeros(B, dtype=torch.bool, device=x.device))
+    store_factors(state, Factors(x.new_zeros(B, k), x.new_zeros(B, n, k), x.new_zeros(B, k),
+                                 *(gram or ())))
 
 
 def store_factors(state: dict, fac: Factors) -> None:
-    """Keep ``fac`` in ``state`` (one tensor per field, so that compaction applies)."""
+    """Keep ``fac`` in ``state``, one tensor per field (so that compaction applies).
+
+    Fields that are None (no Gram route) are not stored.
+    """
     for key, value in zip(FACTOR_KEYS, fac, strict=True):
-        state[key] = value
+        if value is not None:
+            state[key] = value
 
 
 def load_factors(state: dict) -> Factors:
     """The :class:`linalg.Factors` kept by :func:`store_factors`."""
-    return Factors(*(state[key] for key in FACTOR_KEYS))
+    return Factors(*(state[key] if key in state else None for key in FACTOR_KEYS))
 
 
 def inf_norm(v: Tensor) -> Tensor:

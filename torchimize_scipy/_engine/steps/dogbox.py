@@ -66,18 +66,22 @@ class Dogbox(StepRule):
         J_free = state["J"] * free.unsqueeze(-2)
         g_free = torch.where(free, state["g"], 0.0)
         G = state["G"]
-        fm = free.to(G.dtype)
-        # Gram matrix of the free columns; a fixed variable gets a lone diagonal
-        # entry of the same scale (its right-hand side is 0, so its step is 0)
-        # rather than a zero row that would make the matrix singular
-        col2 = torch.diagonal(G, dim1=-2, dim2=-1)
-        fixed_diag = torch.where(col2 > 0, col2, torch.ones_like(col2)) * (1 - fm)
-        G_free = G * fm.unsqueeze(-1) * fm.unsqueeze(-2) + torch.diag_embed(fixed_diag)
+        G_free = None
+        if problem.use_gram:
+            # Gram matrix of the free columns; a fixed variable gets a lone
+            # diagonal entry of the same scale (its right-hand side is 0, so its
+            # step is 0) rather than a zero row that would make it singular
+            fm = free.to(G.dtype)
+            col2 = torch.diagonal(G, dim1=-2, dim2=-1)
+            fixed_diag = torch.where(col2 > 0, col2, torch.ones_like(col2)) * (1 - fm)
+            G_free = G * fm.unsqueeze(-1) * fm.unsqueeze(-2) + torch.diag_embed(fixed_diag)
         fac = factorize(J_free, None, state["f"], gram=G_free, g=g_free,
                         use_gram=problem.use_gram)
         state["newton"] = gauss_newton_step(fac)
         flag_singular_factors(state, fac.s)
-        state["qa"], state["qb"], _ = build_quadratic_1d(J_free, None, g_free, -g_free)
+        # -g_free vanishes on the fixed variables: J_free (-g_free) = J (-g_free)
+        state["qa"], state["qb"], _ = build_quadratic_1d(J_free, None, g_free, -g_free, G=G,
+                                                         gram=fac.gram)
 
     def propose(self, problem: Problem, state: dict) -> dict:
         x, lb, ub, free = state["x"], state["lb"], state["ub"], state["free"]

@@ -128,7 +128,7 @@ class LevenbergMarquardt(StepRule):
         actred = torch.where(small, 1 - rel1 * rel1, torch.full_like(fnorm, -1.0))
         pnorm, par = trial["pnorm"], trial["par"]
         step = trial["step"]
-        if problem.use_gram:  # |J step| through J^T J on the Gram rows
+        if "fac_gram" in state:  # |J step| through J^T J on the Gram rows
             Jstep_norm = cross_jac(state["J"], step, step, state["G"], state["fac_gram"]).sqrt()
         else:
             Jstep_norm = vnorm(jac_times(state["J"], step), dim=-1)

@@ -121,7 +121,7 @@ class TRF(StepRule):
             step_h = p_h
             step = d * p_h
             predicted = -evaluate_quadratic(state["J"], d, state["g_h"], p_h, G=state["G"],
-                                            gram=state["fac_gram"])
+                                            gram=state.get("fac_gram"))
             x_new = state["x"] + step
         return {"x_new": x_new, "step": step, "step_h_norm": vnorm(step_h, dim=-1),
                 "predicted": predicted, "alpha": alpha, "step_norm": vnorm(step, dim=-1)}
@@ -155,7 +155,7 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
     """
     x, lb, ub = state["x"], state["lb"], state["ub"]
     J, d, g_h, delta, theta = state["J"], state["d"], state["g_h"], state["delta"], state["theta"]
-    G, gram = state["G"], state["fac_gram"]
+    G, gram = state["G"], state.get("fac_gram")
     p = d * p_h
     inside = in_bounds(x + p, lb, ub)
     p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram)
