@@ -169,8 +169,10 @@ def _perturb(x0: Tensor, xj: Tensor) -> Tensor:
 
 
 #: Above this many residual values per call (``rows * n * m``), the perturbed
-#: points are evaluated one column at a time: every call then sees the same
-#: rows (so per-problem arguments are selected once) and temporaries stay small.
+#: points of a batch of several problems are evaluated one column at a time:
+#: every call then sees the same rows (so per-problem arguments are selected
+#: once) and temporaries stay small. A single problem is always evaluated in
+#: one call (its ``n`` points go to the user's function one by one anyway).
 COLUMNWISE_ENTRIES = 2**16
 
 
@@ -264,7 +266,7 @@ def finite_difference_jacobian(
     rstep = default_rel_step(x0.dtype, f0.dtype, method)
     h = _absolute_step(x0, rstep, rel_step)
 
-    columnwise = bsz * n * m > COLUMNWISE_ENTRIES
+    columnwise = bsz > 1 and bsz * n * m > COLUMNWISE_ENTRIES
 
     def differences(base: Tensor, xs: list[Tensor],
                     formula: Callable[[list[Tensor], int | None, Tensor | None], Tensor]
