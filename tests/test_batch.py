@@ -767,6 +767,39 @@ def test_singular_jacobian_isolated(method):
     assert_batches_identical(res, full, [i for i in range(B) if i != 5])
 
 
+def fun_scaled_v(x, y, scale):
+    """The exponential decay with its rate measured in units of ``scale`` (per problem)."""
+    return x[:, :1] * np.exp(-(x[:, 1:2] * scale[:, None]) * T) - y
+
+
+def fun_scaled_1(x, y, scale):
+    return x[0] * np.exp(-(x[1] * scale) * T) - y
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+def test_ill_conditioned_member_takes_the_svd_route(method):
+    """A badly scaled problem (cond(J)**2 >> 1e10) beside regular ones: all match scipy.
+
+    For 'trf' and 'dogbox' with ``x_scale=1`` its Gram matrix is far beyond
+    the Gram route's limit, so its steps come from the SVD of J, the others'
+    from J^T J ('lm' scales the columns by their norms, which repairs the
+    conditioning); each problem equals a single call and scipy.
+    """
+    B = 6
+    x0, y = make_data(B, seed=23)
+    scale = np.ones(B)
+    scale[2] = 1e-6
+    x0[2, 1] = x0[2, 1] / 1e-6
+    x_scale = 1.0 if method != "lm" else None
+    res = batch_least_squares(fun_scaled_v, x0, method=method, args=(y, scale),
+                              x_scale=x_scale)
+    J = res.jac[2]
+    assert np.linalg.cond(J) ** 2 > 1e10
+    kw = dict(method=method, args=(y, scale), x_scale=x_scale)
+    assert_same(res, solve_each(fun_scaled_1, x0, **kw), x_rtol=1e-6)
+    assert_like_scipy(res, solve_each(fun_scaled_1, x0, scipy=True, **kw), x_rtol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["trf", "dogbox", "lm", "gn"])
 def test_chunk_size_invariance(method):
     """A problem's arithmetic does not depend on which problems run beside it."""

@@ -184,3 +184,26 @@ def test_float32_gram_limit(batch):
     for i in range(2):
         ref = _reference(A[i].numpy(), f[i].numpy(), 1e-3)
         np.testing.assert_allclose(p[i], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+
+def test_eigen_route_between_the_limits(monkeypatch):
+    """cond_1(H) above limit/n but cond_2(H) below the limit: eigen-decomposition, no SVD."""
+    import torchimize_scipy._engine.linalg as linalg
+
+    rng = np.random.default_rng(5)
+    A = torch.as_tensor(np.stack([_matrix(rng, 10.0), _matrix(rng, 1.5e4)]))
+    f = torch.as_tensor(rng.standard_normal((2, M)))
+    monkeypatch.setattr(linalg, "GRAM_COND2_LIMIT", 1e9)
+    H = (A.mT @ A).numpy()
+    cond1 = [np.linalg.cond(h, 1) for h in H]
+    assert cond1[0] < 1e9 / N < cond1[1] and np.linalg.cond(H[1]) < 1e9
+    svd_calls = []
+    direct = linalg._svd_factors_direct
+    monkeypatch.setattr(linalg, "_svd_factors_direct",
+                        lambda *a: svd_calls.append(a) or direct(*a))
+    fac = factorize(A, None, f, use_gram=True)
+    assert fac.gram.tolist() == [True, False] and not svd_calls
+    p = _step_for_alpha(fac, torch.full((2,), 0.01, dtype=A.dtype)).numpy()
+    for i in range(2):
+        ref = _reference(A[i].numpy(), f[i].numpy(), 0.01)
+        np.testing.assert_allclose(p[i], ref, rtol=1e-7, atol=1e-7 * np.abs(ref).max())
