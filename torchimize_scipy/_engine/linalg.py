@@ -29,10 +29,11 @@ prepares one of two representations per problem (a :class:`Factors`):
 
 The radius-matching root finders follow J. J. Moré, "The Levenberg-Marquardt
 algorithm: implementation and theory", Lecture Notes in Mathematics 630 (1978),
-pp. 105-116: Newton's method on :math:`\lVert p(\alpha)\rVert - \Delta` (with
+pp. 105-116: Newton's method on :math:`1/\lVert p(\alpha)\rVert - 1/\Delta`
+safeguarded by the interval :math:`[\alpha_l, \alpha_u]`, with
 :math:`\mathrm{d}\lVert p\rVert / \mathrm{d}\alpha = -p^\top (A^\top A +
-\alpha I)^{-1} p / \lVert p\rVert`) safeguarded by the interval
-:math:`[\alpha_l, \alpha_u]`.
+\alpha I)^{-1} p / \lVert p\rVert` (from the SVD data, or from the inverse on
+Gram rows).
 """
 
 from __future__ import annotations
@@ -312,8 +313,8 @@ def gauss_newton_step(fac: Factors, rcond: float | None = None) -> Tensor:
     """Minimum-norm least-squares step ``-pinv(A) b``, ``(B, n)``.
 
     On SVD rows, singular values below ``rcond * s_max`` (default: the
-    dtype's epsilon, as ``numpy.linalg.lstsq`` with its larger dimension)
-    are treated as zero; Gram rows have full rank and use ``H^{-1}``.
+    dtype's epsilon) are treated as zero; Gram rows have full rank and use
+    ``H^{-1}``.
     """
     has_gram, has_svd = _routes(fac)
     p_svd = None
