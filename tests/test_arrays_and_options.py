@@ -209,6 +209,24 @@ def test_dtype_keyword_invalid(dtype):
         least_squares(fun_rosenbrock, [2.0, 2.0], dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, np.float16, "float16"])
+def test_dtype_keyword_half_precision(dtype):
+    """torch's linear algebra has no half precision: a clear error, not a failed solve."""
+    with pytest.raises(ValueError, match=r"`dtype` is torch\.(b?float16); the solvers compute "
+                                         r"in torch\.float32 or torch\.float64"):
+        least_squares(fun_rosenbrock, [2.0, 2.0], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_torch_x0(dtype):
+    with pytest.raises(ValueError, match=r"`x0` has dtype torch\.(b?float16).*float32"):
+        least_squares(fun_rosenbrock_torch, torch.tensor([2.0, 2.0], dtype=dtype))
+    # the suggested remedy works
+    res = least_squares(fun_rosenbrock_torch, torch.tensor([2.0, 2.0], dtype=dtype),
+                        dtype=torch.float32)
+    assert res.x.dtype == torch.float32 and res.success
+
+
 @pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
 def test_device_keyword_cpu(device):
     res = least_squares(fun_rosenbrock_torch, torch.tensor([2.0, 2.0], dtype=torch.float64),

@@ -874,6 +874,12 @@ def test_float32_torch():
         np.testing.assert_allclose(_np(res.cost), ref.cost, rtol=1e-2)
 
 
+def test_half_precision_rejected():
+    x0, y = make_data(3)
+    with pytest.raises(ValueError, match=r"`dtype` is torch\.float16"):
+        batch_least_squares(fun_v, x0, args=(y,), dtype="float16")
+
+
 def test_dtype_keyword():
     x0, y = make_data(6, seed=26)
     res = batch_least_squares(fun_vt, torch.tensor(x0), args=(torch.tensor(y),),

@@ -98,6 +98,7 @@ def detect_namespace(x0: Any, device: Any = None, dtype: Any = None) -> Namespac
         dev = torch.device(device) if device is not None else x0.device
         if tdtype is None:
             tdtype = x0.dtype if x0.is_floating_point() else torch.float64
+            _check_engine_dtype(tdtype, "`x0` has dtype")
         return Namespace("torch", dev, tdtype)
     xp = None
     kind = "numpy"
@@ -112,21 +113,37 @@ def detect_namespace(x0: Any, device: Any = None, dtype: Any = None) -> Namespac
     return Namespace(kind, dev, tdtype or torch.float64, xp)
 
 
+#: Dtypes the engine computes in: torch's linear algebra has no half precision.
+ENGINE_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_engine_dtype(dtype: torch.dtype, what: str) -> None:
+    if dtype not in ENGINE_DTYPES:
+        raise ValueError(
+            f"{what} {dtype}; the solvers compute in torch.float32 or torch.float64 "
+            "(torch's linear algebra has no half precision): pass dtype=torch.float32.")
+
+
 def _torch_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ValueError("`dtype` must be a real floating dtype.")
+        _check_engine_dtype(dtype, "`dtype` is")
         return dtype
     np_dtype = np.dtype(dtype)
     table = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32,
              np.dtype(np.float16): torch.float16}
     if np_dtype not in table:
         raise ValueError("`dtype` must be a real floating dtype.")
+    _check_engine_dtype(table[np_dtype], "`dtype` is")
     return table[np_dtype]
 
 
 def as_numpy(a: Any) -> np.ndarray:
     """Host numpy view of any supported array (for validation)."""
     if is_torch(a):
-        return a.detach().cpu().numpy()
+        t = a.detach().cpu()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            t = t.float()
+        return t.numpy()
     return np.asarray(a)

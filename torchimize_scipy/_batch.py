@@ -167,8 +167,8 @@ def batch_least_squares(
     vectorized : bool, optional
         Calling convention of ``fun``/``jac`` (see above).
     device, dtype : optional
-        Where and in which dtype to compute (default: those of ``x0``; numpy
-        input computes in float64 on the CPU).
+        Where and in which dtype to compute: float32 or float64 (default:
+        those of ``x0``; numpy input computes in float64 on the CPU).
     chunk_size : int, optional
         Number of problems solved together; the default bounds the Jacobian
         of a chunk to just under 2**22 entries on the CPU (32 MiB in float64)

@@ -131,7 +131,8 @@ def least_squares(
         Evaluates the rows of a finite-difference Jacobian in parallel, as in
         scipy.
     device, dtype : optional
-        Keyword-only: where and in which floating dtype to compute.
+        Keyword-only: where and in which floating dtype to compute
+        (float32 or float64; torch's linear algebra has no half precision).
 
     Returns
     -------
