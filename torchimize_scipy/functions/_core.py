@@ -182,6 +182,14 @@ def _tensor_out(value: Any, what: str) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- models
+def _check_callables(function: Any, jac_function: Any) -> None:
+    """``function`` must be callable, ``jac_function`` callable or None."""
+    if not callable(function):
+        raise ValueError("`function` must be callable.")
+    if jac_function is not None and not callable(jac_function):
+        raise ValueError("`jac_function` must be callable or None.")
+
+
 class ParallelModel:
     """``function(p (B, n), *args) -> (B, C, N)`` as weighted ``(B, C*N)`` residuals.
 
@@ -193,10 +201,7 @@ class ParallelModel:
 
     def __init__(self, function: Callable, jac_function: Callable | None, args: Sequence,
                  p0: Tensor, wvec: Any) -> None:
-        if not callable(function):
-            raise ValueError("`function` must be callable.")
-        if jac_function is not None and not callable(jac_function):
-            raise ValueError("`jac_function` must be callable or None.")
+        _check_callables(function, jac_function)
         self.function = function
         self.jac_function = jac_function
         self.args = tuple(args)
@@ -253,10 +258,7 @@ class SingleModel:
 
     def __init__(self, function: Callable, jac_function: Callable | None, args: Sequence,
                  p0: Tensor) -> None:
-        if not callable(function):
-            raise ValueError("`function` must be callable.")
-        if jac_function is not None and not callable(jac_function):
-            raise ValueError("`jac_function` must be callable or None.")
+        _check_callables(function, jac_function)
         self.function = function
         self.jac_function = jac_function
         self.args = tuple(args)
@@ -371,7 +373,7 @@ def minimize(model: ParallelModel | SingleModel, x0: Tensor, method: str, *, fto
     status = out["status"]
     iterates.info = {
         "x": x_final, "cost": out["cost"], "status": status,
-        "message": [codes.message(int(s)) for s in status.tolist()],
+        "message": codes.messages(status.tolist()),
         "nfev": out["nfev"], "njev": out["njev"], "nit": out["nit"],
     }
     return iterates
