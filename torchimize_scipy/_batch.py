@@ -22,7 +22,7 @@ from ._arrays import Namespace, as_numpy, detect_namespace
 from ._driver import result_buffers, solve
 from ._engine import status as codes
 from ._engine.bounds import make_strictly_feasible
-from ._engine.loop import RESULT_KEYS
+from ._engine.loop import RESULT_KEYS, all_finite
 from ._jacobian import autograd_jacobian, finite_difference_jacobian
 from ._loss import make_loss
 from ._user_functions import PerProblemArgs, RowwiseFunction, VectorizedFunction
@@ -349,7 +349,7 @@ def _solve_chunk(start: int, stop: int, *, f0_known, method, fun_b, jac, jac_b, 
         f0 = torch.cat([f0_known, fun_c(x0c[known:], idx0[known:])])
     if tuple(f0.shape) != (b, m):
         raise ValueError(f"`fun` returned shape {tuple(f0.shape)}, expected {(b, m)}.")
-    status0 = torch.where(torch.isfinite(f0).all(-1), codes.RUNNING, codes.NONFINITE)
+    status0 = torch.where(all_finite(f0), codes.RUNNING, codes.NONFINITE)
 
     if callable(jac):
         def jac_c(x, f, idx):
