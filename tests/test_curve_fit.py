@@ -803,3 +803,53 @@ def test_batch_cuda(bdata):  # pragma: no cover - device only
             assert_cov_close(pcov[i].cpu().numpy(), ref[1])
     popt, _ = batch_curve_fit(func, x, Y, P0, device=dev)
     assert isinstance(popt, np.ndarray)
+
+
+@pytest.mark.parametrize("fallback", ["svd", "qr"])
+def test_batch_normal_inverse_routes(fallback):
+    """Well-conditioned problems: Gram inverse equal to the factorisation; others: the latter."""
+    from torchimize_scipy._curve_fit import _batch_normal_inverse, _qr_inverse, _svd_pinv
+
+    rng = np.random.default_rng(5)
+    J = rng.normal(size=(6, 20, 3))
+    J[1, :, 2] = 0.0                                  # rank-deficient
+    J[2, :, 1] = J[2, :, 0] * (1 + 1e-7)              # cond(J^T J) ~ 1e15
+    J[3, 4, 0] = np.nan                               # non-finite
+    factorised = {"svd": _svd_pinv, "qr": _qr_inverse}[fallback]
+    seen = []
+
+    def spy(Jb):
+        seen.append(Jb.shape[0])
+        return factorised(Jb)
+
+    Jt = torch.as_tensor(J)
+    cov = _batch_normal_inverse(Jt, spy).numpy()
+    assert seen == [2]                                # rows 1 and 2 only, in one call
+    ref = factorised(Jt[[0, 4, 5]]).numpy()
+    for k, i in enumerate((0, 4, 5)):
+        np.testing.assert_allclose(cov[i], ref[k], rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(cov[i], cov[i].T)
+    for i in (1, 2):  # the same values as the factorisation gives these rows alone
+        np.testing.assert_array_equal(cov[i], factorised(Jt[[1, 2]]).numpy()[i - 1])
+    assert np.isnan(cov[3]).any()
+
+
+@pytest.mark.parametrize("method", [None, "trf", "dogbox"])
+def test_batch_nonfinite_member_does_not_spoil_others(method):
+    """A problem whose residuals are NaN at p0 fails alone; the others equal scipy's fits."""
+    x = np.linspace(0, 4, 30)
+
+    def f(x, a, b):
+        return a * np.exp(-np.sqrt(b) * x)
+
+    rng = np.random.default_rng(0)
+    Y = np.stack([f(x, 2, 1.5), f(x, 1, 2.0), f(x, 3, 1.0)]) + 0.01 * rng.normal(size=(3, 30))
+    P0 = np.array([[1.0, 1.0], [1.0, -1.0], [1.0, 1.2]])  # sqrt(-1): NaN residuals
+    with pytest.warns(OptimizeWarning, match="Optimal parameters not found for 1 of 3"):
+        popt, pcov, info, mesg, ier = batch_curve_fit(f, x, Y, P0, method=method,
+                                                      full_output=True)
+    assert np.isnan(popt[1]).all() and np.isnan(pcov[1]).all()
+    for i in (0, 2):
+        ref = so.curve_fit(f, x, Y[i], P0[i], method=method)
+        np.testing.assert_allclose(popt[i], ref[0], rtol=RTOL_P)
+        assert_cov_close(pcov[i], ref[1])

@@ -43,6 +43,12 @@ is statistically consistent. :math:`(J^T J)^{-1}` is computed as scipy does:
   MINPACK's ``qrfac``), :math:`(J^T J)^{-1} = P R^{-1} R^{-T} P^T`; an
   exactly singular :math:`R` means the covariance is indeterminate.
 
+:func:`batch_curve_fit` inverts the small matrix :math:`J^T J` directly for
+the problems where it is well conditioned (:math:`\kappa_2(J^T J) \le
+10^6` in float64, a relative difference of about :math:`10^{-10}` from the
+factorisations above, which it costs a fraction of) and factorises
+:math:`J` as above for the others.
+
 An indeterminate covariance (singular :math:`R` for 'lm', NaN entries, or
 :math:`M \le N` when the scale :math:`s^2` is needed) is returned filled
 with ``inf`` together with an :class:`~scipy.optimize.OptimizeWarning`.
@@ -76,6 +82,7 @@ from scipy.optimize import OptimizeWarning
 
 from ._arrays import as_numpy, detect_namespace
 from ._engine import status as codes
+from ._engine.linalg import trusted_inverse
 from ._least_squares import least_squares
 from ._validation import prepare_bounds
 
@@ -1028,21 +1035,20 @@ def batch_curve_fit(
         if book is not None:
             ier = torch.where(book.hit, 5, ier)
             extra = book.extra(t["x"], status)
-            R = torch.where(extra[:, None, None], book.R_prev, book.R_last)
+            cov = torch.where(extra[:, None, None], book.cov_prev, book.cov_last)
             njev = book.jac_calls - extra.long()
             if not callable(jac):
                 nfev = nfev + n * njev
         else:
-            R = torch.linalg.qr(t["jac"], mode="r")[1]
+            cov = _batch_normal_inverse(t["jac"], _qr_inverse)
         ok = (ier >= 1) & (ier <= 4)
-        cov = _batch_inverse_from_r(R)
         messages = _leastsq_messages(opts["ftol"], opts["xtol"], opts["gtol"], opts["maxfev"])
         mesg = [messages[i] if i in messages else _batch_message(s)
                 for i, s in zip(ier.tolist(), status.tolist(), strict=True)]
     else:
         ier = status
         ok = (status > 0) & (status != codes.NONFINITE) & (status != codes.SINGULAR)
-        cov = _batch_pinv_normal_matrix(t["jac"])
+        cov = _batch_normal_inverse(t["jac"], _svd_pinv)
         mesg = [_batch_message(s) for s in status.tolist()]
 
     cost = 2 * t["cost"]
@@ -1346,8 +1352,9 @@ class _BatchBook:
         self.seen = self.over.clone()
         self.last_x = torch.zeros(B, n, dtype=dtype, device=self.device)
         self.last_f = torch.zeros(B, m, dtype=dtype, device=self.device)
-        self.R_last = torch.zeros(B, n, n, dtype=dtype, device=self.device)
-        self.R_prev = self.R_last.clone()
+        # (J^T J)^{-1} at the last two Jacobian points
+        self.cov_last = torch.zeros(B, n, n, dtype=dtype, device=self.device)
+        self.cov_prev = self.cov_last.clone()
 
     def record_call(self, ids: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> None:
         ids = ids.to(self.device)
@@ -1374,9 +1381,9 @@ class _BatchBook:
 
     def record_jac(self, ids: torch.Tensor, J: torch.Tensor) -> None:
         ids = ids.to(self.device)
-        R = torch.linalg.qr(J.to(self.device, self.R_last.dtype), mode="r")[1]
-        self.R_prev.index_copy_(0, ids, self.R_last.index_select(0, ids))
-        self.R_last.index_copy_(0, ids, R)
+        cov = _batch_normal_inverse(J.to(self.device, self.cov_last.dtype), _qr_inverse)
+        self.cov_prev.index_copy_(0, ids, self.cov_last.index_select(0, ids))
+        self.cov_last.index_copy_(0, ids, cov)
         self.jac_calls.index_add_(0, ids, torch.ones_like(ids))
 
     def add_fd_evals(self, ids: torch.Tensor, count: int) -> None:
@@ -1400,7 +1407,48 @@ def _batch_inverse_from_r(R: torch.Tensor) -> torch.Tensor:
     return torch.where(singular[:, None, None], torch.full_like(cov, float("nan")), cov)
 
 
-def _batch_pinv_normal_matrix(J: torch.Tensor) -> torch.Tensor:
+#: Batches invert ``J^T J`` directly where its 2-norm condition number is at most
+#: this (float64: a relative error of about ``eps * 1e6 = 2e-10`` in ``pcov``;
+#: float32: ``1e-4 / eps``); the other problems take scipy's factorisation.
+PCOV_GRAM_COND_LIMIT = 1e6
+
+
+def _batch_normal_inverse(J: torch.Tensor,
+                          factorised: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``(J^T J)^{-1}`` per problem: the Gram inverse where trusted, else ``factorised(J)``.
+
+    Inverting the small Gram matrix costs a fraction of a batched SVD or QR of
+    ``J``; for well-conditioned problems the two agree to about ``eps *
+    cond(J^T J)``. Rank-deficient, ill-conditioned and non-finite problems
+    (and ``M < N``) go through ``factorised``, as scipy computes them; a
+    non-finite Jacobian gives a NaN covariance without disturbing the others.
+    """
+    B, m, n = J.shape
+    G = J.transpose(-1, -2) @ J
+    finite = torch.isfinite(G.sum((-2, -1)))
+    if not bool(finite.all()):  # keep the inversion away from non-finite rows
+        G = torch.where(finite[:, None, None], G, torch.eye(n, dtype=G.dtype, device=G.device))
+    limit = min(PCOV_GRAM_COND_LIMIT, 1e-4 / torch.finfo(G.dtype).eps)
+    Ginv, trusted = trusted_inverse(G, limit)
+    cov = 0.5 * (Ginv + Ginv.transpose(-1, -2))
+    ok = finite & trusted if m >= n else torch.zeros_like(finite)
+    if not bool(ok.all()):
+        rows = (~ok).nonzero().squeeze(-1)
+        Jb = J.index_select(0, rows)
+        sub = torch.full((rows.shape[0], n, n), float("nan"), dtype=cov.dtype, device=cov.device)
+        good = torch.isfinite(Jb).flatten(1).all(-1)  # a NaN Jacobian gives a NaN covariance
+        if bool(good.any()):
+            sub[good] = factorised(Jb[good])
+        cov = cov.index_copy(0, rows, sub)
+    return cov
+
+
+def _qr_inverse(J: torch.Tensor) -> torch.Tensor:
+    """``(J^T J)^{-1} = R^{-1} R^{-T}`` from ``J = Q R`` ('lm'); NaN where ``R`` is singular."""
+    return _batch_inverse_from_r(torch.linalg.qr(J, mode="r")[1])
+
+
+def _svd_pinv(J: torch.Tensor) -> torch.Tensor:
     """``(J^T J)^+`` per problem from the thin SVD, as :func:`_pinv_normal_matrix`."""
     _, s, Vh = torch.linalg.svd(J, full_matrices=False)
     threshold = torch.finfo(J.dtype).eps * max(J.shape[-2:]) * s[:, :1]

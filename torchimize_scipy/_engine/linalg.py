@@ -89,6 +89,28 @@ def gram_cond_limit(dtype: torch.dtype) -> float:
     return min(GRAM_COND2_LIMIT, 0.01 / torch.finfo(dtype).eps)
 
 
+def trusted_inverse(H: Tensor, limit: float) -> tuple[Tensor, Tensor]:
+    r"""Inverses of finite square matrices ``H (B, n, n)`` and where they can be trusted.
+
+    The inverse of a matrix is trusted when its LU factorisation succeeded and
+    :math:`\kappa_1(H) = \lVert H\rVert_1 \lVert H^{-1}\rVert_1 \le
+    \mathrm{limit} / n`. Since :math:`\kappa_2 \le n \kappa_1` for
+    :math:`n \times n` matrices, a trusted ``H`` has :math:`\kappa_2(H) \le
+    \mathrm{limit}`, so its inverse carries a relative error of about
+    ``eps * limit`` at most. The caller keeps non-finite matrices out (replace
+    them by the identity first).
+
+    Returns
+    -------
+    Hinv : Tensor, shape (B, n, n)
+    trusted : Tensor of bool, shape (B,)
+    """
+    n = H.shape[-1]
+    Hinv, info = torch.linalg.inv_ex(H)
+    cond1 = H.abs().sum(-2).amax(-1) * Hinv.abs().sum(-2).amax(-1)
+    return Hinv, (info == 0) & (cond1 <= limit / n)  # a NaN cond1 fails too
+
+
 def factorize(
     J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = None,
     gram: Tensor | None = None, g: Tensor | None = None, use_gram: bool = False,
@@ -128,11 +150,8 @@ def factorize(
     finite = torch.isfinite(H.sum((-2, -1)) + Atf.sum(-1))
     if not bool(finite.all()):  # keep the inversion away from non-finite rows
         H = torch.where(finite[:, None, None], H, torch.eye(n, dtype=H.dtype, device=H.device))
-    Hinv, info = torch.linalg.inv_ex(H)
-    # cond_2 <= n cond_1: trusting cond_1 <= limit / n keeps cond_2 within the limit
-    cond1 = H.abs().sum(-2).amax(-1) * Hinv.abs().sum(-2).amax(-1)
-    limit = gram_cond_limit(H.dtype)
-    ok = finite & (info == 0) & (cond1 <= limit / n)  # a NaN cond1 fails too
+    Hinv, trusted = trusted_inverse(H, gram_cond_limit(H.dtype))
+    ok = finite & trusted
     s = H.new_zeros(B, n)
     V = H.new_zeros(B, n, n)
     uf = H.new_zeros(B, n)
