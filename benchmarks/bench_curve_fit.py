@@ -4,13 +4,14 @@ Each dataset is a noisy Gaussian peak on 64 points (4 parameters, see
 ``_common.peak_data``); the model is written once, numpy-style,
 ``a * exp(-0.5 * ((x - mu) / s)**2) + c``, and ``batch_curve_fit`` hands it each
 parameter as a ``(b, 1)`` column so the same code broadcasts over the batch.
-For each method ('lm', 'trf') the batch call is timed on all datasets and the
+For each method ('lm', 'trf') the batch call is timed on all datasets (median
+of ``--repeat`` runs after a warm-up call, as ``bench_batch.py`` does) and the
 scipy loop on the first ``--scipy-subset`` (default 1,000), extrapolated to B.
 ``popt`` and ``pcov`` are compared with scipy's on that subset.
 
 Usage::
 
-    python benchmarks/bench_curve_fit.py [--quick] [--threads 2] [--B 20000]
+    python benchmarks/bench_curve_fit.py [--quick] [--threads 2] [--B 20000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ import warnings
 import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
 import numpy as np
 import scipy.optimize
-from _common import PEAK_T, base_parser, environment, md_table, peak_data, setup, write_json
+from _common import (
+    PEAK_T,
+    base_parser,
+    environment,
+    md_table,
+    median_time,
+    peak_data,
+    setup,
+    write_json,
+)
 
 from torchimize_scipy import batch_curve_fit
 
@@ -35,6 +45,8 @@ def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--B", type=int, default=20_000)
     p.add_argument("--scipy-subset", type=int, default=1_000)
+    p.add_argument("--repeat", type=int, default=None,
+                   help="timed batch calls per method (default 3, 1 with --quick)")
     args = p.parse_args()
     setup(args)
     B = 2_000 if args.quick else args.B
@@ -42,10 +54,9 @@ def main() -> None:
     y, _, p0 = peak_data(B, seed=args.seed)
     rows, figures = [], []
     for method in ("lm", "trf"):
-        batch_curve_fit(model, PEAK_T, y[:64], p0[:64], method=method)  # warm-up
-        t0 = time.perf_counter()
-        popt, pcov = batch_curve_fit(model, PEAK_T, y, p0, method=method)
-        t_batch = time.perf_counter() - t0
+        t_batch, (popt, pcov) = median_time(
+            lambda method=method: batch_curve_fit(model, PEAK_T, y, p0, method=method),
+            repeat=args.repeat or (1 if args.quick else 3))
         ref_popt = np.empty((sub, 4))
         ref_pcov = np.empty((sub, 4, 4))
         t0 = time.perf_counter()
