@@ -84,6 +84,7 @@ from ._arrays import as_numpy, detect_namespace
 from ._engine import status as codes
 from ._engine.linalg import trusted_inverse
 from ._least_squares import least_squares
+from ._user_functions import _ascending_run
 from ._validation import prepare_bounds
 
 #: scipy's ``leastsq`` defaults, used for ``method='lm'``.
@@ -1208,22 +1209,33 @@ class _BatchData:
         return self.cache[key]
 
     @staticmethod
-    def _rows(a: Any, ids: Any) -> Any:
+    def _rows(a: Any, ids: Any, repeat: int = 1) -> Any:
+        """Rows ``ids`` of ``a``, each ``repeat`` times; a view when they are one ascending run."""
+        idx = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
+        run = _ascending_run(idx) if repeat == 1 else None
+        if run is not None:
+            return a[run[0]:run[1]]
+        if repeat > 1:
+            idx = idx.repeat_interleave(repeat)
         if isinstance(a, torch.Tensor):
-            return a.index_select(0, torch.as_tensor(ids, device=a.device))
-        return a[np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)]
+            return a.index_select(0, idx.to(a.device))
+        return a[idx.cpu().numpy()]
 
-    def select(self, ids: Any, like: Any) -> tuple:
-        """``(x, y, T)`` for the problems ``ids``, in the kind of ``like``."""
+    def select(self, ids: Any, like: Any, repeat: int = 1) -> tuple:
+        """``(x, y, T)`` for the problems ``ids``, in the kind of ``like``.
+
+        Per-problem ``xdata`` comes ``repeat`` times per problem (for the
+        shifted points of forward differences); ``y`` and ``T`` once.
+        """
         d = self.arrays(like)
         x = d["x"]
         if self.xkind == "rows":
-            x = self._rows(x, ids)
+            x = self._rows(x, ids, repeat)
         elif self.xkind == "stack":
-            x = self._rows(x, ids)
+            x = self._rows(x, ids, repeat)
             x = x.movedim(0, 1) if isinstance(x, torch.Tensor) else np.moveaxis(x, 0, 1)
         elif self.xkind == "tuple":
-            x = tuple(self._rows(p, ids) if s else p for p, s in x)
+            x = tuple(self._rows(p, ids, repeat) if s else p for p, s in x)
         T = d["T"]
         if T is not None and T.shape[0] == self.B:
             T = self._rows(T, ids)
@@ -1247,35 +1259,49 @@ class _BatchModel:
         kind = self.data.tkind
         if kind is None:
             return r
-        if isinstance(r, torch.Tensor):
-            T = T.to(r.dtype)
-            if kind == "diag":
-                return (T[..., None] if jac else T) * r
-            rhs = r if jac else r.unsqueeze(-1)
-            out = torch.linalg.solve_triangular(T, rhs, upper=False)
-            return out if jac else out.squeeze(-1)
         if kind == "diag":
+            if isinstance(r, torch.Tensor):
+                T = T.to(r.dtype)
             return (T[..., None] if jac else T) * r
-        if jac:
-            return np.stack([scipy.linalg.solve_triangular(L, Jb, lower=True)
-                             for L, Jb in zip(T, r, strict=True)])
-        return np.stack([scipy.linalg.solve_triangular(L, rb, lower=True)
-                         for L, rb in zip(T, r, strict=True)])
+        # L^{-1} r for every problem at once: one batched triangular solve (numpy
+        # arrays pass through torch without copies)
+        numpy_in = not isinstance(r, torch.Tensor)
+        if numpy_in:
+            r, T = torch.from_numpy(np.ascontiguousarray(r)), torch.from_numpy(T)
+            r = r.to(torch.promote_types(r.dtype, T.dtype))
+        rhs = r if jac else r.unsqueeze(-1)
+        out = torch.linalg.solve_triangular(T.to(r.dtype), rhs, upper=False)
+        out = out if jac else out.squeeze(-1)
+        return out.numpy() if numpy_in else out
 
-    def evaluate(self, P: Any, ids: Any) -> Any:
-        """Whitened residuals of problems ``ids`` at parameters ``P (b, P)``."""
-        x, y, T = self.data.select(ids, P)
+    def evaluate(self, P: Any, ids: Any, repeat: int = 1) -> Any:
+        """Whitened residuals ``(b * repeat, M)`` at parameters ``P (b * repeat, N)``.
+
+        Rows ``k * repeat``, ..., ``k * repeat + repeat - 1`` of ``P`` belong to
+        problem ``ids[k]`` (``repeat > 1``: the shifted points of forward
+        differences); the data of each problem are selected once and
+        broadcast over its rows.
+        """
+        x, y, T = self.data.select(ids, P, repeat)
+        rows = P.shape[0]
         out = self.f(x, *[P[:, j:j + 1] for j in range(self.n)])
         if isinstance(P, torch.Tensor):
             out = out if isinstance(out, torch.Tensor) else torch.as_tensor(
                 np.asarray(out), device=P.device)
-            r = out - y
-            r = r.expand(P.shape[0], self.m) if r.shape != (P.shape[0], self.m) else r
+            if out.shape != (rows, self.m):
+                out = out.expand(rows, self.m)
+            r = out.reshape(-1, repeat, self.m) - y.unsqueeze(-2)
+            cols = r.transpose(-1, -2)
         else:
-            r = np.asarray(out) - y
-            if r.shape != (P.shape[0], self.m):
-                r = np.broadcast_to(r, (P.shape[0], self.m)).copy()
-        return self._whiten(r, T, jac=False)
+            out = np.asarray(out)
+            if out.shape != (rows, self.m):
+                out = np.broadcast_to(out, (rows, self.m))
+            r = out.reshape(-1, repeat, self.m) - y[..., None, :]
+            cols = np.swapaxes(r, -1, -2)
+        if self.data.tkind is not None:  # whiten the repeat columns of each problem at once
+            cols = self._whiten(cols, T, jac=True)
+        r = cols.transpose(-1, -2) if isinstance(cols, torch.Tensor) else np.swapaxes(cols, -1, -2)
+        return r.reshape(rows, self.m)
 
     def residuals(self, P: Any, ids: Any) -> Any:
         """The vectorised function handed to ``batch_least_squares``."""
@@ -1316,11 +1342,10 @@ class _BatchModel:
         Pp = Pt.unsqueeze(1).repeat(1, n, 1)
         eye = torch.eye(n, dtype=torch.bool, device=Pt.device)
         Pp = torch.where(eye, Pt.unsqueeze(1) + h.unsqueeze(1), Pp).reshape(b * n, n)
-        ids_rep = idt.repeat_interleave(n)
         if isinstance(P, torch.Tensor):
-            F = self.evaluate(Pp, ids_rep)
+            F = self.evaluate(Pp, ids, repeat=n)
         else:
-            F = torch.as_tensor(self.evaluate(Pp.cpu().numpy(), ids_rep.cpu().numpy()))
+            F = torch.as_tensor(self.evaluate(Pp.cpu().numpy(), ids, repeat=n))
         F = _t(F).to(Pt.device).reshape(b, n, self.m)
         J = ((F - f0.unsqueeze(1)) / h.unsqueeze(-1)).transpose(1, 2)
         book.add_fd_evals(idt, n)
