@@ -16,7 +16,8 @@ component.
 
 Usage::
 
-    python benchmarks/bench_curve_fit.py [--quick] [--threads 2] [--B 20000] [--B-cov 2000] [--repeat 3]
+    python benchmarks/bench_curve_fit.py [--quick] [--threads 2] [--B 20000]
+           [--B-cov 2000] [--repeat 3]
 """
 
 from __future__ import annotations
