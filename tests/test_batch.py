@@ -534,6 +534,44 @@ def test_not_vectorized_torch(jac):
     assert_same(res, refs)
 
 
+def test_not_vectorized_torch_vmaps_per_problem_args():
+    """A torch function of one problem runs once per evaluation (vmap), its data mapped along."""
+    B = 40
+    x0, y = make_data(B, seed=13)
+    x0t, yt = torch.tensor(x0), torch.tensor(y)
+    calls = []
+
+    def f(x, y):
+        calls.append(1)
+        return fun_1t(x, y)
+
+    res = batch_least_squares(f, x0t, jac="autograd", args=(yt,), vectorized=False)
+    ref = batch_least_squares(lambda x, y: x[:, :1] * torch.exp(-x[:, 1:] * TT) - y, x0t,
+                              jac="autograd", args=(yt,))
+    # a loop would call f B times per evaluation: at least 40 * (max nfev) times
+    assert len(calls) < 4 * int(res.nfev.max())
+    np.testing.assert_allclose(_np(res.x), _np(ref.x), rtol=1e-12)
+    np.testing.assert_allclose(_np(res.cost), _np(ref.cost), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["control-flow", "numpy-args"])
+def test_not_vectorized_torch_falls_back_to_a_loop(kind):
+    """Functions vmap cannot map (or numpy per-problem data) are evaluated row by row."""
+    B = 6
+    x0, y = make_data(B, seed=14)
+    x0t = torch.tensor(x0)
+    data = y if kind == "numpy-args" else torch.tensor(y)
+
+    def f(x, y):
+        if kind == "control-flow" and float(x[0]) < -1e9:  # data-dependent branch
+            return x * 0
+        return fun_1t(x, torch.as_tensor(y))
+
+    res = batch_least_squares(f, x0t, args=(data,), vectorized=False)
+    refs = [least_squares(fun_1t, x0t[i], args=(torch.tensor(y[i]),)) for i in range(B)]
+    assert_same(res, refs)
+
+
 # ============================================================================ compaction
 class Recorder:
     """Vectorised residuals (and Jacobian) that record the problem ids of every call."""

@@ -134,15 +134,40 @@ class RowwiseFunction:
         self.kwargs = kwargs
         self.ns = ns
         self.map = _make_map(workers)
-        self._vmap_ok = try_vmap and ns.kind == "torch" and not isinstance(args, PerProblemArgs)
+        self._vmap_ok = try_vmap and ns.kind == "torch"
 
     def _args_for(self, i: int) -> tuple:
         if isinstance(self.args, PerProblemArgs):
             return self.args.row(i)
         return self.args
 
+    def _vmapped(self, x: Tensor, idx: Tensor) -> Tensor:
+        """All rows in one call of ``torch.vmap(fn)``; per-problem ``args`` mapped with them.
+
+        Raises when ``fn`` cannot be vmapped (data-dependent control flow,
+        conversions to Python numbers or numpy, ...), or when a per-problem
+        argument is not a tensor.
+        """
+        fn, kwargs = self.fn, self.kwargs
+        if not isinstance(self.args, PerProblemArgs):
+            return torch.vmap(lambda r: torch.as_tensor(fn(r, *self.args, **kwargs)))(x)
+        args = self.args.select(idx)
+        sliced = self.args.sliced
+        if not all(is_torch(a) for a, s in zip(args, sliced, strict=True) if s):
+            raise TypeError("per-problem arguments that are not tensors cannot be vmapped")
+        dims = (0, *(0 if s else None for s in sliced))
+        return torch.vmap(lambda r, *a: torch.as_tensor(fn(r, *a, **kwargs)), in_dims=dims)(
+            x, *args)
+
     def raw(self, x: Tensor, idx: Tensor) -> Tensor:
         """Differentiable evaluation for torch functions (no detach), ``(k, m)``."""
+        if self._vmap_ok and x.shape[0] > 1:
+            try:
+                out = self._vmapped(x, idx)
+            except Exception:  # noqa: BLE001 - any failure means "not vmappable"
+                self._vmap_ok = False
+            else:
+                return out.reshape(x.shape[0], -1)
         ids = idx.tolist()
         return torch.stack([torch.as_tensor(self.fn(x[r], *self._args_for(ids[r]),
                                                     **self.kwargs)).reshape(-1)
@@ -156,8 +181,7 @@ class RowwiseFunction:
         k = x.shape[0]
         if self._vmap_ok and k > 1:
             try:
-                out = torch.vmap(lambda r: torch.as_tensor(
-                    self.fn(r, *self.args, **self.kwargs)))(x)
+                out = self._vmapped(x, idx)
             except Exception:  # noqa: BLE001 - any failure means "not vmappable"
                 self._vmap_ok = False
             else:
