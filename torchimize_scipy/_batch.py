@@ -136,8 +136,9 @@ def batch_least_squares(
         ``(b, m)``; every array in ``args`` whose leading dimension is B is
         per-problem data and is sliced together with ``x``; ``kwargs`` are
         shared. With ``vectorized=False``: ``fun(x (n,), *args_i, **kwargs)``
-        for one problem, mapped over the batch (with :func:`torch.vmap` for
-        torch code that allows it, a loop otherwise).
+        for one problem, mapped over the batch: with :func:`torch.vmap` for
+        torch code that allows it (per-problem ``args`` mapped along when they
+        are tensors), a loop otherwise.
     x0 : array_like or Tensor, shape (B, n)
         Starting points.
     jac : {'2-point', '3-point', 'cs', 'autograd'} or callable, optional
