@@ -207,3 +207,21 @@ def test_eigen_route_between_the_limits(monkeypatch):
     for i in range(2):
         ref = _reference(A[i].numpy(), f[i].numpy(), 0.01)
         np.testing.assert_allclose(p[i], ref, rtol=1e-7, atol=1e-7 * np.abs(ref).max())
+
+
+def test_hopeless_conditions_skip_the_eigen_route(monkeypatch):
+    """cond_1(H) beyond n * limit proves cond_2(H) beyond the limit: straight to the SVD."""
+    import torchimize_scipy._engine.linalg as linalg
+
+    rng = np.random.default_rng(6)
+    A = torch.as_tensor(np.stack([_matrix(rng, 10.0), _matrix(rng, 1e6), _matrix(rng, 1e7)]))
+    f = torch.as_tensor(rng.standard_normal((3, M)))
+    eigh_sizes = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda H: eigh_sizes.append(H.shape[0]) or eigh(H))
+    fac = factorize(A, None, f, use_gram=True)
+    assert fac.gram.tolist() == [True, False, False] and eigh_sizes == []
+    p = _step_for_alpha(fac, torch.full((3,), 0.01, dtype=A.dtype)).numpy()
+    for i in range(3):
+        ref = _reference(A[i].numpy(), f[i].numpy(), 0.01)
+        np.testing.assert_allclose(p[i], ref, rtol=1e-7, atol=1e-7 * np.abs(ref).max())

@@ -82,7 +82,7 @@ from scipy.optimize import OptimizeWarning
 
 from ._arrays import as_numpy, detect_namespace
 from ._engine import status as codes
-from ._engine.linalg import trusted_inverse
+from ._engine.linalg import inverse_and_condition
 from ._least_squares import least_squares
 from ._user_functions import _ascending_run
 from ._validation import prepare_bounds
@@ -1454,9 +1454,9 @@ def _batch_normal_inverse(J: torch.Tensor,
     if not bool(finite.all()):  # keep the inversion away from non-finite rows
         G = torch.where(finite[:, None, None], G, torch.eye(n, dtype=G.dtype, device=G.device))
     limit = min(PCOV_GRAM_COND_LIMIT, 1e-4 / torch.finfo(G.dtype).eps)
-    Ginv, trusted = trusted_inverse(G, limit)
+    Ginv, cond1 = inverse_and_condition(G)
     cov = 0.5 * (Ginv + Ginv.transpose(-1, -2))
-    ok = finite & trusted if m >= n else torch.zeros_like(finite)
+    ok = finite & (cond1 <= limit / n) if m >= n else torch.zeros_like(finite)
     if not bool(ok.all()):
         rows = (~ok).nonzero().squeeze(-1)
         Jb = J.index_select(0, rows)

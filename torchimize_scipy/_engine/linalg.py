@@ -89,26 +89,26 @@ def gram_cond_limit(dtype: torch.dtype) -> float:
     return min(GRAM_COND2_LIMIT, 0.01 / torch.finfo(dtype).eps)
 
 
-def trusted_inverse(H: Tensor, limit: float) -> tuple[Tensor, Tensor]:
-    r"""Inverses of finite square matrices ``H (B, n, n)`` and where they can be trusted.
+def inverse_and_condition(H: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Inverses of finite square matrices ``H (B, n, n)`` and their 1-norm condition numbers.
 
-    The inverse of a matrix is trusted when its LU factorisation succeeded and
-    :math:`\kappa_1(H) = \lVert H\rVert_1 \lVert H^{-1}\rVert_1 \le
-    \mathrm{limit} / n`. Since :math:`\kappa_2 \le n \kappa_1` for
-    :math:`n \times n` matrices, a trusted ``H`` has :math:`\kappa_2(H) \le
-    \mathrm{limit}`, so its inverse carries a relative error of about
-    ``eps * limit`` at most. The caller keeps non-finite matrices out (replace
-    them by the identity first).
+    :math:`\kappa_1(H) = \lVert H\rVert_1 \lVert H^{-1}\rVert_1`, infinite
+    where the LU factorisation failed. Since :math:`\kappa_1 / n \le \kappa_2
+    \le n \kappa_1` for :math:`n \times n` matrices, trusting the inverse
+    where :math:`\kappa_1 \le \mathrm{limit} / n` keeps :math:`\kappa_2(H)
+    \le \mathrm{limit}` (a relative error of about ``eps * limit`` at most),
+    and :math:`\kappa_1 > n\,\mathrm{limit}` proves :math:`\kappa_2 >
+    \mathrm{limit}`. The caller keeps non-finite matrices out (replace them
+    by the identity first).
 
     Returns
     -------
     Hinv : Tensor, shape (B, n, n)
-    trusted : Tensor of bool, shape (B,)
+    cond1 : Tensor, shape (B,)
     """
-    n = H.shape[-1]
     Hinv, info = torch.linalg.inv_ex(H)
     cond1 = H.abs().sum(-2).amax(-1) * Hinv.abs().sum(-2).amax(-1)
-    return Hinv, (info == 0) & (cond1 <= limit / n)  # a NaN cond1 fails too
+    return Hinv, torch.where(info == 0, cond1, torch.inf)
 
 
 def factorize(
@@ -150,8 +150,11 @@ def factorize(
     finite = torch.isfinite(H.sum((-2, -1)) + Atf.sum(-1))
     if not bool(finite.all()):  # keep the inversion away from non-finite rows
         H = torch.where(finite[:, None, None], H, torch.eye(n, dtype=H.dtype, device=H.device))
-    Hinv, trusted = trusted_inverse(H, gram_cond_limit(H.dtype))
-    ok = finite & trusted
+    Hinv, cond1 = inverse_and_condition(H)
+    limit = gram_cond_limit(H.dtype)
+    ok = finite & (cond1 <= limit / n)  # a NaN cond1 fails too
+    # beyond this, the eigen-decomposition of H cannot be trusted either: straight to the SVD
+    eig_hopeless = ~(cond1 <= n * limit)
     s = H.new_zeros(B, n)
     V = H.new_zeros(B, n, n)
     uf = H.new_zeros(B, n)
@@ -162,7 +165,7 @@ def factorize(
             return None if t is None else t.index_select(0, rows)
 
         s_b, V_b, uf_b = _eig_factors(pick(H), pick(Atf), pick(J), pick(d), pick(f), pick(diag),
-                                      pick(finite))
+                                      pick(finite & ~eig_hopeless))
         s = s.index_copy(0, rows, s_b)
         V = V.index_copy(0, rows, V_b)
         uf = uf.index_copy(0, rows, uf_b)
@@ -237,11 +240,14 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
     """SVD data of the problems the Gram inverse does not serve.
 
     The eigen-decomposition of ``H = A^T A`` gives them when
-    ``cond(A)**2 <= gram_cond_limit(dtype)``; problems beyond that (and any whose
-    ``H`` is not finite) are redone with the direct SVD of ``A``, which also
-    handles rank deficiency as scipy does.
+    ``cond(A)**2 <= gram_cond_limit(dtype)``; problems beyond that, and those
+    marked False in ``finite`` (non-finite ``H``, or a condition already known
+    to be beyond the limit), are redone with the direct SVD of ``A``, which
+    also handles rank deficiency as scipy does.
     """
     try:
+        if not bool(finite.any()):  # all of them go to the SVD
+            raise RuntimeError
         lam, V = torch.linalg.eigh(H)
     except RuntimeError:  # send every problem through the (per-problem safe) SVD
         lam = torch.zeros_like(H[..., 0])
