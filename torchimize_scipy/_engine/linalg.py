@@ -245,13 +245,16 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
     to be beyond the limit), are redone with the direct SVD of ``A``, which
     also handles rank deficiency as scipy does.
     """
+    lam = torch.zeros_like(H[..., 0])
+    V = torch.zeros_like(H)
     try:
-        if not bool(finite.any()):  # all of them go to the SVD
-            raise RuntimeError
-        lam, V = torch.linalg.eigh(H)
+        if bool(finite.all()):
+            lam, V = torch.linalg.eigh(H)
+        elif bool(finite.any()):  # the others go to the SVD
+            rows = finite.nonzero().squeeze(-1)
+            lam_r, V_r = torch.linalg.eigh(H.index_select(0, rows))
+            lam, V = lam.index_copy(0, rows, lam_r), V.index_copy(0, rows, V_r)
     except RuntimeError:  # send every problem through the (per-problem safe) SVD
-        lam = torch.zeros_like(H[..., 0])
-        V = torch.zeros_like(H)
         finite = torch.zeros_like(finite)
     lam = lam.flip(-1)
     V = V.flip(-1)
