@@ -198,6 +198,14 @@ def batch_least_squares(
     (about 1e-8 relative in ``x`` with finite-difference Jacobians), and they
     do not depend on ``chunk_size`` or on the other problems of the batch.
 
+    A batch (a chunk) runs until its slowest problem stops, and each of its
+    iterations has a fixed cost of a few hundred tensor operations (about
+    1-3 ms on a CPU) however few problems are left. A handful of problems that
+    need hundreds of iterations (or run to ``max_nfev``, 100 n evaluations
+    by default for 'trf') can then take longer than all the others together;
+    ``progress=True`` shows such a tail, and a smaller ``max_nfev`` bounds it
+    (the problems it stops report ``status = 0``, as scipy's do).
+
     Examples
     --------
     >>> import numpy as np
