@@ -200,7 +200,7 @@ def batch_least_squares(
 
     A batch (a chunk) runs until its slowest problem stops, and each of its
     iterations has a fixed cost of a few hundred tensor operations (about
-    1-3 ms on a CPU) however few problems are left. A handful of problems that
+    0.5-3 ms on a CPU) however few problems are left. A handful of problems that
     need hundreds of iterations (or run to ``max_nfev``, 100 n evaluations
     by default for 'trf') can then take longer than all the others together;
     ``progress=True`` shows such a tail, and a smaller ``max_nfev`` bounds it
