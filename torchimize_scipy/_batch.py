@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import OptimizeResult
 
 from ._arrays import Namespace, as_numpy, detect_namespace
-from ._driver import result_buffers, solve
+from ._driver import initial_state, result_buffers, solve
 from ._engine import status as codes
 from ._engine.bounds import make_strictly_feasible
 from ._engine.loop import RESULT_KEYS, all_finite
@@ -287,29 +287,24 @@ def batch_least_squares(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=B, desc=f"batch_least_squares[{method}]", unit="fit")
-    # full-size results; chunks are solved straight into them when they live on
-    # the engine's device, otherwise copied over chunk by chunk
+    # full-size results, filled as problems finish; on the engine's device for
+    # torch input, on the host for numpy input (whatever the engine's device)
     home = dev if ns.kind == "torch" else torch.device("cpu")
     keys = [k for k in RESULT_KEYS if return_jac or k != "J"]
     merged = result_buffers(B, n, m, dt, home, keys=keys)
+    blocks = _BlockSource(
+        f0_first=f0_first, method=method, fun_b=fun_b, jac=jac, jac_b=jac_b, x0=x0_all,
+        lb=lb_all, ub=ub_all, bounded=bounded, scale=scale_all, rel_step=rel_step, m=m, n=n,
+        verbose=verbose)
     try:
-        for start in range(0, B, chunk_size):
-            stop = min(B, start + chunk_size)
-            out = _solve_chunk(
-                start, stop, f0_known=f0_first[start:stop] if start < first else None,
-                method=method, fun_b=fun_b, jac=jac, jac_b=jac_b, x0=x0_all,
-                lb=lb_all, ub=ub_all, bounded=bounded, scale=scale_all, rel_step=rel_step,
-                m=m, n=n,
-                loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
-                on_finish=bar.update if bar is not None else None,
-                out={k: v[start:stop] for k, v in merged.items()} if home == dev else None)
-            if home != dev:
-                for k, v in merged.items():
-                    v[start:stop] = out[k]
-            del out
-            if verbose == 2:
-                ok = int((merged["status"][start:stop] > 0).sum())
-                print(f"chunk {start}:{stop} solved, {ok}/{stop - start} successful")
+        first_block = blocks.take(chunk_size)
+        solve(method=method, fun=fun_b, jac=blocks.jac_c, x0=first_block["x"],
+              f0=first_block["f_true"], J0=first_block["J_true"], lb=first_block["lb"],
+              ub=first_block["ub"], x_scale="jac" if scale_all is None else first_block["scale"],
+              loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
+              initial_status=first_block["status"],
+              on_finish=bar.update if bar is not None else None, batched=True, out=merged,
+              bounded=bounded, refill=blocks.take, capacity=chunk_size)
     finally:
         if bar is not None:
             bar.close()
@@ -336,57 +331,72 @@ def _torch_loss(loss: Callable, ns: Namespace) -> Callable:
     return rho_fn
 
 
-def _solve_chunk(start: int, stop: int, *, f0_known, method, fun_b, jac, jac_b, x0, lb, ub,
-                 bounded, scale, rel_step, m, n, loss, ftol, xtol, gtol, max_nfev,
-                 on_finish, out) -> dict:
-    dev, dt = x0.device, x0.dtype
-    sl = slice(start, stop)
-    x0c, lbc, ubc = x0[sl], lb[sl], ub[sl]
-    b = x0c.shape[0]
+class _BlockSource:
+    """The initial rows of the problems of a batch, block by block, in order.
 
-    def fun_c(x, idx):
-        return fun_b(x, idx + start)
+    ``take(room)`` evaluates the residuals and Jacobians of the next ``room``
+    problems at their starting points (the first residuals, evaluated while
+    learning ``m``, are reused) and returns their rows for the engine, or
+    None when every problem has been handed out. Problem ids are global, so
+    per-problem data and results are indexed directly.
+    """
 
-    idx0 = torch.arange(b, device=dev)
-    # residuals at x0 already evaluated (while learning m) are not evaluated again
-    known = 0 if f0_known is None else f0_known.shape[0]
-    if known == b:
-        f0 = f0_known
-    elif known == 0:
-        f0 = fun_c(x0c, idx0)
-    else:
-        f0 = torch.cat([f0_known, fun_c(x0c[known:], idx0[known:])])
-    if tuple(f0.shape) != (b, m):
-        raise ValueError(f"`fun` returned shape {tuple(f0.shape)}, expected {(b, m)}.")
-    status0 = torch.where(all_finite(f0), codes.RUNNING, codes.NONFINITE)
+    def __init__(self, *, f0_first, method, fun_b, jac, jac_b, x0, lb, ub, bounded, scale,
+                 rel_step, m, n, verbose) -> None:
+        self.f0_first, self.fun_b, self.jac, self.jac_b = f0_first, fun_b, jac, jac_b
+        self.x0, self.lb, self.ub, self.bounded, self.scale = x0, lb, ub, bounded, scale
+        self.m, self.n, self.verbose = m, n, verbose
+        self.B = x0.shape[0]
+        self.next = 0
+        dev, dt = x0.device, x0.dtype
+        self.rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)
 
-    if callable(jac):
-        def jac_c(x, f, idx):
-            J = jac_b(x, idx + start)
+    def jac_c(self, x: torch.Tensor, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The Jacobians of problems ``idx`` at ``x`` (residuals ``f`` there)."""
+        jac, m, n = self.jac, self.m, self.n
+        if callable(jac):
+            J = self.jac_b(x, idx)
             if tuple(J.shape) != (x.shape[0], m, n):
                 raise ValueError("The return value of `jac` has wrong shape: expected "
                                  f"{(x.shape[0], m, n)}, actual {tuple(J.shape)}.")
             return J
-    elif jac in FD_METHODS:
-        rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)
+        if jac in FD_METHODS:
+            if not self.bounded:
+                return finite_difference_jacobian(self.fun_b, x, f, idx, jac, self.rel)
+            return finite_difference_jacobian(self.fun_b, x, f, idx, jac, self.rel,
+                                              self.lb[idx], self.ub[idx])
+        return autograd_jacobian(lambda X: self.fun_b.raw(X, idx), x, m)
 
-        def jac_c(x, f, idx):
-            if not bounded:
-                return finite_difference_jacobian(fun_c, x, f, idx, jac, rel)
-            return finite_difference_jacobian(fun_c, x, f, idx, jac, rel, lbc[idx], ubc[idx])
-    else:
-        def jac_c(x, f, idx):
-            return autograd_jacobian(lambda X: fun_b.raw(X, idx + start), x, m)
-
-    J0 = jac_c(x0c, f0, idx0)
-    if tuple(J0.shape) != (b, m, n):
-        raise ValueError(f"The return value of `jac` has wrong shape: expected {(b, m, n)}, "
-                         f"actual {tuple(J0.shape)}.")
-    scale_c = "jac" if scale is None else scale[sl]
-    return solve(method=method, fun=fun_c, jac=jac_c, x0=x0c, f0=f0, J0=J0, lb=lbc, ub=ubc,
-                 x_scale=scale_c, loss=loss, ftol=ftol, xtol=xtol, gtol=gtol,
-                 max_nfev=max_nfev, initial_status=status0, on_finish=on_finish, batched=True,
-                 out=out)
+    def take(self, room: int) -> dict | None:
+        start = self.next
+        if start >= self.B:
+            return None
+        stop = min(self.B, start + room)
+        self.next = stop
+        dev = self.x0.device
+        sl = slice(start, stop)
+        x0c = self.x0[sl]
+        b, m, n = x0c.shape[0], self.m, self.n
+        idx = torch.arange(start, stop, device=dev)
+        # residuals at x0 already evaluated (while learning m) are not evaluated again
+        known = max(0, min(stop, self.f0_first.shape[0]) - start)
+        if known == b:
+            f0 = self.f0_first[sl]
+        elif known == 0:
+            f0 = self.fun_b(x0c, idx)
+        else:
+            f0 = torch.cat([self.f0_first[start:], self.fun_b(x0c[known:], idx[known:])])
+        if tuple(f0.shape) != (b, m):
+            raise ValueError(f"`fun` returned shape {tuple(f0.shape)}, expected {(b, m)}.")
+        status0 = torch.where(all_finite(f0), codes.RUNNING, codes.NONFINITE)
+        J0 = self.jac_c(x0c, f0, idx)
+        if tuple(J0.shape) != (b, m, n):
+            raise ValueError(f"The return value of `jac` has wrong shape: expected {(b, m, n)}, "
+                             f"actual {tuple(J0.shape)}.")
+        if self.verbose == 2:
+            print(f"problems {start}:{stop} started")
+        return initial_state(idx, x0c, f0, J0, self.lb[sl], self.ub[sl],
+                             "jac" if self.scale is None else self.scale[sl], status0)
 
 
 def _build(out: dict, ns: Namespace, method: str, jac: Any, bounded: bool) -> BatchOptimizeResult:

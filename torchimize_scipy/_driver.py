@@ -68,6 +68,9 @@ def solve(
     batched: bool = False,
     step_length: float | None = None,
     out: dict[str, Tensor] | None = None,
+    bounded: bool | None = None,
+    refill: Callable[[int], dict[str, Tensor] | None] | None = None,
+    capacity: int | None = None,
 ) -> dict[str, Tensor]:
     """Solve ``B`` problems; return batch-first result tensors.
 
@@ -76,8 +79,14 @@ def solve(
     or ``(B, n)``. ``initial_status`` may pre-set a status for problems that
     must not run (e.g. non-finite residuals at ``x0``).
 
-    ``out`` may hold preallocated result tensors (e.g. views into a larger
-    result), which are filled in place; missing ones are allocated.
+    ``out`` may hold result tensors indexed by problem id (e.g. for more
+    problems than ``B``), which are filled in place and returned; a key it
+    lacks is not kept. Without ``out``, every result is allocated.
+
+    ``bounded`` overrides the bound check of ``lb``/``ub`` (a stream of
+    problems takes the whole batch's); ``refill`` and ``capacity`` stream
+    further problems into the loop (see :func:`~torchimize_scipy._engine.loop.run`),
+    their initial rows made by :func:`initial_state`.
 
     Returns
     -------
@@ -87,28 +96,35 @@ def solve(
     B, n = x0.shape
     m = f0.shape[-1]
     dev, dtype = x0.device, x0.dtype
-    bounded = bool(torch.isfinite(lb).any() or torch.isfinite(ub).any())
+    if bounded is None:
+        bounded = bool(torch.isfinite(lb).any() or torch.isfinite(ub).any())
     jac_scale = isinstance(x_scale, str)
     problem = Problem(
         fun=fun, jac=jac, m=m, n=n, loss=loss, ftol=ftol, xtol=xtol, gtol=gtol,
         max_nfev=max_nfev if max_nfev is not None else default_max_nfev(method, n),
         jac_scale=jac_scale, bounded=bounded, callback=callback, verbose=verbose,
         use_gram=batched or _large(m, n), step_length=step_length)
-    if jac_scale:
+    state = initial_state(torch.arange(B, device=dev), x0, f0, J0, lb, ub, x_scale,
+                          initial_status)
+    if out is None:
+        out = result_buffers(B, n, m, dtype, dev)
+    run(problem, RULES[method](), state, out, on_finish, on_iteration, refill, capacity)
+    return out
+
+
+def initial_state(ids: Tensor, x0: Tensor, f0: Tensor, J0: Tensor, lb: Tensor, ub: Tensor,
+                  x_scale: Tensor | str, status: Tensor | None = None) -> dict[str, Tensor]:
+    """The engine's initial rows of problems ``ids`` (see :func:`solve` for the arguments)."""
+    if isinstance(x_scale, str):
         scale = torch.ones_like(x0)
     else:
-        scale = x_scale.to(device=dev, dtype=dtype)
-    ones = torch.ones(B, dtype=torch.long, device=dev)
+        scale = x_scale.to(device=x0.device, dtype=x0.dtype)
+    ones = torch.ones(x0.shape[0], dtype=torch.long, device=x0.device)
     state = {
-        "ids": torch.arange(B, device=dev), "x": x0, "f_true": f0, "J_true": J0,
+        "ids": ids, "x": x0, "f_true": f0, "J_true": J0,
         "lb": lb, "ub": ub, "scale": scale, "scale_inv": 1.0 / scale,
         "nfev": ones.clone(), "njev": ones.clone(),
     }
-    if initial_status is not None:
-        state["status"] = initial_status
-    out = dict(out or {})
-    missing = [k for k in RESULT_KEYS if k not in out]
-    if missing:
-        out.update(result_buffers(B, n, m, dtype, dev, keys=missing))
-    run(problem, RULES[method](), state, out, on_finish, on_iteration)
-    return out
+    if status is not None:
+        state["status"] = status
+    return state

@@ -182,28 +182,12 @@ def _print_row(state: State, header: bool) -> None:
           f"{float(state['cost'][0]):^15.4e}{red_s}{stp_s}{float(state['optimality'][0]):^15.2e}")
 
 
-@torch.no_grad()
-def run(problem: Problem, rule, state: State, out: State,
-        on_finish: Callable[[int], None] | None = None,
-        on_iteration: Callable[[State], None] | None = None) -> None:
-    """Run ``rule`` on every problem in ``state`` until all are finished.
+def admit(problem: Problem, rule, state: State) -> None:
+    """Turn the initial rows of new problems into engine state, in place.
 
-    Parameters
-    ----------
-    problem : Problem
-    rule : step rule object
-    state : dict
-        Initial state with at least ``ids, x, f_true, J_true, lb, ub, scale,
-        scale_inv, nfev, njev`` (``J_true`` is the raw Jacobian at ``x``).
-        Rows may already carry a ``status`` (e.g. non-finite start).
-    out : dict
-        Preallocated result tensors indexed by problem id (keys
-        :data:`RESULT_KEYS`); filled in place as problems finish.
-    on_finish : callable, optional
-        Called with the number of problems that just finished (progress bars).
-    on_iteration : callable, optional
-        Called with the (read-only) state of the running problems after each
-        round of trials; ``state["ids"]`` names the problem of each row.
+    ``state`` holds ``ids, x, f_true, J_true, lb, ub, scale, scale_inv, nfev,
+    njev`` (``J_true`` is the raw Jacobian at ``x``) and optionally a preset
+    ``status``; the loop's and the step rule's per-problem keys are added.
     """
     B = state["x"].shape[0]
     dev = state["x"].device
@@ -224,9 +208,74 @@ def run(problem: Problem, rule, state: State, out: State,
     state["status"] = torch.where(bad & (state["status"] == st_codes.RUNNING),
                                   st_codes.NONFINITE, state["status"])
     rule.init(problem, state)
+
+
+def concat(state: State, new: State) -> None:
+    """Append the rows of ``new`` (same keys) to ``state``, keeping shared tensors shared."""
+    if set(new) != set(state):
+        raise KeyError(f"state keys differ: {sorted(set(new) ^ set(state))}")
+    done: dict[tuple[int, int], Tensor] = {}
+    for k, v in state.items():
+        key = (id(v), id(new[k]))
+        merged = done.get(key)
+        if merged is None:
+            merged = done[key] = torch.cat([v, new[k]])
+        state[k] = merged
+
+
+@torch.no_grad()
+def run(problem: Problem, rule, state: State, out: State,
+        on_finish: Callable[[int], None] | None = None,
+        on_iteration: Callable[[State], None] | None = None,
+        refill: Callable[[int], State | None] | None = None,
+        capacity: int | None = None) -> None:
+    """Run ``rule`` on every problem in ``state`` until all are finished.
+
+    Parameters
+    ----------
+    problem : Problem
+    rule : step rule object
+    state : dict
+        Initial rows, as :func:`admit` takes them. Rows may already carry a
+        ``status`` (e.g. non-finite start).
+    out : dict
+        Result tensors indexed by problem id (keys :data:`RESULT_KEYS`; a
+        missing key is not written), filled in place as problems finish.
+    on_finish : callable, optional
+        Called with the number of problems that just finished (progress bars).
+    on_iteration : callable, optional
+        Called with the (read-only) state of the running problems after each
+        round of trials; ``state["ids"]`` names the problem of each row.
+    refill : callable, optional
+        ``refill(room)`` returns the initial rows (as for ``state``) of up to
+        ``room`` further problems, or None when there are none left. It is
+        called whenever at most half of ``capacity`` rows are running, so a
+        stream of problems is solved with about ``capacity`` rows at a time
+        and the slow problems of one block run beside the next block instead
+        of stretching each block's tail.
+    capacity : int, optional
+        Rows held at once when ``refill`` is given (default: the initial rows).
+    """
+    B = state["x"].shape[0]
+    capacity = B if capacity is None else capacity
+    admit(problem, rule, state)
     printed_header = False
 
     while True:
+        rows = state["x"].shape[0]
+        if refill is not None and rows * 2 <= capacity:
+            more = refill(capacity - rows)
+            if more is None:
+                refill = None
+            else:
+                admit(problem, rule, more)
+                if rows == 0:
+                    state.clear()
+                    state.update(more)
+                else:
+                    concat(state, more)
+        if state["x"].shape[0] == 0:
+            return
         # ---- top of an outer iteration: optimality, gtol, budget -------------
         status = state["status"]
         top = state["fresh"] & (status != st_codes.CALLBACK_STOP) & (status != st_codes.NONFINITE)
@@ -258,9 +307,11 @@ def run(problem: Problem, rule, state: State, out: State,
             if on_finish is not None:
                 on_finish(int(finished.sum()))
             keep = ~finished
-            if not bool(keep.any()):
+            if not bool(keep.any()) and refill is None:
                 return
             compact(state, keep.nonzero().squeeze(-1))
+            if not bool(keep.any()):
+                continue  # every row finished: admit the next problems
 
         # ---- one trial per running problem -----------------------------------
         trial = rule.propose(problem, state)
@@ -316,5 +367,8 @@ def _write_out(problem: Problem, rule, state: State, mask: Tensor, out: State) -
         "nit": sub["nit"], "status": sub["status"],
     }
     for k, v in values.items():
-        dest = out[k]
-        dest.index_copy_(0, ids, v if v.dtype == dest.dtype else v.to(dest.dtype))
+        dest = out.get(k)
+        if dest is None:
+            continue
+        where = ids if ids.device == dest.device else ids.to(dest.device)
+        dest.index_copy_(0, where, v.to(dest.device, dest.dtype))
