@@ -162,7 +162,8 @@ def batch_least_squares(
     max_nfev : int, optional
         Evaluation budget per problem.
     verbose : {0, 1, 2}, optional
-        1 prints a summary at the end, 2 also one line per chunk.
+        1 prints a summary at the end, 2 also one line per block of problems
+        started.
     args, kwargs : optional
         Extra arguments of ``fun`` and ``jac``.
     vectorized : bool, optional
@@ -171,9 +172,11 @@ def batch_least_squares(
         Where and in which dtype to compute: float32 or float64 (default:
         those of ``x0``; numpy input computes in float64 on the CPU).
     chunk_size : int, optional
-        Number of problems solved together; the default bounds the Jacobian
-        of a chunk to just under 2**22 entries on the CPU (32 MiB in float64)
-        and 2**26 on a GPU.
+        Most problems held at once; the default bounds their Jacobians to just
+        under 2**22 entries on the CPU (32 MiB in float64) and 2**26 on a GPU.
+        Problems stream through: whenever half of them are left, the next
+        ones join, so that slow problems run beside new ones instead of
+        holding a whole chunk back.
     progress : bool, optional
         Show a tqdm progress bar over finished problems.
     return_jac : bool, optional
@@ -198,13 +201,14 @@ def batch_least_squares(
     (about 1e-8 relative in ``x`` with finite-difference Jacobians), and they
     do not depend on ``chunk_size`` or on the other problems of the batch.
 
-    A batch (a chunk) runs until its slowest problem stops, and each of its
-    iterations has a fixed cost of a few hundred tensor operations (about
-    0.5-3 ms on a CPU) however few problems are left. A handful of problems that
-    need hundreds of iterations (or run to ``max_nfev``, 100 n evaluations
-    by default for 'trf') can then take longer than all the others together;
-    ``progress=True`` shows such a tail, and a smaller ``max_nfev`` bounds it
-    (the problems it stops report ``status = 0``, as scipy's do).
+    A call runs until its slowest problem stops, and each iteration has a
+    fixed cost of a few hundred tensor operations (about 0.5-3 ms on a CPU)
+    however few problems are left. Streaming hides slow problems while others
+    remain to be started, but the last ones still need their hundreds of
+    iterations (up to ``max_nfev``, 100 n evaluations by default for 'trf')
+    alone at the end; ``progress=True`` shows such a tail, and a smaller
+    ``max_nfev`` bounds it (the problems it stops report ``status = 0``, as
+    scipy's do).
 
     Examples
     --------

@@ -857,7 +857,7 @@ def batch_curve_fit(
     the same method, options and covariance formulas as :func:`curve_fit`;
     all problems are solved together by
     :func:`torchimize_scipy.batch_least_squares` (vectorised calls of ``f``,
-    finished problems dropped, chunks to bound memory).
+    finished problems dropped, at most ``chunk_size`` held at once).
 
     Parameters
     ----------
@@ -906,7 +906,7 @@ def batch_curve_fit(
         first tensor among ``p0``, ``ydata``, ``xdata``; float64 on the CPU
         for numpy input).
     chunk_size : int, optional
-        Problems solved together (see :func:`batch_least_squares`).
+        Most problems held at once (see :func:`batch_least_squares`).
     progress : bool, optional
         Show a progress bar.
     **kwargs
