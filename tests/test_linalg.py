@@ -211,7 +211,6 @@ def test_eigen_route_between_the_limits(monkeypatch):
 
 def test_hopeless_conditions_skip_the_eigen_route(monkeypatch):
     """cond_1(H) beyond n * limit proves cond_2(H) beyond the limit: straight to the SVD."""
-
     rng = np.random.default_rng(6)
     A = torch.as_tensor(np.stack([_matrix(rng, 10.0), _matrix(rng, 1e6), _matrix(rng, 1e7)]))
     f = torch.as_tensor(rng.standard_normal((3, M)))
