@@ -75,6 +75,7 @@ from _common import (
 )
 
 from torchimize_scipy import batch_least_squares
+from torchimize_scipy._batch import default_chunk_size
 
 #: name -> (model kind, our jac, scipy jac)
 VARIANTS = {
@@ -334,8 +335,7 @@ def run_chunk_sweep(args, dev, dt) -> list[dict[str, Any]]:
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         seconds, res = timed(call, dev)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-        budget = 2**22 - 2**17 if args.device == "cpu" else 2**26  # the library's rule
-        default = max(1, min(B, budget // (64 * 4)))
+        default = default_chunk_size(B, 64, 4, dev)
         out.append({"B": B, "chunk_size": cs if cs else default, "default": cs is None,
                     "seconds": seconds, "fits_per_s": B / seconds,
                     "user_s": r1.ru_utime - r0.ru_utime, "system_s": r1.ru_stime - r0.ru_stime})
