@@ -3,7 +3,9 @@
 Every problem ``i`` of the batch is the ``least_squares`` problem with residuals
 ``fun(x0[i], *args_i, **kwargs)``; the engine advances them together, freezes
 each one as soon as it terminates and stops evaluating it (compaction), and
-processes the batch in chunks so that memory stays bounded. The results are
+holds at most ``chunk_size`` problems at once so that memory stays bounded:
+problems stream through those rows, the next ones joining whenever half are
+done (:class:`_BlockSource`, ``refill`` of the engine's loop). The results are
 those of calling ``least_squares`` on each problem (same method, options and
 termination tests), gathered in a :class:`BatchOptimizeResult`.
 """
