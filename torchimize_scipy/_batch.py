@@ -293,7 +293,7 @@ def batch_least_squares(
     keys = [k for k in RESULT_KEYS if return_jac or k != "J"]
     merged = result_buffers(B, n, m, dt, home, keys=keys)
     blocks = _BlockSource(
-        f0_first=f0_first, method=method, fun_b=fun_b, jac=jac, jac_b=jac_b, x0=x0_all,
+        f0_first=f0_first, fun_b=fun_b, jac=jac, jac_b=jac_b, x0=x0_all,
         lb=lb_all, ub=ub_all, bounded=bounded, scale=scale_all, rel_step=rel_step, m=m, n=n,
         verbose=verbose)
     try:
@@ -355,8 +355,8 @@ class _BlockSource:
     per-problem data and results are indexed directly.
     """
 
-    def __init__(self, *, f0_first, method, fun_b, jac, jac_b, x0, lb, ub, bounded, scale,
-                 rel_step, m, n, verbose) -> None:
+    def __init__(self, *, f0_first, fun_b, jac, jac_b, x0, lb, ub, bounded, scale, rel_step,
+                 m, n, verbose) -> None:
         self.f0_first, self.fun_b, self.jac, self.jac_b = f0_first, fun_b, jac, jac_b
         self.x0, self.lb, self.ub, self.bounded, self.scale = x0, lb, ub, bounded, scale
         self.m, self.n, self.verbose = m, n, verbose
