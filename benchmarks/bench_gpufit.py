@@ -180,11 +180,13 @@ def main() -> None:
     data, truth, start = gpufit_data(max(sizes), args.seed)
 
     scipy_ref = None
+    ref_cost = None
     S = args.scipy_subset if args.scipy_subset is not None else (200 if args.quick else 1000)
     if S > 0:
         S = min(S, max(sizes))
         ref = scipy_loop(gauss2d_1d, gauss2d_jac_1d, start[:S], data[:S], args.method,
                          ftol=args.tolerance, max_nfev=args.max_iter + 1)
+        ref_cost = ref["cost"]
         scipy_ref = {"fits": S, "seconds": ref["seconds"], "fits_per_s": S / ref["seconds"],
                      "converged": float((ref["status"] > 0).mean()),
                      "nfev_mean": float(ref["nfev"].mean())}
@@ -207,6 +209,15 @@ def main() -> None:
                    "fits_per_s": n_fits / seconds, "converged": float((status > 0).mean()),
                    "max_nfev_reached": float((status == 0).mean()),
                    "nfev_mean": float(nfev.mean()), "median_abs_err_x0": float(np.median(err))}
+            if ref_cost is not None:
+                # final cost against scipy's on its subset (float32: to 1e-3 relative)
+                k = min(len(ref_cost), n_fits)
+                ours = to_numpy(res.cost)[:k].astype(float)
+                rtol = 1e-6 if dname == "float64" else 1e-3
+                close = np.abs(ours - ref_cost[:k]) <= rtol * np.abs(ref_cost[:k])
+                row["cost_rtol"] = rtol
+                row["cost_equal_share"] = float(close.mean())
+                row["cost_lower_share"] = float((~close & (ours < ref_cost[:k])).mean())
             if dev.type == "cuda":
                 row["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(dev)
             rows.append(row)
@@ -217,12 +228,16 @@ def main() -> None:
           f"{args.device}\n")
     gpu = dev.type == "cuda"
     headers = ["dtype", "fits", "time (s)", "fits/s", "converged", "hit 10 iterations",
-               "mean nfev", "median abs. error of x0"] + (["GPU peak (GiB)"] if gpu else [])
+               "mean nfev", "median abs. error of x0"] + (
+                   ["cost = / < scipy"] if ref_cost is not None else []) + (
+                   ["GPU peak (GiB)"] if gpu else [])
     table = []
     for r in rows:
         line = [r["dtype"], r["fits"], r["seconds"], r["fits_per_s"],
                 f"{100 * r['converged']:.1f}%", f"{100 * r['max_nfev_reached']:.1f}%",
                 f"{r['nfev_mean']:.2f}", f"{r['median_abs_err_x0']:.3g}"]
+        if ref_cost is not None:
+            line.append(f"{100 * r['cost_equal_share']:.1f}% / {100 * r['cost_lower_share']:.1f}%")
         if gpu:
             line.append(f"{r['gpu_peak_bytes'] / 2**30:.2f}")
         table.append(line)
@@ -233,7 +248,9 @@ def main() -> None:
     if scipy_ref:
         print(f"CPU reference: scipy least_squares loop, same options, float64: "
               f"{scipy_ref['fits_per_s']:.0f} fits/s ({scipy_ref['fits']:,} fits, "
-              f"{args.threads} BLAS threads).")
+              f"{args.threads} BLAS threads). cost = / < scipy: share of those fits whose "
+              "final cost equals scipy's (relative 1e-6 in float64, 1e-3 in float32) / is "
+              "lower.")
     path = write_json(args, "bench_gpufit", {
         "problem": "Gpufit GAUSS_2D, 5x5 pixels, SNR 10, see benchmarks/bench_gpufit.py",
         "options": {k: v for k, v in options.items()}, "rows": rows, "scipy": scipy_ref})
