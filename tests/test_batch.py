@@ -881,6 +881,16 @@ def test_progress_bar(capsys):
     assert_batches_identical(res, batch_least_squares(fun_v, x0, args=(y,)))
 
 
+def test_stream_past_blocks_that_fail_at_once():
+    """Blocks whose problems all fail at x0 leave no rows: the next block still starts."""
+    x0, y = make_data(7, seed=3)
+    y[:4] = np.nan
+    res = batch_least_squares(fun_v, x0, args=(y,), chunk_size=2)
+    ref = batch_least_squares(fun_v, x0, args=(y,))
+    assert not res.success[:4].any() and res.success[4:].all()
+    assert_batches_identical(res, ref)
+
+
 def test_progress_counts_nonfinite_start(capsys):
     B = 4
     x0, y = make_data(B, seed=22)
