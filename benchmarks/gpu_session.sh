@@ -6,7 +6,7 @@
 # with the machine's own python3, torch, numpy, scipy, tqdm and pytest
 # (array-api-compat is optional and only used for other array libraries).
 #
-#   bash benchmarks/gpu_session.sh            # on the GPU machine (about 6 min on an H100)
+#   bash benchmarks/gpu_session.sh            # on the GPU machine (budget: timeout_s=560)
 #   DEVICE=cpu bash benchmarks/gpu_session.sh --smoke   # dry run of every step on a CPU
 #
 # What it writes under $OUT (or benchmarks/results/gpu when OUT is unset), at
@@ -14,7 +14,8 @@
 #   gpu.txt               the card, driver and library versions
 #   cuda_tests.log        the CUDA tests of the suite (pytest -k cuda)
 #   gpufit.log + JSON     Gpufit's benchmark, 10^4 ... 10^7 fits, float32 and float64
-#   batch.log + JSON      the 20,000-peak benchmark against a scipy loop (cost agreement)
+#   batch.log + JSON + PNG  the 20,000-peak benchmark against a scipy loop (cost
+#                         agreement), and fits/s and GPU memory vs batch size
 set -u -o pipefail
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
@@ -50,10 +51,14 @@ if [ "$SMOKE" = 1 ]; then gpufit_args=(--quick --scipy-subset 200); else gpufit_
 timeout 420 "$PY" benchmarks/bench_gpufit.py --device "$DEVICE" --dtype both \
   --out-dir "$OUT" "${gpufit_args[@]}" 2>&1 | tee "$OUT/gpufit.log" || rc=1
 
-echo "== 20,000-peak batch benchmark"
-if [ "$SMOKE" = 1 ]; then batch_args=(--batch 2000 --scipy-subset 100 --repeat 1); else batch_args=(); fi
-timeout 420 "$PY" benchmarks/bench_batch.py --device "$DEVICE" --dtype float64 --quick \
-  --no-scaling --no-chunk-sweep --out-dir "$OUT" "${batch_args[@]}" 2>&1 \
+echo "== 20,000-peak batch benchmark, and fits/s vs batch size up to 10^6"
+if [ "$SMOKE" = 1 ]; then
+  batch_args=(--quick --batch 2000 --scipy-subset 100 --repeat 1 --scaling-max 1000)
+else
+  batch_args=()
+fi
+timeout 420 "$PY" benchmarks/bench_batch.py --device "$DEVICE" --dtype float64 --no-chunk-sweep \
+  --out-dir "$OUT" --plot "$OUT/batch_scaling_gpu.png" "${batch_args[@]}" 2>&1 \
   | tee "$OUT/batch.log" || rc=1
 
 ls -l "$OUT"
