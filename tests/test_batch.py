@@ -851,7 +851,7 @@ def test_ill_conditioned_member_takes_the_svd_route(method):
     assert_like_scipy(res, solve_each(fun_scaled_1, x0, scipy=True, **kw), x_rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["trf", "dogbox", "lm", "gn"])
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm", "gn", "gd"])
 def test_chunk_size_invariance(method):
     """A problem's arithmetic does not depend on which problems run beside it."""
     B = 10
