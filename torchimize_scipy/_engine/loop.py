@@ -16,7 +16,10 @@ batch-first tensors. A problem whose ``status`` is set is *finished*: its
 results are written out and its rows are dropped from the working state
 (compaction), so it costs no further evaluations. The residual and Jacobian
 callables only ever see the rows of running problems, together with their
-problem indices.
+problem indices. A stream of problems can be fed in (``refill``): whenever at
+most half of ``capacity`` rows are running, the next problems are admitted
+(:func:`admit`) and appended (:func:`concat`), so slow problems run beside
+new ones instead of holding back a whole block.
 
 A step rule (see ``steps/``) provides ``init``, ``top`` (optimality and the
 ``gtol`` test), ``prepare`` (factorisation), ``propose`` (trial point),
