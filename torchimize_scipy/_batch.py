@@ -140,7 +140,9 @@ def batch_least_squares(
         shared. With ``vectorized=False``: ``fun(x (n,), *args_i, **kwargs)``
         for one problem, mapped over the batch: with :func:`torch.vmap` for
         torch code that allows it (per-problem ``args`` mapped along when they
-        are tensors), a loop otherwise.
+        are tensors), a loop otherwise. The returned arrays are used without a
+        copy, so ``fun`` and ``jac`` must not return a buffer they overwrite
+        in later calls (scipy's finite differences have the same rule).
     x0 : array_like or Tensor, shape (B, n)
         Starting points.
     jac : {'2-point', '3-point', 'cs', 'autograd'} or callable, optional
