@@ -65,8 +65,15 @@ class Namespace:
         return a
 
     # ---- caller -> engine -------------------------------------------------
-    def from_user(self, a: Any, complex_ok: bool = False) -> torch.Tensor:
-        """Convert an array returned by the caller's function to an engine tensor."""
+    def from_user(self, a: Any, complex_ok: bool = False, what: str = "fun") -> torch.Tensor:
+        """Convert an array returned by the caller's function to an engine tensor.
+
+        ``what`` names that function in error messages. Complex values are
+        refused unless ``complex_ok`` (complex-step differentiation evaluates
+        ``fun`` at complex points on purpose): scipy requires real residuals
+        and, given complex ones, casts them with a ``ComplexWarning`` into a
+        meaningless result, so we stop with a ``ValueError`` instead.
+        """
         if isinstance(a, torch.Tensor):
             t = a.detach()
         else:
@@ -76,7 +83,11 @@ class Namespace:
             t = torch.from_numpy(np.ascontiguousarray(arr))
         if t.is_complex():
             if not complex_ok:
-                t = t.real
+                raise ValueError(
+                    f"`{what}` returned complex values (dtype {t.dtype}); least-squares "
+                    "residuals must be real. Write each complex residual r as the two real "
+                    "residuals r.real and r.imag (e.g. return np.concatenate([r.real, "
+                    "r.imag])), with a real Jacobian to match.")
             return t.to(device=self.device)
         return t.to(device=self.device, dtype=self.dtype)
 

@@ -32,6 +32,7 @@ from ._validation import (
     FD_METHODS,
     check_bounds,
     check_diff_step,
+    check_f_scale,
     check_options,
     check_tolerance,
     check_x_scale,
@@ -239,10 +240,12 @@ def batch_least_squares(
     if B == 0 or n == 0:
         raise ValueError("`x0` must hold at least one problem with at least one variable.")
     lb, ub = prepare_bounds(bounds, n, batch=B)
-    check_bounds(lb, ub, x0_host, method)
+    # a problem whose x0 has a NaN fails alone (status 5), as one whose data has a NaN
+    check_bounds(lb, ub, x0_host, method, nan_ok=True)
     x_scale = check_x_scale(x_scale, x0_host, method)
-    ftol, xtol, gtol = check_tolerance(ftol, xtol, gtol, method)
+    ftol, xtol, gtol = check_tolerance(ftol, xtol, gtol, method, dtype=ns.dtype)
     rel_step = check_diff_step(diff_step, n)
+    check_f_scale(f_scale, loss)
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size <= 0):
         raise ValueError("`chunk_size` must be None or a positive integer.")
     kwargs = {} if kwargs is None else kwargs
@@ -333,7 +336,7 @@ def default_chunk_size(B: int, m: int, n: int, device: torch.device) -> int:
 def _batched(fn: Callable, pargs: PerProblemArgs, kwargs: dict, ns: Namespace,
              vectorized: bool, kind: str) -> Callable:
     if vectorized:
-        return VectorizedFunction(fn, pargs, kwargs, ns)
+        return VectorizedFunction(fn, pargs, kwargs, ns, kind=kind)
     return RowwiseFunction(fn, pargs, kwargs, ns, None, kind=kind)
 
 
@@ -342,7 +345,7 @@ def _torch_loss(loss: Callable, ns: Namespace) -> Callable:
 
     def rho_fn(z: torch.Tensor) -> torch.Tensor:
         zu = z if ns.kind == "torch" else z.detach().cpu().numpy()
-        return ns.from_user(loss(zu))
+        return ns.from_user(loss(zu), what="loss")
 
     return rho_fn
 
@@ -404,7 +407,9 @@ class _BlockSource:
             f0 = torch.cat([self.f0_first[start:], self.fun_b(x0c[known:], idx[known:])])
         if tuple(f0.shape) != (b, m):
             raise ValueError(f"`fun` returned shape {tuple(f0.shape)}, expected {(b, m)}.")
-        status0 = torch.where(all_finite(f0), codes.RUNNING, codes.NONFINITE)
+        # non-finite residuals (or a NaN in x0) at the start: that problem fails alone
+        status0 = torch.where(all_finite(f0) & ~torch.isnan(x0c).any(-1), codes.RUNNING,
+                              codes.NONFINITE)
         J0 = self.jac_c(x0c, f0, idx)
         if tuple(J0.shape) != (b, m, n):
             raise ValueError(f"The return value of `jac` has wrong shape: expected {(b, m, n)}, "

@@ -33,6 +33,7 @@ from ._validation import (
     FD_METHODS,
     check_bounds,
     check_diff_step,
+    check_f_scale,
     check_options,
     check_tolerance,
     check_x_scale,
@@ -162,7 +163,7 @@ def least_squares(
     lb, ub = prepare_bounds(bounds, n)
     check_bounds(lb, ub, x0_host, method)
     x_scale = check_x_scale(x_scale, x0_host, method)
-    ftol, xtol, gtol = check_tolerance(ftol, xtol, gtol, method)
+    ftol, xtol, gtol = check_tolerance(ftol, xtol, gtol, method, dtype=ns.dtype)
     rel_step = check_diff_step(diff_step, n)
 
     dev, dt = ns.device, ns.dtype
@@ -192,6 +193,7 @@ def least_squares(
         raise ValueError("Method 'lm' doesn't work when the number of "
                          "residuals is less than the number of variables.")
 
+    check_f_scale(f_scale, loss)
     loss_obj = _make_loss(loss, f_scale, ns, f0)
 
     if not callable(jac) and method == "lm" and jac_sparsity is not None:
@@ -215,7 +217,12 @@ def least_squares(
         def batched_jac(x, f, idx):
             return jac_rows(x, idx)
 
-        J0 = ns.from_user(J0_np).reshape(1, m, n)
+        J0 = ns.from_user(J0_np, what="jac").reshape(1, m, n)
+    if n == 0:
+        # nothing to optimise: scipy reports the start ('lm': MINPACK's improper input)
+        out = _no_variables(f0, loss_obj, method, callable(jac))
+    elif callable(jac):
+        pass  # J0 evaluated and checked above
     elif jac in FD_METHODS:
         rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)
 
@@ -246,12 +253,19 @@ def least_squares(
         callback = None
     engine_callback = _wrap_callback(callback, ns) if callback is not None else None
 
-    scale = x_scale if isinstance(x_scale, str) else torch.as_tensor(
-        x_scale, device=dev, dtype=dt).unsqueeze(0)
-    out = solve(method=method, fun=batched_fun, jac=batched_jac, x0=x0_t, f0=f0,
-                J0=J0.to(device=dev, dtype=dt), lb=lb_t, ub=ub_t, x_scale=scale,
-                loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
-                verbose=verbose, callback=engine_callback)
+    if n > 0:
+        J0 = J0.to(device=dev, dtype=dt)
+        if not bool(torch.isfinite(J0).all()):
+            # scipy's 'trf' and 'dogbox' fail in their first factorisation of J0
+            # (ValueError / LinAlgError); every method refuses it here, by name
+            raise ValueError("array must not contain infs or NaNs: the Jacobian is not "
+                             "finite in the initial point.")
+        scale = x_scale if isinstance(x_scale, str) else torch.as_tensor(
+            x_scale, device=dev, dtype=dt).unsqueeze(0)
+        out = solve(method=method, fun=batched_fun, jac=batched_jac, x0=x0_t, f0=f0,
+                    J0=J0, lb=lb_t, ub=ub_t, x_scale=scale,
+                    loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
+                    verbose=verbose, callback=engine_callback)
     result = _build_result(out, ns, method, jac, bounded=bounded)
     if ns.kind == "numpy" and f0_raw.dtype == np.float32:
         result.fun = result.fun.astype(np.float32)  # scipy returns fun's own dtype
@@ -265,6 +279,29 @@ def least_squares(
     return result
 
 
+def _no_variables(f0: torch.Tensor, loss_obj: Any, method: str,
+                  jac_callable: bool) -> dict[str, torch.Tensor]:
+    """The engine's output for a problem without variables (``x0`` of size 0).
+
+    As scipy 1.17: 'trf' and 'dogbox' stop at once on the ``gtol`` test
+    (optimality 0) after the one evaluation at ``x0``; MINPACK refuses
+    ``n = 0`` as improper input, so 'lm' reports status -1 with ``nfev = 0``
+    (``njev = 0`` for a callable ``jac``).
+    """
+    m = f0.shape[1]
+    dev, dt = f0.device, f0.dtype
+    cost = loss_obj.cost(f0) if loss_obj is not None else 0.5 * (f0 * f0).sum(-1)
+    lm = method == "lm"
+    count = torch.tensor([0 if lm else 1], device=dev)
+    return {"x": torch.zeros(1, 0, device=dev, dtype=dt), "cost": cost,
+            "f_true": f0, "J": torch.zeros(1, m, 0, device=dev, dtype=dt),
+            "g": torch.zeros(1, 0, device=dev, dtype=dt),
+            "optimality": torch.zeros(1, device=dev, dtype=dt),
+            "active_mask": torch.zeros(1, 0, dtype=torch.long, device=dev),
+            "nfev": count, "njev": count,
+            "status": torch.tensor([codes.IMPROPER_INPUT if lm else codes.GTOL], device=dev)}
+
+
 def _make_loss(loss: Any, f_scale: float, ns: Namespace, f0: torch.Tensor) -> object | None:
     """Build the engine loss; a user callable is called on one problem at a time."""
     if not callable(loss):
@@ -276,7 +313,7 @@ def _make_loss(loss: Any, f_scale: float, ns: Namespace, f0: torch.Tensor) -> ob
         for i in range(z.shape[0]):
             r = np.asarray(as_numpy(loss(ns.row_to_fun(z[i]))), dtype=float) \
                 if ns.kind != "torch" else loss(z[i])
-            r = ns.from_user(r)
+            r = ns.from_user(r, what="loss")
             if tuple(r.shape) != (3, m):
                 raise ValueError("The return value of `loss` callable has wrong shape.")
             rows.append(r)

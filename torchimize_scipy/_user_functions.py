@@ -36,8 +36,41 @@ def _is_array(a: Any) -> bool:
         return False
 
 
-def _is_batch_array(a: Any, B: int) -> bool:
-    return _is_array(a) and a.ndim >= 1 and a.shape[0] == B
+def _per_problem(a: Any, B: int, position: int) -> bool:
+    """Whether argument ``args[position]`` of a batch call holds one row per problem.
+
+    The rule: an array whose leading dimension is B is per-problem (sliced with
+    ``x``); a 1-D array of another length, a 0-d array, a scalar or any other
+    object is shared (passed whole); an array of 2 or more dimensions must
+    have B rows, or one row, which is broadcast to every problem (numpy's
+    rule). Anything else is refused, naming the argument and the sizes.
+    """
+    if not _is_array(a) or a.ndim == 0:
+        return False
+    rows = a.shape[0]
+    if rows == B:
+        return True
+    if a.ndim == 1:
+        return False
+    if rows == 1:
+        return True
+    raise ValueError(
+        f"`args[{position}]` has shape {tuple(a.shape)}, but the batch has B = {B} problems: "
+        "an array of 2 or more dimensions in `args` is per-problem data and needs one row "
+        "per problem (leading dimension B) or a single row shared by all. Pass an array "
+        "that every problem uses whole through `kwargs` (never sliced).")
+
+
+def _broadcast_rows(a: Any, B: int) -> Any:
+    """A single-row array as a ``(B, ...)`` view (numpy, torch or another array library)."""
+    shape = (B, *tuple(a.shape[1:]))
+    if is_torch(a):
+        return a.expand(*shape)
+    if isinstance(a, np.ndarray):
+        return np.broadcast_to(a, shape)
+    import array_api_compat
+
+    return array_api_compat.array_namespace(a).broadcast_to(a, shape)
 
 
 def _ascending_run(idx: Tensor) -> tuple[int, int] | None:
@@ -54,13 +87,20 @@ def _ascending_run(idx: Tensor) -> tuple[int, int] | None:
 
 
 class PerProblemArgs:
-    """``args`` of a batch call: arrays with leading dimension B are sliced per row."""
+    """``args`` of a batch call: per-problem arrays are sliced per row.
+
+    Which arguments are per-problem is decided once, by :func:`_per_problem`;
+    a single-row array is replaced by a ``(B, ...)`` broadcast view of it, so
+    that every problem (vectorised or not) receives that row.
+    """
 
     def __init__(self, args: Sequence[Any], B: int, ns: Namespace) -> None:
         self.args = tuple(args)
         self.B = B
         self.ns = ns
-        self.sliced = tuple(_is_batch_array(a, B) for a in self.args)
+        self.sliced = tuple(_per_problem(a, B, k) for k, a in enumerate(self.args))
+        self.args = tuple(_broadcast_rows(a, B) if (s and a.shape[0] != B) else a
+                          for a, s in zip(self.args, self.sliced, strict=True))
         self._last: tuple[Tensor, tuple] | None = None
         if ns.kind == "torch":
             self.args = tuple(a.to(ns.device) if (s and is_torch(a)) else a
@@ -186,7 +226,8 @@ class RowwiseFunction:
                 self._vmap_ok = False
             else:
                 out = self._shaped(out.reshape(k, *_atleast(out.shape[1:], self._ndim)))
-                return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex())
+                return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(),
+                                         what=self.kind)
         ids = idx.tolist()
         if self.map is None and self.ns.kind == "numpy":
             vals = self._call_numpy(x, ids)
@@ -201,7 +242,7 @@ class RowwiseFunction:
             items = [(self.ns.row_to_fun(rows[r]), self._args_for(ids[r])) for r in range(k)]
             vals = list(self.map(_RowCall(self.fn, self.kwargs), items))
         cplx = complex_ok or x.is_complex()
-        parts = [self.ns.from_user(v, complex_ok=cplx) for v in vals]
+        parts = [self.ns.from_user(v, complex_ok=cplx, what=self.kind) for v in vals]
         parts = [p.reshape(_atleast(tuple(p.shape), self._ndim)) for p in parts]
         shapes = {tuple(p.shape) for p in parts}
         if len(shapes) > 1:
@@ -308,11 +349,13 @@ class _PoolMap:
 class VectorizedFunction:
     """Evaluate a function of a batch, ``fn(x (b, n), *args_b, **kwargs) -> (b, ...)``."""
 
-    def __init__(self, fn: Callable, args: PerProblemArgs, kwargs: dict, ns: Namespace) -> None:
+    def __init__(self, fn: Callable, args: PerProblemArgs, kwargs: dict, ns: Namespace,
+                 kind: str = "fun") -> None:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.ns = ns
+        self.kind = kind
 
     def raw(self, x: Tensor, idx: Tensor) -> Tensor:
         """Differentiable evaluation for torch functions (no detach), ``(b, m)``."""
@@ -326,4 +369,4 @@ class VectorizedFunction:
             if self.ns.kind == "xp":
                 xu = self.ns.xp.asarray(xu)
         out = self.fn(xu, *self.args.select(idx), **self.kwargs)
-        return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex())
+        return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(), what=self.kind)

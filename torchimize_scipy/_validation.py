@@ -80,15 +80,23 @@ def _host(a: Any) -> Any:
     return a
 
 
-def check_bounds(lb: np.ndarray, ub: np.ndarray, x0: np.ndarray, method: str) -> None:
-    """scipy's bound checks (``x0`` may be ``(n,)`` or ``(B, n)``)."""
+def check_bounds(lb: np.ndarray, ub: np.ndarray, x0: np.ndarray, method: str,
+                 nan_ok: bool = False) -> None:
+    """scipy's bound checks (``x0`` may be ``(n,)`` or ``(B, n)``).
+
+    scipy calls a NaN in ``x0`` outside the bounds. ``nan_ok`` (batches) lets
+    NaN entries pass: such a problem fails alone with a status instead.
+    """
     if method == "lm" and not np.all((lb == -np.inf) & (ub == np.inf)):
         raise ValueError("Method 'lm' doesn't support bounds.")
     if lb.shape != x0.shape or ub.shape != x0.shape:
         raise ValueError("Inconsistent shapes between bounds and `x0`.")
     if np.any(lb >= ub):
         raise ValueError("Each lower bound must be strictly less than each upper bound.")
-    if not np.all((x0 >= lb) & (x0 <= ub)):
+    inside = (x0 >= lb) & (x0 <= ub)
+    if nan_ok:
+        inside |= np.isnan(x0)
+    if not np.all(inside):
         raise ValueError("Initial guess is outside of provided bounds")
 
 
@@ -116,9 +124,24 @@ def check_x_scale(x_scale: Any, x0: np.ndarray, method: str) -> np.ndarray | str
     return arr
 
 
+#: float32's machine epsilon (2**-23).
+EPS32 = float(np.finfo(np.float32).eps)
+
+
 def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
-                    eps: float = float(np.finfo(float).eps)) -> tuple[float, float, float]:
-    """None means 0; below-epsilon values warn; scipy's errors when all are too small."""
+                    eps: float = float(np.finfo(float).eps),
+                    dtype: Any = None) -> tuple[float, float, float]:
+    """None means 0; below-epsilon values warn; scipy's errors when all are too small.
+
+    The warnings and errors are scipy's, against float64's epsilon. When the
+    solver computes in float32 (``dtype``), a tolerance from float64's epsilon
+    up to float32's (1.19e-7; the 1e-8 defaults among them) is raised to
+    float32's epsilon without a warning: float32 cannot resolve a smaller
+    relative change, so such a test would only fire on rounding noise, after
+    extra evaluations. A tolerance below float64's epsilon keeps scipy's
+    meaning (the warning says the test is effectively disabled) and 0/None
+    disables the test, in any dtype.
+    """
 
     def check(tol: Any, name: str) -> float:
         if tol is None:
@@ -137,7 +160,32 @@ def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
     if ftol < eps and xtol < eps and gtol < eps:
         raise ValueError("At least one of the tolerances must be higher than "
                          f"machine epsilon ({eps:.2e}).")
+    if dtype is not None and str(dtype) in ("torch.float32", "float32"):
+        ftol, xtol, gtol = (EPS32 if eps <= t < EPS32 else t for t in (ftol, xtol, gtol))
     return ftol, xtol, gtol
+
+
+def check_f_scale(f_scale: Any, loss: Any) -> None:
+    """A robust loss needs a finite, nonzero ``f_scale`` (the linear loss ignores it).
+
+    scipy has no explicit check: ``f_scale = 0`` (or ``inf``, ``nan``) makes its
+    loss values NaN, and 'trf' then raises ``ValueError('array must not contain
+    infs or NaNs')`` ('dogbox' a ``LinAlgError``) in its first factorisation.
+    We raise the ``ValueError`` before any work, naming the option. A negative
+    value acts as its absolute value, in scipy and here.
+    """
+    if isinstance(loss, str) and loss == "linear":
+        return
+    try:
+        arr = np.asarray(_host(f_scale), dtype=float)
+        valid = bool(np.all(np.isfinite(arr)) and np.all(arr != 0))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        name = loss if isinstance(loss, str) else "callable"
+        raise ValueError("array must not contain infs or NaNs: `f_scale` must be finite and "
+                         f"nonzero for loss={name!r} (got {f_scale!r}); the robust loss "
+                         "divides the residuals by it.")
 
 
 def check_diff_step(diff_step: Any, n: int) -> np.ndarray | None:
