@@ -12,7 +12,9 @@ termination tests), gathered in a :class:`BatchOptimizeResult`.
 
 from __future__ import annotations
 
+import math
 import operator
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -121,7 +123,7 @@ def batch_least_squares(
     device: Any = None,
     dtype: Any = None,
     chunk_size: int | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     return_jac: bool = True,
 ) -> BatchOptimizeResult:
     """Solve B independent nonlinear least-squares problems at once.
@@ -182,8 +184,17 @@ def batch_least_squares(
         Problems stream through: whenever half of them are left, the next
         ones join, so that slow problems run beside new ones instead of
         holding a whole chunk back.
-    progress : bool, optional
-        Show a tqdm progress bar over finished problems.
+    progress : bool or str, optional
+        Show a tqdm progress bar; a string is its label (default
+        ``'batch_least_squares[<method>]'``). The bar counts residual
+        evaluations, which advance at a steady rate from the first iteration
+        (problems finish in bursts, so a count of finished problems would give
+        a meaningless rate and remaining time). Its total, and so the
+        remaining time, is unknown until a problem has finished; then it is
+        an estimate, updated as problems finish: the evaluations made so far
+        plus, for each problem not finished, the mean evaluations of the
+        finished ones (at least one more). The postfix ``fits k/B`` counts
+        finished problems.
     return_jac : bool, optional
         Keep the ``(B, m, n)`` Jacobians in the result (set False to save
         memory on very large batches; ``jac`` is then None).
@@ -289,9 +300,8 @@ def batch_least_squares(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=B, desc=f"batch_least_squares[{method}]", unit="fit")
+        label = progress if isinstance(progress, str) else f"batch_least_squares[{method}]"
+        bar = _Progress(B, label)
     # full-size results, filled as problems finish; on the engine's device for
     # torch input, on the host for numpy input (whatever the engine's device)
     home = dev if ns.kind == "torch" else torch.device("cpu")
@@ -300,7 +310,8 @@ def batch_least_squares(
     blocks = _BlockSource(
         f0_first=f0_first, fun_b=fun_b, jac=jac, jac_b=jac_b, x0=x0_all,
         lb=lb_all, ub=ub_all, bounded=bounded, scale=scale_all, rel_step=rel_step, m=m, n=n,
-        verbose=verbose)
+        verbose=verbose, progress=bar)
+    complete = False
     try:
         first_block = blocks.take(chunk_size)
         solve(method=method, fun=fun_b, jac=blocks.jac_c, x0=first_block["x"],
@@ -308,11 +319,13 @@ def batch_least_squares(
               ub=first_block["ub"], x_scale="jac" if scale_all is None else first_block["scale"],
               loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
               initial_status=first_block["status"],
-              on_finish=bar.update if bar is not None else None, batched=True, out=merged,
+              on_finish=bar.finished if bar is not None else None,
+              on_iteration=bar.iteration if bar is not None else None, batched=True, out=merged,
               bounded=bounded, refill=blocks.take, capacity=chunk_size)
+        complete = True
     finally:
         if bar is not None:
-            bar.close()
+            bar.close(complete)
     res = _build(merged, ns, method, jac, bounded)
     if verbose >= 1:
         print(repr(res))
@@ -361,7 +374,8 @@ class _BlockSource:
     """
 
     def __init__(self, *, f0_first, fun_b, jac, jac_b, x0, lb, ub, bounded, scale, rel_step,
-                 m, n, verbose) -> None:
+                 m, n, verbose, progress=None) -> None:
+        self.progress = progress
         self.f0_first, self.fun_b, self.jac, self.jac_b = f0_first, fun_b, jac, jac_b
         self.x0, self.lb, self.ub, self.bounded, self.scale = x0, lb, ub, bounded, scale
         self.m, self.n, self.verbose = m, n, verbose
@@ -416,8 +430,78 @@ class _BlockSource:
                              f"actual {tuple(J0.shape)}.")
         if self.verbose == 2:
             print(f"problems {start}:{stop} started")
+        if self.progress is not None:
+            self.progress.started(b)
         return initial_state(idx, x0c, f0, J0, self.lb[sl], self.ub[sl],
                              "jac" if self.scale is None else self.scale[sl], status0)
+
+
+class _Progress:
+    """A tqdm bar over residual evaluations, with an estimated total (see ``progress``).
+
+    Every problem is evaluated once when it starts (:meth:`started`) and
+    once per round of trials while it runs (:meth:`iteration` sees the
+    rows of the running problems), so the count of evaluations is exact
+    and needs no synchronisation; the total and the postfix are refreshed
+    at most every ``interval`` seconds.
+    """
+
+    def __init__(self, B: int, label: str, interval: float = 0.2) -> None:
+        from tqdm.auto import tqdm
+
+        self.B, self.interval = B, interval
+        self.evals = 0  # residual evaluations so far, all problems
+        self.admitted = 0  # problems started
+        self.done = 0  # problems finished
+        self.last = -math.inf
+        self.bar = tqdm(total=None, desc=label, unit="eval", unit_scale=True)
+        self._postfix()
+
+    def started(self, b: int) -> None:
+        self.evals += b
+        self.admitted += b
+
+    def finished(self, k: int) -> None:
+        self.done += k
+
+    def iteration(self, state: dict) -> None:
+        self.evals += state["x"].shape[0]
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._refresh(state["nfev"])
+
+    def _refresh(self, nfev_running: torch.Tensor | None) -> None:
+        """Re-estimate the total from the finished problems and move the bar."""
+        running = 0 if nfev_running is None else nfev_running.shape[0]
+        used_running = 0 if running == 0 else int(nfev_running.sum())
+        used_finished = self.evals - used_running
+        if self.done > 0:  # before any problem has finished, the total is unknown
+            per_problem = used_finished / self.done
+            ahead = (self.B - self.admitted) * per_problem
+            if running:
+                ahead += float(torch.clamp(per_problem - nfev_running, min=1.0).sum())
+            self._set_total(self.evals + ahead)
+        self._postfix()
+        self.bar.update(self.evals - self.bar.n)
+
+    def _set_total(self, total: float) -> None:
+        total = max(int(math.ceil(total)), self.evals, 1)
+        self.bar.total = total
+        container = getattr(self.bar, "container", None)  # the notebook widget
+        if container is not None:
+            container.children[1].max = total
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(f"fits {self.done}/{self.B}", refresh=False)
+
+    def close(self, complete: bool) -> None:
+        """Close the bar; a complete run shows its exact total."""
+        if complete:
+            self._set_total(self.evals)
+        self._postfix()
+        self.bar.update(self.evals - self.bar.n)
+        self.bar.close()
 
 
 def _build(out: dict, ns: Namespace, method: str, jac: Any, bounded: bool) -> BatchOptimizeResult:

@@ -1025,7 +1025,9 @@ def batch_curve_fit(
 
     t = _batch_solve(batch_least_squares, model.residuals, x0, jac_arg, lb[good_idx],
                      ub[good_idx], method, ids, good_idx, B, M, ns, book is None,
-                     dict(kwargs, chunk_size=chunk_size, progress=progress))
+                     dict(kwargs, chunk_size=chunk_size,
+                          progress=progress and (progress if isinstance(progress, str)
+                                                 else f"batch_curve_fit[{method}]")))
     status = t["status"]
     nfev = t["nfev"]
     njev = None
