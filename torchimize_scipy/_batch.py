@@ -138,16 +138,19 @@ def batch_least_squares(
     fun : callable
         With ``vectorized=True``: ``fun(x, *args, **kwargs)`` takes ``x`` of
         shape ``(b, n)`` (the rows of the problems still running) and returns
-        ``(b, m)``; every array in ``args`` whose leading dimension is B is
-        per-problem data and is sliced together with ``x``; ``kwargs`` are
-        shared. With ``vectorized=False``: ``fun(x (n,), *args_i, **kwargs)``
+        ``(b, m)``; per-problem arrays in ``args`` (see ``args``) are sliced
+        together with ``x``; ``kwargs`` are shared. With
+        ``vectorized=False``: ``fun(x (n,), *args_i, **kwargs)``
         for one problem, mapped over the batch: with :func:`torch.vmap` for
         torch code that allows it (per-problem ``args`` mapped along when they
         are tensors), a loop otherwise. The returned arrays are used without a
         copy, so ``fun`` and ``jac`` must not return a buffer they overwrite
         in later calls (scipy's finite differences have the same rule).
     x0 : array_like or Tensor, shape (B, n)
-        Starting points.
+        Starting points. A row holding a NaN does not stop the batch (a
+        single ``least_squares`` raises "Initial guess is outside of provided
+        bounds"): that problem alone ends with status 5 and ``nfev = 1``, as
+        one whose residuals are not finite at its start.
     jac : {'2-point', '3-point', 'cs', 'autograd'} or callable, optional
         A callable follows ``fun``'s convention and returns ``(b, m, n)``
         (``(m, n)`` per problem when not vectorized).
@@ -163,7 +166,8 @@ def batch_least_squares(
         As in :func:`torchimize_scipy.least_squares`; a callable maps ``z``
         of shape ``(b, m)`` to ``(3, b, m)``.
     f_scale : float, optional
-        Soft margin of the robust loss.
+        Soft margin of the robust loss (finite and nonzero, else a
+        ``ValueError`` for the whole batch: it is one option for all).
     diff_step : array_like, optional
         Relative finite-difference step.
     max_nfev : int, optional
@@ -171,13 +175,25 @@ def batch_least_squares(
     verbose : {0, 1, 2}, optional
         1 prints a summary at the end, 2 also one line per block of problems
         started.
-    args, kwargs : optional
-        Extra arguments of ``fun`` and ``jac``.
+    args : tuple, optional
+        Extra positional arguments of ``fun`` and ``jac``. An array whose
+        leading dimension is B holds one row per problem and is sliced with
+        ``x``. A 1-D array of another length, a 0-d array, a scalar or any
+        other object is shared: passed whole to every call. An array of 2 or
+        more dimensions must have B rows, or a single row, which is broadcast
+        to every problem (each problem sees that row); any other number of
+        rows raises a ``ValueError`` naming ``args[k]``, its shape and B.
+    kwargs : dict, optional
+        Extra keyword arguments of ``fun`` and ``jac``, never sliced: the
+        place for arrays that every problem uses whole.
     vectorized : bool, optional
         Calling convention of ``fun``/``jac`` (see above).
     device, dtype : optional
         Where and in which dtype to compute: float32 or float64 (default:
-        those of ``x0``; numpy input computes in float64 on the CPU).
+        those of ``x0``; numpy input computes in float64 on the CPU). In
+        float32, tolerances below float32's epsilon (1.19e-7), the defaults
+        among them, are raised to it (see
+        :func:`torchimize_scipy.least_squares`).
     chunk_size : int, optional
         Most problems held at once; the default bounds their Jacobians to
         2**21 entries on the CPU (16 MiB in float64) and 2**26 on a GPU.

@@ -81,15 +81,21 @@ def least_squares(
     fun : callable
         ``fun(x, *args, **kwargs)`` returning the ``m`` residuals (1-D
         array_like or a scalar). ``x`` is a 1-D float64 numpy array when
-        ``x0`` is numpy-like, a tensor when ``x0`` is a tensor.
+        ``x0`` is numpy-like, a tensor when ``x0`` is a tensor. Residuals
+        must be real: complex ones raise a ``ValueError`` (write a complex
+        residual as its real and imaginary parts).
     x0 : array_like or Tensor, shape (n,) or scalar
-        Initial guess.
+        Initial guess. With ``n = 0`` the result is scipy's: ``fun`` is
+        evaluated once and the status is 1 (-1 with 'lm', whose MINPACK
+        refuses ``n = 0``, and ``nfev = 0``).
     jac : {'2-point', '3-point', 'cs', 'autograd'} or callable, optional
         Jacobian: finite differences as in scipy (``diff_step`` rules and
         bounds respected), complex step, the exact Jacobian from
         :mod:`torch.func` (``'autograd'``; ``fun`` must then accept and
         return tensors), or a callable ``jac(x, *args, **kwargs)`` returning
-        an ``(m, n)`` array_like.
+        an ``(m, n)`` array_like. A Jacobian that is not finite at ``x0``
+        raises scipy's ``ValueError`` ("array must not contain infs or
+        NaNs"), with every method.
     bounds : 2-tuple of array_like or `scipy.optimize.Bounds`, optional
         Lower and upper bounds, scalars or shape ``(n,)``; ``±inf`` means none.
     method : {'trf', 'dogbox', 'lm', 'gn', 'gd'}, optional
@@ -100,12 +106,17 @@ def least_squares(
         onto the bounds).
     ftol, xtol, gtol : float or None, optional
         Tolerances on the cost change, step size and gradient, as in scipy.
+        When computing in float32, a tolerance from float64's epsilon up to
+        float32's (1.19e-7; the 1e-8 defaults among them) is raised to
+        float32's epsilon, the smallest relative change float32 resolves.
     x_scale : array_like or 'jac', optional
         Characteristic scale of each variable (default 1; 'jac' for 'lm').
     loss : {'linear', 'soft_l1', 'huber', 'cauchy', 'arctan'} or callable, optional
         Robust loss; a callable ``loss(z)`` returns an array of shape ``(3, m)``.
     f_scale : float, optional
-        Soft margin between inlier and outlier residuals.
+        Soft margin between inlier and outlier residuals. A robust loss needs
+        it finite and nonzero; otherwise scipy's ``ValueError`` ("array must
+        not contain infs or NaNs") is raised, naming ``f_scale``.
     diff_step : array_like, optional
         Relative finite-difference step.
     tr_solver : {None, 'exact'}, optional
