@@ -99,12 +99,13 @@ class PerProblemArgs:
         self.B = B
         self.ns = ns
         self.sliced = tuple(_per_problem(a, B, k) for k, a in enumerate(self.args))
-        self.args = tuple(_broadcast_rows(a, B) if (s and a.shape[0] != B) else a
-                          for a, s in zip(self.args, self.sliced, strict=True))
         self._last: tuple[Tensor, tuple] | None = None
         if ns.kind == "torch":
             self.args = tuple(a.to(ns.device) if (s and is_torch(a)) else a
                               for a, s in zip(self.args, self.sliced, strict=True))
+        # after the move: a single row is broadcast on the device, never copied B times
+        self.args = tuple(_broadcast_rows(a, B) if (s and a.shape[0] != B) else a
+                          for a, s in zip(self.args, self.sliced, strict=True))
 
     def select(self, idx: Tensor | None) -> tuple:
         """The arguments for rows ``idx`` (all rows when None).
