@@ -231,7 +231,7 @@ def least_squares(
         J0 = ns.from_user(J0_np, what="jac").reshape(1, m, n)
     if n == 0:
         # nothing to optimise: scipy reports the start ('lm': MINPACK's improper input)
-        out = _no_variables(f0, loss_obj, method, callable(jac))
+        out = _no_variables(f0, loss_obj, method)
     elif callable(jac):
         pass  # J0 evaluated and checked above
     elif jac in FD_METHODS:
@@ -290,14 +290,13 @@ def least_squares(
     return result
 
 
-def _no_variables(f0: torch.Tensor, loss_obj: Any, method: str,
-                  jac_callable: bool) -> dict[str, torch.Tensor]:
+def _no_variables(f0: torch.Tensor, loss_obj: Any, method: str) -> dict[str, torch.Tensor]:
     """The engine's output for a problem without variables (``x0`` of size 0).
 
     As scipy 1.17: 'trf' and 'dogbox' stop at once on the ``gtol`` test
     (optimality 0) after the one evaluation at ``x0``; MINPACK refuses
     ``n = 0`` as improper input, so 'lm' reports status -1 with ``nfev = 0``
-    (``njev = 0`` for a callable ``jac``).
+    (and ``njev = 0`` for a callable ``jac``, None otherwise, as always for 'lm').
     """
     m = f0.shape[1]
     dev, dt = f0.device, f0.dtype
