@@ -519,8 +519,8 @@ def test_hypothesis_bounds_wrong_length(bounds):
 
 def _positive_number(s: str) -> bool:
     try:
-        v = float(s)
-    except ValueError:
+        v = np.asarray(s, dtype=float)  # the conversion scipy's check applies
+    except (ValueError, TypeError):
         return False
     return bool(np.isfinite(v) and v > 0)
 
