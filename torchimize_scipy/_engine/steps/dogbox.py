@@ -77,7 +77,11 @@ class Dogbox(StepRule):
             G_free = G * fm.unsqueeze(-1) * fm.unsqueeze(-2) + torch.diag_embed(fixed_diag)
         fac = factorize(J_free, None, state["f"], gram=G_free, g=g_free,
                         use_gram=problem.use_gram)
-        state["newton"] = gauss_newton_step(fac)
+        # LAPACK's threshold (gelsd with a negative rcond, as scipy calls it): singular
+        # values above eps/2 * s_max are kept; the fixed variables take no step at all
+        # (the SVD leaves rounding noise on their zero columns)
+        newton = gauss_newton_step(fac, rcond=0.5 * torch.finfo(J_free.dtype).eps)
+        state["newton"] = torch.where(free, newton, 0.0)
         flag_singular_factors(state, fac.s)
         # -g_free vanishes on the fixed variables: J_free (-g_free) = J (-g_free)
         state["qa"], state["qb"], _ = build_quadratic_1d(J_free, None, g_free, -g_free, G=G,
