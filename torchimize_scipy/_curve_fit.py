@@ -310,14 +310,19 @@ def curve_fit(
         raise ValueError("'args' is not a supported keyword argument.")
 
     if method == "lm":
+        _reject_loss_for_lm(kwargs, "curve_fit")
         popt, pcov, infodict, mesg, ier, ysize, cost = _fit_lm(
             model, p0, n, ydata.size, jac_arg, callable(jac), kwargs,
             (ns or detect_namespace(p0, kwargs.get("device"), kwargs.get("dtype"))).dtype)
     else:
         if "max_nfev" not in kwargs:
             kwargs["max_nfev"] = kwargs.pop("maxfev", None)
-        res = least_squares(model.residuals, p0, jac=jac_arg, bounds=bounds, method=method,
-                            **kwargs)
+        try:
+            res = least_squares(model.residuals, p0, jac=jac_arg, bounds=bounds, method=method,
+                                **kwargs)
+        except ValueError as e:
+            _name_zero_sigma(e, transform)
+            raise
         if not res.success:
             raise RuntimeError("Optimal parameters not found: " + res.message)
         infodict = {"nfev": res.nfev, "fvec": res.fun}
@@ -365,6 +370,15 @@ def _fit_lm(model: _Model, p0: Any, n: int, ysize_data: int, jac_arg: Any,
     messages = _leastsq_messages(ftol, xtol, gtol, maxfev)
 
     minpack_fd = jac_arg == "2-point"
+    if not _all_finite(p0):
+        # scipy's leastsq runs MINPACK from a non-finite guess (least_squares would
+        # refuse it as outside the bounds)
+        f0 = model.evaluate(p0)
+        if _all_finite(f0):
+            raise ValueError("`p0` contains NaN or inf while the residuals there are "
+                             "finite: give a finite initial guess.")
+        return _nonfinite_start_lm(model, p0, n, f0, user_jac, minpack_fd, messages, epsfcn,
+                                   kwargs, dtype)
     book = None
     if user_jac or minpack_fd:
         rel = _minpack_step(epsfcn, kwargs.pop("diff_step", None), n, dtype)
@@ -374,11 +388,18 @@ def _fit_lm(model: _Model, p0: Any, n: int, ysize_data: int, jac_arg: Any,
     elif epsfcn is not None and "diff_step" not in kwargs:
         kwargs["diff_step"] = math.sqrt(max(float(epsfcn), _EPS))
 
+    model.first_finite = None
     try:
         res = least_squares(model.residuals, p0, jac=jac_arg, method="lm", **_lm_tolerances(opts),
                             **kwargs)
     except _MaxfevReached:
         raise RuntimeError("Optimal parameters not found: " + messages[5]) from None
+    except ValueError as e:
+        if model.first_finite is not False or not str(e).startswith(_NONFINITE_START):
+            raise
+        model.book = None
+        return _nonfinite_start_lm(model, p0, n, model.evaluate(p0), user_jac, minpack_fd,
+                                   messages, epsfcn, kwargs, dtype)
     finally:
         model.book = None
     ier = STATUS_TO_IER.get(int(res.status))
@@ -392,8 +413,7 @@ def _fit_lm(model: _Model, p0: Any, n: int, ysize_data: int, jac_arg: Any,
     if book is not None:
         # Our engine also evaluates the Jacobian after an accepted step that
         # ends the run; MINPACK stops before doing so.
-        extra = (book.calls > 1 and book.status_needs_jac(res.status)
-                 and _same(book.last_x, res.x))
+        extra = book.extra_jacobian(res.status)
         jac_x, jac_f, J = book.history[-2] if extra and len(book.history) > 1 \
             else book.history[-1]
         njev = book.jac_calls - int(extra)
@@ -414,6 +434,85 @@ def _fit_lm(model: _Model, p0: Any, n: int, ysize_data: int, jac_arg: Any,
     infodict["qtf"] = to_user(qtf)
     cost = float(np.sum(fvec.astype(float) ** 2))
     return res.x, cov, infodict, mesg, ier, fvec.size, cost
+
+
+#: Start of the message with which ``least_squares`` refuses non-finite residuals at x0.
+_NONFINITE_START = "Residuals are not finite in the initial point"
+
+
+def _all_finite(a: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return bool(torch.isfinite(a).all())
+    return bool(np.isfinite(np.asarray(a, dtype=float)).all())
+
+
+def _nonfinite_start_lm(model: _Model, p0: Any, n: int, f0: Any, user_jac: bool,
+                        minpack_fd: bool, messages: dict, epsfcn: Any, kwargs: dict,
+                        dtype: Any) -> tuple:
+    """scipy's ``leastsq`` result when the residuals at ``p0`` are not finite.
+
+    MINPACK evaluates the Jacobian at ``p0`` and then stops on its gradient
+    test (every comparison with a NaN norm fails), so ``curve_fit`` returns
+    ``p0`` itself with ``ier = 4``; the covariance is indeterminate (``inf``
+    with an :class:`~scipy.optimize.OptimizeWarning`). The Jacobian is
+    evaluated as MINPACK does (user ``jac``, or ``n`` forward differences), so
+    ``nfev``/``njev`` count what was called; ``fjac``/``ipvt``/``qtf`` come
+    from its pivoted QR when it is finite, else they are NaN (``ipvt`` the
+    identity order).
+    """
+    njev = 0
+    nfev = 1
+    J = None
+    if user_jac:
+        J = model.jacobian(p0)
+        njev = 1
+    elif minpack_fd:
+        book = _LeastsqBook(math.inf, _minpack_step(epsfcn, kwargs.get("diff_step"), n, dtype),
+                            n)
+        book.record_call(p0, f0)
+        model.book = book
+        try:
+            J = model.fd_jacobian(p0)
+        finally:
+            model.book = None
+        nfev += n
+    fvec = as_numpy(f0)
+    m = np.atleast_1d(fvec).size
+    if J is not None and _all_finite(J):
+        with np.errstate(invalid="ignore", over="ignore"):
+            fjac, ipvt, qtf, _ = _pivoted_qr(as_numpy(J).reshape(m, n), fvec.reshape(m))
+    else:
+        fjac, ipvt, qtf = (np.full((n, m), np.nan), np.arange(n, dtype=np.int32),
+                           np.full(n, np.nan))
+    popt = _copy(p0)
+    to_user = model.to_user_like(popt)
+    infodict: dict[str, Any] = {"fvec": f0, "nfev": nfev}
+    if user_jac:
+        infodict["njev"] = njev
+    infodict["fjac"] = to_user(fjac)
+    infodict["ipvt"] = ipvt if not isinstance(popt, torch.Tensor) else torch.as_tensor(
+        ipvt, device=popt.device)
+    infodict["qtf"] = to_user(qtf)
+    with np.errstate(invalid="ignore", over="ignore"):
+        cost = float(np.sum(fvec.astype(float) ** 2))
+    return popt, None, infodict, messages[4], 4, m, cost
+
+
+def _reject_loss_for_lm(kwargs: dict, caller: str) -> None:
+    """scipy's ``leastsq`` takes no ``loss``: with ``method='lm'`` it is a TypeError."""
+    if "loss" in kwargs:
+        raise TypeError(f"{caller}() with method='lm' got an unexpected keyword argument "
+                        "'loss' (scipy's leastsq has no robust loss; use method='trf' or "
+                        "'dogbox').")
+
+
+def _name_zero_sigma(error: ValueError, transform: np.ndarray | None) -> None:
+    """Re-raise ``least_squares``'s non-finite start naming a zero ``sigma`` as its cause."""
+    if (transform is not None and np.ndim(transform) < 2
+            and str(error).startswith(_NONFINITE_START)
+            and not np.isfinite(transform).all()):
+        raise ValueError(f"{_NONFINITE_START}: `sigma` contains zeros (a standard deviation "
+                         "of 0 gives an infinite weight).") from error
 
 
 class _MaxfevReached(Exception):
@@ -438,6 +537,7 @@ class _LeastsqBook:
         self.fd_evals = 0
         self.jac_calls = 0
         self.over_budget = False
+        self.calls_at_jac = 0
         self.last_x: Any = None
         self.last_f: Any = None
         self.history: list[tuple] = []
@@ -450,12 +550,20 @@ class _LeastsqBook:
 
     def record_jac(self, p: Any, f: Any, J: Any) -> None:
         self.jac_calls += 1
+        self.calls_at_jac = self.calls
         self.history = [*self.history[-1:], (_copy(p), f, J)]
 
-    @staticmethod
-    def status_needs_jac(status: int) -> bool:
-        """True for terminations decided after a trial (not by the ``gtol`` test)."""
-        return int(status) != codes.GTOL
+    def extra_jacobian(self, status: int) -> bool:
+        """Whether the last Jacobian is one MINPACK never evaluates.
+
+        Our engine evaluates the Jacobian after an accepted trial that ends the
+        run; MINPACK stops right after the trial. Such a Jacobian follows the
+        last trial evaluation (``calls > 1``); a run that ends on the ``gtol``
+        test needs it (MINPACK tests the gradient of the new Jacobian). The
+        order of the evaluations decides, not the points: a rejected final
+        trial can land exactly on the current iterate.
+        """
+        return self.calls > 1 and self.calls_at_jac == self.calls and int(status) != codes.GTOL
 
 
 def _copy(a: Any) -> Any:
@@ -688,6 +796,13 @@ def _sigma_transform(sigma: Any, m: int) -> np.ndarray | None:
     if sigma is None:
         return None
     sigma = np.asarray(_as_host(sigma))
+    if sigma.size == 1 and sigma.ndim > 1:
+        # scipy reads a one-entry sigma as a standard deviation of the sigma's own
+        # shape and then fails on the 2-D residuals it makes; the value is ambiguous
+        # (standard deviation or variance), so refuse it rather than guess
+        raise ValueError(f"`sigma` of shape {sigma.shape} is ambiguous: give a standard "
+                         "deviation as a scalar or 1-D array, or a covariance matrix of "
+                         "shape (M, M) with M > 1.")
     if sigma.size == 1 or sigma.shape == (m,):
         with np.errstate(divide="ignore"):
             return 1.0 / sigma
@@ -733,6 +848,8 @@ class _Model:
         self.data = data
         self.col_deriv = col_deriv
         self.book: _LeastsqBook | None = None
+        #: whether the first residuals handed to the solver were finite (None: not yet)
+        self.first_finite: bool | None = None
 
     def _inputs(self, p: Any) -> tuple:
         if isinstance(p, torch.Tensor) and self.data is not None:
@@ -763,12 +880,13 @@ class _Model:
     def residuals(self, p: Any) -> Any:
         """The function handed to ``least_squares``."""
         book = self.book
-        if book is None:
-            return self.evaluate(p)
-        if book.over_budget:
+        if book is not None and book.over_budget:
             raise _MaxfevReached
         r = self.evaluate(p)
-        book.record_call(p, r)
+        if self.first_finite is None:
+            self.first_finite = _all_finite(r)
+        if book is not None:
+            book.record_call(p, r)
         return r
 
     def _value_at(self, p: Any) -> Any:
@@ -1035,7 +1153,7 @@ def batch_curve_fit(
             ier = torch.where(status == code, info, ier)
         if book is not None:
             ier = torch.where(book.hit, 5, ier)
-            extra = book.extra(t["x"], status)
+            extra = book.extra(status)
             cov = torch.where(extra[:, None, None], book.cov_prev, book.cov_last)
             njev = book.jac_calls - extra.long()
             if not callable(jac):
@@ -1375,6 +1493,8 @@ class _BatchBook:
         self.over = torch.zeros(B, dtype=torch.bool, device=self.device)
         self.hit = self.over.clone()
         self.seen = self.over.clone()
+        # the last Jacobian was evaluated after the last trial evaluation
+        self.jac_after_trial = self.over.clone()
         self.last_x = torch.zeros(B, n, dtype=dtype, device=self.device)
         self.last_f = torch.zeros(B, m, dtype=dtype, device=self.device)
         # (J^T J)^{-1} at the last two Jacobian points
@@ -1391,6 +1511,7 @@ class _BatchBook:
         self.hit.index_copy_(0, ids, get(self.hit) | (get(self.over) & started))
         trials = get(self.trials) + started.long()
         self.trials.index_copy_(0, ids, trials)
+        self.jac_after_trial.index_copy_(0, ids, get(self.jac_after_trial) & ~started)
         self.last_x.index_copy_(0, ids, x.to(self.device, self.last_x.dtype))
         self.last_f.index_copy_(0, ids, r.to(self.device, self.last_f.dtype))
         self.seen.index_fill_(0, ids, True)
@@ -1410,15 +1531,19 @@ class _BatchBook:
         self.cov_prev.index_copy_(0, ids, self.cov_last.index_select(0, ids))
         self.cov_last.index_copy_(0, ids, cov)
         self.jac_calls.index_add_(0, ids, torch.ones_like(ids))
+        self.jac_after_trial.index_copy_(0, ids, self.trials.index_select(0, ids) > 0)
 
     def add_fd_evals(self, ids: torch.Tensor, count: int) -> None:
         ids = ids.to(self.device)
         self.fd_evals.index_add_(0, ids, torch.full_like(ids, count))
 
-    def extra(self, x: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
-        """Problems whose last Jacobian (ours, after the final step) MINPACK never made."""
-        same = (self.last_x == x.to(self.device, self.last_x.dtype)).all(-1)
-        return (self.trials > 0) & same & (status.to(self.device) != codes.GTOL)
+    def extra(self, status: torch.Tensor) -> torch.Tensor:
+        """Problems whose last Jacobian (ours, after the final step) MINPACK never made.
+
+        As :meth:`_LeastsqBook.extra_jacobian`: decided by the order of the
+        evaluations (a Jacobian after the last trial), not by comparing points.
+        """
+        return self.jac_after_trial & (status.to(self.device) != codes.GTOL)
 
 
 def _batch_inverse_from_r(R: torch.Tensor) -> torch.Tensor:
