@@ -472,7 +472,8 @@ def _nonfinite_start_lm(model: _Model, p0: Any, n: int, f0: Any, user_jac: bool,
         book.record_call(p0, f0)
         model.book = book
         try:
-            J = model.fd_jacobian(p0)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is expected here
+                J = model.fd_jacobian(p0)
         finally:
             model.book = None
         nfev += n
@@ -967,6 +968,7 @@ def batch_curve_fit(
     dtype: Any = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    nan_policy: str | None = None,
     **kwargs: Any,
 ) -> tuple:
     """Fit one model to B data sets at once, as a loop of :func:`curve_fit` would.
@@ -1027,6 +1029,18 @@ def batch_curve_fit(
         Most problems held at once (see :func:`batch_least_squares`).
     progress : bool, optional
         Show a progress bar.
+    nan_policy : {None, 'raise', 'omit'}, optional
+        None (default): a problem with a NaN or inf in its data fails alone
+        (NaN ``popt``). 'raise': any NaN in ``ydata`` or ``xdata`` raises
+        ``ValueError``. 'omit': each problem drops its own observations with
+        a NaN in ``ydata`` or in its ``xdata`` (and the matching entries of
+        ``sigma``), as :func:`curve_fit` would on that data set; the batch
+        keeps its ``(B, M)`` shape by giving the omitted observations a zero
+        residual and a zero Jacobian row, so ``fvec`` holds 0 there and the
+        reduced chi-square of ``pcov`` divides by that problem's own count
+        of observations less ``P``. A problem left with no observation fails;
+        one left with ``P`` or fewer gets an ``inf`` ``pcov`` (unless
+        ``absolute_sigma``).
     **kwargs
         Options of :func:`curve_fit` / ``least_squares`` (``ftol``, ``xtol``,
         ``gtol``, ``x_scale``, ``loss``, ``maxfev``/``max_nfev``, ``epsfcn``,
@@ -1103,7 +1117,11 @@ def batch_curve_fit(
         raise ValueError("`return_jac` cannot be set: batch_curve_fit needs the Jacobians "
                          "to compute pcov.")
 
-    data = _BatchData(xdata, Y, _batch_sigma_transform(sigma, B, M), B)
+    if method == "lm":
+        _reject_loss_for_lm(kwargs, "batch_curve_fit")
+    data = _BatchData(xdata, Y, None, B)
+    keep = data.apply_nan_policy(nan_policy)
+    data.set_transform(_batch_sigma_transform(sigma, B, M, keep))
     col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False
     model = _BatchModel(f, jac if callable(jac) else None, data, n, M, col_deriv)
     torch_mode = lead is not None
@@ -1171,7 +1189,8 @@ def batch_curve_fit(
         mesg = [_batch_message(s) for s in status.tolist()]
 
     cost = 2 * t["cost"]
-    cov, warn_cov = _batch_finish_covariance(cov, ok, n, M, cost, absolute_sigma)
+    m_eff: Any = M if keep is None else torch.as_tensor(keep.sum(axis=1), device=cost.device)
+    cov, warn_cov = _batch_finish_covariance(cov, ok, n, m_eff, cost, absolute_sigma)
     popt = torch.where(ok[:, None], t["x"], torch.full_like(t["x"], float("nan")))
     if warn_cov:
         warnings.warn(f"{_COV_MSG} for {warn_cov} of {B} problems", category=OptimizeWarning,
@@ -1232,18 +1251,28 @@ def _batch_message(status: int) -> str:
     return codes.message(status)
 
 
-def _batch_sigma_transform(sigma: Any, B: int, M: int) -> tuple[str, np.ndarray] | None:
-    """``('diag', 1/sigma)`` (scalar, (M,) or (B, M)) or ``('chol', L)`` for (B, M, M)."""
+def _batch_sigma_transform(sigma: Any, B: int, M: int,
+                           keep: np.ndarray | None = None) -> tuple[str, np.ndarray] | None:
+    """``('diag', 1/sigma)`` (scalar, (M,) or (B, M)) or ``('chol', L)`` for (B, M, M).
+
+    ``keep (B, M)`` (``nan_policy='omit'``) marks the observations each
+    problem keeps: the omitted ones get weight 1 and, for a covariance, an
+    identity row and column (no correlation with the kept ones), so that the
+    whitened kept residuals are those of the reduced data set.
+    """
     if sigma is None:
         return None
     sigma = np.asarray(_as_host(sigma), dtype=float)
-    if sigma.size == 1:
-        return "diag", (1.0 / sigma).reshape(1, 1)
-    if sigma.shape == (M,):
-        return "diag", (1.0 / sigma)[None, :]
-    if sigma.shape == (B, M):
-        return "diag", 1.0 / sigma
+    if sigma.size == 1 or sigma.shape in ((M,), (B, M)):
+        with np.errstate(divide="ignore"):
+            T = (1.0 / sigma).reshape(1, 1) if sigma.size == 1 else 1.0 / sigma.reshape(-1, M)
+        if keep is not None:
+            T = np.where(keep, T, 1.0)
+        return "diag", T
     if sigma.shape == (B, M, M):
+        if keep is not None:
+            both = keep[:, :, None] & keep[:, None, :]
+            sigma = np.where(both, sigma, np.eye(M))
         try:
             return "chol", np.linalg.cholesky(sigma)
         except np.linalg.LinAlgError as e:
@@ -1258,9 +1287,64 @@ class _BatchData:
         self.B = B
         self.xkind, self.xparts = self._parse_x(xdata, B)
         self.Y = Y
+        self.keep: np.ndarray | None = None
+        self.set_transform(transform)
+
+    def set_transform(self, transform: tuple | None) -> None:
+        """Set the ``sigma`` transform (``('diag', T)``, ``('chol', L)`` or None)."""
         self.tkind = None if transform is None else transform[0]
         self.T = None if transform is None else transform[1]
         self.cache: dict = {}
+
+    def _x_nan(self) -> np.ndarray:
+        """``(B, M)`` (or ``(M,)`` when shared): observations with a NaN in ``xdata``."""
+        M = self.Y.shape[1]
+        if self.xkind == "rows":
+            return np.isnan(self.xparts)
+        if self.xkind == "stack":
+            return np.isnan(self.xparts).any(axis=tuple(range(1, self.xparts.ndim - 1)))
+        if self.xkind == "shared":
+            x = self.xparts
+            nan = np.isnan(x)
+            return nan.any(axis=tuple(range(nan.ndim - 1))) if nan.ndim else np.zeros(M, bool)
+        if self.xkind == "tuple":
+            out = np.zeros(M, dtype=bool)
+            for p, batched in self.xparts:
+                nan = np.isnan(p)
+                out = out | (nan.reshape(self.B, -1, M).any(axis=1) if batched
+                             else nan.any(axis=tuple(range(nan.ndim - 1))))
+            return out
+        return np.zeros(M, dtype=bool)
+
+    def apply_nan_policy(self, nan_policy: str | None) -> np.ndarray | None:
+        """Apply ``nan_policy`` to ``ydata``/``xdata``; ``(B, M)`` kept mask for 'omit'.
+
+        'omit' replaces the omitted entries by 0 (so that models and autograd
+        see finite numbers there; their residuals are masked in
+        :meth:`_BatchModel.evaluate`). Returns None when nothing is omitted.
+        """
+        if nan_policy is None:
+            return None
+        if nan_policy == "propagate":
+            raise ValueError("`nan_policy='propagate'` is not supported by this function.")
+        if nan_policy not in ("raise", "omit"):
+            raise ValueError("nan_policy must be one of {None, 'raise', 'omit'}")
+        omit = np.isnan(self.Y) | self._x_nan()
+        if not omit.any():
+            return None
+        if nan_policy == "raise":
+            raise ValueError("The input contains nan values")
+        keep = ~omit
+        self.Y = np.where(keep, self.Y, 0.0)
+        if self.xkind in ("rows", "shared"):
+            self.xparts = np.nan_to_num(self.xparts, nan=0.0)
+        elif self.xkind == "stack":
+            self.xparts = np.nan_to_num(self.xparts, nan=0.0)
+        elif self.xkind == "tuple":
+            self.xparts = [(np.nan_to_num(p, nan=0.0), b) for p, b in self.xparts]
+        self.keep = keep
+        self.cache = {}
+        return keep
 
     @staticmethod
     def _parse_x(xdata: Any, B: int) -> tuple[str, Any]:
@@ -1284,6 +1368,8 @@ class _BatchData:
         Non-finite shared ``xdata`` raises, as :func:`curve_fit` does.
         """
         ok = np.isfinite(self.Y).all(axis=1)
+        if self.keep is not None:  # a problem left without observations fails
+            ok &= self.keep.any(axis=1)
         if self.T is not None:
             T = self.T.reshape(self.T.shape[0], -1)
             fin = np.isfinite(T).all(axis=1)
@@ -1323,7 +1409,10 @@ class _BatchData:
             else:
                 x = conv(self.xparts)
             self.cache[key] = {"x": x, "Y": conv(self.Y),
-                               "T": None if self.T is None else conv(self.T)}
+                               "T": None if self.T is None else conv(self.T),
+                               "keep": None if self.keep is None else (
+                                   self.keep if key == "numpy"
+                                   else torch.as_tensor(self.keep, device=key[0]))}
         return self.cache[key]
 
     @staticmethod
@@ -1358,6 +1447,11 @@ class _BatchData:
         if T is not None and T.shape[0] == self.B:
             T = self._rows(T, ids)
         return x, self._rows(d["Y"], ids), T
+
+    def kept(self, ids: Any, like: Any) -> Any:
+        """``(b, M)`` mask of the observations the problems ``ids`` keep (None: all)."""
+        keep = self.arrays(like)["keep"]
+        return None if keep is None else self._rows(keep, ids)
 
 
 class _BatchModel:
@@ -1409,12 +1503,19 @@ class _BatchModel:
             if out.shape != (rows, self.m):
                 out = out.expand(rows, self.m)
             r = out.reshape(-1, repeat, self.m) - y.unsqueeze(-2)
+            keep = self.data.kept(ids, P)
+            if keep is not None:
+                r = torch.where(keep.unsqueeze(-2), r, torch.zeros((), dtype=r.dtype,
+                                                                   device=r.device))
             cols = r.transpose(-1, -2)
         else:
             out = np.asarray(out)
             if out.shape != (rows, self.m):
                 out = np.broadcast_to(out, (rows, self.m))
             r = out.reshape(-1, repeat, self.m) - y[..., None, :]
+            keep = self.data.kept(ids, P)
+            if keep is not None:
+                r = np.where(keep[..., None, :], r, 0.0)
             cols = np.swapaxes(r, -1, -2)
         if self.data.tkind is not None:  # whiten the repeat columns of each problem at once
             cols = self._whiten(cols, T, jac=True)
@@ -1441,6 +1542,13 @@ class _BatchModel:
             J = np.asarray(J)
             if self.col_deriv:
                 J = np.swapaxes(J, -1, -2)
+        keep = self.data.kept(ids, P)
+        if keep is not None:
+            if isinstance(J, torch.Tensor):
+                J = torch.where(keep.unsqueeze(-1), J, torch.zeros((), dtype=J.dtype,
+                                                                   device=J.device))
+            else:
+                J = np.where(keep[..., None], J, 0.0)
         J = self._whiten(J, T, jac=True)
         if self.book is not None:
             self.book.record_jac(_t(ids), _t(J))
@@ -1608,18 +1716,23 @@ def _svd_pinv(J: torch.Tensor) -> torch.Tensor:
     return (Vh.transpose(-1, -2) * inv_s2.unsqueeze(-2)) @ Vh
 
 
-def _batch_finish_covariance(cov: torch.Tensor, ok: torch.Tensor, n: int, m: int,
-                             cost: torch.Tensor, absolute_sigma: bool
+def _batch_finish_covariance(cov: torch.Tensor, ok: torch.Tensor, n: int,
+                             m: int | torch.Tensor, cost: torch.Tensor, absolute_sigma: bool
                              ) -> tuple[torch.Tensor, int]:
-    """:func:`_finish_covariance` per problem; returns the count that would warn."""
+    """:func:`_finish_covariance` per problem; returns the count that would warn.
+
+    ``m`` is the number of observations, shared or per problem ``(B,)``
+    (after ``nan_policy='omit'``).
+    """
     bad = torch.isnan(cov).flatten(1).any(-1)
     warn = bad.clone()
     if not absolute_sigma:
-        if m > n:
-            cov = cov * (cost / (m - n))[:, None, None]
-        else:
-            warn = torch.ones_like(bad)
-            bad = warn
+        m_t = torch.as_tensor(m, device=cov.device).expand_as(bad)
+        enough = m_t > n
+        dof = torch.where(enough, m_t - n, torch.ones_like(m_t)).to(cost.dtype)
+        cov = cov * (cost / dof)[:, None, None]
+        warn = warn | ~enough
+        bad = bad | ~enough
     cov = torch.where(bad[:, None, None], torch.full_like(cov, float("inf")), cov)
     cov = torch.where(ok[:, None, None], cov, torch.full_like(cov, float("nan")))
     return cov, int((warn & ok).sum())
