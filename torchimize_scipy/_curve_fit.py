@@ -63,8 +63,25 @@ forward differences with MINPACK's step :math:`h_j = \sqrt{\epsilon}\,|p_j|`,
 evaluation counts that include them (``nfev``, ``maxfev``), and ``fjac``,
 ``ipvt``, ``qtf`` and ``pcov`` from the Jacobian of MINPACK's last Jacobian
 evaluation (our engine also evaluates one after an accepted final step,
-which MINPACK never does; that one is set aside). The other Jacobians
+which MINPACK never does; that one is set aside, recognised by the order of
+the evaluations: a Jacobian after the last trial). The other Jacobians
 ('3-point', 'cs', 'autograd') use the Jacobian at the solution.
+
+Where ``leastsq`` starts from non-finite residuals (a NaN ``p0``, a zero
+``sigma``, ``check_finite=False`` with an inf in the data), MINPACK evaluates
+the Jacobian once and stops on its gradient test; 'lm' here returns what
+scipy returns: ``p0``, an indeterminate (``inf``) ``pcov`` with an
+:class:`~scipy.optimize.OptimizeWarning`, and ``ier = 4``. The other methods
+raise ``least_squares``'s ValueError, naming a zero ``sigma`` when that is
+the cause. A ``sigma`` with one entry but two dimensions is refused: scipy
+reads it as a standard deviation and fails on the 2-D residuals it makes.
+
+``batch_curve_fit(nan_policy='omit')`` keeps the batch rectangular: each
+problem's omitted observations get a zero residual and a zero Jacobian row
+(and an identity row and column in a covariance ``sigma``), which leaves the
+cost, :math:`J^T J` and the whitening of the kept observations those of the
+reduced data set; the reduced chi-square counts each problem's own
+observations.
 """
 
 from __future__ import annotations
