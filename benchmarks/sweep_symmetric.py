@@ -140,6 +140,8 @@ def main() -> None:
     p.add_argument("--no-batch", action="store_true", help="skip batch_curve_fit")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated methods (default: all three)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated models (default: all of {', '.join(MODELS)})")
     p.add_argument("--max-nfev", type=int, default=300,
                    help="evaluation budget of every fit, scipy's and ours (default 300; "
                         "a fit that needs more fails, SSR = inf)")
@@ -151,6 +153,8 @@ def main() -> None:
     counts: dict = {}
     rows: list = []
     for mi, (name, ((f, jac), truth, x)) in enumerate(MODELS.items()):
+        if name not in args.models.split(","):
+            continue
         rng = np.random.default_rng([args.seed, mi])
         Y = []
         for i in range(per_model):
@@ -184,7 +188,8 @@ def main() -> None:
                       f"better {mc['better']:3d}  equal {mc['equal']:3d}", flush=True)
 
     print()
-    print(f"{per_model} data sets per model x {len(MODELS)} models, all-ones p0, analytic jac, "
+    n_models = len(args.models.split(","))
+    print(f"{per_model} data sets per model x {n_models} models, all-ones p0, analytic jac, "
           f"budget {args.max_nfev} evaluations; SSR equal within rtol {args.rtol:g} + atol "
           f"{args.atol:g} |y|^2")
     print()
