@@ -415,7 +415,7 @@ def _fit_lm(model: _Model, p0: Any, n: int, ysize_data: int, jac_arg: Any,
         if model.first_finite is not False or not str(e).startswith(_NONFINITE_START):
             raise
         model.book = None
-        return _nonfinite_start_lm(model, p0, n, model.evaluate(p0), user_jac, minpack_fd,
+        return _nonfinite_start_lm(model, p0, n, model.first_r, user_jac, minpack_fd,
                                    messages, epsfcn, kwargs, dtype)
     finally:
         model.book = None
@@ -866,8 +866,10 @@ class _Model:
         self.data = data
         self.col_deriv = col_deriv
         self.book: _LeastsqBook | None = None
-        #: whether the first residuals handed to the solver were finite (None: not yet)
+        #: whether the first residuals handed to the solver were finite (None: not yet),
+        #: and those residuals
         self.first_finite: bool | None = None
+        self.first_r: Any = None
 
     def _inputs(self, p: Any) -> tuple:
         if isinstance(p, torch.Tensor) and self.data is not None:
@@ -902,7 +904,7 @@ class _Model:
             raise _MaxfevReached
         r = self.evaluate(p)
         if self.first_finite is None:
-            self.first_finite = _all_finite(r)
+            self.first_finite, self.first_r = _all_finite(r), r
         if book is not None:
             book.record_call(p, r)
         return r
