@@ -296,6 +296,28 @@ def test_batch_nan_policy_omit_matches_curve_fit_per_row(method):
         assert np.all(info["fvec"][i][~keep] == 0)
 
 
+def test_batch_nan_policy_omit_callable_jac_lm():
+    """A callable jac (NaN rows where xdata is NaN) with 'lm': its rows are masked too."""
+    x, Y, _ = _omit_data(seed=2)
+    X = np.broadcast_to(x, Y.shape).copy()
+    X[4, 7] = np.nan
+
+    def decay_jac(x, a, k):
+        e = np.exp(-k * x)
+        return np.stack([e * np.ones_like(a), -a * x * e], -1)
+
+    popt, pcov, info, _, ier = batch_curve_fit(decay, X, Y, np.ones((len(Y), 2)),
+                                               jac=decay_jac, nan_policy="omit",
+                                               full_output=True)
+    for i in range(len(Y)):
+        keep = ~(np.isnan(X[i]) | np.isnan(Y[i]))
+        ref = so.curve_fit(decay, X[i][keep], Y[i][keep], p0=[1.0, 1.0], jac=decay_jac,
+                           full_output=True)
+        np.testing.assert_allclose(popt[i], ref[0], rtol=1e-6)
+        np.testing.assert_allclose(pcov[i], ref[1], rtol=1e-5)
+        assert ier[i] in (1, 2, 3, 4)
+
+
 def test_batch_nan_policy_omit_covariance_sigma_and_xdata_rows():
     """Per-problem xdata with NaN and (B, M, M) sigma: the reduced problems' pcov."""
     rng = np.random.default_rng(3)
