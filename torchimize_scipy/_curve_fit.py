@@ -63,8 +63,25 @@ forward differences with MINPACK's step :math:`h_j = \sqrt{\epsilon}\,|p_j|`,
 evaluation counts that include them (``nfev``, ``maxfev``), and ``fjac``,
 ``ipvt``, ``qtf`` and ``pcov`` from the Jacobian of MINPACK's last Jacobian
 evaluation (our engine also evaluates one after an accepted final step,
-which MINPACK never does; that one is set aside). The other Jacobians
+which MINPACK never does; that one is set aside, recognised by the order of
+the evaluations: a Jacobian after the last trial). The other Jacobians
 ('3-point', 'cs', 'autograd') use the Jacobian at the solution.
+
+Where ``leastsq`` starts from non-finite residuals (a NaN ``p0``, a zero
+``sigma``, ``check_finite=False`` with an inf in the data), MINPACK evaluates
+the Jacobian once and stops on its gradient test; 'lm' here returns what
+scipy returns: ``p0``, an indeterminate (``inf``) ``pcov`` with an
+:class:`~scipy.optimize.OptimizeWarning`, and ``ier = 4``. The other methods
+raise ``least_squares``'s ValueError, naming a zero ``sigma`` when that is
+the cause. A ``sigma`` with one entry but two dimensions is refused: scipy
+reads it as a standard deviation and fails on the 2-D residuals it makes.
+
+``batch_curve_fit(nan_policy='omit')`` keeps the batch rectangular: each
+problem's omitted observations get a zero residual and a zero Jacobian row
+(and an identity row and column in a covariance ``sigma``), which leaves the
+cost, :math:`J^T J` and the whitening of the kept observations those of the
+reduced data set; the reduced chi-square counts each problem's own
+observations.
 """
 
 from __future__ import annotations
@@ -310,14 +327,19 @@ def curve_fit(
         raise ValueError("'args' is not a supported keyword argument.")
 
     if method == "lm":
+        _reject_loss_for_lm(kwargs, "curve_fit")
         popt, pcov, infodict, mesg, ier, ysize, cost = _fit_lm(
             model, p0, n, ydata.size, jac_arg, callable(jac), kwargs,
             (ns or detect_namespace(p0, kwargs.get("device"), kwargs.get("dtype"))).dtype)
     else:
         if "max_nfev" not in kwargs:
             kwargs["max_nfev"] = kwargs.pop("maxfev", None)
-        res = least_squares(model.residuals, p0, jac=jac_arg, bounds=bounds, method=method,
-                            **kwargs)
+        try:
+            res = least_squares(model.residuals, p0, jac=jac_arg, bounds=bounds, method=method,
+                                **kwargs)
+        except ValueError as e:
+            _name_zero_sigma(e, transform)
+            raise
         if not res.success:
             raise RuntimeError("Optimal parameters not found: " + res.message)
         infodict = {"nfev": res.nfev, "fvec": res.fun}
@@ -365,6 +387,15 @@ def _fit_lm(model: _Model, p0: Any, n: int, ysize_data: int, jac_arg: Any,
     messages = _leastsq_messages(ftol, xtol, gtol, maxfev)
 
     minpack_fd = jac_arg == "2-point"
+    if not _all_finite(p0):
+        # scipy's leastsq runs MINPACK from a non-finite guess (least_squares would
+        # refuse it as outside the bounds)
+        f0 = model.evaluate(p0)
+        if _all_finite(f0):
+            raise ValueError("`p0` contains NaN or inf while the residuals there are "
+                             "finite: give a finite initial guess.")
+        return _nonfinite_start_lm(model, p0, n, f0, user_jac, minpack_fd, messages, epsfcn,
+                                   kwargs, dtype)
     book = None
     if user_jac or minpack_fd:
         rel = _minpack_step(epsfcn, kwargs.pop("diff_step", None), n, dtype)
@@ -374,11 +405,18 @@ def _fit_lm(model: _Model, p0: Any, n: int, ysize_data: int, jac_arg: Any,
     elif epsfcn is not None and "diff_step" not in kwargs:
         kwargs["diff_step"] = math.sqrt(max(float(epsfcn), _EPS))
 
+    model.first_finite = None
     try:
         res = least_squares(model.residuals, p0, jac=jac_arg, method="lm", **_lm_tolerances(opts),
                             **kwargs)
     except _MaxfevReached:
         raise RuntimeError("Optimal parameters not found: " + messages[5]) from None
+    except ValueError as e:
+        if model.first_finite is not False or not str(e).startswith(_NONFINITE_START):
+            raise
+        model.book = None
+        return _nonfinite_start_lm(model, p0, n, model.first_r, user_jac, minpack_fd,
+                                   messages, epsfcn, kwargs, dtype)
     finally:
         model.book = None
     ier = STATUS_TO_IER.get(int(res.status))
@@ -392,8 +430,7 @@ def _fit_lm(model: _Model, p0: Any, n: int, ysize_data: int, jac_arg: Any,
     if book is not None:
         # Our engine also evaluates the Jacobian after an accepted step that
         # ends the run; MINPACK stops before doing so.
-        extra = (book.calls > 1 and book.status_needs_jac(res.status)
-                 and _same(book.last_x, res.x))
+        extra = book.extra_jacobian(res.status)
         jac_x, jac_f, J = book.history[-2] if extra and len(book.history) > 1 \
             else book.history[-1]
         njev = book.jac_calls - int(extra)
@@ -414,6 +451,86 @@ def _fit_lm(model: _Model, p0: Any, n: int, ysize_data: int, jac_arg: Any,
     infodict["qtf"] = to_user(qtf)
     cost = float(np.sum(fvec.astype(float) ** 2))
     return res.x, cov, infodict, mesg, ier, fvec.size, cost
+
+
+#: Start of the message with which ``least_squares`` refuses non-finite residuals at x0.
+_NONFINITE_START = "Residuals are not finite in the initial point"
+
+
+def _all_finite(a: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return bool(torch.isfinite(a).all())
+    return bool(np.isfinite(np.asarray(a, dtype=float)).all())
+
+
+def _nonfinite_start_lm(model: _Model, p0: Any, n: int, f0: Any, user_jac: bool,
+                        minpack_fd: bool, messages: dict, epsfcn: Any, kwargs: dict,
+                        dtype: Any) -> tuple:
+    """scipy's ``leastsq`` result when the residuals at ``p0`` are not finite.
+
+    MINPACK evaluates the Jacobian at ``p0`` and then stops on its gradient
+    test (every comparison with a NaN norm fails), so ``curve_fit`` returns
+    ``p0`` itself with ``ier = 4``; the covariance is indeterminate (``inf``
+    with an :class:`~scipy.optimize.OptimizeWarning`). The Jacobian is
+    evaluated as MINPACK does (user ``jac``, or ``n`` forward differences), so
+    ``nfev``/``njev`` count what was called; ``fjac``/``ipvt``/``qtf`` come
+    from its pivoted QR when it is finite, else they are NaN (``ipvt`` the
+    identity order).
+    """
+    njev = 0
+    nfev = 1
+    J = None
+    if user_jac:
+        J = model.jacobian(p0)
+        njev = 1
+    elif minpack_fd:
+        book = _LeastsqBook(math.inf, _minpack_step(epsfcn, kwargs.get("diff_step"), n, dtype),
+                            n)
+        book.record_call(p0, f0)
+        model.book = book
+        try:
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is expected here
+                J = model.fd_jacobian(p0)
+        finally:
+            model.book = None
+        nfev += n
+    fvec = as_numpy(f0)
+    m = np.atleast_1d(fvec).size
+    if J is not None and _all_finite(J):
+        with np.errstate(invalid="ignore", over="ignore"):
+            fjac, ipvt, qtf, _ = _pivoted_qr(as_numpy(J).reshape(m, n), fvec.reshape(m))
+    else:
+        fjac, ipvt, qtf = (np.full((n, m), np.nan), np.arange(n, dtype=np.int32),
+                           np.full(n, np.nan))
+    popt = _copy(p0)
+    to_user = model.to_user_like(popt)
+    infodict: dict[str, Any] = {"fvec": f0, "nfev": nfev}
+    if user_jac:
+        infodict["njev"] = njev
+    infodict["fjac"] = to_user(fjac)
+    infodict["ipvt"] = ipvt if not isinstance(popt, torch.Tensor) else torch.as_tensor(
+        ipvt, device=popt.device)
+    infodict["qtf"] = to_user(qtf)
+    with np.errstate(invalid="ignore", over="ignore"):
+        cost = float(np.sum(fvec.astype(float) ** 2))
+    return popt, None, infodict, messages[4], 4, m, cost
+
+
+def _reject_loss_for_lm(kwargs: dict, caller: str) -> None:
+    """scipy's ``leastsq`` takes no ``loss``: with ``method='lm'`` it is a TypeError."""
+    if "loss" in kwargs:
+        raise TypeError(f"{caller}() with method='lm' got an unexpected keyword argument "
+                        "'loss' (scipy's leastsq has no robust loss; use method='trf' or "
+                        "'dogbox').")
+
+
+def _name_zero_sigma(error: ValueError, transform: np.ndarray | None) -> None:
+    """Re-raise ``least_squares``'s non-finite start naming a zero ``sigma`` as its cause."""
+    if (transform is not None and np.ndim(transform) < 2
+            and str(error).startswith(_NONFINITE_START)
+            and not np.isfinite(transform).all()):
+        raise ValueError(f"{_NONFINITE_START}: `sigma` contains zeros (a standard deviation "
+                         "of 0 gives an infinite weight).") from error
 
 
 class _MaxfevReached(Exception):
@@ -438,6 +555,7 @@ class _LeastsqBook:
         self.fd_evals = 0
         self.jac_calls = 0
         self.over_budget = False
+        self.calls_at_jac = 0
         self.last_x: Any = None
         self.last_f: Any = None
         self.history: list[tuple] = []
@@ -450,12 +568,20 @@ class _LeastsqBook:
 
     def record_jac(self, p: Any, f: Any, J: Any) -> None:
         self.jac_calls += 1
+        self.calls_at_jac = self.calls
         self.history = [*self.history[-1:], (_copy(p), f, J)]
 
-    @staticmethod
-    def status_needs_jac(status: int) -> bool:
-        """True for terminations decided after a trial (not by the ``gtol`` test)."""
-        return int(status) != codes.GTOL
+    def extra_jacobian(self, status: int) -> bool:
+        """Whether the last Jacobian is one MINPACK never evaluates.
+
+        Our engine evaluates the Jacobian after an accepted trial that ends the
+        run; MINPACK stops right after the trial. Such a Jacobian follows the
+        last trial evaluation (``calls > 1``); a run that ends on the ``gtol``
+        test needs it (MINPACK tests the gradient of the new Jacobian). The
+        order of the evaluations decides, not the points: a rejected final
+        trial can land exactly on the current iterate.
+        """
+        return self.calls > 1 and self.calls_at_jac == self.calls and int(status) != codes.GTOL
 
 
 def _copy(a: Any) -> Any:
@@ -688,6 +814,13 @@ def _sigma_transform(sigma: Any, m: int) -> np.ndarray | None:
     if sigma is None:
         return None
     sigma = np.asarray(_as_host(sigma))
+    if sigma.size == 1 and sigma.ndim > 1:
+        # scipy reads a one-entry sigma as a standard deviation of the sigma's own
+        # shape and then fails on the 2-D residuals it makes; the value is ambiguous
+        # (standard deviation or variance), so refuse it rather than guess
+        raise ValueError(f"`sigma` of shape {sigma.shape} is ambiguous: give a standard "
+                         "deviation as a scalar or 1-D array, or a covariance matrix of "
+                         "shape (M, M) with M > 1.")
     if sigma.size == 1 or sigma.shape == (m,):
         with np.errstate(divide="ignore"):
             return 1.0 / sigma
@@ -733,6 +866,10 @@ class _Model:
         self.data = data
         self.col_deriv = col_deriv
         self.book: _LeastsqBook | None = None
+        #: whether the first residuals handed to the solver were finite (None: not yet),
+        #: and those residuals
+        self.first_finite: bool | None = None
+        self.first_r: Any = None
 
     def _inputs(self, p: Any) -> tuple:
         if isinstance(p, torch.Tensor) and self.data is not None:
@@ -763,12 +900,13 @@ class _Model:
     def residuals(self, p: Any) -> Any:
         """The function handed to ``least_squares``."""
         book = self.book
-        if book is None:
-            return self.evaluate(p)
-        if book.over_budget:
+        if book is not None and book.over_budget:
             raise _MaxfevReached
         r = self.evaluate(p)
-        book.record_call(p, r)
+        if self.first_finite is None:
+            self.first_finite, self.first_r = _all_finite(r), r
+        if book is not None:
+            book.record_call(p, r)
         return r
 
     def _value_at(self, p: Any) -> Any:
@@ -849,6 +987,7 @@ def batch_curve_fit(
     dtype: Any = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    nan_policy: str | None = None,
     **kwargs: Any,
 ) -> tuple:
     """Fit one model to B data sets at once, as a loop of :func:`curve_fit` would.
@@ -909,6 +1048,18 @@ def batch_curve_fit(
         Most problems held at once (see :func:`batch_least_squares`).
     progress : bool, optional
         Show a progress bar.
+    nan_policy : {None, 'raise', 'omit'}, optional
+        None (default): a problem with a NaN or inf in its data fails alone
+        (NaN ``popt``). 'raise': any NaN in ``ydata`` or ``xdata`` raises
+        ``ValueError``. 'omit': each problem drops its own observations with
+        a NaN in ``ydata`` or in its ``xdata`` (and the matching entries of
+        ``sigma``), as :func:`curve_fit` would on that data set; the batch
+        keeps its ``(B, M)`` shape by giving the omitted observations a zero
+        residual and a zero Jacobian row, so ``fvec`` holds 0 there and the
+        reduced chi-square of ``pcov`` divides by that problem's own count
+        of observations less ``P``. A problem left with no observation fails;
+        one left with ``P`` or fewer gets an ``inf`` ``pcov`` (unless
+        ``absolute_sigma``).
     **kwargs
         Options of :func:`curve_fit` / ``least_squares`` (``ftol``, ``xtol``,
         ``gtol``, ``x_scale``, ``loss``, ``maxfev``/``max_nfev``, ``epsfcn``,
@@ -985,7 +1136,11 @@ def batch_curve_fit(
         raise ValueError("`return_jac` cannot be set: batch_curve_fit needs the Jacobians "
                          "to compute pcov.")
 
-    data = _BatchData(xdata, Y, _batch_sigma_transform(sigma, B, M), B)
+    if method == "lm":
+        _reject_loss_for_lm(kwargs, "batch_curve_fit")
+    data = _BatchData(xdata, Y, None, B)
+    keep = data.apply_nan_policy(nan_policy)
+    data.set_transform(_batch_sigma_transform(sigma, B, M, keep))
     col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False
     model = _BatchModel(f, jac if callable(jac) else None, data, n, M, col_deriv)
     torch_mode = lead is not None
@@ -1037,7 +1192,7 @@ def batch_curve_fit(
             ier = torch.where(status == code, info, ier)
         if book is not None:
             ier = torch.where(book.hit, 5, ier)
-            extra = book.extra(t["x"], status)
+            extra = book.extra(status)
             cov = torch.where(extra[:, None, None], book.cov_prev, book.cov_last)
             njev = book.jac_calls - extra.long()
             if not callable(jac):
@@ -1055,7 +1210,8 @@ def batch_curve_fit(
         mesg = [_batch_message(s) for s in status.tolist()]
 
     cost = 2 * t["cost"]
-    cov, warn_cov = _batch_finish_covariance(cov, ok, n, M, cost, absolute_sigma)
+    m_eff: Any = M if keep is None else torch.as_tensor(keep.sum(axis=1), device=cost.device)
+    cov, warn_cov = _batch_finish_covariance(cov, ok, n, m_eff, cost, absolute_sigma)
     popt = torch.where(ok[:, None], t["x"], torch.full_like(t["x"], float("nan")))
     if warn_cov:
         warnings.warn(f"{_COV_MSG} for {warn_cov} of {B} problems", category=OptimizeWarning,
@@ -1116,18 +1272,28 @@ def _batch_message(status: int) -> str:
     return codes.message(status)
 
 
-def _batch_sigma_transform(sigma: Any, B: int, M: int) -> tuple[str, np.ndarray] | None:
-    """``('diag', 1/sigma)`` (scalar, (M,) or (B, M)) or ``('chol', L)`` for (B, M, M)."""
+def _batch_sigma_transform(sigma: Any, B: int, M: int,
+                           keep: np.ndarray | None = None) -> tuple[str, np.ndarray] | None:
+    """``('diag', 1/sigma)`` (scalar, (M,) or (B, M)) or ``('chol', L)`` for (B, M, M).
+
+    ``keep (B, M)`` (``nan_policy='omit'``) marks the observations each
+    problem keeps: the omitted ones get weight 1 and, for a covariance, an
+    identity row and column (no correlation with the kept ones), so that the
+    whitened kept residuals are those of the reduced data set.
+    """
     if sigma is None:
         return None
     sigma = np.asarray(_as_host(sigma), dtype=float)
-    if sigma.size == 1:
-        return "diag", (1.0 / sigma).reshape(1, 1)
-    if sigma.shape == (M,):
-        return "diag", (1.0 / sigma)[None, :]
-    if sigma.shape == (B, M):
-        return "diag", 1.0 / sigma
+    if sigma.size == 1 or sigma.shape in ((M,), (B, M)):
+        with np.errstate(divide="ignore"):
+            T = (1.0 / sigma).reshape(1, 1) if sigma.size == 1 else 1.0 / sigma.reshape(-1, M)
+        if keep is not None:
+            T = np.where(keep, T, 1.0)
+        return "diag", T
     if sigma.shape == (B, M, M):
+        if keep is not None:
+            both = keep[:, :, None] & keep[:, None, :]
+            sigma = np.where(both, sigma, np.eye(M))
         try:
             return "chol", np.linalg.cholesky(sigma)
         except np.linalg.LinAlgError as e:
@@ -1142,9 +1308,64 @@ class _BatchData:
         self.B = B
         self.xkind, self.xparts = self._parse_x(xdata, B)
         self.Y = Y
+        self.keep: np.ndarray | None = None
+        self.set_transform(transform)
+
+    def set_transform(self, transform: tuple | None) -> None:
+        """Set the ``sigma`` transform (``('diag', T)``, ``('chol', L)`` or None)."""
         self.tkind = None if transform is None else transform[0]
         self.T = None if transform is None else transform[1]
         self.cache: dict = {}
+
+    def _x_nan(self) -> np.ndarray:
+        """``(B, M)`` (or ``(M,)`` when shared): observations with a NaN in ``xdata``."""
+        M = self.Y.shape[1]
+        if self.xkind == "rows":
+            return np.isnan(self.xparts)
+        if self.xkind == "stack":
+            return np.isnan(self.xparts).any(axis=tuple(range(1, self.xparts.ndim - 1)))
+        if self.xkind == "shared":
+            x = self.xparts
+            nan = np.isnan(x)
+            return nan.any(axis=tuple(range(nan.ndim - 1))) if nan.ndim else np.zeros(M, bool)
+        if self.xkind == "tuple":
+            out = np.zeros(M, dtype=bool)
+            for p, batched in self.xparts:
+                nan = np.isnan(p)
+                out = out | (nan.reshape(self.B, -1, M).any(axis=1) if batched
+                             else nan.any(axis=tuple(range(nan.ndim - 1))))
+            return out
+        return np.zeros(M, dtype=bool)
+
+    def apply_nan_policy(self, nan_policy: str | None) -> np.ndarray | None:
+        """Apply ``nan_policy`` to ``ydata``/``xdata``; ``(B, M)`` kept mask for 'omit'.
+
+        'omit' replaces the omitted entries by 0 (so that models and autograd
+        see finite numbers there; their residuals are masked in
+        :meth:`_BatchModel.evaluate`). Returns None when nothing is omitted.
+        """
+        if nan_policy is None:
+            return None
+        if nan_policy == "propagate":
+            raise ValueError("`nan_policy='propagate'` is not supported by this function.")
+        if nan_policy not in ("raise", "omit"):
+            raise ValueError("nan_policy must be one of {None, 'raise', 'omit'}")
+        omit = np.isnan(self.Y) | self._x_nan()
+        if not omit.any():
+            return None
+        if nan_policy == "raise":
+            raise ValueError("The input contains nan values")
+        keep = ~omit
+        self.Y = np.where(keep, self.Y, 0.0)
+        if self.xkind in ("rows", "shared"):
+            self.xparts = np.nan_to_num(self.xparts, nan=0.0)
+        elif self.xkind == "stack":
+            self.xparts = np.nan_to_num(self.xparts, nan=0.0)
+        elif self.xkind == "tuple":
+            self.xparts = [(np.nan_to_num(p, nan=0.0), b) for p, b in self.xparts]
+        self.keep = keep
+        self.cache = {}
+        return keep
 
     @staticmethod
     def _parse_x(xdata: Any, B: int) -> tuple[str, Any]:
@@ -1168,6 +1389,8 @@ class _BatchData:
         Non-finite shared ``xdata`` raises, as :func:`curve_fit` does.
         """
         ok = np.isfinite(self.Y).all(axis=1)
+        if self.keep is not None:  # a problem left without observations fails
+            ok &= self.keep.any(axis=1)
         if self.T is not None:
             T = self.T.reshape(self.T.shape[0], -1)
             fin = np.isfinite(T).all(axis=1)
@@ -1207,7 +1430,10 @@ class _BatchData:
             else:
                 x = conv(self.xparts)
             self.cache[key] = {"x": x, "Y": conv(self.Y),
-                               "T": None if self.T is None else conv(self.T)}
+                               "T": None if self.T is None else conv(self.T),
+                               "keep": None if self.keep is None else (
+                                   self.keep if key == "numpy"
+                                   else torch.as_tensor(self.keep, device=key[0]))}
         return self.cache[key]
 
     @staticmethod
@@ -1242,6 +1468,11 @@ class _BatchData:
         if T is not None and T.shape[0] == self.B:
             T = self._rows(T, ids)
         return x, self._rows(d["Y"], ids), T
+
+    def kept(self, ids: Any, like: Any) -> Any:
+        """``(b, M)`` mask of the observations the problems ``ids`` keep (None: all)."""
+        keep = self.arrays(like)["keep"]
+        return None if keep is None else self._rows(keep, ids)
 
 
 class _BatchModel:
@@ -1293,12 +1524,19 @@ class _BatchModel:
             if out.shape != (rows, self.m):
                 out = out.expand(rows, self.m)
             r = out.reshape(-1, repeat, self.m) - y.unsqueeze(-2)
+            keep = self.data.kept(ids, P)
+            if keep is not None:
+                r = torch.where(keep.unsqueeze(-2), r, torch.zeros((), dtype=r.dtype,
+                                                                   device=r.device))
             cols = r.transpose(-1, -2)
         else:
             out = np.asarray(out)
             if out.shape != (rows, self.m):
                 out = np.broadcast_to(out, (rows, self.m))
             r = out.reshape(-1, repeat, self.m) - y[..., None, :]
+            keep = self.data.kept(ids, P)
+            if keep is not None:
+                r = np.where(keep[..., None, :], r, 0.0)
             cols = np.swapaxes(r, -1, -2)
         if self.data.tkind is not None:  # whiten the repeat columns of each problem at once
             cols = self._whiten(cols, T, jac=True)
@@ -1325,6 +1563,13 @@ class _BatchModel:
             J = np.asarray(J)
             if self.col_deriv:
                 J = np.swapaxes(J, -1, -2)
+        keep = self.data.kept(ids, P)
+        if keep is not None:
+            if isinstance(J, torch.Tensor):
+                J = torch.where(keep.unsqueeze(-1), J, torch.zeros((), dtype=J.dtype,
+                                                                   device=J.device))
+            else:
+                J = np.where(keep[..., None], J, 0.0)
         J = self._whiten(J, T, jac=True)
         if self.book is not None:
             self.book.record_jac(_t(ids), _t(J))
@@ -1377,6 +1622,8 @@ class _BatchBook:
         self.over = torch.zeros(B, dtype=torch.bool, device=self.device)
         self.hit = self.over.clone()
         self.seen = self.over.clone()
+        # the last Jacobian was evaluated after the last trial evaluation
+        self.jac_after_trial = self.over.clone()
         self.last_x = torch.zeros(B, n, dtype=dtype, device=self.device)
         self.last_f = torch.zeros(B, m, dtype=dtype, device=self.device)
         # (J^T J)^{-1} at the last two Jacobian points
@@ -1393,6 +1640,7 @@ class _BatchBook:
         self.hit.index_copy_(0, ids, get(self.hit) | (get(self.over) & started))
         trials = get(self.trials) + started.long()
         self.trials.index_copy_(0, ids, trials)
+        self.jac_after_trial.index_copy_(0, ids, get(self.jac_after_trial) & ~started)
         self.last_x.index_copy_(0, ids, x.to(self.device, self.last_x.dtype))
         self.last_f.index_copy_(0, ids, r.to(self.device, self.last_f.dtype))
         self.seen.index_fill_(0, ids, True)
@@ -1412,15 +1660,19 @@ class _BatchBook:
         self.cov_prev.index_copy_(0, ids, self.cov_last.index_select(0, ids))
         self.cov_last.index_copy_(0, ids, cov)
         self.jac_calls.index_add_(0, ids, torch.ones_like(ids))
+        self.jac_after_trial.index_copy_(0, ids, self.trials.index_select(0, ids) > 0)
 
     def add_fd_evals(self, ids: torch.Tensor, count: int) -> None:
         ids = ids.to(self.device)
         self.fd_evals.index_add_(0, ids, torch.full_like(ids, count))
 
-    def extra(self, x: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
-        """Problems whose last Jacobian (ours, after the final step) MINPACK never made."""
-        same = (self.last_x == x.to(self.device, self.last_x.dtype)).all(-1)
-        return (self.trials > 0) & same & (status.to(self.device) != codes.GTOL)
+    def extra(self, status: torch.Tensor) -> torch.Tensor:
+        """Problems whose last Jacobian (ours, after the final step) MINPACK never made.
+
+        As :meth:`_LeastsqBook.extra_jacobian`: decided by the order of the
+        evaluations (a Jacobian after the last trial), not by comparing points.
+        """
+        return self.jac_after_trial & (status.to(self.device) != codes.GTOL)
 
 
 def _batch_inverse_from_r(R: torch.Tensor) -> torch.Tensor:
@@ -1485,18 +1737,23 @@ def _svd_pinv(J: torch.Tensor) -> torch.Tensor:
     return (Vh.transpose(-1, -2) * inv_s2.unsqueeze(-2)) @ Vh
 
 
-def _batch_finish_covariance(cov: torch.Tensor, ok: torch.Tensor, n: int, m: int,
-                             cost: torch.Tensor, absolute_sigma: bool
+def _batch_finish_covariance(cov: torch.Tensor, ok: torch.Tensor, n: int,
+                             m: int | torch.Tensor, cost: torch.Tensor, absolute_sigma: bool
                              ) -> tuple[torch.Tensor, int]:
-    """:func:`_finish_covariance` per problem; returns the count that would warn."""
+    """:func:`_finish_covariance` per problem; returns the count that would warn.
+
+    ``m`` is the number of observations, shared or per problem ``(B,)``
+    (after ``nan_policy='omit'``).
+    """
     bad = torch.isnan(cov).flatten(1).any(-1)
     warn = bad.clone()
     if not absolute_sigma:
-        if m > n:
-            cov = cov * (cost / (m - n))[:, None, None]
-        else:
-            warn = torch.ones_like(bad)
-            bad = warn
+        m_t = torch.as_tensor(m, device=cov.device).expand_as(bad)
+        enough = m_t > n
+        dof = torch.where(enough, m_t - n, torch.ones_like(m_t)).to(cost.dtype)
+        cov = cov * (cost / dof)[:, None, None]
+        warn = warn | ~enough
+        bad = bad | ~enough
     cov = torch.where(bad[:, None, None], torch.full_like(cov, float("inf")), cov)
     cov = torch.where(ok[:, None, None], cov, torch.full_like(cov, float("nan")))
     return cov, int((warn & ok).sum())

@@ -10,6 +10,19 @@ whose anti-gradient points outward are frozen for the iteration. On the free
 variables the step is Powell's dogleg between the Cauchy point (the minimiser
 of the model along :math:`-g` inside the box) and the Gauss-Newton step (the
 minimum-norm least-squares solution), cut where it leaves the box.
+
+The Gauss-Newton step is that of LAPACK's ``gelsd`` with a negative ``rcond``
+(what scipy calls): singular values above :math:`\epsilon/2` (LAPACK's machine
+epsilon) times the largest are kept. At a rank-deficient point, such as a sum
+of interchangeable terms started with equal parameters, a kept singular value
+at rounding level gives a long step out of the symmetric subspace, which the
+dogleg then cuts to the box; dropping it (an :math:`\epsilon` threshold) kept
+the iterates symmetric for ever. Which rounding-level values pass is chance,
+for scipy and for us alike (``benchmarks/sweep_symmetric.py``). The frozen
+variables take exactly no Gauss-Newton step: the SVD of the Jacobian with
+their columns zeroed leaves rounding noise on them, which would fail the
+dogleg's in-bounds test at an active bound and cut every step to the Cauchy
+point.
 """
 
 from __future__ import annotations
@@ -77,7 +90,10 @@ class Dogbox(StepRule):
             G_free = G * fm.unsqueeze(-1) * fm.unsqueeze(-2) + torch.diag_embed(fixed_diag)
         fac = factorize(J_free, None, state["f"], gram=G_free, g=g_free,
                         use_gram=problem.use_gram)
-        state["newton"] = gauss_newton_step(fac)
+        # gelsd's threshold (eps/2 * s_max) and no step on the frozen variables: see the
+        # module notes
+        newton = gauss_newton_step(fac, rcond=0.5 * torch.finfo(J_free.dtype).eps)
+        state["newton"] = torch.where(free, newton, 0.0)
         flag_singular_factors(state, fac.s)
         # -g_free vanishes on the fixed variables: J_free (-g_free) = J (-g_free)
         state["qa"], state["qb"], _ = build_quadratic_1d(J_free, None, g_free, -g_free, G=G,
