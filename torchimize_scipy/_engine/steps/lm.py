@@ -25,7 +25,13 @@ import torch
 from torch.linalg import vector_norm as vnorm
 
 from .. import status as codes
-from ..linalg import factorize, solve_trust_region_minpack
+from ..linalg import (
+    BasicStep,
+    basic_gauss_newton,
+    factorize,
+    rank_deficient_rows,
+    solve_trust_region_minpack,
+)
 from ..problem import Problem
 from ..quadratic import cross_jac, jac_times
 from ._common import (
@@ -65,6 +71,11 @@ class LevenbergMarquardt(StepRule):
         # MINPACK does not evaluate J at a point accepted by the terminating trial
         state["uncounted_jac"] = torch.zeros(B, dtype=torch.long, device=x.device)
         alloc_factors(problem, state, augmented=False)
+        # MINPACK's basic Gauss-Newton step on (nearly) rank-deficient rows (see prepare)
+        state["basic_rows"] = torch.zeros(B, dtype=torch.bool, device=x.device)
+        state["basic_p"] = torch.zeros_like(x)
+        state["basic_curv"] = x.new_zeros(B)
+        state["basic_full"] = torch.zeros(B, dtype=torch.bool, device=x.device)
 
     def top(self, problem: Problem, state: dict) -> torch.Tensor:
         f = state["f"]
@@ -105,10 +116,28 @@ class LevenbergMarquardt(StepRule):
                         g=state["g"], use_gram=problem.use_gram)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
+        # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
+        # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
+        # (every Gram row among them) keep the factorisation above untouched.
+        deficient = rank_deficient_rows(fac)
+        if bool(deficient.any()):
+            rows = deficient.nonzero().squeeze(-1)
+            basic = basic_gauss_newton(state["J"].index_select(0, rows),
+                                       state["diag"].index_select(0, rows),
+                                       state["f"].index_select(0, rows))
+            keys = ("basic_rows", "basic_p", "basic_curv", "basic_full")
+            for key, value in zip(keys, basic, strict=True):
+                state[key] = torch.zeros_like(state[key]).index_copy(0, rows, value)
+        else:
+            state["basic_rows"] = torch.zeros_like(state["basic_rows"])
 
     def propose(self, problem: Problem, state: dict) -> dict:
+        basic = None
+        if bool(state["basic_rows"].any()):
+            basic = BasicStep(state["basic_rows"], state["basic_p"], state["basic_curv"],
+                              state["basic_full"])
         q, par = solve_trust_region_minpack(load_factors(state), state["delta"], state["par"],
-                                            problem.m, problem.n)
+                                            problem.m, problem.n, basic=basic)
         step = q / state["diag"]
         pnorm = vnorm(q, dim=-1)
         # on the first iteration the radius is cut to the first step's length
