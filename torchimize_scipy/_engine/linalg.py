@@ -521,6 +521,39 @@ def solve_trust_region_minpack(
 LM_RANK_FACTOR = 100.0
 
 
+def _seq_sum(a: Tensor, dim: int) -> Tensor:
+    """Sum along ``dim`` accumulated in index order (a running sum on the CPU), as a loop
+    in MINPACK would: exactly dependent columns then leave exact zeros in ``R`` where
+    MINPACK finds them, which decides its rank (a pairwise sum would leave rounding)."""
+    return torch.cumsum(a, dim).select(dim, -1)
+
+
+def _seq_norm(a: Tensor, dim: int) -> Tensor:
+    """Euclidean norm along ``dim`` from :func:`_seq_sum` of the squares."""
+    return _seq_sum(a * a, dim).sqrt()
+
+
+def _back_substitute(R: Tensor, b: Tensor, transpose: bool = False) -> Tensor:
+    """Solve ``R w = b`` (or ``R^T w = b``) with ``R (B, n, n)`` upper triangular.
+
+    Column-oriented, in MINPACK's order of operations (``n`` small); every
+    diagonal entry must be non-zero.
+    """
+    n = b.shape[-1]
+    w = b.clone()  # work array of this function: updated in place
+    if not transpose:  # R w = b: last unknown first, eliminated from the rows above
+        for j in range(n - 1, -1, -1):
+            w[:, j] = w[:, j] / R[:, j, j]
+            if j:
+                w[:, :j] = w[:, :j] - R[:, :j, j] * w[:, j:j + 1]
+        return w
+    for j in range(n):  # R^T w = b: first unknown first, with the column of R above it
+        if j:
+            w[:, j] = w[:, j] - _seq_sum(R[:, :j, j] * w[:, :j], -1)
+        w[:, j] = w[:, j] / R[:, j, j]
+    return w
+
+
 def pivoted_qr(J: Tensor, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""Householder QR with column pivoting, ``J P = Q R``, as MINPACK's ``qrfac``.
 
@@ -550,7 +583,7 @@ def pivoted_qr(J: Tensor, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     eps = torch.finfo(J.dtype).eps
     A = J.clone()  # work arrays of this function only: updated in place
     b = f.clone()
-    norms = vnorm(A, dim=-2)  # remaining column norms
+    norms = _seq_norm(A, -2)  # remaining column norms
     ref = norms.clone()  # the norms when last computed in full
     perm = torch.arange(n, device=J.device).expand(B, n).clone()
     rdiag = A.new_zeros(B, n)
@@ -566,7 +599,7 @@ def pivoted_qr(J: Tensor, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         norms, ref, perm = norms.gather(1, swap), ref.gather(1, swap), perm.gather(1, swap)
         # Householder vector of the column's tail, scaled so that v[0] = 1 + |a_jj| / |a|
         a = A[:, j:, j]  # (B, m - j)
-        ajnorm = vnorm(a, dim=-1)
+        ajnorm = _seq_norm(a, -1)
         ajnorm = torch.where(a[:, 0] < 0, -ajnorm, ajnorm)
         move = ajnorm != 0  # a zero column is left alone
         v = a / torch.where(move, ajnorm, one).unsqueeze(-1)
@@ -575,9 +608,9 @@ def pivoted_qr(J: Tensor, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         v0 = torch.where(move, v[:, 0], one)
         # reflect the remaining columns and the right-hand side
         tail = A[:, j:, j + 1:]  # (B, m - j, n - j - 1)
-        coef = (v.unsqueeze(-1) * tail).sum(-2) / v0.unsqueeze(-1)
+        coef = _seq_sum(v.unsqueeze(-1) * tail, -2) / v0.unsqueeze(-1)
         A[:, j:, j + 1:] = tail - coef.unsqueeze(-2) * v.unsqueeze(-1)
-        coef_b = (v * b[:, j:]).sum(-1) / v0
+        coef_b = _seq_sum(v * b[:, j:], -1) / v0
         b[:, j:] = b[:, j:] - coef_b.unsqueeze(-1) * v
         rdiag[:, j] = -ajnorm
         if j + 1 == n:
@@ -588,7 +621,7 @@ def pivoted_qr(J: Tensor, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ratio = A[:, j, j + 1:] / torch.where(live, rest, one)
         down = rest * (1 - ratio * ratio).clamp(min=0).sqrt()
         stale = live & (0.05 * (down / torch.where(refr != 0, refr, one)) ** 2 <= eps)
-        full = vnorm(A[:, j + 1:, j + 1:], dim=-2)
+        full = _seq_norm(A[:, j + 1:, j + 1:], -2)
         norms[:, j + 1:] = torch.where(stale, full, torch.where(live, down, rest))
         ref[:, j + 1:] = torch.where(stale, full, refr)
     R = torch.triu(A[:, :n, :], diagonal=1) + torch.diag_embed(rdiag)
@@ -629,7 +662,7 @@ def rank_deficient_rows(fac: Factors) -> Tensor:
     return low if fac.gram is None else low & ~fac.gram
 
 
-def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> BasicStep:
+def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> tuple[BasicStep, Factors]:
     r"""MINPACK's Gauss-Newton step for (nearly) rank-deficient Jacobians.
 
     With :math:`J P = Q R` from :func:`pivoted_qr`, the step solves
@@ -653,6 +686,12 @@ def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> BasicStep:
     -------
     BasicStep
         With ``rows`` true where the result is finite.
+    Factors
+        SVD data (``s``, ``V``, ``uf``) of the scaled triangular factor
+        :math:`R P^\top D^{-1}` with right-hand side :math:`Q^\top f`: the damped
+        steps of these rows are then those of MINPACK's ``qrsolv`` on the same
+        ``R`` (whose tiny pivots carry the rounding that decides how MINPACK
+        leaves a saddle), rather than those of the SVD of ``J``.
     """
     B, n = diag.shape
     R, perm, qtf = pivoted_qr(J, f)
@@ -661,16 +700,18 @@ def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> BasicStep:
     full = ~cut[:, -1]
     eye = torch.eye(n, dtype=R.dtype, device=R.device)
     Rt = torch.where(cut.unsqueeze(-1) | cut.unsqueeze(-2), eye, R)
-    w = torch.linalg.solve_triangular(Rt, torch.where(cut, 0.0, qtf).unsqueeze(-1),
-                                      upper=True).squeeze(-1)
+    w = _back_substitute(Rt, torch.where(cut, 0.0, qtf))
     x = torch.zeros_like(w).scatter(1, perm, w)  # x[perm[j]] = w[j]
     p = -diag * x
     dxnorm = vnorm(p, dim=-1)
     safe = torch.where(dxnorm > 0, dxnorm, torch.ones_like(dxnorm))
     wa = (diag * p / safe.unsqueeze(-1)).gather(1, perm)
-    z = torch.linalg.solve_triangular(Rt.transpose(-1, -2), wa.unsqueeze(-1),
-                                      upper=False).squeeze(-1)
+    z = _back_substitute(Rt, wa, transpose=True)
     curv = (z * z).sum(-1)
-    ok = torch.isfinite(p).all(-1) & torch.isfinite(curv)
-    return BasicStep(ok, torch.where(ok.unsqueeze(-1), p, 0.0), torch.where(ok, curv, 0.0),
-                     full)
+    # SVD data of R P^T D^-1: column j of R scaled by 1 / diag[perm[j]], rows of V unpermuted
+    s, Vr, uf = _svd_factors_direct(R / diag.gather(1, perm).unsqueeze(-2), qtf, None)
+    V = torch.zeros_like(Vr).scatter(1, perm.unsqueeze(-1).expand_as(Vr), Vr)
+    ok = (torch.isfinite(p).all(-1) & torch.isfinite(curv) & torch.isfinite(s).all(-1)
+          & torch.isfinite(uf).all(-1))
+    return (BasicStep(ok, torch.where(ok.unsqueeze(-1), p, 0.0), torch.where(ok, curv, 0.0),
+                      full), Factors(s, V, uf))

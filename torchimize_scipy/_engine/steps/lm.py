@@ -122,12 +122,18 @@ class LevenbergMarquardt(StepRule):
         deficient = rank_deficient_rows(fac)
         if bool(deficient.any()):
             rows = deficient.nonzero().squeeze(-1)
-            basic = basic_gauss_newton(state["J"].index_select(0, rows),
-                                       state["diag"].index_select(0, rows),
-                                       state["f"].index_select(0, rows))
+            basic, qr_fac = basic_gauss_newton(state["J"].index_select(0, rows),
+                                               state["diag"].index_select(0, rows),
+                                               state["f"].index_select(0, rows))
             keys = ("basic_rows", "basic_p", "basic_curv", "basic_full")
             for key, value in zip(keys, basic, strict=True):
                 state[key] = torch.zeros_like(state[key]).index_copy(0, rows, value)
+            # their damped steps from the same R (rows whose QR data is not finite keep the SVD)
+            keep = basic.rows
+            for key, value in (("fac_s", qr_fac.s), ("fac_V", qr_fac.V), ("fac_uf", qr_fac.uf)):
+                old = state[key].index_select(0, rows)
+                new = torch.where(keep.view(-1, *([1] * (value.ndim - 1))), value, old)
+                state[key] = state[key].index_copy(0, rows, new)
         else:
             state["basic_rows"] = torch.zeros_like(state["basic_rows"])
 
