@@ -29,7 +29,9 @@ from ..linalg import (
     BasicStep,
     basic_gauss_newton,
     factorize,
+    gauss_newton_step,
     rank_deficient_rows,
+    refine_gauss_newton,
     solve_trust_region_minpack,
 )
 from ..problem import Problem
@@ -73,7 +75,7 @@ class LevenbergMarquardt(StepRule):
         alloc_factors(problem, state, augmented=False)
         # MINPACK's basic Gauss-Newton step on (nearly) rank-deficient rows (see prepare)
         state["basic_rows"] = torch.zeros(B, dtype=torch.bool, device=x.device)
-        state["basic_p"] = torch.zeros_like(x)
+        state["gn_p"] = torch.zeros_like(x)  # the Gauss-Newton step (scaled), from prepare
         state["basic_curv"] = x.new_zeros(B)
         state["basic_full"] = torch.zeros(B, dtype=torch.bool, device=x.device)
 
@@ -119,15 +121,20 @@ class LevenbergMarquardt(StepRule):
         # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
         # (every Gram row among them) keep the factorisation above untouched.
+        d = 1.0 / state["diag"]
+        p_gn = refine_gauss_newton(fac, gauss_newton_step(fac), state["J"], d, state["f"])
         deficient = rank_deficient_rows(fac)
         if bool(deficient.any()):
             rows = deficient.nonzero().squeeze(-1)
             basic, qr_fac = basic_gauss_newton(state["J"].index_select(0, rows),
                                                state["diag"].index_select(0, rows),
                                                state["f"].index_select(0, rows))
-            keys = ("basic_rows", "basic_p", "basic_curv", "basic_full")
-            for key, value in zip(keys, basic, strict=True):
+            keys = ("basic_rows", "basic_curv", "basic_full")
+            values = (basic.rows, basic.curv, basic.full)
+            for key, value in zip(keys, values, strict=True):
                 state[key] = torch.zeros_like(state[key]).index_copy(0, rows, value)
+            p_gn = p_gn.index_copy(0, rows, torch.where(basic.rows.unsqueeze(-1), basic.p,
+                                                        p_gn.index_select(0, rows)))
             # their damped steps from the same R (rows whose QR data is not finite keep the SVD)
             keep = basic.rows
             for key, value in (("fac_s", qr_fac.s), ("fac_V", qr_fac.V), ("fac_uf", qr_fac.uf)):
@@ -136,14 +143,16 @@ class LevenbergMarquardt(StepRule):
                 state[key] = state[key].index_copy(0, rows, new)
         else:
             state["basic_rows"] = torch.zeros_like(state["basic_rows"])
+        state["gn_p"] = p_gn
 
     def propose(self, problem: Problem, state: dict) -> dict:
         basic = None
         if bool(state["basic_rows"].any()):
-            basic = BasicStep(state["basic_rows"], state["basic_p"], state["basic_curv"],
+            basic = BasicStep(state["basic_rows"], state["gn_p"], state["basic_curv"],
                               state["basic_full"])
         q, par = solve_trust_region_minpack(load_factors(state), state["delta"], state["par"],
-                                            problem.m, problem.n, basic=basic)
+                                            problem.m, problem.n, basic=basic,
+                                            p_gn=state["gn_p"])
         step = q / state["diag"]
         pnorm = vnorm(q, dim=-1)
         # on the first iteration the radius is cut to the first step's length
