@@ -315,3 +315,27 @@ def test_basic_gauss_newton_is_the_basic_solution():
     assert bool(basic.rows[0]) and not bool(basic.full[0])
     step = (basic.p / diag)[0].numpy()  # scaled step back to x
     np.testing.assert_allclose(step, [0.0, 0.3, 0.0], atol=1e-15)
+
+
+def test_curve_fit_pcov_of_rank_deficient_fit_is_scipys():
+    """A parameter the model ignores: R has an exact zero, scipy's pcov is all inf."""
+    x = np.linspace(0, 1, 10)
+    y = 2 * np.exp(-1.3 * x) + 0.01 * np.cos(5 * x)
+
+    def f(x, a, b, c):
+        return a * np.exp(-b * x) + 0 * c
+
+    def jac(x, a, b, c):
+        e = np.exp(-b * x)
+        return np.stack([e, -a * x * e, np.zeros_like(x)], -1)
+
+    for j in (None, jac):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", so.OptimizeWarning)
+            p_ref, c_ref, info_ref = so.curve_fit(f, x, y, p0=[1, 1, 1], jac=j,
+                                                  full_output=True)[:3]
+            p, c, info = curve_fit(f, x, y, p0=[1, 1, 1], jac=j, full_output=True)[:3]
+        np.testing.assert_allclose(p, p_ref, rtol=1e-7)
+        assert p[2] == 1.0  # the ignored parameter never moves
+        assert np.all(np.isinf(c_ref)) and np.all(np.isinf(c))
+        assert abs(int(info["nfev"]) - int(info_ref["nfev"])) <= 1

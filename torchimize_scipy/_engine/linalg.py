@@ -34,6 +34,11 @@ safeguarded by the interval :math:`[\alpha_l, \alpha_u]`, with
 :math:`\mathrm{d}\lVert p\rVert / \mathrm{d}\alpha = -p^\top (A^\top A +
 \alpha I)^{-1} p / \lVert p\rVert` (from the SVD data, or from the inverse on
 Gram rows).
+
+For 'lm' on rank-deficient Jacobians, :func:`pivoted_qr` and
+:func:`basic_gauss_newton` reproduce MINPACK's ``qrfac`` and the basic
+Gauss-Newton step of ``lmpar`` (Moré, Garbow & Hillstrom, ANL-80-74, 1980),
+batched with a loop over the ``n`` columns only.
 """
 
 from __future__ import annotations

@@ -17,6 +17,20 @@ ratio :math:`\ge 10^{-4}` are taken, and the termination tests are MINPACK's:
 between ``f`` and a column of ``J``. MINPACK's codes map onto scipy's status
 (1 -> 2, 2 -> 3, 3 -> 4, 4 -> 1, 5 -> 0); its "tolerance too small" codes 6, 7
 and 8, which scipy cannot map, are reported as 2, 3 and 1.
+
+Full-rank problems solve every trial from the SVD (or, in batches, the Gram
+inverse) of the scaled Jacobian, whose Gauss-Newton step is MINPACK's to
+rounding. Where the Jacobian is rank deficient the two differ: MINPACK's QR
+with column pivoting yields the *basic* solution (the pivot columns move, the
+others stay), the SVD the minimum-norm one (every parameter moves, and a
+symmetric start stays symmetric). Rows whose smallest singular value is below
+``100 eps`` times the largest therefore take MINPACK's route
+(:func:`~torchimize_scipy._engine.linalg.basic_gauss_newton`): the pivoted QR
+in MINPACK's order of operations, its basic step and its lower bound for the
+damping, and damped steps from the SVD of that ``R`` (issue 18). The
+Gauss-Newton step is computed once per outer iteration (``prepare``); on Gram
+rows that predict a nearly zero residual it is refined with ``J`` so that a
+batch lands on an exact zero as a single problem does (issue 11).
 """
 
 from __future__ import annotations
@@ -118,11 +132,11 @@ class LevenbergMarquardt(StepRule):
                         g=state["g"], use_gram=problem.use_gram)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
+        d = 1.0 / state["diag"]
+        p_gn = refine_gauss_newton(fac, gauss_newton_step(fac), state["J"], d, state["f"])
         # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
         # (every Gram row among them) keep the factorisation above untouched.
-        d = 1.0 / state["diag"]
-        p_gn = refine_gauss_newton(fac, gauss_newton_step(fac), state["J"], d, state["f"])
         deficient = rank_deficient_rows(fac)
         if bool(deficient.any()):
             rows = deficient.nonzero().squeeze(-1)
