@@ -703,6 +703,8 @@ def rank_deficient_rows(fac: Factors) -> Tensor:
     rows with non-finite factors are not selected either.
     """
     s = fac.s
+    if s.shape[-1] == 0:  # no variables: nothing to pivot
+        return torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
     eps = torch.finfo(s.dtype).eps
     low = s[:, -1] <= LM_RANK_FACTOR * eps * s[:, 0]
     return low if fac.gram is None else low & ~fac.gram
