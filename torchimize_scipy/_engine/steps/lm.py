@@ -17,6 +17,20 @@ ratio :math:`\ge 10^{-4}` are taken, and the termination tests are MINPACK's:
 between ``f`` and a column of ``J``. MINPACK's codes map onto scipy's status
 (1 -> 2, 2 -> 3, 3 -> 4, 4 -> 1, 5 -> 0); its "tolerance too small" codes 6, 7
 and 8, which scipy cannot map, are reported as 2, 3 and 1.
+
+Full-rank problems solve every trial from the SVD (or, in batches, the Gram
+inverse) of the scaled Jacobian, whose Gauss-Newton step is MINPACK's to
+rounding. Where the Jacobian is rank deficient the two differ: MINPACK's QR
+with column pivoting yields the *basic* solution (the pivot columns move, the
+others stay), the SVD the minimum-norm one (every parameter moves, and a
+symmetric start stays symmetric). Rows whose smallest singular value is below
+``100 eps`` times the largest therefore take MINPACK's route
+(:func:`~torchimize_scipy._engine.linalg.basic_gauss_newton`): the pivoted QR
+in MINPACK's order of operations, its basic step and its lower bound for the
+damping, and damped steps from the SVD of that ``R`` (issue 18). The
+Gauss-Newton step is computed once per outer iteration (``prepare``); on Gram
+rows that predict a nearly zero residual it is refined with ``J`` so that a
+batch lands on an exact zero as a single problem does (issue 11).
 """
 
 from __future__ import annotations
@@ -25,7 +39,15 @@ import torch
 from torch.linalg import vector_norm as vnorm
 
 from .. import status as codes
-from ..linalg import factorize, solve_trust_region_minpack
+from ..linalg import (
+    BasicStep,
+    basic_gauss_newton,
+    factorize,
+    gauss_newton_step,
+    rank_deficient_rows,
+    refine_gauss_newton,
+    solve_trust_region_minpack,
+)
 from ..problem import Problem
 from ..quadratic import cross_jac, jac_times
 from ._common import (
@@ -65,6 +87,11 @@ class LevenbergMarquardt(StepRule):
         # MINPACK does not evaluate J at a point accepted by the terminating trial
         state["uncounted_jac"] = torch.zeros(B, dtype=torch.long, device=x.device)
         alloc_factors(problem, state, augmented=False)
+        # MINPACK's basic Gauss-Newton step on (nearly) rank-deficient rows (see prepare)
+        state["basic_rows"] = torch.zeros(B, dtype=torch.bool, device=x.device)
+        state["gn_p"] = torch.zeros_like(x)  # the Gauss-Newton step (scaled), from prepare
+        state["basic_curv"] = x.new_zeros(B)
+        state["basic_full"] = torch.zeros(B, dtype=torch.bool, device=x.device)
 
     def top(self, problem: Problem, state: dict) -> torch.Tensor:
         f = state["f"]
@@ -105,10 +132,41 @@ class LevenbergMarquardt(StepRule):
                         g=state["g"], use_gram=problem.use_gram)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
+        d = 1.0 / state["diag"]
+        p_gn = refine_gauss_newton(fac, gauss_newton_step(fac), state["J"], d, state["f"])
+        # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
+        # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
+        # (every Gram row among them) keep the factorisation above untouched.
+        deficient = rank_deficient_rows(fac)
+        if bool(deficient.any()):
+            rows = deficient.nonzero().squeeze(-1)
+            basic, qr_fac = basic_gauss_newton(state["J"].index_select(0, rows),
+                                               state["diag"].index_select(0, rows),
+                                               state["f"].index_select(0, rows))
+            keys = ("basic_rows", "basic_curv", "basic_full")
+            values = (basic.rows, basic.curv, basic.full)
+            for key, value in zip(keys, values, strict=True):
+                state[key] = torch.zeros_like(state[key]).index_copy(0, rows, value)
+            p_gn = p_gn.index_copy(0, rows, torch.where(basic.rows.unsqueeze(-1), basic.p,
+                                                        p_gn.index_select(0, rows)))
+            # their damped steps from the same R (rows whose QR data is not finite keep the SVD)
+            keep = basic.rows
+            for key, value in (("fac_s", qr_fac.s), ("fac_V", qr_fac.V), ("fac_uf", qr_fac.uf)):
+                old = state[key].index_select(0, rows)
+                new = torch.where(keep.view(-1, *([1] * (value.ndim - 1))), value, old)
+                state[key] = state[key].index_copy(0, rows, new)
+        else:
+            state["basic_rows"] = torch.zeros_like(state["basic_rows"])
+        state["gn_p"] = p_gn
 
     def propose(self, problem: Problem, state: dict) -> dict:
+        basic = None
+        if bool(state["basic_rows"].any()):
+            basic = BasicStep(state["basic_rows"], state["gn_p"], state["basic_curv"],
+                              state["basic_full"])
         q, par = solve_trust_region_minpack(load_factors(state), state["delta"], state["par"],
-                                            problem.m, problem.n)
+                                            problem.m, problem.n, basic=basic,
+                                            p_gn=state["gn_p"])
         step = q / state["diag"]
         pnorm = vnorm(q, dim=-1)
         # on the first iteration the radius is cut to the first step's length
