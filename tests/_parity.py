@@ -41,6 +41,12 @@ X_FACTOR = 10.0
 #: cost to this relative accuracy of its scale (``cost`` at the solution, at least 1)
 COST_RTOL = 1e-8
 
+#: one evaluation of the same expression by two kernels (torch vs numpy, Gram vs direct,
+#: autograd vs formula, vectorised vs scalar loop): a few ulps times the expression's
+#: conditioning; 1e-10 leaves room for conditioning up to ~1e5 with no iteration to
+#: amplify it
+ONE_EVAL_RTOL = 1e-10
+
 #: evaluations that two runs may differ by (an iteration or two of 'trf'/'dogbox')
 COUNT_SLACK = 2
 
