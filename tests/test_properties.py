@@ -78,6 +78,7 @@ class Problem:
     def __init__(self, family: str, seed: int, m: int, n: int, scale: float) -> None:
         rng = np.random.default_rng(seed)
         self.family = family
+        self.args = (family, seed, m, n, scale)
         if family == "linear":
             # full column rank, singular values in [0.5, 2]
             U, _ = np.linalg.qr(rng.standard_normal((m, n)))
@@ -95,6 +96,9 @@ class Problem:
             self.y = (self.truth[0] * np.exp(-self.truth[1] * T_EXP)
                       + 0.01 * scale * rng.standard_normal(T_EXP.size))
             self.x0 = self.truth * rng.uniform(0.8, 1.2, 2)
+
+    def __repr__(self) -> str:  # hypothesis prints it: enough to rebuild the problem
+        return f"Problem{self.args!r}"
 
     # single problem, numpy
     def fun(self, x: np.ndarray) -> np.ndarray:
@@ -169,6 +173,27 @@ def problems_and_options(draw: Any) -> tuple[Problem, dict]:
     if loss != "linear":
         opts["f_scale"] = draw(st.sampled_from([0.5, 1.0, 3.0]))
     return prob, opts
+
+
+def case_of(family: str, seed: int, m: int, n: int, scale: float, boxed: bool,
+            **opts: Any) -> tuple[Problem, dict]:
+    """The case ``problems_and_options`` draws for these choices (explicit examples)."""
+    prob = Problem(family, seed, m, n, scale)
+    bounds = prob.default_bounds(boxed, np.random.default_rng(seed + 1))
+    return prob, {"bounds": bounds, **opts}
+
+
+#: found by this suite (HYPOTHESIS_PROFILE=thorough): a linear problem, one variable on
+#: its upper bound at the solution; scipy's dogbox stops on gtol after 9 evaluations.
+#: Single ``least_squares`` 'dogbox' needs 12 with jac='cs', and with '3-point' stops on
+#: ftol at optimality 1.8e-6, x off by 6e-6; the batch of one matches scipy. This is the
+#: dogbox active-bound defect of issue 11 part 2 (fixed in steps/dogbox.py by another
+#: engineer): strict xfail until that lands.
+DOGBOX_ACTIVE_BOUND = {
+    jac: case_of("linear", 14191565, 4, 4, 1.0, True, method="dogbox", loss="soft_l1",
+                 jac=jac, f_scale=0.5)
+    for jac in ("cs", "3-point")
+}
 
 
 def _scipy(fun: Any, x0: Any, **kw: Any) -> Any:
@@ -350,6 +375,12 @@ def test_inputs_not_mutated(case: tuple[Problem, dict], use_torch: bool) -> None
 
 # ============================================================================ 4. batch of one
 @SETTINGS(25)
+@example(DOGBOX_ACTIVE_BOUND["cs"]).xfail(
+    reason="issue 11 part 2: dogbox with an active bound (single call: 12 evaluations vs 9)",
+    raises=AssertionError)
+@example(DOGBOX_ACTIVE_BOUND["3-point"]).xfail(
+    reason="issue 11 part 2: dogbox with an active bound (single call stops early on ftol)",
+    raises=AssertionError)
 @given(problems_and_options())
 def test_batch_of_one_equals_single(case: tuple[Problem, dict]) -> None:
     prob, opts = case
@@ -362,10 +393,14 @@ def test_batch_of_one_equals_single(case: tuple[Problem, dict]) -> None:
     assert got.x.shape == single.x.shape
     n = prob.x0.size
     slack = n + 2 if opts["method"] == "lm" and not callable(opts["jac"]) else 2
-    if single.status > 0:
-        # both converged: the same solution within the policy's tolerances
+    if single.status > 0 and single.optimality <= OPTIMAL:
+        # the single call reached a stationary point: the batch reaches the same one,
+        # within the policy's tolerances
         assert_result_parity(got, single, x_rtol=1e-6, slack=slack)
     else:
+        # a stop away from a stationary point (scipy's own runs stop on ftol there too,
+        # e.g. dogbox + huber + x_scale='jac' on a linear problem, optimality 0.59):
+        # x is known only to ~sqrt(ftol) of the stop, so only the stop is compared
         assert_status_equivalent(got.status, single.status)
         assert_counts_close(got.status, single.status, got.nfev, single.nfev, slack=slack)
 
@@ -381,3 +416,16 @@ def test_batch_of_one_zero_residual_rosenbrock(method: str) -> None:
     assert single.cost < 1e-20 and float(batch.cost) < 1e-20
     assert_status_equivalent(batch.status, single.status)
     assert_counts_close(batch.status, single.status, batch.nfev, single.nfev, slack=4)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 11 part 2: dogbox with an active bound takes Cauchy steps")
+@pytest.mark.parametrize("jac", sorted(DOGBOX_ACTIVE_BOUND))
+def test_dogbox_active_bound_like_scipy(jac: str) -> None:
+    """The single call against scipy on the case found above: same minimum, counts within
+    an iteration, optimality at scipy's level (regression test for the dogbox fix)."""
+    prob, opts = DOGBOX_ACTIVE_BOUND[jac]
+    ref = _scipy(prob.fun, prob.x0.copy(), **opts)
+    res = least_squares(prob.fun, prob.x0.copy(), **opts)
+    assert ref.status > 0 and ref.optimality <= OPTIMAL
+    assert_result_parity(res, ref, x_rtol=1e-6)
