@@ -31,11 +31,13 @@ import torch
 #: statuses (``least_squares``) / ``ier`` values (``leastsq``) that all mean "converged"
 CONVERGED = frozenset({1, 2, 3, 4})
 
-#: default tolerances of ``least_squares`` and ``curve_fit``
-XTOL = FTOL = GTOL = 1e-8
+#: default ``xtol`` of ``least_squares`` and ``curve_fit``
+XTOL = 1e-8
 
-#: x is compared within ``X_FACTOR * xtol * (|x| + xtol)``: the xtol test stops once a
-#: step is below ``xtol * (xtol + |x|)``, and a run may stop one or a few such steps away
+#: x is compared within ``X_FACTOR * xtol * (max|x| + xtol)``: the xtol test stops once
+#: a step is below ``xtol * (xtol + |x|)``, and a run may stop one or a few such steps
+#: away (the largest component sets the scale, so a component near 0 of a well-scaled
+#: vector is not held to an absolute 1e-15)
 X_FACTOR = 10.0
 
 #: cost to this relative accuracy of its scale (``cost`` at the solution, at least 1)
@@ -73,7 +75,8 @@ def assert_close_scaled(got: Any, ref: Any, rtol: float, scale: Any = None,
     ok = err <= rtol * s
     ok |= (a == b)  # equal infinities
     if not np.all(ok):
-        worst = np.max(np.where(ok, 0.0, err / s))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            worst = np.max(np.where(ok, 0.0, err / s))
         raise AssertionError(f"{err_msg} max scaled err {worst:.3e} > {rtol:.1e}\n"
                              f"got {a}\nref {b}")
 
@@ -90,8 +93,6 @@ def assert_x_close(got: Any, ref: Any, xtol: float | None = XTOL, factor: float 
         assert_close_scaled(got, ref, rtol, err_msg=err_msg)
         return
     tol = xtol if xtol is not None else XTOL
-    # scale relative to the largest component, so that a component near 0 of a
-    # well-scaled vector is not held to an absolute 1e-15
     size = np.abs(ref_np).max(initial=0.0)
     assert_close_scaled(got, ref, factor * tol, scale=np.full(ref_np.shape, size + tol),
                         err_msg=err_msg)
