@@ -196,6 +196,15 @@ DOGBOX_ACTIVE_BOUND = {
 }
 
 
+#: found by this suite (thorough profile): 'trf' + 'huber' on a 1x1 linear problem whose
+#: solution is on its lower bound. scipy and single ``least_squares`` approach the bound
+#: from inside (x - lb ~ 1e-11, 12 evaluations with x_scale='jac', 4 with 1.0); the batch
+#: of one lands on it (x - lb ~ 6e-17) after 2. Cost and x agree; the counts do not. In
+#: the batch engine's 'trf' route (not owned by the issue-11 engineers): strict xfail.
+TRF_HUBER_BOUND = case_of("linear", 1, 1, 1, 0.1, True, method="trf", loss="huber",
+                          jac="3-point", x_scale="jac", f_scale=0.5)
+
+
 def _scipy(fun: Any, x0: Any, **kw: Any) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -380,6 +389,9 @@ def test_inputs_not_mutated(case: tuple[Problem, dict], use_torch: bool) -> None
     raises=AssertionError)
 @example(DOGBOX_ACTIVE_BOUND["3-point"]).xfail(
     reason="issue 11 part 2: dogbox with an active bound (single call stops early on ftol)",
+    raises=AssertionError)
+@example(TRF_HUBER_BOUND).xfail(
+    reason="batch 'trf' + huber lands on an active bound in 2 evaluations, single in 12",
     raises=AssertionError)
 @given(problems_and_options())
 def test_batch_of_one_equals_single(case: tuple[Problem, dict]) -> None:
