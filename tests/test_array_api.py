@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.optimize as so
+from _parity import assert_counts_close, assert_status_equivalent, assert_x_close
 
 from torchimize_scipy import batch_least_squares, least_squares
 
@@ -31,9 +32,11 @@ def test_least_squares_array_api_strict(method):
     res = least_squares(rosenbrock_xp, xp.asarray([2.0, 2.0]), method=method)
     ref = so.least_squares(rosenbrock_np, np.array([2.0, 2.0]), method=method)
     assert isinstance(res.x, type(xp.asarray(0.0)))
-    np.testing.assert_allclose(np.asarray(res.x), ref.x, rtol=1e-10)
-    assert res.status == ref.status
-    assert res.nfev == ref.nfev
+    # another path (array-api-strict arrays vs numpy): the parity policy
+    assert_x_close(np.asarray(res.x), ref.x)
+    assert_status_equivalent(res.status, ref.status)
+    assert_counts_close(res.status, ref.status, res.nfev, ref.nfev,
+                        slack=4 if method == "lm" else 2)
 
 
 def test_batch_least_squares_array_api_strict():

@@ -15,6 +15,12 @@ import numpy as np
 import pytest
 import scipy.optimize as so
 import torch
+from _parity import (
+    assert_counts_close,
+    assert_messages_equivalent,
+    assert_status_equivalent,
+    assert_x_close,
+)
 from scipy.optimize._lsq.least_squares import TERMINATION_MESSAGES
 
 from torchimize_scipy import least_squares
@@ -102,7 +108,7 @@ def test_scalar_fun_output():
     fun = lambda x: float(x[0] ** 2 - 2)  # noqa: E731
     res = least_squares(fun, [1.0])
     ref = so.least_squares(fun, [1.0])
-    np.testing.assert_allclose(res.x, ref.x, rtol=1e-10)
+    assert_x_close(res.x, ref.x)
     assert res.fun.shape == ref.fun.shape == (1,)
 
 
@@ -313,7 +319,7 @@ def test_fun_mutating_input_numpy(method):
     ref = so.least_squares(fun_mutating_numpy, x0, method=method)
     res = least_squares(fun_mutating_numpy, x0, method=method)
     np.testing.assert_allclose(res.x, ref.x, rtol=1e-6)
-    assert res.status == ref.status
+    assert_status_equivalent(res.status, ref.status)
 
 
 @pytest.mark.parametrize("jac", ["2-point", "autograd"])
@@ -345,8 +351,9 @@ def _history(solver, method, kw, x0=(2.0, 2.0)):
 def test_callback_intermediate_result(method, kw):
     ours, res = _history(least_squares, method, kw)
     ref, ref_res = _history(so.least_squares, method, kw)
-    assert len(ours) == len(ref) > 0
-    for a, b in zip(ours, ref, strict=True):
+    # the iterations agree until the last one, where rounding may decide the stop
+    assert len(ref) > 0 and abs(len(ours) - len(ref)) <= 1
+    for a, b in zip(ours, ref, strict=False):
         assert a["keys"] == b["keys"] == {"x", "fun", "nit", "nfev", "cost"}
         assert (a["nit"], a["nfev"]) == (b["nit"], b["nfev"])
         np.testing.assert_allclose(a["x"], b["x"], rtol=1e-6, atol=1e-12)
@@ -354,7 +361,7 @@ def test_callback_intermediate_result(method, kw):
         np.testing.assert_allclose(a["cost"], b["cost"], rtol=1e-6, atol=1e-12)
     assert [h["nit"] for h in ours] == list(range(1, len(ours) + 1))
     np.testing.assert_allclose(ours[-1]["x"], res.x)
-    assert res.status == ref_res.status
+    assert_status_equivalent(res.status, ref_res.status)
 
 
 def test_callback_dogbox_loss_fun_is_true_residuals():
@@ -430,7 +437,8 @@ def test_callback_returning_true_does_not_stop():
     ``_call_callback_maybe_halt`` ignores return values of ``callback(x)``)."""
     res = least_squares(fun_rosenbrock, [2.0, 2.0], callback=lambda x: True)
     ref = so.least_squares(fun_rosenbrock, [2.0, 2.0], callback=lambda x: True)
-    assert res.status == ref.status
+    assert res.status > 0 and ref.status > 0  # not -2: the callback did not stop them
+    assert_status_equivalent(res.status, ref.status)
 
 
 # ============================================================================ verbose
@@ -447,12 +455,20 @@ def test_verbose_1(capsys, method, kw):
     ref = _run_capture(capsys, so.least_squares, method=method, verbose=1, **kw)
     ours_lines, ref_lines = ours.splitlines(), ref.splitlines()
     assert len(ours_lines) == len(ref_lines) == 2
-    assert ours_lines[0] == ref_lines[0]  # the termination message
+    assert_verbose_summary(ours_lines, ref_lines, method)
+
+
+def assert_verbose_summary(ours_lines, ref_lines, method):
+    """The two closing lines of ``verbose>=1``, by the parity policy."""
+    # the termination message: equal, or both a converged one
+    assert_messages_equivalent(ours_lines[-2], ref_lines[-2], TERMINATION_MESSAGES)
     pattern = (r"Function evaluations (\d+), initial cost (\S+), final cost \S+, "
                r"first-order optimality \S+\.")
-    m_ours, m_ref = re.fullmatch(pattern, ours_lines[1]), re.fullmatch(pattern, ref_lines[1])
+    m_ours, m_ref = re.fullmatch(pattern, ours_lines[-1]), re.fullmatch(pattern, ref_lines[-1])
     assert m_ours and m_ref
-    assert m_ours.groups() == m_ref.groups()  # nfev and initial cost
+    assert m_ours.group(2) == m_ref.group(2)  # initial cost: one evaluation of the same fun
+    assert_counts_close(0, 0, int(m_ours.group(1)), int(m_ref.group(1)),
+                        slack=4 if method == "lm" else 2)
 
 
 @pytest.mark.parametrize("method,kw", [("trf", {}), ("trf", {"bounds": ROSEN_BOUNDS}),
@@ -462,12 +478,16 @@ def test_verbose_2_iteration_table(capsys, method, kw):
     ref = _run_capture(capsys, so.least_squares, method=method, verbose=2, **kw).splitlines()
     assert ours[0] == ref[0]  # header
     assert "Iteration" in ours[0] and "Optimality" in ours[0]
-    assert len(ours) == len(ref)
-    for a, b in zip(ours[1:-2], ref[1:-2], strict=True):  # rows: iteration, nfev columns
+    # rows (iteration, nfev columns) agree but for the last, where rounding may decide
+    # the stop (one row more or less)
+    assert abs(len(ours) - len(ref)) <= 1
+    rows = min(len(ours), len(ref)) - 3
+    assert rows > 0
+    for a, b in zip(ours[1:1 + rows], ref[1:1 + rows], strict=True):
         assert a.split()[:2] == b.split()[:2]
     if method == "trf" and kw:
-        assert ours == ref  # the bounded trf run matches to the printed digits
-    assert ours[-2] == ref[-2]
+        assert ours[1:1 + rows] == ref[1:1 + rows]  # bounded trf: to the printed digits
+    assert_verbose_summary(ours, ref, method)
 
 
 def test_verbose_0_silent(capsys):
@@ -475,9 +495,10 @@ def test_verbose_0_silent(capsys):
 
 
 def test_verbose_2_lm_no_table(capsys):
-    ours = _run_capture(capsys, least_squares, method="lm", verbose=2)
-    ref = _run_capture(capsys, so.least_squares, method="lm", verbose=2)
-    assert ours.splitlines() == ref.splitlines()
+    ours = _run_capture(capsys, least_squares, method="lm", verbose=2).splitlines()
+    ref = _run_capture(capsys, so.least_squares, method="lm", verbose=2).splitlines()
+    assert len(ours) == len(ref) == 2  # no table: the message and the summary
+    assert_verbose_summary(ours, ref, "lm")
 
 
 def test_verbose_2_gn_prints_table(capsys):
@@ -505,7 +526,8 @@ def test_workers_map(method, jac):
     assert calls  # the map-like callable was used
     ref = so.least_squares(fun_rosenbrock, [2.0, 2.0], jac=jac, method=method, workers=map)
     np.testing.assert_allclose(res.x, ref.x, rtol=1e-6)
-    assert res.nfev == ref.nfev
+    assert_counts_close(res.status, ref.status, res.nfev, ref.nfev,
+                        slack=4 if method == "lm" else 2)
 
 
 def test_workers_one_and_none():
@@ -525,7 +547,9 @@ def test_nfev_njev_rosenbrock(method, jac, x0, bounds):
     j = jac_rosenbrock if jac == "analytic" else jac
     res = least_squares(fun_rosenbrock, x0, j, bounds=bounds, method=method)
     ref = so.least_squares(fun_rosenbrock, x0, j, bounds=bounds, method=method)
-    assert (res.nfev, res.njev) == (ref.nfev, ref.njev)
+    # the conventions are tested exactly against real calls below; against scipy the
+    # counts agree within an iteration (the parity policy)
+    assert_counts_close(res.status, ref.status, (res.nfev, res.njev), (ref.nfev, ref.njev))
 
 
 @pytest.mark.parametrize("jac", ["2-point", "3-point", "cs"])
@@ -533,14 +557,14 @@ def test_njev_none_for_lm_finite_differences(jac):
     res = least_squares(fun_rosenbrock, [2.0, 2.0], jac=jac, method="lm")
     ref = so.least_squares(fun_rosenbrock, [2.0, 2.0], jac=jac, method="lm")
     assert res.njev is None and ref.njev is None
-    assert res.nfev == ref.nfev
+    assert_counts_close(res.status, ref.status, res.nfev, ref.nfev, slack=4)  # n + 2
 
 
 def test_njev_lm_analytic():
     res = least_squares(fun_rosenbrock, [2.0, 2.0], jac_rosenbrock, method="lm")
     ref = so.least_squares(fun_rosenbrock, [2.0, 2.0], jac_rosenbrock, method="lm")
     assert isinstance(res.njev, int)
-    assert (res.nfev, res.njev) == (ref.nfev, ref.njev)
+    assert_counts_close(res.status, ref.status, (res.nfev, res.njev), (ref.nfev, ref.njev))
 
 
 class CountingFun:

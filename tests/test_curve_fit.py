@@ -8,6 +8,12 @@ import numpy as np
 import pytest
 import scipy.optimize as so
 import torch
+from _parity import (
+    ONE_EVAL_RTOL,
+    assert_counts_close,
+    assert_message_matches,
+    assert_status_equivalent,
+)
 from scipy.optimize import Bounds, OptimizeWarning
 
 from torchimize_scipy._curve_fit import curve_fit
@@ -58,18 +64,23 @@ def assert_cov_close(ours, ref, rtol=RTOL_C):
     np.testing.assert_allclose(ours, ref, rtol=rtol, atol=rtol * np.abs(ref).max())
 
 
-def both(*args, rtol_p=RTOL_P, rtol_c=RTOL_C, same_status=True, **kwargs):
-    """Run scipy and ours with full_output; compare popt, pcov and the info."""
+def both(*args, rtol_p=RTOL_P, rtol_c=RTOL_C, **kwargs):
+    """Run scipy and ours with full_output; compare popt, pcov and the info.
+
+    ``ier`` by the parity policy (``tests/_parity.py``): equal, or both in the
+    converged class 1-4 (which test fires first at the solution is rounding);
+    the message exactly where the ier is the same, ``nfev`` within an iteration.
+    """
     ref = so.curve_fit(*args, full_output=True, **kwargs)
     got = curve_fit(*args, full_output=True, **kwargs)
     np.testing.assert_allclose(got[0], ref[0], rtol=rtol_p)
     assert_cov_close(got[1], ref[1], rtol_c)
     assert got[2].keys() == ref[2].keys()
-    if same_status:
-        assert got[3] == ref[3]
-        assert got[4] == ref[4]
-    else:
-        assert got[4] in (1, 2, 3, 4)
+    assert_status_equivalent(got[4], ref[4])
+    assert_message_matches(got[4], ref[4], got[3], ref[3])
+    # 'lm' counts its finite-difference calls: an iteration is len(popt) + 1 of them
+    assert_counts_close(got[4], ref[4], got[2]["nfev"], ref[2]["nfev"],
+                        slack=len(ref[0]) + 2)
     return ref, got
 
 
@@ -86,10 +97,9 @@ def test_docstring_example_unbounded(data):
 @pytest.mark.parametrize("method", [None, "trf", "dogbox"])
 def test_docstring_example_bounded(data, method):
     x, y, _, _ = data
-    # bounded 'dogbox' ends here with first-order optimality next to gtol (scipy
-    # 2.8e-9, least_squares' engine 2.4e-8): status 1 vs 3, same solution.
-    both(func, x, y, bounds=(0, [3.0, 1.0, 0.5]), method=method,
-         same_status=method != "dogbox")
+    # the stops differ by rounding here (AMD EPYC: trf ier 1 vs scipy 2, dogbox 3 vs 1,
+    # same nfev and solution): ``both`` accepts any converged ier, see tests/_parity.py
+    both(func, x, y, bounds=(0, [3.0, 1.0, 0.5]), method=method)
 
 
 @pytest.mark.parametrize("method", ["trf", "dogbox"])
@@ -142,8 +152,10 @@ def test_absolute_vs_relative_sigma(data):
     np.testing.assert_allclose(p1, p2)
     np.testing.assert_allclose(c_rel, c_abs * (r @ r) / (x.size - 3), rtol=1e-10)
     # relative sigma: scaling sigma changes nothing
+    # (another path: the scaled residuals round differently, so the ftol stop lands
+    # elsewhere within ftol; compare to the scale of the matrix, not entry by entry)
     _, c_rel10 = curve_fit(func, x, y, sigma=10 * sig)
-    np.testing.assert_allclose(c_rel10, c_rel, rtol=1e-6)
+    assert_cov_close(c_rel10, c_rel, rtol=1e-6)
 
 
 def test_sigma_errors(data):
@@ -163,10 +175,9 @@ def test_sigma_errors(data):
 def test_callable_jac(data, method, sigma):
     x, y, sig, cov = data
     s = {None: None, "1d": sig, "2d": cov}[sigma]
-    ref, got = both(func, x, y, jac=func_jac, sigma=s, method=method)
-    assert got[2]["nfev"] == ref[2]["nfev"]
+    ref, got = both(func, x, y, jac=func_jac, sigma=s, method=method)  # checks nfev
     if method is None:
-        assert got[2]["njev"] == ref[2]["njev"]
+        assert_counts_close(got[4], ref[4], got[2]["njev"], ref[2]["njev"])
 
 
 def test_scalar_sigma_with_callable_jac(data):
@@ -266,10 +277,11 @@ def test_full_output_lm(data):
     x, y, _, _ = data
     ref, got = both(func, x, y)
     info_r, info_g = ref[2], got[2]
-    assert list(info_g) == ["fvec", "nfev", "fjac", "ipvt", "qtf"]
-    assert info_g["nfev"] == info_r["nfev"]
+    assert list(info_g) == ["fvec", "nfev", "fjac", "ipvt", "qtf"]  # nfev: see ``both``
     np.testing.assert_allclose(info_g["fvec"], info_r["fvec"], rtol=1e-6, atol=1e-8)
     assert info_g["ipvt"].dtype == np.int32
+    # a discrete output, exact: the column norms that order the pivots differ by far
+    # more than rounding on this problem
     np.testing.assert_array_equal(info_g["ipvt"], info_r["ipvt"])
     assert info_g["fjac"].shape == info_r["fjac"].shape == (3, x.size)
     np.testing.assert_allclose(info_g["fjac"], info_r["fjac"], rtol=1e-5, atol=1e-6)
@@ -289,8 +301,7 @@ def test_full_output_lm(data):
 def test_full_output_trf(data, method):
     x, y, _, _ = data
     ref, got = both(func, x, y, method=method)
-    assert list(got[2]) == ["nfev", "fvec"]
-    assert got[2]["nfev"] == ref[2]["nfev"]
+    assert list(got[2]) == ["nfev", "fvec"]  # nfev: see ``both``
     np.testing.assert_allclose(got[2]["fvec"], ref[2]["fvec"], rtol=1e-6, atol=1e-8)
 
 
@@ -433,7 +444,10 @@ def test_input_errors(data):
 
 @pytest.mark.parametrize("bounds", [
     ([0, 0, 0], [3, 1, 0.5]),
-    Bounds([0, 0, 0], [3, 1, 0.5]),
+    # float bounds: from integer ``Bounds`` scipy builds an integer default p0 and
+    # truncates it ([1.5, 0.5, 0.25] -> [1, 0, 0]), so the two runs would not start
+    # from the same point (same popt, nfev 11 vs 8)
+    Bounds([0.0, 0.0, 0.0], [3.0, 1.0, 0.5]),
     ([0, -np.inf, -np.inf], [np.inf, 2.0, np.inf]),   # one-sided: p0 = lb + 1, ub - 1
 ])
 def test_default_p0_with_bounds(data, bounds):
@@ -512,9 +526,10 @@ def test_torch_inputs(data, kwargs):
     assert all(tx is torch.Tensor and ta is torch.Tensor for tx, ta in seen)
     np.testing.assert_allclose(popt.numpy(), ref[0], rtol=RTOL_P)
     assert_cov_close(pcov.numpy(), ref[1])
-    assert mesg == ref[3] and ier == ref[4]
+    assert_status_equivalent(ier, ref[4])
+    assert_message_matches(ier, ref[4], mesg, ref[3])
     if "jac" not in kw:
-        assert info["nfev"] == ref[2]["nfev"]
+        assert_counts_close(ier, ref[4], info["nfev"], ref[2]["nfev"], slack=5)
 
 
 def test_torch_multidimensional_and_nan_omit():
@@ -597,7 +612,10 @@ def _np(a):
     return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
-def assert_batch_is_loop(batch, loop, *, same_ier=True, nfev=True):
+def assert_batch_is_loop(batch, loop, *, nfev=True):
+    """A batch equals its loop of ``curve_fit`` calls by the parity policy: values to
+    the fit's accuracy, ``ier`` within the converged class, messages exactly where
+    the ier is the same, counts within an iteration (``tests/_parity.py``)."""
     popt, pcov, info, mesg, ier = batch
     popt, pcov, ier = _np(popt), _np(pcov), _np(ier)
     assert popt.shape == (len(loop), loop[0][0].size)
@@ -609,14 +627,12 @@ def assert_batch_is_loop(batch, loop, *, same_ier=True, nfev=True):
         np.testing.assert_allclose(_np(info["fvec"])[i], _np(ref[2]["fvec"]), rtol=1e-5,
                                    atol=1e-6)
         assert set(info) == set(ref[2]) - {"fjac", "ipvt", "qtf"}
+        assert_status_equivalent(ier[i], ref[4])
+        assert_message_matches(ier[i], ref[4], mesg[i], ref[3])
         if nfev:
-            assert int(_np(info["nfev"])[i]) == ref[2]["nfev"]
-            if "njev" in ref[2]:
-                assert int(_np(info["njev"])[i]) == ref[2]["njev"]
-        if same_ier:
-            assert int(ier[i]) == ref[4] and mesg[i] == ref[3]
-        else:
-            assert 1 <= int(ier[i]) <= 4 or int(ier[i]) > 0
+            names = ["nfev"] + (["njev"] if "njev" in ref[2] else [])
+            assert_counts_close(ier[i], ref[4], [int(_np(info[k])[i]) for k in names],
+                                [ref[2][k] for k in names], slack=p_ref.size + 2)
 
 
 def loop_fit(f, xs, Y, P0, **kw):
@@ -646,7 +662,7 @@ def test_batch_sigma(bdata, method, kind, absolute_sigma):
     batch = batch_curve_fit(func, x, Y, P0, sigma=sigma, absolute_sigma=absolute_sigma,
                             method=method, full_output=True)
     assert_batch_is_loop(batch, loop_fit(func, lambda i: x, Y, P0, sigma=per, method=method,
-                                         absolute_sigma=absolute_sigma), same_ier=False)
+                                         absolute_sigma=absolute_sigma))
 
 
 def test_batch_bounds_per_problem(bdata):
@@ -656,7 +672,7 @@ def test_batch_bounds_per_problem(bdata):
     batch = batch_curve_fit(func, x, Y, P0 * 0.5, bounds=(0, ub), full_output=True)
     loop = [curve_fit(func, x, Y[i], P0[i] * 0.5, bounds=(0, ub[i]), full_output=True)
             for i in range(NB)]
-    assert_batch_is_loop(batch, loop, same_ier=False)
+    assert_batch_is_loop(batch, loop)
 
 
 def test_batch_xdata_layouts():
@@ -679,8 +695,7 @@ def test_batch_xdata_layouts():
     for xb, Y, xs in cases:
         for method in (None, "trf"):
             batch = batch_curve_fit(plane, xb, Y, P0, method=method, full_output=True)
-            assert_batch_is_loop(batch, loop_fit(plane, xs, Y, P0, method=method),
-                                 same_ier=False, nfev=False)
+            assert_batch_is_loop(batch, loop_fit(plane, xs, Y, P0, method=method), nfev=False)
     # (B, M): one row of xdata per problem
     Xr = np.stack([np.linspace(0, 4 + 0.2 * i, 40) for i in range(NB)])
     Yr = func(Xr, *cols) + 0.01 * rng.normal(size=Xr.shape)
@@ -700,7 +715,7 @@ def test_batch_torch(bdata, method, jac):
     loop = loop_fit(func, lambda i: x, Y, P0, sigma=lambda i: sig[i], method=method,
                     jac=None if jac is None else func_jac)
     if jac is None:
-        assert_batch_is_loop((popt, pcov, info, mesg, ier), loop, same_ier=False)
+        assert_batch_is_loop((popt, pcov, info, mesg, ier), loop)
     else:  # exact Jacobian: 'lm' covariance at the solution (see curve_fit's notes)
         for i, ref in enumerate(loop):
             np.testing.assert_allclose(popt[i].numpy(), ref[0], rtol=RTOL_P)
@@ -740,7 +755,9 @@ def test_batch_failures_are_nan(bdata):
                 assert str(e).endswith(mesg[i])
             else:
                 np.testing.assert_allclose(popt[i], ref[0], rtol=RTOL_P)
-                assert ier[i] == ref[4] and info["nfev"][i] == ref[2]["nfev"]
+                assert_status_equivalent(ier[i], ref[4])
+                assert_counts_close(ier[i], ref[4], info["nfev"][i], ref[2]["nfev"],
+                                    slack=P0.shape[1] + 2)
 
 
 @pytest.mark.parametrize("method", [None, "trf"])
@@ -835,7 +852,8 @@ def test_batch_normal_inverse_routes(fallback):
     assert seen == [2]                                # rows 1 and 2 only, in one call
     ref = factorised(Jt[[0, 4, 5]]).numpy()
     for k, i in enumerate((0, 4, 5)):
-        np.testing.assert_allclose(cov[i], ref[k], rtol=1e-12, atol=0)
+        # Gram inverse vs factorisation: two kernels, one evaluation each
+        np.testing.assert_allclose(cov[i], ref[k], rtol=ONE_EVAL_RTOL, atol=0)
         np.testing.assert_array_equal(cov[i], cov[i].T)
     for i in (1, 2):  # the same values as the factorisation gives these rows alone
         np.testing.assert_array_equal(cov[i], factorised(Jt[[1, 2]]).numpy()[i - 1])

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _parity import ONE_EVAL_RTOL
 from scipy.optimize._lsq.common import scale_for_robust_loss_function
 from scipy.optimize._lsq.least_squares import IMPLEMENTED_LOSSES, construct_loss_function
 
@@ -77,8 +78,8 @@ def test_derivatives_match_autograd(name):
         d2 = None
     if d2 is None:
         d2 = torch.zeros_like(z)
-    torch.testing.assert_close(d1, rho[1], rtol=1e-13, atol=1e-15)
-    torch.testing.assert_close(d2, rho[2], rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(d1, rho[1], rtol=ONE_EVAL_RTOL, atol=1e-15)
+    torch.testing.assert_close(d2, rho[2], rtol=ONE_EVAL_RTOL, atol=1e-15)
 
 
 def test_huber_autograd_finite_at_zero():
@@ -163,8 +164,11 @@ def test_per_problem_f_scale():
     cost, rho = loss.cost(f), loss.rho(f)
     for b in range(3):
         single = make_loss("cauchy", float(scales[b]))
-        torch.testing.assert_close(cost[b], single.cost(f[b : b + 1])[0], rtol=1e-15, atol=0)
-        torch.testing.assert_close(rho[:, b], single.rho(f[b : b + 1])[:, 0], rtol=1e-15, atol=0)
+        # a row alone runs other (scalar-tail) kernels than the whole batch: a few ulps
+        torch.testing.assert_close(cost[b], single.cost(f[b : b + 1])[0], rtol=ONE_EVAL_RTOL,
+                                   atol=0)
+        torch.testing.assert_close(rho[:, b], single.rho(f[b : b + 1])[:, 0],
+                                   rtol=ONE_EVAL_RTOL, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
