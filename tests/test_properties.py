@@ -187,8 +187,8 @@ def case_of(family: str, seed: int, m: int, n: int, scale: float, boxed: bool,
 #: its upper bound at the solution; scipy's dogbox stops on gtol after 9 evaluations.
 #: Single ``least_squares`` 'dogbox' needs 12 with jac='cs', and with '3-point' stops on
 #: ftol at optimality 1.8e-6, x off by 6e-6; the batch of one matches scipy. This is the
-#: dogbox active-bound defect of issue 11 part 2 (fixed in steps/dogbox.py by another
-#: engineer): strict xfail until that lands.
+#: dogbox active-bound defect of issue 11 part 2, fixed in steps/dogbox.py (the Newton
+#: step is exactly zero on the fixed variables); kept as a regression example.
 DOGBOX_ACTIVE_BOUND = {
     jac: case_of("linear", 14191565, 4, 4, 1.0, True, method="dogbox", loss="soft_l1",
                  jac=jac, f_scale=0.5)
@@ -279,13 +279,12 @@ INVALID: dict[str, tuple[Any, np.ndarray, dict]] = {
     "args_extra": (_lin, np.zeros(2), {"args": (1,)}),
 }
 
-#: defects of input handling that this suite found (issue 11, part 2); they are
-#: fixed in the input-validation work, so here they are strict expected failures:
-#: the day a fix lands, the examples below pass and must lose their ``xfail``
+#: defects of input handling that this suite found (issue 11, part 2), fixed since;
+#: kept as explicit examples so that they stay fixed
 KNOWN_DEFECTS: dict[str, tuple[Any, np.ndarray, dict]] = {
-    # scipy runs a problem with no variables; we fail inside torch (stack of nothing)
+    # scipy runs a problem with no variables (we used to fail inside torch)
     "x0_empty": (lambda x: np.array([1.0, 2.0]), np.zeros(0), {}),
-    # scipy: ValueError('array must not contain infs or NaNs'); we: status 5
+    # scipy: ValueError('array must not contain infs or NaNs') (we used to give status 5)
     "jac_nan_at_x0": (_lin, np.zeros(2), {"jac": lambda x: np.full((3, 2), np.nan)}),
     "f_scale_zero": (_lin, np.zeros(2), {"loss": "huber", "f_scale": 0.0}),
 }
@@ -303,15 +302,9 @@ def _outcome(solver: Any, fun: Any, x0: np.ndarray, kw: dict) -> type | None:
 
 
 @SETTINGS(40)
-@example(name="x0_empty", method=None, tol=None).xfail(
-    reason="issue 11 part 2 (input validation): x0 of size 0 crashes in torch",
-    raises=AssertionError)
-@example(name="jac_nan_at_x0", method=None, tol=None).xfail(
-    reason="issue 11 part 2 (input validation): NaN Jacobian at x0 gives status 5",
-    raises=AssertionError)
-@example(name="f_scale_zero", method=None, tol=None).xfail(
-    reason="issue 11 part 2 (input validation): f_scale=0 gives status 5",
-    raises=AssertionError)
+@example(name="x0_empty", method=None, tol=None)
+@example(name="jac_nan_at_x0", method=None, tol=None)
+@example(name="f_scale_zero", method=None, tol=None)
 @given(name=st.sampled_from(sorted(INVALID)),
        method=st.sampled_from([None, "trf", "dogbox", "lm"]),
        tol=st.sampled_from([None, -1.0, 0.0, 1e-20]))
@@ -384,12 +377,8 @@ def test_inputs_not_mutated(case: tuple[Problem, dict], use_torch: bool) -> None
 
 # ============================================================================ 4. batch of one
 @SETTINGS(25)
-@example(DOGBOX_ACTIVE_BOUND["cs"]).xfail(
-    reason="issue 11 part 2: dogbox with an active bound (single call: 12 evaluations vs 9)",
-    raises=AssertionError)
-@example(DOGBOX_ACTIVE_BOUND["3-point"]).xfail(
-    reason="issue 11 part 2: dogbox with an active bound (single call stops early on ftol)",
-    raises=AssertionError)
+@example(DOGBOX_ACTIVE_BOUND["cs"])
+@example(DOGBOX_ACTIVE_BOUND["3-point"])
 @example(TRF_HUBER_BOUND).xfail(
     reason="batch 'trf' + huber lands on an active bound in 2 evaluations, single in 12",
     raises=AssertionError)
@@ -430,8 +419,6 @@ def test_batch_of_one_zero_residual_rosenbrock(method: str) -> None:
     assert_counts_close(batch.status, single.status, batch.nfev, single.nfev, slack=4)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 11 part 2: dogbox with an active bound takes Cauchy steps")
 @pytest.mark.parametrize("jac", sorted(DOGBOX_ACTIVE_BOUND))
 def test_dogbox_active_bound_like_scipy(jac: str) -> None:
     """The single call against scipy on the case found above: same minimum, counts within
