@@ -554,7 +554,7 @@ def autograd_jacobian(
             return attempt().detach()
         except Exception as exc:  # noqa: BLE001 - the next formulation may work
             errors.append(exc)
-    for exc in errors:
+    for exc in reversed(errors):  # chain the plainest formulation's message
         if _converts_to_numpy(exc):
             raise ValueError(AUTOGRAD_NEEDS_TORCH) from exc
     raise errors[-1]
