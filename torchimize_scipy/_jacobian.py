@@ -551,9 +551,14 @@ def autograd_jacobian(
     errors: list[Exception] = []
     for attempt in attempts:
         try:
-            return attempt().detach()
+            jac = attempt()
         except Exception as exc:  # noqa: BLE001 - the next formulation may work
             errors.append(exc)
+        else:
+            # the kept errors' tracebacks reference this frame: free them now
+            # rather than leave a reference cycle (and its tensors) to the GC
+            errors.clear()
+            return jac.detach()
     for exc in reversed(errors):  # chain the plainest formulation's message
         if _converts_to_numpy(exc):
             raise ValueError(AUTOGRAD_NEEDS_TORCH) from exc
