@@ -19,7 +19,7 @@ with status 1 when any result differed.
 Usage::
 
     python benchmarks/bench_threads.py [--workers 4] [--batch 3000] [--repeat 3]
-           [--methods lm trf dogbox] [--jacs autograd 2-point 3-point callable]
+           [--methods lm trf dogbox gn gd] [--jacs autograd 2-point 3-point callable cs]
            [--api least_squares|curve_fit] [--quick]
 """
 
@@ -47,7 +47,8 @@ from _common import (
 
 from torchimize_scipy import batch_curve_fit, batch_least_squares
 
-JACS = ("autograd", "2-point", "3-point", "callable")
+JACS = ("autograd", "2-point", "3-point", "callable")  # the default set
+JAC_CHOICES = (*JACS, "cs")
 
 
 def peak_model(t: torch.Tensor, a: torch.Tensor, mu: torch.Tensor, s: torch.Tensor,
@@ -139,7 +140,7 @@ def main() -> int:
                    "quick 2)")
     p.add_argument("--methods", nargs="+", default=["lm", "trf"],
                    choices=["lm", "trf", "dogbox", "gn", "gd"])
-    p.add_argument("--jacs", nargs="+", default=list(JACS), choices=JACS)
+    p.add_argument("--jacs", nargs="+", default=list(JACS), choices=JAC_CHOICES)
     p.add_argument("--api", default="least_squares", choices=["least_squares", "curve_fit"],
                    help="batch_least_squares (default) or batch_curve_fit")
     p.add_argument("--no-json", action="store_true", help="do not write the JSON result")
