@@ -38,7 +38,7 @@ THREADS = 3
 METHODS = ["trf", "dogbox", "lm", "gn", "gd"]
 JACS = ["callable", "2-point", "3-point", "autograd"]
 T = torch.linspace(0.0, 2.0, 12, dtype=torch.float64)
-B = 6  # problems per batch call
+B = 4  # problems per batch call
 SWITCH_INTERVAL = 1e-5  # seconds; Python's default is 5e-3
 
 
@@ -240,7 +240,7 @@ JACOBIAN_CASES = {
 @pytest.mark.parametrize("name", list(JACOBIAN_CASES))
 def test_autograd_jacobian_concurrent(name):
     fun, n = JACOBIAN_CASES[name]
-    xs = [_points(64, n, seed) for seed in range(THREADS)]
+    xs = [_points(32, n, seed) for seed in range(THREADS)]
     ref = [autograd_jacobian(fun, x) for x in xs]
     # the references are right (not only reproducible): central differences
     x = xs[0].clone()
@@ -264,7 +264,7 @@ def test_autograd_jacobian_concurrent_with_reverse_mode():
     """Forward mode in some threads while reverse mode runs in the others."""
     t_long = torch.linspace(-2, 2, 40, dtype=torch.float64)
     t_short = torch.linspace(-2, 2, 5, dtype=torch.float64)
-    x_fwd, x_rev = _points(64, 6, 11), _points(64, 12, 12)
+    x_fwd, x_rev = _points(32, 6, 11), _points(32, 12, 12)
 
     def fwd():
         return autograd_jacobian(lambda p: peaks(p, t_long), x_fwd)
@@ -275,7 +275,7 @@ def test_autograd_jacobian_concurrent_with_reverse_mode():
     ref_fwd, ref_rev = fwd(), rev()
 
     def work(i: int) -> list:
-        return [fwd() if i % 2 == 0 else rev() for _ in range(6)]
+        return [fwd() if i % 2 == 0 else rev() for _ in range(4)]
 
     for i, got in enumerate(run_threads(work)):
         for J in got:
