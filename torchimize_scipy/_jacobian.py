@@ -58,10 +58,16 @@ Jacobian-vector product per column, vectorised with ``vmap``) when
 otherwise, exploiting that row ``i`` of the output depends only on row ``i``
 of the input so that a single tangent/cotangent direction serves the whole
 batch (Griewank & Walther, *Evaluating Derivatives*, 2nd ed., 2008).
+Forward mode holds a process-wide lock, because torch keeps forward-mode AD
+state per process; see the comment above ``_FORWARD_AD_LOCK`` and
+``docs/threads.md``. A function that converts its tensors to numpy cannot be
+differentiated this way and gets a ``ValueError`` naming the alternatives.
 """
 
 from __future__ import annotations
 
+import re
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -338,33 +344,85 @@ def finite_difference_jacobian(
     return differences(x0, [xa, xb], three_point)
 
 
-_forward_ad_ready = False
+# Forward-mode AD and threads
+# ---------------------------
+# torch keeps the state of forward-mode AD per process, not per thread: the C++
+# list of dual levels allows a single level in the whole process, and the Python
+# counters ``torch.autograd.forward_ad._current_level`` and
+# ``torch._functorch.eager_transforms.JVP_NESTING`` are module globals. When two
+# threads run ``torch.func.jvp`` at once, the second one either fails ("no level
+# exists", "invalid index"; the fallbacks below then answer with reverse mode,
+# whose rounding differs) or silently runs inside the first thread's level, and
+# when the first thread leaves, torch deletes that level's tangents: the second
+# thread reads zero columns, a wrong Jacobian without any error (issue 17).
+#
+# So every forward-mode Jacobian of this module runs while holding one
+# process-wide lock. That is safe because (1) at most one thread of this package
+# is inside forward mode at any time, so it always owns the only level, exactly
+# as in a single-threaded program, and its results are bit-identical to a
+# sequential run; (2) the lock is re-entrant, so a ``fun`` that itself reaches
+# this code in the same thread behaves as it would without the lock; (3) reverse
+# mode (``torch.func.vjp``, ``vmap``, ``torch.autograd.grad``) keeps its state in
+# thread-local storage (functorch's interpreter stack, grad mode), so it runs
+# outside the lock and in parallel. Choosing reverse mode when the lock is busy
+# would avoid the wait but make the result depend on timing; we wait instead.
+# Single-threaded, the cost is one uncontended lock acquisition per Jacobian.
+# Not covered: forward-mode AD run at the same time by code outside this
+# package (a user's own ``torch.func.jvp`` or ``jacfwd`` in another thread).
+_FORWARD_AD_LOCK = threading.RLock()
+_forward_ad_ready = False  # guarded by _FORWARD_AD_LOCK
 
 
 def _prepare_forward_ad() -> None:
     """Trigger torch's one-time lazy setup of forward-mode AD quietly.
 
-    On first use, forward AD compiles some decompositions with ``torch.jit.script``,
-    which emits a ``DeprecationWarning`` in recent torch versions that is irrelevant
-    to users of this package.
+    Call with ``_FORWARD_AD_LOCK`` held. On first use, forward AD compiles some
+    decompositions with ``torch.jit.script``, which emits a
+    ``DeprecationWarning`` in recent torch versions that is irrelevant to users
+    of this package. ``warnings.catch_warnings`` is not used: it replaces the
+    process-wide filter list and restores it on exit, which would discard
+    filters that other threads add meanwhile (or leave ours behind for a
+    thread that entered its own ``catch_warnings`` meanwhile). Instead one
+    ``ignore`` entry, limited to ``DeprecationWarning`` raised from ``torch.jit``,
+    is inserted into the filter list in use and removed from that same list
+    afterwards; other threads only see that entry for the duration of the
+    import, once per process.
     """
     global _forward_ad_ready
     if _forward_ad_ready:
         return
     loader = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
     if loader is not None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+        filters = warnings.filters
+        entry = ("ignore", None, DeprecationWarning, re.compile(r"torch\.jit"), 0)
+        filters.insert(0, entry)
+        _warning_filters_changed()
+        try:
+            loader()
+        except Exception:  # pragma: no cover - best effort only
+            pass
+        finally:
             try:
-                loader()
-            except Exception:  # pragma: no cover - best effort only
+                filters.remove(entry)
+            except ValueError:  # pragma: no cover - the list was cleared meanwhile
                 pass
+            _warning_filters_changed()
     _forward_ad_ready = True
 
 
+def _warning_filters_changed() -> None:
+    """Invalidate the "already warned" caches after editing ``warnings.filters``.
+
+    Done by ``warnings.filterwarnings`` and ``catch_warnings`` themselves; a
+    no-op on Python versions without this hook.
+    """
+    hook = getattr(warnings, "_filters_mutated", None)
+    if hook is not None:
+        hook()
+
+
 def _jac_forward(fun: Callable[[Tensor], Tensor], x: Tensor, vectorize: bool) -> Tensor:
-    """Forward-mode Jacobian, ``(B, m, n)``."""
-    _prepare_forward_ad()
+    """Forward-mode Jacobian, ``(B, m, n)``; holds the forward-AD lock (see above)."""
     bsz, n = x.shape
     eye = torch.eye(n, dtype=x.dtype, device=x.device)
     tangents = eye.unsqueeze(1).expand(n, bsz, n)  # direction e_j for every row
@@ -372,10 +430,12 @@ def _jac_forward(fun: Callable[[Tensor], Tensor], x: Tensor, vectorize: bool) ->
     def push(t: Tensor) -> Tensor:
         return torch.func.jvp(fun, (x,), (t,))[1]
 
-    if vectorize:
-        cols = torch.func.vmap(push)(tangents)  # (n, B, m)
-    else:
-        cols = torch.stack([push(tangents[j]) for j in range(n)])
+    with _FORWARD_AD_LOCK:
+        _prepare_forward_ad()
+        if vectorize:
+            cols = torch.func.vmap(push)(tangents)  # (n, B, m)
+        else:
+            cols = torch.stack([push(tangents[j]) for j in range(n)])
     return cols.permute(1, 2, 0)
 
 
@@ -439,6 +499,13 @@ def autograd_jacobian(
     Tensor
         Detached Jacobians, shape ``(B, m, n)``.
 
+    Raises
+    ------
+    ValueError
+        When every formulation fails because ``fun_torch`` converts the tensors
+        it receives to numpy (:data:`AUTOGRAD_NEEDS_TORCH`, chained to torch's
+        error). Any other error of the last formulation is raised unchanged.
+
     Notes
     -----
     Forward mode is used when ``n <= m`` and reverse mode otherwise, both
@@ -448,6 +515,10 @@ def autograd_jacobian(
     supported by an operation, reverse mode is tried, and as a last resort
     plain :func:`torch.autograd.grad` (which supports any
     :class:`torch.autograd.Function`) is looped over the ``m`` outputs.
+
+    Safe to call from several threads at once: forward mode, whose state torch
+    keeps per process, runs under a process-wide lock (see the comment above
+    ``_FORWARD_AD_LOCK``); reverse mode needs none.
     """
     x = x.detach()
     n = x.shape[-1]
@@ -477,10 +548,40 @@ def autograd_jacobian(
             lambda: _jac_reverse(fun_torch, x, False, vjp_pair),
             lambda: _jac_reverse_classic(fun_torch, x),
         ]
-    for k, attempt in enumerate(attempts):
+    errors: list[Exception] = []
+    for attempt in attempts:
         try:
-            return attempt().detach()
-        except Exception:
-            if k == len(attempts) - 1:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+            jac = attempt()
+        except Exception as exc:  # noqa: BLE001 - the next formulation may work
+            errors.append(exc)
+        else:
+            # the kept errors' tracebacks reference this frame: free them now
+            # rather than leave a reference cycle (and its tensors) to the GC
+            errors.clear()
+            return jac.detach()
+    for exc in reversed(errors):  # chain the plainest formulation's message
+        if _converts_to_numpy(exc):
+            raise ValueError(AUTOGRAD_NEEDS_TORCH) from exc
+    raise errors[-1]
+
+
+#: Raised when ``jac='autograd'`` meets a function that leaves torch.
+AUTOGRAD_NEEDS_TORCH = (
+    "jac='autograd' differentiates `fun` with torch.func, so `fun` must compute its "
+    "result with torch operations on the tensors it receives; it converted them to "
+    "numpy (or another library) instead. Use jac='2-point', '3-point' or 'cs' "
+    "(finite differences), or pass a callable `jac`."
+)
+
+#: Messages of torch's errors when a tensor being differentiated is turned into a
+#: numpy array: plain autograd, forward mode / vmap (no storage), tensor subclasses.
+_NUMPY_MARKERS = (
+    "Can't call numpy() on Tensor that requires grad",
+    "Cannot access data pointer of Tensor that doesn't have storage",
+    ".numpy() is not supported for tensor subclasses",
+)
+
+
+def _converts_to_numpy(exc: BaseException) -> bool:
+    """True when ``exc`` is torch's error for converting a traced tensor to numpy."""
+    return isinstance(exc, RuntimeError) and any(k in str(exc) for k in _NUMPY_MARKERS)
