@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._driver import solve
+from .._driver import EngineRun, initial_state, prefers_gram, solve
 from .._engine import status as codes
-from .._jacobian import autograd_jacobian
+from .._frontend import EngineJacobian
 
 __all__ = [
     "Iterates", "ParallelModel", "SingleModel", "check_step",
@@ -339,12 +339,13 @@ def minimize(model: ParallelModel | SingleModel, x0: Tensor, method: str, *, fto
     def fun(x: Tensor, idx: Tensor) -> Tensor:
         return pick(model.residuals(embed(x, idx)), idx, x.shape[0])
 
+    def user_jac(x: Tensor, idx: Tensor) -> Tensor:
+        return pick(model.jacobian(embed(x, idx)), idx, x.shape[0])
+
     if model.has_jacobian:
-        def jac(x: Tensor, f: Tensor, idx: Tensor) -> Tensor:
-            return pick(model.jacobian(embed(x, idx)), idx, x.shape[0])
+        jac = EngineJacobian(user_jac, fun, user=user_jac)
     else:
-        def jac(x: Tensor, f: Tensor, idx: Tensor) -> Tensor:
-            return autograd_jacobian(lambda X: fun(X, idx), x, model.m)
+        jac = EngineJacobian("autograd", fun, differentiable=fun)
 
     with torch.no_grad():
         f0 = fun(x0, all_rows)
@@ -365,10 +366,12 @@ def minimize(model: ParallelModel | SingleModel, x0: Tensor, method: str, *, fto
         iterates.append(current.clone())
 
     inf = torch.full_like(x0, math.inf)
-    out = solve(method=method, fun=fun, jac=jac, x0=x0, f0=f0, J0=J0, lb=-inf, ub=inf,
-                x_scale=x_scale, loss=None, ftol=ftol, xtol=xtol, gtol=gtol,
-                max_nfev=max_trials + 1, on_iteration=record,
-                step_length=step_size if method in ("gd", "gn") else None)
+    start = initial_state(all_rows, x0, f0, J0, -inf, inf, x_scale)
+    out = solve(EngineRun(
+        method=method, fun=fun, jac=jac, start=start, loss=None, ftol=ftol, xtol=xtol,
+        gtol=gtol, max_nfev=max_trials + 1, bounded=False, jac_scale=isinstance(x_scale, str),
+        use_gram=prefers_gram(model.m, n), on_iteration=record,
+        step_length=step_size if method in ("gd", "gn") else None))
     x_final = out["x"]
     status = out["status"]
     iterates.info = {
