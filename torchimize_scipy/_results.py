@@ -55,7 +55,7 @@ class BatchOptimizeResult(OptimizeResult):
             if value is None:
                 res[name] = None
                 continue
-            item = value[i]
+            item = value[i, ...]  # also for array-API arrays, which need every axis named
             if name in ("cost", "optimality"):
                 item = item.clone() if isinstance(item, torch.Tensor) else float(item)
             elif name in ("nfev", "njev", "status"):

@@ -383,14 +383,10 @@ def user_loss(loss: Callable, ns: Namespace, m: int, rowwise: bool) -> Callable[
 
     ``rowwise`` (``least_squares``): ``loss(z (m,))`` is called once per
     problem with a fresh array of the caller's kind (numpy float64 unless the
-    caller works in torch) and returns ``(3, m)``. Otherwise
-    (``batch_least_squares``) ``loss(z (b, m))`` returns ``(3, b, m)``. A
-    result of another shape raises scipy's ``ValueError``.
+    caller works in torch) and must return ``(3, m)`` (else scipy's
+    ``ValueError``). Otherwise (``batch_least_squares``) ``loss(z (b, m))``
+    returns ``(3, b, m)``.
     """
-
-    def wrong_shape() -> ValueError:
-        return ValueError("The return value of `loss` callable has wrong shape.")
-
     if rowwise:
         def rho_rows(z: Tensor) -> Tensor:
             rows = []
@@ -399,17 +395,14 @@ def user_loss(loss: Callable, ns: Namespace, m: int, rowwise: bool) -> Callable[
                     as_numpy(loss(ns.row_to_fun(z[i]))), dtype=float)
                 r = ns.from_user(r, what="loss")
                 if tuple(r.shape) != (3, m):
-                    raise wrong_shape()
+                    raise ValueError("The return value of `loss` callable has wrong shape.")
                 rows.append(r)
             return torch.stack(rows, dim=1)
 
         return rho_rows
 
-    def rho_batch(z: Tensor) -> Tensor:
+    def rho_batch(z: Tensor) -> Tensor:  # its shape is checked by the LossFunction
         zu = z if ns.kind == "torch" else z.detach().cpu().numpy()
-        r = ns.from_user(loss(zu), what="loss")
-        if tuple(r.shape) != (3, *z.shape):
-            raise wrong_shape()
-        return r
+        return ns.from_user(loss(zu), what="loss")
 
     return rho_batch
