@@ -43,7 +43,7 @@ from .._frontend import EngineJacobian
 __all__ = [
     "Iterates", "ParallelModel", "SingleModel", "check_step",
     "check_lm_options", "check_max_iter", "check_tolerances", "check_weights", "minimize",
-    "parallel_result", "single_result", "start_point",
+    "parallel_result", "run_torchimize", "single_result", "start_point",
 ]
 
 
@@ -410,3 +410,32 @@ def single_result(x0: Tensor, iterates: Iterates) -> Iterates:
                 "nfev": int(info["nfev"][0]), "njev": int(info["njev"][0]),
                 "nit": int(info["nit"][0])}
     return out
+
+
+def run_torchimize(method: str, p: Any, function: Callable, jac_function: Callable | None,
+                   args: Sequence, *, parallel: bool, tolerances: tuple | None, max_iter: Any,
+                   rule_options: Callable[[], dict], wvec: Any = None,
+                   plain: bool = False) -> Any:
+    """The body of every function of the torchimize API.
+
+    Checks in torchimize's argument order (``p``, the tolerances ``(ftol,
+    ptol, gtol)`` unless None, which means none, the rule's own options from
+    ``rule_options()``, ``max_iter``), wraps the callables as a model, runs
+    the engine's ``method`` and returns torchimize's convention: for a single
+    problem the list ``[p0, p1, ...]`` (``max_iter`` counts ``p0``), for
+    parallel ones the ``(B, n)`` iterates, or only the final ``(B, n)`` when
+    ``plain``.
+    """
+    x0 = start_point(p, 2 if parallel else 1)
+    ftol, xtol, gtol = (0.0, 0.0, 0.0) if tolerances is None else check_tolerances(*tolerances)
+    options = rule_options()
+    max_iter = check_max_iter(max_iter)
+    if not parallel:
+        model = SingleModel(function, jac_function, args, x0)
+        its = minimize(model, x0[None], method, ftol=ftol, xtol=xtol, gtol=gtol,
+                       max_trials=max_iter - 1, **options)
+        return single_result(x0[None], its)
+    model = ParallelModel(function, jac_function, args, x0, wvec)
+    its = minimize(model, x0, method, ftol=ftol, xtol=xtol, gtol=gtol, max_trials=max_iter,
+                   **options)
+    return its.info["x"] if plain else parallel_result(its)
