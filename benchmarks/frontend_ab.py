@@ -129,7 +129,8 @@ def cases():
 
     tt = torch.linspace(0, 3, 20, dtype=torch.float64)
     P = torch.tensor([[1.0, 0.7], [2.0, 1.3], [0.5, 0.4]], dtype=torch.float64)
-    yy = torch.stack([P[:, :1] * torch.exp(-P[:, 1:] * tt), P[:, :1] * torch.exp(-0.5 * P[:, 1:] * tt)], 1)
+    yy = torch.stack([P[:, :1] * torch.exp(-P[:, 1:] * tt),
+                      P[:, :1] * torch.exp(-0.5 * P[:, 1:] * tt)], 1)
 
     def pf(p):
         return torch.stack([p[:, :1] * torch.exp(-p[:, 1:] * tt),
@@ -139,7 +140,8 @@ def cases():
         return p[0] * torch.exp(-p[1] * tt) - yy[0, 0]
 
     p0t = torch.ones(3, 2, dtype=torch.float64)
-    yield "f-lma-par", lambda: tf.lsq_lma_parallel(p0t, pf, max_iter=50, wvec=torch.tensor([1.0, 2.0], dtype=torch.float64))
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    yield "f-lma-par", lambda: tf.lsq_lma_parallel(p0t, pf, max_iter=50, wvec=w)
     yield "f-gna-par", lambda: tf.lsq_gna_parallel(p0t, pf, max_iter=50)
     yield "f-gd-par", lambda: tf.gradient_descent_parallel(p0t, pf, l=0.01, max_iter=50)
     yield "f-lma", lambda: tf.lsq_lma(torch.ones(2, dtype=torch.float64), sf, max_iter=50)
@@ -176,7 +178,7 @@ def _same(a, b) -> bool:
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return (isinstance(b, (list, tuple)) and len(a) == len(b)
-                and all(_same(x, y) for x, y in zip(a, b)))
+                and all(_same(x, y) for x, y in zip(a, b, strict=True)))
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         a, b = np.asarray(a), np.asarray(b)
         return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
