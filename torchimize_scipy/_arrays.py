@@ -150,11 +150,24 @@ def _torch_dtype(dtype: Any) -> torch.dtype:
     return table[np_dtype]
 
 
-def as_numpy(a: Any) -> np.ndarray:
-    """Host numpy view of any supported array (for validation)."""
+def to_host(a: Any) -> Any:
+    """The one host-array helper: tensors (also inside lists and tuples) to numpy.
+
+    Anything else is returned unchanged, so that a later ``np.asarray(...,
+    dtype=float)`` refuses what numpy refuses (a complex scalar raises
+    instead of being silently cast).
+    """
     if is_torch(a):
         t = a.detach().cpu()
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16
             t = t.float()
         return t.numpy()
-    return np.asarray(a)
+    if isinstance(a, list | tuple) and any(isinstance(e, torch.Tensor | list | tuple)
+                                           for e in a):
+        return [to_host(e) for e in a]
+    return a
+
+
+def as_numpy(a: Any) -> np.ndarray:
+    """Host numpy view of any supported array (see :func:`to_host`)."""
+    return np.asarray(to_host(a))

@@ -13,92 +13,21 @@ termination tests), gathered in a :class:`BatchOptimizeResult`.
 from __future__ import annotations
 
 import math
-import operator
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import OptimizeResult
 
-from ._arrays import Namespace, as_numpy, detect_namespace
-from ._driver import initial_state, result_buffers, solve
+from ._driver import EngineRun, initial_state, result_buffers, solve
 from ._engine import status as codes
-from ._engine.bounds import make_strictly_feasible
 from ._engine.loop import RESULT_KEYS, all_finite
-from ._jacobian import autograd_jacobian, finite_difference_jacobian
-from ._loss import make_loss
-from ._user_functions import PerProblemArgs, RowwiseFunction, VectorizedFunction
-from ._validation import (
-    FD_METHODS,
-    check_bounds,
-    check_diff_step,
-    check_f_scale,
-    check_options,
-    check_tolerance,
-    check_x_scale,
-    prepare_bounds,
-)
+from ._frontend import EngineJacobian, check_residuals_and_loss, prepare
+from ._results import ARRAY_FIELDS, BatchOptimizeResult, build_result
+from ._validation import check_options
 
-#: Result fields with a leading batch dimension.
-ARRAY_FIELDS = ("x", "cost", "fun", "jac", "grad", "optimality", "active_mask", "nfev", "njev",
-                "status", "success")
-
-
-class BatchOptimizeResult(OptimizeResult):
-    """Results of a batch of least-squares problems.
-
-    scipy's field names with a leading batch dimension: ``x (B, n)``,
-    ``cost (B,)``, ``fun (B, m)``, ``jac (B, m, n)``, ``grad (B, n)``,
-    ``optimality (B,)``, ``active_mask (B, n)``, ``nfev (B,)``, ``njev (B,)``,
-    ``status (B,)``, ``success (B,)`` and ``message`` (a list of B strings).
-    ``len(res)`` is B and ``res[i]`` is the :class:`scipy.optimize.OptimizeResult`
-    of problem ``i``.
-    """
-
-    def __len__(self) -> int:
-        return len(self["message"])
-
-    def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, str):
-            return super().__getitem__(key)
-        i = operator.index(key)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"problem index {key} out of range for a batch of {len(self)}")
-        res = OptimizeResult()
-        for name in ARRAY_FIELDS:
-            value = super().__getitem__(name)
-            if value is None:
-                res[name] = None
-                continue
-            item = value[i]
-            if name in ("cost", "optimality"):
-                item = item if isinstance(item, torch.Tensor) else float(item)
-            elif name in ("nfev", "njev", "status"):
-                item = int(item)
-            elif name == "success":
-                item = bool(item)
-            res[name] = item
-        res["message"] = self["message"][i]
-        return res
-
-    def __iter__(self):  # iterate over problems, not keys
-        return (self[i] for i in range(len(self)))
-
-    def __repr__(self) -> str:
-        status = np.asarray(as_numpy(self["status"]))
-        cost = np.asarray(as_numpy(self["cost"]), dtype=float)
-        counts = ", ".join(f"{int(s)}: {int((status == s).sum())}" for s in np.unique(status))
-        q = np.quantile(cost, [0.0, 0.5, 1.0]) if cost.size else [np.nan] * 3
-        ok = int(np.asarray(as_numpy(self["success"])).sum())
-        return (f"BatchOptimizeResult(problems={len(self)}, success={ok}, "
-                f"status counts {{{counts}}}, cost min/median/max = "
-                f"{q[0]:.3e}/{q[1]:.3e}/{q[2]:.3e})")
-
-    __str__ = __repr__
+__all__ = ["ARRAY_FIELDS", "BatchOptimizeResult", "batch_least_squares", "default_chunk_size"]
 
 
 def batch_least_squares(
@@ -256,63 +185,22 @@ def batch_least_squares(
     array([0.5, 1. , 2. ])
     """
     check_options(method, jac, None, None, loss, verbose, max_nfev, None)
-    ns = detect_namespace(x0, device, dtype)
-    x0_host = as_numpy(x0)
-    if np.iscomplexobj(x0_host):
-        raise ValueError("`x0` must be real.")
-    x0_host = np.asarray(x0_host, dtype=float)
-    if x0_host.ndim != 2:
-        raise ValueError("`x0` must have shape (B, n) for batch_least_squares.")
-    B, n = x0_host.shape
-    if B == 0 or n == 0:
-        raise ValueError("`x0` must hold at least one problem with at least one variable.")
-    lb, ub = prepare_bounds(bounds, n, batch=B)
-    # a problem whose x0 has a NaN fails alone (status 5), as one whose data has a NaN
-    check_bounds(lb, ub, x0_host, method, nan_ok=True)
-    x_scale = check_x_scale(x_scale, x0_host, method)
-    ftol, xtol, gtol = check_tolerance(ftol, xtol, gtol, method, dtype=ns.dtype)
-    rel_step = check_diff_step(diff_step, n)
-    check_f_scale(f_scale, loss)
+    p = prepare(fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, diff_step, args, kwargs,
+                device=device, dtype=dtype, batch=True, vectorized=vectorized)
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size <= 0):
         raise ValueError("`chunk_size` must be None or a positive integer.")
-    kwargs = {} if kwargs is None else kwargs
-
-    dev, dt = ns.device, ns.dtype
-    if isinstance(x0, torch.Tensor):
-        x0_all = x0.detach().to(device=dev, dtype=dt).clone()
-    else:
-        x0_all = torch.tensor(x0_host, device=dev, dtype=dt)
-    lb_all = torch.as_tensor(lb, device=dev, dtype=dt)
-    ub_all = torch.as_tensor(ub, device=dev, dtype=dt)
-    bounded = bool(np.isfinite(lb).any() or np.isfinite(ub).any())
-    if method == "trf" and bounded:
-        x0_all = make_strictly_feasible(x0_all, lb_all, ub_all)
-    scale_all = None if isinstance(x_scale, str) else torch.as_tensor(x_scale, device=dev,
-                                                                        dtype=dt)
-    fun_ns = Namespace("torch", dev, dt) if jac == "autograd" else ns
-    pargs = PerProblemArgs(args, B, fun_ns)
-    fun_b = _batched(fun, pargs, kwargs, fun_ns, vectorized, "fun")
-    jac_b = _batched(jac, pargs, kwargs, ns, vectorized, "jac") if callable(jac) else None
-
-    if chunk_size is None:
-        # m is not known yet: the first residuals are evaluated on a provisional size
-        first = min(B, 4096)
-    else:
-        first = min(B, int(chunk_size))
-    f0_first = fun_b(x0_all[:first], torch.arange(first, device=dev))
+    ns = p.ns
+    B, n = p.x0.shape
+    dev = ns.device
+    # m is not known yet: the first residuals are evaluated on a provisional size
+    first = min(B, 4096 if chunk_size is None else int(chunk_size))
+    f0_first = p.fun(p.x0[:first], torch.arange(first, device=dev))
     if f0_first.ndim != 2 or f0_first.shape[0] != first:
         raise ValueError("`fun` must return an array of shape (b, m) for x of shape (b, n); "
                          f"got {tuple(f0_first.shape)} for b = {first}.")
     m = f0_first.shape[1]
-    if method == "lm" and m < n:
-        raise ValueError("Method 'lm' doesn't work when the number of "
-                         "residuals is less than the number of variables.")
-    loss_obj = make_loss(loss, f_scale) if not callable(loss) else make_loss(
-        _torch_loss(loss, ns), f_scale)
-
-    if chunk_size is None:
-        chunk_size = default_chunk_size(B, m, n, dev)
-    chunk_size = int(chunk_size)
+    loss_obj = check_residuals_and_loss(method, n, f0_first, loss, f_scale, ns, rowwise=False)
+    chunk_size = default_chunk_size(B, m, n, dev) if chunk_size is None else int(chunk_size)
 
     bar = None
     if progress:
@@ -322,27 +210,23 @@ def batch_least_squares(
     # torch input, on the host for numpy input (whatever the engine's device)
     home = dev if ns.kind == "torch" else torch.device("cpu")
     keys = [k for k in RESULT_KEYS if return_jac or k != "J"]
-    merged = result_buffers(B, n, m, dt, home, keys=keys)
-    blocks = _BlockSource(
-        f0_first=f0_first, fun_b=fun_b, jac=jac, jac_b=jac_b, x0=x0_all,
-        lb=lb_all, ub=ub_all, bounded=bounded, scale=scale_all, rel_step=rel_step, m=m, n=n,
-        verbose=verbose, progress=bar)
+    merged = result_buffers(B, n, m, ns.dtype, home, keys=keys)
+    blocks = _BlockSource(f0_first=f0_first, fun=p.fun, jac=p.jac, x0=p.x0, lb=p.lb, ub=p.ub,
+                          scale=p.x_scale, m=m, verbose=verbose, progress=bar)
     complete = False
     try:
-        first_block = blocks.take(chunk_size)
-        solve(method=method, fun=fun_b, jac=blocks.jac_c, x0=first_block["x"],
-              f0=first_block["f_true"], J0=first_block["J_true"], lb=first_block["lb"],
-              ub=first_block["ub"], x_scale="jac" if scale_all is None else first_block["scale"],
-              loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
-              initial_status=first_block["status"],
-              on_finish=bar.finished if bar is not None else None,
-              on_iteration=bar.iteration if bar is not None else None, batched=True, out=merged,
-              bounded=bounded, refill=blocks.take, capacity=chunk_size)
+        solve(EngineRun(
+            method=method, fun=p.fun, jac=p.jac, start=blocks.take(chunk_size), loss=loss_obj,
+            ftol=p.ftol, xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
+            jac_scale=isinstance(p.x_scale, str), use_gram=True, out=merged,
+            refill=blocks.take, capacity=chunk_size,
+            on_finish=bar.finished if bar is not None else None,
+            on_iteration=bar.iteration if bar is not None else None))
         complete = True
     finally:
         if bar is not None:
             bar.close(complete)
-    res = _build(merged, ns, method, jac, bounded)
+    res = build_result(merged, ns, method, jac, p.bounded)
     if verbose >= 1:
         print(repr(res))
     return res
@@ -362,23 +246,6 @@ def default_chunk_size(B: int, m: int, n: int, device: torch.device) -> int:
     return max(1, min(B, budget // max(1, m * n)))
 
 
-def _batched(fn: Callable, pargs: PerProblemArgs, kwargs: dict, ns: Namespace,
-             vectorized: bool, kind: str) -> Callable:
-    if vectorized:
-        return VectorizedFunction(fn, pargs, kwargs, ns, kind=kind)
-    return RowwiseFunction(fn, pargs, kwargs, ns, None, kind=kind)
-
-
-def _torch_loss(loss: Callable, ns: Namespace) -> Callable:
-    """A user loss ``rho(z (b, m)) -> (3, b, m)`` in the caller's array kind."""
-
-    def rho_fn(z: torch.Tensor) -> torch.Tensor:
-        zu = z if ns.kind == "torch" else z.detach().cpu().numpy()
-        return ns.from_user(loss(zu), what="loss")
-
-    return rho_fn
-
-
 class _BlockSource:
     """The initial rows of the problems of a batch, block by block, in order.
 
@@ -389,32 +256,15 @@ class _BlockSource:
     per-problem data and results are indexed directly.
     """
 
-    def __init__(self, *, f0_first, fun_b, jac, jac_b, x0, lb, ub, bounded, scale, rel_step,
-                 m, n, verbose, progress=None) -> None:
-        self.progress = progress
-        self.f0_first, self.fun_b, self.jac, self.jac_b = f0_first, fun_b, jac, jac_b
-        self.x0, self.lb, self.ub, self.bounded, self.scale = x0, lb, ub, bounded, scale
-        self.m, self.n, self.verbose = m, n, verbose
+    def __init__(self, *, f0_first: torch.Tensor, fun: Callable, jac: EngineJacobian,
+                 x0: torch.Tensor, lb: torch.Tensor, ub: torch.Tensor,
+                 scale: torch.Tensor | str, m: int, verbose: int,
+                 progress: _Progress | None = None) -> None:
+        self.f0_first, self.fun, self.jac = f0_first, fun, jac
+        self.x0, self.lb, self.ub, self.scale = x0, lb, ub, scale
+        self.m, self.n, self.verbose, self.progress = m, x0.shape[1], verbose, progress
         self.B = x0.shape[0]
         self.next = 0
-        dev, dt = x0.device, x0.dtype
-        self.rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)
-
-    def jac_c(self, x: torch.Tensor, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The Jacobians of problems ``idx`` at ``x`` (residuals ``f`` there)."""
-        jac, m, n = self.jac, self.m, self.n
-        if callable(jac):
-            J = self.jac_b(x, idx)
-            if tuple(J.shape) != (x.shape[0], m, n):
-                raise ValueError("The return value of `jac` has wrong shape: expected "
-                                 f"{(x.shape[0], m, n)}, actual {tuple(J.shape)}.")
-            return J
-        if jac in FD_METHODS:
-            if not self.bounded:
-                return finite_difference_jacobian(self.fun_b, x, f, idx, jac, self.rel)
-            return finite_difference_jacobian(self.fun_b, x, f, idx, jac, self.rel,
-                                              self.lb[idx], self.ub[idx])
-        return autograd_jacobian(lambda X: self.fun_b.raw(X, idx), x, m)
 
     def take(self, room: int) -> dict | None:
         start = self.next
@@ -425,31 +275,29 @@ class _BlockSource:
         dev = self.x0.device
         sl = slice(start, stop)
         x0c = self.x0[sl]
-        b, m, n = x0c.shape[0], self.m, self.n
+        b, m = x0c.shape[0], self.m
         idx = torch.arange(start, stop, device=dev)
         # residuals at x0 already evaluated (while learning m) are not evaluated again
         known = max(0, min(stop, self.f0_first.shape[0]) - start)
         if known == b:
             f0 = self.f0_first[sl]
         elif known == 0:
-            f0 = self.fun_b(x0c, idx)
+            f0 = self.fun(x0c, idx)
         else:
-            f0 = torch.cat([self.f0_first[start:], self.fun_b(x0c[known:], idx[known:])])
+            f0 = torch.cat([self.f0_first[start:], self.fun(x0c[known:], idx[known:])])
         if tuple(f0.shape) != (b, m):
             raise ValueError(f"`fun` returned shape {tuple(f0.shape)}, expected {(b, m)}.")
         # non-finite residuals (or a NaN in x0) at the start: that problem fails alone
         status0 = torch.where(all_finite(f0) & ~torch.isnan(x0c).any(-1), codes.RUNNING,
                               codes.NONFINITE)
-        J0 = self.jac_c(x0c, f0, idx)
-        if tuple(J0.shape) != (b, m, n):
-            raise ValueError(f"The return value of `jac` has wrong shape: expected {(b, m, n)}, "
-                             f"actual {tuple(J0.shape)}.")
+        J0 = self.jac(x0c, f0, idx)  # its shape checked by EngineJacobian
         if self.verbose == 2:
             print(f"problems {start}:{stop} started")
         if self.progress is not None:
             self.progress.started(b)
         return initial_state(idx, x0c, f0, J0, self.lb[sl], self.ub[sl],
-                             "jac" if self.scale is None else self.scale[sl], status0)
+                             self.scale if isinstance(self.scale, str) else self.scale[sl],
+                             status0)
 
 
 class _Progress:
@@ -518,22 +366,3 @@ class _Progress:
         self._postfix()
         self.bar.update(self.evals - self.bar.n)
         self.bar.close()
-
-
-def _build(out: dict, ns: Namespace, method: str, jac: Any, bounded: bool) -> BatchOptimizeResult:
-    status = out["status"]
-    success = (status > 0) & (status != codes.NONFINITE) & (status != codes.SINGULAR)
-    njev = out["njev"]
-    res = BatchOptimizeResult(
-        x=ns.to_user(out["x"]), cost=ns.to_user(out["cost"]), fun=ns.to_user(out["f_true"]),
-        jac=ns.to_user(out["J"]) if "J" in out else None, grad=ns.to_user(out["g"]),
-        optimality=ns.to_user(out["optimality"]),
-        active_mask=ns.to_user(out["active_mask"].to(out["x"].dtype)
-                               if (method in ("trf", "gn", "gd") and not bounded)
-                               else out["active_mask"]),
-        nfev=ns.to_user(out["nfev"]),
-        njev=None if (method == "lm" and not callable(jac)) else ns.to_user(njev),
-        status=ns.to_user(status), success=ns.to_user(success),
-        message=codes.messages(status.tolist()),
-    )
-    return res

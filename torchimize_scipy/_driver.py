@@ -1,14 +1,17 @@
 """Run the engine on a batch of validated problems and collect the results.
 
-Frontends (``least_squares``, ``batch_least_squares``) validate and translate
-options, build the batched callables and then call :func:`solve`, which builds
-the engine's :class:`~torchimize_scipy._engine.problem.Problem`, its initial
-state and result buffers, and runs the shared loop with the method's step rule.
+The frontends (``least_squares``, ``batch_least_squares``, the torchimize API
+in :mod:`torchimize_scipy.functions`) validate and translate options, build the
+batched callables and the problems' starting rows (:func:`initial_state`), and
+describe the run as one :class:`EngineRun`; :func:`solve` turns it into the
+engine's :class:`~torchimize_scipy._engine.problem.Problem` and runs the shared
+loop with the method's step rule.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,12 +32,13 @@ def result_buffers(B: int, n: int, m: int, dtype: torch.dtype, device: torch.dev
                            device=device) for k in keys}
 
 
-def _large(m: int, n: int) -> bool:
-    """Tall, large problems factorise through ``J^T J`` (with the SVD fallback).
+def prefers_gram(m: int, n: int) -> bool:
+    """Whether one problem of this shape should factorise through ``J^T J``.
 
-    For ``m >= 10 n`` and ``m n >= 2**20`` the Gram matrix costs a fraction of
-    an SVD of ``J``, and the route falls back to the SVD wherever
-    ``cond(J)**2`` is too large for it.
+    Batches always do (with the eigen/SVD fallback per problem). A single
+    problem does when it is tall and large, ``m >= 10 n`` and ``m n >= 2**20``:
+    there the Gram matrix costs a fraction of an SVD of ``J``, and the route
+    falls back to the SVD wherever ``cond(J)**2`` is too large for it.
     """
     return m >= 10 * n and m * n >= 2**20
 
@@ -44,77 +48,103 @@ def default_max_nfev(method: str, n: int) -> int:
     return (1000 if method == "gd" else 100) * n
 
 
-def solve(
-    *,
-    method: str,
-    fun: BatchedFun,
-    jac: BatchedJac,
-    x0: Tensor,
-    f0: Tensor,
-    J0: Tensor,
-    lb: Tensor,
-    ub: Tensor,
-    x_scale: Tensor | str,
-    loss: object | None,
-    ftol: float,
-    xtol: float,
-    gtol: float,
-    max_nfev: int | None,
-    verbose: int = 0,
-    callback: Callable[[dict], bool] | None = None,
-    initial_status: Tensor | None = None,
-    on_finish: Callable[[int], None] | None = None,
-    on_iteration: Callable[[dict], None] | None = None,
-    batched: bool = False,
-    step_length: float | None = None,
-    out: dict[str, Tensor] | None = None,
-    bounded: bool | None = None,
-    refill: Callable[[int], dict[str, Tensor] | None] | None = None,
-    capacity: int | None = None,
-) -> dict[str, Tensor]:
-    """Solve ``B`` problems; return batch-first result tensors.
+@dataclass
+class EngineRun:
+    """One run of the engine: the problems, their starting rows and the reporting hooks.
 
-    Parameters are engine tensors: ``x0, lb, ub (B, n)``, ``f0 (B, m)``,
-    ``J0 (B, m, n)`` (raw, before any loss scaling); ``x_scale`` is ``'jac'``
-    or ``(B, n)``. ``initial_status`` may pre-set a status for problems that
-    must not run (e.g. non-finite residuals at ``x0``).
+    Attributes
+    ----------
+    method : str
+        The step rule, a key of :data:`~torchimize_scipy._engine.steps.RULES`.
+    fun, jac
+        Batched residuals and Jacobian (see
+        :data:`~torchimize_scipy._engine.problem.BatchedFun` and ``BatchedJac``).
+    start : dict
+        The starting rows of the first problems, from :func:`initial_state`
+        (``x (B, n)``, raw ``f_true (B, m)`` and ``J_true (B, m, n)``, bounds,
+        scale, counters and optionally a preset ``status``).
+    loss
+        Robust loss object (:mod:`torchimize_scipy._loss`), None for linear.
+    ftol, xtol, gtol : float
+        Checked tolerances (0 disables a test).
+    max_nfev : int or None
+        Evaluation budget per problem; None is :func:`default_max_nfev`.
+    bounded : bool
+        Whether any problem of the whole call has a finite bound.
+    jac_scale : bool
+        ``x_scale='jac'``.
+    use_gram : bool
+        Factorise through ``J^T J`` (batches; see :func:`prefers_gram`).
+    verbose, callback, step_length
+        As :class:`~torchimize_scipy._engine.problem.Problem`.
+    out : dict, optional
+        Result tensors indexed by problem id (e.g. for more problems than the
+        first rows), filled in place; a key it lacks is not kept. Without it,
+        every result is allocated for the rows of ``start``.
+    refill, capacity
+        Stream further problems into the loop (see
+        :func:`~torchimize_scipy._engine.loop.run`); ``refill(room)`` returns
+        their rows made by :func:`initial_state`, or None.
+    on_finish, on_iteration
+        Progress hooks: ``on_finish(k)`` when k problems stop,
+        ``on_iteration(state)`` after every round.
+    """
 
-    ``out`` may hold result tensors indexed by problem id (e.g. for more
-    problems than ``B``), which are filled in place and returned; a key it
-    lacks is not kept. Without ``out``, every result is allocated.
+    method: str
+    fun: BatchedFun
+    jac: BatchedJac
+    start: dict[str, Tensor]
+    loss: object | None
+    ftol: float
+    xtol: float
+    gtol: float
+    max_nfev: int | None
+    bounded: bool
+    jac_scale: bool
+    use_gram: bool
+    verbose: int = 0
+    callback: Callable[[dict], bool] | None = None
+    step_length: float | None = None
+    out: dict[str, Tensor] | None = None
+    refill: Callable[[int], dict[str, Tensor] | None] | None = None
+    capacity: int | None = None
+    on_finish: Callable[[int], None] | None = None
+    on_iteration: Callable[[dict], None] | None = None
 
-    ``bounded`` overrides the bound check of ``lb``/``ub`` (a stream of
-    problems takes the whole batch's); ``refill`` and ``capacity`` stream
-    further problems into the loop (see :func:`~torchimize_scipy._engine.loop.run`),
-    their initial rows made by :func:`initial_state`.
+
+def solve(spec: EngineRun) -> dict[str, Tensor]:
+    """Run the engine on ``spec``; return the batch-first result tensors.
 
     Returns
     -------
     dict
-        ``x, cost, f_true, J, g, optimality, active_mask, nfev, njev, nit, status``.
+        ``x, cost, f_true, J, g, optimality, active_mask, nfev, njev, nit,
+        status`` (``spec.out`` when given, filled).
     """
+    x0, f0 = spec.start["x"], spec.start["f_true"]
     B, n = x0.shape
     m = f0.shape[-1]
-    dev, dtype = x0.device, x0.dtype
-    if bounded is None:
-        bounded = bool(torch.isfinite(lb).any() or torch.isfinite(ub).any())
-    jac_scale = isinstance(x_scale, str)
+    max_nfev = spec.max_nfev if spec.max_nfev is not None else default_max_nfev(spec.method, n)
     problem = Problem(
-        fun=fun, jac=jac, m=m, n=n, loss=loss, ftol=ftol, xtol=xtol, gtol=gtol,
-        max_nfev=max_nfev if max_nfev is not None else default_max_nfev(method, n),
-        jac_scale=jac_scale, bounded=bounded, callback=callback, verbose=verbose,
-        use_gram=batched or _large(m, n), step_length=step_length)
-    state = initial_state(torch.arange(B, device=dev), x0, f0, J0, lb, ub, x_scale,
-                          initial_status)
-    if out is None:
-        out = result_buffers(B, n, m, dtype, dev)
-    run(problem, RULES[method](), state, out, on_finish, on_iteration, refill, capacity)
+        fun=spec.fun, jac=spec.jac, m=m, n=n, loss=spec.loss, ftol=spec.ftol, xtol=spec.xtol,
+        gtol=spec.gtol, max_nfev=max_nfev, jac_scale=spec.jac_scale, bounded=spec.bounded,
+        callback=spec.callback, verbose=spec.verbose, use_gram=spec.use_gram,
+        step_length=spec.step_length)
+    out = spec.out if spec.out is not None else result_buffers(B, n, m, x0.dtype, x0.device)
+    run(problem, RULES[spec.method](), spec.start, out, spec.on_finish, spec.on_iteration,
+        spec.refill, spec.capacity)
     return out
 
 
 def initial_state(ids: Tensor, x0: Tensor, f0: Tensor, J0: Tensor, lb: Tensor, ub: Tensor,
                   x_scale: Tensor | str, status: Tensor | None = None) -> dict[str, Tensor]:
-    """The engine's initial rows of problems ``ids`` (see :func:`solve` for the arguments)."""
+    """The engine's initial rows of problems ``ids``.
+
+    ``x0, lb, ub (b, n)``, ``f0 (b, m)``, ``J0 (b, m, n)`` (raw, before any
+    loss scaling); ``x_scale`` is ``'jac'`` or ``(b, n)``; ``status`` may
+    preset a status for problems that must not run (e.g. non-finite
+    residuals at ``x0``).
+    """
     if isinstance(x_scale, str):
         scale = torch.ones_like(x0)
     else:

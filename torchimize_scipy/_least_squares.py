@@ -22,23 +22,12 @@ from scipy.optimize import OptimizeResult
 from scipy.sparse import issparse
 from scipy.sparse.linalg import LinearOperator
 
-from ._arrays import Namespace, as_numpy, detect_namespace
-from ._driver import solve
+from ._arrays import Namespace, as_numpy
+from ._driver import EngineRun, initial_state, prefers_gram, solve
 from ._engine import status as codes
-from ._engine.bounds import make_strictly_feasible
-from ._jacobian import autograd_jacobian, finite_difference_jacobian
-from ._loss import make_loss
-from ._user_functions import RowwiseFunction
-from ._validation import (
-    FD_METHODS,
-    check_bounds,
-    check_diff_step,
-    check_f_scale,
-    check_options,
-    check_tolerance,
-    check_x_scale,
-    prepare_bounds,
-)
+from ._frontend import Prepared, check_residuals_and_loss, prepare
+from ._results import build_result
+from ._validation import check_options
 
 
 def least_squares(
@@ -163,121 +152,52 @@ def least_squares(
     (array([1., 1.]), 1)
     """
     check_options(method, jac, tr_solver, tr_options, loss, verbose, max_nfev, jac_sparsity)
-    ns = detect_namespace(x0, device, dtype)
-    x0_host = as_numpy(x0)
-    if np.iscomplexobj(x0_host):
-        raise ValueError("`x0` must be real.")
-    x0_host = np.atleast_1d(x0_host).astype(float)
-    if x0_host.ndim > 1:
-        raise ValueError("`x0` must have at most 1 dimension.")
-    n = x0_host.size
-    lb, ub = prepare_bounds(bounds, n)
-    check_bounds(lb, ub, x0_host, method)
-    x_scale = check_x_scale(x_scale, x0_host, method)
-    ftol, xtol, gtol = check_tolerance(ftol, xtol, gtol, method, dtype=ns.dtype)
-    rel_step = check_diff_step(diff_step, n)
-
-    dev, dt = ns.device, ns.dtype
-    if isinstance(x0, torch.Tensor):
-        x0_t = x0.detach().reshape(-1).to(device=dev, dtype=dt).clone()
-    else:
-        x0_t = torch.tensor(x0_host, device=dev, dtype=dt)
-    lb_t = torch.as_tensor(lb, device=dev, dtype=dt).unsqueeze(0)
-    ub_t = torch.as_tensor(ub, device=dev, dtype=dt).unsqueeze(0)
-    x0_t = x0_t.unsqueeze(0)
-    bounded = bool(np.isfinite(lb).any() or np.isfinite(ub).any())
-    if method == "trf" and bounded:
-        x0_t = make_strictly_feasible(x0_t, lb_t, ub_t)
-    kwargs = {} if kwargs is None else kwargs
-
-    fun_ns = Namespace("torch", dev, dt) if jac == "autograd" else ns
-    fun_rows = RowwiseFunction(fun, args, kwargs, fun_ns, workers)
-    f0_raw = np.atleast_1d(as_numpy(fun_rows.call_one(x0_t[0])))
+    p = prepare(fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, diff_step, args, kwargs,
+                device=device, dtype=dtype, batch=False, workers=workers)
+    ns, n = p.ns, p.x0.shape[1]
+    f0_raw = np.atleast_1d(as_numpy(p.fun.call_one(p.x0[0])))
     if f0_raw.ndim != 1:
         raise ValueError("`fun` must return at most 1-d array_like. "
                          f"f0.shape: {f0_raw.shape}")
-    f0 = fun_ns.from_user(f0_raw).reshape(1, -1)
+    f0 = p.fun.ns.from_user(f0_raw).reshape(1, -1)
     if not bool(torch.isfinite(f0).all()):
         raise ValueError("Residuals are not finite in the initial point.")
     m = f0.shape[1]
-    if method == "lm" and m < n:
-        raise ValueError("Method 'lm' doesn't work when the number of "
-                         "residuals is less than the number of variables.")
-
-    check_f_scale(f_scale, loss)
-    loss_obj = _make_loss(loss, f_scale, ns, f0)
-
+    loss_obj = check_residuals_and_loss(method, n, f0, loss, f_scale, ns, rowwise=True)
     if not callable(jac) and method == "lm" and jac_sparsity is not None:
         raise ValueError("method='lm' does not support `jac_sparsity`.")
-
-    batched_fun = fun_rows  # (k, n), idx -> (k, m): the engine's residual callable
-
     if callable(jac):
-        jac_rows = RowwiseFunction(jac, args, kwargs, ns, None, kind="jac")
-        J0_raw = jac_rows.call_one(x0_t[0])
-        if issparse(J0_raw) or isinstance(J0_raw, LinearOperator):
-            if method == "lm":
-                raise ValueError("method='lm' works only with dense Jacobian matrices.")
-            raise ValueError("Sparse and LinearOperator Jacobians are not supported yet by "
-                             "torchimize_scipy; return a dense array from `jac`.")
-        J0_np = np.atleast_2d(as_numpy(J0_raw))
-        if J0_np.shape != (m, n):
-            raise ValueError(f"The return value of `jac` has wrong shape: expected {(m, n)}, "
-                             f"actual {J0_np.shape}.")
-
-        def batched_jac(x, f, idx):
-            return jac_rows(x, idx)
-
-        J0 = ns.from_user(J0_np, what="jac").reshape(1, m, n)
-    if n == 0:
-        # nothing to optimise: scipy reports the start ('lm': MINPACK's improper input)
-        out = _no_variables(f0, loss_obj, method)
-    elif callable(jac):
-        pass  # J0 evaluated and checked above
-    elif jac in FD_METHODS:
-        rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)
-
-        fd_lb, fd_ub = (lb_t, ub_t) if bounded else (None, None)
+        J0 = _user_jacobian_at_x0(p, method, m, n)
+    if f0_raw.dtype == np.float32 and ns.dtype == torch.float64:
         # float32 residuals take float32-sized default steps (scipy gh-12991);
         # the residuals themselves were float32, so this cast is exact
-        f_dtype = torch.float32 if (f0_raw.dtype == np.float32 and dt == torch.float64) else dt
-
-        def batched_jac(x, f, idx):
-            return finite_difference_jacobian(batched_fun, x, f.to(f_dtype), idx, jac, rel,
-                                              fd_lb, fd_ub)
-
-        J0 = batched_jac(x0_t, f0, torch.zeros(1, dtype=torch.long, device=dev))
-    else:  # autograd
-        def fun_torch(X: torch.Tensor) -> torch.Tensor:
-            rows = [torch.as_tensor(fun(X[i].clone(), *args, **kwargs)).reshape(-1)
-                    for i in range(X.shape[0])]
-            return torch.stack(rows)
-
-        def batched_jac(x, f, idx):
-            return autograd_jacobian(fun_torch, x, m)
-
-        J0 = batched_jac(x0_t, f0, torch.zeros(1, dtype=torch.long, device=dev))
+        p.jac.fd_dtype = torch.float32
+    if n > 0 and not callable(jac):
+        J0 = p.jac(p.x0, f0, torch.zeros(1, dtype=torch.long, device=ns.device))
 
     if method == "lm" and callback is not None:
         warnings.warn("Callback function specified, but not supported with `lm` method.",
                       stacklevel=2)
         callback = None
-    engine_callback = _wrap_callback(callback, ns) if callback is not None else None
 
-    if n > 0:
-        J0 = J0.to(device=dev, dtype=dt)
+    if n == 0:
+        # nothing to optimise: scipy reports the start ('lm': MINPACK's improper input)
+        out = _no_variables(f0, loss_obj, method)
+    else:
+        J0 = J0.to(device=ns.device, dtype=ns.dtype)
         if not bool(torch.isfinite(J0).all()):
             # scipy's 'trf' and 'dogbox' fail in their first factorisation of J0
             # (ValueError / LinAlgError); every method refuses it here, by name
             raise ValueError("array must not contain infs or NaNs: the Jacobian is not "
                              "finite in the initial point.")
-        scale = x_scale if isinstance(x_scale, str) else torch.as_tensor(
-            x_scale, device=dev, dtype=dt).unsqueeze(0)
-        out = solve(method=method, fun=batched_fun, jac=batched_jac, x0=x0_t, f0=f0,
-                    J0=J0, lb=lb_t, ub=ub_t, x_scale=scale,
-                    loss=loss_obj, ftol=ftol, xtol=xtol, gtol=gtol, max_nfev=max_nfev,
-                    verbose=verbose, callback=engine_callback)
-    result = _build_result(out, ns, method, jac, bounded=bounded)
+        start = initial_state(torch.zeros(1, dtype=torch.long, device=ns.device), p.x0, f0, J0,
+                              p.lb, p.ub, p.x_scale)
+        out = solve(EngineRun(
+            method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj, ftol=p.ftol,
+            xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
+            jac_scale=isinstance(p.x_scale, str), use_gram=prefers_gram(m, n), verbose=verbose,
+            callback=_wrap_callback(callback, ns) if callback is not None else None))
+    result = build_result(out, ns, method, jac, p.bounded)[0]
     if ns.kind == "numpy" and f0_raw.dtype == np.float32:
         result.fun = result.fun.astype(np.float32)  # scipy returns fun's own dtype
     if verbose >= 1:
@@ -288,6 +208,21 @@ def least_squares(
               f"final cost {float(result.cost):.4e}, "
               f"first-order optimality {float(result.optimality):.2e}.")
     return result
+
+
+def _user_jacobian_at_x0(p: Prepared, method: str, m: int, n: int) -> torch.Tensor:
+    """A callable ``jac`` at ``x0``, ``(1, m, n)``, with scipy's checks of its value."""
+    J0_raw = p.jac_user.call_one(p.x0[0])
+    if issparse(J0_raw) or isinstance(J0_raw, LinearOperator):
+        if method == "lm":
+            raise ValueError("method='lm' works only with dense Jacobian matrices.")
+        raise ValueError("Sparse and LinearOperator Jacobians are not supported yet by "
+                         "torchimize_scipy; return a dense array from `jac`.")
+    J0_np = np.atleast_2d(as_numpy(J0_raw))
+    if J0_np.shape != (m, n):
+        raise ValueError(f"The return value of `jac` has wrong shape: expected {(m, n)}, "
+                         f"actual {J0_np.shape}.")
+    return p.ns.from_user(J0_np, what="jac").reshape(1, m, n)
 
 
 def _no_variables(f0: torch.Tensor, loss_obj: Any, method: str) -> dict[str, torch.Tensor]:
@@ -312,28 +247,6 @@ def _no_variables(f0: torch.Tensor, loss_obj: Any, method: str) -> dict[str, tor
             "status": torch.tensor([codes.IMPROPER_INPUT if lm else codes.GTOL], device=dev)}
 
 
-def _make_loss(loss: Any, f_scale: float, ns: Namespace, f0: torch.Tensor) -> object | None:
-    """Build the engine loss; a user callable is called on one problem at a time."""
-    if not callable(loss):
-        return make_loss(loss, f_scale)
-    m = f0.shape[-1]
-
-    def rho_fn(z: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for i in range(z.shape[0]):
-            r = np.asarray(as_numpy(loss(ns.row_to_fun(z[i]))), dtype=float) \
-                if ns.kind != "torch" else loss(z[i])
-            r = ns.from_user(r, what="loss")
-            if tuple(r.shape) != (3, m):
-                raise ValueError("The return value of `loss` callable has wrong shape.")
-            rows.append(r)
-        return torch.stack(rows, dim=1)
-
-    obj = make_loss(rho_fn, f_scale)
-    obj.rho(f0)  # shape check at x0, as scipy does
-    return obj
-
-
 def _wrap_callback(callback: Callable, ns: Namespace) -> Callable[[dict], bool]:
     """Engine-side callback: build scipy's intermediate result, map StopIteration."""
     try:
@@ -346,7 +259,8 @@ def _wrap_callback(callback: Callable, ns: Namespace) -> Callable[[dict], bool]:
         res = OptimizeResult(x=ns.to_user(state["x"][0].clone()),
                              fun=ns.to_user(state["f_true"][0].clone()),
                              nit=int(state["nit"][0]), nfev=int(state["nfev"][0]))
-        res["cost"] = _scalar(state["cost"][0], ns)
+        cost = state["cost"][0]
+        res["cost"] = cost.clone() if ns.kind == "torch" else float(cost)
         try:
             if by_name:
                 callback(intermediate_result=res)
@@ -357,34 +271,3 @@ def _wrap_callback(callback: Callable, ns: Namespace) -> Callable[[dict], bool]:
         return False
 
     return engine_callback
-
-
-def _scalar(t: torch.Tensor, ns: Namespace) -> Any:
-    return t.clone() if ns.kind == "torch" else float(t)
-
-
-def _build_result(out: dict, ns: Namespace, method: str, jac: Any,
-                  bounded: bool) -> OptimizeResult:
-    """scipy's OptimizeResult for problem 0 of the engine output."""
-    status = int(out["status"][0])
-    if method in ("trf", "gn", "gd") and not bounded:
-        active = torch.zeros_like(out["x"][0])  # scipy's unbounded 'trf' returns float zeros
-    else:
-        active = out["active_mask"][0]
-    njev: int | None = int(out["njev"][0])
-    if method == "lm" and not callable(jac):
-        njev = None
-    return OptimizeResult(
-        x=ns.to_user(out["x"][0]),
-        cost=_scalar(out["cost"][0], ns),
-        fun=ns.to_user(out["f_true"][0]),
-        jac=ns.to_user(out["J"][0]),
-        grad=ns.to_user(out["g"][0]),
-        optimality=_scalar(out["optimality"][0], ns),
-        active_mask=ns.to_user(active),
-        nfev=int(out["nfev"][0]),
-        njev=njev,
-        status=status,
-        message=codes.message(status),
-        success=status > 0 and status not in (codes.NONFINITE, codes.SINGULAR),
-    )

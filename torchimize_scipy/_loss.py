@@ -67,21 +67,15 @@ __all__ = [
     "soft_l1",
 ]
 
+#: A loss: ``z`` (the squared scaled residuals, any shape) to the ``(3, *z.shape)``
+#: tensor of ``rho(z)``, ``rho'(z)`` and ``rho''(z)``.
 RhoFn = Callable[[Tensor], Tensor]
 
 
 def linear(z: Tensor) -> Tensor:
     """Linear loss ``rho(z) = z`` (ordinary least squares).
 
-    Parameters
-    ----------
-    z : Tensor
-        Squared scaled residuals, any shape.
-
-    Returns
-    -------
-    Tensor
-        Shape ``(3, *z.shape)``: ``rho(z)``, ``rho'(z)``, ``rho''(z)``.
+    ``z`` (squared scaled residuals, any shape) to ``(3, *z.shape)``: see :data:`RhoFn`.
     """
     return torch.stack([z, torch.ones_like(z), torch.zeros_like(z)])
 
@@ -89,15 +83,7 @@ def linear(z: Tensor) -> Tensor:
 def soft_l1(z: Tensor) -> Tensor:
     """Smooth approximation of the l1 loss, ``rho(z) = 2 (sqrt(1 + z) - 1)``.
 
-    Parameters
-    ----------
-    z : Tensor
-        Squared scaled residuals, any shape.
-
-    Returns
-    -------
-    Tensor
-        Shape ``(3, *z.shape)``: ``rho(z)``, ``rho'(z)``, ``rho''(z)``.
+    ``z`` (squared scaled residuals, any shape) to ``(3, *z.shape)``: see :data:`RhoFn`.
     """
     t = 1 + z
     rho0 = 2 * (torch.sqrt(t) - 1)
@@ -109,15 +95,7 @@ def soft_l1(z: Tensor) -> Tensor:
 def huber(z: Tensor) -> Tensor:
     """Huber loss, ``rho(z) = z`` if ``z <= 1`` else ``2 sqrt(z) - 1``.
 
-    Parameters
-    ----------
-    z : Tensor
-        Squared scaled residuals, any shape.
-
-    Returns
-    -------
-    Tensor
-        Shape ``(3, *z.shape)``: ``rho(z)``, ``rho'(z)``, ``rho''(z)``.
+    ``z`` (squared scaled residuals, any shape) to ``(3, *z.shape)``: see :data:`RhoFn`.
     """
     inner = z <= 1
     # Evaluate the outer branch on a safe argument so that neither the values
@@ -132,15 +110,7 @@ def huber(z: Tensor) -> Tensor:
 def cauchy(z: Tensor) -> Tensor:
     """Cauchy loss, ``rho(z) = log(1 + z)``.
 
-    Parameters
-    ----------
-    z : Tensor
-        Squared scaled residuals, any shape.
-
-    Returns
-    -------
-    Tensor
-        Shape ``(3, *z.shape)``: ``rho(z)``, ``rho'(z)``, ``rho''(z)``.
+    ``z`` (squared scaled residuals, any shape) to ``(3, *z.shape)``: see :data:`RhoFn`.
     """
     t = 1 + z
     return torch.stack([torch.log1p(z), 1 / t, -1 / t**2])
@@ -149,15 +119,7 @@ def cauchy(z: Tensor) -> Tensor:
 def arctan(z: Tensor) -> Tensor:
     """Arctangent loss, ``rho(z) = arctan(z)``.
 
-    Parameters
-    ----------
-    z : Tensor
-        Squared scaled residuals, any shape.
-
-    Returns
-    -------
-    Tensor
-        Shape ``(3, *z.shape)``: ``rho(z)``, ``rho'(z)``, ``rho''(z)``.
+    ``z`` (squared scaled residuals, any shape) to ``(3, *z.shape)``: see :data:`RhoFn`.
     """
     t = 1 + z**2
     return torch.stack([torch.arctan(z), 1 / t, -2 * z / t**2])
@@ -224,35 +186,15 @@ class LossFunction:
         return _as_rho(self.rho_fn(z), z), c_elem, c_prob
 
     def cost(self, f: Tensor) -> Tensor:
-        """Robust cost of each problem.
-
-        Parameters
-        ----------
-        f : Tensor
-            Residuals, shape ``(B, m)``.
-
-        Returns
-        -------
-        Tensor
-            Shape ``(B,)``: ``0.5 * f_scale**2 * sum(rho(z), axis=-1)``.
-        """
+        """Robust cost of each problem: residuals ``f (B, m)`` to
+        ``0.5 * f_scale**2 * sum(rho(z), axis=-1)``, shape ``(B,)``."""
         rho, _, c_prob = self._rho_unscaled(f)
         return 0.5 * c_prob**2 * rho[0].sum(dim=-1)
 
     def rho(self, f: Tensor) -> Tensor:
-        """Scaled loss values and derivatives.
-
-        Parameters
-        ----------
-        f : Tensor
-            Residuals, shape ``(B, m)``.
-
-        Returns
-        -------
-        Tensor
-            Shape ``(3, B, m)``: ``f_scale**2 * rho(z)``, ``rho'(z)`` and
-            ``rho''(z) / f_scale**2``.
-        """
+        """Scaled loss values and derivatives: residuals ``f (B, m)`` to the
+        ``(3, B, m)`` tensor of ``f_scale**2 * rho(z)``, ``rho'(z)`` and
+        ``rho''(z) / f_scale**2``."""
         rho, c_elem, _ = self._rho_unscaled(f)
         c2 = c_elem**2
         return torch.stack([rho[0] * c2, rho[1], rho[2] / c2])

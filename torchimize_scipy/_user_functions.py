@@ -10,6 +10,10 @@ The engine calls ``fun(x (k, n), idx (k,)) -> (k, m)`` with torch tensors, where
 * a vectorised function of a batch, ``fun(x (b, n), *args, **kwargs) -> (b, m)``,
   where every array in ``args`` has a leading batch dimension and is sliced
   with ``idx`` (``batch_least_squares``).
+
+A callable robust loss is adapted the same way (:func:`user_loss`): a function
+of one problem's ``z (m,)`` returning ``(3, m)``, or of a batch's ``z (b, m)``
+returning ``(3, b, m)``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._arrays import Namespace, is_torch
+from ._arrays import Namespace, as_numpy, is_torch
 
 
 def _is_array(a: Any) -> bool:
@@ -210,7 +214,8 @@ class RowwiseFunction:
             else:
                 return out.reshape(x.shape[0], -1)
         ids = idx.tolist()
-        return torch.stack([torch.as_tensor(self.fn(x[r], *self._args_for(ids[r]),
+        # each row a copy: ``fn`` may write to its argument, as with the other paths
+        return torch.stack([torch.as_tensor(self.fn(x[r].clone(), *self._args_for(ids[r]),
                                                     **self.kwargs)).reshape(-1)
                             for r in range(x.shape[0])])
 
@@ -371,3 +376,33 @@ class VectorizedFunction:
                 xu = self.ns.xp.asarray(xu)
         out = self.fn(xu, *self.args.select(idx), **self.kwargs)
         return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(), what=self.kind)
+
+
+def user_loss(loss: Callable, ns: Namespace, m: int, rowwise: bool) -> Callable[[Tensor], Tensor]:
+    """The engine's ``rho(z (b, m)) -> (3, b, m)`` from a caller's loss callable.
+
+    ``rowwise`` (``least_squares``): ``loss(z (m,))`` is called once per
+    problem with a fresh array of the caller's kind (numpy float64 unless the
+    caller works in torch) and must return ``(3, m)`` (else scipy's
+    ``ValueError``). Otherwise (``batch_least_squares``) ``loss(z (b, m))``
+    returns ``(3, b, m)``.
+    """
+    if rowwise:
+        def rho_rows(z: Tensor) -> Tensor:
+            rows = []
+            for i in range(z.shape[0]):
+                r = loss(z[i]) if ns.kind == "torch" else np.asarray(
+                    as_numpy(loss(ns.row_to_fun(z[i]))), dtype=float)
+                r = ns.from_user(r, what="loss")
+                if tuple(r.shape) != (3, m):
+                    raise ValueError("The return value of `loss` callable has wrong shape.")
+                rows.append(r)
+            return torch.stack(rows, dim=1)
+
+        return rho_rows
+
+    def rho_batch(z: Tensor) -> Tensor:  # its shape is checked by the LossFunction
+        zu = z if ns.kind == "torch" else z.detach().cpu().numpy()
+        return ns.from_user(loss(zu), what="loss")
+
+    return rho_batch

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from scipy.optimize import Bounds
 
+from ._arrays import to_host
+
 METHODS = ("trf", "dogbox", "lm", "gn", "gd")
 FD_METHODS = ("2-point", "3-point", "cs")
 JAC_STRINGS = FD_METHODS + ("autograd",)
@@ -56,8 +58,8 @@ def prepare_bounds(bounds: Any, n: int, batch: int | None = None) -> tuple[np.nd
         if len(bounds) != 2:
             raise ValueError("`bounds` must contain 2 elements.")
         lb, ub = bounds
-    lb = np.asarray(_host(lb), dtype=float)
-    ub = np.asarray(_host(ub), dtype=float)
+    lb = np.asarray(to_host(lb), dtype=float)
+    ub = np.asarray(to_host(ub), dtype=float)
     shape = (n,) if batch is None else (batch, n)
     out = []
     for b in (lb, ub):
@@ -67,17 +69,6 @@ def prepare_bounds(bounds: Any, n: int, batch: int | None = None) -> tuple[np.nd
             b = np.broadcast_to(b, shape).copy()
         out.append(b)
     return out[0], out[1]
-
-
-def _host(a: Any) -> Any:
-    try:
-        import torch
-
-        if isinstance(a, torch.Tensor):
-            return a.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
-    return a
 
 
 def check_bounds(lb: np.ndarray, ub: np.ndarray, x0: np.ndarray, method: str,
@@ -109,7 +100,7 @@ def check_x_scale(x_scale: Any, x0: np.ndarray, method: str) -> np.ndarray | str
     if isinstance(x_scale, str) and x_scale == "jac":
         return x_scale
     try:
-        arr = np.asarray(_host(x_scale), dtype=float)
+        arr = np.asarray(to_host(x_scale), dtype=float)
         valid = bool(np.all(np.isfinite(arr)) and np.all(arr > 0))
     except (ValueError, TypeError):
         valid = False
@@ -130,7 +121,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
                     eps: float = float(np.finfo(float).eps),
-                    dtype: Any = None) -> tuple[float, float, float]:
+                    dtype: Any = None, stacklevel: int = 4) -> tuple[float, float, float]:
     """None means 0; below-epsilon values warn; scipy's errors when all are too small.
 
     The warnings and errors are scipy's, against float64's epsilon. When the
@@ -140,7 +131,8 @@ def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
     relative change, so such a test would only fire on rounding noise, after
     extra evaluations. A tolerance below float64's epsilon keeps scipy's
     meaning (the warning says the test is effectively disabled) and 0/None
-    disables the test, in any dtype.
+    disables the test, in any dtype. ``stacklevel`` is the warnings' level as
+    seen from the inner check (4: the caller of the function that called this one).
     """
 
     def check(tol: Any, name: str) -> float:
@@ -148,7 +140,8 @@ def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
             return 0.0
         if tol < eps:
             warnings.warn(f"Setting `{name}` below the machine epsilon ({eps:.2e}) effectively "
-                          "disables the corresponding termination condition.", stacklevel=4)
+                          "disables the corresponding termination condition.",
+                          stacklevel=stacklevel)
         return float(tol)
 
     ftol = check(ftol, "ftol")
@@ -177,7 +170,7 @@ def check_f_scale(f_scale: Any, loss: Any) -> None:
     if isinstance(loss, str) and loss == "linear":
         return
     try:
-        arr = np.asarray(_host(f_scale), dtype=float)
+        arr = np.asarray(to_host(f_scale), dtype=float)
         valid = bool(np.all(np.isfinite(arr)) and np.all(arr != 0))
     except (TypeError, ValueError):
         valid = False
@@ -192,7 +185,7 @@ def check_diff_step(diff_step: Any, n: int) -> np.ndarray | None:
     """Relative finite-difference step: None or an array broadcast to ``(n,)``."""
     if diff_step is None:
         return None
-    arr = np.asarray(_host(diff_step), dtype=float)
+    arr = np.asarray(to_host(diff_step), dtype=float)
     if arr.ndim == 0:
         arr = np.full(n, float(arr))
     if arr.shape[-1] != n:

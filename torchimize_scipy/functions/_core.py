@@ -36,14 +36,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._driver import solve
+from .._driver import EngineRun, initial_state, prefers_gram, solve
 from .._engine import status as codes
-from .._jacobian import autograd_jacobian
+from .._frontend import EngineJacobian
 
 __all__ = [
     "Iterates", "ParallelModel", "SingleModel", "check_step",
     "check_lm_options", "check_max_iter", "check_tolerances", "check_weights", "minimize",
-    "parallel_result", "single_result", "start_point",
+    "parallel_result", "run_torchimize", "single_result", "start_point",
 ]
 
 
@@ -339,12 +339,13 @@ def minimize(model: ParallelModel | SingleModel, x0: Tensor, method: str, *, fto
     def fun(x: Tensor, idx: Tensor) -> Tensor:
         return pick(model.residuals(embed(x, idx)), idx, x.shape[0])
 
+    def user_jac(x: Tensor, idx: Tensor) -> Tensor:
+        return pick(model.jacobian(embed(x, idx)), idx, x.shape[0])
+
     if model.has_jacobian:
-        def jac(x: Tensor, f: Tensor, idx: Tensor) -> Tensor:
-            return pick(model.jacobian(embed(x, idx)), idx, x.shape[0])
+        jac = EngineJacobian(user_jac, fun, user=user_jac)
     else:
-        def jac(x: Tensor, f: Tensor, idx: Tensor) -> Tensor:
-            return autograd_jacobian(lambda X: fun(X, idx), x, model.m)
+        jac = EngineJacobian("autograd", fun, differentiable=fun)
 
     with torch.no_grad():
         f0 = fun(x0, all_rows)
@@ -365,10 +366,12 @@ def minimize(model: ParallelModel | SingleModel, x0: Tensor, method: str, *, fto
         iterates.append(current.clone())
 
     inf = torch.full_like(x0, math.inf)
-    out = solve(method=method, fun=fun, jac=jac, x0=x0, f0=f0, J0=J0, lb=-inf, ub=inf,
-                x_scale=x_scale, loss=None, ftol=ftol, xtol=xtol, gtol=gtol,
-                max_nfev=max_trials + 1, on_iteration=record,
-                step_length=step_size if method in ("gd", "gn") else None)
+    start = initial_state(all_rows, x0, f0, J0, -inf, inf, x_scale)
+    out = solve(EngineRun(
+        method=method, fun=fun, jac=jac, start=start, loss=None, ftol=ftol, xtol=xtol,
+        gtol=gtol, max_nfev=max_trials + 1, bounded=False, jac_scale=isinstance(x_scale, str),
+        use_gram=prefers_gram(model.m, n), on_iteration=record,
+        step_length=step_size if method in ("gd", "gn") else None))
     x_final = out["x"]
     status = out["status"]
     iterates.info = {
@@ -407,3 +410,32 @@ def single_result(x0: Tensor, iterates: Iterates) -> Iterates:
                 "nfev": int(info["nfev"][0]), "njev": int(info["njev"][0]),
                 "nit": int(info["nit"][0])}
     return out
+
+
+def run_torchimize(method: str, p: Any, function: Callable, jac_function: Callable | None,
+                   args: Sequence, *, parallel: bool, tolerances: tuple | None, max_iter: Any,
+                   rule_options: Callable[[], dict], wvec: Any = None,
+                   plain: bool = False) -> Any:
+    """The body of every function of the torchimize API.
+
+    Checks in torchimize's argument order (``p``, the tolerances ``(ftol,
+    ptol, gtol)`` unless None, which means none, the rule's own options from
+    ``rule_options()``, ``max_iter``), wraps the callables as a model, runs
+    the engine's ``method`` and returns torchimize's convention: for a single
+    problem the list ``[p0, p1, ...]`` (``max_iter`` counts ``p0``), for
+    parallel ones the ``(B, n)`` iterates, or only the final ``(B, n)`` when
+    ``plain``.
+    """
+    x0 = start_point(p, 2 if parallel else 1)
+    ftol, xtol, gtol = (0.0, 0.0, 0.0) if tolerances is None else check_tolerances(*tolerances)
+    options = rule_options()
+    max_iter = check_max_iter(max_iter)
+    if not parallel:
+        model = SingleModel(function, jac_function, args, x0)
+        its = minimize(model, x0[None], method, ftol=ftol, xtol=xtol, gtol=gtol,
+                       max_trials=max_iter - 1, **options)
+        return single_result(x0[None], its)
+    model = ParallelModel(function, jac_function, args, x0, wvec)
+    its = minimize(model, x0, method, ftol=ftol, xtol=xtol, gtol=gtol, max_trials=max_iter,
+                   **options)
+    return its.info["x"] if plain else parallel_result(its)

@@ -6,15 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._core import (
-    ParallelModel,
-    check_max_iter,
-    check_step,
-    check_tolerances,
-    minimize,
-    parallel_result,
-    start_point,
-)
+from .._core import check_step, run_torchimize
 from ._docs import fill_doc
 
 
@@ -61,14 +53,11 @@ def gradient_descent_parallel(
         holds the results. The list's ``info`` attribute holds per-problem
         cost, status and counters.
     """
-    x0 = start_point(p, 2)
-    ftol, xtol, gtol = check_tolerances(ftol, ptol, gtol)
-    step = check_step(l, "gradient-descent step size")
-    max_iter = check_max_iter(max_iter)
-    model = ParallelModel(function, jac_function, args, x0, wvec)
-    its = minimize(model, x0, "gd", ftol=ftol, xtol=xtol, gtol=gtol, max_trials=max_iter,
-                   step_size=step)
-    return parallel_result(its)
+    return run_torchimize("gd", p, function, jac_function, args, parallel=True,
+                          tolerances=(ftol, ptol, gtol), max_iter=max_iter,
+                          rule_options=lambda: {"step_size": check_step(
+                              l, "gradient-descent step size")},
+                          wvec=wvec)
 
 
 def gradient_descent_parallel_plain(
@@ -84,10 +73,8 @@ def gradient_descent_parallel_plain(
     Runs exactly ``max_iter`` iterations (tolerances 0); ``jac_function`` may
     be None for autograd.
     """
-    x0 = start_point(p, 2)
-    step = check_step(l, "gradient-descent step size")
-    max_iter = check_max_iter(max_iter)
-    model = ParallelModel(function, jac_function, (), x0, wvec)
-    its = minimize(model, x0, "gd", ftol=0.0, xtol=0.0, gtol=0.0, max_trials=max_iter,
-                   step_size=step)
-    return its.info["x"]
+    return run_torchimize("gd", p, function, jac_function, (), parallel=True,
+                          tolerances=None, max_iter=max_iter,
+                          rule_options=lambda: {"step_size": check_step(
+                              l, "gradient-descent step size")},
+                          wvec=wvec, plain=True)

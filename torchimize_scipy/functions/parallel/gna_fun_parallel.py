@@ -6,15 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._core import (
-    ParallelModel,
-    check_max_iter,
-    check_step,
-    check_tolerances,
-    minimize,
-    parallel_result,
-    start_point,
-)
+from .._core import check_step, run_torchimize
 from ._docs import fill_doc
 
 
@@ -57,14 +49,11 @@ def lsq_gna_parallel(
         The ``(B, n)`` iterates after each iteration (at least one); the last
         holds the results.
     """
-    x0 = start_point(p, 2)
-    ftol, xtol, gtol = check_tolerances(ftol, ptol, gtol)
-    step = check_step(l, "Gauss-Newton step fraction")
-    max_iter = check_max_iter(max_iter)
-    model = ParallelModel(function, jac_function, args, x0, wvec)
-    its = minimize(model, x0, "gn", ftol=ftol, xtol=xtol, gtol=gtol, max_trials=max_iter,
-                   step_size=step)
-    return parallel_result(its)
+    return run_torchimize("gn", p, function, jac_function, args, parallel=True,
+                          tolerances=(ftol, ptol, gtol), max_iter=max_iter,
+                          rule_options=lambda: {"step_size": check_step(
+                              l, "Gauss-Newton step fraction")},
+                          wvec=wvec)
 
 
 def lsq_gna_parallel_plain(
@@ -80,10 +69,8 @@ def lsq_gna_parallel_plain(
     Runs exactly ``max_iter`` iterations (tolerances 0); ``jac_function`` may
     be None for autograd.
     """
-    x0 = start_point(p, 2)
-    step = check_step(l, "Gauss-Newton step fraction")
-    max_iter = check_max_iter(max_iter)
-    model = ParallelModel(function, jac_function, (), x0, wvec)
-    its = minimize(model, x0, "gn", ftol=0.0, xtol=0.0, gtol=0.0, max_trials=max_iter,
-                   step_size=step)
-    return its.info["x"]
+    return run_torchimize("gn", p, function, jac_function, (), parallel=True,
+                          tolerances=None, max_iter=max_iter,
+                          rule_options=lambda: {"step_size": check_step(
+                              l, "Gauss-Newton step fraction")},
+                          wvec=wvec, plain=True)

@@ -6,15 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._core import (
-    ParallelModel,
-    check_lm_options,
-    check_max_iter,
-    check_tolerances,
-    minimize,
-    parallel_result,
-    start_point,
-)
+from .._core import check_lm_options, run_torchimize
 from ._docs import fill_doc
 
 
@@ -69,11 +61,8 @@ def lsq_lma_parallel(
         The ``(B, n)`` iterates after each iteration (at least one); the last
         holds the results.
     """
-    x0 = start_point(p, 2)
-    ftol, xtol, gtol = check_tolerances(ftol, ptol, gtol)
-    meth = check_lm_options(tau, meth, rho1, rho2, beta, gama)
-    max_iter = check_max_iter(max_iter)
-    model = ParallelModel(function, jac_function, args, x0, wvec)
-    its = minimize(model, x0, "lm", ftol=ftol, xtol=xtol, gtol=gtol, max_trials=max_iter,
-                   meth=meth)
-    return parallel_result(its)
+    return run_torchimize("lm", p, function, jac_function, args, parallel=True,
+                          tolerances=(ftol, ptol, gtol), max_iter=max_iter,
+                          rule_options=lambda: {"meth": check_lm_options(
+                              tau, meth, rho1, rho2, beta, gama)},
+                          wvec=wvec)

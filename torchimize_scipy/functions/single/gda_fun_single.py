@@ -6,15 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._core import (
-    SingleModel,
-    check_max_iter,
-    check_step,
-    check_tolerances,
-    minimize,
-    single_result,
-    start_point,
-)
+from .._core import check_step, run_torchimize
 
 
 def gradient_descent(
@@ -65,11 +57,7 @@ def gradient_descent(
         ``[p0, p1, ...]``, each of shape ``(n,)``; the last is the result. The
         list's ``info`` attribute holds the final cost, status and counters.
     """
-    x0 = start_point(p, 1)
-    ftol, xtol, gtol = check_tolerances(ftol, ptol, gtol)
-    step = check_step(l, "gradient-descent step size")
-    max_iter = check_max_iter(max_iter)
-    model = SingleModel(function, jac_function, args, x0)
-    its = minimize(model, x0[None], "gd", ftol=ftol, xtol=xtol, gtol=gtol,
-                   max_trials=max_iter - 1, step_size=step)
-    return single_result(x0[None], its)
+    return run_torchimize("gd", p, function, jac_function, args, parallel=False,
+                          tolerances=(ftol, ptol, gtol), max_iter=max_iter,
+                          rule_options=lambda: {"step_size": check_step(
+                              l, "gradient-descent step size")})

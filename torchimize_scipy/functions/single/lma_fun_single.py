@@ -6,15 +6,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._core import (
-    SingleModel,
-    check_lm_options,
-    check_max_iter,
-    check_tolerances,
-    minimize,
-    single_result,
-    start_point,
-)
+from .._core import check_lm_options, run_torchimize
 
 
 def lsq_lma(
@@ -72,11 +64,7 @@ def lsq_lma(
         ``[p0, p1, ...]``, each of shape ``(n,)``; a rejected trial repeats the
         previous point. The last is the result.
     """
-    x0 = start_point(p, 1)
-    ftol, xtol, gtol = check_tolerances(ftol, ptol, gtol)
-    meth = check_lm_options(tau, meth, rho1, rho2, bet, gam, names=("bet", "gam"))
-    max_iter = check_max_iter(max_iter)
-    model = SingleModel(function, jac_function, args, x0)
-    its = minimize(model, x0[None], "lm", ftol=ftol, xtol=xtol, gtol=gtol,
-                   max_trials=max_iter - 1, meth=meth)
-    return single_result(x0[None], its)
+    return run_torchimize("lm", p, function, jac_function, args, parallel=False,
+                          tolerances=(ftol, ptol, gtol), max_iter=max_iter,
+                          rule_options=lambda: {"meth": check_lm_options(
+                              tau, meth, rho1, rho2, bet, gam, names=("bet", "gam"))})

@@ -1,0 +1,239 @@
+"""The one path from a public call to the engine: checks, conversion, adapters, Jacobian.
+
+``least_squares`` (one problem) and ``batch_least_squares`` (B problems) both
+start with :func:`prepare`: scipy's checks in scipy's order (string options,
+``x0`` and bounds, ``x_scale``, tolerances, ``diff_step``), the conversion of
+``x0``, the bounds and the scale to ``(B, n)`` engine tensors (B = 1 for a
+single problem), the shift of ``x0`` strictly inside the bounds for bounded
+'trf', the adapters of ``fun`` and ``jac`` to the engine's batched callables
+(:mod:`torchimize_scipy._user_functions`) and the one Jacobian choice
+(:class:`EngineJacobian`). After evaluating the first residuals, which each
+frontend does in its own calling convention (a single problem may return a
+scalar and must be finite at ``x0``; a batch marks a non-finite problem as
+failed and goes on), both call :func:`check_residuals_and_loss`. The engine's
+output becomes scipy's result in :func:`torchimize_scipy._results.build_result`.
+
+What differs between the two frontends, and why: a single problem raises where
+a batch lets one problem fail alone (a NaN in ``x0``, non-finite residuals at
+``x0``); a single problem's Jacobian at ``x0`` is checked for sparse or
+non-finite values as scipy's solvers do; a batch streams its problems through
+bounded memory (``_batch._BlockSource``) and always factorises through
+``J^T J``, while a single problem uses the SVD unless it is tall and large
+(:func:`torchimize_scipy._driver.prefers_gram`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._arrays import Namespace, as_numpy, detect_namespace
+from ._engine.bounds import make_strictly_feasible
+from ._jacobian import autograd_jacobian, finite_difference_jacobian
+from ._loss import LossFunction, make_loss
+from ._user_functions import PerProblemArgs, RowwiseFunction, VectorizedFunction, user_loss
+from ._validation import (
+    FD_METHODS,
+    check_bounds,
+    check_diff_step,
+    check_f_scale,
+    check_tolerance,
+    check_x_scale,
+    prepare_bounds,
+)
+
+
+class EngineJacobian:
+    """The engine's ``jac(x (k, n), f (k, m), idx (k,)) -> J (k, m, n)``: the one Jacobian choice.
+
+    Parameters
+    ----------
+    jac : str or callable
+        ``'2-point'``, ``'3-point'``, ``'cs'``, ``'autograd'`` or a callable.
+    fun : callable
+        The engine's residuals ``fun(x, idx) -> (k, m)`` (finite differences).
+    differentiable : callable, optional
+        ``differentiable(x, idx) -> (k, m)`` without detaching, for
+        ``'autograd'`` (by default ``fun.raw``).
+    user : callable, optional
+        The adapted callable ``jac``: ``user(x, idx) -> (k, m, n)``.
+    rel_step : Tensor, optional
+        Relative finite-difference step ``(n,)``.
+    lb, ub : Tensor, optional
+        ``(B, n)`` bounds indexed by problem id; finite differences respect
+        them when given.
+    fd_dtype : torch.dtype, optional
+        dtype in which finite differences see the residuals (float32 residuals
+        take float32-sized default steps, as scipy's gh-12991).
+    """
+
+    def __init__(self, jac: Any, fun: Callable, *, differentiable: Callable | None = None,
+                 user: Callable | None = None, rel_step: Tensor | None = None,
+                 lb: Tensor | None = None, ub: Tensor | None = None,
+                 fd_dtype: torch.dtype | None = None) -> None:
+        self.kind = "callable" if callable(jac) else jac
+        self.fun, self.user, self.rel_step = fun, user, rel_step
+        self.differentiable = differentiable if differentiable is not None else getattr(
+            fun, "raw", None)
+        self.lb, self.ub, self.fd_dtype = lb, ub, fd_dtype
+
+    def __call__(self, x: Tensor, f: Tensor, idx: Tensor) -> Tensor:
+        k, n = x.shape
+        m = f.shape[-1]
+        if self.kind == "callable":
+            J = self.user(x, idx)
+            if tuple(J.shape) != (k, m, n):
+                raise ValueError("The return value of `jac` has wrong shape: expected "
+                                 f"{(k, m, n)}, actual {tuple(J.shape)}.")
+            return J
+        if self.kind in FD_METHODS:
+            if self.fd_dtype is not None:
+                f = f.to(self.fd_dtype)
+            if self.lb is None:
+                return finite_difference_jacobian(self.fun, x, f, idx, self.kind, self.rel_step)
+            return finite_difference_jacobian(self.fun, x, f, idx, self.kind, self.rel_step,
+                                              self.lb[idx], self.ub[idx])
+        differentiable = self.differentiable
+        return autograd_jacobian(lambda X: differentiable(X, idx), x, m)
+
+
+@dataclass
+class Prepared:
+    """A validated call, converted for the engine (what :func:`prepare` returns).
+
+    Attributes
+    ----------
+    ns : Namespace
+        The caller's array kind and the engine's device and dtype.
+    x0_host : numpy.ndarray
+        The validated float64 ``x0`` on the host, ``(n,)`` or ``(B, n)``.
+    x0, lb, ub : Tensor
+        ``(B, n)`` engine tensors; ``x0`` is a private copy, shifted strictly
+        inside the bounds for bounded 'trf'.
+    bounded : bool
+        Whether any bound is finite.
+    x_scale : Tensor or str
+        ``(B, n)`` or ``'jac'``.
+    ftol, xtol, gtol : float
+        Checked tolerances.
+    fun : RowwiseFunction or VectorizedFunction
+        The engine's residuals ``fun(x (k, n), idx (k,)) -> (k, m)``.
+    jac_user : RowwiseFunction, VectorizedFunction or None
+        The adapted callable ``jac``.
+    jac : EngineJacobian
+        The engine's Jacobian.
+    """
+
+    ns: Namespace
+    x0_host: np.ndarray
+    x0: Tensor
+    lb: Tensor
+    ub: Tensor
+    bounded: bool
+    x_scale: Tensor | str
+    ftol: float
+    xtol: float
+    gtol: float
+    fun: RowwiseFunction | VectorizedFunction
+    jac_user: RowwiseFunction | VectorizedFunction | None
+    jac: EngineJacobian
+
+
+def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: Any, xtol: Any,
+            gtol: Any, x_scale: Any, diff_step: Any, args: Any, kwargs: dict | None, *,
+            device: Any, dtype: Any, batch: bool, vectorized: bool = True,
+            workers: Any = None) -> Prepared:
+    """Check a call in scipy's order and convert it for the engine.
+
+    The string options are checked before (``check_options``), the residuals
+    after (:func:`check_residuals_and_loss`). ``batch`` selects
+    ``batch_least_squares``'s conventions: ``x0`` of shape ``(B, n)``, bounds
+    and ``x_scale`` per problem, a NaN row allowed (that problem fails alone),
+    ``args`` per problem, ``fun`` vectorised or not. Without ``batch``, ``x0``
+    is ``(n,)`` (or a scalar) and ``fun`` is a function of one point,
+    evaluated through ``workers`` when given.
+    """
+    ns = detect_namespace(x0, device, dtype)
+    x0_host = as_numpy(x0)
+    if np.iscomplexobj(x0_host):
+        raise ValueError("`x0` must be real.")
+    if batch:
+        x0_host = np.asarray(x0_host, dtype=float)
+        if x0_host.ndim != 2:
+            raise ValueError("`x0` must have shape (B, n) for batch_least_squares.")
+        B, n = x0_host.shape
+        if B == 0 or n == 0:
+            raise ValueError("`x0` must hold at least one problem with at least one variable.")
+    else:
+        x0_host = np.atleast_1d(x0_host).astype(float)
+        if x0_host.ndim > 1:
+            raise ValueError("`x0` must have at most 1 dimension.")
+        B, n = 1, x0_host.size
+    lb, ub = prepare_bounds(bounds, n, batch=B if batch else None)
+    # in a batch, a problem whose x0 has a NaN fails alone (status 5)
+    check_bounds(lb, ub, x0_host, method, nan_ok=batch)
+    x_scale = check_x_scale(x_scale, x0_host, method)
+    ftol, xtol, gtol = check_tolerance(ftol, xtol, gtol, method, dtype=ns.dtype, stacklevel=5)
+    rel_step = check_diff_step(diff_step, n)
+
+    dev, dt = ns.device, ns.dtype
+    if isinstance(x0, torch.Tensor):
+        x0_t = x0.detach().reshape(B, n).to(device=dev, dtype=dt).clone()
+    else:
+        x0_t = torch.tensor(x0_host, device=dev, dtype=dt).reshape(B, n)
+    lb_t = torch.as_tensor(lb, device=dev, dtype=dt).reshape(B, n)
+    ub_t = torch.as_tensor(ub, device=dev, dtype=dt).reshape(B, n)
+    bounded = bool(np.isfinite(lb).any() or np.isfinite(ub).any())
+    if method == "trf" and bounded:
+        x0_t = make_strictly_feasible(x0_t, lb_t, ub_t)
+    scale = x_scale if isinstance(x_scale, str) else torch.as_tensor(
+        x_scale, device=dev, dtype=dt).reshape(B, n)
+
+    kwargs = {} if kwargs is None else kwargs
+    # 'autograd' differentiates fun with torch.func: fun then works on tensors
+    fun_ns = Namespace("torch", dev, dt) if jac == "autograd" else ns
+    if batch:
+        per_problem = PerProblemArgs(args, B, fun_ns)
+
+        def adapt(fn: Callable, fn_ns: Namespace, kind: str) -> Any:
+            if vectorized:
+                return VectorizedFunction(fn, per_problem, kwargs, fn_ns, kind=kind)
+            return RowwiseFunction(fn, per_problem, kwargs, fn_ns, None, kind=kind)
+
+        fun_b = adapt(fun, fun_ns, "fun")
+        jac_b = adapt(jac, ns, "jac") if callable(jac) else None
+    else:
+        fun_b = RowwiseFunction(fun, args, kwargs, fun_ns, workers)
+        jac_b = RowwiseFunction(jac, args, kwargs, ns, None, kind="jac") if callable(jac) \
+            else None
+    rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)
+    engine_jac = EngineJacobian(jac, fun_b, user=jac_b, rel_step=rel,
+                                lb=lb_t if bounded else None, ub=ub_t if bounded else None)
+    return Prepared(ns=ns, x0_host=x0_host, x0=x0_t, lb=lb_t, ub=ub_t, bounded=bounded,
+                    x_scale=scale, ftol=ftol, xtol=xtol, gtol=gtol, fun=fun_b, jac_user=jac_b,
+                    jac=engine_jac)
+
+
+def check_residuals_and_loss(method: str, n: int, f0: Tensor, loss: Any, f_scale: Any,
+                             ns: Namespace, rowwise: bool) -> LossFunction | None:
+    """scipy's checks after the first residuals ``f0 (b, m)``; the engine's loss.
+
+    'lm' needs ``m >= n``; a robust loss needs a finite nonzero ``f_scale``; a
+    callable loss is adapted (:func:`~torchimize_scipy._user_functions.user_loss`)
+    and its shape checked at ``f0``, as scipy does.
+    """
+    m = f0.shape[-1]
+    if method == "lm" and m < n:
+        raise ValueError("Method 'lm' doesn't work when the number of "
+                         "residuals is less than the number of variables.")
+    check_f_scale(f_scale, loss)
+    if not callable(loss):
+        return make_loss(loss, f_scale)
+    loss_obj = make_loss(user_loss(loss, ns, m, rowwise), f_scale)
+    loss_obj.rho(f0)
+    return loss_obj

@@ -1,0 +1,104 @@
+"""The one result builder: engine tensors to scipy's ``OptimizeResult``.
+
+:func:`build_result` turns the engine's batch-first result tensors into a
+:class:`BatchOptimizeResult` in the caller's array kind; ``least_squares``
+returns its problem 0 (``res[0]``, a plain :class:`scipy.optimize.OptimizeResult`).
+``message`` and ``success`` come only from the status table of
+:mod:`torchimize_scipy._engine.status`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import OptimizeResult
+
+from ._arrays import Namespace, as_numpy
+from ._engine import status as codes
+
+#: Result fields with a leading batch dimension, in the order of scipy's result.
+ARRAY_FIELDS = ("x", "cost", "fun", "jac", "grad", "optimality", "active_mask", "nfev", "njev",
+                "status", "success")
+
+
+class BatchOptimizeResult(OptimizeResult):
+    """Results of a batch of least-squares problems.
+
+    scipy's field names with a leading batch dimension: ``x (B, n)``,
+    ``cost (B,)``, ``fun (B, m)``, ``jac (B, m, n)``, ``grad (B, n)``,
+    ``optimality (B,)``, ``active_mask (B, n)``, ``nfev (B,)``, ``njev (B,)``,
+    ``status (B,)``, ``success (B,)`` and ``message`` (a list of B strings).
+    ``len(res)`` is B and ``res[i]`` is the :class:`scipy.optimize.OptimizeResult`
+    of problem ``i``.
+    """
+
+    def __len__(self) -> int:
+        return len(self["message"])
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return super().__getitem__(key)
+        i = operator.index(key)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"problem index {key} out of range for a batch of {len(self)}")
+        res = OptimizeResult()
+        for name in ARRAY_FIELDS:
+            if name == "success":  # scipy's order: ..., status, message, success
+                res["message"] = self["message"][i]
+            value = super().__getitem__(name)
+            if value is None:
+                res[name] = None
+                continue
+            item = value[i, ...]  # also for array-API arrays, which need every axis named
+            if name in ("cost", "optimality"):
+                item = item.clone() if isinstance(item, torch.Tensor) else float(item)
+            elif name in ("nfev", "njev", "status"):
+                item = int(item)
+            elif name == "success":
+                item = bool(item)
+            res[name] = item
+        return res
+
+    def __iter__(self) -> Iterator[OptimizeResult]:  # iterate over problems, not keys
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        status = np.asarray(as_numpy(self["status"]))
+        cost = np.asarray(as_numpy(self["cost"]), dtype=float)
+        counts = ", ".join(f"{int(s)}: {int((status == s).sum())}" for s in np.unique(status))
+        q = np.quantile(cost, [0.0, 0.5, 1.0]) if cost.size else [np.nan] * 3
+        ok = int(np.asarray(as_numpy(self["success"])).sum())
+        return (f"BatchOptimizeResult(problems={len(self)}, success={ok}, "
+                f"status counts {{{counts}}}, cost min/median/max = "
+                f"{q[0]:.3e}/{q[1]:.3e}/{q[2]:.3e})")
+
+    __str__ = __repr__
+
+
+def build_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, jac: Any,
+                 bounded: bool) -> BatchOptimizeResult:
+    """scipy's fields for every problem of the engine's output ``out``.
+
+    As scipy: unbounded 'trf' (and our 'gn', 'gd', which share its
+    conventions) reports ``active_mask`` as float zeros, and 'lm' reports
+    ``njev = None`` unless ``jac`` is a callable. A missing ``J`` (not kept)
+    gives ``jac = None``.
+    """
+    status = out["status"]
+    active = out["active_mask"]
+    if method in ("trf", "gn", "gd") and not bounded:
+        active = active.to(out["x"].dtype)
+    njev = None if (method == "lm" and not callable(jac)) else ns.to_user(out["njev"])
+    return BatchOptimizeResult(
+        x=ns.to_user(out["x"]), cost=ns.to_user(out["cost"]), fun=ns.to_user(out["f_true"]),
+        jac=ns.to_user(out["J"]) if "J" in out else None, grad=ns.to_user(out["g"]),
+        optimality=ns.to_user(out["optimality"]), active_mask=ns.to_user(active),
+        nfev=ns.to_user(out["nfev"]), njev=njev, status=ns.to_user(status),
+        success=ns.to_user(codes.success(status)), message=codes.messages(status.tolist()),
+    )
