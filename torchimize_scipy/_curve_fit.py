@@ -97,7 +97,7 @@ import scipy.linalg
 import torch
 from scipy.optimize import OptimizeWarning
 
-from ._arrays import as_numpy, detect_namespace
+from ._arrays import as_numpy, detect_namespace, to_host
 from ._engine import status as codes
 from ._engine.linalg import inverse_and_condition
 from ._least_squares import least_squares
@@ -273,7 +273,7 @@ def curve_fit(
     if p0 is None:
         n = _count_parameters(f)
     else:
-        p0 = _as_host(p0)
+        p0 = to_host(p0)
         p0 = np.atleast_1d(p0)
         n = p0.size
     lb, ub = prepare_bounds(bounds, n)
@@ -614,7 +614,7 @@ def _leastsq_options(kwargs: dict, n: int, user_jac: bool) -> dict:
     opts["maxfev"] = maxfev
     improper = (opts["ftol"] < 0 or opts["xtol"] < 0 or opts["gtol"] < 0 or maxfev < 0
                 or factor <= 0
-                or (diag is not None and bool(np.any(np.asarray(_as_host(diag)) <= 0))))
+                or (diag is not None and bool(np.any(np.asarray(to_host(diag)) <= 0))))
     if improper:  # MINPACK's info = 0; curve_fit turns it into a RuntimeError
         raise RuntimeError("Optimal parameters not found: Improper input parameters.")
     if factor != 100:
@@ -623,7 +623,7 @@ def _leastsq_options(kwargs: dict, n: int, user_jac: bool) -> dict:
     if diag is not None:
         if "x_scale" in kwargs:
             raise ValueError("Give only one of `diag` and `x_scale`.")
-        kwargs["x_scale"] = 1.0 / np.asarray(_as_host(diag), dtype=float)
+        kwargs["x_scale"] = 1.0 / np.asarray(to_host(diag), dtype=float)
     return opts
 
 
@@ -640,7 +640,7 @@ def _minpack_step(epsfcn: Any, diff_step: Any, n: int, dtype: Any) -> Any:
     if epsfcn is not None:
         return math.sqrt(max(float(epsfcn), eps_mach))
     if diff_step is not None:
-        return np.broadcast_to(np.asarray(_as_host(diff_step), dtype=float), (n,))
+        return np.broadcast_to(np.asarray(to_host(diff_step), dtype=float), (n,))
     return math.sqrt(eps_mach)
 
 
@@ -756,19 +756,9 @@ def _torch_lead(p0: Any, ydata: Any, xdata: Any) -> torch.Tensor | None:
     return None
 
 
-def _as_host(a: Any) -> Any:
-    """Tensors (also inside lists and tuples) to numpy; anything else unchanged."""
-    if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    if isinstance(a, list | tuple) and any(isinstance(e, torch.Tensor | list | tuple)
-                                           for e in a):
-        return [_as_host(e) for e in a]
-    return a
-
-
 def _float_array(a: Any, check_finite: bool) -> np.ndarray:
     """scipy's cast to float, with ``asarray_chkfinite``'s check when asked."""
-    a = _as_host(a)
+    a = to_host(a)
     if check_finite:
         return np.asarray_chkfinite(a, float)
     return np.asarray(a, float)
@@ -793,7 +783,7 @@ def _apply_nan_policy(nan_policy: str, xdata: Any, ydata: np.ndarray,
         xdata = xdata[..., ~bad]
         ydata = ydata[~bad]
         if sigma is not None:
-            sigma = np.asarray(_as_host(sigma))
+            sigma = np.asarray(to_host(sigma))
             if sigma.ndim == 1:
                 sigma = sigma[~bad]
             elif sigma.ndim == 2:
@@ -813,7 +803,7 @@ def _sigma_transform(sigma: Any, m: int) -> np.ndarray | None:
     """``1 / sigma`` for standard deviations, lower Cholesky factor for a covariance."""
     if sigma is None:
         return None
-    sigma = np.asarray(_as_host(sigma))
+    sigma = np.asarray(to_host(sigma))
     if sigma.size == 1 and sigma.ndim > 1:
         # scipy reads a one-entry sigma as a standard deviation of the sigma's own
         # shape and then fails on the 2-D residuals it makes; the value is ambiguous
@@ -1110,11 +1100,11 @@ def batch_curve_fit(
 
     lead = _torch_lead(p0, ydata, xdata)
     ns = detect_namespace(lead if lead is not None else np.zeros(1), device, dtype)
-    p0_host = np.asarray(_as_host(p0), dtype=float)
+    p0_host = np.asarray(to_host(p0), dtype=float)
     if p0_host.ndim != 2:
         raise ValueError("`p0` must have shape (B, P) for batch_curve_fit.")
     B, n = p0_host.shape
-    Y = np.asarray(_as_host(ydata), dtype=float)
+    Y = np.asarray(to_host(ydata), dtype=float)
     if Y.size == 0:
         raise ValueError("`ydata` must not be empty!")
     if Y.ndim != 2 or Y.shape[0] != B:
@@ -1153,8 +1143,8 @@ def batch_curve_fit(
         ids: Any = torch.as_tensor(good_idx, device=ns.device)
     else:
         x0, ids = p0_host[good_idx], good_idx
-    if "x_scale" in kwargs and np.ndim(_as_host(kwargs["x_scale"])) == 2:
-        kwargs["x_scale"] = np.asarray(_as_host(kwargs["x_scale"]), dtype=float)[good_idx]
+    if "x_scale" in kwargs and np.ndim(to_host(kwargs["x_scale"])) == 2:
+        kwargs["x_scale"] = np.asarray(to_host(kwargs["x_scale"]), dtype=float)[good_idx]
 
     if callable(jac):
         jac_arg: Any = model.jacobian
@@ -1205,7 +1195,7 @@ def batch_curve_fit(
                 for i, s in zip(ier.tolist(), status.tolist(), strict=True)]
     else:
         ier = status
-        ok = (status > 0) & (status != codes.NONFINITE) & (status != codes.SINGULAR)
+        ok = codes.success(status)
         cov = _batch_normal_inverse(t["jac"], _svd_pinv)
         mesg = [_batch_message(s) for s in status.tolist()]
 
@@ -1283,7 +1273,7 @@ def _batch_sigma_transform(sigma: Any, B: int, M: int,
     """
     if sigma is None:
         return None
-    sigma = np.asarray(_as_host(sigma), dtype=float)
+    sigma = np.asarray(to_host(sigma), dtype=float)
     if sigma.size == 1 or sigma.shape in ((M,), (B, M)):
         with np.errstate(divide="ignore"):
             T = (1.0 / sigma).reshape(1, 1) if sigma.size == 1 else 1.0 / sigma.reshape(-1, M)
@@ -1370,14 +1360,14 @@ class _BatchData:
     @staticmethod
     def _parse_x(xdata: Any, B: int) -> tuple[str, Any]:
         if isinstance(xdata, list | tuple) and any(
-                np.ndim(_as_host(e)) >= 1 for e in xdata):
-            parts = [np.asarray(_as_host(e), dtype=float) for e in xdata]
+                np.ndim(to_host(e)) >= 1 for e in xdata):
+            parts = [np.asarray(to_host(e), dtype=float) for e in xdata]
             batched = [p.ndim >= 2 and p.shape[0] == B for p in parts]
             if not any(batched):
                 return "shared", np.asarray(parts)
             return "tuple", [(p, s) for p, s in zip(parts, batched, strict=True)]
         if isinstance(xdata, list | tuple | np.ndarray | torch.Tensor):
-            arr = np.asarray(_as_host(xdata), dtype=float)
+            arr = np.asarray(to_host(xdata), dtype=float)
             if arr.ndim >= 2 and arr.shape[0] == B:
                 return ("rows" if arr.ndim == 2 else "stack"), arr
             return "shared", arr
