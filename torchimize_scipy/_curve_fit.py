@@ -976,7 +976,7 @@ def batch_curve_fit(
     device: Any = None,
     dtype: Any = None,
     chunk_size: int | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     nan_policy: str | None = None,
     **kwargs: Any,
 ) -> tuple:
@@ -1036,8 +1036,9 @@ def batch_curve_fit(
         for numpy input).
     chunk_size : int, optional
         Most problems held at once (see :func:`batch_least_squares`).
-    progress : bool, optional
-        Show a progress bar.
+    progress : bool or str, optional
+        Show a tqdm progress bar over residual evaluations, labelled
+        ``batch_curve_fit[method]``, or with this string as its label.
     nan_policy : {None, 'raise', 'omit'}, optional
         None (default): a problem with a NaN or inf in its data fails alone
         (NaN ``popt``). 'raise': any NaN in ``ydata`` or ``xdata`` raises
