@@ -83,8 +83,9 @@ class Namespace:
             t = torch.from_numpy(np.ascontiguousarray(arr))
         if t.is_complex():
             if not complex_ok:
+                dtype = a.dtype if isinstance(a, torch.Tensor) else np.asarray(a).dtype
                 raise ValueError(
-                    f"`{what}` returned complex values (dtype {t.dtype}); least-squares "
+                    f"`{what}` returned complex values (dtype {dtype}); least-squares "
                     "residuals must be real. Write each complex residual r as the two real "
                     "residuals r.real and r.imag (e.g. return np.concatenate([r.real, "
                     "r.imag])), with a real Jacobian to match.")
