@@ -242,7 +242,7 @@ def batch_curve_fit(
         ier = status_to_ier(status)
         if book is not None:
             ier = torch.where(book.hit, 5, ier)
-            if book.kept:
+            if "summary" in book.rows:
                 cov, njev = book.at_last_minpack_jacobian(status)
             else:  # no problem was solved
                 cov, njev = t["x"].new_full((B, n, n), float("nan")), book.jac_calls

@@ -276,6 +276,8 @@ class FitData:
     @staticmethod
     def _rows(a: Any, ids: Any, repeat: int = 1) -> Any:
         """Rows ``ids`` of ``a``, each ``repeat`` times; a view when they are one ascending run."""
+        if a.shape[0] == 1 and repeat == 1:  # one problem (curve_fit): no index to check
+            return a
         idx = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
         b = idx.shape[0]
         if repeat == 1 and b and int(idx[-1]) - int(idx[0]) == b - 1 and (
