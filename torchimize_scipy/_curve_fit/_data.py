@@ -48,6 +48,17 @@ def feasible_start(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
     return p0
 
 
+def method_for_bounds(method: str | None, lb: np.ndarray, ub: np.ndarray) -> str:
+    """The method: 'trf' with finite bounds, else 'lm' by default; 'lm' refuses bounds."""
+    bounded = bool(np.any((lb > -np.inf) | (ub < np.inf)))
+    if method is None:
+        method = "trf" if bounded else "lm"
+    if method == "lm" and bounded:
+        raise ValueError("Method 'lm' only works for unconstrained problems. "
+                         "Use 'trf' or 'dogbox' instead.")
+    return method
+
+
 def torch_lead(p0: Any, ydata: Any, xdata: Any) -> torch.Tensor | None:
     """The tensor that decides device and dtype (``p0``, then ``ydata``, then ``xdata``)."""
     for a in (p0, ydata, xdata):

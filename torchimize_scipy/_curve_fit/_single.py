@@ -26,6 +26,7 @@ from ._data import (
     count_parameters,
     feasible_start,
     float_array,
+    method_for_bounds,
     sigma_transform,
     torch_lead,
 )
@@ -205,12 +206,7 @@ def curve_fit(
     lb, ub = prepare_bounds(bounds, n)
     if p0 is None:
         p0 = feasible_start(lb, ub)
-    bounded = bool(np.any((lb > -np.inf) | (ub < np.inf)))
-    if method is None:
-        method = "trf" if bounded else "lm"
-    if method == "lm" and bounded:
-        raise ValueError("Method 'lm' only works for unconstrained problems. "
-                         "Use 'trf' or 'dogbox' instead.")
+    method = method_for_bounds(method, lb, ub)
 
     # ---- data: conversion, finiteness, NaN policy, sigma --------------------
     if check_finite is None:
