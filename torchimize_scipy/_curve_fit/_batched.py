@@ -204,6 +204,7 @@ def batch_curve_fit(
         reject_loss(kwargs, "batch_curve_fit")
 
     data = FitData.batch(xdata, Y)
+    data.keep_sources(xdata, ydata)
     keep = data.apply_nan_policy(nan_policy, drop=False)
     data.set_transform(sigma_transform(sigma, B, M, keep))
     col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False

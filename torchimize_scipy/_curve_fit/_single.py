@@ -211,6 +211,7 @@ def curve_fit(
     # ---- data: conversion, finiteness, NaN policy, sigma --------------------
     if check_finite is None:
         check_finite = nan_policy is None
+    y_in, x_in = ydata, xdata
     ydata = float_array(ydata, check_finite)
     xdata_is_array = isinstance(xdata, list | tuple | np.ndarray | torch.Tensor)
     if xdata_is_array:
@@ -219,6 +220,7 @@ def curve_fit(
     if ydata.size == 0:
         raise ValueError("`ydata` must not be empty!")
     data = FitData.single(xdata, xdata_is_array, ydata)
+    data.keep_sources(x_in, y_in)
     if not check_finite and nan_policy is not None:
         keep = data.apply_nan_policy(nan_policy, drop=True)
         if keep is not None and sigma is not None:
