@@ -163,6 +163,8 @@ def jacobian_finite(J: Tensor, G: Tensor) -> Tensor:
     """
     if math.isfinite(float(G.sum())):
         return torch.ones(J.shape[0], dtype=torch.bool, device=J.device)
+    if not isinstance(J, Tensor):  # an operator (tr_solver='lsmr'): G holds column norms
+        return torch.isfinite(G).flatten(1).all(-1)
     return all_finite(J)
 
 
@@ -369,6 +371,9 @@ def _write_out(problem: Problem, rule, state: State, mask: Tensor, out: State) -
         "njev": extra.get("njev", sub["njev"]),
         "nit": sub["nit"], "status": sub["status"],
     }
+    if not isinstance(values["J"], Tensor):
+        # a sparse or operator Jacobian (tr_solver='lsmr', one problem) is handed out as is
+        out["J"] = values.pop("J")
     for k, v in values.items():
         dest = out.get(k)
         if dest is None:

@@ -258,3 +258,39 @@ class StackedOperator:
     def rmatvec(self, u: Tensor) -> Tensor:
         """``A^T u[:m] + c u[m:]``, ``(B, n)``."""
         return self.A.rmatvec(u[:, :self._m]) + self.c * u[:, self._m:]
+
+
+def linearize_products(f_true: Tensor, J_true: Any, loss: Any) -> tuple[Tensor, Any, Tensor,
+                                                                        Tensor]:
+    """The engine's linearisation for methods that use ``J`` through products only.
+
+    The counterpart of :meth:`Problem.linearize` for ``tr_solver='lsmr'``:
+    returns ``(f, J, g, col_sq)`` with the loss-scaled residuals ``f``, the
+    loss-scaled Jacobian ``J`` (a dense tensor stays a dense tensor; a sparse
+    or operator Jacobian becomes a :class:`JacobianOperator` whose rows carry
+    the loss scaling), the gradient ``g = J^T f`` by one ``rmatvec``, and in
+    place of the Gram matrix the squared column norms ``col_sq (B, n)`` of the
+    scaled ``J`` (``x_scale='jac'`` and the finiteness test of the loop). An
+    operator without ``column_norms`` has none: ``g * g`` stands in, which is
+    finite whenever its products are (the frontend refuses ``x_scale='jac'``
+    for such operators, as scipy does).
+    """
+    from .._loss import scale_for_robust_loss
+
+    dense = isinstance(J_true, Tensor) and J_true.layout == torch.strided
+    if loss is None:
+        f = f_true
+        J = J_true if dense else as_operator(J_true)
+    elif dense:
+        J, f = scale_for_robust_loss(J_true, f_true, loss.rho(f_true))
+    else:
+        rho = loss.rho(f_true)
+        # the row weights of scale_for_robust_loss, applied lazily to the rows
+        w = torch.clamp(rho[1] + 2 * rho[2] * f_true**2, min=torch.finfo(f_true.dtype).eps)
+        w = torch.sqrt(w)
+        f = f_true * (rho[1] / w)
+        J = as_operator(J_true).scale_rows(w)
+    op = as_operator(J) if dense else J
+    g = op.rmatvec(f)
+    col_sq = op.column_sq_norms() if op.has_column_norms else g * g
+    return f, J, g, col_sq
