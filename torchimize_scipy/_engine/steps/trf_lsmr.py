@@ -27,7 +27,12 @@ operator (:mod:`.._engine.operator`):
   S^\top g_h`; the 2-D trust-region problem is solved exactly
   (:func:`solve_trust_region_2d`). Every trial of the outer iteration reuses
   :math:`S`, :math:`B_S`, :math:`g_S` (two products per outer iteration for
-  :math:`J_h S`, none per trial without bounds).
+  :math:`J_h S`, none per trial without bounds). Where :math:`p_{GN}` is a
+  multiple of :math:`g_h` to rounding (LSMR stopped after one iteration,
+  typical of a large regularisation), the second basis vector would be
+  rounding noise, i.e. a random direction (scipy keeps it, so its step there
+  is decided by rounding); it is set to zero instead, which leaves the model
+  along the gradient and makes the step reproducible.
 * With bounds the step then goes through the reflective selection of
   :mod:`.trf` (cut-back, reflected and anti-gradient steps), whose quadratic
   models are evaluated by products.
@@ -208,7 +213,21 @@ class TRFLSMR(TRF):
             gn_h = run_lsmr(A, torch.cat([f, torch.zeros_like(g)], -1), self.keywords)
         else:
             gn_h = run_lsmr(J_h, f, self.keywords, damp=(self.damp ** 2 + reg).sqrt())
-        S, _ = torch.linalg.qr(torch.stack([g_h, gn_h], dim=-1))
+        S, R = torch.linalg.qr(torch.stack([g_h, gn_h], dim=-1))
+        # gn_h along g_h (LSMR stopped after one iteration, whose iterate is a multiple
+        # of the gradient): the second basis vector would be rounding noise, a random
+        # direction; the next Krylov vector, the model's Hessian times g_h, takes its place
+        tiny = 64 * torch.finfo(g.dtype).eps * vnorm(gn_h, dim=-1)
+        collinear = R[:, 1, 1].abs() <= tiny
+        if bool(collinear.any()):
+            Hg = J_h.rmatvec(J_h.matvec(g_h))
+            if diag_h is not None:
+                Hg = Hg + diag_h * g_h
+            second = torch.where(collinear.unsqueeze(-1), Hg, gn_h)
+            S, R = torch.linalg.qr(torch.stack([g_h, second], dim=-1))
+            # still along g_h (g_h an eigenvector of the Hessian): the model is 1-D
+            flat = R[:, 1, 1].abs() <= 64 * torch.finfo(g.dtype).eps * vnorm(second, dim=-1)
+            S = torch.cat([S[..., :1], torch.where(flat.view(-1, 1, 1), 0.0, S[..., 1:])], -1)
         JS = J_h.matmat(S)
         B_S = JS.transpose(-1, -2) @ JS
         if diag_h is not None:
