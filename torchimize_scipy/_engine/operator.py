@@ -60,8 +60,10 @@ def _block_csr(J: Tensor) -> tuple[Tensor, Tensor]:
     val = J.values()
     row = idx[0] * m + idx[1]
     col = idx[0] * n + idx[2]
-    A = torch.sparse_coo_tensor(torch.stack([row, col]), val, (B * m, B * n)).coalesce()
-    At = torch.sparse_coo_tensor(torch.stack([col, row]), val, (B * n, B * m)).coalesce()
+    A = torch.sparse_coo_tensor(torch.stack([row, col]), val, (B * m, B * n),
+                                check_invariants=False).coalesce()
+    At = torch.sparse_coo_tensor(torch.stack([col, row]), val, (B * n, B * m),
+                                 check_invariants=False).coalesce()
     with warnings.catch_warnings():  # "sparse CSR support is in beta": it is what we want
         warnings.simplefilter("ignore", UserWarning)
         return A.to_sparse_csr(), At.to_sparse_csr()
@@ -186,6 +188,46 @@ class JacobianOperator:
             sq = sq * (self.col_scale * self.col_scale)
         return sq
 
+    # ---- rows of the batch (the loop's compaction and scatter) ---------------------
+    def index_select(self, dim: int, rows: Tensor) -> JacobianOperator:
+        """The problems ``rows`` of the batch (``dim`` must be 0), as a new wrapper."""
+        if dim != 0:
+            raise ValueError("a batched Jacobian operator selects along the batch axis only")
+        if self.kind == "operator":
+            base = _OperatorRows(self.base, rows)
+        else:
+            base = self.base.index_select(0, rows)
+            if self.kind == "sparse":
+                base = base.coalesce()
+        return JacobianOperator(base, _select(self.row_scale, rows), _select(self.col_scale, rows))
+
+    def index_copy(self, dim: int, rows: Tensor, other: JacobianOperator) -> JacobianOperator:
+        """A new wrapper whose problems ``rows`` are those of ``other`` (out of place)."""
+        if dim != 0:
+            raise ValueError("a batched Jacobian operator copies along the batch axis only")
+        other = as_operator(other)
+        B = self.shape[0]
+        row_scale = _merge_scale(self.row_scale, other.row_scale, rows, B, self.shape[1])
+        col_scale = _merge_scale(self.col_scale, other.col_scale, rows, B, self.shape[2])
+        if self.kind == "dense" and other.kind == "dense":
+            base = self.base.index_copy(0, rows, other.base)
+        elif self.kind == "sparse" and other.kind == "sparse":
+            keep = torch.ones(B, dtype=torch.bool, device=self.device)
+            keep[rows] = False
+            kept = keep.nonzero().squeeze(-1)
+            order = torch.cat([kept, rows])  # batch position of each stacked problem
+            stacked = torch.cat([self.base.index_select(0, kept), other.base]).coalesce()
+            idx = stacked.indices().clone()
+            idx[0] = order[idx[0]]
+            base = torch.sparse_coo_tensor(idx, stacked.values(), self.shape,
+                                           check_invariants=False).coalesce()
+        elif self.kind == "operator" and other.kind == "operator":
+            base = _OperatorMerge.merge(self.base, rows, other.base, B)
+        else:
+            raise ValueError(f"the Jacobian changed kind during the run ({self.kind} to "
+                             f"{other.kind})")
+        return JacobianOperator(base, row_scale, col_scale)
+
     # ---- scalings --------------------------------------------------------------
     def scale_columns(self, d: Tensor) -> JacobianOperator:
         """``self diag(d)``: a new wrapper, the matrix is not copied."""
@@ -213,6 +255,93 @@ class JacobianOperator:
         if self.col_scale is not None:
             J = J * self.col_scale.unsqueeze(-2)
         return J
+
+
+def _select(scale: Tensor | None, rows: Tensor) -> Tensor | None:
+    return None if scale is None else scale.index_select(0, rows)
+
+
+def _merge_scale(old: Tensor | None, new: Tensor | None, rows: Tensor, B: int,
+                 size: int) -> Tensor | None:
+    """``old`` with the rows ``rows`` replaced by ``new`` (None: ones)."""
+    if old is None and new is None:
+        return None
+    ref = old if old is not None else new
+    if old is None:
+        old = torch.ones(B, size, dtype=ref.dtype, device=ref.device)
+    if new is None:
+        new = torch.ones(rows.shape[0], size, dtype=ref.dtype, device=ref.device)
+    return old.index_copy(0, rows, new)
+
+
+class _OperatorRows:
+    """Problems ``rows`` of a batched operator (products through the whole batch)."""
+
+    def __init__(self, op: Any, rows: Tensor) -> None:
+        self.op, self.rows = op, rows
+        B, m, n = op.shape
+        self.full = B
+        self.shape = (rows.shape[0], m, n)
+        self.dtype, self.device = op.dtype, op.device
+        if hasattr(op, "column_norms"):
+            self.column_norms = lambda: op.column_norms().index_select(0, rows)
+
+    def matvec(self, p: Tensor) -> Tensor:
+        full = p.new_zeros(self.full, p.shape[-1]).index_copy(0, self.rows, p)
+        return self.op.matvec(full).index_select(0, self.rows)
+
+    def rmatvec(self, u: Tensor) -> Tensor:
+        full = u.new_zeros(self.full, u.shape[-1]).index_copy(0, self.rows, u)
+        return self.op.rmatvec(full).index_select(0, self.rows)
+
+
+class _OperatorMerge:
+    """A batch whose problems come from several operators: disjoint ``(rows, op)`` pieces."""
+
+    def __init__(self, pieces: list[tuple[Tensor, Any]], shape: tuple) -> None:
+        self.pieces = pieces
+        self.shape = shape
+        op = pieces[0][1]
+        self.dtype, self.device = op.dtype, op.device
+        if all(hasattr(o, "column_norms") for _, o in pieces):
+            self.column_norms = self._column_norms
+
+    @classmethod
+    def merge(cls, old: Any, rows: Tensor, new: Any, B: int) -> _OperatorMerge:
+        """``old`` (``B`` problems) with problems ``rows`` taken from ``new``."""
+        pieces = old.pieces if isinstance(old, _OperatorMerge) else [
+            (torch.arange(B, device=rows.device), old)]
+        taken = torch.zeros(B, dtype=torch.bool, device=rows.device)
+        taken[rows] = True
+        out = []
+        for where, op in pieces:
+            stay = ~taken[where]
+            if bool(stay.all()):
+                out.append((where, op))
+            elif bool(stay.any()):
+                local = stay.nonzero().squeeze(-1)
+                out.append((where[local], _OperatorRows(op, local)))
+        out.append((rows, new))
+        return cls(out, old.shape)
+
+    def _apply(self, vec: Tensor, width: int, forward: bool) -> Tensor:
+        out = vec.new_zeros(self.shape[0], width)
+        for where, op in self.pieces:
+            part = vec.index_select(0, where)
+            out = out.index_copy(0, where, op.matvec(part) if forward else op.rmatvec(part))
+        return out
+
+    def matvec(self, p: Tensor) -> Tensor:
+        return self._apply(p, self.shape[1], True)
+
+    def rmatvec(self, u: Tensor) -> Tensor:
+        return self._apply(u, self.shape[2], False)
+
+    def _column_norms(self) -> Tensor:
+        out = torch.zeros(self.shape[0], self.shape[2], dtype=self.dtype, device=self.device)
+        for where, op in self.pieces:
+            out = out.index_copy(0, where, op.column_norms())
+        return out
 
 
 def _combine(a: Tensor | None, b: Tensor | None) -> Tensor | None:

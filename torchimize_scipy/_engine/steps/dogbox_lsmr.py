@@ -42,9 +42,10 @@ class DogboxLSMR(Dogbox):
         J = as_operator(state["J"])
         scale = state["scale"]
         masked = J.scale_columns(scale * free.to(scale.dtype))
-        newton = -run_lsmr(masked, state["f"], self.keywords) * scale
+        newton, broke = run_lsmr(masked, state["f"], self.keywords)
+        newton = -newton * scale
         state["newton"] = torch.where(free, newton, 0.0)
-        flag_singular(state, torch.isfinite(newton).all(-1))
+        flag_singular(state, torch.isfinite(newton).all(-1) & ~broke)
         # -g_free vanishes on the frozen variables: J (-g_free) = J_free (-g_free)
         state["qa"], state["qb"], _ = build_quadratic_1d(J, None, g_free, -g_free)
 

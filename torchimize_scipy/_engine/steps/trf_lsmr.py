@@ -50,7 +50,7 @@ from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from ..bounds import make_strictly_feasible
-from ..lsmr import lsmr
+from ..lsmr import BREAKDOWN, lsmr
 from ..operator import StackedOperator, as_operator
 from ..problem import Problem
 from ..quadratic import build_quadratic_1d, minimize_quadratic_1d
@@ -93,15 +93,20 @@ def lsmr_keywords(options: dict | None, method: str, bounded: bool) -> tuple[dic
     return opts, damp, regularize
 
 
-def run_lsmr(A, b: Tensor, keywords: dict, damp: Tensor | float = 0.0) -> Tensor:
-    """LSMR's solution for the rows of a step rule, ``(B, n)``; ``x0`` broadcast if given."""
+def run_lsmr(A, b: Tensor, keywords: dict, damp: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+    """LSMR's solution for the rows of a step rule, ``(B, n)``; ``x0`` broadcast if given.
+
+    Returns the solution and a ``(B,)`` mask of the problems whose LSMR broke
+    down (non-finite products): the rule stops those as singular.
+    """
     kw = dict(keywords)
     if "damp" in kw:
         damp = kw.pop("damp")
     x0 = kw.pop("x0", None)
     if x0 is not None:
         x0 = torch.as_tensor(x0, dtype=b.dtype, device=b.device).expand(b.shape[0], A.shape[2])
-    return lsmr(A, b, damp=damp, x0=x0, **kw).x
+    res = lsmr(A, b, damp=damp, x0=x0, **kw)
+    return res.x, res.istop == BREAKDOWN
 
 
 def solve_trust_region_2d(B_S: Tensor, g_S: Tensor, delta: Tensor) -> Tensor:
@@ -210,9 +215,9 @@ class TRFLSMR(TRF):
         f = state["f"]
         if diag_h is not None:
             A = StackedOperator(J_h, (diag_h + reg).clamp(min=0).sqrt())
-            gn_h = run_lsmr(A, torch.cat([f, torch.zeros_like(g)], -1), self.keywords)
+            gn_h, broke = run_lsmr(A, torch.cat([f, torch.zeros_like(g)], -1), self.keywords)
         else:
-            gn_h = run_lsmr(J_h, f, self.keywords, damp=(self.damp ** 2 + reg).sqrt())
+            gn_h, broke = run_lsmr(J_h, f, self.keywords, damp=(self.damp ** 2 + reg).sqrt())
         S, R = torch.linalg.qr(torch.stack([g_h, gn_h], dim=-1))
         # gn_h along g_h (LSMR stopped after one iteration, whose iterate is a multiple
         # of the gradient): the second basis vector would be rounding noise, a random
@@ -235,6 +240,7 @@ class TRFLSMR(TRF):
         g_S = (S * g_h.unsqueeze(-1)).sum(-2)
         state["sub_S"], state["sub_B"], state["sub_g"] = S, B_S, g_S
         ok = torch.isfinite(B_S).flatten(1).all(-1) & torch.isfinite(S).flatten(1).all(-1)
+        ok = ok & ~broke
         flag_singular(state, ok)
 
     def propose(self, problem: Problem, state: dict) -> dict:
