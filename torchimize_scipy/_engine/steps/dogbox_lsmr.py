@@ -24,19 +24,18 @@ from ..operator import as_operator
 from ..problem import Problem
 from ..quadratic import build_quadratic_1d, evaluate_quadratic
 from ._common import flag_singular, inf_norm
-from .dogbox import Dogbox, dogleg_step
+from .dogbox import Dogbox, DogboxTrial, dogleg_step
 from .trf_lsmr import lsmr_keywords, run_lsmr
 
 
 class DogboxLSMR(Dogbox):
     """'dogbox' with the LSMR Gauss-Newton step (``tr_solver='lsmr'``)."""
 
-    name = "dogbox_lsmr"
 
     def __init__(self, tr_options: dict | None = None, bounded: bool = False) -> None:
         self.keywords, _, _ = lsmr_keywords(tr_options, "dogbox", bounded)
 
-    def prepare(self, problem: Problem, state: dict) -> None:
+    def build_model(self, problem: Problem, state: dict) -> None:
         free = state["free"]
         g_free = torch.where(free, state["g"], 0.0)
         J = as_operator(state["J"])
@@ -47,18 +46,19 @@ class DogboxLSMR(Dogbox):
         state["newton"] = torch.where(free, newton, 0.0)
         flag_singular(state, torch.isfinite(newton).all(-1) & ~broke)
         # -g_free vanishes on the frozen variables: J (-g_free) = J_free (-g_free)
-        state["qa"], state["qb"], _ = build_quadratic_1d(J, None, g_free, -g_free)
+        quad, lin, _ = build_quadratic_1d(J, None, g_free, -g_free)
+        state["antigrad_quad"], state["antigrad_lin"] = quad, lin
 
-    def propose(self, problem: Problem, state: dict) -> dict:
+    def propose_step(self, problem: Problem, state: dict) -> DogboxTrial:
         x, lb, ub, free = state["x"], state["lb"], state["ub"], state["free"]
         g_free = torch.where(free, state["g"], 0.0)
         tr = state["delta"].unsqueeze(-1) * state["scale"]
-        step, hits, tr_hit = dogleg_step(x, state["newton"], g_free, state["qa"], state["qb"],
-                                         tr, lb, ub)
+        step, hits, tr_hit = dogleg_step(x, state["newton"], g_free,
+                                         state["antigrad_quad"], state["antigrad_lin"], tr, lb,
+                                         ub)
         step = torch.where(free, step, 0.0)
         predicted = -evaluate_quadratic(as_operator(state["J"]), None, g_free, step)
         x_new = torch.minimum(torch.maximum(x + step, lb), ub)
         on_bound_new = torch.where(free, hits, state["on_bound"])
-        return {"x_new": x_new, "step": step, "predicted": predicted, "tr_hit": tr_hit,
-                "on_bound": on_bound_new, "step_norm": vnorm(step, dim=-1),
-                "step_h_norm": inf_norm(step * state["scale_inv"])}
+        return DogboxTrial(x_new, vnorm(step, dim=-1), inf_norm(step * state["scale_inv"]),
+                           predicted, tr_hit, on_bound_new)

@@ -54,8 +54,8 @@ from ..lsmr import BREAKDOWN, lsmr
 from ..operator import StackedOperator, as_operator
 from ..problem import Problem
 from ..quadratic import build_quadratic_1d, minimize_quadratic_1d
-from ._common import bound_activity, flag_singular, initial_scale
-from .trf import TRF, _scaled_v, select_step
+from ._common import flag_singular, initial_scale
+from .trf import TRF, TRFTrial, _coleman_li, select_step
 
 #: the keyword options of LSMR that ``tr_options`` may carry
 LSMR_KEYS = ("atol", "btol", "conlim", "maxiter", "x0", "show")
@@ -160,38 +160,49 @@ def solve_trust_region_2d(B_S: Tensor, g_S: Tensor, delta: Tensor) -> Tensor:
 class TRFLSMR(TRF):
     """'trf' with the LSMR subspace step (``tr_solver='lsmr'``)."""
 
-    name = "trf_lsmr"
+    state_keys = frozenset({
+        "delta",  # trust radius (scaled variables)
+        "alpha",  # always 0: no Levenberg-Marquardt parameter (TRF.assess_trial reads it)
+        "tr_scaling",  # D = diag(v^(1/2) * x_scale): scaled variables are x / D
+        "diag_h",  # the Coleman-Li term g * dv * x_scale
+        "g_h",  # the scaled gradient D g
+        "theta",  # how close to the bounds a cut-back step may go
+        "coleman_li_v", "coleman_li_dv",  # bounded: Coleman-Li v, dv of the outer iteration
+        "sub_S",  # (B, n, 2) orthonormal basis of the subspace {g_h, LSMR step}
+        "sub_B",  # (B, 2, 2) the model's matrix in it
+        "sub_g",  # (B, 2) the model's gradient in it
+    })
 
     def __init__(self, tr_options: dict | None = None, bounded: bool = False) -> None:
         self.keywords, self.damp, self.regularize = lsmr_keywords(tr_options, "trf", bounded)
 
-    def init(self, problem: Problem, state: dict) -> None:
+    def init_state(self, problem: Problem, state: dict) -> None:
         initial_scale(problem, state)
         x = state["x"]
         if problem.bounded:
-            v, dv = _scaled_v(state)
+            v, dv = _coleman_li(state)
             v = torch.where(dv != 0, v * state["scale_inv"], v)
             delta = vnorm(x * state["scale_inv"] / v.sqrt(), dim=-1)
         else:
             delta = vnorm(x * state["scale_inv"], dim=-1)
         state["delta"] = torch.where(delta == 0, torch.ones_like(delta), delta)
         state["alpha"] = torch.zeros_like(delta)  # no Levenberg-Marquardt parameter here
-        state["d"] = torch.ones_like(x)
+        state["tr_scaling"] = torch.ones_like(x)
         state["diag_h"] = torch.zeros_like(x)
         state["g_h"] = torch.zeros_like(x)
         state["theta"] = torch.zeros_like(delta)
         B = x.shape[0]
-        state["sub_S"] = x.new_zeros(B, x.shape[1], 2)  # orthonormal basis of the subspace
-        state["sub_B"] = x.new_zeros(B, 2, 2)  # the model's matrix in it
-        state["sub_g"] = x.new_zeros(B, 2)  # and its gradient
+        state["sub_S"] = x.new_zeros(B, x.shape[1], 2)
+        state["sub_B"] = x.new_zeros(B, 2, 2)
+        state["sub_g"] = x.new_zeros(B, 2)
         if problem.bounded:
-            state["cl_v"] = torch.ones_like(x)
-            state["cl_dv"] = torch.zeros_like(x)
+            state["coleman_li_v"] = torch.ones_like(x)
+            state["coleman_li_dv"] = torch.zeros_like(x)
 
-    def prepare(self, problem: Problem, state: dict) -> None:
+    def build_model(self, problem: Problem, state: dict) -> None:
         g = state["g"]
         if problem.bounded:
-            v, dv = state["cl_v"], state["cl_dv"]
+            v, dv = state["coleman_li_v"], state["coleman_li_dv"]
             v = torch.where(dv != 0, v * state["scale_inv"], v)
             d = v.sqrt() * state["scale"]
             diag_h = g * dv * state["scale"]
@@ -200,7 +211,7 @@ class TRFLSMR(TRF):
             d = state["scale"]
             diag_h = None
         g_h = d * g
-        state["d"], state["g_h"] = d, g_h
+        state["tr_scaling"], state["g_h"] = d, g_h
         if diag_h is not None:
             state["diag_h"] = diag_h
         J_h = as_operator(state["J"]).scale_columns(d)
@@ -243,11 +254,11 @@ class TRFLSMR(TRF):
         ok = ok & ~broke
         flag_singular(state, ok)
 
-    def propose(self, problem: Problem, state: dict) -> dict:
+    def propose_step(self, problem: Problem, state: dict) -> TRFTrial:
         S, B_S, g_S = state["sub_S"], state["sub_B"], state["sub_g"]
         p_S = solve_trust_region_2d(B_S, g_S, state["delta"])
         p_h = (S * p_S.unsqueeze(-2)).sum(-1)
-        d = state["d"]
+        d = state["tr_scaling"]
         if problem.bounded:
             view = dict(state)
             view["J"] = as_operator(state["J"])
@@ -261,9 +272,5 @@ class TRFLSMR(TRF):
             Bp = (B_S * p_S.unsqueeze(-2)).sum(-1)
             predicted = -(0.5 * (p_S * Bp).sum(-1) + (g_S * p_S).sum(-1))
             x_new = state["x"] + step
-        return {"x_new": x_new, "step": step, "step_h_norm": vnorm(step_h, dim=-1),
-                "predicted": predicted, "alpha": state["alpha"],
-                "step_norm": vnorm(step, dim=-1)}
-
-    def finalize(self, problem: Problem, state: dict) -> dict:
-        return bound_activity(problem, state)
+        return TRFTrial(x_new, vnorm(step, dim=-1), vnorm(step_h, dim=-1), predicted,
+                        state["alpha"])
