@@ -325,3 +325,34 @@ def test_stacked_operator():
 def test_jacobian_kind_refuses_other_objects():
     with pytest.raises(TypeError, match="engine Jacobian"):
         jacobian_kind(np.ones((1, 2, 2)))
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "operator"])
+def test_operator_rows_select_merge_and_concatenate(kind):
+    """What the loop does to a batch's Jacobian: compaction, scatter of new rows, refill."""
+    rng = np.random.default_rng(16)
+    c1 = _to_coo(_sparse_batch(rng, 3, 9, 5, 0.4))
+    c2 = _to_coo(_sparse_batch(rng, 2, 9, 5, 0.4))
+
+    def make(c):
+        return {"dense": c.to_dense(), "sparse": c, "operator": _Operator(c.to_dense())}[kind]
+
+    w = torch.as_tensor(rng.uniform(0.5, 2.0, (3, 9)))
+    A = JacobianOperator(make(c1)).scale_rows(w)
+    ref = w.unsqueeze(-1) * c1.to_dense()
+    both = A.cat_rows(JacobianOperator(make(c2)))
+    ref = torch.cat([ref, c2.to_dense()])
+    assert both.shape == (5, 9, 5) and both.kind == kind
+    np.testing.assert_allclose(both.to_dense(), ref, rtol=ONE_EVAL_RTOL)
+    rows = torch.tensor([4, 0])
+    merged = both.index_copy(0, rows, JacobianOperator(make(c1)).index_select(0, torch.tensor(
+        [1, 2])))
+    ref = ref.index_copy(0, rows, c1.to_dense()[[1, 2]])
+    np.testing.assert_allclose(merged.to_dense(), ref, rtol=ONE_EVAL_RTOL)
+    keep = torch.tensor([0, 3, 4])
+    np.testing.assert_allclose(merged.index_select(0, keep).to_dense(), ref[keep],
+                               rtol=ONE_EVAL_RTOL)
+    with pytest.raises(ValueError, match="changed kind"):
+        other = "sparse" if kind != "sparse" else "dense"
+        merged.index_copy(0, rows, JacobianOperator(
+            {"dense": c1.to_dense(), "sparse": c1}[other]).index_select(0, torch.tensor([0, 1])))

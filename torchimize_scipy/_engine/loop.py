@@ -228,7 +228,9 @@ def concat(state: State, new: State) -> None:
         key = (id(v), id(new[k]))
         merged = done.get(key)
         if merged is None:
-            merged = done[key] = torch.cat([v, new[k]])
+            # (a sparse or operator Jacobian, tr_solver='lsmr', concatenates itself)
+            merged = done[key] = (torch.cat([v, new[k]]) if isinstance(v, Tensor)
+                                  else v.cat_rows(new[k]))
         state[k] = merged
 
 

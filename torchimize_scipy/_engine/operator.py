@@ -166,7 +166,7 @@ class JacobianOperator:
             J = self.base
             if self.row_scale is not None:
                 J = J * self.row_scale.unsqueeze(-1)
-            sq = (J * J).sum(-2)
+            sq = torch.linalg.vector_norm(J, dim=-2) ** 2  # no (B, m, n) temporary
         elif self.kind == "sparse":
             B, _, n = self.shape
             A = self._csr[0]
@@ -226,6 +226,34 @@ class JacobianOperator:
         else:
             raise ValueError(f"the Jacobian changed kind during the run ({self.kind} to "
                              f"{other.kind})")
+        return JacobianOperator(base, row_scale, col_scale)
+
+    def cat_rows(self, other: Any) -> JacobianOperator:
+        """The problems of ``self`` followed by those of ``other`` (the loop's refill)."""
+        other = as_operator(other)
+        B1, B2 = self.shape[0], other.shape[0]
+        rows = torch.arange(B1, B1 + B2, device=self.device)
+
+        def scale(a, b, size):
+            return _merge_scale(None if a is None else torch.cat([a, a.new_ones(B2, size)]),
+                                b, rows, B1 + B2, size)
+
+        row_scale = scale(self.row_scale, other.row_scale, self.shape[1])
+        col_scale = scale(self.col_scale, other.col_scale, self.shape[2])
+        if self.kind != other.kind:
+            raise ValueError(f"the Jacobian changed kind during the run ({self.kind} to "
+                             f"{other.kind})")
+        if self.kind == "operator":
+            head = self.base.pieces if isinstance(self.base, _OperatorMerge) else [
+                (torch.arange(B1, device=self.device), self.base)]
+            tail = other.base.pieces if isinstance(other.base, _OperatorMerge) else [
+                (torch.arange(B2, device=self.device), other.base)]
+            base = _OperatorMerge(head + [(where + B1, op) for where, op in tail],
+                                  (B1 + B2, *self.shape[1:]))
+        else:
+            base = torch.cat([self.base, other.base])
+            if self.kind == "sparse":
+                base = base.coalesce()
         return JacobianOperator(base, row_scale, col_scale)
 
     # ---- scalings --------------------------------------------------------------
