@@ -1,0 +1,189 @@
+"""Small problems do not pay for parallelism they cannot use (issue 14).
+
+While the engine runs problems whose Jacobian has at most 32,768 entries
+(torch's grain size), MKL runs single-threaded in the calling thread only
+(``torchimize_scipy._blas_threads``): MKL fanned a ``3 x 50`` product out to
+every intra-op thread, and on a loaded machine each such parallel region cost
+up to a scheduler time slice. These tests check the switch itself (set,
+restored, nested, restored after an error, per thread), that the solvers use
+it for small problems and not for large ones, and that the results do not
+depend on it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+from _parity import assert_cost_close, assert_counts_close, assert_x_close
+
+import torchimize_scipy._blas_threads as bt
+from torchimize_scipy import batch_least_squares, curve_fit, least_squares
+
+needs_mkl = pytest.mark.skipif(bt._SET_LOCAL is None, reason="torch is not built with MKL")
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def local_three():
+    """MKL's thread-local count set to 3 in this thread for the test, then put back."""
+    torch.get_num_threads()
+    previous = bt._SET_LOCAL(3)
+    try:
+        yield 3
+    finally:
+        bt._SET_LOCAL(previous)
+
+
+def rosenbrock(x):
+    return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+
+def test_is_small_threshold():
+    assert bt.GRAIN_SIZE == 32768
+    assert bt.is_small(32768, 1)
+    assert bt.is_small(16384, 2)
+    assert not bt.is_small(16385, 2)
+
+
+@needs_mkl
+def test_serial_blas_sets_and_restores(local_three):
+    with bt.serial_blas(CPU, 50, 3) as used:
+        assert used
+        assert bt.mkl_local_threads() == 1
+    assert bt.mkl_local_threads() == local_three
+
+
+@needs_mkl
+def test_serial_blas_nests(local_three):
+    with bt.serial_blas(CPU, 50, 3):
+        with bt.serial_blas(CPU, 2, 2):
+            assert bt.mkl_local_threads() == 1
+        assert bt.mkl_local_threads() == 1
+    assert bt.mkl_local_threads() == local_three
+
+
+@needs_mkl
+def test_serial_blas_restores_after_error(local_three):
+    with pytest.raises(RuntimeError, match="boom"), bt.serial_blas(CPU, 50, 3):
+        raise RuntimeError("boom")
+    assert bt.mkl_local_threads() == local_three
+
+
+@needs_mkl
+@pytest.mark.parametrize(("device", "m", "n"), [(CPU, 40000, 1), (CPU, 200_000, 20),
+                                                (torch.device("cuda"), 50, 3),
+                                                (torch.device("meta"), 50, 3)])
+def test_serial_blas_leaves_large_and_other_devices(local_three, device, m, n):
+    with bt.serial_blas(device, m, n) as used:
+        assert not used
+        assert bt.mkl_local_threads() == local_three
+
+
+@needs_mkl
+def test_serial_blas_is_per_thread(local_three):
+    """Another thread's MKL count is untouched while this one is inside the block."""
+    inside, seen = threading.Event(), []
+    done = threading.Event()
+
+    def other():
+        torch.get_num_threads()
+        previous = bt._SET_LOCAL(5)
+        try:
+            inside.wait(10)
+            seen.append(bt.mkl_local_threads())
+            done.set()
+        finally:
+            bt._SET_LOCAL(previous)
+
+    t = threading.Thread(target=other)
+    t.start()
+    with bt.serial_blas(CPU, 50, 3):
+        inside.set()
+        assert done.wait(10)
+        assert bt.mkl_local_threads() == 1
+    t.join()
+    assert seen == [5]
+    assert bt.mkl_local_threads() == local_three
+
+
+@needs_mkl
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+def test_small_solve_runs_serial_mkl(local_three, method):
+    """Regression: the engine ran small problems with MKL on every intra-op thread."""
+    seen = []
+
+    def fun(x):
+        seen.append(bt.mkl_local_threads())
+        return rosenbrock(x)
+
+    res = least_squares(fun, [-1.2, 1.0], method=method)
+    assert res.success
+    # the frontend's evaluations at x0 (f0 and the '2-point' J0) precede the engine
+    k = seen.index(1)
+    assert 1 <= k <= 3
+    assert set(seen[:k]) == {local_three}
+    assert set(seen[k:]) == {1}
+    assert bt.mkl_local_threads() == local_three
+
+
+@needs_mkl
+def test_batch_of_small_problems_runs_serial_mkl(local_three):
+    seen = []
+
+    def fun(x):
+        seen.append(bt.mkl_local_threads())
+        return torch.stack([10 * (x[:, 1] - x[:, 0] ** 2), 1 - x[:, 0]], dim=1)
+
+    x0 = torch.tensor([[-1.2, 1.0], [2.0, 2.0], [0.5, -0.5]], dtype=torch.float64)
+    res = batch_least_squares(fun, x0, method="lm")
+    assert bool(np.all(np.asarray(res.success)))
+    assert 1 in seen
+    assert bt.mkl_local_threads() == local_three
+
+
+@needs_mkl
+def test_large_solve_keeps_threads(local_three):
+    """A problem above the grain size (m n = 40,000) keeps the caller's MKL threads."""
+    t = np.linspace(0, 1, 20000)
+    y = 2.0 * np.exp(-1.5 * t)
+    seen = []
+
+    def fun(p):
+        seen.append(bt.mkl_local_threads())
+        return p[0] * np.exp(-p[1] * t) - y
+
+    res = least_squares(fun, [1.0, 1.0], method="lm")
+    assert res.success
+    assert set(seen) == {local_three}
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+def test_small_results_match_scipy_with_two_threads(method):
+    """With torch's intra-op pool at two threads the small solve still gives scipy's answer."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ours = least_squares(rosenbrock, [-1.2, 1.0], method=method)
+    finally:
+        torch.set_num_threads(before)
+    ref = scipy.optimize.least_squares(rosenbrock, [-1.2, 1.0], method=method)
+    assert_x_close(ours.x, ref.x)
+    assert_cost_close(ours.cost, ref.cost)
+    assert_counts_close(ours.status, ref.status, ours.nfev, ref.nfev)
+
+
+def test_curve_fit_exp_decay_matches_scipy():
+    def f(x, a, b, c):
+        return a * np.exp(-b * x) + c
+
+    x = np.linspace(0, 4, 50)
+    y = f(x, 2.5, 1.3, 0.5) + 0.2 * np.random.default_rng(0).normal(size=x.size)
+    popt, pcov = curve_fit(f, x, y)
+    ref, ref_cov = scipy.optimize.curve_fit(f, x, y)
+    np.testing.assert_allclose(popt, ref, rtol=1e-6)
+    np.testing.assert_allclose(pcov, ref_cov, rtol=1e-5)
