@@ -187,3 +187,75 @@ def test_curve_fit_exp_decay_matches_scipy():
     ref, ref_cov = scipy.optimize.curve_fit(f, x, y)
     np.testing.assert_allclose(popt, ref, rtol=1e-6)
     np.testing.assert_allclose(pcov, ref_cov, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- numpy adapters
+def rosenbrock_jac(x):
+    return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+def test_fun_and_jac_may_reuse_their_output_buffer(method):
+    """The engine keeps a private copy of what ``fun``/``jac`` return (one problem, numpy).
+
+    A function that writes every result into the same array must give the run
+    of a function that returns fresh arrays (same code path: bit for bit).
+    """
+    fbuf, jbuf = np.empty(2), np.empty((2, 2))
+
+    def fun_reuse(x):
+        fbuf[:] = rosenbrock(x)
+        return fbuf
+
+    def jac_reuse(x):
+        jbuf[:] = rosenbrock_jac(x)
+        return jbuf
+
+    fresh = least_squares(rosenbrock, [-1.2, 1.0], jac=rosenbrock_jac, method=method)
+    reused = least_squares(fun_reuse, [-1.2, 1.0], jac=jac_reuse, method=method)
+    np.testing.assert_array_equal(reused.x, fresh.x)
+    np.testing.assert_array_equal(reused.fun, fresh.fun)
+    np.testing.assert_array_equal(reused.jac, fresh.jac)
+    assert (reused.nfev, reused.njev, reused.status) == (fresh.nfev, fresh.njev, fresh.status)
+    assert fresh.fun is not fbuf and not np.shares_memory(reused.fun, fbuf)
+    assert not np.shares_memory(reused.jac, jbuf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_numpy_fun_gets_private_float64_rows(dtype):
+    """``fun`` receives a writable float64 copy; writing to it changes nothing."""
+    seen = []
+    x0 = np.array([-1.2, 1.0])
+
+    def fun(x):
+        seen.append((x.dtype, x.flags.writeable))
+        out = rosenbrock(x)
+        x[:] = 1e6  # the solver's state must not see this
+        return out
+
+    res = least_squares(fun, x0, method="trf", dtype=dtype)
+    ref = least_squares(rosenbrock, x0, method="trf", dtype=dtype)
+    assert set(seen) == {(np.dtype(np.float64), True)}
+    np.testing.assert_array_equal(res.x, ref.x)
+    np.testing.assert_array_equal(x0, [-1.2, 1.0])
+    assert res.x.dtype == (np.float64 if dtype is torch.float64 else np.float32)
+
+
+@pytest.mark.parametrize(("ret", "dtype"), [(lambda x: [10 * (x[1] - x[0] ** 2), 1 - x[0]], None),
+                                             (lambda x: np.float32(1.0) * rosenbrock(x), None),
+                                             (lambda x: rosenbrock(x).astype(np.float32),
+                                              torch.float32)])
+def test_one_problem_return_kinds_match_scipy(ret, dtype):
+    """Lists and float32 arrays from ``fun`` are converted as numpy would (one problem)."""
+    ours = least_squares(ret, [-1.2, 1.0], dtype=dtype)
+    ref = scipy.optimize.least_squares(ret, [-1.2, 1.0])
+    rtol = 1e-4 if dtype is torch.float32 else None
+    if rtol is None:
+        assert_x_close(ours.x, ref.x)
+    else:
+        np.testing.assert_allclose(ours.x, ref.x, rtol=rtol)
+
+
+def test_complex_return_still_refused_for_one_problem():
+    with pytest.raises(ValueError, match="complex"):
+        least_squares(lambda x: rosenbrock(x) + 0j, [-1.2, 1.0])
