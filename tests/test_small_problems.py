@@ -259,3 +259,24 @@ def test_one_problem_return_kinds_match_scipy(ret, dtype):
 def test_complex_return_still_refused_for_one_problem():
     with pytest.raises(ValueError, match="complex"):
         least_squares(lambda x: rosenbrock(x) + 0j, [-1.2, 1.0])
+
+
+def test_fortran_ordered_and_reversed_jac_match_c_ordered():
+    """A Jacobian returned transposed (Fortran order) or as a reversed view converts as a copy.
+
+    Same code path, same values: bit for bit the run of a C-ordered Jacobian.
+    """
+    def jac_f(x):
+        return np.asfortranarray(rosenbrock_jac(x))
+
+    def jac_rev(x):
+        return rosenbrock_jac(x)[::-1][::-1]  # a view with the same values
+
+    def fun_rev(x):
+        return np.array([1 - x[0], 10 * (x[1] - x[0] ** 2)])[::-1]  # negative stride
+
+    ref = least_squares(rosenbrock, [-1.2, 1.0], jac=rosenbrock_jac)
+    for fun, jac in ((rosenbrock, jac_f), (rosenbrock, jac_rev), (fun_rev, rosenbrock_jac)):
+        res = least_squares(fun, [-1.2, 1.0], jac=jac)
+        np.testing.assert_array_equal(res.x, ref.x)
+        assert (res.nfev, res.njev, res.status) == (ref.nfev, ref.njev, ref.status)

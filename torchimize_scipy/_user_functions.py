@@ -298,11 +298,12 @@ class RowwiseFunction:
                 return None
             shape = (1, *_atleast(a.shape, ndim))
             if self._host and self._numpy_dtype is not None:
-                # np.array copies; the tensor shares that private copy
-                t = torch.from_numpy(np.array(a, dtype=self._numpy_dtype).reshape(shape))
+                # np.array copies (C order, as np.stack); the tensor shares that private copy
+                t = torch.from_numpy(np.array(a, dtype=self._numpy_dtype, order="C")
+                                     .reshape(shape))
             else:
-                t = torch.from_numpy(np.array(a).reshape(shape)).to(device=self.ns.device,
-                                                                    dtype=self.ns.dtype)
+                t = torch.from_numpy(np.array(a, order="C").reshape(shape)).to(
+                    device=self.ns.device, dtype=self.ns.dtype)
             return self._shaped(t)
         if any(isinstance(v, torch.Tensor) for v in vals):
             return None
