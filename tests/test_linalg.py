@@ -74,7 +74,7 @@ def test_full_rank_mask(batch):
 def test_damped_step_matches_lstsq(batch, use_gram, alpha):
     A, f = batch
     fac = factorize(A, None, f, use_gram=use_gram)
-    p = damped_step(fac, torch.full((4,), alpha, dtype=A.dtype), zero=alpha == 0).numpy()
+    p = damped_step(fac, None if alpha == 0 else torch.full((4,), alpha, dtype=A.dtype)).numpy()
     rows = range(3) if alpha == 0 else range(4)  # alpha = 0: full-rank problems only
     for i in rows:
         ref = _reference(A[i].numpy(), f[i].numpy(), alpha)
@@ -183,7 +183,7 @@ def test_float32_gram_limit(batch):
     assert 1e4 < gram_cond_limit(torch.float32) < 1e5
     fac = factorize(A.float(), None, f.float(), use_gram=True)
     assert fac.gram.tolist() == [True, False, False, False]
-    p = damped_step(fac, torch.full((4,), 1e-3), zero=False).double().numpy()
+    p = damped_step(fac, torch.full((4,), 1e-3)).double().numpy()
     for i in range(2):
         ref = _reference(A[i].numpy(), f[i].numpy(), 1e-3)
         np.testing.assert_allclose(p[i], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())

@@ -26,9 +26,9 @@ def step_size_to_bound(x: Tensor, s: Tensor, lb: Tensor, ub: Tensor) -> tuple[Te
     bound) and ``hits (B, n)``: -1 lower bound hit, 1 upper, 0 none.
     """
     nonzero = s != 0
-    safe_s = torch.where(nonzero, s, torch.ones_like(s))
+    safe_s = torch.where(nonzero, s, 1.0)
     steps = torch.maximum((lb - x) / safe_s, (ub - x) / safe_s)
-    steps = torch.where(nonzero, steps, torch.full_like(steps, float("inf")))
+    steps = torch.where(nonzero, steps, torch.inf)
     min_step = steps.amin(-1)
     hits = (steps == min_step.unsqueeze(-1)).to(s.dtype) * torch.sign(s)
     return min_step, hits.to(torch.long)

@@ -274,9 +274,12 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
 
 
 def safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` with 0 where ``den`` is 0 (the numerators vanish there too)."""
-    ok = den != 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+    """``num / den`` with 0 where ``den`` is 0 (the numerators vanish there too).
+
+    The quotients where ``den`` is 0 are computed and discarded (no gradient
+    flows through the engine).
+    """
+    return torch.where(den != 0, num / den, 0.0)
 
 
 def full_rank_mask(fac: Factors, m: int, n: int) -> Tensor:
@@ -326,11 +329,17 @@ def gram_solve(fac: Factors, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
     return p.squeeze(-1), q
 
 
-def grad_norm(fac: Factors) -> Tensor:
-    """``|A^T b|`` per problem."""
-    has_gram, has_svd = routes(fac)
+def grad_norm(fac: Factors, route: tuple[bool, bool] | None = None,
+              suf: Tensor | None = None) -> Tensor:
+    """``|A^T b|`` per problem.
+
+    ``route`` (:func:`routes`) and ``suf = s * uf`` may be passed when known.
+    """
+    has_gram, has_svd = routes(fac) if route is None else route
+    if has_svd and suf is None:
+        suf = fac.s * fac.uf
     return mix_routes(fac, vnorm(fac.b, dim=-1) if has_gram else None,
-                vnorm(fac.s * fac.uf, dim=-1) if has_svd else None)
+                      vnorm(suf, dim=-1) if has_svd else None)
 
 
 def gauss_newton_step(fac: Factors, rcond: float | None = None) -> Tensor:
@@ -347,7 +356,7 @@ def gauss_newton_step(fac: Factors, rcond: float | None = None) -> Tensor:
         if rcond is None:
             rcond = torch.finfo(s.dtype).eps
         keep = s > rcond * s[:, :1]
-        coef = torch.where(keep, safe_div(uf, s), torch.zeros_like(uf))
+        coef = torch.where(keep, safe_div(uf, s), 0.0)
         p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
     return mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
 

@@ -102,16 +102,25 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             raise KeyError(f"new state key {k!r} must be created in init_state()")
 
 
-def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None]) -> None:
+def count_true(mask: Tensor) -> int:
+    """Number of true entries of a ``(B,)`` mask: one host synchronisation decides both
+    "none" (0) and "all" (``B``)."""
+    return int(mask.sum())
+
+
+def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None],
+            count: int | None = None) -> None:
     """Run ``fn`` on the rows of ``state`` selected by ``mask`` and keep what it assigns.
 
     When most rows are selected, ``fn`` runs on all of them and only the
     selected rows of each assigned tensor are kept (``torch.where``), which
     avoids gathering and scattering the large per-problem tensors; otherwise
-    the selected rows are gathered, processed and scattered back.
+    the selected rows are gathered, processed and scattered back. ``count``
+    is :func:`count_true` of ``mask`` when the caller knows it.
     """
     total = mask.shape[0]
-    count = total if bool(mask.all()) else int(mask.sum())
+    if count is None:
+        count = count_true(mask)
     if count == total or count * 2 >= total:
         view = RowView(state, None)
         fn(view)
@@ -143,16 +152,22 @@ def compact(state: State, keep: Tensor) -> None:
         state[k] = new
 
 
-def all_finite(a: Tensor) -> Tensor:
-    """``(B,)`` mask: every entry of each row of ``a`` is finite.
+def finite_rows(a: Tensor) -> tuple[Tensor, bool]:
+    """``(B,)`` mask: every entry of each row of ``a`` is finite; and whether all rows are.
 
     One sum decides in the usual case: it is finite only when every entry
     is (an infinite or NaN entry makes it infinite or NaN). Otherwise, or
     when the sum overflows, the entries are checked one by one.
     """
     if math.isfinite(float(a.sum())):
-        return torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
-    return torch.isfinite(a).flatten(1).all(-1)
+        return torch.ones(a.shape[0], dtype=torch.bool, device=a.device), True
+    ok = torch.isfinite(a).flatten(1).all(-1)
+    return ok, bool(ok.all())
+
+
+def all_finite(a: Tensor) -> Tensor:
+    """``(B,)`` mask: every entry of each row of ``a`` is finite (see :func:`finite_rows`)."""
+    return finite_rows(a)[0]
 
 
 def jacobian_finite(J: Tensor, G: Tensor) -> Tensor:
@@ -169,9 +184,9 @@ def jacobian_finite(J: Tensor, G: Tensor) -> Tensor:
     return all_finite(J)
 
 
-def _rows(mask: Tensor) -> Tensor | None:
-    """Indices where ``mask`` is true, or None meaning "all rows"."""
-    if bool(mask.all()):
+def _rows(mask: Tensor, count: int) -> Tensor | None:
+    """Indices where ``mask`` is true, or None meaning "all rows" (``count`` of them)."""
+    if count == mask.shape[0]:
         return None
     return mask.nonzero().squeeze(-1)
 
@@ -285,12 +300,14 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
                     state.update(more)
                 else:
                     concat(state, more)
-        if state["x"].shape[0] == 0:
+        rows = state["x"].shape[0]
+        if rows == 0:
             return
         # ---- top of an outer iteration: optimality, gtol, budget -------------
         status = state["status"]
         top = state["fresh"] & (status != term.CALLBACK_STOP) & (status != term.NONFINITE)
-        if bool(top.any()):
+        n_top = count_true(top)
+        if n_top:
             def outer_top(sub: RowView) -> None:
                 nonlocal printed_header
                 gtol_hit = rule.measure_optimality(problem, sub)
@@ -303,21 +320,22 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
                     sub["status"] = term.budget_status(sub["status"], sub["nfev"],
                                                        problem.max_nfev)
                 go = sub["status"] == term.RUNNING
-                if bool(go.any()):
-                    on_rows(sub, go, lambda part: rule.build_model(problem, part))
+                n_go = count_true(go)
+                if n_go:
+                    on_rows(sub, go, lambda part: rule.build_model(problem, part), n_go)
 
-            on_rows(state, top, outer_top)
-        state["fresh"] = torch.zeros_like(state["fresh"])
+            on_rows(state, top, outer_top, n_top)
+        # (``fresh`` is next read after this round's trial has set it)
         finished = state["status"] != term.RUNNING
-        if bool(finished.any()):
-            _write_out(problem, rule, state, finished, out)
+        n_finished = count_true(finished)
+        if n_finished:
+            _write_out(problem, rule, state, finished, n_finished, out)
             if on_finish is not None:
-                on_finish(int(finished.sum()))
-            keep = ~finished
-            if not bool(keep.any()) and refill is None:
+                on_finish(n_finished)
+            if n_finished == rows and refill is None:
                 return
-            compact(state, keep.nonzero().squeeze(-1))
-            if not bool(keep.any()):
+            compact(state, (~finished).nonzero().squeeze(-1))
+            if n_finished == rows:
                 continue  # every row finished: admit the next problems
 
         # ---- one trial per running problem -----------------------------------
@@ -325,9 +343,9 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
         x_new = trial.x_new
         f_new = problem.fun(x_new, state["ids"])
         state["nfev"] = state["nfev"] + 1
-        finite = all_finite(f_new)
-        if not bool(finite.all()):
-            f_new = torch.where(finite.unsqueeze(-1), f_new, torch.zeros_like(f_new))
+        finite, all_ok = finite_rows(f_new)
+        if not all_ok:
+            f_new = torch.where(finite.unsqueeze(-1), f_new, 0.0)
         cost_new = problem.cost(f_new)
         accept, code, x_acc = rule.assess_trial(problem, state, trial, f_new, cost_new, finite)
         red = state["cost"] - cost_new if problem.verbose == 2 else None
@@ -341,8 +359,9 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
                 boundary, torch.where(accept, trial.step_norm, 0.0), state["last_step_norm"])
         state["nit"] = state["nit"] + boundary
         state["fresh"] = boundary
-        if bool(accept.any()):
-            arows = _rows(accept)
+        n_accept = count_true(accept)
+        if n_accept:
+            arows = _rows(accept, n_accept)
             sub = take(state, arows)
             sub["x"] = x_acc if arows is None else x_acc.index_select(0, arows)
             sub["f_true"] = f_new if arows is None else f_new.index_select(0, arows)
@@ -361,9 +380,9 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
                 state["status"] = torch.full_like(state["status"], term.CALLBACK_STOP)
 
 
-def _write_out(problem: Problem, rule: StepRule, state: State, mask: Tensor,
+def _write_out(problem: Problem, rule: StepRule, state: State, mask: Tensor, count: int,
                out: State) -> None:
-    sub = take(state, _rows(mask))
+    sub = take(state, _rows(mask, count))
     own = rule.result_fields(problem, sub)
     ids = sub["ids"]
     values = {

@@ -132,7 +132,7 @@ def minimize_quadratic_1d(
     stationary point; ties go to the first candidate in that order.
     """
     nonzero = a != 0
-    safe_a = torch.where(nonzero, a, torch.ones_like(a))
+    safe_a = torch.where(nonzero, a, 1.0)
     extremum = -0.5 * b / safe_a
     inside = nonzero & (lb < extremum) & (extremum < ub)
     extremum = torch.where(inside, extremum, lb)
@@ -158,8 +158,8 @@ def intersect_trust_region(x: Tensor, s: Tensor, delta: Tensor) -> tuple[Tensor,
     c = (x * x).sum(-1) - delta * delta
     disc = torch.clamp(b * b - a * c, min=0.0).sqrt()
     q = -(b + torch.copysign(disc, b))
-    safe_a = torch.where(a != 0, a, torch.ones_like(a))
-    safe_q = torch.where(q != 0, q, torch.ones_like(q))
+    safe_a = torch.where(a != 0, a, 1.0)
+    safe_q = torch.where(q != 0, q, 1.0)
     t1 = q / safe_a
     t2 = c / safe_q
     lo = torch.minimum(t1, t2)
@@ -184,7 +184,7 @@ def update_tr_radius(
     boundary. Returns the new radius and the ratio.
     """
     pos = predicted_reduction > 0
-    safe_pred = torch.where(pos, predicted_reduction, torch.ones_like(predicted_reduction))
+    safe_pred = torch.where(pos, predicted_reduction, 1.0)
     # 1 where both reductions are exactly zero, else 0
     both_zero = ((predicted_reduction == 0) & (actual_reduction == 0)).to(delta.dtype)
     ratio = torch.where(pos, actual_reduction / safe_pred, both_zero)

@@ -94,7 +94,7 @@ def trust_region_status(actual: Tensor, cost: Tensor, step_norm: Tensor, x: Tens
     ftol_ok = (actual < ftol * cost) & (ratio > 0.25)
     xtol_ok = step_norm < xtol * (xtol + torch.linalg.vector_norm(x, dim=-1))
     code = torch.where(xtol_ok, torch.where(ftol_ok, 4, 3), torch.where(ftol_ok, 2, 0))
-    return torch.where(finite & (code != 0), code, torch.full_like(code, RUNNING))
+    return torch.where(finite & (code != 0), code, RUNNING)
 
 
 def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,

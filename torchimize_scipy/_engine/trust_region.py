@@ -13,6 +13,8 @@ MINPACK's ``lmpar`` ('lm').
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
@@ -30,36 +32,72 @@ from .linalg import (
 from .minpack_qr import BasicStep
 
 
-def radius_mismatch(fac: Factors, alpha: Tensor, delta: Tensor,
-         zero: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+class SpectralData(NamedTuple):
+    """What every damped solve of one subproblem shares (computed once per solve).
+
+    Attributes
+    ----------
+    route : tuple of bool
+        :func:`~.linalg.routes`: whether any row takes the Gram route, and
+        whether any takes the SVD route.
+    suf, s2, suf2 : Tensor, shape (B, k), or None without SVD rows
+        ``s * uf``, ``s * s`` and ``suf * suf``.
+    """
+
+    route: tuple[bool, bool]
+    suf: Tensor | None
+    s2: Tensor | None
+    suf2: Tensor | None
+
+
+def spectral_data(fac: Factors) -> SpectralData:
+    """The :class:`SpectralData` of ``fac``."""
+    route = routes(fac)
+    if not route[1]:
+        return SpectralData(route, None, None, None)
+    suf = fac.s * fac.uf
+    return SpectralData(route, suf, fac.s * fac.s, suf * suf)
+
+
+def radius_mismatch(fac: Factors, alpha: Tensor | None, delta: Tensor,
+                    data: SpectralData | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``|p(alpha)| - delta``, its derivative in alpha, and ``|p(alpha)|``.
 
-    ``zero=True`` says that ``alpha`` is 0 for every problem.
+    ``alpha=None`` means 0 for every problem; ``data`` is :func:`spectral_data`
+    of ``fac`` when known.
     """
-    has_gram, has_svd = routes(fac)
+    data = spectral_data(fac) if data is None else data
+    has_gram, has_svd = data.route
     pn_s = dphi_s = pn_g = dphi_g = None
     if has_svd:
-        suf = fac.s * fac.uf
-        denom = fac.s * fac.s + alpha.unsqueeze(-1)
-        pn_s = vnorm(safe_div(suf, denom), dim=-1)
-        dphi_s = -safe_div(suf * suf, denom**3).sum(-1) / torch.where(
-            pn_s > 0, pn_s, torch.ones_like(pn_s))
+        # (with alpha = 0, s * s + 0 is s * s exactly)
+        denom = data.s2 if alpha is None else data.s2 + alpha.unsqueeze(-1)
+        nonzero = denom != 0
+        pn_s = vnorm(torch.where(nonzero, data.suf / denom, 0.0), dim=-1)
+        dphi_s = -torch.where(nonzero, data.suf2 / denom**3, 0.0).sum(-1) / torch.where(
+            pn_s > 0, pn_s, 1.0)
     if has_gram:
-        p, q = gram_solve(fac, None if zero else alpha)
+        p, q = gram_solve(fac, alpha)
         pn_g = vnorm(p, dim=-1)
-        dphi_g = -q / torch.where(pn_g > 0, pn_g, torch.ones_like(pn_g))
+        dphi_g = -q / torch.where(pn_g > 0, pn_g, 1.0)
     p_norm = mix_routes(fac, pn_g, pn_s)
     return p_norm - delta, mix_routes(fac, dphi_g, dphi_s), p_norm
 
 
-def damped_step(fac: Factors, alpha: Tensor, zero: bool = False) -> Tensor:
-    """``p(alpha) = -(A^T A + alpha I)^+ A^T b`` (zero singular values dropped)."""
-    has_gram, has_svd = routes(fac)
+def damped_step(fac: Factors, alpha: Tensor | None,
+                data: SpectralData | None = None) -> Tensor:
+    """``p(alpha) = -(A^T A + alpha I)^+ A^T b`` (zero singular values dropped).
+
+    ``alpha`` and ``data``: see :func:`radius_mismatch`.
+    """
+    data = spectral_data(fac) if data is None else data
+    has_gram, has_svd = data.route
     p_svd = None
     if has_svd:
-        coef = safe_div(fac.s * fac.uf, fac.s * fac.s + alpha.unsqueeze(-1))
+        denom = data.s2 if alpha is None else data.s2 + alpha.unsqueeze(-1)
+        coef = safe_div(data.suf, denom)
         p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
-    p_gram = gram_solve(fac, None if zero else alpha)[0] if has_gram else None
+    p_gram = gram_solve(fac, alpha)[0] if has_gram else None
     return mix_routes(fac, p_gram, p_svd)
 
 
@@ -79,42 +117,42 @@ def solve_trust_region_scipy(
     p : Tensor, shape (B, n)
     alpha : Tensor, shape (B,)
     """
+    data = spectral_data(fac)
     full_rank = full_rank_mask(fac, m, n)
-    zeros = torch.zeros_like(delta)
-    p_gn = damped_step(fac, zeros, zero=True)
+    p_gn = damped_step(fac, None, data=data)
     inside = full_rank & (vnorm(p_gn, dim=-1) <= delta)
     if bool(inside.all()):
-        return p_gn, zeros
+        return p_gn, torch.zeros_like(delta)
 
-    upper = grad_norm(fac) / delta
-    phi0, dphi0, _ = radius_mismatch(fac, zeros, delta, zero=True)
-    lower = torch.where(full_rank, -phi0 / torch.where(dphi0 != 0, dphi0, torch.ones_like(dphi0)),
-                        zeros)
+    upper = grad_norm(fac, data.route, data.suf) / delta
+    phi0, dphi0, _ = radius_mismatch(fac, None, delta, data=data)
+    lower = torch.where(full_rank, -phi0 / torch.where(dphi0 != 0, dphi0, 1.0), 0.0)
 
     def restart(lo: Tensor, up: Tensor) -> Tensor:
         return torch.maximum(0.001 * up, (lo * up).sqrt())
 
     alpha = torch.where(~full_rank & (alpha0 == 0), restart(lower, upper), alpha0)
     running = ~inside
+    tol = rtol * delta
     for _ in range(max_iter):
         out = (alpha < lower) | (alpha > upper)
         alpha_it = torch.where(out, restart(lower, upper), alpha)
-        phi, dphi, _ = radius_mismatch(fac, alpha_it, delta)
+        phi, dphi, _ = radius_mismatch(fac, alpha_it, delta, data=data)
         upper_it = torch.where(phi < 0, alpha_it, upper)
-        ratio = phi / torch.where(dphi != 0, dphi, torch.ones_like(dphi))
+        ratio = phi / torch.where(dphi != 0, dphi, 1.0)
         lower_it = torch.maximum(lower, alpha_it - ratio)
         alpha_next = alpha_it - (phi + delta) * ratio / delta
         alpha = torch.where(running, alpha_next, alpha)
         lower = torch.where(running, lower_it, lower)
         upper = torch.where(running, upper_it, upper)
-        running = running & ~(phi.abs() < rtol * delta)
+        running = running & ~(phi.abs() < tol)
         if not bool(running.any()):
             break
-    p = damped_step(fac, alpha)
+    p = damped_step(fac, alpha, data=data)
     pn = vnorm(p, dim=-1)
-    p = p * (delta / torch.where(pn > 0, pn, torch.ones_like(pn))).unsqueeze(-1)
+    p = p * (delta / torch.where(pn > 0, pn, 1.0)).unsqueeze(-1)
     p = torch.where(inside.unsqueeze(-1), p_gn, p)
-    alpha = torch.where(inside, zeros, alpha)
+    alpha = torch.where(inside, 0.0, alpha)
     return p, alpha
 
 
@@ -148,30 +186,31 @@ def solve_trust_region_minpack(
     if bool(gn_ok.all()):
         return p_gn, torch.zeros_like(delta)
 
+    data = spectral_data(fac)
     full_rank = full_rank_mask(fac, m, n)
-    zeros = torch.zeros_like(delta)
-    phi0, dphi0, _ = radius_mismatch(fac, zeros, delta, zero=True)
-    safe_d = torch.where(dphi0 != 0, dphi0, torch.ones_like(dphi0))
-    parl = torch.where(full_rank, (-phi0 / safe_d) * (dxnorm / delta), zeros)
+    phi0, dphi0, _ = radius_mismatch(fac, None, delta, data=data)
+    safe_d = torch.where(dphi0 != 0, dphi0, 1.0)
+    parl = torch.where(full_rank, (-phi0 / safe_d) * (dxnorm / delta), 0.0)
     if basic is not None:  # MINPACK's bound from R, zero when R has a zero pivot
-        safe_c = torch.where(basic.curv > 0, basic.curv, torch.ones_like(basic.curv))
-        parl_qr = torch.where(basic.full & (basic.curv > 0), (fp / delta) / safe_c, zeros)
+        safe_c = torch.where(basic.curv > 0, basic.curv, 1.0)
+        parl_qr = torch.where(basic.full & (basic.curv > 0), (fp / delta) / safe_c, 0.0)
         parl = torch.where(basic.rows, parl_qr, parl)
-    gnorm = grad_norm(fac)
+    gnorm = grad_norm(fac, data.route, data.suf)
     paru = gnorm / delta
     paru = torch.where(paru == 0, dwarf / torch.clamp(delta, max=0.1), paru)
     par = torch.minimum(torch.maximum(par0, parl), paru)
-    par = torch.where(par == 0, gnorm / torch.where(dxnorm > 0, dxnorm, torch.ones_like(dxnorm)),
-                      par)
+    par = torch.where(par == 0, gnorm / torch.where(dxnorm > 0, dxnorm, 1.0), par)
     running = ~gn_ok
+    tenth = 0.1 * delta
     for it in range(1, max_iter + 1):
         par_it = torch.where(par == 0, torch.clamp(0.001 * paru, min=dwarf), par)
-        phi, dphi, pnorm = radius_mismatch(fac, par_it, delta)
+        phi, dphi, pnorm = radius_mismatch(fac, par_it, delta, data=data)
         temp = fp
         fp_it = phi
-        stop = ((fp_it.abs() <= 0.1 * delta) | ((parl == 0) & (fp_it <= temp) & (temp < 0))
-                | torch.full_like(running, it == max_iter))
-        parc = -(phi / torch.where(dphi != 0, dphi, torch.ones_like(dphi))) * (pnorm / delta)
+        stop = (fp_it.abs() <= tenth) | ((parl == 0) & (fp_it <= temp) & (temp < 0))
+        if it == max_iter:
+            stop = torch.ones_like(stop)
+        parc = -(phi / torch.where(dphi != 0, dphi, 1.0)) * (pnorm / delta)
         parl_it = torch.where(fp_it > 0, torch.maximum(parl, par_it), parl)
         paru_it = torch.where(fp_it < 0, torch.minimum(paru, par_it), paru)
         par_next = torch.maximum(parl_it, par_it + parc)
@@ -183,7 +222,7 @@ def solve_trust_region_minpack(
         running = running & ~stop
         if not bool(running.any()):
             break
-    p = damped_step(fac, par)
+    p = damped_step(fac, par, data=data)
     p = torch.where(gn_ok.unsqueeze(-1), p_gn, p)
-    par = torch.where(gn_ok, zeros, par)
+    par = torch.where(gn_ok, 0.0, par)
     return p, par

@@ -54,7 +54,7 @@ def initial_scale(problem: Problem, state: dict) -> None:
     """Set ``scale``/``scale_inv`` from the first Jacobian when ``x_scale='jac'``."""
     if problem.jac_scale:
         scale_inv = column_norms(state)
-        scale_inv = torch.where(scale_inv == 0, torch.ones_like(scale_inv), scale_inv)
+        scale_inv = torch.where(scale_inv == 0, 1.0, scale_inv)
         state["scale"] = 1.0 / scale_inv
         state["scale_inv"] = scale_inv
 

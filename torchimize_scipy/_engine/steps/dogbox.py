@@ -78,7 +78,7 @@ class Dogbox(StepRule):
         initial_scale(problem, state)
         x = state["x"]
         delta = inf_norm(x * state["scale_inv"])
-        state["delta"] = torch.where(delta == 0, torch.ones_like(delta), delta)
+        state["delta"] = torch.where(delta == 0, 1.0, delta)
         on_bound = torch.zeros_like(x, dtype=torch.long)
         on_bound = torch.where(x == state["lb"], -1, on_bound)
         state["on_bound"] = torch.where(x == state["ub"], 1, on_bound)
@@ -105,7 +105,7 @@ class Dogbox(StepRule):
             # step is 0) rather than a zero row that would make it singular
             fm = free.to(G.dtype)
             col2 = torch.diagonal(G, dim1=-2, dim2=-1)
-            fixed_diag = torch.where(col2 > 0, col2, torch.ones_like(col2)) * (1 - fm)
+            fixed_diag = torch.where(col2 > 0, col2, 1.0) * (1 - fm)
             G_free = G * fm.unsqueeze(-1) * fm.unsqueeze(-2) + torch.diag_embed(fixed_diag)
         fac = factorize(J_free, None, state["f"], gram=G_free, g=g_free,
                         use_gram=problem.use_gram)
@@ -178,11 +178,11 @@ def dogleg_step(x: Tensor, newton: Tensor, g: Tensor, a: Tensor, b: Tensor, tr_b
     to_bounds, _ = step_size_to_bound(zero, -g, lb_total, ub_total)
     t_c, _ = minimize_quadratic_1d(a, b, torch.zeros_like(to_bounds),
                                    torch.where(torch.isfinite(to_bounds), to_bounds,
-                                               torch.zeros_like(to_bounds)))
+                                               0.0))
     cauchy = -t_c.unsqueeze(-1) * g
     diff = newton - cauchy
     t, hits = step_size_to_bound(cauchy, diff, lb_total, ub_total)
-    t = torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+    t = torch.where(torch.isfinite(t), t, 0.0)
     step = cauchy + t.unsqueeze(-1) * diff
     bound_hits = torch.zeros_like(hits)
     bound_hits = torch.where((hits < 0) & orig_l, -1, bound_hits)

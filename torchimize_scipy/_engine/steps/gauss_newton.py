@@ -93,7 +93,7 @@ class _LineSearch(StepRule):
                      f_new: Tensor, cost_new: Tensor, finite: Tensor) -> Verdict:
         actual = state["cost"] - cost_new
         predicted = trial.predicted
-        safe = torch.where(predicted > 0, predicted, torch.ones_like(predicted))
+        safe = torch.where(predicted > 0, predicted, 1.0)
         ratio = torch.where(predicted > 0, actual / safe,
                             ((actual == 0) & (predicted == 0)).to(actual.dtype))
         accept = finite & (actual > 0) & (actual >= ARMIJO * predicted)
@@ -150,9 +150,9 @@ class GradientDescent(_LineSearch):
     def init_state(self, problem: Problem, state: dict) -> None:
         super().init_state(problem, state)
         delta = vnorm((state["x"] * state["scale_inv"]), dim=-1)
-        delta = torch.where(delta == 0, torch.ones_like(delta), delta)
+        delta = torch.where(delta == 0, 1.0, delta)
         dg = vnorm((state["scale"] * state["g"]), dim=-1)
-        state["step_length"] = delta / torch.where(dg > 0, dg, torch.ones_like(dg))
+        state["step_length"] = delta / torch.where(dg > 0, dg, 1.0)
 
     def build_model(self, problem: Problem, state: dict) -> None:
         d = state["scale"] * self.free_variables(problem, state)

@@ -95,7 +95,13 @@ class LevenbergMarquardt(StepRule):
     budget_at_top = False  # MINPACK tests nfev after each trial
     prints_table = False  # scipy prints no iteration table for 'lm'
 
+    def __init__(self) -> None:
+        #: problems were admitted since the last ``measure_optimality`` (their first top
+        #: sets ``diag`` and the radius)
+        self._admitted = False
+
     def init_state(self, problem: Problem, state: dict) -> None:
+        self._admitted = True
         x = state["x"]
         B = x.shape[0]
         if problem.jac_scale:
@@ -126,18 +132,17 @@ class LevenbergMarquardt(StepRule):
         g = state["g"]
         state["optimality"] = inf_norm(g)
         denom = fnorm.unsqueeze(-1) * acnorm
-        cosines = torch.where(acnorm != 0, g.abs() / torch.where(denom != 0, denom,
-                                                                  torch.ones_like(denom)),
-                              torch.zeros_like(g))
-        gnorm = torch.where(fnorm != 0, inf_norm(cosines), torch.zeros_like(fnorm))
+        cosines = torch.where(acnorm != 0, g.abs() / torch.where(denom != 0, denom, 1.0), 0.0)
+        gnorm = torch.where(fnorm != 0, inf_norm(cosines), 0.0)
         state["gnorm"] = gnorm
         # scaling and initial radius on the very first outer iteration
+        # (the host knows whether problems were admitted since the last call: no sync)
+        any_start, self._admitted = self._admitted, False
         start = ~state["radius_set"]
-        any_start = bool(start.any())
         if problem.jac_scale:
             grown = torch.maximum(state["diag"], acnorm)
             if any_start:
-                first_diag = torch.where(acnorm == 0, torch.ones_like(acnorm), acnorm)
+                first_diag = torch.where(acnorm == 0, 1.0, acnorm)
                 diag = torch.where(start.unsqueeze(-1), first_diag, grown)
             else:
                 diag = grown
@@ -146,7 +151,7 @@ class LevenbergMarquardt(StepRule):
             diag = state["diag"]
         if any_start:
             xnorm = vnorm((diag * state["x"]), dim=-1)
-            delta0 = torch.where(xnorm == 0, torch.full_like(xnorm, FACTOR), FACTOR * xnorm)
+            delta0 = torch.where(xnorm == 0, FACTOR, FACTOR * xnorm)
             state["delta"] = torch.where(start, delta0, state["delta"])
             state["xnorm"] = torch.where(start, xnorm, state["xnorm"])
             state["radius_set"] = torch.ones_like(start)
@@ -202,13 +207,13 @@ class LevenbergMarquardt(StepRule):
     def assess_trial(self, problem: Problem, state: dict, trial: LMTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
         fnorm = state["fnorm"]  # f has not changed since measure_optimality
-        fnorm1 = torch.where(finite, vnorm(f_new, dim=-1), torch.full_like(fnorm, float("inf")))
-        safe_f = torch.where(fnorm != 0, fnorm, torch.ones_like(fnorm))
+        fnorm1 = torch.where(finite, vnorm(f_new, dim=-1), torch.inf)
+        safe_f = torch.where(fnorm != 0, fnorm, 1.0)
         tenth1 = 0.1 * fnorm1
         small = tenth1 < fnorm
         rel1 = fnorm1 / safe_f
         # (x * x is x ** 2 exactly, without the slower pow call)
-        actred = torch.where(small, 1 - rel1 * rel1, torch.full_like(fnorm, -1.0))
+        actred = torch.where(small, 1 - rel1 * rel1, -1.0)
         pnorm, par = trial.pnorm, trial.par
         step = trial.step
         if "fac_gram" in state:  # |J step| through J^T J on the Gram rows
@@ -222,13 +227,13 @@ class LevenbergMarquardt(StepRule):
         prered = t1sq + t2sq / 0.5
         dirder = -(t1sq + t2sq)
         pos = prered != 0
-        ratio = torch.where(pos, actred / torch.where(pos, prered, torch.ones_like(prered)),
-                            torch.zeros_like(prered))
+        ratio = torch.where(pos, actred / torch.where(pos, prered, 1.0),
+                            0.0)
         delta = state["delta"]
         # radius and damping update
         den = dirder + 0.5 * actred
         temp = torch.where(actred >= 0, 0.5,
-                           0.5 * dirder / torch.where(den != 0, den, torch.ones_like(den)))
+                           0.5 * dirder / torch.where(den != 0, den, 1.0))
         temp = torch.where((tenth1 >= fnorm) | (temp < 0.1), 0.1, temp)
         shrink = ratio <= 0.25
         grow = ~shrink & ((par == 0) | (ratio >= 0.75))

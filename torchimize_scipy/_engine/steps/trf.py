@@ -93,7 +93,7 @@ class TRF(StepRule):
             delta = vnorm(state["x"] * state["scale_inv"] / v.sqrt(), dim=-1)
         else:  # v = 1: the division by sqrt(v) is exact
             delta = vnorm(state["x"] * state["scale_inv"], dim=-1)
-        state["delta"] = torch.where(delta == 0, torch.ones_like(delta), delta)
+        state["delta"] = torch.where(delta == 0, 1.0, delta)
         state["alpha"] = torch.zeros_like(delta)
         x = state["x"]
         state["tr_scaling"] = torch.ones_like(x)
@@ -189,7 +189,7 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
 
     inf = torch.full_like(delta, float("inf"))
     p_stride, hits = step_size_to_bound(x, p, lb, ub)
-    p_stride = torch.where(inside, torch.ones_like(p_stride), p_stride)
+    p_stride = torch.where(inside, 1.0, p_stride)
     r_h = torch.where(hits != 0, -p_h, p_h)
     r = d * r_h
     p_cut = p * p_stride.unsqueeze(-1)
@@ -199,10 +199,10 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
     to_bound, _ = step_size_to_bound(x_on_bound, r, lb, ub)
     r_stride = torch.minimum(to_bound, to_tr)
     positive = r_stride > 0
-    safe_rs = torch.where(positive, r_stride, torch.ones_like(r_stride))
-    r_lo = torch.where(positive, (1 - theta) * p_stride / safe_rs, torch.zeros_like(r_stride))
+    safe_rs = torch.where(positive, r_stride, 1.0)
+    r_lo = torch.where(positive, (1 - theta) * p_stride / safe_rs, 0.0)
     r_hi = torch.where(positive, torch.where(r_stride == to_bound, theta * to_bound, to_tr),
-                       -torch.ones_like(r_stride))
+                       -1.0)
     usable = r_lo <= r_hi
     a, b, c = build_quadratic_1d(J, d, g_h, r_h, diag=diag_h, s0=p_h_cut, G=G, gram=gram)
     r_hi_f = torch.where(usable & torch.isfinite(r_hi), r_hi, r_lo)
@@ -217,7 +217,7 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
     ag_h = -g_h
     ag = d * ag_h
     ag_norm = vnorm(ag_h, dim=-1)
-    to_tr_ag = delta / torch.where(ag_norm > 0, ag_norm, torch.ones_like(ag_norm))
+    to_tr_ag = delta / torch.where(ag_norm > 0, ag_norm, 1.0)
     to_bound_ag, _ = step_size_to_bound(x, ag, lb, ub)
     ag_stride = torch.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
     a2, b2, _ = build_quadratic_1d(J, d, g_h, ag_h, diag=diag_h, G=G, gram=gram)
