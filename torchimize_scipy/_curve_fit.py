@@ -98,6 +98,7 @@ import torch
 from scipy.optimize import OptimizeWarning
 
 from ._arrays import as_numpy, detect_namespace, to_host
+from ._dask import dispatch, has_dask
 from ._engine import status as codes
 from ._engine.linalg import inverse_and_condition
 from ._least_squares import least_squares
@@ -1097,6 +1098,8 @@ def batch_curve_fit(
            [2. , 1.5],
            [0.5, 3. ]])
     """
+    if has_dask(p0, ydata, xdata, sigma, bounds, kwargs.get("x_scale")):  # lazy, per block
+        return dispatch("batch_curve_fit", locals())
     from ._batch import batch_least_squares
 
     lead = _torch_lead(p0, ydata, xdata)
