@@ -23,6 +23,7 @@ Requires the ``dask`` extra: ``pip install torchimize-scipy[dask]``.
 
 from __future__ import annotations
 
+import operator
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from scipy.optimize import Bounds, OptimizeResult
 try:
     import dask
     import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("torchimize_scipy.dask needs dask: pip install "
                       "'torchimize-scipy[dask]'") from exc
@@ -85,7 +87,12 @@ class DaskBatchResult(OptimizeResult):
             numpy arrays; ``message`` a list of strings.
         """
         names = [k for k, v in self.items() if v is not None]
-        values = dask.compute(*[self[k] for k in names], **kwargs)
+        tasks = self.__dict__.get("_tasks")
+        if tasks is not None:  # the block results themselves: no task per field and block
+            blocks = dask.compute(*tasks, **kwargs)
+            values = [np.concatenate([b[k] for b in blocks]) for k in names]
+        else:
+            values = dask.compute(*[self[k] for k in names], **kwargs)
         out = dict.fromkeys(self.keys())
         for name, value in zip(names, values, strict=True):
             out[name] = list(value) if name == "message" else value
@@ -206,14 +213,17 @@ def batch_least_squares(
         "njev": None if (method == "lm" and not callable(jac)) else ((), np.dtype(np.int64)),
         "status": ((), np.dtype(np.int64)), "message": ((), np.dtype(object)),
         "success": ((), np.dtype(bool))}
-    out = _build(_solve_least_squares_block, static, leaves, fields)
-    return DaskBatchResult(**out)
+    out, tasks = _build(_solve_least_squares_block, static, leaves, fields)
+    res = DaskBatchResult(**out)
+    object.__setattr__(res, "_tasks", tasks)  # an attribute, not a field (see compute)
+    return res
 
 
 def _solve_least_squares_block(static: dict, blocks: list[np.ndarray],
                                fields: dict) -> dict[str, np.ndarray]:
     """Run the in-memory ``batch_least_squares`` on one block."""
-    args_tree = static["args"]
+    opts = static["options"]
+    blocks, args_tree, kwargs = _on_device(opts, blocks, static["args"], static["kwargs"])
     per_problem = tuple(_fill(a, blocks) for a in args_tree if isinstance(a, _Leaf))
     fun, jac = static["fun"], static["jac"]
     if len(per_problem) != len(args_tree):  # shared args travel in a closure, see _SharedArgs
@@ -222,8 +232,7 @@ def _solve_least_squares_block(static: dict, blocks: list[np.ndarray],
     res = _batch_least_squares(
         fun, _fill(static["x0"], blocks), jac=jac,
         bounds=tuple(_fill(b, blocks) for b in static["bounds"]),
-        x_scale=_fill(static["x_scale"], blocks), args=per_problem, kwargs=static["kwargs"],
-        **static["options"])
+        x_scale=_fill(static["x_scale"], blocks), args=per_problem, kwargs=kwargs, **opts)
     return _cast({k: res[k] for k in fields}, fields)
 
 
@@ -347,7 +356,7 @@ def batch_curve_fit(
         "popt": ((P,), fdt), "pcov": ((P, P), fdt), "nfev": ((), i64), "fvec": ((M,), fdt),
         "njev": ((), i64) if method == "lm" and callable(jac) else None,
         "mesg": ((), np.dtype(object)), "ier": ((), i64)}
-    out = _build(_solve_curve_fit_block, static, leaves, fields)
+    out, _ = _build(_solve_curve_fit_block, static, leaves, fields)
     if not full_output:
         return out["popt"], out["pcov"]
     infodict = {"nfev": out["nfev"], "fvec": out["fvec"]}
@@ -359,19 +368,20 @@ def batch_curve_fit(
 def _solve_curve_fit_block(static: dict, blocks: list[np.ndarray],
                            fields: dict) -> dict[str, np.ndarray]:
     """Run the in-memory ``batch_curve_fit`` on one block."""
-    xdata = static["xdata"]
+    opts = static["options"]
+    blocks, xdata, _ = _on_device(opts, blocks, static["xdata"], {})
     if isinstance(xdata, tuple):
         xdata = tuple(_fill(x, blocks) for x in xdata)
     elif isinstance(xdata, _Leaf):
         xdata = _fill(xdata, blocks)
-    elif np.ndim(xdata) == 2:  # shared predictors: a tuple, whatever the block's size
-        xdata = tuple(np.asarray(xdata))
+    elif _ndim(xdata) == 2:  # shared predictors: a tuple, whatever the block's size
+        xdata = tuple(xdata)
     kwargs = {k: _fill(v, blocks) for k, v in static["kwargs"].items()}
     popt, pcov, info, mesg, ier = _batch_curve_fit(
         static["f"], xdata, _fill(static["ydata"], blocks), _fill(static["p0"], blocks),
         sigma=_fill(static["sigma"], blocks),
         bounds=tuple(_fill(b, blocks) for b in static["bounds"]), full_output=True,
-        **static["options"], **kwargs)
+        **opts, **kwargs)
     out = {"popt": popt, "pcov": pcov, "nfev": info["nfev"], "fvec": info["fvec"],
            "njev": info.get("njev"), "mesg": mesg, "ier": ier}
     return _cast(out, fields)
@@ -424,27 +434,31 @@ class _Leaves:
 
 
 def _build(solve_block: Callable, static: dict, leaves: _Leaves,
-           fields: dict[str, tuple | None]) -> dict[str, Any]:
-    """One task per block running ``solve_block``; the fields as concatenated dask arrays."""
+           fields: dict[str, tuple | None]) -> tuple[dict[str, Any], list]:
+    """One task per block running ``solve_block``; each field a dask array of its blocks.
+
+    Returns the fields (None where ``fields`` says so) and the block tasks
+    (delayed dicts of numpy arrays, in order).
+    """
     chunks, per_leaf = leaves.blocks()
     token = uuid.uuid4().hex
     wanted = {k: v for k, v in fields.items() if v is not None}
     static_d = dask.delayed(static, traverse=True, pure=False)
-    parts: dict[str, list] = {k: [] for k in wanted}
-    start = 0
-    for k, size in enumerate(chunks):
-        stop = start + size
-        task = dask.delayed(_run_block, pure=False)(
-            solve_block, static_d, start, stop, [blocks[k] for blocks in per_leaf], wanted,
-            dask_key_name=f"torchimize-block-{token}-{k}")
-        for name, (tail, dt) in wanted.items():
-            parts[name].append(da.from_delayed(task[name], shape=(size, *tail), dtype=dt,
-                                               meta=np.empty((0,) * (1 + len(tail)), dtype=dt)))
-        start = stop
+    tasks = [dask.delayed(_run_block, pure=False)(
+        solve_block, static_d, start, start + size, [blocks[k] for blocks in per_leaf], wanted,
+        dask_key_name=f"torchimize-block-{token}-{k}")
+        for k, (start, size) in enumerate(zip(np.cumsum((0,) + chunks[:-1]).tolist(), chunks,
+                                               strict=True))]
     out: dict[str, Any] = dict.fromkeys(fields)
-    for name, arrays in parts.items():
-        out[name] = da.concatenate(arrays, axis=0, allow_unknown_chunksizes=True)
-    return out
+    for field, (tail, dt) in wanted.items():
+        name = f"torchimize-{field}-{token}"
+        zeros = (0,) * len(tail)
+        layer = {(name, k, *zeros): (operator.getitem, task.key, field)
+                 for k, task in enumerate(tasks)}
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=tasks)
+        out[field] = da.Array(graph, name, (chunks, *((c,) for c in tail)),
+                              meta=np.empty((0,) * (1 + len(tail)), dtype=dt))
+    return out, tasks
 
 
 def _run_block(solve_block: Callable, static: dict, start: int, stop: int,
@@ -461,6 +475,29 @@ def _run_block(solve_block: Callable, static: dict, start: int, stop: int,
         if str(renamed) != message:
             renamed = BlockError(message)
         raise renamed from exc
+
+
+def _on_device(opts: dict, blocks: list[np.ndarray], tree: Any,
+               kwargs: dict) -> tuple[list, Any, dict]:
+    """With ``device``: the blocks and the shared arrays of ``tree``/``kwargs`` as tensors there.
+
+    ``fun`` then receives torch tensors on the worker's device, as in memory
+    for torch input; without ``device`` everything stays numpy.
+    """
+    if opts["device"] is None:
+        return blocks, tree, kwargs
+    dev = torch.device(opts["device"])
+    fdt = torch.float32 if _float_dtype(opts["dtype"]) == np.float32 else torch.float64
+
+    def move(a: Any) -> Any:
+        if isinstance(a, tuple):
+            return tuple(move(e) for e in a)
+        if isinstance(a, np.ndarray) and a.dtype.kind in "fiub":
+            t = torch.as_tensor(a, device=dev)
+            return t.to(fdt) if a.dtype.kind == "f" else t
+        return a
+
+    return ([move(b) for b in blocks], move(tree), {k: move(v) for k, v in kwargs.items()})
 
 
 def _fill(a: Any, blocks: list[np.ndarray]) -> Any:
