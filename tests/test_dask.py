@@ -328,9 +328,9 @@ def test_distributed_fun_with_captured_tensor_on_a_device(client):
         return a * torch.exp(-k * t)
 
     ref = batch_curve_fit(model, None, torch.as_tensor(y),
-                          torch.ones(40, 2, dtype=torch.float64), jac="autograd")
+                          torch.ones(40, 2, dtype=torch.float64))
     popt, pcov = batch_curve_fit(model, None, da.from_array(y, chunks=20), np.ones((40, 2)),
-                                 jac="autograd", device="cpu")
+                                 device="cpu")
     got = dask.compute(popt, pcov)
     assert isinstance(got[0], np.ndarray)
     assert_bitwise_equal(got[0], ref[0].numpy())
@@ -353,3 +353,25 @@ def test_persist_keeps_results_on_the_cluster(client):
                                args=(y, t)).persist()
     assert isinstance(lazy, DaskBatchResult)
     assert_same_result(lazy.compute(), ref)
+
+
+def test_distributed_xarray_curvefit_matches_xarray(client):
+    xr = pytest.importorskip("xarray")
+    from torchimize_scipy.xarray import curvefit
+
+    rng = np.random.default_rng(8)
+    w = np.linspace(-1.0, 1.0, 32)
+    a, mu = rng.uniform(0.5, 2.0, (10, 6, 1)), rng.uniform(-0.3, 0.3, (10, 6, 1))
+    cube = xr.DataArray(a * np.exp(-((w - mu) ** 2) / 0.08)
+                        + 0.01 * rng.standard_normal((10, 6, 32)),
+                        dims=("y", "x", "band"), coords={"band": w})
+
+    def peak(x, a, mu):
+        return a * np.exp(-((x - mu) ** 2) / 0.08)
+
+    ref = cube.curvefit("band", peak, p0={"mu": 0.0})
+    lazy = curvefit(cube.chunk({"y": 4}), "band", peak, p0={"mu": 0.0})
+    got = lazy.compute()
+    np.testing.assert_allclose(got.curvefit_coefficients.values,
+                               ref.curvefit_coefficients.values,
+                               rtol=np.sqrt(1.49012e-8))  # as tests/test_xarray.py
