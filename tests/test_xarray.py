@@ -176,3 +176,12 @@ def test_param_names_for_variadic_function():
     got = curvefit(data, "band", variadic, **kw)
     assert list(got.param.values) == ["a", "mu", "s"]
     assert_fit_parity(got, ref)
+
+
+def test_docstring_example():
+    import doctest
+
+    import torchimize_scipy.xarray
+
+    result = doctest.testmod(torchimize_scipy.xarray, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
