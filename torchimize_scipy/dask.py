@@ -84,7 +84,7 @@ class DaskBatchResult(OptimizeResult):
         Returns
         -------
         BatchOptimizeResult
-            numpy arrays; ``message`` a list of strings.
+            The fields as numpy arrays; ``message`` a list of strings.
         """
         names = [k for k, v in self.items() if v is not None]
         tasks = self.__dict__.get("_tasks")
@@ -155,13 +155,26 @@ def batch_least_squares(
 ) -> DaskBatchResult:
     """:func:`torchimize_scipy.batch_least_squares` for dask inputs, lazily, block by block.
 
-    Parameters are those of :func:`torchimize_scipy.batch_least_squares`.
     ``x0`` and any per-problem input (an ``args`` entry with ``B`` rows, a
     ``(B, n)`` bound or ``x_scale``) may be dask arrays; the blocks of the
     batch are those of the first dask input among them, ``x0`` first. Shared
     dask inputs (``kwargs``, ``args`` entries without ``B`` rows) reach every
-    block whole, as numpy arrays. ``device`` and ``dtype`` apply on each
-    worker; ``chunk_size`` bounds the problems held at once within a block.
+    block whole, as numpy arrays.
+
+    Parameters
+    ----------
+    fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, loss
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    f_scale, diff_step, max_nfev, verbose, args, kwargs, vectorized, dtype, return_jac
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    device : str or torch.device, optional
+        Applied on each worker: the blocks (and the shared numpy arrays of
+        ``args`` and ``kwargs``) reach the engine, and ``fun``, as torch
+        tensors on that device; without it, as numpy arrays.
+    chunk_size : int, optional
+        Most problems held at once within a block.
+    progress : bool or str, optional
+        Must be False (use dask's progress bar or dashboard).
 
     Returns
     -------
@@ -277,14 +290,32 @@ def batch_curve_fit(
 ) -> tuple:
     """:func:`torchimize_scipy.batch_curve_fit` for dask inputs, lazily, block by block.
 
-    Parameters are those of :func:`torchimize_scipy.batch_curve_fit`.
     ``p0``, ``ydata`` and the per-problem ``xdata``, ``sigma``, bounds and
     ``x_scale`` may be dask arrays; the blocks of the batch are those of the
     first dask input among ``p0``, ``ydata``, ``xdata``, ``sigma``,
     ``bounds``. Shared dask inputs reach every block whole, as numpy arrays.
-    With bounds given as dask arrays, ``method`` must be given (the default
-    depends on whether any bound is finite, which is not known before
-    computing).
+
+    Parameters
+    ----------
+    f, xdata, ydata, p0, sigma, absolute_sigma, jac, full_output, dtype, nan_policy
+        As in :func:`torchimize_scipy.batch_curve_fit`.
+    bounds : 2-tuple or `scipy.optimize.Bounds`, optional
+        As in :func:`torchimize_scipy.batch_curve_fit`.
+    method : {None, 'lm', 'trf', 'dogbox', 'gn', 'gd'}, optional
+        Decided once for the whole batch (None: 'trf' if any bound is
+        finite, else 'lm'); must be given when the bounds are dask arrays,
+        whose finiteness is not known before computing.
+    device : str or torch.device, optional
+        Applied on each worker: the blocks (and a shared ``xdata``) reach the
+        engine, and ``f``, as torch tensors on that device; without it, as
+        numpy arrays.
+    chunk_size : int, optional
+        Most problems held at once within a block.
+    progress : bool or str, optional
+        Must be False (use dask's progress bar or dashboard).
+    **kwargs
+        Options of :func:`torchimize_scipy.batch_curve_fit`; a ``(B, P)``
+        ``x_scale`` is cut with the problems.
 
     Returns
     -------
@@ -316,7 +347,7 @@ def batch_curve_fit(
     B, P = _batch_shape(p0, "p0")
     if _ndim(ydata) != 2 or _rows(ydata) != B:
         raise ValueError(f"`ydata` must have shape (B, M) = ({B}, M) to match `p0` {(B, P)}.")
-    M = int(ydata.shape[1])
+    M = int((ydata.shape if hasattr(ydata, "shape") else np.shape(ydata))[1])
     if isinstance(bounds, Bounds):
         bounds = (bounds.lb, bounds.ub)
     if len(bounds) != 2:
@@ -544,7 +575,7 @@ def _rows(a: Any) -> float:
 def _batch_shape(x0: Any, name: str) -> tuple[int, int]:
     if _ndim(x0) != 2:
         raise ValueError(f"`{name}` must have shape (B, n) for a batch.")
-    B, n = x0.shape
+    B, n = x0.shape if hasattr(x0, "shape") else np.shape(x0)
     if np.isnan(B) or np.isnan(n):
         raise ValueError(f"`{name}` has unknown chunk sizes: call `{name}.compute_chunk_sizes()` "
                          "first.")
