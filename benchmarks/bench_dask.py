@@ -109,8 +109,24 @@ def worker_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def worker_malloc_environ() -> None:
+    """Give the workers this process's glibc malloc tunables, not the nanny's default.
+
+    dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in every worker, which
+    turns off glibc's adaptive mmap threshold: each large temporary array is
+    mapped and unmapped again, and batched fits ran 2.2x slower (5,000 peaks
+    through ``batch_curve_fit``: 14.1 s against 6.5 s on this machine). The
+    workers get the values of this process instead (the README's tunables when
+    set, else glibc's adaptive defaults, approximated by a 1 GiB threshold).
+    """
+    dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": os.environ.get(k, v)
+                     for k, v in (("MALLOC_TRIM_THRESHOLD_", "4294967296"),
+                                  ("MALLOC_MMAP_THRESHOLD_", "1073741824"))})
+
+
 def on_cluster(store: Path, out: Path, workers: int, memory_limit: str) -> dict[str, Any]:
     """The same fits on a LocalCluster: from_zarr -> batch_least_squares -> to_zarr."""
+    worker_malloc_environ()
     bench = str(Path(__file__).resolve().parent)
     root = str(Path(torchimize_scipy.__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join([bench, root, os.environ.get("PYTHONPATH", "")])

@@ -35,6 +35,7 @@ from scipy.optimize import OptimizeWarning
 import torchimize_scipy
 
 try:
+    import dask
     import distributed
     import xarray as xr
 
@@ -82,6 +83,11 @@ def main(argv: list[str]) -> int:
     bench = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join([bench, root, os.environ.get("PYTHONPATH", "")])
 
+    # dask's nanny default MALLOC_TRIM_THRESHOLD_=65536 slows batched fits 2.2x (see
+    # bench_dask.worker_malloc_environ); both functions run with the same tunables
+    dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": os.environ.get(k, v)
+                     for k, v in (("MALLOC_TRIM_THRESHOLD_", "4294967296"),
+                                  ("MALLOC_MMAP_THRESHOLD_", "1073741824"))})
     ours = lambda c: curvefit(c, "band", gaussian, p0=P0)  # noqa: E731
     theirs = lambda c: c.curvefit("band", gaussian, p0=P0)  # noqa: E731
     with distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1,

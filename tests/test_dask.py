@@ -147,6 +147,19 @@ def test_per_problem_bounds_and_x_scale_are_cut_with_the_problems():
     assert lazy.active_mask.dtype == ref.active_mask.dtype
 
 
+def test_bounds_object_with_dask_bounds_dispatches():
+    from scipy.optimize import Bounds
+
+    t, y = decay_data(30)
+    lb = da.zeros((30, 2), chunks=15)
+    lazy = batch_least_squares(residuals, np.ones((30, 2)), bounds=Bounds(lb, 10.0),
+                               args=(y, t))
+    assert isinstance(lazy, DaskBatchResult) and lazy.x.numblocks == (2, 1)
+    ref = batch_least_squares(residuals, np.ones((30, 2)), bounds=Bounds(np.zeros((30, 2)), 10.0),
+                              args=(y, t))
+    assert_same_result(lazy.compute(scheduler="sync"), ref)
+
+
 def test_lm_without_callable_jac_has_no_njev_and_unknown_m():
     t, y = decay_data(30)
     lazy = batch_least_squares(residuals, da.from_array(np.ones((30, 2)), chunks=10),

@@ -21,17 +21,19 @@ def has_dask(*objs: Any) -> bool:
         return False
     from dask import is_dask_collection
 
-    stack = list(objs)
+    stack = [(obj, 0) for obj in objs]
     while stack:
-        obj = stack.pop()
-        if isinstance(obj, (tuple, list)):
-            stack.extend(obj)
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif hasattr(obj, "lb") and hasattr(obj, "ub") and not is_dask_collection(obj):
-            stack.extend((obj.lb, obj.ub))  # scipy.optimize.Bounds
-        elif is_dask_collection(obj):
+        obj, depth = stack.pop()
+        if is_dask_collection(obj):
             return True
+        if depth >= 3:  # containers of containers of arrays at most (xdata tuples, bounds)
+            continue
+        if isinstance(obj, (tuple, list)) and len(obj) <= 1024:  # not a list of numbers
+            stack.extend((e, depth + 1) for e in obj)
+        elif isinstance(obj, dict):
+            stack.extend((e, depth + 1) for e in obj.values())
+        elif hasattr(obj, "lb") and hasattr(obj, "ub"):  # scipy.optimize.Bounds
+            stack.extend(((obj.lb, depth + 1), (obj.ub, depth + 1)))
     return False
 
 
