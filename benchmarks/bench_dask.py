@@ -82,6 +82,7 @@ def solve_kwargs() -> dict[str, Any]:
 def in_process(store: Path, out: Path, threads: int) -> tuple[float, dict]:
     """Read everything, one call, write the results."""
     torch.set_num_threads(threads)
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     root = zarr.open_group(str(store), mode="r")
     y = torch.from_numpy(root["y"][:])
@@ -95,6 +96,7 @@ def in_process(store: Path, out: Path, threads: int) -> tuple[float, dict]:
         a = res[name].numpy()
         g.create_array(name, shape=a.shape, chunks=(chunk,) + a.shape[1:], dtype=a.dtype)[:] = a
         fields[name] = a
+    fields["cpu_s"] = time.process_time() - cpu0
     return time.perf_counter() - t0, fields
 
 
@@ -138,6 +140,7 @@ def on_cluster(store: Path, out: Path, workers: int, memory_limit: str) -> dict[
         client.run(__import__, "torchimize_scipy.dask")  # imports outside the timing
         client.run(warm_up)
         started = time.perf_counter() - t_start
+        cpu0 = sum(client.run(time.process_time).values())
         t0 = time.perf_counter()
         y = da.from_zarr(str(store), component="y")
         p0 = da.from_zarr(str(store), component="p0")
@@ -147,8 +150,10 @@ def on_cluster(store: Path, out: Path, workers: int, memory_limit: str) -> dict[
                   for name in ("x", "cost", "status")]
         dask.compute(*writes)
         elapsed = time.perf_counter() - t0
+        cpu = sum(client.run(time.process_time).values()) - cpu0
         peaks = client.run(worker_peak_rss)
-    return {"workers": workers, "time_s": elapsed, "cluster_start_s": started,
+    return {"workers": workers, "time_s": elapsed, "worker_cpu_s": cpu,
+            "cluster_start_s": started,
             "worker_peak_rss_bytes": sorted(peaks.values())}
 
 
@@ -176,17 +181,20 @@ def main(argv: list[str]) -> int:
         got = zarr.open_group(str(args.store / "out_cluster.zarr"), mode="r")
         same = all(np.array_equal(got[k][:], ref[k], equal_nan=True)
                    for k in ("x", "cost", "status"))
-        run.update(in_process_s=t_mem, in_process_threads=w, identical_to_in_process=same,
+        run.update(in_process_s=t_mem, in_process_cpu_s=ref.pop("cpu_s"),
+                   in_process_threads=w, identical_to_in_process=same,
                    overhead=run["time_s"] / t_mem - 1.0,
                    fits_per_s=B / run["time_s"], in_process_fits_per_s=B / t_mem)
         runs.append(run)
         rows.append([w, f"{t_mem:.1f}", f"{B / t_mem:,.0f}", f"{run['time_s']:.1f}",
                      f"{B / run['time_s']:,.0f}", f"{100 * run['overhead']:+.1f} %",
+                     f"{run['in_process_cpu_s']:.1f} / {run['worker_cpu_s']:.1f}",
                      f"{run['cluster_start_s']:.1f}",
                      " / ".join(f"{r / 2**30:.2f}" for r in run["worker_peak_rss_bytes"]),
                      "yes" if same else "NO"])
     print(md_table(["workers (= threads in-process)", "in-process (s)", "fits/s",
-                    "cluster (s)", "fits/s", "overhead", "cluster start (s)",
+                    "cluster (s)", "fits/s", "overhead", "CPU s: in-process / workers",
+                    "cluster start (s)",
                     "worker peak RSS (GiB)", "identical"], rows))
     path = write_json(args, "bench_dask", {"problems": B, "chunk": chunk, "runs": runs,
                                            "memory_limit": args.memory_limit})
