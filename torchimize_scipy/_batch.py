@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._dask import dispatch, has_dask
 from ._driver import EngineRun, initial_state, result_buffers, solve
 from ._engine import status as codes
 from ._engine.loop import RESULT_KEYS, all_finite
@@ -184,6 +185,8 @@ def batch_least_squares(
     >>> np.round(res.x[:, 0], 6)
     array([0.5, 1. , 2. ])
     """
+    if has_dask(x0, args, bounds, x_scale):  # lazy, block by block: torchimize_scipy.dask
+        return dispatch("batch_least_squares", locals())
     check_options(method, jac, None, None, loss, verbose, max_nfev, None)
     p = prepare(fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, diff_step, args, kwargs,
                 device=device, dtype=dtype, batch=True, vectorized=vectorized)

@@ -19,6 +19,7 @@ from scipy.optimize import OptimizeWarning
 
 from .._arrays import as_numpy, detect_namespace, to_host
 from .._batch import batch_least_squares
+from .._dask import dispatch, has_dask
 from .._engine import status as codes
 from .._validation import prepare_bounds
 from ._covariance import COV_MSG, finish_covariance, normal_inverse, qr_inverse, svd_pinv
@@ -178,6 +179,8 @@ def batch_curve_fit(
            [2. , 1.5],
            [0.5, 3. ]])
     """
+    if has_dask(p0, ydata, xdata, sigma, bounds, kwargs.get("x_scale")):  # lazy, per block
+        return dispatch("batch_curve_fit", locals())
     lead = torch_lead(p0, ydata, xdata)
     ns = detect_namespace(lead if lead is not None else np.zeros(1), device, dtype)
     p0_host = np.asarray(to_host(p0), dtype=float)

@@ -1,0 +1,390 @@
+"""Dask inputs: lazy block-by-block results, on threads and on a distributed cluster.
+
+Problems are independent and each block runs the in-memory code path on its
+problems, so the lazy results are compared bit for bit with the in-memory call
+(docs/parity.md: "a batch cut into other chunks" is the same path). The
+distributed tests share one ``LocalCluster`` of two worker processes per module.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+import torchimize_scipy
+from torchimize_scipy import batch_curve_fit, batch_least_squares
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+distributed = pytest.importorskip("distributed")
+
+from _parity import assert_bitwise_equal  # noqa: E402
+
+from torchimize_scipy.dask import BlockError, DaskBatchResult  # noqa: E402
+
+FIELDS = ("x", "cost", "fun", "jac", "grad", "optimality", "active_mask", "nfev", "njev",
+          "status", "success")
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Two worker processes on loopback that import this checkout's torchimize_scipy."""
+    root = str(pathlib.Path(torchimize_scipy.__file__).parents[1])
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
+    try:
+        cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                           dashboard_address=None, host="127.0.0.1")
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    c = distributed.Client(cluster)
+    c.run(__import__, "torchimize_scipy.dask")  # the imports (torch: seconds) before timing
+    yield c
+    c.close()
+    cluster.close()
+
+
+def decay_data(B: int, M: int = 20, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0.0, 1.0, M)
+    rates = rng.uniform(0.5, 3.0, B)
+    amps = rng.uniform(0.5, 2.0, B)
+    y = amps[:, None] * np.exp(-rates[:, None] * t) + 0.01 * rng.standard_normal((B, M))
+    return t, y
+
+
+def residuals(x, y, t):  # x (b, 2), y (b, M), t (M,) shared
+    return x[:, :1] * np.exp(-x[:, 1:] * t) - y
+
+
+def decay(x, a, k):
+    return a * np.exp(-k * x)
+
+
+def assert_same_result(lazy, ref):
+    got = lazy.compute() if isinstance(lazy, DaskBatchResult) else lazy
+    for name in FIELDS:
+        if ref[name] is None:
+            assert got[name] is None, name
+        else:
+            assert_bitwise_equal(got[name], ref[name], err_msg=name)
+    assert got["message"] == ref["message"]
+
+
+# ---------------------------------------------------------------------------
+# local schedulers
+# ---------------------------------------------------------------------------
+def test_dask_x0_and_args_with_other_chunks_match_in_memory():
+    t, y = decay_data(230)
+    x0 = np.ones((230, 2))
+    ref = batch_least_squares(residuals, x0, args=(y, t))
+    lazy = batch_least_squares(residuals, da.from_array(x0, chunks=(70, 1)),
+                               args=(da.from_array(y, chunks=(50, 7)), t))
+    assert isinstance(lazy, DaskBatchResult)
+    assert len(lazy) == 230
+    assert lazy.x.chunks[0] == (70, 70, 70, 20)  # x0's blocks lead
+    assert_same_result(lazy.compute(scheduler="threads"), ref)
+
+
+def test_nothing_runs_before_compute():
+    calls = []
+    t, y = decay_data(40)
+
+    def counted(x, y, t):
+        calls.append(x.shape[0])
+        return residuals(x, y, t)
+
+    lazy = batch_least_squares(counted, da.from_array(np.ones((40, 2)), chunks=20), args=(y, t))
+    assert calls == []
+    res = lazy.compute(scheduler="sync")
+    assert calls  # computed now
+    assert res.success.all()
+
+
+def test_shared_arg_as_long_as_a_block_stays_shared():
+    # t has 20 entries and the blocks hold 20 problems: in a call on one block
+    # it would be taken for a per-problem argument
+    t, y = decay_data(60)
+    ref = batch_least_squares(residuals, np.ones((60, 2)), args=(y, t))
+    lazy = batch_least_squares(residuals, da.from_array(np.ones((60, 2)), chunks=20),
+                               args=(y, t))
+    assert_same_result(lazy.compute(scheduler="sync"), ref)
+
+
+def test_shared_dask_kwargs_reach_every_block_whole():
+    t, y = decay_data(50)
+
+    def fun(x, y, *, t):
+        assert isinstance(t, np.ndarray) and t.shape == (20,)
+        return residuals(x, y, t)
+
+    ref = batch_least_squares(fun, np.ones((50, 2)), args=(y,), kwargs={"t": t})
+    lazy = batch_least_squares(fun, np.ones((50, 2)), args=(da.from_array(y, chunks=25),),
+                               kwargs={"t": da.from_array(t, chunks=5)})
+    assert lazy.x.numblocks == (2, 1)  # the blocks of the dask argument
+    assert_same_result(lazy.compute(scheduler="sync"), ref)
+
+
+def test_per_problem_bounds_and_x_scale_are_cut_with_the_problems():
+    t, y = decay_data(90)
+    lb = np.tile([0.0, 0.1], (90, 1))
+    ub = np.tile([3.0, 5.0], (90, 1))
+    ub[::3, 1] = 1.0  # some problems with an active bound
+    scale = np.tile([1.0, 2.0], (90, 1))
+    ref = batch_least_squares(residuals, np.ones((90, 2)) * 0.5, bounds=(lb, ub),
+                              x_scale=scale, args=(y, t))
+    lazy = batch_least_squares(residuals, da.from_array(np.ones((90, 2)) * 0.5, chunks=40),
+                               bounds=(da.from_array(lb, chunks=30), ub), x_scale=scale,
+                               args=(y, t))
+    assert_same_result(lazy.compute(scheduler="sync"), ref)
+    assert lazy.active_mask.dtype == ref.active_mask.dtype
+
+
+def test_bounds_object_with_dask_bounds_dispatches():
+    from scipy.optimize import Bounds
+
+    t, y = decay_data(30)
+    lb = da.zeros((30, 2), chunks=15)
+    lazy = batch_least_squares(residuals, np.ones((30, 2)), bounds=Bounds(lb, 10.0),
+                               args=(y, t))
+    assert isinstance(lazy, DaskBatchResult) and lazy.x.numblocks == (2, 1)
+    ref = batch_least_squares(residuals, np.ones((30, 2)), bounds=Bounds(np.zeros((30, 2)), 10.0),
+                              args=(y, t))
+    assert_same_result(lazy.compute(scheduler="sync"), ref)
+
+
+def test_lm_without_callable_jac_has_no_njev_and_unknown_m():
+    t, y = decay_data(30)
+    lazy = batch_least_squares(residuals, da.from_array(np.ones((30, 2)), chunks=10),
+                               method="lm", args=(y, t), return_jac=False)
+    assert lazy.njev is None and lazy.jac is None
+    assert np.isnan(lazy.fun.shape[1])  # m is known only once fun has run
+    ref = batch_least_squares(residuals, np.ones((30, 2)), method="lm", args=(y, t),
+                              return_jac=False)
+    assert_same_result(lazy.compute(scheduler="sync"), ref)
+
+
+def test_failing_problem_fails_alone():
+    t, y = decay_data(40)
+    y[7, 3] = np.nan  # non-finite residuals at the start: status 5 for problem 7 only
+    x0 = np.ones((40, 2))
+    ref = batch_least_squares(residuals, x0, args=(y, t))
+    res = batch_least_squares(residuals, da.from_array(x0, chunks=10),
+                              args=(y, t)).compute(scheduler="sync")
+    assert res.status[7] == ref.status[7] and not res.success[7]
+    assert res.success[np.arange(40) != 7].all()
+    assert_same_result(res, ref)
+
+
+def test_failing_block_names_its_problems():
+    t, y = decay_data(40)
+
+    def fragile(x, y, t):
+        if np.any(y > 100):
+            raise FloatingPointError("overflow in the model")
+        return residuals(x, y, t)
+
+    y[25, 0] = 1e3
+    lazy = batch_least_squares(fragile, da.from_array(np.ones((40, 2)), chunks=10),
+                               args=(y, t))
+    with pytest.raises(FloatingPointError, match=r"problems 20 to 29\]"):
+        lazy.compute(scheduler="sync")
+
+
+def test_exception_that_cannot_carry_a_message_becomes_block_error():
+    class Strict(Exception):
+        def __init__(self, code: int, where: str) -> None:
+            super().__init__(code, where)
+
+    def broken(x):
+        raise Strict(3, "model")
+
+    lazy = batch_least_squares(broken, da.from_array(np.ones((8, 1)), chunks=4))
+    with pytest.raises(BlockError, match=r"problems (0 to 3|4 to 7)\]"):
+        lazy.compute(scheduler="sync")
+
+
+def test_validation_before_anything_runs():
+    x0 = da.ones((10, 2), chunks=5)
+    with pytest.raises(ValueError, match="`method` must be"):
+        batch_least_squares(residuals, x0, method="newton")
+    with pytest.raises(ValueError, match="`progress` is not supported"):
+        batch_least_squares(residuals, x0, progress=True)
+    with pytest.raises(ValueError, match=r"`x0` must have shape \(B, n\)"):
+        batch_least_squares(residuals, da.ones(10, chunks=5))
+    with pytest.raises(ValueError, match="unknown chunk sizes"):
+        batch_least_squares(residuals, x0[x0[:, 0] > 0])
+    with pytest.raises(ValueError, match="`bounds` must contain 2 elements"):
+        batch_least_squares(residuals, x0, bounds=(0, 1, 2))
+
+
+def test_curve_fit_validation_before_anything_runs():
+    t, y = decay_data(10)
+    yd = da.from_array(y, chunks=5)
+    p0 = np.ones((10, 2))
+    with pytest.raises(ValueError, match="`method` must be None"):
+        batch_curve_fit(decay, t, yd, p0, method="newton")
+    with pytest.raises(ValueError, match="nan_policy must be one of"):
+        batch_curve_fit(decay, t, yd, p0, nan_policy="drop")
+    with pytest.raises(ValueError, match="'args' is not a supported"):
+        batch_curve_fit(decay, t, yd, p0, args=(1,))
+    with pytest.raises(ValueError, match="`return_jac` cannot be set"):
+        batch_curve_fit(decay, t, yd, p0, return_jac=False)
+    with pytest.raises(ValueError, match=r"`ydata` must have shape \(B, M\)"):
+        batch_curve_fit(decay, t, yd[:5], p0)
+    with pytest.raises(ValueError, match="`method` must be given when `bounds`"):
+        batch_curve_fit(decay, t, yd, p0, bounds=(da.zeros((10, 2), chunks=5), np.inf))
+    with pytest.raises(ValueError, match=r"`p0` must have shape \(B, n\)"):
+        batch_curve_fit(decay, t, yd, p0[0])
+
+
+def test_curve_fit_shared_predictors_as_many_as_a_block():
+    # two predictors stacked (2, M) and blocks of 2 problems
+    rng = np.random.default_rng(3)
+    X = rng.uniform(0, 1, (2, 15))
+    coef = rng.uniform(1, 2, (6, 2))
+    y = coef[:, :1] * X[0] + coef[:, 1:] * X[1]
+
+    def plane(x, a, b):
+        return a * x[0] + b * x[1]
+
+    ref = batch_curve_fit(plane, X, y, np.ones((6, 2)))
+    got = dask.compute(*batch_curve_fit(plane, X, da.from_array(y, chunks=2), np.ones((6, 2))),
+                       scheduler="sync")
+    assert_bitwise_equal(got[0], ref[0])
+    assert_bitwise_equal(got[1], ref[1])
+
+
+def test_curve_fit_method_decided_for_the_whole_batch():
+    # only the last block has a finite bound: the in-memory call uses 'trf' for all
+    t, y = decay_data(20)
+    lb = np.full((20, 2), -np.inf)
+    lb[-1] = 0.0
+    ref = batch_curve_fit(decay, t, y, np.ones((20, 2)), bounds=(lb, np.inf), full_output=True)
+    out = batch_curve_fit(decay, t, da.from_array(y, chunks=10), np.ones((20, 2)),
+                          bounds=(lb, np.inf), full_output=True)
+    got = dask.compute(*out, scheduler="sync")
+    for a, b in zip(got, ref, strict=True):
+        if isinstance(b, dict):
+            assert a.keys() == b.keys()
+            for k in b:
+                assert_bitwise_equal(a[k], b[k], err_msg=k)
+        elif isinstance(b, list):
+            assert list(a) == b
+        else:
+            assert_bitwise_equal(a, b)
+
+
+def test_float32_results_keep_the_declared_dtype():
+    t, y = decay_data(30)
+    lazy = batch_least_squares(residuals, da.from_array(np.ones((30, 2)), chunks=10),
+                               args=(y, t), dtype=torch.float32)
+    assert lazy.x.dtype == np.float32
+    res = lazy.compute(scheduler="sync")
+    assert res.x.dtype == np.float32 and res.nfev.dtype == np.int64
+
+
+# ---------------------------------------------------------------------------
+# distributed: worker processes
+# ---------------------------------------------------------------------------
+def test_distributed_least_squares_matches_in_memory(client):
+    t, y = decay_data(400, seed=1)
+    x0 = np.ones((400, 2))
+    ref = batch_least_squares(residuals, x0, args=(y, t), jac="3-point")
+    lazy = batch_least_squares(residuals, da.from_array(x0, chunks=100),
+                               args=(da.from_array(y, chunks=(130, 20)), t), jac="3-point")
+    assert_same_result(lazy.compute(), ref)
+
+
+def test_distributed_curve_fit_full_output_matches_in_memory(client):
+    rng = np.random.default_rng(5)
+    B, M = 300, 25
+    X = np.sort(rng.uniform(0, 2, (B, M)), axis=1)  # per-problem xdata
+    a, k = rng.uniform(0.5, 2, B), rng.uniform(0.5, 3, B)
+    sigma = rng.uniform(0.01, 0.03, (B, M))
+    y = a[:, None] * np.exp(-k[:, None] * X) + sigma * rng.standard_normal((B, M))
+    y[11, 4] = np.nan
+    lb, ub = np.zeros((B, 2)), np.full((B, 2), 10.0)
+    p0 = np.ones((B, 2))
+    kw = {"sigma": sigma, "bounds": (lb, ub), "method": "trf", "full_output": True,
+          "nan_policy": "omit"}
+    ref = batch_curve_fit(decay, X, y, p0, **kw)
+    kw_d = dict(kw, sigma=da.from_array(sigma, chunks=60),
+                bounds=(da.from_array(lb, chunks=120), ub))
+    out = batch_curve_fit(decay, da.from_array(X, chunks=90), da.from_array(y, chunks=75),
+                          p0, **kw_d)
+    assert out[0].chunks[0] == (75, 75, 75, 75)  # ydata's blocks: p0 is in memory
+    got = dask.compute(*out)
+    assert_bitwise_equal(got[0], ref[0])
+    assert_bitwise_equal(got[1], ref[1])
+    for name in ("nfev", "fvec"):
+        assert_bitwise_equal(got[2][name], ref[2][name], err_msg=name)
+    assert list(got[3]) == ref[3]
+    assert_bitwise_equal(got[4], ref[4])
+    assert np.isfinite(got[0][11]).all()  # the NaN observation omitted, not fatal
+
+
+def test_distributed_fun_with_captured_tensor_on_a_device(client):
+    # a closure is shipped by value (cloudpickle), the tensor it holds with it;
+    # with device= the blocks reach fun as tensors on each worker
+    t_np, y = decay_data(40, seed=2)
+    t = torch.as_tensor(t_np)
+
+    def model(x, a, k):
+        return a * torch.exp(-k * t)
+
+    ref = batch_curve_fit(model, None, torch.as_tensor(y),
+                          torch.ones(40, 2, dtype=torch.float64))
+    popt, pcov = batch_curve_fit(model, None, da.from_array(y, chunks=20), np.ones((40, 2)),
+                                 device="cpu")
+    got = dask.compute(popt, pcov)
+    assert isinstance(got[0], np.ndarray)
+    assert_bitwise_equal(got[0], ref[0].numpy())
+    assert_bitwise_equal(got[1], ref[1].numpy())
+
+
+def test_distributed_failing_block_is_reported_with_its_problems(client):
+    t, y = decay_data(60)
+    y[45, 0] = np.nan
+    out = batch_curve_fit(decay, t, da.from_array(y, chunks=20), np.ones((60, 2)),
+                          nan_policy="raise")
+    with pytest.raises(ValueError, match=r"problems 40 to 59\]"):
+        dask.compute(*out)
+
+
+def test_persist_keeps_results_on_the_cluster(client):
+    t, y = decay_data(80)
+    ref = batch_least_squares(residuals, np.ones((80, 2)), args=(y, t))
+    lazy = batch_least_squares(residuals, da.from_array(np.ones((80, 2)), chunks=40),
+                               args=(y, t)).persist()
+    assert isinstance(lazy, DaskBatchResult)
+    assert_same_result(lazy.compute(), ref)
+
+
+def test_distributed_xarray_curvefit_matches_xarray(client):
+    xr = pytest.importorskip("xarray")
+    from torchimize_scipy.xarray import curvefit
+
+    rng = np.random.default_rng(8)
+    w = np.linspace(-1.0, 1.0, 32)
+    a, mu = rng.uniform(0.5, 2.0, (10, 6, 1)), rng.uniform(-0.3, 0.3, (10, 6, 1))
+    cube = xr.DataArray(a * np.exp(-((w - mu) ** 2) / 0.08)
+                        + 0.01 * rng.standard_normal((10, 6, 32)),
+                        dims=("y", "x", "band"), coords={"band": w})
+
+    def peak(x, a, mu):
+        return a * np.exp(-((x - mu) ** 2) / 0.08)
+
+    ref = cube.curvefit("band", peak, p0={"mu": 0.0})
+    lazy = curvefit(cube.chunk({"y": 4}), "band", peak, p0={"mu": 0.0})
+    got = lazy.compute()
+    np.testing.assert_allclose(got.curvefit_coefficients.values,
+                               ref.curvefit_coefficients.values,
+                               rtol=np.sqrt(1.49012e-8))  # as tests/test_xarray.py
