@@ -77,7 +77,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def compare(before: str, after: str) -> None:
-    """Print, per field, how many recorded calls differ bitwise (and the worst ratio)."""
+    """Print, per field, how many recorded calls differ bitwise, and the largest difference
+    relative to the largest entry of the same record."""
     with open(before, "rb") as fh:
         a = pickle.load(fh)
     with open(after, "rb") as fh:
@@ -100,15 +101,18 @@ def compare(before: str, after: str) -> None:
                     try:
                         x, y = np.asarray(r1[key], float), np.asarray(r2[key], float)
                         fin = np.isfinite(x) & np.isfinite(y)
-                        rel = np.max(np.abs(x - y)[fin] / np.maximum(np.abs(x[fin]), 1e-300),
-                                     initial=0.0)
+                        if not np.array_equal(np.isfinite(x), np.isfinite(y)):
+                            rel = np.inf  # finite on one side only
+                        else:  # relative to the largest entry (norm-wise)
+                            scale = np.max(np.abs(x[fin]), initial=0.0)
+                            rel = np.max(np.abs(x - y)[fin], initial=0.0) / max(scale, 1e-300)
                         worst[f"{name}.{key}"] = max(worst.get(f"{name}.{key}", 0.0), rel)
                     except (TypeError, ValueError):
                         pass
     print(f"{calls} calls compared; {missing} tests recorded differently")
     for key, (d, t) in sorted(counts.items()):
         print(f"{key:28s} bitwise different: {d:4d} of {t:4d}"
-              + (f"   max rel diff {worst[key]:.2e}" if key in worst else ""))
+              + (f"   max diff / max entry {worst[key]:.2e}" if key in worst else ""))
 
 
 if __name__ == "__main__":

@@ -91,11 +91,13 @@ class WhitenedModel:
         """``fn`` at the parameter rows ``P (rows, N)``: outputs stacked along axis 0."""
         if not self.rowwise:
             return fn(x, *[P[:, j:j + 1] for j in range(self.n)])
-        outs = [fn(x, *p) for p in P]
         if isinstance(P, torch.Tensor):
+            outs = [fn(x, *p) for p in P]
             return torch.stack([o if isinstance(o, torch.Tensor) else torch.as_tensor(
                 np.asarray(o), device=P.device, dtype=P.dtype) for o in outs])
-        return np.stack([np.asarray(o) for o in outs])
+        if P.shape[0] == 1:  # the usual call of curve_fit: no stacking
+            return np.asarray(fn(x, *P[0]))[None]
+        return np.stack([np.asarray(fn(x, *p)) for p in P])
 
     def evaluate(self, P: Any, ids: Any, repeat: int = 1) -> Any:
         """Whitened residuals ``(b * repeat, m)`` at parameters ``P (b * repeat, N)``.
