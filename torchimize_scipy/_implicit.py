@@ -48,8 +48,9 @@ Cases:
   Hessian is not finite: NaN in its gradient rows, with a ``RuntimeWarning``
   (rows whose incoming gradient is zero, e.g. masked out by the caller, stay
   zero).
-* Higher-order gradients: the backward of ``S`` is ``once_differentiable``;
-  differentiating it again raises torch's error. ``torch.func`` transforms
+* Higher-order gradients: a backward pass with ``create_graph=True`` through
+  ``S`` raises a ``RuntimeError`` (:data:`HIGHER_ORDER`) rather than return a
+  second derivative that would miss the Hessian's own dependence. ``torch.func`` transforms
   cannot trace the solver (it reads values on the host) and raise too.
 
 Nothing of this runs when grad mode is off or no tensor that ``fun`` uses
@@ -65,7 +66,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._engine import status as codes
 from ._loss import LOSSES, LossFunction
@@ -74,6 +74,12 @@ __all__ = ["GradProbe", "attach", "check_numpy_error", "requested", "solve_adjoi
 
 #: Eigenvalues of H at or below ``RTOL_FACTOR * n * eps * max|eig|`` count as zero.
 RTOL_FACTOR = 10.0
+
+HIGHER_ORDER = (
+    "Higher-order gradients through a least-squares solution are not supported: the "
+    "implicit derivative is first order (the Hessian's own dependence on the inputs is "
+    "not tracked). Call backward/autograd.grad without create_graph=True."
+)
 
 _NUMPY_MESSAGE = (
     "Gradients through the solution need `fun` written with torch operations: {what}. "
@@ -358,8 +364,9 @@ class _ImplicitStep(torch.autograd.Function):
         return torch.zeros_like(g)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, v: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is coming
+            raise RuntimeError(HIGHER_ORDER)
         return -ctx.adjoint.apply(v), None
 
 
@@ -384,7 +391,11 @@ def attach(out: dict[str, Tensor], resid: Callable[[Tensor], Tensor],
     dt = x.dtype
     ok = _ok_rows(out["status"], x)
     free = out["active_mask"] == 0
-    xs = x.detach().clone().requires_grad_(True)
+    # a failed problem's x may be NaN (a NaN start): its rows are evaluated at 0
+    # instead, so that a zero incoming gradient stays zero (0 * NaN is NaN)
+    finite = torch.isfinite(x).all(-1, keepdim=True)
+    zero = torch.zeros((), dtype=dt, device=x.device)
+    xs = torch.where(finite, x.detach(), zero).requires_grad_(True)
     with torch.enable_grad():
         try:
             f = torch.as_tensor(resid(xs)).to(dt)
@@ -398,7 +409,7 @@ def attach(out: dict[str, Tensor], resid: Callable[[Tensor], Tensor],
                     from exc
             raise
         x_out = x.detach() + _ImplicitStep.apply(g, _Adjoint(g, xs, free, ok))
-        f_out = torch.as_tensor(resid(x_out)).to(dt)
+        f_out = torch.as_tensor(resid(torch.where(finite, x_out, zero))).to(dt)
         c_out = _differentiable_cost(f_out, loss)
     out["x"] = x_out
     out["f_true"] = out["f_true"].detach() + (f_out - f_out.detach())
