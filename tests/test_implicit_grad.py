@@ -137,7 +137,7 @@ def test_full_hessian_not_gauss_newton():
     dy_dtheta = torch.func.jacrev(data)(THETA)  # (m, 3)
     gn = -(W @ torch.linalg.solve(J.T @ J, dg_dy @ dy_dtheta))
     rel = float((gn - theta.grad).abs().max() / theta.grad.abs().max())
-    assert rel > 1e-3  # measured 2e-2: the second-order residual terms matter
+    assert rel > 1e-3  # measured 3.6e-3: the second-order residual terms matter
     with torch.no_grad():
         ref = central_differences(
             lambda th: polish(cost_of(lambda x: expfit(x, data(th))),
