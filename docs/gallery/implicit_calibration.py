@@ -1,6 +1,6 @@
 """Learn a shared calibration by gradient descent through a batch of fits.
 
-An instrument records B spectra on a pixel axis ``t``; each holds one
+An instrument records B = 32 spectra on a pixel axis ``t``; each holds one
 emission line whose true position ``mu_ref`` (in physical units) is known
 from a line list. Physical positions are ``kappa * t`` with an unknown gain
 ``kappa``. For a trial ``kappa``, every spectrum is fitted by a Gaussian peak
@@ -22,7 +22,7 @@ from torchimize_scipy import batch_least_squares
 
 torch.manual_seed(0)
 dt = torch.float64
-B, M = 64, 48
+B, M = 32, 40
 t = torch.linspace(-3, 3, M, dtype=dt)  # pixel axis
 kappa_true = 1.25
 
@@ -44,7 +44,7 @@ def residuals(p, y):  # p (b, 3) = amplitude, position, width; uses the captured
 x_peak = t[y.argmax(1)]
 opt = torch.optim.SGD([kappa], lr=0.3)
 losses, gains = [], []
-for _ in range(15):
+for _ in range(12):
     with torch.no_grad():
         p0 = torch.stack([y.amax(1), kappa * x_peak, torch.full((B,), 0.6, dtype=dt)], -1)
     res = batch_least_squares(residuals, p0, args=(y,), jac="autograd", method="trf")
@@ -61,7 +61,7 @@ fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.4))
 ax0.semilogy(losses, marker="o", ms=3)
 ax0.set_xlabel("training step")
 ax0.set_ylabel("mean squared line-position error")
-ax0.set_title("loss through 64 fits per step")
+ax0.set_title(f"loss through {B} fits per step")
 ax1.plot(gains, marker="o", ms=3, label="learned gain")
 ax1.axhline(kappa_true, color="k", ls="--", lw=1, label="true gain")
 ax1.set_xlabel("training step")
