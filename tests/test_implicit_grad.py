@@ -543,3 +543,67 @@ def test_torch_func_transform_raises():
 
     with pytest.raises(RuntimeError):
         torch.func.grad(sol)(THETA.clone())
+
+
+# ------------------------------------------------------------ curve fits
+def _decay(x, a, k):
+    return a * torch.exp(-k * x)
+
+
+SIG = 0.1 + 0.05 * T
+
+
+@pytest.mark.parametrize("method", ["lm", "trf", "dogbox"])
+def test_curve_fit_popt_differentiable_in_xdata_ydata_sigma(method):
+    from torchimize_scipy import curve_fit
+
+    y0 = data(THETA)
+    kw = dict(p0=torch.tensor([1.0, 1.0]), method=method, **TIGHT)
+    xg, yg, sg = (a.clone().requires_grad_(True) for a in (T, y0, SIG))
+    popt, pcov = curve_fit(_decay, xg, yg, sigma=sg, **kw)
+    (popt @ W).backward()
+    assert not pcov.requires_grad  # pcov is not differentiated (documented)
+
+    def objective(x, y, s):
+        p, _ = curve_fit(_decay, x, y, sigma=s, **kw)
+        return polish(lambda q: 0.5 * (((_decay(x, *q) - y) / s) ** 2).sum(), p) @ W
+
+    picks = [0, 9, 21, 29]
+    for k, got in enumerate((xg.grad, yg.grad, sg.grad)):
+        ref = torch.zeros(len(picks))
+        with torch.no_grad():
+            for j, i in enumerate(picks):
+                args_p, args_m = [T, y0, SIG], [T, y0, SIG]
+                args_p[k] = args_p[k].clone()
+                args_m[k] = args_m[k].clone()
+                args_p[k][i] += H_FD
+                args_m[k][i] -= H_FD
+                ref[j] = (objective(*args_p) - objective(*args_m)) / (2 * H_FD)
+        # the tested solve uses forward differences (x* within about 1e-9)
+        assert_grad_close(got[picks], ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lm", "trf"])
+def test_batch_curve_fit_gradient_equals_curve_fit(method):
+    from torchimize_scipy import batch_curve_fit, curve_fit
+
+    B = 4
+    Y0 = data(THETA).repeat(B, 1) * torch.linspace(0.8, 1.2, B)[:, None]
+    Y = Y0.clone().requires_grad_(True)
+    popt, pcov = batch_curve_fit(_decay, T, Y, torch.ones(B, 2), method=method, **TIGHT)
+    (popt @ W).sum().backward()
+    assert not pcov.requires_grad
+    for b in range(B):
+        yb = Y0[b].clone().requires_grad_(True)
+        p, _ = curve_fit(_decay, T, yb, p0=torch.ones(2), method=method, **TIGHT)
+        (p @ W).backward()
+        assert_grad_close(Y.grad[b], yb.grad, rtol=1e-7)
+
+
+def test_curve_fit_gradient_with_omitted_observations_raises():
+    from torchimize_scipy import curve_fit
+
+    y = data(THETA).clone()
+    y[3] = float("nan")
+    with pytest.raises(ValueError, match="nan_policy='omit'"):
+        curve_fit(_decay, T, y.requires_grad_(True), p0=torch.ones(2), nan_policy="omit")

@@ -59,6 +59,7 @@ requires grad (:func:`requested`): the call costs what it cost before.
 
 from __future__ import annotations
 
+import threading
 import types
 import warnings
 from collections.abc import Callable
@@ -70,7 +71,19 @@ from torch import Tensor
 from ._engine import status as codes
 from ._loss import LOSSES, LossFunction
 
-__all__ = ["GradProbe", "attach", "check_numpy_error", "requested", "solve_adjoint"]
+__all__ = ["GradProbe", "attach", "check_numpy_error", "evaluating", "requested",
+           "solve_adjoint"]
+
+_STATE = threading.local()
+
+
+def evaluating() -> bool:
+    """True while :func:`attach` evaluates the residuals (after the solve).
+
+    Wrappers that count evaluations against a budget (``curve_fit``'s MINPACK
+    bookkeeping) skip these: they are not part of the solve.
+    """
+    return getattr(_STATE, "depth", 0) > 0
 
 #: Eigenvalues of H at or below ``RTOL_FACTOR * n * eps * max|eig|`` count as zero.
 RTOL_FACTOR = 10.0
@@ -396,6 +409,18 @@ def attach(out: dict[str, Tensor], resid: Callable[[Tensor], Tensor],
     finite = torch.isfinite(x).all(-1, keepdim=True)
     zero = torch.zeros((), dtype=dt, device=x.device)
     xs = torch.where(finite, x.detach(), zero).requires_grad_(True)
+    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    try:
+        _attach(out, resid, loss, x, xs, finite, zero, free, ok)
+    finally:
+        _STATE.depth -= 1
+
+
+def _attach(out: dict[str, Tensor], resid: Callable[[Tensor], Tensor],
+            loss: LossFunction | None, x: Tensor, xs: Tensor, finite: Tensor, zero: Tensor,
+            free: Tensor, ok: Tensor) -> None:
+    """The body of :func:`attach`."""
+    dt = x.dtype
     with torch.enable_grad():
         try:
             f = torch.as_tensor(resid(xs)).to(dt)

@@ -176,6 +176,44 @@ class FitData:
         self.tkind = None if transform is None else transform[0]
         self.T = None if transform is None else transform[1]
         self.cache: dict = {}
+        self.graph: tuple | None = None
+
+    def use_graph(self, xdata: Any, ydata: Any, sigma: Any, omitted: bool) -> None:
+        """Keep the caller's grad-requiring ``xdata``/``ydata``/``sigma`` tensors.
+
+        The torch arrays of :meth:`arrays` are then computed from them, inside
+        their autograd graph, so that ``popt`` is differentiable with respect
+        to them (gradients through the solution, ``docs/gradients.md``). Not
+        when ``nan_policy='omit'`` removed observations, nor for an ``xdata``
+        given as a tuple of predictors (a ``ValueError`` says so).
+        """
+        def grad(a: Any) -> bool:
+            return isinstance(a, torch.Tensor) and a.requires_grad
+
+        if not torch.is_grad_enabled() or not (grad(xdata) or grad(ydata) or grad(sigma)):
+            return
+        if omitted:
+            raise ValueError("Gradients with respect to `xdata`, `ydata` or `sigma` are not "
+                             "supported when `nan_policy='omit'` omits observations.")
+        if grad(xdata) and self.xkind not in ("shared", "rows", "stack"):
+            raise ValueError("Gradients with respect to `xdata` need it as one array "
+                             "(not a tuple of predictors).")
+        self.graph = tuple(a if grad(a) else None for a in (xdata, ydata, sigma))
+        self.cache = {}
+
+    def _graph_arrays(self, d: dict, dev: Any, dt: Any) -> dict:
+        """``d`` with the arrays that come from grad-requiring tensors recomputed from them."""
+        xdata, ydata, sigma = self.graph
+        d = dict(d)
+        if xdata is not None:
+            d["x"] = xdata.to(device=dev, dtype=dt).reshape(np.shape(self.xparts))
+        if ydata is not None:
+            d["Y"] = ydata.to(device=dev, dtype=dt).reshape(self.Y.shape)
+        if sigma is not None:
+            s = sigma.to(device=dev, dtype=dt)
+            d["T"] = (1 / s).reshape(self.T.shape) if self.tkind == "diag" else \
+                torch.linalg.cholesky(s).reshape(self.T.shape)
+        return d
 
     def _parts(self) -> list[tuple[np.ndarray, bool]]:
         """The numeric parts of ``xdata`` with whether each is per problem."""
@@ -271,6 +309,8 @@ class FitData:
                                "T": None if self.T is None else conv(self.T),
                                "keep": keep if key == "numpy" or keep is None
                                else torch.as_tensor(keep, device=key[0])}
+            if self.graph is not None and key != "numpy":
+                self.cache[key] = self._graph_arrays(self.cache[key], *key)
         return self.cache[key]
 
     @staticmethod
