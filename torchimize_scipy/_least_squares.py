@@ -109,11 +109,17 @@ def least_squares(
         not contain infs or NaNs") is raised, naming ``f_scale``.
     diff_step : array_like, optional
         Relative finite-difference step.
-    tr_solver : {None, 'exact'}, optional
-        Only the dense 'exact' solver is available; 'lsmr' raises.
+    tr_solver : {None, 'exact', 'lsmr'}, optional
+        As scipy: 'exact' factorises the dense Jacobian, 'lsmr' solves a 2-D
+        subspace problem ('trf') or the Gauss-Newton step ('dogbox') with a
+        batched LSMR, using the Jacobian through products only. None picks
+        'exact' for a dense Jacobian.
     tr_options : dict, optional
-        Not supported yet (raises when non-empty, except for 'lm' where scipy
-        ignores it).
+        With ``tr_solver='lsmr'``: LSMR's ``atol``, ``btol``, ``conlim``,
+        ``maxiter`` (and ``x0``), plus ``damp`` and ``regularize`` ('trf') as
+        scipy takes them; an unknown key is a TypeError, as in scipy.
+        Otherwise not supported yet (raises when non-empty, except for 'lm'
+        where scipy ignores it).
     jac_sparsity : None, optional
         Not supported yet (raises).
     max_nfev : int, optional
@@ -204,7 +210,9 @@ def least_squares(
             method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj, ftol=p.ftol,
             xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
             jac_scale=isinstance(p.x_scale, str), use_gram=prefers_gram(m, n), verbose=verbose,
-            callback=_wrap_callback(callback, ns) if callback is not None else None))
+            callback=_wrap_callback(callback, ns) if callback is not None else None,
+            tr_solver="lsmr" if tr_solver == "lsmr" and method != "lm" else "exact",
+            tr_options=tr_options))
         if track:
             idx = torch.zeros(1, dtype=torch.long, device=ns.device)
             implicit.attach(out, lambda x: p.fun.raw(x, idx), loss_obj)

@@ -40,12 +40,17 @@ def check_options(method: str, jac: Any, tr_solver: Any, tr_options: Any, loss: 
     if max_nfev is not None and max_nfev <= 0:
         raise ValueError("`max_nfev` must be None or positive integer.")
     if method != "lm":
-        if tr_solver == "lsmr":
-            raise ValueError("tr_solver='lsmr' is not supported yet by torchimize_scipy; "
-                             "use tr_solver='exact' (or None).")
         if jac_sparsity is not None:
             raise ValueError("`jac_sparsity` is not supported yet by torchimize_scipy.")
-        if tr_options:
+        if tr_solver == "lsmr":
+            from ._engine.steps.trf_lsmr import lsmr_keywords
+
+            # scipy hands the options to its lsmr: unknown keys are a TypeError
+            lsmr_keywords(tr_options, method, bounded=False)
+            if method == "dogbox" and tr_options and "regularize" in tr_options:
+                warnings.warn("The keyword 'regularize' in `tr_options` is not relevant "
+                              "for 'dogbox' method.", stacklevel=3)
+        elif tr_options:
             raise ValueError("`tr_options` is not supported yet by torchimize_scipy "
                              "(it only applies to tr_solver='lsmr').")
 
