@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _implicit as implicit
 from ._dask import dispatch, has_dask
 from ._driver import EngineRun, initial_state, result_buffers, solve
 from ._engine import status as codes
@@ -197,7 +198,20 @@ def batch_least_squares(
     dev = ns.device
     # m is not known yet: the first residuals are evaluated on a provisional size
     first = min(B, 4096 if chunk_size is None else int(chunk_size))
-    f0_first = p.fun(p.x0[:first], torch.arange(first, device=dev))
+    # the first residuals also tell whether the solution must carry gradients
+    probe = implicit.GradProbe(p.fun.fn) if ns.kind == "torch" and torch.is_grad_enabled() \
+        else None
+    if probe is not None:
+        p.fun.fn = probe
+    try:
+        f0_first = p.fun(p.x0[:first], torch.arange(first, device=dev))
+    except RuntimeError as exc:
+        implicit.check_numpy_error(exc)
+        raise
+    finally:
+        if probe is not None:
+            p.fun.fn = probe.fn
+    track = implicit.requested(ns, fun, args, kwargs, f_scale, loss, probe=probe)
     if f0_first.ndim != 2 or f0_first.shape[0] != first:
         raise ValueError("`fun` must return an array of shape (b, m) for x of shape (b, n); "
                          f"got {tuple(f0_first.shape)} for b = {first}.")
@@ -229,6 +243,9 @@ def batch_least_squares(
     finally:
         if bar is not None:
             bar.close(complete)
+    if track:
+        every = torch.arange(B, device=dev)
+        implicit.attach(merged, lambda x: p.fun.raw(x, every), loss_obj)
     res = build_result(merged, ns, method, jac, p.bounded)
     if verbose >= 1:
         print(repr(res))

@@ -22,6 +22,7 @@ from scipy.optimize import OptimizeResult
 from scipy.sparse import issparse
 from scipy.sparse.linalg import LinearOperator
 
+from . import _implicit as implicit
 from ._arrays import Namespace, as_numpy
 from ._driver import EngineRun, initial_state, prefers_gram, solve
 from ._engine import status as codes
@@ -161,7 +162,14 @@ def least_squares(
     p = prepare(fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, diff_step, args, kwargs,
                 device=device, dtype=dtype, batch=False, workers=workers)
     ns, n = p.ns, p.x0.shape[1]
-    f0_raw = np.atleast_1d(as_numpy(p.fun.call_one(p.x0[0])))
+    try:
+        f0_user = p.fun.call_one(p.x0[0])
+    except RuntimeError as exc:
+        implicit.check_numpy_error(exc)
+        raise
+    track = implicit.requested(ns, fun, args, kwargs, f_scale, loss, first_out=f0_user)
+    f0_raw = np.atleast_1d(as_numpy(f0_user))
+    del f0_user  # its graph, if any, is not needed
     if f0_raw.ndim != 1:
         raise ValueError("`fun` must return at most 1-d array_like. "
                          f"f0.shape: {f0_raw.shape}")
@@ -205,6 +213,9 @@ def least_squares(
             callback=_wrap_callback(callback, ns) if callback is not None else None,
             tr_solver="lsmr" if tr_solver == "lsmr" and method != "lm" else "exact",
             tr_options=tr_options))
+        if track:
+            idx = torch.zeros(1, dtype=torch.long, device=ns.device)
+            implicit.attach(out, lambda x: p.fun.raw(x, idx), loss_obj)
     result = build_result(out, ns, method, jac, p.bounded)[0]
     if ns.kind == "numpy" and f0_raw.dtype == np.float32:
         result.fun = result.fun.astype(np.float32)  # scipy returns fun's own dtype

@@ -210,6 +210,7 @@ def batch_curve_fit(
     data.keep_sources(xdata, ydata)
     keep = data.apply_nan_policy(nan_policy, drop=False)
     data.set_transform(sigma_transform(sigma, B, M, keep))
+    data.use_graph(xdata, ydata, sigma, omitted=keep is not None)  # gradients through popt
     col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False
     model = WhitenedModel(f, jac if callable(jac) else None, data, n, col_deriv, rowwise=False)
     torch_mode = lead is not None
@@ -266,7 +267,8 @@ def batch_curve_fit(
             for g, i, s in zip(good.tolist(), ier.tolist(), status.tolist(), strict=True)]
 
     m_eff: Any = M if keep is None else torch.as_tensor(keep.sum(axis=1), device=cov.device)
-    cov, indeterminate = finish_covariance(cov, ok, n, m_eff, 2 * t["cost"], absolute_sigma)
+    cov, indeterminate = finish_covariance(cov, ok, n, m_eff, 2 * t["cost"].detach(),
+                                           absolute_sigma)  # pcov: not differentiated
     popt = torch.where(ok[:, None], t["x"], torch.full_like(t["x"], float("nan")))
     if indeterminate:
         warnings.warn(f"{COV_MSG} for {indeterminate} of {B} problems",

@@ -199,6 +199,42 @@ class FitData:
         self.tkind = None if transform is None else transform[0]
         self.T = None if transform is None else transform[1]
         self.cache: dict = {}
+        self.graph: torch.Tensor | None = None
+
+    def use_graph(self, xdata: Any, ydata: Any, sigma: Any, omitted: bool) -> None:
+        """Keep a grad-requiring ``sigma`` tensor; refuse what cannot carry gradients.
+
+        ``xdata`` and ``ydata`` tensors already reach the model undetached
+        (:meth:`keep_sources`); with a grad-requiring ``sigma`` the transform
+        of :meth:`arrays` is computed from it too, inside its autograd graph,
+        so that ``popt`` is differentiable with respect to all three
+        (gradients through the solution, ``docs/gradients.md``). Not when
+        ``nan_policy='omit'`` removed observations, nor for an ``xdata``
+        given as a tuple of predictors: a ``ValueError`` says so rather than
+        return a ``popt`` silently cut from their graph.
+        """
+        def grad(a: Any) -> bool:
+            return isinstance(a, torch.Tensor) and a.requires_grad
+
+        if not torch.is_grad_enabled() or not (grad(xdata) or grad(ydata) or grad(sigma)):
+            return
+        if omitted:
+            raise ValueError("Gradients with respect to `xdata`, `ydata` or `sigma` are not "
+                             "supported when `nan_policy='omit'` omits observations.")
+        if grad(xdata) and "x" not in self.sources:
+            raise ValueError("Gradients with respect to `xdata` need it as one array "
+                             "(not a tuple of predictors).")
+        if grad(ydata) and "Y" not in self.sources:
+            raise ValueError("Gradients with respect to `ydata` need it as one tensor of "
+                             "the data's shape.")
+        self.graph = sigma if grad(sigma) else None
+        self.cache = {}
+
+    def _graph_arrays(self, d: dict, dev: Any, dt: Any) -> dict:
+        """``d`` with the ``sigma`` transform recomputed from the caller's tensor."""
+        s = self.graph.to(device=dev, dtype=dt)
+        T = (1 / s) if self.tkind == "diag" else torch.linalg.cholesky(s)
+        return dict(d, T=T.reshape(self.T.shape))
 
     def _parts(self) -> list[tuple[np.ndarray, bool]]:
         """The numeric parts of ``xdata`` with whether each is per problem."""
@@ -301,6 +337,8 @@ class FitData:
                                "T": None if self.T is None else conv(self.T),
                                "keep": keep if key == "numpy" or keep is None
                                else torch.as_tensor(keep, device=key[0])}
+            if self.graph is not None and key != "numpy":
+                self.cache[key] = self._graph_arrays(self.cache[key], *key)
         return self.cache[key]
 
     @staticmethod

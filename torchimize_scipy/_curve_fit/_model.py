@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import _implicit as implicit
 from ._data import FitData
 from ._leastsq import LeastsqBook
 
@@ -134,7 +135,7 @@ class WhitenedModel:
     def residuals(self, P: Any, ids: Any) -> Any:
         """Whitened residuals, recorded by the book: the function the solver calls."""
         r = self.evaluate(P, ids)
-        if self.book is not None:
+        if self.book is not None and not implicit.evaluating():  # not the solve's (gradients)
             self.book.record_call(as_tensor(ids), as_tensor(P), as_tensor(r))
         return r
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from scipy.optimize import OptimizeWarning
 
+from .. import _implicit as implicit
 from .._arrays import as_numpy, detect_namespace, to_host
 from .._least_squares import least_squares
 from .._validation import prepare_bounds
@@ -211,7 +212,7 @@ def curve_fit(
     # ---- data: conversion, finiteness, NaN policy, sigma --------------------
     if check_finite is None:
         check_finite = nan_policy is None
-    y_in, x_in = ydata, xdata
+    y_in, x_in, sigma_in = ydata, xdata, sigma  # the caller's (tensors: gradients)
     ydata = float_array(ydata, check_finite)
     xdata_is_array = isinstance(xdata, list | tuple | np.ndarray | torch.Tensor)
     if xdata_is_array:
@@ -228,6 +229,7 @@ def curve_fit(
             sigma = sigma[keep[0]] if sigma.ndim == 1 else (
                 sigma[keep[0]][:, keep[0]] if sigma.ndim == 2 else sigma)
     data.set_transform(sigma_transform(sigma, None, data.M))
+    data.use_graph(x_in, y_in, sigma_in, omitted=data.Y.size != ydata.size)
 
     if ns is not None:
         p0 = torch.as_tensor(np.asarray(p0, dtype=float), device=ns.device, dtype=ns.dtype)
@@ -258,7 +260,7 @@ def curve_fit(
         infodict = {"nfev": res.nfev, "fvec": res.fun}
         ier, mesg, popt = res.status, res.message, res.x
         ysize = as_numpy(res.fun).size
-        chisq = 2 * float(res.cost)
+        chisq = 2 * float(as_numpy(res.cost))  # pcov is not differentiated
         cov = normal_inverse(as_tensor(res.jac)[None], svd_pinv, gram_first=False)
 
     pcov, indeterminate = finish_covariance(
@@ -292,7 +294,7 @@ class _OneProblem:
     def residuals(self, p: Any) -> Any:
         """The function handed to ``least_squares``."""
         book = self.model.book
-        if book is not None and bool(book.spent[0]):
+        if book is not None and bool(book.spent[0]) and not implicit.evaluating():
             raise MaxfevReached
         r = self.model.residuals(p[None], self.ids)[0]
         if self.first_r is None:
