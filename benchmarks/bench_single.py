@@ -11,7 +11,10 @@ Part 1 -- small problems with numpy functions (the per-call overhead regime):
 Each with 'trf', 'dogbox' and 'lm' (where scipy allows it: no bounds, linear
 loss) and with ``jac='2-point'`` and the analytic Jacobian: median wall time
 of a call for scipy and for ours, the ratio ours/scipy, evaluation counts and
-the relative difference of the final costs.
+the relative difference of the final costs. The median CPU time of the
+process (all its threads) is recorded too, with its ratio: on a shared,
+loaded machine it does not count the time the process waits to be scheduled,
+so its ratio is the steadier one there (threads spinning or working count).
 
 Part 2 -- one dense problem: m = 200,000 residuals, n = 20 parameters (a sum
 of 10 Gaussian peaks of fixed width with free amplitudes and centres;
@@ -28,6 +31,7 @@ Usage::
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,8 +44,8 @@ from _common import (
     base_parser,
     cuda_requested_but_missing,
     md_table,
-    median_time,
     setup,
+    sync,
     write_json,
 )
 
@@ -161,6 +165,27 @@ def dense_problem(m: int, model: str, seed: int) -> Problem:
 
 
 # --------------------------------------------------------------------------- running
+def median_times(fn: Callable[[], Any], repeat: int, min_time: float,
+                 dev=None) -> tuple[float, float, Any]:
+    """Median wall and process-CPU seconds of ``fn`` (one warm-up call first).
+
+    At least ``repeat`` calls, and more until ``min_time`` seconds have passed
+    (at most 1000). Returns (wall, cpu, last result).
+    """
+    out = fn()
+    wall: list[float] = []
+    cpu: list[float] = []
+    start = time.perf_counter()
+    while len(wall) < repeat or (time.perf_counter() - start < min_time and len(wall) < 1000):
+        sync(dev)
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = fn()
+        sync(dev)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu), out
+
+
 def compare(problem: Problem, method: str, jac_kind: str, args, dev, dt, repeat: int,
             min_time: float) -> dict[str, Any]:
     jac = problem.jac if jac_kind == "analytic" else jac_kind
@@ -173,12 +198,14 @@ def compare(problem: Problem, method: str, jac_kind: str, args, dev, dt, repeat:
         return least_squares(problem.fun, problem.x0, jac=jac, method=method, device=dev,
                              dtype=dt, **problem.options)
 
-    t_s, rs = median_time(run_scipy, repeat=repeat, min_time=min_time)
-    t_o, ro = median_time(run_ours, repeat=repeat, min_time=min_time, dev=dev)
+    t_s, c_s, rs = median_times(run_scipy, repeat, min_time)
+    t_o, c_o, ro = median_times(run_ours, repeat, min_time, dev)
     # costs below 1e-20 (zero-residual problems) are compared absolutely
     rel = abs(float(ro.cost) - rs.cost) / max(abs(rs.cost), 1e-20)
     return {"problem": problem.name, "method": method, "jac": jac_kind,
             "seconds_scipy": t_s, "seconds_ours": t_o, "ratio": t_o / t_s,
+            "cpu_seconds_scipy": c_s, "cpu_seconds_ours": c_o,
+            "cpu_ratio": c_o / max(c_s, 1e-9),
             "nfev_scipy": int(rs.nfev), "nfev_ours": int(ro.nfev),
             "cost_scipy": float(rs.cost), "cost_ours": float(ro.cost), "cost_rel_diff": rel,
             "status_scipy": int(rs.status), "status_ours": int(ro.status)}
@@ -187,9 +214,10 @@ def compare(problem: Problem, method: str, jac_kind: str, args, dev, dt, repeat:
 def print_rows(rows: list[dict[str, Any]], unit: str) -> None:
     scale = 1e3 if unit == "ms" else 1.0
     headers = ["problem", "method", "jac", f"scipy ({unit})", f"ours ({unit})", "ours/scipy",
-               "nfev scipy/ours", "cost scipy", "cost rel. diff", "status scipy/ours"]
+               "CPU ours/scipy", "nfev scipy/ours", "cost scipy", "cost rel. diff",
+               "status scipy/ours"]
     table = [[r["problem"], r["method"], r["jac"], r["seconds_scipy"] * scale,
-              r["seconds_ours"] * scale, f"{r['ratio']:.2f}",
+              r["seconds_ours"] * scale, f"{r['ratio']:.2f}", f"{r['cpu_ratio']:.2f}",
               f"{r['nfev_scipy']}/{r['nfev_ours']}", f"{r['cost_scipy']:.6g}",
               f"{r['cost_rel_diff']:.1e}", f"{r['status_scipy']}/{r['status_ours']}"]
              for r in rows]
@@ -226,8 +254,11 @@ def main() -> None:
     print("### Small problems: median time of one call\n")
     print_rows(small, "ms")
     ratios = np.array([r["ratio"] for r in small])
+    cpu_ratios = np.array([r["cpu_ratio"] for r in small])
     print(f"\nours/scipy time ratio: median {np.median(ratios):.1f}, "
-          f"range {ratios.min():.1f}-{ratios.max():.1f} (numpy functions; ours runs the torch "
+          f"range {ratios.min():.1f}-{ratios.max():.1f}; CPU time ratio: median "
+          f"{np.median(cpu_ratios):.1f}, range {cpu_ratios.min():.1f}-{cpu_ratios.max():.1f} "
+          f"(numpy functions; ours runs the torch "
           f"engine on {args.device} in {args.dtype}; scipy in float64). Cost rel. diff = "
           f"|cost_ours - cost_scipy| / max(cost_scipy, 1e-20).")
 

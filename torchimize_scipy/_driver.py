@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._blas_threads import serial_blas
 from ._engine.loop import RESULT_KEYS, run
 from ._engine.problem import BatchedFun, BatchedJac, Problem
 from ._engine.steps import make_rule
@@ -120,6 +121,10 @@ class EngineRun:
 def solve(spec: EngineRun) -> dict[str, Tensor]:
     """Run the engine on ``spec``; return the batch-first result tensors.
 
+    Problems whose Jacobian has at most 32,768 entries (torch's grain size)
+    run with MKL single-threaded in the calling thread
+    (:func:`~torchimize_scipy._blas_threads.serial_blas`).
+
     Returns
     -------
     dict
@@ -137,8 +142,10 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
         step_length=spec.step_length, tr_solver=spec.tr_solver)
     out = spec.out if spec.out is not None else result_buffers(B, n, m, x0.dtype, x0.device)
     rule = make_rule(spec.method, spec.tr_solver, spec.tr_options, spec.bounded)
-    run(problem, rule, spec.start, out, spec.on_finish, spec.on_iteration,
-        spec.refill, spec.capacity)
+    # small problems: MKL single-threaded in this thread only (see _blas_threads)
+    with serial_blas(x0.device, m, n):
+        run(problem, rule, spec.start, out, spec.on_finish, spec.on_iteration,
+            spec.refill, spec.capacity)
     return out
 
 

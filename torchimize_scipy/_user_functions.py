@@ -180,9 +180,14 @@ class RowwiseFunction:
         self.ns = ns
         self.map = _make_map(workers)
         self._vmap_ok = try_vmap and ns.kind == "torch"
+        # decided once, not per evaluation
+        self._ndim = 1 if kind == "fun" else 2
+        self._per_problem = isinstance(args, PerProblemArgs)
+        self._host = ns.device.type == "cpu"
+        self._numpy_dtype = {torch.float64: np.float64, torch.float32: np.float32}.get(ns.dtype)
 
     def _args_for(self, i: int) -> tuple:
-        if isinstance(self.args, PerProblemArgs):
+        if self._per_problem:
             return self.args.row(i)
         return self.args
 
@@ -234,19 +239,20 @@ class RowwiseFunction:
                 out = self._shaped(out.reshape(k, *_atleast(out.shape[1:], self._ndim)))
                 return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(),
                                          what=self.kind)
-        ids = idx.tolist()
         if self.map is None and self.ns.kind == "numpy":
-            vals = self._call_numpy(x, ids)
+            vals = self._call_numpy(x, idx.tolist() if self._per_problem else None)
             fast = self._stack_numpy(vals)
             if fast is not None:
                 return fast
-        elif self.map is None:
-            rows = [x[r] for r in range(k)]
-            vals = [self.call_one(rows[r], ids[r]) for r in range(k)]
         else:
+            ids = idx.tolist()
             rows = [x[r] for r in range(k)]
-            items = [(self.ns.row_to_fun(rows[r]), self._args_for(ids[r])) for r in range(k)]
-            vals = list(self.map(_RowCall(self.fn, self.kwargs), items))
+            if self.map is None:
+                vals = [self.call_one(rows[r], ids[r]) for r in range(k)]
+            else:
+                items = [(self.ns.row_to_fun(rows[r]), self._args_for(ids[r]))
+                         for r in range(k)]
+                vals = list(self.map(_RowCall(self.fn, self.kwargs), items))
         cplx = complex_ok or x.is_complex()
         parts = [self.ns.from_user(v, complex_ok=cplx, what=self.kind) for v in vals]
         parts = [p.reshape(_atleast(tuple(p.shape), self._ndim)) for p in parts]
@@ -256,31 +262,53 @@ class RowwiseFunction:
                              f"problems: {sorted(shapes)}.")
         return self._shaped(torch.stack(parts))
 
-    def _call_numpy(self, x: Tensor, ids: list) -> list:
+    def _call_numpy(self, x: Tensor, ids: list | None) -> list:
         """Serial calls of a numpy function, each row passed as ``Namespace.row_to_fun`` does.
 
-        The batch crosses to the host once instead of row by row.
+        The batch crosses to the host once instead of row by row; every row is
+        a fresh float64 array (``fun`` may write to it). ``ids`` (the problem
+        of each row) is needed only with per-problem ``args``.
         """
-        xn = x.detach().cpu().numpy()
+        # the engine's x never requires grad; .numpy() is then a view (no detach needed)
+        xn = x.numpy() if self._host and not x.requires_grad else x.detach().cpu().numpy()
         if xn.dtype == np.float32:
             xn = xn.astype(np.float64)
-        args = self.args
-        per_problem = isinstance(args, PerProblemArgs)
-        fn, kwargs = self.fn, self.kwargs
-        return [fn(xn[r].copy(), *(args.row(ids[r]) if per_problem else args), **kwargs)
-                for r in range(len(ids))]
+        fn, args, kwargs = self.fn, self.args, self.kwargs
+        if ids is not None:
+            return [fn(xn[r].copy(), *args.row(ids[r]), **kwargs) for r in range(len(ids))]
+        return [fn(xn[r].copy(), *args, **kwargs) for r in range(xn.shape[0])]
 
     def _stack_numpy(self, vals: list) -> Tensor | None:
         """Convert numpy results in one go when they are real arrays of one dtype and shape.
 
         Gives the values the per-row ``Namespace.from_user`` gives; None when
-        the generic per-row conversion (and its checks) is needed.
+        the generic per-row conversion (and its checks) is needed. The result
+        never shares memory with an array ``fun`` returned (it may reuse it).
         """
-        if not vals or any(isinstance(v, torch.Tensor) for v in vals):
+        if not vals:
+            return None
+        ndim = self._ndim
+        if len(vals) == 1:  # one problem: no stacking, one copy into the engine's dtype
+            a = vals[0]
+            if not isinstance(a, np.ndarray):
+                if isinstance(a, torch.Tensor):
+                    return None
+                a = np.asarray(a)
+            if a.dtype.kind not in "fiub":
+                return None
+            shape = (1, *_atleast(a.shape, ndim))
+            if self._host and self._numpy_dtype is not None:
+                # np.array copies (C order, as np.stack); the tensor shares that private copy
+                t = torch.from_numpy(np.array(a, dtype=self._numpy_dtype, order="C")
+                                     .reshape(shape))
+            else:
+                t = torch.from_numpy(np.array(a, order="C").reshape(shape)).to(
+                    device=self.ns.device, dtype=self.ns.dtype)
+            return self._shaped(t)
+        if any(isinstance(v, torch.Tensor) for v in vals):
             return None
         arrs = [np.asarray(v) for v in vals]
         dt0 = arrs[0].dtype
-        ndim = self._ndim
         shape0 = _atleast(arrs[0].shape, ndim)
         if dt0.kind not in "fiub" or any(a.dtype != dt0 or _atleast(a.shape, ndim) != shape0
                                          for a in arrs):
@@ -288,10 +316,6 @@ class RowwiseFunction:
         stacked = np.stack([a.reshape(shape0) for a in arrs])
         return self._shaped(torch.from_numpy(stacked).to(device=self.ns.device,
                                                          dtype=self.ns.dtype))
-
-    @property
-    def _ndim(self) -> int:
-        return 1 if self.kind == "fun" else 2
 
     def _shaped(self, out: Tensor) -> Tensor:
         """Check the stacked result is ``(k, m)`` (fun) or ``(k, m, n)`` (jac)."""

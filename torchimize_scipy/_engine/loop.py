@@ -99,7 +99,7 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
                 merged = done[key] = state[k].index_copy(0, rows, v)
             state[k] = merged
         else:
-            raise KeyError(f"new state key {k!r} must be created in init()")
+            raise KeyError(f"new state key {k!r} must be created in init_state()")
 
 
 def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None]) -> None:

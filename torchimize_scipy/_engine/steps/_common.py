@@ -74,7 +74,7 @@ def svd_width(problem: Problem, augmented: bool) -> int:
     return problem.m
 
 
-#: State keys holding a :class:`linalg.Factors` between ``prepare`` and ``propose``.
+#: State keys holding a :class:`linalg.Factors` between ``build_model`` and ``propose_step``.
 FACTOR_KEYS = tuple(f"fac_{name}" for name in Factors._fields)
 
 

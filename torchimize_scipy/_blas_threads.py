@@ -1,0 +1,104 @@
+"""Small problems run torch's MKL single-threaded, in the calling thread only.
+
+Why: on the CPU, torch's own kernels (``at::parallel_for``) never start a
+parallel region for fewer elements than their grain size (32,768), but the
+MKL routines behind ``bmm``/``matmul`` and the LAPACK factorisations decide
+for themselves, and they do fan out to every intra-op thread for a ``3 x 50``
+times ``50 x 3`` product. Each such call wakes the OpenMP team and waits at
+its barrier; when the other cores are busy, a worker that is not scheduled
+holds the caller for a time slice. A 3-parameter ``curve_fit`` measured
+~100 ms with torch's default two threads against ~4 ms with
+``OMP_NUM_THREADS=1`` on a loaded machine (issue 14; RESULTS §14), with the
+time spent in ``mkl_blas_dgemm_omp_driver`` entering ``GOMP_parallel``.
+
+What: while the engine runs problems whose Jacobian has at most
+:data:`GRAIN_SIZE` entries per problem (``m n <= 32,768``, torch's own
+threshold for splitting work), :func:`serial_blas` sets MKL's *thread-local*
+thread count to 1 (``mkl_set_num_threads_local``) and puts back the previous
+value afterwards. A batch of many small problems qualifies too: torch's
+``bmm`` runs one small MKL product per problem, and threading each of those is
+pure overhead; torch's own kernels still split the batch across threads.
+
+Why not ``torch.set_num_threads(1)``: that setting is process-global (torch's
+pool size and MKL's global count), so changing and restoring it around a call
+would race with concurrent calls from other threads (docs/threads.md) and with
+the caller's own setting. MKL's thread-local count touches only the calling
+thread, nests (an inner call restores the outer value) and is restored even
+when the solve raises.
+
+Scope and limits: CPU only; a no-op when torch is not built with MKL (the
+symbol is not found) or the device is not the CPU. MKL calls that the
+caller's own torch ``fun`` makes in the calling thread during such a solve are
+single-threaded too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+#: torch's grain size (``at::internal::GRAIN_SIZE``): its kernels do not split
+#: fewer elements than this across threads; the per-problem Jacobian size
+#: ``m n`` at or below which the engine's MKL calls run single-threaded.
+GRAIN_SIZE = 32768
+
+
+def _find_set_local() -> Callable[[int], int] | None:
+    """MKL's ``mkl_set_num_threads_local`` (C interface) from torch's library, or None."""
+    if not torch.backends.mkl.is_available():
+        return None
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        path = os.path.join(lib_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            lib = ctypes.CDLL(path)  # already loaded by torch: the same handle
+            fn = lib.MKL_Set_Num_Threads_Local  # by value; the lower-case name takes a pointer
+        except (OSError, AttributeError):
+            return None
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int]
+        return fn
+    return None
+
+
+_SET_LOCAL = _find_set_local()
+
+
+def is_small(m: int, n: int) -> bool:
+    """Whether one problem's Jacobian ``(m, n)`` is below torch's grain size."""
+    return m * n <= GRAIN_SIZE
+
+
+@contextmanager
+def serial_blas(device: torch.device, m: int, n: int) -> Iterator[bool]:
+    """Run the block with MKL single-threaded in this thread when ``(m, n)`` is small.
+
+    Yields whether it did. See the module docstring for the rule and why it
+    is safe for concurrent calls.
+    """
+    if _SET_LOCAL is None or device.type != "cpu" or not is_small(m, n):
+        yield False
+        return
+    # torch sets MKL's thread-local count itself the first time a thread asks
+    # for its thread count; let it do so now rather than inside the block.
+    torch.get_num_threads()
+    previous = _SET_LOCAL(1)
+    try:
+        yield True
+    finally:
+        _SET_LOCAL(previous)
+
+
+def mkl_local_threads() -> int | None:
+    """MKL's thread-local count in this thread (0: the global one), None without MKL."""
+    if _SET_LOCAL is None:
+        return None
+    value = _SET_LOCAL(0)
+    _SET_LOCAL(value)
+    return value
