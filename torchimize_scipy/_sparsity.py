@@ -58,12 +58,18 @@ from ._jacobian import _absolute_step, _adjust_one_sided, _adjust_two_sided, def
 __all__ = ["SparsityPattern", "check_jac_sparsity", "group_columns", "grouped_difference"]
 
 
-def _structure_csc(A: Any) -> sp.csc_array:
-    """The nonzero pattern of ``A`` (array_like or scipy sparse) as a boolean CSC array."""
+def _structure_csc(A: Any, stored: bool = False) -> sp.csc_array:
+    """The pattern of ``A`` (array_like or scipy sparse) as a boolean CSC array.
+
+    The nonzeros, or with ``stored`` every stored entry of a sparse ``A``
+    (explicit zeros included: scipy groups the columns of a sparse structure
+    by its stored entries).
+    """
     if sp.issparse(A):
         S = sp.csc_array(A)
         S.sum_duplicates()
-        S = sp.csc_array((S.data != 0, S.indices, S.indptr), shape=S.shape)
+        data = np.ones(S.data.shape, dtype=bool) if stored else S.data != 0
+        S = sp.csc_array((data, S.indices, S.indptr), shape=S.shape)
     else:
         dense = np.atleast_2d(np.asarray(to_host(A)))
         if dense.ndim != 2:
@@ -96,7 +102,8 @@ def group_columns(structure: Any, order: Any = 0) -> np.ndarray:
     Parameters
     ----------
     structure : array_like or scipy sparse, shape (m, n)
-        Nonzero pattern of the Jacobian (any nonzero value marks an entry).
+        Pattern of the Jacobian: the nonzeros of an array, the stored entries
+        of a sparse matrix (as scipy).
     order : int or array_like of shape (n,), optional
         Enumeration order of the columns: an int is the seed of
         ``numpy.random.RandomState(seed).permutation(n)`` (scipy's default 0),
@@ -112,7 +119,7 @@ def group_columns(structure: Any, order: Any = 0) -> np.ndarray:
     Greedy first fit in ``order`` (see the module notes), computed by rounds:
     each round colours every column whose earlier neighbours are all coloured.
     """
-    S = structure if isinstance(structure, sp.csc_array) else _structure_csc(structure)
+    S = _structure_csc(structure, stored=True)
     m, n = S.shape
     if np.isscalar(order) or order is None:
         order = np.random.RandomState(order).permutation(n)
@@ -197,8 +204,8 @@ class SparsityPattern:
     @classmethod
     def from_structure(cls, structure: Any) -> SparsityPattern:
         """Pattern and groups of an array_like or scipy sparse structure."""
+        groups = group_columns(structure)
         S = _structure_csc(structure)
-        groups = group_columns(S)
         coo = sp.csr_array(S).tocoo()
         rows = coo.row.astype(np.int64)
         cols = coo.col.astype(np.int64)
