@@ -833,14 +833,14 @@ def test_batch_cuda(bdata):  # pragma: no cover - device only
 @pytest.mark.parametrize("fallback", ["svd", "qr"])
 def test_batch_normal_inverse_routes(fallback):
     """Well-conditioned problems: Gram inverse equal to the factorisation; others: the latter."""
-    from torchimize_scipy._curve_fit import _batch_normal_inverse, _qr_inverse, _svd_pinv
+    from torchimize_scipy._curve_fit._covariance import normal_inverse, qr_inverse, svd_pinv
 
     rng = np.random.default_rng(5)
     J = rng.normal(size=(6, 20, 3))
     J[1, :, 2] = 0.0                                  # rank-deficient
     J[2, :, 1] = J[2, :, 0] * (1 + 1e-7)              # cond(J^T J) ~ 1e15
     J[3, 4, 0] = np.nan                               # non-finite
-    factorised = {"svd": _svd_pinv, "qr": _qr_inverse}[fallback]
+    factorised = {"svd": svd_pinv, "qr": qr_inverse}[fallback]
     seen = []
 
     def spy(Jb):
@@ -848,7 +848,7 @@ def test_batch_normal_inverse_routes(fallback):
         return factorised(Jb)
 
     Jt = torch.as_tensor(J)
-    cov = _batch_normal_inverse(Jt, spy).numpy()
+    cov = normal_inverse(Jt, spy).numpy()
     assert seen == [2]                                # rows 1 and 2 only, in one call
     ref = factorised(Jt[[0, 4, 5]]).numpy()
     for k, i in enumerate((0, 4, 5)):

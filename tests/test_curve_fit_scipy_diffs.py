@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import OptimizeWarning
 
 from torchimize_scipy import batch_curve_fit, curve_fit
-from torchimize_scipy._curve_fit import _BatchBook, _LeastsqBook
+from torchimize_scipy._curve_fit._leastsq import LeastsqBook
 from torchimize_scipy._engine import status as codes
 
 COV_MSG = "Covariance of the parameters could not be estimated"
@@ -192,32 +192,55 @@ def test_batch_lm_loss_is_type_error():
 # ----------------------------------------------------------------- item 5: njev
 def test_book_extra_jacobian_by_evaluation_order():
     """The Jacobian after the last trial is ours alone; equal points do not decide."""
-    x0, x1 = np.array([0.0]), np.array([1.0])
-    book = _LeastsqBook(100, 1e-8, 1)
-    book.record_call(x0, x0)
-    book.record_jac(x0, x0, x0)
-    book.record_call(x1, x1)      # accepted trial
-    book.record_jac(x1, x1, x1)   # MINPACK's Jacobian at the new iterate
-    book.record_call(x1, x1)      # final trial lands exactly on the iterate, rejected
-    assert not book.extra_jacobian(codes.XTOL)  # the old point comparison said True
-    book.record_jac(x1, x1, x1)   # as after an accepted final trial
-    assert book.extra_jacobian(codes.XTOL)
-    assert not book.extra_jacobian(codes.GTOL)
+    ids = torch.tensor([0])
+    x0, x1 = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    J = torch.ones(1, 1, 1, dtype=torch.float64)
+    book = LeastsqBook(100, 1e-8, 1, "cpu")
+    book.record_call(ids, x0, x0)
+    book.record_jac(ids, J, lambda: x0)
+    book.record_call(ids, x1, x1)      # accepted trial
+    book.record_jac(ids, 2 * J, lambda: x1)   # MINPACK's Jacobian at the new iterate
+    book.record_call(ids, x1, x1)      # final trial lands exactly on the iterate, rejected
+    # the old comparison of points said True here
+    assert not book.uncounted_jacobian(torch.tensor([codes.XTOL]))[0]
+    book.record_jac(ids, 3 * J, lambda: x1)   # as after an accepted final trial
+    assert book.uncounted_jacobian(torch.tensor([codes.XTOL]))[0]
+    assert not book.uncounted_jacobian(torch.tensor([codes.GTOL]))[0]
+    summary, njev = book.at_last_minpack_jacobian(torch.tensor([codes.XTOL]))
+    assert summary.item() == 2.0 and njev.item() == 2  # MINPACK's last Jacobian, its count
 
 
 def test_batch_book_extra_by_evaluation_order():
-    book = _BatchBook(100, 1e-8, 2, 1, 1, "cpu", torch.float64)
+    book = LeastsqBook(100, 1e-8, 2, "cpu")
     ids = torch.tensor([0, 1])
     x = torch.zeros(2, 1, dtype=torch.float64)
     J = torch.ones(2, 1, 1, dtype=torch.float64)
     book.record_call(ids, x, x)
-    book.record_jac(ids, J)
+    book.record_jac(ids, J, lambda: x)
     book.record_call(ids, x + 1, x)
-    book.record_jac(ids, J)
+    book.record_jac(ids, J, lambda: x)
     book.record_call(ids, x + 1, x)            # both: a final trial on the iterate
-    book.record_jac(ids[:1], J[:1])            # only problem 0 gets our extra Jacobian
+    book.record_jac(ids[:1], J[:1], lambda: x[:1])  # only problem 0 gets our extra Jacobian
     status = torch.tensor([codes.XTOL, codes.XTOL])
-    assert book.extra(status).tolist() == [True, False]
+    assert book.uncounted_jacobian(status).tolist() == [True, False]
+
+
+def test_book_spent_and_hit_follow_maxfev():
+    """maxfev = 4 with one forward difference per Jacobian: the trial that finds the
+    budget spent is MINPACK's info = 5 (``hit``), per problem."""
+    book = LeastsqBook(4, 1e-8, 2, "cpu")
+    ids = torch.tensor([0, 1])
+    x = torch.zeros(2, 1, dtype=torch.float64)
+    J = torch.ones(2, 1, 1, dtype=torch.float64)
+    book.record_call(ids, x, x)
+    book.add_fd_evals(ids, 1)
+    book.record_jac(ids, J, lambda: x)
+    book.record_call(ids, x + 1, x)            # 1 + 1 trial + 1 fd = 3 < 4
+    assert not book.spent.any()
+    book.record_call(ids[:1], x[:1], x[:1])    # problem 0: 4 evaluations, spent
+    assert book.spent.tolist() == [True, False] and not book.hit.any()
+    book.record_call(ids, x, x)                # a further trial: problem 0 hits maxfev
+    assert book.hit.tolist() == [True, False]
 
 
 def _poly(x, *p):

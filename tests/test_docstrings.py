@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import doctest
+import importlib
 
 import pytest
 
-import torchimize_scipy._batch
-import torchimize_scipy._curve_fit
-import torchimize_scipy._least_squares
+from torchimize_scipy import batch_curve_fit, batch_least_squares, curve_fit, least_squares
 
-MODULES = [torchimize_scipy._least_squares, torchimize_scipy._batch,
-           torchimize_scipy._curve_fit]
+# The modules that define the public functions (wherever they live).
+MODULES = list({importlib.import_module(f.__module__): None for f in
+                (least_squares, batch_least_squares, curve_fit, batch_curve_fit)})
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

@@ -1,4 +1,5 @@
-"""Oracle tests of the engine's damped least-squares solves (``_engine/linalg.py``).
+"""Oracle tests of the engine's damped least-squares solves (``_engine/linalg.py``,
+``_engine/trust_region.py``).
 
 Every solve is compared with numpy's ``lstsq`` on the stacked system
 ``[A; sqrt(alpha) I] p = -[b; 0]``, whichever route (Gram inverse or SVD data)
@@ -14,8 +15,6 @@ import torch
 from _parity import ONE_EVAL_RTOL
 
 from torchimize_scipy._engine.linalg import (
-    _phi,
-    _step_for_alpha,
     factorize,
     full_rank_mask,
     gauss_newton_step,
@@ -23,6 +22,7 @@ from torchimize_scipy._engine.linalg import (
     gram_cond_limit,
 )
 from torchimize_scipy._engine.quadratic import build_quadratic_1d, cross_jac, evaluate_quadratic
+from torchimize_scipy._engine.trust_region import damped_step, radius_mismatch
 
 M, N = 30, 4
 #: Relative accuracy expected per problem of ``batch``: the Gram route squares cond(A).
@@ -74,7 +74,7 @@ def test_full_rank_mask(batch):
 def test_damped_step_matches_lstsq(batch, use_gram, alpha):
     A, f = batch
     fac = factorize(A, None, f, use_gram=use_gram)
-    p = _step_for_alpha(fac, torch.full((4,), alpha, dtype=A.dtype), zero=alpha == 0).numpy()
+    p = damped_step(fac, torch.full((4,), alpha, dtype=A.dtype), zero=alpha == 0).numpy()
     rows = range(3) if alpha == 0 else range(4)  # alpha = 0: full-rank problems only
     for i in rows:
         ref = _reference(A[i].numpy(), f[i].numpy(), alpha)
@@ -98,10 +98,10 @@ def test_phi_derivative_matches_finite_difference(batch, use_gram):
     fac = factorize(A, None, f, use_gram=use_gram)
     alpha = torch.full((4,), 0.2, dtype=A.dtype)
     delta = torch.ones(4, dtype=A.dtype)
-    phi, dphi, pnorm = _phi(fac, alpha, delta)
+    phi, dphi, pnorm = radius_mismatch(fac, alpha, delta)
     h = 1e-6
-    up = _phi(fac, alpha + h, delta)[2]
-    down = _phi(fac, alpha - h, delta)[2]
+    up = radius_mismatch(fac, alpha + h, delta)[2]
+    down = radius_mismatch(fac, alpha - h, delta)[2]
     np.testing.assert_allclose(dphi.numpy(), ((up - down) / (2 * h)).numpy(), rtol=1e-6)
     # the same values through the same operations: a few ulps at most
     np.testing.assert_allclose((phi + delta).numpy(), pnorm.numpy(), rtol=1e-15)
@@ -124,7 +124,7 @@ def test_scaling_and_augmentation_match_stacked_system(batch):
     alpha = torch.full((4,), 0.05, dtype=A.dtype)
     for use_gram in (True, False):
         fac = factorize(A, d, f, diag=c, use_gram=use_gram)
-        p = _step_for_alpha(fac, alpha).numpy()
+        p = damped_step(fac, alpha).numpy()
         for i in range(2):
             Ai = np.vstack([A[i].numpy() * d[i].numpy(), np.diag(np.sqrt(c[i].numpy()))])
             fi = np.concatenate([f[i].numpy(), np.zeros(N)])
@@ -139,8 +139,8 @@ def test_nonfinite_problem_is_isolated(batch):
     assert not bool(fac.gram[1])
     assert bool(torch.isnan(fac.s[1]).all())
     clean = factorize(batch[0], None, f, use_gram=True)
-    p = _step_for_alpha(fac, torch.full((4,), 0.3, dtype=A.dtype)).numpy()
-    p_clean = _step_for_alpha(clean, torch.full((4,), 0.3, dtype=A.dtype)).numpy()
+    p = damped_step(fac, torch.full((4,), 0.3, dtype=A.dtype)).numpy()
+    p_clean = damped_step(clean, torch.full((4,), 0.3, dtype=A.dtype)).numpy()
     np.testing.assert_array_equal(p[[0, 2, 3]], p_clean[[0, 2, 3]])
 
 
@@ -183,7 +183,7 @@ def test_float32_gram_limit(batch):
     assert 1e4 < gram_cond_limit(torch.float32) < 1e5
     fac = factorize(A.float(), None, f.float(), use_gram=True)
     assert fac.gram.tolist() == [True, False, False, False]
-    p = _step_for_alpha(fac, torch.full((4,), 1e-3), zero=False).double().numpy()
+    p = damped_step(fac, torch.full((4,), 1e-3), zero=False).double().numpy()
     for i in range(2):
         ref = _reference(A[i].numpy(), f[i].numpy(), 1e-3)
         np.testing.assert_allclose(p[i], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
@@ -201,12 +201,12 @@ def test_eigen_route_between_the_limits(monkeypatch):
     cond1 = [np.linalg.cond(h, 1) for h in H]
     assert cond1[0] < 1e9 / N < cond1[1] and np.linalg.cond(H[1]) < 1e9
     svd_calls = []
-    direct = linalg._svd_factors_direct
-    monkeypatch.setattr(linalg, "_svd_factors_direct",
+    direct = linalg.svd_direct
+    monkeypatch.setattr(linalg, "svd_direct",
                         lambda *a: svd_calls.append(a) or direct(*a))
     fac = factorize(A, None, f, use_gram=True)
     assert fac.gram.tolist() == [True, False] and not svd_calls
-    p = _step_for_alpha(fac, torch.full((2,), 0.01, dtype=A.dtype)).numpy()
+    p = damped_step(fac, torch.full((2,), 0.01, dtype=A.dtype)).numpy()
     for i in range(2):
         ref = _reference(A[i].numpy(), f[i].numpy(), 0.01)
         np.testing.assert_allclose(p[i], ref, rtol=1e-7, atol=1e-7 * np.abs(ref).max())
@@ -222,7 +222,7 @@ def test_hopeless_conditions_skip_the_eigen_route(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", lambda H: eigh_sizes.append(H.shape[0]) or eigh(H))
     fac = factorize(A, None, f, use_gram=True)
     assert fac.gram.tolist() == [True, False, False] and eigh_sizes == []
-    p = _step_for_alpha(fac, torch.full((3,), 0.01, dtype=A.dtype)).numpy()
+    p = damped_step(fac, torch.full((3,), 0.01, dtype=A.dtype)).numpy()
     for i in range(3):
         ref = _reference(A[i].numpy(), f[i].numpy(), 0.01)
         np.testing.assert_allclose(p[i], ref, rtol=1e-7, atol=1e-7 * np.abs(ref).max())

@@ -34,7 +34,7 @@ import torch
 
 from torchimize_scipy import batch_least_squares, curve_fit, least_squares
 from torchimize_scipy._curve_fit import batch_curve_fit
-from torchimize_scipy._engine.linalg import basic_gauss_newton, pivoted_qr
+from torchimize_scipy._engine.minpack_qr import basic_gauss_newton, pivoted_qr
 
 #: Stops that mean "converged" on a zero-residual problem (gtol, ftol, xtol, both).
 CONVERGED = {1, 2, 3, 4}

@@ -1,4 +1,4 @@
-r"""Batched dense linear algebra for the step computations.
+r"""Batched dense factorisations for the step computations, and the routing between them.
 
 Every trust-region method here needs, for each problem, the minimiser of
 
@@ -27,18 +27,9 @@ prepares one of two representations per problem (a :class:`Factors`):
   For a batch of small matrices an inverse costs about one twentieth of an
   eigen-decomposition on the CPU.
 
-The radius-matching root finders follow J. J. Moré, "The Levenberg-Marquardt
-algorithm: implementation and theory", Lecture Notes in Mathematics 630 (1978),
-pp. 105-116: Newton's method on :math:`1/\lVert p(\alpha)\rVert - 1/\Delta`
-safeguarded by the interval :math:`[\alpha_l, \alpha_u]`, with
-:math:`\mathrm{d}\lVert p\rVert / \mathrm{d}\alpha = -p^\top (A^\top A +
-\alpha I)^{-1} p / \lVert p\rVert` (from the SVD data, or from the inverse on
-Gram rows).
-
-For 'lm' on rank-deficient Jacobians, :func:`pivoted_qr` and
-:func:`basic_gauss_newton` reproduce MINPACK's ``qrfac`` and the basic
-Gauss-Newton step of ``lmpar`` (Moré, Garbow & Hillstrom, ANL-80-74, 1980),
-batched with a loop over the ``n`` columns only.
+The trust-region subproblem solves built on these factors are in
+:mod:`.trust_region`; MINPACK's pivoted QR for rank-deficient 'lm' steps is in
+:mod:`.minpack_qr`.
 """
 
 from __future__ import annotations
@@ -194,11 +185,11 @@ def svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
     """
     A = J if d is None else J * d.unsqueeze(-2)
     if math.isfinite(float(A.sum())):  # a finite sum: every entry is finite
-        return _svd_factors_direct(A, f, diag)
+        return svd_direct(A, f, diag)
     ok = torch.isfinite(A).flatten(1).all(-1)
     # non-finite rows get NaN factors without disturbing the others
     zero = torch.zeros((), dtype=A.dtype, device=A.device)
-    s, V, uf = _svd_factors_direct(torch.where(ok[:, None, None], A, zero),
+    s, V, uf = svd_direct(torch.where(ok[:, None, None], A, zero),
                                    torch.where(ok[:, None], f, zero),
                                    None if diag is None else torch.where(ok[:, None], diag, zero))
     nan = torch.full((), float("nan"), dtype=A.dtype, device=A.device)
@@ -206,7 +197,7 @@ def svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
             torch.where(ok[:, None], uf, nan))
 
 
-def _svd_factors_direct(A: Tensor, f: Tensor,
+def svd_direct(A: Tensor, f: Tensor,
                         diag: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of the (augmented) matrix itself, as scipy computes it."""
     rhs = f
@@ -268,7 +259,7 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
            | ~torch.isfinite(lam_max[:, 0]) | ~finite)
     s = lam.clamp(min=0).sqrt()
     suf = torch.bmm(V.transpose(-1, -2), Atf.unsqueeze(-1)).squeeze(-1)
-    uf = _safe_div(suf, s)
+    uf = safe_div(suf, s)
     if bool(bad.any()):
         rows = bad.nonzero().squeeze(-1)
         A = J.index_select(0, rows)
@@ -282,7 +273,7 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
     return s, V, uf
 
 
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+def safe_div(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` with 0 where ``den`` is 0 (the numerators vanish there too)."""
     ok = den != 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
@@ -301,7 +292,7 @@ def full_rank_mask(fac: Factors, m: int, n: int) -> Tensor:
     return svd_rank if fac.gram is None else svd_rank | fac.gram
 
 
-def _routes(fac: Factors) -> tuple[bool, bool]:
+def routes(fac: Factors) -> tuple[bool, bool]:
     """Whether any problem takes the Gram route, and whether any takes the SVD route."""
     if fac.gram is None:
         return False, True
@@ -309,7 +300,7 @@ def _routes(fac: Factors) -> tuple[bool, bool]:
     return count > 0, count < fac.gram.shape[0]
 
 
-def _mix(fac: Factors, gram_value: Tensor | None, svd_value: Tensor | None) -> Tensor:
+def mix_routes(fac: Factors, gram_value: Tensor | None, svd_value: Tensor | None) -> Tensor:
     """Gram rows from ``gram_value``, the others from ``svd_value`` (either may be None)."""
     if svd_value is None:
         return gram_value
@@ -319,7 +310,7 @@ def _mix(fac: Factors, gram_value: Tensor | None, svd_value: Tensor | None) -> T
     return torch.where(mask, gram_value, svd_value)
 
 
-def _gram_solve(fac: Factors, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
+def gram_solve(fac: Factors, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
     """``p = -(H + alpha I)^{-1} b`` and ``q = p^T (H + alpha I)^{-1} p`` on Gram rows.
 
     ``alpha=None`` means 0 (the stored inverse is used). Rows that do not
@@ -337,8 +328,8 @@ def _gram_solve(fac: Factors, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
 
 def grad_norm(fac: Factors) -> Tensor:
     """``|A^T b|`` per problem."""
-    has_gram, has_svd = _routes(fac)
-    return _mix(fac, vnorm(fac.b, dim=-1) if has_gram else None,
+    has_gram, has_svd = routes(fac)
+    return mix_routes(fac, vnorm(fac.b, dim=-1) if has_gram else None,
                 vnorm(fac.s * fac.uf, dim=-1) if has_svd else None)
 
 
@@ -349,16 +340,16 @@ def gauss_newton_step(fac: Factors, rcond: float | None = None) -> Tensor:
     dtype's epsilon) are treated as zero; Gram rows have full rank and use
     ``H^{-1}``.
     """
-    has_gram, has_svd = _routes(fac)
+    has_gram, has_svd = routes(fac)
     p_svd = None
     if has_svd:
         s, uf = fac.s, fac.uf
         if rcond is None:
             rcond = torch.finfo(s.dtype).eps
         keep = s > rcond * s[:, :1]
-        coef = torch.where(keep, _safe_div(uf, s), torch.zeros_like(uf))
+        coef = torch.where(keep, safe_div(uf, s), torch.zeros_like(uf))
         p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
-    return _mix(fac, _gram_solve(fac, None)[0] if has_gram else None, p_svd)
+    return mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
 
 
 #: The Gram rows whose Gauss-Newton step predicts a residual norm below this fraction of
@@ -400,366 +391,3 @@ def refine_gauss_newton(fac: Factors, p: Tensor, J: Tensor, d: Tensor | None,
         Atr = Atr * dr
     fixed = pr - torch.bmm(fac.Hinv.index_select(0, rows), Atr.unsqueeze(-1)).squeeze(-1)
     return p.index_copy(0, rows, fixed)
-
-
-def _phi(fac: Factors, alpha: Tensor, delta: Tensor,
-         zero: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``|p(alpha)| - delta``, its derivative in alpha, and ``|p(alpha)|``.
-
-    ``zero=True`` says that ``alpha`` is 0 for every problem.
-    """
-    has_gram, has_svd = _routes(fac)
-    pn_s = dphi_s = pn_g = dphi_g = None
-    if has_svd:
-        suf = fac.s * fac.uf
-        denom = fac.s * fac.s + alpha.unsqueeze(-1)
-        pn_s = vnorm(_safe_div(suf, denom), dim=-1)
-        dphi_s = -_safe_div(suf * suf, denom**3).sum(-1) / torch.where(
-            pn_s > 0, pn_s, torch.ones_like(pn_s))
-    if has_gram:
-        p, q = _gram_solve(fac, None if zero else alpha)
-        pn_g = vnorm(p, dim=-1)
-        dphi_g = -q / torch.where(pn_g > 0, pn_g, torch.ones_like(pn_g))
-    p_norm = _mix(fac, pn_g, pn_s)
-    return p_norm - delta, _mix(fac, dphi_g, dphi_s), p_norm
-
-
-def _step_for_alpha(fac: Factors, alpha: Tensor, zero: bool = False) -> Tensor:
-    """``p(alpha) = -(A^T A + alpha I)^+ A^T b`` (zero singular values dropped)."""
-    has_gram, has_svd = _routes(fac)
-    p_svd = None
-    if has_svd:
-        coef = _safe_div(fac.s * fac.uf, fac.s * fac.s + alpha.unsqueeze(-1))
-        p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
-    p_gram = _gram_solve(fac, None if zero else alpha)[0] if has_gram else None
-    return _mix(fac, p_gram, p_svd)
-
-
-def solve_trust_region_scipy(
-    fac: Factors, delta: Tensor, alpha0: Tensor, m: int, n: int,
-    rtol: float = 0.01, max_iter: int = 10,
-) -> tuple[Tensor, Tensor]:
-    """Trust-region subproblem ``min |A p + b|, |p| <= delta`` as in scipy's 'trf'.
-
-    The Gauss-Newton step is returned (with ``alpha = 0``) when the matrix has
-    full rank and the step fits; otherwise ``alpha`` is found by Moré's
-    safeguarded Newton iteration to ``|p| = delta (1 +- rtol)`` and the step is
-    rescaled onto the boundary.
-
-    Returns
-    -------
-    p : Tensor, shape (B, n)
-    alpha : Tensor, shape (B,)
-    """
-    full_rank = full_rank_mask(fac, m, n)
-    zeros = torch.zeros_like(delta)
-    p_gn = _step_for_alpha(fac, zeros, zero=True)
-    inside = full_rank & (vnorm(p_gn, dim=-1) <= delta)
-    if bool(inside.all()):
-        return p_gn, zeros
-
-    upper = grad_norm(fac) / delta
-    phi0, dphi0, _ = _phi(fac, zeros, delta, zero=True)
-    lower = torch.where(full_rank, -phi0 / torch.where(dphi0 != 0, dphi0, torch.ones_like(dphi0)),
-                        zeros)
-
-    def restart(lo: Tensor, up: Tensor) -> Tensor:
-        return torch.maximum(0.001 * up, (lo * up).sqrt())
-
-    alpha = torch.where(~full_rank & (alpha0 == 0), restart(lower, upper), alpha0)
-    running = ~inside
-    for _ in range(max_iter):
-        out = (alpha < lower) | (alpha > upper)
-        alpha_it = torch.where(out, restart(lower, upper), alpha)
-        phi, dphi, _ = _phi(fac, alpha_it, delta)
-        upper_it = torch.where(phi < 0, alpha_it, upper)
-        ratio = phi / torch.where(dphi != 0, dphi, torch.ones_like(dphi))
-        lower_it = torch.maximum(lower, alpha_it - ratio)
-        alpha_next = alpha_it - (phi + delta) * ratio / delta
-        alpha = torch.where(running, alpha_next, alpha)
-        lower = torch.where(running, lower_it, lower)
-        upper = torch.where(running, upper_it, upper)
-        running = running & ~(phi.abs() < rtol * delta)
-        if not bool(running.any()):
-            break
-    p = _step_for_alpha(fac, alpha)
-    pn = vnorm(p, dim=-1)
-    p = p * (delta / torch.where(pn > 0, pn, torch.ones_like(pn))).unsqueeze(-1)
-    p = torch.where(inside.unsqueeze(-1), p_gn, p)
-    alpha = torch.where(inside, zeros, alpha)
-    return p, alpha
-
-
-def solve_trust_region_minpack(
-    fac: Factors, delta: Tensor, par0: Tensor, m: int, n: int, max_iter: int = 10,
-    basic: BasicStep | None = None, p_gn: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Levenberg-Marquardt parameter search of MINPACK's ``lmpar`` (Moré 1978).
-
-    Works in scaled variables (``A = J diag(1/D)``) and stops when
-    ``| |p| - delta | <= 0.1 delta``. Unlike the 'trf' variant, the step is not
-    rescaled onto the boundary. ``p_gn``, if given, is the Gauss-Newton step
-    (default :func:`gauss_newton_step`). On the rows of ``basic`` the lower
-    bound of the damping is MINPACK's (pivoted QR, see
-    :func:`basic_gauss_newton`; ``p_gn`` must then hold its basic step there);
-    every damped step (``par > 0``) comes from ``fac``.
-
-    Returns
-    -------
-    p : Tensor, shape (B, n)
-        Step in scaled variables.
-    par : Tensor, shape (B,)
-    """
-    dtype = delta.dtype
-    dwarf = torch.finfo(dtype).tiny
-    if p_gn is None:
-        p_gn = gauss_newton_step(fac)
-    dxnorm = vnorm(p_gn, dim=-1)
-    fp = dxnorm - delta
-    gn_ok = fp <= 0.1 * delta
-    if bool(gn_ok.all()):
-        return p_gn, torch.zeros_like(delta)
-
-    full_rank = full_rank_mask(fac, m, n)
-    zeros = torch.zeros_like(delta)
-    phi0, dphi0, _ = _phi(fac, zeros, delta, zero=True)
-    safe_d = torch.where(dphi0 != 0, dphi0, torch.ones_like(dphi0))
-    parl = torch.where(full_rank, (-phi0 / safe_d) * (dxnorm / delta), zeros)
-    if basic is not None:  # MINPACK's bound from R, zero when R has a zero pivot
-        safe_c = torch.where(basic.curv > 0, basic.curv, torch.ones_like(basic.curv))
-        parl_qr = torch.where(basic.full & (basic.curv > 0), (fp / delta) / safe_c, zeros)
-        parl = torch.where(basic.rows, parl_qr, parl)
-    gnorm = grad_norm(fac)
-    paru = gnorm / delta
-    paru = torch.where(paru == 0, dwarf / torch.clamp(delta, max=0.1), paru)
-    par = torch.minimum(torch.maximum(par0, parl), paru)
-    par = torch.where(par == 0, gnorm / torch.where(dxnorm > 0, dxnorm, torch.ones_like(dxnorm)),
-                      par)
-    running = ~gn_ok
-    for it in range(1, max_iter + 1):
-        par_it = torch.where(par == 0, torch.clamp(0.001 * paru, min=dwarf), par)
-        phi, dphi, pnorm = _phi(fac, par_it, delta)
-        temp = fp
-        fp_it = phi
-        stop = ((fp_it.abs() <= 0.1 * delta) | ((parl == 0) & (fp_it <= temp) & (temp < 0))
-                | torch.full_like(running, it == max_iter))
-        parc = -(phi / torch.where(dphi != 0, dphi, torch.ones_like(dphi))) * (pnorm / delta)
-        parl_it = torch.where(fp_it > 0, torch.maximum(parl, par_it), parl)
-        paru_it = torch.where(fp_it < 0, torch.minimum(paru, par_it), paru)
-        par_next = torch.maximum(parl_it, par_it + parc)
-        # rows that stop keep the parameter they were evaluated at
-        par = torch.where(running, torch.where(stop, par_it, par_next), par)
-        parl = torch.where(running & ~stop, parl_it, parl)
-        paru = torch.where(running & ~stop, paru_it, paru)
-        fp = torch.where(running, fp_it, fp)
-        running = running & ~stop
-        if not bool(running.any()):
-            break
-    p = _step_for_alpha(fac, par)
-    p = torch.where(gn_ok.unsqueeze(-1), p_gn, p)
-    par = torch.where(gn_ok, zeros, par)
-    return p, par
-
-
-# --------------------------------------------------------------------------- MINPACK's basic step
-#: Rows whose smallest singular value is at most this multiple of ``eps * s_max`` are
-#: (numerically) rank deficient for 'lm': they take MINPACK's pivoted-QR Gauss-Newton step.
-LM_RANK_FACTOR = 100.0
-
-
-def _seq_sum(a: Tensor, dim: int) -> Tensor:
-    """Sum along ``dim`` accumulated in index order (a running sum on the CPU), as a loop
-    in MINPACK would: exactly dependent columns then leave exact zeros in ``R`` where
-    MINPACK finds them, which decides its rank (a pairwise sum would leave rounding)."""
-    return torch.cumsum(a, dim).select(dim, -1)
-
-
-def _seq_norm(a: Tensor, dim: int) -> Tensor:
-    """Euclidean norm along ``dim`` from :func:`_seq_sum` of the squares."""
-    return _seq_sum(a * a, dim).sqrt()
-
-
-def _back_substitute(R: Tensor, b: Tensor, transpose: bool = False) -> Tensor:
-    """Solve ``R w = b`` (or ``R^T w = b``) with ``R (B, n, n)`` upper triangular.
-
-    Column-oriented, in MINPACK's order of operations (``n`` small); every
-    diagonal entry must be non-zero.
-    """
-    n = b.shape[-1]
-    w = b.clone()  # work array of this function: updated in place
-    if not transpose:  # R w = b: last unknown first, eliminated from the rows above
-        for j in range(n - 1, -1, -1):
-            w[:, j] = w[:, j] / R[:, j, j]
-            if j:
-                w[:, :j] = w[:, :j] - R[:, :j, j] * w[:, j:j + 1]
-        return w
-    for j in range(n):  # R^T w = b: first unknown first, with the column of R above it
-        if j:
-            w[:, j] = w[:, j] - _seq_sum(R[:, :j, j] * w[:, :j], -1)
-        w[:, j] = w[:, j] / R[:, j, j]
-    return w
-
-
-def pivoted_qr(J: Tensor, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Householder QR with column pivoting, ``J P = Q R``, as MINPACK's ``qrfac``.
-
-    The column of largest remaining norm is brought forward at each stage
-    (Businger & Golub, Numer. Math. 7, 1965); the remaining norms are
-    downdated and recomputed when cancellation has eaten more than about
-    half of their digits, and a column whose remaining part is exactly zero
-    leaves a zero on the diagonal of ``R`` (Moré, Garbow & Hillstrom,
-    ANL-80-74, 1980). The loop runs over the ``n`` columns; every problem of
-    the batch is reduced at once.
-
-    Parameters
-    ----------
-    J : Tensor, shape (B, m, n), ``m >= n``
-    f : Tensor, shape (B, m)
-
-    Returns
-    -------
-    R : Tensor, shape (B, n, n)
-        Upper triangular; its diagonal has non-increasing magnitude.
-    perm : Tensor, shape (B, n), long
-        Column ``j`` of ``R`` belongs to variable ``perm[:, j]``.
-    qtf : Tensor, shape (B, n)
-        The first ``n`` entries of ``Q^T f``.
-    """
-    B, m, n = J.shape
-    eps = torch.finfo(J.dtype).eps
-    A = J.clone()  # work arrays of this function only: updated in place
-    b = f.clone()
-    norms = _seq_norm(A, -2)  # remaining column norms
-    ref = norms.clone()  # the norms when last computed in full
-    perm = torch.arange(n, device=J.device).expand(B, n).clone()
-    rdiag = A.new_zeros(B, n)
-    cols = torch.arange(n, device=J.device)
-    one = A.new_ones(())
-    for j in range(n):
-        # bring the column of largest remaining norm (the first such) into position j
-        kmax = j + torch.argmax(norms[:, j:], dim=-1)  # (B,)
-        swap = cols.expand(B, n).clone()
-        swap[:, j] = kmax
-        swap.scatter_(1, kmax.unsqueeze(-1), torch.full_like(kmax.unsqueeze(-1), j))
-        A = A.gather(2, swap.unsqueeze(1).expand(B, m, n))
-        norms, ref, perm = norms.gather(1, swap), ref.gather(1, swap), perm.gather(1, swap)
-        # Householder vector of the column's tail, scaled so that v[0] = 1 + |a_jj| / |a|
-        a = A[:, j:, j]  # (B, m - j)
-        ajnorm = _seq_norm(a, -1)
-        ajnorm = torch.where(a[:, 0] < 0, -ajnorm, ajnorm)
-        move = ajnorm != 0  # a zero column is left alone
-        v = a / torch.where(move, ajnorm, one).unsqueeze(-1)
-        v[:, 0] += 1
-        v = torch.where(move.unsqueeze(-1), v, 0.0)
-        v0 = torch.where(move, v[:, 0], one)
-        # reflect the remaining columns and the right-hand side
-        tail = A[:, j:, j + 1:]  # (B, m - j, n - j - 1)
-        coef = _seq_sum(v.unsqueeze(-1) * tail, -2) / v0.unsqueeze(-1)
-        A[:, j:, j + 1:] = tail - coef.unsqueeze(-2) * v.unsqueeze(-1)
-        coef_b = _seq_sum(v * b[:, j:], -1) / v0
-        b[:, j:] = b[:, j:] - coef_b.unsqueeze(-1) * v
-        rdiag[:, j] = -ajnorm
-        if j + 1 == n:
-            break
-        # downdate the remaining norms; recompute those that lost too many digits
-        rest, refr = norms[:, j + 1:], ref[:, j + 1:]
-        live = move.unsqueeze(-1) & (rest != 0)
-        ratio = A[:, j, j + 1:] / torch.where(live, rest, one)
-        down = rest * (1 - ratio * ratio).clamp(min=0).sqrt()
-        stale = live & (0.05 * (down / torch.where(refr != 0, refr, one)) ** 2 <= eps)
-        full = _seq_norm(A[:, j + 1:, j + 1:], -2)
-        norms[:, j + 1:] = torch.where(stale, full, torch.where(live, down, rest))
-        ref[:, j + 1:] = torch.where(stale, full, refr)
-    R = torch.triu(A[:, :n, :], diagonal=1) + torch.diag_embed(rdiag)
-    return R, perm, b[:, :n]
-
-
-class BasicStep(NamedTuple):
-    """MINPACK's Gauss-Newton data for the rows that take it (see :func:`basic_gauss_newton`).
-
-    Attributes
-    ----------
-    rows : Tensor, shape (B,), bool
-        Rows whose Gauss-Newton step comes from here rather than from the SVD.
-    p : Tensor, shape (B, n)
-        The basic Gauss-Newton step in scaled variables (``diag * step``).
-    curv : Tensor, shape (B,)
-        :math:`\\lVert R^{-\\top} P^\\top D^2 x / \\lVert D x\\rVert \\rVert^2`, the
-        curvature MINPACK's lower bound on the damping uses (full rank only).
-    full : Tensor, shape (B,), bool
-        No zero on the diagonal of ``R`` (MINPACK's ``nsing == n``).
-    """
-
-    rows: Tensor
-    p: Tensor
-    curv: Tensor
-    full: Tensor
-
-
-def rank_deficient_rows(fac: Factors) -> Tensor:
-    """``(B,)`` mask of the SVD rows whose ``s_min <= LM_RANK_FACTOR * eps * s_max``.
-
-    Gram and eigen rows have a bounded condition number and are never selected;
-    rows with non-finite factors are not selected either.
-    """
-    s = fac.s
-    if s.shape[-1] == 0:  # no variables: nothing to pivot
-        return torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
-    eps = torch.finfo(s.dtype).eps
-    low = s[:, -1] <= LM_RANK_FACTOR * eps * s[:, 0]
-    return low if fac.gram is None else low & ~fac.gram
-
-
-def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> tuple[BasicStep, Factors]:
-    r"""MINPACK's Gauss-Newton step for (nearly) rank-deficient Jacobians.
-
-    With :math:`J P = Q R` from :func:`pivoted_qr`, the step solves
-    :math:`R\,P^\top s = -Q^\top f` over the leading block of ``R`` that ends
-    before its first exactly zero diagonal entry and leaves the other
-    (pivoted-last) variables where they are: the *basic* least-squares
-    solution (Moré 1978, section 3; MINPACK ``lmpar``). Where ``R`` has no
-    zero diagonal, this is the ordinary solve with the tiny pivots kept, as
-    MINPACK does. Unlike the minimum-norm solution of the SVD, it moves only
-    the variables of the pivot columns, which breaks the symmetry between
-    interchangeable parameters.
-
-    Parameters
-    ----------
-    J : Tensor, shape (B, m, n), ``m >= n``
-    diag : Tensor, shape (B, n)
-        MINPACK's variable scaling (positive).
-    f : Tensor, shape (B, m)
-
-    Returns
-    -------
-    BasicStep
-        With ``rows`` true where the result is finite.
-    Factors
-        SVD data (``s``, ``V``, ``uf``) of the scaled triangular factor
-        :math:`R P^\top D^{-1}` with right-hand side :math:`Q^\top f`: the damped
-        steps of these rows are then those of MINPACK's ``qrsolv`` on the same
-        ``R`` (whose tiny pivots carry the rounding that decides how MINPACK
-        leaves a saddle), rather than those of the SVD of ``J``.
-    """
-    B, n = diag.shape
-    R, perm, qtf = pivoted_qr(J, f)
-    zero = torch.diagonal(R, dim1=-2, dim2=-1) == 0
-    cut = zero.cumsum(-1) > 0  # from the first zero diagonal on
-    full = ~cut[:, -1]
-    eye = torch.eye(n, dtype=R.dtype, device=R.device)
-    Rt = torch.where(cut.unsqueeze(-1) | cut.unsqueeze(-2), eye, R)
-    w = _back_substitute(Rt, torch.where(cut, 0.0, qtf))
-    x = torch.zeros_like(w).scatter(1, perm, w)  # x[perm[j]] = w[j]
-    p = -diag * x
-    dxnorm = vnorm(p, dim=-1)
-    safe = torch.where(dxnorm > 0, dxnorm, torch.ones_like(dxnorm))
-    wa = (diag * p / safe.unsqueeze(-1)).gather(1, perm)
-    z = _back_substitute(Rt, wa, transpose=True)
-    curv = (z * z).sum(-1)
-    # SVD data of R P^T D^-1: column j of R scaled by 1 / diag[perm[j]], rows of V unpermuted
-    s, Vr, uf = _svd_factors_direct(R / diag.gather(1, perm).unsqueeze(-2), qtf, None)
-    V = torch.zeros_like(Vr).scatter(1, perm.unsqueeze(-1).expand_as(Vr), Vr)
-    ok = (torch.isfinite(p).all(-1) & torch.isfinite(curv) & torch.isfinite(s).all(-1)
-          & torch.isfinite(uf).all(-1))
-    return (BasicStep(ok, torch.where(ok.unsqueeze(-1), p, 0.0), torch.where(ok, curv, 0.0),
-                      full), Factors(s, V, uf))

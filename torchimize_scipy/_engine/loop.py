@@ -21,10 +21,10 @@ most half of ``capacity`` rows are running, the next problems are admitted
 (:func:`admit`) and appended (:func:`concat`), so slow problems run beside
 new ones instead of holding back a whole block.
 
-A step rule (see ``steps/``) provides ``init``, ``top`` (optimality and the
-``gtol`` test), ``prepare`` (factorisation), ``propose`` (trial point),
-``judge`` (acceptance, radius update, termination tests) and ``finalize``
-(``grad`` and ``active_mask`` as scipy reports them).
+A step rule (:class:`~.steps.base.StepRule`, one per method in ``steps/``)
+supplies the stages: ``init_state``, ``measure_optimality``, ``build_model``,
+``propose_step``, ``assess_trial``, ``after_jacobian`` and ``result_fields``.
+Every stop test and the order in which they apply are in :mod:`.termination`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import status as st_codes
+from . import termination as term
 from .problem import Problem
+from .steps.base import LOOP_KEYS, StepRule
 
 State = dict[str, Tensor]
 
@@ -166,7 +167,7 @@ def jacobian_finite(J: Tensor, G: Tensor) -> Tensor:
     return all_finite(J)
 
 
-def _rows(mask: Tensor, total: int) -> Tensor | None:
+def _rows(mask: Tensor) -> Tensor | None:
     """Indices where ``mask`` is true, or None meaning "all rows"."""
     if bool(mask.all()):
         return None
@@ -185,7 +186,7 @@ def _print_row(state: State, header: bool) -> None:
           f"{float(state['cost'][0]):^15.4e}{red_s}{stp_s}{float(state['optimality'][0]):^15.2e}")
 
 
-def admit(problem: Problem, rule, state: State) -> None:
+def admit(problem: Problem, rule: StepRule, state: State) -> None:
     """Turn the initial rows of new problems into engine state, in place.
 
     ``state`` holds ``ids, x, f_true, J_true, lb, ub, scale, scale_inv, nfev,
@@ -201,16 +202,19 @@ def admit(problem: Problem, rule, state: State) -> None:
     state.update(
         f=f, J=J, g=g, G=G, cost=problem.cost(state["f_true"]),
         nit=torch.zeros(B, dtype=torch.long, device=dev),
-        status=state.get("status", torch.full((B,), st_codes.RUNNING, dtype=torch.long,
+        status=state.get("status", torch.full((B,), term.RUNNING, dtype=torch.long,
                                                device=dev)),
         fresh=torch.ones(B, dtype=torch.bool, device=dev),
         optimality=torch.zeros(B, dtype=dtype, device=dev),
         last_reduction=nan.clone(), last_step_norm=nan.clone(),
     )
     bad = ~(jacobian_finite(J, G) & all_finite(state["f_true"]))
-    state["status"] = torch.where(bad & (state["status"] == st_codes.RUNNING),
-                                  st_codes.NONFINITE, state["status"])
-    rule.init(problem, state)
+    state["status"] = term.stop_running(state["status"], bad, term.NONFINITE)
+    rule.init_state(problem, state)
+    undeclared = set(state) - LOOP_KEYS - rule.state_keys
+    if undeclared:
+        raise KeyError(f"{type(rule).__name__} created undeclared state keys "
+                       f"{sorted(undeclared)}")
 
 
 def concat(state: State, new: State) -> None:
@@ -227,7 +231,7 @@ def concat(state: State, new: State) -> None:
 
 
 @torch.no_grad()
-def run(problem: Problem, rule, state: State, out: State,
+def run(problem: Problem, rule: StepRule, state: State, out: State,
         on_finish: Callable[[int], None] | None = None,
         on_iteration: Callable[[State], None] | None = None,
         refill: Callable[[int], State | None] | None = None,
@@ -237,7 +241,7 @@ def run(problem: Problem, rule, state: State, out: State,
     Parameters
     ----------
     problem : Problem
-    rule : step rule object
+    rule : StepRule
     state : dict
         Initial rows, as :func:`admit` takes them. Rows may already carry a
         ``status`` (e.g. non-finite start).
@@ -281,30 +285,26 @@ def run(problem: Problem, rule, state: State, out: State,
             return
         # ---- top of an outer iteration: optimality, gtol, budget -------------
         status = state["status"]
-        top = state["fresh"] & (status != st_codes.CALLBACK_STOP) & (status != st_codes.NONFINITE)
+        top = state["fresh"] & (status != term.CALLBACK_STOP) & (status != term.NONFINITE)
         if bool(top.any()):
             def outer_top(sub: RowView) -> None:
                 nonlocal printed_header
-                gtol_hit = rule.top(problem, sub)
+                gtol_hit = rule.measure_optimality(problem, sub)
                 if bool(gtol_hit.any()):
-                    may_override = (sub["status"] == st_codes.RUNNING) | (
-                        (sub["status"] >= st_codes.FTOL) & (sub["status"] <= st_codes.FTOL_XTOL))
-                    sub["status"] = torch.where(gtol_hit & may_override, st_codes.GTOL,
-                                                sub["status"])
+                    sub["status"] = term.gtol_status(sub["status"], gtol_hit)
                 if problem.verbose == 2 and B == 1 and rule.prints_table:
                     _print_row(sub, header=not printed_header)
                     printed_header = True
                 if rule.budget_at_top:
-                    over = sub["nfev"] >= problem.max_nfev
-                    sub["status"] = torch.where((sub["status"] == st_codes.RUNNING) & over,
-                                                st_codes.MAX_NFEV, sub["status"])
-                go = sub["status"] == st_codes.RUNNING
+                    sub["status"] = term.budget_status(sub["status"], sub["nfev"],
+                                                       problem.max_nfev)
+                go = sub["status"] == term.RUNNING
                 if bool(go.any()):
-                    on_rows(sub, go, lambda part: rule.prepare(problem, part))
+                    on_rows(sub, go, lambda part: rule.build_model(problem, part))
 
             on_rows(state, top, outer_top)
         state["fresh"] = torch.zeros_like(state["fresh"])
-        finished = state["status"] != st_codes.RUNNING
+        finished = state["status"] != term.RUNNING
         if bool(finished.any()):
             _write_out(problem, rule, state, finished, out)
             if on_finish is not None:
@@ -317,28 +317,28 @@ def run(problem: Problem, rule, state: State, out: State,
                 continue  # every row finished: admit the next problems
 
         # ---- one trial per running problem -----------------------------------
-        trial = rule.propose(problem, state)
-        x_new = trial["x_new"]
+        trial = rule.propose_step(problem, state)
+        x_new = trial.x_new
         f_new = problem.fun(x_new, state["ids"])
         state["nfev"] = state["nfev"] + 1
         finite = all_finite(f_new)
         if not bool(finite.all()):
             f_new = torch.where(finite.unsqueeze(-1), f_new, torch.zeros_like(f_new))
         cost_new = problem.cost(f_new)
-        accept, code, x_acc = rule.judge(problem, state, trial, f_new, cost_new, finite)
+        accept, code, x_acc = rule.assess_trial(problem, state, trial, f_new, cost_new, finite)
         red = state["cost"] - cost_new if problem.verbose == 2 else None
-        state["status"] = torch.where(code != st_codes.RUNNING, code, state["status"])
-        over = state["nfev"] >= problem.max_nfev
-        boundary = accept | (state["status"] != st_codes.RUNNING) | over
+        state["status"] = torch.where(code != term.RUNNING, code, state["status"])
+        over = term.budget_spent(state["nfev"], problem.max_nfev)
+        boundary = accept | (state["status"] != term.RUNNING) | over
         if problem.verbose == 2:
             state["last_reduction"] = torch.where(
                 boundary, torch.where(accept, red, 0.0), state["last_reduction"])
             state["last_step_norm"] = torch.where(
-                boundary, torch.where(accept, trial["step_norm"], 0.0), state["last_step_norm"])
+                boundary, torch.where(accept, trial.step_norm, 0.0), state["last_step_norm"])
         state["nit"] = state["nit"] + boundary
         state["fresh"] = boundary
         if bool(accept.any()):
-            arows = _rows(accept, accept.shape[0])
+            arows = _rows(accept)
             sub = take(state, arows)
             sub["x"] = x_acc if arows is None else x_acc.index_select(0, arows)
             sub["f_true"] = f_new if arows is None else f_new.index_select(0, arows)
@@ -347,26 +347,26 @@ def run(problem: Problem, rule, state: State, out: State,
             sub["njev"] = sub["njev"] + 1
             sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
             okJ = jacobian_finite(sub["J"], sub["G"])
-            sub["status"] = torch.where(okJ | (sub["status"] != st_codes.RUNNING),
-                                        sub["status"], st_codes.NONFINITE)
+            sub["status"] = term.stop_running(sub["status"], ~okJ, term.NONFINITE)
             rule.after_jacobian(problem, sub)
             put(state, arows, sub)
         if on_iteration is not None:
             on_iteration(state)
         if problem.callback is not None and B == 1 and bool(boundary[0]):
             if problem.callback(state):
-                state["status"] = torch.full_like(state["status"], st_codes.CALLBACK_STOP)
+                state["status"] = torch.full_like(state["status"], term.CALLBACK_STOP)
 
 
-def _write_out(problem: Problem, rule, state: State, mask: Tensor, out: State) -> None:
-    sub = take(state, _rows(mask, mask.shape[0]))
-    extra = rule.finalize(problem, sub)
+def _write_out(problem: Problem, rule: StepRule, state: State, mask: Tensor,
+               out: State) -> None:
+    sub = take(state, _rows(mask))
+    own = rule.result_fields(problem, sub)
     ids = sub["ids"]
     values = {
         "x": sub["x"], "cost": sub["cost"], "f_true": sub["f_true"], "J": sub["J"],
-        "g": extra.get("grad", sub["g"]), "optimality": sub["optimality"],
-        "active_mask": extra["active_mask"], "nfev": sub["nfev"],
-        "njev": extra.get("njev", sub["njev"]),
+        "g": sub["g"] if own.grad is None else own.grad, "optimality": sub["optimality"],
+        "active_mask": own.active_mask, "nfev": sub["nfev"],
+        "njev": sub["njev"] if own.njev is None else own.njev,
         "nit": sub["nit"], "status": sub["status"],
     }
     for k, v in values.items():

@@ -185,17 +185,3 @@ def update_tr_radius(
     new = torch.where(ratio < 0.25, 0.25 * step_norm,
                       torch.where((ratio > 0.75) & bound_hit, 2.0 * delta, delta))
     return new, ratio
-
-
-def check_termination(
-    dF: Tensor, F: Tensor, dx_norm: Tensor, x_norm: Tensor, ratio: Tensor,
-    ftol: float, xtol: float,
-) -> Tensor:
-    """The ``ftol``/``xtol`` tests of scipy's trust-region solvers.
-
-    Returns an integer code per problem: 4 both, 2 ``ftol``, 3 ``xtol`` and 0
-    for "not satisfied".
-    """
-    ftol_ok = (dF < ftol * F) & (ratio > 0.25)
-    xtol_ok = dx_norm < xtol * (xtol + x_norm)
-    return torch.where(xtol_ok, torch.where(ftol_ok, 4, 3), torch.where(ftol_ok, 2, 0))

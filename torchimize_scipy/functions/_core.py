@@ -181,6 +181,18 @@ def _tensor_out(value: Any, what: str) -> Tensor:
     return value
 
 
+def _shaped_out(value: Any, what: str, expected: tuple, layout: str) -> Tensor:
+    """``value`` as returned by ``what(p, *args)``, checked to be a tensor of ``expected`` shape.
+
+    ``layout`` names the axes of ``expected`` in the error message, e.g. ``"(B, C, N)"``.
+    """
+    out = _tensor_out(value, what)
+    if tuple(out.shape) != tuple(expected):
+        raise ValueError(f"`{what}(p, *args)` returned shape {tuple(out.shape)}, expected "
+                         f"{layout} = {tuple(expected)}.")
+    return out
+
+
 # ---------------------------------------------------------------------------- models
 def _check_callables(function: Any, jac_function: Any) -> None:
     """``function`` must be callable, ``jac_function`` callable or None."""
@@ -229,11 +241,8 @@ class ParallelModel:
         return self.jac_function is not None
 
     def raw_residuals(self, X: Tensor) -> Tensor:
-        f = _tensor_out(self.function(X, *self.args), "function")
-        expected = (X.shape[0], self.C, self.N)
-        if tuple(f.shape) != expected:
-            raise ValueError(f"`function(p, *args)` returned shape {tuple(f.shape)}, expected "
-                             f"(B, C, N) = {expected}.")
+        f = _shaped_out(self.function(X, *self.args), "function",
+                        (X.shape[0], self.C, self.N), "(B, C, N)")
         return f.to(device=self.device, dtype=self.dtype)
 
     def residuals(self, X: Tensor) -> Tensor:
@@ -241,11 +250,8 @@ class ParallelModel:
         return (f * self.sqrt_w[:, None]).reshape(X.shape[0], self.m)
 
     def raw_jacobian(self, X: Tensor) -> Tensor:
-        J = _tensor_out(self.jac_function(X, *self.args), "jac_function")
-        expected = (X.shape[0], self.C, self.N, self.n)
-        if tuple(J.shape) != expected:
-            raise ValueError(f"`jac_function(p, *args)` returned shape {tuple(J.shape)}, "
-                             f"expected (B, C, N, n) = {expected}.")
+        J = _shaped_out(self.jac_function(X, *self.args), "jac_function",
+                        (X.shape[0], self.C, self.N, self.n), "(B, C, N, n)")
         return J.to(device=self.device, dtype=self.dtype)
 
     def jacobian(self, X: Tensor) -> Tensor:
@@ -277,21 +283,15 @@ class SingleModel:
     def residuals(self, X: Tensor) -> Tensor:
         rows = []
         for i in range(X.shape[0]):
-            f = _tensor_out(self.function(X[i], *self.args), "function")
-            if tuple(f.shape) != (self.m,):
-                raise ValueError(f"`function(p, *args)` returned shape {tuple(f.shape)}, "
-                                 f"expected (m,) = ({self.m},).")
-            rows.append(f)
+            rows.append(_shaped_out(self.function(X[i], *self.args), "function",
+                                    (self.m,), "(m,)"))
         return torch.stack(rows).to(device=self.device, dtype=self.dtype)
 
     def jacobian(self, X: Tensor) -> Tensor:
         rows = []
         for i in range(X.shape[0]):
-            J = _tensor_out(self.jac_function(X[i], *self.args), "jac_function")
-            if tuple(J.shape) != (self.m, self.n):
-                raise ValueError(f"`jac_function(p, *args)` returned shape {tuple(J.shape)}, "
-                                 f"expected (m, n) = ({self.m}, {self.n}).")
-            rows.append(J)
+            rows.append(_shaped_out(self.jac_function(X[i], *self.args), "jac_function",
+                                    (self.m, self.n), "(m, n)"))
         return torch.stack(rows).to(device=self.device, dtype=self.dtype)
 
 

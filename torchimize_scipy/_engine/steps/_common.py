@@ -9,50 +9,12 @@ from torch import Tensor
 
 from ..linalg import Factors
 from ..problem import Problem
+from ..termination import SINGULAR, stop_running
+from .base import ResultFields
 
 
-class StepRule:
-    """What a method plugs into the shared loop (``_engine/loop.py``).
-
-    A rule reads and writes per-problem tensors in ``state`` (batch first) and
-    never loops over problems. The loop calls, per problem:
-
-    * ``init(problem, state)`` once, creating every state key the rule uses;
-    * ``top(problem, state) -> gtol_hit`` at the start of an outer iteration
-      (fresh Jacobian): sets ``state["optimality"]``;
-    * ``prepare(problem, state)`` after ``top`` for problems that go on:
-      factorisations of the model;
-    * ``propose(problem, state) -> trial`` with at least ``x_new``, ``step``
-      and ``step_norm``;
-    * ``judge(problem, state, trial, f_new, cost_new, finite)
-      -> (accept, status, x_accepted)``: radius/damping update and termination
-      tests, ``status`` being ``RUNNING`` where no test fired;
-    * ``after_jacobian(problem, state)`` once an accepted point has its new
-      Jacobian;
-    * ``finalize(problem, state) -> dict`` with ``active_mask`` (and optionally
-      ``grad``/``njev``) as the method reports them.
-
-    Attributes
-    ----------
-    budget_at_top : bool
-        The loop stops a problem whose evaluation budget is spent at the top of
-        an outer iteration (scipy's 'trf'/'dogbox'); MINPACK checks it after
-        each trial instead, in ``judge``.
-    prints_table : bool
-        Whether ``verbose=2`` prints scipy's iteration table for this method.
-    """
-
-    name = "rule"
-    budget_at_top = True
-    prints_table = True
-
-    def after_jacobian(self, problem: Problem, state: dict) -> None:
-        """Update state that depends on the new Jacobian (default: ``x_scale='jac'``)."""
-        update_jac_scale(problem, state)
-
-
-def bound_activity(problem: Problem, state: dict) -> dict:
-    """``finalize`` result of the interior methods: bounds within ``xtol`` are active."""
+def bound_activity(problem: Problem, state: dict) -> ResultFields:
+    """``result_fields`` of the interior methods: bounds within ``xtol`` are active."""
     if problem.bounded:
         from ..bounds import find_active_constraints
 
@@ -60,15 +22,12 @@ def bound_activity(problem: Problem, state: dict) -> dict:
                                          rtol=problem.xtol)
     else:
         active = torch.zeros_like(state["x"], dtype=torch.long)
-    return {"active_mask": active}
+    return ResultFields(active)
 
 
 def flag_singular(state: dict, ok: Tensor) -> None:
     """Stop problems whose step factorisation failed (``ok`` false) as SINGULAR."""
-    from .. import status as codes
-
-    state["status"] = torch.where(~ok & (state["status"] == codes.RUNNING), codes.SINGULAR,
-                                  state["status"])
+    state["status"] = stop_running(state["status"], ~ok, SINGULAR)
 
 
 def flag_singular_factors(state: dict, sv: Tensor) -> None:

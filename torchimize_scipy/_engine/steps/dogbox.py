@@ -27,35 +27,54 @@ point.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .. import status as codes
 from ..bounds import in_bounds, step_size_to_bound
 from ..linalg import factorize, gauss_newton_step
 from ..problem import Problem
 from ..quadratic import (
     build_quadratic_1d,
-    check_termination,
     evaluate_quadratic,
     minimize_quadratic_1d,
     update_tr_radius,
 )
+from ..termination import trust_region_status
 from ._common import (
-    StepRule,
     flag_singular_factors,
     inf_norm,
     initial_scale,
+    update_jac_scale,
 )
+from .base import ResultFields, StepRule, Verdict
+
+
+class DogboxTrial(NamedTuple):
+    """A trial of 'dogbox': the point, the model's reduction and the boxes the step hit."""
+
+    x_new: Tensor
+    step_norm: Tensor
+    step_h_norm: Tensor  # max-norm in the variables scaled by x_scale
+    predicted: Tensor
+    tr_hit: Tensor  # (B,) the step reached the trust box
+    on_bound: Tensor  # (B, n) the bounds the new point lies on (-1, 1, 0)
 
 
 class Dogbox(StepRule):
     """Step rule of the rectangular-trust-region dogleg method."""
 
-    name = "dogbox"
+    state_keys = frozenset({
+        "delta",  # trust-box half-width (variables scaled by x_scale)
+        "on_bound",  # (B, n) -1/1 on a lower/upper bound, 0 free
+        "free",  # (B, n) variables not frozen at a bound in this outer iteration
+        "newton",  # (B, n) Gauss-Newton step on the free variables
+        "antigrad_quad", "antigrad_lin",  # model a t^2 + b t along the free anti-gradient
+    })
 
-    def init(self, problem: Problem, state: dict) -> None:
+    def init_state(self, problem: Problem, state: dict) -> None:
         initial_scale(problem, state)
         x = state["x"]
         delta = inf_norm(x * state["scale_inv"])
@@ -65,16 +84,16 @@ class Dogbox(StepRule):
         state["on_bound"] = torch.where(x == state["ub"], 1, on_bound)
         state["free"] = torch.ones_like(x, dtype=torch.bool)
         state["newton"] = torch.zeros_like(x)
-        state["qa"] = torch.zeros_like(delta)
-        state["qb"] = torch.zeros_like(delta)
+        state["antigrad_quad"] = torch.zeros_like(delta)
+        state["antigrad_lin"] = torch.zeros_like(delta)
 
-    def top(self, problem: Problem, state: dict) -> Tensor:
+    def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
         free = ~(state["on_bound"] * state["g"] < 0)
         state["free"] = free
         state["optimality"] = inf_norm(torch.where(free, state["g"], 0.0))
         return state["optimality"] < problem.gtol
 
-    def prepare(self, problem: Problem, state: dict) -> None:
+    def build_model(self, problem: Problem, state: dict) -> None:
         free = state["free"]
         J_free = state["J"] * free.unsqueeze(-2)
         g_free = torch.where(free, state["g"], 0.0)
@@ -96,42 +115,44 @@ class Dogbox(StepRule):
         state["newton"] = torch.where(free, newton, 0.0)
         flag_singular_factors(state, fac.s)
         # -g_free vanishes on the fixed variables: J_free (-g_free) = J (-g_free)
-        state["qa"], state["qb"], _ = build_quadratic_1d(J_free, None, g_free, -g_free, G=G,
-                                                         gram=fac.gram)
+        quad, lin, _ = build_quadratic_1d(J_free, None, g_free, -g_free, G=G, gram=fac.gram)
+        state["antigrad_quad"], state["antigrad_lin"] = quad, lin
 
-    def propose(self, problem: Problem, state: dict) -> dict:
+    def propose_step(self, problem: Problem, state: dict) -> DogboxTrial:
         x, lb, ub, free = state["x"], state["lb"], state["ub"], state["free"]
         g_free = torch.where(free, state["g"], 0.0)
         tr = state["delta"].unsqueeze(-1) * state["scale"]
-        step, hits, tr_hit = dogleg_step(x, state["newton"], g_free, state["qa"], state["qb"],
-                                         tr, lb, ub)
+        step, hits, tr_hit = dogleg_step(x, state["newton"], g_free,
+                                         state["antigrad_quad"], state["antigrad_lin"], tr, lb,
+                                         ub)
         step = torch.where(free, step, 0.0)
         J_free = state["J"] * free.unsqueeze(-2)
         predicted = -evaluate_quadratic(J_free, None, g_free, step)
         x_new = torch.minimum(torch.maximum(x + step, lb), ub)
         on_bound_new = torch.where(free, hits, state["on_bound"])
-        return {"x_new": x_new, "step": step, "predicted": predicted, "tr_hit": tr_hit,
-                "on_bound": on_bound_new, "step_norm": vnorm(step, dim=-1),
-                "step_h_norm": inf_norm(step * state["scale_inv"])}
+        return DogboxTrial(x_new, vnorm(step, dim=-1), inf_norm(step * state["scale_inv"]),
+                           predicted, tr_hit, on_bound_new)
 
-    def judge(self, problem, state, trial, f_new, cost_new, finite):
+    def assess_trial(self, problem: Problem, state: dict, trial: DogboxTrial, f_new: Tensor,
+                     cost_new: Tensor, finite: Tensor) -> Verdict:
         actual = state["cost"] - cost_new
-        delta_new, ratio = update_tr_radius(state["delta"], actual, trial["predicted"],
-                                            trial["step_h_norm"], trial["tr_hit"])
-        state["delta"] = torch.where(finite, delta_new, 0.25 * trial["step_h_norm"])
-        code = check_termination(actual, state["cost"], trial["step_norm"],
-                                 vnorm(state["x"], dim=-1), ratio, problem.ftol, problem.xtol)
-        stop = finite & (code != 0)
-        status = torch.where(stop, code, torch.full_like(code, codes.RUNNING))
+        delta_new, ratio = update_tr_radius(state["delta"], actual, trial.predicted,
+                                            trial.step_h_norm, trial.tr_hit)
+        state["delta"] = torch.where(finite, delta_new, 0.25 * trial.step_h_norm)
+        status = trust_region_status(actual, state["cost"], trial.step_norm, state["x"], ratio,
+                                     finite, problem.ftol, problem.xtol)
         accept = finite & (actual > 0)
-        on_bound = torch.where(accept.unsqueeze(-1), trial["on_bound"], state["on_bound"])
+        on_bound = torch.where(accept.unsqueeze(-1), trial.on_bound, state["on_bound"])
         state["on_bound"] = on_bound
         x_acc = torch.where(on_bound == -1, state["lb"],
-                            torch.where(on_bound == 1, state["ub"], trial["x_new"]))
-        return accept, status, x_acc
+                            torch.where(on_bound == 1, state["ub"], trial.x_new))
+        return Verdict(accept, status, x_acc)
 
-    def finalize(self, problem: Problem, state: dict) -> dict:
-        return {"active_mask": state["on_bound"]}
+    def after_jacobian(self, problem: Problem, state: dict) -> None:
+        update_jac_scale(problem, state)
+
+    def result_fields(self, problem: Problem, state: dict) -> ResultFields:
+        return ResultFields(state["on_bound"])
 
 
 def dogleg_step(x: Tensor, newton: Tensor, g: Tensor, a: Tensor, b: Tensor, tr_bounds: Tensor,

@@ -30,69 +30,85 @@ tests, applied to each trial.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .. import status as codes
 from ..bounds import coleman_li_scaling
 from ..linalg import factorize, gauss_newton_step
 from ..problem import Problem
-from ..quadratic import check_termination, evaluate_quadratic
+from ..quadratic import evaluate_quadratic
+from ..termination import trust_region_status
 from ._common import (
-    StepRule,
     bound_activity,
     flag_singular_factors,
     inf_norm,
     initial_scale,
+    update_jac_scale,
 )
+from .base import ResultFields, StepRule, Verdict
 
 ARMIJO = 1e-4
+
+
+class LineSearchTrial(NamedTuple):
+    """A trial of a line search: the point and the reduction the model predicts."""
+
+    x_new: Tensor
+    step_norm: Tensor
+    predicted: Tensor
 
 
 class _LineSearch(StepRule):
     """Shared acceptance rule of the line-search methods."""
 
-    name = "line-search"
+    state_keys = frozenset({
+        "direction",  # (B, n) search direction of the outer iteration
+        "step_length",  # (B,) length along it of the next trial
+    })
 
-    def init(self, problem: Problem, state: dict) -> None:
+    def init_state(self, problem: Problem, state: dict) -> None:
         initial_scale(problem, state)
         x = state["x"]
         state["direction"] = torch.zeros_like(x)
-        state["t"] = x.new_ones(x.shape[0])
+        state["step_length"] = x.new_ones(x.shape[0])
 
-    def top(self, problem: Problem, state: dict) -> Tensor:
+    def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
         v, _ = coleman_li_scaling(state["x"], state["g"], state["lb"], state["ub"])
         state["optimality"] = inf_norm(state["g"] * v)
         return state["optimality"] < problem.gtol
 
-    def propose(self, problem: Problem, state: dict) -> dict:
+    def propose_step(self, problem: Problem, state: dict) -> LineSearchTrial:
         x = state["x"]
-        x_new = x + state["t"].unsqueeze(-1) * state["direction"]
+        x_new = x + state["step_length"].unsqueeze(-1) * state["direction"]
         if problem.bounded:
             x_new = torch.minimum(torch.maximum(x_new, state["lb"]), state["ub"])
         step = x_new - x
         predicted = -evaluate_quadratic(state["J"], None, state["g"], step)
-        return {"x_new": x_new, "step": step, "predicted": predicted,
-                "step_norm": vnorm(step, dim=-1)}
+        return LineSearchTrial(x_new, vnorm(step, dim=-1), predicted)
 
-    def judge(self, problem, state, trial, f_new, cost_new, finite):
+    def assess_trial(self, problem: Problem, state: dict, trial: LineSearchTrial,
+                     f_new: Tensor, cost_new: Tensor, finite: Tensor) -> Verdict:
         actual = state["cost"] - cost_new
-        predicted = trial["predicted"]
+        predicted = trial.predicted
         safe = torch.where(predicted > 0, predicted, torch.ones_like(predicted))
         ratio = torch.where(predicted > 0, actual / safe,
                             ((actual == 0) & (predicted == 0)).to(actual.dtype))
         accept = finite & (actual > 0) & (actual >= ARMIJO * predicted)
-        code = check_termination(actual, state["cost"], trial["step_norm"],
-                                 vnorm(state["x"], dim=-1), ratio, problem.ftol, problem.xtol)
-        stop = finite & (code != 0)
-        status = torch.where(stop, code, torch.full_like(code, codes.RUNNING))
+        status = trust_region_status(actual, state["cost"], trial.step_norm, state["x"], ratio,
+                                     finite, problem.ftol, problem.xtol)
         self.update_length(problem, state, accept)
-        return accept, status, trial["x_new"]
+        return Verdict(accept, status, trial.x_new)
 
     def update_length(self, problem: Problem, state: dict, accept: Tensor) -> None:
         """Halve the length after a rejected trial."""
-        state["t"] = torch.where(accept, state["t"], 0.5 * state["t"])
+        length = state["step_length"]
+        state["step_length"] = torch.where(accept, length, 0.5 * length)
+
+    def after_jacobian(self, problem: Problem, state: dict) -> None:
+        update_jac_scale(problem, state)
 
     @staticmethod
     def free_variables(problem: Problem, state: dict) -> Tensor:
@@ -103,16 +119,14 @@ class _LineSearch(StepRule):
         held = ((x <= state["lb"]) & (g > 0)) | ((x >= state["ub"]) & (g < 0))
         return ~held
 
-    def finalize(self, problem: Problem, state: dict) -> dict:
+    def result_fields(self, problem: Problem, state: dict) -> ResultFields:
         return bound_activity(problem, state)
 
 
 class GaussNewton(_LineSearch):
     """Gauss-Newton direction, full step first, backtracking."""
 
-    name = "gn"
-
-    def prepare(self, problem: Problem, state: dict) -> None:
+    def build_model(self, problem: Problem, state: dict) -> None:
         # Gauss-Newton step on the free variables (active-set projection,
         # Bertsekas 1982), falling back to projected steepest descent if it
         # is not a descent direction.
@@ -127,28 +141,27 @@ class GaussNewton(_LineSearch):
         descent = (direction * g).sum(-1) < 0
         state["direction"] = torch.where(descent.unsqueeze(-1), direction, steepest)
         first = 1.0 if problem.step_length is None else problem.step_length
-        state["t"] = torch.full_like(state["t"], first)
+        state["step_length"] = torch.full_like(state["step_length"], first)
 
 
 class GradientDescent(_LineSearch):
     """Scaled steepest descent with a carried-over, adaptive step length."""
 
-    name = "gd"
-
-    def init(self, problem: Problem, state: dict) -> None:
-        super().init(problem, state)
+    def init_state(self, problem: Problem, state: dict) -> None:
+        super().init_state(problem, state)
         delta = vnorm((state["x"] * state["scale_inv"]), dim=-1)
         delta = torch.where(delta == 0, torch.ones_like(delta), delta)
         dg = vnorm((state["scale"] * state["g"]), dim=-1)
-        state["t"] = delta / torch.where(dg > 0, dg, torch.ones_like(dg))
+        state["step_length"] = delta / torch.where(dg > 0, dg, torch.ones_like(dg))
 
-    def prepare(self, problem: Problem, state: dict) -> None:
+    def build_model(self, problem: Problem, state: dict) -> None:
         d = state["scale"] * self.free_variables(problem, state)
         state["direction"] = -(d * d) * state["g"]
         if problem.step_length is not None:  # a fixed first length, as classic GD
-            state["t"] = torch.full_like(state["t"], problem.step_length)
+            state["step_length"] = torch.full_like(state["step_length"], problem.step_length)
 
     def update_length(self, problem: Problem, state: dict, accept: Tensor) -> None:
         """Halve after a rejected trial; double after an accepted one (adaptive mode)."""
         grow = 2.0 if problem.step_length is None else 1.0
-        state["t"] = torch.where(accept, grow * state["t"], 0.5 * state["t"])
+        length = state["step_length"]
+        state["step_length"] = torch.where(accept, grow * length, 0.5 * length)

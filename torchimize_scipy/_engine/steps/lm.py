@@ -35,23 +35,25 @@ batch lands on an exact zero as a single problem does (issue 11).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .. import status as codes
-from ..linalg import (
-    BasicStep,
-    basic_gauss_newton,
-    factorize,
-    gauss_newton_step,
-    rank_deficient_rows,
-    refine_gauss_newton,
-    solve_trust_region_minpack,
-)
+from ..linalg import factorize, gauss_newton_step, refine_gauss_newton
+from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import Problem
 from ..quadratic import cross_jac, jac_times
+from ..termination import (
+    RUNNING,
+    minpack_status,
+    reported_njev,
+    uncounted_jacobian,
+)
+from ..trust_region import solve_trust_region_minpack
 from ._common import (
-    StepRule,
+    FACTOR_KEYS,
     alloc_factors,
     column_norms,
     flag_singular_factors,
@@ -59,18 +61,41 @@ from ._common import (
     load_factors,
     store_factors,
 )
+from .base import ResultFields, StepRule, Verdict
 
 FACTOR = 100.0
+
+
+class LMTrial(NamedTuple):
+    """A trial of 'lm': the point, the step, its scaled norm and the damping it used."""
+
+    x_new: Tensor
+    step_norm: Tensor
+    step: Tensor
+    pnorm: Tensor  # |diag * step|
+    par: Tensor
 
 
 class LevenbergMarquardt(StepRule):
     """Step rule reproducing MINPACK ``lmder``."""
 
-    name = "lm"
+    state_keys = frozenset({
+        "diag",  # MINPACK's variable scaling
+        "delta",  # trust radius on |diag * step|
+        "par",  # Levenberg-Marquardt parameter
+        "xnorm",  # |diag * x|
+        "gnorm",  # largest cosine between f and a column of J (the gtol measure)
+        "fnorm",  # |f| at the current point
+        "no_step_yet",  # no trial accepted so far: the radius follows the first step
+        "radius_set",  # diag and the radius were set by the first outer iteration
+        "uncounted_jac",  # termination.uncounted_jacobian of the stopping trial
+        "basic_rows", "gn_step", "basic_curv", "basic_full",  # see build_model
+        *FACTOR_KEYS,
+    })
     budget_at_top = False  # MINPACK tests nfev after each trial
     prints_table = False  # scipy prints no iteration table for 'lm'
 
-    def init(self, problem: Problem, state: dict) -> None:
+    def init_state(self, problem: Problem, state: dict) -> None:
         x = state["x"]
         B = x.shape[0]
         if problem.jac_scale:
@@ -81,19 +106,19 @@ class LevenbergMarquardt(StepRule):
         state["par"] = x.new_zeros(B)
         state["xnorm"] = x.new_zeros(B)
         state["gnorm"] = x.new_zeros(B)
-        state["fnorm"] = x.new_zeros(B)  # |f| at the current point, from top()
-        state["first"] = torch.ones(B, dtype=torch.bool, device=x.device)
-        state["started"] = torch.zeros(B, dtype=torch.bool, device=x.device)
+        state["fnorm"] = x.new_zeros(B)  # |f| at the current point, from measure_optimality
+        state["no_step_yet"] = torch.ones(B, dtype=torch.bool, device=x.device)
+        state["radius_set"] = torch.zeros(B, dtype=torch.bool, device=x.device)
         # MINPACK does not evaluate J at a point accepted by the terminating trial
         state["uncounted_jac"] = torch.zeros(B, dtype=torch.long, device=x.device)
         alloc_factors(problem, state, augmented=False)
-        # MINPACK's basic Gauss-Newton step on (nearly) rank-deficient rows (see prepare)
+        # MINPACK's basic Gauss-Newton step on (nearly) rank-deficient rows (see build_model)
         state["basic_rows"] = torch.zeros(B, dtype=torch.bool, device=x.device)
-        state["gn_p"] = torch.zeros_like(x)  # the Gauss-Newton step (scaled), from prepare
+        state["gn_step"] = torch.zeros_like(x)  # the Gauss-Newton step (scaled)
         state["basic_curv"] = x.new_zeros(B)
         state["basic_full"] = torch.zeros(B, dtype=torch.bool, device=x.device)
 
-    def top(self, problem: Problem, state: dict) -> torch.Tensor:
+    def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
         f = state["f"]
         acnorm = column_norms(state)
         fnorm = vnorm(f, dim=-1)
@@ -107,7 +132,7 @@ class LevenbergMarquardt(StepRule):
         gnorm = torch.where(fnorm != 0, inf_norm(cosines), torch.zeros_like(fnorm))
         state["gnorm"] = gnorm
         # scaling and initial radius on the very first outer iteration
-        start = ~state["started"]
+        start = ~state["radius_set"]
         any_start = bool(start.any())
         if problem.jac_scale:
             grown = torch.maximum(state["diag"], acnorm)
@@ -124,10 +149,10 @@ class LevenbergMarquardt(StepRule):
             delta0 = torch.where(xnorm == 0, torch.full_like(xnorm, FACTOR), FACTOR * xnorm)
             state["delta"] = torch.where(start, delta0, state["delta"])
             state["xnorm"] = torch.where(start, xnorm, state["xnorm"])
-            state["started"] = torch.ones_like(start)
-        return (gnorm <= problem.gtol) & (state["status"] == codes.RUNNING)
+            state["radius_set"] = torch.ones_like(start)
+        return (gnorm <= problem.gtol) & (state["status"] == RUNNING)
 
-    def prepare(self, problem: Problem, state: dict) -> None:
+    def build_model(self, problem: Problem, state: dict) -> None:
         fac = factorize(state["J"], 1.0 / state["diag"], state["f"], gram=state["G"],
                         g=state["g"], use_gram=problem.use_gram)
         store_factors(state, fac)
@@ -157,26 +182,26 @@ class LevenbergMarquardt(StepRule):
                 state[key] = state[key].index_copy(0, rows, new)
         else:
             state["basic_rows"] = torch.zeros_like(state["basic_rows"])
-        state["gn_p"] = p_gn
+        state["gn_step"] = p_gn
 
-    def propose(self, problem: Problem, state: dict) -> dict:
+    def propose_step(self, problem: Problem, state: dict) -> LMTrial:
         basic = None
         if bool(state["basic_rows"].any()):
-            basic = BasicStep(state["basic_rows"], state["gn_p"], state["basic_curv"],
+            basic = BasicStep(state["basic_rows"], state["gn_step"], state["basic_curv"],
                               state["basic_full"])
         q, par = solve_trust_region_minpack(load_factors(state), state["delta"], state["par"],
                                             problem.m, problem.n, basic=basic,
-                                            p_gn=state["gn_p"])
+                                            p_gn=state["gn_step"])
         step = q / state["diag"]
         pnorm = vnorm(q, dim=-1)
         # on the first iteration the radius is cut to the first step's length
-        state["delta"] = torch.where(state["first"], torch.minimum(state["delta"], pnorm),
+        state["delta"] = torch.where(state["no_step_yet"], torch.minimum(state["delta"], pnorm),
                                      state["delta"])
-        return {"x_new": state["x"] + step, "step": step, "pnorm": pnorm, "par": par,
-                "step_norm": vnorm(step, dim=-1)}
+        return LMTrial(state["x"] + step, vnorm(step, dim=-1), step, pnorm, par)
 
-    def judge(self, problem, state, trial, f_new, cost_new, finite):
-        fnorm = state["fnorm"]  # f has not changed since top()
+    def assess_trial(self, problem: Problem, state: dict, trial: LMTrial, f_new: Tensor,
+                     cost_new: Tensor, finite: Tensor) -> Verdict:
+        fnorm = state["fnorm"]  # f has not changed since measure_optimality
         fnorm1 = torch.where(finite, vnorm(f_new, dim=-1), torch.full_like(fnorm, float("inf")))
         safe_f = torch.where(fnorm != 0, fnorm, torch.ones_like(fnorm))
         tenth1 = 0.1 * fnorm1
@@ -184,8 +209,8 @@ class LevenbergMarquardt(StepRule):
         rel1 = fnorm1 / safe_f
         # (x * x is x ** 2 exactly, without the slower pow call)
         actred = torch.where(small, 1 - rel1 * rel1, torch.full_like(fnorm, -1.0))
-        pnorm, par = trial["pnorm"], trial["par"]
-        step = trial["step"]
+        pnorm, par = trial.pnorm, trial.par
+        step = trial.step
         if "fac_gram" in state:  # |J step| through J^T J on the Gram rows
             Jstep_norm = cross_jac(state["J"], step, step, state["G"], state["fac_gram"]).sqrt()
         else:
@@ -211,28 +236,18 @@ class LevenbergMarquardt(StepRule):
                             torch.where(grow, pnorm / 0.5, delta))
         par = torch.where(shrink, par / temp, torch.where(grow, 0.5 * par, par))
         accept = ratio >= 1e-4
-        x_new = trial["x_new"]
+        x_new = trial.x_new
         xnorm = torch.where(accept, vnorm((state["diag"] * x_new), dim=-1), state["xnorm"])
         state["delta"], state["par"], state["xnorm"] = delta, par, xnorm
-        state["first"] = state["first"] & ~accept
-        # MINPACK's termination tests, the first that holds giving the status
-        eps = torch.finfo(delta.dtype).eps
-        half_ok = 0.5 * ratio <= 1
-        ftol_ok = (actred.abs() <= problem.ftol) & (prered <= problem.ftol) & half_ok
-        xtol_ok = delta <= problem.xtol * xnorm
-        status = torch.where(state["gnorm"] <= eps, codes.GTOL, codes.RUNNING)
-        status = torch.where(delta <= eps * xnorm, codes.XTOL, status)
-        tiny_f = (actred.abs() <= eps) & (prered <= eps) & half_ok
-        status = torch.where(tiny_f, codes.FTOL, status)
-        status = torch.where(state["nfev"] >= problem.max_nfev, codes.MAX_NFEV, status)
-        status = torch.where(xtol_ok, torch.where(ftol_ok, codes.FTOL_XTOL, codes.XTOL),
-                             torch.where(ftol_ok, codes.FTOL, status))
-        state["uncounted_jac"] = (accept & (status != codes.RUNNING)).long()
-        return accept, status, x_new
+        state["no_step_yet"] = state["no_step_yet"] & ~accept
+        status = minpack_status(actred, prered, ratio, delta, xnorm, state["gnorm"],
+                                state["nfev"], problem.max_nfev, problem.ftol, problem.xtol)
+        state["uncounted_jac"] = uncounted_jacobian(accept, status)
+        return Verdict(accept, status, x_new)
 
     def after_jacobian(self, problem: Problem, state: dict) -> None:
-        """MINPACK keeps its own scaling ``diag`` (updated in ``top``)."""
+        """MINPACK keeps its own scaling ``diag`` (updated in ``measure_optimality``)."""
 
-    def finalize(self, problem: Problem, state: dict) -> dict:
-        return {"active_mask": torch.zeros_like(state["x"], dtype=torch.long),
-                "njev": state["njev"] - state["uncounted_jac"]}
+    def result_fields(self, problem: Problem, state: dict) -> ResultFields:
+        return ResultFields(torch.zeros_like(state["x"], dtype=torch.long),
+                            njev=reported_njev(state["njev"], state["uncounted_jac"]))

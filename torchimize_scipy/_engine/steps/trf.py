@@ -19,29 +19,31 @@ trust-region Gauss-Newton method (Moré 1978).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .. import status as codes
 from ..bounds import (
     coleman_li_scaling,
     in_bounds,
     make_strictly_feasible,
     step_size_to_bound,
 )
-from ..linalg import factorize, solve_trust_region_scipy
+from ..linalg import factorize
 from ..problem import Problem
 from ..quadratic import (
     build_quadratic_1d,
-    check_termination,
     evaluate_quadratic,
     intersect_trust_region,
     minimize_quadratic_1d,
     update_tr_radius,
 )
+from ..termination import RUNNING, trust_region_status
+from ..trust_region import solve_trust_region_scipy
 from ._common import (
-    StepRule,
+    FACTOR_KEYS,
     alloc_factors,
     bound_activity,
     flag_singular_factors,
@@ -49,23 +51,44 @@ from ._common import (
     initial_scale,
     load_factors,
     store_factors,
+    update_jac_scale,
 )
+from .base import ResultFields, StepRule, Verdict
 
 
-def _scaled_v(state: dict) -> tuple[Tensor, Tensor]:
-    v, dv = coleman_li_scaling(state["x"], state["g"], state["lb"], state["ub"])
-    return v, dv
+def _coleman_li(state: dict) -> tuple[Tensor, Tensor]:
+    """Coleman-Li ``v`` and ``dv`` at the current point (not yet scaled by ``x_scale``)."""
+    return coleman_li_scaling(state["x"], state["g"], state["lb"], state["ub"])
+
+
+class TRFTrial(NamedTuple):
+    """A trial of 'trf': the point, the step's norms, the model's reduction, the damping."""
+
+    x_new: Tensor
+    step_norm: Tensor
+    step_h_norm: Tensor  # in the scaled variables of the trust region
+    predicted: Tensor
+    alpha: Tensor
 
 
 class TRF(StepRule):
     """Step rule of the Trust Region Reflective method."""
 
-    name = "trf"
+    state_keys = frozenset({
+        "delta",  # trust radius (scaled variables)
+        "alpha",  # Levenberg-Marquardt parameter of the last subproblem
+        "tr_scaling",  # D = diag(v^(1/2) * x_scale): scaled variables are x / D
+        "diag_h",  # the Coleman-Li term g * dv * x_scale of the augmented system
+        "g_h",  # the scaled gradient D g
+        "theta",  # how close to the bounds a cut-back step may go
+        "coleman_li_v", "coleman_li_dv",  # bounded: Coleman-Li v, dv of the outer iteration
+        *FACTOR_KEYS,
+    })
 
-    def init(self, problem: Problem, state: dict) -> None:
+    def init_state(self, problem: Problem, state: dict) -> None:
         initial_scale(problem, state)
         if problem.bounded:
-            v, dv = _scaled_v(state)
+            v, dv = _coleman_li(state)
             v = torch.where(dv != 0, v * state["scale_inv"], v)
             delta = vnorm(state["x"] * state["scale_inv"] / v.sqrt(), dim=-1)
         else:  # v = 1: the division by sqrt(v) is exact
@@ -73,27 +96,27 @@ class TRF(StepRule):
         state["delta"] = torch.where(delta == 0, torch.ones_like(delta), delta)
         state["alpha"] = torch.zeros_like(delta)
         x = state["x"]
-        state["d"] = torch.ones_like(x)
+        state["tr_scaling"] = torch.ones_like(x)
         state["diag_h"] = torch.zeros_like(x)
         state["g_h"] = torch.zeros_like(x)
         state["theta"] = torch.zeros_like(delta)
         alloc_factors(problem, state, augmented=problem.bounded)
-        if problem.bounded:  # Coleman-Li data of the outer iteration, from top() to prepare()
-            state["cl_v"] = torch.ones_like(x)
-            state["cl_dv"] = torch.zeros_like(x)
+        if problem.bounded:  # Coleman-Li data of the outer iteration, to build_model()
+            state["coleman_li_v"] = torch.ones_like(x)
+            state["coleman_li_dv"] = torch.zeros_like(x)
 
-    def top(self, problem: Problem, state: dict) -> Tensor:
+    def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
         if problem.bounded:
-            v, dv = _scaled_v(state)
-            state["cl_v"], state["cl_dv"] = v, dv
+            v, dv = _coleman_li(state)
+            state["coleman_li_v"], state["coleman_li_dv"] = v, dv
             state["optimality"] = inf_norm(state["g"] * v)
         else:
             state["optimality"] = inf_norm(state["g"])
         return state["optimality"] < problem.gtol
 
-    def prepare(self, problem: Problem, state: dict) -> None:
+    def build_model(self, problem: Problem, state: dict) -> None:
         if problem.bounded:
-            v, dv = state["cl_v"], state["cl_dv"]  # x and g are those of top()
+            v, dv = state["coleman_li_v"], state["coleman_li_dv"]  # x, g as measured
             v = torch.where(dv != 0, v * state["scale_inv"], v)
             d = v.sqrt() * state["scale"]
             diag_h = state["g"] * dv * state["scale"]
@@ -102,17 +125,17 @@ class TRF(StepRule):
         else:
             d = state["scale"]
             diag_h = None
-        state["d"] = d
+        state["tr_scaling"] = d
         state["g_h"] = d * state["g"]
         fac = factorize(state["J"], d, state["f"], diag_h, gram=state["G"], g=state["g"],
                         use_gram=problem.use_gram)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
 
-    def propose(self, problem: Problem, state: dict) -> dict:
+    def propose_step(self, problem: Problem, state: dict) -> TRFTrial:
         p_h, alpha = solve_trust_region_scipy(load_factors(state), state["delta"], state["alpha"],
                                               problem.m, problem.n)
-        d = state["d"]
+        d = state["tr_scaling"]
         diag_h = state["diag_h"] if problem.bounded else None
         if problem.bounded:
             step, step_h, predicted = select_step(state, p_h, diag_h)
@@ -123,28 +146,29 @@ class TRF(StepRule):
             predicted = -evaluate_quadratic(state["J"], d, state["g_h"], p_h, G=state["G"],
                                             gram=state.get("fac_gram"))
             x_new = state["x"] + step
-        return {"x_new": x_new, "step": step, "step_h_norm": vnorm(step_h, dim=-1),
-                "predicted": predicted, "alpha": alpha, "step_norm": vnorm(step, dim=-1)}
+        return TRFTrial(x_new, vnorm(step, dim=-1), vnorm(step_h, dim=-1), predicted, alpha)
 
-    def judge(self, problem, state, trial, f_new, cost_new, finite):
+    def assess_trial(self, problem: Problem, state: dict, trial: TRFTrial, f_new: Tensor,
+                     cost_new: Tensor, finite: Tensor) -> Verdict:
         delta = state["delta"]
-        step_h_norm = trial["step_h_norm"]
+        step_h_norm = trial.step_h_norm
         actual = state["cost"] - cost_new
-        delta_new, ratio = update_tr_radius(delta, actual, trial["predicted"], step_h_norm,
+        delta_new, ratio = update_tr_radius(delta, actual, trial.predicted, step_h_norm,
                                             step_h_norm > 0.95 * delta)
-        code = check_termination(actual, state["cost"], trial["step_norm"],
-                                 vnorm(state["x"], dim=-1), ratio, problem.ftol, problem.xtol)
-        stop = finite & (code != 0)
-        cont = finite & ~stop
+        status = trust_region_status(actual, state["cost"], trial.step_norm, state["x"], ratio,
+                                     finite, problem.ftol, problem.xtol)
+        cont = finite & (status == RUNNING)
         safe_new = torch.where(delta_new > 0, delta_new, 1.0)
-        state["alpha"] = torch.where(cont, trial["alpha"] * delta / safe_new, trial["alpha"])
+        state["alpha"] = torch.where(cont, trial.alpha * delta / safe_new, trial.alpha)
         state["delta"] = torch.where(cont, delta_new,
                                      torch.where(finite, delta, 0.25 * step_h_norm))
-        status = torch.where(stop, code, torch.full_like(code, codes.RUNNING))
         accept = finite & (actual > 0)
-        return accept, status, trial["x_new"]
+        return Verdict(accept, status, trial.x_new)
 
-    def finalize(self, problem: Problem, state: dict) -> dict:
+    def after_jacobian(self, problem: Problem, state: dict) -> None:
+        update_jac_scale(problem, state)
+
+    def result_fields(self, problem: Problem, state: dict) -> ResultFields:
         return bound_activity(problem, state)
 
 
@@ -154,7 +178,8 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
     Returns ``(step, step_h, predicted_reduction)``.
     """
     x, lb, ub = state["x"], state["lb"], state["ub"]
-    J, d, g_h, delta, theta = state["J"], state["d"], state["g_h"], state["delta"], state["theta"]
+    J, d, g_h = state["J"], state["tr_scaling"], state["g_h"]
+    delta, theta = state["delta"], state["theta"]
     G, gram = state["G"], state.get("fac_gram")
     p = d * p_h
     inside = in_bounds(x + p, lb, ub)

@@ -1,0 +1,126 @@
+r"""The covariance of the estimate, for B problems at once (torch).
+
+:math:`\mathrm{Cov}(\hat p) \approx (J^T J)^{-1}`, times the reduced
+chi-square :math:`s^2 = \lVert r \rVert^2 / (M - N)` unless
+``absolute_sigma`` (Seber & Wild, *Nonlinear Regression*, Wiley 1989, ch. 2).
+:math:`(J^T J)^{-1}` as scipy computes it:
+
+* 'trf', 'dogbox' (and 'gn', 'gd'): :func:`svd_pinv`, the Moore-Penrose
+  pseudo-inverse from the thin SVD with singular values at most
+  :math:`\epsilon \max(M, N) s_1` discarded;
+* 'lm': from ``R`` of a QR factorisation, :math:`R^{-1} R^{-T}`
+  (:func:`pivoted_inverse` with MINPACK's column pivoting; Businger & Golub,
+  Numer. Math. 7, 1965), indeterminate (NaN) where ``R`` has an exactly zero
+  diagonal entry.
+
+Batches may first try :func:`normal_inverse`'s shortcut, the inverse of the
+small Gram matrix where it is well conditioned. :func:`finish_covariance`
+scales, and fills indeterminate covariances with ``inf``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .._engine.linalg import inverse_and_condition
+
+#: Batches invert ``J^T J`` directly where its 2-norm condition number is at most
+#: this (float64: a relative error of about ``eps * 1e6 = 2e-10`` in ``pcov``;
+#: float32: ``1e-4 / eps``); the other problems take scipy's factorisation.
+PCOV_GRAM_COND_LIMIT = 1e6
+#: The warning of an indeterminate covariance (scipy's text).
+COV_MSG = "Covariance of the parameters could not be estimated"
+
+
+def inverse_from_r(R: torch.Tensor) -> torch.Tensor:
+    """``R^{-1} R^{-T}`` per problem; NaN where ``R`` has an exactly zero diagonal entry."""
+    n = R.shape[-1]
+    singular = (torch.diagonal(R, dim1=-2, dim2=-1) == 0).any(-1)
+    eye = torch.eye(n, dtype=R.dtype, device=R.device).expand_as(R)
+    safe = torch.where(singular[:, None, None], eye, R)
+    Rinv = torch.linalg.solve_triangular(safe, eye, upper=True)
+    cov = Rinv @ Rinv.transpose(-1, -2)
+    return torch.where(singular[:, None, None], torch.full_like(cov, float("nan")), cov)
+
+
+def pivoted_inverse(R: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``P R^{-1} R^{-T} P^T`` from ``J P = Q R`` (column ``k`` of ``R``: variable ``perm[k]``)."""
+    cov = inverse_from_r(R)
+    back = torch.argsort(perm, dim=-1)  # variable i is column back[i]
+    rows = back.unsqueeze(-1).expand_as(cov)
+    return cov.gather(-2, rows).gather(-1, back.unsqueeze(-2).expand_as(cov))
+
+
+def qr_inverse(J: torch.Tensor) -> torch.Tensor:
+    """``(J^T J)^{-1} = R^{-1} R^{-T}`` from ``J = Q R``; NaN where ``R`` is singular."""
+    return inverse_from_r(torch.linalg.qr(J, mode="r")[1])
+
+
+def svd_pinv(J: torch.Tensor) -> torch.Tensor:
+    """``(J^T J)^+ = V S^{-2} V^T`` from the thin SVD, small singular values discarded."""
+    _, s, Vh = torch.linalg.svd(J, full_matrices=False)
+    threshold = torch.finfo(J.dtype).eps * max(J.shape[-2:]) * s[:, :1]
+    keep = s > threshold
+    inv_s2 = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)) ** 2,
+                         torch.zeros_like(s))
+    return (Vh.transpose(-1, -2) * inv_s2.unsqueeze(-2)) @ Vh
+
+
+def normal_inverse(J: torch.Tensor, factorised: Callable[[torch.Tensor], torch.Tensor],
+                   gram_first: bool = True) -> torch.Tensor:
+    """``(J^T J)^{-1}`` per problem ``(B, N, N)``: ``factorised(J)``, or the Gram inverse first.
+
+    With ``gram_first``, inverting the small Gram matrix costs a fraction of a
+    batched SVD or QR of ``J``; for well-conditioned problems the two agree to
+    about ``eps * cond(J^T J)``. Rank-deficient, ill-conditioned and
+    non-finite problems (and ``M < N``) go through ``factorised``, as scipy
+    computes them; a non-finite Jacobian gives a NaN covariance without
+    disturbing the others.
+    """
+    B, m, n = J.shape
+    if gram_first:
+        G = J.transpose(-1, -2) @ J
+        finite = torch.isfinite(G.sum((-2, -1)))
+        if not bool(finite.all()):  # keep the inversion away from non-finite rows
+            G = torch.where(finite[:, None, None], G,
+                            torch.eye(n, dtype=G.dtype, device=G.device))
+        limit = min(PCOV_GRAM_COND_LIMIT, 1e-4 / torch.finfo(G.dtype).eps)
+        Ginv, cond1 = inverse_and_condition(G)
+        cov = 0.5 * (Ginv + Ginv.transpose(-1, -2))
+        ok = finite & (cond1 <= limit / n) if m >= n else torch.zeros_like(finite)
+    else:
+        cov = J.new_zeros(B, n, n)
+        ok = torch.zeros(B, dtype=torch.bool, device=J.device)
+    if not bool(ok.all()):
+        rows = (~ok).nonzero().squeeze(-1)
+        Jb = J.index_select(0, rows)
+        sub = torch.full((rows.shape[0], n, n), float("nan"), dtype=cov.dtype, device=cov.device)
+        good = torch.isfinite(Jb).flatten(1).all(-1)  # a NaN Jacobian gives a NaN covariance
+        if bool(good.any()):
+            sub[good] = factorised(Jb[good])
+        cov = cov.index_copy(0, rows, sub)
+    return cov
+
+
+def finish_covariance(cov: torch.Tensor, ok: torch.Tensor, n: int, m: int | torch.Tensor,
+                      chisq: torch.Tensor, absolute_sigma: bool) -> tuple[torch.Tensor, int]:
+    """Scale by the reduced chi-square; ``inf`` where indeterminate, NaN where ``~ok``.
+
+    ``cov (B, N, N)`` is ``(J^T J)^{-1}`` (NaN entries: indeterminate),
+    ``chisq (B,)`` the sum of squared whitened residuals, ``m`` the number of
+    observations, shared or per problem ``(B,)`` (after ``nan_policy='omit'``).
+    Returns the covariances and how many of the ``ok`` problems are
+    indeterminate (the caller's warning).
+    """
+    bad = torch.isnan(cov).flatten(1).any(-1)
+    if not absolute_sigma:
+        m_t = torch.as_tensor(m, device=cov.device).expand_as(bad)
+        enough = m_t > n
+        dof = torch.where(enough, m_t - n, torch.ones_like(m_t)).to(chisq.dtype)
+        cov = cov * (chisq / dof).to(cov.dtype)[:, None, None]
+        bad = bad | ~enough
+    cov = torch.where(bad[:, None, None], torch.full_like(cov, float("inf")), cov)
+    cov = torch.where(ok[:, None, None], cov, torch.full_like(cov, float("nan")))
+    return cov, int((bad & ok).sum())

@@ -1,0 +1,308 @@
+"""The data of a fit: ``xdata``, ``ydata``, ``sigma``, ``nan_policy``, ``p0`` and bounds defaults.
+
+One batched description serves both public functions: :func:`curve_fit` is a
+batch of one whose ``xdata`` is passed to ``f`` unchanged, as scipy does;
+:func:`batch_curve_fit` holds B data sets, with ``xdata`` shared or per
+problem. The ``sigma`` transform is either ``('diag', 1 / sigma)`` of shape
+``(1 or B, M)`` (standard deviations) or ``('chol', L)`` of shape
+``(1 or B, M, M)`` with ``Sigma = L L^T`` (covariance matrices).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from .._arrays import to_host
+
+#: What ``curve_fit`` raises for NaN or inf in checked data (numpy's text); also the
+#: message of the problems ``batch_curve_fit`` keeps out of the solve for that reason.
+NONFINITE_DATA_MSG = "array must not contain infs or NaNs"
+
+
+# ---------------------------------------------------------------------------
+# parameters: count, default start, the tensor that decides device and dtype
+# ---------------------------------------------------------------------------
+def count_parameters(f: Callable) -> int:
+    """Positional parameters of ``f`` minus the independent variable."""
+    params = inspect.signature(f).parameters.values()
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2:
+        raise ValueError("Unable to determine number of fit parameters.")
+    return len(positional) - 1
+
+
+def feasible_start(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
+    """1 where unbounded, midpoints of finite boxes, one unit inside a single bound."""
+    lo, hi = np.isfinite(lb), np.isfinite(ub)
+    p0 = np.ones_like(lb, dtype=float)
+    p0 = np.where(lo & hi, 0.5 * (np.where(lo, lb, 0) + np.where(hi, ub, 0)), p0)
+    p0 = np.where(lo & ~hi, np.where(lo, lb, 0) + 1, p0)
+    p0 = np.where(~lo & hi, np.where(hi, ub, 0) - 1, p0)
+    return p0
+
+
+def torch_lead(p0: Any, ydata: Any, xdata: Any) -> torch.Tensor | None:
+    """The tensor that decides device and dtype (``p0``, then ``ydata``, then ``xdata``)."""
+    for a in (p0, ydata, xdata):
+        if isinstance(a, torch.Tensor):
+            return a
+    if isinstance(xdata, list | tuple):
+        for a in xdata:
+            if isinstance(a, torch.Tensor):
+                return a
+    return None
+
+
+def float_array(a: Any, check_finite: bool) -> np.ndarray:
+    """scipy's cast to float, with ``asarray_chkfinite``'s check when asked."""
+    a = to_host(a)
+    if check_finite:
+        return np.asarray_chkfinite(a, float)
+    return np.asarray(a, float)
+
+
+def check_nan_policy(nan_policy: str) -> None:
+    """scipy's refusals of ``nan_policy`` values other than 'raise' and 'omit'."""
+    if nan_policy == "propagate":
+        raise ValueError("`nan_policy='propagate'` is not supported by this function.")
+    if nan_policy not in ("raise", "omit"):
+        raise ValueError("nan_policy must be one of {None, 'raise', 'omit'}")
+
+
+# ---------------------------------------------------------------------------
+# sigma
+# ---------------------------------------------------------------------------
+def sigma_transform(sigma: Any, B: int | None, M: int,
+                    keep: np.ndarray | None = None) -> tuple[str, np.ndarray] | None:
+    """``('diag', 1 / sigma)`` of shape ``(1 or B, M)`` or ``('chol', L)`` of ``(1 or B, M, M)``.
+
+    ``B`` is None for :func:`curve_fit`, which takes a scalar, ``(M,)`` or a
+    covariance ``(M, M)``; :func:`batch_curve_fit` takes a scalar, ``(M,)``,
+    ``(B, M)`` or covariances ``(B, M, M)``. ``keep (B, M)``
+    (``nan_policy='omit'`` in a batch) marks the observations each problem
+    keeps: the omitted ones get weight 1 and, in a covariance, an identity row
+    and column (no correlation with the kept ones), so that the whitened kept
+    residuals are those of the reduced data set.
+    """
+    if sigma is None:
+        return None
+    sigma = np.asarray(to_host(sigma), dtype=None if B is None else float)
+    if B is None and sigma.size == 1 and sigma.ndim > 1:
+        # scipy reads a one-entry sigma as a standard deviation of the sigma's own
+        # shape and then fails on the 2-D residuals it makes; the value is ambiguous
+        # (standard deviation or variance), so refuse it rather than guess
+        raise ValueError(f"`sigma` of shape {sigma.shape} is ambiguous: give a standard "
+                         "deviation as a scalar or 1-D array, or a covariance matrix of "
+                         "shape (M, M) with M > 1.")
+    if sigma.size == 1 or sigma.shape == (M,) or (B is not None and sigma.shape == (B, M)):
+        with np.errstate(divide="ignore"):
+            T = 1.0 / sigma.reshape(-1, 1 if sigma.size == 1 else M)
+        if keep is not None:
+            T = np.where(keep, T, 1.0)
+        return "diag", T
+    if sigma.shape == ((M, M) if B is None else (B, M, M)):
+        if keep is not None:
+            both = keep[:, :, None] & keep[:, None, :]
+            sigma = np.where(both, sigma, np.eye(M))
+        try:
+            if B is None:
+                return "chol", scipy.linalg.cholesky(sigma, lower=True)[None]
+            return "chol", np.linalg.cholesky(sigma)
+        except np.linalg.LinAlgError as e:
+            raise ValueError("`sigma` must be positive definite.") from e
+    raise ValueError("`sigma` has incorrect shape.")
+
+
+# ---------------------------------------------------------------------------
+# the data of B problems
+# ---------------------------------------------------------------------------
+class FitData:
+    """``xdata``, ``ydata (B, M)``, the ``sigma`` transform and the kept mask, by problem.
+
+    ``xkind`` says how ``xdata`` reaches ``f``: 'shared' (one array, given
+    unchanged to every call), 'rows' (``(B, M)``: the rows of the problems
+    called), 'stack' (``(B, k, M)``: ``(k, b, M)``), 'tuple' (predictors,
+    each shared or per problem) or 'object' (anything else, unchanged).
+    :meth:`single` builds the batch of one of :func:`curve_fit`.
+    """
+
+    def __init__(self, xkind: str, xparts: Any, Y: np.ndarray,
+                 yshape: tuple | None = None) -> None:
+        self.B = Y.shape[0]
+        self.xkind, self.xparts = xkind, xparts
+        self.Y = Y
+        #: ``ydata``'s own shape in :func:`curve_fit` (None in a batch)
+        self.yshape = yshape
+        self.keep: np.ndarray | None = None
+        self.set_transform(None)
+
+    @classmethod
+    def single(cls, xdata: Any, xdata_is_array: bool, ydata: np.ndarray) -> FitData:
+        """:func:`curve_fit`'s data: ``xdata`` passed to ``f`` as it is."""
+        return cls("shared" if xdata_is_array else "object", xdata, ydata.reshape(1, -1),
+                   ydata.shape)
+
+    @classmethod
+    def batch(cls, xdata: Any, Y: np.ndarray) -> FitData:
+        """:func:`batch_curve_fit`'s data: ``xdata`` shared or per problem (see its docs)."""
+        B = Y.shape[0]
+        if isinstance(xdata, list | tuple) and any(np.ndim(to_host(e)) >= 1 for e in xdata):
+            parts = [np.asarray(to_host(e), dtype=float) for e in xdata]
+            batched = [p.ndim >= 2 and p.shape[0] == B for p in parts]
+            if not any(batched):
+                return cls("shared", np.asarray(parts), Y)
+            return cls("tuple", list(zip(parts, batched, strict=True)), Y)
+        if isinstance(xdata, list | tuple | np.ndarray | torch.Tensor):
+            arr = np.asarray(to_host(xdata), dtype=float)
+            if arr.ndim >= 2 and arr.shape[0] == B:
+                return cls("rows" if arr.ndim == 2 else "stack", arr, Y)
+            return cls("shared", arr, Y)
+        return cls("object", xdata, Y)
+
+    @property
+    def M(self) -> int:
+        """Number of observations per problem."""
+        return self.Y.shape[1]
+
+    def set_transform(self, transform: tuple | None) -> None:
+        """Set the ``sigma`` transform (``('diag', T)``, ``('chol', L)`` or None)."""
+        self.tkind = None if transform is None else transform[0]
+        self.T = None if transform is None else transform[1]
+        self.cache: dict = {}
+
+    def _parts(self) -> list[tuple[np.ndarray, bool]]:
+        """The numeric parts of ``xdata`` with whether each is per problem."""
+        if self.xkind in ("rows", "stack"):
+            return [(self.xparts, True)]
+        if self.xkind == "shared":
+            return [(np.asarray(self.xparts), False)]
+        return list(self.xparts) if self.xkind == "tuple" else []
+
+    def _x_nan(self) -> np.ndarray:
+        """``(B, M)`` or ``(M,)``: observations with a NaN in ``xdata``."""
+        out = np.zeros(self.M, dtype=bool)
+        for p, batched in self._parts():
+            if not np.issubdtype(p.dtype, np.inexact) or p.size == 0:
+                continue
+            nan = np.isnan(p)
+            out = out | (nan.reshape(self.B, -1, nan.shape[-1]).any(axis=1) if batched
+                         else nan.any(axis=tuple(range(nan.ndim - 1))))
+        return out
+
+    def apply_nan_policy(self, nan_policy: str | None, drop: bool) -> np.ndarray | None:
+        """Apply ``nan_policy``; return the ``(B, M)`` kept mask of an 'omit' (or None).
+
+        'raise' raises on any NaN; 'omit' either drops the observations
+        (``drop``, :func:`curve_fit`: ``M`` shrinks) or keeps the batch
+        rectangular, zeroing the omitted entries (so that models and autograd
+        see finite numbers; their residuals are masked by the model). Returns
+        None when nothing is omitted.
+        """
+        if nan_policy is None:
+            return None
+        check_nan_policy(nan_policy)
+        omit = np.isnan(self.Y) | self._x_nan()
+        if not omit.any():
+            return None
+        if nan_policy == "raise":
+            raise ValueError("The input contains nan values")
+        keep = ~omit
+        if drop:  # one problem: its reduced data set
+            self.Y = self.Y[:, keep[0]]
+            self.yshape = self.Y.shape[1:]
+            self.xparts = self.xparts[..., keep[0]]
+            return keep
+        self.Y = np.where(keep, self.Y, 0.0)
+        if self.xkind == "tuple":
+            self.xparts = [(np.nan_to_num(p, nan=0.0), b) for p, b in self.xparts]
+        elif self.xkind != "object":
+            self.xparts = np.nan_to_num(self.xparts, nan=0.0)
+        self.keep = keep
+        self.cache = {}
+        return keep
+
+    def finite_rows(self) -> np.ndarray:
+        """Problems whose ``ydata``, per-problem ``xdata`` and ``sigma`` are finite.
+
+        Non-finite shared ``xdata`` raises, as :func:`curve_fit` does.
+        """
+        ok = np.isfinite(self.Y).all(axis=1)
+        if self.keep is not None:  # a problem left without observations fails
+            ok &= self.keep.any(axis=1)
+        if self.T is not None:
+            fin = np.isfinite(self.T.reshape(self.T.shape[0], -1)).all(axis=1)
+            ok &= fin if fin.shape[0] == self.B else bool(fin.all())
+        for p, batched in self._parts():
+            if batched:
+                ok &= np.isfinite(p.reshape(self.B, -1)).all(axis=1)
+            elif not np.isfinite(p).all():
+                raise ValueError(NONFINITE_DATA_MSG)
+        return ok
+
+    def arrays(self, like: Any) -> dict:
+        """All data in the kind (numpy, or torch on a device and real dtype) of ``like``."""
+        if not isinstance(like, torch.Tensor):
+            key: Any = "numpy"
+        else:
+            key = (str(like.device), like.real.dtype if like.is_complex() else like.dtype)
+        if key not in self.cache:
+            if key == "numpy":
+                conv: Callable = np.asarray
+            else:
+                dev, dt = key
+
+                def conv(a: np.ndarray) -> torch.Tensor:
+                    return torch.as_tensor(a, device=dev, dtype=dt)
+            if self.xkind == "tuple":
+                x = [(conv(p), s) for p, s in self.xparts]
+            elif self.xkind == "object":
+                x = self.xparts
+            else:
+                x = conv(self.xparts)
+            keep = self.keep
+            self.cache[key] = {"x": x, "Y": conv(self.Y),
+                               "T": None if self.T is None else conv(self.T),
+                               "keep": keep if key == "numpy" or keep is None
+                               else torch.as_tensor(keep, device=key[0])}
+        return self.cache[key]
+
+    @staticmethod
+    def _rows(a: Any, ids: Any, repeat: int = 1) -> Any:
+        """Rows ``ids`` of ``a``, each ``repeat`` times; a view when they are one ascending run."""
+        idx = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
+        b = idx.shape[0]
+        if repeat == 1 and b and int(idx[-1]) - int(idx[0]) == b - 1 and (
+                b == 1 or bool((idx.diff() == 1).all())):
+            return a[int(idx[0]):int(idx[0]) + b]
+        if repeat > 1:
+            idx = idx.repeat_interleave(repeat)
+        if isinstance(a, torch.Tensor):
+            return a.index_select(0, idx.to(a.device))
+        return a[idx.cpu().numpy()]
+
+    def select(self, ids: Any, like: Any, repeat: int = 1) -> tuple:
+        """``(x, y, T, keep)`` for the problems ``ids``, in the kind of ``like``.
+
+        Per-problem ``xdata`` comes ``repeat`` times per problem (for the
+        shifted points of forward differences); ``y``, ``T`` and ``keep`` once.
+        """
+        d = self.arrays(like)
+        x = d["x"]
+        if self.xkind in ("rows", "stack"):
+            x = self._rows(x, ids, repeat)
+            if self.xkind == "stack":
+                x = x.movedim(0, 1) if isinstance(x, torch.Tensor) else np.moveaxis(x, 0, 1)
+        elif self.xkind == "tuple":
+            x = tuple(self._rows(p, ids, repeat) if s else p for p, s in x)
+        T = d["T"]
+        if T is not None and T.shape[0] == self.B and self.B > 1:
+            T = self._rows(T, ids)
+        keep = None if d["keep"] is None else self._rows(d["keep"], ids)
+        return x, self._rows(d["Y"], ids), T, keep

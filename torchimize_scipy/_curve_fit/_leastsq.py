@@ -1,0 +1,261 @@
+"""scipy's ``leastsq`` (``method='lm'``): its options, messages, ``info`` codes and bookkeeping.
+
+``curve_fit(method='lm')`` runs ``least_squares(method='lm')`` (our MINPACK
+Levenberg-Marquardt step rule) but reports what scipy's ``leastsq`` reports:
+``info`` (``ier``) 1 to 5 and their messages, evaluation counts that include
+the forward differences (``nfev``, ``maxfev``), and ``fjac``/``ipvt``/``qtf``
+and ``pcov`` from the Jacobian of MINPACK's *last Jacobian evaluation*.
+:class:`LeastsqBook` keeps those counts and Jacobians for B problems.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from .._arrays import to_host
+from .._engine import status as codes
+
+#: scipy's ``leastsq`` defaults, used for ``method='lm'``.
+LEASTSQ_FTOL = 1.49012e-8
+LEASTSQ_XTOL = 1.49012e-8
+LEASTSQ_GTOL = 0.0
+#: Keywords of scipy's ``leastsq`` accepted (and translated) for ``method='lm'``.
+LEASTSQ_KEYS = ("col_deriv", "ftol", "xtol", "gtol", "maxfev", "epsfcn", "factor", "diag")
+#: least_squares status -> MINPACK ``info`` (the ``ier`` of ``leastsq``).
+STATUS_TO_IER = {codes.FTOL: 1, codes.XTOL: 2, codes.FTOL_XTOL: 3, codes.GTOL: 4,
+                 codes.MAX_NFEV: 5}
+_EPS = float(np.finfo(float).eps)
+
+
+class MaxfevReached(Exception):
+    """Raised inside :func:`curve_fit`'s residual function once ``maxfev`` is spent."""
+
+
+def reject_loss(kwargs: dict, caller: str) -> None:
+    """scipy's ``leastsq`` takes no ``loss``: with ``method='lm'`` it is a TypeError."""
+    if "loss" in kwargs:
+        raise TypeError(f"{caller}() with method='lm' got an unexpected keyword argument "
+                        "'loss' (scipy's leastsq has no robust loss; use method='trf' or "
+                        "'dogbox').")
+
+
+def leastsq_options(kwargs: dict, n: int, user_jac: bool) -> dict:
+    """Pop ``leastsq``'s keywords from ``kwargs``, check them as MINPACK does.
+
+    ``x_scale`` is set from ``diag``; the returned dict holds ``ftol, xtol,
+    gtol, maxfev, epsfcn`` with ``leastsq``'s defaults.
+    """
+    opts = {"ftol": kwargs.pop("ftol", LEASTSQ_FTOL), "xtol": kwargs.pop("xtol", LEASTSQ_XTOL),
+            "gtol": kwargs.pop("gtol", LEASTSQ_GTOL), "epsfcn": kwargs.pop("epsfcn", None)}
+    maxfev = kwargs.pop("maxfev", 0)
+    if "max_nfev" in kwargs:
+        if maxfev:
+            raise TypeError("curve_fit() got both 'maxfev' and 'max_nfev'.")
+        maxfev = kwargs.pop("max_nfev") or 0
+    factor = kwargs.pop("factor", 100)
+    diag = kwargs.pop("diag", None)
+    if maxfev == 0:
+        maxfev = 100 * (n + 1) if user_jac else 200 * (n + 1)
+    opts["maxfev"] = maxfev
+    improper = (opts["ftol"] < 0 or opts["xtol"] < 0 or opts["gtol"] < 0 or maxfev < 0
+                or factor <= 0
+                or (diag is not None and bool(np.any(np.asarray(to_host(diag)) <= 0))))
+    if improper:  # MINPACK's info = 0; curve_fit turns it into a RuntimeError
+        raise RuntimeError("Optimal parameters not found: Improper input parameters.")
+    if factor != 100:
+        raise ValueError("torchimize_scipy's 'lm' only supports factor=100 (MINPACK's "
+                         "default initial step bound).")
+    if diag is not None:
+        if "x_scale" in kwargs:
+            raise ValueError("Give only one of `diag` and `x_scale`.")
+        kwargs["x_scale"] = 1.0 / np.asarray(to_host(diag), dtype=float)
+    return opts
+
+
+def lm_tolerances(opts: dict) -> dict:
+    """``least_squares('lm')`` keywords from ``leastsq``'s options.
+
+    ``least_squares`` needs tolerances of at least machine epsilon; ``leastsq``
+    accepts smaller ones (including ``gtol=0``, its default).
+    """
+    return {"ftol": max(opts["ftol"], _EPS), "xtol": max(opts["xtol"], _EPS),
+            "gtol": max(opts["gtol"], _EPS), "max_nfev": opts["maxfev"]}
+
+
+def epsfcn_diff_step(epsfcn: Any, kwargs: dict) -> None:
+    """For a Jacobian scheme of ours, ``epsfcn`` means ``diff_step = sqrt(epsfcn)``."""
+    if epsfcn is not None and "diff_step" not in kwargs:
+        kwargs["diff_step"] = math.sqrt(max(float(epsfcn), _EPS))
+
+
+def minpack_step(epsfcn: Any, diff_step: Any, n: int, dtype: Any) -> Any:
+    """Relative forward-difference step: ``sqrt(max(epsfcn, eps))`` as MINPACK."""
+    eps_mach = float(torch.finfo(dtype).eps)
+    if epsfcn is not None:
+        return math.sqrt(max(float(epsfcn), eps_mach))
+    if diff_step is not None:
+        return np.broadcast_to(np.asarray(to_host(diff_step), dtype=float), (n,))
+    return math.sqrt(eps_mach)
+
+
+def leastsq_messages(opts: dict) -> dict[int, str]:
+    """``leastsq``'s termination messages for MINPACK's ``info`` 1 to 5."""
+    ftol, xtol, gtol, maxfev = (opts[k] for k in ("ftol", "xtol", "gtol", "maxfev"))
+    return {
+        1: "Both actual and predicted relative reductions in the sum of squares\n"
+           f"  are at most {ftol:f}",
+        2: f"The relative error between two consecutive iterates is at most {xtol:f}",
+        3: "Both actual and predicted relative reductions in the sum of squares\n"
+           f"  are at most {ftol:f} and the relative error between two consecutive "
+           f"iterates is at \n  most {xtol:f}",
+        4: "The cosine of the angle between func(x) and any column of the\n"
+           f"  Jacobian is at most {gtol:f} in absolute value",
+        5: f"Number of calls to function has reached maxfev = {maxfev}.",
+    }
+
+
+def status_to_ier(status: torch.Tensor) -> torch.Tensor:
+    """MINPACK's ``info`` per problem; 0 for our stops that have none (non-finite, singular)."""
+    ier = torch.zeros_like(status)
+    for code, info in STATUS_TO_IER.items():
+        ier = torch.where(status == code, info, ier)
+    return ier
+
+
+def minpack_qr_outputs(J: np.ndarray, fvec: np.ndarray) -> tuple:
+    """``leastsq``'s ``fjac, ipvt, qtf`` and ``R`` from the pivoted QR ``J P = Q R``.
+
+    ``fjac`` is returned as MINPACK stores it (and ``leastsq`` transposes it):
+    ``R`` on and above the diagonal, and below it column ``j`` of MINPACK's
+    Householder vector ``u_j`` (reflector ``I - u_j u_j^T / u_jj``), which is
+    LAPACK's ``tau_j v_j`` for LAPACK's reflector ``I - tau_j v_j v_j^T``
+    (``geqp3``'s raw output).
+    """
+    m, n = J.shape
+    (raw, tau), _, perm = scipy.linalg.qr(J, pivoting=True, mode="raw")
+    R = np.triu(raw[:n, :n])
+    fjac = np.triu(raw) + np.tril(raw, -1) * tau[np.newaxis, :n]
+    Q, _, _ = scipy.linalg.qr(J, pivoting=True, mode="economic")
+    return fjac.T.copy(), perm.astype(np.int32), Q.T @ fvec, R
+
+
+class LeastsqBook:
+    """MINPACK's bookkeeping for ``method='lm'``, per problem of a batch.
+
+    ``trials`` counts residual evaluations after the first Jacobian (MINPACK's
+    trial points), ``fd_evals`` those of the forward differences; once a trial
+    leaves ``1 + trials + fd_evals >= maxfev`` the problem is ``spent``, and a
+    further trial is where MINPACK stops with ``info = 5`` (``hit``).
+
+    At each Jacobian evaluation the book keeps ``summary(J)`` (the Jacobian
+    itself, or what the caller needs of it, e.g. ``(J^T J)^{-1}``) and, with
+    ``keep_residuals``, the residuals there; the last two are kept, so that
+    the one of MINPACK's last Jacobian evaluation is at hand (see
+    :meth:`uncounted_jacobian`). Tensors are allocated at first use.
+    """
+
+    def __init__(self, maxfev: float, rel_step: Any, B: int, device: Any,
+                 summary: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 keep_residuals: bool = False) -> None:
+        self.maxfev = maxfev
+        self.rel_step = rel_step
+        self.device = torch.device(device)
+        self.summary = summary if summary is not None else (lambda J: J)
+        self.keep_residuals = keep_residuals
+        z = torch.zeros(B, dtype=torch.long, device=self.device)
+        self.trials, self.fd_evals, self.jac_calls = z.clone(), z.clone(), z.clone()
+        no = torch.zeros(B, dtype=torch.bool, device=self.device)
+        self.spent, self.hit, self.seen = no.clone(), no.clone(), no.clone()
+        #: the last Jacobian was evaluated after the last trial evaluation
+        self.jac_after_trial = no.clone()
+        self.B = B
+        self.last_x: torch.Tensor | None = None  # (B, n): the last evaluation point
+        self.last_f: torch.Tensor | None = None  # (B, m): the residuals there
+        self.kept: dict[str, torch.Tensor] = {}  # summaries (and residuals) at the Jacobians
+
+    def _set(self, name: str, ids: torch.Tensor, value: torch.Tensor) -> None:
+        """Rows ``ids`` of the tensor ``name`` (allocated at first use) set to ``value``."""
+        old = getattr(self, name) if name in ("last_x", "last_f") else self.kept.get(name)
+        if old is None:
+            old = torch.zeros((self.B, *value.shape[1:]), dtype=value.dtype, device=self.device)
+        new = old.index_copy(0, ids, value.to(self.device, old.dtype))
+        if name in ("last_x", "last_f"):
+            setattr(self, name, new)
+        else:
+            self.kept[name] = new
+
+    def record_call(self, ids: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> None:
+        """One residual evaluation of the problems ``ids`` at ``x``, giving ``r``."""
+        ids = ids.to(self.device)
+        started = self.jac_calls[ids] > 0  # evaluations after the first Jacobian are trials
+        self.hit[ids] = self.hit[ids] | (self.spent[ids] & started)
+        self.trials[ids] = self.trials[ids] + started.long()
+        self.jac_after_trial[ids] = self.jac_after_trial[ids] & ~started
+        self._set("last_x", ids, x.detach())
+        self._set("last_f", ids, r.detach())
+        self.seen[ids] = True
+        total = 1 + self.trials[ids] + self.fd_evals[ids]
+        self.spent[ids] = self.spent[ids] | (started & (total >= self.maxfev))
+
+    def value_at(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """The residuals last evaluated at ``x`` for problems ``ids``, if they were made there."""
+        ids = ids.to(self.device)
+        if self.last_x is None or not bool(self.seen[ids].all()):
+            return None
+        same = torch.equal(self.last_x[ids], x.detach().to(self.device, self.last_x.dtype))
+        return self.last_f[ids].to(x.device) if same else None
+
+    def record_jac(self, ids: torch.Tensor, J: torch.Tensor,
+                   residuals: Callable[[], torch.Tensor]) -> None:
+        """A Jacobian ``J (b, m, n)`` of the problems ``ids``.
+
+        ``residuals()`` gives the residuals at the Jacobian's point, called
+        only when the book keeps them.
+        """
+        ids = ids.to(self.device)
+        names = ["summary"] + (["f"] if self.keep_residuals else [])
+        values = {"summary": self.summary(J.detach().to(self.device))}
+        if self.keep_residuals:
+            values["f"] = residuals()
+        for name in names:
+            if name in self.kept:
+                self._set("prev_" + name, ids, self.kept[name][ids])
+            self._set(name, ids, values[name])
+        self.jac_calls[ids] = self.jac_calls[ids] + 1
+        self.jac_after_trial[ids] = self.trials[ids] > 0
+
+    def add_fd_evals(self, ids: torch.Tensor, count: int) -> None:
+        """``count`` forward-difference evaluations for each of the problems ``ids``."""
+        ids = ids.to(self.device)
+        self.fd_evals[ids] = self.fd_evals[ids] + count
+
+    def uncounted_jacobian(self, status: torch.Tensor) -> torch.Tensor:
+        """Problems whose last Jacobian is one MINPACK never evaluates ``(B,)``.
+
+        Our engine evaluates the Jacobian after an accepted trial that ends the
+        run; MINPACK stops right after the trial. The engine's own count drops
+        it the same way (``uncounted_jac`` of the 'lm' step rule,
+        ``_engine/steps/lm.py``); here it also decides which kept Jacobian is
+        MINPACK's last. The order of the evaluations decides (a Jacobian after
+        the last trial), not the points: a rejected final trial can land
+        exactly on the current iterate. A run that ends on the ``gtol`` test
+        needs that Jacobian (MINPACK tests the gradient of the new Jacobian).
+        """
+        return self.jac_after_trial & (status.to(self.device) != codes.GTOL)
+
+    def at_last_minpack_jacobian(self, status: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The kept summaries (then residuals) of MINPACK's last Jacobian, and ``njev``."""
+        extra = self.uncounted_jacobian(status)
+        out = []
+        for name in ["summary"] + (["f"] if self.keep_residuals else []):
+            last = self.kept[name]
+            prev = self.kept.get("prev_" + name, last)
+            pick = extra.reshape(-1, *([1] * (last.ndim - 1)))
+            out.append(torch.where(pick, prev, last))
+        return (*out, self.jac_calls - extra.long())

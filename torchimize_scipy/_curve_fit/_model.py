@@ -1,0 +1,180 @@
+r"""The whitened model: residuals :math:`L^{-1}(f(x, p) - y)`, its Jacobian, MINPACK's differences.
+
+One class serves both public functions. It calls the user's ``f`` (and
+``jac``) in one of two ways:
+
+* row by row (:func:`curve_fit`, as scipy): ``f(x, p_1, ..., p_N)`` with the
+  parameters as scalars (numpy float64, or 0-d tensors for torch input), one
+  call per parameter vector;
+* vectorised (:func:`batch_curve_fit`): one call ``f(x, P[:, :1], ...,
+  P[:, N-1:])`` for ``b`` parameter vectors, each parameter a ``(b, 1)``
+  column, ``x`` the ``xdata`` of those problems.
+
+Everything after the call is shared: the residuals ``out - y``, the mask of
+observations omitted by ``nan_policy='omit'``, the whitening with the
+``sigma`` transform (a product with ``1 / sigma``, or one batched triangular
+solve with the Cholesky factor of a covariance), and MINPACK's forward
+differences (``fdjac2``: :math:`h_j = \sqrt{\max(\mathrm{epsfcn}, \epsilon)}\,
+|p_j|`, or that factor alone where :math:`p_j = 0`; Moré, Garbow & Hillstrom,
+ANL-80-74, 1980), computed for every problem of the batch at once.
+Parameters arrive as numpy arrays or tensors, and the results keep that kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._data import FitData
+from ._leastsq import LeastsqBook
+
+
+def as_tensor(a: Any) -> torch.Tensor:
+    """``a`` as a tensor (numpy arrays without a copy)."""
+    return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+
+
+def _swap_last(a: Any) -> Any:
+    return a.transpose(-1, -2) if isinstance(a, torch.Tensor) else np.swapaxes(a, -1, -2)
+
+
+def _mask(a: Any, keep: Any) -> Any:
+    """Zero the entries of ``a`` whose ``keep`` (broadcast) is False."""
+    if isinstance(a, torch.Tensor):
+        return torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
+    return np.where(keep, a, 0.0)
+
+
+def whiten(a: Any, kind: str | None, T: Any) -> Any:
+    """``L^{-1} a`` for the columns ``a (b, M, k)`` of each problem (``T``: 1 or b rows).
+
+    ``kind`` 'diag': ``T (1 or b, M)`` is ``1 / sigma``; 'chol': ``T (1 or b,
+    M, M)`` is the lower Cholesky factor, applied by one batched triangular
+    solve (numpy arrays pass through torch without copies).
+    """
+    if kind is None:
+        return a
+    if kind == "diag":
+        if isinstance(a, torch.Tensor):
+            T = T.to(a.dtype)
+        return T[..., None] * a
+    numpy_in = not isinstance(a, torch.Tensor)
+    if numpy_in:
+        a, T = torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(T)
+        a = a.to(torch.promote_types(a.dtype, T.dtype))
+    out = torch.linalg.solve_triangular(T.to(a.dtype), a, upper=False)
+    return out.numpy() if numpy_in else out
+
+
+class WhitenedModel:
+    """Whitened residuals ``(b, M)`` and Jacobians ``(b, M, N)`` of ``f`` on :class:`FitData`.
+
+    ``rowwise`` chooses :func:`curve_fit`'s way of calling ``f`` (one call per
+    parameter vector, scalars) over the vectorised one. ``book`` (set for
+    'lm' with MINPACK's bookkeeping) records every evaluation.
+    """
+
+    def __init__(self, f: Callable, jac: Callable | None, data: FitData, n: int,
+                 col_deriv: bool, rowwise: bool) -> None:
+        self.f = f
+        self.jac = jac
+        self.data = data
+        self.n = n
+        self.col_deriv = col_deriv
+        self.rowwise = rowwise
+        self.book: LeastsqBook | None = None
+
+    def _call(self, fn: Callable, x: Any, P: Any) -> Any:
+        """``fn`` at the parameter rows ``P (rows, N)``: outputs stacked along axis 0."""
+        if not self.rowwise:
+            return fn(x, *[P[:, j:j + 1] for j in range(self.n)])
+        outs = [fn(x, *p) for p in P]
+        if isinstance(P, torch.Tensor):
+            return torch.stack([o if isinstance(o, torch.Tensor) else torch.as_tensor(
+                np.asarray(o), device=P.device, dtype=P.dtype) for o in outs])
+        return np.stack([np.asarray(o) for o in outs])
+
+    def evaluate(self, P: Any, ids: Any, repeat: int = 1) -> Any:
+        """Whitened residuals ``(b * repeat, m)`` at parameters ``P (b * repeat, N)``.
+
+        Rows ``k * repeat``, ..., ``k * repeat + repeat - 1`` of ``P`` belong to
+        problem ``ids[k]`` (``repeat > 1``: the shifted points of forward
+        differences); the data of each problem are selected once and broadcast
+        over its rows. Row by row, ``m`` is the length of ``f - ydata`` (a
+        one-point ``ydata`` may broadcast), else ``M``.
+        """
+        x, y, T, keep = self.data.select(ids, P, repeat)
+        rows = P.shape[0]
+        out = self._call(self.f, x, P)
+        if self.rowwise:
+            y = y.reshape(self.data.yshape)
+        torch_in = isinstance(P, torch.Tensor)
+        if torch_in and not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(np.asarray(out), device=P.device)
+        elif not torch_in:
+            out = np.asarray(out)
+        if self.rowwise:
+            r = (out - y).reshape(rows // repeat, repeat, -1)
+        else:
+            if out.shape != (rows, self.data.M):
+                out = out.expand(rows, self.data.M) if torch_in else np.broadcast_to(
+                    out, (rows, self.data.M))
+            r = out.reshape(-1, repeat, self.data.M) - y[..., None, :]
+        if keep is not None:
+            r = _mask(r, keep[..., None, :])
+        if self.data.tkind is not None:  # whiten the repeat columns of each problem at once
+            r = _swap_last(whiten(_swap_last(r), self.data.tkind, T))
+        return r.reshape(rows, -1)
+
+    def residuals(self, P: Any, ids: Any) -> Any:
+        """Whitened residuals, recorded by the book: the function the solver calls."""
+        r = self.evaluate(P, ids)
+        if self.book is not None:
+            self.book.record_call(as_tensor(ids), as_tensor(P), as_tensor(r))
+        return r
+
+    def jacobian(self, P: Any, ids: Any) -> Any:
+        """The user's Jacobian ``(b, M, N)``, whitened (``col_deriv``: given transposed)."""
+        x, _, T, keep = self.data.select(ids, P)
+        J = self._call(self.jac, x, P)
+        if isinstance(P, torch.Tensor):
+            J = J if isinstance(J, torch.Tensor) else torch.as_tensor(
+                np.asarray(J), device=P.device, dtype=P.dtype)
+        else:
+            J = np.asarray(J)
+        if self.col_deriv:
+            J = _swap_last(J)
+        if keep is not None:
+            J = _mask(J, keep[..., None])
+        J = whiten(J, self.data.tkind, T)
+        if self.book is not None:
+            self.book.record_jac(as_tensor(ids), as_tensor(J), lambda: self._value_at(P, ids))
+        return J
+
+    def _value_at(self, P: Any, ids: Any) -> torch.Tensor:
+        """Residuals at ``P``: the book's last ones when they were made there, else new."""
+        Pt = as_tensor(P)
+        f0 = self.book.value_at(as_tensor(ids), Pt) if self.book is not None else None
+        return f0 if f0 is not None else as_tensor(self.evaluate(P, ids)).to(Pt.device)
+
+    def fd_jacobian(self, P: Any, ids: Any) -> Any:
+        """MINPACK's forward differences for ``b`` problems (``N`` shifted points each)."""
+        book = self.book
+        Pt, idt = as_tensor(P), as_tensor(ids)
+        f0 = self._value_at(P, ids)
+        b, n = Pt.shape
+        rel = torch.as_tensor(book.rel_step, dtype=Pt.dtype, device=Pt.device)
+        h = rel * Pt.abs()
+        h = torch.where(h == 0, rel.expand_as(h), h)
+        eye = torch.eye(n, dtype=torch.bool, device=Pt.device)
+        Pp = torch.where(eye, Pt.unsqueeze(1) + h.unsqueeze(1), Pt.unsqueeze(1).expand(b, n, n))
+        Pp = Pp.reshape(b * n, n)
+        F = as_tensor(self.evaluate(Pp if isinstance(P, torch.Tensor) else Pp.cpu().numpy(),
+                                    ids, repeat=n)).to(Pt.device)
+        J = ((F.reshape(b, n, -1) - f0.unsqueeze(1)) / h.unsqueeze(-1)).transpose(1, 2)
+        book.add_fd_evals(idt, n)
+        book.record_jac(idt, J, lambda: f0)
+        return J if isinstance(P, torch.Tensor) else J.cpu().numpy()

@@ -1,0 +1,461 @@
+"""``curve_fit``: scipy's nonlinear regression as a batch of one.
+
+The data (:mod:`._data`), the whitened model (:mod:`._model`, calling ``f``
+row by row as scipy does), MINPACK's bookkeeping for 'lm' (:mod:`._leastsq`)
+and the covariance (:mod:`._covariance`) are those of
+:func:`batch_curve_fit`; the minimisation is :func:`least_squares`, and for
+'lm' the results are translated to what scipy's ``leastsq`` reports.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import OptimizeWarning
+
+from .._arrays import as_numpy, detect_namespace, to_host
+from .._least_squares import least_squares
+from .._validation import prepare_bounds
+from ._covariance import COV_MSG, finish_covariance, normal_inverse, pivoted_inverse, svd_pinv
+from ._data import (
+    FitData,
+    count_parameters,
+    feasible_start,
+    float_array,
+    sigma_transform,
+    torch_lead,
+)
+from ._leastsq import (
+    STATUS_TO_IER,
+    LeastsqBook,
+    MaxfevReached,
+    epsfcn_diff_step,
+    leastsq_messages,
+    leastsq_options,
+    lm_tolerances,
+    minpack_qr_outputs,
+    minpack_step,
+    reject_loss,
+)
+from ._model import WhitenedModel, as_tensor
+
+#: Start of the message with which ``least_squares`` refuses non-finite residuals at x0.
+NONFINITE_START = "Residuals are not finite in the initial point"
+
+
+def curve_fit(
+    f: Callable,
+    xdata: Any,
+    ydata: Any,
+    p0: Any = None,
+    sigma: Any = None,
+    absolute_sigma: bool = False,
+    check_finite: bool | None = None,
+    bounds: Any = (-np.inf, np.inf),
+    method: str | None = None,
+    jac: Callable | str | None = None,
+    *,
+    full_output: bool = False,
+    nan_policy: str | None = None,
+    **kwargs: Any,
+) -> tuple:
+    """Fit a model ``f(xdata, *params)`` to data by nonlinear least squares.
+
+    A drop-in replacement for :func:`scipy.optimize.curve_fit` (scipy 1.17
+    behaviour, errors and warnings) whose minimisation runs on
+    :func:`torchimize_scipy.least_squares`. It assumes
+    ``ydata = f(xdata, *params) + eps`` and minimises
+    ``sum(((f(xdata, *params) - ydata) / sigma)**2)`` (or the generalised
+    ``r.T @ inv(sigma) @ r`` for a 2-D ``sigma``).
+
+    Parameters
+    ----------
+    f : callable
+        The model ``f(x, p_1, ..., p_N)``: the independent variable first, then
+        the ``N`` parameters as separate scalar arguments. It returns an array
+        of the shape of ``ydata`` (or one that broadcasts against it).
+    xdata : array_like or object
+        The independent variable. A list, tuple, numpy array or tensor is
+        converted to a float array (e.g. ``(k, M)`` for ``k`` predictors, or a
+        tuple of ``k`` arrays) and checked as scipy does; any other object is
+        passed to ``f`` unchanged.
+    ydata : array_like or Tensor, shape (M,)
+        The observations.
+    p0 : array_like or Tensor, shape (N,), optional
+        Initial guess. By default ``N`` is read from ``f``'s signature (the
+        number of positional parameters minus one) and the guess is 1 for
+        unbounded parameters, the midpoint of two finite bounds, or one unit
+        inside a single finite bound.
+    sigma : None, scalar, array_like of shape (M,) or (M, M), optional
+        Standard deviations of ``ydata`` (scalar or 1-D), or the covariance
+        matrix of its errors (2-D, must be positive definite). None means
+        ones.
+    absolute_sigma : bool, optional
+        If True, ``sigma`` is absolute and ``pcov`` is ``inv(J.T @ J)``. If
+        False (default), only the relative sizes of ``sigma`` matter and
+        ``pcov`` is scaled by the reduced chi-square ``chisq / (M - N)``.
+    check_finite : bool, optional
+        Reject NaN or inf in ``xdata``/``ydata`` with a ``ValueError``.
+        Default: True unless ``nan_policy`` is given.
+    bounds : 2-tuple of array_like or `scipy.optimize.Bounds`, optional
+        Lower and upper bounds on the parameters (scalars or length ``N``).
+    method : {'lm', 'trf', 'dogbox', 'gn', 'gd'}, optional
+        Default 'lm' without bounds, 'trf' with bounds. 'lm' is scipy's
+        ``leastsq`` (MINPACK Levenberg-Marquardt), here
+        ``least_squares(method='lm')`` with ``leastsq``'s tolerances; 'gn' and
+        'gd' are torchimize_scipy's Gauss-Newton and gradient descent.
+    jac : callable or {'2-point', '3-point', 'cs', 'autograd'}, optional
+        ``jac(x, p_1, ..., p_N)`` returning the ``(M, N)`` Jacobian of the
+        model (it is whitened with ``sigma`` here), or a finite-difference
+        scheme; 'autograd' (ours) differentiates ``f`` with :mod:`torch.func`,
+        so ``f`` must then be torch code (it receives ``xdata``, ``ydata``-like
+        data and the parameters as tensors). Default: '2-point'.
+    full_output : bool, optional
+        Also return ``infodict``, ``mesg`` and ``ier``.
+    nan_policy : {'raise', 'omit', None}, optional
+        'raise' raises on NaN in the data, 'omit' drops the observations with
+        a NaN in ``ydata`` or in any row of ``xdata`` (and the matching entries
+        of ``sigma``); None does nothing special. Giving it turns
+        ``check_finite`` off by default.
+    **kwargs
+        Passed to :func:`torchimize_scipy.least_squares` (e.g. ``x_scale``,
+        ``loss``, ``ftol``, ``max_nfev``, ``device``, ``dtype``). ``maxfev``
+        means ``max_nfev``. For 'lm', ``leastsq``'s keywords are understood:
+        ``ftol``, ``xtol``, ``gtol`` (defaults 1.49012e-8, 1.49012e-8, 0),
+        ``maxfev`` (default ``200 (N + 1)``, ``100 (N + 1)`` with a callable
+        ``jac``), ``epsfcn`` (``diff_step = sqrt(epsfcn)``), ``diag``
+        (``x_scale = 1 / diag``), ``col_deriv`` and ``factor`` (only 100).
+
+    Returns
+    -------
+    popt : ndarray or Tensor, shape (N,)
+        Optimal parameters.
+    pcov : ndarray or Tensor, shape (N, N)
+        Estimated covariance of ``popt`` (``inf`` where it cannot be
+        estimated; see the module notes for its formula).
+    infodict : dict
+        Only with ``full_output``: ``nfev`` and ``fvec`` (the whitened
+        residuals at ``popt``); for 'lm' also ``fjac`` (shape ``(N, M)``,
+        MINPACK's layout: ``triu(fjac.T[:N])`` is ``R`` of the pivoted QR of
+        the Jacobian MINPACK factored last, the rest its Householder vectors;
+        see the module notes), ``ipvt`` (the
+        0-based pivot indices, int32, as scipy 1.17 returns them), ``qtf``
+        (the first ``N`` entries of ``Q.T @ fvec``) and, with a callable
+        ``jac``, ``njev``.
+    mesg : str
+        Only with ``full_output``: the termination message (``leastsq``'s
+        texts for 'lm').
+    ier : int
+        Only with ``full_output``: ``leastsq``'s ``info`` (1 to 4 is success)
+        for 'lm'; the ``least_squares`` status otherwise.
+
+    Raises
+    ------
+    ValueError
+        For NaN or inf in the data when checked, empty ``ydata``, a ``sigma``
+        of the wrong shape or not positive definite, bounds with 'lm', or a
+        signature from which ``N`` cannot be read.
+    RuntimeError
+        If the minimisation fails (``"Optimal parameters not found: ..."``).
+
+    Warns
+    -----
+    OptimizeWarning
+        If the covariance of the parameters cannot be estimated.
+
+    Notes
+    -----
+    numpy input (``p0``, ``ydata`` and ``xdata`` not tensors) gives numpy
+    output and ``f`` receives float64 numpy data and scalar parameters, as
+    under scipy. If any of ``p0``, ``ydata``, ``xdata`` is a tensor, the data
+    are converted to tensors on the device and in the floating dtype of the
+    first one of them (unless ``device=``/``dtype=`` say otherwise), ``f``
+    receives tensors (the parameters as 0-d tensors) and ``popt``, ``pcov``
+    and the arrays of ``infodict`` are tensors there.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from torchimize_scipy import curve_fit
+    >>> def func(x, a, b, c):
+    ...     return a * np.exp(-b * x) + c
+    >>> xdata = np.linspace(0, 4, 50)
+    >>> ydata = func(xdata, 2.5, 1.3, 0.5)
+    >>> popt, pcov = curve_fit(func, xdata, ydata)
+    >>> np.round(popt, 6)
+    array([2.5, 1.3, 0.5])
+    >>> popt, pcov = curve_fit(func, xdata, ydata, bounds=(0, [3., 1., 0.5]))
+    >>> np.round(popt, 4)
+    array([2.4079, 1.    , 0.3902])
+    """
+    lead = torch_lead(p0, ydata, xdata)
+    ns = detect_namespace(lead, kwargs.get("device"), kwargs.get("dtype")) \
+        if lead is not None else None
+
+    # ---- number of parameters, bounds, initial guess, method ----------------
+    if p0 is None:
+        n = count_parameters(f)
+    else:
+        p0 = np.atleast_1d(to_host(p0))
+        n = p0.size
+    lb, ub = prepare_bounds(bounds, n)
+    if p0 is None:
+        p0 = feasible_start(lb, ub)
+    bounded = bool(np.any((lb > -np.inf) | (ub < np.inf)))
+    if method is None:
+        method = "trf" if bounded else "lm"
+    if method == "lm" and bounded:
+        raise ValueError("Method 'lm' only works for unconstrained problems. "
+                         "Use 'trf' or 'dogbox' instead.")
+
+    # ---- data: conversion, finiteness, NaN policy, sigma --------------------
+    if check_finite is None:
+        check_finite = nan_policy is None
+    ydata = float_array(ydata, check_finite)
+    xdata_is_array = isinstance(xdata, list | tuple | np.ndarray | torch.Tensor)
+    if xdata_is_array:
+        xdata = float_array(xdata, check_finite)
+    # else: passed to ``f`` as it is, as scipy does
+    if ydata.size == 0:
+        raise ValueError("`ydata` must not be empty!")
+    data = FitData.single(xdata, xdata_is_array, ydata)
+    if not check_finite and nan_policy is not None:
+        keep = data.apply_nan_policy(nan_policy, drop=True)
+        if keep is not None and sigma is not None:
+            sigma = np.asarray(to_host(sigma))
+            sigma = sigma[keep[0]] if sigma.ndim == 1 else (
+                sigma[keep[0]][:, keep[0]] if sigma.ndim == 2 else sigma)
+    data.set_transform(sigma_transform(sigma, None, data.M))
+
+    if ns is not None:
+        p0 = torch.as_tensor(np.asarray(p0, dtype=float), device=ns.device, dtype=ns.dtype)
+        kwargs["device"], kwargs["dtype"] = ns.device, ns.dtype
+    col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False
+    problem = _OneProblem(WhitenedModel(f, jac if callable(jac) else None, data, n, col_deriv,
+                                        rowwise=True))
+    jac_arg: Any = problem.jacobian if callable(jac) else ("2-point" if jac is None else jac)
+    if "args" in kwargs:
+        raise ValueError("'args' is not a supported keyword argument.")
+
+    if method == "lm":
+        reject_loss(kwargs, "curve_fit")
+        ns_lm = ns or detect_namespace(p0, kwargs.get("device"), kwargs.get("dtype"))
+        popt, cov, infodict, mesg, ier, ysize, chisq = _fit_lm(
+            problem, p0, n, data.M, jac_arg, callable(jac), kwargs, ns_lm)
+    else:
+        if "max_nfev" not in kwargs:
+            kwargs["max_nfev"] = kwargs.pop("maxfev", None)
+        try:
+            res = least_squares(problem.residuals, p0, jac=jac_arg, bounds=bounds,
+                                method=method, **kwargs)
+        except ValueError as e:
+            _name_zero_sigma(e, data)
+            raise
+        if not res.success:
+            raise RuntimeError("Optimal parameters not found: " + res.message)
+        infodict = {"nfev": res.nfev, "fvec": res.fun}
+        ier, mesg, popt = res.status, res.message, res.x
+        ysize = as_numpy(res.fun).size
+        chisq = 2 * float(res.cost)
+        cov = normal_inverse(as_tensor(res.jac)[None], svd_pinv, gram_first=False)
+
+    pcov, indeterminate = finish_covariance(
+        cov, torch.ones(1, dtype=torch.bool, device=cov.device), n, ysize,
+        torch.tensor([chisq], dtype=torch.float64, device=cov.device), absolute_sigma)
+    if indeterminate:
+        warnings.warn(COV_MSG, category=OptimizeWarning, stacklevel=2)
+    pcov = pcov[0].to(ns.device, ns.dtype) if ns is not None else pcov[0].cpu().numpy()
+    if full_output:
+        return popt, pcov, infodict, mesg, ier
+    return popt, pcov
+
+
+class _OneProblem:
+    """:class:`WhitenedModel` as ``least_squares`` calls it: 1-D parameters, one problem.
+
+    It also keeps the first residuals (``leastsq`` starts from non-finite
+    ones, see :func:`_nonfinite_start_lm`) and refuses a trial beyond
+    ``maxfev`` (MINPACK's ``info = 5``).
+    """
+
+    def __init__(self, model: WhitenedModel) -> None:
+        self.model = model
+        self.ids = torch.zeros(1, dtype=torch.long)
+        self.first_r: Any = None
+
+    def evaluate(self, p: Any) -> Any:
+        """Whitened residuals at ``p`` (no bookkeeping)."""
+        return self.model.evaluate(p[None], self.ids)[0]
+
+    def residuals(self, p: Any) -> Any:
+        """The function handed to ``least_squares``."""
+        book = self.model.book
+        if book is not None and bool(book.spent[0]):
+            raise MaxfevReached
+        r = self.model.residuals(p[None], self.ids)[0]
+        if self.first_r is None:
+            self.first_r = r
+        return r
+
+    def jacobian(self, p: Any) -> Any:
+        """The user's Jacobian, whitened."""
+        return self.model.jacobian(p[None], self.ids)[0]
+
+    def fd_jacobian(self, p: Any) -> Any:
+        """MINPACK's forward differences, ``(m, N)`` in row-major order."""
+        J = self.model.fd_jacobian(p[None], self.ids)[0]
+        return J.contiguous() if isinstance(J, torch.Tensor) else np.ascontiguousarray(J)
+
+
+def _all_finite(a: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return bool(torch.isfinite(a).all())
+    return bool(np.isfinite(np.asarray(a, dtype=float)).all())
+
+
+def _name_zero_sigma(error: ValueError, data: FitData) -> None:
+    """Re-raise ``least_squares``'s non-finite start naming a zero ``sigma`` as its cause."""
+    if (data.tkind == "diag" and str(error).startswith(NONFINITE_START)
+            and not np.isfinite(data.T).all()):
+        raise ValueError(f"{NONFINITE_START}: `sigma` contains zeros (a standard deviation "
+                         "of 0 gives an infinite weight).") from error
+
+
+def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any,
+            user_jac: bool, kwargs: dict, ns: Any) -> tuple:
+    """Run ``least_squares(method='lm')`` as scipy's ``leastsq`` would run MINPACK.
+
+    With a callable or forward-difference Jacobian (``lmder``/``lmdif``), the
+    model's :class:`LeastsqBook` counts evaluations the way MINPACK does
+    (finite-difference evaluations included in ``nfev`` and ``maxfev``), and
+    keeps the Jacobian of MINPACK's last Jacobian evaluation for
+    ``fjac``/``ipvt``/``qtf`` and ``pcov``. Other string Jacobians ('3-point',
+    'cs', 'autograd') are ours: they use ``least_squares``'s counts and the
+    Jacobian at the solution.
+    """
+    if ysize_data != 1 and n > ysize_data:
+        raise TypeError(f"The number of func parameters={n} must not"
+                        f" exceed the number of data points={ysize_data}")
+    if ysize_data == 1:  # the model may broadcast: check its real length first
+        m = np.atleast_1d(as_numpy(problem.evaluate(p0))).size
+        if n > m:
+            raise TypeError(f"Improper input: func input vector length N={n} must"
+                            f" not exceed func output vector length M={m}")
+    opts = leastsq_options(kwargs, n, user_jac)
+    messages = leastsq_messages(opts)
+    model = problem.model
+    minpack_fd = jac_arg == "2-point"
+    rel = None
+    if user_jac or minpack_fd:
+        rel = minpack_step(opts["epsfcn"], kwargs.pop("diff_step", None), n, ns.dtype)
+    if not _all_finite(p0):
+        # scipy's leastsq runs MINPACK from a non-finite guess (least_squares would
+        # refuse it as outside the bounds)
+        f0 = problem.evaluate(p0)
+        if _all_finite(f0):
+            raise ValueError("`p0` contains NaN or inf while the residuals there are "
+                             "finite: give a finite initial guess.")
+        return _nonfinite_start_lm(problem, p0, n, f0, user_jac, rel, messages)
+    if rel is not None:
+        model.book = LeastsqBook(opts["maxfev"], rel, 1, ns.device, keep_residuals=True)
+        jac_arg = problem.jacobian if user_jac else problem.fd_jacobian
+    else:
+        epsfcn_diff_step(opts["epsfcn"], kwargs)
+
+    problem.first_r = None
+    book = model.book
+    try:
+        res = least_squares(problem.residuals, p0, jac=jac_arg, method="lm",
+                            **lm_tolerances(opts), **kwargs)
+    except MaxfevReached:
+        raise RuntimeError("Optimal parameters not found: " + messages[5]) from None
+    except ValueError as e:
+        if (problem.first_r is None or _all_finite(problem.first_r)
+                or not str(e).startswith(NONFINITE_START)):
+            raise
+        model.book = None
+        return _nonfinite_start_lm(problem, p0, n, problem.first_r, user_jac, rel, messages)
+    finally:
+        model.book = None
+    ier = STATUS_TO_IER.get(int(res.status))
+    if ier is None:  # our non-finite / singular stops: no MINPACK equivalent
+        raise RuntimeError("Optimal parameters not found: " + res.message)
+    mesg = messages[ier]
+    if ier not in (1, 2, 3, 4):
+        raise RuntimeError("Optimal parameters not found: " + mesg)
+
+    nfev, njev = res.nfev, res.njev
+    if book is not None:
+        J, jac_f, njevs = book.at_last_minpack_jacobian(torch.tensor([int(res.status)]))
+        J, jac_f, njev = J[0], jac_f[0], int(njevs[0])
+        if minpack_fd:
+            nfev = res.nfev + n * njev
+    else:
+        jac_f, J = res.fun, res.jac
+    fvec = as_numpy(res.fun)
+    fjac, ipvt, qtf, R = minpack_qr_outputs(as_numpy(J), as_numpy(jac_f))
+    cov = pivoted_inverse(torch.from_numpy(R)[None], torch.from_numpy(ipvt).long()[None])
+    infodict = _infodict(res.fun, nfev, njev if user_jac else None, fjac, ipvt, qtf, res.x)
+    chisq = float(np.sum(fvec.astype(float) ** 2))
+    return res.x, cov, infodict, mesg, ier, fvec.size, chisq
+
+
+def _infodict(fvec: Any, nfev: int, njev: int | None, fjac: np.ndarray, ipvt: np.ndarray,
+              qtf: np.ndarray, like: Any) -> dict[str, Any]:
+    """``leastsq``'s ``infodict``: the arrays in the kind (numpy or a tensor) of ``like``."""
+    def to_user(a: np.ndarray, dtype: Any = None) -> Any:
+        if not isinstance(like, torch.Tensor):
+            return a
+        return torch.as_tensor(a, device=like.device, dtype=dtype or like.dtype)
+
+    info: dict[str, Any] = {"fvec": fvec, "nfev": int(nfev)}
+    if njev is not None:
+        info["njev"] = int(njev)
+    info.update(fjac=to_user(fjac), ipvt=to_user(ipvt, torch.int32), qtf=to_user(qtf))
+    return info
+
+
+def _nonfinite_start_lm(problem: _OneProblem, p0: Any, n: int, f0: Any, user_jac: bool,
+                        rel: Any, messages: dict) -> tuple:
+    """scipy's ``leastsq`` result when the residuals at ``p0`` are not finite.
+
+    MINPACK evaluates the Jacobian at ``p0`` and then stops on its gradient
+    test (every comparison with a NaN norm fails), so ``curve_fit`` returns
+    ``p0`` itself with ``ier = 4``; the covariance is indeterminate (``inf``
+    with an :class:`~scipy.optimize.OptimizeWarning`). The Jacobian is
+    evaluated as MINPACK does (user ``jac``, or ``n`` forward differences), so
+    ``nfev``/``njev`` count what was called; ``fjac``/``ipvt``/``qtf`` come
+    from its pivoted QR when it is finite, else they are NaN (``ipvt`` the
+    identity order).
+    """
+    nfev, J = 1, None
+    if user_jac:
+        J = problem.jacobian(p0)
+    elif rel is not None:  # MINPACK's forward differences from f0
+        book = LeastsqBook(np.inf, rel, 1, "cpu", keep_residuals=True)
+        book.record_call(problem.ids, as_tensor(p0)[None], as_tensor(f0)[None])
+        problem.model.book = book
+        try:
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is expected here
+                J = problem.fd_jacobian(p0)
+        finally:
+            problem.model.book = None
+        nfev += n
+    fvec = as_numpy(f0)
+    m = np.atleast_1d(fvec).size
+    if J is not None and _all_finite(J):
+        with np.errstate(invalid="ignore", over="ignore"):
+            fjac, ipvt, qtf, _ = minpack_qr_outputs(as_numpy(J).reshape(m, n), fvec.reshape(m))
+    else:
+        fjac, ipvt, qtf = (np.full((n, m), np.nan), np.arange(n, dtype=np.int32),
+                           np.full(n, np.nan))
+    popt = p0.detach().clone() if isinstance(p0, torch.Tensor) else np.array(p0, copy=True)
+    infodict = _infodict(f0, nfev, 1 if user_jac else None, fjac, ipvt, qtf, popt)
+    with np.errstate(invalid="ignore", over="ignore"):
+        chisq = float(np.sum(fvec.astype(float) ** 2))
+    cov = torch.full((1, n, n), float("nan"), dtype=torch.float64)
+    return popt, cov, infodict, messages[4], 4, m, chisq

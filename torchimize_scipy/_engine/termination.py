@@ -1,0 +1,136 @@
+"""Every stop test of the engine, the status codes they produce and the success rule.
+
+A problem stops when the first of these holds (the loop applies them in this
+order; a set status is never overwritten except by ``gtol``, as scipy's):
+
+* at the top of an outer iteration (fresh Jacobian): :func:`gtol_status` (the
+  rule's first-order optimality measure below ``gtol``) and, for scipy's
+  'trf'/'dogbox', :func:`budget_status` (``nfev >= max_nfev``);
+* after each trial: the method's tests, :func:`trust_region_status` (scipy's
+  ``ftol``/``xtol`` tests of 'trf', 'dogbox', 'gn', 'gd') or
+  :func:`minpack_status` (MINPACK ``lmder``'s tests, its budget included);
+* at any point: :func:`stop_running` with :data:`NONFINITE` (residuals or
+  Jacobian not finite) or :data:`SINGULAR` (the step's factorisation failed).
+
+The solvers only produce these integer codes; the frontends turn them into
+``message`` (``status.TERMINATION_MESSAGES``) and ``success`` (:func:`success`,
+the one success rule). MINPACK does not evaluate the Jacobian at a point
+accepted by the trial that stops it: :func:`uncounted_jacobian` and
+:func:`reported_njev` keep ``njev`` equal to MINPACK's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# scipy's codes (``least_squares``' ``status``)
+CALLBACK_STOP = -2
+#: scipy's code for improper input to MINPACK; the frontend reports it for 'lm' with
+#: no variables (``n = 0``), where scipy's ``leastsq`` does.
+IMPROPER_INPUT = -1
+MAX_NFEV = 0
+GTOL = 1
+FTOL = 2
+XTOL = 3
+FTOL_XTOL = 4
+# ours: inside a batch a failing problem stops while the others carry on
+NONFINITE = 5
+SINGULAR = 6
+
+#: Sentinel for "still running" inside the engine; never returned.
+RUNNING = -100
+
+
+def success(status: Any) -> Any:
+    """Whether a status code (an int, or a tensor or array of codes) reports a solution.
+
+    As scipy: the positive codes (a ``gtol``, ``ftol`` or ``xtol`` test was
+    met) are successes; 0 (budget exhausted), -1 and -2 are not. Our codes 5
+    (non-finite values) and 6 (singular step) are failures although positive.
+    Returns a bool for an int, an elementwise boolean for a tensor or array.
+    """
+    return (status > 0) & (status != NONFINITE) & (status != SINGULAR)
+
+
+def stop_running(status: Tensor, stop: Tensor, code: int) -> Tensor:
+    """``status`` with ``code`` on the running problems where ``stop`` holds."""
+    return torch.where(stop & (status == RUNNING), code, status)
+
+
+def gtol_status(status: Tensor, gtol_hit: Tensor) -> Tensor:
+    """Apply the ``gtol`` test measured at the top of an outer iteration.
+
+    It stops a running problem, and, as in scipy (which tests ``gtol`` after
+    the step's ``ftol``/``xtol`` tests at the next point), it replaces an
+    ``ftol``/``xtol`` code set by the trial that led here.
+    """
+    may_override = (status == RUNNING) | ((status >= FTOL) & (status <= FTOL_XTOL))
+    return torch.where(gtol_hit & may_override, GTOL, status)
+
+
+def budget_spent(nfev: Tensor, max_nfev: int) -> Tensor:
+    """``(B,)`` mask: the evaluation budget is used up."""
+    return nfev >= max_nfev
+
+
+def budget_status(status: Tensor, nfev: Tensor, max_nfev: int) -> Tensor:
+    """scipy's 'trf'/'dogbox' test at the top of an outer iteration: budget spent."""
+    return torch.where((status == RUNNING) & budget_spent(nfev, max_nfev), MAX_NFEV, status)
+
+
+def trust_region_status(actual: Tensor, cost: Tensor, step_norm: Tensor, x: Tensor,
+                        ratio: Tensor, finite: Tensor, ftol: float, xtol: float) -> Tensor:
+    """scipy's ``ftol``/``xtol`` tests after a trial with a finite cost.
+
+    ``ftol``: the actual reduction ``actual`` is below ``ftol * cost`` and the
+    model's prediction was fair (``ratio > 0.25``); ``xtol``: the step is
+    below ``xtol * (xtol + |x|)``. Returns ``FTOL``, ``XTOL`` or
+    ``FTOL_XTOL`` where they hold and ``RUNNING`` elsewhere (and where the
+    trial's residuals were not finite).
+    """
+    ftol_ok = (actual < ftol * cost) & (ratio > 0.25)
+    xtol_ok = step_norm < xtol * (xtol + torch.linalg.vector_norm(x, dim=-1))
+    code = torch.where(xtol_ok, torch.where(ftol_ok, 4, 3), torch.where(ftol_ok, 2, 0))
+    return torch.where(finite & (code != 0), code, torch.full_like(code, RUNNING))
+
+
+def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
+                   xnorm: Tensor, gnorm: Tensor, nfev: Tensor, max_nfev: int, ftol: float,
+                   xtol: float) -> Tensor:
+    """MINPACK ``lmder``'s tests after a trial, mapped onto scipy's codes.
+
+    In MINPACK's order, the last that holds wins: its "tolerance too small"
+    tests (``gnorm``, radius or relative reductions at rounding level:
+    reported as ``GTOL``, ``XTOL``, ``FTOL`` since scipy has no codes for
+    them), the budget (``MAX_NFEV``), then ``ftol`` on the actual and
+    predicted relative reductions and ``xtol`` on the radius ``delta <= xtol
+    * |diag x|``.
+    """
+    eps = torch.finfo(delta.dtype).eps
+    half_ok = 0.5 * ratio <= 1
+    ftol_ok = (actred.abs() <= ftol) & (prered <= ftol) & half_ok
+    xtol_ok = delta <= xtol * xnorm
+    status = torch.where(gnorm <= eps, GTOL, RUNNING)
+    status = torch.where(delta <= eps * xnorm, XTOL, status)
+    tiny_f = (actred.abs() <= eps) & (prered <= eps) & half_ok
+    status = torch.where(tiny_f, FTOL, status)
+    status = torch.where(budget_spent(nfev, max_nfev), MAX_NFEV, status)
+    return torch.where(xtol_ok, torch.where(ftol_ok, FTOL_XTOL, XTOL),
+                       torch.where(ftol_ok, FTOL, status))
+
+
+def uncounted_jacobian(accept: Tensor, status: Tensor) -> Tensor:
+    """``(B,)`` 0/1: the trial that stopped the problem was accepted.
+
+    The loop evaluates the Jacobian at every accepted point; MINPACK does not
+    when the same trial stops it, so that evaluation is not reported.
+    """
+    return (accept & (status != RUNNING)).long()
+
+
+def reported_njev(njev: Tensor, uncounted: Tensor) -> Tensor:
+    """The Jacobian count MINPACK reports (see :func:`uncounted_jacobian`)."""
+    return njev - uncounted
