@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._engine.loop import RESULT_KEYS, run
 from ._engine.problem import BatchedFun, BatchedJac, Problem
-from ._engine.steps import RULES
+from ._engine.steps import make_rule
 
 
 def result_buffers(B: int, n: int, m: int, dtype: torch.dtype, device: torch.device,
@@ -77,6 +77,9 @@ class EngineRun:
         Factorise through ``J^T J`` (batches; see :func:`prefers_gram`).
     verbose, callback, step_length
         As :class:`~torchimize_scipy._engine.problem.Problem`.
+    tr_solver, tr_options
+        ``'exact'`` or ``'lsmr'`` ('trf'/'dogbox'), and LSMR's options for the
+        latter (see :func:`~torchimize_scipy._engine.steps.make_rule`).
     out : dict, optional
         Result tensors indexed by problem id (e.g. for more problems than the
         first rows), filled in place; a key it lacks is not kept. Without it,
@@ -110,6 +113,8 @@ class EngineRun:
     capacity: int | None = None
     on_finish: Callable[[int], None] | None = None
     on_iteration: Callable[[dict], None] | None = None
+    tr_solver: str = "exact"
+    tr_options: dict | None = None
 
 
 def solve(spec: EngineRun) -> dict[str, Tensor]:
@@ -129,9 +134,10 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
         fun=spec.fun, jac=spec.jac, m=m, n=n, loss=spec.loss, ftol=spec.ftol, xtol=spec.xtol,
         gtol=spec.gtol, max_nfev=max_nfev, jac_scale=spec.jac_scale, bounded=spec.bounded,
         callback=spec.callback, verbose=spec.verbose, use_gram=spec.use_gram,
-        step_length=spec.step_length)
+        step_length=spec.step_length, tr_solver=spec.tr_solver)
     out = spec.out if spec.out is not None else result_buffers(B, n, m, x0.dtype, x0.device)
-    run(problem, RULES[spec.method](), spec.start, out, spec.on_finish, spec.on_iteration,
+    rule = make_rule(spec.method, spec.tr_solver, spec.tr_options, spec.bounded)
+    run(problem, rule, spec.start, out, spec.on_finish, spec.on_iteration,
         spec.refill, spec.capacity)
     return out
 

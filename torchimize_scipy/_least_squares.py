@@ -82,7 +82,12 @@ def least_squares(
         bounds respected), complex step, the exact Jacobian from
         :mod:`torch.func` (``'autograd'``; ``fun`` must then accept and
         return tensors), or a callable ``jac(x, *args, **kwargs)`` returning
-        an ``(m, n)`` array_like. A Jacobian that is not finite at ``x0``
+        an ``(m, n)`` array_like, a ``scipy.sparse`` matrix or array, a
+        torch sparse tensor, a ``scipy.sparse.linalg.LinearOperator`` or a
+        torch operator (``shape == (m, n)``, ``matvec``/``rmatvec`` on 1-D
+        tensors, optionally ``column_norms()``); sparse and operator
+        Jacobians are used through products ('trf' and 'dogbox' with
+        ``tr_solver='lsmr'``). A Jacobian that is not finite at ``x0``
         raises scipy's ``ValueError`` ("array must not contain infs or
         NaNs"), with every method.
     bounds : 2-tuple of array_like or `scipy.optimize.Bounds`, optional
@@ -108,13 +113,26 @@ def least_squares(
         not contain infs or NaNs") is raised, naming ``f_scale``.
     diff_step : array_like, optional
         Relative finite-difference step.
-    tr_solver : {None, 'exact'}, optional
-        Only the dense 'exact' solver is available; 'lsmr' raises.
+    tr_solver : {None, 'exact', 'lsmr'}, optional
+        As scipy: 'exact' factorises the dense Jacobian, 'lsmr' solves a 2-D
+        subspace problem ('trf') or the Gauss-Newton step ('dogbox') with a
+        batched LSMR, using the Jacobian through products only. None picks
+        'exact' for a dense Jacobian and 'lsmr' for a sparse or operator one
+        (``jac_sparsity`` included), as scipy.
     tr_options : dict, optional
-        Not supported yet (raises when non-empty, except for 'lm' where scipy
-        ignores it).
-    jac_sparsity : None, optional
-        Not supported yet (raises).
+        With ``tr_solver='lsmr'``: LSMR's ``atol``, ``btol``, ``conlim``,
+        ``maxiter`` (and ``x0``), plus ``damp`` and ``regularize`` ('trf') as
+        scipy takes them; an unknown key is scipy's ``TypeError``. With
+        'exact' a non-empty dict raises a ``ValueError`` naming it (scipy
+        ignores it); 'lm' ignores it, as scipy.
+    jac_sparsity : {None, array_like, sparse matrix}, optional, shape (m, n)
+        Which entries of the Jacobian can be nonzero, for finite differences:
+        columns that share no row are perturbed together (scipy's grouping),
+        the Jacobian stays sparse and ``res.jac`` is a
+        ``scipy.sparse.csr_array`` (a torch sparse tensor for torch input).
+        A torch ``fun`` evaluates all groups in one vmapped call. Ignored
+        with a callable ``jac``, as in scipy; refused with 'lm' and
+        ``tr_solver='exact'`` (scipy's errors).
     max_nfev : int, optional
         Budget of residual evaluations (default ``100 n``; ``1000 n`` for 'gd').
         As in scipy, evaluations made for finite-difference Jacobians are not
@@ -139,7 +157,9 @@ def least_squares(
     -------
     OptimizeResult
         ``x, cost, fun, jac, grad, optimality, active_mask, nfev, njev,
-        status, message, success`` with scipy's meanings.
+        status, message, success`` with scipy's meanings; ``jac`` is sparse
+        for a sparse Jacobian and a ``LinearOperator`` for an operator, as in
+        scipy.
 
     Examples
     --------
@@ -198,8 +218,7 @@ def least_squares(
             jac_scale=isinstance(p.x_scale, str), use_gram=prefers_gram(m, n), verbose=verbose,
             callback=_wrap_callback(callback, ns) if callback is not None else None,
             out=result_buffers(1, n, m, ns.dtype, ns.device, keys),
-            **({"tr_solver": tr_solver, "tr_options": tr_options} if tr_solver == "lsmr"
-               else {})))
+            tr_solver=tr_solver, tr_options=tr_options))
     sparse_J = None if dense_jac or n == 0 else out.pop("J", None)
     result = build_result(out, ns, method, jac, p.bounded)[0]
     if sparse_J is not None:

@@ -41,11 +41,6 @@ def check_options(method: str, jac: Any, tr_solver: Any, tr_options: Any, loss: 
         raise ValueError("`max_nfev` must be None or positive integer.")
 
 
-#: Keywords of scipy's ``lsmr`` that ``tr_options`` may hold with ``tr_solver='lsmr'``
-#: (besides 'trf''s ``regularize``); ``show`` (LSMR's printed log) is refused by name.
-LSMR_OPTIONS = ("damp", "atol", "btol", "conlim", "maxiter", "show", "x0")
-
-
 def check_tr_options(tr_options: Any, method: str, tr_solver: str, bounded: bool) -> None:
     """``tr_options`` for the chosen ``tr_solver``, checked as scipy's solvers use them.
 
@@ -62,19 +57,12 @@ def check_tr_options(tr_options: Any, method: str, tr_solver: str, bounded: bool
     if tr_solver == "exact":
         raise ValueError("`tr_options` apply to tr_solver='lsmr' only; tr_solver='exact' "
                          f"takes none (got {sorted(tr_options)}).")
-    opts = dict(tr_options)
-    if method == "trf":
-        opts.pop("regularize", None)
-    elif "regularize" in opts:
+    if method == "dogbox" and "regularize" in tr_options:
         warnings.warn("The keyword 'regularize' in `tr_options` is not relevant for 'dogbox' "
                       "method.", stacklevel=4)
-        opts.pop("regularize")
-    for key in opts:
-        if key not in LSMR_OPTIONS:
-            raise TypeError(f"lsmr() got an unexpected keyword argument '{key}'")
-    if opts.get("show"):
-        raise ValueError("`tr_options` key 'show' (LSMR's printed log) is not supported by "
-                         "torchimize_scipy.")
+    from ._engine.steps.trf_lsmr import lsmr_keywords
+
+    lsmr_keywords(tr_options, method, bounded)  # the engine's split of the options, checked
 
 
 def prepare_bounds(bounds: Any, n: int, batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:

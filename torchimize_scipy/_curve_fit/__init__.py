@@ -82,6 +82,15 @@ problem's omitted observations get a zero residual and a zero Jacobian row
 cost, :math:`J^T J` and the whitening of the kept observations those of the
 reduced data set; the reduced chi-square counts each problem's own
 observations.
+
+The package holds one module per concern, each written once for B problems
+(:func:`curve_fit` is a batch of one that calls ``f`` as scipy does):
+:mod:`._data` (``xdata``, ``ydata``, ``sigma``, ``nan_policy``, ``p0`` and
+bounds defaults), :mod:`._model` (the whitened residuals and Jacobians,
+MINPACK's forward differences), :mod:`._leastsq` (``leastsq``'s options,
+messages, ``info`` codes and evaluation bookkeeping), :mod:`._covariance`
+(the formulas above) and the two public functions, :mod:`._single` and
+:mod:`._batched`.
 """
 
 from ._batched import batch_curve_fit
@@ -91,3 +100,5 @@ from ._single import curve_fit
 
 __all__ = ["curve_fit", "batch_curve_fit", "LEASTSQ_FTOL", "LEASTSQ_XTOL", "LEASTSQ_GTOL",
            "LEASTSQ_KEYS", "STATUS_TO_IER", "PCOV_GRAM_COND_LIMIT"]
+#: doctest collects the public functions' examples from here (they live in submodules)
+__test__ = {"curve_fit": curve_fit, "batch_curve_fit": batch_curve_fit}

@@ -22,7 +22,13 @@ from .._batch import batch_least_squares
 from .._engine import status as codes
 from .._validation import prepare_bounds
 from ._covariance import COV_MSG, finish_covariance, normal_inverse, qr_inverse, svd_pinv
-from ._data import NONFINITE_DATA_MSG, FitData, sigma_transform, torch_lead
+from ._data import (
+    NONFINITE_DATA_MSG,
+    FitData,
+    method_for_bounds,
+    sigma_transform,
+    torch_lead,
+)
 from ._leastsq import (
     LeastsqBook,
     epsfcn_diff_step,
@@ -185,12 +191,7 @@ def batch_curve_fit(
         raise ValueError(f"`ydata` must have shape (B, M) = ({B}, M) to match `p0` {(B, n)}.")
     M = Y.shape[1]
     lb, ub = prepare_bounds(bounds, n, batch=B)
-    bounded = bool(np.any((lb > -np.inf) | (ub < np.inf)))
-    if method is None:
-        method = "trf" if bounded else "lm"
-    if method == "lm" and bounded:
-        raise ValueError("Method 'lm' only works for unconstrained problems. "
-                         "Use 'trf' or 'dogbox' instead.")
+    method = method_for_bounds(method, lb, ub)
     if "args" in kwargs:
         raise ValueError("'args' is not a supported keyword argument.")
     if method == "lm" and n > M:
@@ -203,6 +204,7 @@ def batch_curve_fit(
         reject_loss(kwargs, "batch_curve_fit")
 
     data = FitData.batch(xdata, Y)
+    data.keep_sources(xdata, ydata)
     keep = data.apply_nan_policy(nan_policy, drop=False)
     data.set_transform(sigma_transform(sigma, B, M, keep))
     col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False
@@ -242,7 +244,7 @@ def batch_curve_fit(
         ier = status_to_ier(status)
         if book is not None:
             ier = torch.where(book.hit, 5, ier)
-            if book.kept:
+            if "summary" in book.rows:
                 cov, njev = book.at_last_minpack_jacobian(status)
             else:  # no problem was solved
                 cov, njev = t["x"].new_full((B, n, n), float("nan")), book.jac_calls

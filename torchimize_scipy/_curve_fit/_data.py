@@ -48,6 +48,17 @@ def feasible_start(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
     return p0
 
 
+def method_for_bounds(method: str | None, lb: np.ndarray, ub: np.ndarray) -> str:
+    """The method: 'trf' with finite bounds, else 'lm' by default; 'lm' refuses bounds."""
+    bounded = bool(np.any((lb > -np.inf) | (ub < np.inf)))
+    if method is None:
+        method = "trf" if bounded else "lm"
+    if method == "lm" and bounded:
+        raise ValueError("Method 'lm' only works for unconstrained problems. "
+                         "Use 'trf' or 'dogbox' instead.")
+    return method
+
+
 def torch_lead(p0: Any, ydata: Any, xdata: Any) -> torch.Tensor | None:
     """The tensor that decides device and dtype (``p0``, then ``ydata``, then ``xdata``)."""
     for a in (p0, ydata, xdata):
@@ -141,7 +152,19 @@ class FitData:
         #: ``ydata``'s own shape in :func:`curve_fit` (None in a batch)
         self.yshape = yshape
         self.keep: np.ndarray | None = None
+        #: the caller's tensors behind ``xparts`` ('x') and ``Y`` ('Y'), handed to the
+        #: model as they are (autograd graph included) instead of host copies
+        self.sources: dict[str, torch.Tensor] = {}
         self.set_transform(None)
+
+    def keep_sources(self, x: Any = None, Y: Any = None) -> None:
+        """Remember the caller's tensors for ``xdata`` and ``ydata`` (others are ignored)."""
+        if isinstance(x, torch.Tensor) and self.xkind in ("shared", "rows", "stack") and (
+                tuple(x.shape) == np.shape(self.xparts)):
+            self.sources["x"] = x
+        if isinstance(Y, torch.Tensor) and Y.numel() == self.Y.size:
+            self.sources["Y"] = Y.reshape(self.Y.shape)
+        self.cache = {}
 
     @classmethod
     def single(cls, xdata: Any, xdata_is_array: bool, ydata: np.ndarray) -> FitData:
@@ -218,6 +241,7 @@ class FitData:
             self.Y = self.Y[:, keep[0]]
             self.yshape = self.Y.shape[1:]
             self.xparts = self.xparts[..., keep[0]]
+            self.sources = {}
             return keep
         self.Y = np.where(keep, self.Y, 0.0)
         if self.xkind == "tuple":
@@ -225,6 +249,7 @@ class FitData:
         elif self.xkind != "object":
             self.xparts = np.nan_to_num(self.xparts, nan=0.0)
         self.keep = keep
+        self.sources = {}  # the data changed: host copies from here on
         self.cache = {}
         return keep
 
@@ -247,7 +272,11 @@ class FitData:
         return ok
 
     def arrays(self, like: Any) -> dict:
-        """All data in the kind (numpy, or torch on a device and real dtype) of ``like``."""
+        """All data in the kind (numpy, or torch on a device and real dtype) of ``like``.
+
+        Tensors come from the caller's tensors where they are kept (see
+        :meth:`keep_sources`), converted but not detached.
+        """
         if not isinstance(like, torch.Tensor):
             key: Any = "numpy"
         else:
@@ -265,9 +294,10 @@ class FitData:
             elif self.xkind == "object":
                 x = self.xparts
             else:
-                x = conv(self.xparts)
+                x = conv(self.sources.get("x", self.xparts) if key != "numpy" else self.xparts)
             keep = self.keep
-            self.cache[key] = {"x": x, "Y": conv(self.Y),
+            Y = self.sources.get("Y", self.Y) if key != "numpy" else self.Y
+            self.cache[key] = {"x": x, "Y": conv(Y),
                                "T": None if self.T is None else conv(self.T),
                                "keep": keep if key == "numpy" or keep is None
                                else torch.as_tensor(keep, device=key[0])}
@@ -276,6 +306,8 @@ class FitData:
     @staticmethod
     def _rows(a: Any, ids: Any, repeat: int = 1) -> Any:
         """Rows ``ids`` of ``a``, each ``repeat`` times; a view when they are one ascending run."""
+        if a.shape[0] == 1 and repeat == 1:  # one problem (curve_fit): no index to check
+            return a
         idx = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
         b = idx.shape[0]
         if repeat == 1 and b and int(idx[-1]) - int(idx[0]) == b - 1 and (

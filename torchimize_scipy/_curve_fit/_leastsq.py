@@ -157,7 +157,7 @@ class LeastsqBook:
     itself, or what the caller needs of it, e.g. ``(J^T J)^{-1}``) and, with
     ``keep_residuals``, the residuals there; the last two are kept, so that
     the one of MINPACK's last Jacobian evaluation is at hand (see
-    :meth:`uncounted_jacobian`). Tensors are allocated at first use.
+    :meth:`uncounted_jacobian`).
     """
 
     def __init__(self, maxfev: float, rel_step: Any, B: int, device: Any,
@@ -165,51 +165,81 @@ class LeastsqBook:
                  keep_residuals: bool = False) -> None:
         self.maxfev = maxfev
         self.rel_step = rel_step
+        self.B = B
         self.device = torch.device(device)
         self.summary = summary if summary is not None else (lambda J: J)
         self.keep_residuals = keep_residuals
         z = torch.zeros(B, dtype=torch.long, device=self.device)
-        self.trials, self.fd_evals, self.jac_calls = z.clone(), z.clone(), z.clone()
         no = torch.zeros(B, dtype=torch.bool, device=self.device)
-        self.spent, self.hit, self.seen = no.clone(), no.clone(), no.clone()
-        #: the last Jacobian was evaluated after the last trial evaluation
-        self.jac_after_trial = no.clone()
-        self.B = B
-        self.last_x: torch.Tensor | None = None  # (B, n): the last evaluation point
-        self.last_f: torch.Tensor | None = None  # (B, m): the residuals there
-        self.kept: dict[str, torch.Tensor] = {}  # summaries (and residuals) at the Jacobians
+        #: per-problem tensors ``(B, ...)``: counts, flags (``jac_after_trial``: the last
+        #: Jacobian came after the last trial evaluation), the last evaluation point
+        #: and residuals (``last_x``, ``last_f``, from the first call on) and, from the
+        #: first Jacobian on, ``summary``/``f`` at the last two Jacobians (``prev_``)
+        self.rows: dict[str, torch.Tensor] = {
+            "trials": z, "fd_evals": z.clone(), "jac_calls": z.clone(), "spent": no,
+            "hit": no.clone(), "seen": no.clone(), "jac_after_trial": no.clone()}
 
-    def _set(self, name: str, ids: torch.Tensor, value: torch.Tensor) -> None:
-        """Rows ``ids`` of the tensor ``name`` (allocated at first use) set to ``value``."""
-        old = getattr(self, name) if name in ("last_x", "last_f") else self.kept.get(name)
-        if old is None:
-            old = torch.zeros((self.B, *value.shape[1:]), dtype=value.dtype, device=self.device)
-        new = old.index_copy(0, ids, value.to(self.device, old.dtype))
-        if name in ("last_x", "last_f"):
-            setattr(self, name, new)
+    @property
+    def spent(self) -> torch.Tensor:
+        """``(B,)``: the ``maxfev`` budget is used up; a further trial is refused."""
+        return self.rows["spent"]
+
+    @property
+    def hit(self) -> torch.Tensor:
+        """``(B,)``: a trial was made with the budget used up (MINPACK's ``info = 5``)."""
+        return self.rows["hit"]
+
+    @property
+    def jac_calls(self) -> torch.Tensor:
+        """``(B,)``: Jacobian evaluations, ours included (see :meth:`uncounted_jacobian`)."""
+        return self.rows["jac_calls"]
+
+    def _select(self, ids: torch.Tensor) -> Any:
+        """``ids`` as an index: a slice when they are all problems in order (no gather)."""
+        ids = ids.to(self.device)
+        if ids.shape[0] == self.B and (self.B == 1 or bool((ids.diff() > 0).all())):
+            return slice(None)
+        return ids
+
+    def _get(self, name: str, sel: Any) -> torch.Tensor:
+        t = self.rows[name]
+        return t[sel] if isinstance(sel, slice) else t.index_select(0, sel)
+
+    def _put(self, name: str, sel: Any, value: torch.Tensor) -> None:
+        """Rows ``sel`` of the tensor ``name`` (allocated at first use) set to ``value``."""
+        t = self.rows.get(name)
+        if t is None:
+            t = self.rows[name] = torch.zeros((self.B, *value.shape[1:]), dtype=value.dtype,
+                                              device=self.device)
+        value = value.to(self.device, t.dtype)
+        if isinstance(sel, slice):
+            t.copy_(value)
         else:
-            self.kept[name] = new
+            t.index_copy_(0, sel, value)
 
     def record_call(self, ids: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> None:
         """One residual evaluation of the problems ``ids`` at ``x``, giving ``r``."""
-        ids = ids.to(self.device)
-        started = self.jac_calls[ids] > 0  # evaluations after the first Jacobian are trials
-        self.hit[ids] = self.hit[ids] | (self.spent[ids] & started)
-        self.trials[ids] = self.trials[ids] + started.long()
-        self.jac_after_trial[ids] = self.jac_after_trial[ids] & ~started
-        self._set("last_x", ids, x.detach())
-        self._set("last_f", ids, r.detach())
-        self.seen[ids] = True
-        total = 1 + self.trials[ids] + self.fd_evals[ids]
-        self.spent[ids] = self.spent[ids] | (started & (total >= self.maxfev))
+        sel = self._select(ids)
+        started = self._get("jac_calls", sel) > 0  # evaluations after the first Jacobian
+        spent = self._get("spent", sel)            # are trials
+        self._put("hit", sel, self._get("hit", sel) | (spent & started))
+        trials = self._get("trials", sel) + started
+        self._put("trials", sel, trials)
+        self._put("jac_after_trial", sel, self._get("jac_after_trial", sel) & ~started)
+        self._put("last_x", sel, x.detach())
+        self._put("last_f", sel, r.detach())
+        self._put("seen", sel, torch.ones_like(started))
+        total = 1 + trials + self._get("fd_evals", sel)
+        self._put("spent", sel, spent | (started & (total >= self.maxfev)))
 
     def value_at(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """The residuals last evaluated at ``x`` for problems ``ids``, if they were made there."""
-        ids = ids.to(self.device)
-        if self.last_x is None or not bool(self.seen[ids].all()):
+        sel = self._select(ids)
+        if "last_x" not in self.rows or not bool(self._get("seen", sel).all()):
             return None
-        same = torch.equal(self.last_x[ids], x.detach().to(self.device, self.last_x.dtype))
-        return self.last_f[ids].to(x.device) if same else None
+        last_x = self._get("last_x", sel)
+        same = torch.equal(last_x, x.detach().to(self.device, last_x.dtype))
+        return self._get("last_f", sel).to(x.device) if same else None
 
     def record_jac(self, ids: torch.Tensor, J: torch.Tensor,
                    residuals: Callable[[], torch.Tensor]) -> None:
@@ -218,22 +248,21 @@ class LeastsqBook:
         ``residuals()`` gives the residuals at the Jacobian's point, called
         only when the book keeps them.
         """
-        ids = ids.to(self.device)
-        names = ["summary"] + (["f"] if self.keep_residuals else [])
+        sel = self._select(ids)
         values = {"summary": self.summary(J.detach().to(self.device))}
         if self.keep_residuals:
             values["f"] = residuals()
-        for name in names:
-            if name in self.kept:
-                self._set("prev_" + name, ids, self.kept[name][ids])
-            self._set(name, ids, values[name])
-        self.jac_calls[ids] = self.jac_calls[ids] + 1
-        self.jac_after_trial[ids] = self.trials[ids] > 0
+        for name, value in values.items():
+            if name in self.rows:
+                self._put("prev_" + name, sel, self._get(name, sel).clone())
+            self._put(name, sel, value)
+        self._put("jac_calls", sel, self._get("jac_calls", sel) + 1)
+        self._put("jac_after_trial", sel, self._get("trials", sel) > 0)
 
     def add_fd_evals(self, ids: torch.Tensor, count: int) -> None:
         """``count`` forward-difference evaluations for each of the problems ``ids``."""
-        ids = ids.to(self.device)
-        self.fd_evals[ids] = self.fd_evals[ids] + count
+        sel = self._select(ids)
+        self._put("fd_evals", sel, self._get("fd_evals", sel) + count)
 
     def uncounted_jacobian(self, status: torch.Tensor) -> torch.Tensor:
         """Problems whose last Jacobian is one MINPACK never evaluates ``(B,)``.
@@ -247,15 +276,15 @@ class LeastsqBook:
         exactly on the current iterate. A run that ends on the ``gtol`` test
         needs that Jacobian (MINPACK tests the gradient of the new Jacobian).
         """
-        return self.jac_after_trial & (status.to(self.device) != codes.GTOL)
+        return self.rows["jac_after_trial"] & (status.to(self.device) != codes.GTOL)
 
     def at_last_minpack_jacobian(self, status: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The kept summaries (then residuals) of MINPACK's last Jacobian, and ``njev``."""
         extra = self.uncounted_jacobian(status)
         out = []
         for name in ["summary"] + (["f"] if self.keep_residuals else []):
-            last = self.kept[name]
-            prev = self.kept.get("prev_" + name, last)
+            last = self.rows[name]
+            prev = self.rows.get("prev_" + name, last)
             pick = extra.reshape(-1, *([1] * (last.ndim - 1)))
             out.append(torch.where(pick, prev, last))
         return (*out, self.jac_calls - extra.long())

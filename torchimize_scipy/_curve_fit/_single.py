@@ -26,6 +26,7 @@ from ._data import (
     count_parameters,
     feasible_start,
     float_array,
+    method_for_bounds,
     sigma_transform,
     torch_lead,
 )
@@ -205,16 +206,12 @@ def curve_fit(
     lb, ub = prepare_bounds(bounds, n)
     if p0 is None:
         p0 = feasible_start(lb, ub)
-    bounded = bool(np.any((lb > -np.inf) | (ub < np.inf)))
-    if method is None:
-        method = "trf" if bounded else "lm"
-    if method == "lm" and bounded:
-        raise ValueError("Method 'lm' only works for unconstrained problems. "
-                         "Use 'trf' or 'dogbox' instead.")
+    method = method_for_bounds(method, lb, ub)
 
     # ---- data: conversion, finiteness, NaN policy, sigma --------------------
     if check_finite is None:
         check_finite = nan_policy is None
+    y_in, x_in = ydata, xdata
     ydata = float_array(ydata, check_finite)
     xdata_is_array = isinstance(xdata, list | tuple | np.ndarray | torch.Tensor)
     if xdata_is_array:
@@ -223,6 +220,7 @@ def curve_fit(
     if ydata.size == 0:
         raise ValueError("`ydata` must not be empty!")
     data = FitData.single(xdata, xdata_is_array, ydata)
+    data.keep_sources(x_in, y_in)
     if not check_finite and nan_policy is not None:
         keep = data.apply_nan_policy(nan_policy, drop=True)
         if keep is not None and sigma is not None:

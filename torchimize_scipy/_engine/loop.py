@@ -99,7 +99,7 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
                 merged = done[key] = state[k].index_copy(0, rows, v)
             state[k] = merged
         else:
-            raise KeyError(f"new state key {k!r} must be created in init()")
+            raise KeyError(f"new state key {k!r} must be created in init_state()")
 
 
 def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None]) -> None:
@@ -164,6 +164,8 @@ def jacobian_finite(J: Tensor, G: Tensor) -> Tensor:
     """
     if math.isfinite(float(G.sum())):
         return torch.ones(J.shape[0], dtype=torch.bool, device=J.device)
+    if not isinstance(J, Tensor):  # an operator (tr_solver='lsmr'): G holds column norms
+        return torch.isfinite(G).flatten(1).all(-1)
     return all_finite(J)
 
 
@@ -226,7 +228,9 @@ def concat(state: State, new: State) -> None:
         key = (id(v), id(new[k]))
         merged = done.get(key)
         if merged is None:
-            merged = done[key] = torch.cat([v, new[k]])
+            # (a sparse or operator Jacobian, tr_solver='lsmr', concatenates itself)
+            merged = done[key] = (torch.cat([v, new[k]]) if isinstance(v, Tensor)
+                                  else v.cat_rows(new[k]))
         state[k] = merged
 
 
@@ -369,6 +373,9 @@ def _write_out(problem: Problem, rule: StepRule, state: State, mask: Tensor,
         "njev": sub["njev"] if own.njev is None else own.njev,
         "nit": sub["nit"], "status": sub["status"],
     }
+    if not isinstance(values["J"], Tensor):
+        # a sparse or operator Jacobian (tr_solver='lsmr', one problem) is handed out as is
+        out["J"] = values.pop("J")
     for k, v in values.items():
         dest = out.get(k)
         if dest is None:

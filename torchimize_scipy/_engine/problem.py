@@ -52,6 +52,9 @@ class Problem:
         Line-search methods only: the length tried first in every outer
         iteration ('gn': fraction of the Gauss-Newton step, default 1; 'gd':
         multiple of the scaled anti-gradient, default adaptive).
+    tr_solver
+        ``'exact'`` (dense factorisations) or ``'lsmr'`` (products only; the
+        rule is one of ``steps/*_lsmr.py``).
     use_gram
         Factorise through the Gram matrix ``J^T J`` (batches) rather than by
         a direct SVD of ``J`` (single problems); see ``linalg.factorize``.
@@ -72,6 +75,12 @@ class Problem:
     verbose: int = 0
     use_gram: bool = False
     step_length: float | None = None
+    tr_solver: str = "exact"
+
+    @property
+    def products_only(self) -> bool:
+        """``tr_solver='lsmr'``: ``J`` is used through products only (no ``J^T J``)."""
+        return self.tr_solver == "lsmr"
 
     def cost(self, f: Tensor) -> Tensor:
         """Cost ``0.5 * sum(rho(f**2))`` per problem, ``(B,)``."""
@@ -85,7 +94,15 @@ class Problem:
         Returns ``(f, J, g, G)`` with ``g = J^T f`` and ``G = J^T J``: for a
         robust loss, ``G`` is the Gauss-Newton Hessian of the cost and ``g`` its
         gradient.
+
+        With ``tr_solver='lsmr'`` ``J`` may be sparse or an operator and ``G`` is
+        replaced by the squared column norms ``(B, n)``
+        (:func:`~torchimize_scipy._engine.operator.linearize_products`).
         """
+        if self.products_only:
+            from .operator import linearize_products
+
+            return linearize_products(f_true, J_true, self.loss)
         if self.loss is None:
             f, J = f_true, J_true
         else:

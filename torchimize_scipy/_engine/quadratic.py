@@ -27,9 +27,15 @@ from torch import Tensor
 
 
 def jac_times(J: Tensor, s: Tensor, d: Tensor | None = None) -> Tensor:
-    """Return ``J diag(d) s`` for a batch: ``(B, m, n) x (B, n) -> (B, m)``."""
+    """Return ``J diag(d) s`` for a batch: ``(B, m, n) x (B, n) -> (B, m)``.
+
+    ``J`` may also be a :class:`~torchimize_scipy._engine.operator.JacobianOperator`
+    (``tr_solver='lsmr'``): its ``matvec`` is used.
+    """
     if d is not None:
         s = s * d
+    if not isinstance(J, Tensor):
+        return J.matvec(s)
     return torch.bmm(J, s.unsqueeze(-1)).squeeze(-1)
 
 

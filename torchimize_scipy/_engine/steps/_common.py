@@ -40,8 +40,14 @@ def flag_singular_factors(state: dict, sv: Tensor) -> None:
 
 
 def column_norms(state: dict) -> Tensor:
-    """Euclidean norms of the Jacobian's columns, from the Gram matrix ``J^T J``."""
-    return torch.diagonal(state["G"], dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    """Euclidean norms of the Jacobian's columns, from the Gram matrix ``J^T J``.
+
+    With ``tr_solver='lsmr'`` ``state["G"]`` holds the squared norms ``(B, n)``
+    themselves (see ``operator.linearize_products``).
+    """
+    G = state["G"]
+    sq = G if G.ndim == 2 else torch.diagonal(G, dim1=-2, dim2=-1)
+    return sq.clamp(min=0).sqrt()
 
 
 def initial_scale(problem: Problem, state: dict) -> None:
@@ -68,7 +74,7 @@ def svd_width(problem: Problem, augmented: bool) -> int:
     return problem.m
 
 
-#: State keys holding a :class:`linalg.Factors` between ``prepare`` and ``propose``.
+#: State keys holding a :class:`linalg.Factors` between ``build_model`` and ``propose_step``.
 FACTOR_KEYS = tuple(f"fac_{name}" for name in Factors._fields)
 
 

@@ -28,7 +28,7 @@ symmetric start stays symmetric). Rows whose smallest singular value is below
 (:func:`~torchimize_scipy._engine.linalg.basic_gauss_newton`): the pivoted QR
 in MINPACK's order of operations, its basic step and its lower bound for the
 damping, and damped steps from the SVD of that ``R`` (issue 18). The
-Gauss-Newton step is computed once per outer iteration (``prepare``); on Gram
+Gauss-Newton step is computed once per outer iteration (``build_model``); on Gram
 rows that predict a nearly zero residual it is refined with ``J`` so that a
 batch lands on an exact zero as a single problem does (issue 11).
 """

@@ -1,0 +1,358 @@
+"""Batched LSMR (``_engine/lsmr.py``) and the Jacobian wrapper (``_engine/operator.py``).
+
+Every system is also solved by ``scipy.sparse.linalg.lsmr`` one problem at a
+time: the stopping reason must agree and the iteration count be within one,
+and the solutions agree to the accuracy LSMR was asked for (``atol``, ``btol``
+relative to the solution's size): the two implementations round differently,
+and a Krylov method amplifies that in proportion to the conditioning.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from _parity import ONE_EVAL_RTOL, assert_bitwise_equal
+from scipy.sparse.linalg import lsmr as scipy_lsmr
+
+from torchimize_scipy._engine.lsmr import BREAKDOWN, lsmr, sym_ortho
+from torchimize_scipy._engine.operator import (
+    JacobianOperator,
+    StackedOperator,
+    as_operator,
+    jacobian_kind,
+)
+
+M, N = 60, 25
+
+
+def _matrix(rng, cond, m=M, n=N):
+    """Singular values clustered in [1, 2] but for three spread down to ``1/cond``.
+
+    LSMR then converges well before ``n`` iterations (Krylov methods resolve a
+    cluster and a few outliers quickly), so that its stopping tests, not the
+    iteration limit, decide.
+    """
+    U, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    s = rng.uniform(1.0, 2.0, n)
+    s[:3] = np.geomspace(1.0, 1.0 / cond, 3)
+    return U @ np.diag(s) @ V.T
+
+
+def _sparse_batch(rng, B, m=M, n=N, density=0.15):
+    """B sparse matrices with a full diagonal (full column rank)."""
+    mats = []
+    for _ in range(B):
+        A = sp.random(m, n, density=density, random_state=rng, format="csr")
+        A = A + sp.eye(m, n, format="csr") * 2.0
+        mats.append(A.tocsr())
+    return mats
+
+
+def _to_coo(mats):
+    """A batch of scipy matrices as one torch sparse COO tensor ``(B, m, n)``."""
+    idx, val = [], []
+    for k, A in enumerate(mats):
+        C = A.tocoo()
+        idx.append(np.stack([np.full(C.nnz, k), C.row, C.col]))
+        val.append(C.data)
+    B = len(mats)
+    m, n = mats[0].shape
+    return torch.sparse_coo_tensor(np.concatenate(idx, 1), np.concatenate(val),
+                                   (B, m, n), check_invariants=True).coalesce()
+
+
+class _Operator:
+    """A torch linear operator over dense matrices (the engine's operator contract)."""
+
+    def __init__(self, A):
+        self.A = A
+        self.shape = tuple(A.shape)
+        self.dtype = A.dtype
+        self.device = A.device
+        self.calls = 0
+
+    def matvec(self, p):
+        self.calls += 1
+        return torch.bmm(self.A, p.unsqueeze(-1)).squeeze(-1)
+
+    def rmatvec(self, u):
+        self.calls += 1
+        return torch.bmm(u.unsqueeze(-2), self.A).squeeze(-2)
+
+
+def _check_against_scipy(res, mats, b, damp=0.0, atol=1e-6, btol=1e-6, **kw):
+    """Compare each problem of ``res`` with scipy's lsmr on the same system."""
+    damps = np.broadcast_to(np.asarray(damp, dtype=float), (len(mats),))
+    for k, A in enumerate(mats):
+        ref = scipy_lsmr(A, b[k], damp=damps[k], atol=atol, btol=btol, **kw)
+        x = res.x[k].numpy()
+        assert int(res.istop[k]) == ref[1], (k, int(res.istop[k]), ref[1])
+        assert abs(int(res.itn[k]) - ref[2]) <= 1, (k, int(res.itn[k]), ref[2])
+        # the solution is known to about atol/btol relative to its size
+        tol = 10 * max(atol, btol, 1e-12) * (np.linalg.norm(ref[0]) + 1)
+        np.testing.assert_allclose(x, ref[0], rtol=0, atol=tol)
+        np.testing.assert_allclose(float(res.normr[k]), ref[3], rtol=1e-6, atol=tol)
+
+
+def test_sym_ortho_cases():
+    a = torch.tensor([3.0, 0.0, 0.0, -4.0, 1.0, -2.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([4.0, 5.0, 0.0, 0.0, -7.0, 1e-3, -2.0], dtype=torch.float64)
+    c, s, r = sym_ortho(a, b)
+    # [c s; -s c] [a; b] = [r; 0], r = |(a, b)| (r = 0 only for a = b = 0)
+    np.testing.assert_allclose(c * a + s * b, r, rtol=1e-15, atol=1e-300)
+    np.testing.assert_allclose(-s * a + c * b, 0.0, atol=1e-15)
+    np.testing.assert_allclose(r, torch.hypot(a, b), rtol=1e-15)
+    assert r.ge(0).all()
+    assert (c[2], s[2], r[2]) == (0.0, 0.0, 0.0)
+    assert (c[1], s[1]) == (0.0, 1.0) and (c[3], s[3]) == (-1.0, 0.0)
+    assert (c[6], s[6]) == (0.0, -1.0)
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.3])
+def test_dense_batch_matches_scipy(damp):
+    rng = np.random.default_rng(1)
+    mats = [_matrix(rng, c) for c in (2.0, 10.0, 200.0, 1e3)]
+    b = rng.standard_normal((4, M))
+    res = lsmr(torch.as_tensor(np.stack(mats)), torch.as_tensor(b), damp=damp)
+    _check_against_scipy(res, mats, b, damp=damp)
+    # the conditioning sets different iteration counts within one batch
+    assert len(set(res.itn.tolist())) > 1
+
+
+def test_compatible_system_stops_by_btol():
+    """Consistent systems stop with istop 1 (|r| small), inconsistent ones with 2."""
+    rng = np.random.default_rng(2)
+    mats = [_matrix(rng, 10.0) for _ in range(3)]
+    xs = rng.standard_normal((3, N))
+    b = np.stack([mats[k] @ xs[k] for k in range(3)])
+    b[2] += rng.standard_normal(M)  # inconsistent
+    res = lsmr(torch.as_tensor(np.stack(mats)), torch.as_tensor(b), atol=1e-8, btol=1e-8)
+    assert res.istop.tolist()[:2] == [1, 1] and int(res.istop[2]) == 2
+    _check_against_scipy(res, mats, b, atol=1e-8, btol=1e-8)
+    np.testing.assert_allclose(res.x[:2].numpy(), xs[:2], atol=1e-6)
+
+
+def test_per_problem_damp_matches_scipy():
+    rng = np.random.default_rng(3)
+    mats = [_matrix(rng, 1e3) for _ in range(3)]
+    b = rng.standard_normal((3, M))
+    damp = np.array([0.0, 1e-2, 1.0])
+    res = lsmr(torch.as_tensor(np.stack(mats)), torch.as_tensor(b), damp=torch.as_tensor(damp))
+    _check_against_scipy(res, mats, b, damp=damp)
+
+
+def test_sparse_batch_matches_scipy():
+    rng = np.random.default_rng(4)
+    mats = _sparse_batch(rng, 3)
+    b = rng.standard_normal((3, M))
+    J = _to_coo(mats)
+    res = lsmr(J, torch.as_tensor(b), damp=0.1)
+    _check_against_scipy(res, mats, b, damp=0.1)
+    # the same systems given densely: the same answer to LSMR's accuracy
+    dense = lsmr(J.to_dense(), torch.as_tensor(b), damp=0.1)
+    np.testing.assert_allclose(res.x.numpy(), dense.x.numpy(), atol=1e-6)
+
+
+def test_operator_matches_scipy_and_limits_products():
+    rng = np.random.default_rng(5)
+    mats = [_matrix(rng, 1e3) for _ in range(2)]
+    b = rng.standard_normal((2, M))
+    op = _Operator(torch.as_tensor(np.stack(mats)))
+    res = lsmr(op, torch.as_tensor(b), maxiter=7)
+    _check_against_scipy(res, mats, b, maxiter=7)
+    assert res.istop.tolist() == [7, 7] and res.itn.tolist() == [7, 7]
+    # one rmatvec to start, then one matvec and one rmatvec per iteration
+    assert op.calls == 1 + 2 * 7
+
+
+@pytest.mark.parametrize("conlim", [10.0, 1e3])
+def test_conlim_stop_matches_scipy(conlim):
+    rng = np.random.default_rng(6)
+    mats = [_matrix(rng, c) for c in (1e4, 1e6)]
+    b = rng.standard_normal((2, M))
+    res = lsmr(torch.as_tensor(np.stack(mats)), torch.as_tensor(b), conlim=conlim, atol=1e-10,
+               btol=1e-10)
+    assert res.istop.tolist() == [3, 3]
+    _check_against_scipy(res, mats, b, conlim=conlim, atol=1e-10, btol=1e-10)
+
+
+def test_start_point_and_exact_starts():
+    rng = np.random.default_rng(7)
+    mats = [_matrix(rng, 10.0) for _ in range(3)]
+    b = rng.standard_normal((3, M))
+    b[1] = 0.0  # b = 0: x = 0 exactly, istop 0, no iteration
+    x0 = rng.standard_normal((3, N))
+    x_ls = np.linalg.lstsq(mats[2], b[2], rcond=None)[0]
+    x0[2] = x_ls  # A^T (b - A x0) = 0 up to rounding
+    res = lsmr(torch.as_tensor(np.stack(mats)), torch.as_tensor(b), x0=torch.as_tensor(x0))
+    ref0 = scipy_lsmr(mats[0], b[0], x0=x0[0])
+    np.testing.assert_allclose(res.x[0].numpy(), ref0[0], atol=1e-5)
+    assert int(res.istop[0]) == ref0[1] and abs(int(res.itn[0]) - ref0[2]) <= 1
+    assert int(res.istop[1]) == 0 and int(res.itn[1]) == 0
+    assert res.x[1].abs().max() == 0
+    np.testing.assert_allclose(res.x[2].numpy(), x_ls, atol=1e-10)
+    assert int(res.itn[2]) <= 1
+
+
+def test_maxiter_zero_is_scipys():
+    rng = np.random.default_rng(8)
+    A = _matrix(rng, 10.0)
+    b = rng.standard_normal(M)
+    res = lsmr(torch.as_tensor(A[None]), torch.as_tensor(b[None]), maxiter=0)
+    ref = scipy_lsmr(A, b, maxiter=0)
+    assert (int(res.istop[0]), int(res.itn[0])) == (ref[1], ref[2]) == (0, 0)
+    assert res.x.abs().max() == 0
+
+
+def test_breakdown_fails_alone_and_neighbours_unchanged():
+    rng = np.random.default_rng(9)
+    A = np.stack([_matrix(rng, 100.0) for _ in range(3)])
+    b = rng.standard_normal((3, M))
+    clean = lsmr(torch.as_tensor(A), torch.as_tensor(b))
+    A_bad = A.copy()
+    A_bad[1, 4, 7] = np.nan
+    res = lsmr(torch.as_tensor(A_bad), torch.as_tensor(b))
+    assert int(res.istop[1]) == BREAKDOWN
+    assert torch.isfinite(res.x[1]).all()
+    for k in (0, 2):  # same path for the neighbours: identical to the last bit
+        assert_bitwise_equal(res.x[k], clean.x[k])
+        assert int(res.istop[k]) == int(clean.istop[k])
+        assert int(res.itn[k]) == int(clean.itn[k])
+
+
+def test_check_every_does_not_change_results():
+    rng = np.random.default_rng(10)
+    A = torch.as_tensor(np.stack([_matrix(rng, c) for c in (2.0, 1e4)]))
+    b = torch.as_tensor(rng.standard_normal((2, M)))
+    one = lsmr(A, b, check_every=1)
+    many = lsmr(A, b, check_every=7)
+    assert_bitwise_equal(one.x, many.x)
+    assert one.itn.tolist() == many.itn.tolist()
+
+
+def test_float32():
+    rng = np.random.default_rng(11)
+    mats = [_matrix(rng, 10.0) for _ in range(2)]
+    b = rng.standard_normal((2, M))
+    res = lsmr(torch.as_tensor(np.stack(mats), dtype=torch.float32),
+               torch.as_tensor(b, dtype=torch.float32), atol=1e-5, btol=1e-5)
+    assert res.x.dtype == torch.float32
+    x_ls = np.stack([np.linalg.lstsq(mats[k], b[k], rcond=None)[0] for k in range(2)])
+    np.testing.assert_allclose(res.x.numpy(), x_ls, atol=1e-3)
+    assert set(res.istop.tolist()) <= {1, 2, 4, 5}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(12)
+    A = torch.as_tensor(np.stack([_matrix(rng, c) for c in (2.0, 1e3)]))
+    b = torch.as_tensor(rng.standard_normal((2, M)))
+    cpu = lsmr(A, b)
+    gpu = lsmr(A.cuda(), b.cuda())
+    np.testing.assert_allclose(gpu.x.cpu().numpy(), cpu.x.numpy(), atol=1e-6)
+    assert (gpu.itn.cpu() - cpu.itn).abs().max() <= 1
+
+
+# ---- the Jacobian wrapper ---------------------------------------------------------------
+
+def _three_kinds(rng):
+    mats = _sparse_batch(rng, 2, m=9, n=5, density=0.4)
+    coo = _to_coo(mats)
+    dense = coo.to_dense()
+    return dense, {"dense": dense, "sparse": coo, "operator": _Operator(dense)}
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "operator"])
+def test_operator_products_and_scalings(kind):
+    rng = np.random.default_rng(13)
+    dense, kinds = _three_kinds(rng)
+    w = torch.as_tensor(rng.uniform(0.5, 2.0, (2, 9)))
+    d = torch.as_tensor(rng.uniform(0.5, 2.0, (2, 5)))
+    op = JacobianOperator(kinds[kind]).scale_rows(w).scale_columns(d)
+    assert op.kind == kind == jacobian_kind(kinds[kind])
+    ref = w.unsqueeze(-1) * dense * d.unsqueeze(-2)
+    p = torch.as_tensor(rng.standard_normal((2, 5)))
+    u = torch.as_tensor(rng.standard_normal((2, 9)))
+    rtol = ONE_EVAL_RTOL
+    np.testing.assert_allclose(op.matvec(p), torch.bmm(ref, p.unsqueeze(-1)).squeeze(-1),
+                               rtol=rtol)
+    np.testing.assert_allclose(op.rmatvec(u), torch.bmm(u.unsqueeze(-2), ref).squeeze(-2),
+                               rtol=rtol)
+    np.testing.assert_allclose(op.to_dense(), ref, rtol=rtol)
+    P = torch.as_tensor(rng.standard_normal((2, 5, 3)))
+    np.testing.assert_allclose(op.matmat(P), torch.bmm(ref, P), rtol=rtol)
+    if kind == "operator":
+        assert not op.has_column_norms
+        with pytest.raises(ValueError, match="column norms"):
+            op.column_sq_norms()
+    else:
+        np.testing.assert_allclose(op.column_sq_norms(), (ref * ref).sum(-2), rtol=rtol)
+
+
+def test_operator_column_norms_from_the_operator():
+    rng = np.random.default_rng(14)
+    dense, kinds = _three_kinds(rng)
+    base = kinds["operator"]
+    base.column_norms = lambda: torch.linalg.vector_norm(dense, dim=-2)
+    d = torch.as_tensor(rng.uniform(0.5, 2.0, (2, 5)))
+    op = as_operator(base).scale_columns(d)
+    assert op.has_column_norms
+    np.testing.assert_allclose(op.column_sq_norms(), ((dense * d.unsqueeze(-2)) ** 2).sum(-2),
+                               rtol=ONE_EVAL_RTOL)
+    # rows scaled (a robust loss): the norms of the scaled columns are unknown
+    with pytest.raises(ValueError, match="column norms"):
+        op.scale_rows(torch.ones(2, 9, dtype=dense.dtype)).column_sq_norms()
+
+
+def test_stacked_operator():
+    rng = np.random.default_rng(15)
+    dense, kinds = _three_kinds(rng)
+    c = torch.as_tensor(rng.uniform(0.1, 1.0, (2, 5)))
+    op = StackedOperator(as_operator(kinds["sparse"]), c)
+    full = torch.cat([dense, torch.diag_embed(c)], dim=1)
+    assert op.shape == (2, 14, 5)
+    p = torch.as_tensor(rng.standard_normal((2, 5)))
+    u = torch.as_tensor(rng.standard_normal((2, 14)))
+    np.testing.assert_allclose(op.matvec(p), torch.bmm(full, p.unsqueeze(-1)).squeeze(-1),
+                               rtol=ONE_EVAL_RTOL)
+    np.testing.assert_allclose(op.rmatvec(u), torch.bmm(u.unsqueeze(-2), full).squeeze(-2),
+                               rtol=ONE_EVAL_RTOL)
+
+
+def test_jacobian_kind_refuses_other_objects():
+    with pytest.raises(TypeError, match="engine Jacobian"):
+        jacobian_kind(np.ones((1, 2, 2)))
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "operator"])
+def test_operator_rows_select_merge_and_concatenate(kind):
+    """What the loop does to a batch's Jacobian: compaction, scatter of new rows, refill."""
+    rng = np.random.default_rng(16)
+    c1 = _to_coo(_sparse_batch(rng, 3, 9, 5, 0.4))
+    c2 = _to_coo(_sparse_batch(rng, 2, 9, 5, 0.4))
+
+    def make(c):
+        return {"dense": c.to_dense(), "sparse": c, "operator": _Operator(c.to_dense())}[kind]
+
+    w = torch.as_tensor(rng.uniform(0.5, 2.0, (3, 9)))
+    A = JacobianOperator(make(c1)).scale_rows(w)
+    ref = w.unsqueeze(-1) * c1.to_dense()
+    both = A.cat_rows(JacobianOperator(make(c2)))
+    ref = torch.cat([ref, c2.to_dense()])
+    assert both.shape == (5, 9, 5) and both.kind == kind
+    np.testing.assert_allclose(both.to_dense(), ref, rtol=ONE_EVAL_RTOL)
+    rows = torch.tensor([4, 0])
+    merged = both.index_copy(0, rows, JacobianOperator(make(c1)).index_select(0, torch.tensor(
+        [1, 2])))
+    ref = ref.index_copy(0, rows, c1.to_dense()[[1, 2]])
+    np.testing.assert_allclose(merged.to_dense(), ref, rtol=ONE_EVAL_RTOL)
+    keep = torch.tensor([0, 3, 4])
+    np.testing.assert_allclose(merged.index_select(0, keep).to_dense(), ref[keep],
+                               rtol=ONE_EVAL_RTOL)
+    with pytest.raises(ValueError, match="changed kind"):
+        other = "sparse" if kind != "sparse" else "dense"
+        merged.index_copy(0, rows, JacobianOperator(
+            {"dense": c1.to_dense(), "sparse": c1}[other]).index_select(0, torch.tensor([0, 1])))

@@ -1,0 +1,64 @@
+r"""'dogbox' with ``tr_solver='lsmr'``: the Gauss-Newton step of the dogleg from LSMR.
+
+C. Voglis and I. E. Lagaris, WSEAS 2004 (the method, see :mod:`.dogbox`);
+LSMR: D. C.-L. Fong and M. A. Saunders, SIAM J. Sci. Comput. 33(5), 2011.
+
+Everything but the Gauss-Newton step is that of :mod:`.dogbox`. The step is
+LSMR's solution of :math:`\min_p \lVert J \operatorname{diag}(s \odot
+\phi) p + f \rVert` with :math:`\phi` the indicator of the free variables
+(the frozen ones take no step), mapped back by :math:`s` (``x_scale``): the
+columns of the frozen variables are masked inside the products instead of
+being removed, so that a sparse or operator Jacobian is never sliced, and
+solving in the scaled variables is what makes LSMR's early stop behave
+(LSMR is not invariant to column scaling). The models of the Cauchy step and
+of the predicted reduction are evaluated by products. ``tr_options`` go to
+LSMR (``damp`` included); ``regularize`` does not apply to 'dogbox'.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.linalg import vector_norm as vnorm
+
+from ..operator import as_operator
+from ..problem import Problem
+from ..quadratic import build_quadratic_1d, evaluate_quadratic
+from ._common import flag_singular, inf_norm
+from .dogbox import Dogbox, DogboxTrial, dogleg_step
+from .trf_lsmr import lsmr_keywords, run_lsmr
+
+
+class DogboxLSMR(Dogbox):
+    """'dogbox' with the LSMR Gauss-Newton step (``tr_solver='lsmr'``)."""
+
+
+    def __init__(self, tr_options: dict | None = None, bounded: bool = False) -> None:
+        self.keywords, _, _ = lsmr_keywords(tr_options, "dogbox", bounded)
+
+    def build_model(self, problem: Problem, state: dict) -> None:
+        free = state["free"]
+        g_free = torch.where(free, state["g"], 0.0)
+        J = as_operator(state["J"])
+        scale = state["scale"]
+        masked = J.scale_columns(scale * free.to(scale.dtype))
+        newton, broke = run_lsmr(masked, state["f"], self.keywords)
+        newton = -newton * scale
+        state["newton"] = torch.where(free, newton, 0.0)
+        flag_singular(state, torch.isfinite(newton).all(-1) & ~broke)
+        # -g_free vanishes on the frozen variables: J (-g_free) = J_free (-g_free)
+        quad, lin, _ = build_quadratic_1d(J, None, g_free, -g_free)
+        state["antigrad_quad"], state["antigrad_lin"] = quad, lin
+
+    def propose_step(self, problem: Problem, state: dict) -> DogboxTrial:
+        x, lb, ub, free = state["x"], state["lb"], state["ub"], state["free"]
+        g_free = torch.where(free, state["g"], 0.0)
+        tr = state["delta"].unsqueeze(-1) * state["scale"]
+        step, hits, tr_hit = dogleg_step(x, state["newton"], g_free,
+                                         state["antigrad_quad"], state["antigrad_lin"], tr, lb,
+                                         ub)
+        step = torch.where(free, step, 0.0)
+        predicted = -evaluate_quadratic(as_operator(state["J"]), None, g_free, step)
+        x_new = torch.minimum(torch.maximum(x + step, lb), ub)
+        on_bound_new = torch.where(free, hits, state["on_bound"])
+        return DogboxTrial(x_new, vnorm(step, dim=-1), inf_norm(step * state["scale_inv"]),
+                           predicted, tr_hit, on_bound_new)
