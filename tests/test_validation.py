@@ -359,12 +359,10 @@ def test_lm_jac_sparsity_with_callable_jac_is_ignored():
     np.testing.assert_allclose(res.x, ref.x, atol=1e-8)
 
 
-@pytest.mark.parametrize("method", ["trf", "dogbox", "gn", "gd"])
-def test_lsmr_not_supported(method):
-    ref = so.least_squares(fun_rosenbrock, [2.0, 2.0], tr_solver="lsmr", method="trf")
-    assert ref.success  # scipy accepts it ...
-    our_error(fun_rosenbrock, [2.0, 2.0], tr_solver="lsmr", method=method,  # ... not we
-              match=r"tr_solver='lsmr' is not supported yet")
+@pytest.mark.parametrize("method", ["gn", "gd"])
+def test_lsmr_not_for_line_search_methods(method):
+    our_error(fun_rosenbrock, [2.0, 2.0], tr_solver="lsmr", method=method,
+              match=rf"method='{method}' works only with dense Jacobians and tr_solver='exact'")
 
 
 def test_lsmr_with_lm_is_ignored():
@@ -373,18 +371,19 @@ def test_lsmr_with_lm_is_ignored():
     np.testing.assert_allclose(res.x, ref.x, atol=1e-8)
 
 
-@pytest.mark.parametrize("method", ["trf", "dogbox", "gn", "gd"])
+@pytest.mark.parametrize("method", ["gn", "gd"])
 @pytest.mark.parametrize("sparsity", [[1], np.ones((1, 1)), csr_array(np.ones((1, 1)))])
-def test_jac_sparsity_not_supported(method, sparsity):
+def test_jac_sparsity_not_for_line_search_methods(method, sparsity):
     our_error(fun_trivial, 2.0, jac_sparsity=sparsity, method=method,
-              match=r"`jac_sparsity` is not supported yet")
+              match=rf"method='{method}' works only with dense Jacobians")
 
 
 @pytest.mark.parametrize("method", ["trf", "dogbox", "gn", "gd"])
 @pytest.mark.parametrize("tr_options", [{"regularize": False}, {"atol": 1e-10}])
-def test_tr_options_not_supported(method, tr_options):
+def test_tr_options_refused_with_exact_solver(method, tr_options):
+    """scipy ignores `tr_options` with the dense solver; we name them."""
     our_error(fun_trivial, 2.0, tr_options=tr_options, method=method,
-              match=r"`tr_options` is not supported yet")
+              match=r"`tr_options` apply to tr_solver='lsmr' only")
 
 
 @pytest.mark.parametrize("tr_options", [None, {}])
@@ -408,12 +407,15 @@ def jac_operator(x):
 
 @pytest.mark.parametrize("jac", [jac_sparse, jac_operator])
 @pytest.mark.parametrize("method", ["trf", "dogbox", "gn", "gd"])
-def test_sparse_jac_not_supported(jac, method):
+def test_sparse_jac(jac, method):
+    """trf/dogbox solve with LSMR as scipy does; the line-search methods refuse by name."""
     if method in ("trf", "dogbox"):
         ref = so.least_squares(fun_trivial, [2.0, 1.0], jac, method=method)
-        assert ref.success  # scipy uses lsmr here
+        res = least_squares(fun_trivial, [2.0, 1.0], jac, method=method)
+        np.testing.assert_allclose(res.x, ref.x, atol=1e-6)
+        return
     our_error(fun_trivial, [2.0, 1.0], jac=jac, method=method,
-              match=r"Sparse and LinearOperator Jacobians are not supported yet")
+              match=rf"method='{method}' works only with dense Jacobians")
 
 
 @pytest.mark.parametrize("jac", [jac_sparse, jac_operator])
@@ -424,12 +426,8 @@ def test_sparse_jac_lm(jac):
 
 @pytest.mark.parametrize("jac", [jac_sparse, jac_operator])
 def test_sparse_jac_exact_tr_solver(jac):
-    """scipy: "tr_solver='exact' works only with dense Jacobian matrices."; we reject
-    every sparse Jacobian with our "not supported yet" message."""
-    assert scipy_error(fun_trivial, [2.0, 1.0], jac, tr_solver="exact").startswith(
-        "tr_solver='exact' works only with dense")
-    our_error(fun_trivial, [2.0, 1.0], jac=jac, tr_solver="exact",
-              match="not supported yet")
+    assert same_error(fun_trivial, [2.0, 1.0], jac, tr_solver="exact") == (
+        "tr_solver='exact' works only with dense Jacobian matrices.")
 
 
 # ============================================================================ order of checks

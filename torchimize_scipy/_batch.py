@@ -25,7 +25,7 @@ from ._dask import dispatch, has_dask
 from ._driver import EngineRun, initial_state, result_buffers, solve
 from ._engine import status as codes
 from ._engine.loop import RESULT_KEYS, all_finite
-from ._frontend import EngineJacobian, check_residuals_and_loss, prepare
+from ._frontend import EngineJacobian, check_residuals_and_loss, prepare, use_sparsity
 from ._results import ARRAY_FIELDS, BatchOptimizeResult, build_result
 from ._validation import check_options
 
@@ -56,6 +56,7 @@ def batch_least_squares(
     chunk_size: int | None = None,
     progress: bool | str = False,
     return_jac: bool = True,
+    jac_sparsity: Any = None,
 ) -> BatchOptimizeResult:
     """Solve B independent nonlinear least-squares problems at once.
 
@@ -145,6 +146,13 @@ def batch_least_squares(
     return_jac : bool, optional
         Keep the ``(B, m, n)`` Jacobians in the result (set False to save
         memory on very large batches; ``jac`` is then None).
+    jac_sparsity : array_like or sparse, shape (m, n), optional
+        One sparsity structure for every problem, as in
+        :func:`torchimize_scipy.least_squares`: the finite differences
+        perturb groups of columns (all groups of all running problems in one
+        call of ``fun``), the Jacobians stay sparse and the steps use LSMR
+        (``tr_solver='lsmr'``, methods 'trf' and 'dogbox'). All problems are
+        then held at once (``chunk_size`` is not used) and ``jac`` is None.
 
     Returns
     -------
@@ -217,6 +225,10 @@ def batch_least_squares(
                          f"got {tuple(f0_first.shape)} for b = {first}.")
     m = f0_first.shape[1]
     loss_obj = check_residuals_and_loss(method, n, f0_first, loss, f_scale, ns, rowwise=False)
+    sparse = jac_sparsity is not None and not callable(jac)
+    if sparse:
+        use_sparsity(p, method, jac, jac_sparsity, None, m, n)
+        chunk_size, return_jac = B, False  # sparse Jacobians: all problems in one block
     chunk_size = default_chunk_size(B, m, n, dev) if chunk_size is None else int(chunk_size)
 
     bar = None
@@ -238,7 +250,8 @@ def batch_least_squares(
             jac_scale=isinstance(p.x_scale, str), use_gram=True, out=merged,
             refill=blocks.take, capacity=chunk_size,
             on_finish=bar.finished if bar is not None else None,
-            on_iteration=bar.iteration if bar is not None else None))
+            on_iteration=bar.iteration if bar is not None else None,
+            **({"tr_solver": "lsmr"} if sparse else {})))
         complete = True
     finally:
         if bar is not None:
@@ -246,6 +259,8 @@ def batch_least_squares(
     if track:
         every = torch.arange(B, device=dev)
         implicit.attach(merged, lambda x: p.fun.raw(x, every), loss_obj)
+    if sparse:
+        merged.pop("J", None)  # the engine hands out the sparse Jacobians of the last rows
     res = build_result(merged, ns, method, jac, p.bounded)
     if verbose >= 1:
         print(repr(res))

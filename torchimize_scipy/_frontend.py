@@ -34,8 +34,10 @@ from torch import Tensor
 
 from ._arrays import Namespace, as_numpy, detect_namespace
 from ._engine.bounds import make_strictly_feasible
+from ._jac_forms import engine_jacobian, jacobian_form
 from ._jacobian import autograd_jacobian, finite_difference_jacobian
 from ._loss import LossFunction, make_loss
+from ._sparsity import SparsityPattern, check_jac_sparsity, grouped_difference
 from ._user_functions import PerProblemArgs, RowwiseFunction, VectorizedFunction, user_loss
 from ._validation import (
     FD_METHODS,
@@ -43,6 +45,7 @@ from ._validation import (
     check_diff_step,
     check_f_scale,
     check_tolerance,
+    check_tr_options,
     check_x_scale,
     prepare_bounds,
 )
@@ -70,6 +73,17 @@ class EngineJacobian:
     fd_dtype : torch.dtype, optional
         dtype in which finite differences see the residuals (float32 residuals
         take float32-sized default steps, as scipy's gh-12991).
+
+    Attributes
+    ----------
+    pattern : SparsityPattern or None
+        The checked ``jac_sparsity``: finite differences by column groups,
+        returning a sparse ``(k, m, n)`` tensor (set after the first residuals,
+        once ``m`` is known).
+    form : {'dense', 'sparse', 'operator'}
+        What a callable ``jac`` returned at ``x0``; for 'sparse' and
+        'operator' each value is converted to the engine's sparse tensor or
+        operator (:func:`torchimize_scipy._jac_forms.engine_jacobian`).
     """
 
     def __init__(self, jac: Any, fun: Callable, *, differentiable: Callable | None = None,
@@ -81,10 +95,14 @@ class EngineJacobian:
         self.differentiable = differentiable if differentiable is not None else getattr(
             fun, "raw", None)
         self.lb, self.ub, self.fd_dtype = lb, ub, fd_dtype
+        self.pattern: SparsityPattern | None = None
+        self.form = "dense"
 
-    def __call__(self, x: Tensor, f: Tensor, idx: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, f: Tensor, idx: Tensor) -> Any:
         k, n = x.shape
         m = f.shape[-1]
+        if self.kind == "callable" and self.form != "dense":
+            return self.user_sparse(x, idx, m, n, f.dtype if f.is_floating_point() else x.dtype)
         if self.kind == "callable":
             J = self.user(x, idx)
             if tuple(J.shape) != (k, m, n):
@@ -94,12 +112,36 @@ class EngineJacobian:
         if self.kind in FD_METHODS:
             if self.fd_dtype is not None:
                 f = f.to(self.fd_dtype)
+            if self.pattern is not None:
+                lb = ub = None
+                if self.lb is not None:
+                    lb, ub = self.lb[idx], self.ub[idx]
+                J = grouped_difference(self.fun, x, f, idx, self.pattern, self.kind,
+                                       self.rel_step, lb, ub)
+                return J.to(dtype=x.dtype) if J.dtype != x.dtype else J
             if self.lb is None:
                 return finite_difference_jacobian(self.fun, x, f, idx, self.kind, self.rel_step)
             return finite_difference_jacobian(self.fun, x, f, idx, self.kind, self.rel_step,
                                               self.lb[idx], self.ub[idx])
         differentiable = self.differentiable
         return autograd_jacobian(lambda X: differentiable(X, idx), x, m)
+
+    def user_sparse(self, x: Tensor, idx: Tensor, m: int, n: int, dtype: torch.dtype) -> Any:
+        """A callable ``jac`` returning sparse matrices or operators, in the engine's form."""
+        if isinstance(self.user, VectorizedFunction):
+            J = _vectorized_raw(self.user, x, idx)
+            if isinstance(J, Tensor) and J.layout != torch.strided and J.ndim == 3:
+                if tuple(J.shape) != (x.shape[0], m, n):
+                    raise ValueError("The return value of `jac` has wrong shape: expected "
+                                     f"{(x.shape[0], m, n)}, actual {tuple(J.shape)}.")
+                J = J.to_sparse_coo() if J.layout != torch.sparse_coo else J
+                return J.coalesce().to(device=x.device, dtype=dtype)
+            raise ValueError("A vectorised `jac` of batch_least_squares that returns sparse "
+                             "values must return a torch sparse tensor of shape (b, m, n); "
+                             f"got {type(J).__name__}.")
+        ids = idx.tolist()
+        values = [self.user.call_one(x[r], ids[r]) for r in range(x.shape[0])]
+        return engine_jacobian(values, m, n, dtype, x.device)
 
 
 @dataclass
@@ -237,3 +279,107 @@ def check_residuals_and_loss(method: str, n: int, f0: Tensor, loss: Any, f_scale
     loss_obj = make_loss(user_loss(loss, ns, m, rowwise), f_scale)
     loss_obj.rho(f0)
     return loss_obj
+
+
+def _vectorized_raw(fn: VectorizedFunction, x: Tensor, idx: Tensor) -> Any:
+    """The caller's value of a vectorised ``jac`` at ``x (k, n)``, unconverted."""
+    xu = x.clone() if fn.ns.kind == "torch" else x.detach().cpu().numpy().copy()
+    return fn.fn(xu, *fn.args.select(idx), **fn.kwargs)
+
+
+def use_sparsity(p: Prepared, method: str, jac: Any, jac_sparsity: Any, tr_solver: Any,
+                 m: int, n: int) -> None:
+    """Check ``jac_sparsity`` as scipy does and give it to the finite differences of ``p``.
+
+    Only for a ``jac`` that is not callable (scipy ignores ``jac_sparsity``
+    with a callable ``jac``). Raises scipy's errors: with 'lm', with
+    ``tr_solver='exact'``, for a wrong shape; and ours for the methods and
+    Jacobians it cannot serve ('gn', 'gd', ``jac='autograd'``).
+    """
+    if jac_sparsity is None:
+        return
+    if method == "lm":
+        raise ValueError("method='lm' does not support `jac_sparsity`.")
+    if jac not in FD_METHODS:
+        raise ValueError("`jac_sparsity` applies to finite differences ('2-point', "
+                         f"'3-point', 'cs'), not to jac={jac!r}.")
+    p.jac.pattern = check_jac_sparsity(jac_sparsity, m, n)
+    if tr_solver == "exact":
+        raise ValueError("tr_solver='exact' is incompatible with `jac_sparsity`.")
+    if method in ("gn", "gd"):
+        raise ValueError(f"method={method!r} works only with dense Jacobians; use "
+                         "method='trf' or 'dogbox' with `jac_sparsity`.")
+
+
+def jacobian_at_x0(p: Prepared, f0: Tensor, method: str, jac: Any, jac_sparsity: Any,
+                   tr_solver: str | None, tr_options: dict | None,
+                   x_scale: Any) -> tuple[Any, str]:
+    """The Jacobian at ``x0`` of one problem, ``(1, m, n)``, with scipy's checks of it.
+
+    In scipy's order: ``jac_sparsity`` (refused with 'lm' and with
+    ``tr_solver='exact'``, its shape checked), the shape of the value, a
+    sparse or operator value refused by 'lm' and ``tr_solver='exact'``, an
+    operator refused with ``x_scale='jac'``; then ``tr_solver=None`` becomes
+    'lsmr' for a sparse or operator Jacobian (finite differences with
+    ``jac_sparsity`` included) and 'exact' otherwise, and ``tr_options`` are
+    checked for the solver chosen (:func:`check_tr_options`).
+
+    Returns
+    -------
+    (J0, tr_solver)
+        ``J0`` dense ``(1, m, n)``, sparse COO ``(1, m, n)`` or an operator;
+        the chosen ``tr_solver`` ('exact' for 'lm').
+    """
+    n = p.x0.shape[1]
+    m = f0.shape[1]
+    ns = p.ns
+    if not callable(jac):
+        use_sparsity(p, method, jac, jac_sparsity, tr_solver, m, n)
+        J0 = p.jac(p.x0, f0, torch.zeros(1, dtype=torch.long, device=ns.device)) if n > 0 \
+            else torch.zeros(1, m, 0, device=ns.device, dtype=ns.dtype)
+        form = "dense" if p.jac.pattern is None else "sparse"
+    else:
+        J0_raw = p.jac_user.call_one(p.x0[0])
+        form = jacobian_form(J0_raw)
+        if form == "dense":
+            J0_np = np.atleast_2d(as_numpy(J0_raw))
+            if J0_np.shape != (m, n):
+                raise ValueError("The return value of `jac` has wrong shape: expected "
+                                 f"{(m, n)}, actual {J0_np.shape}.")
+            J0 = ns.from_user(J0_np, what="jac").reshape(1, m, n)
+        else:
+            if tuple(J0_raw.shape) != (m, n):
+                raise ValueError("The return value of `jac` has wrong shape: expected "
+                                 f"{(m, n)}, actual {tuple(J0_raw.shape)}.")
+            if method == "lm":
+                raise ValueError("method='lm' works only with dense Jacobian matrices.")
+            if tr_solver == "exact":
+                raise ValueError("tr_solver='exact' works only with dense Jacobian matrices.")
+            p.jac.form = form
+            J0 = engine_jacobian([J0_raw], m, n, ns.dtype, ns.device)
+            if form == "operator" and isinstance(p.x_scale, str) and \
+                    not hasattr(J0, "column_norms"):
+                raise ValueError("x_scale='jac' can't be used when `jac` returns "
+                                 "LinearOperator.")
+    if method == "lm":
+        return J0, "exact"
+    if method in ("gn", "gd") and (form != "dense" or tr_solver == "lsmr"):
+        raise ValueError(f"method={method!r} works only with dense Jacobians and "
+                         "tr_solver='exact'; use method='trf' or 'dogbox' for sparse or "
+                         "operator Jacobians and tr_solver='lsmr'.")
+    if tr_solver is None:
+        tr_solver = "exact" if form == "dense" else "lsmr"
+    check_tr_options(tr_options, method, tr_solver, p.bounded)
+    return J0, tr_solver
+
+
+def jacobian_finite_at_x0(J0: Any) -> bool:
+    """Whether the Jacobian at ``x0`` is finite: every entry of a dense or sparse one.
+
+    An operator's entries are not known; its products are checked by the
+    engine as it runs (a non-finite gradient ends the problem with status 5).
+    """
+    if isinstance(J0, Tensor):
+        values = J0.coalesce().values() if J0.layout == torch.sparse_coo else J0
+        return bool(torch.isfinite(values).all())
+    return True

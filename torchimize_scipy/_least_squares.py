@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import OptimizeResult
-from scipy.sparse import issparse
-from scipy.sparse.linalg import LinearOperator
 
 from . import _implicit as implicit
 from ._arrays import Namespace, as_numpy
-from ._driver import EngineRun, initial_state, prefers_gram, solve
+from ._driver import EngineRun, initial_state, prefers_gram, result_buffers, solve
 from ._engine import status as codes
-from ._frontend import Prepared, check_residuals_and_loss, prepare
+from ._engine.loop import RESULT_KEYS
+from ._frontend import check_residuals_and_loss, jacobian_at_x0, jacobian_finite_at_x0, prepare
+from ._jac_forms import result_jacobian
 from ._results import build_result
 from ._validation import check_options
 
@@ -83,7 +83,12 @@ def least_squares(
         bounds respected), complex step, the exact Jacobian from
         :mod:`torch.func` (``'autograd'``; ``fun`` must then accept and
         return tensors), or a callable ``jac(x, *args, **kwargs)`` returning
-        an ``(m, n)`` array_like. A Jacobian that is not finite at ``x0``
+        an ``(m, n)`` array_like, a ``scipy.sparse`` matrix or array, a
+        torch sparse tensor, a ``scipy.sparse.linalg.LinearOperator`` or a
+        torch operator (``shape == (m, n)``, ``matvec``/``rmatvec`` on 1-D
+        tensors, optionally ``column_norms()``); sparse and operator
+        Jacobians are used through products ('trf' and 'dogbox' with
+        ``tr_solver='lsmr'``). A Jacobian that is not finite at ``x0``
         raises scipy's ``ValueError`` ("array must not contain infs or
         NaNs"), with every method.
     bounds : 2-tuple of array_like or `scipy.optimize.Bounds`, optional
@@ -113,15 +118,22 @@ def least_squares(
         As scipy: 'exact' factorises the dense Jacobian, 'lsmr' solves a 2-D
         subspace problem ('trf') or the Gauss-Newton step ('dogbox') with a
         batched LSMR, using the Jacobian through products only. None picks
-        'exact' for a dense Jacobian.
+        'exact' for a dense Jacobian and 'lsmr' for a sparse or operator one
+        (``jac_sparsity`` included), as scipy.
     tr_options : dict, optional
         With ``tr_solver='lsmr'``: LSMR's ``atol``, ``btol``, ``conlim``,
         ``maxiter`` (and ``x0``), plus ``damp`` and ``regularize`` ('trf') as
-        scipy takes them; an unknown key is a TypeError, as in scipy.
-        Otherwise not supported yet (raises when non-empty, except for 'lm'
-        where scipy ignores it).
-    jac_sparsity : None, optional
-        Not supported yet (raises).
+        scipy takes them; an unknown key is scipy's ``TypeError``. With
+        'exact' a non-empty dict raises a ``ValueError`` naming it (scipy
+        ignores it); 'lm' ignores it, as scipy.
+    jac_sparsity : {None, array_like, sparse matrix}, optional, shape (m, n)
+        Which entries of the Jacobian can be nonzero, for finite differences:
+        columns that share no row are perturbed together (scipy's grouping),
+        the Jacobian stays sparse and ``res.jac`` is a
+        ``scipy.sparse.csr_array`` (a torch sparse tensor for torch input).
+        A torch ``fun`` evaluates all groups in one vmapped call. Ignored
+        with a callable ``jac``, as in scipy; refused with 'lm' and
+        ``tr_solver='exact'`` (scipy's errors).
     max_nfev : int, optional
         Budget of residual evaluations (default ``100 n``; ``1000 n`` for 'gd').
         As in scipy, evaluations made for finite-difference Jacobians are not
@@ -146,7 +158,9 @@ def least_squares(
     -------
     OptimizeResult
         ``x, cost, fun, jac, grad, optimality, active_mask, nfev, njev,
-        status, message, success`` with scipy's meanings.
+        status, message, success`` with scipy's meanings; ``jac`` is sparse
+        for a sparse Jacobian and a ``LinearOperator`` for an operator, as in
+        scipy.
 
     Examples
     --------
@@ -178,16 +192,13 @@ def least_squares(
         raise ValueError("Residuals are not finite in the initial point.")
     m = f0.shape[1]
     loss_obj = check_residuals_and_loss(method, n, f0, loss, f_scale, ns, rowwise=True)
-    if not callable(jac) and method == "lm" and jac_sparsity is not None:
-        raise ValueError("method='lm' does not support `jac_sparsity`.")
-    if callable(jac):
-        J0 = _user_jacobian_at_x0(p, method, m, n)
     if f0_raw.dtype == np.float32 and ns.dtype == torch.float64:
         # float32 residuals take float32-sized default steps (scipy gh-12991);
         # the residuals themselves were float32, so this cast is exact
         p.jac.fd_dtype = torch.float32
-    if n > 0 and not callable(jac):
-        J0 = p.jac(p.x0, f0, torch.zeros(1, dtype=torch.long, device=ns.device))
+    J0, tr_solver = jacobian_at_x0(p, f0, method, jac, jac_sparsity, tr_solver, tr_options,
+                                   x_scale)
+    dense_jac = isinstance(J0, torch.Tensor) and J0.layout == torch.strided
 
     if method == "lm" and callback is not None:
         warnings.warn("Callback function specified, but not supported with `lm` method.",
@@ -198,25 +209,31 @@ def least_squares(
         # nothing to optimise: scipy reports the start ('lm': MINPACK's improper input)
         out = _no_variables(f0, loss_obj, method)
     else:
-        J0 = J0.to(device=ns.device, dtype=ns.dtype)
-        if not bool(torch.isfinite(J0).all()):
+        if dense_jac:
+            J0 = J0.to(device=ns.device, dtype=ns.dtype)
+        if not jacobian_finite_at_x0(J0):
             # scipy's 'trf' and 'dogbox' fail in their first factorisation of J0
             # (ValueError / LinAlgError); every method refuses it here, by name
             raise ValueError("array must not contain infs or NaNs: the Jacobian is not "
                              "finite in the initial point.")
         start = initial_state(torch.zeros(1, dtype=torch.long, device=ns.device), p.x0, f0, J0,
                               p.lb, p.ub, p.x_scale)
+        # a sparse or operator Jacobian is handed out by the engine as it is
+        keys = RESULT_KEYS if dense_jac else tuple(k for k in RESULT_KEYS if k != "J")
         out = solve(EngineRun(
             method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj, ftol=p.ftol,
             xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
             jac_scale=isinstance(p.x_scale, str), use_gram=prefers_gram(m, n), verbose=verbose,
             callback=_wrap_callback(callback, ns) if callback is not None else None,
-            tr_solver="lsmr" if tr_solver == "lsmr" and method != "lm" else "exact",
-            tr_options=tr_options))
+            out=result_buffers(1, n, m, ns.dtype, ns.device, keys),
+            tr_solver=tr_solver, tr_options=tr_options))
         if track:
             idx = torch.zeros(1, dtype=torch.long, device=ns.device)
             implicit.attach(out, lambda x: p.fun.raw(x, idx), loss_obj)
+    sparse_J = None if dense_jac or n == 0 else out.pop("J", None)
     result = build_result(out, ns, method, jac, p.bounded)[0]
+    if sparse_J is not None:
+        result.jac = result_jacobian(sparse_J, numpy_caller=ns.kind != "torch")
     if ns.kind == "numpy" and f0_raw.dtype == np.float32:
         result.fun = result.fun.astype(np.float32)  # scipy returns fun's own dtype
     if verbose >= 1:
@@ -227,21 +244,6 @@ def least_squares(
               f"final cost {float(result.cost):.4e}, "
               f"first-order optimality {float(result.optimality):.2e}.")
     return result
-
-
-def _user_jacobian_at_x0(p: Prepared, method: str, m: int, n: int) -> torch.Tensor:
-    """A callable ``jac`` at ``x0``, ``(1, m, n)``, with scipy's checks of its value."""
-    J0_raw = p.jac_user.call_one(p.x0[0])
-    if issparse(J0_raw) or isinstance(J0_raw, LinearOperator):
-        if method == "lm":
-            raise ValueError("method='lm' works only with dense Jacobian matrices.")
-        raise ValueError("Sparse and LinearOperator Jacobians are not supported yet by "
-                         "torchimize_scipy; return a dense array from `jac`.")
-    J0_np = np.atleast_2d(as_numpy(J0_raw))
-    if J0_np.shape != (m, n):
-        raise ValueError(f"The return value of `jac` has wrong shape: expected {(m, n)}, "
-                         f"actual {J0_np.shape}.")
-    return p.ns.from_user(J0_np, what="jac").reshape(1, m, n)
 
 
 def _no_variables(f0: torch.Tensor, loss_obj: Any, method: str) -> dict[str, torch.Tensor]:

@@ -39,20 +39,30 @@ def check_options(method: str, jac: Any, tr_solver: Any, tr_options: Any, loss: 
         raise ValueError("`verbose` must be in [0, 1, 2].")
     if max_nfev is not None and max_nfev <= 0:
         raise ValueError("`max_nfev` must be None or positive integer.")
-    if method != "lm":
-        if jac_sparsity is not None:
-            raise ValueError("`jac_sparsity` is not supported yet by torchimize_scipy.")
-        if tr_solver == "lsmr":
-            from ._engine.steps.trf_lsmr import lsmr_keywords
 
-            # scipy hands the options to its lsmr: unknown keys are a TypeError
-            lsmr_keywords(tr_options, method, bounded=False)
-            if method == "dogbox" and tr_options and "regularize" in tr_options:
-                warnings.warn("The keyword 'regularize' in `tr_options` is not relevant "
-                              "for 'dogbox' method.", stacklevel=3)
-        elif tr_options:
-            raise ValueError("`tr_options` is not supported yet by torchimize_scipy "
-                             "(it only applies to tr_solver='lsmr').")
+
+def check_tr_options(tr_options: Any, method: str, tr_solver: str, bounded: bool) -> None:
+    """``tr_options`` for the chosen ``tr_solver``, checked as scipy's solvers use them.
+
+    With 'lsmr', scipy's 'trf' takes ``regularize`` (and ``damp`` when
+    unbounded) and hands the other keys to :func:`scipy.sparse.linalg.lsmr`,
+    whose unknown keyword is a ``TypeError``: raised here with lsmr's message
+    before any work. 'dogbox' warns that ``regularize`` is not relevant to
+    it, as scipy does. With 'exact' scipy ignores ``tr_options``; here a
+    non-empty dict is a ``ValueError`` naming it (no option is silently
+    ignored). 'lm' ignores them, as in scipy.
+    """
+    if method == "lm" or not tr_options:
+        return
+    if tr_solver == "exact":
+        raise ValueError("`tr_options` apply to tr_solver='lsmr' only; tr_solver='exact' "
+                         f"takes none (got {sorted(tr_options)}).")
+    if method == "dogbox" and "regularize" in tr_options:
+        warnings.warn("The keyword 'regularize' in `tr_options` is not relevant for 'dogbox' "
+                      "method.", stacklevel=4)
+    from ._engine.steps.trf_lsmr import lsmr_keywords
+
+    lsmr_keywords(tr_options, method, bounded)  # the engine's split of the options, checked
 
 
 def prepare_bounds(bounds: Any, n: int, batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,240 @@
+"""Large sparse problems against scipy in the same run (issue 13, RESULTS §15).
+
+Cases (``--case``, default all):
+
+* ``ba``: bundle adjustment shaped like the scipy cookbook's BAL
+  problem-49-7776 (49 cameras with 9 parameters each, 7,776 points, 4
+  observations a point: n = 23,769, m = 62,208), synthetic data from a fixed
+  seed; ``jac_sparsity``, ``x_scale='jac'``, ``ftol=1e-4``, method 'trf', as
+  the cookbook solves it. scipy with the numpy residuals; ours with the same
+  numpy residuals, then with a torch residual function (the grouped finite
+  differences evaluate all column groups in one vmapped call).
+* ``broyden``: Broyden tridiagonal, n = 100,000, ``jac_sparsity``,
+  ``tr_solver='lsmr'`` (scipy's test problem, at scale), numpy residuals.
+* ``big``: Broyden tridiagonal with n = 1,000,000, ours only, in a child
+  process whose peak resident set size (``ru_maxrss``) is reported (target
+  < 4 GiB).
+
+Each case reports wall times, the final costs, ``nfev``/``njev`` and the
+status of both solvers, and our speed-up (scipy time / our time) measured in
+the same run. ``--quick`` shrinks every size to check the script.
+
+Usage::
+
+    python benchmarks/bench_sparse.py [--case ba broyden big] [--quick] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
+import numpy as np
+import scipy.optimize
+import scipy.sparse as sp
+import torch
+from _common import base_parser, md_table, peak_rss_bytes, setup, timed, write_json
+
+from torchimize_scipy import least_squares
+
+# ----------------------------------------------------------------------------- bundle adjustment
+
+
+def rotate_np(points: np.ndarray, rot_vecs: np.ndarray) -> np.ndarray:
+    """Rodrigues' rotation of each point by its rotation vector (numpy)."""
+    theta = np.linalg.norm(rot_vecs, axis=1)[:, None]
+    with np.errstate(invalid="ignore"):
+        v = np.nan_to_num(rot_vecs / theta)
+    dot = np.sum(points * v, axis=1)[:, None]
+    cos, sin = np.cos(theta), np.sin(theta)
+    return cos * points + sin * np.cross(v, points) + dot * (1 - cos) * v
+
+
+def project_np(points: np.ndarray, cams: np.ndarray) -> np.ndarray:
+    """BAL's pinhole camera with radial distortion: rotation, translation, f, k1, k2."""
+    p = rotate_np(points, cams[:, :3]) + cams[:, 3:6]
+    p = -p[:, :2] / p[:, 2, None]
+    f, k1, k2 = cams[:, 6], cams[:, 7], cams[:, 8]
+    n2 = np.sum(p**2, axis=1)
+    return p * (f * (1 + k1 * n2 + k2 * n2**2))[:, None]
+
+
+def rotate_torch(points: torch.Tensor, rot_vecs: torch.Tensor) -> torch.Tensor:
+    theta = torch.linalg.vector_norm(rot_vecs, dim=1, keepdim=True)
+    v = rot_vecs / torch.clamp(theta, min=torch.finfo(theta.dtype).tiny)
+    dot = (points * v).sum(1, keepdim=True)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    return cos * points + sin * torch.linalg.cross(v, points, dim=1) + dot * (1 - cos) * v
+
+
+def project_torch(points: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
+    p = rotate_torch(points, cams[:, :3]) + cams[:, 3:6]
+    p = -p[:, :2] / p[:, 2:3]
+    f, k1, k2 = cams[:, 6], cams[:, 7], cams[:, 8]
+    n2 = (p * p).sum(1)
+    return p * (f * (1 + k1 * n2 + k2 * n2 * n2)).unsqueeze(1)
+
+
+def bundle_adjustment(n_cameras: int = 49, n_points: int = 7776, per_point: int = 4,
+                      seed: int = 0) -> dict[str, Any]:
+    """A synthetic BAL-like problem: true scene, noisy observations, a perturbed start."""
+    rng = np.random.default_rng(seed)
+    cams = np.zeros((n_cameras, 9))
+    cams[:, :3] = 0.3 * rng.standard_normal((n_cameras, 3))
+    cams[:, 3:5] = 0.5 * rng.standard_normal((n_cameras, 2))
+    cams[:, 5] = -6.0 + 0.5 * rng.standard_normal(n_cameras)
+    cams[:, 6] = 500.0 * (1 + 0.05 * rng.standard_normal(n_cameras))
+    cams[:, 7] = 1e-2 * rng.standard_normal(n_cameras)
+    cams[:, 8] = 1e-3 * rng.standard_normal(n_cameras)
+    pts = rng.uniform(-1.0, 1.0, (n_points, 3))
+    camera_idx = np.concatenate([rng.choice(n_cameras, per_point, replace=False)
+                                 for _ in range(n_points)])
+    point_idx = np.repeat(np.arange(n_points), per_point)
+    obs = project_np(pts[point_idx], cams[camera_idx])
+    obs = obs + rng.standard_normal(obs.shape)  # one pixel of noise
+    x_true = np.concatenate([cams.ravel(), pts.ravel()])
+    x0 = x_true.copy()
+    start = cams.copy()
+    start[:, :3] += 0.01 * rng.standard_normal((n_cameras, 3))
+    start[:, 3:6] += 0.02 * rng.standard_normal((n_cameras, 3))
+    x0[:n_cameras * 9] = start.ravel()
+    x0[n_cameras * 9:] += 0.02 * rng.standard_normal(n_points * 3)
+
+    def fun_np(params: np.ndarray) -> np.ndarray:
+        c = params[:n_cameras * 9].reshape((n_cameras, 9))
+        p = params[n_cameras * 9:].reshape((n_points, 3))
+        return (project_np(p[point_idx], c[camera_idx]) - obs).ravel()
+
+    ci, pi, obs_t = (torch.as_tensor(camera_idx), torch.as_tensor(point_idx),
+                     torch.as_tensor(obs))
+
+    def fun_torch(params: torch.Tensor) -> torch.Tensor:
+        c = params[:n_cameras * 9].reshape(n_cameras, 9)
+        p = params[n_cameras * 9:].reshape(n_points, 3)
+        return (project_torch(p[pi], c[ci]) - obs_t.to(params.dtype)).reshape(-1)
+
+    m = 2 * camera_idx.size
+    n = x0.size
+    S = sp.lil_array((m, n), dtype=int)
+    i = np.arange(camera_idx.size)
+    for s in range(9):
+        S[2 * i, camera_idx * 9 + s] = 1
+        S[2 * i + 1, camera_idx * 9 + s] = 1
+    for s in range(3):
+        S[2 * i, n_cameras * 9 + point_idx * 3 + s] = 1
+        S[2 * i + 1, n_cameras * 9 + point_idx * 3 + s] = 1
+    return {"x0": x0, "fun_np": fun_np, "fun_torch": fun_torch, "sparsity": S.tocsr(),
+            "m": m, "n": n}
+
+
+# ----------------------------------------------------------------------------- Broyden
+
+
+def broyden_np(x: np.ndarray) -> np.ndarray:
+    f = (3 - x) * x + 1
+    f[1:] -= x[:-1]
+    f[:-1] -= 2 * x[1:]
+    return f
+
+
+def tridiagonal(n: int) -> sp.csr_array:
+    return sp.diags_array([np.ones(n - 1), np.ones(n), np.ones(n - 1)], offsets=[-1, 0, 1],
+                          format="csr")
+
+
+def summary(res: Any) -> dict[str, Any]:
+    return {"cost": float(res.cost), "nfev": int(res.nfev),
+            "njev": None if res.njev is None else int(res.njev), "status": int(res.status),
+            "optimality": float(res.optimality)}
+
+
+def run_ba(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
+    size = dict(n_cameras=8, n_points=500) if args.quick else {}
+    prob = bundle_adjustment(seed=args.seed, **size)
+    opts = dict(jac_sparsity=prob["sparsity"], x_scale="jac", ftol=1e-4, method="trf")
+    out: dict[str, Any] = {"m": prob["m"], "n": prob["n"]}
+    t, res = timed(lambda: scipy.optimize.least_squares(prob["fun_np"], prob["x0"], **opts))
+    out["scipy"] = {"time_s": t, **summary(res)}
+    t, res = timed(lambda: least_squares(prob["fun_np"], prob["x0"], **opts))
+    out["ours_numpy"] = {"time_s": t, **summary(res)}
+    x0t = torch.as_tensor(prob["x0"], device=dev, dtype=dt)
+    t, res = timed(lambda: least_squares(prob["fun_torch"], x0t, **opts), dev)
+    out["ours_torch"] = {"time_s": t, **summary(res)}
+    return out
+
+
+def run_broyden(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
+    n = 2000 if args.quick else 100_000
+    x0 = -np.ones(n)
+    opts = dict(jac_sparsity=tridiagonal(n), tr_solver="lsmr", method="trf")
+    out: dict[str, Any] = {"n": n}
+    t, res = timed(lambda: scipy.optimize.least_squares(broyden_np, x0, **opts))
+    out["scipy"] = {"time_s": t, **summary(res)}
+    t, res = timed(lambda: least_squares(broyden_np, x0, **opts))
+    out["ours_numpy"] = {"time_s": t, **summary(res)}
+    return out
+
+
+def big_child(n: int, threads: int) -> None:
+    """Child process of the ``big`` case: solve, print JSON with the peak RSS."""
+    torch.set_num_threads(threads)
+    x0 = -np.ones(n)
+    t, res = timed(lambda: least_squares(broyden_np, x0, jac_sparsity=tridiagonal(n),
+                                         tr_solver="lsmr"))
+    print(json.dumps({"n": n, "time_s": t, **summary(res),
+                      "peak_rss_gib": peak_rss_bytes() / 2**30}))
+
+
+def run_big(args: Any) -> dict[str, Any]:
+    n = 20_000 if args.quick else 1_000_000
+    proc = subprocess.run([sys.executable, __file__, "--big-child", str(n), "--threads",
+                           str(args.threads)], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--case", nargs="+", default=["ba", "broyden", "big"],
+                   choices=["ba", "broyden", "big"])
+    p.add_argument("--big-child", type=int, default=None, help=argparse_hidden())
+    args = p.parse_args()
+    dev, dt = setup(args)
+    if args.big_child is not None:
+        big_child(args.big_child, args.threads)
+        return
+    results: dict[str, Any] = {}
+    rows = []
+    if "ba" in args.case:
+        r = results["ba"] = run_ba(args, dev, dt)
+        for key in ("ours_numpy", "ours_torch"):
+            rows.append([f"bundle adjustment n={r['n']}, m={r['m']} ({key[5:]} residuals)",
+                         r["scipy"]["time_s"], r[key]["time_s"],
+                         r["scipy"]["time_s"] / r[key]["time_s"], r["scipy"]["cost"],
+                         r[key]["cost"], f"{r['scipy']['nfev']}/{r[key]['nfev']}"])
+    if "broyden" in args.case:
+        r = results["broyden"] = run_broyden(args, dev, dt)
+        rows.append([f"Broyden tridiagonal n={r['n']}, lsmr", r["scipy"]["time_s"],
+                     r["ours_numpy"]["time_s"], r["scipy"]["time_s"] / r["ours_numpy"]["time_s"],
+                     r["scipy"]["cost"], r["ours_numpy"]["cost"],
+                     f"{r['scipy']['nfev']}/{r['ours_numpy']['nfev']}"])
+    if "big" in args.case:
+        r = results["big"] = run_big(args)
+        rows.append([f"Broyden tridiagonal n={r['n']} (peak RSS {r['peak_rss_gib']:.2f} GiB)",
+                     "", r["time_s"], "", "", r["cost"], f"-/{r['nfev']}"])
+    print(md_table(["problem", "scipy s", "ours s", "speed-up", "scipy cost", "our cost",
+                    "nfev scipy/ours"], rows))
+    path = write_json(args, "bench_sparse", results)
+    print(f"wrote {path}")
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Sparse and operator Jacobians at the frontend: ``jac_sparsity``, scipy.sparse, torch
+sparse, ``LinearOperator`` and torch operators; ``tr_solver``/``tr_options`` checks;
+``res.jac`` as scipy returns it.
+
+Parity with scipy follows docs/parity.md: ``x`` and ``cost`` within the
+problem's tolerances, statuses equivalent. Every validation branch has one
+``pytest.raises`` with scipy's message where scipy has one.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.optimize as so
+import scipy.sparse as sp
+import torch
+from _parity import (
+    ONE_EVAL_RTOL,
+    assert_close_scaled,
+    assert_cost_close,
+    assert_status_equivalent,
+    assert_x_close,
+)
+from scipy.optimize._lsq.least_squares import construct_loss_function
+from scipy.sparse.linalg import LinearOperator, aslinearoperator
+
+from torchimize_scipy import batch_least_squares, least_squares
+
+
+class Broyden:
+    """scipy's test problem (``BroydenTridiagonal`` of its test_least_squares.py)."""
+
+    def __init__(self, n: int = 100, seed: int = 123440) -> None:
+        rng = np.random.default_rng(seed)
+        self.n = n
+        self.x0 = -np.ones(n) + 0.1 * rng.standard_normal(n)
+        self.lb = np.linspace(-2, -1.5, n) + 0.1 * rng.standard_normal(n)
+        self.ub = np.linspace(-0.8, 0.0, n) + 0.1 * rng.standard_normal(n)
+        self.x0 = np.clip(self.x0, self.lb + 1e-3, self.ub - 1e-3)
+        i = np.arange(n)
+        self.sparsity = sp.coo_array(
+            (np.ones(3 * n - 2), (np.r_[i, i[1:], i[:-1]], np.r_[i, i[:-1], i[1:]])),
+            shape=(n, n)).tocsr()
+
+    def fun(self, x: np.ndarray) -> np.ndarray:
+        f = (3 - x) * x + 1
+        f[1:] -= x[:-1]
+        f[:-1] -= 2 * x[1:]
+        return f
+
+    def jac(self, x: np.ndarray) -> sp.csr_array:
+        n = self.n
+        return sp.diags_array([-np.ones(n - 1), 3 - 2 * x, -2 * np.ones(n - 1)],
+                              offsets=[-1, 0, 1], format="csr")
+
+    def operator(self, x: np.ndarray) -> LinearOperator:
+        return aslinearoperator(self.jac(x))
+
+
+def fun_torch(x: torch.Tensor) -> torch.Tensor:
+    """Broyden's residuals of one point, in torch (vmappable)."""
+    f = (3 - x) * x + 1
+    f = torch.cat([f[:1], f[1:] - x[:-1]])
+    return torch.cat([f[:-1] - 2 * x[1:], f[-1:]])
+
+
+def quiet_scipy(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return so.least_squares(*args, **kwargs)
+
+
+def check_parity(res, ref, xtol: float = 1e-8) -> None:
+    assert_x_close(res.x, ref.x, xtol)
+    assert_cost_close(res.cost, ref.cost)
+    assert_status_equivalent(res.status, ref.status)
+
+
+# ---------------------------------------------------------------------------- validation
+def test_jac_sparsity_wrong_shape_message() -> None:
+    p = Broyden(10)
+    with pytest.raises(ValueError, match=r"^`jac_sparsity` has wrong shape\.$"):
+        least_squares(p.fun, p.x0, jac_sparsity=p.sparsity[:-1])
+
+
+def test_jac_sparsity_with_exact_tr_solver_is_scipys_error() -> None:
+    p = Broyden(10)
+    msg = "tr_solver='exact' is incompatible with `jac_sparsity`."
+    with pytest.raises(ValueError) as ref:
+        quiet_scipy(p.fun, p.x0, jac_sparsity=p.sparsity, tr_solver="exact")
+    assert str(ref.value) == msg
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
+        least_squares(p.fun, p.x0, jac_sparsity=p.sparsity, tr_solver="exact")
+
+
+@pytest.mark.parametrize("kind", ["sparse", "operator"])
+def test_sparse_jac_with_exact_tr_solver_is_scipys_error(kind: str) -> None:
+    p = Broyden(10)
+    jac = p.jac if kind == "sparse" else p.operator
+    msg = "tr_solver='exact' works only with dense Jacobian matrices."
+    with pytest.raises(ValueError, match=msg):
+        quiet_scipy(p.fun, p.x0, jac, tr_solver="exact")
+    with pytest.raises(ValueError, match=msg):
+        least_squares(p.fun, p.x0, jac, tr_solver="exact")
+
+
+def test_operator_with_x_scale_jac_is_scipys_error() -> None:
+    p = Broyden(10)
+    msg = "x_scale='jac' can't be used when `jac` returns LinearOperator."
+    with pytest.raises(ValueError, match=msg):
+        quiet_scipy(p.fun, p.x0, p.operator, x_scale="jac")
+    with pytest.raises(ValueError, match=msg):
+        least_squares(p.fun, p.x0, p.operator, x_scale="jac")
+
+
+def test_unknown_lsmr_option_is_a_type_error_naming_it() -> None:
+    p = Broyden(10)
+    with pytest.raises(TypeError, match="'tol'"):
+        quiet_scipy(p.fun, p.x0, p.jac, tr_options={"tol": 1e-10})
+    # tr_solver=None chooses 'lsmr' for a sparse Jacobian: its options are checked
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tol'"):
+        least_squares(p.fun, p.x0, p.jac, tr_options={"tol": 1e-10})
+
+
+def test_tr_options_with_exact_solver_are_refused_by_name() -> None:
+    """scipy ignores them silently; we name them (no option is ignored)."""
+    p = Broyden(10)
+    with pytest.raises(ValueError, match=r"`tr_options` apply to tr_solver='lsmr' only"):
+        least_squares(p.fun, p.x0, tr_options={"atol": 1e-10})
+
+
+@pytest.mark.parametrize("method", ["gn", "gd"])
+def test_line_search_methods_refuse_sparse_jacobians(method: str) -> None:
+    p = Broyden(10)
+    with pytest.raises(ValueError, match=f"method='{method}' works only with dense"):
+        least_squares(p.fun, p.x0, p.jac, method=method)
+
+
+def test_jac_sparsity_with_autograd_is_refused() -> None:
+    p = Broyden(10)
+    with pytest.raises(ValueError, match="`jac_sparsity` applies to finite differences"):
+        least_squares(fun_torch, torch.as_tensor(p.x0), "autograd", jac_sparsity=p.sparsity)
+
+
+def test_sparse_jac_of_wrong_shape_is_scipys_error() -> None:
+    p = Broyden(10)
+    with pytest.raises(ValueError, match=r"The return value of `jac` has wrong shape: "
+                                         r"expected \(10, 10\), actual \(9, 10\)\."):
+        least_squares(p.fun, p.x0, lambda x: p.jac(x)[:-1])
+
+
+def test_jac_sparsity_with_callable_jac_is_ignored_as_scipy() -> None:
+    p = Broyden(10)
+    res = least_squares(p.fun, p.x0, lambda x: p.jac(x).toarray(), jac_sparsity=p.sparsity)
+    assert isinstance(res.jac, np.ndarray) and res.cost < 1e-20
+
+
+# ---------------------------------------------------------------------------- parity with scipy
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+@pytest.mark.parametrize("kind", ["sparse", "operator"])
+@pytest.mark.parametrize("bounded", [False, True])
+def test_callable_sparse_and_operator_jacobians_match_scipy(method, kind, bounded) -> None:
+    p = Broyden()
+    jac = p.jac if kind == "sparse" else p.operator
+    bounds = (p.lb, p.ub) if bounded else (-np.inf, np.inf)
+    res = least_squares(p.fun, p.x0, jac, bounds=bounds, method=method)
+    ref = quiet_scipy(p.fun, p.x0, jac, bounds=bounds, method=method)
+    check_parity(res, ref)
+    if kind == "sparse":
+        assert sp.issparse(res.jac) and res.jac.format == "csr"
+        assert_close_scaled(res.jac.toarray(), ref.jac.toarray(), 1e-6)
+    else:
+        assert isinstance(res.jac, LinearOperator) and res.jac.shape == (p.n, p.n)
+        v = np.linspace(-1, 1, p.n)
+        assert_close_scaled(res.jac.matvec(v), ref.jac.matvec(v), 1e-6)
+        assert_close_scaled(res.jac.rmatvec(v), ref.jac.rmatvec(v), 1e-6)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+@pytest.mark.parametrize("fd", ["2-point", "3-point", "cs"])
+def test_jac_sparsity_matches_scipy(method: str, fd: str) -> None:
+    p = Broyden()
+    res = least_squares(p.fun, p.x0, fd, jac_sparsity=p.sparsity, method=method,
+                        bounds=(p.lb, np.inf))
+    ref = quiet_scipy(p.fun, p.x0, fd, jac_sparsity=p.sparsity, method=method,
+                      bounds=(p.lb, np.inf))
+    check_parity(res, ref)
+    assert sp.issparse(res.jac) and res.jac.nnz == ref.jac.nnz
+
+
+def test_tr_solver_none_chooses_as_scipy() -> None:
+    p = Broyden(30)
+    sparse = least_squares(p.fun, p.x0, p.jac)
+    dense = least_squares(p.fun, p.x0, lambda x: p.jac(x).toarray())
+    assert sp.issparse(sparse.jac) and isinstance(dense.jac, np.ndarray)
+    # jac_sparsity alone makes the finite-difference Jacobian sparse: 'lsmr'
+    fd = least_squares(p.fun, p.x0, jac_sparsity=p.sparsity)
+    assert sp.issparse(fd.jac)
+
+
+def test_x_scale_jac_from_sparse_column_norms_matches_scipy() -> None:
+    p = Broyden()
+    res = least_squares(p.fun, p.x0, p.jac, x_scale="jac")
+    ref = quiet_scipy(p.fun, p.x0, p.jac, x_scale="jac")
+    check_parity(res, ref)
+
+
+@pytest.mark.parametrize("loss", ["soft_l1", "cauchy"])
+def test_res_jac_of_a_robust_loss_is_the_scaled_sparse_jacobian(loss: str) -> None:
+    p = Broyden(40)
+    y = np.zeros(p.n)
+    y[::7] = 5.0  # outliers: the loss scales their rows
+
+    def fun(x):
+        return p.fun(x) - y
+
+    res = least_squares(fun, p.x0, p.jac, loss=loss, f_scale=0.5)
+    ref = quiet_scipy(fun, p.x0, p.jac, loss=loss, f_scale=0.5)
+    assert_cost_close(res.cost, ref.cost)
+    assert sp.issparse(res.jac)
+    # the rows of J(x) at our solution scaled as scipy's scale_for_robust_loss_function does
+    f = fun(res.x)
+    rho = construct_loss_function(p.n, loss, 0.5)(f)
+    w = np.sqrt(np.maximum(rho[1] + 2 * rho[2] * f**2, np.finfo(float).eps))
+    assert_close_scaled(res.jac.toarray(), w[:, None] * p.jac(res.x).toarray(), ONE_EVAL_RTOL)
+
+
+def test_caller_arrays_are_not_mutated() -> None:
+    p = Broyden(20)
+    x0 = p.x0.copy()
+    S = p.sparsity.copy()
+    least_squares(p.fun, x0, jac_sparsity=S)
+    assert np.array_equal(x0, p.x0)
+    assert (S != p.sparsity).nnz == 0
+
+
+# ---------------------------------------------------------------------------- torch callers
+def test_torch_function_with_jac_sparsity_one_call_per_jacobian() -> None:
+    p = Broyden(50)
+    calls = []
+
+    def fun(x):
+        calls.append(1)
+        return fun_torch(x)
+
+    x0 = torch.as_tensor(p.x0)
+    res = least_squares(fun, x0, jac_sparsity=p.sparsity)
+    ref = quiet_scipy(p.fun, p.x0, jac_sparsity=p.sparsity)
+    assert isinstance(res.x, torch.Tensor)
+    check_parity(res, ref)
+    assert res.jac.layout == torch.sparse_coo and res.jac.shape == (p.n, p.n)
+    # vmapped: each Jacobian is one call for all its groups (after the vmap probe)
+    assert len(calls) <= res.nfev + res.njev + 2
+
+
+def test_torch_sparse_and_torch_operator_jacobians() -> None:
+    p = Broyden(40)
+
+    def jac_sparse(x):
+        return torch.as_tensor(p.jac(x.numpy()).toarray()).to_sparse_csr()
+
+    class Op:
+        def __init__(self, x):
+            self.A = torch.as_tensor(p.jac(x.numpy()).toarray())
+            self.shape = tuple(self.A.shape)
+
+        def matvec(self, v):
+            return self.A @ v
+
+        def rmatvec(self, u):
+            return self.A.T @ u
+
+        def column_norms(self):
+            return torch.linalg.vector_norm(self.A, dim=0)
+
+    ref = quiet_scipy(p.fun, p.x0, p.jac, x_scale="jac")
+    x0 = torch.as_tensor(p.x0)
+    res_s = least_squares(fun_torch, x0, jac_sparse, x_scale="jac")
+    res_o = least_squares(fun_torch, x0, Op, x_scale="jac")  # column_norms: 'jac' allowed
+    for res in (res_s, res_o):
+        check_parity(res, ref)
+    assert res_s.jac.layout == torch.sparse_coo
+    v = torch.linspace(-1, 1, p.n, dtype=torch.float64)
+    assert_close_scaled(res_o.jac.matvec(v).numpy(), ref.jac @ v.numpy(), 1e-6)
+
+
+# ---------------------------------------------------------------------------- batches
+def test_batch_with_jac_sparsity_matches_single_problems() -> None:
+    p = Broyden(30)
+    rng = np.random.default_rng(3)
+    X0 = p.x0 + 0.05 * rng.standard_normal((3, p.n))
+
+    def fun(X):  # vectorised over rows
+        F = (3 - X) * X + 1
+        F[:, 1:] -= X[:, :-1]
+        F[:, :-1] -= 2 * X[:, 1:]
+        return F
+
+    res = batch_least_squares(fun, X0, jac_sparsity=p.sparsity)
+    for b in range(3):
+        ref = least_squares(p.fun, X0[b], jac_sparsity=p.sparsity)
+        assert_x_close(res.x[b], ref.x)
+        assert_cost_close(res.cost[b], ref.cost)
+    assert res.jac is None  # sparse Jacobians of a batch are not kept
+
+
+def test_batch_jac_sparsity_shape_is_checked() -> None:
+    p = Broyden(10)
+    with pytest.raises(ValueError, match=r"^`jac_sparsity` has wrong shape\.$"):
+        batch_least_squares(lambda X: X, np.zeros((2, 10)), jac_sparsity=p.sparsity[:-1])

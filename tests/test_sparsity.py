@@ -1,0 +1,167 @@
+"""``jac_sparsity``: scipy's column groups and grouped finite differences.
+
+The grouping is compared with scipy's ``group_columns`` (same groups, exactly:
+both are integer results of the same greedy rule); the grouped differences
+with scipy's ``approx_derivative(sparsity=...)`` on the same points, to one
+evaluation of the same formula (``ONE_EVAL_RTOL``), with and without bounds;
+a batch with a loop of single problems; the number of calls of the residual
+function (one for a vectorised function, one per group for a function of one
+point, as scipy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from _parity import ONE_EVAL_RTOL, assert_close_scaled
+from scipy.optimize._numdiff import approx_derivative
+from scipy.optimize._numdiff import group_columns as scipy_group_columns
+
+from torchimize_scipy._sparsity import (
+    SparsityPattern,
+    check_jac_sparsity,
+    group_columns,
+    grouped_difference,
+)
+
+
+def tridiagonal(n: int) -> sp.csr_array:
+    return sp.diags_array([np.ones(n - 1), np.ones(n), np.ones(n - 1)], offsets=[-1, 0, 1],
+                          format="csr")
+
+
+def broyden(x: np.ndarray) -> np.ndarray:
+    f = (3 - x) * x + 1
+    f[1:] -= x[:-1]
+    f[:-1] -= 2 * x[1:]
+    return f
+
+
+def broyden_torch(x: torch.Tensor) -> torch.Tensor:
+    """Vectorised over the rows of ``x (k, n)``."""
+    f = (3 - x) * x + 1
+    f = torch.cat([f[:, :1], f[:, 1:] - x[:, :-1]], dim=1)
+    return torch.cat([f[:, :-1] - 2 * x[:, 1:], f[:, -1:]], dim=1)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_groups_equal_scipys_on_random_structures(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    m, n = rng.integers(1, 80, 2)
+    A = rng.random((m, n)) < rng.random() * 0.4
+    assert np.array_equal(group_columns(A), scipy_group_columns(A))
+    assert np.array_equal(group_columns(sp.csr_array(A)), scipy_group_columns(A))
+
+
+def test_groups_equal_scipys_with_an_explicit_order_and_a_banded_structure() -> None:
+    S = tridiagonal(500)
+    assert np.array_equal(group_columns(S), scipy_group_columns(S))
+    order = np.arange(500)[::-1]
+    assert np.array_equal(group_columns(S, order), scipy_group_columns(S, order))
+    # the natural order colours a tridiagonal structure with 3 groups
+    assert group_columns(S, np.arange(500)).max() == 2
+
+
+def test_groups_are_valid_and_stored_zeros_group_as_scipy_but_hold_no_entry() -> None:
+    rng = np.random.default_rng(5)
+    A = sp.random_array((200, 150), density=0.03, rng=rng, format="csr")
+    A.data[::3] = 0.0  # stored zeros: grouped as entries (scipy), but not differenced
+    groups = group_columns(A)
+    stored = A.copy()
+    stored.data[:] = 1.0
+    dense = stored.toarray() != 0
+    for g in range(groups.max() + 1):
+        assert (dense[:, groups == g].sum(axis=1) <= 1).all()
+    assert np.array_equal(groups, scipy_group_columns(A))
+    assert SparsityPattern.from_structure(A).rows.size == np.count_nonzero(A.data)
+
+
+def test_group_columns_order_shape_is_checked() -> None:
+    with pytest.raises(ValueError, match="`order` has incorrect shape"):
+        group_columns(np.eye(3), order=[0, 1])
+
+
+def test_check_jac_sparsity_shape_message() -> None:
+    with pytest.raises(ValueError, match="`jac_sparsity` has wrong shape."):
+        check_jac_sparsity(tridiagonal(5)[:-1], 5, 5)
+    with pytest.raises(ValueError, match="`jac_sparsity` has wrong shape."):
+        check_jac_sparsity(np.ones((4, 5)), 5, 5)
+    assert check_jac_sparsity(None, 5, 5) is None
+    pattern = check_jac_sparsity(np.eye(5), 5, 5)
+    assert pattern.n_groups == 1 and pattern.rows.size == 5
+
+
+def _numpy_rows(fun):
+    calls = []
+
+    def batched(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        calls.append(X.shape[0])
+        return torch.as_tensor(np.stack([fun(r.copy()) for r in X.numpy()]))
+
+    return batched, calls
+
+
+@pytest.mark.parametrize("method", ["2-point", "3-point", "cs"])
+@pytest.mark.parametrize("bounded", [False, True])
+def test_grouped_difference_matches_scipy(method: str, bounded: bool) -> None:
+    n = 60
+    rng = np.random.default_rng(1)
+    x0 = -1 + 0.1 * rng.standard_normal(n)
+    lb, ub = (x0 - 1e-9 * rng.random(n), x0 + 0.5) if bounded else (-np.inf, np.inf)
+    S = tridiagonal(n)
+    ref = approx_derivative(broyden, x0, method=method, sparsity=S, bounds=(lb, ub))
+    fun, _ = _numpy_rows(broyden)
+    x = torch.tensor(x0)[None]
+    f0 = fun(x, None)
+    lbt = torch.tensor(np.broadcast_to(lb, (n,)).copy())[None] if bounded else None
+    ubt = torch.tensor(np.broadcast_to(ub, (n,)).copy())[None] if bounded else None
+    J = grouped_difference(fun, x, f0, torch.zeros(1, dtype=torch.long),
+                           SparsityPattern.from_structure(S), method, None, lbt, ubt)
+    assert J.layout == torch.sparse_coo and J.is_coalesced() and J.shape == (1, n, n)
+    assert J._nnz() == ref.nnz
+    assert_close_scaled(J.to_dense()[0].numpy(), ref.toarray(), ONE_EVAL_RTOL)
+
+
+def test_grouped_difference_calls_a_function_of_one_point_once_per_group() -> None:
+    S = tridiagonal(40)
+    pattern = SparsityPattern.from_structure(S)
+    fun, calls = _numpy_rows(broyden)
+    x = torch.full((1, 40), -1.0, dtype=torch.float64)
+    grouped_difference(fun, x, fun(x, None), torch.zeros(1, dtype=torch.long), pattern,
+                       "3-point")
+    assert calls[-1] == 2 * pattern.n_groups  # rows handed over in one call: 2 G points
+
+
+def test_grouped_difference_of_a_batch_is_one_call_and_matches_single_problems() -> None:
+    n, B = 30, 4
+    pattern = SparsityPattern.from_structure(tridiagonal(n))
+    calls = []
+
+    def fun(X: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        calls.append(X.shape[0])
+        return broyden_torch(X)
+
+    gen = torch.Generator().manual_seed(0)
+    x = -1 + 0.1 * torch.randn(B, n, generator=gen, dtype=torch.float64)
+    idx = torch.arange(B)
+    J = grouped_difference(fun, x, fun(x, idx), idx, pattern, "2-point")
+    assert calls[-1] == B * pattern.n_groups and J.shape == (B, n, n)
+    for b in range(B):
+        Jb = grouped_difference(fun, x[b:b + 1], fun(x[b:b + 1], idx[:1]), idx[:1], pattern,
+                                "2-point")
+        assert torch.equal(J.to_dense()[b], Jb.to_dense()[0])  # the same points, the same path
+
+
+def test_grouped_difference_keeps_float32() -> None:
+    n = 20
+    pattern = SparsityPattern.from_structure(tridiagonal(n))
+    x = torch.full((1, n), -1.0, dtype=torch.float32)
+    J = grouped_difference(lambda X, i: broyden_torch(X), x, broyden_torch(x),
+                           torch.zeros(1, dtype=torch.long), pattern, "2-point")
+    exact = torch.diag(3 - 2 * x[0]) - torch.diag(torch.ones(n - 1), -1) \
+        - 2 * torch.diag(torch.ones(n - 1), 1)
+    assert J.dtype == torch.float32
+    # float32 forward differences: error about sqrt(eps32) times the curvature
+    assert torch.allclose(J.to_dense()[0], exact, atol=5e-3)
