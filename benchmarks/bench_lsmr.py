@@ -78,11 +78,12 @@ def main() -> None:
                 if solver == "exact" and n > args.exact_max:
                     continue
                 kw = dict(jac=jac, method=method, tr_solver=solver)
-                t_s, ref = median_time(lambda kw=kw: scipy.optimize.least_squares(fun, x0, **kw),
-                                       repeat=args.repeat)
+                t_s, ref = median_time(
+                    lambda kw=kw, fun=fun, x0=x0: scipy.optimize.least_squares(fun, x0, **kw),
+                    repeat=args.repeat)
                 t_o, got = median_time(
-                    lambda kw=kw: torchimize_scipy.least_squares(fun, x0, device=dev, dtype=dt,
-                                                                 **kw),
+                    lambda kw=kw, fun=fun, x0=x0: torchimize_scipy.least_squares(
+                        fun, x0, device=dev, dtype=dt, **kw),
                     repeat=args.repeat)
                 rec = {"n": n, "method": method, "tr_solver": solver, "scipy_s": t_s,
                        "ours_s": t_o, "ratio": t_o / t_s, "cost_scipy": float(ref.cost),

@@ -388,3 +388,22 @@ def test_distributed_xarray_curvefit_matches_xarray(client):
     np.testing.assert_allclose(got.curvefit_coefficients.values,
                                ref.curvefit_coefficients.values,
                                rtol=np.sqrt(1.49012e-8))  # as tests/test_xarray.py
+
+
+def test_jac_sparsity_is_shipped_to_every_block():
+    # Broyden tridiagonal problems, one sparsity structure for the whole batch
+    def broyden(x, c):
+        f = (3 - 2 * x) * x + c
+        f[:, 1:] -= x[:, :-1]
+        f[:, :-1] -= 2 * x[:, 1:]
+        return f
+
+    n, B = 12, 20
+    S = np.eye(n, dtype=bool) | np.eye(n, k=1, dtype=bool) | np.eye(n, k=-1, dtype=bool)
+    c = np.linspace(0.5, 1.5, B)[:, None] * np.ones((B, n))
+    x0 = -np.ones((B, n))
+    ref = batch_least_squares(broyden, x0, args=(c,), jac_sparsity=S)
+    res = batch_least_squares(broyden, da.from_array(x0, chunks=5), args=(c,),
+                              jac_sparsity=S).compute(scheduler="sync")
+    assert ref.success.all()
+    assert_same_result(res, ref)

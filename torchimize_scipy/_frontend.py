@@ -228,8 +228,8 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
         x0_t = x0.detach().reshape(B, n).to(device=dev, dtype=dt).clone()
     else:
         x0_t = torch.tensor(x0_host, device=dev, dtype=dt).reshape(B, n)
-    lb_t = torch.as_tensor(lb, device=dev, dtype=dt).reshape(B, n)
-    ub_t = torch.as_tensor(ub, device=dev, dtype=dt).reshape(B, n)
+    lb_t = torch.tensor(lb, device=dev, dtype=dt).reshape(B, n)
+    ub_t = torch.tensor(ub, device=dev, dtype=dt).reshape(B, n)
     bounded = bool(np.isfinite(lb).any() or np.isfinite(ub).any())
     if method == "trf" and bounded:
         x0_t = make_strictly_feasible(x0_t, lb_t, ub_t)

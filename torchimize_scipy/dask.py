@@ -152,6 +152,7 @@ def batch_least_squares(
     chunk_size: int | None = None,
     progress: bool | str = False,
     return_jac: bool = True,
+    jac_sparsity: Any = None,
 ) -> DaskBatchResult:
     """:func:`torchimize_scipy.batch_least_squares` for dask inputs, lazily, block by block.
 
@@ -167,6 +168,9 @@ def batch_least_squares(
         As in :func:`torchimize_scipy.batch_least_squares`.
     f_scale, diff_step, max_nfev, verbose, args, kwargs, vectorized, dtype, return_jac
         As in :func:`torchimize_scipy.batch_least_squares`.
+    jac_sparsity
+        One sparsity structure for all problems, shipped to every block whole;
+        as in :func:`torchimize_scipy.batch_least_squares`.
     device : str or torch.device, optional
         Applied on each worker: the blocks (and the shared numpy arrays of
         ``args`` and ``kwargs``) reach the engine, and ``fun``, as torch
@@ -191,7 +195,7 @@ def batch_least_squares(
         chunk sizes. Errors found while solving a block are raised at
         compute time, with the range of problem indices of that block.
     """
-    check_options(method, jac, None, None, loss, verbose, max_nfev, None)
+    check_options(method, jac, None, None, loss, verbose, max_nfev, jac_sparsity)
     _no_progress(progress)
     B, n = _batch_shape(x0, "x0")
     leaves = _Leaves(B)
@@ -212,7 +216,7 @@ def batch_least_squares(
                           "loss": loss, "f_scale": f_scale, "diff_step": diff_step,
                           "max_nfev": max_nfev, "verbose": verbose, "vectorized": vectorized,
                           "device": device, "dtype": dtype, "chunk_size": chunk_size,
-                          "return_jac": return_jac}}
+                          "return_jac": return_jac, "jac_sparsity": jac_sparsity}}
     fdt = _float_dtype(dtype)
     bounded = any(not _is_dask(b) and np.any(np.isfinite(np.asarray(_host(b), dtype=float)))
                   for b in bounds) or any(_is_dask(b) for b in bounds)
@@ -220,7 +224,8 @@ def batch_least_squares(
     nan = float("nan")
     fields: dict[str, tuple | None] = {
         "x": ((n,), fdt), "cost": ((), fdt), "fun": ((nan,), fdt),
-        "jac": ((nan, n), fdt) if return_jac else None, "grad": ((n,), fdt),
+        "jac": ((nan, n), fdt) if return_jac and jac_sparsity is None else None,
+        "grad": ((n,), fdt),
         "optimality": ((), fdt), "active_mask": ((n,), active_dtype),
         "nfev": ((), np.dtype(np.int64)),
         "njev": None if (method == "lm" and not callable(jac)) else ((), np.dtype(np.int64)),
