@@ -142,6 +142,25 @@ def _adjust_one_sided(x0: Tensor, h: Tensor, num_steps: int, lb: Tensor, ub: Ten
     return h_adj
 
 
+def three_point_points(x0: Tensor, h: Tensor, lb: Tensor | None,
+                       ub: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The two points of a '3-point' difference and the spacing that divides it.
+
+    Central (``x0 - h``, ``x0 + h``) where the bounds allow, else one-sided
+    (``x0 + h``, ``x0 + 2h``) as scipy's ``approx_derivative`` chooses; ``lb``
+    None means unbounded. Returns ``(xa, xb, dx, one_sided)``.
+    """
+    if lb is not None:
+        h, one_sided = _adjust_two_sided(x0, h, 1, lb, ub)
+    else:
+        h = torch.abs(h)
+        one_sided = torch.zeros_like(x0, dtype=torch.bool)
+    xa = torch.where(one_sided, x0 + h, x0 - h)
+    xb = torch.where(one_sided, x0 + 2 * h, x0 + h)
+    dx = torch.where(one_sided, xb - x0, xb - xa)
+    return xa, xb, dx, one_sided
+
+
 def _adjust_two_sided(
     x0: Tensor, h: Tensor, num_steps: int, lb: Tensor, ub: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -327,14 +346,8 @@ def finite_difference_jacobian(
             x0, [x1], lambda v, j, out: torch.sub(v[0], f0e, out=out).div_(at(dx, j)))
 
     # 3-point
-    if bounded:
-        h, one_sided = _adjust_two_sided(x0, h, 1, lb_t, ub_t)
-    else:
-        h = torch.abs(h)
-        one_sided = torch.zeros_like(x0, dtype=torch.bool)
-    xa = torch.where(one_sided, x0 + h, x0 - h)
-    xb = torch.where(one_sided, x0 + 2 * h, x0 + h)
-    dx = torch.where(one_sided, xb - x0, xb - xa)
+    limits = (lb_t, ub_t) if bounded else (None, None)
+    xa, xb, dx, one_sided = three_point_points(x0, h, *limits)
 
     def three_point(v: list[Tensor], j: int | None, out: Tensor | None) -> Tensor:
         fa, fb = v

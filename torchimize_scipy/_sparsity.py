@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from ._arrays import to_host
-from ._jacobian import _absolute_step, _adjust_one_sided, _adjust_two_sided, default_rel_step
+from ._jacobian import _absolute_step, _adjust_one_sided, default_rel_step, three_point_points
 
 __all__ = ["SparsityPattern", "check_jac_sparsity", "group_columns", "grouped_difference"]
 
@@ -344,14 +344,7 @@ def grouped_difference(fun: Callable[[Tensor, Tensor], Tensor], x: Tensor, f0: T
 
     if method != "3-point":
         raise ValueError(f"Unknown finite-difference method {method!r}.")
-    if bounded:
-        h, one_sided = _adjust_two_sided(x0, h, 1, lb, ub)
-    else:
-        h = torch.abs(h)
-        one_sided = torch.zeros_like(x0, dtype=torch.bool)
-    xa = torch.where(one_sided, x0 + h, x0 - h)
-    xb = torch.where(one_sided, x0 + 2 * h, x0 + h)
-    dx = torch.where(one_sided, xb - x0, xb - xa)
+    xa, xb, dx, one_sided = three_point_points(x0, h, lb if bounded else None, ub)
     F = evaluate(torch.stack([points(xa), points(xb)]))
     fa, fb = at_nonzeros(F[0]), at_nonzeros(F[1])
     df = torch.where(one_sided[:, cols], -3.0 * f0[:, rows] + 4.0 * fa - fb, fb - fa)

@@ -148,23 +148,16 @@ def curvefit(
             "No arguments to `coords` were identified as a dimension on the calling "
             "object, and no dims were supplied to `reduce_dims`. This would result "
             "in fitting on scalar data.")
-    for param, guess in p0.items():
-        if isinstance(guess, xr.DataArray):
-            unexpected = set(guess.dims) - set(preserved)
-            if unexpected:
-                raise ValueError(
-                    f"Initial guess for '{param}' has unexpected dimensions "
-                    f"{tuple(unexpected)}. It should only have dimensions that are in data "
-                    f"dimensions {preserved}.")
-    for param, (lb, ub) in bounds.items():
-        for label, bound in (("Lower", lb), ("Upper", ub)):
-            if isinstance(bound, xr.DataArray):
-                unexpected = set(bound.dims) - set(preserved)
-                if unexpected:
-                    raise ValueError(
-                        f"{label} bound for '{param}' has unexpected dimensions "
-                        f"{tuple(unexpected)}. It should only have dimensions that are in "
-                        f"data dimensions {preserved}.")
+    checked = [(f"Initial guess for '{param}'", guess) for param, guess in p0.items()]
+    checked += [(f"{label} bound for '{param}'", bound) for param, (lb, ub) in bounds.items()
+                for label, bound in (("Lower", lb), ("Upper", ub))]
+    for what, value in checked:
+        unexpected = set(value.dims) - set(preserved) if isinstance(value, xr.DataArray) \
+            else set()
+        if unexpected:
+            raise ValueError(
+                f"{what} has unexpected dimensions {tuple(unexpected)}. It should only have "
+                f"dimensions that are in data dimensions {preserved}.")
     if errors not in ("raise", "ignore"):
         raise ValueError('errors must be either "raise" or "ignore"')
 

@@ -126,12 +126,16 @@ class Dogbox(StepRule):
                                          state["antigrad_quad"], state["antigrad_lin"], tr, lb,
                                          ub)
         step = torch.where(free, step, 0.0)
-        J_free = state["J"] * free.unsqueeze(-2)
-        predicted = -evaluate_quadratic(J_free, None, g_free, step)
+        predicted = self.predicted_reduction(state, g_free, step)
         x_new = torch.minimum(torch.maximum(x + step, lb), ub)
         on_bound_new = torch.where(free, hits, state["on_bound"])
         return DogboxTrial(x_new, vnorm(step, dim=-1), inf_norm(step * state["scale_inv"]),
                            predicted, tr_hit, on_bound_new)
+
+    def predicted_reduction(self, state: dict, g_free: Tensor, step: Tensor) -> Tensor:
+        """The decrease of the quadratic model along ``step`` (zero on frozen variables)."""
+        J_free = state["J"] * state["free"].unsqueeze(-2)
+        return -evaluate_quadratic(J_free, None, g_free, step)
 
     def assess_trial(self, problem: Problem, state: dict, trial: DogboxTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:

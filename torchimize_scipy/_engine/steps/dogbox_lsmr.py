@@ -18,13 +18,13 @@ LSMR (``damp`` included); ``regularize`` does not apply to 'dogbox'.
 from __future__ import annotations
 
 import torch
-from torch.linalg import vector_norm as vnorm
+from torch import Tensor
 
 from ..operator import as_operator
 from ..problem import Problem
 from ..quadratic import build_quadratic_1d, evaluate_quadratic
-from ._common import flag_singular, inf_norm
-from .dogbox import Dogbox, DogboxTrial, dogleg_step
+from ._common import flag_singular
+from .dogbox import Dogbox
 from .trf_lsmr import lsmr_keywords, run_lsmr
 
 
@@ -49,16 +49,6 @@ class DogboxLSMR(Dogbox):
         quad, lin, _ = build_quadratic_1d(J, None, g_free, -g_free)
         state["antigrad_quad"], state["antigrad_lin"] = quad, lin
 
-    def propose_step(self, problem: Problem, state: dict) -> DogboxTrial:
-        x, lb, ub, free = state["x"], state["lb"], state["ub"], state["free"]
-        g_free = torch.where(free, state["g"], 0.0)
-        tr = state["delta"].unsqueeze(-1) * state["scale"]
-        step, hits, tr_hit = dogleg_step(x, state["newton"], g_free,
-                                         state["antigrad_quad"], state["antigrad_lin"], tr, lb,
-                                         ub)
-        step = torch.where(free, step, 0.0)
-        predicted = -evaluate_quadratic(as_operator(state["J"]), None, g_free, step)
-        x_new = torch.minimum(torch.maximum(x + step, lb), ub)
-        on_bound_new = torch.where(free, hits, state["on_bound"])
-        return DogboxTrial(x_new, vnorm(step, dim=-1), inf_norm(step * state["scale_inv"]),
-                           predicted, tr_hit, on_bound_new)
+    def predicted_reduction(self, state: dict, g_free: Tensor, step: Tensor) -> Tensor:
+        """The model's decrease through the Jacobian's products (never a dense J)."""
+        return -evaluate_quadratic(as_operator(state["J"]), None, g_free, step)
