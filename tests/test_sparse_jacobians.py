@@ -124,11 +124,12 @@ def test_unknown_lsmr_option_is_a_type_error_naming_it() -> None:
         least_squares(p.fun, p.x0, p.jac, tr_options={"tol": 1e-10})
 
 
-def test_tr_options_with_exact_solver_are_refused_by_name() -> None:
-    """scipy ignores them silently; we name them (no option is ignored)."""
+def test_tr_options_with_exact_solver_are_ignored_by_name() -> None:
+    """scipy ignores them silently; we ignore them too, with a warning naming them."""
     p = Broyden(10)
-    with pytest.raises(ValueError, match=r"`tr_options` apply to tr_solver='lsmr' only"):
-        least_squares(p.fun, p.x0, tr_options={"atol": 1e-10})
+    with pytest.warns(UserWarning, match=r"\['atol'\] are ignored with tr_solver='exact'"):
+        res = least_squares(p.fun, p.x0, tr_options={"atol": 1e-10})
+    assert res.nfev == least_squares(p.fun, p.x0).nfev
 
 
 @pytest.mark.parametrize("method", ["gn", "gd"])

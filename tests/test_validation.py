@@ -380,10 +380,13 @@ def test_jac_sparsity_not_for_line_search_methods(method, sparsity):
 
 @pytest.mark.parametrize("method", ["trf", "dogbox", "gn", "gd"])
 @pytest.mark.parametrize("tr_options", [{"regularize": False}, {"atol": 1e-10}])
-def test_tr_options_refused_with_exact_solver(method, tr_options):
-    """scipy ignores `tr_options` with the dense solver; we name them."""
-    our_error(fun_trivial, 2.0, tr_options=tr_options, method=method,
-              match=r"`tr_options` apply to tr_solver='lsmr' only")
+def test_tr_options_ignored_with_exact_solver_and_named(method, tr_options):
+    """scipy ignores `tr_options` with the dense solver; so do we, with a warning naming them."""
+    ref = least_squares(fun_trivial, 2.0, method=method)
+    with pytest.warns(UserWarning, match=r"`tr_options` .* are ignored with tr_solver='exact'"):
+        res = least_squares(fun_trivial, 2.0, tr_options=tr_options, method=method)
+    np.testing.assert_array_equal(res.x, ref.x)  # the same path twice
+    assert res.nfev == ref.nfev
 
 
 @pytest.mark.parametrize("tr_options", [None, {}])
@@ -393,7 +396,8 @@ def test_empty_tr_options_accepted(tr_options):
 
 def test_tr_options_with_lm_ignored():
     ref = so.least_squares(fun_trivial, 2.0, tr_options={"regularize": False}, method="lm")
-    res = least_squares(fun_trivial, 2.0, tr_options={"regularize": False}, method="lm")
+    with pytest.warns(UserWarning, match=r"\['regularize'\] are ignored with method='lm'"):
+        res = least_squares(fun_trivial, 2.0, tr_options={"regularize": False}, method="lm")
     np.testing.assert_allclose(res.x, ref.x, atol=1e-8)
 
 

@@ -362,6 +362,7 @@ def jacobian_at_x0(p: Prepared, f0: Tensor, method: str, jac: Any, jac_sparsity:
                 raise ValueError("x_scale='jac' can't be used when `jac` returns "
                                  "LinearOperator.")
     if method == "lm":
+        check_tr_options(tr_options, method, "exact", p.bounded)
         return J0, "exact"
     if method in ("gn", "gd") and (form != "dense" or tr_solver == "lsmr"):
         raise ValueError(f"method={method!r} works only with dense Jacobians and "

@@ -48,15 +48,19 @@ def check_tr_options(tr_options: Any, method: str, tr_solver: str, bounded: bool
     unbounded) and hands the other keys to :func:`scipy.sparse.linalg.lsmr`,
     whose unknown keyword is a ``TypeError``: raised here with lsmr's message
     before any work. 'dogbox' warns that ``regularize`` is not relevant to
-    it, as scipy does. With 'exact' scipy ignores ``tr_options``; here a
-    non-empty dict is a ``ValueError`` naming it (no option is silently
-    ignored). 'lm' ignores them, as in scipy.
+    it, as scipy does. With 'exact' (and with 'lm') scipy ignores
+    ``tr_options``, as its documentation says; so do we, so that scipy code
+    runs unchanged, but a ``UserWarning`` names the ignored keys (no option is
+    ignored silently).
     """
-    if method == "lm" or not tr_options:
+    if not tr_options:
         return
-    if tr_solver == "exact":
-        raise ValueError("`tr_options` apply to tr_solver='lsmr' only; tr_solver='exact' "
-                         f"takes none (got {sorted(tr_options)}).")
+    if method == "lm" or tr_solver == "exact":
+        solver = "method='lm'" if method == "lm" else "tr_solver='exact'"
+        warnings.warn(f"`tr_options` {sorted(tr_options)} are ignored with {solver}: they "
+                      "apply to tr_solver='lsmr' only (scipy ignores them too).",
+                      UserWarning, stacklevel=4)
+        return
     if method == "dogbox" and "regularize" in tr_options:
         warnings.warn("The keyword 'regularize' in `tr_options` is not relevant for 'dogbox' "
                       "method.", stacklevel=4)
