@@ -147,6 +147,21 @@ def test_batch_of_small_problems_runs_serial_mkl(local_three):
 
 
 @needs_mkl
+def test_large_batch_of_small_problems_keeps_threads(local_three):
+    """B m n above the grain size (9,000 x 2 x 2): MKL's batched products keep their threads."""
+    seen = []
+
+    def fun(x):
+        seen.append(bt.mkl_local_threads())
+        return torch.stack([10 * (x[:, 1] - x[:, 0] ** 2), 1 - x[:, 0]], dim=1)
+
+    x0 = torch.tensor([[-1.2, 1.0]], dtype=torch.float64).repeat(9000, 1)
+    res = batch_least_squares(fun, x0, method="lm")
+    assert bool(np.all(np.asarray(res.success)))
+    assert 1 not in seen
+
+
+@needs_mkl
 def test_large_solve_keeps_threads(local_three):
     """A problem above the grain size (m n = 40,000) keeps the caller's MKL threads."""
     t = np.linspace(0, 1, 20000)

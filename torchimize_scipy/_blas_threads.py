@@ -15,9 +15,11 @@ What: while the engine runs problems whose Jacobian has at most
 :data:`GRAIN_SIZE` entries per problem (``m n <= 32,768``, torch's own
 threshold for splitting work), :func:`serial_blas` sets MKL's *thread-local*
 thread count to 1 (``mkl_set_num_threads_local``) and puts back the previous
-value afterwards. A batch of many small problems qualifies too: torch's
-``bmm`` runs one small MKL product per problem, and threading each of those is
-pure overhead; torch's own kernels still split the batch across threads.
+value afterwards. The rows of a batch count together (the caller passes
+``B m`` for ``m``): a batch of many small problems keeps MKL's threads,
+because torch's ``bmm`` hands such a batch to MKL's batched product, which
+does use them (B = 10,000 Gaussian peaks, 64 x 4: ``bmm`` took 0.061 s
+threaded against 0.092 s single-threaded on 2 idle cores).
 
 Why not ``torch.set_num_threads(1)``: that setting is process-global (torch's
 pool size and MKL's global count), so changing and restoring it around a call

@@ -142,8 +142,10 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
         step_length=spec.step_length, tr_solver=spec.tr_solver)
     out = spec.out if spec.out is not None else result_buffers(B, n, m, x0.dtype, x0.device)
     rule = make_rule(spec.method, spec.tr_solver, spec.tr_options, spec.bounded)
-    # small problems: MKL single-threaded in this thread only (see _blas_threads)
-    with serial_blas(x0.device, m, n):
+    # small work: MKL single-threaded in this thread only (see _blas_threads); the
+    # rows of a batch count together (MKL's batched products do use the threads)
+    rows = max(B, spec.capacity or 0)
+    with serial_blas(x0.device, rows * m, n):
         run(problem, rule, spec.start, out, spec.on_finish, spec.on_iteration,
             spec.refill, spec.capacity)
     return out
