@@ -11,8 +11,8 @@ holds the caller for a time slice. A 3-parameter ``curve_fit`` measured
 ``OMP_NUM_THREADS=1`` on a loaded machine (issue 14; RESULTS §14), with the
 time spent in ``mkl_blas_dgemm_omp_driver`` entering ``GOMP_parallel``.
 
-What: while the engine runs problems whose Jacobian has at most
-:data:`GRAIN_SIZE` entries per problem (``m n <= 32,768``, torch's own
+What: while the engine runs work whose Jacobians have at most
+:data:`GRAIN_SIZE` entries in all (``B m n <= 32,768``, torch's own
 threshold for splitting work), :func:`serial_blas` sets MKL's *thread-local*
 thread count to 1 (``mkl_set_num_threads_local``) and puts back the previous
 value afterwards. The rows of a batch count together (the caller passes
