@@ -187,12 +187,14 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def compare(p: str, q: str) -> int:
+def compare(p: str, q: str, same=None) -> int:
+    """Count the cases of two pickles that differ (``same`` defaults to this module's rule)."""
+    same = _same if same is None else same
     with open(p, "rb") as fh:
         a = pickle.load(fh)
     with open(q, "rb") as fh:
         b = pickle.load(fh)
-    bad = [k for k in a if k not in b or not _same(a[k], b[k])]
+    bad = [k for k in a if k not in b or not same(a[k], b[k])]
     bad += [k for k in b if k not in a]
     print(f"{len(a)} cases, {len(bad)} differ" + (": " + ", ".join(bad) if bad else ""))
     return 1 if bad else 0
