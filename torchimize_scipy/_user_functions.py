@@ -244,6 +244,14 @@ class RowwiseFunction:
             fast = self._stack_numpy(vals)
             if fast is not None:
                 return fast
+        elif k == 1 and self.map is None and self.ns.kind == "torch":
+            # one problem (least_squares): no per-row lists; the row is a fresh copy
+            v = self.fn(x[0].clone(), *self._args_for(int(idx[0]) if self._per_problem else 0),
+                        **self.kwargs)
+            if (isinstance(v, torch.Tensor) and v.ndim == self._ndim and not v.requires_grad
+                    and v.dtype == self.ns.dtype and v.device == self.ns.device):
+                return torch.stack([v])  # (1, ...), a copy: ``fun`` may reuse its output
+            vals = [v]
         else:
             ids = idx.tolist()
             rows = [x[r] for r in range(k)]
