@@ -1,7 +1,19 @@
-"""Interleaved A/B of one ``batch_least_squares`` call: an older commit against the working tree.
+"""Interleaved A/B of one batch call: an older commit against the working tree.
 
 The Gaussian-peak batch of ``bench_batch.py`` (B problems, 4 parameters, 64
-points), one variant and method, with both versions of the package imported
+points) fitted by one of three workloads:
+
+* ``least_squares``: ``batch_least_squares`` with one ``--variant`` of
+  ``bench_batch.py`` (numpy or torch model, analytic or automatic Jacobian);
+* ``curve_fit``: ``batch_curve_fit`` as ``bench_curve_fit.py`` runs it (the
+  numpy-style model given ``(b, 1)`` parameter columns, default Jacobian,
+  ``pcov``);
+* ``xarray``: ``batch_curve_fit`` as ``torchimize_scipy.xarray.curvefit``
+  calls it for a block of pixels (the same model, per-pixel ``p0`` and
+  bounds ``(-inf, inf)``, ``nan_policy='raise'``); report CPU seconds per
+  2,000 fits.
+
+One method, with both versions of the package imported
 into one process (``ab_small.import_commit``) and their calls alternated:
 A, B, A, B, ... Each call is timed in wall and process-CPU time; the medians
 and their ratio come from the same stretch of time, so a drifting load
@@ -12,6 +24,8 @@ Usage (from the repository root)::
 
     PYTHONPATH=$PWD python benchmarks/batch_ab.py --before ef58869 \\
         --variant "torch model, analytic jac" --method trf --batch 10000 --repeat 7
+    PYTHONPATH=$PWD python benchmarks/batch_ab.py --before 13bfbc6 --workload xarray \\
+        --method lm --batch 2000 --repeat 7
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
 import numpy as np
 import torch
 from _common import (
+    PEAK_T,
     base_parser,
     peak_data,
     peak_jac_np,
@@ -47,8 +62,20 @@ VARIANTS = ("numpy model, analytic jac", "numpy model, 2-point", "torch model, a
             "torch model, analytic jac")
 
 
-def make_call(lib: Any, variant: str, p0: np.ndarray, y: np.ndarray, method: str) -> Any:
-    """A zero-argument call of ``lib.batch_least_squares`` for ``variant`` (as bench_batch)."""
+def peak_model(x, a, mu, s, c):
+    """Gaussian peak, numpy-style (``bench_curve_fit.model``): scalars or ``(b, 1)`` columns."""
+    return a * np.exp(-0.5 * ((x - mu) / s) ** 2) + c
+
+
+def make_call(lib: Any, workload: str, variant: str, p0: np.ndarray, y: np.ndarray,
+              method: str) -> Any:
+    """A zero-argument call of ``lib`` for the workload (and variant)."""
+    if workload == "curve_fit":
+        return lambda: lib.batch_curve_fit(peak_model, PEAK_T, y, p0, method=method)
+    if workload == "xarray":
+        lower, upper = np.full_like(p0, -np.inf), np.full_like(p0, np.inf)
+        return lambda: lib.batch_curve_fit(peak_model, PEAK_T, y, p0, bounds=(lower, upper),
+                                           nan_policy="raise", method=method)
     if variant.startswith("numpy"):
         fun: Any = peak_np
         jac: Any = peak_jac_np if variant.endswith("analytic jac") else "2-point"
@@ -100,7 +127,10 @@ def profile_diff(calls: dict[str, Any], top: int) -> None:
 def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--before", required=True, help="commit of version A (e.g. ef58869)")
-    p.add_argument("--variant", default="torch model, analytic jac", choices=VARIANTS)
+    p.add_argument("--workload", default="least_squares",
+                   choices=("least_squares", "curve_fit", "xarray"))
+    p.add_argument("--variant", default="torch model, analytic jac", choices=VARIANTS,
+                   help="model and Jacobian of the least_squares workload")
     p.add_argument("--method", default="trf", choices=("trf", "dogbox", "lm"))
     p.add_argument("--batch", type=int, default=10_000)
     p.add_argument("--repeat", type=int, default=7, help="calls of each version (default 7)")
@@ -116,12 +146,16 @@ def main() -> None:
     y, _, p0 = peak_data(args.batch, args.seed)
     with tempfile.TemporaryDirectory() as folder:
         before = import_commit(args.before, folder)
-        calls = {"before": make_call(before, args.variant, p0, y, args.method),
-                 "after": make_call(after, args.variant, p0, y, args.method)}
+        calls = {k: make_call(lib, args.workload, args.variant, p0, y, args.method)
+                 for k, lib in (("before", before), ("after", after))}
         res = {k: fn() for k, fn in calls.items()}  # warm-up, and the results to compare
-        same = all(np.array_equal(np.asarray(getattr(res["before"], f)),
-                                  np.asarray(getattr(res["after"], f)))
-                   for f in ("x", "cost", "nfev", "status"))
+        if args.workload == "least_squares":
+            same = all(np.array_equal(np.asarray(getattr(res["before"], f)),
+                                      np.asarray(getattr(res["after"], f)), equal_nan=True)
+                       for f in ("x", "cost", "nfev", "status"))
+        else:  # popt, pcov
+            same = all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+                       for a, b in zip(res["before"], res["after"], strict=True))
         samples: dict[str, list[tuple[float, float]]] = {k: [] for k in calls}
         for _ in range(args.repeat):
             for k, fn in calls.items():
@@ -129,18 +163,21 @@ def main() -> None:
                 samples[k].append((w, c))
         med = {k: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
                for k, v in samples.items()}
-        print(f"{args.variant}, {args.method}, B = {args.batch}, {args.repeat} alternations, "
-              f"load average {os.getloadavg()[0]:.1f}; x/cost/nfev/status equal: {same}")
+        label = args.variant if args.workload == "least_squares" else args.workload
+        print(f"{label}, {args.method}, B = {args.batch}, {args.repeat} alternations, "
+              f"load average {os.getloadavg()[0]:.1f}; results bitwise equal: {same}")
         for k in calls:
             print(f"  {k:6s} wall {med[k][0]:.3f} s ({args.batch / med[k][0]:,.0f} fits/s)  "
-                  f"CPU {med[k][1]:.3f} s   all wall: "
+                  f"CPU {med[k][1]:.3f} s ({2000 * med[k][1] / args.batch:.3f} CPU-s per 2,000 "
+                  "fits)   all wall: "
                   + " ".join(f"{s[0]:.3f}" for s in samples[k]))
         print(f"  after/before: wall {med['after'][0] / med['before'][0]:.3f}, "
               f"CPU {med['after'][1] / med['before'][1]:.3f}")
         if args.profile:
             profile_diff(calls, args.top)
-    write_json(args, f"batch_ab_{args.before}", {
-        "variant": args.variant, "method": args.method, "batch": args.batch,
+    write_json(args, f"batch_ab_{args.workload}_{args.method}_{args.before}", {
+        "workload": args.workload, "variant": args.variant, "method": args.method,
+        "batch": args.batch,
         "repeat": args.repeat, "equal": same, "samples": samples,
         "median_wall": {k: v[0] for k, v in med.items()},
         "median_cpu": {k: v[1] for k, v in med.items()}})
