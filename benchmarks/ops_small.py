@@ -28,9 +28,9 @@ from typing import Any
 
 import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
 import bench_ops
-import numpy as np
 import torch
 from _common import base_parser, md_table, setup, write_json
+from _small_problems import decay, decay_data, rosenbrock, rosenbrock_jac
 from torch.profiler import ProfilerActivity, profile
 
 from torchimize_scipy import curve_fit, least_squares
@@ -62,18 +62,6 @@ class Counted:
         return self.fn(*args)
 
 
-def decay(x, a, b, c):
-    return a * np.exp(-b * x) + c
-
-
-def rosen_np(x):
-    return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
-
-
-def rosen_jac_np(x):
-    return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])
-
-
 def rosen_t(x):
     return torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]])
 
@@ -84,15 +72,14 @@ def rosen_jac_t(x):
 
 
 def cases() -> dict[str, tuple[Any, Counted]]:
-    xd = np.linspace(0, 4, 50)
-    yd = decay(xd, 2.5, 1.3, 0.5) + 0.2 * np.random.default_rng(0).normal(size=xd.size)
+    xd, yd = decay_data()
     out: dict[str, tuple[Any, Counted]] = {}
     f = Counted(decay)
     out["cf"] = (lambda f=f: curve_fit(f, xd, yd, p0=[1.0, 1.0, 1.0]), f)
     for method in ("trf", "lm"):
-        g = Counted(rosen_np)
+        g = Counted(rosenbrock)
         out[f"{method}-np"] = (lambda g=g, m=method: least_squares(
-            g, [-1.2, 1.0], jac=rosen_jac_np, method=m), g)
+            g, [-1.2, 1.0], jac=rosenbrock_jac, method=m), g)
         h = Counted(rosen_t)
         x0 = torch.tensor([-1.2, 1.0], dtype=torch.float64)
         out[f"{method}-t"] = (lambda h=h, m=method, x0=x0: least_squares(
