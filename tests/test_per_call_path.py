@@ -225,3 +225,39 @@ def test_torch_fun_float32_output_is_converted():
     res = least_squares(f32, torch.tensor([-1.2, 1.0], dtype=torch.float64))
     assert res.fun.dtype == torch.float64
     assert res.cost < 1e-10
+
+
+# ----------------------------------------------------------- numpy single-problem adapter
+def test_numpy_fun_gets_a_fresh_float64_point():
+    """One small point crosses through a list: still a fresh float64 array per call, also
+    when the engine computes in float32, and writing to it leaves the solver unharmed."""
+    seen = []
+
+    def rude(x):
+        seen.append((x.dtype, x.copy()))
+        out = np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+        x[:] = np.nan
+        return out
+
+    res = least_squares(rude, [-1.2, 1.0], jac=lambda x: np.array([[-20 * x[0], 10.0],
+                                                                   [-1.0, 0.0]]))
+    assert res.success and np.allclose(res.x, 1.0)
+    assert all(dt == np.float64 for dt, _ in seen)
+    assert np.array_equal(seen[0][1], [-1.2, 1.0])
+    seen.clear()
+    res32 = least_squares(rude, np.array([-1.2, 1.0]), dtype=np.float32)
+    assert all(dt == np.float64 for dt, _ in seen)
+    assert np.array_equal(seen[0][1], np.array([-1.2, 1.0], dtype=np.float32).astype(float))
+    assert res32.success
+
+
+def test_numpy_fun_complex_step_keeps_complex_points():
+    """'cs' evaluates at complex points: those keep their imaginary part."""
+    kinds = set()
+
+    def f(x):
+        kinds.add(np.iscomplexobj(x))
+        return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+    res = least_squares(f, [-1.2, 1.0], jac="cs")
+    assert kinds == {False, True} and res.success
