@@ -84,6 +84,8 @@ def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--before", required=True, help="commit of version A (e.g. ef58869)")
     p.add_argument("--repeat", type=int, default=None, help="calls of each (default 41)")
+    p.add_argument("--only", default=None,
+                   help="run only the cases whose name contains this text (e.g. curve_fit)")
     args = p.parse_args()
     setup(args)
     repeat = args.repeat or (5 if args.quick else 41)
@@ -98,6 +100,8 @@ def main() -> None:
                 "scipy": cases(scipy.optimize)}
         rows = []
         for name in libs["after"]:
+            if args.only is not None and args.only not in name:
+                continue
             samples: dict[str, list[tuple[float, float]]] = {k: [] for k in libs}
             for k in libs:
                 libs[k][name]()  # warm-up

@@ -27,7 +27,6 @@ from torch import Tensor
 
 from ._arrays import Namespace, as_numpy, is_torch
 
-
 #: Largest ``n`` for which one point crosses to numpy through ``Tensor.tolist``
 #: (cheaper than ``Tensor.numpy`` for a few values; slower for many).
 _LIST_MAX = 32

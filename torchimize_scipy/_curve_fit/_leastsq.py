@@ -241,8 +241,9 @@ class LeastsqBook:
         self._put("jac_after_trial", sel, torch.zeros_like(started))
         self._put("last_x", sel, x.detach() if x.requires_grad else x, copy=True)
         self._put("last_f", sel, r.detach() if r.requires_grad else r, copy=True)
-        self._put("seen", sel, torch.ones_like(started))
-        self._seen_all = self._seen_all or sel is ALL
+        if not (sel is ALL and self._seen_all):  # once all are seen, they stay seen
+            self._put("seen", sel, torch.ones_like(started))
+            self._seen_all = self._seen_all or sel is ALL
         total = 1 + trials + self._get("fd_evals", sel)
         self._put("spent", sel, spent | (started & (total >= self.maxfev)))
 
