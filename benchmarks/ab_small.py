@@ -36,6 +36,7 @@ import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
 import numpy as np
 import scipy.optimize
 from _common import base_parser, md_table, setup, write_json
+from _small_problems import decay, decay_data, rosenbrock, rosenbrock_jac
 from bench_single import broyden, broyden_jac, exp_fit, exp_fit_data, exp_fit_jac
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,24 +55,11 @@ def import_commit(commit: str, folder: str) -> Any:
     return importlib.import_module(name)
 
 
-def rosenbrock(x):
-    return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
-
-
-def rosenbrock_jac(x):
-    return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])
-
-
-def decay(x, a, b, c):
-    return a * np.exp(-b * x) + c
-
-
 def cases(lib: Any) -> dict[str, Callable[[], Any]]:
     """name -> zero-argument call with ``lib`` (a package module, or ``scipy.optimize``)."""
     ls = lib.least_squares
     t, y = exp_fit_data(0)
-    xd = np.linspace(0, 4, 50)
-    yd = decay(xd, 2.5, 1.3, 0.5) + 0.2 * np.random.default_rng(0).normal(size=xd.size)
+    xd, yd = decay_data()
     out: dict[str, Callable[[], Any]] = {}
     for method in ("trf", "dogbox", "lm"):
         for jac_name, jac in (("analytic", rosenbrock_jac), ("2-point", "2-point")):
@@ -96,6 +84,8 @@ def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--before", required=True, help="commit of version A (e.g. ef58869)")
     p.add_argument("--repeat", type=int, default=None, help="calls of each (default 41)")
+    p.add_argument("--only", default=None,
+                   help="run only the cases whose name contains this text (e.g. curve_fit)")
     args = p.parse_args()
     setup(args)
     repeat = args.repeat or (5 if args.quick else 41)
@@ -110,6 +100,8 @@ def main() -> None:
                 "scipy": cases(scipy.optimize)}
         rows = []
         for name in libs["after"]:
+            if args.only is not None and args.only not in name:
+                continue
             samples: dict[str, list[tuple[float, float]]] = {k: [] for k in libs}
             for k in libs:
                 libs[k][name]()  # warm-up

@@ -35,27 +35,15 @@ import numpy as np
 import scipy.optimize
 import torch
 from _common import base_parser, md_table, setup, write_json
+from _small_problems import decay, decay_data, rosenbrock, rosenbrock_jac
 
 import torchimize_scipy._blas_threads as blas_threads
 from torchimize_scipy import curve_fit, least_squares
 
 
-def rosenbrock(x):
-    return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
-
-
-def rosenbrock_jac(x):
-    return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])
-
-
-def decay(x, a, b, c):
-    return a * np.exp(-b * x) + c
-
-
 def cases() -> list[tuple[str, Callable[[], Any], Callable[[], Any]]]:
     """(name, ours, scipy) zero-argument calls."""
-    xd = np.linspace(0, 4, 50)
-    yd = decay(xd, 2.5, 1.3, 0.5) + 0.2 * np.random.default_rng(0).normal(size=xd.size)
+    xd, yd = decay_data()
     out = []
     for method in ("trf", "lm"):
         out.append((f"Rosenbrock, {method}",

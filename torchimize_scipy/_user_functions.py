@@ -27,6 +27,10 @@ from torch import Tensor
 
 from ._arrays import Namespace, as_numpy, is_torch
 
+#: Largest ``n`` for which one point crosses to numpy through ``Tensor.tolist``
+#: (cheaper than ``Tensor.numpy`` for a few values; slower for many).
+_LIST_MAX = 32
+
 
 def _is_array(a: Any) -> bool:
     """numpy, torch or any other array-API array (not lists or scalars)."""
@@ -244,6 +248,14 @@ class RowwiseFunction:
             fast = self._stack_numpy(vals)
             if fast is not None:
                 return fast
+        elif k == 1 and self.map is None and self.ns.kind == "torch":
+            # one problem (least_squares): no per-row lists; the row is a fresh copy
+            v = self.fn(x[0].clone(), *self._args_for(int(idx[0]) if self._per_problem else 0),
+                        **self.kwargs)
+            if (isinstance(v, torch.Tensor) and v.ndim == self._ndim and not v.requires_grad
+                    and v.dtype == self.ns.dtype and v.device == self.ns.device):
+                return torch.stack([v])  # (1, ...), a copy: ``fun`` may reuse its output
+            vals = [v]
         else:
             ids = idx.tolist()
             rows = [x[r] for r in range(k)]
@@ -269,11 +281,16 @@ class RowwiseFunction:
         a fresh float64 array (``fun`` may write to it). ``ids`` (the problem
         of each row) is needed only with per-problem ``args``.
         """
+        fn, args, kwargs = self.fn, self.args, self.kwargs
+        if ids is None and x.shape[0] == 1 and x.shape[1] <= _LIST_MAX and self._host \
+                and x.is_floating_point() and not x.requires_grad:
+            # one small point: through a list, without the four torch operations
+            # of Tensor.numpy() (the same float64 values; a fresh array)
+            return [fn(np.array(x.tolist()[0], dtype=np.float64), *args, **kwargs)]
         # the engine's x never requires grad; .numpy() is then a view (no detach needed)
         xn = x.numpy() if self._host and not x.requires_grad else x.detach().cpu().numpy()
         if xn.dtype == np.float32:
             xn = xn.astype(np.float64)
-        fn, args, kwargs = self.fn, self.args, self.kwargs
         if ids is not None:
             return [fn(xn[r].copy(), *args.row(ids[r]), **kwargs) for r in range(len(ids))]
         return [fn(xn[r].copy(), *args, **kwargs) for r in range(xn.shape[0])]

@@ -11,6 +11,7 @@ problem. The ``sigma`` transform is either ``('diag', 1 / sigma)`` of shape
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -29,13 +30,22 @@ NONFINITE_DATA_MSG = "array must not contain infs or NaNs"
 # parameters: count, default start, the tensor that decides device and dtype
 # ---------------------------------------------------------------------------
 def count_parameters(f: Callable) -> int:
-    """Positional parameters of ``f`` minus the independent variable."""
-    params = inspect.signature(f).parameters.values()
-    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
-                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    if len(positional) < 2:
+    """Positional parameters of ``f`` minus the independent variable.
+
+    A plain Python function (no ``__signature__`` or ``__wrapped__`` that
+    :func:`inspect.signature` would follow) is read from its code object, at
+    no cost; anything else through :func:`inspect.signature`.
+    """
+    if (type(f) is types.FunctionType and not hasattr(f, "__signature__")
+            and not hasattr(f, "__wrapped__")):
+        count = f.__code__.co_argcount  # positional-only and positional-or-keyword
+    else:
+        params = inspect.signature(f).parameters.values()
+        count = sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                               inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params)
+    if count < 2:
         raise ValueError("Unable to determine number of fit parameters.")
-    return len(positional) - 1
+    return count - 1
 
 
 def feasible_start(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:

@@ -31,6 +31,8 @@ LEASTSQ_KEYS = ("col_deriv", "ftol", "xtol", "gtol", "maxfev", "epsfcn", "factor
 STATUS_TO_IER = {codes.FTOL: 1, codes.XTOL: 2, codes.FTOL_XTOL: 3, codes.GTOL: 4,
                  codes.MAX_NFEV: 5}
 _EPS = float(np.finfo(float).eps)
+#: :meth:`LeastsqBook._select`'s index for "every problem, in order".
+ALL = slice(None)
 
 
 class MaxfevReached(Exception):
@@ -178,6 +180,8 @@ class LeastsqBook:
         self.rows: dict[str, torch.Tensor] = {
             "trials": z, "fd_evals": z.clone(), "jac_calls": z.clone(), "spent": no,
             "hit": no.clone(), "seen": no.clone(), "jac_after_trial": no.clone()}
+        #: every problem has been evaluated once (known without reading ``seen``)
+        self._seen_all = False
 
     @property
     def spent(self) -> torch.Tensor:
@@ -195,27 +199,35 @@ class LeastsqBook:
         return self.rows["jac_calls"]
 
     def _select(self, ids: torch.Tensor) -> Any:
-        """``ids`` as an index: a slice when they are all problems in order (no gather)."""
-        ids = ids.to(self.device)
+        """``ids`` as an index: :data:`ALL` when they are all problems in order (no gather)."""
         if ids.shape[0] == self.B and (self.B == 1 or bool((ids.diff() > 0).all())):
-            return slice(None)
-        return ids
+            return ALL
+        return ids.to(self.device)
 
     def _get(self, name: str, sel: Any) -> torch.Tensor:
         t = self.rows[name]
-        return t[sel] if isinstance(sel, slice) else t.index_select(0, sel)
+        return t if sel is ALL else t.index_select(0, sel)
 
-    def _put(self, name: str, sel: Any, value: torch.Tensor) -> None:
-        """Rows ``sel`` of the tensor ``name`` (allocated at first use) set to ``value``."""
+    def _put(self, name: str, sel: Any, value: torch.Tensor, copy: bool = False) -> None:
+        """Rows ``sel`` of the tensor ``name`` set to ``value``.
+
+        For all rows the stored tensor is replaced (``copy``: by a private
+        copy of ``value``, for tensors that others hold), never written in
+        place; for some rows it is written in place (allocated at first use).
+        """
         t = self.rows.get(name)
+        if sel is ALL:
+            dtype = value.dtype if t is None else t.dtype
+            if value.device != self.device or value.dtype != dtype:
+                value = value.to(self.device, dtype)
+            elif copy:
+                value = value.clone()
+            self.rows[name] = value
+            return
         if t is None:
             t = self.rows[name] = torch.zeros((self.B, *value.shape[1:]), dtype=value.dtype,
                                               device=self.device)
-        value = value.to(self.device, t.dtype)
-        if isinstance(sel, slice):
-            t.copy_(value)
-        else:
-            t.index_copy_(0, sel, value)
+        t.index_copy_(0, sel, value.to(self.device, t.dtype))
 
     def record_call(self, ids: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> None:
         """One residual evaluation of the problems ``ids`` at ``x``, giving ``r``."""
@@ -225,21 +237,32 @@ class LeastsqBook:
         self._put("hit", sel, self._get("hit", sel) | (spent & started))
         trials = self._get("trials", sel) + started
         self._put("trials", sel, trials)
-        self._put("jac_after_trial", sel, self._get("jac_after_trial", sel) & ~started)
-        self._put("last_x", sel, x.detach())
-        self._put("last_f", sel, r.detach())
-        self._put("seen", sel, torch.ones_like(started))
+        # a trial clears the flag (it can only be set after a Jacobian, i.e. when started)
+        self._put("jac_after_trial", sel, torch.zeros_like(started))
+        self._put("last_x", sel, x.detach() if x.requires_grad else x, copy=True)
+        self._put("last_f", sel, r.detach() if r.requires_grad else r, copy=True)
+        if not (sel is ALL and self._seen_all):  # once all are seen, they stay seen
+            self._put("seen", sel, torch.ones_like(started))
+            self._seen_all = self._seen_all or sel is ALL
         total = 1 + trials + self._get("fd_evals", sel)
         self._put("spent", sel, spent | (started & (total >= self.maxfev)))
 
     def value_at(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """The residuals last evaluated at ``x`` for problems ``ids``, if they were made there."""
         sel = self._select(ids)
-        if "last_x" not in self.rows or not bool(self._get("seen", sel).all()):
+        if "last_x" not in self.rows:
+            return None
+        if not (sel is ALL and self._seen_all) and not bool(self._get("seen", sel).all()):
             return None
         last_x = self._get("last_x", sel)
-        same = torch.equal(last_x, x.detach().to(self.device, last_x.dtype))
-        return self._get("last_f", sel).to(x.device) if same else None
+        device = x.device
+        x = x.detach()
+        if device != self.device or x.dtype != last_x.dtype:
+            x = x.to(self.device, last_x.dtype)
+        if not torch.equal(last_x, x):
+            return None
+        last_f = self._get("last_f", sel)
+        return last_f if last_f.device == device else last_f.to(device)
 
     def record_jac(self, ids: torch.Tensor, J: torch.Tensor,
                    residuals: Callable[[], torch.Tensor]) -> None:
@@ -249,13 +272,17 @@ class LeastsqBook:
         only when the book keeps them.
         """
         sel = self._select(ids)
-        values = {"summary": self.summary(J.detach().to(self.device))}
+        J = J.detach() if J.requires_grad else J
+        values = {"summary": self.summary(J if J.device == self.device else J.to(self.device))}
         if self.keep_residuals:
             values["f"] = residuals()
         for name, value in values.items():
             if name in self.rows:
-                self._put("prev_" + name, sel, self._get(name, sel).clone())
-            self._put(name, sel, value)
+                if sel is ALL:  # replaced below, never written in place: no copy needed
+                    self.rows["prev_" + name] = self.rows[name]
+                else:
+                    self._put("prev_" + name, sel, self._get(name, sel).clone())
+            self._put(name, sel, value, copy=True)
         self._put("jac_calls", sel, self._get("jac_calls", sel) + 1)
         self._put("jac_after_trial", sel, self._get("trials", sel) > 0)
 

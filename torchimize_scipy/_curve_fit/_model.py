@@ -34,8 +34,16 @@ from ._leastsq import LeastsqBook
 
 
 def as_tensor(a: Any) -> torch.Tensor:
-    """``a`` as a tensor (numpy arrays without a copy)."""
-    return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    """``a`` as a tensor (numpy arrays without a copy, and without a torch operation)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.asarray(a)
+    if a.flags.writeable and a.dtype.kind in "biuf":
+        try:
+            return torch.from_numpy(a)
+        except (TypeError, ValueError):  # e.g. negative strides: torch copies
+            pass
+    return torch.as_tensor(a)
 
 
 def _swap_last(a: Any) -> Any:
@@ -164,20 +172,36 @@ class WhitenedModel:
         return f0 if f0 is not None else as_tensor(self.evaluate(P, ids)).to(Pt.device)
 
     def fd_jacobian(self, P: Any, ids: Any) -> Any:
-        """MINPACK's forward differences for ``b`` problems (``N`` shifted points each)."""
+        """MINPACK's forward differences for ``b`` problems (``N`` shifted points each).
+
+        Computed in the kind of ``P`` (numpy parameters: numpy arithmetic, no
+        torch operations; the same IEEE operations, so the same values).
+        """
         book = self.book
-        Pt, idt = as_tensor(P), as_tensor(ids)
-        f0 = self._value_at(P, ids)
-        b, n = Pt.shape
-        rel = torch.as_tensor(book.rel_step, dtype=Pt.dtype, device=Pt.device)
-        h = rel * Pt.abs()
-        h = torch.where(h == 0, rel.expand_as(h), h)
-        eye = torch.eye(n, dtype=torch.bool, device=Pt.device)
-        Pp = torch.where(eye, Pt.unsqueeze(1) + h.unsqueeze(1), Pt.unsqueeze(1).expand(b, n, n))
-        Pp = Pp.reshape(b * n, n)
-        F = as_tensor(self.evaluate(Pp if isinstance(P, torch.Tensor) else Pp.cpu().numpy(),
-                                    ids, repeat=n)).to(Pt.device)
-        J = ((F.reshape(b, n, -1) - f0.unsqueeze(1)) / h.unsqueeze(-1)).transpose(1, 2)
+        torch_in = isinstance(P, torch.Tensor)
+        idt = as_tensor(ids)
+        f0 = self._value_at(P, ids)  # a tensor
+        b, n = P.shape
+        if torch_in:
+            rel = torch.as_tensor(book.rel_step, dtype=P.dtype, device=P.device)
+            h = rel * P.abs()
+            h = torch.where(h == 0, rel.expand_as(h), h)
+            eye = torch.eye(n, dtype=torch.bool, device=P.device)
+            Pp = torch.where(eye, P.unsqueeze(1) + h.unsqueeze(1),
+                             P.unsqueeze(1).expand(b, n, n)).reshape(b * n, n)
+            F = as_tensor(self.evaluate(Pp, ids, repeat=n)).to(P.device)
+            J = ((F.reshape(b, n, -1) - f0.unsqueeze(1)) / h.unsqueeze(-1)).transpose(1, 2)
+            Jt = J
+        else:
+            rel = np.asarray(book.rel_step, dtype=P.dtype)
+            h = rel * np.abs(P)
+            h = np.where(h == 0, rel, h)
+            Pp = np.where(np.eye(n, dtype=bool), (P + h)[:, None, :],
+                          P[:, None, :]).reshape(b * n, n)
+            F = np.asarray(self.evaluate(Pp, ids, repeat=n))
+            f0n = f0.numpy() if f0.device.type == "cpu" else f0.cpu().numpy()
+            J = np.swapaxes((F.reshape(b, n, -1) - f0n[:, None, :]) / h[:, :, None], 1, 2)
+            Jt = as_tensor(J)
         book.add_fd_evals(idt, n)
-        book.record_jac(idt, J, lambda: f0)
-        return J if isinstance(P, torch.Tensor) else J.cpu().numpy()
+        book.record_jac(idt, Jt, lambda: f0)
+        return J

@@ -1,0 +1,263 @@
+"""The per-call path of small problems (issue 14): cheaper, with the same results.
+
+What the cheaper code must still guarantee: ``curve_fit`` reads the number of
+parameters as :func:`inspect.signature` does; the 'lm' book keeps private
+copies and per-problem rows when whole-batch and partial updates mix; the
+numpy forward differences of ``curve_fit`` give the torch ones; and the
+single-problem torch adapter hands the engine a copy of what ``fun`` returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from _parity import assert_x_close
+
+from torchimize_scipy import curve_fit, least_squares
+from torchimize_scipy._arrays import Namespace
+from torchimize_scipy._curve_fit._data import FitData, count_parameters
+from torchimize_scipy._curve_fit._leastsq import LeastsqBook
+from torchimize_scipy._curve_fit._model import WhitenedModel
+from torchimize_scipy._engine import status as codes
+from torchimize_scipy._user_functions import RowwiseFunction
+
+
+# ----------------------------------------------------------- count_parameters
+def _plain(x, a, b, c=1.0):
+    return a + b + c + x
+
+
+def _posonly(x, a, /, b):
+    return x + a + b
+
+
+def _star(x, a, *rest, k=2.0):
+    return x + a
+
+
+def _signature_set(x, *p):
+    return x
+
+
+_signature_set.__signature__ = inspect.Signature(
+    [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in "xabcd"])
+
+
+@functools.wraps(_plain)
+def _wrapped(*args):
+    return _plain(*args)
+
+
+class _Model:
+    def __call__(self, x, a, b):
+        return x * a + b
+
+    def method(self, x, a, b, c):
+        return x
+
+
+def _inspect_count(f):
+    params = inspect.signature(f).parameters.values()
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) - 1
+
+
+@pytest.mark.parametrize("f", [
+    _plain, _posonly, _star, _signature_set, _wrapped, _Model(), _Model().method,
+    functools.partial(_plain, c=3.0), lambda x, a: x * a])
+def test_count_parameters_as_inspect(f):
+    """The code-object shortcut counts what ``inspect.signature`` counts."""
+    assert count_parameters(f) == _inspect_count(f)
+
+
+def test_count_parameters_refuses_one_argument():
+    with pytest.raises(ValueError, match="Unable to determine number of fit parameters"):
+        count_parameters(lambda x: x)
+
+
+# ----------------------------------------------------------- the 'lm' book
+def test_book_keeps_private_copies_of_points_and_residuals():
+    """Whole-batch rows are replaced, not written: what the caller passed stays its own."""
+    book = LeastsqBook(100, 1e-8, 1, "cpu", keep_residuals=True)
+    ids = torch.tensor([0])
+    x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    r = torch.tensor([[3.0]], dtype=torch.float64)
+    book.record_call(ids, x, r)
+    x.add_(1.0)  # the caller reuses its buffers
+    r.add_(1.0)
+    assert book.value_at(ids, x) is None  # x moved: not the recorded point
+    f = book.value_at(ids, torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+    assert f is not None and f.tolist() == [[3.0]]
+    J = torch.ones(1, 1, 2, dtype=torch.float64)
+    book.record_jac(ids, J, lambda: f)
+    J.mul_(5.0)
+    summary, kept_f, njev = book.at_last_minpack_jacobian(torch.tensor([codes.GTOL]))
+    assert summary.tolist() == [[[1.0, 1.0]]] and kept_f.tolist() == [[3.0]]
+    assert njev.tolist() == [1]
+
+
+def test_book_mixed_whole_and_partial_updates_keep_rows_apart():
+    """A whole-batch Jacobian then one for problem 1 only: each problem's last two stay
+    its own (the replaced tensors must not be shared with the ones written in place)."""
+    book = LeastsqBook(100, 1e-8, 2, "cpu", keep_residuals=True)
+    ids = torch.tensor([0, 1])
+    x = torch.zeros(2, 1, dtype=torch.float64)
+    f = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    book.record_call(ids, x, f)
+    J1 = torch.full((2, 1, 1), 1.0, dtype=torch.float64)
+    book.record_jac(ids, J1, lambda: book.value_at(ids, x))
+    book.record_call(ids, x + 1, f + 10)
+    J2 = torch.full((2, 1, 1), 2.0, dtype=torch.float64)
+    book.record_jac(ids, J2, lambda: f + 10)
+    one = torch.tensor([1])
+    book.record_call(one, x[1:] + 2, f[1:] + 20)
+    book.record_jac(one, torch.full((1, 1, 1), 3.0, dtype=torch.float64), lambda: f[1:] + 20)
+    rows = book.rows
+    assert rows["summary"].flatten().tolist() == [2.0, 3.0]
+    assert rows["prev_summary"].flatten().tolist() == [1.0, 2.0]
+    assert rows["f"].flatten().tolist() == [11.0, 22.0]
+    assert rows["prev_f"].flatten().tolist() == [1.0, 12.0]
+    assert rows["last_f"].flatten().tolist() == [11.0, 22.0]
+    assert book.jac_calls.tolist() == [2, 3]
+
+
+# ----------------------------------------------------------- forward differences
+@pytest.mark.parametrize("rel", [1.5e-8, np.array([1e-6, 1e-7, 1e-5])])
+def test_minpack_forward_differences_numpy_as_torch(rel):
+    """curve_fit's numpy parameters take numpy arithmetic; it gives the torch values
+    (same operations; compared to far below the difference's own error)."""
+    x = np.linspace(0, 4, 30)
+    y = 2.5 * np.exp(-1.3 * x) + 0.5
+
+    def f(xx, a, b, c):
+        return a * np.exp(-b * xx) + c
+
+    def f_t(xx, a, b, c):
+        return a * torch.exp(-b * xx) + c
+
+    P = np.array([[2.0, 0.0, 0.4]])  # a zero parameter takes the step ``rel`` itself
+    Js = []
+    for fn, P_in in ((f, P), (f_t, torch.from_numpy(P.copy()))):
+        model = WhitenedModel(fn, None, FitData.single(x, True, y), 3, False, rowwise=True)
+        model.book = LeastsqBook(100, rel, 1, "cpu", keep_residuals=True)
+        ids = torch.zeros(1, dtype=torch.long)
+        model.residuals(P_in, ids)
+        Js.append(np.asarray(model.fd_jacobian(P_in, ids)))
+        assert model.book.rows["fd_evals"].tolist() == [3]
+    scale = np.abs(Js[1]).max()
+    np.testing.assert_allclose(Js[0], Js[1], rtol=0, atol=1e-9 * scale)
+
+
+def test_curve_fit_lm_numpy_and_torch_agree():
+    """The numpy and torch paths of ``curve_fit('lm')`` reach the same fit and nfev."""
+    x = np.linspace(0, 4, 50)
+    y = 2.5 * np.exp(-1.3 * x) + 0.5 + 0.2 * np.random.default_rng(0).normal(size=x.size)
+
+    def f(xx, a, b, c):
+        return a * np.exp(-b * xx) + c
+
+    def f_t(xx, a, b, c):
+        return a * torch.exp(-b * xx) + c
+
+    p, cov, info, _, ier = curve_fit(f, x, y, full_output=True)
+    pt, covt, infot, _, iert = curve_fit(f_t, torch.from_numpy(x), torch.from_numpy(y),
+                                         full_output=True)
+    assert 1 <= ier <= 4 and 1 <= iert <= 4
+    assert_x_close(pt.numpy(), p, xtol=1.49012e-8)
+    np.testing.assert_allclose(covt.numpy(), cov, rtol=1e-5)
+
+
+# ----------------------------------------------------------- torch single-problem adapter
+def test_torch_adapter_copies_what_fun_returns():
+    """One problem, torch ``fun``: the engine gets ``(1, m)`` / ``(1, m, n)`` copies, not
+    views of the tensor ``fun`` returned (which ``fun`` may fill again next time)."""
+    ns = Namespace("torch", torch.device("cpu"), torch.float64)
+    buf = torch.zeros(3, dtype=torch.float64)
+    jbuf = torch.zeros(3, 2, dtype=torch.float64)
+
+    def fun(x):
+        buf.copy_(torch.stack([x[0], x[1], x[0] * x[1]]))
+        return buf
+
+    def jac(x):
+        jbuf[:, 0] = torch.stack([torch.ones_like(x[0]), torch.zeros_like(x[0]), x[1]])
+        jbuf[:, 1] = torch.stack([torch.zeros_like(x[0]), torch.ones_like(x[0]), x[0]])
+        return jbuf
+
+    x = torch.tensor([[2.0, 3.0]], dtype=torch.float64)
+    idx = torch.zeros(1, dtype=torch.long)
+    f = RowwiseFunction(fun, (), {}, ns)(x, idx)
+    J = RowwiseFunction(jac, (), {}, ns, kind="jac")(x, idx)
+    assert f.shape == (1, 3) and J.shape == (1, 3, 2)
+    buf.fill_(-1.0)
+    jbuf.fill_(-1.0)
+    assert f.tolist() == [[2.0, 3.0, 6.0]]
+    assert J.tolist() == [[[1.0, 0.0], [0.0, 1.0], [3.0, 2.0]]]
+
+
+def test_torch_adapter_scalar_fun_is_one_residual():
+    """A 0-d result leaves the fast path and becomes ``(1, 1)``, as before."""
+    ns = Namespace("torch", torch.device("cpu"), torch.float64)
+    f = RowwiseFunction(lambda x: (x * x).sum(), (), {}, ns)(
+        torch.tensor([[1.0, 2.0]], dtype=torch.float64), torch.zeros(1, dtype=torch.long))
+    assert f.shape == (1, 1) and f.item() == 5.0
+
+
+def test_torch_fun_writing_to_its_argument():
+    """``fun`` gets a fresh copy of the point; writing to it leaves the solver unharmed."""
+    def rude(x):
+        out = torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+        x.fill_(np.nan)
+        return out
+
+    res = least_squares(rude, torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    assert res.success and torch.allclose(res.x, torch.ones(2, dtype=torch.float64))
+
+
+def test_torch_fun_float32_output_is_converted():
+    """A float32 ``fun`` under a float64 ``x0`` leaves the fast path; results stay float64."""
+    def f32(x):
+        return torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]]).float()
+
+    res = least_squares(f32, torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    assert res.fun.dtype == torch.float64
+    assert res.cost < 1e-10
+
+
+# ----------------------------------------------------------- numpy single-problem adapter
+def test_numpy_fun_gets_a_fresh_float64_point():
+    """One small point crosses through a list: still a fresh float64 array per call, also
+    when the engine computes in float32, and writing to it leaves the solver unharmed."""
+    seen = []
+
+    def rude(x):
+        seen.append((x.dtype, x.copy()))
+        out = np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+        x[:] = np.nan
+        return out
+
+    res = least_squares(rude, [-1.2, 1.0], jac=lambda x: np.array([[-20 * x[0], 10.0],
+                                                                   [-1.0, 0.0]]))
+    assert res.success and np.allclose(res.x, 1.0)
+    assert all(dt == np.float64 for dt, _ in seen)
+    assert np.array_equal(seen[0][1], [-1.2, 1.0])
+    seen.clear()
+    res32 = least_squares(rude, np.array([-1.2, 1.0]), dtype=np.float32)
+    assert all(dt == np.float64 for dt, _ in seen)
+    assert np.array_equal(seen[0][1], np.array([-1.2, 1.0], dtype=np.float32).astype(float))
+    assert res32.success
+
+
+def test_numpy_fun_complex_step_keeps_complex_points():
+    """'cs' evaluates at complex points: those keep their imaginary part."""
+    kinds = set()
+
+    def f(x):
+        kinds.add(np.iscomplexobj(x))
+        return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+    res = least_squares(f, [-1.2, 1.0], jac="cs")
+    assert kinds == {False, True} and res.success
