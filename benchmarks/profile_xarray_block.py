@@ -178,8 +178,8 @@ def measure_cluster(config: str, args, data: xr.DataArray, results: dict) -> Non
         ys = [client.scatter(first.values[i], workers=[w])
               for i, w in enumerate(sorted(client.scheduler_info()["workers"]))]
         rec = results.setdefault(config, {k: [] for k in (
-            "idle_cpu_per_s", "submit_cpu", "submit_fit_cpu", "submit_wall", "graph_cpu", "graph_fit_cpu",
-            "graph_wall", "xarray_cpu")})
+            "idle_cpu_per_s", "submit_cpu", "submit_fit_cpu", "submit_wall", "graph_cpu",
+            "graph_fit_cpu", "graph_wall", "xarray_cpu")})
         for _ in range(args.rounds):
             cpu, wall = on_workers(client, lambda: time.sleep(1.0))
             idle = cpu / wall / workers
@@ -243,9 +243,10 @@ def main(argv: list[str]) -> int:
         m = {k: statistics.median(v) if v else float("nan")
              for k, v in results[config].items()}
         idle_block = m["idle_cpu_per_s"] * m["graph_wall"]
+        idle_submit = m["idle_cpu_per_s"] * m["submit_wall"]
         rows.append([f"batch_curve_fit, client.submit ({config})", f"{m['idle_cpu_per_s']:.3f}",
                      f"{m['submit_cpu']:.3f}", f"{m['submit_fit_cpu']:.3f}",
-                     f"{m['submit_cpu'] - m['submit_fit_cpu'] - m['idle_cpu_per_s'] * m['submit_wall']:.3f}"])
+                     f"{m['submit_cpu'] - m['submit_fit_cpu'] - idle_submit:.3f}"])
         rows.append([f"curvefit graph, one block per worker ({config})", "",
                      f"{m['graph_cpu']:.3f}", f"{m['graph_fit_cpu']:.3f}",
                      f"{m['graph_cpu'] - m['graph_fit_cpu'] - idle_block:.3f}"])
