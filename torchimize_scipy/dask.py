@@ -168,21 +168,57 @@ def batch_least_squares(
 
     Parameters
     ----------
-    fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, loss
+    fun : callable
+        ``fun(x, *args, **kwargs)`` for a block's problems, as in
+        :func:`torchimize_scipy.batch_least_squares`; shipped to the workers
+        by cloudpickle with what it captures.
+    x0 : dask array, array_like or torch.Tensor, shape (B, n)
+        Starting points, one row per problem; a dask array's chunks along
+        the batch axis are the blocks (they must be known).
+    jac : {'2-point', '3-point', 'cs', 'autograd'} or callable, optional
         As in :func:`torchimize_scipy.batch_least_squares`.
-    f_scale, diff_step, max_nfev, verbose, args, kwargs, vectorized, dtype, return_jac
+    bounds : 2-tuple or `scipy.optimize.Bounds`, optional
+        Shared bounds, or ``(B, n)`` per-problem bounds (dask arrays too).
+    method : {'trf', 'dogbox', 'lm', 'gn', 'gd'}, optional
         As in :func:`torchimize_scipy.batch_least_squares`.
-    jac_sparsity
-        One sparsity structure for all problems, shipped to every block whole;
-        as in :func:`torchimize_scipy.batch_least_squares`.
+    ftol, xtol, gtol : float or None, optional
+        Tolerances of the termination tests, as in
+        :func:`torchimize_scipy.batch_least_squares`.
+    x_scale : array_like or 'jac', optional
+        Shared, or ``(B, n)`` per problem (a dask array too).
+    loss : str or callable, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    f_scale : float, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    diff_step : array_like, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    max_nfev : int, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    verbose : {0, 1, 2}, optional
+        As in :func:`torchimize_scipy.batch_least_squares`; printed by the
+        worker that runs the block.
+    args : tuple, optional
+        Entries with ``B`` rows (dask arrays too) are cut with the problems;
+        the others reach every block whole.
+    kwargs : dict, optional
+        Shared keyword arguments of ``fun``, reaching every block whole.
+    vectorized : bool, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
     device : str or torch.device, optional
         Applied on each worker: the blocks (and the shared numpy arrays of
         ``args`` and ``kwargs``) reach the engine, and ``fun``, as torch
         tensors on that device; without it, as numpy arrays.
+    dtype : torch.dtype or str, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
     chunk_size : int, optional
         Most problems held at once within a block.
     progress : bool or str, optional
         Must be False (use dask's progress bar or dashboard).
+    return_jac : bool, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    jac_sparsity : array_like or sparse, shape (m, n), optional
+        One sparsity structure for all problems, shipped to every block
+        whole; as in :func:`torchimize_scipy.batch_least_squares`.
 
     Returns
     -------
@@ -306,22 +342,46 @@ def batch_curve_fit(
 
     Parameters
     ----------
-    f, xdata, ydata, p0, sigma, absolute_sigma, jac, full_output, dtype, nan_policy
+    f : callable
+        The model ``f(xdata, *params)`` for a block's problems, as in
+        :func:`torchimize_scipy.batch_curve_fit`; shipped to the workers by
+        cloudpickle with what it captures.
+    xdata : array_like, torch.Tensor, tuple, dask array or object
+        As in :func:`torchimize_scipy.batch_curve_fit`: shared predictors
+        reach every block whole, per-problem ones (``(B, M)``, ``(B, k, M)``,
+        or tuple entries with ``B`` rows) are cut with the problems.
+    ydata : dask array or array_like, shape (B, M)
+        The data, one row per problem.
+    p0 : dask array, array_like or torch.Tensor, shape (B, P)
+        Initial guesses, one row per problem.
+    sigma : None, scalar, array_like or dask array, optional
+        Shared ``(M,)``, or per problem ``(B, M)`` or ``(B, M, M)`` (cut with
+        the problems), as in :func:`torchimize_scipy.batch_curve_fit`.
+    absolute_sigma : bool, optional
         As in :func:`torchimize_scipy.batch_curve_fit`.
     bounds : 2-tuple or `scipy.optimize.Bounds`, optional
-        As in :func:`torchimize_scipy.batch_curve_fit`.
+        Shared bounds, or ``(B, P)`` per-problem bounds (dask arrays too).
     method : {None, 'lm', 'trf', 'dogbox', 'gn', 'gd'}, optional
         Decided once for the whole batch (None: 'trf' if any bound is
         finite, else 'lm'); must be given when the bounds are dask arrays,
         whose finiteness is not known before computing.
+    jac : callable or {'2-point', '3-point', 'cs', 'autograd'}, optional
+        As in :func:`torchimize_scipy.batch_curve_fit`.
+    full_output : bool, optional
+        Also return ``infodict``, ``mesg`` and ``ier`` (lazily).
     device : str or torch.device, optional
         Applied on each worker: the blocks (and a shared ``xdata``) reach the
         engine, and ``f``, as torch tensors on that device; without it, as
         numpy arrays.
+    dtype : torch.dtype or str, optional
+        As in :func:`torchimize_scipy.batch_curve_fit`.
     chunk_size : int, optional
         Most problems held at once within a block.
     progress : bool or str, optional
         Must be False (use dask's progress bar or dashboard).
+    nan_policy : {None, 'raise', 'omit'}, optional
+        As in :func:`torchimize_scipy.batch_curve_fit`; applied to each
+        block, so 'raise' raises at compute time.
     **kwargs
         Options of :func:`torchimize_scipy.batch_curve_fit`; a ``(B, P)``
         ``x_scale`` is cut with the problems.
