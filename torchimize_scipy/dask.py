@@ -402,6 +402,22 @@ def batch_curve_fit(
         ``return_jac`` and ``progress`` before anything runs; errors found
         while fitting a block are raised at compute time, with the range of
         problem indices of that block (``nan_policy='raise'`` among them).
+
+    Examples
+    --------
+    >>> import dask
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> from torchimize_scipy import batch_curve_fit
+    >>> t = np.linspace(0, 1, 20)
+    >>> y = da.from_array(2.0 * np.exp(-np.outer([1.0, 2.0, 3.0, 4.0], t)), chunks=2)
+    >>> popt, pcov = batch_curve_fit(lambda x, a, k: a * np.exp(-k * x), t, y,
+    ...                              np.ones((4, 2)))
+    >>> popt.chunks  # lazy: two blocks of two problems, nothing has run yet
+    ((2, 2), (2,))
+    >>> popt, pcov = dask.compute(popt, pcov, scheduler="sync")
+    >>> np.round(popt[:, 1], 6)
+    array([1., 2., 3., 4.])
     """
     _no_progress(progress)
     if method not in _CURVE_FIT_METHODS:
