@@ -22,7 +22,11 @@ cost of each function where wall time mostly measures the machine's load.
 allocator, each on a fresh cluster: ``nanny`` (dask's default,
 ``MALLOC_TRIM_THRESHOLD_=65536``, which maps every array above 128 KiB anew)
 and ``configured`` (:func:`torchimize_scipy.dask.configure_workers` on the
-running workers, as docs/cluster.md advises).
+running workers, as docs/cluster.md advises). ``--worker-config quiet`` also
+turns off what an idle dask worker spends CPU on (its statistical profiler,
+its 20 ms event-loop tick and 0.5 s system monitor: about 6 % of a core per
+worker, and more of the total when the machine is loaded and wall time
+stretches).
 
 Usage::
 
@@ -30,6 +34,7 @@ Usage::
     python benchmarks/bench_xarray.py --full     # the issue's 1,000 x 1,000 x 64 cube
     python benchmarks/bench_xarray.py [--quick] [--ny 200] [--nx 1000] [--block 10]
            [--xarray-rows 40] [--workers 2] [--allocators nanny,configured]
+           [--worker-config default|quiet]
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ except ImportError as exc:  # pragma: no cover
     raise SystemExit(f"{exc}: pip install 'torchimize-scipy[dask,xarray]'") from exc
 
 P0 = {"a": 2.0, "mu": 0.0, "s": 0.7, "c": 0.0}
+#: ``--worker-config quiet``: what an idle worker spends CPU on, turned off or slowed
+QUIET_WORKERS = {"distributed.worker.profile.enabled": False,
+                 "distributed.admin.tick.interval": "1s",
+                 "distributed.admin.system-monitor.interval": "1s"}
 
 
 def gaussian(w, a, mu, s, c):
@@ -115,9 +124,10 @@ def compare(args, allocator: str, ny: int, nx: int, rows_x: int) -> dict:
     # cluster would take it from there: every cluster starts from the defaults
     for name in dask.config.get("distributed.nanny.pre-spawn-environ"):
         os.environ.pop(name, None)
-    with distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1,
-                                  processes=True, dashboard_address=None,
-                                  host="127.0.0.1") as cluster, \
+    with dask.config.set(QUIET_WORKERS if args.worker_config == "quiet" else {}), \
+            distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1,
+                                     processes=True, dashboard_address=None,
+                                     host="127.0.0.1") as cluster, \
             distributed.Client(cluster) as client:
         if allocator == "configured":
             configure_workers(client)
@@ -158,6 +168,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--allocators", default="nanny,configured",
                    help="worker allocator settings to compare, comma-separated: "
                         "nanny, configured")
+    p.add_argument("--worker-config", default="default", choices=("default", "quiet"),
+                   help="dask's worker defaults, or its profiler off and 1 s ticks")
     args = p.parse_args(argv)
     if args.quick:
         ny, nx, rows_x, args.block = 8, 100, 4, 2
@@ -192,7 +204,7 @@ def main(argv: list[str]) -> int:
                          f"{r['ours_cube_cpu_s']:.1f}", f"{n_all / r['ours_cube_cpu_s']:,.0f}",
                          f"{(n_all / r['ours_cube_cpu_s']) / (n_sub / r['xarray_cpu_s']):.1f}x"])
     print(f"cube {ny} x {nx} x {PEAK_M}, blocks of {args.block} rows ({args.block * nx:,} "
-          f"pixels), {args.workers} workers x 1 thread")
+          f"pixels), {args.workers} workers x 1 thread, {args.worker_config} worker config")
     print(md_table(["fit (workers' allocator)", "pixels", "wall (s)", "pixels/s", "speed-up",
                     "worker CPU (s)", "pixels per CPU-s", "speed-up (CPU)"], rows))
     for r in runs:
@@ -201,7 +213,7 @@ def main(argv: list[str]) -> int:
               f"1 + |coef|); median {r['median_rel_diff']:.2e}")
     path = write_json(args, "bench_xarray", {
         "ny": ny, "nx": nx, "bands": PEAK_M, "workers": args.workers, "block_rows": args.block,
-        "xarray_rows": rows_x, "runs": runs})
+        "xarray_rows": rows_x, "worker_config": args.worker_config, "runs": runs})
     print(f"wrote {path}")
     return 0
 
