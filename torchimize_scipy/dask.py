@@ -18,6 +18,10 @@ runs the unbounded variant, as :func:`least_squares` does for each of them),
 and batched floating-point kernels may round differently for another number
 of rows (observed: not on the CPU).
 
+:func:`configure_workers` sets, on a running ``distributed`` cluster, the
+workers' memory allocator and torch threads for batched fits (dask's nanny
+default doubles a fit's CPU; see docs/cluster.md).
+
 Requires the ``dask`` extra: ``pip install torchimize-scipy[dask]``.
 """
 
