@@ -2,10 +2,11 @@
 
 Problems: the Gaussian peaks of ``memory_10m.py`` (n = 4 parameters, m = 64
 points, 'lm', torch model with analytic Jacobian, ``return_jac=False``),
-``--problems`` of them (default 10,000,000) stored once in a chunked Zarr
-store under ``--store`` (default /tmp/torchimize_dask_bench; generated chunk
-by chunk if missing, never in the repository): ``y (B, 64)`` and ``p0 (B, 4)``
-in chunks of ``--chunk`` problems.
+``--problems`` of them (default 1,000,000; 10,000,000 with ``--full``)
+stored once in a chunked Zarr store under ``--store`` (default
+/tmp/torchimize_dask_bench; generated chunk by chunk if missing, never in the
+repository): ``y (B, 64)`` and ``p0 (B, 4)`` in chunks of ``--chunk``
+problems.
 
 Runs, each reading the store, fitting every problem and writing ``x``,
 ``cost`` and ``status`` back to a Zarr store:
@@ -24,10 +25,20 @@ The overhead of the distributed path is its time over the in-process time
 with as many threads as workers. Results of the two paths are compared (they
 solve the same problems with the same code: equal to the last bit).
 
+The workers' allocator is set as docs/cluster.md advises
+(``distributed.nanny.pre-spawn-environ``: ``MALLOC_TRIM_THRESHOLD_`` and
+``MALLOC_MMAP_THRESHOLD_``). ``--worker-config quiet`` also turns off what
+an idle dask worker spends CPU on (its statistical profiler, sampling every
+10 ms, and the 20 ms event-loop tick and 0.5 s system monitor, set to 1 s),
+which costs about 6 % of a core per worker with dask's defaults.
+
 Usage::
 
-    python benchmarks/bench_dask.py [--quick] [--problems 10000000] [--chunk 250000]
-           [--workers 1,2] [--memory-limit 3GiB] [--store /tmp/torchimize_dask_bench]
+    python benchmarks/bench_dask.py               # 1,000,000 problems (~5 minutes idle)
+    python benchmarks/bench_dask.py --full        # the issue's 10,000,000 problems
+    python benchmarks/bench_dask.py [--quick] [--problems 1000000] [--chunk 125000]
+           [--workers 1,2] [--memory-limit 3GiB] [--worker-config default|quiet]
+           [--store /tmp/torchimize_dask_bench]
 """
 
 from __future__ import annotations
@@ -126,14 +137,26 @@ def worker_malloc_environ() -> None:
                                   ("MALLOC_MMAP_THRESHOLD_", "1073741824"))})
 
 
-def on_cluster(store: Path, out: Path, workers: int, memory_limit: str) -> dict[str, Any]:
+#: ``--worker-config quiet``: what an idle worker spends CPU on, turned off or slowed
+QUIET_WORKERS = {"distributed.worker.profile.enabled": False,
+                 "distributed.admin.tick.interval": "1s",
+                 "distributed.admin.system-monitor.interval": "1s"}
+
+
+def on_cluster(store: Path, out: Path, workers: int, memory_limit: str,
+               worker_config: str) -> dict[str, Any]:
     """The same fits on a LocalCluster: from_zarr -> batch_least_squares -> to_zarr."""
+    # the nanny writes its worker environment into this process's os.environ, and the
+    # next cluster would take it from there: every cluster starts from the defaults
+    for name in dask.config.get("distributed.nanny.pre-spawn-environ"):
+        os.environ.pop(name, None)
     worker_malloc_environ()
     bench = str(Path(__file__).resolve().parent)
     root = str(Path(torchimize_scipy.__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join([bench, root, os.environ.get("PYTHONPATH", "")])
     t_start = time.perf_counter()
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+    with dask.config.set(QUIET_WORKERS if worker_config == "quiet" else {}), \
+            distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                   dashboard_address=None, host="127.0.0.1",
                                   memory_limit=memory_limit) as cluster, \
             distributed.Client(cluster) as client:
@@ -159,13 +182,22 @@ def on_cluster(store: Path, out: Path, workers: int, memory_limit: str) -> dict[
 
 def main(argv: list[str]) -> int:
     p = base_parser(__doc__.split("\n", 1)[0])
-    p.add_argument("--problems", type=int, default=10_000_000)
-    p.add_argument("--chunk", type=int, default=250_000, help="problems per Zarr chunk")
+    p.add_argument("--full", action="store_true",
+                   help="the issue's size: 10,000,000 problems in chunks of 250,000")
+    p.add_argument("--problems", type=int, default=None, help="default 1,000,000")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="problems per Zarr chunk (default 125,000; 250,000 with --full)")
+    p.add_argument("--worker-config", default="default", choices=("default", "quiet"),
+                   help="dask's worker defaults, or its profiler off and 1 s ticks")
     p.add_argument("--workers", default="1,2", help="worker counts, comma-separated")
     p.add_argument("--memory-limit", default="3GiB", help="memory limit of each worker")
     p.add_argument("--store", type=Path, default=Path("/tmp/torchimize_dask_bench"))
     args = p.parse_args(argv)
-    B, chunk = (20_000, 5_000) if args.quick else (args.problems, args.chunk)
+    if args.quick:
+        B, chunk = 20_000, 5_000
+    else:
+        B = args.problems or (10_000_000 if args.full else 1_000_000)
+        chunk = args.chunk or (250_000 if args.full else 125_000)
     store = args.store / f"peaks_{B}_{chunk}.zarr"
     t0 = time.perf_counter()
     generate(store, B, chunk)
@@ -177,27 +209,33 @@ def main(argv: list[str]) -> int:
     rows, runs = [], []
     for w in counts:
         t_mem, ref = in_process(store, args.store / "out_inprocess.zarr", threads=w)
-        run = on_cluster(store, args.store / "out_cluster.zarr", w, args.memory_limit)
+        run = on_cluster(store, args.store / "out_cluster.zarr", w, args.memory_limit,
+                         args.worker_config)
         got = zarr.open_group(str(args.store / "out_cluster.zarr"), mode="r")
         same = all(np.array_equal(got[k][:], ref[k], equal_nan=True)
                    for k in ("x", "cost", "status"))
-        run.update(in_process_s=t_mem, in_process_cpu_s=ref.pop("cpu_s"),
+        run_cpu = ref.pop("cpu_s")
+        run.update(in_process_s=t_mem, in_process_cpu_s=run_cpu,
                    in_process_threads=w, identical_to_in_process=same,
                    overhead=run["time_s"] / t_mem - 1.0,
+                   cpu_overhead=run["worker_cpu_s"] / run_cpu - 1.0,
                    fits_per_s=B / run["time_s"], in_process_fits_per_s=B / t_mem)
         runs.append(run)
         rows.append([w, f"{t_mem:.1f}", f"{B / t_mem:,.0f}", f"{run['time_s']:.1f}",
                      f"{B / run['time_s']:,.0f}", f"{100 * run['overhead']:+.1f} %",
                      f"{run['in_process_cpu_s']:.1f} / {run['worker_cpu_s']:.1f}",
+                     f"{100 * run['cpu_overhead']:+.1f} %",
                      f"{run['cluster_start_s']:.1f}",
                      " / ".join(f"{r / 2**30:.2f}" for r in run["worker_peak_rss_bytes"]),
                      "yes" if same else "NO"])
     print(md_table(["workers (= threads in-process)", "in-process (s)", "fits/s",
                     "cluster (s)", "fits/s", "overhead", "CPU s: in-process / workers",
+                    "CPU overhead",
                     "cluster start (s)",
                     "worker peak RSS (GiB)", "identical"], rows))
     path = write_json(args, "bench_dask", {"problems": B, "chunk": chunk, "runs": runs,
-                                           "memory_limit": args.memory_limit})
+                                           "memory_limit": args.memory_limit,
+                                           "worker_config": args.worker_config})
     print(f"wrote {path}")
     return 0 if all(r["identical_to_in_process"] for r in runs) else 1
 

@@ -24,7 +24,10 @@ distributed = pytest.importorskip("distributed")
 
 from _parity import assert_bitwise_equal  # noqa: E402
 
-from torchimize_scipy.dask import BlockError, DaskBatchResult  # noqa: E402
+from torchimize_scipy.dask import BlockError, DaskBatchResult, configure_workers  # noqa: E402
+
+#: this process's environment before the module's cluster starts
+ENV_AT_IMPORT = dict(os.environ)
 
 FIELDS = ("x", "cost", "fun", "jac", "grad", "optimality", "active_mask", "nfev", "njev",
           "status", "success")
@@ -34,16 +37,17 @@ FIELDS = ("x", "cost", "fun", "jac", "grad", "optimality", "active_mask", "nfev"
 def client():
     """Two worker processes on loopback that import this checkout's torchimize_scipy."""
     root = str(pathlib.Path(torchimize_scipy.__file__).parents[1])
+    saved = dict(os.environ)
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
     try:
         cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
                                            dashboard_address=None, host="127.0.0.1")
     finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
+        # the nanny also writes its worker environment (MALLOC_TRIM_THRESHOLD_,
+        # OMP_NUM_THREADS, ...) into this process's os.environ: put it back
+        os.environ.clear()
+        os.environ.update(saved)
     c = distributed.Client(cluster)
     c.run(__import__, "torchimize_scipy.dask")  # the imports (torch: seconds) before timing
     yield c
@@ -407,3 +411,69 @@ def test_jac_sparsity_is_shipped_to_every_block():
                               jac_sparsity=S).compute(scheduler="sync")
     assert ref.success.all()
     assert_same_result(res, ref)
+
+
+# ---------------------------------------------------------------------------
+# configure_workers
+# ---------------------------------------------------------------------------
+def _mmapped_by_one_mib_array() -> dict:
+    """On a worker: does a new 1 MiB array get its own mmap? (glibc's mallinfo2)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    before = libc.mallinfo2().hblks
+    a = np.empty(2**17)  # 1 MiB, like a block of 2,000 problems of 64 points
+    a[:] = 1.0
+    during = libc.mallinfo2().hblks
+    del a
+    return {"mmapped": during > before, "torch_threads": torch.get_num_threads(),
+            "trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+            "mmap": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+
+
+def test_fixture_leaves_the_test_process_environment_alone(client):
+    # regression: LocalCluster's nanny wrote MALLOC_TRIM_THRESHOLD_ and the
+    # thread variables of its workers into the test process's os.environ
+    nanny_env = dask.config.get("distributed.nanny.pre-spawn-environ")
+    assert "MALLOC_TRIM_THRESHOLD_" in nanny_env
+    workers = client.run(lambda: {k: os.environ.get(k) for k in nanny_env})
+    assert all(env["MALLOC_TRIM_THRESHOLD_"] is not None for env in workers.values())
+    assert {k: os.environ.get(k) for k in nanny_env} == \
+        {k: ENV_AT_IMPORT.get(k) for k in nanny_env}
+
+
+@pytest.mark.skipif(not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"),
+                    reason="the allocator settings are glibc's")
+def test_configure_workers_stops_mmap_per_array_and_sets_torch_threads(client):
+    before = client.run(_mmapped_by_one_mib_array)
+    for state in before.values():
+        if state["trim"] == "65536" and state["mmap"] is None:  # dask's nanny default
+            assert state["mmapped"]  # the slow path: a fresh mapping per mid-size array
+    done = configure_workers(client, torch_threads=1)
+    assert sorted(done) == sorted(before)
+    assert all(d == {"malloc": True, "torch_threads": 1} for d in done.values())
+    after = client.run(_mmapped_by_one_mib_array)
+    assert not any(state["mmapped"] for state in after.values())
+    assert all(state["torch_threads"] == 1 for state in after.values())
+
+
+def test_configure_workers_none_leaves_settings_alone(client):
+    threads = client.run(torch.get_num_threads)
+    done = configure_workers(client, mmap_threshold=None, trim_threshold=None,
+                             torch_threads=None)
+    assert {a: d["torch_threads"] for a, d in done.items()} == threads
+
+
+def test_configure_workers_validation():
+    with pytest.raises(ValueError, match="`mmap_threshold` must be None or an integer"):
+        configure_workers(object(), mmap_threshold=2**31)
+    with pytest.raises(ValueError, match="`trim_threshold` must be None or an integer"):
+        configure_workers(object(), trim_threshold=-1)
+    with pytest.raises(ValueError, match="`torch_threads` must be None or a positive"):
+        configure_workers(object(), torch_threads=0)

@@ -12,6 +12,11 @@ from torchimize_scipy import batch_curve_fit, batch_least_squares, curve_fit, le
 # The modules that define the public functions (wherever they live).
 MODULES = list({importlib.import_module(f.__module__): None for f in
                 (least_squares, batch_least_squares, curve_fit, batch_curve_fit)})
+for _name in ("torchimize_scipy.dask", "torchimize_scipy.xarray"):  # optional extras
+    try:
+        MODULES.append(importlib.import_module(_name))
+    except ImportError:
+        pass
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)

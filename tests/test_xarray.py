@@ -185,3 +185,28 @@ def test_docstring_example():
 
     result = doctest.testmod(torchimize_scipy.xarray, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_func_is_called_for_whole_blocks_with_columns():
+    # docs/cluster.md: one batch_curve_fit call per block; func gets (b, 1) columns,
+    # the P forward-difference steps of every pixel stacked, never one pixel at a time
+    data = cube(ny=4, nx=5)  # 20 pixels, one block (numpy-backed)
+    four = xr.concat([data.assign_coords(x=data.x + 10 * k) for k in range(4)], dim="x")
+
+    def fit(obj):
+        shapes = []
+
+        def recorded(x, a, mu, s):
+            shapes.append(np.shape(a))
+            return gaussian(x, a, mu, s)
+
+        got = curvefit(obj, "band", recorded, p0={"s": 0.2})
+        assert np.isfinite(got.curvefit_coefficients.values).all()
+        return shapes
+
+    shapes, shapes4 = fit(data), fit(four)
+    assert all(len(sh) == 2 and sh[1] == 1 for sh in shapes + shapes4)
+    assert shapes[0] == (20, 1) and shapes4[0] == (80, 1)  # every pixel's residuals at once
+    assert (60, 1) in shapes  # a Jacobian: 3 steps for each of the 20 pixels
+    # four times the pixels (the same ones): as many calls, each with four times the rows
+    assert [(4 * b, 1) for b, _ in shapes] == shapes4

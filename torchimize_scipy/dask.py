@@ -18,12 +18,19 @@ runs the unbounded variant, as :func:`least_squares` does for each of them),
 and batched floating-point kernels may round differently for another number
 of rows (observed: not on the CPU).
 
+:func:`configure_workers` sets, on a running ``distributed`` cluster, the
+workers' memory allocator and torch threads for batched fits (dask's nanny
+default doubles a fit's CPU; see docs/cluster.md).
+
 Requires the ``dask`` extra: ``pip install torchimize-scipy[dask]``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import operator
+import os
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +53,8 @@ from . import batch_least_squares as _batch_least_squares
 from ._arrays import _torch_dtype
 from ._validation import check_options
 
-__all__ = ["BlockError", "DaskBatchResult", "batch_curve_fit", "batch_least_squares"]
+__all__ = ["BlockError", "DaskBatchResult", "batch_curve_fit", "batch_least_squares",
+           "configure_workers"]
 
 #: ``method`` values of ``batch_curve_fit`` (None: 'lm', or 'trf' with bounds).
 _CURVE_FIT_METHODS = (None, "lm", "trf", "dogbox", "gn", "gd")
@@ -164,21 +172,57 @@ def batch_least_squares(
 
     Parameters
     ----------
-    fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, loss
+    fun : callable
+        ``fun(x, *args, **kwargs)`` for a block's problems, as in
+        :func:`torchimize_scipy.batch_least_squares`; shipped to the workers
+        by cloudpickle with what it captures.
+    x0 : dask array, array_like or torch.Tensor, shape (B, n)
+        Starting points, one row per problem; a dask array's chunks along
+        the batch axis are the blocks (they must be known).
+    jac : {'2-point', '3-point', 'cs', 'autograd'} or callable, optional
         As in :func:`torchimize_scipy.batch_least_squares`.
-    f_scale, diff_step, max_nfev, verbose, args, kwargs, vectorized, dtype, return_jac
+    bounds : 2-tuple or `scipy.optimize.Bounds`, optional
+        Shared bounds, or ``(B, n)`` per-problem bounds (dask arrays too).
+    method : {'trf', 'dogbox', 'lm', 'gn', 'gd'}, optional
         As in :func:`torchimize_scipy.batch_least_squares`.
-    jac_sparsity
-        One sparsity structure for all problems, shipped to every block whole;
-        as in :func:`torchimize_scipy.batch_least_squares`.
+    ftol, xtol, gtol : float or None, optional
+        Tolerances of the termination tests, as in
+        :func:`torchimize_scipy.batch_least_squares`.
+    x_scale : array_like or 'jac', optional
+        Shared, or ``(B, n)`` per problem (a dask array too).
+    loss : str or callable, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    f_scale : float, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    diff_step : array_like, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    max_nfev : int, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    verbose : {0, 1, 2}, optional
+        As in :func:`torchimize_scipy.batch_least_squares`; printed by the
+        worker that runs the block.
+    args : tuple, optional
+        Entries with ``B`` rows (dask arrays too) are cut with the problems;
+        the others reach every block whole.
+    kwargs : dict, optional
+        Shared keyword arguments of ``fun``, reaching every block whole.
+    vectorized : bool, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
     device : str or torch.device, optional
         Applied on each worker: the blocks (and the shared numpy arrays of
         ``args`` and ``kwargs``) reach the engine, and ``fun``, as torch
         tensors on that device; without it, as numpy arrays.
+    dtype : torch.dtype or str, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
     chunk_size : int, optional
         Most problems held at once within a block.
     progress : bool or str, optional
         Must be False (use dask's progress bar or dashboard).
+    return_jac : bool, optional
+        As in :func:`torchimize_scipy.batch_least_squares`.
+    jac_sparsity : array_like or sparse, shape (m, n), optional
+        One sparsity structure for all problems, shipped to every block
+        whole; as in :func:`torchimize_scipy.batch_least_squares`.
 
     Returns
     -------
@@ -302,22 +346,46 @@ def batch_curve_fit(
 
     Parameters
     ----------
-    f, xdata, ydata, p0, sigma, absolute_sigma, jac, full_output, dtype, nan_policy
+    f : callable
+        The model ``f(xdata, *params)`` for a block's problems, as in
+        :func:`torchimize_scipy.batch_curve_fit`; shipped to the workers by
+        cloudpickle with what it captures.
+    xdata : array_like, torch.Tensor, tuple, dask array or object
+        As in :func:`torchimize_scipy.batch_curve_fit`: shared predictors
+        reach every block whole, per-problem ones (``(B, M)``, ``(B, k, M)``,
+        or tuple entries with ``B`` rows) are cut with the problems.
+    ydata : dask array or array_like, shape (B, M)
+        The data, one row per problem.
+    p0 : dask array, array_like or torch.Tensor, shape (B, P)
+        Initial guesses, one row per problem.
+    sigma : None, scalar, array_like or dask array, optional
+        Shared ``(M,)``, or per problem ``(B, M)`` or ``(B, M, M)`` (cut with
+        the problems), as in :func:`torchimize_scipy.batch_curve_fit`.
+    absolute_sigma : bool, optional
         As in :func:`torchimize_scipy.batch_curve_fit`.
     bounds : 2-tuple or `scipy.optimize.Bounds`, optional
-        As in :func:`torchimize_scipy.batch_curve_fit`.
+        Shared bounds, or ``(B, P)`` per-problem bounds (dask arrays too).
     method : {None, 'lm', 'trf', 'dogbox', 'gn', 'gd'}, optional
         Decided once for the whole batch (None: 'trf' if any bound is
         finite, else 'lm'); must be given when the bounds are dask arrays,
         whose finiteness is not known before computing.
+    jac : callable or {'2-point', '3-point', 'cs', 'autograd'}, optional
+        As in :func:`torchimize_scipy.batch_curve_fit`.
+    full_output : bool, optional
+        Also return ``infodict``, ``mesg`` and ``ier`` (lazily).
     device : str or torch.device, optional
         Applied on each worker: the blocks (and a shared ``xdata``) reach the
         engine, and ``f``, as torch tensors on that device; without it, as
         numpy arrays.
+    dtype : torch.dtype or str, optional
+        As in :func:`torchimize_scipy.batch_curve_fit`.
     chunk_size : int, optional
         Most problems held at once within a block.
     progress : bool or str, optional
         Must be False (use dask's progress bar or dashboard).
+    nan_policy : {None, 'raise', 'omit'}, optional
+        As in :func:`torchimize_scipy.batch_curve_fit`; applied to each
+        block, so 'raise' raises at compute time.
     **kwargs
         Options of :func:`torchimize_scipy.batch_curve_fit`; a ``(B, P)``
         ``x_scale`` is cut with the problems.
@@ -338,6 +406,22 @@ def batch_curve_fit(
         ``return_jac`` and ``progress`` before anything runs; errors found
         while fitting a block are raised at compute time, with the range of
         problem indices of that block (``nan_policy='raise'`` among them).
+
+    Examples
+    --------
+    >>> import dask
+    >>> import dask.array as da
+    >>> import numpy as np
+    >>> from torchimize_scipy import batch_curve_fit
+    >>> t = np.linspace(0, 1, 20)
+    >>> y = da.from_array(2.0 * np.exp(-np.outer([1.0, 2.0, 3.0, 4.0], t)), chunks=2)
+    >>> popt, pcov = batch_curve_fit(lambda x, a, k: a * np.exp(-k * x), t, y,
+    ...                              np.ones((4, 2)))
+    >>> popt.chunks  # lazy: two blocks of two problems, nothing has run yet
+    ((2, 2), (2,))
+    >>> popt, pcov = dask.compute(popt, pcov, scheduler="sync")
+    >>> np.round(popt[:, 1], 6)
+    array([1., 2., 3., 4.])
     """
     _no_progress(progress)
     if method not in _CURVE_FIT_METHODS:
@@ -421,6 +505,106 @@ def _solve_curve_fit_block(static: dict, blocks: list[np.ndarray],
     out = {"popt": popt, "pcov": pcov, "nfev": info["nfev"], "fvec": info["fvec"],
            "njev": info.get("njev"), "mesg": mesg, "ier": ier}
     return _cast(out, fields)
+
+
+# ---------------------------------------------------------------------------
+# workers
+# ---------------------------------------------------------------------------
+#: glibc's ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_INT_MAX = 2**31 - 1
+
+
+def configure_workers(client: Any, *, mmap_threshold: int | None = 2**30,
+                      trim_threshold: int | None = _INT_MAX,
+                      torch_threads: int | None = 1) -> dict[str, dict[str, Any]]:
+    """Set the memory allocator and torch's threads of a cluster's running workers for fits.
+
+    dask's nanny starts every worker with ``MALLOC_TRIM_THRESHOLD_=65536``,
+    which turns glibc's adaptive mmap threshold off: every array above 128
+    KiB (a block of 2,000 problems of 64 points is 1 MiB) is then mapped and
+    unmapped again, and a batched fit spends about half its CPU in page
+    faults (``benchmarks/profile_xarray_block.py``). This function changes
+    the allocator of the workers that are running, with ``mallopt``, as
+    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` would at their
+    start, and sets the number of torch threads. It is the user's choice: it
+    makes the workers keep freed memory up to ``trim_threshold`` instead of
+    returning it to the system at once (dask's reason for its default).
+
+    Parameters
+    ----------
+    client : distributed.Client
+        A client of the cluster; every worker it knows now is configured
+        (workers that join later are not).
+    mmap_threshold : int or None, optional
+        Bytes above which glibc maps an allocation on its own (default 1 GiB,
+        the README's setting); None leaves it unchanged.
+    trim_threshold : int or None, optional
+        Bytes of free memory at the top of the heap above which glibc returns
+        it to the system (default 2**31 - 1); None leaves it unchanged.
+    torch_threads : int or None, optional
+        ``torch.set_num_threads`` on each worker (default 1: a worker runs
+        one block per dask thread, so that it computes with as many threads
+        as dask gives it); None leaves it unchanged.
+
+    Returns
+    -------
+    dict
+        For each worker address: ``{"malloc": bool, "torch_threads": int}``,
+        ``malloc`` False where the allocator is not glibc's (macOS, musl,
+        Windows), which is then left as it is.
+
+    Raises
+    ------
+    ValueError
+        If a threshold is not None or an integer in ``[0, 2**31 - 1]``, or
+        ``torch_threads`` is not None or a positive integer.
+
+    Notes
+    -----
+    Workers started with ``distributed.nanny.pre-spawn-environ`` set as in
+    ``docs/cluster.md`` need none of this; this function is for clusters
+    that are already running. Process workers started by the nanny already
+    use one torch thread (it sets ``OMP_NUM_THREADS=1``).
+    """
+    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+        if value is not None and (not isinstance(value, (int, np.integer))
+                                  or isinstance(value, bool) or not 0 <= value <= _INT_MAX):
+            raise ValueError(f"`{name}` must be None or an integer in [0, 2**31 - 1].")
+    if torch_threads is not None and (not isinstance(torch_threads, (int, np.integer))
+                                      or isinstance(torch_threads, bool) or torch_threads < 1):
+        raise ValueError("`torch_threads` must be None or a positive integer.")
+    return client.run(_configure_worker, None if mmap_threshold is None else int(mmap_threshold),
+                      None if trim_threshold is None else int(trim_threshold),
+                      None if torch_threads is None else int(torch_threads))
+
+
+def _configure_worker(mmap_threshold: int | None, trim_threshold: int | None,
+                      torch_threads: int | None) -> dict[str, Any]:
+    """Run on one worker by :func:`configure_workers`."""
+    malloc = False
+    libc = _glibc()
+    if libc is not None:
+        malloc = all(libc.mallopt(param, ctypes.c_int(value)) == 1
+                     for param, value in ((_M_MMAP_THRESHOLD, mmap_threshold),
+                                          (_M_TRIM_THRESHOLD, trim_threshold))
+                     if value is not None)
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    return {"malloc": malloc, "torch_threads": torch.get_num_threads()}
+
+
+def _glibc() -> Any:
+    """This process's C library if it is glibc (it has ``mallopt``), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") else None
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 # ---------------------------------------------------------------------------
