@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .operator import as_operator
+from .operator import JacobianOperator, as_operator
 
 #: ``istop`` of a problem whose iteration produced non-finite values (ours)
 BREAKDOWN = -1
@@ -112,6 +112,30 @@ def sym_ortho(a: Any, b: Any) -> tuple[Any, Any, Any]:
     r = xp.hypot(a, b)
     safe = xp.where(r == 0, 1.0, r)
     return a / safe, b / safe, r
+
+
+class _Vector:
+    """A batch of vectors of :func:`lsmr` and a spare buffer of the same shape.
+
+    The next value is written into ``spare`` (``out=``); :meth:`take` makes it
+    current and the old current the spare, so a long solve allocates nothing
+    per iteration. A value made elsewhere (a ``where`` for frozen problems)
+    becomes current and leaves the spare as it is. ``cur`` is never written
+    in place: a caller's tensor (``b``, ``x0``) may start as a current value
+    only if it is replaced before any write, which :func:`lsmr` ensures.
+    """
+
+    __slots__ = ("cur", "spare")
+
+    def __init__(self, t: Tensor) -> None:
+        self.cur = t
+        self.spare = torch.empty_like(t)
+
+    def take(self, value: Tensor) -> None:
+        if value is self.spare:
+            self.cur, self.spare = value, self.cur
+        else:
+            self.cur = value
 
 
 #: rows of the packed scalar state of :func:`lsmr`, ``(K, B)``
@@ -238,6 +262,8 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
     """
     if isinstance(A, Tensor):
         A = as_operator(A)
+    if isinstance(A, JacobianOperator):
+        A = A.folded()  # a sparse matrix's scalings into its values: none per product
     B, m, n = A.shape
     dtype, dev = b.dtype, b.device
     if maxiter is None:
@@ -276,7 +302,7 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
                   zero, zero, zero, alpha * alpha, zero,
                   sc.full(min(1e100, float(torch.finfo(dtype).max))), xp.sqrt(alpha * alpha),
                   one, zero, beta, alpha * beta])
-    h = v
+    h = v.clone()  # h and v must not share memory: both are updated through buffers
     hbar = torch.zeros(B, n, dtype=dtype, device=dev)
     istop = sc.zeros_int()
     itn = sc.zeros_int()
@@ -287,6 +313,10 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
     safe_normb = xp.where(normb > 0, normb, 1.0)
     inf = sc.full(float("inf"))
 
+    # the vectors, each with a spare buffer the next value is written into
+    x, u, v, h, hbar = (_Vector(t) for t in (x, u, v, h, hbar))
+    tm = torch.empty(B, m, dtype=dtype, device=dev)  # c * u
+    tn = torch.empty(B, n, dtype=dtype, device=dev)  # c * (v, hbar, h)
     # numpy's warnings for the branches where() discards (the torch path has none)
     quiet = np.errstate(all="ignore") if host else contextlib.nullcontext()
     with quiet:
@@ -299,15 +329,19 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
              rhodold_o, tautildeold_o, thetatilde_o, zeta_o, d_o, normA2_o, maxrbar_o, minrbar_o,
              *_) = s if host else s.unbind(0)
             # ---- Golub-Kahan bidiagonalisation step ---------------------------------
-            u_new = A.matvec(v) - sc.coef(alpha_o) * u
+            # (every vector update writes into a spare buffer of ours: no allocation and
+            # no page faults for long vectors, never into a caller's tensor)
+            u_new = torch.sub(A.matvec(v.cur), torch.mul(u.cur, sc.coef(alpha_o), out=tm),
+                              out=u.spare)
             beta = sc.norm(u_new)
             go = beta > 0
-            u_new = u_new * sc.coef(sc.inverse(beta))
-            v_new = A.rmatvec(u_new) - sc.coef(beta) * v
+            u_new.mul_(sc.coef(sc.inverse(beta)))
+            v_new = torch.sub(A.rmatvec(u_new), torch.mul(v.cur, sc.coef(beta), out=tn),
+                              out=v.spare)
             alpha_new = sc.norm(v_new)
-            v_new = v_new * sc.coef(sc.inverse(alpha_new))
+            v_new.mul_(sc.coef(sc.inverse(alpha_new)))
             if not sc.all(go):  # beta = 0: v and alpha stay (the reference implementation)
-                v_new = torch.where(sc.mask(go), v_new, v)
+                v_new = torch.where(sc.mask(go), v_new, v.cur)
             alpha = xp.where(go, alpha_new, alpha_o)
 
             # ---- rotation eliminating the damping, then the subdiagonal beta ---------
@@ -324,9 +358,10 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
             # ---- update of h, hbar and x ------------------------------------------------
             coefs = sc.coefs(thetabar * rho / (rho_o * rhobar_o), zeta / (rho * rhobar),
                              thetanew / rho)
-            hbar_new = h - coefs[:, 0:1] * hbar
-            x_new = x + coefs[:, 1:2] * hbar_new
-            h_new = v_new - coefs[:, 2:3] * h
+            hbar_new = torch.sub(h.cur, torch.mul(hbar.cur, coefs[:, 0:1], out=tn),
+                                 out=hbar.spare)
+            x_new = torch.add(x.cur, torch.mul(hbar_new, coefs[:, 1:2], out=tn), out=x.spare)
+            h_new = torch.sub(v_new, torch.mul(h.cur, coefs[:, 2:3], out=tn), out=h.spare)
             normx = sc.norm(x_new)
             # ---- estimate of |r| (section 5.2 of the paper) -----------------------------
             betaacute = chat * betadd_o
@@ -371,18 +406,19 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
                             rhodold, tautildeold, thetatilde, zeta, d, normA2, maxrbar, minrbar,
                             normA, condA, normx, normr, normar])
             if host and bool(commit.all()):
-                s, x, u, v, h, hbar = new, x_new, u_new, v_new, h_new, hbar_new
+                s = new
+                for vec, value in ((x, x_new), (u, u_new), (v, v_new), (h, h_new),
+                                   (hbar, hbar_new)):
+                    vec.take(value)
             else:
                 s = xp.where(commit, new, s)
                 c2 = sc.mask(commit)
-                x = torch.where(c2, x_new, x)
-                u = torch.where(c2, u_new, u)
-                v = torch.where(c2, v_new, v)
-                h = torch.where(c2, h_new, h)
-                hbar = torch.where(c2, hbar_new, hbar)
+                for vec, value in ((x, x_new), (u, u_new), (v, v_new), (h, h_new),
+                                   (hbar, hbar_new)):
+                    vec.take(torch.where(c2, value, vec.cur))
             istop = xp.where(commit, stop, xp.where(active & ~finite, BREAKDOWN, istop))
             itn = itn + active
             active = commit & (stop == 0)
-    return LSMRResult(x, sc.tensor(istop), sc.tensor(itn), sc.tensor(s[_NORMR]),
+    return LSMRResult(x.cur, sc.tensor(istop), sc.tensor(itn), sc.tensor(s[_NORMR]),
                       sc.tensor(s[_NORMAR]), sc.tensor(s[_NORMA]), sc.tensor(s[_CONDA]),
                       sc.tensor(s[_NORMX]))

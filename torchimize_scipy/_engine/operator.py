@@ -89,16 +89,21 @@ class BlockCSR:
         Column of each value in ``A`` (``b n + j``), ``(nnz,)``.
     """
 
-    def __init__(self, J: Tensor) -> None:
-        B, m, n = J.shape
+    def __init__(self, J: Tensor | None, *, plan: CSRPlan | None = None,
+                 values: Tensor | None = None, shape: tuple | None = None) -> None:
+        if J is not None:
+            B, m, n = J.shape
+            if J.layout != torch.sparse_coo:
+                J = J.to_sparse_coo()
+            if not J.is_coalesced():
+                J = J.coalesce()
+            idx = J.indices()
+            plan = _find_plan(idx, (B, m, n)) or csr_plan(idx, (B, m, n))
+            values = J.values()
+        else:  # other values on a known structure (:meth:`scaled`)
+            B, m, n = shape
         self.shape = (B, m, n)
-        if J.layout != torch.sparse_coo:
-            J = J.to_sparse_coo()
-        if not J.is_coalesced():
-            J = J.coalesce()
-        idx = J.indices()
-        plan = _find_plan(idx, (B, m, n)) or csr_plan(idx, (B, m, n))
-        self.values = J.values()
+        self.values = values
         self.col = plan.col
         self.values_t = self.values.index_select(0, plan.perm_t)
         self._plan = plan
@@ -135,6 +140,15 @@ class BlockCSR:
     def rows(self) -> Tensor:
         """Row of ``A`` (``b m + i``) of each value, ``(nnz,)``."""
         return self._plan.row
+
+    def scaled(self, row_scale: Tensor | None, col_scale: Tensor | None) -> BlockCSR:
+        """``diag(w) J diag(d)`` with the scalings in the values (same structure, no sort)."""
+        vals = self.values
+        if row_scale is not None:
+            vals = vals * row_scale.reshape(-1).index_select(0, self._plan.row)
+        if col_scale is not None:
+            vals = vals * col_scale.reshape(-1).index_select(0, self.col)
+        return BlockCSR(None, plan=self._plan, values=vals, shape=self.shape)
 
 
 class CSRPlan:
@@ -425,6 +439,18 @@ class JacobianOperator:
         return JacobianOperator(base, row_scale, col_scale)
 
     # ---- scalings --------------------------------------------------------------
+    def folded(self) -> JacobianOperator:
+        """The same operator with a sparse matrix's scalings moved into its values.
+
+        For a solver that applies the operator many times (LSMR): one pass over
+        the entries instead of two vector scalings per product. Dense and
+        operator kinds are returned as they are.
+        """
+        if self.kind != "sparse" or (self.row_scale is None and self.col_scale is None):
+            return self
+        return JacobianOperator(self.base, _csr=self._csr.scaled(self.row_scale,
+                                                                 self.col_scale))
+
     def scale_columns(self, d: Tensor) -> JacobianOperator:
         """``self diag(d)``: a new wrapper, the matrix is not copied."""
         return JacobianOperator(self, col_scale=d)
@@ -568,7 +594,7 @@ class StackedOperator:
     """
 
     def __init__(self, A: JacobianOperator, c: Tensor) -> None:
-        self.A = A
+        self.A = A.folded()
         self.c = c
         B, m, n = A.shape
         self.shape = (B, m + n, n)
