@@ -466,3 +466,21 @@ def test_sparse_products_make_no_user_warning():
         op = as_operator(J)
         op.matvec(torch.ones(2, N, dtype=torch.float64))
         op.rmatvec(torch.ones(2, M, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(1, 50, 30), (3, 40, 25)])
+def test_csr_plan_transpose_order_is_the_stable_column_order(shape):
+    """The CPU plan orders A^T's entries by scipy's CSR -> CSC conversion: it must be the
+    stable sort by column (rows sorted within each column), as the device path computes."""
+    from torchimize_scipy._engine import operator as op
+
+    rng = np.random.default_rng(18)
+    B, m, n = shape
+    J = torch.as_tensor(rng.standard_normal(shape) * (rng.random(shape) < 0.3)).to_sparse()
+    plan = op.csr_plan(J.coalesce().indices(), shape)
+    perm = torch.sort(plan.col, stable=True).indices
+    assert torch.equal(plan.perm_t, perm)
+    assert torch.equal(plan.col_t, plan.row[perm])
+    counts = torch.bincount(plan.col, minlength=B * n)
+    assert torch.equal(plan.crow_t, torch.cat([torch.zeros(1, dtype=torch.long),
+                                               torch.cumsum(counts, 0)]))

@@ -111,11 +111,12 @@ def _first_fit(S: sp.csr_array, position: np.ndarray) -> np.ndarray:
     ridx = P.indices.astype(np.int64)
     head = P.indptr[:-1].astype(np.int64)
     rend = P.indptr[1:].astype(np.int64)
-    col_nnz = np.bincount(ridx, minlength=n)
-    cptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(col_nnz, out=cptr[1:])
-    col_rows = np.empty(ridx.size, dtype=np.int64)  # rows of each column, in CSC layout,
-    filled = np.zeros(n, dtype=np.int64)  # filled as the column comes first in them
+    C = P.tocsc()  # the rows of each column (compiled conversion)
+    cptr = C.indptr.astype(np.int64)
+    col_rows = C.indices.astype(np.int64)
+    col_nnz = np.diff(cptr)
+    leading = np.zeros(n, dtype=np.int64)  # rows in which each column comes first
+    fresh = np.zeros(n, dtype=bool)
     groups = np.full(n, -1, dtype=np.int64)
     masks = np.zeros((m, 1), dtype=np.uint64)  # groups present in each row, 64 per word
 
@@ -125,15 +126,12 @@ def _first_fit(S: sp.csr_array, position: np.ndarray) -> np.ndarray:
         cols = ridx[head[rows]]
         if cols.size == 0:
             return cols
-        order = np.argsort(cols, kind="stable")
-        cols, rows = cols[order], rows[order]
-        starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
-        counts = np.diff(np.r_[starts, cols.size])
-        rank = np.arange(cols.size) - np.repeat(starts, counts)
-        col_rows[cptr[cols] + filled[cols] + rank] = rows
-        u = cols[starts]
-        filled[u] += counts
-        return u[filled[u] == col_nnz[u]]
+        leading[:] += np.bincount(cols, minlength=n)
+        done = cols[leading[cols] == col_nnz[cols]]
+        fresh[done] = True  # (a column may be reached through several rows at once)
+        out = np.flatnonzero(fresh)
+        fresh[out] = False
+        return out
 
     ready = np.r_[np.flatnonzero(col_nnz == 0), advance(np.flatnonzero(head < rend))]
     while ready.size:

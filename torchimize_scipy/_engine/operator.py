@@ -180,16 +180,24 @@ def csr_plan(idx: Tensor, shape: tuple[int, int, int], register: bool = False) -
     col = idx[0] * n + idx[2]
     crow = torch.zeros(B * m + 1, dtype=torch.long, device=dev)
     crow[1:] = torch.cumsum(torch.bincount(row, minlength=B * m), 0)
-    perm_t = torch.sort(col, stable=True).indices  # rows stay sorted within a column
-    crow_t = torch.zeros(B * n + 1, dtype=torch.long, device=dev)
-    crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=B * n), 0)
-    col_t = row.index_select(0, perm_t)
     host = host_t = None
     if dev.type == "cpu":
         small = max(idx.shape[1], B * m, B * n) < 2**31 - 1
         it = np.int32 if small else np.int64
         host = (crow.numpy().astype(it), col.numpy().astype(it))
-        host_t = (crow_t.numpy().astype(it), col_t.numpy().astype(it))
+        # the order of the entries in A^T: scipy's CSR -> CSC conversion (a compiled
+        # counting sort, rows kept sorted within a column) of the entries' numbers
+        order = sp.csr_array((np.arange(idx.shape[1], dtype=np.int64), host[1], host[0]),
+                             shape=(B * m, B * n), copy=False).tocsc()
+        perm_t = torch.from_numpy(order.data)
+        host_t = (order.indptr.astype(it), order.indices.astype(it))
+        crow_t = torch.from_numpy(host_t[0].astype(np.int64))
+        col_t = torch.from_numpy(host_t[1].astype(np.int64))
+    else:
+        perm_t = torch.sort(col, stable=True).indices  # rows stay sorted within a column
+        crow_t = torch.zeros(B * n + 1, dtype=torch.long, device=dev)
+        crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=B * n), 0)
+        col_t = row.index_select(0, perm_t)
     plan = CSRPlan(indices=idx, row=row, col=col, crow=crow, perm_t=perm_t, crow_t=crow_t,
                    col_t=col_t, host=host, host_t=host_t)
     if register:
