@@ -196,7 +196,7 @@ class _Scalars:
 
     def coef(self, a: Any) -> Tensor:
         """``(B, 1)`` tensor multiplying the rows of a batch of vectors."""
-        return (torch.from_numpy(a) if self.host else a).unsqueeze(-1)
+        return torch.from_numpy(a[:, None]) if self.host else a.unsqueeze(-1)
 
     def coefs(self, *cols: Any) -> Tensor:
         """``(B, k)`` tensor of several coefficients (one conversion for all of them)."""
@@ -206,7 +206,7 @@ class _Scalars:
 
     def mask(self, m: Any) -> Tensor:
         """``(B, 1)`` boolean tensor selecting rows of a batch of vectors."""
-        return (torch.from_numpy(m) if self.host else m).unsqueeze(-1)
+        return torch.from_numpy(m[:, None]) if self.host else m.unsqueeze(-1)
 
     def all(self, m: Any) -> bool:
         """Whether ``m`` holds everywhere, known without a device synchronisation.

@@ -124,9 +124,11 @@ class BlockCSR:
 
     def _apply(self, M: Any, vec: Tensor, rows: int) -> Tensor:
         B = self.shape[0]
-        if self._host:
-            w = vec.detach().to(self.values.dtype).reshape(-1).numpy()
-            return torch.from_numpy(_host_product(M, w)).view(B, rows)
+        if self._host:  # numpy views both ways (no torch operation but the product's)
+            if vec.dtype != self.values.dtype or vec.requires_grad:
+                vec = vec.detach().to(self.values.dtype)
+            w = vec.numpy().reshape(-1)
+            return torch.from_numpy(_host_product(M, w).reshape(B, rows))
         return (M @ vec.to(self.values.dtype).reshape(-1, 1)).reshape(B, rows)
 
     def matvec(self, p: Tensor) -> Tensor:
