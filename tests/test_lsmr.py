@@ -484,3 +484,48 @@ def test_csr_plan_transpose_order_is_the_stable_column_order(shape):
     counts = torch.bincount(plan.col, minlength=B * n)
     assert torch.equal(plan.crow_t, torch.cat([torch.zeros(1, dtype=torch.long),
                                                torch.cumsum(counts, 0)]))
+
+
+@pytest.mark.parametrize("case", ["dense", "sparse", "damp", "conlim", "x0", "maxiter"])
+def test_one_problem_float_scalars_match_scipy_and_the_array_path(case):
+    """One float64 problem on the CPU keeps its scalars as numpy.float64 (the cheapest
+    path); it must stop as scipy does, like the array path (_floats=False)."""
+    rng = np.random.default_rng(19)
+    kw: dict = {}
+    if case == "sparse":
+        mats = _sparse_batch(rng, 1)
+        A = _to_coo(mats)
+    else:
+        mats = [_matrix(rng, 1e6 if case == "conlim" else 200.0)]
+        A = torch.as_tensor(np.stack(mats))
+    b = rng.standard_normal((1, M))
+    ref_kw: dict = {}
+    if case == "damp":
+        kw = ref_kw = {"damp": 0.3}
+    elif case == "conlim":
+        kw = ref_kw = {"conlim": 1e3, "atol": 1e-10, "btol": 1e-10}
+    elif case == "maxiter":
+        kw = ref_kw = {"maxiter": 5}
+    elif case == "x0":
+        x0 = rng.standard_normal((1, N))
+        kw, ref_kw = {"x0": torch.as_tensor(x0)}, {"x0": x0[0]}
+    floats = lsmr(A, torch.as_tensor(b), **kw)
+    arrays = lsmr(A, torch.as_tensor(b), _floats=False, **kw)
+    ref = scipy_lsmr(mats[0], b[0], **ref_kw)
+    tol = 10 * max(ref_kw.get("atol", 1e-6), 1e-12) * (np.linalg.norm(ref[0]) + 1)
+    for res in (floats, arrays):
+        assert res.istop.dtype == torch.long and res.x.dtype == torch.float64
+        assert int(res.istop[0]) == ref[1] and abs(int(res.itn[0]) - ref[2]) <= 1
+        np.testing.assert_allclose(res.x[0].numpy(), ref[0], rtol=0, atol=tol)
+    assert floats.istop.tolist() == arrays.istop.tolist()
+
+
+def test_one_problem_float_scalars_exact_start_and_breakdown():
+    rng = np.random.default_rng(20)
+    A = torch.as_tensor(_matrix(rng, 10.0)[None])
+    zero = lsmr(A, torch.zeros(1, M, dtype=torch.float64))
+    assert (int(zero.istop[0]), int(zero.itn[0])) == (0, 0) and zero.x.abs().max() == 0
+    bad = A.clone()
+    bad[0, 3, 4] = float("nan")
+    res = lsmr(bad, torch.as_tensor(rng.standard_normal((1, M))))
+    assert int(res.istop[0]) == BREAKDOWN and torch.isfinite(res.x).all()

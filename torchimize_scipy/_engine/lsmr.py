@@ -58,6 +58,7 @@ finite iterate.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -108,6 +109,10 @@ def sym_ortho(a: Any, b: Any) -> tuple[Any, Any, Any]:
     SymOrtho), with which it agrees to rounding. ``a`` and ``b`` are torch
     tensors or numpy arrays (the host's scalars of :func:`lsmr`).
     """
+    if isinstance(a, float):  # one problem's float64 scalars (numpy.float64 included)
+        r = np.float64(math.hypot(a, b))
+        safe = r if r != 0 else np.float64(1.0)
+        return a / safe, b / safe, r
     xp = torch if isinstance(a, Tensor) else np
     r = xp.hypot(a, b)
     safe = xp.where(r == 0, 1.0, r)
@@ -136,6 +141,98 @@ class _Vector:
             self.cur, self.spare = value, self.cur
         else:
             self.cur = value
+
+
+class _Floats:
+    """The few elementwise functions of the recurrence for one problem's float scalars.
+
+    Results stay ``numpy.float64`` (a ``float`` whose division by zero gives
+    ``inf`` or ``nan``, under ``numpy.errstate``, instead of raising), and
+    ``maximum``/``minimum`` propagate NaN as numpy's do.
+    """
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return a if cond else b
+
+    @staticmethod
+    def sqrt(a: Any) -> np.float64:
+        return np.float64(math.sqrt(a)) if a >= 0 else np.float64("nan")
+
+    @staticmethod
+    def abs(a: Any) -> Any:
+        return abs(a)
+
+    @staticmethod
+    def maximum(a: Any, b: Any) -> Any:
+        return a if (a >= b or a != a) else b
+
+    @staticmethod
+    def minimum(a: Any, b: Any) -> Any:
+        return a if (a <= b or a != a) else b
+
+    @staticmethod
+    def isfinite(a: Any) -> bool:
+        return math.isfinite(a)
+
+    @staticmethod
+    def logical_not(a: Any) -> bool:
+        return not a
+
+    @staticmethod
+    def stack(values: list) -> list:
+        return list(values)
+
+
+class _FloatScalars:
+    """:class:`_Scalars` for one float64 problem on the CPU: ``numpy.float64`` scalars.
+
+    An operation on a numpy scalar costs about a tenth of one on an array of
+    one entry; the coefficients reach the vectors as Python numbers.
+    """
+
+    xp = _Floats
+    host = True
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def per_problem(self, value: Any) -> np.float64:
+        if isinstance(value, Tensor):
+            value = value.detach().reshape(-1)[0].item()
+        return np.float64(np.asarray(value).reshape(-1)[0])
+
+    def full(self, value: float) -> np.float64:
+        return np.float64(value)
+
+    def zeros_int(self) -> int:
+        return 0
+
+    def norm(self, w: Tensor) -> np.float64:
+        return np.float64(vnorm(w).item())
+
+    def inverse(self, a: Any) -> np.float64:
+        return 1.0 / a if a > 0 else np.float64(1.0)
+
+    def coef(self, a: Any) -> float:
+        return float(a)
+
+    def coefs(self, *cols: Any) -> tuple[float, ...]:
+        return tuple(float(c) for c in cols)
+
+    def mask(self, m: Any) -> Tensor:
+        return torch.tensor([[bool(m)]])
+
+    def all(self, m: Any) -> bool:
+        return bool(m)
+
+    def any(self, m: Any) -> bool:
+        return bool(m)
+
+    def tensor(self, a: Any) -> Tensor:
+        if isinstance(a, (bool, int, np.integer)):
+            return torch.tensor([int(a)], dtype=torch.long)
+        return torch.tensor([float(a)], dtype=self.dtype)
 
 
 #: rows of the packed scalar state of :func:`lsmr`, ``(K, B)``
@@ -198,11 +295,12 @@ class _Scalars:
         """``(B, 1)`` tensor multiplying the rows of a batch of vectors."""
         return torch.from_numpy(a[:, None]) if self.host else a.unsqueeze(-1)
 
-    def coefs(self, *cols: Any) -> Tensor:
-        """``(B, k)`` tensor of several coefficients (one conversion for all of them)."""
+    def coefs(self, *cols: Any) -> tuple[Tensor, ...]:
+        """``(B, 1)`` tensors of several coefficients (one conversion for all of them)."""
         if self.host:
-            return torch.from_numpy(np.stack(cols, axis=1))
-        return torch.stack(cols, dim=-1)
+            t = torch.from_numpy(np.stack(cols, axis=1))
+            return tuple(t[:, k:k + 1] for k in range(len(cols)))
+        return tuple(c.unsqueeze(-1) for c in cols)
 
     def mask(self, m: Any) -> Tensor:
         """``(B, 1)`` boolean tensor selecting rows of a batch of vectors."""
@@ -225,7 +323,8 @@ class _Scalars:
 @torch.no_grad()
 def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol: float = 1e-6,
          conlim: float = 1e8, maxiter: int | None = None, x0: Tensor | None = None,
-         check_every: int | None = None, host_scalars: bool | None = None) -> LSMRResult:
+         check_every: int | None = None, host_scalars: bool | None = None,
+         _floats: bool | None = None) -> LSMRResult:
     """Solve ``min |A x - b|^2 + damp^2 |x|^2`` for each problem of a batch.
 
     Parameters
@@ -254,7 +353,9 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
     host_scalars : bool, optional
         Keep the scalars on the host as numpy arrays (default: when ``b`` is
         on the CPU) or as tensors beside the vectors (default elsewhere). Both
-        run the same recurrence; the choice exists for the tests.
+        run the same recurrence; the choice exists for the tests. One float64
+        problem on the host keeps them as ``numpy.float64`` scalars
+        (``_floats=False``, for the tests, keeps arrays of one entry).
 
     Returns
     -------
@@ -273,7 +374,10 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
         raise ValueError("host scalars need the vectors on the CPU")
     if check_every is None or host:
         check_every = 1 if host else 8
-    sc = _Scalars(host, B, dtype, dev)
+    if host and B == 1 and dtype == torch.float64 and _floats is not False:
+        sc: Any = _FloatScalars(dtype)  # one problem: plain float64 scalars, cheapest of all
+    else:
+        sc = _Scalars(host, B, dtype, dev)
     xp = sc.xp
     damp = sc.per_problem(damp)
     atol = sc.per_problem(atol)
@@ -356,12 +460,11 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
             zeta = cbar * zetabar_o
             zetabar = -sbar * zetabar_o
             # ---- update of h, hbar and x ------------------------------------------------
-            coefs = sc.coefs(thetabar * rho / (rho_o * rhobar_o), zeta / (rho * rhobar),
-                             thetanew / rho)
-            hbar_new = torch.sub(h.cur, torch.mul(hbar.cur, coefs[:, 0:1], out=tn),
-                                 out=hbar.spare)
-            x_new = torch.add(x.cur, torch.mul(hbar_new, coefs[:, 1:2], out=tn), out=x.spare)
-            h_new = torch.sub(v_new, torch.mul(h.cur, coefs[:, 2:3], out=tn), out=h.spare)
+            c_hbar, c_x, c_h = sc.coefs(thetabar * rho / (rho_o * rhobar_o),
+                                        zeta / (rho * rhobar), thetanew / rho)
+            hbar_new = torch.sub(h.cur, torch.mul(hbar.cur, c_hbar, out=tn), out=hbar.spare)
+            x_new = torch.add(x.cur, torch.mul(hbar_new, c_x, out=tn), out=x.spare)
+            h_new = torch.sub(v_new, torch.mul(h.cur, c_h, out=tn), out=h.spare)
             normx = sc.norm(x_new)
             # ---- estimate of |r| (section 5.2 of the paper) -----------------------------
             betaacute = chat * betadd_o
@@ -405,7 +508,7 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
             new = xp.stack([alpha, beta, zetabar, alphabar, rho, rhobar, cbar, sbar, betadd, betad,
                             rhodold, tautildeold, thetatilde, zeta, d, normA2, maxrbar, minrbar,
                             normA, condA, normx, normr, normar])
-            if host and bool(commit.all()):
+            if sc.all(commit):
                 s = new
                 for vec, value in ((x, x_new), (u, u_new), (v, v_new), (h, h_new),
                                    (hbar, hbar_new)):
@@ -416,7 +519,8 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
                 for vec, value in ((x, x_new), (u, u_new), (v, v_new), (h, h_new),
                                    (hbar, hbar_new)):
                     vec.take(torch.where(c2, value, vec.cur))
-            istop = xp.where(commit, stop, xp.where(active & ~finite, BREAKDOWN, istop))
+            istop = xp.where(commit, stop,
+                             xp.where(active & xp.logical_not(finite), BREAKDOWN, istop))
             itn = itn + active
             active = commit & (stop == 0)
     return LSMRResult(x.cur, sc.tensor(istop), sc.tensor(itn), sc.tensor(s[_NORMR]),
