@@ -38,7 +38,8 @@ operations. With the vectors on the CPU the scalars live on the host as numpy
 arrays (:class:`_Scalars`): the norms of the vectors are read without a copy,
 a numpy operation on a handful of values costs a fraction of a torch
 operation's dispatch, and the stopping tests are decided every iteration at
-no cost. On a GPU they stay on the device as tensors and the loop asks the
+no cost; a single float64 problem (``least_squares``) keeps them as
+``numpy.float64`` scalars (:class:`_FloatScalars`), cheaper still. On a GPU they stay on the device as tensors and the loop asks the
 device whether any problem is still running only every ``check_every``
 iterations (one host synchronisation each). The same code, written against
 ``xp`` (``numpy`` or ``torch``), runs in both cases. The vector work per
