@@ -39,10 +39,11 @@ arrays (:class:`_Scalars`): the norms of the vectors are read without a copy,
 a numpy operation on a handful of values costs a fraction of a torch
 operation's dispatch, and the stopping tests are decided every iteration at
 no cost; a single float64 problem (``least_squares``) keeps them as
-``numpy.float64`` scalars (:class:`_FloatScalars`), cheaper still. On a GPU they stay on the device as tensors and the loop asks the
-device whether any problem is still running only every ``check_every``
-iterations (one host synchronisation each). The same code, written against
-``xp`` (``numpy`` or ``torch``), runs in both cases. The vector work per
+``numpy.float64`` scalars (:class:`_FloatScalars`), cheaper still. On a
+GPU they stay on the device as tensors and the loop asks the device whether
+any problem is still running only every ``check_every`` iterations (one host
+synchronisation each). The same code, written against ``xp`` (``numpy``,
+``torch`` or :class:`_Floats`), runs in all cases. The vector work per
 iteration is the two products, three norms, two scalings and five updates
 ``y - c x`` (a multiplication and a subtraction each: a fused ``addcmul``
 rounds differently with the batch size, and a problem's result must not
