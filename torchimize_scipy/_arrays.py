@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as _sp
 import torch
+from scipy.sparse.linalg import LinearOperator as _LinearOperator
 
 try:  # optional at import time; declared as a dependency
     import array_api_compat
@@ -107,10 +109,7 @@ _SPARSE_HERE = ("`{what}` returned a sparse matrix or a linear operator, which i
 
 def _sparse_or_operator(a: Any) -> bool:
     """A scipy sparse matrix/array or a ``scipy.sparse.linalg.LinearOperator``."""
-    import scipy.sparse as sp
-    from scipy.sparse.linalg import LinearOperator
-
-    return sp.issparse(a) or isinstance(a, LinearOperator)
+    return _sp.issparse(a) or isinstance(a, _LinearOperator)
 
 
 def _host_numpy(t: torch.Tensor) -> np.ndarray:
