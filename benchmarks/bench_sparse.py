@@ -14,21 +14,41 @@ Cases (``--case``, default all):
 * ``big``: Broyden tridiagonal with n = 1,000,000, ours only, in a child
   process whose peak resident set size (``ru_maxrss``) is reported (target
   < 4 GiB).
+* ``matvec``: the products ``J v`` and ``J^T u`` of the bundle adjustment's
+  Jacobian (random values on its structure): scipy's CSR (``J @ v`` and
+  ``J.T @ u``, as scipy's lsmr does them), torch's CSR kernel, and ours
+  (:class:`~torchimize_scipy._engine.operator.BlockCSR`: scipy's kernel on a
+  CSR of ``J`` and one of ``J^T``, cut into row blocks per torch thread);
+  medians of process CPU time and wall time per product.
+* ``groups``: the column grouping of the bundle adjustment and of the Broyden
+  structure: scipy's compiled ``group_columns``, ours in scipy's order
+  (the same groups) and ours largest first (what ``jac_sparsity`` uses):
+  number of groups and process CPU time.
 
-Each case reports wall times, the final costs, ``nfev``/``njev`` and the
-status of both solvers, and our speed-up (scipy time / our time) measured in
-the same run. ``--quick`` shrinks every size to check the script.
+Each solve reports wall time and process CPU time (``time.process_time``, all
+threads of the process: on a loaded machine the more stable of the two), the
+final costs, ``nfev``/``njev`` and the status, and our speed-up (scipy time /
+our time) measured in the same run. ``--before REV`` also runs the package as
+of commit ``REV`` (imported from ``git archive`` under another name, as
+``ab_small.py`` does) in the same process, alternating with the working tree,
+for a before/after on the same load. ``--quick`` shrinks every size to check
+the script.
 
 Usage::
 
-    python benchmarks/bench_sparse.py [--case ba broyden big] [--quick] [--threads 2]
+    python benchmarks/bench_sparse.py [--case ba broyden big matvec groups] [--quick]
+           [--threads 2] [--before REV]
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from typing import Any
 
 import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
@@ -38,6 +58,7 @@ import scipy.sparse as sp
 import torch
 from _common import base_parser, md_table, peak_rss_bytes, setup, timed, write_json
 
+import torchimize_scipy
 from torchimize_scipy import least_squares
 
 # ----------------------------------------------------------------------------- bundle adjustment
@@ -151,18 +172,40 @@ def summary(res: Any) -> dict[str, Any]:
             "optimality": float(res.optimality)}
 
 
+def timed_cpu(fn: Callable[[], Any], dev: torch.device | None = None) -> tuple[dict, Any]:
+    """Run ``fn`` once: wall and process CPU seconds, and its result."""
+    c0 = time.process_time()
+    t, res = timed(fn, dev)
+    return {"time_s": t, "cpu_s": time.process_time() - c0}, res
+
+
+def solvers(args: Any) -> dict[str, Any]:
+    """'ours' (the working tree) and, with ``--before``, 'before' (that commit's package)."""
+    out = {"ours": torchimize_scipy}
+    if args.before:
+        from ab_small import import_commit
+
+        out["before"] = import_commit(args.before, tempfile.mkdtemp(prefix="bench_sparse_"))
+    return out
+
+
 def run_ba(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
     size = dict(n_cameras=8, n_points=500) if args.quick else {}
     prob = bundle_adjustment(seed=args.seed, **size)
     opts = dict(jac_sparsity=prob["sparsity"], x_scale="jac", ftol=1e-4, method="trf")
     out: dict[str, Any] = {"m": prob["m"], "n": prob["n"]}
-    t, res = timed(lambda: scipy.optimize.least_squares(prob["fun_np"], prob["x0"], **opts))
-    out["scipy"] = {"time_s": t, **summary(res)}
-    t, res = timed(lambda: least_squares(prob["fun_np"], prob["x0"], **opts))
-    out["ours_numpy"] = {"time_s": t, **summary(res)}
+    times, res = timed_cpu(lambda: scipy.optimize.least_squares(prob["fun_np"], prob["x0"],
+                                                                **opts))
+    out["scipy"] = {**times, **summary(res)}
     x0t = torch.as_tensor(prob["x0"], device=dev, dtype=dt)
-    t, res = timed(lambda: least_squares(prob["fun_torch"], x0t, **opts), dev)
-    out["ours_torch"] = {"time_s": t, **summary(res)}
+    for name, lib in solvers(args).items():  # alternated: before, ours for each residual kind
+        times, res = timed_cpu(lambda lib=lib: lib.least_squares(prob["fun_np"], prob["x0"],
+                                                                 **opts))
+        out[f"{name}_numpy"] = {**times, **summary(res)}
+    for name, lib in solvers(args).items():
+        times, res = timed_cpu(lambda lib=lib: lib.least_squares(prob["fun_torch"], x0t, **opts),
+                               dev)
+        out[f"{name}_torch"] = {**times, **summary(res)}
     return out
 
 
@@ -171,10 +214,79 @@ def run_broyden(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]
     x0 = -np.ones(n)
     opts = dict(jac_sparsity=tridiagonal(n), tr_solver="lsmr", method="trf")
     out: dict[str, Any] = {"n": n}
-    t, res = timed(lambda: scipy.optimize.least_squares(broyden_np, x0, **opts))
-    out["scipy"] = {"time_s": t, **summary(res)}
-    t, res = timed(lambda: least_squares(broyden_np, x0, **opts))
-    out["ours_numpy"] = {"time_s": t, **summary(res)}
+    times, res = timed_cpu(lambda: scipy.optimize.least_squares(broyden_np, x0, **opts))
+    out["scipy"] = {**times, **summary(res)}
+    for name, lib in solvers(args).items():
+        times, res = timed_cpu(lambda lib=lib: lib.least_squares(broyden_np, x0, **opts))
+        out[f"{name}_numpy"] = {**times, **summary(res)}
+    return out
+
+
+def _median_times(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    """Median wall and process CPU seconds of ``fn`` over ``repeat`` calls (after one)."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeat):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def run_matvec(args: Any) -> dict[str, Any]:
+    """Products with the bundle adjustment's Jacobian structure: scipy, torch CSR, ours."""
+    import warnings
+
+    from torchimize_scipy._engine.operator import BlockCSR
+
+    size = dict(n_cameras=8, n_points=500) if args.quick else {}
+    S = sp.csr_array(bundle_adjustment(seed=args.seed, **size)["sparsity"], dtype=float)
+    rng = np.random.default_rng(args.seed)
+    S.data = rng.standard_normal(S.nnz)
+    m, n = S.shape
+    v, u = rng.standard_normal(n), rng.standard_normal(m)
+    coo = S.tocoo()
+    J = torch.sparse_coo_tensor(np.stack([np.zeros(S.nnz, dtype=np.int64), coo.row, coo.col]),
+                                coo.data, (1, m, n), check_invariants=False).coalesce()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        A = J[0].to_sparse_csr()
+        At = J[0].t().coalesce().to_sparse_csr()
+    ours = BlockCSR(J)
+    vt, ut = torch.as_tensor(v)[None], torch.as_tensor(u)[None]
+    repeat = 50 if args.quick else 200
+    out: dict[str, Any] = {"m": m, "n": n, "nnz": int(S.nnz), "threads": torch.get_num_threads()}
+    cases = {
+        "scipy J v": lambda: S @ v, "scipy J^T u": lambda: S.T @ u,
+        "torch CSR J v": lambda: A @ vt.reshape(-1, 1),
+        "torch CSR J^T u": lambda: At @ ut.reshape(-1, 1),
+        "ours J v": lambda: ours.matvec(vt), "ours J^T u": lambda: ours.rmatvec(ut),
+    }
+    for name, fn in cases.items():
+        wall, cpu = _median_times(fn, repeat)
+        out[name] = {"wall_ms": 1e3 * wall, "cpu_ms": 1e3 * cpu}
+    return out
+
+
+def run_groups(args: Any) -> dict[str, Any]:
+    """Column grouping: scipy's compiled one, ours in scipy's order, ours largest first."""
+    from scipy.optimize._numdiff import group_columns as scipy_groups
+
+    from torchimize_scipy._sparsity import fewest_groups, group_columns
+
+    size = dict(n_cameras=8, n_points=500) if args.quick else {}
+    structures = {"bundle adjustment": bundle_adjustment(seed=args.seed, **size)["sparsity"],
+                  "Broyden tridiagonal": tridiagonal(2000 if args.quick else 100_000)}
+    out: dict[str, Any] = {}
+    for name, S in structures.items():
+        row = {"shape": list(S.shape), "nnz": int(S.nnz)}
+        for label, fn in (("scipy", scipy_groups), ("ours scipy order", group_columns),
+                          ("ours largest first", fewest_groups)):
+            groups = fn(S)
+            wall, cpu = _median_times(lambda fn=fn, S=S: fn(S), 3 if not args.quick else 5)
+            row[label] = {"groups": int(groups.max()) + 1, "cpu_s": cpu, "wall_s": wall}
+        out[name] = row
     return out
 
 
@@ -195,37 +307,65 @@ def run_big(args: Any) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _solve_rows(label: str, r: dict[str, Any], kind: str) -> list[list[Any]]:
+    rows = []
+    for who in ("before", "ours"):
+        key = f"{who}_{kind}"
+        if key not in r:
+            continue
+        mine = r[key]
+        rows.append([f"{label} ({kind} residuals, {who})", r["scipy"]["time_s"],
+                     mine["time_s"], r["scipy"]["time_s"] / mine["time_s"],
+                     r["scipy"]["cpu_s"], mine["cpu_s"], r["scipy"]["cpu_s"] / mine["cpu_s"],
+                     r["scipy"]["cost"], mine["cost"], f"{r['scipy']['nfev']}/{mine['nfev']}"])
+    return rows
+
+
 def main() -> None:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--case", nargs="+", default=["ba", "broyden", "big"],
-                   choices=["ba", "broyden", "big"])
+                   choices=["ba", "broyden", "big", "matvec", "groups"])
+    p.add_argument("--before", default=None,
+                   help="also run the package as of this commit, in the same process")
     p.add_argument("--big-child", type=int, default=None, help=argparse_hidden())
     args = p.parse_args()
     dev, dt = setup(args)
     if args.big_child is not None:
         big_child(args.big_child, args.threads)
         return
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"threads": args.threads, "before": args.before}
     rows = []
     if "ba" in args.case:
         r = results["ba"] = run_ba(args, dev, dt)
-        for key in ("ours_numpy", "ours_torch"):
-            rows.append([f"bundle adjustment n={r['n']}, m={r['m']} ({key[5:]} residuals)",
-                         r["scipy"]["time_s"], r[key]["time_s"],
-                         r["scipy"]["time_s"] / r[key]["time_s"], r["scipy"]["cost"],
-                         r[key]["cost"], f"{r['scipy']['nfev']}/{r[key]['nfev']}"])
+        for kind in ("numpy", "torch"):
+            rows += _solve_rows(f"bundle adjustment n={r['n']}, m={r['m']}", r, kind)
     if "broyden" in args.case:
         r = results["broyden"] = run_broyden(args, dev, dt)
-        rows.append([f"Broyden tridiagonal n={r['n']}, lsmr", r["scipy"]["time_s"],
-                     r["ours_numpy"]["time_s"], r["scipy"]["time_s"] / r["ours_numpy"]["time_s"],
-                     r["scipy"]["cost"], r["ours_numpy"]["cost"],
-                     f"{r['scipy']['nfev']}/{r['ours_numpy']['nfev']}"])
+        rows += _solve_rows(f"Broyden tridiagonal n={r['n']}, lsmr", r, "numpy")
     if "big" in args.case:
         r = results["big"] = run_big(args)
         rows.append([f"Broyden tridiagonal n={r['n']} (peak RSS {r['peak_rss_gib']:.2f} GiB)",
-                     "", r["time_s"], "", "", r["cost"], f"-/{r['nfev']}"])
-    print(md_table(["problem", "scipy s", "ours s", "speed-up", "scipy cost", "our cost",
-                    "nfev scipy/ours"], rows))
+                     "", r["time_s"], "", "", "", "", "", r["cost"], f"-/{r['nfev']}"])
+    if rows:
+        print(md_table(["problem", "scipy s", "ours s", "speed-up", "scipy CPU s", "ours CPU s",
+                        "CPU speed-up", "scipy cost", "our cost", "nfev scipy/ours"], rows))
+    if "matvec" in args.case:
+        r = results["matvec"] = run_matvec(args)
+        print(f"\nproducts, bundle adjustment structure (m={r['m']}, n={r['n']}, "
+              f"nnz={r['nnz']}, {r['threads']} torch threads), medians per product:")
+        base = {"J v": r["scipy J v"]["cpu_ms"], "J^T u": r["scipy J^T u"]["cpu_ms"]}
+        print(md_table(["product", "CPU ms", "wall ms", "CPU / scipy's"],
+                       [[k, v["cpu_ms"], v["wall_ms"], v["cpu_ms"] / base[k.split(" ", 1)[1]
+                         if k.startswith(("scipy", "ours")) else k.split(" ", 2)[2]]]
+                        for k, v in r.items() if isinstance(v, dict)]))
+    if "groups" in args.case:
+        r = results["groups"] = run_groups(args)
+        print("\ncolumn grouping (median process CPU time):")
+        print(md_table(["structure", "grouping", "groups", "CPU s", "CPU / scipy's"],
+                       [[name, label, v["groups"], v["cpu_s"],
+                         v["cpu_s"] / row["scipy"]["cpu_s"]]
+                        for name, row in r.items() for label, v in row.items()
+                        if isinstance(v, dict)]))
     path = write_json(args, "bench_sparse", results)
     print(f"wrote {path}")
 

@@ -224,13 +224,56 @@ def test_breakdown_fails_alone_and_neighbours_unchanged():
 
 
 def test_check_every_does_not_change_results():
+    # the scalars beside the vectors (the GPU's path, here on the CPU): the "all
+    # stopped?" check every check_every iterations; stopped problems are frozen between
     rng = np.random.default_rng(10)
     A = torch.as_tensor(np.stack([_matrix(rng, c) for c in (2.0, 1e4)]))
     b = torch.as_tensor(rng.standard_normal((2, M)))
-    one = lsmr(A, b, check_every=1)
-    many = lsmr(A, b, check_every=7)
+    one = lsmr(A, b, check_every=1, host_scalars=False)
+    many = lsmr(A, b, check_every=7, host_scalars=False)
     assert_bitwise_equal(one.x, many.x)
     assert one.itn.tolist() == many.itn.tolist()
+    assert len(set(one.itn.tolist())) == 2  # one problem was frozen while the other ran
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_host_and_device_scalars_both_match_scipy(kind):
+    """numpy scalars on the host (CPU default) and torch scalars (GPU default): one recurrence."""
+    rng = np.random.default_rng(14)
+    if kind == "dense":
+        mats = [_matrix(rng, c) for c in (2.0, 50.0, 1e3)]
+        A = torch.as_tensor(np.stack(mats))
+    else:
+        mats = _sparse_batch(rng, 3)
+        A = _to_coo(mats)
+    b = rng.standard_normal((3, M))
+    damp = np.array([0.0, 0.1, 1.0])
+    results = [lsmr(A, torch.as_tensor(b), damp=torch.as_tensor(damp), host_scalars=host)
+               for host in (True, False)]
+    for res in results:
+        _check_against_scipy(res, mats, b, damp=damp)
+    # the two differ only by rounding (numpy's and torch's hypot), far below LSMR's accuracy
+    np.testing.assert_allclose(results[0].x.numpy(), results[1].x.numpy(), rtol=0, atol=1e-9)
+
+
+def test_host_scalars_need_the_vectors_on_the_cpu():
+    A = torch.eye(3, dtype=torch.float64)[None]
+    b = torch.ones(1, 3, dtype=torch.float64)
+    assert lsmr(A, b, host_scalars=True).istop.tolist() == [1]
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="host scalars need the vectors on the CPU"):
+            lsmr(A.cuda(), b.cuda(), host_scalars=True)
+
+
+def test_sym_ortho_on_numpy_arrays_is_the_torch_rotation():
+    a = np.array([3.0, 0.0, 0.0, -4.0, 1e-300, 1e300])
+    b = np.array([4.0, 5.0, 0.0, 0.0, 1e-300, -1e300])
+    c, s, r = sym_ortho(a, b)
+    ct, st, rt = sym_ortho(torch.as_tensor(a), torch.as_tensor(b))
+    np.testing.assert_allclose(r, rt.numpy(), rtol=1e-15)
+    np.testing.assert_allclose(c, ct.numpy(), rtol=1e-15)
+    np.testing.assert_allclose(s, st.numpy(), rtol=1e-15)
+    assert np.isfinite(r).all() and np.isfinite(c).all()  # no overflow, no underflow to 0/0
 
 
 def test_float32():
@@ -356,3 +399,133 @@ def test_operator_rows_select_merge_and_concatenate(kind):
         other = "sparse" if kind != "sparse" else "dense"
         merged.index_copy(0, rows, JacobianOperator(
             {"dense": c1.to_dense(), "sparse": c1}[other]).index_select(0, torch.tensor([0, 1])))
+
+
+def test_block_csr_plan_is_found_again_and_released():
+    import gc
+
+    from torchimize_scipy._engine import operator as op
+
+    rng = np.random.default_rng(15)
+    mats = _sparse_batch(rng, 2, m=30, n=12)
+    J = _to_coo(mats)
+    idx = J.indices()
+    plan = op.csr_plan(idx, tuple(J.shape), register=True)
+    # a Jacobian built on the same index tensor finds the plan (no sort)
+    J2 = torch.sparse_coo_tensor(idx, 2 * J.values(), J.shape, is_coalesced=True,
+                                 check_invariants=False)
+    assert op.BlockCSR(J2)._plan is plan
+    # equal indices in other memory: a plan of their own, with the same arrays
+    other = op.BlockCSR(_to_coo(mats))
+    assert other._plan is not plan and torch.equal(other._plan.perm_t, plan.perm_t)
+    key = op._address(idx, tuple(J.shape))
+    assert key in op._PLANS
+    del plan, J2
+    gc.collect()
+    assert key not in op._PLANS  # the registry holds nothing its owner let go
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block_csr_products_in_row_blocks(monkeypatch, threads):
+    """Products cut into row blocks (one per thread): each row's sum is the same loop."""
+    from torchimize_scipy._engine import operator as op
+
+    rng = np.random.default_rng(16)
+    mats = _sparse_batch(rng, 3, m=200, n=90)
+    J = _to_coo(mats)
+    dense = J.to_dense()
+    p = torch.as_tensor(rng.standard_normal((3, 90)))
+    u = torch.as_tensor(rng.standard_normal((3, 200)))
+    whole = op.BlockCSR(J)
+    assert len(whole._a) == 1
+    monkeypatch.setattr(op, "_BLOCK_NNZ", 100)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cut = op.BlockCSR(J)
+        assert len(cut._a) == threads
+        assert_bitwise_equal(cut.matvec(p), whole.matvec(p))
+        assert_bitwise_equal(cut.rmatvec(u), whole.rmatvec(u))
+    finally:
+        torch.set_num_threads(old)
+    ref_mv = torch.bmm(dense, p.unsqueeze(-1)).squeeze(-1)
+    ref_rmv = torch.bmm(u.unsqueeze(-2), dense).squeeze(-2)
+    np.testing.assert_allclose(whole.matvec(p).numpy(), ref_mv.numpy(), rtol=ONE_EVAL_RTOL,
+                               atol=ONE_EVAL_RTOL * float(ref_mv.abs().max()))
+    np.testing.assert_allclose(whole.rmatvec(u).numpy(), ref_rmv.numpy(), rtol=ONE_EVAL_RTOL,
+                               atol=ONE_EVAL_RTOL * float(ref_rmv.abs().max()))
+
+
+def test_sparse_products_make_no_user_warning():
+    import warnings
+
+    rng = np.random.default_rng(17)
+    J = _to_coo(_sparse_batch(rng, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = as_operator(J)
+        op.matvec(torch.ones(2, N, dtype=torch.float64))
+        op.rmatvec(torch.ones(2, M, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(1, 50, 30), (3, 40, 25)])
+def test_csr_plan_transpose_order_is_the_stable_column_order(shape):
+    """The CPU plan orders A^T's entries by scipy's CSR -> CSC conversion: it must be the
+    stable sort by column (rows sorted within each column), as the device path computes."""
+    from torchimize_scipy._engine import operator as op
+
+    rng = np.random.default_rng(18)
+    B, m, n = shape
+    J = torch.as_tensor(rng.standard_normal(shape) * (rng.random(shape) < 0.3)).to_sparse()
+    plan = op.csr_plan(J.coalesce().indices(), shape)
+    perm = torch.sort(plan.col, stable=True).indices
+    assert torch.equal(plan.perm_t, perm)
+    assert torch.equal(plan.col_t, plan.row[perm])
+    counts = torch.bincount(plan.col, minlength=B * n)
+    assert torch.equal(plan.crow_t, torch.cat([torch.zeros(1, dtype=torch.long),
+                                               torch.cumsum(counts, 0)]))
+
+
+@pytest.mark.parametrize("case", ["dense", "sparse", "damp", "conlim", "x0", "maxiter"])
+def test_one_problem_float_scalars_match_scipy_and_the_array_path(case):
+    """One float64 problem on the CPU keeps its scalars as numpy.float64 (the cheapest
+    path); it must stop as scipy does, like the array path (_floats=False)."""
+    rng = np.random.default_rng(19)
+    kw: dict = {}
+    if case == "sparse":
+        mats = _sparse_batch(rng, 1)
+        A = _to_coo(mats)
+    else:
+        mats = [_matrix(rng, 1e6 if case == "conlim" else 200.0)]
+        A = torch.as_tensor(np.stack(mats))
+    b = rng.standard_normal((1, M))
+    ref_kw: dict = {}
+    if case == "damp":
+        kw = ref_kw = {"damp": 0.3}
+    elif case == "conlim":
+        kw = ref_kw = {"conlim": 1e3, "atol": 1e-10, "btol": 1e-10}
+    elif case == "maxiter":
+        kw = ref_kw = {"maxiter": 5}
+    elif case == "x0":
+        x0 = rng.standard_normal((1, N))
+        kw, ref_kw = {"x0": torch.as_tensor(x0)}, {"x0": x0[0]}
+    floats = lsmr(A, torch.as_tensor(b), **kw)
+    arrays = lsmr(A, torch.as_tensor(b), _floats=False, **kw)
+    ref = scipy_lsmr(mats[0], b[0], **ref_kw)
+    tol = 10 * max(ref_kw.get("atol", 1e-6), 1e-12) * (np.linalg.norm(ref[0]) + 1)
+    for res in (floats, arrays):
+        assert res.istop.dtype == torch.long and res.x.dtype == torch.float64
+        assert int(res.istop[0]) == ref[1] and abs(int(res.itn[0]) - ref[2]) <= 1
+        np.testing.assert_allclose(res.x[0].numpy(), ref[0], rtol=0, atol=tol)
+    assert floats.istop.tolist() == arrays.istop.tolist()
+
+
+def test_one_problem_float_scalars_exact_start_and_breakdown():
+    rng = np.random.default_rng(20)
+    A = torch.as_tensor(_matrix(rng, 10.0)[None])
+    zero = lsmr(A, torch.zeros(1, M, dtype=torch.float64))
+    assert (int(zero.istop[0]), int(zero.itn[0])) == (0, 0) and zero.x.abs().max() == 0
+    bad = A.clone()
+    bad[0, 3, 4] = float("nan")
+    res = lsmr(bad, torch.as_tensor(rng.standard_normal((1, M))))
+    assert int(res.istop[0]) == BREAKDOWN and torch.isfinite(res.x).all()

@@ -1,7 +1,10 @@
 """``jac_sparsity``: scipy's column groups and grouped finite differences.
 
-The grouping is compared with scipy's ``group_columns`` (same groups, exactly:
-both are integer results of the same greedy rule); the grouped differences
+The grouping in scipy's order is compared with scipy's ``group_columns`` (same
+groups, exactly: both are integer results of the same greedy rule); the
+largest-first grouping that ``jac_sparsity`` uses is checked valid, no larger
+than scipy's on the benchmark structures, and giving the same Jacobian bit for
+bit (any valid grouping evaluates the same numbers); the grouped differences
 with scipy's ``approx_derivative(sparsity=...)`` on the same points, to one
 evaluation of the same formula (``ONE_EVAL_RTOL``), with and without bounds;
 a batch with a loop of single problems; the number of calls of the residual
@@ -22,6 +25,7 @@ from scipy.optimize._numdiff import group_columns as scipy_group_columns
 from torchimize_scipy._sparsity import (
     SparsityPattern,
     check_jac_sparsity,
+    fewest_groups,
     group_columns,
     grouped_difference,
 )
@@ -165,3 +169,91 @@ def test_grouped_difference_keeps_float32() -> None:
     assert J.dtype == torch.float32
     # float32 forward differences: error about sqrt(eps32) times the curvature
     assert torch.allclose(J.to_dense()[0], exact, atol=5e-3)
+
+
+def _bundle_structure(n_cameras: int = 8, n_points: int = 300, per_point: int = 4,
+                      seed: int = 0) -> sp.csr_array:
+    """Bundle adjustment's pattern: a row pair per observation, 9 camera + 3 point columns."""
+    rng = np.random.default_rng(seed)
+    cam = np.concatenate([rng.choice(n_cameras, per_point, replace=False)
+                          for _ in range(n_points)])
+    pt = np.repeat(np.arange(n_points), per_point)
+    obs = np.arange(cam.size)
+    rows = np.concatenate([np.repeat(2 * obs + r, 12) for r in (0, 1)])
+    cols_one = np.concatenate([cam[:, None] * 9 + np.arange(9),
+                               n_cameras * 9 + pt[:, None] * 3 + np.arange(3)], 1).ravel()
+    cols = np.concatenate([cols_one, cols_one])
+    shape = (2 * cam.size, 9 * n_cameras + 3 * n_points)
+    return sp.csr_array((np.ones(rows.size), (rows, cols)), shape=shape)
+
+
+def _assert_valid(structure, groups: np.ndarray) -> None:
+    """No two columns of a group share a row."""
+    S = sp.csr_array(structure).astype(bool).astype(np.int64)
+    G = sp.csr_array((np.ones(groups.size, dtype=np.int64), (np.arange(groups.size), groups)))
+    assert (S @ G).max() <= 1
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_fewest_groups_are_valid_on_random_structures(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    m, n = rng.integers(1, 120, 2)
+    A = rng.random((m, n)) < rng.random() * 0.3
+    groups = fewest_groups(A)
+    _assert_valid(A, groups)
+    assert groups.min(initial=0) >= 0 and np.array_equal(np.unique(groups),
+                                                         np.arange(groups.max() + 1))
+
+
+def test_fewest_groups_beat_or_tie_scipy_on_the_benchmark_structures() -> None:
+    ba = _bundle_structure()
+    groups = fewest_groups(ba)
+    _assert_valid(ba, groups)
+    # a camera's 9 columns and a point's 3 share rows: 12 groups are the least possible
+    assert groups.max() + 1 == 12 < scipy_group_columns(ba).max() + 1
+    tri = tridiagonal(2000)
+    groups = fewest_groups(tri)
+    _assert_valid(tri, groups)
+    assert groups.max() + 1 <= scipy_group_columns(tri).max() + 1
+
+
+def test_groups_beyond_64_use_more_mask_words_and_stay_scipys() -> None:
+    # a full row forces every column into its own group: 150 groups, three 64-bit words
+    A = np.vstack([np.ones((1, 150)), np.eye(150), np.eye(150, k=1)])
+    assert np.array_equal(group_columns(A), scipy_group_columns(A))
+    groups = fewest_groups(A)
+    assert groups.max() + 1 == 150 and np.array_equal(np.sort(groups), np.arange(150))
+
+
+def _bundle_like_fun(structure: sp.csr_array):
+    """Residuals whose row i depends on its structural columns only (products and sines)."""
+    S = sp.csr_array(structure)
+    rows = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr))
+    w = 1 + np.arange(S.nnz) % 5
+
+    def fun(x: np.ndarray) -> np.ndarray:
+        terms = np.sin(w * x[S.indices]) * x[S.indices] ** 2
+        return np.bincount(rows, weights=terms, minlength=S.shape[0])
+
+    return fun
+
+
+@pytest.mark.parametrize("method", ["2-point", "3-point"])
+def test_other_groupings_give_the_same_jacobian_to_the_last_bit(method: str) -> None:
+    """Row i of a perturbed evaluation sees only its own column of the group: any valid
+    grouping evaluates the same numbers (the same path per entry, hence bit for bit)."""
+    S = _bundle_structure(n_cameras=5, n_points=80)
+    n = S.shape[1]
+    rng = np.random.default_rng(3)
+    x = torch.as_tensor(rng.uniform(-1, 1, n))[None]
+    fun, _ = _numpy_rows(_bundle_like_fun(S))
+    f0 = fun(x, None)
+    ours = SparsityPattern.from_structure(S)
+    scipys = SparsityPattern(shape=ours.shape, rows=ours.rows, cols=ours.cols,
+                             groups=scipy_group_columns(S),
+                             n_groups=int(scipy_group_columns(S).max()) + 1)
+    assert not np.array_equal(ours.groups, scipys.groups)  # other evaluation points
+    idx = torch.zeros(1, dtype=torch.long)
+    J1 = grouped_difference(fun, x, f0, idx, ours, method)
+    J2 = grouped_difference(fun, x, f0, idx, scipys, method)
+    assert torch.equal(J1.values(), J2.values()) and torch.equal(J1.indices(), J2.indices())

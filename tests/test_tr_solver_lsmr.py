@@ -38,7 +38,11 @@ from torchimize_scipy import least_squares
 from torchimize_scipy._driver import EngineRun, initial_state, solve
 from torchimize_scipy._engine import status as codes
 from torchimize_scipy._engine.operator import JacobianOperator
-from torchimize_scipy._engine.steps.trf_lsmr import solve_trust_region_2d
+from torchimize_scipy._engine.steps.trf_lsmr import (
+    _newton_2d,
+    _orthonormal_pair,
+    solve_trust_region_2d,
+)
 from torchimize_scipy._loss import make_loss
 
 LOSSES = ["linear", "soft_l1", "huber", "cauchy", "arctan"]
@@ -416,3 +420,44 @@ def test_lsmr_breakdown_fails_alone(method):
     assert_bitwise_equal(got["x"][2], clean["x"][2])
     assert got["status"][[0, 2]].tolist() == clean["status"][[0, 2]].tolist()
     assert codes.success(clean["status"]).all()
+
+
+def test_newton_2d_is_the_cholesky_solution_and_its_definiteness_test():
+    rng = np.random.default_rng(21)
+    k = 200
+    Q = torch.as_tensor(np.linalg.qr(rng.standard_normal((k, 2, 2)))[0])
+    eig = torch.as_tensor(rng.choice([-1.0, 0.0, 1e-3, 1.0, 10.0], size=(k, 2)))
+    B = Q @ torch.diag_embed(eig) @ Q.transpose(-1, -2)
+    B = 0.5 * (B + B.transpose(-1, -2))
+    g = torch.as_tensor(rng.standard_normal((k, 2)))
+    p, pd = _newton_2d(B, g)
+    L, info = torch.linalg.cholesky_ex(B)
+    ref_pd = info == 0
+    # the same verdict but where an eigenvalue is 0 to rounding (LAPACK may go either way)
+    clear = eig.abs().min(-1).values > 1e-6
+    assert torch.equal(pd[clear], ref_pd[clear]) and bool(pd[clear].any())
+    both = pd & ref_pd
+    ref = -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+    scale = 1 + ref.abs().amax(-1, keepdim=True)
+    # one solve of a 2x2 system, conditioning up to 1e4 here
+    assert ((p - ref).abs() / scale)[both].max() < 1e-10
+
+
+def test_orthonormal_pair_spans_the_pair_even_when_nearly_collinear():
+    rng = np.random.default_rng(22)
+    a = torch.as_tensor(rng.standard_normal((4, 50)))
+    b = torch.stack([torch.as_tensor(rng.standard_normal(50)), a[1] * 3.0 + 1e-9 * a[0],
+                     a[2] * -2.0, torch.zeros(50, dtype=torch.float64)])
+    S, r22 = _orthonormal_pair(a, b)
+    _, R = torch.linalg.qr(torch.stack([a, b], dim=-1))
+    np.testing.assert_allclose(r22.numpy(), R[:, 1, 1].abs().numpy(), rtol=1e-6, atol=1e-13)
+    gram = S.transpose(-1, -2) @ S
+    eye = torch.eye(2, dtype=torch.float64)
+    for k in (0, 1):  # orthonormal to working precision, the nearly collinear pair too
+        assert (gram[k] - eye).abs().max() < 1e-14
+    assert S[2, :, 1].abs().max() < 1e-12 or r22[2] < 1e-13  # b along a: no second direction
+    assert float(S[3, :, 1].abs().max()) == 0.0  # b = 0: a zero vector, not noise
+    # both vectors lie in the span of the basis
+    for v in (a, b):
+        back = (S @ (S.transpose(-1, -2) @ v.unsqueeze(-1))).squeeze(-1)
+        assert ((back - v).abs().max(-1).values / (1 + v.abs().max(-1).values)).max() < 1e-12

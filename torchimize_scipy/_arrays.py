@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as _sp
 import torch
+from scipy.sparse.linalg import LinearOperator as _LinearOperator
 
 try:  # optional at import time; declared as a dependency
     import array_api_compat
@@ -76,7 +78,11 @@ class Namespace:
         """
         if isinstance(a, torch.Tensor):
             t = a.detach()
+            if t.layout != torch.strided:
+                raise ValueError(_SPARSE_HERE.format(what=what))
         else:
+            if _sparse_or_operator(a):
+                raise ValueError(_SPARSE_HERE.format(what=what))
             arr = np.asarray(a)
             if arr.dtype == object:
                 raise ValueError("`fun` and `jac` must return numeric array_like values.")
@@ -91,6 +97,19 @@ class Namespace:
                     "r.imag])), with a real Jacobian to match.")
             return t.to(device=self.device)
         return t.to(device=self.device, dtype=self.dtype)
+
+
+#: a sparse or operator value where only a dense one can go (least_squares converts those
+#: before they get here)
+_SPARSE_HERE = ("`{what}` returned a sparse matrix or a linear operator, which is only "
+                "supported by least_squares (one problem); batch_least_squares and curve_fit "
+                "need a dense Jacobian from a callable `jac` (for one sparsity structure shared "
+                "by all problems pass `jac_sparsity` and a finite-difference `jac`).")
+
+
+def _sparse_or_operator(a: Any) -> bool:
+    """A scipy sparse matrix/array or a ``scipy.sparse.linalg.LinearOperator``."""
+    return _sp.issparse(a) or isinstance(a, _LinearOperator)
 
 
 def _host_numpy(t: torch.Tensor) -> np.ndarray:

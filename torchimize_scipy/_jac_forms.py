@@ -200,19 +200,28 @@ def result_jacobian(J: Any, numpy_caller: bool) -> Any:
         return J
     base, row_scale, col_scale = _unwrap(J)
     if isinstance(base, Tensor):  # sparse
-        coo = base[0].coalesce() if base.layout == torch.sparse_coo else \
-            base[0].to_sparse_coo().coalesce()
-        idx, vals = coo.indices(), coo.values()
+        if base.layout != torch.sparse_coo:
+            base = base.to_sparse_coo()
+        if not base.is_coalesced():
+            base = base.coalesce()
+        # problem 0 of a coalesced (B, m, n) tensor: its first entries, already row-major
+        idx, vals = base.indices(), base.values()
+        if base.shape[0] > 1:
+            first = idx[0] == 0
+            idx, vals = idx[:, first], vals[first]
+        rows, cols = idx[1], idx[2]
         if row_scale is not None:
-            vals = vals * row_scale[0][idx[0]]
+            vals = vals * row_scale[0][rows]
         if col_scale is not None:
-            vals = vals * col_scale[0][idx[1]]
-        m, n = coo.shape
+            vals = vals * col_scale[0][cols]
+        m, n = base.shape[1:]
         if numpy_caller:
-            rows, cols = idx[0].cpu().numpy(), idx[1].cpu().numpy()
-            return sp.csr_array((vals.detach().cpu().numpy(), (rows, cols)), shape=(m, n))
-        return torch.sparse_coo_tensor(idx, vals, (m, n), is_coalesced=True,
-                                       check_invariants=False)
+            indptr = np.zeros(m + 1, dtype=np.int64)
+            np.cumsum(np.bincount(rows.cpu().numpy(), minlength=m), out=indptr[1:])
+            return sp.csr_array((vals.detach().cpu().numpy(), cols.cpu().numpy(), indptr),
+                                shape=(m, n))
+        return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (m, n),
+                                       is_coalesced=True, check_invariants=False)
     op = _SingleOperator(J)
     if numpy_caller:
         return LinearOperator(op.shape, matvec=op.matvec_numpy, rmatvec=op.rmatvec_numpy,

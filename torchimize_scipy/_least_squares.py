@@ -128,7 +128,8 @@ def least_squares(
         ignores it); 'lm' ignores it, as scipy.
     jac_sparsity : {None, array_like, sparse matrix}, optional, shape (m, n)
         Which entries of the Jacobian can be nonzero, for finite differences:
-        columns that share no row are perturbed together (scipy's grouping),
+        columns that share no row are perturbed together (scipy's greedy
+        grouping, with the columns taken largest first: often fewer groups),
         the Jacobian stays sparse and ``res.jac`` is a
         ``scipy.sparse.csr_array`` (a torch sparse tensor for torch input).
         A torch ``fun`` evaluates all groups in one vmapped call. Ignored

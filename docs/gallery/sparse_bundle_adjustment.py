@@ -5,8 +5,8 @@ coefficients: 9 parameters each) observe 3-D points; the residuals are the
 reprojection errors, two per observation. Each residual depends on one
 camera and one point only, so the Jacobian is sparse. ``jac_sparsity`` states
 which entries can be nonzero: the finite differences then perturb groups of
-columns that share no row (a few dozen evaluations instead of one per
-parameter), the Jacobian stays sparse and ``tr_solver='lsmr'`` is chosen, as
+columns that share no row (12 evaluations per Jacobian here instead of one
+per parameter), the Jacobian stays sparse and ``tr_solver='lsmr'`` is chosen, as
 in scipy's cookbook example. The same call with scipy is shown for
 comparison. The left panel shows the structure of ``res.jac``, the right one
 the cost after each iteration (from ``callback``).

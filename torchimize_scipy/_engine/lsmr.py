@@ -32,24 +32,43 @@ implementation, which scipy's ``lsmr`` returns as ``istop``):
 7  ``maxiter`` iterations
 == ==========================================================================
 
-Batching: every scalar of the recurrences is a ``(B,)`` tensor. A problem that
-has stopped is frozen: its vectors and scalars are kept by ``torch.where``
-while the others go on, so its result does not depend on its neighbours.
-A problem whose iterate or residual estimate becomes non-finite (a breakdown,
-e.g. from a non-finite product) stops alone with ``istop = -1`` and keeps its
-last finite iterate. The loop asks the device whether any problem is still
-running only every ``check_every`` iterations (one host synchronisation each).
+Batching: every scalar of the recurrences is one entry per problem, and the
+~20 scalars are packed into one ``(K, B)`` array updated by a few vectorised
+operations. With the vectors on the CPU the scalars live on the host as numpy
+arrays (:class:`_Scalars`): the norms of the vectors are read without a copy,
+a numpy operation on a handful of values costs a fraction of a torch
+operation's dispatch, and the stopping tests are decided every iteration at
+no cost; a single float64 problem (``least_squares``) keeps them as
+``numpy.float64`` scalars (:class:`_FloatScalars`), cheaper still. On a
+GPU they stay on the device as tensors and the loop asks the device whether
+any problem is still running only every ``check_every`` iterations (one host
+synchronisation each). The same code, written against ``xp`` (``numpy``,
+``torch`` or :class:`_Floats`), runs in all cases. The vector work per
+iteration is the two products, three norms, two scalings and five updates
+``y - c x`` (a multiplication and a subtraction each: a fused ``addcmul``
+rounds differently with the batch size, and a problem's result must not
+depend on its neighbours).
+
+A problem that has stopped is frozen: its vectors and scalars are kept by
+``where`` while the others go on (skipped while every problem runs), so its
+result does not depend on its neighbours or on ``check_every``. A problem
+whose residual estimate or iterate norm becomes non-finite (a breakdown, e.g.
+from a non-finite product) stops alone with ``istop = -1`` and keeps its last
+finite iterate.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .operator import as_operator
+from .operator import JacobianOperator, as_operator
 
 #: ``istop`` of a problem whose iteration produced non-finite values (ours)
 BREAKDOWN = -1
@@ -81,49 +100,233 @@ class LSMRResult(NamedTuple):
     normx: Tensor
 
 
-def sym_ortho(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Stable Givens rotation ``(c, s, r)`` with ``[c s; -s c] [a; b] = [r; 0]``, batched.
+def sym_ortho(a: Any, b: Any) -> tuple[Any, Any, Any]:
+    """Givens rotation ``(c, s, r)`` with ``[c s; -s c] [a; b] = [r; 0]``, batched.
 
-    The division is by the larger of ``|a|`` and ``|b|`` (S.-C. Choi, "Iterative
-    methods for singular linear equations and least-squares problems", PhD
-    thesis, Stanford 2006, SymOrtho). ``b = 0`` gives ``(sign a, 0, |a|)`` and
-    ``a = 0`` gives ``(0, sign b, |b|)``.
+    ``r = hypot(a, b) >= 0`` (computed without overflow), ``c = a / r``,
+    ``s = b / r``; ``a = b = 0`` gives ``c = s = r = 0``. ``b = 0`` gives
+    ``(sign a, 0, |a|)`` and ``a = 0`` gives ``(0, sign b, |b|)``, as the
+    stable rotation of S.-C. Choi ("Iterative methods for singular linear
+    equations and least-squares problems", PhD thesis, Stanford 2006,
+    SymOrtho), with which it agrees to rounding. ``a`` and ``b`` are torch
+    tensors or numpy arrays (the host's scalars of :func:`lsmr`).
     """
-    one = torch.ones_like(a)
-    b_big = b.abs() > a.abs()
-    safe_b = torch.where(b == 0, one, b)
-    safe_a = torch.where(a == 0, one, a)
-    # |b| > |a|: t = a / b, s = sign(b) / sqrt(1 + t^2), c = s t, r = b / s
-    t1 = a / safe_b
-    s1 = torch.sign(b) / torch.sqrt(1 + t1 * t1)
-    c1 = s1 * t1
-    r1 = b / torch.where(s1 == 0, one, s1)
-    # otherwise: t = b / a, c = sign(a) / sqrt(1 + t^2), s = c t, r = a / c
-    t2 = b / safe_a
-    c2 = torch.sign(a) / torch.sqrt(1 + t2 * t2)
-    s2 = c2 * t2
-    r2 = a / torch.where(c2 == 0, one, c2)
-    c = torch.where(b_big, c1, c2)
-    s = torch.where(b_big, s1, s2)
-    r = torch.where(b_big, r1, r2)
-    # exact zeros (also the case a = b = 0, where c = s = r = 0)
-    zero = torch.zeros_like(a)
-    c = torch.where(b == 0, torch.sign(a), torch.where(a == 0, zero, c))
-    s = torch.where(b == 0, zero, torch.where(a == 0, torch.sign(b), s))
-    r = torch.where(b == 0, a.abs(), torch.where(a == 0, b.abs(), r))
-    return c, s, r
+    if isinstance(a, float):  # one problem's float64 scalars (numpy.float64 included)
+        r = np.float64(math.hypot(a, b))
+        safe = r if r != 0 else np.float64(1.0)
+        return a / safe, b / safe, r
+    xp = torch if isinstance(a, Tensor) else np
+    r = xp.hypot(a, b)
+    safe = xp.where(r == 0, 1.0, r)
+    return a / safe, b / safe, r
 
 
-def _per_problem(value: Any, B: int, like: Tensor) -> Tensor:
-    """A float or a ``(B,)`` tensor as a ``(B,)`` tensor of ``like``'s dtype/device."""
-    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    return t.expand(B) if t.ndim == 0 else t
+class _Vector:
+    """A batch of vectors of :func:`lsmr` and a spare buffer of the same shape.
+
+    The next value is written into ``spare`` (``out=``); :meth:`take` makes it
+    current and the old current the spare, so a long solve allocates nothing
+    per iteration. A value made elsewhere (a ``where`` for frozen problems)
+    becomes current and leaves the spare as it is. ``cur`` is never written
+    in place: a caller's tensor (``b``, ``x0``) may start as a current value
+    only if it is replaced before any write, which :func:`lsmr` ensures.
+    """
+
+    __slots__ = ("cur", "spare")
+
+    def __init__(self, t: Tensor) -> None:
+        self.cur = t
+        self.spare = torch.empty_like(t)
+
+    def take(self, value: Tensor) -> None:
+        if value is self.spare:
+            self.cur, self.spare = value, self.cur
+        else:
+            self.cur = value
+
+
+class _Floats:
+    """The few elementwise functions of the recurrence for one problem's float scalars.
+
+    Results stay ``numpy.float64`` (a ``float`` whose division by zero gives
+    ``inf`` or ``nan``, under ``numpy.errstate``, instead of raising), and
+    ``maximum``/``minimum`` propagate NaN as numpy's do.
+    """
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        return a if cond else b
+
+    @staticmethod
+    def sqrt(a: Any) -> np.float64:
+        return np.float64(math.sqrt(a)) if a >= 0 else np.float64("nan")
+
+    @staticmethod
+    def abs(a: Any) -> Any:
+        return abs(a)
+
+    @staticmethod
+    def maximum(a: Any, b: Any) -> Any:
+        return a if (a >= b or a != a) else b
+
+    @staticmethod
+    def minimum(a: Any, b: Any) -> Any:
+        return a if (a <= b or a != a) else b
+
+    @staticmethod
+    def isfinite(a: Any) -> bool:
+        return math.isfinite(a)
+
+    @staticmethod
+    def logical_not(a: Any) -> bool:
+        return not a
+
+    @staticmethod
+    def stack(values: list) -> list:
+        return list(values)
+
+
+class _FloatScalars:
+    """:class:`_Scalars` for one float64 problem on the CPU: ``numpy.float64`` scalars.
+
+    An operation on a numpy scalar costs about a tenth of one on an array of
+    one entry; the coefficients reach the vectors as Python numbers.
+    """
+
+    xp = _Floats
+    host = True
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def per_problem(self, value: Any) -> np.float64:
+        if isinstance(value, Tensor):
+            value = value.detach().reshape(-1)[0].item()
+        return np.float64(np.asarray(value).reshape(-1)[0])
+
+    def full(self, value: float) -> np.float64:
+        return np.float64(value)
+
+    def zeros_int(self) -> int:
+        return 0
+
+    def norm(self, w: Tensor) -> np.float64:
+        return np.float64(vnorm(w).item())
+
+    def inverse(self, a: Any) -> np.float64:
+        return 1.0 / a if a > 0 else np.float64(1.0)
+
+    def coef(self, a: Any) -> float:
+        return float(a)
+
+    def coefs(self, *cols: Any) -> tuple[float, ...]:
+        return tuple(float(c) for c in cols)
+
+    def mask(self, m: Any) -> Tensor:
+        return torch.tensor([[bool(m)]])
+
+    def all(self, m: Any) -> bool:
+        return bool(m)
+
+    def any(self, m: Any) -> bool:
+        return bool(m)
+
+    def tensor(self, a: Any) -> Tensor:
+        if isinstance(a, (bool, int, np.integer)):
+            return torch.tensor([int(a)], dtype=torch.long)
+        return torch.tensor([float(a)], dtype=self.dtype)
+
+
+#: rows of the packed scalar state of :func:`lsmr`, ``(K, B)``
+_KEYS = ("alpha", "beta", "zetabar", "alphabar", "rho", "rhobar", "cbar", "sbar", "betadd",
+         "betad", "rhodold", "tautildeold", "thetatilde", "zeta", "d", "normA2", "maxrbar",
+         "minrbar", "normA", "condA", "normx", "normr", "normar")
+_NORMA, _CONDA, _NORMX, _NORMR, _NORMAR = (_KEYS.index(k) for k in
+                                           ("normA", "condA", "normx", "normr", "normar"))
+
+
+class _Scalars:
+    """Where :func:`lsmr` keeps its per-problem scalars, and the conversions to the vectors.
+
+    With the vectors on the CPU the scalars are numpy arrays ``(B,)`` on the
+    host: an elementwise numpy operation on a few values costs a fraction of
+    a torch operation's dispatch, the norms of the vectors are read without
+    a copy, and every stopping test is decided on the host for free. On
+    other devices they are ``(B,)`` tensors on the device (no host
+    synchronisation but the periodic "all stopped?" check). The recurrence
+    itself is written once, against ``xp`` (``numpy`` or ``torch``, whose
+    elementwise functions used here share their names and semantics).
+    """
+
+    def __init__(self, host: bool, B: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.host, self.B, self.dtype, self.device = host, B, dtype, device
+        self.xp: Any = np if host else torch
+        self.np_dtype = torch.empty((), dtype=dtype).numpy().dtype if host else None
+
+    def per_problem(self, value: Any) -> Any:
+        """A float or a ``(B,)`` tensor as a ``(B,)`` array of the scalars' kind."""
+        if self.host:
+            if isinstance(value, Tensor):
+                value = value.detach().cpu().numpy()
+            return np.array(np.broadcast_to(np.asarray(value, dtype=self.np_dtype), (self.B,)))
+        t = torch.as_tensor(value, dtype=self.dtype, device=self.device)
+        return t.expand(self.B) if t.ndim == 0 else t
+
+    def full(self, value: float) -> Any:
+        if self.host:
+            return np.full(self.B, value, dtype=self.np_dtype)
+        return torch.full((self.B,), value, dtype=self.dtype, device=self.device)
+
+    def zeros_int(self) -> Any:
+        if self.host:
+            return np.zeros(self.B, dtype=np.int64)
+        return torch.zeros(self.B, dtype=torch.long, device=self.device)
+
+    def norm(self, w: Tensor) -> Any:
+        """Euclidean norms of the rows of ``w (B, k)``."""
+        r = vnorm(w, dim=-1)
+        return r.numpy() if self.host else r
+
+    def inverse(self, a: Any) -> Any:
+        """``1 / a`` where ``a > 0``, else 1 (normalising a vector only when it is nonzero)."""
+        xp = self.xp
+        pos = a > 0
+        return xp.where(pos, 1.0 / xp.where(pos, a, 1.0), 1.0)
+
+    def coef(self, a: Any) -> Tensor:
+        """``(B, 1)`` tensor multiplying the rows of a batch of vectors."""
+        return torch.from_numpy(a[:, None]) if self.host else a.unsqueeze(-1)
+
+    def coefs(self, *cols: Any) -> tuple[Tensor, ...]:
+        """``(B, 1)`` tensors of several coefficients (one conversion for all of them)."""
+        if self.host:
+            t = torch.from_numpy(np.stack(cols, axis=1))
+            return tuple(t[:, k:k + 1] for k in range(len(cols)))
+        return tuple(c.unsqueeze(-1) for c in cols)
+
+    def mask(self, m: Any) -> Tensor:
+        """``(B, 1)`` boolean tensor selecting rows of a batch of vectors."""
+        return torch.from_numpy(m[:, None]) if self.host else m.unsqueeze(-1)
+
+    def all(self, m: Any) -> bool:
+        """Whether ``m`` holds everywhere, known without a device synchronisation.
+
+        False on a device (unknown there): the caller then takes the general path.
+        """
+        return self.host and bool(m.all())
+
+    def any(self, m: Any) -> bool:
+        return bool(m.any())
+
+    def tensor(self, a: Any) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)) if self.host else a
 
 
 @torch.no_grad()
 def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol: float = 1e-6,
          conlim: float = 1e8, maxiter: int | None = None, x0: Tensor | None = None,
-         check_every: int | None = None) -> LSMRResult:
+         check_every: int | None = None, host_scalars: bool | None = None,
+         _floats: bool | None = None) -> LSMRResult:
     """Solve ``min |A x - b|^2 + damp^2 |x|^2`` for each problem of a batch.
 
     Parameters
@@ -145,9 +348,16 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
     x0 : Tensor, optional
         Starting iterate ``(B, n)``; zeros by default.
     check_every : int, optional
-        Iterations between host checks of "all stopped" (default 1 on the CPU,
-        8 on other devices). Stopped problems are frozen in between, so the
-        results do not depend on it.
+        Iterations between the host's checks of "all stopped" when the
+        vectors are not on the CPU (default 8; on the CPU the scalars live on
+        the host and every iteration is checked for free). Stopped problems
+        are frozen in between, so the results do not depend on it.
+    host_scalars : bool, optional
+        Keep the scalars on the host as numpy arrays (default: when ``b`` is
+        on the CPU) or as tensors beside the vectors (default elsewhere). Both
+        run the same recurrence; the choice exists for the tests. One float64
+        problem on the host keeps them as ``numpy.float64`` scalars
+        (``_floats=False``, for the tests, keeps arrays of one entry).
 
     Returns
     -------
@@ -155,145 +365,166 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
     """
     if isinstance(A, Tensor):
         A = as_operator(A)
+    if isinstance(A, JacobianOperator):
+        A = A.folded()  # a sparse matrix's scalings into its values: none per product
     B, m, n = A.shape
     dtype, dev = b.dtype, b.device
     if maxiter is None:
         maxiter = min(m, n)
-    if check_every is None:
-        check_every = 1 if dev.type == "cpu" else 8
-    damp = _per_problem(damp, B, b)
-    atol = _per_problem(atol, B, b)
-    btol = _per_problem(btol, B, b)
+    host = dev.type == "cpu" if host_scalars is None else bool(host_scalars)
+    if host and dev.type != "cpu":
+        raise ValueError("host scalars need the vectors on the CPU")
+    if check_every is None or host:
+        check_every = 1 if host else 8
+    if host and B == 1 and dtype == torch.float64 and _floats is not False:
+        sc: Any = _FloatScalars(dtype)  # one problem: plain float64 scalars, cheapest of all
+    else:
+        sc = _Scalars(host, B, dtype, dev)
+    xp = sc.xp
+    damp = sc.per_problem(damp)
+    atol = sc.per_problem(atol)
+    btol = sc.per_problem(btol)
     ctol = 1.0 / conlim if conlim > 0 else 0.0
 
-    def unit(w: Tensor, nrm: Tensor) -> Tensor:
-        """``w / nrm`` on rows with ``nrm > 0``, ``w`` elsewhere."""
-        pos = nrm > 0
-        return torch.where(pos.unsqueeze(-1), w / torch.where(pos, nrm, 1.0).unsqueeze(-1), w)
-
-    normb = vnorm(b, dim=-1)
+    normb = sc.norm(b)
     if x0 is None:
         x = torch.zeros(B, n, dtype=dtype, device=dev)
         u = b
     else:
         x = x0.to(dtype).clone()
         u = b - A.matvec(x)
-    beta = vnorm(u, dim=-1)
-    u = unit(u, beta)
-    v = torch.where((beta > 0).unsqueeze(-1), A.rmatvec(u), torch.zeros(B, n, dtype=dtype,
-                                                                          device=dev))
-    alpha = vnorm(v, dim=-1)
-    v = unit(v, alpha)
+    beta = sc.norm(u)
+    u = u * sc.coef(sc.inverse(beta))
+    v = A.rmatvec(u)
+    if not sc.all(beta > 0):
+        v = torch.where(sc.mask(beta > 0), v, 0.0)
+    alpha = sc.norm(v)
+    v = v * sc.coef(sc.inverse(alpha))
 
-    one = torch.ones(B, dtype=dtype, device=dev)
-    zero = torch.zeros(B, dtype=dtype, device=dev)
-    s = {  # the scalars of the recurrences, (B,) each
-        "alpha": alpha, "beta": beta, "zetabar": alpha * beta, "alphabar": alpha,
-        "rho": one, "rhobar": one, "cbar": one, "sbar": zero, "betadd": beta,
-        "betad": zero, "rhodold": one, "tautildeold": zero, "thetatilde": zero,
-        "zeta": zero, "d": zero, "normA2": alpha * alpha, "maxrbar": zero,
-        "minrbar": torch.full((B,), min(1e100, torch.finfo(dtype).max), dtype=dtype,
-                              device=dev),
-        "normA": alpha.clone(), "condA": one, "normx": zero, "normr": beta,
-        "normar": alpha * beta,
-    }
-    h = v
+    zero = sc.full(0.0)
+    one = sc.full(1.0)
+    # the scalars of the recurrences, one row of (K, B) each (order: _KEYS)
+    s = xp.stack([alpha, beta, alpha * beta, alpha, one, one, one, zero, beta, zero, one, zero,
+                  zero, zero, zero, alpha * alpha, zero,
+                  sc.full(min(1e100, float(torch.finfo(dtype).max))), xp.sqrt(alpha * alpha),
+                  one, zero, beta, alpha * beta])
+    h = v.clone()  # h and v must not share memory: both are updated through buffers
     hbar = torch.zeros(B, n, dtype=dtype, device=dev)
-    istop = torch.zeros(B, dtype=torch.long, device=dev)
-    itn = torch.zeros(B, dtype=torch.long, device=dev)
+    istop = sc.zeros_int()
+    itn = sc.zeros_int()
     # b = 0: x = 0 is exact (also with x0); A^T b = 0: the start is exact
-    x = torch.where((normb == 0).unsqueeze(-1), torch.zeros_like(x), x)
-    active = (s["normar"] != 0) & (normb != 0)
-    safe_normb = torch.where(normb > 0, normb, 1.0)
+    if not sc.all(normb != 0):
+        x = torch.where(sc.mask(normb != 0), x, 0.0)
+    active = (s[_NORMAR] != 0) & (normb != 0)
+    safe_normb = xp.where(normb > 0, normb, 1.0)
+    inf = sc.full(float("inf"))
 
-    k = 0
-    while k < maxiter:
-        if k % check_every == 0 and not bool(active.any()):
-            break
-        k += 1
-        S = s
-        # ---- Golub-Kahan bidiagonalisation step ---------------------------------
-        u_new = A.matvec(v) - S["alpha"].unsqueeze(-1) * u
-        beta = vnorm(u_new, dim=-1)
-        go = beta > 0
-        u_new = unit(u_new, beta)
-        v_new = A.rmatvec(u_new) - beta.unsqueeze(-1) * v
-        alpha_new = vnorm(v_new, dim=-1)
-        v_new = torch.where(go.unsqueeze(-1), unit(v_new, alpha_new), v)
-        alpha = torch.where(go, alpha_new, S["alpha"])
+    # the vectors, each with a spare buffer the next value is written into
+    x, u, v, h, hbar = (_Vector(t) for t in (x, u, v, h, hbar))
+    tm = torch.empty(B, m, dtype=dtype, device=dev)  # c * u
+    tn = torch.empty(B, n, dtype=dtype, device=dev)  # c * (v, hbar, h)
+    # numpy's warnings for the branches where() discards (the torch path has none)
+    quiet = np.errstate(all="ignore") if host else contextlib.nullcontext()
+    with quiet:
+        k = 0
+        while k < maxiter:
+            if k % check_every == 0 and not sc.any(active):
+                break
+            k += 1
+            (alpha_o, _, zetabar_o, alphabar_o, rho_o, rhobar_o, cbar_o, sbar_o, betadd_o, betad_o,
+             rhodold_o, tautildeold_o, thetatilde_o, zeta_o, d_o, normA2_o, maxrbar_o, minrbar_o,
+             *_) = s if host else s.unbind(0)
+            # ---- Golub-Kahan bidiagonalisation step ---------------------------------
+            # (every vector update writes into a spare buffer of ours: no allocation and
+            # no page faults for long vectors, never into a caller's tensor)
+            u_new = torch.sub(A.matvec(v.cur), torch.mul(u.cur, sc.coef(alpha_o), out=tm),
+                              out=u.spare)
+            beta = sc.norm(u_new)
+            go = beta > 0
+            u_new.mul_(sc.coef(sc.inverse(beta)))
+            v_new = torch.sub(A.rmatvec(u_new), torch.mul(v.cur, sc.coef(beta), out=tn),
+                              out=v.spare)
+            alpha_new = sc.norm(v_new)
+            v_new.mul_(sc.coef(sc.inverse(alpha_new)))
+            if not sc.all(go):  # beta = 0: v and alpha stay (the reference implementation)
+                v_new = torch.where(sc.mask(go), v_new, v.cur)
+            alpha = xp.where(go, alpha_new, alpha_o)
 
-        # ---- rotation eliminating the damping, then the subdiagonal beta ---------
-        chat, shat, alphahat = sym_ortho(S["alphabar"], damp)
-        c, sn, rho = sym_ortho(alphahat, beta)
-        thetanew = sn * alpha
-        alphabar = c * alpha
-        # ---- rotation of the second QR factorisation ------------------------------
-        thetabar = S["sbar"] * rho
-        rhotemp = S["cbar"] * rho
-        cbar, sbar, rhobar = sym_ortho(S["cbar"] * rho, thetanew)
-        zeta = cbar * S["zetabar"]
-        zetabar = -sbar * S["zetabar"]
-        # ---- update of h, hbar and x ------------------------------------------------
-        coef = (thetabar * rho / (S["rho"] * S["rhobar"])).unsqueeze(-1)
-        hbar_new = h - coef * hbar
-        x_new = x + (zeta / (rho * rhobar)).unsqueeze(-1) * hbar_new
-        h_new = v_new - (thetanew / rho).unsqueeze(-1) * h
-        # ---- estimate of |r| (section 5.2 of the paper) -----------------------------
-        betaacute = chat * S["betadd"]
-        betacheck = -shat * S["betadd"]
-        betahat = c * betaacute
-        betadd = -sn * betaacute
-        ctildeold, stildeold, rhotildeold = sym_ortho(S["rhodold"], thetabar)
-        thetatilde = stildeold * rhobar
-        rhodold = ctildeold * rhobar
-        betad = -stildeold * S["betad"] + ctildeold * betahat
-        tautildeold = (S["zeta"] - S["thetatilde"] * S["tautildeold"]) / rhotildeold
-        taud = (zeta - thetatilde * tautildeold) / rhodold
-        d = S["d"] + betacheck * betacheck
-        normr = torch.sqrt(d + (betad - taud) ** 2 + betadd * betadd)
-        # ---- estimates of |A| and cond(A) ---------------------------------------------
-        normA2 = S["normA2"] + beta * beta
-        normA = torch.sqrt(normA2)
-        normA2 = normA2 + alpha * alpha
-        maxrbar = torch.maximum(S["maxrbar"], S["rhobar"])
-        minrbar = S["minrbar"] if k == 1 else torch.minimum(S["minrbar"], S["rhobar"])
-        condA = torch.maximum(maxrbar, rhotemp) / torch.minimum(minrbar, rhotemp)
-        normar = zetabar.abs()
-        normx = vnorm(x_new, dim=-1)
+            # ---- rotation eliminating the damping, then the subdiagonal beta ---------
+            chat, shat, alphahat = sym_ortho(alphabar_o, damp)
+            c, sn, rho = sym_ortho(alphahat, beta)
+            thetanew = sn * alpha
+            alphabar = c * alpha
+            # ---- rotation of the second QR factorisation ------------------------------
+            thetabar = sbar_o * rho
+            rhotemp = cbar_o * rho
+            cbar, sbar, rhobar = sym_ortho(rhotemp, thetanew)
+            zeta = cbar * zetabar_o
+            zetabar = -sbar * zetabar_o
+            # ---- update of h, hbar and x ------------------------------------------------
+            c_hbar, c_x, c_h = sc.coefs(thetabar * rho / (rho_o * rhobar_o),
+                                        zeta / (rho * rhobar), thetanew / rho)
+            hbar_new = torch.sub(h.cur, torch.mul(hbar.cur, c_hbar, out=tn), out=hbar.spare)
+            x_new = torch.add(x.cur, torch.mul(hbar_new, c_x, out=tn), out=x.spare)
+            h_new = torch.sub(v_new, torch.mul(h.cur, c_h, out=tn), out=h.spare)
+            normx = sc.norm(x_new)
+            # ---- estimate of |r| (section 5.2 of the paper) -----------------------------
+            betaacute = chat * betadd_o
+            betacheck = -shat * betadd_o
+            betahat = c * betaacute
+            betadd = -sn * betaacute
+            ctildeold, stildeold, rhotildeold = sym_ortho(rhodold_o, thetabar)
+            thetatilde = stildeold * rhobar
+            rhodold = ctildeold * rhobar
+            betad = -stildeold * betad_o + ctildeold * betahat
+            tautildeold = (zeta_o - thetatilde_o * tautildeold_o) / rhotildeold
+            taud = (zeta - thetatilde * tautildeold) / rhodold
+            d = d_o + betacheck * betacheck
+            normr = xp.sqrt(d + (betad - taud) ** 2 + betadd * betadd)
+            # ---- estimates of |A| and cond(A) ---------------------------------------------
+            normA2 = normA2_o + beta * beta
+            normA = xp.sqrt(normA2)
+            normA2 = normA2 + alpha * alpha
+            maxrbar = xp.maximum(maxrbar_o, rhobar_o)
+            minrbar = minrbar_o if k == 1 else xp.minimum(minrbar_o, rhobar_o)
+            condA = xp.maximum(maxrbar, rhotemp) / xp.minimum(minrbar, rhotemp)
+            normar = xp.abs(zetabar)
 
-        # ---- stopping rules -------------------------------------------------------------
-        test1 = normr / safe_normb
-        an_r = normA * normr
-        test2 = torch.where(an_r != 0, normar / torch.where(an_r != 0, an_r, 1.0),
-                            torch.full_like(normr, float("inf")))
-        test3 = 1.0 / condA
-        t1 = test1 / (1 + normA * normx / safe_normb)
-        rtol = btol + atol * normA * normx / safe_normb
-        stop = torch.zeros_like(istop)
-        # later rules win, as in the reference implementation
-        for code, hit in ((7, itn + 1 >= maxiter), (6, 1 + test3 <= 1), (5, 1 + test2 <= 1),
-                          (4, 1 + t1 <= 1), (3, test3 <= ctol), (2, test2 <= atol),
-                          (1, test1 <= rtol)):
-            stop = torch.where(hit, code, stop)
+            # ---- stopping rules -------------------------------------------------------------
+            test1 = normr / safe_normb
+            an_r = normA * normr
+            test2 = xp.where(an_r != 0, normar / xp.where(an_r != 0, an_r, 1.0), inf)
+            test3 = 1.0 / condA
+            ax = normA * normx / safe_normb
+            t1 = test1 / (1 + ax)
+            rtol = btol + atol * ax
+            stop = sc.zeros_int()
+            # later rules win, as in the reference implementation
+            for code, hit in ((7, itn + 1 >= maxiter), (6, 1 + test3 <= 1), (5, 1 + test2 <= 1),
+                              (4, 1 + t1 <= 1), (3, test3 <= ctol), (2, test2 <= atol),
+                              (1, test1 <= rtol)):
+                stop = xp.where(hit, code, stop)
 
-        finite = torch.isfinite(normr) & torch.isfinite(x_new).all(-1)
-        commit = active & finite
-        broke = active & ~finite
-        new = {"alpha": alpha, "beta": beta, "zetabar": zetabar, "alphabar": alphabar,
-               "rho": rho, "rhobar": rhobar, "cbar": cbar, "sbar": sbar, "betadd": betadd,
-               "betad": betad, "rhodold": rhodold, "tautildeold": tautildeold,
-               "thetatilde": thetatilde, "zeta": zeta, "d": d, "normA2": normA2,
-               "maxrbar": maxrbar, "minrbar": minrbar, "normA": normA, "condA": condA,
-               "normx": normx, "normr": normr, "normar": normar}
-        s = {key: torch.where(commit, new[key], S[key]) for key in S}
-        c2 = commit.unsqueeze(-1)
-        x = torch.where(c2, x_new, x)
-        u = torch.where(c2, u_new, u)
-        v = torch.where(c2, v_new, v)
-        h = torch.where(c2, h_new, h)
-        hbar = torch.where(c2, hbar_new, hbar)
-        itn = itn + active.long()
-        istop = torch.where(commit, stop, torch.where(broke, BREAKDOWN, istop))
-        active = commit & (stop == 0)
-    return LSMRResult(x, istop, itn, s["normr"], s["normar"], s["normA"], s["condA"],
-                      s["normx"])
+            finite = xp.isfinite(normr) & xp.isfinite(normx)
+            commit = active & finite
+            new = xp.stack([alpha, beta, zetabar, alphabar, rho, rhobar, cbar, sbar, betadd, betad,
+                            rhodold, tautildeold, thetatilde, zeta, d, normA2, maxrbar, minrbar,
+                            normA, condA, normx, normr, normar])
+            if sc.all(commit):
+                s = new
+                for vec, value in ((x, x_new), (u, u_new), (v, v_new), (h, h_new),
+                                   (hbar, hbar_new)):
+                    vec.take(value)
+            else:
+                s = xp.where(commit, new, s)
+                c2 = sc.mask(commit)
+                for vec, value in ((x, x_new), (u, u_new), (v, v_new), (h, h_new),
+                                   (hbar, hbar_new)):
+                    vec.take(torch.where(c2, value, vec.cur))
+            istop = xp.where(commit, stop,
+                             xp.where(active & xp.logical_not(finite), BREAKDOWN, istop))
+            itn = itn + active
+            active = commit & (stop == 0)
+    return LSMRResult(x.cur, sc.tensor(istop), sc.tensor(itn), sc.tensor(s[_NORMR]),
+                      sc.tensor(s[_NORMAR]), sc.tensor(s[_NORMA]), sc.tensor(s[_CONDA]),
+                      sc.tensor(s[_NORMX]))

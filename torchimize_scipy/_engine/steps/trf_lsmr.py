@@ -22,9 +22,9 @@ operator (:mod:`.._engine.operator`):
   what the gradient alone achieves, which keeps LSMR from chasing the
   directions of tiny singular values when the radius is small. Without it
   :math:`\mu = 0`.
-* An orthonormal basis :math:`S` of :math:`\{g_h, p_{GN}\}` (QR) reduces the
-  model to :math:`B_S = (J_h S)^\top J_h S + S^\top C S` and :math:`g_S =
-  S^\top g_h`; the 2-D trust-region problem is solved exactly
+* An orthonormal basis :math:`S` of :math:`\{g_h, p_{GN}\}` (Gram-Schmidt,
+  reorthogonalised once) reduces the model to :math:`B_S = (J_h S)^\top J_h S
+  + S^\top C S` and :math:`g_S = S^\top g_h`; the 2-D trust-region problem is solved exactly
   (:func:`solve_trust_region_2d`). Every trial of the outer iteration reuses
   :math:`S`, :math:`B_S`, :math:`g_S` (two products per outer iteration for
   :math:`J_h S`, none per trial without bounds). Where :math:`p_{GN}` is a
@@ -109,6 +109,49 @@ def run_lsmr(A, b: Tensor, keywords: dict, damp: Tensor | float = 0.0) -> tuple[
     return res.x, res.istop == BREAKDOWN
 
 
+def _newton_2d(B_S: Tensor, g_S: Tensor) -> tuple[Tensor, Tensor]:
+    """``-B^{-1} g`` for symmetric ``B_S (k, 2, 2)`` by the 2x2 Cholesky factor, in closed form.
+
+    Returns the Newton point ``(k, 2)`` and the mask of positive definite
+    ``B`` (both pivots positive, the test of LAPACK's ``potrf``); elsewhere the
+    point is not used. Closed form rather than a LAPACK call: a batched
+    factorisation of 2x2 matrices costs far more in the call than in the
+    arithmetic.
+    """
+    a, b, c = B_S[:, 0, 0], B_S[:, 0, 1], B_S[:, 1, 1]
+    g0, g1 = g_S[:, 0], g_S[:, 1]
+    l11 = torch.sqrt(a.clamp(min=0))
+    l21 = b / torch.where(l11 > 0, l11, 1.0)
+    d = c - l21 * l21
+    pd = (a > 0) & (d > 0)
+    l11 = torch.where(pd, l11, 1.0)
+    l22 = torch.where(pd, torch.sqrt(d.clamp(min=0)), 1.0)
+    y1 = -g0 / l11  # L y = -g, then L^T p = y
+    y2 = (-g1 - l21 * y1) / l22
+    p1 = y2 / l22
+    p0 = (y1 - l21 * p1) / l11
+    return torch.stack([p0, p1], dim=-1), pd
+
+
+def _orthonormal_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Orthonormal basis ``(k, n, 2)`` of ``{a, b}`` (rows of ``(k, n)``) and ``|R_22|``, ``(k,)``.
+
+    Gram-Schmidt with one reorthogonalisation of the second vector ("twice
+    is enough": L. Giraud, J. Langou and M. Rozloznik, Comput. Math. Appl.
+    50, 2005), which makes it orthogonal to working precision like
+    Householder QR, without a LAPACK call per outer iteration. ``|R_22|``,
+    the part of ``b`` orthogonal to ``a``, tells a ``b`` along ``a``. A zero
+    vector gives a zero basis vector.
+    """
+    r11 = vnorm(a, dim=-1, keepdim=True)
+    q1 = a / torch.where(r11 > 0, r11, 1.0)
+    w = b - (q1 * b).sum(-1, keepdim=True) * q1
+    w = w - (q1 * w).sum(-1, keepdim=True) * q1
+    r22 = vnorm(w, dim=-1, keepdim=True)
+    q2 = w / torch.where(r22 > 0, r22, 1.0)
+    return torch.stack([q1, q2], dim=-1), r22.squeeze(-1)
+
+
 def solve_trust_region_2d(B_S: Tensor, g_S: Tensor, delta: Tensor) -> Tensor:
     r"""The 2-D trust-region problem: least :math:`\tfrac12 p^\top B p + g^\top p`, |p| <= delta.
 
@@ -122,11 +165,7 @@ def solve_trust_region_2d(B_S: Tensor, g_S: Tensor, delta: Tensor) -> Tensor:
     model value wins.
     """
     k = B_S.shape[0]
-    eye = torch.eye(2, dtype=B_S.dtype, device=B_S.device).expand(k, 2, 2)
-    L, info = torch.linalg.cholesky_ex(B_S)
-    pd = info == 0
-    L = torch.where(pd.view(-1, 1, 1), L, eye)
-    p_newton = -torch.cholesky_solve(g_S.unsqueeze(-1), L).squeeze(-1)
+    p_newton, pd = _newton_2d(B_S, g_S)
     inside = pd & ((p_newton * p_newton).sum(-1) <= delta * delta)
 
     d2 = delta * delta
@@ -229,20 +268,20 @@ class TRFLSMR(TRF):
             gn_h, broke = run_lsmr(A, torch.cat([f, torch.zeros_like(g)], -1), self.keywords)
         else:
             gn_h, broke = run_lsmr(J_h, f, self.keywords, damp=(self.damp ** 2 + reg).sqrt())
-        S, R = torch.linalg.qr(torch.stack([g_h, gn_h], dim=-1))
+        S, r22 = _orthonormal_pair(g_h, gn_h)
         # gn_h along g_h (LSMR stopped after one iteration, whose iterate is a multiple
         # of the gradient): the second basis vector would be rounding noise, a random
         # direction; the next Krylov vector, the model's Hessian times g_h, takes its place
         tiny = 64 * torch.finfo(g.dtype).eps * vnorm(gn_h, dim=-1)
-        collinear = R[:, 1, 1].abs() <= tiny
+        collinear = r22 <= tiny
         if bool(collinear.any()):
             Hg = J_h.rmatvec(J_h.matvec(g_h))
             if diag_h is not None:
                 Hg = Hg + diag_h * g_h
             second = torch.where(collinear.unsqueeze(-1), Hg, gn_h)
-            S, R = torch.linalg.qr(torch.stack([g_h, second], dim=-1))
+            S, r22 = _orthonormal_pair(g_h, second)
             # still along g_h (g_h an eigenvector of the Hessian): the model is 1-D
-            flat = R[:, 1, 1].abs() <= 64 * torch.finfo(g.dtype).eps * vnorm(second, dim=-1)
+            flat = r22 <= 64 * torch.finfo(g.dtype).eps * vnorm(second, dim=-1)
             S = torch.cat([S[..., :1], torch.where(flat.view(-1, 1, 1), 0.0, S[..., 1:])], -1)
         JS = J_h.matmat(S)
         B_S = JS.transpose(-1, -2) @ JS
