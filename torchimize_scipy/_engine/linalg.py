@@ -313,33 +313,37 @@ def mix_routes(fac: Factors, gram_value: Tensor | None, svd_value: Tensor | None
     return torch.where(mask, gram_value, svd_value)
 
 
-def gram_solve(fac: Factors, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
+def gram_solve(fac: Factors, alpha: Tensor | None,
+               keepdim: bool = False) -> tuple[Tensor, Tensor]:
     """``p = -(H + alpha I)^{-1} b`` and ``q = p^T (H + alpha I)^{-1} p`` on Gram rows.
 
-    ``alpha=None`` means 0 (the stored inverse is used). Rows that do not
-    take the Gram route get meaningless values.
+    ``alpha`` has shape ``(B,)`` or ``(B, 1)``; None means 0 (the stored
+    inverse is used). ``q`` has shape ``(B, 1)`` with ``keepdim``, else
+    ``(B,)``. Rows that do not take the Gram route get meaningless values.
     """
     if alpha is None:
         M = fac.Hinv
     else:
-        H = fac.H + torch.diag_embed(alpha.unsqueeze(-1).expand_as(fac.b))
+        column = alpha if alpha.ndim == 2 else alpha.unsqueeze(-1)
+        H = fac.H + torch.diag_embed(column.expand_as(fac.b))
         M = torch.linalg.inv_ex(H)[0]
     p = -torch.bmm(M, fac.b.unsqueeze(-1))
-    q = (p * torch.bmm(M, p)).sum((-2, -1))
+    Mp = torch.bmm(M, p)
+    q = (p * Mp).sum(-2) if keepdim else (p * Mp).sum((-2, -1))
     return p.squeeze(-1), q
 
 
 def grad_norm(fac: Factors, route: tuple[bool, bool] | None = None,
-              suf: Tensor | None = None) -> Tensor:
-    """``|A^T b|`` per problem.
+              suf: Tensor | None = None, keepdim: bool = False) -> Tensor:
+    """``|A^T b|`` per problem, ``(B,)`` (``(B, 1)`` with ``keepdim``).
 
     ``route`` (:func:`routes`) and ``suf = s * uf`` may be passed when known.
     """
     has_gram, has_svd = routes(fac) if route is None else route
     if has_svd and suf is None:
         suf = fac.s * fac.uf
-    return mix_routes(fac, vnorm(fac.b, dim=-1) if has_gram else None,
-                      vnorm(suf, dim=-1) if has_svd else None)
+    return mix_routes(fac, vnorm(fac.b, dim=-1, keepdim=keepdim) if has_gram else None,
+                      vnorm(suf, dim=-1, keepdim=keepdim) if has_svd else None)
 
 
 def gauss_newton_step(fac: Factors, rcond: float | None = None) -> Tensor:
