@@ -34,12 +34,15 @@ The trust-region subproblem solves built on these factors are in
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
+
+from .counts import count_true, mark_finite
 
 
 class Factors(NamedTuple):
@@ -144,17 +147,17 @@ def factorize(
     if diag is not None:
         H = H + torch.diag_embed(diag.clamp(min=0))
     finite = torch.isfinite(H.sum((-2, -1)) + Atf.sum(-1))
-    if not bool(finite.all()):  # keep the inversion away from non-finite rows
-        H = torch.where(finite[:, None, None], H, torch.eye(n, dtype=H.dtype, device=H.device))
+    # keep the inversion away from non-finite rows
+    H = torch.where(finite.view(-1, 1, 1), H, _eye(n, H.dtype, H.device))
     Hinv, cond1 = inverse_and_condition(H)
     limit = gram_cond_limit(H.dtype)
     ok = finite & (cond1 <= limit / n)  # a NaN cond1 fails too
-    # beyond this, the eigen-decomposition of H cannot be trusted either: straight to the SVD
-    eig_hopeless = ~(cond1 <= n * limit)
-    s = H.new_zeros(B, n)
+    s = mark_finite(H.new_zeros(B, n))
     V = H.new_zeros(B, n, n)
     uf = H.new_zeros(B, n)
-    if not bool(ok.all()):
+    if count_true(ok) < B:  # (the count serves routes() too)
+        # beyond this, the eigen-decomposition of H cannot be trusted either: to the SVD
+        eig_hopeless = ~(cond1 <= n * limit)
         rows = (~ok).nonzero().squeeze(-1)
 
         def pick(t: Tensor | None) -> Tensor | None:
@@ -166,6 +169,12 @@ def factorize(
         V = V.index_copy(0, rows, V_b)
         uf = uf.index_copy(0, rows, uf_b)
     return Factors(s, V, uf, H, Hinv, Atf, ok)
+
+
+@functools.lru_cache(maxsize=32)
+def _eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.eye(n)``, made once per (n, dtype, device); never modified."""
+    return torch.eye(n, dtype=dtype, device=device)
 
 
 def svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
@@ -299,7 +308,7 @@ def routes(fac: Factors) -> tuple[bool, bool]:
     """Whether any problem takes the Gram route, and whether any takes the SVD route."""
     if fac.gram is None:
         return False, True
-    count = int(fac.gram.sum())
+    count = count_true(fac.gram)
     return count > 0, count < fac.gram.shape[0]
 
 
@@ -392,7 +401,7 @@ def refine_gauss_newton(fac: Factors, p: Tensor, J: Tensor, d: Tensor | None,
     ff = (f * f).sum(-1)
     predicted = ff + (p * fac.b).sum(-1)  # |f + A p|^2 = |f|^2 + p.b when H p = -b
     pick = fac.gram & (predicted <= REFINE_BELOW**2 * ff)
-    if not bool(pick.any()):
+    if not count_true(pick):
         return p
     rows = pick.nonzero().squeeze(-1)
     Jr, pr, fr = J.index_select(0, rows), p.index_select(0, rows), f.index_select(0, rows)

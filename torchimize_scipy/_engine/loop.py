@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import termination as term
+from .counts import count_many, count_true
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
 
@@ -100,17 +101,6 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             state[k] = merged
         else:
             raise KeyError(f"new state key {k!r} must be created in init_state()")
-
-
-def count_true(mask: Tensor) -> int:
-    """Number of true entries of a ``(B,)`` mask: one host read decides both
-    "none" (0) and "all" (``B``)."""
-    return mask.sum().tolist()
-
-
-def count_many(*masks: Tensor) -> list[int]:
-    """:func:`count_true` of several ``(B,)`` masks with one host read."""
-    return torch.stack(masks).sum(-1).tolist()
 
 
 def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None],

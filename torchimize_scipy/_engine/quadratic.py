@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .counts import count_true
+
 
 def jac_times(J: Tensor, s: Tensor, d: Tensor | None = None) -> Tensor:
     """Return ``J diag(d) s`` for a batch: ``(B, m, n) x (B, n) -> (B, m)``.
@@ -47,7 +49,7 @@ def gram_form(G: Tensor, u: Tensor, v: Tensor | None = None) -> Tensor:
 
 def _gram_rows(gram: Tensor | None) -> int:
     """How many problems use the Gram form: 0, some, or all (``gram.shape[0]``)."""
-    return 0 if gram is None else int(gram.sum())
+    return 0 if gram is None else count_true(gram)
 
 
 def cross_jac(J: Tensor, u: Tensor, v: Tensor, G: Tensor | None = None,

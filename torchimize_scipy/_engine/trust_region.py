@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
+from .counts import count_true
 from .linalg import (
     Factors,
     full_rank_mask,
@@ -101,11 +102,6 @@ def damped_step(fac: Factors, alpha: Tensor | None,
     return mix_routes(fac, p_gram, p_svd)
 
 
-def _count(mask: Tensor) -> int:
-    """Number of true entries of a mask, from one host read."""
-    return mask.sum().tolist()
-
-
 def _radius_terms(fac: Factors, data: SpectralData, alpha: Tensor | None, delta: Tensor,
                   coef0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`radius_mismatch` in columns: ``phi``, ``-dphi/dalpha`` and ``|p|``, ``(B, 1)``.
@@ -171,7 +167,7 @@ def solve_trust_region_scipy(
         p_svd = -torch.bmm(fac.V, coef0.unsqueeze(-1)).squeeze(-1)
     p_gn = mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
     inside = full_rank & (vnorm(p_gn, dim=-1) <= delta)
-    n_inside = _count(inside)
+    n_inside = count_true(inside)
     if n_inside == B:
         return p_gn, torch.zeros_like(delta)
 
@@ -202,7 +198,7 @@ def solve_trust_region_scipy(
             lower = torch.where(running, lower_it, lower)
             upper = torch.where(running, upper_it, upper)
         running = running > (phi.abs() < tol)  # running and not converged
-        n_running = _count(running)
+        n_running = count_true(running)
         if not n_running:
             break
     p = _damped_step_column(fac, data, alpha)
@@ -257,7 +253,7 @@ def solve_trust_region_minpack(
     dxnorm = vnorm(p_gn, dim=-1, keepdim=True)
     fp = dxnorm - delta_c
     gn_ok = fp <= 0.1 * delta_c
-    n_gn = _count(gn_ok)
+    n_gn = count_true(gn_ok)
     if n_gn == B:
         return p_gn, torch.zeros_like(delta)
 
@@ -309,7 +305,7 @@ def solve_trust_region_minpack(
             paru = torch.where(moving, paru_it, paru)
             fp = torch.where(running, fp_it, fp)
             running = moving
-        n_running = _count(running)
+        n_running = count_true(running)
         if not n_running:
             break
     p = _damped_step_column(fac, data, par)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
+from ..counts import count_true, remember
 from ..linalg import factorize, gauss_newton_step, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import Problem
@@ -168,7 +169,7 @@ class LevenbergMarquardt(StepRule):
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
         # (every Gram row among them) keep the factorisation above untouched.
         deficient = rank_deficient_rows(fac)
-        if bool(deficient.any()):
+        if count_true(deficient):
             rows = deficient.nonzero().squeeze(-1)
             basic, qr_fac = basic_gauss_newton(state["J"].index_select(0, rows),
                                                state["diag"].index_select(0, rows),
@@ -186,12 +187,12 @@ class LevenbergMarquardt(StepRule):
                 new = torch.where(keep.view(-1, *([1] * (value.ndim - 1))), value, old)
                 state[key] = state[key].index_copy(0, rows, new)
         else:
-            state["basic_rows"] = torch.zeros_like(state["basic_rows"])
+            state["basic_rows"] = remember(torch.zeros_like(state["basic_rows"]), 0)
         state["gn_step"] = p_gn
 
     def propose_step(self, problem: Problem, state: dict) -> LMTrial:
         basic = None
-        if bool(state["basic_rows"].any()):
+        if count_true(state["basic_rows"]):  # (known from build_model until rows change)
             basic = BasicStep(state["basic_rows"], state["gn_step"], state["basic_curv"],
                               state["basic_full"])
         q, par = solve_trust_region_minpack(load_factors(state), state["delta"], state["par"],
