@@ -187,8 +187,8 @@ def update_tr_radius(
     """
     pos = predicted_reduction > 0
     safe_pred = torch.where(pos, predicted_reduction, 1.0)
-    # 1 where both reductions are exactly zero, else 0
-    both_zero = ((predicted_reduction == 0) & (actual_reduction == 0)).to(delta.dtype)
+    # 1 where both reductions are exactly zero, else 0 (``where`` turns the mask to 1.0/0.0)
+    both_zero = (predicted_reduction == 0) & (actual_reduction == 0)
     ratio = torch.where(pos, actual_reduction / safe_pred, both_zero)
     new = torch.where(ratio < 0.25, 0.25 * step_norm,
                       torch.where((ratio > 0.75) & bound_hit, 2.0 * delta, delta))

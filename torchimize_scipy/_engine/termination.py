@@ -111,11 +111,12 @@ def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
     """
     eps = torch.finfo(delta.dtype).eps
     half_ok = 0.5 * ratio <= 1
-    ftol_ok = (actred.abs() <= ftol) & (prered <= ftol) & half_ok
+    abs_actred = actred.abs()
+    ftol_ok = (abs_actred <= ftol) & (prered <= ftol) & half_ok
     xtol_ok = delta <= xtol * xnorm
     status = torch.where(gnorm <= eps, GTOL, RUNNING)
     status = torch.where(delta <= eps * xnorm, XTOL, status)
-    tiny_f = (actred.abs() <= eps) & (prered <= eps) & half_ok
+    tiny_f = (abs_actred <= eps) & (prered <= eps) & half_ok
     status = torch.where(tiny_f, FTOL, status)
     status = torch.where(budget_spent(nfev, max_nfev), MAX_NFEV, status)
     return torch.where(xtol_ok, torch.where(ftol_ok, FTOL_XTOL, XTOL),

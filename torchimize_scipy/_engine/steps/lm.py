@@ -226,18 +226,20 @@ class LevenbergMarquardt(StepRule):
         t1sq = temp1 * temp1
         t2sq = temp2 * temp2
         prered = t1sq + t2sq / 0.5
-        dirder = -(t1sq + t2sq)
+        neg_dirder = t1sq + t2sq  # MINPACK's directional derivative, negated
         pos = prered != 0
         ratio = torch.where(pos, actred / torch.where(pos, prered, 1.0),
                             0.0)
         delta = state["delta"]
-        # radius and damping update
-        den = dirder + 0.5 * actred
+        # radius and damping update: MINPACK's 0.5 dirder / (dirder + 0.5 actred), with
+        # both signs flipped (exactly the same quotient; -1 stands for its divisor 1)
+        den = neg_dirder - 0.5 * actred
         temp = torch.where(actred >= 0, 0.5,
-                           0.5 * dirder / torch.where(den != 0, den, 1.0))
+                           0.5 * neg_dirder / torch.where(den != 0, den, -1.0))
         temp = torch.where((tenth1 >= fnorm) | (temp < 0.1), 0.1, temp)
         shrink = ratio <= 0.25
-        grow = ~shrink & ((par == 0) | (ratio >= 0.75))
+        # (for booleans ``a > b`` is ``a & ~b``)
+        grow = ((par == 0) | (ratio >= 0.75)) > shrink
         delta = torch.where(shrink, temp * torch.minimum(delta, pnorm / 0.1),
                             torch.where(grow, pnorm / 0.5, delta))
         par = torch.where(shrink, par / temp, torch.where(grow, 0.5 * par, par))
@@ -245,7 +247,7 @@ class LevenbergMarquardt(StepRule):
         x_new = trial.x_new
         xnorm = torch.where(accept, vnorm((state["diag"] * x_new), dim=-1), state["xnorm"])
         state["delta"], state["par"], state["xnorm"] = delta, par, xnorm
-        state["no_step_yet"] = state["no_step_yet"] & ~accept
+        state["no_step_yet"] = state["no_step_yet"] > accept  # and not accepted
         status = minpack_status(actred, prered, ratio, delta, xnorm, state["gnorm"],
                                 state["nfev"], problem.max_nfev, problem.ftol, problem.xtol)
         state["uncounted_jac"] = uncounted_jacobian(accept, status)
