@@ -21,6 +21,7 @@ accepted by the trial that stops it: :func:`uncounted_jacobian` and
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -67,8 +68,14 @@ def gtol_status(status: Tensor, gtol_hit: Tensor) -> Tensor:
     the step's ``ftol``/``xtol`` tests at the next point), it replaces an
     ``ftol``/``xtol`` code set by the trial that led here.
     """
-    may_override = (status == RUNNING) | ((status >= FTOL) & (status <= FTOL_XTOL))
+    may_override = torch.isin(status, _overridable(status.device))
     return torch.where(gtol_hit & may_override, GTOL, status)
+
+
+@functools.lru_cache(maxsize=8)
+def _overridable(device: torch.device) -> Tensor:
+    """The codes :func:`gtol_status` may replace, on ``device`` (made once; never modified)."""
+    return torch.tensor([RUNNING, FTOL, XTOL, FTOL_XTOL], device=device)
 
 
 def budget_spent(nfev: Tensor, max_nfev: int) -> Tensor:
