@@ -131,15 +131,20 @@ class LevenbergMarquardt(StepRule):
         fnorm = vnorm(f, dim=-1)
         state["fnorm"] = fnorm
         g = state["g"]
-        state["optimality"] = inf_norm(g)
-        denom = fnorm.unsqueeze(-1) * acnorm
-        cosines = torch.where(acnorm != 0, g.abs() / torch.where(denom != 0, denom, 1.0), 0.0)
-        gnorm = torch.where(fnorm != 0, inf_norm(cosines), 0.0)
+        if g.shape[-1]:
+            g_abs = g.abs()
+            state["optimality"] = g_abs.amax(-1)
+            denom = fnorm.unsqueeze(-1) * acnorm
+            cosines = torch.where(acnorm != 0, g_abs / torch.where(denom != 0, denom, 1.0), 0.0)
+            # (the cosines are not negative: their max-norm is their max)
+            gnorm = torch.where(fnorm != 0, cosines.amax(-1), 0.0)
+        else:  # no variables
+            state["optimality"] = gnorm = inf_norm(g)
         state["gnorm"] = gnorm
         # scaling and initial radius on the very first outer iteration
         # (the host knows whether problems were admitted since the last call: no sync)
         any_start, self._admitted = self._admitted, False
-        start = ~state["radius_set"]
+        start = ~state["radius_set"] if any_start else None
         if problem.jac_scale:
             grown = torch.maximum(state["diag"], acnorm)
             if any_start:
