@@ -166,20 +166,27 @@ def all_finite(a: Tensor) -> Tensor:
 
 
 def finite_per_row(a: Tensor) -> Tensor:
-    """``(B,)`` mask: every entry of each row of ``a`` is finite (no host read)."""
-    ok = torch.isfinite(a)
-    return ok.all(-1) if a.ndim == 2 else ok.flatten(1).all(-1)
+    """``(B,)`` mask: every entry of each row of ``a`` is finite, without a host read.
 
-
-def jacobian_finite_rows(J: Tensor, G: Tensor) -> Tensor:
-    """:func:`jacobian_finite` without a host read.
-
-    The entries of ``J`` are checked directly (an operator's, ``tr_solver='lsmr'``,
-    through the squared column norms ``G`` of :func:`~.operator.linearize_products`).
+    The max-norm of a row is finite exactly when every entry is (a NaN
+    propagates, an infinity stays infinite, and a maximum cannot overflow);
+    it takes one pass over ``a``, as a sum does.
     """
-    if not isinstance(J, Tensor):
-        return finite_per_row(G)
-    return finite_per_row(J)
+    rows = a if a.ndim == 2 else a.flatten(1)
+    if rows.shape[-1] == 0:
+        return torch.ones(rows.shape[0], dtype=torch.bool, device=a.device)
+    return torch.isfinite(torch.linalg.vector_norm(rows, ord=math.inf, dim=-1))
+
+
+def jacobian_nonfinite_rows(J: Tensor, G: Tensor) -> Tensor | None:
+    """``(B,)`` mask of the problems whose ``J`` has a non-finite entry, or None if none has.
+
+    Decided from ``G = J^T J`` as :func:`jacobian_finite` does (one read of
+    its sum, much smaller than ``J``).
+    """
+    if math.isfinite(G.sum().tolist()):
+        return None
+    return ~jacobian_finite(J, G)
 
 
 def jacobian_finite(J: Tensor, G: Tensor) -> Tensor:
@@ -311,12 +318,14 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
     The host learns the counts it needs (rows that start an outer iteration,
     that go on to build a model, that stopped, that accepted their trial)
     from two reads per round: one after the ``gtol``/budget tests at the top
-    of an outer iteration, one after the trial. Everything else (status
-    updates, finiteness of the residuals and the Jacobian) is applied with
-    ``torch.where`` without reading the device. A row whose new Jacobian is
-    not finite is stopped (``NONFINITE``) at once; it still counts among the
-    next round's top rows (the host has not read that), whose optimality
-    measure it does not take.
+    of an outer iteration, one after the trial; a third, of the sum of the
+    new ``J^T J``, proves the new Jacobians finite (scanning ``J`` itself
+    for that would cost a pass over the largest tensor of the run). The
+    rest (status updates, the finiteness of the trial residuals) is applied
+    with ``torch.where`` without reading the device. A row whose new
+    Jacobian is not finite is stopped (``NONFINITE``) at once; it still
+    counts among the next round's top rows (the count of those was read
+    before), whose optimality measure it does not take.
     """
     B = state["x"].shape[0]
     capacity = B if capacity is None else capacity
@@ -402,8 +411,9 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
             sub["njev"] = sub["njev"] + 1
             sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
-            okJ = jacobian_finite_rows(sub["J"], sub["G"])
-            sub["status"] = term.stop_running(sub["status"], ~okJ, term.NONFINITE)
+            bad = jacobian_nonfinite_rows(sub["J"], sub["G"])
+            if bad is not None:
+                sub["status"] = term.stop_running(sub["status"], bad, term.NONFINITE)
             rule.after_jacobian(problem, sub)
             put(state, arows, sub)
         if on_iteration is not None:
