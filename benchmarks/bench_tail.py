@@ -103,6 +103,7 @@ def ab_before(args, B: int, y: np.ndarray, p0: np.ndarray) -> None:
                      "yes" if same else "NO"])
         figures.append({"method": method, "B": B, "wall": wall, "cpu": cpu,
                         "cost_identical": same})
+        print(" | ".join(rows[-1]), flush=True)
     print(f"A/B: {args.before} (before) against the working tree (now), alternated, "
           f"median of {args.repeat}\n")
     print(md_table(["method", "datasets", "before wall (s)", "now wall (s)", "speed-up",
