@@ -257,3 +257,40 @@ def test_engine_reads_per_evaluation_single_problem():
     # per iteration of the trust-region subproblem, and the SVD's own checks: about
     # 7.3 per evaluation (11 before issue 14)
     assert (syncs + reads) / evals <= 8.5
+
+
+def test_batch_tail_runs_mkl_single_threaded():
+    # 300 exponential fits, m = 100, n = 2: B m n = 60,000 entries, above torch's grain
+    # size, so the run starts with MKL's threads; once the running rows' Jacobians hold
+    # at most 32,768 entries (and nothing is left to admit), MKL runs single-threaded
+    # in this thread (the tail of slow fits paid MKL's thread wake-ups per iteration)
+    from torchimize_scipy import _blas_threads
+
+    if _blas_threads.mkl_local_threads() is None:
+        pytest.skip("torch is not built with MKL")
+    rng = np.random.default_rng(5)
+    t = np.linspace(0.0, 4.0, 100)
+    B = 300
+    rate = rng.uniform(0.5, 3.0, B)
+    y = 2.0 * np.exp(-rate[:, None] * t) + 0.01 * rng.standard_normal((B, 100))
+    # starts from close to far: the fits end at different rounds
+    x0 = np.stack([np.full(B, 1.0), rate * np.geomspace(1.05, 20.0, B)], 1)
+    seen = []
+
+    def fun(x, y):
+        seen.append((x.shape[0], _blas_threads.mkl_local_threads()))
+        return x[:, :1] * np.exp(-x[:, 1:] * t) - y
+
+    def jac(x, y):
+        e = np.exp(-x[:, 1:] * t)
+        return np.stack([e, -x[:, :1] * t * e], -1)
+
+    before = _blas_threads.mkl_local_threads()
+    res = batch_least_squares(fun, x0, jac=jac, args=(y,), method="trf")
+    assert _blas_threads.mkl_local_threads() == before  # restored after the run
+    assert np.isfinite(np.asarray(res.cost)).all()
+    limit = _blas_threads.GRAIN_SIZE // (100 * 2)
+    serial = [rows for rows, threads in seen if threads == 1]
+    assert serial, "the tail never ran single-threaded"
+    assert max(serial) <= limit
+    assert any(rows > limit and threads != 1 for rows, threads in seen)

@@ -29,12 +29,14 @@ Every stop test and the order in which they apply are in :mod:`.termination`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from .._blas_threads import is_small, serial_blas
 from . import termination as term
 from .counts import count_many, count_true
 from .problem import Problem
@@ -327,9 +329,23 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
     counts among the next round's top rows (the count of those was read
     before), whose optimality measure it does not take.
     """
+    # the tail: once no problem is left to admit and the running rows' Jacobians hold
+    # at most torch's grain size of entries in all, MKL runs single-threaded in this
+    # thread (as the driver does for small runs; see _blas_threads)
+    with contextlib.ExitStack() as blas:
+        _run(problem, rule, state, out, on_finish, on_iteration, refill, capacity, blas)
+
+
+def _run(problem: Problem, rule: StepRule, state: State, out: State,
+         on_finish: Callable[[int], None] | None,
+         on_iteration: Callable[[State], None] | None,
+         refill: Callable[[int], State | None] | None, capacity: int | None,
+         blas: contextlib.ExitStack) -> None:
+    """The body of :func:`run`; ``blas`` holds the tail's single-threaded MKL setting."""
     B = state["x"].shape[0]
     capacity = B if capacity is None else capacity
     n_fresh, n_stopped = admit(problem, rule, state)
+    serial_tail = False
     # verbose=2: scipy's iteration table (one problem); whether its header is still due
     table = {"header": True} if problem.verbose == 2 and rule.prints_table else None
 
@@ -351,6 +367,9 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
         rows = state["x"].shape[0]
         if rows == 0:
             return
+        if refill is None and not serial_tail and is_small(rows * problem.m, problem.n):
+            serial_tail = blas.enter_context(serial_blas(state["x"].device, rows * problem.m,
+                                                         problem.n))
         # ---- top of an outer iteration: optimality, gtol, budget -------------
         n_top, n_fresh = n_fresh, 0
         # ``n_finished``: rows stopped now (those of the top that do not go on, and
