@@ -17,7 +17,12 @@ solve of the Rosenbrock problem under :mod:`torch.profiler` and counts
   ``nonzero``); on a GPU each one stalls the host until the device is done;
 * **host reads**: ``Tensor.tolist()`` and ``Tensor.numpy()`` calls (no aten
   event on the CPU, a device-to-host copy and a sync on a GPU; numpy functions
-  need one per evaluation).
+  need one per evaluation). The engine gathers the counts a round needs and
+  reads them with one ``tolist()``: its column "engine syncs+reads" is what
+  it makes a GPU wait for; "in torch ops" are the syncs torch issues inside
+  its own operations (``torch.linalg.svd``'s info check, the pivot check of
+  the LU solve behind ``torch.linalg.inv_ex``), which the engine cannot avoid
+  short of another algorithm.
 
 Each count is divided by the number of calls of the residual function by the
 solver (the nfev of one problem; the rounds of batched evaluations for a
@@ -196,6 +201,7 @@ def count_events(events) -> dict[str, Counter]:
     """Top-level aten ops, syncs and host reads per region, plus the op names."""
     ops: Counter = Counter()
     syncs: Counter = Counter()
+    inner: Counter = Counter()  # syncs issued inside another aten op (torch's own checks)
     reads: Counter = Counter()
     names: Counter = Counter()
     sync_names: Counter = Counter()
@@ -205,6 +211,8 @@ def count_events(events) -> dict[str, Counter]:
             if name in SYNC_OPS and not _has_ancestor(ev, SYNC_OPS.__contains__):
                 region = _region(ev)
                 syncs[region] += 1
+                if _has_ancestor(ev, lambda s: s.startswith("aten::")):
+                    inner[region] += 1
                 sync_names[f"{region}: {name}"] += 1
             if not _has_ancestor(ev, lambda s: s.startswith("aten::")):
                 region = _region(ev)
@@ -212,7 +220,7 @@ def count_events(events) -> dict[str, Counter]:
                 names[f"{region}: {name}"] += 1
         elif any(h in name for h in HOST_READS):
             reads[_region(ev)] += 1
-    return {"ops": ops, "syncs": syncs, "reads": reads, "names": names,
+    return {"ops": ops, "syncs": syncs, "inner": inner, "reads": reads, "names": names,
             "sync_names": sync_names}
 
 
@@ -223,10 +231,10 @@ def profile_case(call, fun: Counted) -> dict[str, Any]:
         res = call()
     calls = fun.calls
     counts = count_events(prof.events())
-    per = {k: {r: counts[k][r] / calls for r in REGION_NAMES if counts[k][r]}
-           for k in ("ops", "syncs", "reads")}
+    kinds = ("ops", "syncs", "inner", "reads")
+    per = {k: {r: counts[k][r] / calls for r in REGION_NAMES if counts[k][r]} for k in kinds}
     return {"fun_calls": calls, "per_eval": per,
-            "totals": {k: dict(counts[k]) for k in ("ops", "syncs", "reads")},
+            "totals": {k: dict(counts[k]) for k in kinds},
             "top_ops": counts["names"].most_common(25),
             "sync_sites": dict(counts["sync_names"]),
             "status": _first_status(res)}
@@ -282,6 +290,7 @@ def main() -> None:
                                 "seconds": t, "us_per_eval": 1e6 * t / max(calls, 1)})
                     records.append(rec)
                     per = rec["per_eval"]
+                    engine_waits = per["syncs"].get("engine", 0) + per["reads"].get("engine", 0)
                     rows.append([method, "yes" if bounded else "no", B, kind,
                                  rec["fun_calls"], sum(rec["totals"]["ops"].values()),
                                  f"{sum(per['ops'].values()):.0f}",
@@ -289,21 +298,29 @@ def main() -> None:
                                  f"{_outside(per['ops']):.0f}",
                                  f"{sum(per['syncs'].values()):.1f}",
                                  f"{per['syncs'].get('engine', 0):.1f}",
+                                 f"{per['inner'].get('engine', 0):.1f}",
                                  f"{_outside(per['syncs']):.1f}",
                                  f"{sum(per['reads'].values()):.1f}",
+                                 f"{per['reads'].get('engine', 0):.1f}",
+                                 f"{engine_waits:.1f}",
                                  f"{rec['us_per_eval']:.0f}"])
                     print(f"{method:6s} bounded={bounded!s:5s} B={B:<6d} {kind:5s} "
                           f"evals={rec['fun_calls']:3d} ops/eval={rows[-1][6]:>5s} "
-                          f"syncs/eval={rows[-1][9]:>5s} {rec['us_per_eval']:.0f} us/eval",
-                          flush=True)
+                          f"syncs/eval={rows[-1][9]:>5s} engine syncs+reads/eval="
+                          f"{rows[-1][15]:>5s} {rec['us_per_eval']:.0f} us/eval", flush=True)
     headers = ["method", "bounds", "B", "fun", "evals", "ops/call", "ops/eval", "engine",
-               "outside", "syncs/eval", "engine", "outside", "host reads/eval", "µs/eval"]
+               "outside", "syncs/eval", "engine", "in torch ops", "outside",
+               "host reads/eval", "engine", "engine syncs+reads", "µs/eval"]
     print("\n### aten operations and host syncs per evaluation of `fun` (Rosenbrock, "
           "analytic Jacobian)\n")
     print(md_table(headers, rows))
     print("\n'outside' = adapters + jacobian + frontend + results + loss (the user's own "
           "torch ops are excluded from both columns but included in ops/eval); evals = "
-          "calls of fun by the solver (batched rounds for B > 1).")
+          "calls of fun by the solver (batched rounds for B > 1); 'in torch ops' = the "
+          "engine's syncs issued inside a torch operation (the info checks of "
+          "torch.linalg.svd, the pivot checks of inv_ex's LU solve); 'engine syncs+reads' "
+          "= the engine's syncs plus its Tensor.tolist() reads (each a device-to-host copy "
+          "on a GPU).")
     path = write_json(args, "bench_ops", {
         "note": "per evaluation of fun: top-level aten ops, host syncs, host reads by region; "
                 "Rosenbrock from (-1.2, 1) (bounded: x1 >= 1.5 from (2, 2)), analytic "

@@ -12,9 +12,16 @@ problems of one block run beside the next block.
 The batch call (numpy model, analytic Jacobian) is timed once on all
 datasets and a scipy loop on the first ``--scipy-subset``, extrapolated.
 
+With ``--before REV`` the package at commit ``REV`` (imported under another
+name, as ``ab_small.py`` does) and the working tree are timed alternately on
+the same datasets, ``--repeat`` times each, in wall and process-CPU time
+(the scipy loop is then skipped): an A/B of the engine that a drifting load
+affects alike.
+
 Usage::
 
     python benchmarks/bench_tail.py [--B 20000] [--scipy-subset 1000] [--quick]
+    PYTHONPATH=$PWD python benchmarks/bench_tail.py --before REV [--B 5000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -67,15 +74,59 @@ def data(B: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return y, p0
 
 
+def ab_before(args, B: int, y: np.ndarray, p0: np.ndarray) -> None:
+    """Alternate the package at ``args.before`` and the working tree on the same batch."""
+    import statistics
+    import tempfile
+
+    from ab_small import import_commit
+
+    old = import_commit(args.before, tempfile.mkdtemp())
+    libs = {"before": old.batch_least_squares, "now": batch_least_squares}
+    rows, figures = [], []
+    for method in ("trf", "lm"):
+        wall: dict[str, list[float]] = {k: [] for k in libs}
+        cpu: dict[str, list[float]] = {k: [] for k in libs}
+        costs = {}
+        for _ in range(args.repeat):
+            for name, fit in libs.items():
+                w0, c0 = time.perf_counter(), time.process_time()
+                res = fit(peaks, p0, jac=peaks_jac, args=(y,), method=method, return_jac=False)
+                cpu[name].append(time.process_time() - c0)
+                wall[name].append(time.perf_counter() - w0)
+                costs[name] = np.asarray(res.cost)
+        med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in libs}
+        same = bool(np.array_equal(costs["before"], costs["now"]))
+        rows.append([method, f"{B:,}", f"{med['before'][0]:.2f}", f"{med['now'][0]:.2f}",
+                     f"{med['before'][0] / med['now'][0]:.2f}x", f"{med['before'][1]:.2f}",
+                     f"{med['now'][1]:.2f}", f"{med['before'][1] / med['now'][1]:.2f}x",
+                     "yes" if same else "NO"])
+        figures.append({"method": method, "B": B, "wall": wall, "cpu": cpu,
+                        "cost_identical": same})
+        print(" | ".join(rows[-1]), flush=True)
+    print(f"A/B: {args.before} (before) against the working tree (now), alternated, "
+          f"median of {args.repeat}\n")
+    print(md_table(["method", "datasets", "before wall (s)", "now wall (s)", "speed-up",
+                    "before CPU (s)", "now CPU (s)", "CPU speed-up", "costs identical"],
+                   rows))
+    write_json(args, f"bench_tail_ab_{args.before}", {"env": environment(args),
+                                                      "results": figures})
+
+
 def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--B", type=int, default=20_000)
     p.add_argument("--scipy-subset", type=int, default=1_000)
+    p.add_argument("--before", default=None, help="commit to alternate with (A/B)")
+    p.add_argument("--repeat", type=int, default=3, help="A/B: calls of each version")
     args = p.parse_args()
     setup(args)
     B = 2_000 if args.quick else args.B
     sub = min(B, 50 if args.quick else args.scipy_subset)
     y, p0 = data(B, args.seed)
+    if args.before:
+        ab_before(args, B, y, p0)
+        return
     rows, figures = [], []
     for method in ("trf", "lm"):
         t0 = time.perf_counter()

@@ -34,12 +34,15 @@ The trust-region subproblem solves built on these factors are in
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
+
+from .counts import count_true, mark_finite
 
 
 class Factors(NamedTuple):
@@ -144,17 +147,17 @@ def factorize(
     if diag is not None:
         H = H + torch.diag_embed(diag.clamp(min=0))
     finite = torch.isfinite(H.sum((-2, -1)) + Atf.sum(-1))
-    if not bool(finite.all()):  # keep the inversion away from non-finite rows
-        H = torch.where(finite[:, None, None], H, torch.eye(n, dtype=H.dtype, device=H.device))
+    # keep the inversion away from non-finite rows
+    H = torch.where(finite.view(-1, 1, 1), H, _eye(n, H.dtype, H.device))
     Hinv, cond1 = inverse_and_condition(H)
     limit = gram_cond_limit(H.dtype)
     ok = finite & (cond1 <= limit / n)  # a NaN cond1 fails too
-    # beyond this, the eigen-decomposition of H cannot be trusted either: straight to the SVD
-    eig_hopeless = ~(cond1 <= n * limit)
-    s = H.new_zeros(B, n)
+    s = mark_finite(H.new_zeros(B, n))
     V = H.new_zeros(B, n, n)
     uf = H.new_zeros(B, n)
-    if not bool(ok.all()):
+    if count_true(ok) < B:  # (the count serves routes() too)
+        # beyond this, the eigen-decomposition of H cannot be trusted either: to the SVD
+        eig_hopeless = ~(cond1 <= n * limit)
         rows = (~ok).nonzero().squeeze(-1)
 
         def pick(t: Tensor | None) -> Tensor | None:
@@ -166,6 +169,12 @@ def factorize(
         V = V.index_copy(0, rows, V_b)
         uf = uf.index_copy(0, rows, uf_b)
     return Factors(s, V, uf, H, Hinv, Atf, ok)
+
+
+@functools.lru_cache(maxsize=32)
+def _eye(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.eye(n)``, made once per (n, dtype, device); never modified."""
+    return torch.eye(n, dtype=dtype, device=device)
 
 
 def svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
@@ -299,7 +308,7 @@ def routes(fac: Factors) -> tuple[bool, bool]:
     """Whether any problem takes the Gram route, and whether any takes the SVD route."""
     if fac.gram is None:
         return False, True
-    count = int(fac.gram.sum())
+    count = count_true(fac.gram)
     return count > 0, count < fac.gram.shape[0]
 
 
@@ -313,33 +322,37 @@ def mix_routes(fac: Factors, gram_value: Tensor | None, svd_value: Tensor | None
     return torch.where(mask, gram_value, svd_value)
 
 
-def gram_solve(fac: Factors, alpha: Tensor | None) -> tuple[Tensor, Tensor]:
+def gram_solve(fac: Factors, alpha: Tensor | None,
+               keepdim: bool = False) -> tuple[Tensor, Tensor]:
     """``p = -(H + alpha I)^{-1} b`` and ``q = p^T (H + alpha I)^{-1} p`` on Gram rows.
 
-    ``alpha=None`` means 0 (the stored inverse is used). Rows that do not
-    take the Gram route get meaningless values.
+    ``alpha`` has shape ``(B,)`` or ``(B, 1)``; None means 0 (the stored
+    inverse is used). ``q`` has shape ``(B, 1)`` with ``keepdim``, else
+    ``(B,)``. Rows that do not take the Gram route get meaningless values.
     """
     if alpha is None:
         M = fac.Hinv
     else:
-        H = fac.H + torch.diag_embed(alpha.unsqueeze(-1).expand_as(fac.b))
+        column = alpha if alpha.ndim == 2 else alpha.unsqueeze(-1)
+        H = fac.H + torch.diag_embed(column.expand_as(fac.b))
         M = torch.linalg.inv_ex(H)[0]
     p = -torch.bmm(M, fac.b.unsqueeze(-1))
-    q = (p * torch.bmm(M, p)).sum((-2, -1))
+    Mp = torch.bmm(M, p)
+    q = (p * Mp).sum(-2) if keepdim else (p * Mp).sum((-2, -1))
     return p.squeeze(-1), q
 
 
 def grad_norm(fac: Factors, route: tuple[bool, bool] | None = None,
-              suf: Tensor | None = None) -> Tensor:
-    """``|A^T b|`` per problem.
+              suf: Tensor | None = None, keepdim: bool = False) -> Tensor:
+    """``|A^T b|`` per problem, ``(B,)`` (``(B, 1)`` with ``keepdim``).
 
     ``route`` (:func:`routes`) and ``suf = s * uf`` may be passed when known.
     """
     has_gram, has_svd = routes(fac) if route is None else route
     if has_svd and suf is None:
         suf = fac.s * fac.uf
-    return mix_routes(fac, vnorm(fac.b, dim=-1) if has_gram else None,
-                      vnorm(suf, dim=-1) if has_svd else None)
+    return mix_routes(fac, vnorm(fac.b, dim=-1, keepdim=keepdim) if has_gram else None,
+                      vnorm(suf, dim=-1, keepdim=keepdim) if has_svd else None)
 
 
 def gauss_newton_step(fac: Factors, rcond: float | None = None) -> Tensor:
@@ -388,7 +401,7 @@ def refine_gauss_newton(fac: Factors, p: Tensor, J: Tensor, d: Tensor | None,
     ff = (f * f).sum(-1)
     predicted = ff + (p * fac.b).sum(-1)  # |f + A p|^2 = |f|^2 + p.b when H p = -b
     pick = fac.gram & (predicted <= REFINE_BELOW**2 * ff)
-    if not bool(pick.any()):
+    if not count_true(pick):
         return p
     rows = pick.nonzero().squeeze(-1)
     Jr, pr, fr = J.index_select(0, rows), p.index_select(0, rows), f.index_select(0, rows)

@@ -29,13 +29,16 @@ Every stop test and the order in which they apply are in :mod:`.termination`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from .._blas_threads import is_small, serial_blas
 from . import termination as term
+from .counts import count_many, count_true
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
 
@@ -102,12 +105,6 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             raise KeyError(f"new state key {k!r} must be created in init_state()")
 
 
-def count_true(mask: Tensor) -> int:
-    """Number of true entries of a ``(B,)`` mask: one host synchronisation decides both
-    "none" (0) and "all" (``B``)."""
-    return int(mask.sum())
-
-
 def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None],
             count: int | None = None) -> None:
     """Run ``fn`` on the rows of ``state`` selected by ``mask`` and keep what it assigns.
@@ -170,6 +167,30 @@ def all_finite(a: Tensor) -> Tensor:
     return finite_rows(a)[0]
 
 
+def finite_per_row(a: Tensor) -> Tensor:
+    """``(B,)`` mask: every entry of each row of ``a`` is finite, without a host read.
+
+    The max-norm of a row is finite exactly when every entry is (a NaN
+    propagates, an infinity stays infinite, and a maximum cannot overflow);
+    it takes one pass over ``a``, as a sum does.
+    """
+    rows = a if a.ndim == 2 else a.flatten(1)
+    if rows.shape[-1] == 0:
+        return torch.ones(rows.shape[0], dtype=torch.bool, device=a.device)
+    return torch.isfinite(torch.linalg.vector_norm(rows, ord=math.inf, dim=-1))
+
+
+def jacobian_nonfinite_rows(J: Tensor, G: Tensor) -> Tensor | None:
+    """``(B,)`` mask of the problems whose ``J`` has a non-finite entry, or None if none has.
+
+    Decided from ``G = J^T J`` as :func:`jacobian_finite` does (one read of
+    its sum, much smaller than ``J``).
+    """
+    if math.isfinite(G.sum().tolist()):
+        return None
+    return ~jacobian_finite(J, G)
+
+
 def jacobian_finite(J: Tensor, G: Tensor) -> Tensor:
     """``(B,)`` mask: every entry of each ``J`` is finite, decided from ``G = J^T J``.
 
@@ -182,6 +203,12 @@ def jacobian_finite(J: Tensor, G: Tensor) -> Tensor:
     if not isinstance(J, Tensor):  # an operator (tr_solver='lsmr'): G holds column norms
         return torch.isfinite(G).flatten(1).all(-1)
     return all_finite(J)
+
+
+def _original(view: RowView, key: str) -> Tensor:
+    """The value of ``key`` in the rows of ``view`` before ``view`` assigned it."""
+    value = view.state[key]
+    return value if view.rows is None else value.index_select(0, view.rows)
 
 
 def _rows(mask: Tensor, count: int) -> Tensor | None:
@@ -203,12 +230,16 @@ def _print_row(state: State, header: bool) -> None:
           f"{float(state['cost'][0]):^15.4e}{red_s}{stp_s}{float(state['optimality'][0]):^15.2e}")
 
 
-def admit(problem: Problem, rule: StepRule, state: State) -> None:
+def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
     """Turn the initial rows of new problems into engine state, in place.
 
     ``state`` holds ``ids, x, f_true, J_true, lb, ub, scale, scale_inv, nfev,
     njev`` (``J_true`` is the raw Jacobian at ``x``) and optionally a preset
     ``status``; the loop's and the step rule's per-problem keys are added.
+
+    Returns the number of rows that start an outer iteration (``fresh``) and
+    the number of rows already stopped that do not (non-finite start, or a
+    preset ``CALLBACK_STOP``), from one host read.
     """
     B = state["x"].shape[0]
     dev = state["x"].device
@@ -216,22 +247,24 @@ def admit(problem: Problem, rule: StepRule, state: State) -> None:
     nan = torch.full((B,), float("nan"), dtype=dtype, device=dev)
     J_true = state.pop("J_true")
     f, J, g, G = problem.linearize(state["f_true"], J_true)
+    status = state.get("status", torch.full((B,), term.RUNNING, dtype=torch.long, device=dev))
+    bad = ~(jacobian_finite(J, G) & all_finite(state["f_true"]))
+    status = term.stop_running(status, bad, term.NONFINITE)
+    # a row starts its first outer iteration unless it stopped for good already
+    fresh = (status != term.CALLBACK_STOP) & (status != term.NONFINITE)
     state.update(
         f=f, J=J, g=g, G=G, cost=problem.cost(state["f_true"]),
-        nit=torch.zeros(B, dtype=torch.long, device=dev),
-        status=state.get("status", torch.full((B,), term.RUNNING, dtype=torch.long,
-                                               device=dev)),
-        fresh=torch.ones(B, dtype=torch.bool, device=dev),
+        nit=torch.zeros(B, dtype=torch.long, device=dev), status=status, fresh=fresh,
         optimality=torch.zeros(B, dtype=dtype, device=dev),
         last_reduction=nan.clone(), last_step_norm=nan.clone(),
     )
-    bad = ~(jacobian_finite(J, G) & all_finite(state["f_true"]))
-    state["status"] = term.stop_running(state["status"], bad, term.NONFINITE)
     rule.init_state(problem, state)
     undeclared = set(state) - LOOP_KEYS - rule.state_keys
     if undeclared:
         raise KeyError(f"{type(rule).__name__} created undeclared state keys "
                        f"{sorted(undeclared)}")
+    n_fresh, n_stopped = count_many(fresh, ~fresh)
+    return n_fresh, n_stopped
 
 
 def concat(state: State, new: State) -> None:
@@ -281,11 +314,40 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
         of stretching each block's tail.
     capacity : int, optional
         Rows held at once when ``refill`` is given (default: the initial rows).
+
+    Notes
+    -----
+    The host learns the counts it needs (rows that start an outer iteration,
+    that go on to build a model, that stopped, that accepted their trial)
+    from two reads per round: one after the ``gtol``/budget tests at the top
+    of an outer iteration, one after the trial; a third, of the sum of the
+    new ``J^T J``, proves the new Jacobians finite (scanning ``J`` itself
+    for that would cost a pass over the largest tensor of the run). The
+    rest (status updates, the finiteness of the trial residuals) is applied
+    with ``torch.where`` without reading the device. A row whose new
+    Jacobian is not finite is stopped (``NONFINITE``) at once; it still
+    counts among the next round's top rows (the count of those was read
+    before), whose optimality measure it does not take.
     """
+    # the tail: once no problem is left to admit and the running rows' Jacobians hold
+    # at most torch's grain size of entries in all, MKL runs single-threaded in this
+    # thread (as the driver does for small runs; see _blas_threads)
+    with contextlib.ExitStack() as blas:
+        _run(problem, rule, state, out, on_finish, on_iteration, refill, capacity, blas)
+
+
+def _run(problem: Problem, rule: StepRule, state: State, out: State,
+         on_finish: Callable[[int], None] | None,
+         on_iteration: Callable[[State], None] | None,
+         refill: Callable[[int], State | None] | None, capacity: int | None,
+         blas: contextlib.ExitStack) -> None:
+    """The body of :func:`run`; ``blas`` holds the tail's single-threaded MKL setting."""
     B = state["x"].shape[0]
     capacity = B if capacity is None else capacity
-    admit(problem, rule, state)
-    printed_header = False
+    n_fresh, n_stopped = admit(problem, rule, state)
+    serial_tail = False
+    # verbose=2: scipy's iteration table (one problem); whether its header is still due
+    table = {"header": True} if problem.verbose == 2 and rule.prints_table else None
 
     while True:
         rows = state["x"].shape[0]
@@ -294,7 +356,9 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
             if more is None:
                 refill = None
             else:
-                admit(problem, rule, more)
+                new_fresh, new_stopped = admit(problem, rule, more)
+                n_fresh += new_fresh
+                n_stopped += new_stopped
                 if rows == 0:
                     state.clear()
                     state.update(more)
@@ -303,32 +367,29 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
         rows = state["x"].shape[0]
         if rows == 0:
             return
+        if refill is None and not serial_tail and is_small(rows * problem.m, problem.n):
+            serial_tail = blas.enter_context(serial_blas(state["x"].device, rows * problem.m,
+                                                         problem.n))
         # ---- top of an outer iteration: optimality, gtol, budget -------------
-        status = state["status"]
-        top = state["fresh"] & (status != term.CALLBACK_STOP) & (status != term.NONFINITE)
-        n_top = count_true(top)
+        n_top, n_fresh = n_fresh, 0
+        # ``n_finished``: rows stopped now (those of the top that do not go on, and
+        # ``n_stopped`` others); None: the factorisations stopped some, recount
+        n_finished: int | None = n_stopped
         if n_top:
-            def outer_top(sub: RowView) -> None:
-                nonlocal printed_header
-                gtol_hit = rule.measure_optimality(problem, sub)
-                if bool(gtol_hit.any()):
-                    sub["status"] = term.gtol_status(sub["status"], gtol_hit)
-                if problem.verbose == 2 and B == 1 and rule.prints_table:
-                    _print_row(sub, header=not printed_header)
-                    printed_header = True
-                if rule.budget_at_top:
-                    sub["status"] = term.budget_status(sub["status"], sub["nfev"],
-                                                       problem.max_nfev)
-                go = sub["status"] == term.RUNNING
-                n_go = count_true(go)
-                if n_go:
-                    on_rows(sub, go, lambda part: rule.build_model(problem, part), n_go)
+            def outer_top(sub: RowView, partial: bool = n_top < rows,
+                          n_stopped: int = n_stopped) -> None:
+                nonlocal n_finished
+                n_finished = _top_stage(problem, rule, sub, partial, n_stopped,
+                                        table if B == 1 else None)
 
-            on_rows(state, top, outer_top, n_top)
+            on_rows(state, state["fresh"], outer_top, n_top)
         # (``fresh`` is next read after this round's trial has set it)
-        finished = state["status"] != term.RUNNING
-        n_finished = count_true(finished)
+        if n_finished is None or n_finished:
+            finished = state["status"] != term.RUNNING
+            if n_finished is None:
+                n_finished = count_true(finished)
         if n_finished:
+            n_stopped = 0
             _write_out(problem, rule, state, finished, n_finished, out)
             if on_finish is not None:
                 on_finish(n_finished)
@@ -343,15 +404,15 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
         x_new = trial.x_new
         f_new = problem.fun(x_new, state["ids"])
         state["nfev"] = state["nfev"] + 1
-        finite, all_ok = finite_rows(f_new)
-        if not all_ok:
-            f_new = torch.where(finite.unsqueeze(-1), f_new, 0.0)
+        finite = finite_per_row(f_new)
+        f_new = torch.where(finite.unsqueeze(-1), f_new, 0.0)
         cost_new = problem.cost(f_new)
         accept, code, x_acc = rule.assess_trial(problem, state, trial, f_new, cost_new, finite)
         red = state["cost"] - cost_new if problem.verbose == 2 else None
-        state["status"] = torch.where(code != term.RUNNING, code, state["status"])
-        over = term.budget_spent(state["nfev"], problem.max_nfev)
-        boundary = accept | (state["status"] != term.RUNNING) | over
+        status = torch.where(code != term.RUNNING, code, state["status"])
+        state["status"] = status
+        boundary = accept | (status != term.RUNNING) | term.budget_spent(state["nfev"],
+                                                                           problem.max_nfev)
         if problem.verbose == 2:
             state["last_reduction"] = torch.where(
                 boundary, torch.where(accept, red, 0.0), state["last_reduction"])
@@ -359,7 +420,7 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
                 boundary, torch.where(accept, trial.step_norm, 0.0), state["last_step_norm"])
         state["nit"] = state["nit"] + boundary
         state["fresh"] = boundary
-        n_accept = count_true(accept)
+        n_accept, n_fresh = count_many(accept, boundary)
         if n_accept:
             arows = _rows(accept, n_accept)
             sub = take(state, arows)
@@ -369,15 +430,54 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
             sub["njev"] = sub["njev"] + 1
             sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
-            okJ = jacobian_finite(sub["J"], sub["G"])
-            sub["status"] = term.stop_running(sub["status"], ~okJ, term.NONFINITE)
+            bad = jacobian_nonfinite_rows(sub["J"], sub["G"])
+            if bad is not None:
+                sub["status"] = term.stop_running(sub["status"], bad, term.NONFINITE)
             rule.after_jacobian(problem, sub)
             put(state, arows, sub)
         if on_iteration is not None:
             on_iteration(state)
-        if problem.callback is not None and B == 1 and bool(boundary[0]):
+        if problem.callback is not None and B == 1 and n_fresh:
             if problem.callback(state):
                 state["status"] = torch.full_like(state["status"], term.CALLBACK_STOP)
+                state["fresh"] = torch.zeros_like(state["fresh"])
+                n_fresh, n_stopped = 0, state["x"].shape[0]
+
+
+def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_stopped: int,
+               table: dict | None) -> int | None:
+    """The top of an outer iteration on ``sub``; the number of rows stopped now.
+
+    ``sub`` holds the top rows, or every row (``partial``: only the top rows
+    are kept, see :func:`on_rows`); ``n_stopped`` rows outside the top had
+    stopped already. Returns None when a factorisation stopped rows (the
+    caller counts them). ``table``: the iteration table's state (verbose=2,
+    one problem).
+    """
+    gtol_hit = rule.measure_optimality(problem, sub)
+    sub["status"] = term.gtol_status(sub["status"], gtol_hit)
+    if table is not None and int(sub["status"][0]) != term.NONFINITE:
+        _print_row(sub, header=table["header"])
+        table["header"] = False
+    if rule.budget_at_top:
+        sub["status"] = term.budget_status(sub["status"], sub["nfev"], problem.max_nfev)
+    status = sub["status"]
+    go = status == term.RUNNING
+    nonfinite = status == term.NONFINITE
+    if partial and sub.rows is None:  # every row computed: count the top rows
+        n_go, n_nonfinite, n_top_stopped = count_many(go, nonfinite, sub["fresh"] & ~go)
+        n_finished: int | None = n_top_stopped + n_stopped
+    else:  # the top rows only
+        n_go, n_nonfinite = count_many(go, nonfinite)
+        n_finished = len(go) - n_go + n_stopped
+    if n_nonfinite:  # a row whose last Jacobian was not finite keeps its measure
+        sub["optimality"] = torch.where(nonfinite, _original(sub, "optimality"),
+                                        sub["optimality"])
+    if n_go:
+        on_rows(sub, go, lambda part: rule.build_model(problem, part), n_go)
+        if sub["status"] is not status:  # a factorisation failed somewhere
+            n_finished = None
+    return n_finished
 
 
 def _write_out(problem: Problem, rule: StepRule, state: State, mask: Tensor, count: int,

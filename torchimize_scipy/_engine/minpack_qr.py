@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
+from .counts import count_true, remember
 from .linalg import Factors, svd_direct
 
 #: Rows whose smallest singular value is at most this multiple of ``eps * s_max`` are
@@ -157,8 +158,10 @@ def rank_deficient_rows(fac: Factors) -> Tensor:
     rows with non-finite factors are not selected either.
     """
     s = fac.s
-    if s.shape[-1] == 0:  # no variables: nothing to pivot
-        return torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
+    B = s.shape[0]
+    if s.shape[-1] == 0 or (fac.gram is not None and count_true(fac.gram) == B):
+        # no variables (nothing to pivot), or every row on the Gram route
+        return remember(torch.zeros(B, dtype=torch.bool, device=s.device), 0)
     eps = torch.finfo(s.dtype).eps
     low = s[:, -1] <= LM_RANK_FACTOR * eps * s[:, 0]
     return low if fac.gram is None else low & ~fac.gram

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .counts import count_true
+
 
 def jac_times(J: Tensor, s: Tensor, d: Tensor | None = None) -> Tensor:
     """Return ``J diag(d) s`` for a batch: ``(B, m, n) x (B, n) -> (B, m)``.
@@ -47,7 +49,7 @@ def gram_form(G: Tensor, u: Tensor, v: Tensor | None = None) -> Tensor:
 
 def _gram_rows(gram: Tensor | None) -> int:
     """How many problems use the Gram form: 0, some, or all (``gram.shape[0]``)."""
-    return 0 if gram is None else int(gram.sum())
+    return 0 if gram is None else count_true(gram)
 
 
 def cross_jac(J: Tensor, u: Tensor, v: Tensor, G: Tensor | None = None,
@@ -185,8 +187,8 @@ def update_tr_radius(
     """
     pos = predicted_reduction > 0
     safe_pred = torch.where(pos, predicted_reduction, 1.0)
-    # 1 where both reductions are exactly zero, else 0
-    both_zero = ((predicted_reduction == 0) & (actual_reduction == 0)).to(delta.dtype)
+    # 1 where both reductions are exactly zero, else 0 (``where`` turns the mask to 1.0/0.0)
+    both_zero = (predicted_reduction == 0) & (actual_reduction == 0)
     ratio = torch.where(pos, actual_reduction / safe_pred, both_zero)
     new = torch.where(ratio < 0.25, 0.25 * step_norm,
                       torch.where((ratio > 0.75) & bound_hit, 2.0 * delta, delta))

@@ -21,6 +21,7 @@ accepted by the trial that stops it: :func:`uncounted_jacobian` and
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -67,8 +68,14 @@ def gtol_status(status: Tensor, gtol_hit: Tensor) -> Tensor:
     the step's ``ftol``/``xtol`` tests at the next point), it replaces an
     ``ftol``/``xtol`` code set by the trial that led here.
     """
-    may_override = (status == RUNNING) | ((status >= FTOL) & (status <= FTOL_XTOL))
+    may_override = torch.isin(status, _overridable(status.device))
     return torch.where(gtol_hit & may_override, GTOL, status)
+
+
+@functools.lru_cache(maxsize=8)
+def _overridable(device: torch.device) -> Tensor:
+    """The codes :func:`gtol_status` may replace, on ``device`` (made once; never modified)."""
+    return torch.tensor([RUNNING, FTOL, XTOL, FTOL_XTOL], device=device)
 
 
 def budget_spent(nfev: Tensor, max_nfev: int) -> Tensor:
@@ -111,11 +118,12 @@ def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
     """
     eps = torch.finfo(delta.dtype).eps
     half_ok = 0.5 * ratio <= 1
-    ftol_ok = (actred.abs() <= ftol) & (prered <= ftol) & half_ok
+    abs_actred = actred.abs()
+    ftol_ok = (abs_actred <= ftol) & (prered <= ftol) & half_ok
     xtol_ok = delta <= xtol * xnorm
     status = torch.where(gnorm <= eps, GTOL, RUNNING)
     status = torch.where(delta <= eps * xnorm, XTOL, status)
-    tiny_f = (actred.abs() <= eps) & (prered <= eps) & half_ok
+    tiny_f = (abs_actred <= eps) & (prered <= eps) & half_ok
     status = torch.where(tiny_f, FTOL, status)
     status = torch.where(budget_spent(nfev, max_nfev), MAX_NFEV, status)
     return torch.where(xtol_ok, torch.where(ftol_ok, FTOL_XTOL, XTOL),

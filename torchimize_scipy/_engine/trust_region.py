@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
+from .counts import count_true
 from .linalg import (
     Factors,
     full_rank_mask,
@@ -101,6 +102,39 @@ def damped_step(fac: Factors, alpha: Tensor | None,
     return mix_routes(fac, p_gram, p_svd)
 
 
+def _radius_terms(fac: Factors, data: SpectralData, alpha: Tensor | None, delta: Tensor,
+                  coef0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`radius_mismatch` in columns: ``phi``, ``-dphi/dalpha`` and ``|p|``, ``(B, 1)``.
+
+    ``alpha`` and ``delta`` have shape ``(B, 1)`` (``alpha=None``: 0);
+    ``coef0``, when given, is ``s * uf / s**2`` (0 where ``s = 0``) of the
+    undamped step. The derivative is returned with its sign flipped (it is
+    never positive): the Newton updates divide by it, and a flipped divisor
+    saves the negations (``-a / b == a / -b`` exactly).
+    """
+    has_gram, has_svd = data.route
+    pn_s = dpos_s = pn_g = dpos_g = None
+    if has_svd:
+        # (with alpha = 0, s * s + 0 is s * s exactly)
+        denom = data.s2 if alpha is None else data.s2 + alpha
+        nonzero = denom != 0
+        coef = torch.where(nonzero, data.suf / denom, 0.0) if coef0 is None else coef0
+        pn_s = vnorm(coef, dim=-1, keepdim=True)
+        dpos_s = torch.where(nonzero, data.suf2 / denom**3, 0.0).sum(-1, keepdim=True) / (
+            torch.where(pn_s > 0, pn_s, 1.0))
+    if has_gram:
+        p, q = gram_solve(fac, alpha, keepdim=True)
+        pn_g = vnorm(p, dim=-1, keepdim=True)
+        dpos_g = q / torch.where(pn_g > 0, pn_g, 1.0)
+    p_norm = mix_routes(fac, pn_g, pn_s)
+    return p_norm - delta, mix_routes(fac, dpos_g, dpos_s), p_norm
+
+
+def _restart(lower: Tensor, upper: Tensor) -> Tensor:
+    """Moré's restart point inside ``[lower, upper]``."""
+    return torch.maximum(0.001 * upper, (lower * upper).sqrt())
+
+
 def solve_trust_region_scipy(
     fac: Factors, delta: Tensor, alpha0: Tensor, m: int, n: int,
     rtol: float = 0.01, max_iter: int = 10,
@@ -112,48 +146,81 @@ def solve_trust_region_scipy(
     safeguarded Newton iteration to ``|p| = delta (1 +- rtol)`` and the step is
     rescaled onto the boundary.
 
+    The host reads one count before the iteration (how many steps fit) and
+    one per iteration (how many problems still iterate); while every problem
+    iterates, its updates need no masking. Per-problem scalars are kept as
+    ``(B, 1)`` columns, which broadcast against the ``(B, k)`` spectral data
+    without reshaping.
+
     Returns
     -------
     p : Tensor, shape (B, n)
     alpha : Tensor, shape (B,)
     """
+    B = delta.shape[0]
     data = spectral_data(fac)
+    has_gram, has_svd = data.route
     full_rank = full_rank_mask(fac, m, n)
-    p_gn = damped_step(fac, None, data=data)
+    coef0 = p_svd = None
+    if has_svd:
+        coef0 = torch.where(data.s2 != 0, data.suf / data.s2, 0.0)
+        p_svd = -torch.bmm(fac.V, coef0.unsqueeze(-1)).squeeze(-1)
+    p_gn = mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
     inside = full_rank & (vnorm(p_gn, dim=-1) <= delta)
-    if bool(inside.all()):
+    n_inside = count_true(inside)
+    if n_inside == B:
         return p_gn, torch.zeros_like(delta)
 
-    upper = grad_norm(fac, data.route, data.suf) / delta
-    phi0, dphi0, _ = radius_mismatch(fac, None, delta, data=data)
-    lower = torch.where(full_rank, -phi0 / torch.where(dphi0 != 0, dphi0, 1.0), 0.0)
-
-    def restart(lo: Tensor, up: Tensor) -> Tensor:
-        return torch.maximum(0.001 * up, (lo * up).sqrt())
-
-    alpha = torch.where(~full_rank & (alpha0 == 0), restart(lower, upper), alpha0)
-    running = ~inside
-    tol = rtol * delta
+    delta_c = delta.unsqueeze(-1)
+    upper = grad_norm(fac, data.route, data.suf, keepdim=True) / delta_c
+    phi0, dpos0, _ = _radius_terms(fac, data, None, delta_c, coef0)
+    full_rank_c = full_rank.unsqueeze(-1)
+    # -phi0 / dphi0 (phi0 itself where the derivative vanishes)
+    lower = torch.where(full_rank_c, phi0 / torch.where(dpos0 != 0, dpos0, -1.0), 0.0)
+    alpha = alpha0.unsqueeze(-1)
+    # (for booleans ``a > b`` is ``a & ~b``)
+    alpha = torch.where((alpha == 0) > full_rank_c, _restart(lower, upper), alpha)
+    running = ~inside.unsqueeze(-1)
+    n_running = B - n_inside
+    tol = rtol * delta_c
     for _ in range(max_iter):
         out = (alpha < lower) | (alpha > upper)
-        alpha_it = torch.where(out, restart(lower, upper), alpha)
-        phi, dphi, _ = radius_mismatch(fac, alpha_it, delta, data=data)
+        alpha_it = torch.where(out, _restart(lower, upper), alpha)
+        phi, dpos, _ = _radius_terms(fac, data, alpha_it, delta_c)
         upper_it = torch.where(phi < 0, alpha_it, upper)
-        ratio = phi / torch.where(dphi != 0, dphi, 1.0)
-        lower_it = torch.maximum(lower, alpha_it - ratio)
-        alpha_next = alpha_it - (phi + delta) * ratio / delta
-        alpha = torch.where(running, alpha_next, alpha)
-        lower = torch.where(running, lower_it, lower)
-        upper = torch.where(running, upper_it, upper)
-        running = running & ~(phi.abs() < tol)
-        if not bool(running.any()):
+        neg_ratio = phi / torch.where(dpos != 0, dpos, -1.0)  # -phi / dphi
+        lower_it = torch.maximum(lower, alpha_it + neg_ratio)
+        alpha_next = alpha_it + (phi + delta_c) * neg_ratio / delta_c
+        if n_running == B:
+            alpha, lower, upper = alpha_next, lower_it, upper_it
+        else:
+            alpha = torch.where(running, alpha_next, alpha)
+            lower = torch.where(running, lower_it, lower)
+            upper = torch.where(running, upper_it, upper)
+        running = running > (phi.abs() < tol)  # running and not converged
+        n_running = count_true(running)
+        if not n_running:
             break
-    p = damped_step(fac, alpha, data=data)
-    pn = vnorm(p, dim=-1)
-    p = p * (delta / torch.where(pn > 0, pn, 1.0)).unsqueeze(-1)
-    p = torch.where(inside.unsqueeze(-1), p_gn, p)
-    alpha = torch.where(inside, 0.0, alpha)
+    p = _damped_step_column(fac, data, alpha)
+    pn = vnorm(p, dim=-1, keepdim=True)
+    p = p * (delta_c / torch.where(pn > 0, pn, 1.0))
+    alpha = alpha.squeeze(-1)
+    if n_inside:
+        p = torch.where(inside.unsqueeze(-1), p_gn, p)
+        alpha = torch.where(inside, 0.0, alpha)
     return p, alpha
+
+
+def _damped_step_column(fac: Factors, data: SpectralData, alpha: Tensor) -> Tensor:
+    """:func:`damped_step` for ``alpha`` of shape ``(B, 1)``."""
+    has_gram, has_svd = data.route
+    p_svd = None
+    if has_svd:
+        denom = data.s2 + alpha
+        coef = safe_div(data.suf, denom)
+        p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
+    p_gram = gram_solve(fac, alpha)[0] if has_gram else None
+    return mix_routes(fac, p_gram, p_svd)
 
 
 def solve_trust_region_minpack(
@@ -168,7 +235,8 @@ def solve_trust_region_minpack(
     (default :func:`gauss_newton_step`). On the rows of ``basic`` the lower
     bound of the damping is MINPACK's (pivoted QR, see
     :func:`basic_gauss_newton`; ``p_gn`` must then hold its basic step there);
-    every damped step (``par > 0``) comes from ``fac``.
+    every damped step (``par > 0``) comes from ``fac``. Host reads and
+    shapes as in :func:`solve_trust_region_scipy`.
 
     Returns
     -------
@@ -176,53 +244,73 @@ def solve_trust_region_minpack(
         Step in scaled variables.
     par : Tensor, shape (B,)
     """
+    B = delta.shape[0]
     dtype = delta.dtype
     dwarf = torch.finfo(dtype).tiny
     if p_gn is None:
         p_gn = gauss_newton_step(fac)
-    dxnorm = vnorm(p_gn, dim=-1)
-    fp = dxnorm - delta
-    gn_ok = fp <= 0.1 * delta
-    if bool(gn_ok.all()):
+    delta_c = delta.unsqueeze(-1)
+    dxnorm = vnorm(p_gn, dim=-1, keepdim=True)
+    fp = dxnorm - delta_c
+    gn_ok = fp <= 0.1 * delta_c
+    n_gn = count_true(gn_ok)
+    if n_gn == B:
         return p_gn, torch.zeros_like(delta)
 
     data = spectral_data(fac)
-    full_rank = full_rank_mask(fac, m, n)
-    phi0, dphi0, _ = radius_mismatch(fac, None, delta, data=data)
-    safe_d = torch.where(dphi0 != 0, dphi0, 1.0)
-    parl = torch.where(full_rank, (-phi0 / safe_d) * (dxnorm / delta), 0.0)
+    full_rank = full_rank_mask(fac, m, n).unsqueeze(-1)
+    phi0, dpos0, _ = _radius_terms(fac, data, None, delta_c)
+    # -phi0 / dphi0 (phi0 itself where the derivative vanishes)
+    ratio0 = phi0 / torch.where(dpos0 != 0, dpos0, -1.0)
+    parl = torch.where(full_rank, ratio0 * (dxnorm / delta_c), 0.0)
     if basic is not None:  # MINPACK's bound from R, zero when R has a zero pivot
-        safe_c = torch.where(basic.curv > 0, basic.curv, 1.0)
-        parl_qr = torch.where(basic.full & (basic.curv > 0), (fp / delta) / safe_c, 0.0)
-        parl = torch.where(basic.rows, parl_qr, parl)
-    gnorm = grad_norm(fac, data.route, data.suf)
-    paru = gnorm / delta
-    paru = torch.where(paru == 0, dwarf / torch.clamp(delta, max=0.1), paru)
-    par = torch.minimum(torch.maximum(par0, parl), paru)
+        curv = basic.curv.unsqueeze(-1)
+        safe_c = torch.where(curv > 0, curv, 1.0)
+        parl_qr = torch.where(basic.full.unsqueeze(-1) & (curv > 0), (fp / delta_c) / safe_c,
+                              0.0)
+        parl = torch.where(basic.rows.unsqueeze(-1), parl_qr, parl)
+    gnorm = grad_norm(fac, data.route, data.suf, keepdim=True)
+    paru = gnorm / delta_c
+    paru = torch.where(paru == 0, dwarf / torch.clamp(delta_c, max=0.1), paru)
+    par = torch.minimum(torch.maximum(par0.unsqueeze(-1), parl), paru)
     par = torch.where(par == 0, gnorm / torch.where(dxnorm > 0, dxnorm, 1.0), par)
     running = ~gn_ok
-    tenth = 0.1 * delta
+    n_running = B - n_gn
+    tenth = 0.1 * delta_c
     for it in range(1, max_iter + 1):
         par_it = torch.where(par == 0, torch.clamp(0.001 * paru, min=dwarf), par)
-        phi, dphi, pnorm = radius_mismatch(fac, par_it, delta, data=data)
+        phi, dpos, pnorm = _radius_terms(fac, data, par_it, delta_c)
         temp = fp
         fp_it = phi
-        stop = (fp_it.abs() <= tenth) | ((parl == 0) & (fp_it <= temp) & (temp < 0))
         if it == max_iter:
-            stop = torch.ones_like(stop)
-        parc = -(phi / torch.where(dphi != 0, dphi, 1.0)) * (pnorm / delta)
+            stop = torch.ones_like(running)
+        else:
+            stop = (fp_it.abs() <= tenth) | ((parl == 0) & (fp_it <= temp) & (temp < 0))
+        # -phi / dphi (phi itself where the derivative vanishes)
+        parc = (phi / torch.where(dpos != 0, dpos, -1.0)) * (pnorm / delta_c)
         parl_it = torch.where(fp_it > 0, torch.maximum(parl, par_it), parl)
         paru_it = torch.where(fp_it < 0, torch.minimum(paru, par_it), paru)
         par_next = torch.maximum(parl_it, par_it + parc)
         # rows that stop keep the parameter they were evaluated at
-        par = torch.where(running, torch.where(stop, par_it, par_next), par)
-        parl = torch.where(running & ~stop, parl_it, parl)
-        paru = torch.where(running & ~stop, paru_it, paru)
-        fp = torch.where(running, fp_it, fp)
-        running = running & ~stop
-        if not bool(running.any()):
+        if n_running == B:
+            par = torch.where(stop, par_it, par_next)
+            parl = torch.where(stop, parl, parl_it)
+            paru = torch.where(stop, paru, paru_it)
+            fp = fp_it
+            running = ~stop
+        else:
+            par = torch.where(running, torch.where(stop, par_it, par_next), par)
+            moving = running > stop  # running and not stopping
+            parl = torch.where(moving, parl_it, parl)
+            paru = torch.where(moving, paru_it, paru)
+            fp = torch.where(running, fp_it, fp)
+            running = moving
+        n_running = count_true(running)
+        if not n_running:
             break
-    p = damped_step(fac, par, data=data)
-    p = torch.where(gn_ok.unsqueeze(-1), p_gn, p)
-    par = torch.where(gn_ok, 0.0, par)
+    p = _damped_step_column(fac, data, par)
+    par = par.squeeze(-1)
+    if n_gn:
+        p = torch.where(gn_ok, p_gn, p)
+        par = torch.where(gn_ok.squeeze(-1), 0.0, par)
     return p, par

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..counts import known_finite
 from ..linalg import Factors
 from ..problem import Problem
 from ..termination import SINGULAR, stop_running
@@ -33,9 +34,10 @@ def flag_singular(state: dict, ok: Tensor) -> None:
 def flag_singular_factors(state: dict, sv: Tensor) -> None:
     """:func:`flag_singular` for problems whose singular values ``sv`` are not all finite.
 
-    A finite sum of ``sv`` means every value is finite: nothing to flag.
+    A finite sum of ``sv`` means every value is finite: nothing to flag (nor
+    to read, when the factorisation made ``sv`` finite by construction).
     """
-    if not math.isfinite(float(sv.sum())):
+    if not known_finite(sv) and not math.isfinite(float(sv.sum())):
         flag_singular(state, torch.isfinite(sv).all(-1))
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from ..bounds import in_bounds, step_size_to_bound
+from ..counts import count_true
 from ..linalg import factorize, gauss_newton_step
 from ..problem import Problem
 from ..quadratic import (
@@ -175,7 +176,7 @@ def dogleg_step(x: Tensor, newton: Tensor, g: Tensor, a: Tensor, b: Tensor, tr_b
     tr_l = lb_total == -tr_bounds
     tr_u = ub_total == tr_bounds
     newton_ok = in_bounds(newton, lb_total, ub_total)
-    if bool(newton_ok.all()):  # every Newton step fits: no dogleg needed
+    if count_true(newton_ok) == newton_ok.shape[0]:  # every Newton step fits: no dogleg
         return (newton, torch.zeros_like(x, dtype=torch.long),
                 torch.zeros_like(newton_ok))
     zero = torch.zeros_like(x)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
+from ..counts import count_true, remember
 from ..linalg import factorize, gauss_newton_step, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import Problem
@@ -130,15 +131,20 @@ class LevenbergMarquardt(StepRule):
         fnorm = vnorm(f, dim=-1)
         state["fnorm"] = fnorm
         g = state["g"]
-        state["optimality"] = inf_norm(g)
-        denom = fnorm.unsqueeze(-1) * acnorm
-        cosines = torch.where(acnorm != 0, g.abs() / torch.where(denom != 0, denom, 1.0), 0.0)
-        gnorm = torch.where(fnorm != 0, inf_norm(cosines), 0.0)
+        if g.shape[-1]:
+            g_abs = g.abs()
+            state["optimality"] = g_abs.amax(-1)
+            denom = fnorm.unsqueeze(-1) * acnorm
+            cosines = torch.where(acnorm != 0, g_abs / torch.where(denom != 0, denom, 1.0), 0.0)
+            # (the cosines are not negative: their max-norm is their max)
+            gnorm = torch.where(fnorm != 0, cosines.amax(-1), 0.0)
+        else:  # no variables
+            state["optimality"] = gnorm = inf_norm(g)
         state["gnorm"] = gnorm
         # scaling and initial radius on the very first outer iteration
         # (the host knows whether problems were admitted since the last call: no sync)
         any_start, self._admitted = self._admitted, False
-        start = ~state["radius_set"]
+        start = ~state["radius_set"] if any_start else None
         if problem.jac_scale:
             grown = torch.maximum(state["diag"], acnorm)
             if any_start:
@@ -168,7 +174,7 @@ class LevenbergMarquardt(StepRule):
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
         # (every Gram row among them) keep the factorisation above untouched.
         deficient = rank_deficient_rows(fac)
-        if bool(deficient.any()):
+        if count_true(deficient):
             rows = deficient.nonzero().squeeze(-1)
             basic, qr_fac = basic_gauss_newton(state["J"].index_select(0, rows),
                                                state["diag"].index_select(0, rows),
@@ -186,12 +192,12 @@ class LevenbergMarquardt(StepRule):
                 new = torch.where(keep.view(-1, *([1] * (value.ndim - 1))), value, old)
                 state[key] = state[key].index_copy(0, rows, new)
         else:
-            state["basic_rows"] = torch.zeros_like(state["basic_rows"])
+            state["basic_rows"] = remember(torch.zeros_like(state["basic_rows"]), 0)
         state["gn_step"] = p_gn
 
     def propose_step(self, problem: Problem, state: dict) -> LMTrial:
         basic = None
-        if bool(state["basic_rows"].any()):
+        if count_true(state["basic_rows"]):  # (known from build_model until rows change)
             basic = BasicStep(state["basic_rows"], state["gn_step"], state["basic_curv"],
                               state["basic_full"])
         q, par = solve_trust_region_minpack(load_factors(state), state["delta"], state["par"],
@@ -225,18 +231,20 @@ class LevenbergMarquardt(StepRule):
         t1sq = temp1 * temp1
         t2sq = temp2 * temp2
         prered = t1sq + t2sq / 0.5
-        dirder = -(t1sq + t2sq)
+        neg_dirder = t1sq + t2sq  # MINPACK's directional derivative, negated
         pos = prered != 0
         ratio = torch.where(pos, actred / torch.where(pos, prered, 1.0),
                             0.0)
         delta = state["delta"]
-        # radius and damping update
-        den = dirder + 0.5 * actred
+        # radius and damping update: MINPACK's 0.5 dirder / (dirder + 0.5 actred), with
+        # both signs flipped (exactly the same quotient; -1 stands for its divisor 1)
+        den = neg_dirder - 0.5 * actred
         temp = torch.where(actred >= 0, 0.5,
-                           0.5 * dirder / torch.where(den != 0, den, 1.0))
+                           0.5 * neg_dirder / torch.where(den != 0, den, -1.0))
         temp = torch.where((tenth1 >= fnorm) | (temp < 0.1), 0.1, temp)
         shrink = ratio <= 0.25
-        grow = ~shrink & ((par == 0) | (ratio >= 0.75))
+        # (for booleans ``a > b`` is ``a & ~b``)
+        grow = ((par == 0) | (ratio >= 0.75)) > shrink
         delta = torch.where(shrink, temp * torch.minimum(delta, pnorm / 0.1),
                             torch.where(grow, pnorm / 0.5, delta))
         par = torch.where(shrink, par / temp, torch.where(grow, 0.5 * par, par))
@@ -244,7 +252,7 @@ class LevenbergMarquardt(StepRule):
         x_new = trial.x_new
         xnorm = torch.where(accept, vnorm((state["diag"] * x_new), dim=-1), state["xnorm"])
         state["delta"], state["par"], state["xnorm"] = delta, par, xnorm
-        state["no_step_yet"] = state["no_step_yet"] & ~accept
+        state["no_step_yet"] = state["no_step_yet"] > accept  # and not accepted
         status = minpack_status(actred, prered, ratio, delta, xnorm, state["gnorm"],
                                 state["nfev"], problem.max_nfev, problem.ftol, problem.xtol)
         state["uncounted_jac"] = uncounted_jacobian(accept, status)

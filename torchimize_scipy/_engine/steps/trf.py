@@ -31,6 +31,7 @@ from ..bounds import (
     make_strictly_feasible,
     step_size_to_bound,
 )
+from ..counts import count_true
 from ..linalg import factorize
 from ..problem import Problem
 from ..quadratic import (
@@ -184,7 +185,7 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
     p = d * p_h
     inside = in_bounds(x + p, lb, ub)
     p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram)
-    if bool(inside.all()):
+    if count_true(inside) == inside.shape[0]:
         return p, p_h, -p_value_full
 
     inf = torch.full_like(delta, float("inf"))

@@ -1,0 +1,57 @@
+"""Counts of true entries of per-problem masks, read from the device once per mask.
+
+The engine decides "no row", "some rows" or "every row" from such counts
+(one host read each, several masks gathered into one read where a stage
+needs them together). State tensors are never modified in place, so a count
+stays valid for as long as its mask object lives: :func:`count_true` keeps
+it on the tensor object itself (an attribute, gone with the tensor), and a
+mask that is asked for again, or whose count the engine knew when it built
+it (:func:`remember`), costs no further read. A mask made anew (after
+compaction, or by ``torch.where``) is counted again. In the same way
+:func:`mark_finite` records a tensor known to be finite by construction
+(the zero singular values of Gram rows), whose finiteness test then needs
+no read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: attribute names set on the engine's own tensors
+_COUNT = "_tsc_true_count"
+_FINITE = "_tsc_known_finite"
+
+
+def count_true(mask: Tensor) -> int:
+    """Number of true entries of ``mask`` (one host read the first time)."""
+    count = getattr(mask, _COUNT, None)
+    if count is None:
+        count = mask.sum().tolist()
+        setattr(mask, _COUNT, count)
+    return count
+
+
+def count_many(*masks: Tensor) -> list[int]:
+    """:func:`count_true` of several ``(B,)`` masks with one host read."""
+    counts = torch.stack(masks).sum(-1).tolist()
+    for mask, count in zip(masks, counts, strict=True):
+        setattr(mask, _COUNT, count)
+    return counts
+
+
+def remember(mask: Tensor, count: int) -> Tensor:
+    """Record that ``mask`` has ``count`` true entries; returns ``mask``."""
+    setattr(mask, _COUNT, count)
+    return mask
+
+
+def mark_finite(t: Tensor) -> Tensor:
+    """Record that every entry of ``t`` is finite (known without reading it); returns ``t``."""
+    setattr(t, _FINITE, True)
+    return t
+
+
+def known_finite(t: Tensor) -> bool:
+    """Whether :func:`mark_finite` recorded ``t`` (False means "not known", not "not finite")."""
+    return getattr(t, _FINITE, False)
