@@ -17,7 +17,7 @@ Cases (``--case``, default all):
 * ``matvec``: the products ``J v`` and ``J^T u`` of the bundle adjustment's
   Jacobian (random values on its structure): scipy's CSR (``J @ v`` and
   ``J.T @ u``, as scipy's lsmr does them), torch's CSR kernel, and ours
-  (:class:`~torchimize_scipy._engine.operator.BlockCSR`: scipy's kernel on a
+  (:class:`~torchimize_scipy._engine.csr.BlockCSR`: scipy's kernel on a
   CSR of ``J`` and one of ``J^T``, cut into row blocks per torch thread);
   medians of process CPU time and wall time per product.
 * ``groups``: the column grouping of the bundle adjustment and of the Broyden
@@ -238,7 +238,7 @@ def run_matvec(args: Any) -> dict[str, Any]:
     """Products with the bundle adjustment's Jacobian structure: scipy, torch CSR, ours."""
     import warnings
 
-    from torchimize_scipy._engine.operator import BlockCSR
+    from torchimize_scipy._engine.csr import BlockCSR
 
     size = dict(n_cameras=8, n_points=500) if args.quick else {}
     S = sp.csr_array(bundle_adjustment(seed=args.seed, **size)["sparsity"], dtype=float)

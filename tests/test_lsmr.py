@@ -404,7 +404,7 @@ def test_operator_rows_select_merge_and_concatenate(kind):
 def test_block_csr_plan_is_found_again_and_released():
     import gc
 
-    from torchimize_scipy._engine import operator as op
+    from torchimize_scipy._engine import csr as op
 
     rng = np.random.default_rng(15)
     mats = _sparse_batch(rng, 2, m=30, n=12)
@@ -428,7 +428,7 @@ def test_block_csr_plan_is_found_again_and_released():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_block_csr_products_in_row_blocks(monkeypatch, threads):
     """Products cut into row blocks (one per thread): each row's sum is the same loop."""
-    from torchimize_scipy._engine import operator as op
+    from torchimize_scipy._engine import csr as op
 
     rng = np.random.default_rng(16)
     mats = _sparse_batch(rng, 3, m=200, n=90)
@@ -472,7 +472,7 @@ def test_sparse_products_make_no_user_warning():
 def test_csr_plan_transpose_order_is_the_stable_column_order(shape):
     """The CPU plan orders A^T's entries by scipy's CSR -> CSC conversion: it must be the
     stable sort by column (rows sorted within each column), as the device path computes."""
-    from torchimize_scipy._engine import operator as op
+    from torchimize_scipy._engine import csr as op
 
     rng = np.random.default_rng(18)
     B, m, n = shape

@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 from ._arrays import to_host
-from ._engine.operator import csr_plan
+from ._engine.csr import csr_plan
 from ._jacobian import _absolute_step, _adjust_one_sided, default_rel_step, three_point_points
 
 __all__ = ["SparsityPattern", "check_jac_sparsity", "fewest_groups", "group_columns",
@@ -279,7 +279,7 @@ class SparsityPattern:
 
         The indices of a batch size are built once and shared by every
         Jacobian of the pattern (the engine's CSR forms are then built from a
-        cached plan, :class:`~torchimize_scipy._engine.operator.BlockCSR`).
+        cached plan, :class:`~torchimize_scipy._engine.csr.BlockCSR`).
         """
         B, nnz = values.shape
         key = ("coo", str(values.device), B)

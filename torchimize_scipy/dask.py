@@ -27,22 +27,15 @@ Requires the ``dask`` extra: ``pip install torchimize-scipy[dask]``.
 
 from __future__ import annotations
 
-import ctypes
-import operator
-import os
-import sys
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 from scipy.optimize import Bounds, OptimizeResult
 
 try:
     import dask
-    import dask.array as da
-    from dask.highlevelgraph import HighLevelGraph
+    import dask.array  # noqa: F401  (the extra; the blocks module builds the graphs)
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("torchimize_scipy.dask needs dask: pip install "
                       "'torchimize-scipy[dask]'") from exc
@@ -50,7 +43,23 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from . import BatchOptimizeResult
 from . import batch_curve_fit as _batch_curve_fit
 from . import batch_least_squares as _batch_least_squares
-from ._arrays import _torch_dtype
+from ._dask_blocks import (
+    BlockError,
+    _batch_shape,
+    _build,
+    _cast,
+    _fill,
+    _float_dtype,
+    _host,
+    _is_dask,
+    _Leaf,
+    _Leaves,
+    _ndim,
+    _no_progress,
+    _on_device,
+    _rows,
+)
+from ._dask_workers import configure_workers
 from ._validation import check_options
 
 __all__ = ["BlockError", "DaskBatchResult", "batch_curve_fit", "batch_least_squares",
@@ -58,14 +67,6 @@ __all__ = ["BlockError", "DaskBatchResult", "batch_curve_fit", "batch_least_squa
 
 #: ``method`` values of ``batch_curve_fit`` (None: 'lm', or 'trf' with bounds).
 _CURVE_FIT_METHODS = (None, "lm", "trf", "dogbox", "gn", "gd")
-
-
-class BlockError(RuntimeError):
-    """A block of problems raised an exception whose type cannot carry the problem range.
-
-    Exceptions that can be rebuilt from a message keep their type, with the
-    range of problem indices appended to the message.
-    """
 
 
 class DaskBatchResult(OptimizeResult):
@@ -505,279 +506,3 @@ def _solve_curve_fit_block(static: dict, blocks: list[np.ndarray],
     out = {"popt": popt, "pcov": pcov, "nfev": info["nfev"], "fvec": info["fvec"],
            "njev": info.get("njev"), "mesg": mesg, "ier": ier}
     return _cast(out, fields)
-
-
-# ---------------------------------------------------------------------------
-# workers
-# ---------------------------------------------------------------------------
-#: glibc's ``mallopt`` parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_INT_MAX = 2**31 - 1
-
-
-def configure_workers(client: Any, *, mmap_threshold: int | None = 2**30,
-                      trim_threshold: int | None = _INT_MAX,
-                      torch_threads: int | None = 1) -> dict[str, dict[str, Any]]:
-    """Set the memory allocator and torch's threads of a cluster's running workers for fits.
-
-    dask's nanny starts every worker with ``MALLOC_TRIM_THRESHOLD_=65536``,
-    which turns glibc's adaptive mmap threshold off: every array above 128
-    KiB (a block of 2,000 problems of 64 points is 1 MiB) is then mapped and
-    unmapped again, and a batched fit spends about half its CPU in page
-    faults (``benchmarks/profile_xarray_block.py``). This function changes
-    the allocator of the workers that are running, with ``mallopt``, as
-    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` would at their
-    start, and sets the number of torch threads. It is the user's choice: it
-    makes the workers keep freed memory up to ``trim_threshold`` instead of
-    returning it to the system at once (dask's reason for its default).
-
-    Parameters
-    ----------
-    client : distributed.Client
-        A client of the cluster; every worker it knows now is configured
-        (workers that join later are not).
-    mmap_threshold : int or None, optional
-        Bytes above which glibc maps an allocation on its own (default 1 GiB,
-        the README's setting); None leaves it unchanged.
-    trim_threshold : int or None, optional
-        Bytes of free memory at the top of the heap above which glibc returns
-        it to the system (default 2**31 - 1); None leaves it unchanged.
-    torch_threads : int or None, optional
-        ``torch.set_num_threads`` on each worker (default 1: a worker runs
-        one block per dask thread, so that it computes with as many threads
-        as dask gives it); None leaves it unchanged.
-
-    Returns
-    -------
-    dict
-        For each worker address: ``{"malloc": bool, "torch_threads": int}``,
-        ``malloc`` False where the allocator is not glibc's (macOS, musl,
-        Windows), which is then left as it is.
-
-    Raises
-    ------
-    ValueError
-        If a threshold is not None or an integer in ``[0, 2**31 - 1]``, or
-        ``torch_threads`` is not None or a positive integer.
-
-    Notes
-    -----
-    Workers started with ``distributed.nanny.pre-spawn-environ`` set as in
-    ``docs/cluster.md`` need none of this; this function is for clusters
-    that are already running. Process workers started by the nanny already
-    use one torch thread (it sets ``OMP_NUM_THREADS=1``).
-    """
-    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
-        if value is not None and (not isinstance(value, (int, np.integer))
-                                  or isinstance(value, bool) or not 0 <= value <= _INT_MAX):
-            raise ValueError(f"`{name}` must be None or an integer in [0, 2**31 - 1].")
-    if torch_threads is not None and (not isinstance(torch_threads, (int, np.integer))
-                                      or isinstance(torch_threads, bool) or torch_threads < 1):
-        raise ValueError("`torch_threads` must be None or a positive integer.")
-    return client.run(_configure_worker, None if mmap_threshold is None else int(mmap_threshold),
-                      None if trim_threshold is None else int(trim_threshold),
-                      None if torch_threads is None else int(torch_threads))
-
-
-def _configure_worker(mmap_threshold: int | None, trim_threshold: int | None,
-                      torch_threads: int | None) -> dict[str, Any]:
-    """Run on one worker by :func:`configure_workers`."""
-    malloc = False
-    libc = _glibc()
-    if libc is not None:
-        malloc = all(libc.mallopt(param, ctypes.c_int(value)) == 1
-                     for param, value in ((_M_MMAP_THRESHOLD, mmap_threshold),
-                                          (_M_TRIM_THRESHOLD, trim_threshold))
-                     if value is not None)
-    if torch_threads is not None:
-        torch.set_num_threads(torch_threads)
-    return {"malloc": malloc, "torch_threads": torch.get_num_threads()}
-
-
-def _glibc() -> Any:
-    """This process's C library if it is glibc (it has ``mallopt``), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return None
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "mallopt") else None
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-# ---------------------------------------------------------------------------
-# blocks
-# ---------------------------------------------------------------------------
-class _Leaf:
-    """Placeholder for the ``index``-th per-problem input in the static arguments."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-
-class _Leaves:
-    """The per-problem inputs of one call, cut into the same blocks of problems."""
-
-    def __init__(self, B: int) -> None:
-        self.B = B
-        self.arrays: list[Any] = []
-        self.order: list[int] = []
-
-    def take(self, a: Any) -> _Leaf:
-        self.arrays.append(a)
-        return _Leaf(len(self.arrays) - 1)
-
-    def lead_order(self, first: list[_Leaf]) -> None:
-        """Look for the blocks in these inputs first (then in the order taken)."""
-        self.order = [leaf.index for leaf in first]
-
-    def blocks(self) -> tuple[tuple[int, ...], list[np.ndarray]]:
-        """The batch chunks and, per input, its per-block delayed values."""
-        order = self.order + [i for i in range(len(self.arrays)) if i not in self.order]
-        lead = next((self.arrays[i] for i in order if _is_dask(self.arrays[i])), None)
-        if lead is None:
-            raise ValueError("no per-problem input is a dask array; call "
-                             "torchimize_scipy.batch_least_squares / batch_curve_fit.")
-        chunks = tuple(int(c) for c in lead.chunks[0])
-        out = []
-        for a in self.arrays:
-            if not _is_dask(a):
-                a = np.asarray(_host(a))
-                a = da.from_array(a, chunks=(chunks,) + a.shape[1:])
-            a = a.rechunk({0: chunks, **{ax: -1 for ax in range(1, a.ndim)}})
-            out.append(a.to_delayed(optimize_graph=False).reshape(-1))
-        return chunks, out
-
-
-def _build(solve_block: Callable, static: dict, leaves: _Leaves,
-           fields: dict[str, tuple | None]) -> tuple[dict[str, Any], list]:
-    """One task per block running ``solve_block``; each field a dask array of its blocks.
-
-    Returns the fields (None where ``fields`` says so) and the block tasks
-    (delayed dicts of numpy arrays, in order).
-    """
-    chunks, per_leaf = leaves.blocks()
-    token = uuid.uuid4().hex
-    wanted = {k: v for k, v in fields.items() if v is not None}
-    static_d = dask.delayed(static, traverse=True, pure=False)
-    tasks = [dask.delayed(_run_block, pure=False)(
-        solve_block, static_d, start, start + size, [blocks[k] for blocks in per_leaf], wanted,
-        dask_key_name=f"torchimize-block-{token}-{k}")
-        for k, (start, size) in enumerate(zip(np.cumsum((0,) + chunks[:-1]).tolist(), chunks,
-                                               strict=True))]
-    out: dict[str, Any] = dict.fromkeys(fields)
-    for field, (tail, dt) in wanted.items():
-        name = f"torchimize-{field}-{token}"
-        zeros = (0,) * len(tail)
-        layer = {(name, k, *zeros): (operator.getitem, task.key, field)
-                 for k, task in enumerate(tasks)}
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=tasks)
-        out[field] = da.Array(graph, name, (chunks, *((c,) for c in tail)),
-                              meta=np.empty((0,) * (1 + len(tail)), dtype=dt))
-    return out, tasks
-
-
-def _run_block(solve_block: Callable, static: dict, start: int, stop: int,
-               blocks: list[np.ndarray], fields: dict) -> dict[str, np.ndarray]:
-    """Solve one block; an exception names the problems the block held."""
-    try:
-        return solve_block(static, blocks, fields)
-    except Exception as exc:
-        message = f"{exc} [in the block of problems {start} to {stop - 1}]"
-        try:
-            renamed = type(exc)(message)
-        except Exception:
-            renamed = BlockError(message)
-        if str(renamed) != message:
-            renamed = BlockError(message)
-        raise renamed from exc
-
-
-def _on_device(opts: dict, blocks: list[np.ndarray], tree: Any,
-               kwargs: dict) -> tuple[list, Any, dict]:
-    """With ``device``: the blocks and the shared arrays of ``tree``/``kwargs`` as tensors there.
-
-    ``fun`` then receives torch tensors on the worker's device, as in memory
-    for torch input; without ``device`` everything stays numpy.
-    """
-    if opts["device"] is None:
-        return blocks, tree, kwargs
-    dev = torch.device(opts["device"])
-    fdt = torch.float32 if _float_dtype(opts["dtype"]) == np.float32 else torch.float64
-
-    def move(a: Any) -> Any:
-        if isinstance(a, tuple):
-            return tuple(move(e) for e in a)
-        if isinstance(a, np.ndarray) and a.dtype.kind in "fiub":
-            t = torch.as_tensor(a, device=dev)
-            return t.to(fdt) if a.dtype.kind == "f" else t
-        return a
-
-    return ([move(b) for b in blocks], move(tree), {k: move(v) for k, v in kwargs.items()})
-
-
-def _fill(a: Any, blocks: list[np.ndarray]) -> Any:
-    return blocks[a.index] if isinstance(a, _Leaf) else a
-
-
-def _cast(out: dict[str, Any], fields: dict) -> dict[str, np.ndarray]:
-    """numpy arrays in the declared dtypes (those of the lazy arrays)."""
-    cast = {}
-    for name, (_, dt) in fields.items():
-        value = out[name]
-        if dt == np.dtype(object):
-            cast[name] = np.array(list(value), dtype=object)
-        else:
-            cast[name] = np.asarray(_host(value)).astype(dt, copy=False)
-    return cast
-
-
-# ---------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------
-def _is_dask(a: Any) -> bool:
-    return dask.is_dask_collection(a)
-
-
-def _host(a: Any) -> Any:
-    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a
-
-
-def _ndim(a: Any) -> int:
-    shape = getattr(a, "shape", None)
-    if shape is None:
-        return 0 if a is None or np.isscalar(a) else np.ndim(a)
-    return len(shape)
-
-
-def _rows(a: Any) -> float:
-    shape = getattr(a, "shape", None)
-    if shape is None:
-        shape = np.shape(a)
-    return shape[0] if len(shape) else -1
-
-
-def _batch_shape(x0: Any, name: str) -> tuple[int, int]:
-    if _ndim(x0) != 2:
-        raise ValueError(f"`{name}` must have shape (B, n) for a batch.")
-    B, n = x0.shape if hasattr(x0, "shape") else np.shape(x0)
-    if np.isnan(B) or np.isnan(n):
-        raise ValueError(f"`{name}` has unknown chunk sizes: call `{name}.compute_chunk_sizes()` "
-                         "first.")
-    return int(B), int(n)
-
-
-def _float_dtype(dtype: Any) -> np.dtype:
-    if dtype is None:
-        return np.dtype(np.float64)
-    return np.dtype(np.float32) if _torch_dtype(dtype) == torch.float32 else np.dtype(np.float64)
-
-
-def _no_progress(progress: Any) -> None:
-    if progress:
-        raise ValueError("`progress` is not supported with dask inputs: use "
-                         "dask.diagnostics.ProgressBar or the distributed dashboard.")

@@ -1,0 +1,234 @@
+"""Sparse ``(B, m, n)`` Jacobians as block-diagonal CSR matrices, and their products.
+
+A batch of sparse Jacobians is one block-diagonal matrix of ``B m`` rows and
+``B n`` columns. :class:`BlockCSR` keeps a CSR form of it and one of its
+transpose (the transpose's entry order found once per sparsity structure,
+:func:`csr_plan`), so that both ``J v`` and ``J^T u`` are row-wise sparse dot
+products. On the CPU they run in scipy's compiled CSR kernel over the
+tensors' memory, in row blocks of equal entry counts computed by a small
+process-wide thread pool when torch has several threads (each row is one
+thread's loop, so the result does not depend on the split); on other devices
+in torch's CSR kernel. Used by :mod:`.operator`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+
+class BlockCSR:
+    """The products of a sparse ``(B, m, n)`` Jacobian: block-diagonal CSR forms of J and J^T.
+
+    ``A (B m, B n)`` holds problem ``b``'s block at rows ``b m ..`` and columns
+    ``b n ..``; ``A^T (B n, B m)`` is stored as a second CSR matrix (its values
+    a gather of ``A``'s), so that both products read their matrix row by row.
+    On the CPU the products run in scipy's compiled CSR kernel on numpy views
+    of the tensors (no copy; about twice as fast as torch's CPU sparse kernel
+    on one thread, ``benchmarks/bench_sparse.py --case matvec``); a large
+    matrix is cut into row blocks of equal entry counts, one per torch thread
+    (``torch.get_num_threads()``), multiplied in parallel (scipy's kernel
+    releases the GIL; each row's sum is the same whatever the cut, so the
+    result does not depend on the thread count). On other devices the
+    products run in torch's CSR kernel.
+
+    The index arrays depend only on the structure. Those of a ``jac_sparsity``
+    are computed once per solve (:func:`csr_plan`, kept by the pattern and
+    found again from the indices' memory), so a new Jacobian costs one gather
+    of its values, never a sort; other sparse Jacobians get theirs computed
+    per Jacobian.
+
+    Attributes
+    ----------
+    shape : tuple
+        ``(B, m, n)``.
+    values : Tensor
+        ``(nnz,)``, in the row-major order of ``A``.
+    col : Tensor
+        Column of each value in ``A`` (``b n + j``), ``(nnz,)``.
+    """
+
+    def __init__(self, J: Tensor | None, *, plan: CSRPlan | None = None,
+                 values: Tensor | None = None, shape: tuple | None = None) -> None:
+        if J is not None:
+            B, m, n = J.shape
+            if J.layout != torch.sparse_coo:
+                J = J.to_sparse_coo()
+            if not J.is_coalesced():
+                J = J.coalesce()
+            idx = J.indices()
+            plan = _find_plan(idx, (B, m, n)) or csr_plan(idx, (B, m, n))
+            values = J.values()
+        else:  # other values on a known structure (:meth:`scaled`)
+            B, m, n = shape
+        self.shape = (B, m, n)
+        self.values = values
+        self.col = plan.col
+        self.values_t = self.values.index_select(0, plan.perm_t)
+        self._plan = plan
+        self._host = self.values.device.type == "cpu"
+        if self._host:
+            vals = self.values.detach().contiguous().numpy()
+            vals_t = self.values_t.detach().numpy()
+            self._a = _row_blocks(vals, plan.host, (B * m, B * n))
+            self._at = _row_blocks(vals_t, plan.host_t, (B * n, B * m))
+        else:
+            with warnings.catch_warnings():  # "sparse CSR tensor support is in beta"
+                warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support",
+                                        category=UserWarning)
+                self._a = torch.sparse_csr_tensor(plan.crow, plan.col, self.values,
+                                                  (B * m, B * n), check_invariants=False)
+                self._at = torch.sparse_csr_tensor(plan.crow_t, plan.col_t, self.values_t,
+                                                   (B * n, B * m), check_invariants=False)
+
+    def _apply(self, M: Any, vec: Tensor, rows: int) -> Tensor:
+        B = self.shape[0]
+        if self._host:  # numpy views both ways (no torch operation but the product's)
+            if vec.dtype != self.values.dtype or vec.requires_grad:
+                vec = vec.detach().to(self.values.dtype)
+            w = vec.numpy().reshape(-1)
+            return torch.from_numpy(_host_product(M, w).reshape(B, rows))
+        return (M @ vec.to(self.values.dtype).reshape(-1, 1)).reshape(B, rows)
+
+    def matvec(self, p: Tensor) -> Tensor:
+        """``J p`` for ``p (B, n)``: ``(B, m)``."""
+        return self._apply(self._a, p, self.shape[1])
+
+    def rmatvec(self, u: Tensor) -> Tensor:
+        """``J^T u`` for ``u (B, m)``: ``(B, n)``."""
+        return self._apply(self._at, u, self.shape[2])
+
+    def rows(self) -> Tensor:
+        """Row of ``A`` (``b m + i``) of each value, ``(nnz,)``."""
+        return self._plan.row
+
+    def scaled(self, row_scale: Tensor | None, col_scale: Tensor | None) -> BlockCSR:
+        """``diag(w) J diag(d)`` with the scalings in the values (same structure, no sort)."""
+        vals = self.values
+        if row_scale is not None:
+            vals = vals * row_scale.reshape(-1).index_select(0, self._plan.row)
+        if col_scale is not None:
+            vals = vals * col_scale.reshape(-1).index_select(0, self.col)
+        return BlockCSR(None, plan=self._plan, values=vals, shape=self.shape)
+
+
+class CSRPlan:
+    """The CSR index arrays of a coalesced ``(B, m, n)`` structure (:func:`csr_plan`)."""
+
+    __slots__ = ("indices", "row", "col", "crow", "perm_t", "crow_t", "col_t", "host", "host_t",
+                 "__weakref__")
+
+    def __init__(self, **arrays: Any) -> None:
+        for k, v in arrays.items():
+            setattr(self, k, v)
+
+
+#: plans alive somewhere (a SparsityPattern holds them), by the address of their indices
+_PLANS: weakref.WeakValueDictionary[tuple, CSRPlan] = weakref.WeakValueDictionary()
+_PLANS_LOCK = threading.Lock()
+
+
+def csr_plan(idx: Tensor, shape: tuple[int, int, int], register: bool = False) -> CSRPlan:
+    """CSR index arrays for the coalesced COO indices ``idx (3, nnz)`` of a ``(B, m, n)`` tensor.
+
+    With ``register`` the plan is found again by :class:`BlockCSR` for every
+    sparse tensor built on the same index tensor, for as long as the caller
+    keeps the plan (a weak registry: nothing outlives the caller's reference).
+    """
+    B, m, n = shape
+    dev = idx.device
+    row = idx[0] * m + idx[1]  # sorted: the indices are coalesced (row-major)
+    col = idx[0] * n + idx[2]
+    crow = torch.zeros(B * m + 1, dtype=torch.long, device=dev)
+    crow[1:] = torch.cumsum(torch.bincount(row, minlength=B * m), 0)
+    host = host_t = None
+    if dev.type == "cpu":
+        small = max(idx.shape[1], B * m, B * n) < 2**31 - 1
+        it = np.int32 if small else np.int64
+        host = (crow.numpy().astype(it), col.numpy().astype(it))
+        # the order of the entries in A^T: scipy's CSR -> CSC conversion (a compiled
+        # counting sort, rows kept sorted within a column) of the entries' numbers
+        order = sp.csr_array((np.arange(idx.shape[1], dtype=np.int64), host[1], host[0]),
+                             shape=(B * m, B * n), copy=False).tocsc()
+        perm_t = torch.from_numpy(order.data)
+        host_t = (order.indptr.astype(it), order.indices.astype(it))
+        crow_t = torch.from_numpy(host_t[0].astype(np.int64))
+        col_t = torch.from_numpy(host_t[1].astype(np.int64))
+    else:
+        perm_t = torch.sort(col, stable=True).indices  # rows stay sorted within a column
+        crow_t = torch.zeros(B * n + 1, dtype=torch.long, device=dev)
+        crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=B * n), 0)
+        col_t = row.index_select(0, perm_t)
+    plan = CSRPlan(indices=idx, row=row, col=col, crow=crow, perm_t=perm_t, crow_t=crow_t,
+                   col_t=col_t, host=host, host_t=host_t)
+    if register:
+        with _PLANS_LOCK:
+            _PLANS[_address(idx, shape)] = plan
+    return plan
+
+
+def _address(idx: Tensor, shape: tuple) -> tuple:
+    return (idx.data_ptr(), tuple(idx.shape), idx.stride(), str(idx.device), tuple(shape))
+
+
+def _find_plan(idx: Tensor, shape: tuple) -> CSRPlan | None:
+    """A registered plan made for these very indices (same memory, same layout), if any.
+
+    The plan holds its indices, so their memory cannot have been reused by
+    another tensor; indices of sparse tensors are never written in place here.
+    """
+    with _PLANS_LOCK:
+        return _PLANS.get(_address(idx, shape))
+
+
+#: entries per row block of a parallel CPU product (smaller matrices: one block)
+_BLOCK_NNZ = 50_000
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                       thread_name_prefix="torchimize_scipy_csr")
+        return _POOL
+
+
+def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> list[sp.csr_array]:
+    """A scipy CSR matrix over existing arrays (no copy), in row blocks of equal entry counts.
+
+    One block per torch thread (at most ``nnz / _BLOCK_NNZ`` of them).
+    """
+    indptr, indices = index
+    nnz = int(indptr[-1])
+    k = int(max(1, min(torch.get_num_threads(), nnz // _BLOCK_NNZ, shape[0])))
+    cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(1, k) * (nnz / k)), shape[0]])
+    blocks = []
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        a, b = int(indptr[lo]), int(indptr[hi])
+        A = sp.csr_array((values[a:b], indices[a:b], indptr[lo:hi + 1] - indptr[lo]),
+                         shape=(int(hi - lo), shape[1]), copy=False)
+        A.has_sorted_indices = True
+        A.has_canonical_format = True
+        blocks.append(A)
+    return blocks
+
+
+def _host_product(blocks: list[sp.csr_array], w: np.ndarray) -> np.ndarray:
+    """``A w`` for the row blocks of ``A``, the blocks after the first in the thread pool."""
+    if len(blocks) == 1:
+        return blocks[0] @ w
+    futures = [_pool().submit(A.__matmul__, w) for A in blocks[1:]]
+    parts = [blocks[0] @ w] + [f.result() for f in futures]
+    return np.concatenate(parts)
