@@ -121,9 +121,10 @@ class EngineRun:
 def solve(spec: EngineRun) -> dict[str, Tensor]:
     """Run the engine on ``spec``; return the batch-first result tensors.
 
-    Problems whose Jacobian has at most 32,768 entries (torch's grain size)
-    run with MKL single-threaded in the calling thread
-    (:func:`~torchimize_scipy._blas_threads.serial_blas`).
+    A batch whose Jacobians have at most 32,768 entries in all (torch's grain
+    size; the rows of a batch count together) runs with MKL single-threaded
+    in the calling thread (:func:`~torchimize_scipy._blas_threads.serial_blas`);
+    the loop switches to it for the tail of a larger batch as well.
 
     Returns
     -------
