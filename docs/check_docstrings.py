@@ -22,7 +22,8 @@ import sys
 from numpydoc.validate import validate
 
 SKIPPED = {"ES01", "EX01", "GL01", "GL02", "RT02", "SA01", "SS06"}
-MODULES = ("torchimize_scipy", "torchimize_scipy.functions")
+MODULES = ("torchimize_scipy", "torchimize_scipy.functions", "torchimize_scipy.dask",
+           "torchimize_scipy.xarray")
 
 
 def public_names() -> list[str]:
