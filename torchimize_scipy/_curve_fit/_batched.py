@@ -9,6 +9,7 @@ of the solve and reported with the status ``NONFINITE`` (where
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from scipy.optimize import OptimizeWarning
 
 from .._arrays import as_numpy, detect_namespace, to_host
-from .._batch import batch_least_squares
+from .._batch import batch_least_squares, without_final_jacobians
 from .._dask import dispatch, has_dask
 from .._engine import status as codes
 from .._validation import prepare_bounds
@@ -312,9 +313,13 @@ def _solve_good(fun: Callable, p0: np.ndarray, jac: Any, lb: np.ndarray, ub: np.
         ids: Any = torch.as_tensor(good_idx, device=dev)
     else:
         x0, ids = p0[good_idx], good_idx
-    res = batch_least_squares(fun, x0, jac=jac, bounds=(lb[good_idx], ub[good_idx]),
-                              method=method, args=(ids,), device=dev, dtype=dt,
-                              return_jac=want_jac, **kwargs)
+    # without the result's Jacobians (MINPACK's bookkeeping keeps the covariance of
+    # the last one MINPACK evaluates), none is evaluated after a problem's last trial
+    final = contextlib.nullcontext() if want_jac else without_final_jacobians()
+    with final:
+        res = batch_least_squares(fun, x0, jac=jac, bounds=(lb[good_idx], ub[good_idx]),
+                                  method=method, args=(ids,), device=dev, dtype=dt,
+                                  return_jac=want_jac, **kwargs)
     rows = torch.as_tensor(good_idx, device=dev)
     for key in ("x", "cost", "fun", "status", "nfev", "jac"):
         if key == "jac" and not want_jac:
