@@ -228,8 +228,9 @@ def batch_curve_fit(
         opts = leastsq_options(kwargs, n, callable(jac))
         if callable(jac) or jac_arg == "2-point":
             rel = minpack_step(opts["epsfcn"], kwargs.pop("diff_step", None), n, ns.dtype)
-            book = LeastsqBook(opts["maxfev"], rel, B, ns.device,
-                               summary=lambda J: normal_inverse(J, qr_inverse))
+            # counts only: the engine skips the Jacobian after a problem's last trial, so
+            # its final Jacobian is MINPACK's last one, the covariance's (see _solve_good)
+            book = LeastsqBook(opts["maxfev"], rel, B, ns.device, keep_jacobians=False)
             model.book = book
             if not callable(jac):
                 jac_arg = model.fd_jacobian
@@ -241,22 +242,18 @@ def batch_curve_fit(
 
     label = progress if isinstance(progress, str) else f"batch_curve_fit[{method}]"
     t = _solve_good(model.residuals, p0_host, jac_arg, lb, ub, method, good_idx, B, M, ns,
-                    torch_mode, book is None,
+                    torch_mode, book is not None,
                     dict(kwargs, chunk_size=chunk_size, progress=progress and label))
     status, nfev = t["status"], t["nfev"]
     njev = None
     if method == "lm":
         ier = status_to_ier(status)
+        cov = normal_inverse(t["jac"], qr_inverse)
         if book is not None:
             ier = torch.where(book.hit, 5, ier)
-            if "summary" in book.rows:
-                cov, njev = book.at_last_minpack_jacobian(status)
-            else:  # no problem was solved
-                cov, njev = t["x"].new_full((B, n, n), float("nan")), book.jac_calls
+            njev = book.minpack_njev(status)
             if not callable(jac):
                 nfev = nfev + n * njev
-        else:
-            cov = normal_inverse(t["jac"], qr_inverse)
         ok = (ier >= 1) & (ier <= 4)
         table = leastsq_messages(opts)
     else:
@@ -293,38 +290,59 @@ def batch_curve_fit(
 
 def _solve_good(fun: Callable, p0: np.ndarray, jac: Any, lb: np.ndarray, ub: np.ndarray,
                 method: str, good_idx: np.ndarray, B: int, M: int, ns: Any, torch_mode: bool,
-                want_jac: bool, kwargs: dict) -> dict:
+                minpack_last: bool, kwargs: dict) -> dict:
     """Solve the problems ``good_idx`` and scatter the results into B-sized tensors.
 
-    The problems left out keep NaN results and the status ``NONFINITE``.
+    The problems left out keep NaN results, a zero Jacobian and the status
+    ``NONFINITE``. ``minpack_last``: no Jacobian is evaluated after a
+    problem's last trial, so that ``jac`` is MINPACK's last Jacobian
+    (``'lm'`` with :class:`LeastsqBook`).
     """
     n = lb.shape[1]
     dev, dt = ns.device, ns.dtype
-    t = {"x": torch.full((B, n), float("nan"), device=dev, dtype=dt),
-         "cost": torch.full((B,), float("nan"), device=dev, dtype=dt),
-         "fun": torch.full((B, M), float("nan"), device=dev, dtype=dt),
-         "status": torch.full((B,), codes.NONFINITE, device=dev, dtype=torch.long),
-         "nfev": torch.zeros(B, device=dev, dtype=torch.long),
-         "jac": torch.zeros(B, M, n, device=dev, dtype=dt)}
+
+    def left_out() -> dict:
+        return {"x": torch.full((B, n), float("nan"), device=dev, dtype=dt),
+                "cost": torch.full((B,), float("nan"), device=dev, dtype=dt),
+                "fun": torch.full((B, M), float("nan"), device=dev, dtype=dt),
+                "status": torch.full((B,), codes.NONFINITE, device=dev, dtype=torch.long),
+                "nfev": torch.zeros(B, device=dev, dtype=torch.long),
+                "jac": torch.zeros(B, M, n, device=dev, dtype=dt)}
+
     if good_idx.size == 0:
-        return t
+        return left_out()
     if torch_mode:
         x0: Any = torch.as_tensor(p0[good_idx], device=dev, dtype=dt)
         ids: Any = torch.as_tensor(good_idx, device=dev)
     else:
         x0, ids = p0[good_idx], good_idx
-    # without the result's Jacobians (MINPACK's bookkeeping keeps the covariance of
-    # the last one MINPACK evaluates), none is evaluated after a problem's last trial
-    final = contextlib.nullcontext() if want_jac else without_final_jacobians()
+    final = without_final_jacobians() if minpack_last else contextlib.nullcontext()
     with final:
         res = batch_least_squares(fun, x0, jac=jac, bounds=(lb[good_idx], ub[good_idx]),
-                                  method=method, args=(ids,), device=dev, dtype=dt,
-                                  return_jac=want_jac, **kwargs)
-    rows = torch.as_tensor(good_idx, device=dev)
+                                  method=method, args=(ids,), device=dev, dtype=dt, **kwargs)
+    t: dict[str, torch.Tensor] = {}
     for key in ("x", "cost", "fun", "status", "nfev", "jac"):
-        if key == "jac" and not want_jac:
-            continue
         v = res[key]
         v = v if isinstance(v, torch.Tensor) else torch.as_tensor(as_numpy(v))
-        t[key] = t[key].index_copy(0, rows, v.to(device=dev, dtype=t[key].dtype))
+        t[key] = v.to(device=dev, dtype=torch.long if key in ("status", "nfev") else dt)
+    if good_idx.size == B:  # good_idx is ascending: the results are the B rows
+        return t
+    rows = torch.as_tensor(good_idx, device=dev)
+    return {k: v.index_copy(0, rows, t[k]) for k, v in left_out().items()}
+    if torch_mode:
+        x0: Any = torch.as_tensor(p0[good_idx], device=dev, dtype=dt)
+        ids: Any = torch.as_tensor(good_idx, device=dev)
+    else:
+        x0, ids = p0[good_idx], good_idx
+    final = without_final_jacobians() if minpack_last else contextlib.nullcontext()
+    with final:
+        res = batch_least_squares(fun, x0, jac=jac, bounds=(lb[good_idx], ub[good_idx]),
+                                  method=method, args=(ids,), device=dev, dtype=dt, **kwargs)
+    every = good_idx.size == B  # (good_idx is ascending): the results are the B rows
+    rows = torch.as_tensor(good_idx, device=dev)
+    for key in ("x", "cost", "fun", "status", "nfev", "jac"):
+        v = res[key]
+        v = v if isinstance(v, torch.Tensor) else torch.as_tensor(as_numpy(v))
+        v = v.to(device=dev, dtype=t[key].dtype)
+        t[key] = v if every else t[key].index_copy(0, rows, v)
     return t
