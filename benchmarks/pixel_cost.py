@@ -17,12 +17,17 @@ unless ``--no-auto`` is given (dask's default as it is). Both trees of an
 A/B run share the process, hence its allocator. ``--allocator default``
 keeps glibc's defaults (adaptive threshold).
 
+``--chunk-elements 32768 131072 0`` measures the working tree with each value
+of ``torchimize_scipy._curve_fit._model.CHUNK_ELEMENTS`` (residuals per call of
+``f``; 0 calls ``f`` for all rows at once), alternated round by round.
+
 ``--profile`` prints the top of a cProfile of one call of the working tree.
 
 Usage (from the repository root)::
 
     PYTHONPATH=$PWD python benchmarks/pixel_cost.py --threads 1 [--before 2e43c09]
         [--pixels 10000] [--rounds 5] [--methods lm trf] [--allocator default|dask]
+        [--chunk-elements N ...] [--profile]
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-auto", action="store_true",
                    help="(with --allocator dask) do not apply the tree's automatic setting")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--chunk-elements", type=int, nargs="+", default=None,
+                   help="values of _model.CHUNK_ELEMENTS to alternate (0: no grouping)")
     p.add_argument("--child", action="store_true", help=argparse_hidden())
     args = p.parse_args(argv)
     if args.quick:
@@ -105,17 +112,32 @@ def main(argv: list[str]) -> int:
             auto = worker_allocator(force=True)
     y, _, _ = peak_data(args.pixels, seed=0)
     results: dict[str, dict[str, list[float]]] = {}
+    from torchimize_scipy._curve_fit import _model
+
+    default_chunk = _model.CHUNK_ELEMENTS
+
+    def variant(lib: Any, chunk: int | None) -> Any:
+        def call(y: np.ndarray, method: str) -> float:
+            _model.CHUNK_ELEMENTS = default_chunk if chunk is None else (chunk or 2**62)
+            try:
+                return one_block(lib, y, method)
+            finally:
+                _model.CHUNK_ELEMENTS = default_chunk
+        return call
+
     with tempfile.TemporaryDirectory() as folder:
-        libs = {"after": after}
+        libs = {"after": variant(after, None)}
         if args.before:
-            libs = {"before": import_commit(args.before, folder), "after": after}
+            libs = {"before": variant(import_commit(args.before, folder), None), **libs}
+        if args.chunk_elements:
+            libs = {f"chunk {c}": variant(after, c) for c in args.chunk_elements}
         for method in args.methods:
             rec = results.setdefault(method, {k: [] for k in libs})
-            for lib in libs.values():
-                one_block(lib, y[:200], method)  # warm-up
+            for call in libs.values():
+                call(y[:200], method)  # warm-up
             for _ in range(args.rounds):
-                for k, lib in libs.items():
-                    rec[k].append(one_block(lib, y, method))
+                for k, call in libs.items():
+                    rec[k].append(call(y, method))
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
@@ -127,11 +149,11 @@ def main(argv: list[str]) -> int:
     for method, rec in results.items():
         med = {k: statistics.median(v) for k, v in rec.items()}
         row = [method, *(f"{1e6 * med[k] / args.pixels:.1f}" for k in rec)]
-        if "before" in med:
+        if "before" in med and "after" in med:
             row.append(f"{med['before'] / med['after']:.2f}x")
         rows.append(row)
     headers = ["method", *(f"{k}: CPU us/pixel" for k in libs)]
-    if args.before:
+    if "before" in libs:
         headers.append("speed-up")
     note = (f"{args.pixels:,} pixels, median of {args.rounds} rounds, allocator "
             f"{args.allocator}{' (auto setting: ' + str(auto) + ')' if auto is not None else ''}"
