@@ -78,7 +78,9 @@ def batch_curve_fit(
         ``p_j`` is a column of shape ``(b, 1)`` so that numpy-style models such
         as ``a * np.exp(-k * x) + c`` broadcast to ``(b, M)``; ``x`` is the
         ``xdata`` of those problems (see below). Returns ``(b, M)`` (or a
-        shape that broadcasts to it).
+        shape that broadcasts to it). Row ``i`` of the result must depend on
+        row ``i`` of the parameters only: on the CPU a large batch is
+        evaluated in groups of problems of about 2**17 residuals per call.
     xdata : array_like, Tensor, tuple or object
         Shared or per-problem independent variable:
 
@@ -261,8 +263,6 @@ def batch_curve_fit(
         ok = codes.success(status)
         cov = normal_inverse(t["jac"], svd_pinv)
         table = {}
-    mesg = [NONFINITE_DATA_MSG if not g else table[i] if i in table else codes.message(s)
-            for g, i, s in zip(good.tolist(), ier.tolist(), status.tolist(), strict=True)]
 
     m_eff: Any = M if keep is None else torch.as_tensor(keep.sum(axis=1), device=cov.device)
     cov, indeterminate = finish_covariance(cov, ok, n, m_eff, 2 * t["cost"].detach(),
@@ -282,6 +282,8 @@ def batch_curve_fit(
 
     if not full_output:
         return out(popt), out(cov)
+    mesg = [NONFINITE_DATA_MSG if not g else table[i] if i in table else codes.message(s)
+            for g, i, s in zip(good.tolist(), ier.tolist(), status.tolist(), strict=True)]
     infodict = {"nfev": out(nfev), "fvec": out(t["fun"])}
     if njev is not None and callable(jac):  # 'lm' only, as leastsq
         infodict["njev"] = out(njev)
