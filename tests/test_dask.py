@@ -576,3 +576,33 @@ def test_start_environment_is_the_process_start_one(monkeypatch):
     assert env.get("PATH") == ENV_AT_IMPORT.get("PATH")
     if os.path.exists("/proc/self/environ"):
         assert "TORCHIMIZE_SCIPY_TEST_LATE_VARIABLE" not in env
+
+
+@GLIBC
+def test_forced_allocator_setting_stops_mmap_per_array_in_a_nanny_like_process():
+    # a process started as dask's nanny starts workers: the 128 KiB threshold is fixed
+    # and a 1 MiB array is mapped anew; worker_allocator(force=True) (what a worker's
+    # first block does when the worker conditions hold) makes it come from the heap
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, numpy as np\n"
+        "from torchimize_scipy import _dask_workers as w\n"
+        "class M(ctypes.Structure):\n"
+        "    _fields_ = [(k, ctypes.c_size_t) for k in ('arena', 'ordblks', 'smblks', 'hblks',"
+        " 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc = ctypes.CDLL(None); libc.mallinfo2.restype = M\n"
+        "def mapped():\n"
+        "    before = libc.mallinfo2().hblks\n"
+        "    a = np.ones(2**17)\n"
+        "    return libc.mallinfo2().hblks > before\n"
+        "print(mapped(), w._started_with_fixed_threshold(), w.worker_allocator(force=True),"
+        " w.worker_allocator(), mapped())\n")
+    root = str(pathlib.Path(torchimize_scipy.__file__).parents[1])
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536", PYTHONPATH=root)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split()
+    # mapped per array, threshold fixed at start; set (and remembered); no longer mapped
+    assert out == ["True", "True", "True", "True", "False"]
