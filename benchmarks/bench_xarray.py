@@ -19,10 +19,17 @@ summed over the workers) are reported: on a shared machine they measure the
 cost of each function where wall time mostly measures the machine's load.
 
 ``--allocators`` runs the comparison once per setting of the workers' memory
-allocator, each on a fresh cluster: ``nanny`` (dask's default,
-``MALLOC_TRIM_THRESHOLD_=65536``, which maps every array above 128 KiB anew)
-and ``configured`` (:func:`torchimize_scipy.dask.configure_workers` on the
-running workers, as docs/cluster.md advises). ``--worker-config quiet`` also
+allocator, each on a fresh cluster: ``nanny`` (dask's defaults, as a user's
+``Client()`` gets them: the nanny's ``MALLOC_TRIM_THRESHOLD_=65536`` fixes
+glibc's mmap threshold at 128 KiB, and our first block on each worker raises
+it, ``torchimize_scipy._dask_workers.worker_allocator``), ``nanny-off``
+(the same with that automatic setting turned off, ``dask.config``
+``torchimize_scipy.worker-allocator: False``: every array above 128 KiB is
+mapped anew, what our blocks got before the setting existed) and
+``configured`` (:func:`torchimize_scipy.dask.configure_workers` on the running
+workers). The automatic setting changes the whole worker process, so in the
+``nanny`` run xarray's curvefit runs with it too (it allocates per-pixel
+arrays far below the threshold, so it is not measurably affected). ``--worker-config quiet`` also
 turns off what an idle dask worker spends CPU on (its statistical profiler,
 its 20 ms event-loop tick and 0.5 s system monitor: about 6 % of a core per
 worker, and more of the total when the machine is loaded and wall time
@@ -30,10 +37,10 @@ stretches).
 
 Usage::
 
-    python benchmarks/bench_xarray.py            # 200 x 1,000 pixels (~3 minutes idle)
+    python benchmarks/bench_xarray.py            # 200 x 1,000 pixels (~5 minutes idle)
     python benchmarks/bench_xarray.py --full     # the issue's 1,000 x 1,000 x 64 cube
     python benchmarks/bench_xarray.py [--quick] [--ny 200] [--nx 1000] [--block 10]
-           [--xarray-rows 40] [--workers 2] [--allocators nanny,configured]
+           [--xarray-rows 40] [--workers 2] [--allocators nanny,nanny-off,configured]
            [--worker-config default|quiet]
 """
 
@@ -118,6 +125,11 @@ def theirs(c: xr.DataArray) -> xr.Dataset:
     return c.curvefit("band", gaussian, p0=P0)
 
 
+def _automatic_allocator_off() -> None:
+    """On a worker: keep dask's allocator setting (no ``worker_allocator``)."""
+    dask.config.set({"torchimize_scipy.worker-allocator": False})
+
+
 def compare(args, allocator: str, ny: int, nx: int, rows_x: int) -> dict:
     """One fresh cluster: xarray and ours on the first rows, then ours on the whole cube."""
     # the nanny writes its worker environment into this process's os.environ, and a later
@@ -131,6 +143,8 @@ def compare(args, allocator: str, ny: int, nx: int, rows_x: int) -> dict:
             distributed.Client(cluster) as client:
         if allocator == "configured":
             configure_workers(client)
+        elif allocator == "nanny-off":
+            client.run(_automatic_allocator_off)
         client.run(__import__, "torchimize_scipy.xarray")
         cube = make_cube(ny, nx, args.block, args.seed).persist()
         distributed.wait(cube.data)
@@ -165,7 +179,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--block", type=int, default=None,
                    help="rows of pixels per dask block (default 10; 25 with --full)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--allocators", default="nanny,configured",
+    p.add_argument("--allocators", default="nanny,nanny-off,configured",
                    help="worker allocator settings to compare, comma-separated: "
                         "nanny, configured")
     p.add_argument("--worker-config", default="default", choices=("default", "quiet"),
@@ -179,8 +193,8 @@ def main(argv: list[str]) -> int:
         rows_x = min(ny, args.xarray_rows or (100 if args.full else 40))
         args.block = args.block or (25 if args.full else 10)
     allocators = args.allocators.split(",")
-    if not set(allocators) <= {"nanny", "configured"}:
-        raise SystemExit("--allocators: nanny and/or configured")
+    if not set(allocators) <= {"nanny", "nanny-off", "configured"}:
+        raise SystemExit("--allocators: any of nanny, nanny-off, configured")
     root = str(Path(torchimize_scipy.__file__).resolve().parents[1])
     bench = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join([bench, root, os.environ.get("PYTHONPATH", "")])

@@ -23,7 +23,12 @@ Each configuration of the workers' allocator is a fresh ``LocalCluster``
 (``--workers`` processes, one thread each):
 
 * ``nanny``: dask's default, ``MALLOC_TRIM_THRESHOLD_=65536`` in every worker
-  (it turns glibc's adaptive mmap threshold off);
+  (it turns glibc's adaptive mmap threshold off), which our first block on a
+  worker corrects (``torchimize_scipy._dask_workers.worker_allocator``; the
+  ``client.submit`` path calls ``batch_curve_fit`` directly and so keeps
+  dask's setting until a block of the ``curvefit`` graph has run there);
+* ``nanny-off``: the same with that automatic setting turned off
+  (``torchimize_scipy.worker-allocator: False``), dask's default as it is;
 * ``environ``: the nanny given ``MALLOC_TRIM_THRESHOLD_`` and
   ``MALLOC_MMAP_THRESHOLD_`` of ``docs/cluster.md`` before the workers start;
 * ``configured``: the nanny's default, then
@@ -32,7 +37,7 @@ Each configuration of the workers' allocator is a fresh ``LocalCluster``
 Usage::
 
     python benchmarks/profile_xarray_block.py [--pixels 2000] [--rounds 3]
-           [--configs nanny,environ,configured] [--xarray]
+           [--configs nanny,nanny-off,environ,configured] [--xarray]
 """
 
 from __future__ import annotations
@@ -120,6 +125,11 @@ def submitted_fit(y: np.ndarray) -> float:
     return time.thread_time() - t
 
 
+def automatic_allocator_off() -> None:
+    """On a worker: keep dask's allocator setting (no ``worker_allocator``)."""
+    dask.config.set({"torchimize_scipy.worker-allocator": False})
+
+
 def environ() -> tuple[str | None, str | None, int]:
     return (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             torch.get_num_threads())
@@ -166,6 +176,8 @@ def measure_cluster(config: str, args, data: xr.DataArray, results: dict) -> Non
             distributed.Client(cluster) as client:
         if config == "configured":
             tdask.configure_workers(client)
+        elif config == "nanny-off":
+            client.run(automatic_allocator_off)
         client.run(instrument)
         env = client.run(environ)
         print(f"[{config}] workers' (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, "
@@ -212,7 +224,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pixels", type=int, default=2000, help="pixels per block")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--configs", default="nanny,environ,configured")
+    p.add_argument("--configs", default="nanny,nanny-off,environ,configured")
     p.add_argument("--xarray", action="store_true",
                    help="also fit each block with xarray's curvefit (about 1 ms a pixel)")
     args = p.parse_args(argv)

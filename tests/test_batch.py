@@ -679,6 +679,34 @@ def test_slow_problem_runs_beside_the_next_problems():
     assert_batches_identical(res, batch_least_squares(fun_v, x0, jac=jac_v, args=(y,)))
 
 
+def test_lm_without_final_jacobians_evaluates_minpacks_jacobians_only():
+    # batch_curve_fit's 'lm' (MINPACK's bookkeeping) reads no result at the final
+    # Jacobian; there the engine skips the one scipy evaluates after MINPACK stops
+    from torchimize_scipy._batch import without_final_jacobians
+
+    B = 24
+    x0, y = make_data(B, seed=5)
+    ids = np.arange(B)
+    default, skipping = Recorder(), Recorder()
+    ref = batch_least_squares(default.fun, x0, jac=default.jac, method="lm", args=(y, ids))
+    with without_final_jacobians():
+        res = batch_least_squares(skipping.fun, x0, jac=skipping.jac, method="lm",
+                                  args=(y, ids))
+    for name in ("x", "cost", "fun", "status", "nfev", "njev"):  # the same arithmetic per row
+        assert_bitwise_equal(res[name], ref[name], err_msg=name)
+    assert ref.success.all()
+    made = _per_problem_counts(skipping.jac_calls, B)
+    np.testing.assert_array_equal(made, res.njev)  # exactly MINPACK's Jacobians
+    extra = _per_problem_counts(default.jac_calls, B) - made
+    assert set(extra.tolist()) <= {0, 1} and extra.sum() > 0  # the default's final ones
+    np.testing.assert_array_equal(_per_problem_counts(skipping.fun_calls, B), res.nfev)
+    # outside the block the default is back
+    again = Recorder()
+    batch_least_squares(again.fun, x0, jac=again.jac, method="lm", args=(y, ids))
+    np.testing.assert_array_equal(_per_problem_counts(again.jac_calls, B),
+                                  _per_problem_counts(default.jac_calls, B))
+
+
 # ============================================================================ failures
 def _nan_fun(x, y, floor):
     """Residuals; NaN for rows whose ``x[1]`` is below ``floor`` (per problem)."""

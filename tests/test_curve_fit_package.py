@@ -124,3 +124,39 @@ def test_finish_covariance_rules():
     out, bad = finish_covariance(cov, ok, 2, m, chisq, absolute_sigma=True)
     np.testing.assert_array_equal(out[2].numpy(), np.eye(2))  # m <= n does not matter
     assert bad == 1
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_batch_calls_f_in_cache_sized_groups_of_problems(monkeypatch, kind):
+    """Large batches call ``f`` for consecutive groups of problems (the model's
+    temporaries stay in the cache), forward differences included; the fits are
+    those of whole calls to the solver's accuracy."""
+    from torchimize_scipy._curve_fit import _model
+
+    B = 150
+    rng = np.random.default_rng(3)
+    amp, rate = rng.uniform(1, 3, B), rng.uniform(0.5, 2, B)
+    y = decay(X, amp[:, None], rate[:, None]) + 0.01 * rng.standard_normal((B, X.size))
+    p0 = np.ones((B, 2))
+    if kind == "torch":
+        y, p0 = torch.as_tensor(y), torch.as_tensor(p0)
+    rows = []
+
+    def f(x, a, k):
+        rows.append(a.shape[0])
+        return (decay_t if kind == "torch" else decay)(x, a, k)
+
+    xdata = torch.as_tensor(X) if kind == "torch" else X
+    whole = batch_curve_fit(f, xdata, y, p0, full_output=True)
+    calls = len(rows)
+    assert max(rows) >= B  # one call for every running problem
+    group = 40 * X.size  # residuals per call: 40 problems, or 20 with their 2 differences
+    monkeypatch.setattr(_model, "CHUNK_ELEMENTS", group)
+    rows.clear()
+    grouped = batch_curve_fit(f, xdata, y, p0, full_output=True)
+    # (the first residuals and Jacobians of torch input are evaluated while gradients are
+    # recorded, before the solve: those calls stay whole)
+    assert max(rows[2:]) == 40 and len(rows) > 2 * calls  # several calls per evaluation
+    np.testing.assert_array_equal(np.asarray(grouped[4]), np.asarray(whole[4]))  # ier
+    assert_x_close(grouped[0], whole[0])
+    assert_x_close(grouped[1], whole[1], xtol=None, rtol=1e-6)

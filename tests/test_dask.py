@@ -33,23 +33,40 @@ FIELDS = ("x", "cost", "fun", "jac", "grad", "optimality", "active_mask", "nfev"
           "status", "success")
 
 
-@pytest.fixture(scope="module")
-def client():
-    """Two worker processes on loopback that import this checkout's torchimize_scipy."""
+def _local_cluster(n_workers: int) -> distributed.LocalCluster:
+    """Worker processes on loopback that import this checkout's torchimize_scipy."""
     root = str(pathlib.Path(torchimize_scipy.__file__).parents[1])
     saved = dict(os.environ)
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
     try:
-        cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                           dashboard_address=None, host="127.0.0.1")
+        return distributed.LocalCluster(n_workers=n_workers, processes=True,
+                                        threads_per_worker=1, dashboard_address=None,
+                                        host="127.0.0.1")
     finally:
         # the nanny also writes its worker environment (MALLOC_TRIM_THRESHOLD_,
         # OMP_NUM_THREADS, ...) into this process's os.environ: put it back
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Two worker processes on loopback that import this checkout's torchimize_scipy."""
+    cluster = _local_cluster(2)
     c = distributed.Client(cluster)
     c.run(__import__, "torchimize_scipy.dask")  # the imports (torch: seconds) before timing
+    yield c
+    c.close()
+    cluster.close()
+
+
+@pytest.fixture()
+def fresh_client():
+    """One new worker process with dask's default environment, that has run no block."""
+    cluster = _local_cluster(1)
+    c = distributed.Client(cluster)
+    c.run(__import__, "torchimize_scipy.dask")
     yield c
     c.close()
     cluster.close()
@@ -432,9 +449,12 @@ def _mmapped_by_one_mib_array() -> dict:
     a[:] = 1.0
     during = libc.mallinfo2().hblks
     del a
+    from torchimize_scipy import _dask_workers
+
     return {"mmapped": during > before, "torch_threads": torch.get_num_threads(),
             "trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
-            "mmap": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+            "mmap": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+            "auto": _dask_workers._AUTO["applied"]}
 
 
 def test_fixture_leaves_the_test_process_environment_alone(client):
@@ -453,8 +473,8 @@ def test_fixture_leaves_the_test_process_environment_alone(client):
 def test_configure_workers_stops_mmap_per_array_and_sets_torch_threads(client):
     before = client.run(_mmapped_by_one_mib_array)
     for state in before.values():
-        if state["trim"] == "65536" and state["mmap"] is None:  # dask's nanny default
-            assert state["mmapped"]  # the slow path: a fresh mapping per mid-size array
+        if state["trim"] == "65536" and state["mmap"] is None and not state["auto"]:
+            assert state["mmapped"]  # dask's nanny default: a fresh mapping per mid-size array
     done = configure_workers(client, torch_threads=1)
     assert sorted(done) == sorted(before)
     assert all(d == {"malloc": True, "torch_threads": 1} for d in done.values())
@@ -477,3 +497,112 @@ def test_configure_workers_validation():
         configure_workers(object(), trim_threshold=-1)
     with pytest.raises(ValueError, match="`torch_threads` must be None or a positive"):
         configure_workers(object(), torch_threads=0)
+
+
+GLIBC = pytest.mark.skipif(not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"),
+                           reason="the allocator settings are glibc's")
+
+
+def _set_auto(value: bool) -> None:
+    from torchimize_scipy._dask_workers import AUTO_KEY
+
+    dask.config.set({AUTO_KEY: value})
+
+
+def _one_dask_curve_fit(**compute_options) -> None:
+    t, y = decay_data(300)
+    popt, _ = dask.compute(*batch_curve_fit(decay, t, da.from_array(y, chunks=300),
+                                            np.ones((300, 2))), **compute_options)
+    assert np.isfinite(popt).all()
+
+
+@GLIBC
+def test_first_block_sets_the_allocator_of_a_worker_with_dask_defaults(fresh_client):
+    # regression (issue 16): with dask's default worker environment every array
+    # above 128 KiB was mapped anew, and our xarray curvefit ran slower than xarray's
+    (before,) = fresh_client.run(_mmapped_by_one_mib_array).values()
+    assert before["trim"] == "65536" and before["mmap"] is None
+    assert before["mmapped"] and before["auto"] is None
+    _one_dask_curve_fit()
+    (after,) = fresh_client.run(_mmapped_by_one_mib_array).values()
+    assert after["auto"] is True
+    assert not after["mmapped"]
+
+
+@GLIBC
+def test_automatic_allocator_setting_can_be_turned_off_and_yields_to_configure_workers(
+        fresh_client):
+    fresh_client.run(_set_auto, False)
+    _one_dask_curve_fit()
+    (off,) = fresh_client.run(_mmapped_by_one_mib_array).values()
+    assert off["mmapped"] and off["auto"] is None  # not decided: can be turned on later
+    configure_workers(fresh_client, mmap_threshold=2**22, torch_threads=None)
+    fresh_client.run(_set_auto, True)
+    _one_dask_curve_fit()
+    (user,) = fresh_client.run(_mmapped_by_one_mib_array).values()
+    assert user["auto"] is False  # the user's thresholds stay
+    assert not user["mmapped"]
+
+
+def test_automatic_allocator_setting_stays_out_of_the_callers_process(monkeypatch):
+    from torchimize_scipy import _dask_workers as w
+
+    monkeypatch.setitem(w._AUTO, "applied", None)
+    monkeypatch.setattr(w, "_mallopt", lambda *a: pytest.fail("mallopt called"))
+    _one_dask_curve_fit(scheduler="threads")  # the blocks run in this process
+    assert w._AUTO["applied"] is False
+
+
+@pytest.mark.parametrize(("env", "fixed"), [
+    ({"MALLOC_TRIM_THRESHOLD_": "65536"}, True),                     # dask's nanny
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=65536"}, True),
+    ({"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "1048576"}, False),
+    ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=1"},
+     False),
+    ({}, False),                                                       # glibc's adaptive one
+])
+def test_fixed_threshold_is_read_from_the_start_environment(monkeypatch, env, fixed):
+    from torchimize_scipy import _dask_workers as w
+
+    monkeypatch.setattr(w, "_start_environment", lambda: dict(env))
+    assert w._started_with_fixed_threshold() is fixed
+
+
+def test_start_environment_is_the_process_start_one(monkeypatch):
+    from torchimize_scipy import _dask_workers as w
+
+    monkeypatch.setenv("TORCHIMIZE_SCIPY_TEST_LATE_VARIABLE", "1")
+    env = w._start_environment()
+    assert env.get("PATH") == ENV_AT_IMPORT.get("PATH")
+    if os.path.exists("/proc/self/environ"):
+        assert "TORCHIMIZE_SCIPY_TEST_LATE_VARIABLE" not in env
+
+
+@GLIBC
+def test_forced_allocator_setting_stops_mmap_per_array_in_a_nanny_like_process():
+    # a process started as dask's nanny starts workers: the 128 KiB threshold is fixed
+    # and a 1 MiB array is mapped anew; worker_allocator(force=True) (what a worker's
+    # first block does when the worker conditions hold) makes it come from the heap
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, numpy as np\n"
+        "from torchimize_scipy import _dask_workers as w\n"
+        "class M(ctypes.Structure):\n"
+        "    _fields_ = [(k, ctypes.c_size_t) for k in ('arena', 'ordblks', 'smblks', 'hblks',"
+        " 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+        "libc = ctypes.CDLL(None); libc.mallinfo2.restype = M\n"
+        "def mapped():\n"
+        "    before = libc.mallinfo2().hblks\n"
+        "    a = np.ones(2**17)\n"
+        "    return libc.mallinfo2().hblks > before\n"
+        "print(mapped(), w._started_with_fixed_threshold(), w.worker_allocator(force=True),"
+        " w.worker_allocator(), mapped())\n")
+    root = str(pathlib.Path(torchimize_scipy.__file__).parents[1])
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536", PYTHONPATH=root)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split()
+    # mapped per array, threshold fixed at start; set (and remembered); no longer mapped
+    assert out == ["True", "True", "True", "True", "False"]

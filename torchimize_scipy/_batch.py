@@ -12,9 +12,11 @@ termination tests), gathered in a :class:`BatchOptimizeResult`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,31 @@ from ._frontend import EngineJacobian, check_residuals_and_loss, prepare, use_sp
 from ._results import ARRAY_FIELDS, BatchOptimizeResult, build_result
 from ._validation import check_options
 
-__all__ = ["ARRAY_FIELDS", "BatchOptimizeResult", "batch_least_squares", "default_chunk_size"]
+__all__ = ["ARRAY_FIELDS", "BatchOptimizeResult", "batch_least_squares", "default_chunk_size",
+           "without_final_jacobians"]
+
+#: Whether calls of :func:`batch_least_squares` in this context evaluate the Jacobian
+#: at the point accepted by a problem's stopping trial (see without_final_jacobians).
+_FINAL_JACOBIAN: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "torchimize_scipy_final_jacobian", default=True)
+
+
+@contextlib.contextmanager
+def without_final_jacobians() -> Iterator[None]:
+    """Within the block, :func:`batch_least_squares` skips its final Jacobians.
+
+    For internal callers that read neither ``jac``, ``grad``, ``optimality``
+    nor ``njev`` of the result at the final point (``batch_curve_fit``'s 'lm',
+    whose covariance is that of MINPACK's last Jacobian, which precedes the
+    stopping trial): the Jacobian that scipy evaluates after MINPACK returns
+    is then not evaluated (``Problem.final_jacobian``). Scoped to the calling
+    thread and context.
+    """
+    token = _FINAL_JACOBIAN.set(False)
+    try:
+        yield
+    finally:
+        _FINAL_JACOBIAN.reset(token)
 
 
 def batch_least_squares(
@@ -251,6 +277,7 @@ def batch_least_squares(
             refill=blocks.take, capacity=chunk_size,
             on_finish=bar.finished if bar is not None else None,
             on_iteration=bar.iteration if bar is not None else None,
+            final_jacobian=_FINAL_JACOBIAN.get(),
             **({"tr_solver": "lsmr"} if sparse else {})))
         complete = True
     finally:

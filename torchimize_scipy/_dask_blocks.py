@@ -21,6 +21,7 @@ import torch
 from dask.highlevelgraph import HighLevelGraph
 
 from ._arrays import _torch_dtype
+from ._dask_workers import worker_allocator
 
 
 class BlockError(RuntimeError):
@@ -107,7 +108,12 @@ def _build(solve_block: Callable, static: dict, leaves: _Leaves,
 
 def _run_block(solve_block: Callable, static: dict, start: int, stop: int,
                blocks: list[np.ndarray], fields: dict) -> dict[str, np.ndarray]:
-    """Solve one block; an exception names the problems the block held."""
+    """Solve one block; an exception names the problems the block held.
+
+    The first block a ``distributed`` worker runs sets its allocator for
+    batched fits where dask's default left it slow (:func:`worker_allocator`).
+    """
+    worker_allocator()
     try:
         return solve_block(static, blocks, fields)
     except Exception as exc:

@@ -92,6 +92,8 @@ class EngineRun:
     on_finish, on_iteration
         Progress hooks: ``on_finish(k)`` when k problems stop,
         ``on_iteration(state)`` after every round.
+    final_jacobian : bool
+        As :class:`~torchimize_scipy._engine.problem.Problem`.
     """
 
     method: str
@@ -116,6 +118,7 @@ class EngineRun:
     on_iteration: Callable[[dict], None] | None = None
     tr_solver: str = "exact"
     tr_options: dict | None = None
+    final_jacobian: bool = True
 
 
 def solve(spec: EngineRun) -> dict[str, Tensor]:
@@ -140,7 +143,8 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
         fun=spec.fun, jac=spec.jac, m=m, n=n, loss=spec.loss, ftol=spec.ftol, xtol=spec.xtol,
         gtol=spec.gtol, max_nfev=max_nfev, jac_scale=spec.jac_scale, bounded=spec.bounded,
         callback=spec.callback, verbose=spec.verbose, use_gram=spec.use_gram,
-        step_length=spec.step_length, tr_solver=spec.tr_solver)
+        step_length=spec.step_length, tr_solver=spec.tr_solver,
+        final_jacobian=spec.final_jacobian)
     out = spec.out if spec.out is not None else result_buffers(B, n, m, x0.dtype, x0.device)
     rule = make_rule(spec.method, spec.tr_solver, spec.tr_options, spec.bounded)
     # small work: MKL single-threaded in this thread only (see _blas_threads); the

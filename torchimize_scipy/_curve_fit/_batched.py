@@ -9,6 +9,7 @@ of the solve and reported with the status ``NONFINITE`` (where
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from scipy.optimize import OptimizeWarning
 
 from .._arrays import as_numpy, detect_namespace, to_host
-from .._batch import batch_least_squares
+from .._batch import batch_least_squares, without_final_jacobians
 from .._dask import dispatch, has_dask
 from .._engine import status as codes
 from .._validation import prepare_bounds
@@ -77,7 +78,9 @@ def batch_curve_fit(
         ``p_j`` is a column of shape ``(b, 1)`` so that numpy-style models such
         as ``a * np.exp(-k * x) + c`` broadcast to ``(b, M)``; ``x`` is the
         ``xdata`` of those problems (see below). Returns ``(b, M)`` (or a
-        shape that broadcasts to it).
+        shape that broadcasts to it). Row ``i`` of the result must depend on
+        row ``i`` of the parameters only: on the CPU a large batch is
+        evaluated in groups of problems of about 2**17 residuals per call.
     xdata : array_like, Tensor, tuple or object
         Shared or per-problem independent variable:
 
@@ -227,8 +230,9 @@ def batch_curve_fit(
         opts = leastsq_options(kwargs, n, callable(jac))
         if callable(jac) or jac_arg == "2-point":
             rel = minpack_step(opts["epsfcn"], kwargs.pop("diff_step", None), n, ns.dtype)
-            book = LeastsqBook(opts["maxfev"], rel, B, ns.device,
-                               summary=lambda J: normal_inverse(J, qr_inverse))
+            # counts only: the engine skips the Jacobian after a problem's last trial, so
+            # its final Jacobian is MINPACK's last one, the covariance's (see _solve_good)
+            book = LeastsqBook(opts["maxfev"], rel, B, ns.device, keep_jacobians=False)
             model.book = book
             if not callable(jac):
                 jac_arg = model.fd_jacobian
@@ -240,22 +244,18 @@ def batch_curve_fit(
 
     label = progress if isinstance(progress, str) else f"batch_curve_fit[{method}]"
     t = _solve_good(model.residuals, p0_host, jac_arg, lb, ub, method, good_idx, B, M, ns,
-                    torch_mode, book is None,
+                    torch_mode, book is not None,
                     dict(kwargs, chunk_size=chunk_size, progress=progress and label))
     status, nfev = t["status"], t["nfev"]
     njev = None
     if method == "lm":
         ier = status_to_ier(status)
+        cov = normal_inverse(t["jac"], qr_inverse)
         if book is not None:
             ier = torch.where(book.hit, 5, ier)
-            if "summary" in book.rows:
-                cov, njev = book.at_last_minpack_jacobian(status)
-            else:  # no problem was solved
-                cov, njev = t["x"].new_full((B, n, n), float("nan")), book.jac_calls
+            njev = book.minpack_njev(status)
             if not callable(jac):
                 nfev = nfev + n * njev
-        else:
-            cov = normal_inverse(t["jac"], qr_inverse)
         ok = (ier >= 1) & (ier <= 4)
         table = leastsq_messages(opts)
     else:
@@ -263,8 +263,6 @@ def batch_curve_fit(
         ok = codes.success(status)
         cov = normal_inverse(t["jac"], svd_pinv)
         table = {}
-    mesg = [NONFINITE_DATA_MSG if not g else table[i] if i in table else codes.message(s)
-            for g, i, s in zip(good.tolist(), ier.tolist(), status.tolist(), strict=True)]
 
     m_eff: Any = M if keep is None else torch.as_tensor(keep.sum(axis=1), device=cov.device)
     cov, indeterminate = finish_covariance(cov, ok, n, m_eff, 2 * t["cost"].detach(),
@@ -284,6 +282,8 @@ def batch_curve_fit(
 
     if not full_output:
         return out(popt), out(cov)
+    mesg = [NONFINITE_DATA_MSG if not g else table[i] if i in table else codes.message(s)
+            for g, i, s in zip(good.tolist(), ier.tolist(), status.tolist(), strict=True)]
     infodict = {"nfev": out(nfev), "fvec": out(t["fun"])}
     if njev is not None and callable(jac):  # 'lm' only, as leastsq
         infodict["njev"] = out(njev)
@@ -292,34 +292,59 @@ def batch_curve_fit(
 
 def _solve_good(fun: Callable, p0: np.ndarray, jac: Any, lb: np.ndarray, ub: np.ndarray,
                 method: str, good_idx: np.ndarray, B: int, M: int, ns: Any, torch_mode: bool,
-                want_jac: bool, kwargs: dict) -> dict:
+                minpack_last: bool, kwargs: dict) -> dict:
     """Solve the problems ``good_idx`` and scatter the results into B-sized tensors.
 
-    The problems left out keep NaN results and the status ``NONFINITE``.
+    The problems left out keep NaN results, a zero Jacobian and the status
+    ``NONFINITE``. ``minpack_last``: no Jacobian is evaluated after a
+    problem's last trial, so that ``jac`` is MINPACK's last Jacobian
+    (``'lm'`` with :class:`LeastsqBook`).
     """
     n = lb.shape[1]
     dev, dt = ns.device, ns.dtype
-    t = {"x": torch.full((B, n), float("nan"), device=dev, dtype=dt),
-         "cost": torch.full((B,), float("nan"), device=dev, dtype=dt),
-         "fun": torch.full((B, M), float("nan"), device=dev, dtype=dt),
-         "status": torch.full((B,), codes.NONFINITE, device=dev, dtype=torch.long),
-         "nfev": torch.zeros(B, device=dev, dtype=torch.long),
-         "jac": torch.zeros(B, M, n, device=dev, dtype=dt)}
+
+    def left_out() -> dict:
+        return {"x": torch.full((B, n), float("nan"), device=dev, dtype=dt),
+                "cost": torch.full((B,), float("nan"), device=dev, dtype=dt),
+                "fun": torch.full((B, M), float("nan"), device=dev, dtype=dt),
+                "status": torch.full((B,), codes.NONFINITE, device=dev, dtype=torch.long),
+                "nfev": torch.zeros(B, device=dev, dtype=torch.long),
+                "jac": torch.zeros(B, M, n, device=dev, dtype=dt)}
+
     if good_idx.size == 0:
-        return t
+        return left_out()
     if torch_mode:
         x0: Any = torch.as_tensor(p0[good_idx], device=dev, dtype=dt)
         ids: Any = torch.as_tensor(good_idx, device=dev)
     else:
         x0, ids = p0[good_idx], good_idx
-    res = batch_least_squares(fun, x0, jac=jac, bounds=(lb[good_idx], ub[good_idx]),
-                              method=method, args=(ids,), device=dev, dtype=dt,
-                              return_jac=want_jac, **kwargs)
-    rows = torch.as_tensor(good_idx, device=dev)
+    final = without_final_jacobians() if minpack_last else contextlib.nullcontext()
+    with final:
+        res = batch_least_squares(fun, x0, jac=jac, bounds=(lb[good_idx], ub[good_idx]),
+                                  method=method, args=(ids,), device=dev, dtype=dt, **kwargs)
+    t: dict[str, torch.Tensor] = {}
     for key in ("x", "cost", "fun", "status", "nfev", "jac"):
-        if key == "jac" and not want_jac:
-            continue
         v = res[key]
         v = v if isinstance(v, torch.Tensor) else torch.as_tensor(as_numpy(v))
-        t[key] = t[key].index_copy(0, rows, v.to(device=dev, dtype=t[key].dtype))
+        t[key] = v.to(device=dev, dtype=torch.long if key in ("status", "nfev") else dt)
+    if good_idx.size == B:  # good_idx is ascending: the results are the B rows
+        return t
+    rows = torch.as_tensor(good_idx, device=dev)
+    return {k: v.index_copy(0, rows, t[k]) for k, v in left_out().items()}
+    if torch_mode:
+        x0: Any = torch.as_tensor(p0[good_idx], device=dev, dtype=dt)
+        ids: Any = torch.as_tensor(good_idx, device=dev)
+    else:
+        x0, ids = p0[good_idx], good_idx
+    final = without_final_jacobians() if minpack_last else contextlib.nullcontext()
+    with final:
+        res = batch_least_squares(fun, x0, jac=jac, bounds=(lb[good_idx], ub[good_idx]),
+                                  method=method, args=(ids,), device=dev, dtype=dt, **kwargs)
+    every = good_idx.size == B  # (good_idx is ascending): the results are the B rows
+    rows = torch.as_tensor(good_idx, device=dev)
+    for key in ("x", "cost", "fun", "status", "nfev", "jac"):
+        v = res[key]
+        v = v if isinstance(v, torch.Tensor) else torch.as_tensor(as_numpy(v))
+        v = v.to(device=dev, dtype=t[key].dtype)
+        t[key] = v if every else t[key].index_copy(0, rows, v)
     return t

@@ -159,18 +159,23 @@ class LeastsqBook:
     itself, or what the caller needs of it, e.g. ``(J^T J)^{-1}``) and, with
     ``keep_residuals``, the residuals there; the last two are kept, so that
     the one of MINPACK's last Jacobian evaluation is at hand (see
-    :meth:`uncounted_jacobian`).
+    :meth:`uncounted_jacobian`). With ``keep_jacobians=False`` it keeps
+    neither and only counts (:meth:`minpack_njev`): for a caller whose
+    engine run evaluates no Jacobian after a problem's last trial
+    (``Problem.final_jacobian=False``), so that the engine's final Jacobian
+    is MINPACK's last one.
     """
 
     def __init__(self, maxfev: float, rel_step: Any, B: int, device: Any,
                  summary: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 keep_residuals: bool = False) -> None:
+                 keep_residuals: bool = False, keep_jacobians: bool = True) -> None:
         self.maxfev = maxfev
         self.rel_step = rel_step
         self.B = B
         self.device = torch.device(device)
         self.summary = summary if summary is not None else (lambda J: J)
         self.keep_residuals = keep_residuals
+        self.keep_jacobians = keep_jacobians
         z = torch.zeros(B, dtype=torch.long, device=self.device)
         no = torch.zeros(B, dtype=torch.bool, device=self.device)
         #: per-problem tensors ``(B, ...)``: counts, flags (``jac_after_trial``: the last
@@ -272,8 +277,10 @@ class LeastsqBook:
         only when the book keeps them.
         """
         sel = self._select(ids)
-        J = J.detach() if J.requires_grad else J
-        values = {"summary": self.summary(J if J.device == self.device else J.to(self.device))}
+        values = {}
+        if self.keep_jacobians:
+            J = J.detach() if J.requires_grad else J
+            values["summary"] = self.summary(J if J.device == self.device else J.to(self.device))
         if self.keep_residuals:
             values["f"] = residuals()
         for name, value in values.items():
@@ -304,6 +311,10 @@ class LeastsqBook:
         needs that Jacobian (MINPACK tests the gradient of the new Jacobian).
         """
         return self.rows["jac_after_trial"] & (status.to(self.device) != codes.GTOL)
+
+    def minpack_njev(self, status: torch.Tensor) -> torch.Tensor:
+        """``(B,)``: the Jacobian evaluations MINPACK reports (``njev``)."""
+        return self.jac_calls - self.uncounted_jacobian(status).long()
 
     def at_last_minpack_jacobian(self, status: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The kept summaries (then residuals) of MINPACK's last Jacobian, and ``njev``."""

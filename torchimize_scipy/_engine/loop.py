@@ -420,7 +420,14 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
                 boundary, torch.where(accept, trial.step_norm, 0.0), state["last_step_norm"])
         state["nit"] = state["nit"] + boundary
         state["fresh"] = boundary
-        n_accept, n_fresh = count_many(accept, boundary)
+        if problem.final_jacobian:
+            n_accept, n_fresh = count_many(accept, boundary)
+        else:  # rows that stop on their accepted trial move there without a Jacobian
+            stops = accept & (status != term.RUNNING)
+            accept = accept & (status == term.RUNNING)
+            n_accept, n_fresh, n_stops = count_many(accept, boundary, stops)
+            if n_stops:
+                _move_without_jacobian(state, stops, n_stops, x_acc, f_new, cost_new)
         if n_accept:
             arows = _rows(accept, n_accept)
             sub = take(state, arows)
@@ -442,6 +449,24 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
                 state["status"] = torch.full_like(state["status"], term.CALLBACK_STOP)
                 state["fresh"] = torch.zeros_like(state["fresh"])
                 n_fresh, n_stopped = 0, state["x"].shape[0]
+
+
+def _move_without_jacobian(state: State, rows_mask: Tensor, count: int, x_acc: Tensor,
+                           f_new: Tensor, cost_new: Tensor) -> None:
+    """Move the rows ``rows_mask`` to their accepted trial point, keeping their Jacobian.
+
+    For ``Problem.final_jacobian=False``: these rows stopped on this trial,
+    so only what their results report of the new point is written; ``njev``
+    counts the Jacobian that the default would evaluate here (see
+    :class:`~.problem.Problem`).
+    """
+    rows = _rows(rows_mask, count)
+    sub = take(state, rows)
+    sub["x"] = x_acc if rows is None else x_acc.index_select(0, rows)
+    sub["f_true"] = f_new if rows is None else f_new.index_select(0, rows)
+    sub["cost"] = cost_new if rows is None else cost_new.index_select(0, rows)
+    sub["njev"] = sub["njev"] + 1
+    put(state, rows, sub)
 
 
 def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_stopped: int,

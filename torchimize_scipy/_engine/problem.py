@@ -58,6 +58,15 @@ class Problem:
     use_gram
         Factorise through the Gram matrix ``J^T J`` (batches) rather than by
         a direct SVD of ``J`` (single problems); see ``linalg.factorize``.
+    final_jacobian
+        Evaluate the Jacobian at a point accepted by the trial that stops the
+        problem (default), for the results ``jac``, ``grad`` and
+        ``optimality`` there, as scipy evaluates it after MINPACK returns.
+        False skips that evaluation (MINPACK never makes it): those results
+        then stay at the previous Jacobian and ``njev`` counts the skipped
+        one as made (the 'lm' rule reports it less one); for callers that
+        read none of them (``batch_curve_fit``'s 'lm', whose covariance comes
+        from MINPACK's last Jacobian).
     """
 
     fun: BatchedFun
@@ -76,6 +85,7 @@ class Problem:
     use_gram: bool = False
     step_length: float | None = None
     tr_solver: str = "exact"
+    final_jacobian: bool = True
 
     @property
     def products_only(self) -> bool:
