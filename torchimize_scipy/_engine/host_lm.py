@@ -26,6 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+#: whether the scalars of CPU tensors live on the host (the tests turn it off to run the
+#: same rule in torch on the CPU)
+HOST_ON_CPU = True
+#: attribute of a tensor made from a numpy array by :meth:`Scalars.tensor`: that array
+_ARRAY = "_tsc_host_array"
 #: tensors of at most this many entries reach numpy through ``tolist``
 _SMALL = 64
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
@@ -52,23 +57,26 @@ class Scalars:
     __slots__ = ("host", "xp")
 
     def __init__(self, device: torch.device) -> None:
-        self.host = device.type == "cpu"
+        self.host = HOST_ON_CPU and device.type == "cpu"
         self.xp: Any = np if self.host else torch
 
     def view(self, *tensors: Tensor) -> tuple[Any, ...]:
         """The tensors as values of ``xp`` (on the CPU: arrays never written to).
 
-        On the CPU, the tensors of one dtype and shape (``(B,)`` columns) are
-        stacked and cross as one array; a stack of a few entries is copied
-        through ``tolist`` (exact, and cheaper than the operations
-        ``Tensor.numpy()`` dispatches), a larger one is viewed without a copy.
+        On the CPU, a tensor made by :meth:`tensor` carries its array (the
+        same memory) and costs nothing; the others of one dtype and shape
+        (``(B,)`` columns) are stacked and cross as one array: a stack of a
+        few entries is copied through ``tolist`` (exact, and cheaper than the
+        operations ``Tensor.numpy()`` dispatches), a larger one is viewed
+        without a copy.
         """
         if not self.host:
             return tensors
+        out: list[Any] = [getattr(t, _ARRAY, None) for t in tensors]
         groups: dict[tuple, list[int]] = {}
         for k, t in enumerate(tensors):
-            groups.setdefault((t.dtype, t.shape), []).append(k)
-        out: list[Any] = [None] * len(tensors)
+            if out[k] is None:
+                groups.setdefault((t.dtype, t.shape), []).append(k)
         for (dtype, _), ks in groups.items():
             t = tensors[ks[0]] if len(ks) == 1 else torch.stack([tensors[k] for k in ks])
             a = (np.array(t.tolist(), dtype=_NUMPY[dtype]) if t.numel() <= _SMALL
@@ -81,10 +89,16 @@ class Scalars:
         return tuple(out)
 
     def tensor(self, *values: Any) -> tuple[Tensor, ...]:
-        """Values of ``xp`` as tensors (the same memory on the CPU)."""
-        if self.host:
-            return tuple(torch.from_numpy(v) for v in values)
-        return values
+        """Values of ``xp`` as tensors (on the CPU: the same memory, which the tensor
+        remembers for :meth:`view`)."""
+        if not self.host:
+            return values
+        out = []
+        for v in values:
+            t = torch.from_numpy(v)
+            setattr(t, _ARRAY, v)
+            out.append(t)
+        return tuple(out)
 
     def quiet(self) -> contextlib.AbstractContextManager:
         """Silence numpy's floating-point warnings (torch has none): the rule guards its

@@ -170,11 +170,12 @@ class LevenbergMarquardt(StepRule):
         return hit
 
     def build_model(self, problem: Problem, state: dict) -> None:
-        fac = factorize(state["J"], 1.0 / state["diag"], state["f"], gram=state["G"],
-                        g=state["g"], use_gram=problem.use_gram)
+        # (``1 / diag`` exactly: torch's ``1.0 / t`` is ``reciprocal(t) * 1.0``)
+        d = torch.reciprocal(state["diag"])
+        fac = factorize(state["J"], d, state["f"], gram=state["G"], g=state["g"],
+                        use_gram=problem.use_gram)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
-        d = 1.0 / state["diag"]
         p_gn = refine_gauss_newton(fac, gauss_newton_step(fac), state["J"], d, state["f"])
         # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows

@@ -1,0 +1,167 @@
+"""'lm' with its per-problem scalars on the host (CPU) against the same rule in torch.
+
+``_engine/host_lm.py`` lets the 'lm' step rule run its elementwise scalar work
+in numpy when the tensors are on the CPU; ``HOST_ON_CPU = False`` runs the
+very same code with ``xp = torch`` on the CPU (the path every other device
+takes). Both must give the same solutions, counts and status.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import least_squares as scipy_least_squares
+
+import torchimize_scipy as ts
+from torchimize_scipy._engine import host_lm
+
+
+def rosen(x):
+    return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+
+def rosen_jac(x):
+    return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])
+
+
+def rosen_batch(x):
+    return np.stack([10 * (x[:, 1] - x[:, 0] ** 2), 1 - x[:, 0]], axis=1)
+
+
+def decay(x, a, b, c):
+    return a * np.exp(-b * x) + c
+
+
+XD = np.linspace(0, 4, 50)
+YD = decay(XD, 2.5, 1.3, 0.5) + 0.2 * np.random.default_rng(0).normal(size=XD.size)
+
+
+def _both(monkeypatch, call):
+    """``call()`` on the host path and on the torch path (CPU both)."""
+    host = call()
+    monkeypatch.setattr(host_lm, "HOST_ON_CPU", False)
+    dev = call()
+    monkeypatch.setattr(host_lm, "HOST_ON_CPU", True)
+    return host, dev
+
+
+def _close(a, b, scale=1.0, tol=1e-10):
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("jac", [rosen_jac, "2-point"])
+@pytest.mark.parametrize("x_scale", [1.0, "jac"])
+def test_host_and_torch_paths_agree_on_rosenbrock(monkeypatch, jac, x_scale):
+    host, dev = _both(monkeypatch, lambda: ts.least_squares(
+        rosen, [-1.2, 1.0], jac=jac, method="lm", x_scale=x_scale))
+    assert host.status == dev.status and host.status > 0
+    assert (host.nfev, host.njev) == (dev.nfev, dev.njev)
+    _close(host.x, dev.x)
+    _close(host.cost, dev.cost, tol=1e-12)
+    ref = scipy_least_squares(rosen, [-1.2, 1.0], jac=jac, method="lm", x_scale=x_scale)
+    _close(host.x, ref.x, tol=1e-6)  # both at scipy's solution (xtol = 1e-8)
+
+
+def test_host_and_torch_paths_agree_on_curve_fit(monkeypatch):
+    (ph, ch, ih, _, ierh), (pd, cd, idd, _, ierd) = _both(
+        monkeypatch, lambda: ts.curve_fit(decay, XD, YD, full_output=True))
+    assert ierh == ierd and ierh in (1, 2, 3, 4)
+    assert ih["nfev"] == idd["nfev"]
+    _close(ph, pd, tol=1e-9)
+    _close(ch, cd, tol=1e-7)
+
+
+def test_host_and_torch_paths_agree_on_a_float32_batch(monkeypatch):
+    x0 = np.array([-1.2, 1.0]) + np.random.default_rng(1).uniform(0, 0.5, (6, 2))
+    host, dev = _both(monkeypatch, lambda: ts.batch_least_squares(
+        rosen_batch, torch.tensor(x0, dtype=torch.float32), method="lm"))
+    assert torch.equal(host.status, dev.status)
+    assert torch.equal(host.nfev, dev.nfev)
+    np.testing.assert_allclose(host.x.numpy(), dev.x.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_nan_row_stops_alone_on_the_host_path():
+    """One problem's NaN residuals must not change its neighbours' runs."""
+    x0 = np.array([[-1.2, 1.0], [0.5, 0.5], [2.0, 2.0]])
+
+    def fun(x):
+        r = rosen_batch(x)
+        r[np.abs(x[:, 0] - 0.5) < 1e-12] = np.nan  # problem 1 fails at its start
+        return r
+
+    def good(x):
+        return rosen_batch(x)
+
+    ok = ts.batch_least_squares(good, x0[[0, 2]], method="lm")
+    with pytest.raises(ValueError, match="not finite"):
+        ts.least_squares(lambda x: fun(x[None])[0], x0[1], method="lm")
+    res = ts.batch_least_squares(fun, x0, method="lm")
+    assert res.status[1] not in (1, 2, 3, 4) and not res.success[1]
+    np.testing.assert_array_equal(res.x[[0, 2]], ok.x)  # the same path run twice
+    np.testing.assert_array_equal(res.nfev[[0, 2]], ok.nfev)
+
+
+def test_scalars_namespace_round_trip():
+    hs = host_lm.Scalars(torch.device("cpu"))
+    assert hs.host and hs.xp is np
+    small = torch.tensor([1.5, -2.0], dtype=torch.float64)
+    large = torch.arange(1000, dtype=torch.float32)
+    flags = torch.tensor([True, False])
+    a, b, c = hs.view(small, large, flags)
+    assert a.dtype == np.float64 and b.dtype == np.float32 and c.dtype == np.bool_
+    np.testing.assert_array_equal(a, [1.5, -2.0])
+    assert np.shares_memory(b, large.numpy())  # a large tensor is viewed, not copied
+    t, = hs.tensor(a * 2)
+    assert t.dtype == torch.float64 and t.tolist() == [3.0, -4.0]
+    again, = hs.view(t)
+    assert np.shares_memory(again, t.numpy())  # the array it came from, no crossing
+    assert hs.amax(np.array([[1.0, 3.0], [-1.0, -2.0]])).tolist() == [3.0, -1.0]
+    with hs.quiet():  # no floating-point warning from numpy
+        assert np.isinf(np.array([1.0]) / np.array([0.0]))[0]
+
+
+def test_scalars_namespace_off_the_host(monkeypatch):
+    monkeypatch.setattr(host_lm, "HOST_ON_CPU", False)
+    hs = host_lm.Scalars(torch.device("cpu"))
+    assert not hs.host and hs.xp is torch
+    t = torch.tensor([1.0, 2.0])
+    assert hs.view(t)[0] is t and hs.tensor(t)[0] is t
+    assert torch.equal(hs.amax(torch.tensor([[1.0, 3.0]])), torch.tensor([3.0]))
+
+
+def test_lm_rule_issues_few_torch_operations_per_evaluation():
+    """Regression guard: the rule's own work (steps/lm.py, host_lm.py) per evaluation.
+
+    Before its scalars moved to the host it issued ~100 top-level aten
+    operations per evaluation on this problem (assess_trial alone ~53).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    calls = []
+
+    def fun(x):
+        calls.append(1)
+        return rosen(x)
+
+    ts.least_squares(fun, [-1.2, 1.0], jac=rosen_jac, method="lm")
+    calls.clear()
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        ts.least_squares(fun, [-1.2, 1.0], jac=rosen_jac, method="lm")
+    own = 0
+    for ev in prof.events():
+        if not ev.name.startswith("aten::"):
+            continue
+        p, top, site = ev.cpu_parent, True, None
+        while p is not None:
+            if p.name.startswith("aten::"):
+                top = False
+                break
+            if site is None and "torchimize_scipy" in p.name:
+                site = p.name
+            p = p.cpu_parent
+        if top and site is not None and ("steps/lm.py" in site or "host_lm.py" in site):
+            own += 1
+    assert len(calls) == 21
+    assert own / len(calls) < 50
