@@ -104,14 +104,16 @@ def test_a_nan_row_stops_alone_on_the_host_path():
 
 
 def test_scalars_namespace_round_trip():
-    hs = host_lm.Scalars(torch.device("cpu"))
+    hs = host_lm.Scalars(torch.zeros(2, 3, dtype=torch.float64))  # a batch of two
     assert hs.host and hs.xp is np
     small = torch.tensor([1.5, -2.0], dtype=torch.float64)
+    other = torch.tensor([3.0, 4.0], dtype=torch.float64)
     large = torch.arange(1000, dtype=torch.float32)
     flags = torch.tensor([True, False])
-    a, b, c = hs.view(small, large, flags)
+    a, b, c, o = hs.view(small, large, flags, other)
     assert a.dtype == np.float64 and b.dtype == np.float32 and c.dtype == np.bool_
     np.testing.assert_array_equal(a, [1.5, -2.0])
+    np.testing.assert_array_equal(o, [3.0, 4.0])  # (stacked with ``small``)
     assert np.shares_memory(b, large.numpy())  # a large tensor is viewed, not copied
     t, = hs.tensor(a * 2)
     assert t.dtype == torch.float64 and t.tolist() == [3.0, -4.0]
@@ -122,9 +124,33 @@ def test_scalars_namespace_round_trip():
         assert np.isinf(np.array([1.0]) / np.array([0.0]))[0]
 
 
+def test_scalars_namespace_of_one_float64_problem():
+    hs = host_lm.Scalars(torch.zeros(1, 3, dtype=torch.float64))
+    assert hs.host and hs.xp is host_lm.Floats
+    d, flag, n, row = hs.view(torch.tensor([2.0], dtype=torch.float64), torch.tensor([True]),
+                              torch.tensor([7]), torch.tensor([[1.0, -3.0, 2.0]],
+                                                              dtype=torch.float64))
+    assert type(d) is np.float64 and type(flag) is np.bool_ and type(n) is np.int64
+    assert row.shape == (1, 3) and hs.amax(row) == 2.0
+    xp = hs.xp
+    with hs.quiet():
+        assert np.isinf(d / np.float64(0.0))  # numpy's division, not ZeroDivisionError
+        nan = np.float64("nan")
+        assert np.isnan(xp.minimum(nan, d)) and np.isnan(xp.maximum(d, nan))
+    assert xp.where(flag, d, 0.0) == 2.0 and xp.where(~flag, d, 0.0) == 0.0
+    np.testing.assert_array_equal(xp.where(row > 0, row, 0.0), [[1.0, 0.0, 2.0]])
+    t_d, t_flag, t_code, t_zero = hs.tensor(d * 3, flag, np.where(flag, 2, -100), 0.0)
+    assert t_d.dtype == torch.float64 and t_d.tolist() == [6.0]
+    assert t_flag.dtype == torch.bool and t_code.dtype == torch.int64
+    assert t_code.tolist() == [2] and t_zero.tolist() == [0.0]
+    assert hs.view(t_d)[0] == 6.0 and type(hs.view(t_code)[0]) is np.int64
+    # float32 and batches keep arrays
+    assert host_lm.Scalars(torch.zeros(1, 3, dtype=torch.float32)).xp is np
+
+
 def test_scalars_namespace_off_the_host(monkeypatch):
     monkeypatch.setattr(host_lm, "HOST_ON_CPU", False)
-    hs = host_lm.Scalars(torch.device("cpu"))
+    hs = host_lm.Scalars(torch.zeros(1, 2))
     assert not hs.host and hs.xp is torch
     t = torch.tensor([1.0, 2.0])
     assert hs.view(t)[0] is t and hs.tensor(t)[0] is t

@@ -12,6 +12,14 @@ their names and IEEE semantics, so both give the same bits for ``+ - * /``,
 ``sqrt``, comparisons, ``where``, ``minimum``/``maximum`` and ``amax``);
 reductions that could round differently (norms) stay torch operations.
 
+One float64 problem (``least_squares``, ``curve_fit``) goes further: its
+``(B,) = (1,)`` values become ``numpy.float64`` scalars (``numpy.bool_``,
+``numpy.int64``) and ``xp`` is :class:`Floats`, whose ``where``/``minimum``/
+``maximum`` choose with a Python conditional: an operation on a numpy scalar
+costs a tenth of one on an array of one entry. Division by zero, overflow
+and NaN behave as in numpy (``inf``/``nan``, warnings silenced by
+:meth:`Scalars.quiet`); ``(1, n)`` values stay numpy arrays.
+
 This is the same idea as the packed scalars of :mod:`.lsmr`
 (``_Scalars``), and as the trust-region module's host scalars; a later
 session may merge the three helpers.
@@ -20,6 +28,7 @@ session may merge the three helpers.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import numpy as np
@@ -29,74 +38,118 @@ from torch import Tensor
 #: whether the scalars of CPU tensors live on the host (the tests turn it off to run the
 #: same rule in torch on the CPU)
 HOST_ON_CPU = True
-#: attribute of a tensor made from a numpy array by :meth:`Scalars.tensor`: that array
-_ARRAY = "_tsc_host_array"
+#: attribute of a tensor made by :meth:`Scalars.tensor`: the host value it was made from
+_HOST = "_tsc_host_value"
 #: tensors of at most this many entries reach numpy through ``tolist``
 _SMALL = 64
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
           torch.bool: np.bool_, torch.int64: np.int64, torch.int32: np.int32}
 
 
+class Floats:
+    """``xp`` of one float64 problem: its ``(B,)`` values are numpy scalars.
+
+    The functions also take numpy arrays (the ``(1, n)`` values), for which
+    they are numpy's; on scalars they choose with a conditional, and
+    ``minimum``/``maximum`` propagate NaN as numpy's do.
+    """
+
+    inf = math.inf
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        if isinstance(cond, np.ndarray):
+            return np.where(cond, a, b)
+        return a if cond else b
+
+    @staticmethod
+    def minimum(a: Any, b: Any) -> Any:
+        if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+            return np.minimum(a, b)
+        return a if (a <= b or a != a) else b
+
+    @staticmethod
+    def maximum(a: Any, b: Any) -> Any:
+        if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+            return np.maximum(a, b)
+        return a if (a >= b or a != a) else b
+
+    sqrt = staticmethod(np.sqrt)
+
+
 class Scalars:
-    """The namespace of the per-problem scalars of tensors living on ``device``.
+    """The namespace of the per-problem scalars of the engine's tensors like ``x``.
 
     Parameters
     ----------
-    device : torch.device
-        Device of the engine's tensors: the CPU puts the scalars on the host
-        (numpy), any other device keeps them as tensors.
+    x : Tensor, shape (B, n)
+        A tensor of the engine: on the CPU the scalars live on the host
+        (numpy arrays; numpy scalars for one float64 problem), on any other
+        device they stay tensors.
 
     Attributes
     ----------
     host : bool
-        The scalars are numpy arrays.
-    xp : module
-        ``numpy`` or ``torch``.
+        The scalars are numpy values.
+    xp : module or class
+        ``numpy``, :class:`Floats` or ``torch``.
     """
 
-    __slots__ = ("host", "xp")
+    __slots__ = ("host", "one", "xp")
 
-    def __init__(self, device: torch.device) -> None:
-        self.host = HOST_ON_CPU and device.type == "cpu"
-        self.xp: Any = np if self.host else torch
+    def __init__(self, x: Tensor) -> None:
+        self.host = HOST_ON_CPU and x.device.type == "cpu"
+        self.one = self.host and x.shape[0] == 1 and x.dtype == torch.float64
+        self.xp: Any = Floats if self.one else np if self.host else torch
 
     def view(self, *tensors: Tensor) -> tuple[Any, ...]:
-        """The tensors as values of ``xp`` (on the CPU: arrays never written to).
+        """The tensors as values of ``xp`` (on the CPU: values never written to).
 
-        On the CPU, a tensor made by :meth:`tensor` carries its array (the
-        same memory) and costs nothing; the others of one dtype and shape
-        (``(B,)`` columns) are stacked and cross as one array: a stack of a
-        few entries is copied through ``tolist`` (exact, and cheaper than the
-        operations ``Tensor.numpy()`` dispatches), a larger one is viewed
-        without a copy.
+        On the CPU, a tensor made by :meth:`tensor` carries its host value
+        and costs nothing; the others of one dtype and shape are stacked and
+        cross as one array: a stack of a few entries is copied through
+        ``tolist`` (exact, and cheaper than the operations ``Tensor.numpy()``
+        dispatches), a larger one is viewed without a copy. For one problem,
+        ``(1,)`` tensors become numpy scalars.
         """
         if not self.host:
             return tensors
-        out: list[Any] = [getattr(t, _ARRAY, None) for t in tensors]
+        out: list[Any] = [getattr(t, _HOST, None) for t in tensors]
         groups: dict[tuple, list[int]] = {}
         for k, t in enumerate(tensors):
             if out[k] is None:
                 groups.setdefault((t.dtype, t.shape), []).append(k)
-        for (dtype, _), ks in groups.items():
+        for (dtype, shape), ks in groups.items():
             t = tensors[ks[0]] if len(ks) == 1 else torch.stack([tensors[k] for k in ks])
-            a = (np.array(t.tolist(), dtype=_NUMPY[dtype]) if t.numel() <= _SMALL
-                 else t.numpy())
-            if len(ks) == 1:
-                out[ks[0]] = a
+            if self.one and shape == (1,):
+                kind = _NUMPY[dtype]
+                listed = t.tolist()  # [v], or [[v1], [v2], ...] for a stack
+                values = [kind(v[0] if len(ks) > 1 else v) for v in listed]
+            elif t.numel() <= _SMALL:
+                values = np.array(t.tolist(), dtype=_NUMPY[dtype])
             else:
-                for row, k in zip(a, ks, strict=True):
-                    out[k] = row
+                values = t.numpy()
+            if len(ks) == 1:
+                out[ks[0]] = values[0] if self.one and shape == (1,) else values
+            else:
+                for value, k in zip(values, ks, strict=True):
+                    out[k] = value
         return tuple(out)
 
     def tensor(self, *values: Any) -> tuple[Tensor, ...]:
-        """Values of ``xp`` as tensors (on the CPU: the same memory, which the tensor
-        remembers for :meth:`view`)."""
+        """Values of ``xp`` as tensors (on the CPU: the same memory, or a ``(1,)``
+        tensor of a scalar; the tensor remembers the value for :meth:`view`)."""
         if not self.host:
             return values
         out = []
         for v in values:
-            t = torch.from_numpy(v)
-            setattr(t, _ARRAY, v)
+            if isinstance(v, np.ndarray) and v.ndim:
+                t = torch.from_numpy(v)
+            else:  # a scalar (numpy's, or a Python number chosen by ``where``) or 0-d
+                a = np.asarray(v)
+                t = torch.from_numpy(a.reshape(1))
+                v = a.dtype.type(v) if a.ndim == 0 else v
+            setattr(t, _HOST, v)
             out.append(t)
         return tuple(out)
 
@@ -106,5 +159,7 @@ class Scalars:
         return np.errstate(all="ignore") if self.host else contextlib.nullcontext()
 
     def amax(self, a: Any) -> Any:
-        """Maximum along the last axis (exact, whatever the order)."""
-        return np.amax(a, axis=-1) if self.host else torch.amax(a, dim=-1)
+        """Maximum along the last axis (exact, whatever the order): ``(B,)`` values."""
+        if not self.host:
+            return torch.amax(a, dim=-1)
+        return a.max() if self.one else np.amax(a, axis=-1)

@@ -107,7 +107,7 @@ def trust_region_status(actual: Tensor, cost: Tensor, step_norm: Tensor, x: Tens
 
 def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
                    xnorm: Tensor, gnorm: Tensor, nfev: Tensor, max_nfev: int, ftol: float,
-                   xtol: float) -> Tensor:
+                   xtol: float, xp: Any = None) -> Tensor:
     """MINPACK ``lmder``'s tests after a trial, mapped onto scipy's codes.
 
     In MINPACK's order, the last that holds wins: its "tolerance too small"
@@ -117,9 +117,12 @@ def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
     predicted relative reductions and ``xtol`` on the radius ``delta <= xtol
     * |diag x|``.
     """
-    # (tensors, or numpy arrays: 'lm' keeps its scalars on the host on the CPU, host_lm)
-    xp, finfo = (torch, torch.finfo) if isinstance(delta, Tensor) else (np, np.finfo)
-    eps = finfo(delta.dtype).eps
+    # (tensors, or numpy values with their namespace ``xp``: 'lm' keeps its scalars on
+    # the host on the CPU, see host_lm)
+    if isinstance(delta, Tensor):
+        xp, eps = torch, torch.finfo(delta.dtype).eps
+    else:
+        xp, eps = xp or np, np.finfo(np.result_type(delta)).eps
     half_ok = 0.5 * ratio <= 1
     abs_actred = abs(actred)
     ftol_ok = (abs_actred <= ftol) & (prered <= ftol) & half_ok

@@ -127,7 +127,7 @@ class LevenbergMarquardt(StepRule):
         state["basic_full"] = torch.zeros(B, dtype=torch.bool, device=x.device)
 
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
-        hs = Scalars(state["x"].device)
+        hs = Scalars(state["x"])
         xp = hs.xp
         acnorm_t = column_norms(state)
         fnorm_t = vnorm(state["f"], dim=-1)
@@ -203,7 +203,7 @@ class LevenbergMarquardt(StepRule):
         state["gn_step"] = p_gn
 
     def propose_step(self, problem: Problem, state: dict) -> LMTrial:
-        hs = Scalars(state["x"].device)
+        hs = Scalars(state["x"])
         basic = None
         if count_true(state["basic_rows"]):  # (known from build_model until rows change)
             basic = BasicStep(state["basic_rows"], state["gn_step"], state["basic_curv"],
@@ -220,7 +220,7 @@ class LevenbergMarquardt(StepRule):
 
     def assess_trial(self, problem: Problem, state: dict, trial: LMTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
-        hs = Scalars(f_new.device)
+        hs = Scalars(state["x"])
         xp = hs.xp
         step, x_new = trial.step, trial.x_new
         # the norms are torch's reductions; everything else is elementwise on (B,) values
@@ -266,7 +266,7 @@ class LevenbergMarquardt(StepRule):
             accept = ratio >= 1e-4
             xnorm = xp.where(accept, xnorm_new, xnorm)
             status = minpack_status(actred, prered, ratio, delta, xnorm, gnorm, nfev,
-                                    problem.max_nfev, problem.ftol, problem.xtol)
+                                    problem.max_nfev, problem.ftol, problem.xtol, xp=xp)
             (state["delta"], state["par"], state["xnorm"], state["no_step_yet"],
              state["uncounted_jac"], accept, status) = hs.tensor(
                 delta, par, xnorm, no_step_yet > accept,  # (and not accepted)
