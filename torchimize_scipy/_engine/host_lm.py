@@ -106,34 +106,26 @@ class Scalars:
         """The tensors as values of ``xp`` (on the CPU: values never written to).
 
         On the CPU, a tensor made by :meth:`tensor` carries its host value
-        and costs nothing; the others of one dtype and shape are stacked and
-        cross as one array: a stack of a few entries is copied through
-        ``tolist`` (exact, and cheaper than the operations ``Tensor.numpy()``
-        dispatches), a larger one is viewed without a copy. For one problem,
-        ``(1,)`` tensors become numpy scalars.
+        and costs nothing; another one of a few entries is copied through
+        ``tolist`` (exact, and cheaper than ``Tensor.numpy()``, whose four
+        dispatched operations also cost more than stacking saves), a larger
+        one is viewed without a copy. For one problem, ``(1,)`` tensors
+        become numpy scalars.
         """
         if not self.host:
             return tensors
-        out: list[Any] = [getattr(t, _HOST, None) for t in tensors]
-        groups: dict[tuple, list[int]] = {}
-        for k, t in enumerate(tensors):
-            if out[k] is None:
-                groups.setdefault((t.dtype, t.shape), []).append(k)
-        for (dtype, shape), ks in groups.items():
-            t = tensors[ks[0]] if len(ks) == 1 else torch.stack([tensors[k] for k in ks])
-            if self.one and shape == (1,):
-                kind = _NUMPY[dtype]
-                listed = t.tolist()  # [v], or [[v1], [v2], ...] for a stack
-                values = [kind(v[0] if len(ks) > 1 else v) for v in listed]
-            elif t.numel() <= _SMALL:
-                values = np.array(t.tolist(), dtype=_NUMPY[dtype])
-            else:
-                values = t.numpy()
-            if len(ks) == 1:
-                out[ks[0]] = values[0] if self.one and shape == (1,) else values
-            else:
-                for value, k in zip(values, ks, strict=True):
-                    out[k] = value
+        out = []
+        for t in tensors:
+            value = getattr(t, _HOST, None)
+            if value is None:
+                size = t.numel()
+                if size > _SMALL:
+                    value = t.numpy()
+                elif self.one and size == 1 and t.ndim == 1:  # a (1,) column
+                    value = _NUMPY[t.dtype](t.tolist()[0])
+                else:
+                    value = np.array(t.tolist(), dtype=_NUMPY[t.dtype])
+            out.append(value)
         return tuple(out)
 
     def tensor(self, *values: Any) -> tuple[Tensor, ...]:

@@ -136,11 +136,12 @@ class LevenbergMarquardt(StepRule):
         # scaling and initial radius on the very first outer iteration
         # (the host knows whether problems were admitted since the last call: no sync)
         any_start, self._admitted = self._admitted, False
+        n = g_t.shape[-1]
         acnorm, fnorm, status, diag = hs.view(acnorm_t, fnorm_t, state["status"], state["diag"])
-        if not g_t.shape[-1]:  # no variables
+        if not n:  # no variables
             optimality = gnorm = hs.view(inf_norm(g_t))[0]
         with hs.quiet():
-            if g_t.shape[-1]:
+            if n:
                 g_abs = abs(hs.view(g_t)[0])
                 optimality = hs.amax(g_abs)
                 denom = fnorm[..., None] * acnorm
