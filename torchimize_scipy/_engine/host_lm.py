@@ -105,8 +105,9 @@ class Scalars:
     def view(self, *tensors: Tensor) -> tuple[Any, ...]:
         """The tensors as values of ``xp`` (on the CPU: values never written to).
 
-        On the CPU, a tensor made by :meth:`tensor` carries its host value
-        and costs nothing; another one of a few entries is copied through
+        On the CPU, a tensor made by :meth:`tensor` or read before carries
+        its host value and costs nothing; another one of a few entries is
+        copied through
         ``tolist`` (exact, and cheaper than ``Tensor.numpy()``, whose four
         dispatched operations also cost more than stacking saves), a larger
         one is viewed without a copy. For one problem, ``(1,)`` tensors
@@ -125,6 +126,8 @@ class Scalars:
                     value = _NUMPY[t.dtype](t.tolist()[0])
                 else:
                     value = np.array(t.tolist(), dtype=_NUMPY[t.dtype])
+                # the engine never writes into its tensors (as counts.py relies on too)
+                setattr(t, _HOST, value)
             out.append(value)
         return tuple(out)
 
