@@ -229,10 +229,11 @@ class LevenbergMarquardt(StepRule):
             Jstep_norm = cross_jac(state["J"], step, step, state["G"], state["fac_gram"]).sqrt()
         else:
             Jstep_norm = vnorm(jac_times(state["J"], step), dim=-1)
-        (fnorm_new, Jstep_norm, xnorm_new, pnorm, par, fnorm, delta, xnorm, gnorm, nfev,
-         no_step_yet, finite) = hs.view(
+        # (square roots too: torch's float64 sqrt is not always numpy's, see host_lm)
+        (fnorm_new, Jstep_norm, xnorm_new, pnorm, par, par_sqrt, fnorm, delta, xnorm, gnorm,
+         nfev, no_step_yet, finite) = hs.view(
             vnorm(f_new, dim=-1), Jstep_norm, vnorm(state["diag"] * x_new, dim=-1),
-            trial.pnorm, trial.par,
+            trial.pnorm, trial.par, trial.par.sqrt(),
             state["fnorm"],  # f has not changed since measure_optimality
             state["delta"], state["xnorm"], state["gnorm"], state["nfev"],
             state["no_step_yet"], finite)
@@ -245,7 +246,7 @@ class LevenbergMarquardt(StepRule):
             # (x * x is x ** 2 exactly, without the slower pow call)
             actred = xp.where(small, 1 - rel1 * rel1, -1.0)
             temp1 = Jstep_norm / safe_f
-            temp2 = xp.sqrt(par) * pnorm / safe_f
+            temp2 = par_sqrt * pnorm / safe_f
             t1sq = temp1 * temp1
             t2sq = temp2 * temp2
             prered = t1sq + t2sq / 0.5
