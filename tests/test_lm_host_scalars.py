@@ -191,3 +191,44 @@ def test_lm_rule_issues_few_torch_operations_per_evaluation():
             own += 1
     assert len(calls) == 21
     assert own / len(calls) < 50
+
+
+# ---------------------------------------------------------------- MINPACK's QR in numpy
+def _rank_deficient(seed, B=3, m=12, n=4):
+    rng = np.random.default_rng(seed)
+    J = rng.normal(size=(B, m, n))
+    J[0, :, 3] = 0.0  # a zero column: a zero pivot in R
+    J[1, :, 3] = 2.0 * J[1, :, 0]  # dependent columns (to rounding)
+    f = rng.normal(size=(B, m))
+    diag = rng.uniform(0.5, 2.0, size=(B, n))
+    return J, f, diag
+
+
+def test_pivoted_qr_takes_numpy_arrays_like_tensors():
+    from torchimize_scipy._engine.minpack_qr import pivoted_qr
+
+    J, f, _ = _rank_deficient(0)
+    R_t, perm_t, qtf_t = pivoted_qr(torch.tensor(J), torch.tensor(f))
+    R_n, perm_n, qtf_n = pivoted_qr(J.copy(), f.copy())
+    assert isinstance(R_n, np.ndarray) and perm_n.dtype == np.int64
+    np.testing.assert_array_equal(perm_n, perm_t.numpy())  # well-separated column norms
+    tol = 100 * np.finfo(float).eps * np.abs(J).sum(axis=(1, 2)).max()
+    np.testing.assert_allclose(R_n, R_t.numpy(), rtol=0, atol=tol)
+    np.testing.assert_allclose(qtf_n, qtf_t.numpy(), rtol=0, atol=tol * np.abs(f).sum())
+
+
+def test_basic_gauss_newton_host_and_torch_paths_agree(monkeypatch):
+    from torchimize_scipy._engine.minpack_qr import basic_gauss_newton
+
+    J, f, diag = (torch.tensor(a) for a in _rank_deficient(1))
+    host, host_fac = basic_gauss_newton(J, diag, f)
+    monkeypatch.setattr(host_lm, "HOST_ON_CPU", False)
+    dev, dev_fac = basic_gauss_newton(J, diag, f)
+    assert torch.equal(host.rows, dev.rows) and bool(host.rows.all())
+    assert torch.equal(host.full, dev.full)
+    assert host.full.tolist() == [False, True, True]  # the zero column
+    scale = float(dev.p.abs().max())
+    np.testing.assert_allclose(host.p.numpy(), dev.p.numpy(), rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(host.curv.numpy(), dev.curv.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(host_fac.s.numpy(), dev_fac.s.numpy(), rtol=1e-10,
+                               atol=1e-12 * float(dev_fac.s.max()))
