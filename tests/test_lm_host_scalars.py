@@ -161,8 +161,12 @@ def test_lm_rule_issues_few_torch_operations_per_evaluation():
     """Regression guard: the rule's own work (steps/lm.py, host_lm.py) per evaluation.
 
     Before its scalars moved to the host it issued ~100 top-level aten
-    operations per evaluation on this problem (assess_trial alone ~53).
+    operations per evaluation on this problem (assess_trial alone ~53); now
+    about 12, not counting the events of the host crossings themselves
+    (``tolist``'s ``resolve_conj``/``resolve_neg``, ``from_numpy``'s
+    ``lift_fresh``: no arithmetic, a fraction of a microsecond each).
     """
+    crossings = {"aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh"}
     from torch.profiler import ProfilerActivity, profile
 
     calls = []
@@ -187,10 +191,11 @@ def test_lm_rule_issues_few_torch_operations_per_evaluation():
             if site is None and "torchimize_scipy" in p.name:
                 site = p.name
             p = p.cpu_parent
-        if top and site is not None and ("steps/lm.py" in site or "host_lm.py" in site):
+        if (top and site is not None and ("steps/lm.py" in site or "host_lm.py" in site)
+                and ev.name not in crossings):
             own += 1
     assert len(calls) == 21
-    assert own / len(calls) < 50
+    assert own / len(calls) < 25
 
 
 # ---------------------------------------------------------------- MINPACK's QR in numpy
