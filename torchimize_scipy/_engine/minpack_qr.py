@@ -193,7 +193,8 @@ def rank_deficient_rows(fac: Factors) -> Tensor:
     """``(B,)`` mask of the SVD rows whose ``s_min <= LM_RANK_FACTOR * eps * s_max``.
 
     Gram and eigen rows have a bounded condition number and are never selected;
-    rows with non-finite factors are not selected either.
+    rows with non-finite factors are not selected either. On the CPU the test
+    runs on the host (:mod:`.host_lm`), which then knows the mask's count.
     """
     s = fac.s
     B = s.shape[0]
@@ -201,8 +202,14 @@ def rank_deficient_rows(fac: Factors) -> Tensor:
         # no variables (nothing to pivot), or every row on the Gram route
         return remember(torch.zeros(B, dtype=torch.bool, device=s.device), 0)
     eps = torch.finfo(s.dtype).eps
-    low = s[:, -1] <= LM_RANK_FACTOR * eps * s[:, 0]
-    return low if fac.gram is None else low & ~fac.gram
+    hs = host_lm.Scalars(s)
+    sv, = hs.view(s)
+    low = sv[:, -1] <= LM_RANK_FACTOR * eps * sv[:, 0]
+    if fac.gram is not None:
+        low = low & ~hs.view(fac.gram)[0]
+    if not hs.host:
+        return low
+    return remember(hs.tensor(low)[0], int(np.count_nonzero(low)))
 
 
 def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> tuple[BasicStep, Factors]:
