@@ -8,12 +8,14 @@ batched with a loop over the ``n`` columns only.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
+from . import host_lm
 from .counts import count_true, remember
 from .linalg import Factors, svd_direct
 
@@ -22,26 +24,52 @@ from .linalg import Factors, svd_direct
 LM_RANK_FACTOR = 100.0
 
 
-def _seq_sum(a: Tensor, dim: int) -> Tensor:
-    """Sum along ``dim`` accumulated in index order (a running sum on the CPU), as a loop
-    in MINPACK would: exactly dependent columns then leave exact zeros in ``R`` where
-    MINPACK finds them, which decides its rank (a pairwise sum would leave rounding)."""
-    return torch.cumsum(a, dim).select(dim, -1)
+def _xp(a: Any) -> Any:
+    """``torch`` for a tensor, ``numpy`` for an array."""
+    return torch if isinstance(a, Tensor) else np
 
 
-def _seq_norm(a: Tensor, dim: int) -> Tensor:
+def _copy(a: Any) -> Any:
+    return a.clone() if isinstance(a, Tensor) else a.copy()
+
+
+def _take(a: Any, idx: Any, axis: int) -> Any:
+    """``a`` gathered along ``axis`` at ``idx`` (broadcast against ``a``)."""
+    if isinstance(a, Tensor):
+        return torch.take_along_dim(a, idx, axis)
+    return np.take_along_axis(a, np.broadcast_to(idx, a.shape), axis)
+
+
+def _sqrt(a: Any) -> Any:
+    """Square root, torch's also for an array: torch's float64 ``sqrt`` is not always
+    correctly rounded (numpy's is), and the results must not depend on the route."""
+    if isinstance(a, Tensor):
+        return a.sqrt()
+    return torch.from_numpy(a).sqrt().numpy()
+
+
+def _seq_sum(a: Any, dim: int) -> Any:
+    """Sum along ``dim`` (-1 or -2) accumulated in index order (a running sum on the
+    CPU, in torch as in numpy), as a loop in MINPACK would: exactly dependent columns
+    then leave exact zeros in ``R`` where MINPACK finds them, which decides its rank (a
+    pairwise sum would leave rounding)."""
+    c = _xp(a).cumsum(a, dim)
+    return c[..., -1] if dim == -1 else c[..., -1, :]
+
+
+def _seq_norm(a: Any, dim: int) -> Any:
     """Euclidean norm along ``dim`` from :func:`_seq_sum` of the squares."""
-    return _seq_sum(a * a, dim).sqrt()
+    return _sqrt(_seq_sum(a * a, dim))
 
 
-def _back_substitute(R: Tensor, b: Tensor, transpose: bool = False) -> Tensor:
+def _back_substitute(R: Any, b: Any, transpose: bool = False) -> Any:
     """Solve ``R w = b`` (or ``R^T w = b``) with ``R (B, n, n)`` upper triangular.
 
     Column-oriented, in MINPACK's order of operations (``n`` small); every
-    diagonal entry must be non-zero.
+    diagonal entry must be non-zero. Tensors or numpy arrays.
     """
     n = b.shape[-1]
-    w = b.clone()  # work array of this function: updated in place
+    w = _copy(b)  # work array of this function: updated in place
     if not transpose:  # R w = b: last unknown first, eliminated from the rows above
         for j in range(n - 1, -1, -1):
             w[:, j] = w[:, j] / R[:, j, j]
@@ -55,7 +83,7 @@ def _back_substitute(R: Tensor, b: Tensor, transpose: bool = False) -> Tensor:
     return w
 
 
-def pivoted_qr(J: Tensor, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def pivoted_qr(J: Any, f: Any) -> tuple[Any, Any, Any]:
     r"""Householder QR with column pivoting, ``J P = Q R``, as MINPACK's ``qrfac``.
 
     The column of largest remaining norm is brought forward at each stage
@@ -64,69 +92,79 @@ def pivoted_qr(J: Tensor, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     half of their digits, and a column whose remaining part is exactly zero
     leaves a zero on the diagonal of ``R`` (Moré, Garbow & Hillstrom,
     ANL-80-74, 1980). The loop runs over the ``n`` columns; every problem of
-    the batch is reduced at once.
+    the batch is reduced at once. Tensors, or numpy arrays (what
+    :func:`basic_gauss_newton` uses on the CPU: each of the many small
+    elementwise steps then costs a fraction of a torch operation's dispatch,
+    with the same bits).
 
     Parameters
     ----------
-    J : Tensor, shape (B, m, n), ``m >= n``
-    f : Tensor, shape (B, m)
+    J : Tensor or ndarray, shape (B, m, n), ``m >= n``
+    f : Tensor or ndarray, shape (B, m)
 
     Returns
     -------
-    R : Tensor, shape (B, n, n)
+    R : shape (B, n, n)
         Upper triangular; its diagonal has non-increasing magnitude.
-    perm : Tensor, shape (B, n), long
+    perm : shape (B, n), integer
         Column ``j`` of ``R`` belongs to variable ``perm[:, j]``.
-    qtf : Tensor, shape (B, n)
+    qtf : shape (B, n)
         The first ``n`` entries of ``Q^T f``.
     """
+    xp = _xp(J)
     B, m, n = J.shape
-    eps = torch.finfo(J.dtype).eps
-    A = J.clone()  # work arrays of this function only: updated in place
-    b = f.clone()
+    eps = torch.finfo(J.dtype).eps if xp is torch else np.finfo(J.dtype).eps
+    A = _copy(J)  # work arrays of this function only: updated in place
+    b = _copy(f)
     norms = _seq_norm(A, -2)  # remaining column norms
-    ref = norms.clone()  # the norms when last computed in full
-    perm = torch.arange(n, device=J.device).expand(B, n).clone()
-    rdiag = A.new_zeros(B, n)
-    cols = torch.arange(n, device=J.device)
-    one = A.new_ones(())
+    ref = _copy(norms)  # the norms when last computed in full
+    if xp is torch:
+        cols = torch.arange(n, device=J.device)
+        rows = torch.arange(B, device=J.device)
+    else:
+        cols, rows = np.arange(n), np.arange(B)
+    perm = _copy(cols[None, :] + 0 * rows[:, None])  # (B, n): 0, 1, ..., n - 1
+    rdiag = xp.zeros_like(norms)
     for j in range(n):
         # bring the column of largest remaining norm (the first such) into position j
-        kmax = j + torch.argmax(norms[:, j:], dim=-1)  # (B,)
-        swap = cols.expand(B, n).clone()
+        kmax = j + xp.argmax(norms[:, j:], -1)  # (B,)
+        swap = _copy(perm) * 0 + cols  # (B, n) identity order
         swap[:, j] = kmax
-        swap.scatter_(1, kmax.unsqueeze(-1), torch.full_like(kmax.unsqueeze(-1), j))
-        A = A.gather(2, swap.unsqueeze(1).expand(B, m, n))
-        norms, ref, perm = norms.gather(1, swap), ref.gather(1, swap), perm.gather(1, swap)
+        swap[rows, kmax] = j
+        A = _take(A, swap[:, None, :], 2)
+        norms, ref, perm = _take(norms, swap, 1), _take(ref, swap, 1), _take(perm, swap, 1)
         # Householder vector of the column's tail, scaled so that v[0] = 1 + |a_jj| / |a|
         a = A[:, j:, j]  # (B, m - j)
         ajnorm = _seq_norm(a, -1)
-        ajnorm = torch.where(a[:, 0] < 0, -ajnorm, ajnorm)
+        ajnorm = xp.where(a[:, 0] < 0, -ajnorm, ajnorm)
         move = ajnorm != 0  # a zero column is left alone
-        v = a / torch.where(move, ajnorm, one).unsqueeze(-1)
+        v = a / xp.where(move, ajnorm, 1.0)[:, None]
         v[:, 0] += 1
-        v = torch.where(move.unsqueeze(-1), v, 0.0)
-        v0 = torch.where(move, v[:, 0], one)
+        v = xp.where(move[:, None], v, 0.0)
+        v0 = xp.where(move, v[:, 0], 1.0)
         # reflect the remaining columns and the right-hand side
         tail = A[:, j:, j + 1:]  # (B, m - j, n - j - 1)
-        coef = _seq_sum(v.unsqueeze(-1) * tail, -2) / v0.unsqueeze(-1)
-        A[:, j:, j + 1:] = tail - coef.unsqueeze(-2) * v.unsqueeze(-1)
+        coef = _seq_sum(v[:, :, None] * tail, -2) / v0[:, None]
+        A[:, j:, j + 1:] = tail - coef[:, None, :] * v[:, :, None]
         coef_b = _seq_sum(v * b[:, j:], -1) / v0
-        b[:, j:] = b[:, j:] - coef_b.unsqueeze(-1) * v
+        b[:, j:] = b[:, j:] - coef_b[:, None] * v
         rdiag[:, j] = -ajnorm
         if j + 1 == n:
             break
         # downdate the remaining norms; recompute those that lost too many digits
         rest, refr = norms[:, j + 1:], ref[:, j + 1:]
-        live = move.unsqueeze(-1) & (rest != 0)
-        ratio = A[:, j, j + 1:] / torch.where(live, rest, one)
-        down = rest * (1 - ratio * ratio).clamp(min=0).sqrt()
-        stale = live & (0.05 * (down / torch.where(refr != 0, refr, one)) ** 2 <= eps)
+        live = move[:, None] & (rest != 0)
+        ratio = A[:, j, j + 1:] / xp.where(live, rest, 1.0)
+        lost = 1 - ratio * ratio
+        down = rest * _sqrt(lost.clamp(min=0) if xp is torch else np.maximum(lost, 0.0))
+        scaled = down / xp.where(refr != 0, refr, 1.0)
+        stale = live & (0.05 * (scaled * scaled) <= eps)  # (x * x is x ** 2 exactly)
         full = _seq_norm(A[:, j + 1:, j + 1:], -2)
-        norms[:, j + 1:] = torch.where(stale, full, torch.where(live, down, rest))
-        ref[:, j + 1:] = torch.where(stale, full, refr)
-    R = torch.triu(A[:, :n, :], diagonal=1) + torch.diag_embed(rdiag)
-    return R, perm, b[:, :n]
+        norms[:, j + 1:] = xp.where(stale, full, xp.where(live, down, rest))
+        ref[:, j + 1:] = xp.where(stale, full, refr)
+    D = xp.zeros_like(A[:, :n, :])
+    D[:, cols, cols] = rdiag
+    return xp.triu(A[:, :n, :], 1) + D, perm, b[:, :n]
 
 
 class BasicStep(NamedTuple):
@@ -155,7 +193,8 @@ def rank_deficient_rows(fac: Factors) -> Tensor:
     """``(B,)`` mask of the SVD rows whose ``s_min <= LM_RANK_FACTOR * eps * s_max``.
 
     Gram and eigen rows have a bounded condition number and are never selected;
-    rows with non-finite factors are not selected either.
+    rows with non-finite factors are not selected either. On the CPU the test
+    runs on the host (:mod:`.host_lm`), which then knows the mask's count.
     """
     s = fac.s
     B = s.shape[0]
@@ -163,8 +202,14 @@ def rank_deficient_rows(fac: Factors) -> Tensor:
         # no variables (nothing to pivot), or every row on the Gram route
         return remember(torch.zeros(B, dtype=torch.bool, device=s.device), 0)
     eps = torch.finfo(s.dtype).eps
-    low = s[:, -1] <= LM_RANK_FACTOR * eps * s[:, 0]
-    return low if fac.gram is None else low & ~fac.gram
+    hs = host_lm.Scalars(s)
+    sv, = hs.view(s)
+    low = sv[:, -1] <= LM_RANK_FACTOR * eps * sv[:, 0]
+    if fac.gram is not None:
+        low = low & ~hs.view(fac.gram)[0]
+    if not hs.host:
+        return low
+    return remember(hs.tensor(low)[0], int(np.count_nonzero(low)))
 
 
 def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> tuple[BasicStep, Factors]:
@@ -199,20 +244,31 @@ def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> tuple[BasicStep, F
         leaves a saddle), rather than those of the SVD of ``J``.
     """
     B, n = diag.shape
-    R, perm, qtf = pivoted_qr(J, f)
-    zero = torch.diagonal(R, dim1=-2, dim2=-1) == 0
-    cut = zero.cumsum(-1) > 0  # from the first zero diagonal on
-    full = ~cut[:, -1]
-    eye = torch.eye(n, dtype=R.dtype, device=R.device)
-    Rt = torch.where(cut.unsqueeze(-1) | cut.unsqueeze(-2), eye, R)
-    w = _back_substitute(Rt, torch.where(cut, 0.0, qtf))
-    x = torch.zeros_like(w).scatter(1, perm, w)  # x[perm[j]] = w[j]
-    p = -diag * x
-    dxnorm = vnorm(p, dim=-1)
-    safe = torch.where(dxnorm > 0, dxnorm, torch.ones_like(dxnorm))
-    wa = (diag * p / safe.unsqueeze(-1)).gather(1, perm)
-    z = _back_substitute(Rt, wa, transpose=True)
-    curv = (z * z).sum(-1)
+    # on the CPU the column loops run in numpy (the same operations, far cheaper on small
+    # matrices); the square roots, the two sums and the SVD stay torch's
+    host = host_lm.HOST_ON_CPU and J.device.type == "cpu"
+    xp = np if host else torch
+    Jx, fx, dx = (J.numpy(), f.numpy(), diag.numpy()) if host else (J, f, diag)
+    with np.errstate(all="ignore"):  # (numpy: the infinities of a failed row are expected)
+        R, perm, qtf = pivoted_qr(Jx, fx)
+        zero = xp.diagonal(R, 0, -2, -1) == 0
+        cut = xp.cumsum(zero, -1) > 0  # from the first zero diagonal on
+        full = ~cut[:, -1]
+        eye = np.eye(n, dtype=R.dtype) if host else torch.eye(n, dtype=R.dtype, device=R.device)
+        Rt = xp.where(cut[:, :, None] | cut[:, None, :], eye, R)
+        w = _back_substitute(Rt, xp.where(cut, 0.0, qtf))
+        x = xp.zeros_like(w)
+        x[np.arange(B)[:, None] if host else torch.arange(B, device=R.device)[:, None], perm] = w
+        p = -dx * x  # x[perm[j]] = w[j] above
+        dxnorm = vnorm(torch.from_numpy(p) if host else p, dim=-1)
+        dxnorm = dxnorm.numpy() if host else dxnorm
+        safe = xp.where(dxnorm > 0, dxnorm, 1.0)
+        wa = _take(dx * p / safe[:, None], perm, 1)
+        z = _back_substitute(Rt, wa, transpose=True)
+        zz = z * z
+        curv = (torch.from_numpy(zz) if host else zz).sum(-1)
+    if host:
+        R, perm, qtf, p, full = (torch.from_numpy(a) for a in (R, perm, qtf, p, full))
     # SVD data of R P^T D^-1: column j of R scaled by 1 / diag[perm[j]], rows of V unpermuted
     s, Vr, uf = svd_direct(R / diag.gather(1, perm).unsqueeze(-2), qtf, None)
     V = torch.zeros_like(Vr).scatter(1, perm.unsqueeze(-1).expand_as(Vr), Vr)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -106,7 +107,7 @@ def trust_region_status(actual: Tensor, cost: Tensor, step_norm: Tensor, x: Tens
 
 def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
                    xnorm: Tensor, gnorm: Tensor, nfev: Tensor, max_nfev: int, ftol: float,
-                   xtol: float) -> Tensor:
+                   xtol: float, xp: Any = None) -> Tensor:
     """MINPACK ``lmder``'s tests after a trial, mapped onto scipy's codes.
 
     In MINPACK's order, the last that holds wins: its "tolerance too small"
@@ -116,18 +117,23 @@ def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
     predicted relative reductions and ``xtol`` on the radius ``delta <= xtol
     * |diag x|``.
     """
-    eps = torch.finfo(delta.dtype).eps
+    # (tensors, or numpy values with their namespace ``xp``: 'lm' keeps its scalars on
+    # the host on the CPU, see host_lm)
+    if isinstance(delta, Tensor):
+        xp, eps = torch, torch.finfo(delta.dtype).eps
+    else:
+        xp, eps = xp or np, np.finfo(np.result_type(delta)).eps
     half_ok = 0.5 * ratio <= 1
-    abs_actred = actred.abs()
+    abs_actred = abs(actred)
     ftol_ok = (abs_actred <= ftol) & (prered <= ftol) & half_ok
     xtol_ok = delta <= xtol * xnorm
-    status = torch.where(gnorm <= eps, GTOL, RUNNING)
-    status = torch.where(delta <= eps * xnorm, XTOL, status)
+    status = xp.where(gnorm <= eps, GTOL, RUNNING)
+    status = xp.where(delta <= eps * xnorm, XTOL, status)
     tiny_f = (abs_actred <= eps) & (prered <= eps) & half_ok
-    status = torch.where(tiny_f, FTOL, status)
-    status = torch.where(budget_spent(nfev, max_nfev), MAX_NFEV, status)
-    return torch.where(xtol_ok, torch.where(ftol_ok, FTOL_XTOL, XTOL),
-                       torch.where(ftol_ok, FTOL, status))
+    status = xp.where(tiny_f, FTOL, status)
+    status = xp.where(budget_spent(nfev, max_nfev), MAX_NFEV, status)
+    return xp.where(xtol_ok, xp.where(ftol_ok, FTOL_XTOL, XTOL),
+                    xp.where(ftol_ok, FTOL, status))
 
 
 def uncounted_jacobian(accept: Tensor, status: Tensor) -> Tensor:
@@ -136,7 +142,7 @@ def uncounted_jacobian(accept: Tensor, status: Tensor) -> Tensor:
     The loop evaluates the Jacobian at every accepted point; MINPACK does not
     when the same trial stops it, so that evaluation is not reported.
     """
-    return (accept & (status != RUNNING)).long()
+    return (accept & (status != RUNNING)) * 1  # (0/1 integers, tensor or numpy array)
 
 
 def reported_njev(njev: Tensor, uncounted: Tensor) -> Tensor:

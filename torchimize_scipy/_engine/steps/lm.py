@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from ..counts import count_true, remember
+from ..host_lm import Scalars
 from ..linalg import factorize, gauss_newton_step, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import Problem
@@ -126,49 +127,56 @@ class LevenbergMarquardt(StepRule):
         state["basic_full"] = torch.zeros(B, dtype=torch.bool, device=x.device)
 
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
-        f = state["f"]
-        acnorm = column_norms(state)
-        fnorm = vnorm(f, dim=-1)
-        state["fnorm"] = fnorm
-        g = state["g"]
-        if g.shape[-1]:
-            g_abs = g.abs()
-            state["optimality"] = g_abs.amax(-1)
-            denom = fnorm.unsqueeze(-1) * acnorm
-            cosines = torch.where(acnorm != 0, g_abs / torch.where(denom != 0, denom, 1.0), 0.0)
-            # (the cosines are not negative: their max-norm is their max)
-            gnorm = torch.where(fnorm != 0, cosines.amax(-1), 0.0)
-        else:  # no variables
-            state["optimality"] = gnorm = inf_norm(g)
-        state["gnorm"] = gnorm
+        hs = Scalars(state["x"])
+        xp = hs.xp
+        acnorm_t = column_norms(state)
+        fnorm_t = vnorm(state["f"], dim=-1)
+        state["fnorm"] = fnorm_t
+        g_t = state["g"]
         # scaling and initial radius on the very first outer iteration
         # (the host knows whether problems were admitted since the last call: no sync)
         any_start, self._admitted = self._admitted, False
-        start = ~state["radius_set"] if any_start else None
-        if problem.jac_scale:
-            grown = torch.maximum(state["diag"], acnorm)
+        n = g_t.shape[-1]
+        acnorm, fnorm, status, diag = hs.view(acnorm_t, fnorm_t, state["status"], state["diag"])
+        if not n:  # no variables
+            optimality = gnorm = hs.view(inf_norm(g_t))[0]
+        with hs.quiet():
+            if n:
+                g_abs = abs(hs.view(g_t)[0])
+                optimality = hs.amax(g_abs)
+                denom = fnorm[..., None] * acnorm
+                cosines = xp.where(acnorm != 0, g_abs / xp.where(denom != 0, denom, 1.0), 0.0)
+                # (the cosines are not negative: their max-norm is their max)
+                gnorm = xp.where(fnorm != 0, hs.amax(cosines), 0.0)
             if any_start:
-                first_diag = torch.where(acnorm == 0, 1.0, acnorm)
-                diag = torch.where(start.unsqueeze(-1), first_diag, grown)
-            else:
-                diag = grown
-            state["diag"] = diag
-        else:
-            diag = state["diag"]
-        if any_start:
-            xnorm = vnorm((diag * state["x"]), dim=-1)
-            delta0 = torch.where(xnorm == 0, FACTOR, FACTOR * xnorm)
-            state["delta"] = torch.where(start, delta0, state["delta"])
-            state["xnorm"] = torch.where(start, xnorm, state["xnorm"])
-            state["radius_set"] = torch.ones_like(start)
-        return (gnorm <= problem.gtol) & (state["status"] == RUNNING)
+                start = ~hs.view(state["radius_set"])[0]
+            if problem.jac_scale:
+                grown = xp.maximum(diag, acnorm)
+                if any_start:
+                    first_diag = xp.where(acnorm == 0, 1.0, acnorm)
+                    diag = xp.where(start[..., None], first_diag, grown)
+                else:
+                    diag = grown
+                state["diag"], = hs.tensor(diag)
+            hit = (gnorm <= problem.gtol) & (status == RUNNING)
+            state["optimality"], state["gnorm"], hit = hs.tensor(optimality, gnorm, hit)
+            if any_start:
+                # (a norm: torch's reduction, as everywhere else)
+                xnorm = hs.view(vnorm(state["diag"] * state["x"], dim=-1))[0]
+                delta0 = xp.where(xnorm == 0, FACTOR, FACTOR * xnorm)
+                delta, old_xnorm = hs.view(state["delta"], state["xnorm"])
+                state["delta"], state["xnorm"] = hs.tensor(xp.where(start, delta0, delta),
+                                                           xp.where(start, xnorm, old_xnorm))
+                state["radius_set"] = torch.ones_like(state["radius_set"])
+        return hit
 
     def build_model(self, problem: Problem, state: dict) -> None:
-        fac = factorize(state["J"], 1.0 / state["diag"], state["f"], gram=state["G"],
-                        g=state["g"], use_gram=problem.use_gram)
+        # (``1 / diag`` exactly: torch's ``1.0 / t`` is ``reciprocal(t) * 1.0``)
+        d = torch.reciprocal(state["diag"])
+        fac = factorize(state["J"], d, state["f"], gram=state["G"], g=state["g"],
+                        use_gram=problem.use_gram)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
-        d = 1.0 / state["diag"]
         p_gn = refine_gauss_newton(fac, gauss_newton_step(fac), state["J"], d, state["f"])
         # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
@@ -196,6 +204,7 @@ class LevenbergMarquardt(StepRule):
         state["gn_step"] = p_gn
 
     def propose_step(self, problem: Problem, state: dict) -> LMTrial:
+        hs = Scalars(state["x"])
         basic = None
         if count_true(state["basic_rows"]):  # (known from build_model until rows change)
             basic = BasicStep(state["basic_rows"], state["gn_step"], state["basic_curv"],
@@ -206,56 +215,64 @@ class LevenbergMarquardt(StepRule):
         step = q / state["diag"]
         pnorm = vnorm(q, dim=-1)
         # on the first iteration the radius is cut to the first step's length
-        state["delta"] = torch.where(state["no_step_yet"], torch.minimum(state["delta"], pnorm),
-                                     state["delta"])
+        first, delta, pn = hs.view(state["no_step_yet"], state["delta"], pnorm)
+        state["delta"], = hs.tensor(hs.xp.where(first, hs.xp.minimum(delta, pn), delta))
         return LMTrial(state["x"] + step, vnorm(step, dim=-1), step, pnorm, par)
 
     def assess_trial(self, problem: Problem, state: dict, trial: LMTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
-        fnorm = state["fnorm"]  # f has not changed since measure_optimality
-        fnorm1 = torch.where(finite, vnorm(f_new, dim=-1), torch.inf)
-        safe_f = torch.where(fnorm != 0, fnorm, 1.0)
-        tenth1 = 0.1 * fnorm1
-        small = tenth1 < fnorm
-        rel1 = fnorm1 / safe_f
-        # (x * x is x ** 2 exactly, without the slower pow call)
-        actred = torch.where(small, 1 - rel1 * rel1, -1.0)
-        pnorm, par = trial.pnorm, trial.par
-        step = trial.step
+        hs = Scalars(state["x"])
+        xp = hs.xp
+        step, x_new = trial.step, trial.x_new
+        # the norms are torch's reductions; everything else is elementwise on (B,) values
         if "fac_gram" in state:  # |J step| through J^T J on the Gram rows
             Jstep_norm = cross_jac(state["J"], step, step, state["G"], state["fac_gram"]).sqrt()
         else:
             Jstep_norm = vnorm(jac_times(state["J"], step), dim=-1)
-        temp1 = Jstep_norm / safe_f
-        temp2 = par.sqrt() * pnorm / safe_f
-        t1sq = temp1 * temp1
-        t2sq = temp2 * temp2
-        prered = t1sq + t2sq / 0.5
-        neg_dirder = t1sq + t2sq  # MINPACK's directional derivative, negated
-        pos = prered != 0
-        ratio = torch.where(pos, actred / torch.where(pos, prered, 1.0),
-                            0.0)
-        delta = state["delta"]
-        # radius and damping update: MINPACK's 0.5 dirder / (dirder + 0.5 actred), with
-        # both signs flipped (exactly the same quotient; -1 stands for its divisor 1)
-        den = neg_dirder - 0.5 * actred
-        temp = torch.where(actred >= 0, 0.5,
-                           0.5 * neg_dirder / torch.where(den != 0, den, -1.0))
-        temp = torch.where((tenth1 >= fnorm) | (temp < 0.1), 0.1, temp)
-        shrink = ratio <= 0.25
-        # (for booleans ``a > b`` is ``a & ~b``)
-        grow = ((par == 0) | (ratio >= 0.75)) > shrink
-        delta = torch.where(shrink, temp * torch.minimum(delta, pnorm / 0.1),
-                            torch.where(grow, pnorm / 0.5, delta))
-        par = torch.where(shrink, par / temp, torch.where(grow, 0.5 * par, par))
-        accept = ratio >= 1e-4
-        x_new = trial.x_new
-        xnorm = torch.where(accept, vnorm((state["diag"] * x_new), dim=-1), state["xnorm"])
-        state["delta"], state["par"], state["xnorm"] = delta, par, xnorm
-        state["no_step_yet"] = state["no_step_yet"] > accept  # and not accepted
-        status = minpack_status(actred, prered, ratio, delta, xnorm, state["gnorm"],
-                                state["nfev"], problem.max_nfev, problem.ftol, problem.xtol)
-        state["uncounted_jac"] = uncounted_jacobian(accept, status)
+        # (square roots too: torch's float64 sqrt is not always numpy's, see host_lm)
+        (fnorm_new, Jstep_norm, xnorm_new, pnorm, par, par_sqrt, fnorm, delta, xnorm, gnorm,
+         nfev, no_step_yet, finite) = hs.view(
+            vnorm(f_new, dim=-1), Jstep_norm, vnorm(state["diag"] * x_new, dim=-1),
+            trial.pnorm, trial.par, trial.par.sqrt(),
+            state["fnorm"],  # f has not changed since measure_optimality
+            state["delta"], state["xnorm"], state["gnorm"], state["nfev"],
+            state["no_step_yet"], finite)
+        with hs.quiet():
+            fnorm1 = xp.where(finite, fnorm_new, xp.inf)
+            safe_f = xp.where(fnorm != 0, fnorm, 1.0)
+            tenth1 = 0.1 * fnorm1
+            small = tenth1 < fnorm
+            rel1 = fnorm1 / safe_f
+            # (x * x is x ** 2 exactly, without the slower pow call)
+            actred = xp.where(small, 1 - rel1 * rel1, -1.0)
+            temp1 = Jstep_norm / safe_f
+            temp2 = par_sqrt * pnorm / safe_f
+            t1sq = temp1 * temp1
+            t2sq = temp2 * temp2
+            prered = t1sq + t2sq / 0.5
+            neg_dirder = t1sq + t2sq  # MINPACK's directional derivative, negated
+            pos = prered != 0
+            ratio = xp.where(pos, actred / xp.where(pos, prered, 1.0), 0.0)
+            # radius and damping update: MINPACK's 0.5 dirder / (dirder + 0.5 actred), with
+            # both signs flipped (exactly the same quotient; -1 stands for its divisor 1)
+            den = neg_dirder - 0.5 * actred
+            temp = xp.where(actred >= 0, 0.5,
+                            0.5 * neg_dirder / xp.where(den != 0, den, -1.0))
+            temp = xp.where((tenth1 >= fnorm) | (temp < 0.1), 0.1, temp)
+            shrink = ratio <= 0.25
+            # (for booleans ``a > b`` is ``a & ~b``)
+            grow = ((par == 0) | (ratio >= 0.75)) > shrink
+            delta = xp.where(shrink, temp * xp.minimum(delta, pnorm / 0.1),
+                             xp.where(grow, pnorm / 0.5, delta))
+            par = xp.where(shrink, par / temp, xp.where(grow, 0.5 * par, par))
+            accept = ratio >= 1e-4
+            xnorm = xp.where(accept, xnorm_new, xnorm)
+            status = minpack_status(actred, prered, ratio, delta, xnorm, gnorm, nfev,
+                                    problem.max_nfev, problem.ftol, problem.xtol, xp=xp)
+            (state["delta"], state["par"], state["xnorm"], state["no_step_yet"],
+             state["uncounted_jac"], accept, status) = hs.tensor(
+                delta, par, xnorm, no_step_yet > accept,  # (and not accepted)
+                uncounted_jacobian(accept, status), accept, status)
         return Verdict(accept, status, x_new)
 
     def after_jacobian(self, problem: Problem, state: dict) -> None:

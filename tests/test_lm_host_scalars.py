@@ -1,0 +1,239 @@
+"""'lm' with its per-problem scalars on the host (CPU) against the same rule in torch.
+
+``_engine/host_lm.py`` lets the 'lm' step rule run its elementwise scalar work
+in numpy when the tensors are on the CPU; ``HOST_ON_CPU = False`` runs the
+very same code with ``xp = torch`` on the CPU (the path every other device
+takes). Both must give the same solutions, counts and status.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import least_squares as scipy_least_squares
+
+import torchimize_scipy as ts
+from torchimize_scipy._engine import host_lm
+
+
+def rosen(x):
+    return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+
+def rosen_jac(x):
+    return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])
+
+
+def rosen_batch(x):
+    return np.stack([10 * (x[:, 1] - x[:, 0] ** 2), 1 - x[:, 0]], axis=1)
+
+
+def decay(x, a, b, c):
+    return a * np.exp(-b * x) + c
+
+
+XD = np.linspace(0, 4, 50)
+YD = decay(XD, 2.5, 1.3, 0.5) + 0.2 * np.random.default_rng(0).normal(size=XD.size)
+
+
+def _both(monkeypatch, call):
+    """``call()`` on the host path and on the torch path (CPU both)."""
+    host = call()
+    monkeypatch.setattr(host_lm, "HOST_ON_CPU", False)
+    dev = call()
+    monkeypatch.setattr(host_lm, "HOST_ON_CPU", True)
+    return host, dev
+
+
+def _close(a, b, scale=1.0, tol=1e-10):
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("jac", [rosen_jac, "2-point"])
+@pytest.mark.parametrize("x_scale", [1.0, "jac"])
+def test_host_and_torch_paths_agree_on_rosenbrock(monkeypatch, jac, x_scale):
+    host, dev = _both(monkeypatch, lambda: ts.least_squares(
+        rosen, [-1.2, 1.0], jac=jac, method="lm", x_scale=x_scale))
+    assert host.status == dev.status and host.status > 0
+    assert (host.nfev, host.njev) == (dev.nfev, dev.njev)
+    _close(host.x, dev.x)
+    _close(host.cost, dev.cost, tol=1e-12)
+    ref = scipy_least_squares(rosen, [-1.2, 1.0], jac=jac, method="lm", x_scale=x_scale)
+    _close(host.x, ref.x, tol=1e-6)  # both at scipy's solution (xtol = 1e-8)
+
+
+def test_host_and_torch_paths_agree_on_curve_fit(monkeypatch):
+    (ph, ch, ih, _, ierh), (pd, cd, idd, _, ierd) = _both(
+        monkeypatch, lambda: ts.curve_fit(decay, XD, YD, full_output=True))
+    assert ierh == ierd and ierh in (1, 2, 3, 4)
+    assert ih["nfev"] == idd["nfev"]
+    _close(ph, pd, tol=1e-9)
+    _close(ch, cd, tol=1e-7)
+
+
+def test_host_and_torch_paths_agree_on_a_float32_batch(monkeypatch):
+    x0 = np.array([-1.2, 1.0]) + np.random.default_rng(1).uniform(0, 0.5, (6, 2))
+    host, dev = _both(monkeypatch, lambda: ts.batch_least_squares(
+        rosen_batch, torch.tensor(x0, dtype=torch.float32), method="lm"))
+    assert torch.equal(host.status, dev.status)
+    assert torch.equal(host.nfev, dev.nfev)
+    np.testing.assert_allclose(host.x.numpy(), dev.x.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_nan_row_stops_alone_on_the_host_path():
+    """One problem's NaN residuals must not change its neighbours' runs."""
+    x0 = np.array([[-1.2, 1.0], [0.5, 0.5], [2.0, 2.0]])
+
+    def fun(x):
+        r = rosen_batch(x)
+        r[np.abs(x[:, 0] - 0.5) < 1e-12] = np.nan  # problem 1 fails at its start
+        return r
+
+    def good(x):
+        return rosen_batch(x)
+
+    ok = ts.batch_least_squares(good, x0[[0, 2]], method="lm")
+    with pytest.raises(ValueError, match="not finite"):
+        ts.least_squares(lambda x: fun(x[None])[0], x0[1], method="lm")
+    res = ts.batch_least_squares(fun, x0, method="lm")
+    assert res.status[1] not in (1, 2, 3, 4) and not res.success[1]
+    np.testing.assert_array_equal(res.x[[0, 2]], ok.x)  # the same path run twice
+    np.testing.assert_array_equal(res.nfev[[0, 2]], ok.nfev)
+
+
+def test_scalars_namespace_round_trip():
+    hs = host_lm.Scalars(torch.zeros(2, 3, dtype=torch.float64))  # a batch of two
+    assert hs.host and hs.xp is np
+    small = torch.tensor([1.5, -2.0], dtype=torch.float64)
+    other = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    large = torch.arange(1000, dtype=torch.float32)
+    flags = torch.tensor([True, False])
+    a, b, c, o = hs.view(small, large, flags, other)
+    assert a.dtype == np.float64 and b.dtype == np.float32 and c.dtype == np.bool_
+    np.testing.assert_array_equal(a, [1.5, -2.0])
+    np.testing.assert_array_equal(o, [3.0, 4.0])  # (stacked with ``small``)
+    assert np.shares_memory(b, large.numpy())  # a large tensor is viewed, not copied
+    t, = hs.tensor(a * 2)
+    assert t.dtype == torch.float64 and t.tolist() == [3.0, -4.0]
+    again, = hs.view(t)
+    assert np.shares_memory(again, t.numpy())  # the array it came from, no crossing
+    assert hs.amax(np.array([[1.0, 3.0], [-1.0, -2.0]])).tolist() == [3.0, -1.0]
+    with hs.quiet():  # no floating-point warning from numpy
+        assert np.isinf(np.array([1.0]) / np.array([0.0]))[0]
+
+
+def test_scalars_namespace_of_one_float64_problem():
+    hs = host_lm.Scalars(torch.zeros(1, 3, dtype=torch.float64))
+    assert hs.host and hs.xp is host_lm.Floats
+    d, flag, n, row = hs.view(torch.tensor([2.0], dtype=torch.float64), torch.tensor([True]),
+                              torch.tensor([7]), torch.tensor([[1.0, -3.0, 2.0]],
+                                                              dtype=torch.float64))
+    assert type(d) is np.float64 and type(flag) is np.bool_ and type(n) is np.int64
+    assert row.shape == (1, 3) and hs.amax(row) == 2.0
+    xp = hs.xp
+    with hs.quiet():
+        assert np.isinf(d / np.float64(0.0))  # numpy's division, not ZeroDivisionError
+        nan = np.float64("nan")
+        assert np.isnan(xp.minimum(nan, d)) and np.isnan(xp.maximum(d, nan))
+    assert xp.where(flag, d, 0.0) == 2.0 and xp.where(~flag, d, 0.0) == 0.0
+    np.testing.assert_array_equal(xp.where(row > 0, row, 0.0), [[1.0, 0.0, 2.0]])
+    t_d, t_flag, t_code, t_zero = hs.tensor(d * 3, flag, np.where(flag, 2, -100), 0.0)
+    assert t_d.dtype == torch.float64 and t_d.tolist() == [6.0]
+    assert t_flag.dtype == torch.bool and t_code.dtype == torch.int64
+    assert t_code.tolist() == [2] and t_zero.tolist() == [0.0]
+    assert hs.view(t_d)[0] == 6.0 and type(hs.view(t_code)[0]) is np.int64
+    # float32 and batches keep arrays
+    assert host_lm.Scalars(torch.zeros(1, 3, dtype=torch.float32)).xp is np
+
+
+def test_scalars_namespace_off_the_host(monkeypatch):
+    monkeypatch.setattr(host_lm, "HOST_ON_CPU", False)
+    hs = host_lm.Scalars(torch.zeros(1, 2))
+    assert not hs.host and hs.xp is torch
+    t = torch.tensor([1.0, 2.0])
+    assert hs.view(t)[0] is t and hs.tensor(t)[0] is t
+    assert torch.equal(hs.amax(torch.tensor([[1.0, 3.0]])), torch.tensor([3.0]))
+
+
+def test_lm_rule_issues_few_torch_operations_per_evaluation():
+    """Regression guard: the rule's own work (steps/lm.py, host_lm.py) per evaluation.
+
+    Before its scalars moved to the host it issued ~100 top-level aten
+    operations per evaluation on this problem (assess_trial alone ~53); now
+    about 12, not counting the events of the host crossings themselves
+    (``tolist``'s ``resolve_conj``/``resolve_neg``, ``from_numpy``'s
+    ``lift_fresh``: no arithmetic, a fraction of a microsecond each).
+    """
+    crossings = {"aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh"}
+    from torch.profiler import ProfilerActivity, profile
+
+    calls = []
+
+    def fun(x):
+        calls.append(1)
+        return rosen(x)
+
+    ts.least_squares(fun, [-1.2, 1.0], jac=rosen_jac, method="lm")
+    calls.clear()
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        ts.least_squares(fun, [-1.2, 1.0], jac=rosen_jac, method="lm")
+    own = 0
+    for ev in prof.events():
+        if not ev.name.startswith("aten::"):
+            continue
+        p, top, site = ev.cpu_parent, True, None
+        while p is not None:
+            if p.name.startswith("aten::"):
+                top = False
+                break
+            if site is None and "torchimize_scipy" in p.name:
+                site = p.name
+            p = p.cpu_parent
+        if (top and site is not None and ("steps/lm.py" in site or "host_lm.py" in site)
+                and ev.name not in crossings):
+            own += 1
+    assert len(calls) == 21
+    assert own / len(calls) < 25
+
+
+# ---------------------------------------------------------------- MINPACK's QR in numpy
+def _rank_deficient(seed, B=3, m=12, n=4):
+    rng = np.random.default_rng(seed)
+    J = rng.normal(size=(B, m, n))
+    J[0, :, 3] = 0.0  # a zero column: a zero pivot in R
+    J[1, :, 3] = 2.0 * J[1, :, 0]  # dependent columns (to rounding)
+    f = rng.normal(size=(B, m))
+    diag = rng.uniform(0.5, 2.0, size=(B, n))
+    return J, f, diag
+
+
+def test_pivoted_qr_takes_numpy_arrays_like_tensors():
+    from torchimize_scipy._engine.minpack_qr import pivoted_qr
+
+    J, f, _ = _rank_deficient(0)
+    R_t, perm_t, qtf_t = pivoted_qr(torch.tensor(J), torch.tensor(f))
+    R_n, perm_n, qtf_n = pivoted_qr(J.copy(), f.copy())
+    assert isinstance(R_n, np.ndarray) and perm_n.dtype == np.int64
+    np.testing.assert_array_equal(perm_n, perm_t.numpy())  # well-separated column norms
+    tol = 100 * np.finfo(float).eps * np.abs(J).sum(axis=(1, 2)).max()
+    np.testing.assert_allclose(R_n, R_t.numpy(), rtol=0, atol=tol)
+    np.testing.assert_allclose(qtf_n, qtf_t.numpy(), rtol=0, atol=tol * np.abs(f).sum())
+
+
+def test_basic_gauss_newton_host_and_torch_paths_agree(monkeypatch):
+    from torchimize_scipy._engine.minpack_qr import basic_gauss_newton
+
+    J, f, diag = (torch.tensor(a) for a in _rank_deficient(1))
+    host, host_fac = basic_gauss_newton(J, diag, f)
+    monkeypatch.setattr(host_lm, "HOST_ON_CPU", False)
+    dev, dev_fac = basic_gauss_newton(J, diag, f)
+    assert torch.equal(host.rows, dev.rows) and bool(host.rows.all())
+    assert torch.equal(host.full, dev.full)
+    assert host.full.tolist() == [False, True, True]  # the zero column
+    scale = float(dev.p.abs().max())
+    np.testing.assert_allclose(host.p.numpy(), dev.p.numpy(), rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(host.curv.numpy(), dev.curv.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(host_fac.s.numpy(), dev_fac.s.numpy(), rtol=1e-10,
+                               atol=1e-12 * float(dev_fac.s.max()))
