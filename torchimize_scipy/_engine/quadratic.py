@@ -22,6 +22,8 @@ may pass ``G = J^T J`` with a row mask ``gram``: their squared norms
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -173,23 +175,26 @@ def intersect_trust_region(x: Tensor, s: Tensor, delta: Tensor) -> tuple[Tensor,
 
 
 def update_tr_radius(
-    delta: Tensor,
-    actual_reduction: Tensor,
-    predicted_reduction: Tensor,
-    step_norm: Tensor,
-    bound_hit: Tensor,
-) -> tuple[Tensor, Tensor]:
+    delta: Any,
+    actual_reduction: Any,
+    predicted_reduction: Any,
+    step_norm: Any,
+    bound_hit: Any,
+    xp: Any = torch,
+) -> tuple[Any, Any]:
     """Trust-region radius update of Moré (1983) as used by scipy's 'trf'/'dogbox'.
 
     ``ratio = actual / predicted``; shrink to a quarter of the step when
     ``ratio < 0.25``; double when ``ratio > 0.75`` and the step reached the
-    boundary. Returns the new radius and the ratio.
+    boundary. Returns the new radius and the ratio. The arguments are
+    per-problem values of the namespace ``xp`` (``(B,)`` tensors by default;
+    see :class:`~.host_scalars.Scalars` for the host's).
     """
     pos = predicted_reduction > 0
-    safe_pred = torch.where(pos, predicted_reduction, 1.0)
-    # 1 where both reductions are exactly zero, else 0 (``where`` turns the mask to 1.0/0.0)
+    safe_pred = xp.where(pos, predicted_reduction, 1.0)
+    # 1 where both reductions are exactly zero, else 0
     both_zero = (predicted_reduction == 0) & (actual_reduction == 0)
-    ratio = torch.where(pos, actual_reduction / safe_pred, both_zero)
-    new = torch.where(ratio < 0.25, 0.25 * step_norm,
-                      torch.where((ratio > 0.75) & bound_hit, 2.0 * delta, delta))
+    ratio = xp.where(pos, actual_reduction / safe_pred, xp.where(both_zero, 1.0, 0.0))
+    new = xp.where(ratio < 0.25, 0.25 * step_norm,
+                   xp.where((ratio > 0.75) & bound_hit, 2.0 * delta, delta))
     return new, ratio

@@ -35,6 +35,7 @@ from torch.linalg import vector_norm as vnorm
 
 from ..bounds import in_bounds, step_size_to_bound
 from ..counts import count_true
+from ..host_scalars import Scalars
 from ..linalg import factorize, gauss_newton_step
 from ..problem import Problem
 from ..quadratic import (
@@ -43,7 +44,7 @@ from ..quadratic import (
     minimize_quadratic_1d,
     update_tr_radius,
 )
-from ..termination import trust_region_status
+from ..termination import trust_region_code
 from ._common import (
     flag_singular_factors,
     inf_norm,
@@ -140,13 +141,25 @@ class Dogbox(StepRule):
 
     def assess_trial(self, problem: Problem, state: dict, trial: DogboxTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
-        actual = state["cost"] - cost_new
-        delta_new, ratio = update_tr_radius(state["delta"], actual, trial.predicted,
-                                            trial.step_h_norm, trial.tr_hit)
-        state["delta"] = torch.where(finite, delta_new, 0.25 * trial.step_h_norm)
-        status = trust_region_status(actual, state["cost"], trial.step_norm, state["x"], ratio,
-                                     finite, problem.ftol, problem.xtol)
-        accept = finite & (actual > 0)
+        # per-problem scalar work, on the host when on the CPU (see host_scalars)
+        sc = Scalars(cost_new)
+        xp = sc.xp
+        with sc.quiet():
+            cost = sc.get(state["cost"])
+            fin = sc.get(finite)
+            step_h_norm = sc.get(trial.step_h_norm)
+            actual = cost - sc.get(cost_new)
+            delta_new, ratio = update_tr_radius(sc.get(state["delta"]), actual,
+                                                sc.get(trial.predicted), step_h_norm,
+                                                sc.get(trial.tr_hit), xp)
+            delta = xp.where(fin, delta_new, 0.25 * step_h_norm)
+            status = trust_region_code(actual, cost, sc.get(trial.step_norm),
+                                       sc.norm(state["x"]), ratio, fin, problem.ftol,
+                                       problem.xtol, xp)
+            accept_h = fin & (actual > 0)
+        state["delta"] = sc.tensor(delta)
+        status = sc.tensor(status)
+        accept = sc.tensor(accept_h)
         on_bound = torch.where(accept.unsqueeze(-1), trial.on_bound, state["on_bound"])
         state["on_bound"] = on_bound
         x_acc = torch.where(on_bound == -1, state["lb"],

@@ -32,6 +32,7 @@ from ..bounds import (
     step_size_to_bound,
 )
 from ..counts import count_true
+from ..host_scalars import Scalars
 from ..linalg import factorize
 from ..problem import Problem
 from ..quadratic import (
@@ -41,7 +42,7 @@ from ..quadratic import (
     minimize_quadratic_1d,
     update_tr_radius,
 )
-from ..termination import RUNNING, trust_region_status
+from ..termination import RUNNING, trust_region_code
 from ..trust_region import solve_trust_region_scipy
 from ._common import (
     FACTOR_KEYS,
@@ -151,20 +152,29 @@ class TRF(StepRule):
 
     def assess_trial(self, problem: Problem, state: dict, trial: TRFTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
-        delta = state["delta"]
-        step_h_norm = trial.step_h_norm
-        actual = state["cost"] - cost_new
-        delta_new, ratio = update_tr_radius(delta, actual, trial.predicted, step_h_norm,
-                                            step_h_norm > 0.95 * delta)
-        status = trust_region_status(actual, state["cost"], trial.step_norm, state["x"], ratio,
-                                     finite, problem.ftol, problem.xtol)
-        cont = finite & (status == RUNNING)
-        safe_new = torch.where(delta_new > 0, delta_new, 1.0)
-        state["alpha"] = torch.where(cont, trial.alpha * delta / safe_new, trial.alpha)
-        state["delta"] = torch.where(cont, delta_new,
-                                     torch.where(finite, delta, 0.25 * step_h_norm))
-        accept = finite & (actual > 0)
-        return Verdict(accept, status, trial.x_new)
+        # per-problem scalar work, on the host when on the CPU (see host_scalars)
+        sc = Scalars(cost_new)
+        xp = sc.xp
+        with sc.quiet():
+            delta = sc.get(state["delta"])
+            cost = sc.get(state["cost"])
+            fin = sc.get(finite)
+            step_h_norm = sc.get(trial.step_h_norm)
+            alpha = sc.get(trial.alpha)
+            actual = cost - sc.get(cost_new)
+            delta_new, ratio = update_tr_radius(delta, actual, sc.get(trial.predicted),
+                                                step_h_norm, step_h_norm > 0.95 * delta, xp)
+            status = trust_region_code(actual, cost, sc.get(trial.step_norm),
+                                       sc.norm(state["x"]), ratio, fin, problem.ftol,
+                                       problem.xtol, xp)
+            cont = fin & (status == RUNNING)
+            safe_new = xp.where(delta_new > 0, delta_new, 1.0)
+            alpha = xp.where(cont, alpha * delta / safe_new, alpha)
+            delta = xp.where(cont, delta_new, xp.where(fin, delta, 0.25 * step_h_norm))
+            accept = fin & (actual > 0)
+        state["alpha"] = sc.tensor(alpha)
+        state["delta"] = sc.tensor(delta)
+        return Verdict(sc.tensor(accept), sc.tensor(status), trial.x_new)
 
     def after_jacobian(self, problem: Problem, state: dict) -> None:
         update_jac_scale(problem, state)
