@@ -10,28 +10,45 @@ All arrays are ``(B, n)``.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor
 
-
-def in_bounds(x: Tensor, lb: Tensor, ub: Tensor) -> Tensor:
-    """``(B,)`` mask: is every coordinate inside the box."""
-    return ((x >= lb) & (x <= ub)).all(-1)
+from .host_scalars import Scalars
 
 
-def step_size_to_bound(x: Tensor, s: Tensor, lb: Tensor, ub: Tensor) -> tuple[Tensor, Tensor]:
+def in_bounds(x: Any, lb: Any, ub: Any, sc: Scalars | None = None) -> Any:
+    """``(B,)`` mask: is every coordinate inside the box.
+
+    With ``sc`` (:class:`~.host_scalars.Scalars`) the arguments are rows as
+    ``sc`` keeps them and so is the result; tensors otherwise (as below).
+    """
+    inside = (x >= lb) & (x <= ub)
+    return inside.all(-1) if sc is None else sc.all_rows(inside)
+
+
+def step_size_to_bound(x: Any, s: Any, lb: Any, ub: Any,
+                       sc: Scalars | None = None) -> tuple[Any, Any]:
     """Largest ``t >= 0`` with ``x + t s`` in the box, and which bounds it hits.
 
     Returns ``t (B,)`` (``inf`` when ``s`` is zero or points nowhere near a finite
-    bound) and ``hits (B, n)``: -1 lower bound hit, 1 upper, 0 none.
+    bound) and ``hits (B, n)``: -1 lower bound hit, 1 upper, 0 none. ``sc``:
+    see :func:`in_bounds`.
     """
+    xp = torch if sc is None else sc.xp
     nonzero = s != 0
-    safe_s = torch.where(nonzero, s, 1.0)
-    steps = torch.maximum((lb - x) / safe_s, (ub - x) / safe_s)
-    steps = torch.where(nonzero, steps, torch.inf)
-    min_step = steps.amin(-1)
-    hits = (steps == min_step.unsqueeze(-1)).to(s.dtype) * torch.sign(s)
-    return min_step, hits.to(torch.long)
+    safe_s = xp.where(nonzero, s, 1.0)
+    steps = xp.maximum((lb - x) / safe_s, (ub - x) / safe_s)
+    steps = xp.where(nonzero, steps, math.inf)
+    if sc is None:
+        min_step = steps.amin(-1)
+        hits = (steps == min_step.unsqueeze(-1)).to(s.dtype) * torch.sign(s)
+        return min_step, hits.to(torch.long)
+    min_step = sc.min_rows(steps)
+    hits = (steps == sc.as_col(min_step)) * xp.sign(s)
+    return min_step, sc.as_long(hits)
 
 
 def find_active_constraints(x: Tensor, lb: Tensor, ub: Tensor, rtol: float = 1e-10) -> Tensor:

@@ -102,6 +102,9 @@ class Floats:
             return np.float64(math.copysign(a, b))
         return np.copysign(a, b)
 
+    sign = staticmethod(np.sign)
+    zeros_like = staticmethod(np.zeros_like)
+
     @staticmethod
     def isfinite(a: Any) -> Any:
         if _is_scalar(a):
@@ -210,6 +213,30 @@ class Scalars:
         if self.floats:
             return np.add.reduce(a[0])
         return torch.from_numpy(a).sum(-1, keepdim=keepdim).numpy()
+
+    def as_col(self, v: Any) -> Any:
+        """Per-problem values as columns (to broadcast against rows)."""
+        if self.floats:
+            return v
+        return v[:, None] if self.host else v.unsqueeze(-1)
+
+    def min_rows(self, a: Any) -> Any:
+        """Minimum of each row (exact: no rounding to differ)."""
+        if self.floats:
+            return a[0].min()
+        return a.min(-1) if self.host else a.amin(-1)
+
+    def all_rows(self, m: Any) -> Any:
+        """Whether each row of a mask holds everywhere."""
+        return m[0].all() if self.floats else m.all(-1)
+
+    def any_rows(self, m: Any) -> Any:
+        """Whether each row of a mask holds somewhere."""
+        return m[0].any() if self.floats else m.any(-1)
+
+    def as_long(self, a: Any) -> Any:
+        """Rows as integers (``int64``)."""
+        return a.astype(np.int64) if self.host else a.to(torch.long)
 
     def column(self, a: Any, j: int) -> Any:
         """Column ``j`` of rows ``(B, k)`` as columns."""

@@ -22,8 +22,10 @@ may pass ``G = J^T J`` with a row mask ``gram``: their squared norms
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -128,27 +130,47 @@ def build_quadratic_1d(
 
 
 def minimize_quadratic_1d(
-    a: Tensor, b: Tensor, lb: Tensor, ub: Tensor, c: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+    a: Any, b: Any, lb: Any, ub: Any, c: Any = None, xp: Any = torch
+) -> tuple[Any, Any]:
     """Minimise ``a t^2 + b t + c`` over ``[lb, ub]`` for each problem.
 
     The candidates are the two ends and, when it lies strictly inside, the
-    stationary point; ties go to the first candidate in that order.
+    stationary point; ties go to the first candidate in that order. A NaN
+    value never wins; as with ``torch.nan_to_num(y, nan=inf)``, an infinite
+    value is reported as the largest finite one (and a NaN as ``inf``). The
+    arguments are per-problem values of the namespace ``xp`` (``(B,)``
+    tensors by default; see :class:`~.host_scalars.Scalars`).
     """
     nonzero = a != 0
-    safe_a = torch.where(nonzero, a, 1.0)
+    safe_a = xp.where(nonzero, a, 1.0)
     extremum = -0.5 * b / safe_a
     inside = nonzero & (lb < extremum) & (extremum < ub)
-    extremum = torch.where(inside, extremum, lb)
-    t = torch.stack([lb, ub, extremum], dim=-1)
-    y = t * (a.unsqueeze(-1) * t + b.unsqueeze(-1))
-    # (adding 0.0 without ``c`` turns -0.0 into 0.0 as adding a zero ``c`` would)
-    y = y + (0.0 if c is None else c.unsqueeze(-1))
-    y.select(-1, 2).masked_fill_(~inside, float("inf"))  # y is a fresh tensor
-    # NaN-safe argmin: a NaN value never wins.
-    y = torch.nan_to_num(y, nan=float("inf"))
-    k = torch.argmin(y, dim=-1, keepdim=True)
-    return t.gather(-1, k).squeeze(-1), y.gather(-1, k).squeeze(-1)
+    extremum = xp.where(inside, extremum, lb)
+    big = _finite_max(lb)
+    best_t = lb
+    best_y = None
+    for k, t in enumerate((lb, ub, extremum)):
+        y = t * (a * t + b)
+        # (adding 0.0 without ``c`` turns -0.0 into 0.0 as adding a zero ``c`` would)
+        y = y + (0.0 if c is None else c)
+        if k == 2:
+            y = xp.where(inside, y, math.inf)
+        y = xp.where(y == math.inf, big, xp.where(y == -math.inf, -big, y))
+        y = xp.where(y != y, math.inf, y)  # NaN
+        if best_y is None:
+            best_y = y
+        else:  # the first of equal values wins
+            better = y < best_y
+            best_t = xp.where(better, t, best_t)
+            best_y = xp.where(better, y, best_y)
+    return best_t, best_y
+
+
+def _finite_max(like: Any) -> float:
+    """The largest finite value of the dtype of ``like``."""
+    if isinstance(like, Tensor):
+        return torch.finfo(like.dtype).max
+    return float(np.finfo(np.asarray(like).dtype).max)
 
 
 def intersect_trust_region(x: Tensor, s: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
