@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .counts import count_true
+from .host_scalars import Scalars
 
 
 def jac_times(J: Tensor, s: Tensor, d: Tensor | None = None) -> Tensor:
@@ -173,27 +174,38 @@ def _finite_max(like: Any) -> float:
     return float(np.finfo(np.asarray(like).dtype).max)
 
 
-def intersect_trust_region(x: Tensor, s: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+def intersect_trust_region(x: Any, s: Any, delta: Any,
+                           sc: Scalars | None = None) -> tuple[Any, Any]:
     """Roots ``t`` of ``|x + t s| = delta`` (negative one first), per problem.
 
     Uses the cancellation-free form of the quadratic formula. Rows with ``s = 0``
-    give ``(-inf, inf)``.
+    give ``(-inf, inf)``. With ``sc`` (:class:`~.host_scalars.Scalars`) the
+    arguments are rows and per-problem values as ``sc`` keeps them; tensors
+    otherwise.
     """
-    a = (s * s).sum(-1)
-    b = (x * s).sum(-1)
-    c = (x * x).sum(-1) - delta * delta
-    disc = torch.clamp(b * b - a * c, min=0.0).sqrt()
-    q = -(b + torch.copysign(disc, b))
-    safe_a = torch.where(a != 0, a, 1.0)
-    safe_q = torch.where(q != 0, q, 1.0)
+    if sc is None:
+        xp, row_sum = torch, _sum_last
+    else:
+        xp, row_sum = sc.xp, sc.row_sum
+    a = row_sum(s * s)
+    b = row_sum(x * s)
+    c = row_sum(x * x) - delta * delta
+    disc2 = b * b - a * c
+    disc = xp.sqrt(xp.where(disc2 < 0, 0.0, disc2))
+    q = -(b + xp.copysign(disc, b))
+    safe_a = xp.where(a != 0, a, 1.0)
+    safe_q = xp.where(q != 0, q, 1.0)
     t1 = q / safe_a
     t2 = c / safe_q
-    lo = torch.minimum(t1, t2)
-    hi = torch.maximum(t1, t2)
-    inf = torch.full_like(lo, float("inf"))
-    lo = torch.where(a != 0, lo, -inf)
-    hi = torch.where(a != 0, hi, inf)
+    lo = xp.minimum(t1, t2)
+    hi = xp.maximum(t1, t2)
+    lo = xp.where(a != 0, lo, -math.inf)
+    hi = xp.where(a != 0, hi, math.inf)
     return lo, hi
+
+
+def _sum_last(a: Tensor) -> Tensor:
+    return a.sum(-1)
 
 
 def update_tr_radius(

@@ -19,6 +19,7 @@ trust-region Gauss-Newton method (Moré 1978).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -31,7 +32,6 @@ from ..bounds import (
     make_strictly_feasible,
     step_size_to_bound,
 )
-from ..counts import count_true
 from ..host_scalars import Scalars
 from ..linalg import factorize
 from ..problem import Problem
@@ -186,64 +186,73 @@ class TRF(StepRule):
 def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Choose between the cut-back, reflected and anti-gradient steps (batched).
 
-    Returns ``(step, step_h, predicted_reduction)``.
+    Returns ``(step, step_h, predicted_reduction)``. The products with ``J``
+    are torch operations; the elementwise work on ``(B, n)`` rows and the
+    per-problem scalars is on the host when the tensors are on the CPU
+    (:class:`~.host_scalars.Scalars`).
     """
     x, lb, ub = state["x"], state["lb"], state["ub"]
     J, d, g_h = state["J"], state["tr_scaling"], state["g_h"]
-    delta, theta = state["delta"], state["theta"]
     G, gram = state["G"], state.get("fac_gram")
-    p = d * p_h
-    inside = in_bounds(x + p, lb, ub)
-    p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram)
-    if count_true(inside) == inside.shape[0]:
-        return p, p_h, -p_value_full
+    sc = Scalars(state["delta"])
+    xp = sc.xp
+    rows, col, tensor_rows = sc.rows, sc.as_col, sc.tensor_rows
+    with sc.quiet():
+        x_, lb_, ub_, d_, p_h_ = (rows(t) for t in (x, lb, ub, d, p_h))
+        p_ = d_ * p_h_
+        inside = in_bounds(x_ + p_, lb_, ub_, sc)
+        p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram)
+        if sc.count(inside) == sc.B:
+            return tensor_rows(p_), p_h, -p_value_full
 
-    inf = torch.full_like(delta, float("inf"))
-    p_stride, hits = step_size_to_bound(x, p, lb, ub)
-    p_stride = torch.where(inside, 1.0, p_stride)
-    r_h = torch.where(hits != 0, -p_h, p_h)
-    r = d * r_h
-    p_cut = p * p_stride.unsqueeze(-1)
-    p_h_cut = p_h * p_stride.unsqueeze(-1)
-    x_on_bound = x + p_cut
-    _, to_tr = intersect_trust_region(p_h_cut, r_h, delta)
-    to_bound, _ = step_size_to_bound(x_on_bound, r, lb, ub)
-    r_stride = torch.minimum(to_bound, to_tr)
-    positive = r_stride > 0
-    safe_rs = torch.where(positive, r_stride, 1.0)
-    r_lo = torch.where(positive, (1 - theta) * p_stride / safe_rs, 0.0)
-    r_hi = torch.where(positive, torch.where(r_stride == to_bound, theta * to_bound, to_tr),
-                       -1.0)
-    usable = r_lo <= r_hi
-    a, b, c = build_quadratic_1d(J, d, g_h, r_h, diag=diag_h, s0=p_h_cut, G=G, gram=gram)
-    r_hi_f = torch.where(usable & torch.isfinite(r_hi), r_hi, r_lo)
-    t_r, r_value = minimize_quadratic_1d(a, b, r_lo, r_hi_f, c=c)
-    r_h_new = r_h * t_r.unsqueeze(-1) + p_h_cut
-    r_value = torch.where(usable, r_value, inf)
+        delta, theta = sc.get(state["delta"]), sc.get(state["theta"])
+        p_stride, hits = step_size_to_bound(x_, p_, lb_, ub_, sc)
+        p_stride = xp.where(inside, 1.0, p_stride)
+        r_h = xp.where(hits != 0, -p_h_, p_h_)
+        r = d_ * r_h
+        p_cut = p_ * col(p_stride)
+        p_h_cut = p_h_ * col(p_stride)
+        x_on_bound = x_ + p_cut
+        _, to_tr = intersect_trust_region(p_h_cut, r_h, delta, sc)
+        to_bound, _ = step_size_to_bound(x_on_bound, r, lb_, ub_, sc)
+        r_stride = xp.minimum(to_bound, to_tr)
+        positive = r_stride > 0
+        safe_rs = xp.where(positive, r_stride, 1.0)
+        r_lo = xp.where(positive, (1 - theta) * p_stride / safe_rs, 0.0)
+        r_hi = xp.where(positive, xp.where(r_stride == to_bound, theta * to_bound, to_tr), -1.0)
+        usable = r_lo <= r_hi
+        r_h_t, p_h_cut_t = tensor_rows(r_h), tensor_rows(p_h_cut)
+        a, b, c = (sc.get(v) for v in build_quadratic_1d(J, d, g_h, r_h_t, diag=diag_h,
+                                                          s0=p_h_cut_t, G=G, gram=gram))
+        r_hi_f = xp.where(usable & xp.isfinite(r_hi), r_hi, r_lo)
+        t_r, r_value = minimize_quadratic_1d(a, b, r_lo, r_hi_f, c=c, xp=xp)
+        r_h_new = r_h * col(t_r) + p_h_cut
+        r_value = xp.where(usable, r_value, math.inf)
 
-    p_theta = p_cut * theta.unsqueeze(-1)
-    p_h_theta = p_h_cut * theta.unsqueeze(-1)
-    p_value = evaluate_quadratic(J, d, g_h, p_h_theta, diag=diag_h, G=G, gram=gram)
+        p_theta = p_cut * col(theta)
+        p_h_theta = p_h_cut * col(theta)
+        p_value = sc.get(evaluate_quadratic(J, d, g_h, tensor_rows(p_h_theta), diag=diag_h, G=G,
+                                            gram=gram))
 
-    ag_h = -g_h
-    ag = d * ag_h
-    ag_norm = vnorm(ag_h, dim=-1)
-    to_tr_ag = delta / torch.where(ag_norm > 0, ag_norm, 1.0)
-    to_bound_ag, _ = step_size_to_bound(x, ag, lb, ub)
-    ag_stride = torch.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
-    a2, b2, _ = build_quadratic_1d(J, d, g_h, ag_h, diag=diag_h, G=G, gram=gram)
-    t_ag, ag_value = minimize_quadratic_1d(a2, b2, torch.zeros_like(ag_stride), ag_stride)
-    ag_h = ag_h * t_ag.unsqueeze(-1)
-    ag = ag * t_ag.unsqueeze(-1)
+        ag_h_t = -g_h
+        ag_h = rows(ag_h_t)
+        ag = d_ * ag_h
+        ag_norm = sc.norm(ag_h_t)
+        to_tr_ag = delta / xp.where(ag_norm > 0, ag_norm, 1.0)
+        to_bound_ag, _ = step_size_to_bound(x_, ag, lb_, ub_, sc)
+        ag_stride = xp.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
+        a2, b2, _ = (sc.get(v) for v in build_quadratic_1d(J, d, g_h, ag_h_t, diag=diag_h, G=G,
+                                                            gram=gram))
+        t_ag, ag_value = minimize_quadratic_1d(a2, b2, sc.full(0.0), ag_stride, xp=xp)
+        ag_h = ag_h * col(t_ag)
+        ag = ag * col(t_ag)
 
-    use_p = (p_value < r_value) & (p_value < ag_value)
-    use_r = ~use_p & (r_value < p_value) & (r_value < ag_value)
-    step_h = torch.where(use_p.unsqueeze(-1), p_h_theta,
-                         torch.where(use_r.unsqueeze(-1), r_h_new, ag_h))
-    step = torch.where(use_p.unsqueeze(-1), p_theta,
-                       torch.where(use_r.unsqueeze(-1), d * r_h_new, ag))
-    value = torch.where(use_p, p_value, torch.where(use_r, r_value, ag_value))
-    step_h = torch.where(inside.unsqueeze(-1), p_h, step_h)
-    step = torch.where(inside.unsqueeze(-1), p, step)
-    value = torch.where(inside, p_value_full, value)
-    return step, step_h, -value
+        use_p = (p_value < r_value) & (p_value < ag_value)
+        use_r = (use_p == 0) & (r_value < p_value) & (r_value < ag_value)
+        step_h = xp.where(col(use_p), p_h_theta, xp.where(col(use_r), r_h_new, ag_h))
+        step = xp.where(col(use_p), p_theta, xp.where(col(use_r), d_ * r_h_new, ag))
+        value = xp.where(use_p, p_value, xp.where(use_r, r_value, ag_value))
+        step_h = xp.where(col(inside), p_h_, step_h)
+        step = xp.where(col(inside), p_, step)
+        value = xp.where(inside, sc.get(p_value_full), value)
+        return tensor_rows(step), tensor_rows(step_h), -sc.tensor(value)
