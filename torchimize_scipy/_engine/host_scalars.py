@@ -57,8 +57,11 @@ HOST: bool | None = None
 _HOST_VALUE = "_tsc_host_value"
 
 
+_ARRAY = np.ndarray
+
+
 def _is_scalar(a: Any) -> bool:
-    return not isinstance(a, np.ndarray)
+    return type(a) is not _ARRAY
 
 
 class Floats:
@@ -74,21 +77,21 @@ class Floats:
 
     @staticmethod
     def where(cond: Any, a: Any, b: Any) -> Any:
-        if _is_scalar(cond) and _is_scalar(a) and _is_scalar(b):
-            return a if cond else b
-        return np.where(cond, a, b)
+        if _ARRAY in (type(cond), type(a), type(b)):
+            return np.where(cond, a, b)
+        return a if cond else b
 
     @staticmethod
     def maximum(a: Any, b: Any) -> Any:
-        if _is_scalar(a) and _is_scalar(b):
-            return a if (a >= b or a != a) else b
-        return np.maximum(a, b)
+        if type(a) is _ARRAY or type(b) is _ARRAY:
+            return np.maximum(a, b)
+        return a if (a >= b or a != a) else b
 
     @staticmethod
     def minimum(a: Any, b: Any) -> Any:
-        if _is_scalar(a) and _is_scalar(b):
-            return a if (a <= b or a != a) else b
-        return np.minimum(a, b)
+        if type(a) is _ARRAY or type(b) is _ARRAY:
+            return np.minimum(a, b)
+        return a if (a <= b or a != a) else b
 
     @staticmethod
     def sqrt(a: Any) -> Any:
@@ -171,6 +174,33 @@ class Scalars:
             v = t.item()
             return np.bool_(v) if isinstance(v, bool) else np.float64(v)
         return t.numpy()
+
+    def get_many(self, *ts: Tensor) -> list[Any]:
+        """:meth:`get` of several ``(B,)`` tensors of one dtype, with one conversion.
+
+        Tensors made by :meth:`tensor` are not converted again.
+        """
+        if not self.host:
+            return list(ts)
+        out: list[Any] = [getattr(t, _HOST_VALUE, None) for t in ts]
+        todo = [k for k, v in enumerate(out) if v is None]
+        if len(todo) < 2:
+            return [self.get(t) if v is None else v for t, v in zip(ts, out, strict=True)]
+        stacked = torch.stack([ts[k] for k in todo])
+        if self.floats:
+            kind = np.bool_ if stacked.dtype == torch.bool else np.float64
+            values = [kind(v[0]) for v in stacked.tolist()]
+        else:
+            values = list(stacked.numpy())
+        for k, v in zip(todo, values, strict=True):
+            out[k] = v
+        return out
+
+    def scale_rows(self, t: Tensor, col: Any) -> Tensor:
+        """``t (B, k)`` times columns ``col`` kept by this object."""
+        if self.floats:  # (a float64 tensor times a Python float: the same products)
+            return t * float(col) if self.dtype == torch.float64 else t * self.tensor_rows(col)
+        return t * self.tensor_rows(col)
 
     def get_col(self, t: Tensor) -> Any:
         """Columns of a ``(B,)`` tensor."""

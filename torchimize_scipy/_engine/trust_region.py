@@ -310,7 +310,7 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
             break
     p = _host_damped_step(sc, fac, sp, alpha)
     pn = sc.norm(p, keepdim=True)
-    p = p * sc.tensor_rows(delta_c / xp.where(pn > 0, pn, 1.0))
+    p = sc.scale_rows(p, delta_c / xp.where(pn > 0, pn, 1.0))
     if n_inside:
         p = torch.where(sc.tensor(inside).unsqueeze(-1), p_gn, p)
         alpha = xp.where(inside, 0.0, alpha)

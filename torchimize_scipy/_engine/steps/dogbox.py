@@ -144,17 +144,16 @@ class Dogbox(StepRule):
         sc = Scalars(cost_new)
         xp = sc.xp
         with sc.quiet():
-            cost = sc.get(state["cost"])
-            fin = sc.get(finite)
-            step_h_norm = sc.get(trial.step_h_norm)
-            actual = cost - sc.get(cost_new)
-            delta_new, ratio = update_tr_radius(sc.get(state["delta"]), actual,
-                                                sc.get(trial.predicted), step_h_norm,
-                                                sc.get(trial.tr_hit), xp)
+            delta, cost, cost_new_h, predicted, step_norm, step_h_norm = sc.get_many(
+                state["delta"], state["cost"], cost_new, trial.predicted, trial.step_norm,
+                trial.step_h_norm)
+            fin, tr_hit = sc.get_many(finite, trial.tr_hit)
+            actual = cost - cost_new_h
+            delta_new, ratio = update_tr_radius(delta, actual, predicted, step_h_norm, tr_hit,
+                                                xp)
             delta = xp.where(fin, delta_new, 0.25 * step_h_norm)
-            status = trust_region_code(actual, cost, sc.get(trial.step_norm),
-                                       sc.norm(state["x"]), ratio, fin, problem.ftol,
-                                       problem.xtol, xp)
+            status = trust_region_code(actual, cost, step_norm, sc.norm(state["x"]), ratio, fin,
+                                       problem.ftol, problem.xtol, xp)
             accept_h = fin & (actual > 0)
         state["delta"] = sc.tensor(delta)
         status = sc.tensor(status)

@@ -156,17 +156,15 @@ class TRF(StepRule):
         sc = Scalars(cost_new)
         xp = sc.xp
         with sc.quiet():
-            delta = sc.get(state["delta"])
-            cost = sc.get(state["cost"])
+            delta, cost, cost_new_h, predicted, step_norm, step_h_norm, alpha = sc.get_many(
+                state["delta"], state["cost"], cost_new, trial.predicted, trial.step_norm,
+                trial.step_h_norm, trial.alpha)
             fin = sc.get(finite)
-            step_h_norm = sc.get(trial.step_h_norm)
-            alpha = sc.get(trial.alpha)
-            actual = cost - sc.get(cost_new)
-            delta_new, ratio = update_tr_radius(delta, actual, sc.get(trial.predicted),
-                                                step_h_norm, step_h_norm > 0.95 * delta, xp)
-            status = trust_region_code(actual, cost, sc.get(trial.step_norm),
-                                       sc.norm(state["x"]), ratio, fin, problem.ftol,
-                                       problem.xtol, xp)
+            actual = cost - cost_new_h
+            delta_new, ratio = update_tr_radius(delta, actual, predicted, step_h_norm,
+                                                step_h_norm > 0.95 * delta, xp)
+            status = trust_region_code(actual, cost, step_norm, sc.norm(state["x"]), ratio, fin,
+                                       problem.ftol, problem.xtol, xp)
             cont = fin & (status == RUNNING)
             safe_new = xp.where(delta_new > 0, delta_new, 1.0)
             alpha = xp.where(cont, alpha * delta / safe_new, alpha)
