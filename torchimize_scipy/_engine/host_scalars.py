@@ -105,12 +105,14 @@ class Floats:
             return np.float64(math.copysign(a, b))
         return np.copysign(a, b)
 
+    # (functions only ever given the rows of arrays)
     sign = staticmethod(np.sign)
     zeros_like = staticmethod(np.zeros_like)
+    nextafter = staticmethod(np.nextafter)
 
     @staticmethod
     def isfinite(a: Any) -> Any:
-        if _is_scalar(a):
+        if type(a) is not _ARRAY:
             return np.bool_(math.isfinite(a))
         return np.isfinite(a)
 
@@ -255,6 +257,12 @@ class Scalars:
         if self.floats:
             return a[0].min()
         return a.min(-1) if self.host else a.amin(-1)
+
+    def max_rows(self, a: Any) -> Any:
+        """Maximum of each row (exact: no rounding to differ)."""
+        if self.floats:
+            return a[0].max()
+        return a.max(-1) if self.host else a.amax(-1)
 
     def all_rows(self, m: Any) -> Any:
         """Whether each row of a mask holds everywhere."""

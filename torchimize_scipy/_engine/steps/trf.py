@@ -20,7 +20,7 @@ trust-region Gauss-Newton method (Moré 1978).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -108,6 +108,16 @@ class TRF(StepRule):
             state["coleman_li_dv"] = torch.zeros_like(x)
 
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
+        if problem.bounded and problem.n:
+            sc = Scalars(state["x"])
+            with sc.quiet():
+                g = sc.rows(state["g"])
+                v, dv = coleman_li_scaling(sc.rows(state["x"]), g, sc.rows(state["lb"]),
+                                           sc.rows(state["ub"]), sc)
+                optimality = sc.max_rows(abs(g * v))  # a maximum: exact on either side
+            state["coleman_li_v"], state["coleman_li_dv"] = sc.tensor_rows(v), sc.tensor_rows(dv)
+            state["optimality"] = sc.tensor(optimality)
+            return sc.tensor(optimality < problem.gtol)
         if problem.bounded:
             v, dv = _coleman_li(state)
             state["coleman_li_v"], state["coleman_li_dv"] = v, dv
@@ -140,8 +150,13 @@ class TRF(StepRule):
         d = state["tr_scaling"]
         diag_h = state["diag_h"] if problem.bounded else None
         if problem.bounded:
-            step, step_h, predicted = select_step(state, p_h, diag_h)
-            x_new = make_strictly_feasible(state["x"] + step, state["lb"], state["ub"], rstep=0)
+            sc = Scalars(state["delta"])
+            with sc.quiet():
+                step, step_h, value = _select_step(state, p_h, diag_h, sc)
+                x_new = make_strictly_feasible(sc.rows(state["x"]) + step, sc.rows(state["lb"]),
+                                               sc.rows(state["ub"]), 0, sc)
+            step, step_h, x_new = (sc.tensor_rows(v) for v in (step, step_h, x_new))
+            predicted = -sc.tensor(value)
         else:
             step_h = p_h
             step = d * p_h
@@ -189,68 +204,78 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
     per-problem scalars is on the host when the tensors are on the CPU
     (:class:`~.host_scalars.Scalars`).
     """
+    sc = Scalars(state["delta"])
+    with sc.quiet():
+        step, step_h, value = _select_step(state, p_h, diag_h, sc)
+    return sc.tensor_rows(step), sc.tensor_rows(step_h), -sc.tensor(value)
+
+
+def _select_step(state: dict, p_h: Tensor, diag_h: Tensor,
+                 sc: Scalars) -> tuple[Any, Any, Any]:
+    """:func:`select_step` with the rows and the model's values kept by ``sc``.
+
+    The caller holds ``sc.quiet()``.
+    """
     x, lb, ub = state["x"], state["lb"], state["ub"]
     J, d, g_h = state["J"], state["tr_scaling"], state["g_h"]
     G, gram = state["G"], state.get("fac_gram")
-    sc = Scalars(state["delta"])
     xp = sc.xp
     rows, col, tensor_rows = sc.rows, sc.as_col, sc.tensor_rows
-    with sc.quiet():
-        x_, lb_, ub_, d_, p_h_ = (rows(t) for t in (x, lb, ub, d, p_h))
-        p_ = d_ * p_h_
-        inside = in_bounds(x_ + p_, lb_, ub_, sc)
-        p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram)
-        if sc.count(inside) == sc.B:
-            return tensor_rows(p_), p_h, -p_value_full
+    x_, lb_, ub_, d_, p_h_ = (rows(t) for t in (x, lb, ub, d, p_h))
+    p_ = d_ * p_h_
+    inside = in_bounds(x_ + p_, lb_, ub_, sc)
+    p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram)
+    if sc.count(inside) == sc.B:
+        return p_, p_h_, sc.get(p_value_full)
 
-        delta, theta = sc.get(state["delta"]), sc.get(state["theta"])
-        p_stride, hits = step_size_to_bound(x_, p_, lb_, ub_, sc)
-        p_stride = xp.where(inside, 1.0, p_stride)
-        r_h = xp.where(hits != 0, -p_h_, p_h_)
-        r = d_ * r_h
-        p_cut = p_ * col(p_stride)
-        p_h_cut = p_h_ * col(p_stride)
-        x_on_bound = x_ + p_cut
-        _, to_tr = intersect_trust_region(p_h_cut, r_h, delta, sc)
-        to_bound, _ = step_size_to_bound(x_on_bound, r, lb_, ub_, sc)
-        r_stride = xp.minimum(to_bound, to_tr)
-        positive = r_stride > 0
-        safe_rs = xp.where(positive, r_stride, 1.0)
-        r_lo = xp.where(positive, (1 - theta) * p_stride / safe_rs, 0.0)
-        r_hi = xp.where(positive, xp.where(r_stride == to_bound, theta * to_bound, to_tr), -1.0)
-        usable = r_lo <= r_hi
-        r_h_t, p_h_cut_t = tensor_rows(r_h), tensor_rows(p_h_cut)
-        a, b, c = (sc.get(v) for v in build_quadratic_1d(J, d, g_h, r_h_t, diag=diag_h,
-                                                          s0=p_h_cut_t, G=G, gram=gram))
-        r_hi_f = xp.where(usable & xp.isfinite(r_hi), r_hi, r_lo)
-        t_r, r_value = minimize_quadratic_1d(a, b, r_lo, r_hi_f, c=c, xp=xp)
-        r_h_new = r_h * col(t_r) + p_h_cut
-        r_value = xp.where(usable, r_value, math.inf)
+    delta, theta = sc.get(state["delta"]), sc.get(state["theta"])
+    p_stride, hits = step_size_to_bound(x_, p_, lb_, ub_, sc)
+    p_stride = xp.where(inside, 1.0, p_stride)
+    r_h = xp.where(hits != 0, -p_h_, p_h_)
+    r = d_ * r_h
+    p_cut = p_ * col(p_stride)
+    p_h_cut = p_h_ * col(p_stride)
+    x_on_bound = x_ + p_cut
+    _, to_tr = intersect_trust_region(p_h_cut, r_h, delta, sc)
+    to_bound, _ = step_size_to_bound(x_on_bound, r, lb_, ub_, sc)
+    r_stride = xp.minimum(to_bound, to_tr)
+    positive = r_stride > 0
+    safe_rs = xp.where(positive, r_stride, 1.0)
+    r_lo = xp.where(positive, (1 - theta) * p_stride / safe_rs, 0.0)
+    r_hi = xp.where(positive, xp.where(r_stride == to_bound, theta * to_bound, to_tr), -1.0)
+    usable = r_lo <= r_hi
+    r_h_t, p_h_cut_t = tensor_rows(r_h), tensor_rows(p_h_cut)
+    a, b, c = (sc.get(v) for v in build_quadratic_1d(J, d, g_h, r_h_t, diag=diag_h,
+                                                      s0=p_h_cut_t, G=G, gram=gram))
+    r_hi_f = xp.where(usable & xp.isfinite(r_hi), r_hi, r_lo)
+    t_r, r_value = minimize_quadratic_1d(a, b, r_lo, r_hi_f, c=c, xp=xp)
+    r_h_new = r_h * col(t_r) + p_h_cut
+    r_value = xp.where(usable, r_value, math.inf)
 
-        p_theta = p_cut * col(theta)
-        p_h_theta = p_h_cut * col(theta)
-        p_value = sc.get(evaluate_quadratic(J, d, g_h, tensor_rows(p_h_theta), diag=diag_h, G=G,
-                                            gram=gram))
+    p_theta = p_cut * col(theta)
+    p_h_theta = p_h_cut * col(theta)
+    p_value = sc.get(evaluate_quadratic(J, d, g_h, tensor_rows(p_h_theta), diag=diag_h, G=G,
+                                        gram=gram))
 
-        ag_h_t = -g_h
-        ag_h = rows(ag_h_t)
-        ag = d_ * ag_h
-        ag_norm = sc.norm(ag_h_t)
-        to_tr_ag = delta / xp.where(ag_norm > 0, ag_norm, 1.0)
-        to_bound_ag, _ = step_size_to_bound(x_, ag, lb_, ub_, sc)
-        ag_stride = xp.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
-        a2, b2, _ = (sc.get(v) for v in build_quadratic_1d(J, d, g_h, ag_h_t, diag=diag_h, G=G,
-                                                            gram=gram))
-        t_ag, ag_value = minimize_quadratic_1d(a2, b2, sc.full(0.0), ag_stride, xp=xp)
-        ag_h = ag_h * col(t_ag)
-        ag = ag * col(t_ag)
+    ag_h_t = -g_h
+    ag_h = rows(ag_h_t)
+    ag = d_ * ag_h
+    ag_norm = sc.norm(ag_h_t)
+    to_tr_ag = delta / xp.where(ag_norm > 0, ag_norm, 1.0)
+    to_bound_ag, _ = step_size_to_bound(x_, ag, lb_, ub_, sc)
+    ag_stride = xp.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
+    a2, b2, _ = (sc.get(v) for v in build_quadratic_1d(J, d, g_h, ag_h_t, diag=diag_h, G=G,
+                                                        gram=gram))
+    t_ag, ag_value = minimize_quadratic_1d(a2, b2, sc.full(0.0), ag_stride, xp=xp)
+    ag_h = ag_h * col(t_ag)
+    ag = ag * col(t_ag)
 
-        use_p = (p_value < r_value) & (p_value < ag_value)
-        use_r = (use_p == 0) & (r_value < p_value) & (r_value < ag_value)
-        step_h = xp.where(col(use_p), p_h_theta, xp.where(col(use_r), r_h_new, ag_h))
-        step = xp.where(col(use_p), p_theta, xp.where(col(use_r), d_ * r_h_new, ag))
-        value = xp.where(use_p, p_value, xp.where(use_r, r_value, ag_value))
-        step_h = xp.where(col(inside), p_h_, step_h)
-        step = xp.where(col(inside), p_, step)
-        value = xp.where(inside, sc.get(p_value_full), value)
-        return tensor_rows(step), tensor_rows(step_h), -sc.tensor(value)
+    use_p = (p_value < r_value) & (p_value < ag_value)
+    use_r = (use_p == 0) & (r_value < p_value) & (r_value < ag_value)
+    step_h = xp.where(col(use_p), p_h_theta, xp.where(col(use_r), r_h_new, ag_h))
+    step = xp.where(col(use_p), p_theta, xp.where(col(use_r), d_ * r_h_new, ag))
+    value = xp.where(use_p, p_value, xp.where(use_r, r_value, ag_value))
+    step_h = xp.where(col(inside), p_h_, step_h)
+    step = xp.where(col(inside), p_, step)
+    value = xp.where(inside, sc.get(p_value_full), value)
+    return step, step_h, value
