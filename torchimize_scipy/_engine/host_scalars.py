@@ -55,6 +55,8 @@ HOST: bool | None = None
 
 #: attribute of a tensor made by :meth:`Scalars.tensor`: the host values it was made from
 _HOST_VALUE = "_tsc_host_value"
+#: attribute of a ``(B, k)`` tensor: its rows on the host (see :meth:`Scalars.rows`)
+_HOST_ROWS = "_tsc_host_rows"
 
 
 _ARRAY = np.ndarray
@@ -213,12 +215,21 @@ class Scalars:
         return self.get(t)[:, None]
 
     def rows(self, t: Tensor) -> Any:
-        """The ``(B, k)`` values of a tensor: a host view (a ``(1, k)`` copy if :attr:`floats`)."""
+        """The ``(B, k)`` values of a tensor: a host view (a ``(1, k)`` copy if :attr:`floats`).
+
+        The host's values are remembered on the tensor (the engine never
+        modifies a tensor in place), so a tensor that stays in the state is
+        converted once.
+        """
         if not self.host:
             return t
-        if self.floats:  # (a copy: two dispatches instead of four)
-            return np.array(t.tolist(), dtype=np.float64)
-        return t.numpy()
+        known = getattr(t, _HOST_ROWS, None)
+        if known is not None:
+            return known
+        # (one problem: a copy, from two dispatches instead of four)
+        a = np.array(t.tolist(), dtype=np.float64) if self.floats else t.numpy()
+        setattr(t, _HOST_ROWS, a)
+        return a
 
     def norm(self, t: Tensor, keepdim: bool = False) -> Any:
         """Euclidean norms of the rows of a ``(B, k)`` tensor (columns with ``keepdim``)."""
@@ -299,12 +310,15 @@ class Scalars:
         return t
 
     def tensor_rows(self, a: Any) -> Tensor:
-        """A ``(B, k)`` tensor of rows (``(B, 1)`` of columns)."""
+        """A ``(B, k)`` tensor of rows (``(B, 1)`` of columns), remembering them (:meth:`rows`)."""
         if not self.host:
             return a
         if self.floats and _is_scalar(a):
             a = np.array([[a]])
-        return torch.from_numpy(np.ascontiguousarray(a))
+        a = np.ascontiguousarray(a)
+        t = torch.from_numpy(a)
+        setattr(t, _HOST_ROWS, a)
+        return t
 
     # ---------------------------------------------------------------- decisions
     def count(self, mask: Any) -> int:
