@@ -207,3 +207,31 @@ def test_batch_host_path_keeps_a_nan_row_alone(method):
     for key in ("x", "cost", "nfev", "njev", "status"):
         assert_bitwise_equal(np.asarray(getattr(res, key))[keep],
                              np.asarray(getattr(clean, key))[keep], err_msg=key)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_host_and_device_paths_agree(monkeypatch, method, dtype):
+    # a bounded batch (numpy arrays (B,) and (B, n) on the host) against the tensor code
+    rng = np.random.default_rng(12)
+    t = np.linspace(0, 3, 30)
+    B = 8
+    y = 2 * np.exp(-rng.uniform(0.5, 2.0, (B, 1)) * t) + 0.01 * rng.standard_normal((B, 30))
+
+    def fun(x, y):
+        return x[:, :1] * torch.exp(-x[:, 1:] * torch.as_tensor(t, dtype=x.dtype)) - y
+
+    x0 = torch.ones(B, 2, dtype=dtype)
+    yt = torch.as_tensor(y, dtype=dtype)
+    kw = dict(args=(yt,), method=method, bounds=([0.0, 0.0], [1.9, 3.0]), dtype=dtype)
+    host = batch_least_squares(fun, x0, **kw)
+    monkeypatch.setattr(host_scalars, "HOST", False)
+    device = batch_least_squares(fun, x0, **kw)
+    assert torch.as_tensor(host.x).dtype == dtype
+    ok_h = np.asarray(host.status) > 0
+    assert ok_h.all() and (np.asarray(device.status) > 0).all()
+    # both converge to the same bounded minimum; the tolerance follows the dtype's
+    # default ftol/xtol scale (1e-8 in float64, about 1e-4 relative in float32)
+    tol = 1e-6 if dtype == torch.float64 else 1e-2
+    np.testing.assert_allclose(np.asarray(host.x), np.asarray(device.x), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(host.cost), np.asarray(device.cost), rtol=tol)
