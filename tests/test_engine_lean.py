@@ -9,7 +9,9 @@ that replaced host-side branches.
   the next round's top stage, whose measure it must not take);
 * a profiler count (not a timing): the engine makes no ``bool(tensor)`` host
   synchronisation on a single unbounded problem and stays within a few host
-  reads per evaluation.
+  reads per evaluation on the code a GPU runs (``host_scalars.HOST = False``),
+  and with its per-problem scalars on the host (the CPU) it stays within an
+  operation budget per evaluation.
 """
 
 from __future__ import annotations
