@@ -147,20 +147,38 @@ def minimize_quadratic_1d(
     extremum = -0.5 * b / safe_a
     inside = nonzero & (lb < extremum) & (extremum < ub)
     extremum = xp.where(inside, extremum, lb)
-    big = _finite_max(lb)
-    best_t = lb
-    best_y = None
-    for k, t in enumerate((lb, ub, extremum)):
+    ts = (lb, ub, extremum)
+    ys = []
+    for t in ts:
         y = t * (a * t + b)
         # (adding 0.0 without ``c`` turns -0.0 into 0.0 as adding a zero ``c`` would)
-        y = y + (0.0 if c is None else c)
-        if k == 2:
-            y = xp.where(inside, y, math.inf)
+        ys.append(y + (0.0 if c is None else c))
+    ys[2] = xp.where(inside, ys[2], math.inf)
+    return _first_minimum(xp, ts, ys)
+
+
+def _first_minimum(xp: Any, ts: tuple, ys: list) -> tuple[Any, Any]:
+    """The candidate ``ts[k]`` of the least ``ys[k]`` (the first of equal ones), and that value.
+
+    NaN values never win: values go through ``nan_to_num(y, nan=inf)`` (so an
+    infinite value is reported as the dtype's largest finite one, a NaN as
+    ``inf``). On tensors one ``argmin`` over the stacked candidates (few
+    kernels on a device); elsewhere (the host's values, or a float per
+    problem) strict comparisons in order, which pick the same candidate.
+    """
+    if xp is torch:
+        t = torch.stack(ts, dim=-1)
+        y = torch.nan_to_num(torch.stack(ys, dim=-1), nan=math.inf)
+        k = torch.argmin(y, dim=-1, keepdim=True)
+        return t.gather(-1, k).squeeze(-1), y.gather(-1, k).squeeze(-1)
+    big = _finite_max(ts[0])
+    best_t = best_y = None
+    for t, y in zip(ts, ys, strict=True):
         y = xp.where(y == math.inf, big, xp.where(y == -math.inf, -big, y))
         y = xp.where(y != y, math.inf, y)  # NaN
         if best_y is None:
-            best_y = y
-        else:  # the first of equal values wins
+            best_t, best_y = t, y
+        else:
             better = y < best_y
             best_t = xp.where(better, t, best_t)
             best_y = xp.where(better, y, best_y)
