@@ -23,6 +23,15 @@ solve of the Rosenbrock problem under :mod:`torch.profiler` and counts
   its own operations (``torch.linalg.svd``'s info check, the pivot check of
   the LU solve behind ``torch.linalg.inv_ex``), which the engine cannot avoid
   short of another algorithm.
+* **host-scalar reads**: the syncs and reads issued by
+  ``_engine/host_scalars.py``. On the CPU the trust-region methods keep their
+  per-problem scalars on the host (numpy views of CPU tensors, ``item()`` of
+  one problem's values): no device is waited for, and a GPU never runs that
+  code (its scalars stay tensors). They are counted apart and left out of the
+  engine's syncs and reads; their operations stay in the engine's ops.
+  ``--device-path`` runs, on the CPU, the code a GPU runs
+  (``host_scalars.HOST = False``): its "engine syncs+reads" are what a GPU
+  would wait for.
 
 Each count is divided by the number of calls of the residual function by the
 solver (the nfev of one problem; the rounds of batched evaluations for a
@@ -45,7 +54,7 @@ profiler: the median wall time of a call and per evaluation.
 Usage::
 
     python benchmarks/bench_ops.py [--quick] [--batch 10000] [--threads 2]
-           [--methods trf,dogbox,lm] [--only-b1]
+           [--methods trf,dogbox,lm] [--only-b1] [--device-path]
 
 The table is printed as markdown; the JSON goes to
 ``benchmarks/results/bench_ops_<device>_<dtype>.json``.
@@ -188,6 +197,16 @@ def _region(ev) -> str:
     return "other"
 
 
+def _from_host_scalars(ev) -> bool:
+    """Whether the innermost package frame of an event is ``_engine/host_scalars.py``."""
+    p = ev.cpu_parent
+    while p is not None:
+        if "torchimize_scipy/" in p.name:
+            return "_engine/host_scalars.py" in p.name
+        p = p.cpu_parent
+    return False
+
+
 def _has_ancestor(ev, pred) -> bool:
     p = ev.cpu_parent
     while p is not None:
@@ -203,6 +222,7 @@ def count_events(events) -> dict[str, Counter]:
     syncs: Counter = Counter()
     inner: Counter = Counter()  # syncs issued inside another aten op (torch's own checks)
     reads: Counter = Counter()
+    host: Counter = Counter()  # host-scalar reads of CPU tensors (no device wait)
     names: Counter = Counter()
     sync_names: Counter = Counter()
     for ev in events:
@@ -210,6 +230,9 @@ def count_events(events) -> dict[str, Counter]:
         if name.startswith("aten::"):
             if name in SYNC_OPS and not _has_ancestor(ev, SYNC_OPS.__contains__):
                 region = _region(ev)
+                if _from_host_scalars(ev):
+                    host[region] += 1
+                    continue
                 syncs[region] += 1
                 if _has_ancestor(ev, lambda s: s.startswith("aten::")):
                     inner[region] += 1
@@ -219,9 +242,9 @@ def count_events(events) -> dict[str, Counter]:
                 ops[region] += 1
                 names[f"{region}: {name}"] += 1
         elif any(h in name for h in HOST_READS):
-            reads[_region(ev)] += 1
-    return {"ops": ops, "syncs": syncs, "inner": inner, "reads": reads, "names": names,
-            "sync_names": sync_names}
+            (host if _from_host_scalars(ev) else reads)[_region(ev)] += 1
+    return {"ops": ops, "syncs": syncs, "inner": inner, "reads": reads, "host": host,
+            "names": names, "sync_names": sync_names}
 
 
 def profile_case(call, fun: Counted) -> dict[str, Any]:
@@ -231,7 +254,7 @@ def profile_case(call, fun: Counted) -> dict[str, Any]:
         res = call()
     calls = fun.calls
     counts = count_events(prof.events())
-    kinds = ("ops", "syncs", "inner", "reads")
+    kinds = ("ops", "syncs", "inner", "reads", "host")
     per = {k: {r: counts[k][r] / calls for r in REGION_NAMES if counts[k][r]} for k in kinds}
     return {"fun_calls": calls, "per_eval": per,
             "totals": {k: dict(counts[k]) for k in kinds},
@@ -268,7 +291,13 @@ def main() -> None:
     p.add_argument("--kinds", default="numpy,torch", help="residual functions: numpy,torch")
     p.add_argument("--only-b1", action="store_true", help="skip the batch cases")
     p.add_argument("--repeat", type=int, default=None, help="timed calls (default 5; quick 2)")
+    p.add_argument("--device-path", action="store_true",
+                   help="run the code a GPU runs (per-problem scalars as tensors) on the CPU")
     args = p.parse_args()
+    if args.device_path:
+        from torchimize_scipy._engine import host_scalars
+
+        host_scalars.HOST = False
     dev, dt = setup(args)
     if cuda_requested_but_missing(dev):
         print("CUDA is not available on this machine: nothing to run with --device cuda.")
@@ -303,6 +332,7 @@ def main() -> None:
                                  f"{sum(per['reads'].values()):.1f}",
                                  f"{per['reads'].get('engine', 0):.1f}",
                                  f"{engine_waits:.1f}",
+                                 f"{per['host'].get('engine', 0):.1f}",
                                  f"{rec['us_per_eval']:.0f}"])
                     print(f"{method:6s} bounded={bounded!s:5s} B={B:<6d} {kind:5s} "
                           f"evals={rec['fun_calls']:3d} ops/eval={rows[-1][6]:>5s} "
@@ -310,7 +340,8 @@ def main() -> None:
                           f"{rows[-1][15]:>5s} {rec['us_per_eval']:.0f} us/eval", flush=True)
     headers = ["method", "bounds", "B", "fun", "evals", "ops/call", "ops/eval", "engine",
                "outside", "syncs/eval", "engine", "in torch ops", "outside",
-               "host reads/eval", "engine", "engine syncs+reads", "µs/eval"]
+               "host reads/eval", "engine", "engine syncs+reads", "host-scalar reads",
+               "µs/eval"]
     print("\n### aten operations and host syncs per evaluation of `fun` (Rosenbrock, "
           "analytic Jacobian)\n")
     print(md_table(headers, rows))
@@ -320,13 +351,14 @@ def main() -> None:
           "engine's syncs issued inside a torch operation (the info checks of "
           "torch.linalg.svd, the pivot checks of inv_ex's LU solve); 'engine syncs+reads' "
           "= the engine's syncs plus its Tensor.tolist() reads (each a device-to-host copy "
-          "on a GPU).")
-    path = write_json(args, "bench_ops", {
+          "on a GPU); 'host-scalar reads' = the engine's reads of CPU tensors into host "
+          "scalars (_engine/host_scalars.py: no device wait; a GPU runs the tensor code).")
+    path = write_json(args, "bench_ops_device_path" if args.device_path else "bench_ops", {
         "note": "per evaluation of fun: top-level aten ops, host syncs, host reads by region; "
                 "Rosenbrock from (-1.2, 1) (bounded: x1 >= 1.5 from (2, 2)), analytic "
                 "Jacobian; the profiled call follows one warm-up call",
         "regions": {r: k for k, r in REGIONS}, "batch": batch, "repeat": repeat,
-        "cases": records})
+        "device_path": args.device_path, "cases": records})
     print(f"\nresults: {path}")
 
 

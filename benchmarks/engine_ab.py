@@ -13,6 +13,10 @@ Run it with the old tree and with the new one on the same machine::
     PYTHONPATH=<new tree> python benchmarks/engine_ab.py new.pkl
     python benchmarks/engine_ab.py --compare old.pkl new.pkl
 
+``--device-path`` (after the file name) runs the code a GPU runs on the CPU:
+the trust-region methods' per-problem scalars stay tensors
+(``_engine/host_scalars.HOST = False``) instead of living on the host.
+
 Same machine, same operations: the results must be equal with ``==``
 (the count of differing cases is printed).
 """
@@ -162,4 +166,9 @@ def compare(p: str, q: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "--compare":
         sys.exit(compare(sys.argv[2], sys.argv[3]))
+    if "--device-path" in sys.argv:  # the code a GPU runs (per-problem scalars as tensors)
+        from torchimize_scipy._engine import host_scalars
+
+        host_scalars.HOST = False
+        sys.argv.remove("--device-path")
     run(sys.argv[1])

@@ -9,7 +9,9 @@ that replaced host-side branches.
   the next round's top stage, whose measure it must not take);
 * a profiler count (not a timing): the engine makes no ``bool(tensor)`` host
   synchronisation on a single unbounded problem and stays within a few host
-  reads per evaluation.
+  reads per evaluation on the code a GPU runs (``host_scalars.HOST = False``),
+  and with its per-problem scalars on the host (the CPU) it stays within an
+  operation budget per evaluation.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from _parity import assert_bitwise_equal
 from torch.profiler import ProfilerActivity, profile
 
 from torchimize_scipy import batch_least_squares, least_squares
-from torchimize_scipy._engine import counts
+from torchimize_scipy._engine import counts, host_scalars
 from torchimize_scipy._engine.linalg import factorize, gram_solve
 from torchimize_scipy._engine.trust_region import (
     solve_trust_region_minpack,
@@ -237,7 +239,7 @@ def _engine_waits(call) -> tuple[int, int, int]:
     return is_nonzero, syncs, reads
 
 
-def test_engine_reads_per_evaluation_single_problem():
+def _rosen_calls(method: str = "trf"):
     fun_calls = {"n": 0}
 
     def fun(x):
@@ -246,8 +248,15 @@ def test_engine_reads_per_evaluation_single_problem():
 
     def call():
         fun_calls["n"] = 0
-        return least_squares(fun, np.array([-1.2, 1.0]), jac=_rosen_jac, method="trf")
+        return least_squares(fun, np.array([-1.2, 1.0]), jac=_rosen_jac, method=method)
 
+    return call, fun_calls
+
+
+def test_engine_reads_per_evaluation_single_problem(monkeypatch):
+    # what a GPU runs: the per-problem scalars stay tensors beside the data
+    monkeypatch.setattr(host_scalars, "HOST", False)
+    call, fun_calls = _rosen_calls()
     call()  # warm-up
     is_nonzero, syncs, reads = _engine_waits(call)
     evals = fun_calls["n"]
@@ -257,6 +266,40 @@ def test_engine_reads_per_evaluation_single_problem():
     # per iteration of the trust-region subproblem, and the SVD's own checks: about
     # 7.3 per evaluation (11 before issue 14)
     assert (syncs + reads) / evals <= 8.5
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+def test_engine_operations_per_evaluation_on_host_scalars(method):
+    # on the CPU the per-problem scalars of the subproblem and of the trial's
+    # assessment live on the host (host_scalars): 'trf' made 230 engine operations per
+    # evaluation before, 'dogbox' 220, now about 90 and 120 (bench_ops.py counts the same way)
+    call, fun_calls = _rosen_calls(method)
+    call()  # warm-up
+    ops = _engine_operations(call)
+    evals = fun_calls["n"]
+    assert evals > 10
+    assert ops / evals <= {"trf": 105, "dogbox": 140}[method]
+
+
+def _engine_operations(call) -> int:
+    """Top-level aten operations issued by the engine (as bench_ops.py counts them)."""
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        call()
+    ops = 0
+    for ev in prof.events():
+        if not ev.name.startswith("aten::"):
+            continue
+        frame, nested, engine = ev.cpu_parent, False, False
+        while frame is not None:
+            if frame.name.startswith("aten::"):
+                nested = True
+                break
+            if "torchimize_scipy/" in frame.name:
+                engine = "torchimize_scipy/_engine/" in frame.name
+                break
+            frame = frame.cpu_parent
+        ops += engine and not nested
+    return ops
 
 
 def test_batch_tail_runs_mkl_single_threaded():

@@ -22,10 +22,15 @@ may pass ``G = J^T J`` with a row mask ``gram``: their squared norms
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from .counts import count_true
+from .host_scalars import Scalars
 
 
 def jac_times(J: Tensor, s: Tensor, d: Tensor | None = None) -> Tensor:
@@ -126,70 +131,122 @@ def build_quadratic_1d(
 
 
 def minimize_quadratic_1d(
-    a: Tensor, b: Tensor, lb: Tensor, ub: Tensor, c: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+    a: Any, b: Any, lb: Any, ub: Any, c: Any = None, xp: Any = torch
+) -> tuple[Any, Any]:
     """Minimise ``a t^2 + b t + c`` over ``[lb, ub]`` for each problem.
 
     The candidates are the two ends and, when it lies strictly inside, the
-    stationary point; ties go to the first candidate in that order.
+    stationary point; ties go to the first candidate in that order. A NaN
+    value never wins; as with ``torch.nan_to_num(y, nan=inf)``, an infinite
+    value is reported as the largest finite one (and a NaN as ``inf``). The
+    arguments are per-problem values of the namespace ``xp`` (``(B,)``
+    tensors by default; see :class:`~.host_scalars.Scalars`).
     """
     nonzero = a != 0
-    safe_a = torch.where(nonzero, a, 1.0)
+    safe_a = xp.where(nonzero, a, 1.0)
     extremum = -0.5 * b / safe_a
     inside = nonzero & (lb < extremum) & (extremum < ub)
-    extremum = torch.where(inside, extremum, lb)
-    t = torch.stack([lb, ub, extremum], dim=-1)
-    y = t * (a.unsqueeze(-1) * t + b.unsqueeze(-1))
-    # (adding 0.0 without ``c`` turns -0.0 into 0.0 as adding a zero ``c`` would)
-    y = y + (0.0 if c is None else c.unsqueeze(-1))
-    y.select(-1, 2).masked_fill_(~inside, float("inf"))  # y is a fresh tensor
-    # NaN-safe argmin: a NaN value never wins.
-    y = torch.nan_to_num(y, nan=float("inf"))
-    k = torch.argmin(y, dim=-1, keepdim=True)
-    return t.gather(-1, k).squeeze(-1), y.gather(-1, k).squeeze(-1)
+    extremum = xp.where(inside, extremum, lb)
+    ts = (lb, ub, extremum)
+    ys = []
+    for t in ts:
+        y = t * (a * t + b)
+        # (adding 0.0 without ``c`` turns -0.0 into 0.0 as adding a zero ``c`` would)
+        ys.append(y + (0.0 if c is None else c))
+    ys[2] = xp.where(inside, ys[2], math.inf)
+    return _first_minimum(xp, ts, ys)
 
 
-def intersect_trust_region(x: Tensor, s: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+def _first_minimum(xp: Any, ts: tuple, ys: list) -> tuple[Any, Any]:
+    """The candidate ``ts[k]`` of the least ``ys[k]`` (the first of equal ones), and that value.
+
+    NaN values never win: values go through ``nan_to_num(y, nan=inf)`` (so an
+    infinite value is reported as the dtype's largest finite one, a NaN as
+    ``inf``). On tensors one ``argmin`` over the stacked candidates (few
+    kernels on a device); elsewhere (the host's values, or a float per
+    problem) strict comparisons in order, which pick the same candidate.
+    """
+    if xp is torch:
+        t = torch.stack(ts, dim=-1)
+        y = torch.nan_to_num(torch.stack(ys, dim=-1), nan=math.inf)
+        k = torch.argmin(y, dim=-1, keepdim=True)
+        return t.gather(-1, k).squeeze(-1), y.gather(-1, k).squeeze(-1)
+    big = _finite_max(ts[0])
+    best_t = best_y = None
+    for t, y in zip(ts, ys, strict=True):
+        y = xp.where(y == math.inf, big, xp.where(y == -math.inf, -big, y))
+        y = xp.where(y != y, math.inf, y)  # NaN
+        if best_y is None:
+            best_t, best_y = t, y
+        else:
+            better = y < best_y
+            best_t = xp.where(better, t, best_t)
+            best_y = xp.where(better, y, best_y)
+    return best_t, best_y
+
+
+def _finite_max(like: Any) -> float:
+    """The largest finite value of the dtype of ``like``."""
+    if isinstance(like, Tensor):
+        return torch.finfo(like.dtype).max
+    return float(np.finfo(np.asarray(like).dtype).max)
+
+
+def intersect_trust_region(x: Any, s: Any, delta: Any,
+                           sc: Scalars | None = None) -> tuple[Any, Any]:
     """Roots ``t`` of ``|x + t s| = delta`` (negative one first), per problem.
 
     Uses the cancellation-free form of the quadratic formula. Rows with ``s = 0``
-    give ``(-inf, inf)``.
+    give ``(-inf, inf)``. With ``sc`` (:class:`~.host_scalars.Scalars`) the
+    arguments are rows and per-problem values as ``sc`` keeps them; tensors
+    otherwise.
     """
-    a = (s * s).sum(-1)
-    b = (x * s).sum(-1)
-    c = (x * x).sum(-1) - delta * delta
-    disc = torch.clamp(b * b - a * c, min=0.0).sqrt()
-    q = -(b + torch.copysign(disc, b))
-    safe_a = torch.where(a != 0, a, 1.0)
-    safe_q = torch.where(q != 0, q, 1.0)
+    if sc is None:
+        xp, row_sum = torch, _sum_last
+    else:
+        xp, row_sum = sc.xp, sc.row_sum
+    a = row_sum(s * s)
+    b = row_sum(x * s)
+    c = row_sum(x * x) - delta * delta
+    disc2 = b * b - a * c
+    disc = xp.sqrt(xp.where(disc2 < 0, 0.0, disc2))
+    q = -(b + xp.copysign(disc, b))
+    safe_a = xp.where(a != 0, a, 1.0)
+    safe_q = xp.where(q != 0, q, 1.0)
     t1 = q / safe_a
     t2 = c / safe_q
-    lo = torch.minimum(t1, t2)
-    hi = torch.maximum(t1, t2)
-    inf = torch.full_like(lo, float("inf"))
-    lo = torch.where(a != 0, lo, -inf)
-    hi = torch.where(a != 0, hi, inf)
+    lo = xp.minimum(t1, t2)
+    hi = xp.maximum(t1, t2)
+    lo = xp.where(a != 0, lo, -math.inf)
+    hi = xp.where(a != 0, hi, math.inf)
     return lo, hi
 
 
+def _sum_last(a: Tensor) -> Tensor:
+    return a.sum(-1)
+
+
 def update_tr_radius(
-    delta: Tensor,
-    actual_reduction: Tensor,
-    predicted_reduction: Tensor,
-    step_norm: Tensor,
-    bound_hit: Tensor,
-) -> tuple[Tensor, Tensor]:
+    delta: Any,
+    actual_reduction: Any,
+    predicted_reduction: Any,
+    step_norm: Any,
+    bound_hit: Any,
+    xp: Any = torch,
+) -> tuple[Any, Any]:
     """Trust-region radius update of Moré (1983) as used by scipy's 'trf'/'dogbox'.
 
     ``ratio = actual / predicted``; shrink to a quarter of the step when
     ``ratio < 0.25``; double when ``ratio > 0.75`` and the step reached the
-    boundary. Returns the new radius and the ratio.
+    boundary. Returns the new radius and the ratio. The arguments are
+    per-problem values of the namespace ``xp`` (``(B,)`` tensors by default;
+    see :class:`~.host_scalars.Scalars` for the host's).
     """
     pos = predicted_reduction > 0
-    safe_pred = torch.where(pos, predicted_reduction, 1.0)
-    # 1 where both reductions are exactly zero, else 0 (``where`` turns the mask to 1.0/0.0)
+    safe_pred = xp.where(pos, predicted_reduction, 1.0)
+    # 1 where both reductions are exactly zero, else 0
     both_zero = (predicted_reduction == 0) & (actual_reduction == 0)
-    ratio = torch.where(pos, actual_reduction / safe_pred, both_zero)
-    new = torch.where(ratio < 0.25, 0.25 * step_norm,
-                      torch.where((ratio > 0.75) & bound_hit, 2.0 * delta, delta))
+    ratio = xp.where(pos, actual_reduction / safe_pred, xp.where(both_zero, 1.0, 0.0))
+    new = xp.where(ratio < 0.25, 0.25 * step_norm,
+                   xp.where((ratio > 0.75) & bound_hit, 2.0 * delta, delta))
     return new, ratio

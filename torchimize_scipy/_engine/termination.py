@@ -99,10 +99,22 @@ def trust_region_status(actual: Tensor, cost: Tensor, step_norm: Tensor, x: Tens
     ``FTOL_XTOL`` where they hold and ``RUNNING`` elsewhere (and where the
     trial's residuals were not finite).
     """
+    return trust_region_code(actual, cost, step_norm, torch.linalg.vector_norm(x, dim=-1),
+                             ratio, finite, ftol, xtol)
+
+
+def trust_region_code(actual: Any, cost: Any, step_norm: Any, x_norm: Any, ratio: Any,
+                      finite: Any, ftol: float, xtol: float, xp: Any = torch) -> Any:
+    """:func:`trust_region_status` from ``|x|``, on per-problem values of the namespace ``xp``.
+
+    ``xp`` is ``torch`` (``(B,)`` tensors) or a namespace of
+    :class:`~.host_scalars.Scalars` (the host's values, the same arithmetic).
+    """
     ftol_ok = (actual < ftol * cost) & (ratio > 0.25)
-    xtol_ok = step_norm < xtol * (xtol + torch.linalg.vector_norm(x, dim=-1))
-    code = torch.where(xtol_ok, torch.where(ftol_ok, 4, 3), torch.where(ftol_ok, 2, 0))
-    return torch.where(finite & (code != 0), code, RUNNING)
+    xtol_ok = step_norm < xtol * (xtol + x_norm)
+    code = xp.where(xtol_ok, xp.where(ftol_ok, FTOL_XTOL, XTOL),
+                    xp.where(ftol_ok, FTOL, RUNNING))
+    return xp.where(finite, code, RUNNING)
 
 
 def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,

@@ -8,18 +8,20 @@ safeguarded by the interval :math:`[\alpha_l, \alpha_u]`, with
 \alpha I)^{-1} p / \lVert p\rVert` (from the SVD data, or from the inverse on
 Gram rows). :func:`solve_trust_region_scipy` is the variant of scipy's 'trf'
 (the step is put on the boundary), :func:`solve_trust_region_minpack` that of
-MINPACK's ``lmpar`` ('lm').
+MINPACK's ``lmpar`` ('lm'). The former keeps its per-problem scalars on the
+host when the factors are on the CPU (:mod:`.host_scalars`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from .counts import count_true
+from .host_scalars import Scalars
 from .linalg import (
     Factors,
     full_rank_mask,
@@ -135,9 +137,99 @@ def _restart(lower: Tensor, upper: Tensor) -> Tensor:
     return torch.maximum(0.001 * upper, (lower * upper).sqrt())
 
 
+class _HostSpectral(NamedTuple):
+    """The SVD data of :class:`SpectralData` where :class:`~.host_scalars.Scalars` keeps them.
+
+    ``s, suf, s2, suf2`` are rows (``suf`` and the squares None without SVD
+    rows); ``gram`` the Gram rows as columns where both routes are taken
+    (None otherwise).
+    """
+
+    route: tuple[bool, bool]
+    s: Any
+    suf: Any
+    s2: Any
+    suf2: Any
+    gram: Any
+
+
+def _host_spectral(sc: Scalars, fac: Factors) -> _HostSpectral:
+    route = routes(fac)
+    has_gram, has_svd = route
+    s = sc.rows(fac.s)
+    suf = s2 = suf2 = None
+    if has_svd:
+        suf = s * sc.rows(fac.uf)
+        s2 = s * s
+        suf2 = suf * suf
+    gram = sc.get_col(fac.gram) if has_gram and has_svd else None
+    return _HostSpectral(route, s, suf, s2, suf2, gram)
+
+
+def _mix(sc: Scalars, sp: _HostSpectral, gram_value: Any, svd_value: Any) -> Any:
+    """:func:`~.linalg.mix_routes` for columns."""
+    if svd_value is None:
+        return gram_value
+    if gram_value is None:
+        return svd_value
+    return sc.xp.where(sp.gram, gram_value, svd_value)
+
+
+def _host_radius_terms(sc: Scalars, fac: Factors, sp: _HostSpectral, alpha: Any, delta: Any,
+                       coef0: Any = None) -> tuple[Any, Any, Any]:
+    """:func:`_radius_terms` on columns kept by ``sc`` (the same arithmetic)."""
+    xp = sc.xp
+    has_gram, has_svd = sp.route
+    pn_s = dpos_s = pn_g = dpos_g = None
+    if has_svd:
+        # (with alpha = 0, s * s + 0 is s * s exactly; denom**3 is denom * denom * denom)
+        denom = sp.s2 if alpha is None else sp.s2 + alpha
+        nonzero = denom != 0
+        coef = xp.where(nonzero, sp.suf / denom, 0.0) if coef0 is None else coef0
+        pn_s = sc.row_norm(coef, keepdim=True)
+        dpos_s = sc.row_sum(xp.where(nonzero, sp.suf2 / (denom * denom * denom), 0.0),
+                            keepdim=True) / xp.where(pn_s > 0, pn_s, 1.0)
+    if has_gram:
+        p, q = gram_solve(fac, None if alpha is None else sc.tensor_rows(alpha), keepdim=True)
+        pn_g = sc.norm(p, keepdim=True)
+        dpos_g = sc.get(q) / xp.where(pn_g > 0, pn_g, 1.0)
+    p_norm = _mix(sc, sp, pn_g, pn_s)
+    return p_norm - delta, _mix(sc, sp, dpos_g, dpos_s), p_norm
+
+
+def _host_damped_step(sc: Scalars, fac: Factors, sp: _HostSpectral, alpha: Any) -> Tensor:
+    """:func:`_damped_step_column` for columns ``alpha`` kept by ``sc``."""
+    has_gram, has_svd = sp.route
+    p_svd = None
+    if has_svd:
+        denom = sp.s2 + alpha
+        coef = sc.xp.where(denom != 0, sp.suf / denom, 0.0)
+        p_svd = -torch.bmm(fac.V, sc.tensor_rows(coef).unsqueeze(-1)).squeeze(-1)
+    p_gram = gram_solve(fac, sc.tensor_rows(alpha))[0] if has_gram else None
+    return mix_routes(fac, p_gram, p_svd)
+
+
+def _host_full_rank(sc: Scalars, fac: Factors, sp: _HostSpectral, m: int, n: int) -> Any:
+    """:func:`~.linalg.full_rank_mask` as columns."""
+    if m < n or fac.s.shape[-1] < n:
+        gram = fac.gram
+        return sc.get_col(torch.zeros(sc.B, dtype=torch.bool, device=sc.device)
+                          if gram is None else gram)
+    eps = torch.finfo(fac.s.dtype).eps
+    svd_rank = sc.column(sp.s, -1) > eps * m * sc.column(sp.s, 0)
+    if fac.gram is None:
+        return svd_rank
+    return svd_rank | (sc.get_col(fac.gram) if sp.gram is None else sp.gram)
+
+
+def _restart_xp(xp: Any, lower: Any, upper: Any) -> Any:
+    """:func:`_restart` in the namespace ``xp``."""
+    return xp.maximum(0.001 * upper, xp.sqrt(lower * upper))
+
+
 def solve_trust_region_scipy(
     fac: Factors, delta: Tensor, alpha0: Tensor, m: int, n: int,
-    rtol: float = 0.01, max_iter: int = 10,
+    rtol: float = 0.01, max_iter: int = 10, host: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Trust-region subproblem ``min |A p + b|, |p| <= delta`` as in scipy's 'trf'.
 
@@ -146,69 +238,84 @@ def solve_trust_region_scipy(
     safeguarded Newton iteration to ``|p| = delta (1 +- rtol)`` and the step is
     rescaled onto the boundary.
 
-    The host reads one count before the iteration (how many steps fit) and
-    one per iteration (how many problems still iterate); while every problem
-    iterates, its updates need no masking. Per-problem scalars are kept as
-    ``(B, 1)`` columns, which broadcast against the ``(B, k)`` spectral data
-    without reshaping.
+    The Newton iteration works on the singular values, ``U^T b`` and a few
+    scalars per problem (as ``(B, 1)`` columns, which broadcast against the
+    ``(B, k)`` spectral data). With the factors on the CPU these live on the
+    host (:class:`~.host_scalars.Scalars`: numpy arrays, or ``numpy.float64``
+    for one float64 problem), where the host knows at no cost which problems
+    still iterate; only the products with ``V``, the Gram solves and the row
+    norms are torch operations. On other devices the same code runs on
+    tensors and the host reads one count before the iteration (how many
+    steps fit) and one per iteration (how many problems still iterate).
+    While every problem iterates, its updates need no masking. ``host``
+    overrides the choice (for the tests).
 
     Returns
     -------
     p : Tensor, shape (B, n)
     alpha : Tensor, shape (B,)
     """
-    B = delta.shape[0]
-    data = spectral_data(fac)
-    has_gram, has_svd = data.route
-    full_rank = full_rank_mask(fac, m, n)
+    sc = Scalars(delta, host=host)
+    with sc.quiet():
+        return _solve_scipy(sc, fac, delta, alpha0, m, n, rtol, max_iter)
+
+
+def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: int, n: int,
+                 rtol: float, max_iter: int) -> tuple[Tensor, Tensor]:
+    """The body of :func:`solve_trust_region_scipy`."""
+    xp = sc.xp
+    B = sc.B
+    sp = _host_spectral(sc, fac)
+    has_gram, has_svd = sp.route
+    full_rank = _host_full_rank(sc, fac, sp, m, n)
     coef0 = p_svd = None
     if has_svd:
-        coef0 = torch.where(data.s2 != 0, data.suf / data.s2, 0.0)
-        p_svd = -torch.bmm(fac.V, coef0.unsqueeze(-1)).squeeze(-1)
+        coef0 = xp.where(sp.s2 != 0, sp.suf / sp.s2, 0.0)
+        p_svd = -torch.bmm(fac.V, sc.tensor_rows(coef0).unsqueeze(-1)).squeeze(-1)
     p_gn = mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
-    inside = full_rank & (vnorm(p_gn, dim=-1) <= delta)
-    n_inside = count_true(inside)
+    delta_c = sc.get_col(delta)
+    inside = full_rank & (sc.norm(p_gn, keepdim=True) <= delta_c)
+    n_inside = sc.count(inside)
     if n_inside == B:
         return p_gn, torch.zeros_like(delta)
 
-    delta_c = delta.unsqueeze(-1)
-    upper = grad_norm(fac, data.route, data.suf, keepdim=True) / delta_c
-    phi0, dpos0, _ = _radius_terms(fac, data, None, delta_c, coef0)
-    full_rank_c = full_rank.unsqueeze(-1)
+    gnorm = _mix(sc, sp, sc.norm(fac.b, keepdim=True) if has_gram else None,
+                 sc.row_norm(sp.suf, keepdim=True) if has_svd else None)
+    upper = gnorm / delta_c
+    phi0, dpos0, _ = _host_radius_terms(sc, fac, sp, None, delta_c, coef0)
     # -phi0 / dphi0 (phi0 itself where the derivative vanishes)
-    lower = torch.where(full_rank_c, phi0 / torch.where(dpos0 != 0, dpos0, -1.0), 0.0)
-    alpha = alpha0.unsqueeze(-1)
+    lower = xp.where(full_rank, phi0 / xp.where(dpos0 != 0, dpos0, -1.0), 0.0)
+    alpha = sc.get_col(alpha0)
     # (for booleans ``a > b`` is ``a & ~b``)
-    alpha = torch.where((alpha == 0) > full_rank_c, _restart(lower, upper), alpha)
-    running = ~inside.unsqueeze(-1)
+    alpha = xp.where((alpha == 0) > full_rank, _restart_xp(xp, lower, upper), alpha)
+    running = inside == 0  # not inside (``~`` of a Python bool would not do)
     n_running = B - n_inside
     tol = rtol * delta_c
     for _ in range(max_iter):
         out = (alpha < lower) | (alpha > upper)
-        alpha_it = torch.where(out, _restart(lower, upper), alpha)
-        phi, dpos, _ = _radius_terms(fac, data, alpha_it, delta_c)
-        upper_it = torch.where(phi < 0, alpha_it, upper)
-        neg_ratio = phi / torch.where(dpos != 0, dpos, -1.0)  # -phi / dphi
-        lower_it = torch.maximum(lower, alpha_it + neg_ratio)
+        alpha_it = xp.where(out, _restart_xp(xp, lower, upper), alpha)
+        phi, dpos, _ = _host_radius_terms(sc, fac, sp, alpha_it, delta_c)
+        upper_it = xp.where(phi < 0, alpha_it, upper)
+        neg_ratio = phi / xp.where(dpos != 0, dpos, -1.0)  # -phi / dphi
+        lower_it = xp.maximum(lower, alpha_it + neg_ratio)
         alpha_next = alpha_it + (phi + delta_c) * neg_ratio / delta_c
         if n_running == B:
             alpha, lower, upper = alpha_next, lower_it, upper_it
         else:
-            alpha = torch.where(running, alpha_next, alpha)
-            lower = torch.where(running, lower_it, lower)
-            upper = torch.where(running, upper_it, upper)
-        running = running > (phi.abs() < tol)  # running and not converged
-        n_running = count_true(running)
+            alpha = xp.where(running, alpha_next, alpha)
+            lower = xp.where(running, lower_it, lower)
+            upper = xp.where(running, upper_it, upper)
+        running = running > (abs(phi) < tol)  # running and not converged
+        n_running = sc.count(running)
         if not n_running:
             break
-    p = _damped_step_column(fac, data, alpha)
-    pn = vnorm(p, dim=-1, keepdim=True)
-    p = p * (delta_c / torch.where(pn > 0, pn, 1.0))
-    alpha = alpha.squeeze(-1)
+    p = _host_damped_step(sc, fac, sp, alpha)
+    pn = sc.norm(p, keepdim=True)
+    p = sc.scale_rows(p, delta_c / xp.where(pn > 0, pn, 1.0))
     if n_inside:
-        p = torch.where(inside.unsqueeze(-1), p_gn, p)
-        alpha = torch.where(inside, 0.0, alpha)
-    return p, alpha
+        p = torch.where(sc.tensor(inside).unsqueeze(-1), p_gn, p)
+        alpha = xp.where(inside, 0.0, alpha)
+    return p, sc.tensor(alpha)
 
 
 def _damped_step_column(fac: Factors, data: SpectralData, alpha: Tensor) -> Tensor:

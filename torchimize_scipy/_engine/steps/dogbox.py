@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from ..bounds import in_bounds, step_size_to_bound
-from ..counts import count_true
+from ..host_scalars import Scalars
 from ..linalg import factorize, gauss_newton_step
 from ..problem import Problem
 from ..quadratic import (
@@ -43,7 +43,7 @@ from ..quadratic import (
     minimize_quadratic_1d,
     update_tr_radius,
 )
-from ..termination import trust_region_status
+from ..termination import trust_region_code
 from ._common import (
     flag_singular_factors,
     inf_norm,
@@ -140,13 +140,24 @@ class Dogbox(StepRule):
 
     def assess_trial(self, problem: Problem, state: dict, trial: DogboxTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
-        actual = state["cost"] - cost_new
-        delta_new, ratio = update_tr_radius(state["delta"], actual, trial.predicted,
-                                            trial.step_h_norm, trial.tr_hit)
-        state["delta"] = torch.where(finite, delta_new, 0.25 * trial.step_h_norm)
-        status = trust_region_status(actual, state["cost"], trial.step_norm, state["x"], ratio,
-                                     finite, problem.ftol, problem.xtol)
-        accept = finite & (actual > 0)
+        # per-problem scalar work, on the host when on the CPU (see host_scalars)
+        sc = Scalars(cost_new)
+        xp = sc.xp
+        with sc.quiet():
+            delta, cost, cost_new_h, predicted, step_norm, step_h_norm = sc.get_many(
+                state["delta"], state["cost"], cost_new, trial.predicted, trial.step_norm,
+                trial.step_h_norm)
+            fin, tr_hit = sc.get_many(finite, trial.tr_hit)
+            actual = cost - cost_new_h
+            delta_new, ratio = update_tr_radius(delta, actual, predicted, step_h_norm, tr_hit,
+                                                xp)
+            delta = xp.where(fin, delta_new, 0.25 * step_h_norm)
+            status = trust_region_code(actual, cost, step_norm, sc.norm(state["x"]), ratio, fin,
+                                       problem.ftol, problem.xtol, xp)
+            accept_h = fin & (actual > 0)
+        state["delta"] = sc.tensor(delta)
+        status = sc.tensor(status)
+        accept = sc.tensor(accept_h)
         on_bound = torch.where(accept.unsqueeze(-1), trial.on_bound, state["on_bound"])
         state["on_bound"] = on_bound
         x_acc = torch.where(on_bound == -1, state["lb"],
@@ -166,34 +177,38 @@ def dogleg_step(x: Tensor, newton: Tensor, g: Tensor, a: Tensor, b: Tensor, tr_b
 
     Returns the step ``(B, n)``, the bounds it hits (``-1``/``1``/``0`` per
     variable, original bounds only) and whether it hit the trust box ``(B,)``.
+    Every operation is elementwise or a row's minimum, on the host when the
+    tensors are on the CPU (:class:`~.host_scalars.Scalars`; the same results).
     """
-    lb_c = lb - x
-    ub_c = ub - x
-    lb_total = torch.maximum(lb_c, -tr_bounds)
-    ub_total = torch.minimum(ub_c, tr_bounds)
-    orig_l = lb_total == lb_c
-    orig_u = ub_total == ub_c
-    tr_l = lb_total == -tr_bounds
-    tr_u = ub_total == tr_bounds
-    newton_ok = in_bounds(newton, lb_total, ub_total)
-    if count_true(newton_ok) == newton_ok.shape[0]:  # every Newton step fits: no dogleg
-        return (newton, torch.zeros_like(x, dtype=torch.long),
-                torch.zeros_like(newton_ok))
-    zero = torch.zeros_like(x)
-    to_bounds, _ = step_size_to_bound(zero, -g, lb_total, ub_total)
-    t_c, _ = minimize_quadratic_1d(a, b, torch.zeros_like(to_bounds),
-                                   torch.where(torch.isfinite(to_bounds), to_bounds,
-                                               0.0))
-    cauchy = -t_c.unsqueeze(-1) * g
-    diff = newton - cauchy
-    t, hits = step_size_to_bound(cauchy, diff, lb_total, ub_total)
-    t = torch.where(torch.isfinite(t), t, 0.0)
-    step = cauchy + t.unsqueeze(-1) * diff
-    bound_hits = torch.zeros_like(hits)
-    bound_hits = torch.where((hits < 0) & orig_l, -1, bound_hits)
-    bound_hits = torch.where((hits > 0) & orig_u, 1, bound_hits)
-    tr_hit = (((hits < 0) & tr_l) | ((hits > 0) & tr_u)).any(-1)
-    ok = newton_ok.unsqueeze(-1)
-    return (torch.where(ok, newton, step), torch.where(ok, torch.zeros_like(bound_hits),
-                                                       bound_hits),
-            newton_ok.logical_not() & tr_hit)
+    sc = Scalars(a)
+    xp = sc.xp
+    rows = sc.rows
+    with sc.quiet():
+        x_h, newton_h, lb_h, ub_h, tr_h = (rows(t) for t in (x, newton, lb, ub, tr_bounds))
+        lb_c = lb_h - x_h
+        ub_c = ub_h - x_h
+        lb_total = xp.maximum(lb_c, -tr_h)
+        ub_total = xp.minimum(ub_c, tr_h)
+        newton_ok = in_bounds(newton_h, lb_total, ub_total, sc)
+        if sc.count(newton_ok) == sc.B:  # every Newton step fits: no dogleg
+            return (newton, torch.zeros_like(x, dtype=torch.long),
+                    torch.zeros_like(a, dtype=torch.bool))
+        g_h = rows(g)
+        to_bounds, _ = step_size_to_bound(xp.zeros_like(x_h), -g_h, lb_total,
+                                          ub_total, sc)
+        t_c, _ = minimize_quadratic_1d(sc.get(a), sc.get(b), sc.full(0.0),
+                                       xp.where(xp.isfinite(to_bounds), to_bounds, 0.0), xp=xp)
+        cauchy = -sc.as_col(t_c) * g_h
+        diff = newton_h - cauchy
+        t, hits = step_size_to_bound(cauchy, diff, lb_total, ub_total, sc)
+        t = xp.where(xp.isfinite(t), t, 0.0)
+        step = cauchy + sc.as_col(t) * diff
+        bound_hits = xp.where((hits < 0) & (lb_total == lb_c), -1, 0)
+        bound_hits = xp.where((hits > 0) & (ub_total == ub_c), 1, bound_hits)
+        tr_hit = sc.any_rows(((hits < 0) & (lb_total == -tr_h))
+                             | ((hits > 0) & (ub_total == tr_h)))
+        ok = sc.as_col(newton_ok)
+        step = xp.where(ok, newton_h, step)
+        bound_hits = xp.where(ok, 0, bound_hits)
+        tr_hit = (newton_ok == 0) & tr_hit
+    return (sc.tensor_rows(step), sc.tensor_rows(sc.as_long(bound_hits)), sc.tensor(tr_hit))

@@ -19,7 +19,8 @@ trust-region Gauss-Newton method (Moré 1978).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,7 +32,7 @@ from ..bounds import (
     make_strictly_feasible,
     step_size_to_bound,
 )
-from ..counts import count_true
+from ..host_scalars import Scalars
 from ..linalg import factorize
 from ..problem import Problem
 from ..quadratic import (
@@ -41,7 +42,7 @@ from ..quadratic import (
     minimize_quadratic_1d,
     update_tr_radius,
 )
-from ..termination import RUNNING, trust_region_status
+from ..termination import RUNNING, trust_region_code
 from ..trust_region import solve_trust_region_scipy
 from ._common import (
     FACTOR_KEYS,
@@ -107,6 +108,16 @@ class TRF(StepRule):
             state["coleman_li_dv"] = torch.zeros_like(x)
 
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
+        if problem.bounded and problem.n:
+            sc = Scalars(state["x"])
+            with sc.quiet():
+                g = sc.rows(state["g"])
+                v, dv = coleman_li_scaling(sc.rows(state["x"]), g, sc.rows(state["lb"]),
+                                           sc.rows(state["ub"]), sc)
+                optimality = sc.max_rows(abs(g * v))  # a maximum: exact on either side
+            state["coleman_li_v"], state["coleman_li_dv"] = sc.tensor_rows(v), sc.tensor_rows(dv)
+            state["optimality"] = sc.tensor(optimality)
+            return sc.tensor(optimality < problem.gtol)
         if problem.bounded:
             v, dv = _coleman_li(state)
             state["coleman_li_v"], state["coleman_li_dv"] = v, dv
@@ -139,8 +150,13 @@ class TRF(StepRule):
         d = state["tr_scaling"]
         diag_h = state["diag_h"] if problem.bounded else None
         if problem.bounded:
-            step, step_h, predicted = select_step(state, p_h, diag_h)
-            x_new = make_strictly_feasible(state["x"] + step, state["lb"], state["ub"], rstep=0)
+            sc = Scalars(state["delta"])
+            with sc.quiet():
+                step, step_h, value = _select_step(state, p_h, diag_h, sc)
+                x_new = make_strictly_feasible(sc.rows(state["x"]) + step, sc.rows(state["lb"]),
+                                               sc.rows(state["ub"]), 0, sc)
+            step, step_h, x_new = (sc.tensor_rows(v) for v in (step, step_h, x_new))
+            predicted = -sc.tensor(value)
         else:
             step_h = p_h
             step = d * p_h
@@ -151,20 +167,27 @@ class TRF(StepRule):
 
     def assess_trial(self, problem: Problem, state: dict, trial: TRFTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
-        delta = state["delta"]
-        step_h_norm = trial.step_h_norm
-        actual = state["cost"] - cost_new
-        delta_new, ratio = update_tr_radius(delta, actual, trial.predicted, step_h_norm,
-                                            step_h_norm > 0.95 * delta)
-        status = trust_region_status(actual, state["cost"], trial.step_norm, state["x"], ratio,
-                                     finite, problem.ftol, problem.xtol)
-        cont = finite & (status == RUNNING)
-        safe_new = torch.where(delta_new > 0, delta_new, 1.0)
-        state["alpha"] = torch.where(cont, trial.alpha * delta / safe_new, trial.alpha)
-        state["delta"] = torch.where(cont, delta_new,
-                                     torch.where(finite, delta, 0.25 * step_h_norm))
-        accept = finite & (actual > 0)
-        return Verdict(accept, status, trial.x_new)
+        # per-problem scalar work, on the host when on the CPU (see host_scalars)
+        sc = Scalars(cost_new)
+        xp = sc.xp
+        with sc.quiet():
+            delta, cost, cost_new_h, predicted, step_norm, step_h_norm, alpha = sc.get_many(
+                state["delta"], state["cost"], cost_new, trial.predicted, trial.step_norm,
+                trial.step_h_norm, trial.alpha)
+            fin = sc.get(finite)
+            actual = cost - cost_new_h
+            delta_new, ratio = update_tr_radius(delta, actual, predicted, step_h_norm,
+                                                step_h_norm > 0.95 * delta, xp)
+            status = trust_region_code(actual, cost, step_norm, sc.norm(state["x"]), ratio, fin,
+                                       problem.ftol, problem.xtol, xp)
+            cont = fin & (status == RUNNING)
+            safe_new = xp.where(delta_new > 0, delta_new, 1.0)
+            alpha = xp.where(cont, alpha * delta / safe_new, alpha)
+            delta = xp.where(cont, delta_new, xp.where(fin, delta, 0.25 * step_h_norm))
+            accept = fin & (actual > 0)
+        state["alpha"] = sc.tensor(alpha)
+        state["delta"] = sc.tensor(delta)
+        return Verdict(sc.tensor(accept), sc.tensor(status), trial.x_new)
 
     def after_jacobian(self, problem: Problem, state: dict) -> None:
         update_jac_scale(problem, state)
@@ -176,64 +199,83 @@ class TRF(StepRule):
 def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Choose between the cut-back, reflected and anti-gradient steps (batched).
 
-    Returns ``(step, step_h, predicted_reduction)``.
+    Returns ``(step, step_h, predicted_reduction)``. The products with ``J``
+    are torch operations; the elementwise work on ``(B, n)`` rows and the
+    per-problem scalars is on the host when the tensors are on the CPU
+    (:class:`~.host_scalars.Scalars`).
+    """
+    sc = Scalars(state["delta"])
+    with sc.quiet():
+        step, step_h, value = _select_step(state, p_h, diag_h, sc)
+    return sc.tensor_rows(step), sc.tensor_rows(step_h), -sc.tensor(value)
+
+
+def _select_step(state: dict, p_h: Tensor, diag_h: Tensor,
+                 sc: Scalars) -> tuple[Any, Any, Any]:
+    """:func:`select_step` with the rows and the model's values kept by ``sc``.
+
+    The caller holds ``sc.quiet()``.
     """
     x, lb, ub = state["x"], state["lb"], state["ub"]
     J, d, g_h = state["J"], state["tr_scaling"], state["g_h"]
-    delta, theta = state["delta"], state["theta"]
     G, gram = state["G"], state.get("fac_gram")
-    p = d * p_h
-    inside = in_bounds(x + p, lb, ub)
+    xp = sc.xp
+    rows, col, tensor_rows = sc.rows, sc.as_col, sc.tensor_rows
+    x_, lb_, ub_, d_, p_h_ = (rows(t) for t in (x, lb, ub, d, p_h))
+    p_ = d_ * p_h_
+    inside = in_bounds(x_ + p_, lb_, ub_, sc)
     p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram)
-    if count_true(inside) == inside.shape[0]:
-        return p, p_h, -p_value_full
+    if sc.count(inside) == sc.B:
+        return p_, p_h_, sc.get(p_value_full)
 
-    inf = torch.full_like(delta, float("inf"))
-    p_stride, hits = step_size_to_bound(x, p, lb, ub)
-    p_stride = torch.where(inside, 1.0, p_stride)
-    r_h = torch.where(hits != 0, -p_h, p_h)
-    r = d * r_h
-    p_cut = p * p_stride.unsqueeze(-1)
-    p_h_cut = p_h * p_stride.unsqueeze(-1)
-    x_on_bound = x + p_cut
-    _, to_tr = intersect_trust_region(p_h_cut, r_h, delta)
-    to_bound, _ = step_size_to_bound(x_on_bound, r, lb, ub)
-    r_stride = torch.minimum(to_bound, to_tr)
+    delta, theta = sc.get(state["delta"]), sc.get(state["theta"])
+    p_stride, hits = step_size_to_bound(x_, p_, lb_, ub_, sc)
+    p_stride = xp.where(inside, 1.0, p_stride)
+    r_h = xp.where(hits != 0, -p_h_, p_h_)
+    r = d_ * r_h
+    p_cut = p_ * col(p_stride)
+    p_h_cut = p_h_ * col(p_stride)
+    x_on_bound = x_ + p_cut
+    _, to_tr = intersect_trust_region(p_h_cut, r_h, delta, sc)
+    to_bound, _ = step_size_to_bound(x_on_bound, r, lb_, ub_, sc)
+    r_stride = xp.minimum(to_bound, to_tr)
     positive = r_stride > 0
-    safe_rs = torch.where(positive, r_stride, 1.0)
-    r_lo = torch.where(positive, (1 - theta) * p_stride / safe_rs, 0.0)
-    r_hi = torch.where(positive, torch.where(r_stride == to_bound, theta * to_bound, to_tr),
-                       -1.0)
+    safe_rs = xp.where(positive, r_stride, 1.0)
+    r_lo = xp.where(positive, (1 - theta) * p_stride / safe_rs, 0.0)
+    r_hi = xp.where(positive, xp.where(r_stride == to_bound, theta * to_bound, to_tr), -1.0)
     usable = r_lo <= r_hi
-    a, b, c = build_quadratic_1d(J, d, g_h, r_h, diag=diag_h, s0=p_h_cut, G=G, gram=gram)
-    r_hi_f = torch.where(usable & torch.isfinite(r_hi), r_hi, r_lo)
-    t_r, r_value = minimize_quadratic_1d(a, b, r_lo, r_hi_f, c=c)
-    r_h_new = r_h * t_r.unsqueeze(-1) + p_h_cut
-    r_value = torch.where(usable, r_value, inf)
+    r_h_t, p_h_cut_t = tensor_rows(r_h), tensor_rows(p_h_cut)
+    a, b, c = (sc.get(v) for v in build_quadratic_1d(J, d, g_h, r_h_t, diag=diag_h,
+                                                      s0=p_h_cut_t, G=G, gram=gram))
+    r_hi_f = xp.where(usable & xp.isfinite(r_hi), r_hi, r_lo)
+    t_r, r_value = minimize_quadratic_1d(a, b, r_lo, r_hi_f, c=c, xp=xp)
+    r_h_new = r_h * col(t_r) + p_h_cut
+    r_value = xp.where(usable, r_value, math.inf)
 
-    p_theta = p_cut * theta.unsqueeze(-1)
-    p_h_theta = p_h_cut * theta.unsqueeze(-1)
-    p_value = evaluate_quadratic(J, d, g_h, p_h_theta, diag=diag_h, G=G, gram=gram)
+    p_theta = p_cut * col(theta)
+    p_h_theta = p_h_cut * col(theta)
+    p_value = sc.get(evaluate_quadratic(J, d, g_h, tensor_rows(p_h_theta), diag=diag_h, G=G,
+                                        gram=gram))
 
-    ag_h = -g_h
-    ag = d * ag_h
-    ag_norm = vnorm(ag_h, dim=-1)
-    to_tr_ag = delta / torch.where(ag_norm > 0, ag_norm, 1.0)
-    to_bound_ag, _ = step_size_to_bound(x, ag, lb, ub)
-    ag_stride = torch.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
-    a2, b2, _ = build_quadratic_1d(J, d, g_h, ag_h, diag=diag_h, G=G, gram=gram)
-    t_ag, ag_value = minimize_quadratic_1d(a2, b2, torch.zeros_like(ag_stride), ag_stride)
-    ag_h = ag_h * t_ag.unsqueeze(-1)
-    ag = ag * t_ag.unsqueeze(-1)
+    ag_h_t = -g_h
+    ag_h = rows(ag_h_t)
+    ag = d_ * ag_h
+    ag_norm = sc.norm(ag_h_t)
+    to_tr_ag = delta / xp.where(ag_norm > 0, ag_norm, 1.0)
+    to_bound_ag, _ = step_size_to_bound(x_, ag, lb_, ub_, sc)
+    ag_stride = xp.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
+    a2, b2, _ = (sc.get(v) for v in build_quadratic_1d(J, d, g_h, ag_h_t, diag=diag_h, G=G,
+                                                        gram=gram))
+    t_ag, ag_value = minimize_quadratic_1d(a2, b2, sc.full(0.0), ag_stride, xp=xp)
+    ag_h = ag_h * col(t_ag)
+    ag = ag * col(t_ag)
 
     use_p = (p_value < r_value) & (p_value < ag_value)
-    use_r = ~use_p & (r_value < p_value) & (r_value < ag_value)
-    step_h = torch.where(use_p.unsqueeze(-1), p_h_theta,
-                         torch.where(use_r.unsqueeze(-1), r_h_new, ag_h))
-    step = torch.where(use_p.unsqueeze(-1), p_theta,
-                       torch.where(use_r.unsqueeze(-1), d * r_h_new, ag))
-    value = torch.where(use_p, p_value, torch.where(use_r, r_value, ag_value))
-    step_h = torch.where(inside.unsqueeze(-1), p_h, step_h)
-    step = torch.where(inside.unsqueeze(-1), p, step)
-    value = torch.where(inside, p_value_full, value)
-    return step, step_h, -value
+    use_r = (use_p == 0) & (r_value < p_value) & (r_value < ag_value)
+    step_h = xp.where(col(use_p), p_h_theta, xp.where(col(use_r), r_h_new, ag_h))
+    step = xp.where(col(use_p), p_theta, xp.where(col(use_r), d_ * r_h_new, ag))
+    value = xp.where(use_p, p_value, xp.where(use_r, r_value, ag_value))
+    step_h = xp.where(col(inside), p_h_, step_h)
+    step = xp.where(col(inside), p_, step)
+    value = xp.where(inside, sc.get(p_value_full), value)
+    return step, step_h, value

@@ -1,0 +1,237 @@
+"""Per-problem scalars on the host (``_engine/host_scalars.py``, issue 14).
+
+On the CPU the trust-region subproblem and the trial's assessment of 'trf' and
+'dogbox' keep their per-problem scalars in numpy (``numpy.float64`` for one
+float64 problem); elsewhere the same code runs on tensors. These tests run both
+paths on the CPU (``host=False`` / ``host_scalars.HOST = False`` is what a GPU
+runs) and compare them to tolerances derived from the problem, check the
+float namespace's edge cases, and that a NaN row stays alone on the host.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from _parity import assert_bitwise_equal
+
+from torchimize_scipy import batch_least_squares, least_squares
+from torchimize_scipy._engine import host_scalars
+from torchimize_scipy._engine.host_scalars import Floats, Scalars
+from torchimize_scipy._engine.linalg import factorize
+from torchimize_scipy._engine.quadratic import update_tr_radius
+from torchimize_scipy._engine.termination import RUNNING, trust_region_code
+from torchimize_scipy._engine.trust_region import solve_trust_region_scipy
+
+RTOL = 0.01  # solve_trust_region_scipy's default: |p| = delta (1 +- RTOL)
+
+
+def _factors(B: int, use_gram: bool, seed: int = 0, rank_deficient: bool = False):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((B, 12, 3))
+    if rank_deficient:
+        A[:, :, 2] = A[:, :, 1]
+    f = rng.standard_normal((B, 12)) * np.geomspace(1e-3, 1e2, B)[:, None]
+    return factorize(torch.as_tensor(A), None, torch.as_tensor(f), use_gram=use_gram)
+
+
+def test_scalars_choose_the_namespace():
+    one = torch.zeros(1, dtype=torch.float64)
+    assert Scalars(one).xp is Floats
+    assert Scalars(one, floats=False).xp is np
+    assert Scalars(torch.zeros(4, dtype=torch.float64)).xp is np
+    assert Scalars(torch.zeros(1, dtype=torch.float32)).xp is np  # floats: float64 only
+    assert Scalars(one, host=False).xp is torch
+
+
+def test_scalars_module_default_runs_the_device_code(monkeypatch):
+    monkeypatch.setattr(host_scalars, "HOST", False)
+    assert Scalars(torch.zeros(3)).xp is torch
+
+
+def test_floats_namespace_edge_cases():
+    nan, one, two = np.float64("nan"), np.float64(1.0), np.float64(2.0)
+    assert Floats.maximum(one, two) == 2.0 and Floats.minimum(one, two) == 1.0
+    assert np.isnan(Floats.maximum(nan, one)) and np.isnan(Floats.maximum(one, nan))
+    assert np.isnan(Floats.minimum(nan, one)) and np.isnan(Floats.minimum(one, nan))
+    assert np.isnan(Floats.sqrt(np.float64(-1.0)))
+    assert Floats.sqrt(np.float64(4.0)) == 2.0
+    assert Floats.where(np.bool_(True), one, two) == 1.0
+    # an array among the arguments: numpy's function
+    np.testing.assert_array_equal(Floats.where(np.array([True, False]), one, two), [1.0, 2.0])
+    np.testing.assert_array_equal(Floats.maximum(np.array([0.0, 3.0]), two), [2.0, 3.0])
+    assert Floats.copysign(one, np.float64(-0.0)) == -1.0
+    assert not Floats.isfinite(np.float64("inf"))
+
+
+def test_quiet_host_arithmetic_warns_nothing():
+    sc = Scalars(torch.zeros(1, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sc.quiet():
+            assert np.float64(1.0) / np.float64(0.0) == np.inf
+            assert np.isnan(np.zeros(2) / np.zeros(2)).all()
+
+
+def test_tensor_round_trip_remembers_host_values():
+    for B in (1, 5):
+        sc = Scalars(torch.zeros(B, dtype=torch.float64))
+        values = sc.full(2.5) * np.float64(2.0)
+        t = sc.tensor(values)
+        assert t.shape == (B,) and t.dtype == torch.float64
+        assert (t == 5.0).all()
+        # the tensor remembers its host values: no conversion when they are read again
+        assert sc.get(t) is getattr(t, host_scalars._HOST_VALUE)
+        np.testing.assert_array_equal(np.asarray(sc.get(t)).reshape(-1), np.full(B, 5.0))
+        assert sc.count(sc.get(t) > 1.0) == B
+        codes = sc.tensor(sc.xp.where(sc.get(t) > 1.0, 3, RUNNING))
+        assert codes.dtype == torch.long and (codes == 3).all()
+
+
+@pytest.mark.parametrize("B", [1, 6])
+@pytest.mark.parametrize("use_gram", [False, True])
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_subproblem_host_and_device_paths_agree(B, use_gram, rank_deficient):
+    fac = _factors(B, use_gram, seed=B, rank_deficient=rank_deficient)
+    delta = torch.as_tensor(np.geomspace(10.0, 0.01, B) if B > 1 else [1e-5])
+    alpha0 = torch.zeros_like(delta)
+    p_h, a_h = solve_trust_region_scipy(fac, delta, alpha0, 12, 3, host=True)
+    p_d, a_d = solve_trust_region_scipy(fac, delta, alpha0, 12, 3, host=False)
+    assert p_h.shape == p_d.shape == (B, 3) and a_h.shape == a_d.shape == (B,)
+    # the same branch per problem (Gauss-Newton step inside, or a damped step)
+    assert_bitwise_equal((a_h == 0).numpy(), (a_d == 0).numpy())
+    damped = (a_h > 0).numpy()
+    assert damped.any()
+    d = delta.numpy()
+    for p in (p_h, p_d):
+        norm = np.linalg.norm(p.numpy(), axis=-1)
+        # damped steps are put on the boundary, Gauss-Newton steps fit inside
+        np.testing.assert_allclose(norm[damped], d[damped], rtol=1e-9)
+        assert (norm[~damped] <= d[~damped] * (1 + 1e-9)).all()
+    # both stop the Newton iteration within RTOL of the same root: the steps agree to
+    # a fraction of the radius, the parameters to a fraction of their size
+    np.testing.assert_allclose(p_h.numpy(), p_d.numpy(), rtol=0, atol=(4 * RTOL * d)[:, None]
+                               .repeat(3, 1).max())
+    np.testing.assert_allclose(a_h.numpy(), a_d.numpy(), rtol=0.5)
+
+
+def test_subproblem_nan_row_stays_alone_on_the_host():
+    fac = _factors(5, use_gram=False, seed=3)
+    delta = torch.as_tensor([1.0, 0.3, 0.1, 0.03, 0.01])
+    alpha0 = torch.zeros_like(delta)
+    p, a = solve_trust_region_scipy(fac, delta, alpha0, 12, 3, host=True)
+    bad = fac._replace(s=fac.s.clone(), uf=fac.uf.clone())
+    bad.s[2] = float("nan")
+    bad.uf[2] = float("nan")
+    p_bad, a_bad = solve_trust_region_scipy(bad, delta, alpha0, 12, 3, host=True)
+    keep = [0, 1, 3, 4]
+    assert_bitwise_equal(p_bad.numpy()[keep], p.numpy()[keep])
+    assert_bitwise_equal(a_bad.numpy()[keep], a.numpy()[keep])
+
+
+@pytest.mark.parametrize("xp_name", ["numpy", "floats"])
+def test_radius_update_and_tests_match_torch(xp_name):
+    rng = np.random.default_rng(7)
+    n = 64
+    delta = rng.uniform(0.1, 2.0, n)
+    actual = rng.normal(0.0, 1.0, n)
+    predicted = np.where(rng.random(n) < 0.1, 0.0, rng.normal(0.5, 1.0, n))
+    actual[:4] = 0.0
+    predicted[:2] = 0.0
+    step = rng.uniform(0.0, 2.0, n)
+    hit = rng.random(n) < 0.5
+    cost = rng.uniform(0.0, 1.0, n)
+    xnorm = rng.uniform(0.0, 10.0, n)
+    finite = rng.random(n) < 0.9
+    t = [torch.as_tensor(v) for v in (delta, actual, predicted, step, hit, cost, xnorm, finite)]
+    new_t, ratio_t = update_tr_radius(*t[:5])
+    code_t = trust_region_code(t[1], t[5], t[3] * 1e-9, t[6], ratio_t, t[7], 0.3, 1e-8)
+    if xp_name == "numpy":
+        new, ratio = update_tr_radius(delta, actual, predicted, step, hit, np)
+        code = trust_region_code(actual, cost, step * 1e-9, xnorm, ratio, finite, 0.3, 1e-8, np)
+    else:  # one problem at a time, as numpy.float64 scalars
+        rows = [update_tr_radius(*(np.float64(v[i]) if v.dtype != bool else np.bool_(v[i])
+                                   for v in (delta, actual, predicted, step, hit)), Floats)
+                for i in range(n)]
+        new = np.array([r[0] for r in rows])
+        ratio = np.array([r[1] for r in rows])
+        code = np.array([trust_region_code(np.float64(actual[i]), np.float64(cost[i]),
+                                           np.float64(step[i] * 1e-9), np.float64(xnorm[i]),
+                                           ratio[i], np.bool_(finite[i]), 0.3, 1e-8, Floats)
+                         for i in range(n)])
+    np.testing.assert_allclose(new, new_t.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(ratio, ratio_t.numpy(), rtol=1e-9)
+    np.testing.assert_array_equal(code, code_t.numpy())
+    assert set(code.tolist()) > {RUNNING}  # some tests fired
+
+
+def _rosen(x):
+    return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+
+def _rosen_jac(x):
+    return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+@pytest.mark.parametrize("bounds", [(-np.inf, np.inf), ([-np.inf, 1.5], np.inf)])
+def test_least_squares_host_and_device_paths_agree(monkeypatch, method, bounds):
+    x0 = np.array([2.0, 2.0]) if np.ndim(bounds[0]) else np.array([-1.2, 1.0])
+    host = least_squares(_rosen, x0, jac=_rosen_jac, method=method, bounds=bounds)
+    monkeypatch.setattr(host_scalars, "HOST", False)
+    device = least_squares(_rosen, x0, jac=_rosen_jac, method=method, bounds=bounds)
+    assert host.status == device.status and host.nfev == device.nfev
+    assert host.njev == device.njev
+    # both stop by the same test at the same iteration: x agrees to the xtol scale
+    np.testing.assert_allclose(host.x, device.x, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+def test_batch_host_path_keeps_a_nan_row_alone(method):
+    rng = np.random.default_rng(11)
+    t = np.linspace(0, 3, 30)
+    y = 2 * np.exp(-rng.uniform(0.5, 2.0, (6, 1)) * t) + 0.01 * rng.standard_normal((6, 30))
+
+    def fun(x, y):
+        return x[:, :1] * np.exp(-x[:, 1:] * t) - y
+
+    x0 = np.ones((6, 2))
+    clean = batch_least_squares(fun, x0, args=(y,), method=method)
+    x0_bad = x0.copy()
+    x0_bad[2, 0] = np.nan
+    res = batch_least_squares(fun, x0_bad, args=(y,), method=method)
+    keep = [0, 1, 3, 4, 5]
+    assert not np.isfinite(np.asarray(res.x)[2]).all()
+    for key in ("x", "cost", "nfev", "njev", "status"):
+        assert_bitwise_equal(np.asarray(getattr(res, key))[keep],
+                             np.asarray(getattr(clean, key))[keep], err_msg=key)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_host_and_device_paths_agree(monkeypatch, method, dtype):
+    # a bounded batch (numpy arrays (B,) and (B, n) on the host) against the tensor code
+    rng = np.random.default_rng(12)
+    t = np.linspace(0, 3, 30)
+    B = 8
+    y = 2 * np.exp(-rng.uniform(0.5, 2.0, (B, 1)) * t) + 0.01 * rng.standard_normal((B, 30))
+
+    def fun(x, y):
+        return x[:, :1] * torch.exp(-x[:, 1:] * torch.as_tensor(t, dtype=x.dtype)) - y
+
+    x0 = torch.ones(B, 2, dtype=dtype)
+    yt = torch.as_tensor(y, dtype=dtype)
+    kw = dict(args=(yt,), method=method, bounds=([0.0, 0.0], [1.9, 3.0]), dtype=dtype)
+    host = batch_least_squares(fun, x0, **kw)
+    monkeypatch.setattr(host_scalars, "HOST", False)
+    device = batch_least_squares(fun, x0, **kw)
+    assert torch.as_tensor(host.x).dtype == dtype
+    ok_h = np.asarray(host.status) > 0
+    assert ok_h.all() and (np.asarray(device.status) > 0).all()
+    # both converge to the same bounded minimum; the tolerance follows the dtype's
+    # default ftol/xtol scale (1e-8 in float64, about 1e-4 relative in float32)
+    tol = 1e-6 if dtype == torch.float64 else 1e-2
+    np.testing.assert_allclose(np.asarray(host.x), np.asarray(device.x), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(host.cost), np.asarray(device.cost), rtol=tol)

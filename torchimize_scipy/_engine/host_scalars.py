@@ -1,0 +1,342 @@
+r"""Per-problem scalars of the trust-region iterations, kept on the host when on the CPU.
+
+The trust-region methods do much of their per-iteration work on a handful of
+numbers per problem: the radius, the Levenberg-Marquardt parameter and its
+bracket in Moré's Newton iteration (J. J. Moré, "The Levenberg-Marquardt
+algorithm: implementation and theory", Lecture Notes in Mathematics 630,
+1978), the actual and predicted reductions, the ratio of the two and the
+termination tests. As ``(B,)`` tensors each of these steps is one torch
+operation, whose dispatch (3.5-8.5 µs on the CPU) costs far more than the
+arithmetic; a numpy operation on a few values costs a fraction of that, and
+one on a ``numpy.float64`` scalar a fraction again.
+
+:class:`Scalars` decides where such values live and converts at the edges:
+
+* tensors on the CPU: on the host, as numpy arrays (``tensor.numpy()`` is a
+  view without a copy and ``torch.from_numpy`` a tensor without a copy), or as
+  ``numpy.float64`` scalars for one float64 problem (``least_squares``);
+* other devices: as tensors beside the rest of the data (no host reads).
+
+The arithmetic is written once, against the namespace :attr:`Scalars.xp`
+(``numpy``, :class:`Floats` or ``torch``, whose functions used here share
+names and semantics), so there is no second implementation of any method and
+no path of its own for one problem. Elementwise ``+ - * /`` and ``sqrt`` of
+float64 round the same in numpy and torch; reductions over a row (a norm, a
+sum) may not, so :meth:`Scalars.norm` and :meth:`Scalars.sum` run torch's own
+reduction on a view of the host data: results are those of the all-torch
+code, bit for bit. Powers are written as products (torch evaluates ``x**3`` as
+``x * x * x``, numpy's ``power`` calls ``pow``, which rounds differently).
+
+On the host, division by zero and invalid operations give ``inf``/``nan``
+without a warning inside :meth:`Scalars.quiet`, as torch does.
+
+``_engine/lsmr.py`` applies the same idea to LSMR's recurrences (its
+``_Scalars``, ``_FloatScalars`` and ``_Floats``); the two may be merged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.linalg import vector_norm as vnorm
+
+from .counts import count_true
+
+#: Where per-problem scalars live when a caller does not say: None = on the host exactly
+#: when the tensors are on the CPU; False runs the device's code on the CPU (the tests
+#: use it to run, and count, what a GPU runs).
+HOST: bool | None = None
+
+
+#: attribute of a tensor made by :meth:`Scalars.tensor`: the host values it was made from
+_HOST_VALUE = "_tsc_host_value"
+#: attribute of a ``(B, k)`` tensor: its rows on the host (see :meth:`Scalars.rows`)
+_HOST_ROWS = "_tsc_host_rows"
+
+
+_ARRAY = np.ndarray
+
+
+def _is_scalar(a: Any) -> bool:
+    return type(a) is not _ARRAY
+
+
+class Floats:
+    """numpy's elementwise functions, taking a short cut for ``numpy.float64`` scalars.
+
+    One float64 problem keeps its per-problem values as ``numpy.float64`` (or
+    ``numpy.bool_``) scalars; they may meet rows of a ``(1, k)`` array (the
+    singular values), for which numpy's functions are used. Results of scalar
+    arguments are ``numpy.float64`` (division by zero gives ``inf``/``nan``
+    under :func:`numpy.errstate`, not an exception), and ``maximum``/``minimum``
+    propagate NaN as numpy's and torch's do.
+    """
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Any:
+        if _ARRAY in (type(cond), type(a), type(b)):
+            return np.where(cond, a, b)
+        return a if cond else b
+
+    @staticmethod
+    def maximum(a: Any, b: Any) -> Any:
+        if type(a) is _ARRAY or type(b) is _ARRAY:
+            return np.maximum(a, b)
+        return a if (a >= b or a != a) else b
+
+    @staticmethod
+    def minimum(a: Any, b: Any) -> Any:
+        if type(a) is _ARRAY or type(b) is _ARRAY:
+            return np.minimum(a, b)
+        return a if (a <= b or a != a) else b
+
+    @staticmethod
+    def sqrt(a: Any) -> Any:
+        if _is_scalar(a):
+            return np.float64(math.sqrt(a)) if a >= 0 else np.float64("nan")
+        return np.sqrt(a)
+
+    @staticmethod
+    def copysign(a: Any, b: Any) -> Any:
+        if _is_scalar(a) and _is_scalar(b):
+            return np.float64(math.copysign(a, b))
+        return np.copysign(a, b)
+
+    # (functions only ever given the rows of arrays)
+    sign = staticmethod(np.sign)
+    zeros_like = staticmethod(np.zeros_like)
+    nextafter = staticmethod(np.nextafter)
+
+    @staticmethod
+    def isfinite(a: Any) -> Any:
+        if type(a) is not _ARRAY:
+            return np.bool_(math.isfinite(a))
+        return np.isfinite(a)
+
+
+class Scalars:
+    """Where the per-problem scalars of one batch live, and the conversions to tensors.
+
+    Parameters
+    ----------
+    like : Tensor, shape (B, ...)
+        A per-problem tensor of the batch: its batch size, dtype and device.
+    host : bool, optional
+        Keep the scalars on the host (default: :data:`HOST`, and when that is
+        None, whenever ``like`` is on the CPU; never off the CPU). Both
+        choices run the same code; ``host=False`` on the CPU exists for the
+        tests.
+    floats : bool, optional
+        One float64 problem on the host keeps ``numpy.float64`` scalars
+        (default); False keeps arrays of one entry (for the tests).
+
+    Attributes
+    ----------
+    xp : module or class
+        The elementwise namespace: ``numpy``, :class:`Floats` or ``torch``.
+    host : bool
+    floats : bool
+        Per-problem values are scalars (one float64 problem on the host).
+
+    Notes
+    -----
+    "Per-problem values" below are ``(B,)`` numpy arrays or tensors, or
+    scalars when :attr:`floats`; "columns" are the same as ``(B, 1)`` (to
+    broadcast against rows ``(B, k)``), scalars when :attr:`floats`. Rows of
+    ``(B, k)`` values are arrays (``(1, k)`` when :attr:`floats`) or tensors.
+    """
+
+    __slots__ = ("B", "dtype", "device", "host", "floats", "xp")
+
+    def __init__(self, like: Tensor, host: bool | None = None,
+                 floats: bool | None = None) -> None:
+        self.B = like.shape[0]
+        self.dtype = like.dtype
+        self.device = like.device
+        on_cpu = like.device.type == "cpu"
+        if host is None:
+            host = HOST
+        self.host = on_cpu if host is None else bool(host) and on_cpu
+        single = self.host and self.B == 1 and like.dtype == torch.float64
+        self.floats = single if floats is None else bool(floats) and single
+        self.xp: Any = Floats if self.floats else (np if self.host else torch)
+
+    # ---------------------------------------------------------------- to the scalars
+    def get(self, t: Tensor) -> Any:
+        """Per-problem values of a ``(B,)`` tensor (or the ``(B, 1)`` of columns)."""
+        if not self.host:
+            return t
+        known = getattr(t, _HOST_VALUE, None)
+        if known is not None:  # made by :meth:`tensor` from these values
+            return known
+        if self.floats:
+            v = t.item()
+            return np.bool_(v) if isinstance(v, bool) else np.float64(v)
+        return t.numpy()
+
+    def get_many(self, *ts: Tensor) -> list[Any]:
+        """:meth:`get` of several ``(B,)`` tensors of one dtype, with one conversion.
+
+        Tensors made by :meth:`tensor` are not converted again.
+        """
+        if not self.host:
+            return list(ts)
+        out: list[Any] = [getattr(t, _HOST_VALUE, None) for t in ts]
+        todo = [k for k, v in enumerate(out) if v is None]
+        if len(todo) < 2:
+            return [self.get(t) if v is None else v for t, v in zip(ts, out, strict=True)]
+        stacked = torch.stack([ts[k] for k in todo])
+        if self.floats:
+            kind = np.bool_ if stacked.dtype == torch.bool else np.float64
+            values = [kind(v[0]) for v in stacked.tolist()]
+        else:
+            values = list(stacked.numpy())
+        for k, v in zip(todo, values, strict=True):
+            out[k] = v
+        return out
+
+    def scale_rows(self, t: Tensor, col: Any) -> Tensor:
+        """``t (B, k)`` times columns ``col`` kept by this object."""
+        if self.floats:  # (a float64 tensor times a Python float: the same products)
+            return t * float(col) if self.dtype == torch.float64 else t * self.tensor_rows(col)
+        return t * self.tensor_rows(col)
+
+    def get_col(self, t: Tensor) -> Any:
+        """Columns of a ``(B,)`` tensor."""
+        if not self.host:
+            return t.unsqueeze(-1)
+        if self.floats:
+            return self.get(t)
+        return self.get(t)[:, None]
+
+    def rows(self, t: Tensor) -> Any:
+        """The ``(B, k)`` values of a tensor: a host view (a ``(1, k)`` copy if :attr:`floats`).
+
+        The host's values are remembered on the tensor (the engine never
+        modifies a tensor in place), so a tensor that stays in the state is
+        converted once.
+        """
+        if not self.host:
+            return t
+        known = getattr(t, _HOST_ROWS, None)
+        if known is not None:
+            return known
+        # (one problem: a copy, from two dispatches instead of four)
+        a = np.array(t.tolist(), dtype=np.float64) if self.floats else t.numpy()
+        setattr(t, _HOST_ROWS, a)
+        return a
+
+    def norm(self, t: Tensor, keepdim: bool = False) -> Any:
+        """Euclidean norms of the rows of a ``(B, k)`` tensor (columns with ``keepdim``)."""
+        r = vnorm(t, dim=-1, keepdim=keepdim)
+        if not self.host:
+            return r
+        return np.float64(r.item()) if self.floats else r.numpy()
+
+    def row_norm(self, a: Any, keepdim: bool = False) -> Any:
+        """:meth:`norm` of rows held as :meth:`rows` gives them.
+
+        Batches use torch's reduction (whose rounding differs from numpy's); one
+        problem sums its few squares in numpy (the same order as torch's for
+        short rows).
+        """
+        if self.floats:
+            return Floats.sqrt(np.add.reduce(a[0] * a[0]))
+        return self.norm(torch.from_numpy(a) if self.host else a, keepdim)
+
+    def row_sum(self, a: Any, keepdim: bool = False) -> Any:
+        """Sums of rows held as :meth:`rows` gives them (as :meth:`row_norm`)."""
+        if not self.host:
+            return a.sum(-1, keepdim=keepdim)
+        if self.floats:
+            return np.add.reduce(a[0])
+        return torch.from_numpy(a).sum(-1, keepdim=keepdim).numpy()
+
+    def as_col(self, v: Any) -> Any:
+        """Per-problem values as columns (to broadcast against rows)."""
+        if self.floats:
+            return v
+        return v[:, None] if self.host else v.unsqueeze(-1)
+
+    def min_rows(self, a: Any) -> Any:
+        """Minimum of each row (exact: no rounding to differ)."""
+        if self.floats:
+            return a[0].min()
+        return a.min(-1) if self.host else a.amin(-1)
+
+    def max_rows(self, a: Any) -> Any:
+        """Maximum of each row (exact: no rounding to differ)."""
+        if self.floats:
+            return a[0].max()
+        return a.max(-1) if self.host else a.amax(-1)
+
+    def all_rows(self, m: Any) -> Any:
+        """Whether each row of a mask holds everywhere."""
+        return m[0].all() if self.floats else m.all(-1)
+
+    def any_rows(self, m: Any) -> Any:
+        """Whether each row of a mask holds somewhere."""
+        return m[0].any() if self.floats else m.any(-1)
+
+    def as_long(self, a: Any) -> Any:
+        """Rows as integers (``int64``)."""
+        return a.astype(np.int64) if self.host else a.to(torch.long)
+
+    def column(self, a: Any, j: int) -> Any:
+        """Column ``j`` of rows ``(B, k)`` as columns."""
+        return a[0, j] if self.floats else a[:, j, None]
+
+    # ---------------------------------------------------------------- to tensors
+    def tensor(self, a: Any) -> Tensor:
+        """A ``(B,)`` tensor of per-problem values or of columns.
+
+        On the host the tensor remembers the values it was made from, so that
+        :meth:`get` of it costs nothing (the engine never modifies a tensor in
+        place).
+        """
+        if not self.host:
+            return a.reshape(self.B)
+        if self.floats:
+            a = np.array([a])
+        else:
+            a = np.ascontiguousarray(a).reshape(self.B)
+        t = torch.from_numpy(a)
+        setattr(t, _HOST_VALUE, a[0] if self.floats else a)
+        return t
+
+    def tensor_rows(self, a: Any) -> Tensor:
+        """A ``(B, k)`` tensor of rows (``(B, 1)`` of columns), remembering them (:meth:`rows`)."""
+        if not self.host:
+            return a
+        if self.floats and _is_scalar(a):
+            a = np.array([[a]])
+        a = np.ascontiguousarray(a)
+        t = torch.from_numpy(a)
+        setattr(t, _HOST_ROWS, a)
+        return t
+
+    # ---------------------------------------------------------------- decisions
+    def count(self, mask: Any) -> int:
+        """True entries of a per-problem mask (a host read only off the host)."""
+        if not self.host:
+            return count_true(mask)
+        if self.floats:
+            return int(bool(mask))
+        return int(np.count_nonzero(mask))
+
+    def full(self, value: float) -> Any:
+        """Per-problem values all equal to ``value``."""
+        if not self.host:
+            return torch.full((self.B,), value, dtype=self.dtype, device=self.device)
+        if self.floats:
+            return np.float64(value)
+        return np.full(self.B, value, dtype=torch.empty((), dtype=self.dtype).numpy().dtype)
+
+    def quiet(self) -> contextlib.AbstractContextManager:
+        """Silence numpy's floating-point warnings (the host's arithmetic is torch's)."""
+        return np.errstate(all="ignore") if self.host else contextlib.nullcontext()
