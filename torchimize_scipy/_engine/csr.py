@@ -18,12 +18,17 @@ import threading
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
+
+try:  # scipy's compiled CSR kernel: y += A x into a given y (what ``A @ x`` calls on zeros)
+    from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
+except ImportError:  # pragma: no cover - a scipy that moved it: the public product instead
+    _csr_matvec = None
 
 
 class BlockCSR:
@@ -81,6 +86,7 @@ class BlockCSR:
             vals_t = self.values_t.detach().numpy()
             self._a = _row_blocks(vals, plan.host, (B * m, B * n))
             self._at = _row_blocks(vals_t, plan.host_t, (B * n, B * m))
+            self.np_dtype = vals.dtype
         else:
             with warnings.catch_warnings():  # "sparse CSR tensor support is in beta"
                 warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support",
@@ -95,9 +101,37 @@ class BlockCSR:
         if self._host:  # numpy views both ways (no torch operation but the product's)
             if vec.dtype != self.values.dtype or vec.requires_grad:
                 vec = vec.detach().to(self.values.dtype)
-            w = vec.numpy().reshape(-1)
-            return torch.from_numpy(_host_product(M, w).reshape(B, rows))
+            w = np.ascontiguousarray(vec.numpy()).reshape(-1)
+            out = np.zeros(B * rows, dtype=self.np_dtype)
+            _accumulate(M, w, out)
+            return torch.from_numpy(out.reshape(B, rows))
         return (M @ vec.to(self.values.dtype).reshape(-1, 1)).reshape(B, rows)
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the products run in scipy's kernel on the host (:meth:`matvec_into`)."""
+        return self._host
+
+    def matvec_into(self, p: np.ndarray, out: np.ndarray) -> None:
+        """``out += J p`` on the host: ``p (B, n)``, ``out (B, m)``, C-contiguous numpy arrays.
+
+        The kernel adds each row's products to the value already in ``out``
+        (in the row's column order), in place: no allocation, and a caller
+        that starts ``out`` at ``-c u`` gets ``J p - c u`` in the same pass.
+        Only for a BlockCSR on the host (:attr:`on_host`), arrays of the
+        values' dtype.
+        """
+        _accumulate(self._a, self._checked(p), self._checked(out))
+
+    def rmatvec_into(self, u: np.ndarray, out: np.ndarray) -> None:
+        """``out += J^T u`` on the host: ``u (B, m)``, ``out (B, n)`` (as :meth:`matvec_into`)."""
+        _accumulate(self._at, self._checked(u), self._checked(out))
+
+    def _checked(self, a: np.ndarray) -> np.ndarray:
+        """``a`` flattened as a view (the kernel writes into it: a copy would lose the sums)."""
+        if not (a.flags.c_contiguous and a.dtype == self.np_dtype):
+            raise ValueError("the host products need C-contiguous arrays of the values' dtype")
+        return a.reshape(-1)
 
     def matvec(self, p: Tensor) -> Tensor:
         """``J p`` for ``p (B, n)``: ``(B, m)``."""
@@ -205,10 +239,11 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> list[sp.csr_array]:
-    """A scipy CSR matrix over existing arrays (no copy), in row blocks of equal entry counts.
+def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> list[_Block]:
+    """Row blocks of equal entry counts of a CSR matrix over existing arrays (no copy).
 
-    One block per torch thread (at most ``nnz / _BLOCK_NNZ`` of them).
+    One block per torch thread (at most ``nnz / _BLOCK_NNZ`` of them), each
+    a scipy CSR array of its rows and the offset of its first row.
     """
     indptr, indices = index
     nnz = int(indptr[-1])
@@ -221,14 +256,38 @@ def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> lis
                          shape=(int(hi - lo), shape[1]), copy=False)
         A.has_sorted_indices = True
         A.has_canonical_format = True
-        blocks.append(A)
+        blocks.append(_Block(A, int(lo), int(hi)))
     return blocks
 
 
-def _host_product(blocks: list[sp.csr_array], w: np.ndarray) -> np.ndarray:
-    """``A w`` for the row blocks of ``A``, the blocks after the first in the thread pool."""
+class _Block(NamedTuple):
+    """Rows ``lo:hi`` of a host CSR matrix, as a scipy CSR array."""
+
+    A: sp.csr_array
+    lo: int
+    hi: int
+
+
+def _accumulate_block(block: _Block, w: np.ndarray, out: np.ndarray) -> None:
+    """``out[lo:hi] += A w`` for one row block, in place."""
+    A, lo, hi = block
+    if _csr_matvec is not None:
+        _csr_matvec(hi - lo, A.shape[1], A.indptr, A.indices, A.data, w, out[lo:hi])
+    else:  # pragma: no cover - scipy without its kernel module: the public product
+        out[lo:hi] += A @ w
+
+
+def _accumulate(blocks: list[_Block], w: np.ndarray, out: np.ndarray) -> None:
+    """``out += A w`` for the row blocks of ``A``, the blocks after the first in the pool.
+
+    ``w`` and ``out`` are 1-D, C-contiguous, of the values' dtype. Each block
+    writes only its own rows of ``out``; scipy's kernel releases the GIL, so
+    the blocks run at the same time.
+    """
     if len(blocks) == 1:
-        return blocks[0] @ w
-    futures = [_pool().submit(A.__matmul__, w) for A in blocks[1:]]
-    parts = [blocks[0] @ w] + [f.result() for f in futures]
-    return np.concatenate(parts)
+        _accumulate_block(blocks[0], w, out)
+        return
+    futures = [_pool().submit(_accumulate_block, b, w, out) for b in blocks[1:]]
+    _accumulate_block(blocks[0], w, out)
+    for f in futures:
+        f.result()
