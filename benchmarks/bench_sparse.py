@@ -28,16 +28,18 @@ Cases (``--case``, default all):
 Each solve reports wall time and process CPU time (``time.process_time``, all
 threads of the process: on a loaded machine the more stable of the two), the
 final costs, ``nfev``/``njev`` and the status, and our speed-up (scipy time /
-our time) measured in the same run. ``--before REV`` also runs the package as
-of commit ``REV`` (imported from ``git archive`` under another name, as
-``ab_small.py`` does) in the same process, alternating with the working tree,
-for a before/after on the same load. ``--quick`` shrinks every size to check
+our time) measured in the same run. The solves of a case run in turn,
+``--repeat`` rounds (default 3), and the tables give the medians.
+``--before REV`` also runs the package as of commit ``REV`` (imported from
+``git archive`` under another name, as ``ab_small.py`` does) in the same
+process, alternating with the working tree, for a before/after on the same
+load. ``--quick`` shrinks every size to check
 the script.
 
 Usage::
 
     python benchmarks/bench_sparse.py [--case ba broyden big matvec groups] [--quick]
-           [--threads 2] [--before REV]
+           [--threads 2] [--before REV] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -179,13 +181,37 @@ def timed_cpu(fn: Callable[[], Any], dev: torch.device | None = None) -> tuple[d
     return {"time_s": t, "cpu_s": time.process_time() - c0}, res
 
 
+def alternated(calls: dict[str, Callable[[], Any]], repeat: int,
+               dev: torch.device | None = None) -> dict[str, dict[str, Any]]:
+    """Run the ``calls`` in turn, ``repeat`` rounds: medians of wall and CPU time, results.
+
+    Alternating the solvers round by round puts them under the same load;
+    the medians are what the tables report (``*_all`` keep every round).
+    """
+    rounds: dict[str, list] = {k: [] for k in calls}
+    results: dict[str, Any] = {}
+    for _ in range(max(1, repeat)):
+        for name, fn in calls.items():
+            times, res = timed_cpu(fn, dev)
+            rounds[name].append(times)
+            results[name] = res
+    out = {}
+    for name, rs in rounds.items():
+        out[name] = {"time_s": statistics.median(r["time_s"] for r in rs),
+                     "cpu_s": statistics.median(r["cpu_s"] for r in rs),
+                     "time_s_all": [r["time_s"] for r in rs],
+                     "cpu_s_all": [r["cpu_s"] for r in rs], **summary(results[name])}
+    return out
+
+
 def solvers(args: Any) -> dict[str, Any]:
     """'ours' (the working tree) and, with ``--before``, 'before' (that commit's package)."""
     out = {"ours": torchimize_scipy}
     if args.before:
         from ab_small import import_commit
 
-        out["before"] = import_commit(args.before, tempfile.mkdtemp(prefix="bench_sparse_"))
+        out = {"before": import_commit(args.before, tempfile.mkdtemp(prefix="bench_sparse_")),
+               **out}
     return out
 
 
@@ -193,33 +219,26 @@ def run_ba(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
     size = dict(n_cameras=8, n_points=500) if args.quick else {}
     prob = bundle_adjustment(seed=args.seed, **size)
     opts = dict(jac_sparsity=prob["sparsity"], x_scale="jac", ftol=1e-4, method="trf")
-    out: dict[str, Any] = {"m": prob["m"], "n": prob["n"]}
-    times, res = timed_cpu(lambda: scipy.optimize.least_squares(prob["fun_np"], prob["x0"],
-                                                                **opts))
-    out["scipy"] = {**times, **summary(res)}
     x0t = torch.as_tensor(prob["x0"], device=dev, dtype=dt)
-    for name, lib in solvers(args).items():  # alternated: before, ours for each residual kind
-        times, res = timed_cpu(lambda lib=lib: lib.least_squares(prob["fun_np"], prob["x0"],
-                                                                 **opts))
-        out[f"{name}_numpy"] = {**times, **summary(res)}
+    calls: dict[str, Callable[[], Any]] = {
+        "scipy": lambda: scipy.optimize.least_squares(prob["fun_np"], prob["x0"], **opts)}
     for name, lib in solvers(args).items():
-        times, res = timed_cpu(lambda lib=lib: lib.least_squares(prob["fun_torch"], x0t, **opts),
-                               dev)
-        out[f"{name}_torch"] = {**times, **summary(res)}
-    return out
+        calls[f"{name}_numpy"] = lambda lib=lib: lib.least_squares(prob["fun_np"], prob["x0"],
+                                                                   **opts)
+        calls[f"{name}_torch"] = lambda lib=lib: lib.least_squares(prob["fun_torch"], x0t, **opts)
+    return {"m": prob["m"], "n": prob["n"], "repeat": args.repeat,
+            **alternated(calls, args.repeat, dev)}
 
 
 def run_broyden(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
     n = 2000 if args.quick else 100_000
     x0 = -np.ones(n)
     opts = dict(jac_sparsity=tridiagonal(n), tr_solver="lsmr", method="trf")
-    out: dict[str, Any] = {"n": n}
-    times, res = timed_cpu(lambda: scipy.optimize.least_squares(broyden_np, x0, **opts))
-    out["scipy"] = {**times, **summary(res)}
+    calls: dict[str, Callable[[], Any]] = {
+        "scipy": lambda: scipy.optimize.least_squares(broyden_np, x0, **opts)}
     for name, lib in solvers(args).items():
-        times, res = timed_cpu(lambda lib=lib: lib.least_squares(broyden_np, x0, **opts))
-        out[f"{name}_numpy"] = {**times, **summary(res)}
-    return out
+        calls[f"{name}_numpy"] = lambda lib=lib: lib.least_squares(broyden_np, x0, **opts)
+    return {"n": n, "repeat": args.repeat, **alternated(calls, args.repeat)}
 
 
 def _median_times(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
@@ -327,6 +346,8 @@ def main() -> None:
                    choices=["ba", "broyden", "big", "matvec", "groups"])
     p.add_argument("--before", default=None,
                    help="also run the package as of this commit, in the same process")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="rounds of the solves, alternated; medians reported (default 3)")
     p.add_argument("--big-child", type=int, default=None, help=argparse_hidden())
     args = p.parse_args()
     dev, dt = setup(args)

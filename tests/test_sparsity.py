@@ -22,8 +22,11 @@ from _parity import ONE_EVAL_RTOL, assert_close_scaled
 from scipy.optimize._numdiff import approx_derivative
 from scipy.optimize._numdiff import group_columns as scipy_group_columns
 
+from torchimize_scipy import _sparsity
 from torchimize_scipy._sparsity import (
     SparsityPattern,
+    _first_fit,
+    _structure_csr,
     check_jac_sparsity,
     fewest_groups,
     group_columns,
@@ -57,6 +60,12 @@ def test_groups_equal_scipys_on_random_structures(seed: int) -> None:
     A = rng.random((m, n)) < rng.random() * 0.4
     assert np.array_equal(group_columns(A), scipy_group_columns(A))
     assert np.array_equal(group_columns(sp.csr_array(A)), scipy_group_columns(A))
+    # the numpy first fit (used where scipy's compiled grouping is missing): same groups
+    order = np.random.RandomState(0).permutation(n)
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    assert np.array_equal(_first_fit(_structure_csr(A, stored=True), position),
+                          scipy_group_columns(A))
 
 
 def test_groups_equal_scipys_with_an_explicit_order_and_a_banded_structure() -> None:
@@ -215,6 +224,18 @@ def test_fewest_groups_beat_or_tie_scipy_on_the_benchmark_structures() -> None:
     groups = fewest_groups(tri)
     _assert_valid(tri, groups)
     assert groups.max() + 1 <= scipy_group_columns(tri).max() + 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_numpy_first_fit_gives_the_compiled_groups(monkeypatch, seed: int) -> None:
+    """Where scipy's compiled grouping is missing, the numpy first fit stands in: same groups."""
+    rng = np.random.default_rng(40 + seed)
+    m, n = rng.integers(20, 300, 2)
+    A = sp.random_array((m, n), density=rng.uniform(0.01, 0.1), rng=rng, format="csr")
+    compiled = fewest_groups(A), group_columns(A, 3)
+    monkeypatch.setattr(_sparsity, "_compiled_grouping", None)
+    assert np.array_equal(fewest_groups(A), compiled[0])
+    assert np.array_equal(group_columns(A, 3), compiled[1])
 
 
 def test_groups_beyond_64_use_more_mask_words_and_stay_scipys() -> None:
