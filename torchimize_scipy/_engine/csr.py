@@ -127,6 +127,16 @@ class BlockCSR:
         """``out += J^T u`` on the host: ``u (B, m)``, ``out (B, n)`` (as :meth:`matvec_into`)."""
         _accumulate(self._at, self._checked(u), self._checked(out))
 
+    def start_matvec(self, p: np.ndarray, out: np.ndarray) -> _Product | None:
+        """Start ``out = J p`` in the thread pool (host, several row blocks); None otherwise.
+
+        The caller may work meanwhile, must not touch ``p`` or ``out``, and
+        finishes the product with ``wait()``.
+        """
+        if not self._host or len(self._a) == 1:
+            return None
+        return _Product(self._a, self._checked(p), self._checked(out), True, inline_first=False)
+
     def _checked(self, a: np.ndarray) -> np.ndarray:
         """``a`` flattened as a view (the kernel writes into it: a copy would lose the sums)."""
         if not (a.flags.c_contiguous and a.dtype == self.np_dtype):
@@ -242,12 +252,15 @@ def _pool() -> ThreadPoolExecutor:
 def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> list[_Block]:
     """Row blocks of equal entry counts of a CSR matrix over existing arrays (no copy).
 
-    One block per torch thread (at most ``nnz / _BLOCK_NNZ`` of them), each
-    a scipy CSR array of its rows and the offset of its first row.
+    One block for one torch thread, else two per thread (at most ``nnz /
+    _BLOCK_NNZ`` of them), each a scipy CSR array of its rows and the offset
+    of its first row: more blocks than threads let the calling thread take
+    over the blocks that a busy pool thread has not started (:class:`_Product`).
     """
     indptr, indices = index
     nnz = int(indptr[-1])
-    k = int(max(1, min(torch.get_num_threads(), nnz // _BLOCK_NNZ, shape[0])))
+    threads = torch.get_num_threads()
+    k = int(max(1, min(threads if threads == 1 else 2 * threads, nnz // _BLOCK_NNZ, shape[0])))
     cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(1, k) * (nnz / k)), shape[0]])
     blocks = []
     for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
@@ -268,26 +281,60 @@ class _Block(NamedTuple):
     hi: int
 
 
-def _accumulate_block(block: _Block, w: np.ndarray, out: np.ndarray) -> None:
-    """``out[lo:hi] += A w`` for one row block, in place."""
+def _accumulate_block(block: _Block, w: np.ndarray, out: np.ndarray, zero: bool) -> None:
+    """``out[lo:hi] += A w`` for one row block, in place (after zeroing it with ``zero``)."""
     A, lo, hi = block
+    part = out[lo:hi]
+    if zero:
+        part.fill(0)
     if _csr_matvec is not None:
-        _csr_matvec(hi - lo, A.shape[1], A.indptr, A.indices, A.data, w, out[lo:hi])
+        _csr_matvec(hi - lo, A.shape[1], A.indptr, A.indices, A.data, w, part)
     else:  # pragma: no cover - scipy without its kernel module: the public product
-        out[lo:hi] += A @ w
+        part += A @ w
 
 
-def _accumulate(blocks: list[_Block], w: np.ndarray, out: np.ndarray) -> None:
-    """``out += A w`` for the row blocks of ``A``, the blocks after the first in the pool.
+class _Product:
+    """``out (+)= A w`` over the row blocks of ``A``, running in the thread pool.
 
-    ``w`` and ``out`` are 1-D, C-contiguous, of the values' dtype. Each block
-    writes only its own rows of ``out``; scipy's kernel releases the GIL, so
-    the blocks run at the same time.
+    Every block is handed to the pool when the product starts; :meth:`wait`
+    runs, on the calling thread, each block the pool has not started yet
+    (``Future.cancel`` succeeds only for those), then waits for the others.
+    The caller can thus start a product, do other work while the pool
+    computes, and take over what is left: on a loaded machine whose pool
+    thread does not get a core, the calling thread does all the work itself
+    instead of waiting for it. Each block writes only its own rows, and a
+    row's sum is the same loop whoever runs it.
+    """
+
+    __slots__ = ("jobs", "w", "out", "zero")
+
+    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool,
+                 inline_first: bool) -> None:
+        self.w, self.out, self.zero = w, out, zero
+        pool = _pool()
+        rest = blocks[1:] if inline_first else blocks
+        self.jobs = [(b, pool.submit(_accumulate_block, b, w, out, zero)) for b in rest]
+        if inline_first:
+            _accumulate_block(blocks[0], w, out, zero)
+
+    def wait(self) -> None:
+        """Finish the product (the blocks not started are run here)."""
+        for block, future in reversed(self.jobs):
+            if future.cancel():
+                _accumulate_block(block, self.w, self.out, self.zero)
+        for _, future in self.jobs:
+            if not future.cancelled():
+                future.result()
+
+
+def _accumulate(blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool = False) -> None:
+    """``out += A w`` (``out = A w`` with ``zero``) for the row blocks of ``A``.
+
+    ``w`` and ``out`` are 1-D, C-contiguous, of the values' dtype. One block
+    runs here; several are shared with the pool (:class:`_Product`); scipy's
+    kernel releases the GIL, so they run at the same time.
     """
     if len(blocks) == 1:
-        _accumulate_block(blocks[0], w, out)
+        _accumulate_block(blocks[0], w, out, zero)
         return
-    futures = [_pool().submit(_accumulate_block, b, w, out) for b in blocks[1:]]
-    _accumulate_block(blocks[0], w, out)
-    for f in futures:
-        f.result()
+    _Product(blocks, w, out, zero, inline_first=True).wait()

@@ -177,8 +177,9 @@ class _HostVectors:
     def __init__(self, A: Any, dtype: torch.dtype) -> None:
         self.A = A
         self.dtype = torch.empty((), dtype=dtype).numpy().dtype
-        acc = A.host_accumulators() if isinstance(A, JacobianOperator) else None
-        self.acc = acc if acc is not None and A.dtype == dtype else None
+        csr = A.host_csr() if isinstance(A, JacobianOperator) else None
+        self.csr = csr if csr is not None and A.dtype == dtype else None
+        self.raw: np.ndarray | None = None  # where a product started ahead is summed
 
     def from_tensor(self, t: Tensor) -> np.ndarray:
         return t.detach().numpy()
@@ -211,22 +212,42 @@ class _HostVectors:
 
     def product(self, forward: bool, w: np.ndarray) -> np.ndarray:
         """``A w`` (``forward``) or ``A^T w``, a new array."""
-        if self.acc is not None:
+        if self.csr is not None:
             out = self.zeros(w.shape[0], self.A.shape[1 if forward else 2])
-            self.acc[0 if forward else 1](w, out)
+            (self.csr.matvec_into if forward else self.csr.rmatvec_into)(w, out)
             return out
         t = torch.from_numpy(np.ascontiguousarray(w))
         r = self.A.matvec(t) if forward else self.A.rmatvec(t)
         return np.ascontiguousarray(r.detach().numpy(), dtype=self.dtype)
 
+    def start_forward(self, w: np.ndarray) -> Any:
+        """Start ``A w`` in the products' thread pool, or None (then it is done when needed).
+
+        The pending product is handed to the next :meth:`product_sub`; ``w``
+        must stay unchanged until then.
+        """
+        if self.csr is None:
+            return None
+        if self.raw is None:
+            self.raw = self.zeros(w.shape[0], self.A.shape[1])
+        return self.csr.start_matvec(w, self.raw)
+
     def product_sub(self, forward: bool, w: np.ndarray, c: Any, y: np.ndarray, out: np.ndarray,
-                    tmp: np.ndarray) -> np.ndarray:
-        """``A w - c y`` (``forward``) or ``A^T w - c y``, written into ``out``."""
-        if self.acc is not None:  # the product summed into zeros, as ``A @ w``: same rounding
+                    tmp: np.ndarray, pending: Any = None) -> np.ndarray:
+        """``A w - c y`` (``forward``) or ``A^T w - c y``, written into ``out``.
+
+        ``pending`` is ``A w`` started by :meth:`start_forward`, if any.
+        """
+        if pending is not None:
+            pending.wait()
+            prod = self.raw
+        elif self.csr is not None:  # the product summed into zeros, as ``A @ w``: same rounding
             out.fill(0)
-            self.acc[0 if forward else 1](w, out)
-            return np.subtract(out, np.multiply(y, c, out=tmp), out=out)
-        return np.subtract(self.product(forward, w), np.multiply(y, c, out=tmp), out=out)
+            (self.csr.matvec_into if forward else self.csr.rmatvec_into)(w, out)
+            prod = out
+        else:
+            prod = self.product(forward, w)
+        return np.subtract(prod, np.multiply(y, c, out=tmp), out=out)
 
 
 class _DeviceVectors:
@@ -269,8 +290,12 @@ class _DeviceVectors:
     def product(self, forward: bool, w: Tensor) -> Tensor:
         return self.A.matvec(w) if forward else self.A.rmatvec(w)
 
+    @staticmethod
+    def start_forward(w: Tensor) -> None:
+        return None  # (a device runs its products asynchronously anyway)
+
     def product_sub(self, forward: bool, w: Tensor, c: Any, y: Tensor, out: Tensor,
-                    tmp: Tensor) -> Tensor:
+                    tmp: Tensor, pending: Any = None) -> Tensor:
         return torch.sub(self.product(forward, w), torch.mul(y, c, out=tmp), out=out)
 
 
@@ -557,6 +582,7 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
     sub, mul, add = vx.sub, vx.mul, vx.add
     # numpy's warnings for the branches where() discards (the torch path has none)
     quiet = np.errstate(all="ignore") if host else contextlib.nullcontext()
+    pending = None  # J v of the next iteration, started while the scalars are updated
     with quiet:
         k = 0
         while k < maxiter:
@@ -569,7 +595,8 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
             # ---- Golub-Kahan bidiagonalisation step ---------------------------------
             # (every vector update writes into a spare buffer of ours: no allocation and
             # no page faults for long vectors, never into a caller's array)
-            u_new = vx.product_sub(True, v.cur, sc.coef(alpha_o), u.cur, u.spare, tm)
+            u_new = vx.product_sub(True, v.cur, sc.coef(alpha_o), u.cur, u.spare, tm, pending)
+            pending = None
             beta = sc.norm(u_new)
             go = beta > 0
             vx.scale_(u_new, sc.coef(sc.inverse(beta)))
@@ -579,6 +606,11 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
             if not sc.all(go):  # beta = 0: v and alpha stay (the reference implementation)
                 v_new = vx.where(sc.mask(go), v_new, v.cur)
             alpha = xp.where(go, alpha_new, alpha_o)
+            if k < maxiter:
+                # the next iteration's A v, in the pool while this thread updates the
+                # scalars and x: v_new becomes v of every problem that goes on (the rows
+                # of the others are discarded by the freezing below, as usual)
+                pending = vx.start_forward(v_new)
             # ---- rotation eliminating the damping, then the subdiagonal beta ---------
             chat, shat, alphahat = sym_ortho(alphabar_o, damp)
             c, sn, rho = sym_ortho(alphahat, beta)
@@ -654,6 +686,8 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
                              xp.where(active & xp.logical_not(finite), BREAKDOWN, istop))
             itn = itn + active
             active = commit & (stop == 0)
+    if pending is not None:  # the solve stopped: the product started ahead is not needed
+        pending.wait()
     return LSMRResult(vx.to_tensor(x.cur), sc.tensor(istop), sc.tensor(itn), sc.tensor(s[_NORMR]),
                       sc.tensor(s[_NORMAR]), sc.tensor(s[_NORMA]), sc.tensor(s[_CONDA]),
                       sc.tensor(s[_NORMX]))

@@ -127,19 +127,17 @@ class JacobianOperator:
             return out if self.row_scale is None else out * self.row_scale.unsqueeze(-1)
         return torch.stack([self.matvec(P[..., k]) for k in range(P.shape[-1])], dim=-1)
 
-    def host_accumulators(self) -> tuple[Any, Any] | None:
-        """``(fwd, bwd)`` adding ``J p`` and ``J^T u`` into numpy arrays, or None.
+    def host_csr(self) -> BlockCSR | None:
+        """The host CSR form of an unscaled sparse Jacobian whose products run on the host.
 
-        ``fwd(p (B, n), out (B, m))`` does ``out += J p`` in place and
-        ``bwd(u (B, m), out (B, n))`` ``out += J^T u`` (C-contiguous arrays of
-        the values' dtype; :meth:`BlockCSR.matvec_into
-        <torchimize_scipy._engine.csr.BlockCSR.matvec_into>`). Only for a
-        sparse Jacobian whose products run on the host and that carries no
-        scaling (:meth:`folded` moves them into the values); None otherwise.
+        Its ``matvec_into``, ``rmatvec_into`` and ``start_matvec`` work on
+        numpy arrays without allocating (:class:`~torchimize_scipy._engine.csr.BlockCSR`).
+        None for other kinds, devices, or with a scaling (:meth:`folded`
+        moves the scalings into the values).
         """
         if (self.kind == "sparse" and self.row_scale is None and self.col_scale is None
                 and self._csr.on_host):
-            return self._csr.matvec_into, self._csr.rmatvec_into
+            return self._csr
         return None
 
     # ---- column norms ----------------------------------------------------------
