@@ -26,6 +26,7 @@ from ._driver import EngineRun, initial_state, result_buffers, solve
 from ._engine import status as codes
 from ._engine.loop import RESULT_KEYS, all_finite
 from ._frontend import EngineJacobian, check_residuals_and_loss, prepare, use_sparsity
+from ._jac_forms import batch_jacobian_form
 from ._results import ARRAY_FIELDS, BatchOptimizeResult, build_result
 from ._validation import check_options
 
@@ -85,7 +86,13 @@ def batch_least_squares(
         one whose residuals are not finite at its start.
     jac : {'2-point', '3-point', 'cs', 'autograd'} or callable, optional
         A callable follows ``fun``'s convention and returns ``(b, m, n)``
-        (``(m, n)`` per problem when not vectorized).
+        (``(m, n)`` per problem when not vectorized). Per problem it may also
+        return ``scipy.sparse`` matrices or ``LinearOperator`` objects (a
+        vectorised one: a torch sparse ``(b, m, n)`` tensor), as
+        :func:`torchimize_scipy.least_squares` takes them, with structures
+        that may differ between problems: the steps then use LSMR, all
+        problems are held at once and ``jac`` is None, as with
+        ``jac_sparsity``. Its value at the first problem's start decides.
     bounds : 2-tuple or `scipy.optimize.Bounds`, optional
         Each bound a scalar, shape ``(n,)`` or ``(B, n)``.
     method : {'trf', 'dogbox', 'lm', 'gn', 'gd'}, optional
@@ -228,6 +235,9 @@ def batch_least_squares(
     sparse = jac_sparsity is not None and not callable(jac)
     if sparse:
         use_sparsity(p, method, jac, jac_sparsity, None, m, n)
+    elif callable(jac):  # sparse matrices or operators from `jac`: as with jac_sparsity
+        sparse = batch_jacobian_form(p, method, m, n) != "dense"
+    if sparse:
         chunk_size, return_jac = B, False  # sparse Jacobians: all problems in one block
     chunk_size = default_chunk_size(B, m, n, dev) if chunk_size is None else int(chunk_size)
 
