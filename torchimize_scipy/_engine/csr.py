@@ -5,10 +5,14 @@ A batch of sparse Jacobians is one block-diagonal matrix of ``B m`` rows and
 transpose (the transpose's entry order found once per sparsity structure,
 :func:`csr_plan`), so that both ``J v`` and ``J^T u`` are row-wise sparse dot
 products. On the CPU they run in scipy's compiled CSR kernel over the
-tensors' memory, in row blocks of equal entry counts computed by a small
-process-wide thread pool when torch has several threads (each row is one
-thread's loop, so the result does not depend on the split); on other devices
-in torch's CSR kernel. Used by :mod:`.operator`.
+tensors' memory, in row blocks of equal entry counts (two per torch thread
+when torch has several) shared between the calling thread and a small
+process-wide thread pool (:class:`_Product`: the caller runs the blocks the
+pool has not started, so a pool thread that gets no core never stalls a
+product; each row is one loop whoever runs it, so the result does not depend
+on the split); on other devices in torch's CSR kernel. Used by
+:mod:`.operator` and, on numpy arrays without allocation, by
+:mod:`.lsmr`.
 """
 
 from __future__ import annotations
@@ -40,11 +44,13 @@ class BlockCSR:
     On the CPU the products run in scipy's compiled CSR kernel on numpy views
     of the tensors (no copy; about twice as fast as torch's CPU sparse kernel
     on one thread, ``benchmarks/bench_sparse.py --case matvec``); a large
-    matrix is cut into row blocks of equal entry counts, one per torch thread
-    (``torch.get_num_threads()``), multiplied in parallel (scipy's kernel
-    releases the GIL; each row's sum is the same whatever the cut, so the
-    result does not depend on the thread count). On other devices the
-    products run in torch's CSR kernel.
+    matrix is cut into row blocks of equal entry counts, two per torch thread
+    (``torch.get_num_threads()``; one block for one thread), multiplied in
+    parallel by the calling thread and the pool (scipy's kernel releases the
+    GIL; each row's sum is the same whatever the cut, so the result does not
+    depend on the thread count). :meth:`matvec_into`, :meth:`rmatvec_into`
+    and :meth:`start_matvec` work on numpy arrays of the caller's (LSMR's
+    buffers). On other devices the products run in torch's CSR kernel.
 
     The index arrays depend only on the structure. Those of a ``jac_sparsity``
     are computed once per solve (:func:`csr_plan`, kept by the pattern and

@@ -49,6 +49,22 @@ iteration is the two products, three norms, two scalings and five updates
 rounds differently with the batch size, and a problem's result must not
 depend on its neighbours).
 
+The vectors are written against ``vx`` likewise: on the host they are numpy
+arrays (:class:`_HostVectors`; the caller's tensors are read through views,
+the solution handed back as a tensor over our array), elsewhere tensors
+(:class:`_DeviceVectors`). On the host no torch operation runs per
+iteration, so neither torch's OpenMP threads nor a threaded BLAS ``dot`` is
+woken for the long vectors: each would leave threads spinning beside the
+products' row blocks, which on 2 cores cost more than the arithmetic (the
+norms use numpy's own loop for that reason, :func:`_sq_norms`). A sparse
+Jacobian on the host sums its products into buffers of ours in scipy's
+kernel (:meth:`~torchimize_scipy._engine.csr.BlockCSR.matvec_into`), and
+when its rows are cut into several blocks the next iteration's ``A v`` is
+started in the thread pool as soon as ``v`` is known, while this thread
+updates the scalars, ``x`` and the search directions (the values are those
+of the product made later, bit for bit; a problem that stops has that
+product's rows discarded as it is frozen anyway).
+
 A problem that has stopped is frozen: its vectors and scalars are kept by
 ``where`` while the others go on (skipped while every problem runs), so its
 result does not depend on its neighbours or on ``check_every``. A problem
