@@ -235,9 +235,6 @@ def batch_least_squares(
     sparse = jac_sparsity is not None and not callable(jac)
     if sparse:
         use_sparsity(p, method, jac, jac_sparsity, None, m, n)
-    elif callable(jac):  # sparse matrices or operators from `jac`: as with jac_sparsity
-        sparse = batch_jacobian_form(p, method, m, n) != "dense"
-    if sparse:
         chunk_size, return_jac = B, False  # sparse Jacobians: all problems in one block
     chunk_size = default_chunk_size(B, m, n, dev) if chunk_size is None else int(chunk_size)
 
@@ -245,17 +242,28 @@ def batch_least_squares(
     if progress:
         label = progress if isinstance(progress, str) else f"batch_least_squares[{method}]"
         bar = _Progress(B, label)
+    blocks = _BlockSource(f0_first=f0_first, fun=p.fun, jac=p.jac, x0=p.x0, lb=p.lb, ub=p.ub,
+                          scale=p.x_scale, m=m, verbose=verbose, progress=bar)
+    try:
+        start = blocks.take(chunk_size)
+    except ValueError as exc:  # `jac` returned sparse matrices or operators: as jac_sparsity
+        if not (callable(jac) and batch_jacobian_form(p, method, m, n, exc) != "dense"):
+            if bar is not None:
+                bar.close(False)
+            raise
+        sparse, chunk_size, return_jac = True, B, False
+        blocks = _BlockSource(f0_first=f0_first, fun=p.fun, jac=p.jac, x0=p.x0, lb=p.lb,
+                              ub=p.ub, scale=p.x_scale, m=m, verbose=verbose, progress=bar)
+        start = blocks.take(chunk_size)
     # full-size results, filled as problems finish; on the engine's device for
     # torch input, on the host for numpy input (whatever the engine's device)
     home = dev if ns.kind == "torch" else torch.device("cpu")
     keys = [k for k in RESULT_KEYS if return_jac or k != "J"]
     merged = result_buffers(B, n, m, ns.dtype, home, keys=keys)
-    blocks = _BlockSource(f0_first=f0_first, fun=p.fun, jac=p.jac, x0=p.x0, lb=p.lb, ub=p.ub,
-                          scale=p.x_scale, m=m, verbose=verbose, progress=bar)
     complete = False
     try:
         solve(EngineRun(
-            method=method, fun=p.fun, jac=p.jac, start=blocks.take(chunk_size), loss=loss_obj,
+            method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj,
             ftol=p.ftol, xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
             jac_scale=isinstance(p.x_scale, str), use_gram=True, out=merged,
             refill=blocks.take, capacity=chunk_size,

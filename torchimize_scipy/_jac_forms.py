@@ -124,10 +124,13 @@ def engine_jacobian(values: list[Any], m: int, n: int, dtype: torch.dtype,
     return BatchOperator(values, m, n, dtype, device)
 
 
-def batch_jacobian_form(p: Any, method: str, m: int, n: int) -> str:
+def batch_jacobian_form(p: Any, method: str, m: int, n: int, refusal: Exception) -> str:
     """What the callable ``jac`` of a ``batch_least_squares`` call returns, with scipy's checks.
 
-    One raw call at the first problem's start (a row-wise ``jac``; a
+    Asked only after the engine's conversion refused a value as not dense
+    (``refusal``, the error it raised; any other error answers 'dense' and is
+    the caller's to raise): a call that returns dense arrays is never made
+    twice. One raw call at the first problem's start (a row-wise ``jac``; a
     vectorised one on that row alone). For a sparse value (scipy or torch) or
     an operator, the checks of :func:`torchimize_scipy.least_squares` are
     made (shape, 'lm', an operator without column norms under
@@ -143,6 +146,8 @@ def batch_jacobian_form(p: Any, method: str, m: int, n: int) -> str:
         The validated call (:func:`torchimize_scipy._frontend.prepare`).
     method : str
     m, n : int
+    refusal : Exception
+        What the conversion of the first values raised.
 
     Returns
     -------
@@ -155,8 +160,11 @@ def batch_jacobian_form(p: Any, method: str, m: int, n: int) -> str:
         scipy's messages: a value of the wrong shape; a sparse or operator
         value with 'lm'; an operator with ``x_scale='jac'``.
     """
+    from ._arrays import _SPARSE_HERE
     from ._user_functions import VectorizedFunction
 
+    if str(refusal) != _SPARSE_HERE.format(what="jac"):
+        return "dense"
     user = p.jac_user
     if isinstance(user, VectorizedFunction):
         from ._frontend import _vectorized_raw
