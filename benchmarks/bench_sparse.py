@@ -18,8 +18,12 @@ Cases (``--case``, default all):
   Jacobian (random values on its structure): scipy's CSR (``J @ v`` and
   ``J.T @ u``, as scipy's lsmr does them), torch's CSR kernel, and ours
   (:class:`~torchimize_scipy._engine.csr.BlockCSR`: scipy's kernel on a
-  CSR of ``J`` and one of ``J^T``, cut into row blocks per torch thread);
+  CSR of ``J`` and one of ``J^T``, cut into two row blocks per torch thread);
   medians of process CPU time and wall time per product.
+* ``threads``: the bundle adjustment (numpy residuals) by the working tree
+  with 1 and with ``--threads`` torch threads, alternated in this process
+  (``torch.set_num_threads`` before each solve), ``--repeat`` rounds: what a
+  second thread gains, under the same load for both.
 * ``groups``: the column grouping of the bundle adjustment and of the Broyden
   structure: scipy's compiled ``group_columns``, ours in scipy's order
   (the same groups) and ours largest first (what ``jac_sparsity`` uses):
@@ -38,7 +42,8 @@ the script.
 
 Usage::
 
-    python benchmarks/bench_sparse.py [--case ba broyden big matvec groups] [--quick]
+    python benchmarks/bench_sparse.py [--case ba broyden big matvec groups threads]
+           [--quick]
            [--threads 2] [--before REV] [--repeat 3]
 """
 
@@ -230,6 +235,24 @@ def run_ba(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
             **alternated(calls, args.repeat, dev)}
 
 
+def run_threads(args: Any) -> dict[str, Any]:
+    """The bundle adjustment with 1 and with ``args.threads`` torch threads, alternated."""
+    size = dict(n_cameras=8, n_points=500) if args.quick else {}
+    prob = bundle_adjustment(seed=args.seed, **size)
+    opts = dict(jac_sparsity=prob["sparsity"], x_scale="jac", ftol=1e-4, method="trf")
+
+    def solve_with(k: int) -> Any:
+        torch.set_num_threads(k)
+        try:
+            return least_squares(prob["fun_np"], prob["x0"], **opts)
+        finally:
+            torch.set_num_threads(args.threads)
+
+    calls = {f"{k} threads": (lambda k=k: solve_with(k)) for k in sorted({1, args.threads})}
+    return {"m": prob["m"], "n": prob["n"], "repeat": args.repeat,
+            **alternated(calls, args.repeat)}
+
+
 def run_broyden(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
     n = 2000 if args.quick else 100_000
     x0 = -np.ones(n)
@@ -343,7 +366,7 @@ def _solve_rows(label: str, r: dict[str, Any], kind: str) -> list[list[Any]]:
 def main() -> None:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--case", nargs="+", default=["ba", "broyden", "big"],
-                   choices=["ba", "broyden", "big", "matvec", "groups"])
+                   choices=["ba", "broyden", "big", "matvec", "groups", "threads"])
     p.add_argument("--before", default=None,
                    help="also run the package as of this commit, in the same process")
     p.add_argument("--repeat", type=int, default=3,
@@ -378,6 +401,13 @@ def main() -> None:
         print(md_table(["product", "CPU ms", "wall ms", "CPU / scipy's"],
                        [[k, v["cpu_ms"], v["wall_ms"], v["cpu_ms"] / base[k.split(" ", 1)[1]
                          if k.startswith(("scipy", "ours")) else k.split(" ", 2)[2]]]
+                        for k, v in r.items() if isinstance(v, dict)]))
+    if "threads" in args.case:
+        r = results["threads"] = run_threads(args)
+        print(f"\nbundle adjustment (n={r['n']}, numpy residuals), ours, torch threads "
+              f"alternated, medians of {r['repeat']} rounds:")
+        print(md_table(["threads", "wall s", "CPU s", "cost", "nfev"],
+                       [[k, v["time_s"], v["cpu_s"], v["cost"], v["nfev"]]
                         for k, v in r.items() if isinstance(v, dict)]))
     if "groups" in args.case:
         r = results["groups"] = run_groups(args)

@@ -84,16 +84,17 @@ class BlockCSR:
         self.shape = (B, m, n)
         self.values = values
         self.col = plan.col
-        self.values_t = self.values.index_select(0, plan.perm_t)
         self._plan = plan
-        self._host = self.values.device.type == "cpu"
-        if self._host:
-            vals = self.values.detach().contiguous().numpy()
-            vals_t = self.values_t.detach().numpy()
+        self._host = values.device.type == "cpu"
+        if self._host:  # numpy's gather on this thread: no OpenMP region to wake (module notes)
+            vals = values.detach().contiguous().numpy()
+            vals_t = np.take(vals, plan.perm_t.numpy())
+            self.values_t = torch.from_numpy(vals_t)
             self._a = _row_blocks(vals, plan.host, (B * m, B * n))
             self._at = _row_blocks(vals_t, plan.host_t, (B * n, B * m))
             self.np_dtype = vals.dtype
         else:
+            self.values_t = values.index_select(0, plan.perm_t)
             with warnings.catch_warnings():  # "sparse CSR tensor support is in beta"
                 warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support",
                                         category=UserWarning)
@@ -164,6 +165,13 @@ class BlockCSR:
     def scaled(self, row_scale: Tensor | None, col_scale: Tensor | None) -> BlockCSR:
         """``diag(w) J diag(d)`` with the scalings in the values (same structure, no sort)."""
         vals = self.values
+        if self._host:  # the same products in numpy, on this thread
+            v = vals.detach().numpy()
+            if row_scale is not None:
+                v = v * row_scale.detach().reshape(-1).numpy()[self._plan.row.numpy()]
+            if col_scale is not None:
+                v = v * col_scale.detach().reshape(-1).numpy()[self.col.numpy()]
+            return BlockCSR(None, plan=self._plan, values=torch.from_numpy(v), shape=self.shape)
         if row_scale is not None:
             vals = vals * row_scale.reshape(-1).index_select(0, self._plan.row)
         if col_scale is not None:
