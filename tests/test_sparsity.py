@@ -167,6 +167,27 @@ def test_grouped_difference_of_a_batch_is_one_call_and_matches_single_problems()
         assert torch.equal(J.to_dense()[b], Jb.to_dense()[0])  # the same points, the same path
 
 
+def test_grouped_difference_host_gather_is_the_torch_formula_bit_for_bit() -> None:
+    """On the CPU the '2-point' values are gathered in numpy; they must be the torch
+    formula's (the path of other devices), bit for bit: the same operations."""
+    n, B = 40, 3
+    pattern = SparsityPattern.from_structure(tridiagonal(n))
+    gen = torch.Generator().manual_seed(1)
+    x = -1 + 0.1 * torch.randn(B, n, generator=gen, dtype=torch.float64)
+    idx = torch.arange(B)
+    f0 = broyden_torch(x)
+    J = grouped_difference(lambda X, i: broyden_torch(X), x, f0, idx, pattern, "2-point")
+    rows, cols, groups, onehot = pattern.on(x.device)
+    from torchimize_scipy._jacobian import _absolute_step, default_rel_step
+
+    h = _absolute_step(x, default_rel_step(x.dtype, f0.dtype, "2-point"), None)
+    x1 = x + h
+    pts = torch.where(onehot.unsqueeze(0), x1.unsqueeze(1), x.unsqueeze(1))
+    F = broyden_torch(pts.reshape(-1, n)).reshape(B, -1, n)
+    ref = (F[:, groups[cols], rows] - f0[:, rows]) / (x1 - x)[:, cols]
+    assert torch.equal(J.coalesce().values(), ref.reshape(-1))
+
+
 def test_grouped_difference_keeps_float32() -> None:
     n = 20
     pattern = SparsityPattern.from_structure(tridiagonal(n))

@@ -291,6 +291,13 @@ class SparsityPattern:
             self._on[key] = (rows, cols, groups, onehot)
         return self._on[key]
 
+    def host_gather(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``rows, cols, group of each nonzero's column`` as numpy arrays ``(nnz,)``."""
+        key = ("host",)
+        if key not in self._on:
+            self._on[key] = (self.rows, self.cols, self.groups[self.cols])
+        return self._on[key]
+
     def sparse(self, values: Tensor) -> Tensor:
         """Coalesced sparse COO ``(B, m, n)`` tensor of per-problem values ``(B, nnz)``.
 
@@ -420,7 +427,15 @@ def grouped_difference(fun: Callable[[Tensor, Tensor], Tensor], x: Tensor, f0: T
         x1 = x0 + h
         dx = x1 - x0
         F = evaluate(points(x1).unsqueeze(0))[0]
-        values = (at_nonzeros(F) - f0[:, rows]) / dx[:, cols]
+        if F.device.type == "cpu" and F.dtype == f0.dtype == dx.dtype:
+            # the same gathers and arithmetic in numpy, on this thread: over every
+            # nonzero, torch would wake its OpenMP threads for each of them
+            r, c, g = pattern.host_gather()
+            f0n = f0.numpy()
+            values = torch.from_numpy((F.detach().numpy()[:, g, r] - f0n[:, r])
+                                      / dx.numpy()[:, c])
+        else:
+            values = (at_nonzeros(F) - f0[:, rows]) / dx[:, cols]
         return pattern.sparse(values)
 
     if method != "3-point":
