@@ -18,8 +18,12 @@ Cases (``--case``, default all):
   Jacobian (random values on its structure): scipy's CSR (``J @ v`` and
   ``J.T @ u``, as scipy's lsmr does them), torch's CSR kernel, and ours
   (:class:`~torchimize_scipy._engine.csr.BlockCSR`: scipy's kernel on a
-  CSR of ``J`` and one of ``J^T``, cut into row blocks per torch thread);
+  CSR of ``J`` and one of ``J^T``, cut into two row blocks per torch thread);
   medians of process CPU time and wall time per product.
+* ``threads``: the bundle adjustment (numpy residuals) by the working tree
+  with 1 and with ``--threads`` torch threads, alternated in this process
+  (``torch.set_num_threads`` before each solve), ``--repeat`` rounds: what a
+  second thread gains, under the same load for both.
 * ``groups``: the column grouping of the bundle adjustment and of the Broyden
   structure: scipy's compiled ``group_columns``, ours in scipy's order
   (the same groups) and ours largest first (what ``jac_sparsity`` uses):
@@ -28,16 +32,19 @@ Cases (``--case``, default all):
 Each solve reports wall time and process CPU time (``time.process_time``, all
 threads of the process: on a loaded machine the more stable of the two), the
 final costs, ``nfev``/``njev`` and the status, and our speed-up (scipy time /
-our time) measured in the same run. ``--before REV`` also runs the package as
-of commit ``REV`` (imported from ``git archive`` under another name, as
-``ab_small.py`` does) in the same process, alternating with the working tree,
-for a before/after on the same load. ``--quick`` shrinks every size to check
+our time) measured in the same run. The solves of a case run in turn,
+``--repeat`` rounds (default 3), and the tables give the medians.
+``--before REV`` also runs the package as of commit ``REV`` (imported from
+``git archive`` under another name, as ``ab_small.py`` does) in the same
+process, alternating with the working tree, for a before/after on the same
+load. ``--quick`` shrinks every size to check
 the script.
 
 Usage::
 
-    python benchmarks/bench_sparse.py [--case ba broyden big matvec groups] [--quick]
-           [--threads 2] [--before REV]
+    python benchmarks/bench_sparse.py [--case ba broyden big matvec groups threads]
+           [--quick]
+           [--threads 2] [--before REV] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -179,13 +186,37 @@ def timed_cpu(fn: Callable[[], Any], dev: torch.device | None = None) -> tuple[d
     return {"time_s": t, "cpu_s": time.process_time() - c0}, res
 
 
+def alternated(calls: dict[str, Callable[[], Any]], repeat: int,
+               dev: torch.device | None = None) -> dict[str, dict[str, Any]]:
+    """Run the ``calls`` in turn, ``repeat`` rounds: medians of wall and CPU time, results.
+
+    Alternating the solvers round by round puts them under the same load;
+    the medians are what the tables report (``*_all`` keep every round).
+    """
+    rounds: dict[str, list] = {k: [] for k in calls}
+    results: dict[str, Any] = {}
+    for _ in range(max(1, repeat)):
+        for name, fn in calls.items():
+            times, res = timed_cpu(fn, dev)
+            rounds[name].append(times)
+            results[name] = res
+    out = {}
+    for name, rs in rounds.items():
+        out[name] = {"time_s": statistics.median(r["time_s"] for r in rs),
+                     "cpu_s": statistics.median(r["cpu_s"] for r in rs),
+                     "time_s_all": [r["time_s"] for r in rs],
+                     "cpu_s_all": [r["cpu_s"] for r in rs], **summary(results[name])}
+    return out
+
+
 def solvers(args: Any) -> dict[str, Any]:
     """'ours' (the working tree) and, with ``--before``, 'before' (that commit's package)."""
     out = {"ours": torchimize_scipy}
     if args.before:
         from ab_small import import_commit
 
-        out["before"] = import_commit(args.before, tempfile.mkdtemp(prefix="bench_sparse_"))
+        out = {"before": import_commit(args.before, tempfile.mkdtemp(prefix="bench_sparse_")),
+               **out}
     return out
 
 
@@ -193,33 +224,44 @@ def run_ba(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
     size = dict(n_cameras=8, n_points=500) if args.quick else {}
     prob = bundle_adjustment(seed=args.seed, **size)
     opts = dict(jac_sparsity=prob["sparsity"], x_scale="jac", ftol=1e-4, method="trf")
-    out: dict[str, Any] = {"m": prob["m"], "n": prob["n"]}
-    times, res = timed_cpu(lambda: scipy.optimize.least_squares(prob["fun_np"], prob["x0"],
-                                                                **opts))
-    out["scipy"] = {**times, **summary(res)}
     x0t = torch.as_tensor(prob["x0"], device=dev, dtype=dt)
-    for name, lib in solvers(args).items():  # alternated: before, ours for each residual kind
-        times, res = timed_cpu(lambda lib=lib: lib.least_squares(prob["fun_np"], prob["x0"],
-                                                                 **opts))
-        out[f"{name}_numpy"] = {**times, **summary(res)}
+    calls: dict[str, Callable[[], Any]] = {
+        "scipy": lambda: scipy.optimize.least_squares(prob["fun_np"], prob["x0"], **opts)}
     for name, lib in solvers(args).items():
-        times, res = timed_cpu(lambda lib=lib: lib.least_squares(prob["fun_torch"], x0t, **opts),
-                               dev)
-        out[f"{name}_torch"] = {**times, **summary(res)}
-    return out
+        calls[f"{name}_numpy"] = lambda lib=lib: lib.least_squares(prob["fun_np"], prob["x0"],
+                                                                   **opts)
+        calls[f"{name}_torch"] = lambda lib=lib: lib.least_squares(prob["fun_torch"], x0t, **opts)
+    return {"m": prob["m"], "n": prob["n"], "repeat": args.repeat,
+            **alternated(calls, args.repeat, dev)}
+
+
+def run_threads(args: Any) -> dict[str, Any]:
+    """The bundle adjustment with 1 and with ``args.threads`` torch threads, alternated."""
+    size = dict(n_cameras=8, n_points=500) if args.quick else {}
+    prob = bundle_adjustment(seed=args.seed, **size)
+    opts = dict(jac_sparsity=prob["sparsity"], x_scale="jac", ftol=1e-4, method="trf")
+
+    def solve_with(k: int) -> Any:
+        torch.set_num_threads(k)
+        try:
+            return least_squares(prob["fun_np"], prob["x0"], **opts)
+        finally:
+            torch.set_num_threads(args.threads)
+
+    calls = {f"{k} threads": (lambda k=k: solve_with(k)) for k in sorted({1, args.threads})}
+    return {"m": prob["m"], "n": prob["n"], "repeat": args.repeat,
+            **alternated(calls, args.repeat)}
 
 
 def run_broyden(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
     n = 2000 if args.quick else 100_000
     x0 = -np.ones(n)
     opts = dict(jac_sparsity=tridiagonal(n), tr_solver="lsmr", method="trf")
-    out: dict[str, Any] = {"n": n}
-    times, res = timed_cpu(lambda: scipy.optimize.least_squares(broyden_np, x0, **opts))
-    out["scipy"] = {**times, **summary(res)}
+    calls: dict[str, Callable[[], Any]] = {
+        "scipy": lambda: scipy.optimize.least_squares(broyden_np, x0, **opts)}
     for name, lib in solvers(args).items():
-        times, res = timed_cpu(lambda lib=lib: lib.least_squares(broyden_np, x0, **opts))
-        out[f"{name}_numpy"] = {**times, **summary(res)}
-    return out
+        calls[f"{name}_numpy"] = lambda lib=lib: lib.least_squares(broyden_np, x0, **opts)
+    return {"n": n, "repeat": args.repeat, **alternated(calls, args.repeat)}
 
 
 def _median_times(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
@@ -324,9 +366,11 @@ def _solve_rows(label: str, r: dict[str, Any], kind: str) -> list[list[Any]]:
 def main() -> None:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--case", nargs="+", default=["ba", "broyden", "big"],
-                   choices=["ba", "broyden", "big", "matvec", "groups"])
+                   choices=["ba", "broyden", "big", "matvec", "groups", "threads"])
     p.add_argument("--before", default=None,
                    help="also run the package as of this commit, in the same process")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="rounds of the solves, alternated; medians reported (default 3)")
     p.add_argument("--big-child", type=int, default=None, help=argparse_hidden())
     args = p.parse_args()
     dev, dt = setup(args)
@@ -357,6 +401,13 @@ def main() -> None:
         print(md_table(["product", "CPU ms", "wall ms", "CPU / scipy's"],
                        [[k, v["cpu_ms"], v["wall_ms"], v["cpu_ms"] / base[k.split(" ", 1)[1]
                          if k.startswith(("scipy", "ours")) else k.split(" ", 2)[2]]]
+                        for k, v in r.items() if isinstance(v, dict)]))
+    if "threads" in args.case:
+        r = results["threads"] = run_threads(args)
+        print(f"\nbundle adjustment (n={r['n']}, numpy residuals), ours, torch threads "
+              f"alternated, medians of {r['repeat']} rounds:")
+        print(md_table(["threads", "wall s", "CPU s", "cost", "nfev"],
+                       [[k, v["time_s"], v["cpu_s"], v["cost"], v["nfev"]]
                         for k, v in r.items() if isinstance(v, dict)]))
     if "groups" in args.case:
         r = results["groups"] = run_groups(args)

@@ -22,8 +22,11 @@ from _parity import ONE_EVAL_RTOL, assert_close_scaled
 from scipy.optimize._numdiff import approx_derivative
 from scipy.optimize._numdiff import group_columns as scipy_group_columns
 
+from torchimize_scipy import _sparsity
 from torchimize_scipy._sparsity import (
     SparsityPattern,
+    _first_fit,
+    _structure_csr,
     check_jac_sparsity,
     fewest_groups,
     group_columns,
@@ -57,6 +60,12 @@ def test_groups_equal_scipys_on_random_structures(seed: int) -> None:
     A = rng.random((m, n)) < rng.random() * 0.4
     assert np.array_equal(group_columns(A), scipy_group_columns(A))
     assert np.array_equal(group_columns(sp.csr_array(A)), scipy_group_columns(A))
+    # the numpy first fit (used where scipy's compiled grouping is missing): same groups
+    order = np.random.RandomState(0).permutation(n)
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    assert np.array_equal(_first_fit(_structure_csr(A, stored=True), position),
+                          scipy_group_columns(A))
 
 
 def test_groups_equal_scipys_with_an_explicit_order_and_a_banded_structure() -> None:
@@ -158,6 +167,27 @@ def test_grouped_difference_of_a_batch_is_one_call_and_matches_single_problems()
         assert torch.equal(J.to_dense()[b], Jb.to_dense()[0])  # the same points, the same path
 
 
+def test_grouped_difference_host_gather_is_the_torch_formula_bit_for_bit() -> None:
+    """On the CPU the '2-point' values are gathered in numpy; they must be the torch
+    formula's (the path of other devices), bit for bit: the same operations."""
+    n, B = 40, 3
+    pattern = SparsityPattern.from_structure(tridiagonal(n))
+    gen = torch.Generator().manual_seed(1)
+    x = -1 + 0.1 * torch.randn(B, n, generator=gen, dtype=torch.float64)
+    idx = torch.arange(B)
+    f0 = broyden_torch(x)
+    J = grouped_difference(lambda X, i: broyden_torch(X), x, f0, idx, pattern, "2-point")
+    rows, cols, groups, onehot = pattern.on(x.device)
+    from torchimize_scipy._jacobian import _absolute_step, default_rel_step
+
+    h = _absolute_step(x, default_rel_step(x.dtype, f0.dtype, "2-point"), None)
+    x1 = x + h
+    pts = torch.where(onehot.unsqueeze(0), x1.unsqueeze(1), x.unsqueeze(1))
+    F = broyden_torch(pts.reshape(-1, n)).reshape(B, -1, n)
+    ref = (F[:, groups[cols], rows] - f0[:, rows]) / (x1 - x)[:, cols]
+    assert torch.equal(J.coalesce().values(), ref.reshape(-1))
+
+
 def test_grouped_difference_keeps_float32() -> None:
     n = 20
     pattern = SparsityPattern.from_structure(tridiagonal(n))
@@ -215,6 +245,18 @@ def test_fewest_groups_beat_or_tie_scipy_on_the_benchmark_structures() -> None:
     groups = fewest_groups(tri)
     _assert_valid(tri, groups)
     assert groups.max() + 1 <= scipy_group_columns(tri).max() + 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_numpy_first_fit_gives_the_compiled_groups(monkeypatch, seed: int) -> None:
+    """Where scipy's compiled grouping is missing, the numpy first fit stands in: same groups."""
+    rng = np.random.default_rng(40 + seed)
+    m, n = rng.integers(20, 300, 2)
+    A = sp.random_array((m, n), density=rng.uniform(0.01, 0.1), rng=rng, format="csr")
+    compiled = fewest_groups(A), group_columns(A, 3)
+    monkeypatch.setattr(_sparsity, "_compiled_grouping", None)
+    assert np.array_equal(fewest_groups(A), compiled[0])
+    assert np.array_equal(group_columns(A, 3), compiled[1])
 
 
 def test_groups_beyond_64_use_more_mask_words_and_stay_scipys() -> None:

@@ -101,10 +101,11 @@ class Namespace:
 
 #: a sparse or operator value where only a dense one can go (least_squares converts those
 #: before they get here)
-_SPARSE_HERE = ("`{what}` returned a sparse matrix or a linear operator, which is only "
-                "supported by least_squares (one problem); batch_least_squares and curve_fit "
-                "need a dense Jacobian from a callable `jac` (for one sparsity structure shared "
-                "by all problems pass `jac_sparsity` and a finite-difference `jac`).")
+_SPARSE_HERE = ("`{what}` returned a sparse matrix or a linear operator where a dense array "
+                "was expected: batch_least_squares takes them when its value at the first "
+                "problem's start is one too, and curve_fit takes dense Jacobians only (for one "
+                "sparsity structure shared by all problems pass `jac_sparsity` and a "
+                "finite-difference `jac`).")
 
 
 def _sparse_or_operator(a: Any) -> bool:

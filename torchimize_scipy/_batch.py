@@ -28,6 +28,7 @@ from ._driver import EngineRun, initial_state, result_buffers, solve
 from ._engine import status as codes
 from ._engine.loop import RESULT_KEYS, all_finite
 from ._frontend import EngineJacobian, check_residuals_and_loss, prepare, use_sparsity
+from ._jac_forms import batch_jacobian_form
 from ._results import ARRAY_FIELDS, BatchOptimizeResult, build_result
 from ._validation import check_options
 
@@ -111,7 +112,13 @@ def batch_least_squares(
         one whose residuals are not finite at its start.
     jac : {'2-point', '3-point', 'cs', 'autograd'} or callable, optional
         A callable follows ``fun``'s convention and returns ``(b, m, n)``
-        (``(m, n)`` per problem when not vectorized).
+        (``(m, n)`` per problem when not vectorized). Per problem it may also
+        return ``scipy.sparse`` matrices or ``LinearOperator`` objects (a
+        vectorised one: a torch sparse ``(b, m, n)`` tensor), as
+        :func:`torchimize_scipy.least_squares` takes them, with structures
+        that may differ between problems: the steps then use LSMR, all
+        problems are held at once and ``jac`` is None, as with
+        ``jac_sparsity``. Its value at the first problem's start decides.
     bounds : 2-tuple or `scipy.optimize.Bounds`, optional
         Each bound a scalar, shape ``(n,)`` or ``(B, n)``.
     method : {'trf', 'dogbox', 'lm', 'gn', 'gd'}, optional
@@ -261,17 +268,28 @@ def batch_least_squares(
     if progress:
         label = progress if isinstance(progress, str) else f"batch_least_squares[{method}]"
         bar = _Progress(B, label)
+    blocks = _BlockSource(f0_first=f0_first, fun=p.fun, jac=p.jac, x0=p.x0, lb=p.lb, ub=p.ub,
+                          scale=p.x_scale, m=m, verbose=verbose, progress=bar)
+    try:
+        start = blocks.take(chunk_size)
+    except ValueError as exc:  # `jac` returned sparse matrices or operators: as jac_sparsity
+        if not (callable(jac) and batch_jacobian_form(p, method, m, n, exc) != "dense"):
+            if bar is not None:
+                bar.close(False)
+            raise
+        sparse, chunk_size, return_jac = True, B, False
+        blocks = _BlockSource(f0_first=f0_first, fun=p.fun, jac=p.jac, x0=p.x0, lb=p.lb,
+                              ub=p.ub, scale=p.x_scale, m=m, verbose=verbose, progress=bar)
+        start = blocks.take(chunk_size)
     # full-size results, filled as problems finish; on the engine's device for
     # torch input, on the host for numpy input (whatever the engine's device)
     home = dev if ns.kind == "torch" else torch.device("cpu")
     keys = [k for k in RESULT_KEYS if return_jac or k != "J"]
     merged = result_buffers(B, n, m, ns.dtype, home, keys=keys)
-    blocks = _BlockSource(f0_first=f0_first, fun=p.fun, jac=p.jac, x0=p.x0, lb=p.lb, ub=p.ub,
-                          scale=p.x_scale, m=m, verbose=verbose, progress=bar)
     complete = False
     try:
         solve(EngineRun(
-            method=method, fun=p.fun, jac=p.jac, start=blocks.take(chunk_size), loss=loss_obj,
+            method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj,
             ftol=p.ftol, xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
             jac_scale=isinstance(p.x_scale, str), use_gram=True, out=merged,
             refill=blocks.take, capacity=chunk_size,

@@ -32,7 +32,8 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
-__all__ = ["BatchOperator", "engine_jacobian", "jacobian_form", "result_jacobian"]
+__all__ = ["BatchOperator", "batch_jacobian_form", "engine_jacobian", "jacobian_form",
+           "result_jacobian"]
 
 
 def _is_torch_operator(J: Any) -> bool:
@@ -121,6 +122,78 @@ def engine_jacobian(values: list[Any], m: int, n: int, dtype: torch.dtype,
         return torch.sparse_coo_tensor(idx, vals, (len(values), m, n), is_coalesced=True,
                                        check_invariants=False)
     return BatchOperator(values, m, n, dtype, device)
+
+
+def batch_jacobian_form(p: Any, method: str, m: int, n: int, refusal: Exception) -> str:
+    """What the callable ``jac`` of a ``batch_least_squares`` call returns, with scipy's checks.
+
+    Asked only after the engine's conversion refused a value as not dense
+    (``refusal``, the error it raised; any other error answers 'dense' and is
+    the caller's to raise): a call that returns dense arrays is never made
+    twice. One raw call at the first problem's start (a row-wise ``jac``; a
+    vectorised one on that row alone). For a sparse value (scipy or torch) or
+    an operator, the checks of :func:`torchimize_scipy.least_squares` are
+    made (shape, 'lm', an operator without column norms under
+    ``x_scale='jac'``) and ``p.jac`` is told to convert every later value
+    (:meth:`EngineJacobian.user_sparse
+    <torchimize_scipy._frontend.EngineJacobian.user_sparse>`). Problems may
+    have different sparsity structures: the batch's Jacobian is one
+    block-diagonal matrix either way.
+
+    Parameters
+    ----------
+    p : Prepared
+        The validated call (:func:`torchimize_scipy._frontend.prepare`).
+    method : str
+    m, n : int
+    refusal : Exception
+        What the conversion of the first values raised.
+
+    Returns
+    -------
+    str
+        ``'dense'``, ``'sparse'`` or ``'operator'``.
+
+    Raises
+    ------
+    ValueError
+        scipy's messages: a value of the wrong shape; a sparse or operator
+        value with 'lm'; an operator with ``x_scale='jac'``.
+    """
+    from ._arrays import _SPARSE_HERE
+    from ._user_functions import VectorizedFunction
+
+    if str(refusal) != _SPARSE_HERE.format(what="jac"):
+        return "dense"
+    user = p.jac_user
+    if isinstance(user, VectorizedFunction):
+        from ._frontend import _vectorized_raw
+
+        J = _vectorized_raw(user, p.x0[:1], torch.zeros(1, dtype=torch.long,
+                                                        device=p.x0.device))
+        if not (isinstance(J, Tensor) and J.layout != torch.strided):
+            return "dense"  # (dense values are checked as they come)
+        form, shape = "sparse", tuple(J.shape)
+        expected = (1, m, n)
+    else:
+        J = user.call_one(p.x0[0], 0)
+        form = jacobian_form(J)
+        if form == "dense":
+            return form
+        shape, expected = tuple(J.shape), (m, n)
+    if shape != expected:
+        raise ValueError(f"The return value of `jac` has wrong shape: expected {expected}, "
+                         f"actual {shape}.")
+    if method == "lm":
+        raise ValueError("method='lm' works only with dense Jacobian matrices.")
+    if method in ("gn", "gd"):
+        raise ValueError(f"method={method!r} works only with dense Jacobians; use method='trf' "
+                         "or 'dogbox' for sparse or operator Jacobians.")
+    if form == "operator" and isinstance(p.x_scale, str) and not hasattr(
+            engine_jacobian([J], m, n, p.ns.dtype, p.ns.device), "column_norms"):
+        raise ValueError("x_scale='jac' can't be used when `jac` returns LinearOperator.")
+    p.jac.form = form
+    return form
 
 
 class BatchOperator:

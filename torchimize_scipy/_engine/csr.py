@@ -5,10 +5,14 @@ A batch of sparse Jacobians is one block-diagonal matrix of ``B m`` rows and
 transpose (the transpose's entry order found once per sparsity structure,
 :func:`csr_plan`), so that both ``J v`` and ``J^T u`` are row-wise sparse dot
 products. On the CPU they run in scipy's compiled CSR kernel over the
-tensors' memory, in row blocks of equal entry counts computed by a small
-process-wide thread pool when torch has several threads (each row is one
-thread's loop, so the result does not depend on the split); on other devices
-in torch's CSR kernel. Used by :mod:`.operator`.
+tensors' memory, in row blocks of equal entry counts (two per torch thread
+when torch has several) shared between the calling thread and a small
+process-wide thread pool (:class:`_Product`: the caller runs the blocks the
+pool has not started, so a pool thread that gets no core never stalls a
+product; each row is one loop whoever runs it, so the result does not depend
+on the split); on other devices in torch's CSR kernel. Used by
+:mod:`.operator` and, on numpy arrays without allocation, by
+:mod:`.lsmr`.
 """
 
 from __future__ import annotations
@@ -18,12 +22,17 @@ import threading
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
+
+try:  # scipy's compiled CSR kernel: y += A x into a given y (what ``A @ x`` calls on zeros)
+    from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
+except ImportError:  # pragma: no cover - a scipy that moved it: the public product instead
+    _csr_matvec = None
 
 
 class BlockCSR:
@@ -35,11 +44,13 @@ class BlockCSR:
     On the CPU the products run in scipy's compiled CSR kernel on numpy views
     of the tensors (no copy; about twice as fast as torch's CPU sparse kernel
     on one thread, ``benchmarks/bench_sparse.py --case matvec``); a large
-    matrix is cut into row blocks of equal entry counts, one per torch thread
-    (``torch.get_num_threads()``), multiplied in parallel (scipy's kernel
-    releases the GIL; each row's sum is the same whatever the cut, so the
-    result does not depend on the thread count). On other devices the
-    products run in torch's CSR kernel.
+    matrix is cut into row blocks of equal entry counts, two per torch thread
+    (``torch.get_num_threads()``; one block for one thread), multiplied in
+    parallel by the calling thread and the pool (scipy's kernel releases the
+    GIL; each row's sum is the same whatever the cut, so the result does not
+    depend on the thread count). :meth:`matvec_into`, :meth:`rmatvec_into`
+    and :meth:`start_matvec` work on numpy arrays of the caller's (LSMR's
+    buffers). On other devices the products run in torch's CSR kernel.
 
     The index arrays depend only on the structure. Those of a ``jac_sparsity``
     are computed once per solve (:func:`csr_plan`, kept by the pattern and
@@ -73,15 +84,17 @@ class BlockCSR:
         self.shape = (B, m, n)
         self.values = values
         self.col = plan.col
-        self.values_t = self.values.index_select(0, plan.perm_t)
         self._plan = plan
-        self._host = self.values.device.type == "cpu"
-        if self._host:
-            vals = self.values.detach().contiguous().numpy()
-            vals_t = self.values_t.detach().numpy()
+        self._host = values.device.type == "cpu"
+        if self._host:  # numpy's gather on this thread: no OpenMP region to wake (module notes)
+            vals = values.detach().contiguous().numpy()
+            vals_t = np.take(vals, plan.perm_t.numpy())
+            self.values_t = torch.from_numpy(vals_t)
             self._a = _row_blocks(vals, plan.host, (B * m, B * n))
             self._at = _row_blocks(vals_t, plan.host_t, (B * n, B * m))
+            self.np_dtype = vals.dtype
         else:
+            self.values_t = values.index_select(0, plan.perm_t)
             with warnings.catch_warnings():  # "sparse CSR tensor support is in beta"
                 warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support",
                                         category=UserWarning)
@@ -95,9 +108,47 @@ class BlockCSR:
         if self._host:  # numpy views both ways (no torch operation but the product's)
             if vec.dtype != self.values.dtype or vec.requires_grad:
                 vec = vec.detach().to(self.values.dtype)
-            w = vec.numpy().reshape(-1)
-            return torch.from_numpy(_host_product(M, w).reshape(B, rows))
+            w = np.ascontiguousarray(vec.numpy()).reshape(-1)
+            out = np.zeros(B * rows, dtype=self.np_dtype)
+            _accumulate(M, w, out)
+            return torch.from_numpy(out.reshape(B, rows))
         return (M @ vec.to(self.values.dtype).reshape(-1, 1)).reshape(B, rows)
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the products run in scipy's kernel on the host (:meth:`matvec_into`)."""
+        return self._host
+
+    def matvec_into(self, p: np.ndarray, out: np.ndarray) -> None:
+        """``out += J p`` on the host: ``p (B, n)``, ``out (B, m)``, C-contiguous numpy arrays.
+
+        The kernel adds each row's products to the value already in ``out``
+        (in the row's column order), in place: no allocation, and a caller
+        that starts ``out`` at ``-c u`` gets ``J p - c u`` in the same pass.
+        Only for a BlockCSR on the host (:attr:`on_host`), arrays of the
+        values' dtype.
+        """
+        _accumulate(self._a, self._checked(p), self._checked(out))
+
+    def rmatvec_into(self, u: np.ndarray, out: np.ndarray) -> None:
+        """``out += J^T u`` on the host: ``u (B, m)``, ``out (B, n)`` (as :meth:`matvec_into`)."""
+        _accumulate(self._at, self._checked(u), self._checked(out))
+
+    def start_matvec(self, p: np.ndarray, out: np.ndarray) -> _Product | None:
+        """Start ``out = J p`` in the thread pool (host, several row blocks); None otherwise.
+
+        The caller may work meanwhile, must not touch ``p`` or ``out``, and
+        finishes the product with ``wait()``.
+        """
+        if not self._host or len(self._a) == 1:
+            return None
+        return _Product(self._a, self._checked(p), self._checked(out), True, inline_first=False)
+
+    def _checked(self, a: np.ndarray) -> np.ndarray:
+        """``a`` flattened as a view (the kernel writes into it: a copy would lose the sums)."""
+        if not (a.flags.c_contiguous and a.dtype == self.np_dtype):
+            raise ValueError("the host products need C-contiguous arrays of the values' dtype")
+        return a.reshape(-1)
 
     def matvec(self, p: Tensor) -> Tensor:
         """``J p`` for ``p (B, n)``: ``(B, m)``."""
@@ -114,6 +165,13 @@ class BlockCSR:
     def scaled(self, row_scale: Tensor | None, col_scale: Tensor | None) -> BlockCSR:
         """``diag(w) J diag(d)`` with the scalings in the values (same structure, no sort)."""
         vals = self.values
+        if self._host:  # the same products in numpy, on this thread
+            v = vals.detach().numpy()
+            if row_scale is not None:
+                v = v * row_scale.detach().reshape(-1).numpy()[self._plan.row.numpy()]
+            if col_scale is not None:
+                v = v * col_scale.detach().reshape(-1).numpy()[self.col.numpy()]
+            return BlockCSR(None, plan=self._plan, values=torch.from_numpy(v), shape=self.shape)
         if row_scale is not None:
             vals = vals * row_scale.reshape(-1).index_select(0, self._plan.row)
         if col_scale is not None:
@@ -205,14 +263,18 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> list[sp.csr_array]:
-    """A scipy CSR matrix over existing arrays (no copy), in row blocks of equal entry counts.
+def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> list[_Block]:
+    """Row blocks of equal entry counts of a CSR matrix over existing arrays (no copy).
 
-    One block per torch thread (at most ``nnz / _BLOCK_NNZ`` of them).
+    One block for one torch thread, else two per thread (at most ``nnz /
+    _BLOCK_NNZ`` of them), each a scipy CSR array of its rows and the offset
+    of its first row: more blocks than threads let the calling thread take
+    over the blocks that a busy pool thread has not started (:class:`_Product`).
     """
     indptr, indices = index
     nnz = int(indptr[-1])
-    k = int(max(1, min(torch.get_num_threads(), nnz // _BLOCK_NNZ, shape[0])))
+    threads = torch.get_num_threads()
+    k = int(max(1, min(threads if threads == 1 else 2 * threads, nnz // _BLOCK_NNZ, shape[0])))
     cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(1, k) * (nnz / k)), shape[0]])
     blocks = []
     for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
@@ -221,14 +283,72 @@ def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> lis
                          shape=(int(hi - lo), shape[1]), copy=False)
         A.has_sorted_indices = True
         A.has_canonical_format = True
-        blocks.append(A)
+        blocks.append(_Block(A, int(lo), int(hi)))
     return blocks
 
 
-def _host_product(blocks: list[sp.csr_array], w: np.ndarray) -> np.ndarray:
-    """``A w`` for the row blocks of ``A``, the blocks after the first in the thread pool."""
+class _Block(NamedTuple):
+    """Rows ``lo:hi`` of a host CSR matrix, as a scipy CSR array."""
+
+    A: sp.csr_array
+    lo: int
+    hi: int
+
+
+def _accumulate_block(block: _Block, w: np.ndarray, out: np.ndarray, zero: bool) -> None:
+    """``out[lo:hi] += A w`` for one row block, in place (after zeroing it with ``zero``)."""
+    A, lo, hi = block
+    part = out[lo:hi]
+    if zero:
+        part.fill(0)
+    if _csr_matvec is not None:
+        _csr_matvec(hi - lo, A.shape[1], A.indptr, A.indices, A.data, w, part)
+    else:  # pragma: no cover - scipy without its kernel module: the public product
+        part += A @ w
+
+
+class _Product:
+    """``out (+)= A w`` over the row blocks of ``A``, running in the thread pool.
+
+    Every block is handed to the pool when the product starts; :meth:`wait`
+    runs, on the calling thread, each block the pool has not started yet
+    (``Future.cancel`` succeeds only for those), then waits for the others.
+    The caller can thus start a product, do other work while the pool
+    computes, and take over what is left: on a loaded machine whose pool
+    thread does not get a core, the calling thread does all the work itself
+    instead of waiting for it. Each block writes only its own rows, and a
+    row's sum is the same loop whoever runs it.
+    """
+
+    __slots__ = ("jobs", "w", "out", "zero")
+
+    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool,
+                 inline_first: bool) -> None:
+        self.w, self.out, self.zero = w, out, zero
+        pool = _pool()
+        rest = blocks[1:] if inline_first else blocks
+        self.jobs = [(b, pool.submit(_accumulate_block, b, w, out, zero)) for b in rest]
+        if inline_first:
+            _accumulate_block(blocks[0], w, out, zero)
+
+    def wait(self) -> None:
+        """Finish the product (the blocks not started are run here)."""
+        for block, future in reversed(self.jobs):
+            if future.cancel():
+                _accumulate_block(block, self.w, self.out, self.zero)
+        for _, future in self.jobs:
+            if not future.cancelled():
+                future.result()
+
+
+def _accumulate(blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool = False) -> None:
+    """``out += A w`` (``out = A w`` with ``zero``) for the row blocks of ``A``.
+
+    ``w`` and ``out`` are 1-D, C-contiguous, of the values' dtype. One block
+    runs here; several are shared with the pool (:class:`_Product`); scipy's
+    kernel releases the GIL, so they run at the same time.
+    """
     if len(blocks) == 1:
-        return blocks[0] @ w
-    futures = [_pool().submit(A.__matmul__, w) for A in blocks[1:]]
-    parts = [blocks[0] @ w] + [f.result() for f in futures]
-    return np.concatenate(parts)
+        _accumulate_block(blocks[0], w, out, zero)
+        return
+    _Product(blocks, w, out, zero, inline_first=True).wait()

@@ -49,6 +49,22 @@ iteration is the two products, three norms, two scalings and five updates
 rounds differently with the batch size, and a problem's result must not
 depend on its neighbours).
 
+The vectors are written against ``vx`` likewise: on the host they are numpy
+arrays (:class:`_HostVectors`; the caller's tensors are read through views,
+the solution handed back as a tensor over our array), elsewhere tensors
+(:class:`_DeviceVectors`). On the host no torch operation runs per
+iteration, so neither torch's OpenMP threads nor a threaded BLAS ``dot`` is
+woken for the long vectors: each would leave threads spinning beside the
+products' row blocks, which on 2 cores cost more than the arithmetic (the
+norms use numpy's own loop for that reason, :func:`_sq_norms`). A sparse
+Jacobian on the host sums its products into buffers of ours in scipy's
+kernel (:meth:`~torchimize_scipy._engine.csr.BlockCSR.matvec_into`), and
+when its rows are cut into several blocks the next iteration's ``A v`` is
+started in the thread pool as soon as ``v`` is known, while this thread
+updates the scalars, ``x`` and the search directions (the values are those
+of the product made later, bit for bit; a problem that stops has that
+product's rows discarded as it is frozen anyway).
+
 A problem that has stopped is frozen: its vectors and scalars are kept by
 ``where`` while the others go on (skipped while every problem runs), so its
 result does not depend on its neighbours or on ``check_every``. A problem
@@ -121,6 +137,17 @@ def sym_ortho(a: Any, b: Any) -> tuple[Any, Any, Any]:
     return a / safe, b / safe, r
 
 
+def _sq_norms(w: np.ndarray) -> np.ndarray:
+    """Squared Euclidean norms of the rows of ``w (B, k)`` on the calling thread.
+
+    numpy's own sum-of-products loop, not BLAS: a threaded BLAS ``dot`` of a
+    long vector wakes BLAS's threads, which then spin beside the products'
+    row blocks (on 2 cores, ~2.6 ms of CPU time for one 62,000-entry norm
+    measured under load, against 12-40 us for the arithmetic).
+    """
+    return np.einsum("ij,ij->i", w, w)
+
+
 class _Vector:
     """A batch of vectors of :func:`lsmr` and a spare buffer of the same shape.
 
@@ -128,21 +155,164 @@ class _Vector:
     current and the old current the spare, so a long solve allocates nothing
     per iteration. A value made elsewhere (a ``where`` for frozen problems)
     becomes current and leaves the spare as it is. ``cur`` is never written
-    in place: a caller's tensor (``b``, ``x0``) may start as a current value
-    only if it is replaced before any write, which :func:`lsmr` ensures.
+    in place: a caller's array (``b``) may start as a current value only if
+    it is replaced before any write, which :func:`lsmr` ensures.
     """
 
     __slots__ = ("cur", "spare")
 
-    def __init__(self, t: Tensor) -> None:
+    def __init__(self, t: Any, vx: Any) -> None:
         self.cur = t
-        self.spare = torch.empty_like(t)
+        self.spare = vx.empty_like(t)
 
-    def take(self, value: Tensor) -> None:
+    def take(self, value: Any) -> None:
         if value is self.spare:
             self.cur, self.spare = value, self.cur
         else:
             self.cur = value
+
+
+class _HostVectors:
+    """The vector work of :func:`lsmr` on the host: numpy arrays, no torch operation.
+
+    numpy's elementwise loops run on the calling thread (no thread pool to
+    wake, none left spinning beside the products' row blocks) at a fraction
+    of a torch operation's dispatch cost. A sparse Jacobian on the host
+    (:meth:`~torchimize_scipy._engine.operator.JacobianOperator.host_accumulators`)
+    sums its products into a zeroed buffer of ours (no allocation, so no page
+    faults; the same sums as ``A @ w``); any other operator is applied to
+    tensors over the arrays' memory. ``A w - c y`` is then formed as
+    scipy's lsmr forms it (``c y`` subtracted from the product), rather than
+    by starting the sums at ``-c y``: that would save a pass but round
+    differently (on the bundle adjustment of ``bench_sparse.py`` it cost an
+    LSMR iteration more than scipy's).
+    """
+
+    sub, mul, add = staticmethod(np.subtract), staticmethod(np.multiply), staticmethod(np.add)
+
+    def __init__(self, A: Any, dtype: torch.dtype) -> None:
+        self.A = A
+        self.dtype = torch.empty((), dtype=dtype).numpy().dtype
+        csr = A.host_csr() if isinstance(A, JacobianOperator) else None
+        self.csr = csr if csr is not None and A.dtype == dtype else None
+        self.raw: np.ndarray | None = None  # where a product started ahead is summed
+
+    def from_tensor(self, t: Tensor) -> np.ndarray:
+        return t.detach().numpy()
+
+    def to_tensor(self, a: np.ndarray) -> Tensor:
+        return torch.from_numpy(a)
+
+    def copy(self, a: Any) -> np.ndarray:
+        if isinstance(a, Tensor):
+            a = a.detach().numpy()
+        return np.array(a, dtype=self.dtype, order="C")
+
+    def zeros(self, *shape: int) -> np.ndarray:
+        return np.zeros(shape, dtype=self.dtype)
+
+    def empty(self, *shape: int) -> np.ndarray:
+        return np.empty(shape, dtype=self.dtype)
+
+    @staticmethod
+    def empty_like(a: np.ndarray) -> np.ndarray:
+        return np.empty_like(a, order="C")
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> np.ndarray:
+        return np.where(cond, a, b)
+
+    @staticmethod
+    def scale_(w: np.ndarray, c: Any) -> None:
+        np.multiply(w, c, out=w)
+
+    def product(self, forward: bool, w: np.ndarray) -> np.ndarray:
+        """``A w`` (``forward``) or ``A^T w``, a new array."""
+        if self.csr is not None:
+            out = self.zeros(w.shape[0], self.A.shape[1 if forward else 2])
+            (self.csr.matvec_into if forward else self.csr.rmatvec_into)(w, out)
+            return out
+        t = torch.from_numpy(np.ascontiguousarray(w))
+        r = self.A.matvec(t) if forward else self.A.rmatvec(t)
+        return np.ascontiguousarray(r.detach().numpy(), dtype=self.dtype)
+
+    def start_forward(self, w: np.ndarray) -> Any:
+        """Start ``A w`` in the products' thread pool, or None (then it is done when needed).
+
+        The pending product is handed to the next :meth:`product_sub`; ``w``
+        must stay unchanged until then.
+        """
+        if self.csr is None:
+            return None
+        if self.raw is None:
+            self.raw = self.zeros(w.shape[0], self.A.shape[1])
+        return self.csr.start_matvec(w, self.raw)
+
+    def product_sub(self, forward: bool, w: np.ndarray, c: Any, y: np.ndarray, out: np.ndarray,
+                    tmp: np.ndarray, pending: Any = None) -> np.ndarray:
+        """``A w - c y`` (``forward``) or ``A^T w - c y``, written into ``out``.
+
+        ``pending`` is ``A w`` started by :meth:`start_forward`, if any.
+        """
+        if pending is not None:
+            pending.wait()
+            prod = self.raw
+        elif self.csr is not None:  # the product summed into zeros, as ``A @ w``: same rounding
+            out.fill(0)
+            (self.csr.matvec_into if forward else self.csr.rmatvec_into)(w, out)
+            prod = out
+        else:
+            prod = self.product(forward, w)
+        return np.subtract(prod, np.multiply(y, c, out=tmp), out=out)
+
+
+class _DeviceVectors:
+    """The vector work of :func:`lsmr` in torch (vectors off the host, or host scalars off)."""
+
+    sub, mul, add = staticmethod(torch.sub), staticmethod(torch.mul), staticmethod(torch.add)
+
+    def __init__(self, A: Any, dtype: torch.dtype, device: torch.device) -> None:
+        self.A, self._dtype, self._dev = A, dtype, device
+
+    @staticmethod
+    def from_tensor(t: Tensor) -> Tensor:
+        return t
+
+    @staticmethod
+    def to_tensor(a: Tensor) -> Tensor:
+        return a
+
+    def copy(self, a: Tensor) -> Tensor:
+        return a.clone()
+
+    def zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=self._dtype, device=self._dev)
+
+    def empty(self, *shape: int) -> Tensor:
+        return torch.empty(shape, dtype=self._dtype, device=self._dev)
+
+    @staticmethod
+    def empty_like(a: Tensor) -> Tensor:
+        return torch.empty_like(a)
+
+    @staticmethod
+    def where(cond: Any, a: Any, b: Any) -> Tensor:
+        return torch.where(cond, a, b)
+
+    @staticmethod
+    def scale_(w: Tensor, c: Any) -> None:
+        w.mul_(c)
+
+    def product(self, forward: bool, w: Tensor) -> Tensor:
+        return self.A.matvec(w) if forward else self.A.rmatvec(w)
+
+    @staticmethod
+    def start_forward(w: Tensor) -> None:
+        return None  # (a device runs its products asynchronously anyway)
+
+    def product_sub(self, forward: bool, w: Tensor, c: Any, y: Tensor, out: Tensor,
+                    tmp: Tensor, pending: Any = None) -> Tensor:
+        return torch.sub(self.product(forward, w), torch.mul(y, c, out=tmp), out=out)
 
 
 class _Floats:
@@ -210,8 +380,8 @@ class _FloatScalars:
     def zeros_int(self) -> int:
         return 0
 
-    def norm(self, w: Tensor) -> np.float64:
-        return np.float64(vnorm(w).item())
+    def norm(self, w: np.ndarray) -> np.float64:
+        return np.float64(math.sqrt(_sq_norms(w)[0]))
 
     def inverse(self, a: Any) -> np.float64:
         return 1.0 / a if a > 0 else np.float64(1.0)
@@ -222,8 +392,8 @@ class _FloatScalars:
     def coefs(self, *cols: Any) -> tuple[float, ...]:
         return tuple(float(c) for c in cols)
 
-    def mask(self, m: Any) -> Tensor:
-        return torch.tensor([[bool(m)]])
+    def mask(self, m: Any) -> np.ndarray:
+        return np.array([[bool(m)]])
 
     def all(self, m: Any) -> bool:
         return bool(m)
@@ -282,10 +452,11 @@ class _Scalars:
             return np.zeros(self.B, dtype=np.int64)
         return torch.zeros(self.B, dtype=torch.long, device=self.device)
 
-    def norm(self, w: Tensor) -> Any:
-        """Euclidean norms of the rows of ``w (B, k)``."""
-        r = vnorm(w, dim=-1)
-        return r.numpy() if self.host else r
+    def norm(self, w: Any) -> Any:
+        """Euclidean norms of the rows of ``w (B, k)`` (numpy on the host, else a tensor)."""
+        if self.host:
+            return np.sqrt(_sq_norms(w))
+        return vnorm(w, dim=-1)
 
     def inverse(self, a: Any) -> Any:
         """``1 / a`` where ``a > 0``, else 1 (normalising a vector only when it is nonzero)."""
@@ -293,20 +464,19 @@ class _Scalars:
         pos = a > 0
         return xp.where(pos, 1.0 / xp.where(pos, a, 1.0), 1.0)
 
-    def coef(self, a: Any) -> Tensor:
-        """``(B, 1)`` tensor multiplying the rows of a batch of vectors."""
-        return torch.from_numpy(a[:, None]) if self.host else a.unsqueeze(-1)
+    def coef(self, a: Any) -> Any:
+        """``(B, 1)`` array multiplying the rows of a batch of vectors (of the vectors' kind)."""
+        return a[:, None] if self.host else a.unsqueeze(-1)
 
-    def coefs(self, *cols: Any) -> tuple[Tensor, ...]:
-        """``(B, 1)`` tensors of several coefficients (one conversion for all of them)."""
+    def coefs(self, *cols: Any) -> tuple[Any, ...]:
+        """``(B, 1)`` arrays of several coefficients."""
         if self.host:
-            t = torch.from_numpy(np.stack(cols, axis=1))
-            return tuple(t[:, k:k + 1] for k in range(len(cols)))
+            return tuple(c[:, None] for c in cols)
         return tuple(c.unsqueeze(-1) for c in cols)
 
-    def mask(self, m: Any) -> Tensor:
-        """``(B, 1)`` boolean tensor selecting rows of a batch of vectors."""
-        return torch.from_numpy(m[:, None]) if self.host else m.unsqueeze(-1)
+    def mask(self, m: Any) -> Any:
+        """``(B, 1)`` boolean array selecting rows of a batch of vectors."""
+        return m[:, None] if self.host else m.unsqueeze(-1)
 
     def all(self, m: Any) -> bool:
         """Whether ``m`` holds everywhere, known without a device synchronisation.
@@ -386,18 +556,20 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
     btol = sc.per_problem(btol)
     ctol = 1.0 / conlim if conlim > 0 else 0.0
 
+    vx: Any = _HostVectors(A, dtype) if host else _DeviceVectors(A, dtype, dev)
+    b = vx.from_tensor(b)
     normb = sc.norm(b)
     if x0 is None:
-        x = torch.zeros(B, n, dtype=dtype, device=dev)
+        x = vx.zeros(B, n)
         u = b
     else:
-        x = x0.to(dtype).clone()
-        u = b - A.matvec(x)
+        x = vx.copy(x0.to(dtype))
+        u = b - vx.product(True, x)
     beta = sc.norm(u)
     u = u * sc.coef(sc.inverse(beta))
-    v = A.rmatvec(u)
+    v = vx.product(False, u)
     if not sc.all(beta > 0):
-        v = torch.where(sc.mask(beta > 0), v, 0.0)
+        v = vx.where(sc.mask(beta > 0), v, 0.0)
     alpha = sc.norm(v)
     v = v * sc.coef(sc.inverse(alpha))
 
@@ -408,23 +580,25 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
                   zero, zero, zero, alpha * alpha, zero,
                   sc.full(min(1e100, float(torch.finfo(dtype).max))), xp.sqrt(alpha * alpha),
                   one, zero, beta, alpha * beta])
-    h = v.clone()  # h and v must not share memory: both are updated through buffers
-    hbar = torch.zeros(B, n, dtype=dtype, device=dev)
+    h = vx.copy(v)  # h and v must not share memory: both are updated through buffers
+    hbar = vx.zeros(B, n)
     istop = sc.zeros_int()
     itn = sc.zeros_int()
     # b = 0: x = 0 is exact (also with x0); A^T b = 0: the start is exact
     if not sc.all(normb != 0):
-        x = torch.where(sc.mask(normb != 0), x, 0.0)
+        x = vx.where(sc.mask(normb != 0), x, 0.0)
     active = (s[_NORMAR] != 0) & (normb != 0)
     safe_normb = xp.where(normb > 0, normb, 1.0)
     inf = sc.full(float("inf"))
 
     # the vectors, each with a spare buffer the next value is written into
-    x, u, v, h, hbar = (_Vector(t) for t in (x, u, v, h, hbar))
-    tm = torch.empty(B, m, dtype=dtype, device=dev)  # c * u
-    tn = torch.empty(B, n, dtype=dtype, device=dev)  # c * (v, hbar, h)
+    x, u, v, h, hbar = (_Vector(t, vx) for t in (x, u, v, h, hbar))
+    tm = vx.empty(B, m)  # c * u
+    tn = vx.empty(B, n)  # c * (v, hbar, h)
+    sub, mul, add = vx.sub, vx.mul, vx.add
     # numpy's warnings for the branches where() discards (the torch path has none)
     quiet = np.errstate(all="ignore") if host else contextlib.nullcontext()
+    pending = None  # J v of the next iteration, started while the scalars are updated
     with quiet:
         k = 0
         while k < maxiter:
@@ -436,20 +610,23 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
              *_) = s if host else s.unbind(0)
             # ---- Golub-Kahan bidiagonalisation step ---------------------------------
             # (every vector update writes into a spare buffer of ours: no allocation and
-            # no page faults for long vectors, never into a caller's tensor)
-            u_new = torch.sub(A.matvec(v.cur), torch.mul(u.cur, sc.coef(alpha_o), out=tm),
-                              out=u.spare)
+            # no page faults for long vectors, never into a caller's array)
+            u_new = vx.product_sub(True, v.cur, sc.coef(alpha_o), u.cur, u.spare, tm, pending)
+            pending = None
             beta = sc.norm(u_new)
             go = beta > 0
-            u_new.mul_(sc.coef(sc.inverse(beta)))
-            v_new = torch.sub(A.rmatvec(u_new), torch.mul(v.cur, sc.coef(beta), out=tn),
-                              out=v.spare)
+            vx.scale_(u_new, sc.coef(sc.inverse(beta)))
+            v_new = vx.product_sub(False, u_new, sc.coef(beta), v.cur, v.spare, tn)
             alpha_new = sc.norm(v_new)
-            v_new.mul_(sc.coef(sc.inverse(alpha_new)))
+            vx.scale_(v_new, sc.coef(sc.inverse(alpha_new)))
             if not sc.all(go):  # beta = 0: v and alpha stay (the reference implementation)
-                v_new = torch.where(sc.mask(go), v_new, v.cur)
+                v_new = vx.where(sc.mask(go), v_new, v.cur)
             alpha = xp.where(go, alpha_new, alpha_o)
-
+            if k < maxiter:
+                # the next iteration's A v, in the pool while this thread updates the
+                # scalars and x: v_new becomes v of every problem that goes on (the rows
+                # of the others are discarded by the freezing below, as usual)
+                pending = vx.start_forward(v_new)
             # ---- rotation eliminating the damping, then the subdiagonal beta ---------
             chat, shat, alphahat = sym_ortho(alphabar_o, damp)
             c, sn, rho = sym_ortho(alphahat, beta)
@@ -464,9 +641,9 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
             # ---- update of h, hbar and x ------------------------------------------------
             c_hbar, c_x, c_h = sc.coefs(thetabar * rho / (rho_o * rhobar_o),
                                         zeta / (rho * rhobar), thetanew / rho)
-            hbar_new = torch.sub(h.cur, torch.mul(hbar.cur, c_hbar, out=tn), out=hbar.spare)
-            x_new = torch.add(x.cur, torch.mul(hbar_new, c_x, out=tn), out=x.spare)
-            h_new = torch.sub(v_new, torch.mul(h.cur, c_h, out=tn), out=h.spare)
+            hbar_new = sub(h.cur, mul(hbar.cur, c_hbar, out=tn), out=hbar.spare)
+            x_new = add(x.cur, mul(hbar_new, c_x, out=tn), out=x.spare)
+            h_new = sub(v_new, mul(h.cur, c_h, out=tn), out=h.spare)
             normx = sc.norm(x_new)
             # ---- estimate of |r| (section 5.2 of the paper) -----------------------------
             betaacute = chat * betadd_o
@@ -520,11 +697,13 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
                 c2 = sc.mask(commit)
                 for vec, value in ((x, x_new), (u, u_new), (v, v_new), (h, h_new),
                                    (hbar, hbar_new)):
-                    vec.take(torch.where(c2, value, vec.cur))
+                    vec.take(vx.where(c2, value, vec.cur))
             istop = xp.where(commit, stop,
                              xp.where(active & xp.logical_not(finite), BREAKDOWN, istop))
             itn = itn + active
             active = commit & (stop == 0)
-    return LSMRResult(x.cur, sc.tensor(istop), sc.tensor(itn), sc.tensor(s[_NORMR]),
+    if pending is not None:  # the solve stopped: the product started ahead is not needed
+        pending.wait()
+    return LSMRResult(vx.to_tensor(x.cur), sc.tensor(istop), sc.tensor(itn), sc.tensor(s[_NORMR]),
                       sc.tensor(s[_NORMAR]), sc.tensor(s[_NORMA]), sc.tensor(s[_CONDA]),
                       sc.tensor(s[_NORMX]))

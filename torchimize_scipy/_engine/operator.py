@@ -127,6 +127,19 @@ class JacobianOperator:
             return out if self.row_scale is None else out * self.row_scale.unsqueeze(-1)
         return torch.stack([self.matvec(P[..., k]) for k in range(P.shape[-1])], dim=-1)
 
+    def host_csr(self) -> BlockCSR | None:
+        """The host CSR form of an unscaled sparse Jacobian whose products run on the host.
+
+        Its ``matvec_into``, ``rmatvec_into`` and ``start_matvec`` work on
+        numpy arrays without allocating (:class:`~torchimize_scipy._engine.csr.BlockCSR`).
+        None for other kinds, devices, or with a scaling (:meth:`folded`
+        moves the scalings into the values).
+        """
+        if (self.kind == "sparse" and self.row_scale is None and self.col_scale is None
+                and self._csr.on_host):
+            return self._csr
+        return None
+
     # ---- column norms ----------------------------------------------------------
     @property
     def has_column_norms(self) -> bool:

@@ -264,7 +264,7 @@ class TRFLSMR(TRF):
             reg = -ag_value / (delta * delta)
         f = state["f"]
         if diag_h is not None:
-            A = StackedOperator(J_h, (diag_h + reg).clamp(min=0).sqrt())
+            A = StackedOperator(J_h, (diag_h + reg.unsqueeze(-1)).clamp(min=0).sqrt())
             gn_h, broke = run_lsmr(A, torch.cat([f, torch.zeros_like(g)], -1), self.keywords)
         else:
             gn_h, broke = run_lsmr(J_h, f, self.keywords, damp=(self.damp ** 2 + reg).sqrt())
