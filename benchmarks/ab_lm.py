@@ -6,7 +6,7 @@ Cases: Rosenbrock (analytic and '2-point' Jacobian), scipy's docs example of
 the symmetric start ``p0 = 1`` (issue 19), whose Jacobian is rank deficient
 at the start, so that 'lm' takes MINPACK's pivoted-QR step
 (``_engine/minpack_qr.py``). Calls are alternated (before, after, after with
-``host_lm.HOST_ON_CPU = False``, scipy) ``--repeat`` times; medians of the
+``host_scalars.HOST = False``, scipy) ``--repeat`` times; medians of the
 wall time and of the calling thread's CPU time (``time.thread_time``: it
 leaves out time spent waiting to be scheduled and the spinning of idle
 OpenMP workers, which ``process_time`` counts), and the minimum wall time.
@@ -72,7 +72,7 @@ def main() -> None:
     setup(args)
     repeat = args.repeat or (5 if args.quick else 21)
     import torchimize_scipy as after
-    from torchimize_scipy._engine import host_lm
+    from torchimize_scipy._engine import host_scalars
 
     if Path(after.__file__).resolve().parent != ROOT / "torchimize_scipy":
         sys.exit(f"torchimize_scipy comes from {after.__file__}, not this tree: "
@@ -91,17 +91,17 @@ def main() -> None:
             cpu: dict[str, list[float]] = {k: [] for k in variants}
             for k in variants:  # warm-up
                 lib, host = libs[k]
-                host_lm.HOST_ON_CPU = True if host is None else host
+                host_scalars.HOST = None if host is not False else False
                 fn(lib)
             for _ in range(repeat):
                 for k in variants:
                     lib, host = libs[k]
-                    host_lm.HOST_ON_CPU = True if host is None else host
+                    host_scalars.HOST = None if host is not False else False
                     c0, t0 = time.thread_time(), time.perf_counter()
                     fn(lib)
                     wall[k].append(time.perf_counter() - t0)
                     cpu[k].append(time.thread_time() - c0)
-            host_lm.HOST_ON_CPU = True
+            host_scalars.HOST = None
             med = {k: statistics.median(wall[k]) for k in variants}
             mcpu = {k: statistics.median(cpu[k]) for k in variants}
             row = {"case": name,

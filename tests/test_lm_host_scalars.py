@@ -1,7 +1,7 @@
 """'lm' with its per-problem scalars on the host (CPU) against the same rule in torch.
 
-``_engine/host_lm.py`` lets the 'lm' step rule run its elementwise scalar work
-in numpy when the tensors are on the CPU; ``HOST_ON_CPU = False`` runs the
+``_engine/host_scalars.py`` lets the 'lm' step rule run its elementwise scalar work
+in numpy when the tensors are on the CPU; ``HOST = False`` runs the
 very same code with ``xp = torch`` on the CPU (the path every other device
 takes). Both must give the same solutions, counts and status.
 """
@@ -14,7 +14,7 @@ import torch
 from scipy.optimize import least_squares as scipy_least_squares
 
 import torchimize_scipy as ts
-from torchimize_scipy._engine import host_lm
+from torchimize_scipy._engine import host_scalars
 
 
 def rosen(x):
@@ -40,9 +40,9 @@ YD = decay(XD, 2.5, 1.3, 0.5) + 0.2 * np.random.default_rng(0).normal(size=XD.si
 def _both(monkeypatch, call):
     """``call()`` on the host path and on the torch path (CPU both)."""
     host = call()
-    monkeypatch.setattr(host_lm, "HOST_ON_CPU", False)
+    monkeypatch.setattr(host_scalars, "HOST", False)
     dev = call()
-    monkeypatch.setattr(host_lm, "HOST_ON_CPU", True)
+    monkeypatch.setattr(host_scalars, "HOST", None)
     return host, dev
 
 
@@ -104,7 +104,7 @@ def test_a_nan_row_stops_alone_on_the_host_path():
 
 
 def test_scalars_namespace_round_trip():
-    hs = host_lm.Scalars(torch.zeros(2, 3, dtype=torch.float64))  # a batch of two
+    hs = host_scalars.Scalars(torch.zeros(2, 3, dtype=torch.float64))  # a batch of two
     assert hs.host and hs.xp is np
     small = torch.tensor([1.5, -2.0], dtype=torch.float64)
     other = torch.tensor([3.0, 4.0], dtype=torch.float64)
@@ -115,7 +115,7 @@ def test_scalars_namespace_round_trip():
     np.testing.assert_array_equal(a, [1.5, -2.0])
     np.testing.assert_array_equal(o, [3.0, 4.0])  # (stacked with ``small``)
     assert np.shares_memory(b, large.numpy())  # a large tensor is viewed, not copied
-    t, = hs.tensor(a * 2)
+    t, = hs.tensors(a * 2)
     assert t.dtype == torch.float64 and t.tolist() == [3.0, -4.0]
     again, = hs.view(t)
     assert np.shares_memory(again, t.numpy())  # the array it came from, no crossing
@@ -125,8 +125,8 @@ def test_scalars_namespace_round_trip():
 
 
 def test_scalars_namespace_of_one_float64_problem():
-    hs = host_lm.Scalars(torch.zeros(1, 3, dtype=torch.float64))
-    assert hs.host and hs.xp is host_lm.Floats
+    hs = host_scalars.Scalars(torch.zeros(1, 3, dtype=torch.float64))
+    assert hs.host and hs.floats and hs.xp is host_scalars.Floats
     d, flag, n, row = hs.view(torch.tensor([2.0], dtype=torch.float64), torch.tensor([True]),
                               torch.tensor([7]), torch.tensor([[1.0, -3.0, 2.0]],
                                                               dtype=torch.float64))
@@ -139,26 +139,26 @@ def test_scalars_namespace_of_one_float64_problem():
         assert np.isnan(xp.minimum(nan, d)) and np.isnan(xp.maximum(d, nan))
     assert xp.where(flag, d, 0.0) == 2.0 and xp.where(~flag, d, 0.0) == 0.0
     np.testing.assert_array_equal(xp.where(row > 0, row, 0.0), [[1.0, 0.0, 2.0]])
-    t_d, t_flag, t_code, t_zero = hs.tensor(d * 3, flag, np.where(flag, 2, -100), 0.0)
+    t_d, t_flag, t_code, t_zero = hs.tensors(d * 3, flag, np.where(flag, 2, -100), 0.0)
     assert t_d.dtype == torch.float64 and t_d.tolist() == [6.0]
     assert t_flag.dtype == torch.bool and t_code.dtype == torch.int64
     assert t_code.tolist() == [2] and t_zero.tolist() == [0.0]
     assert hs.view(t_d)[0] == 6.0 and type(hs.view(t_code)[0]) is np.int64
     # float32 and batches keep arrays
-    assert host_lm.Scalars(torch.zeros(1, 3, dtype=torch.float32)).xp is np
+    assert host_scalars.Scalars(torch.zeros(1, 3, dtype=torch.float32)).xp is np
 
 
 def test_scalars_namespace_off_the_host(monkeypatch):
-    monkeypatch.setattr(host_lm, "HOST_ON_CPU", False)
-    hs = host_lm.Scalars(torch.zeros(1, 2))
+    monkeypatch.setattr(host_scalars, "HOST", False)
+    hs = host_scalars.Scalars(torch.zeros(1, 2))
     assert not hs.host and hs.xp is torch
     t = torch.tensor([1.0, 2.0])
-    assert hs.view(t)[0] is t and hs.tensor(t)[0] is t
+    assert hs.view(t)[0] is t and hs.tensors(t)[0] is t
     assert torch.equal(hs.amax(torch.tensor([[1.0, 3.0]])), torch.tensor([3.0]))
 
 
 def test_lm_rule_issues_few_torch_operations_per_evaluation():
-    """Regression guard: the rule's own work (steps/lm.py, host_lm.py) per evaluation.
+    """Regression guard: the rule's own work (steps/lm.py, host_scalars.py) per evaluation.
 
     Before its scalars moved to the host it issued ~100 top-level aten
     operations per evaluation on this problem (assess_trial alone ~53); now
@@ -191,7 +191,7 @@ def test_lm_rule_issues_few_torch_operations_per_evaluation():
             if site is None and "torchimize_scipy" in p.name:
                 site = p.name
             p = p.cpu_parent
-        if (top and site is not None and ("steps/lm.py" in site or "host_lm.py" in site)
+        if (top and site is not None and ("steps/lm.py" in site or "host_scalars.py" in site)
                 and ev.name not in crossings):
             own += 1
     assert len(calls) == 21
@@ -227,7 +227,7 @@ def test_basic_gauss_newton_host_and_torch_paths_agree(monkeypatch):
 
     J, f, diag = (torch.tensor(a) for a in _rank_deficient(1))
     host, host_fac = basic_gauss_newton(J, diag, f)
-    monkeypatch.setattr(host_lm, "HOST_ON_CPU", False)
+    monkeypatch.setattr(host_scalars, "HOST", False)
     dev, dev_fac = basic_gauss_newton(J, diag, f)
     assert torch.equal(host.rows, dev.rows) and bool(host.rows.all())
     assert torch.equal(host.full, dev.full)

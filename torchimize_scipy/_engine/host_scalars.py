@@ -1,37 +1,66 @@
-r"""Per-problem scalars of the trust-region iterations, kept on the host when on the CPU.
+r"""Per-problem scalars of the engine's iterations, kept on the host when on the CPU.
 
 The trust-region methods do much of their per-iteration work on a handful of
 numbers per problem: the radius, the Levenberg-Marquardt parameter and its
 bracket in Moré's Newton iteration (J. J. Moré, "The Levenberg-Marquardt
 algorithm: implementation and theory", Lecture Notes in Mathematics 630,
-1978), the actual and predicted reductions, the ratio of the two and the
-termination tests. As ``(B,)`` tensors each of these steps is one torch
-operation, whose dispatch (3.5-8.5 µs on the CPU) costs far more than the
-arithmetic; a numpy operation on a few values costs a fraction of that, and
-one on a ``numpy.float64`` scalar a fraction again.
+1978), the actual and predicted reductions, the ratio of the two, MINPACK's
+acceptance test, radius and damping updates, and the termination tests. As
+``(B,)`` tensors each of these steps is one torch operation, whose dispatch
+(3.5-8.5 µs on the CPU) costs far more than the arithmetic; a numpy
+operation on a few values costs a fraction of that, and one on a
+``numpy.float64`` scalar a fraction again.
 
 :class:`Scalars` decides where such values live and converts at the edges:
 
 * tensors on the CPU: on the host, as numpy arrays (``tensor.numpy()`` is a
   view without a copy and ``torch.from_numpy`` a tensor without a copy), or as
-  ``numpy.float64`` scalars for one float64 problem (``least_squares``);
+  numpy scalars (``numpy.float64``, ``numpy.bool_``, ``numpy.int64``) for one
+  float64 problem (``least_squares``, ``curve_fit``);
 * other devices: as tensors beside the rest of the data (no host reads).
 
 The arithmetic is written once, against the namespace :attr:`Scalars.xp`
 (``numpy``, :class:`Floats` or ``torch``, whose functions used here share
 names and semantics), so there is no second implementation of any method and
-no path of its own for one problem. Elementwise ``+ - * /`` and ``sqrt`` of
-float64 round the same in numpy and torch; reductions over a row (a norm, a
-sum) may not, so :meth:`Scalars.norm` and :meth:`Scalars.sum` run torch's own
-reduction on a view of the host data: results are those of the all-torch
-code, bit for bit. Powers are written as products (torch evaluates ``x**3`` as
-``x * x * x``, numpy's ``power`` calls ``pow``, which rounds differently).
+no path of its own for one problem. Module switch: :data:`HOST` (``False``
+runs the device's tensor code on the CPU; the tests and
+``benchmarks/bench_ops.py --device-path`` use it).
 
-On the host, division by zero and invalid operations give ``inf``/``nan``
-without a warning inside :meth:`Scalars.quiet`, as torch does.
+Two families of conversions serve the two kinds of callers:
 
-``_engine/lsmr.py`` applies the same idea to LSMR's recurrences (its
-``_Scalars``, ``_FloatScalars`` and ``_Floats``); the two may be merged.
+* 'trf' and 'dogbox' (:mod:`.trust_region`, :mod:`.quadratic`,
+  :mod:`.bounds`, :mod:`.steps.trf`, :mod:`.steps.dogbox`) use
+  :meth:`Scalars.get`/:meth:`~Scalars.get_many`/:meth:`~Scalars.rows` and
+  :meth:`~Scalars.tensor`/:meth:`~Scalars.tensor_rows`, plus row reductions
+  (:meth:`~Scalars.norm`, :meth:`~Scalars.row_sum`) that run torch's own
+  reduction on a view of the host data, since a norm or sum in numpy may
+  round differently. Their square roots are numpy's (:meth:`Floats.sqrt`,
+  ``numpy.sqrt``: correctly rounded), so their host path may differ from the
+  all-torch path in the last bits: torch's vectorised float64 ``sqrt`` on
+  this CPU is one unit in the last place off for about 1 % of inputs.
+* 'lm' (:mod:`.steps.lm`, :mod:`.minpack_qr`, ``minpack_status`` of
+  :mod:`.termination`) uses :meth:`Scalars.view` and :meth:`Scalars.tensors`
+  on several tensors at once: a tensor of at most :data:`_SMALL` entries
+  crosses to numpy through ``tolist`` (exact, and cheaper than
+  ``Tensor.numpy()``, whose four dispatched operations cost more than the
+  copy), a larger one is viewed without a copy. 'lm' takes every square root,
+  norm and sum in torch, so that its host and tensor paths agree bit for
+  bit.
+
+Both families remember a tensor's host value on the tensor (the engine never
+writes into its tensors, as ``counts.py`` relies on too): a 0-d or ``(B,)``
+tensor under ``_tsc_host_value`` (a ``(B,)`` array, or a numpy scalar for one
+float64 problem), a tensor of two or more dimensions under
+``_tsc_host_rows`` (an array of the tensor's shape). One tensor has one
+representation whichever family reads it first.
+
+Powers are written as products (torch evaluates ``x**3`` as ``x * x * x``,
+numpy's ``power`` calls ``pow``, which rounds differently). On the host,
+division by zero and invalid operations give ``inf``/``nan`` without a
+warning inside :meth:`Scalars.quiet`, as torch does.
+
+``_engine/lsmr.py`` applies the same idea to LSMR's recurrences with its own
+packed ``(K, B)`` scalars (``_Scalars``), a different design kept apart.
 """
 
 from __future__ import annotations
@@ -53,10 +82,15 @@ from .counts import count_true
 HOST: bool | None = None
 
 
-#: attribute of a tensor made by :meth:`Scalars.tensor`: the host values it was made from
+#: attribute of a 0-d or ``(B,)`` tensor: its host value (a ``(B,)`` array, or a numpy
+#: scalar when :attr:`Scalars.floats`)
 _HOST_VALUE = "_tsc_host_value"
-#: attribute of a ``(B, k)`` tensor: its rows on the host (see :meth:`Scalars.rows`)
+#: attribute of a tensor of two or more dimensions: its host array (same shape)
 _HOST_ROWS = "_tsc_host_rows"
+#: tensors of at most this many entries reach numpy through ``tolist`` (:meth:`Scalars.view`)
+_SMALL = 64
+_NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
+          torch.bool: np.bool_, torch.int64: np.int64, torch.int32: np.int32}
 
 
 _ARRAY = np.ndarray
@@ -70,12 +104,14 @@ class Floats:
     """numpy's elementwise functions, taking a short cut for ``numpy.float64`` scalars.
 
     One float64 problem keeps its per-problem values as ``numpy.float64`` (or
-    ``numpy.bool_``) scalars; they may meet rows of a ``(1, k)`` array (the
+    ``numpy.bool_``, ``numpy.int64``) scalars; they may meet rows of a ``(1, k)`` array (the
     singular values), for which numpy's functions are used. Results of scalar
     arguments are ``numpy.float64`` (division by zero gives ``inf``/``nan``
     under :func:`numpy.errstate`, not an exception), and ``maximum``/``minimum``
     propagate NaN as numpy's and torch's do.
     """
+
+    inf = math.inf
 
     @staticmethod
     def where(cond: Any, a: Any, b: Any) -> Any:
@@ -149,6 +185,10 @@ class Scalars:
     scalars when :attr:`floats`; "columns" are the same as ``(B, 1)`` (to
     broadcast against rows ``(B, k)``), scalars when :attr:`floats`. Rows of
     ``(B, k)`` values are arrays (``(1, k)`` when :attr:`floats`) or tensors.
+
+    'trf' and 'dogbox' convert one tensor at a time (:meth:`get`,
+    :meth:`tensor`, :meth:`rows`, :meth:`tensor_rows`); 'lm' converts several
+    of any shape and dtype at once (:meth:`view`, :meth:`tensors`).
     """
 
     __slots__ = ("B", "dtype", "device", "host", "floats", "xp")
@@ -338,5 +378,62 @@ class Scalars:
         return np.full(self.B, value, dtype=torch.empty((), dtype=self.dtype).numpy().dtype)
 
     def quiet(self) -> contextlib.AbstractContextManager:
-        """Silence numpy's floating-point warnings (the host's arithmetic is torch's)."""
+        """Silence numpy's floating-point warnings (torch has none): the callers guard
+        their divisions themselves, and infinities or NaNs of a failed problem are
+        expected."""
         return np.errstate(all="ignore") if self.host else contextlib.nullcontext()
+
+    # ---------------------------------------------------------------- several at once ('lm')
+    def view(self, *ts: Tensor) -> tuple[Any, ...]:
+        """The tensors as values of :attr:`xp` (on the host: values never written to).
+
+        A tensor made by :meth:`tensors` (or :meth:`tensor`, :meth:`tensor_rows`)
+        or read before carries its host value and costs nothing; another one of
+        at most :data:`_SMALL` entries is copied through ``tolist`` (exact), a
+        larger one is viewed without a copy. When :attr:`floats`, a ``(1,)``
+        tensor becomes a numpy scalar of its dtype; other shapes stay arrays.
+        """
+        if not self.host:
+            return ts
+        out = []
+        for t in ts:
+            attr = _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS
+            value = getattr(t, attr, None)
+            if value is None:
+                size = t.numel()
+                if size > _SMALL:
+                    value = t.numpy()
+                elif self.floats and size == 1 and t.ndim == 1:  # a (1,) column
+                    value = _NUMPY[t.dtype](t.tolist()[0])
+                else:
+                    value = np.array(t.tolist(), dtype=_NUMPY[t.dtype])
+                setattr(t, attr, value)
+            out.append(value)
+        return tuple(out)
+
+    def tensors(self, *values: Any) -> tuple[Tensor, ...]:
+        """Values of :attr:`xp` as tensors, each remembering its value for :meth:`view`.
+
+        On the host: the same memory for an array, a ``(1,)`` tensor for a
+        scalar (numpy's, or a Python number chosen by ``where``); off the host
+        the values are already tensors.
+        """
+        if not self.host:
+            return values
+        out = []
+        for v in values:
+            if isinstance(v, np.ndarray) and v.ndim:
+                t = torch.from_numpy(v)
+            else:  # a scalar or a 0-d array: a (1,) tensor, remembered as a numpy scalar
+                a = np.asarray(v)
+                t = torch.from_numpy(a.reshape(1))
+                v = a.dtype.type(v)
+            setattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, v)
+            out.append(t)
+        return tuple(out)
+
+    def amax(self, a: Any) -> Any:
+        """Maximum along the last axis (exact, whatever the order): per-problem values."""
+        if not self.host:
+            return torch.amax(a, dim=-1)
+        return a.max() if self.floats else np.amax(a, axis=-1)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from . import host_lm
+from . import host_scalars
 from .counts import count_true, remember
 from .linalg import Factors, svd_direct
 
@@ -194,7 +194,7 @@ def rank_deficient_rows(fac: Factors) -> Tensor:
 
     Gram and eigen rows have a bounded condition number and are never selected;
     rows with non-finite factors are not selected either. On the CPU the test
-    runs on the host (:mod:`.host_lm`), which then knows the mask's count.
+    runs on the host (:mod:`.host_scalars`), which then knows the mask's count.
     """
     s = fac.s
     B = s.shape[0]
@@ -202,14 +202,14 @@ def rank_deficient_rows(fac: Factors) -> Tensor:
         # no variables (nothing to pivot), or every row on the Gram route
         return remember(torch.zeros(B, dtype=torch.bool, device=s.device), 0)
     eps = torch.finfo(s.dtype).eps
-    hs = host_lm.Scalars(s)
+    hs = host_scalars.Scalars(s)
     sv, = hs.view(s)
     low = sv[:, -1] <= LM_RANK_FACTOR * eps * sv[:, 0]
     if fac.gram is not None:
         low = low & ~hs.view(fac.gram)[0]
     if not hs.host:
         return low
-    return remember(hs.tensor(low)[0], int(np.count_nonzero(low)))
+    return remember(hs.tensors(low)[0], int(np.count_nonzero(low)))
 
 
 def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> tuple[BasicStep, Factors]:
@@ -246,7 +246,7 @@ def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> tuple[BasicStep, F
     B, n = diag.shape
     # on the CPU the column loops run in numpy (the same operations, far cheaper on small
     # matrices); the square roots, the two sums and the SVD stay torch's
-    host = host_lm.HOST_ON_CPU and J.device.type == "cpu"
+    host = host_scalars.Scalars(J).host
     xp = np if host else torch
     Jx, fx, dx = (J.numpy(), f.numpy(), diag.numpy()) if host else (J, f, diag)
     with np.errstate(all="ignore"):  # (numpy: the infinities of a failed row are expected)

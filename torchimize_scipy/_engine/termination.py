@@ -130,7 +130,7 @@ def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
     * |diag x|``.
     """
     # (tensors, or numpy values with their namespace ``xp``: 'lm' keeps its scalars on
-    # the host on the CPU, see host_lm)
+    # the host on the CPU, see host_scalars)
     if isinstance(delta, Tensor):
         xp, eps = torch, torch.finfo(delta.dtype).eps
     else:

@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from ..counts import count_true, remember
-from ..host_lm import Scalars
+from ..host_scalars import Scalars
 from ..linalg import factorize, gauss_newton_step, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import Problem
@@ -157,15 +157,15 @@ class LevenbergMarquardt(StepRule):
                     diag = xp.where(start[..., None], first_diag, grown)
                 else:
                     diag = grown
-                state["diag"], = hs.tensor(diag)
+                state["diag"], = hs.tensors(diag)
             hit = (gnorm <= problem.gtol) & (status == RUNNING)
-            state["optimality"], state["gnorm"], hit = hs.tensor(optimality, gnorm, hit)
+            state["optimality"], state["gnorm"], hit = hs.tensors(optimality, gnorm, hit)
             if any_start:
                 # (a norm: torch's reduction, as everywhere else)
                 xnorm = hs.view(vnorm(state["diag"] * state["x"], dim=-1))[0]
                 delta0 = xp.where(xnorm == 0, FACTOR, FACTOR * xnorm)
                 delta, old_xnorm = hs.view(state["delta"], state["xnorm"])
-                state["delta"], state["xnorm"] = hs.tensor(xp.where(start, delta0, delta),
+                state["delta"], state["xnorm"] = hs.tensors(xp.where(start, delta0, delta),
                                                            xp.where(start, xnorm, old_xnorm))
                 state["radius_set"] = torch.ones_like(state["radius_set"])
         return hit
@@ -216,7 +216,7 @@ class LevenbergMarquardt(StepRule):
         pnorm = vnorm(q, dim=-1)
         # on the first iteration the radius is cut to the first step's length
         first, delta, pn = hs.view(state["no_step_yet"], state["delta"], pnorm)
-        state["delta"], = hs.tensor(hs.xp.where(first, hs.xp.minimum(delta, pn), delta))
+        state["delta"], = hs.tensors(hs.xp.where(first, hs.xp.minimum(delta, pn), delta))
         return LMTrial(state["x"] + step, vnorm(step, dim=-1), step, pnorm, par)
 
     def assess_trial(self, problem: Problem, state: dict, trial: LMTrial, f_new: Tensor,
@@ -229,7 +229,7 @@ class LevenbergMarquardt(StepRule):
             Jstep_norm = cross_jac(state["J"], step, step, state["G"], state["fac_gram"]).sqrt()
         else:
             Jstep_norm = vnorm(jac_times(state["J"], step), dim=-1)
-        # (square roots too: torch's float64 sqrt is not always numpy's, see host_lm)
+        # (square roots too: torch's float64 sqrt is not always numpy's, see host_scalars)
         (fnorm_new, Jstep_norm, xnorm_new, pnorm, par, par_sqrt, fnorm, delta, xnorm, gnorm,
          nfev, no_step_yet, finite) = hs.view(
             vnorm(f_new, dim=-1), Jstep_norm, vnorm(state["diag"] * x_new, dim=-1),
@@ -270,7 +270,7 @@ class LevenbergMarquardt(StepRule):
             status = minpack_status(actred, prered, ratio, delta, xnorm, gnorm, nfev,
                                     problem.max_nfev, problem.ftol, problem.xtol, xp=xp)
             (state["delta"], state["par"], state["xnorm"], state["no_step_yet"],
-             state["uncounted_jac"], accept, status) = hs.tensor(
+             state["uncounted_jac"], accept, status) = hs.tensors(
                 delta, par, xnorm, no_step_yet > accept,  # (and not accepted)
                 uncounted_jacobian(accept, status), accept, status)
         return Verdict(accept, status, x_new)
