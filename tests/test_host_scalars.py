@@ -90,6 +90,44 @@ def test_tensor_round_trip_remembers_host_values():
         assert codes.dtype == torch.long and (codes == 3).all()
 
 
+@pytest.mark.parametrize("B", [1, 4])
+def test_one_tensor_has_one_host_value_whichever_reader_comes_first(B):
+    # 'lm' (view/tensors) and 'trf' (get/rows/tensor) share one module and one
+    # attribute per tensor rank. Before the merge, host_lm kept a (1, 1) column's
+    # (1, 1) array under the attribute from which host_scalars.get read per-problem
+    # values, so get returned an array where a numpy.float64 was due.
+    sc = Scalars(torch.zeros(B, 3, dtype=torch.float64))
+    col = torch.arange(1.0, B + 1.0, dtype=torch.float64)[:, None]  # (B, 1)
+    viewed, = sc.view(col)
+    assert viewed.shape == (B, 1)
+    got = sc.get(col)  # per-problem values, not the rows view() remembered
+    if B == 1:
+        assert type(got) is np.float64 and got == 1.0
+    else:
+        assert got.shape == (B, 1)
+        np.testing.assert_array_equal(got[:, 0], np.arange(1.0, B + 1.0))
+    # rows read by one reader are the other's (no second conversion)
+    t = torch.ones(B, 3, dtype=torch.float64)
+    assert sc.view(t)[0] is sc.rows(t)
+    made, = sc.tensors(np.full((B, 3), 2.0))
+    assert sc.rows(made) is sc.view(made)[0]
+    # per-problem values: tensor() then view(), tensors() then get()
+    one = sc.tensor(sc.full(3.0))
+    assert sc.view(one)[0] is sc.get(one)
+    two, = sc.tensors(sc.full(4.0))
+    assert sc.get(two) is sc.view(two)[0]
+    assert np.all(np.asarray(sc.get(two)) == 4.0)
+
+
+def test_view_of_small_tensors_copies_and_of_large_ones_shares():
+    sc = Scalars(torch.zeros(2, 3, dtype=torch.float64))
+    small = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    large = torch.arange(host_scalars._SMALL + 1, dtype=torch.float64)
+    s, lg = sc.view(small, large)
+    assert not np.shares_memory(s, small.numpy())  # through tolist
+    assert np.shares_memory(lg, large.numpy())
+
+
 @pytest.mark.parametrize("B", [1, 6])
 @pytest.mark.parametrize("use_gram", [False, True])
 @pytest.mark.parametrize("rank_deficient", [False, True])
