@@ -331,20 +331,3 @@ def _solve_good(fun: Callable, p0: np.ndarray, jac: Any, lb: np.ndarray, ub: np.
         return t
     rows = torch.as_tensor(good_idx, device=dev)
     return {k: v.index_copy(0, rows, t[k]) for k, v in left_out().items()}
-    if torch_mode:
-        x0: Any = torch.as_tensor(p0[good_idx], device=dev, dtype=dt)
-        ids: Any = torch.as_tensor(good_idx, device=dev)
-    else:
-        x0, ids = p0[good_idx], good_idx
-    final = without_final_jacobians() if minpack_last else contextlib.nullcontext()
-    with final:
-        res = batch_least_squares(fun, x0, jac=jac, bounds=(lb[good_idx], ub[good_idx]),
-                                  method=method, args=(ids,), device=dev, dtype=dt, **kwargs)
-    every = good_idx.size == B  # (good_idx is ascending): the results are the B rows
-    rows = torch.as_tensor(good_idx, device=dev)
-    for key in ("x", "cost", "fun", "status", "nfev", "jac"):
-        v = res[key]
-        v = v if isinstance(v, torch.Tensor) else torch.as_tensor(as_numpy(v))
-        v = v.to(device=dev, dtype=t[key].dtype)
-        t[key] = v if every else t[key].index_copy(0, rows, v)
-    return t

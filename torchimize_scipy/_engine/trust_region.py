@@ -30,106 +30,32 @@ from .linalg import (
     gram_solve,
     mix_routes,
     routes,
-    safe_div,
 )
 from .minpack_qr import BasicStep
 
 
-class SpectralData(NamedTuple):
-    """What every damped solve of one subproblem shares (computed once per solve).
+def radius_mismatch(fac: Factors, alpha: Tensor | None,
+                    delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``|p(alpha)| - delta``, its derivative in alpha, and ``|p(alpha)|``, shape ``(B,)``.
 
-    Attributes
-    ----------
-    route : tuple of bool
-        :func:`~.linalg.routes`: whether any row takes the Gram route, and
-        whether any takes the SVD route.
-    suf, s2, suf2 : Tensor, shape (B, k), or None without SVD rows
-        ``s * uf``, ``s * s`` and ``suf * suf``.
+    ``alpha=None`` means 0 for every problem. The tensor form of
+    :func:`_radius_terms`.
     """
-
-    route: tuple[bool, bool]
-    suf: Tensor | None
-    s2: Tensor | None
-    suf2: Tensor | None
-
-
-def spectral_data(fac: Factors) -> SpectralData:
-    """The :class:`SpectralData` of ``fac``."""
-    route = routes(fac)
-    if not route[1]:
-        return SpectralData(route, None, None, None)
-    suf = fac.s * fac.uf
-    return SpectralData(route, suf, fac.s * fac.s, suf * suf)
+    sc = Scalars(delta, host=False)
+    phi, dpos, p_norm = _radius_terms(sc, fac, _spectral(sc, fac),
+                                      None if alpha is None else alpha.unsqueeze(-1),
+                                      delta.unsqueeze(-1))
+    return phi.squeeze(-1), -dpos.squeeze(-1), p_norm.squeeze(-1)
 
 
-def radius_mismatch(fac: Factors, alpha: Tensor | None, delta: Tensor,
-                    data: SpectralData | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``|p(alpha)| - delta``, its derivative in alpha, and ``|p(alpha)|``.
-
-    ``alpha=None`` means 0 for every problem; ``data`` is :func:`spectral_data`
-    of ``fac`` when known.
-    """
-    data = spectral_data(fac) if data is None else data
-    has_gram, has_svd = data.route
-    pn_s = dphi_s = pn_g = dphi_g = None
-    if has_svd:
-        # (with alpha = 0, s * s + 0 is s * s exactly)
-        denom = data.s2 if alpha is None else data.s2 + alpha.unsqueeze(-1)
-        nonzero = denom != 0
-        pn_s = vnorm(torch.where(nonzero, data.suf / denom, 0.0), dim=-1)
-        dphi_s = -torch.where(nonzero, data.suf2 / denom**3, 0.0).sum(-1) / torch.where(
-            pn_s > 0, pn_s, 1.0)
-    if has_gram:
-        p, q = gram_solve(fac, alpha)
-        pn_g = vnorm(p, dim=-1)
-        dphi_g = -q / torch.where(pn_g > 0, pn_g, 1.0)
-    p_norm = mix_routes(fac, pn_g, pn_s)
-    return p_norm - delta, mix_routes(fac, dphi_g, dphi_s), p_norm
-
-
-def damped_step(fac: Factors, alpha: Tensor | None,
-                data: SpectralData | None = None) -> Tensor:
+def damped_step(fac: Factors, alpha: Tensor | None) -> Tensor:
     """``p(alpha) = -(A^T A + alpha I)^+ A^T b`` (zero singular values dropped).
 
-    ``alpha`` and ``data``: see :func:`radius_mismatch`.
+    ``alpha``: ``(B,)``, or None for 0.
     """
-    data = spectral_data(fac) if data is None else data
-    has_gram, has_svd = data.route
-    p_svd = None
-    if has_svd:
-        denom = data.s2 if alpha is None else data.s2 + alpha.unsqueeze(-1)
-        coef = safe_div(data.suf, denom)
-        p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
-    p_gram = gram_solve(fac, alpha)[0] if has_gram else None
-    return mix_routes(fac, p_gram, p_svd)
-
-
-def _radius_terms(fac: Factors, data: SpectralData, alpha: Tensor | None, delta: Tensor,
-                  coef0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`radius_mismatch` in columns: ``phi``, ``-dphi/dalpha`` and ``|p|``, ``(B, 1)``.
-
-    ``alpha`` and ``delta`` have shape ``(B, 1)`` (``alpha=None``: 0);
-    ``coef0``, when given, is ``s * uf / s**2`` (0 where ``s = 0``) of the
-    undamped step. The derivative is returned with its sign flipped (it is
-    never positive): the Newton updates divide by it, and a flipped divisor
-    saves the negations (``-a / b == a / -b`` exactly).
-    """
-    has_gram, has_svd = data.route
-    pn_s = dpos_s = pn_g = dpos_g = None
-    if has_svd:
-        # (with alpha = 0, s * s + 0 is s * s exactly)
-        denom = data.s2 if alpha is None else data.s2 + alpha
-        nonzero = denom != 0
-        coef = torch.where(nonzero, data.suf / denom, 0.0) if coef0 is None else coef0
-        pn_s = vnorm(coef, dim=-1, keepdim=True)
-        dpos_s = torch.where(nonzero, data.suf2 / denom**3, 0.0).sum(-1, keepdim=True) / (
-            torch.where(pn_s > 0, pn_s, 1.0))
-    if has_gram:
-        p, q = gram_solve(fac, alpha, keepdim=True)
-        pn_g = vnorm(p, dim=-1, keepdim=True)
-        dpos_g = q / torch.where(pn_g > 0, pn_g, 1.0)
-    p_norm = mix_routes(fac, pn_g, pn_s)
-    return p_norm - delta, mix_routes(fac, dpos_g, dpos_s), p_norm
+    sc = Scalars(fac.s, host=False)
+    alpha_c = (torch.zeros_like(fac.s[..., :1]) if alpha is None else alpha.unsqueeze(-1))
+    return _damped_step_column(sc, fac, _spectral(sc, fac), alpha_c)
 
 
 def _restart(lower: Tensor, upper: Tensor) -> Tensor:
@@ -137,12 +63,13 @@ def _restart(lower: Tensor, upper: Tensor) -> Tensor:
     return torch.maximum(0.001 * upper, (lower * upper).sqrt())
 
 
-class _HostSpectral(NamedTuple):
-    """The SVD data of :class:`SpectralData` where :class:`~.host_scalars.Scalars` keeps them.
+class _Spectral(NamedTuple):
+    """What every damped solve of one subproblem shares, where ``Scalars`` keeps it.
 
-    ``s, suf, s2, suf2`` are rows (``suf`` and the squares None without SVD
-    rows); ``gram`` the Gram rows as columns where both routes are taken
-    (None otherwise).
+    ``route``: :func:`~.linalg.routes` (any Gram rows, any SVD rows);
+    ``s, suf, s2, suf2`` are rows (``s``, ``s * uf`` and the squares; the last
+    three None without SVD rows); ``gram`` the Gram rows as columns where both
+    routes are taken (None otherwise).
     """
 
     route: tuple[bool, bool]
@@ -153,7 +80,7 @@ class _HostSpectral(NamedTuple):
     gram: Any
 
 
-def _host_spectral(sc: Scalars, fac: Factors) -> _HostSpectral:
+def _spectral(sc: Scalars, fac: Factors) -> _Spectral:
     route = routes(fac)
     has_gram, has_svd = route
     s = sc.rows(fac.s)
@@ -163,10 +90,10 @@ def _host_spectral(sc: Scalars, fac: Factors) -> _HostSpectral:
         s2 = s * s
         suf2 = suf * suf
     gram = sc.get_col(fac.gram) if has_gram and has_svd else None
-    return _HostSpectral(route, s, suf, s2, suf2, gram)
+    return _Spectral(route, s, suf, s2, suf2, gram)
 
 
-def _mix(sc: Scalars, sp: _HostSpectral, gram_value: Any, svd_value: Any) -> Any:
+def _mix(sc: Scalars, sp: _Spectral, gram_value: Any, svd_value: Any) -> Any:
     """:func:`~.linalg.mix_routes` for columns."""
     if svd_value is None:
         return gram_value
@@ -175,19 +102,28 @@ def _mix(sc: Scalars, sp: _HostSpectral, gram_value: Any, svd_value: Any) -> Any
     return sc.xp.where(sp.gram, gram_value, svd_value)
 
 
-def _host_radius_terms(sc: Scalars, fac: Factors, sp: _HostSpectral, alpha: Any, delta: Any,
+def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: Any,
                        coef0: Any = None) -> tuple[Any, Any, Any]:
-    """:func:`_radius_terms` on columns kept by ``sc`` (the same arithmetic)."""
+    """``phi = |p(alpha)| - delta``, ``-dphi/dalpha`` and ``|p|`` as columns kept by ``sc``.
+
+    ``alpha`` and ``delta`` are columns ``(B, 1)`` (``alpha=None``: 0);
+    ``coef0``, when given, is ``s * uf / s**2`` (0 where ``s = 0``) of the
+    undamped step. The derivative is returned with its sign flipped (it is
+    never positive): the Newton updates divide by it, and a flipped divisor
+    saves the negations (``-a / b == a / -b`` exactly).
+    """
     xp = sc.xp
     has_gram, has_svd = sp.route
     pn_s = dpos_s = pn_g = dpos_g = None
     if has_svd:
-        # (with alpha = 0, s * s + 0 is s * s exactly; denom**3 is denom * denom * denom)
+        # (with alpha = 0, s * s + 0 is s * s exactly; torch's denom**3 is one
+        # operation computing denom * denom * denom, numpy's calls pow)
         denom = sp.s2 if alpha is None else sp.s2 + alpha
         nonzero = denom != 0
         coef = xp.where(nonzero, sp.suf / denom, 0.0) if coef0 is None else coef0
         pn_s = sc.row_norm(coef, keepdim=True)
-        dpos_s = sc.row_sum(xp.where(nonzero, sp.suf2 / (denom * denom * denom), 0.0),
+        cube = denom**3 if xp is torch else denom * denom * denom
+        dpos_s = sc.row_sum(xp.where(nonzero, sp.suf2 / cube, 0.0),
                             keepdim=True) / xp.where(pn_s > 0, pn_s, 1.0)
     if has_gram:
         p, q = gram_solve(fac, None if alpha is None else sc.tensor_rows(alpha), keepdim=True)
@@ -197,8 +133,8 @@ def _host_radius_terms(sc: Scalars, fac: Factors, sp: _HostSpectral, alpha: Any,
     return p_norm - delta, _mix(sc, sp, dpos_g, dpos_s), p_norm
 
 
-def _host_damped_step(sc: Scalars, fac: Factors, sp: _HostSpectral, alpha: Any) -> Tensor:
-    """:func:`_damped_step_column` for columns ``alpha`` kept by ``sc``."""
+def _damped_step_column(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any) -> Tensor:
+    """:func:`damped_step` for columns ``alpha`` ``(B, 1)`` kept by ``sc``."""
     has_gram, has_svd = sp.route
     p_svd = None
     if has_svd:
@@ -209,7 +145,7 @@ def _host_damped_step(sc: Scalars, fac: Factors, sp: _HostSpectral, alpha: Any) 
     return mix_routes(fac, p_gram, p_svd)
 
 
-def _host_full_rank(sc: Scalars, fac: Factors, sp: _HostSpectral, m: int, n: int) -> Any:
+def _full_rank_columns(sc: Scalars, fac: Factors, sp: _Spectral, m: int, n: int) -> Any:
     """:func:`~.linalg.full_rank_mask` as columns."""
     if m < n or fac.s.shape[-1] < n:
         gram = fac.gram
@@ -265,9 +201,9 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     """The body of :func:`solve_trust_region_scipy`."""
     xp = sc.xp
     B = sc.B
-    sp = _host_spectral(sc, fac)
+    sp = _spectral(sc, fac)
     has_gram, has_svd = sp.route
-    full_rank = _host_full_rank(sc, fac, sp, m, n)
+    full_rank = _full_rank_columns(sc, fac, sp, m, n)
     coef0 = p_svd = None
     if has_svd:
         coef0 = xp.where(sp.s2 != 0, sp.suf / sp.s2, 0.0)
@@ -282,7 +218,7 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     gnorm = _mix(sc, sp, sc.norm(fac.b, keepdim=True) if has_gram else None,
                  sc.row_norm(sp.suf, keepdim=True) if has_svd else None)
     upper = gnorm / delta_c
-    phi0, dpos0, _ = _host_radius_terms(sc, fac, sp, None, delta_c, coef0)
+    phi0, dpos0, _ = _radius_terms(sc, fac, sp, None, delta_c, coef0)
     # -phi0 / dphi0 (phi0 itself where the derivative vanishes)
     lower = xp.where(full_rank, phi0 / xp.where(dpos0 != 0, dpos0, -1.0), 0.0)
     alpha = sc.get_col(alpha0)
@@ -294,7 +230,7 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     for _ in range(max_iter):
         out = (alpha < lower) | (alpha > upper)
         alpha_it = xp.where(out, _restart_xp(xp, lower, upper), alpha)
-        phi, dpos, _ = _host_radius_terms(sc, fac, sp, alpha_it, delta_c)
+        phi, dpos, _ = _radius_terms(sc, fac, sp, alpha_it, delta_c)
         upper_it = xp.where(phi < 0, alpha_it, upper)
         neg_ratio = phi / xp.where(dpos != 0, dpos, -1.0)  # -phi / dphi
         lower_it = xp.maximum(lower, alpha_it + neg_ratio)
@@ -309,25 +245,13 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
         n_running = sc.count(running)
         if not n_running:
             break
-    p = _host_damped_step(sc, fac, sp, alpha)
+    p = _damped_step_column(sc, fac, sp, alpha)
     pn = sc.norm(p, keepdim=True)
     p = sc.scale_rows(p, delta_c / xp.where(pn > 0, pn, 1.0))
     if n_inside:
         p = torch.where(sc.tensor(inside).unsqueeze(-1), p_gn, p)
         alpha = xp.where(inside, 0.0, alpha)
     return p, sc.tensor(alpha)
-
-
-def _damped_step_column(fac: Factors, data: SpectralData, alpha: Tensor) -> Tensor:
-    """:func:`damped_step` for ``alpha`` of shape ``(B, 1)``."""
-    has_gram, has_svd = data.route
-    p_svd = None
-    if has_svd:
-        denom = data.s2 + alpha
-        coef = safe_div(data.suf, denom)
-        p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
-    p_gram = gram_solve(fac, alpha)[0] if has_gram else None
-    return mix_routes(fac, p_gram, p_svd)
 
 
 def solve_trust_region_minpack(
@@ -364,9 +288,10 @@ def solve_trust_region_minpack(
     if n_gn == B:
         return p_gn, torch.zeros_like(delta)
 
-    data = spectral_data(fac)
+    sc = Scalars(delta, host=False)  # (its per-problem work stays torch: lm is bit-stable)
+    sp = _spectral(sc, fac)
     full_rank = full_rank_mask(fac, m, n).unsqueeze(-1)
-    phi0, dpos0, _ = _radius_terms(fac, data, None, delta_c)
+    phi0, dpos0, _ = _radius_terms(sc, fac, sp, None, delta_c)
     # -phi0 / dphi0 (phi0 itself where the derivative vanishes)
     ratio0 = phi0 / torch.where(dpos0 != 0, dpos0, -1.0)
     parl = torch.where(full_rank, ratio0 * (dxnorm / delta_c), 0.0)
@@ -376,7 +301,7 @@ def solve_trust_region_minpack(
         parl_qr = torch.where(basic.full.unsqueeze(-1) & (curv > 0), (fp / delta_c) / safe_c,
                               0.0)
         parl = torch.where(basic.rows.unsqueeze(-1), parl_qr, parl)
-    gnorm = grad_norm(fac, data.route, data.suf, keepdim=True)
+    gnorm = grad_norm(fac, sp.route, sp.suf, keepdim=True)
     paru = gnorm / delta_c
     paru = torch.where(paru == 0, dwarf / torch.clamp(delta_c, max=0.1), paru)
     par = torch.minimum(torch.maximum(par0.unsqueeze(-1), parl), paru)
@@ -386,7 +311,7 @@ def solve_trust_region_minpack(
     tenth = 0.1 * delta_c
     for it in range(1, max_iter + 1):
         par_it = torch.where(par == 0, torch.clamp(0.001 * paru, min=dwarf), par)
-        phi, dpos, pnorm = _radius_terms(fac, data, par_it, delta_c)
+        phi, dpos, pnorm = _radius_terms(sc, fac, sp, par_it, delta_c)
         temp = fp
         fp_it = phi
         if it == max_iter:
@@ -415,7 +340,7 @@ def solve_trust_region_minpack(
         n_running = count_true(running)
         if not n_running:
             break
-    p = _damped_step_column(fac, data, par)
+    p = _damped_step_column(sc, fac, sp, par)
     par = par.squeeze(-1)
     if n_gn:
         p = torch.where(gn_ok, p_gn, p)
