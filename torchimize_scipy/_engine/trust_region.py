@@ -16,17 +16,15 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .counts import count_true
 from .host_scalars import Scalars
 from .linalg import (
     Factors,
-    full_rank_mask,
     gauss_newton_step,
-    grad_norm,
     gram_solve,
     mix_routes,
     routes,
@@ -103,14 +101,16 @@ def _mix(sc: Scalars, sp: _Spectral, gram_value: Any, svd_value: Any) -> Any:
 
 
 def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: Any,
-                       coef0: Any = None) -> tuple[Any, Any, Any]:
+                  coef0: Any = None, exact: bool = False) -> tuple[Any, Any, Any]:
     """``phi = |p(alpha)| - delta``, ``-dphi/dalpha`` and ``|p|`` as columns kept by ``sc``.
 
     ``alpha`` and ``delta`` are columns ``(B, 1)`` (``alpha=None``: 0);
     ``coef0``, when given, is ``s * uf / s**2`` (0 where ``s = 0``) of the
     undamped step. The derivative is returned with its sign flipped (it is
     never positive): the Newton updates divide by it, and a flipped divisor
-    saves the negations (``-a / b == a / -b`` exactly).
+    saves the negations (``-a / b == a / -b`` exactly). ``exact``: every
+    norm and sum is torch's reduction, also for one problem on the host
+    ('lm', whose host and tensor paths agree bit for bit).
     """
     xp = sc.xp
     has_gram, has_svd = sp.route
@@ -121,10 +121,11 @@ def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: A
         denom = sp.s2 if alpha is None else sp.s2 + alpha
         nonzero = denom != 0
         coef = xp.where(nonzero, sp.suf / denom, 0.0) if coef0 is None else coef0
-        pn_s = sc.row_norm(coef, keepdim=True)
+        pn_s = _torch_row_norm(sc, coef) if exact else sc.row_norm(coef, keepdim=True)
         cube = denom**3 if xp is torch else denom * denom * denom
-        dpos_s = sc.row_sum(xp.where(nonzero, sp.suf2 / cube, 0.0),
-                            keepdim=True) / xp.where(pn_s > 0, pn_s, 1.0)
+        terms = xp.where(nonzero, sp.suf2 / cube, 0.0)
+        total = _torch_row_sum(sc, terms) if exact else sc.row_sum(terms, keepdim=True)
+        dpos_s = total / xp.where(pn_s > 0, pn_s, 1.0)
     if has_gram:
         p, q = gram_solve(fac, None if alpha is None else sc.tensor_rows(alpha), keepdim=True)
         pn_g = sc.norm(p, keepdim=True)
@@ -254,9 +255,46 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     return p, sc.tensor(alpha)
 
 
+def _bound(xp: Any, a: Any, lower: float | None = None, upper: float | None = None) -> Any:
+    """``a`` clamped to ``[lower, upper]`` in the namespace ``xp`` (NaN stays NaN)."""
+    if xp is torch:
+        return torch.clamp(a, min=lower, max=upper)
+    if lower is not None:
+        a = xp.maximum(a, lower)
+    return a if upper is None else xp.minimum(a, upper)
+
+
+def _torch_row_norm(sc: Scalars, a: Any) -> Any:
+    """Euclidean norms of rows kept by ``sc``, as columns, always by torch's reduction.
+
+    'lm' takes every norm from torch (whose rounding differs from numpy's even
+    for two entries), so that its host and tensor paths agree bit for bit.
+    """
+    if not sc.host:
+        return vnorm(a, dim=-1, keepdim=True)
+    r = vnorm(torch.from_numpy(a), dim=-1)
+    return np.float64(r.item()) if sc.floats else r.numpy()[:, None]
+
+
+def _torch_row_sum(sc: Scalars, a: Any) -> Any:
+    """Sums of rows kept by ``sc`` as columns, by torch's reduction (see above)."""
+    if not sc.host:
+        return a.sum(-1, keepdim=True)
+    r = torch.from_numpy(a).sum(-1)
+    return np.float64(r.item()) if sc.floats else r.numpy()[:, None]
+
+
+def _torch_norm(sc: Scalars, t: Tensor) -> Any:
+    """Row norms of a ``(B, k)`` tensor as columns kept by ``sc`` (torch's reduction)."""
+    r = vnorm(t, dim=-1, keepdim=True)
+    if not sc.host:
+        return r
+    return np.float64(r.item()) if sc.floats else r.numpy()
+
+
 def solve_trust_region_minpack(
     fac: Factors, delta: Tensor, par0: Tensor, m: int, n: int, max_iter: int = 10,
-    basic: BasicStep | None = None, p_gn: Tensor | None = None,
+    basic: BasicStep | None = None, p_gn: Tensor | None = None, host: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Levenberg-Marquardt parameter search of MINPACK's ``lmpar`` (Moré 1978).
 
@@ -266,8 +304,15 @@ def solve_trust_region_minpack(
     (default :func:`gauss_newton_step`). On the rows of ``basic`` the lower
     bound of the damping is MINPACK's (pivoted QR, see
     :func:`basic_gauss_newton`; ``p_gn`` must then hold its basic step there);
-    every damped step (``par > 0``) comes from ``fac``. Host reads and
-    shapes as in :func:`solve_trust_region_scipy`.
+    every damped step (``par > 0``) comes from ``fac``.
+
+    As in :func:`solve_trust_region_scipy`, the per-problem scalars and the
+    spectral rows live on the host when the factors are on the CPU
+    (:class:`~.host_scalars.Scalars`; ``host`` overrides the choice, for the
+    tests), so that the Newton iteration costs no torch operation but its
+    norms and sums, which are torch's reductions on either path (the two
+    paths agree bit for bit). Off the CPU the host reads one count before
+    the iteration and one per iteration.
 
     Returns
     -------
@@ -275,74 +320,82 @@ def solve_trust_region_minpack(
         Step in scaled variables.
     par : Tensor, shape (B,)
     """
-    B = delta.shape[0]
-    dtype = delta.dtype
-    dwarf = torch.finfo(dtype).tiny
+    sc = Scalars(delta, host=host)
+    with sc.quiet():
+        return _solve_minpack(sc, fac, delta, par0, m, n, max_iter, basic, p_gn)
+
+
+def _solve_minpack(sc: Scalars, fac: Factors, delta: Tensor, par0: Tensor, m: int, n: int,
+                   max_iter: int, basic: BasicStep | None,
+                   p_gn: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The body of :func:`solve_trust_region_minpack`."""
+    xp = sc.xp
+    B = sc.B
+    dwarf = torch.finfo(delta.dtype).tiny
     if p_gn is None:
         p_gn = gauss_newton_step(fac)
-    delta_c = delta.unsqueeze(-1)
-    dxnorm = vnorm(p_gn, dim=-1, keepdim=True)
+    delta_c = sc.get_col(delta)
+    dxnorm = _torch_norm(sc, p_gn)
     fp = dxnorm - delta_c
     gn_ok = fp <= 0.1 * delta_c
-    n_gn = count_true(gn_ok)
+    n_gn = sc.count(gn_ok)
     if n_gn == B:
-        return p_gn, torch.zeros_like(delta)
+        return p_gn, sc.tensor(sc.full(0.0))
 
-    sc = Scalars(delta, host=False)  # (its per-problem work stays torch: lm is bit-stable)
     sp = _spectral(sc, fac)
-    full_rank = full_rank_mask(fac, m, n).unsqueeze(-1)
-    phi0, dpos0, _ = _radius_terms(sc, fac, sp, None, delta_c)
+    has_gram, has_svd = sp.route
+    full_rank = _full_rank_columns(sc, fac, sp, m, n)
+    phi0, dpos0, _ = _radius_terms(sc, fac, sp, None, delta_c, exact=True)
     # -phi0 / dphi0 (phi0 itself where the derivative vanishes)
-    ratio0 = phi0 / torch.where(dpos0 != 0, dpos0, -1.0)
-    parl = torch.where(full_rank, ratio0 * (dxnorm / delta_c), 0.0)
+    ratio0 = phi0 / xp.where(dpos0 != 0, dpos0, -1.0)
+    parl = xp.where(full_rank, ratio0 * (dxnorm / delta_c), 0.0)
     if basic is not None:  # MINPACK's bound from R, zero when R has a zero pivot
-        curv = basic.curv.unsqueeze(-1)
-        safe_c = torch.where(curv > 0, curv, 1.0)
-        parl_qr = torch.where(basic.full.unsqueeze(-1) & (curv > 0), (fp / delta_c) / safe_c,
-                              0.0)
-        parl = torch.where(basic.rows.unsqueeze(-1), parl_qr, parl)
-    gnorm = grad_norm(fac, sp.route, sp.suf, keepdim=True)
+        curv, full, rows = (sc.get_col(t) for t in (basic.curv, basic.full, basic.rows))
+        safe_c = xp.where(curv > 0, curv, 1.0)
+        parl_qr = xp.where(full & (curv > 0), (fp / delta_c) / safe_c, 0.0)
+        parl = xp.where(rows, parl_qr, parl)
+    gnorm = _mix(sc, sp, _torch_norm(sc, fac.b) if has_gram else None,
+                 _torch_row_norm(sc, sp.suf) if has_svd else None)
     paru = gnorm / delta_c
-    paru = torch.where(paru == 0, dwarf / torch.clamp(delta_c, max=0.1), paru)
-    par = torch.minimum(torch.maximum(par0.unsqueeze(-1), parl), paru)
-    par = torch.where(par == 0, gnorm / torch.where(dxnorm > 0, dxnorm, 1.0), par)
-    running = ~gn_ok
+    paru = xp.where(paru == 0, dwarf / _bound(xp, delta_c, upper=0.1), paru)
+    par = xp.minimum(xp.maximum(sc.get_col(par0), parl), paru)
+    par = xp.where(par == 0, gnorm / xp.where(dxnorm > 0, dxnorm, 1.0), par)
+    running = gn_ok == 0  # not gn_ok (``~`` of a Python bool would not do)
     n_running = B - n_gn
     tenth = 0.1 * delta_c
     for it in range(1, max_iter + 1):
-        par_it = torch.where(par == 0, torch.clamp(0.001 * paru, min=dwarf), par)
-        phi, dpos, pnorm = _radius_terms(sc, fac, sp, par_it, delta_c)
+        par_it = xp.where(par == 0, _bound(xp, 0.001 * paru, lower=dwarf), par)
+        phi, dpos, pnorm = _radius_terms(sc, fac, sp, par_it, delta_c, exact=True)
         temp = fp
         fp_it = phi
         if it == max_iter:
-            stop = torch.ones_like(running)
+            stop = running | True
         else:
-            stop = (fp_it.abs() <= tenth) | ((parl == 0) & (fp_it <= temp) & (temp < 0))
+            stop = (abs(fp_it) <= tenth) | ((parl == 0) & (fp_it <= temp) & (temp < 0))
         # -phi / dphi (phi itself where the derivative vanishes)
-        parc = (phi / torch.where(dpos != 0, dpos, -1.0)) * (pnorm / delta_c)
-        parl_it = torch.where(fp_it > 0, torch.maximum(parl, par_it), parl)
-        paru_it = torch.where(fp_it < 0, torch.minimum(paru, par_it), paru)
-        par_next = torch.maximum(parl_it, par_it + parc)
+        parc = (phi / xp.where(dpos != 0, dpos, -1.0)) * (pnorm / delta_c)
+        parl_it = xp.where(fp_it > 0, xp.maximum(parl, par_it), parl)
+        paru_it = xp.where(fp_it < 0, xp.minimum(paru, par_it), paru)
+        par_next = xp.maximum(parl_it, par_it + parc)
         # rows that stop keep the parameter they were evaluated at
         if n_running == B:
-            par = torch.where(stop, par_it, par_next)
-            parl = torch.where(stop, parl, parl_it)
-            paru = torch.where(stop, paru, paru_it)
+            par = xp.where(stop, par_it, par_next)
+            parl = xp.where(stop, parl, parl_it)
+            paru = xp.where(stop, paru, paru_it)
             fp = fp_it
-            running = ~stop
+            running = stop == 0
         else:
-            par = torch.where(running, torch.where(stop, par_it, par_next), par)
+            par = xp.where(running, xp.where(stop, par_it, par_next), par)
             moving = running > stop  # running and not stopping
-            parl = torch.where(moving, parl_it, parl)
-            paru = torch.where(moving, paru_it, paru)
-            fp = torch.where(running, fp_it, fp)
+            parl = xp.where(moving, parl_it, parl)
+            paru = xp.where(moving, paru_it, paru)
+            fp = xp.where(running, fp_it, fp)
             running = moving
-        n_running = count_true(running)
+        n_running = sc.count(running)
         if not n_running:
             break
     p = _damped_step_column(sc, fac, sp, par)
-    par = par.squeeze(-1)
     if n_gn:
-        p = torch.where(gn_ok, p_gn, p)
-        par = torch.where(gn_ok.squeeze(-1), 0.0, par)
-    return p, par
+        p = torch.where(sc.tensor(gn_ok).unsqueeze(-1), p_gn, p)
+        par = xp.where(gn_ok, 0.0, par)
+    return p, sc.tensor(par)
