@@ -164,7 +164,15 @@ class LeastsqBook:
     engine run evaluates no Jacobian after a problem's last trial
     (``Problem.final_jacobian=False``), so that the engine's final Jacobian
     is MINPACK's last one.
+
+    The per-problem counts and flags are numpy arrays when the book lives on
+    the CPU (each update of a few integers then costs a fraction of a torch
+    operation's dispatch; the book is updated at every evaluation), tensors
+    on other devices; what the book hands out are tensors on its device.
     """
+
+    #: the per-problem counts and flags (numpy arrays on the CPU, else tensors)
+    COUNTS = ("trials", "fd_evals", "jac_calls", "spent", "hit", "seen", "jac_after_trial")
 
     def __init__(self, maxfev: float, rel_step: Any, B: int, device: Any,
                  summary: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -176,42 +184,76 @@ class LeastsqBook:
         self.summary = summary if summary is not None else (lambda J: J)
         self.keep_residuals = keep_residuals
         self.keep_jacobians = keep_jacobians
-        z = torch.zeros(B, dtype=torch.long, device=self.device)
-        no = torch.zeros(B, dtype=torch.bool, device=self.device)
-        #: per-problem tensors ``(B, ...)``: counts, flags (``jac_after_trial``: the last
-        #: Jacobian came after the last trial evaluation), the last evaluation point
-        #: and residuals (``last_x``, ``last_f``, from the first call on) and, from the
-        #: first Jacobian on, ``summary``/``f`` at the last two Jacobians (``prev_``)
-        self.rows: dict[str, torch.Tensor] = {
-            "trials": z, "fd_evals": z.clone(), "jac_calls": z.clone(), "spent": no,
-            "hit": no.clone(), "seen": no.clone(), "jac_after_trial": no.clone()}
+        #: counts on the host (numpy) when the book lives on the CPU
+        self.host = self.device.type == "cpu"
+        if self.host:
+            z, no = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=bool)
+        else:
+            z = torch.zeros(B, dtype=torch.long, device=self.device)
+            no = torch.zeros(B, dtype=torch.bool, device=self.device)
+        #: per-problem values ``(B, ...)``: counts, flags (``jac_after_trial``: the last
+        #: Jacobian came after the last trial evaluation; :data:`COUNTS`), and tensors: the
+        #: last evaluation point and residuals (``last_x``, ``last_f``, from the first call
+        #: on) and, from the first Jacobian on, ``summary``/``f`` at the last two Jacobians
+        #: (``prev_``)
+        self.rows: dict[str, Any] = {
+            "trials": z, "fd_evals": z.copy() if self.host else z.clone(),
+            "jac_calls": z.copy() if self.host else z.clone(), "spent": no,
+            "hit": no.copy() if self.host else no.clone(),
+            "seen": no.copy() if self.host else no.clone(),
+            "jac_after_trial": no.copy() if self.host else no.clone()}
         #: every problem has been evaluated once (known without reading ``seen``)
         self._seen_all = False
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        """The counts or flags ``name`` as a tensor on the book's device."""
+        value = self.rows[name]
+        return torch.from_numpy(value) if self.host else value
 
     @property
     def spent(self) -> torch.Tensor:
         """``(B,)``: the ``maxfev`` budget is used up; a further trial is refused."""
-        return self.rows["spent"]
+        return self._tensor("spent")
+
+    def any_spent(self) -> bool:
+        """Whether some problem has used up its budget (:attr:`spent`)."""
+        return bool(self.rows["spent"].any())
 
     @property
     def hit(self) -> torch.Tensor:
         """``(B,)``: a trial was made with the budget used up (MINPACK's ``info = 5``)."""
-        return self.rows["hit"]
+        return self._tensor("hit")
 
     @property
     def jac_calls(self) -> torch.Tensor:
         """``(B,)``: Jacobian evaluations, ours included (see :meth:`uncounted_jacobian`)."""
-        return self.rows["jac_calls"]
+        return self._tensor("jac_calls")
 
     def _select(self, ids: torch.Tensor) -> Any:
-        """``ids`` as an index: :data:`ALL` when they are all problems in order (no gather)."""
+        """``ids`` as an index: :data:`ALL` when they are all problems in order (no gather).
+
+        Otherwise a tensor on the book's device, with its numpy twin for the host counts.
+        """
         if ids.shape[0] == self.B and (self.B == 1 or bool((ids.diff() > 0).all())):
             return ALL
-        return ids.to(self.device)
+        ids = ids.to(self.device)
+        return (ids, ids.numpy()) if self.host else (ids, ids)
 
-    def _get(self, name: str, sel: Any) -> torch.Tensor:
+    def _get(self, name: str, sel: Any) -> Any:
         t = self.rows[name]
-        return t if sel is ALL else t.index_select(0, sel)
+        if sel is ALL:
+            return t
+        return t[sel[1]] if isinstance(t, np.ndarray) else t.index_select(0, sel[0])
+
+    def _count(self, name: str, sel: Any, value: Any) -> None:
+        """Rows ``sel`` of the counts or flags ``name`` set to ``value`` (never in place
+        for every row: a new array or tensor)."""
+        if sel is ALL:
+            self.rows[name] = value
+        elif self.host:
+            self.rows[name][sel[1]] = value
+        else:
+            self.rows[name].index_copy_(0, sel[0], value)
 
     def _put(self, name: str, sel: Any, value: torch.Tensor, copy: bool = False) -> None:
         """Rows ``sel`` of the tensor ``name`` set to ``value``.
@@ -232,25 +274,25 @@ class LeastsqBook:
         if t is None:
             t = self.rows[name] = torch.zeros((self.B, *value.shape[1:]), dtype=value.dtype,
                                               device=self.device)
-        t.index_copy_(0, sel, value.to(self.device, t.dtype))
+        t.index_copy_(0, sel[0], value.to(self.device, t.dtype))
 
     def record_call(self, ids: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> None:
         """One residual evaluation of the problems ``ids`` at ``x``, giving ``r``."""
         sel = self._select(ids)
         started = self._get("jac_calls", sel) > 0  # evaluations after the first Jacobian
         spent = self._get("spent", sel)            # are trials
-        self._put("hit", sel, self._get("hit", sel) | (spent & started))
+        self._count("hit", sel, self._get("hit", sel) | (spent & started))
         trials = self._get("trials", sel) + started
-        self._put("trials", sel, trials)
+        self._count("trials", sel, trials)
         # a trial clears the flag (it can only be set after a Jacobian, i.e. when started)
-        self._put("jac_after_trial", sel, torch.zeros_like(started))
+        self._count("jac_after_trial", sel, started & False)
         self._put("last_x", sel, x.detach() if x.requires_grad else x, copy=True)
         self._put("last_f", sel, r.detach() if r.requires_grad else r, copy=True)
         if not (sel is ALL and self._seen_all):  # once all are seen, they stay seen
-            self._put("seen", sel, torch.ones_like(started))
+            self._count("seen", sel, started | True)
             self._seen_all = self._seen_all or sel is ALL
         total = 1 + trials + self._get("fd_evals", sel)
-        self._put("spent", sel, spent | (started & (total >= self.maxfev)))
+        self._count("spent", sel, spent | (started & (total >= self.maxfev)))
 
     def value_at(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """The residuals last evaluated at ``x`` for problems ``ids``, if they were made there."""
@@ -290,13 +332,13 @@ class LeastsqBook:
                 else:
                     self._put("prev_" + name, sel, self._get(name, sel).clone())
             self._put(name, sel, value, copy=True)
-        self._put("jac_calls", sel, self._get("jac_calls", sel) + 1)
-        self._put("jac_after_trial", sel, self._get("trials", sel) > 0)
+        self._count("jac_calls", sel, self._get("jac_calls", sel) + 1)
+        self._count("jac_after_trial", sel, self._get("trials", sel) > 0)
 
     def add_fd_evals(self, ids: torch.Tensor, count: int) -> None:
         """``count`` forward-difference evaluations for each of the problems ``ids``."""
         sel = self._select(ids)
-        self._put("fd_evals", sel, self._get("fd_evals", sel) + count)
+        self._count("fd_evals", sel, self._get("fd_evals", sel) + count)
 
     def uncounted_jacobian(self, status: torch.Tensor) -> torch.Tensor:
         """Problems whose last Jacobian is one MINPACK never evaluates ``(B,)``.
@@ -310,7 +352,7 @@ class LeastsqBook:
         exactly on the current iterate. A run that ends on the ``gtol`` test
         needs that Jacobian (MINPACK tests the gradient of the new Jacobian).
         """
-        return self.rows["jac_after_trial"] & (status.to(self.device) != codes.GTOL)
+        return self._tensor("jac_after_trial") & (status.to(self.device) != codes.GTOL)
 
     def minpack_njev(self, status: torch.Tensor) -> torch.Tensor:
         """``(B,)``: the Jacobian evaluations MINPACK reports (``njev``)."""

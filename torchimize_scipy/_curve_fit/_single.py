@@ -294,7 +294,7 @@ class _OneProblem:
     def residuals(self, p: Any) -> Any:
         """The function handed to ``least_squares``."""
         book = self.model.book
-        if book is not None and book.spent.item() and not implicit.evaluating():
+        if book is not None and book.any_spent() and not implicit.evaluating():
             raise MaxfevReached
         r = self.model.residuals(p[None], self.ids)[0]
         if self.first_r is None:

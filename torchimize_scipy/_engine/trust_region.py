@@ -255,6 +255,31 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     return p, sc.tensor(alpha)
 
 
+def minimum_norm_step(fac: Factors) -> Tensor:
+    """:func:`~.linalg.gauss_newton_step` (default ``rcond``), its spectral work on the host.
+
+    With the factors on the CPU the cut-off of the singular values and the
+    quotients ``uf / s`` are taken on the host rows that the subproblem then
+    reuses (:meth:`~.host_scalars.Scalars.rows`); the product with ``V``
+    stays torch's. The same values as :func:`~.linalg.gauss_newton_step` (the
+    same elementwise operations).
+    """
+    sc = Scalars(fac.s)
+    has_gram, has_svd = routes(fac)
+    if not sc.host or not has_svd:
+        return gauss_newton_step(fac)
+    s, uf = sc.rows(fac.s), sc.rows(fac.uf)
+    with sc.quiet():
+        keep = s > torch.finfo(fac.s.dtype).eps * s[:, :1]
+        coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
+    p_svd = -torch.bmm(fac.V, torch.from_numpy(coef.reshape(*coef.shape, 1))).squeeze(-1)
+    return mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
+
+
+#: attribute of a Gauss-Newton step tensor: its norms, as columns on the host
+_DXNORM = "_tsc_lm_dxnorm"
+
+
 def _bound(xp: Any, a: Any, lower: float | None = None, upper: float | None = None) -> Any:
     """``a`` clamped to ``[lower, upper]`` in the namespace ``xp`` (NaN stays NaN)."""
     if xp is torch:
@@ -335,7 +360,11 @@ def _solve_minpack(sc: Scalars, fac: Factors, delta: Tensor, par0: Tensor, m: in
     if p_gn is None:
         p_gn = gauss_newton_step(fac)
     delta_c = sc.get_col(delta)
-    dxnorm = _torch_norm(sc, p_gn)
+    dxnorm = getattr(p_gn, _DXNORM, None) if sc.host else None
+    if dxnorm is None:  # (the same step serves every trial of an outer iteration)
+        dxnorm = _torch_norm(sc, p_gn)
+        if sc.host:
+            setattr(p_gn, _DXNORM, dxnorm)
     fp = dxnorm - delta_c
     gn_ok = fp <= 0.1 * delta_c
     n_gn = sc.count(gn_ok)

@@ -35,15 +35,13 @@ batch lands on an exact zero as a single problem does (issue 11).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from ..counts import count_true, remember
 from ..host_scalars import Scalars
-from ..linalg import factorize, gauss_newton_step, refine_gauss_newton
+from ..linalg import factorize, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import Problem
 from ..quadratic import cross_jac, jac_times
@@ -53,7 +51,7 @@ from ..termination import (
     reported_njev,
     uncounted_jacobian,
 )
-from ..trust_region import solve_trust_region_minpack
+from ..trust_region import minimum_norm_step, solve_trust_region_minpack
 from ._common import (
     FACTOR_KEYS,
     alloc_factors,
@@ -68,14 +66,28 @@ from .base import ResultFields, StepRule, Verdict
 FACTOR = 100.0
 
 
-class LMTrial(NamedTuple):
-    """A trial of 'lm': the point, the step, its scaled norm and the damping it used."""
+class LMTrial:
+    """A trial of 'lm': the point, the step, its scaled norm and the damping it used.
 
-    x_new: Tensor
-    step_norm: Tensor
-    step: Tensor
-    pnorm: Tensor  # |diag * step|
-    par: Tensor
+    ``step_norm`` (the loop reads it for scipy's iteration table only) is
+    computed when first asked for.
+    """
+
+    __slots__ = ("x_new", "step", "pnorm", "par", "_step_norm")
+
+    def __init__(self, x_new: Tensor, step: Tensor, pnorm: Tensor, par: Tensor) -> None:
+        self.x_new = x_new
+        self.step = step
+        self.pnorm = pnorm  # |diag * step|
+        self.par = par
+        self._step_norm: Tensor | None = None
+
+    @property
+    def step_norm(self) -> Tensor:
+        """``|step|`` per problem, ``(B,)``."""
+        if self._step_norm is None:
+            self._step_norm = vnorm(self.step, dim=-1)
+        return self._step_norm
 
 
 class LevenbergMarquardt(StepRule):
@@ -177,7 +189,7 @@ class LevenbergMarquardt(StepRule):
                         use_gram=problem.use_gram)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
-        p_gn = refine_gauss_newton(fac, gauss_newton_step(fac), state["J"], d, state["f"])
+        p_gn = refine_gauss_newton(fac, minimum_norm_step(fac), state["J"], d, state["f"])
         # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
         # (every Gram row among them) keep the factorisation above untouched.
@@ -199,7 +211,7 @@ class LevenbergMarquardt(StepRule):
                 old = state[key].index_select(0, rows)
                 new = torch.where(keep.view(-1, *([1] * (value.ndim - 1))), value, old)
                 state[key] = state[key].index_copy(0, rows, new)
-        else:
+        elif count_true(state["basic_rows"]):  # (a mask known empty is kept)
             state["basic_rows"] = remember(torch.zeros_like(state["basic_rows"]), 0)
         state["gn_step"] = p_gn
 
@@ -217,7 +229,7 @@ class LevenbergMarquardt(StepRule):
         # on the first iteration the radius is cut to the first step's length
         first, delta, pn = hs.view(state["no_step_yet"], state["delta"], pnorm)
         state["delta"], = hs.tensors(hs.xp.where(first, hs.xp.minimum(delta, pn), delta))
-        return LMTrial(state["x"] + step, vnorm(step, dim=-1), step, pnorm, par)
+        return LMTrial(state["x"] + step, step, pnorm, par)
 
     def assess_trial(self, problem: Problem, state: dict, trial: LMTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
@@ -230,13 +242,15 @@ class LevenbergMarquardt(StepRule):
         else:
             Jstep_norm = vnorm(jac_times(state["J"], step), dim=-1)
         # (square roots too: torch's float64 sqrt is not always numpy's, see host_scalars)
-        (fnorm_new, Jstep_norm, xnorm_new, pnorm, par, par_sqrt, fnorm, delta, xnorm, gnorm,
+        (fnorm_new, Jstep_norm, xnorm_new, pnorm, par, fnorm, delta, xnorm, gnorm,
          nfev, no_step_yet, finite) = hs.view(
             vnorm(f_new, dim=-1), Jstep_norm, vnorm(state["diag"] * x_new, dim=-1),
-            trial.pnorm, trial.par, trial.par.sqrt(),
+            trial.pnorm, trial.par,
             state["fnorm"],  # f has not changed since measure_optimality
             state["delta"], state["xnorm"], state["gnorm"], state["nfev"],
             state["no_step_yet"], finite)
+        # (the square root of a zero damping, a Gauss-Newton step, is zero: no torch op)
+        par_sqrt = par if hs.host and not par.any() else hs.view(trial.par.sqrt())[0]
         with hs.quiet():
             fnorm1 = xp.where(finite, fnorm_new, xp.inf)
             safe_f = xp.where(fnorm != 0, fnorm, 1.0)
