@@ -19,6 +19,9 @@ A, B, A, B, ... Each call is timed in wall and process-CPU time; the medians
 and their ratio come from the same stretch of time, so a drifting load
 affects both alike. ``--profile`` adds a cProfile of one call of each
 version (the functions whose cumulative times differ most are listed).
+``--device-path`` adds a third call, the working tree running the code a GPU
+runs on the CPU (per-problem scalars as tensors, ``host_scalars.HOST =
+False``), to weigh the host path against the tensor path on large batches.
 
 Usage (from the repository root)::
 
@@ -93,6 +96,20 @@ def make_call(lib: Any, workload: str, variant: str, p0: np.ndarray, y: np.ndarr
     return call
 
 
+def _device_path(call: Any) -> Any:
+    """``call`` run with the working tree's per-problem scalars as tensors (``HOST = False``)."""
+    from torchimize_scipy._engine import host_scalars
+
+    def run() -> Any:
+        host_scalars.HOST = False
+        try:
+            return call()
+        finally:
+            host_scalars.HOST = None
+
+    return run
+
+
 def timed(fn: Any) -> tuple[float, float, Any]:
     c0, t0 = time.process_time(), time.perf_counter()
     out = fn()
@@ -136,6 +153,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=7, help="calls of each version (default 7)")
     p.add_argument("--profile", action="store_true", help="cProfile one call of each")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--device-path", action="store_true",
+                   help="also time the working tree with its per-problem scalars as tensors "
+                        "(host_scalars.HOST = False, the code a GPU runs) as 'after-dev'")
     args = p.parse_args()
     setup(args)
     import torchimize_scipy as after
@@ -148,14 +168,16 @@ def main() -> None:
         before = import_commit(args.before, folder)
         calls = {k: make_call(lib, args.workload, args.variant, p0, y, args.method)
                  for k, lib in (("before", before), ("after", after))}
+        if args.device_path:
+            calls["after-dev"] = _device_path(calls["after"])
         res = {k: fn() for k, fn in calls.items()}  # warm-up, and the results to compare
         if args.workload == "least_squares":
             same = all(np.array_equal(np.asarray(getattr(res["before"], f)),
-                                      np.asarray(getattr(res["after"], f)), equal_nan=True)
-                       for f in ("x", "cost", "nfev", "status"))
+                                      np.asarray(getattr(res[k], f)), equal_nan=True)
+                       for f in ("x", "cost", "nfev", "status") for k in res)
         else:  # popt, pcov
             same = all(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
-                       for a, b in zip(res["before"], res["after"], strict=True))
+                       for k in res for a, b in zip(res["before"], res[k], strict=True))
         samples: dict[str, list[tuple[float, float]]] = {k: [] for k in calls}
         for _ in range(args.repeat):
             for k, fn in calls.items():
@@ -171,10 +193,12 @@ def main() -> None:
                   f"CPU {med[k][1]:.3f} s ({2000 * med[k][1] / args.batch:.3f} CPU-s per 2,000 "
                   "fits)   all wall: "
                   + " ".join(f"{s[0]:.3f}" for s in samples[k]))
-        print(f"  after/before: wall {med['after'][0] / med['before'][0]:.3f}, "
-              f"CPU {med['after'][1] / med['before'][1]:.3f}")
+        for k in calls:
+            if k != "before":
+                print(f"  {k}/before: wall {med[k][0] / med['before'][0]:.3f}, "
+                      f"CPU {med[k][1] / med['before'][1]:.3f}")
         if args.profile:
-            profile_diff(calls, args.top)
+            profile_diff({k: calls[k] for k in ("before", "after")}, args.top)
     write_json(args, f"batch_ab_{args.workload}_{args.method}_{args.before}", {
         "workload": args.workload, "variant": args.variant, "method": args.method,
         "batch": args.batch,

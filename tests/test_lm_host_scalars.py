@@ -14,7 +14,9 @@ import torch
 from scipy.optimize import least_squares as scipy_least_squares
 
 import torchimize_scipy as ts
+from torchimize_scipy._curve_fit._leastsq import LeastsqBook
 from torchimize_scipy._engine import host_scalars
+from torchimize_scipy._engine import status as codes
 
 
 def rosen(x):
@@ -237,3 +239,182 @@ def test_basic_gauss_newton_host_and_torch_paths_agree(monkeypatch):
     np.testing.assert_allclose(host.curv.numpy(), dev.curv.numpy(), rtol=1e-10)
     np.testing.assert_allclose(host_fac.s.numpy(), dev_fac.s.numpy(), rtol=1e-10,
                                atol=1e-12 * float(dev_fac.s.max()))
+
+
+# ---------------------------------------------------------------- MINPACK's lmpar on the host
+def _lmpar_factors(use_gram, B=6, m=12, n=3, seed=0):
+    from torchimize_scipy._engine.linalg import factorize
+
+    rng = np.random.default_rng(seed)
+    A = torch.as_tensor(rng.standard_normal((B, m, n)))
+    A[0, :, 2] = A[0, :, 0]  # an exactly rank-deficient row (a zero singular value)
+    f = torch.as_tensor(rng.standard_normal((B, m)) * np.geomspace(1e-3, 1e2, B)[:, None])
+    return factorize(A, None, f, use_gram=use_gram), A, f
+
+
+@pytest.mark.parametrize("use_gram", [False, True])
+@pytest.mark.parametrize("rows", [slice(None), slice(2, 3)])  # a batch; one problem (floats)
+def test_lmpar_host_and_torch_paths_agree(use_gram, rows):
+    """MINPACK's lmpar on host scalars (numpy, or numpy.float64 for one problem) against
+    the same body on tensors: the same steps and damping, to rounding (issue 14)."""
+    from torchimize_scipy._engine.linalg import factorize, gauss_newton_step
+    from torchimize_scipy._engine.trust_region import solve_trust_region_minpack
+
+    _, A, f = _lmpar_factors(use_gram)
+    A, f = A[rows], f[rows]
+    B = A.shape[0]
+    fac = factorize(A, None, f, use_gram=use_gram)
+    # radii from "the Gauss-Newton step fits" to "several Newton iterations"
+    gn = torch.linalg.vector_norm(gauss_newton_step(fac), dim=-1)
+    delta = gn * torch.tensor([10.0, 1.05, 0.5, 0.2, 0.05, 0.01], dtype=A.dtype)[rows]
+    par0 = torch.tensor([0.0, 0.5, 0.0, 2.0, 0.0, 1e-3], dtype=A.dtype)[rows]
+    ph, ah = solve_trust_region_minpack(fac, delta, par0, 12, 3, host=True)
+    pd, ad = solve_trust_region_minpack(fac, delta, par0, 12, 3, host=False)
+    assert ph.shape == (B, 3) and ah.shape == (B,) and ah.dtype == A.dtype
+    if B > 1:
+        assert bool((ad == 0).any()) and bool((ad > 0).any())  # both kinds of rows
+    else:
+        assert float(ad[0]) > 0  # one problem that iterates
+    scale = float(delta.max())
+    np.testing.assert_allclose(ph.numpy(), pd.numpy(), rtol=1e-10, atol=1e-13 * scale)
+    np.testing.assert_allclose(ah.numpy(), ad.numpy(), rtol=1e-10, atol=0)
+    # MINPACK's acceptance: |p| within 10 % of the radius wherever the damping is positive
+    moved = ad > 0
+    norms = torch.linalg.vector_norm(pd, dim=-1)[moved]
+    assert bool((abs(norms - delta[moved]) <= 0.1 * delta[moved] * (1 + 1e-12)).all())
+
+
+def test_lmpar_reuses_the_norm_of_its_gauss_newton_step():
+    """The host keeps |p_gn| on the step tensor for the trials of one outer iteration;
+    a second call with the same step (a rejected trial, smaller radius) answers as a
+    first call with a fresh copy of that step."""
+    from torchimize_scipy._engine.linalg import factorize, gauss_newton_step
+    from torchimize_scipy._engine.trust_region import solve_trust_region_minpack
+
+    _, A, f = _lmpar_factors(False)
+    fac = factorize(A[1:2], None, f[1:2], use_gram=False)
+    p_gn = gauss_newton_step(fac)
+    gn = torch.linalg.vector_norm(p_gn, dim=-1)
+    big, small = 10 * gn, 0.1 * gn
+    zero = torch.zeros(1, dtype=A.dtype)
+    p1, a1 = solve_trust_region_minpack(fac, big, zero, 12, 3, p_gn=p_gn)
+    assert float(a1[0]) == 0 and torch.equal(p1, p_gn)  # the Gauss-Newton step fits
+    p2, a2 = solve_trust_region_minpack(fac, small, zero, 12, 3, p_gn=p_gn)
+    p3, a3 = solve_trust_region_minpack(fac, small, zero, 12, 3, p_gn=p_gn.clone())
+    assert float(a2[0]) > 0
+    assert torch.equal(p2, p3) and torch.equal(a2, a3)  # the same path run twice
+
+
+def test_minimum_norm_step_is_the_gauss_newton_step():
+    """The Gauss-Newton step from the host rows: the step of linalg.gauss_newton_step
+    (zero singular values dropped) on the SVD rows, the Gram solve on the others."""
+    from torchimize_scipy._engine.linalg import gauss_newton_step
+    from torchimize_scipy._engine.trust_region import minimum_norm_step
+
+    for use_gram in (False, True):
+        fac, A, f = _lmpar_factors(use_gram)
+        ref = gauss_newton_step(fac)
+        for got in (minimum_norm_step(fac), minimum_norm_step(
+                _lmpar_factors(use_gram, B=1, seed=3)[0])):
+            assert got.dtype == A.dtype and torch.isfinite(got).all()
+        got = minimum_norm_step(fac)
+        scale = float(ref.abs().max())
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-12, atol=1e-14 * scale)
+        # the rank-deficient row moves orthogonally to the null vector (1, 0, -1)
+        assert abs(float(got[0, 0] - got[0, 2])) <= 1e-10 * scale
+
+
+def test_lm_trial_norm_of_the_step_on_demand():
+    """'lm''s trial computes |step| only when the loop asks (scipy's table, verbose=2)."""
+    from torchimize_scipy._engine.steps.lm import LMTrial
+
+    step = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    trial = LMTrial(step + 1, step, torch.ones(2), torch.zeros(2))
+    assert trial._step_norm is None
+    assert trial.step_norm.tolist() == [5.0, 0.0]
+    assert trial.step_norm is trial.step_norm  # computed once
+
+
+def test_lm_verbose_table_reports_the_step_norm(capsys):
+    """scipy prints no table for 'lm'; verbose=2 must still run (and report as =1)."""
+    res = ts.least_squares(rosen, [-1.2, 1.0], jac=rosen_jac, method="lm", verbose=2)
+    ref = scipy_least_squares(rosen, [-1.2, 1.0], jac=rosen_jac, method="lm")
+    assert res.status == ref.status and res.nfev == ref.nfev
+    assert "Function evaluations" in capsys.readouterr().out
+
+
+def test_lmpar_issues_few_torch_operations_per_evaluation():
+    """Regression guard (issue 14): MINPACK's lmpar (trust_region.py) per evaluation.
+
+    With its scalars as tensors it issued ~100 top-level aten operations per
+    evaluation on this problem; on the host only its norms and sums (torch's
+    reductions, kept for bitwise agreement with the tensor path) and the
+    products with ``V`` remain: about 11, not counting the host crossings.
+    """
+    crossings = {"aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh", "aten::item"}
+    from torch.profiler import ProfilerActivity, profile
+
+    calls = []
+
+    def fun(x):
+        calls.append(1)
+        return rosen(x)
+
+    ts.least_squares(fun, [-1.2, 1.0], jac=rosen_jac, method="lm")
+    calls.clear()
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        ts.least_squares(fun, [-1.2, 1.0], jac=rosen_jac, method="lm")
+    own = 0
+    for ev in prof.events():
+        if not ev.name.startswith("aten::") or ev.name in crossings:
+            continue
+        p, top, site = ev.cpu_parent, True, None
+        while p is not None:
+            if p.name.startswith("aten::"):
+                top = False
+                break
+            if site is None and "torchimize_scipy" in p.name:
+                site = p.name
+            p = p.cpu_parent
+        if top and site is not None and "trust_region.py" in site:
+            own += 1
+    assert len(calls) == 21
+    assert own / len(calls) < 20
+
+
+# ---------------------------------------------------------------- curve_fit's MINPACK book
+def _book_script(book):
+    """Evaluations and Jacobians of two problems, whole-batch and one at a time."""
+    ids, one = torch.tensor([0, 1]), torch.tensor([1])
+    x = torch.zeros(2, 1, dtype=torch.float64)
+    f = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    book.record_call(ids, x, f)
+    book.add_fd_evals(ids, 1)
+    book.record_jac(ids, torch.ones(2, 1, 1, dtype=torch.float64), lambda: f)
+    book.record_call(ids, x + 1, f + 1)
+    book.record_call(one, x[1:] + 2, f[1:] + 2)
+    book.add_fd_evals(one, 1)
+    book.record_jac(one, torch.full((1, 1, 1), 2.0, dtype=torch.float64), lambda: f[1:] + 2)
+    book.record_call(one, x[1:] + 3, f[1:] + 3)
+    book.record_call(one, x[1:] + 4, f[1:] + 4)
+    return book
+
+
+def test_book_counts_on_the_host_as_in_tensors():
+    """On the CPU the book's counts are numpy arrays (no torch operation per update); the
+    tensor code other devices run (host=False) counts the same (issue 14)."""
+    host = _book_script(LeastsqBook(5, 1e-8, 2, "cpu", keep_residuals=True))
+    dev = _book_script(LeastsqBook(5, 1e-8, 2, "cpu", keep_residuals=True, host=False))
+    assert host.host and not dev.host
+    assert isinstance(host.rows["trials"], np.ndarray)
+    assert isinstance(dev.rows["trials"], torch.Tensor)
+    for name in LeastsqBook.COUNTS:
+        assert host.rows[name].tolist() == dev.rows[name].tolist(), name
+    # problem 1: 4 trials + 2 differences + the first call = 7 >= maxfev 5: spent, and
+    # the trial made with the budget spent is MINPACK's info 5
+    assert host.rows["trials"].tolist() == [1, 4]
+    assert host.spent.tolist() == [False, True] and host.hit.tolist() == [False, True]
+    assert host.any_spent() and dev.any_spent()
+    assert isinstance(host.spent, torch.Tensor) and isinstance(host.jac_calls, torch.Tensor)
+    status = torch.tensor([codes.FTOL, codes.GTOL])
+    assert host.minpack_njev(status).tolist() == dev.minpack_njev(status).tolist() == [1, 2]

@@ -168,7 +168,8 @@ class LeastsqBook:
     The per-problem counts and flags are numpy arrays when the book lives on
     the CPU (each update of a few integers then costs a fraction of a torch
     operation's dispatch; the book is updated at every evaluation), tensors
-    on other devices; what the book hands out are tensors on its device.
+    on other devices (or with ``host=False``); what the book hands out are
+    tensors on its device.
     """
 
     #: the per-problem counts and flags (numpy arrays on the CPU, else tensors)
@@ -176,7 +177,8 @@ class LeastsqBook:
 
     def __init__(self, maxfev: float, rel_step: Any, B: int, device: Any,
                  summary: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 keep_residuals: bool = False, keep_jacobians: bool = True) -> None:
+                 keep_residuals: bool = False, keep_jacobians: bool = True,
+                 host: bool | None = None) -> None:
         self.maxfev = maxfev
         self.rel_step = rel_step
         self.B = B
@@ -184,8 +186,9 @@ class LeastsqBook:
         self.summary = summary if summary is not None else (lambda J: J)
         self.keep_residuals = keep_residuals
         self.keep_jacobians = keep_jacobians
-        #: counts on the host (numpy) when the book lives on the CPU
-        self.host = self.device.type == "cpu"
+        #: counts on the host (numpy) when the book lives on the CPU (``host=False`` keeps
+        #: tensors there too: the code other devices run, for the tests)
+        self.host = self.device.type == "cpu" and host is not False
         if self.host:
             z, no = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=bool)
         else:
