@@ -418,3 +418,23 @@ def test_book_counts_on_the_host_as_in_tensors():
     assert isinstance(host.spent, torch.Tensor) and isinstance(host.jac_calls, torch.Tensor)
     status = torch.tensor([codes.FTOL, codes.GTOL])
     assert host.minpack_njev(status).tolist() == dev.minpack_njev(status).tolist() == [1, 2]
+
+
+def test_lm_large_batches_keep_the_tensor_path(monkeypatch):
+    """Above torch's grain size the rule's (B, n) work stays torch's (threaded), below it
+    lives on the host; both give the same fits (issue 14, the B = 10,000 regression)."""
+    from torchimize_scipy._engine.steps import lm
+
+    assert lm._scalars(torch.zeros(10, 4, dtype=torch.float64)).host
+    assert not lm._scalars(torch.zeros(10_000, 4, dtype=torch.float64)).host
+    assert lm._scalars(torch.zeros(8_192, 4, dtype=torch.float64)).host  # 32,768 entries
+    x0 = np.array([-1.2, 1.0]) + np.random.default_rng(2).uniform(0, 0.5, (6, 2))
+
+    def run():
+        return ts.batch_least_squares(rosen_batch, x0, method="lm")
+
+    host = run()
+    monkeypatch.setattr(lm, "_GRAIN", 0)  # every batch "large"
+    dev = run()
+    assert np.array_equal(host.status, dev.status) and np.array_equal(host.nfev, dev.nfev)
+    _close(host.x, dev.x)

@@ -255,16 +255,16 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     return p, sc.tensor(alpha)
 
 
-def minimum_norm_step(fac: Factors) -> Tensor:
+def minimum_norm_step(fac: Factors, host: bool | None = None) -> Tensor:
     """:func:`~.linalg.gauss_newton_step` (default ``rcond``), its spectral work on the host.
 
     With the factors on the CPU the cut-off of the singular values and the
     quotients ``uf / s`` are taken on the host rows that the subproblem then
     reuses (:meth:`~.host_scalars.Scalars.rows`); the product with ``V``
     stays torch's. The same values as :func:`~.linalg.gauss_newton_step` (the
-    same elementwise operations).
+    same elementwise operations). ``host`` as for :class:`~.host_scalars.Scalars`.
     """
-    sc = Scalars(fac.s)
+    sc = Scalars(fac.s, host=host)
     has_gram, has_svd = routes(fac)
     if not sc.host or not has_svd:
         return gauss_newton_step(fac)

@@ -64,6 +64,21 @@ from ._common import (
 from .base import ResultFields, StepRule, Verdict
 
 FACTOR = 100.0
+#: torch's grain size (``at::internal::GRAIN_SIZE``): elementwise operations on larger
+#: tensors run on torch's threads, numpy's always on one
+_GRAIN = 32768
+
+
+def _scalars(x: Tensor) -> Scalars:
+    """Where the rule's per-problem values live for the batch of ``x (B, n)``.
+
+    On the host (CPU) while its ``(B, n)`` rows hold at most :data:`_GRAIN`
+    entries: there a torch operation costs its dispatch more than its
+    arithmetic. Larger batches keep the tensor code, whose ``(B, n)``
+    operations torch spreads over its threads (the same values either way:
+    the two paths agree bit for bit).
+    """
+    return Scalars(x, host=False if x.numel() > _GRAIN else None)
 
 
 class LMTrial:
@@ -139,7 +154,7 @@ class LevenbergMarquardt(StepRule):
         state["basic_full"] = torch.zeros(B, dtype=torch.bool, device=x.device)
 
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
-        hs = Scalars(state["x"])
+        hs = _scalars(state["x"])
         xp = hs.xp
         acnorm_t = column_norms(state)
         fnorm_t = vnorm(state["f"], dim=-1)
@@ -189,7 +204,8 @@ class LevenbergMarquardt(StepRule):
                         use_gram=problem.use_gram)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
-        p_gn = refine_gauss_newton(fac, minimum_norm_step(fac), state["J"], d, state["f"])
+        p_gn = refine_gauss_newton(fac, minimum_norm_step(fac, host=_scalars(state["x"]).host),
+                                   state["J"], d, state["f"])
         # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
         # (every Gram row among them) keep the factorisation above untouched.
@@ -216,14 +232,14 @@ class LevenbergMarquardt(StepRule):
         state["gn_step"] = p_gn
 
     def propose_step(self, problem: Problem, state: dict) -> LMTrial:
-        hs = Scalars(state["x"])
+        hs = _scalars(state["x"])
         basic = None
         if count_true(state["basic_rows"]):  # (known from build_model until rows change)
             basic = BasicStep(state["basic_rows"], state["gn_step"], state["basic_curv"],
                               state["basic_full"])
         q, par = solve_trust_region_minpack(load_factors(state), state["delta"], state["par"],
                                             problem.m, problem.n, basic=basic,
-                                            p_gn=state["gn_step"])
+                                            p_gn=state["gn_step"], host=hs.host)
         step = q / state["diag"]
         pnorm = vnorm(q, dim=-1)
         # on the first iteration the radius is cut to the first step's length
@@ -233,7 +249,7 @@ class LevenbergMarquardt(StepRule):
 
     def assess_trial(self, problem: Problem, state: dict, trial: LMTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
-        hs = Scalars(state["x"])
+        hs = _scalars(state["x"])
         xp = hs.xp
         step, x_new = trial.step, trial.x_new
         # the norms are torch's reductions; everything else is elementwise on (B,) values
