@@ -297,24 +297,21 @@ def _torch_row_norm(sc: Scalars, a: Any) -> Any:
     """
     if not sc.host:
         return vnorm(a, dim=-1, keepdim=True)
-    r = vnorm(torch.from_numpy(a), dim=-1)
-    return np.float64(r.item()) if sc.floats else r.numpy()[:, None]
+    return sc.get_col(vnorm(torch.from_numpy(a), dim=-1))
 
 
 def _torch_row_sum(sc: Scalars, a: Any) -> Any:
     """Sums of rows kept by ``sc`` as columns, by torch's reduction (see above)."""
     if not sc.host:
         return a.sum(-1, keepdim=True)
-    r = torch.from_numpy(a).sum(-1)
-    return np.float64(r.item()) if sc.floats else r.numpy()[:, None]
+    return sc.get_col(torch.from_numpy(a).sum(-1))
 
 
 def _torch_norm(sc: Scalars, t: Tensor) -> Any:
     """Row norms of a ``(B, k)`` tensor as columns kept by ``sc`` (torch's reduction)."""
-    r = vnorm(t, dim=-1, keepdim=True)
     if not sc.host:
-        return r
-    return np.float64(r.item()) if sc.floats else r.numpy()
+        return vnorm(t, dim=-1, keepdim=True)
+    return sc.get_col(vnorm(t, dim=-1))
 
 
 def solve_trust_region_minpack(
