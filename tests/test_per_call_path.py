@@ -261,3 +261,32 @@ def test_numpy_fun_complex_step_keeps_complex_points():
 
     res = least_squares(f, [-1.2, 1.0], jac="cs")
     assert kinds == {False, True} and res.success
+
+
+# ----------------------------------------------------------- results to numpy
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.int64, torch.int32,
+                                   torch.bool])
+@pytest.mark.parametrize("shape", [(), (1,), (3,), (1, 2), (2, 3, 4), (0,), (0, 3), (1, 0),
+                                   (65,), (9, 8)])
+def test_host_numpy_copies_small_tensors_exactly(dtype, shape):
+    """Small CPU tensors reach numpy through ``tolist`` (issue 14: fewer dispatched
+    operations per result field): the same dtype, shape and values as ``Tensor.numpy``,
+    in an array of their own; large ones stay views."""
+    from torchimize_scipy._arrays import _SMALL, _host_numpy
+
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * 1e3).to(dtype)
+    if dtype.is_floating_point and t.numel() > 1:
+        t = t.clone()
+        t.view(-1)[0] = float("-0.0")
+        t.view(-1)[1] = 1 / 3  # rounded to the dtype
+    a = _host_numpy(t)
+    ref = t.numpy()
+    assert a.dtype == ref.dtype and a.shape == ref.shape
+    np.testing.assert_array_equal(a, ref)
+    if dtype.is_floating_point:
+        assert np.array_equal(np.signbit(a), np.signbit(ref))
+    if 0 < t.numel() <= _SMALL:
+        assert not np.shares_memory(a, ref)  # the caller's own copy
+    elif t.numel() > _SMALL:
+        assert np.shares_memory(a, ref)  # a view, no copy
