@@ -323,7 +323,9 @@ def solve_trust_region_minpack(
     Works in scaled variables (``A = J diag(1/D)``) and stops when
     ``| |p| - delta | <= 0.1 delta``. Unlike the 'trf' variant, the step is not
     rescaled onto the boundary. ``p_gn``, if given, is the Gauss-Newton step
-    (default :func:`gauss_newton_step`). On the rows of ``basic`` the lower
+    (default :func:`gauss_newton_step`); on the host its norms are remembered
+    on it for the next call (an engine tensor, never modified in place). On
+    the rows of ``basic`` the lower
     bound of the damping is MINPACK's (pivoted QR, see
     :func:`basic_gauss_newton`; ``p_gn`` must then hold its basic step there);
     every damped step (``par > 0``) comes from ``fac``.

@@ -31,6 +31,13 @@ damping, and damped steps from the SVD of that ``R`` (issue 18). The
 Gauss-Newton step is computed once per outer iteration (``build_model``); on Gram
 rows that predict a nearly zero residual it is refined with ``J`` so that a
 batch lands on an exact zero as a single problem does (issue 11).
+
+On the CPU the rule's per-problem work (the optimality measure and scaling,
+``lmpar``'s Newton iteration, the Gauss-Newton step's quotients, the trial's
+assessment, radius update and tests) runs on host scalars
+(:mod:`..host_scalars`), its norms, sums and square roots still torch's, so
+that the host and tensor paths agree bit for bit; batches whose ``(B, n)``
+rows exceed torch's grain size keep the tensor path (issue 14).
 """
 
 from __future__ import annotations
