@@ -8,8 +8,9 @@ safeguarded by the interval :math:`[\alpha_l, \alpha_u]`, with
 \alpha I)^{-1} p / \lVert p\rVert` (from the SVD data, or from the inverse on
 Gram rows). :func:`solve_trust_region_scipy` is the variant of scipy's 'trf'
 (the step is put on the boundary), :func:`solve_trust_region_minpack` that of
-MINPACK's ``lmpar`` ('lm'). The former keeps its per-problem scalars on the
-host when the factors are on the CPU (:mod:`.host_scalars`).
+MINPACK's ``lmpar`` ('lm'). Both keep their per-problem scalars on the host
+when the factors are on the CPU (:mod:`.host_scalars`); 'lm''s takes its norms
+and sums from torch on either path (bit for bit the same results).
 """
 
 from __future__ import annotations
