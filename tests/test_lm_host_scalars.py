@@ -335,8 +335,9 @@ def test_lm_trial_norm_of_the_step_on_demand():
     assert trial.step_norm is trial.step_norm  # computed once
 
 
-def test_lm_verbose_table_reports_the_step_norm(capsys):
-    """scipy prints no table for 'lm'; verbose=2 must still run (and report as =1)."""
+def test_lm_verbose_2_reads_the_step_norm_on_demand(capsys):
+    """With verbose=2 the loop reads the trial's |step| (scipy prints no table for 'lm'):
+    the lazy norm must serve it, and the run report as scipy's."""
     res = ts.least_squares(rosen, [-1.2, 1.0], jac=rosen_jac, method="lm", verbose=2)
     ref = scipy_least_squares(rosen, [-1.2, 1.0], jac=rosen_jac, method="lm")
     assert res.status == ref.status and res.nfev == ref.nfev
