@@ -74,7 +74,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .counts import count_true
+from .counts import count_many, count_true
 
 #: Where per-problem scalars live when a caller does not say: None = on the host exactly
 #: when the tensors are on the CPU; False runs the device's code on the CPU (the tests
@@ -368,6 +368,20 @@ class Scalars:
         if self.floats:
             return int(bool(mask))
         return int(np.count_nonzero(mask))
+
+    def count_many(self, *masks: Any) -> list[int]:
+        """:meth:`count` of several per-problem masks (off the host: one read for all)."""
+        if not self.host:
+            return count_many(*masks)
+        if self.floats:
+            return [int(bool(m)) for m in masks]
+        return [int(np.count_nonzero(m)) for m in masks]
+
+    def indices(self, mask: Any) -> Tensor:
+        """The row indices where a per-problem mask holds, as a ``long`` tensor."""
+        if not self.host:
+            return mask.nonzero().squeeze(-1)
+        return torch.from_numpy(np.flatnonzero(mask))
 
     def full(self, value: float) -> Any:
         """Per-problem values all equal to ``value``."""
