@@ -266,8 +266,11 @@ class Scalars:
         known = getattr(t, _HOST_ROWS, None)
         if known is not None:
             return known
-        # (one problem: a copy, from two dispatches instead of four)
-        a = np.array(t.tolist(), dtype=np.float64) if self.floats else t.numpy()
+        # (one small problem: a copy, from two dispatches instead of four)
+        if self.floats and t.numel() <= _SMALL:
+            a = np.array(t.tolist(), dtype=np.float64)
+        else:
+            a = t.numpy()
         setattr(t, _HOST_ROWS, a)
         return a
 
@@ -439,9 +442,9 @@ class Scalars:
             if isinstance(v, np.ndarray) and v.ndim:
                 t = torch.from_numpy(v)
             else:  # a scalar or a 0-d array: a (1,) tensor, remembered as a numpy scalar
-                a = np.asarray(v)
-                t = torch.from_numpy(a.reshape(1))
-                v = a.dtype.type(v)
+                a = np.array([v])
+                t = torch.from_numpy(a)
+                v = a[0]
             setattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, v)
             out.append(t)
         return tuple(out)

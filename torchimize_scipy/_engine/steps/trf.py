@@ -108,14 +108,17 @@ class TRF(StepRule):
             state["coleman_li_dv"] = torch.zeros_like(x)
 
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
-        if problem.bounded and problem.n:
-            sc = Scalars(state["x"])
+        sc = Scalars(state["x"])
+        if (sc.host or problem.bounded) and problem.n:  # (a maximum: exact on either side)
             with sc.quiet():
                 g = sc.rows(state["g"])
-                v, dv = coleman_li_scaling(sc.rows(state["x"]), g, sc.rows(state["lb"]),
-                                           sc.rows(state["ub"]), sc)
-                optimality = sc.max_rows(abs(g * v))  # a maximum: exact on either side
-            state["coleman_li_v"], state["coleman_li_dv"] = sc.tensor_rows(v), sc.tensor_rows(dv)
+                if problem.bounded:
+                    v, dv = coleman_li_scaling(sc.rows(state["x"]), g, sc.rows(state["lb"]),
+                                               sc.rows(state["ub"]), sc)
+                    state["coleman_li_v"] = sc.tensor_rows(v)
+                    state["coleman_li_dv"] = sc.tensor_rows(dv)
+                    g = g * v
+                optimality = sc.max_rows(abs(g))
             state["optimality"] = sc.tensor(optimality)
             return sc.tensor(optimality < problem.gtol)
         if problem.bounded:
