@@ -196,13 +196,13 @@ class Scalars:
     def __init__(self, like: Tensor, host: bool | None = None,
                  floats: bool | None = None) -> None:
         self.B = like.shape[0]
-        self.dtype = like.dtype
+        self.dtype = dtype = like.dtype
         self.device = like.device
-        on_cpu = like.device.type == "cpu"
+        on_cpu = like.is_cpu
         if host is None:
             host = HOST
         self.host = on_cpu if host is None else bool(host) and on_cpu
-        single = self.host and self.B == 1 and like.dtype == torch.float64
+        single = self.host and self.B == 1 and dtype == torch.float64
         self.floats = single if floats is None else bool(floats) and single
         self.xp: Any = Floats if self.floats else (np if self.host else torch)
 
