@@ -12,14 +12,16 @@ scipy's solvers (Moré 1978; Branch, Coleman & Li 1999; Voglis & Lagaris 2004):
 
 Here the two levels are flattened into one loop over trials so that problems at
 different stages advance together. Per-problem state is a ``dict`` of
-batch-first tensors. A problem whose ``status`` is set is *finished*: its
-results are written out and its rows are dropped from the working state
-(compaction), so it costs no further evaluations. The residual and Jacobian
-callables only ever see the rows of running problems, together with their
-problem indices. A stream of problems can be fed in (``refill``): whenever at
-most half of ``capacity`` rows are running, the next problems are admitted
-(:func:`admit`) and appended (:func:`concat`), so slow problems run beside
-new ones instead of holding back a whole block.
+batch-first tensors; the loop's own codes, counters and masks are computed as values
+of :class:`~.host_scalars.Scalars` (numpy on the host for CPU tensors, tensors
+elsewhere; one code body) and stored back as tensors. A problem whose
+``status`` is set is *finished*: its results are written out and its rows are
+dropped from the working state (compaction), so it costs no further
+evaluations. The residual and Jacobian callables only ever see the rows of
+running problems, together with their problem indices. A stream of problems can
+be fed in (``refill``): whenever at most half of ``capacity`` rows are running,
+the next problems are admitted (:func:`admit`) and appended (:func:`concat`),
+so slow problems run beside new ones instead of holding back a whole block.
 
 A step rule (:class:`~.steps.base.StepRule`, one per method in ``steps/``)
 supplies the stages: ``init_state``, ``measure_optimality``, ``build_model``,
@@ -334,14 +336,19 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
 
     Notes
     -----
-    The host learns the counts it needs (rows that start an outer iteration,
-    that go on to build a model, that stopped, that accepted their trial)
-    from two reads per round: one after the ``gtol``/budget tests at the top
-    of an outer iteration, one after the trial; a third, of the sum of the
-    new ``J^T J``, proves the new Jacobians finite (scanning ``J`` itself
-    for that would cost a pass over the largest tensor of the run). The
-    rest (status updates, the finiteness of the trial residuals) is applied
-    with ``torch.where`` without reading the device. A row whose new
+    The loop's per-problem codes, counters and masks (``status``, ``nfev``,
+    ``njev``, ``nit``, ``fresh``, the accepted and stopping rows) are values
+    of :class:`~.host_scalars.Scalars`: numpy on the host when the tensors
+    are on the CPU (kept on their state tensors, so the counts that decide
+    "no row", "some rows", "every row" cost no read), tensors elsewhere.
+    There the host learns the counts it needs (rows that start an outer
+    iteration, that go on to build a model, that stopped, that accepted
+    their trial) from two reads per round: one after the ``gtol``/budget
+    tests at the top of an outer iteration, one after the trial; a third, of
+    the sum of the new ``J^T J``, proves the new Jacobians finite (scanning
+    ``J`` itself for that would cost a pass over the largest tensor of the
+    run). The rest (status updates, the finiteness of the trial residuals)
+    is applied without reading the device. A row whose new
     Jacobian is not finite is stopped (``NONFINITE``) at once; it still
     counts among the next round's top rows (the count of those was read
     before), whose optimality measure it does not take.
