@@ -108,7 +108,7 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             raise KeyError(f"new state key {k!r} must be created in init_state()")
 
 
-def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None],
+def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
             count: int | None = None) -> None:
     """Run ``fn`` on the rows of ``state`` selected by ``mask`` and keep what it assigns.
 
@@ -116,8 +116,12 @@ def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None],
     selected rows of each assigned tensor are kept (``torch.where``), which
     avoids gathering and scattering the large per-problem tensors; otherwise
     the selected rows are gathered, processed and scattered back. ``count``
-    is :func:`count_true` of ``mask`` when the caller knows it.
+    is :func:`count_true` of ``mask`` when the caller knows it; ``mask=None``
+    selects every row.
     """
+    if mask is None:
+        fn(state)
+        return
     total = mask.shape[0]
     if count is None:
         count = count_true(mask)
@@ -524,7 +528,7 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
         status = term.budget_status(status, nfev, problem.max_nfev, xp)
     go = status == term.RUNNING
     nonfinite = status == term.NONFINITE
-    status_t, go_t = hs.tensors(status, go)
+    status_t, = hs.tensors(status)
     sub["status"] = status_t
     if table is not None and int(status_t[0]) != term.NONFINITE:
         _print_row(sub, header=table["header"])
@@ -542,6 +546,7 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
         sub["optimality"] = torch.where(nonfinite_t, _original(sub, "optimality"),
                                         sub["optimality"])
     if n_go:
+        go_t = None if n_go == hs.B else hs.tensors(go)[0]
         on_rows(sub, go_t, lambda part: rule.build_model(problem, part), n_go)
         if sub["status"] is not status_t:  # a factorisation failed somewhere
             n_finished = None
