@@ -261,7 +261,6 @@ def _select_step(state: dict, p_h: Tensor, diag_h: Tensor,
     r_h_new = r_h * col(t_r) + p_h_cut
     r_value = xp.where(usable, r_value, math.inf)
 
-
     ag_h_t = -g_h
     ag_h = rows(ag_h_t)
     ag = d_ * ag_h
