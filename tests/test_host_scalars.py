@@ -128,6 +128,37 @@ def test_view_of_small_tensors_copies_and_of_large_ones_shares():
     assert np.shares_memory(lg, large.numpy())
 
 
+def test_rows_of_one_large_problem_are_viewed_not_listed():
+    # one float64 problem: small rows are copied through tolist, large ones (a
+    # tr_solver='lsmr' gradient with 10^5 variables) are viewed instead of being
+    # converted entry by entry at every outer iteration
+    sc = Scalars(torch.zeros(1, dtype=torch.float64))
+    assert sc.floats
+    small = torch.arange(3, dtype=torch.float64).reshape(1, 3)
+    large = torch.arange(host_scalars._SMALL + 1, dtype=torch.float64).reshape(1, -1)
+    s, lg = sc.rows(small), sc.rows(large)
+    assert s.shape == (1, 3) and lg.shape == large.shape
+    assert not np.shares_memory(s, small.numpy())
+    assert np.shares_memory(lg, large.numpy())
+    np.testing.assert_array_equal(s, small.numpy())
+    assert sc.rows(large) is lg  # remembered on the tensor
+
+
+@pytest.mark.parametrize("B", [1, 5])
+def test_counts_and_indices_host_and_device_agree(B):
+    # the loop's decisions ("no row", "some", "every row") and row selections
+    mask = torch.tensor([True, False, True, True, False][:B])
+    other = ~mask
+    host = Scalars(torch.zeros(B, dtype=torch.float64))
+    device = Scalars(torch.zeros(B, dtype=torch.float64), host=False)
+    h_mask, h_other = host.view(mask, other)
+    assert host.count_many(h_mask, h_other) == device.count_many(mask, other)
+    assert host.count_many(h_mask, h_other) == [int(mask.sum()), int(other.sum())]
+    np.testing.assert_array_equal(host.indices(h_mask).numpy(),
+                                  device.indices(mask).numpy())
+    assert host.indices(h_mask).dtype == torch.long
+
+
 @pytest.mark.parametrize("B", [1, 6])
 @pytest.mark.parametrize("use_gram", [False, True])
 @pytest.mark.parametrize("rank_deficient", [False, True])

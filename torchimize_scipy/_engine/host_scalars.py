@@ -74,7 +74,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .counts import count_true
+from .counts import count_many, count_true
 
 #: Where per-problem scalars live when a caller does not say: None = on the host exactly
 #: when the tensors are on the CPU; False runs the device's code on the CPU (the tests
@@ -196,13 +196,13 @@ class Scalars:
     def __init__(self, like: Tensor, host: bool | None = None,
                  floats: bool | None = None) -> None:
         self.B = like.shape[0]
-        self.dtype = like.dtype
+        self.dtype = dtype = like.dtype
         self.device = like.device
-        on_cpu = like.device.type == "cpu"
+        on_cpu = like.is_cpu
         if host is None:
             host = HOST
         self.host = on_cpu if host is None else bool(host) and on_cpu
-        single = self.host and self.B == 1 and like.dtype == torch.float64
+        single = self.host and self.B == 1 and dtype == torch.float64
         self.floats = single if floats is None else bool(floats) and single
         self.xp: Any = Floats if self.floats else (np if self.host else torch)
 
@@ -266,8 +266,11 @@ class Scalars:
         known = getattr(t, _HOST_ROWS, None)
         if known is not None:
             return known
-        # (one problem: a copy, from two dispatches instead of four)
-        a = np.array(t.tolist(), dtype=np.float64) if self.floats else t.numpy()
+        # (one small problem: a copy, from two dispatches instead of four)
+        if self.floats and t.numel() <= _SMALL:
+            a = np.array(t.tolist(), dtype=np.float64)
+        else:
+            a = t.numpy()
         setattr(t, _HOST_ROWS, a)
         return a
 
@@ -369,6 +372,20 @@ class Scalars:
             return int(bool(mask))
         return int(np.count_nonzero(mask))
 
+    def count_many(self, *masks: Any) -> list[int]:
+        """:meth:`count` of several per-problem masks (off the host: one read for all)."""
+        if not self.host:
+            return count_many(*masks)
+        if self.floats:
+            return [int(bool(m)) for m in masks]
+        return [int(np.count_nonzero(m)) for m in masks]
+
+    def indices(self, mask: Any) -> Tensor:
+        """The row indices where a per-problem mask holds, as a ``long`` tensor."""
+        if not self.host:
+            return mask.nonzero().squeeze(-1)
+        return torch.from_numpy(np.flatnonzero(mask))
+
     def full(self, value: float) -> Any:
         """Per-problem values all equal to ``value``."""
         if not self.host:
@@ -425,9 +442,9 @@ class Scalars:
             if isinstance(v, np.ndarray) and v.ndim:
                 t = torch.from_numpy(v)
             else:  # a scalar or a 0-d array: a (1,) tensor, remembered as a numpy scalar
-                a = np.asarray(v)
-                t = torch.from_numpy(a.reshape(1))
-                v = a.dtype.type(v)
+                a = np.array([v])
+                t = torch.from_numpy(a)
+                v = a[0]
             setattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, v)
             out.append(t)
         return tuple(out)

@@ -12,14 +12,16 @@ scipy's solvers (Moré 1978; Branch, Coleman & Li 1999; Voglis & Lagaris 2004):
 
 Here the two levels are flattened into one loop over trials so that problems at
 different stages advance together. Per-problem state is a ``dict`` of
-batch-first tensors. A problem whose ``status`` is set is *finished*: its
-results are written out and its rows are dropped from the working state
-(compaction), so it costs no further evaluations. The residual and Jacobian
-callables only ever see the rows of running problems, together with their
-problem indices. A stream of problems can be fed in (``refill``): whenever at
-most half of ``capacity`` rows are running, the next problems are admitted
-(:func:`admit`) and appended (:func:`concat`), so slow problems run beside
-new ones instead of holding back a whole block.
+batch-first tensors; the loop's own codes, counters and masks are computed as values
+of :class:`~.host_scalars.Scalars` (numpy on the host for CPU tensors, tensors
+elsewhere; one code body) and stored back as tensors. A problem whose
+``status`` is set is *finished*: its results are written out and its rows are
+dropped from the working state (compaction), so it costs no further
+evaluations. The residual and Jacobian callables only ever see the rows of
+running problems, together with their problem indices. A stream of problems can
+be fed in (``refill``): whenever at most half of ``capacity`` rows are running,
+the next problems are admitted (:func:`admit`) and appended (:func:`concat`),
+so slow problems run beside new ones instead of holding back a whole block.
 
 A step rule (:class:`~.steps.base.StepRule`, one per method in ``steps/``)
 supplies the stages: ``init_state``, ``measure_optimality``, ``build_model``,
@@ -38,7 +40,8 @@ from torch import Tensor
 
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
-from .counts import count_many, count_true
+from .counts import count_true
+from .host_scalars import Scalars
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
 
@@ -105,7 +108,7 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             raise KeyError(f"new state key {k!r} must be created in init_state()")
 
 
-def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None],
+def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
             count: int | None = None) -> None:
     """Run ``fn`` on the rows of ``state`` selected by ``mask`` and keep what it assigns.
 
@@ -113,8 +116,12 @@ def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None],
     selected rows of each assigned tensor are kept (``torch.where``), which
     avoids gathering and scattering the large per-problem tensors; otherwise
     the selected rows are gathered, processed and scattered back. ``count``
-    is :func:`count_true` of ``mask`` when the caller knows it.
+    is :func:`count_true` of ``mask`` when the caller knows it; ``mask=None``
+    selects every row.
     """
+    if mask is None:
+        fn(state)
+        return
     total = mask.shape[0]
     if count is None:
         count = count_true(mask)
@@ -129,7 +136,7 @@ def on_rows(state: State, mask: Tensor, fn: Callable[[RowView], None],
                 keep = mask.view(-1, *([1] * (new.ndim - 1)))
                 state[k] = torch.where(keep, new, state[k])
         return
-    rows = mask.nonzero().squeeze(-1)
+    rows = _indices(mask)
     view = RowView(state, rows)
     fn(view)
     put(state, rows, view)
@@ -167,6 +174,13 @@ def all_finite(a: Tensor) -> Tensor:
     return finite_rows(a)[0]
 
 
+def _finite_rows(hs: Scalars, f: Tensor):
+    """:func:`finite_per_row` of ``f (B, m)`` as values of ``hs`` (one reduction)."""
+    if f.shape[-1] == 0:
+        return hs.view(finite_per_row(f))[0]
+    return hs.xp.isfinite(hs.view(torch.linalg.vector_norm(f, ord=math.inf, dim=-1))[0])
+
+
 def finite_per_row(a: Tensor) -> Tensor:
     """``(B,)`` mask: every entry of each row of ``a`` is finite, without a host read.
 
@@ -184,9 +198,11 @@ def jacobian_nonfinite_rows(J: Tensor, G: Tensor) -> Tensor | None:
     """``(B,)`` mask of the problems whose ``J`` has a non-finite entry, or None if none has.
 
     Decided from ``G = J^T J`` as :func:`jacobian_finite` does (one read of
-    its sum, much smaller than ``J``).
+    its sum, much smaller than ``J``; on the CPU a host value, see
+    :class:`~.host_scalars.Scalars`).
     """
-    if math.isfinite(G.sum().tolist()):
+    total = G.sum()
+    if math.isfinite(Scalars(G).view(total)[0]):
         return None
     return ~jacobian_finite(J, G)
 
@@ -211,11 +227,17 @@ def _original(view: RowView, key: str) -> Tensor:
     return value if view.rows is None else value.index_select(0, view.rows)
 
 
-def _rows(mask: Tensor, count: int) -> Tensor | None:
-    """Indices where ``mask`` is true, or None meaning "all rows" (``count`` of them)."""
-    if count == mask.shape[0]:
+def _indices(mask: Tensor) -> Tensor:
+    """Indices where the ``(B,)`` tensor ``mask`` is true (from its host value on the CPU)."""
+    hs = Scalars(mask)
+    return hs.indices(hs.view(mask)[0])
+
+
+def _rows(hs: Scalars, mask, count: int) -> Tensor | None:
+    """Indices where ``mask`` (values of ``hs``) holds, or None meaning "all rows"."""
+    if count == hs.B:
         return None
-    return mask.nonzero().squeeze(-1)
+    return hs.indices(mask)
 
 
 def _print_row(state: State, header: bool) -> None:
@@ -263,8 +285,9 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
     if undeclared:
         raise KeyError(f"{type(rule).__name__} created undeclared state keys "
                        f"{sorted(undeclared)}")
-    n_fresh, n_stopped = count_many(fresh, ~fresh)
-    return n_fresh, n_stopped
+    hs = Scalars(state["x"])
+    n_fresh = hs.count(hs.view(fresh)[0])
+    return n_fresh, B - n_fresh
 
 
 def concat(state: State, new: State) -> None:
@@ -317,14 +340,19 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
 
     Notes
     -----
-    The host learns the counts it needs (rows that start an outer iteration,
-    that go on to build a model, that stopped, that accepted their trial)
-    from two reads per round: one after the ``gtol``/budget tests at the top
-    of an outer iteration, one after the trial; a third, of the sum of the
-    new ``J^T J``, proves the new Jacobians finite (scanning ``J`` itself
-    for that would cost a pass over the largest tensor of the run). The
-    rest (status updates, the finiteness of the trial residuals) is applied
-    with ``torch.where`` without reading the device. A row whose new
+    The loop's per-problem codes, counters and masks (``status``, ``nfev``,
+    ``njev``, ``nit``, ``fresh``, the accepted and stopping rows) are values
+    of :class:`~.host_scalars.Scalars`: numpy on the host when the tensors
+    are on the CPU (kept on their state tensors, so the counts that decide
+    "no row", "some rows", "every row" cost no read), tensors elsewhere.
+    There the host learns the counts it needs (rows that start an outer
+    iteration, that go on to build a model, that stopped, that accepted
+    their trial) from two reads per round: one after the ``gtol``/budget
+    tests at the top of an outer iteration, one after the trial; a third, of
+    the sum of the new ``J^T J``, proves the new Jacobians finite (scanning
+    ``J`` itself for that would cost a pass over the largest tensor of the
+    run). The rest (status updates, the finiteness of the trial residuals)
+    is applied without reading the device. A row whose new
     Jacobian is not finite is stopped (``NONFINITE``) at once; it still
     counts among the next round's top rows (the count of those was read
     before), whose optimality measure it does not take.
@@ -385,57 +413,67 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             on_rows(state, state["fresh"], outer_top, n_top)
         # (``fresh`` is next read after this round's trial has set it)
         if n_finished is None or n_finished:
-            finished = state["status"] != term.RUNNING
+            hs = Scalars(state["x"])
+            finished = hs.view(state["status"])[0] != term.RUNNING
             if n_finished is None:
-                n_finished = count_true(finished)
+                n_finished = hs.count(finished)
         if n_finished:
             n_stopped = 0
-            _write_out(problem, rule, state, finished, n_finished, out)
+            _write_out(problem, rule, state, hs, finished, n_finished, out)
             if on_finish is not None:
                 on_finish(n_finished)
             if n_finished == rows and refill is None:
                 return
-            compact(state, (~finished).nonzero().squeeze(-1))
+            compact(state, hs.indices(finished == False))  # noqa: E712 (numpy scalars too)
             if n_finished == rows:
                 continue  # every row finished: admit the next problems
 
         # ---- one trial per running problem -----------------------------------
+        # (the per-problem counters, codes and masks are values of ``hs``: on the host
+        # when on the CPU, see host_scalars; the state keeps them as tensors)
+        hs = Scalars(state["x"])
+        xp = hs.xp
         trial = rule.propose_step(problem, state)
         x_new = trial.x_new
         f_new = problem.fun(x_new, state["ids"])
-        state["nfev"] = state["nfev"] + 1
-        finite = finite_per_row(f_new)
+        nfev = hs.view(state["nfev"])[0] + 1
+        fin = _finite_rows(hs, f_new)
+        state["nfev"], finite = hs.tensors(nfev, fin)
         f_new = torch.where(finite.unsqueeze(-1), f_new, 0.0)
         cost_new = problem.cost(f_new)
-        accept, code, x_acc = rule.assess_trial(problem, state, trial, f_new, cost_new, finite)
-        red = state["cost"] - cost_new if problem.verbose == 2 else None
-        status = torch.where(code != term.RUNNING, code, state["status"])
-        state["status"] = status
-        boundary = accept | (status != term.RUNNING) | term.budget_spent(state["nfev"],
-                                                                           problem.max_nfev)
+        verdict = rule.assess_trial(problem, state, trial, f_new, cost_new, finite)
+        x_acc = verdict.x_accepted
+        accept, code, status, nit = hs.view(verdict.accept, verdict.status, state["status"],
+                                            state["nit"])
+        status = xp.where(code != term.RUNNING, code, status)
+        boundary = accept | (status != term.RUNNING) | term.budget_spent(nfev, problem.max_nfev)
+        state["status"], state["nit"], state["fresh"] = hs.tensors(status, nit + boundary,
+                                                                   boundary)
         if problem.verbose == 2:
+            red = state["cost"] - cost_new
+            accept_t, boundary_t = verdict.accept, state["fresh"]
             state["last_reduction"] = torch.where(
-                boundary, torch.where(accept, red, 0.0), state["last_reduction"])
+                boundary_t, torch.where(accept_t, red, 0.0), state["last_reduction"])
             state["last_step_norm"] = torch.where(
-                boundary, torch.where(accept, trial.step_norm, 0.0), state["last_step_norm"])
-        state["nit"] = state["nit"] + boundary
-        state["fresh"] = boundary
+                boundary_t, torch.where(accept_t, trial.step_norm, 0.0),
+                state["last_step_norm"])
         if problem.final_jacobian:
-            n_accept, n_fresh = count_many(accept, boundary)
+            n_accept, n_fresh = hs.count_many(accept, boundary)
         else:  # rows that stop on their accepted trial move there without a Jacobian
             stops = accept & (status != term.RUNNING)
             accept = accept & (status == term.RUNNING)
-            n_accept, n_fresh, n_stops = count_many(accept, boundary, stops)
+            n_accept, n_fresh, n_stops = hs.count_many(accept, boundary, stops)
             if n_stops:
-                _move_without_jacobian(state, stops, n_stops, x_acc, f_new, cost_new)
+                _move_without_jacobian(state, hs, stops, n_stops, x_acc, f_new, cost_new)
         if n_accept:
-            arows = _rows(accept, n_accept)
+            arows = _rows(hs, accept, n_accept)
             sub = take(state, arows)
             sub["x"] = x_acc if arows is None else x_acc.index_select(0, arows)
             sub["f_true"] = f_new if arows is None else f_new.index_select(0, arows)
             sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
-            sub["njev"] = sub["njev"] + 1
+            hs_sub = hs if arows is None else Scalars(sub["x"])
+            sub["njev"], = hs_sub.tensors(hs_sub.view(sub["njev"])[0] + 1)
             sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
             bad = jacobian_nonfinite_rows(sub["J"], sub["G"])
             if bad is not None:
@@ -451,21 +489,22 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
                 n_fresh, n_stopped = 0, state["x"].shape[0]
 
 
-def _move_without_jacobian(state: State, rows_mask: Tensor, count: int, x_acc: Tensor,
+def _move_without_jacobian(state: State, hs: Scalars, rows_mask, count: int, x_acc: Tensor,
                            f_new: Tensor, cost_new: Tensor) -> None:
     """Move the rows ``rows_mask`` to their accepted trial point, keeping their Jacobian.
 
     For ``Problem.final_jacobian=False``: these rows stopped on this trial,
     so only what their results report of the new point is written; ``njev``
     counts the Jacobian that the default would evaluate here (see
-    :class:`~.problem.Problem`).
+    :class:`~.problem.Problem`). ``rows_mask`` is a mask of ``hs``'s values.
     """
-    rows = _rows(rows_mask, count)
+    rows = _rows(hs, rows_mask, count)
     sub = take(state, rows)
     sub["x"] = x_acc if rows is None else x_acc.index_select(0, rows)
     sub["f_true"] = f_new if rows is None else f_new.index_select(0, rows)
     sub["cost"] = cost_new if rows is None else cost_new.index_select(0, rows)
-    sub["njev"] = sub["njev"] + 1
+    hs_sub = hs if rows is None else Scalars(sub["x"])
+    sub["njev"], = hs_sub.tensors(hs_sub.view(sub["njev"])[0] + 1)
     put(state, rows, sub)
 
 
@@ -480,34 +519,44 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
     one problem).
     """
     gtol_hit = rule.measure_optimality(problem, sub)
-    sub["status"] = term.gtol_status(sub["status"], gtol_hit)
-    if table is not None and int(sub["status"][0]) != term.NONFINITE:
-        _print_row(sub, header=table["header"])
-        table["header"] = False
+    # (per-problem codes and masks as values of ``hs``: on the host when on the CPU)
+    hs = Scalars(sub["x"])
+    xp = hs.xp
+    hit, status, nfev = hs.view(gtol_hit, sub["status"], sub["nfev"])
+    status = term.gtol_status(status, hit, xp)
     if rule.budget_at_top:
-        sub["status"] = term.budget_status(sub["status"], sub["nfev"], problem.max_nfev)
-    status = sub["status"]
+        status = term.budget_status(status, nfev, problem.max_nfev, xp)
     go = status == term.RUNNING
     nonfinite = status == term.NONFINITE
+    status_t, = hs.tensors(status)
+    sub["status"] = status_t
+    if table is not None and int(status_t[0]) != term.NONFINITE:
+        _print_row(sub, header=table["header"])
+        table["header"] = False
     if partial and sub.rows is None:  # every row computed: count the top rows
-        n_go, n_nonfinite, n_top_stopped = count_many(go, nonfinite, sub["fresh"] & ~go)
+        fresh, = hs.view(sub["fresh"])
+        n_go, n_nonfinite, n_top_stopped = hs.count_many(go, nonfinite,
+                                                         fresh & (status != term.RUNNING))
         n_finished: int | None = n_top_stopped + n_stopped
     else:  # the top rows only
-        n_go, n_nonfinite = count_many(go, nonfinite)
-        n_finished = len(go) - n_go + n_stopped
+        n_go, n_nonfinite = hs.count_many(go, nonfinite)
+        n_finished = hs.B - n_go + n_stopped
     if n_nonfinite:  # a row whose last Jacobian was not finite keeps its measure
-        sub["optimality"] = torch.where(nonfinite, _original(sub, "optimality"),
+        nonfinite_t, = hs.tensors(nonfinite)
+        sub["optimality"] = torch.where(nonfinite_t, _original(sub, "optimality"),
                                         sub["optimality"])
     if n_go:
-        on_rows(sub, go, lambda part: rule.build_model(problem, part), n_go)
-        if sub["status"] is not status:  # a factorisation failed somewhere
+        go_t = None if n_go == hs.B else hs.tensors(go)[0]
+        on_rows(sub, go_t, lambda part: rule.build_model(problem, part), n_go)
+        if sub["status"] is not status_t:  # a factorisation failed somewhere
             n_finished = None
     return n_finished
 
 
-def _write_out(problem: Problem, rule: StepRule, state: State, mask: Tensor, count: int,
+def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask, count: int,
                out: State) -> None:
-    sub = take(state, _rows(mask, count))
+    """Write the results of the rows where ``mask`` (values of ``hs``) holds into ``out``."""
+    sub = take(state, _rows(hs, mask, count))
     own = rule.result_fields(problem, sub)
     ids = sub["ids"]
     values = {

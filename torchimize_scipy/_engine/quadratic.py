@@ -113,8 +113,9 @@ def build_quadratic_1d(
         a = a + (diag * s * s).sum(-1)
     a = 0.5 * a
     b = (g * s).sum(-1)
-    c = torch.zeros_like(b)
-    if s0 is not None:
+    if s0 is None:
+        c = torch.zeros_like(b)
+    else:
         u = s0 if d is None else s0 * d
         if Jv is None:
             b = b + cross_jac(J, u, v, G, gram)

@@ -57,20 +57,27 @@ def success(status: Any) -> Any:
     return (status > 0) & (status != NONFINITE) & (status != SINGULAR)
 
 
-def stop_running(status: Tensor, stop: Tensor, code: int) -> Tensor:
-    """``status`` with ``code`` on the running problems where ``stop`` holds."""
-    return torch.where(stop & (status == RUNNING), code, status)
+def stop_running(status: Any, stop: Any, code: int, xp: Any = torch) -> Any:
+    """``status`` with ``code`` on the running problems where ``stop`` holds.
+
+    ``xp``: the namespace of the values (``torch`` for tensors, or that of
+    :class:`~.host_scalars.Scalars` for the host's values), here and below.
+    """
+    return xp.where(stop & (status == RUNNING), code, status)
 
 
-def gtol_status(status: Tensor, gtol_hit: Tensor) -> Tensor:
+def gtol_status(status: Any, gtol_hit: Any, xp: Any = torch) -> Any:
     """Apply the ``gtol`` test measured at the top of an outer iteration.
 
     It stops a running problem, and, as in scipy (which tests ``gtol`` after
     the step's ``ftol``/``xtol`` tests at the next point), it replaces an
     ``ftol``/``xtol`` code set by the trial that led here.
     """
-    may_override = torch.isin(status, _overridable(status.device))
-    return torch.where(gtol_hit & may_override, GTOL, status)
+    if xp is torch:  # one operation on tensors
+        may_override = torch.isin(status, _overridable(status.device))
+    else:  # (the codes FTOL, XTOL, FTOL_XTOL are consecutive)
+        may_override = (status == RUNNING) | ((status >= FTOL) & (status <= FTOL_XTOL))
+    return xp.where(gtol_hit & may_override, GTOL, status)
 
 
 @functools.lru_cache(maxsize=8)
@@ -79,14 +86,14 @@ def _overridable(device: torch.device) -> Tensor:
     return torch.tensor([RUNNING, FTOL, XTOL, FTOL_XTOL], device=device)
 
 
-def budget_spent(nfev: Tensor, max_nfev: int) -> Tensor:
+def budget_spent(nfev: Any, max_nfev: int) -> Any:
     """``(B,)`` mask: the evaluation budget is used up."""
     return nfev >= max_nfev
 
 
-def budget_status(status: Tensor, nfev: Tensor, max_nfev: int) -> Tensor:
+def budget_status(status: Any, nfev: Any, max_nfev: int, xp: Any = torch) -> Any:
     """scipy's 'trf'/'dogbox' test at the top of an outer iteration: budget spent."""
-    return torch.where((status == RUNNING) & budget_spent(nfev, max_nfev), MAX_NFEV, status)
+    return xp.where((status == RUNNING) & budget_spent(nfev, max_nfev), MAX_NFEV, status)
 
 
 def trust_region_status(actual: Tensor, cost: Tensor, step_norm: Tensor, x: Tensor,

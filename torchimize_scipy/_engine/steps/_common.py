@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..counts import known_finite
+from ..host_scalars import Scalars
 from ..linalg import Factors
 from ..problem import Problem
 from ..termination import SINGULAR, stop_running
@@ -35,9 +36,18 @@ def flag_singular_factors(state: dict, sv: Tensor) -> None:
     """:func:`flag_singular` for problems whose singular values ``sv`` are not all finite.
 
     A finite sum of ``sv`` means every value is finite: nothing to flag (nor
-    to read, when the factorisation made ``sv`` finite by construction).
+    to read, when the factorisation made ``sv`` finite by construction). On
+    the CPU the values are read on the host (:class:`~..host_scalars.Scalars`,
+    which keeps them on the tensor for the subproblem's solver).
     """
-    if not known_finite(sv) and not math.isfinite(float(sv.sum())):
+    if known_finite(sv):
+        return
+    sc = Scalars(sv)
+    if sc.host:  # the host's values (read once, kept for the subproblem's solver)
+        ok = sc.all_rows(sc.xp.isfinite(sc.rows(sv)))
+        if sc.count(ok) < sc.B:
+            flag_singular(state, sc.tensor(ok))
+    elif not math.isfinite(float(sv.sum())):
         flag_singular(state, torch.isfinite(sv).all(-1))
 
 

@@ -89,10 +89,15 @@ class Dogbox(StepRule):
         state["antigrad_lin"] = torch.zeros_like(delta)
 
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
-        free = ~(state["on_bound"] * state["g"] < 0)
-        state["free"] = free
-        state["optimality"] = inf_norm(torch.where(free, state["g"], 0.0))
-        return state["optimality"] < problem.gtol
+        # elementwise work and a maximum: on the host when on the CPU (the same values)
+        sc = Scalars(state["x"])
+        g = sc.rows(state["g"])
+        on_bound, = sc.view(state["on_bound"])
+        free = (on_bound * g < 0) == 0  # (not frozen at a bound)
+        optimality = _max_abs(sc, sc.xp.where(free, g, 0.0))
+        state["free"] = sc.tensor_rows(free)
+        state["optimality"] = sc.tensor(optimality)
+        return sc.tensor(optimality < problem.gtol)
 
     def build_model(self, problem: Problem, state: dict) -> None:
         free = state["free"]
@@ -120,18 +125,26 @@ class Dogbox(StepRule):
         state["antigrad_quad"], state["antigrad_lin"] = quad, lin
 
     def propose_step(self, problem: Problem, state: dict) -> DogboxTrial:
-        x, lb, ub, free = state["x"], state["lb"], state["ub"], state["free"]
-        g_free = torch.where(free, state["g"], 0.0)
-        tr = state["delta"].unsqueeze(-1) * state["scale"]
-        step, hits, tr_hit = dogleg_step(x, state["newton"], g_free,
+        # the elementwise work on (B, n) rows on the host when on the CPU (Scalars); the
+        # model's value (products with J) and the step's norm are torch operations
+        sc = Scalars(state["x"])
+        xp, rows = sc.xp, sc.rows
+        x, lb, ub = rows(state["x"]), rows(state["lb"]), rows(state["ub"])
+        free, on_bound = sc.view(state["free"], state["on_bound"])
+        with sc.quiet():
+            g_free = xp.where(free, rows(state["g"]), 0.0)
+            tr = sc.get_col(state["delta"]) * rows(state["scale"])
+            step, hits, tr_hit = _dogleg(sc, x, rows(state["newton"]), g_free,
                                          state["antigrad_quad"], state["antigrad_lin"], tr, lb,
                                          ub)
-        step = torch.where(free, step, 0.0)
-        predicted = self.predicted_reduction(state, g_free, step)
-        x_new = torch.minimum(torch.maximum(x + step, lb), ub)
-        on_bound_new = torch.where(free, hits, state["on_bound"])
-        return DogboxTrial(x_new, vnorm(step, dim=-1), inf_norm(step * state["scale_inv"]),
-                           predicted, tr_hit, on_bound_new)
+            step = xp.where(free, step, 0.0)
+            x_new = xp.minimum(xp.maximum(x + step, lb), ub)
+            on_bound_new = xp.where(free, hits, on_bound)
+            step_h_norm = _max_abs(sc, step * rows(state["scale_inv"]))
+        step_t = sc.tensor_rows(step)
+        predicted = self.predicted_reduction(state, sc.tensor_rows(g_free), step_t)
+        return DogboxTrial(sc.tensor_rows(x_new), vnorm(step_t, dim=-1), sc.tensor(step_h_norm),
+                           predicted, sc.tensor(tr_hit), sc.tensor_rows(on_bound_new))
 
     def predicted_reduction(self, state: dict, g_free: Tensor, step: Tensor) -> Tensor:
         """The decrease of the quadratic model along ``step`` (zero on frozen variables)."""
@@ -155,20 +168,24 @@ class Dogbox(StepRule):
             status = trust_region_code(actual, cost, step_norm, sc.norm(state["x"]), ratio, fin,
                                        problem.ftol, problem.xtol, xp)
             accept_h = fin & (actual > 0)
+            on_bound_new, on_bound = sc.view(trial.on_bound, state["on_bound"])
+            on_bound = xp.where(sc.as_col(accept_h), on_bound_new, on_bound)
+            x_acc = xp.where(on_bound == -1, sc.rows(state["lb"]),
+                             xp.where(on_bound == 1, sc.rows(state["ub"]), sc.rows(trial.x_new)))
         state["delta"] = sc.tensor(delta)
-        status = sc.tensor(status)
-        accept = sc.tensor(accept_h)
-        on_bound = torch.where(accept.unsqueeze(-1), trial.on_bound, state["on_bound"])
-        state["on_bound"] = on_bound
-        x_acc = torch.where(on_bound == -1, state["lb"],
-                            torch.where(on_bound == 1, state["ub"], trial.x_new))
-        return Verdict(accept, status, x_acc)
+        state["on_bound"] = sc.tensor_rows(on_bound)
+        return Verdict(sc.tensor(accept_h), sc.tensor(status), sc.tensor_rows(x_acc))
 
     def after_jacobian(self, problem: Problem, state: dict) -> None:
         update_jac_scale(problem, state)
 
     def result_fields(self, problem: Problem, state: dict) -> ResultFields:
         return ResultFields(state["on_bound"])
+
+
+def _max_abs(sc: Scalars, a) -> object:
+    """Max-norm of rows ``a`` kept by ``sc`` (0 for empty rows): exact on either side."""
+    return sc.max_rows(abs(a)) if a.shape[-1] else sc.full(0.0)
 
 
 def dogleg_step(x: Tensor, newton: Tensor, g: Tensor, a: Tensor, b: Tensor, tr_bounds: Tensor,
@@ -181,34 +198,41 @@ def dogleg_step(x: Tensor, newton: Tensor, g: Tensor, a: Tensor, b: Tensor, tr_b
     tensors are on the CPU (:class:`~.host_scalars.Scalars`; the same results).
     """
     sc = Scalars(a)
-    xp = sc.xp
     rows = sc.rows
     with sc.quiet():
-        x_h, newton_h, lb_h, ub_h, tr_h = (rows(t) for t in (x, newton, lb, ub, tr_bounds))
-        lb_c = lb_h - x_h
-        ub_c = ub_h - x_h
-        lb_total = xp.maximum(lb_c, -tr_h)
-        ub_total = xp.minimum(ub_c, tr_h)
-        newton_ok = in_bounds(newton_h, lb_total, ub_total, sc)
-        if sc.count(newton_ok) == sc.B:  # every Newton step fits: no dogleg
-            return (newton, torch.zeros_like(x, dtype=torch.long),
-                    torch.zeros_like(a, dtype=torch.bool))
-        g_h = rows(g)
-        to_bounds, _ = step_size_to_bound(xp.zeros_like(x_h), -g_h, lb_total,
-                                          ub_total, sc)
-        t_c, _ = minimize_quadratic_1d(sc.get(a), sc.get(b), sc.full(0.0),
-                                       xp.where(xp.isfinite(to_bounds), to_bounds, 0.0), xp=xp)
-        cauchy = -sc.as_col(t_c) * g_h
-        diff = newton_h - cauchy
-        t, hits = step_size_to_bound(cauchy, diff, lb_total, ub_total, sc)
-        t = xp.where(xp.isfinite(t), t, 0.0)
-        step = cauchy + sc.as_col(t) * diff
-        bound_hits = xp.where((hits < 0) & (lb_total == lb_c), -1, 0)
-        bound_hits = xp.where((hits > 0) & (ub_total == ub_c), 1, bound_hits)
-        tr_hit = sc.any_rows(((hits < 0) & (lb_total == -tr_h))
-                             | ((hits > 0) & (ub_total == tr_h)))
-        ok = sc.as_col(newton_ok)
-        step = xp.where(ok, newton_h, step)
-        bound_hits = xp.where(ok, 0, bound_hits)
-        tr_hit = (newton_ok == 0) & tr_hit
-    return (sc.tensor_rows(step), sc.tensor_rows(sc.as_long(bound_hits)), sc.tensor(tr_hit))
+        step, hits, tr_hit = _dogleg(sc, rows(x), rows(newton), rows(g), a, b, rows(tr_bounds),
+                                     rows(lb), rows(ub))
+    return sc.tensor_rows(step), sc.tensor_rows(hits), sc.tensor(tr_hit)
+
+
+def _dogleg(sc: Scalars, x_h, newton_h, g_h, a: Tensor, b: Tensor, tr_h, lb_h, ub_h):
+    """:func:`dogleg_step` on rows kept by ``sc`` (the caller holds ``sc.quiet()``).
+
+    ``a`` and ``b`` are tensors; the bounds hit are rows of integers.
+    """
+    xp = sc.xp
+    lb_c = lb_h - x_h
+    ub_c = ub_h - x_h
+    lb_total = xp.maximum(lb_c, -tr_h)
+    ub_total = xp.minimum(ub_c, tr_h)
+    newton_ok = in_bounds(newton_h, lb_total, ub_total, sc)
+    if sc.count(newton_ok) == sc.B:  # every Newton step fits: no dogleg
+        return newton_h, sc.as_long(xp.zeros_like(newton_h)), newton_ok == 0
+    to_bounds, _ = step_size_to_bound(xp.zeros_like(x_h), -g_h, lb_total,
+                                      ub_total, sc)
+    t_c, _ = minimize_quadratic_1d(sc.get(a), sc.get(b), sc.full(0.0),
+                                   xp.where(xp.isfinite(to_bounds), to_bounds, 0.0), xp=xp)
+    cauchy = -sc.as_col(t_c) * g_h
+    diff = newton_h - cauchy
+    t, hits = step_size_to_bound(cauchy, diff, lb_total, ub_total, sc)
+    t = xp.where(xp.isfinite(t), t, 0.0)
+    step = cauchy + sc.as_col(t) * diff
+    bound_hits = xp.where((hits < 0) & (lb_total == lb_c), -1, 0)
+    bound_hits = xp.where((hits > 0) & (ub_total == ub_c), 1, bound_hits)
+    tr_hit = sc.any_rows(((hits < 0) & (lb_total == -tr_h))
+                         | ((hits > 0) & (ub_total == tr_h)))
+    ok = sc.as_col(newton_ok)
+    step = xp.where(ok, newton_h, step)
+    bound_hits = sc.as_long(xp.where(ok, 0, bound_hits))
+    tr_hit = (newton_ok == 0) & tr_hit
+    return step, bound_hits, tr_hit

@@ -108,14 +108,17 @@ class TRF(StepRule):
             state["coleman_li_dv"] = torch.zeros_like(x)
 
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
-        if problem.bounded and problem.n:
-            sc = Scalars(state["x"])
+        sc = Scalars(state["x"])
+        if (sc.host or problem.bounded) and problem.n:  # (a maximum: exact on either side)
             with sc.quiet():
                 g = sc.rows(state["g"])
-                v, dv = coleman_li_scaling(sc.rows(state["x"]), g, sc.rows(state["lb"]),
-                                           sc.rows(state["ub"]), sc)
-                optimality = sc.max_rows(abs(g * v))  # a maximum: exact on either side
-            state["coleman_li_v"], state["coleman_li_dv"] = sc.tensor_rows(v), sc.tensor_rows(dv)
+                if problem.bounded:
+                    v, dv = coleman_li_scaling(sc.rows(state["x"]), g, sc.rows(state["lb"]),
+                                               sc.rows(state["ub"]), sc)
+                    state["coleman_li_v"] = sc.tensor_rows(v)
+                    state["coleman_li_dv"] = sc.tensor_rows(dv)
+                    g = g * v
+                optimality = sc.max_rows(abs(g))
             state["optimality"] = sc.tensor(optimality)
             return sc.tensor(optimality < problem.gtol)
         if problem.bounded:
@@ -133,7 +136,9 @@ class TRF(StepRule):
             d = v.sqrt() * state["scale"]
             diag_h = state["g"] * dv * state["scale"]
             state["diag_h"] = diag_h
-            state["theta"] = torch.clamp(1 - state["optimality"], min=0.995)
+            sc = Scalars(state["x"])  # (the optimality is a host value on the CPU)
+            theta = 1 - sc.get(state["optimality"])
+            state["theta"] = sc.tensor(sc.xp.where(theta < 0.995, 0.995, theta))  # NaN kept
         else:
             d = state["scale"]
             diag_h = None
@@ -224,9 +229,9 @@ def _select_step(state: dict, p_h: Tensor, diag_h: Tensor,
     x_, lb_, ub_, d_, p_h_ = (rows(t) for t in (x, lb, ub, d, p_h))
     p_ = d_ * p_h_
     inside = in_bounds(x_ + p_, lb_, ub_, sc)
-    p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram)
-    if sc.count(inside) == sc.B:
-        return p_, p_h_, sc.get(p_value_full)
+    n_inside = sc.count(inside)
+    if n_inside == sc.B:
+        return p_, p_h_, sc.get(evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram))
 
     delta, theta = sc.get(state["delta"]), sc.get(state["theta"])
     p_stride, hits = step_size_to_bound(x_, p_, lb_, ub_, sc)
@@ -245,17 +250,16 @@ def _select_step(state: dict, p_h: Tensor, diag_h: Tensor,
     r_hi = xp.where(positive, xp.where(r_stride == to_bound, theta * to_bound, to_tr), -1.0)
     usable = r_lo <= r_hi
     r_h_t, p_h_cut_t = tensor_rows(r_h), tensor_rows(p_h_cut)
-    a, b, c = (sc.get(v) for v in build_quadratic_1d(J, d, g_h, r_h_t, diag=diag_h,
-                                                      s0=p_h_cut_t, G=G, gram=gram))
+    p_theta = p_cut * col(theta)
+    p_h_theta = p_h_cut * col(theta)
+    # (the model's values along the three candidates, read with one conversion)
+    a, b, c, p_value = sc.get_many(
+        *build_quadratic_1d(J, d, g_h, r_h_t, diag=diag_h, s0=p_h_cut_t, G=G, gram=gram),
+        evaluate_quadratic(J, d, g_h, tensor_rows(p_h_theta), diag=diag_h, G=G, gram=gram))
     r_hi_f = xp.where(usable & xp.isfinite(r_hi), r_hi, r_lo)
     t_r, r_value = minimize_quadratic_1d(a, b, r_lo, r_hi_f, c=c, xp=xp)
     r_h_new = r_h * col(t_r) + p_h_cut
     r_value = xp.where(usable, r_value, math.inf)
-
-    p_theta = p_cut * col(theta)
-    p_h_theta = p_h_cut * col(theta)
-    p_value = sc.get(evaluate_quadratic(J, d, g_h, tensor_rows(p_h_theta), diag=diag_h, G=G,
-                                        gram=gram))
 
     ag_h_t = -g_h
     ag_h = rows(ag_h_t)
@@ -264,8 +268,8 @@ def _select_step(state: dict, p_h: Tensor, diag_h: Tensor,
     to_tr_ag = delta / xp.where(ag_norm > 0, ag_norm, 1.0)
     to_bound_ag, _ = step_size_to_bound(x_, ag, lb_, ub_, sc)
     ag_stride = xp.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
-    a2, b2, _ = (sc.get(v) for v in build_quadratic_1d(J, d, g_h, ag_h_t, diag=diag_h, G=G,
-                                                        gram=gram))
+    a2, b2 = sc.get_many(*build_quadratic_1d(J, d, g_h, ag_h_t, diag=diag_h, G=G,
+                                             gram=gram)[:2])
     t_ag, ag_value = minimize_quadratic_1d(a2, b2, sc.full(0.0), ag_stride, xp=xp)
     ag_h = ag_h * col(t_ag)
     ag = ag * col(t_ag)
@@ -277,5 +281,7 @@ def _select_step(state: dict, p_h: Tensor, diag_h: Tensor,
     value = xp.where(use_p, p_value, xp.where(use_r, r_value, ag_value))
     step_h = xp.where(col(inside), p_h_, step_h)
     step = xp.where(col(inside), p_, step)
-    value = xp.where(inside, sc.get(p_value_full), value)
+    if n_inside:
+        p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram)
+        value = xp.where(inside, sc.get(p_value_full), value)
     return step, step_h, value
