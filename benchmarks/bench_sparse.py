@@ -8,7 +8,11 @@ Cases (``--case``, default all):
   seed; ``jac_sparsity``, ``x_scale='jac'``, ``ftol=1e-4``, method 'trf', as
   the cookbook solves it. scipy with the numpy residuals; ours with the same
   numpy residuals, then with a torch residual function (the grouped finite
-  differences evaluate all column groups in one vmapped call).
+  differences evaluate all column groups in one vmapped call). With
+  ``--workers K`` both also run with ``workers=ThreadPool(K).map`` (scipy's
+  map-like ``workers``: the column groups' evaluations of the finite
+  differences in K threads; numpy releases the GIL in its loops), as extra
+  rows: a parallel ``fun`` is the caller's choice, not the headline.
 * ``broyden``: Broyden tridiagonal, n = 100,000, ``jac_sparsity``,
   ``tr_solver='lsmr'`` (scipy's test problem, at scale), numpy residuals.
 * ``big``: Broyden tridiagonal with n = 1,000,000, ours only, in a child
@@ -43,7 +47,7 @@ the script.
 Usage::
 
     python benchmarks/bench_sparse.py [--case ba broyden big matvec groups threads]
-           [--quick]
+           [--quick] [--workers K]
            [--threads 2] [--before REV] [--repeat 3]
 """
 
@@ -231,8 +235,20 @@ def run_ba(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
         calls[f"{name}_numpy"] = lambda lib=lib: lib.least_squares(prob["fun_np"], prob["x0"],
                                                                    **opts)
         calls[f"{name}_torch"] = lambda lib=lib: lib.least_squares(prob["fun_torch"], x0t, **opts)
-    return {"m": prob["m"], "n": prob["n"], "repeat": args.repeat,
-            **alternated(calls, args.repeat, dev)}
+    if not args.workers:
+        return {"m": prob["m"], "n": prob["n"], "repeat": args.repeat,
+                **alternated(calls, args.repeat, dev)}
+    from multiprocessing.pool import ThreadPool
+
+    with ThreadPool(args.workers) as pool:
+        wopts = dict(opts, workers=pool.map)
+        calls["scipy_workers"] = lambda: scipy.optimize.least_squares(prob["fun_np"], prob["x0"],
+                                                                      **wopts)
+        for name, lib in solvers(args).items():
+            calls[f"{name}_workers"] = lambda lib=lib: lib.least_squares(
+                prob["fun_np"], prob["x0"], **wopts)
+        return {"m": prob["m"], "n": prob["n"], "repeat": args.repeat, "workers": args.workers,
+                **alternated(calls, args.repeat, dev)}
 
 
 def run_threads(args: Any) -> dict[str, Any]:
@@ -351,15 +367,18 @@ def run_big(args: Any) -> dict[str, Any]:
 
 def _solve_rows(label: str, r: dict[str, Any], kind: str) -> list[list[Any]]:
     rows = []
+    ref = r["scipy_workers"] if kind == "workers" else r["scipy"]
+    what = (f"numpy residuals, workers={r.get('workers')} threads for both" if kind == "workers"
+            else f"{kind} residuals")
     for who in ("before", "ours"):
         key = f"{who}_{kind}"
         if key not in r:
             continue
         mine = r[key]
-        rows.append([f"{label} ({kind} residuals, {who})", r["scipy"]["time_s"],
-                     mine["time_s"], r["scipy"]["time_s"] / mine["time_s"],
-                     r["scipy"]["cpu_s"], mine["cpu_s"], r["scipy"]["cpu_s"] / mine["cpu_s"],
-                     r["scipy"]["cost"], mine["cost"], f"{r['scipy']['nfev']}/{mine['nfev']}"])
+        rows.append([f"{label} ({what}, {who})", ref["time_s"],
+                     mine["time_s"], ref["time_s"] / mine["time_s"],
+                     ref["cpu_s"], mine["cpu_s"], ref["cpu_s"] / mine["cpu_s"],
+                     ref["cost"], mine["cost"], f"{ref['nfev']}/{mine['nfev']}"])
     return rows
 
 
@@ -371,6 +390,9 @@ def main() -> None:
                    help="also run the package as of this commit, in the same process")
     p.add_argument("--repeat", type=int, default=3,
                    help="rounds of the solves, alternated; medians reported (default 3)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="'ba': also solve with workers=ThreadPool(K).map, scipy and ours "
+                        "(extra rows; default 0: not)")
     p.add_argument("--big-child", type=int, default=None, help=argparse_hidden())
     args = p.parse_args()
     dev, dt = setup(args)
@@ -381,7 +403,7 @@ def main() -> None:
     rows = []
     if "ba" in args.case:
         r = results["ba"] = run_ba(args, dev, dt)
-        for kind in ("numpy", "torch"):
+        for kind in ("numpy", "torch", "workers"):
             rows += _solve_rows(f"bundle adjustment n={r['n']}, m={r['m']}", r, kind)
     if "broyden" in args.case:
         r = results["broyden"] = run_broyden(args, dev, dt)

@@ -33,6 +33,10 @@ try:  # scipy's compiled CSR kernel: y += A x into a given y (what ``A @ x`` cal
     from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
 except ImportError:  # pragma: no cover - a scipy that moved it: the public product instead
     _csr_matvec = None
+try:  # its CSC kernel: y += A x scattered along the columns (what ``A.T @ u`` runs)
+    from scipy.sparse._sparsetools import csc_matvec as _csc_matvec
+except ImportError:  # pragma: no cover - a scipy that moved it: the transposed CSR instead
+    _csc_matvec = None
 
 
 class BlockCSR:
@@ -88,10 +92,9 @@ class BlockCSR:
         self._host = values.device.type == "cpu"
         if self._host:  # numpy's gather on this thread: no OpenMP region to wake (module notes)
             vals = values.detach().contiguous().numpy()
-            vals_t = np.take(vals, plan.perm_t.numpy())
-            self.values_t = torch.from_numpy(vals_t)
+            self._vals = vals
             self._a = _row_blocks(vals, plan.host, (B * m, B * n))
-            self._at = _row_blocks(vals_t, plan.host_t, (B * n, B * m))
+            self._at_blocks: list[_Block] | None = None  # J^T's CSR, made on first need
             self.np_dtype = vals.dtype
         else:
             self.values_t = values.index_select(0, plan.perm_t)
@@ -103,16 +106,38 @@ class BlockCSR:
                 self._at = torch.sparse_csr_tensor(plan.crow_t, plan.col_t, self.values_t,
                                                    (B * n, B * m), check_invariants=False)
 
+    @property
+    def _at(self) -> Any:
+        """The CSR form of ``A^T``: on the host its row blocks, made on first use.
+
+        On the host a Jacobian whose transposed products are few (the
+        unscaled one of an outer iteration: ``g = J^T f`` once) never needs
+        it (:meth:`rmatvec` scatters along ``A``'s rows instead); the one LSMR
+        multiplies with hundreds of times gets it once, one gather of the values.
+        """
+        if self._at_blocks is None:
+            B, m, n = self.shape
+            vals_t = np.take(self._vals, self._plan.perm_t.numpy())
+            self._at_blocks = _row_blocks(vals_t, self._plan.host_t, (B * n, B * m))
+        return self._at_blocks
+
+    @_at.setter
+    def _at(self, value: Any) -> None:
+        self._at_blocks = value
+
     def _apply(self, M: Any, vec: Tensor, rows: int) -> Tensor:
         B = self.shape[0]
         if self._host:  # numpy views both ways (no torch operation but the product's)
-            if vec.dtype != self.values.dtype or vec.requires_grad:
-                vec = vec.detach().to(self.values.dtype)
-            w = np.ascontiguousarray(vec.numpy()).reshape(-1)
+            w = self._host_vector(vec)
             out = np.zeros(B * rows, dtype=self.np_dtype)
             _accumulate(M, w, out)
             return torch.from_numpy(out.reshape(B, rows))
         return (M @ vec.to(self.values.dtype).reshape(-1, 1)).reshape(B, rows)
+
+    def _host_vector(self, vec: Tensor) -> np.ndarray:
+        if vec.dtype != self.values.dtype or vec.requires_grad:
+            vec = vec.detach().to(self.values.dtype)
+        return np.ascontiguousarray(vec.numpy()).reshape(-1)
 
     @property
     def on_host(self) -> bool:
@@ -155,7 +180,20 @@ class BlockCSR:
         return self._apply(self._a, p, self.shape[1])
 
     def rmatvec(self, u: Tensor) -> Tensor:
-        """``J^T u`` for ``u (B, m)``: ``(B, n)``."""
+        """``J^T u`` for ``u (B, m)``: ``(B, n)``.
+
+        On the host, before ``A^T``'s CSR is made, the product scatters along
+        ``A``'s rows in scipy's CSC kernel (``A``'s CSR read as the CSC form
+        of ``A^T``: what ``J.T @ u`` runs in scipy), one pass on this thread,
+        with no transposed copy of the values. Each output entry is summed
+        over the rows in increasing order, as the CSR form of ``A^T`` sums it.
+        """
+        if self._host and self._at_blocks is None and _csc_matvec is not None:
+            B, m, n = self.shape
+            indptr, indices = self._plan.host
+            out = np.zeros(B * n, dtype=self.np_dtype)
+            _csc_matvec(B * n, B * m, indptr, indices, self._vals, self._host_vector(u), out)
+            return torch.from_numpy(out.reshape(B, n))
         return self._apply(self._at, u, self.shape[2])
 
     def rows(self) -> Tensor:
@@ -204,24 +242,30 @@ def csr_plan(idx: Tensor, shape: tuple[int, int, int], register: bool = False) -
     """
     B, m, n = shape
     dev = idx.device
-    row = idx[0] * m + idx[1]  # sorted: the indices are coalesced (row-major)
-    col = idx[0] * n + idx[2]
-    crow = torch.zeros(B * m + 1, dtype=torch.long, device=dev)
-    crow[1:] = torch.cumsum(torch.bincount(row, minlength=B * m), 0)
     host = host_t = None
-    if dev.type == "cpu":
+    if dev.type == "cpu":  # numpy on this thread (no OpenMP region per pass over the entries)
+        ix = idx.numpy()
+        row_np = ix[0] * m + ix[1]  # sorted: the indices are coalesced (row-major)
+        col_np = ix[0] * n + ix[2]
         small = max(idx.shape[1], B * m, B * n) < 2**31 - 1
         it = np.int32 if small else np.int64
-        host = (crow.numpy().astype(it), col.numpy().astype(it))
+        crow_np = np.zeros(B * m + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row_np, minlength=B * m), out=crow_np[1:])
+        host = (crow_np.astype(it), col_np.astype(it))
         # the order of the entries in A^T: scipy's CSR -> CSC conversion (a compiled
         # counting sort, rows kept sorted within a column) of the entries' numbers
         order = sp.csr_array((np.arange(idx.shape[1], dtype=np.int64), host[1], host[0]),
                              shape=(B * m, B * n), copy=False).tocsc()
+        host_t = (order.indptr.astype(it, copy=False), order.indices.astype(it, copy=False))
+        row, col, crow = (torch.from_numpy(a) for a in (row_np, col_np, crow_np))
         perm_t = torch.from_numpy(order.data)
-        host_t = (order.indptr.astype(it), order.indices.astype(it))
         crow_t = torch.from_numpy(host_t[0].astype(np.int64))
         col_t = torch.from_numpy(host_t[1].astype(np.int64))
     else:
+        row = idx[0] * m + idx[1]  # sorted: the indices are coalesced (row-major)
+        col = idx[0] * n + idx[2]
+        crow = torch.zeros(B * m + 1, dtype=torch.long, device=dev)
+        crow[1:] = torch.cumsum(torch.bincount(row, minlength=B * m), 0)
         perm_t = torch.sort(col, stable=True).indices  # rows stay sorted within a column
         crow_t = torch.zeros(B * n + 1, dtype=torch.long, device=dev)
         crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=B * n), 0)
