@@ -142,3 +142,16 @@ def test_workers_evaluate_the_column_groups() -> None:
     assert_cost_close(got.cost, ref.cost, scale=1.0)
     with pytest.raises(ValueError, match="workers"):
         least_squares(_broyden, x0, jac_sparsity=S, workers=0)
+
+
+def test_jac_sparsity_with_stored_zeros_is_not_modified() -> None:
+    """Regression: the pattern of a sparse ``jac_sparsity`` storing zeros was made by
+    eliminating them in place in index arrays shared with the caller's matrix."""
+    rng = np.random.default_rng(5)
+    A = sp.random_array((20, 15), density=0.3, random_state=rng, format="csr")
+    A.data[::3] = 0
+    indptr, indices, data = A.indptr.copy(), A.indices.copy(), A.data.copy()
+    pattern = SparsityPattern.from_structure(A)
+    assert np.array_equal(A.indptr, indptr) and np.array_equal(A.indices, indices)
+    assert np.array_equal(A.data, data)
+    assert pattern.rows.size == np.count_nonzero(data)
