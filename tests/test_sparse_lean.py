@@ -53,23 +53,43 @@ def test_host_csr_plan_matches_the_device_construction() -> None:
 
 def test_block_csr_rmatvec_without_the_transpose() -> None:
     """An unscaled Jacobian's one ``J^T u`` (the gradient) scatters along J's rows and
-    builds no transposed copy; LSMR's products then build it once, with the same sums."""
+    builds no transposed copy; so do LSMR's products when J is one row block."""
     rng = np.random.default_rng(2)
     J = _batch(rng)
     u = torch.as_tensor(rng.standard_normal(J.shape[:2]))
     ref = torch.einsum("bmn,bm->bn", J.to_dense(), u)
     csr = op.BlockCSR(J)
-    got = csr.rmatvec(u)
-    assert csr._at_blocks is None  # no transposed copy for a one-off product
-    assert_close_scaled(got, ref, ONE_EVAL_RTOL)
+    assert len(csr._a) == 1  # a small matrix: one row block
+    assert_close_scaled(csr.rmatvec(u), ref, ONE_EVAL_RTOL)
     out = np.zeros((J.shape[0], J.shape[2]))
-    csr.rmatvec_into(np.ascontiguousarray(u.numpy()), out)  # LSMR's product: CSR of J^T
-    assert csr._at_blocks is not None
+    csr.rmatvec_into(np.ascontiguousarray(u.numpy()), out)
+    assert csr._at_blocks is None  # no transposed copy for either
     assert_close_scaled(out, ref, ONE_EVAL_RTOL)
     again = op.BlockCSR(J)
-    _ = again._at  # the transposed CSR made first: rmatvec goes through it
+    _ = again._at  # the transposed CSR made first: the products go through it
     assert_close_scaled(again.rmatvec(u), ref, ONE_EVAL_RTOL)
     assert_bitwise_equal(again.rmatvec(u), again.rmatvec(u))
+
+
+def test_block_csr_parallel_rmatvec_builds_the_transpose(monkeypatch) -> None:
+    """With several row blocks LSMR's ``J^T u`` runs on the row blocks of the
+    transposed CSR (made once, on first need)."""
+    rng = np.random.default_rng(6)
+    J = _batch(rng, m=200, n=90)
+    u = rng.standard_normal(J.shape[:2])
+    ref = torch.einsum("bmn,bm->bn", J.to_dense(), torch.as_tensor(u))
+    monkeypatch.setattr(op, "_BLOCK_NNZ", 100)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        csr = op.BlockCSR(J)
+        assert len(csr._a) == 4 and csr._at_blocks is None
+        out = np.zeros((J.shape[0], J.shape[2]))
+        csr.rmatvec_into(u, out)
+        assert csr._at_blocks is not None and len(csr._at_blocks) == 4
+        assert_close_scaled(out, ref, ONE_EVAL_RTOL)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_block_csr_scaled_values_and_products() -> None:

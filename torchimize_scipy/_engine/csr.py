@@ -10,8 +10,14 @@ when torch has several) shared between the calling thread and a small
 process-wide thread pool (:class:`_Product`: the caller runs the blocks the
 pool has not started, so a pool thread that gets no core never stalls a
 product; each row is one loop whoever runs it, so the result does not depend
-on the split); on other devices in torch's CSR kernel. Used by
-:mod:`.operator` and, on numpy arrays without allocation, by
+on the split); on other devices in torch's CSR kernel. On the host the
+transposed CSR is made only when it pays: for ``J^T u`` in parallel row
+blocks. With one block (one torch thread, or a small matrix), and for the
+one-off ``J^T u`` of a Jacobian (the gradient), the product scatters along
+``J``'s rows in scipy's CSC kernel instead (what scipy's ``J.T @ u`` runs),
+summing each entry over the rows in the same increasing order: no transposed
+copy per Jacobian, and one matrix streamed per LSMR iteration instead of two.
+Used by :mod:`.operator` and, on numpy arrays without allocation, by
 :mod:`.lsmr`.
 """
 
@@ -44,7 +50,8 @@ class BlockCSR:
 
     ``A (B m, B n)`` holds problem ``b``'s block at rows ``b m ..`` and columns
     ``b n ..``; ``A^T (B n, B m)`` is stored as a second CSR matrix (its values
-    a gather of ``A``'s), so that both products read their matrix row by row.
+    a gather of ``A``'s), so that both products read their matrix row by row;
+    on the host that copy is made on first need (module notes).
     On the CPU the products run in scipy's compiled CSR kernel on numpy views
     of the tensors (no copy; about twice as fast as torch's CPU sparse kernel
     on one thread, ``benchmarks/bench_sparse.py --case matvec``); a large
@@ -156,8 +163,25 @@ class BlockCSR:
         _accumulate(self._a, self._checked(p), self._checked(out))
 
     def rmatvec_into(self, u: np.ndarray, out: np.ndarray) -> None:
-        """``out += J^T u`` on the host: ``u (B, m)``, ``out (B, n)`` (as :meth:`matvec_into`)."""
-        _accumulate(self._at, self._checked(u), self._checked(out))
+        """``out += J^T u`` on the host: ``u (B, m)``, ``out (B, n)`` (as :meth:`matvec_into`).
+
+        With ``A`` in one row block (one torch thread, or a small matrix) the
+        product scatters along ``A``'s rows (:meth:`_scatter_into`, as scipy's
+        ``J.T @ u``): no transposed copy is made, and the solver streams one
+        matrix instead of two. With several blocks it runs on the row blocks
+        of ``A^T``'s CSR, in parallel. Both sum each entry over the rows in
+        increasing order.
+        """
+        if len(self._a) == 1 and self._at_blocks is None and _csc_matvec is not None:
+            self._scatter_into(self._checked(u), self._checked(out))
+        else:
+            _accumulate(self._at, self._checked(u), self._checked(out))
+
+    def _scatter_into(self, u: np.ndarray, out: np.ndarray) -> None:
+        """``out += A^T u`` (flat host arrays) in scipy's CSC kernel over ``A``'s CSR arrays."""
+        B, m, n = self.shape
+        indptr, indices = self._plan.host
+        _csc_matvec(B * n, B * m, indptr, indices, self._vals, u, out)
 
     def start_matvec(self, p: np.ndarray, out: np.ndarray) -> _Product | None:
         """Start ``out = J p`` in the thread pool (host, several row blocks); None otherwise.
@@ -189,10 +213,9 @@ class BlockCSR:
         over the rows in increasing order, as the CSR form of ``A^T`` sums it.
         """
         if self._host and self._at_blocks is None and _csc_matvec is not None:
-            B, m, n = self.shape
-            indptr, indices = self._plan.host
+            B, _, n = self.shape
             out = np.zeros(B * n, dtype=self.np_dtype)
-            _csc_matvec(B * n, B * m, indptr, indices, self._vals, self._host_vector(u), out)
+            self._scatter_into(self._host_vector(u), out)
             return torch.from_numpy(out.reshape(B, n))
         return self._apply(self._at, u, self.shape[2])
 
