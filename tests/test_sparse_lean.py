@@ -39,6 +39,7 @@ def test_host_csr_plan_matches_the_device_construction() -> None:
     J = _batch(np.random.default_rng(1))
     idx, shape = J.indices(), tuple(J.shape)
     host = op.csr_plan(idx, shape)
+    assert host._t is None  # A^T's arrays: made on first use only
     B, m, n = shape
     row = idx[0] * m + idx[1]
     col = idx[0] * n + idx[2]

@@ -241,14 +241,60 @@ class BlockCSR:
 
 
 class CSRPlan:
-    """The CSR index arrays of a coalesced ``(B, m, n)`` structure (:func:`csr_plan`)."""
+    """The CSR index arrays of a coalesced ``(B, m, n)`` structure (:func:`csr_plan`).
 
-    __slots__ = ("indices", "row", "col", "crow", "perm_t", "crow_t", "col_t", "host", "host_t",
-                 "__weakref__")
+    Those of ``A``: ``row``, ``col``, ``crow`` (and ``host``, their int32/int64
+    numpy forms on the CPU). Those of ``A^T`` (``perm_t``, the entry order of
+    ``A^T``; ``crow_t``, ``col_t``; ``host_t``) are computed on first use: on
+    the host only parallel ``J^T u`` products need them (:class:`BlockCSR`).
+    """
+
+    __slots__ = ("indices", "shape", "row", "col", "crow", "host", "_t", "__weakref__")
 
     def __init__(self, **arrays: Any) -> None:
+        self._t: tuple | None = None
         for k, v in arrays.items():
             setattr(self, k, v)
+
+    @property
+    def perm_t(self) -> Tensor:
+        return self._transpose()[0]
+
+    @property
+    def crow_t(self) -> Tensor:
+        return self._transpose()[1]
+
+    @property
+    def col_t(self) -> Tensor:
+        return self._transpose()[2]
+
+    @property
+    def host_t(self) -> tuple | None:
+        return self._transpose()[3]
+
+    def _transpose(self) -> tuple:
+        """``(perm_t, crow_t, col_t, host_t)``, computed once."""
+        if self._t is None:
+            B, m, n = self.shape
+            if self.host is not None:
+                crow, col = self.host
+                # the order of the entries in A^T: scipy's CSR -> CSC conversion (a compiled
+                # counting sort, rows kept sorted within a column) of the entries' numbers
+                order = sp.csr_array((np.arange(col.size, dtype=np.int64), col, crow),
+                                     shape=(B * m, B * n), copy=False).tocsc()
+                it = col.dtype
+                host_t = (order.indptr.astype(it, copy=False),
+                          order.indices.astype(it, copy=False))
+                self._t = (torch.from_numpy(order.data),
+                           torch.from_numpy(host_t[0].astype(np.int64)),
+                           torch.from_numpy(host_t[1].astype(np.int64)), host_t)
+            else:
+                col = self.col
+                perm_t = torch.sort(col, stable=True).indices  # rows stay sorted in a column
+                crow_t = torch.zeros(B * n + 1, dtype=torch.long, device=col.device)
+                crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=B * n), 0)
+                self._t = (perm_t, crow_t, self.row.index_select(0, perm_t), None)
+        return self._t
 
 
 #: plans alive somewhere (a SparsityPattern holds them), by the address of their indices
@@ -265,7 +311,7 @@ def csr_plan(idx: Tensor, shape: tuple[int, int, int], register: bool = False) -
     """
     B, m, n = shape
     dev = idx.device
-    host = host_t = None
+    host = None
     if dev.type == "cpu":  # numpy on this thread (no OpenMP region per pass over the entries)
         ix = idx.numpy()
         row_np = ix[0] * m + ix[1]  # sorted: the indices are coalesced (row-major)
@@ -275,26 +321,13 @@ def csr_plan(idx: Tensor, shape: tuple[int, int, int], register: bool = False) -
         crow_np = np.zeros(B * m + 1, dtype=np.int64)
         np.cumsum(np.bincount(row_np, minlength=B * m), out=crow_np[1:])
         host = (crow_np.astype(it), col_np.astype(it))
-        # the order of the entries in A^T: scipy's CSR -> CSC conversion (a compiled
-        # counting sort, rows kept sorted within a column) of the entries' numbers
-        order = sp.csr_array((np.arange(idx.shape[1], dtype=np.int64), host[1], host[0]),
-                             shape=(B * m, B * n), copy=False).tocsc()
-        host_t = (order.indptr.astype(it, copy=False), order.indices.astype(it, copy=False))
         row, col, crow = (torch.from_numpy(a) for a in (row_np, col_np, crow_np))
-        perm_t = torch.from_numpy(order.data)
-        crow_t = torch.from_numpy(host_t[0].astype(np.int64))
-        col_t = torch.from_numpy(host_t[1].astype(np.int64))
     else:
         row = idx[0] * m + idx[1]  # sorted: the indices are coalesced (row-major)
         col = idx[0] * n + idx[2]
         crow = torch.zeros(B * m + 1, dtype=torch.long, device=dev)
         crow[1:] = torch.cumsum(torch.bincount(row, minlength=B * m), 0)
-        perm_t = torch.sort(col, stable=True).indices  # rows stay sorted within a column
-        crow_t = torch.zeros(B * n + 1, dtype=torch.long, device=dev)
-        crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=B * n), 0)
-        col_t = row.index_select(0, perm_t)
-    plan = CSRPlan(indices=idx, row=row, col=col, crow=crow, perm_t=perm_t, crow_t=crow_t,
-                   col_t=col_t, host=host, host_t=host_t)
+    plan = CSRPlan(indices=idx, shape=(B, m, n), row=row, col=col, crow=crow, host=host)
     if register:
         with _PLANS_LOCK:
             _PLANS[_address(idx, shape)] = plan
