@@ -399,7 +399,11 @@ def main() -> None:
     if args.big_child is not None:
         big_child(args.big_child, args.threads)
         return
-    results: dict[str, Any] = {"threads": args.threads, "before": args.before}
+    # 'ours' is the package Python imports: run with PYTHONPATH=<checkout> from a
+    # worktree whose package is not the one installed (the path is printed and kept)
+    results: dict[str, Any] = {"threads": args.threads, "before": args.before,
+                               "ours": str(torchimize_scipy.__file__)}
+    print(f"ours: {torchimize_scipy.__file__}")
     rows = []
     if "ba" in args.case:
         r = results["ba"] = run_ba(args, dev, dt)

@@ -14,7 +14,7 @@ column norms (``x_scale='jac'``), the other products of the step
 frontend). scipy's: ``fun``, ``approx_derivative`` without ``fun``, ``lsmr``
 (its products included), ``compute_jac_scale`` and what is left.
 
-Usage::
+Usage (``PYTHONPATH=.`` from a checkout whose package is not the installed one)::
 
     python benchmarks/profile_sparse.py [--solver ours scipy] [--torch-residuals]
            [--threads 2] [--repeat 3] [--quick]
@@ -139,6 +139,8 @@ def main() -> None:
         w_sum += w / R
         c_sum += c / R
     rows.append(["(the rest: loop, frontend, ...)", "", wall - w_sum, ""])
+    if args.solver == "ours":
+        print(f"ours: {sys.modules['torchimize_scipy'].__file__}")
     print(f"{args.solver}{' (torch residuals)' if args.torch_residuals else ''}, "
           f"{torch.get_num_threads()} threads, n={prob['n']}, m={prob['m']}: wall {wall:.3f} s, "
           f"process CPU {cpu:.3f} s per solve (mean of {R}); cost {res.cost:.6f}, "
