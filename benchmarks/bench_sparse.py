@@ -20,9 +20,11 @@ Cases (``--case``, default all):
   < 4 GiB).
 * ``matvec``: the products ``J v`` and ``J^T u`` of the bundle adjustment's
   Jacobian (random values on its structure): scipy's CSR (``J @ v`` and
-  ``J.T @ u``, as scipy's lsmr does them), torch's CSR kernel, and ours
-  (:class:`~torchimize_scipy._engine.csr.BlockCSR`: scipy's kernel on a
-  CSR of ``J`` and one of ``J^T``, cut into two row blocks per torch thread);
+  ``J.T @ u``, as scipy's lsmr does them), torch's CSR kernel, and ours as
+  LSMR runs them (:meth:`~torchimize_scipy._engine.csr.BlockCSR.matvec_into`
+  and ``rmatvec_into`` into a zeroed buffer: scipy's CSR kernel on row blocks
+  of ``J``, two per torch thread, and for ``J^T u`` on row blocks of a CSR of
+  ``J^T``, or with one block scipy's CSC kernel along ``J``'s rows);
   medians of process CPU time and wall time per product.
 * ``threads``: the bundle adjustment (numpy residuals) by the working tree
   with 1 and with ``--threads`` torch threads, alternated in this process
@@ -313,13 +315,23 @@ def run_matvec(args: Any) -> dict[str, Any]:
         At = J[0].t().coalesce().to_sparse_csr()
     ours = BlockCSR(J)
     vt, ut = torch.as_tensor(v)[None], torch.as_tensor(u)[None]
+    v2, u2 = v[None].copy(), u[None].copy()
+    out_m, out_n = np.zeros((1, m)), np.zeros((1, n))
+
+    def ours_jv() -> None:
+        out_m.fill(0)
+        ours.matvec_into(v2, out_m)
+
+    def ours_jtu() -> None:
+        out_n.fill(0)
+        ours.rmatvec_into(u2, out_n)
     repeat = 50 if args.quick else 200
     out: dict[str, Any] = {"m": m, "n": n, "nnz": int(S.nnz), "threads": torch.get_num_threads()}
     cases = {
         "scipy J v": lambda: S @ v, "scipy J^T u": lambda: S.T @ u,
         "torch CSR J v": lambda: A @ vt.reshape(-1, 1),
         "torch CSR J^T u": lambda: At @ ut.reshape(-1, 1),
-        "ours J v": lambda: ours.matvec(vt), "ours J^T u": lambda: ours.rmatvec(ut),
+        "ours J v": ours_jv, "ours J^T u": ours_jtu,
     }
     for name, fn in cases.items():
         wall, cpu = _median_times(fn, repeat)
