@@ -8,7 +8,11 @@ Cases (``--case``, default all):
   seed; ``jac_sparsity``, ``x_scale='jac'``, ``ftol=1e-4``, method 'trf', as
   the cookbook solves it. scipy with the numpy residuals; ours with the same
   numpy residuals, then with a torch residual function (the grouped finite
-  differences evaluate all column groups in one vmapped call).
+  differences evaluate all column groups in one vmapped call). With
+  ``--workers K`` both also run with ``workers=ThreadPool(K).map`` (scipy's
+  map-like ``workers``: the column groups' evaluations of the finite
+  differences in K threads; numpy releases the GIL in its loops), as extra
+  rows: a parallel ``fun`` is the caller's choice, not the headline.
 * ``broyden``: Broyden tridiagonal, n = 100,000, ``jac_sparsity``,
   ``tr_solver='lsmr'`` (scipy's test problem, at scale), numpy residuals.
 * ``big``: Broyden tridiagonal with n = 1,000,000, ours only, in a child
@@ -16,9 +20,11 @@ Cases (``--case``, default all):
   < 4 GiB).
 * ``matvec``: the products ``J v`` and ``J^T u`` of the bundle adjustment's
   Jacobian (random values on its structure): scipy's CSR (``J @ v`` and
-  ``J.T @ u``, as scipy's lsmr does them), torch's CSR kernel, and ours
-  (:class:`~torchimize_scipy._engine.csr.BlockCSR`: scipy's kernel on a
-  CSR of ``J`` and one of ``J^T``, cut into two row blocks per torch thread);
+  ``J.T @ u``, as scipy's lsmr does them), torch's CSR kernel, and ours as
+  LSMR runs them (:meth:`~torchimize_scipy._engine.csr.BlockCSR.matvec_into`
+  and ``rmatvec_into`` into a zeroed buffer: scipy's CSR kernel on row blocks
+  of ``J``, two per torch thread, and for ``J^T u`` on row blocks of a CSR of
+  ``J^T``, or with one block scipy's CSC kernel along ``J``'s rows);
   medians of process CPU time and wall time per product.
 * ``threads``: the bundle adjustment (numpy residuals) by the working tree
   with 1 and with ``--threads`` torch threads, alternated in this process
@@ -43,7 +49,7 @@ the script.
 Usage::
 
     python benchmarks/bench_sparse.py [--case ba broyden big matvec groups threads]
-           [--quick]
+           [--quick] [--workers K]
            [--threads 2] [--before REV] [--repeat 3]
 """
 
@@ -231,8 +237,20 @@ def run_ba(args: Any, dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
         calls[f"{name}_numpy"] = lambda lib=lib: lib.least_squares(prob["fun_np"], prob["x0"],
                                                                    **opts)
         calls[f"{name}_torch"] = lambda lib=lib: lib.least_squares(prob["fun_torch"], x0t, **opts)
-    return {"m": prob["m"], "n": prob["n"], "repeat": args.repeat,
-            **alternated(calls, args.repeat, dev)}
+    if not args.workers:
+        return {"m": prob["m"], "n": prob["n"], "repeat": args.repeat,
+                **alternated(calls, args.repeat, dev)}
+    from multiprocessing.pool import ThreadPool
+
+    with ThreadPool(args.workers) as pool:
+        wopts = dict(opts, workers=pool.map)
+        calls["scipy_workers"] = lambda: scipy.optimize.least_squares(prob["fun_np"], prob["x0"],
+                                                                      **wopts)
+        for name, lib in solvers(args).items():
+            calls[f"{name}_workers"] = lambda lib=lib: lib.least_squares(
+                prob["fun_np"], prob["x0"], **wopts)
+        return {"m": prob["m"], "n": prob["n"], "repeat": args.repeat, "workers": args.workers,
+                **alternated(calls, args.repeat, dev)}
 
 
 def run_threads(args: Any) -> dict[str, Any]:
@@ -297,13 +315,23 @@ def run_matvec(args: Any) -> dict[str, Any]:
         At = J[0].t().coalesce().to_sparse_csr()
     ours = BlockCSR(J)
     vt, ut = torch.as_tensor(v)[None], torch.as_tensor(u)[None]
+    v2, u2 = v[None].copy(), u[None].copy()
+    out_m, out_n = np.zeros((1, m)), np.zeros((1, n))
+
+    def ours_jv() -> None:
+        out_m.fill(0)
+        ours.matvec_into(v2, out_m)
+
+    def ours_jtu() -> None:
+        out_n.fill(0)
+        ours.rmatvec_into(u2, out_n)
     repeat = 50 if args.quick else 200
     out: dict[str, Any] = {"m": m, "n": n, "nnz": int(S.nnz), "threads": torch.get_num_threads()}
     cases = {
         "scipy J v": lambda: S @ v, "scipy J^T u": lambda: S.T @ u,
         "torch CSR J v": lambda: A @ vt.reshape(-1, 1),
         "torch CSR J^T u": lambda: At @ ut.reshape(-1, 1),
-        "ours J v": lambda: ours.matvec(vt), "ours J^T u": lambda: ours.rmatvec(ut),
+        "ours J v": ours_jv, "ours J^T u": ours_jtu,
     }
     for name, fn in cases.items():
         wall, cpu = _median_times(fn, repeat)
@@ -351,15 +379,18 @@ def run_big(args: Any) -> dict[str, Any]:
 
 def _solve_rows(label: str, r: dict[str, Any], kind: str) -> list[list[Any]]:
     rows = []
+    ref = r["scipy_workers"] if kind == "workers" else r["scipy"]
+    what = (f"numpy residuals, workers={r.get('workers')} threads for both" if kind == "workers"
+            else f"{kind} residuals")
     for who in ("before", "ours"):
         key = f"{who}_{kind}"
         if key not in r:
             continue
         mine = r[key]
-        rows.append([f"{label} ({kind} residuals, {who})", r["scipy"]["time_s"],
-                     mine["time_s"], r["scipy"]["time_s"] / mine["time_s"],
-                     r["scipy"]["cpu_s"], mine["cpu_s"], r["scipy"]["cpu_s"] / mine["cpu_s"],
-                     r["scipy"]["cost"], mine["cost"], f"{r['scipy']['nfev']}/{mine['nfev']}"])
+        rows.append([f"{label} ({what}, {who})", ref["time_s"],
+                     mine["time_s"], ref["time_s"] / mine["time_s"],
+                     ref["cpu_s"], mine["cpu_s"], ref["cpu_s"] / mine["cpu_s"],
+                     ref["cost"], mine["cost"], f"{ref['nfev']}/{mine['nfev']}"])
     return rows
 
 
@@ -371,17 +402,24 @@ def main() -> None:
                    help="also run the package as of this commit, in the same process")
     p.add_argument("--repeat", type=int, default=3,
                    help="rounds of the solves, alternated; medians reported (default 3)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="'ba': also solve with workers=ThreadPool(K).map, scipy and ours "
+                        "(extra rows; default 0: not)")
     p.add_argument("--big-child", type=int, default=None, help=argparse_hidden())
     args = p.parse_args()
     dev, dt = setup(args)
     if args.big_child is not None:
         big_child(args.big_child, args.threads)
         return
-    results: dict[str, Any] = {"threads": args.threads, "before": args.before}
+    # 'ours' is the package Python imports: run with PYTHONPATH=<checkout> from a
+    # worktree whose package is not the one installed (the path is printed and kept)
+    results: dict[str, Any] = {"threads": args.threads, "before": args.before,
+                               "ours": str(torchimize_scipy.__file__)}
+    print(f"ours: {torchimize_scipy.__file__}")
     rows = []
     if "ba" in args.case:
         r = results["ba"] = run_ba(args, dev, dt)
-        for kind in ("numpy", "torch"):
+        for kind in ("numpy", "torch", "workers"):
             rows += _solve_rows(f"bundle adjustment n={r['n']}, m={r['m']}", r, kind)
     if "broyden" in args.case:
         r = results["broyden"] = run_broyden(args, dev, dt)

@@ -91,19 +91,37 @@ def _structure_csr(A: Any, stored: bool = False) -> sp.csr_array:
     (explicit zeros included: scipy groups the columns of a sparse structure
     by its stored entries). Indices sorted within rows, no duplicates.
     """
+    return _structures(A)[0 if stored else 1]
+
+
+def _structures(A: Any) -> tuple[sp.csr_array, sp.csr_array]:
+    """``(stored entries, nonzeros)`` of ``A`` as :func:`_structure_csr` gives them.
+
+    One conversion for both; they are the same array unless a sparse ``A``
+    stores zeros.
+    """
     if sp.issparse(A):
-        S = sp.csr_array(A)
-        S.sum_duplicates()
-        data = np.ones(S.data.shape, dtype=bool) if stored else S.data != 0
-        S = sp.csr_array((data, S.indices, S.indptr), shape=S.shape)
-    else:
-        dense = np.atleast_2d(np.asarray(to_host(A)))
-        if dense.ndim != 2:
-            raise ValueError("`jac_sparsity` must be 2-dimensional.")
-        S = sp.csr_array(dense != 0)
+        S = sp.csr_array(A)  # (may share the caller's arrays: nothing below writes to S)
+        if not S.has_canonical_format:
+            S = S.copy()
+            S.sum_duplicates()
+        nonzero = S.data != 0
+        both = nonzero.all()
+        out = []
+        for data in ((nonzero,) if both else (np.ones(S.data.shape, dtype=bool), nonzero)):
+            # index arrays of our own: eliminate_zeros and sort_indices work in place
+            T = sp.csr_array((data, S.indices.copy(), S.indptr.copy()), shape=S.shape)
+            T.eliminate_zeros()
+            T.sort_indices()
+            out.append(T)
+        return (out[0], out[0]) if both else (out[0], out[1])
+    dense = np.atleast_2d(np.asarray(to_host(A)))
+    if dense.ndim != 2:
+        raise ValueError("`jac_sparsity` must be 2-dimensional.")
+    S = sp.csr_array(dense != 0)
     S.eliminate_zeros()
     S.sort_indices()
-    return S
+    return S, S
 
 
 def _first_fit(S: sp.csr_array, position: np.ndarray) -> np.ndarray:
@@ -238,7 +256,11 @@ def fewest_groups(structure: Any) -> np.ndarray:
     numpy.ndarray of int64, shape (n,)
         Group of each column.
     """
-    S = _structure_csr(structure, stored=True)
+    return _largest_first(_structure_csr(structure, stored=True))
+
+
+def _largest_first(S: sp.csr_array) -> np.ndarray:
+    """:func:`fewest_groups` of a canonical structure ``S`` (:func:`_structure_csr`)."""
     n = S.shape[1]
     degree = S.T.astype(np.int64) @ np.diff(S.indptr).astype(np.int64)
     ties = _positions(np.random.RandomState(0).permutation(n))
@@ -273,8 +295,9 @@ class SparsityPattern:
     @classmethod
     def from_structure(cls, structure: Any) -> SparsityPattern:
         """Pattern and groups of an array_like or scipy sparse structure."""
-        groups = fewest_groups(structure)
-        coo = _structure_csr(structure).tocoo()
+        stored, nonzero = _structures(structure)
+        groups = _largest_first(stored)
+        coo = nonzero.tocoo()
         rows = coo.row.astype(np.int64)
         cols = coo.col.astype(np.int64)
         return cls(shape=coo.shape, rows=rows, cols=cols, groups=groups,
@@ -291,11 +314,18 @@ class SparsityPattern:
             self._on[key] = (rows, cols, groups, onehot)
         return self._on[key]
 
-    def host_gather(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``rows, cols, group of each nonzero's column`` as numpy arrays ``(nnz,)``."""
+    def host_gather(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where the host's '2-point' differences read their operands, ``(nnz,)`` each.
+
+        ``lin = group(j) m + i`` indexes the differences ``F - f0`` of one
+        problem flattened ``(G m,)``; ``cols = j`` the steps ``(n,)``. Both are
+        ``numpy.intp`` (what ``numpy.take`` indexes with, no conversion per call).
+        """
         key = ("host",)
         if key not in self._on:
-            self._on[key] = (self.rows, self.cols, self.groups[self.cols])
+            m = self.shape[0]
+            lin = self.groups[self.cols].astype(np.intp) * m + self.rows.astype(np.intp)
+            self._on[key] = (lin, self.cols.astype(np.intp))
         return self._on[key]
 
     def sparse(self, values: Tensor) -> Tensor:
@@ -428,12 +458,13 @@ def grouped_difference(fun: Callable[[Tensor, Tensor], Tensor], x: Tensor, f0: T
         dx = x1 - x0
         F = evaluate(points(x1).unsqueeze(0))[0]
         if F.device.type == "cpu" and F.dtype == f0.dtype == dx.dtype:
-            # the same gathers and arithmetic in numpy, on this thread: over every
-            # nonzero, torch would wake its OpenMP threads for each of them
-            r, c, g = pattern.host_gather()
-            f0n = f0.numpy()
-            values = torch.from_numpy((F.detach().numpy()[:, g, r] - f0n[:, r])
-                                      / dx.numpy()[:, c])
+            # the same arithmetic in numpy, on this thread (over every nonzero, torch
+            # would wake its OpenMP threads for each operation): the differences
+            # F - f0 of all rows of all groups (contiguous), then one gather of a
+            # flat index per operand (a two-index gather costs about twice as much)
+            lin, c = pattern.host_gather()
+            D = np.subtract(F.detach().numpy(), f0.numpy()[:, None, :]).reshape(B, -1)
+            values = torch.from_numpy(np.take(D, lin, axis=1) / np.take(dx.numpy(), c, axis=1))
         else:
             values = (at_nonzeros(F) - f0[:, rows]) / dx[:, cols]
         return pattern.sparse(values)

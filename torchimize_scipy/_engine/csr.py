@@ -10,8 +10,14 @@ when torch has several) shared between the calling thread and a small
 process-wide thread pool (:class:`_Product`: the caller runs the blocks the
 pool has not started, so a pool thread that gets no core never stalls a
 product; each row is one loop whoever runs it, so the result does not depend
-on the split); on other devices in torch's CSR kernel. Used by
-:mod:`.operator` and, on numpy arrays without allocation, by
+on the split); on other devices in torch's CSR kernel. On the host the
+transposed CSR is made only when it pays: for ``J^T u`` in parallel row
+blocks. With one block (one torch thread, or a small matrix), and for the
+one-off ``J^T u`` of a Jacobian (the gradient), the product scatters along
+``J``'s rows in scipy's CSC kernel instead (what scipy's ``J.T @ u`` runs),
+summing each entry over the rows in the same increasing order: no transposed
+copy per Jacobian, and one matrix streamed per LSMR iteration instead of two.
+Used by :mod:`.operator` and, on numpy arrays without allocation, by
 :mod:`.lsmr`.
 """
 
@@ -33,6 +39,10 @@ try:  # scipy's compiled CSR kernel: y += A x into a given y (what ``A @ x`` cal
     from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
 except ImportError:  # pragma: no cover - a scipy that moved it: the public product instead
     _csr_matvec = None
+try:  # its CSC kernel: y += A x scattered along the columns (what ``A.T @ u`` runs)
+    from scipy.sparse._sparsetools import csc_matvec as _csc_matvec
+except ImportError:  # pragma: no cover - a scipy that moved it: the transposed CSR instead
+    _csc_matvec = None
 
 
 class BlockCSR:
@@ -40,7 +50,8 @@ class BlockCSR:
 
     ``A (B m, B n)`` holds problem ``b``'s block at rows ``b m ..`` and columns
     ``b n ..``; ``A^T (B n, B m)`` is stored as a second CSR matrix (its values
-    a gather of ``A``'s), so that both products read their matrix row by row.
+    a gather of ``A``'s), so that both products read their matrix row by row;
+    on the host that copy is made on first need (module notes).
     On the CPU the products run in scipy's compiled CSR kernel on numpy views
     of the tensors (no copy; about twice as fast as torch's CPU sparse kernel
     on one thread, ``benchmarks/bench_sparse.py --case matvec``); a large
@@ -88,10 +99,9 @@ class BlockCSR:
         self._host = values.device.type == "cpu"
         if self._host:  # numpy's gather on this thread: no OpenMP region to wake (module notes)
             vals = values.detach().contiguous().numpy()
-            vals_t = np.take(vals, plan.perm_t.numpy())
-            self.values_t = torch.from_numpy(vals_t)
+            self._vals = vals
             self._a = _row_blocks(vals, plan.host, (B * m, B * n))
-            self._at = _row_blocks(vals_t, plan.host_t, (B * n, B * m))
+            self._at_blocks: list[_Block] | None = None  # J^T's CSR, made on first need
             self.np_dtype = vals.dtype
         else:
             self.values_t = values.index_select(0, plan.perm_t)
@@ -103,16 +113,38 @@ class BlockCSR:
                 self._at = torch.sparse_csr_tensor(plan.crow_t, plan.col_t, self.values_t,
                                                    (B * n, B * m), check_invariants=False)
 
+    @property
+    def _at(self) -> Any:
+        """The CSR form of ``A^T``: on the host its row blocks, made on first use.
+
+        On the host a Jacobian whose transposed products are few (the
+        unscaled one of an outer iteration: ``g = J^T f`` once) never needs
+        it (:meth:`rmatvec` scatters along ``A``'s rows instead); the one LSMR
+        multiplies with hundreds of times gets it once, one gather of the values.
+        """
+        if self._at_blocks is None:
+            B, m, n = self.shape
+            vals_t = np.take(self._vals, self._plan.perm_t.numpy())
+            self._at_blocks = _row_blocks(vals_t, self._plan.host_t, (B * n, B * m))
+        return self._at_blocks
+
+    @_at.setter
+    def _at(self, value: Any) -> None:
+        self._at_blocks = value
+
     def _apply(self, M: Any, vec: Tensor, rows: int) -> Tensor:
         B = self.shape[0]
         if self._host:  # numpy views both ways (no torch operation but the product's)
-            if vec.dtype != self.values.dtype or vec.requires_grad:
-                vec = vec.detach().to(self.values.dtype)
-            w = np.ascontiguousarray(vec.numpy()).reshape(-1)
+            w = self._host_vector(vec)
             out = np.zeros(B * rows, dtype=self.np_dtype)
             _accumulate(M, w, out)
             return torch.from_numpy(out.reshape(B, rows))
         return (M @ vec.to(self.values.dtype).reshape(-1, 1)).reshape(B, rows)
+
+    def _host_vector(self, vec: Tensor) -> np.ndarray:
+        if vec.dtype != self.values.dtype or vec.requires_grad:
+            vec = vec.detach().to(self.values.dtype)
+        return np.ascontiguousarray(vec.numpy()).reshape(-1)
 
     @property
     def on_host(self) -> bool:
@@ -131,8 +163,25 @@ class BlockCSR:
         _accumulate(self._a, self._checked(p), self._checked(out))
 
     def rmatvec_into(self, u: np.ndarray, out: np.ndarray) -> None:
-        """``out += J^T u`` on the host: ``u (B, m)``, ``out (B, n)`` (as :meth:`matvec_into`)."""
-        _accumulate(self._at, self._checked(u), self._checked(out))
+        """``out += J^T u`` on the host: ``u (B, m)``, ``out (B, n)`` (as :meth:`matvec_into`).
+
+        With ``A`` in one row block (one torch thread, or a small matrix) the
+        product scatters along ``A``'s rows (:meth:`_scatter_into`, as scipy's
+        ``J.T @ u``): no transposed copy is made, and the solver streams one
+        matrix instead of two. With several blocks it runs on the row blocks
+        of ``A^T``'s CSR, in parallel. Both sum each entry over the rows in
+        increasing order.
+        """
+        if len(self._a) == 1 and self._at_blocks is None and _csc_matvec is not None:
+            self._scatter_into(self._checked(u), self._checked(out))
+        else:
+            _accumulate(self._at, self._checked(u), self._checked(out))
+
+    def _scatter_into(self, u: np.ndarray, out: np.ndarray) -> None:
+        """``out += A^T u`` (flat host arrays) in scipy's CSC kernel over ``A``'s CSR arrays."""
+        B, m, n = self.shape
+        indptr, indices = self._plan.host
+        _csc_matvec(B * n, B * m, indptr, indices, self._vals, u, out)
 
     def start_matvec(self, p: np.ndarray, out: np.ndarray) -> _Product | None:
         """Start ``out = J p`` in the thread pool (host, several row blocks); None otherwise.
@@ -155,7 +204,19 @@ class BlockCSR:
         return self._apply(self._a, p, self.shape[1])
 
     def rmatvec(self, u: Tensor) -> Tensor:
-        """``J^T u`` for ``u (B, m)``: ``(B, n)``."""
+        """``J^T u`` for ``u (B, m)``: ``(B, n)``.
+
+        On the host, before ``A^T``'s CSR is made, the product scatters along
+        ``A``'s rows in scipy's CSC kernel (``A``'s CSR read as the CSC form
+        of ``A^T``: what ``J.T @ u`` runs in scipy), one pass on this thread,
+        with no transposed copy of the values. Each output entry is summed
+        over the rows in increasing order, as the CSR form of ``A^T`` sums it.
+        """
+        if self._host and self._at_blocks is None and _csc_matvec is not None:
+            B, _, n = self.shape
+            out = np.zeros(B * n, dtype=self.np_dtype)
+            self._scatter_into(self._host_vector(u), out)
+            return torch.from_numpy(out.reshape(B, n))
         return self._apply(self._at, u, self.shape[2])
 
     def rows(self) -> Tensor:
@@ -180,14 +241,60 @@ class BlockCSR:
 
 
 class CSRPlan:
-    """The CSR index arrays of a coalesced ``(B, m, n)`` structure (:func:`csr_plan`)."""
+    """The CSR index arrays of a coalesced ``(B, m, n)`` structure (:func:`csr_plan`).
 
-    __slots__ = ("indices", "row", "col", "crow", "perm_t", "crow_t", "col_t", "host", "host_t",
-                 "__weakref__")
+    Those of ``A``: ``row``, ``col``, ``crow`` (and ``host``, their int32/int64
+    numpy forms on the CPU). Those of ``A^T`` (``perm_t``, the entry order of
+    ``A^T``; ``crow_t``, ``col_t``; ``host_t``) are computed on first use: on
+    the host only parallel ``J^T u`` products need them (:class:`BlockCSR`).
+    """
+
+    __slots__ = ("indices", "shape", "row", "col", "crow", "host", "_t", "__weakref__")
 
     def __init__(self, **arrays: Any) -> None:
+        self._t: tuple | None = None
         for k, v in arrays.items():
             setattr(self, k, v)
+
+    @property
+    def perm_t(self) -> Tensor:
+        return self._transpose()[0]
+
+    @property
+    def crow_t(self) -> Tensor:
+        return self._transpose()[1]
+
+    @property
+    def col_t(self) -> Tensor:
+        return self._transpose()[2]
+
+    @property
+    def host_t(self) -> tuple | None:
+        return self._transpose()[3]
+
+    def _transpose(self) -> tuple:
+        """``(perm_t, crow_t, col_t, host_t)``, computed once."""
+        if self._t is None:
+            B, m, n = self.shape
+            if self.host is not None:
+                crow, col = self.host
+                # the order of the entries in A^T: scipy's CSR -> CSC conversion (a compiled
+                # counting sort, rows kept sorted within a column) of the entries' numbers
+                order = sp.csr_array((np.arange(col.size, dtype=np.int64), col, crow),
+                                     shape=(B * m, B * n), copy=False).tocsc()
+                it = col.dtype
+                host_t = (order.indptr.astype(it, copy=False),
+                          order.indices.astype(it, copy=False))
+                self._t = (torch.from_numpy(order.data),
+                           torch.from_numpy(host_t[0].astype(np.int64)),
+                           torch.from_numpy(host_t[1].astype(np.int64)), host_t)
+            else:
+                col = self.col
+                perm_t = torch.sort(col, stable=True).indices  # rows stay sorted in a column
+                crow_t = torch.zeros(B * n + 1, dtype=torch.long, device=col.device)
+                crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=B * n), 0)
+                self._t = (perm_t, crow_t, self.row.index_select(0, perm_t), None)
+        return self._t
 
 
 #: plans alive somewhere (a SparsityPattern holds them), by the address of their indices
@@ -204,30 +311,23 @@ def csr_plan(idx: Tensor, shape: tuple[int, int, int], register: bool = False) -
     """
     B, m, n = shape
     dev = idx.device
-    row = idx[0] * m + idx[1]  # sorted: the indices are coalesced (row-major)
-    col = idx[0] * n + idx[2]
-    crow = torch.zeros(B * m + 1, dtype=torch.long, device=dev)
-    crow[1:] = torch.cumsum(torch.bincount(row, minlength=B * m), 0)
-    host = host_t = None
-    if dev.type == "cpu":
+    host = None
+    if dev.type == "cpu":  # numpy on this thread (no OpenMP region per pass over the entries)
+        ix = idx.numpy()
+        row_np = ix[0] * m + ix[1]  # sorted: the indices are coalesced (row-major)
+        col_np = ix[0] * n + ix[2]
         small = max(idx.shape[1], B * m, B * n) < 2**31 - 1
         it = np.int32 if small else np.int64
-        host = (crow.numpy().astype(it), col.numpy().astype(it))
-        # the order of the entries in A^T: scipy's CSR -> CSC conversion (a compiled
-        # counting sort, rows kept sorted within a column) of the entries' numbers
-        order = sp.csr_array((np.arange(idx.shape[1], dtype=np.int64), host[1], host[0]),
-                             shape=(B * m, B * n), copy=False).tocsc()
-        perm_t = torch.from_numpy(order.data)
-        host_t = (order.indptr.astype(it), order.indices.astype(it))
-        crow_t = torch.from_numpy(host_t[0].astype(np.int64))
-        col_t = torch.from_numpy(host_t[1].astype(np.int64))
+        crow_np = np.zeros(B * m + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row_np, minlength=B * m), out=crow_np[1:])
+        host = (crow_np.astype(it), col_np.astype(it))
+        row, col, crow = (torch.from_numpy(a) for a in (row_np, col_np, crow_np))
     else:
-        perm_t = torch.sort(col, stable=True).indices  # rows stay sorted within a column
-        crow_t = torch.zeros(B * n + 1, dtype=torch.long, device=dev)
-        crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=B * n), 0)
-        col_t = row.index_select(0, perm_t)
-    plan = CSRPlan(indices=idx, row=row, col=col, crow=crow, perm_t=perm_t, crow_t=crow_t,
-                   col_t=col_t, host=host, host_t=host_t)
+        row = idx[0] * m + idx[1]  # sorted: the indices are coalesced (row-major)
+        col = idx[0] * n + idx[2]
+        crow = torch.zeros(B * m + 1, dtype=torch.long, device=dev)
+        crow[1:] = torch.cumsum(torch.bincount(row, minlength=B * m), 0)
+    plan = CSRPlan(indices=idx, shape=(B, m, n), row=row, col=col, crow=crow, host=host)
     if register:
         with _PLANS_LOCK:
             _PLANS[_address(idx, shape)] = plan

@@ -1,0 +1,152 @@
+"""Where the time of the bundle adjustment goes, per phase, ours and scipy's (issue 13).
+
+The problem of ``bench_sparse.py --case ba`` (n = 23,769, m = 62,208,
+``jac_sparsity``, ``x_scale='jac'``, ``ftol=1e-4``, 'trf', '2-point'), solved
+``--repeat`` times after one warm-up solve, with the functions of each phase
+wrapped by timers: wall time (``perf_counter``) and the calling thread's CPU
+time (``thread_time``; the products' pool threads are not in it), exclusive of
+the nested phases. Phases, ours: the residual function (``fun``), the grouped
+differences without ``fun`` (``fd``), LSMR's products (with the subtraction
+that follows each), the wait for a product started ahead, the rest of LSMR
+(scalar recurrence and vector updates), the CSR forms and their scaling, the
+column norms (``x_scale='jac'``), the other products of the step
+(``op matvec``...), the 2-D subspace step, and what is left (the loop, the
+frontend). scipy's: ``fun``, ``approx_derivative`` without ``fun``, ``lsmr``
+(its products included), ``compute_jac_scale`` and what is left.
+
+Usage (``PYTHONPATH=.`` from a checkout whose package is not the installed one)::
+
+    python benchmarks/profile_sparse.py [--solver ours scipy] [--torch-residuals]
+           [--threads 2] [--repeat 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
+import torch
+from _common import base_parser, md_table, setup
+
+_ACC: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
+_STACK: list[list[float]] = []
+
+
+def wrap(owner: Any, name: str, label: str) -> None:
+    """Time ``owner.name`` under ``label``, exclusive of the wrapped calls inside it."""
+    orig = getattr(owner, name)
+
+    def timed(*a: Any, **k: Any) -> Any:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        _STACK.append([0.0, 0.0])
+        try:
+            return orig(*a, **k)
+        finally:
+            dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+            inner = _STACK.pop()
+            e = _ACC[label]
+            e[0] += 1
+            e[1] += dt - inner[0]
+            e[2] += dc - inner[1]
+            if _STACK:
+                _STACK[-1][0] += dt
+                _STACK[-1][1] += dc
+
+    setattr(owner, name, timed)
+
+
+class _Fun:
+    """Holder of the residual function, so that it can be wrapped like the phases."""
+
+    fun: Callable
+
+
+def instrument_ours() -> None:
+    import torchimize_scipy._frontend as frontend
+    from torchimize_scipy._engine import csr, lsmr
+    from torchimize_scipy._engine import operator as op
+    from torchimize_scipy._engine.steps import trf_lsmr
+
+    wrap(lsmr._HostVectors, "product_sub", "LSMR products (+ subtraction)")
+    wrap(lsmr._HostVectors, "product", "LSMR products (+ subtraction)")
+    wrap(csr._Product, "wait", "LSMR wait for the product started ahead")
+    wrap(csr.BlockCSR, "start_matvec", "LSMR start of the product ahead")
+    wrap(trf_lsmr, "lsmr", "LSMR rest (scalars, vector updates)")
+    wrap(frontend, "grouped_difference", "fd without fun (grouped differences)")
+    wrap(csr.BlockCSR, "__init__", "CSR build")
+    wrap(csr.BlockCSR, "scaled", "CSR scaling (folded)")
+    wrap(op.JacobianOperator, "column_sq_norms", "column norms (x_scale='jac')")
+    for name in ("matvec", "rmatvec", "matmat"):
+        wrap(op.JacobianOperator, name, "other products of the step")
+    wrap(trf_lsmr.TRFLSMR, "build_model", "build_model rest")
+    wrap(trf_lsmr.TRFLSMR, "propose_step", "propose_step (2-D step)")
+
+
+def instrument_scipy() -> None:
+    import scipy.optimize._lsq.trf as trf
+
+    differentiable = sys.modules["scipy.optimize._differentiable_functions"]
+    wrap(trf, "lsmr", "lsmr (products included)")
+    wrap(differentiable, "approx_derivative", "fd without fun (approx_derivative)")
+    wrap(trf, "compute_jac_scale", "compute_jac_scale")
+
+
+def main() -> None:
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--solver", choices=["ours", "scipy"], default="ours")
+    p.add_argument("--torch-residuals", action="store_true",
+                   help="ours with the torch residual function (batched differences)")
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    setup(args)
+    from bench_sparse import bundle_adjustment
+
+    size = dict(n_cameras=8, n_points=500) if args.quick else {}
+    prob = bundle_adjustment(seed=args.seed, **size)
+    opts = dict(jac_sparsity=prob["sparsity"], x_scale="jac", ftol=1e-4, method="trf")
+    _Fun.fun = staticmethod(prob["fun_torch"] if args.torch_residuals else prob["fun_np"])
+    wrap(_Fun, "fun", "fun (the residuals)")
+    if args.solver == "scipy":
+        import scipy.optimize
+
+        instrument_scipy()
+        x0 = prob["x0"]
+
+        def solve() -> Any:
+            return scipy.optimize.least_squares(_Fun.fun, x0, **opts)
+    else:
+        import torchimize_scipy
+
+        instrument_ours()
+        x0 = torch.as_tensor(prob["x0"]) if args.torch_residuals else prob["x0"]
+
+        def solve() -> Any:
+            return torchimize_scipy.least_squares(_Fun.fun, x0, **opts)
+    solve()
+    _ACC.clear()
+    R = max(1, args.repeat)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(R):
+        res = solve()
+    wall, cpu = (time.perf_counter() - t0) / R, (time.process_time() - c0) / R
+    rows, w_sum, c_sum = [], 0.0, 0.0
+    for label, (calls, w, c) in sorted(_ACC.items(), key=lambda kv: -kv[1][1]):
+        rows.append([label, calls / R, w / R, c / R])
+        w_sum += w / R
+        c_sum += c / R
+    rows.append(["(the rest: loop, frontend, ...)", "", wall - w_sum, ""])
+    if args.solver == "ours":
+        print(f"ours: {sys.modules['torchimize_scipy'].__file__}")
+    print(f"{args.solver}{' (torch residuals)' if args.torch_residuals else ''}, "
+          f"{torch.get_num_threads()} threads, n={prob['n']}, m={prob['m']}: wall {wall:.3f} s, "
+          f"process CPU {cpu:.3f} s per solve (mean of {R}); cost {res.cost:.6f}, "
+          f"nfev {res.nfev}")
+    print(md_table(["phase", "calls", "wall s", "caller-thread CPU s"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The lean large-scale path (issue 13): host CSR plans, lazy transposes, grouped
+differences' gathers, and scipy's ``workers`` with ``jac_sparsity``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.optimize as so
+import scipy.sparse as sp
+import torch
+from _parity import (
+    ONE_EVAL_RTOL,
+    assert_bitwise_equal,
+    assert_close_scaled,
+    assert_cost_close,
+    assert_x_close,
+)
+
+from torchimize_scipy import least_squares
+from torchimize_scipy._engine import csr as op
+from torchimize_scipy._sparsity import SparsityPattern, grouped_difference
+
+
+def _batch(rng, B=3, m=70, n=30, density=0.12):
+    """A coalesced sparse COO ``(B, m, n)`` batch with a full diagonal."""
+    idx, val = [], []
+    for k in range(B):
+        A = (sp.random(m, n, density=density, random_state=rng, format="csr")
+             + 2.0 * sp.eye(m, n, format="csr")).tocoo()
+        idx.append(np.stack([np.full(A.nnz, k), A.row, A.col]))
+        val.append(A.data)
+    return torch.sparse_coo_tensor(np.concatenate(idx, 1), np.concatenate(val), (B, m, n),
+                                   check_invariants=True).coalesce()
+
+
+def test_host_csr_plan_matches_the_device_construction() -> None:
+    """The CPU plan is built in numpy; its arrays are those of the torch construction
+    (the path of other devices), which the other tests check against their definition."""
+    J = _batch(np.random.default_rng(1))
+    idx, shape = J.indices(), tuple(J.shape)
+    host = op.csr_plan(idx, shape)
+    assert host._t is None  # A^T's arrays: made on first use only
+    B, m, n = shape
+    row = idx[0] * m + idx[1]
+    col = idx[0] * n + idx[2]
+    perm = torch.sort(col, stable=True).indices
+    assert torch.equal(host.row, row) and torch.equal(host.col, col)
+    assert torch.equal(host.crow[1:], torch.cumsum(torch.bincount(row, minlength=B * m), 0))
+    assert torch.equal(host.perm_t, perm)
+    assert torch.equal(host.col_t, row[perm])
+    assert np.array_equal(host.host[0], host.crow.numpy())
+    assert np.array_equal(host.host_t[1], host.col_t.numpy())
+
+
+def test_block_csr_rmatvec_without_the_transpose() -> None:
+    """An unscaled Jacobian's one ``J^T u`` (the gradient) scatters along J's rows and
+    builds no transposed copy; so do LSMR's products when J is one row block."""
+    rng = np.random.default_rng(2)
+    J = _batch(rng)
+    u = torch.as_tensor(rng.standard_normal(J.shape[:2]))
+    ref = torch.einsum("bmn,bm->bn", J.to_dense(), u)
+    csr = op.BlockCSR(J)
+    assert len(csr._a) == 1  # a small matrix: one row block
+    assert_close_scaled(csr.rmatvec(u), ref, ONE_EVAL_RTOL)
+    out = np.zeros((J.shape[0], J.shape[2]))
+    csr.rmatvec_into(np.ascontiguousarray(u.numpy()), out)
+    assert csr._at_blocks is None  # no transposed copy for either
+    assert_close_scaled(out, ref, ONE_EVAL_RTOL)
+    again = op.BlockCSR(J)
+    _ = again._at  # the transposed CSR made first: the products go through it
+    assert_close_scaled(again.rmatvec(u), ref, ONE_EVAL_RTOL)
+    assert_bitwise_equal(again.rmatvec(u), again.rmatvec(u))
+
+
+def test_block_csr_parallel_rmatvec_builds_the_transpose(monkeypatch) -> None:
+    """With several row blocks LSMR's ``J^T u`` runs on the row blocks of the
+    transposed CSR (made once, on first need)."""
+    rng = np.random.default_rng(6)
+    J = _batch(rng, m=200, n=90)
+    u = rng.standard_normal(J.shape[:2])
+    ref = torch.einsum("bmn,bm->bn", J.to_dense(), torch.as_tensor(u))
+    monkeypatch.setattr(op, "_BLOCK_NNZ", 100)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        csr = op.BlockCSR(J)
+        assert len(csr._a) == 4 and csr._at_blocks is None
+        out = np.zeros((J.shape[0], J.shape[2]))
+        csr.rmatvec_into(u, out)
+        assert csr._at_blocks is not None and len(csr._at_blocks) == 4
+        assert_close_scaled(out, ref, ONE_EVAL_RTOL)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_block_csr_scaled_values_and_products() -> None:
+    rng = np.random.default_rng(3)
+    J = _batch(rng)
+    B, m, n = J.shape
+    d = torch.as_tensor(rng.uniform(0.5, 2.0, (B, n)))
+    w = torch.as_tensor(rng.uniform(0.5, 2.0, (B, m)))
+    scaled = op.BlockCSR(J).scaled(w, d)
+    dense = w.unsqueeze(-1) * J.to_dense() * d.unsqueeze(-2)
+    p = torch.as_tensor(rng.standard_normal((B, n)))
+    u = torch.as_tensor(rng.standard_normal((B, m)))
+    assert_close_scaled(scaled.matvec(p), torch.einsum("bmn,bn->bm", dense, p), ONE_EVAL_RTOL)
+    assert_close_scaled(scaled.rmatvec(u), torch.einsum("bmn,bm->bn", dense, u), ONE_EVAL_RTOL)
+
+
+def _broyden(x):
+    f = (3 - x) * x + 1
+    f[1:] -= x[:-1]
+    f[:-1] -= 2 * x[1:]
+    return f
+
+
+def _tridiagonal(n):
+    return sp.diags_array([np.ones(n - 1), np.ones(n), np.ones(n - 1)], offsets=[-1, 0, 1],
+                          format="csr")
+
+
+def test_grouped_difference_of_a_batch_gathers_each_problem() -> None:
+    """The host's flat-index gather with several problems: each problem's differences
+    are those of its own evaluation (a batch alone and one by one agree)."""
+    n, B = 30, 3
+    pattern = SparsityPattern.from_structure(_tridiagonal(n))
+    x = torch.as_tensor(np.random.default_rng(4).uniform(-1.5, -0.5, (B, n)))
+
+    def fun(X, idx):
+        return torch.stack([torch.as_tensor(_broyden(r.numpy().copy())) for r in X])
+
+    idx = torch.arange(B)
+    J = grouped_difference(fun, x, fun(x, idx), idx, pattern, "2-point").to_dense()
+    for b in range(B):
+        Jb = grouped_difference(fun, x[b:b + 1], fun(x[b:b + 1], idx[:1]), idx[:1], pattern,
+                                "2-point").to_dense()[0]
+        assert_bitwise_equal(J[b], Jb)  # the same points and operations: the same path
+        exact = (np.diag(3 - 2 * x[b].numpy()) - np.eye(n, k=-1) - 2 * np.eye(n, k=1))
+        assert np.max(np.abs(Jb.numpy() - exact)) < 1e-6
+
+
+def test_workers_evaluate_the_column_groups() -> None:
+    """scipy's map-like ``workers`` receives the perturbed points of the column groups
+    (one map call per Jacobian, as scipy's sparse differences do), and the result is
+    the serial one's."""
+    n = 200
+    x0 = -np.ones(n)
+    S = _tridiagonal(n)
+    maps: list[int] = []
+
+    def workers(f, items):
+        items = list(items)
+        maps.append(len(items))
+        return [f(i) for i in items]
+
+    serial = least_squares(_broyden, x0, jac_sparsity=S, method="trf")
+    got = least_squares(_broyden, x0, jac_sparsity=S, method="trf", workers=workers)
+    ref = so.least_squares(_broyden, x0, jac_sparsity=S, method="trf", workers=workers)
+    groups = SparsityPattern.from_structure(S).n_groups
+    assert groups in maps  # the groups of one Jacobian in one map call
+    assert got.nfev == serial.nfev and got.njev == serial.njev
+    assert_x_close(got.x, serial.x)  # the same evaluations, whoever runs them
+    assert_cost_close(got.cost, ref.cost, scale=1.0)
+    with pytest.raises(ValueError, match="workers"):
+        least_squares(_broyden, x0, jac_sparsity=S, workers=0)
+
+
+def test_jac_sparsity_with_stored_zeros_is_not_modified() -> None:
+    """Regression: the pattern of a sparse ``jac_sparsity`` storing zeros was made by
+    eliminating them in place in index arrays shared with the caller's matrix."""
+    rng = np.random.default_rng(5)
+    A = sp.random_array((20, 15), density=0.3, random_state=rng, format="csr")
+    A.data[::3] = 0
+    indptr, indices, data = A.indptr.copy(), A.indices.copy(), A.data.copy()
+    pattern = SparsityPattern.from_structure(A)
+    assert np.array_equal(A.indptr, indptr) and np.array_equal(A.indices, indices)
+    assert np.array_equal(A.data, data)
+    assert pattern.rows.size == np.count_nonzero(data)
