@@ -29,7 +29,13 @@ mapped anew, what our blocks got before the setting existed) and
 ``configured`` (:func:`torchimize_scipy.dask.configure_workers` on the running
 workers). The automatic setting changes the whole worker process, so in the
 ``nanny`` run xarray's curvefit runs with it too (it allocates per-pixel
-arrays far below the threshold, so it is not measurably affected). ``--worker-config quiet`` also
+arrays far below the threshold, so it is not measurably affected). The
+workers are started with dask's ``OMP_NUM_THREADS=1`` in every setting: this
+script imports ``_env`` (which sets the thread variables to ``--threads``) only
+as the main program, not when spawn imports it again in each worker (before
+2026-11-30 it did, and every worker's torch ran 2 threads: that, not the
+allocator, was the gap between ``nanny`` and ``configured``;
+``probe_worker_threads.py``). ``--worker-config quiet`` also
 turns off what an idle dask worker spends CPU on (its statistical profiler,
 its 20 ms event-loop tick and 0.5 s system monitor: about 6 % of a core per
 worker, and more of the total when the machine is loaded and wall time
@@ -52,7 +58,10 @@ import time
 import warnings
 from pathlib import Path
 
-import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
+if __name__ == "__main__":
+    # not in the workers: spawn imports this module there again (as __mp_main__), and
+    # _env's thread variables would give each worker's torch that many threads
+    import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
 import numpy as np
 from _common import PEAK_M, PEAK_T, base_parser, md_table, peak_data, write_json
 from scipy.optimize import OptimizeWarning

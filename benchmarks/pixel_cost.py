@@ -21,13 +21,16 @@ keeps glibc's defaults (adaptive threshold).
 of ``torchimize_scipy._curve_fit._model.CHUNK_ELEMENTS`` (residuals per call of
 ``f``; 0 calls ``f`` for all rows at once), alternated round by round.
 
-``--profile`` prints the top of a cProfile of one call of the working tree.
+``--profile`` prints the top of a cProfile of one call of the working tree;
+``--torch-profile`` the torch operations of one call by their own CPU time
+(``torch.profiler``, with the number of calls and the share of the call's
+CPU time that torch's operations take).
 
 Usage (from the repository root)::
 
     PYTHONPATH=$PWD python benchmarks/pixel_cost.py --threads 1 [--before 2e43c09]
         [--pixels 10000] [--rounds 5] [--methods lm trf] [--allocator default|dask]
-        [--chunk-elements N ...] [--profile]
+        [--chunk-elements N ...] [--profile] [--torch-profile]
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-auto", action="store_true",
                    help="(with --allocator dask) do not apply the tree's automatic setting")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--torch-profile", action="store_true")
     p.add_argument("--chunk-elements", type=int, nargs="+", default=None,
                    help="values of _model.CHUNK_ELEMENTS to alternate (0: no grouping)")
     p.add_argument("--child", action="store_true", help=argparse_hidden())
@@ -145,6 +149,8 @@ def main(argv: list[str]) -> int:
                 prof.disable()
                 print(f"\n--- cProfile, working tree, {method}")
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            if args.torch_profile:
+                torch_profile(after, y, method)
     rows = []
     for method, rec in results.items():
         med = {k: statistics.median(v) for k, v in rec.items()}
@@ -164,6 +170,22 @@ def main(argv: list[str]) -> int:
         "note": note, "before": args.before, "raw": results})
     print(f"\nresults: {path}")
     return 0
+
+
+def torch_profile(lib: Any, y: np.ndarray, method: str, top: int = 25) -> None:
+    """Print the torch operations of one call by their own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cpu = one_block(lib, y, method)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    print(f"\n--- torch profiler, working tree, {method}: {cpu:.3f} CPU-s in the call "
+          f"(profiled), {total:.3f} s in torch operations ({100 * total / cpu:.0f} %)")
+    print(f"{'operation':<40} {'calls':>8} {'self CPU s':>11} {'share':>7}")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        s = e.self_cpu_time_total / 1e6
+        print(f"{e.key[:40]:<40} {e.count:>8} {s:>11.4f} {100 * s / cpu:>6.1f}%")
 
 
 def argparse_hidden() -> str:

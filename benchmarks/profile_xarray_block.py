@@ -50,7 +50,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
+if __name__ == "__main__":
+    # not in the workers: spawn imports this module there again (as __mp_main__), and
+    # _env's thread variables would give each worker's torch that many threads
+    import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
 import numpy as np
 import torch
 from _common import PEAK_T, base_parser, md_table, peak_data, write_json

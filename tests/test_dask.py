@@ -606,3 +606,103 @@ def test_forced_allocator_setting_stops_mmap_per_array_in_a_nanny_like_process()
                          check=True, timeout=300).stdout.split()
     # mapped per array, threshold fixed at start; set (and remembered); no longer mapped
     assert out == ["True", "True", "True", "True", "False"]
+
+
+# ---------------------------------------------------------------------------
+# torch's threads on workers (issue 16)
+# ---------------------------------------------------------------------------
+def _set_torch_threads(n: int) -> int:
+    """In a task (the worker's executor thread): torch's count of that thread."""
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def _task_threads(client) -> int:
+    (worker,) = client.scheduler_info()["workers"]
+    return client.submit(torch.get_num_threads, pure=False, workers=[worker]).result()
+
+
+def _set_threads_key(value: bool) -> None:
+    from torchimize_scipy._dask_workers import THREADS_KEY
+
+    dask.config.set({THREADS_KEY: value})
+
+
+def test_first_block_lowers_torch_threads_raised_in_a_worker(fresh_client):
+    # regression (issue 16): bench_xarray's main module, which spawn imports again in
+    # every worker, set OMP_NUM_THREADS=2 before torch was imported there; 2 workers x 2
+    # torch threads on 2 cores spent 4x the CPU per pixel of configured workers
+    (start,) = fresh_client.run(lambda: __import__(
+        "torchimize_scipy._dask_workers")._dask_workers._start_thread_count()).values()
+    assert start == 1  # dask's nanny: OMP_NUM_THREADS=1
+    fresh_client.run(_set_threads_key, False)
+    fresh_client.submit(_set_torch_threads, 2, pure=False).result()
+    _one_dask_curve_fit()
+    assert _task_threads(fresh_client) == 2  # turned off: left as it is
+    fresh_client.run(_set_threads_key, True)
+    _one_dask_curve_fit()
+    assert _task_threads(fresh_client) == 1
+    fresh_client.submit(_set_torch_threads, 2, pure=False).result()
+    _one_dask_curve_fit()  # every block, not only the first
+    assert _task_threads(fresh_client) == 1
+
+
+def test_configure_workers_threads_reach_executor_threads_that_computed_before(fresh_client):
+    # torch's count is per thread and client.run runs in the worker's event loop: the
+    # count set there did not reach the thread that had run blocks before
+    _one_dask_curve_fit()
+    assert _task_threads(fresh_client) == 1
+    done = configure_workers(fresh_client, mmap_threshold=None, trim_threshold=None,
+                             torch_threads=2)
+    assert [d["torch_threads"] for d in done.values()] == [2]
+    assert _task_threads(fresh_client) == 1  # the executor thread kept its count
+    _one_dask_curve_fit()
+    assert _task_threads(fresh_client) == 2  # the user's count, not lowered to the nanny's 1
+
+
+def test_worker_threads_stays_out_of_the_callers_process(monkeypatch):
+    from torchimize_scipy import _dask_workers as w
+
+    monkeypatch.setitem(w._AUTO, "threads", None)
+    monkeypatch.setattr(w, "_start_thread_count", lambda: pytest.fail("not a worker"))
+    threads = torch.get_num_threads()
+    _one_dask_curve_fit(scheduler="threads")  # the blocks run in this process
+    assert w._AUTO["threads"] == 0
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize(("env", "count"), [
+    ({"OMP_NUM_THREADS": "1"}, 1),   # dask's nanny
+    ({"OMP_NUM_THREADS": "4,2"}, 4),  # OpenMP's nested form: the outer level
+    ({"OMP_NUM_THREADS": "0"}, None),
+    ({"OMP_NUM_THREADS": "many"}, None),
+    ({}, None),
+])
+def test_start_thread_count_is_read_from_the_start_environment(monkeypatch, env, count):
+    from torchimize_scipy import _dask_workers as w
+
+    monkeypatch.setattr(w, "_start_environment", lambda: dict(env))
+    assert w._start_thread_count() == count
+
+
+def test_forced_worker_threads_lowers_a_count_raised_after_the_process_started():
+    # a process started as dask's nanny starts workers (OMP_NUM_THREADS=1) whose main
+    # module raised the variable before importing torch, as spawn's __mp_main__ did
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "os.environ['OMP_NUM_THREADS'] = '2'\n"
+        "import torch\n"
+        "from torchimize_scipy import _dask_workers as w\n"
+        "a = torch.get_num_threads()\n"
+        "print(a, w._start_thread_count(), w.worker_threads(), torch.get_num_threads())\n"
+        "w._AUTO['threads'] = None\n"
+        "print(w.worker_threads(force=True), torch.get_num_threads())\n")
+    root = str(pathlib.Path(torchimize_scipy.__file__).parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split()
+    # raised to 2, started with 1; not a worker: no cap, left at 2; forced: lowered to 1
+    assert out == ["2", "1", "None", "2", "1", "1"]

@@ -21,7 +21,7 @@ import torch
 from dask.highlevelgraph import HighLevelGraph
 
 from ._arrays import _torch_dtype
-from ._dask_workers import worker_allocator
+from ._dask_workers import prepare_worker
 
 
 class BlockError(RuntimeError):
@@ -110,10 +110,11 @@ def _run_block(solve_block: Callable, static: dict, start: int, stop: int,
                blocks: list[np.ndarray], fields: dict) -> dict[str, np.ndarray]:
     """Solve one block; an exception names the problems the block held.
 
-    The first block a ``distributed`` worker runs sets its allocator for
-    batched fits where dask's default left it slow (:func:`worker_allocator`).
+    On a ``distributed`` worker, the automatic worker settings come first
+    (:func:`torchimize_scipy._dask_workers.prepare_worker`: its allocator,
+    once, and torch's thread count).
     """
-    worker_allocator()
+    prepare_worker()
     try:
         return solve_block(static, blocks, fields)
     except Exception as exc:

@@ -1,25 +1,49 @@
-"""Settings of dask workers for batched fits: automatic (:func:`worker_allocator`) and explicit.
+"""Settings of dask workers for batched fits: automatic (:func:`prepare_worker`) and explicit.
 
-dask's nanny starts every worker process with ``MALLOC_TRIM_THRESHOLD_=65536``.
-Setting any of glibc's malloc thresholds turns its adaptive mmap threshold
-off, so the threshold stays at 128 KiB and every larger array (a block's
-tensors are megabytes) is mapped anew and unmapped when freed: each use of
-fresh pages is a page fault, and a batched fit spends about half its CPU on
-them (``benchmarks/pixel_cost.py --allocator dask``; RESULTS §16, §19).
+Two settings of a worker process decide how fast a block of batched fits runs
+there (RESULTS §16, §19-§21; docs/cluster.md):
 
-* :func:`worker_allocator` runs at the start of every block task of
-  :mod:`torchimize_scipy.dask` and :mod:`torchimize_scipy.xarray`; once per
-  worker process it raises both thresholds with glibc's ``mallopt`` when that
-  process was started with ``MALLOC_TRIM_THRESHOLD_`` and without
-  ``MALLOC_MMAP_THRESHOLD_`` (dask's default). The dask configuration key
-  :data:`AUTO_KEY` set to False turns it off.
-* :func:`configure_workers` makes the same change (with thresholds of the
-  caller's choice, and torch's thread count) on every running worker of a
-  client's cluster, whatever their environment.
+* **glibc's malloc thresholds.** dask's nanny starts every worker process
+  with ``MALLOC_TRIM_THRESHOLD_=65536``. Setting any of glibc's malloc
+  thresholds turns its adaptive mmap threshold off, so the threshold stays at
+  128 KiB and every larger array (a block's tensors are megabytes) is mapped
+  anew and unmapped when freed: each use of fresh pages is a page fault, and
+  a batched fit spends about half its CPU on them
+  (``benchmarks/pixel_cost.py --allocator dask``).
+* **torch's intra-op threads.** The nanny starts workers with
+  ``OMP_NUM_THREADS=1``: one torch thread per dask thread. But a worker
+  process started by ``multiprocessing``'s *spawn* (the nanny's way) first
+  imports the caller's main module again, as ``__mp_main__``; a script that
+  sets ``OMP_NUM_THREADS`` (or calls ``torch.set_num_threads``) at import, and
+  imports torch, thus gives every worker its own thread count, before the
+  nanny's environment is restored. On a 2-core machine 2 workers with 2
+  torch threads each spent 4x the CPU per pixel (OpenMP's threads spin at
+  their barriers while the other worker's compete for the cores): this was
+  ``benchmarks/bench_xarray.py``'s "default workers" (its ``_env`` import set
+  ``OMP_NUM_THREADS=2`` in the workers), not dask's defaults
+  (``benchmarks/probe_worker_threads.py``).
+
+:func:`prepare_worker` runs at the start of every block task of
+:mod:`torchimize_scipy.dask` and :mod:`torchimize_scipy.xarray`:
+
+* :func:`worker_allocator`: once per worker process, raise both malloc
+  thresholds with glibc's ``mallopt`` when that process was started with
+  ``MALLOC_TRIM_THRESHOLD_`` and without ``MALLOC_MMAP_THRESHOLD_`` (dask's
+  default). The dask configuration key :data:`AUTO_KEY` set to False turns
+  it off.
+* :func:`worker_threads`: in a worker process started with
+  ``OMP_NUM_THREADS=k`` (the nanny's ``k = 1``), lower torch's intra-op
+  thread count of the block's thread to ``k`` when it is higher. The key
+  :data:`THREADS_KEY` set to False turns it off.
+
+:func:`configure_workers` makes the allocator change (with thresholds of the
+caller's choice) and sets torch's thread count on every running worker of a
+client's cluster, whatever their environment; the automatic settings then
+leave what it set alone.
 
 glibc's allocator is changed with ``mallopt`` (the run-time form of the
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` environment variables),
-torch's intra-op threads with ``torch.set_num_threads``; see docs/cluster.md.
+torch's intra-op threads with ``torch.set_num_threads``.
 """
 
 from __future__ import annotations
@@ -42,8 +66,12 @@ _INT_MAX = 2**31 - 1
 MMAP_THRESHOLD, TRIM_THRESHOLD = 2**30, _INT_MAX
 #: dask configuration key: False turns :func:`worker_allocator` off (default True).
 AUTO_KEY = "torchimize_scipy.worker-allocator"
-#: This process's decision: None until made; then what :func:`worker_allocator` returns.
-_AUTO: dict[str, bool | None] = {"applied": None}
+#: dask configuration key: False turns :func:`worker_threads` off (default True).
+THREADS_KEY = "torchimize_scipy.worker-threads"
+#: This process's decisions, None until made: ``applied`` what :func:`worker_allocator`
+#: returns; ``threads`` the count of :func:`worker_threads` (0: leave torch's alone),
+#: ``exact`` whether it is :func:`configure_workers`' count (else an upper bound).
+_AUTO: dict[str, Any] = {"applied": None, "threads": None, "exact": False}
 
 
 def configure_workers(client: Any, *, mmap_threshold: int | None = MMAP_THRESHOLD,
@@ -95,14 +123,16 @@ def configure_workers(client: Any, *, mmap_threshold: int | None = MMAP_THRESHOL
     -----
     The blocks of :mod:`torchimize_scipy.dask` and
     :mod:`torchimize_scipy.xarray` apply the default thresholds by
-    themselves in workers started with dask's default environment (see
-    :func:`worker_allocator`); this function is for explicit control: other
-    thresholds, workers started otherwise, or the allocator set before the
-    first block. Once it has run on a worker, the automatic setting leaves
-    that worker alone. Workers started with
+    themselves in workers started with dask's default environment, and keep
+    torch's threads at most at the worker's start ``OMP_NUM_THREADS`` (see
+    :func:`prepare_worker`); this function is for explicit control: other
+    thresholds or thread counts, workers started otherwise, or the allocator
+    set before the first block. Once it has run on a worker, the automatic
+    settings leave what it set alone, and each block sets ``torch_threads``
+    in the thread that runs it (torch's count is per thread, and this
+    function runs in the worker's event loop). Workers started with
     ``distributed.nanny.pre-spawn-environ`` set as in ``docs/cluster.md`` need
-    none of this. Process workers started by the nanny already use one torch
-    thread (it sets ``OMP_NUM_THREADS=1``).
+    none of this.
     """
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if value is not None and (not isinstance(value, (int, np.integer))
@@ -123,8 +153,84 @@ def _configure_worker(mmap_threshold: int | None, trim_threshold: int | None,
     if malloc and (mmap_threshold is not None or trim_threshold is not None):
         _AUTO["applied"] = False  # the user's thresholds: the automatic setting stays out
     if torch_threads is not None:
+        # torch's count is per thread: this sets the event loop's thread and threads that
+        # start computing later; the blocks set it in executor threads that already have
         torch.set_num_threads(torch_threads)
+        _AUTO["threads"], _AUTO["exact"] = torch_threads, True
     return {"malloc": malloc, "torch_threads": torch.get_num_threads()}
+
+
+def prepare_worker() -> None:
+    """At the start of every block task: the automatic settings of a dask worker.
+
+    :func:`worker_allocator` (glibc's thresholds, once per process) and
+    :func:`worker_threads` (torch's thread count of the calling thread); both
+    do nothing outside a ``distributed`` worker and cost a few microseconds
+    after their first call.
+    """
+    worker_allocator()
+    worker_threads()
+
+
+def worker_threads(force: bool = False) -> int | None:
+    """Keep torch's intra-op threads in a dask worker at the count the worker was started with.
+
+    dask's nanny starts worker processes with ``OMP_NUM_THREADS=1`` so that
+    each dask thread computes with one thread; a caller's main module, which
+    *spawn* imports again in every worker before the nanny's environment is
+    restored, can raise torch's count there (see the module docstring). The
+    first call in a process decides the cap: the ``OMP_NUM_THREADS`` of the
+    environment the process was *started* with (its first number), when all
+    of these hold:
+
+    * the dask configuration value :data:`THREADS_KEY` is not False (read at
+      each call until the decision is made);
+    * the call runs in a ``distributed`` worker (not in the caller's own
+      process under dask's threaded or synchronous scheduler);
+    * that start environment has a positive ``OMP_NUM_THREADS``, and
+      :func:`configure_workers` has not set torch's threads in this process.
+
+    Every call then lowers the calling thread's count to the cap when it is
+    above it (torch's count is per thread: ``torch.set_num_threads`` sets
+    OpenMP's and MKL's counts of the calling thread, and the default of
+    threads that start computing later). A count at or below the cap is left
+    as it is. After :func:`configure_workers` with ``torch_threads=k``, every
+    call sets the calling thread's count to ``k`` instead (that function runs
+    in the worker's event loop, which does not reach executor threads that
+    have computed before).
+
+    Parameters
+    ----------
+    force : bool, optional
+        Skip the worker condition (benchmarks that emulate a worker in a plain
+        process); the configuration key still applies.
+
+    Returns
+    -------
+    int or None
+        The cap, or None where there is none.
+    """
+    cap = _AUTO["threads"]
+    if cap is None:
+        if not _auto_enabled(THREADS_KEY):
+            return None  # not recorded: the key may be set to True later
+        cap = _start_thread_count() if force or _in_distributed_worker() else None
+        cap = _AUTO["threads"] = cap or 0
+    if cap:
+        count = torch.get_num_threads()
+        if count > cap or (_AUTO["exact"] and count != cap):
+            torch.set_num_threads(cap)
+    return cap or None
+
+
+def _start_thread_count() -> int | None:
+    """``OMP_NUM_THREADS`` of the environment this process was started with, if positive."""
+    value = _start_environment().get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    try:
+        count = int(value)
+    except ValueError:
+        return None
+    return count if count > 0 else None
 
 
 def worker_allocator(force: bool = False) -> bool:
@@ -163,7 +269,7 @@ def worker_allocator(force: bool = False) -> bool:
     done = _AUTO["applied"]
     if done is not None:
         return done
-    if not _auto_enabled():
+    if not _auto_enabled(AUTO_KEY):
         return False  # not recorded: the key may be set to True later
     if not force and not (_in_distributed_worker() and _started_with_fixed_threshold()):
         _AUTO["applied"] = False
@@ -172,12 +278,12 @@ def worker_allocator(force: bool = False) -> bool:
     return bool(_AUTO["applied"])
 
 
-def _auto_enabled() -> bool:
+def _auto_enabled(key: str) -> bool:
     if "dask" not in sys.modules:
         return True
     import dask
 
-    return dask.config.get(AUTO_KEY, True) is not False
+    return dask.config.get(key, True) is not False
 
 
 def _in_distributed_worker() -> bool:

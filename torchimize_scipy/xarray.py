@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "'torchimize-scipy[xarray]'") from exc
 
 from . import batch_curve_fit
-from ._dask_workers import worker_allocator
+from ._dask_workers import prepare_worker
 
 __all__ = ["curvefit"]
 
@@ -252,7 +252,7 @@ class _BlockFit:
         self.skipna, self.errors, self.kwargs = skipna, errors, kwargs
 
     def __call__(self, Y: np.ndarray, *args: Any) -> tuple[np.ndarray, np.ndarray]:
-        worker_allocator()  # on a dask worker: its allocator, once (see _dask_workers)
+        prepare_worker()  # on a dask worker: allocator and torch threads (see _dask_workers)
         k, P, nc = self.n_coords, self.P, self.n_core
         coords = [np.asarray(c, dtype=float) for c in args[:k]]
         per_param = [np.asarray(a, dtype=float) for a in args[k:]]

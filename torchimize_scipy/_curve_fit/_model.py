@@ -214,11 +214,16 @@ class WhitenedModel:
         """MINPACK's forward differences for ``b`` problems (``N`` shifted points each).
 
         One body for numpy and torch parameters (``array_api_compat``): numpy
-        parameters give numpy arithmetic and no torch operation, tensors
-        torch operations, the same IEEE operations in both. Large batches on
+        parameters give numpy arithmetic (and, for large batches, torch's
+        copy of each group into ``J``), tensors torch operations, the same
+        IEEE operations in both. Large batches on
         the CPU are differenced in groups of problems as :meth:`evaluate`
         calls ``f`` (each group's differences computed while its residuals
-        are in the cache) and written into one ``(b, M, N)`` array.
+        are in the cache). Each group's differences are formed in place in
+        the order ``f`` returns them (a subtraction and a division into one
+        buffer, no temporaries) and copied transposed into one contiguous
+        ``(b, M, N)`` array by torch (on 10,000 Gaussian peaks: 12 ms against
+        16 ms for numpy's temporaries and copy).
         """
         book = self.book
         xp = array_namespace(P)
@@ -235,20 +240,30 @@ class WhitenedModel:
         shifted = xp.where(eye, (P + h)[:, None, :], xp.broadcast_to(P[:, None, :], (b, n, n)))
         Pp = xp.reshape(shifted, (b * n, n))
         group = max(1, self._chunk_rows(b * n, n, P) // n)  # problems per call of f
-        J = None
+        J = diff = None
         for start in range(0, b, group):
             stop = min(b, start + group)
             F = self._evaluate(Pp[start * n:stop * n], ids[start:stop], n)
             F = as_tensor(F).to(dev) if torch_in else np.asarray(F)
-            part = xp.permute_dims(
-                (xp.reshape(F, (stop - start, n, -1)) - f0[start:stop, None, :])
-                / h[start:stop, :, None], (0, 2, 1))
+            F = xp.reshape(F, (stop - start, n, -1))
+            if torch_in and torch.is_grad_enabled() and (
+                    F.requires_grad or f0.requires_grad or h.requires_grad):
+                part = (F - f0[start:stop, None, :]) / h[start:stop, :, None]  # autograd
+            else:  # in place, in f's row order: no temporaries
+                if diff is None:
+                    diff = xp.empty(F.shape, dtype=F.dtype, device=dev)
+                part = diff[:stop - start]
+                sub, div = (torch.sub, torch.div) if torch_in else (np.subtract, np.divide)
+                sub(F, f0[start:stop, None, :], out=part)
+                div(part, h[start:stop, :, None], out=part)
             if group >= b:
-                J = part  # one call: the transposed view (the engine copies it if it must)
-            else:
+                J = xp.permute_dims(part, (0, 2, 1))  # one call: the transposed view
+            else:  # (the engine copies a view if it must)
                 if J is None:
-                    J = xp.empty((b, part.shape[1], n), dtype=part.dtype, device=dev)
-                J[start:stop] = part
+                    J = xp.empty((b, F.shape[-1], n), dtype=F.dtype, device=dev)
+                # torch's transposing copy: about twice numpy's speed for these strides
+                dst = J[start:stop] if torch_in else torch.from_numpy(J[start:stop])
+                dst.copy_(as_tensor(part).transpose(1, 2))
         book.add_fd_evals(idt, n)
         book.record_jac(idt, J if torch_in else as_tensor(J), lambda: f0t)
         return J
