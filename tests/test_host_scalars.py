@@ -304,3 +304,43 @@ def test_batch_host_and_device_paths_agree(monkeypatch, method, dtype):
     tol = 1e-6 if dtype == torch.float64 else 1e-2
     np.testing.assert_allclose(np.asarray(host.x), np.asarray(device.x), rtol=tol, atol=tol)
     np.testing.assert_allclose(np.asarray(host.cost), np.asarray(device.cost), rtol=tol)
+
+
+def test_for_rows_keeps_large_batches_on_tensors():
+    small, large = torch.zeros(100, 4), torch.zeros(10_000, 4)
+    assert host_scalars.for_rows(small).host
+    assert not host_scalars.for_rows(large).host
+    assert host_scalars.for_rows(torch.zeros(1, 10 ** 5)).host  # one problem: the host
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+@pytest.mark.parametrize("bounded", [False, True])
+def test_large_batch_rule_agrees_with_the_host_path(monkeypatch, method, bounded):
+    # GRAIN = 0 makes every batch "large": its rows' work on tensors (what a batch of
+    # more than GRAIN entries runs), its (B,) scalars still on the host; a NaN start
+    # stays alone on that path too
+    rng = np.random.default_rng(13)
+    t = np.linspace(0, 3, 30)
+    B = 6
+    y = 2 * np.exp(-rng.uniform(0.5, 2.0, (B, 1)) * t) + 0.01 * rng.standard_normal((B, 30))
+
+    def fun(x, y):
+        return x[:, :1] * np.exp(-x[:, 1:] * t) - y
+
+    x0 = np.ones((B, 2))
+    x0[3, 1] = np.nan
+    kw = dict(args=(y,), method=method)
+    if bounded:
+        kw["bounds"] = ([0.0, 0.0], [1.9, 3.0])
+    host = batch_least_squares(fun, x0, **kw)
+    monkeypatch.setattr(host_scalars, "GRAIN", 0)
+    large = batch_least_squares(fun, x0, **kw)
+    keep = [0, 1, 2, 4, 5]
+    assert not np.isfinite(np.asarray(large.x)[3]).all()
+    assert (np.asarray(large.status)[keep] > 0).all()
+    assert np.array_equal(np.asarray(host.nfev)[keep], np.asarray(large.nfev)[keep])
+    # the two paths differ at most in the last bits of square roots: x to the xtol scale
+    np.testing.assert_allclose(np.asarray(host.x)[keep], np.asarray(large.x)[keep],
+                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(host.cost)[keep], np.asarray(large.cost)[keep],
+                               rtol=1e-10)

@@ -424,18 +424,20 @@ def test_book_counts_on_the_host_as_in_tensors():
 def test_lm_large_batches_keep_the_tensor_path(monkeypatch):
     """Above torch's grain size the rule's (B, n) work stays torch's (threaded), below it
     lives on the host; both give the same fits (issue 14, the B = 10,000 regression)."""
-    from torchimize_scipy._engine.steps import lm
+    from torchimize_scipy._engine import host_scalars
 
-    assert lm._scalars(torch.zeros(10, 4, dtype=torch.float64)).host
-    assert not lm._scalars(torch.zeros(10_000, 4, dtype=torch.float64)).host
-    assert lm._scalars(torch.zeros(8_192, 4, dtype=torch.float64)).host  # 32,768 entries
+    for_rows = host_scalars.for_rows
+    assert for_rows(torch.zeros(10, 4, dtype=torch.float64)).host
+    assert not for_rows(torch.zeros(10_000, 4, dtype=torch.float64)).host
+    assert for_rows(torch.zeros(8_192, 4, dtype=torch.float64)).host  # 32,768 entries
+    assert for_rows(torch.zeros(1, 100_000, dtype=torch.float64)).host  # one problem
     x0 = np.array([-1.2, 1.0]) + np.random.default_rng(2).uniform(0, 0.5, (6, 2))
 
     def run():
         return ts.batch_least_squares(rosen_batch, x0, method="lm")
 
     host = run()
-    monkeypatch.setattr(lm, "_GRAIN", 0)  # every batch "large"
+    monkeypatch.setattr(host_scalars, "GRAIN", 0)  # every batch "large"
     dev = run()
     assert np.array_equal(host.status, dev.status) and np.array_equal(host.nfev, dev.nfev)
     _close(host.x, dev.x)

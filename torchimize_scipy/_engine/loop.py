@@ -41,7 +41,7 @@ from torch import Tensor
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
 from .counts import count_true
-from .host_scalars import Scalars
+from .host_scalars import Scalars, for_rows
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
 
@@ -285,7 +285,7 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
     if undeclared:
         raise KeyError(f"{type(rule).__name__} created undeclared state keys "
                        f"{sorted(undeclared)}")
-    hs = Scalars(state["x"])
+    hs = for_rows(state["x"])
     n_fresh = hs.count(hs.view(fresh)[0])
     return n_fresh, B - n_fresh
 
@@ -413,7 +413,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             on_rows(state, state["fresh"], outer_top, n_top)
         # (``fresh`` is next read after this round's trial has set it)
         if n_finished is None or n_finished:
-            hs = Scalars(state["x"])
+            hs = for_rows(state["x"])
             finished = hs.view(state["status"])[0] != term.RUNNING
             if n_finished is None:
                 n_finished = hs.count(finished)
@@ -431,7 +431,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
         # ---- one trial per running problem -----------------------------------
         # (the per-problem counters, codes and masks are values of ``hs``: on the host
         # when on the CPU, see host_scalars; the state keeps them as tensors)
-        hs = Scalars(state["x"])
+        hs = for_rows(state["x"])
         xp = hs.xp
         trial = rule.propose_step(problem, state)
         x_new = trial.x_new
@@ -472,7 +472,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             sub["f_true"] = f_new if arows is None else f_new.index_select(0, arows)
             sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
-            hs_sub = hs if arows is None else Scalars(sub["x"])
+            hs_sub = hs if arows is None else for_rows(sub["x"])
             sub["njev"], = hs_sub.tensors(hs_sub.view(sub["njev"])[0] + 1)
             sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
             bad = jacobian_nonfinite_rows(sub["J"], sub["G"])
@@ -503,7 +503,7 @@ def _move_without_jacobian(state: State, hs: Scalars, rows_mask, count: int, x_a
     sub["x"] = x_acc if rows is None else x_acc.index_select(0, rows)
     sub["f_true"] = f_new if rows is None else f_new.index_select(0, rows)
     sub["cost"] = cost_new if rows is None else cost_new.index_select(0, rows)
-    hs_sub = hs if rows is None else Scalars(sub["x"])
+    hs_sub = hs if rows is None else for_rows(sub["x"])
     sub["njev"], = hs_sub.tensors(hs_sub.view(sub["njev"])[0] + 1)
     put(state, rows, sub)
 
@@ -520,7 +520,7 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
     """
     gtol_hit = rule.measure_optimality(problem, sub)
     # (per-problem codes and masks as values of ``hs``: on the host when on the CPU)
-    hs = Scalars(sub["x"])
+    hs = for_rows(sub["x"])
     xp = hs.xp
     hit, status, nfev = hs.view(gtol_hit, sub["status"], sub["nfev"])
     status = term.gtol_status(status, hit, xp)

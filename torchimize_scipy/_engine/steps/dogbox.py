@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from ..bounds import in_bounds, step_size_to_bound
-from ..host_scalars import Scalars
+from ..host_scalars import Scalars, for_rows
 from ..linalg import factorize, gauss_newton_step
 from ..problem import Problem
 from ..quadratic import (
@@ -90,7 +90,7 @@ class Dogbox(StepRule):
 
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
         # elementwise work and a maximum: on the host when on the CPU (the same values)
-        sc = Scalars(state["x"])
+        sc = for_rows(state["x"])
         g = sc.rows(state["g"])
         on_bound, = sc.view(state["on_bound"])
         free = (on_bound * g < 0) == 0  # (not frozen at a bound)
@@ -127,7 +127,7 @@ class Dogbox(StepRule):
     def propose_step(self, problem: Problem, state: dict) -> DogboxTrial:
         # the elementwise work on (B, n) rows on the host when on the CPU (Scalars); the
         # model's value (products with J) and the step's norm are torch operations
-        sc = Scalars(state["x"])
+        sc = for_rows(state["x"])
         xp, rows = sc.xp, sc.rows
         x, lb, ub = rows(state["x"]), rows(state["lb"]), rows(state["ub"])
         free, on_bound = sc.view(state["free"], state["on_bound"])

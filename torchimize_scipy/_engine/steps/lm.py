@@ -37,7 +37,7 @@ On the CPU the rule's per-problem work (the optimality measure and scaling,
 assessment, radius update and tests) runs on host scalars
 (:mod:`..host_scalars`), its norms, sums and square roots still torch's, so
 that the host and tensor paths agree bit for bit; batches whose ``(B, n)``
-rows exceed torch's grain size keep the tensor path (issue 14).
+rows exceed torch's grain size keep the tensor path (``host_scalars.for_rows``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from ..counts import count_true, remember
-from ..host_scalars import Scalars
+from ..host_scalars import for_rows
 from ..linalg import factorize, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import Problem
@@ -71,21 +71,6 @@ from ._common import (
 from .base import ResultFields, StepRule, Verdict
 
 FACTOR = 100.0
-#: torch's grain size (``at::internal::GRAIN_SIZE``): elementwise operations on larger
-#: tensors run on torch's threads, numpy's always on one
-_GRAIN = 32768
-
-
-def _scalars(x: Tensor) -> Scalars:
-    """Where the rule's per-problem values live for the batch of ``x (B, n)``.
-
-    On the host (CPU) while its ``(B, n)`` rows hold at most :data:`_GRAIN`
-    entries: there a torch operation costs its dispatch more than its
-    arithmetic. Larger batches keep the tensor code, whose ``(B, n)``
-    operations torch spreads over its threads (the same values either way:
-    the two paths agree bit for bit).
-    """
-    return Scalars(x, host=False if x.numel() > _GRAIN else None)
 
 
 class LMTrial:
@@ -161,7 +146,7 @@ class LevenbergMarquardt(StepRule):
         state["basic_full"] = torch.zeros(B, dtype=torch.bool, device=x.device)
 
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
-        hs = _scalars(state["x"])
+        hs = for_rows(state["x"])
         xp = hs.xp
         acnorm_t = column_norms(state)
         fnorm_t = vnorm(state["f"], dim=-1)
@@ -211,7 +196,7 @@ class LevenbergMarquardt(StepRule):
                         use_gram=problem.use_gram)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
-        p_gn = refine_gauss_newton(fac, minimum_norm_step(fac, host=_scalars(state["x"]).host),
+        p_gn = refine_gauss_newton(fac, minimum_norm_step(fac, host=for_rows(state["x"]).host),
                                    state["J"], d, state["f"])
         # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
@@ -239,7 +224,7 @@ class LevenbergMarquardt(StepRule):
         state["gn_step"] = p_gn
 
     def propose_step(self, problem: Problem, state: dict) -> LMTrial:
-        hs = _scalars(state["x"])
+        hs = for_rows(state["x"])
         basic = None
         if count_true(state["basic_rows"]):  # (known from build_model until rows change)
             basic = BasicStep(state["basic_rows"], state["gn_step"], state["basic_curv"],
@@ -256,7 +241,7 @@ class LevenbergMarquardt(StepRule):
 
     def assess_trial(self, problem: Problem, state: dict, trial: LMTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
-        hs = _scalars(state["x"])
+        hs = for_rows(state["x"])
         xp = hs.xp
         step, x_new = trial.step, trial.x_new
         # the norms are torch's reductions; everything else is elementwise on (B,) values

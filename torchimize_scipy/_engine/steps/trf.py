@@ -32,7 +32,7 @@ from ..bounds import (
     make_strictly_feasible,
     step_size_to_bound,
 )
-from ..host_scalars import Scalars
+from ..host_scalars import Scalars, for_rows
 from ..linalg import factorize
 from ..problem import Problem
 from ..quadratic import (
@@ -108,7 +108,7 @@ class TRF(StepRule):
             state["coleman_li_dv"] = torch.zeros_like(x)
 
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
-        sc = Scalars(state["x"])
+        sc = for_rows(state["x"])
         if (sc.host or problem.bounded) and problem.n:  # (a maximum: exact on either side)
             with sc.quiet():
                 g = sc.rows(state["g"])
@@ -136,7 +136,7 @@ class TRF(StepRule):
             d = v.sqrt() * state["scale"]
             diag_h = state["g"] * dv * state["scale"]
             state["diag_h"] = diag_h
-            sc = Scalars(state["x"])  # (the optimality is a host value on the CPU)
+            sc = for_rows(state["x"])  # (the optimality is a host value on the CPU)
             theta = 1 - sc.get(state["optimality"])
             state["theta"] = sc.tensor(sc.xp.where(theta < 0.995, 0.995, theta))  # NaN kept
         else:
@@ -150,12 +150,12 @@ class TRF(StepRule):
         flag_singular_factors(state, fac.s)
 
     def propose_step(self, problem: Problem, state: dict) -> TRFTrial:
+        sc = for_rows(state["x"])
         p_h, alpha = solve_trust_region_scipy(load_factors(state), state["delta"], state["alpha"],
-                                              problem.m, problem.n)
+                                              problem.m, problem.n, host=sc.host)
         d = state["tr_scaling"]
         diag_h = state["diag_h"] if problem.bounded else None
         if problem.bounded:
-            sc = Scalars(state["delta"])
             with sc.quiet():
                 step, step_h, value = _select_step(state, p_h, diag_h, sc)
                 x_new = make_strictly_feasible(sc.rows(state["x"]) + step, sc.rows(state["lb"]),
