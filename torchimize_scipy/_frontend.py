@@ -197,8 +197,8 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
     ``batch_least_squares``'s conventions: ``x0`` of shape ``(B, n)``, bounds
     and ``x_scale`` per problem, a NaN row allowed (that problem fails alone),
     ``args`` per problem, ``fun`` vectorised or not. Without ``batch``, ``x0``
-    is ``(n,)`` (or a scalar) and ``fun`` is a function of one point,
-    evaluated through ``workers`` when given.
+    is ``(n,)`` (or a scalar) and ``fun`` is a function of one point, whose
+    finite-difference points are evaluated through ``workers`` when given.
     """
     ns = detect_namespace(x0, device, dtype)
     x0_host = as_numpy(x0)
@@ -250,11 +250,15 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
         fun_b = adapt(fun, fun_ns, "fun")
         jac_b = adapt(jac, ns, "jac") if callable(jac) else None
     else:
-        fun_b = RowwiseFunction(fun, args, kwargs, fun_ns, workers)
+        fun_b = RowwiseFunction(fun, args, kwargs, fun_ns, None)
         jac_b = RowwiseFunction(jac, args, kwargs, ns, None, kind="jac") if callable(jac) \
             else None
+    # scipy's `workers` map the points of the finite differences only; the residuals at
+    # x0 and at each trial point are plain calls, as under scipy
+    fd_fun = fun_b if batch or workers is None else RowwiseFunction(fun, args, kwargs, fun_ns,
+                                                                     workers)
     rel = None if rel_step is None else torch.as_tensor(rel_step, device=dev, dtype=dt)
-    engine_jac = EngineJacobian(jac, fun_b, user=jac_b, rel_step=rel,
+    engine_jac = EngineJacobian(jac, fd_fun, user=jac_b, rel_step=rel,
                                 lb=lb_t if bounded else None, ub=ub_t if bounded else None)
     return Prepared(ns=ns, x0_host=x0_host, x0=x0_t, lb=lb_t, ub=ub_t, bounded=bounded,
                     x_scale=scale, ftol=ftol, xtol=xtol, gtol=gtol, fun=fun_b, jac_user=jac_b,
