@@ -466,7 +466,8 @@ def for_rows(x: Tensor) -> Scalars:
     On the host (CPU) as :class:`Scalars` decides, except for a batch
     (``B > 1``) whose rows hold more than :data:`GRAIN` entries: there torch
     spreads each ``(B, n)`` operation over its threads and the tensor code is
-    the faster (issue 14: 3-7 % at ``B = 10,000``, ``n = 4``). One problem
+    the faster (a few per cent for 'trf' at ``B = 10,000``, ``n = 4``;
+    benchmarks/RESULTS.md §21). One problem
     keeps the host whatever its size. Both choices run the same code and give
     the same values ('lm' bit for bit; 'trf'/'dogbox' up to the square roots,
     see the module docstring).
