@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .host_scalars import Scalars
+from .host_scalars import Floats, Scalars
 from .linalg import (
     Factors,
     gauss_newton_step,
@@ -273,6 +273,8 @@ def minimum_norm_step(fac: Factors, host: bool | None = None) -> Tensor:
     with sc.quiet():
         keep = s > torch.finfo(fac.s.dtype).eps * s[:, :1]
         coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
+    if sc.floats and not has_gram:  # one problem: the product on the host too
+        return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
     p_svd = -torch.bmm(fac.V, torch.from_numpy(coef.reshape(*coef.shape, 1))).squeeze(-1)
     return mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
 
@@ -290,14 +292,30 @@ def _bound(xp: Any, a: Any, lower: float | None = None, upper: float | None = No
     return a if upper is None else xp.minimum(a, upper)
 
 
-def _torch_row_norm(sc: Scalars, a: Any) -> Any:
-    """Euclidean norms of rows kept by ``sc``, as columns, always by torch's reduction.
+def host_norm(a: Any) -> Any:
+    """Euclidean norm of the one row of a ``(1, k)`` host array, a ``numpy.float64``.
 
-    'lm' takes every norm from torch (whose rounding differs from numpy's even
-    for two entries), so that its host and tensor paths agree bit for bit.
+    One float64 problem on the host (:attr:`Scalars.floats`) takes its norms,
+    sums and square roots from numpy, whose results may differ from torch's
+    in the last bits (the summation order of torch's vectorised reductions,
+    and its square root, which is not always correctly rounded); a batch
+    keeps torch's, bit for bit on the host and tensor paths.
+    """
+    row = a[0]
+    return Floats.sqrt(np.add.reduce(row * row))
+
+
+def _torch_row_norm(sc: Scalars, a: Any) -> Any:
+    """Euclidean norms of rows kept by ``sc``, as columns, by torch's reduction.
+
+    'lm' takes the norms of a batch from torch (whose rounding differs from
+    numpy's even for two entries), so that its host and tensor paths agree
+    bit for bit; one problem takes numpy's (:func:`host_norm`).
     """
     if not sc.host:
         return vnorm(a, dim=-1, keepdim=True)
+    if sc.floats:
+        return host_norm(a)
     return sc.get_col(vnorm(torch.from_numpy(a), dim=-1))
 
 
@@ -305,6 +323,8 @@ def _torch_row_sum(sc: Scalars, a: Any) -> Any:
     """Sums of rows kept by ``sc`` as columns, by torch's reduction (see above)."""
     if not sc.host:
         return a.sum(-1, keepdim=True)
+    if sc.floats:
+        return np.add.reduce(a[0])
     return sc.get_col(torch.from_numpy(a).sum(-1))
 
 
@@ -312,7 +332,19 @@ def _torch_norm(sc: Scalars, t: Tensor) -> Any:
     """Row norms of a ``(B, k)`` tensor as columns kept by ``sc`` (torch's reduction)."""
     if not sc.host:
         return vnorm(t, dim=-1, keepdim=True)
+    if sc.floats:
+        return host_norm(sc.rows(t))
     return sc.get_col(vnorm(t, dim=-1))
+
+
+def _lm_damped_step(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any) -> Tensor:
+    """:func:`_damped_step_column` for 'lm': one problem takes the product with ``V``
+    on the host too (numpy's; see :func:`host_norm`)."""
+    if not (sc.floats and sp.route == (False, True)):
+        return _damped_step_column(sc, fac, sp, alpha)
+    denom = sp.s2 + alpha
+    coef = np.where(denom != 0, sp.suf / denom, 0.0)
+    return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
 
 
 def solve_trust_region_minpack(
@@ -423,7 +455,7 @@ def _solve_minpack(sc: Scalars, fac: Factors, delta: Tensor, par0: Tensor, m: in
         n_running = sc.count(running)
         if not n_running:
             break
-    p = _damped_step_column(sc, fac, sp, par)
+    p = _lm_damped_step(sc, fac, sp, par)
     if n_gn:
         p = torch.where(sc.tensor(gn_ok).unsqueeze(-1), p_gn, p)
         par = xp.where(gn_ok, 0.0, par)

@@ -42,12 +42,15 @@ rows exceed torch's grain size keep the tensor path (``host_scalars.for_rows``).
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from ..counts import count_true, remember
-from ..host_scalars import for_rows
+from ..host_scalars import Floats, Scalars, for_rows
 from ..linalg import factorize, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import Problem
@@ -58,7 +61,7 @@ from ..termination import (
     reported_njev,
     uncounted_jacobian,
 )
-from ..trust_region import minimum_norm_step, solve_trust_region_minpack
+from ..trust_region import host_norm, minimum_norm_step, solve_trust_region_minpack
 from ._common import (
     FACTOR_KEYS,
     alloc_factors,
@@ -71,6 +74,14 @@ from ._common import (
 from .base import ResultFields, StepRule, Verdict
 
 FACTOR = 100.0
+
+
+def _norms(hs: Scalars, a: Any) -> Any:
+    """Row norms of ``a`` as per-problem values of ``hs``: a tensor's by torch's reduction
+    (a batch), a host array's by numpy's (one problem, :attr:`Scalars.floats`)."""
+    if hs.floats:
+        return host_norm(a if isinstance(a, np.ndarray) else hs.view(a)[0])
+    return hs.view(vnorm(a, dim=-1))[0]
 
 
 class LMTrial:
@@ -148,15 +159,23 @@ class LevenbergMarquardt(StepRule):
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
         hs = for_rows(state["x"])
         xp = hs.xp
-        acnorm_t = column_norms(state)
-        fnorm_t = vnorm(state["f"], dim=-1)
-        state["fnorm"] = fnorm_t
+        if hs.floats:  # one problem: its norms on the host (see trust_region.host_norm)
+            G, f = hs.view(state["G"], state["f"])
+            with hs.quiet():
+                acnorm = np.sqrt(np.maximum(np.diagonal(G, 0, -2, -1), 0.0))
+            fnorm = host_norm(f)
+            state["fnorm"], = hs.tensors(fnorm)
+        else:
+            acnorm_t = column_norms(state)
+            fnorm_t = vnorm(state["f"], dim=-1)
+            state["fnorm"] = fnorm_t
+            acnorm, fnorm = hs.view(acnorm_t, fnorm_t)
         g_t = state["g"]
         # scaling and initial radius on the very first outer iteration
         # (the host knows whether problems were admitted since the last call: no sync)
         any_start, self._admitted = self._admitted, False
         n = g_t.shape[-1]
-        acnorm, fnorm, status, diag = hs.view(acnorm_t, fnorm_t, state["status"], state["diag"])
+        status, diag = hs.view(state["status"], state["diag"])
         if not n:  # no variables
             optimality = gnorm = hs.view(inf_norm(g_t))[0]
         with hs.quiet():
@@ -180,8 +199,9 @@ class LevenbergMarquardt(StepRule):
             hit = (gnorm <= problem.gtol) & (status == RUNNING)
             state["optimality"], state["gnorm"], hit = hs.tensors(optimality, gnorm, hit)
             if any_start:
-                # (a norm: torch's reduction, as everywhere else)
-                xnorm = hs.view(vnorm(state["diag"] * state["x"], dim=-1))[0]
+                # (a norm: torch's reduction for a batch, numpy's for one problem)
+                xnorm = _norms(hs, state["diag"] * state["x"] if not hs.floats
+                               else diag * hs.view(state["x"])[0])
                 delta0 = xp.where(xnorm == 0, FACTOR, FACTOR * xnorm)
                 delta, old_xnorm = hs.view(state["delta"], state["xnorm"])
                 state["delta"], state["xnorm"] = hs.tensors(xp.where(start, delta0, delta),
@@ -232,33 +252,52 @@ class LevenbergMarquardt(StepRule):
         q, par = solve_trust_region_minpack(load_factors(state), state["delta"], state["par"],
                                             problem.m, problem.n, basic=basic,
                                             p_gn=state["gn_step"], host=hs.host)
-        step = q / state["diag"]
-        pnorm = vnorm(q, dim=-1)
+        if hs.floats:  # one problem: the step's arithmetic on the host
+            q_h, diag, x = hs.view(q, state["diag"], state["x"])
+            step_h = q_h / diag
+            pn = host_norm(q_h)
+            step, x_new, pnorm = hs.tensors(step_h, x + step_h, pn)
+        else:
+            step = q / state["diag"]
+            pnorm = vnorm(q, dim=-1)
+            x_new = state["x"] + step
+            pn, = hs.view(pnorm)
         # on the first iteration the radius is cut to the first step's length
-        first, delta, pn = hs.view(state["no_step_yet"], state["delta"], pnorm)
+        first, delta = hs.view(state["no_step_yet"], state["delta"])
         state["delta"], = hs.tensors(hs.xp.where(first, hs.xp.minimum(delta, pn), delta))
-        return LMTrial(state["x"] + step, step, pnorm, par)
+        return LMTrial(x_new, step, pnorm, par)
 
     def assess_trial(self, problem: Problem, state: dict, trial: LMTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
         hs = for_rows(state["x"])
         xp = hs.xp
         step, x_new = trial.step, trial.x_new
-        # the norms are torch's reductions; everything else is elementwise on (B,) values
-        if "fac_gram" in state:  # |J step| through J^T J on the Gram rows
-            Jstep_norm = cross_jac(state["J"], step, step, state["G"], state["fac_gram"]).sqrt()
-        else:
-            Jstep_norm = vnorm(jac_times(state["J"], step), dim=-1)
-        # (square roots too: torch's float64 sqrt is not always numpy's, see host_scalars)
-        (fnorm_new, Jstep_norm, xnorm_new, pnorm, par, fnorm, delta, xnorm, gnorm,
-         nfev, no_step_yet, finite) = hs.view(
-            vnorm(f_new, dim=-1), Jstep_norm, vnorm(state["diag"] * x_new, dim=-1),
+        (pnorm, par, fnorm, delta, xnorm, gnorm, nfev, no_step_yet, finite) = hs.view(
             trial.pnorm, trial.par,
             state["fnorm"],  # f has not changed since measure_optimality
             state["delta"], state["xnorm"], state["gnorm"], state["nfev"],
             state["no_step_yet"], finite)
-        # (the square root of a zero damping, a Gauss-Newton step, is zero: no torch op)
-        par_sqrt = par if hs.host and not par.any() else hs.view(trial.par.sqrt())[0]
+        if hs.floats and "fac_gram" not in state:
+            # one problem: norms, products and square roots on the host (numpy's; see
+            # trust_region.host_norm)
+            J, step_h, f_h, diag, x_h = hs.view(state["J"], step, f_new, state["diag"], x_new)
+            Jstep_norm = host_norm((J @ step_h[..., None])[..., 0])
+            fnorm_new = host_norm(f_h)
+            xnorm_new = host_norm(diag * x_h)
+            par_sqrt = Floats.sqrt(par)
+        else:
+            # a batch: the norms are torch's reductions; everything else is elementwise on
+            # (B,) values
+            if "fac_gram" in state:  # |J step| through J^T J on the Gram rows
+                Jstep_norm = cross_jac(state["J"], step, step, state["G"],
+                                       state["fac_gram"]).sqrt()
+            else:
+                Jstep_norm = vnorm(jac_times(state["J"], step), dim=-1)
+            # (square roots too: torch's float64 sqrt is not always numpy's, see host_scalars)
+            fnorm_new, Jstep_norm, xnorm_new = hs.view(
+                vnorm(f_new, dim=-1), Jstep_norm, vnorm(state["diag"] * x_new, dim=-1))
+            # (the square root of a zero damping, a Gauss-Newton step, is zero: no torch op)
+            par_sqrt = par if hs.host and not par.any() else hs.view(trial.par.sqrt())[0]
         with hs.quiet():
             fnorm1 = xp.where(finite, fnorm_new, xp.inf)
             safe_f = xp.where(fnorm != 0, fnorm, 1.0)
