@@ -9,12 +9,16 @@ safeguarded by the interval :math:`[\alpha_l, \alpha_u]`, with
 Gram rows). :func:`solve_trust_region_scipy` is the variant of scipy's 'trf'
 (the step is put on the boundary), :func:`solve_trust_region_minpack` that of
 MINPACK's ``lmpar`` ('lm'). Both keep their per-problem scalars on the host
-when the factors are on the CPU (:mod:`.host_scalars`); 'lm''s takes its norms
-and sums from torch on either path (bit for bit the same results).
+when the factors are on the CPU (:mod:`.host_scalars`). 'lm''s takes the norms
+and sums of a batch from torch on either path (bit for bit the same results);
+one float64 problem on the host runs the whole iteration in numpy (norms,
+sums, square roots and the product with ``V``: the same operations, rounded
+as numpy rounds them, :func:`host_norm`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .host_scalars import Floats, Scalars
+from .host_scalars import Scalars
 from .linalg import (
     Factors,
     gauss_newton_step,
@@ -110,8 +114,9 @@ def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: A
     undamped step. The derivative is returned with its sign flipped (it is
     never positive): the Newton updates divide by it, and a flipped divisor
     saves the negations (``-a / b == a / -b`` exactly). ``exact``: every
-    norm and sum is torch's reduction, also for one problem on the host
-    ('lm', whose host and tensor paths agree bit for bit).
+    norm and sum of a batch is torch's reduction ('lm', whose host and
+    tensor paths agree bit for bit on batches; one problem takes numpy's,
+    :func:`host_norm`).
     """
     xp = sc.xp
     has_gram, has_svd = sp.route
@@ -262,8 +267,9 @@ def minimum_norm_step(fac: Factors, host: bool | None = None) -> Tensor:
     With the factors on the CPU the cut-off of the singular values and the
     quotients ``uf / s`` are taken on the host rows that the subproblem then
     reuses (:meth:`~.host_scalars.Scalars.rows`); the product with ``V``
-    stays torch's. The same values as :func:`~.linalg.gauss_newton_step` (the
-    same elementwise operations). ``host`` as for :class:`~.host_scalars.Scalars`.
+    is torch's for a batch (the same values as
+    :func:`~.linalg.gauss_newton_step`: the same elementwise operations) and
+    numpy's for one float64 problem (:func:`host_norm`). ``host`` as for :class:`~.host_scalars.Scalars`.
     """
     sc = Scalars(fac.s, host=host)
     has_gram, has_svd = routes(fac)
@@ -273,8 +279,8 @@ def minimum_norm_step(fac: Factors, host: bool | None = None) -> Tensor:
     with sc.quiet():
         keep = s > torch.finfo(fac.s.dtype).eps * s[:, :1]
         coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
-    if sc.floats and not has_gram:  # one problem: the product on the host too
-        return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
+        if sc.floats and not has_gram:  # one problem: the product on the host too
+            return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
     p_svd = -torch.bmm(fac.V, torch.from_numpy(coef.reshape(*coef.shape, 1))).squeeze(-1)
     return mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
 
@@ -302,7 +308,8 @@ def host_norm(a: Any) -> Any:
     keeps torch's, bit for bit on the host and tensor paths.
     """
     row = a[0]
-    return Floats.sqrt(np.add.reduce(row * row))
+    # (a sum of squares is not negative: NaN and infinity pass through math.sqrt)
+    return np.float64(math.sqrt(np.add.reduce(row * row)))
 
 
 def _torch_row_norm(sc: Scalars, a: Any) -> Any:
@@ -367,8 +374,10 @@ def solve_trust_region_minpack(
     spectral rows live on the host when the factors are on the CPU
     (:class:`~.host_scalars.Scalars`; ``host`` overrides the choice, for the
     tests), so that the Newton iteration costs no torch operation but its
-    norms and sums, which are torch's reductions on either path (the two
-    paths agree bit for bit). Off the CPU the host reads one count before
+    norms and sums, which are torch's reductions on either path for a batch
+    (the two paths agree bit for bit); one float64 problem takes them, and
+    the product with ``V``, from numpy (:func:`host_norm`: no torch operation
+    but the tensor of the step). Off the CPU the host reads one count before
     the iteration and one per iteration.
 
     Returns

@@ -35,9 +35,16 @@ batch lands on an exact zero as a single problem does (issue 11).
 On the CPU the rule's per-problem work (the optimality measure and scaling,
 ``lmpar``'s Newton iteration, the Gauss-Newton step's quotients, the trial's
 assessment, radius update and tests) runs on host scalars
-(:mod:`..host_scalars`), its norms, sums and square roots still torch's, so
-that the host and tensor paths agree bit for bit; batches whose ``(B, n)``
+(:mod:`..host_scalars`). A batch keeps torch's norms, sums and square roots,
+so that its host and tensor paths agree bit for bit; batches whose ``(B, n)``
 rows exceed torch's grain size keep the tensor path (``host_scalars.for_rows``).
+One float64 problem (``least_squares``, ``curve_fit``) also takes its norms,
+square roots, the products with ``V`` and ``J`` and the step's arithmetic
+from numpy (:func:`..trust_region.host_norm`): about a third fewer torch
+operations per evaluation, at the price of rounding-level differences from
+the tensor path (numpy's square root is correctly rounded, torch's float64
+one is not always; reductions may sum in another order); the iterations, and
+so nfev, njev and status, are the same on the parity problems.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from torch.linalg import vector_norm as vnorm
 
 from ..counts import count_true, remember
 from ..host_scalars import Floats, Scalars, for_rows
-from ..linalg import factorize, refine_gauss_newton
+from ..linalg import Factors, factorize, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import Problem
 from ..quadratic import cross_jac, jac_times
@@ -163,7 +170,7 @@ class LevenbergMarquardt(StepRule):
             G, f = hs.view(state["G"], state["f"])
             with hs.quiet():
                 acnorm = np.sqrt(np.maximum(np.diagonal(G, 0, -2, -1), 0.0))
-            fnorm = host_norm(f)
+                fnorm = host_norm(f)
             state["fnorm"], = hs.tensors(fnorm)
         else:
             acnorm_t = column_norms(state)
@@ -249,14 +256,18 @@ class LevenbergMarquardt(StepRule):
         if count_true(state["basic_rows"]):  # (known from build_model until rows change)
             basic = BasicStep(state["basic_rows"], state["gn_step"], state["basic_curv"],
                               state["basic_full"])
-        q, par = solve_trust_region_minpack(load_factors(state), state["delta"], state["par"],
+        # (without Gram rows, the three SVD fields: no lookup of the others)
+        fac = (load_factors(state) if "fac_gram" in state
+               else Factors(state["fac_s"], state["fac_V"], state["fac_uf"]))
+        q, par = solve_trust_region_minpack(fac, state["delta"], state["par"],
                                             problem.m, problem.n, basic=basic,
                                             p_gn=state["gn_step"], host=hs.host)
         if hs.floats:  # one problem: the step's arithmetic on the host
             q_h, diag, x = hs.view(q, state["diag"], state["x"])
-            step_h = q_h / diag
-            pn = host_norm(q_h)
-            step, x_new, pnorm = hs.tensors(step_h, x + step_h, pn)
+            with hs.quiet():
+                step_h = q_h / diag
+                pn = host_norm(q_h)
+                step, x_new, pnorm = hs.tensors(step_h, x + step_h, pn)
         else:
             step = q / state["diag"]
             pnorm = vnorm(q, dim=-1)
@@ -281,10 +292,11 @@ class LevenbergMarquardt(StepRule):
             # one problem: norms, products and square roots on the host (numpy's; see
             # trust_region.host_norm)
             J, step_h, f_h, diag, x_h = hs.view(state["J"], step, f_new, state["diag"], x_new)
-            Jstep_norm = host_norm((J @ step_h[..., None])[..., 0])
-            fnorm_new = host_norm(f_h)
-            xnorm_new = host_norm(diag * x_h)
-            par_sqrt = Floats.sqrt(par)
+            with hs.quiet():
+                Jstep_norm = host_norm((J @ step_h[..., None])[..., 0])
+                fnorm_new = host_norm(f_h)
+                xnorm_new = host_norm(diag * x_h)
+                par_sqrt = Floats.sqrt(par)
         else:
             # a batch: the norms are torch's reductions; everything else is elementwise on
             # (B,) values
