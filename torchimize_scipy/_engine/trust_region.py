@@ -269,7 +269,8 @@ def minimum_norm_step(fac: Factors, host: bool | None = None) -> Tensor:
     reuses (:meth:`~.host_scalars.Scalars.rows`); the product with ``V``
     is torch's for a batch (the same values as
     :func:`~.linalg.gauss_newton_step`: the same elementwise operations) and
-    numpy's for one float64 problem (:func:`host_norm`). ``host`` as for :class:`~.host_scalars.Scalars`.
+    numpy's for one float64 problem (:func:`host_norm`). ``host`` as for
+    :class:`~.host_scalars.Scalars`.
     """
     sc = Scalars(fac.s, host=host)
     has_gram, has_svd = routes(fac)
