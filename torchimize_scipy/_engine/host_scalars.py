@@ -43,9 +43,9 @@ Two families of conversions serve the two kinds of callers:
   on several tensors at once: a tensor of at most :data:`_SMALL` entries
   crosses to numpy through ``tolist`` (exact, and cheaper than
   ``Tensor.numpy()``, whose four dispatched operations cost more than the
-  copy), a larger one is viewed without a copy. 'lm' takes every square root,
-  norm and sum in torch, so that its host and tensor paths agree bit for
-  bit.
+  copy), a larger one is viewed without a copy. 'lm' takes a batch's square
+  roots, norms and sums in torch, so that its host and tensor paths agree bit
+  for bit; one float64 problem takes numpy's (``trust_region.host_norm``).
 
 Both families remember a tensor's host value on the tensor (the engine never
 writes into its tensors, as ``counts.py`` relies on too): a 0-d or ``(B,)``
