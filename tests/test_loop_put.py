@@ -1,0 +1,112 @@
+"""``_engine.loop.put``: rows written in place only into tensors nothing else can see.
+
+Before, every ``put`` merged out of place, copying each ``(B, m, n)``
+Jacobian whole for every accepted subset of rows. Now a tensor held by the
+state alone is written in place; any tensor that another reference, a view,
+a numpy array or autograd can observe is still merged out of place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from torchimize_scipy._engine.loop import RowView, put
+
+ROWS = torch.tensor([1, 3])
+
+
+def _new_rows(shape: tuple[int, ...] = (2, 3, 2)) -> torch.Tensor:
+    return torch.arange(float(np.prod(shape))).reshape(shape) + 100.0
+
+
+def _put(state: dict, **values: torch.Tensor) -> None:
+    sub = RowView(state, ROWS)
+    for k, v in values.items():
+        sub[k] = v
+    put(state, ROWS, sub)
+
+
+def _expected(before: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    out = before.clone()
+    out[ROWS] = new
+    return out
+
+
+def test_private_tensor_is_written_in_place():
+    state = {"J": torch.zeros(5, 3, 2)}
+    before = state["J"].clone()
+    ident = id(state["J"])
+    new = _new_rows()
+    _put(state, J=new)
+    assert id(state["J"]) == ident  # no copy of the whole tensor
+    assert torch.equal(state["J"], _expected(before, new))
+
+
+def test_tensor_held_elsewhere_is_not_modified():
+    state = {"J": torch.zeros(5, 3, 2)}
+    held = state["J"]
+    new = _new_rows()
+    _put(state, J=new)
+    assert state["J"] is not held
+    assert torch.equal(held, torch.zeros(5, 3, 2))
+    assert torch.equal(state["J"], _expected(torch.zeros(5, 3, 2), new))
+
+
+def test_viewed_tensor_is_not_modified():
+    state = {"J": torch.zeros(5, 3, 2)}
+    view = state["J"][1]  # shares the storage, not the Python object
+    new = _new_rows()
+    _put(state, J=new)
+    assert torch.equal(view, torch.zeros(3, 2))
+    assert torch.equal(state["J"], _expected(torch.zeros(5, 3, 2), new))
+
+
+def test_numpy_memory_is_not_modified():
+    a = np.zeros((5, 3, 2), dtype=np.float32)
+    state = {"J": torch.from_numpy(a)}  # the state's only Python reference
+    new = _new_rows()
+    _put(state, J=new)
+    assert np.array_equal(a, np.zeros((5, 3, 2)))
+    assert torch.equal(state["J"], _expected(torch.zeros(5, 3, 2), new))
+
+
+def test_tensor_of_autograd_graph_is_not_modified():
+    leaf = torch.zeros(5, 2, requires_grad=True)
+    state = {"x": leaf * 1.0}
+    before = state["x"].detach().clone()
+    ident = id(state["x"])
+    new = _new_rows((2, 2))
+    _put(state, x=new)
+    assert id(state["x"]) != ident
+    assert torch.equal(state["x"].detach(), _expected(before, new))
+
+
+def test_shared_keys_written_with_different_values_stay_apart():
+    shared = torch.zeros(5, 3)
+    state = {"f": shared, "f_true": shared}
+    del shared
+    v1, v2 = _new_rows((2, 3)), -_new_rows((2, 3))
+    _put(state, f=v1, f_true=v2)
+    assert torch.equal(state["f"], _expected(torch.zeros(5, 3), v1))
+    assert torch.equal(state["f_true"], _expected(torch.zeros(5, 3), v2))
+
+
+def test_shared_keys_written_with_one_value_stay_shared():
+    shared = torch.zeros(5, 3)
+    state = {"f": shared, "f_true": shared}
+    del shared
+    v = _new_rows((2, 3))
+    _put(state, f=v, f_true=v)
+    assert state["f"] is state["f_true"]
+    assert torch.equal(state["f"], _expected(torch.zeros(5, 3), v))
+
+
+def test_shared_key_not_written_keeps_its_values():
+    shared = torch.zeros(5, 3)
+    state = {"f": shared, "f_true": shared}
+    del shared
+    v = _new_rows((2, 3))
+    _put(state, f=v)
+    assert torch.equal(state["f_true"], torch.zeros(5, 3))
+    assert torch.equal(state["f"], _expected(torch.zeros(5, 3), v))
