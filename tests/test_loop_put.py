@@ -110,3 +110,56 @@ def test_shared_key_not_written_keeps_its_values():
     _put(state, f=v)
     assert torch.equal(state["f_true"], torch.zeros(5, 3))
     assert torch.equal(state["f"], _expected(torch.zeros(5, 3), v))
+
+
+def test_tensor_with_remembered_count_is_not_modified():
+    from torchimize_scipy._engine.counts import count_true
+
+    state = {"fresh": torch.zeros(5, dtype=torch.bool)}
+    held_count = count_true(state["fresh"])  # remembered on the tensor: 0
+    ident = id(state["fresh"])
+    _put(state, fresh=torch.ones(2, dtype=torch.bool))
+    assert id(state["fresh"]) != ident  # a new tensor, counted anew
+    assert held_count == 0
+    assert count_true(state["fresh"]) == 2
+
+
+def test_tensor_with_host_copy_is_not_modified():
+    from torchimize_scipy._engine.host_scalars import Scalars
+
+    state = {"nfev": torch.zeros(5, dtype=torch.long)}
+    hs = Scalars(state["nfev"])
+    before, = hs.view(state["nfev"])  # a small tensor's host copy, kept on the tensor
+    _put(state, nfev=torch.ones(2, dtype=torch.long))
+    after, = hs.view(state["nfev"])
+    assert np.array_equal(np.asarray(before), np.zeros(5))
+    assert np.array_equal(np.asarray(after), [0, 1, 0, 1, 0])
+
+
+def test_batch_dogbox_rows_agree_with_single_calls():
+    """Regression: an in-place write into a small state tensor whose host copy was kept on
+    it left that copy stale, and one row of this batch stopped at a wrong point (found by
+    benchmarks/engine_ab.py, cost 0.93 too high)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _parity import assert_cost_close
+    from test_parity import PROBLEMS
+
+    from torchimize_scipy import batch_least_squares, least_squares
+
+    fun, _, x0, bounds, _, _, _ = PROBLEMS["gauss_peak_bounded"]
+    x0a = np.array(x0, float)
+    rng = np.random.default_rng(len("gauss_peak_bounded"))
+    X0 = x0a + 0.05 * rng.standard_normal((6, x0a.size))
+    lb, ub = (np.broadcast_to(np.asarray(v, float), x0a.shape) for v in bounds)
+    X0 = np.clip(X0, np.nextafter(lb, ub), np.nextafter(ub, lb))
+    X0[0] = x0a
+    X0[3, 0] = np.nan  # fails alone, at its start
+    res = batch_least_squares(lambda x: fun(x), X0, bounds=bounds, method="dogbox",
+                              vectorized=False)
+    assert res.status[3] == 5 and np.isnan(res.x[3]).any()
+    for i in (0, 1, 2, 4, 5):
+        ref = least_squares(fun, X0[i], bounds=bounds, method="dogbox")
+        assert_cost_close(res.cost[i], ref.cost)

@@ -128,13 +128,18 @@ def _private(state: State, sub: RowView, key: str, value: Tensor, old: Tensor) -
     * ``old`` is referenced by ``state`` alone (its Python reference count)
       and every key of ``state`` holding it is assigned ``value`` by ``sub``
       (``f`` and ``f_true`` share one tensor for the linear loss);
+    * it carries no remembered value (the attributes by which
+      :mod:`.counts` and :mod:`.host_scalars` keep a tensor's count of true
+      entries, finiteness or host copy on the tensor, valid only as long as
+      the tensor is not written to);
     * its memory belongs to torch's allocator (a resizable storage: not a
       numpy array's, nor a DLPack import) and no other tensor views it (the
       storage's use count, where torch reports it);
     * neither tensor takes part in autograd, and ``old`` is no inference
       tensor.
     """
-    if old.requires_grad or value.requires_grad or old.is_inference() or old.is_sparse:
+    if (old.requires_grad or value.requires_grad or old.is_inference() or old.is_sparse
+            or old.__dict__):
         return False
     holders = [k for k, t in state.items() if t is old]
     if any(k not in sub.written or dict.__getitem__(sub, k) is not value for k in holders):
