@@ -9,11 +9,19 @@ a numpy array or autograd can observe is still merged out of place.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from torchimize_scipy._engine import loop
 from torchimize_scipy._engine.loop import RowView, put
 
 ROWS = torch.tensor([1, 3])
+
+
+@pytest.fixture(autouse=True)
+def _small_tensors_in_place(monkeypatch):
+    """The tensors here are small: let put write them in place as it would large ones."""
+    monkeypatch.setattr(loop, "IN_PLACE_MIN", 0)
 
 
 def _new_rows(shape: tuple[int, ...] = (2, 3, 2)) -> torch.Tensor:
@@ -163,3 +171,18 @@ def test_batch_dogbox_rows_agree_with_single_calls():
     for i in (0, 1, 2, 4, 5):
         ref = least_squares(fun, X0[i], bounds=bounds, method="dogbox")
         assert_cost_close(res.cost[i], ref.cost)
+
+
+def test_small_tensor_is_merged_out_of_place_by_default(monkeypatch):
+    monkeypatch.setattr(loop, "IN_PLACE_MIN", 32768)
+    state = {"J": torch.zeros(5, 3, 2)}  # 30 entries: the copy is cheaper than the checks
+    ident = id(state["J"])
+    new = _new_rows()
+    _put(state, J=new)
+    assert id(state["J"]) != ident
+    assert torch.equal(state["J"], _expected(torch.zeros(5, 3, 2), new))
+    big = {"J": torch.zeros(6000, 3, 2)}  # 36,000 entries: in place
+    ident = id(big["J"])
+    _put(big, J=new)
+    assert id(big["J"]) == ident
+    assert torch.equal(big["J"][ROWS], new)

@@ -93,9 +93,10 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
     """Write the keys assigned in ``sub`` back into ``state`` at ``rows``.
 
     Keys assigned the same tensor get the same merged tensor (one scatter).
-    The rows are written in place into a tensor that nothing but ``state``
-    can observe (:func:`_private`): a large batch's ``(B, m, n)`` Jacobian is
-    then not copied whole for every accepted subset. Any other tensor (one
+    The rows are written in place into a tensor of at least
+    :data:`IN_PLACE_MIN` entries that nothing but ``state`` can observe
+    (:func:`_private`): a large batch's ``(B, m, n)`` Jacobian is then not
+    copied whole for every accepted subset. Any other tensor (one
     also held elsewhere, a view, memory shared with numpy or the caller, a
     tensor of an autograd graph) is merged out of place, so no caller's
     array and no reference kept by a step rule ever changes.
@@ -110,7 +111,7 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             merged = done.get(key)
             if merged is None:
                 old = state[k]
-                if _private(state, sub, k, v, old):
+                if old.numel() >= IN_PLACE_MIN and _private(state, sub, k, v, old):
                     merged = done[key] = old.index_copy_(0, rows, v)
                 else:
                     merged = done[key] = old.index_copy(0, rows, v)
@@ -118,6 +119,11 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             state[k] = merged
         else:
             raise KeyError(f"new state key {k!r} must be created in init_state()")
+
+
+#: Entries below which :func:`put` merges out of place: copying a smaller tensor costs
+#: about what :func:`_private`'s checks cost (torch's grain size, as host_scalars.GRAIN).
+IN_PLACE_MIN = 32768
 
 
 def _private(state: State, sub: RowView, key: str, value: Tensor, old: Tensor) -> bool:
