@@ -23,7 +23,12 @@ Runs, each reading the store, fitting every problem and writing ``x``,
 
 The overhead of the distributed path is its time over the in-process time
 with as many threads as workers. Results of the two paths are compared (they
-solve the same problems with the same code: equal to the last bit).
+solve the same problems with the same code: equal to the last bit). The
+workers' CPU is split into the fits themselves (the CPU time of the thread
+that runs each block task, summed over the blocks) and the rest of the
+worker processes (dask's event loop, profiler, monitors, communication, the
+Zarr reads and writes): the first against the in-process CPU says whether a
+block fits more slowly on a worker, the second what dask's worker adds.
 
 The workers' allocator is set as docs/cluster.md advises
 (``distributed.nanny.pre-spawn-environ``: ``MALLOC_TRIM_THRESHOLD_`` and
@@ -161,6 +166,36 @@ QUIET_WORKERS = {"distributed.worker.profile.enabled": False,
                  "distributed.admin.system-monitor.interval": "1s"}
 
 
+def time_blocks() -> None:
+    """On a worker: record the thread CPU time of every block task from now on.
+
+    Wraps ``torchimize_scipy._dask_blocks._run_block``, which the block tasks
+    name by reference (they find the wrapper when the worker loads them).
+    """
+    from torchimize_scipy import _dask_blocks
+
+    run_block = getattr(_dask_blocks._run_block, "__wrapped__", _dask_blocks._run_block)
+    log: list[float] = []
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.thread_time()
+        try:
+            return run_block(*args, **kwargs)
+        finally:
+            log.append(time.thread_time() - start)
+
+    timed.__wrapped__ = run_block  # type: ignore[attr-defined]
+    timed.log = log  # type: ignore[attr-defined]
+    _dask_blocks._run_block = timed
+
+
+def block_cpu() -> float:
+    """On a worker: the thread CPU seconds of the blocks recorded by :func:`time_blocks`."""
+    from torchimize_scipy import _dask_blocks
+
+    return float(sum(getattr(_dask_blocks._run_block, "log", [])))
+
+
 def on_cluster(store: Path, out: Path, workers: int, memory_limit: str,
                worker_config: str) -> dict[str, Any]:
     """The same fits on a LocalCluster: from_zarr -> batch_least_squares -> to_zarr."""
@@ -180,6 +215,7 @@ def on_cluster(store: Path, out: Path, workers: int, memory_limit: str,
             distributed.Client(cluster) as client:
         client.run(__import__, "torchimize_scipy.dask")  # imports outside the timing
         client.run(warm_up)
+        client.run(time_blocks)
         started = time.perf_counter() - t_start
         cpu0 = sum(client.run(time.process_time).values())
         t0 = time.perf_counter()
@@ -192,8 +228,9 @@ def on_cluster(store: Path, out: Path, workers: int, memory_limit: str,
         dask.compute(*writes)
         elapsed = time.perf_counter() - t0
         cpu = sum(client.run(time.process_time).values()) - cpu0
+        fits = sum(client.run(block_cpu).values())
         peaks = client.run(worker_peak_rss)
-    return {"workers": workers, "time_s": elapsed, "worker_cpu_s": cpu,
+    return {"workers": workers, "time_s": elapsed, "worker_cpu_s": cpu, "block_fit_cpu_s": fits,
             "cluster_start_s": started,
             "worker_peak_rss_bytes": sorted(peaks.values())}
 
@@ -237,18 +274,23 @@ def main(argv: list[str]) -> int:
                    in_process_threads=w, identical_to_in_process=same,
                    overhead=run["time_s"] / t_mem - 1.0,
                    cpu_overhead=run["worker_cpu_s"] / run_cpu - 1.0,
+                   fit_cpu_overhead=run["block_fit_cpu_s"] / run_cpu - 1.0,
+                   worker_rest_cpu_share=(run["worker_cpu_s"] - run["block_fit_cpu_s"]) / run_cpu,
                    fits_per_s=B / run["time_s"], in_process_fits_per_s=B / t_mem)
         runs.append(run)
         rows.append([w, f"{t_mem:.1f}", f"{B / t_mem:,.0f}", f"{run['time_s']:.1f}",
                      f"{B / run['time_s']:,.0f}", f"{100 * run['overhead']:+.1f} %",
                      f"{run['in_process_cpu_s']:.1f} / {run['worker_cpu_s']:.1f}",
                      f"{100 * run['cpu_overhead']:+.1f} %",
+                     f"{run['block_fit_cpu_s']:.1f} ({100 * run['fit_cpu_overhead']:+.1f} %)",
+                     f"{100 * run['worker_rest_cpu_share']:.1f} %",
                      f"{run['cluster_start_s']:.1f}",
                      " / ".join(f"{r / 2**30:.2f}" for r in run["worker_peak_rss_bytes"]),
                      "yes" if same else "NO"])
     print(md_table(["workers (= threads in-process)", "in-process (s)", "fits/s",
                     "cluster (s)", "fits/s", "overhead", "CPU s: in-process / workers",
-                    "CPU overhead",
+                    "CPU overhead", "of which fits: CPU s (vs in-process)",
+                    "rest of the workers (% of in-process CPU)",
                     "cluster start (s)",
                     "worker peak RSS (GiB)", "identical"], rows))
     path = write_json(args, "bench_dask", {"problems": B, "chunk": chunk, "runs": runs,

@@ -365,7 +365,7 @@ class FitData:
             idx = idx.repeat_interleave(repeat)
         if isinstance(a, torch.Tensor):
             return a.index_select(0, idx.to(a.device))
-        return a[idx.cpu().numpy()]
+        return np.take(a, idx.cpu().numpy(), axis=0)  # (about twice a[idx]'s speed for rows)
 
     def select(self, ids: Any, like: Any, repeat: int = 1) -> tuple:
         """``(x, y, T, keep)`` for the problems ``ids``, in the kind of ``like``.

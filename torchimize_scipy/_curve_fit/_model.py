@@ -214,16 +214,20 @@ class WhitenedModel:
         """MINPACK's forward differences for ``b`` problems (``N`` shifted points each).
 
         One body for numpy and torch parameters (``array_api_compat``): numpy
-        parameters give numpy arithmetic (and, for large batches, torch's
-        copy of each group into ``J``), tensors torch operations, the same
-        IEEE operations in both. Large batches on
-        the CPU are differenced in groups of problems as :meth:`evaluate`
-        calls ``f`` (each group's differences computed while its residuals
-        are in the cache). Each group's differences are formed in place in
-        the order ``f`` returns them (a subtraction and a division into one
-        buffer, no temporaries) and copied transposed into one contiguous
-        ``(b, M, N)`` array by torch (on 10,000 Gaussian peaks: 12 ms against
-        16 ms for numpy's temporaries and copy).
+        parameters give numpy arithmetic (torch's, on the numpy arrays'
+        memory, for large batches), tensors torch operations, the same IEEE
+        operations in both. A batch that ``f`` takes in one call is
+        differenced in place in the order ``f`` returns the values (a
+        subtraction and a division into one buffer) and ``J`` is that
+        buffer's transposed view. Large batches on the CPU are differenced in
+        groups of problems as :meth:`evaluate` calls ``f`` (each group's
+        differences computed while its residuals are in the cache), straight
+        into one contiguous ``(b, M, N)`` array: the subtraction reads the
+        group transposed and writes ``J``'s rows, and the division follows
+        in place (on 10,000 Gaussian peaks, 0.33 ms per group of 512 problems
+        against 0.39 ms for the differences in ``f``'s order and a
+        transposing copy; a transposed view instead would cost the engine a
+        copy of ``J`` per Jacobian).
         """
         book = self.book
         xp = array_namespace(P)
@@ -248,22 +252,22 @@ class WhitenedModel:
             F = xp.reshape(F, (stop - start, n, -1))
             if torch_in and torch.is_grad_enabled() and (
                     F.requires_grad or f0.requires_grad or h.requires_grad):
-                part = (F - f0[start:stop, None, :]) / h[start:stop, :, None]  # autograd
-            else:  # in place, in f's row order: no temporaries
-                if diff is None:
-                    diff = xp.empty(F.shape, dtype=F.dtype, device=dev)
-                part = diff[:stop - start]
+                # autograd: one group (_chunk_rows does not split calls that record gradients)
+                J = xp.permute_dims((F - f0[start:stop, None, :]) / h[start:stop, :, None],
+                                    (0, 2, 1))
+            elif group >= b:  # one call: in place, in f's row order, and the transposed view
+                diff = xp.empty(F.shape, dtype=F.dtype, device=dev)
                 sub, div = (torch.sub, torch.div) if torch_in else (np.subtract, np.divide)
-                sub(F, f0[start:stop, None, :], out=part)
-                div(part, h[start:stop, :, None], out=part)
-            if group >= b:
-                J = xp.permute_dims(part, (0, 2, 1))  # one call: the transposed view
-            else:  # (the engine copies a view if it must)
+                sub(F, f0[:, None, :], out=diff)
+                div(diff, h[:, :, None], out=diff)
+                J = xp.permute_dims(diff, (0, 2, 1))
+            else:  # each group's differences written transposed into one (b, M, N) array
                 if J is None:
                     J = xp.empty((b, F.shape[-1], n), dtype=F.dtype, device=dev)
-                # torch's transposing copy: about twice numpy's speed for these strides
                 dst = J[start:stop] if torch_in else torch.from_numpy(J[start:stop])
-                dst.copy_(as_tensor(part).transpose(1, 2))
+                torch.sub(as_tensor(F).transpose(1, 2), as_tensor(f0[start:stop, :, None]),
+                          out=dst)
+                dst.div_(as_tensor(h[start:stop, None, :]))
         book.add_fd_evals(idt, n)
         book.record_jac(idt, J if torch_in else as_tensor(J), lambda: f0t)
         return J

@@ -2,8 +2,9 @@
 
 The engine decides "no row", "some rows" or "every row" from such counts
 (one host read each, several masks gathered into one read where a stage
-needs them together). State tensors are never modified in place, so a count
-stays valid for as long as its mask object lives: :func:`count_true` keeps
+needs them together). A tensor that carries a count is never modified in
+place (``loop.put`` writes rows in place only into tensors without such
+attributes), so a count stays valid for as long as its mask object lives: :func:`count_true` keeps
 it on the tensor object itself (an attribute, gone with the tensor), and a
 mask that is asked for again, or whose count the engine knew when it built
 it (:func:`remember`), costs no further read. A mask made anew (after

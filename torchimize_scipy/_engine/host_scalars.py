@@ -48,7 +48,7 @@ Two families of conversions serve the two kinds of callers:
   for bit; one float64 problem takes numpy's (``trust_region.host_norm``).
 
 Both families remember a tensor's host value on the tensor (the engine never
-writes into its tensors, as ``counts.py`` relies on too): a 0-d or ``(B,)``
+writes into a tensor that carries one, as ``counts.py`` relies on too): a 0-d or ``(B,)``
 tensor under ``_tsc_host_value`` (a ``(B,)`` array, or a numpy scalar for one
 float64 problem), a tensor of two or more dimensions under
 ``_tsc_host_rows`` (an array of the tensor's shape). One tensor has one
@@ -262,7 +262,7 @@ class Scalars:
         """The ``(B, k)`` values of a tensor: a host view (a ``(1, k)`` copy if :attr:`floats`).
 
         The host's values are remembered on the tensor (the engine never
-        modifies a tensor in place), so a tensor that stays in the state is
+        modifies such a tensor in place), so a tensor that stays in the state is
         converted once.
         """
         if not self.host:

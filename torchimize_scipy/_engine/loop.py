@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable
 
 import torch
@@ -89,9 +90,16 @@ def take(state: State, rows: Tensor | None) -> RowView:
 
 
 def put(state: State, rows: Tensor | None, sub: RowView) -> None:
-    """Write the keys assigned in ``sub`` back into ``state`` at ``rows`` (out of place).
+    """Write the keys assigned in ``sub`` back into ``state`` at ``rows``.
 
     Keys assigned the same tensor get the same merged tensor (one scatter).
+    The rows are written in place into a tensor of at least
+    :data:`IN_PLACE_MIN` entries that nothing but ``state`` can observe
+    (:func:`_private`): a large batch's ``(B, m, n)`` Jacobian is then not
+    copied whole for every accepted subset. Any other tensor (one
+    also held elsewhere, a view, memory shared with numpy or the caller, a
+    tensor of an autograd graph) is merged out of place, so no caller's
+    array and no reference kept by a step rule ever changes.
     """
     done: dict[tuple[int, int], Tensor] = {}
     for k in sub.written:
@@ -102,10 +110,58 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             key = (id(v), id(state[k]))
             merged = done.get(key)
             if merged is None:
-                merged = done[key] = state[k].index_copy(0, rows, v)
+                old = state[k]
+                if old.numel() >= IN_PLACE_MIN and _private(state, sub, k, v, old):
+                    merged = done[key] = old.index_copy_(0, rows, v)
+                else:
+                    merged = done[key] = old.index_copy(0, rows, v)
+                del old
             state[k] = merged
         else:
             raise KeyError(f"new state key {k!r} must be created in init_state()")
+
+
+#: Entries below which :func:`put` merges out of place: copying a smaller tensor costs
+#: about what :func:`_private`'s checks cost (torch's grain size, as host_scalars.GRAIN).
+IN_PLACE_MIN = 32768
+
+
+def _private(state: State, sub: RowView, key: str, value: Tensor, old: Tensor) -> bool:
+    """Whether ``put`` may write ``value`` into ``old = state[key]`` in place.
+
+    True only when no one but ``state`` can see the change:
+
+    * ``old`` is referenced by ``state`` alone (its Python reference count)
+      and every key of ``state`` holding it is assigned ``value`` by ``sub``
+      (``f`` and ``f_true`` share one tensor for the linear loss);
+    * it carries no remembered value (the attributes by which
+      :mod:`.counts` and :mod:`.host_scalars` keep a tensor's count of true
+      entries, finiteness or host copy on the tensor, valid only as long as
+      the tensor is not written to);
+    * its memory belongs to torch's allocator (a resizable storage: not a
+      numpy array's, nor a DLPack import) and no other tensor views it (the
+      storage's use count, where torch reports it);
+    * neither tensor takes part in autograd, and ``old`` is no inference
+      tensor.
+    """
+    if (old.requires_grad or value.requires_grad or old.is_inference() or old.is_sparse
+            or old.__dict__):
+        return False
+    holders = [k for k, t in state.items() if t is old]
+    if any(k not in sub.written or dict.__getitem__(sub, k) is not value for k in holders):
+        return False
+    # references: the dict entries, ``old`` in put and here, and getrefcount's argument
+    if sys.getrefcount(old) != len(holders) + 3:
+        return False
+    storage = old.untyped_storage()
+    if not storage.resizable():
+        return False
+    # one tensor on the storage (+ ``storage`` itself); unknown: not private
+    return _STORAGE_USE_COUNT is not None and _STORAGE_USE_COUNT(storage._cdata) == 2
+
+
+#: torch's count of the references to a storage (tensors and Storage objects), if exposed.
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
