@@ -299,3 +299,44 @@ def test_other_groupings_give_the_same_jacobian_to_the_last_bit(method: str) -> 
     J1 = grouped_difference(fun, x, f0, idx, ours, method)
     J2 = grouped_difference(fun, x, f0, idx, scipys, method)
     assert torch.equal(J1.values(), J2.values()) and torch.equal(J1.indices(), J2.indices())
+
+
+def test_grouped_difference_of_a_large_torch_point_calls_fun_per_group(monkeypatch) -> None:
+    """A torch ``fun`` of many parameters (n >= ``_VMAP_MAX_N``) is evaluated one call per
+    column group, not in one vmapped call (which is slower there, ``_user_functions``);
+    below the rule the vmapped call stays. Same Jacobian as scipy's grouped differences."""
+    from torchimize_scipy import _user_functions
+    from torchimize_scipy._arrays import Namespace
+    from torchimize_scipy._user_functions import RowwiseFunction
+
+    calls: list[int] = []
+
+    def broyden_t(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        f = (3 - x) * x + 1
+        return f - torch.nn.functional.pad(x[:-1], (1, 0)) - 2 * torch.nn.functional.pad(
+            x[1:], (0, 1))
+
+    def broyden_np(x: np.ndarray) -> np.ndarray:
+        f = (3 - x) * x + 1
+        f[1:] -= x[:-1]
+        f[:-1] -= 2 * x[1:]
+        return f
+
+    n = _user_functions._VMAP_MAX_N
+    ref = approx_derivative(broyden_np, -np.ones(n), sparsity=tridiagonal(n))
+    pattern = SparsityPattern.from_structure(tridiagonal(n))
+    fun = RowwiseFunction(broyden_t, (), {}, Namespace("torch", torch.device("cpu"),
+                                                       torch.float64))
+    x0 = -torch.ones(1, n, dtype=torch.float64)
+    f0 = broyden_t(x0[0]).reshape(1, n)
+    calls.clear()
+    J = grouped_difference(fun, x0, f0, torch.zeros(1, dtype=torch.long), pattern, "2-point")
+    assert pattern.n_groups > 1 and len(calls) == pattern.n_groups
+    assert_close_scaled(J.to_dense()[0].numpy(), ref.toarray(), ONE_EVAL_RTOL)
+    monkeypatch.setattr(_user_functions, "_VMAP_MAX_N", n + 1)  # below the rule: vmapped
+    calls.clear()
+    J_vmap = grouped_difference(fun, x0, f0, torch.zeros(1, dtype=torch.long), pattern,
+                                "2-point")
+    assert len(calls) == 1
+    assert_close_scaled(J_vmap.to_dense()[0].numpy(), ref.toarray(), ONE_EVAL_RTOL)
