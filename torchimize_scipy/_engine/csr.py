@@ -446,45 +446,46 @@ def _accumulate_block(block: _Block, w: np.ndarray, out: np.ndarray, zero: bool)
         part += A @ w
 
 
-class _Product:
-    """``out (+)= A w`` over the row blocks of ``A``, shared by the caller and helper threads.
+class SharedJobs:
+    """Jobs ``0 .. count - 1`` run once each, by the caller and helper threads.
 
-    The product is handed to up to ``blocks - 1`` helpers (at most one fewer
-    than torch's thread count, :func:`_helpers`) when it starts. Every thread
-    that works on it, the caller in :meth:`wait` included, claims the next
-    block from one shared counter until none is left, so a block runs
-    exactly once, on whichever thread got to it first: a helper that gets no
-    core (a loaded machine) leaves its blocks to the caller instead of
-    stalling the product, and one that comes late finds nothing to do. The
-    caller then waits only for the helpers that entered before the last
-    block was claimed. Each block writes only its own rows, and a row's sum
-    is the same loop whoever runs it. Compared with a thread pool's futures
-    this costs one queue put per helper and one lock per helper that takes
-    part, not a future per block.
+    The jobs are handed to ``helpers`` helper threads (:func:`_helpers`) when
+    they are created. Every thread that works on them, the caller in
+    :meth:`wait` included, claims the next job from one shared counter until
+    none is left, so a job runs exactly once, on whichever thread got to it
+    first: a helper that gets no core (a loaded machine) leaves its jobs to
+    the caller instead of stalling it, and one that comes late finds nothing
+    to do. The caller then waits only for the helpers that entered before
+    the last job was claimed. Compared with a thread pool's futures this
+    costs one queue put per helper and one lock per helper that takes part,
+    not a future per job.
 
     ``next`` on :func:`itertools.count` and ``list.append`` are atomic under
-    the GIL; a helper appends its lock before it claims a block, and the
+    the GIL; a helper appends its lock before it claims a job, and the
     caller reads the list after its own claim failed, so it sees every
-    helper that ran a block.
+    helper that ran a job. Subclasses set their fields before calling
+    ``__init__`` (a helper may start at once) and define :meth:`_run`.
     """
 
-    __slots__ = ("blocks", "w", "out", "zero", "claims", "entered", "error")
+    __slots__ = ("count", "claims", "entered", "error")
 
-    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool) -> None:
-        self.blocks, self.w, self.out, self.zero = blocks, w, out, zero
+    def __init__(self, count: int, helpers: int) -> None:
+        self.count = count
         self.claims = itertools.count()
         self.entered: list[Any] = []  # the locks of the helpers taking part
         self.error: BaseException | None = None
-        threads = min(torch.get_num_threads(), os.cpu_count() or 1, len(blocks))
-        for helper in _helpers(threads - 1):
+        for helper in _helpers(min(helpers, count)):
             helper.queue.put(self._help)
 
+    def _run(self, i: int) -> None:  # pragma: no cover - defined by the subclasses
+        raise NotImplementedError
+
     def _work(self) -> None:
-        blocks, k, w, out, zero = self.blocks, len(self.blocks), self.w, self.out, self.zero
+        k, run = self.count, self._run
         for i in self.claims:
             if i >= k:
                 return
-            _accumulate_block(blocks[i], w, out, zero)
+            run(i)
 
     def _help(self) -> None:
         """A helper's part (on the helper's thread)."""
@@ -499,12 +500,54 @@ class _Product:
             lock.release()
 
     def wait(self) -> None:
-        """Run the blocks no helper has claimed, then wait for the helpers' blocks."""
+        """Run the jobs no helper has claimed, then wait for the helpers' jobs."""
         self._work()
         for lock in list(self.entered):
             lock.acquire()
         if self.error is not None:
             raise self.error
+
+
+def helper_threads() -> int:
+    """How many helper threads work beside the caller: torch's threads (at most the
+    CPU count) less the caller's."""
+    return max(0, min(torch.get_num_threads(), os.cpu_count() or 1) - 1)
+
+
+class CallsOnHelpers(SharedJobs):
+    """Calls without arguments run once each, shared with the helpers (:class:`SharedJobs`).
+
+    For work a caller can hand off while it does something else (the grouped
+    differences' gathers while the next group's residuals are evaluated);
+    ``wait()`` runs what no helper has started, and re-raises a helper's error.
+    """
+
+    __slots__ = ("calls",)
+
+    def __init__(self, calls: list[Any]) -> None:
+        self.calls = calls
+        super().__init__(len(calls), helper_threads())
+
+    def _run(self, i: int) -> None:
+        self.calls[i]()
+
+
+class _Product(SharedJobs):
+    """``out (+)= A w`` over the row blocks of ``A``, shared by the caller and the helpers.
+
+    One job per block (:class:`SharedJobs`), handed to up to ``blocks - 1``
+    helpers. Each block writes only its own rows, and a row's sum is the
+    same loop whoever runs it.
+    """
+
+    __slots__ = ("blocks", "w", "out", "zero")
+
+    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool) -> None:
+        self.blocks, self.w, self.out, self.zero = blocks, w, out, zero
+        super().__init__(len(blocks), helper_threads())
+
+    def _run(self, i: int) -> None:
+        _accumulate_block(self.blocks[i], self.w, self.out, self.zero)
 
 
 def _accumulate(blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool = False) -> None:
