@@ -23,8 +23,8 @@ Cases (``--case``, default all):
   ``J.T @ u``, as scipy's lsmr does them), torch's CSR kernel, and ours as
   LSMR runs them (:meth:`~torchimize_scipy._engine.csr.BlockCSR.matvec_into`
   and ``rmatvec_into`` into a zeroed buffer: scipy's CSR kernel on row blocks
-  of ``J``, two per torch thread, and for ``J^T u`` scipy's CSC kernel along
-  ``J``'s rows, on as many column blocks of ``J``);
+  of ``J``, two per torch thread, and for ``J^T u`` on row blocks of a CSR of
+  ``J^T``, or with one block scipy's CSC kernel along ``J``'s rows);
   medians of process CPU time and wall time per product.
 * ``threads``: the bundle adjustment (numpy residuals) by the working tree
   with 1 and with ``--threads`` torch threads, alternated in this process

@@ -10,15 +10,13 @@ when torch has several) shared between the calling thread and helper
 threads of the process (:class:`_Product`: every thread claims the next
 block from one counter, so a helper that gets no core never stalls a
 product; each row is one loop whoever runs it, so the result does not depend
-on the split); on other devices in torch's CSR kernel. On the host ``J^T u``
-scatters along ``J``'s rows in scipy's CSC kernel (what scipy's ``J.T @ u``
-runs): with one block (one torch thread, or a small matrix) and for the
-one-off ``J^T u`` of a Jacobian (the gradient) in one pass, for LSMR's
-products on several threads along column blocks of ``J`` (ranges of output
-entries of equal entry counts, one gather of the values per Jacobian), each
-entry summed over the rows in the same increasing order either way: no
-transposed copy, and one matrix streamed per LSMR iteration instead of two.
-(The CSR form of ``J^T`` is made on the host only if asked for, ``_at``.)
+on the split); on other devices in torch's CSR kernel. On the host the
+transposed CSR is made only when it pays: for ``J^T u`` in parallel row
+blocks. With one block (one torch thread, or a small matrix), and for the
+one-off ``J^T u`` of a Jacobian (the gradient), the product scatters along
+``J``'s rows in scipy's CSC kernel instead (what scipy's ``J.T @ u`` runs),
+summing each entry over the rows in the same increasing order: no transposed
+copy per Jacobian, and one matrix streamed per LSMR iteration instead of two.
 Used by :mod:`.operator` and, on numpy arrays without allocation, by
 :mod:`.lsmr`.
 """
