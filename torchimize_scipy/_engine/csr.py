@@ -103,7 +103,6 @@ class BlockCSR:
             self._vals = vals
             self._a = _row_blocks(vals, plan.host, (B * m, B * n))
             self._at_blocks: list[_Block] | None = None  # J^T's CSR, made on first need
-            self._column_blocks: list[tuple] | None = None  # J's column blocks, likewise
             self.np_dtype = vals.dtype
         else:
             self.values_t = values.index_select(0, plan.perm_t)
@@ -133,24 +132,6 @@ class BlockCSR:
     @_at.setter
     def _at(self, value: Any) -> None:
         self._at_blocks = value
-
-    @property
-    def _columns(self) -> list[tuple]:
-        """Column blocks of ``A`` on the host, made on first use (:meth:`rmatvec_into`).
-
-        As many blocks as row blocks, of about equal entry counts; each is
-        ``(lo, hi, indptr, indices - lo, values)``, a CSR form of the
-        columns ``lo:hi`` over all rows (its entries in ``A``'s row-major
-        order): one gather of the values per Jacobian, the index arrays once
-        per structure (:meth:`CSRPlan.column_blocks`).
-        """
-        if self._column_blocks is None:
-            B, m, n = self.shape
-            perm, parts = self._plan.column_blocks(len(self._a))
-            vals = np.take(self._vals, perm)
-            self._column_blocks = [(lo, hi, indptr, indices, vals[a:b])
-                                   for lo, hi, a, b, indptr, indices in parts]
-        return self._column_blocks
 
     def _apply(self, M: Any, vec: Tensor, rows: int) -> Tensor:
         B = self.shape[0]
@@ -188,21 +169,11 @@ class BlockCSR:
         With ``A`` in one row block (one torch thread, or a small matrix) the
         product scatters along ``A``'s rows (:meth:`_scatter_into`, as scipy's
         ``J.T @ u``): no transposed copy is made, and the solver streams one
-        matrix instead of two. With several row blocks it scatters, in
-        parallel, along the rows of column blocks of ``A`` (:attr:`_columns`,
-        the output entries cut into ranges of equal entry counts): each
-        output entry is summed by one thread over the rows in increasing
-        order, as the single scatter sums it, so the result is the same bit
-        for bit. A scatter runs independent updates where a CSR row of
-        ``A^T`` is one long chain of dependent additions (a camera's column
-        of the bundle adjustment holds ~1,300 entries): about 0.9 against
-        1.2 ms on one core for the bundle adjustment of ``bench_sparse.py``.
+        matrix instead of two. With several blocks it runs on the row blocks
+        of ``A^T``'s CSR, in parallel. Both sum each entry over the rows in
+        increasing order.
         """
-        if _csc_matvec is None:  # pragma: no cover - scipy without its kernel module
-            _accumulate(self._at, self._checked(u), self._checked(out))
-        elif len(self._a) > 1:
-            _ColumnProduct(self._columns, self._checked(u), self._checked(out)).wait()
-        elif self._at_blocks is None:
+        if len(self._a) == 1 and self._at_blocks is None and _csc_matvec is not None:
             self._scatter_into(self._checked(u), self._checked(out))
         else:
             _accumulate(self._at, self._checked(u), self._checked(out))
@@ -279,11 +250,10 @@ class CSRPlan:
     the host only parallel ``J^T u`` products need them (:class:`BlockCSR`).
     """
 
-    __slots__ = ("indices", "shape", "row", "col", "crow", "host", "_t", "_c", "__weakref__")
+    __slots__ = ("indices", "shape", "row", "col", "crow", "host", "_t", "__weakref__")
 
     def __init__(self, **arrays: Any) -> None:
         self._t: tuple | None = None
-        self._c: dict[int, tuple] = {}
         for k, v in arrays.items():
             setattr(self, k, v)
 
@@ -302,37 +272,6 @@ class CSRPlan:
     @property
     def host_t(self) -> tuple | None:
         return self._transpose()[3]
-
-    def column_blocks(self, k: int) -> tuple[np.ndarray, list[tuple]]:
-        """``k`` column ranges of about equal entry counts (host): the entries' order and CSRs.
-
-        Returns ``perm`` (the entries grouped by range, row-major within
-        each: ``A``'s order restricted to the range) and per range ``(lo,
-        hi, a, b, indptr, indices - lo)``, its entries being ``perm[a:b]``.
-        """
-        if k not in self._c:
-            B, m, n = self.shape
-            crow, col = self.host
-            counts = np.bincount(col, minlength=B * n)
-            ends = np.cumsum(counts)
-            nnz = int(ends[-1]) if ends.size else 0
-            cuts = np.unique(np.r_[0, np.searchsorted(ends, np.arange(1, k) * (nnz / k)) + 1,
-                                   B * n].clip(0, B * n))
-            which = np.searchsorted(cuts, col, side="right") - 1  # range of each entry
-            perm = np.argsort(which, kind="stable")
-            starts = np.searchsorted(which[perm], np.arange(len(cuts)))
-            row = self.row.numpy()
-            it = col.dtype
-            parts = []
-            for r, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
-                a, b = int(starts[r]), int(starts[r + 1])
-                idx = perm[a:b]
-                indptr = np.zeros(B * m + 1, dtype=np.int64)
-                np.cumsum(np.bincount(row[idx], minlength=B * m), out=indptr[1:])
-                parts.append((int(lo), int(hi), a, b, indptr.astype(it),
-                              (col[idx] - lo).astype(it)))
-            self._c[k] = (perm, parts)
-        return self._c[k]
 
     def _transpose(self) -> tuple:
         """``(perm_t, crow_t, col_t, host_t)``, computed once."""
@@ -609,25 +548,6 @@ class _Product(SharedJobs):
 
     def _run(self, i: int) -> None:
         _accumulate_block(self.blocks[i], self.w, self.out, self.zero)
-
-
-class _ColumnProduct(SharedJobs):
-    """``out += A^T u`` over the column blocks of ``A``, shared by the caller and the helpers.
-
-    One job per column block (:attr:`BlockCSR._columns`): scipy's CSC kernel
-    scatters the block's rows into its own range of ``out``, each entry
-    summed over the rows in increasing order whoever runs the block.
-    """
-
-    __slots__ = ("columns", "u", "out")
-
-    def __init__(self, columns: list[tuple], u: np.ndarray, out: np.ndarray) -> None:
-        self.columns, self.u, self.out = columns, u, out
-        super().__init__(len(columns), helper_threads())
-
-    def _run(self, i: int) -> None:
-        lo, hi, indptr, indices, vals = self.columns[i]
-        _csc_matvec(hi - lo, self.u.size, indptr, indices, vals, self.u, self.out[lo:hi])
 
 
 def _accumulate(blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool = False) -> None:
