@@ -126,7 +126,11 @@ class JacobianOperator:
                 P = P * self.col_scale.unsqueeze(-1)
             out = torch.bmm(self.base, P)
             return out if self.row_scale is None else out * self.row_scale.unsqueeze(-1)
-        return torch.stack([self.matvec(P[..., k]) for k in range(P.shape[-1])], dim=-1)
+        cols = [self.matvec(P[..., k]) for k in range(P.shape[-1])]
+        if P.device.type == "cpu" and not any(c.requires_grad for c in cols):
+            # numpy's copy on this thread: no torch parallel region over the (B, m, k) result
+            return torch.from_numpy(np.stack([c.numpy() for c in cols], axis=-1))
+        return torch.stack(cols, dim=-1)
 
     def host_csr(self) -> BlockCSR | None:
         """The host CSR form of an unscaled sparse Jacobian whose products run on the host.
