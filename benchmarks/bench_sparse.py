@@ -379,7 +379,9 @@ def run_big(args: Any) -> dict[str, Any]:
 
 def _solve_rows(label: str, r: dict[str, Any], kind: str) -> list[list[Any]]:
     rows = []
-    ref = r["scipy_workers"] if kind == "workers" else r["scipy"]
+    ref = r.get("scipy_workers" if kind == "workers" else "scipy")
+    if ref is None:  # (no ``--workers``: no such rows)
+        return rows
     what = (f"numpy residuals, workers={r.get('workers')} threads for both" if kind == "workers"
             else f"{kind} residuals")
     for who in ("before", "ours"):

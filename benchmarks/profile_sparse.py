@@ -6,7 +6,8 @@ The problem of ``bench_sparse.py --case ba`` (n = 23,769, m = 62,208,
 wrapped by timers: wall time (``perf_counter``) and the calling thread's CPU
 time (``thread_time``; the products' pool threads are not in it), exclusive of
 the nested phases. Phases, ours: the residual function (``fun``), the grouped
-differences without ``fun`` (``fd``), LSMR's products (with the subtraction
+differences without ``fun`` (``fd``; with several torch threads the wait for
+the groups' gathers handed to a helper thread apart), LSMR's products (with the subtraction
 that follows each), the wait for a product started ahead, the rest of LSMR
 (scalar recurrence and vector updates), the CSR forms and their scaling, the
 column norms (``x_scale='jac'``), the other products of the step
@@ -77,6 +78,7 @@ def instrument_ours() -> None:
     wrap(csr.BlockCSR, "start_matvec", "LSMR start of the product ahead")
     wrap(trf_lsmr, "lsmr", "LSMR rest (scalars, vector updates)")
     wrap(frontend, "grouped_difference", "fd without fun (grouped differences)")
+    wrap(csr.CallsOnHelpers, "wait", "fd: wait for the gathers handed to a helper")
     wrap(csr.BlockCSR, "__init__", "CSR build")
     wrap(csr.BlockCSR, "scaled", "CSR scaling (folded)")
     wrap(op.JacobianOperator, "column_sq_norms", "column norms (x_scale='jac')")

@@ -456,14 +456,91 @@ def test_block_csr_products_in_row_blocks(monkeypatch, threads):
                                atol=ONE_EVAL_RTOL * float(ref_rmv.abs().max()))
 
 
-def test_products_finish_on_the_calling_thread_when_the_pool_is_busy(monkeypatch):
-    """A pool thread that gets no core must not stall a product: the caller takes over
-    the blocks not started (regression: the caller used to wait for the pool)."""
+def test_products_finish_on_the_calling_thread_when_the_helpers_are_busy(monkeypatch):
+    """A helper thread that gets no core must not stall a product: the caller claims
+    the blocks no helper has (regression: the caller used to wait for the pool)."""
     import threading
 
     from torchimize_scipy._engine import csr as op
 
     rng = np.random.default_rng(21)
+    J = _to_coo(_sparse_batch(rng, 2, m=300, n=80))
+    whole = op.BlockCSR(J)
+    assert len(whole._a) == 1
+    monkeypatch.setattr(op, "_BLOCK_NNZ", 50)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cut = op.BlockCSR(J)
+        assert len(cut._a) == 4
+        p = torch.as_tensor(rng.standard_normal((2, 80)))
+        u = torch.as_tensor(rng.standard_normal((2, 300)))
+        release, busy, returned = threading.Event(), threading.Event(), threading.Event()
+        blocker = op._helpers(1)[0]
+
+        def block() -> None:  # a helper without a core: busy until released
+            busy.set()
+            release.wait(10)
+            returned.set()
+        blocker.queue.put(block)
+        assert busy.wait(30)
+        try:  # the helper busy: the products run here, in full
+            assert_bitwise_equal(cut.matvec(p), whole.matvec(p))
+            assert_bitwise_equal(cut.rmatvec(u), whole.rmatvec(u))
+            out = np.full((2, 300), np.nan)
+            cut.start_matvec(p.numpy(), out).wait()
+            assert_bitwise_equal(torch.from_numpy(out), whole.matvec(p))
+            assert not returned.is_set()  # done without the helper
+        finally:
+            release.set()
+    finally:
+        torch.set_num_threads(old)
+    # once free, the helper finds the products' blocks all claimed and leaves them alone
+    done = threading.Event()
+    blocker.queue.put(done.set)
+    assert done.wait(30)
+
+
+def test_products_with_helpers_sum_each_row_once(monkeypatch):
+    """Products shared with the helper threads: every block run once, whatever the
+    interleaving (many products in a row, started ahead and finished at once)."""
+    from torchimize_scipy._engine import csr as op
+
+    rng = np.random.default_rng(23)
+    J = _to_coo(_sparse_batch(rng, 3, m=400, n=120))
+    whole = op.BlockCSR(J)
+    monkeypatch.setattr(op, "_BLOCK_NNZ", 30)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cut = op.BlockCSR(J)
+        assert len(cut._a) == 4
+        p = rng.standard_normal((3, 120))
+        u = rng.standard_normal((3, 400))
+        ref = whole.matvec(torch.as_tensor(p)).numpy()
+        ref_t = whole.rmatvec(torch.as_tensor(u)).numpy()
+        for _ in range(200):
+            out = np.zeros((3, 400))
+            cut.start_matvec(p, out).wait()
+            assert np.array_equal(out, ref)
+            acc, acc_ref = np.ones((3, 400)), np.ones((3, 400))
+            cut.matvec_into(p, acc)  # sums onto what is there, as one block does
+            whole.matvec_into(p, acc_ref)
+            assert np.array_equal(acc, acc_ref)
+            out_t = np.zeros((3, 120))
+            cut.rmatvec_into(u, out_t)
+            assert np.array_equal(out_t, ref_t)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_products_raise_a_helpers_error(monkeypatch):
+    """An error in a block run by a helper reaches the caller (not lost on the helper)."""
+    import threading
+
+    from torchimize_scipy._engine import csr as op
+
+    rng = np.random.default_rng(24)
     J = _to_coo(_sparse_batch(rng, 2, m=300, n=80))
     monkeypatch.setattr(op, "_BLOCK_NNZ", 50)
     old = torch.get_num_threads()
@@ -472,24 +549,23 @@ def test_products_finish_on_the_calling_thread_when_the_pool_is_busy(monkeypatch
         cut = op.BlockCSR(J)
     finally:
         torch.set_num_threads(old)
-    assert len(cut._a) == 4
-    whole = op.BlockCSR(J)
-    p = torch.as_tensor(rng.standard_normal((2, 80)))
-    u = torch.as_tensor(rng.standard_normal((2, 300)))
-    release = threading.Event()
-    workers = op._pool()._max_workers
-    blockers = [op._pool().submit(release.wait, 30) for _ in range(workers)]
-    try:  # every pool thread busy: the products run here, in full
-        assert_bitwise_equal(cut.matvec(p), whole.matvec(p))
-        assert_bitwise_equal(cut.rmatvec(u), whole.rmatvec(u))
-        out = np.full((2, 300), np.nan)
-        cut.start_matvec(p.numpy(), out).wait()
-        assert_bitwise_equal(torch.from_numpy(out), whole.matvec(p))
-        assert not any(b.done() for b in blockers)  # done without the pool
-    finally:
-        release.set()
-        for b in blockers:
-            b.result()
+    original = op._accumulate_block
+    main = threading.get_ident()
+
+    def fails_off_main(block, w, out, zero):
+        if threading.get_ident() != main:
+            raise RuntimeError("kernel failed on a helper")
+        original(block, w, out, zero)
+    monkeypatch.setattr(op, "_accumulate_block", fails_off_main)
+    product = op._Product(cut._a, np.ones(160), np.zeros(600), True)
+    entered = threading.Event()
+    op._helpers(1)[0].queue.put(entered.set)  # after the product's part: it has run
+    assert entered.wait(30)
+    if product.entered:  # the helper claimed a block before this thread did
+        with pytest.raises(RuntimeError, match="kernel failed on a helper"):
+            product.wait()
+    else:  # pragma: no cover - the helper came after every claim
+        product.wait()
 
 
 @pytest.mark.parametrize("B", [1, 3])

@@ -176,3 +176,31 @@ def test_jac_sparsity_with_stored_zeros_is_not_modified() -> None:
     assert np.array_equal(A.indptr, indptr) and np.array_equal(A.indices, indices)
     assert np.array_equal(A.data, data)
     assert pattern.rows.size == np.count_nonzero(data)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_host_column_norms_run_in_numpy_for_float64(dtype) -> None:
+    """x_scale='jac' on the host (float64): the squared column norms of a sparse
+    Jacobian by numpy's bincount, with no torch operation over the entries (each would
+    open a parallel region); float32 keeps torch's sums in float32."""
+    from torch.overrides import TorchFunctionMode
+
+    from torchimize_scipy._engine.operator import JacobianOperator
+
+    rng = np.random.default_rng(8)
+    J = _batch(rng, m=200, n=90).to(dtype)
+    w = torch.as_tensor(rng.uniform(0.5, 2.0, J.shape[:2]), dtype=dtype)
+    d = torch.as_tensor(rng.uniform(0.5, 2.0, (J.shape[0], J.shape[2])), dtype=dtype)
+    op_ = JacobianOperator(J).scale_rows(w).scale_columns(d)
+    names: list[str] = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+    with Record():
+        sq = op_.column_sq_norms()
+    ref = ((w.unsqueeze(-1) * J.to_dense() * d.unsqueeze(-2)) ** 2).sum(-2)
+    assert sq.dtype == dtype
+    assert_close_scaled(sq, ref, ONE_EVAL_RTOL if dtype == torch.float64 else 1e-5)
+    assert ("index_add" in names) is (dtype == torch.float32)

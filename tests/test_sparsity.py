@@ -23,6 +23,7 @@ from scipy.optimize._numdiff import approx_derivative
 from scipy.optimize._numdiff import group_columns as scipy_group_columns
 
 from torchimize_scipy import _sparsity
+from torchimize_scipy._arrays import Namespace
 from torchimize_scipy._sparsity import (
     SparsityPattern,
     _first_fit,
@@ -32,6 +33,7 @@ from torchimize_scipy._sparsity import (
     group_columns,
     grouped_difference,
 )
+from torchimize_scipy._user_functions import RowwiseFunction
 
 
 def tridiagonal(n: int) -> sp.csr_array:
@@ -299,3 +301,135 @@ def test_other_groupings_give_the_same_jacobian_to_the_last_bit(method: str) -> 
     J1 = grouped_difference(fun, x, f0, idx, ours, method)
     J2 = grouped_difference(fun, x, f0, idx, scipys, method)
     assert torch.equal(J1.values(), J2.values()) and torch.equal(J1.indices(), J2.indices())
+
+
+def test_grouped_difference_of_a_large_torch_point_calls_fun_per_group(monkeypatch) -> None:
+    """With one torch thread a torch ``fun`` of many parameters (n >= ``_VMAP_MAX_N``) is
+    evaluated one call per column group, not in one vmapped call (slower there,
+    ``_user_functions``); below the rule, or with several threads, the vmapped call
+    stays. Same Jacobian as scipy's grouped differences."""
+    from torchimize_scipy import _user_functions
+
+    calls: list[int] = []
+
+    def broyden_t(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        f = (3 - x) * x + 1
+        return f - torch.nn.functional.pad(x[:-1], (1, 0)) - 2 * torch.nn.functional.pad(
+            x[1:], (0, 1))
+
+    def broyden_np(x: np.ndarray) -> np.ndarray:
+        f = (3 - x) * x + 1
+        f[1:] -= x[:-1]
+        f[:-1] -= 2 * x[1:]
+        return f
+
+    n = _user_functions._VMAP_MAX_N
+    ref = approx_derivative(broyden_np, -np.ones(n), method="2-point", sparsity=tridiagonal(n))
+    pattern = SparsityPattern.from_structure(tridiagonal(n))
+    fun = RowwiseFunction(broyden_t, (), {}, Namespace("torch", torch.device("cpu"),
+                                                       torch.float64))
+    x0 = -torch.ones(1, n, dtype=torch.float64)
+    f0 = broyden_t(x0[0]).reshape(1, n)
+    zero = torch.zeros(1, dtype=torch.long)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        calls.clear()
+        grouped_difference(fun, x0, f0, zero, pattern, "2-point")
+        assert len(calls) == 1  # several threads: vmapped
+        torch.set_num_threads(1)
+        calls.clear()
+        J = grouped_difference(fun, x0, f0, zero, pattern, "2-point")
+        assert pattern.n_groups > 1 and len(calls) == pattern.n_groups
+    finally:
+        torch.set_num_threads(old)
+    assert_close_scaled(J.to_dense()[0].numpy(), ref.toarray(), ONE_EVAL_RTOL)
+    monkeypatch.setattr(_user_functions, "_VMAP_MAX_N", n + 1)  # below the rule: vmapped
+    torch.set_num_threads(1)
+    try:
+        calls.clear()
+        J_vmap = grouped_difference(fun, x0, f0, zero, pattern, "2-point")
+        assert len(calls) == 1
+    finally:
+        torch.set_num_threads(old)
+    assert_close_scaled(J_vmap.to_dense()[0].numpy(), ref.toarray(), ONE_EVAL_RTOL)
+
+
+def test_pipelined_differences_are_the_one_call_values_bit_for_bit() -> None:
+    """A numpy function of one point with torch threads > 1: the groups are evaluated one
+    call each, in the groups' order, and each group's values gathered on a helper thread;
+    the values are those of the all-groups path (one thread), bit for bit (the same
+    operations per entry), and the residuals see the same points in the same order.
+    A batch keeps the one call (its rows problem by problem)."""
+    from torchimize_scipy import _sparsity as mod
+
+    n = 60
+    pattern = SparsityPattern.from_structure(tridiagonal(n))
+    seen: list[np.ndarray] = []
+
+    def rec(x: np.ndarray) -> np.ndarray:
+        seen.append(x.copy())
+        return broyden(x)
+
+    fun = RowwiseFunction(rec, (), {}, Namespace("numpy", torch.device("cpu"), torch.float64))
+    gen = torch.Generator().manual_seed(3)
+    x = -1 + 0.1 * torch.randn(1, n, generator=gen, dtype=torch.float64)
+    idx = torch.zeros(1, dtype=torch.long)
+    f0 = fun(x, idx)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert mod._pipelined(fun, x, f0, x)
+        assert not mod._pipelined(fun, x.expand(3, n), f0.expand(3, n), x.expand(3, n))
+        seen.clear()
+        J2 = grouped_difference(fun, x, f0, idx, pattern, "2-point")
+        pts2 = list(seen)
+        torch.set_num_threads(1)
+        assert not mod._pipelined(fun, x, f0, x)
+        seen.clear()
+        J1 = grouped_difference(fun, x, f0, idx, pattern, "2-point")
+    finally:
+        torch.set_num_threads(old)
+    assert len(pts2) == len(seen) == pattern.n_groups
+    for a, c in zip(pts2, seen, strict=True):
+        assert np.array_equal(a, c)
+    assert torch.equal(J2.coalesce().indices(), J1.coalesce().indices())
+    assert torch.equal(J2.coalesce().values(), J1.coalesce().values())
+    ref = approx_derivative(broyden, x[0].numpy(), method="2-point", sparsity=tridiagonal(n))
+    assert_close_scaled(J2.to_dense()[0].numpy(), ref.toarray(), ONE_EVAL_RTOL)
+
+
+def test_pipelined_differences_check_the_shape_and_pass_errors() -> None:
+    from torchimize_scipy import _sparsity as mod
+
+    n = 30
+    pattern = SparsityPattern.from_structure(tridiagonal(n))
+    ns = Namespace("numpy", torch.device("cpu"), torch.float64)
+    x = torch.full((1, n), -1.0, dtype=torch.float64)
+    idx = torch.zeros(1, dtype=torch.long)
+    f0 = torch.as_tensor(broyden(x[0].numpy())).reshape(1, n)
+    calls = []
+
+    def short(v: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        return broyden(v) if len(calls) == 1 else broyden(v)[:-1]
+
+    def failing(v: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        if len(calls) > 2:
+            raise FloatingPointError("fun failed")
+        return broyden(v)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bad = RowwiseFunction(short, (), {}, ns)
+        assert mod._pipelined(bad, x, f0, x)
+        with pytest.raises(ValueError, match="`fun` returned shape"):
+            grouped_difference(bad, x, f0, idx, pattern, "2-point")
+        calls.clear()
+        with pytest.raises(FloatingPointError, match="fun failed"):
+            grouped_difference(RowwiseFunction(failing, (), {}, ns), x, f0, idx, pattern,
+                               "2-point")
+    finally:
+        torch.set_num_threads(old)

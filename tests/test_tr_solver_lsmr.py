@@ -25,7 +25,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 from _parity import (
+    ONE_EVAL_RTOL,
     assert_bitwise_equal,
+    assert_close_scaled,
     assert_cost_close,
     assert_counts_close,
     assert_result_parity,
@@ -461,3 +463,30 @@ def test_orthonormal_pair_spans_the_pair_even_when_nearly_collinear():
     for v in (a, b):
         back = (S @ (S.transpose(-1, -2) @ v.unsqueeze(-1))).squeeze(-1)
         assert ((back - v).abs().max(-1).values / (1 + v.abs().max(-1).values)).max() < 1e-12
+
+
+def test_subspace_gram_on_the_host_and_with_autograd() -> None:
+    """The 2-D model's ``JS^T JS``: numpy's einsum on the host (no torch parallel region),
+    torch's product where gradients flow; both the Gram matrix to one evaluation."""
+    from torch.overrides import TorchFunctionMode
+
+    from torchimize_scipy._engine.steps.trf_lsmr import _gram
+
+    rng = np.random.default_rng(5)
+    JS = torch.as_tensor(rng.standard_normal((3, 70_000, 2)))
+    ref = torch.einsum("bmi,bmj->bij", JS, JS)
+    names: list[str] = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+    with Record():
+        G = _gram(JS)
+    assert not any(n in ("matmul", "bmm", "__matmul__", "einsum") for n in names)
+    assert_close_scaled(G, ref, ONE_EVAL_RTOL)
+    leaf = JS.clone().requires_grad_(True)
+    G2 = _gram(leaf)
+    G2.sum().backward()
+    assert_close_scaled(leaf.grad, 2 * JS.sum(-1, keepdim=True).expand(-1, -1, 2),
+                        ONE_EVAL_RTOL)

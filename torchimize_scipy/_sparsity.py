@@ -72,8 +72,9 @@ import torch
 from torch import Tensor
 
 from ._arrays import to_host
-from ._engine.csr import csr_plan
+from ._engine.csr import CallsOnHelpers, csr_plan, helper_threads
 from ._jacobian import _absolute_step, _adjust_one_sided, default_rel_step, three_point_points
+from ._user_functions import RowwiseFunction
 
 try:  # scipy's compiled greedy grouping (any enumeration order); numpy's first fit otherwise
     from scipy.optimize._numdiff import group_columns as _compiled_grouping
@@ -328,6 +329,27 @@ class SparsityPattern:
             self._on[key] = (lin, self.cols.astype(np.intp))
         return self._on[key]
 
+    def host_groups(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Per group: its columns, and its nonzeros' positions, rows and columns (``numpy.intp``).
+
+        What the pipelined '2-point' differences read and write per group
+        (:func:`grouped_difference`): group ``k``'s values are
+        ``(F_k[rows] - f0[rows]) / dx[cols]`` stored at ``positions``.
+        """
+        key = ("host groups",)
+        if key not in self._on:
+            order = np.argsort(self.groups[self.cols], kind="stable")
+            cuts = np.searchsorted(self.groups[self.cols][order], np.arange(self.n_groups + 1))
+            columns = np.argsort(self.groups, kind="stable")
+            col_cuts = np.searchsorted(self.groups[columns], np.arange(self.n_groups + 1))
+            parts = []
+            for k in range(self.n_groups):
+                pos = order[cuts[k]:cuts[k + 1]].astype(np.intp)
+                parts.append((columns[col_cuts[k]:col_cuts[k + 1]].astype(np.intp), pos,
+                              self.rows[pos].astype(np.intp), self.cols[pos].astype(np.intp)))
+            self._on[key] = parts
+        return self._on[key]
+
     def sparse(self, values: Tensor) -> Tensor:
         """Coalesced sparse COO ``(B, m, n)`` tensor of per-problem values ``(B, nnz)``.
 
@@ -456,6 +478,8 @@ def grouped_difference(fun: Callable[[Tensor, Tensor], Tensor], x: Tensor, f0: T
             h = _adjust_one_sided(x0, h, 1, lb, ub)
         x1 = x0 + h
         dx = x1 - x0
+        if _pipelined(fun, x0, f0, dx):
+            return pattern.sparse(_pipelined_difference(fun, x0, x1, f0, dx, idx, pattern))
         F = evaluate(points(x1).unsqueeze(0))[0]
         if F.device.type == "cpu" and F.dtype == f0.dtype == dx.dtype:
             # the same arithmetic in numpy, on this thread (over every nonzero, torch
@@ -476,3 +500,59 @@ def grouped_difference(fun: Callable[[Tensor, Tensor], Tensor], x: Tensor, f0: T
     fa, fb = at_nonzeros(F[0]), at_nonzeros(F[1])
     df = torch.where(one_sided[:, cols], -3.0 * f0[:, rows] + 4.0 * fa - fb, fb - fa)
     return pattern.sparse(df / dx[:, cols])
+
+
+def _pipelined(fun: Any, x0: Tensor, f0: Tensor, dx: Tensor) -> bool:
+    """Whether the '2-point' differences go group by group, their gathers on a helper thread.
+
+    For one problem whose ``fun`` evaluates the points one call each anyway
+    (a numpy function of one point, not mapped by ``workers``), on the host,
+    with torch allowed more than one thread: the values of group ``k`` are
+    then gathered by a helper while the caller evaluates group ``k + 1``
+    (:func:`_pipelined_difference`).
+    """
+    if not isinstance(fun, RowwiseFunction) or fun.map is not None or x0.shape[0] != 1:
+        return False  # (a batch: its rows stay in one call, problem by problem)
+    if fun.ns.kind == "torch":
+        return False  # with several threads vmapped in one call, and its ops use them all
+    return (helper_threads() > 0 and x0.device.type == "cpu" and not f0.is_complex()
+            and f0.dtype == dx.dtype == x0.dtype and f0.dtype in (torch.float32, torch.float64))
+
+
+def _pipelined_difference(fun: Any, x0: Tensor, x1: Tensor, f0: Tensor, dx: Tensor,
+                          idx: Tensor, pattern: SparsityPattern) -> Tensor:
+    """The '2-point' values ``(B, nnz)``, group by group, the gathers on a helper thread.
+
+    The caller evaluates ``fun`` at the groups' points in the groups' order
+    (one call per group: the same calls, in the same order, as one call of
+    all points makes for such a function of one problem); each group's values
+    ``(F_k[rows] - f0[rows]) / dx[cols]`` (the same arithmetic per entry as
+    the all-groups formula) are written by a helper thread
+    (:class:`~torchimize_scipy._engine.csr.CallsOnHelpers`) while the next
+    group is evaluated, or by the caller if no helper came.
+    """
+    x0n, x1n, f0n, dxn = (t.detach().numpy() for t in (x0, x1, f0, dx))
+    B = x0n.shape[0]
+    values = np.empty((B, pattern.rows.size), dtype=f0n.dtype)
+    pending = []
+    try:
+        for columns, pos, rows, cols in pattern.host_groups():
+            pts = x0n.copy()
+            pts[:, columns] = x1n[:, columns]
+            F = fun(torch.from_numpy(pts), idx)
+            if tuple(F.shape) != tuple(f0n.shape):
+                raise ValueError(f"`fun` returned shape {tuple(F.shape)} for {B} points; "
+                                 f"expected {tuple(f0n.shape)}.")
+            Fn = F.detach().numpy()
+            if Fn.dtype != f0n.dtype:
+                Fn = Fn.astype(f0n.dtype)
+
+            def gather(Fn: np.ndarray = Fn, pos: np.ndarray = pos, rows: np.ndarray = rows,
+                       cols: np.ndarray = cols) -> None:
+                values[:, pos] = (np.take(Fn, rows, axis=1) - np.take(f0n, rows, axis=1)) \
+                    / np.take(dxn, cols, axis=1)
+            pending.append(CallsOnHelpers([gather]))
+    finally:
+        for job in pending:
+            job.wait()
+    return torch.from_numpy(values)

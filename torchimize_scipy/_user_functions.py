@@ -31,6 +31,18 @@ from ._arrays import Namespace, as_numpy, is_torch
 #: (cheaper than ``Tensor.numpy`` for a few values; slower for many).
 _LIST_MAX = 32
 
+#: With one torch thread, points of at least this many parameters are evaluated one
+#: call each rather than in one vmapped call: each call's own work then outweighs its
+#: dispatch, and the vmapped temporaries (k times one call's) leave the caches.
+#: Measured for 12 points (the column groups of ``benchmarks/bench_sparse.py``'s bundle
+#: adjustment at several sizes, one torch thread): n = 1,545 vmap 8.0 ms, loop 11.6 ms;
+#: n = 6,180 36.6 / 24.2; n = 23,769 90 / 85; Broyden n = 100,000 15.7 / 9.9. With
+#: several threads vmap stays: the loop is faster on an idle machine (bundle
+#: adjustment, two threads: 125 / 82 ms) but it opens twelve times as many parallel
+#: regions, and on a loaded one each waits for a descheduled thread (232 / 1,220 ms
+#: under a load of 4 on 2 cores; whole solve 6.1 s against 16.6 s).
+_VMAP_MAX_N = 4096
+
 
 def _is_array(a: Any) -> bool:
     """numpy, torch or any other array-API array (not lists or scalars)."""
@@ -234,7 +246,8 @@ class RowwiseFunction:
 
     def __call__(self, x: Tensor, idx: Tensor, complex_ok: bool = False) -> Tensor:
         k = x.shape[0]
-        if self._vmap_ok and k > 1:
+        if self._vmap_ok and k > 1 and (x.shape[-1] < _VMAP_MAX_N
+                                         or torch.get_num_threads() > 1):
             try:
                 out = self._vmapped(x, idx)
             except Exception:  # noqa: BLE001 - any failure means "not vmappable"

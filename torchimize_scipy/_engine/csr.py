@@ -6,9 +6,9 @@ transpose (the transpose's entry order found once per sparsity structure,
 :func:`csr_plan`), so that both ``J v`` and ``J^T u`` are row-wise sparse dot
 products. On the CPU they run in scipy's compiled CSR kernel over the
 tensors' memory, in row blocks of equal entry counts (two per torch thread
-when torch has several) shared between the calling thread and a small
-process-wide thread pool (:class:`_Product`: the caller runs the blocks the
-pool has not started, so a pool thread that gets no core never stalls a
+when torch has several) shared between the calling thread and helper
+threads of the process (:class:`_Product`: every thread claims the next
+block from one counter, so a helper that gets no core never stalls a
 product; each row is one loop whoever runs it, so the result does not depend
 on the split); on other devices in torch's CSR kernel. On the host the
 transposed CSR is made only when it pays: for ``J^T u`` in parallel row
@@ -23,11 +23,12 @@ Used by :mod:`.operator` and, on numpy arrays without allocation, by
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
 import threading
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -57,7 +58,7 @@ class BlockCSR:
     on one thread, ``benchmarks/bench_sparse.py --case matvec``); a large
     matrix is cut into row blocks of equal entry counts, two per torch thread
     (``torch.get_num_threads()``; one block for one thread), multiplied in
-    parallel by the calling thread and the pool (scipy's kernel releases the
+    parallel by the calling thread and the helpers (scipy's kernel releases the
     GIL; each row's sum is the same whatever the cut, so the result does not
     depend on the thread count). :meth:`matvec_into`, :meth:`rmatvec_into`
     and :meth:`start_matvec` work on numpy arrays of the caller's (LSMR's
@@ -184,14 +185,14 @@ class BlockCSR:
         _csc_matvec(B * n, B * m, indptr, indices, self._vals, u, out)
 
     def start_matvec(self, p: np.ndarray, out: np.ndarray) -> _Product | None:
-        """Start ``out = J p`` in the thread pool (host, several row blocks); None otherwise.
+        """Start ``out = J p`` on the helper threads (host, several row blocks); None otherwise.
 
         The caller may work meanwhile, must not touch ``p`` or ``out``, and
         finishes the product with ``wait()``.
         """
         if not self._host or len(self._a) == 1:
             return None
-        return _Product(self._a, self._checked(p), self._checked(out), True, inline_first=False)
+        return _Product(self._a, self._checked(p), self._checked(out), True)
 
     def _checked(self, a: np.ndarray) -> np.ndarray:
         """``a`` flattened as a view (the kernel writes into it: a copy would lose the sums)."""
@@ -350,17 +351,55 @@ def _find_plan(idx: Tensor, shape: tuple) -> CSRPlan | None:
 
 #: entries per row block of a parallel CPU product (smaller matrices: one block)
 _BLOCK_NNZ = 50_000
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
-                                       thread_name_prefix="torchimize_scipy_csr")
-        return _POOL
+class _Helper:
+    """A daemon thread that runs the row blocks of products handed to it (:class:`_Product`).
+
+    It waits on its own queue (no Python work while idle) and, per product,
+    claims blocks from the product's shared counter until none is left. A
+    queue item is any callable (the tests hand it one that blocks, to play a
+    helper that gets no core).
+    """
+
+    __slots__ = ("queue", "thread")
+
+    def __init__(self, index: int) -> None:
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"torchimize_scipy_csr_{index}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        get = self.queue.get
+        while True:
+            item = get()
+            if item is None:  # pragma: no cover - only after a fork (:func:`_reset_helpers`)
+                return
+            item()
+
+
+_HELPERS: list[_Helper] = []
+_HELPERS_LOCK = threading.Lock()
+
+
+def _helpers(count: int) -> list[_Helper]:
+    """The first ``count`` helper threads of the process, started on first need."""
+    with _HELPERS_LOCK:
+        while len(_HELPERS) < count:
+            _HELPERS.append(_Helper(len(_HELPERS)))
+        return _HELPERS[:count]
+
+
+def _reset_helpers() -> None:  # pragma: no cover - runs in a forked child
+    """A forked child has none of the parent's threads: its helpers start anew."""
+    global _HELPERS_LOCK
+    _HELPERS_LOCK = threading.Lock()
+    _HELPERS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_helpers)
 
 
 def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> list[_Block]:
@@ -369,7 +408,7 @@ def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> lis
     One block for one torch thread, else two per thread (at most ``nnz /
     _BLOCK_NNZ`` of them), each a scipy CSR array of its rows and the offset
     of its first row: more blocks than threads let the calling thread take
-    over the blocks that a busy pool thread has not started (:class:`_Product`).
+    over the blocks that a busy helper has not claimed (:class:`_Product`).
     """
     indptr, indices = index
     nnz = int(indptr[-1])
@@ -407,48 +446,118 @@ def _accumulate_block(block: _Block, w: np.ndarray, out: np.ndarray, zero: bool)
         part += A @ w
 
 
-class _Product:
-    """``out (+)= A w`` over the row blocks of ``A``, running in the thread pool.
+class SharedJobs:
+    """Jobs ``0 .. count - 1`` run once each, by the caller and helper threads.
 
-    Every block is handed to the pool when the product starts; :meth:`wait`
-    runs, on the calling thread, each block the pool has not started yet
-    (``Future.cancel`` succeeds only for those), then waits for the others.
-    The caller can thus start a product, do other work while the pool
-    computes, and take over what is left: on a loaded machine whose pool
-    thread does not get a core, the calling thread does all the work itself
-    instead of waiting for it. Each block writes only its own rows, and a
-    row's sum is the same loop whoever runs it.
+    The jobs are handed to ``helpers`` helper threads (:func:`_helpers`) when
+    they are created. Every thread that works on them, the caller in
+    :meth:`wait` included, claims the next job from one shared counter until
+    none is left, so a job runs exactly once, on whichever thread got to it
+    first: a helper that gets no core (a loaded machine) leaves its jobs to
+    the caller instead of stalling it, and one that comes late finds nothing
+    to do. The caller then waits only for the helpers that entered before
+    the last job was claimed. Compared with a thread pool's futures this
+    costs one queue put per helper and one lock per helper that takes part,
+    not a future per job.
+
+    ``next`` on :func:`itertools.count` and ``list.append`` are atomic under
+    the GIL; a helper appends its lock before it claims a job, and the
+    caller reads the list after its own claim failed, so it sees every
+    helper that ran a job. Subclasses set their fields before calling
+    ``__init__`` (a helper may start at once) and define :meth:`_run`.
     """
 
-    __slots__ = ("jobs", "w", "out", "zero")
+    __slots__ = ("count", "claims", "entered", "error")
 
-    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool,
-                 inline_first: bool) -> None:
-        self.w, self.out, self.zero = w, out, zero
-        pool = _pool()
-        rest = blocks[1:] if inline_first else blocks
-        self.jobs = [(b, pool.submit(_accumulate_block, b, w, out, zero)) for b in rest]
-        if inline_first:
-            _accumulate_block(blocks[0], w, out, zero)
+    def __init__(self, count: int, helpers: int) -> None:
+        self.count = count
+        self.claims = itertools.count()
+        self.entered: list[Any] = []  # the locks of the helpers taking part
+        self.error: BaseException | None = None
+        for helper in _helpers(min(helpers, count)):
+            helper.queue.put(self._help)
+
+    def _run(self, i: int) -> None:  # pragma: no cover - defined by the subclasses
+        raise NotImplementedError
+
+    def _work(self) -> None:
+        k, run = self.count, self._run
+        for i in self.claims:
+            if i >= k:
+                return
+            run(i)
+
+    def _help(self) -> None:
+        """A helper's part (on the helper's thread)."""
+        lock = threading.Lock()
+        lock.acquire()
+        self.entered.append(lock)
+        try:
+            self._work()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller in wait()
+            self.error = e
+        finally:
+            lock.release()
 
     def wait(self) -> None:
-        """Finish the product (the blocks not started are run here)."""
-        for block, future in reversed(self.jobs):
-            if future.cancel():
-                _accumulate_block(block, self.w, self.out, self.zero)
-        for _, future in self.jobs:
-            if not future.cancelled():
-                future.result()
+        """Run the jobs no helper has claimed, then wait for the helpers' jobs."""
+        self._work()
+        for lock in list(self.entered):
+            lock.acquire()
+        if self.error is not None:
+            raise self.error
+
+
+def helper_threads() -> int:
+    """How many helper threads work beside the caller: torch's threads (at most the
+    CPU count) less the caller's."""
+    return max(0, min(torch.get_num_threads(), os.cpu_count() or 1) - 1)
+
+
+class CallsOnHelpers(SharedJobs):
+    """Calls without arguments run once each, shared with the helpers (:class:`SharedJobs`).
+
+    For work a caller can hand off while it does something else (the grouped
+    differences' gathers while the next group's residuals are evaluated);
+    ``wait()`` runs what no helper has started, and re-raises a helper's error.
+    """
+
+    __slots__ = ("calls",)
+
+    def __init__(self, calls: list[Any]) -> None:
+        self.calls = calls
+        super().__init__(len(calls), helper_threads())
+
+    def _run(self, i: int) -> None:
+        self.calls[i]()
+
+
+class _Product(SharedJobs):
+    """``out (+)= A w`` over the row blocks of ``A``, shared by the caller and the helpers.
+
+    One job per block (:class:`SharedJobs`), handed to up to ``blocks - 1``
+    helpers. Each block writes only its own rows, and a row's sum is the
+    same loop whoever runs it.
+    """
+
+    __slots__ = ("blocks", "w", "out", "zero")
+
+    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool) -> None:
+        self.blocks, self.w, self.out, self.zero = blocks, w, out, zero
+        super().__init__(len(blocks), helper_threads())
+
+    def _run(self, i: int) -> None:
+        _accumulate_block(self.blocks[i], self.w, self.out, self.zero)
 
 
 def _accumulate(blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool = False) -> None:
     """``out += A w`` (``out = A w`` with ``zero``) for the row blocks of ``A``.
 
     ``w`` and ``out`` are 1-D, C-contiguous, of the values' dtype. One block
-    runs here; several are shared with the pool (:class:`_Product`); scipy's
+    runs here; several are shared with the helpers (:class:`_Product`); scipy's
     kernel releases the GIL, so they run at the same time.
     """
     if len(blocks) == 1:
         _accumulate_block(blocks[0], w, out, zero)
         return
-    _Product(blocks, w, out, zero, inline_first=True).wait()
+    _Product(blocks, w, out, zero).wait()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -125,7 +126,11 @@ class JacobianOperator:
                 P = P * self.col_scale.unsqueeze(-1)
             out = torch.bmm(self.base, P)
             return out if self.row_scale is None else out * self.row_scale.unsqueeze(-1)
-        return torch.stack([self.matvec(P[..., k]) for k in range(P.shape[-1])], dim=-1)
+        cols = [self.matvec(P[..., k]) for k in range(P.shape[-1])]
+        if P.device.type == "cpu" and not any(c.requires_grad for c in cols):
+            # numpy's copy on this thread: no torch parallel region over the (B, m, k) result
+            return torch.from_numpy(np.stack([c.numpy() for c in cols], axis=-1))
+        return torch.stack(cols, dim=-1)
 
     def host_csr(self) -> BlockCSR | None:
         """The host CSR form of an unscaled sparse Jacobian whose products run on the host.
@@ -162,6 +167,16 @@ class JacobianOperator:
             if self.row_scale is not None:
                 J = J * self.row_scale.unsqueeze(-1)
             sq = torch.linalg.vector_norm(J, dim=-2) ** 2  # no (B, m, n) temporary
+        elif self.kind == "sparse" and self._csr.on_host and self.dtype == torch.float64:
+            # numpy's bincount on this thread: the same sums in the same (entry) order as
+            # index_add, without two of torch's parallel regions over every entry
+            B, _, n = self.shape
+            csr = self._csr
+            vals = csr.values.detach().numpy()
+            if self.row_scale is not None:
+                vals = vals * self.row_scale.detach().reshape(-1).numpy()[csr.rows().numpy()]
+            sq = torch.from_numpy(np.bincount(csr.col.numpy(), weights=vals * vals,
+                                              minlength=B * n).reshape(B, n))
         elif self.kind == "sparse":
             B, _, n = self.shape
             csr = self._csr

@@ -45,6 +45,7 @@ formed. ``tr_options`` are LSMR's: ``atol``, ``btol``, ``conlim``,
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
@@ -131,6 +132,20 @@ def _newton_2d(B_S: Tensor, g_S: Tensor) -> tuple[Tensor, Tensor]:
     p1 = y2 / l22
     p0 = (y1 - l21 * p1) / l11
     return torch.stack([p0, p1], dim=-1), pd
+
+
+def _gram(JS: Tensor) -> Tensor:
+    """``JS^T JS`` for ``JS (B, m, 2)``: ``(B, 2, 2)``.
+
+    On the CPU in numpy's own sum-of-products loop on this thread (``einsum``,
+    no BLAS): a threaded matrix product over the ``m`` residuals would open a
+    parallel region of torch's threads (left spinning beside the products'
+    helper thread as LSMR's products start) for four numbers.
+    """
+    if JS.device.type == "cpu" and not JS.requires_grad:
+        a = JS.numpy()
+        return torch.from_numpy(np.einsum("bmi,bmj->bij", a, a))
+    return JS.transpose(-1, -2) @ JS
 
 
 def _orthonormal_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -283,8 +298,7 @@ class TRFLSMR(TRF):
             # still along g_h (g_h an eigenvector of the Hessian): the model is 1-D
             flat = r22 <= 64 * torch.finfo(g.dtype).eps * vnorm(second, dim=-1)
             S = torch.cat([S[..., :1], torch.where(flat.view(-1, 1, 1), 0.0, S[..., 1:])], -1)
-        JS = J_h.matmat(S)
-        B_S = JS.transpose(-1, -2) @ JS
+        B_S = _gram(J_h.matmat(S))
         if diag_h is not None:
             B_S = B_S + S.transpose(-1, -2) @ (diag_h.unsqueeze(-1) * S)
         g_S = (S * g_h.unsqueeze(-1)).sum(-2)
