@@ -181,6 +181,30 @@ def _finite_rows(hs: Scalars, f: Tensor):
     return hs.xp.isfinite(hs.view(torch.linalg.vector_norm(f, ord=math.inf, dim=-1))[0])
 
 
+def _trial_cost(problem: Problem, hs: Scalars, f: Tensor) -> tuple[Tensor, Tensor, object]:
+    """The trial's residuals ``f (B, m)``, zero in rows that are not finite; their cost;
+    and which rows are finite, as values of ``hs``.
+
+    On the host, when the cost proves the residuals finite
+    (:attr:`Problem.cost_proves_finite`), a finite cost in every row settles
+    it with no further pass over ``f`` (and no ``torch.where``, whose result
+    would equal ``f``); otherwise, or where a cost is not finite (overflow
+    or a non-finite residual), the rows are checked one by one as the tensor
+    code always does (it decides without reading the device).
+    """
+    cost = None
+    if hs.host and problem.cost_proves_finite:
+        cost = problem.cost(f)
+        fin = hs.xp.isfinite(hs.view(cost)[0])
+        if hs.count(fin) == hs.B:
+            return f, cost, fin
+    fin = _finite_rows(hs, f)
+    if hs.host and hs.count(fin) == hs.B:  # (some cost overflowed)
+        return f, problem.cost(f) if cost is None else cost, fin
+    f = torch.where(hs.tensors(fin)[0].unsqueeze(-1), f, 0.0)
+    return f, problem.cost(f), fin
+
+
 def finite_per_row(a: Tensor) -> Tensor:
     """``(B,)`` mask: every entry of each row of ``a`` is finite, without a host read.
 
@@ -437,10 +461,8 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
         x_new = trial.x_new
         f_new = problem.fun(x_new, state["ids"])
         nfev = hs.view(state["nfev"])[0] + 1
-        fin = _finite_rows(hs, f_new)
+        f_new, cost_new, fin = _trial_cost(problem, hs, f_new)
         state["nfev"], finite = hs.tensors(nfev, fin)
-        f_new = torch.where(finite.unsqueeze(-1), f_new, 0.0)
-        cost_new = problem.cost(f_new)
         verdict = rule.assess_trial(problem, state, trial, f_new, cost_new, finite)
         x_acc = verdict.x_accepted
         accept, code, status, nit = hs.view(verdict.accept, verdict.status, state["status"],
