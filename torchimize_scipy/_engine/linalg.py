@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .counts import count_true, mark_finite
+from .counts import count_true, known_finite, known_unit, mark_finite
 
 
 class Factors(NamedTuple):
@@ -192,8 +192,10 @@ def svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
     V : Tensor, shape (B, n, k)
     uf : Tensor, shape (B, k)
     """
-    A = J if d is None else J * d.unsqueeze(-2)
-    if math.isfinite(float(A.sum())):  # a finite sum: every entry is finite
+    A = J if d is None or known_unit(d) else J * d.unsqueeze(-2)
+    # (a Jacobian marked finite by the loop, unscaled, needs no test; else a finite sum
+    # shows that every entry is finite)
+    if known_finite(A) or math.isfinite(float(A.sum())):
         return svd_direct(A, f, diag)
     ok = torch.isfinite(A).flatten(1).all(-1)
     # non-finite rows get NaN factors without disturbing the others

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
-from .counts import count_true
+from .counts import count_true, mark_finite, mark_unit
 from .host_scalars import Scalars, for_rows
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
@@ -311,7 +311,23 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
                        f"{sorted(undeclared)}")
     hs = for_rows(state["x"])
     n_fresh = hs.count(hs.view(fresh)[0])
+    if n_fresh == B:  # no row stopped as non-finite: every J is
+        state["J"] = _marked_finite(J)
+    scale = state["scale"]
+    if hs.host and not problem.jac_scale and (hs.rows(scale) == 1).all():
+        # x_scale of ones: no products by it (counts.times); the mark goes on an alias,
+        # never on a tensor the caller may hold
+        state["scale"] = mark_unit(scale.view_as(scale))
     return n_fresh, B - n_fresh
+
+
+def _marked_finite(J):
+    """``J``, proven finite, as an alias marked so (:func:`~.counts.mark_finite`): its
+    factorisation then tests no entry. The mark goes on an alias, never on a tensor
+    the caller's ``jac`` may hold; an operator or sparse ``J`` is left as it is."""
+    if not isinstance(J, Tensor) or J.layout != torch.strided:
+        return J
+    return mark_finite(J.view_as(J))
 
 
 def concat(state: State, new: State) -> None:
@@ -498,7 +514,9 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             sub["njev"], = hs_sub.tensors(hs_sub.view(sub["njev"])[0] + 1)
             sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
             bad = jacobian_nonfinite_rows(sub["J"], sub["G"])
-            if bad is not None:
+            if bad is None:
+                sub["J"] = _marked_finite(sub["J"])
+            else:
                 sub["status"] = term.stop_running(sub["status"], bad, term.NONFINITE)
             rule.after_jacobian(problem, sub)
             put(state, arows, sub)
