@@ -152,3 +152,43 @@ def test_batch_nonfinite_trial_row_stays_alone(loss):
     for key in ("x", "cost", "nfev", "njev", "status"):
         assert_bitwise_equal(np.asarray(getattr(res, key))[keep],
                              np.asarray(getattr(clean, key))[keep], err_msg=key)
+
+
+def test_one_problem_flags_and_small_integers_are_shared_tensors():
+    sc = host_scalars.Scalars(torch.zeros(1, 2, dtype=torch.float64))
+    assert sc.floats
+    t_true = sc.tensor(np.bool_(True))
+    assert sc.tensor(True) is t_true and sc.tensors(np.bool_(True))[0] is t_true
+    assert t_true.dtype == torch.bool and t_true.tolist() == [True]
+    code = sc.tensors(np.int64(-100))[0]
+    assert sc.tensor(-100) is code and code.dtype == torch.int64 and code.tolist() == [-100]
+    assert sc.view(code)[0] == -100
+    # floats and large integers get their own tensors
+    assert sc.tensor(np.float64(0.5)) is not sc.tensor(np.float64(0.5))
+    assert sc.tensor(np.int64(10**6)) is not sc.tensor(np.int64(10**6))
+    assert sc.tensor(np.int64(10**6)).tolist() == [10**6]
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+def test_shared_tensors_are_never_written(method):
+    # runs of every method (bounded too, a callback stop, a NaN start in a batch)
+    # leave each shared (1,) tensor holding the value it was made for
+    t, y = _exp_data()
+
+    def fun(p):
+        return p[0] * np.exp(-p[1] * t) - y
+
+    least_squares(fun, np.array([1.0, 0.2]), method=method)
+    if method != "lm":
+        least_squares(fun, np.array([1.0, 0.2]), method=method, bounds=([0, 0], [2.5, 5]))
+    if method != "lm":  # (scipy's 'lm' takes no callback)
+        least_squares(fun, np.array([1.0, 0.2]), method=method, callback=lambda *a: True)
+    X0 = np.array([[1.0, 0.2], [np.nan, 0.3]])
+    batch_least_squares(lambda P: P[:, :1] * np.exp(-P[:, 1:] * t) - y, X0, method=method)
+    shared = dict(host_scalars._SHARED)
+    assert shared
+    for (kind, value), tensor in shared.items():
+        assert tensor.shape == (1,)
+        assert tensor.tolist() == [kind(value)]
+        assert host_scalars.Scalars(torch.zeros(1, 1, dtype=torch.float64)).view(tensor)[0] \
+            == value
