@@ -44,6 +44,11 @@ def count_many(*masks: Tensor) -> list[int]:
     return counts
 
 
+def known_count(mask: Tensor) -> int | None:
+    """The count of ``mask`` if it is known (remembered or read before), else None (no read)."""
+    return getattr(mask, _COUNT, None)
+
+
 def remember(mask: Tensor, count: int) -> Tensor:
     """Record that ``mask`` has ``count`` true entries; returns ``mask``."""
     setattr(mask, _COUNT, count)

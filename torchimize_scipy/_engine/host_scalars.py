@@ -94,6 +94,8 @@ GRAIN = 32768
 _HOST_VALUE = "_tsc_host_value"
 #: attribute of a tensor of two or more dimensions: its host array (same shape)
 _HOST_ROWS = "_tsc_host_rows"
+#: attribute of a ``(B, k)`` tensor: the host's values of its rows' norms (:meth:`Scalars.norm`)
+_NORM = "_tsc_host_norm"
 #: tensors of at most this many entries reach numpy through ``tolist`` (:meth:`Scalars.view`)
 _SMALL = 64
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
@@ -309,11 +311,22 @@ class Scalars:
         return a
 
     def norm(self, t: Tensor, keepdim: bool = False) -> Any:
-        """Euclidean norms of the rows of a ``(B, k)`` tensor (columns with ``keepdim``)."""
-        r = vnorm(t, dim=-1, keepdim=keepdim)
+        """Euclidean norms of the rows of a ``(B, k)`` tensor (columns with ``keepdim``).
+
+        On the host the norms (not columns) are remembered on the tensor: the
+        current point's norm serves every trial from it.
+        """
         if not self.host:
-            return r
-        return np.float64(r.item()) if self.floats else r.numpy()
+            return vnorm(t, dim=-1, keepdim=keepdim)
+        if not keepdim:
+            known = getattr(t, _NORM, None)
+            if known is not None:
+                return known
+        r = vnorm(t, dim=-1, keepdim=keepdim)
+        value = np.float64(r.item()) if self.floats else r.numpy()
+        if not keepdim:
+            setattr(t, _NORM, value)
+        return value
 
     def row_norm(self, a: Any, keepdim: bool = False) -> Any:
         """:meth:`norm` of rows held as :meth:`rows` gives them.
