@@ -192,3 +192,47 @@ def test_shared_tensors_are_never_written(method):
         assert tensor.tolist() == [kind(value)]
         assert host_scalars.Scalars(torch.zeros(1, 1, dtype=torch.float64)).view(tensor)[0] \
             == value
+
+
+def test_times_skips_only_a_marked_scaling():
+    from torchimize_scipy._engine import counts
+
+    v = torch.tensor([[2.0, -3.0]], dtype=torch.float64)
+    ones = torch.ones(1, 2, dtype=torch.float64)
+    assert counts.times(None, v) is v
+    prod = counts.times(ones, v)
+    assert prod is not v and torch.equal(prod, v)
+    assert counts.times(counts.mark_unit(ones.view_as(ones)), v) is v
+    assert not counts.known_unit(ones)  # (the mark went on the alias)
+
+
+def test_svd_of_a_jacobian_marked_finite_is_the_same_and_marks_its_values():
+    from torchimize_scipy._engine import counts
+    from torchimize_scipy._engine.linalg import svd_factors
+
+    rng = np.random.default_rng(3)
+    J = torch.as_tensor(rng.standard_normal((3, 7, 2)))
+    f = torch.as_tensor(rng.standard_normal((3, 7)))
+    plain = svd_factors(J, None, f)
+    marked = svd_factors(counts.mark_finite(J.view_as(J)), None, f)
+    for a, b in zip(plain, marked, strict=True):
+        assert_bitwise_equal(a, b)
+    assert counts.known_finite(marked[0]) and not counts.known_finite(plain[0])
+
+
+def test_marks_go_on_aliases_not_on_the_callers_tensors():
+    # a torch jac returning the same tensor each time, and an x_scale tensor of ones:
+    # the engine marks its own aliases only (a caller may change its tensors later)
+    from torchimize_scipy._engine import counts
+
+    t = torch.linspace(0, 4, 25, dtype=torch.float64)
+    y = 3 * torch.exp(-0.8 * t)
+    A = torch.stack([t, torch.ones_like(t)], dim=1)
+    scale = torch.ones(2, dtype=torch.float64)
+    res = least_squares(lambda p: A @ p - y, torch.tensor([0.0, 0.0], dtype=torch.float64),
+                        jac=lambda p: A, x_scale=scale)
+    assert res.success
+    assert not counts.known_finite(A) and not counts.known_unit(scale)
+    np.testing.assert_allclose(np.asarray(res.x),
+                               np.linalg.lstsq(A.numpy(), y.numpy(), rcond=None)[0],
+                               rtol=1e-8, atol=1e-10)  # (xtol, ftol: 1e-8)

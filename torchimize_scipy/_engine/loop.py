@@ -294,7 +294,12 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
     J_true = state.pop("J_true")
     f, J, g, G = problem.linearize(state["f_true"], J_true)
     status = state.get("status", torch.full((B,), term.RUNNING, dtype=torch.long, device=dev))
-    bad = ~(jacobian_finite(J, G) & all_finite(state["f_true"]))
+    bad_J = jacobian_nonfinite_rows(J, G)  # (None: J^T J is finite)
+    bad = ~all_finite(state["f_true"])
+    if bad_J is None:
+        J = _marked_finite(J)
+    else:
+        bad = bad | bad_J
     status = term.stop_running(status, bad, term.NONFINITE)
     # a row starts its first outer iteration unless it stopped for good already
     fresh = (status != term.CALLBACK_STOP) & (status != term.NONFINITE)
@@ -311,8 +316,6 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
                        f"{sorted(undeclared)}")
     hs = for_rows(state["x"])
     n_fresh = hs.count(hs.view(fresh)[0])
-    if n_fresh == B:  # no row stopped as non-finite: every J is
-        state["J"] = _marked_finite(J)
     scale = state["scale"]
     if hs.host and not problem.jac_scale and (hs.rows(scale) == 1).all():
         # x_scale of ones: no products by it (counts.times); the mark goes on an alias,
@@ -322,9 +325,11 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
 
 
 def _marked_finite(J):
-    """``J``, proven finite, as an alias marked so (:func:`~.counts.mark_finite`): its
-    factorisation then tests no entry. The mark goes on an alias, never on a tensor
-    the caller's ``jac`` may hold; an operator or sparse ``J`` is left as it is."""
+    """``J``, whose ``J^T J`` was proven finite, as an alias marked finite
+    (:func:`~.counts.mark_finite`): its factorisation then tests no entry, nor the
+    singular values it finds (``linalg.svd_factors``). The mark goes on an alias, never
+    on a tensor the caller's ``jac`` may hold; an operator or sparse ``J`` is left as
+    it is."""
     if not isinstance(J, Tensor) or J.layout != torch.strided:
         return J
     return mark_finite(J.view_as(J))
@@ -505,7 +510,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
                 _move_without_jacobian(state, hs, stops, n_stops, x_acc, f_new, cost_new)
         if n_accept:
             arows = _rows(hs, accept, n_accept)
-            sub = take(state, arows)
+            sub = state if arows is None else take(state, arows)  # (every row: in place)
             sub["x"] = x_acc if arows is None else x_acc.index_select(0, arows)
             sub["f_true"] = f_new if arows is None else f_new.index_select(0, arows)
             sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
@@ -519,7 +524,8 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             else:
                 sub["status"] = term.stop_running(sub["status"], bad, term.NONFINITE)
             rule.after_jacobian(problem, sub)
-            put(state, arows, sub)
+            if arows is not None:
+                put(state, arows, sub)
         if on_iteration is not None:
             on_iteration(state)
         if problem.callback is not None and B == 1 and n_fresh:

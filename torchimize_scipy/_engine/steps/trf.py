@@ -169,7 +169,10 @@ class TRF(StepRule):
             predicted = -evaluate_quadratic(state["J"], d, state["g_h"], p_h, G=state["G"],
                                             gram=state.get("fac_gram"))
             x_new = state["x"] + step
-        return TRFTrial(x_new, vnorm(step, dim=-1), vnorm(step_h, dim=-1), predicted, alpha)
+        step_norm = vnorm(step, dim=-1)
+        # (x_scale of ones: the step is the scaled step, the same tensor)
+        step_h_norm = step_norm if step_h is step else vnorm(step_h, dim=-1)
+        return TRFTrial(x_new, step_norm, step_h_norm, predicted, alpha)
 
     def assess_trial(self, problem: Problem, state: dict, trial: TRFTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
