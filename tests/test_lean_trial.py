@@ -236,3 +236,25 @@ def test_marks_go_on_aliases_not_on_the_callers_tensors():
     np.testing.assert_allclose(np.asarray(res.x),
                                np.linalg.lstsq(A.numpy(), y.numpy(), rcond=None)[0],
                                rtol=1e-8, atol=1e-10)  # (xtol, ftol: 1e-8)
+
+
+def test_serial_blas_sets_the_threads_openmp_count_for_this_thread_only():
+    import threading
+
+    from torchimize_scipy import _blas_threads as bt
+
+    if bt._OMP is None or bt._SET_LOCAL is None:
+        pytest.skip("torch without MKL or an OpenMP runtime")
+    before = torch.get_num_threads()
+    seen = {}
+    with bt.serial_blas(torch.device("cpu"), 10, 2) as serial:
+        assert serial
+        assert torch.get_num_threads() == 1  # torch's parallel regions: one thread here
+        other = threading.Thread(target=lambda: seen.update(n=bt._OMP[0]()))
+        other.start()
+        other.join()
+    assert torch.get_num_threads() == before  # restored
+    assert seen["n"] != 1 or before == 1  # another thread kept its own count
+    # a large problem keeps the threads
+    with bt.serial_blas(torch.device("cpu"), 10**6, 10) as serial:
+        assert not serial and torch.get_num_threads() == before
