@@ -317,9 +317,11 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
     hs = for_rows(state["x"])
     n_fresh = hs.count(hs.view(fresh)[0])
     scale = state["scale"]
-    if hs.host and not problem.jac_scale and (hs.rows(scale) == 1).all():
-        # x_scale of ones: no products by it (counts.times); the mark goes on an alias,
-        # never on a tensor the caller may hold
+    if not problem.jac_scale and (bool((hs.rows(scale) == 1).all()) if hs.host else
+                                  not problem.bounded and count_true(scale != 1) == 0):
+        # x_scale of ones: no products by it (counts.times; off the host one read here
+        # saves the unbounded factorisations' finiteness reads); the mark goes on an
+        # alias, never on a tensor the caller may hold
         state["scale"] = mark_unit(scale.view_as(scale))
     return n_fresh, B - n_fresh
 
