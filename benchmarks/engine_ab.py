@@ -164,6 +164,10 @@ def compare(p: str, q: str) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") or sys.argv[1].startswith("-") \
+            and sys.argv[1] not in ("--compare", "--device-path"):
+        print(__doc__)  # (an option is never taken for the output file)
+        sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
     if sys.argv[1] == "--compare":
         sys.exit(compare(sys.argv[2], sys.argv[3]))
     if "--device-path" in sys.argv:  # the code a GPU runs (per-problem scalars as tensors)

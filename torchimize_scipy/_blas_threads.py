@@ -15,7 +15,13 @@ What: while the engine runs work whose Jacobians have at most
 :data:`GRAIN_SIZE` entries in all (``B m n <= 32,768``, torch's own
 threshold for splitting work), :func:`serial_blas` sets MKL's *thread-local*
 thread count to 1 (``mkl_set_num_threads_local``) and puts back the previous
-value afterwards. The rows of a batch count together (the caller passes
+value afterwards, and likewise the OpenMP thread count of the calling
+thread (``omp_set_num_threads`` sets the calling thread's own
+``nthreads-var``), which torch's own parallel regions follow: the batched LU
+behind ``torch.linalg.inv_ex`` wakes the OpenMP team even under MKL's
+thread-local count of 1 (3 matrices 12 x 12 on 2 busy cores: 11.9 ms median
+with the team against 0.05 ms without; a batch's tail factorises so at every
+iteration). The rows of a batch count together (the caller passes
 ``B m`` for ``m``): a batch of many small problems keeps MKL's threads,
 because torch's ``bmm`` hands such a batch to MKL's batched product, which
 does use them (B = 10,000 Gaussian peaks, 64 x 4: ``bmm`` took 0.061 s
@@ -37,7 +43,8 @@ when the solve raises.
 Scope and limits: CPU only; a no-op when torch is not built with MKL (the
 symbol is not found) or the device is not the CPU. MKL calls that the
 caller's own torch ``fun`` makes in the calling thread during such a solve are
-single-threaded too.
+single-threaded too, and ``torch.get_num_threads()`` reads 1 in that thread
+meanwhile (other threads keep their count).
 """
 
 from __future__ import annotations
@@ -78,6 +85,27 @@ def _find_set_local() -> Callable[[int], int] | None:
 _SET_LOCAL = _find_set_local()
 
 
+def _find_omp() -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    """The OpenMP runtime's ``omp_get_max_threads``/``omp_set_num_threads`` that torch's
+    own parallel regions use (through torch's library), or None."""
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = os.path.join(os.path.dirname(torch.__file__), "lib", name)
+        if not os.path.exists(path):
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+            get, put = lib.omp_get_max_threads, lib.omp_set_num_threads
+        except (OSError, AttributeError):
+            return None
+        get.restype, get.argtypes = ctypes.c_int, []
+        put.restype, put.argtypes = None, [ctypes.c_int]
+        return get, put
+    return None
+
+
+_OMP = _find_omp()
+
+
 def is_small(m: int, n: int) -> bool:
     """Whether one problem's Jacobian ``(m, n)`` is below torch's grain size."""
     return m * n <= GRAIN_SIZE
@@ -97,10 +125,18 @@ def serial_blas(device: torch.device, m: int, n: int) -> Iterator[bool]:
     # for its thread count; let it do so now rather than inside the block.
     torch.get_num_threads()
     previous = _SET_LOCAL(1)
+    # torch's own parallel regions (the batched LU behind inv_ex, for one) wake the
+    # OpenMP team too: the thread's OpenMP count goes to 1 as well, a per-thread
+    # setting (the nthreads-var of the calling thread only)
+    omp_previous = None if _OMP is None else _OMP[0]()
+    if omp_previous is not None:
+        _OMP[1](1)
     try:
         yield True
     finally:
         _SET_LOCAL(previous)
+        if omp_previous is not None:
+            _OMP[1](omp_previous)
 
 
 def mkl_local_threads() -> int | None:

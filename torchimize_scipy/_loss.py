@@ -80,16 +80,36 @@ def linear(z: Tensor) -> Tensor:
     return torch.stack([z, torch.ones_like(z), torch.zeros_like(z)])
 
 
+def _soft_l1_value(z: Tensor) -> Tensor:
+    return 2 * (torch.sqrt(1 + z) - 1)
+
+
+def _soft_l1_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    t = 1 + z
+    return 2 * (torch.sqrt(t) - 1), t**-0.5, -0.5 * t**-1.5
+
+
 def soft_l1(z: Tensor) -> Tensor:
     """Smooth approximation of the l1 loss, ``rho(z) = 2 (sqrt(1 + z) - 1)``.
 
     ``z`` (squared scaled residuals, any shape) to ``(3, *z.shape)``: see :data:`RhoFn`.
     """
-    t = 1 + z
-    rho0 = 2 * (torch.sqrt(t) - 1)
-    rho1 = t**-0.5
-    rho2 = -0.5 * t**-1.5
-    return torch.stack([rho0, rho1, rho2])
+    return torch.stack(_soft_l1_parts(z))
+
+
+def _huber_value(z: Tensor) -> Tensor:
+    inner = z <= 1
+    # the outer branch on a safe argument, so that neither the values nor autograd
+    # through ``torch.where`` produce inf/nan on the inner side
+    return torch.where(inner, z, 2 * torch.sqrt(torch.where(inner, torch.ones_like(z), z)) - 1)
+
+
+def _huber_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    inner = z <= 1
+    zo = torch.where(inner, torch.ones_like(z), z)  # (see _huber_value)
+    return (torch.where(inner, z, 2 * torch.sqrt(zo) - 1),
+            torch.where(inner, torch.ones_like(z), zo**-0.5),
+            torch.where(inner, torch.zeros_like(z), -0.5 * zo**-1.5))
 
 
 def huber(z: Tensor) -> Tensor:
@@ -97,14 +117,12 @@ def huber(z: Tensor) -> Tensor:
 
     ``z`` (squared scaled residuals, any shape) to ``(3, *z.shape)``: see :data:`RhoFn`.
     """
-    inner = z <= 1
-    # Evaluate the outer branch on a safe argument so that neither the values
-    # nor autograd through ``torch.where`` produce inf/nan on the inner side.
-    zo = torch.where(inner, torch.ones_like(z), z)
-    rho0 = torch.where(inner, z, 2 * torch.sqrt(zo) - 1)
-    rho1 = torch.where(inner, torch.ones_like(z), zo**-0.5)
-    rho2 = torch.where(inner, torch.zeros_like(z), -0.5 * zo**-1.5)
-    return torch.stack([rho0, rho1, rho2])
+    return torch.stack(_huber_parts(z))
+
+
+def _cauchy_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    t = 1 + z
+    return torch.log1p(z), 1 / t, -1 / t**2
 
 
 def cauchy(z: Tensor) -> Tensor:
@@ -112,8 +130,12 @@ def cauchy(z: Tensor) -> Tensor:
 
     ``z`` (squared scaled residuals, any shape) to ``(3, *z.shape)``: see :data:`RhoFn`.
     """
-    t = 1 + z
-    return torch.stack([torch.log1p(z), 1 / t, -1 / t**2])
+    return torch.stack(_cauchy_parts(z))
+
+
+def _arctan_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    t = 1 + z**2
+    return torch.arctan(z), 1 / t, -2 * z / t**2
 
 
 def arctan(z: Tensor) -> Tensor:
@@ -121,8 +143,7 @@ def arctan(z: Tensor) -> Tensor:
 
     ``z`` (squared scaled residuals, any shape) to ``(3, *z.shape)``: see :data:`RhoFn`.
     """
-    t = 1 + z**2
-    return torch.stack([torch.arctan(z), 1 / t, -2 * z / t**2])
+    return torch.stack(_arctan_parts(z))
 
 
 LOSSES: dict[str, RhoFn] = {
@@ -132,6 +153,20 @@ LOSSES: dict[str, RhoFn] = {
     "cauchy": cauchy,
     "arctan": arctan,
 }
+
+#: The built-in losses' value ``rho(z)`` alone and their three parts, as the same
+#: operations as the public functions (so the same values, bit for bit), without
+#: the stacking and the derivatives a cost does not need.
+_VALUE: dict[RhoFn, Callable[[Tensor], Tensor]] = {
+    soft_l1: _soft_l1_value, huber: _huber_value, cauchy: torch.log1p, arctan: torch.arctan,
+}
+_PARTS: dict[RhoFn, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]] = {
+    soft_l1: _soft_l1_parts, huber: _huber_parts, cauchy: _cauchy_parts,
+    arctan: _arctan_parts,
+}
+#: Built-in losses whose ``rho`` is non-negative and infinite or NaN at a non-finite
+#: ``z``: a finite cost proves every residual finite (not ``arctan``, bounded).
+_COST_PROVES_FINITE = frozenset({soft_l1, huber, cauchy})
 
 
 def _as_rho(out: Tensor | tuple | list, z: Tensor) -> Tensor:
@@ -171,6 +206,17 @@ class LossFunction:
         self.rho_fn = rho_fn
         self.f_scale = f_scale
 
+    @property
+    def cost_proves_finite(self) -> bool:
+        """Whether a finite :meth:`cost` of a problem proves each of its residuals finite.
+
+        True for the built-in losses whose ``rho`` grows without bound
+        (``soft_l1``, ``huber``, ``cauchy``): a non-finite residual makes the
+        cost infinite or NaN. ``arctan`` is bounded, and nothing is known of a
+        callable.
+        """
+        return self.rho_fn in _COST_PROVES_FINITE
+
     def _scale(self, f: Tensor) -> tuple[Tensor | float, Tensor | float]:
         """Return ``f_scale`` shaped for element-wise use and for per-problem use."""
         c = self.f_scale
@@ -180,24 +226,41 @@ class LossFunction:
                 return c[:, None], c
         return c, c
 
-    def _rho_unscaled(self, f: Tensor) -> tuple[Tensor, Tensor | float, Tensor | float]:
+    def _z(self, f: Tensor) -> tuple[Tensor, Tensor | float, Tensor | float]:
         c_elem, c_prob = self._scale(f)
-        z = (f / c_elem) ** 2
+        return (f / c_elem) ** 2, c_elem, c_prob
+
+    def _rho_unscaled(self, f: Tensor) -> tuple[Tensor, Tensor | float, Tensor | float]:
+        z, c_elem, c_prob = self._z(f)
         return _as_rho(self.rho_fn(z), z), c_elem, c_prob
 
     def cost(self, f: Tensor) -> Tensor:
         """Robust cost of each problem: residuals ``f (B, m)`` to
         ``0.5 * f_scale**2 * sum(rho(z), axis=-1)``, shape ``(B,)``."""
-        rho, _, c_prob = self._rho_unscaled(f)
-        return 0.5 * c_prob**2 * rho[0].sum(dim=-1)
+        value = _VALUE.get(self.rho_fn)
+        if value is None:
+            rho0 = self._rho_unscaled(f)[0][0]
+            c_prob = self._scale(f)[1]
+        else:  # (a built-in loss: its value alone, the same operations)
+            z, _, c_prob = self._z(f)
+            rho0 = value(z)
+        return 0.5 * c_prob**2 * rho0.sum(dim=-1)
 
     def rho(self, f: Tensor) -> Tensor:
         """Scaled loss values and derivatives: residuals ``f (B, m)`` to the
         ``(3, B, m)`` tensor of ``f_scale**2 * rho(z)``, ``rho'(z)`` and
         ``rho''(z) / f_scale**2``."""
-        rho, c_elem, _ = self._rho_unscaled(f)
+        parts = _PARTS.get(self.rho_fn)
+        if parts is None:
+            rho, c_elem, _ = self._rho_unscaled(f)
+            rho0, rho1, rho2 = rho.unbind(0)
+        else:  # (a built-in loss: its three parts, stacked once below)
+            z, c_elem, _ = self._z(f)
+            rho0, rho1, rho2 = parts(z)
         c2 = c_elem**2
-        return torch.stack([rho[0] * c2, rho[1], rho[2] / c2])
+        if isinstance(c2, float) and c2 == 1.0:  # (x * 1 and x / 1 are x exactly)
+            return torch.stack([rho0, rho1, rho2])
+        return torch.stack([rho0 * c2, rho1, rho2 / c2])
 
     def __call__(self, f: Tensor, cost_only: bool = False) -> Tensor:
         """Return :meth:`cost` if ``cost_only`` else :meth:`rho`."""

@@ -10,8 +10,11 @@ mask that is asked for again, or whose count the engine knew when it built
 it (:func:`remember`), costs no further read. A mask made anew (after
 compaction, or by ``torch.where``) is counted again. In the same way
 :func:`mark_finite` records a tensor known to be finite by construction
-(the zero singular values of Gram rows), whose finiteness test then needs
-no read.
+(the zero singular values of Gram rows, a Jacobian whose ``J^T J`` was
+proven finite), whose finiteness test then needs no read, and
+:func:`mark_unit` a scaling of ones (``x_scale`` of 1, the default), by which
+:func:`times` multiplies by returning its argument (``v * 1`` is ``v``
+exactly, so a mark lost to compaction or concatenation changes no value).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import Tensor
 #: attribute names set on the engine's own tensors
 _COUNT = "_tsc_true_count"
 _FINITE = "_tsc_known_finite"
+_UNIT = "_tsc_known_unit"
 
 
 def count_true(mask: Tensor) -> int:
@@ -41,6 +45,11 @@ def count_many(*masks: Tensor) -> list[int]:
     return counts
 
 
+def known_count(mask: Tensor) -> int | None:
+    """The count of ``mask`` if it is known (remembered or read before), else None (no read)."""
+    return getattr(mask, _COUNT, None)
+
+
 def remember(mask: Tensor, count: int) -> Tensor:
     """Record that ``mask`` has ``count`` true entries; returns ``mask``."""
     setattr(mask, _COUNT, count)
@@ -56,3 +65,21 @@ def mark_finite(t: Tensor) -> Tensor:
 def known_finite(t: Tensor) -> bool:
     """Whether :func:`mark_finite` recorded ``t`` (False means "not known", not "not finite")."""
     return getattr(t, _FINITE, False)
+
+
+def mark_unit(t: Tensor) -> Tensor:
+    """Record that every entry of ``t`` is 1 (a scaling that changes nothing); returns ``t``."""
+    setattr(t, _UNIT, True)
+    return t
+
+
+def known_unit(t: Tensor | None) -> bool:
+    """Whether :func:`mark_unit` recorded ``t`` (False means "not known")."""
+    return getattr(t, _UNIT, False)
+
+
+def times(d: Tensor | None, v: Tensor) -> Tensor:
+    """``v * d`` (elementwise); ``v`` itself when ``d`` is None or marked as ones."""
+    if d is None or getattr(d, _UNIT, False):
+        return v
+    return v * d

@@ -52,7 +52,10 @@ writes into a tensor that carries one, as ``counts.py`` relies on too): a 0-d or
 tensor under ``_tsc_host_value`` (a ``(B,)`` array, or a numpy scalar for one
 float64 problem), a tensor of two or more dimensions under
 ``_tsc_host_rows`` (an array of the tensor's shape). One tensor has one
-representation whichever family reads it first.
+representation whichever family reads it first. For the same reason one
+problem's flags and small integers (status codes, counters: most of the
+values its state takes at each trial) are ``(1,)`` tensors made once and
+shared (:func:`_scalar_tensor`).
 
 Powers are written as products (torch evaluates ``x**3`` as ``x * x * x``,
 numpy's ``power`` calls ``pow``, which rounds differently). On the host,
@@ -91,6 +94,8 @@ GRAIN = 32768
 _HOST_VALUE = "_tsc_host_value"
 #: attribute of a tensor of two or more dimensions: its host array (same shape)
 _HOST_ROWS = "_tsc_host_rows"
+#: attribute of a ``(B, k)`` tensor: the host's values of its rows' norms (:meth:`Scalars.norm`)
+_NORM = "_tsc_host_norm"
 #: tensors of at most this many entries reach numpy through ``tolist`` (:meth:`Scalars.view`)
 _SMALL = 64
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
@@ -98,6 +103,33 @@ _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: n
 
 
 _ARRAY = np.ndarray
+
+#: ``(1,)`` tensors of one problem's flags and of its small integers (codes, counters),
+#: made once and shared by every run (the engine never writes into a tensor, as for
+#: the host values it remembers): one problem's state changes them at every trial
+_SHARED: dict[tuple[type, int], Tensor] = {}
+_SHARED_INTS = (-128, 4096)
+
+
+def _scalar_tensor(v: Any) -> Tensor:
+    """A ``(1,)`` tensor of the scalar ``v`` remembering it (:data:`_HOST_VALUE`); shared
+    for a boolean or a small integer."""
+    kind = type(v)
+    key = None
+    if kind is np.bool_ or kind is bool:
+        key = (bool, bool(v))
+    elif (kind is np.int64 or kind is int) and _SHARED_INTS[0] <= v <= _SHARED_INTS[1]:
+        key = (int, int(v))
+    if key is not None:
+        t = _SHARED.get(key)
+        if t is not None:
+            return t
+    a = np.array([v])
+    t = torch.from_numpy(a)
+    setattr(t, _HOST_VALUE, a[0])
+    if key is not None:
+        _SHARED[key] = t
+    return t
 
 
 def _is_scalar(a: Any) -> bool:
@@ -279,11 +311,22 @@ class Scalars:
         return a
 
     def norm(self, t: Tensor, keepdim: bool = False) -> Any:
-        """Euclidean norms of the rows of a ``(B, k)`` tensor (columns with ``keepdim``)."""
-        r = vnorm(t, dim=-1, keepdim=keepdim)
+        """Euclidean norms of the rows of a ``(B, k)`` tensor (columns with ``keepdim``).
+
+        On the host the norms (not columns) are remembered on the tensor: the
+        current point's norm serves every trial from it.
+        """
         if not self.host:
-            return r
-        return np.float64(r.item()) if self.floats else r.numpy()
+            return vnorm(t, dim=-1, keepdim=keepdim)
+        if not keepdim:
+            known = getattr(t, _NORM, None)
+            if known is not None:
+                return known
+        r = vnorm(t, dim=-1, keepdim=keepdim)
+        value = np.float64(r.item()) if self.floats else r.numpy()
+        if not keepdim:
+            setattr(t, _NORM, value)
+        return value
 
     def row_norm(self, a: Any, keepdim: bool = False) -> Any:
         """:meth:`norm` of rows held as :meth:`rows` gives them.
@@ -349,11 +392,10 @@ class Scalars:
         if not self.host:
             return a.reshape(self.B)
         if self.floats:
-            a = np.array([a])
-        else:
-            a = np.ascontiguousarray(a).reshape(self.B)
+            return _scalar_tensor(a)
+        a = np.ascontiguousarray(a).reshape(self.B)
         t = torch.from_numpy(a)
-        setattr(t, _HOST_VALUE, a[0] if self.floats else a)
+        setattr(t, _HOST_VALUE, a)
         return t
 
     def tensor_rows(self, a: Any) -> Tensor:
@@ -445,11 +487,9 @@ class Scalars:
         for v in values:
             if isinstance(v, np.ndarray) and v.ndim:
                 t = torch.from_numpy(v)
+                setattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, v)
             else:  # a scalar or a 0-d array: a (1,) tensor, remembered as a numpy scalar
-                a = np.array([v])
-                t = torch.from_numpy(a)
-                v = a[0]
-            setattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, v)
+                t = _scalar_tensor(v[()] if isinstance(v, np.ndarray) else v)
             out.append(t)
         return tuple(out)
 

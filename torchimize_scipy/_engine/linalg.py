@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .counts import count_true, mark_finite
+from .counts import count_true, known_finite, known_unit, mark_finite
 
 
 class Factors(NamedTuple):
@@ -192,7 +192,19 @@ def svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
     V : Tensor, shape (B, n, k)
     uf : Tensor, shape (B, k)
     """
-    A = J if d is None else J * d.unsqueeze(-2)
+    A = J if d is None or known_unit(d) else J * d.unsqueeze(-2)
+    if known_finite(A):
+        # a Jacobian the loop proved finite (its J^T J is: loop._marked_finite), unscaled,
+        # needs no test; its singular values are finite too (s_max^2 <= trace(J^T J)),
+        # so the step rules need not test them either, unless LAPACK failed
+        if diag is None:
+            try:
+                U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+            except RuntimeError:  # (did not converge: svd_direct isolates the problem)
+                return svd_direct(A, f, None)
+            uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
+            return mark_finite(s), Vh.transpose(-1, -2), uf
+        return svd_direct(A, f, diag)
     if math.isfinite(float(A.sum())):  # a finite sum: every entry is finite
         return svd_direct(A, f, diag)
     ok = torch.isfinite(A).flatten(1).all(-1)

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
-from .counts import count_true
+from .counts import count_true, mark_finite, mark_unit
 from .host_scalars import Scalars, for_rows
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
@@ -237,6 +237,30 @@ def _finite_rows(hs: Scalars, f: Tensor):
     return hs.xp.isfinite(hs.view(torch.linalg.vector_norm(f, ord=math.inf, dim=-1))[0])
 
 
+def _trial_cost(problem: Problem, hs: Scalars, f: Tensor) -> tuple[Tensor, Tensor, object]:
+    """The trial's residuals ``f (B, m)``, zero in rows that are not finite; their cost;
+    and which rows are finite, as values of ``hs``.
+
+    On the host, when the cost proves the residuals finite
+    (:attr:`Problem.cost_proves_finite`), a finite cost in every row settles
+    it with no further pass over ``f`` (and no ``torch.where``, whose result
+    would equal ``f``); otherwise, or where a cost is not finite (overflow
+    or a non-finite residual), the rows are checked one by one as the tensor
+    code always does (it decides without reading the device).
+    """
+    cost = None
+    if hs.host and problem.cost_proves_finite:
+        cost = problem.cost(f)
+        fin = hs.xp.isfinite(hs.view(cost)[0])
+        if hs.count(fin) == hs.B:
+            return f, cost, fin
+    fin = _finite_rows(hs, f)
+    if hs.host and hs.count(fin) == hs.B:  # (some cost overflowed)
+        return f, problem.cost(f) if cost is None else cost, fin
+    f = torch.where(hs.tensors(fin)[0].unsqueeze(-1), f, 0.0)
+    return f, problem.cost(f), fin
+
+
 def finite_per_row(a: Tensor) -> Tensor:
     """``(B,)`` mask: every entry of each row of ``a`` is finite, without a host read.
 
@@ -326,7 +350,12 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
     J_true = state.pop("J_true")
     f, J, g, G = problem.linearize(state["f_true"], J_true)
     status = state.get("status", torch.full((B,), term.RUNNING, dtype=torch.long, device=dev))
-    bad = ~(jacobian_finite(J, G) & all_finite(state["f_true"]))
+    bad_J = jacobian_nonfinite_rows(J, G)  # (None: J^T J is finite)
+    bad = ~all_finite(state["f_true"])
+    if bad_J is None:
+        J = _marked_finite(J)
+    else:
+        bad = bad | bad_J
     status = term.stop_running(status, bad, term.NONFINITE)
     # a row starts its first outer iteration unless it stopped for good already
     fresh = (status != term.CALLBACK_STOP) & (status != term.NONFINITE)
@@ -343,7 +372,25 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
                        f"{sorted(undeclared)}")
     hs = for_rows(state["x"])
     n_fresh = hs.count(hs.view(fresh)[0])
+    scale = state["scale"]
+    if not problem.jac_scale and (bool((hs.rows(scale) == 1).all()) if hs.host else
+                                  not problem.bounded and count_true(scale != 1) == 0):
+        # x_scale of ones: no products by it (counts.times; off the host one read here
+        # saves the unbounded factorisations' finiteness reads); the mark goes on an
+        # alias, never on a tensor the caller may hold
+        state["scale"] = mark_unit(scale.view_as(scale))
     return n_fresh, B - n_fresh
+
+
+def _marked_finite(J):
+    """``J``, whose ``J^T J`` was proven finite, as an alias marked finite
+    (:func:`~.counts.mark_finite`): its factorisation then tests no entry, nor the
+    singular values it finds (``linalg.svd_factors``). The mark goes on an alias, never
+    on a tensor the caller's ``jac`` may hold; an operator or sparse ``J`` is left as
+    it is."""
+    if not isinstance(J, Tensor) or J.layout != torch.strided:
+        return J
+    return mark_finite(J.view_as(J))
 
 
 def concat(state: State, new: State) -> None:
@@ -493,10 +540,8 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
         x_new = trial.x_new
         f_new = problem.fun(x_new, state["ids"])
         nfev = hs.view(state["nfev"])[0] + 1
-        fin = _finite_rows(hs, f_new)
+        f_new, cost_new, fin = _trial_cost(problem, hs, f_new)
         state["nfev"], finite = hs.tensors(nfev, fin)
-        f_new = torch.where(finite.unsqueeze(-1), f_new, 0.0)
-        cost_new = problem.cost(f_new)
         verdict = rule.assess_trial(problem, state, trial, f_new, cost_new, finite)
         x_acc = verdict.x_accepted
         accept, code, status, nit = hs.view(verdict.accept, verdict.status, state["status"],
@@ -523,7 +568,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
                 _move_without_jacobian(state, hs, stops, n_stops, x_acc, f_new, cost_new)
         if n_accept:
             arows = _rows(hs, accept, n_accept)
-            sub = take(state, arows)
+            sub = state if arows is None else take(state, arows)  # (every row: in place)
             sub["x"] = x_acc if arows is None else x_acc.index_select(0, arows)
             sub["f_true"] = f_new if arows is None else f_new.index_select(0, arows)
             sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
@@ -532,10 +577,13 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             sub["njev"], = hs_sub.tensors(hs_sub.view(sub["njev"])[0] + 1)
             sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
             bad = jacobian_nonfinite_rows(sub["J"], sub["G"])
-            if bad is not None:
+            if bad is None:
+                sub["J"] = _marked_finite(sub["J"])
+            else:
                 sub["status"] = term.stop_running(sub["status"], bad, term.NONFINITE)
             rule.after_jacobian(problem, sub)
-            put(state, arows, sub)
+            if arows is not None:
+                put(state, arows, sub)
         if on_iteration is not None:
             on_iteration(state)
         if problem.callback is not None and B == 1 and n_fresh:

@@ -92,6 +92,18 @@ class Problem:
         """``tr_solver='lsmr'``: ``J`` is used through products only (no ``J^T J``)."""
         return self.tr_solver == "lsmr"
 
+    @property
+    def cost_proves_finite(self) -> bool:
+        """Whether a problem's finite :meth:`cost` proves each of its residuals finite.
+
+        The linear cost ``0.5 * sum(f**2)`` is infinite or NaN when an entry is
+        (a square is never negative, so nothing cancels); likewise the robust
+        losses whose ``rho`` grows without bound
+        (:attr:`~torchimize_scipy._loss.LossFunction.cost_proves_finite`). The
+        converse does not hold: a cost may overflow with finite residuals.
+        """
+        return self.loss is None or getattr(self.loss, "cost_proves_finite", False)
+
     def cost(self, f: Tensor) -> Tensor:
         """Cost ``0.5 * sum(rho(f**2))`` per problem, ``(B,)``."""
         if self.loss is None:

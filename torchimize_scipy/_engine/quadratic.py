@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .counts import count_true
+from .counts import count_true, times
 from .host_scalars import Scalars
 
 
@@ -39,8 +39,7 @@ def jac_times(J: Tensor, s: Tensor, d: Tensor | None = None) -> Tensor:
     ``J`` may also be a :class:`~torchimize_scipy._engine.operator.JacobianOperator`
     (``tr_solver='lsmr'``): its ``matvec`` is used.
     """
-    if d is not None:
-        s = s * d
+    s = times(d, s)
     if not isinstance(J, Tensor):
         return J.matvec(s)
     return torch.bmm(J, s.unsqueeze(-1)).squeeze(-1)
@@ -83,7 +82,7 @@ def evaluate_quadratic(
 
     ``G``/``gram``: see :func:`cross_jac`.
     """
-    u = s if d is None else s * d
+    u = times(d, s)
     q = cross_jac(J, u, u, G, gram)
     if diag is not None:
         q = q + (diag * s * s).sum(-1)
@@ -106,7 +105,7 @@ def build_quadratic_1d(
     """
     if not _gram_rows(gram):
         G = gram = None
-    v = s if d is None else s * d
+    v = times(d, s)
     Jv = None if gram is not None else jac_times(J, v)
     a = cross_jac(J, v, v, G, gram) if Jv is None else (Jv * Jv).sum(-1)
     if diag is not None:
@@ -116,7 +115,7 @@ def build_quadratic_1d(
     if s0 is None:
         c = torch.zeros_like(b)
     else:
-        u = s0 if d is None else s0 * d
+        u = times(d, s0)
         if Jv is None:
             b = b + cross_jac(J, u, v, G, gram)
             uu = cross_jac(J, u, u, G, gram)

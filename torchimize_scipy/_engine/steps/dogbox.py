@@ -29,11 +29,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from ..bounds import in_bounds, step_size_to_bound
+from ..counts import known_count, remember
 from ..host_scalars import Scalars, for_rows
 from ..linalg import factorize, gauss_newton_step
 from ..problem import Problem
@@ -95,14 +97,17 @@ class Dogbox(StepRule):
         on_bound, = sc.view(state["on_bound"])
         free = (on_bound * g < 0) == 0  # (not frozen at a bound)
         optimality = _max_abs(sc, sc.xp.where(free, g, 0.0))
-        state["free"] = sc.tensor_rows(free)
+        state["free"] = free_t = sc.tensor_rows(free)
+        if sc.host:  # (the host knows whether every variable is free: _all_free)
+            remember(free_t, int(np.count_nonzero(free)))
         state["optimality"] = sc.tensor(optimality)
         return sc.tensor(optimality < problem.gtol)
 
     def build_model(self, problem: Problem, state: dict) -> None:
         free = state["free"]
-        J_free = state["J"] * free.unsqueeze(-2)
-        g_free = torch.where(free, state["g"], 0.0)
+        every = _all_free(free)
+        J_free = _free_columns(state["J"], free, every)
+        g_free = state["g"] if every else torch.where(free, state["g"], 0.0)
         G = state["G"]
         G_free = None
         if problem.use_gram:
@@ -118,7 +123,7 @@ class Dogbox(StepRule):
         # gelsd's threshold (eps/2 * s_max) and no step on the frozen variables: see the
         # module notes
         newton = gauss_newton_step(fac, rcond=0.5 * torch.finfo(J_free.dtype).eps)
-        state["newton"] = torch.where(free, newton, 0.0)
+        state["newton"] = newton if every else torch.where(free, newton, 0.0)
         flag_singular_factors(state, fac.s)
         # -g_free vanishes on the fixed variables: J_free (-g_free) = J (-g_free)
         quad, lin, _ = build_quadratic_1d(J_free, None, g_free, -g_free, G=G, gram=fac.gram)
@@ -148,7 +153,8 @@ class Dogbox(StepRule):
 
     def predicted_reduction(self, state: dict, g_free: Tensor, step: Tensor) -> Tensor:
         """The decrease of the quadratic model along ``step`` (zero on frozen variables)."""
-        J_free = state["J"] * state["free"].unsqueeze(-2)
+        free = state["free"]
+        J_free = _free_columns(state["J"], free, _all_free(free))
         return -evaluate_quadratic(J_free, None, g_free, step)
 
     def assess_trial(self, problem: Problem, state: dict, trial: DogboxTrial, f_new: Tensor,
@@ -236,3 +242,15 @@ def _dogleg(sc: Scalars, x_h, newton_h, g_h, a: Tensor, b: Tensor, tr_h, lb_h, u
     bound_hits = sc.as_long(xp.where(ok, 0, bound_hits))
     tr_hit = (newton_ok == 0) & tr_hit
     return step, bound_hits, tr_hit
+
+
+def _all_free(free: Tensor) -> bool:
+    """Whether every variable of every row is free, known without a read (the host's
+    count, remembered by ``measure_optimality``; False when not known)."""
+    return known_count(free) == free.numel()
+
+
+def _free_columns(J: Tensor, free: Tensor, every: bool) -> Tensor:
+    """``J`` with the columns of the frozen variables zeroed (``J`` itself if none is:
+    ``J * 1`` is ``J`` exactly, and a Jacobian marked finite keeps its mark)."""
+    return J if every else J * free.unsqueeze(-2)

@@ -32,6 +32,7 @@ from ..bounds import (
     make_strictly_feasible,
     step_size_to_bound,
 )
+from ..counts import times
 from ..host_scalars import Scalars, for_rows
 from ..linalg import factorize
 from ..problem import Problem
@@ -143,7 +144,7 @@ class TRF(StepRule):
             d = state["scale"]
             diag_h = None
         state["tr_scaling"] = d
-        state["g_h"] = d * state["g"]
+        state["g_h"] = times(d, state["g"])
         fac = factorize(state["J"], d, state["f"], diag_h, gram=state["G"], g=state["g"],
                         use_gram=problem.use_gram)
         store_factors(state, fac)
@@ -164,11 +165,14 @@ class TRF(StepRule):
             predicted = -sc.tensor(value)
         else:
             step_h = p_h
-            step = d * p_h
+            step = times(d, p_h)
             predicted = -evaluate_quadratic(state["J"], d, state["g_h"], p_h, G=state["G"],
                                             gram=state.get("fac_gram"))
             x_new = state["x"] + step
-        return TRFTrial(x_new, vnorm(step, dim=-1), vnorm(step_h, dim=-1), predicted, alpha)
+        step_norm = vnorm(step, dim=-1)
+        # (x_scale of ones: the step is the scaled step, the same tensor)
+        step_h_norm = step_norm if step_h is step else vnorm(step_h, dim=-1)
+        return TRFTrial(x_new, step_norm, step_h_norm, predicted, alpha)
 
     def assess_trial(self, problem: Problem, state: dict, trial: TRFTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
