@@ -2,7 +2,9 @@
 
 :func:`build_result` turns the engine's batch-first result tensors into a
 :class:`BatchOptimizeResult` in the caller's array kind; ``least_squares``
-returns its problem 0 (``res[0]``, a plain :class:`scipy.optimize.OptimizeResult`).
+returns the same fields for its one problem (``res[0]``, a plain
+:class:`scipy.optimize.OptimizeResult`), built by :func:`build_one_result` without
+the batch result.
 ``message`` and ``success`` come only from the status table of
 :mod:`torchimize_scipy._engine.status`.
 """
