@@ -290,3 +290,149 @@ def test_host_numpy_copies_small_tensors_exactly(dtype, shape):
         assert not np.shares_memory(a, ref)  # the caller's own copy
     elif t.numel() > _SMALL:
         assert np.shares_memory(a, ref)  # a view, no copy
+
+
+# ----------------------------------------------------------- 'lm' book, one problem
+def _book_sequence(book, ids, calls):
+    """Record ``calls`` (``'f'`` a residual evaluation, ``'J'`` a forward-difference
+    Jacobian) on ``book``; return the counts and flags after each step."""
+    x = torch.zeros(len(ids), 2, dtype=torch.float64)
+    seen = []
+    for k, what in enumerate(calls):
+        if what == "f":
+            book.record_call(ids, x + k, torch.full((len(ids), 3), float(k), dtype=torch.float64))
+        else:
+            book.add_fd_evals(ids, 2)
+            book.record_jac(ids, torch.full((len(ids), 3, 2), float(k), dtype=torch.float64),
+                            lambda k=k: book.value_at(ids, x + k - 1))
+        seen.append({name: np.asarray(book._tensor(name)).tolist()
+                     for name in LeastsqBook.COUNTS})
+    return seen
+
+
+def test_book_one_problem_counts_as_tensor_book():
+    """The host path of a one-problem book (every evaluation: whole-batch updates on
+    numpy) counts trials, ``spent`` and ``hit`` as the tensor code does, up to maxfev."""
+    calls = ["f", "J", "f", "f", "J", "f", "J", "f", "f"]
+    ids = torch.tensor([0])
+    host = _book_sequence(LeastsqBook(9, 1e-8, 1, "cpu", keep_residuals=True), ids, calls)
+    tensor = _book_sequence(LeastsqBook(9, 1e-8, 1, "cpu", keep_residuals=True, host=False),
+                            ids, calls)
+    assert host == tensor
+    assert host[-1]["spent"] == [True] and host[-1]["hit"] == [True]
+    assert host[-1]["trials"] == [5]
+
+
+def test_book_one_problem_copies_and_keeps_dtype():
+    """The one-problem path stores private copies, in the dtype of the first ones."""
+    book = LeastsqBook(100, 1e-8, 1, "cpu", keep_residuals=True)
+    ids = torch.tensor([0])
+    x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    r = torch.tensor([[3.0]], dtype=torch.float64)
+    book.record_call(ids, x, r)
+    x.add_(1.0)
+    r.add_(1.0)
+    assert book.rows["last_x"].tolist() == [[1.0, 2.0]]
+    assert book.rows["last_f"].tolist() == [[3.0]]
+    book.record_call(ids, x.float(), r.float())
+    assert book.rows["last_x"].dtype == torch.float64
+    assert book.rows["last_x"].tolist() == [[2.0, 3.0]]
+
+
+@pytest.mark.parametrize("status", [codes.FTOL, codes.GTOL])
+@pytest.mark.parametrize("jac_last", [False, True])
+def test_last_minpack_jacobian_of_one_as_batched(status, jac_last):
+    """A one-problem book's last MINPACK Jacobian, residuals and njev are the batched
+    method's row 0, whether our final Jacobian counts (gtol) or not."""
+    book = LeastsqBook(100, 1e-8, 1, "cpu", keep_residuals=True)
+    _book_sequence(book, torch.tensor([0]), ["f", "J", "f", "J", "f"] + (["J"] if jac_last
+                                                                          else []))
+    J, f, njev = book.at_last_minpack_jacobian(torch.tensor([status]))
+    J1, f1, njev1 = book.last_minpack_jacobian_of_one(status)
+    assert torch.equal(J1, J[0]) and torch.equal(f1, f[0])
+    assert isinstance(njev1, int) and njev1 == int(njev[0])
+    expected_J = 5.0 if jac_last and status == codes.GTOL else 3.0
+    assert J1[0, 0].item() == expected_J
+
+
+# ----------------------------------------------------------- MINPACK's QR outputs
+@pytest.mark.parametrize("shape", [(50, 3), (4, 4), (7, 1), (120, 10)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_minpack_qr_outputs_as_scipy_qr(shape, dtype):
+    """``fjac, ipvt, qtf, R`` from one pivoted QR are those of ``scipy.linalg.qr``'s
+    'raw' and 'economic' modes (the route before: two factorisations)."""
+    import scipy.linalg
+
+    from torchimize_scipy._curve_fit._leastsq import minpack_qr_outputs
+
+    rng = np.random.default_rng(3)
+    J = rng.normal(size=shape).astype(dtype)
+    f = rng.normal(size=shape[0]).astype(dtype)
+    fjac, ipvt, qtf, R = minpack_qr_outputs(J, f)
+    m, n = shape
+    (raw, tau), _, perm = scipy.linalg.qr(J, pivoting=True, mode="raw")
+    Q, _, _ = scipy.linalg.qr(J, pivoting=True, mode="economic")
+    tol = 50 * np.finfo(dtype).eps * max(1.0, np.abs(J).max())
+    assert ipvt.dtype == np.int32 and ipvt.tolist() == perm.tolist()
+    assert fjac.dtype == dtype and fjac.shape == (n, m) and fjac.flags.c_contiguous
+    np.testing.assert_allclose(R, np.triu(raw[:n, :n]), rtol=0, atol=tol)
+    np.testing.assert_allclose(
+        fjac.T, np.triu(raw) + np.tril(raw, -1) * tau[np.newaxis, :n], rtol=0, atol=tol)
+    np.testing.assert_allclose(qtf, Q.T @ f, rtol=0, atol=tol * np.abs(f).sum())
+    np.testing.assert_allclose(J[:, ipvt], Q @ R, rtol=0, atol=tol)
+
+
+def test_minpack_qr_outputs_refuses_nonfinite():
+    """As ``scipy.linalg.qr`` (its ``check_finite``): a NaN is a ValueError."""
+    from torchimize_scipy._curve_fit._leastsq import minpack_qr_outputs
+
+    with pytest.raises(ValueError, match="must not contain infs or NaNs"):
+        minpack_qr_outputs(np.array([[np.nan, 1.0], [1.0, 2.0]]), np.ones(2))
+
+
+# ----------------------------------------------------------- one problem's result
+def _rosen(x):
+    return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+
+def _rosen_jac(x):
+    return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize(("method", "jac", "bounds"), [
+    ("lm", "2-point", None), ("lm", "callable", None), ("trf", "callable", None),
+    ("trf", "2-point", ([-np.inf, 1.5], np.inf)), ("dogbox", "callable", None)])
+def test_one_result_as_batch_result(kind, method, jac, bounds):
+    """``build_one_result`` gives ``build_result(...)[0]``: keys in scipy's order, the
+    same types (floats / 0-d tensors, ints, bool, arrays of the caller's kind), values."""
+    from torchimize_scipy._driver import result_buffers
+    from torchimize_scipy._results import build_one_result, build_result
+
+    dt = torch.float64
+    ns = Namespace(kind, torch.device("cpu"), dt)
+    jac_arg = _rosen_jac if jac == "callable" else jac
+    bounded = bounds is not None
+    out = result_buffers(1, 2, 3, dt, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    for v in out.values():
+        if v.is_floating_point():
+            v.copy_(torch.randn(v.shape, generator=gen, dtype=dt))
+        else:
+            v.copy_(torch.randint(0, 3, v.shape, generator=gen))
+    out["status"].fill_(2)
+    one = build_one_result(out, ns, method, jac_arg, bounded)
+    ref = build_result(out, ns, method, jac_arg, bounded)[0]
+    assert list(one) == list(ref)
+    for key in ref:
+        a, b = one[key], ref[key]
+        assert type(a) is type(b), key
+        if isinstance(b, torch.Tensor):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), key
+        elif isinstance(b, np.ndarray):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), key
+        else:
+            assert a == b, key
+    # no "J" kept (a sparse Jacobian): jac is None
+    del out["J"]
+    assert build_one_result(out, ns, method, jac_arg, bounded)["jac"] is None

@@ -227,9 +227,9 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
     if isinstance(x0, torch.Tensor):
         x0_t = x0.detach().reshape(B, n).to(device=dev, dtype=dt).clone()
     else:
-        x0_t = torch.tensor(x0_host, device=dev, dtype=dt).reshape(B, n)
-    lb_t = torch.tensor(lb, device=dev, dtype=dt).reshape(B, n)
-    ub_t = torch.tensor(ub, device=dev, dtype=dt).reshape(B, n)
+        x0_t = _engine_tensor(x0_host, dev, dt).reshape(B, n)
+    lb_t = _engine_tensor(lb, dev, dt).reshape(B, n)
+    ub_t = _engine_tensor(ub, dev, dt).reshape(B, n)
     bounded = bool(np.isfinite(lb).any() or np.isfinite(ub).any())
     if method == "trf" and bounded:
         x0_t = make_strictly_feasible(x0_t, lb_t, ub_t)
@@ -263,6 +263,18 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
     return Prepared(ns=ns, x0_host=x0_host, x0=x0_t, lb=lb_t, ub=ub_t, bounded=bounded,
                     x_scale=scale, ftol=ftol, xtol=xtol, gtol=gtol, fun=fun_b, jac_user=jac_b,
                     jac=engine_jac)
+
+
+def _engine_tensor(a: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A private engine tensor of the float64 host array ``a`` (``torch.tensor``'s values).
+
+    On the CPU in float64 it is a numpy copy handed to torch (``torch.tensor``
+    parses its argument as a nested sequence first: several times slower for
+    the few entries of one problem).
+    """
+    if device.type == "cpu" and dtype == torch.float64:
+        return torch.from_numpy(np.array(a, dtype=np.float64, order="C"))
+    return torch.tensor(a, device=device, dtype=dtype)
 
 
 def check_residuals_and_loss(method: str, n: int, f0: Tensor, loss: Any, f_scale: Any,

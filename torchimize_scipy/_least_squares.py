@@ -27,7 +27,7 @@ from ._engine import status as codes
 from ._engine.loop import RESULT_KEYS
 from ._frontend import check_residuals_and_loss, jacobian_at_x0, jacobian_finite_at_x0, prepare
 from ._jac_forms import result_jacobian
-from ._results import build_result
+from ._results import build_one_result
 from ._validation import check_options
 
 
@@ -232,7 +232,7 @@ def least_squares(
             idx = torch.zeros(1, dtype=torch.long, device=ns.device)
             implicit.attach(out, lambda x: p.fun.raw(x, idx), loss_obj)
     sparse_J = None if dense_jac or n == 0 else out.pop("J", None)
-    result = build_result(out, ns, method, jac, p.bounded)[0]
+    result = build_one_result(out, ns, method, jac, p.bounded)
     if sparse_J is not None:
         result.jac = result_jacobian(sparse_J, numpy_caller=ns.kind != "torch")
     if ns.kind == "numpy" and f0_raw.dtype == np.float32:

@@ -2,7 +2,9 @@
 
 :func:`build_result` turns the engine's batch-first result tensors into a
 :class:`BatchOptimizeResult` in the caller's array kind; ``least_squares``
-returns its problem 0 (``res[0]``, a plain :class:`scipy.optimize.OptimizeResult`).
+returns the same fields for its one problem (``res[0]``, a plain
+:class:`scipy.optimize.OptimizeResult`), built by :func:`build_one_result` without
+the batch result.
 ``message`` and ``success`` come only from the status table of
 :mod:`torchimize_scipy._engine.status`.
 """
@@ -102,3 +104,30 @@ def build_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, jac: 
         nfev=ns.to_user(out["nfev"]), njev=njev, status=ns.to_user(status),
         success=ns.to_user(codes.success(status)), message=codes.messages(status.tolist()),
     )
+
+
+def build_one_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, jac: Any,
+                     bounded: bool) -> OptimizeResult:
+    """``build_result(out, ...)[0]`` for the output of one problem (``least_squares``).
+
+    The same fields, values and types, read from the engine's ``(1, ...)``
+    tensors directly (no batch result to index, no per-field
+    batch-dimension conversions): arrays in the caller's kind, ``cost`` and
+    ``optimality`` floats (0-d tensors for a torch caller), counts ints.
+    """
+    status = int(out["status"].item())
+    active = out["active_mask"][0]
+    if method in ("trf", "gn", "gd") and not bounded:
+        active = active.to(out["x"].dtype)
+    if ns.kind == "torch":
+        cost, optimality = out["cost"][0].clone(), out["optimality"][0].clone()
+    else:
+        cost, optimality = float(out["cost"].item()), float(out["optimality"].item())
+    to_user = ns.to_user
+    njev = None if (method == "lm" and not callable(jac)) else int(out["njev"].item())
+    return OptimizeResult(
+        x=to_user(out["x"][0]), cost=cost, fun=to_user(out["f_true"][0]),
+        jac=to_user(out["J"][0]) if "J" in out else None, grad=to_user(out["g"][0]),
+        optimality=optimality, active_mask=to_user(active), nfev=int(out["nfev"].item()),
+        njev=njev, status=status, message=codes.message(status),
+        success=bool(codes.success(status)))

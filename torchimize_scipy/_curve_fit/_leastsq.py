@@ -10,6 +10,7 @@ and ``pcov`` from the Jacobian of MINPACK's *last Jacobian evaluation*.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,15 @@ STATUS_TO_IER = {codes.FTOL: 1, codes.XTOL: 2, codes.FTOL_XTOL: 3, codes.GTOL: 4
 _EPS = float(np.finfo(float).eps)
 #: :meth:`LeastsqBook._select`'s index for "every problem, in order".
 ALL = slice(None)
+
+
+def _private(value: torch.Tensor, stored: torch.Tensor | None,
+             device: torch.device) -> torch.Tensor:
+    """A private copy of ``value`` on ``device`` in the dtype of ``stored`` (if any)."""
+    dtype = value.dtype if stored is None else stored.dtype
+    if value.device != device or value.dtype != dtype:
+        return value.to(device, dtype)
+    return value.clone()
 
 
 class MaxfevReached(Exception):
@@ -140,11 +150,40 @@ def minpack_qr_outputs(J: np.ndarray, fvec: np.ndarray) -> tuple:
     (``geqp3``'s raw output).
     """
     m, n = J.shape
-    (raw, tau), _, perm = scipy.linalg.qr(J, pivoting=True, mode="raw")
+    A = np.asarray_chkfinite(J)  # the check of ``scipy.linalg.qr``
+    geqp3, orgqr = _qr_routines(A.dtype.char)
+    # the pivoted QR once (LAPACK's geqp3, workspace from its query as scipy.linalg.qr
+    # sizes it); Q (orgqr of a copy of the same reflectors) is what
+    # ``scipy.linalg.qr(J, pivoting=True, mode="economic")`` returns, bit for bit
+    raw, jpvt, tau = _lapack(geqp3, A)
+    perm = jpvt - 1  # 1-based pivots
     R = np.triu(raw[:n, :n])
     fjac = np.triu(raw) + np.tril(raw, -1) * tau[np.newaxis, :n]
-    Q, _, _ = scipy.linalg.qr(J, pivoting=True, mode="economic")
+    if m < n:
+        Q = _lapack(orgqr, raw[:, :m].copy(), tau, overwrite_a=1)[0]
+    else:
+        Q = _lapack(orgqr, raw.copy(), tau, overwrite_a=1)[0]
     return fjac.T.copy(), perm.astype(np.int32), Q.T @ fvec, R
+
+
+@functools.cache
+def _qr_routines(char: str) -> tuple[Any, Any]:
+    """LAPACK's ``geqp3`` and ``orgqr`` for arrays of dtype ``char`` (looked up once)."""
+    sample = np.empty((1, 1), dtype=char)
+    geqp3, = scipy.linalg.get_lapack_funcs(("geqp3",), (sample,))
+    orgqr, = scipy.linalg.get_lapack_funcs(("orgqr",), (sample,))
+    return geqp3, orgqr
+
+
+def _lapack(routine: Any, *args: Any, **kwargs: Any) -> tuple:
+    """``routine(*args)`` with its optimal workspace (a query first); its outputs without
+    ``work`` and ``info``."""
+    query = routine(*args, lwork=-1, **kwargs)
+    out = routine(*args, lwork=query[-2][0].real.astype(np.int_), **kwargs)
+    if out[-1] < 0:
+        raise ValueError(f"illegal value in {-out[-1]}th argument of internal LAPACK "
+                         "routine")
+    return out[:-2]
 
 
 class LeastsqBook:
@@ -282,6 +321,9 @@ class LeastsqBook:
     def record_call(self, ids: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> None:
         """One residual evaluation of the problems ``ids`` at ``x``, giving ``r``."""
         sel = self._select(ids)
+        if sel is ALL and self.host:
+            self._record_call_all(x, r)
+            return
         started = self._get("jac_calls", sel) > 0  # evaluations after the first Jacobian
         spent = self._get("spent", sel)            # are trials
         self._count("hit", sel, self._get("hit", sel) | (spent & started))
@@ -296,6 +338,28 @@ class LeastsqBook:
             self._seen_all = self._seen_all or sel is ALL
         total = 1 + trials + self._get("fd_evals", sel)
         self._count("spent", sel, spent | (started & (total >= self.maxfev)))
+
+    def _record_call_all(self, x: torch.Tensor, r: torch.Tensor) -> None:
+        """:meth:`record_call` for every problem, counts on the host (the one-problem path
+        of ``curve_fit``, once per evaluation): the same updates on numpy arrays, without
+        the row selection's indirections."""
+        rows = self.rows
+        started = rows["jac_calls"] > 0
+        spent = rows["spent"]
+        rows["hit"] = rows["hit"] | (spent & started)
+        trials = rows["trials"] + started
+        rows["trials"] = trials
+        rows["jac_after_trial"] = np.zeros(self.B, dtype=bool)
+        # private copies (the caller's tensors may be reused); the first keeps its dtype
+        rows["last_x"] = _private(x.detach() if x.requires_grad else x, rows.get("last_x"),
+                                  self.device)
+        rows["last_f"] = _private(r.detach() if r.requires_grad else r, rows.get("last_f"),
+                                  self.device)
+        if not self._seen_all:  # once all are seen, they stay seen
+            rows["seen"] = np.ones(self.B, dtype=bool)
+            self._seen_all = True
+        total = 1 + trials + rows["fd_evals"]
+        rows["spent"] = spent | (started & (total >= self.maxfev))
 
     def value_at(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         """The residuals last evaluated at ``x`` for problems ``ids``, if they were made there."""
@@ -371,3 +435,17 @@ class LeastsqBook:
             pick = extra.reshape(-1, *([1] * (last.ndim - 1)))
             out.append(torch.where(pick, prev, last))
         return (*out, self.jac_calls - extra.long())
+
+    def last_minpack_jacobian_of_one(self, status: int) -> tuple[Any, ...]:
+        """:meth:`at_last_minpack_jacobian` of a book of one problem (``B = 1``).
+
+        The kept summary (then residuals) without the batch dimension, as the
+        book holds them (not copies: read them only), and ``njev`` as an int;
+        ``status`` is the problem's ``least_squares`` status.
+        """
+        rows = self.rows
+        extra = bool(rows["jac_after_trial"][0]) and status != codes.GTOL
+        names = ["summary"] + (["f"] if self.keep_residuals else [])
+        out = [(rows.get("prev_" + name, rows[name]) if extra else rows[name])[0]
+               for name in names]
+        return (*out, int(rows["jac_calls"][0]) - int(extra))

@@ -390,8 +390,7 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
 
     nfev, njev = res.nfev, res.njev
     if book is not None:
-        J, jac_f, njevs = book.at_last_minpack_jacobian(torch.tensor([int(res.status)]))
-        J, jac_f, njev = J[0], jac_f[0], int(njevs[0])
+        J, jac_f, njev = book.last_minpack_jacobian_of_one(int(res.status))
         if minpack_fd:
             nfev = res.nfev + n * njev
     else:
