@@ -106,7 +106,8 @@ def _mix(sc: Scalars, sp: _Spectral, gram_value: Any, svd_value: Any) -> Any:
 
 
 def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: Any,
-                  coef0: Any = None, exact: bool = False) -> tuple[Any, Any, Any]:
+                  coef0: Any = None, exact: bool = False,
+                  positive: bool = False) -> tuple[Any, Any, Any]:
     """``phi = |p(alpha)| - delta``, ``-dphi/dalpha`` and ``|p|`` as columns kept by ``sc``.
 
     ``alpha`` and ``delta`` are columns ``(B, 1)`` (``alpha=None``: 0);
@@ -116,7 +117,9 @@ def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: A
     saves the negations (``-a / b == a / -b`` exactly). ``exact``: every
     norm and sum of a batch is torch's reduction ('lm', whose host and
     tensor paths agree bit for bit on batches; one problem takes numpy's,
-    :func:`host_norm`).
+    :func:`host_norm`). ``positive``: the caller knows every ``alpha > 0``
+    (:func:`_all_positive`), so no denominator ``s**2 + alpha`` is zero and
+    the guards are dropped (the same values).
     """
     xp = sc.xp
     has_gram, has_svd = sp.route
@@ -125,11 +128,14 @@ def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: A
         # (with alpha = 0, s * s + 0 is s * s exactly; torch's denom**3 is one
         # operation computing denom * denom * denom, numpy's calls pow)
         denom = sp.s2 if alpha is None else sp.s2 + alpha
-        nonzero = denom != 0
-        coef = xp.where(nonzero, sp.suf / denom, 0.0) if coef0 is None else coef0
+        nonzero = None if positive else denom != 0
+        if coef0 is not None:
+            coef = coef0
+        else:
+            coef = sp.suf / denom if positive else xp.where(nonzero, sp.suf / denom, 0.0)
         pn_s = _torch_row_norm(sc, coef) if exact else sc.row_norm(coef, keepdim=True)
         cube = denom**3 if xp is torch else denom * denom * denom
-        terms = xp.where(nonzero, sp.suf2 / cube, 0.0)
+        terms = sp.suf2 / cube if positive else xp.where(nonzero, sp.suf2 / cube, 0.0)
         total = _torch_row_sum(sc, terms) if exact else sc.row_sum(terms, keepdim=True)
         dpos_s = total / xp.where(pn_s > 0, pn_s, 1.0)
     if has_gram:
@@ -140,16 +146,43 @@ def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: A
     return p_norm - delta, _mix(sc, sp, dpos_g, dpos_s), p_norm
 
 
+def _minus_v_times(sc: Scalars, fac: Factors, coef: Any) -> Tensor:
+    """``-V coef`` for rows ``coef`` ``(B, k)`` kept by ``sc``: a ``(B, n)`` tensor.
+
+    Host rows enter the product as a view (no tensor of their own); the
+    product is a new tensor, negated and squeezed in place (two dispatches
+    fewer than ``-(...).squeeze(-1)`` of a column made by
+    :meth:`~.host_scalars.Scalars.tensor_rows`, the same values).
+    """
+    col = torch.from_numpy(coef[..., None]) if sc.host else coef.unsqueeze(-1)
+    return torch.bmm(fac.V, col).neg_().squeeze_(-1)
+
+
+def _all_positive(sc: Scalars, alpha: Any) -> bool:
+    """Whether every entry of the columns ``alpha`` is known to be positive.
+
+    Only on the host, where the count costs no read of a device (False
+    elsewhere: the callers then keep their guards, which change nothing).
+    """
+    return sc.host and sc.count(alpha > 0) == sc.B
+
+
 def _damped_step_column(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any) -> Tensor:
     """:func:`damped_step` for columns ``alpha`` ``(B, 1)`` kept by ``sc``."""
     has_gram, has_svd = sp.route
     p_svd = None
     if has_svd:
         denom = sp.s2 + alpha
-        coef = sc.xp.where(denom != 0, sp.suf / denom, 0.0)
-        p_svd = -torch.bmm(fac.V, sc.tensor_rows(coef).unsqueeze(-1)).squeeze(-1)
+        # (s**2 >= 0: with every alpha > 0 no denominator is zero)
+        coef = (sp.suf / denom if _all_positive(sc, alpha)
+                else sc.xp.where(denom != 0, sp.suf / denom, 0.0))
+        p_svd = _minus_v_times(sc, fac, coef)
     p_gram = gram_solve(fac, sc.tensor_rows(alpha))[0] if has_gram else None
     return mix_routes(fac, p_gram, p_svd)
+
+
+#: machine epsilon of the float dtypes (``torch.finfo`` costs a call each time)
+_EPS = {dt: torch.finfo(dt).eps for dt in (torch.float64, torch.float32)}
 
 
 def _full_rank_columns(sc: Scalars, fac: Factors, sp: _Spectral, m: int, n: int) -> Any:
@@ -158,7 +191,7 @@ def _full_rank_columns(sc: Scalars, fac: Factors, sp: _Spectral, m: int, n: int)
         gram = fac.gram
         return sc.get_col(torch.zeros(sc.B, dtype=torch.bool, device=sc.device)
                           if gram is None else gram)
-    eps = torch.finfo(fac.s.dtype).eps
+    eps = _EPS.get(fac.s.dtype) or torch.finfo(fac.s.dtype).eps
     svd_rank = sc.column(sp.s, -1) > eps * m * sc.column(sp.s, 0)
     if fac.gram is None:
         return svd_rank
@@ -214,7 +247,7 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     coef0 = p_svd = None
     if has_svd:
         coef0 = xp.where(sp.s2 != 0, sp.suf / sp.s2, 0.0)
-        p_svd = -torch.bmm(fac.V, sc.tensor_rows(coef0).unsqueeze(-1)).squeeze(-1)
+        p_svd = _minus_v_times(sc, fac, coef0)
     p_gn = mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
     delta_c = sc.get_col(delta)
     inside = full_rank & (sc.norm(p_gn, keepdim=True) <= delta_c)
@@ -230,14 +263,19 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     lower = xp.where(full_rank, phi0 / xp.where(dpos0 != 0, dpos0, -1.0), 0.0)
     alpha = sc.get_col(alpha0)
     # (for booleans ``a > b`` is ``a & ~b``)
-    alpha = xp.where((alpha == 0) > full_rank, _restart_xp(xp, lower, upper), alpha)
+    restart = (alpha == 0) > full_rank
+    if not sc.host or sc.count(restart):  # (on the host the count is free)
+        alpha = xp.where(restart, _restart_xp(xp, lower, upper), alpha)
     running = inside == 0  # not inside (``~`` of a Python bool would not do)
     n_running = B - n_inside
     tol = rtol * delta_c
     for _ in range(max_iter):
         out = (alpha < lower) | (alpha > upper)
-        alpha_it = xp.where(out, _restart_xp(xp, lower, upper), alpha)
-        phi, dpos, _ = _radius_terms(sc, fac, sp, alpha_it, delta_c)
+        alpha_it = alpha
+        if not sc.host or sc.count(out):
+            alpha_it = xp.where(out, _restart_xp(xp, lower, upper), alpha)
+        phi, dpos, _ = _radius_terms(sc, fac, sp, alpha_it, delta_c,
+                                     positive=_all_positive(sc, alpha_it))
         upper_it = xp.where(phi < 0, alpha_it, upper)
         neg_ratio = phi / xp.where(dpos != 0, dpos, -1.0)  # -phi / dphi
         lower_it = xp.maximum(lower, alpha_it + neg_ratio)
