@@ -146,16 +146,22 @@ def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: A
     return p_norm - delta, _mix(sc, sp, dpos_g, dpos_s), p_norm
 
 
-def _minus_v_times(sc: Scalars, fac: Factors, coef: Any) -> Tensor:
-    """``-V coef`` for rows ``coef`` ``(B, k)`` kept by ``sc``: a ``(B, n)`` tensor.
+def _v_times(sc: Scalars, fac: Factors, coef: Any) -> Tensor:
+    """``V coef`` for rows ``coef`` ``(B, k)`` kept by ``sc``: a new ``(B, n)`` tensor.
 
-    Host rows enter the product as a view (no tensor of their own); the
-    product is a new tensor, negated and squeezed in place (two dispatches
-    fewer than ``-(...).squeeze(-1)`` of a column made by
-    :meth:`~.host_scalars.Scalars.tensor_rows`, the same values).
+    Host rows enter the product as a view (no ``unsqueeze`` of a tensor of
+    their own); the product is squeezed in place. A step is ``-V coef``:
+    callers that only take its norm, or scale it, fold the sign into the
+    scale instead of negating the rows (``(-a) b`` and ``a (-b)`` are the
+    same numbers, signed zeros included).
     """
     col = torch.from_numpy(coef[..., None]) if sc.host else coef.unsqueeze(-1)
-    return torch.bmm(fac.V, col).neg_().squeeze_(-1)
+    return torch.bmm(fac.V, col).squeeze_(-1)
+
+
+def _minus_v_times(sc: Scalars, fac: Factors, coef: Any) -> Tensor:
+    """``-V coef`` (:func:`_v_times`, negated in place)."""
+    return _v_times(sc, fac, coef).neg_()
 
 
 def _all_positive(sc: Scalars, alpha: Any) -> bool:
@@ -167,16 +173,21 @@ def _all_positive(sc: Scalars, alpha: Any) -> bool:
     return sc.host and sc.count(alpha > 0) == sc.B
 
 
+def _damped_coef(sc: Scalars, sp: _Spectral, alpha: Any) -> Any:
+    """Rows ``s uf / (s**2 + alpha)`` (0 where the denominator is), for columns ``alpha``."""
+    denom = sp.s2 + alpha
+    # (s**2 >= 0: with every alpha > 0 no denominator is zero)
+    if _all_positive(sc, alpha):
+        return sp.suf / denom
+    return sc.xp.where(denom != 0, sp.suf / denom, 0.0)
+
+
 def _damped_step_column(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any) -> Tensor:
     """:func:`damped_step` for columns ``alpha`` ``(B, 1)`` kept by ``sc``."""
     has_gram, has_svd = sp.route
     p_svd = None
     if has_svd:
-        denom = sp.s2 + alpha
-        # (s**2 >= 0: with every alpha > 0 no denominator is zero)
-        coef = (sp.suf / denom if _all_positive(sc, alpha)
-                else sc.xp.where(denom != 0, sp.suf / denom, 0.0))
-        p_svd = _minus_v_times(sc, fac, coef)
+        p_svd = _minus_v_times(sc, fac, _damped_coef(sc, sp, alpha))
     p_gram = gram_solve(fac, sc.tensor_rows(alpha))[0] if has_gram else None
     return mix_routes(fac, p_gram, p_svd)
 
@@ -244,16 +255,25 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     sp = _spectral(sc, fac)
     has_gram, has_svd = sp.route
     full_rank = _full_rank_columns(sc, fac, sp, m, n)
-    coef0 = p_svd = None
+    # With the SVD route alone (one problem, or a batch without Gram rows) the
+    # steps are kept as V coef, their negatives, until they are returned: the
+    # norms do not see the sign, and the final scale takes it (one negation
+    # fewer per step).
+    svd_only = not has_gram
+    coef0 = q_svd = None
     if has_svd:
         coef0 = xp.where(sp.s2 != 0, sp.suf / sp.s2, 0.0)
-        p_svd = _minus_v_times(sc, fac, coef0)
-    p_gn = mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
+        q_svd = _v_times(sc, fac, coef0)
+    if svd_only:
+        p_gn = q_svd  # (the Gauss-Newton step negated)
+    else:
+        p_gn = mix_routes(fac, gram_solve(fac, None)[0],
+                          None if q_svd is None else q_svd.neg_())
     delta_c = sc.get_col(delta)
     inside = full_rank & (sc.norm(p_gn, keepdim=True) <= delta_c)
     n_inside = sc.count(inside)
     if n_inside == B:
-        return p_gn, torch.zeros_like(delta)
+        return (p_gn.neg_() if svd_only else p_gn), torch.zeros_like(delta)
 
     gnorm = _mix(sc, sp, sc.norm(fac.b, keepdim=True) if has_gram else None,
                  sc.row_norm(sp.suf, keepdim=True) if has_svd else None)
@@ -290,11 +310,16 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
         n_running = sc.count(running)
         if not n_running:
             break
-    p = _damped_step_column(sc, fac, sp, alpha)
-    pn = sc.norm(p, keepdim=True)
-    p = sc.scale_rows(p, delta_c / xp.where(pn > 0, pn, 1.0))
+    if svd_only:  # V coef, scaled by -delta / |p|
+        p = _v_times(sc, fac, _damped_coef(sc, sp, alpha))
+        pn = sc.norm(p, keepdim=True)
+        p = sc.scale_rows(p, -(delta_c / xp.where(pn > 0, pn, 1.0)))
+    else:
+        p = _damped_step_column(sc, fac, sp, alpha)
+        pn = sc.norm(p, keepdim=True)
+        p = sc.scale_rows(p, delta_c / xp.where(pn > 0, pn, 1.0))
     if n_inside:
-        p = torch.where(sc.tensor(inside).unsqueeze(-1), p_gn, p)
+        p = torch.where(sc.tensor(inside).unsqueeze(-1), p_gn.neg_() if svd_only else p_gn, p)
         alpha = xp.where(inside, 0.0, alpha)
     return p, sc.tensor(alpha)
 
