@@ -273,7 +273,9 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     inside = full_rank & (sc.norm(p_gn, keepdim=True) <= delta_c)
     n_inside = sc.count(inside)
     if n_inside == B:
-        return (p_gn.neg_() if svd_only else p_gn), torch.zeros_like(delta)
+        # (on the host a tensor of zeros remembering them, no dispatch)
+        zero = sc.tensor(sc.full(0.0)) if sc.host else torch.zeros_like(delta)
+        return (p_gn.neg_() if svd_only else p_gn), zero
 
     gnorm = _mix(sc, sp, sc.norm(fac.b, keepdim=True) if has_gram else None,
                  sc.row_norm(sp.suf, keepdim=True) if has_svd else None)
