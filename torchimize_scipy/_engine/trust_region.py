@@ -234,7 +234,12 @@ def solve_trust_region_scipy(
     norms are torch operations. On other devices the same code runs on
     tensors and the host reads one count before the iteration (how many
     steps fit) and one per iteration (how many problems still iterate).
-    While every problem iterates, its updates need no masking. ``host``
+    While every problem iterates, its updates need no masking. On the host,
+    where such counts are free, the restart point is computed only when a
+    problem needs it and the quotients ``s uf / (s**2 + alpha)`` drop their
+    guards when every ``alpha > 0``; with the SVD route alone the steps are
+    kept as ``V coef`` and the sign goes into the final scale. These change
+    no value, only the number of operations (issue 14). ``host``
     overrides the choice (for the tests).
 
     Returns
