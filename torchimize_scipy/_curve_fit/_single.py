@@ -309,9 +309,14 @@ class _OneProblem:
         return self.model.jacobian(p[None], self.ids)[0]
 
     def fd_jacobian(self, p: Any) -> Any:
-        """MINPACK's forward differences, ``(m, N)`` in row-major order."""
+        """MINPACK's forward differences ``(m, N)``.
+
+        A numpy ``J`` may be a transposed view: ``least_squares`` copies what
+        a numpy Jacobian function returns into its own row-major array anyway
+        (one copy instead of two); a tensor is made row-major here.
+        """
         J = self.model.fd_jacobian(p[None], self.ids)[0]
-        return J.contiguous() if isinstance(J, torch.Tensor) else np.ascontiguousarray(J)
+        return J.contiguous() if isinstance(J, torch.Tensor) else J
 
 
 def _all_finite(a: Any) -> bool:
