@@ -59,7 +59,8 @@ def inverse_from_r(R: Any) -> Any:
     cov = Rinv @ Rinv.transpose(-1, -2)
     if numpy_in:
         cov = cov.numpy()
-    return xp.where(singular[:, None, None], xp.full_like(cov, float("nan")), cov)
+        return np.where(singular[:, None, None], np.nan, cov) if singular.any() else cov
+    return torch.where(singular[:, None, None], torch.full_like(cov, float("nan")), cov)
 
 
 def pivoted_inverse(R: Any, perm: Any) -> Any:
@@ -70,8 +71,7 @@ def pivoted_inverse(R: Any, perm: Any) -> Any:
     cov = inverse_from_r(R)
     if isinstance(cov, np.ndarray):
         back = np.argsort(np.asarray(perm), axis=-1)  # variable i is column back[i]
-        cov = np.take_along_axis(cov, back[..., :, None], axis=-2)
-        return np.take_along_axis(cov, back[..., None, :], axis=-1)
+        return cov[np.arange(cov.shape[0])[:, None, None], back[:, :, None], back[:, None, :]]
     back = torch.argsort(perm, dim=-1)
     rows = back.unsqueeze(-1).expand_as(cov)
     return cov.gather(-2, rows).gather(-1, back.unsqueeze(-2).expand_as(cov))
