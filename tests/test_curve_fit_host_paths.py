@@ -57,11 +57,16 @@ def test_pivoted_inverse_numpy_matches_the_inverse_of_the_gram_matrix():
     np.testing.assert_allclose(cov[0], ref, rtol=0, atol=tol)
 
 
-def test_pivoted_inverse_numpy_singular_is_nan_and_keeps_the_others():
-    R = np.stack([np.array([[2.0, 1.0], [0.0, 0.0]]), np.array([[2.0, 1.0], [0.0, 4.0]])])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_pivoted_inverse_numpy_singular_is_nan_and_keeps_the_others(dtype):
+    """A singular ``R`` beside a regular one, in the dtype of ``R`` (float32 included)."""
+    R = np.stack([np.array([[2.0, 1.0], [0.0, 0.0]]),
+                  np.array([[2.0, 1.0], [0.0, 4.0]])]).astype(dtype)
     cov = pivoted_inverse(R, np.array([[1, 0], [0, 1]]))
+    assert cov.dtype == dtype
     assert np.isnan(cov[0]).all()
-    np.testing.assert_allclose(cov[1], np.linalg.inv(R[1].T @ R[1]), rtol=1e-14)
+    ref = np.linalg.inv(R[1].astype(float).T @ R[1].astype(float))
+    np.testing.assert_allclose(cov[1], ref, rtol=10 * np.finfo(dtype).eps)
 
 
 def test_finish_covariance_numpy_rules():

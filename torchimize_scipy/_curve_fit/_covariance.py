@@ -51,7 +51,7 @@ def inverse_from_r(R: Any) -> Any:
     Rt = torch.from_numpy(R) if numpy_in else R
     eye = torch.eye(n, dtype=Rt.dtype, device=Rt.device).expand_as(Rt)
     if numpy_in:
-        safe = torch.from_numpy(np.where(singular[:, None, None], np.eye(n), R)) \
+        safe = torch.from_numpy(np.where(singular[:, None, None], np.eye(n, dtype=R.dtype), R)) \
             if singular.any() else Rt
     else:
         safe = torch.where(singular[:, None, None], eye, Rt)
