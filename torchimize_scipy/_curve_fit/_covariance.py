@@ -1,4 +1,4 @@
-r"""The covariance of the estimate, for B problems at once (torch).
+r"""The covariance of the estimate, for B problems at once (torch, or numpy for one).
 
 :math:`\mathrm{Cov}(\hat p) \approx (J^T J)^{-1}`, times the reduced
 chi-square :math:`s^2 = \lVert r \rVert^2 / (M - N)` unless
@@ -21,7 +21,9 @@ scales, and fills indeterminate covariances with ``inf``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 
 from .._engine.linalg import inverse_and_condition
@@ -34,21 +36,43 @@ PCOV_GRAM_COND_LIMIT = 1e6
 COV_MSG = "Covariance of the parameters could not be estimated"
 
 
-def inverse_from_r(R: torch.Tensor) -> torch.Tensor:
-    """``R^{-1} R^{-T}`` per problem; NaN where ``R`` has an exactly zero diagonal entry."""
+def inverse_from_r(R: Any) -> Any:
+    """``R^{-1} R^{-T}`` per problem; NaN where ``R`` has an exactly zero diagonal entry.
+
+    ``R (B, N, N)`` is a tensor, or a numpy array (:func:`curve_fit`'s one
+    problem): then the masks are numpy's and only the triangular solve and
+    the product go through torch (the same kernels as for tensors), and the
+    result is a numpy array.
+    """
+    numpy_in = not isinstance(R, torch.Tensor)
+    xp: Any = np if numpy_in else torch
     n = R.shape[-1]
-    singular = (torch.diagonal(R, dim1=-2, dim2=-1) == 0).any(-1)
-    eye = torch.eye(n, dtype=R.dtype, device=R.device).expand_as(R)
-    safe = torch.where(singular[:, None, None], eye, R)
+    singular = (xp.diagonal(R, 0, -2, -1) == 0).any(-1)
+    Rt = torch.from_numpy(R) if numpy_in else R
+    eye = torch.eye(n, dtype=Rt.dtype, device=Rt.device).expand_as(Rt)
+    if numpy_in:
+        safe = torch.from_numpy(np.where(singular[:, None, None], np.eye(n, dtype=R.dtype), R)) \
+            if singular.any() else Rt
+    else:
+        safe = torch.where(singular[:, None, None], eye, Rt)
     Rinv = torch.linalg.solve_triangular(safe, eye, upper=True)
     cov = Rinv @ Rinv.transpose(-1, -2)
+    if numpy_in:
+        cov = cov.numpy()
+        return np.where(singular[:, None, None], np.nan, cov) if singular.any() else cov
     return torch.where(singular[:, None, None], torch.full_like(cov, float("nan")), cov)
 
 
-def pivoted_inverse(R: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``P R^{-1} R^{-T} P^T`` from ``J P = Q R`` (column ``k`` of ``R``: variable ``perm[k]``)."""
+def pivoted_inverse(R: Any, perm: Any) -> Any:
+    """``P R^{-1} R^{-T} P^T`` from ``J P = Q R`` (column ``k`` of ``R``: variable ``perm[k]``).
+
+    ``R (B, N, N)`` and ``perm (B, N)``: tensors, or numpy arrays (a numpy result).
+    """
     cov = inverse_from_r(R)
-    back = torch.argsort(perm, dim=-1)  # variable i is column back[i]
+    if isinstance(cov, np.ndarray):
+        back = np.argsort(np.asarray(perm), axis=-1)  # variable i is column back[i]
+        return cov[np.arange(cov.shape[0])[:, None, None], back[:, :, None], back[:, None, :]]
+    back = torch.argsort(perm, dim=-1)
     rows = back.unsqueeze(-1).expand_as(cov)
     return cov.gather(-2, rows).gather(-1, back.unsqueeze(-2).expand_as(cov))
 
@@ -104,23 +128,30 @@ def normal_inverse(J: torch.Tensor, factorised: Callable[[torch.Tensor], torch.T
     return cov
 
 
-def finish_covariance(cov: torch.Tensor, ok: torch.Tensor, n: int, m: int | torch.Tensor,
-                      chisq: torch.Tensor, absolute_sigma: bool) -> tuple[torch.Tensor, int]:
+def finish_covariance(cov: Any, ok: Any, n: int, m: Any, chisq: Any,
+                      absolute_sigma: bool) -> tuple[Any, int]:
     """Scale by the reduced chi-square; ``inf`` where indeterminate, NaN where ``~ok``.
 
     ``cov (B, N, N)`` is ``(J^T J)^{-1}`` (NaN entries: indeterminate),
     ``chisq (B,)`` the sum of squared whitened residuals, ``m`` the number of
     observations, shared or per problem ``(B,)`` (after ``nan_policy='omit'``).
-    Returns the covariances and how many of the ``ok`` problems are
-    indeterminate (the caller's warning).
+    All arrays are tensors, or all numpy arrays (:func:`curve_fit`'s one
+    problem, on the host: the same IEEE operations). Returns the covariances
+    and how many of the ``ok`` problems are indeterminate (the caller's warning).
     """
-    bad = torch.isnan(cov).flatten(1).any(-1)
+    numpy_in = isinstance(cov, np.ndarray)
+    xp: Any = np if numpy_in else torch
+    bad = xp.isnan(cov).reshape(cov.shape[0], -1).any(-1)
     if not absolute_sigma:
-        m_t = torch.as_tensor(m, device=cov.device).expand_as(bad)
+        if numpy_in:
+            m_t = np.broadcast_to(np.asarray(m), bad.shape)
+        else:
+            m_t = torch.as_tensor(m, device=cov.device).expand_as(bad)
         enough = m_t > n
-        dof = torch.where(enough, m_t - n, torch.ones_like(m_t)).to(chisq.dtype)
-        cov = cov * (chisq / dof).to(cov.dtype)[:, None, None]
+        dof = xp.where(enough, m_t - n, xp.ones_like(m_t))
+        scale = chisq / (dof.astype(chisq.dtype) if numpy_in else dof.to(chisq.dtype))
+        cov = cov * (scale.astype(cov.dtype) if numpy_in else scale.to(cov.dtype))[:, None, None]
         bad = bad | ~enough
-    cov = torch.where(bad[:, None, None], torch.full_like(cov, float("inf")), cov)
-    cov = torch.where(ok[:, None, None], cov, torch.full_like(cov, float("nan")))
+    cov = xp.where(bad[:, None, None], xp.full_like(cov, float("inf")), cov)
+    cov = xp.where(ok[:, None, None], cov, xp.full_like(cov, float("nan")))
     return cov, int((bad & ok).sum())

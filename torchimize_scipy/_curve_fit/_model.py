@@ -51,6 +51,22 @@ def as_tensor(a: Any) -> torch.Tensor:
     return torch.as_tensor(a)
 
 
+#: Boolean identity matrices by (size, device): the shifted points of forward differences.
+_DIAGONAL_MASKS: dict[tuple[int, str], Any] = {}
+
+
+def _diagonal_mask(n: int, dev: torch.device | None) -> Any:
+    """The ``(n, n)`` boolean identity: a tensor on ``dev``, or numpy for ``None``."""
+    key = (n, "numpy" if dev is None else str(dev))
+    mask = _DIAGONAL_MASKS.get(key)
+    if mask is None:
+        mask = np.eye(n, dtype=bool) if dev is None else torch.eye(
+            n, dtype=torch.bool, device=dev)
+        if len(_DIAGONAL_MASKS) < 64:  # a few sizes and devices per session
+            _DIAGONAL_MASKS[key] = mask
+    return mask
+
+
 def _swap_last(a: Any) -> Any:
     return a.transpose(-1, -2) if isinstance(a, torch.Tensor) else np.swapaxes(a, -1, -2)
 
@@ -213,8 +229,8 @@ class WhitenedModel:
     def fd_jacobian(self, P: Any, ids: Any) -> Any:
         """MINPACK's forward differences for ``b`` problems (``N`` shifted points each).
 
-        One body for numpy and torch parameters (``array_api_compat``): numpy
-        parameters give numpy arithmetic (torch's, on the numpy arrays'
+        One body for numpy and torch parameters: numpy parameters give numpy
+        arithmetic (torch's, on the numpy arrays'
         memory, for large batches), tensors torch operations, the same IEEE
         operations in both. A batch that ``f`` takes in one call is
         differenced in place in the order ``f`` returns the values (a
@@ -227,43 +243,56 @@ class WhitenedModel:
         in place (on 10,000 Gaussian peaks, 0.33 ms per group of 512 problems
         against 0.39 ms for the differences in ``f``'s order and a
         transposing copy; a transposed view instead would cost the engine a
-        copy of ``J`` per Jacobian).
+        copy of ``J`` per Jacobian). The shifted points are selected from
+        ``P`` and ``P + h`` by a cached boolean identity, with numpy's and
+        torch's own functions (no namespace look-up per call: for one problem
+        of :func:`curve_fit` the set-up costs about as much as the calls of
+        ``f``).
         """
         book = self.book
-        xp = array_namespace(P)
-        dev = device(P)
         torch_in = isinstance(P, torch.Tensor)
+        xp: Any = torch if torch_in else np
+        dev = P.device if torch_in else "cpu"
         idt = as_tensor(ids)
         f0t = self._value_at(P, ids)  # a tensor
         f0 = f0t if torch_in else (f0t if f0t.device.type == "cpu" else f0t.cpu()).numpy()
         b, n = P.shape
-        rel = xp.asarray(book.rel_step, dtype=P.dtype, device=dev)
-        h = rel * xp.abs(P)
-        h = xp.where(h == 0, xp.broadcast_to(rel, h.shape), h)
-        eye = xp.eye(n, dtype=xp.bool, device=dev)
-        shifted = xp.where(eye, (P + h)[:, None, :], xp.broadcast_to(P[:, None, :], (b, n, n)))
-        Pp = xp.reshape(shifted, (b * n, n))
+        if torch_in:
+            rel = torch.as_tensor(book.rel_step, dtype=P.dtype, device=dev)
+            h = rel * torch.abs(P)
+            h = torch.where(h == 0, rel, h)
+        else:
+            rel = np.asarray(book.rel_step, dtype=P.dtype)
+            h = rel * np.abs(P)
+            h = np.where(h == 0, rel, h)
+        # row j of each problem's block: P with p_j replaced by p_j + h_j (copied, not
+        # P + diag(h): that would turn a parameter -0.0 into +0.0)
+        shifted = xp.where(_diagonal_mask(n, P.device if torch_in else None),
+                           (P + h)[:, None, :], P[:, None, :])
+        Pp = shifted.reshape(b * n, n)
         group = max(1, self._chunk_rows(b * n, n, P) // n)  # problems per call of f
         J = diff = None
         for start in range(0, b, group):
             stop = min(b, start + group)
             F = self._evaluate(Pp[start * n:stop * n], ids[start:stop], n)
             F = as_tensor(F).to(dev) if torch_in else np.asarray(F)
-            F = xp.reshape(F, (stop - start, n, -1))
+            F = F.reshape(stop - start, n, -1)
             if torch_in and torch.is_grad_enabled() and (
                     F.requires_grad or f0.requires_grad or h.requires_grad):
                 # autograd: one group (_chunk_rows does not split calls that record gradients)
-                J = xp.permute_dims((F - f0[start:stop, None, :]) / h[start:stop, :, None],
-                                    (0, 2, 1))
+                J = _swap_last((F - f0[start:stop, None, :]) / h[start:stop, :, None])
             elif group >= b:  # one call: in place, in f's row order, and the transposed view
-                diff = xp.empty(F.shape, dtype=F.dtype, device=dev)
+                diff = torch.empty(F.shape, dtype=F.dtype, device=dev) if torch_in else \
+                    np.empty(F.shape, dtype=F.dtype)
                 sub, div = (torch.sub, torch.div) if torch_in else (np.subtract, np.divide)
                 sub(F, f0[:, None, :], out=diff)
                 div(diff, h[:, :, None], out=diff)
-                J = xp.permute_dims(diff, (0, 2, 1))
+                J = _swap_last(diff)
             else:  # each group's differences written transposed into one (b, M, N) array
                 if J is None:
-                    J = xp.empty((b, F.shape[-1], n), dtype=F.dtype, device=dev)
+                    shape = (b, F.shape[-1], n)
+                    J = torch.empty(shape, dtype=F.dtype, device=dev) if torch_in else \
+                        np.empty(shape, dtype=F.dtype)
                 dst = J[start:stop] if torch_in else torch.from_numpy(J[start:stop])
                 torch.sub(as_tensor(F).transpose(1, 2), as_tensor(f0[start:stop, :, None]),
                           out=dst)

@@ -263,12 +263,15 @@ def curve_fit(
         chisq = 2 * float(as_numpy(res.cost))  # pcov is not differentiated
         cov = normal_inverse(as_tensor(res.jac)[None], svd_pinv, gram_first=False)
 
-    pcov, indeterminate = finish_covariance(
-        cov, torch.ones(1, dtype=torch.bool, device=cov.device), n, ysize,
-        torch.tensor([chisq], dtype=torch.float64, device=cov.device), absolute_sigma)
+    if isinstance(cov, torch.Tensor):
+        ok, chisqs = (torch.ones(1, dtype=torch.bool, device=cov.device),
+                      torch.tensor([chisq], dtype=torch.float64, device=cov.device))
+    else:  # 'lm': the covariance of MINPACK's R, on the host
+        ok, chisqs = np.ones(1, dtype=bool), np.array([chisq], dtype=np.float64)
+    pcov, indeterminate = finish_covariance(cov, ok, n, ysize, chisqs, absolute_sigma)
     if indeterminate:
         warnings.warn(COV_MSG, category=OptimizeWarning, stacklevel=2)
-    pcov = pcov[0].to(ns.device, ns.dtype) if ns is not None else pcov[0].cpu().numpy()
+    pcov = as_tensor(pcov[0]).to(ns.device, ns.dtype) if ns is not None else as_numpy(pcov[0])
     if full_output:
         return popt, pcov, infodict, mesg, ier
     return popt, pcov
@@ -306,9 +309,14 @@ class _OneProblem:
         return self.model.jacobian(p[None], self.ids)[0]
 
     def fd_jacobian(self, p: Any) -> Any:
-        """MINPACK's forward differences, ``(m, N)`` in row-major order."""
+        """MINPACK's forward differences ``(m, N)``.
+
+        A numpy ``J`` may be a transposed view: ``least_squares`` copies what
+        a numpy Jacobian function returns into its own row-major array anyway
+        (one copy instead of two); a tensor is made row-major here.
+        """
         J = self.model.fd_jacobian(p[None], self.ids)[0]
-        return J.contiguous() if isinstance(J, torch.Tensor) else np.ascontiguousarray(J)
+        return J.contiguous() if isinstance(J, torch.Tensor) else J
 
 
 def _all_finite(a: Any) -> bool:
@@ -397,7 +405,7 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
         jac_f, J = res.fun, res.jac
     fvec = as_numpy(res.fun)
     fjac, ipvt, qtf, R = minpack_qr_outputs(as_numpy(J), as_numpy(jac_f))
-    cov = pivoted_inverse(torch.from_numpy(R)[None], torch.from_numpy(ipvt).long()[None])
+    cov = pivoted_inverse(R[None], ipvt[None])  # numpy: one small matrix on the host
     infodict = _infodict(res.fun, nfev, njev if user_jac else None, fjac, ipvt, qtf, res.x)
     chisq = float(np.sum(fvec.astype(float) ** 2))
     return res.x, cov, infodict, mesg, ier, fvec.size, chisq
@@ -456,5 +464,5 @@ def _nonfinite_start_lm(problem: _OneProblem, p0: Any, n: int, f0: Any, user_jac
     infodict = _infodict(f0, nfev, 1 if user_jac else None, fjac, ipvt, qtf, popt)
     with np.errstate(invalid="ignore", over="ignore"):
         chisq = float(np.sum(fvec.astype(float) ** 2))
-    cov = torch.full((1, n, n), float("nan"), dtype=torch.float64)
+    cov = np.full((1, n, n), np.nan)
     return popt, cov, infodict, messages[4], 4, m, chisq
