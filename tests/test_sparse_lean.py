@@ -15,6 +15,7 @@ from _parity import (
     assert_cost_close,
     assert_x_close,
 )
+from _torch_calls import recorded_torch_calls
 
 from torchimize_scipy import least_squares
 from torchimize_scipy._engine import csr as op
@@ -183,8 +184,6 @@ def test_host_column_norms_run_in_numpy_for_float64(dtype) -> None:
     """x_scale='jac' on the host (float64): the squared column norms of a sparse
     Jacobian by numpy's bincount, with no torch operation over the entries (each would
     open a parallel region); float32 keeps torch's sums in float32."""
-    from torch.overrides import TorchFunctionMode
-
     from torchimize_scipy._engine.operator import JacobianOperator
 
     rng = np.random.default_rng(8)
@@ -192,13 +191,7 @@ def test_host_column_norms_run_in_numpy_for_float64(dtype) -> None:
     w = torch.as_tensor(rng.uniform(0.5, 2.0, J.shape[:2]), dtype=dtype)
     d = torch.as_tensor(rng.uniform(0.5, 2.0, (J.shape[0], J.shape[2])), dtype=dtype)
     op_ = JacobianOperator(J).scale_rows(w).scale_columns(d)
-    names: list[str] = []
-
-    class Record(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            names.append(getattr(func, "__name__", str(func)))
-            return func(*args, **(kwargs or {}))
-    with Record():
+    with recorded_torch_calls() as names:
         sq = op_.column_sq_norms()
     ref = ((w.unsqueeze(-1) * J.to_dense() * d.unsqueeze(-2)) ** 2).sum(-2)
     assert sq.dtype == dtype

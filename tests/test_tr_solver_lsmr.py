@@ -34,6 +34,7 @@ from _parity import (
     assert_status_equivalent,
     assert_x_close,
 )
+from _torch_calls import recorded_torch_calls
 from scipy.optimize import least_squares as scipy_least_squares
 
 from torchimize_scipy import least_squares
@@ -468,20 +469,12 @@ def test_orthonormal_pair_spans_the_pair_even_when_nearly_collinear():
 def test_subspace_gram_on_the_host_and_with_autograd() -> None:
     """The 2-D model's ``JS^T JS``: numpy's einsum on the host (no torch parallel region),
     torch's product where gradients flow; both the Gram matrix to one evaluation."""
-    from torch.overrides import TorchFunctionMode
-
     from torchimize_scipy._engine.steps.trf_lsmr import _gram
 
     rng = np.random.default_rng(5)
     JS = torch.as_tensor(rng.standard_normal((3, 70_000, 2)))
     ref = torch.einsum("bmi,bmj->bij", JS, JS)
-    names: list[str] = []
-
-    class Record(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            names.append(getattr(func, "__name__", str(func)))
-            return func(*args, **(kwargs or {}))
-    with Record():
+    with recorded_torch_calls() as names:
         G = _gram(JS)
     assert not any(n in ("matmul", "bmm", "__matmul__", "einsum") for n in names)
     assert_close_scaled(G, ref, ONE_EVAL_RTOL)
