@@ -56,6 +56,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ._engine import csr
+
 #: torch's grain size (``at::internal::GRAIN_SIZE``): its kernels do not split
 #: fewer elements than this across threads; the per-problem Jacobian size
 #: ``m n`` at or below which the engine's MKL calls run single-threaded.
@@ -146,3 +148,39 @@ def mkl_local_threads() -> int | None:
     value = _SET_LOCAL(0)
     _SET_LOCAL(value)
     return value
+
+
+@contextmanager
+def serial_torch(device: torch.device) -> Iterator[bool]:
+    """Hold the calling thread's torch (OpenMP) and MKL counts at 1; products keep theirs.
+
+    For the sparse products' solves (``tr_solver='lsmr'`` with a CSR Jacobian
+    on the CPU): their products already run on the lean helper threads of
+    :mod:`~torchimize_scipy._engine.csr`, so a torch parallel region over the
+    ``m``-long vectors gains nothing there, and its OpenMP worker keeps
+    spinning for milliseconds after each region, on the core the helpers
+    need. Inside the block the products still cut their rows for the
+    thread count the caller had (:func:`~torchimize_scipy._engine.csr.product_threads`).
+    Only for the engine's own work (no user code runs inside: the step rules
+    enter it around their model and step, which call no ``fun``). Per thread
+    and nested like :func:`serial_blas`; yields whether it did anything (CPU,
+    OpenMP found, more than one thread).
+    """
+    threads = csr.product_threads()
+    if device.type != "cpu" or _OMP is None or threads <= 1:
+        yield False
+        return
+    torch.get_num_threads()  # (torch's own first-use setting of MKL's local count, now)
+    held = getattr(csr._LOCAL, "threads", None)
+    omp_previous = _OMP[0]()
+    mkl_previous = None if _SET_LOCAL is None else _SET_LOCAL(1)
+    csr._LOCAL.threads = threads
+    _OMP[1](1)
+    try:
+        yield True
+    finally:
+        _OMP[1](omp_previous)
+        if mkl_previous is not None:
+            _SET_LOCAL(mkl_previous)
+        csr._LOCAL.threads = held
+

@@ -311,7 +311,11 @@ class SparsityPattern:
             rows = torch.as_tensor(self.rows, device=device)
             cols = torch.as_tensor(self.cols, device=device)
             groups = torch.as_tensor(self.groups, device=device)
-            onehot = groups.unsqueeze(0) == torch.arange(self.n_groups, device=device)[:, None]
+            if device.type == "cpu":  # numpy on this thread: no torch parallel region
+                onehot = torch.from_numpy(self.groups[None, :]
+                                          == np.arange(self.n_groups)[:, None])
+            else:
+                onehot = groups.unsqueeze(0) == torch.arange(self.n_groups, device=device)[:, None]
             self._on[key] = (rows, cols, groups, onehot)
         return self._on[key]
 
@@ -361,9 +365,14 @@ class SparsityPattern:
         key = ("coo", str(values.device), B)
         indices = self._on.get(key)
         if indices is None:
-            rows, cols, _, _ = self.on(values.device)
-            batch = torch.arange(B, device=values.device).repeat_interleave(nnz)
-            indices = torch.stack([batch, rows.repeat(B), cols.repeat(B)])
+            if values.device.type == "cpu":  # numpy on this thread (as in :meth:`on`)
+                indices = torch.from_numpy(np.stack([np.repeat(np.arange(B), nnz),
+                                                     np.tile(self.rows, B),
+                                                     np.tile(self.cols, B)]))
+            else:
+                rows, cols, _, _ = self.on(values.device)
+                batch = torch.arange(B, device=values.device).repeat_interleave(nnz)
+                indices = torch.stack([batch, rows.repeat(B), cols.repeat(B)])
             self._on = {k: v for k, v in self._on.items() if k[0] != "coo"}  # one size kept
             # the engine's CSR index arrays, registered for as long as this pattern lives
             self._on[key] = indices, csr_plan(indices, (B, *self.shape), register=True)
@@ -444,7 +453,6 @@ def grouped_difference(fun: Callable[[Tensor, Tensor], Tensor], x: Tensor, f0: T
         empty = torch.zeros(B, 0, dtype=f0.real.dtype if f0.is_complex() else f0.dtype,
                             device=f0.device)
         return pattern.sparse(empty)
-    group_of_col = torch.as_tensor(pattern.groups, device=x0.device)[cols]  # (nnz,)
     h = _absolute_step(x0, default_rel_step(x0.dtype, f0.dtype, method), rel_step)
     sel = onehot.unsqueeze(0)  # (1, G, n)
 
@@ -464,6 +472,7 @@ def grouped_difference(fun: Callable[[Tensor, Tensor], Tensor], x: Tensor, f0: T
 
     def at_nonzeros(F: Tensor) -> Tensor:
         """``F[b, group(j), i]`` for every structural nonzero ``(i, j)``: ``(B, nnz)``."""
+        group_of_col = torch.as_tensor(pattern.groups, device=x0.device)[cols]  # (nnz,)
         return F[:, group_of_col, rows]
 
     if method == "cs":

@@ -412,7 +412,7 @@ def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> lis
     """
     indptr, indices = index
     nnz = int(indptr[-1])
-    threads = torch.get_num_threads()
+    threads = product_threads()
     k = int(max(1, min(threads if threads == 1 else 2 * threads, nnz // _BLOCK_NNZ, shape[0])))
     cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(1, k) * (nnz / k)), shape[0]])
     blocks = []
@@ -508,10 +508,23 @@ class SharedJobs:
             raise self.error
 
 
+#: per calling thread: the thread count the products use while the caller's own
+#: torch count is held at 1 (:func:`~torchimize_scipy._blas_threads.serial_torch`)
+_LOCAL = threading.local()
+
+
+def product_threads() -> int:
+    """The threads the calling thread's products may use: torch's intra-op count, or
+    the count it had before :func:`~torchimize_scipy._blas_threads.serial_torch` set
+    this thread's to 1."""
+    held = getattr(_LOCAL, "threads", None)
+    return torch.get_num_threads() if held is None else held
+
+
 def helper_threads() -> int:
-    """How many helper threads work beside the caller: torch's threads (at most the
-    CPU count) less the caller's."""
-    return max(0, min(torch.get_num_threads(), os.cpu_count() or 1) - 1)
+    """How many helper threads work beside the caller: the products' threads
+    (:func:`product_threads`, at most the CPU count) less the caller's."""
+    return max(0, min(product_threads(), os.cpu_count() or 1) - 1)
 
 
 class CallsOnHelpers(SharedJobs):

@@ -145,6 +145,11 @@ class JacobianOperator:
             return self._csr
         return None
 
+    @property
+    def sparse_on_host(self) -> bool:
+        """Whether this is a sparse Jacobian whose products run on the host (any scaling)."""
+        return self.kind == "sparse" and self._csr.on_host
+
     # ---- column norms ----------------------------------------------------------
     @property
     def has_column_norms(self) -> bool:

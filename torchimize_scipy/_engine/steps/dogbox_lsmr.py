@@ -17,15 +17,18 @@ LSMR (``damp`` included); ``regularize`` does not apply to 'dogbox'.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 
+from ..._blas_threads import serial_torch
 from ..operator import as_operator
 from ..problem import Problem
 from ..quadratic import build_quadratic_1d, evaluate_quadratic
 from ._common import flag_singular
 from .dogbox import Dogbox
-from .trf_lsmr import lsmr_keywords, run_lsmr
+from .trf_lsmr import host_sparse, lsmr_keywords, run_lsmr
 
 
 class DogboxLSMR(Dogbox):
@@ -36,6 +39,10 @@ class DogboxLSMR(Dogbox):
         self.keywords, _, _ = lsmr_keywords(tr_options, "dogbox", bounded)
 
     def build_model(self, problem: Problem, state: dict) -> None:
+        with serial_torch(state["x"].device) if host_sparse(state) else nullcontext():
+            self._build_model(problem, state)
+
+    def _build_model(self, problem: Problem, state: dict) -> None:
         free = state["free"]
         g_free = torch.where(free, state["g"], 0.0)
         J = as_operator(state["J"])

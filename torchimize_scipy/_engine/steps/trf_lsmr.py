@@ -45,14 +45,17 @@ formed. ``tr_options`` are LSMR's: ``atol``, ``btol``, ``conlim``,
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
+from ..._blas_threads import serial_torch
 from ..bounds import make_strictly_feasible
 from ..lsmr import BREAKDOWN, lsmr
-from ..operator import StackedOperator, as_operator
+from ..operator import JacobianOperator, StackedOperator, as_operator
 from ..problem import Problem
 from ..quadratic import build_quadratic_1d, minimize_quadratic_1d
 from ._common import flag_singular, initial_scale
@@ -108,6 +111,18 @@ def run_lsmr(A, b: Tensor, keywords: dict, damp: Tensor | float = 0.0) -> tuple[
         x0 = torch.as_tensor(x0, dtype=b.dtype, device=b.device).expand(b.shape[0], A.shape[2])
     res = lsmr(A, b, damp=damp, x0=x0, **kw)
     return res.x, res.istop == BREAKDOWN
+
+
+def host_sparse(state: dict) -> bool:
+    """Whether the rows' Jacobian is a sparse one whose products run on the host helpers.
+
+    Then the step rule's own torch work runs with this thread's torch count
+    at 1 (:func:`~torchimize_scipy._blas_threads.serial_torch`): the products
+    have their own threads, and a torch parallel region over the long vectors
+    would leave its OpenMP worker spinning on the core they need.
+    """
+    J = state["J"]
+    return isinstance(J, JacobianOperator) and J.sparse_on_host
 
 
 def _newton_2d(B_S: Tensor, g_S: Tensor) -> tuple[Tensor, Tensor]:
@@ -254,6 +269,10 @@ class TRFLSMR(TRF):
             state["coleman_li_dv"] = torch.zeros_like(x)
 
     def build_model(self, problem: Problem, state: dict) -> None:
+        with serial_torch(state["x"].device) if host_sparse(state) else nullcontext():
+            self._build_model(problem, state)
+
+    def _build_model(self, problem: Problem, state: dict) -> None:
         g = state["g"]
         if problem.bounded:
             v, dv = state["coleman_li_v"], state["coleman_li_dv"]
@@ -308,6 +327,10 @@ class TRFLSMR(TRF):
         flag_singular(state, ok)
 
     def propose_step(self, problem: Problem, state: dict) -> TRFTrial:
+        with serial_torch(state["x"].device) if host_sparse(state) else nullcontext():
+            return self._propose_step(problem, state)
+
+    def _propose_step(self, problem: Problem, state: dict) -> TRFTrial:
         S, B_S, g_S = state["sub_S"], state["sub_B"], state["sub_g"]
         p_S = solve_trust_region_2d(B_S, g_S, state["delta"])
         p_h = (S * p_S.unsqueeze(-2)).sum(-1)
