@@ -68,12 +68,12 @@ class _Fun:
 
 def instrument_ours() -> None:
     import torchimize_scipy._frontend as frontend
-    from torchimize_scipy._engine import csr, lsmr
+    from torchimize_scipy._engine import csr, lsmr_vectors
     from torchimize_scipy._engine import operator as op
     from torchimize_scipy._engine.steps import trf_lsmr
 
-    wrap(lsmr._HostVectors, "product_sub", "LSMR products (+ subtraction)")
-    wrap(lsmr._HostVectors, "product", "LSMR products (+ subtraction)")
+    wrap(lsmr_vectors.HostVectors, "product_sub", "LSMR products (+ subtraction)")
+    wrap(lsmr_vectors.HostVectors, "product", "LSMR products (+ subtraction)")
     wrap(csr._Product, "wait", "LSMR wait for the product started ahead")
     wrap(csr.BlockCSR, "start_matvec", "LSMR start of the product ahead")
     wrap(trf_lsmr, "lsmr", "LSMR rest (scalars, vector updates)")
