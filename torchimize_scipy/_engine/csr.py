@@ -6,7 +6,8 @@ transpose (the transpose's entry order found once per sparsity structure,
 :func:`csr_plan`), so that both ``J v`` and ``J^T u`` are row-wise sparse dot
 products. On the CPU they run in scipy's compiled CSR kernel over the
 tensors' memory, in row blocks of equal entry counts (two per torch thread
-when torch has several) shared between the calling thread and helper
+when torch has several: :func:`product_threads`, which keeps the caller's
+count while a step rule holds its torch count at 1) shared between the calling thread and helper
 threads of the process (:class:`_Product`: every thread claims the next
 block from one counter, so a helper that gets no core never stalls a
 product; each row is one loop whoever runs it, so the result does not depend
