@@ -63,6 +63,7 @@ does.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,7 @@ import torch
 from torch import Tensor
 
 from ._arrays import to_host
+from ._blas_threads import serial_torch
 from ._engine.csr import CallsOnHelpers, csr_plan, helper_threads
 from ._jacobian import _absolute_step, _adjust_one_sided, default_rel_step, three_point_points
 from ._user_functions import RowwiseFunction
@@ -453,7 +455,17 @@ def grouped_difference(fun: Callable[[Tensor, Tensor], Tensor], x: Tensor, f0: T
         empty = torch.zeros(B, 0, dtype=f0.real.dtype if f0.is_complex() else f0.dtype,
                             device=f0.device)
         return pattern.sparse(empty)
-    h = _absolute_step(x0, default_rel_step(x0.dtype, f0.dtype, method), rel_step)
+    # one numpy problem whose groups' gathers go to a helper thread (:func:`_pipelined`):
+    # its steps without a torch parallel region over the n variables beside that helper
+    # (no user code inside; docs/threads.md)
+    pipelined = method == "2-point" and _pipelined(fun, x0, f0, x0)
+    with serial_torch(x0.device) if pipelined else nullcontext():
+        h = _absolute_step(x0, default_rel_step(x0.dtype, f0.dtype, method), rel_step)
+        if method == "2-point":
+            if lb is not None:
+                h = _adjust_one_sided(x0, h, 1, lb, ub)
+            x1 = x0 + h
+            dx = x1 - x0
     sel = onehot.unsqueeze(0)  # (1, G, n)
 
     def points(xp: Tensor, base: Tensor = x0) -> Tensor:
@@ -483,11 +495,7 @@ def grouped_difference(fun: Callable[[Tensor, Tensor], Tensor], x: Tensor, f0: T
 
     bounded = lb is not None
     if method == "2-point":
-        if bounded:
-            h = _adjust_one_sided(x0, h, 1, lb, ub)
-        x1 = x0 + h
-        dx = x1 - x0
-        if _pipelined(fun, x0, f0, dx):
+        if pipelined:
             return pattern.sparse(_pipelined_difference(fun, x0, x1, f0, dx, idx, pattern))
         F = evaluate(points(x1).unsqueeze(0))[0]
         if F.device.type == "cpu" and F.dtype == f0.dtype == dx.dtype:
