@@ -15,10 +15,17 @@ column norms (``x_scale='jac'``), the other products of the step
 frontend). scipy's: ``fun``, ``approx_derivative`` without ``fun``, ``lsmr``
 (its products included), ``compute_jac_scale`` and what is left.
 
+``--regions`` instead counts, for one solve of ours, the torch operations
+that may open a parallel region of torch's OpenMP team: those over more than
+torch's grain size (32,768 elements) that run while the calling thread has
+more than one torch thread (views, detaches and constructors left out), by
+the innermost two frames of the package that issued them. A count, not a
+timing: it does not depend on the load.
+
 Usage (``PYTHONPATH=.`` from a checkout whose package is not the installed one)::
 
     python benchmarks/profile_sparse.py [--solver ours scipy] [--torch-residuals]
-           [--threads 2] [--repeat 3] [--quick]
+           [--threads 2] [--repeat 3] [--quick] [--regions]
 """
 
 from __future__ import annotations
@@ -88,6 +95,46 @@ def instrument_ours() -> None:
     wrap(trf_lsmr.TRFLSMR, "propose_step", "propose_step (2-D step)")
 
 
+#: aten operations that never start a parallel region (views, metadata, constructors)
+_NO_REGION = {"detach", "resolve_conj", "resolve_neg", "lift_fresh", "select", "values",
+              "reshape", "unsqueeze", "indices", "is_coalesced", "flatten", "view", "_values",
+              "_indices", "alias", "expand", "t", "transpose", "slice", "_reshape_alias",
+              "as_strided", "squeeze", "unbind", "permute", "empty", "new_zeros", "new_empty",
+              "_sparse_coo_tensor_with_dims_and_tensors"}
+
+
+def count_regions(solve: Callable[[], Any]) -> None:
+    """Print the operations of one ``solve()`` that may open a torch parallel region."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: collections.Counter = collections.Counter()
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.__name__.split(".")[0]
+            sizes = [a.numel() for a in (*args, out)
+                     if isinstance(a, torch.Tensor) and a.layout == torch.strided]
+            if (max(sizes, default=0) > 32768 and torch.get_num_threads() > 1
+                    and name not in _NO_REGION):
+                frames = [f for f in traceback.extract_stack()
+                          if "torchimize_scipy" in f.filename.replace("\\", "/")]
+                where = " < ".join(f"{f.filename.rsplit('torchimize_scipy', 1)[-1][1:]}:"
+                                   f"{f.lineno}:{f.name}" for f in frames[-2:][::-1])
+                counts[(name, where)] += 1
+            return out
+
+    with _Mode():
+        res = solve()
+    print(f"cost {res.cost:.6f}, nfev {res.nfev}; {sum(counts.values())} operations over "
+          f"32,768 elements with {torch.get_num_threads()} torch threads")
+    rows = [[c, name, where] for (name, where), c in sorted(counts.items(), key=lambda kv:
+                                                             kv[0][1])]
+    print(md_table(["count", "operation", "issued at"], rows))
+
+
 def instrument_scipy() -> None:
     import scipy.optimize._lsq.trf as trf
 
@@ -103,6 +150,8 @@ def main() -> None:
     p.add_argument("--torch-residuals", action="store_true",
                    help="ours with the torch residual function (batched differences)")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--regions", action="store_true",
+                   help="count the torch operations that may open a parallel region (ours)")
     args = p.parse_args()
     setup(args)
     from bench_sparse import bundle_adjustment
@@ -123,11 +172,15 @@ def main() -> None:
     else:
         import torchimize_scipy
 
-        instrument_ours()
         x0 = torch.as_tensor(prob["x0"]) if args.torch_residuals else prob["x0"]
 
         def solve() -> Any:
             return torchimize_scipy.least_squares(_Fun.fun, x0, **opts)
+        if args.regions:
+            solve()
+            count_regions(solve)
+            return
+        instrument_ours()
     solve()
     _ACC.clear()
     R = max(1, args.repeat)
