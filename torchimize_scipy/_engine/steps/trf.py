@@ -64,6 +64,13 @@ def _coleman_li(state: dict) -> tuple[Tensor, Tensor]:
     return coleman_li_scaling(state["x"], state["g"], state["lb"], state["ub"])
 
 
+def _scaled_v(v: Tensor, dv: Tensor, scale_inv: Tensor) -> Tensor:
+    """``v / x_scale`` where ``dv != 0`` (``v`` itself for an ``x_scale`` of ones)."""
+    if known_unit(scale_inv):
+        return v
+    return torch.where(dv != 0, v * scale_inv, v)
+
+
 class TRFTrial(NamedTuple):
     """A trial of 'trf': the point, the step's norms, the model's reduction, the damping."""
 
@@ -92,7 +99,7 @@ class TRF(StepRule):
         initial_scale(problem, state)
         if problem.bounded:
             v, dv = _coleman_li(state)
-            v = torch.where(dv != 0, v * state["scale_inv"], v)
+            v = _scaled_v(v, dv, state["scale_inv"])
             delta = vnorm(state["x"] * state["scale_inv"] / v.sqrt(), dim=-1)
         else:  # v = 1: the division by sqrt(v) is exact
             delta = vnorm(state["x"] * state["scale_inv"], dim=-1)
@@ -133,9 +140,9 @@ class TRF(StepRule):
     def build_model(self, problem: Problem, state: dict) -> None:
         if problem.bounded:
             v, dv = state["coleman_li_v"], state["coleman_li_dv"]  # x, g as measured
-            v = torch.where(dv != 0, v * state["scale_inv"], v)
-            d = v.sqrt() * state["scale"]
-            diag_h = state["g"] * dv * state["scale"]
+            v = _scaled_v(v, dv, state["scale_inv"])
+            d = times(state["scale"], v.sqrt())
+            diag_h = times(state["scale"], state["g"] * dv)
             state["diag_h"] = diag_h
             sc = for_rows(state["x"])  # (the optimality is a host value on the CPU)
             theta = 1 - sc.get(state["optimality"])
