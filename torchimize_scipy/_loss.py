@@ -84,14 +84,13 @@ def _soft_l1_value(z: Tensor) -> Tensor:
     return 2 * (torch.sqrt(1 + z) - 1)
 
 
-def _soft_l1_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    t = 1 + z
-    return 2 * (torch.sqrt(t) - 1), t**-0.5, -0.5 * t**-1.5
-
-
 def _soft_l1_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
     t = 1 + z
     return t**-0.5, -0.5 * t**-1.5
+
+
+def _soft_l1_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (_soft_l1_value(z), *_soft_l1_derivatives(z))
 
 
 def soft_l1(z: Tensor) -> Tensor:
@@ -109,19 +108,15 @@ def _huber_value(z: Tensor) -> Tensor:
     return torch.where(inner, z, 2 * torch.sqrt(torch.where(inner, torch.ones_like(z), z)) - 1)
 
 
-def _huber_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    inner = z <= 1
-    zo = torch.where(inner, torch.ones_like(z), z)  # (see _huber_value)
-    return (torch.where(inner, z, 2 * torch.sqrt(zo) - 1),
-            torch.where(inner, torch.ones_like(z), zo**-0.5),
-            torch.where(inner, torch.zeros_like(z), -0.5 * zo**-1.5))
-
-
 def _huber_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
     inner = z <= 1
     zo = torch.where(inner, torch.ones_like(z), z)  # (see _huber_value)
     return (torch.where(inner, torch.ones_like(z), zo**-0.5),
             torch.where(inner, torch.zeros_like(z), -0.5 * zo**-1.5))
+
+
+def _huber_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (_huber_value(z), *_huber_derivatives(z))
 
 
 def huber(z: Tensor) -> Tensor:
@@ -132,14 +127,13 @@ def huber(z: Tensor) -> Tensor:
     return torch.stack(_huber_parts(z))
 
 
-def _cauchy_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    t = 1 + z
-    return torch.log1p(z), 1 / t, -1 / t**2
-
-
 def _cauchy_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
     t = 1 + z
     return 1 / t, -1 / t**2
+
+
+def _cauchy_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (torch.log1p(z), *_cauchy_derivatives(z))
 
 
 def cauchy(z: Tensor) -> Tensor:
@@ -150,14 +144,13 @@ def cauchy(z: Tensor) -> Tensor:
     return torch.stack(_cauchy_parts(z))
 
 
-def _arctan_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    t = 1 + z**2
-    return torch.arctan(z), 1 / t, -2 * z / t**2
-
-
 def _arctan_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
     t = 1 + z**2
     return 1 / t, -2 * z / t**2
+
+
+def _arctan_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (torch.arctan(z), *_arctan_derivatives(z))
 
 
 def arctan(z: Tensor) -> Tensor:
@@ -186,8 +179,8 @@ _PARTS: dict[RhoFn, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]] = {
     soft_l1: _soft_l1_parts, huber: _huber_parts, cauchy: _cauchy_parts,
     arctan: _arctan_parts,
 }
-#: The built-in losses' two derivatives alone (the second and third of their parts, by
-#: the same operations): what the scaling of ``J`` and ``f`` needs.
+#: The built-in losses' two derivatives alone (the second and third of their parts: the
+#: parts call these functions): what the scaling of ``J`` and ``f`` needs.
 _DERIVATIVES: dict[RhoFn, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
     soft_l1: _soft_l1_derivatives, huber: _huber_derivatives, cauchy: _cauchy_derivatives,
     arctan: _arctan_derivatives,
