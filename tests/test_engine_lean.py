@@ -281,13 +281,14 @@ def test_engine_operations_per_evaluation_on_host_scalars(method):
     # evaluation before, 'dogbox' 220, then about 85 and 115, and with the loop's
     # bookkeeping and dogbox's (B, n) work on the host too about 71 and 83, then 53 and
     # 62 (no products by an x_scale of ones, no finiteness tests of a Jacobian proven
-    # finite, shared (1,) tensors; bench_ops.py counts the same way)
+    # finite, shared (1,) tensors; bench_ops.py counts the same way), then 52 and 65
+    # and, with the quadratic model's values in numpy, 48 and 50
     call, fun_calls = _rosen_calls(method)
     call()  # warm-up
     ops = _engine_operations(call)
     evals = fun_calls["n"]
     assert evals > 10
-    assert ops / evals <= {"trf": 60, "dogbox": 70}[method]
+    assert ops / evals <= {"trf": 52, "dogbox": 55}[method]
 
 
 def _engine_operations(call) -> int:

@@ -84,9 +84,13 @@ def _soft_l1_value(z: Tensor) -> Tensor:
     return 2 * (torch.sqrt(1 + z) - 1)
 
 
-def _soft_l1_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _soft_l1_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
     t = 1 + z
-    return 2 * (torch.sqrt(t) - 1), t**-0.5, -0.5 * t**-1.5
+    return t**-0.5, -0.5 * t**-1.5
+
+
+def _soft_l1_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (_soft_l1_value(z), *_soft_l1_derivatives(z))
 
 
 def soft_l1(z: Tensor) -> Tensor:
@@ -104,12 +108,15 @@ def _huber_value(z: Tensor) -> Tensor:
     return torch.where(inner, z, 2 * torch.sqrt(torch.where(inner, torch.ones_like(z), z)) - 1)
 
 
-def _huber_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _huber_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
     inner = z <= 1
     zo = torch.where(inner, torch.ones_like(z), z)  # (see _huber_value)
-    return (torch.where(inner, z, 2 * torch.sqrt(zo) - 1),
-            torch.where(inner, torch.ones_like(z), zo**-0.5),
+    return (torch.where(inner, torch.ones_like(z), zo**-0.5),
             torch.where(inner, torch.zeros_like(z), -0.5 * zo**-1.5))
+
+
+def _huber_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (_huber_value(z), *_huber_derivatives(z))
 
 
 def huber(z: Tensor) -> Tensor:
@@ -120,9 +127,13 @@ def huber(z: Tensor) -> Tensor:
     return torch.stack(_huber_parts(z))
 
 
-def _cauchy_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _cauchy_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
     t = 1 + z
-    return torch.log1p(z), 1 / t, -1 / t**2
+    return 1 / t, -1 / t**2
+
+
+def _cauchy_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (torch.log1p(z), *_cauchy_derivatives(z))
 
 
 def cauchy(z: Tensor) -> Tensor:
@@ -133,9 +144,13 @@ def cauchy(z: Tensor) -> Tensor:
     return torch.stack(_cauchy_parts(z))
 
 
-def _arctan_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _arctan_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
     t = 1 + z**2
-    return torch.arctan(z), 1 / t, -2 * z / t**2
+    return 1 / t, -2 * z / t**2
+
+
+def _arctan_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return (torch.arctan(z), *_arctan_derivatives(z))
 
 
 def arctan(z: Tensor) -> Tensor:
@@ -163,6 +178,12 @@ _VALUE: dict[RhoFn, Callable[[Tensor], Tensor]] = {
 _PARTS: dict[RhoFn, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]] = {
     soft_l1: _soft_l1_parts, huber: _huber_parts, cauchy: _cauchy_parts,
     arctan: _arctan_parts,
+}
+#: The built-in losses' two derivatives alone (the second and third of their parts: the
+#: parts call these functions): what the scaling of ``J`` and ``f`` needs.
+_DERIVATIVES: dict[RhoFn, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+    soft_l1: _soft_l1_derivatives, huber: _huber_derivatives, cauchy: _cauchy_derivatives,
+    arctan: _arctan_derivatives,
 }
 #: Built-in losses whose ``rho`` is non-negative and infinite or NaN at a non-finite
 #: ``z``: a finite cost proves every residual finite (not ``arctan``, bounded).
@@ -228,6 +249,8 @@ class LossFunction:
 
     def _z(self, f: Tensor) -> tuple[Tensor, Tensor | float, Tensor | float]:
         c_elem, c_prob = self._scale(f)
+        if isinstance(c_elem, float) and c_elem == 1.0:  # (f / 1 is f exactly)
+            return f**2, c_elem, c_prob
         return (f / c_elem) ** 2, c_elem, c_prob
 
     def _rho_unscaled(self, f: Tensor) -> tuple[Tensor, Tensor | float, Tensor | float]:
@@ -261,6 +284,25 @@ class LossFunction:
         if isinstance(c2, float) and c2 == 1.0:  # (x * 1 and x / 1 are x exactly)
             return torch.stack([rho0, rho1, rho2])
         return torch.stack([rho0 * c2, rho1, rho2 / c2])
+
+    def derivatives(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        """The second and third of :meth:`rho`'s parts, ``rho'(z)`` and
+        ``rho''(z) / f_scale**2``, without the loss's value (the same values)."""
+        derivatives = _DERIVATIVES.get(self.rho_fn)
+        if derivatives is None:
+            _, rho1, rho2 = self.rho(f).unbind(0)
+            return rho1, rho2
+        z, c_elem, _ = self._z(f)
+        rho1, rho2 = derivatives(z)
+        c2 = c_elem**2
+        if isinstance(c2, float) and c2 == 1.0:  # (x / 1 is x exactly)
+            return rho1, rho2
+        return rho1, rho2 / c2
+
+    def scaled_system(self, J: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`scale_for_robust_loss` of ``J`` and ``f`` with this loss (from
+        :meth:`derivatives`: the loss's value is not evaluated)."""
+        return _scale_system(J, f, *self.derivatives(f))
 
     def __call__(self, f: Tensor, cost_only: bool = False) -> Tensor:
         """Return :meth:`cost` if ``cost_only`` else :meth:`rho`."""
@@ -325,9 +367,14 @@ def scale_for_robust_loss(J: Tensor, f: Tensor, rho: Tensor) -> tuple[Tensor, Te
     New tensors are returned; the inputs are not modified.  ``eps`` is the
     machine epsilon of the dtype of ``s``.
     """
-    s = rho[1] + 2 * rho[2] * f**2
+    return _scale_system(J, f, rho[1], rho[2])
+
+
+def _scale_system(J: Tensor, f: Tensor, rho1: Tensor, rho2: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`scale_for_robust_loss` from the loss's two derivatives."""
+    s = rho1 + 2 * rho2 * f**2
     s = torch.clamp(s, min=torch.finfo(s.dtype).eps)
     s = torch.sqrt(s)
-    f_scaled = f * (rho[1] / s)
+    f_scaled = f * (rho1 / s)
     J_scaled = J * s[..., None]
     return J_scaled, f_scaled

@@ -379,6 +379,8 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
         # saves the unbounded factorisations' finiteness reads); the mark goes on an
         # alias, never on a tensor the caller may hold
         state["scale"] = mark_unit(scale.view_as(scale))
+        scale_inv = state["scale_inv"]  # (1 / 1 = 1 exactly)
+        state["scale_inv"] = mark_unit(scale_inv.view_as(scale_inv))
     return n_fresh, B - n_fresh
 
 

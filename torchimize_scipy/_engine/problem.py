@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._loss import scale_for_robust_loss
+from .._loss import LossFunction, scale_for_robust_loss
 
 #: ``fun(x (k, n), idx (k,)) -> f (k, m)``; ``idx`` names the problem of each row.
 BatchedFun = Callable[[Tensor, Tensor], Tensor]
@@ -132,9 +132,10 @@ class Problem:
             return linearize_products(f_true, J_true, self.loss)
         if self.loss is None:
             f, J = f_true, J_true
+        elif isinstance(self.loss, LossFunction):  # (without the loss's value)
+            J, f = self.loss.scaled_system(J_true, f_true)
         else:
-            rho = self.loss.rho(f_true)
-            J, f = scale_for_robust_loss(J_true, f_true, rho)
+            J, f = scale_for_robust_loss(J_true, f_true, self.loss.rho(f_true))
         Jt = J.transpose(-1, -2)
         g = torch.bmm(Jt, f.unsqueeze(-1)).squeeze(-1)
         return f, J, g, torch.bmm(Jt, J)

@@ -45,48 +45,87 @@ def jac_times(J: Tensor, s: Tensor, d: Tensor | None = None) -> Tensor:
     return torch.bmm(J, s.unsqueeze(-1)).squeeze(-1)
 
 
-def gram_form(G: Tensor, u: Tensor, v: Tensor | None = None) -> Tensor:
-    """``u^T G v`` per problem (``v = u`` by default), ``(B,)``."""
-    Gv = torch.bmm(G, (u if v is None else v).unsqueeze(-1)).squeeze(-1)
-    return (u * Gv).sum(-1)
+def _on_host(sc: Scalars | None) -> bool:
+    return sc is not None and sc.host
 
 
-def _gram_rows(gram: Tensor | None) -> int:
+def _product(A: Any, s: Any, sc: Scalars | None) -> Any:
+    """``A s`` per problem for ``A (B, m, n)`` and rows ``s (B, n)``.
+
+    With ``sc`` on the host, ``A`` and ``s`` are host arrays (``A`` may also be
+    a Jacobian operator, applied to a tensor of ``s``) and so is the product;
+    tensors otherwise (:func:`jac_times`).
+    """
+    if not _on_host(sc):
+        return jac_times(A, s)
+    if type(A) is np.ndarray:
+        return np.matmul(A, s[..., None])[..., 0]
+    return sc.rows(A.matvec(sc.tensor_rows(s)))
+
+
+def _row_sum(a: Any, sc: Scalars | None) -> Any:
+    """Sums of the rows of ``a``: torch's on tensors, :meth:`Scalars.row_sum` on the host."""
+    return sc.row_sum(a) if _on_host(sc) else a.sum(-1)
+
+
+def _count(mask: Any, sc: Scalars | None) -> int:
+    return count_true(mask) if sc is None else sc.count(mask)
+
+
+def gram_form(G: Tensor, u: Tensor, v: Tensor | None = None,
+              sc: Scalars | None = None) -> Tensor:
+    """``u^T G v`` per problem (``v = u`` by default), ``(B,)``. ``sc``: see :func:`cross_jac`."""
+    Gv = _product(G, u if v is None else v, sc)
+    return _row_sum(u * Gv, sc)
+
+
+def _gram_rows(gram: Tensor | None, sc: Scalars | None = None) -> int:
     """How many problems use the Gram form: 0, some, or all (``gram.shape[0]``)."""
-    return 0 if gram is None else count_true(gram)
+    return 0 if gram is None else _count(gram, sc)
 
 
 def cross_jac(J: Tensor, u: Tensor, v: Tensor, G: Tensor | None = None,
-              gram: Tensor | None = None) -> Tensor:
+              gram: Tensor | None = None, sc: Scalars | None = None) -> Tensor:
     """``(J u) . (J v)`` per problem; through ``G = J^T J`` on rows where ``gram`` holds.
 
-    ``u`` and ``v`` are already scaled; ``v`` may be ``u``.
+    ``u`` and ``v`` are already scaled; ``v`` may be ``u``. With ``sc``
+    (:class:`~.host_scalars.Scalars`) every argument is as ``sc`` keeps it
+    (rows, per-problem values; ``J`` may be a Jacobian operator) and so is the
+    result: on the host, the products and sums run in numpy.
     """
-    count = _gram_rows(gram)
+    count = _gram_rows(gram, sc)
     if count:
-        via_g = gram_form(G, u, None if v is u else v)
+        via_g = gram_form(G, u, None if v is u else v, sc)
         if v is u:
-            via_g = via_g.clamp(min=0)
-        if count == gram.shape[0]:
+            via_g = via_g.clamp(min=0) if not _on_host(sc) else sc.xp.where(via_g < 0, 0.0,
+                                                                              via_g)
+        if count == (gram.shape[0] if sc is None else sc.B):
             return via_g
-    Ju = jac_times(J, u)
-    direct = (Ju * (Ju if v is u else jac_times(J, v))).sum(-1)
-    return direct if not count else torch.where(gram, via_g, direct)
+    Ju = _product(J, u, sc)
+    direct = _row_sum(Ju * (Ju if v is u else _product(J, v, sc)), sc)
+    if not count:
+        return direct
+    return (torch if sc is None else sc.xp).where(gram, via_g, direct)
+
+
+def _scaled(d: Any, s: Any) -> Any:
+    """``s * d`` (:func:`~.counts.times` for tensors; None stands for ones)."""
+    return s if d is None else times(d, s) if isinstance(d, Tensor) else s * d
 
 
 def evaluate_quadratic(
     J: Tensor, d: Tensor | None, g: Tensor, s: Tensor, diag: Tensor | None = None,
-    G: Tensor | None = None, gram: Tensor | None = None,
+    G: Tensor | None = None, gram: Tensor | None = None, sc: Scalars | None = None,
 ) -> Tensor:
     """Value of the model ``0.5 |J_h s|^2 + 0.5 s.diag.s + g.s`` with ``J_h = J diag(d)``.
 
-    ``G``/``gram``: see :func:`cross_jac`.
+    ``G``/``gram``/``sc``: see :func:`cross_jac`.
     """
-    u = times(d, s)
-    q = cross_jac(J, u, u, G, gram)
+    u = _scaled(d, s)
+    q = cross_jac(J, u, u, G, gram, sc)
     if diag is not None:
-        q = q + (diag * s * s).sum(-1)
-    return 0.5 * q + (g * s).sum(-1)
+        q = q + _row_sum(diag * s * s, sc)
+    return 0.5 * q + _row_sum(g * s, sc)
 
 
 def build_quadratic_1d(
@@ -98,35 +137,36 @@ def build_quadratic_1d(
     s0: Tensor | None = None,
     G: Tensor | None = None,
     gram: Tensor | None = None,
+    sc: Scalars | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Coefficients ``a t^2 + b t + c`` of the model along the line ``s0 + t s``.
 
-    ``G``/``gram``: see :func:`cross_jac`.
+    ``G``/``gram``/``sc``: see :func:`cross_jac`.
     """
-    if not _gram_rows(gram):
+    if not _gram_rows(gram, sc):
         G = gram = None
-    v = times(d, s)
-    Jv = None if gram is not None else jac_times(J, v)
-    a = cross_jac(J, v, v, G, gram) if Jv is None else (Jv * Jv).sum(-1)
+    v = _scaled(d, s)
+    Jv = None if gram is not None else _product(J, v, sc)
+    a = cross_jac(J, v, v, G, gram, sc) if Jv is None else _row_sum(Jv * Jv, sc)
     if diag is not None:
-        a = a + (diag * s * s).sum(-1)
+        a = a + _row_sum(diag * s * s, sc)
     a = 0.5 * a
-    b = (g * s).sum(-1)
+    b = _row_sum(g * s, sc)
     if s0 is None:
-        c = torch.zeros_like(b)
+        c = torch.zeros_like(b) if not _on_host(sc) else sc.full(0.0)
     else:
-        u = times(d, s0)
+        u = _scaled(d, s0)
         if Jv is None:
-            b = b + cross_jac(J, u, v, G, gram)
-            uu = cross_jac(J, u, u, G, gram)
+            b = b + cross_jac(J, u, v, G, gram, sc)
+            uu = cross_jac(J, u, u, G, gram, sc)
         else:
-            Ju = jac_times(J, u)
-            b = b + (Ju * Jv).sum(-1)
-            uu = (Ju * Ju).sum(-1)
-        c = 0.5 * uu + (g * s0).sum(-1)
+            Ju = _product(J, u, sc)
+            b = b + _row_sum(Ju * Jv, sc)
+            uu = _row_sum(Ju * Ju, sc)
+        c = 0.5 * uu + _row_sum(g * s0, sc)
         if diag is not None:
-            b = b + (diag * s0 * s).sum(-1)
-            c = c + 0.5 * (diag * s0 * s0).sum(-1)
+            b = b + _row_sum(diag * s0 * s, sc)
+            c = c + 0.5 * _row_sum(diag * s0 * s0, sc)
     return a, b, c
 
 

@@ -125,9 +125,20 @@ class Dogbox(StepRule):
         newton = gauss_newton_step(fac, rcond=0.5 * torch.finfo(J_free.dtype).eps)
         state["newton"] = newton if every else torch.where(free, newton, 0.0)
         flag_singular_factors(state, fac.s)
-        # -g_free vanishes on the fixed variables: J_free (-g_free) = J (-g_free)
-        quad, lin, _ = build_quadratic_1d(J_free, None, g_free, -g_free, G=G, gram=fac.gram)
-        state["antigrad_quad"], state["antigrad_lin"] = quad, lin
+        # -g_free vanishes on the fixed variables: J_free (-g_free) = J (-g_free); the
+        # model's coefficients on the host when on the CPU (Scalars; numpy's products)
+        sc = for_rows(state["x"])
+        gram = fac.gram
+        if gram is not None:
+            gram = sc.get(gram)
+            if not sc.count(gram):
+                G = gram = None
+        g_rows = sc.rows(g_free)
+        with sc.quiet():
+            quad, lin, _ = build_quadratic_1d(sc.rows(J_free), None, g_rows, -g_rows,
+                                              G=None if G is None else sc.rows(G), gram=gram,
+                                              sc=sc)
+        state["antigrad_quad"], state["antigrad_lin"] = _kept(sc, quad), _kept(sc, lin)
 
     def propose_step(self, problem: Problem, state: dict) -> DogboxTrial:
         # the elementwise work on (B, n) rows on the host when on the CPU (Scalars); the
@@ -153,9 +164,16 @@ class Dogbox(StepRule):
 
     def predicted_reduction(self, state: dict, g_free: Tensor, step: Tensor) -> Tensor:
         """The decrease of the quadratic model along ``step`` (zero on frozen variables)."""
+        # on the host when on the CPU (Scalars): the products in numpy
         free = state["free"]
-        J_free = _free_columns(state["J"], free, _all_free(free))
-        return -evaluate_quadratic(J_free, None, g_free, step)
+        sc = for_rows(state["x"])
+        J = sc.rows(state["J"])
+        if not _all_free(free):  # (J with the frozen variables' columns zeroed)
+            free_rows = sc.rows(free)
+            J = J * (free_rows[:, None, :] if sc.host else free_rows.unsqueeze(-2))
+        with sc.quiet():
+            value = evaluate_quadratic(J, None, sc.rows(g_free), sc.rows(step), sc=sc)
+        return _kept(sc, -value)
 
     def assess_trial(self, problem: Problem, state: dict, trial: DogboxTrial, f_new: Tensor,
                      cost_new: Tensor, finite: Tensor) -> Verdict:
@@ -187,6 +205,11 @@ class Dogbox(StepRule):
 
     def result_fields(self, problem: Problem, state: dict) -> ResultFields:
         return ResultFields(state["on_bound"])
+
+
+def _kept(sc: Scalars, value):
+    """Per-problem values kept by ``sc`` as the ``(B,)`` tensor the state holds."""
+    return sc.tensor(value) if sc.host else value
 
 
 def _max_abs(sc: Scalars, a) -> object:

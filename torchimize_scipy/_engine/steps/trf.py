@@ -32,7 +32,7 @@ from ..bounds import (
     make_strictly_feasible,
     step_size_to_bound,
 )
-from ..counts import times
+from ..counts import known_unit, times
 from ..host_scalars import Scalars, for_rows
 from ..linalg import factorize
 from ..problem import Problem
@@ -64,6 +64,13 @@ def _coleman_li(state: dict) -> tuple[Tensor, Tensor]:
     return coleman_li_scaling(state["x"], state["g"], state["lb"], state["ub"])
 
 
+def _scaled_v(v: Tensor, dv: Tensor, scale_inv: Tensor) -> Tensor:
+    """``v / x_scale`` where ``dv != 0`` (``v`` itself for an ``x_scale`` of ones)."""
+    if known_unit(scale_inv):
+        return v
+    return torch.where(dv != 0, v * scale_inv, v)
+
+
 class TRFTrial(NamedTuple):
     """A trial of 'trf': the point, the step's norms, the model's reduction, the damping."""
 
@@ -92,7 +99,7 @@ class TRF(StepRule):
         initial_scale(problem, state)
         if problem.bounded:
             v, dv = _coleman_li(state)
-            v = torch.where(dv != 0, v * state["scale_inv"], v)
+            v = _scaled_v(v, dv, state["scale_inv"])
             delta = vnorm(state["x"] * state["scale_inv"] / v.sqrt(), dim=-1)
         else:  # v = 1: the division by sqrt(v) is exact
             delta = vnorm(state["x"] * state["scale_inv"], dim=-1)
@@ -133,9 +140,9 @@ class TRF(StepRule):
     def build_model(self, problem: Problem, state: dict) -> None:
         if problem.bounded:
             v, dv = state["coleman_li_v"], state["coleman_li_dv"]  # x, g as measured
-            v = torch.where(dv != 0, v * state["scale_inv"], v)
-            d = v.sqrt() * state["scale"]
-            diag_h = state["g"] * dv * state["scale"]
+            v = _scaled_v(v, dv, state["scale_inv"])
+            d = times(state["scale"], v.sqrt())
+            diag_h = times(state["scale"], state["g"] * dv)
             state["diag_h"] = diag_h
             sc = for_rows(state["x"])  # (the optimality is a host value on the CPU)
             theta = 1 - sc.get(state["optimality"])
@@ -162,13 +169,15 @@ class TRF(StepRule):
                 x_new = make_strictly_feasible(sc.rows(state["x"]) + step, sc.rows(state["lb"]),
                                                sc.rows(state["ub"]), 0, sc)
             step, step_h, x_new = (sc.tensor_rows(v) for v in (step, step_h, x_new))
-            predicted = -sc.tensor(value)
         else:
             step_h = p_h
             step = times(d, p_h)
-            predicted = -evaluate_quadratic(state["J"], d, state["g_h"], p_h, G=state["G"],
-                                            gram=state.get("fac_gram"))
+            model, kw = _model_rows(state, None, sc)
+            with sc.quiet():
+                value = evaluate_quadratic(*model, sc.rows(p_h), **kw)
             x_new = state["x"] + step
+        # (on the host the negation is numpy's, on a scalar)
+        predicted = sc.tensor(-value) if sc.host else -value
         step_norm = vnorm(step, dim=-1)
         # (x_scale of ones: the step is the scaled step, the same tensor)
         step_h_norm = step_norm if step_h is step else vnorm(step_h, dim=-1)
@@ -216,26 +225,28 @@ def select_step(state: dict, p_h: Tensor, diag_h: Tensor) -> tuple[Tensor, Tenso
     sc = Scalars(state["delta"])
     with sc.quiet():
         step, step_h, value = _select_step(state, p_h, diag_h, sc)
-    return sc.tensor_rows(step), sc.tensor_rows(step_h), -sc.tensor(value)
+    return (sc.tensor_rows(step), sc.tensor_rows(step_h),
+            sc.tensor(-value) if sc.host else -value)
 
 
 def _select_step(state: dict, p_h: Tensor, diag_h: Tensor,
                  sc: Scalars) -> tuple[Any, Any, Any]:
     """:func:`select_step` with the rows and the model's values kept by ``sc``.
 
-    The caller holds ``sc.quiet()``.
+    The caller holds ``sc.quiet()``. The model's values (products with ``J``,
+    or with ``G = J^T J`` on the Gram route) are computed on rows as ``sc``
+    keeps them too: in numpy on the host.
     """
-    x, lb, ub = state["x"], state["lb"], state["ub"]
-    J, d, g_h = state["J"], state["tr_scaling"], state["g_h"]
-    G, gram = state["G"], state.get("fac_gram")
     xp = sc.xp
-    rows, col, tensor_rows = sc.rows, sc.as_col, sc.tensor_rows
-    x_, lb_, ub_, d_, p_h_ = (rows(t) for t in (x, lb, ub, d, p_h))
+    rows, col = sc.rows, sc.as_col
+    x_, lb_, ub_, d_, p_h_ = (rows(t) for t in (state["x"], state["lb"], state["ub"],
+                                                  state["tr_scaling"], p_h))
+    model, kw = _model_rows(state, diag_h, sc)
     p_ = d_ * p_h_
     inside = in_bounds(x_ + p_, lb_, ub_, sc)
     n_inside = sc.count(inside)
     if n_inside == sc.B:
-        return p_, p_h_, sc.get(evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram))
+        return p_, p_h_, evaluate_quadratic(*model, p_h_, **kw)
 
     delta, theta = sc.get(state["delta"]), sc.get(state["theta"])
     p_stride, hits = step_size_to_bound(x_, p_, lb_, ub_, sc)
@@ -253,27 +264,22 @@ def _select_step(state: dict, p_h: Tensor, diag_h: Tensor,
     r_lo = xp.where(positive, (1 - theta) * p_stride / safe_rs, 0.0)
     r_hi = xp.where(positive, xp.where(r_stride == to_bound, theta * to_bound, to_tr), -1.0)
     usable = r_lo <= r_hi
-    r_h_t, p_h_cut_t = tensor_rows(r_h), tensor_rows(p_h_cut)
     p_theta = p_cut * col(theta)
     p_h_theta = p_h_cut * col(theta)
-    # (the model's values along the three candidates, read with one conversion)
-    a, b, c, p_value = sc.get_many(
-        *build_quadratic_1d(J, d, g_h, r_h_t, diag=diag_h, s0=p_h_cut_t, G=G, gram=gram),
-        evaluate_quadratic(J, d, g_h, tensor_rows(p_h_theta), diag=diag_h, G=G, gram=gram))
+    a, b, c = build_quadratic_1d(*model, r_h, s0=p_h_cut, **kw)
+    p_value = evaluate_quadratic(*model, p_h_theta, **kw)
     r_hi_f = xp.where(usable & xp.isfinite(r_hi), r_hi, r_lo)
     t_r, r_value = minimize_quadratic_1d(a, b, r_lo, r_hi_f, c=c, xp=xp)
     r_h_new = r_h * col(t_r) + p_h_cut
     r_value = xp.where(usable, r_value, math.inf)
 
-    ag_h_t = -g_h
-    ag_h = rows(ag_h_t)
+    ag_h = -model[2]
     ag = d_ * ag_h
-    ag_norm = sc.norm(ag_h_t)
+    ag_norm = sc.norm(state["g_h"])  # (torch's norm, as the tensor path's)
     to_tr_ag = delta / xp.where(ag_norm > 0, ag_norm, 1.0)
     to_bound_ag, _ = step_size_to_bound(x_, ag, lb_, ub_, sc)
     ag_stride = xp.where(to_bound_ag < to_tr_ag, theta * to_bound_ag, to_tr_ag)
-    a2, b2 = sc.get_many(*build_quadratic_1d(J, d, g_h, ag_h_t, diag=diag_h, G=G,
-                                             gram=gram)[:2])
+    a2, b2, _ = build_quadratic_1d(*model, ag_h, **kw)
     t_ag, ag_value = minimize_quadratic_1d(a2, b2, sc.full(0.0), ag_stride, xp=xp)
     ag_h = ag_h * col(t_ag)
     ag = ag * col(t_ag)
@@ -286,6 +292,23 @@ def _select_step(state: dict, p_h: Tensor, diag_h: Tensor,
     step_h = xp.where(col(inside), p_h_, step_h)
     step = xp.where(col(inside), p_, step)
     if n_inside:
-        p_value_full = evaluate_quadratic(J, d, g_h, p_h, diag=diag_h, G=G, gram=gram)
-        value = xp.where(inside, sc.get(p_value_full), value)
+        value = xp.where(inside, evaluate_quadratic(*model, p_h_, **kw), value)
     return step, step_h, value
+
+
+def _model_rows(state: dict, diag_h: Tensor | None, sc: Scalars) -> tuple[tuple, dict]:
+    """The quadratic model's data as rows kept by ``sc``: the positional arguments
+    ``(J, d, g_h)`` of :func:`~.quadratic.evaluate_quadratic` and
+    :func:`~.quadratic.build_quadratic_1d` (``d`` None for a scaling of ones) and their
+    keywords ``diag``, ``G``, ``gram`` and ``sc``. ``J`` stays an operator under
+    ``tr_solver='lsmr'``; a tensor is converted once (``sc`` remembers its rows)."""
+    J, d, G, gram = state["J"], state["tr_scaling"], state["G"], state.get("fac_gram")
+    rows = sc.rows
+    if gram is not None:
+        gram = sc.get(gram)
+        if not sc.count(gram):
+            G = gram = None
+    kw = {"diag": None if diag_h is None else rows(diag_h),
+          "G": None if G is None else rows(G), "gram": gram, "sc": sc}
+    return (rows(J) if isinstance(J, Tensor) else J, None if known_unit(d) else rows(d),
+            rows(state["g_h"])), kw
