@@ -206,6 +206,10 @@ class _LMScaling:
     @staticmethod
     def factors(f0: Tensor, J0: Tensor) -> Tensor | None:
         """``c`` per row of ``f0 (b, m)``, ``J0 (b, m, n)``; None when every ``c`` is 1."""
+        # (two reductions and two reads screen the usual case; NaN compares False)
+        if not (float(torch.linalg.vector_norm(f0, ord=math.inf)) >= LM_SCALE_ABOVE
+                or float(torch.linalg.vector_norm(J0, ord=math.inf)) >= LM_SCALE_ABOVE):
+            return None
         big = torch.maximum(torch.linalg.vector_norm(f0, ord=math.inf, dim=-1),
                             torch.linalg.vector_norm(J0.flatten(1), ord=math.inf, dim=-1))
         huge = torch.isfinite(big) & (big >= LM_SCALE_ABOVE)  # (non-finite rows stop at x0)
