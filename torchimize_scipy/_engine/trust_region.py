@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .host_scalars import Scalars
+from .host_scalars import Scalars, scalars
 from .linalg import (
     Factors,
     gauss_newton_step,
@@ -247,7 +247,7 @@ def solve_trust_region_scipy(
     p : Tensor, shape (B, n)
     alpha : Tensor, shape (B,)
     """
-    sc = Scalars(delta, host=host)
+    sc = scalars(delta, host=host)
     with sc.quiet():
         return _solve_scipy(sc, fac, delta, alpha0, m, n, rtol, max_iter)
 
@@ -342,7 +342,7 @@ def minimum_norm_step(fac: Factors, host: bool | None = None) -> Tensor:
     numpy's for one float64 problem (:func:`host_norm`). ``host`` as for
     :class:`~.host_scalars.Scalars`.
     """
-    sc = Scalars(fac.s, host=host)
+    sc = scalars(fac.s, host=host)
     has_gram, has_svd = routes(fac)
     if not sc.host or not has_svd:
         return gauss_newton_step(fac)
@@ -457,7 +457,7 @@ def solve_trust_region_minpack(
         Step in scaled variables.
     par : Tensor, shape (B,)
     """
-    sc = Scalars(delta, host=host)
+    sc = scalars(delta, host=host)
     with sc.quiet():
         return _solve_minpack(sc, fac, delta, par0, m, n, max_iter, basic, p_gn)
 
