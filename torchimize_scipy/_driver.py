@@ -206,9 +206,9 @@ class _LMScaling:
     @staticmethod
     def factors(f0: Tensor, J0: Tensor) -> Tensor | None:
         """``c`` per row of ``f0 (b, m)``, ``J0 (b, m, n)``; None when every ``c`` is 1."""
-        # (two reductions and two reads screen the usual case; NaN compares False)
-        if not (float(torch.linalg.vector_norm(f0, ord=math.inf)) >= LM_SCALE_ABOVE
-                or float(torch.linalg.vector_norm(J0, ord=math.inf)) >= LM_SCALE_ABOVE):
+        # (three operations and one read screen the usual case; NaN compares False)
+        if not float(torch.maximum(torch.linalg.vector_norm(f0, ord=math.inf),
+                                   torch.linalg.vector_norm(J0, ord=math.inf))) >= LM_SCALE_ABOVE:
             return None
         big = torch.maximum(torch.linalg.vector_norm(f0, ord=math.inf, dim=-1),
                             torch.linalg.vector_norm(J0.flatten(1), ord=math.inf, dim=-1))
