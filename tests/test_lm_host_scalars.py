@@ -463,3 +463,31 @@ def test_lm_large_batches_keep_the_tensor_path(monkeypatch):
     dev = run()
     assert np.array_equal(host.status, dev.status) and np.array_equal(host.nfev, dev.nfev)
     _close(host.x, dev.x)
+
+
+# ---------------------------------------------------------------- shared Scalars, kept tensors
+def test_scalars_shared_per_shape_and_following_host_switch(monkeypatch):
+    """``for_rows``/``scalars`` hand out one object per CPU batch size and dtype, and a
+    change of ``host_scalars.HOST`` (the tests' device path) is not hidden by the cache."""
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    a, b = host_scalars.for_rows(x), host_scalars.for_rows(x.clone())
+    assert a is b and a.host and a.floats
+    assert host_scalars.for_rows(torch.zeros(3, 2, dtype=torch.float64)) is not a
+    assert not host_scalars.for_rows(torch.zeros(3, 2, dtype=torch.float64)).floats
+    assert host_scalars.scalars(x, host=False) is not a
+    assert not host_scalars.scalars(x, host=False).host
+    monkeypatch.setattr(host_scalars, "HOST", False)
+    c = host_scalars.for_rows(x)
+    assert not c.host and c.xp is torch
+
+
+def test_renewed_keeps_a_tensor_only_for_its_own_value():
+    hs = host_scalars.for_rows(torch.zeros(1, 2, dtype=torch.float64))
+    old, = hs.tensors(np.float64(2.5))
+    value, = hs.view(old)
+    assert hs.renewed(old, value) is old  # the very value it remembers
+    new = hs.renewed(old, np.float64(2.5))  # an equal value, another object: a new tensor
+    assert new is not old and float(new[0]) == 2.5
+    dev = host_scalars.Scalars(old, host=False)
+    t = torch.tensor([1.0], dtype=torch.float64)
+    assert dev.renewed(old, t) is t  # off the host the value is the tensor
