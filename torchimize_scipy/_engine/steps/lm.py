@@ -45,6 +45,11 @@ operations per evaluation, at the price of rounding-level differences from
 the tensor path (numpy's square root is correctly rounded, torch's float64
 one is not always; reductions may sum in another order); the iterations, and
 so nfev, njev and status, are the same on the parity problems.
+
+The rule sums squares directly (MINPACK's ``enorm`` scales them): problems
+whose residuals or Jacobian at ``x0`` come near float64's overflow are run by
+the driver on residuals scaled by a power of two, under which this iteration
+is invariant (``_driver._LMScaling``, issue 14).
 """
 
 from __future__ import annotations
