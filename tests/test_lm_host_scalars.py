@@ -10,9 +10,12 @@ whose norms, square roots and small products are numpy's on the host.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
+from _parity import assert_cost_close, assert_status_equivalent, assert_x_close
 from scipy.optimize import least_squares as scipy_least_squares
 
 import torchimize_scipy as ts
@@ -225,17 +228,23 @@ def test_lmpar_of_one_problem_issues_no_torch_operation():
 
 
 def test_one_problem_overflowing_its_norms_warns_nothing(monkeypatch):
-    """Residuals whose squares overflow: the host's numpy norms are infinite, as torch's
-    (which do not rescale either), without numpy's overflow warning (an error under this
-    suite's settings). Regression: the host norms of one problem warned before they ran
-    under ``Scalars.quiet``."""
+    """Residuals whose squares overflow, without numpy's overflow warning (an error under
+    this suite's settings) on either path. Regression: the host norms of one problem
+    warned before they ran under ``Scalars.quiet``. Since issue 14 such a problem runs on
+    residuals scaled by a power of two (``_driver._LMScaling``) and is solved as scipy's
+    MINPACK solves it (before, both paths stopped at x0 with an infinite cost)."""
     def fun(x):
         return np.array([1e160 * (x[0] - 1.0), x[1] - 1.0, x[0] * x[1]])
 
     host, dev = _both(monkeypatch, lambda: ts.least_squares(fun, [3.0, 0.0], method="lm"))
     assert (host.status, host.nfev) == (dev.status, dev.nfev)
-    assert np.isinf(host.cost) and np.isinf(dev.cost)
-    np.testing.assert_array_equal(host.x, [3.0, 0.0])  # no step was taken
+    with warnings.catch_warnings():  # (scipy's own initial cost overflows)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = scipy_least_squares(fun, [3.0, 0.0], method="lm")
+    for res in (host, dev):
+        assert_x_close(res.x, ref.x)
+        assert_cost_close(res.cost, ref.cost)
+        assert_status_equivalent(res.status, ref.status)
 
 
 # ---------------------------------------------------------------- MINPACK's QR in numpy
@@ -454,3 +463,31 @@ def test_lm_large_batches_keep_the_tensor_path(monkeypatch):
     dev = run()
     assert np.array_equal(host.status, dev.status) and np.array_equal(host.nfev, dev.nfev)
     _close(host.x, dev.x)
+
+
+# ---------------------------------------------------------------- shared Scalars, kept tensors
+def test_scalars_shared_per_shape_and_following_host_switch(monkeypatch):
+    """``for_rows``/``scalars`` hand out one object per CPU batch size and dtype, and a
+    change of ``host_scalars.HOST`` (the tests' device path) is not hidden by the cache."""
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    a, b = host_scalars.for_rows(x), host_scalars.for_rows(x.clone())
+    assert a is b and a.host and a.floats
+    assert host_scalars.for_rows(torch.zeros(3, 2, dtype=torch.float64)) is not a
+    assert not host_scalars.for_rows(torch.zeros(3, 2, dtype=torch.float64)).floats
+    assert host_scalars.scalars(x, host=False) is not a
+    assert not host_scalars.scalars(x, host=False).host
+    monkeypatch.setattr(host_scalars, "HOST", False)
+    c = host_scalars.for_rows(x)
+    assert not c.host and c.xp is torch
+
+
+def test_renewed_keeps_a_tensor_only_for_its_own_value():
+    hs = host_scalars.for_rows(torch.zeros(1, 2, dtype=torch.float64))
+    old, = hs.tensors(np.float64(2.5))
+    value, = hs.view(old)
+    assert hs.renewed(old, value) is old  # the very value it remembers
+    new = hs.renewed(old, np.float64(2.5))  # an equal value, another object: a new tensor
+    assert new is not old and float(new[0]) == 2.5
+    dev = host_scalars.Scalars(old, host=False)
+    t = torch.tensor([1.0], dtype=torch.float64)
+    assert dev.renewed(old, t) is t  # off the host the value is the tensor

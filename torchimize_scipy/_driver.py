@@ -10,6 +10,7 @@ loop with the method's step rule.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -147,13 +148,132 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
         final_jacobian=spec.final_jacobian)
     out = spec.out if spec.out is not None else result_buffers(B, n, m, x0.dtype, x0.device)
     rule = make_rule(spec.method, spec.tr_solver, spec.tr_options, spec.bounded)
+    start, refill = spec.start, spec.refill
+    scaling = None
+    if spec.method == "lm" and spec.loss is None:
+        scaling = _LMScaling.of(start, out["x"].shape[0])
+        if scaling is not None:
+            problem.fun, problem.jac = scaling.fun(spec.fun), scaling.jac(spec.jac)
+            start = scaling.rows(start)
+            if refill is not None:
+                refill = scaling.refill(refill)
     # small work: MKL single-threaded in this thread only (see _blas_threads); the
     # rows of a batch count together (MKL's batched products do use the threads)
     rows = max(B, spec.capacity or 0)
     with serial_blas(x0.device, rows * m, n):
-        run(problem, rule, spec.start, out, spec.on_finish, spec.on_iteration,
-            spec.refill, spec.capacity)
+        run(problem, rule, start, out, spec.on_finish, spec.on_iteration,
+            refill, spec.capacity)
+    if scaling is not None:
+        scaling.restore(out)
     return out
+
+
+#: 'lm' rows whose residuals or Jacobian at ``x0`` reach this magnitude run on scaled
+#: residuals (:class:`_LMScaling`): beyond it sums of squares of a few such entries (and of
+#: the scaled variables ``diag * x``) come near float64's overflow at 2**1024.
+LM_SCALE_ABOVE = 2.0**400
+
+
+class _LMScaling:
+    """'lm' on residuals scaled by a power of two per problem, for huge residuals.
+
+    MINPACK's ``lmder`` takes every norm with ``enorm``, which scales its sums
+    of squares, and compares norms only through their ratios (Moré, Garbow &
+    Hillstrom, User Guide for MINPACK-1, ANL-80-74, 1980); our 'lm' sums the
+    squares directly (its SVD-based subproblem too), which overflows once
+    residuals near ``1e154``. The iteration is invariant under ``f -> c f``
+    (hence ``J -> c J``): with ``x_scale='jac'`` the scaling ``diag``, the
+    radius and the scaled step grow by ``c``, the damping is unchanged, and
+    every test is a ratio; with a fixed ``x_scale`` the damping grows by
+    ``c**2`` and the step is the same. With ``c`` a power of two every
+    product is exact (barring underflow of entries far below ``eps`` times the
+    largest), so the scaled run takes MINPACK's steps. Only MINPACK's
+    absolute constants do not scale: the radius 100 of a start ``diag * x0 =
+    0`` and the smallest positive damping. Rows whose largest ``|f0|`` or
+    ``|J0|`` reaches :data:`LM_SCALE_ABOVE` get the ``c = 2**-e`` that
+    brings that largest entry into ``[1, 2)``; all others keep ``c = 1`` and run
+    as before. ``f`` never grows on an accepted step, so a scale chosen at
+    ``x0`` keeps the residuals in range (a Jacobian that grows by hundreds of
+    orders of magnitude later is not covered). The results are divided back:
+    ``fun``, ``jac``, ``grad`` and ``optimality`` are those of the problem,
+    and ``cost`` is ``0.5 f.f`` of its residuals (``inf`` where that
+    overflows, as scipy reports it).
+    """
+
+    def __init__(self, table: Tensor) -> None:
+        self.table = table  # (total,): c of each problem id (1 for most)
+
+    @staticmethod
+    def factors(f0: Tensor, J0: Tensor) -> Tensor | None:
+        """``c`` per row of ``f0 (b, m)``, ``J0 (b, m, n)``; None when every ``c`` is 1."""
+        # (three operations and one read screen the usual case; NaN compares False)
+        if not float(torch.maximum(torch.linalg.vector_norm(f0, ord=math.inf),
+                                   torch.linalg.vector_norm(J0, ord=math.inf))) >= LM_SCALE_ABOVE:
+            return None
+        big = torch.maximum(torch.linalg.vector_norm(f0, ord=math.inf, dim=-1),
+                            torch.linalg.vector_norm(J0.flatten(1), ord=math.inf, dim=-1))
+        huge = torch.isfinite(big) & (big >= LM_SCALE_ABOVE)  # (non-finite rows stop at x0)
+        if not bool(huge.any()):
+            return None
+        # (largest entry scaled into [1, 2): 1 / c stays finite even for entries near 2**1024)
+        exponent = torch.frexp(torch.where(huge, big, 1.0)).exponent - 1
+        return torch.where(huge, torch.ldexp(torch.ones_like(big), -exponent), 1.0)
+
+    @classmethod
+    def of(cls, start: dict[str, Tensor], total: int) -> _LMScaling | None:
+        """The scaling of a run whose first rows are ``start`` and whose ids are below
+        ``total``; None when no row of ``start`` needs one (nor can a refill then)."""
+        J0 = start["J_true"]
+        if not isinstance(J0, Tensor) or J0.layout != torch.strided:
+            return None
+        c = cls.factors(start["f_true"], J0)
+        if c is None:
+            return None
+        table = torch.ones(total, dtype=c.dtype, device=c.device)
+        return cls(table.index_copy(0, start["ids"], c))
+
+    def rows(self, start: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``start`` with its rows' residuals and Jacobian scaled (a new dict)."""
+        c = self.table.index_select(0, start["ids"])
+        return {**start, "f_true": start["f_true"] * c[:, None],
+                "J_true": start["J_true"] * c[:, None, None]}
+
+    def refill(self, take: Callable[[int], dict | None]) -> Callable[[int], dict | None]:
+        """``take`` whose rows are scaled (their factors enter the table)."""
+        def scaled(room: int) -> dict | None:
+            more = take(room)
+            if more is None:
+                return None
+            c = self.factors(more["f_true"], more["J_true"])
+            if c is not None:
+                self.table = self.table.index_copy(0, more["ids"], c)
+            return self.rows(more)
+        return scaled
+
+    def fun(self, fun: BatchedFun) -> BatchedFun:
+        """``c * fun``."""
+        def scaled(x: Tensor, ids: Tensor) -> Tensor:
+            return fun(x, ids) * self.table.index_select(0, ids)[:, None]
+        return scaled
+
+    def jac(self, jac: BatchedJac) -> BatchedJac:
+        """``c * jac``, given the unscaled residuals (finite differences use them)."""
+        def scaled(x: Tensor, f: Tensor, ids: Tensor) -> Tensor:
+            c = self.table.index_select(0, ids)
+            return jac(x, f / c[:, None], ids) * c[:, None, None]
+        return scaled
+
+    def restore(self, out: dict[str, Tensor]) -> None:
+        """Divide the scaled rows of the results back (in place)."""
+        c = self.table.to(out["x"].device)
+        inv = 1.0 / c  # (exact: powers of two, at most 2**1023)
+        f = out["f_true"].mul_(inv[:, None])
+        if "J" in out:
+            out["J"].mul_(inv[:, None, None])
+        # (twice by 1 / c, not once by its square, which may overflow where g = 0)
+        out["g"].mul_(inv[:, None]).mul_(inv[:, None])
+        out["optimality"].mul_(inv).mul_(inv)
+        out["cost"].copy_(torch.where(c != 1, 0.5 * (f * f).sum(-1), out["cost"]))
 
 
 def initial_state(ids: Tensor, x0: Tensor, f0: Tensor, J0: Tensor, lb: Tensor, ub: Tensor,

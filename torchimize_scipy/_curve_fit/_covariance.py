@@ -23,8 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
+import array_api_compat.numpy as _NUMPY_XP
+import array_api_compat.torch as _TORCH_XP
 import torch
+from array_api_compat import device
 
 from .._engine.linalg import inverse_and_condition
 
@@ -36,31 +38,37 @@ PCOV_GRAM_COND_LIMIT = 1e6
 COV_MSG = "Covariance of the parameters could not be estimated"
 
 
+def _namespace(a: Any) -> Any:
+    """array_api_compat's namespace of a tensor or a numpy array, chosen by type (no
+    ``array_namespace`` look-up per call: one problem's covariance is a few
+    microseconds of arithmetic)."""
+    return _TORCH_XP if isinstance(a, torch.Tensor) else _NUMPY_XP
+
+
 def inverse_from_r(R: Any) -> Any:
     """``R^{-1} R^{-T}`` per problem; NaN where ``R`` has an exactly zero diagonal entry.
 
     ``R (B, N, N)`` is a tensor, or a numpy array (:func:`curve_fit`'s one
-    problem): then the masks are numpy's and only the triangular solve and
-    the product go through torch (the same kernels as for tensors), and the
-    result is a numpy array.
+    problem): one body over the array's namespace (``array_api_compat``); the
+    triangular solve and the product are torch's for both (the same kernels,
+    on the numpy array's memory), and the result is of ``R``'s kind.
     """
-    numpy_in = not isinstance(R, torch.Tensor)
-    xp: Any = np if numpy_in else torch
+    xp = _namespace(R)
     n = R.shape[-1]
-    singular = (xp.diagonal(R, 0, -2, -1) == 0).any(-1)
-    Rt = torch.from_numpy(R) if numpy_in else R
+    # (methods numpy and torch share, where the namespace's wrapper would cost more)
+    singular = (R.diagonal(0, -2, -1) == 0).any(-1)[:, None, None]
+    # a singular R is replaced by the identity (in R's dtype) for the solve (on the host,
+    # where the count is free, only when there is one; a device is not read)
+    safe = R
+    if xp is _TORCH_XP or singular.any():
+        safe = xp.where(singular, xp.eye(n, dtype=R.dtype, device=device(R)), R)
+    Rt = safe if xp is _TORCH_XP else torch.from_numpy(safe)
     eye = torch.eye(n, dtype=Rt.dtype, device=Rt.device).expand_as(Rt)
-    if numpy_in:
-        safe = torch.from_numpy(np.where(singular[:, None, None], np.eye(n, dtype=R.dtype), R)) \
-            if singular.any() else Rt
-    else:
-        safe = torch.where(singular[:, None, None], eye, Rt)
-    Rinv = torch.linalg.solve_triangular(safe, eye, upper=True)
+    Rinv = torch.linalg.solve_triangular(Rt, eye, upper=True)
     cov = Rinv @ Rinv.transpose(-1, -2)
-    if numpy_in:
+    if xp is not _TORCH_XP:
         cov = cov.numpy()
-        return np.where(singular[:, None, None], np.nan, cov) if singular.any() else cov
-    return torch.where(singular[:, None, None], torch.full_like(cov, float("nan")), cov)
+    return xp.where(singular, float("nan"), cov)
 
 
 def pivoted_inverse(R: Any, perm: Any) -> Any:
@@ -69,12 +77,10 @@ def pivoted_inverse(R: Any, perm: Any) -> Any:
     ``R (B, N, N)`` and ``perm (B, N)``: tensors, or numpy arrays (a numpy result).
     """
     cov = inverse_from_r(R)
-    if isinstance(cov, np.ndarray):
-        back = np.argsort(np.asarray(perm), axis=-1)  # variable i is column back[i]
-        return cov[np.arange(cov.shape[0])[:, None, None], back[:, :, None], back[:, None, :]]
-    back = torch.argsort(perm, dim=-1)
-    rows = back.unsqueeze(-1).expand_as(cov)
-    return cov.gather(-2, rows).gather(-1, back.unsqueeze(-2).expand_as(cov))
+    xp = _namespace(cov)
+    back = xp.argsort(perm, axis=-1)  # variable i is column back[i]
+    problem = xp.arange(cov.shape[0], device=device(cov))[:, None, None]
+    return cov[problem, back[:, :, None], back[:, None, :]]
 
 
 def qr_inverse(J: torch.Tensor) -> torch.Tensor:
@@ -136,22 +142,19 @@ def finish_covariance(cov: Any, ok: Any, n: int, m: Any, chisq: Any,
     ``chisq (B,)`` the sum of squared whitened residuals, ``m`` the number of
     observations, shared or per problem ``(B,)`` (after ``nan_policy='omit'``).
     All arrays are tensors, or all numpy arrays (:func:`curve_fit`'s one
-    problem, on the host: the same IEEE operations). Returns the covariances
+    problem, on the host: the same IEEE operations); one body over their
+    namespace (``array_api_compat``). Returns the covariances
     and how many of the ``ok`` problems are indeterminate (the caller's warning).
     """
-    numpy_in = isinstance(cov, np.ndarray)
-    xp: Any = np if numpy_in else torch
+    xp = _namespace(cov)
     bad = xp.isnan(cov).reshape(cov.shape[0], -1).any(-1)
     if not absolute_sigma:
-        if numpy_in:
-            m_t = np.broadcast_to(np.asarray(m), bad.shape)
-        else:
-            m_t = torch.as_tensor(m, device=cov.device).expand_as(bad)
+        m_t = xp.asarray(m, device=device(cov))  # (shared, or per problem (B,): broadcasts)
         enough = m_t > n
-        dof = xp.where(enough, m_t - n, xp.ones_like(m_t))
-        scale = chisq / (dof.astype(chisq.dtype) if numpy_in else dof.to(chisq.dtype))
-        cov = cov * (scale.astype(cov.dtype) if numpy_in else scale.to(cov.dtype))[:, None, None]
+        dof = xp.where(enough, m_t - n, 1)
+        scale = chisq / xp.astype(dof, chisq.dtype)
+        cov = cov * xp.astype(scale, cov.dtype)[:, None, None]
         bad = bad | ~enough
-    cov = xp.where(bad[:, None, None], xp.full_like(cov, float("inf")), cov)
-    cov = xp.where(ok[:, None, None], cov, xp.full_like(cov, float("nan")))
+    cov = xp.where(bad[:, None, None], float("inf"), cov)
+    cov = xp.where(ok[:, None, None], cov, float("nan"))
     return cov, int((bad & ok).sum())

@@ -493,6 +493,14 @@ class Scalars:
             out.append(t)
         return tuple(out)
 
+    def renewed(self, old: Tensor, value: Any) -> Tensor:
+        """:meth:`tensors` of one value, or ``old`` itself when ``value`` is the very
+        object ``old`` remembers (on the host: a value that a ``where`` kept unchanged
+        needs no new tensor)."""
+        if self.host and getattr(old, _HOST_VALUE, None) is value:
+            return old
+        return self.tensors(value)[0]
+
     def amax(self, a: Any) -> Any:
         """Maximum along the last axis (exact, whatever the order): per-problem values."""
         if not self.host:
@@ -512,4 +520,23 @@ def for_rows(x: Tensor) -> Scalars:
     the same values ('lm' bit for bit; 'trf'/'dogbox' up to the square roots,
     see the module docstring).
     """
-    return Scalars(x, host=False if x.shape[0] > 1 and x.numel() > GRAIN else None)
+    return scalars(x, host=False if x.shape[0] > 1 and x.numel() > GRAIN else None)
+
+
+def scalars(like: Tensor, host: bool | None = None) -> Scalars:
+    """``Scalars(like, host)``: on the CPU one shared object per batch size, dtype,
+    ``host`` and :data:`HOST` (the only things it depends on there; a
+    :class:`Scalars` is never changed), made once."""
+    if not like.is_cpu:
+        return Scalars(like, host)
+    key = (like.shape[0], like.dtype, host, HOST)
+    sc = _FOR_ROWS.get(key)
+    if sc is None:
+        if len(_FOR_ROWS) >= 256:  # (streamed batches shrink through many sizes)
+            _FOR_ROWS.clear()
+        sc = _FOR_ROWS[key] = Scalars(like, host)
+    return sc
+
+
+#: :func:`scalars`' objects for CPU tensors
+_FOR_ROWS: dict[tuple, Scalars] = {}

@@ -23,6 +23,9 @@ from .linalg import Factors, svd_direct
 #: (numerically) rank deficient for 'lm': they take MINPACK's pivoted-QR Gauss-Newton step.
 LM_RANK_FACTOR = 100.0
 
+#: machine epsilon of the float dtypes (``torch.finfo`` costs a call each time)
+_EPS = {dt: torch.finfo(dt).eps for dt in (torch.float64, torch.float32)}
+
 
 def _xp(a: Any) -> Any:
     """``torch`` for a tensor, ``numpy`` for an array."""
@@ -201,8 +204,8 @@ def rank_deficient_rows(fac: Factors) -> Tensor:
     if s.shape[-1] == 0 or (fac.gram is not None and count_true(fac.gram) == B):
         # no variables (nothing to pivot), or every row on the Gram route
         return remember(torch.zeros(B, dtype=torch.bool, device=s.device), 0)
-    eps = torch.finfo(s.dtype).eps
-    hs = host_scalars.Scalars(s)
+    eps = _EPS.get(s.dtype) or torch.finfo(s.dtype).eps
+    hs = host_scalars.scalars(s)
     sv, = hs.view(s)
     low = sv[:, -1] <= LM_RANK_FACTOR * eps * sv[:, 0]
     if fac.gram is not None:
@@ -246,7 +249,7 @@ def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> tuple[BasicStep, F
     B, n = diag.shape
     # on the CPU the column loops run in numpy (the same operations, far cheaper on small
     # matrices); the square roots, the two sums and the SVD stay torch's
-    host = host_scalars.Scalars(J).host
+    host = host_scalars.scalars(J).host
     xp = np if host else torch
     Jx, fx, dx = (J.numpy(), f.numpy(), diag.numpy()) if host else (J, f, diag)
     with np.errstate(all="ignore"):  # (numpy: the infinities of a failed row are expected)

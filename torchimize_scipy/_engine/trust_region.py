@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .host_scalars import Scalars
+from .host_scalars import Scalars, scalars
 from .linalg import (
     Factors,
     gauss_newton_step,
@@ -194,6 +194,8 @@ def _damped_step_column(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any) ->
 
 #: machine epsilon of the float dtypes (``torch.finfo`` costs a call each time)
 _EPS = {dt: torch.finfo(dt).eps for dt in (torch.float64, torch.float32)}
+#: smallest positive normal number of the float dtypes (MINPACK's ``dwarf``)
+_TINY = {dt: torch.finfo(dt).tiny for dt in (torch.float64, torch.float32)}
 
 
 def _full_rank_columns(sc: Scalars, fac: Factors, sp: _Spectral, m: int, n: int) -> Any:
@@ -247,7 +249,7 @@ def solve_trust_region_scipy(
     p : Tensor, shape (B, n)
     alpha : Tensor, shape (B,)
     """
-    sc = Scalars(delta, host=host)
+    sc = scalars(delta, host=host)
     with sc.quiet():
         return _solve_scipy(sc, fac, delta, alpha0, m, n, rtol, max_iter)
 
@@ -342,13 +344,13 @@ def minimum_norm_step(fac: Factors, host: bool | None = None) -> Tensor:
     numpy's for one float64 problem (:func:`host_norm`). ``host`` as for
     :class:`~.host_scalars.Scalars`.
     """
-    sc = Scalars(fac.s, host=host)
+    sc = scalars(fac.s, host=host)
     has_gram, has_svd = routes(fac)
     if not sc.host or not has_svd:
         return gauss_newton_step(fac)
     s, uf = sc.rows(fac.s), sc.rows(fac.uf)
     with sc.quiet():
-        keep = s > torch.finfo(fac.s.dtype).eps * s[:, :1]
+        keep = s > (_EPS.get(fac.s.dtype) or torch.finfo(fac.s.dtype).eps) * s[:, :1]
         coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
         if sc.floats and not has_gram:  # one problem: the product on the host too
             return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
@@ -457,7 +459,7 @@ def solve_trust_region_minpack(
         Step in scaled variables.
     par : Tensor, shape (B,)
     """
-    sc = Scalars(delta, host=host)
+    sc = scalars(delta, host=host)
     with sc.quiet():
         return _solve_minpack(sc, fac, delta, par0, m, n, max_iter, basic, p_gn)
 
@@ -468,7 +470,7 @@ def _solve_minpack(sc: Scalars, fac: Factors, delta: Tensor, par0: Tensor, m: in
     """The body of :func:`solve_trust_region_minpack`."""
     xp = sc.xp
     B = sc.B
-    dwarf = torch.finfo(delta.dtype).tiny
+    dwarf = _TINY.get(delta.dtype) or torch.finfo(delta.dtype).tiny
     if p_gn is None:
         p_gn = gauss_newton_step(fac)
     delta_c = sc.get_col(delta)

@@ -45,6 +45,11 @@ operations per evaluation, at the price of rounding-level differences from
 the tensor path (numpy's square root is correctly rounded, torch's float64
 one is not always; reductions may sum in another order); the iterations, and
 so nfev, njev and status, are the same on the parity problems.
+
+The rule sums squares directly (MINPACK's ``enorm`` scales them): problems
+whose residuals or Jacobian at ``x0`` come near float64's overflow are run by
+the driver on residuals scaled by a power of two, under which this iteration
+is invariant (``_driver._LMScaling``, issue 14).
 """
 
 from __future__ import annotations
@@ -166,33 +171,33 @@ class LevenbergMarquardt(StepRule):
     def measure_optimality(self, problem: Problem, state: dict) -> Tensor:
         hs = for_rows(state["x"])
         xp = hs.xp
-        if hs.floats:  # one problem: its norms on the host (see trust_region.host_norm)
-            G, f = hs.view(state["G"], state["f"])
-            with hs.quiet():
-                acnorm = np.sqrt(np.maximum(np.diagonal(G, 0, -2, -1), 0.0))
-                fnorm = host_norm(f)
-            state["fnorm"], = hs.tensors(fnorm)
-        else:
-            acnorm_t = column_norms(state)
-            fnorm_t = vnorm(state["f"], dim=-1)
-            state["fnorm"] = fnorm_t
-            acnorm, fnorm = hs.view(acnorm_t, fnorm_t)
         g_t = state["g"]
+        n = g_t.shape[-1]
         # scaling and initial radius on the very first outer iteration
         # (the host knows whether problems were admitted since the last call: no sync)
         any_start, self._admitted = self._admitted, False
-        n = g_t.shape[-1]
-        status, diag = hs.view(state["status"], state["diag"])
-        if not n:  # no variables
-            optimality = gnorm = hs.view(inf_norm(g_t))[0]
         with hs.quiet():
+            if hs.floats:  # one problem: its norms on the host (see trust_region.host_norm)
+                G, f, g_h, status, diag = hs.view(state["G"], state["f"], g_t, state["status"],
+                                                  state["diag"])
+                acnorm = np.sqrt(np.maximum(np.diagonal(G, 0, -2, -1), 0.0))
+                fnorm = host_norm(f)
+                state["fnorm"], = hs.tensors(fnorm)
+            else:
+                acnorm_t = column_norms(state)
+                fnorm_t = vnorm(state["f"], dim=-1)
+                state["fnorm"] = fnorm_t
+                acnorm, fnorm, g_h, status, diag = hs.view(acnorm_t, fnorm_t, g_t,
+                                                           state["status"], state["diag"])
             if n:
-                g_abs = abs(hs.view(g_t)[0])
+                g_abs = abs(g_h)
                 optimality = hs.amax(g_abs)
                 denom = fnorm[..., None] * acnorm
                 cosines = xp.where(acnorm != 0, g_abs / xp.where(denom != 0, denom, 1.0), 0.0)
                 # (the cosines are not negative: their max-norm is their max)
                 gnorm = xp.where(fnorm != 0, hs.amax(cosines), 0.0)
+            else:  # no variables
+                optimality = gnorm = hs.view(inf_norm(g_t))[0]
             if any_start:
                 start = ~hs.view(state["radius_set"])[0]
             if problem.jac_scale:
@@ -274,8 +279,9 @@ class LevenbergMarquardt(StepRule):
             x_new = state["x"] + step
             pn, = hs.view(pnorm)
         # on the first iteration the radius is cut to the first step's length
-        first, delta = hs.view(state["no_step_yet"], state["delta"])
-        state["delta"], = hs.tensors(hs.xp.where(first, hs.xp.minimum(delta, pn), delta))
+        delta_t = state["delta"]
+        first, delta = hs.view(state["no_step_yet"], delta_t)
+        state["delta"] = hs.renewed(delta_t, hs.xp.where(first, hs.xp.minimum(delta, pn), delta))
         return LMTrial(x_new, step, pnorm, par)
 
     def assess_trial(self, problem: Problem, state: dict, trial: LMTrial, f_new: Tensor,
@@ -288,29 +294,28 @@ class LevenbergMarquardt(StepRule):
             state["fnorm"],  # f has not changed since measure_optimality
             state["delta"], state["xnorm"], state["gnorm"], state["nfev"],
             state["no_step_yet"], finite)
-        if hs.floats and "fac_gram" not in state:
-            # one problem: norms, products and square roots on the host (numpy's; see
-            # trust_region.host_norm)
-            J, step_h, f_h, diag, x_h = hs.view(state["J"], step, f_new, state["diag"], x_new)
-            with hs.quiet():
+        with hs.quiet():
+            if hs.floats and "fac_gram" not in state:
+                # one problem: norms, products and square roots on the host (numpy's; see
+                # trust_region.host_norm)
+                J, step_h, f_h, diag, x_h = hs.view(state["J"], step, f_new, state["diag"], x_new)
                 Jstep_norm = host_norm((J @ step_h[..., None])[..., 0])
                 fnorm_new = host_norm(f_h)
                 xnorm_new = host_norm(diag * x_h)
                 par_sqrt = Floats.sqrt(par)
-        else:
-            # a batch: the norms are torch's reductions; everything else is elementwise on
-            # (B,) values
-            if "fac_gram" in state:  # |J step| through J^T J on the Gram rows
-                Jstep_norm = cross_jac(state["J"], step, step, state["G"],
-                                       state["fac_gram"]).sqrt()
             else:
-                Jstep_norm = vnorm(jac_times(state["J"], step), dim=-1)
-            # (square roots too: torch's float64 sqrt is not always numpy's, see host_scalars)
-            fnorm_new, Jstep_norm, xnorm_new = hs.view(
-                vnorm(f_new, dim=-1), Jstep_norm, vnorm(state["diag"] * x_new, dim=-1))
-            # (the square root of a zero damping, a Gauss-Newton step, is zero: no torch op)
-            par_sqrt = par if hs.host and not par.any() else hs.view(trial.par.sqrt())[0]
-        with hs.quiet():
+                # a batch: the norms are torch's reductions; everything else is elementwise on
+                # (B,) values
+                if "fac_gram" in state:  # |J step| through J^T J on the Gram rows
+                    Jstep_norm = cross_jac(state["J"], step, step, state["G"],
+                                           state["fac_gram"]).sqrt()
+                else:
+                    Jstep_norm = vnorm(jac_times(state["J"], step), dim=-1)
+                # (square roots too: torch's float64 sqrt is not always numpy's, see host_scalars)
+                fnorm_new, Jstep_norm, xnorm_new = hs.view(
+                    vnorm(f_new, dim=-1), Jstep_norm, vnorm(state["diag"] * x_new, dim=-1))
+                # (the square root of a zero damping, a Gauss-Newton step, is zero: no torch op)
+                par_sqrt = par if hs.host and not par.any() else hs.view(trial.par.sqrt())[0]
             fnorm1 = xp.where(finite, fnorm_new, xp.inf)
             safe_f = xp.where(fnorm != 0, fnorm, 1.0)
             tenth1 = 0.1 * fnorm1
@@ -342,9 +347,10 @@ class LevenbergMarquardt(StepRule):
             xnorm = xp.where(accept, xnorm_new, xnorm)
             status = minpack_status(actred, prered, ratio, delta, xnorm, gnorm, nfev,
                                     problem.max_nfev, problem.ftol, problem.xtol, xp=xp)
-            (state["delta"], state["par"], state["xnorm"], state["no_step_yet"],
+            state["xnorm"] = hs.renewed(state["xnorm"], xnorm)  # (kept by a rejection)
+            (state["delta"], state["par"], state["no_step_yet"],
              state["uncounted_jac"], accept, status) = hs.tensors(
-                delta, par, xnorm, no_step_yet > accept,  # (and not accepted)
+                delta, par, no_step_yet > accept,  # (and not accepted)
                 uncounted_jacobian(accept, status), accept, status)
         return Verdict(accept, status, x_new)
 
