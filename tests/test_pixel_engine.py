@@ -1,0 +1,100 @@
+"""Forward differences of large batches: the grouped, in-place paths give the same values.
+
+The model here uses only products and sums (no library ``exp``), so every
+residual has the same IEEE value whichever group or call computes it; the
+grouped paths then perform the same operations on the same values as one
+whole call, and whole solves agree bit for bit (the same path run twice,
+with a different grouping).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from torchimize_scipy import _jacobian as jacobian_module
+from torchimize_scipy import batch_curve_fit
+from torchimize_scipy._curve_fit import _model
+
+X = np.linspace(-1.0, 2.0, 16)
+
+
+def cubic(x, a, b, c):
+    return a + x * (b + x * c * x)
+
+
+def cubic_t(x, a, b, c):
+    return a + x * (b + x * c * x)
+
+
+def _data(B: int, kind: str):
+    rng = np.random.default_rng(11)
+    P = rng.uniform(0.5, 2.0, (B, 3))
+    y = cubic(X, P[:, :1], P[:, 1:2], P[:, 2:]) + 0.01 * rng.standard_normal((B, X.size))
+    p0 = np.ones((B, 3))
+    if kind == "torch":
+        return torch.as_tensor(X), torch.as_tensor(y), torch.as_tensor(p0)
+    return X, y, p0
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_lm_grouped_differences_equal_one_call(monkeypatch, kind):
+    """MINPACK's differences of a batch split into groups of problems (formed in place
+    on each group's residuals, then written transposed into J) equal those of one call."""
+    x, y, p0 = _data(120, kind)
+    f = cubic_t if kind == "torch" else cubic
+    whole = batch_curve_fit(f, x, y, p0, method="lm", full_output=True)
+    calls: list[int] = []
+
+    def counted(x, a, b, c):
+        calls.append(a.shape[0])
+        return f(x, a, b, c)
+
+    monkeypatch.setattr(_model, "CHUNK_ELEMENTS", 30 * X.size)  # 10 problems x 3 shifts
+    grouped = batch_curve_fit(counted, x, y, p0, method="lm", full_output=True)
+    assert 30 in calls  # the grouped path ran (groups of 10 problems' shifted points)
+    for a, b in [(grouped[0], whole[0]), (grouped[1], whole[1]), (grouped[4], whole[4]),
+                 (grouped[2]["nfev"], whole[2]["nfev"]), (grouped[2]["fvec"], whole[2]["fvec"])]:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("jac", ["2-point", "3-point"])
+def test_trf_columnwise_differences_equal_one_call(monkeypatch, jac):
+    """Column-by-column differences (formed in one scratch buffer, divided into each
+    column of J) equal the one-call differences: same fits, bit for bit."""
+    x, y, p0 = _data(60, "numpy")
+    bounds = (np.array([0.0, -5.0, -5.0]), np.array([5.0, 5.0, 5.0]))
+    monkeypatch.setattr(jacobian_module, "COLUMNWISE_ENTRIES", 2**62)
+    whole = batch_curve_fit(cubic, x, y, p0, method="trf", jac=jac, bounds=bounds,
+                            full_output=True)
+    calls: list[int] = []
+
+    def counted(x, a, b, c):
+        calls.append(a.shape[0])
+        return cubic(x, a, b, c)
+
+    monkeypatch.setattr(jacobian_module, "COLUMNWISE_ENTRIES", 0)
+    cols = batch_curve_fit(counted, x, y, p0, method="trf", jac=jac, bounds=bounds,
+                           full_output=True)
+    assert max(calls) == 60 and len(calls) > 3 * len(whole[2]["nfev"]) // 60  # per column
+    for a, b in [(cols[0], whole[0]), (cols[1], whole[1]), (cols[4], whole[4]),
+                 (cols[2]["nfev"], whole[2]["nfev"])]:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_columnwise_scratch_is_not_the_jacobian():
+    """The scratch buffer of the column-by-column differences is reused across columns,
+    never handed out: every column of J keeps its own values."""
+    B, n, m = 64, 3, 2000  # B * n * m above COLUMNWISE_ENTRIES: column by column
+    assert B * n * m > jacobian_module.COLUMNWISE_ENTRIES
+    t = torch.linspace(0, 1, m, dtype=torch.float64)
+
+    def fun(x, idx):
+        return x[:, :1] * t + x[:, 1:2] * t * t + x[:, 2:] * t * t * t
+
+    x = torch.ones(B, n, dtype=torch.float64)
+    J = jacobian_module.finite_difference_jacobian(fun, x, fun(x, None), method="2-point")
+    expected = torch.stack([t, t * t, t * t * t], -1).expand(B, m, n)
+    torch.testing.assert_close(J, expected, rtol=1e-6, atol=1e-6)  # 2-point accuracy
+    assert not torch.equal(J[..., 0], J[..., 1])
