@@ -224,9 +224,11 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
     rel_step = check_diff_step(diff_step, n)
 
     dev, dt = ns.device, ns.dtype
-    if isinstance(x0, torch.Tensor):
+    if isinstance(x0, torch.Tensor) and x0.device.type != "cpu":
         x0_t = x0.detach().reshape(B, n).to(device=dev, dtype=dt).clone()
     else:
+        # (a CPU tensor too: its float64 host values, copied by numpy, without a torch
+        # parallel region over a long x0)
         x0_t = _engine_tensor(x0_host, dev, dt).reshape(B, n)
     lb_t = _engine_tensor(lb, dev, dt).reshape(B, n)
     ub_t = _engine_tensor(ub, dev, dt).reshape(B, n)
