@@ -23,7 +23,7 @@ from scipy.optimize import OptimizeResult
 
 from . import _implicit as implicit
 from ._arrays import Namespace, as_numpy
-from ._blas_threads import serial_torch
+from ._blas_threads import serial_torch, user_threads
 from ._driver import EngineRun, initial_state, prefers_gram, result_buffers, solve
 from ._engine import status as codes
 from ._engine.loop import RESULT_KEYS
@@ -296,10 +296,11 @@ def _wrap_callback(callback: Callable, ns: Namespace) -> Callable[[dict], bool]:
         cost = state["cost"][0]
         res["cost"] = cost.clone() if ns.kind == "torch" else float(cost)
         try:
-            if by_name:
-                callback(intermediate_result=res)
-            else:
-                callback(res.x)
+            with user_threads():  # (the caller's thread counts, also in a sparse solve)
+                if by_name:
+                    callback(intermediate_result=res)
+                else:
+                    callback(res.x)
         except StopIteration:
             return True
         return False
