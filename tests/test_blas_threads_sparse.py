@@ -244,13 +244,19 @@ def test_whole_sparse_solve_opens_no_parallel_region_of_its_own(two_threads, kin
         seen.append(torch.get_num_threads())
         return _broyden_torch(x)
 
+    def callback(intermediate_result):
+        seen_by_callback.append(torch.get_num_threads())
+
+    seen_by_callback: list[int] = []
     fun = fun_torch if kind == "torch" else fun_np
     x0 = -np.ones(n)
     mode = _RegionsApart("fun_torch")
     with mode:
         res = least_squares(fun, torch.as_tensor(x0) if kind == "torch" else x0,
-                            jac_sparsity=sparsity, tr_solver="lsmr", method="trf")
+                            jac_sparsity=sparsity, tr_solver="lsmr", method="trf",
+                            callback=callback)
     assert mode.package == []
+    assert len(seen_by_callback) > 0 and set(seen_by_callback) == {2}
     if kind == "torch":
         assert len(mode.user) > 0 and set(seen) == {2}
     ref = so.least_squares(fun_np, x0, jac_sparsity=sparsity, tr_solver="lsmr", method="trf")
