@@ -161,8 +161,10 @@ def serial_torch(device: torch.device) -> Iterator[bool]:
     spinning for milliseconds after each region, on the core the helpers
     need. Inside the block the products still cut their rows for the
     thread count the caller had (:func:`~torchimize_scipy._engine.csr.product_threads`).
-    Only for the engine's own work (no user code runs inside: the step rules
-    enter it around their model and step, which call no ``fun``). Per thread
+    The driver enters it around a whole solve whose Jacobian is sparse on the
+    CPU (the step rules and the grouped differences enter it too, nested, when
+    they are called on their own); the caller's ``fun``, ``jac`` and ``loss``
+    run inside with the caller's own counts (:func:`user_threads`). Per thread
     and nested like :func:`serial_blas`; yields whether it did anything (CPU,
     OpenMP found, more than one thread).
     """
@@ -172,9 +174,12 @@ def serial_torch(device: torch.device) -> Iterator[bool]:
         return
     torch.get_num_threads()  # (torch's own first-use setting of MKL's local count, now)
     held = getattr(csr._LOCAL, "threads", None)
+    saved = getattr(csr._LOCAL, "saved", None)
     omp_previous = _OMP[0]()
     mkl_previous = None if _SET_LOCAL is None else _SET_LOCAL(1)
     csr._LOCAL.threads = threads
+    # (the outermost block's counts are the caller's own: user_threads puts them back)
+    csr._LOCAL.saved = saved if saved is not None else (omp_previous, mkl_previous)
     _OMP[1](1)
     try:
         yield True
@@ -183,4 +188,37 @@ def serial_torch(device: torch.device) -> Iterator[bool]:
         if mkl_previous is not None:
             _SET_LOCAL(mkl_previous)
         csr._LOCAL.threads = held
+        csr._LOCAL.saved = saved
+
+
+@contextmanager
+def user_threads() -> Iterator[bool]:
+    """Give a call of the caller's code the thread counts it had before :func:`serial_torch`.
+
+    The driver holds the calling thread's torch count at 1 for a whole solve
+    whose Jacobian is sparse on the CPU; a torch ``fun``, ``jac`` or ``loss``
+    the engine calls meanwhile runs inside this block, with the caller's own
+    OpenMP and MKL counts (and ``torch.get_num_threads()`` reads them), and
+    the count goes back to 1 afterwards, also when the call raises. Outside a
+    :func:`serial_torch` block it does nothing; yields whether it did.
+    """
+    saved = getattr(csr._LOCAL, "saved", None)
+    if saved is None:
+        yield False
+        return
+    omp_previous, mkl_previous = saved
+    held = csr._LOCAL.threads
+    csr._LOCAL.threads = None
+    csr._LOCAL.saved = None
+    _OMP[1](omp_previous)
+    if mkl_previous is not None:
+        _SET_LOCAL(mkl_previous)
+    try:
+        yield True
+    finally:
+        _OMP[1](1)
+        if mkl_previous is not None:
+            _SET_LOCAL(1)
+        csr._LOCAL.threads = held
+        csr._LOCAL.saved = saved
 

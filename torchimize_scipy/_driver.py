@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ._blas_threads import serial_blas
+from ._blas_threads import serial_blas, serial_torch
 from ._engine.loop import RESULT_KEYS, run
 from ._engine.problem import BatchedFun, BatchedJac, Problem
 from ._engine.steps import make_rule
@@ -128,7 +129,11 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
     A batch whose Jacobians have at most 32,768 entries in all (torch's grain
     size; the rows of a batch count together) runs with MKL single-threaded
     in the calling thread (:func:`~torchimize_scipy._blas_threads.serial_blas`);
-    the loop switches to it for the tail of a larger batch as well.
+    the loop switches to it for the tail of a larger batch as well. A run
+    whose Jacobian at ``x0`` is a torch sparse tensor on the CPU runs with the
+    calling thread's torch count at 1 throughout
+    (:func:`~torchimize_scipy._blas_threads.serial_torch`; its products keep
+    their helper threads, the caller's functions their own count).
 
     Returns
     -------
@@ -160,7 +165,13 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
     # small work: MKL single-threaded in this thread only (see _blas_threads); the
     # rows of a batch count together (MKL's batched products do use the threads)
     rows = max(B, spec.capacity or 0)
-    with serial_blas(x0.device, rows * m, n):
+    # a sparse Jacobian on the CPU: no torch parallel region in the whole run (its
+    # products have their own helper threads; the caller's functions keep their
+    # threads through _blas_threads.user_threads)
+    J0 = start["J_true"]
+    sparse = isinstance(J0, Tensor) and J0.layout in (torch.sparse_coo, torch.sparse_csr)
+    with serial_blas(x0.device, rows * m, n), \
+            serial_torch(x0.device) if sparse else nullcontext():
         run(problem, rule, start, out, spec.on_finish, spec.on_iteration,
             refill, spec.capacity)
     if scaling is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,17 @@ from scipy.optimize import OptimizeResult
 
 from . import _implicit as implicit
 from ._arrays import Namespace, as_numpy
+from ._blas_threads import serial_torch, user_threads
 from ._driver import EngineRun, initial_state, prefers_gram, result_buffers, solve
 from ._engine import status as codes
 from ._engine.loop import RESULT_KEYS
-from ._frontend import check_residuals_and_loss, jacobian_at_x0, jacobian_finite_at_x0, prepare
+from ._frontend import (
+    all_finite,
+    check_residuals_and_loss,
+    jacobian_at_x0,
+    jacobian_finite_at_x0,
+    prepare,
+)
 from ._jac_forms import result_jacobian
 from ._results import build_one_result
 from ._validation import check_options
@@ -176,75 +184,79 @@ def least_squares(
     check_options(method, jac, tr_solver, tr_options, loss, verbose, max_nfev, jac_sparsity)
     p = prepare(fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, diff_step, args, kwargs,
                 device=device, dtype=dtype, batch=False, workers=workers)
-    ns, n = p.ns, p.x0.shape[1]
-    try:
-        f0_user = p.fun.call_one(p.x0[0])
-    except RuntimeError as exc:
-        implicit.check_numpy_error(exc)
-        raise
-    track = implicit.requested(ns, fun, args, kwargs, f_scale, loss, first_out=f0_user)
-    f0_raw = np.atleast_1d(as_numpy(f0_user))
-    del f0_user  # its graph, if any, is not needed
-    if f0_raw.ndim != 1:
-        raise ValueError("`fun` must return at most 1-d array_like. "
-                         f"f0.shape: {f0_raw.shape}")
-    f0 = p.fun.ns.from_user(f0_raw).reshape(1, -1)
-    if not bool(torch.isfinite(f0).all()):
-        raise ValueError("Residuals are not finite in the initial point.")
-    m = f0.shape[1]
-    loss_obj = check_residuals_and_loss(method, n, f0, loss, f_scale, ns, rowwise=True)
-    if f0_raw.dtype == np.float32 and ns.dtype == torch.float64:
-        # float32 residuals take float32-sized default steps (scipy gh-12991);
-        # the residuals themselves were float32, so this cast is exact
-        p.jac.fd_dtype = torch.float32
-    J0, tr_solver = jacobian_at_x0(p, f0, method, jac, jac_sparsity, tr_solver, tr_options,
-                                   x_scale)
-    dense_jac = isinstance(J0, torch.Tensor) and J0.layout == torch.strided
+    # a Jacobian kept sparse on the CPU (jac_sparsity): no torch parallel region in the
+    # checks and the evaluations at x0 either (the caller's functions keep their threads;
+    # _blas_threads.serial_torch, and the driver's note on it)
+    with serial_torch(p.x0.device) if jac_sparsity is not None else nullcontext():
+        ns, n = p.ns, p.x0.shape[1]
+        try:
+            f0_user = p.fun.call_one(p.x0[0])
+        except RuntimeError as exc:
+            implicit.check_numpy_error(exc)
+            raise
+        track = implicit.requested(ns, fun, args, kwargs, f_scale, loss, first_out=f0_user)
+        f0_raw = np.atleast_1d(as_numpy(f0_user))
+        del f0_user  # its graph, if any, is not needed
+        if f0_raw.ndim != 1:
+            raise ValueError("`fun` must return at most 1-d array_like. "
+                             f"f0.shape: {f0_raw.shape}")
+        f0 = p.fun.ns.from_user(f0_raw).reshape(1, -1)
+        if not all_finite(f0):
+            raise ValueError("Residuals are not finite in the initial point.")
+        m = f0.shape[1]
+        loss_obj = check_residuals_and_loss(method, n, f0, loss, f_scale, ns, rowwise=True)
+        if f0_raw.dtype == np.float32 and ns.dtype == torch.float64:
+            # float32 residuals take float32-sized default steps (scipy gh-12991);
+            # the residuals themselves were float32, so this cast is exact
+            p.jac.fd_dtype = torch.float32
+        J0, tr_solver = jacobian_at_x0(p, f0, method, jac, jac_sparsity, tr_solver, tr_options,
+                                       x_scale)
+        dense_jac = isinstance(J0, torch.Tensor) and J0.layout == torch.strided
 
-    if method == "lm" and callback is not None:
-        warnings.warn("Callback function specified, but not supported with `lm` method.",
-                      stacklevel=2)
-        callback = None
+        if method == "lm" and callback is not None:
+            warnings.warn("Callback function specified, but not supported with `lm` method.",
+                          stacklevel=2)
+            callback = None
 
-    if n == 0:
-        # nothing to optimise: scipy reports the start ('lm': MINPACK's improper input)
-        out = _no_variables(f0, loss_obj, method)
-    else:
-        if dense_jac:
-            J0 = J0.to(device=ns.device, dtype=ns.dtype)
-        if not jacobian_finite_at_x0(J0):
-            # scipy's 'trf' and 'dogbox' fail in their first factorisation of J0
-            # (ValueError / LinAlgError); every method refuses it here, by name
-            raise ValueError("array must not contain infs or NaNs: the Jacobian is not "
-                             "finite in the initial point.")
-        start = initial_state(torch.zeros(1, dtype=torch.long, device=ns.device), p.x0, f0, J0,
-                              p.lb, p.ub, p.x_scale)
-        # a sparse or operator Jacobian is handed out by the engine as it is
-        keys = RESULT_KEYS if dense_jac else tuple(k for k in RESULT_KEYS if k != "J")
-        out = solve(EngineRun(
-            method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj, ftol=p.ftol,
-            xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
-            jac_scale=isinstance(p.x_scale, str), use_gram=prefers_gram(m, n), verbose=verbose,
-            callback=_wrap_callback(callback, ns) if callback is not None else None,
-            out=result_buffers(1, n, m, ns.dtype, ns.device, keys),
-            tr_solver=tr_solver, tr_options=tr_options))
-        if track:
-            idx = torch.zeros(1, dtype=torch.long, device=ns.device)
-            implicit.attach(out, lambda x: p.fun.raw(x, idx), loss_obj)
-    sparse_J = None if dense_jac or n == 0 else out.pop("J", None)
-    result = build_one_result(out, ns, method, jac, p.bounded)
-    if sparse_J is not None:
-        result.jac = result_jacobian(sparse_J, numpy_caller=ns.kind != "torch")
-    if ns.kind == "numpy" and f0_raw.dtype == np.float32:
-        result.fun = result.fun.astype(np.float32)  # scipy returns fun's own dtype
-    if verbose >= 1:
-        initial_cost = float(loss_obj.cost(f0)[0]) if loss_obj is not None else float(
-            0.5 * (f0 * f0).sum())
-        print(result.message)
-        print(f"Function evaluations {result.nfev}, initial cost {initial_cost:.4e}, "
-              f"final cost {float(result.cost):.4e}, "
-              f"first-order optimality {float(result.optimality):.2e}.")
-    return result
+        if n == 0:
+            # nothing to optimise: scipy reports the start ('lm': MINPACK's improper input)
+            out = _no_variables(f0, loss_obj, method)
+        else:
+            if dense_jac:
+                J0 = J0.to(device=ns.device, dtype=ns.dtype)
+            if not jacobian_finite_at_x0(J0):
+                # scipy's 'trf' and 'dogbox' fail in their first factorisation of J0
+                # (ValueError / LinAlgError); every method refuses it here, by name
+                raise ValueError("array must not contain infs or NaNs: the Jacobian is not "
+                                 "finite in the initial point.")
+            start = initial_state(torch.zeros(1, dtype=torch.long, device=ns.device), p.x0, f0, J0,
+                                  p.lb, p.ub, p.x_scale)
+            # a sparse or operator Jacobian is handed out by the engine as it is
+            keys = RESULT_KEYS if dense_jac else tuple(k for k in RESULT_KEYS if k != "J")
+            out = solve(EngineRun(
+                method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj, ftol=p.ftol,
+                xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
+                jac_scale=isinstance(p.x_scale, str), use_gram=prefers_gram(m, n), verbose=verbose,
+                callback=_wrap_callback(callback, ns) if callback is not None else None,
+                out=result_buffers(1, n, m, ns.dtype, ns.device, keys),
+                tr_solver=tr_solver, tr_options=tr_options))
+            if track:
+                idx = torch.zeros(1, dtype=torch.long, device=ns.device)
+                implicit.attach(out, lambda x: p.fun.raw(x, idx), loss_obj)
+        sparse_J = None if dense_jac or n == 0 else out.pop("J", None)
+        result = build_one_result(out, ns, method, jac, p.bounded)
+        if sparse_J is not None:
+            result.jac = result_jacobian(sparse_J, numpy_caller=ns.kind != "torch")
+        if ns.kind == "numpy" and f0_raw.dtype == np.float32:
+            result.fun = result.fun.astype(np.float32)  # scipy returns fun's own dtype
+        if verbose >= 1:
+            initial_cost = float(loss_obj.cost(f0)[0]) if loss_obj is not None else float(
+                0.5 * (f0 * f0).sum())
+            print(result.message)
+            print(f"Function evaluations {result.nfev}, initial cost {initial_cost:.4e}, "
+                  f"final cost {float(result.cost):.4e}, "
+                  f"first-order optimality {float(result.optimality):.2e}.")
+        return result
 
 
 def _no_variables(f0: torch.Tensor, loss_obj: Any, method: str) -> dict[str, torch.Tensor]:
@@ -284,10 +296,11 @@ def _wrap_callback(callback: Callable, ns: Namespace) -> Callable[[dict], bool]:
         cost = state["cost"][0]
         res["cost"] = cost.clone() if ns.kind == "torch" else float(cost)
         try:
-            if by_name:
-                callback(intermediate_result=res)
-            else:
-                callback(res.x)
+            with user_threads():  # (the caller's thread counts, also in a sparse solve)
+                if by_name:
+                    callback(intermediate_result=res)
+                else:
+                    callback(res.x)
         except StopIteration:
             return True
         return False

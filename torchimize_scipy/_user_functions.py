@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from ._arrays import Namespace, as_numpy, is_torch
+from ._blas_threads import user_threads
+from ._engine.csr import product_threads
 
 #: Largest ``n`` for which one point crosses to numpy through ``Tensor.tolist``
 #: (cheaper than ``Tensor.numpy`` for a few values; slower for many).
@@ -227,6 +229,10 @@ class RowwiseFunction:
 
     def raw(self, x: Tensor, idx: Tensor) -> Tensor:
         """Differentiable evaluation for torch functions (no detach), ``(k, m)``."""
+        with user_threads():
+            return self._raw(x, idx)
+
+    def _raw(self, x: Tensor, idx: Tensor) -> Tensor:
         if self._vmap_ok and x.shape[0] > 1:
             try:
                 out = self._vmapped(x, idx)
@@ -242,14 +248,26 @@ class RowwiseFunction:
 
     def call_one(self, x: Tensor, i: int = 0) -> Any:
         """Raw call for one point (the caller's return value, unconverted)."""
-        return self.fn(self.ns.row_to_fun(x), *self._args_for(i), **self.kwargs)
+        row = self.ns.row_to_fun(x)
+        if self.ns.kind != "torch":
+            return self.fn(row, *self._args_for(i), **self.kwargs)
+        with user_threads():
+            return self.fn(row, *self._args_for(i), **self.kwargs)
 
     def __call__(self, x: Tensor, idx: Tensor, complex_ok: bool = False) -> Tensor:
+        """``(k, m)`` (or ``(k, m, n)`` for a Jacobian) at the rows ``x (k, n)``.
+
+        A torch function runs with the caller's own thread counts, also inside
+        a solve that holds this thread's at 1 (:func:`~torchimize_scipy.
+        _blas_threads.user_threads`); numpy and other array kinds do not use
+        torch's threads.
+        """
         k = x.shape[0]
-        if self._vmap_ok and k > 1 and (x.shape[-1] < _VMAP_MAX_N
-                                         or torch.get_num_threads() > 1):
+        # (the caller's own torch count, also inside a solve that holds this thread's at 1)
+        if self._vmap_ok and k > 1 and (x.shape[-1] < _VMAP_MAX_N or product_threads() > 1):
             try:
-                out = self._vmapped(x, idx)
+                with user_threads():
+                    out = self._vmapped(x, idx)
             except Exception:  # noqa: BLE001 - any failure means "not vmappable"
                 self._vmap_ok = False
             else:
@@ -263,8 +281,10 @@ class RowwiseFunction:
                 return fast
         elif k == 1 and self.map is None and self.ns.kind == "torch":
             # one problem (least_squares): no per-row lists; the row is a fresh copy
-            v = self.fn(x[0].clone(), *self._args_for(int(idx[0]) if self._per_problem else 0),
-                        **self.kwargs)
+            row = x[0].clone()
+            with user_threads():
+                v = self.fn(row, *self._args_for(int(idx[0]) if self._per_problem else 0),
+                            **self.kwargs)
             if (isinstance(v, torch.Tensor) and v.ndim == self._ndim and not v.requires_grad
                     and v.dtype == self.ns.dtype and v.device == self.ns.device):
                 return torch.stack([v])  # (1, ...), a copy: ``fun`` may reuse its output
@@ -419,15 +439,20 @@ class VectorizedFunction:
 
     def raw(self, x: Tensor, idx: Tensor) -> Tensor:
         """Differentiable evaluation for torch functions (no detach), ``(b, m)``."""
-        return torch.as_tensor(self.fn(x, *self.args.select(idx), **self.kwargs))
+        with user_threads():
+            return torch.as_tensor(self.fn(x, *self.args.select(idx), **self.kwargs))
 
     def __call__(self, x: Tensor, idx: Tensor, complex_ok: bool = False) -> Tensor:
+        """``fn`` at the rows ``x (b, n)``; a torch ``fn`` with the caller's thread counts."""
         if self.ns.kind == "torch":
             xu = x.clone()
-        else:
-            xu = x.detach().cpu().numpy().copy()
-            if self.ns.kind == "xp":
-                xu = self.ns.xp.asarray(xu)
+            with user_threads():
+                out = self.fn(xu, *self.args.select(idx), **self.kwargs)
+            return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(),
+                                     what=self.kind)
+        xu = x.detach().cpu().numpy().copy()
+        if self.ns.kind == "xp":
+            xu = self.ns.xp.asarray(xu)
         out = self.fn(xu, *self.args.select(idx), **self.kwargs)
         return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(), what=self.kind)
 
@@ -445,8 +470,11 @@ def user_loss(loss: Callable, ns: Namespace, m: int, rowwise: bool) -> Callable[
         def rho_rows(z: Tensor) -> Tensor:
             rows = []
             for i in range(z.shape[0]):
-                r = loss(z[i]) if ns.kind == "torch" else np.asarray(
-                    as_numpy(loss(ns.row_to_fun(z[i]))), dtype=float)
+                if ns.kind == "torch":
+                    with user_threads():
+                        r = loss(z[i])
+                else:
+                    r = np.asarray(as_numpy(loss(ns.row_to_fun(z[i]))), dtype=float)
                 r = ns.from_user(r, what="loss")
                 if tuple(r.shape) != (3, m):
                     raise ValueError("The return value of `loss` callable has wrong shape.")
@@ -456,7 +484,10 @@ def user_loss(loss: Callable, ns: Namespace, m: int, rowwise: bool) -> Callable[
         return rho_rows
 
     def rho_batch(z: Tensor) -> Tensor:  # its shape is checked by the LossFunction
-        zu = z if ns.kind == "torch" else z.detach().cpu().numpy()
-        return ns.from_user(loss(zu), what="loss")
+        if ns.kind == "torch":
+            with user_threads():
+                out = loss(z)
+            return ns.from_user(out, what="loss")
+        return ns.from_user(loss(z.detach().cpu().numpy()), what="loss")
 
     return rho_batch
