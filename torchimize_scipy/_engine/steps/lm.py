@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from ..counts import count_true, remember
+from ..counts import count_true, known_finite, mark_finite, remember
 from ..host_scalars import Floats, Scalars, for_rows
 from ..linalg import Factors, factorize, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
@@ -94,6 +94,33 @@ def _norms(hs: Scalars, a: Any) -> Any:
     if hs.floats:
         return host_norm(a if isinstance(a, np.ndarray) else hs.view(a)[0])
     return hs.view(vnorm(a, dim=-1))[0]
+
+
+def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None:
+    """The SVD factors of one float64 problem's scaled Jacobian ``J / diag``, from numpy.
+
+    For a matrix of a few entries LAPACK's SVD through numpy costs less than
+    through torch (no dispatch, no batch bookkeeping); the factors come back
+    as tensors that remember their host arrays (:meth:`Scalars.tensor_rows`),
+    which the subproblem then reads at no cost. ``J d`` is formed as the
+    tensor path forms it (``d = 1 / diag``, then the products), but the SVD
+    may round differently from torch's in the last bits. None when an entry
+    of ``J d`` is not finite or LAPACK does not converge: the tensor path
+    then flags the problem as it always does.
+    """
+    J_h, diag_h, f_h = hs.view(J, diag, f)
+    with hs.quiet():
+        A = J_h[0] * (1.0 / diag_h[0])
+    if not np.isfinite(A).all():
+        return None
+    try:
+        U, s, Vh = np.linalg.svd(A, full_matrices=False)
+    except np.linalg.LinAlgError:
+        return None
+    if not np.isfinite(s).all():
+        return None
+    s_t, V_t, uf_t = (hs.tensor_rows(a[None]) for a in (s, Vh.T, U.T @ f_h[0]))
+    return Factors(mark_finite(s_t), V_t, uf_t)
 
 
 class LMTrial:
@@ -222,14 +249,26 @@ class LevenbergMarquardt(StepRule):
         return hit
 
     def build_model(self, problem: Problem, state: dict) -> None:
-        # (``1 / diag`` exactly: torch's ``1.0 / t`` is ``reciprocal(t) * 1.0``)
-        d = torch.reciprocal(state["diag"])
-        fac = factorize(state["J"], d, state["f"], gram=state["G"], g=state["g"],
-                        use_gram=problem.use_gram)
+        hs = for_rows(state["x"])
+        fac = None
+        if hs.floats and not problem.use_gram:  # one problem: its SVD in numpy
+            fac = _host_svd(hs, state["J"], state["diag"], state["f"])
+        if fac is None:
+            # (``1 / diag`` exactly: torch's ``1.0 / t`` is ``reciprocal(t) * 1.0``)
+            d = torch.reciprocal(state["diag"])
+            if problem.jac_scale and known_finite(state["J"]):
+                # J proven finite, and diag at least each column's norm (the running
+                # maximum): every entry of J d is at most 1 in size, so its
+                # factorisation needs no test of its own (linalg.svd_factors)
+                d = mark_finite(d)
+            fac = factorize(state["J"], d, state["f"], gram=state["G"], g=state["g"],
+                            use_gram=problem.use_gram)
+            p_gn = refine_gauss_newton(fac, minimum_norm_step(fac, host=hs.host),
+                                       state["J"], d, state["f"])
+        else:
+            p_gn = minimum_norm_step(fac, host=True)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
-        p_gn = refine_gauss_newton(fac, minimum_norm_step(fac, host=for_rows(state["x"]).host),
-                                   state["J"], d, state["f"])
         # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
         # (every Gram row among them) keep the factorisation above untouched.
