@@ -461,8 +461,9 @@ def solve_trust_region_minpack(
     """
     sc = scalars(delta, host=host)
     with sc.quiet():
-        if sc.floats and fac.gram is None and p_gn is not None:
-            return _solve_minpack_one(sc, fac, delta, par0, m, n, max_iter, basic, p_gn)
+        if sc.floats and fac.gram is None:
+            return _solve_minpack_one(sc, fac, delta, par0, m, n, max_iter, basic,
+                                      gauss_newton_step(fac) if p_gn is None else p_gn)
         return _solve_minpack(sc, fac, delta, par0, m, n, max_iter, basic, p_gn)
 
 

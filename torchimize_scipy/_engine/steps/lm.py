@@ -97,30 +97,30 @@ def _norms(hs: Scalars, a: Any) -> Any:
 
 
 def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None:
-    """The SVD factors of one float64 problem's scaled Jacobian ``J / diag``, from numpy.
+    """The SVD factors of one float64 problem's scaled Jacobian ``J / diag``, kept on the host.
 
-    For a matrix of a few entries LAPACK's SVD through numpy costs less than
-    through torch (no dispatch, no batch bookkeeping); the factors come back
-    as tensors that remember their host arrays (:meth:`Scalars.tensor_rows`),
-    which the subproblem then reads at no cost. ``J d`` is formed as the
-    tensor path forms it (``d = 1 / diag``, then the products), but the SVD
-    may round differently from torch's in the last bits. None when an entry
-    of ``J d`` is not finite or LAPACK does not converge: the tensor path
-    then flags the problem as it always does.
+    The same operations as :func:`~..linalg.svd_factors` (``d = 1 / diag`` and
+    the products ``J d`` elementwise, torch's SVD, ``U^T f`` by torch's
+    ``bmm``: the same values), with ``J d`` formed and tested for finiteness
+    on the host from the values the rule already holds there (no torch
+    operation for the scaling, no sum and read for the test). numpy's SVD
+    would cost less, but rounds differently from torch's: on problems whose
+    last steps are at rounding level (linear models) that moved MINPACK's
+    ``xtol`` test and with it the reported status. None when an entry of
+    ``J d`` is not finite: the tensor path then flags the problem as it
+    always does.
     """
     J_h, diag_h, f_h = hs.view(J, diag, f)
     with hs.quiet():
-        A = J_h[0] * (1.0 / diag_h[0])
+        A = J_h * (1.0 / diag_h)[:, None, :]
     if not np.isfinite(A).all():
         return None
     try:
-        U, s, Vh = np.linalg.svd(A, full_matrices=False)
-    except np.linalg.LinAlgError:
+        U, s, Vh = torch.linalg.svd(torch.from_numpy(A), full_matrices=False)
+    except RuntimeError:  # (did not converge: the tensor path isolates the problem)
         return None
-    if not np.isfinite(s).all():
-        return None
-    s_t, V_t, uf_t = (hs.tensor_rows(a[None]) for a in (s, Vh.T, U.T @ f_h[0]))
-    return Factors(mark_finite(s_t), V_t, uf_t)
+    uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
+    return Factors(mark_finite(s), Vh.transpose(-1, -2), uf)
 
 
 class LMTrial:
@@ -207,7 +207,7 @@ class LevenbergMarquardt(StepRule):
             if hs.floats:  # one problem: its norms on the host (see trust_region.host_norm)
                 G, f, g_h, status, diag = hs.view(state["G"], state["f"], g_t, state["status"],
                                                   state["diag"])
-                acnorm = np.sqrt(np.maximum(np.diagonal(G, 0, -2, -1), 0.0))
+                acnorm = np.sqrt(np.maximum(G.diagonal(0, -2, -1), 0.0))
                 fnorm = host_norm(f)
                 state["fnorm"], = hs.tensors(fnorm)
             else:
