@@ -13,7 +13,9 @@ when the factors are on the CPU (:mod:`.host_scalars`). 'lm''s takes the norms
 and sums of a batch from torch on either path (bit for bit the same results);
 one float64 problem on the host runs the whole iteration in numpy (norms,
 sums, square roots and the product with ``V``: the same operations, rounded
-as numpy rounds them, :func:`host_norm`).
+as numpy rounds them, :func:`host_norm`); its lmpar is written out on
+``numpy.float64`` scalars (:func:`_solve_minpack_one`: the same operations
+and values as the general body, without a namespace call per scalar).
 """
 
 from __future__ import annotations

@@ -44,7 +44,13 @@ from numpy (:func:`..trust_region.host_norm`): about a third fewer torch
 operations per evaluation, at the price of rounding-level differences from
 the tensor path (numpy's square root is correctly rounded, torch's float64
 one is not always; reductions may sum in another order); the iterations, and
-so nfev, njev and status, are the same on the parity problems.
+so nfev, njev and status, are the same on the parity problems. Its
+factorisation forms ``J d`` and tests it on the host (:func:`_host_svd`;
+torch's SVD, whose rounding numpy's would not reproduce), and lmpar runs
+written out for it (``trust_region._solve_minpack_one``). Under
+``x_scale='jac'`` every entry of ``J d`` is at most 1 in size, so a batch's
+``d`` is marked finite for a Jacobian the loop proved finite and its
+factorisation tests nothing.
 
 The rule sums squares directly (MINPACK's ``enorm`` scales them): problems
 whose residuals or Jacobian at ``x0`` come near float64's overflow are run by
