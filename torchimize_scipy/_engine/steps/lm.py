@@ -257,7 +257,7 @@ class LevenbergMarquardt(StepRule):
     def build_model(self, problem: Problem, state: dict) -> None:
         hs = for_rows(state["x"])
         fac = None
-        if hs.floats and not problem.use_gram:  # one problem: its SVD in numpy
+        if hs.floats and not problem.use_gram:  # one problem: J d formed on the host
             fac = _host_svd(hs, state["J"], state["diag"], state["f"])
         if fac is None:
             # (``1 / diag`` exactly: torch's ``1.0 / t`` is ``reciprocal(t) * 1.0``)
