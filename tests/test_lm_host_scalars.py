@@ -208,12 +208,14 @@ def test_lm_rule_issues_few_torch_operations_per_evaluation():
     ``lift_fresh``: no arithmetic, a fraction of a microsecond each).
     """
     crossings = {"aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh"}
-    evaluations, own = _top_level_ops_of_lm_rosenbrock(("steps/lm.py", "host_scalars.py"),
-                                                        crossings)
+    evaluations, own = _top_level_ops_of_lm_rosenbrock(
+        ("steps/lm.py", "host_scalars.py", "linalg.py"), crossings)
     assert evaluations == 21
     # one problem also takes its norms, square roots and step on the host (issue 14:
-    # 327 operations in this solve before, 30 after: the scaling's reciprocal per model)
-    assert own / evaluations < 3
+    # 327 operations in this solve before, 30 after: the scaling's reciprocal per model).
+    # Its factorisation (steps/lm.py::_host_svd since, linalg.py before) scales and tests
+    # J on the host: 180 operations in these files before, 105 after (the SVD, U^T f)
+    assert own / evaluations < 6
 
 
 def test_lmpar_of_one_problem_issues_no_torch_operation():

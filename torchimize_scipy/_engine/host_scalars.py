@@ -126,7 +126,8 @@ def _scalar_tensor(v: Any) -> Tensor:
             return t
     a = np.array([v])
     t = torch.from_numpy(a)
-    setattr(t, _HOST_VALUE, a[0])
+    # (a numpy scalar is remembered as it is: no new scalar from indexing the array)
+    setattr(t, _HOST_VALUE, v if kind is np.float64 else a[0])
     if key is not None:
         _SHARED[key] = t
     return t
@@ -438,7 +439,11 @@ class Scalars:
             return torch.full((self.B,), value, dtype=self.dtype, device=self.device)
         if self.floats:
             return np.float64(value)
-        return np.full(self.B, value, dtype=torch.empty((), dtype=self.dtype).numpy().dtype)
+        # (numpy's dtype from a table: no tensor made to learn it)
+        kind = _NUMPY.get(self.dtype)
+        if kind is None:
+            kind = torch.empty((), dtype=self.dtype).numpy().dtype
+        return np.full(self.B, value, dtype=kind)
 
     def quiet(self) -> contextlib.AbstractContextManager:
         """Silence numpy's floating-point warnings (torch has none): the callers guard
@@ -458,6 +463,14 @@ class Scalars:
         """
         if not self.host:
             return ts
+        # (the tensors that remember their values: one pass, no call per tensor)
+        known = tuple([getattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, None)
+                       for t in ts])
+        for value in known:  # (``in`` would compare arrays with ``==``)
+            if value is None:
+                break
+        else:
+            return known
         out = []
         for t in ts:
             attr = _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS
@@ -485,11 +498,13 @@ class Scalars:
             return values
         out = []
         for v in values:
-            if isinstance(v, np.ndarray) and v.ndim:
+            if type(v) is not _ARRAY:  # a scalar: a (1,) tensor, remembered as it is
+                t = _scalar_tensor(v)
+            elif v.ndim:
                 t = torch.from_numpy(v)
-                setattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, v)
-            else:  # a scalar or a 0-d array: a (1,) tensor, remembered as a numpy scalar
-                t = _scalar_tensor(v[()] if isinstance(v, np.ndarray) else v)
+                setattr(t, _HOST_VALUE if v.ndim <= 1 else _HOST_ROWS, v)
+            else:  # a 0-d array: as its numpy scalar
+                t = _scalar_tensor(v[()])
             out.append(t)
         return tuple(out)
 

@@ -193,7 +193,8 @@ def svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
     uf : Tensor, shape (B, k)
     """
     A = J if d is None or known_unit(d) else J * d.unsqueeze(-2)
-    if known_finite(A):
+    if known_finite(A) or (A is not J and known_finite(J) and known_finite(d)):
+        # (a caller marks d finite only where J d cannot overflow: 'lm' under x_scale='jac')
         # a Jacobian the loop proved finite (its J^T J is: loop._marked_finite), unscaled,
         # needs no test; its singular values are finite too (s_max^2 <= trace(J^T J)),
         # so the step rules need not test them either, unless LAPACK failed

@@ -13,7 +13,9 @@ when the factors are on the CPU (:mod:`.host_scalars`). 'lm''s takes the norms
 and sums of a batch from torch on either path (bit for bit the same results);
 one float64 problem on the host runs the whole iteration in numpy (norms,
 sums, square roots and the product with ``V``: the same operations, rounded
-as numpy rounds them, :func:`host_norm`).
+as numpy rounds them, :func:`host_norm`); its lmpar is written out on
+``numpy.float64`` scalars (:func:`_solve_minpack_one`: the same operations
+and values as the general body, without a namespace call per scalar).
 """
 
 from __future__ import annotations
@@ -461,6 +463,9 @@ def solve_trust_region_minpack(
     """
     sc = scalars(delta, host=host)
     with sc.quiet():
+        if sc.floats and fac.gram is None:
+            return _solve_minpack_one(sc, fac, delta, par0, m, n, max_iter, basic,
+                                      gauss_newton_step(fac) if p_gn is None else p_gn)
         return _solve_minpack(sc, fac, delta, par0, m, n, max_iter, basic, p_gn)
 
 
@@ -541,4 +546,89 @@ def _solve_minpack(sc: Scalars, fac: Factors, delta: Tensor, par0: Tensor, m: in
     if n_gn:
         p = torch.where(sc.tensor(gn_ok).unsqueeze(-1), p_gn, p)
         par = xp.where(gn_ok, 0.0, par)
+    return p, sc.tensor(par)
+
+
+def _fmax(a: Any, b: Any) -> Any:
+    """``max`` of two numbers propagating NaN (as ``numpy.maximum``, ``Floats.maximum``)."""
+    return a if (a >= b or a != a) else b
+
+
+def _fmin(a: Any, b: Any) -> Any:
+    """``min`` of two numbers propagating NaN (as ``numpy.minimum``, ``Floats.minimum``)."""
+    return a if (a <= b or a != a) else b
+
+
+def _radius_one(s2: np.ndarray, suf: np.ndarray, suf2: np.ndarray, alpha: Any,
+                delta: Any) -> tuple[Any, Any, Any]:
+    """:func:`_radius_terms` of one problem's SVD rows (1-D arrays), ``exact``, with the
+    same operations: ``phi``, ``-dphi/dalpha`` and ``|p|`` as ``numpy.float64``."""
+    denom = s2 if alpha is None else s2 + alpha
+    nonzero = denom != 0
+    coef = np.where(nonzero, suf / denom, 0.0)
+    pn = np.float64(math.sqrt(np.add.reduce(coef * coef)))
+    total = np.add.reduce(np.where(nonzero, suf2 / (denom * denom * denom), 0.0))
+    return pn - delta, total / (pn if pn > 0 else 1.0), pn
+
+
+def _solve_minpack_one(sc: Scalars, fac: Factors, delta_t: Tensor, par0: Tensor, m: int,
+                       n: int, max_iter: int, basic: BasicStep | None,
+                       p_gn: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_solve_minpack` of one float64 problem on the host with the SVD route.
+
+    The same iteration, operations and values as the general body with
+    :class:`~.host_scalars.Floats` (``numpy.float64`` scalars and the ``(k,)``
+    spectral rows), written out for one problem: its masks are plain
+    conditions and no per-scalar call goes through a namespace (issue 14).
+    """
+    delta = sc.get(delta_t)
+    dxnorm = getattr(p_gn, _DXNORM, None)
+    if dxnorm is None:  # (the same step serves every trial of an outer iteration)
+        dxnorm = host_norm(sc.rows(p_gn))
+        setattr(p_gn, _DXNORM, dxnorm)
+    fp = dxnorm - delta
+    if fp <= 0.1 * delta:
+        return p_gn, sc.tensor(np.float64(0.0))
+    dwarf = _TINY[torch.float64]
+    s = sc.rows(fac.s)[0]
+    suf = s * sc.rows(fac.uf)[0]
+    s2 = s * s
+    suf2 = suf * suf
+    full_rank = (m >= n and s.shape[-1] >= n > 0
+                 and s[-1] > _EPS[torch.float64] * m * s[0])
+    phi0, dpos0, _ = _radius_one(s2, suf, suf2, None, delta)
+    # -phi0 / dphi0 (phi0 itself where the derivative vanishes)
+    ratio0 = phi0 / (dpos0 if dpos0 != 0 else -1.0)
+    parl = ratio0 * (dxnorm / delta) if full_rank else np.float64(0.0)
+    if basic is not None:  # MINPACK's bound from R, zero when R has a zero pivot
+        curv, full, rows = (sc.get(t) for t in (basic.curv, basic.full, basic.rows))
+        if rows:
+            parl = ((fp / delta) / curv if (full and curv > 0) else np.float64(0.0))
+    gnorm = np.float64(math.sqrt(np.add.reduce(suf * suf)))
+    paru = gnorm / delta
+    if paru == 0:
+        paru = dwarf / _fmin(delta, 0.1)
+    par = _fmin(_fmax(sc.get(par0), parl), paru)
+    if par == 0:
+        par = gnorm / (dxnorm if dxnorm > 0 else 1.0)
+    tenth = 0.1 * delta
+    for it in range(1, max_iter + 1):
+        par_it = _fmax(0.001 * paru, dwarf) if par == 0 else par
+        phi, dpos, pnorm = _radius_one(s2, suf, suf2, par_it, delta)
+        stop = (it == max_iter or abs(phi) <= tenth
+                or (parl == 0 and phi <= fp and fp < 0))
+        fp = phi
+        if stop:  # the parameter it was evaluated at
+            par = par_it
+            break
+        # -phi / dphi (phi itself where the derivative vanishes)
+        parc = (phi / (dpos if dpos != 0 else -1.0)) * (pnorm / delta)
+        if phi > 0:
+            parl = _fmax(parl, par_it)
+        if phi < 0:
+            paru = _fmin(paru, par_it)
+        par = _fmax(parl, par_it + parc)
+    denom = s2 + par
+    coef = np.where(denom != 0, suf / denom, 0.0)
+    p = sc.tensor_rows(-(sc.rows(fac.V) @ coef[None, :, None])[..., 0])
     return p, sc.tensor(par)

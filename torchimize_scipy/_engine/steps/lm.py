@@ -44,7 +44,13 @@ from numpy (:func:`..trust_region.host_norm`): about a third fewer torch
 operations per evaluation, at the price of rounding-level differences from
 the tensor path (numpy's square root is correctly rounded, torch's float64
 one is not always; reductions may sum in another order); the iterations, and
-so nfev, njev and status, are the same on the parity problems.
+so nfev, njev and status, are the same on the parity problems. Its
+factorisation forms ``J d`` and tests it on the host (:func:`_host_svd`;
+torch's SVD, whose rounding numpy's would not reproduce), and lmpar runs
+written out for it (``trust_region._solve_minpack_one``). Under
+``x_scale='jac'`` every entry of ``J d`` is at most 1 in size, so a batch's
+``d`` is marked finite for a Jacobian the loop proved finite and its
+factorisation tests nothing.
 
 The rule sums squares directly (MINPACK's ``enorm`` scales them): problems
 whose residuals or Jacobian at ``x0`` come near float64's overflow are run by
@@ -61,7 +67,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from ..counts import count_true, remember
+from ..counts import count_true, known_finite, mark_finite, remember
 from ..host_scalars import Floats, Scalars, for_rows
 from ..linalg import Factors, factorize, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
@@ -94,6 +100,33 @@ def _norms(hs: Scalars, a: Any) -> Any:
     if hs.floats:
         return host_norm(a if isinstance(a, np.ndarray) else hs.view(a)[0])
     return hs.view(vnorm(a, dim=-1))[0]
+
+
+def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None:
+    """The SVD factors of one float64 problem's scaled Jacobian ``J / diag``, kept on the host.
+
+    The same operations as :func:`~..linalg.svd_factors` (``d = 1 / diag`` and
+    the products ``J d`` elementwise, torch's SVD, ``U^T f`` by torch's
+    ``bmm``: the same values), with ``J d`` formed and tested for finiteness
+    on the host from the values the rule already holds there (no torch
+    operation for the scaling, no sum and read for the test). numpy's SVD
+    would cost less, but rounds differently from torch's: on problems whose
+    last steps are at rounding level (linear models) that moved MINPACK's
+    ``xtol`` test and with it the reported status. None when an entry of
+    ``J d`` is not finite: the tensor path then flags the problem as it
+    always does.
+    """
+    J_h, diag_h, f_h = hs.view(J, diag, f)
+    with hs.quiet():
+        A = J_h * (1.0 / diag_h)[:, None, :]
+    if not np.isfinite(A).all():
+        return None
+    try:
+        U, s, Vh = torch.linalg.svd(torch.from_numpy(A), full_matrices=False)
+    except RuntimeError:  # (did not converge: the tensor path isolates the problem)
+        return None
+    uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
+    return Factors(mark_finite(s), Vh.transpose(-1, -2), uf)
 
 
 class LMTrial:
@@ -180,7 +213,7 @@ class LevenbergMarquardt(StepRule):
             if hs.floats:  # one problem: its norms on the host (see trust_region.host_norm)
                 G, f, g_h, status, diag = hs.view(state["G"], state["f"], g_t, state["status"],
                                                   state["diag"])
-                acnorm = np.sqrt(np.maximum(np.diagonal(G, 0, -2, -1), 0.0))
+                acnorm = np.sqrt(np.maximum(G.diagonal(0, -2, -1), 0.0))
                 fnorm = host_norm(f)
                 state["fnorm"], = hs.tensors(fnorm)
             else:
@@ -222,14 +255,26 @@ class LevenbergMarquardt(StepRule):
         return hit
 
     def build_model(self, problem: Problem, state: dict) -> None:
-        # (``1 / diag`` exactly: torch's ``1.0 / t`` is ``reciprocal(t) * 1.0``)
-        d = torch.reciprocal(state["diag"])
-        fac = factorize(state["J"], d, state["f"], gram=state["G"], g=state["g"],
-                        use_gram=problem.use_gram)
+        hs = for_rows(state["x"])
+        fac = None
+        if hs.floats and not problem.use_gram:  # one problem: J d formed on the host
+            fac = _host_svd(hs, state["J"], state["diag"], state["f"])
+        if fac is None:
+            # (``1 / diag`` exactly: torch's ``1.0 / t`` is ``reciprocal(t) * 1.0``)
+            d = torch.reciprocal(state["diag"])
+            if problem.jac_scale and known_finite(state["J"]):
+                # J proven finite, and diag at least each column's norm (the running
+                # maximum): every entry of J d is at most 1 in size, so its
+                # factorisation needs no test of its own (linalg.svd_factors)
+                d = mark_finite(d)
+            fac = factorize(state["J"], d, state["f"], gram=state["G"], g=state["g"],
+                            use_gram=problem.use_gram)
+            p_gn = refine_gauss_newton(fac, minimum_norm_step(fac, host=hs.host),
+                                       state["J"], d, state["f"])
+        else:
+            p_gn = minimum_norm_step(fac, host=True)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
-        p_gn = refine_gauss_newton(fac, minimum_norm_step(fac, host=for_rows(state["x"]).host),
-                                   state["J"], d, state["f"])
         # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
         # (every Gram row among them) keep the factorisation above untouched.
