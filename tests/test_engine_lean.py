@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from _parity import assert_bitwise_equal
+from _torch_calls import top_level_package_ops
 from torch.profiler import ProfilerActivity, profile
 
 from torchimize_scipy import batch_least_squares, least_squares
@@ -293,23 +294,7 @@ def test_engine_operations_per_evaluation_on_host_scalars(method):
 
 def _engine_operations(call) -> int:
     """Top-level aten operations issued by the engine (as bench_ops.py counts them)."""
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-        call()
-    ops = 0
-    for ev in prof.events():
-        if not ev.name.startswith("aten::"):
-            continue
-        frame, nested, engine = ev.cpu_parent, False, False
-        while frame is not None:
-            if frame.name.startswith("aten::"):
-                nested = True
-                break
-            if "torchimize_scipy/" in frame.name:
-                engine = "torchimize_scipy/_engine/" in frame.name
-                break
-            frame = frame.cpu_parent
-        ops += engine and not nested
-    return ops
+    return top_level_package_ops(call, ("torchimize_scipy/_engine/",))
 
 
 def test_batch_tail_runs_mkl_single_threaded():

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from _parity import assert_bitwise_equal
-from torch.profiler import ProfilerActivity, profile
+from _torch_calls import top_level_package_ops
 
 from torchimize_scipy import least_squares
 from torchimize_scipy._engine import host_scalars
@@ -242,28 +242,6 @@ def _bounded_rosen_calls(method: str):
     return call, calls
 
 
-def _operations(call, regions: tuple[str, ...]) -> int:
-    """Top-level aten operations issued from the package's files ``regions`` (the
-    innermost package frame decides, as bench_ops.py counts)."""
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
-        call()
-    ops = 0
-    for ev in prof.events():
-        if not ev.name.startswith("aten::"):
-            continue
-        frame, nested, mine = ev.cpu_parent, False, False
-        while frame is not None:
-            if frame.name.startswith("aten::"):
-                nested = True
-                break
-            if "torchimize_scipy/" in frame.name:
-                mine = any(f"torchimize_scipy/{r}" in frame.name for r in regions)
-                break
-            frame = frame.cpu_parent
-        ops += mine and not nested
-    return ops
-
-
 @pytest.mark.parametrize("case", ["trf bounded", "dogbox bounded", "trf soft_l1"])
 def test_engine_operations_per_evaluation_bounded_and_robust(case):
     # the quadratic model's values on the host (numpy), no products by an x_scale of
@@ -273,7 +251,7 @@ def test_engine_operations_per_evaluation_bounded_and_robust(case):
     call, calls = _exp_fit_calls() if case == "trf soft_l1" else \
         _bounded_rosen_calls(case.split()[0])
     call()  # warm-up
-    ops = _operations(call, ("_engine/", "_loss.py"))
+    ops = top_level_package_ops(call, ("torchimize_scipy/_engine/", "torchimize_scipy/_loss.py"))
     evals = calls["n"]
     assert evals > 5
     assert ops / evals <= {"trf bounded": 95, "dogbox bounded": 72, "trf soft_l1": 74}[case]

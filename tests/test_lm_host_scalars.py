@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from _parity import assert_cost_close, assert_status_equivalent, assert_x_close
+from _torch_calls import top_level_package_ops
 from scipy.optimize import least_squares as scipy_least_squares
 
 import torchimize_scipy as ts
@@ -167,34 +168,19 @@ def test_scalars_namespace_off_the_host(monkeypatch):
 
 def _top_level_ops_of_lm_rosenbrock(files: tuple, crossings: set) -> tuple[int, int]:
     """Evaluations of one 'lm' Rosenbrock solve, and the top-level aten operations
-    (none of whose ancestors is an aten operation) called from the given source
-    files, leaving out the events named in ``crossings``."""
-    from torch.profiler import ProfilerActivity, profile
-
+    called from the given source files, leaving out the events named in ``crossings``."""
     calls = []
 
     def fun(x):
         calls.append(1)
         return rosen(x)
 
-    ts.least_squares(fun, [-1.2, 1.0], jac=rosen_jac, method="lm")
-    calls.clear()
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+    def solve():
         ts.least_squares(fun, [-1.2, 1.0], jac=rosen_jac, method="lm")
-    own = 0
-    for ev in prof.events():
-        if not ev.name.startswith("aten::") or ev.name in crossings:
-            continue
-        p, top, site = ev.cpu_parent, True, None
-        while p is not None:
-            if p.name.startswith("aten::"):
-                top = False
-                break
-            if site is None and "torchimize_scipy" in p.name:
-                site = p.name
-            p = p.cpu_parent
-        if top and site is not None and any(f in site for f in files):
-            own += 1
+
+    solve()
+    calls.clear()
+    own = top_level_package_ops(solve, files, frozenset(crossings))
     return len(calls), own
 
 
