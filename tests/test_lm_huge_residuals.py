@@ -118,3 +118,14 @@ def test_largest_finite_entries_keep_a_finite_inverse():
     f0 = torch.tensor([[1.7e308, 1.0]], dtype=torch.float64)
     c = _LMScaling.factors(f0, torch.ones(1, 2, 1, dtype=torch.float64))
     assert torch.isfinite(1.0 / c).all()
+
+
+def test_a_nan_row_does_not_hide_a_huge_one():
+    # the whole-batch screen reads NaN when any entry is NaN; the rows are then
+    # screened one by one, so the huge row still gets its factor
+    f0 = torch.tensor([[np.nan, 1.0], [3e300, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    J0 = torch.ones(3, 2, 1, dtype=torch.float64)
+    c = _LMScaling.factors(f0, J0)
+    assert c is not None
+    assert c[0] == 1 and c[2] == 1
+    assert 1.0 <= float(f0[1].abs().max() * c[1]) < 2.0

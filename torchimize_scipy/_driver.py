@@ -217,9 +217,12 @@ class _LMScaling:
     @staticmethod
     def factors(f0: Tensor, J0: Tensor) -> Tensor | None:
         """``c`` per row of ``f0 (b, m)``, ``J0 (b, m, n)``; None when every ``c`` is 1."""
-        # (three operations and one read screen the usual case; NaN compares False)
-        if not float(torch.maximum(torch.linalg.vector_norm(f0, ord=math.inf),
-                                   torch.linalg.vector_norm(J0, ord=math.inf))) >= LM_SCALE_ABOVE:
+        # (the usual case: one pass over each without a temporary |J0|, one read; a NaN
+        # anywhere makes the screen NaN, and the rows are then looked at one by one)
+        if f0.numel() == 0 or J0.numel() == 0:
+            return None
+        peaks = torch.cat([torch.stack(torch.aminmax(f0)), torch.stack(torch.aminmax(J0))])
+        if float(peaks.abs().max()) < LM_SCALE_ABOVE:
             return None
         big = torch.maximum(torch.linalg.vector_norm(f0, ord=math.inf, dim=-1),
                             torch.linalg.vector_norm(J0.flatten(1), ord=math.inf, dim=-1))
