@@ -407,9 +407,13 @@ def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> lis
     """Row blocks of equal entry counts of a CSR matrix over existing arrays (no copy).
 
     One block for one torch thread, else two per thread (at most ``nnz /
-    _BLOCK_NNZ`` of them), each a scipy CSR array of its rows and the offset
-    of its first row: more blocks than threads let the calling thread take
-    over the blocks that a busy helper has not claimed (:class:`_Product`).
+    _BLOCK_NNZ`` of them), each its rows' offsets (from 0) and views of the
+    column indices and values: more blocks than threads let the calling
+    thread take over the blocks that a busy helper has not claimed
+    (:class:`_Product`). No scipy matrix is built per block: its format
+    check copies index and value views that are less than half of their
+    arrays (``scipy._lib._util._prune_array``), which cost the bundle
+    adjustment of ``bench_sparse.py`` 104 copies per solve.
     """
     indptr, indices = index
     nnz = int(indptr[-1])
@@ -419,32 +423,39 @@ def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> lis
     blocks = []
     for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
         a, b = int(indptr[lo]), int(indptr[hi])
-        A = sp.csr_array((values[a:b], indices[a:b], indptr[lo:hi + 1] - indptr[lo]),
-                         shape=(int(hi - lo), shape[1]), copy=False)
-        A.has_sorted_indices = True
-        A.has_canonical_format = True
-        blocks.append(_Block(A, int(lo), int(hi)))
+        ptr = indptr[lo:hi + 1]
+        if a != 0:
+            ptr = ptr - indptr[lo]  # (the same integer type: scipy's kernel needs one type)
+        blocks.append(_Block(ptr, indices[a:b], values[a:b], int(shape[1]), int(lo), int(hi)))
     return blocks
 
 
 class _Block(NamedTuple):
-    """Rows ``lo:hi`` of a host CSR matrix, as a scipy CSR array."""
+    """Rows ``lo:hi`` of a host CSR matrix of ``n_col`` columns: ``indptr`` from 0, and
+    views of ``indices`` and ``data``."""
 
-    A: sp.csr_array
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    n_col: int
     lo: int
     hi: int
+
+    @property
+    def nnz(self) -> int:
+        return self.data.size
 
 
 def _accumulate_block(block: _Block, w: np.ndarray, out: np.ndarray, zero: bool) -> None:
     """``out[lo:hi] += A w`` for one row block, in place (after zeroing it with ``zero``)."""
-    A, lo, hi = block
+    indptr, indices, data, n_col, lo, hi = block
     part = out[lo:hi]
     if zero:
         part.fill(0)
     if _csr_matvec is not None:
-        _csr_matvec(hi - lo, A.shape[1], A.indptr, A.indices, A.data, w, part)
+        _csr_matvec(hi - lo, n_col, indptr, indices, data, w, part)
     else:  # pragma: no cover - scipy without its kernel module: the public product
-        part += A @ w
+        part += sp.csr_array((data, indices, indptr), shape=(hi - lo, n_col)) @ w
 
 
 class SharedJobs:
@@ -522,10 +533,15 @@ def product_threads() -> int:
     return torch.get_num_threads() if held is None else held
 
 
+#: the machine's CPU count, read once: ``os.cpu_count()`` cost 45-75 us a call here
+#: (once per product: 50-80 ms of the calling thread per bundle adjustment solve)
+_CPUS = os.cpu_count() or 1
+
+
 def helper_threads() -> int:
     """How many helper threads work beside the caller: the products' threads
     (:func:`product_threads`, at most the CPU count) less the caller's."""
-    return max(0, min(product_threads(), os.cpu_count() or 1) - 1)
+    return max(0, min(product_threads(), _CPUS) - 1)
 
 
 class CallsOnHelpers(SharedJobs):
