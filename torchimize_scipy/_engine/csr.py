@@ -185,15 +185,47 @@ class BlockCSR:
         indptr, indices = self._plan.host
         _csc_matvec(B * n, B * m, indptr, indices, self._vals, u, out)
 
-    def start_matvec(self, p: np.ndarray, out: np.ndarray) -> _Product | None:
+    def start_matvec(self, p: np.ndarray, out: np.ndarray,
+                     sub: tuple | None = None) -> _Product | None:
         """Start ``out = J p`` on the helper threads (host, several row blocks); None otherwise.
 
-        The caller may work meanwhile, must not touch ``p`` or ``out``, and
-        finishes the product with ``wait()``.
+        The caller may work meanwhile, must not touch ``p``, ``out`` or the
+        arrays of ``sub``, and finishes the product with ``wait()``. With
+        ``sub = (y, c, tmp)`` each row block then subtracts ``c y`` from its
+        rows (:meth:`sub_into`).
         """
         if not self._host or len(self._a) == 1:
             return None
-        return _Product(self._a, self._checked(p), self._checked(out), True)
+        return _Product(self._a, self._checked(p), self._checked(out), True,
+                        self._checked_sub(sub))
+
+    def sub_into(self, forward: bool, w: np.ndarray, c: Any, y: np.ndarray, out: np.ndarray,
+                 tmp: np.ndarray) -> bool:
+        """``out = J w - c y`` (``forward``) or ``J^T w - c y`` in parallel row blocks, if cut.
+
+        Each block zeroes its rows of ``out``, sums its products into them,
+        then writes ``tmp = y c`` and ``out - tmp`` over the same rows: the
+        operations, and so the values, of a zeroed product followed by
+        ``np.subtract(out, np.multiply(y, c, out=tmp), out=out)``, with those
+        two passes shared between the threads while the rows are in cache.
+        For one problem (``c`` a scalar or a single entry) on the host, with
+        the matrix cut into several blocks; returns False (nothing done)
+        otherwise.
+        """
+        if not self._host or len(self._a) == 1 or self.shape[0] != 1 or np.size(c) != 1:
+            return False
+        blocks = self._a if forward else self._at
+        sub = self._checked_sub((y, c, tmp))
+        _Product(blocks, self._checked(w), self._checked(out), True, sub).wait()
+        return True
+
+    def _checked_sub(self, sub: tuple | None) -> tuple | None:
+        if sub is None:
+            return None
+        y, c, tmp = sub
+        if isinstance(c, np.ndarray):
+            c = c.reshape(())  # (one problem: the same multiplications as by its (1, 1) form)
+        return self._checked(y), c, self._checked(tmp)
 
     def _checked(self, a: np.ndarray) -> np.ndarray:
         """``a`` flattened as a view (the kernel writes into it: a copy would lose the sums)."""
@@ -567,17 +599,26 @@ class _Product(SharedJobs):
 
     One job per block (:class:`SharedJobs`), handed to up to ``blocks - 1``
     helpers. Each block writes only its own rows, and a row's sum is the
-    same loop whoever runs it.
+    same loop whoever runs it. With ``sub = (y, c, tmp)`` a block then
+    writes ``tmp = y c`` and ``out - tmp`` over its rows (1-D arrays, ``c`` a
+    scalar: :meth:`BlockCSR.sub_into`).
     """
 
-    __slots__ = ("blocks", "w", "out", "zero")
+    __slots__ = ("blocks", "w", "out", "zero", "sub")
 
-    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool) -> None:
-        self.blocks, self.w, self.out, self.zero = blocks, w, out, zero
+    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool,
+                 sub: tuple | None = None) -> None:
+        self.blocks, self.w, self.out, self.zero, self.sub = blocks, w, out, zero, sub
         super().__init__(len(blocks), helper_threads())
 
     def _run(self, i: int) -> None:
-        _accumulate_block(self.blocks[i], self.w, self.out, self.zero)
+        block = self.blocks[i]
+        _accumulate_block(block, self.w, self.out, self.zero)
+        if self.sub is not None:
+            y, c, tmp = self.sub
+            lo, hi = block.lo, block.hi
+            part = self.out[lo:hi]
+            np.subtract(part, np.multiply(y[lo:hi], c, out=tmp[lo:hi]), out=part)
 
 
 def _accumulate(blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool = False) -> None:
