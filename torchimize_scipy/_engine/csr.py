@@ -18,8 +18,13 @@ one-off ``J^T u`` of a Jacobian (the gradient), the product scatters along
 ``J``'s rows in scipy's CSC kernel instead (what scipy's ``J.T @ u`` runs),
 summing each entry over the rows in the same increasing order: no transposed
 copy per Jacobian, and one matrix streamed per LSMR iteration instead of two.
-Used by :mod:`.operator` and, on numpy arrays without allocation, by
-:mod:`.lsmr`.
+For LSMR's ``A w - c y`` of one problem the row blocks also form ``y c`` and
+the difference over their own rows (:meth:`BlockCSR.sub_into`): the same
+elementwise operations, shared by the threads. A row block is its offsets and
+views of the index and value arrays, handed to the kernel as they are (a
+scipy matrix per block would copy views under half of their array in its
+format check). Used by :mod:`.operator` and, on numpy arrays without
+allocation, by :mod:`.lsmr`.
 """
 
 from __future__ import annotations
