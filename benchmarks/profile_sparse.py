@@ -123,7 +123,7 @@ def instrument_kernels(csr: Any) -> None:
         c0 = time.thread_time()
         block(b, w, out, zero)
         e = _KERNELS[("row block (J v, or J^T u on J^T's CSR)", who())]
-        e[0] += b.nnz
+        e[0] += b.nnz if hasattr(b, "nnz") else b.A.nnz  # (a tree before b58f031)
         e[1] += time.thread_time() - c0
 
     def timed_scatter(self: Any, u: np.ndarray, out: np.ndarray) -> None:
