@@ -15,6 +15,14 @@ column norms (``x_scale='jac'``), the other products of the step
 frontend). scipy's: ``fun``, ``approx_derivative`` without ``fun``, ``lsmr``
 (its products included), ``compute_jac_scale`` and what is left.
 
+Ours also gets two tables that depend little on the load: the CPU time of
+the calling thread and of the other threads of the process per solve (Linux,
+``/proc/self/task``; the calling thread's is a floor under the wall time),
+and the CSR kernels' own CPU time per entry streamed inside the solve, by
+kind of product and by thread (caller or helper): set beside a hot loop
+(``bench_sparse.py --case matvec``) it shows what the solve's other memory
+traffic costs the products.
+
 ``--regions`` instead counts, for one solve of ours, the torch operations
 that may open a parallel region of torch's OpenMP team: those over more than
 torch's grain size (32,768 elements) that run while the calling thread has
@@ -94,6 +102,59 @@ def instrument_ours() -> None:
         wrap(op.JacobianOperator, name, "other products of the step")
     wrap(trf_lsmr.TRFLSMR, "build_model", "build_model rest")
     wrap(trf_lsmr.TRFLSMR, "propose_step", "propose_step (2-D step)")
+    instrument_kernels(csr)
+
+
+#: (kind, thread) -> [entries streamed, kernel CPU seconds] of the CSR kernels (ours)
+_KERNELS: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0, 0.0])
+
+
+def instrument_kernels(csr: Any) -> None:
+    """Count the entries and CPU time of every CSR kernel call of ours, by kind and thread."""
+    import threading
+
+    caller = threading.get_ident()
+    block, scatter = csr._accumulate_block, csr.BlockCSR._scatter_into
+
+    def who() -> str:
+        return "caller" if threading.get_ident() == caller else "helper"
+
+    def timed_block(b: Any, w: np.ndarray, out: np.ndarray, zero: bool) -> None:
+        c0 = time.thread_time()
+        block(b, w, out, zero)
+        e = _KERNELS[("row block (J v, or J^T u on J^T's CSR)", who())]
+        e[0] += b.nnz if hasattr(b, "nnz") else b.A.nnz  # (a tree before b58f031)
+        e[1] += time.thread_time() - c0
+
+    def timed_scatter(self: Any, u: np.ndarray, out: np.ndarray) -> None:
+        c0 = time.thread_time()
+        scatter(self, u, out)
+        e = _KERNELS[("J^T u scattered along J's rows", who())]
+        e[0] += self._vals.size
+        e[1] += time.thread_time() - c0
+
+    csr._accumulate_block = timed_block
+    csr.BlockCSR._scatter_into = timed_scatter
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of each thread of this process so far, by thread id (Linux; else empty)."""
+    import os
+
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[tid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 #: aten operations that never start a parallel region (views, metadata, constructors)
@@ -209,11 +270,14 @@ def main() -> None:
         instrument_ours()
     solve()
     _ACC.clear()
+    _KERNELS.clear()
     R = max(1, args.repeat)
+    threads0 = thread_cpu()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(R):
         res = solve()
     wall, cpu = (time.perf_counter() - t0) / R, (time.process_time() - c0) / R
+    threads1 = thread_cpu()
     rows, w_sum, c_sum = [], 0.0, 0.0
     for label, (calls, w, c) in sorted(_ACC.items(), key=lambda kv: -kv[1][1]):
         rows.append([label, calls / R, w / R, c / R])
@@ -227,6 +291,20 @@ def main() -> None:
           f"process CPU {cpu:.3f} s per solve (mean of {R}); cost {res.cost:.6f}, "
           f"nfev {res.nfev}")
     print(md_table(["phase", "calls", "wall s", "caller-thread CPU s"], rows))
+    if args.solver == "ours" and threads1:
+        import os
+
+        me = str(os.getpid())  # the main thread's id is the process id
+        spent = {t: c - threads0.get(t, 0.0) for t, c in threads1.items()}
+        others = sum(c for t, c in spent.items() if t != me)
+        print(md_table(["thread", "CPU s per solve"],
+                       [["calling thread", spent.get(me, 0.0) / R],
+                        ["all other threads (products' helpers, ...)", others / R]]))
+    if _KERNELS:
+        krows = [[kind, who, n / R / 1e6, c / R, 1e9 * c / n if n else float("nan")]
+                 for (kind, who), (n, c) in sorted(_KERNELS.items())]
+        print(md_table(["CSR kernel", "thread", "million entries per solve", "CPU s per solve",
+                        "ns per entry"], krows))
 
 
 if __name__ == "__main__":

@@ -672,3 +672,56 @@ def test_one_problem_float_scalars_exact_start_and_breakdown():
     bad[0, 3, 4] = float("nan")
     res = lsmr(bad, torch.as_tensor(rng.standard_normal((1, M))))
     assert int(res.istop[0]) == BREAKDOWN and torch.isfinite(res.x).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_row_blocks_subtract_in_place_bit_for_bit(monkeypatch, dtype):
+    """``J w - c y`` formed in the row blocks (one problem, several blocks): the same
+    values as the zeroed product followed by ``out = prod - y c``, both ways and for a
+    product started ahead; nothing done for a batch or one block. LSMR with its
+    products so cut (two threads) gives one thread's result bit for bit."""
+    from torchimize_scipy._engine import csr as op
+
+    rng = np.random.default_rng(31)
+    J = _to_coo(_sparse_batch(rng, 1, m=400, n=150)).to(dtype)
+    whole = op.BlockCSR(J)
+    npt = whole.np_dtype
+    w, u = rng.standard_normal((1, 150)).astype(npt), rng.standard_normal((1, 400)).astype(npt)
+    y_m, y_n = rng.standard_normal((1, 400)).astype(npt), rng.standard_normal((1, 150)).astype(npt)
+
+    def reference(forward, vec, c, y):
+        prod = np.zeros_like(y)
+        (whole.matvec_into if forward else whole.rmatvec_into)(vec, prod)
+        return np.subtract(prod, np.multiply(y, c, out=np.empty_like(y)))
+
+    monkeypatch.setattr(op, "_BLOCK_NNZ", 40)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cut = op.BlockCSR(J)
+        assert len(cut._a) == 4
+        for c in (npt.type(0.75), np.full((1, 1), -1.3, dtype=npt)):
+            for forward, vec, y in ((True, w, y_m), (False, u, y_n)):
+                out, tmp = np.full_like(y, np.nan), np.empty_like(y)
+                assert cut.sub_into(forward, vec, c, y, out, tmp)
+                assert np.array_equal(out, reference(forward, vec, c, y))
+            raw, tmp = np.full_like(y_m, np.nan), np.empty_like(y_m)
+            cut.start_matvec(w, raw, (y_m, c, tmp)).wait()
+            assert np.array_equal(raw, reference(True, w, c, y_m))
+        assert not whole.sub_into(True, w, 0.5, y_m, np.empty_like(y_m), np.empty_like(y_m))
+        batch = op.BlockCSR(_to_coo(_sparse_batch(rng, 2, m=400, n=150)).to(dtype))
+        assert len(batch._a) == 4
+        y2 = np.ones((2, 400), dtype=npt)
+        assert not batch.sub_into(True, np.ones((2, 150), dtype=npt), 0.5, y2,
+                                  np.empty_like(y2), np.empty_like(y2))
+        b = torch.as_tensor(rng.standard_normal((1, 400)), dtype=dtype)
+        cut_res = lsmr(J, b, atol=1e-10, btol=1e-10)
+    finally:
+        torch.set_num_threads(old)
+    torch.set_num_threads(1)
+    try:
+        one = lsmr(J, b, atol=1e-10, btol=1e-10)
+    finally:
+        torch.set_num_threads(old)
+    assert int(cut_res.itn[0]) == int(one.itn[0]) > 10
+    assert_bitwise_equal(cut_res.x, one.x)

@@ -17,12 +17,14 @@ import contextvars
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import _implicit as implicit
+from ._blas_threads import serial_torch
 from ._dask import dispatch, has_dask
 from ._driver import EngineRun, initial_state, result_buffers, solve
 from ._engine import status as codes
@@ -232,6 +234,19 @@ def batch_least_squares(
     check_options(method, jac, None, None, loss, verbose, max_nfev, None)
     p = prepare(fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, diff_step, args, kwargs,
                 device=device, dtype=dtype, batch=True, vectorized=vectorized)
+    # a Jacobian kept sparse on the CPU (jac_sparsity): the whole call, the evaluations and
+    # checks at x0 included, holds this thread's torch count at 1, as least_squares does;
+    # the caller's fun, jac and loss keep their counts (_blas_threads.user_threads)
+    with serial_torch(p.x0.device) if jac_sparsity is not None else nullcontext():
+        return _solve(p, fun, jac, method, loss, f_scale, args, kwargs, max_nfev, verbose,
+                      chunk_size, jac_sparsity, return_jac, progress)
+
+
+def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: float,
+           args: tuple, kwargs: dict, max_nfev: int | None, verbose: int,
+           chunk_size: int | None, jac_sparsity: Any, return_jac: bool,
+           progress: bool | str) -> BatchOptimizeResult:
+    """:func:`batch_least_squares` after its options are checked and translated (``p``)."""
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size <= 0):
         raise ValueError("`chunk_size` must be None or a positive integer.")
     ns = p.ns

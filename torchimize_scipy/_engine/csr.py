@@ -18,8 +18,13 @@ one-off ``J^T u`` of a Jacobian (the gradient), the product scatters along
 ``J``'s rows in scipy's CSC kernel instead (what scipy's ``J.T @ u`` runs),
 summing each entry over the rows in the same increasing order: no transposed
 copy per Jacobian, and one matrix streamed per LSMR iteration instead of two.
-Used by :mod:`.operator` and, on numpy arrays without allocation, by
-:mod:`.lsmr`.
+For LSMR's ``A w - c y`` of one problem the row blocks also form ``y c`` and
+the difference over their own rows (:meth:`BlockCSR.sub_into`): the same
+elementwise operations, shared by the threads. A row block is its offsets and
+views of the index and value arrays, handed to the kernel as they are (a
+scipy matrix per block would copy views under half of their array in its
+format check). Used by :mod:`.operator` and, on numpy arrays without
+allocation, by :mod:`.lsmr`.
 """
 
 from __future__ import annotations
@@ -185,15 +190,47 @@ class BlockCSR:
         indptr, indices = self._plan.host
         _csc_matvec(B * n, B * m, indptr, indices, self._vals, u, out)
 
-    def start_matvec(self, p: np.ndarray, out: np.ndarray) -> _Product | None:
+    def start_matvec(self, p: np.ndarray, out: np.ndarray,
+                     sub: tuple | None = None) -> _Product | None:
         """Start ``out = J p`` on the helper threads (host, several row blocks); None otherwise.
 
-        The caller may work meanwhile, must not touch ``p`` or ``out``, and
-        finishes the product with ``wait()``.
+        The caller may work meanwhile, must not touch ``p``, ``out`` or the
+        arrays of ``sub``, and finishes the product with ``wait()``. With
+        ``sub = (y, c, tmp)`` each row block then subtracts ``c y`` from its
+        rows (:meth:`sub_into`).
         """
         if not self._host or len(self._a) == 1:
             return None
-        return _Product(self._a, self._checked(p), self._checked(out), True)
+        return _Product(self._a, self._checked(p), self._checked(out), True,
+                        self._checked_sub(sub))
+
+    def sub_into(self, forward: bool, w: np.ndarray, c: Any, y: np.ndarray, out: np.ndarray,
+                 tmp: np.ndarray) -> bool:
+        """``out = J w - c y`` (``forward``) or ``J^T w - c y`` in parallel row blocks, if cut.
+
+        Each block zeroes its rows of ``out``, sums its products into them,
+        then writes ``tmp = y c`` and ``out - tmp`` over the same rows: the
+        operations, and so the values, of a zeroed product followed by
+        ``np.subtract(out, np.multiply(y, c, out=tmp), out=out)``, with those
+        two passes shared between the threads while the rows are in cache.
+        For one problem (``c`` a scalar or a single entry) on the host, with
+        the matrix cut into several blocks; returns False (nothing done)
+        otherwise.
+        """
+        if not self._host or len(self._a) == 1 or self.shape[0] != 1 or np.size(c) != 1:
+            return False
+        blocks = self._a if forward else self._at
+        sub = self._checked_sub((y, c, tmp))
+        _Product(blocks, self._checked(w), self._checked(out), True, sub).wait()
+        return True
+
+    def _checked_sub(self, sub: tuple | None) -> tuple | None:
+        if sub is None:
+            return None
+        y, c, tmp = sub
+        if isinstance(c, np.ndarray):
+            c = c.reshape(())  # (one problem: the same multiplications as by its (1, 1) form)
+        return self._checked(y), c, self._checked(tmp)
 
     def _checked(self, a: np.ndarray) -> np.ndarray:
         """``a`` flattened as a view (the kernel writes into it: a copy would lose the sums)."""
@@ -407,9 +444,13 @@ def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> lis
     """Row blocks of equal entry counts of a CSR matrix over existing arrays (no copy).
 
     One block for one torch thread, else two per thread (at most ``nnz /
-    _BLOCK_NNZ`` of them), each a scipy CSR array of its rows and the offset
-    of its first row: more blocks than threads let the calling thread take
-    over the blocks that a busy helper has not claimed (:class:`_Product`).
+    _BLOCK_NNZ`` of them), each its rows' offsets (from 0) and views of the
+    column indices and values: more blocks than threads let the calling
+    thread take over the blocks that a busy helper has not claimed
+    (:class:`_Product`). No scipy matrix is built per block: its format
+    check copies index and value views that are less than half of their
+    arrays (``scipy._lib._util._prune_array``), which cost the bundle
+    adjustment of ``bench_sparse.py`` 104 copies per solve.
     """
     indptr, indices = index
     nnz = int(indptr[-1])
@@ -419,32 +460,39 @@ def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> lis
     blocks = []
     for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
         a, b = int(indptr[lo]), int(indptr[hi])
-        A = sp.csr_array((values[a:b], indices[a:b], indptr[lo:hi + 1] - indptr[lo]),
-                         shape=(int(hi - lo), shape[1]), copy=False)
-        A.has_sorted_indices = True
-        A.has_canonical_format = True
-        blocks.append(_Block(A, int(lo), int(hi)))
+        ptr = indptr[lo:hi + 1]
+        if a != 0:
+            ptr = ptr - indptr[lo]  # (the same integer type: scipy's kernel needs one type)
+        blocks.append(_Block(ptr, indices[a:b], values[a:b], int(shape[1]), int(lo), int(hi)))
     return blocks
 
 
 class _Block(NamedTuple):
-    """Rows ``lo:hi`` of a host CSR matrix, as a scipy CSR array."""
+    """Rows ``lo:hi`` of a host CSR matrix of ``n_col`` columns: ``indptr`` from 0, and
+    views of ``indices`` and ``data``."""
 
-    A: sp.csr_array
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    n_col: int
     lo: int
     hi: int
+
+    @property
+    def nnz(self) -> int:
+        return self.data.size
 
 
 def _accumulate_block(block: _Block, w: np.ndarray, out: np.ndarray, zero: bool) -> None:
     """``out[lo:hi] += A w`` for one row block, in place (after zeroing it with ``zero``)."""
-    A, lo, hi = block
+    indptr, indices, data, n_col, lo, hi = block
     part = out[lo:hi]
     if zero:
         part.fill(0)
     if _csr_matvec is not None:
-        _csr_matvec(hi - lo, A.shape[1], A.indptr, A.indices, A.data, w, part)
+        _csr_matvec(hi - lo, n_col, indptr, indices, data, w, part)
     else:  # pragma: no cover - scipy without its kernel module: the public product
-        part += A @ w
+        part += sp.csr_array((data, indices, indptr), shape=(hi - lo, n_col)) @ w
 
 
 class SharedJobs:
@@ -522,10 +570,15 @@ def product_threads() -> int:
     return torch.get_num_threads() if held is None else held
 
 
+#: the machine's CPU count, read once: ``os.cpu_count()`` cost 45-75 us a call here
+#: (once per product: 50-80 ms of the calling thread per bundle adjustment solve)
+_CPUS = os.cpu_count() or 1
+
+
 def helper_threads() -> int:
     """How many helper threads work beside the caller: the products' threads
     (:func:`product_threads`, at most the CPU count) less the caller's."""
-    return max(0, min(product_threads(), os.cpu_count() or 1) - 1)
+    return max(0, min(product_threads(), _CPUS) - 1)
 
 
 class CallsOnHelpers(SharedJobs):
@@ -551,17 +604,26 @@ class _Product(SharedJobs):
 
     One job per block (:class:`SharedJobs`), handed to up to ``blocks - 1``
     helpers. Each block writes only its own rows, and a row's sum is the
-    same loop whoever runs it.
+    same loop whoever runs it. With ``sub = (y, c, tmp)`` a block then
+    writes ``tmp = y c`` and ``out - tmp`` over its rows (1-D arrays, ``c`` a
+    scalar: :meth:`BlockCSR.sub_into`).
     """
 
-    __slots__ = ("blocks", "w", "out", "zero")
+    __slots__ = ("blocks", "w", "out", "zero", "sub")
 
-    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool) -> None:
-        self.blocks, self.w, self.out, self.zero = blocks, w, out, zero
+    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool,
+                 sub: tuple | None = None) -> None:
+        self.blocks, self.w, self.out, self.zero, self.sub = blocks, w, out, zero, sub
         super().__init__(len(blocks), helper_threads())
 
     def _run(self, i: int) -> None:
-        _accumulate_block(self.blocks[i], self.w, self.out, self.zero)
+        block = self.blocks[i]
+        _accumulate_block(block, self.w, self.out, self.zero)
+        if self.sub is not None:
+            y, c, tmp = self.sub
+            lo, hi = block.lo, block.hi
+            part = self.out[lo:hi]
+            np.subtract(part, np.multiply(y[lo:hi], c, out=tmp[lo:hi]), out=part)
 
 
 def _accumulate(blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool = False) -> None:

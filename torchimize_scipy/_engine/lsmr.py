@@ -246,7 +246,7 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
                 # the next iteration's A v, on the helper threads while this thread updates the
                 # scalars and x: v_new becomes v of every problem that goes on (the rows
                 # of the others are discarded by the freezing below, as usual)
-                pending = vx.start_forward(v_new)
+                pending = vx.start_forward(v_new, u_new, sc.coef(alpha))
             # ---- rotation eliminating the damping, then the subdiagonal beta ---------
             chat, shat, alphahat = sym_ortho(alphabar_o, damp)
             c, sn, rho = sym_ortho(alphahat, beta)

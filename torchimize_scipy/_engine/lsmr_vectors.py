@@ -19,7 +19,7 @@ solve allocates nothing per iteration.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -87,6 +87,7 @@ class HostVectors:
         csr = A.host_csr() if isinstance(A, JacobianOperator) else None
         self.csr = csr if csr is not None and A.dtype == dtype else None
         self.raw: np.ndarray | None = None  # where a product started ahead is summed
+        self.raw_tmp: np.ndarray | None = None  # its ``c y``, when its blocks subtract it
 
     def from_tensor(self, t: Tensor) -> np.ndarray:
         return t.detach().numpy()
@@ -127,34 +128,68 @@ class HostVectors:
         r = self.A.matvec(t) if forward else self.A.rmatvec(t)
         return np.ascontiguousarray(r.detach().numpy(), dtype=self.dtype)
 
-    def start_forward(self, w: np.ndarray) -> Any:
+    def start_forward(self, w: np.ndarray, y: np.ndarray | None = None, c: Any = None) -> Any:
         """Start ``A w`` on the products' helper threads, or None (then it is done when needed).
 
         The pending product is handed to the next :meth:`product_sub`; ``w``
-        must stay unchanged until then.
+        (and ``y``) must stay unchanged until then. With ``y`` and ``c``
+        (the ``y`` and ``c`` that next :meth:`product_sub` will get) the
+        row blocks also form ``A w - c y`` where they can
+        (:meth:`~torchimize_scipy._engine.csr.BlockCSR.sub_into`: one
+        problem), so that the caller only copies the result.
         """
         if self.csr is None:
             return None
         if self.raw is None:
             self.raw = self.zeros(w.shape[0], self.A.shape[1])
-        return self.csr.start_matvec(w, self.raw)
+        sub = None
+        if y is not None and w.shape[0] == 1 and np.size(c) == 1:
+            if self.raw_tmp is None:
+                self.raw_tmp = self.empty_like(self.raw)
+            sub = (y, c, self.raw_tmp)
+        product = self.csr.start_matvec(w, self.raw, sub)
+        if product is None:
+            return None
+        return _Pending(product, sub is not None)
 
     def product_sub(self, forward: bool, w: np.ndarray, c: Any, y: np.ndarray, out: np.ndarray,
                     tmp: np.ndarray, pending: Any = None) -> np.ndarray:
         """``A w - c y`` (``forward``) or ``A^T w - c y``, written into ``out``.
 
-        ``pending`` is ``A w`` started by :meth:`start_forward`, if any.
+        ``pending`` is ``A w`` started by :meth:`start_forward`, if any (with
+        ``c y`` already subtracted when it says so). A sparse Jacobian cut
+        into row blocks subtracts ``c y`` in its blocks
+        (:meth:`~torchimize_scipy._engine.csr.BlockCSR.sub_into`); the values
+        are those of the product summed into zeros and then
+        ``out = A w - (y c)``, as scipy's lsmr forms them.
         """
         if pending is not None:
             pending.wait()
+            if pending.subtracted:
+                np.copyto(out, self.raw)
+                return out
             prod = self.raw
         elif self.csr is not None:  # the product summed into zeros, as ``A @ w``: same rounding
+            if self.csr.sub_into(forward, w, c, y, out, tmp):
+                return out
             out.fill(0)
             (self.csr.matvec_into if forward else self.csr.rmatvec_into)(w, out)
             prod = out
         else:
             prod = self.product(forward, w)
         return np.subtract(prod, np.multiply(y, c, out=tmp), out=out)
+
+
+class _Pending(NamedTuple):
+    """A product started ahead (:meth:`HostVectors.start_forward`) and whether it
+    subtracts ``c y`` itself."""
+
+    product: Any
+    subtracted: bool
+
+    def wait(self) -> None:
+        """Finish the product (when the solve stops before it is needed)."""
+        self.product.wait()
 
 
 class DeviceVectors:
@@ -198,7 +233,7 @@ class DeviceVectors:
         return self.A.matvec(w) if forward else self.A.rmatvec(w)
 
     @staticmethod
-    def start_forward(w: Tensor) -> None:
+    def start_forward(w: Tensor, y: Tensor | None = None, c: Any = None) -> None:
         return None  # (a device runs its products asynchronously anyway)
 
     def product_sub(self, forward: bool, w: Tensor, c: Any, y: Tensor, out: Tensor,
