@@ -474,8 +474,62 @@ def test_renewed_keeps_a_tensor_only_for_its_own_value():
     old, = hs.tensors(np.float64(2.5))
     value, = hs.view(old)
     assert hs.renewed(old, value) is old  # the very value it remembers
-    new = hs.renewed(old, np.float64(2.5))  # an equal value, another object: a new tensor
-    assert new is not old and float(new[0]) == 2.5
+    new = hs.renewed(old, np.float64(2.5))  # an equal value, another object: kept as it is
+    assert new is not old and type(new) is np.float64 and new == 2.5
+    assert hs.renewed(new, new) is new
     dev = host_scalars.Scalars(old, host=False)
     t = torch.tensor([1.0], dtype=torch.float64)
     assert dev.renewed(old, t) is t  # off the host the value is the tensor
+
+
+def test_one_problem_keeps_host_values_as_numpy_scalars():
+    """One float64 problem's state holds numpy scalars (Scalars.keep), read back as they
+    are and turned into tensors where a tensor is needed; a batch keeps tensors."""
+    hs = host_scalars.for_rows(torch.zeros(1, 2, dtype=torch.float64))
+    kept = hs.keep(np.float64(1.5), 2.5, True, 7, np.bool_(False), np.int64(3))
+    assert [type(v) for v in kept] == [np.float64, np.float64, np.bool_, np.int64, np.bool_,
+                                       np.int64]
+    assert hs.view(*kept) == kept and hs.get(kept[0]) is kept[0]
+    rows, = hs.keep(np.array([[1.0, 2.0]]))  # rows stay tensors
+    assert isinstance(rows, torch.Tensor) and rows.shape == (1, 2)
+    t = host_scalars.as_tensor(kept[0])
+    assert t.shape == (1,) and t.dtype == torch.float64 and float(t[0]) == 1.5
+    assert host_scalars.as_tensor(t) is t
+    assert host_scalars.as_tensor(kept[3]).dtype == torch.long
+    batch = host_scalars.for_rows(torch.zeros(3, 2, dtype=torch.float64))
+    v, = batch.keep(np.array([1.0, 2.0, 3.0]))
+    assert isinstance(v, torch.Tensor) and v.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_one_problem_state_reaches_callers_as_tensors():
+    """The loop hands ``on_iteration``/``callback`` tensors, whatever it keeps (one
+    problem's host values); the results are the same with and without the hook."""
+    from torchimize_scipy._engine.loop import tensor_state
+
+    state = {"a": torch.zeros(1), "b": np.float64(2.0), "c": np.bool_(True)}
+    out = tensor_state(state)
+    assert all(isinstance(v, torch.Tensor) for v in out.values())
+    assert out["a"] is state["a"] and float(out["b"][0]) == 2.0 and bool(out["c"][0])
+    only = {"a": torch.zeros(1)}
+    assert tensor_state(only) is only
+    seen = []
+
+    def cb(intermediate_result):
+        seen.append((intermediate_result.nit, intermediate_result.nfev))
+
+    x0 = np.array([-1.2, 1.0])
+    plain = ts.least_squares(_rosen, x0, jac=_rosen_jac, method="trf")
+    hooked = ts.least_squares(_rosen, x0, jac=_rosen_jac, method="trf", callback=cb)
+    nits = [nit for nit, _ in seen]
+    assert len(seen) > 3 and nits == list(range(nits[0], nits[0] + len(seen)))
+    assert all(isinstance(v, int) for pair in seen for v in pair)
+    assert seen[-1][1] <= hooked.nfev
+    assert hooked.nfev == plain.nfev and np.array_equal(hooked.x, plain.x)
+
+
+def _rosen(x):
+    return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+
+def _rosen_jac(x):
+    return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])

@@ -133,6 +133,18 @@ def _scalar_tensor(v: Any) -> Tensor:
     return t
 
 
+#: numpy scalar types one problem's state keeps as they are (:meth:`Scalars.keep`)
+_NUMPY_SCALARS = frozenset({np.float64, np.bool_, np.int64})
+#: types :meth:`Scalars.view` returns as they are
+_HOST_TYPES = _NUMPY_SCALARS | {float, bool, int}
+
+
+def as_tensor(v: Any) -> Tensor:
+    """``v`` as a tensor: a tensor itself, a numpy scalar kept by :meth:`Scalars.keep`
+    (or a Python number) as a ``(1,)`` tensor remembering it."""
+    return v if isinstance(v, Tensor) else _scalar_tensor(v)
+
+
 def _is_scalar(a: Any) -> bool:
     return type(a) is not _ARRAY
 
@@ -247,6 +259,8 @@ class Scalars:
     def get(self, t: Tensor) -> Any:
         """Per-problem values of a ``(B,)`` tensor (or the ``(B, 1)`` of columns)."""
         if not self.host:
+            return t
+        if type(t) in _HOST_TYPES:  # (one problem's host value kept as it is, :meth:`keep`)
             return t
         known = getattr(t, _HOST_VALUE, None)
         if known is not None:  # made by :meth:`tensor` from these values
@@ -463,8 +477,10 @@ class Scalars:
         """
         if not self.host:
             return ts
-        # (the tensors that remember their values: one pass, no call per tensor)
-        known = tuple([getattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, None)
+        # (the tensors that remember their values, and one problem's host values kept in
+        # the state as they are (:meth:`keep`): one pass, no call per tensor)
+        known = tuple([t if type(t) in _HOST_TYPES else
+                       getattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, None)
                        for t in ts])
         for value in known:  # (``in`` would compare arrays with ``==``)
             if value is None:
@@ -473,6 +489,9 @@ class Scalars:
             return known
         out = []
         for t in ts:
+            if type(t) in _HOST_TYPES:
+                out.append(t)
+                continue
             attr = _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS
             value = getattr(t, attr, None)
             if value is None:
@@ -498,7 +517,9 @@ class Scalars:
             return values
         out = []
         for v in values:
-            if type(v) is not _ARRAY:  # a scalar: a (1,) tensor, remembered as it is
+            if isinstance(v, Tensor):  # (already a tensor: a value kept as one)
+                t = v
+            elif type(v) is not _ARRAY:  # a scalar: a (1,) tensor, remembered as it is
                 t = _scalar_tensor(v)
             elif v.ndim:
                 t = torch.from_numpy(v)
@@ -508,13 +529,42 @@ class Scalars:
             out.append(t)
         return tuple(out)
 
+    def keep(self, *values: Any) -> tuple[Any, ...]:
+        """Values of :attr:`xp` in the form the state keeps them.
+
+        One float64 problem on the host (:attr:`floats`) keeps its per-problem
+        values in the state as numpy scalars (``numpy.float64``, ``numpy.bool_``,
+        ``numpy.int64``; a Python number chosen by ``where`` becomes one), so
+        that its iteration makes no ``(1,)`` tensor per value and reads none
+        back (:meth:`view` returns them as they are); :func:`as_tensor` turns
+        them into tensors where a tensor is needed (results, compaction,
+        another batch's rows, callbacks). Rows (arrays) and everything else
+        are :meth:`tensors`.
+        """
+        if not self.floats:
+            return self.tensors(*values)
+        out = []
+        for v in values:
+            kind = type(v)
+            if kind in _NUMPY_SCALARS:
+                out.append(v)
+            elif kind is float:
+                out.append(np.float64(v))
+            elif kind is bool:
+                out.append(np.bool_(v))
+            elif kind is int:
+                out.append(np.int64(v))
+            else:
+                out.append(self.tensors(v)[0])
+        return tuple(out)
+
     def renewed(self, old: Tensor, value: Any) -> Tensor:
         """:meth:`tensors` of one value, or ``old`` itself when ``value`` is the very
         object ``old`` remembers (on the host: a value that a ``where`` kept unchanged
         needs no new tensor)."""
-        if self.host and getattr(old, _HOST_VALUE, None) is value:
+        if self.host and (old is value or getattr(old, _HOST_VALUE, None) is value):
             return old
-        return self.tensors(value)[0]
+        return self.keep(value)[0]
 
     def amax(self, a: Any) -> Any:
         """Maximum along the last axis (exact, whatever the order): per-problem values."""

@@ -42,7 +42,7 @@ from torch import Tensor
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
 from .counts import count_true, mark_finite, mark_unit
-from .host_scalars import Scalars, for_rows
+from .host_scalars import Scalars, as_tensor, for_rows
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
 
@@ -104,6 +104,9 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
     done: dict[tuple[int, int], Tensor] = {}
     for k in sub.written:
         v = dict.__getitem__(sub, k)
+        if rows is not None and not isinstance(v, Tensor):
+            # (one row's host value, Scalars.keep: the rows of a larger batch are tensors)
+            v = as_tensor(v)
         if rows is None:
             state[k] = v
         elif k in state:
@@ -178,9 +181,16 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
     if mask is None:
         fn(state)
         return
-    total = mask.shape[0]
-    if count is None:
-        count = count_true(mask)
+    if not isinstance(mask, Tensor):  # one problem's host value (Scalars.keep)
+        total = 1
+        if count is None:
+            count = int(bool(mask))
+        if not count:
+            return
+    else:
+        total = mask.shape[0]
+        if count is None:
+            count = count_true(mask)
     if count == total or count * 2 >= total:
         view = RowView(state, None)
         fn(view)
@@ -208,8 +218,18 @@ def compact(state: State, keep: Tensor) -> None:
     for k, v in state.items():
         new = done.get(id(v))
         if new is None:
-            new = done[id(v)] = v.index_select(0, keep)
+            # (one problem's host value, Scalars.keep: a (1,) tensor first)
+            new = done[id(v)] = as_tensor(v).index_select(0, keep)
         state[k] = new
+
+
+def tensor_state(state: State) -> State:
+    """``state`` with one problem's host values (:meth:`~.host_scalars.Scalars.keep`) as
+    ``(1,)`` tensors: what callers outside the engine (``on_iteration``, ``callback``)
+    see. The state itself when it holds tensors only."""
+    if all(isinstance(v, Tensor) for v in state.values()):
+        return state
+    return {k: as_tensor(v) for k, v in state.items()}
 
 
 def finite_rows(a: Tensor) -> tuple[Tensor, bool]:
@@ -324,6 +344,7 @@ def _print_row(state: State, header: bool) -> None:
     if header:
         print("{:^15}{:^15}{:^15}{:^15}{:^15}{:^15}".format(
             "Iteration", "Total nfev", "Cost", "Cost reduction", "Step norm", "Optimality"))
+    state = tensor_state(state)
     red = float(state["last_reduction"][0])
     stp = float(state["last_step_norm"][0])
     red_s = " " * 15 if red != red else f"{red:^15.2e}"
@@ -401,6 +422,10 @@ def concat(state: State, new: State) -> None:
         raise KeyError(f"state keys differ: {sorted(set(new) ^ set(state))}")
     done: dict[tuple[int, int], Tensor] = {}
     for k, v in state.items():
+        if not isinstance(v, Tensor) and not hasattr(v, "cat_rows"):
+            v = as_tensor(v)  # (one problem's host value, Scalars.keep)
+        if not isinstance(new[k], Tensor) and not hasattr(new[k], "cat_rows"):
+            new[k] = as_tensor(new[k])
         key = (id(v), id(new[k]))
         merged = done.get(key)
         if merged is None:
@@ -543,18 +568,18 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
         f_new = problem.fun(x_new, state["ids"])
         nfev = hs.view(state["nfev"])[0] + 1
         f_new, cost_new, fin = _trial_cost(problem, hs, f_new)
-        state["nfev"], finite = hs.tensors(nfev, fin)
+        state["nfev"], = hs.keep(nfev)
+        finite, = hs.tensors(fin)
         verdict = rule.assess_trial(problem, state, trial, f_new, cost_new, finite)
         x_acc = verdict.x_accepted
         accept, code, status, nit = hs.view(verdict.accept, verdict.status, state["status"],
                                             state["nit"])
         status = xp.where(code != term.RUNNING, code, status)
         boundary = accept | (status != term.RUNNING) | term.budget_spent(nfev, problem.max_nfev)
-        state["status"], state["nit"], state["fresh"] = hs.tensors(status, nit + boundary,
-                                                                   boundary)
+        state["status"], state["nit"], state["fresh"] = hs.keep(status, nit + boundary, boundary)
         if problem.verbose == 2:
             red = state["cost"] - cost_new
-            accept_t, boundary_t = verdict.accept, state["fresh"]
+            accept_t, boundary_t = hs.tensors(verdict.accept, state["fresh"])
             state["last_reduction"] = torch.where(
                 boundary_t, torch.where(accept_t, red, 0.0), state["last_reduction"])
             state["last_step_norm"] = torch.where(
@@ -576,22 +601,24 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
             hs_sub = hs if arows is None else for_rows(sub["x"])
-            sub["njev"], = hs_sub.tensors(hs_sub.view(sub["njev"])[0] + 1)
+            sub["njev"], = hs_sub.keep(hs_sub.view(sub["njev"])[0] + 1)
             sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
             bad = jacobian_nonfinite_rows(sub["J"], sub["G"])
             if bad is None:
                 sub["J"] = _marked_finite(sub["J"])
             else:
-                sub["status"] = term.stop_running(sub["status"], bad, term.NONFINITE)
+                status, bad = hs_sub.view(sub["status"], bad)
+                sub["status"], = hs_sub.keep(term.stop_running(status, bad, term.NONFINITE,
+                                                               hs_sub.xp))
             rule.after_jacobian(problem, sub)
             if arows is not None:
                 put(state, arows, sub)
         if on_iteration is not None:
-            on_iteration(state)
+            on_iteration(tensor_state(state))
         if problem.callback is not None and B == 1 and n_fresh:
-            if problem.callback(state):
-                state["status"] = torch.full_like(state["status"], term.CALLBACK_STOP)
-                state["fresh"] = torch.zeros_like(state["fresh"])
+            if problem.callback(tensor_state(state)):
+                state["status"] = torch.full_like(as_tensor(state["status"]), term.CALLBACK_STOP)
+                state["fresh"] = torch.zeros_like(as_tensor(state["fresh"]))
                 n_fresh, n_stopped = 0, state["x"].shape[0]
 
 
@@ -610,7 +637,7 @@ def _move_without_jacobian(state: State, hs: Scalars, rows_mask, count: int, x_a
     sub["f_true"] = f_new if rows is None else f_new.index_select(0, rows)
     sub["cost"] = cost_new if rows is None else cost_new.index_select(0, rows)
     hs_sub = hs if rows is None else for_rows(sub["x"])
-    sub["njev"], = hs_sub.tensors(hs_sub.view(sub["njev"])[0] + 1)
+    sub["njev"], = hs_sub.keep(hs_sub.view(sub["njev"])[0] + 1)
     put(state, rows, sub)
 
 
@@ -634,9 +661,9 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
         status = term.budget_status(status, nfev, problem.max_nfev, xp)
     go = status == term.RUNNING
     nonfinite = status == term.NONFINITE
-    status_t, = hs.tensors(status)
+    status_t, = hs.keep(status)
     sub["status"] = status_t
-    if table is not None and int(status_t[0]) != term.NONFINITE:
+    if table is not None and int(as_tensor(status_t)[0]) != term.NONFINITE:
         _print_row(sub, header=table["header"])
         table["header"] = False
     if partial and sub.rows is None:  # every row computed: count the top rows
@@ -648,9 +675,12 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
         n_go, n_nonfinite = hs.count_many(go, nonfinite)
         n_finished = hs.B - n_go + n_stopped
     if n_nonfinite:  # a row whose last Jacobian was not finite keeps its measure
-        nonfinite_t, = hs.tensors(nonfinite)
-        sub["optimality"] = torch.where(nonfinite_t, _original(sub, "optimality"),
-                                        sub["optimality"])
+        old, new = _original(sub, "optimality"), sub["optimality"]
+        if isinstance(new, Tensor):
+            nonfinite_t, = hs.tensors(nonfinite)
+            sub["optimality"] = torch.where(nonfinite_t, as_tensor(old), new)
+        else:  # (one problem's host value, Scalars.keep)
+            sub["optimality"] = old
     if n_go:
         go_t = None if n_go == hs.B else hs.tensors(go)[0]
         on_rows(sub, go_t, lambda part: rule.build_model(problem, part), n_go)
@@ -679,5 +709,6 @@ def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask
         dest = out.get(k)
         if dest is None:
             continue
+        v = as_tensor(v)  # (one problem's host values, Scalars.keep)
         where = ids if ids.device == dest.device else ids.to(dest.device)
         dest.index_copy_(0, where, v.to(dest.device, dest.dtype))

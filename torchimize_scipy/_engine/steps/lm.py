@@ -215,7 +215,7 @@ class LevenbergMarquardt(StepRule):
                                                   state["diag"])
                 acnorm = np.sqrt(np.maximum(G.diagonal(0, -2, -1), 0.0))
                 fnorm = host_norm(f)
-                state["fnorm"], = hs.tensors(fnorm)
+                state["fnorm"], = hs.keep(fnorm)
             else:
                 acnorm_t = column_norms(state)
                 fnorm_t = vnorm(state["f"], dim=-1)
@@ -240,18 +240,19 @@ class LevenbergMarquardt(StepRule):
                     diag = xp.where(start[..., None], first_diag, grown)
                 else:
                     diag = grown
-                state["diag"], = hs.tensors(diag)
+                state["diag"], = hs.keep(diag)
             hit = (gnorm <= problem.gtol) & (status == RUNNING)
-            state["optimality"], state["gnorm"], hit = hs.tensors(optimality, gnorm, hit)
+            state["optimality"], state["gnorm"], hit = hs.keep(optimality, gnorm, hit)
             if any_start:
                 # (a norm: torch's reduction for a batch, numpy's for one problem)
                 xnorm = _norms(hs, state["diag"] * state["x"] if not hs.floats
                                else diag * hs.view(state["x"])[0])
                 delta0 = xp.where(xnorm == 0, FACTOR, FACTOR * xnorm)
                 delta, old_xnorm = hs.view(state["delta"], state["xnorm"])
-                state["delta"], state["xnorm"] = hs.tensors(xp.where(start, delta0, delta),
-                                                           xp.where(start, xnorm, old_xnorm))
-                state["radius_set"] = torch.ones_like(state["radius_set"])
+                state["delta"], state["xnorm"] = hs.keep(xp.where(start, delta0, delta),
+                                                        xp.where(start, xnorm, old_xnorm))
+                state["radius_set"] = (np.bool_(True) if hs.floats
+                                       else torch.ones_like(state["radius_set"]))
         return hit
 
     def build_model(self, problem: Problem, state: dict) -> None:
@@ -317,7 +318,8 @@ class LevenbergMarquardt(StepRule):
             with hs.quiet():
                 step_h = q_h / diag
                 pn = host_norm(q_h)
-                step, x_new, pnorm = hs.tensors(step_h, x + step_h, pn)
+                step, x_new = hs.tensors(step_h, x + step_h)
+                pnorm = pn
         else:
             step = q / state["diag"]
             pnorm = vnorm(q, dim=-1)
@@ -394,7 +396,7 @@ class LevenbergMarquardt(StepRule):
                                     problem.max_nfev, problem.ftol, problem.xtol, xp=xp)
             state["xnorm"] = hs.renewed(state["xnorm"], xnorm)  # (kept by a rejection)
             (state["delta"], state["par"], state["no_step_yet"],
-             state["uncounted_jac"], accept, status) = hs.tensors(
+             state["uncounted_jac"], accept, status) = hs.keep(
                 delta, par, no_step_yet > accept,  # (and not accepted)
                 uncounted_jacobian(accept, status), accept, status)
         return Verdict(accept, status, x_new)
