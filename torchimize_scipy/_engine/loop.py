@@ -36,13 +36,14 @@ import math
 import sys
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
 from .counts import count_true, mark_finite, mark_unit
-from .host_scalars import Scalars, as_tensor, for_rows
+from .host_scalars import Scalars, as_tensor, for_rows, scalars
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
 
@@ -301,8 +302,12 @@ def jacobian_nonfinite_rows(J: Tensor, G: Tensor) -> Tensor | None:
     its sum, much smaller than ``J``; on the CPU a host value, see
     :class:`~.host_scalars.Scalars`).
     """
-    total = G.sum()
-    if math.isfinite(Scalars(G).view(total)[0]):
+    hs = scalars(G)
+    if hs.floats and G.layout == torch.strided:
+        # one problem: G's entries on the host (read once: the rule reads them next)
+        if np.isfinite(hs.view(G)[0]).all():
+            return None
+    elif math.isfinite(hs.view(G.sum())[0]):
         return None
     return ~jacobian_finite(J, G)
 
@@ -367,31 +372,41 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
     B = state["x"].shape[0]
     dev = state["x"].device
     dtype = state["x"].dtype
-    nan = torch.full((B,), float("nan"), dtype=dtype, device=dev)
+    hs = for_rows(state["x"])
     J_true = state.pop("J_true")
     f, J, g, G = problem.linearize(state["f_true"], J_true)
-    status = state.get("status", torch.full((B,), term.RUNNING, dtype=torch.long, device=dev))
     bad_J = jacobian_nonfinite_rows(J, G)  # (None: J^T J is finite)
-    bad = ~all_finite(state["f_true"])
     if bad_J is None:
         J = _marked_finite(J)
+    if hs.floats:  # one problem: its codes and counters as host values (Scalars.keep)
+        status = hs.view(state["status"])[0] if "status" in state else term.RUNNING
+        bad = (not np.isfinite(hs.view(state["f_true"])[0]).all()
+               or (bad_J is not None and bool(hs.view(bad_J)[0])))
+        status, = hs.keep(term.stop_running(status, np.bool_(bad), term.NONFINITE, hs.xp))
+        nit, optimality, nan = np.int64(0), np.float64(0.0), np.float64("nan")
+        last = (nan, nan)
     else:
-        bad = bad | bad_J
-    status = term.stop_running(status, bad, term.NONFINITE)
+        status = state.get("status",
+                           torch.full((B,), term.RUNNING, dtype=torch.long, device=dev))
+        bad = ~all_finite(state["f_true"])
+        if bad_J is not None:
+            bad = bad | bad_J
+        status = term.stop_running(status, bad, term.NONFINITE)
+        nit = torch.zeros(B, dtype=torch.long, device=dev)
+        optimality = torch.zeros(B, dtype=dtype, device=dev)
+        nan = torch.full((B,), float("nan"), dtype=dtype, device=dev)
+        last = (nan, nan.clone())
     # a row starts its first outer iteration unless it stopped for good already
     fresh = (status != term.CALLBACK_STOP) & (status != term.NONFINITE)
     state.update(
-        f=f, J=J, g=g, G=G, cost=problem.cost(state["f_true"]),
-        nit=torch.zeros(B, dtype=torch.long, device=dev), status=status, fresh=fresh,
-        optimality=torch.zeros(B, dtype=dtype, device=dev),
-        last_reduction=nan.clone(), last_step_norm=nan.clone(),
+        f=f, J=J, g=g, G=G, cost=problem.cost(state["f_true"]), nit=nit, status=status,
+        fresh=fresh, optimality=optimality, last_reduction=last[0], last_step_norm=last[1],
     )
     rule.init_state(problem, state)
     undeclared = set(state) - LOOP_KEYS - rule.state_keys
     if undeclared:
         raise KeyError(f"{type(rule).__name__} created undeclared state keys "
                        f"{sorted(undeclared)}")
-    hs = for_rows(state["x"])
     n_fresh = hs.count(hs.view(fresh)[0])
     scale = state["scale"]
     if not problem.jac_scale and (bool((hs.rows(scale) == 1).all()) if hs.host else
@@ -581,10 +596,10 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             red = state["cost"] - cost_new
             accept_t, boundary_t = hs.tensors(verdict.accept, state["fresh"])
             state["last_reduction"] = torch.where(
-                boundary_t, torch.where(accept_t, red, 0.0), state["last_reduction"])
+                boundary_t, torch.where(accept_t, red, 0.0), as_tensor(state["last_reduction"]))
             state["last_step_norm"] = torch.where(
                 boundary_t, torch.where(accept_t, trial.step_norm, 0.0),
-                state["last_step_norm"])
+                as_tensor(state["last_step_norm"]))
         if problem.final_jacobian:
             n_accept, n_fresh = hs.count_many(accept, boundary)
         else:  # rows that stop on their accepted trial move there without a Jacobian

@@ -185,15 +185,21 @@ class LevenbergMarquardt(StepRule):
             state["diag"] = torch.ones_like(x)
         else:
             state["diag"] = state["scale_inv"].clone()
-        state["delta"] = x.new_zeros(B)
-        state["par"] = x.new_zeros(B)
-        state["xnorm"] = x.new_zeros(B)
-        state["gnorm"] = x.new_zeros(B)
-        state["fnorm"] = x.new_zeros(B)  # |f| at the current point, from measure_optimality
-        state["no_step_yet"] = torch.ones(B, dtype=torch.bool, device=x.device)
-        state["radius_set"] = torch.zeros(B, dtype=torch.bool, device=x.device)
-        # MINPACK does not evaluate J at a point accepted by the terminating trial
-        state["uncounted_jac"] = torch.zeros(B, dtype=torch.long, device=x.device)
+        if for_rows(x).floats:  # one problem: host values (host_scalars.Scalars.keep)
+            zero = np.float64(0.0)
+            state.update(delta=zero, par=zero, xnorm=zero, gnorm=zero, fnorm=zero,
+                         no_step_yet=np.bool_(True), radius_set=np.bool_(False),
+                         uncounted_jac=np.int64(0))
+        else:
+            state["delta"] = x.new_zeros(B)
+            state["par"] = x.new_zeros(B)
+            state["xnorm"] = x.new_zeros(B)
+            state["gnorm"] = x.new_zeros(B)
+            state["fnorm"] = x.new_zeros(B)  # |f| at the current point (measure_optimality)
+            state["no_step_yet"] = torch.ones(B, dtype=torch.bool, device=x.device)
+            state["radius_set"] = torch.zeros(B, dtype=torch.bool, device=x.device)
+            # MINPACK does not evaluate J at a point accepted by the terminating trial
+            state["uncounted_jac"] = torch.zeros(B, dtype=torch.long, device=x.device)
         alloc_factors(problem, state, augmented=False)
         # MINPACK's basic Gauss-Newton step on (nearly) rank-deficient rows (see build_model)
         state["basic_rows"] = torch.zeros(B, dtype=torch.bool, device=x.device)
