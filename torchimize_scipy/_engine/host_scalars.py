@@ -145,6 +145,21 @@ def as_tensor(v: Any) -> Tensor:
     return v if isinstance(v, Tensor) else _scalar_tensor(v)
 
 
+def host_rows(t: Tensor) -> np.ndarray | None:
+    """The host array a tensor of two or more dimensions remembers (:meth:`Scalars.rows`,
+    :func:`remember_rows`), or None."""
+    return getattr(t, _HOST_ROWS, None)
+
+
+def remember_rows(t: Tensor, a: np.ndarray) -> Tensor:
+    """``t``, a CPU tensor of two or more dimensions made from (or equal to) the private
+    array ``a`` of its shape and dtype, remembering ``a`` as its host value (so that
+    :meth:`Scalars.view` and :meth:`Scalars.rows` convert nothing); the engine never
+    writes into such a tensor."""
+    setattr(t, _HOST_ROWS, a)
+    return t
+
+
 def _is_scalar(a: Any) -> bool:
     return type(a) is not _ARRAY
 
