@@ -192,16 +192,16 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
         total = mask.shape[0]
         if count is None:
             count = count_true(mask)
-    if count == total or count * 2 >= total:
+    if count == total:  # (every row: what ``fn`` assigns is kept as it is)
+        fn(state)
+        return
+    if count * 2 >= total:
         view = RowView(state, None)
         fn(view)
         for k in view.written:
             new = dict.__getitem__(view, k)
-            if count == total:
-                state[k] = new
-            else:
-                keep = mask.view(-1, *([1] * (new.ndim - 1)))
-                state[k] = torch.where(keep, new, state[k])
+            keep = mask.view(-1, *([1] * (new.ndim - 1)))
+            state[k] = torch.where(keep, new, state[k])
         return
     rows = _indices(mask)
     view = RowView(state, rows)
@@ -660,12 +660,15 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
                table: dict | None) -> int | None:
     """The top of an outer iteration on ``sub``; the number of rows stopped now.
 
-    ``sub`` holds the top rows, or every row (``partial``: only the top rows
-    are kept, see :func:`on_rows`); ``n_stopped`` rows outside the top had
-    stopped already. Returns None when a factorisation stopped rows (the
-    caller counts them). ``table``: the iteration table's state (verbose=2,
-    one problem).
+    ``sub`` holds the top rows (the state itself when they are every row), or
+    every row (``partial``: only the top rows are kept, see :func:`on_rows`);
+    ``n_stopped`` rows outside the top had stopped already. Returns None when
+    a factorisation stopped rows (the caller counts them). ``table``: the
+    iteration table's state (verbose=2, one problem).
     """
+    # (the measure before this round's: ``sub`` is the state itself when every row is a
+    # top row; a RowView selects it lazily, see _original)
+    before = None if isinstance(sub, RowView) else sub["optimality"]
     gtol_hit = rule.measure_optimality(problem, sub)
     # (per-problem codes and masks as values of ``hs``: on the host when on the CPU)
     hs = for_rows(sub["x"])
@@ -690,7 +693,8 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
         n_go, n_nonfinite = hs.count_many(go, nonfinite)
         n_finished = hs.B - n_go + n_stopped
     if n_nonfinite:  # a row whose last Jacobian was not finite keeps its measure
-        old, new = _original(sub, "optimality"), sub["optimality"]
+        old = _original(sub, "optimality") if before is None else before
+        new = sub["optimality"]
         if isinstance(new, Tensor):
             nonfinite_t, = hs.tensors(nonfinite)
             sub["optimality"] = torch.where(nonfinite_t, as_tensor(old), new)
