@@ -52,10 +52,14 @@ writes into a tensor that carries one, as ``counts.py`` relies on too): a 0-d or
 tensor under ``_tsc_host_value`` (a ``(B,)`` array, or a numpy scalar for one
 float64 problem), a tensor of two or more dimensions under
 ``_tsc_host_rows`` (an array of the tensor's shape). One tensor has one
-representation whichever family reads it first. For the same reason one
-problem's flags and small integers (status codes, counters: most of the
-values its state takes at each trial) are ``(1,)`` tensors made once and
-shared (:func:`_scalar_tensor`).
+representation whichever family reads it first. One float64 problem's loop
+and 'lm' keep their per-problem values in the state as the numpy scalars
+themselves (:meth:`Scalars.keep`; :meth:`Scalars.view` and :meth:`Scalars.get`
+return them as they are, :func:`as_tensor` makes the ``(1,)`` tensor where one
+is needed), so that an iteration makes no tensor per value; a ``(1,)`` tensor
+of a flag or small integer that is made is shared (:func:`_scalar_tensor`).
+:func:`remember_rows` lets the adapters of a numpy ``fun``/``jac`` hand over
+their private copy as the host value of the tensor they return.
 
 Powers are written as products (torch evaluates ``x**3`` as ``x * x * x``,
 numpy's ``power`` calls ``pow``, which rounds differently). On the host,

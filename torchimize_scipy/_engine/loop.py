@@ -14,7 +14,12 @@ Here the two levels are flattened into one loop over trials so that problems at
 different stages advance together. Per-problem state is a ``dict`` of
 batch-first tensors; the loop's own codes, counters and masks are computed as values
 of :class:`~.host_scalars.Scalars` (numpy on the host for CPU tensors, tensors
-elsewhere; one code body) and stored back as tensors. A problem whose
+elsewhere; one code body) and stored back as tensors, except for one float64
+problem on the host, whose per-problem values the state keeps as numpy scalars
+(:meth:`~.host_scalars.Scalars.keep`: no ``(1,)`` tensor made or read back per
+value); they become tensors only where tensors are needed (:func:`_write_out`,
+:func:`compact`, :func:`concat`, :func:`put` into a larger batch, and
+:func:`tensor_state` for ``on_iteration`` and ``callback``). A problem whose
 ``status`` is set is *finished*: its results are written out and its rows are
 dropped from the working state (compaction), so it costs no further
 evaluations. The residual and Jacobian callables only ever see the rows of

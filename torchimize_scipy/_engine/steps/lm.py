@@ -50,7 +50,10 @@ torch's SVD, whose rounding numpy's would not reproduce), and lmpar runs
 written out for it (``trust_region._solve_minpack_one``). Under
 ``x_scale='jac'`` every entry of ``J d`` is at most 1 in size, so a batch's
 ``d`` is marked finite for a Jacobian the loop proved finite and its
-factorisation tests nothing.
+factorisation tests nothing. That problem's radius, damping, norms, masks
+and codes stay ``numpy`` scalars in the state from ``init_state`` on
+(:meth:`..host_scalars.Scalars.keep`), so a trial makes no ``(1,)`` tensor
+for them.
 
 The rule sums squares directly (MINPACK's ``enorm`` scales them): problems
 whose residuals or Jacobian at ``x0`` come near float64's overflow are run by
