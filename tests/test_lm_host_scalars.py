@@ -533,3 +533,51 @@ def _rosen(x):
 
 def _rosen_jac(x):
     return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])
+
+
+def test_one_lm_problem_makes_no_tensor_per_host_value(monkeypatch):
+    """Regression (issue 14): one problem's iteration kept every per-problem value as a
+    ``(1,)`` tensor (388 made per Rosenbrock solve, 19 per trial); the state now keeps
+    numpy scalars, and the only ``(1,)`` tensors made are the shared flags of a trial's
+    finiteness and rank test and the results' few values."""
+    made = []
+    real = host_scalars._scalar_tensor
+
+    def counting(v):
+        made.append(type(v))
+        return real(v)
+
+    monkeypatch.setattr(host_scalars, "_scalar_tensor", counting)
+    res = ts.least_squares(_rosen, np.array([-1.2, 1.0]), jac=_rosen_jac, method="lm")
+    ref = scipy_least_squares(_rosen, np.array([-1.2, 1.0]), jac=_rosen_jac, method="lm")
+    assert res.nfev == ref.nfev and res.status == ref.status
+    assert len(made) <= 2 * res.nfev
+    assert made.count(np.float64) <= 3  # (the reported values only)
+
+
+def test_numpy_fun_hands_its_private_copy_over_as_host_rows():
+    """A numpy ``fun``'s result reaches the engine as a tensor that remembers the private
+    copy it was made from (no conversion back to the host), and a point the engine made
+    on the host is passed from its host rows: the same values, a fresh array."""
+    from torchimize_scipy._arrays import Namespace
+    from torchimize_scipy._user_functions import RowwiseFunction
+
+    seen = []
+
+    def fun(x):
+        seen.append(x)
+        out = np.array([x[0] - 1.0, 2.0 * x[1]])
+        seen.append(out)
+        return out
+
+    ns = Namespace("numpy", torch.device("cpu"), torch.float64)
+    uf = RowwiseFunction(fun, (), {}, ns, kind="fun")
+    row = np.array([[3.0, 4.0]])
+    x = host_scalars.remember_rows(torch.from_numpy(row), row)
+    f = uf(x, torch.zeros(1, dtype=torch.long))
+    assert seen[0] is not row[0] and np.array_equal(seen[0], [3.0, 4.0])
+    rows = host_scalars.host_rows(f)
+    assert rows is not None and rows is not seen[1] and np.array_equal(rows, f.numpy())
+    assert f.tolist() == [[2.0, 8.0]]
+    seen[1][0] = 99.0  # fun may reuse its output: the engine's copy does not change
+    assert f.tolist() == [[2.0, 8.0]]
