@@ -581,3 +581,20 @@ def test_numpy_fun_hands_its_private_copy_over_as_host_rows():
     assert f.tolist() == [[2.0, 8.0]]
     seen[1][0] = 99.0  # fun may reuse its output: the engine's copy does not change
     assert f.tolist() == [[2.0, 8.0]]
+
+
+def test_stop_running_takes_one_problems_host_status_with_tensor_masks():
+    """A rule's tensor code (``_common.flag_singular``) may stop a problem whose status
+    the loop keeps on the host (Scalars.keep): the status becomes a tensor."""
+    from torchimize_scipy._engine import termination as term
+
+    out = term.stop_running(np.int64(term.RUNNING), torch.tensor([True]), term.SINGULAR)
+    assert isinstance(out, torch.Tensor) and out.tolist() == [term.SINGULAR]
+    kept = term.stop_running(np.int64(term.FTOL), torch.tensor([True]), term.SINGULAR)
+    assert kept.tolist() == [term.FTOL]
+    # and the loop hands a state holding a Jacobian operator to callers as it is
+    from torchimize_scipy._engine.loop import tensor_state
+
+    op = object()
+    out = tensor_state({"J": op, "nit": np.int64(2)})
+    assert out["J"] is op and out["nit"].tolist() == [2]

@@ -143,10 +143,16 @@ _NUMPY_SCALARS = frozenset({np.float64, np.bool_, np.int64})
 _HOST_TYPES = _NUMPY_SCALARS | {float, bool, int}
 
 
-def as_tensor(v: Any) -> Tensor:
-    """``v`` as a tensor: a tensor itself, a numpy scalar kept by :meth:`Scalars.keep`
-    (or a Python number) as a ``(1,)`` tensor remembering it."""
-    return v if isinstance(v, Tensor) else _scalar_tensor(v)
+def as_tensor(v: Any) -> Any:
+    """A host value (a numpy scalar kept by :meth:`Scalars.keep`, or a Python number) as
+    a ``(1,)`` tensor remembering it; anything else (a tensor, a Jacobian operator) as
+    it is."""
+    return _scalar_tensor(v) if type(v) in _HOST_TYPES else v
+
+
+def is_host_value(v: Any) -> bool:
+    """Whether ``v`` is a host value kept as it is (:meth:`Scalars.keep`)."""
+    return type(v) in _HOST_TYPES
 
 
 def host_rows(t: Tensor) -> np.ndarray | None:

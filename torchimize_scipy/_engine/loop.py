@@ -48,7 +48,7 @@ from torch import Tensor
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
 from .counts import count_true, mark_finite, mark_unit
-from .host_scalars import Scalars, as_tensor, for_rows, scalars
+from .host_scalars import Scalars, as_tensor, for_rows, is_host_value, scalars
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
 
@@ -110,7 +110,7 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
     done: dict[tuple[int, int], Tensor] = {}
     for k in sub.written:
         v = dict.__getitem__(sub, k)
-        if rows is not None and not isinstance(v, Tensor):
+        if rows is not None:
             # (one row's host value, Scalars.keep: the rows of a larger batch are tensors)
             v = as_tensor(v)
         if rows is None:
@@ -233,7 +233,7 @@ def tensor_state(state: State) -> State:
     """``state`` with one problem's host values (:meth:`~.host_scalars.Scalars.keep`) as
     ``(1,)`` tensors: what callers outside the engine (``on_iteration``, ``callback``)
     see. The state itself when it holds tensors only."""
-    if all(isinstance(v, Tensor) for v in state.values()):
+    if not any(is_host_value(v) for v in state.values()):
         return state
     return {k: as_tensor(v) for k, v in state.items()}
 
@@ -442,10 +442,7 @@ def concat(state: State, new: State) -> None:
         raise KeyError(f"state keys differ: {sorted(set(new) ^ set(state))}")
     done: dict[tuple[int, int], Tensor] = {}
     for k, v in state.items():
-        if not isinstance(v, Tensor) and not hasattr(v, "cat_rows"):
-            v = as_tensor(v)  # (one problem's host value, Scalars.keep)
-        if not isinstance(new[k], Tensor) and not hasattr(new[k], "cat_rows"):
-            new[k] = as_tensor(new[k])
+        v, new[k] = as_tensor(v), as_tensor(new[k])  # (one problem's host values)
         key = (id(v), id(new[k]))
         merged = done.get(key)
         if merged is None:
