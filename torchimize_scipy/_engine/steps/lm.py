@@ -135,6 +135,8 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None
 class LMTrial:
     """A trial of 'lm': the point, the step, its scaled norm and the damping it used.
 
+    ``pnorm`` and ``par`` are ``(B,)`` tensors, or ``numpy.float64`` for one
+    float64 problem on the host (:meth:`..host_scalars.Scalars.keep`).
     ``step_norm`` (the loop reads it for scipy's iteration table only) is
     computed when first asked for.
     """
