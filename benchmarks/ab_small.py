@@ -4,9 +4,15 @@ On a shared machine whose load drifts by the second, two benchmark runs minutes
 apart are not comparable. This script imports both versions into one process
 (the older commit is extracted with ``git archive`` into a temporary folder
 and imported under another package name; the package uses relative imports
-only) and alternates them call by call: A, B, scipy, A, B, scipy, ... Every
-call is timed in wall and process-CPU time; the medians and the ratios to
-scipy come from the same stretch of time.
+only) and alternates them call by call. The order of the three calls turns every round through all
+six permutations (A B scipy, A scipy B, B A scipy, ...), so that each version
+runs equally often first, second and third and after each of the others: a
+call right after another pays for what that one left behind (freed memory,
+cold caches), which biased a fixed order by 4-8 % in a same-code A/B
+(``batch_ab.py``). Every call is timed in wall and process-CPU time; the
+medians and the ratios to scipy come from the same stretch of time. A
+same-code run (``--before HEAD``, with a clean tree) shows the remaining
+noise: its before/after ratios should straddle 1.
 
 Cases (numpy functions, as ``bench_single.py`` part 1): Rosenbrock from
 (-1.2, 1) with 'trf', 'dogbox', 'lm', analytic and '2-point'; Broyden
@@ -22,6 +28,7 @@ one imported)::
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import statistics
 import subprocess
@@ -105,8 +112,9 @@ def main() -> None:
             samples: dict[str, list[tuple[float, float]]] = {k: [] for k in libs}
             for k in libs:
                 libs[k][name]()  # warm-up
-            for _ in range(repeat):
-                for k in libs:
+            orders = list(itertools.permutations(libs))
+            for i in range(repeat):
+                for k in orders[i % len(orders)]:
                     samples[k].append(timed(libs[k][name]))
             med = {k: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
                    for k, v in samples.items()}
@@ -115,21 +123,26 @@ def main() -> None:
             for k in ("before", "after"):
                 row[f"ratio_{k}"] = med[k][0] / med["scipy"][0]
                 row[f"cpu_ratio_{k}"] = med[k][1] / max(med["scipy"][1], 1e-9)
+            row["after_over_before"] = med["after"][0] / med["before"][0]
+            row["cpu_after_over_before"] = med["after"][1] / max(med["before"][1], 1e-9)
             rows.append(row)
             print(f"{name:34s} before {row['ms_before']:8.2f} after {row['ms_after']:8.2f} "
                   f"scipy {row['ms_scipy']:7.3f} ms | ratio {row['ratio_before']:6.1f} -> "
                   f"{row['ratio_after']:6.1f} | CPU ratio {row['cpu_ratio_before']:6.1f} -> "
-                  f"{row['cpu_ratio_after']:6.1f}", flush=True)
+                  f"{row['cpu_ratio_after']:6.1f} | after/before {row['after_over_before']:.3f} "
+                  f"(CPU {row['cpu_after_over_before']:.3f})", flush=True)
     print(f"\n### Interleaved A/B: {args.before} vs working tree, {args.threads} threads "
           f"(load average {os.getloadavg()[0]:.1f})\n")
     print(md_table(["case", "scipy (ms)", "before (ms)", "after (ms)", "before/scipy",
-                    "after/scipy", "CPU before/scipy", "CPU after/scipy"],
+                    "after/scipy", "CPU before/scipy", "CPU after/scipy", "after/before"],
                    [[r["case"], f"{r['ms_scipy']:.3f}", f"{r['ms_before']:.2f}",
                      f"{r['ms_after']:.2f}", f"{r['ratio_before']:.1f}",
                      f"{r['ratio_after']:.1f}", f"{r['cpu_ratio_before']:.1f}",
-                     f"{r['cpu_ratio_after']:.1f}"] for r in rows]))
+                     f"{r['cpu_ratio_after']:.1f}", f"{r['after_over_before']:.3f}"]
+                    for r in rows]))
     path = write_json(args, f"ab_small_{args.before}", {
-        "note": "interleaved calls A, B, scipy; medians of wall and process-CPU time",
+        "note": ("interleaved calls, the order turning through all permutations; medians "
+                 "of wall and process-CPU time"),
         "before": args.before, "repeat": repeat, "rows": rows})
     print(f"\nresults: {path}")
 

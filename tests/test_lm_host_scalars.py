@@ -474,8 +474,127 @@ def test_renewed_keeps_a_tensor_only_for_its_own_value():
     old, = hs.tensors(np.float64(2.5))
     value, = hs.view(old)
     assert hs.renewed(old, value) is old  # the very value it remembers
-    new = hs.renewed(old, np.float64(2.5))  # an equal value, another object: a new tensor
-    assert new is not old and float(new[0]) == 2.5
+    new = hs.renewed(old, np.float64(2.5))  # an equal value, another object: kept as it is
+    assert new is not old and type(new) is np.float64 and new == 2.5
+    assert hs.renewed(new, new) is new
     dev = host_scalars.Scalars(old, host=False)
     t = torch.tensor([1.0], dtype=torch.float64)
     assert dev.renewed(old, t) is t  # off the host the value is the tensor
+
+
+def test_one_problem_keeps_host_values_as_numpy_scalars():
+    """One float64 problem's state holds numpy scalars (Scalars.keep), read back as they
+    are and turned into tensors where a tensor is needed; a batch keeps tensors."""
+    hs = host_scalars.for_rows(torch.zeros(1, 2, dtype=torch.float64))
+    kept = hs.keep(np.float64(1.5), 2.5, True, 7, np.bool_(False), np.int64(3))
+    assert [type(v) for v in kept] == [np.float64, np.float64, np.bool_, np.int64, np.bool_,
+                                       np.int64]
+    assert hs.view(*kept) == kept and hs.get(kept[0]) is kept[0]
+    rows, = hs.keep(np.array([[1.0, 2.0]]))  # rows stay tensors
+    assert isinstance(rows, torch.Tensor) and rows.shape == (1, 2)
+    t = host_scalars.as_tensor(kept[0])
+    assert t.shape == (1,) and t.dtype == torch.float64 and float(t[0]) == 1.5
+    assert host_scalars.as_tensor(t) is t
+    assert host_scalars.as_tensor(kept[3]).dtype == torch.long
+    batch = host_scalars.for_rows(torch.zeros(3, 2, dtype=torch.float64))
+    v, = batch.keep(np.array([1.0, 2.0, 3.0]))
+    assert isinstance(v, torch.Tensor) and v.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_one_problem_state_reaches_callers_as_tensors():
+    """The loop hands ``on_iteration``/``callback`` tensors, whatever it keeps (one
+    problem's host values); the results are the same with and without the hook."""
+    from torchimize_scipy._engine.loop import tensor_state
+
+    state = {"a": torch.zeros(1), "b": np.float64(2.0), "c": np.bool_(True)}
+    out = tensor_state(state)
+    assert all(isinstance(v, torch.Tensor) for v in out.values())
+    assert out["a"] is state["a"] and float(out["b"][0]) == 2.0 and bool(out["c"][0])
+    only = {"a": torch.zeros(1)}
+    assert tensor_state(only) is only
+    seen = []
+
+    def cb(intermediate_result):
+        seen.append((intermediate_result.nit, intermediate_result.nfev))
+
+    x0 = np.array([-1.2, 1.0])
+    plain = ts.least_squares(_rosen, x0, jac=_rosen_jac, method="trf")
+    hooked = ts.least_squares(_rosen, x0, jac=_rosen_jac, method="trf", callback=cb)
+    nits = [nit for nit, _ in seen]
+    assert len(seen) > 3 and nits == list(range(nits[0], nits[0] + len(seen)))
+    assert all(isinstance(v, int) for pair in seen for v in pair)
+    assert seen[-1][1] <= hooked.nfev
+    assert hooked.nfev == plain.nfev and np.array_equal(hooked.x, plain.x)
+
+
+def _rosen(x):
+    return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+
+def _rosen_jac(x):
+    return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])
+
+
+def test_one_lm_problem_makes_no_tensor_per_host_value(monkeypatch):
+    """Regression (issue 14): one problem's iteration kept every per-problem value as a
+    ``(1,)`` tensor (388 made per Rosenbrock solve, 19 per trial); the state now keeps
+    numpy scalars, and the only ``(1,)`` tensors made are the shared flags of a trial's
+    finiteness and rank test and the results' few values."""
+    made = []
+    real = host_scalars._scalar_tensor
+
+    def counting(v):
+        made.append(type(v))
+        return real(v)
+
+    monkeypatch.setattr(host_scalars, "_scalar_tensor", counting)
+    res = ts.least_squares(_rosen, np.array([-1.2, 1.0]), jac=_rosen_jac, method="lm")
+    ref = scipy_least_squares(_rosen, np.array([-1.2, 1.0]), jac=_rosen_jac, method="lm")
+    assert res.nfev == ref.nfev and res.status == ref.status
+    assert len(made) <= 2 * res.nfev
+    assert made.count(np.float64) <= 3  # (the reported values only)
+
+
+def test_numpy_fun_hands_its_private_copy_over_as_host_rows():
+    """A numpy ``fun``'s result reaches the engine as a tensor that remembers the private
+    copy it was made from (no conversion back to the host), and a point the engine made
+    on the host is passed from its host rows: the same values, a fresh array."""
+    from torchimize_scipy._arrays import Namespace
+    from torchimize_scipy._user_functions import RowwiseFunction
+
+    seen = []
+
+    def fun(x):
+        seen.append(x)
+        out = np.array([x[0] - 1.0, 2.0 * x[1]])
+        seen.append(out)
+        return out
+
+    ns = Namespace("numpy", torch.device("cpu"), torch.float64)
+    uf = RowwiseFunction(fun, (), {}, ns, kind="fun")
+    row = np.array([[3.0, 4.0]])
+    x = host_scalars.remember_rows(torch.from_numpy(row), row)
+    f = uf(x, torch.zeros(1, dtype=torch.long))
+    assert seen[0] is not row[0] and np.array_equal(seen[0], [3.0, 4.0])
+    rows = host_scalars.host_rows(f)
+    assert rows is not None and rows is not seen[1] and np.array_equal(rows, f.numpy())
+    assert f.tolist() == [[2.0, 8.0]]
+    seen[1][0] = 99.0  # fun may reuse its output: the engine's copy does not change
+    assert f.tolist() == [[2.0, 8.0]]
+
+
+def test_stop_running_takes_one_problems_host_status_with_tensor_masks():
+    """A rule's tensor code (``_common.flag_singular``) may stop a problem whose status
+    the loop keeps on the host (Scalars.keep): the status becomes a tensor."""
+    from torchimize_scipy._engine import termination as term
+
+    out = term.stop_running(np.int64(term.RUNNING), torch.tensor([True]), term.SINGULAR)
+    assert isinstance(out, torch.Tensor) and out.tolist() == [term.SINGULAR]
+    kept = term.stop_running(np.int64(term.FTOL), torch.tensor([True]), term.SINGULAR)
+    assert kept.tolist() == [term.FTOL]
+    # and the loop hands a state holding a Jacobian operator to callers as it is
+    from torchimize_scipy._engine.loop import tensor_state
+
+    op = object()
+    out = tensor_state({"J": op, "nit": np.int64(2)})
+    assert out["J"] is op and out["nit"].tolist() == [2]

@@ -116,6 +116,7 @@ def test_lmpar_of_one_problem_follows_the_general_body(seed, ratio, par0):
     assert sc.floats
     with sc.quiet():
         p1, a1 = _solve_minpack_one(sc, fac, delta, par0_t, 7, 3, 10, None, p_gn.clone())
+        a1 = torch.tensor([a1])  # (a numpy.float64: the host value the rule keeps)
         p2, a2 = _solve_minpack(sc, fac, delta, par0_t, 7, 3, 10, None, p_gn.clone())
     if ratio >= 1.05:
         assert float(a1[0]) == 0.0 and torch.equal(p1, p_gn)  # the Gauss-Newton step fits
@@ -139,6 +140,7 @@ def test_lmpar_of_one_problem_with_minpack_basic_step():
     sc = host_scalars.scalars(delta, host=True)
     with sc.quiet():
         p1, a1 = _solve_minpack_one(sc, qr_fac, delta, par0, 7, 3, 10, basic, basic.p)
+        a1 = torch.tensor([a1])  # (a numpy.float64: the host value the rule keeps)
         p2, a2 = _solve_minpack(sc, qr_fac, delta, par0, 7, 3, 10, basic, basic.p.clone())
     assert float(a1[0]) > 0
     np.testing.assert_allclose(a1.numpy(), a2.numpy(), rtol=1e-10, atol=0)

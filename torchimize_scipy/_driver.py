@@ -15,10 +15,12 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._blas_threads import serial_blas, serial_torch
+from ._engine.host_scalars import scalars
 from ._engine.loop import RESULT_KEYS, run
 from ._engine.problem import BatchedFun, BatchedJac, Problem
 from ._engine.steps import make_rule
@@ -221,6 +223,11 @@ class _LMScaling:
         # anywhere makes the screen NaN, and the rows are then looked at one by one)
         if f0.numel() == 0 or J0.numel() == 0:
             return None
+        hs = scalars(f0)
+        if hs.floats:  # one problem: its entries on the host (read once: the engine reads them)
+            f_h, J_h = hs.view(f0, J0)
+            if np.maximum(np.abs(f_h).max(), np.abs(J_h).max()) < LM_SCALE_ABOVE:
+                return None
         peaks = torch.cat([torch.stack(torch.aminmax(f0)), torch.stack(torch.aminmax(J0))])
         if float(peaks.abs().max()) < LM_SCALE_ABOVE:
             return None

@@ -28,6 +28,7 @@ from torch import Tensor
 from ._arrays import Namespace, as_numpy, is_torch
 from ._blas_threads import user_threads
 from ._engine.csr import product_threads
+from ._engine.host_scalars import host_rows, remember_rows
 
 #: Largest ``n`` for which one point crosses to numpy through ``Tensor.tolist``
 #: (cheaper than ``Tensor.numpy`` for a few values; slower for many).
@@ -317,9 +318,13 @@ class RowwiseFunction:
         fn, args, kwargs = self.fn, self.args, self.kwargs
         if ids is None and x.shape[0] == 1 and x.shape[1] <= _LIST_MAX and self._host \
                 and x.is_floating_point() and not x.requires_grad:
-            # one small point: through a list, without the four torch operations
-            # of Tensor.numpy() (the same float64 values; a fresh array)
-            return [fn(np.array(x.tolist()[0], dtype=np.float64), *args, **kwargs)]
+            # one small point: from the host rows the engine made it from, or through a
+            # list, without the four torch operations of Tensor.numpy() (the same float64
+            # values; a fresh array)
+            known = host_rows(x)
+            row = (np.array(known[0], dtype=np.float64) if known is not None
+                   else np.array(x.tolist()[0], dtype=np.float64))
+            return [fn(row, *args, **kwargs)]
         # the engine's x never requires grad; .numpy() is then a view (no detach needed)
         xn = x.numpy() if self._host and not x.requires_grad else x.detach().cpu().numpy()
         if xn.dtype == np.float32:
@@ -348,9 +353,10 @@ class RowwiseFunction:
                 return None
             shape = (1, *_atleast(a.shape, ndim))
             if self._host and self._numpy_dtype is not None:
-                # np.array copies (C order, as np.stack); the tensor shares that private copy
-                t = torch.from_numpy(np.array(a, dtype=self._numpy_dtype, order="C")
-                                     .reshape(shape))
+                # np.array copies (C order, as np.stack); the tensor shares that private
+                # copy, whose values the engine's host code then reads without a conversion
+                copy = np.array(a, dtype=self._numpy_dtype, order="C").reshape(shape)
+                t = remember_rows(torch.from_numpy(copy), copy)
             else:
                 t = torch.from_numpy(np.array(a, order="C").reshape(shape)).to(
                     device=self.ns.device, dtype=self.ns.dtype)

@@ -52,10 +52,14 @@ writes into a tensor that carries one, as ``counts.py`` relies on too): a 0-d or
 tensor under ``_tsc_host_value`` (a ``(B,)`` array, or a numpy scalar for one
 float64 problem), a tensor of two or more dimensions under
 ``_tsc_host_rows`` (an array of the tensor's shape). One tensor has one
-representation whichever family reads it first. For the same reason one
-problem's flags and small integers (status codes, counters: most of the
-values its state takes at each trial) are ``(1,)`` tensors made once and
-shared (:func:`_scalar_tensor`).
+representation whichever family reads it first. One float64 problem's loop
+and 'lm' keep their per-problem values in the state as the numpy scalars
+themselves (:meth:`Scalars.keep`; :meth:`Scalars.view` and :meth:`Scalars.get`
+return them as they are, :func:`as_tensor` makes the ``(1,)`` tensor where one
+is needed), so that an iteration makes no tensor per value; a ``(1,)`` tensor
+of a flag or small integer that is made is shared (:func:`_scalar_tensor`).
+:func:`remember_rows` lets the adapters of a numpy ``fun``/``jac`` hand over
+their private copy as the host value of the tensor they return.
 
 Powers are written as products (torch evaluates ``x**3`` as ``x * x * x``,
 numpy's ``power`` calls ``pow``, which rounds differently). On the host,
@@ -130,6 +134,39 @@ def _scalar_tensor(v: Any) -> Tensor:
     setattr(t, _HOST_VALUE, v if kind is np.float64 else a[0])
     if key is not None:
         _SHARED[key] = t
+    return t
+
+
+#: numpy scalar types one problem's state keeps as they are (:meth:`Scalars.keep`)
+_NUMPY_SCALARS = frozenset({np.float64, np.bool_, np.int64})
+#: types :meth:`Scalars.view` returns as they are
+_HOST_TYPES = _NUMPY_SCALARS | {float, bool, int}
+
+
+def as_tensor(v: Any) -> Any:
+    """A host value (a numpy scalar kept by :meth:`Scalars.keep`, or a Python number) as
+    a ``(1,)`` tensor remembering it; anything else (a tensor, a Jacobian operator) as
+    it is."""
+    return _scalar_tensor(v) if type(v) in _HOST_TYPES else v
+
+
+def is_host_value(v: Any) -> bool:
+    """Whether ``v`` is a host value kept as it is (:meth:`Scalars.keep`)."""
+    return type(v) in _HOST_TYPES
+
+
+def host_rows(t: Tensor) -> np.ndarray | None:
+    """The host array a tensor of two or more dimensions remembers (:meth:`Scalars.rows`,
+    :func:`remember_rows`), or None."""
+    return getattr(t, _HOST_ROWS, None)
+
+
+def remember_rows(t: Tensor, a: np.ndarray) -> Tensor:
+    """``t``, a CPU tensor of two or more dimensions made from (or equal to) the private
+    array ``a`` of its shape and dtype, remembering ``a`` as its host value (so that
+    :meth:`Scalars.view` and :meth:`Scalars.rows` convert nothing); the engine never
+    writes into such a tensor."""
+    setattr(t, _HOST_ROWS, a)
     return t
 
 
@@ -247,6 +284,8 @@ class Scalars:
     def get(self, t: Tensor) -> Any:
         """Per-problem values of a ``(B,)`` tensor (or the ``(B, 1)`` of columns)."""
         if not self.host:
+            return t
+        if type(t) in _HOST_TYPES:  # (one problem's host value kept as it is, :meth:`keep`)
             return t
         known = getattr(t, _HOST_VALUE, None)
         if known is not None:  # made by :meth:`tensor` from these values
@@ -463,8 +502,10 @@ class Scalars:
         """
         if not self.host:
             return ts
-        # (the tensors that remember their values: one pass, no call per tensor)
-        known = tuple([getattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, None)
+        # (the tensors that remember their values, and one problem's host values kept in
+        # the state as they are (:meth:`keep`): one pass, no call per tensor)
+        known = tuple([t if type(t) in _HOST_TYPES else
+                       getattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, None)
                        for t in ts])
         for value in known:  # (``in`` would compare arrays with ``==``)
             if value is None:
@@ -473,6 +514,9 @@ class Scalars:
             return known
         out = []
         for t in ts:
+            if type(t) in _HOST_TYPES:
+                out.append(t)
+                continue
             attr = _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS
             value = getattr(t, attr, None)
             if value is None:
@@ -498,7 +542,9 @@ class Scalars:
             return values
         out = []
         for v in values:
-            if type(v) is not _ARRAY:  # a scalar: a (1,) tensor, remembered as it is
+            if isinstance(v, Tensor):  # (already a tensor: a value kept as one)
+                t = v
+            elif type(v) is not _ARRAY:  # a scalar: a (1,) tensor, remembered as it is
                 t = _scalar_tensor(v)
             elif v.ndim:
                 t = torch.from_numpy(v)
@@ -508,13 +554,42 @@ class Scalars:
             out.append(t)
         return tuple(out)
 
+    def keep(self, *values: Any) -> tuple[Any, ...]:
+        """Values of :attr:`xp` in the form the state keeps them.
+
+        One float64 problem on the host (:attr:`floats`) keeps its per-problem
+        values in the state as numpy scalars (``numpy.float64``, ``numpy.bool_``,
+        ``numpy.int64``; a Python number chosen by ``where`` becomes one), so
+        that its iteration makes no ``(1,)`` tensor per value and reads none
+        back (:meth:`view` returns them as they are); :func:`as_tensor` turns
+        them into tensors where a tensor is needed (results, compaction,
+        another batch's rows, callbacks). Rows (arrays) and everything else
+        are :meth:`tensors`.
+        """
+        if not self.floats:
+            return self.tensors(*values)
+        out = []
+        for v in values:
+            kind = type(v)
+            if kind in _NUMPY_SCALARS:
+                out.append(v)
+            elif kind is float:
+                out.append(np.float64(v))
+            elif kind is bool:
+                out.append(np.bool_(v))
+            elif kind is int:
+                out.append(np.int64(v))
+            else:
+                out.append(self.tensors(v)[0])
+        return tuple(out)
+
     def renewed(self, old: Tensor, value: Any) -> Tensor:
         """:meth:`tensors` of one value, or ``old`` itself when ``value`` is the very
         object ``old`` remembers (on the host: a value that a ``where`` kept unchanged
         needs no new tensor)."""
-        if self.host and getattr(old, _HOST_VALUE, None) is value:
+        if self.host and (old is value or getattr(old, _HOST_VALUE, None) is value):
             return old
-        return self.tensors(value)[0]
+        return self.keep(value)[0]
 
     def amax(self, a: Any) -> Any:
         """Maximum along the last axis (exact, whatever the order): per-problem values."""

@@ -14,7 +14,12 @@ Here the two levels are flattened into one loop over trials so that problems at
 different stages advance together. Per-problem state is a ``dict`` of
 batch-first tensors; the loop's own codes, counters and masks are computed as values
 of :class:`~.host_scalars.Scalars` (numpy on the host for CPU tensors, tensors
-elsewhere; one code body) and stored back as tensors. A problem whose
+elsewhere; one code body) and stored back as tensors, except for one float64
+problem on the host, whose per-problem values the state keeps as numpy scalars
+(:meth:`~.host_scalars.Scalars.keep`: no ``(1,)`` tensor made or read back per
+value); they become tensors only where tensors are needed (:func:`_write_out`,
+:func:`compact`, :func:`concat`, :func:`put` into a larger batch, and
+:func:`tensor_state` for ``on_iteration`` and ``callback``). A problem whose
 ``status`` is set is *finished*: its results are written out and its rows are
 dropped from the working state (compaction), so it costs no further
 evaluations. The residual and Jacobian callables only ever see the rows of
@@ -36,13 +41,14 @@ import math
 import sys
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
 from .counts import count_true, mark_finite, mark_unit
-from .host_scalars import Scalars, for_rows
+from .host_scalars import Scalars, as_tensor, for_rows, is_host_value, scalars
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
 
@@ -104,6 +110,9 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
     done: dict[tuple[int, int], Tensor] = {}
     for k in sub.written:
         v = dict.__getitem__(sub, k)
+        if rows is not None:
+            # (one row's host value, Scalars.keep: the rows of a larger batch are tensors)
+            v = as_tensor(v)
         if rows is None:
             state[k] = v
         elif k in state:
@@ -178,19 +187,26 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
     if mask is None:
         fn(state)
         return
-    total = mask.shape[0]
-    if count is None:
-        count = count_true(mask)
-    if count == total or count * 2 >= total:
+    if not isinstance(mask, Tensor):  # one problem's host value (Scalars.keep)
+        total = 1
+        if count is None:
+            count = int(bool(mask))
+        if not count:
+            return
+    else:
+        total = mask.shape[0]
+        if count is None:
+            count = count_true(mask)
+    if count == total:  # (every row: what ``fn`` assigns is kept as it is)
+        fn(state)
+        return
+    if count * 2 >= total:
         view = RowView(state, None)
         fn(view)
         for k in view.written:
             new = dict.__getitem__(view, k)
-            if count == total:
-                state[k] = new
-            else:
-                keep = mask.view(-1, *([1] * (new.ndim - 1)))
-                state[k] = torch.where(keep, new, state[k])
+            keep = mask.view(-1, *([1] * (new.ndim - 1)))
+            state[k] = torch.where(keep, new, state[k])
         return
     rows = _indices(mask)
     view = RowView(state, rows)
@@ -208,8 +224,18 @@ def compact(state: State, keep: Tensor) -> None:
     for k, v in state.items():
         new = done.get(id(v))
         if new is None:
-            new = done[id(v)] = v.index_select(0, keep)
+            # (one problem's host value, Scalars.keep: a (1,) tensor first)
+            new = done[id(v)] = as_tensor(v).index_select(0, keep)
         state[k] = new
+
+
+def tensor_state(state: State) -> State:
+    """``state`` with one problem's host values (:meth:`~.host_scalars.Scalars.keep`) as
+    ``(1,)`` tensors: what callers outside the engine (``on_iteration``, ``callback``)
+    see. The state itself when it holds tensors only."""
+    if not any(is_host_value(v) for v in state.values()):
+        return state
+    return {k: as_tensor(v) for k, v in state.items()}
 
 
 def finite_rows(a: Tensor) -> tuple[Tensor, bool]:
@@ -281,8 +307,12 @@ def jacobian_nonfinite_rows(J: Tensor, G: Tensor) -> Tensor | None:
     its sum, much smaller than ``J``; on the CPU a host value, see
     :class:`~.host_scalars.Scalars`).
     """
-    total = G.sum()
-    if math.isfinite(Scalars(G).view(total)[0]):
+    hs = scalars(G)
+    if hs.floats and G.layout == torch.strided:
+        # one problem: G's entries on the host (read once: the rule reads them next)
+        if np.isfinite(hs.view(G)[0]).all():
+            return None
+    elif math.isfinite(hs.view(G.sum())[0]):
         return None
     return ~jacobian_finite(J, G)
 
@@ -324,6 +354,7 @@ def _print_row(state: State, header: bool) -> None:
     if header:
         print("{:^15}{:^15}{:^15}{:^15}{:^15}{:^15}".format(
             "Iteration", "Total nfev", "Cost", "Cost reduction", "Step norm", "Optimality"))
+    state = tensor_state(state)
     red = float(state["last_reduction"][0])
     stp = float(state["last_step_norm"][0])
     red_s = " " * 15 if red != red else f"{red:^15.2e}"
@@ -346,31 +377,41 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
     B = state["x"].shape[0]
     dev = state["x"].device
     dtype = state["x"].dtype
-    nan = torch.full((B,), float("nan"), dtype=dtype, device=dev)
+    hs = for_rows(state["x"])
     J_true = state.pop("J_true")
     f, J, g, G = problem.linearize(state["f_true"], J_true)
-    status = state.get("status", torch.full((B,), term.RUNNING, dtype=torch.long, device=dev))
     bad_J = jacobian_nonfinite_rows(J, G)  # (None: J^T J is finite)
-    bad = ~all_finite(state["f_true"])
     if bad_J is None:
         J = _marked_finite(J)
+    if hs.floats:  # one problem: its codes and counters as host values (Scalars.keep)
+        status = hs.view(state["status"])[0] if "status" in state else term.RUNNING
+        bad = (not np.isfinite(hs.view(state["f_true"])[0]).all()
+               or (bad_J is not None and bool(hs.view(bad_J)[0])))
+        status, = hs.keep(term.stop_running(status, np.bool_(bad), term.NONFINITE, hs.xp))
+        nit, optimality, nan = np.int64(0), np.float64(0.0), np.float64("nan")
+        last = (nan, nan)
     else:
-        bad = bad | bad_J
-    status = term.stop_running(status, bad, term.NONFINITE)
+        status = state.get("status",
+                           torch.full((B,), term.RUNNING, dtype=torch.long, device=dev))
+        bad = ~all_finite(state["f_true"])
+        if bad_J is not None:
+            bad = bad | bad_J
+        status = term.stop_running(status, bad, term.NONFINITE)
+        nit = torch.zeros(B, dtype=torch.long, device=dev)
+        optimality = torch.zeros(B, dtype=dtype, device=dev)
+        nan = torch.full((B,), float("nan"), dtype=dtype, device=dev)
+        last = (nan, nan.clone())
     # a row starts its first outer iteration unless it stopped for good already
     fresh = (status != term.CALLBACK_STOP) & (status != term.NONFINITE)
     state.update(
-        f=f, J=J, g=g, G=G, cost=problem.cost(state["f_true"]),
-        nit=torch.zeros(B, dtype=torch.long, device=dev), status=status, fresh=fresh,
-        optimality=torch.zeros(B, dtype=dtype, device=dev),
-        last_reduction=nan.clone(), last_step_norm=nan.clone(),
+        f=f, J=J, g=g, G=G, cost=problem.cost(state["f_true"]), nit=nit, status=status,
+        fresh=fresh, optimality=optimality, last_reduction=last[0], last_step_norm=last[1],
     )
     rule.init_state(problem, state)
     undeclared = set(state) - LOOP_KEYS - rule.state_keys
     if undeclared:
         raise KeyError(f"{type(rule).__name__} created undeclared state keys "
                        f"{sorted(undeclared)}")
-    hs = for_rows(state["x"])
     n_fresh = hs.count(hs.view(fresh)[0])
     scale = state["scale"]
     if not problem.jac_scale and (bool((hs.rows(scale) == 1).all()) if hs.host else
@@ -401,6 +442,7 @@ def concat(state: State, new: State) -> None:
         raise KeyError(f"state keys differ: {sorted(set(new) ^ set(state))}")
     done: dict[tuple[int, int], Tensor] = {}
     for k, v in state.items():
+        v, new[k] = as_tensor(v), as_tensor(new[k])  # (one problem's host values)
         key = (id(v), id(new[k]))
         merged = done.get(key)
         if merged is None:
@@ -543,23 +585,23 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
         f_new = problem.fun(x_new, state["ids"])
         nfev = hs.view(state["nfev"])[0] + 1
         f_new, cost_new, fin = _trial_cost(problem, hs, f_new)
-        state["nfev"], finite = hs.tensors(nfev, fin)
+        state["nfev"], = hs.keep(nfev)
+        finite, = hs.tensors(fin)
         verdict = rule.assess_trial(problem, state, trial, f_new, cost_new, finite)
         x_acc = verdict.x_accepted
         accept, code, status, nit = hs.view(verdict.accept, verdict.status, state["status"],
                                             state["nit"])
         status = xp.where(code != term.RUNNING, code, status)
         boundary = accept | (status != term.RUNNING) | term.budget_spent(nfev, problem.max_nfev)
-        state["status"], state["nit"], state["fresh"] = hs.tensors(status, nit + boundary,
-                                                                   boundary)
+        state["status"], state["nit"], state["fresh"] = hs.keep(status, nit + boundary, boundary)
         if problem.verbose == 2:
             red = state["cost"] - cost_new
-            accept_t, boundary_t = verdict.accept, state["fresh"]
+            accept_t, boundary_t = hs.tensors(verdict.accept, state["fresh"])
             state["last_reduction"] = torch.where(
-                boundary_t, torch.where(accept_t, red, 0.0), state["last_reduction"])
+                boundary_t, torch.where(accept_t, red, 0.0), as_tensor(state["last_reduction"]))
             state["last_step_norm"] = torch.where(
                 boundary_t, torch.where(accept_t, trial.step_norm, 0.0),
-                state["last_step_norm"])
+                as_tensor(state["last_step_norm"]))
         if problem.final_jacobian:
             n_accept, n_fresh = hs.count_many(accept, boundary)
         else:  # rows that stop on their accepted trial move there without a Jacobian
@@ -576,22 +618,24 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
             hs_sub = hs if arows is None else for_rows(sub["x"])
-            sub["njev"], = hs_sub.tensors(hs_sub.view(sub["njev"])[0] + 1)
+            sub["njev"], = hs_sub.keep(hs_sub.view(sub["njev"])[0] + 1)
             sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
             bad = jacobian_nonfinite_rows(sub["J"], sub["G"])
             if bad is None:
                 sub["J"] = _marked_finite(sub["J"])
             else:
-                sub["status"] = term.stop_running(sub["status"], bad, term.NONFINITE)
+                status, bad = hs_sub.view(sub["status"], bad)
+                sub["status"], = hs_sub.keep(term.stop_running(status, bad, term.NONFINITE,
+                                                               hs_sub.xp))
             rule.after_jacobian(problem, sub)
             if arows is not None:
                 put(state, arows, sub)
         if on_iteration is not None:
-            on_iteration(state)
+            on_iteration(tensor_state(state))
         if problem.callback is not None and B == 1 and n_fresh:
-            if problem.callback(state):
-                state["status"] = torch.full_like(state["status"], term.CALLBACK_STOP)
-                state["fresh"] = torch.zeros_like(state["fresh"])
+            if problem.callback(tensor_state(state)):
+                state["status"] = torch.full_like(as_tensor(state["status"]), term.CALLBACK_STOP)
+                state["fresh"] = torch.zeros_like(as_tensor(state["fresh"]))
                 n_fresh, n_stopped = 0, state["x"].shape[0]
 
 
@@ -610,7 +654,7 @@ def _move_without_jacobian(state: State, hs: Scalars, rows_mask, count: int, x_a
     sub["f_true"] = f_new if rows is None else f_new.index_select(0, rows)
     sub["cost"] = cost_new if rows is None else cost_new.index_select(0, rows)
     hs_sub = hs if rows is None else for_rows(sub["x"])
-    sub["njev"], = hs_sub.tensors(hs_sub.view(sub["njev"])[0] + 1)
+    sub["njev"], = hs_sub.keep(hs_sub.view(sub["njev"])[0] + 1)
     put(state, rows, sub)
 
 
@@ -618,12 +662,15 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
                table: dict | None) -> int | None:
     """The top of an outer iteration on ``sub``; the number of rows stopped now.
 
-    ``sub`` holds the top rows, or every row (``partial``: only the top rows
-    are kept, see :func:`on_rows`); ``n_stopped`` rows outside the top had
-    stopped already. Returns None when a factorisation stopped rows (the
-    caller counts them). ``table``: the iteration table's state (verbose=2,
-    one problem).
+    ``sub`` holds the top rows (the state itself when they are every row), or
+    every row (``partial``: only the top rows are kept, see :func:`on_rows`);
+    ``n_stopped`` rows outside the top had stopped already. Returns None when
+    a factorisation stopped rows (the caller counts them). ``table``: the
+    iteration table's state (verbose=2, one problem).
     """
+    # (the measure before this round's: ``sub`` is the state itself when every row is a
+    # top row; a RowView selects it lazily, see _original)
+    before = None if isinstance(sub, RowView) else sub["optimality"]
     gtol_hit = rule.measure_optimality(problem, sub)
     # (per-problem codes and masks as values of ``hs``: on the host when on the CPU)
     hs = for_rows(sub["x"])
@@ -634,9 +681,9 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
         status = term.budget_status(status, nfev, problem.max_nfev, xp)
     go = status == term.RUNNING
     nonfinite = status == term.NONFINITE
-    status_t, = hs.tensors(status)
+    status_t, = hs.keep(status)
     sub["status"] = status_t
-    if table is not None and int(status_t[0]) != term.NONFINITE:
+    if table is not None and int(as_tensor(status_t)[0]) != term.NONFINITE:
         _print_row(sub, header=table["header"])
         table["header"] = False
     if partial and sub.rows is None:  # every row computed: count the top rows
@@ -648,9 +695,13 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
         n_go, n_nonfinite = hs.count_many(go, nonfinite)
         n_finished = hs.B - n_go + n_stopped
     if n_nonfinite:  # a row whose last Jacobian was not finite keeps its measure
-        nonfinite_t, = hs.tensors(nonfinite)
-        sub["optimality"] = torch.where(nonfinite_t, _original(sub, "optimality"),
-                                        sub["optimality"])
+        old = _original(sub, "optimality") if before is None else before
+        new = sub["optimality"]
+        if isinstance(new, Tensor):
+            nonfinite_t, = hs.tensors(nonfinite)
+            sub["optimality"] = torch.where(nonfinite_t, as_tensor(old), new)
+        else:  # (one problem's host value, Scalars.keep)
+            sub["optimality"] = old
     if n_go:
         go_t = None if n_go == hs.B else hs.tensors(go)[0]
         on_rows(sub, go_t, lambda part: rule.build_model(problem, part), n_go)
@@ -679,5 +730,6 @@ def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask
         dest = out.get(k)
         if dest is None:
             continue
+        v = as_tensor(v)  # (one problem's host values, Scalars.keep)
         where = ids if ids.device == dest.device else ids.to(dest.device)
         dest.index_copy_(0, where, v.to(dest.device, dest.dtype))

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .host_scalars import as_tensor
+
 # scipy's codes (``least_squares``' ``status``)
 CALLBACK_STOP = -2
 #: scipy's code for improper input to MINPACK; the frontend reports it for 'lm' with
@@ -62,7 +64,11 @@ def stop_running(status: Any, stop: Any, code: int, xp: Any = torch) -> Any:
 
     ``xp``: the namespace of the values (``torch`` for tensors, or that of
     :class:`~.host_scalars.Scalars` for the host's values), here and below.
+    A ``status`` kept on the host (one problem's numpy scalar,
+    ``Scalars.keep``) given with tensors (``xp`` torch) becomes a tensor.
     """
+    if xp is torch:
+        status = as_tensor(status)
     return xp.where(stop & (status == RUNNING), code, status)
 
 

@@ -460,12 +460,18 @@ def solve_trust_region_minpack(
     p : Tensor, shape (B, n)
         Step in scaled variables.
     par : Tensor, shape (B,)
+        A ``numpy.float64`` for one float64 problem on the host whose ``delta``
+        is one (the host values 'lm' keeps in its state,
+        :meth:`~.host_scalars.Scalars.keep`).
     """
-    sc = scalars(delta, host=host)
+    # (one problem's radius may be a host value, Scalars.keep: the factors tell the batch)
+    sc = scalars(delta if isinstance(delta, Tensor) else fac.s, host=host)
     with sc.quiet():
         if sc.floats and fac.gram is None:
-            return _solve_minpack_one(sc, fac, delta, par0, m, n, max_iter, basic,
-                                      gauss_newton_step(fac) if p_gn is None else p_gn)
+            p, par = _solve_minpack_one(sc, fac, delta, par0, m, n, max_iter, basic,
+                                        gauss_newton_step(fac) if p_gn is None else p_gn)
+            # (a host value for a caller that keeps its radius as one, Scalars.keep)
+            return p, (par if not isinstance(delta, Tensor) else sc.tensor(par))
         return _solve_minpack(sc, fac, delta, par0, m, n, max_iter, basic, p_gn)
 
 
@@ -475,7 +481,7 @@ def _solve_minpack(sc: Scalars, fac: Factors, delta: Tensor, par0: Tensor, m: in
     """The body of :func:`solve_trust_region_minpack`."""
     xp = sc.xp
     B = sc.B
-    dwarf = _TINY.get(delta.dtype) or torch.finfo(delta.dtype).tiny
+    dwarf = _TINY.get(sc.dtype) or torch.finfo(sc.dtype).tiny
     if p_gn is None:
         p_gn = gauss_newton_step(fac)
     delta_c = sc.get_col(delta)
@@ -588,7 +594,7 @@ def _solve_minpack_one(sc: Scalars, fac: Factors, delta_t: Tensor, par0: Tensor,
         setattr(p_gn, _DXNORM, dxnorm)
     fp = dxnorm - delta
     if fp <= 0.1 * delta:
-        return p_gn, sc.tensor(np.float64(0.0))
+        return p_gn, np.float64(0.0)
     dwarf = _TINY[torch.float64]
     s = sc.rows(fac.s)[0]
     suf = s * sc.rows(fac.uf)[0]
@@ -631,4 +637,4 @@ def _solve_minpack_one(sc: Scalars, fac: Factors, delta_t: Tensor, par0: Tensor,
     denom = s2 + par
     coef = np.where(denom != 0, suf / denom, 0.0)
     p = sc.tensor_rows(-(sc.rows(fac.V) @ coef[None, :, None])[..., 0])
-    return p, sc.tensor(par)
+    return p, sc.keep(par)[0]  # (a numpy.float64)

@@ -63,6 +63,11 @@ class Verdict(NamedTuple):
         A termination code, or ``RUNNING`` where no test fired.
     x_accepted : Tensor, shape (B, n)
         The point taken where ``accept`` holds.
+
+    A rule whose state keeps one problem's values on the host
+    (:meth:`~torchimize_scipy._engine.host_scalars.Scalars.keep`, 'lm') may
+    give ``accept`` and ``status`` as numpy scalars; the loop reads both
+    through :meth:`~torchimize_scipy._engine.host_scalars.Scalars.view`.
     """
 
     accept: Tensor

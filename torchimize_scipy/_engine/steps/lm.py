@@ -50,7 +50,10 @@ torch's SVD, whose rounding numpy's would not reproduce), and lmpar runs
 written out for it (``trust_region._solve_minpack_one``). Under
 ``x_scale='jac'`` every entry of ``J d`` is at most 1 in size, so a batch's
 ``d`` is marked finite for a Jacobian the loop proved finite and its
-factorisation tests nothing.
+factorisation tests nothing. That problem's radius, damping, norms, masks
+and codes stay ``numpy`` scalars in the state from ``init_state`` on
+(:meth:`..host_scalars.Scalars.keep`), so a trial makes no ``(1,)`` tensor
+for them.
 
 The rule sums squares directly (MINPACK's ``enorm`` scales them): problems
 whose residuals or Jacobian at ``x0`` come near float64's overflow are run by
@@ -132,6 +135,8 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None
 class LMTrial:
     """A trial of 'lm': the point, the step, its scaled norm and the damping it used.
 
+    ``pnorm`` and ``par`` are ``(B,)`` tensors, or ``numpy.float64`` for one
+    float64 problem on the host (:meth:`..host_scalars.Scalars.keep`).
     ``step_norm`` (the loop reads it for scipy's iteration table only) is
     computed when first asked for.
     """
@@ -185,15 +190,21 @@ class LevenbergMarquardt(StepRule):
             state["diag"] = torch.ones_like(x)
         else:
             state["diag"] = state["scale_inv"].clone()
-        state["delta"] = x.new_zeros(B)
-        state["par"] = x.new_zeros(B)
-        state["xnorm"] = x.new_zeros(B)
-        state["gnorm"] = x.new_zeros(B)
-        state["fnorm"] = x.new_zeros(B)  # |f| at the current point, from measure_optimality
-        state["no_step_yet"] = torch.ones(B, dtype=torch.bool, device=x.device)
-        state["radius_set"] = torch.zeros(B, dtype=torch.bool, device=x.device)
-        # MINPACK does not evaluate J at a point accepted by the terminating trial
-        state["uncounted_jac"] = torch.zeros(B, dtype=torch.long, device=x.device)
+        if for_rows(x).floats:  # one problem: host values (host_scalars.Scalars.keep)
+            zero = np.float64(0.0)
+            state.update(delta=zero, par=zero, xnorm=zero, gnorm=zero, fnorm=zero,
+                         no_step_yet=np.bool_(True), radius_set=np.bool_(False),
+                         uncounted_jac=np.int64(0))
+        else:
+            state["delta"] = x.new_zeros(B)
+            state["par"] = x.new_zeros(B)
+            state["xnorm"] = x.new_zeros(B)
+            state["gnorm"] = x.new_zeros(B)
+            state["fnorm"] = x.new_zeros(B)  # |f| at the current point (measure_optimality)
+            state["no_step_yet"] = torch.ones(B, dtype=torch.bool, device=x.device)
+            state["radius_set"] = torch.zeros(B, dtype=torch.bool, device=x.device)
+            # MINPACK does not evaluate J at a point accepted by the terminating trial
+            state["uncounted_jac"] = torch.zeros(B, dtype=torch.long, device=x.device)
         alloc_factors(problem, state, augmented=False)
         # MINPACK's basic Gauss-Newton step on (nearly) rank-deficient rows (see build_model)
         state["basic_rows"] = torch.zeros(B, dtype=torch.bool, device=x.device)
@@ -215,7 +226,7 @@ class LevenbergMarquardt(StepRule):
                                                   state["diag"])
                 acnorm = np.sqrt(np.maximum(G.diagonal(0, -2, -1), 0.0))
                 fnorm = host_norm(f)
-                state["fnorm"], = hs.tensors(fnorm)
+                state["fnorm"], = hs.keep(fnorm)
             else:
                 acnorm_t = column_norms(state)
                 fnorm_t = vnorm(state["f"], dim=-1)
@@ -240,18 +251,19 @@ class LevenbergMarquardt(StepRule):
                     diag = xp.where(start[..., None], first_diag, grown)
                 else:
                     diag = grown
-                state["diag"], = hs.tensors(diag)
+                state["diag"], = hs.keep(diag)
             hit = (gnorm <= problem.gtol) & (status == RUNNING)
-            state["optimality"], state["gnorm"], hit = hs.tensors(optimality, gnorm, hit)
+            state["optimality"], state["gnorm"], hit = hs.keep(optimality, gnorm, hit)
             if any_start:
                 # (a norm: torch's reduction for a batch, numpy's for one problem)
                 xnorm = _norms(hs, state["diag"] * state["x"] if not hs.floats
                                else diag * hs.view(state["x"])[0])
                 delta0 = xp.where(xnorm == 0, FACTOR, FACTOR * xnorm)
                 delta, old_xnorm = hs.view(state["delta"], state["xnorm"])
-                state["delta"], state["xnorm"] = hs.tensors(xp.where(start, delta0, delta),
-                                                           xp.where(start, xnorm, old_xnorm))
-                state["radius_set"] = torch.ones_like(state["radius_set"])
+                state["delta"], state["xnorm"] = hs.keep(xp.where(start, delta0, delta),
+                                                        xp.where(start, xnorm, old_xnorm))
+                state["radius_set"] = (np.bool_(True) if hs.floats
+                                       else torch.ones_like(state["radius_set"]))
         return hit
 
     def build_model(self, problem: Problem, state: dict) -> None:
@@ -317,7 +329,8 @@ class LevenbergMarquardt(StepRule):
             with hs.quiet():
                 step_h = q_h / diag
                 pn = host_norm(q_h)
-                step, x_new, pnorm = hs.tensors(step_h, x + step_h, pn)
+                step, x_new = hs.tensors(step_h, x + step_h)
+                pnorm = pn
         else:
             step = q / state["diag"]
             pnorm = vnorm(q, dim=-1)
@@ -394,7 +407,7 @@ class LevenbergMarquardt(StepRule):
                                     problem.max_nfev, problem.ftol, problem.xtol, xp=xp)
             state["xnorm"] = hs.renewed(state["xnorm"], xnorm)  # (kept by a rejection)
             (state["delta"], state["par"], state["no_step_yet"],
-             state["uncounted_jac"], accept, status) = hs.tensors(
+             state["uncounted_jac"], accept, status) = hs.keep(
                 delta, par, no_step_yet > accept,  # (and not accepted)
                 uncounted_jacobian(accept, status), accept, status)
         return Verdict(accept, status, x_new)
