@@ -26,7 +26,8 @@ def _batch(B: int, m: int = 12, n: int = 4, seed: int = 0):
     """Factors of a batch with Gram and SVD rows (every fifth row nearly rank-deficient)."""
     gen = torch.Generator().manual_seed(seed)
     J = torch.randn(B, m, n, generator=gen, dtype=torch.float64)
-    J[::5, :, -1] = J[::5, :, 0] * (1 + 1e-6)  # cond(J)**2 beyond the Gram route's limit
+    # nearly parallel columns: cond(J)**2 beyond the Gram route's limit (SVD rows)
+    J[::5, :, -1] = J[::5, :, 0] + 1e-7 * J[::5, :, -1]
     f = torch.randn(B, m, generator=gen, dtype=torch.float64)
     d = torch.rand(B, n, generator=gen, dtype=torch.float64) + 0.5
     fac = factorize(J, d, f, use_gram=True)
