@@ -155,22 +155,29 @@ def factorize(
     Hinv, cond1 = inverse_and_condition(H)
     limit = gram_cond_limit(H.dtype)
     ok = finite & (cond1 <= limit / n)  # a NaN cond1 fails too
-    s = mark_finite(H.new_zeros(B, n))
-    V = H.new_zeros(B, n, n)
-    uf = H.new_zeros(B, n)
-    if count_true(ok) < B:  # (the count serves routes() too)
-        # beyond this, the eigen-decomposition of H cannot be trusted either: to the SVD
-        eig_hopeless = ~(cond1 <= n * limit)
-        rows = (~ok).nonzero().squeeze(-1)
+    n_ok = count_true(ok)  # (the count serves routes() too)
+    if n_ok == B:
+        return Factors(mark_finite(H.new_zeros(B, n)), H.new_zeros(B, n, n), H.new_zeros(B, n),
+                       H, Hinv, Atf, ok)
+    # beyond this, the eigen-decomposition of H cannot be trusted either: to the SVD
+    eig_hopeless = ~(cond1 <= n * limit)
+    rows = (~ok).nonzero().squeeze(-1)
 
-        def pick(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.index_select(0, rows)
+    def pick(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.index_select(0, rows)
 
+    eig_rows = pick(finite & ~eig_hopeless)
+    if count_true(eig_rows):
         s_b, V_b, uf_b = _eig_factors(pick(H), pick(Atf), pick(J), pick(d), pick(f), pick(diag),
-                                      pick(finite & ~eig_hopeless))
-        s = s.index_copy(0, rows, s_b)
-        V = V.index_copy(0, rows, V_b)
-        uf = uf.index_copy(0, rows, uf_b)
+                                      eig_rows)
+    else:  # (a batch's ill-conditioned tail: every rejected problem to the direct SVD)
+        A = pick(J) if d is None else pick(J) * pick(d).unsqueeze(-2)
+        s_b, V_b, uf_b = svd_factors(A, None, pick(f), pick(diag))
+    if n_ok == 0:  # (every row rejected: the SVD data as they are)
+        return Factors(s_b, V_b, uf_b, H, Hinv, Atf, ok)
+    s = mark_finite(H.new_zeros(B, n)).index_copy(0, rows, s_b)
+    V = H.new_zeros(B, n, n).index_copy(0, rows, V_b)
+    uf = H.new_zeros(B, n).index_copy(0, rows, uf_b)
     return Factors(s, V, uf, H, Hinv, Atf, ok)
 
 
