@@ -195,7 +195,7 @@ def serial_lapack(A: Tensor) -> contextlib.AbstractContextManager:
     parallel region inside each small factorisation, which costs far more than
     the work: on 2 cores, the SVDs of 10,000 matrices 64 x 4 took 2.7 s
     against 0.21 s single-threaded, 2,000 of 100 x 12 1.6 s against 0.24 s,
-    30 inverses 12 x 12 0.5-1.3 ms against 0.2 ms on average (RESULTS §24). So
+    30 inverses 12 x 12 0.5-1.3 ms against 0.2 ms on average (2 busy cores). So
     on the CPU, where this thread still has more than one thread and one
     matrix holds at most torch's grain size of entries, the block runs under
     :func:`~torchimize_scipy._blas_threads.serial_blas` (thread-local: other
