@@ -302,12 +302,12 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     tol = rtol * delta_c
     if n_inside and n_running < RESTRICT_BELOW * B:
         # only the problems whose step leaves the trust region need alpha: their rows alone
-        rows, pick, sub_sc, sub_fac, sub_sp = _gather_rows(sc, fac, sp, running)
+        rows, pick, sub_sc, sub_fac, sub_sp = _gather_rows(sc, fac, sp, running, True)
         delta_r = pick(delta_c)
         alpha_r = _newton_alpha(sub_sc, sub_fac, sub_sp, pick(alpha), pick(lower), pick(upper),
                                 delta_r, pick(tol), pick(running), n_running, max_iter)
         p_r = _boundary_step(sub_sc, sub_fac, sub_sp, svd_only, alpha_r, delta_r)
-        p = (p_gn.neg_() if svd_only else p_gn).index_copy(0, rows, p_r)
+        p = (p_gn.neg_() if svd_only else p_gn).index_copy(0, _torch_rows(rows), p_r)
         return p, sc.tensor(_scatter_rows(sc, rows, xp.where(inside, 0.0, alpha), alpha_r))
     alpha = _newton_alpha(sc, fac, sp, alpha, lower, upper, delta_c, tol, running, n_running,
                           max_iter)
@@ -380,7 +380,7 @@ def _newton_alpha(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, lower: A
         if not n_running:
             break
         if n_running < RESTRICT_BELOW * B and k + 1 < max_iter:
-            rows, pick, sub_sc, sub_fac, sub_sp = _gather_rows(sc, fac, sp, running)
+            rows, pick, sub_sc, sub_fac, sub_sp = _gather_rows(sc, fac, sp, running, False)
             alpha_r = _newton_alpha(sub_sc, sub_fac, sub_sp, pick(alpha), pick(lower),
                                     pick(upper), pick(delta_c), pick(tol), pick(running),
                                     n_running, max_iter - k - 1)
@@ -388,38 +388,52 @@ def _newton_alpha(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, lower: A
     return alpha
 
 
-def _gather_rows(sc: Scalars, fac: Factors, sp: _Spectral,
-                 mask: Any) -> tuple[Tensor, Any, Scalars, Factors, _Spectral]:
+def _gather_rows(sc: Scalars, fac: Factors, sp: _Spectral, mask: Any,
+                 steps: bool) -> tuple[Any, Any, Scalars, Factors, _Spectral]:
     """The problems marked in the columns ``mask`` as a batch of their own.
 
-    Returns their indices (a ``long`` tensor), a function picking their
-    entries of columns or rows kept by ``sc``, and their ``Scalars``,
-    factors and spectral data. The routes stay the whole batch's (a route
-    without rows of its own among them only computes values no row takes).
+    Returns their indices (a numpy array on the host, else a ``long``
+    tensor; :func:`_torch_rows` makes either a tensor), a function picking
+    their entries of columns or rows kept by ``sc``, and their ``Scalars``,
+    factors and spectral data. The factors hold what the iteration reads
+    (the Gram rows' ``H`` and ``A^T b``; ``V`` only with ``steps``, for the
+    final damped steps); the routes stay the whole batch's (a route without
+    rows of its own among them only computes values no row takes).
     """
     if sc.host:
-        rows_np = np.flatnonzero(mask)
-        rows = torch.from_numpy(rows_np)
+        rows = np.flatnonzero(mask)
+        index = torch.from_numpy(rows)
 
         def pick(a: Any) -> Any:
-            return None if a is None else a[rows_np]
+            return None if a is None else a[rows]
     else:
-        rows = mask.reshape(-1).nonzero().squeeze(-1)
+        rows = index = mask.reshape(-1).nonzero().squeeze(-1)
 
         def pick(a: Any) -> Any:
             return None if a is None else a.index_select(0, rows)
-    sub_fac = Factors(*(None if t is None else t.index_select(0, rows) for t in fac))
+
+    def pick_t(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.index_select(0, index)
+
+    s = pick_t(fac.s)
+    sub_fac = Factors(s, pick_t(fac.V) if steps else None, None, pick_t(fac.H), None,
+                      pick_t(fac.b), pick_t(fac.gram))
     sub_sp = _Spectral(sp.route, pick(sp.s), pick(sp.suf), pick(sp.s2), pick(sp.suf2),
                        pick(sp.gram))
     # (arrays, never numpy scalars: the batch code, whatever the number of rows)
-    return rows, pick, Scalars(sub_fac.s, host=sc.host, floats=False), sub_fac, sub_sp
+    return rows, pick, Scalars(s, host=sc.host, floats=False), sub_fac, sub_sp
 
 
-def _scatter_rows(sc: Scalars, rows: Tensor, base: Any, values: Any) -> Any:
+def _torch_rows(rows: Any) -> Tensor:
+    """:func:`_gather_rows`' indices as a tensor."""
+    return torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
+
+
+def _scatter_rows(sc: Scalars, rows: Any, base: Any, values: Any) -> Any:
     """``base`` (columns kept by ``sc``) with its entries at ``rows`` replaced by ``values``."""
     if sc.host:
         out = base.copy()
-        out[rows.numpy()] = values
+        out[rows] = values
         return out
     return base.index_copy(0, rows, values)
 
