@@ -300,7 +300,7 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     running = inside == 0  # not inside (``~`` of a Python bool would not do)
     n_running = B - n_inside
     tol = rtol * delta_c
-    if n_inside and n_running < RESTRICT_BELOW * B:
+    if n_inside and n_running < RESTRICT_BELOW * B and sc.device.type == "cpu":
         # only the problems whose step leaves the trust region need alpha: their rows alone
         rows, pick, sub_sc, sub_fac, sub_sp = _gather_rows(sc, fac, sp, running, True)
         delta_r = pick(delta_c)
@@ -354,7 +354,9 @@ def _newton_alpha(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, lower: A
     others (an ``n x n`` inverse per Gram row) would be computed and thrown
     away. Every row's arithmetic is the same either way (elementwise
     operations, per-row reductions and per-matrix inverses), so the results
-    are bit for bit those of the whole batch.
+    are bit for bit those of the whole batch. CPU only: on a GPU the wasted
+    rows run in parallel, and the selection of the rows (``nonzero``) would
+    cost a synchronisation.
     """
     xp = sc.xp
     B = sc.B
@@ -379,7 +381,7 @@ def _newton_alpha(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, lower: A
         n_running = sc.count(running)
         if not n_running:
             break
-        if n_running < RESTRICT_BELOW * B and k + 1 < max_iter:
+        if n_running < RESTRICT_BELOW * B and k + 1 < max_iter and sc.device.type == "cpu":
             rows, pick, sub_sc, sub_fac, sub_sp = _gather_rows(sc, fac, sp, running, False)
             alpha_r = _newton_alpha(sub_sc, sub_fac, sub_sp, pick(alpha), pick(lower),
                                     pick(upper), pick(delta_c), pick(tol), pick(running),
