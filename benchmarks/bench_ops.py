@@ -55,8 +55,11 @@ Usage::
 
     python benchmarks/bench_ops.py [--quick] [--batch 10000] [--threads 2]
            [--methods trf,dogbox,lm] [--only-b1] [--device-path]
+           [--loss soft_l1 --f-scale 0.1]
 
-The table is printed as markdown; the JSON goes to
+``--loss`` gives every case a robust loss (the 'lm' cases are then skipped:
+'lm' takes the linear loss only); its JSON name carries the loss. The table
+is printed as markdown; the JSON goes to
 ``benchmarks/results/bench_ops_<device>_<dtype>.json``.
 """
 
@@ -152,8 +155,9 @@ class Counted:
 
 
 def make_case(method: str, bounded: bool, B: int, kind: str, dev: torch.device,
-              dt: torch.dtype, seed: int):
+              dt: torch.dtype, seed: int, loss: str = "linear", f_scale: float = 1.0):
     """A zero-argument solve of the case and the counter of its residual calls."""
+    robust = {} if loss == "linear" else {"loss": loss, "f_scale": f_scale}
     lb = [-np.inf, 1.5] if bounded else [-np.inf, -np.inf]
     start = [2.0, 2.0] if bounded else [-1.2, 1.0]
     if B == 1:
@@ -167,7 +171,7 @@ def make_case(method: str, bounded: bool, B: int, kind: str, dev: torch.device,
 
         def call():
             return least_squares(fun, x0, jac=jac, method=method, bounds=bounds, device=dev,
-                                 dtype=dt)
+                                 dtype=dt, **robust)
         return call, fun
     rng = np.random.default_rng(seed)
     x0b = np.array(start) + rng.uniform(0.0, 0.5, (B, 2))
@@ -180,7 +184,7 @@ def make_case(method: str, bounded: bool, B: int, kind: str, dev: torch.device,
 
     def call():
         return batch_least_squares(fun, x0b, jac=jac, method=method, bounds=bounds,
-                                   device=dev, dtype=dt)
+                                   device=dev, dtype=dt, **robust)
     return call, fun
 
 
@@ -291,6 +295,9 @@ def main() -> None:
     p.add_argument("--kinds", default="numpy,torch", help="residual functions: numpy,torch")
     p.add_argument("--only-b1", action="store_true", help="skip the batch cases")
     p.add_argument("--repeat", type=int, default=None, help="timed calls (default 5; quick 2)")
+    p.add_argument("--loss", default="linear",
+                   help="robust loss of every case ('lm' cases are skipped unless linear)")
+    p.add_argument("--f-scale", type=float, default=1.0, help="f_scale of --loss")
     p.add_argument("--device-path", action="store_true",
                    help="run the code a GPU runs (per-problem scalars as tensors) on the CPU")
     args = p.parse_args()
@@ -309,10 +316,11 @@ def main() -> None:
     for B in sizes:
         for method in args.methods.split(","):
             for bounded in (False, True):
-                if bounded and method == "lm":
+                if method == "lm" and (bounded or args.loss != "linear"):
                     continue
                 for kind in args.kinds.split(","):
-                    call, fun = make_case(method, bounded, B, kind, dev, dt, args.seed)
+                    call, fun = make_case(method, bounded, B, kind, dev, dt, args.seed,
+                                          args.loss, args.f_scale)
                     rec = profile_case(call, fun)
                     t, calls = time_case(call, fun, dev, repeat)
                     rec.update({"method": method, "bounded": bounded, "B": B, "fun": kind,
@@ -342,8 +350,9 @@ def main() -> None:
                "outside", "syncs/eval", "engine", "in torch ops", "outside",
                "host reads/eval", "engine", "engine syncs+reads", "host-scalar reads",
                "µs/eval"]
+    robust = "" if args.loss == "linear" else f", loss={args.loss}, f_scale={args.f_scale:g}"
     print("\n### aten operations and host syncs per evaluation of `fun` (Rosenbrock, "
-          "analytic Jacobian)\n")
+          f"analytic Jacobian{robust})\n")
     print(md_table(headers, rows))
     print("\n'outside' = adapters + jacobian + frontend + results + loss (the user's own "
           "torch ops are excluded from both columns but included in ops/eval); evals = "
@@ -353,12 +362,16 @@ def main() -> None:
           "= the engine's syncs plus its Tensor.tolist() reads (each a device-to-host copy "
           "on a GPU); 'host-scalar reads' = the engine's reads of CPU tensors into host "
           "scalars (_engine/host_scalars.py: no device wait; a GPU runs the tensor code).")
-    path = write_json(args, "bench_ops_device_path" if args.device_path else "bench_ops", {
+    name = "bench_ops_device_path" if args.device_path else "bench_ops"
+    if args.loss != "linear":
+        name += f"_{args.loss}"
+    path = write_json(args, name, {
         "note": "per evaluation of fun: top-level aten ops, host syncs, host reads by region; "
                 "Rosenbrock from (-1.2, 1) (bounded: x1 >= 1.5 from (2, 2)), analytic "
                 "Jacobian; the profiled call follows one warm-up call",
         "regions": {r: k for k, r in REGIONS}, "batch": batch, "repeat": repeat,
-        "device_path": args.device_path, "cases": records})
+        "device_path": args.device_path, "loss": args.loss, "f_scale": args.f_scale,
+        "cases": records})
     print(f"\nresults: {path}")
 
 

@@ -71,6 +71,12 @@ __all__ = [
 #: tensor of ``rho(z)``, ``rho'(z)`` and ``rho''(z)``.
 RhoFn = Callable[[Tensor], Tensor]
 
+#: The attribute of a ``z`` tensor that remembers ``1 + z`` (:func:`_one_plus`).
+_ONE_PLUS_ATTR = "_torchimize_one_plus"
+_MISSING = object()
+#: Residual tensors of at most this many entries remember their ``z`` (torch's grain size).
+_REMEMBER_UP_TO = 32768
+
 
 def linear(z: Tensor) -> Tensor:
     """Linear loss ``rho(z) = z`` (ordinary least squares).
@@ -80,12 +86,24 @@ def linear(z: Tensor) -> Tensor:
     return torch.stack([z, torch.ones_like(z), torch.zeros_like(z)])
 
 
+def _one_plus(z: Tensor) -> Tensor:
+    """``1 + z``; remembered on a ``z`` that :meth:`LossFunction._z` made (a loss's
+    value and its derivatives at the same residuals share it)."""
+    t = getattr(z, _ONE_PLUS_ATTR, _MISSING)
+    if t is _MISSING:  # (a z of the caller's: nothing is remembered on it)
+        return 1 + z
+    if t is None:
+        t = 1 + z
+        setattr(z, _ONE_PLUS_ATTR, t)
+    return t
+
+
 def _soft_l1_value(z: Tensor) -> Tensor:
-    return 2 * (torch.sqrt(1 + z) - 1)
+    return 2 * (torch.sqrt(_one_plus(z)) - 1)
 
 
 def _soft_l1_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
-    t = 1 + z
+    t = _one_plus(z)
     return t**-0.5, -0.5 * t**-1.5
 
 
@@ -128,7 +146,7 @@ def huber(z: Tensor) -> Tensor:
 
 
 def _cauchy_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
-    t = 1 + z
+    t = _one_plus(z)
     return 1 / t, -1 / t**2
 
 
@@ -185,6 +203,9 @@ _DERIVATIVES: dict[RhoFn, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
     soft_l1: _soft_l1_derivatives, huber: _huber_derivatives, cauchy: _cauchy_derivatives,
     arctan: _arctan_derivatives,
 }
+#: The attribute of a residual tensor that remembers its ``z`` (:meth:`LossFunction._z`).
+_Z_ATTR = "_torchimize_loss_z"
+
 #: Built-in losses whose ``rho`` is non-negative and infinite or NaN at a non-finite
 #: ``z``: a finite cost proves every residual finite (not ``arctan``, bounded).
 _COST_PROVES_FINITE = frozenset({soft_l1, huber, cauchy})
@@ -248,10 +269,29 @@ class LossFunction:
         return c, c
 
     def _z(self, f: Tensor) -> tuple[Tensor, Tensor | float, Tensor | float]:
+        """``z = (f / f_scale)**2`` and the two shapes of ``f_scale`` (:meth:`_scale`).
+
+        ``z`` is remembered on ``f`` (the engine never modifies a residual tensor
+        in place), unless ``f`` requires grad or holds more than
+        :data:`_REMEMBER_UP_TO` entries (where an operation costs more than
+        its call, and two more copies of ``f`` would cost memory): the cost of a trial and the
+        scaling of ``J`` and ``f`` at the point it is accepted share one ``z``
+        (and ``1 + z``, :func:`_one_plus`). The square is a product
+        (``torch.pow(x, 2)`` computes ``x * x``: the same values, one cheaper call).
+        """
         c_elem, c_prob = self._scale(f)
-        if isinstance(c_elem, float) and c_elem == 1.0:  # (f / 1 is f exactly)
-            return f**2, c_elem, c_prob
-        return (f / c_elem) ** 2, c_elem, c_prob
+        # (autograd's graphs are never shared; large batches keep no extra copies)
+        remember = f.numel() <= _REMEMBER_UP_TO and not f.requires_grad
+        if remember:
+            known = getattr(f, _Z_ATTR, None)
+            if known is not None and known[0] is self:
+                return known[1], c_elem, c_prob
+        q = f if isinstance(c_elem, float) and c_elem == 1.0 else f / c_elem  # (f / 1 is f)
+        z = q * q
+        if remember:
+            setattr(f, _Z_ATTR, (self, z))
+            setattr(z, _ONE_PLUS_ATTR, None)  # (marks z as this class's: see _one_plus)
+        return z, c_elem, c_prob
 
     def _rho_unscaled(self, f: Tensor) -> tuple[Tensor, Tensor | float, Tensor | float]:
         z, c_elem, c_prob = self._z(f)
@@ -372,7 +412,7 @@ def scale_for_robust_loss(J: Tensor, f: Tensor, rho: Tensor) -> tuple[Tensor, Te
 
 def _scale_system(J: Tensor, f: Tensor, rho1: Tensor, rho2: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`scale_for_robust_loss` from the loss's two derivatives."""
-    s = rho1 + 2 * rho2 * f**2
+    s = rho1 + 2 * rho2 * (f * f)  # (f**2 is f * f)
     s = torch.clamp(s, min=torch.finfo(s.dtype).eps)
     s = torch.sqrt(s)
     f_scaled = f * (rho1 / s)

@@ -300,7 +300,67 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     running = inside == 0  # not inside (``~`` of a Python bool would not do)
     n_running = B - n_inside
     tol = rtol * delta_c
-    for _ in range(max_iter):
+    if n_inside and n_running < RESTRICT_BELOW * B and sc.device.type == "cpu":
+        # only the problems whose step leaves the trust region need alpha: their rows alone
+        rows, pick, sub_sc, sub_fac, sub_sp = _gather_rows(sc, fac, sp, running, True)
+        delta_r = pick(delta_c)
+        alpha_r = _newton_alpha(sub_sc, sub_fac, sub_sp, pick(alpha), pick(lower), pick(upper),
+                                delta_r, pick(tol), pick(running), n_running, max_iter)
+        p_r = _boundary_step(sub_sc, sub_fac, sub_sp, svd_only, alpha_r, delta_r)
+        p = (p_gn.neg_() if svd_only else p_gn).index_copy(0, _torch_rows(rows), p_r)
+        return p, sc.tensor(_scatter_rows(sc, rows, xp.where(inside, 0.0, alpha), alpha_r))
+    alpha = _newton_alpha(sc, fac, sp, alpha, lower, upper, delta_c, tol, running, n_running,
+                          max_iter)
+    p = _boundary_step(sc, fac, sp, svd_only, alpha, delta_c)
+    if n_inside:
+        p = torch.where(sc.tensor(inside).unsqueeze(-1), p_gn.neg_() if svd_only else p_gn, p)
+        alpha = xp.where(inside, 0.0, alpha)
+    return p, sc.tensor(alpha)
+
+
+def _boundary_step(sc: Scalars, fac: Factors, sp: _Spectral, svd_only: bool, alpha: Any,
+                   delta_c: Any) -> Tensor:
+    """The damped steps ``p(alpha)`` rescaled onto the trust-region boundary ``|p| = delta``.
+
+    ``svd_only``: the route of :func:`_solve_scipy`'s batch had no Gram row;
+    the steps are then kept as ``V coef`` and the sign goes into the scale.
+    """
+    xp = sc.xp
+    if svd_only:  # V coef, scaled by -delta / |p|
+        p = _v_times(sc, fac, _damped_coef(sc, sp, alpha))
+        pn = sc.norm(p, keepdim=True)
+        return sc.scale_rows(p, -(delta_c / xp.where(pn > 0, pn, 1.0)))
+    p = _damped_step_column(sc, fac, sp, alpha)
+    pn = sc.norm(p, keepdim=True)
+    return sc.scale_rows(p, delta_c / xp.where(pn > 0, pn, 1.0))
+
+
+#: :func:`_solve_scipy` works on the rows that still need ``alpha`` alone once fewer
+#: than this fraction of the batch do (:func:`_newton_alpha`).
+RESTRICT_BELOW = 0.25
+
+
+def _newton_alpha(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, lower: Any,
+                  upper: Any, delta_c: Any, tol: Any, running: Any, n_running: int,
+                  max_iter: int) -> Any:
+    """Moré's safeguarded Newton iteration of :func:`_solve_scipy`; the new ``alpha`` columns.
+
+    The problems marked in ``running`` iterate (the others keep their
+    ``alpha``) until ``|phi| < tol`` or ``max_iter`` iterations. Once fewer
+    than :data:`RESTRICT_BELOW` of the batch still run, the iteration goes on
+    with their rows alone (their factors, spectral rows and columns gathered,
+    the result scattered back): after the first iteration typically about 1 %
+    of a large batch still iterates (issue 16), and the damped solves of the
+    others (an ``n x n`` inverse per Gram row) would be computed and thrown
+    away. Every row's arithmetic is the same either way (elementwise
+    operations, per-row reductions and per-matrix inverses), so the results
+    are bit for bit those of the whole batch. CPU only: on a GPU the wasted
+    rows run in parallel, and the selection of the rows (``nonzero``) would
+    cost a synchronisation.
+    """
+    xp = sc.xp
+    B = sc.B
+    for k in range(max_iter):
         out = (alpha < lower) | (alpha > upper)
         alpha_it = alpha
         if not sc.host or sc.count(out):
@@ -321,18 +381,63 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
         n_running = sc.count(running)
         if not n_running:
             break
-    if svd_only:  # V coef, scaled by -delta / |p|
-        p = _v_times(sc, fac, _damped_coef(sc, sp, alpha))
-        pn = sc.norm(p, keepdim=True)
-        p = sc.scale_rows(p, -(delta_c / xp.where(pn > 0, pn, 1.0)))
+        if n_running < RESTRICT_BELOW * B and k + 1 < max_iter and sc.device.type == "cpu":
+            rows, pick, sub_sc, sub_fac, sub_sp = _gather_rows(sc, fac, sp, running, False)
+            alpha_r = _newton_alpha(sub_sc, sub_fac, sub_sp, pick(alpha), pick(lower),
+                                    pick(upper), pick(delta_c), pick(tol), pick(running),
+                                    n_running, max_iter - k - 1)
+            return _scatter_rows(sc, rows, alpha, alpha_r)
+    return alpha
+
+
+def _gather_rows(sc: Scalars, fac: Factors, sp: _Spectral, mask: Any,
+                 steps: bool) -> tuple[Any, Any, Scalars, Factors, _Spectral]:
+    """The problems marked in the columns ``mask`` as a batch of their own.
+
+    Returns their indices (a numpy array on the host, else a ``long``
+    tensor; :func:`_torch_rows` makes either a tensor), a function picking
+    their entries of columns or rows kept by ``sc``, and their ``Scalars``,
+    factors and spectral data. The factors hold what the iteration reads
+    (the Gram rows' ``H`` and ``A^T b``; ``V`` only with ``steps``, for the
+    final damped steps); the routes stay the whole batch's (a route without
+    rows of its own among them only computes values no row takes).
+    """
+    if sc.host:
+        rows = np.flatnonzero(mask)
+        index = torch.from_numpy(rows)
+
+        def pick(a: Any) -> Any:
+            return None if a is None else a[rows]
     else:
-        p = _damped_step_column(sc, fac, sp, alpha)
-        pn = sc.norm(p, keepdim=True)
-        p = sc.scale_rows(p, delta_c / xp.where(pn > 0, pn, 1.0))
-    if n_inside:
-        p = torch.where(sc.tensor(inside).unsqueeze(-1), p_gn.neg_() if svd_only else p_gn, p)
-        alpha = xp.where(inside, 0.0, alpha)
-    return p, sc.tensor(alpha)
+        rows = index = mask.reshape(-1).nonzero().squeeze(-1)
+
+        def pick(a: Any) -> Any:
+            return None if a is None else a.index_select(0, rows)
+
+    def pick_t(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.index_select(0, index)
+
+    s = pick_t(fac.s)
+    sub_fac = Factors(s, pick_t(fac.V) if steps else None, None, pick_t(fac.H), None,
+                      pick_t(fac.b), pick_t(fac.gram))
+    sub_sp = _Spectral(sp.route, pick(sp.s), pick(sp.suf), pick(sp.s2), pick(sp.suf2),
+                       pick(sp.gram))
+    # (arrays, never numpy scalars: the batch code, whatever the number of rows)
+    return rows, pick, Scalars(s, host=sc.host, floats=False), sub_fac, sub_sp
+
+
+def _torch_rows(rows: Any) -> Tensor:
+    """:func:`_gather_rows`' indices as a tensor."""
+    return torch.from_numpy(rows) if isinstance(rows, np.ndarray) else rows
+
+
+def _scatter_rows(sc: Scalars, rows: Any, base: Any, values: Any) -> Any:
+    """``base`` (columns kept by ``sc``) with its entries at ``rows`` replaced by ``values``."""
+    if sc.host:
+        out = base.copy()
+        out[rows] = values
+        return out
+    return base.index_copy(0, rows, values)
 
 
 def minimum_norm_step(fac: Factors, host: bool | None = None) -> Tensor:
