@@ -15,6 +15,17 @@ import torch
 from torch import Tensor
 
 from .._loss import LossFunction, scale_for_robust_loss
+from .host_scalars import scalars
+
+#: Residuals up to which one float64 problem's cost and ``J^T f``, ``J^T J`` are summed
+#: on the host (:meth:`Problem.cost`, :meth:`Problem.linearize`): torch's sum over so
+#: few entries and its small ``bmm`` kernel add the terms one after the other, from
+#: the first, as these host sums do; beyond, torch's vectorised reductions and MKL's
+#: products group the terms their own way
+HOST_SUM_ROWS = 4
+#: torch's ``bmm`` on the CPU uses its own kernel (terms added in order) below this many
+#: multiply-adds per matrix, MKL's ``gemm`` from there on
+_BMM_NAIVE = 400
 
 #: ``fun(x (k, n), idx (k,)) -> f (k, m)``; ``idx`` names the problem of each row.
 BatchedFun = Callable[[Tensor, Tensor], Tensor]
@@ -108,6 +119,10 @@ class Problem:
     def cost(self, f: Tensor) -> Tensor:
         """Cost ``0.5 * sum(rho(f**2))`` per problem, ``(B,)``."""
         if self.loss is None:
+            if f.shape[-1] <= HOST_SUM_ROWS and not f.requires_grad:
+                hs = scalars(f)
+                if hs.floats:  # one float64 problem: its few squares summed on the host
+                    return hs.tensors(np.float64(0.5 * _host_sum_sq(hs.view(f)[0][0].tolist())))[0]
             if self.products_only and f.device.type == "cpu" and f.dtype == torch.float64 \
                     and not f.requires_grad:  # numpy on this thread: no torch parallel region
                 a = f.numpy()  # beside the sparse products' helper threads (trf_lsmr)
@@ -132,6 +147,15 @@ class Problem:
             return linearize_products(f_true, J_true, self.loss)
         if self.loss is None:
             f, J = f_true, J_true
+            m, n = J.shape[-2], J.shape[-1]
+            if m <= HOST_SUM_ROWS and m * n * n < _BMM_NAIVE and not J.requires_grad \
+                    and not f.requires_grad and J.layout == torch.strided:
+                hs = scalars(f)
+                if hs.floats:  # one float64 problem: its few products summed on the host
+                    f_h, J_h = hs.view(f, J)
+                    with hs.quiet():  # (an overflow gives inf, as in torch)
+                        g, G = _host_normal_equations(f_h[0], J_h[0])
+                    return (f, J) + hs.tensors(g[None], G[None])
         elif isinstance(self.loss, LossFunction):  # (without the loss's value)
             J, f = self.loss.scaled_system(J_true, f_true)
         else:
@@ -140,3 +164,24 @@ class Problem:
         g = torch.bmm(Jt, f.unsqueeze(-1)).squeeze(-1)
         return f, J, g, torch.bmm(Jt, J)
 
+
+def _host_sum_sq(f: list[float]) -> float:
+    """``sum(f**2)`` of one problem's few residuals ``f`` (Python floats: IEEE double
+    arithmetic, an overflow gives inf without a warning), the terms added in order from
+    the first (torch's order for so few entries; see :data:`HOST_SUM_ROWS`)."""
+    total = 0.0
+    for v in f:
+        total = total + v * v
+    return total
+
+
+def _host_normal_equations(f: np.ndarray, J: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``J^T f (n,)`` and ``J^T J (n, n)`` of one problem's few rows ``J (m, n)``, each
+    entry the sum over the rows in order from zero, as torch's small ``bmm`` kernel adds
+    them (:data:`_BMM_NAIVE`)."""
+    g = np.zeros(J.shape[1])
+    G = np.zeros((J.shape[1], J.shape[1]))
+    for row, v in zip(J, f, strict=True):
+        g = g + row * v
+        G = G + np.multiply.outer(row, row)
+    return g, G
