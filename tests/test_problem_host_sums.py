@@ -15,7 +15,7 @@ from _parity import assert_result_parity
 from torchimize_scipy import least_squares
 from torchimize_scipy._engine import host_scalars
 from torchimize_scipy._engine.host_scalars import host_rows
-from torchimize_scipy._engine.problem import HOST_SUM_ROWS, Problem
+from torchimize_scipy._engine.problem import HOST_SUM_COLS, HOST_SUM_ROWS, Problem
 
 EPS = np.finfo(np.float64).eps
 
@@ -80,11 +80,13 @@ def test_host_sums_do_not_change_the_inputs():
     assert torch.equal(f, f0) and torch.equal(J, J0)
 
 
-@pytest.mark.parametrize("case", ["rows", "batch", "float32", "device_path"])
+@pytest.mark.parametrize("case", ["rows", "cols", "batch", "float32", "device_path"])
 def test_torch_sums_elsewhere(case, monkeypatch):
     m, n, B, dtype = 2, 2, 1, torch.float64
     if case == "rows":
         m = HOST_SUM_ROWS + 1
+    elif case == "cols":
+        n = HOST_SUM_COLS + 1
     elif case == "batch":
         B = 3
     elif case == "float32":

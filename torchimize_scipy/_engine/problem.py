@@ -17,15 +17,14 @@ from torch import Tensor
 from .._loss import LossFunction, scale_for_robust_loss
 from .host_scalars import scalars
 
-#: Residuals up to which one float64 problem's cost and ``J^T f``, ``J^T J`` are summed
-#: on the host (:meth:`Problem.cost`, :meth:`Problem.linearize`): torch's sum over so
-#: few entries and its small ``bmm`` kernel add the terms one after the other, from
-#: the first, as these host sums do; beyond, torch's vectorised reductions and MKL's
-#: products group the terms their own way
+#: Residuals and variables up to which one float64 problem's cost and ``J^T f``, ``J^T J``
+#: are summed on the host (:meth:`Problem.cost`, :meth:`Problem.linearize`): torch's sum
+#: over so few entries, and its own ``bmm`` kernel (below 400 multiply-adds per matrix;
+#: MKL's ``gemm`` from there on), add the terms one after the other from zero, as these
+#: host sums do. Beyond, torch's vectorised reductions and MKL's products group the terms
+#: their own way.
 HOST_SUM_ROWS = 4
-#: torch's ``bmm`` on the CPU uses its own kernel (terms added in order) below this many
-#: multiply-adds per matrix, MKL's ``gemm`` from there on
-_BMM_NAIVE = 400
+HOST_SUM_COLS = 4
 
 #: ``fun(x (k, n), idx (k,)) -> f (k, m)``; ``idx`` names the problem of each row.
 BatchedFun = Callable[[Tensor, Tensor], Tensor]
@@ -147,15 +146,14 @@ class Problem:
             return linearize_products(f_true, J_true, self.loss)
         if self.loss is None:
             f, J = f_true, J_true
-            m, n = J.shape[-2], J.shape[-1]
-            if m <= HOST_SUM_ROWS and m * n * n < _BMM_NAIVE and not J.requires_grad \
-                    and not f.requires_grad and J.layout == torch.strided:
+            if J.shape[-2] <= HOST_SUM_ROWS and J.shape[-1] <= HOST_SUM_COLS \
+                    and not J.requires_grad and not f.requires_grad \
+                    and J.layout == torch.strided:
                 hs = scalars(f)
                 if hs.floats:  # one float64 problem: its few products summed on the host
                     f_h, J_h = hs.view(f, J)
-                    with hs.quiet():  # (an overflow gives inf, as in torch)
-                        g, G = _host_normal_equations(f_h[0], J_h[0])
-                    return (f, J) + hs.tensors(g[None], G[None])
+                    g, G = _host_normal_equations(f_h[0].tolist(), J_h[0].tolist())
+                    return (f, J) + hs.tensors(g, G)
         elif isinstance(self.loss, LossFunction):  # (without the loss's value)
             J, f = self.loss.scaled_system(J_true, f_true)
         else:
@@ -175,13 +173,23 @@ def _host_sum_sq(f: list[float]) -> float:
     return total
 
 
-def _host_normal_equations(f: np.ndarray, J: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``J^T f (n,)`` and ``J^T J (n, n)`` of one problem's few rows ``J (m, n)``, each
-    entry the sum over the rows in order from zero, as torch's small ``bmm`` kernel adds
-    them (:data:`_BMM_NAIVE`)."""
-    g = np.zeros(J.shape[1])
-    G = np.zeros((J.shape[1], J.shape[1]))
-    for row, v in zip(J, f, strict=True):
-        g = g + row * v
-        G = G + np.multiply.outer(row, row)
-    return g, G
+def _host_normal_equations(f: list[float], J: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """``J^T f (1, n)`` and ``J^T J (1, n, n)`` of one problem's few rows ``J (m, n)``
+    (Python floats, as :func:`_host_sum_sq`), each entry the sum over the rows in order
+    from zero, as torch's small ``bmm`` kernel adds them; ``J^T J`` is symmetric
+    entry by entry (the same products in the same order)."""
+    n = len(J[0])
+    g = []
+    for i in range(n):
+        total = 0.0
+        for row, v in zip(J, f, strict=True):
+            total += row[i] * v
+        g.append(total)
+    G = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            total = 0.0
+            for row in J:
+                total += row[i] * row[j]
+            G[i][j] = G[j][i] = total
+    return np.array([g]), np.array([G])
