@@ -3,6 +3,13 @@
 :class:`Problem` holds what does not change during a run: the batched residual
 and Jacobian callables, the loss, tolerances and limits. The engine's mutable
 state lives in a plain ``dict`` of batch-first tensors (see ``loop.py``).
+
+One float64 problem on the CPU with few residuals and variables (at most
+:data:`HOST_SUM_ROWS` and :data:`HOST_SUM_COLS`) takes its cost, ``J^T f``
+and ``J^T J`` as host sums in the order torch adds the terms (the same
+values, no torch operation but the tensors handed over with their host
+values; issue 14): Rosenbrock 'lm', 30 -> 20 engine operations per
+evaluation (``benchmarks/bench_ops.py --only-b1``).
 """
 
 from __future__ import annotations

@@ -44,7 +44,13 @@ from numpy (:func:`..trust_region.host_norm`): about a third fewer torch
 operations per evaluation, at the price of rounding-level differences from
 the tensor path (numpy's square root is correctly rounded, torch's float64
 one is not always; reductions may sum in another order); the iterations, and
-so nfev, njev and status, are the same on the parity problems. Its
+so nfev, njev and status, are the same on the parity problems. With at
+most four residuals and variables its cost, ``J^T f`` and ``J^T J`` are host
+sums too (:meth:`..problem.Problem.cost`, :meth:`..problem.Problem.linearize`:
+torch's order of terms, bit for bit), and each stage of the rule enters
+numpy's ``errstate`` once (:meth:`..host_scalars.Scalars.quiet`; the
+subproblem and the step share the proposal's, the factors and the
+Gauss-Newton step the model's; never around the user's functions). Its
 factorisation forms ``J d`` and tests it on the host (:func:`_host_svd`;
 torch's SVD, whose rounding numpy's would not reproduce), and lmpar runs
 written out for it (``trust_region._solve_minpack_one``). Under
