@@ -69,6 +69,19 @@ def test_host_sums_keep_non_finite_values():
     assert torch.isinf(prob.cost(big)).all()  # (an overflow, as torch's)
 
 
+@pytest.mark.parametrize(("m", "n"), [(0, 2), (2, 0), (0, 0)])
+def test_host_sums_of_empty_shapes(m, n):
+    """No residuals or no variables: the shapes and values of torch's sums."""
+    prob = _problem(m, n)
+    f = torch.ones(1, m, dtype=torch.float64)
+    J = torch.ones(1, m, n, dtype=torch.float64)
+    _, _, g, G = prob.linearize(f, J)
+    cost = prob.cost(f)
+    assert g.shape == (1, n) and G.shape == (1, n, n) and cost.shape == (1,)
+    assert not g.any() and not G.any() and float(cost[0]) == 0.5 * m
+    assert g.dtype == G.dtype == cost.dtype == torch.float64
+
+
 def test_host_sums_do_not_change_the_inputs():
     prob = _problem(3, 2)
     f = torch.tensor([[1.0, -2.0, 3.0]], dtype=torch.float64)

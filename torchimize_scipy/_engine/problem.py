@@ -159,7 +159,8 @@ class Problem:
                 hs = scalars(f)
                 if hs.floats:  # one float64 problem: its few products summed on the host
                     f_h, J_h = hs.view(f, J)
-                    g, G = _host_normal_equations(f_h[0].tolist(), J_h[0].tolist())
+                    g, G = _host_normal_equations(f_h[0].tolist(), J_h[0].tolist(),
+                                                  J.shape[-1])
                     return (f, J) + hs.tensors(g, G)
         elif isinstance(self.loss, LossFunction):  # (without the loss's value)
             J, f = self.loss.scaled_system(J_true, f_true)
@@ -180,12 +181,12 @@ def _host_sum_sq(f: list[float]) -> float:
     return total
 
 
-def _host_normal_equations(f: list[float], J: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+def _host_normal_equations(f: list[float], J: list[list[float]],
+                           n: int) -> tuple[np.ndarray, np.ndarray]:
     """``J^T f (1, n)`` and ``J^T J (1, n, n)`` of one problem's few rows ``J (m, n)``
     (Python floats, as :func:`_host_sum_sq`), each entry the sum over the rows in order
     from zero, as torch's small ``bmm`` kernel adds them; ``J^T J`` is symmetric
     entry by entry (the same products in the same order)."""
-    n = len(J[0])
     g = []
     for i in range(n):
         total = 0.0
@@ -199,4 +200,5 @@ def _host_normal_equations(f: list[float], J: list[list[float]]) -> tuple[np.nda
             for row in J:
                 total += row[i] * row[j]
             G[i][j] = G[j][i] = total
-    return np.array([g]), np.array([G])
+    return (np.array(g, dtype=np.float64).reshape(1, n),
+            np.array(G, dtype=np.float64).reshape(1, n, n))
