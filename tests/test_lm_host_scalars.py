@@ -551,8 +551,11 @@ def test_one_lm_problem_makes_no_tensor_per_host_value(monkeypatch):
     res = ts.least_squares(_rosen, np.array([-1.2, 1.0]), jac=_rosen_jac, method="lm")
     ref = scipy_least_squares(_rosen, np.array([-1.2, 1.0]), jac=_rosen_jac, method="lm")
     assert res.nfev == ref.nfev and res.status == ref.status
-    assert len(made) <= 2 * res.nfev
-    assert made.count(np.float64) <= 3  # (the reported values only)
+    # (the cost of each evaluation is a (1,) tensor: problem.cost sums few residuals on
+    # the host, in place of three torch operations)
+    costs = res.nfev + 1
+    assert len(made) <= 2 * res.nfev + costs
+    assert made.count(np.float64) <= 3 + costs  # (the costs and the reported values only)
 
 
 def test_numpy_fun_hands_its_private_copy_over_as_host_rows():

@@ -80,8 +80,10 @@ def test_host_svd_hands_an_overflowing_scaled_jacobian_to_the_tensor_path():
     J = mark_finite(J.clone() * 1e300)
     diag = diag.clone()
     diag[0, 0] = 1e-300
-    with np.errstate(all="raise"):  # (no floating-point warning escapes either)
-        assert _host_svd(_hs(), J, diag, f) is None
+    hs = _hs()
+    # (no floating-point warning escapes the caller's Scalars.quiet either)
+    with np.errstate(all="raise"), hs.quiet():
+        assert _host_svd(hs, J, diag, f) is None
 
 
 def test_svd_factors_trusts_j_d_only_when_both_are_marked():
@@ -189,3 +191,34 @@ def test_one_problem_keeps_scipys_results(x_scale):
                             (ref.nfev, ref.njev))
         assert_x_close(ours.x, ref.x, xtol=1e-8)
         assert_cost_close(ours.cost, ref.cost)
+
+
+
+def _rosen(x):
+    return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+
+def _rosen_jac(x):
+    return np.array([[-20 * x[0], 10.0], [-1.0, 0.0]])
+
+
+def test_one_lm_problem_enters_numpy_errstate_once_per_stage(monkeypatch):
+    """Regression (issue 14): one problem entered numpy's ``errstate`` 106 times per
+    Rosenbrock solve (about 2 µs each): the subproblem and the step, the factors and the
+    Gauss-Newton step each entered their own. Now once per stage of the rule
+    (optimality, model, proposal, assessment), never around the user's functions."""
+    entered = []
+    real = np.errstate
+
+    class Counting(real):
+        def __enter__(self):
+            entered.append(1)
+            return super().__enter__()
+
+    monkeypatch.setattr(np, "errstate", Counting)
+    res = ts.least_squares(_rosen, np.array([-1.2, 1.0]), jac=_rosen_jac, method="lm")
+    monkeypatch.setattr(np, "errstate", real)
+    ref = scipy_least_squares(_rosen, np.array([-1.2, 1.0]), jac=_rosen_jac, method="lm")
+    assert res.nfev == ref.nfev and res.status == ref.status
+    # (two per trial: proposal and assessment; two per outer iteration: optimality, model)
+    assert len(entered) <= 2 * res.nfev + 2 * res.njev

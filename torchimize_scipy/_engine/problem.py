@@ -3,6 +3,13 @@
 :class:`Problem` holds what does not change during a run: the batched residual
 and Jacobian callables, the loss, tolerances and limits. The engine's mutable
 state lives in a plain ``dict`` of batch-first tensors (see ``loop.py``).
+
+One float64 problem on the CPU with few residuals and variables (at most
+:data:`HOST_SUM_ROWS` and :data:`HOST_SUM_COLS`) takes its cost, ``J^T f``
+and ``J^T J`` as host sums in the order torch adds the terms (the same
+values, no torch operation but the tensors handed over with their host
+values; issue 14): Rosenbrock 'lm', 30 -> 20 engine operations per
+evaluation (``benchmarks/bench_ops.py --only-b1``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,16 @@ import torch
 from torch import Tensor
 
 from .._loss import LossFunction, scale_for_robust_loss
+from .host_scalars import scalars
+
+#: Residuals and variables up to which one float64 problem's cost and ``J^T f``, ``J^T J``
+#: are summed on the host (:meth:`Problem.cost`, :meth:`Problem.linearize`): torch's sum
+#: over so few entries, and its own ``bmm`` kernel (below 400 multiply-adds per matrix;
+#: MKL's ``gemm`` from there on), add the terms one after the other from zero, as these
+#: host sums do. Beyond, torch's vectorised reductions and MKL's products group the terms
+#: their own way.
+HOST_SUM_ROWS = 4
+HOST_SUM_COLS = 4
 
 #: ``fun(x (k, n), idx (k,)) -> f (k, m)``; ``idx`` names the problem of each row.
 BatchedFun = Callable[[Tensor, Tensor], Tensor]
@@ -108,6 +125,10 @@ class Problem:
     def cost(self, f: Tensor) -> Tensor:
         """Cost ``0.5 * sum(rho(f**2))`` per problem, ``(B,)``."""
         if self.loss is None:
+            if f.shape[-1] <= HOST_SUM_ROWS and not f.requires_grad:
+                hs = scalars(f)
+                if hs.floats:  # one float64 problem: its few squares summed on the host
+                    return hs.tensors(np.float64(0.5 * _host_sum_sq(hs.view(f)[0][0].tolist())))[0]
             if self.products_only and f.device.type == "cpu" and f.dtype == torch.float64 \
                     and not f.requires_grad:  # numpy on this thread: no torch parallel region
                 a = f.numpy()  # beside the sparse products' helper threads (trf_lsmr)
@@ -132,6 +153,15 @@ class Problem:
             return linearize_products(f_true, J_true, self.loss)
         if self.loss is None:
             f, J = f_true, J_true
+            if J.shape[-2] <= HOST_SUM_ROWS and J.shape[-1] <= HOST_SUM_COLS \
+                    and not J.requires_grad and not f.requires_grad \
+                    and J.layout == torch.strided:
+                hs = scalars(f)
+                if hs.floats:  # one float64 problem: its few products summed on the host
+                    f_h, J_h = hs.view(f, J)
+                    g, G = _host_normal_equations(f_h[0].tolist(), J_h[0].tolist(),
+                                                  J.shape[-1])
+                    return (f, J) + hs.tensors(g, G)
         elif isinstance(self.loss, LossFunction):  # (without the loss's value)
             J, f = self.loss.scaled_system(J_true, f_true)
         else:
@@ -140,3 +170,35 @@ class Problem:
         g = torch.bmm(Jt, f.unsqueeze(-1)).squeeze(-1)
         return f, J, g, torch.bmm(Jt, J)
 
+
+def _host_sum_sq(f: list[float]) -> float:
+    """``sum(f**2)`` of one problem's few residuals ``f`` (Python floats: IEEE double
+    arithmetic, an overflow gives inf without a warning), the terms added in order from
+    the first (torch's order for so few entries; see :data:`HOST_SUM_ROWS`)."""
+    total = 0.0
+    for v in f:
+        total = total + v * v
+    return total
+
+
+def _host_normal_equations(f: list[float], J: list[list[float]],
+                           n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``J^T f (1, n)`` and ``J^T J (1, n, n)`` of one problem's few rows ``J (m, n)``
+    (Python floats, as :func:`_host_sum_sq`), each entry the sum over the rows in order
+    from zero, as torch's small ``bmm`` kernel adds them; ``J^T J`` is symmetric
+    entry by entry (the same products in the same order)."""
+    g = []
+    for i in range(n):
+        total = 0.0
+        for row, v in zip(J, f, strict=True):
+            total += row[i] * v
+        g.append(total)
+    G = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            total = 0.0
+            for row in J:
+                total += row[i] * row[j]
+            G[i][j] = G[j][i] = total
+    return (np.array(g, dtype=np.float64).reshape(1, n),
+            np.array(G, dtype=np.float64).reshape(1, n, n))

@@ -20,6 +20,7 @@ and values as the general body, without a namespace call per scalar).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, NamedTuple
 
@@ -440,7 +441,7 @@ def _scatter_rows(sc: Scalars, rows: Any, base: Any, values: Any) -> Any:
     return base.index_copy(0, rows, values)
 
 
-def minimum_norm_step(fac: Factors, host: bool | None = None) -> Tensor:
+def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True) -> Tensor:
     """:func:`~.linalg.gauss_newton_step` (default ``rcond``), its spectral work on the host.
 
     With the factors on the CPU the cut-off of the singular values and the
@@ -449,14 +450,16 @@ def minimum_norm_step(fac: Factors, host: bool | None = None) -> Tensor:
     is torch's for a batch (the same values as
     :func:`~.linalg.gauss_newton_step`: the same elementwise operations) and
     numpy's for one float64 problem (:func:`host_norm`). ``host`` as for
-    :class:`~.host_scalars.Scalars`.
+    :class:`~.host_scalars.Scalars`; ``quiet=False`` where the caller holds
+    :meth:`~.host_scalars.Scalars.quiet` already (numpy's ``errstate`` costs
+    about 2 µs per entry).
     """
     sc = scalars(fac.s, host=host)
     has_gram, has_svd = routes(fac)
     if not sc.host or not has_svd:
         return gauss_newton_step(fac)
     s, uf = sc.rows(fac.s), sc.rows(fac.uf)
-    with sc.quiet():
+    with sc.quiet() if quiet else contextlib.nullcontext():
         keep = s > (_EPS.get(fac.s.dtype) or torch.finfo(fac.s.dtype).eps) * s[:, :1]
         coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
         if sc.floats and not has_gram:  # one problem: the product on the host too
@@ -537,6 +540,7 @@ def _lm_damped_step(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any) -> Ten
 def solve_trust_region_minpack(
     fac: Factors, delta: Tensor, par0: Tensor, m: int, n: int, max_iter: int = 10,
     basic: BasicStep | None = None, p_gn: Tensor | None = None, host: bool | None = None,
+    quiet: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Levenberg-Marquardt parameter search of MINPACK's ``lmpar`` (Moré 1978).
 
@@ -558,7 +562,8 @@ def solve_trust_region_minpack(
     (the two paths agree bit for bit); one float64 problem takes them, and
     the product with ``V``, from numpy (:func:`host_norm`: no torch operation
     but the tensor of the step). Off the CPU the host reads one count before
-    the iteration and one per iteration.
+    the iteration and one per iteration. ``quiet=False`` where the caller
+    holds :meth:`~.host_scalars.Scalars.quiet` already.
 
     Returns
     -------
@@ -571,7 +576,7 @@ def solve_trust_region_minpack(
     """
     # (one problem's radius may be a host value, Scalars.keep: the factors tell the batch)
     sc = scalars(delta if isinstance(delta, Tensor) else fac.s, host=host)
-    with sc.quiet():
+    with sc.quiet() if quiet else contextlib.nullcontext():
         if sc.floats and fac.gram is None:
             p, par = _solve_minpack_one(sc, fac, delta, par0, m, n, max_iter, basic,
                                         gauss_newton_step(fac) if p_gn is None else p_gn)

@@ -44,7 +44,13 @@ from numpy (:func:`..trust_region.host_norm`): about a third fewer torch
 operations per evaluation, at the price of rounding-level differences from
 the tensor path (numpy's square root is correctly rounded, torch's float64
 one is not always; reductions may sum in another order); the iterations, and
-so nfev, njev and status, are the same on the parity problems. Its
+so nfev, njev and status, are the same on the parity problems. With at
+most four residuals and variables its cost, ``J^T f`` and ``J^T J`` are host
+sums too (:meth:`..problem.Problem.cost`, :meth:`..problem.Problem.linearize`:
+torch's order of terms, bit for bit), and each stage of the rule enters
+numpy's ``errstate`` once (:meth:`..host_scalars.Scalars.quiet`; the
+subproblem and the step share the proposal's, the factors and the
+Gauss-Newton step the model's; never around the user's functions). Its
 factorisation forms ``J d`` and tests it on the host (:func:`_host_svd`;
 torch's SVD, whose rounding numpy's would not reproduce), and lmpar runs
 written out for it (``trust_region._solve_minpack_one``). Under
@@ -117,11 +123,10 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None
     last steps are at rounding level (linear models) that moved MINPACK's
     ``xtol`` test and with it the reported status. None when an entry of
     ``J d`` is not finite: the tensor path then flags the problem as it
-    always does.
+    always does. The caller holds :meth:`~..host_scalars.Scalars.quiet`.
     """
     J_h, diag_h, f_h = hs.view(J, diag, f)
-    with hs.quiet():
-        A = J_h * (1.0 / diag_h)[:, None, :]
+    A = J_h * (1.0 / diag_h)[:, None, :]
     if not np.isfinite(A).all():
         return None
     try:
@@ -270,7 +275,10 @@ class LevenbergMarquardt(StepRule):
         hs = for_rows(state["x"])
         fac = None
         if hs.floats and not problem.use_gram:  # one problem: J d formed on the host
-            fac = _host_svd(hs, state["J"], state["diag"], state["f"])
+            with hs.quiet():  # (one numpy errstate for the factors and the step)
+                fac = _host_svd(hs, state["J"], state["diag"], state["f"])
+                if fac is not None:
+                    p_gn = minimum_norm_step(fac, host=True, quiet=False)
         if fac is None:
             # (``1 / diag`` exactly: torch's ``1.0 / t`` is ``reciprocal(t) * 1.0``)
             d = torch.reciprocal(state["diag"])
@@ -283,8 +291,6 @@ class LevenbergMarquardt(StepRule):
                             use_gram=problem.use_gram)
             p_gn = refine_gauss_newton(fac, minimum_norm_step(fac, host=hs.host),
                                        state["J"], d, state["f"])
-        else:
-            p_gn = minimum_norm_step(fac, host=True)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
         # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
@@ -321,25 +327,27 @@ class LevenbergMarquardt(StepRule):
         # (without Gram rows, the three SVD fields: no lookup of the others)
         fac = (load_factors(state) if "fac_gram" in state
                else Factors(state["fac_s"], state["fac_V"], state["fac_uf"]))
-        q, par = solve_trust_region_minpack(fac, state["delta"], state["par"],
-                                            problem.m, problem.n, basic=basic,
-                                            p_gn=state["gn_step"], host=hs.host)
-        if hs.floats:  # one problem: the step's arithmetic on the host
-            q_h, diag, x = hs.view(q, state["diag"], state["x"])
-            with hs.quiet():
+        with hs.quiet():  # (one numpy errstate for the subproblem and the step)
+            q, par = solve_trust_region_minpack(fac, state["delta"], state["par"],
+                                                problem.m, problem.n, basic=basic,
+                                                p_gn=state["gn_step"], host=hs.host,
+                                                quiet=False)
+            if hs.floats:  # one problem: the step's arithmetic on the host
+                q_h, diag, x = hs.view(q, state["diag"], state["x"])
                 step_h = q_h / diag
                 pn = host_norm(q_h)
                 step, x_new = hs.tensors(step_h, x + step_h)
                 pnorm = pn
-        else:
-            step = q / state["diag"]
-            pnorm = vnorm(q, dim=-1)
-            x_new = state["x"] + step
-            pn, = hs.view(pnorm)
-        # on the first iteration the radius is cut to the first step's length
-        delta_t = state["delta"]
-        first, delta = hs.view(state["no_step_yet"], delta_t)
-        state["delta"] = hs.renewed(delta_t, hs.xp.where(first, hs.xp.minimum(delta, pn), delta))
+            else:
+                step = q / state["diag"]
+                pnorm = vnorm(q, dim=-1)
+                x_new = state["x"] + step
+                pn, = hs.view(pnorm)
+            # on the first iteration the radius is cut to the first step's length
+            delta_t = state["delta"]
+            first, delta = hs.view(state["no_step_yet"], delta_t)
+            state["delta"] = hs.renewed(delta_t,
+                                        hs.xp.where(first, hs.xp.minimum(delta, pn), delta))
         return LMTrial(x_new, step, pnorm, par)
 
     def assess_trial(self, problem: Problem, state: dict, trial: LMTrial, f_new: Tensor,
