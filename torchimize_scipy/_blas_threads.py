@@ -108,19 +108,25 @@ def _find_omp() -> tuple[Callable[[], int], Callable[[int], None]] | None:
 _OMP = _find_omp()
 
 
-def is_small(m: int, n: int) -> bool:
-    """Whether one problem's Jacobian ``(m, n)`` is below torch's grain size."""
-    return m * n <= GRAIN_SIZE
+def is_small(m: int, n: int, limit: int = GRAIN_SIZE) -> bool:
+    """Whether one problem's Jacobian ``(m, n)`` holds at most ``limit`` entries.
+
+    ``limit`` defaults to torch's grain size; the engine's loop passes a larger
+    one for the tail of a batch (``loop.TAIL_ENTRIES``).
+    """
+    return m * n <= limit
 
 
 @contextmanager
-def serial_blas(device: torch.device, m: int, n: int) -> Iterator[bool]:
+def serial_blas(device: torch.device, m: int, n: int,
+                limit: int = GRAIN_SIZE) -> Iterator[bool]:
     """Run the block with MKL single-threaded in this thread when ``(m, n)`` is small.
 
-    Yields whether it did. See the module docstring for the rule and why it
-    is safe for concurrent calls.
+    Small means at most ``limit`` entries (:func:`is_small`). Yields whether
+    it did. See the module docstring for the rule and why it is safe for
+    concurrent calls.
     """
-    if _SET_LOCAL is None or device.type != "cpu" or not is_small(m, n):
+    if _SET_LOCAL is None or device.type != "cpu" or not is_small(m, n, limit):
         yield False
         return
     # torch sets MKL's thread-local count itself the first time a thread asks
