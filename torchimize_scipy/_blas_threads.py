@@ -30,8 +30,8 @@ threaded against 0.092 s single-threaded on 2 idle cores).
 The driver decides once per call from the batch's size; the engine's loop
 (:func:`torchimize_scipy._engine.loop.run`) revisits the decision for the
 tail of a batch: once no problem is left to admit and the running rows hold
-at most :data:`GRAIN_SIZE` Jacobian entries, it runs the rest of the solve
-under :func:`serial_blas` too (RESULTS §18-§19).
+at most ``loop.TAIL_ENTRIES`` (4 x :data:`GRAIN_SIZE`) Jacobian entries, it
+runs the rest of the solve under :func:`serial_blas` too (RESULTS §18-§19).
 
 Why not ``torch.set_num_threads(1)``: that setting is process-global (torch's
 pool size and MKL's global count), so changing and restoring it around a call
