@@ -30,8 +30,8 @@ threaded against 0.092 s single-threaded on 2 idle cores).
 The driver decides once per call from the batch's size; the engine's loop
 (:func:`torchimize_scipy._engine.loop.run`) revisits the decision for the
 tail of a batch: once no problem is left to admit and the running rows hold
-at most :data:`GRAIN_SIZE` Jacobian entries, it runs the rest of the solve
-under :func:`serial_blas` too (RESULTS §18-§19).
+at most ``loop.TAIL_ENTRIES`` (4 x :data:`GRAIN_SIZE`) Jacobian entries, it
+runs the rest of the solve under :func:`serial_blas` too (RESULTS §18-§19).
 
 Why not ``torch.set_num_threads(1)``: that setting is process-global (torch's
 pool size and MKL's global count), so changing and restoring it around a call
@@ -108,19 +108,25 @@ def _find_omp() -> tuple[Callable[[], int], Callable[[int], None]] | None:
 _OMP = _find_omp()
 
 
-def is_small(m: int, n: int) -> bool:
-    """Whether one problem's Jacobian ``(m, n)`` is below torch's grain size."""
-    return m * n <= GRAIN_SIZE
+def is_small(m: int, n: int, limit: int = GRAIN_SIZE) -> bool:
+    """Whether one problem's Jacobian ``(m, n)`` holds at most ``limit`` entries.
+
+    ``limit`` defaults to torch's grain size; the engine's loop passes a larger
+    one for the tail of a batch (``loop.TAIL_ENTRIES``).
+    """
+    return m * n <= limit
 
 
 @contextmanager
-def serial_blas(device: torch.device, m: int, n: int) -> Iterator[bool]:
+def serial_blas(device: torch.device, m: int, n: int,
+                limit: int = GRAIN_SIZE) -> Iterator[bool]:
     """Run the block with MKL single-threaded in this thread when ``(m, n)`` is small.
 
-    Yields whether it did. See the module docstring for the rule and why it
-    is safe for concurrent calls.
+    Small means at most ``limit`` entries (:func:`is_small`). Yields whether
+    it did. See the module docstring for the rule and why it is safe for
+    concurrent calls.
     """
-    if _SET_LOCAL is None or device.type != "cpu" or not is_small(m, n):
+    if _SET_LOCAL is None or device.type != "cpu" or not is_small(m, n, limit):
         yield False
         return
     # torch sets MKL's thread-local count itself the first time a thread asks

@@ -58,6 +58,20 @@ State = dict[str, Tensor]
 RESULT_KEYS = ("x", "cost", "f_true", "J", "g", "optimality", "active_mask", "nfev", "njev",
                "nit", "status")
 
+#: A batch's tail runs single-threaded in the calling thread (MKL's thread-local count
+#: and the thread's OpenMP count at 1, :func:`~torchimize_scipy._blas_threads.serial_blas`)
+#: once no problem is left to admit, each problem's Jacobian holds at most torch's grain
+#: size of entries and the running rows' Jacobians at most this many in all (4 x the grain
+#: size: 109 rows of 100 x 12; one larger problem keeps its threads). Below it every operation
+#: of an iteration is too small for a parallel region to pay for its wake-up: on 2 cores
+#: (one busy) the products ``J^T J``, ``J^T f`` and an ``index_copy`` of 100 rows
+#: 100 x 12 took 0.51 ms single-threaded against 7.8 ms (median) with the team, of 50 rows
+#: 0.26 ms both ways but 4-6x the CPU time with the team. The factorisations are
+#: single-threaded at every size anyway (``linalg.serial_lapack``); the results were
+#: unchanged by the switch where checked (``bench_tail.py --before``: costs identical on
+#: 2,000 fits, 'trf' and 'lm'; ``engine_ab.py``: 0 of 564 differ on both paths).
+TAIL_ENTRIES = 4 * 32768
+
 
 class RowView(dict):
     """Rows of the state, selected lazily; remembers which keys were written.
@@ -505,8 +519,9 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
     before), whose optimality measure it does not take.
     """
     # the tail: once no problem is left to admit and the running rows' Jacobians hold
-    # at most torch's grain size of entries in all, MKL runs single-threaded in this
-    # thread (as the driver does for small runs; see _blas_threads)
+    # at most TAIL_ENTRIES entries in all (each within torch's grain size), MKL and torch's
+    # own kernels run single-threaded in this thread (as the driver does for small runs;
+    # see _blas_threads)
     with contextlib.ExitStack() as blas:
         _run(problem, rule, state, out, on_finish, on_iteration, refill, capacity, blas)
 
@@ -542,9 +557,10 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
         rows = state["x"].shape[0]
         if rows == 0:
             return
-        if refill is None and not serial_tail and is_small(rows * problem.m, problem.n):
+        if (refill is None and not serial_tail and is_small(problem.m, problem.n)
+                and is_small(rows * problem.m, problem.n, TAIL_ENTRIES)):
             serial_tail = blas.enter_context(serial_blas(state["x"].device, rows * problem.m,
-                                                         problem.n))
+                                                         problem.n, TAIL_ENTRIES))
         # ---- top of an outer iteration: optimality, gtol, budget -------------
         n_top, n_fresh = n_fresh, 0
         # ``n_finished``: rows stopped now (those of the top that do not go on, and

@@ -75,7 +75,8 @@ class _Spectral(NamedTuple):
     ``route``: :func:`~.linalg.routes` (any Gram rows, any SVD rows);
     ``s, suf, s2, suf2`` are rows (``s``, ``s * uf`` and the squares; the last
     three None without SVD rows); ``gram`` the Gram rows as columns where both
-    routes are taken (None otherwise).
+    routes are taken (None otherwise); ``gram_rows`` those rows' damped-solve
+    data (:class:`_GramRows`) where both routes are taken on the host.
     """
 
     route: tuple[bool, bool]
@@ -84,6 +85,42 @@ class _Spectral(NamedTuple):
     s2: Any
     suf2: Any
     gram: Any
+    gram_rows: _GramRows | None = None
+
+
+class _GramRows(NamedTuple):
+    """The Gram rows of a batch that takes both routes, as a batch of their own.
+
+    A damped solve ``(H + alpha I)^{-1}`` costs an ``n x n`` inverse per row;
+    on the rows of the SVD route its values are thrown away (on a batch's
+    ill-conditioned tail about half the rows). With these the solves run on
+    the Gram rows alone: every row's inverse and products are the same
+    per-matrix operations (single-threaded, :func:`~.linalg.serial_lapack`),
+    so the values are bit for bit those of the whole batch. Host only (the
+    indices are read from the host columns; on a device the selection would
+    cost a synchronisation).
+    """
+
+    rows: np.ndarray  # indices of the Gram rows (may be empty)
+    index: Tensor  # the same as a tensor
+    fac: Factors  # their ``H`` and ``A^T b``
+    sc: Scalars
+
+
+def _gram_rows(sc: Scalars, fac: Factors, gram: Any) -> _GramRows | None:
+    """:class:`_GramRows` of the columns ``gram`` on the host where some rows take the SVD.
+
+    None where every row is a Gram row or the values live on a device.
+    """
+    if not sc.host or gram is None or fac.H is None:
+        return None
+    rows = np.flatnonzero(gram)
+    if rows.size == sc.B:
+        return None
+    index = torch.from_numpy(rows)
+    b = fac.b.index_select(0, index)
+    sub = Factors(fac.s, None, None, fac.H.index_select(0, index), None, b, None)
+    return _GramRows(rows, index, sub, Scalars(b, host=True, floats=False))
 
 
 def _spectral(sc: Scalars, fac: Factors) -> _Spectral:
@@ -96,7 +133,7 @@ def _spectral(sc: Scalars, fac: Factors) -> _Spectral:
         s2 = s * s
         suf2 = suf * suf
     gram = sc.get_col(fac.gram) if has_gram and has_svd else None
-    return _Spectral(route, s, suf, s2, suf2, gram)
+    return _Spectral(route, s, suf, s2, suf2, gram, _gram_rows(sc, fac, gram))
 
 
 def _mix(sc: Scalars, sp: _Spectral, gram_value: Any, svd_value: Any) -> Any:
@@ -141,7 +178,18 @@ def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: A
         terms = sp.suf2 / cube if positive else xp.where(nonzero, sp.suf2 / cube, 0.0)
         total = _torch_row_sum(sc, terms) if exact else sc.row_sum(terms, keepdim=True)
         dpos_s = total / xp.where(pn_s > 0, pn_s, 1.0)
-    if has_gram:
+    gr = sp.gram_rows
+    if has_gram and gr is not None and alpha is not None:
+        # the Gram rows alone (the values of the others are not taken)
+        if gr.rows.size:
+            p, q = gram_solve(gr.fac, gr.sc.tensor_rows(alpha[gr.rows]), keepdim=True)
+            pn_r = gr.sc.norm(p, keepdim=True)
+            pn_g = np.zeros((sc.B, 1), dtype=pn_r.dtype)
+            q_g = np.zeros((sc.B, 1), dtype=pn_r.dtype)
+            pn_g[gr.rows] = pn_r
+            q_g[gr.rows] = gr.sc.get(q)
+            dpos_g = q_g / xp.where(pn_g > 0, pn_g, 1.0)
+    elif has_gram:
         p, q = gram_solve(fac, None if alpha is None else sc.tensor_rows(alpha), keepdim=True)
         pn_g = sc.norm(p, keepdim=True)
         dpos_g = sc.get(q) / xp.where(pn_g > 0, pn_g, 1.0)
@@ -191,6 +239,12 @@ def _damped_step_column(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any) ->
     p_svd = None
     if has_svd:
         p_svd = _minus_v_times(sc, fac, _damped_coef(sc, sp, alpha))
+    gr = sp.gram_rows
+    if has_gram and gr is not None:  # the Gram rows alone, into the new SVD steps
+        if not gr.rows.size:
+            return p_svd
+        p_r = gram_solve(gr.fac, gr.sc.tensor_rows(alpha[gr.rows]))[0]
+        return p_svd.index_copy_(0, gr.index, p_r)
     p_gram = gram_solve(fac, sc.tensor_rows(alpha))[0] if has_gram else None
     return mix_routes(fac, p_gram, p_svd)
 
@@ -421,10 +475,12 @@ def _gather_rows(sc: Scalars, fac: Factors, sp: _Spectral, mask: Any,
     s = pick_t(fac.s)
     sub_fac = Factors(s, pick_t(fac.V) if steps else None, None, pick_t(fac.H), None,
                       pick_t(fac.b), pick_t(fac.gram))
-    sub_sp = _Spectral(sp.route, pick(sp.s), pick(sp.suf), pick(sp.s2), pick(sp.suf2),
-                       pick(sp.gram))
     # (arrays, never numpy scalars: the batch code, whatever the number of rows)
-    return rows, pick, Scalars(s, host=sc.host, floats=False), sub_fac, sub_sp
+    sub_sc = Scalars(s, host=sc.host, floats=False)
+    gram = pick(sp.gram)
+    sub_sp = _Spectral(sp.route, pick(sp.s), pick(sp.suf), pick(sp.s2), pick(sp.suf2),
+                       gram, _gram_rows(sub_sc, sub_fac, gram))
+    return rows, pick, sub_sc, sub_fac, sub_sp
 
 
 def _torch_rows(rows: Any) -> Tensor:
