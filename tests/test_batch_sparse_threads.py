@@ -4,23 +4,12 @@ its frontend included, opens no torch parallel region of its own, and the caller
 
 from __future__ import annotations
 
-import pytest
 import scipy.optimize as so
 import torch
 from _parity import assert_cost_close, assert_x_close
 from test_blas_threads_sparse import _broyden, _RegionsApart, needs_omp
 
 from torchimize_scipy import batch_least_squares
-
-
-@pytest.fixture
-def two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def fun_torch(x: torch.Tensor) -> torch.Tensor:

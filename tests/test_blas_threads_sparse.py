@@ -25,15 +25,6 @@ needs_omp = pytest.mark.skipif(_blas_threads._OMP is None,
                                reason="torch's OpenMP runtime not found")
 
 
-@pytest.fixture
-def two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
 
 @needs_omp
 def test_serial_torch_holds_this_thread_and_keeps_the_products_count(two_threads) -> None:

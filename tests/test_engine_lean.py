@@ -297,22 +297,17 @@ def _engine_operations(call) -> int:
     return top_level_package_ops(call, ("torchimize_scipy/_engine/",))
 
 
-def test_batch_tail_runs_mkl_single_threaded():
-    # 300 exponential fits, m = 100, n = 2: B m n = 60,000 entries, above torch's grain
-    # size, so the run starts with MKL's threads; once the running rows' Jacobians hold
-    # at most 32,768 entries (and nothing is left to admit), MKL runs single-threaded
-    # in this thread (the tail of slow fits paid MKL's thread wake-ups per iteration)
+def exp_fits_thread_log(B: int, farthest: float):
+    """``B`` exponential fits (m = 100, n = 2) whose starts run from close to
+    ``farthest`` times the true rate away, so that they end at different rounds:
+    the result and, per call of ``fun``, its rows and the thread's MKL count."""
     from torchimize_scipy import _blas_threads
 
-    if _blas_threads.mkl_local_threads() is None:
-        pytest.skip("torch is not built with MKL")
     rng = np.random.default_rng(5)
     t = np.linspace(0.0, 4.0, 100)
-    B = 300
     rate = rng.uniform(0.5, 3.0, B)
     y = 2.0 * np.exp(-rate[:, None] * t) + 0.01 * rng.standard_normal((B, 100))
-    # starts from close to far: the fits end at different rounds
-    x0 = np.stack([np.full(B, 1.0), rate * np.geomspace(1.05, 20.0, B)], 1)
+    x0 = np.stack([np.full(B, 1.0), rate * np.geomspace(1.05, farthest, B)], 1)
     seen = []
 
     def fun(x, y):
@@ -327,6 +322,19 @@ def test_batch_tail_runs_mkl_single_threaded():
     res = batch_least_squares(fun, x0, jac=jac, args=(y,), method="trf")
     assert _blas_threads.mkl_local_threads() == before  # restored after the run
     assert np.isfinite(np.asarray(res.cost)).all()
+    return res, seen
+
+
+def test_batch_tail_runs_mkl_single_threaded():
+    # 300 exponential fits, m = 100, n = 2: B m n = 60,000 entries, above torch's grain
+    # size, so the run starts with MKL's threads; once the running rows' Jacobians hold
+    # at most 32,768 entries (and nothing is left to admit), MKL runs single-threaded
+    # in this thread (the tail of slow fits paid MKL's thread wake-ups per iteration)
+    from torchimize_scipy import _blas_threads
+
+    if _blas_threads.mkl_local_threads() is None:
+        pytest.skip("torch is not built with MKL")
+    _, seen = exp_fits_thread_log(300, 20.0)
     limit = _blas_threads.GRAIN_SIZE // (100 * 2)
     serial = [rows for rows, threads in seen if threads == 1]
     assert serial, "the tail never ran single-threaded"

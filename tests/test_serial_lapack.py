@@ -21,15 +21,6 @@ needs_threads = pytest.mark.skipif(
     reason="needs torch built with MKL and OpenMP (thread-local counts)")
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 def _recording(monkeypatch, name: str) -> list[int]:
     """Replace ``torch.linalg.<name>`` by a wrapper that records the thread count it sees."""

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from _parity import assert_bitwise_equal
+from test_engine_lean import exp_fits_thread_log
 
 from torchimize_scipy import _blas_threads, batch_least_squares
 from torchimize_scipy._engine import loop, trust_region
@@ -113,26 +114,7 @@ def test_batch_tail_holds_one_thread_up_to_tail_entries():
     # TAIL_ENTRIES / 200 = 655 rows run (the grain size alone allowed 163)
     if _blas_threads.mkl_local_threads() is None:
         pytest.skip("torch is not built with MKL")
-    rng = np.random.default_rng(5)
-    t = np.linspace(0.0, 4.0, 100)
-    B = 1500
-    rate = rng.uniform(0.5, 3.0, B)
-    y = 2.0 * np.exp(-rate[:, None] * t) + 0.01 * rng.standard_normal((B, 100))
-    x0 = np.stack([np.full(B, 1.0), rate * np.geomspace(1.05, 50.0, B)], 1)
-    seen = []
-
-    def fun(x, y):
-        seen.append((x.shape[0], _blas_threads.mkl_local_threads()))
-        return x[:, :1] * np.exp(-x[:, 1:] * t) - y
-
-    def jac(x, y):
-        e = np.exp(-x[:, 1:] * t)
-        return np.stack([e, -x[:, :1] * t * e], -1)
-
-    before = _blas_threads.mkl_local_threads()
-    res = batch_least_squares(fun, x0, jac=jac, args=(y,), method="trf")
-    assert _blas_threads.mkl_local_threads() == before  # restored after the run
-    assert np.isfinite(np.asarray(res.cost)).all()
+    _, seen = exp_fits_thread_log(1500, 50.0)
     limit = loop.TAIL_ENTRIES // (100 * 2)
     old_limit = _blas_threads.GRAIN_SIZE // (100 * 2)
     serial = [rows for rows, threads in seen if threads == 1]
