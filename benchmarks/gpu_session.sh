@@ -21,6 +21,10 @@ DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results/gpu}
 SMOKE=0
+# Each step has its own limit so that all three fit one 560 s device call.
+T_TESTS=${T_TESTS:-140}
+T_GPUFIT=${T_GPUFIT:-190}
+T_BATCH=${T_BATCH:-210}
 if [ "${1:-}" = "--smoke" ]; then SMOKE=1; fi
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -43,12 +47,12 @@ cat "$OUT/gpu.txt"
 
 rc=0
 echo "== CUDA tests"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests 2>&1 | tee "$OUT/cuda_tests.log" \
+timeout "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -k cuda tests 2>&1 | tee "$OUT/cuda_tests.log" \
   || rc=1
 
 echo "== Gpufit benchmark"
 if [ "$SMOKE" = 1 ]; then gpufit_args=(--quick --scipy-subset 200); else gpufit_args=(); fi
-timeout 420 "$PY" benchmarks/bench_gpufit.py --device "$DEVICE" --dtype both \
+timeout "$T_GPUFIT" "$PY" benchmarks/bench_gpufit.py --device "$DEVICE" --dtype both \
   --out-dir "$OUT" "${gpufit_args[@]}" 2>&1 | tee "$OUT/gpufit.log" || rc=1
 
 echo "== 20,000-peak batch benchmark, and fits/s vs batch size up to 10^6"
@@ -57,7 +61,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   batch_args=()
 fi
-timeout 420 "$PY" benchmarks/bench_batch.py --device "$DEVICE" --dtype float64 --no-chunk-sweep \
+timeout "$T_BATCH" "$PY" benchmarks/bench_batch.py --device "$DEVICE" --dtype float64 --no-chunk-sweep \
   --out-dir "$OUT" --plot "$OUT/batch_scaling_gpu.png" "${batch_args[@]}" 2>&1 \
   | tee "$OUT/batch.log" || rc=1
 
