@@ -3,8 +3,11 @@
 # a GPU machine (see benchmarks/RESULTS.md, section 9).
 #
 # It needs no install: the package is imported from the checkout (PYTHONPATH),
-# with the machine's own python3, torch, numpy, scipy, tqdm and pytest
-# (array-api-compat is optional and only used for other array libraries).
+# with the machine's own python3, torch, numpy, scipy, tqdm and pytest.
+# array-api-compat (a required dependency) is not in the GPU image: carry its
+# wheel in .whl/ and put it on PYTHONPATH before this script, e.g.
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site
 #
 #   bash benchmarks/gpu_session.sh            # on the GPU machine (budget: timeout_s=560)
 #   DEVICE=cpu bash benchmarks/gpu_session.sh --smoke   # dry run of every step on a CPU
