@@ -1008,8 +1008,9 @@ def test_cuda():
     res_np = batch_least_squares(fun_v, x0, args=(y,), device="cuda")
     assert isinstance(res_np.x, np.ndarray)
     np.testing.assert_allclose(res_np.x, ref.x, rtol=1e-7)
-    res_ag = batch_least_squares(fun_vt, x0, jac="autograd", args=(torch.tensor(y),),
-                                 device="cuda")
+    # a CPU tensor argument travels to the device; the model's own constant must follow x
+    res_ag = batch_least_squares(lambda x, y: fun_vt(x, y, TT.to(x.device)), x0,
+                                 jac="autograd", args=(torch.tensor(y),), device="cuda")
     assert isinstance(res_ag.x, np.ndarray)
     np.testing.assert_allclose(res_ag.x, ref.x, rtol=1e-7)
 
