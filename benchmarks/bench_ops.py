@@ -269,6 +269,7 @@ def profile_case(call, fun: Counted) -> dict[str, Any]:
 
 def _first_status(res) -> int:
     s = res.status
+    s = s.cpu() if isinstance(s, torch.Tensor) else s
     return int(s if np.ndim(s) == 0 else np.asarray(s).ravel()[0])
 
 

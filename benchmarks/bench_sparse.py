@@ -148,7 +148,8 @@ def bundle_adjustment(n_cameras: int = 49, n_points: int = 7776, per_point: int 
     def fun_torch(params: torch.Tensor) -> torch.Tensor:
         c = params[:n_cameras * 9].reshape(n_cameras, 9)
         p = params[n_cameras * 9:].reshape(n_points, 3)
-        return (project_torch(p[pi], c[ci]) - obs_t.to(params.dtype)).reshape(-1)
+        dev = params.device
+        return (project_torch(p[pi.to(dev)], c[ci.to(dev)]) - obs_t.to(params)).reshape(-1)
 
     m = 2 * camera_idx.size
     n = x0.size
