@@ -246,7 +246,9 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
                 # the next iteration's A v, on the helper threads while this thread updates the
                 # scalars and x: v_new becomes v of every problem that goes on (the rows
                 # of the others are discarded by the freezing below, as usual)
-                pending = vx.start_forward(v_new, u_new, sc.coef(alpha))
+                # (the product formed into u's current buffer, the spare once u_new is taken:
+                # where the next iteration's u is written, so that no copy is made)
+                pending = vx.start_forward(v_new, u_new, sc.coef(alpha), u.cur)
             # ---- rotation eliminating the damping, then the subdiagonal beta ---------
             chat, shat, alphahat = sym_ortho(alphabar_o, damp)
             c, sn, rho = sym_ortho(alphahat, beta)
@@ -313,6 +315,9 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
                                    (hbar, hbar_new)):
                     vec.take(value)
             else:
+                if pending is not None and getattr(pending, "out", None) is u.cur:
+                    pending.wait()  # it writes u's current buffer (one problem, which stops)
+                    pending = None
                 s = xp.where(commit, new, s)
                 c2 = sc.mask(commit)
                 for vec, value in ((x, x_new), (u, u_new), (v, v_new), (h, h_new),
