@@ -43,7 +43,10 @@ several row blocks the next iteration's ``A v`` starts on the products'
 helper threads (:mod:`.csr`) as soon as ``v`` is known, while this thread
 updates the scalars, ``x`` and the search directions (the values are those
 of the product made later, bit for bit; a problem that stops has that
-product's rows discarded as it is frozen anyway). The vector work per
+product's rows discarded as it is frozen anyway). For one problem that
+product, ``A v - alpha u`` formed in its row blocks, is written straight into
+the buffer the next ``u`` takes (u's current one, the spare once the new
+``u`` is taken): no copy of a product buffer per iteration. The vector work per
 iteration is the two products, three norms, two scalings and five updates
 ``y - c x`` (a multiplication and a subtraction each: a fused ``addcmul``
 rounds differently with the batch size, and a problem's result must not
