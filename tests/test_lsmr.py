@@ -725,3 +725,45 @@ def test_row_blocks_subtract_in_place_bit_for_bit(monkeypatch, dtype):
         torch.set_num_threads(old)
     assert int(cut_res.itn[0]) == int(one.itn[0]) > 10
     assert_bitwise_equal(cut_res.x, one.x)
+
+
+def test_product_started_ahead_lands_in_the_next_buffer_without_a_copy(monkeypatch):
+    """One problem cut into row blocks: LSMR's next ``A v - c u``, started ahead, is
+    formed straight in the buffer the next iteration writes u into (no copy of a
+    product buffer per iteration); the values are those of the copying path, a stopped
+    solve finishes the product it started, and the result is one thread's bit for bit."""
+    from torchimize_scipy._engine import csr as op
+    from torchimize_scipy._engine import lsmr_vectors as lv
+
+    rng = np.random.default_rng(41)
+    J = _to_coo(_sparse_batch(rng, 1, m=400, n=150))
+    b = torch.as_tensor(rng.standard_normal((1, 400)))
+    one = lsmr(J, b, atol=1e-10, btol=1e-10)
+    monkeypatch.setattr(op, "_BLOCK_NNZ", 40)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        A = as_operator(J)
+        assert len(A._csr._a) == 4
+        vx = lv.HostVectors(A, torch.float64)
+        w, y = rng.standard_normal((1, 150)), rng.standard_normal((1, 400))
+        dest, out = np.full((1, 400), np.nan), np.full((1, 400), np.nan)
+        pending = vx.start_forward(w, y, 0.5, dest)
+        assert pending.subtracted and pending.out is dest
+        assert vx.product_sub(True, w, 0.5, y, dest, np.empty_like(y), pending) is dest
+        pending = vx.start_forward(w, y, 0.5)  # no destination: our buffer, then a copy
+        assert pending.out is vx.raw
+        got = vx.product_sub(True, w, 0.5, y, out, np.empty_like(y), pending)
+        assert got is out and np.array_equal(out, dest)
+        copies = []
+        real_copyto = np.copyto
+        monkeypatch.setattr(lv.np, "copyto", lambda *a, **k: (copies.append(1),
+                                                              real_copyto(*a, **k)))
+        cut = lsmr(A, b, atol=1e-10, btol=1e-10)
+        monkeypatch.setattr(lv.np, "copyto", real_copyto)
+        assert copies == []
+    finally:
+        torch.set_num_threads(old)
+    assert int(cut.itn[0]) == int(one.itn[0]) > 10
+    for a, c in zip(one, cut, strict=True):
+        assert_bitwise_equal(a, c)

@@ -197,3 +197,64 @@ def test_host_column_norms_run_in_numpy_for_float64(dtype) -> None:
     assert sq.dtype == dtype
     assert_close_scaled(sq, ref, ONE_EVAL_RTOL if dtype == torch.float64 else 1e-5)
     assert ("index_add" in names) is (dtype == torch.float32)
+
+
+def test_host_groups_are_each_groups_nonzeros_in_order() -> None:
+    """Per group: its columns in increasing order, the positions of its nonzeros in
+    increasing order and their rows and columns (views of one gather each)."""
+    rng = np.random.default_rng(9)
+    A = sp.random_array((80, 50), density=0.1, random_state=rng, format="csr")
+    A = (A + sp.eye_array(80, 50, format="csr")).tocsr()
+    pattern = SparsityPattern.from_structure(A)
+    parts = pattern.host_groups()
+    assert len(parts) == pattern.n_groups
+    seen = []
+    for k, (columns, pos, rows, cols) in enumerate(parts):
+        assert np.array_equal(columns, np.flatnonzero(pattern.groups == k))
+        expected = np.flatnonzero(pattern.groups[pattern.cols] == k)
+        assert np.array_equal(pos, expected)
+        assert np.array_equal(rows, pattern.rows[expected])
+        assert np.array_equal(cols, pattern.cols[expected])
+        assert pos.dtype == rows.dtype == cols.dtype == columns.dtype == np.intp
+        seen.append(pos)
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(pattern.rows.size))
+
+
+def test_pipelined_differences_hand_fun_a_fresh_point_each_call() -> None:
+    """The pipelined '2-point' differences reuse one buffer for the groups' points; a
+    numpy ``fun`` still gets a fresh array per call: one that keeps its inputs and
+    writes into them sees every group's own point (x with that group's columns
+    stepped), and the Jacobian stays scipy's."""
+    from torchimize_scipy import _sparsity as mod
+    from torchimize_scipy._arrays import Namespace
+    from torchimize_scipy._user_functions import RowwiseFunction
+
+    n = 40
+    pattern = SparsityPattern.from_structure(_tridiagonal(n))
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def greedy(x: np.ndarray) -> np.ndarray:
+        f = _broyden(x)
+        kept.append((x, x.copy()))  # the array kept ...
+        x[:] = 1e300  # ... and written to
+        return f
+
+    fun = RowwiseFunction(greedy, (), {}, Namespace("numpy", torch.device("cpu"), torch.float64))
+    x = torch.linspace(-1.2, -0.8, n, dtype=torch.float64).reshape(1, n)
+    idx = torch.zeros(1, dtype=torch.long)
+    f0 = fun(x, idx)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert mod._pipelined(fun, x, f0, x)
+        kept.clear()
+        J = grouped_difference(fun, x, f0, idx, pattern, "2-point")
+    finally:
+        torch.set_num_threads(old)
+    assert len(kept) == pattern.n_groups
+    assert len({id(a) for a, _ in kept}) == pattern.n_groups
+    x0 = x[0].numpy()
+    for (_, point), (columns, *_) in zip(kept, pattern.host_groups(), strict=True):
+        assert np.array_equal(np.flatnonzero(point != x0), columns)
+    ref = so._numdiff.approx_derivative(_broyden, x0, method="2-point", sparsity=_tridiagonal(n))
+    assert_close_scaled(J.to_dense()[0].numpy(), ref.toarray(), ONE_EVAL_RTOL)

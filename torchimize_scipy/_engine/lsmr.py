@@ -43,7 +43,10 @@ several row blocks the next iteration's ``A v`` starts on the products'
 helper threads (:mod:`.csr`) as soon as ``v`` is known, while this thread
 updates the scalars, ``x`` and the search directions (the values are those
 of the product made later, bit for bit; a problem that stops has that
-product's rows discarded as it is frozen anyway). The vector work per
+product's rows discarded as it is frozen anyway). For one problem that
+product, ``A v - alpha u`` formed in its row blocks, is written straight into
+the buffer the next ``u`` takes (u's current one, the spare once the new
+``u`` is taken): no copy of a product buffer per iteration. The vector work per
 iteration is the two products, three norms, two scalings and five updates
 ``y - c x`` (a multiplication and a subtraction each: a fused ``addcmul``
 rounds differently with the batch size, and a problem's result must not
@@ -246,7 +249,9 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
                 # the next iteration's A v, on the helper threads while this thread updates the
                 # scalars and x: v_new becomes v of every problem that goes on (the rows
                 # of the others are discarded by the freezing below, as usual)
-                pending = vx.start_forward(v_new, u_new, sc.coef(alpha))
+                # (the product formed into u's current buffer, the spare once u_new is taken:
+                # where the next iteration's u is written, so that no copy is made)
+                pending = vx.start_forward(v_new, u_new, sc.coef(alpha), u.cur)
             # ---- rotation eliminating the damping, then the subdiagonal beta ---------
             chat, shat, alphahat = sym_ortho(alphabar_o, damp)
             c, sn, rho = sym_ortho(alphahat, beta)
@@ -313,6 +318,9 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
                                    (hbar, hbar_new)):
                     vec.take(value)
             else:
+                if pending is not None and getattr(pending, "out", None) is u.cur:
+                    pending.wait()  # it writes u's current buffer (one problem, which stops)
+                    pending = None
                 s = xp.where(commit, new, s)
                 c2 = sc.mask(commit)
                 for vec, value in ((x, x_new), (u, u_new), (v, v_new), (h, h_new),

@@ -128,7 +128,8 @@ class HostVectors:
         r = self.A.matvec(t) if forward else self.A.rmatvec(t)
         return np.ascontiguousarray(r.detach().numpy(), dtype=self.dtype)
 
-    def start_forward(self, w: np.ndarray, y: np.ndarray | None = None, c: Any = None) -> Any:
+    def start_forward(self, w: np.ndarray, y: np.ndarray | None = None, c: Any = None,
+                      dest: np.ndarray | None = None) -> Any:
         """Start ``A w`` on the products' helper threads, or None (then it is done when needed).
 
         The pending product is handed to the next :meth:`product_sub`; ``w``
@@ -136,21 +137,28 @@ class HostVectors:
         (the ``y`` and ``c`` that next :meth:`product_sub` will get) the
         row blocks also form ``A w - c y`` where they can
         (:meth:`~torchimize_scipy._engine.csr.BlockCSR.sub_into`: one
-        problem), so that the caller only copies the result.
+        problem), written straight into ``dest`` when given (the ``out`` that
+        next :meth:`product_sub` will get; no copy then), else into a buffer
+        of ours that :meth:`product_sub` copies. ``dest`` must not be read
+        or written until then (:attr:`_Pending.out` names the array written).
         """
         if self.csr is None:
             return None
         if self.raw is None:
             self.raw = self.zeros(w.shape[0], self.A.shape[1])
         sub = None
+        out = self.raw
         if y is not None and w.shape[0] == 1 and np.size(c) == 1:
             if self.raw_tmp is None:
                 self.raw_tmp = self.empty_like(self.raw)
             sub = (y, c, self.raw_tmp)
-        product = self.csr.start_matvec(w, self.raw, sub)
+            if dest is not None and dest.shape == out.shape and dest.dtype == out.dtype \
+                    and dest.flags.c_contiguous:
+                out = dest
+        product = self.csr.start_matvec(w, out, sub)
         if product is None:
             return None
-        return _Pending(product, sub is not None)
+        return _Pending(product, sub is not None, out)
 
     def product_sub(self, forward: bool, w: np.ndarray, c: Any, y: np.ndarray, out: np.ndarray,
                     tmp: np.ndarray, pending: Any = None) -> np.ndarray:
@@ -166,7 +174,8 @@ class HostVectors:
         if pending is not None:
             pending.wait()
             if pending.subtracted:
-                np.copyto(out, self.raw)
+                if pending.out is not out:
+                    np.copyto(out, pending.out)
                 return out
             prod = self.raw
         elif self.csr is not None:  # the product summed into zeros, as ``A @ w``: same rounding
@@ -186,6 +195,7 @@ class _Pending(NamedTuple):
 
     product: Any
     subtracted: bool
+    out: np.ndarray
 
     def wait(self) -> None:
         """Finish the product (when the solve stops before it is needed)."""
@@ -233,7 +243,8 @@ class DeviceVectors:
         return self.A.matvec(w) if forward else self.A.rmatvec(w)
 
     @staticmethod
-    def start_forward(w: Tensor, y: Tensor | None = None, c: Any = None) -> None:
+    def start_forward(w: Tensor, y: Tensor | None = None, c: Any = None,
+                      dest: Tensor | None = None) -> None:
         return None  # (a device runs its products asynchronously anyway)
 
     def product_sub(self, forward: bool, w: Tensor, c: Any, y: Tensor, out: Tensor,
