@@ -35,14 +35,18 @@ The workers' allocator is set as docs/cluster.md advises
 ``MALLOC_MMAP_THRESHOLD_``). ``--worker-config quiet`` also turns off what
 an idle dask worker spends CPU on (its statistical profiler, sampling every
 10 ms, and the 20 ms event-loop tick and 0.5 s system monitor, set to 1 s),
-which costs about 6 % of a core per worker with dask's defaults.
+which costs about 6 % of a core per worker with dask's defaults;
+``--worker-config quiet-running`` makes the same change on the running
+workers instead, with ``torchimize_scipy.dask.configure_workers(client,
+quiet=True)`` (for a cluster that was started with dask's defaults).
 
 Usage::
 
     python benchmarks/bench_dask.py               # 1,000,000 problems (~5 minutes idle)
     python benchmarks/bench_dask.py --full        # the issue's 10,000,000 problems
     python benchmarks/bench_dask.py [--quick] [--problems 1000000] [--chunk 125000]
-           [--workers 1,2] [--memory-limit 3GiB] [--worker-config default|quiet]
+           [--workers 1,2] [--memory-limit 3GiB]
+           [--worker-config default|quiet|quiet-running]
            [--store /tmp/torchimize_dask_bench]
 """
 
@@ -72,6 +76,8 @@ try:
     import dask.array as da
     import distributed
     import zarr
+
+    from torchimize_scipy.dask import configure_workers
 except ImportError as exc:  # pragma: no cover
     raise SystemExit(f"{exc}: pip install 'torchimize-scipy[dask]'") from exc
 
@@ -214,6 +220,9 @@ def on_cluster(store: Path, out: Path, workers: int, memory_limit: str,
                                   memory_limit=memory_limit) as cluster, \
             distributed.Client(cluster) as client:
         client.run(__import__, "torchimize_scipy.dask")  # imports outside the timing
+        if worker_config == "quiet-running":
+            configure_workers(client, mmap_threshold=None, trim_threshold=None,
+                              torch_threads=None, quiet=True)
         client.run(warm_up)
         client.run(time_blocks)
         started = time.perf_counter() - t_start
@@ -242,8 +251,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--problems", type=int, default=None, help="default 1,000,000")
     p.add_argument("--chunk", type=int, default=None,
                    help="problems per Zarr chunk (default 125,000; 250,000 with --full)")
-    p.add_argument("--worker-config", default="default", choices=("default", "quiet"),
-                   help="dask's worker defaults, or its profiler off and 1 s ticks")
+    p.add_argument("--worker-config", default="default",
+                   choices=("default", "quiet", "quiet-running"),
+                   help="dask's worker defaults, or its profiler off and 1 s ticks (set "
+                        "before the start, or by configure_workers(quiet=True) after it)")
     p.add_argument("--workers", default="1,2", help="worker counts, comma-separated")
     p.add_argument("--memory-limit", default="3GiB", help="memory limit of each worker")
     p.add_argument("--store", type=Path, default=Path("/tmp/torchimize_dask_bench"))

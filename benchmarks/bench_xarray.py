@@ -39,7 +39,9 @@ allocator, was the gap between ``nanny`` and ``configured``;
 turns off what an idle dask worker spends CPU on (its statistical profiler,
 its 20 ms event-loop tick and 0.5 s system monitor: about 6 % of a core per
 worker, and more of the total when the machine is loaded and wall time
-stretches).
+stretches); ``--worker-config quiet-running`` makes the same change on the
+running workers, with ``configure_workers(client, quiet=True)`` (allocator
+and threads left to the ``--allocators`` setting).
 
 Usage::
 
@@ -47,7 +49,7 @@ Usage::
     python benchmarks/bench_xarray.py --full     # the issue's 1,000 x 1,000 x 64 cube
     python benchmarks/bench_xarray.py [--quick] [--ny 200] [--nx 1000] [--block 10]
            [--xarray-rows 40] [--workers 2] [--allocators nanny,nanny-off,configured]
-           [--worker-config default|quiet]
+           [--worker-config default|quiet|quiet-running]
 """
 
 from __future__ import annotations
@@ -154,6 +156,9 @@ def compare(args, allocator: str, ny: int, nx: int, rows_x: int) -> dict:
             configure_workers(client)
         elif allocator == "nanny-off":
             client.run(_automatic_allocator_off)
+        if args.worker_config == "quiet-running":
+            configure_workers(client, mmap_threshold=None, trim_threshold=None,
+                              torch_threads=None, quiet=True)
         client.run(__import__, "torchimize_scipy.xarray")
         cube = make_cube(ny, nx, args.block, args.seed).persist()
         distributed.wait(cube.data)
@@ -191,8 +196,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--allocators", default="nanny,nanny-off,configured",
                    help="worker allocator settings to compare, comma-separated: "
                         "nanny, configured")
-    p.add_argument("--worker-config", default="default", choices=("default", "quiet"),
-                   help="dask's worker defaults, or its profiler off and 1 s ticks")
+    p.add_argument("--worker-config", default="default",
+                   choices=("default", "quiet", "quiet-running"),
+                   help="dask's worker defaults, or its profiler off and 1 s ticks (set "
+                        "before the start, or by configure_workers(quiet=True) after it)")
     args = p.parse_args(argv)
     if args.quick:
         ny, nx, rows_x, args.block = 8, 100, 4, 2

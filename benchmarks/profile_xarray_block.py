@@ -32,12 +32,16 @@ Each configuration of the workers' allocator is a fresh ``LocalCluster``
 * ``environ``: the nanny given ``MALLOC_TRIM_THRESHOLD_`` and
   ``MALLOC_MMAP_THRESHOLD_`` of ``docs/cluster.md`` before the workers start;
 * ``configured``: the nanny's default, then
-  :func:`torchimize_scipy.dask.configure_workers` on the running workers.
+  :func:`torchimize_scipy.dask.configure_workers` on the running workers;
+* ``quiet``: the nanny's default, then ``configure_workers(client,
+  mmap_threshold=None, trim_threshold=None, torch_threads=None, quiet=True)``:
+  the allocator left to the automatic setting, the workers' statistical
+  profiler stopped and their tick and system monitor slowed to 1 s.
 
 Usage::
 
     python benchmarks/profile_xarray_block.py [--pixels 2000] [--rounds 3]
-           [--configs nanny,nanny-off,environ,configured] [--xarray]
+           [--configs nanny,nanny-off,environ,configured,quiet] [--xarray]
 """
 
 from __future__ import annotations
@@ -179,6 +183,9 @@ def measure_cluster(config: str, args, data: xr.DataArray, results: dict) -> Non
             distributed.Client(cluster) as client:
         if config == "configured":
             tdask.configure_workers(client)
+        elif config == "quiet":
+            tdask.configure_workers(client, mmap_threshold=None, trim_threshold=None,
+                                    torch_threads=None, quiet=True)
         elif config == "nanny-off":
             client.run(automatic_allocator_off)
         client.run(instrument)

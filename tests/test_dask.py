@@ -497,6 +497,32 @@ def test_configure_workers_validation():
         configure_workers(object(), trim_threshold=-1)
     with pytest.raises(ValueError, match="`torch_threads` must be None or a positive"):
         configure_workers(object(), torch_threads=0)
+    with pytest.raises(ValueError, match="`quiet` must be True or False"):
+        configure_workers(object(), quiet="yes")
+
+
+def _worker_callbacks(dask_worker) -> dict:
+    """On a worker: (period in ms, running) of the callbacks ``quiet`` changes."""
+    return {name: (dask_worker.periodic_callbacks[name].callback_time,
+                   dask_worker.periodic_callbacks[name].is_running())
+            for name in ("profile", "profile-cycle", "tick", "monitor")
+            if name in dask_worker.periodic_callbacks}
+
+
+def test_configure_workers_quiet_stops_the_profiler_and_slows_tick_and_monitor(fresh_client):
+    (before,) = fresh_client.run(_worker_callbacks).values()
+    assert before["profile"][1] and before["tick"][0] < 1000  # dask's defaults
+    done = configure_workers(fresh_client, mmap_threshold=None, trim_threshold=None,
+                             torch_threads=None, quiet=True)
+    assert [d["quiet"] for d in done.values()] == [True]
+    (after,) = fresh_client.run(_worker_callbacks).values()
+    assert not after["profile"][1] and not after["profile-cycle"][1]
+    assert after["tick"] == (1000.0, True) and after["monitor"][0] >= 1000.0
+    assert after["monitor"][1]
+    _one_dask_curve_fit()  # the worker still computes
+    again = configure_workers(fresh_client, mmap_threshold=None, trim_threshold=None,
+                              torch_threads=None, quiet=True)
+    assert [d["quiet"] for d in again.values()] == [False]  # nothing left to change
 
 
 GLIBC = pytest.mark.skipif(not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"),

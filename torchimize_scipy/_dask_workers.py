@@ -76,7 +76,8 @@ _AUTO: dict[str, Any] = {"applied": None, "threads": None, "exact": False}
 
 def configure_workers(client: Any, *, mmap_threshold: int | None = MMAP_THRESHOLD,
                       trim_threshold: int | None = TRIM_THRESHOLD,
-                      torch_threads: int | None = 1) -> dict[str, dict[str, Any]]:
+                      torch_threads: int | None = 1,
+                      quiet: bool = False) -> dict[str, dict[str, Any]]:
     """Set the memory allocator and torch's threads of a cluster's running workers for fits.
 
     dask's nanny starts every worker with ``MALLOC_TRIM_THRESHOLD_=65536``,
@@ -105,19 +106,32 @@ def configure_workers(client: Any, *, mmap_threshold: int | None = MMAP_THRESHOL
         ``torch.set_num_threads`` on each worker (default 1: a worker runs
         one block per dask thread, so that it computes with as many threads
         as dask gives it); None leaves it unchanged.
+    quiet : bool, optional
+        Also cut what each worker spends CPU on besides its tasks (default
+        False: dask's settings kept): stop its statistical profiler (a
+        sample of the computing threads' stacks every 10 ms, what the
+        dashboard's profile pages show; they stay empty from then on) and
+        slow its event-loop tick (20 ms) and system monitor (0.5 s) to
+        :data:`QUIET_INTERVAL_S`. These cost a worker about 5 % of a core
+        for as long as it runs, busy or idle (``docs/cluster.md``); the
+        same as the dask configuration of ``docs/cluster.md`` set before
+        the cluster starts, for workers already running.
 
     Returns
     -------
     dict
         For each worker address: ``{"malloc": bool, "torch_threads": int}``,
         ``malloc`` False where the allocator is not glibc's (macOS, musl,
-        Windows), which is then left as it is.
+        Windows), which is then left as it is; with ``quiet``, also
+        ``"quiet": bool`` (False where the worker had none of those
+        callbacks to change).
 
     Raises
     ------
     ValueError
-        If a threshold is not None or an integer in ``[0, 2**31 - 1]``, or
-        ``torch_threads`` is not None or a positive integer.
+        If a threshold is not None or an integer in ``[0, 2**31 - 1]``,
+        ``torch_threads`` is not None or a positive integer, or ``quiet``
+        is not a bool.
 
     Notes
     -----
@@ -141,9 +155,47 @@ def configure_workers(client: Any, *, mmap_threshold: int | None = MMAP_THRESHOL
     if torch_threads is not None and (not isinstance(torch_threads, (int, np.integer))
                                       or isinstance(torch_threads, bool) or torch_threads < 1):
         raise ValueError("`torch_threads` must be None or a positive integer.")
-    return client.run(_configure_worker, None if mmap_threshold is None else int(mmap_threshold),
+    if not isinstance(quiet, (bool, np.bool_)):
+        raise ValueError("`quiet` must be True or False.")
+    done = client.run(_configure_worker,
+                      None if mmap_threshold is None else int(mmap_threshold),
                       None if trim_threshold is None else int(trim_threshold),
                       None if torch_threads is None else int(torch_threads))
+    if quiet:
+        for address, changed in client.run(_quiet_worker).items():
+            done[address]["quiet"] = changed
+    return done
+
+
+#: ``configure_workers(quiet=True)``: the period (seconds) of a worker's event-loop tick
+#: and system monitor (dask's defaults: 0.02 s and 0.5 s).
+QUIET_INTERVAL_S = 1.0
+
+
+def _quiet_worker(dask_worker: Any) -> bool:
+    """Run on one worker by :func:`configure_workers` (in its event loop, as ``client.run`` does).
+
+    Stops the statistical profiler's periodic callbacks and slows the tick
+    and the system monitor, as ``distributed.worker.profile.enabled: False``
+    and 1 s for ``distributed.admin.tick.interval`` and
+    ``distributed.admin.system-monitor.interval`` would at the worker's start.
+    """
+    callbacks = getattr(dask_worker, "periodic_callbacks", {})
+    changed = False
+    for name in ("profile", "profile-cycle"):
+        pc = callbacks.get(name)
+        if pc is not None and pc.is_running():
+            pc.stop()
+            changed = True
+    period_ms = 1000 * QUIET_INTERVAL_S
+    for name in ("tick", "monitor"):
+        pc = callbacks.get(name)
+        if pc is not None and pc.callback_time < period_ms:
+            pc.callback_time = period_ms  # tornado reads it when scheduling the next call
+            changed = True
+    if hasattr(dask_worker, "_tick_interval"):  # what the tick's own bookkeeping expects
+        dask_worker._tick_interval = max(dask_worker._tick_interval, QUIET_INTERVAL_S)
+    return changed
 
 
 def _configure_worker(mmap_threshold: int | None, trim_threshold: int | None,
