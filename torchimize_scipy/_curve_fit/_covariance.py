@@ -23,8 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat.numpy as _NUMPY_XP
+import array_api_compat.numpy as _COMPAT_NUMPY
 import array_api_compat.torch as _TORCH_XP
+import numpy as np
 import torch
 from array_api_compat import device
 
@@ -36,6 +37,12 @@ from .._engine.linalg import inverse_and_condition
 PCOV_GRAM_COND_LIMIT = 1e6
 #: The warning of an indeterminate covariance (scipy's text).
 COV_MSG = "Covariance of the parameters could not be estimated"
+
+
+#: numpy's namespace here: numpy itself from 2.1 on (an array API namespace for every
+#: function used here, without the wrappers' few microseconds per call), else
+#: array_api_compat's wrapper of it
+_NUMPY_XP: Any = np if hasattr(np, "astype") else _COMPAT_NUMPY
 
 
 def _namespace(a: Any) -> Any:
@@ -63,12 +70,28 @@ def inverse_from_r(R: Any) -> Any:
     if xp is _TORCH_XP or singular.any():
         safe = xp.where(singular, xp.eye(n, dtype=R.dtype, device=device(R)), R)
     Rt = safe if xp is _TORCH_XP else torch.from_numpy(safe)
-    eye = torch.eye(n, dtype=Rt.dtype, device=Rt.device).expand_as(Rt)
+    eye = _identity(n, Rt.dtype, Rt.device).expand_as(Rt)
     Rinv = torch.linalg.solve_triangular(Rt, eye, upper=True)
     cov = Rinv @ Rinv.transpose(-1, -2)
     if xp is not _TORCH_XP:
         cov = cov.numpy()
     return xp.where(singular, float("nan"), cov)
+
+
+#: Identity matrices by (size, dtype, device): the right-hand sides of inverse_from_r
+#: (read only)
+_IDENTITIES: dict[tuple, torch.Tensor] = {}
+
+
+def _identity(n: int, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """The ``(n, n)`` identity, kept for a few sizes, dtypes and devices."""
+    key = (n, dtype, str(dev))
+    eye = _IDENTITIES.get(key)
+    if eye is None:
+        eye = torch.eye(n, dtype=dtype, device=dev)
+        if len(_IDENTITIES) < 64:
+            _IDENTITIES[key] = eye
+    return eye
 
 
 def pivoted_inverse(R: Any, perm: Any) -> Any:

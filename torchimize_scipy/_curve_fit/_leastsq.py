@@ -185,8 +185,9 @@ def minpack_qr_outputs(J: np.ndarray, fvec: np.ndarray) -> tuple:
     # ``scipy.linalg.qr(J, pivoting=True, mode="economic")`` returns, bit for bit
     raw, jpvt, tau = _lapack(geqp3, A)
     perm = jpvt - 1  # 1-based pivots
-    R = np.triu(raw[:n, :n])
-    fjac = np.triu(raw) + np.tril(raw, -1) * tau[np.newaxis, :n]
+    upper = np.triu(raw)
+    R = upper[:n, :n].copy()
+    fjac = upper + np.tril(raw, -1) * tau[np.newaxis, :n]
     if m < n:
         Q = _lapack(orgqr, raw[:, :m].copy(), tau, overwrite_a=1)[0]
     else:
@@ -203,11 +204,22 @@ def _qr_routines(char: str) -> tuple[Any, Any]:
     return geqp3, orgqr
 
 
+#: LAPACK's optimal workspace by routine and matrix shape (its answer to a query depends
+#: on nothing else): one query per shape and session
+_LWORK: dict[tuple, Any] = {}
+
+
 def _lapack(routine: Any, *args: Any, **kwargs: Any) -> tuple:
-    """``routine(*args)`` with its optimal workspace (a query first); its outputs without
-    ``work`` and ``info``."""
-    query = routine(*args, lwork=-1, **kwargs)
-    out = routine(*args, lwork=query[-2][0].real.astype(np.int_), **kwargs)
+    """``routine(*args)`` with its optimal workspace (a query the first time for a shape);
+    its outputs without ``work`` and ``info``."""
+    key = (routine.typecode, routine.__name__, args[0].shape)
+    lwork = _LWORK.get(key)
+    if lwork is None:
+        query = routine(*args, lwork=-1, **kwargs)
+        lwork = query[-2][0].real.astype(np.int_)
+        if len(_LWORK) < 256:  # a few shapes per session
+            _LWORK[key] = lwork
+    out = routine(*args, lwork=lwork, **kwargs)
     if out[-1] < 0:
         raise ValueError(f"illegal value in {-out[-1]}th argument of internal LAPACK "
                          "routine")

@@ -143,6 +143,8 @@ class WhitenedModel:
         one-point ``ydata`` may broadcast), else ``M``. Large batches call
         ``f`` for consecutive groups of problems (:meth:`_chunk_rows`).
         """
+        if self.rowwise:  # curve_fit: f is called row by row anyway
+            return self._evaluate(P, ids, repeat)
         rows = P.shape[0]
         step = self._chunk_rows(rows, repeat, P)
         if step >= rows:
