@@ -310,7 +310,8 @@ class LeastsqBook:
 
     def any_spent(self) -> bool:
         """Whether some problem has used up its budget (:attr:`spent`)."""
-        return bool(self.rows["spent"].any())
+        spent = self.rows["spent"]
+        return bool(spent[0]) if self.one else bool(spent.any())
 
     @property
     def hit(self) -> torch.Tensor:
@@ -380,7 +381,7 @@ class LeastsqBook:
         copies of numpy ones; the others are kept as tensors).
         """
         if self.one:
-            self._record_call_all(x, r)
+            self._record_call_one(x, r)
             return
         x, r = as_tensor(x), as_tensor(r)
         sel = self._select(as_tensor(ids))
@@ -401,6 +402,31 @@ class LeastsqBook:
             self._seen_all = self._seen_all or sel is ALL
         total = 1 + trials + self._get("fd_evals", sel)
         self._count("spent", sel, spent | (started & (total >= self.maxfev)))
+
+    def _record_call_one(self, x: Any, r: Any) -> None:
+        """:meth:`record_call` for a book of one (``curve_fit``, once per evaluation).
+
+        The updates of :meth:`_record_call_all` decided on the counts' single
+        entries (numpy scalars: a tenth of a ufunc call on a one-entry
+        array each); an array is replaced only where its value changes (never
+        written in place, as everywhere in the book).
+        """
+        rows = self.rows
+        if rows["jac_calls"][0] > 0:  # after the first Jacobian: a trial
+            trials = rows["trials"][0] + 1
+            rows["trials"] = np.array([trials], dtype=np.int64)
+            if rows["spent"][0]:
+                if not rows["hit"][0]:
+                    rows["hit"] = np.ones(1, dtype=bool)
+            elif 1 + trials + rows["fd_evals"][0] >= self.maxfev:
+                rows["spent"] = np.ones(1, dtype=bool)
+        if rows["jac_after_trial"][0]:
+            rows["jac_after_trial"] = np.zeros(1, dtype=bool)
+        rows["last_x"] = _private_any(x, rows.get("last_x"), self.device)
+        rows["last_f"] = _private_any(r, rows.get("last_f"), self.device)
+        if not self._seen_all:
+            rows["seen"] = np.ones(1, dtype=bool)
+            self._seen_all = True
 
     def _record_call_all(self, x: Any, r: Any) -> None:
         """:meth:`record_call` for every problem, counts on the host (the one-problem path
@@ -439,7 +465,9 @@ class LeastsqBook:
             xn = x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
             if xn.dtype != last_x.dtype:
                 xn = xn.astype(last_x.dtype)
-            if xn.shape != last_x.shape or not (xn == last_x).all():
+            # (elementwise ==, as torch.equal: -0.0 equals 0.0, NaN nothing; Python floats
+            # compare faster than a ufunc and its reduction for a few parameters)
+            if xn.shape != last_x.shape or xn.tolist() != last_x.tolist():
                 return None
             last_f = self.rows["last_f"]
             return last_f if isinstance(x, np.ndarray) else as_tensor(last_f).to(x.device)

@@ -55,7 +55,7 @@ def _diagonal_mask(n: int, dev: torch.device | None) -> Any:
 
 
 def _swap_last(a: Any) -> Any:
-    return a.transpose(-1, -2) if isinstance(a, torch.Tensor) else np.swapaxes(a, -1, -2)
+    return a.transpose(-1, -2) if isinstance(a, torch.Tensor) else a.swapaxes(-1, -2)
 
 
 def _mask(a: Any, keep: Any) -> Any:
@@ -270,7 +270,8 @@ class WhitenedModel:
         J = diff = None
         for start in range(0, b, group):
             stop = min(b, start + group)
-            F = self._evaluate(Pp[start * n:stop * n], ids[start:stop], n)
+            F = self._evaluate(Pp if group >= b else Pp[start * n:stop * n],
+                               ids if group >= b else ids[start:stop], n)
             F = as_tensor(F).to(dev) if torch_in else np.asarray(F)
             F = F.reshape(stop - start, n, -1)
             if torch_in and torch.is_grad_enabled() and (
