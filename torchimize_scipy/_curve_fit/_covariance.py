@@ -23,8 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat.numpy as _NUMPY_XP
+import array_api_compat.numpy as _COMPAT_NUMPY
 import array_api_compat.torch as _TORCH_XP
+import numpy as np
 import torch
 from array_api_compat import device
 
@@ -38,8 +39,14 @@ PCOV_GRAM_COND_LIMIT = 1e6
 COV_MSG = "Covariance of the parameters could not be estimated"
 
 
+#: numpy's namespace here: numpy itself from 2.1 on (an array API namespace for every
+#: function used here, without the wrappers' few microseconds per call), else
+#: array_api_compat's wrapper of it
+_NUMPY_XP: Any = np if hasattr(np, "astype") else _COMPAT_NUMPY
+
+
 def _namespace(a: Any) -> Any:
-    """array_api_compat's namespace of a tensor or a numpy array, chosen by type (no
+    """The array namespace of a tensor or a numpy array, chosen by type (no
     ``array_namespace`` look-up per call: one problem's covariance is a few
     microseconds of arithmetic)."""
     return _TORCH_XP if isinstance(a, torch.Tensor) else _NUMPY_XP
@@ -49,7 +56,8 @@ def inverse_from_r(R: Any) -> Any:
     """``R^{-1} R^{-T}`` per problem; NaN where ``R`` has an exactly zero diagonal entry.
 
     ``R (B, N, N)`` is a tensor, or a numpy array (:func:`curve_fit`'s one
-    problem): one body over the array's namespace (``array_api_compat``); the
+    problem): one body over the array's namespace (numpy's own, see :data:`_NUMPY_XP`,
+    or ``array_api_compat``'s torch); the
     triangular solve and the product are torch's for both (the same kernels,
     on the numpy array's memory), and the result is of ``R``'s kind.
     """
@@ -60,15 +68,34 @@ def inverse_from_r(R: Any) -> Any:
     # a singular R is replaced by the identity (in R's dtype) for the solve (on the host,
     # where the count is free, only when there is one; a device is not read)
     safe = R
-    if xp is _TORCH_XP or singular.any():
+    any_singular = True
+    if xp is _TORCH_XP or (any_singular := bool(singular.any())):
         safe = xp.where(singular, xp.eye(n, dtype=R.dtype, device=device(R)), R)
     Rt = safe if xp is _TORCH_XP else torch.from_numpy(safe)
-    eye = torch.eye(n, dtype=Rt.dtype, device=Rt.device).expand_as(Rt)
+    eye = _identity(n, Rt.dtype, Rt.device).expand_as(Rt)
     Rinv = torch.linalg.solve_triangular(Rt, eye, upper=True)
     cov = Rinv @ Rinv.transpose(-1, -2)
     if xp is not _TORCH_XP:
         cov = cov.numpy()
+        if not any_singular:  # (known on the host: nothing to fill)
+            return cov
     return xp.where(singular, float("nan"), cov)
+
+
+#: Identity matrices by (size, dtype, device): the right-hand sides of inverse_from_r
+#: (read only)
+_IDENTITIES: dict[tuple, torch.Tensor] = {}
+
+
+def _identity(n: int, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """The ``(n, n)`` identity, kept for a few sizes, dtypes and devices."""
+    key = (n, dtype, str(dev))
+    eye = _IDENTITIES.get(key)
+    if eye is None:
+        eye = torch.eye(n, dtype=dtype, device=dev)
+        if len(_IDENTITIES) < 64:
+            _IDENTITIES[key] = eye
+    return eye
 
 
 def pivoted_inverse(R: Any, perm: Any) -> Any:
@@ -143,7 +170,7 @@ def finish_covariance(cov: Any, ok: Any, n: int, m: Any, chisq: Any,
     observations, shared or per problem ``(B,)`` (after ``nan_policy='omit'``).
     All arrays are tensors, or all numpy arrays (:func:`curve_fit`'s one
     problem, on the host: the same IEEE operations); one body over their
-    namespace (``array_api_compat``). Returns the covariances
+    namespace (:func:`_namespace`). Returns the covariances
     and how many of the ``ok`` problems are indeterminate (the caller's warning).
     """
     xp = _namespace(cov)

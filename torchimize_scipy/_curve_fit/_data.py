@@ -52,6 +52,8 @@ def feasible_start(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
     """1 where unbounded, midpoints of finite boxes, one unit inside a single bound."""
     lo, hi = np.isfinite(lb), np.isfinite(ub)
     p0 = np.ones_like(lb, dtype=float)
+    if not (lo.any() or hi.any()):  # unbounded (curve_fit's usual call): ones
+        return p0
     p0 = np.where(lo & hi, 0.5 * (np.where(lo, lb, 0) + np.where(hi, ub, 0)), p0)
     p0 = np.where(lo & ~hi, np.where(lo, lb, 0) + 1, p0)
     p0 = np.where(~lo & hi, np.where(hi, ub, 0) - 1, p0)
@@ -373,6 +375,9 @@ class FitData:
         Per-problem ``xdata`` comes ``repeat`` times per problem (for the
         shifted points of forward differences); ``y``, ``T`` and ``keep`` once.
         """
+        if self.B == 1 and self.xkind in ("shared", "object"):  # curve_fit: all as they are
+            d = self.arrays(like)
+            return d["x"], d["Y"], d["T"], d["keep"]
         d = self.arrays(like)
         x = d["x"]
         if self.xkind in ("rows", "stack"):

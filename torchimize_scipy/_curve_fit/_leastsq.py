@@ -36,6 +36,19 @@ _EPS = float(np.finfo(float).eps)
 ALL = slice(None)
 
 
+def as_tensor(a: Any) -> torch.Tensor:
+    """``a`` as a tensor (numpy arrays without a copy, and without a torch operation)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.asarray(a)
+    if a.flags.writeable and a.dtype.kind in "biuf":
+        try:
+            return torch.from_numpy(a)
+        except (TypeError, ValueError):  # e.g. negative strides: torch copies
+            pass
+    return torch.as_tensor(a)
+
+
 def _private(value: torch.Tensor, stored: torch.Tensor | None,
              device: torch.device) -> torch.Tensor:
     """A private copy of ``value`` on ``device`` in the dtype of ``stored`` (if any)."""
@@ -43,6 +56,21 @@ def _private(value: torch.Tensor, stored: torch.Tensor | None,
     if value.device != device or value.dtype != dtype:
         return value.to(device, dtype)
     return value.clone()
+
+
+def _private_any(value: Any, stored: Any, device: torch.device) -> Any:
+    """:func:`_private` for a book of one problem on the host, in the kind of ``stored``.
+
+    A numpy ``value`` (and nothing stored yet, or a numpy array) gives a numpy
+    copy (a fraction of a microsecond, against a few for a tensor's clone);
+    anything else a tensor copy as :func:`_private` makes it.
+    """
+    if isinstance(stored, np.ndarray) or (stored is None and isinstance(value, np.ndarray)):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        return np.array(value, dtype=value.dtype if stored is None else stored.dtype)
+    value = as_tensor(value)
+    return _private(value.detach() if value.requires_grad else value, stored, device)
 
 
 class MaxfevReached(Exception):
@@ -157,8 +185,9 @@ def minpack_qr_outputs(J: np.ndarray, fvec: np.ndarray) -> tuple:
     # ``scipy.linalg.qr(J, pivoting=True, mode="economic")`` returns, bit for bit
     raw, jpvt, tau = _lapack(geqp3, A)
     perm = jpvt - 1  # 1-based pivots
-    R = np.triu(raw[:n, :n])
-    fjac = np.triu(raw) + np.tril(raw, -1) * tau[np.newaxis, :n]
+    upper = np.triu(raw)
+    R = upper[:n, :n].copy()
+    fjac = upper + np.tril(raw, -1) * tau[np.newaxis, :n]
     if m < n:
         Q = _lapack(orgqr, raw[:, :m].copy(), tau, overwrite_a=1)[0]
     else:
@@ -175,11 +204,22 @@ def _qr_routines(char: str) -> tuple[Any, Any]:
     return geqp3, orgqr
 
 
+#: LAPACK's optimal workspace by routine and matrix shape (its answer to a query depends
+#: on nothing else): one query per shape and session
+_LWORK: dict[tuple, Any] = {}
+
+
 def _lapack(routine: Any, *args: Any, **kwargs: Any) -> tuple:
-    """``routine(*args)`` with its optimal workspace (a query first); its outputs without
-    ``work`` and ``info``."""
-    query = routine(*args, lwork=-1, **kwargs)
-    out = routine(*args, lwork=query[-2][0].real.astype(np.int_), **kwargs)
+    """``routine(*args)`` with its optimal workspace (a query the first time for a shape);
+    its outputs without ``work`` and ``info``."""
+    key = (routine.typecode, routine.__name__, args[0].shape)
+    lwork = _LWORK.get(key)
+    if lwork is None:
+        query = routine(*args, lwork=-1, **kwargs)
+        lwork = query[-2][0].real.astype(np.int_)
+        if len(_LWORK) < 256:  # a few shapes per session
+            _LWORK[key] = lwork
+    out = routine(*args, lwork=lwork, **kwargs)
     if out[-1] < 0:
         raise ValueError(f"illegal value in {-out[-1]}th argument of internal LAPACK "
                          "routine")
@@ -209,6 +249,13 @@ class LeastsqBook:
     operation's dispatch; the book is updated at every evaluation), tensors
     on other devices (or with ``host=False``); what the book hands out are
     tensors on its device.
+
+    A book of one problem on the host (:func:`curve_fit`'s, ``one``) keeps
+    the points, residuals and Jacobians it is given in their own kind: numpy
+    copies for a numpy model (the one-problem path records every evaluation,
+    and a numpy copy costs a fraction of a tensor's clone), tensors
+    otherwise; :meth:`value_at` answers in the kind of the point it is asked
+    about, and the counts it hands out are tensors as for any book.
     """
 
     #: the per-problem counts and flags (numpy arrays on the CPU, else tensors)
@@ -223,11 +270,15 @@ class LeastsqBook:
         self.B = B
         self.device = torch.device(device)
         self.summary = summary if summary is not None else (lambda J: J)
+        #: no ``summary``: the Jacobian itself is kept (in its own kind for a book of one)
+        self._plain_summary = summary is None
         self.keep_residuals = keep_residuals
         self.keep_jacobians = keep_jacobians
         #: counts on the host (numpy) when the book lives on the CPU (``host=False`` keeps
         #: tensors there too: the code other devices run, for the tests)
         self.host = self.device.type == "cpu" and host is not False
+        #: one problem on the host: every update is for all rows, values kept in their kind
+        self.one = self.host and B == 1
         if self.host:
             z, no = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=bool)
         else:
@@ -259,7 +310,8 @@ class LeastsqBook:
 
     def any_spent(self) -> bool:
         """Whether some problem has used up its budget (:attr:`spent`)."""
-        return bool(self.rows["spent"].any())
+        spent = self.rows["spent"]
+        return bool(spent[0]) if self.one else bool(spent.any())
 
     @property
     def hit(self) -> torch.Tensor:
@@ -306,11 +358,11 @@ class LeastsqBook:
         """
         t = self.rows.get(name)
         if sel is ALL:
-            dtype = value.dtype if t is None else t.dtype
-            if value.device != self.device or value.dtype != dtype:
-                value = value.to(self.device, dtype)
-            elif copy:
-                value = value.clone()
+            if copy:  # (numpy copies only in a book of one, see _private_any)
+                value = _private_any(value, t, self.device) if self.one else _private(
+                    value, t, self.device)
+            elif value.device != self.device or (t is not None and value.dtype != t.dtype):
+                value = value.to(self.device, value.dtype if t is None else t.dtype)
             self.rows[name] = value
             return
         if t is None:
@@ -318,9 +370,21 @@ class LeastsqBook:
                                               device=self.device)
         t.index_copy_(0, sel[0], value.to(self.device, t.dtype))
 
-    def record_call(self, ids: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> None:
-        """One residual evaluation of the problems ``ids`` at ``x``, giving ``r``."""
-        sel = self._select(ids)
+    def _rows_of(self, ids: Any) -> Any:
+        """The index of the problems ``ids`` (:data:`ALL` for a book of one, unread)."""
+        return ALL if self.one else self._select(as_tensor(ids))
+
+    def record_call(self, ids: Any, x: Any, r: Any) -> None:
+        """One residual evaluation of the problems ``ids`` at ``x``, giving ``r``.
+
+        ``x`` and ``r`` are tensors or numpy arrays (a book of one keeps numpy
+        copies of numpy ones; the others are kept as tensors).
+        """
+        if self.one:
+            self._record_call_one(x, r)
+            return
+        x, r = as_tensor(x), as_tensor(r)
+        sel = self._select(as_tensor(ids))
         if sel is ALL and self.host:
             self._record_call_all(x, r)
             return
@@ -339,10 +403,36 @@ class LeastsqBook:
         total = 1 + trials + self._get("fd_evals", sel)
         self._count("spent", sel, spent | (started & (total >= self.maxfev)))
 
-    def _record_call_all(self, x: torch.Tensor, r: torch.Tensor) -> None:
+    def _record_call_one(self, x: Any, r: Any) -> None:
+        """:meth:`record_call` for a book of one (``curve_fit``, once per evaluation).
+
+        The updates of :meth:`_record_call_all` decided on the counts' single
+        entries (numpy scalars: a tenth of a ufunc call on a one-entry
+        array each); an array is replaced only where its value changes (never
+        written in place, as everywhere in the book).
+        """
+        rows = self.rows
+        if rows["jac_calls"][0] > 0:  # after the first Jacobian: a trial
+            trials = rows["trials"][0] + 1
+            rows["trials"] = np.array([trials], dtype=np.int64)
+            if rows["spent"][0]:
+                if not rows["hit"][0]:
+                    rows["hit"] = np.ones(1, dtype=bool)
+            elif 1 + trials + rows["fd_evals"][0] >= self.maxfev:
+                rows["spent"] = np.ones(1, dtype=bool)
+        if rows["jac_after_trial"][0]:
+            rows["jac_after_trial"] = np.zeros(1, dtype=bool)
+        rows["last_x"] = _private_any(x, rows.get("last_x"), self.device)
+        rows["last_f"] = _private_any(r, rows.get("last_f"), self.device)
+        if not self._seen_all:
+            rows["seen"] = np.ones(1, dtype=bool)
+            self._seen_all = True
+
+    def _record_call_all(self, x: Any, r: Any) -> None:
         """:meth:`record_call` for every problem, counts on the host (the one-problem path
         of ``curve_fit``, once per evaluation): the same updates on numpy arrays, without
-        the row selection's indirections."""
+        the row selection's indirections. ``x`` and ``r`` are tensors, or numpy arrays
+        for a book of one (see :func:`_private_any`)."""
         rows = self.rows
         started = rows["jac_calls"] > 0
         spent = rows["spent"]
@@ -351,24 +441,38 @@ class LeastsqBook:
         rows["trials"] = trials
         rows["jac_after_trial"] = np.zeros(self.B, dtype=bool)
         # private copies (the caller's tensors may be reused); the first keeps its dtype
-        rows["last_x"] = _private(x.detach() if x.requires_grad else x, rows.get("last_x"),
-                                  self.device)
-        rows["last_f"] = _private(r.detach() if r.requires_grad else r, rows.get("last_f"),
-                                  self.device)
+        rows["last_x"] = _private_any(x, rows.get("last_x"), self.device)
+        rows["last_f"] = _private_any(r, rows.get("last_f"), self.device)
         if not self._seen_all:  # once all are seen, they stay seen
             rows["seen"] = np.ones(self.B, dtype=bool)
             self._seen_all = True
         total = 1 + trials + rows["fd_evals"]
         rows["spent"] = spent | (started & (total >= self.maxfev))
 
-    def value_at(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        """The residuals last evaluated at ``x`` for problems ``ids``, if they were made there."""
-        sel = self._select(ids)
+    def value_at(self, ids: Any, x: Any) -> Any:
+        """The residuals last evaluated at ``x`` for problems ``ids``, if they were made there.
+
+        In the kind of ``x``: a numpy array for a numpy ``x``, else a tensor on
+        ``x``'s device (the book's own, not a copy: read it only).
+        """
         if "last_x" not in self.rows:
             return None
+        sel = self._rows_of(ids)
         if not (sel is ALL and self._seen_all) and not bool(self._get("seen", sel).all()):
             return None
         last_x = self._get("last_x", sel)
+        if isinstance(last_x, np.ndarray):  # a book of one, fed numpy arrays
+            xn = x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
+            if xn.dtype != last_x.dtype:
+                xn = xn.astype(last_x.dtype)
+            # (elementwise ==, as torch.equal: -0.0 equals 0.0, NaN nothing; Python floats
+            # compare faster than a ufunc and its reduction for a few parameters)
+            if xn.shape != last_x.shape or xn.tolist() != last_x.tolist():
+                return None
+            last_f = self.rows["last_f"]
+            return last_f if isinstance(x, np.ndarray) else as_tensor(last_f).to(x.device)
+        numpy_x = isinstance(x, np.ndarray)
+        x = as_tensor(x)
         device = x.device
         x = x.detach()
         if device != self.device or x.dtype != last_x.dtype:
@@ -376,22 +480,27 @@ class LeastsqBook:
         if not torch.equal(last_x, x):
             return None
         last_f = self._get("last_f", sel)
+        if numpy_x:
+            return last_f.cpu().numpy()
         return last_f if last_f.device == device else last_f.to(device)
 
-    def record_jac(self, ids: torch.Tensor, J: torch.Tensor,
-                   residuals: Callable[[], torch.Tensor]) -> None:
+    def record_jac(self, ids: Any, J: Any, residuals: Callable[[], Any]) -> None:
         """A Jacobian ``J (b, m, n)`` of the problems ``ids``.
 
         ``residuals()`` gives the residuals at the Jacobian's point, called
-        only when the book keeps them.
+        only when the book keeps them. ``J`` and the residuals are tensors or
+        numpy arrays (kept as :meth:`record_call` keeps its values).
         """
-        sel = self._select(ids)
+        sel = self._rows_of(ids)
         values = {}
         if self.keep_jacobians:
-            J = J.detach() if J.requires_grad else J
-            values["summary"] = self.summary(J if J.device == self.device else J.to(self.device))
+            if not (self.one and self._plain_summary):
+                J = as_tensor(J)
+                J = J.detach() if J.requires_grad else J
+                J = self.summary(J if J.device == self.device else J.to(self.device))
+            values["summary"] = J
         if self.keep_residuals:
-            values["f"] = residuals()
+            values["f"] = residuals() if self.one else as_tensor(residuals())
         for name, value in values.items():
             if name in self.rows:
                 if sel is ALL:  # replaced below, never written in place: no copy needed
@@ -402,9 +511,9 @@ class LeastsqBook:
         self._count("jac_calls", sel, self._get("jac_calls", sel) + 1)
         self._count("jac_after_trial", sel, self._get("trials", sel) > 0)
 
-    def add_fd_evals(self, ids: torch.Tensor, count: int) -> None:
+    def add_fd_evals(self, ids: Any, count: int) -> None:
         """``count`` forward-difference evaluations for each of the problems ``ids``."""
-        sel = self._select(ids)
+        sel = self._rows_of(ids)
         self._count("fd_evals", sel, self._get("fd_evals", sel) + count)
 
     def uncounted_jacobian(self, status: torch.Tensor) -> torch.Tensor:
@@ -430,8 +539,8 @@ class LeastsqBook:
         extra = self.uncounted_jacobian(status)
         out = []
         for name in ["summary"] + (["f"] if self.keep_residuals else []):
-            last = self.rows[name]
-            prev = self.rows.get("prev_" + name, last)
+            last = as_tensor(self.rows[name])
+            prev = as_tensor(self.rows.get("prev_" + name, last))
             pick = extra.reshape(-1, *([1] * (last.ndim - 1)))
             out.append(torch.where(pick, prev, last))
         return (*out, self.jac_calls - extra.long())

@@ -31,24 +31,11 @@ from array_api_compat import array_namespace, device
 
 from .. import _implicit as implicit
 from ._data import FitData
-from ._leastsq import LeastsqBook
+from ._leastsq import LeastsqBook, as_tensor
 
 #: Residuals per call of a vectorised ``f`` on the CPU (float64: 1 MiB per array
 #: of ``f``'s expression); see :meth:`WhitenedModel._chunk_rows`.
 CHUNK_ELEMENTS = 2**17
-
-
-def as_tensor(a: Any) -> torch.Tensor:
-    """``a`` as a tensor (numpy arrays without a copy, and without a torch operation)."""
-    if isinstance(a, torch.Tensor):
-        return a
-    a = np.asarray(a)
-    if a.flags.writeable and a.dtype.kind in "biuf":
-        try:
-            return torch.from_numpy(a)
-        except (TypeError, ValueError):  # e.g. negative strides: torch copies
-            pass
-    return torch.as_tensor(a)
 
 
 #: Boolean identity matrices by (size, device): the shifted points of forward differences.
@@ -68,7 +55,7 @@ def _diagonal_mask(n: int, dev: torch.device | None) -> Any:
 
 
 def _swap_last(a: Any) -> Any:
-    return a.transpose(-1, -2) if isinstance(a, torch.Tensor) else np.swapaxes(a, -1, -2)
+    return a.transpose(-1, -2) if isinstance(a, torch.Tensor) else a.swapaxes(-1, -2)
 
 
 def _mask(a: Any, keep: Any) -> Any:
@@ -156,6 +143,8 @@ class WhitenedModel:
         one-point ``ydata`` may broadcast), else ``M``. Large batches call
         ``f`` for consecutive groups of problems (:meth:`_chunk_rows`).
         """
+        if self.rowwise:  # curve_fit: f is called row by row anyway
+            return self._evaluate(P, ids, repeat)
         rows = P.shape[0]
         step = self._chunk_rows(rows, repeat, P)
         if step >= rows:
@@ -198,8 +187,9 @@ class WhitenedModel:
     def residuals(self, P: Any, ids: Any) -> Any:
         """Whitened residuals, recorded by the book: the function the solver calls."""
         r = self.evaluate(P, ids)
-        if self.book is not None and not implicit.evaluating():  # not the solve's (gradients)
-            self.book.record_call(as_tensor(ids), as_tensor(P), as_tensor(r))
+        book = self.book
+        if book is not None and not implicit.evaluating():  # not the solve's (gradients)
+            book.record_call(ids, P, r)  # (the book converts what it keeps)
         return r
 
     def jacobian(self, P: Any, ids: Any) -> Any:
@@ -217,14 +207,19 @@ class WhitenedModel:
             J = _mask(J, keep[..., None])
         J = whiten(J, self.data.tkind, T)
         if self.book is not None:
-            self.book.record_jac(as_tensor(ids), as_tensor(J), lambda: self._value_at(P, ids))
+            self.book.record_jac(ids, J, lambda: self._value_at(P, ids))
         return J
 
-    def _value_at(self, P: Any, ids: Any) -> torch.Tensor:
-        """Residuals at ``P``: the book's last ones when they were made there, else new."""
-        Pt = as_tensor(P)
-        f0 = self.book.value_at(as_tensor(ids), Pt) if self.book is not None else None
-        return f0 if f0 is not None else as_tensor(self.evaluate(P, ids)).to(Pt.device)
+    def _value_at(self, P: Any, ids: Any) -> Any:
+        """Residuals at ``P``, in ``P``'s kind: the book's last ones when they were made
+        there (read them only), else new."""
+        f0 = self.book.value_at(ids, P) if self.book is not None else None
+        if f0 is not None:
+            return f0
+        f0 = self.evaluate(P, ids)
+        if isinstance(P, torch.Tensor):
+            return as_tensor(f0).to(P.device)
+        return np.asarray(f0)
 
     def fd_jacobian(self, P: Any, ids: Any) -> Any:
         """MINPACK's forward differences for ``b`` problems (``N`` shifted points each).
@@ -256,9 +251,7 @@ class WhitenedModel:
         torch_in = isinstance(P, torch.Tensor)
         xp: Any = torch if torch_in else np
         dev = P.device if torch_in else "cpu"
-        idt = as_tensor(ids)
-        f0t = self._value_at(P, ids)  # a tensor
-        f0 = f0t if torch_in else (f0t if f0t.device.type == "cpu" else f0t.cpu()).numpy()
+        f0 = self._value_at(P, ids)  # in P's kind
         b, n = P.shape
         if torch_in:
             rel = torch.as_tensor(book.rel_step, dtype=P.dtype, device=dev)
@@ -277,7 +270,8 @@ class WhitenedModel:
         J = diff = None
         for start in range(0, b, group):
             stop = min(b, start + group)
-            F = self._evaluate(Pp[start * n:stop * n], ids[start:stop], n)
+            F = self._evaluate(Pp if group >= b else Pp[start * n:stop * n],
+                               ids if group >= b else ids[start:stop], n)
             F = as_tensor(F).to(dev) if torch_in else np.asarray(F)
             F = F.reshape(stop - start, n, -1)
             if torch_in and torch.is_grad_enabled() and (
@@ -302,6 +296,6 @@ class WhitenedModel:
                 Ft = as_tensor(F)
                 torch.sub(Ft, as_tensor(f0[start:stop, None, :]), out=Ft)
                 torch.div(Ft, as_tensor(h[start:stop, :, None]), out=dst.transpose(1, 2))
-        book.add_fd_evals(idt, n)
-        book.record_jac(idt, J if torch_in else as_tensor(J), lambda: f0t)
+        book.add_fd_evals(ids, n)
+        book.record_jac(ids, J, lambda: f0)
         return J

@@ -18,7 +18,7 @@ import torch
 from scipy.optimize import OptimizeWarning
 
 from .. import _implicit as implicit
-from .._arrays import as_numpy, detect_namespace, to_host
+from .._arrays import Namespace, as_numpy, detect_namespace, to_host
 from .._least_squares import least_squares
 from .._validation import prepare_bounds
 from ._covariance import COV_MSG, finish_covariance, normal_inverse, pivoted_inverse, svd_pinv
@@ -47,6 +47,9 @@ from ._model import WhitenedModel, as_tensor
 
 #: Start of the message with which ``least_squares`` refuses non-finite residuals at x0.
 NONFINITE_START = "Residuals are not finite in the initial point"
+_CPU = torch.device("cpu")
+#: The problem index of :class:`_OneProblem` (read, never written)
+_ONE_ID = torch.zeros(1, dtype=torch.long)
 
 
 def curve_fit(
@@ -243,7 +246,13 @@ def curve_fit(
 
     if method == "lm":
         reject_loss(kwargs, "curve_fit")
-        ns_lm = ns or detect_namespace(p0, kwargs.get("device"), kwargs.get("dtype"))
+        if ns is not None:
+            ns_lm = ns
+        elif kwargs.get("device") is None and kwargs.get("dtype") is None:
+            # numpy data: float64 on the host (what detect_namespace says of a numpy p0)
+            ns_lm = Namespace("numpy", _CPU, torch.float64)
+        else:
+            ns_lm = detect_namespace(p0, kwargs.get("device"), kwargs.get("dtype"))
         popt, cov, infodict, mesg, ier, ysize, chisq = _fit_lm(
             problem, p0, n, data.M, jac_arg, callable(jac), kwargs, ns_lm)
     else:
@@ -287,7 +296,7 @@ class _OneProblem:
 
     def __init__(self, model: WhitenedModel) -> None:
         self.model = model
-        self.ids = torch.zeros(1, dtype=torch.long)
+        self.ids = _ONE_ID
         self.first_r: Any = None
 
     def evaluate(self, p: Any) -> Any:
@@ -354,7 +363,6 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
             raise TypeError(f"Improper input: func input vector length N={n} must"
                             f" not exceed func output vector length M={m}")
     opts = leastsq_options(kwargs, n, user_jac)
-    messages = leastsq_messages(opts)
     model = problem.model
     minpack_fd = jac_arg == "2-point"
     rel = None
@@ -367,7 +375,7 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
         if _all_finite(f0):
             raise ValueError("`p0` contains NaN or inf while the residuals there are "
                              "finite: give a finite initial guess.")
-        return _nonfinite_start_lm(problem, p0, n, f0, user_jac, rel, messages)
+        return _nonfinite_start_lm(problem, p0, n, f0, user_jac, rel, opts)
     if rel is not None:
         model.book = LeastsqBook(opts["maxfev"], rel, 1, ns.device, keep_residuals=True)
         jac_arg = problem.jacobian if user_jac else problem.fd_jacobian
@@ -380,19 +388,20 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
         res = least_squares(problem.residuals, p0, jac=jac_arg, method="lm",
                             **lm_tolerances(opts), **kwargs)
     except MaxfevReached:
-        raise RuntimeError("Optimal parameters not found: " + messages[5]) from None
+        raise RuntimeError("Optimal parameters not found: "
+                           + leastsq_messages(opts)[5]) from None
     except ValueError as e:
         if (problem.first_r is None or _all_finite(problem.first_r)
                 or not str(e).startswith(NONFINITE_START)):
             raise
         model.book = None
-        return _nonfinite_start_lm(problem, p0, n, problem.first_r, user_jac, rel, messages)
+        return _nonfinite_start_lm(problem, p0, n, problem.first_r, user_jac, rel, opts)
     finally:
         model.book = None
     ier = STATUS_TO_IER.get(int(res.status))
     if ier is None:  # our non-finite / singular stops: no MINPACK equivalent
         raise RuntimeError("Optimal parameters not found: " + res.message)
-    mesg = messages[ier]
+    mesg = leastsq_messages(opts)[ier]
     if ier not in (1, 2, 3, 4):
         raise RuntimeError("Optimal parameters not found: " + mesg)
 
@@ -427,7 +436,7 @@ def _infodict(fvec: Any, nfev: int, njev: int | None, fjac: np.ndarray, ipvt: np
 
 
 def _nonfinite_start_lm(problem: _OneProblem, p0: Any, n: int, f0: Any, user_jac: bool,
-                        rel: Any, messages: dict) -> tuple:
+                        rel: Any, opts: dict) -> tuple:
     """scipy's ``leastsq`` result when the residuals at ``p0`` are not finite.
 
     MINPACK evaluates the Jacobian at ``p0`` and then stops on its gradient
@@ -465,4 +474,4 @@ def _nonfinite_start_lm(problem: _OneProblem, p0: Any, n: int, f0: Any, user_jac
     with np.errstate(invalid="ignore", over="ignore"):
         chisq = float(np.sum(fvec.astype(float) ** 2))
     cov = np.full((1, n, n), np.nan)
-    return popt, cov, infodict, messages[4], 4, m, chisq
+    return popt, cov, infodict, leastsq_messages(opts)[4], 4, m, chisq
