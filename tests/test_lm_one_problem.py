@@ -224,12 +224,12 @@ def test_one_lm_problem_enters_numpy_errstate_once_per_stage(monkeypatch):
     assert len(entered) <= 2 * res.nfev + 2 * res.njev
 
 
-@pytest.mark.parametrize("m,n", [(2, 2), (7, 3), (140, 3)])
+@pytest.mark.parametrize("m,n", [(2, 2), (4, 2), (7, 3), (140, 3)])
 def test_host_svd_sums_u_t_f_on_the_host_for_small_matrices(m, n):
-    # below SMALL_BMM multiply-adds U^T f is summed on the host (the order of torch's own
-    # bmm kernel) and the factors carry their host rows; above it torch's bmm forms it
+    # up to HOST_UF_TERMS multiply-adds U^T f is summed on the host (the order of torch's
+    # own bmm kernel) and the factors carry their host rows; above it torch's bmm forms it
     from torchimize_scipy._engine.host_scalars import host_rows
-    from torchimize_scipy._engine.steps.lm import SMALL_BMM
+    from torchimize_scipy._engine.steps.lm import HOST_UF_TERMS
 
     J, diag, f = _problem(seed=3, m=m, n=n)
     hs = _hs()
@@ -244,7 +244,7 @@ def test_host_svd_sums_u_t_f_on_the_host_for_small_matrices(m, n):
     np.testing.assert_allclose(fac.uf.numpy(), uf.numpy(), rtol=0, atol=bound)
     np.testing.assert_array_equal(fac.s.numpy(), s.numpy())  # the same torch SVD
     np.testing.assert_array_equal(fac.V.numpy(), Vh.transpose(-1, -2).numpy())
-    small = m * n < SMALL_BMM
+    small = m * n <= HOST_UF_TERMS
     for t in (fac.s, fac.V, fac.uf):
         known = host_rows(t)
         assert (known is not None) == small

@@ -102,9 +102,12 @@ from .base import ResultFields, StepRule, Verdict
 
 FACTOR = 100.0
 
-#: Multiply-adds per matrix below which torch's ``bmm`` uses its own kernel, which sums
-#: each entry in order from zero (MKL's ``gemm`` from there on; see problem.HOST_SUM_ROWS)
-SMALL_BMM = 400
+#: Multiply-adds of ``U^T f`` up to which one problem sums it on the host
+#: (:func:`_host_svd`): in the order of torch's own ``bmm`` kernel, which adds each entry's
+#: terms in order from zero below 400 multiply-adds per matrix (MKL's ``gemm`` from there
+#: on; see problem.HOST_SUM_ROWS). Python's loop costs about what the four torch
+#: operations cost at 16 terms (2 x 2: 14 against 23 µs; 50 x 3: 125 against 15 µs).
+HOST_UF_TERMS = 8
 
 
 def _norms(hs: Scalars, a: Any) -> Any:
@@ -122,9 +125,9 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None
     the products ``J d`` elementwise, torch's SVD, ``U^T f`` by torch's
     ``bmm``: the same values), with ``J d`` formed and tested for finiteness
     on the host from the values the rule already holds there (no torch
-    operation for the scaling, no sum and read for the test); below
-    :data:`SMALL_BMM` multiply-adds ``U^T f`` is summed on the host in the
-    order of torch's own ``bmm`` kernel, and the factors carry their host
+    operation for the scaling, no sum and read for the test); up to
+    :data:`HOST_UF_TERMS` multiply-adds ``U^T f`` is summed on the host in
+    the order of torch's own ``bmm`` kernel, and the factors carry their host
     rows (:func:`~..host_scalars.remember_rows`). numpy's SVD
     would cost less, but rounds differently from torch's: on problems whose
     last steps are at rounding level (linear models) that moved MINPACK's
@@ -141,7 +144,7 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None
     except RuntimeError:  # (did not converge: the tensor path isolates the problem)
         return None
     m, k = U.shape[-2:]
-    if m * k >= SMALL_BMM:
+    if m * k > HOST_UF_TERMS:
         uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
         return Factors(mark_finite(s), Vh.transpose(-1, -2), uf)
     # U^T f summed on the host as torch's small bmm kernel sums it (each entry from zero,
