@@ -344,3 +344,39 @@ def test_large_batch_rule_agrees_with_the_host_path(monkeypatch, method, bounded
                                rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(np.asarray(host.cost)[keep], np.asarray(large.cost)[keep],
                                rtol=1e-10)
+
+
+def test_marked_jacobian_alias_keeps_the_host_rows():
+    # loop._marked_finite marks an alias of J finite (never the tensor the caller's jac
+    # may hold) and hands it J's host rows, so that the rule's reads of J convert nothing
+    from torchimize_scipy._engine.counts import known_finite
+    from torchimize_scipy._engine.loop import _marked_finite
+
+    J = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], dtype=torch.float64)
+    plain = _marked_finite(J)
+    assert plain is not J and known_finite(plain) and not known_finite(J)
+    assert host_scalars.host_rows(plain) is None  # nothing known: nothing handed over
+    rows = host_scalars.Scalars(J).rows(J)  # J's host rows, remembered on J
+    alias = _marked_finite(J)
+    assert alias is not J and known_finite(alias) and not known_finite(J)
+    assert host_scalars.host_rows(alias) is rows
+    assert alias.data_ptr() == J.data_ptr()  # the same memory: the rows stay valid
+    np.testing.assert_array_equal(host_scalars.Scalars(alias).view(alias)[0], J.numpy())
+
+
+def test_minpack_status_takes_eps_of_the_values_dtype():
+    # the table lookup of MINPACK's epsmch: float64 scalars and arrays, float32 arrays
+    from torchimize_scipy._engine.termination import GTOL, minpack_status
+
+    def status(gnorm, dtype):
+        one = np.ones(1, dtype=dtype)
+        return minpack_status(0.5 * one, 0.5 * one, one, one, one, gnorm * one, np.ones(1),
+                              100, 1e-8, 1e-8, xp=np)[0]
+
+    eps32 = float(np.finfo(np.float32).eps)
+    assert status(eps32 / 2, np.float32) == GTOL  # below float32's epsmch
+    assert status(eps32 / 2, np.float64) == RUNNING  # far above float64's
+    assert status(np.finfo(np.float64).eps, np.float64) == GTOL
+    one = np.float64(1.0)
+    assert minpack_status(one / 2, one / 2, one, one, one, np.float64(1e-17), np.int64(1),
+                          100, 1e-8, 1e-8, xp=Floats) == GTOL

@@ -222,3 +222,32 @@ def test_one_lm_problem_enters_numpy_errstate_once_per_stage(monkeypatch):
     assert res.nfev == ref.nfev and res.status == ref.status
     # (two per trial: proposal and assessment; two per outer iteration: optimality, model)
     assert len(entered) <= 2 * res.nfev + 2 * res.njev
+
+
+@pytest.mark.parametrize("m,n", [(2, 2), (4, 2), (7, 3), (140, 3)])
+def test_host_svd_sums_u_t_f_on_the_host_for_small_matrices(m, n):
+    # up to HOST_UF_TERMS multiply-adds U^T f is summed on the host (the order of torch's
+    # own bmm kernel) and the factors carry their host rows; above it torch's bmm forms it
+    from torchimize_scipy._engine.host_scalars import host_rows
+    from torchimize_scipy._engine.steps.lm import HOST_UF_TERMS
+
+    J, diag, f = _problem(seed=3, m=m, n=n)
+    hs = _hs()
+    with hs.quiet():
+        fac = _host_svd(hs, J, diag, f)
+    A = J * torch.reciprocal(diag).unsqueeze(-2)
+    U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
+    # the same SVD; U^T f by another summation: equal to rounding of |U^T| |f|
+    bound = 4 * m * np.finfo(np.float64).eps * float((U.abs().transpose(-1, -2)
+                                                      @ f.abs().unsqueeze(-1)).max())
+    np.testing.assert_allclose(fac.uf.numpy(), uf.numpy(), rtol=0, atol=bound)
+    np.testing.assert_array_equal(fac.s.numpy(), s.numpy())  # the same torch SVD
+    np.testing.assert_array_equal(fac.V.numpy(), Vh.transpose(-1, -2).numpy())
+    small = m * n <= HOST_UF_TERMS
+    for t in (fac.s, fac.V, fac.uf):
+        known = host_rows(t)
+        assert (known is not None) == small
+        if small:  # the remembered host rows are the tensor's values, in C order
+            np.testing.assert_array_equal(known, t.numpy())
+            assert known.flags.c_contiguous

@@ -48,7 +48,15 @@ from torch import Tensor
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
 from .counts import count_true, mark_finite, mark_unit
-from .host_scalars import Scalars, as_tensor, for_rows, is_host_value, scalars
+from .host_scalars import (
+    Scalars,
+    as_tensor,
+    for_rows,
+    host_rows,
+    is_host_value,
+    remember_rows,
+    scalars,
+)
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
 
@@ -447,7 +455,11 @@ def _marked_finite(J):
     it is."""
     if not isinstance(J, Tensor) or J.layout != torch.strided:
         return J
-    return mark_finite(J.view_as(J))
+    alias = mark_finite(J.view_as(J))
+    known = host_rows(J)
+    # (the host's values of J, valid for the alias as long as they are for J: the same
+    # memory, which the engine never writes)
+    return alias if known is None else remember_rows(alias, known)
 
 
 def concat(state: State, new: State) -> None:

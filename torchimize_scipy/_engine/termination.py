@@ -130,6 +130,10 @@ def trust_region_code(actual: Any, cost: Any, step_norm: Any, x_norm: Any, ratio
     return xp.where(finite, code, RUNNING)
 
 
+#: machine epsilon (MINPACK's ``epsmch``) of numpy's float dtypes
+_NP_EPS = {np.dtype(t): np.finfo(t).eps for t in (np.float64, np.float32)}
+
+
 def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
                    xnorm: Tensor, gnorm: Tensor, nfev: Tensor, max_nfev: int, ftol: float,
                    xtol: float, xp: Any = None) -> Tensor:
@@ -147,7 +151,11 @@ def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
     if isinstance(delta, Tensor):
         xp, eps = torch, torch.finfo(delta.dtype).eps
     else:
-        xp, eps = xp or np, np.finfo(np.result_type(delta)).eps
+        # (numpy scalars and arrays know their dtype: no finfo lookup per trial)
+        eps = _NP_EPS.get(getattr(delta, "dtype", None))
+        if eps is None:
+            eps = np.finfo(np.result_type(delta)).eps
+        xp = xp or np
     half_ok = 0.5 * ratio <= 1
     abs_actred = abs(actred)
     ftol_ok = (abs_actred <= ftol) & (prered <= ftol) & half_ok

@@ -15,7 +15,11 @@ one float64 problem on the host runs the whole iteration in numpy (norms,
 sums, square roots and the product with ``V``: the same operations, rounded
 as numpy rounds them, :func:`host_norm`); its lmpar is written out on
 ``numpy.float64`` scalars (:func:`_solve_minpack_one`: the same operations
-and values as the general body, without a namespace call per scalar).
+and values as the general body, without a namespace call per scalar; the
+general body on that problem cost 15-21 % more per Rosenbrock solve, issue
+14). On the CPU both Newton iterations continue on the rows that still
+iterate once fewer than a quarter of the batch do (:func:`_newton_alpha`,
+:func:`_lmpar_newton`; issue 16), bit for bit.
 """
 
 from __future__ import annotations
@@ -682,8 +686,48 @@ def _solve_minpack(sc: Scalars, fac: Factors, delta: Tensor, par0: Tensor, m: in
     par = xp.where(par == 0, gnorm / xp.where(dxnorm > 0, dxnorm, 1.0), par)
     running = gn_ok == 0  # not gn_ok (``~`` of a Python bool would not do)
     n_running = B - n_gn
+    par = _lmpar_newton(sc, fac, sp, par, parl, paru, fp, delta_c, running, n_running,
+                        1, max_iter)
+    p = _lm_damped_step(sc, fac, sp, par)
+    if n_gn:
+        p = torch.where(sc.tensor(gn_ok).unsqueeze(-1), p_gn, p)
+        par = xp.where(gn_ok, 0.0, par)
+    return p, sc.tensor(par)
+
+
+def _lmpar_newton(sc: Scalars, fac: Factors, sp: _Spectral, par: Any, parl: Any, paru: Any,
+                  fp: Any, delta_c: Any, running: Any, n_running: int, first: int,
+                  max_iter: int) -> Any:
+    """lmpar's Newton iterations ``first .. max_iter`` of :func:`_solve_minpack`; the new
+    ``par`` columns.
+
+    The problems marked in ``running`` iterate (the others keep their
+    ``par``) until ``| |p| - delta | <= 0.1 delta``, MINPACK's second stop
+    test, or the last iteration, which every running problem stops at (with
+    the parameter it was evaluated at). Whenever fewer than
+    :data:`RESTRICT_BELOW` of the batch run (from the start, where most
+    Gauss-Newton steps fit, or after an iteration), the iteration goes on
+    with their rows alone
+    (gathered as :func:`_solve_scipy`'s Newton iteration gathers them, issue
+    16): after the first iteration typically about 1 % of a large batch still
+    iterates, and the damped solves of the others would be computed and
+    thrown away. Every row's arithmetic is the same either way (elementwise
+    operations, per-row reductions and per-matrix inverses), so the results
+    are bit for bit those of the whole batch. CPU only (see
+    :func:`_newton_alpha`).
+    """
+    xp = sc.xp
+    B = sc.B
+    dwarf = _TINY.get(sc.dtype) or torch.finfo(sc.dtype).tiny
     tenth = 0.1 * delta_c
-    for it in range(1, max_iter + 1):
+    for it in range(first, max_iter + 1):
+        if n_running < RESTRICT_BELOW * B and not sc.floats and sc.device.type == "cpu":
+            # the few rows that still iterate, as a batch of their own
+            rows, pick, sub_sc, sub_fac, sub_sp = _gather_rows(sc, fac, sp, running, False)
+            par_r = _lmpar_newton(sub_sc, sub_fac, sub_sp, pick(par), pick(parl), pick(paru),
+                                  pick(fp), pick(delta_c), pick(running), n_running, it,
+                                  max_iter)
+            return _scatter_rows(sc, rows, par, par_r)
         par_it = xp.where(par == 0, _bound(xp, 0.001 * paru, lower=dwarf), par)
         phi, dpos, pnorm = _radius_terms(sc, fac, sp, par_it, delta_c, exact=True)
         temp = fp
@@ -714,11 +758,7 @@ def _solve_minpack(sc: Scalars, fac: Factors, delta: Tensor, par0: Tensor, m: in
         n_running = sc.count(running)
         if not n_running:
             break
-    p = _lm_damped_step(sc, fac, sp, par)
-    if n_gn:
-        p = torch.where(sc.tensor(gn_ok).unsqueeze(-1), p_gn, p)
-        par = xp.where(gn_ok, 0.0, par)
-    return p, sc.tensor(par)
+    return par
 
 
 def _fmax(a: Any, b: Any) -> Any:

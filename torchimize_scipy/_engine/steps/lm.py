@@ -77,7 +77,7 @@ from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from ..counts import count_true, known_finite, mark_finite, remember
-from ..host_scalars import Floats, Scalars, for_rows
+from ..host_scalars import Floats, Scalars, for_rows, remember_rows
 from ..linalg import Factors, factorize, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import Problem
@@ -102,6 +102,13 @@ from .base import ResultFields, StepRule, Verdict
 
 FACTOR = 100.0
 
+#: Multiply-adds of ``U^T f`` up to which one problem sums it on the host
+#: (:func:`_host_svd`): in the order of torch's own ``bmm`` kernel, which adds each entry's
+#: terms in order from zero below 400 multiply-adds per matrix (MKL's ``gemm`` from there
+#: on; see problem.HOST_SUM_ROWS). Python's loop costs about what the four torch
+#: operations cost at 16 terms (2 x 2: 14 against 23 µs; 50 x 3: 125 against 15 µs).
+HOST_UF_TERMS = 8
+
 
 def _norms(hs: Scalars, a: Any) -> Any:
     """Row norms of ``a`` as per-problem values of ``hs``: a tensor's by torch's reduction
@@ -118,7 +125,10 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None
     the products ``J d`` elementwise, torch's SVD, ``U^T f`` by torch's
     ``bmm``: the same values), with ``J d`` formed and tested for finiteness
     on the host from the values the rule already holds there (no torch
-    operation for the scaling, no sum and read for the test). numpy's SVD
+    operation for the scaling, no sum and read for the test); up to
+    :data:`HOST_UF_TERMS` multiply-adds ``U^T f`` is summed on the host in
+    the order of torch's own ``bmm`` kernel, and the factors carry their host
+    rows (:func:`~..host_scalars.remember_rows`). numpy's SVD
     would cost less, but rounds differently from torch's: on problems whose
     last steps are at rounding level (linear models) that moved MINPACK's
     ``xtol`` test and with it the reported status. None when an entry of
@@ -133,8 +143,27 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None
         U, s, Vh = torch.linalg.svd(torch.from_numpy(A), full_matrices=False)
     except RuntimeError:  # (did not converge: the tensor path isolates the problem)
         return None
-    uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
-    return Factors(mark_finite(s), Vh.transpose(-1, -2), uf)
+    m, k = U.shape[-2:]
+    if m * k > HOST_UF_TERMS:
+        uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
+        return Factors(mark_finite(s), Vh.transpose(-1, -2), uf)
+    # U^T f summed on the host as torch's small bmm kernel sums it (each entry from zero,
+    # the terms in order): the same values, one read of U instead of four operations;
+    # s, V and U^T f carry their host rows for the step and lmpar (Scalars.rows)
+    U_h, Vh_h = hs.rows(U), hs.rows(Vh)
+    cols = U_h[0].tolist()
+    f_l = f_h[0].tolist()
+    uf_l = []
+    for j in range(k):
+        total = 0.0
+        for row, v in zip(cols, f_l, strict=True):
+            total += row[j] * v
+        uf_l.append(total)
+    hs.rows(s)  # (remembered on s for the step and lmpar)
+    # (V contiguous, as Scalars.rows gives it: numpy's products depend on the layout)
+    V_h = np.ascontiguousarray(Vh_h.transpose(0, 2, 1))
+    return Factors(mark_finite(s), remember_rows(torch.from_numpy(V_h), V_h),
+                   hs.tensor_rows(np.array([uf_l])))
 
 
 class LMTrial:
