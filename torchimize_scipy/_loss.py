@@ -44,26 +44,14 @@ epsilon so that the square root is real and nonzero),
 so that :math:`\hat J^T \hat f = J^T (\tilde\rho_1 f)` is the true gradient
 of :math:`F` and :math:`\hat J^T \hat J` approximates its Hessian.
 
-The public functions here are pure PyTorch, work on any device and floating
-dtype, and never modify their inputs. For the few residuals of one small
-float64 problem on the CPU (at most :data:`_HOST_UP_TO` entries, no autograd,
-a float ``f_scale``), :class:`LossFunction` runs the additions, products,
-quotients and the clamp of ``soft_l1`` (its value and derivatives) and of the
-scaling of ``J`` and ``f`` in numpy on views of the tensors: operations that
-IEEE arithmetic rounds alike everywhere, in the same order. The square roots,
-powers and sums stay torch's (its vectorised kernels round some of them their
-own way: ``torch.sqrt`` differs from ``numpy.sqrt`` in the last bit for about
-1 % of the entries on this machine's CPU), so the values are bit for bit those
-of the tensor code, at a fraction of the per-call cost of a torch operation on
-15 numbers (issue 14: one robust fit with scipy's example). Larger residuals
-keep the tensor code.
+All functions here are pure PyTorch, work on any device and floating dtype,
+and never modify their inputs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -88,9 +76,6 @@ _ONE_PLUS_ATTR = "_torchimize_one_plus"
 _MISSING = object()
 #: Residual tensors of at most this many entries remember their ``z`` (torch's grain size).
 _REMEMBER_UP_TO = 32768
-#: float64 CPU residuals of at most this many entries take the loss's elementwise work in
-#: numpy (:meth:`LossFunction._host`): below it a torch operation's fixed cost dominates.
-_HOST_UP_TO = 256
 
 
 def linear(z: Tensor) -> Tensor:
@@ -220,10 +205,6 @@ _DERIVATIVES: dict[RhoFn, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
 }
 #: The attribute of a residual tensor that remembers its ``z`` (:meth:`LossFunction._z`).
 _Z_ATTR = "_torchimize_loss_z"
-#: The attribute of a ``z`` made by :meth:`LossFunction._host_z`: its numpy ``z`` and ``1 + z``.
-_HOST_Z_ATTR = "_torchimize_host_z"
-#: float64's machine epsilon, the clamp of :func:`_scale_system`.
-_EPS64 = float(torch.finfo(torch.float64).eps)
 
 #: Built-in losses whose ``rho`` is non-negative and infinite or NaN at a non-finite
 #: ``z``: a finite cost proves every residual finite (not ``arctan``, bounded).
@@ -312,40 +293,6 @@ class LossFunction:
             setattr(z, _ONE_PLUS_ATTR, None)  # (marks z as this class's: see _one_plus)
         return z, c_elem, c_prob
 
-    def _host(self, f: Tensor) -> bool:
-        """Whether ``f`` takes the numpy arithmetic (see the module's docstring).
-
-        ``soft_l1`` with a float ``f_scale``, and ``f`` a float64 CPU tensor of at
-        most :data:`_HOST_UP_TO` entries outside autograd.
-        """
-        return (self.rho_fn is soft_l1 and isinstance(self.f_scale, float)
-                and f.dtype == torch.float64 and f.is_cpu and f.numel() <= _HOST_UP_TO
-                and not f.requires_grad)
-
-    def _host_z(self, f: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """``z = (f / f_scale)**2`` and ``1 + z`` as numpy arrays, remembered on ``f``.
-
-        The values :meth:`_z` computes (a division, a product, a sum); the tensor
-        :meth:`_z` returns afterwards is a view of the same ``z``, remembering its
-        ``1 + z`` (:func:`_one_plus`).
-        """
-        known = getattr(f, _Z_ATTR, None)
-        if known is not None and known[0] is self:
-            z_t = known[1]
-            z = getattr(z_t, _HOST_Z_ATTR, None)
-            if z is not None:
-                return z
-        c = self.f_scale
-        a = f.numpy()
-        q = a if c == 1.0 else a / c  # (f / 1 is f)
-        z = q * q
-        t = 1 + z
-        z_t = torch.from_numpy(z)
-        setattr(z_t, _ONE_PLUS_ATTR, torch.from_numpy(t))
-        setattr(z_t, _HOST_Z_ATTR, (z, t))
-        setattr(f, _Z_ATTR, (self, z_t))
-        return z, t
-
     def _rho_unscaled(self, f: Tensor) -> tuple[Tensor, Tensor | float, Tensor | float]:
         z, c_elem, c_prob = self._z(f)
         return _as_rho(self.rho_fn(z), z), c_elem, c_prob
@@ -353,11 +300,6 @@ class LossFunction:
     def cost(self, f: Tensor) -> Tensor:
         """Robust cost of each problem: residuals ``f (B, m)`` to
         ``0.5 * f_scale**2 * sum(rho(z), axis=-1)``, shape ``(B,)``."""
-        if self._host(f):  # soft_l1 on the host: 2 (sqrt(1 + z) - 1)
-            with np.errstate(all="ignore"):
-                root = torch.sqrt(torch.from_numpy(self._host_z(f)[1])).numpy()
-                rho0 = 2 * (root - 1)
-            return 0.5 * self.f_scale**2 * torch.from_numpy(rho0).sum(dim=-1)
         value = _VALUE.get(self.rho_fn)
         if value is None:
             rho0 = self._rho_unscaled(f)[0][0]
@@ -400,29 +342,7 @@ class LossFunction:
     def scaled_system(self, J: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
         """:func:`scale_for_robust_loss` of ``J`` and ``f`` with this loss (from
         :meth:`derivatives`: the loss's value is not evaluated)."""
-        if self._host(f) and J.is_cpu and J.dtype == f.dtype and J.is_contiguous() \
-                and not J.requires_grad:
-            return self._host_scaled_system(J, f)
         return _scale_system(J, f, *self.derivatives(f))
-
-    def _host_scaled_system(self, J: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`scaled_system` of ``soft_l1`` on the host (:meth:`_host`): the operations
-        of :func:`_soft_l1_derivatives` and :func:`_scale_system`, in their order; the
-        powers and the square root are torch's, the rest numpy's."""
-        c2 = self.f_scale**2
-        a = f.numpy()
-        with np.errstate(all="ignore"):
-            t = torch.from_numpy(self._host_z(f)[1])
-            rho1 = (t**-0.5).numpy()
-            rho2 = -0.5 * (t**-1.5).numpy()
-            if c2 != 1.0:  # (x / 1 is x exactly)
-                rho2 = rho2 / c2
-            # (torch.clamp(s, min=eps) keeps a NaN, as numpy's maximum)
-            s = np.maximum(rho1 + 2 * rho2 * (a * a), _EPS64)
-            root = torch.sqrt(torch.from_numpy(s)).numpy()
-            f_scaled = a * (rho1 / root)
-            J_scaled = J.numpy() * root[..., None]
-        return torch.from_numpy(J_scaled), torch.from_numpy(f_scaled)
 
     def __call__(self, f: Tensor, cost_only: bool = False) -> Tensor:
         """Return :meth:`cost` if ``cost_only`` else :meth:`rho`."""
