@@ -388,13 +388,15 @@ def mix_routes(fac: Factors, gram_value: Tensor | None, svd_value: Tensor | None
     return torch.where(mask, gram_value, svd_value)
 
 
-def gram_solve(fac: Factors, alpha: Tensor | None,
-               keepdim: bool = False) -> tuple[Tensor, Tensor]:
+def gram_solve(fac: Factors, alpha: Tensor | None, keepdim: bool = False,
+               with_q: bool = True) -> tuple[Tensor, Tensor | None]:
     """``p = -(H + alpha I)^{-1} b`` and ``q = p^T (H + alpha I)^{-1} p`` on Gram rows.
 
     ``alpha`` has shape ``(B,)`` or ``(B, 1)``; None means 0 (the stored
     inverse is used). ``q`` has shape ``(B, 1)`` with ``keepdim``, else
-    ``(B,)``. Rows that do not take the Gram route get meaningless values.
+    ``(B,)``; None without ``with_q`` (for callers that take the step
+    alone: two products and a sum fewer). Rows that do not take the Gram
+    route get meaningless values.
     """
     if alpha is None:
         M = fac.Hinv
@@ -407,6 +409,8 @@ def gram_solve(fac: Factors, alpha: Tensor | None,
         with serial_lapack(H):
             M = torch.linalg.inv_ex(H)[0]
     p = -torch.bmm(M, fac.b.unsqueeze(-1))
+    if not with_q:
+        return p.squeeze(-1), None
     Mp = torch.bmm(M, p)
     q = (p * Mp).sum(-2) if keepdim else (p * Mp).sum((-2, -1))
     return p.squeeze(-1), q
@@ -441,7 +445,8 @@ def gauss_newton_step(fac: Factors, rcond: float | None = None) -> Tensor:
         keep = s > rcond * s[:, :1]
         coef = torch.where(keep, safe_div(uf, s), 0.0)
         p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
-    return mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
+    return mix_routes(fac, gram_solve(fac, None, with_q=False)[0] if has_gram else None,
+                      p_svd)
 
 
 #: The Gram rows whose Gauss-Newton step predicts a residual norm below this fraction of
