@@ -127,3 +127,15 @@ def test_batch_with_finished_rows_matches_itself_row_by_row():
     for i in range(4):
         one = batch_least_squares(fun, x0[i:i + 1], args=(y[i:i + 1],), method="trf")
         np.testing.assert_allclose(res.x[i], one.x[0], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.5])
+def test_gram_solve_without_q_gives_the_same_step(alpha):
+    """The callers that take the step alone skip ``q = p^T M p``; ``p`` is the same."""
+    J, f = _ill_batch()
+    fac = factorize(J, None, f, use_gram=True)
+    a = None if alpha is None else torch.full((J.shape[0],), alpha, dtype=torch.float64)
+    p, q = linalg.gram_solve(fac, a)
+    p_only, none = linalg.gram_solve(fac, a, with_q=False)
+    assert none is None and q.shape == (J.shape[0],)
+    assert torch.equal(p_only, p)  # (the same operations: bit for bit)
