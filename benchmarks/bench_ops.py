@@ -57,6 +57,14 @@ Usage::
            [--methods trf,dogbox,lm] [--only-b1] [--device-path]
            [--loss soft_l1 --f-scale 0.1]
 
+``--problem expfit`` counts, instead of Rosenbrock, scipy's robust-fit example
+of ``ab_small.py`` and ``bench_single.py`` (``0.5 + 2 exp(-t)`` on 15 points
+with three outliers, n = 3, numpy ``fun`` and analytic Jacobian from ``(1, 1,
+1)``) with ``loss='soft_l1', f_scale=0.1`` unless ``--loss`` says otherwise,
+one problem ('trf' and 'dogbox'; unbounded only)::
+
+    python benchmarks/bench_ops.py --only-b1 --problem expfit --methods trf --kinds numpy
+
 ``--loss`` gives every case a robust loss (the 'lm' cases are then skipped:
 'lm' takes the linear loss only); its JSON name carries the loss. The table
 is printed as markdown; the JSON goes to
@@ -154,9 +162,26 @@ class Counted:
         return self.fn(x, *args, **kwargs)
 
 
+def make_expfit_case(method: str, dev: torch.device, dt: torch.dtype, loss: str,
+                     f_scale: float):
+    """``ab_small.py``'s robust exponential fit (one problem, numpy ``fun``)."""
+    from bench_single import exp_fit, exp_fit_data, exp_fit_jac
+
+    t, y = exp_fit_data(0)
+    fun = Counted(exp_fit)
+
+    def call():
+        return least_squares(fun, np.ones(3), jac=exp_fit_jac, method=method, loss=loss,
+                             f_scale=f_scale, args=(t, y), device=dev, dtype=dt)
+    return call, fun
+
+
 def make_case(method: str, bounded: bool, B: int, kind: str, dev: torch.device,
-              dt: torch.dtype, seed: int, loss: str = "linear", f_scale: float = 1.0):
+              dt: torch.dtype, seed: int, loss: str = "linear", f_scale: float = 1.0,
+              problem: str = "rosenbrock"):
     """A zero-argument solve of the case and the counter of its residual calls."""
+    if problem == "expfit":
+        return make_expfit_case(method, dev, dt, loss, f_scale)
     robust = {} if loss == "linear" else {"loss": loss, "f_scale": f_scale}
     lb = [-np.inf, 1.5] if bounded else [-np.inf, -np.inf]
     start = [2.0, 2.0] if bounded else [-1.2, 1.0]
@@ -298,10 +323,22 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=None, help="timed calls (default 5; quick 2)")
     p.add_argument("--loss", default="linear",
                    help="robust loss of every case ('lm' cases are skipped unless linear)")
-    p.add_argument("--f-scale", type=float, default=1.0, help="f_scale of --loss")
+    p.add_argument("--f-scale", type=float, default=None,
+                   help="f_scale of --loss (default 1; 0.1 with --problem expfit)")
+    p.add_argument("--problem", default="rosenbrock", choices=("rosenbrock", "expfit"),
+                   help="expfit: the soft_l1 exponential fit of ab_small.py (B = 1, "
+                        "unbounded, numpy fun; --loss defaults to soft_l1)")
     p.add_argument("--device-path", action="store_true",
                    help="run the code a GPU runs (per-problem scalars as tensors) on the CPU")
     args = p.parse_args()
+    expfit = args.problem == "expfit"
+    if expfit:
+        args.only_b1 = True
+        args.kinds = "numpy"
+        if args.loss == "linear" and "--loss" not in " ".join(__import__("sys").argv):
+            args.loss = "soft_l1"
+    if args.f_scale is None:
+        args.f_scale = 0.1 if expfit else 1.0
     if args.device_path:
         from torchimize_scipy._engine import host_scalars
 
@@ -319,9 +356,11 @@ def main() -> None:
             for bounded in (False, True):
                 if method == "lm" and (bounded or args.loss != "linear"):
                     continue
+                if expfit and bounded:
+                    continue
                 for kind in args.kinds.split(","):
                     call, fun = make_case(method, bounded, B, kind, dev, dt, args.seed,
-                                          args.loss, args.f_scale)
+                                          args.loss, args.f_scale, args.problem)
                     rec = profile_case(call, fun)
                     t, calls = time_case(call, fun, dev, repeat)
                     rec.update({"method": method, "bounded": bounded, "B": B, "fun": kind,
@@ -352,7 +391,8 @@ def main() -> None:
                "host reads/eval", "engine", "engine syncs+reads", "host-scalar reads",
                "µs/eval"]
     robust = "" if args.loss == "linear" else f", loss={args.loss}, f_scale={args.f_scale:g}"
-    print("\n### aten operations and host syncs per evaluation of `fun` (Rosenbrock, "
+    title = "robust exponential fit (n = 3, m = 15)" if expfit else "Rosenbrock"
+    print(f"\n### aten operations and host syncs per evaluation of `fun` ({title}, "
           f"analytic Jacobian{robust})\n")
     print(md_table(headers, rows))
     print("\n'outside' = adapters + jacobian + frontend + results + loss (the user's own "
@@ -366,6 +406,8 @@ def main() -> None:
     name = "bench_ops_device_path" if args.device_path else "bench_ops"
     if args.loss != "linear":
         name += f"_{args.loss}"
+    if expfit:
+        name += "_expfit"
     path = write_json(args, name, {
         "note": "per evaluation of fun: top-level aten ops, host syncs, host reads by region; "
                 "Rosenbrock from (-1.2, 1) (bounded: x1 >= 1.5 from (2, 2)), analytic "

@@ -48,10 +48,10 @@ def _counting(monkeypatch) -> list[int]:
     sizes: list[int] = []
     solve = trust_region.gram_solve
 
-    def counting(fac_, alpha, keepdim=False):
+    def counting(fac_, alpha, keepdim=False, with_q=True):
         if alpha is not None:
             sizes.append(fac_.b.shape[0])
-        return solve(fac_, alpha, keepdim)
+        return solve(fac_, alpha, keepdim, with_q)
 
     monkeypatch.setattr(trust_region, "gram_solve", counting)
     return sizes

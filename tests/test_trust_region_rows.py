@@ -89,9 +89,9 @@ def test_newton_iteration_narrows_to_the_running_rows(host, monkeypatch):
     sizes: list[int] = []
     solve = trust_region.gram_solve
 
-    def counting(fac_, alpha, keepdim=False):
+    def counting(fac_, alpha, keepdim=False, with_q=True):
         sizes.append(fac_.b.shape[0])
-        return solve(fac_, alpha, keepdim)
+        return solve(fac_, alpha, keepdim, with_q)
 
     monkeypatch.setattr(trust_region, "gram_solve", counting)
     # (the Gram rows' own selection, test_tail_gram_rows.py, off: every solve has every row)

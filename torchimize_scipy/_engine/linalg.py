@@ -141,6 +141,8 @@ def factorize(
     B, m, n = J.shape
     if not (use_gram and m >= n):
         return Factors(*svd_factors(J, d, f, diag))
+    if known_unit(d):  # (an x_scale of ones: products by 1 are exact, skip them)
+        d = None
     Jt = J.transpose(-1, -2)
     H = torch.bmm(Jt, J) if gram is None else gram
     Atf = torch.bmm(Jt, f.unsqueeze(-1)).squeeze(-1) if g is None else g
@@ -167,9 +169,10 @@ def factorize(
         return None if t is None else t.index_select(0, rows)
 
     eig_rows = pick(finite & ~eig_hopeless)
-    if count_true(eig_rows):
-        s_b, V_b, uf_b = _eig_factors(pick(H), pick(Atf), pick(J), pick(d), pick(f), pick(diag),
-                                      eig_rows)
+    n_eig = count_true(eig_rows)
+    if n_eig:
+        # (J, d, f and diag stay whole: only the rows eigh does not serve are picked)
+        s_b, V_b, uf_b = _eig_factors(pick(H), pick(Atf), J, d, f, diag, eig_rows, rows, n_eig)
     else:  # (a batch's ill-conditioned tail: every rejected problem to the direct SVD)
         A = pick(J) if d is None else pick(J) * pick(d).unsqueeze(-2)
         s_b, V_b, uf_b = svd_factors(A, None, pick(f), pick(diag))
@@ -291,26 +294,34 @@ def _svd_rowwise(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
-                 diag: Tensor | None, finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                 diag: Tensor | None, finite: Tensor, rows: Tensor | None = None,
+                 n_finite: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SVD data of the problems the Gram inverse does not serve.
 
-    The eigen-decomposition of ``H = A^T A`` gives them when
-    ``cond(A)**2 <= gram_cond_limit(dtype)``; problems beyond that, and those
-    marked False in ``finite`` (non-finite ``H``, or a condition already known
-    to be beyond the limit), are redone with the direct SVD of ``A``, which
-    also handles rank deficiency as scipy does.
+    The eigen-decomposition of ``H = A^T A`` (``(R, n, n)``, with ``A^T b`` in
+    ``Atf``) gives them when ``cond(A)**2 <= gram_cond_limit(dtype)``; problems
+    beyond that, and those marked False in ``finite`` (non-finite ``H``, or a
+    condition already known to be beyond the limit), are redone with the
+    direct SVD of ``A``, which also handles rank deficiency as scipy does.
+    ``J``, ``d``, ``f`` and ``diag`` are the whole batch's when ``rows`` (the
+    batch rows of ``H``'s rows) is given, else ``H``'s rows; only the rows
+    sent to the SVD are gathered from them. ``n_finite``: the count of
+    ``finite`` when known.
     """
     lam = torch.zeros_like(H[..., 0])
     V = torch.zeros_like(H)
+    R = H.shape[0]
+    if n_finite is None:
+        n_finite = count_true(finite)
     try:
-        if bool(finite.all()):
+        if n_finite == R:
             with serial_lapack(H):
                 lam, V = torch.linalg.eigh(H)
-        elif bool(finite.any()):  # the others go to the SVD
-            rows = finite.nonzero().squeeze(-1)
+        elif n_finite:  # the others go to the SVD
+            sel = finite.nonzero().squeeze(-1)
             with serial_lapack(H):
-                lam_r, V_r = torch.linalg.eigh(H.index_select(0, rows))
-            lam, V = lam.index_copy(0, rows, lam_r), V.index_copy(0, rows, V_r)
+                lam_r, V_r = torch.linalg.eigh(H.index_select(0, sel))
+            lam, V = lam.index_copy(0, sel, lam_r), V.index_copy(0, sel, V_r)
     except RuntimeError:  # send every problem through the (per-problem safe) SVD
         finite = torch.zeros_like(finite)
     lam = lam.flip(-1)
@@ -318,19 +329,22 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
     lam_max = lam[:, :1]
     bad = (~(lam[:, -1:] > lam_max / gram_cond_limit(H.dtype)).squeeze(-1)
            | ~torch.isfinite(lam_max[:, 0]) | ~finite)
+    # (the square roots on the (R, n) rows as ever: torch's vectorised sqrt rounds
+    # some entries differently from its scalar tail, so the layout stays)
     s = lam.clamp(min=0).sqrt()
     suf = torch.bmm(V.transpose(-1, -2), Atf.unsqueeze(-1)).squeeze(-1)
     uf = safe_div(suf, s)
-    if bool(bad.any()):
-        rows = bad.nonzero().squeeze(-1)
-        A = J.index_select(0, rows)
+    bad_rows = bad.nonzero().squeeze(-1)
+    if bad_rows.numel():
+        src = bad_rows if rows is None else rows.index_select(0, bad_rows)
+        A = J.index_select(0, src)
         if d is not None:
-            A = A * d.index_select(0, rows).unsqueeze(-2)
-        s_b, V_b, uf_b = svd_factors(A, None, f.index_select(0, rows),
-                                     None if diag is None else diag.index_select(0, rows))
-        s = s.index_copy(0, rows, s_b)
-        V = V.index_copy(0, rows, V_b)
-        uf = uf.index_copy(0, rows, uf_b)
+            A = A * d.index_select(0, src).unsqueeze(-2)
+        s_b, V_b, uf_b = svd_factors(A, None, f.index_select(0, src),
+                                     None if diag is None else diag.index_select(0, src))
+        s = s.index_copy(0, bad_rows, s_b)
+        V = V.index_copy(0, bad_rows, V_b)
+        uf = uf.index_copy(0, bad_rows, uf_b)
     return s, V, uf
 
 
@@ -374,22 +388,29 @@ def mix_routes(fac: Factors, gram_value: Tensor | None, svd_value: Tensor | None
     return torch.where(mask, gram_value, svd_value)
 
 
-def gram_solve(fac: Factors, alpha: Tensor | None,
-               keepdim: bool = False) -> tuple[Tensor, Tensor]:
+def gram_solve(fac: Factors, alpha: Tensor | None, keepdim: bool = False,
+               with_q: bool = True) -> tuple[Tensor, Tensor | None]:
     """``p = -(H + alpha I)^{-1} b`` and ``q = p^T (H + alpha I)^{-1} p`` on Gram rows.
 
     ``alpha`` has shape ``(B,)`` or ``(B, 1)``; None means 0 (the stored
     inverse is used). ``q`` has shape ``(B, 1)`` with ``keepdim``, else
-    ``(B,)``. Rows that do not take the Gram route get meaningless values.
+    ``(B,)``; None without ``with_q`` (for callers that take the step
+    alone: two products and a sum fewer). Rows that do not take the Gram
+    route get meaningless values.
     """
     if alpha is None:
         M = fac.Hinv
     else:
         column = alpha if alpha.ndim == 2 else alpha.unsqueeze(-1)
-        H = fac.H + torch.diag_embed(column.expand_as(fac.b))
+        # H + alpha I: alpha added to a copy's diagonal (the off-diagonal entries are
+        # H's, as H + 0 gives them, up to the sign of a zero)
+        H = fac.H.clone()
+        H.diagonal(dim1=-2, dim2=-1).add_(column)
         with serial_lapack(H):
             M = torch.linalg.inv_ex(H)[0]
     p = -torch.bmm(M, fac.b.unsqueeze(-1))
+    if not with_q:
+        return p.squeeze(-1), None
     Mp = torch.bmm(M, p)
     q = (p * Mp).sum(-2) if keepdim else (p * Mp).sum((-2, -1))
     return p.squeeze(-1), q
@@ -424,7 +445,8 @@ def gauss_newton_step(fac: Factors, rcond: float | None = None) -> Tensor:
         keep = s > rcond * s[:, :1]
         coef = torch.where(keep, safe_div(uf, s), 0.0)
         p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
-    return mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
+    return mix_routes(fac, gram_solve(fac, None, with_q=False)[0] if has_gram else None,
+                      p_svd)
 
 
 #: The Gram rows whose Gauss-Newton step predicts a residual norm below this fraction of

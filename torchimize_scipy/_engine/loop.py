@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
-from .counts import count_true, mark_finite, mark_unit
+from .counts import count_true, known_unit, mark_finite, mark_unit
 from .host_scalars import (
     Scalars,
     as_tensor,
@@ -97,7 +97,7 @@ class RowView(dict):
     def __missing__(self, key: str) -> Tensor:
         value = self.state[key]
         if self.rows is not None:
-            value = value.index_select(0, self.rows)
+            value = _keep_unit(value, value.index_select(0, self.rows))
         dict.__setitem__(self, key, value)
         return value
 
@@ -247,8 +247,21 @@ def compact(state: State, keep: Tensor) -> None:
         new = done.get(id(v))
         if new is None:
             # (one problem's host value, Scalars.keep: a (1,) tensor first)
-            new = done[id(v)] = as_tensor(v).index_select(0, keep)
+            new = done[id(v)] = _keep_unit(v, as_tensor(v).index_select(0, keep))
         state[k] = new
+
+
+def _keep_unit(old: Tensor, new: Tensor) -> Tensor:
+    """``new`` (rows of ``old``) marked as a scaling of ones where ``old`` is one.
+
+    An ``x_scale`` of ones is marked once (:func:`admit`,
+    :func:`~.counts.mark_unit`) so that the step rules skip their products by
+    it; rows gathered or appended by :func:`compact` and :func:`concat` are
+    ones too, and would otherwise lose the mark for the rest of the run
+    (products by 1 are exact: the values are the same either way; issue 14,
+    the tail of a batch runs through many compactions).
+    """
+    return mark_unit(new) if known_unit(old) else new
 
 
 def tensor_state(state: State) -> State:
@@ -475,6 +488,8 @@ def concat(state: State, new: State) -> None:
             # (a sparse or operator Jacobian, tr_solver='lsmr', concatenates itself)
             merged = done[key] = (torch.cat([v, new[k]]) if isinstance(v, Tensor)
                                   else v.cat_rows(new[k]))
+            if known_unit(new[k]):  # (ones and ones: still ones)
+                merged = _keep_unit(v, merged)
         state[k] = merged
 
 

@@ -247,9 +247,9 @@ def _damped_step_column(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any) ->
     if has_gram and gr is not None:  # the Gram rows alone, into the new SVD steps
         if not gr.rows.size:
             return p_svd
-        p_r = gram_solve(gr.fac, gr.sc.tensor_rows(alpha[gr.rows]))[0]
+        p_r = gram_solve(gr.fac, gr.sc.tensor_rows(alpha[gr.rows]), with_q=False)[0]
         return p_svd.index_copy_(0, gr.index, p_r)
-    p_gram = gram_solve(fac, sc.tensor_rows(alpha))[0] if has_gram else None
+    p_gram = gram_solve(fac, sc.tensor_rows(alpha), with_q=False)[0] if has_gram else None
     return mix_routes(fac, p_gram, p_svd)
 
 
@@ -335,7 +335,7 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     if svd_only:
         p_gn = q_svd  # (the Gauss-Newton step negated)
     else:
-        p_gn = mix_routes(fac, gram_solve(fac, None)[0],
+        p_gn = mix_routes(fac, gram_solve(fac, None, with_q=False)[0],
                           None if q_svd is None else q_svd.neg_())
     delta_c = sc.get_col(delta)
     inside = full_rank & (sc.norm(p_gn, keepdim=True) <= delta_c)
