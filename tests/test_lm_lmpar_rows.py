@@ -14,25 +14,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _factor_batches import factor_batch
 from _parity import assert_bitwise_equal
 
 from torchimize_scipy._engine import trust_region
-from torchimize_scipy._engine.linalg import factorize, gauss_newton_step
+from torchimize_scipy._engine.linalg import gauss_newton_step
 from torchimize_scipy._engine.trust_region import solve_trust_region_minpack
 
 TENTH = 0.1  # lmpar stops when | |p| - delta | <= 0.1 delta
 
 
 def _batch(B: int, m: int = 12, n: int = 4, seed: int = 0):
-    """Factors of a batch with Gram and SVD rows (every fifth row nearly rank-deficient)."""
-    gen = torch.Generator().manual_seed(seed)
-    J = torch.randn(B, m, n, generator=gen, dtype=torch.float64)
-    # nearly parallel columns: cond(J)**2 beyond the Gram route's limit (SVD rows)
-    J[::5, :, -1] = J[::5, :, 0] + 1e-7 * J[::5, :, -1]
-    f = torch.randn(B, m, generator=gen, dtype=torch.float64)
-    d = torch.rand(B, n, generator=gen, dtype=torch.float64) + 0.5
-    fac = factorize(J, d, f, use_gram=True)
-    return fac
+    return factor_batch(B, m, n, seed)[0]
 
 
 def _deltas(fac, outside: np.ndarray) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _factor_batches import factor_batch
 from _parity import assert_bitwise_equal
 
 from torchimize_scipy._engine import trust_region
@@ -23,15 +24,7 @@ RTOL = 0.01  # solve_trust_region_scipy's default: |p| = delta (1 +- RTOL)
 
 
 def _batch(B: int, m: int = 12, n: int = 4, seed: int = 0):
-    """Factors of a batch with Gram and SVD rows (every fifth row nearly rank-deficient)."""
-    gen = torch.Generator().manual_seed(seed)
-    J = torch.randn(B, m, n, generator=gen, dtype=torch.float64)
-    # nearly parallel columns: cond(J)**2 beyond the Gram route's limit (SVD rows)
-    J[::5, :, -1] = J[::5, :, 0] + 1e-7 * J[::5, :, -1]
-    f = torch.randn(B, m, generator=gen, dtype=torch.float64)
-    d = torch.rand(B, n, generator=gen, dtype=torch.float64) + 0.5
-    fac = factorize(J, d, f, use_gram=True)
-    return fac, J, d, f
+    return factor_batch(B, m, n, seed)
 
 
 def _gauss_newton_norms(fac, J, d, f) -> torch.Tensor:

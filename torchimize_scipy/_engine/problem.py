@@ -181,18 +181,26 @@ def _host_sum_sq(f: list[float]) -> float:
     return total
 
 
+def host_transposed_product(A: list[list[float]], f: list[float], n: int) -> list[float]:
+    """``A^T f`` of one problem's few rows ``A (m, n)`` as Python floats, each entry
+    the sum over the rows in order from zero, as torch's small ``bmm`` kernel adds
+    them (so the values equal ``bmm``'s; see :data:`HOST_SUM_ROWS`)."""
+    out = []
+    for i in range(n):
+        total = 0.0
+        for row, v in zip(A, f, strict=True):
+            total += row[i] * v
+        out.append(total)
+    return out
+
+
 def _host_normal_equations(f: list[float], J: list[list[float]],
                            n: int) -> tuple[np.ndarray, np.ndarray]:
     """``J^T f (1, n)`` and ``J^T J (1, n, n)`` of one problem's few rows ``J (m, n)``
     (Python floats, as :func:`_host_sum_sq`), each entry the sum over the rows in order
     from zero, as torch's small ``bmm`` kernel adds them; ``J^T J`` is symmetric
     entry by entry (the same products in the same order)."""
-    g = []
-    for i in range(n):
-        total = 0.0
-        for row, v in zip(J, f, strict=True):
-            total += row[i] * v
-        g.append(total)
+    g = host_transposed_product(J, f, n)
     G = [[0.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i, n):

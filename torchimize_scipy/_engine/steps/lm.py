@@ -80,7 +80,7 @@ from ..counts import count_true, known_finite, mark_finite, remember
 from ..host_scalars import Floats, Scalars, for_rows, remember_rows
 from ..linalg import Factors, factorize, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
-from ..problem import Problem
+from ..problem import Problem, host_transposed_product
 from ..quadratic import cross_jac, jac_times
 from ..termination import (
     RUNNING,
@@ -151,14 +151,7 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None
     # the terms in order): the same values, one read of U instead of four operations;
     # s, V and U^T f carry their host rows for the step and lmpar (Scalars.rows)
     U_h, Vh_h = hs.rows(U), hs.rows(Vh)
-    cols = U_h[0].tolist()
-    f_l = f_h[0].tolist()
-    uf_l = []
-    for j in range(k):
-        total = 0.0
-        for row, v in zip(cols, f_l, strict=True):
-            total += row[j] * v
-        uf_l.append(total)
+    uf_l = host_transposed_product(U_h[0].tolist(), f_h[0].tolist(), k)
     hs.rows(s)  # (remembered on s for the step and lmpar)
     # (V contiguous, as Scalars.rows gives it: numpy's products depend on the layout)
     V_h = np.ascontiguousarray(Vh_h.transpose(0, 2, 1))
