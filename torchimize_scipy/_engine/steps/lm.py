@@ -76,6 +76,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
+from .. import host_lapack
 from ..counts import count_true, known_finite, mark_finite, remember
 from ..host_scalars import Floats, Scalars, for_rows, remember_rows
 from ..linalg import Factors, factorize, refine_gauss_newton
@@ -139,11 +140,30 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None
     A = J_h * (1.0 / diag_h)[:, None, :]
     if not np.isfinite(A).all():
         return None
+    m, n = A.shape[-2:]
+    if host_lapack.AVAILABLE and 0 < m * n <= host_lapack.MAX_ENTRIES:
+        # torch's own LAPACK routine called on the host arrays (host_lapack: the same bits)
+        out = host_lapack.svd(A[0])
+        if out is None:  # (did not converge: the tensor path isolates the problem)
+            return None
+        U_h, s_h, Vh_h = out
+        k = s_h.shape[0]
+        s_h = s_h.reshape(1, k)
+        s = mark_finite(remember_rows(torch.from_numpy(s_h), s_h))
+        if m * k > HOST_UF_TERMS:
+            U = torch.from_numpy(U_h).unsqueeze(0)  # (column-major, as torch's SVD gives it)
+            uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
+        else:
+            uf = hs.tensor_rows(np.array([host_transposed_product(U_h.tolist(),
+                                                                  f_h[0].tolist(), k)]))
+        # (V contiguous, as Scalars.rows gives it: numpy's products depend on the layout)
+        V_h = np.ascontiguousarray(Vh_h.T).reshape(1, n, k)
+        return Factors(s, remember_rows(torch.from_numpy(V_h), V_h), uf)
     try:
         U, s, Vh = torch.linalg.svd(torch.from_numpy(A), full_matrices=False)
     except RuntimeError:  # (did not converge: the tensor path isolates the problem)
         return None
-    m, k = U.shape[-2:]
+    k = U.shape[-1]
     if m * k > HOST_UF_TERMS:
         uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
         return Factors(mark_finite(s), Vh.transpose(-1, -2), uf)
