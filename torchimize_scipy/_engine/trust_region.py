@@ -552,7 +552,12 @@ def host_norm(a: Any) -> Any:
     """
     row = a[0]
     # (a sum of squares is not negative: NaN and infinity pass through math.sqrt)
-    return np.float64(math.sqrt(np.add.reduce(row * row)))
+    if row.shape[0] >= _FOLD:
+        return np.float64(math.sqrt(np.add.reduce(row * row)))
+    total = 0.0  # (a short row: numpy's sum in its order, on Python floats, see _row_sum)
+    for v in row.tolist():
+        total += v * v
+    return np.float64(math.sqrt(total))
 
 
 def _torch_row_norm(sc: Scalars, a: Any) -> Any:
@@ -771,15 +776,49 @@ def _fmin(a: Any, b: Any) -> Any:
     return a if (a <= b or a != a) else b
 
 
-def _radius_one(s2: np.ndarray, suf: np.ndarray, suf2: np.ndarray, alpha: Any,
+#: numpy's pairwise summation adds rows of fewer than this many entries one after
+#: another from zero (``np.add.reduce``; blocks of 8 accumulators from there on):
+#: :func:`_row_sum` adds such rows of Python floats in that order, the same sums
+_FOLD = 8
+
+
+def _row_sum(v: list[float]) -> float:
+    """``numpy.add.reduce`` of one row of Python floats, bit for bit: a short row added in
+    order from zero as numpy adds it, a longer one by numpy itself."""
+    if len(v) >= _FOLD:
+        return float(np.add.reduce(np.array(v, dtype=np.float64)))
+    total = 0.0
+    for t in v:
+        total += t
+    return total
+
+
+def _radius_one(s2: list[float], suf: list[float], suf2: list[float], alpha: Any,
                 delta: Any) -> tuple[Any, Any, Any]:
-    """:func:`_radius_terms` of one problem's SVD rows (1-D arrays), ``exact``, with the
-    same operations: ``phi``, ``-dphi/dalpha`` and ``|p|`` as ``numpy.float64``."""
-    denom = s2 if alpha is None else s2 + alpha
-    nonzero = denom != 0
-    coef = np.where(nonzero, suf / denom, 0.0)
-    pn = np.float64(math.sqrt(np.add.reduce(coef * coef)))
-    total = np.add.reduce(np.where(nonzero, suf2 / (denom * denom * denom), 0.0))
+    """:func:`_radius_terms` of one problem's SVD rows (lists of Python floats), ``exact``,
+    with the same operations: ``phi``, ``-dphi/dalpha`` and ``|p|`` as ``numpy.float64``.
+
+    Python's float arithmetic is IEEE double arithmetic, as numpy's on these rows (an
+    overflow gives inf), and the sums are numpy's (:func:`_row_sum`): the same values
+    as the arrays gave, without a numpy call per operation on two or three entries.
+    The one case Python would raise on, a nonzero ``denom`` whose cube underflows to
+    zero, divides as numpy scalars (the caller holds ``errstate``).
+    """
+    add = 0.0 if alpha is None else float(alpha)
+    squares = []
+    terms = []
+    for a, b, c in zip(s2, suf, suf2, strict=True):
+        denom = a + add if alpha is not None else a
+        if denom != 0:
+            coef = b / denom
+            cube = denom * denom * denom
+            squares.append(coef * coef)
+            terms.append(c / cube if cube != 0 else float(np.float64(c) / cube))
+        else:
+            squares.append(0.0)
+            terms.append(0.0)
+    pn = np.float64(math.sqrt(_row_sum(squares)))
+    total = np.float64(_row_sum(terms))
     return pn - delta, total / (pn if pn > 0 else 1.0), pn
 
 
@@ -802,11 +841,12 @@ def _solve_minpack_one(sc: Scalars, fac: Factors, delta_t: Tensor, par0: Tensor,
     if fp <= 0.1 * delta:
         return p_gn, np.float64(0.0)
     dwarf = _TINY[torch.float64]
-    s = sc.rows(fac.s)[0]
-    suf = s * sc.rows(fac.uf)[0]
-    s2 = s * s
-    suf2 = suf * suf
-    full_rank = (m >= n and s.shape[-1] >= n > 0
+    # the spectral rows as Python floats (see _radius_one)
+    s = sc.rows(fac.s)[0].tolist()
+    suf = [a * b for a, b in zip(s, sc.rows(fac.uf)[0].tolist(), strict=True)]
+    s2 = [a * a for a in s]
+    suf2 = [b * b for b in suf]
+    full_rank = (m >= n and len(s) >= n > 0
                  and s[-1] > _EPS[torch.float64] * m * s[0])
     phi0, dpos0, _ = _radius_one(s2, suf, suf2, None, delta)
     # -phi0 / dphi0 (phi0 itself where the derivative vanishes)
@@ -816,7 +856,7 @@ def _solve_minpack_one(sc: Scalars, fac: Factors, delta_t: Tensor, par0: Tensor,
         curv, full, rows = (sc.get(t) for t in (basic.curv, basic.full, basic.rows))
         if rows:
             parl = ((fp / delta) / curv if (full and curv > 0) else np.float64(0.0))
-    gnorm = np.float64(math.sqrt(np.add.reduce(suf * suf)))
+    gnorm = np.float64(math.sqrt(_row_sum(suf2)))
     paru = gnorm / delta
     if paru == 0:
         paru = dwarf / _fmin(delta, 0.1)
@@ -840,7 +880,8 @@ def _solve_minpack_one(sc: Scalars, fac: Factors, delta_t: Tensor, par0: Tensor,
         if phi < 0:
             paru = _fmin(paru, par_it)
         par = _fmax(parl, par_it + parc)
-    denom = s2 + par
-    coef = np.where(denom != 0, suf / denom, 0.0)
+    add = float(par)
+    coef = np.array([b / d if d != 0 else 0.0
+                     for b, d in zip(suf, [a + add for a in s2], strict=True)])
     p = sc.tensor_rows(-(sc.rows(fac.V) @ coef[None, :, None])[..., 0])
     return p, sc.keep(par)[0]  # (a numpy.float64)
