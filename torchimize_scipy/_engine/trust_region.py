@@ -519,8 +519,17 @@ def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True
     if not sc.host or not has_svd:
         return gauss_newton_step(fac)
     s, uf = sc.rows(fac.s), sc.rows(fac.uf)
+    eps = _EPS.get(fac.s.dtype) or torch.finfo(fac.s.dtype).eps
+    if sc.floats and not has_gram and s.shape[-1]:
+        # one problem: the quotients on Python floats (the same operations, see
+        # _radius_one), the product with V on the host too (numpy's, see host_norm)
+        s_l = s[0].tolist()
+        cut = eps * s_l[0]
+        coef = np.array([[u / v if (v > cut and v != 0) else 0.0
+                          for v, u in zip(s_l, uf[0].tolist(), strict=True)]])
+        return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
     with sc.quiet() if quiet else contextlib.nullcontext():
-        keep = s > (_EPS.get(fac.s.dtype) or torch.finfo(fac.s.dtype).eps) * s[:, :1]
+        keep = s > eps * s[:, :1]
         coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
         if sc.floats and not has_gram:  # one problem: the product on the host too
             return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
