@@ -610,16 +610,18 @@ def for_rows(x: Tensor) -> Scalars:
     the same values ('lm' bit for bit; 'trf'/'dogbox' up to the square roots,
     see the module docstring).
     """
-    return scalars(x, host=False if x.shape[0] > 1 and x.numel() > GRAIN else None)
+    B = x.shape[0]
+    return scalars(x, host=False if B > 1 and x.numel() > GRAIN else None, B=B)
 
 
-def scalars(like: Tensor, host: bool | None = None) -> Scalars:
+def scalars(like: Tensor, host: bool | None = None, B: int | None = None) -> Scalars:
     """``Scalars(like, host)``: on the CPU one shared object per batch size, dtype,
     ``host`` and :data:`HOST` (the only things it depends on there; a
-    :class:`Scalars` is never changed), made once."""
+    :class:`Scalars` is never changed), made once. ``B``: ``like.shape[0]`` where the
+    caller has it (one read of the shape fewer, :func:`for_rows`)."""
     if not like.is_cpu:
         return Scalars(like, host)
-    key = (like.shape[0], like.dtype, host, HOST)
+    key = (like.shape[0] if B is None else B, like.dtype, host, HOST)
     sc = _FOR_ROWS.get(key)
     if sc is None:
         if len(_FOR_ROWS) >= 256:  # (streamed batches shrink through many sizes)

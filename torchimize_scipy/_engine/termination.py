@@ -175,7 +175,10 @@ def uncounted_jacobian(accept: Tensor, status: Tensor) -> Tensor:
     The loop evaluates the Jacobian at every accepted point; MINPACK does not
     when the same trial stops it, so that evaluation is not reported.
     """
-    return (accept & (status != RUNNING)) * 1  # (0/1 integers, tensor or numpy array)
+    stopped = accept & (status != RUNNING)
+    if type(stopped) is np.bool_:  # (one problem's host value: numpy's bool * 1 is slow)
+        return np.int64(stopped)
+    return stopped * 1  # (0/1 integers, tensor or numpy array)
 
 
 def reported_njev(njev: Tensor, uncounted: Tensor) -> Tensor:

@@ -119,7 +119,8 @@ def _norms(hs: Scalars, a: Any) -> Any:
     return hs.view(vnorm(a, dim=-1))[0]
 
 
-def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None:
+def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor,
+              finite: bool = False) -> Factors | None:
     """The SVD factors of one float64 problem's scaled Jacobian ``J / diag``, kept on the host.
 
     The same operations as :func:`~..linalg.svd_factors` (``d = 1 / diag`` and
@@ -134,11 +135,18 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor) -> Factors | None
     last steps are at rounding level (linear models) that moved MINPACK's
     ``xtol`` test and with it the reported status. None when an entry of
     ``J d`` is not finite: the tensor path then flags the problem as it
-    always does. The caller holds :meth:`~..host_scalars.Scalars.quiet`.
+    always does. ``finite``: the caller knows every entry of ``J d`` to be
+    finite (a Jacobian the loop proved finite under ``x_scale='jac'``, see
+    :meth:`LevenbergMarquardt.build_model`), which is then not tested. Up to
+    :data:`~..host_lapack.MAX_ENTRIES` entries the SVD is LAPACK's called on
+    the host arrays (:mod:`..host_lapack`: the routine and arguments of
+    torch's, the same bits, without torch's dispatch, copies and queries),
+    and ``s`` and ``V`` carry their host rows. The caller holds
+    :meth:`~..host_scalars.Scalars.quiet`.
     """
     J_h, diag_h, f_h = hs.view(J, diag, f)
     A = J_h * (1.0 / diag_h)[:, None, :]
-    if not np.isfinite(A).all():
+    if not finite and not np.isfinite(A).all():
         return None
     m, n = A.shape[-2:]
     if host_lapack.AVAILABLE and 0 < m * n <= host_lapack.MAX_ENTRIES:
@@ -318,7 +326,10 @@ class LevenbergMarquardt(StepRule):
         fac = None
         if hs.floats and not problem.use_gram:  # one problem: J d formed on the host
             with hs.quiet():  # (one numpy errstate for the factors and the step)
-                fac = _host_svd(hs, state["J"], state["diag"], state["f"])
+                # (J proven finite and diag at least each column's norm: every entry of
+                # J d is at most 1 in size, as below)
+                fac = _host_svd(hs, state["J"], state["diag"], state["f"],
+                                finite=problem.jac_scale and known_finite(state["J"]))
                 if fac is not None:
                     p_gn = minimum_norm_step(fac, host=True, quiet=False)
         if fac is None:
