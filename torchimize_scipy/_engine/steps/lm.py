@@ -52,11 +52,13 @@ numpy's ``errstate`` once (:meth:`..host_scalars.Scalars.quiet`; the
 subproblem and the step share the proposal's, the factors and the
 Gauss-Newton step the model's; never around the user's functions). Its
 factorisation forms ``J d`` and tests it on the host (:func:`_host_svd`;
-torch's SVD, whose rounding numpy's would not reproduce), and lmpar runs
-written out for it (``trust_region._solve_minpack_one``). Under
-``x_scale='jac'`` every entry of ``J d`` is at most 1 in size, so a batch's
-``d`` is marked finite for a Jacobian the loop proved finite and its
-factorisation tests nothing. That problem's radius, damping, norms, masks
+torch's SVD, whose rounding numpy's would not reproduce, for a small matrix
+torch's own LAPACK routine called on the host arrays, :mod:`..host_lapack`),
+and lmpar runs written out for it (``trust_region._solve_minpack_one``; its
+radius terms on Python floats). Under ``x_scale='jac'`` every entry of
+``J d`` is at most 1 in size, so a batch's ``d`` is marked finite for a
+Jacobian the loop proved finite and its factorisation tests nothing (nor
+does one problem's host test). That problem's radius, damping, norms, masks
 and codes stay ``numpy`` scalars in the state from ``init_state`` on
 (:meth:`..host_scalars.Scalars.keep`), so a trial makes no ``(1,)`` tensor
 for them.
