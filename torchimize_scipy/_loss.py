@@ -44,8 +44,24 @@ epsilon so that the square root is real and nonzero),
 so that :math:`\hat J^T \hat f = J^T (\tilde\rho_1 f)` is the true gradient
 of :math:`F` and :math:`\hat J^T \hat J` approximates its Hessian.
 
-All functions here are pure PyTorch, work on any device and floating dtype,
-and never modify their inputs.
+All public functions here are pure PyTorch, work on any device and floating
+dtype, and never modify their inputs.
+
+One problem on its floats
+-------------------------
+For one float64 problem with few residuals the engine evaluates a built-in
+loss on its Python floats (:meth:`LossFunction.host_cost`,
+:meth:`LossFunction.host_scaled_system`, called by ``_engine/problem.py``):
+a torch operation on a row of a few entries costs its dispatch (several
+microseconds), a Python float operation a few tens of nanoseconds. Each
+loss's value and derivatives are written once against an operations
+namespace: :class:`_TensorOps` (tensors) or :class:`_FloatOps` (lists of
+floats), whose ``map`` applies an elementwise formula of ``+ - * /`` and
+comparisons, written for either, in one pass. These operations are exact in
+IEEE arithmetic; the square root, powers other than 2 and -0.5, ``log1p``,
+``arctan`` and the cost's sum are torch's own kernels on the row (torch's
+float64 ``sqrt`` and ``pow`` are not always correctly rounded on this CPU,
+and its sum groups the terms its own way), so both give the same values.
 """
 
 from __future__ import annotations
