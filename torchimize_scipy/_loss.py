@@ -44,14 +44,33 @@ epsilon so that the square root is real and nonzero),
 so that :math:`\hat J^T \hat f = J^T (\tilde\rho_1 f)` is the true gradient
 of :math:`F` and :math:`\hat J^T \hat J` approximates its Hessian.
 
-All functions here are pure PyTorch, work on any device and floating dtype,
-and never modify their inputs.
+All public functions here are pure PyTorch, work on any device and floating
+dtype, and never modify their inputs.
+
+One problem on its floats
+-------------------------
+For one float64 problem with few residuals the engine evaluates a built-in
+loss on its Python floats (:meth:`LossFunction.host_cost`,
+:meth:`LossFunction.host_scaled_system`, called by ``_engine/problem.py``):
+a torch operation on a row of a few entries costs its dispatch (several
+microseconds), a Python float operation a few tens of nanoseconds. Each
+loss's value and derivatives are written once against an operations
+namespace: :class:`_TensorOps` (tensors) or :class:`_FloatOps` (lists of
+floats), whose ``map`` applies an elementwise formula of ``+ - * /`` and
+comparisons, written for either, in one pass. These operations are exact in
+IEEE arithmetic; the square root, powers other than 2 and -0.5, ``log1p``,
+``arctan`` and the cost's sum are torch's own kernels on the row (torch's
+float64 ``sqrt`` and ``pow`` are not always correctly rounded on this CPU,
+and its sum groups the terms its own way), so both give the same values.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -98,13 +117,176 @@ def _one_plus(z: Tensor) -> Tensor:
     return t
 
 
-def _soft_l1_value(z: Tensor) -> Tensor:
-    return 2 * (torch.sqrt(_one_plus(z)) - 1)
+class _TensorOps:
+    """The losses' operations on tensors: torch's own (the reference values).
+
+    ``map(fn, *rows)`` applies an elementwise formula of ``+ - * /`` and
+    comparisons, written once for tensors and Python floats, to whole tensors.
+    """
+
+    sqrt = staticmethod(torch.sqrt)
+    log1p = staticmethod(torch.log1p)
+    arctan = staticmethod(torch.arctan)
+    where = staticmethod(torch.where)
+    ones_like = staticmethod(torch.ones_like)
+    zeros_like = staticmethod(torch.zeros_like)
+    one_plus = staticmethod(_one_plus)
+
+    @staticmethod
+    def map(fn: Callable[..., Tensor], *rows: Tensor) -> Tensor:
+        return fn(*rows)
+
+    @staticmethod
+    def power(t: Tensor, p: float) -> Tensor:
+        return t**p
+
+    @staticmethod
+    def at_least_eps(s: Tensor) -> Tensor:
+        return torch.clamp(s, min=torch.finfo(s.dtype).eps)
+
+    @staticmethod
+    def scale_rows(J: Tensor, s: Tensor) -> Tensor:
+        return J * s[..., None]
 
 
-def _soft_l1_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
-    t = _one_plus(z)
-    return t**-0.5, -0.5 * t**-1.5
+_TENSORS = _TensorOps()
+_EPS64 = float(torch.finfo(torch.float64).eps)
+
+
+def _kernel(fn: Callable[..., Tensor], row: list[float], *args: float) -> list[float]:
+    """torch's ``fn`` on a float64 tensor of ``row``'s values (its own kernel: its
+    values; a ``(m,)`` tensor runs the same loop as the tensor code's contiguous
+    ``(1, m)`` row)."""
+    return fn(torch.from_numpy(np.array(row, dtype=np.float64)), *args).tolist()
+
+
+def _row_sum(t: Tensor) -> Tensor:
+    return t.sum(dim=-1)
+
+
+def _rsqrt(v: float) -> float:
+    """torch's ``v**-0.5`` of one float: ``1 / sqrt(v)``, both correctly rounded."""
+    if v > 0:
+        return 1 / math.sqrt(v)
+    if v == 0:
+        return math.copysign(math.inf, v)
+    return math.nan  # (negative or NaN)
+
+
+class _FloatOps:
+    """The losses' operations on one float64 problem's residuals as a list of Python
+    floats, the same values as :class:`_TensorOps`' (see :meth:`LossFunction.host_cost`).
+
+    A Python float is an IEEE double: ``+ - * /`` and comparisons give torch's
+    values, and :meth:`map` evaluates a whole formula of them per entry in one
+    pass (where a tensor takes one dispatched operation per step). torch
+    evaluates ``t**2`` as ``t * t`` and ``t**-0.5`` as the reciprocal of the
+    correctly rounded square root (``rsqrt``), as :func:`_rsqrt` does. The
+    square root itself (MKL's on this CPU, not always correctly rounded),
+    ``log1p``, ``arctan`` and other powers are torch's kernels on the row
+    (:func:`_kernel`). One object per ``z``: it remembers ``1 + z``
+    (:meth:`one_plus`). No division here has a zero divisor (``1 + z >= 1``,
+    the scaling's root ``>= sqrt(eps)``), which would raise for floats.
+    """
+
+    __slots__ = ("_z", "_one_plus")
+
+    def __init__(self) -> None:
+        self._z: list[float] | None = None
+        self._one_plus: list[float] = []
+
+    @staticmethod
+    def map(fn: Callable[..., float], *rows: list[float]) -> list[float]:
+        return list(map(fn, *rows))
+
+    @staticmethod
+    def where(cond: list[bool], a: list[float], b: list[float]) -> list[float]:
+        return [x if c else y for c, x, y in zip(cond, a, b, strict=True)]
+
+    @staticmethod
+    def ones_like(z: list[float]) -> list[float]:
+        return [1.0] * len(z)
+
+    @staticmethod
+    def zeros_like(z: list[float]) -> list[float]:
+        return [0.0] * len(z)
+
+    def one_plus(self, z: list[float]) -> list[float]:
+        if self._z is not z:
+            self._z, self._one_plus = z, [1 + v for v in z]
+        return self._one_plus
+
+    @staticmethod
+    def sqrt(row: list[float]) -> list[float]:
+        return _kernel(torch.sqrt, row)
+
+    @staticmethod
+    def log1p(row: list[float]) -> list[float]:
+        return _kernel(torch.log1p, row)
+
+    @staticmethod
+    def arctan(row: list[float]) -> list[float]:
+        return _kernel(torch.arctan, row)
+
+    @staticmethod
+    def power(row: list[float], p: float) -> list[float]:
+        if p == 2:
+            return [v * v for v in row]
+        if p == -0.5:
+            sqrt = math.sqrt
+            return [1 / sqrt(v) if v > 0 else _rsqrt(v) for v in row]
+        return _kernel(torch.pow, row, p)
+
+    @staticmethod
+    def at_least_eps(row: list[float]) -> list[float]:
+        return [_EPS64 if v < _EPS64 else v for v in row]  # (NaN kept, as by torch.clamp)
+
+    @staticmethod
+    def scale_rows(J: np.ndarray, s: list[float]) -> np.ndarray:
+        # (J's rows as the array (1, m, n): one product, exact, as numpy's)
+        return J * np.array(s, dtype=np.float64).reshape(1, -1, 1)
+
+
+# the elementwise formulas of the losses (tensors or floats, see _TensorOps.map)
+def _twice_less_one(s: Tensor) -> Tensor:
+    return 2 * (s - 1)
+
+
+def _twice_minus_one(s: Tensor) -> Tensor:
+    return 2 * s - 1
+
+
+def _at_most_one(z: Tensor) -> Tensor:
+    return z <= 1
+
+
+def _minus_half(p: Tensor) -> Tensor:
+    return -0.5 * p
+
+
+def _reciprocal(t: Tensor) -> Tensor:
+    return 1 / t
+
+
+def _minus_reciprocal(t: Tensor) -> Tensor:
+    return -1 / t
+
+
+def _one_plus_value(v: Tensor) -> Tensor:
+    return 1 + v
+
+
+def _arctan_second(z: Tensor, t2: Tensor) -> Tensor:
+    return -2 * z / t2
+
+
+def _soft_l1_value(z: Tensor, ops: Any = _TENSORS) -> Tensor:
+    return ops.map(_twice_less_one, ops.sqrt(ops.one_plus(z)))
+
+
+def _soft_l1_derivatives(z: Tensor, ops: Any = _TENSORS) -> tuple[Tensor, Tensor]:
+    t = ops.one_plus(z)
+    return ops.power(t, -0.5), ops.map(_minus_half, ops.power(t, -1.5))
 
 
 def _soft_l1_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -119,18 +301,19 @@ def soft_l1(z: Tensor) -> Tensor:
     return torch.stack(_soft_l1_parts(z))
 
 
-def _huber_value(z: Tensor) -> Tensor:
-    inner = z <= 1
+def _huber_value(z: Tensor, ops: Any = _TENSORS) -> Tensor:
+    inner = ops.map(_at_most_one, z)
     # the outer branch on a safe argument, so that neither the values nor autograd
     # through ``torch.where`` produce inf/nan on the inner side
-    return torch.where(inner, z, 2 * torch.sqrt(torch.where(inner, torch.ones_like(z), z)) - 1)
+    outer = ops.map(_twice_minus_one, ops.sqrt(ops.where(inner, ops.ones_like(z), z)))
+    return ops.where(inner, z, outer)
 
 
-def _huber_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
-    inner = z <= 1
-    zo = torch.where(inner, torch.ones_like(z), z)  # (see _huber_value)
-    return (torch.where(inner, torch.ones_like(z), zo**-0.5),
-            torch.where(inner, torch.zeros_like(z), -0.5 * zo**-1.5))
+def _huber_derivatives(z: Tensor, ops: Any = _TENSORS) -> tuple[Tensor, Tensor]:
+    inner = ops.map(_at_most_one, z)
+    zo = ops.where(inner, ops.ones_like(z), z)  # (see _huber_value)
+    return (ops.where(inner, ops.ones_like(z), ops.power(zo, -0.5)),
+            ops.where(inner, ops.zeros_like(z), ops.map(_minus_half, ops.power(zo, -1.5))))
 
 
 def _huber_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -145,13 +328,17 @@ def huber(z: Tensor) -> Tensor:
     return torch.stack(_huber_parts(z))
 
 
-def _cauchy_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
-    t = _one_plus(z)
-    return 1 / t, -1 / t**2
+def _cauchy_value(z: Tensor, ops: Any = _TENSORS) -> Tensor:
+    return ops.log1p(z)
+
+
+def _cauchy_derivatives(z: Tensor, ops: Any = _TENSORS) -> tuple[Tensor, Tensor]:
+    t = ops.one_plus(z)
+    return ops.map(_reciprocal, t), ops.map(_minus_reciprocal, ops.power(t, 2))
 
 
 def _cauchy_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return (torch.log1p(z), *_cauchy_derivatives(z))
+    return (_cauchy_value(z), *_cauchy_derivatives(z))
 
 
 def cauchy(z: Tensor) -> Tensor:
@@ -162,13 +349,17 @@ def cauchy(z: Tensor) -> Tensor:
     return torch.stack(_cauchy_parts(z))
 
 
-def _arctan_derivatives(z: Tensor) -> tuple[Tensor, Tensor]:
-    t = 1 + z**2
-    return 1 / t, -2 * z / t**2
+def _arctan_value(z: Tensor, ops: Any = _TENSORS) -> Tensor:
+    return ops.arctan(z)
+
+
+def _arctan_derivatives(z: Tensor, ops: Any = _TENSORS) -> tuple[Tensor, Tensor]:
+    t = ops.map(_one_plus_value, ops.power(z, 2))
+    return ops.map(_reciprocal, t), ops.map(_arctan_second, z, ops.power(t, 2))
 
 
 def _arctan_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return (torch.arctan(z), *_arctan_derivatives(z))
+    return (_arctan_value(z), *_arctan_derivatives(z))
 
 
 def arctan(z: Tensor) -> Tensor:
@@ -190,8 +381,8 @@ LOSSES: dict[str, RhoFn] = {
 #: The built-in losses' value ``rho(z)`` alone and their three parts, as the same
 #: operations as the public functions (so the same values, bit for bit), without
 #: the stacking and the derivatives a cost does not need.
-_VALUE: dict[RhoFn, Callable[[Tensor], Tensor]] = {
-    soft_l1: _soft_l1_value, huber: _huber_value, cauchy: torch.log1p, arctan: torch.arctan,
+_VALUE: dict[RhoFn, Callable[..., Tensor]] = {
+    soft_l1: _soft_l1_value, huber: _huber_value, cauchy: _cauchy_value, arctan: _arctan_value,
 }
 _PARTS: dict[RhoFn, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]] = {
     soft_l1: _soft_l1_parts, huber: _huber_parts, cauchy: _cauchy_parts,
@@ -199,12 +390,14 @@ _PARTS: dict[RhoFn, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]] = {
 }
 #: The built-in losses' two derivatives alone (the second and third of their parts: the
 #: parts call these functions): what the scaling of ``J`` and ``f`` needs.
-_DERIVATIVES: dict[RhoFn, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+_DERIVATIVES: dict[RhoFn, Callable[..., tuple[Tensor, Tensor]]] = {
     soft_l1: _soft_l1_derivatives, huber: _huber_derivatives, cauchy: _cauchy_derivatives,
     arctan: _arctan_derivatives,
 }
 #: The attribute of a residual tensor that remembers its ``z`` (:meth:`LossFunction._z`).
 _Z_ATTR = "_torchimize_loss_z"
+#: ... and its host array of ``z`` for one problem (:meth:`LossFunction._host_z`).
+_Z_HOST_ATTR = "_torchimize_loss_host_z"
 
 #: Built-in losses whose ``rho`` is non-negative and infinite or NaN at a non-finite
 #: ``z``: a finite cost proves every residual finite (not ``arctan``, bounded).
@@ -344,6 +537,50 @@ class LossFunction:
         :meth:`derivatives`: the loss's value is not evaluated)."""
         return _scale_system(J, f, *self.derivatives(f))
 
+    # ------------------------------------------------------------ one problem on the host
+    @property
+    def host_capable(self) -> bool:
+        """Whether :meth:`host_cost` and :meth:`host_scaled_system` serve this loss: a
+        built-in ``rho`` and a scalar ``f_scale`` (a callable's ``rho`` takes tensors)."""
+        return self.rho_fn in _DERIVATIVES and not isinstance(self.f_scale, Tensor)
+
+    def _host_z(self, f: Tensor, f_row: list[float]) -> tuple[list[float], _FloatOps]:
+        """:meth:`_z` of one problem's residuals ``f`` from their values ``f_row``,
+        with the :class:`_FloatOps` that remembers ``1 + z``; both remembered on
+        ``f``."""
+        known = getattr(f, _Z_HOST_ATTR, None)
+        if known is not None and known[0] is self:
+            return known[1], known[2]
+        c = self.f_scale
+        q = f_row if c == 1.0 else [v / c for v in f_row]  # (f / 1 is f)
+        z = [v * v for v in q]
+        ops = _FloatOps()
+        setattr(f, _Z_HOST_ATTR, (self, z, ops))
+        return z, ops
+
+    def host_cost(self, f: Tensor, f_row: list[float]) -> float:
+        """:meth:`cost` of one float64 problem (``B = 1``, :attr:`host_capable`, no
+        autograd) from the values ``f_row`` of its residuals ``f``, as a float:
+        the same operations on Python floats, torch's kernels where those would
+        round differently (:class:`_FloatOps`) and torch's sum (its own grouping
+        of the terms), so the same value."""
+        z, ops = self._host_z(f, f_row)
+        rho0 = _VALUE[self.rho_fn](z, ops)
+        total = _kernel(_row_sum, rho0)
+        return 0.5 * self.f_scale**2 * total
+
+    def host_scaled_system(self, f: Tensor, f_row: list[float],
+                           J_h: np.ndarray) -> tuple[np.ndarray, list[float]]:
+        """:meth:`scaled_system` of one float64 problem (as :meth:`host_cost`) from
+        the values ``f_row`` of its residuals ``f`` and the host array ``J_h
+        (1, m, n)`` of its Jacobian: the scaled Jacobian's array and residuals."""
+        z, ops = self._host_z(f, f_row)
+        rho1, rho2 = _DERIVATIVES[self.rho_fn](z, ops)
+        c2 = self.f_scale**2
+        if c2 != 1.0:  # (x / 1 is x exactly)
+            rho2 = [v / c2 for v in rho2]
+        return _scale_system(J_h, f_row, rho1, rho2, ops)
+
     def __call__(self, f: Tensor, cost_only: bool = False) -> Tensor:
         """Return :meth:`cost` if ``cost_only`` else :meth:`rho`."""
         return self.cost(f) if cost_only else self.rho(f)
@@ -410,11 +647,17 @@ def scale_for_robust_loss(J: Tensor, f: Tensor, rho: Tensor) -> tuple[Tensor, Te
     return _scale_system(J, f, rho[1], rho[2])
 
 
-def _scale_system(J: Tensor, f: Tensor, rho1: Tensor, rho2: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`scale_for_robust_loss` from the loss's two derivatives."""
-    s = rho1 + 2 * rho2 * (f * f)  # (f**2 is f * f)
-    s = torch.clamp(s, min=torch.finfo(s.dtype).eps)
-    s = torch.sqrt(s)
-    f_scaled = f * (rho1 / s)
-    J_scaled = J * s[..., None]
-    return J_scaled, f_scaled
+def _scale_system(J: Tensor, f: Tensor, rho1: Tensor, rho2: Tensor,
+                  ops: Any = _TENSORS) -> tuple[Tensor, Tensor]:
+    """:func:`scale_for_robust_loss` from the loss's two derivatives (tensors, or one
+    problem's floats with :class:`_FloatOps`)."""
+    s = ops.sqrt(ops.at_least_eps(ops.map(_gauss_newton_weight, rho1, rho2, f)))
+    return ops.scale_rows(J, s), ops.map(_scaled_residual, f, rho1, s)
+
+
+def _gauss_newton_weight(rho1: Tensor, rho2: Tensor, f: Tensor) -> Tensor:
+    return rho1 + 2 * rho2 * (f * f)  # (f**2 is f * f)
+
+
+def _scaled_residual(f: Tensor, rho1: Tensor, root: Tensor) -> Tensor:
+    return f * (rho1 / root)

@@ -10,6 +10,15 @@ and ``J^T J`` as host sums in the order torch adds the terms (the same
 values, no torch operation but the tensors handed over with their host
 values; issue 14): Rosenbrock 'lm', 30 -> 20 engine operations per
 evaluation (``benchmarks/bench_ops.py --only-b1``).
+
+With a built-in robust loss, one float64 problem with at most
+:data:`HOST_LOSS_ROWS` residuals takes its cost and the loss's scaling of
+``J`` and ``f`` on its Python floats (:meth:`LossFunction.host_cost
+<torchimize_scipy._loss.LossFunction.host_cost>`, the same values), and
+``J^T f``, ``J^T J`` as host sums in the order of torch's own small ``bmm``
+kernel (below :data:`BMM_NAIVE_TERMS` multiply-adds): the soft_l1
+exponential fit (``m = 15``, ``n = 3``), 27 torch operations of the loss
+and products per evaluation to 4 kernels (issue 14).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .._loss import LossFunction, scale_for_robust_loss
-from .host_scalars import scalars
+from .host_scalars import Scalars, scalars
 
 #: Residuals and variables up to which one float64 problem's cost and ``J^T f``, ``J^T J``
 #: are summed on the host (:meth:`Problem.cost`, :meth:`Problem.linearize`): torch's sum
@@ -32,6 +41,16 @@ from .host_scalars import scalars
 #: their own way.
 HOST_SUM_ROWS = 4
 HOST_SUM_COLS = 4
+
+#: Residuals up to which one float64 problem evaluates a built-in robust loss on its
+#: Python floats (:meth:`Problem.cost`, :meth:`Problem.linearize`): a pass over a few
+#: floats costs less than a dispatched torch operation.
+HOST_LOSS_ROWS = 64
+#: torch's ``bmm`` multiplies by its own kernel below this many multiply-adds per matrix
+#: (``m * n * n`` for ``J^T J``), adding the terms over the rows in order from zero:
+#: one problem's robust-loss products are summed the same way on the host below it
+#: (:func:`_host_normal_equations`).
+BMM_NAIVE_TERMS = 400
 
 #: ``fun(x (k, n), idx (k,)) -> f (k, m)``; ``idx`` names the problem of each row.
 BatchedFun = Callable[[Tensor, Tensor], Tensor]
@@ -134,7 +153,25 @@ class Problem:
                 a = f.numpy()  # beside the sparse products' helper threads (trf_lsmr)
                 return torch.from_numpy(0.5 * np.einsum("ij,ij->i", a, a))
             return 0.5 * (f * f).sum(-1)
+        hs = self._host_loss(f)
+        if hs is not None:  # one float64 problem: the loss on its floats (the same value)
+            return hs.tensors(np.float64(self.loss.host_cost(f, hs.view(f)[0][0].tolist())))[0]
         return self.loss.cost(f)
+
+    def _host_loss(self, f: Tensor, J: Tensor | None = None) -> Scalars | None:
+        """The :class:`~.host_scalars.Scalars` of one float64 problem's residuals ``f``
+        (and Jacobian ``J``) whose robust loss is evaluated on the host
+        (:meth:`~torchimize_scipy._loss.LossFunction.host_cost`), or None: a
+        built-in loss with a scalar ``f_scale``, no autograd, at most
+        :data:`HOST_LOSS_ROWS` residuals, a strided ``J``."""
+        loss = self.loss
+        if not isinstance(loss, LossFunction) or not loss.host_capable \
+                or f.requires_grad or f.shape[-1] > HOST_LOSS_ROWS:
+            return None
+        if J is not None and (J.requires_grad or J.layout != torch.strided):
+            return None
+        hs = scalars(f)
+        return hs if hs.floats else None
 
     def linearize(self, f_true: Tensor, J_true: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Loss-scaled residuals and Jacobian, the gradient and the Gram matrix.
@@ -162,6 +199,15 @@ class Problem:
                     g, G = _host_normal_equations(f_h[0].tolist(), J_h[0].tolist(),
                                                   J.shape[-1])
                     return (f, J) + hs.tensors(g, G)
+        elif (hs := self._host_loss(f_true, J_true)) is not None:
+            # one float64 problem: the scaling on its floats (the same values), and its
+            # few products summed on the host as torch's small ``bmm`` kernel sums them
+            f_h, J_h = hs.view(f_true, J_true)
+            J_s, f_s = self.loss.host_scaled_system(f_true, f_h[0].tolist(), J_h)
+            m, n = J_s.shape[-2:]
+            f, J = hs.tensors(np.array(f_s, dtype=np.float64).reshape(1, m), J_s)
+            if m * n * n < BMM_NAIVE_TERMS:
+                return (f, J) + hs.tensors(*_host_normal_equations(f_s, J_s[0].tolist(), n))
         elif isinstance(self.loss, LossFunction):  # (without the loss's value)
             J, f = self.loss.scaled_system(J_true, f_true)
         else:
