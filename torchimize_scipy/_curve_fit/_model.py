@@ -114,7 +114,9 @@ class WhitenedModel:
                 np.asarray(o), device=P.device, dtype=P.dtype) for o in outs])
         if P.shape[0] == 1:  # the usual call of curve_fit: no stacking
             return np.asarray(fn(x, *P[0]))[None]
-        return np.stack([np.asarray(fn(x, *p)) for p in P])
+        # (np.array of the list: one C call where np.stack's Python layers cost several
+        # times more; the same copies, and it refuses outputs of different shapes)
+        return np.array([np.asarray(fn(x, *p)) for p in P])
 
     def _chunk_rows(self, rows: int, repeat: int, like: Any) -> int:
         """Rows of ``P`` per call of ``f`` (a multiple of ``repeat``; ``rows``: one call).
@@ -278,13 +280,12 @@ class WhitenedModel:
                     F.requires_grad or f0.requires_grad or h.requires_grad):
                 # autograd: one group (_chunk_rows does not split calls that record gradients)
                 J = _swap_last((F - f0[start:stop, None, :]) / h[start:stop, :, None])
-            elif group >= b:  # one call: in place, in f's row order, and the transposed view
-                diff = torch.empty(F.shape, dtype=F.dtype, device=dev) if torch_in else \
-                    np.empty(F.shape, dtype=F.dtype)
+            elif group >= b:  # one call: in place on F (this call's own, see below), in
+                # f's row order, and the transposed view
                 sub, div = (torch.sub, torch.div) if torch_in else (np.subtract, np.divide)
-                sub(F, f0[:, None, :], out=diff)
-                div(diff, h[:, :, None], out=diff)
-                J = _swap_last(diff)
+                sub(F, f0[:, None, :], out=F)
+                div(F, h[:, :, None], out=F)
+                J = _swap_last(F)
             else:  # each group's differences written transposed into one (b, M, N) array
                 if J is None:
                     shape = (b, F.shape[-1], n)
