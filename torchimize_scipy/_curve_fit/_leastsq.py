@@ -413,12 +413,12 @@ class LeastsqBook:
         """
         rows = self.rows
         if rows["jac_calls"][0] > 0:  # after the first Jacobian: a trial
-            trials = rows["trials"][0] + 1
+            trials = int(rows["trials"][0]) + 1  # (Python ints: no numpy scalar arithmetic)
             rows["trials"] = np.array([trials], dtype=np.int64)
             if rows["spent"][0]:
                 if not rows["hit"][0]:
                     rows["hit"] = np.ones(1, dtype=bool)
-            elif 1 + trials + rows["fd_evals"][0] >= self.maxfev:
+            elif 1 + trials + int(rows["fd_evals"][0]) >= self.maxfev:
                 rows["spent"] = np.ones(1, dtype=bool)
         if rows["jac_after_trial"][0]:
             rows["jac_after_trial"] = np.zeros(1, dtype=bool)
@@ -491,6 +491,9 @@ class LeastsqBook:
         only when the book keeps them. ``J`` and the residuals are tensors or
         numpy arrays (kept as :meth:`record_call` keeps its values).
         """
+        if self.one:
+            self._record_jac_one(J, residuals)
+            return
         sel = self._rows_of(ids)
         values = {}
         if self.keep_jacobians:
@@ -510,6 +513,39 @@ class LeastsqBook:
             self._put(name, sel, value, copy=True)
         self._count("jac_calls", sel, self._get("jac_calls", sel) + 1)
         self._count("jac_after_trial", sel, self._get("trials", sel) > 0)
+
+    def _record_jac_one(self, J: Any, residuals: Callable[[], Any]) -> None:
+        """:meth:`record_jac` for a book of one (``curve_fit``, once per Jacobian): the same
+        updates without the row selection and the loop over the kept values."""
+        rows = self.rows
+        if self.keep_jacobians:
+            if not self._plain_summary:
+                J = as_tensor(J)
+                J = J.detach() if J.requires_grad else J
+                J = self.summary(J if J.device == self.device else J.to(self.device))
+            self._keep_one("summary", J)
+        if self.keep_residuals:
+            self._keep_one("f", residuals())
+        rows["jac_calls"] = rows["jac_calls"] + 1
+        rows["jac_after_trial"] = rows["trials"] > 0
+
+    def _keep_one(self, name: str, value: Any) -> None:
+        """Keep ``value`` as ``name`` of a book of one, the previous one as ``prev_<name>``.
+
+        The book's own last residuals (what :meth:`value_at` hands out) are kept
+        as they are: the book never writes its arrays in place, so the two
+        names may share one private copy.
+        """
+        rows = self.rows
+        stored = rows.get(name)
+        if stored is not None:
+            rows["prev_" + name] = stored
+        last_f = rows.get("last_f")
+        if value is last_f and (stored is None or type(stored) is type(value)
+                                and stored.dtype == value.dtype):
+            rows[name] = value
+        else:
+            rows[name] = _private_any(value, stored, self.device)
 
     def add_fd_evals(self, ids: Any, count: int) -> None:
         """``count`` forward-difference evaluations for each of the problems ``ids``."""

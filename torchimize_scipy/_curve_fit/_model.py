@@ -262,7 +262,8 @@ class WhitenedModel:
         else:
             rel = np.asarray(book.rel_step, dtype=P.dtype)
             h = rel * np.abs(P)
-            h = np.where(h == 0, rel, h)
+            if not h.all():  # (on the host a test is cheaper than the selection)
+                h = np.where(h == 0, rel, h)
         # row j of each problem's block: P with p_j replaced by p_j + h_j (copied, not
         # P + diag(h): that would turn a parameter -0.0 into +0.0)
         shifted = xp.where(_diagonal_mask(n, P.device if torch_in else None),
