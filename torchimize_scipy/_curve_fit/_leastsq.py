@@ -144,20 +144,29 @@ def minpack_step(epsfcn: Any, diff_step: Any, n: int, dtype: Any) -> Any:
     return math.sqrt(eps_mach)
 
 
+def leastsq_message(opts: dict, info: int) -> str:
+    """``leastsq``'s termination message for MINPACK's ``info`` (1 to 5)."""
+    if info == 1:
+        return ("Both actual and predicted relative reductions in the sum of squares\n"
+                f"  are at most {opts['ftol']:f}")
+    if info == 2:
+        return f"The relative error between two consecutive iterates is at most {opts['xtol']:f}"
+    if info == 3:
+        return ("Both actual and predicted relative reductions in the sum of squares\n"
+                f"  are at most {opts['ftol']:f} and the relative error between two "
+                f"consecutive iterates is at \n  most {opts['xtol']:f}")
+    if info == 4:
+        return ("The cosine of the angle between func(x) and any column of the\n"
+                f"  Jacobian is at most {opts['gtol']:f} in absolute value")
+    if info == 5:
+        return f"Number of calls to function has reached maxfev = {opts['maxfev']}."
+    raise ValueError(f"no leastsq message for info = {info}")
+
+
 def leastsq_messages(opts: dict) -> dict[int, str]:
-    """``leastsq``'s termination messages for MINPACK's ``info`` 1 to 5."""
-    ftol, xtol, gtol, maxfev = (opts[k] for k in ("ftol", "xtol", "gtol", "maxfev"))
-    return {
-        1: "Both actual and predicted relative reductions in the sum of squares\n"
-           f"  are at most {ftol:f}",
-        2: f"The relative error between two consecutive iterates is at most {xtol:f}",
-        3: "Both actual and predicted relative reductions in the sum of squares\n"
-           f"  are at most {ftol:f} and the relative error between two consecutive "
-           f"iterates is at \n  most {xtol:f}",
-        4: "The cosine of the angle between func(x) and any column of the\n"
-           f"  Jacobian is at most {gtol:f} in absolute value",
-        5: f"Number of calls to function has reached maxfev = {maxfev}.",
-    }
+    """``leastsq``'s termination messages for MINPACK's ``info`` 1 to 5 (a batch's table;
+    one fit formats only its own, :func:`leastsq_message`)."""
+    return {info: leastsq_message(opts, info) for info in range(1, 6)}
 
 
 def status_to_ier(status: torch.Tensor) -> torch.Tensor:

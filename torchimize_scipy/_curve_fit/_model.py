@@ -231,8 +231,9 @@ class WhitenedModel:
         memory, for large batches), tensors torch operations, the same IEEE
         operations in both. A batch that ``f`` takes in one call is
         differenced in place in the order ``f`` returns the values (a
-        subtraction and a division into one buffer) and ``J`` is that
-        buffer's transposed view. Large batches on the CPU are differenced in
+        subtraction and a division on the residuals of the shifted points,
+        this call's own array: no further buffer) and ``J`` is that array's
+        transposed view. Large batches on the CPU are differenced in
         groups of problems as :meth:`evaluate` calls ``f`` (each group's
         differences computed while its residuals are in the cache) into one
         contiguous ``(b, M, N)`` array: the subtraction runs in place on the
@@ -270,7 +271,7 @@ class WhitenedModel:
                            (P + h)[:, None, :], P[:, None, :])
         Pp = shifted.reshape(b * n, n)
         group = max(1, self._chunk_rows(b * n, n, P) // n)  # problems per call of f
-        J = diff = None
+        J = None
         for start in range(0, b, group):
             stop = min(b, start + group)
             F = self._evaluate(Pp if group >= b else Pp[start * n:stop * n],
