@@ -194,14 +194,24 @@ def minpack_qr_outputs(J: np.ndarray, fvec: np.ndarray) -> tuple:
     # ``scipy.linalg.qr(J, pivoting=True, mode="economic")`` returns, bit for bit
     raw, jpvt, tau = _lapack(geqp3, A)
     perm = jpvt - 1  # 1-based pivots
-    upper = np.triu(raw)
+    below = _strictly_lower(m, n)  # (np.triu and np.tril, with one kept mask)
+    upper = np.where(below, 0.0, raw)
     R = upper[:n, :n].copy()
-    fjac = upper + np.tril(raw, -1) * tau[np.newaxis, :n]
+    fjac = upper + np.where(below, raw, 0.0) * tau[np.newaxis, :n]
     if m < n:
         Q = _lapack(orgqr, raw[:, :m].copy(), tau, overwrite_a=1)[0]
     else:
         Q = _lapack(orgqr, raw.copy(), tau, overwrite_a=1)[0]
     return fjac.T.copy(), perm.astype(np.int32), Q.T @ fvec, R
+
+
+@functools.lru_cache(maxsize=64)
+def _strictly_lower(m: int, n: int) -> np.ndarray:
+    """The ``(m, n)`` mask of the entries below the diagonal (read only; a few shapes per
+    session)."""
+    mask = np.tri(m, n, -1, dtype=bool)
+    mask.flags.writeable = False
+    return mask
 
 
 @functools.cache
