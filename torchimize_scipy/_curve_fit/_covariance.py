@@ -175,7 +175,14 @@ def finish_covariance(cov: Any, ok: Any, n: int, m: Any, chisq: Any,
     """
     xp = _namespace(cov)
     bad = xp.isnan(cov).reshape(cov.shape[0], -1).any(-1)
-    if not absolute_sigma:
+    if not absolute_sigma and xp is _NUMPY_XP and isinstance(m, int):
+        # one shared count on the host (curve_fit): the same division by the same
+        # float64 count, decided in Python
+        scale = chisq / (m - n if m > n else 1)
+        cov = cov * xp.astype(scale, cov.dtype)[:, None, None]
+        if m <= n:
+            bad = xp.ones_like(bad)
+    elif not absolute_sigma:
         m_t = xp.asarray(m, device=device(cov))  # (shared, or per problem (B,): broadcasts)
         enough = m_t > n
         dof = xp.where(enough, m_t - n, 1)
