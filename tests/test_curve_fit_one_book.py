@@ -6,8 +6,9 @@ per evaluation cost more than the rest of the bookkeeping), tensors for a
 torch model, and answers :meth:`value_at` in the kind of the point asked
 about. These tests pin what that must preserve: private copies, the kinds,
 the equality rule of ``torch.equal`` (``-0.0`` equals ``0.0``, NaN nothing),
-the counts of the tensor book, and that LAPACK's workspace, kept per shape,
-gives the QR of a fresh query.
+the counts of the tensor book, that LAPACK's workspace, kept per shape,
+gives the QR of a fresh query, and the host shortcuts of one fit (the default
+bounds, one message, the covariance's shared count).
 """
 
 from __future__ import annotations
@@ -161,3 +162,111 @@ def test_curve_fit_lm_numpy_model_results_in_numpy_and_repeatable():
         assert np.array_equal(p1, p2) and np.array_equal(c1, c2) and ier1 == ier2
         assert i1["nfev"] == i2["nfev"]
         assert isinstance(i1["fjac"], np.ndarray) and i1["ipvt"].dtype == np.int32
+
+
+def test_one_book_jacobian_shares_only_the_books_own_residuals():
+    """A Jacobian's residuals that are the book's own last ones are kept without a copy
+    (the book never writes in place); any other array is copied, and the previous
+    Jacobian's values move to ``prev_``."""
+    book = LeastsqBook(100, 1e-8, 1, "cpu", keep_residuals=True)
+    x = np.array([[1.0, 2.0]])
+    book.record_call(IDS, x, np.array([[3.0, 4.0]]))
+    own = book.value_at(IDS, x)
+    book.record_jac(IDS, np.ones((1, 2, 2)), lambda: own)
+    assert book.rows["f"] is book.rows["last_f"]
+    theirs = np.array([[5.0, 6.0]])
+    book.record_jac(IDS, np.full((1, 2, 2), 2.0), lambda: theirs)
+    theirs += 1.0  # the caller's array changes; the kept one does not
+    assert book.rows["f"].tolist() == [[5.0, 6.0]]
+    assert book.rows["prev_f"].tolist() == [[3.0, 4.0]]
+    assert book.rows["prev_summary"].tolist() == [[[1.0, 1.0]] * 2]
+    J, f, njev = book.last_minpack_jacobian_of_one(codes.GTOL)
+    assert J.tolist() == [[2.0, 2.0]] * 2 and f.tolist() == [5.0, 6.0] and njev == 2
+
+
+def test_minpack_qr_outputs_fjac_holds_r_and_scaled_reflectors():
+    """``fjac.T``: ``R`` on and above the diagonal, LAPACK's reflectors times ``tau``
+    below it (also with exact zeros, signed or not, in ``J``)."""
+    rng = np.random.default_rng(5)
+    J = rng.normal(size=(9, 3))
+    J[:, 1] = 0.0
+    J[0, :] = -0.0
+    fjac, perm, qtf, R = minpack_qr_outputs(J, rng.normal(size=9))
+    geqp3, = scipy.linalg.get_lapack_funcs(("geqp3",), (J,))
+    raw, jpvt, tau, _, info = geqp3(J.copy())
+    assert info == 0
+    np.testing.assert_array_equal(perm, jpvt - 1)
+    np.testing.assert_array_equal(R, np.triu(raw)[:3])
+    np.testing.assert_array_equal(fjac.T, np.triu(raw) + np.tril(raw, -1) * tau[None, :])
+
+
+def test_finish_covariance_host_shared_count():
+    """One problem on the host with a Python ``int`` count: scaled by chi-square /
+    (m - n), indeterminate (``inf``, counted) when m <= n unless ``absolute_sigma``."""
+    from torchimize_scipy._curve_fit._covariance import finish_covariance
+
+    cov = np.eye(2)[None] * 3.0
+    ok, chisq = np.ones(1, dtype=bool), np.array([6.0])
+    out, bad = finish_covariance(cov, ok, 2, 5, chisq, absolute_sigma=False)
+    np.testing.assert_array_equal(out, 6.0 * np.eye(2)[None])  # 3 * 6 / (5 - 2)
+    assert bad == 0 and isinstance(out, np.ndarray)
+    out, bad = finish_covariance(cov, ok, 2, 2, chisq, absolute_sigma=False)
+    assert np.isinf(out).all() and bad == 1
+    out, bad = finish_covariance(cov, ok, 2, 2, chisq, absolute_sigma=True)
+    np.testing.assert_array_equal(out, cov)
+    assert bad == 0
+
+
+def test_leastsq_message_formats_one_of_the_table():
+    opts = {"ftol": 1e-3, "xtol": 2e-4, "gtol": 0.0, "maxfev": 800}
+    table = _leastsq.leastsq_messages(opts)
+    assert sorted(table) == [1, 2, 3, 4, 5]
+    for info, text in table.items():
+        assert _leastsq.leastsq_message(opts, info) == text
+    assert table[5] == "Number of calls to function has reached maxfev = 800."
+    assert "at most 0.001000" in table[1] and "most 0.000200" in table[3]
+    with pytest.raises(ValueError, match="info = 0"):
+        _leastsq.leastsq_message(opts, 0)
+
+
+def test_unbounded_default_only_for_two_python_infinities():
+    from torchimize_scipy._curve_fit._data import unbounded_default
+
+    inf = np.inf
+    assert unbounded_default((-inf, inf))
+    for other in ([-inf, inf], (-inf, 1.0), (inf, -inf), (np.float64(-inf), inf),
+                  (np.full(3, -inf), np.full(3, inf)), (-inf, inf, 0.0)):
+        assert not unbounded_default(other)
+
+
+def test_curve_fit_default_and_spelled_out_unbounded_bounds_agree():
+    """The default bounds (no broadcasting) and infinite bound arrays both mean 'lm', a
+    start of ones and the same fit (compared within the parity tolerances)."""
+    from _parity import assert_x_close
+
+    x = np.linspace(0, 4, 50)
+    y = 2.5 * np.exp(-1.3 * x) + 0.5 + 0.05 * np.random.default_rng(1).normal(size=50)
+
+    def f(xx, a, b, c):
+        return a * np.exp(-b * xx) + c
+
+    p1, _, info1, _, ier1 = curve_fit(f, x, y, full_output=True)
+    p2, _, info2, _, ier2 = curve_fit(f, x, y, full_output=True,
+                                      bounds=(np.full(3, -np.inf), np.full(3, np.inf)))
+    assert "ipvt" in info1 and "ipvt" in info2  # both 'lm'
+    assert_x_close(p1, p2)
+    with pytest.raises(ValueError, match="only works for unconstrained"):
+        curve_fit(f, x, y, bounds=(0.0, np.inf), method="lm")
+
+
+def test_rowwise_model_of_changing_length_is_refused():
+    """Forward differences call ``f`` per shifted point; outputs of different lengths
+    cannot be stacked and raise instead of being cut or padded."""
+    x = np.linspace(0, 1, 10)
+
+    def f(xx, a, b):
+        out = a * xx + b
+        return out if a == 1.0 else out[:-1]
+
+    with pytest.raises(ValueError):
+        curve_fit(f, x, 2.0 * x + 1.0, p0=[1.0, 1.0])

@@ -27,6 +27,7 @@ from ._covariance import COV_MSG, finish_covariance, normal_inverse, qr_inverse,
 from ._data import (
     NONFINITE_DATA_MSG,
     FitData,
+    any_bound,
     method_for_bounds,
     sigma_transform,
     torch_lead,
@@ -197,7 +198,7 @@ def batch_curve_fit(
         raise ValueError(f"`ydata` must have shape (B, M) = ({B}, M) to match `p0` {(B, n)}.")
     M = Y.shape[1]
     lb, ub = prepare_bounds(bounds, n, batch=B)
-    method = method_for_bounds(method, lb, ub)
+    method = method_for_bounds(method, any_bound(lb, ub))
     if "args" in kwargs:
         raise ValueError("'args' is not a supported keyword argument.")
     if method == "lm" and n > M:

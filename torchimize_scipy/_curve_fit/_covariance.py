@@ -63,13 +63,14 @@ def inverse_from_r(R: Any) -> Any:
     """
     xp = _namespace(R)
     n = R.shape[-1]
-    # (methods numpy and torch share, where the namespace's wrapper would cost more)
-    singular = (R.diagonal(0, -2, -1) == 0).any(-1)[:, None, None]
     # a singular R is replaced by the identity (in R's dtype) for the solve (on the host,
-    # where the count is free, only when there is one; a device is not read)
+    # where the test is free, only when there is one, found by one test of the diagonal;
+    # a device is not read)
     safe = R
-    any_singular = True
-    if xp is _TORCH_XP or (any_singular := bool(singular.any())):
+    any_singular = xp is _TORCH_XP or not R.diagonal(0, -2, -1).all()
+    if any_singular:
+        # (methods numpy and torch share, where the namespace's wrapper would cost more)
+        singular = (R.diagonal(0, -2, -1) == 0).any(-1)[:, None, None]
         safe = xp.where(singular, xp.eye(n, dtype=R.dtype, device=device(R)), R)
     Rt = safe if xp is _TORCH_XP else torch.from_numpy(safe)
     eye = _identity(n, Rt.dtype, Rt.device).expand_as(Rt)
@@ -175,7 +176,14 @@ def finish_covariance(cov: Any, ok: Any, n: int, m: Any, chisq: Any,
     """
     xp = _namespace(cov)
     bad = xp.isnan(cov).reshape(cov.shape[0], -1).any(-1)
-    if not absolute_sigma:
+    if not absolute_sigma and xp is _NUMPY_XP and isinstance(m, int):
+        # one shared count on the host (curve_fit): the same division by the same
+        # float64 count, decided in Python
+        scale = chisq / (m - n if m > n else 1)
+        cov = cov * xp.astype(scale, cov.dtype)[:, None, None]
+        if m <= n:
+            bad = xp.ones_like(bad)
+    elif not absolute_sigma:
         m_t = xp.asarray(m, device=device(cov))  # (shared, or per problem (B,): broadcasts)
         enough = m_t > n
         dof = xp.where(enough, m_t - n, 1)

@@ -11,6 +11,7 @@ problem. The ``sigma`` transform is either ``('diag', 1 / sigma)`` of shape
 from __future__ import annotations
 
 import inspect
+import math
 import types
 from collections.abc import Callable
 from typing import Any
@@ -60,9 +61,22 @@ def feasible_start(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
     return p0
 
 
-def method_for_bounds(method: str | None, lb: np.ndarray, ub: np.ndarray) -> str:
+def unbounded_default(bounds: Any) -> bool:
+    """Whether ``bounds`` is ``(-inf, inf)`` as two Python floats (``curve_fit``'s default).
+
+    Such bounds need neither broadcasting nor tests: every parameter is free.
+    """
+    return (type(bounds) is tuple and len(bounds) == 2 and type(bounds[0]) is float
+            and type(bounds[1]) is float and bounds[0] == -math.inf and bounds[1] == math.inf)
+
+
+def any_bound(lb: np.ndarray, ub: np.ndarray) -> bool:
+    """Whether some parameter has a bound (``lb > -inf`` or ``ub < inf``)."""
+    return bool(np.any((lb > -np.inf) | (ub < np.inf)))
+
+
+def method_for_bounds(method: str | None, bounded: bool) -> str:
     """The method: 'trf' with finite bounds, else 'lm' by default; 'lm' refuses bounds."""
-    bounded = bool(np.any((lb > -np.inf) | (ub < np.inf)))
     if method is None:
         method = "trf" if bounded else "lm"
     if method == "lm" and bounded:

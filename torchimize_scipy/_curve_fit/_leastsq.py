@@ -144,20 +144,29 @@ def minpack_step(epsfcn: Any, diff_step: Any, n: int, dtype: Any) -> Any:
     return math.sqrt(eps_mach)
 
 
+def leastsq_message(opts: dict, info: int) -> str:
+    """``leastsq``'s termination message for MINPACK's ``info`` (1 to 5)."""
+    if info == 1:
+        return ("Both actual and predicted relative reductions in the sum of squares\n"
+                f"  are at most {opts['ftol']:f}")
+    if info == 2:
+        return f"The relative error between two consecutive iterates is at most {opts['xtol']:f}"
+    if info == 3:
+        return ("Both actual and predicted relative reductions in the sum of squares\n"
+                f"  are at most {opts['ftol']:f} and the relative error between two "
+                f"consecutive iterates is at \n  most {opts['xtol']:f}")
+    if info == 4:
+        return ("The cosine of the angle between func(x) and any column of the\n"
+                f"  Jacobian is at most {opts['gtol']:f} in absolute value")
+    if info == 5:
+        return f"Number of calls to function has reached maxfev = {opts['maxfev']}."
+    raise ValueError(f"no leastsq message for info = {info}")
+
+
 def leastsq_messages(opts: dict) -> dict[int, str]:
-    """``leastsq``'s termination messages for MINPACK's ``info`` 1 to 5."""
-    ftol, xtol, gtol, maxfev = (opts[k] for k in ("ftol", "xtol", "gtol", "maxfev"))
-    return {
-        1: "Both actual and predicted relative reductions in the sum of squares\n"
-           f"  are at most {ftol:f}",
-        2: f"The relative error between two consecutive iterates is at most {xtol:f}",
-        3: "Both actual and predicted relative reductions in the sum of squares\n"
-           f"  are at most {ftol:f} and the relative error between two consecutive "
-           f"iterates is at \n  most {xtol:f}",
-        4: "The cosine of the angle between func(x) and any column of the\n"
-           f"  Jacobian is at most {gtol:f} in absolute value",
-        5: f"Number of calls to function has reached maxfev = {maxfev}.",
-    }
+    """``leastsq``'s termination messages for MINPACK's ``info`` 1 to 5 (a batch's table;
+    one fit formats only its own, :func:`leastsq_message`)."""
+    return {info: leastsq_message(opts, info) for info in range(1, 6)}
 
 
 def status_to_ier(status: torch.Tensor) -> torch.Tensor:
@@ -185,14 +194,24 @@ def minpack_qr_outputs(J: np.ndarray, fvec: np.ndarray) -> tuple:
     # ``scipy.linalg.qr(J, pivoting=True, mode="economic")`` returns, bit for bit
     raw, jpvt, tau = _lapack(geqp3, A)
     perm = jpvt - 1  # 1-based pivots
-    upper = np.triu(raw)
+    below = _strictly_lower(m, n)  # (np.triu and np.tril, with one kept mask)
+    upper = np.where(below, 0.0, raw)
     R = upper[:n, :n].copy()
-    fjac = upper + np.tril(raw, -1) * tau[np.newaxis, :n]
+    fjac = upper + np.where(below, raw, 0.0) * tau[np.newaxis, :n]
     if m < n:
         Q = _lapack(orgqr, raw[:, :m].copy(), tau, overwrite_a=1)[0]
     else:
         Q = _lapack(orgqr, raw.copy(), tau, overwrite_a=1)[0]
     return fjac.T.copy(), perm.astype(np.int32), Q.T @ fvec, R
+
+
+@functools.lru_cache(maxsize=64)
+def _strictly_lower(m: int, n: int) -> np.ndarray:
+    """The ``(m, n)`` mask of the entries below the diagonal (read only; a few shapes per
+    session)."""
+    mask = np.tri(m, n, -1, dtype=bool)
+    mask.flags.writeable = False
+    return mask
 
 
 @functools.cache
@@ -413,12 +432,12 @@ class LeastsqBook:
         """
         rows = self.rows
         if rows["jac_calls"][0] > 0:  # after the first Jacobian: a trial
-            trials = rows["trials"][0] + 1
+            trials = int(rows["trials"][0]) + 1  # (Python ints: no numpy scalar arithmetic)
             rows["trials"] = np.array([trials], dtype=np.int64)
             if rows["spent"][0]:
                 if not rows["hit"][0]:
                     rows["hit"] = np.ones(1, dtype=bool)
-            elif 1 + trials + rows["fd_evals"][0] >= self.maxfev:
+            elif 1 + trials + int(rows["fd_evals"][0]) >= self.maxfev:
                 rows["spent"] = np.ones(1, dtype=bool)
         if rows["jac_after_trial"][0]:
             rows["jac_after_trial"] = np.zeros(1, dtype=bool)
@@ -491,6 +510,9 @@ class LeastsqBook:
         only when the book keeps them. ``J`` and the residuals are tensors or
         numpy arrays (kept as :meth:`record_call` keeps its values).
         """
+        if self.one:
+            self._record_jac_one(J, residuals)
+            return
         sel = self._rows_of(ids)
         values = {}
         if self.keep_jacobians:
@@ -510,6 +532,39 @@ class LeastsqBook:
             self._put(name, sel, value, copy=True)
         self._count("jac_calls", sel, self._get("jac_calls", sel) + 1)
         self._count("jac_after_trial", sel, self._get("trials", sel) > 0)
+
+    def _record_jac_one(self, J: Any, residuals: Callable[[], Any]) -> None:
+        """:meth:`record_jac` for a book of one (``curve_fit``, once per Jacobian): the same
+        updates without the row selection and the loop over the kept values."""
+        rows = self.rows
+        if self.keep_jacobians:
+            if not self._plain_summary:
+                J = as_tensor(J)
+                J = J.detach() if J.requires_grad else J
+                J = self.summary(J if J.device == self.device else J.to(self.device))
+            self._keep_one("summary", J)
+        if self.keep_residuals:
+            self._keep_one("f", residuals())
+        rows["jac_calls"] = rows["jac_calls"] + 1
+        rows["jac_after_trial"] = rows["trials"] > 0
+
+    def _keep_one(self, name: str, value: Any) -> None:
+        """Keep ``value`` as ``name`` of a book of one, the previous one as ``prev_<name>``.
+
+        The book's own last residuals (what :meth:`value_at` hands out) are kept
+        as they are: the book never writes its arrays in place, so the two
+        names may share one private copy.
+        """
+        rows = self.rows
+        stored = rows.get(name)
+        if stored is not None:
+            rows["prev_" + name] = stored
+        last_f = rows.get("last_f")
+        if value is last_f and (stored is None or type(stored) is type(value)
+                                and stored.dtype == value.dtype):
+            rows[name] = value
+        else:
+            rows[name] = _private_any(value, stored, self.device)
 
     def add_fd_evals(self, ids: Any, count: int) -> None:
         """``count`` forward-difference evaluations for each of the problems ``ids``."""

@@ -114,7 +114,9 @@ class WhitenedModel:
                 np.asarray(o), device=P.device, dtype=P.dtype) for o in outs])
         if P.shape[0] == 1:  # the usual call of curve_fit: no stacking
             return np.asarray(fn(x, *P[0]))[None]
-        return np.stack([np.asarray(fn(x, *p)) for p in P])
+        # (np.array of the list: one C call where np.stack's Python layers cost several
+        # times more; the same copies, and it refuses outputs of different shapes)
+        return np.array([np.asarray(fn(x, *p)) for p in P])
 
     def _chunk_rows(self, rows: int, repeat: int, like: Any) -> int:
         """Rows of ``P`` per call of ``f`` (a multiple of ``repeat``; ``rows``: one call).
@@ -229,8 +231,9 @@ class WhitenedModel:
         memory, for large batches), tensors torch operations, the same IEEE
         operations in both. A batch that ``f`` takes in one call is
         differenced in place in the order ``f`` returns the values (a
-        subtraction and a division into one buffer) and ``J`` is that
-        buffer's transposed view. Large batches on the CPU are differenced in
+        subtraction and a division on the residuals of the shifted points,
+        this call's own array: no further buffer) and ``J`` is that array's
+        transposed view. Large batches on the CPU are differenced in
         groups of problems as :meth:`evaluate` calls ``f`` (each group's
         differences computed while its residuals are in the cache) into one
         contiguous ``(b, M, N)`` array: the subtraction runs in place on the
@@ -260,14 +263,15 @@ class WhitenedModel:
         else:
             rel = np.asarray(book.rel_step, dtype=P.dtype)
             h = rel * np.abs(P)
-            h = np.where(h == 0, rel, h)
+            if not h.all():  # (on the host a test is cheaper than the selection)
+                h = np.where(h == 0, rel, h)
         # row j of each problem's block: P with p_j replaced by p_j + h_j (copied, not
         # P + diag(h): that would turn a parameter -0.0 into +0.0)
         shifted = xp.where(_diagonal_mask(n, P.device if torch_in else None),
                            (P + h)[:, None, :], P[:, None, :])
         Pp = shifted.reshape(b * n, n)
         group = max(1, self._chunk_rows(b * n, n, P) // n)  # problems per call of f
-        J = diff = None
+        J = None
         for start in range(0, b, group):
             stop = min(b, start + group)
             F = self._evaluate(Pp if group >= b else Pp[start * n:stop * n],
@@ -278,13 +282,12 @@ class WhitenedModel:
                     F.requires_grad or f0.requires_grad or h.requires_grad):
                 # autograd: one group (_chunk_rows does not split calls that record gradients)
                 J = _swap_last((F - f0[start:stop, None, :]) / h[start:stop, :, None])
-            elif group >= b:  # one call: in place, in f's row order, and the transposed view
-                diff = torch.empty(F.shape, dtype=F.dtype, device=dev) if torch_in else \
-                    np.empty(F.shape, dtype=F.dtype)
+            elif group >= b:  # one call: in place on F (this call's own, see below), in
+                # f's row order, and the transposed view
                 sub, div = (torch.sub, torch.div) if torch_in else (np.subtract, np.divide)
-                sub(F, f0[:, None, :], out=diff)
-                div(diff, h[:, :, None], out=diff)
-                J = _swap_last(diff)
+                sub(F, f0[:, None, :], out=F)
+                div(F, h[:, :, None], out=F)
+                J = _swap_last(F)
             else:  # each group's differences written transposed into one (b, M, N) array
                 if J is None:
                     shape = (b, F.shape[-1], n)

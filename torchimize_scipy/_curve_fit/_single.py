@@ -24,19 +24,21 @@ from .._validation import prepare_bounds
 from ._covariance import COV_MSG, finish_covariance, normal_inverse, pivoted_inverse, svd_pinv
 from ._data import (
     FitData,
+    any_bound,
     count_parameters,
     feasible_start,
     float_array,
     method_for_bounds,
     sigma_transform,
     torch_lead,
+    unbounded_default,
 )
 from ._leastsq import (
     STATUS_TO_IER,
     LeastsqBook,
     MaxfevReached,
     epsfcn_diff_step,
-    leastsq_messages,
+    leastsq_message,
     leastsq_options,
     lm_tolerances,
     minpack_qr_outputs,
@@ -207,10 +209,15 @@ def curve_fit(
     else:
         p0 = np.atleast_1d(to_host(p0))
         n = p0.size
-    lb, ub = prepare_bounds(bounds, n)
-    if p0 is None:
-        p0 = feasible_start(lb, ub)
-    method = method_for_bounds(method, lb, ub)
+    if unbounded_default(bounds):  # every parameter free: nothing to broadcast or test
+        if p0 is None:
+            p0 = np.ones(n)
+        method = method_for_bounds(method, False)
+    else:
+        lb, ub = prepare_bounds(bounds, n)
+        if p0 is None:
+            p0 = feasible_start(lb, ub)
+        method = method_for_bounds(method, any_bound(lb, ub))
 
     # ---- data: conversion, finiteness, NaN policy, sigma --------------------
     if check_finite is None:
@@ -389,7 +396,7 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
                             **lm_tolerances(opts), **kwargs)
     except MaxfevReached:
         raise RuntimeError("Optimal parameters not found: "
-                           + leastsq_messages(opts)[5]) from None
+                           + leastsq_message(opts, 5)) from None
     except ValueError as e:
         if (problem.first_r is None or _all_finite(problem.first_r)
                 or not str(e).startswith(NONFINITE_START)):
@@ -401,7 +408,7 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
     ier = STATUS_TO_IER.get(int(res.status))
     if ier is None:  # our non-finite / singular stops: no MINPACK equivalent
         raise RuntimeError("Optimal parameters not found: " + res.message)
-    mesg = leastsq_messages(opts)[ier]
+    mesg = leastsq_message(opts, ier)
     if ier not in (1, 2, 3, 4):
         raise RuntimeError("Optimal parameters not found: " + mesg)
 
@@ -474,4 +481,4 @@ def _nonfinite_start_lm(problem: _OneProblem, p0: Any, n: int, f0: Any, user_jac
     with np.errstate(invalid="ignore", over="ignore"):
         chisq = float(np.sum(fvec.astype(float) ** 2))
     cov = np.full((1, n, n), np.nan)
-    return popt, cov, infodict, leastsq_messages(opts)[4], 4, m, chisq
+    return popt, cov, infodict, leastsq_message(opts, 4), 4, m, chisq
