@@ -25,7 +25,8 @@ round by alignment); the results are copies.
 
 Scope: a caller uses it for one float64 problem on the CPU whose matrix
 has at most :data:`MAX_ENTRIES` entries, and otherwise (or when torch is not
-built with MKL, :data:`AVAILABLE` False) keeps ``torch.linalg.svd``.
+built with MKL, or whose ``dgesdd_`` does not reproduce torch's SVD of a fixed
+matrix at import: :data:`AVAILABLE` False) keeps ``torch.linalg.svd``.
 """
 
 from __future__ import annotations
@@ -122,3 +123,23 @@ def svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     if call.info.value != 0:
         return None
     return call.u.copy(order="F"), call.s.copy(), call.vt.copy(order="F")
+
+
+def _agrees_with_torch() -> bool:
+    """Whether :func:`svd` reproduces ``torch.linalg.svd`` on a fixed matrix, bit for bit.
+
+    A guard run once at import: a torch whose exported ``dgesdd_`` takes other integer
+    widths (an ILP64 build) or rounds otherwise than its own SVD is left to
+    ``torch.linalg.svd``."""
+    a = np.array([[4.0, -2.5, 0.125], [1.0, 3.0, -7.0], [0.5, 0.25, 2.0], [-1.5, 6.0, 1.0]])
+    try:
+        got = svd(a)
+    except Exception:  # noqa: BLE001 - any failure of the foreign call disables it
+        return False
+    if got is None:
+        return False
+    u, s, vh = torch.linalg.svd(torch.from_numpy(a), full_matrices=False)
+    return all(np.array_equal(x, y.numpy()) for x, y in zip(got, (u, s, vh), strict=True))
+
+
+AVAILABLE = AVAILABLE and _agrees_with_torch()
