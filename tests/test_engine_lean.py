@@ -318,9 +318,21 @@ def exp_fits_thread_log(B: int, farthest: float):
         e = np.exp(-x[:, 1:] * t)
         return np.stack([e, -x[:, :1] * t * e], -1)
 
-    before = _blas_threads.mkl_local_threads()
-    res = batch_least_squares(fun, x0, jac=jac, args=(y,), method="trf")
-    assert _blas_threads.mkl_local_threads() == before  # restored after the run
+    # the tests ask whether the engine itself drops to one thread: start from MKL's
+    # global count with two threads, whatever OMP_NUM_THREADS or an earlier test that
+    # restored torch's thread count left in this thread's MKL-local setting
+    threads, local = torch.get_num_threads(), _blas_threads.mkl_local_threads()
+    torch.set_num_threads(2)
+    if local is not None:
+        _blas_threads._SET_LOCAL(0)
+    try:
+        before = _blas_threads.mkl_local_threads()
+        res = batch_least_squares(fun, x0, jac=jac, args=(y,), method="trf")
+        assert _blas_threads.mkl_local_threads() == before  # restored after the run
+    finally:
+        if local is not None:
+            _blas_threads._SET_LOCAL(local)
+        torch.set_num_threads(threads)
     assert np.isfinite(np.asarray(res.cost)).all()
     return res, seen
 
