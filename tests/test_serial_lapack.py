@@ -43,8 +43,7 @@ def test_batch_svd_runs_single_threaded(two_threads, monkeypatch):
     f = torch.randn(40, 100, dtype=torch.float64)
     seen = _recording(monkeypatch, "svd")
     svd_factors(J, None, f)
-    # (the batch may be split between threads, linalg.lapack_rows: every part at 1)
-    assert seen and set(seen) == {1}
+    assert seen == [1]
     assert torch.get_num_threads() == 2  # restored afterwards
 
 
@@ -96,90 +95,3 @@ def test_a_rows_svd_does_not_depend_on_the_batch_size(two_threads):
     small = svd_factors(J[:5].clone(), None, f[:5].clone())
     for x, y in zip(big, small, strict=True):
         assert torch.equal(x[:5], y)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The bits of a float64 tensor (NaN equal to NaN), its layout aside."""
-    return t.contiguous().view(torch.int64) if t.dtype == torch.float64 else t
-
-
-_FACTORISATIONS = {
-    "svd": (linalg._thin_svd, linalg.SVD_US, (37, 100, 12)),
-    "eigh": (torch.linalg.eigh, linalg.EIGH_US, (41, 12, 12)),
-    "inv_ex": (torch.linalg.inv_ex, linalg.INV_US, (301, 4, 4)),
-}
-
-
-@needs_threads
-@pytest.mark.parametrize("name", sorted(_FACTORISATIONS))
-def test_split_batch_equals_the_whole_batch(two_threads, monkeypatch, name):
-    # lapack_rows cuts a batch between this thread and a helper (the same code path as
-    # a batch cut into chunks): every matrix goes through the same sequential LAPACK
-    # call, so the factors equal the whole batch's bit for bit, in the same layout
-    fn, cost, shape = _FACTORISATIONS[name]
-    g = torch.Generator().manual_seed(5)
-    A = torch.randn(*shape, dtype=torch.float64, generator=g)
-    if name != "svd":
-        A = A @ A.mT + torch.eye(shape[-1], dtype=torch.float64)
-    A[::7, :, -1] = A[::7, :, 0]  # singular rows too (an inverse's info, eigh's zeros)
-    with serial_lapack(A):
-        whole = fn(A)
-    monkeypatch.setattr(linalg, "SPLIT_PART_US", 1e-3)
-    threads = []
-
-    def recorded(part):
-        threads.append(torch.get_num_threads())
-        return fn(part)
-
-    parts = linalg.lapack_rows(recorded, A, cost)
-    assert len(threads) == 4 and set(threads) == {1}  # 4 parts, each single-threaded
-    assert len(parts) == len(whole)
-    for x, y in zip(parts, whole, strict=True):
-        assert x.shape == y.shape and x.stride() == y.stride()
-        assert torch.equal(_bits(x), _bits(y))
-    assert torch.get_num_threads() == 2
-
-
-@needs_threads
-def test_split_counts_the_threads_held_by_the_tail(two_threads, monkeypatch):
-    # the tail holds the calling thread at 1 (serial_blas): the split still counts the
-    # two threads it had, and one thread alone never splits
-    from torchimize_scipy._blas_threads import owned_threads, serial_blas
-
-    calls = []
-    monkeypatch.setattr(linalg, "SPLIT_PART_US", 1e-3)
-    original = linalg._LapackParts._run
-
-    def run(self, i):
-        calls.append(i)
-        original(self, i)
-
-    monkeypatch.setattr(linalg._LapackParts, "_run", run)
-    H = torch.eye(3, dtype=torch.float64).repeat(8, 1, 1)
-    with serial_blas(H.device, 1, 1):
-        assert torch.get_num_threads() == 1
-        assert owned_threads() == 2
-        out = linalg.lapack_rows(torch.linalg.inv_ex, H, linalg.INV_US)[0]
-        assert torch.get_num_threads() == 1  # (still held)
-    assert sorted(calls) == [0, 1, 2, 3]  # two parts per thread
-    assert torch.equal(out, H)
-    torch.set_num_threads(1)
-    calls.clear()
-    out = linalg.lapack_rows(torch.linalg.inv_ex, H, linalg.INV_US)[0]
-    assert calls == []  # one thread: the whole batch here
-    assert torch.equal(out, H)
-
-
-@needs_threads
-def test_a_failing_part_raises(two_threads, monkeypatch):
-    # an SVD that does not converge raises for the whole batch (svd_direct then isolates
-    # the problem): a part that raises does too
-    monkeypatch.setattr(linalg, "SPLIT_PART_US", 1e-3)
-
-    def fails(A):
-        if A.shape[0] < 4:
-            raise RuntimeError("did not converge")
-        return torch.linalg.svd(A, full_matrices=False)
-
-    with pytest.raises(RuntimeError, match="did not converge"):
-        linalg.lapack_rows(fails, torch.randn(6, 5, 2, dtype=torch.float64), linalg.SVD_US)

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -132,9 +131,7 @@ def serial_blas(device: torch.device, m: int, n: int,
         return
     # torch sets MKL's thread-local count itself the first time a thread asks
     # for its thread count; let it do so now rather than inside the block.
-    owned = getattr(_LOCAL, "owned", None)
-    if owned is None:  # (the outermost block: the caller's own count, see owned_threads)
-        _LOCAL.owned = torch.get_num_threads()
+    torch.get_num_threads()
     previous = _SET_LOCAL(1)
     # torch's own parallel regions (the batched LU behind inv_ex, for one) wake the
     # OpenMP team too: the thread's OpenMP count goes to 1 as well, a per-thread
@@ -148,20 +145,6 @@ def serial_blas(device: torch.device, m: int, n: int,
         _SET_LOCAL(previous)
         if omp_previous is not None:
             _OMP[1](omp_previous)
-        _LOCAL.owned = owned
-
-
-#: per thread: the torch thread count the calling thread had before its outermost
-#: :func:`serial_blas` block set it to 1 (None outside such a block)
-_LOCAL = threading.local()
-
-
-def owned_threads() -> int:
-    """The threads the calling thread may keep busy: torch's intra-op count, or the count
-    it had before :func:`serial_blas` held this thread's at 1 (for work it splits between
-    threads itself, :func:`~torchimize_scipy._engine.linalg.lapack_rows`)."""
-    owned = getattr(_LOCAL, "owned", None)
-    return torch.get_num_threads() if owned is None else owned
 
 
 def mkl_local_threads() -> int | None:

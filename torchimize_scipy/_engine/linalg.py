@@ -37,15 +37,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .._blas_threads import GRAIN_SIZE, owned_threads, serial_blas
-from . import csr
+from .._blas_threads import GRAIN_SIZE, serial_blas
 from .counts import count_true, known_finite, known_unit, mark_finite
 
 
@@ -109,7 +107,8 @@ def inverse_and_condition(H: Tensor) -> tuple[Tensor, Tensor]:
     Hinv : Tensor, shape (B, n, n)
     cond1 : Tensor, shape (B,)
     """
-    Hinv, info = lapack_rows(torch.linalg.inv_ex, H, INV_US)
+    with serial_lapack(H):
+        Hinv, info = torch.linalg.inv_ex(H)
     cond1 = H.abs().sum(-2).amax(-1) * Hinv.abs().sum(-2).amax(-1)
     return Hinv, torch.where(info == 0, cond1, torch.inf)
 
@@ -215,102 +214,6 @@ def serial_lapack(A: Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-#: Estimated single-threaded cost in µs of one matrix's factorisation, ``a + b * size``
-#: (``size``: ``m n^2`` for the SVD of ``m x n``, ``n^3`` for ``eigh`` and the inverse of
-#: ``n x n``): MKL's sequential LAPACK on this project's 2-core machine (SVD 64 x 4 7.6 µs,
-#: 100 x 12 52 µs; eigh 4 x 4 2.3 µs, 12 x 12 13.8 µs; inverse 4 x 4 0.2-0.6 µs, 12 x 12
-#: 2.5-4 µs), for :func:`lapack_rows`'s decision only.
-SVD_US = (2.0, 0.0035)
-EIGH_US = (1.0, 0.008)
-INV_US = (0.15, 0.002)
-
-#: Estimated work (µs) per part from which :func:`lapack_rows` splits a batch: a part
-#: handed to a helper thread costs about 20-50 µs of hand-off and the factorisation's
-#: own fixed cost (about 30 µs for torch's batched inverse) once more.
-SPLIT_PART_US = 400.0
-
-
-def lapack_rows(fn: Callable[[Tensor], tuple[Tensor, ...]], A: Tensor,
-                cost: tuple[float, float]) -> tuple[Tensor, ...]:
-    """``fn(A)`` for a batched factorisation ``fn`` (SVD, ``eigh``, inverse) of ``A (B, m, n)``,
-    its rows split between this thread and helper threads when the batch is large enough.
-
-    torch factorises a batch on the CPU matrix by matrix in the calling thread, and
-    :func:`serial_lapack` holds MKL to one thread there (its threaded drivers cost more
-    than they gain on small matrices); the caller's other threads then sit idle, also in
-    a batch's tail, which runs single-threaded throughout (``loop.TAIL_ENTRIES``). Here,
-    when the calling thread owns more than one thread
-    (:func:`~torchimize_scipy._blas_threads.owned_threads`: torch's count, or the one it
-    had before the tail held it at 1) and the batch's estimated work (``cost``: µs per
-    matrix ``a + b * size``) gives each part at least :data:`SPLIT_PART_US`, the rows are
-    cut into up to two parts per thread, factorised by the caller and the helper threads
-    of :mod:`.csr` (:class:`~.csr.SharedJobs`: a helper that gets no core leaves its parts
-    to the caller), each single-threaded, and copied into outputs of the layout ``fn``
-    gives a whole batch. Every matrix goes through the same sequential LAPACK call either
-    way (torch copies each batch into its own column-major buffer first), so the values
-    are those of the whole batch bit for bit. A part that raises (an SVD that did not
-    converge) raises here, as the whole batch would. Elsewhere this is ``fn(A)`` under
-    :func:`serial_lapack`.
-    """
-    B, m, n = A.shape[0], A.shape[-2], A.shape[-1]
-    parts = 1
-    if A.is_cpu and B > 1 and m * n <= GRAIN_SIZE:
-        threads = min(owned_threads(), csr._CPUS)
-        if threads > 1:
-            size = m * n * n if fn is torch.linalg.svd or fn is _thin_svd else n ** 3
-            work = B * (cost[0] + cost[1] * size)
-            parts = int(min(2 * threads, work // SPLIT_PART_US, B))
-    if parts < 2:
-        with serial_lapack(A):
-            return fn(A)
-    jobs = _LapackParts(fn, A.tensor_split(parts), min(threads, parts) - 1)
-    jobs.wait()
-    return _join(jobs.out, B)
-
-
-def _thin_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``torch.linalg.svd(A, full_matrices=False)``."""
-    return torch.linalg.svd(A, full_matrices=False)
-
-
-class _LapackParts(csr.SharedJobs):
-    """The parts of :func:`lapack_rows`, each factorised single-threaded on whichever thread
-    claims it (no autograd: helper threads do not inherit the caller's ``no_grad``)."""
-
-    __slots__ = ("fn", "parts", "out")
-
-    def __init__(self, fn: Callable, parts: tuple[Tensor, ...], helpers: int) -> None:
-        self.fn, self.parts = fn, parts
-        self.out: list = [None] * len(parts)
-        super().__init__(len(parts), helpers)
-
-    def _run(self, i: int) -> None:
-        part = self.parts[i]
-        with torch.no_grad(), serial_blas(part.device, 1, 1):
-            self.out[i] = tuple(self.fn(part))
-
-
-def _join(outs: list, B: int) -> tuple[Tensor, ...]:
-    """The parts' outputs stacked along the batch, in the layout of the first part's
-    (torch's LAPACK outputs are column-major per matrix, as for a whole batch)."""
-    joined = []
-    for pieces in zip(*outs, strict=True):
-        first = pieces[0]
-        inner = first.shape[1:]
-        dense = first.stride(0) == math.prod(inner) if first.shape[0] > 1 else False
-        if dense and all(p.stride()[1:] == first.stride()[1:] for p in pieces):
-            full = torch.empty_strided((B, *inner), first.stride(), dtype=first.dtype,
-                                       device=first.device)
-            start = 0
-            for p in pieces:
-                full[start:start + p.shape[0]].copy_(p)
-                start += p.shape[0]
-        else:
-            full = torch.cat(pieces)
-        joined.append(full)
-    return tuple(joined)
-
-
 def svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
                 diag: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD data of the (optionally augmented) scaled Jacobian, per problem.
@@ -334,7 +237,8 @@ def svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
         # so the step rules need not test them either, unless LAPACK failed
         if diag is None:
             try:
-                U, s, Vh = lapack_rows(_thin_svd, A, SVD_US)
+                with serial_lapack(A):
+                    U, s, Vh = torch.linalg.svd(A, full_matrices=False)
             except RuntimeError:  # (did not converge: svd_direct isolates the problem)
                 return svd_direct(A, f, None)
             uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
@@ -361,7 +265,8 @@ def svd_direct(A: Tensor, f: Tensor,
         A = torch.cat([A, torch.diag_embed(diag.clamp(min=0).sqrt())], dim=-2)
         rhs = torch.cat([rhs, torch.zeros_like(diag)], dim=-1)
     try:
-        U, s, Vh = lapack_rows(_thin_svd, A, SVD_US)
+        with serial_lapack(A):
+            U, s, Vh = torch.linalg.svd(A, full_matrices=False)
     except RuntimeError:  # LAPACK did not converge for some problem: isolate it
         U, s, Vh = _svd_rowwise(A)
     uf = torch.bmm(U.transpose(-1, -2), rhs.unsqueeze(-1)).squeeze(-1)
@@ -410,10 +315,12 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
         n_finite = count_true(finite)
     try:
         if n_finite == R:
-            lam, V = lapack_rows(torch.linalg.eigh, H, EIGH_US)
+            with serial_lapack(H):
+                lam, V = torch.linalg.eigh(H)
         elif n_finite:  # the others go to the SVD
             sel = finite.nonzero().squeeze(-1)
-            lam_r, V_r = lapack_rows(torch.linalg.eigh, H.index_select(0, sel), EIGH_US)
+            with serial_lapack(H):
+                lam_r, V_r = torch.linalg.eigh(H.index_select(0, sel))
             lam, V = lam.index_copy(0, sel, lam_r), V.index_copy(0, sel, V_r)
     except RuntimeError:  # send every problem through the (per-problem safe) SVD
         finite = torch.zeros_like(finite)
@@ -499,7 +406,8 @@ def gram_solve(fac: Factors, alpha: Tensor | None, keepdim: bool = False,
         # H's, as H + 0 gives them, up to the sign of a zero)
         H = fac.H.clone()
         H.diagonal(dim1=-2, dim2=-1).add_(column)
-        M = lapack_rows(torch.linalg.inv_ex, H, INV_US)[0]
+        with serial_lapack(H):
+            M = torch.linalg.inv_ex(H)[0]
     p = -torch.bmm(M, fac.b.unsqueeze(-1))
     if not with_q:
         return p.squeeze(-1), None
