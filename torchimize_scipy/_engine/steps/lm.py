@@ -30,7 +30,12 @@ in MINPACK's order of operations, its basic step and its lower bound for the
 damping, and damped steps from the SVD of that ``R`` (issue 18). The
 Gauss-Newton step is computed once per outer iteration (``build_model``); on Gram
 rows that predict a nearly zero residual it is refined with ``J`` so that a
-batch lands on an exact zero as a single problem does (issue 11).
+batch lands on an exact zero as a single problem does (issue 11). A batch takes
+``|f|`` at the top of an outer iteration from its accepted trial, whose norm
+``assess_trial`` keeps (rows admitted since the last top are measured), and the
+refinement's ``|f|^2`` as twice the linear cost where no halved cost is below
+the smallest normal number: the same reductions of the same values, one pass
+over the residuals fewer each (issue 14; ``tests/test_lm_batch_norms.py``).
 
 On the CPU the rule's per-problem work (the optimality measure and scaling,
 ``lmpar``'s Newton iteration, the Gauss-Newton step's quotients, the trial's
