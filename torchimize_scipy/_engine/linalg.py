@@ -490,4 +490,3 @@ def refine_gauss_newton(fac: Factors, p: Tensor, J: Tensor, d: Tensor | None,
         Atr = Atr * dr
     fixed = pr - torch.bmm(fac.Hinv.index_select(0, rows), Atr.unsqueeze(-1)).squeeze(-1)
     return p.index_copy(0, rows, fixed)
-
