@@ -455,7 +455,7 @@ REFINE_BELOW = 1e-2
 
 
 def refine_gauss_newton(fac: Factors, p: Tensor, J: Tensor, d: Tensor | None,
-                        f: Tensor) -> Tensor:
+                        f: Tensor, ff: Tensor | None = None) -> Tensor:
     r"""Iterative refinement of the Gauss-Newton steps of nearly zero-residual Gram rows.
 
     ``p = -H^{-1} A^\top f`` from the normal equations (``A = J diag(d)``)
@@ -469,11 +469,13 @@ def refine_gauss_newton(fac: Factors, p: Tensor, J: Tensor, d: Tensor | None,
     :math:`p \leftarrow p - H^{-1} A^\top (f + A p)` (the corrected
     semi-normal equations, Björck, BIT 27, 1987) brings the error to about
     :math:`\epsilon\,\kappa(A)`. Other rows (nearly all, on problems with
-    a residual) are returned unchanged and cost nothing.
+    a residual) are returned unchanged and cost nothing. ``ff``: ``(f * f).sum(-1)``
+    when the caller has it (twice a linear cost: 'lm', ``steps.lm._squares_from_cost``).
     """
     if fac.gram is None:
         return p
-    ff = (f * f).sum(-1)
+    if ff is None:
+        ff = (f * f).sum(-1)
     predicted = ff + (p * fac.b).sum(-1)  # |f + A p|^2 = |f|^2 + p.b when H p = -b
     pick = fac.gram & (predicted <= REFINE_BELOW**2 * ff)
     if not count_true(pick):

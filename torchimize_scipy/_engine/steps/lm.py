@@ -30,7 +30,12 @@ in MINPACK's order of operations, its basic step and its lower bound for the
 damping, and damped steps from the SVD of that ``R`` (issue 18). The
 Gauss-Newton step is computed once per outer iteration (``build_model``); on Gram
 rows that predict a nearly zero residual it is refined with ``J`` so that a
-batch lands on an exact zero as a single problem does (issue 11).
+batch lands on an exact zero as a single problem does (issue 11). A batch takes
+``|f|`` at the top of an outer iteration from its accepted trial, whose norm
+``assess_trial`` keeps (rows admitted since the last top are measured), and the
+refinement's ``|f|^2`` as twice the linear cost where no halved cost is below
+the smallest normal number: the same reductions of the same values, one pass
+over the residuals fewer each (issue 14; ``tests/test_lm_batch_norms.py``).
 
 On the CPU the rule's per-problem work (the optimality measure and scaling,
 ``lmpar``'s Newton iteration, the Gauss-Newton step's quotients, the trial's
@@ -189,6 +194,26 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor,
                    hs.tensor_rows(np.array([uf_l])))
 
 
+def _squares_from_cost(hs: Scalars, cost: Tensor) -> Tensor | None:
+    """``(f * f).sum(-1)`` of a batch on the host from its linear cost ``0.5 * (f * f).sum(-1)``
+    (:meth:`..problem.Problem.cost`, the same squares summed by the same reduction):
+    ``2 * cost``, the same values, or None where that would not be exact.
+
+    Halving and doubling are exact unless the half falls below the smallest normal
+    number (a subnormal half may round): where some cost does, None (the caller sums the
+    squares again). NaN and infinite costs double back to themselves. On the host only
+    (the test reads the costs' host values; a device would wait for them).
+    """
+    tiny = _TINY.get(cost.dtype)
+    if tiny is None or (hs.view(cost)[0] < tiny).any():
+        return None
+    return cost * 2.0
+
+
+#: smallest positive normal number of the float dtypes
+_TINY = {dt: torch.finfo(dt).tiny for dt in (torch.float64, torch.float32)}
+
+
 class LMTrial:
     """A trial of 'lm': the point, the step, its scaled norm and the damping it used.
 
@@ -286,8 +311,11 @@ class LevenbergMarquardt(StepRule):
                 state["fnorm"], = hs.keep(fnorm)
             else:
                 acnorm_t = column_norms(state)
-                fnorm_t = vnorm(state["f"], dim=-1)
-                state["fnorm"] = fnorm_t
+                if any_start:
+                    fnorm_t = vnorm(state["f"], dim=-1)
+                    state["fnorm"] = fnorm_t
+                else:  # |f| of each row's point: assess_trial kept its accepted trial's
+                    fnorm_t = state["fnorm"]
                 acnorm, fnorm, g_h, status, diag = hs.view(acnorm_t, fnorm_t, g_t,
                                                            state["status"], state["diag"])
             if n:
@@ -344,8 +372,10 @@ class LevenbergMarquardt(StepRule):
                 d = mark_finite(d)
             fac = factorize(state["J"], d, state["f"], gram=state["G"], g=state["g"],
                             use_gram=problem.use_gram)
+            ff = (_squares_from_cost(hs, state["cost"])
+                  if hs.host and fac.gram is not None and problem.loss is None else None)
             p_gn = refine_gauss_newton(fac, minimum_norm_step(fac, host=hs.host),
-                                       state["J"], d, state["f"])
+                                       state["J"], d, state["f"], ff)
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
         # Rank-deficient rows: MINPACK solves with a column-pivoted QR and takes the basic
@@ -469,6 +499,10 @@ class LevenbergMarquardt(StepRule):
             status = minpack_status(actred, prered, ratio, delta, xnorm, gnorm, nfev,
                                     problem.max_nfev, problem.ftol, problem.xtol, xp=xp)
             state["xnorm"] = hs.renewed(state["xnorm"], xnorm)  # (kept by a rejection)
+            if not hs.floats:
+                # a batch keeps |f| of the accepted trials for the next measure_optimality
+                # (torch's norm of each row, the one it would take there of the same values)
+                state["fnorm"] = hs.renewed(state["fnorm"], xp.where(accept, fnorm_new, fnorm))
             (state["delta"], state["par"], state["no_step_yet"],
              state["uncounted_jac"], accept, status) = hs.keep(
                 delta, par, no_step_yet > accept,  # (and not accepted)
