@@ -64,7 +64,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   batch_args=()
 fi
-timeout "$T_BATCH" "$PY" benchmarks/bench_batch.py --device "$DEVICE" --dtype float64 --no-chunk-sweep \
+timeout "$T_BATCH" "$PY" benchmarks/bench_batch.py --device "$DEVICE" --dtype float64 --no-chunk-sweep --scipy-repeat 1 \
   --out-dir "$OUT" --plot "$OUT/batch_scaling_gpu.png" "${batch_args[@]}" 2>&1 \
   | tee "$OUT/batch.log" || rc=1
 
