@@ -520,19 +520,17 @@ def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True
         return gauss_newton_step(fac)
     s, uf = sc.rows(fac.s), sc.rows(fac.uf)
     eps = _EPS.get(fac.s.dtype) or torch.finfo(fac.s.dtype).eps
-    if sc.floats and not has_gram and s.shape[-1]:
+    if sc.floats and not has_gram:
         # one problem: the quotients on Python floats (the same operations, see
         # _radius_one), the product with V on the host too (numpy's, see host_norm)
         s_l = s[0].tolist()
-        cut = eps * s_l[0]
+        cut = eps * s_l[0] if s_l else 0.0
         coef = np.array([[u / v if (v > cut and v != 0) else 0.0
                           for v, u in zip(s_l, uf[0].tolist(), strict=True)]])
         return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
     with sc.quiet() if quiet else contextlib.nullcontext():
         keep = s > eps * s[:, :1]
         coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
-        if sc.floats and not has_gram:  # one problem: the product on the host too
-            return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
     p_svd = -torch.bmm(fac.V, torch.from_numpy(coef.reshape(*coef.shape, 1))).squeeze(-1)
     return mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
 
@@ -563,10 +561,8 @@ def host_norm(a: Any) -> Any:
     # (a sum of squares is not negative: NaN and infinity pass through math.sqrt)
     if row.shape[0] >= _FOLD:
         return np.float64(math.sqrt(np.add.reduce(row * row)))
-    total = 0.0  # (a short row: numpy's sum in its order, on Python floats, see _row_sum)
-    for v in row.tolist():
-        total += v * v
-    return np.float64(math.sqrt(total))
+    # (a short row: numpy's sum in its order, on Python floats)
+    return np.float64(math.sqrt(_row_sum([v * v for v in row.tolist()])))
 
 
 def _torch_row_norm(sc: Scalars, a: Any) -> Any:
