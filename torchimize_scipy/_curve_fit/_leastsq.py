@@ -516,13 +516,9 @@ class LeastsqBook:
         sel = self._rows_of(ids)
         values = {}
         if self.keep_jacobians:
-            if not (self.one and self._plain_summary):
-                J = as_tensor(J)
-                J = J.detach() if J.requires_grad else J
-                J = self.summary(J if J.device == self.device else J.to(self.device))
-            values["summary"] = J
+            values["summary"] = self._summarised(J)
         if self.keep_residuals:
-            values["f"] = residuals() if self.one else as_tensor(residuals())
+            values["f"] = as_tensor(residuals())
         for name, value in values.items():
             if name in self.rows:
                 if sel is ALL:  # replaced below, never written in place: no copy needed
@@ -538,15 +534,18 @@ class LeastsqBook:
         updates without the row selection and the loop over the kept values."""
         rows = self.rows
         if self.keep_jacobians:
-            if not self._plain_summary:
-                J = as_tensor(J)
-                J = J.detach() if J.requires_grad else J
-                J = self.summary(J if J.device == self.device else J.to(self.device))
-            self._keep_one("summary", J)
+            self._keep_one("summary", J if self._plain_summary else self._summarised(J))
         if self.keep_residuals:
             self._keep_one("f", residuals())
         rows["jac_calls"] = rows["jac_calls"] + 1
         rows["jac_after_trial"] = rows["trials"] > 0
+
+    def _summarised(self, J: Any) -> Any:
+        """:attr:`summary` of the Jacobian ``J`` (a tensor or numpy array), detached, on
+        the book's device."""
+        J = as_tensor(J)
+        J = J.detach() if J.requires_grad else J
+        return self.summary(J if J.device == self.device else J.to(self.device))
 
     def _keep_one(self, name: str, value: Any) -> None:
         """Keep ``value`` as ``name`` of a book of one, the previous one as ``prev_<name>``.
