@@ -293,12 +293,13 @@ class WhitenedModel:
                     shape = (b, F.shape[-1], n)
                     J = torch.empty(shape, dtype=F.dtype, device=dev) if torch_in else \
                         np.empty(shape, dtype=F.dtype)
-                dst = J[start:stop] if torch_in else torch.from_numpy(J[start:stop])
                 # F is this call's own (evaluate's `out - y` or later): the subtraction in
                 # place, in f's order, while it is in the cache; the division writes J's rows
-                Ft = as_tensor(F)
-                torch.sub(Ft, as_tensor(f0[start:stop, None, :]), out=Ft)
-                torch.div(Ft, as_tensor(h[start:stop, :, None]), out=dst.transpose(1, 2))
+                # (numpy's strided division for numpy parameters: the same quotients, in
+                # about two thirds of torch's time for this transposed destination)
+                sub, div = (torch.sub, torch.div) if torch_in else (np.subtract, np.divide)
+                sub(F, f0[start:stop, None, :], out=F)
+                div(F, h[start:stop, :, None], out=_swap_last(J[start:stop]))
         book.add_fd_evals(ids, n)
         book.record_jac(ids, J, lambda: f0)
         return J
