@@ -372,6 +372,14 @@ class FitData:
         """Rows ``ids`` of ``a``, each ``repeat`` times; a view when they are one ascending run."""
         if a.shape[0] == 1 and repeat == 1:  # one problem (curve_fit): no index to check
             return a
+        if isinstance(ids, np.ndarray) and isinstance(a, np.ndarray):
+            # numpy rows of numpy data (batch_curve_fit of a numpy model): the same test and
+            # selection with numpy's own functions, no tensor round trip
+            b = ids.shape[0]
+            if repeat == 1 and b and int(ids[-1]) - int(ids[0]) == b - 1 and (
+                    b == 1 or bool((np.diff(ids) == 1).all())):
+                return a[int(ids[0]):int(ids[0]) + b]
+            return np.take(a, ids if repeat == 1 else np.repeat(ids, repeat), axis=0)
         idx = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
         b = idx.shape[0]
         if repeat == 1 and b and int(idx[-1]) - int(idx[0]) == b - 1 and (

@@ -282,13 +282,14 @@ class WhitenedModel:
                     F.requires_grad or f0.requires_grad or h.requires_grad):
                 # autograd: one group (_chunk_rows does not split calls that record gradients)
                 J = _swap_last((F - f0[start:stop, None, :]) / h[start:stop, :, None])
-            elif group >= b:  # one call: in place on F (this call's own, see below), in
-                # f's row order, and the transposed view
+            elif group >= b and (torch_in or self.rowwise):  # one call: in place on F
+                # (this call's own, see below), in f's row order, and the transposed view
                 sub, div = (torch.sub, torch.div) if torch_in else (np.subtract, np.divide)
                 sub(F, f0[:, None, :], out=F)
                 div(F, h[:, :, None], out=F)
                 J = _swap_last(F)
             else:  # each group's differences written transposed into one (b, M, N) array
+                # (numpy batches in one call too: the engine would copy a transposed view)
                 if J is None:
                     shape = (b, F.shape[-1], n)
                     J = torch.empty(shape, dtype=F.dtype, device=dev) if torch_in else \
