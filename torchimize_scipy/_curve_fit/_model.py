@@ -143,7 +143,9 @@ class WhitenedModel:
         differences); the data of each problem are selected once and broadcast
         over its rows. Row by row, ``m`` is the length of ``f - ydata`` (a
         one-point ``ydata`` may broadcast), else ``M``. Large batches call
-        ``f`` for consecutive groups of problems (:meth:`_chunk_rows`).
+        ``f`` for consecutive groups of problems (:meth:`_chunk_rows`); the
+        groups after the first write their residuals ``out - y`` straight into
+        the result's rows (no copy, when nothing is masked or whitened).
         """
         if self.rowwise:  # curve_fit: f is called row by row anyway
             return self._evaluate(P, ids, repeat)
@@ -154,15 +156,20 @@ class WhitenedModel:
         out = None
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            part = self._evaluate(P[start:stop], ids[start // repeat:stop // repeat], repeat)
+            dest = None if out is None else out[start:stop]
+            part = self._evaluate(P[start:stop], ids[start // repeat:stop // repeat], repeat,
+                                  dest)
             if out is None:
                 xp = array_namespace(part)
                 out = xp.empty((rows, part.shape[1]), dtype=part.dtype, device=device(part))
-            out[start:stop] = part
+            if part is not dest:
+                out[start:stop] = part
         return out
 
-    def _evaluate(self, P: Any, ids: Any, repeat: int) -> Any:
-        """:meth:`evaluate` in one call of ``f``."""
+    def _evaluate(self, P: Any, ids: Any, repeat: int, dest: Any = None) -> Any:
+        """:meth:`evaluate` in one call of ``f``; ``dest`` (rows of the caller's result, of
+        ``P``'s kind): written and returned when the residuals need no mask or whitening
+        and have its dtype (the same subtraction, into ``dest`` instead of a new array)."""
         x, y, T, keep = self.data.select(ids, P, repeat)
         rows = P.shape[0]
         out = self._call(self.f, x, P)
@@ -179,6 +186,13 @@ class WhitenedModel:
             if out.shape != (rows, self.data.M):
                 out = out.expand(rows, self.data.M) if torch_in else np.broadcast_to(
                     out, (rows, self.data.M))
+            if dest is not None and keep is None and self.data.tkind is None and (
+                    torch.result_type(out, y) if torch_in else np.result_type(out, y)
+            ) == dest.dtype:
+                sub = torch.sub if torch_in else np.subtract
+                sub(out.reshape(-1, repeat, self.data.M), y[..., None, :],
+                    out=dest.reshape(-1, repeat, self.data.M))
+                return dest
             r = out.reshape(-1, repeat, self.data.M) - y[..., None, :]
         if keep is not None:
             r = _mask(r, keep[..., None, :])
