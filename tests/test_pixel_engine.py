@@ -98,3 +98,78 @@ def test_columnwise_scratch_is_not_the_jacobian():
     expected = torch.stack([t, t * t, t * t * t], -1).expand(B, m, n)
     torch.testing.assert_close(J, expected, rtol=1e-6, atol=1e-6)  # 2-point accuracy
     assert not torch.equal(J[..., 0], J[..., 1])
+
+
+def _model_of(B: int, chunk: bool, monkeypatch, **data_kw):
+    """A vectorised WhitenedModel of the cubic on ``B`` numpy problems (and its data)."""
+    from torchimize_scipy._curve_fit._data import FitData, sigma_transform
+    from torchimize_scipy._curve_fit._leastsq import LeastsqBook, minpack_step
+
+    x, y, p0 = _data(B, "numpy")
+    if data_kw.get("nan"):
+        y = y.copy()
+        y[3, 5] = np.nan
+    data = FitData.batch(x, y)
+    keep = data.apply_nan_policy("omit" if data_kw.get("nan") else None, drop=False)
+    data.set_transform(sigma_transform(data_kw.get("sigma"), B, X.size, keep))
+    model = _model.WhitenedModel(cubic, None, data, 3, False, rowwise=False)
+    model.book = LeastsqBook(np.inf, minpack_step(0.0, None, 3, torch.float64), B, "cpu",
+                             keep_jacobians=False)
+    if chunk:
+        monkeypatch.setattr(_model, "CHUNK_ELEMENTS", 7 * X.size)  # 7 rows per call of f
+    P = p0 + np.random.default_rng(3).uniform(-0.2, 0.2, p0.shape)
+    return model, P, y
+
+
+@pytest.mark.parametrize("case", [{}, {"nan": True}, {"sigma": np.linspace(0.5, 2.0, 16)}])
+def test_grouped_residuals_equal_one_call(monkeypatch, case):
+    """Residuals of a batch evaluated group by group (the later groups written straight
+    into the result; masked or whitened ones copied there) equal one call's."""
+    model, P, y = _model_of(40, False, monkeypatch, **case)
+    ids = np.arange(40)
+    whole = model.evaluate(P, ids)
+    model, P, y = _model_of(40, True, monkeypatch, **case)
+    calls: list[int] = []
+
+    def counted(x, a, b, c):
+        calls.append(a.shape[0])
+        return cubic(x, a, b, c)
+
+    model.f = counted
+    grouped = model.evaluate(P, ids)
+    assert max(calls) == 7 and len(calls) == 6  # groups of 7 rows
+    assert grouped.shape == (40, X.size) and grouped.flags.c_contiguous
+    np.testing.assert_array_equal(grouped, whole)
+    if not case:  # plain residuals: f - y, row by row
+        np.testing.assert_allclose(grouped, cubic(X, P[:, :1], P[:, 1:2], P[:, 2:]) - y,
+                                   rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("B", [5, 40])
+def test_numpy_batch_differences_are_a_contiguous_jacobian(monkeypatch, B):
+    """A numpy batch's forward differences come as one C-contiguous (b, M, N) array, in
+    one call of ``f`` or in groups (the engine copies no transposed view), with the
+    derivatives of the model."""
+    model, P, _ = _model_of(B, B > 10, monkeypatch)
+    ids = np.arange(B)
+    model.residuals(P, ids)
+    J = model.fd_jacobian(P, ids)
+    assert isinstance(J, np.ndarray) and J.shape == (B, X.size, 3) and J.flags.c_contiguous
+    exact = np.stack(np.broadcast_arrays(np.ones_like(X), X, X**3), axis=-1)
+    np.testing.assert_allclose(J, np.broadcast_to(exact, J.shape), rtol=1e-6, atol=1e-6)
+
+
+def test_numpy_rows_of_numpy_data():
+    """FitData._rows with numpy indices: a view for one ascending run, else the rows (each
+    ``repeat`` times), as numpy arrays."""
+    from torchimize_scipy._curve_fit._data import FitData
+
+    a = np.arange(30.0).reshape(10, 3)
+    run = FitData._rows(a, np.arange(2, 6))
+    assert np.shares_memory(run, a)
+    np.testing.assert_array_equal(run, a[2:6])
+    ids = np.array([1, 4, 5, 9])
+    np.testing.assert_array_equal(FitData._rows(a, ids), a[ids])
+    np.testing.assert_array_equal(FitData._rows(a, ids, 3), a[np.repeat(ids, 3)])
+    np.testing.assert_array_equal(FitData._rows(a, np.arange(3), 2), a[[0, 0, 1, 1, 2, 2]])
+    assert not np.shares_memory(FitData._rows(a, ids), a)
