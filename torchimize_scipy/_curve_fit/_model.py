@@ -241,23 +241,30 @@ class WhitenedModel:
         """MINPACK's forward differences for ``b`` problems (``N`` shifted points each).
 
         One body for numpy and torch parameters: numpy parameters give numpy
-        arithmetic (torch's, on the numpy arrays'
-        memory, for large batches), tensors torch operations, the same IEEE
-        operations in both. A batch that ``f`` takes in one call is
-        differenced in place in the order ``f`` returns the values (a
-        subtraction and a division on the residuals of the shifted points,
-        this call's own array: no further buffer) and ``J`` is that array's
-        transposed view. Large batches on the CPU are differenced in
-        groups of problems as :meth:`evaluate` calls ``f`` (each group's
-        differences computed while its residuals are in the cache) into one
-        contiguous ``(b, M, N)`` array: the subtraction runs in place on the
-        group's residuals (this call's own array), in the order ``f``
-        returns them, and the division writes its quotients transposed into
-        ``J``'s rows (on 8,192 Gaussian peaks, 7 ms per Jacobian besides
-        ``f``, median 13 ms, against 17 ms, median 15 ms, for a subtraction
-        reading the group transposed into ``J`` and a division in place
-        there, 40 alternated runs; a transposed
-        view instead would cost the engine a copy of ``J`` per Jacobian).
+        arithmetic, tensors torch operations, the same IEEE operations in
+        both. A torch batch (and :func:`curve_fit`'s one problem) that ``f``
+        takes in one call is differenced in place in the order ``f`` returns
+        the values (a subtraction and a division on the residuals of the
+        shifted points, this call's own array: no further buffer) and ``J``
+        is that array's transposed view. A numpy batch, and large torch
+        batches on the CPU, are differenced in groups of problems as
+        :meth:`evaluate` calls ``f`` (one group when ``f`` takes the batch in
+        one call; each group's differences computed while its residuals are
+        in the cache) into one contiguous ``(b, M, N)`` array: the
+        subtraction runs in place on the group's residuals (this call's own
+        array), in the order ``f`` returns them, and the division writes its
+        quotients transposed into ``J``'s rows (on 8,192 Gaussian peaks, 7 ms
+        per Jacobian besides ``f``, median 13 ms, against 17 ms, median 15
+        ms, for a subtraction reading the group transposed into ``J`` and a
+        division in place there, 40 alternated runs). A transposed view
+        would cost the engine a copy of ``J`` per Jacobian (``from_user``
+        makes numpy values contiguous), and the engine's ``J^T J`` of a
+        transposed view differs in the last bits from that of a contiguous
+        ``J`` (MKL's ``bmm``), so the layout stays. For numpy, numpy's own
+        strided division writes ``J``: in 0.7-0.8 of the time of torch's
+        division into the same transposed destination, and less than a
+        division in place followed by a transposed copy (groups of 512
+        peaks, one thread, alternated runs).
         The shifted points are selected from
         ``P`` and ``P + h`` by a cached boolean identity, with numpy's and
         torch's own functions (no namespace look-up per call: for one problem
@@ -310,8 +317,6 @@ class WhitenedModel:
                         np.empty(shape, dtype=F.dtype)
                 # F is this call's own (evaluate's `out - y` or later): the subtraction in
                 # place, in f's order, while it is in the cache; the division writes J's rows
-                # (numpy's strided division for numpy parameters: the same quotients, in
-                # about two thirds of torch's time for this transposed destination)
                 sub, div = (torch.sub, torch.div) if torch_in else (np.subtract, np.divide)
                 sub(F, f0[start:stop, None, :], out=F)
                 div(F, h[start:stop, :, None], out=_swap_last(J[start:stop]))
