@@ -180,3 +180,22 @@ def test_numpy_rows_of_numpy_data():
     np.testing.assert_array_equal(FitData._rows(a, ids, 3), a[np.repeat(ids, 3)])
     np.testing.assert_array_equal(FitData._rows(a, np.arange(3), 2), a[[0, 0, 1, 1, 2, 2]])
     assert not np.shares_memory(FitData._rows(a, ids), a)
+
+
+@pytest.mark.parametrize("partial_rows", [0, 2, 30])
+def test_mask_residuals_rows(partial_rows):
+    """Residual masking of a numpy batch: the omitted entries are zero and every other
+    entry is the residual itself, whether the few partial rows are masked in place or
+    all rows in one pass."""
+    rng = np.random.default_rng(7)
+    r = rng.standard_normal((40, 3, 16))
+    keep = np.ones((40, 16), dtype=bool)
+    rows = rng.choice(40, partial_rows, replace=False)
+    keep[rows, rng.integers(0, 16, partial_rows)] = False
+    before = r.copy()
+    out = _model._mask_residuals(r, keep)
+    full = np.broadcast_to(keep[:, None, :], r.shape)
+    assert out.shape == r.shape and np.all(out[~full] == 0.0)
+    np.testing.assert_array_equal(out[full], before[full])
+    if partial_rows <= 10:  # few rows: masked in place, the others untouched
+        assert out is r

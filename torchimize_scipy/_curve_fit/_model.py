@@ -65,6 +65,24 @@ def _mask(a: Any, keep: Any) -> Any:
     return np.where(keep, a, 0.0)
 
 
+def _mask_residuals(r: Any, keep: Any) -> Any:
+    """:func:`_mask` of residuals ``r (b, k, M)``, this call's own array, by ``keep (b, M)``.
+
+    With numpy, where at most a quarter of the problems omit observations
+    (a block of pixels with a few NaN pixels, ``nan_policy='omit'``), only
+    their rows are masked, in place; the other rows would be selected
+    unchanged (the same values as one pass over all rows).
+    """
+    if isinstance(r, torch.Tensor):
+        return _mask(r, keep[..., None, :])
+    partial = np.flatnonzero(~keep.all(axis=1))
+    if partial.size * 4 > keep.shape[0]:
+        return _mask(r, keep[..., None, :])
+    if partial.size:
+        r[partial] = _mask(r[partial], keep[partial][..., None, :])
+    return r
+
+
 def whiten(a: Any, kind: str | None, T: Any) -> Any:
     """``L^{-1} a`` for the columns ``a (b, M, k)`` of each problem (``T``: 1 or b rows).
 
@@ -194,8 +212,8 @@ class WhitenedModel:
                     out=dest.reshape(-1, repeat, self.data.M))
                 return dest
             r = out.reshape(-1, repeat, self.data.M) - y[..., None, :]
-        if keep is not None:
-            r = _mask(r, keep[..., None, :])
+        if keep is not None:  # (r: this call's own array, `out - y`)
+            r = _mask_residuals(r, keep) if not self.rowwise else _mask(r, keep[..., None, :])
         if self.data.tkind is not None:  # whiten the repeat columns of each problem at once
             r = _swap_last(whiten(_swap_last(r), self.data.tkind, T))
         return r.reshape(rows, -1)
