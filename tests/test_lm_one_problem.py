@@ -224,13 +224,13 @@ def test_one_lm_problem_enters_numpy_errstate_once_per_stage(monkeypatch):
     assert len(entered) <= 2 * res.nfev + 2 * res.njev
 
 
-@pytest.mark.parametrize("m,n", [(2, 2), (4, 2), (7, 3), (140, 3)])
+@pytest.mark.parametrize("m,n", [(2, 2), (4, 2), (7, 3), (50, 3), (140, 3)])
 def test_host_svd_sums_u_t_f_on_the_host_for_small_matrices(m, n):
-    # up to HOST_UF_TERMS multiply-adds U^T f is summed on the host (the order of torch's
+    # below BMM_NAIVE_TERMS multiply-adds U^T f is summed on the host (the order of torch's
     # own bmm kernel) and the factors carry their host rows; above it torch's bmm forms it
     from torchimize_scipy._engine import host_lapack
     from torchimize_scipy._engine.host_scalars import host_rows
-    from torchimize_scipy._engine.steps.lm import HOST_UF_TERMS
+    from torchimize_scipy._engine.problem import BMM_NAIVE_TERMS
 
     J, diag, f = _problem(seed=3, m=m, n=n)
     hs = _hs()
@@ -248,7 +248,7 @@ def test_host_svd_sums_u_t_f_on_the_host_for_small_matrices(m, n):
     np.testing.assert_allclose(fac.s.numpy(), s.numpy(), rtol=0, atol=scale)
     np.testing.assert_allclose(fac.V.numpy(), Vh.transpose(-1, -2).numpy(), rtol=0,
                                atol=64 * max(m, n) * np.finfo(np.float64).eps)
-    small = m * n <= HOST_UF_TERMS
+    small = m * min(m, n) < BMM_NAIVE_TERMS
     # (s and V come as host arrays from LAPACK called directly, host_lapack, up to its size)
     direct = host_lapack.AVAILABLE and m * n <= host_lapack.MAX_ENTRIES
     for t, kept in ((fac.s, small or direct), (fac.V, small or direct), (fac.uf, small)):
