@@ -257,3 +257,30 @@ def test_host_svd_sums_u_t_f_on_the_host_for_small_matrices(m, n):
         if kept:  # the remembered host rows are the tensor's values, in C order
             np.testing.assert_array_equal(known, t.numpy())
             assert known.flags.c_contiguous
+
+
+def test_one_problem_takes_its_cost_once_at_write_out(monkeypatch):
+    """'lm' reads no cost while it iterates: one problem's loop takes the cost of the
+    residuals it stops at when it writes the result (and at x0), not at every trial."""
+    from torchimize_scipy._engine.problem import Problem
+
+    calls = []
+    real = Problem.cost
+
+    def counting(self, f):
+        calls.append(f.shape)
+        return real(self, f)
+
+    monkeypatch.setattr(Problem, "cost", counting)
+    t = np.linspace(0, 4, 50)
+    y = 2.5 * np.exp(-1.3 * t) + 0.5 + 0.01 * np.sin(7 * t)
+
+    def fun(p):
+        return p[0] * np.exp(-p[1] * t) + p[2] - y
+
+    res = ts.least_squares(fun, np.ones(3), method="lm")
+    assert res.nfev > 5 and len(calls) == 2  # (x0 and the result)
+    np.testing.assert_allclose(res.cost, 0.5 * np.sum(res.fun ** 2), rtol=1e-14)
+    calls.clear()
+    res_trf = ts.least_squares(fun, np.ones(3), method="trf")  # (trf reads its costs)
+    assert len(calls) >= res_trf.nfev
