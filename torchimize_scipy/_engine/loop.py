@@ -801,6 +801,12 @@ def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask
         dest = out.get(k)
         if dest is None:
             continue
+        if dest.shape[0] == 1:  # one problem's buffers (its id is 0): written whole
+            if is_host_value(v):  # (one problem's host value, Scalars.keep: no tensor made)
+                dest.fill_(v.item() if isinstance(v, np.generic) else v)
+            else:
+                dest.copy_(v)  # (the conversion of ``to``; one operation instead of two)
+            continue
         v = as_tensor(v)  # (one problem's host values, Scalars.keep)
         where = ids if ids.device == dest.device else ids.to(dest.device)
         dest.index_copy_(0, where, v.to(dest.device, dest.dtype))
