@@ -655,8 +655,8 @@ def scalars(like: Tensor, host: bool | None = None, B: int | None = None) -> Sca
         return Scalars(like, host)
     if B is None:
         B = like.shape[0]
-    if B == 1 and host is None:  # one problem (over 100 calls per curve_fit): by dtype alone
-        one = _ONE_ROW.get(like.dtype)
+    if B == 1:  # one problem (over 150 calls per curve_fit): by dtype and host alone
+        one = _ONE_ROW.get((like.dtype, host))
         if one is not None and one[0] is HOST:
             return one[1]
     key = (B, like.dtype, host, HOST)
@@ -665,13 +665,13 @@ def scalars(like: Tensor, host: bool | None = None, B: int | None = None) -> Sca
         if len(_FOR_ROWS) >= 256:  # (streamed batches shrink through many sizes)
             _FOR_ROWS.clear()
         sc = _FOR_ROWS[key] = Scalars(like, host)
-    if B == 1 and host is None:
-        _ONE_ROW[like.dtype] = (HOST, sc)
+    if B == 1:
+        _ONE_ROW[(like.dtype, host)] = (HOST, sc)
     return sc
 
 
 #: :func:`scalars`' objects for CPU tensors
 _FOR_ROWS: dict[tuple, Scalars] = {}
-#: :func:`scalars`' object of one CPU problem (``host`` None) by dtype, with the
-#: :data:`HOST` it was made under (a change of the switch makes a new one)
-_ONE_ROW: dict[torch.dtype, tuple[Any, Scalars]] = {}
+#: :func:`scalars`' object of one CPU problem by dtype and ``host``, with the :data:`HOST`
+#: it was made under (a change of the switch makes a new one)
+_ONE_ROW: dict[tuple, tuple[Any, Scalars]] = {}
