@@ -49,6 +49,7 @@ from .._blas_threads import is_small, serial_blas
 from . import termination as term
 from .counts import count_true, known_unit, mark_finite, mark_unit
 from .host_scalars import (
+    ALL_REDUCE,
     Scalars,
     as_tensor,
     for_rows,
@@ -296,7 +297,7 @@ def _finite_rows(hs: Scalars, f: Tensor):
     if f.shape[-1] == 0:
         return hs.view(finite_per_row(f))[0]
     if hs.floats:  # one problem: its residuals' host values (the rule reads them next)
-        return np.isfinite(hs.view(f)[0]).all()
+        return ALL_REDUCE(np.isfinite(hs.view(f)[0]), axis=None)
     return hs.xp.isfinite(hs.view(torch.linalg.vector_norm(f, ord=math.inf, dim=-1))[0])
 
 
@@ -368,7 +369,7 @@ def jacobian_nonfinite_rows(J: Tensor, G: Tensor) -> Tensor | None:
     hs = scalars(G)
     if hs.floats and G.layout == torch.strided:
         # one problem: G's entries on the host (read once: the rule reads them next)
-        if np.isfinite(hs.view(G)[0]).all():
+        if ALL_REDUCE(np.isfinite(hs.view(G)[0]), axis=None):
             return None
     elif math.isfinite(hs.view(G.sum())[0]):
         return None
