@@ -9,7 +9,12 @@ One float64 problem on the CPU with few residuals and variables (at most
 and ``J^T J`` as host sums in the order torch adds the terms (the same
 values, no torch operation but the tensors handed over with their host
 values; issue 14): Rosenbrock 'lm', 30 -> 20 engine operations per
-evaluation (``benchmarks/bench_ops.py --only-b1``).
+evaluation (``benchmarks/bench_ops.py --only-b1``). With more of them, below
+:data:`BMM_NAIVE_TERMS` multiply-adds ``m n``, its ``J^T f`` is still summed
+on the host in the order of torch's own small ``bmm`` kernel
+(:func:`host_transposed_rows`, numpy's ``add.accumulate``; scipy's
+``curve_fit`` example, ``m = 50``, ``n = 3``), its ``J^T J`` and cost are
+torch's.
 
 With a built-in robust loss, one float64 problem with at most
 :data:`HOST_LOSS_ROWS` residuals takes its cost and the loss's scaling of

@@ -52,8 +52,12 @@ one is not always; reductions may sum in another order); the iterations, and
 so nfev, njev and status, are the same on the parity problems. With at
 most four residuals and variables its cost, ``J^T f`` and ``J^T J`` are host
 sums too (:meth:`..problem.Problem.cost`, :meth:`..problem.Problem.linearize`:
-torch's order of terms, bit for bit), and each stage of the rule enters
-numpy's ``errstate`` once (:meth:`..host_scalars.Scalars.quiet`; the
+torch's order of terms, bit for bit; ``J^T f`` and ``U^T f`` below
+:data:`..problem.BMM_NAIVE_TERMS` multiply-adds at any size,
+:func:`..problem.host_transposed_rows`). Off the Gram route the rule reads
+no cost (:meth:`LevenbergMarquardt.reads_cost`: one problem's loop takes it
+once, where it writes the result), and each stage of the rule enters
+numpy's ignore-all error state once (:meth:`..host_scalars.Scalars.quiet`; the
 subproblem and the step share the proposal's, the factors and the
 Gauss-Newton step the model's; never around the user's functions). Its
 factorisation forms ``J d`` and tests it on the host (:func:`_host_svd`;
