@@ -55,6 +55,31 @@ def test_pivoted_inverse_numpy_and_torch_agree():
     np.testing.assert_allclose(got_np[0], P @ inv @ P.T, rtol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 3, 7, 8])
+@pytest.mark.parametrize("singular", [False, True])
+def test_one_problem_numpy_and_torch_agree(n, singular):
+    """One problem (curve_fit's): ``R^{-1} R^{-T}`` summed on the host below torch's own
+    bmm kernel's limit (n <= 7), then unpermuted by indexing; as the torch path."""
+    rng = np.random.default_rng(n)
+    R = (np.triu(rng.normal(size=(1, n, n))) + 3 * np.eye(n)) * 10.0 ** rng.integers(
+        -3, 4, size=(1, 1, n))
+    if singular:
+        R[0, n - 1, n - 1] = 0.0
+    perm = rng.permutation(n)[None]
+    got_np = pivoted_inverse(R, perm)
+    got_t = pivoted_inverse(torch.from_numpy(R), torch.from_numpy(perm))
+    assert got_np.shape == (1, n, n)
+    _same(got_np, got_t)
+    assert np.isnan(got_np).all() == singular
+    if not singular:
+        P = np.eye(n)[:, perm[0]]
+        inv = np.linalg.inv(R[0].T @ R[0])
+        np.testing.assert_allclose(got_np[0], P @ inv @ P.T, rtol=1e-9,
+                                   atol=1e-12 * np.abs(inv).max())
+        if n ** 3 < 400:  # (the host sums: symmetric by construction)
+            np.testing.assert_array_equal(got_np[0], got_np[0].T)
+
+
 @pytest.mark.parametrize("absolute_sigma", [False, True])
 @pytest.mark.parametrize("per_problem_m", [False, True])
 def test_finish_covariance_numpy_and_torch_agree(absolute_sigma, per_problem_m):

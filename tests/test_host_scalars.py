@@ -380,3 +380,20 @@ def test_minpack_status_takes_eps_of_the_values_dtype():
     one = np.float64(1.0)
     assert minpack_status(one / 2, one / 2, one, one, one, np.float64(1e-17), np.int64(1),
                           100, 1e-8, 1e-8, xp=Floats) == GTOL
+
+
+def test_one_problem_scalars_follow_the_host_switch(monkeypatch):
+    """scalars/for_rows keep one problem's object by dtype; a change of HOST makes a new
+    one (the device path on the CPU), and switching back returns the host's again."""
+    from torchimize_scipy._engine import host_scalars as hs_mod
+
+    x = torch.zeros(1, 3, dtype=torch.float64)
+    first = hs_mod.for_rows(x)
+    assert first.host and first.floats and hs_mod.scalars(x) is first
+    assert hs_mod.for_rows(torch.zeros(1, 3, dtype=torch.float32)).floats is False
+    monkeypatch.setattr(hs_mod, "HOST", False)
+    dev = hs_mod.for_rows(x)
+    assert not dev.host and not dev.floats and hs_mod.scalars(x) is dev
+    monkeypatch.setattr(hs_mod, "HOST", None)
+    again = hs_mod.for_rows(x)
+    assert again.host and again.floats

@@ -15,7 +15,13 @@ from _parity import assert_result_parity
 from torchimize_scipy import least_squares
 from torchimize_scipy._engine import host_scalars
 from torchimize_scipy._engine.host_scalars import host_rows
-from torchimize_scipy._engine.problem import HOST_SUM_COLS, HOST_SUM_ROWS, Problem
+from torchimize_scipy._engine.problem import (
+    BMM_NAIVE_TERMS,
+    HOST_SUM_COLS,
+    HOST_SUM_ROWS,
+    Problem,
+    host_transposed_rows,
+)
 
 EPS = np.finfo(np.float64).eps
 
@@ -111,10 +117,35 @@ def test_torch_sums_elsewhere(case, monkeypatch):
     f = torch.ones(B, m, dtype=dtype)
     J = torch.ones(B, m, n, dtype=dtype)
     _, _, g, G = prob.linearize(f, J)
-    assert host_rows(G) is None and host_rows(g) is None
+    # (one float64 problem beyond the few rows or columns: J^T f still on the host below
+    # BMM_NAIVE_TERMS multiply-adds, J^T J by torch)
+    assert host_rows(G) is None
+    assert (host_rows(g) is not None) == (case in ("rows", "cols"))
+    assert torch.equal(g, torch.full((B, n), float(m), dtype=dtype))
     assert torch.equal(G, torch.full((B, n, n), float(m), dtype=dtype))
     assert torch.equal(prob.cost(f), torch.full((B,), 0.5 * m, dtype=dtype))
     host_scalars._FOR_ROWS.clear()
+
+
+@pytest.mark.parametrize(("m", "n"), [(5, 1), (50, 3), (133, 3), (20, 19), (399, 1)])
+def test_host_transposed_rows_below_bmm_kernel(m, n):
+    """J^T f of one problem below BMM_NAIVE_TERMS multiply-adds: summed on the host, within
+    the rounding of a sum of m terms of torch's bmm, handed over with its host rows."""
+    assert m * n < BMM_NAIVE_TERMS
+    rng = np.random.default_rng(m * 7 + n)
+    prob = _problem(m, n)
+    for _ in range(10):
+        f = torch.from_numpy(rng.standard_normal((1, m)) * 10.0 ** rng.integers(-3, 4, (1, m)))
+        J = torch.from_numpy(rng.standard_normal((1, m, n)))
+        _, _, g, G = prob.linearize(f, J)
+        _, g_t, G_t = _torch_sums(f, J)
+        bound = m * EPS * (J.abs() * f.abs().unsqueeze(-1)).sum(-2)
+        assert g.shape == (1, n) and (g - g_t).abs().le(bound).all()
+        assert host_rows(g) is not None and torch.equal(G, G_t)  # (G: torch's own)
+        direct = host_transposed_rows(J[0].numpy(), f[0].numpy())
+        assert direct.shape == (n,) and (torch.from_numpy(direct) - g_t[0]).abs().le(
+            bound[0]).all()
+    assert host_transposed_rows(np.zeros((0, n)), np.zeros(0)).shape == (n,)
 
 
 def _rosen(x):

@@ -30,6 +30,7 @@ import torch
 from array_api_compat import device
 
 from .._engine.linalg import inverse_and_condition
+from .._engine.problem import BMM_NAIVE_TERMS
 
 #: Batches invert ``J^T J`` directly where its 2-norm condition number is at most
 #: this (float64: a relative error of about ``eps * 1e6 = 2e-10`` in ``pcov``;
@@ -62,12 +63,17 @@ def inverse_from_r(R: Any) -> Any:
     on the numpy array's memory), and the result is of ``R``'s kind.
     """
     xp = _namespace(R)
-    n = R.shape[-1]
+    B, n = R.shape[0], R.shape[-1]
     # a singular R is replaced by the identity (in R's dtype) for the solve (on the host,
     # where the test is free, only when there is one, found by one test of the diagonal;
     # a device is not read)
     safe = R
-    any_singular = xp is _TORCH_XP or not R.diagonal(0, -2, -1).all()
+    if xp is _TORCH_XP:
+        any_singular = True
+    elif B == 1:  # (one problem, curve_fit: its few pivots as Python floats; == as nonzero)
+        any_singular = 0.0 in R[0].diagonal().tolist()
+    else:
+        any_singular = not R.diagonal(0, -2, -1).all()
     if any_singular:
         # (methods numpy and torch share, where the namespace's wrapper would cost more)
         singular = (R.diagonal(0, -2, -1) == 0).any(-1)[:, None, None]
@@ -75,11 +81,18 @@ def inverse_from_r(R: Any) -> Any:
     Rt = safe if xp is _TORCH_XP else torch.from_numpy(safe)
     eye = _identity(n, Rt.dtype, Rt.device).expand_as(Rt)
     Rinv = torch.linalg.solve_triangular(Rt, eye, upper=True)
-    cov = Rinv @ Rinv.transpose(-1, -2)
-    if xp is not _TORCH_XP:
-        cov = cov.numpy()
-        if not any_singular:  # (known on the host: nothing to fill)
-            return cov
+    if xp is not _TORCH_XP and B == 1 and n * n * n < BMM_NAIVE_TERMS:
+        # one small problem: Rinv Rinv^T summed on the host in the order of torch's own
+        # bmm kernel (each entry over k in order from zero, numpy's accumulate: the same
+        # values as the product below, without matmul's dispatch)
+        a = Rinv.numpy()[0]
+        cov = np.add.accumulate(a[:, None, :] * a[None, :, :], axis=-1)[None, :, :, -1]
+    else:
+        cov = Rinv @ Rinv.transpose(-1, -2)
+        if xp is not _TORCH_XP:
+            cov = cov.numpy()
+    if xp is not _TORCH_XP and not any_singular:  # (known on the host: nothing to fill)
+        return cov
     return xp.where(singular, float("nan"), cov)
 
 
@@ -107,6 +120,8 @@ def pivoted_inverse(R: Any, perm: Any) -> Any:
     cov = inverse_from_r(R)
     xp = _namespace(cov)
     back = xp.argsort(perm, axis=-1)  # variable i is column back[i]
+    if xp is _NUMPY_XP and cov.shape[0] == 1:  # (one problem: its rows, then its columns)
+        return cov[0][back[0]][:, back[0]][None]
     problem = xp.arange(cov.shape[0], device=device(cov))[:, None, None]
     return cov[problem, back[:, :, None], back[:, None, :]]
 

@@ -302,7 +302,9 @@ class WhitenedModel:
         else:
             rel = np.asarray(book.rel_step, dtype=P.dtype)
             h = rel * np.abs(P)
-            if not h.all():  # (on the host a test is cheaper than the selection)
+            # (on the host a test is cheaper than the selection; ``0.0 in`` compares as
+            # ``h == 0``, the test ``all`` makes, on Python floats: no reduction call)
+            if 0.0 in h.ravel().tolist():
                 h = np.where(h == 0, rel, h)
         # row j of each problem's block: P with p_j replaced by p_j + h_j (copied, not
         # P + diag(h): that would turn a parameter -0.0 into +0.0)

@@ -107,6 +107,10 @@ _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: n
 
 
 _ARRAY = np.ndarray
+#: the reductions of ``ndarray.max``/``ndarray.all`` (called directly: the methods add a
+#: Python layer of about half a microsecond)
+_MAX_REDUCE = np.maximum.reduce
+ALL_REDUCE = np.logical_and.reduce
 
 #: ``(1,)`` tensors of one problem's flags and of its small integers (codes, counters),
 #: made once and shared by every run (the engine never writes into a tensor, as for
@@ -187,9 +191,10 @@ class Floats:
 
     inf = math.inf
 
+    # (``type(v) is _ARRAY`` tests: about 280 calls per curve_fit, no tuple built per call)
     @staticmethod
     def where(cond: Any, a: Any, b: Any) -> Any:
-        if _ARRAY in (type(cond), type(a), type(b)):
+        if type(cond) is _ARRAY or type(a) is _ARRAY or type(b) is _ARRAY:
             return np.where(cond, a, b)
         return a if cond else b
 
@@ -488,7 +493,7 @@ class Scalars:
         """Silence numpy's floating-point warnings (torch has none): the callers guard
         their divisions themselves, and infinities or NaNs of a failed problem are
         expected."""
-        return np.errstate(all="ignore") if self.host else contextlib.nullcontext()
+        return quiet() if self.host else contextlib.nullcontext()
 
     # ---------------------------------------------------------------- several at once ('lm')
     def view(self, *ts: Tensor) -> tuple[Any, ...]:
@@ -502,16 +507,8 @@ class Scalars:
         """
         if not self.host:
             return ts
-        # (the tensors that remember their values, and one problem's host values kept in
-        # the state as they are (:meth:`keep`): one pass, no call per tensor)
-        known = tuple([t if type(t) in _HOST_TYPES else
-                       getattr(t, _HOST_VALUE if t.ndim <= 1 else _HOST_ROWS, None)
-                       for t in ts])
-        for value in known:  # (``in`` would compare arrays with ``==``)
-            if value is None:
-                break
-        else:
-            return known
+        # (one pass: the tensors that remember their values, and one problem's host values
+        # kept in the state as they are (:meth:`keep`), cost a lookup each)
         out = []
         for t in ts:
             if type(t) in _HOST_TYPES:
@@ -595,7 +592,47 @@ class Scalars:
         """Maximum along the last axis (exact, whatever the order): per-problem values."""
         if not self.host:
             return torch.amax(a, dim=-1)
-        return a.max() if self.floats else np.amax(a, axis=-1)
+        # (one problem: the reduction ``a.max()`` runs, without the method's Python layer)
+        return _MAX_REDUCE(a, axis=None) if self.floats else np.amax(a, axis=-1)
+
+
+try:  # numpy's floating-point error state (numpy >= 2: a context variable)
+    from numpy._core._ufunc_config import _extobj_contextvar as _ERRSTATE
+    from numpy._core._ufunc_config import _make_extobj
+except ImportError:  # pragma: no cover - another numpy: numpy.errstate itself
+    _ERRSTATE = None
+
+#: the quiet error state derived from each error state entered from (at most a few:
+#: the default and what callers set with ``numpy.errstate``/``seterr``), kept with it
+_QUIET_OF: dict[Any, Any] = {}
+
+
+class _Quiet:
+    """``numpy.errstate(all="ignore")``, its error state made once per state it is
+    entered from: numpy's ``errstate`` builds a new one at every entry (3-5 µs; one
+    'lm' problem enters one per stage, about 40 per ``curve_fit``). The same state
+    (every floating-point error ignored, the caller's ``errcall`` kept), set and
+    reset on numpy's own context variable, so nesting and threads behave as there."""
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        current = _ERRSTATE.get()
+        state = _QUIET_OF.get(current)
+        if state is None:
+            state = _make_extobj(all="ignore")  # (derived from ``current``, now set)
+            if len(_QUIET_OF) < 16:  # (the key is kept alive with it: no reused id)
+                _QUIET_OF[current] = state
+        self._token = _ERRSTATE.set(state)
+
+    def __exit__(self, *exc: Any) -> None:
+        _ERRSTATE.reset(self._token)
+
+
+def quiet() -> contextlib.AbstractContextManager:
+    """A context in which numpy ignores every floating-point error (as
+    ``numpy.errstate(all="ignore")``, at a fraction of its cost; :class:`_Quiet`)."""
+    return _Quiet() if _ERRSTATE is not None else np.errstate(all="ignore")
 
 
 def for_rows(x: Tensor) -> Scalars:
@@ -621,14 +658,25 @@ def scalars(like: Tensor, host: bool | None = None, B: int | None = None) -> Sca
     caller has it (one read of the shape fewer, :func:`for_rows`)."""
     if not like.is_cpu:
         return Scalars(like, host)
-    key = (like.shape[0] if B is None else B, like.dtype, host, HOST)
+    if B is None:
+        B = like.shape[0]
+    if B == 1:  # one problem (over 150 calls per curve_fit): by dtype and host alone
+        one = _ONE_ROW.get((like.dtype, host))
+        if one is not None and one[0] is HOST:
+            return one[1]
+    key = (B, like.dtype, host, HOST)
     sc = _FOR_ROWS.get(key)
     if sc is None:
         if len(_FOR_ROWS) >= 256:  # (streamed batches shrink through many sizes)
             _FOR_ROWS.clear()
         sc = _FOR_ROWS[key] = Scalars(like, host)
+    if B == 1:
+        _ONE_ROW[(like.dtype, host)] = (HOST, sc)
     return sc
 
 
 #: :func:`scalars`' objects for CPU tensors
 _FOR_ROWS: dict[tuple, Scalars] = {}
+#: :func:`scalars`' object of one CPU problem by dtype and ``host``, with the :data:`HOST`
+#: it was made under (a change of the switch makes a new one)
+_ONE_ROW: dict[tuple, tuple[Any, Scalars]] = {}

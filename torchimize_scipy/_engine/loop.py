@@ -49,6 +49,7 @@ from .._blas_threads import is_small, serial_blas
 from . import termination as term
 from .counts import count_true, known_unit, mark_finite, mark_unit
 from .host_scalars import (
+    ALL_REDUCE,
     Scalars,
     as_tensor,
     for_rows,
@@ -295,12 +296,16 @@ def _finite_rows(hs: Scalars, f: Tensor):
     """:func:`finite_per_row` of ``f (B, m)`` as values of ``hs`` (one reduction)."""
     if f.shape[-1] == 0:
         return hs.view(finite_per_row(f))[0]
+    if hs.floats:  # one problem: its residuals' host values (the rule reads them next)
+        return ALL_REDUCE(np.isfinite(hs.view(f)[0]), axis=None)
     return hs.xp.isfinite(hs.view(torch.linalg.vector_norm(f, ord=math.inf, dim=-1))[0])
 
 
-def _trial_cost(problem: Problem, hs: Scalars, f: Tensor) -> tuple[Tensor, Tensor, object]:
-    """The trial's residuals ``f (B, m)``, zero in rows that are not finite; their cost;
-    and which rows are finite, as values of ``hs``.
+def _trial_cost(problem: Problem, hs: Scalars, f: Tensor,
+                with_cost: bool = True) -> tuple[Tensor, Tensor | None, object]:
+    """The trial's residuals ``f (B, m)``, zero in rows that are not finite; their cost
+    (None without ``with_cost``: see :func:`_late_cost`); and which rows are finite, as
+    values of ``hs``.
 
     On the host, when the cost proves the residuals finite
     (:attr:`Problem.cost_proves_finite`), a finite cost in every row settles
@@ -310,16 +315,35 @@ def _trial_cost(problem: Problem, hs: Scalars, f: Tensor) -> tuple[Tensor, Tenso
     code always does (it decides without reading the device).
     """
     cost = None
-    if hs.host and problem.cost_proves_finite:
+    if with_cost and hs.host and problem.cost_proves_finite:
         cost = problem.cost(f)
         fin = hs.xp.isfinite(hs.view(cost)[0])
         if hs.count(fin) == hs.B:
             return f, cost, fin
     fin = _finite_rows(hs, f)
-    if hs.host and hs.count(fin) == hs.B:  # (some cost overflowed)
-        return f, problem.cost(f) if cost is None else cost, fin
+    if hs.host and hs.count(fin) == hs.B:  # (some cost overflowed, or none was taken)
+        if with_cost and cost is None:
+            cost = problem.cost(f)
+        return f, cost, fin
     f = torch.where(hs.tensors(fin)[0].unsqueeze(-1), f, 0.0)
-    return f, problem.cost(f), fin
+    return f, problem.cost(f) if with_cost else None, fin
+
+
+def _late_cost(problem: Problem, rule: StepRule, B: int, on_iteration, refill) -> bool:
+    """Whether the run takes its cost only where it writes a result (:func:`_write_out`).
+
+    One problem (no refill: it stays one) whose rule reads no cost during the
+    iteration (:meth:`~.steps.base.StepRule.reads_cost`; 'lm' without the Gram
+    route), whose state nobody else sees (no ``on_iteration``, callback or
+    iteration table): the cost of each trial would only be carried to the
+    point it stops at. It is taken there instead, by the same
+    :meth:`Problem.cost` of the same residuals ``f_true (1, m)`` (the same
+    value), once instead of at every trial: 'lm' on scipy's ``curve_fit``
+    example, 11 costs of 50 residuals (three torch operations and a read
+    each) to one (issue 14).
+    """
+    return (B == 1 and refill is None and on_iteration is None and problem.callback is None
+            and problem.verbose < 2 and not rule.reads_cost(problem))
 
 
 def finite_per_row(a: Tensor) -> Tensor:
@@ -345,7 +369,7 @@ def jacobian_nonfinite_rows(J: Tensor, G: Tensor) -> Tensor | None:
     hs = scalars(G)
     if hs.floats and G.layout == torch.strided:
         # one problem: G's entries on the host (read once: the rule reads them next)
-        if np.isfinite(hs.view(G)[0]).all():
+        if ALL_REDUCE(np.isfinite(hs.view(G)[0]), axis=None):
             return None
     elif math.isfinite(hs.view(G.sum())[0]):
         return None
@@ -562,6 +586,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
     B = state["x"].shape[0]
     capacity = B if capacity is None else capacity
     n_fresh, n_stopped = admit(problem, rule, state)
+    late_cost = _late_cost(problem, rule, B, on_iteration, refill)
     serial_tail = False
     # verbose=2: scipy's iteration table (one problem); whether its header is still due
     table = {"header": True} if problem.verbose == 2 and rule.prints_table else None
@@ -609,7 +634,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
                 n_finished = hs.count(finished)
         if n_finished:
             n_stopped = 0
-            _write_out(problem, rule, state, hs, finished, n_finished, out)
+            _write_out(problem, rule, state, hs, finished, n_finished, out, late_cost)
             if on_finish is not None:
                 on_finish(n_finished)
             if n_finished == rows and refill is None:
@@ -627,7 +652,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
         x_new = trial.x_new
         f_new = problem.fun(x_new, state["ids"])
         nfev = hs.view(state["nfev"])[0] + 1
-        f_new, cost_new, fin = _trial_cost(problem, hs, f_new)
+        f_new, cost_new, fin = _trial_cost(problem, hs, f_new, not late_cost)
         state["nfev"], = hs.keep(nfev)
         finite, = hs.tensors(fin)
         verdict = rule.assess_trial(problem, state, trial, f_new, cost_new, finite)
@@ -658,7 +683,8 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             sub = state if arows is None else take(state, arows)  # (every row: in place)
             sub["x"] = x_acc if arows is None else x_acc.index_select(0, arows)
             sub["f_true"] = f_new if arows is None else f_new.index_select(0, arows)
-            sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
+            if cost_new is not None:  # (None: taken at write-out, _late_cost)
+                sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
             hs_sub = hs if arows is None else for_rows(sub["x"])
             sub["njev"], = hs_sub.keep(hs_sub.view(sub["njev"])[0] + 1)
@@ -683,7 +709,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
 
 
 def _move_without_jacobian(state: State, hs: Scalars, rows_mask, count: int, x_acc: Tensor,
-                           f_new: Tensor, cost_new: Tensor) -> None:
+                           f_new: Tensor, cost_new: Tensor | None) -> None:
     """Move the rows ``rows_mask`` to their accepted trial point, keeping their Jacobian.
 
     For ``Problem.final_jacobian=False``: these rows stopped on this trial,
@@ -695,7 +721,8 @@ def _move_without_jacobian(state: State, hs: Scalars, rows_mask, count: int, x_a
     sub = take(state, rows)
     sub["x"] = x_acc if rows is None else x_acc.index_select(0, rows)
     sub["f_true"] = f_new if rows is None else f_new.index_select(0, rows)
-    sub["cost"] = cost_new if rows is None else cost_new.index_select(0, rows)
+    if cost_new is not None:  # (None: taken at write-out, _late_cost)
+        sub["cost"] = cost_new if rows is None else cost_new.index_select(0, rows)
     hs_sub = hs if rows is None else for_rows(sub["x"])
     sub["njev"], = hs_sub.keep(hs_sub.view(sub["njev"])[0] + 1)
     put(state, rows, sub)
@@ -754,13 +781,15 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
 
 
 def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask, count: int,
-               out: State) -> None:
-    """Write the results of the rows where ``mask`` (values of ``hs``) holds into ``out``."""
+               out: State, late_cost: bool = False) -> None:
+    """Write the results of the rows where ``mask`` (values of ``hs``) holds into ``out``
+    (``late_cost``: their cost taken now, of their residuals; see :func:`_late_cost`)."""
     sub = take(state, _rows(hs, mask, count))
     own = rule.result_fields(problem, sub)
     ids = sub["ids"]
     values = {
-        "x": sub["x"], "cost": sub["cost"], "f_true": sub["f_true"], "J": sub["J"],
+        "x": sub["x"], "cost": problem.cost(sub["f_true"]) if late_cost else sub["cost"],
+        "f_true": sub["f_true"], "J": sub["J"],
         "g": sub["g"] if own.grad is None else own.grad, "optimality": sub["optimality"],
         "active_mask": own.active_mask, "nfev": sub["nfev"],
         "njev": sub["njev"] if own.njev is None else own.njev,
@@ -772,6 +801,12 @@ def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask
     for k, v in values.items():
         dest = out.get(k)
         if dest is None:
+            continue
+        if dest.shape[0] == 1:  # one problem's buffers (its id is 0): written whole
+            if is_host_value(v):  # (one problem's host value, Scalars.keep: no tensor made)
+                dest.fill_(v.item() if isinstance(v, np.generic) else v)
+            else:
+                dest.copy_(v)  # (the conversion of ``to``; one operation instead of two)
             continue
         v = as_tensor(v)  # (one problem's host values, Scalars.keep)
         where = ids if ids.device == dest.device else ids.to(dest.device)

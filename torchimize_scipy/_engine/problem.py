@@ -9,7 +9,12 @@ One float64 problem on the CPU with few residuals and variables (at most
 and ``J^T J`` as host sums in the order torch adds the terms (the same
 values, no torch operation but the tensors handed over with their host
 values; issue 14): Rosenbrock 'lm', 30 -> 20 engine operations per
-evaluation (``benchmarks/bench_ops.py --only-b1``).
+evaluation (``benchmarks/bench_ops.py --only-b1``). With more of them, below
+:data:`BMM_NAIVE_TERMS` multiply-adds ``m n``, its ``J^T f`` is still summed
+on the host in the order of torch's own small ``bmm`` kernel
+(:func:`host_transposed_rows`, numpy's ``add.accumulate``; scipy's
+``curve_fit`` example, ``m = 50``, ``n = 3``), its ``J^T J`` and cost are
+torch's.
 
 With a built-in robust loss, one float64 problem with at most
 :data:`HOST_LOSS_ROWS` residuals takes its cost and the loss's scaling of
@@ -199,6 +204,15 @@ class Problem:
                     g, G = _host_normal_equations(f_h[0].tolist(), J_h[0].tolist(),
                                                   J.shape[-1])
                     return (f, J) + hs.tensors(g, G)
+            elif J.shape[-2] * J.shape[-1] < BMM_NAIVE_TERMS and not J.requires_grad \
+                    and not f.requires_grad and J.layout == torch.strided \
+                    and (hs := scalars(f)).floats:
+                # one float64 problem: J^T f within torch's own bmm kernel, summed on the
+                # host in its order (the same values; host_transposed_rows); J^T J by bmm
+                # (MKL's gemm from BMM_NAIVE_TERMS multiply-adds on, whose order is its own)
+                f_h, J_h = hs.view(f, J)
+                g, = hs.tensors(host_transposed_rows(J_h[0], f_h[0])[None])
+                return f, J, g, torch.bmm(J.transpose(-1, -2), J)
         elif (hs := self._host_loss(f_true, J_true)) is not None:
             # one float64 problem: the scaling on its floats (the same values), and its
             # few products summed on the host as torch's small ``bmm`` kernel sums them
@@ -238,6 +252,21 @@ def host_transposed_product(A: list[list[float]], f: list[float], n: int) -> lis
             total += row[i] * v
         out.append(total)
     return out
+
+
+def host_transposed_rows(A: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """``A^T f (k,)`` of one problem's host arrays ``A (m, k)`` and ``f (m,)`` with fewer
+    than :data:`BMM_NAIVE_TERMS` multiply-adds ``m k``, as torch's own small ``bmm``
+    kernel computes it: each entry the sum over the rows in order from zero.
+
+    numpy's ``add.accumulate`` adds one row after the other (no pairwise blocks, unlike
+    ``add.reduce``), so its last row is that sum, the same values as ``bmm`` (checked
+    on 3,900 random shapes below the limit); one numpy pass instead of the four torch
+    operations (transpose, unsqueeze, ``bmm``, squeeze) and a read of the result.
+    """
+    if A.shape[0] == 0:
+        return np.zeros(A.shape[1], dtype=np.float64)
+    return np.add.accumulate(A * f[:, None], axis=0)[-1]
 
 
 def _host_normal_equations(f: list[float], J: list[list[float]],

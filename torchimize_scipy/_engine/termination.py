@@ -177,8 +177,12 @@ def uncounted_jacobian(accept: Tensor, status: Tensor) -> Tensor:
     """
     stopped = accept & (status != RUNNING)
     if type(stopped) is np.bool_:  # (one problem's host value: numpy's bool * 1 is slow)
-        return np.int64(stopped)
+        return _ONE if stopped else _ZERO
     return stopped * 1  # (0/1 integers, tensor or numpy array)
+
+
+#: one problem's 0/1 host values of :func:`uncounted_jacobian` (numpy scalars are immutable)
+_ZERO, _ONE = np.int64(0), np.int64(1)
 
 
 def reported_njev(njev: Tensor, uncounted: Tensor) -> Tensor:

@@ -143,3 +143,9 @@ class StepRule(ABC):
     @abstractmethod
     def result_fields(self, problem: Problem, state: dict) -> ResultFields:
         """The fields the method reports its own way, for stopped problems."""
+
+    def reads_cost(self, problem: Problem) -> bool:
+        """Whether the rule reads ``state["cost"]`` or a trial's ``cost_new`` while it
+        iterates; when not, one problem's loop takes its cost only where it writes the
+        result (``loop._late_cost``) and hands ``assess_trial`` None for ``cost_new``."""
+        return True

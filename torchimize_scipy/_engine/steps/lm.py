@@ -52,8 +52,12 @@ one is not always; reductions may sum in another order); the iterations, and
 so nfev, njev and status, are the same on the parity problems. With at
 most four residuals and variables its cost, ``J^T f`` and ``J^T J`` are host
 sums too (:meth:`..problem.Problem.cost`, :meth:`..problem.Problem.linearize`:
-torch's order of terms, bit for bit), and each stage of the rule enters
-numpy's ``errstate`` once (:meth:`..host_scalars.Scalars.quiet`; the
+torch's order of terms, bit for bit; ``J^T f`` and ``U^T f`` below
+:data:`..problem.BMM_NAIVE_TERMS` multiply-adds at any size,
+:func:`..problem.host_transposed_rows`). Off the Gram route the rule reads
+no cost (:meth:`LevenbergMarquardt.reads_cost`: one problem's loop takes it
+once, where it writes the result), and each stage of the rule enters
+numpy's ignore-all error state once (:meth:`..host_scalars.Scalars.quiet`; the
 subproblem and the step share the proposal's, the factors and the
 Gauss-Newton step the model's; never around the user's functions). Its
 factorisation forms ``J d`` and tests it on the host (:func:`_host_svd`;
@@ -88,7 +92,7 @@ from ..counts import count_true, known_finite, mark_finite, remember
 from ..host_scalars import Floats, Scalars, for_rows, remember_rows
 from ..linalg import Factors, factorize, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
-from ..problem import Problem, host_transposed_product
+from ..problem import BMM_NAIVE_TERMS, Problem, host_transposed_rows
 from ..quadratic import cross_jac, jac_times
 from ..termination import (
     RUNNING,
@@ -110,14 +114,6 @@ from .base import ResultFields, StepRule, Verdict
 
 FACTOR = 100.0
 
-#: Multiply-adds of ``U^T f`` up to which one problem sums it on the host
-#: (:func:`_host_svd`): in the order of torch's own ``bmm`` kernel, which adds each entry's
-#: terms in order from zero below 400 multiply-adds per matrix (MKL's ``gemm`` from there
-#: on; see problem.HOST_SUM_ROWS). Python's loop costs about what the four torch
-#: operations cost at 16 terms (2 x 2: 14 against 23 µs; 50 x 3: 125 against 15 µs).
-HOST_UF_TERMS = 8
-
-
 def _norms(hs: Scalars, a: Any) -> Any:
     """Row norms of ``a`` as per-problem values of ``hs``: a tensor's by torch's reduction
     (a batch), a host array's by numpy's (one problem, :attr:`Scalars.floats`)."""
@@ -134,10 +130,11 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor,
     the products ``J d`` elementwise, torch's SVD, ``U^T f`` by torch's
     ``bmm``: the same values), with ``J d`` formed and tested for finiteness
     on the host from the values the rule already holds there (no torch
-    operation for the scaling, no sum and read for the test); up to
-    :data:`HOST_UF_TERMS` multiply-adds ``U^T f`` is summed on the host in
-    the order of torch's own ``bmm`` kernel, and the factors carry their host
-    rows (:func:`~..host_scalars.remember_rows`). numpy's SVD
+    operation for the scaling, no sum and read for the test); below
+    :data:`~..problem.BMM_NAIVE_TERMS` multiply-adds ``U^T f`` is summed on
+    the host in the order of torch's own ``bmm`` kernel
+    (:func:`~..problem.host_transposed_rows`), and the factors carry their
+    host rows (:func:`~..host_scalars.remember_rows`). numpy's SVD
     would cost less, but rounds differently from torch's: on problems whose
     last steps are at rounding level (linear models) that moved MINPACK's
     ``xtol`` test and with it the reported status. None when an entry of
@@ -165,12 +162,9 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor,
         k = s_h.shape[0]
         s_h = s_h.reshape(1, k)
         s = mark_finite(remember_rows(torch.from_numpy(s_h), s_h))
-        if m * k > HOST_UF_TERMS:
-            U = torch.from_numpy(U_h).unsqueeze(0)  # (column-major, as torch's SVD gives it)
-            uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
-        else:
-            uf = hs.tensor_rows(np.array([host_transposed_product(U_h.tolist(),
-                                                                  f_h[0].tolist(), k)]))
+        # U^T f (m k <= MAX_ENTRIES < BMM_NAIVE_TERMS multiply-adds) summed on the host in
+        # the order of torch's own bmm kernel: the same values (host_transposed_rows)
+        uf = hs.tensor_rows(host_transposed_rows(U_h, f_h[0])[None])
         # (V contiguous, as Scalars.rows gives it: numpy's products depend on the layout)
         V_h = np.ascontiguousarray(Vh_h.T).reshape(1, n, k)
         return Factors(s, remember_rows(torch.from_numpy(V_h), V_h), uf)
@@ -179,19 +173,17 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor,
     except RuntimeError:  # (did not converge: the tensor path isolates the problem)
         return None
     k = U.shape[-1]
-    if m * k > HOST_UF_TERMS:
+    if m * k >= BMM_NAIVE_TERMS:  # (MKL's gemm inside bmm: its own order of the terms)
         uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
         return Factors(mark_finite(s), Vh.transpose(-1, -2), uf)
-    # U^T f summed on the host as torch's small bmm kernel sums it (each entry from zero,
-    # the terms in order): the same values, one read of U instead of four operations;
-    # s, V and U^T f carry their host rows for the step and lmpar (Scalars.rows)
+    # U^T f summed on the host as torch's small bmm kernel sums it (host_transposed_rows):
+    # the same values; s, V and U^T f carry their host rows for the step and lmpar
     U_h, Vh_h = hs.rows(U), hs.rows(Vh)
-    uf_l = host_transposed_product(U_h[0].tolist(), f_h[0].tolist(), k)
     hs.rows(s)  # (remembered on s for the step and lmpar)
     # (V contiguous, as Scalars.rows gives it: numpy's products depend on the layout)
     V_h = np.ascontiguousarray(Vh_h.transpose(0, 2, 1))
     return Factors(mark_finite(s), remember_rows(torch.from_numpy(V_h), V_h),
-                   hs.tensor_rows(np.array([uf_l])))
+                   hs.tensor_rows(host_transposed_rows(U_h[0], f_h[0])[None]))
 
 
 def _squares_from_cost(hs: Scalars, cost: Tensor) -> Tensor | None:
@@ -511,6 +503,11 @@ class LevenbergMarquardt(StepRule):
 
     def after_jacobian(self, problem: Problem, state: dict) -> None:
         """MINPACK keeps its own scaling ``diag`` (updated in ``measure_optimality``)."""
+
+    def reads_cost(self, problem: Problem) -> bool:
+        """Only the Gram route's refinement reads the cost (:func:`_squares_from_cost`);
+        MINPACK's tests use the norms of the residuals, not ``cost_new``."""
+        return problem.use_gram
 
     def result_fields(self, problem: Problem, state: dict) -> ResultFields:
         return ResultFields(torch.zeros_like(state["x"], dtype=torch.long),
