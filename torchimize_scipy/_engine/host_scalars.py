@@ -629,6 +629,24 @@ class _Quiet:
         _ERRSTATE.reset(self._token)
 
 
+def _quiet_works() -> bool:
+    """Whether :class:`_Quiet` sets the state ``numpy.errstate(all="ignore")`` sets and
+    restores the caller's (checked once at import: numpy's private names may change)."""
+    if _ERRSTATE is None:
+        return False
+    try:
+        before = np.geterr()
+        with _Quiet():
+            inside = np.geterr()
+        return inside == {k: "ignore" for k in before} and np.geterr() == before
+    except Exception:  # pragma: no cover - another numpy
+        return False
+
+
+if not _quiet_works():  # pragma: no cover - another numpy: numpy.errstate itself
+    _ERRSTATE = None
+
+
 def quiet() -> contextlib.AbstractContextManager:
     """A context in which numpy ignores every floating-point error (as
     ``numpy.errstate(all="ignore")``, at a fraction of its cost; :class:`_Quiet`)."""
