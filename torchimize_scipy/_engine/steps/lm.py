@@ -126,6 +126,30 @@ def _norms(hs: Scalars, a: Any) -> Any:
     return hs.view(vnorm(a, dim=-1))[0]
 
 
+#: :func:`_row_max` takes the maximum column by column for at most this many columns and
+#: at least :data:`_FOLD_ROWS` rows (one numpy call per column; ``amax`` for the others)
+_FOLD_COLUMNS = 8
+_FOLD_ROWS = 64
+
+
+def _row_max(hs: Scalars, a: Any) -> Any:
+    """:meth:`Scalars.amax` of rows ``a (B, n)`` kept by ``hs``; a batch's host rows column
+    by column.
+
+    numpy's ``amax`` along a short last axis steps through each row on its own: on
+    8,192 rows of 4 it cost 366 µs against 18 µs for ``numpy.maximum`` of the columns
+    in turn (issue 14), the same values (a maximum is exact; ``amax`` folds each row
+    from its first entry in the same way, and NaN propagates through both).
+    """
+    if not hs.host or hs.floats or a.ndim != 2 or not 2 <= a.shape[-1] <= _FOLD_COLUMNS \
+            or a.shape[0] < _FOLD_ROWS:
+        return hs.amax(a)
+    out = np.maximum(a[:, 0], a[:, 1])
+    for k in range(2, a.shape[-1]):
+        np.maximum(out, a[:, k], out=out)
+    return out
+
+
 def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor,
               finite: bool = False) -> Factors | None:
     """The SVD factors of one float64 problem's scaled Jacobian ``J / diag``, kept on the host.
@@ -324,11 +348,17 @@ class LevenbergMarquardt(StepRule):
                                                            state["status"], state["diag"])
             if n:
                 g_abs = abs(g_h)
-                optimality = hs.amax(g_abs)
+                optimality = _row_max(hs, g_abs)
                 denom = fnorm[..., None] * acnorm
-                cosines = xp.where(acnorm != 0, g_abs / xp.where(denom != 0, denom, 1.0), 0.0)
+                if hs.host and not hs.floats and denom.all() and acnorm.all():
+                    # (a batch's host rows without a zero column norm nor denominator: the
+                    # same quotients, without two guards over (B, n))
+                    cosines = g_abs / denom
+                else:
+                    cosines = xp.where(acnorm != 0, g_abs / xp.where(denom != 0, denom, 1.0),
+                                       0.0)
                 # (the cosines are not negative: their max-norm is their max)
-                gnorm = xp.where(fnorm != 0, hs.amax(cosines), 0.0)
+                gnorm = xp.where(fnorm != 0, _row_max(hs, cosines), 0.0)
             else:  # no variables
                 optimality = gnorm = hs.view(inf_norm(g_t))[0]
             if any_start:
