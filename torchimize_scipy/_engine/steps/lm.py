@@ -43,6 +43,10 @@ assessment, radius update and tests) runs on host scalars
 (:mod:`..host_scalars`). A batch keeps torch's norms, sums and square roots,
 so that its host and tensor paths agree bit for bit; batches whose ``(B, n)``
 rows exceed torch's grain size keep the tensor path (``host_scalars.for_rows``).
+Its optimality measure takes the row maxima column by column on the host
+(:func:`_row_max`: numpy's ``amax`` along four entries cost 20 times more) and
+its cosines unguarded where no norm is zero (the same values); the rows that
+stop at a top keep the model computed for them (``model_on_stopped_rows``).
 One float64 problem (``least_squares``, ``curve_fit``) also takes its norms,
 square roots, the products with ``V`` and ``J`` and the step's arithmetic
 from numpy (:func:`..trust_region.host_norm`): about a third fewer torch
