@@ -1,5 +1,8 @@
 """Shortcuts of a batched 'lm' model that must not change what it decides (issue 14).
 
+* The Gram factorisation decides that every row's condition number is within the
+  limit from the largest entries of ``H`` and its inverse where that proves it
+  (``linalg._all_within``), and otherwise computes them.
 * The Gram factorisation decides that every entry of ``H`` and ``A^T b`` is finite
   from one host read of their sums (``linalg._all_finite_on_host``); an overflowing
   sum, a non-finite entry, or the device's code (``host_scalars.HOST = False``)
@@ -159,3 +162,40 @@ def test_zero_column_and_zero_residual_rows_measure_zero_cosines(monkeypatch, ho
     assert float(res.cost[9]) == 0.0
     assert torch.isfinite(torch.as_tensor(res.x)).all()
     assert (torch.as_tensor(res.status)[[i for i in range(B) if i not in (5, 9)]] > 0).all()
+
+
+def _gram_batch(B: int = 6, n: int = 3):
+    J, _ = _batch(B=B, n=n)
+    H = J.transpose(-1, -2) @ J
+    Hinv, info = torch.linalg.inv_ex(H)
+    return H, Hinv, info
+
+
+def test_all_within_bounds_the_condition_numbers():
+    H, Hinv, info = _gram_batch()
+    cond1 = linalg._condition(H, Hinv, info)
+    bound = float((H.abs().amax((-2, -1)) * Hinv.abs().amax((-2, -1)) * 9).max())
+    assert bound >= float(cond1.max())  # n^2 max|H| max|H^-1| bounds cond1
+    assert linalg._all_within(H, Hinv, info, bound * 2.01) is True
+    # a limit the bound cannot prove (though every cond1 is below it) says False
+    assert linalg._all_within(H, Hinv, info, float(cond1.max()) * 1.01) is False
+
+
+def test_all_within_refuses_a_failed_lu_and_the_device_code(monkeypatch):
+    H, Hinv, info = _gram_batch()
+    failed = info.clone()
+    failed[2] = 1
+    assert linalg._all_within(H, Hinv, failed, 1e300) is False
+    nan = Hinv.clone()
+    nan[4, 0, 0] = float("nan")
+    assert linalg._all_within(H, nan, info, 1e300) is False
+    monkeypatch.setattr(host_scalars, "HOST", False)
+    assert linalg._all_within(H, Hinv, info, 1e300) is False
+
+
+def test_ill_conditioned_row_leaves_the_gram_route():
+    J, f = _batch(B=6, m=8, n=3)
+    J[1, :, 2] = J[1, :, 1] * (1 + 1e-7)  # cond(J^T J) near 1e14: beyond the limit
+    fac = linalg.factorize(J, None, f, use_gram=True)
+    assert fac.gram.tolist() == [True, False, True, True, True, True]
+    assert fac.s[1, 0] > 0  # its SVD data

@@ -45,7 +45,7 @@ from torch.linalg import vector_norm as vnorm
 
 from .._blas_threads import GRAIN_SIZE, serial_blas
 from . import host_scalars
-from .counts import count_true, known_finite, known_unit, mark_finite
+from .counts import count_true, known_finite, known_unit, mark_finite, remember
 
 
 class Factors(NamedTuple):
@@ -110,8 +110,36 @@ def inverse_and_condition(H: Tensor) -> tuple[Tensor, Tensor]:
     """
     with serial_lapack(H):
         Hinv, info = torch.linalg.inv_ex(H)
+    return Hinv, _condition(H, Hinv, info)
+
+
+def _condition(H: Tensor, Hinv: Tensor, info: Tensor) -> Tensor:
+    """:func:`inverse_and_condition`'s ``cond1`` from ``H``, ``Hinv`` and LU's ``info``."""
     cond1 = H.abs().sum(-2).amax(-1) * Hinv.abs().sum(-2).amax(-1)
-    return Hinv, torch.where(info == 0, cond1, torch.inf)
+    return torch.where(info == 0, cond1, torch.inf)
+
+
+def _all_within(H: Tensor, Hinv: Tensor, info: Tensor, limit: float) -> bool:
+    r"""Whether every row's ``cond1`` (:func:`_condition`) is provably at most ``limit``,
+    from the largest entries alone (one host read; False off the host, see
+    :func:`_all_finite_on_host`).
+
+    A column of :math:`n` entries sums to at most :math:`n` times the largest entry
+    of the matrix, so :math:`\kappa_1 \le n^2 \max|H| \max|H^{-1}|`; the computed
+    sums and product exceed the exact ones by a factor of at most :math:`(1 +
+    \epsilon)^{2n}`, which the margin of 2 below covers. Where the test holds in
+    every row (LU succeeded, nothing NaN), each row's computed ``cond1`` is at
+    most ``limit``: the same Gram rows as computing it, without the column sums
+    over the short middle axis (at 8,192 rows of 4 x 4: 0.27 ms for the test
+    against 0.70 ms for ``cond1``, issue 14). A largest entry is exact
+    whatever the order it is found in.
+    """
+    if not H.is_cpu or host_scalars.HOST is False:
+        return False
+    n = H.shape[-1]
+    largest = H.abs().amax((-2, -1)) * Hinv.abs().amax((-2, -1))
+    within = (largest <= limit / (2.0 * n * n)) & (info == 0)
+    return count_true(within) == H.shape[0]
 
 
 def factorize(
@@ -158,8 +186,15 @@ def factorize(
         finite = torch.isfinite(H.sum((-2, -1)) + Atf.sum(-1))
         # keep the inversion away from non-finite rows
         H = torch.where(finite.view(-1, 1, 1), H, _eye(n, H.dtype, H.device))
-    Hinv, cond1 = inverse_and_condition(H)
+    with serial_lapack(H):
+        Hinv, info = torch.linalg.inv_ex(H)
     limit = gram_cond_limit(H.dtype)
+    if finite is None and _all_within(H, Hinv, info, limit / n):
+        # every row on the Gram route, proven without its condition number
+        ok = remember(torch.ones(B, dtype=torch.bool, device=H.device), B)
+        return Factors(mark_finite(H.new_zeros(B, n)), H.new_zeros(B, n, n), H.new_zeros(B, n),
+                       H, Hinv, Atf, ok)
+    cond1 = _condition(H, Hinv, info)
     ok = cond1 <= limit / n  # a NaN cond1 fails too
     if finite is not None:
         ok = finite & ok
