@@ -197,7 +197,7 @@ _STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
-            count: int | None = None) -> None:
+            count: int | None = None, others_free: bool = False) -> None:
     """Run ``fn`` on the rows of ``state`` selected by ``mask`` and keep what it assigns.
 
     When most rows are selected, ``fn`` runs on all of them and only the
@@ -205,7 +205,10 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
     avoids gathering and scattering the large per-problem tensors; otherwise
     the selected rows are gathered, processed and scattered back. ``count``
     is :func:`count_true` of ``mask`` when the caller knows it; ``mask=None``
-    selects every row.
+    selects every row. ``others_free``: the caller lets the rows outside
+    ``mask`` take what ``fn`` assigns them (no one reads those values, see
+    :attr:`~.steps.base.StepRule.model_on_stopped_rows`): when most rows are
+    selected, ``fn`` then runs on ``state`` itself, without the ``torch.where``.
     """
     if mask is None:
         fn(state)
@@ -220,8 +223,8 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
         total = mask.shape[0]
         if count is None:
             count = count_true(mask)
-    if count == total:  # (every row: what ``fn`` assigns is kept as it is)
-        fn(state)
+    if count == total or (others_free and count * 2 >= total):
+        fn(state)  # (every row, or every row allowed: what ``fn`` assigns is kept as it is)
         return
     if count * 2 >= total:
         view = RowView(state, None)
@@ -774,7 +777,9 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
             sub["optimality"] = old
     if n_go:
         go_t = None if n_go == hs.B else hs.tensors(go)[0]
-        on_rows(sub, go_t, lambda part: rule.build_model(problem, part), n_go)
+        # (the rows that do not go on stopped here: a rule may leave its model on them)
+        on_rows(sub, go_t, lambda part: rule.build_model(problem, part), n_go,
+                rule.model_on_stopped_rows)
         if sub["status"] is not status_t:  # a factorisation failed somewhere
             n_finished = None
     return n_finished

@@ -105,11 +105,19 @@ class StepRule(ABC):
         each trial instead, in ``assess_trial``.
     prints_table : bool
         Whether ``verbose=2`` prints scipy's iteration table for this method.
+    model_on_stopped_rows : bool
+        Whether ``build_model`` may leave what it computes on rows that stopped
+        at this top (the loop then need not keep their old values): every key it
+        writes is read by no result and by no later stage of a stopped row, and
+        the status it may set changes running rows only
+        (:func:`~.termination.stop_running`). :func:`~..loop.on_rows` then runs
+        it on every row when most rows go on, without a ``torch.where`` per key.
     """
 
     state_keys: ClassVar[frozenset[str]] = frozenset()
     budget_at_top: ClassVar[bool] = True
     prints_table: ClassVar[bool] = True
+    model_on_stopped_rows: ClassVar[bool] = False
 
     @abstractmethod
     def init_state(self, problem: Problem, state: dict) -> None:
