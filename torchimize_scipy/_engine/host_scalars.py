@@ -302,7 +302,9 @@ class Scalars:
         """
         if not self.host:
             return list(ts)
-        out: list[Any] = [getattr(t, _HOST_VALUE, None) for t in ts]
+        # (one problem's host values kept as they are, :meth:`keep`)
+        out: list[Any] = [t if type(t) in _HOST_TYPES else getattr(t, _HOST_VALUE, None)
+                          for t in ts]
         todo = [k for k, v in enumerate(out) if v is None]
         if len(todo) < 2:
             return [self.get(t) if v is None else v for t, v in zip(ts, out, strict=True)]

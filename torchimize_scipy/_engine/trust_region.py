@@ -309,8 +309,11 @@ def solve_trust_region_scipy(
     -------
     p : Tensor, shape (B, n)
     alpha : Tensor, shape (B,)
+        A ``numpy.float64`` where ``delta`` is one problem's host value (the host
+        values 'trf' keeps in its state, :meth:`~.host_scalars.Scalars.keep`).
     """
-    sc = scalars(delta, host=host)
+    # (one problem's radius may be a host value, Scalars.keep: the factors tell the batch)
+    sc = scalars(delta if isinstance(delta, Tensor) else fac.s, host=host)
     with sc.quiet():
         return _solve_scipy(sc, fac, delta, alpha0, m, n, rtol, max_iter)
 
@@ -342,7 +345,7 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     n_inside = sc.count(inside)
     if n_inside == B:
         # (on the host a tensor of zeros remembering them, no dispatch)
-        zero = sc.tensor(sc.full(0.0)) if sc.host else torch.zeros_like(delta)
+        zero = _alpha_out(sc, delta, sc.full(0.0)) if sc.host else torch.zeros_like(delta)
         return (p_gn.neg_() if svd_only else p_gn), zero
 
     gnorm = _mix(sc, sp, sc.norm(fac.b, keepdim=True) if has_gram else None,
@@ -367,14 +370,21 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
                                 delta_r, pick(tol), pick(running), n_running, max_iter)
         p_r = _boundary_step(sub_sc, sub_fac, sub_sp, svd_only, alpha_r, delta_r)
         p = (p_gn.neg_() if svd_only else p_gn).index_copy(0, _torch_rows(rows), p_r)
-        return p, sc.tensor(_scatter_rows(sc, rows, xp.where(inside, 0.0, alpha), alpha_r))
+        return p, _alpha_out(sc, delta, _scatter_rows(sc, rows, xp.where(inside, 0.0, alpha),
+                                                     alpha_r))
     alpha = _newton_alpha(sc, fac, sp, alpha, lower, upper, delta_c, tol, running, n_running,
                           max_iter)
     p = _boundary_step(sc, fac, sp, svd_only, alpha, delta_c)
     if n_inside:
         p = torch.where(sc.tensor(inside).unsqueeze(-1), p_gn.neg_() if svd_only else p_gn, p)
         alpha = xp.where(inside, 0.0, alpha)
-    return p, sc.tensor(alpha)
+    return p, _alpha_out(sc, delta, alpha)
+
+
+def _alpha_out(sc: Scalars, delta: Any, alpha: Any) -> Any:
+    """:func:`_solve_scipy`'s ``alpha`` in the form of the caller's ``delta``: a host value
+    (:meth:`~.host_scalars.Scalars.keep`) for a radius held as one, else a tensor."""
+    return sc.tensor(alpha) if isinstance(delta, Tensor) else sc.keep(alpha)[0]
 
 
 def _boundary_step(sc: Scalars, fac: Factors, sp: _Spectral, svd_only: bool, alpha: Any,

@@ -81,7 +81,9 @@ class Dogbox(StepRule):
         initial_scale(problem, state)
         x = state["x"]
         delta = inf_norm(x * state["scale_inv"])
-        state["delta"] = torch.where(delta == 0, 1.0, delta)
+        delta = torch.where(delta == 0, 1.0, delta)
+        sc = for_rows(x)
+        state["delta"] = _kept(sc, sc.get(delta)) if sc.floats else delta
         on_bound = torch.zeros_like(x, dtype=torch.long)
         on_bound = torch.where(x == state["lb"], -1, on_bound)
         state["on_bound"] = torch.where(x == state["ub"], 1, on_bound)
@@ -100,7 +102,7 @@ class Dogbox(StepRule):
         state["free"] = free_t = sc.tensor_rows(free)
         if sc.host:  # (the host knows whether every variable is free: _all_free)
             remember(free_t, int(np.count_nonzero(free)))
-        state["optimality"] = sc.tensor(optimality)
+        state["optimality"] = _kept(sc, optimality)
         return sc.tensor(optimality < problem.gtol)
 
     def build_model(self, problem: Problem, state: dict) -> None:
@@ -159,7 +161,7 @@ class Dogbox(StepRule):
             step_h_norm = _max_abs(sc, step * rows(state["scale_inv"]))
         step_t = sc.tensor_rows(step)
         predicted = self.predicted_reduction(state, sc.tensor_rows(g_free), step_t)
-        return DogboxTrial(sc.tensor_rows(x_new), vnorm(step_t, dim=-1), sc.tensor(step_h_norm),
+        return DogboxTrial(sc.tensor_rows(x_new), vnorm(step_t, dim=-1), _kept(sc, step_h_norm),
                            predicted, sc.tensor(tr_hit), sc.tensor_rows(on_bound_new))
 
     def predicted_reduction(self, state: dict, g_free: Tensor, step: Tensor) -> Tensor:
@@ -196,7 +198,7 @@ class Dogbox(StepRule):
             on_bound = xp.where(sc.as_col(accept_h), on_bound_new, on_bound)
             x_acc = xp.where(on_bound == -1, sc.rows(state["lb"]),
                              xp.where(on_bound == 1, sc.rows(state["ub"]), sc.rows(trial.x_new)))
-        state["delta"] = sc.tensor(delta)
+        state["delta"] = _kept(sc, delta)
         state["on_bound"] = sc.tensor_rows(on_bound)
         return Verdict(sc.tensor(accept_h), sc.tensor(status), sc.tensor_rows(x_acc))
 
@@ -208,7 +210,11 @@ class Dogbox(StepRule):
 
 
 def _kept(sc: Scalars, value):
-    """Per-problem values kept by ``sc`` as the ``(B,)`` tensor the state holds."""
+    """Per-problem values kept by ``sc`` in the form the state holds them: one float64
+    problem's host value as it is (:meth:`~.host_scalars.Scalars.keep`: no ``(1,)``
+    tensor made and read back per value), else the ``(B,)`` tensor."""
+    if sc.floats:
+        return sc.keep(value)[0]
     return sc.tensor(value) if sc.host else value
 
 
