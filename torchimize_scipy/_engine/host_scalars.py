@@ -355,18 +355,20 @@ class Scalars:
     def norm(self, t: Tensor, keepdim: bool = False) -> Any:
         """Euclidean norms of the rows of a ``(B, k)`` tensor (columns with ``keepdim``).
 
-        On the host the norms (not columns) are remembered on the tensor: the
-        current point's norm serves every trial from it.
+        On the host the norms (not columns; for :attr:`floats` the scalar, which
+        is both) are remembered on the tensor: the current point's norm serves
+        every trial from it, and a step's its trial.
         """
         if not self.host:
             return vnorm(t, dim=-1, keepdim=keepdim)
-        if not keepdim:
+        memo = not keepdim or self.floats
+        if memo:
             known = getattr(t, _NORM, None)
             if known is not None:
                 return known
         r = vnorm(t, dim=-1, keepdim=keepdim)
         value = np.float64(r.item()) if self.floats else r.numpy()
-        if not keepdim:
+        if memo:
             setattr(t, _NORM, value)
         return value
 

@@ -90,6 +90,12 @@ class _Spectral(NamedTuple):
     suf2: Any
     gram: Any
     gram_rows: _GramRows | None = None
+    #: one float64 problem on the host with the SVD route (:attr:`Scalars.floats`) and
+    #: fewer than :data:`_FOLD` singular values: its rows ``s**2``, ``s uf`` and
+    #: ``(s uf)**2`` as lists of Python floats, for :func:`_radius_one` (the same
+    #: values as the arrays' operations, without a numpy call per operation: 10 % of
+    #: a Rosenbrock 'trf' subproblem; on longer rows the arrays are the cheaper)
+    floats: tuple[list[float], list[float], list[float]] | None = None
 
 
 class _GramRows(NamedTuple):
@@ -131,13 +137,15 @@ def _spectral(sc: Scalars, fac: Factors) -> _Spectral:
     route = routes(fac)
     has_gram, has_svd = route
     s = sc.rows(fac.s)
-    suf = s2 = suf2 = None
+    suf = s2 = suf2 = floats = None
     if has_svd:
         suf = s * sc.rows(fac.uf)
         s2 = s * s
         suf2 = suf * suf
+        if sc.floats and not has_gram and s.shape[-1] < _FOLD:  # (longer rows: numpy's)
+            floats = (s2[0].tolist(), suf[0].tolist(), suf2[0].tolist())
     gram = sc.get_col(fac.gram) if has_gram and has_svd else None
-    return _Spectral(route, s, suf, s2, suf2, gram, _gram_rows(sc, fac, gram))
+    return _Spectral(route, s, suf, s2, suf2, gram, _gram_rows(sc, fac, gram), floats)
 
 
 def _mix(sc: Scalars, sp: _Spectral, gram_value: Any, svd_value: Any) -> Any:
@@ -165,6 +173,8 @@ def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: A
     (:func:`_all_positive`), so no denominator ``s**2 + alpha`` is zero and
     the guards are dropped (the same values).
     """
+    if sp.floats is not None:  # one problem's SVD rows as Python floats: the same values
+        return _radius_one(*sp.floats, alpha, delta)
     xp = sc.xp
     has_gram, has_svd = sp.route
     pn_s = dpos_s = pn_g = dpos_g = None

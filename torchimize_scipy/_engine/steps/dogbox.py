@@ -161,7 +161,9 @@ class Dogbox(StepRule):
             step_h_norm = _max_abs(sc, step * rows(state["scale_inv"]))
         step_t = sc.tensor_rows(step)
         predicted = self.predicted_reduction(state, sc.tensor_rows(g_free), step_t)
-        return DogboxTrial(sc.tensor_rows(x_new), vnorm(step_t, dim=-1), _kept(sc, step_h_norm),
+        # (one problem: torch's norm as a host value, Scalars.keep)
+        step_norm = _kept(sc, sc.norm(step_t)) if sc.floats else vnorm(step_t, dim=-1)
+        return DogboxTrial(sc.tensor_rows(x_new), step_norm, _kept(sc, step_h_norm),
                            predicted, sc.tensor(tr_hit), sc.tensor_rows(on_bound_new))
 
     def predicted_reduction(self, state: dict, g_free: Tensor, step: Tensor) -> Tensor:

@@ -163,7 +163,8 @@ class TRF(StepRule):
             state["diag_h"] = diag_h
             sc = for_rows(state["x"])  # (the optimality is a host value on the CPU)
             theta = 1 - sc.get(state["optimality"])
-            state["theta"], = _keep(sc, state, sc.xp.where(theta < 0.995, 0.995, theta))  # NaN kept
+            # (NaN kept)
+            state["theta"], = _keep(sc, state, sc.xp.where(theta < 0.995, 0.995, theta))
         else:
             d = state["scale"]
             diag_h = None
@@ -195,9 +196,14 @@ class TRF(StepRule):
             x_new = state["x"] + step
         # (on the host the negation is numpy's, on a scalar)
         predicted, = _keep(sc, state, -value) if sc.host else (-value,)
-        step_norm = vnorm(step, dim=-1)
         # (x_scale of ones: the step is the scaled step, the same tensor)
-        step_h_norm = step_norm if step_h is step else vnorm(step_h, dim=-1)
+        if sc.floats:  # (torch's norms, host values: a Gauss-Newton step's is known)
+            step_norm = sc.norm(step)
+            step_h_norm = step_norm if step_h is step else sc.norm(step_h)
+            step_norm, step_h_norm = _keep(sc, state, step_norm, step_h_norm)
+        else:
+            step_norm = vnorm(step, dim=-1)
+            step_h_norm = step_norm if step_h is step else vnorm(step_h, dim=-1)
         return TRFTrial(x_new, step_norm, step_h_norm, predicted, alpha)
 
     def assess_trial(self, problem: Problem, state: dict, trial: TRFTrial, f_new: Tensor,
