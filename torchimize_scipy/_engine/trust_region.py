@@ -91,11 +91,13 @@ class _Spectral(NamedTuple):
     gram: Any
     gram_rows: _GramRows | None = None
     #: one float64 problem on the host with the SVD route (:attr:`Scalars.floats`) and
-    #: fewer than :data:`_FOLD` singular values: its rows ``s**2``, ``s uf`` and
-    #: ``(s uf)**2`` as lists of Python floats, for :func:`_radius_one` (the same
-    #: values as the arrays' operations, without a numpy call per operation: 10 % of
-    #: a Rosenbrock 'trf' subproblem; on longer rows the arrays are the cheaper)
-    floats: tuple[list[float], list[float], list[float]] | None = None
+    #: fewer than :data:`_FOLD` singular values: a list that the first
+    #: :func:`_radius_terms` fills with the rows ``s**2``, ``s uf`` and ``(s uf)**2``
+    #: as lists of Python floats, for :func:`_radius_one` (the same values as the
+    #: arrays' operations, without a numpy call per operation: 10 % of a Rosenbrock
+    #: 'trf' subproblem; on longer rows the arrays are the cheaper); ``suf2`` is then
+    #: None (a Gauss-Newton step inside the region needs none of them)
+    floats: list | None = None
 
 
 class _GramRows(NamedTuple):
@@ -141,9 +143,10 @@ def _spectral(sc: Scalars, fac: Factors) -> _Spectral:
     if has_svd:
         suf = s * sc.rows(fac.uf)
         s2 = s * s
-        suf2 = suf * suf
         if sc.floats and not has_gram and s.shape[-1] < _FOLD:  # (longer rows: numpy's)
-            floats = (s2[0].tolist(), suf[0].tolist(), suf2[0].tolist())
+            floats = []  # (filled when needed, _radius_terms)
+        else:
+            suf2 = suf * suf
     gram = sc.get_col(fac.gram) if has_gram and has_svd else None
     return _Spectral(route, s, suf, s2, suf2, gram, _gram_rows(sc, fac, gram), floats)
 
@@ -173,8 +176,12 @@ def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: A
     (:func:`_all_positive`), so no denominator ``s**2 + alpha`` is zero and
     the guards are dropped (the same values).
     """
-    if sp.floats is not None:  # one problem's SVD rows as Python floats: the same values
-        return _radius_one(*sp.floats, alpha, delta)
+    rows = sp.floats
+    if rows is not None:  # one problem's SVD rows as Python floats: the same values
+        if not rows:
+            suf = sp.suf[0].tolist()
+            rows.extend((sp.s2[0].tolist(), suf, [b * b for b in suf]))
+        return _radius_one(*rows, alpha, delta)
     xp = sc.xp
     has_gram, has_svd = sp.route
     pn_s = dpos_s = pn_g = dpos_g = None
