@@ -17,7 +17,11 @@ as numpy rounds them, :func:`host_norm`); its lmpar is written out on
 ``numpy.float64`` scalars (:func:`_solve_minpack_one`: the same operations
 and values as the general body, without a namespace call per scalar; the
 general body on that problem cost 15-21 % more per Rosenbrock solve, issue
-14). On the CPU both Newton iterations continue on the rows that still
+14). 'trf''s one float64 problem keeps the general body; with fewer than 8
+singular values its radius terms are taken on Python floats by the same
+helper (:func:`_radius_one`; the same values), and a radius kept as a host
+value gives its ``alpha`` back as one (:meth:`~.host_scalars.Scalars.keep`).
+On the CPU both Newton iterations continue on the rows that still
 iterate once fewer than a quarter of the batch do (:func:`_newton_alpha`,
 :func:`_lmpar_newton`; issue 16), bit for bit.
 """
