@@ -532,25 +532,29 @@ def _scatter_rows(sc: Scalars, rows: Any, base: Any, values: Any) -> Any:
     return base.index_copy(0, rows, values)
 
 
-def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True) -> Tensor:
-    """:func:`~.linalg.gauss_newton_step` (default ``rcond``), its spectral work on the host.
+def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True,
+                      rcond: float | None = None, torch_product: bool = False) -> Tensor:
+    """:func:`~.linalg.gauss_newton_step`, its spectral work on the host.
 
-    With the factors on the CPU the cut-off of the singular values and the
-    quotients ``uf / s`` are taken on the host rows that the subproblem then
-    reuses (:meth:`~.host_scalars.Scalars.rows`); the product with ``V``
-    is torch's for a batch (the same values as
-    :func:`~.linalg.gauss_newton_step`: the same elementwise operations) and
-    numpy's for one float64 problem (:func:`host_norm`). ``host`` as for
-    :class:`~.host_scalars.Scalars`; ``quiet=False`` where the caller holds
-    :meth:`~.host_scalars.Scalars.quiet` already (numpy's ``errstate`` costs
-    about 2 µs per entry).
+    With the factors on the CPU the cut-off of the singular values (below
+    ``rcond`` times the largest; default the dtype's epsilon, as
+    :func:`~.linalg.gauss_newton_step`) and the quotients ``uf / s`` are
+    taken on the host rows that the subproblem then reuses
+    (:meth:`~.host_scalars.Scalars.rows`); the product with ``V`` is torch's
+    for a batch (the same values as :func:`~.linalg.gauss_newton_step`: the
+    same elementwise operations) and numpy's for one float64 problem
+    (:func:`host_norm`), unless ``torch_product`` ('dogbox': torch's, so the
+    values of :func:`~.linalg.gauss_newton_step` bit for bit, 11 torch
+    operations to 4). ``host`` as for :class:`~.host_scalars.Scalars`;
+    ``quiet=False`` where the caller holds :meth:`~.host_scalars.Scalars.quiet`
+    already (numpy's ``errstate`` costs about 2 µs per entry).
     """
     sc = scalars(fac.s, host=host)
     has_gram, has_svd = routes(fac)
     if not sc.host or not has_svd:
-        return gauss_newton_step(fac)
+        return gauss_newton_step(fac, rcond)
     s, uf = sc.rows(fac.s), sc.rows(fac.uf)
-    eps = _EPS.get(fac.s.dtype) or torch.finfo(fac.s.dtype).eps
+    eps = rcond if rcond is not None else _EPS.get(fac.s.dtype) or torch.finfo(fac.s.dtype).eps
     if sc.floats and not has_gram:
         # one problem: the quotients on Python floats (the same operations, see
         # _radius_one), the product with V on the host too (numpy's, see host_norm)
@@ -558,12 +562,14 @@ def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True
         cut = eps * s_l[0] if s_l else 0.0
         coef = np.array([[u / v if (v > cut and v != 0) else 0.0
                           for v, u in zip(s_l, uf[0].tolist(), strict=True)]])
-        return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
-    with sc.quiet() if quiet else contextlib.nullcontext():
-        keep = s > eps * s[:, :1]
-        coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
+        if not torch_product:
+            return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
+    else:
+        with sc.quiet() if quiet else contextlib.nullcontext():
+            keep = s > eps * s[:, :1]
+            coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
     p_svd = -torch.bmm(fac.V, torch.from_numpy(coef.reshape(*coef.shape, 1))).squeeze(-1)
-    return mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
+    return mix_routes(fac, gram_solve(fac, None, with_q=False)[0] if has_gram else None, p_svd)
 
 
 #: attribute of a Gauss-Newton step tensor: its norms, as columns on the host

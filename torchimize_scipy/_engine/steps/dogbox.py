@@ -37,7 +37,7 @@ from torch.linalg import vector_norm as vnorm
 from ..bounds import in_bounds, step_size_to_bound
 from ..counts import known_count, remember
 from ..host_scalars import Scalars, for_rows
-from ..linalg import factorize, gauss_newton_step
+from ..linalg import factorize
 from ..problem import Problem
 from ..quadratic import (
     build_quadratic_1d,
@@ -46,6 +46,7 @@ from ..quadratic import (
     update_tr_radius,
 )
 from ..termination import trust_region_code
+from ..trust_region import minimum_norm_step
 from ._common import (
     flag_singular_factors,
     inf_norm,
@@ -123,8 +124,9 @@ class Dogbox(StepRule):
         fac = factorize(J_free, None, state["f"], gram=G_free, g=g_free,
                         use_gram=problem.use_gram)
         # gelsd's threshold (eps/2 * s_max) and no step on the frozen variables: see the
-        # module notes
-        newton = gauss_newton_step(fac, rcond=0.5 * torch.finfo(J_free.dtype).eps)
+        # module notes (the cut-off and quotients on the host when on the CPU)
+        newton = minimum_norm_step(fac, rcond=0.5 * torch.finfo(J_free.dtype).eps,
+                                   torch_product=True)
         state["newton"] = newton if every else torch.where(free, newton, 0.0)
         flag_singular_factors(state, fac.s)
         # -g_free vanishes on the fixed variables: J_free (-g_free) = J (-g_free); the
