@@ -116,3 +116,55 @@ def test_subproblem_leaves_the_factors_alone():
         assert_bitwise_equal(t.numpy(), b.numpy())
     assert_bitwise_equal(delta.numpy(), np.array([100.0, 0.01]))
     assert_bitwise_equal(alpha0.numpy(), np.zeros(2))
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_one_problem_radius_terms_on_floats_match_the_arrays(k):
+    # one float64 problem (Scalars.floats) with fewer than 8 singular values takes the
+    # radius terms on Python floats (_radius_one); arrays of one row take numpy's
+    rng = np.random.default_rng(k)
+    s = torch.as_tensor(np.sort(rng.uniform(0.1, 3.0, (1, k)))[:, ::-1].copy())
+    s[0, -1] = 0.0  # a zero singular value: its guarded terms are 0
+    uf = torch.as_tensor(rng.standard_normal((1, k)))
+    fac = Factors(s, torch.eye(k, dtype=torch.float64)[None], uf)
+    floats, arrays = Scalars(s, host=True), Scalars(s, host=True, floats=False)
+    assert floats.floats and not arrays.floats
+    sp_f, sp_a = _spectral(floats, fac), _spectral(arrays, fac)
+    assert sp_f.floats == [] and sp_a.floats is None  # (filled on the first use)
+    for alpha in (None, 0.0, 0.37, 5.0):
+        with floats.quiet():
+            a_f = None if alpha is None else np.float64(alpha)
+            got = _radius_terms(floats, fac, sp_f, a_f, np.float64(0.4))
+            a_a = None if alpha is None else np.full((1, 1), alpha)
+            ref = _radius_terms(arrays, fac, sp_a, a_a, np.full((1, 1), 0.4))
+        for g, r in zip(got, ref, strict=True):
+            assert type(g) is np.float64
+            np.testing.assert_allclose(g, np.asarray(r).item(), rtol=4e-16, atol=0)
+    assert len(sp_f.floats) == 3
+
+
+def test_long_rows_keep_the_arrays():
+    s = torch.linspace(3.0, 1.0, 8, dtype=torch.float64)[None]
+    fac = Factors(s, torch.eye(8, dtype=torch.float64)[None], torch.ones_like(s))
+    sc = Scalars(s, host=True)
+    assert sc.floats and _spectral(sc, fac).floats is None
+
+
+@pytest.mark.parametrize("delta", [100.0, 0.05], ids=["inside", "damped"])
+def test_host_radius_gives_host_alpha(delta):
+    # 'trf' keeps one problem's radius as a host value (Scalars.keep): the subproblem
+    # then returns its alpha as one, and a tensor radius still gets a tensor
+    rng = np.random.default_rng(3)
+    A, f = rng.standard_normal((1, 8, 3)), rng.standard_normal((1, 8))
+    fac = factorize(torch.as_tensor(A), None, torch.as_tensor(f), use_gram=False)
+    p, alpha = solve_trust_region_scipy(fac, np.float64(delta), np.float64(0.0), 8, 3)
+    p_t, alpha_t = solve_trust_region_scipy(fac, torch.tensor([delta], dtype=torch.float64),
+                                            torch.zeros(1, dtype=torch.float64), 8, 3)
+    assert type(alpha) is np.float64 and isinstance(alpha_t, torch.Tensor)
+    np.testing.assert_allclose(alpha, alpha_t.item(), rtol=1e-15)
+    np.testing.assert_allclose(p.numpy(), p_t.numpy(), rtol=1e-15)
+    if delta < 1:
+        assert alpha > 0
+        np.testing.assert_allclose(np.linalg.norm(p.numpy()), delta, rtol=1e-12)
+    else:
+        assert alpha == 0

@@ -307,7 +307,9 @@ class Scalars:
         """
         if not self.host:
             return list(ts)
-        out: list[Any] = [getattr(t, _HOST_VALUE, None) for t in ts]
+        # (one problem's host values kept as they are, :meth:`keep`)
+        out: list[Any] = [t if type(t) in _HOST_TYPES else getattr(t, _HOST_VALUE, None)
+                          for t in ts]
         todo = [k for k, v in enumerate(out) if v is None]
         if len(todo) < 2:
             return [self.get(t) if v is None else v for t, v in zip(ts, out, strict=True)]
@@ -358,18 +360,20 @@ class Scalars:
     def norm(self, t: Tensor, keepdim: bool = False) -> Any:
         """Euclidean norms of the rows of a ``(B, k)`` tensor (columns with ``keepdim``).
 
-        On the host the norms (not columns) are remembered on the tensor: the
-        current point's norm serves every trial from it.
+        On the host the norms (not columns; for :attr:`floats` the scalar, which
+        is both) are remembered on the tensor: the current point's norm serves
+        every trial from it, and a step's its trial.
         """
         if not self.host:
             return vnorm(t, dim=-1, keepdim=keepdim)
-        if not keepdim:
+        memo = not keepdim or self.floats
+        if memo:
             known = getattr(t, _NORM, None)
             if known is not None:
                 return known
         r = vnorm(t, dim=-1, keepdim=keepdim)
         value = np.float64(r.item()) if self.floats else r.numpy()
-        if not keepdim:
+        if memo:
             setattr(t, _NORM, value)
         return value
 

@@ -671,7 +671,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             state["last_reduction"] = torch.where(
                 boundary_t, torch.where(accept_t, red, 0.0), as_tensor(state["last_reduction"]))
             state["last_step_norm"] = torch.where(
-                boundary_t, torch.where(accept_t, trial.step_norm, 0.0),
+                boundary_t, torch.where(accept_t, as_tensor(trial.step_norm), 0.0),
                 as_tensor(state["last_step_norm"]))
         if problem.final_jacobian:
             n_accept, n_fresh = hs.count_many(accept, boundary)

@@ -17,7 +17,11 @@ as numpy rounds them, :func:`host_norm`); its lmpar is written out on
 ``numpy.float64`` scalars (:func:`_solve_minpack_one`: the same operations
 and values as the general body, without a namespace call per scalar; the
 general body on that problem cost 15-21 % more per Rosenbrock solve, issue
-14). On the CPU both Newton iterations continue on the rows that still
+14). 'trf''s one float64 problem keeps the general body; with fewer than 8
+singular values its radius terms are taken on Python floats by the same
+helper (:func:`_radius_one`; the same values), and a radius kept as a host
+value gives its ``alpha`` back as one (:meth:`~.host_scalars.Scalars.keep`).
+On the CPU both Newton iterations continue on the rows that still
 iterate once fewer than a quarter of the batch do (:func:`_newton_alpha`,
 :func:`_lmpar_newton`; issue 16), bit for bit.
 """
@@ -90,6 +94,14 @@ class _Spectral(NamedTuple):
     suf2: Any
     gram: Any
     gram_rows: _GramRows | None = None
+    #: one float64 problem on the host with the SVD route (:attr:`Scalars.floats`) and
+    #: fewer than :data:`_FOLD` singular values: a list that the first
+    #: :func:`_radius_terms` fills with the rows ``s**2``, ``s uf`` and ``(s uf)**2``
+    #: as lists of Python floats, for :func:`_radius_one` (the same values as the
+    #: arrays' operations, without a numpy call per operation: 10 % of a Rosenbrock
+    #: 'trf' subproblem; on longer rows the arrays are the cheaper); ``suf2`` is then
+    #: None (a Gauss-Newton step inside the region needs none of them)
+    floats: list | None = None
 
 
 class _GramRows(NamedTuple):
@@ -131,13 +143,16 @@ def _spectral(sc: Scalars, fac: Factors) -> _Spectral:
     route = routes(fac)
     has_gram, has_svd = route
     s = sc.rows(fac.s)
-    suf = s2 = suf2 = None
+    suf = s2 = suf2 = floats = None
     if has_svd:
         suf = s * sc.rows(fac.uf)
         s2 = s * s
-        suf2 = suf * suf
+        if sc.floats and not has_gram and s.shape[-1] < _FOLD:  # (longer rows: numpy's)
+            floats = []  # (filled when needed, _radius_terms)
+        else:
+            suf2 = suf * suf
     gram = sc.get_col(fac.gram) if has_gram and has_svd else None
-    return _Spectral(route, s, suf, s2, suf2, gram, _gram_rows(sc, fac, gram))
+    return _Spectral(route, s, suf, s2, suf2, gram, _gram_rows(sc, fac, gram), floats)
 
 
 def _mix(sc: Scalars, sp: _Spectral, gram_value: Any, svd_value: Any) -> Any:
@@ -165,6 +180,12 @@ def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: A
     (:func:`_all_positive`), so no denominator ``s**2 + alpha`` is zero and
     the guards are dropped (the same values).
     """
+    rows = sp.floats
+    if rows is not None:  # one problem's SVD rows as Python floats: the same values
+        if not rows:
+            suf = sp.suf[0].tolist()
+            rows.extend((sp.s2[0].tolist(), suf, [b * b for b in suf]))
+        return _radius_one(*rows, alpha, delta)
     xp = sc.xp
     has_gram, has_svd = sp.route
     pn_s = dpos_s = pn_g = dpos_g = None
@@ -309,8 +330,11 @@ def solve_trust_region_scipy(
     -------
     p : Tensor, shape (B, n)
     alpha : Tensor, shape (B,)
+        A ``numpy.float64`` where ``delta`` is one problem's host value (the host
+        values 'trf' keeps in its state, :meth:`~.host_scalars.Scalars.keep`).
     """
-    sc = scalars(delta, host=host)
+    # (one problem's radius may be a host value, Scalars.keep: the factors tell the batch)
+    sc = scalars(delta if isinstance(delta, Tensor) else fac.s, host=host)
     with sc.quiet():
         return _solve_scipy(sc, fac, delta, alpha0, m, n, rtol, max_iter)
 
@@ -342,7 +366,7 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     n_inside = sc.count(inside)
     if n_inside == B:
         # (on the host a tensor of zeros remembering them, no dispatch)
-        zero = sc.tensor(sc.full(0.0)) if sc.host else torch.zeros_like(delta)
+        zero = _alpha_out(sc, delta, sc.full(0.0)) if sc.host else torch.zeros_like(delta)
         return (p_gn.neg_() if svd_only else p_gn), zero
 
     gnorm = _mix(sc, sp, sc.norm(fac.b, keepdim=True) if has_gram else None,
@@ -367,14 +391,21 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
                                 delta_r, pick(tol), pick(running), n_running, max_iter)
         p_r = _boundary_step(sub_sc, sub_fac, sub_sp, svd_only, alpha_r, delta_r)
         p = (p_gn.neg_() if svd_only else p_gn).index_copy(0, _torch_rows(rows), p_r)
-        return p, sc.tensor(_scatter_rows(sc, rows, xp.where(inside, 0.0, alpha), alpha_r))
+        return p, _alpha_out(sc, delta, _scatter_rows(sc, rows, xp.where(inside, 0.0, alpha),
+                                                     alpha_r))
     alpha = _newton_alpha(sc, fac, sp, alpha, lower, upper, delta_c, tol, running, n_running,
                           max_iter)
     p = _boundary_step(sc, fac, sp, svd_only, alpha, delta_c)
     if n_inside:
         p = torch.where(sc.tensor(inside).unsqueeze(-1), p_gn.neg_() if svd_only else p_gn, p)
         alpha = xp.where(inside, 0.0, alpha)
-    return p, sc.tensor(alpha)
+    return p, _alpha_out(sc, delta, alpha)
+
+
+def _alpha_out(sc: Scalars, delta: Any, alpha: Any) -> Any:
+    """:func:`_solve_scipy`'s ``alpha`` in the form of the caller's ``delta``: a host value
+    (:meth:`~.host_scalars.Scalars.keep`) for a radius held as one, else a tensor."""
+    return sc.tensor(alpha) if isinstance(delta, Tensor) else sc.keep(alpha)[0]
 
 
 def _boundary_step(sc: Scalars, fac: Factors, sp: _Spectral, svd_only: bool, alpha: Any,
@@ -501,25 +532,29 @@ def _scatter_rows(sc: Scalars, rows: Any, base: Any, values: Any) -> Any:
     return base.index_copy(0, rows, values)
 
 
-def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True) -> Tensor:
-    """:func:`~.linalg.gauss_newton_step` (default ``rcond``), its spectral work on the host.
+def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True,
+                      rcond: float | None = None, torch_product: bool = False) -> Tensor:
+    """:func:`~.linalg.gauss_newton_step`, its spectral work on the host.
 
-    With the factors on the CPU the cut-off of the singular values and the
-    quotients ``uf / s`` are taken on the host rows that the subproblem then
-    reuses (:meth:`~.host_scalars.Scalars.rows`); the product with ``V``
-    is torch's for a batch (the same values as
-    :func:`~.linalg.gauss_newton_step`: the same elementwise operations) and
-    numpy's for one float64 problem (:func:`host_norm`). ``host`` as for
-    :class:`~.host_scalars.Scalars`; ``quiet=False`` where the caller holds
-    :meth:`~.host_scalars.Scalars.quiet` already (numpy's ``errstate`` costs
-    about 2 µs per entry).
+    With the factors on the CPU the cut-off of the singular values (below
+    ``rcond`` times the largest; default the dtype's epsilon, as
+    :func:`~.linalg.gauss_newton_step`) and the quotients ``uf / s`` are
+    taken on the host rows that the subproblem then reuses
+    (:meth:`~.host_scalars.Scalars.rows`); the product with ``V`` is torch's
+    for a batch (the same values as :func:`~.linalg.gauss_newton_step`: the
+    same elementwise operations) and numpy's for one float64 problem
+    (:func:`host_norm`), unless ``torch_product`` ('dogbox': torch's, so the
+    values of :func:`~.linalg.gauss_newton_step` bit for bit, 11 torch
+    operations to 4). ``host`` as for :class:`~.host_scalars.Scalars`;
+    ``quiet=False`` where the caller holds :meth:`~.host_scalars.Scalars.quiet`
+    already (numpy's ``errstate`` costs about 2 µs per entry).
     """
     sc = scalars(fac.s, host=host)
     has_gram, has_svd = routes(fac)
     if not sc.host or not has_svd:
-        return gauss_newton_step(fac)
+        return gauss_newton_step(fac, rcond)
     s, uf = sc.rows(fac.s), sc.rows(fac.uf)
-    eps = _EPS.get(fac.s.dtype) or torch.finfo(fac.s.dtype).eps
+    eps = rcond if rcond is not None else _EPS.get(fac.s.dtype) or torch.finfo(fac.s.dtype).eps
     if sc.floats and not has_gram:
         # one problem: the quotients on Python floats (the same operations, see
         # _radius_one), the product with V on the host too (numpy's, see host_norm)
@@ -527,12 +562,14 @@ def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True
         cut = eps * s_l[0] if s_l else 0.0
         coef = np.array([[u / v if (v > cut and v != 0) else 0.0
                           for v, u in zip(s_l, uf[0].tolist(), strict=True)]])
-        return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
-    with sc.quiet() if quiet else contextlib.nullcontext():
-        keep = s > eps * s[:, :1]
-        coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
+        if not torch_product:
+            return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
+    else:
+        with sc.quiet() if quiet else contextlib.nullcontext():
+            keep = s > eps * s[:, :1]
+            coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
     p_svd = -torch.bmm(fac.V, torch.from_numpy(coef.reshape(*coef.shape, 1))).squeeze(-1)
-    return mix_routes(fac, gram_solve(fac, None)[0] if has_gram else None, p_svd)
+    return mix_routes(fac, gram_solve(fac, None, with_q=False)[0] if has_gram else None, p_svd)
 
 
 #: attribute of a Gauss-Newton step tensor: its norms, as columns on the host

@@ -37,7 +37,7 @@ from torch.linalg import vector_norm as vnorm
 from ..bounds import in_bounds, step_size_to_bound
 from ..counts import known_count, remember
 from ..host_scalars import Scalars, for_rows
-from ..linalg import factorize, gauss_newton_step
+from ..linalg import factorize
 from ..problem import Problem
 from ..quadratic import (
     build_quadratic_1d,
@@ -46,6 +46,7 @@ from ..quadratic import (
     update_tr_radius,
 )
 from ..termination import trust_region_code
+from ..trust_region import minimum_norm_step
 from ._common import (
     flag_singular_factors,
     inf_norm,
@@ -81,7 +82,9 @@ class Dogbox(StepRule):
         initial_scale(problem, state)
         x = state["x"]
         delta = inf_norm(x * state["scale_inv"])
-        state["delta"] = torch.where(delta == 0, 1.0, delta)
+        delta = torch.where(delta == 0, 1.0, delta)
+        sc = for_rows(x)
+        state["delta"] = _kept(sc, sc.get(delta)) if sc.floats else delta
         on_bound = torch.zeros_like(x, dtype=torch.long)
         on_bound = torch.where(x == state["lb"], -1, on_bound)
         state["on_bound"] = torch.where(x == state["ub"], 1, on_bound)
@@ -100,7 +103,7 @@ class Dogbox(StepRule):
         state["free"] = free_t = sc.tensor_rows(free)
         if sc.host:  # (the host knows whether every variable is free: _all_free)
             remember(free_t, int(np.count_nonzero(free)))
-        state["optimality"] = sc.tensor(optimality)
+        state["optimality"] = _kept(sc, optimality)
         return sc.tensor(optimality < problem.gtol)
 
     def build_model(self, problem: Problem, state: dict) -> None:
@@ -121,8 +124,9 @@ class Dogbox(StepRule):
         fac = factorize(J_free, None, state["f"], gram=G_free, g=g_free,
                         use_gram=problem.use_gram)
         # gelsd's threshold (eps/2 * s_max) and no step on the frozen variables: see the
-        # module notes
-        newton = gauss_newton_step(fac, rcond=0.5 * torch.finfo(J_free.dtype).eps)
+        # module notes (the cut-off and quotients on the host when on the CPU)
+        newton = minimum_norm_step(fac, rcond=0.5 * torch.finfo(J_free.dtype).eps,
+                                   torch_product=True)
         state["newton"] = newton if every else torch.where(free, newton, 0.0)
         flag_singular_factors(state, fac.s)
         # -g_free vanishes on the fixed variables: J_free (-g_free) = J (-g_free); the
@@ -159,7 +163,9 @@ class Dogbox(StepRule):
             step_h_norm = _max_abs(sc, step * rows(state["scale_inv"]))
         step_t = sc.tensor_rows(step)
         predicted = self.predicted_reduction(state, sc.tensor_rows(g_free), step_t)
-        return DogboxTrial(sc.tensor_rows(x_new), vnorm(step_t, dim=-1), sc.tensor(step_h_norm),
+        # (one problem: torch's norm as a host value, Scalars.keep)
+        step_norm = _kept(sc, sc.norm(step_t)) if sc.floats else vnorm(step_t, dim=-1)
+        return DogboxTrial(sc.tensor_rows(x_new), step_norm, _kept(sc, step_h_norm),
                            predicted, sc.tensor(tr_hit), sc.tensor_rows(on_bound_new))
 
     def predicted_reduction(self, state: dict, g_free: Tensor, step: Tensor) -> Tensor:
@@ -196,7 +202,7 @@ class Dogbox(StepRule):
             on_bound = xp.where(sc.as_col(accept_h), on_bound_new, on_bound)
             x_acc = xp.where(on_bound == -1, sc.rows(state["lb"]),
                              xp.where(on_bound == 1, sc.rows(state["ub"]), sc.rows(trial.x_new)))
-        state["delta"] = sc.tensor(delta)
+        state["delta"] = _kept(sc, delta)
         state["on_bound"] = sc.tensor_rows(on_bound)
         return Verdict(sc.tensor(accept_h), sc.tensor(status), sc.tensor_rows(x_acc))
 
@@ -208,7 +214,11 @@ class Dogbox(StepRule):
 
 
 def _kept(sc: Scalars, value):
-    """Per-problem values kept by ``sc`` as the ``(B,)`` tensor the state holds."""
+    """Per-problem values kept by ``sc`` in the form the state holds them: one float64
+    problem's host value as it is (:meth:`~.host_scalars.Scalars.keep`: no ``(1,)``
+    tensor made and read back per value), else the ``(B,)`` tensor."""
+    if sc.floats:
+        return sc.keep(value)[0]
     return sc.tensor(value) if sc.host else value
 
 

@@ -33,7 +33,7 @@ from ..bounds import (
     step_size_to_bound,
 )
 from ..counts import known_unit, times
-from ..host_scalars import Scalars, for_rows
+from ..host_scalars import Scalars, for_rows, is_host_value
 from ..linalg import factorize
 from ..problem import Problem
 from ..quadratic import (
@@ -71,6 +71,17 @@ def _scaled_v(v: Tensor, dv: Tensor, scale_inv: Tensor) -> Tensor:
     return torch.where(dv != 0, v * scale_inv, v)
 
 
+def _keep(sc: Scalars, state: dict, *values: Any) -> tuple[Any, ...]:
+    """Per-problem values of the host ``sc`` in the form the state holds its radius:
+    host values where ``init_state`` made it one (one float64 problem,
+    :meth:`~.host_scalars.Scalars.keep`: no ``(1,)`` tensor made and read back per
+    value), else ``(B,)`` tensors (a batch, and rules such as ``trf_lsmr``'s whose
+    state holds tensors)."""
+    if is_host_value(state["delta"]):
+        return sc.keep(*values)
+    return tuple(sc.tensor(v) for v in values)
+
+
 class TRFTrial(NamedTuple):
     """A trial of 'trf': the point, the step's norms, the model's reduction, the damping."""
 
@@ -103,13 +114,19 @@ class TRF(StepRule):
             delta = vnorm(state["x"] * state["scale_inv"] / v.sqrt(), dim=-1)
         else:  # v = 1: the division by sqrt(v) is exact
             delta = vnorm(state["x"] * state["scale_inv"], dim=-1)
-        state["delta"] = torch.where(delta == 0, 1.0, delta)
-        state["alpha"] = torch.zeros_like(delta)
+        delta = torch.where(delta == 0, 1.0, delta)
         x = state["x"]
+        sc = for_rows(x)
+        if sc.floats:  # one problem: its radius, damping and theta as host values
+            state["delta"], state["alpha"], state["theta"] = sc.keep(
+                sc.get(delta), sc.full(0.0), sc.full(0.0))
+        else:
+            state["delta"] = delta
+            state["alpha"] = torch.zeros_like(delta)
+            state["theta"] = torch.zeros_like(delta)
         state["tr_scaling"] = torch.ones_like(x)
         state["diag_h"] = torch.zeros_like(x)
         state["g_h"] = torch.zeros_like(x)
-        state["theta"] = torch.zeros_like(delta)
         alloc_factors(problem, state, augmented=problem.bounded)
         if problem.bounded:  # Coleman-Li data of the outer iteration, to build_model()
             state["coleman_li_v"] = torch.ones_like(x)
@@ -127,7 +144,7 @@ class TRF(StepRule):
                     state["coleman_li_dv"] = sc.tensor_rows(dv)
                     g = g * v
                 optimality = sc.max_rows(abs(g))
-            state["optimality"] = sc.tensor(optimality)
+            state["optimality"], = _keep(sc, state, optimality)
             return sc.tensor(optimality < problem.gtol)
         if problem.bounded:
             v, dv = _coleman_li(state)
@@ -146,7 +163,8 @@ class TRF(StepRule):
             state["diag_h"] = diag_h
             sc = for_rows(state["x"])  # (the optimality is a host value on the CPU)
             theta = 1 - sc.get(state["optimality"])
-            state["theta"] = sc.tensor(sc.xp.where(theta < 0.995, 0.995, theta))  # NaN kept
+            # (NaN kept)
+            state["theta"], = _keep(sc, state, sc.xp.where(theta < 0.995, 0.995, theta))
         else:
             d = state["scale"]
             diag_h = None
@@ -177,10 +195,15 @@ class TRF(StepRule):
                 value = evaluate_quadratic(*model, sc.rows(p_h), **kw)
             x_new = state["x"] + step
         # (on the host the negation is numpy's, on a scalar)
-        predicted = sc.tensor(-value) if sc.host else -value
-        step_norm = vnorm(step, dim=-1)
+        predicted, = _keep(sc, state, -value) if sc.host else (-value,)
         # (x_scale of ones: the step is the scaled step, the same tensor)
-        step_h_norm = step_norm if step_h is step else vnorm(step_h, dim=-1)
+        if sc.floats:  # (torch's norms, host values: a Gauss-Newton step's is known)
+            step_norm = sc.norm(step)
+            step_h_norm = step_norm if step_h is step else sc.norm(step_h)
+            step_norm, step_h_norm = _keep(sc, state, step_norm, step_h_norm)
+        else:
+            step_norm = vnorm(step, dim=-1)
+            step_h_norm = step_norm if step_h is step else vnorm(step_h, dim=-1)
         return TRFTrial(x_new, step_norm, step_h_norm, predicted, alpha)
 
     def assess_trial(self, problem: Problem, state: dict, trial: TRFTrial, f_new: Tensor,
@@ -203,8 +226,7 @@ class TRF(StepRule):
             alpha = xp.where(cont, alpha * delta / safe_new, alpha)
             delta = xp.where(cont, delta_new, xp.where(fin, delta, 0.25 * step_h_norm))
             accept = fin & (actual > 0)
-        state["alpha"] = sc.tensor(alpha)
-        state["delta"] = sc.tensor(delta)
+        state["alpha"], state["delta"] = _keep(sc, state, alpha, delta)
         return Verdict(sc.tensor(accept), sc.tensor(status), trial.x_new)
 
     def after_jacobian(self, problem: Problem, state: dict) -> None:
