@@ -225,9 +225,12 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
     if count * 2 >= total:
         view = RowView(state, None)
         fn(view)
+        keeps: dict[int, Tensor] = {}  # the mask shaped for each rank, made once
         for k in view.written:
             new = dict.__getitem__(view, k)
-            keep = mask.view(-1, *([1] * (new.ndim - 1)))
+            keep = keeps.get(new.ndim)
+            if keep is None:
+                keep = keeps[new.ndim] = mask.view(-1, *([1] * (new.ndim - 1)))
             state[k] = torch.where(keep, new, state[k])
         return
     rows = _indices(mask)
