@@ -214,8 +214,10 @@ _OWNED = "_tsc_put_owned"
 
 def _owned(new: Tensor) -> Tensor:
     """``new``, a tensor just made by a torch operation, marked :data:`_OWNED` when
-    large enough for :func:`put` to write in place."""
-    if new.numel() >= IN_PLACE_MIN and not new.requires_grad and new.layout == torch.strided:
+    large enough for :func:`put` to write in place (an operator Jacobian, as
+    ``tr_solver='lsmr'`` compacts, is left as it is)."""
+    if (isinstance(new, Tensor) and new.layout == torch.strided and not new.requires_grad
+            and new.numel() >= IN_PLACE_MIN):
         setattr(new, _OWNED, True)
     return new
 
