@@ -460,6 +460,28 @@ def test_per_problem_args_selection(kind):
     assert _np(args.select(empty)[0]).shape == (0, 4)
 
 
+def test_per_problem_args_two_selections_alternate():
+    """The engine alternates ``fun`` on its running rows and ``jac`` on the accepted
+    ones: both selections are remembered, by the identity of their index tensor."""
+    from torchimize_scipy._arrays import detect_namespace
+    from torchimize_scipy._user_functions import PerProblemArgs
+
+    y = np.arange(24.0).reshape(6, 4)
+    args = PerProblemArgs((y,), 6, detect_namespace(y))
+    running, accepted = torch.tensor([0, 2, 3, 5]), torch.tensor([2, 5])
+    sel_running = args.select(running)[0]
+    sel_accepted = args.select(accepted)[0]
+    assert args.select(running)[0] is sel_running
+    assert args.select(accepted)[0] is sel_accepted
+    np.testing.assert_array_equal(sel_running, y[[0, 2, 3, 5]])
+    np.testing.assert_array_equal(sel_accepted, y[[2, 5]])
+    # equal values in another tensor: selected anew, and a third one drops the oldest
+    again = args.select(torch.tensor([2, 5]))[0]
+    assert again is not sel_accepted
+    np.testing.assert_array_equal(again, y[[2, 5]])
+    assert args.select(running)[0] is not sel_running
+
+
 def test_kwargs_never_sliced():
     """Arrays in ``kwargs`` are shared even when their leading dimension equals B."""
     B = M  # the shared time grid has B entries

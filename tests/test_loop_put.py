@@ -144,6 +144,71 @@ def test_tensor_with_host_copy_is_not_modified():
     assert np.array_equal(np.asarray(after), [0, 1, 0, 1, 0])
 
 
+def _viewed_on_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its host rows remembered, as 'trf' reads a batch's J (a numpy view)."""
+    from torchimize_scipy._engine.host_scalars import Scalars
+
+    Scalars(t).rows(t)
+    return t
+
+
+def test_merged_tensor_viewed_on_host_is_written_in_place():
+    """A tensor an earlier put made (torch's memory, marked) whose host rows are a view
+    of that memory is written in place, and the view shows the new rows."""
+    from torchimize_scipy._engine.host_scalars import host_rows
+
+    zeros = torch.zeros(5, 3, 2, dtype=torch.float64)
+    state = {"J": zeros}
+    first = _new_rows().double()
+    _put(state, J=first)  # (zeros is held here: merged out of place, marked)
+    assert state["J"] is not zeros
+    _viewed_on_host(state["J"])
+    ident = id(state["J"])
+    second = -_new_rows().double()
+    _put(state, J=second)
+    assert id(state["J"]) == ident
+    assert torch.equal(state["J"], _expected(zeros, second))
+    np.testing.assert_array_equal(host_rows(state["J"]), state["J"].numpy())
+
+
+def test_numpy_memory_viewed_on_host_is_not_modified():
+    """Memory from numpy (the caller's jac) stays untouched even once viewed on the host."""
+    a = np.zeros((5, 3, 2))
+    state = {"J": _viewed_on_host(torch.from_numpy(a))}
+    _put(state, J=_new_rows().double())
+    assert np.array_equal(a, np.zeros((5, 3, 2)))
+
+
+def test_merged_tensor_whose_host_view_is_held_is_not_modified():
+    from torchimize_scipy._engine.host_scalars import host_rows
+
+    state = {"J": torch.zeros(5, 3, 2, dtype=torch.float64)}
+    keep = state["J"]
+    _put(state, J=_new_rows().double())
+    del keep
+    held = host_rows(_viewed_on_host(state["J"]))  # someone still reads these values
+    before = held.copy()
+    ident = id(state["J"])
+    _put(state, J=-_new_rows().double())
+    assert id(state["J"]) != ident
+    np.testing.assert_array_equal(held, before)
+
+
+def test_tensor_with_a_host_copy_of_its_rows_is_not_modified():
+    from torchimize_scipy._engine.host_scalars import remember_rows
+
+    state = {"J": torch.zeros(5, 3, 2, dtype=torch.float64)}
+    keep = state["J"]
+    _put(state, J=_new_rows().double())  # merged out of place, marked
+    del keep
+    copy = state["J"].numpy().copy()
+    remember_rows(state["J"], copy)  # a private copy: in place, it would go stale
+    del copy
+    ident = id(state["J"])
+    _put(state, J=-_new_rows().double())
+    assert id(state["J"]) != ident
+
+
 def test_batch_dogbox_rows_agree_with_single_calls():
     """Regression: an in-place write into a small state tensor whose host copy was kept on
     it left that copy stale, and one row of this batch stopped at a wrong point (found by

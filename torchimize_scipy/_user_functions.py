@@ -46,6 +46,9 @@ _LIST_MAX = 32
 #: under a load of 4 on 2 cores; whole solve 6.1 s against 16.6 s).
 _VMAP_MAX_N = 4096
 
+#: Selections of per-problem ``args`` that :meth:`PerProblemArgs.select` remembers.
+_KEEP_SELECTIONS = 2
+
 
 def _is_array(a: Any) -> bool:
     """numpy, torch or any other array-API array (not lists or scalars)."""
@@ -96,8 +99,12 @@ def _broadcast_rows(a: Any, B: int) -> Any:
     return array_api_compat.array_namespace(a).broadcast_to(a, shape)
 
 
-def _ascending_run(idx: Tensor) -> tuple[int, int] | None:
-    """``(start, stop)`` if ``idx`` is ``start, start+1, ..., stop-1``, else None."""
+def _ascending_run(idx: Tensor | np.ndarray) -> tuple[int, int] | None:
+    """``(start, stop)`` if ``idx`` is ``start, start+1, ..., stop-1``, else None.
+
+    ``idx`` is a tensor, or the host view of a CPU one (read without a torch
+    operation per test).
+    """
     b = idx.shape[0]
     if b == 0:
         return None
@@ -107,6 +114,18 @@ def _ascending_run(idx: Tensor) -> tuple[int, int] | None:
     if b > 1 and not bool((idx[1:] - idx[:-1] == 1).all()):
         return None
     return first, last + 1
+
+
+def _host_indices(idx: Tensor) -> np.ndarray | None:
+    """The host view of a CPU tensor of indices (read once, without a torch operation
+    per test), or None: another device, or a tensor with no memory of its own (a
+    functorch transform's wrapper, as ``jac='autograd'`` passes through vmap)."""
+    if idx.device.type != "cpu":
+        return None
+    try:
+        return idx.numpy()
+    except RuntimeError:
+        return None
 
 
 class PerProblemArgs:
@@ -122,7 +141,9 @@ class PerProblemArgs:
         self.B = B
         self.ns = ns
         self.sliced = tuple(_per_problem(a, B, k) for k, a in enumerate(self.args))
-        self._last: tuple[Tensor, tuple] | None = None
+        # the last selections, by the identity of their index tensor (held here, so that
+        # its id is not reused while it is remembered; the engine never writes into one)
+        self._last: list[tuple[Tensor, tuple]] = []
         if ns.kind == "torch":
             self.args = tuple(a.to(ns.device) if (s and is_torch(a)) else a
                               for a, s in zip(self.args, self.sliced, strict=True))
@@ -135,17 +156,21 @@ class PerProblemArgs:
 
         Rows that form one ascending run ``k, k+1, ..., k+b-1`` (a whole
         chunk, or a chunk before any problem finished) are passed as slices of
-        the caller's arrays, without copying; the last selection is reused
-        when the same ``idx`` comes again (finite differences call ``fun``
-        several times on the same rows).
+        the caller's arrays, without copying; the last two selections are
+        reused when the same ``idx`` comes again (finite differences call
+        ``fun`` several times on the same rows; the engine calls ``fun`` on
+        its running rows, whose index tensor changes only when problems finish
+        or join, and ``jac`` on the accepted ones in between).
         """
         if idx is None:
             return self.args
         if not any(self.sliced):
             return self.args
-        if self._last is not None and self._last[0] is idx:
-            return self._last[1]
-        run = _ascending_run(idx)
+        for known, selected in self._last:
+            if known is idx:
+                return selected
+        host = _host_indices(idx)
+        run = _ascending_run(idx if host is None else host)
         out = []
         for a, s in zip(self.args, self.sliced, strict=False):
             if not s:
@@ -155,14 +180,16 @@ class PerProblemArgs:
             elif is_torch(a):
                 out.append(a.index_select(0, idx.to(a.device)))
             elif isinstance(a, np.ndarray):
-                out.append(a[idx.cpu().numpy()])
+                out.append(a[idx.cpu().numpy() if host is None else host])
             else:  # another array-API library
                 import array_api_compat
 
                 ax = array_api_compat.array_namespace(a)
                 out.append(ax.take(a, ax.asarray(idx.cpu().numpy()), axis=0))
         selected = tuple(out)
-        self._last = (idx, selected)
+        # the newest first; the engine's ``fun`` (all running rows) and ``jac`` (the
+        # accepted ones) alternate between two index tensors
+        self._last = [(idx, selected), *self._last[:_KEEP_SELECTIONS - 1]]
         return selected
 
     def row(self, i: int) -> tuple:

@@ -49,6 +49,7 @@ from .._blas_threads import is_small, serial_blas
 from . import termination as term
 from .counts import count_true, known_unit, mark_finite, mark_unit
 from .host_scalars import (
+    _HOST_ROWS,
     ALL_REDUCE,
     Scalars,
     as_tensor,
@@ -146,7 +147,7 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
                 if old.numel() >= IN_PLACE_MIN and _private(state, sub, k, v, old):
                     merged = done[key] = old.index_copy_(0, rows, v)
                 else:
-                    merged = done[key] = old.index_copy(0, rows, v)
+                    merged = done[key] = _owned(old.index_copy(0, rows, v))
                 del old
             state[k] = merged
         else:
@@ -169,16 +170,29 @@ def _private(state: State, sub: RowView, key: str, value: Tensor, old: Tensor) -
     * it carries no remembered value (the attributes by which
       :mod:`.counts` and :mod:`.host_scalars` keep a tensor's count of true
       entries, finiteness or host copy on the tensor, valid only as long as
-      the tensor is not written to);
-    * its memory belongs to torch's allocator (a resizable storage: not a
-      numpy array's, nor a DLPack import) and no other tensor views it (the
-      storage's use count, where torch reports it);
+      the tensor is not written to), except a host view of its own memory
+      that nothing else references (:func:`_own_host_view`: the rows of a
+      batch's ``J`` and ``J^T J`` that 'trf' reads on the host; writing the
+      tensor writes the view, which stays its host value);
+    * its memory belongs to torch's allocator: a resizable storage (not a
+      numpy array's, nor a DLPack import), or one that an earlier ``put``
+      or :func:`compact` made (marked :data:`_OWNED`; exporting it to numpy
+      made it non-resizable), and no other tensor views it (the storage's use count,
+      where torch reports it; the host view's alias counts as one);
     * neither tensor takes part in autograd, and ``old`` is no inference
       tensor.
     """
-    if (old.requires_grad or value.requires_grad or old.is_inference() or old.is_sparse
-            or old.__dict__):
+    if old.requires_grad or value.requires_grad or old.is_inference() or old.is_sparse:
         return False
+    views = 0
+    marks = old.__dict__
+    if marks:
+        if not set(marks) <= {_OWNED, _HOST_ROWS}:
+            return False
+        if _HOST_ROWS in marks:
+            if not _own_host_view(old):
+                return False
+            views = 1
     holders = [k for k, t in state.items() if t is old]
     if any(k not in sub.written or dict.__getitem__(sub, k) is not value for k in holders):
         return False
@@ -186,10 +200,43 @@ def _private(state: State, sub: RowView, key: str, value: Tensor, old: Tensor) -
     if sys.getrefcount(old) != len(holders) + 3:
         return False
     storage = old.untyped_storage()
-    if not storage.resizable():
+    if not (storage.resizable() or _OWNED in marks):
         return False
-    # one tensor on the storage (+ ``storage`` itself); unknown: not private
-    return _STORAGE_USE_COUNT is not None and _STORAGE_USE_COUNT(storage._cdata) == 2
+    # one tensor on the storage (+ ``storage`` itself, + a host view's alias); unknown:
+    # not private
+    return (_STORAGE_USE_COUNT is not None
+            and _STORAGE_USE_COUNT(storage._cdata) == 2 + views)
+
+
+#: attribute of a tensor that :func:`put` merged out of place or :func:`compact` gathered:
+#: its memory is torch's own (a later ``put`` may write it in place, see :func:`_private`)
+_OWNED = "_tsc_put_owned"
+
+
+def _owned(new: Tensor) -> Tensor:
+    """``new``, a tensor just made by a torch operation, marked :data:`_OWNED` when
+    large enough for :func:`put` to write in place (an operator Jacobian, as
+    ``tr_solver='lsmr'`` compacts, is left as it is)."""
+    if (isinstance(new, Tensor) and new.layout == torch.strided and not new.requires_grad
+            and new.numel() >= IN_PLACE_MIN):
+        setattr(new, _OWNED, True)
+    return new
+
+
+def _own_host_view(old: Tensor) -> bool:
+    """Whether ``old``'s host rows (:meth:`~.host_scalars.Scalars.rows` of a batch) are a
+    numpy view of its own memory (``Tensor.numpy()``, not a copy) that no one else
+    holds, through an alias tensor that only that view holds."""
+    a = old.__dict__[_HOST_ROWS]
+    base = getattr(a, "base", None)
+    # references of the view: the attribute, ``a`` here and getrefcount's argument; of
+    # its base: the view, ``base`` here and getrefcount's argument
+    return (isinstance(a, np.ndarray) and isinstance(base, Tensor)
+            and a.shape == tuple(old.shape)
+            and a.__array_interface__["data"][0] == old.data_ptr()
+            and a.strides == tuple(s * old.element_size() for s in old.stride())
+            and base.data_ptr() == old.data_ptr()
+            and sys.getrefcount(a) == 3 and sys.getrefcount(base) == 3)
 
 
 #: torch's count of the references to a storage (tensors and Storage objects), if exposed.
@@ -229,9 +276,12 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
     if count * 2 >= total:
         view = RowView(state, None)
         fn(view)
+        keeps: dict[int, Tensor] = {}  # the mask shaped for each rank, made once
         for k in view.written:
             new = dict.__getitem__(view, k)
-            keep = mask.view(-1, *([1] * (new.ndim - 1)))
+            keep = keeps.get(new.ndim)
+            if keep is None:
+                keep = keeps[new.ndim] = mask.view(-1, *([1] * (new.ndim - 1)))
             state[k] = torch.where(keep, new, state[k])
         return
     rows = _indices(mask)
@@ -251,7 +301,7 @@ def compact(state: State, keep: Tensor) -> None:
         new = done.get(id(v))
         if new is None:
             # (one problem's host value, Scalars.keep: a (1,) tensor first)
-            new = done[id(v)] = _keep_unit(v, as_tensor(v).index_select(0, keep))
+            new = done[id(v)] = _keep_unit(v, _owned(as_tensor(v).index_select(0, keep)))
         state[k] = new
 
 
