@@ -11,7 +11,7 @@
   are selected: the rows outside the mask take what ``fn`` assigns (for 'lm''s
   ``build_model``, rows that stopped at the top: ``model_on_stopped_rows``).
 * ``measure_optimality`` takes a batch's row maxima column by column
-  (``steps.lm._row_max``) and its cosines without guards where no norm is zero.
+  (``host_scalars.Scalars.amax``) and its cosines without guards where no norm is zero.
 """
 
 from __future__ import annotations
@@ -123,14 +123,14 @@ def test_row_max_is_each_rows_largest_entry():
     a = np.abs(rng.standard_normal((100, 4)))
     a[7, 2] = np.nan
     hs = Scalars(torch.zeros(100, dtype=torch.float64))
-    out = lm._row_max(hs, a)
+    out = hs.amax(a)
     assert out.shape == (100,)
     assert np.isnan(out[7])
     for i in range(100):
         if i != 7:
             assert out[i] == max(a[i].tolist())
     # few rows, or many columns: numpy's amax (the same maxima)
-    few = lm._row_max(Scalars(torch.zeros(3, dtype=torch.float64)), a[:3])
+    few = Scalars(torch.zeros(3, dtype=torch.float64)).amax(a[:3])
     assert few.tolist() == [max(r) for r in a[:3].tolist()]
 
 

@@ -21,6 +21,7 @@ import scipy.linalg
 import torch
 
 from .._arrays import to_host
+from .._user_functions import _ascending_run
 
 #: What ``curve_fit`` raises for NaN or inf in checked data (numpy's text); also the
 #: message of the problems ``batch_curve_fit`` keeps out of the solve for that reason.
@@ -373,18 +374,16 @@ class FitData:
         if a.shape[0] == 1 and repeat == 1:  # one problem (curve_fit): no index to check
             return a
         if isinstance(ids, np.ndarray) and isinstance(a, np.ndarray):
-            # numpy rows of numpy data (batch_curve_fit of a numpy model): the same test and
+            # numpy rows of numpy data (batch_curve_fit of a numpy model): the test and the
             # selection with numpy's own functions, no tensor round trip
-            b = ids.shape[0]
-            if repeat == 1 and b and int(ids[-1]) - int(ids[0]) == b - 1 and (
-                    b == 1 or bool((np.diff(ids) == 1).all())):
-                return a[int(ids[0]):int(ids[0]) + b]
+            run = _ascending_run(ids) if repeat == 1 else None
+            if run is not None:
+                return a[run[0]:run[1]]
             return np.take(a, ids if repeat == 1 else np.repeat(ids, repeat), axis=0)
         idx = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(np.asarray(ids))
-        b = idx.shape[0]
-        if repeat == 1 and b and int(idx[-1]) - int(idx[0]) == b - 1 and (
-                b == 1 or bool((idx.diff() == 1).all())):
-            return a[int(idx[0]):int(idx[0]) + b]
+        run = _ascending_run(idx) if repeat == 1 else None
+        if run is not None:
+            return a[run[0]:run[1]]
         if repeat > 1:
             idx = idx.repeat_interleave(repeat)
         if isinstance(a, torch.Tensor):

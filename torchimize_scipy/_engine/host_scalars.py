@@ -111,6 +111,10 @@ _ARRAY = np.ndarray
 #: Python layer of about half a microsecond)
 _MAX_REDUCE = np.maximum.reduce
 ALL_REDUCE = np.logical_and.reduce
+#: :meth:`Scalars.amax` folds a batch's host rows column by column for at most this many
+#: columns and at least :data:`_FOLD_ROWS` rows (one numpy call per column)
+_FOLD_COLUMNS = 8
+_FOLD_ROWS = 64
 
 #: ``(1,)`` tensors of one problem's flags and of its small integers (codes, counters),
 #: made once and shared by every run (the engine never writes into a tensor, as for
@@ -409,10 +413,8 @@ class Scalars:
         return a.min(-1) if self.host else a.amin(-1)
 
     def max_rows(self, a: Any) -> Any:
-        """Maximum of each row (exact: no rounding to differ)."""
-        if self.floats:
-            return a[0].max()
-        return a.max(-1) if self.host else a.amax(-1)
+        """Maximum of each row (exact: no rounding to differ); :meth:`amax`."""
+        return self.amax(a)
 
     def all_rows(self, m: Any) -> Any:
         """Whether each row of a mask holds everywhere."""
@@ -593,11 +595,25 @@ class Scalars:
         return self.keep(value)[0]
 
     def amax(self, a: Any) -> Any:
-        """Maximum along the last axis (exact, whatever the order): per-problem values."""
+        """Maximum along the last axis (exact, whatever the order): per-problem values.
+
+        A batch's host rows ``(B, k)`` with a few columns are folded column by
+        column: numpy's ``amax`` along a short last axis steps through each row on
+        its own (8,192 rows of 4: 366 µs, against 18 µs for ``numpy.maximum`` of the
+        columns in turn; issue 14). The same values: a maximum is exact, ``amax``
+        folds each row from its first entry in the same way, and NaN propagates
+        through both.
+        """
         if not self.host:
             return torch.amax(a, dim=-1)
-        # (one problem: the reduction ``a.max()`` runs, without the method's Python layer)
-        return _MAX_REDUCE(a, axis=None) if self.floats else np.amax(a, axis=-1)
+        if self.floats:  # one problem: the reduction ``a.max()`` runs, without its layer
+            return _MAX_REDUCE(a, axis=None)
+        if a.ndim != 2 or not 2 <= a.shape[-1] <= _FOLD_COLUMNS or a.shape[0] < _FOLD_ROWS:
+            return np.amax(a, axis=-1)
+        out = np.maximum(a[:, 0], a[:, 1])
+        for k in range(2, a.shape[-1]):
+            np.maximum(out, a[:, k], out=out)
+        return out
 
 
 try:  # numpy's floating-point error state (numpy >= 2: a context variable)

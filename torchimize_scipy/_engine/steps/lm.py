@@ -44,7 +44,8 @@ assessment, radius update and tests) runs on host scalars
 so that its host and tensor paths agree bit for bit; batches whose ``(B, n)``
 rows exceed torch's grain size keep the tensor path (``host_scalars.for_rows``).
 Its optimality measure takes the row maxima column by column on the host
-(:func:`_row_max`: numpy's ``amax`` along four entries cost 20 times more) and
+(:meth:`~..host_scalars.Scalars.amax`: numpy's ``amax`` along four entries cost
+20 times more) and
 its cosines unguarded where no norm is zero (the same values); the rows that
 stop at a top keep the model computed for them (``model_on_stopped_rows``).
 One float64 problem (``least_squares``, ``curve_fit``) also takes its norms,
@@ -124,30 +125,6 @@ def _norms(hs: Scalars, a: Any) -> Any:
     if hs.floats:
         return host_norm(a if isinstance(a, np.ndarray) else hs.view(a)[0])
     return hs.view(vnorm(a, dim=-1))[0]
-
-
-#: :func:`_row_max` takes the maximum column by column for at most this many columns and
-#: at least :data:`_FOLD_ROWS` rows (one numpy call per column; ``amax`` for the others)
-_FOLD_COLUMNS = 8
-_FOLD_ROWS = 64
-
-
-def _row_max(hs: Scalars, a: Any) -> Any:
-    """:meth:`Scalars.amax` of rows ``a (B, n)`` kept by ``hs``; a batch's host rows column
-    by column.
-
-    numpy's ``amax`` along a short last axis steps through each row on its own: on
-    8,192 rows of 4 it cost 366 µs against 18 µs for ``numpy.maximum`` of the columns
-    in turn (issue 14), the same values (a maximum is exact; ``amax`` folds each row
-    from its first entry in the same way, and NaN propagates through both).
-    """
-    if not hs.host or hs.floats or a.ndim != 2 or not 2 <= a.shape[-1] <= _FOLD_COLUMNS \
-            or a.shape[0] < _FOLD_ROWS:
-        return hs.amax(a)
-    out = np.maximum(a[:, 0], a[:, 1])
-    for k in range(2, a.shape[-1]):
-        np.maximum(out, a[:, k], out=out)
-    return out
 
 
 def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor,
@@ -344,7 +321,7 @@ class LevenbergMarquardt(StepRule):
                                                            state["status"], state["diag"])
             if n:
                 g_abs = abs(g_h)
-                optimality = _row_max(hs, g_abs)
+                optimality = hs.amax(g_abs)
                 denom = fnorm[..., None] * acnorm
                 if hs.host and not hs.floats and denom.all() and acnorm.all():
                     # (a batch's host rows without a zero column norm nor denominator: the
@@ -354,7 +331,7 @@ class LevenbergMarquardt(StepRule):
                     cosines = xp.where(acnorm != 0, g_abs / xp.where(denom != 0, denom, 1.0),
                                        0.0)
                 # (the cosines are not negative: their max-norm is their max)
-                gnorm = xp.where(fnorm != 0, _row_max(hs, cosines), 0.0)
+                gnorm = xp.where(fnorm != 0, hs.amax(cosines), 0.0)
             else:  # no variables
                 optimality = gnorm = hs.view(inf_norm(g_t))[0]
             if any_start:
