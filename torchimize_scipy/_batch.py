@@ -37,22 +37,24 @@ from ._validation import check_options
 __all__ = ["ARRAY_FIELDS", "BatchOptimizeResult", "batch_least_squares", "default_chunk_size",
            "without_final_jacobians"]
 
-#: Whether calls of :func:`batch_least_squares` in this context evaluate the Jacobian
-#: at the point accepted by a problem's stopping trial (see without_final_jacobians).
+#: Whether calls of :func:`batch_least_squares` (and of ``least_squares``) in this context
+#: evaluate the Jacobian at the point accepted by a problem's stopping trial (see
+#: without_final_jacobians).
 _FINAL_JACOBIAN: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "torchimize_scipy_final_jacobian", default=True)
 
 
 @contextlib.contextmanager
 def without_final_jacobians() -> Iterator[None]:
-    """Within the block, :func:`batch_least_squares` skips its final Jacobians.
+    """Within the block, :func:`batch_least_squares` and ``least_squares`` skip their
+    final Jacobians.
 
     For internal callers that read neither ``jac``, ``grad``, ``optimality``
-    nor ``njev`` of the result at the final point (``batch_curve_fit``'s 'lm',
-    whose covariance is that of MINPACK's last Jacobian, which precedes the
-    stopping trial): the Jacobian that scipy evaluates after MINPACK returns
-    is then not evaluated (``Problem.final_jacobian``). Scoped to the calling
-    thread and context.
+    nor ``njev`` of the result at the final point (``batch_curve_fit``'s and
+    ``curve_fit``'s 'lm' with MINPACK's bookkeeping, whose covariance is that of
+    MINPACK's last Jacobian, which precedes the stopping trial): the Jacobian
+    that scipy evaluates after MINPACK returns is then not evaluated
+    (``Problem.final_jacobian``). Scoped to the calling thread and context.
     """
     token = _FINAL_JACOBIAN.set(False)
     try:

@@ -23,6 +23,7 @@ from scipy.optimize import OptimizeResult
 
 from . import _implicit as implicit
 from ._arrays import Namespace, as_numpy
+from ._batch import _FINAL_JACOBIAN
 from ._blas_threads import serial_torch, user_threads
 from ._driver import EngineRun, initial_state, prefers_gram, result_buffers, solve
 from ._engine import status as codes
@@ -239,7 +240,8 @@ def least_squares(
                 jac_scale=isinstance(p.x_scale, str), use_gram=prefers_gram(m, n), verbose=verbose,
                 callback=_wrap_callback(callback, ns) if callback is not None else None,
                 out=result_buffers(1, n, m, ns.dtype, ns.device, keys),
-                tr_solver=tr_solver, tr_options=tr_options))
+                tr_solver=tr_solver, tr_options=tr_options,
+                final_jacobian=_FINAL_JACOBIAN.get()))
             if track:
                 idx = torch.zeros(1, dtype=torch.long, device=ns.device)
                 implicit.attach(out, lambda x: p.fun.raw(x, idx), loss_obj)

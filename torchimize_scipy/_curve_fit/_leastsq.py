@@ -177,14 +177,18 @@ def status_to_ier(status: torch.Tensor) -> torch.Tensor:
     return ier
 
 
-def minpack_qr_outputs(J: np.ndarray, fvec: np.ndarray) -> tuple:
+def minpack_qr_outputs(J: np.ndarray, fvec: np.ndarray | None,
+                       factors_only: bool = False) -> tuple:
     """``leastsq``'s ``fjac, ipvt, qtf`` and ``R`` from the pivoted QR ``J P = Q R``.
 
     ``fjac`` is returned as MINPACK stores it (and ``leastsq`` transposes it):
     ``R`` on and above the diagonal, and below it column ``j`` of MINPACK's
     Householder vector ``u_j`` (reflector ``I - u_j u_j^T / u_jj``), which is
     LAPACK's ``tau_j v_j`` for LAPACK's reflector ``I - tau_j v_j v_j^T``
-    (``geqp3``'s raw output).
+    (``geqp3``'s raw output). ``factors_only`` (``curve_fit`` without
+    ``full_output``, whose covariance needs ``R`` and the pivots alone): ``fjac``
+    and ``qtf`` are None, and neither ``Q`` (LAPACK's ``orgqr``) nor ``Q^T fvec``
+    is formed; ``ipvt`` and ``R`` are the same values.
     """
     m, n = J.shape
     A = np.asarray_chkfinite(J)  # the check of ``scipy.linalg.qr``
@@ -194,6 +198,8 @@ def minpack_qr_outputs(J: np.ndarray, fvec: np.ndarray) -> tuple:
     # ``scipy.linalg.qr(J, pivoting=True, mode="economic")`` returns, bit for bit
     raw, jpvt, tau = _lapack(geqp3, A)
     perm = jpvt - 1  # 1-based pivots
+    if factors_only:  # (R: the upper triangle of geqp3's leading n x n block)
+        return None, perm.astype(np.int32), None, np.triu(raw[:n, :n])
     below = _strictly_lower(m, n)  # (np.triu and np.tril, with one kept mask)
     upper = np.where(below, 0.0, raw)
     R = upper[:n, :n].copy()

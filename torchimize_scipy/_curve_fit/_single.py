@@ -9,6 +9,7 @@ and the covariance (:mod:`._covariance`) are those of
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from scipy.optimize import OptimizeWarning
 
 from .. import _implicit as implicit
 from .._arrays import Namespace, as_numpy, detect_namespace, to_host
+from .._batch import without_final_jacobians
 from .._least_squares import least_squares
 from .._validation import prepare_bounds
 from ._covariance import COV_MSG, finish_covariance, normal_inverse, pivoted_inverse, svd_pinv
@@ -261,7 +263,7 @@ def curve_fit(
         else:
             ns_lm = detect_namespace(p0, kwargs.get("device"), kwargs.get("dtype"))
         popt, cov, infodict, mesg, ier, ysize, chisq = _fit_lm(
-            problem, p0, n, data.M, jac_arg, callable(jac), kwargs, ns_lm)
+            problem, p0, n, data.M, jac_arg, callable(jac), kwargs, ns_lm, full_output)
     else:
         if "max_nfev" not in kwargs:
             kwargs["max_nfev"] = kwargs.pop("maxfev", None)
@@ -350,7 +352,7 @@ def _name_zero_sigma(error: ValueError, data: FitData) -> None:
 
 
 def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any,
-            user_jac: bool, kwargs: dict, ns: Any) -> tuple:
+            user_jac: bool, kwargs: dict, ns: Any, full_output: bool = True) -> tuple:
     """Run ``least_squares(method='lm')`` as scipy's ``leastsq`` would run MINPACK.
 
     With a callable or forward-difference Jacobian (``lmder``/``lmdif``), the
@@ -359,7 +361,9 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
     keeps the Jacobian of MINPACK's last Jacobian evaluation for
     ``fjac``/``ipvt``/``qtf`` and ``pcov``. Other string Jacobians ('3-point',
     'cs', 'autograd') are ours: they use ``least_squares``'s counts and the
-    Jacobian at the solution.
+    Jacobian at the solution. Without ``full_output`` the ``infodict`` (None) and
+    MINPACK's ``fjac``/``qtf`` are not formed: the covariance needs ``R`` and the
+    pivots of the QR alone (:func:`minpack_qr_outputs`' ``factors_only``).
     """
     if ysize_data != 1 and n > ysize_data:
         raise TypeError(f"The number of func parameters={n} must not"
@@ -391,9 +395,14 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
 
     problem.first_r = None
     book = model.book
+    # with the book, the covariance and counts are those of MINPACK's last Jacobian, which
+    # precedes the stopping trial: the engine evaluates none at the point that trial
+    # accepts (the Jacobian scipy evaluates after MINPACK returns; nothing here reads it)
+    final = without_final_jacobians() if book is not None else contextlib.nullcontext()
     try:
-        res = least_squares(problem.residuals, p0, jac=jac_arg, method="lm",
-                            **lm_tolerances(opts), **kwargs)
+        with final:
+            res = least_squares(problem.residuals, p0, jac=jac_arg, method="lm",
+                                **lm_tolerances(opts), **kwargs)
     except MaxfevReached:
         raise RuntimeError("Optimal parameters not found: "
                            + leastsq_message(opts, 5)) from None
@@ -420,9 +429,11 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
     else:
         jac_f, J = res.fun, res.jac
     fvec = as_numpy(res.fun)
-    fjac, ipvt, qtf, R = minpack_qr_outputs(as_numpy(J), as_numpy(jac_f))
+    fjac, ipvt, qtf, R = minpack_qr_outputs(as_numpy(J), as_numpy(jac_f) if full_output
+                                            else None, factors_only=not full_output)
     cov = pivoted_inverse(R[None], ipvt[None])  # numpy: one small matrix on the host
-    infodict = _infodict(res.fun, nfev, njev if user_jac else None, fjac, ipvt, qtf, res.x)
+    infodict = _infodict(res.fun, nfev, njev if user_jac else None, fjac, ipvt, qtf,
+                         res.x) if full_output else None
     chisq = float(np.sum(fvec.astype(float) ** 2))
     return res.x, cov, infodict, mesg, ier, fvec.size, chisq
 
