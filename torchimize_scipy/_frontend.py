@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ._arrays import Namespace, as_numpy, detect_namespace
 from ._engine.bounds import make_strictly_feasible
+from ._engine.host_scalars import host_rows, remember_rows
 from ._jac_forms import engine_jacobian, jacobian_form
 from ._jacobian import autograd_jacobian, finite_difference_jacobian
 from ._loss import LossFunction, make_loss
@@ -364,7 +365,7 @@ def jacobian_at_x0(p: Prepared, f0: Tensor, method: str, jac: Any, jac_sparsity:
             if J0_np.shape != (m, n):
                 raise ValueError("The return value of `jac` has wrong shape: expected "
                                  f"{(m, n)}, actual {J0_np.shape}.")
-            J0 = ns.from_user(J0_np, what="jac").reshape(1, m, n)
+            J0 = first_value(ns, J0_np, (1, m, n), "jac")
         else:
             if tuple(J0_raw.shape) != (m, n):
                 raise ValueError("The return value of `jac` has wrong shape: expected "
@@ -392,6 +393,23 @@ def jacobian_at_x0(p: Prepared, f0: Tensor, method: str, jac: Any, jac_sparsity:
     return J0, tr_solver
 
 
+def first_value(ns: Namespace, a: np.ndarray, shape: tuple[int, ...], what: str) -> Tensor:
+    """``ns.from_user(a, what=what).reshape(shape)``: one problem's first residuals or
+    Jacobian, a host array ``a``, as an engine tensor.
+
+    A float64 array for a float64 engine on the CPU becomes the tensor of its
+    (contiguous) memory, as ``from_user`` makes it, remembering that memory as its
+    host rows (:func:`~torchimize_scipy._engine.host_scalars.remember_rows`), so
+    that the checks at ``x0`` and the engine's first host reads of it convert
+    nothing (no torch operation).
+    """
+    if ns.device.type == "cpu" and ns.dtype == torch.float64 and type(a) is np.ndarray \
+            and a.dtype == np.float64:
+        h = np.ascontiguousarray(a).reshape(shape)
+        return remember_rows(torch.from_numpy(h), h)
+    return ns.from_user(a, what=what).reshape(shape)
+
+
 def jacobian_finite_at_x0(J0: Any) -> bool:
     """Whether the Jacobian at ``x0`` is finite: every entry of a dense or sparse one.
 
@@ -414,9 +432,14 @@ def all_finite(t: Tensor) -> bool:
 
     On the CPU through numpy (one pass, no torch parallel region: torch's
     ``isfinite(t).all()`` is five passes over ``t``, each over more than
-    32,768 entries a parallel region of torch's OpenMP team); elsewhere in
-    torch, read once.
+    32,768 entries a parallel region of torch's OpenMP team), from the host
+    array the tensor remembers where it has one (a numpy ``jac``'s value at
+    ``x0``, :func:`~torchimize_scipy._engine.host_scalars.remember_rows`: no
+    torch operation); elsewhere in torch, read once.
     """
     if t.device.type == "cpu" and t.dtype != torch.bfloat16:
-        return bool(np.isfinite(t.detach().resolve_conj().resolve_neg().numpy()).all())
+        known = host_rows(t)
+        if known is None:
+            known = t.detach().resolve_conj().resolve_neg().numpy()
+        return bool(np.isfinite(known).all())
     return bool(torch.isfinite(t).all())

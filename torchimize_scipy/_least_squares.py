@@ -31,6 +31,7 @@ from ._engine.loop import RESULT_KEYS
 from ._frontend import (
     all_finite,
     check_residuals_and_loss,
+    first_value,
     jacobian_at_x0,
     jacobian_finite_at_x0,
     prepare,
@@ -201,7 +202,7 @@ def least_squares(
         if f0_raw.ndim != 1:
             raise ValueError("`fun` must return at most 1-d array_like. "
                              f"f0.shape: {f0_raw.shape}")
-        f0 = p.fun.ns.from_user(f0_raw).reshape(1, -1)
+        f0 = first_value(p.fun.ns, f0_raw, (1, f0_raw.shape[0]), "fun")
         if not all_finite(f0):
             raise ValueError("Residuals are not finite in the initial point.")
         m = f0.shape[1]

@@ -53,14 +53,16 @@ def _namespace(a: Any) -> Any:
     return _TORCH_XP if isinstance(a, torch.Tensor) else _NUMPY_XP
 
 
-def inverse_from_r(R: Any) -> Any:
+def inverse_from_r(R: Any, back: list[int] | None = None) -> Any:
     """``R^{-1} R^{-T}`` per problem; NaN where ``R`` has an exactly zero diagonal entry.
 
     ``R (B, N, N)`` is a tensor, or a numpy array (:func:`curve_fit`'s one
     problem): one body over the array's namespace (numpy's own, see :data:`_NUMPY_XP`,
     or ``array_api_compat``'s torch); the
     triangular solve and the product are torch's for both (the same kernels,
-    on the numpy array's memory), and the result is of ``R``'s kind.
+    on the numpy array's memory), and the result is of ``R``'s kind. ``back``
+    (one problem's numpy ``R`` only): rows and columns taken in that order
+    (``cov[back][:, back]``, :func:`pivoted_inverse`).
     """
     xp = _namespace(R)
     B, n = R.shape[0], R.shape[-1]
@@ -81,19 +83,39 @@ def inverse_from_r(R: Any) -> Any:
     Rt = safe if xp is _TORCH_XP else torch.from_numpy(safe)
     eye = _identity(n, Rt.dtype, Rt.device).expand_as(Rt)
     Rinv = torch.linalg.solve_triangular(Rt, eye, upper=True)
-    if xp is not _TORCH_XP and B == 1 and n * n * n < BMM_NAIVE_TERMS:
+    if xp is not _TORCH_XP and B == 1 and 0 < n and n * n * n < BMM_NAIVE_TERMS:
         # one small problem: Rinv Rinv^T summed on the host in the order of torch's own
-        # bmm kernel (each entry over k in order from zero, numpy's accumulate: the same
-        # values as the product below, without matmul's dispatch)
-        a = Rinv.numpy()[0]
-        cov = np.add.accumulate(a[:, None, :] * a[None, :, :], axis=-1)[None, :, :, -1]
+        # bmm kernel (each entry over k in order from the first product: the same values
+        # as the product below, without matmul's dispatch); in float64 as Python floats
+        # (IEEE double arithmetic), its rows and columns taken in the order ``back`` as
+        # they are made, in another dtype by numpy's accumulate in that dtype
+        if R.dtype == np.float64:
+            rows = Rinv.tolist()[0]
+            order = range(n) if back is None else back
+            cov = np.array([[_running_dot(rows[i], rows[j]) for j in order]
+                            for i in order], dtype=np.float64)[None]
+            back = None  # (taken)
+        else:
+            a = Rinv.numpy()[0]
+            cov = np.add.accumulate(a[:, None, :] * a[None, :, :], axis=-1)[None, :, :, -1]
     else:
         cov = Rinv @ Rinv.transpose(-1, -2)
         if xp is not _TORCH_XP:
             cov = cov.numpy()
+    if back is not None:
+        cov = cov[0][back][:, back][None]
     if xp is not _TORCH_XP and not any_singular:  # (known on the host: nothing to fill)
         return cov
     return xp.where(singular, float("nan"), cov)
+
+
+def _running_dot(u: list[float], v: list[float]) -> float:
+    """``sum_k u[k] v[k]`` added in order from the first product (numpy's
+    ``add.accumulate``, torch's small ``bmm`` kernel), in Python floats."""
+    total = u[0] * v[0]
+    for k in range(1, len(u)):
+        total = total + u[k] * v[k]
+    return total
 
 
 #: Identity matrices by (size, dtype, device): the right-hand sides of inverse_from_r
@@ -117,11 +139,16 @@ def pivoted_inverse(R: Any, perm: Any) -> Any:
 
     ``R (B, N, N)`` and ``perm (B, N)``: tensors, or numpy arrays (a numpy result).
     """
+    if isinstance(R, np.ndarray) and R.shape[0] == 1:
+        # one problem: the inverse permutation of its pivots (argsort of a permutation)
+        # as a list, its rows and columns taken in that order by inverse_from_r
+        back = [0] * R.shape[-1]
+        for k, v in enumerate(np.asarray(perm)[0].tolist()):
+            back[v] = k  # variable v is column k
+        return inverse_from_r(R, back)
     cov = inverse_from_r(R)
     xp = _namespace(cov)
     back = xp.argsort(perm, axis=-1)  # variable i is column back[i]
-    if xp is _NUMPY_XP and cov.shape[0] == 1:  # (one problem: its rows, then its columns)
-        return cov[0][back[0]][:, back[0]][None]
     problem = xp.arange(cov.shape[0], device=device(cov))[:, None, None]
     return cov[problem, back[:, :, None], back[:, None, :]]
 

@@ -388,7 +388,9 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
                              "finite: give a finite initial guess.")
         return _nonfinite_start_lm(problem, p0, n, f0, user_jac, rel, opts)
     if rel is not None:
-        model.book = LeastsqBook(opts["maxfev"], rel, 1, ns.device, keep_residuals=True)
+        # (the residuals at MINPACK's last Jacobian serve qtf, of full_output only)
+        model.book = LeastsqBook(opts["maxfev"], rel, 1, ns.device,
+                                 keep_residuals=full_output)
         jac_arg = problem.jacobian if user_jac else problem.fd_jacobian
     else:
         epsfcn_diff_step(opts["epsfcn"], kwargs)
@@ -423,7 +425,8 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
 
     nfev, njev = res.nfev, res.njev
     if book is not None:
-        J, jac_f, njev = book.last_minpack_jacobian_of_one(int(res.status))
+        J, *jac_f, njev = book.last_minpack_jacobian_of_one(int(res.status))
+        jac_f = jac_f[0] if jac_f else None  # (kept with full_output)
         if minpack_fd:
             nfev = res.nfev + n * njev
     else:
