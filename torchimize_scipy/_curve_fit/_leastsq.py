@@ -73,6 +73,15 @@ def _private_any(value: Any, stored: Any, device: torch.device) -> Any:
     return _private(value.detach() if value.requires_grad else value, stored, device)
 
 
+def _kept(value: Any, stored: Any, device: torch.device, owned: bool) -> Any:
+    """What a book of one keeps of ``value``: the array itself when ``owned`` (nobody else
+    writes it) and of the kept dtype, else :func:`_private_any`'s copy."""
+    if owned and type(value) is np.ndarray and (stored is None or (
+            type(stored) is np.ndarray and stored.dtype == value.dtype)):
+        return value
+    return _private_any(value, stored, device)
+
+
 class MaxfevReached(Exception):
     """Raised inside :func:`curve_fit`'s residual function once ``maxfev`` is spent."""
 
@@ -399,14 +408,17 @@ class LeastsqBook:
         """The index of the problems ``ids`` (:data:`ALL` for a book of one, unread)."""
         return ALL if self.one else self._select(as_tensor(ids))
 
-    def record_call(self, ids: Any, x: Any, r: Any) -> None:
+    def record_call(self, ids: Any, x: Any, r: Any, owned: bool = False) -> None:
         """One residual evaluation of the problems ``ids`` at ``x``, giving ``r``.
 
         ``x`` and ``r`` are tensors or numpy arrays (a book of one keeps numpy
-        copies of numpy ones; the others are kept as tensors).
+        copies of numpy ones; the others are kept as tensors). ``owned``: numpy
+        ``x`` and ``r`` that nobody else writes (``curve_fit``'s row by row
+        evaluation), which a book of one keeps as they are where their dtype is
+        the one kept (no copy; the book never writes them either).
         """
         if self.one:
-            self._record_call_one(x, r)
+            self._record_call_one(x, r, owned)
             return
         x, r = as_tensor(x), as_tensor(r)
         sel = self._select(as_tensor(ids))
@@ -428,7 +440,7 @@ class LeastsqBook:
         total = 1 + trials + self._get("fd_evals", sel)
         self._count("spent", sel, spent | (started & (total >= self.maxfev)))
 
-    def _record_call_one(self, x: Any, r: Any) -> None:
+    def _record_call_one(self, x: Any, r: Any, owned: bool = False) -> None:
         """:meth:`record_call` for a book of one (``curve_fit``, once per evaluation).
 
         The updates of :meth:`_record_call_all` decided on the counts' single
@@ -447,8 +459,8 @@ class LeastsqBook:
                 rows["spent"] = np.ones(1, dtype=bool)
         if rows["jac_after_trial"][0]:
             rows["jac_after_trial"] = np.zeros(1, dtype=bool)
-        rows["last_x"] = _private_any(x, rows.get("last_x"), self.device)
-        rows["last_f"] = _private_any(r, rows.get("last_f"), self.device)
+        rows["last_x"] = _kept(x, rows.get("last_x"), self.device, owned)
+        rows["last_f"] = _kept(r, rows.get("last_f"), self.device, owned)
         if not self._seen_all:
             rows["seen"] = np.ones(1, dtype=bool)
             self._seen_all = True
@@ -509,15 +521,18 @@ class LeastsqBook:
             return last_f.cpu().numpy()
         return last_f if last_f.device == device else last_f.to(device)
 
-    def record_jac(self, ids: Any, J: Any, residuals: Callable[[], Any]) -> None:
+    def record_jac(self, ids: Any, J: Any, residuals: Callable[[], Any],
+                   owned: bool = False) -> None:
         """A Jacobian ``J (b, m, n)`` of the problems ``ids``.
 
         ``residuals()`` gives the residuals at the Jacobian's point, called
         only when the book keeps them. ``J`` and the residuals are tensors or
-        numpy arrays (kept as :meth:`record_call` keeps its values).
+        numpy arrays (kept as :meth:`record_call` keeps its values; ``owned``:
+        a numpy ``J`` that nobody else writes, the forward differences' own
+        array, which a book of one keeps without a copy).
         """
         if self.one:
-            self._record_jac_one(J, residuals)
+            self._record_jac_one(J, residuals, owned)
             return
         sel = self._rows_of(ids)
         values = {}
@@ -535,12 +550,16 @@ class LeastsqBook:
         self._count("jac_calls", sel, self._get("jac_calls", sel) + 1)
         self._count("jac_after_trial", sel, self._get("trials", sel) > 0)
 
-    def _record_jac_one(self, J: Any, residuals: Callable[[], Any]) -> None:
+    def _record_jac_one(self, J: Any, residuals: Callable[[], Any],
+                        owned: bool = False) -> None:
         """:meth:`record_jac` for a book of one (``curve_fit``, once per Jacobian): the same
         updates without the row selection and the loop over the kept values."""
         rows = self.rows
         if self.keep_jacobians:
-            self._keep_one("summary", J if self._plain_summary else self._summarised(J))
+            if self._plain_summary:
+                self._keep_one("summary", J, owned)
+            else:
+                self._keep_one("summary", self._summarised(J))
         if self.keep_residuals:
             self._keep_one("f", residuals())
         rows["jac_calls"] = rows["jac_calls"] + 1
@@ -553,12 +572,12 @@ class LeastsqBook:
         J = J.detach() if J.requires_grad else J
         return self.summary(J if J.device == self.device else J.to(self.device))
 
-    def _keep_one(self, name: str, value: Any) -> None:
+    def _keep_one(self, name: str, value: Any, owned: bool = False) -> None:
         """Keep ``value`` as ``name`` of a book of one, the previous one as ``prev_<name>``.
 
         The book's own last residuals (what :meth:`value_at` hands out) are kept
         as they are: the book never writes its arrays in place, so the two
-        names may share one private copy.
+        names may share one private copy; so is an ``owned`` array (:func:`_kept`).
         """
         rows = self.rows
         stored = rows.get(name)
@@ -569,7 +588,7 @@ class LeastsqBook:
                                 and stored.dtype == value.dtype):
             rows[name] = value
         else:
-            rows[name] = _private_any(value, stored, self.device)
+            rows[name] = _kept(value, stored, self.device, owned)
 
     def add_fd_evals(self, ids: Any, count: int) -> None:
         """``count`` forward-difference evaluations for each of the problems ``ids``."""

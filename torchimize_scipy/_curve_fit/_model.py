@@ -223,7 +223,9 @@ class WhitenedModel:
         r = self.evaluate(P, ids)
         book = self.book
         if book is not None and not implicit.evaluating():  # not the solve's (gradients)
-            book.record_call(ids, P, r)  # (the book converts what it keeps)
+            # (the book converts what it keeps; row by row, numpy parameters reach f as
+            # scalars, and ``out - y`` is this call's own array: nobody writes either)
+            book.record_call(ids, P, r, owned=self.rowwise and type(P) is np.ndarray)
         return r
 
     def jacobian(self, P: Any, ids: Any) -> Any:
@@ -341,5 +343,6 @@ class WhitenedModel:
                 sub(F, f0[start:stop, None, :], out=F)
                 div(F, h[start:stop, :, None], out=_swap_last(J[start:stop]))
         book.add_fd_evals(ids, n)
-        book.record_jac(ids, J, lambda: f0)
+        # (numpy J: this call's own array, F's or the one made above; nobody writes it)
+        book.record_jac(ids, J, lambda: f0, owned=type(J) is np.ndarray)
         return J
