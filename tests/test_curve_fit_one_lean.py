@@ -1,0 +1,136 @@
+"""What one ``curve_fit`` problem ('lm') no longer computes, and what it keeps without copies.
+
+* No Jacobian at the point MINPACK's stopping trial accepts (MINPACK never
+  evaluates it; the book holds MINPACK's last one): every call of ``f`` is one
+  that ``nfev`` counts.
+* Without ``full_output`` only ``R`` and the pivots of the final QR
+  (``minpack_qr_outputs(..., factors_only=True)``), and no residuals in the book.
+* The covariance of one small float64 ``R`` summed as Python floats, its
+  pivots undone as the rows are made (against the batch path's formula).
+* The first residuals and Jacobian of a float64 CPU problem remember their host
+  rows (``_frontend.first_value``); the book keeps its own evaluations'
+  arrays (``owned``) without copies and copies anything else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _parity import ONE_EVAL_RTOL, assert_close_scaled
+
+from torchimize_scipy import curve_fit
+from torchimize_scipy._arrays import Namespace
+from torchimize_scipy._curve_fit._covariance import pivoted_inverse
+from torchimize_scipy._curve_fit._leastsq import LeastsqBook, minpack_qr_outputs
+from torchimize_scipy._engine.host_scalars import host_rows
+from torchimize_scipy._frontend import first_value
+
+IDS = torch.zeros(1, dtype=torch.long)
+
+
+def _decay(x, a, b, c):
+    return a * np.exp(-b * x) + c
+
+
+def _data():
+    x = np.linspace(0, 4, 50)
+    y = _decay(x, 2.5, 1.3, 0.5) + 0.2 * np.random.default_rng(0).normal(size=x.size)
+    return x, y
+
+
+@pytest.mark.parametrize("jac", [None, "analytic"])
+def test_every_call_of_f_is_counted_in_nfev(jac):
+    x, y = _data()
+    calls = []
+
+    def f(xx, a, b, c):
+        calls.append(1)
+        return _decay(xx, a, b, c)
+
+    def fjac(xx, a, b, c):
+        e = np.exp(-b * xx)
+        return np.stack([e, -a * xx * e, np.ones_like(xx)], axis=1)
+
+    *_, info, _, ier = curve_fit(f, x, y, jac=fjac if jac else None, full_output=True)
+    assert ier in (1, 2, 3, 4)
+    # (the engine evaluated one more Jacobian, three calls of f, after the stopping trial)
+    assert len(calls) == info["nfev"]
+    calls.clear()
+    curve_fit(f, x, y, jac=fjac if jac else None)
+    assert len(calls) == info["nfev"]
+
+
+def test_pcov_without_full_output_is_the_full_outputs():
+    x, y = _data()
+    popt, pcov = curve_fit(_decay, x, y)
+    popt_f, pcov_f, *_ = curve_fit(_decay, x, y, full_output=True)
+    assert_close_scaled(popt, popt_f, ONE_EVAL_RTOL)
+    assert_close_scaled(pcov, pcov_f, ONE_EVAL_RTOL)
+    assert np.all(np.linalg.eigvalsh(pcov) > 0)
+
+
+def test_factors_only_gives_r_and_pivots_alone():
+    rng = np.random.default_rng(3)
+    J = rng.normal(size=(20, 4)) * np.array([1.0, 1e3, 1e-2, 10.0])
+    fjac, ipvt, qtf, R = minpack_qr_outputs(J, rng.normal(size=20))
+    none1, ipvt1, none2, R1 = minpack_qr_outputs(J, None, factors_only=True)
+    assert none1 is None and none2 is None
+    assert ipvt1.dtype == np.int32 and ipvt1.tolist() == ipvt.tolist()
+    assert np.all(np.tril(R1, -1) == 0)
+    assert_close_scaled(R1, R, ONE_EVAL_RTOL)
+    # J P = Q R: R^T R is (J P)^T (J P)
+    JP = J[:, ipvt1]
+    assert_close_scaled(R1.T @ R1, JP.T @ JP, 1e-12)
+    with pytest.raises(ValueError):
+        minpack_qr_outputs(np.array([[np.nan, 1.0], [1.0, 2.0]]), None, factors_only=True)
+
+
+@pytest.mark.parametrize("n", [1, 3, 7, 8])
+def test_one_problem_covariance_matches_the_batch_formula(n):
+    rng = np.random.default_rng(n)
+    J = rng.normal(size=(3 * n + 2, n))
+    _, perm, _, R = minpack_qr_outputs(J, None, factors_only=True)
+    cov = pivoted_inverse(R[None], perm[None])
+    assert cov.shape == (1, n, n) and isinstance(cov, np.ndarray)
+    # the batch path (tensors) and the inverse of the Gram matrix
+    ref = pivoted_inverse(torch.from_numpy(np.stack([R, R])),
+                          torch.from_numpy(np.stack([perm, perm]).astype(np.int64)))
+    assert_close_scaled(cov[0], ref[1].numpy(), ONE_EVAL_RTOL)
+    assert_close_scaled(cov[0], np.linalg.inv(J.T @ J), 1e-8)
+    assert np.array_equal(cov[0], cov[0].T)
+
+
+def test_one_problem_covariance_of_a_singular_r_is_nan():
+    R = np.array([[[2.0, 1.0], [0.0, 0.0]]])
+    assert np.isnan(pivoted_inverse(R, np.array([[1, 0]], dtype=np.int32))).all()
+
+
+def test_first_value_remembers_float64_host_rows_only():
+    ns = Namespace("numpy", torch.device("cpu"), torch.float64)
+    a = np.arange(6.0).reshape(3, 2).T  # (2, 3), not contiguous: a contiguous copy
+    t = first_value(ns, a, (1, 2, 3), "jac")
+    assert t.shape == (1, 2, 3) and t.dtype == torch.float64
+    known = host_rows(t)
+    assert known is not None and known.tolist() == t.tolist() == [a.tolist()]
+    t32 = first_value(ns, a.astype(np.float32), (1, 2, 3), "jac")
+    assert t32.dtype == torch.float64 and host_rows(t32) is None
+    assert t32.tolist() == [a.tolist()]
+
+
+def test_book_keeps_owned_arrays_and_copies_the_others():
+    book = LeastsqBook(100, 1e-8, 1, "cpu", keep_residuals=False)
+    x, r = np.array([[1.0, 2.0]]), np.array([[3.0, 4.0, 5.0]])
+    book.record_call(IDS, x, r, owned=True)
+    assert book.rows["last_x"] is x and book.rows["last_f"] is r
+    x2, r2 = np.array([[1.5, 2.0]]), np.array([[3.0, 4.0, 6.0]])
+    book.record_call(IDS, x2, r2)  # not owned: private copies
+    assert book.rows["last_x"] is not x2 and book.rows["last_x"].tolist() == x2.tolist()
+    x2 += 1.0
+    assert book.value_at(IDS, np.array([[1.5, 2.0]])).tolist() == r2.tolist()
+    J = np.ones((1, 3, 2))
+    book.record_jac(IDS, J, lambda: r2, owned=True)
+    assert book.rows["summary"] is J and "f" not in book.rows
+    J2 = np.zeros((1, 3, 2))
+    book.record_jac(IDS, J2, lambda: r2)
+    assert book.rows["summary"] is not J2 and book.rows["prev_summary"] is J
