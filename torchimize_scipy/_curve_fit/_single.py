@@ -419,9 +419,9 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
     ier = STATUS_TO_IER.get(int(res.status))
     if ier is None:  # our non-finite / singular stops: no MINPACK equivalent
         raise RuntimeError("Optimal parameters not found: " + res.message)
-    mesg = leastsq_message(opts, ier)
     if ier not in (1, 2, 3, 4):
-        raise RuntimeError("Optimal parameters not found: " + mesg)
+        raise RuntimeError("Optimal parameters not found: " + leastsq_message(opts, ier))
+    mesg = leastsq_message(opts, ier) if full_output else None  # (returned with infodict)
 
     nfev, njev = res.nfev, res.njev
     if book is not None:
