@@ -74,7 +74,7 @@ from torch import Tensor
 
 from ._arrays import to_host
 from ._blas_threads import serial_torch
-from ._engine.csr import CallsOnHelpers, csr_plan, helper_threads
+from ._engine.csr import CallsOnHelpers, csr_plan, cuts_rows, helper_threads
 from ._jacobian import _absolute_step, _adjust_one_sided, default_rel_step, three_point_points
 from ._user_functions import RowwiseFunction
 
@@ -379,21 +379,68 @@ class SparsityPattern:
         key = ("coo", str(values.device), B)
         indices = self._on.get(key)
         if indices is None:
-            if values.device.type == "cpu":  # numpy on this thread (as in :meth:`on`)
-                indices = torch.from_numpy(np.stack([np.repeat(np.arange(B), nnz),
-                                                     np.tile(self.rows, B),
-                                                     np.tile(self.cols, B)]))
-            else:
-                rows, cols, _, _ = self.on(values.device)
-                batch = torch.arange(B, device=values.device).repeat_interleave(nnz)
-                indices = torch.stack([batch, rows.repeat(B), cols.repeat(B)])
-            self._on = {k: v for k, v in self._on.items() if k[0] != "coo"}  # one size kept
-            # the engine's CSR index arrays, registered for as long as this pattern lives
-            self._on[key] = indices, csr_plan(indices, (B, *self.shape), register=True)
+            self._keep_indices(key, self._coo_indices(B, values.device))
+            indices = self._on[key][0]
         else:
             indices = indices[0]
         return torch.sparse_coo_tensor(indices, values.reshape(-1), (B, *self.shape),
                                        is_coalesced=True, check_invariants=False)
+
+    def _coo_indices(self, B: int, device: torch.device,
+                     transposed: bool = False) -> tuple[Tensor, Any]:
+        """The COO indices ``(3, B nnz)`` of a batch of ``B`` and their registered CSR plan.
+
+        Reads only this pattern's host arrays and writes nothing of it, so a
+        helper thread may run it while the caller evaluates the residuals
+        (:meth:`prepare_host_indices`). With ``transposed`` the plan's
+        transposed index arrays are made as well.
+        """
+        nnz = self.rows.size
+        if device.type == "cpu":  # numpy on this thread (as in :meth:`on`)
+            indices = torch.from_numpy(np.stack([np.repeat(np.arange(B), nnz),
+                                                 np.tile(self.rows, B),
+                                                 np.tile(self.cols, B)]))
+        else:
+            rows, cols, _, _ = self.on(device)
+            batch = torch.arange(B, device=device).repeat_interleave(nnz)
+            indices = torch.stack([batch, rows.repeat(B), cols.repeat(B)])
+        # the engine's CSR index arrays, registered for as long as this pattern lives
+        plan = csr_plan(indices, (B, *self.shape), register=True)
+        if transposed:
+            plan.perm_t  # noqa: B018 - computed now, where it is free (its values are the same)
+        return indices, plan
+
+    def _keep_indices(self, key: tuple, made: tuple[Tensor, Any]) -> None:
+        """Keep the indices and plan of one batch size (the caller's thread only)."""
+        self._on = {k: v for k, v in self._on.items() if k[0] != "coo"}  # one size kept
+        self._on[key] = made
+
+    def prepare_host_indices(self, B: int) -> Callable[[], None] | None:
+        """Start the host COO indices and CSR plan of ``B`` problems on a helper thread.
+
+        For the pipelined differences (:func:`_pipelined_difference`): while
+        the caller evaluates the first Jacobian's groups, a helper builds
+        what :meth:`sparse` then finds (one solve's setup, 15-40 ms of the
+        caller's time on the bundle adjustment of ``bench_sparse.py``), with
+        the plan's transposed arrays when the products will be cut into row
+        blocks (:func:`~torchimize_scipy._engine.csr.cuts_rows`, which needs
+        them). Returns the call that finishes it (on the caller's thread: it
+        waits, then keeps the result), or None when they are already known.
+        The integer arrays are those :meth:`sparse` would have made.
+        """
+        key = ("coo", "cpu", B)
+        if key in self._on:
+            return None
+        cpu = torch.device("cpu")
+        transposed = cuts_rows(B * self.rows.size, B * self.shape[0])
+        made: list = []
+        job = CallsOnHelpers([lambda: made.append(self._coo_indices(B, cpu, transposed))])
+
+        def finish() -> None:
+            job.wait()
+            if made and key not in self._on:
+                self._keep_indices(key, made[0])
+        return finish
 
 
 def check_jac_sparsity(jac_sparsity: Any, m: int, n: int) -> SparsityPattern | None:
@@ -570,6 +617,8 @@ def _pipelined_difference(fun: Any, x0: Tensor, x1: Tensor, f0: Tensor, dx: Tens
     reuse = fun.ns.kind == "numpy"
     pts = x0n.copy()
     previous = None
+    # the first Jacobian of a solve: its COO indices and CSR plan made by a helper meanwhile
+    setup = pattern.prepare_host_indices(B)
     try:
         for columns, pos, rows, cols in pattern.host_groups():
             if not reuse:
@@ -592,6 +641,8 @@ def _pipelined_difference(fun: Any, x0: Tensor, x1: Tensor, f0: Tensor, dx: Tens
                     / np.take(dxn, cols, axis=1)
             pending.append(CallsOnHelpers([gather]))
     finally:
+        if setup is not None:
+            setup()
         for job in pending:
             job.wait()
     return torch.from_numpy(values)
