@@ -258,3 +258,97 @@ def test_pipelined_differences_hand_fun_a_fresh_point_each_call() -> None:
         assert np.array_equal(np.flatnonzero(point != x0), columns)
     ref = so._numdiff.approx_derivative(_broyden, x0, method="2-point", sparsity=_tridiagonal(n))
     assert_close_scaled(J.to_dense()[0].numpy(), ref.toarray(), ONE_EVAL_RTOL)
+
+
+@pytest.mark.parametrize("block_nnz", [40, 10**9])
+def test_pipelined_differences_build_the_indices_on_a_helper(monkeypatch, block_nnz) -> None:
+    """The first pipelined Jacobian of a pattern gets its groups' nonzeros, COO indices
+    and CSR plan from a helper thread (made while ``fun`` runs): the same integers as
+    the caller makes (``host_groups`` and ``sparse`` of a fresh pattern), the plan
+    registered for the engine, and its transposed arrays made ahead exactly when the
+    products will be cut into row blocks."""
+    from torchimize_scipy import _sparsity as mod
+    from torchimize_scipy._arrays import Namespace
+    from torchimize_scipy._user_functions import RowwiseFunction
+
+    monkeypatch.setattr(op, "_BLOCK_NNZ", block_nnz)
+    n = 60
+    pattern = SparsityPattern.from_structure(_tridiagonal(n))
+    fun = RowwiseFunction(_broyden, (), {}, Namespace("numpy", torch.device("cpu"),
+                                                      torch.float64))
+    x = torch.linspace(-1.2, -0.8, n, dtype=torch.float64).reshape(1, n)
+    idx = torch.zeros(1, dtype=torch.long)
+    f0 = fun(x, idx)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert mod._pipelined(fun, x, f0, x)
+        assert ("coo", "cpu", 1) not in pattern._on
+        J = grouped_difference(fun, x, f0, idx, pattern, "2-point")
+        indices, plan = pattern._on[("coo", "cpu", 1)]
+        assert mod._HostGroups(pattern, 1)._job is None  # known now: nothing started
+        cut = op.cuts_rows(pattern.rows.size, n)
+    finally:
+        torch.set_num_threads(old)
+    assert cut == (block_nnz == 40)
+    assert J.indices().data_ptr() == indices.data_ptr()
+    assert op._find_plan(indices, (1, n, n)) is plan
+    assert (plan._t is not None) == cut
+    fresh = SparsityPattern.from_structure(_tridiagonal(n))
+    ref = fresh.sparse(torch.zeros(1, fresh.rows.size, dtype=torch.float64))
+    assert torch.equal(indices, ref.indices())
+    ref_plan = op._find_plan(ref.indices(), (1, n, n))
+    for name in ("row", "col", "crow"):
+        assert torch.equal(getattr(plan, name), getattr(ref_plan, name))
+    assert all(np.array_equal(a, b) for a, b in zip(plan.host, ref_plan.host, strict=True))
+    for part, ref_part in zip(pattern.host_groups(), fresh.host_groups(), strict=True):
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype
+                   for a, b in zip(part, ref_part, strict=True))
+    if cut:
+        assert torch.equal(plan.perm_t, ref_plan.perm_t)
+        assert torch.equal(plan.col_t, ref_plan.col_t)
+
+
+def test_pipelined_differences_finish_on_the_caller_when_the_helper_is_busy() -> None:
+    """A helper that gets no core leaves the groups' nonzeros, the indices and every
+    gather to the caller: the first Jacobian is still complete, the same values as a
+    second one made with the helper free (both from the same calls of ``fun``)."""
+    import threading
+
+    from torchimize_scipy._arrays import Namespace
+    from torchimize_scipy._user_functions import RowwiseFunction
+
+    n = 50
+    pattern = SparsityPattern.from_structure(_tridiagonal(n))
+    fun = RowwiseFunction(_broyden, (), {}, Namespace("numpy", torch.device("cpu"),
+                                                      torch.float64))
+    x = torch.linspace(-1.2, -0.8, n, dtype=torch.float64).reshape(1, n)
+    idx = torch.zeros(1, dtype=torch.long)
+    f0 = fun(x, idx)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    release, busy, returned = threading.Event(), threading.Event(), threading.Event()
+    blocker = op._helpers(1)[0]
+
+    def block() -> None:  # a helper without a core: busy until released
+        busy.set()
+        release.wait(10)
+        returned.set()
+    try:
+        blocker.queue.put(block)
+        assert busy.wait(30)
+        try:
+            J1 = grouped_difference(fun, x, f0, idx, pattern, "2-point")
+            assert not returned.is_set()  # done without the helper
+        finally:
+            release.set()
+        assert returned.wait(30)
+        assert ("host groups",) in pattern._on and ("coo", "cpu", 1) in pattern._on
+        J2 = grouped_difference(fun, x, f0, idx, pattern, "2-point")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(J1.indices(), J2.indices())
+    assert_bitwise_equal(J1.values(), J2.values())  # (same path, same calls of fun)
+    ref = so._numdiff.approx_derivative(_broyden, x[0].numpy(), method="2-point",
+                                        sparsity=_tridiagonal(n))
+    assert_close_scaled(J1.to_dense()[0].numpy(), ref.toarray(), ONE_EVAL_RTOL)

@@ -62,6 +62,7 @@ does.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ from torch import Tensor
 
 from ._arrays import to_host
 from ._blas_threads import serial_torch
-from ._engine.csr import CallsOnHelpers, csr_plan, helper_threads
+from ._engine.csr import CallsOnHelpers, csr_plan, cuts_rows, helper_threads
 from ._jacobian import _absolute_step, _adjust_one_sided, default_rel_step, three_point_points
 from ._user_functions import RowwiseFunction
 
@@ -344,29 +345,47 @@ class SparsityPattern:
         """
         key = ("host groups",)
         if key not in self._on:
-            # stable sorts of the group numbers, in 16 bits where they fit: numpy's
-            # radix sort then (the same order; a merge sort of int64 took 20-27 ms
-            # per call for the 746,496 nonzeros of bench_sparse.py's bundle adjustment)
-            small = np.uint16 if self.n_groups <= np.iinfo(np.uint16).max else self.groups.dtype
-            groups = self.groups.astype(small, copy=False)
-            of_nonzeros = groups[self.cols]
-            order = np.argsort(of_nonzeros, kind="stable")
-            cuts = np.searchsorted(of_nonzeros[order], np.arange(self.n_groups + 1))
-            columns = np.argsort(groups, kind="stable")
-            col_cuts = np.searchsorted(groups[columns], np.arange(self.n_groups + 1))
-            # one gather of the rows and columns in that order; each group's are views
-            # (no copy per group: 4 per group of 62,000 entries took ~12 ms per solve)
-            order = order.astype(np.intp, copy=False)
-            columns = columns.astype(np.intp, copy=False)
-            rows = self.rows.astype(np.intp, copy=False)[order]
-            cols = self.cols.astype(np.intp, copy=False)[order]
-            parts = []
-            for k in range(self.n_groups):
-                a, b = cuts[k], cuts[k + 1]
-                parts.append((columns[col_cuts[k]:col_cuts[k + 1]], order[a:b], rows[a:b],
-                              cols[a:b]))
-            self._on[key] = parts
+            columns = self.host_group_columns()
+            self._on[key] = [(c, *part) for c, part in
+                             zip(columns, self._group_nonzeros(), strict=True)]
         return self._on[key]
+
+    def host_group_columns(self) -> list[np.ndarray]:
+        """The columns of each group, ascending (``numpy.intp``): all the caller of the
+        pipelined differences needs per group (:class:`_HostGroups`)."""
+        key = ("host group columns",)
+        if key not in self._on:
+            # a stable sort of the group numbers, in 16 bits where they fit (numpy's radix
+            # sort then; the same order)
+            groups = self.groups.astype(self._group_dtype(), copy=False)
+            columns = np.argsort(groups, kind="stable").astype(np.intp, copy=False)
+            col_cuts = np.searchsorted(groups[columns], np.arange(self.n_groups + 1))
+            self._on[key] = [columns[col_cuts[k]:col_cuts[k + 1]] for k in range(self.n_groups)]
+        return self._on[key]
+
+    def _group_dtype(self) -> Any:
+        return np.uint16 if self.n_groups <= np.iinfo(np.uint16).max else self.groups.dtype
+
+    def _group_nonzeros(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per group: its nonzeros' positions, rows and columns (row-major order kept).
+
+        Reads only this pattern's arrays and writes nothing of it, so a helper
+        thread may run it while the caller evaluates the residuals
+        (:class:`_HostGroups`).
+        """
+        # a stable sort of the nonzeros' group numbers, in 16 bits where they fit: numpy's
+        # radix sort then (the same order; a merge sort of int64 took 20-27 ms per call
+        # for the 746,496 nonzeros of bench_sparse.py's bundle adjustment)
+        of_nonzeros = self.groups.astype(self._group_dtype(), copy=False)[self.cols]
+        order = np.argsort(of_nonzeros, kind="stable")
+        cuts = np.searchsorted(of_nonzeros[order], np.arange(self.n_groups + 1))
+        # one gather of the rows and columns in that order; each group's are views
+        # (no copy per group: 4 per group of 62,000 entries took ~12 ms per solve)
+        order = order.astype(np.intp, copy=False)
+        rows = self.rows.astype(np.intp, copy=False)[order]
+        cols = self.cols.astype(np.intp, copy=False)[order]
+        return [(order[a:b], rows[a:b], cols[a:b])
+                for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True)]
 
     def sparse(self, values: Tensor) -> Tensor:
         """Coalesced sparse COO ``(B, m, n)`` tensor of per-problem values ``(B, nnz)``.
@@ -379,21 +398,109 @@ class SparsityPattern:
         key = ("coo", str(values.device), B)
         indices = self._on.get(key)
         if indices is None:
-            if values.device.type == "cpu":  # numpy on this thread (as in :meth:`on`)
-                indices = torch.from_numpy(np.stack([np.repeat(np.arange(B), nnz),
-                                                     np.tile(self.rows, B),
-                                                     np.tile(self.cols, B)]))
-            else:
-                rows, cols, _, _ = self.on(values.device)
-                batch = torch.arange(B, device=values.device).repeat_interleave(nnz)
-                indices = torch.stack([batch, rows.repeat(B), cols.repeat(B)])
-            self._on = {k: v for k, v in self._on.items() if k[0] != "coo"}  # one size kept
-            # the engine's CSR index arrays, registered for as long as this pattern lives
-            self._on[key] = indices, csr_plan(indices, (B, *self.shape), register=True)
+            self._keep_indices(key, self._coo_indices(B, values.device))
+            indices = self._on[key][0]
         else:
             indices = indices[0]
         return torch.sparse_coo_tensor(indices, values.reshape(-1), (B, *self.shape),
                                        is_coalesced=True, check_invariants=False)
+
+    def _coo_indices(self, B: int, device: torch.device,
+                     transposed: bool = False) -> tuple[Tensor, Any]:
+        """The COO indices ``(3, B nnz)`` of a batch of ``B`` and their registered CSR plan.
+
+        Reads only this pattern's host arrays and writes nothing of it, so a
+        helper thread may run it while the caller evaluates the residuals
+        (:class:`_HostGroups`). With ``transposed`` the plan's
+        transposed index arrays are made as well.
+        """
+        nnz = self.rows.size
+        if device.type == "cpu":  # numpy on this thread (as in :meth:`on`)
+            indices = torch.from_numpy(np.stack([np.repeat(np.arange(B), nnz),
+                                                 np.tile(self.rows, B),
+                                                 np.tile(self.cols, B)]))
+        else:
+            rows, cols, _, _ = self.on(device)
+            batch = torch.arange(B, device=device).repeat_interleave(nnz)
+            indices = torch.stack([batch, rows.repeat(B), cols.repeat(B)])
+        # the engine's CSR index arrays, registered for as long as this pattern lives
+        plan = csr_plan(indices, (B, *self.shape), register=True)
+        if transposed:
+            plan.perm_t  # noqa: B018 - computed now, where it is free (its values are the same)
+        return indices, plan
+
+    def _keep_indices(self, key: tuple, made: tuple[Tensor, Any]) -> None:
+        """Keep the indices and plan of one batch size (the caller's thread only)."""
+        self._on = {k: v for k, v in self._on.items() if k[0] != "coo"}  # one size kept
+        self._on[key] = made
+
+
+class _HostGroups:
+    """What the pipelined differences of ``B`` problems read per group, part of it made
+    on a helper thread while the caller evaluates the residuals.
+
+    The caller needs only each group's columns (:attr:`columns`); the gathers
+    also need the group's nonzeros (:meth:`part`). On a pattern's first
+    Jacobian those (:meth:`SparsityPattern._group_nonzeros`), and the COO
+    indices and CSR plan that :meth:`SparsityPattern.sparse` then finds
+    (with the plan's transposed arrays when the products will be cut into
+    row blocks: :func:`~torchimize_scipy._engine.csr.cuts_rows`), are made
+    by a helper meanwhile (:class:`~torchimize_scipy._engine.csr.CallsOnHelpers`),
+    not by the caller before its first evaluation: 30-50 ms of the caller's
+    time per solve of the bundle adjustment of ``bench_sparse.py``. The
+    arrays are those the caller would have made. :meth:`finish` (the
+    caller's thread) waits for them, running what no helper took, and keeps
+    them in the pattern.
+    """
+
+    def __init__(self, pattern: SparsityPattern, B: int) -> None:
+        self.pattern = pattern
+        self.columns = pattern.host_group_columns()
+        self._coo_key = ("coo", "cpu", B)
+        self._parts: list | None = None
+        self._made: dict[str, Any] = {}
+        self._job: CallsOnHelpers | None = None
+        known = ("host groups",) in pattern._on
+        if known:
+            self._parts = [part[1:] for part in pattern.host_groups()]
+        calls = []
+        if not known:
+            self._ready = threading.Event()
+            calls.append(self._make_parts)
+        if self._coo_key not in pattern._on:
+            transposed = cuts_rows(B * pattern.rows.size, B * pattern.shape[0])
+            calls.append(lambda: self._made.__setitem__(
+                "coo", pattern._coo_indices(B, torch.device("cpu"), transposed)))
+        if calls:
+            self._job = CallsOnHelpers(calls)
+
+    def _make_parts(self) -> None:
+        try:
+            self._made["parts"] = self.pattern._group_nonzeros()
+        finally:
+            self._ready.set()  # (a failure is raised by finish(); part() then finds none)
+
+    def part(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Group ``k``'s nonzeros: positions, rows, columns (waits for the helper's)."""
+        if self._parts is None:
+            self._ready.wait()
+            if "parts" not in self._made:
+                raise RuntimeError("the groups' nonzeros were not made (see the helper's error)")
+            self._parts = self._made["parts"]
+        return self._parts[k]
+
+    def finish(self) -> None:
+        """Wait for the helper's work (running what no helper took) and keep its results."""
+        if self._job is None:
+            return
+        job, self._job = self._job, None
+        job.wait()
+        pattern = self.pattern
+        if "parts" in self._made and ("host groups",) not in pattern._on:
+            pattern._on[("host groups",)] = [(c, *part) for c, part in
+                                             zip(self.columns, self._made["parts"], strict=True)]
+        if "coo" in self._made and self._coo_key not in pattern._on:
+            pattern._keep_indices(self._coo_key, self._made["coo"])
 
 
 def check_jac_sparsity(jac_sparsity: Any, m: int, n: int) -> SparsityPattern | None:
@@ -558,7 +665,9 @@ def _pipelined_difference(fun: Any, x0: Tensor, x1: Tensor, f0: Tensor, dx: Tens
     ``(F_k[rows] - f0[rows]) / dx[cols]`` (the same arithmetic per entry as
     the all-groups formula) are written by a helper thread
     (:class:`~torchimize_scipy._engine.csr.CallsOnHelpers`) while the next
-    group is evaluated, or by the caller if no helper came.
+    group is evaluated, or by the caller if no helper came. On a pattern's
+    first Jacobian a helper also makes the groups' nonzeros and the COO
+    indices meanwhile (:class:`_HostGroups`).
     """
     x0n, x1n, f0n, dxn = (t.detach().numpy() for t in (x0, x1, f0, dx))
     B = x0n.shape[0]
@@ -570,8 +679,11 @@ def _pipelined_difference(fun: Any, x0: Tensor, x1: Tensor, f0: Tensor, dx: Tens
     reuse = fun.ns.kind == "numpy"
     pts = x0n.copy()
     previous = None
+    # on a pattern's first Jacobian, the groups' nonzeros and the COO indices and CSR plan
+    # are made by a helper meanwhile
+    groups = _HostGroups(pattern, B)
     try:
-        for columns, pos, rows, cols in pattern.host_groups():
+        for k, columns in enumerate(groups.columns):
             if not reuse:
                 pts = x0n.copy()
             elif previous is not None:
@@ -586,12 +698,15 @@ def _pipelined_difference(fun: Any, x0: Tensor, x1: Tensor, f0: Tensor, dx: Tens
             if Fn.dtype != f0n.dtype:
                 Fn = Fn.astype(f0n.dtype)
 
-            def gather(Fn: np.ndarray = Fn, pos: np.ndarray = pos, rows: np.ndarray = rows,
-                       cols: np.ndarray = cols) -> None:
+            def gather(Fn: np.ndarray = Fn, k: int = k) -> None:
+                pos, rows, cols = groups.part(k)
                 values[:, pos] = (np.take(Fn, rows, axis=1) - np.take(f0n, rows, axis=1)) \
                     / np.take(dxn, cols, axis=1)
             pending.append(CallsOnHelpers([gather]))
     finally:
-        for job in pending:
-            job.wait()
+        try:
+            groups.finish()  # (before the caller runs a gather: it may need the groups' nonzeros)
+        finally:
+            for job in pending:
+                job.wait()
     return torch.from_numpy(values)

@@ -454,8 +454,7 @@ def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> lis
     """
     indptr, indices = index
     nnz = int(indptr[-1])
-    threads = product_threads()
-    k = int(max(1, min(threads if threads == 1 else 2 * threads, nnz // _BLOCK_NNZ, shape[0])))
+    k = _block_count(nnz, shape[0])
     cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(1, k) * (nnz / k)), shape[0]])
     blocks = []
     for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
@@ -465,6 +464,21 @@ def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> lis
             ptr = ptr - indptr[lo]  # (the same integer type: scipy's kernel needs one type)
         blocks.append(_Block(ptr, indices[a:b], values[a:b], int(shape[1]), int(lo), int(hi)))
     return blocks
+
+
+def _block_count(nnz: int, rows: int) -> int:
+    """How many row blocks :func:`_row_blocks` cuts a host matrix into (before merging cuts)."""
+    threads = product_threads()
+    return int(max(1, min(threads if threads == 1 else 2 * threads, nnz // _BLOCK_NNZ, rows)))
+
+
+def cuts_rows(nnz: int, rows: int) -> bool:
+    """Whether a host Jacobian of ``nnz`` entries and ``rows`` rows gets several row blocks.
+
+    Then its ``J^T u`` products run on the CSR form of ``J^T`` (:class:`BlockCSR`),
+    whose index arrays (:attr:`CSRPlan.perm_t`) are worth making ahead.
+    """
+    return _block_count(nnz, rows) > 1
 
 
 class _Block(NamedTuple):
