@@ -13,7 +13,9 @@ The engine calls ``fun(x (k, n), idx (k,)) -> (k, m)`` with torch tensors, where
 
 A callable robust loss is adapted the same way (:func:`user_loss`): a function
 of one problem's ``z (m,)`` returning ``(3, m)``, or of a batch's ``z (b, m)``
-returning ``(3, b, m)``.
+returning ``(3, b, m)``. Internal callers may wrap a vectorised ``jac`` in
+:class:`WithResiduals` to be handed the residuals the engine holds at its
+points (finite differences need them and would otherwise evaluate them again).
 """
 
 from __future__ import annotations

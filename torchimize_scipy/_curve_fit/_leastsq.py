@@ -275,6 +275,11 @@ class LeastsqBook:
     and a numpy copy costs a fraction of a tensor's clone), tensors
     otherwise; :meth:`value_at` answers in the kind of the point it is asked
     about, and the counts it hands out are tensors as for any book.
+
+    A batch's book made with ``keep_points=False`` keeps no points and
+    residuals at all (:meth:`value_at` answers None): for a caller whose
+    Jacobians receive the residuals from the engine
+    (:class:`~torchimize_scipy._user_functions.WithResiduals`).
     """
 
     #: the per-problem counts and flags (numpy arrays on the CPU, else tensors)
