@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _parity import ONE_EVAL_RTOL, assert_close_scaled, assert_x_close
 
 from torchimize_scipy import _jacobian as jacobian_module
 from torchimize_scipy import batch_curve_fit
@@ -199,3 +200,110 @@ def test_mask_residuals_rows(partial_rows):
     np.testing.assert_array_equal(out[full], before[full])
     if partial_rows <= 10:  # few rows: masked in place, the others untouched
         assert out is r
+
+
+def test_differences_take_the_engines_residuals(monkeypatch):
+    """batch_curve_fit's MINPACK differences ('lm', float64) use the residuals the engine
+    hands with each Jacobian call: no look-up in the book (which keeps no points) and no
+    second evaluation at the point; the fit is the book's (scipy's) fit."""
+    from torchimize_scipy._curve_fit._leastsq import LeastsqBook
+
+    x, y, p0 = _data(60, "numpy")
+    ref = batch_curve_fit(cubic, x, y, p0, method="lm", full_output=True)
+    looked_up: list[int] = []
+    fallback = _model.WhitenedModel._value_at
+    monkeypatch.setattr(_model.WhitenedModel, "_value_at",
+                        lambda self, P, ids: looked_up.append(len(ids)) or fallback(self, P, ids))
+    books: list[LeastsqBook] = []
+    init = LeastsqBook.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        books.append(self)
+
+    monkeypatch.setattr(LeastsqBook, "__init__", spy)
+    rows: list[int] = []
+
+    def counted(x, a, b, c):
+        rows.append(a.shape[0])
+        return cubic(x, a, b, c)
+
+    got = batch_curve_fit(counted, x, y, p0, method="lm", full_output=True)
+    assert looked_up == []
+    assert len(books) == 1 and not books[0].keep_points and "last_x" not in books[0].rows
+    # every row of f is a residual evaluation or a shifted point, as counted in nfev
+    assert sum(rows) == int(np.asarray(got[2]["nfev"]).sum())
+    assert_x_close(got[0], ref[0], rtol=ONE_EVAL_RTOL)
+    np.testing.assert_array_equal(np.asarray(got[2]["nfev"]), np.asarray(ref[2]["nfev"]))
+
+
+def test_differences_refuse_residuals_of_another_dtype(monkeypatch):
+    """Residuals converted to another dtype than the model's (a float32 engine's copy of
+    float64 residuals) are not used: the differences take the model's own values."""
+    B = 6
+    model, P, _ = _model_of(B, False, monkeypatch)
+    ids = np.arange(B)
+    f = model.residuals(P, ids)
+    assert model.residual_dtype == np.float64
+    exact = model.fd_jacobian(P, ids, residuals=f)
+    rounded = f.astype(np.float32)
+    got = model.fd_jacobian(P, ids, residuals=rounded)
+    assert_close_scaled(got, exact, ONE_EVAL_RTOL)
+    # the rounded residuals would have moved J by far more than that
+    h = model.book.rel_step * np.abs(P)
+    moved = (f - rounded.astype(np.float64))[:, :, None] / h[:, None, :]
+    assert np.abs(moved).max() > 1e-3
+
+
+def test_book_without_points_answers_nothing():
+    """A batch book with ``keep_points=False`` still counts every evaluation but keeps no
+    point or residuals, so ``value_at`` has no answer; with points it has."""
+    from torchimize_scipy._curve_fit._leastsq import LeastsqBook
+
+    ids, x, r = torch.arange(3), torch.ones(3, 2), torch.full((3, 4), 2.0)
+    for keep in (True, False):
+        book = LeastsqBook(5, 1e-8, 3, "cpu", keep_jacobians=False, keep_points=keep)
+        book.record_call(ids, x, r)
+        book.record_jac(ids, torch.zeros(3, 4, 2), lambda: r)
+        book.record_call(ids[1:], x[1:], r[1:])
+        np.testing.assert_array_equal(book.rows["trials"], [0, 1, 1])
+        f = book.value_at(ids[1:], x[1:])
+        if keep:
+            np.testing.assert_array_equal(f.numpy(), r[1:].numpy())
+        else:
+            assert f is None and "last_f" not in book.rows
+
+
+def test_vectorized_jac_gets_residuals_only_when_it_asks():
+    """batch_least_squares hands the residuals at x to a WithResiduals ``jac`` (numpy, in
+    the caller's kind) and never to a plain callable ``jac``."""
+    from torchimize_scipy import batch_least_squares
+    from torchimize_scipy._user_functions import WithResiduals
+
+    t = np.linspace(0.0, 1.0, 8)
+    y = np.stack([np.exp(-t), 2.0 * np.exp(-3.0 * t)])
+
+    def fun(p, yb):  # yb: the rows of y of these problems (per-problem args)
+        return p[:, :1] * np.exp(-p[:, 1:] * t) - yb
+
+    def jac(p, yb):
+        e = np.exp(-p[:, 1:] * t)
+        return np.stack([e, -p[:, :1] * t * e], axis=-1)
+
+    seen: list[np.ndarray] = []
+
+    def jac_r(p, yb, residuals):
+        assert isinstance(residuals, np.ndarray)
+        np.testing.assert_allclose(residuals, fun(p, yb), rtol=0, atol=1e-15)
+        seen.append(residuals)
+        return jac(p, yb)
+
+    plain = batch_least_squares(fun, np.ones((2, 2)), jac=jac, method="lm", args=(y,))
+    given = batch_least_squares(fun, np.ones((2, 2)), jac=WithResiduals(jac_r), method="lm",
+                                args=(y,))
+    assert seen  # every Jacobian call got them
+    assert_x_close(given.x, plain.x, rtol=ONE_EVAL_RTOL)
+    assert_x_close(plain.x, [[1.0, 1.0], [2.0, 3.0]], rtol=1e-6)
+    with pytest.raises(TypeError):  # a plain jac is never given them
+        batch_least_squares(fun, np.ones((2, 2)), jac=lambda p, yb, residuals: jac(p, yb),
+                            method="lm", args=(y,))

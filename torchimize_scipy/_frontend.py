@@ -105,7 +105,9 @@ class EngineJacobian:
         if self.kind == "callable" and self.form != "dense":
             return self.user_sparse(x, idx, m, n, f.dtype if f.is_floating_point() else x.dtype)
         if self.kind == "callable":
-            J = self.user(x, idx)
+            # (a jac that takes them gets the residuals at x: _user_functions.WithResiduals)
+            J = self.user(x, idx, residuals=f) if getattr(self.user, "takes_residuals", False) \
+                else self.user(x, idx)
             if tuple(J.shape) != (k, m, n):
                 raise ValueError("The return value of `jac` has wrong shape: expected "
                                  f"{(k, m, n)}, actual {tuple(J.shape)}.")

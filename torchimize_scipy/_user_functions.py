@@ -13,7 +13,9 @@ The engine calls ``fun(x (k, n), idx (k,)) -> (k, m)`` with torch tensors, where
 
 A callable robust loss is adapted the same way (:func:`user_loss`): a function
 of one problem's ``z (m,)`` returning ``(3, m)``, or of a batch's ``z (b, m)``
-returning ``(3, b, m)``.
+returning ``(3, b, m)``. Internal callers may wrap a vectorised ``jac`` in
+:class:`WithResiduals` to be handed the residuals the engine holds at its
+points (finite differences need them and would otherwise evaluate them again).
 """
 
 from __future__ import annotations
@@ -459,6 +461,27 @@ class _PoolMap:
             pass
 
 
+class WithResiduals:
+    """A batch ``jac`` that is also handed the residuals at its points (internal callers).
+
+    Wraps ``fn(x (b, n), *args_b, residuals=f (b, m), **kwargs) -> (b, m, n)``.
+    The engine asks for a Jacobian only at points whose residuals it has just
+    evaluated (the starts, the accepted trials) and passes them with the call
+    (``jac(x, f, idx)``, :mod:`torchimize_scipy._engine.problem`); forward
+    differences need exactly those (``batch_curve_fit``'s MINPACK differences,
+    :meth:`~torchimize_scipy._curve_fit._model.WhitenedModel.fd_jacobian`), so
+    a wrapped ``fn`` neither looks them up nor evaluates them again. ``f`` is
+    the engine's copy (converted to the engine's dtype), in the caller's kind
+    as ``x`` is, shared with the engine: read it, never write to it.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
 class VectorizedFunction:
     """Evaluate a function of a batch, ``fn(x (b, n), *args_b, **kwargs) -> (b, ...)``."""
 
@@ -469,25 +492,43 @@ class VectorizedFunction:
         self.kwargs = kwargs
         self.ns = ns
         self.kind = kind
+        #: ``fn`` also takes the residuals at its points (a :class:`WithResiduals` ``jac``)
+        self.takes_residuals = isinstance(fn, WithResiduals)
 
     def raw(self, x: Tensor, idx: Tensor) -> Tensor:
         """Differentiable evaluation for torch functions (no detach), ``(b, m)``."""
         with user_threads():
             return torch.as_tensor(self.fn(x, *self.args.select(idx), **self.kwargs))
 
-    def __call__(self, x: Tensor, idx: Tensor, complex_ok: bool = False) -> Tensor:
-        """``fn`` at the rows ``x (b, n)``; a torch ``fn`` with the caller's thread counts."""
+    def __call__(self, x: Tensor, idx: Tensor, complex_ok: bool = False,
+                 residuals: Tensor | None = None) -> Tensor:
+        """``fn`` at the rows ``x (b, n)``; a torch ``fn`` with the caller's thread counts.
+
+        ``residuals (b, m)``: the engine's residuals at ``x``, handed on (in the
+        caller's kind, not copied) when ``fn`` takes them (:attr:`takes_residuals`).
+        """
+        kwargs = self.kwargs
+        if residuals is not None and self.takes_residuals:
+            kwargs = dict(kwargs, residuals=self._user_view(residuals))
         if self.ns.kind == "torch":
             xu = x.clone()
             with user_threads():
-                out = self.fn(xu, *self.args.select(idx), **self.kwargs)
+                out = self.fn(xu, *self.args.select(idx), **kwargs)
             return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(),
                                      what=self.kind)
         xu = x.detach().cpu().numpy().copy()
         if self.ns.kind == "xp":
             xu = self.ns.xp.asarray(xu)
-        out = self.fn(xu, *self.args.select(idx), **self.kwargs)
+        out = self.fn(xu, *self.args.select(idx), **kwargs)
         return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(), what=self.kind)
+
+    def _user_view(self, t: Tensor) -> Any:
+        """The engine's tensor ``t`` in the caller's kind, without a copy where it can be."""
+        if self.ns.kind == "torch":
+            return t.detach()
+        host = t.numpy() if t.device.type == "cpu" and not t.requires_grad else \
+            t.detach().cpu().numpy()
+        return self.ns.xp.asarray(host) if self.ns.kind == "xp" else host
 
 
 def user_loss(loss: Callable, ns: Namespace, m: int, rowwise: bool) -> Callable[[Tensor], Tensor]:

@@ -22,6 +22,7 @@ from .._arrays import as_numpy, detect_namespace, to_host
 from .._batch import batch_least_squares, without_final_jacobians
 from .._dask import dispatch, has_dask
 from .._engine import status as codes
+from .._user_functions import WithResiduals
 from .._validation import prepare_bounds
 from ._covariance import COV_MSG, finish_covariance, normal_inverse, qr_inverse, svd_pinv
 from ._data import (
@@ -233,10 +234,15 @@ def batch_curve_fit(
             rel = minpack_step(opts["epsfcn"], kwargs.pop("diff_step", None), n, ns.dtype)
             # counts only: the engine skips the Jacobian after a problem's last trial, so
             # its final Jacobian is MINPACK's last one, the covariance's (see _solve_good)
-            book = LeastsqBook(opts["maxfev"], rel, B, ns.device, keep_jacobians=False)
+            # the differences take the residuals at their point from the engine
+            # (WithResiduals), in its dtype: where that is float64 they are the model's own
+            # (numpy models, float64 tensors), and the book need not keep them
+            fd = not callable(jac)
+            book = LeastsqBook(opts["maxfev"], rel, B, ns.device, keep_jacobians=False,
+                               keep_points=not (fd and ns.dtype == torch.float64))
             model.book = book
-            if not callable(jac):
-                jac_arg = model.fd_jacobian
+            if fd:
+                jac_arg = WithResiduals(model.fd_jacobian)
         else:
             epsfcn_diff_step(opts["epsfcn"], kwargs)
         kwargs.update(lm_tolerances(opts))

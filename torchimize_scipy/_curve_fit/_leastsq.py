@@ -290,6 +290,11 @@ class LeastsqBook:
     and a numpy copy costs a fraction of a tensor's clone), tensors
     otherwise; :meth:`value_at` answers in the kind of the point it is asked
     about, and the counts it hands out are tensors as for any book.
+
+    A batch's book made with ``keep_points=False`` keeps no points and
+    residuals at all (:meth:`value_at` answers None): for a caller whose
+    Jacobians receive the residuals from the engine
+    (:class:`~torchimize_scipy._user_functions.WithResiduals`).
     """
 
     #: the per-problem counts and flags (numpy arrays on the CPU, else tensors)
@@ -298,7 +303,7 @@ class LeastsqBook:
     def __init__(self, maxfev: float, rel_step: Any, B: int, device: Any,
                  summary: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  keep_residuals: bool = False, keep_jacobians: bool = True,
-                 host: bool | None = None) -> None:
+                 host: bool | None = None, keep_points: bool = True) -> None:
         self.maxfev = maxfev
         self.rel_step = rel_step
         self.B = B
@@ -313,6 +318,9 @@ class LeastsqBook:
         self.host = self.device.type == "cpu" and host is not False
         #: one problem on the host: every update is for all rows, values kept in their kind
         self.one = self.host and B == 1
+        #: a batch's book keeps each problem's last point and residuals (for
+        #: :meth:`value_at`) unless the Jacobians get them from the engine (``False``)
+        self.keep_points = keep_points or self.one
         if self.host:
             z, no = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=bool)
         else:
@@ -432,8 +440,9 @@ class LeastsqBook:
         self._count("trials", sel, trials)
         # a trial clears the flag (it can only be set after a Jacobian, i.e. when started)
         self._count("jac_after_trial", sel, started & False)
-        self._put("last_x", sel, x.detach() if x.requires_grad else x, copy=True)
-        self._put("last_f", sel, r.detach() if r.requires_grad else r, copy=True)
+        if self.keep_points:
+            self._put("last_x", sel, x.detach() if x.requires_grad else x, copy=True)
+            self._put("last_f", sel, r.detach() if r.requires_grad else r, copy=True)
         if not (sel is ALL and self._seen_all):  # once all are seen, they stay seen
             self._count("seen", sel, started | True)
             self._seen_all = self._seen_all or sel is ALL
@@ -477,9 +486,9 @@ class LeastsqBook:
         trials = rows["trials"] + started
         rows["trials"] = trials
         rows["jac_after_trial"] = np.zeros(self.B, dtype=bool)
-        # private copies (the caller's tensors may be reused); the first keeps its dtype
-        rows["last_x"] = _private_any(x, rows.get("last_x"), self.device)
-        rows["last_f"] = _private_any(r, rows.get("last_f"), self.device)
+        if self.keep_points:  # private copies (the caller's may be reused); the first's dtype
+            rows["last_x"] = _private_any(x, rows.get("last_x"), self.device)
+            rows["last_f"] = _private_any(r, rows.get("last_f"), self.device)
         if not self._seen_all:  # once all are seen, they stay seen
             rows["seen"] = np.ones(self.B, dtype=bool)
             self._seen_all = True
