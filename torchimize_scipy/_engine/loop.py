@@ -83,6 +83,51 @@ RESULT_KEYS = ("x", "cost", "f_true", "J", "g", "optimality", "active_mask", "nf
 TAIL_ENTRIES = 4 * 32768
 
 
+#: Entries from which :func:`gather_rows` and :func:`scatter_rows` move a CPU tensor's rows
+#: with numpy (torch's grain size, as :data:`IN_PLACE_MIN`).
+NUMPY_ROWS_MIN = 32768
+
+#: dtypes whose tensors numpy can view (``Tensor.numpy``)
+_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.int64,
+                           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+                           torch.complex64, torch.complex128})
+
+
+def _numpy_rows(t: Tensor) -> bool:
+    """Whether numpy may move the rows of ``t``: a large strided CPU tensor of a dtype
+    numpy knows, outside autograd, without conjugate or negative bits."""
+    return (t.numel() >= NUMPY_ROWS_MIN and t.device.type == "cpu"
+            and t.layout == torch.strided and t.dtype in _NUMPY_DTYPES
+            and not t.requires_grad and not t.is_conj() and not t.is_neg())
+
+
+def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """``t.index_select(0, rows)``: the same values, in a new contiguous tensor.
+
+    A large CPU tensor's rows are copied by numpy's ``take`` (row by row, as
+    ``memcpy``): at 8,192 rows of a 64 x 4 Jacobian, a 'lm' compaction's
+    largest gather, 2.3-3.6 ms against 2.1-3.9 ms single-threaded (torch's
+    ``index_select``) and 2.5-7.6 ms against 5.3-10.8 ms of CPU time with
+    torch's two threads; a ``(B, n, n)`` inverse in LAPACK's column-major
+    layout, 0.4 ms against 0.85 ms (``index_select`` walks its strides
+    element by element). A copy: the values are the same bits either way.
+    """
+    if not _numpy_rows(t) or rows.device.type != "cpu":
+        return t.index_select(0, rows)
+    return torch.from_numpy(np.take(t.numpy(), rows.numpy(), axis=0))
+
+
+def scatter_rows(dest: Tensor, rows: Tensor, src: Tensor) -> Tensor:
+    """``dest.index_copy_(0, rows, src)`` (``rows`` without repeats, ``src`` of
+    ``dest``'s dtype): large CPU tensors by numpy's fancy assignment, a copy of
+    whole rows (the same bits)."""
+    if (not _numpy_rows(dest) or rows.device.type != "cpu" or src.dtype != dest.dtype
+            or not _numpy_rows(src) and src.numel()):
+        return dest.index_copy_(0, rows, src)
+    dest.numpy()[rows.numpy()] = src.numpy()
+    return dest
+
+
 class RowView(dict):
     """Rows of the state, selected lazily; remembers which keys were written.
 
@@ -99,7 +144,7 @@ class RowView(dict):
     def __missing__(self, key: str) -> Tensor:
         value = self.state[key]
         if self.rows is not None:
-            value = _keep_unit(value, value.index_select(0, self.rows))
+            value = _keep_unit(value, gather_rows(value, self.rows))
         dict.__setitem__(self, key, value)
         return value
 
@@ -145,7 +190,7 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             if merged is None:
                 old = state[k]
                 if old.numel() >= IN_PLACE_MIN and _private(state, sub, k, v, old):
-                    merged = done[key] = old.index_copy_(0, rows, v)
+                    merged = done[key] = scatter_rows(old, rows, v)
                 else:
                     merged = done[key] = _owned(old.index_copy(0, rows, v))
                 del old
@@ -301,7 +346,7 @@ def compact(state: State, keep: Tensor) -> None:
         new = done.get(id(v))
         if new is None:
             # (one problem's host value, Scalars.keep: a (1,) tensor first)
-            new = done[id(v)] = _keep_unit(v, _owned(as_tensor(v).index_select(0, keep)))
+            new = done[id(v)] = _keep_unit(v, _owned(gather_rows(as_tensor(v), keep)))
         state[k] = new
 
 
@@ -446,7 +491,7 @@ def jacobian_finite(J: Tensor, G: Tensor) -> Tensor:
 def _original(view: RowView, key: str) -> Tensor:
     """The value of ``key`` in the rows of ``view`` before ``view`` assigned it."""
     value = view.state[key]
-    return value if view.rows is None else value.index_select(0, view.rows)
+    return value if view.rows is None else gather_rows(value, view.rows)
 
 
 def _indices(mask: Tensor) -> Tensor:
@@ -734,10 +779,10 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
         if n_accept:
             arows = _rows(hs, accept, n_accept)
             sub = state if arows is None else take(state, arows)  # (every row: in place)
-            sub["x"] = x_acc if arows is None else x_acc.index_select(0, arows)
-            sub["f_true"] = f_new if arows is None else f_new.index_select(0, arows)
+            sub["x"] = x_acc if arows is None else gather_rows(x_acc, arows)
+            sub["f_true"] = f_new if arows is None else gather_rows(f_new, arows)
             if cost_new is not None:  # (None: taken at write-out, _late_cost)
-                sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
+                sub["cost"] = cost_new if arows is None else gather_rows(cost_new, arows)
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
             hs_sub = hs if arows is None else for_rows(sub["x"])
             sub["njev"], = hs_sub.keep(hs_sub.view(sub["njev"])[0] + 1)
@@ -772,10 +817,10 @@ def _move_without_jacobian(state: State, hs: Scalars, rows_mask, count: int, x_a
     """
     rows = _rows(hs, rows_mask, count)
     sub = take(state, rows)
-    sub["x"] = x_acc if rows is None else x_acc.index_select(0, rows)
-    sub["f_true"] = f_new if rows is None else f_new.index_select(0, rows)
+    sub["x"] = x_acc if rows is None else gather_rows(x_acc, rows)
+    sub["f_true"] = f_new if rows is None else gather_rows(f_new, rows)
     if cost_new is not None:  # (None: taken at write-out, _late_cost)
-        sub["cost"] = cost_new if rows is None else cost_new.index_select(0, rows)
+        sub["cost"] = cost_new if rows is None else gather_rows(cost_new, rows)
     hs_sub = hs if rows is None else for_rows(sub["x"])
     sub["njev"], = hs_sub.keep(hs_sub.view(sub["njev"])[0] + 1)
     put(state, rows, sub)
@@ -865,4 +910,4 @@ def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask
             continue
         v = as_tensor(v)  # (one problem's host values, Scalars.keep)
         where = ids if ids.device == dest.device else ids.to(dest.device)
-        dest.index_copy_(0, where, v.to(dest.device, dest.dtype))
+        scatter_rows(dest, where, v.to(dest.device, dest.dtype))

@@ -1,0 +1,79 @@
+"""``_engine.loop.gather_rows`` / ``scatter_rows``: rows of large CPU tensors moved by numpy.
+
+The batch loop selects and writes whole rows of its per-problem tensors
+(compaction, row views, the write-out of finished problems). From
+:data:`~torchimize_scipy._engine.loop.NUMPY_ROWS_MIN` entries on, a CPU
+tensor's rows are copied by numpy (``take``, fancy assignment) instead of
+torch's ``index_select`` / ``index_copy_``: the tests check the rows, the
+layout of the result, that the source is left alone, and that a compacted
+tensor is still written in place by ``put``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchimize_scipy._engine import loop
+from torchimize_scipy._engine.loop import RowView, compact, gather_rows, put, scatter_rows
+
+B = 4096  # rows of 64 x 4: 1,048,576 entries, far above NUMPY_ROWS_MIN
+
+
+def _big(dtype=torch.float64, shape=(B, 64, 4)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.int64, torch.bool])
+def test_gather_rows_takes_the_rows(dtype):
+    t = _big(dtype)
+    rows = torch.tensor([0, 5, 6, 4095, 17])
+    out = gather_rows(t, rows)
+    assert out.shape == (5, 64, 4) and out.dtype == dtype and out.is_contiguous()
+    for i, r in enumerate(rows.tolist()):
+        assert torch.equal(out[i], t[r])
+    out.zero_()  # a copy: the source keeps its values
+    assert torch.equal(t[5], _big(dtype)[5])
+
+
+def test_gather_rows_of_a_transposed_batch_is_contiguous():
+    t = _big(shape=(B * 8, 4, 4)).mT  # LAPACK's column-major inverses
+    rows = torch.arange(0, B * 8, 3)
+    out = gather_rows(t, rows)
+    assert out.is_contiguous()
+    assert torch.equal(out[7], t[21])
+
+
+def test_small_or_autograd_tensors_stay_with_torch():
+    small = torch.arange(12.0).reshape(6, 2)
+    assert small.numel() < loop.NUMPY_ROWS_MIN
+    assert torch.equal(gather_rows(small, torch.tensor([4, 1])), small[[4, 1]])
+    leaf = _big(shape=(B, 64)).requires_grad_()
+    out = gather_rows(leaf, torch.tensor([3, 2]))
+    assert out.requires_grad and torch.equal(out.detach(), leaf.detach()[[3, 2]])
+
+
+def test_scatter_rows_writes_only_the_rows():
+    dest = torch.zeros(B, 64, 4, dtype=torch.float64)
+    src = _big(shape=(3, 64, 4)) + 1.0
+    src = torch.cat([src] * (loop.NUMPY_ROWS_MIN // src.numel() + 1))[:3]
+    rows = torch.tensor([10, 2, 4000])
+    assert scatter_rows(dest, rows, src) is dest
+    for i, r in enumerate(rows.tolist()):
+        assert torch.equal(dest[r], src[i])
+    assert int((dest != 0).flatten(1).any(-1).sum()) == 3
+
+
+def test_compacted_tensor_is_still_written_in_place():
+    state = {"J": _big(), "x": torch.zeros(B, 4)}
+    compact(state, torch.arange(0, B, 2))
+    assert state["J"].shape[0] == B // 2
+    ident = id(state["J"])
+    rows = torch.tensor([1, 7])
+    sub = RowView(state, rows)
+    sub["J"] = torch.full((2, 64, 4), 3.0, dtype=torch.float64)
+    put(state, rows, sub)
+    assert id(state["J"]) == ident  # written in place, not copied whole
+    assert torch.equal(state["J"][7], torch.full((64, 4), 3.0, dtype=torch.float64))
+    assert torch.equal(state["J"][2], _big()[4])
