@@ -77,3 +77,30 @@ def test_compacted_tensor_is_still_written_in_place():
     assert id(state["J"]) == ident  # written in place, not copied whole
     assert torch.equal(state["J"][7], torch.full((64, 4), 3.0, dtype=torch.float64))
     assert torch.equal(state["J"][2], _big()[4])
+
+
+def _peaks(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return p[:, :1] * torch.exp(-(t - p[:, 1:2]) ** 2) + p[:, 2:3]
+
+
+@pytest.mark.parametrize("return_jac", [False, True])
+def test_write_out_selects_jacobian_rows_only_when_returned(monkeypatch, return_jac):
+    from torchimize_scipy import batch_least_squares
+
+    read: list[str] = []
+
+    class Recording(RowView):
+        def __missing__(self, key):
+            read.append(key)
+            return super().__missing__(key)
+
+    monkeypatch.setattr(loop, "take", lambda state, rows: Recording(state, rows))
+    t = torch.linspace(-2, 2, 20, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    p0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64) + 0.3 * torch.rand(
+        (40, 3), generator=g, dtype=torch.float64)
+    p0[::7, 0] = 1.0  # problems that finish at different rounds: several write-outs
+    res = batch_least_squares(_peaks, p0, args=(t,), method="lm", return_jac=return_jac)
+    assert int((res.status > 0).sum()) == 40
+    assert ("J" in read) == return_jac
+    assert ("x" in read) and ("f_true" in read)

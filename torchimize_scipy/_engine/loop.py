@@ -887,21 +887,25 @@ def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask
     sub = take(state, _rows(hs, mask, count))
     own = rule.result_fields(problem, sub)
     ids = sub["ids"]
+    # (each value read, so its rows gathered, only for a result kept: without
+    # ``return_jac`` no rows of ``J`` are selected)
     values = {
-        "x": sub["x"], "cost": problem.cost(sub["f_true"]) if late_cost else sub["cost"],
-        "f_true": sub["f_true"], "J": sub["J"],
-        "g": sub["g"] if own.grad is None else own.grad, "optimality": sub["optimality"],
-        "active_mask": own.active_mask, "nfev": sub["nfev"],
-        "njev": sub["njev"] if own.njev is None else own.njev,
-        "nit": sub["nit"], "status": sub["status"],
+        "x": lambda: sub["x"],
+        "cost": lambda: problem.cost(sub["f_true"]) if late_cost else sub["cost"],
+        "f_true": lambda: sub["f_true"], "J": lambda: sub["J"],
+        "g": lambda: sub["g"] if own.grad is None else own.grad,
+        "optimality": lambda: sub["optimality"], "active_mask": lambda: own.active_mask,
+        "nfev": lambda: sub["nfev"], "njev": lambda: sub["njev"] if own.njev is None else own.njev,
+        "nit": lambda: sub["nit"], "status": lambda: sub["status"],
     }
-    if not isinstance(values["J"], Tensor):
+    if not isinstance(state["J"], Tensor):
         # a sparse or operator Jacobian (tr_solver='lsmr', one problem) is handed out as is
-        out["J"] = values.pop("J")
-    for k, v in values.items():
+        out["J"] = values.pop("J")()
+    for k, value in values.items():
         dest = out.get(k)
         if dest is None:
             continue
+        v = value()
         if dest.shape[0] == 1:  # one problem's buffers (its id is 0): written whole
             if is_host_value(v):  # (one problem's host value, Scalars.keep: no tensor made)
                 dest.fill_(v.item() if isinstance(v, np.generic) else v)
