@@ -1,12 +1,13 @@
-"""``_engine.loop.gather_rows`` / ``scatter_rows``: rows of large CPU tensors moved by numpy.
+"""``_engine.loop``'s row selections: ``gather_rows`` and the write-out's reads.
 
-The batch loop selects and writes whole rows of its per-problem tensors
-(compaction, row views, the write-out of finished problems). From
-:data:`~torchimize_scipy._engine.loop.NUMPY_ROWS_MIN` entries on, a CPU
-tensor's rows are copied by numpy (``take``, fancy assignment) instead of
-torch's ``index_select`` / ``index_copy_``: the tests check the rows, the
-layout of the result, that the source is left alone, and that a compacted
-tensor is still written in place by ``put``.
+The batch loop selects whole rows of its per-problem tensors (compaction, row
+views, the write-out of finished problems). From
+:data:`~torchimize_scipy._engine.loop.NUMPY_ROWS_MIN` entries on, the rows
+of a CPU tensor that is not contiguous are copied by numpy's ``take`` instead
+of torch's ``index_select``: the tests check the rows, the layout of the
+result, that the source is left alone, and that a compacted tensor is still
+written in place by ``put``. The write-out selects the rows of a value only
+for a result the caller keeps.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from torchimize_scipy._engine import loop
-from torchimize_scipy._engine.loop import RowView, compact, gather_rows, put, scatter_rows
+from torchimize_scipy._engine.loop import RowView, compact, gather_rows, put
 
 B = 4096  # rows of 64 x 4: 1,048,576 entries, far above NUMPY_ROWS_MIN
 
@@ -43,6 +44,8 @@ def test_gather_rows_of_a_transposed_batch_is_contiguous():
     out = gather_rows(t, rows)
     assert out.is_contiguous()
     assert torch.equal(out[7], t[21])
+    out.zero_()  # a copy: the source keeps its values
+    assert torch.equal(t[21], _big(shape=(B * 8, 4, 4)).mT[21])
 
 
 def test_small_or_autograd_tensors_stay_with_torch():
@@ -52,17 +55,6 @@ def test_small_or_autograd_tensors_stay_with_torch():
     leaf = _big(shape=(B, 64)).requires_grad_()
     out = gather_rows(leaf, torch.tensor([3, 2]))
     assert out.requires_grad and torch.equal(out.detach(), leaf.detach()[[3, 2]])
-
-
-def test_scatter_rows_writes_only_the_rows():
-    dest = torch.zeros(B, 64, 4, dtype=torch.float64)
-    src = _big(shape=(3, 64, 4)) + 1.0
-    src = torch.cat([src] * (loop.NUMPY_ROWS_MIN // src.numel() + 1))[:3]
-    rows = torch.tensor([10, 2, 4000])
-    assert scatter_rows(dest, rows, src) is dest
-    for i, r in enumerate(rows.tolist()):
-        assert torch.equal(dest[r], src[i])
-    assert int((dest != 0).flatten(1).any(-1).sum()) == 3
 
 
 def test_compacted_tensor_is_still_written_in_place():

@@ -83,8 +83,8 @@ RESULT_KEYS = ("x", "cost", "f_true", "J", "g", "optimality", "active_mask", "nf
 TAIL_ENTRIES = 4 * 32768
 
 
-#: Entries from which :func:`gather_rows` and :func:`scatter_rows` move a CPU tensor's rows
-#: with numpy (torch's grain size, as :data:`IN_PLACE_MIN`).
+#: Entries from which :func:`gather_rows` copies the rows of a CPU tensor that is not
+#: contiguous with numpy (torch's grain size, as :data:`IN_PLACE_MIN`).
 NUMPY_ROWS_MIN = 32768
 
 #: dtypes whose tensors numpy can view (``Tensor.numpy``)
@@ -93,39 +93,27 @@ _NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.in
                            torch.complex64, torch.complex128})
 
 
-def _numpy_rows(t: Tensor) -> bool:
-    """Whether numpy may move the rows of ``t``: a large strided CPU tensor of a dtype
-    numpy knows, outside autograd, without conjugate or negative bits."""
-    return (t.numel() >= NUMPY_ROWS_MIN and t.device.type == "cpu"
-            and t.layout == torch.strided and t.dtype in _NUMPY_DTYPES
-            and not t.requires_grad and not t.is_conj() and not t.is_neg())
-
-
 def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
     """``t.index_select(0, rows)``: the same values, in a new contiguous tensor.
 
-    A large CPU tensor's rows are copied by numpy's ``take`` (row by row, as
-    ``memcpy``): at 8,192 rows of a 64 x 4 Jacobian, a 'lm' compaction's
-    largest gather, 2.3-3.6 ms against 2.1-3.9 ms single-threaded (torch's
-    ``index_select``) and 2.5-7.6 ms against 5.3-10.8 ms of CPU time with
-    torch's two threads; a ``(B, n, n)`` inverse in LAPACK's column-major
-    layout, 0.4 ms against 0.85 ms (``index_select`` walks its strides
-    element by element). A copy: the values are the same bits either way.
+    The rows of a large CPU tensor that is not contiguous (a ``(B, n, n)``
+    batch of inverses in LAPACK's column-major layout, 'lm''s and 'trf''s
+    ``fac_Hinv`` on the Gram route) are copied by numpy's ``take`` into a
+    contiguous tensor of torch's: ``index_select`` walks their strides
+    element by element (at 8,192 rows of 4 x 4, 0.5 ms against 1.0 ms). A
+    copy: the same bits either way. Contiguous tensors stay with
+    ``index_select``, as fast as numpy there (a 'lm' Jacobian of 64 x 4:
+    4.0-6.2 ms both ways at 5,500-8,200 rows).
     """
-    if not _numpy_rows(t) or rows.device.type != "cpu":
+    if (t.numel() < NUMPY_ROWS_MIN or t.is_contiguous() or t.device.type != "cpu"
+            or rows.device.type != "cpu" or t.layout != torch.strided
+            or t.dtype not in _NUMPY_DTYPES or t.requires_grad or t.is_conj() or t.is_neg()):
         return t.index_select(0, rows)
-    return torch.from_numpy(np.take(t.numpy(), rows.numpy(), axis=0))
-
-
-def scatter_rows(dest: Tensor, rows: Tensor, src: Tensor) -> Tensor:
-    """``dest.index_copy_(0, rows, src)`` (``rows`` without repeats, ``src`` of
-    ``dest``'s dtype): large CPU tensors by numpy's fancy assignment, a copy of
-    whole rows (the same bits)."""
-    if (not _numpy_rows(dest) or rows.device.type != "cpu" or src.dtype != dest.dtype
-            or not _numpy_rows(src) and src.numel()):
-        return dest.index_copy_(0, rows, src)
-    dest.numpy()[rows.numpy()] = src.numpy()
-    return dest
+    out = torch.empty((rows.shape[0], *t.shape[1:]), dtype=t.dtype)
+    # (mode 'clip' on valid indices: the same rows, written straight into ``out``; numpy
+    # buffers an ``out`` under the default mode 'raise')
+    np.take(t.numpy(), rows.numpy(), axis=0, out=out.numpy(), mode="clip")
+    return out
 
 
 class RowView(dict):
@@ -190,7 +178,7 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             if merged is None:
                 old = state[k]
                 if old.numel() >= IN_PLACE_MIN and _private(state, sub, k, v, old):
-                    merged = done[key] = scatter_rows(old, rows, v)
+                    merged = done[key] = old.index_copy_(0, rows, v)
                 else:
                     merged = done[key] = _owned(old.index_copy(0, rows, v))
                 del old
@@ -914,4 +902,4 @@ def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask
             continue
         v = as_tensor(v)  # (one problem's host values, Scalars.keep)
         where = ids if ids.device == dest.device else ids.to(dest.device)
-        scatter_rows(dest, where, v.to(dest.device, dest.dtype))
+        dest.index_copy_(0, where, v.to(dest.device, dest.dtype))
