@@ -22,11 +22,15 @@ value); they become tensors only where tensors are needed (:func:`_write_out`,
 :func:`tensor_state` for ``on_iteration`` and ``callback``). A problem whose
 ``status`` is set is *finished*: its results are written out and its rows are
 dropped from the working state (compaction), so it costs no further
-evaluations. The residual and Jacobian callables only ever see the rows of
-running problems, together with their problem indices. A stream of problems can
-be fed in (``refill``): whenever at most half of ``capacity`` rows are running,
-the next problems are admitted (:func:`admit`) and appended (:func:`concat`),
-so slow problems run beside new ones instead of holding back a whole block.
+evaluations. The write-out selects the rows of a value only for a result the
+caller keeps (no rows of ``J`` without ``return_jac``), and rows are selected
+by :func:`gather_rows` (``index_select``; numpy's ``take`` for a large CPU
+tensor that is not contiguous, such as LAPACK's column-major inverses). The
+residual and Jacobian callables only ever see the rows of running problems,
+together with their problem indices. A stream of problems can be fed in
+(``refill``): whenever at most half of ``capacity`` rows are running, the next
+problems are admitted (:func:`admit`) and appended (:func:`concat`), so slow
+problems run beside new ones instead of holding back a whole block.
 
 A step rule (:class:`~.steps.base.StepRule`, one per method in ``steps/``)
 supplies the stages: ``init_state``, ``measure_optimality``, ``build_model``,
