@@ -108,9 +108,11 @@ def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
     element by element (at 8,192 rows of 4 x 4, 0.5 ms against 1.0 ms). A
     copy: the same bits either way. Contiguous tensors stay with
     ``index_select``, as fast as numpy there (a 'lm' Jacobian of 64 x 4:
-    4.0-6.2 ms both ways at 5,500-8,200 rows).
+    4.0-6.2 ms both ways at 5,500-8,200 rows). A sparse or operator Jacobian
+    (``tr_solver='lsmr'``) selects its own rows.
     """
-    if (t.numel() < NUMPY_ROWS_MIN or t.is_contiguous() or t.device.type != "cpu"
+    if (not isinstance(t, Tensor) or t.numel() < NUMPY_ROWS_MIN or t.is_contiguous()
+            or t.device.type != "cpu"
             or rows.device.type != "cpu" or t.layout != torch.strided
             or t.dtype not in _NUMPY_DTYPES or t.requires_grad or t.is_conj() or t.is_neg()):
         return t.index_select(0, rows)
