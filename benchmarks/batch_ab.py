@@ -71,8 +71,9 @@ def peak_model(x, a, mu, s, c):
 
 
 def make_call(lib: Any, workload: str, variant: str, p0: np.ndarray, y: np.ndarray,
-              method: str) -> Any:
-    """A zero-argument call of ``lib`` for the workload (and variant)."""
+              method: str, return_jac: bool = True) -> Any:
+    """A zero-argument call of ``lib`` for the workload (and variant; ``return_jac``:
+    ``batch_least_squares``'s option)."""
     if workload == "curve_fit":
         return lambda: lib.batch_curve_fit(peak_model, PEAK_T, y, p0, method=method)
     if workload == "xarray":
@@ -91,7 +92,8 @@ def make_call(lib: Any, workload: str, variant: str, p0: np.ndarray, y: np.ndarr
         data = torch.as_tensor(y)
 
     def call() -> Any:
-        return lib.batch_least_squares(fun, x0, jac=jac, method=method, args=(data,))
+        return lib.batch_least_squares(fun, x0, jac=jac, method=method, args=(data,),
+                                       return_jac=return_jac)
 
     return call
 
@@ -156,6 +158,8 @@ def main() -> None:
     p.add_argument("--device-path", action="store_true",
                    help="also time the working tree with its per-problem scalars as tensors "
                         "(host_scalars.HOST = False, the code a GPU runs) as 'after-dev'")
+    p.add_argument("--no-return-jac", action="store_true",
+                   help="least_squares workload: return_jac=False (no Jacobians kept)")
     args = p.parse_args()
     setup(args)
     import torchimize_scipy as after
@@ -166,7 +170,8 @@ def main() -> None:
     y, _, p0 = peak_data(args.batch, args.seed)
     with tempfile.TemporaryDirectory() as folder:
         before = import_commit(args.before, folder)
-        calls = {k: make_call(lib, args.workload, args.variant, p0, y, args.method)
+        calls = {k: make_call(lib, args.workload, args.variant, p0, y, args.method,
+                           not args.no_return_jac)
                  for k, lib in (("before", before), ("after", after))}
         if args.device_path:
             calls["after-dev"] = _device_path(calls["after"])

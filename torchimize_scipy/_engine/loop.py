@@ -22,11 +22,15 @@ value); they become tensors only where tensors are needed (:func:`_write_out`,
 :func:`tensor_state` for ``on_iteration`` and ``callback``). A problem whose
 ``status`` is set is *finished*: its results are written out and its rows are
 dropped from the working state (compaction), so it costs no further
-evaluations. The residual and Jacobian callables only ever see the rows of
-running problems, together with their problem indices. A stream of problems can
-be fed in (``refill``): whenever at most half of ``capacity`` rows are running,
-the next problems are admitted (:func:`admit`) and appended (:func:`concat`),
-so slow problems run beside new ones instead of holding back a whole block.
+evaluations. The write-out selects the rows of a value only for a result the
+caller keeps (no rows of ``J`` without ``return_jac``), and rows are selected
+by :func:`gather_rows` (``index_select``; numpy's ``take`` for a large CPU
+tensor that is not contiguous, such as LAPACK's column-major inverses). The
+residual and Jacobian callables only ever see the rows of running problems,
+together with their problem indices. A stream of problems can be fed in
+(``refill``): whenever at most half of ``capacity`` rows are running, the next
+problems are admitted (:func:`admit`) and appended (:func:`concat`), so slow
+problems run beside new ones instead of holding back a whole block.
 
 A step rule (:class:`~.steps.base.StepRule`, one per method in ``steps/``)
 supplies the stages: ``init_state``, ``measure_optimality``, ``build_model``,
@@ -46,6 +50,7 @@ import torch
 from torch import Tensor
 
 from .._blas_threads import is_small, serial_blas
+from . import heap
 from . import termination as term
 from .counts import count_true, known_unit, mark_finite, mark_unit
 from .host_scalars import (
@@ -83,6 +88,41 @@ RESULT_KEYS = ("x", "cost", "f_true", "J", "g", "optimality", "active_mask", "nf
 TAIL_ENTRIES = 4 * 32768
 
 
+#: Entries from which :func:`gather_rows` copies the rows of a CPU tensor that is not
+#: contiguous with numpy (torch's grain size, as :data:`IN_PLACE_MIN`).
+NUMPY_ROWS_MIN = 32768
+
+#: dtypes whose tensors numpy can view (``Tensor.numpy``)
+_NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.int64,
+                           torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+                           torch.complex64, torch.complex128})
+
+
+def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """``t.index_select(0, rows)``: the same values, in a new contiguous tensor.
+
+    The rows of a large CPU tensor that is not contiguous (a ``(B, n, n)``
+    batch of inverses in LAPACK's column-major layout, 'lm''s and 'trf''s
+    ``fac_Hinv`` on the Gram route) are copied by numpy's ``take`` into a
+    contiguous tensor of torch's: ``index_select`` walks their strides
+    element by element (at 8,192 rows of 4 x 4, 0.5 ms against 1.0 ms). A
+    copy: the same bits either way. Contiguous tensors stay with
+    ``index_select``, as fast as numpy there (a 'lm' Jacobian of 64 x 4:
+    4.0-6.2 ms both ways at 5,500-8,200 rows). A sparse or operator Jacobian
+    (``tr_solver='lsmr'``) selects its own rows.
+    """
+    if (not isinstance(t, Tensor) or t.numel() < NUMPY_ROWS_MIN or t.is_contiguous()
+            or t.device.type != "cpu"
+            or rows.device.type != "cpu" or t.layout != torch.strided
+            or t.dtype not in _NUMPY_DTYPES or t.requires_grad or t.is_conj() or t.is_neg()):
+        return t.index_select(0, rows)
+    out = torch.empty((rows.shape[0], *t.shape[1:]), dtype=t.dtype)
+    # (mode 'clip' on valid indices: the same rows, written straight into ``out``; numpy
+    # buffers an ``out`` under the default mode 'raise')
+    np.take(t.numpy(), rows.numpy(), axis=0, out=out.numpy(), mode="clip")
+    return out
+
+
 class RowView(dict):
     """Rows of the state, selected lazily; remembers which keys were written.
 
@@ -99,7 +139,7 @@ class RowView(dict):
     def __missing__(self, key: str) -> Tensor:
         value = self.state[key]
         if self.rows is not None:
-            value = _keep_unit(value, value.index_select(0, self.rows))
+            value = _keep_unit(value, gather_rows(value, self.rows))
         dict.__setitem__(self, key, value)
         return value
 
@@ -301,7 +341,7 @@ def compact(state: State, keep: Tensor) -> None:
         new = done.get(id(v))
         if new is None:
             # (one problem's host value, Scalars.keep: a (1,) tensor first)
-            new = done[id(v)] = _keep_unit(v, _owned(as_tensor(v).index_select(0, keep)))
+            new = done[id(v)] = _keep_unit(v, _owned(gather_rows(as_tensor(v), keep)))
         state[k] = new
 
 
@@ -446,7 +486,7 @@ def jacobian_finite(J: Tensor, G: Tensor) -> Tensor:
 def _original(view: RowView, key: str) -> Tensor:
     """The value of ``key`` in the rows of ``view`` before ``view`` assigned it."""
     value = view.state[key]
-    return value if view.rows is None else value.index_select(0, view.rows)
+    return value if view.rows is None else gather_rows(value, view.rows)
 
 
 def _indices(mask: Tensor) -> Tensor:
@@ -625,8 +665,12 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
     # the tail: once no problem is left to admit and the running rows' Jacobians hold
     # at most TAIL_ENTRIES entries in all (each within torch's grain size), MKL and torch's
     # own kernels run single-threaded in this thread (as the driver does for small runs;
-    # see _blas_threads)
-    with contextlib.ExitStack() as blas:
+    # see _blas_threads); a large CPU run keeps its freed blocks in the C library's heap
+    # (no page fault per block: heap.keep_freed_memory)
+    x = state["x"]
+    rows = max(x.shape[0], capacity or 0)
+    with heap.keep_freed_memory(x.device, rows * problem.m * problem.n * x.element_size()), \
+            contextlib.ExitStack() as blas:
         _run(problem, rule, state, out, on_finish, on_iteration, refill, capacity, blas)
 
 
@@ -734,10 +778,10 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
         if n_accept:
             arows = _rows(hs, accept, n_accept)
             sub = state if arows is None else take(state, arows)  # (every row: in place)
-            sub["x"] = x_acc if arows is None else x_acc.index_select(0, arows)
-            sub["f_true"] = f_new if arows is None else f_new.index_select(0, arows)
+            sub["x"] = x_acc if arows is None else gather_rows(x_acc, arows)
+            sub["f_true"] = f_new if arows is None else gather_rows(f_new, arows)
             if cost_new is not None:  # (None: taken at write-out, _late_cost)
-                sub["cost"] = cost_new if arows is None else cost_new.index_select(0, arows)
+                sub["cost"] = cost_new if arows is None else gather_rows(cost_new, arows)
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
             hs_sub = hs if arows is None else for_rows(sub["x"])
             sub["njev"], = hs_sub.keep(hs_sub.view(sub["njev"])[0] + 1)
@@ -772,10 +816,10 @@ def _move_without_jacobian(state: State, hs: Scalars, rows_mask, count: int, x_a
     """
     rows = _rows(hs, rows_mask, count)
     sub = take(state, rows)
-    sub["x"] = x_acc if rows is None else x_acc.index_select(0, rows)
-    sub["f_true"] = f_new if rows is None else f_new.index_select(0, rows)
+    sub["x"] = x_acc if rows is None else gather_rows(x_acc, rows)
+    sub["f_true"] = f_new if rows is None else gather_rows(f_new, rows)
     if cost_new is not None:  # (None: taken at write-out, _late_cost)
-        sub["cost"] = cost_new if rows is None else cost_new.index_select(0, rows)
+        sub["cost"] = cost_new if rows is None else gather_rows(cost_new, rows)
     hs_sub = hs if rows is None else for_rows(sub["x"])
     sub["njev"], = hs_sub.keep(hs_sub.view(sub["njev"])[0] + 1)
     put(state, rows, sub)
@@ -842,21 +886,25 @@ def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask
     sub = take(state, _rows(hs, mask, count))
     own = rule.result_fields(problem, sub)
     ids = sub["ids"]
+    # (each value read, so its rows gathered, only for a result kept: without
+    # ``return_jac`` no rows of ``J`` are selected)
     values = {
-        "x": sub["x"], "cost": problem.cost(sub["f_true"]) if late_cost else sub["cost"],
-        "f_true": sub["f_true"], "J": sub["J"],
-        "g": sub["g"] if own.grad is None else own.grad, "optimality": sub["optimality"],
-        "active_mask": own.active_mask, "nfev": sub["nfev"],
-        "njev": sub["njev"] if own.njev is None else own.njev,
-        "nit": sub["nit"], "status": sub["status"],
+        "x": lambda: sub["x"],
+        "cost": lambda: problem.cost(sub["f_true"]) if late_cost else sub["cost"],
+        "f_true": lambda: sub["f_true"], "J": lambda: sub["J"],
+        "g": lambda: sub["g"] if own.grad is None else own.grad,
+        "optimality": lambda: sub["optimality"], "active_mask": lambda: own.active_mask,
+        "nfev": lambda: sub["nfev"], "njev": lambda: sub["njev"] if own.njev is None else own.njev,
+        "nit": lambda: sub["nit"], "status": lambda: sub["status"],
     }
-    if not isinstance(values["J"], Tensor):
+    if not isinstance(state["J"], Tensor):
         # a sparse or operator Jacobian (tr_solver='lsmr', one problem) is handed out as is
-        out["J"] = values.pop("J")
-    for k, v in values.items():
+        out["J"] = values.pop("J")()
+    for k, value in values.items():
         dest = out.get(k)
         if dest is None:
             continue
+        v = value()
         if dest.shape[0] == 1:  # one problem's buffers (its id is 0): written whole
             if is_host_value(v):  # (one problem's host value, Scalars.keep: no tensor made)
                 dest.fill_(v.item() if isinstance(v, np.generic) else v)

@@ -1,0 +1,98 @@
+"""``_engine.loop``'s row selections: ``gather_rows`` and the write-out's reads.
+
+The batch loop selects whole rows of its per-problem tensors (compaction, row
+views, the write-out of finished problems). From
+:data:`~torchimize_scipy._engine.loop.NUMPY_ROWS_MIN` entries on, the rows
+of a CPU tensor that is not contiguous are copied by numpy's ``take`` instead
+of torch's ``index_select``: the tests check the rows, the layout of the
+result, that the source is left alone, and that a compacted tensor is still
+written in place by ``put``. The write-out selects the rows of a value only
+for a result the caller keeps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchimize_scipy._engine import loop
+from torchimize_scipy._engine.loop import RowView, compact, gather_rows, put
+
+B = 4096  # rows of 64 x 4: 1,048,576 entries, far above NUMPY_ROWS_MIN
+
+
+def _big(dtype=torch.float64, shape=(B, 64, 4)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.int64, torch.bool])
+def test_gather_rows_takes_the_rows(dtype):
+    t = _big(dtype)
+    rows = torch.tensor([0, 5, 6, 4095, 17])
+    out = gather_rows(t, rows)
+    assert out.shape == (5, 64, 4) and out.dtype == dtype and out.is_contiguous()
+    for i, r in enumerate(rows.tolist()):
+        assert torch.equal(out[i], t[r])
+    out.zero_()  # a copy: the source keeps its values
+    assert torch.equal(t[5], _big(dtype)[5])
+
+
+def test_gather_rows_of_a_transposed_batch_is_contiguous():
+    t = _big(shape=(B * 8, 4, 4)).mT  # LAPACK's column-major inverses
+    rows = torch.arange(0, B * 8, 3)
+    out = gather_rows(t, rows)
+    assert out.is_contiguous()
+    assert torch.equal(out[7], t[21])
+    out.zero_()  # a copy: the source keeps its values
+    assert torch.equal(t[21], _big(shape=(B * 8, 4, 4)).mT[21])
+
+
+def test_small_or_autograd_tensors_stay_with_torch():
+    small = torch.arange(12.0).reshape(6, 2)
+    assert small.numel() < loop.NUMPY_ROWS_MIN
+    assert torch.equal(gather_rows(small, torch.tensor([4, 1])), small[[4, 1]])
+    leaf = _big(shape=(B, 64)).requires_grad_()
+    out = gather_rows(leaf, torch.tensor([3, 2]))
+    assert out.requires_grad and torch.equal(out.detach(), leaf.detach()[[3, 2]])
+
+
+def test_compacted_tensor_is_still_written_in_place():
+    state = {"J": _big(), "x": torch.zeros(B, 4)}
+    compact(state, torch.arange(0, B, 2))
+    assert state["J"].shape[0] == B // 2
+    ident = id(state["J"])
+    rows = torch.tensor([1, 7])
+    sub = RowView(state, rows)
+    sub["J"] = torch.full((2, 64, 4), 3.0, dtype=torch.float64)
+    put(state, rows, sub)
+    assert id(state["J"]) == ident  # written in place, not copied whole
+    assert torch.equal(state["J"][7], torch.full((64, 4), 3.0, dtype=torch.float64))
+    assert torch.equal(state["J"][2], _big()[4])
+
+
+def _peaks(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return p[:, :1] * torch.exp(-(t - p[:, 1:2]) ** 2) + p[:, 2:3]
+
+
+@pytest.mark.parametrize("return_jac", [False, True])
+def test_write_out_selects_jacobian_rows_only_when_returned(monkeypatch, return_jac):
+    from torchimize_scipy import batch_least_squares
+
+    read: list[str] = []
+
+    class Recording(RowView):
+        def __missing__(self, key):
+            read.append(key)
+            return super().__missing__(key)
+
+    monkeypatch.setattr(loop, "take", lambda state, rows: Recording(state, rows))
+    t = torch.linspace(-2, 2, 20, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    p0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64) + 0.3 * torch.rand(
+        (40, 3), generator=g, dtype=torch.float64)
+    p0[::7, 0] = 1.0  # problems that finish at different rounds: several write-outs
+    res = batch_least_squares(_peaks, p0, args=(t,), method="lm", return_jac=return_jac)
+    assert int((res.status > 0).sum()) == 40
+    assert ("J" in read) == return_jac
+    assert ("x" in read) and ("f_true" in read)
