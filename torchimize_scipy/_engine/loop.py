@@ -50,7 +50,6 @@ import torch
 from torch import Tensor
 
 from .._blas_threads import is_small, serial_blas
-from . import heap
 from . import termination as term
 from .counts import count_true, known_unit, mark_finite, mark_unit
 from .host_scalars import (
@@ -665,12 +664,8 @@ def run(problem: Problem, rule: StepRule, state: State, out: State,
     # the tail: once no problem is left to admit and the running rows' Jacobians hold
     # at most TAIL_ENTRIES entries in all (each within torch's grain size), MKL and torch's
     # own kernels run single-threaded in this thread (as the driver does for small runs;
-    # see _blas_threads); a large CPU run keeps its freed blocks in the C library's heap
-    # (no page fault per block: heap.keep_freed_memory)
-    x = state["x"]
-    rows = max(x.shape[0], capacity or 0)
-    with heap.keep_freed_memory(x.device, rows * problem.m * problem.n * x.element_size()), \
-            contextlib.ExitStack() as blas:
+    # see _blas_threads)
+    with contextlib.ExitStack() as blas:
         _run(problem, rule, state, out, on_finish, on_iteration, refill, capacity, blas)
 
 
