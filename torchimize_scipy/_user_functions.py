@@ -494,6 +494,11 @@ class VectorizedFunction:
         self.kind = kind
         #: ``fn`` also takes the residuals at its points (a :class:`WithResiduals` ``jac``)
         self.takes_residuals = isinstance(fn, WithResiduals)
+        #: numpy dtype of the engine's tensors when they live on the host and the caller
+        #: works in numpy (a result of that dtype crosses without a conversion), else None
+        self._host_dtype = ({torch.float64: np.dtype(np.float64),
+                             torch.float32: np.dtype(np.float32)}.get(ns.dtype)
+                            if ns.kind == "numpy" and ns.device.type == "cpu" else None)
 
     def raw(self, x: Tensor, idx: Tensor) -> Tensor:
         """Differentiable evaluation for torch functions (no detach), ``(b, m)``."""
@@ -516,11 +521,32 @@ class VectorizedFunction:
                 out = self.fn(xu, *self.args.select(idx), **kwargs)
             return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(),
                                      what=self.kind)
-        xu = x.detach().cpu().numpy().copy()
+        xu = self._host_copy(x)
         if self.ns.kind == "xp":
             xu = self.ns.xp.asarray(xu)
         out = self.fn(xu, *self.args.select(idx), **kwargs)
+        if self._host_dtype is not None and type(out) is np.ndarray \
+                and out.dtype == self._host_dtype:
+            # already the engine's dtype on its device: the tensor of that memory, as
+            # from_user makes it (its checks pass for a real float array), remembered as
+            # its host rows (the engine's host reads of it convert nothing)
+            a = np.ascontiguousarray(out)
+            return remember_rows(torch.from_numpy(a), a) if a.ndim >= 2 else \
+                torch.from_numpy(a)
         return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(), what=self.kind)
+
+    @staticmethod
+    def _host_copy(x: Tensor) -> np.ndarray:
+        """A fresh host array of the points ``x (b, n)`` for the caller (``fn`` may write
+        to it): a copy of their remembered host rows, or of the view ``Tensor.numpy()``
+        gives of a CPU tensor (four torch dispatches instead of the six of
+        ``detach().cpu().numpy()``; the engine's points never require grad)."""
+        known = host_rows(x)
+        if known is not None:
+            return known.copy()
+        if x.device.type == "cpu" and not x.requires_grad:
+            return x.numpy().copy()
+        return x.detach().cpu().numpy().copy()
 
     def _user_view(self, t: Tensor) -> Any:
         """The engine's tensor ``t`` in the caller's kind, without a copy where it can be."""
