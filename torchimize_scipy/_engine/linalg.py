@@ -192,7 +192,7 @@ def factorize(
     with serial_lapack(H):
         Hinv, info = torch.linalg.inv_ex(H)
     limit = gram_cond_limit(H.dtype)
-    if finite is None and _all_within(H, Hinv, info, limit / n):
+    if finite is None and B >= WITHIN_MIN_ROWS and _all_within(H, Hinv, info, limit / n):
         # every row on the Gram route, proven without its condition number
         ok = remember(torch.ones(B, dtype=torch.bool, device=H.device), B)
         return Factors(mark_finite(H.new_zeros(B, n)), H.new_zeros(B, n, n), H.new_zeros(B, n),
@@ -207,6 +207,9 @@ def factorize(
                        H, Hinv, Atf, ok)
     # beyond this, the eigen-decomposition of H cannot be trusted either: to the SVD
     eig_hopeless = ~(cond1 <= n * limit)
+    if n_ok == 0:  # (every row rejected, as in an ill-conditioned tail: no selection)
+        return Factors(*_rejected_factors(H, Atf, J, d, f, diag, finite, eig_hopeless),
+                       H, Hinv, Atf, ok)
     rows = (~ok).nonzero().squeeze(-1)
 
     def pick(t: Tensor | None) -> Tensor | None:
@@ -220,12 +223,44 @@ def factorize(
     else:  # (a batch's ill-conditioned tail: every rejected problem to the direct SVD)
         A = pick(J) if d is None else pick(J) * pick(d).unsqueeze(-2)
         s_b, V_b, uf_b = svd_factors(A, None, pick(f), pick(diag))
-    if n_ok == 0:  # (every row rejected: the SVD data as they are)
-        return Factors(s_b, V_b, uf_b, H, Hinv, Atf, ok)
     s = mark_finite(H.new_zeros(B, n)).index_copy(0, rows, s_b)
     V = H.new_zeros(B, n, n).index_copy(0, rows, V_b)
     uf = H.new_zeros(B, n).index_copy(0, rows, uf_b)
     return Factors(s, V, uf, H, Hinv, Atf, ok)
+
+
+def _rejected_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
+                      diag: Tensor | None, finite: Tensor | None,
+                      eig_hopeless: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD data of every row of a batch that the Gram route rejected entirely.
+
+    The rows :func:`factorize` would select are all of them, so each tensor is used
+    whole instead of through ``index_select`` with ``0, 1, ..., B-1`` (the same
+    values, one fewer copy each): a contiguous copy where a tensor is not contiguous
+    (as the selection's copy is), and a fresh alias of ``J`` where it is, so that the
+    SVD sees none of the marks the loop put on ``J`` (the selection's copy carries
+    none: :func:`svd_factors` then tests the entries itself, as before).
+    """
+    def whole(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        return t.view_as(t) if t.is_contiguous() else t.contiguous()
+
+    eig_rows = ~eig_hopeless if finite is None else finite & ~eig_hopeless
+    n_eig = count_true(eig_rows)
+    if n_eig:
+        return _eig_factors(whole(H), whole(Atf), J, d, f, diag, eig_rows, None, n_eig)
+    A = whole(J) if d is None else whole(J) * whole(d).unsqueeze(-2)
+    return svd_factors(A, None, whole(f), whole(diag))
+
+
+#: Fewest rows for which :func:`factorize` first tries :func:`_all_within` (which saves
+#: the condition numbers when every row passes) before computing ``cond1``: below it,
+#: the few rows of a batch's tail, the test costs about as many torch operations as
+#: ``cond1`` itself (8 and 10, each with one host read), and an ill-conditioned tail
+#: fails it round after round ('lm' on ``bench_tail.py``: 1,000 of 1,012 models).
+#: Either way the same rows take the Gram route, with the same values.
+WITHIN_MIN_ROWS = 64
 
 
 def _all_finite_on_host(H: Tensor, Atf: Tensor) -> bool:
