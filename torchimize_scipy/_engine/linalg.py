@@ -28,7 +28,11 @@ prepares one of two representations per problem (a :class:`Factors`):
   eigen-decomposition on the CPU. On the host, a batch whose entries are all
   finite (one read of two sums) and whose every row is proven within the limit
   by :math:`\kappa_1 \le n^2 \max|H| \max|H^{-1}|` (one read) takes the
-  route without computing :math:`\kappa_1` (the same rows, fewer passes).
+  route without computing :math:`\kappa_1` (the same rows, fewer passes);
+  that proof is tried only on batches of at least ``WITHIN_MIN_ROWS`` rows
+  (a few rows' tail computes :math:`\kappa_1` at once). A batch that the route
+  rejects entirely takes its SVD data from its whole tensors, without selecting
+  every row first.
 
 The trust-region subproblem solves built on these factors are in
 :mod:`.trust_region`; MINPACK's pivoted QR for rank-deficient 'lm' steps is in
