@@ -234,7 +234,7 @@ def least_squares(
             start = initial_state(torch.zeros(1, dtype=torch.long, device=ns.device), p.x0, f0, J0,
                                   p.lb, p.ub, p.x_scale)
             final_jacobian = _FINAL_JACOBIAN.get()
-            keys = _one_result_keys(dense_jac, final_jacobian)
+            keys = _ONE_RESULT_KEYS[dense_jac, final_jacobian]
             out = solve(EngineRun(
                 method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj, ftol=p.ftol,
                 xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
@@ -278,6 +278,10 @@ def _one_result_keys(dense_jac: bool, final_jacobian: bool) -> tuple[str, ...]:
     if not final_jacobian:
         unread.add("g")
     return tuple(k for k in RESULT_KEYS if k not in unread)
+
+
+#: :func:`_one_result_keys` by ``(dense_jac, final_jacobian)`` (made once).
+_ONE_RESULT_KEYS = {(d, f): _one_result_keys(d, f) for d in (False, True) for f in (False, True)}
 
 
 def _no_variables(f0: torch.Tensor, loss_obj: Any, method: str) -> dict[str, torch.Tensor]:
