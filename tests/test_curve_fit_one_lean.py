@@ -134,3 +134,30 @@ def test_book_keeps_owned_arrays_and_copies_the_others():
     J2 = np.zeros((1, 3, 2))
     book.record_jac(IDS, J2, lambda: r2)
     assert book.rows["summary"] is not J2 and book.rows["prev_summary"] is J
+
+
+def test_least_squares_without_final_jacobians_writes_no_jac_or_grad():
+    # curve_fit's 'lm' with MINPACK's bookkeeping reads neither: the one problem's engine
+    # writes no J, g (nor nit) buffer, and the result holds None for them
+    from torchimize_scipy import least_squares
+    from torchimize_scipy._batch import without_final_jacobians
+    from torchimize_scipy._least_squares import _one_result_keys
+
+    x, y = _data()
+
+    def fun(p):
+        return _decay(x, *p) - y
+
+    ref = least_squares(fun, np.ones(3), method="lm")
+    with without_final_jacobians():
+        res = least_squares(fun, np.ones(3), method="lm")
+    assert res.jac is None and res.grad is None
+    assert ref.jac.shape == (50, 3) and ref.grad.shape == (3,)
+    assert_close_scaled(res.x, ref.x, ONE_EVAL_RTOL)
+    assert_close_scaled(res.fun, ref.fun, ONE_EVAL_RTOL)
+    assert res.status == ref.status and res.nfev == ref.nfev
+    np.testing.assert_array_equal(res.active_mask, np.zeros(3))
+    assert _one_result_keys(True, True) == ("x", "cost", "f_true", "J", "g", "optimality",
+                                            "active_mask", "nfev", "njev", "status")
+    assert "J" not in _one_result_keys(False, True)
+    assert not {"J", "g", "nit"} & set(_one_result_keys(True, False))

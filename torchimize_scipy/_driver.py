@@ -292,7 +292,8 @@ class _LMScaling:
         if "J" in out:
             out["J"].mul_(inv[:, None, None])
         # (twice by 1 / c, not once by its square, which may overflow where g = 0)
-        out["g"].mul_(inv[:, None]).mul_(inv[:, None])
+        if "g" in out:
+            out["g"].mul_(inv[:, None]).mul_(inv[:, None])
         out["optimality"].mul_(inv).mul_(inv)
         out["cost"].copy_(torch.where(c != 1, 0.5 * (f * f).sum(-1), out["cost"]))
 

@@ -233,8 +233,8 @@ def least_squares(
                                  "finite in the initial point.")
             start = initial_state(torch.zeros(1, dtype=torch.long, device=ns.device), p.x0, f0, J0,
                                   p.lb, p.ub, p.x_scale)
-            # a sparse or operator Jacobian is handed out by the engine as it is
-            keys = RESULT_KEYS if dense_jac else tuple(k for k in RESULT_KEYS if k != "J")
+            final_jacobian = _FINAL_JACOBIAN.get()
+            keys = _ONE_RESULT_KEYS[dense_jac, final_jacobian]
             out = solve(EngineRun(
                 method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj, ftol=p.ftol,
                 xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
@@ -242,7 +242,7 @@ def least_squares(
                 callback=_wrap_callback(callback, ns) if callback is not None else None,
                 out=result_buffers(1, n, m, ns.dtype, ns.device, keys),
                 tr_solver=tr_solver, tr_options=tr_options,
-                final_jacobian=_FINAL_JACOBIAN.get()))
+                final_jacobian=final_jacobian))
             if track:
                 idx = torch.zeros(1, dtype=torch.long, device=ns.device)
                 implicit.attach(out, lambda x: p.fun.raw(x, idx), loss_obj)
@@ -260,6 +260,28 @@ def least_squares(
                   f"final cost {float(result.cost):.4e}, "
                   f"first-order optimality {float(result.optimality):.2e}.")
         return result
+
+
+def _one_result_keys(dense_jac: bool, final_jacobian: bool) -> tuple[str, ...]:
+    """The engine's result buffers that the one problem's result reads.
+
+    ``nit`` is not a field of scipy's result; a sparse or operator Jacobian
+    is handed out by the engine as it is (no dense buffer). Without the final
+    Jacobian (:func:`~torchimize_scipy._batch.without_final_jacobians`, for
+    internal callers that read neither) ``jac`` and ``grad`` would be those
+    of the Jacobian before the stopping trial: they are not written, and the
+    result holds None for them.
+    """
+    unread = {"nit"}
+    if not dense_jac or not final_jacobian:
+        unread.add("J")
+    if not final_jacobian:
+        unread.add("g")
+    return tuple(k for k in RESULT_KEYS if k not in unread)
+
+
+#: :func:`_one_result_keys` by ``(dense_jac, final_jacobian)`` (made once).
+_ONE_RESULT_KEYS = {(d, f): _one_result_keys(d, f) for d in (False, True) for f in (False, True)}
 
 
 def _no_variables(f0: torch.Tensor, loss_obj: Any, method: str) -> dict[str, torch.Tensor]:

@@ -113,7 +113,8 @@ def build_one_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, j
     The same fields, values and types, read from the engine's ``(1, ...)``
     tensors directly (no batch result to index, no per-field
     batch-dimension conversions): arrays in the caller's kind, ``cost`` and
-    ``optimality`` floats (0-d tensors for a torch caller), counts ints.
+    ``optimality`` floats (0-d tensors for a torch caller), counts ints;
+    ``jac`` and ``grad`` are None where ``out`` holds no ``J`` or ``g``.
     """
     status = int(out["status"].item())
     active = out["active_mask"][0]
@@ -127,7 +128,8 @@ def build_one_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, j
     njev = None if (method == "lm" and not callable(jac)) else int(out["njev"].item())
     return OptimizeResult(
         x=to_user(out["x"][0]), cost=cost, fun=to_user(out["f_true"][0]),
-        jac=to_user(out["J"][0]) if "J" in out else None, grad=to_user(out["g"][0]),
+        jac=to_user(out["J"][0]) if "J" in out else None,
+        grad=to_user(out["g"][0]) if "g" in out else None,
         optimality=optimality, active_mask=to_user(active), nfev=int(out["nfev"].item()),
         njev=njev, status=status, message=codes.message(status),
         success=bool(codes.success(status)))
