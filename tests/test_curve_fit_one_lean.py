@@ -161,3 +161,34 @@ def test_least_squares_without_final_jacobians_writes_no_jac_or_grad():
                                             "active_mask", "nfev", "njev", "status")
     assert "J" not in _one_result_keys(False, True)
     assert not {"J", "g", "nit"} & set(_one_result_keys(True, False))
+
+
+def test_a_solve_inside_the_users_model_keeps_its_final_jacobian():
+    """The flag of ``without_final_jacobians`` is consumed by curve_fit's own solve: a
+    ``least_squares`` or ``batch_least_squares`` that the user's model runs is a plain one."""
+    from scipy.optimize import least_squares as scipy_least_squares
+
+    from torchimize_scipy import batch_least_squares, least_squares
+
+    seen = []
+
+    def inner(z):
+        return np.array([z[0] - 2.0, 3.0 * (z[0] - 2.0)])
+
+    def model(x, a, b, c):
+        one = least_squares(inner, np.array([0.5]), method="lm")
+        many = batch_least_squares(lambda z: np.concatenate([z - 2.0, 3.0 * (z - 2.0)], axis=1),
+                                   np.array([[0.5], [1.0]]), method="lm")
+        seen.append((one, many))
+        return _decay(x, a, b, c)
+
+    x, y = _data()
+    curve_fit(model, x, y, p0=[1.0, 1.0, 1.0])
+    ref = scipy_least_squares(inner, np.array([0.5]), method="lm")
+    assert seen
+    for one, many in seen:
+        assert one.jac is not None and one.grad is not None
+        assert_close_scaled(one.jac, ref.jac, rtol=ONE_EVAL_RTOL)
+        assert one.nfev == ref.nfev
+        assert many.jac is not None and np.all(np.isfinite(many.jac))
+        assert_close_scaled(many.jac[0], ref.jac, rtol=ONE_EVAL_RTOL)

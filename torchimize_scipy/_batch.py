@@ -63,6 +63,26 @@ def without_final_jacobians() -> Iterator[None]:
         _FINAL_JACOBIAN.reset(token)
 
 
+@contextlib.contextmanager
+def final_jacobian_of_this_call() -> Iterator[bool]:
+    """Whether the calling solve evaluates its final Jacobians, consumed by it.
+
+    False within :func:`without_final_jacobians`. Inside the block, which
+    runs the user's functions, the flag is back to its default: a
+    ``least_squares`` or :func:`batch_least_squares` that those functions
+    start themselves is a plain one (final Jacobian evaluated, ``jac`` and
+    ``grad`` filled); only the solve that reads the flag skips it.
+    """
+    if _FINAL_JACOBIAN.get():
+        yield True
+        return
+    token = _FINAL_JACOBIAN.set(True)
+    try:
+        yield False
+    finally:
+        _FINAL_JACOBIAN.reset(token)
+
+
 def batch_least_squares(
     fun: Callable,
     x0: Any,
@@ -239,15 +259,16 @@ def batch_least_squares(
     # a Jacobian kept sparse on the CPU (jac_sparsity): the whole call, the evaluations and
     # checks at x0 included, holds this thread's torch count at 1, as least_squares does;
     # the caller's fun, jac and loss keep their counts (_blas_threads.user_threads)
-    with serial_torch(p.x0.device) if jac_sparsity is not None else nullcontext():
+    with final_jacobian_of_this_call() as final_jacobian, \
+            serial_torch(p.x0.device) if jac_sparsity is not None else nullcontext():
         return _solve(p, fun, jac, method, loss, f_scale, args, kwargs, max_nfev, verbose,
-                      chunk_size, jac_sparsity, return_jac, progress)
+                      chunk_size, jac_sparsity, return_jac, progress, final_jacobian)
 
 
 def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: float,
            args: tuple, kwargs: dict, max_nfev: int | None, verbose: int,
            chunk_size: int | None, jac_sparsity: Any, return_jac: bool,
-           progress: bool | str) -> BatchOptimizeResult:
+           progress: bool | str, final_jacobian: bool = True) -> BatchOptimizeResult:
     """:func:`batch_least_squares` after its options are checked and translated (``p``)."""
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size <= 0):
         raise ValueError("`chunk_size` must be None or a positive integer.")
@@ -312,7 +333,7 @@ def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: flo
             refill=blocks.take, capacity=chunk_size,
             on_finish=bar.finished if bar is not None else None,
             on_iteration=bar.iteration if bar is not None else None,
-            final_jacobian=_FINAL_JACOBIAN.get(),
+            final_jacobian=final_jacobian,
             **({"tr_solver": "lsmr"} if sparse else {})))
         complete = True
     finally:

@@ -23,7 +23,7 @@ from scipy.optimize import OptimizeResult
 
 from . import _implicit as implicit
 from ._arrays import Namespace, as_numpy
-from ._batch import _FINAL_JACOBIAN
+from ._batch import final_jacobian_of_this_call
 from ._blas_threads import serial_torch, user_threads
 from ._driver import EngineRun, initial_state, prefers_gram, result_buffers, solve
 from ._engine import status as codes
@@ -189,7 +189,8 @@ def least_squares(
     # a Jacobian kept sparse on the CPU (jac_sparsity): no torch parallel region in the
     # checks and the evaluations at x0 either (the caller's functions keep their threads;
     # _blas_threads.serial_torch, and the driver's note on it)
-    with serial_torch(p.x0.device) if jac_sparsity is not None else nullcontext():
+    with final_jacobian_of_this_call() as final_jacobian, \
+            serial_torch(p.x0.device) if jac_sparsity is not None else nullcontext():
         ns, n = p.ns, p.x0.shape[1]
         try:
             f0_user = p.fun.call_one(p.x0[0])
@@ -233,7 +234,6 @@ def least_squares(
                                  "finite in the initial point.")
             start = initial_state(torch.zeros(1, dtype=torch.long, device=ns.device), p.x0, f0, J0,
                                   p.lb, p.ub, p.x_scale)
-            final_jacobian = _FINAL_JACOBIAN.get()
             keys = _ONE_RESULT_KEYS[dense_jac, final_jacobian]
             out = solve(EngineRun(
                 method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj, ftol=p.ftol,
