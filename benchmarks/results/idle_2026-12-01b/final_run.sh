@@ -1,0 +1,17 @@
+#!/bin/bash
+. /work/venv/bin/activate
+cd /work/main
+export PYTHONPATH=/work/main
+O=/work/notes/idle12c
+B=2c95569
+step() { name=$1; shift; echo "start $name $(date +%T) load $(cut -d' ' -f1 /proc/loadavg)" >> $O/progress.txt; "$@" > $O/$name.txt 2>&1; echo "end $name rc=$? $(date +%T)" >> $O/progress.txt; }
+step ab_small python benchmarks/ab_small.py --before $B --repeat 31 --out-dir $O/ab_small
+step ab_curve_fit python benchmarks/ab_curve_fit.py --before $B --threads 1 --out-dir $O/ab_curve_fit
+step tail_issue python benchmarks/bench_tail.py --before 13bfbc6 --B 2000 --repeat 1 --out-dir $O/tail_issue
+step tail python benchmarks/bench_tail.py --before $B --B 2000 --repeat 2 --out-dir $O/tail
+step batch20k python benchmarks/bench_batch.py --batch 20000 --scipy-subset 500 --repeat 3 --no-scaling --no-chunk-sweep --methods lm trf --out-dir $O/batch20k
+step batch_ab_lm python benchmarks/batch_ab.py --before $B --variant "torch model, analytic jac" --method lm --batch 20000 --repeat 5 --out-dir $O/batch_ab_lm
+step sparse python benchmarks/bench_sparse.py --case ba --threads 2 --before $B --repeat 3 --out-dir $O/sparse
+step pixel python benchmarks/pixel_cost.py --threads 1 --before $B --rounds 7 --out-dir $O/pixel
+step ab_small2 python benchmarks/ab_small.py --before $B --repeat 31 --out-dir $O/ab_small2
+echo ALLDONE >> $O/progress.txt
