@@ -260,6 +260,21 @@ def test_pipelined_differences_hand_fun_a_fresh_point_each_call() -> None:
     assert_close_scaled(J.to_dense()[0].numpy(), ref.toarray(), ONE_EVAL_RTOL)
 
 
+def _broyden_at_start(n: int) -> tuple:
+    """Broyden's tridiagonal problem of size ``n`` as the pipelined differences see it:
+    a fresh pattern, the numpy ``fun`` as the engine calls it, ``x0 (1, n)``, the
+    problem index and the residuals at ``x0``."""
+    from torchimize_scipy._arrays import Namespace
+    from torchimize_scipy._user_functions import RowwiseFunction
+
+    pattern = SparsityPattern.from_structure(_tridiagonal(n))
+    fun = RowwiseFunction(_broyden, (), {}, Namespace("numpy", torch.device("cpu"),
+                                                      torch.float64))
+    x = torch.linspace(-1.2, -0.8, n, dtype=torch.float64).reshape(1, n)
+    idx = torch.zeros(1, dtype=torch.long)
+    return pattern, fun, x, idx, fun(x, idx)
+
+
 @pytest.mark.parametrize("block_nnz", [40, 10**9])
 def test_pipelined_differences_build_the_indices_on_a_helper(monkeypatch, block_nnz) -> None:
     """The first pipelined Jacobian of a pattern gets its groups' nonzeros, COO indices
@@ -268,17 +283,10 @@ def test_pipelined_differences_build_the_indices_on_a_helper(monkeypatch, block_
     registered for the engine, and its transposed arrays made ahead exactly when the
     products will be cut into row blocks."""
     from torchimize_scipy import _sparsity as mod
-    from torchimize_scipy._arrays import Namespace
-    from torchimize_scipy._user_functions import RowwiseFunction
 
     monkeypatch.setattr(op, "_BLOCK_NNZ", block_nnz)
     n = 60
-    pattern = SparsityPattern.from_structure(_tridiagonal(n))
-    fun = RowwiseFunction(_broyden, (), {}, Namespace("numpy", torch.device("cpu"),
-                                                      torch.float64))
-    x = torch.linspace(-1.2, -0.8, n, dtype=torch.float64).reshape(1, n)
-    idx = torch.zeros(1, dtype=torch.long)
-    f0 = fun(x, idx)
+    pattern, fun, x, idx, f0 = _broyden_at_start(n)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -315,16 +323,8 @@ def test_pipelined_differences_finish_on_the_caller_when_the_helper_is_busy() ->
     second one made with the helper free (both from the same calls of ``fun``)."""
     import threading
 
-    from torchimize_scipy._arrays import Namespace
-    from torchimize_scipy._user_functions import RowwiseFunction
-
     n = 50
-    pattern = SparsityPattern.from_structure(_tridiagonal(n))
-    fun = RowwiseFunction(_broyden, (), {}, Namespace("numpy", torch.device("cpu"),
-                                                      torch.float64))
-    x = torch.linspace(-1.2, -0.8, n, dtype=torch.float64).reshape(1, n)
-    idx = torch.zeros(1, dtype=torch.long)
-    f0 = fun(x, idx)
+    pattern, fun, x, idx, f0 = _broyden_at_start(n)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     release, busy, returned = threading.Event(), threading.Event(), threading.Event()
