@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ._arrays import Namespace, as_numpy, detect_namespace
 from ._engine.bounds import make_strictly_feasible
-from ._engine.host_scalars import host_rows, remember_rows
+from ._engine.host_scalars import host_rows, tensor_of_host
 from ._jac_forms import engine_jacobian, jacobian_form
 from ._jacobian import autograd_jacobian, finite_difference_jacobian
 from ._loss import LossFunction, make_loss
@@ -401,14 +401,13 @@ def first_value(ns: Namespace, a: np.ndarray, shape: tuple[int, ...], what: str)
 
     A float64 array for a float64 engine on the CPU becomes the tensor of its
     (contiguous) memory, as ``from_user`` makes it, remembering that memory as its
-    host rows (:func:`~torchimize_scipy._engine.host_scalars.remember_rows`), so
+    host rows (:func:`~torchimize_scipy._engine.host_scalars.tensor_of_host`), so
     that the checks at ``x0`` and the engine's first host reads of it convert
     nothing (no torch operation).
     """
     if ns.device.type == "cpu" and ns.dtype == torch.float64 and type(a) is np.ndarray \
             and a.dtype == np.float64:
-        h = np.ascontiguousarray(a).reshape(shape)
-        return remember_rows(torch.from_numpy(h), h)
+        return tensor_of_host(np.ascontiguousarray(a).reshape(shape))
     return ns.from_user(a, what=what).reshape(shape)
 
 

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._arrays import Namespace, as_numpy, is_torch
+from ._arrays import Namespace, as_numpy, host_view, is_torch
 from ._blas_threads import user_threads
 from ._engine.csr import product_threads
-from ._engine.host_scalars import host_rows, remember_rows
+from ._engine.host_scalars import host_rows, remember_rows, tensor_of_host
 
 #: Largest ``n`` for which one point crosses to numpy through ``Tensor.tolist``
 #: (cheaper than ``Tensor.numpy`` for a few values; slower for many).
@@ -530,9 +530,7 @@ class VectorizedFunction:
             # already the engine's dtype on its device: the tensor of that memory, as
             # from_user makes it (its checks pass for a real float array), remembered as
             # its host rows (the engine's host reads of it convert nothing)
-            a = np.ascontiguousarray(out)
-            return remember_rows(torch.from_numpy(a), a) if a.ndim >= 2 else \
-                torch.from_numpy(a)
+            return tensor_of_host(out)
         return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(), what=self.kind)
 
     @staticmethod
@@ -542,18 +540,13 @@ class VectorizedFunction:
         gives of a CPU tensor (four torch dispatches instead of the six of
         ``detach().cpu().numpy()``; the engine's points never require grad)."""
         known = host_rows(x)
-        if known is not None:
-            return known.copy()
-        if x.device.type == "cpu" and not x.requires_grad:
-            return x.numpy().copy()
-        return x.detach().cpu().numpy().copy()
+        return (known if known is not None else host_view(x)).copy()
 
     def _user_view(self, t: Tensor) -> Any:
         """The engine's tensor ``t`` in the caller's kind, without a copy where it can be."""
         if self.ns.kind == "torch":
             return t.detach()
-        host = t.numpy() if t.device.type == "cpu" and not t.requires_grad else \
-            t.detach().cpu().numpy()
+        host = host_view(t)
         return self.ns.xp.asarray(host) if self.ns.kind == "xp" else host
 
 

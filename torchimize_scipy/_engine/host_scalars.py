@@ -178,6 +178,15 @@ def remember_rows(t: Tensor, a: np.ndarray) -> Tensor:
     return t
 
 
+def tensor_of_host(a: np.ndarray) -> Tensor:
+    """The CPU tensor of ``a``'s memory (made contiguous), as ``Namespace.from_user``
+    makes it for an array already of the engine's dtype, remembering that memory as
+    its host rows where it has two or more dimensions (:func:`remember_rows`)."""
+    a = np.ascontiguousarray(a)
+    t = torch.from_numpy(a)
+    return remember_rows(t, a) if a.ndim >= 2 else t
+
+
 def _is_scalar(a: Any) -> bool:
     return type(a) is not _ARRAY
 
