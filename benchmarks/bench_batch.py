@@ -14,7 +14,10 @@ Part 1 -- for each method ('lm', 'trf') and each way of giving the model:
 it times one ``batch_least_squares`` call on all B problems (median of
 ``--repeat`` runs after a warm-up) and a scipy loop on the first
 ``--scipy-subset`` problems (default 1,000), run ``--scipy-repeat`` times (default 3;
-the median), whose fits/s is extrapolated to B.
+the median), whose fits/s is extrapolated to B. With ``--interleave`` the scipy
+loop and our call alternate ``--repeat`` times instead, and the speed-up is the
+median of the rounds' ratios (this machine's speed drifts between minutes);
+``--variants`` picks some of the four ways of giving the model.
 Cost agreement is computed on that subset: a problem is "equal" when
 ``|cost_ours - cost_scipy| <= rtol * cost_scipy`` (rtol 1e-6), "lower" when
 ours is lower beyond that, "higher" otherwise.
@@ -32,6 +35,7 @@ Usage::
 
     python benchmarks/bench_batch.py [--quick] [--device cuda] [--dtype float32]
            [--threads 2] [--batch 20000] [--scipy-subset 1000] [--chunk-size N]
+           [--interleave] [--variants "torch model, analytic jac" ...]
            [--no-comparison] [--no-scaling] [--no-chunk-sweep]
 """
 
@@ -141,8 +145,12 @@ def run_comparison(args, dev, dt) -> list[dict[str, Any]]:
     scipy_jacs = {"analytic": peak_jac_1d, "2-point": "2-point"}
     ref_cache: dict[tuple[str, str], dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
+    variants = {k: v for k, v in VARIANTS.items() if not args.variants or k in args.variants}
     for method in args.methods:
-        for name, (kind, _, sjac) in VARIANTS.items():
+        for name, (kind, _, sjac) in variants.items():
+            if args.interleave:
+                rows.append(interleaved_row(args, method, name, p0, y, B, S, dev, dt))
+                continue
             if (method, sjac) not in ref_cache:
                 # the scipy loop --scipy-repeat times, the median time (one loop of a few
                 # hundred fits moved by 30 % between runs, RESULTS §26)
@@ -197,6 +205,59 @@ def run_comparison(args, dev, dt) -> list[dict[str, Any]]:
     return rows
 
 
+def interleaved_row(args, method: str, name: str, p0: np.ndarray, y: np.ndarray, B: int, S: int,
+                    dev: torch.device, dt: torch.dtype) -> dict[str, Any]:
+    """One variant with the scipy loop and our call alternated (``--interleave``).
+
+    This machine's speed drifts by up to 1.5x between minutes (RESULTS §28) and
+    scipy's 500-fit loop has read 1,151 to 2,355 fits/s in different processes
+    (sections 27, 28), so a ratio of one scipy loop timed before all of ours is
+    only as good as the minute it ran in. Here each of ``--repeat`` rounds runs
+    the scipy loop on the subset and then our call on all B problems (the order
+    swapped every other round); the reported speed-up is the median of the
+    rounds' ratios, each taken from two timings a few seconds apart.
+    """
+    kind, _, sjac = VARIANTS[name]
+    sfun = {"analytic": peak_jac_1d, "2-point": "2-point"}[sjac]
+    repeat = args.repeat or (1 if args.quick else 3)
+    make_call(name, p0[:64], y[:64], dev, dt, method)()  # warm-up
+    call = make_call(name, p0, y, dev, dt, method, chunk_size=args.chunk_size)
+    ours_t: list[float] = []
+    scipy_t: list[float] = []
+    res = ref = None
+    for i in range(repeat):
+        steps = ["scipy", "ours"] if i % 2 == 0 else ["ours", "scipy"]
+        for step in steps:
+            if step == "scipy":
+                ref = scipy_loop(peak_1d, sfun, p0[:S], y[:S], method)
+                scipy_t.append(ref["seconds"])
+            else:
+                t, res = timed(call, dev)
+                ours_t.append(t)
+    ratios = [(B / to) / (S / ts) for to, ts in zip(ours_t, scipy_t, strict=True)]
+    cmp = compare_costs(to_numpy(res.cost)[:S], ref["cost"], args.rtol)
+    row = {
+        "method": method, "variant": name, "model": kind, "jac_ours": VARIANTS[name][1],
+        "jac_scipy": sjac, "B": B, "scipy_subset": S, "interleaved": True,
+        "seconds_ours": float(np.median(ours_t)), "seconds_ours_all": ours_t,
+        "seconds_scipy_subset": float(np.median(scipy_t)), "seconds_scipy_subset_all": scipy_t,
+        "fits_per_s_ours": B / float(np.median(ours_t)),
+        "fits_per_s_scipy": S / float(np.median(scipy_t)),
+        "speedup": float(np.median(ratios)), "speedup_rounds": ratios,
+        "model_seconds": None, "model_share": None, "model_ceiling_speedup": None,
+        "cost_equal": cmp["equal"], "cost_lower": cmp["lower"], "cost_higher": cmp["higher"],
+        "cost_reached": cmp["reached"],
+        "nfev_mean_ours_subset": float(to_numpy(res.nfev)[:S].mean()),
+        "nfev_mean_scipy": float(ref["nfev"].mean()),
+        "status_ours": status_counts(res.status),
+        "status_scipy_subset": status_counts(ref["status"]),
+    }
+    print(f"  {method:4s} {name:28s} ours {row['fits_per_s_ours']:10.0f} fits/s   "
+          f"scipy {row['fits_per_s_scipy']:8.0f} fits/s   speed-up per round "
+          + " ".join(f"{r:.1f}x" for r in ratios), flush=True)
+    return row
+
+
 def print_comparison(rows: list[dict[str, Any]], rtol: float) -> None:
     if not rows:
         return
@@ -225,6 +286,13 @@ def print_comparison(rows: list[dict[str, Any]], rtol: float) -> None:
           f"alone takes for the evaluations our solver made (one call on all {B:,} problems, "
           f"times the mean nfev and njev), as a share of our time; model-only ceiling: the "
           f"speed-up over scipy if the solver itself cost nothing (analytic Jacobians only).")
+    if any(r.get("interleaved") for r in rows):
+        print("\nInterleaved (--interleave): each of the rounds ran the scipy loop and our call "
+              "one after the other; times are medians over the rounds and the speed-up is the "
+              "median of the rounds' ratios (per round: "
+              + "; ".join(f"{r['method']} {r['variant']}: "
+                          + ", ".join(f"{x:.1f}x" for x in r["speedup_rounds"])
+                          for r in rows if r.get("interleaved")) + ").")
     auto = [r for r in rows if "speedup_vs_scipy_2point" in r]
     if auto:
         print("\n'autograd' against scipy with jac='2-point' (what a scipy user without a "
@@ -426,6 +494,11 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["lm", "trf"], choices=["lm", "trf", "dogbox"])
     p.add_argument("--repeat", type=int, default=None, help="timed calls (default 3; quick 1)")
     p.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance of 'equal cost'")
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   help="part 1's ways of giving the model (default: all four)")
+    p.add_argument("--interleave", action="store_true",
+                   help="part 1: alternate the scipy loop and our call --repeat times and report "
+                        "the median of the rounds' speed-ups (a drifting machine's speed cancels)")
     p.add_argument("--no-comparison", action="store_true", help="skip part 1")
     p.add_argument("--no-scaling", action="store_true", help="skip part 2")
     p.add_argument("--scaling-max", type=int, default=None,
