@@ -78,7 +78,7 @@ def test_row_blocks_inside_serial_torch_are_cut_for_the_callers_threads(two_thre
     outside = csr.BlockCSR(J)
     with _blas_threads.serial_torch(torch.device("cpu")):
         inside = csr.BlockCSR(J)
-    assert len(outside._a) == len(inside._a) == 6
+    assert len(outside._a) == len(inside._a) == 4
 
 
 class _LargeOps(TorchDispatchMode):

@@ -85,10 +85,10 @@ def test_block_csr_parallel_rmatvec_builds_the_transpose(monkeypatch) -> None:
     torch.set_num_threads(2)
     try:
         csr = op.BlockCSR(J)
-        assert len(csr._a) == 6 and csr._at_blocks is None
+        assert len(csr._a) == 4 and csr._at_blocks is None
         out = np.zeros((J.shape[0], J.shape[2]))
         csr.rmatvec_into(u, out)
-        assert csr._at_blocks is not None and len(csr._at_blocks) == 6
+        assert csr._at_blocks is not None and len(csr._at_blocks) == 4
         assert_close_scaled(out, ref, ONE_EVAL_RTOL)
     finally:
         torch.set_num_threads(old)
