@@ -4,16 +4,16 @@ A batch of sparse Jacobians is one block-diagonal matrix of ``B m`` rows and
 ``B n`` columns. :class:`BlockCSR` keeps a CSR form of it and one of its
 transpose (the transpose's entry order found once per sparsity structure,
 :func:`csr_plan`), so that both ``J v`` and ``J^T u`` are row-wise sparse dot
-products. On the CPU they run in scipy's compiled CSR kernel over the tensors'
-memory, in row blocks of decreasing entry counts (three per torch thread when
-torch has several, claimed largest first; :func:`product_threads` keeps the
-caller's count while a step rule holds its torch count at 1) shared between
-the calling thread and helper threads of the process (:class:`_Product`: every
-thread claims the next block from one counter, so a helper that gets no core
-never stalls a product; each row is one loop whoever runs it, so the result
-does not depend on the split); on other devices in torch's CSR kernel. On the
-host the transposed CSR is made only when it pays: for ``J^T u`` in parallel
-row blocks. With one block (one torch thread, or a small matrix), and for the
+products. On the CPU they run in scipy's compiled CSR kernel over the
+tensors' memory, in row blocks of equal entry counts (two per torch thread
+when torch has several: :func:`product_threads`, which keeps the caller's
+count while a step rule holds its torch count at 1) shared between the calling thread and helper
+threads of the process (:class:`_Product`: every thread claims the next
+block from one counter, so a helper that gets no core never stalls a
+product; each row is one loop whoever runs it, so the result does not depend
+on the split); on other devices in torch's CSR kernel. On the host the
+transposed CSR is made only when it pays: for ``J^T u`` in parallel row
+blocks. With one block (one torch thread, or a small matrix), and for the
 one-off ``J^T u`` of a Jacobian (the gradient), the product scatters along
 ``J``'s rows in scipy's CSC kernel instead (what scipy's ``J.T @ u`` runs),
 summing each entry over the rows in the same increasing order: no transposed
@@ -21,10 +21,10 @@ copy per Jacobian, and one matrix streamed per LSMR iteration instead of two.
 For LSMR's ``A w - c y`` of one problem the row blocks also form ``y c`` and
 the difference over their own rows (:meth:`BlockCSR.sub_into`): the same
 elementwise operations, shared by the threads. A row block is its offsets and
-views of the index and value arrays, handed to the kernel as they are (a scipy
-matrix per block would copy views under half of their array in its format
-check). Used by :mod:`.operator` and, on numpy arrays without allocation, by
-:mod:`.lsmr`.
+views of the index and value arrays, handed to the kernel as they are (a
+scipy matrix per block would copy views under half of their array in its
+format check). Used by :mod:`.operator` and, on numpy arrays without
+allocation, by :mod:`.lsmr`.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class BlockCSR:
     On the CPU the products run in scipy's compiled CSR kernel on numpy views
     of the tensors (no copy; about twice as fast as torch's CPU sparse kernel
     on one thread, ``benchmarks/bench_sparse.py --case matvec``); a large
-    matrix is cut into row blocks of decreasing entry counts, three per torch
-    thread (``torch.get_num_threads()``; one block for one thread), multiplied in
+    matrix is cut into row blocks of equal entry counts, two per torch thread
+    (``torch.get_num_threads()``; one block for one thread), multiplied in
     parallel by the calling thread and the helpers (scipy's kernel releases the
     GIL; each row's sum is the same whatever the cut, so the result does not
     depend on the thread count). :meth:`matvec_into`, :meth:`rmatvec_into`
@@ -441,29 +441,21 @@ if hasattr(os, "register_at_fork"):
 
 
 def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> list[_Block]:
-    """Row blocks of decreasing entry counts of a CSR matrix over existing arrays (no copy).
+    """Row blocks of equal entry counts of a CSR matrix over existing arrays (no copy).
 
-    One block for one torch thread, else three per thread (at most ``nnz /
-    _BLOCK_NNZ`` of them), of the relative sizes :func:`_block_weights`, each
-    its rows' offsets (from 0) and views of the column indices and values:
-    more blocks than threads let the calling thread take over the blocks
-    that a busy helper has not claimed (:class:`_Product`). The blocks are
-    claimed in order, so the product ends on its shortest blocks and a
-    thread that is done waits for another's last block for less time (the
-    bundle adjustment of ``bench_sparse.py``, whose helper starts each
-    product ~50 us after the caller: the caller's idle wait in the products
-    went from ~0.08 to ~0.05 s per solve, against two equal blocks per
-    thread). No scipy matrix is built per block: its format check copies
-    index and value views that are less than half of their arrays
-    (``scipy._lib._util._prune_array``), which cost the bundle adjustment
-    104 copies per solve.
+    One block for one torch thread, else two per thread (at most ``nnz /
+    _BLOCK_NNZ`` of them), each its rows' offsets (from 0) and views of the
+    column indices and values: more blocks than threads let the calling
+    thread take over the blocks that a busy helper has not claimed
+    (:class:`_Product`). No scipy matrix is built per block: its format
+    check copies index and value views that are less than half of their
+    arrays (``scipy._lib._util._prune_array``), which cost the bundle
+    adjustment of ``bench_sparse.py`` 104 copies per solve.
     """
     indptr, indices = index
     nnz = int(indptr[-1])
     k = _block_count(nnz, shape[0])
-    weights = np.cumsum(_block_weights(k, product_threads()))
-    bounds = weights[:-1] * (nnz / weights[-1])  # entries before each cut
-    cuts = np.unique(np.r_[0, np.searchsorted(indptr, bounds), shape[0]])
+    cuts = np.unique(np.r_[0, np.searchsorted(indptr, np.arange(1, k) * (nnz / k)), shape[0]])
     blocks = []
     for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
         a, b = int(indptr[lo]), int(indptr[hi])
@@ -474,26 +466,10 @@ def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> lis
     return blocks
 
 
-#: row blocks per product thread of a parallel CPU product (:func:`_row_blocks`)
-_BLOCKS_PER_THREAD = 3
-
-
 def _block_count(nnz: int, rows: int) -> int:
     """How many row blocks :func:`_row_blocks` cuts a host matrix into (before merging cuts)."""
     threads = product_threads()
-    per = threads if threads == 1 else _BLOCKS_PER_THREAD * threads
-    return int(max(1, min(per, nnz // _BLOCK_NNZ, rows)))
-
-
-def _block_weights(k: int, threads: int) -> list[int]:
-    """Relative entry counts of ``k`` row blocks claimed in order by ``threads`` threads.
-
-    ``ceil((k - i) / threads)`` for block ``i``: each round of ``threads``
-    claims gets blocks one unit smaller than the round before (3, 3, 2, 2,
-    1, 1 for two threads), so that the last blocks of a product are short.
-    """
-    t = max(1, threads)
-    return [(k - i + t - 1) // t for i in range(k)]
+    return int(max(1, min(threads if threads == 1 else 2 * threads, nnz // _BLOCK_NNZ, rows)))
 
 
 def cuts_rows(nnz: int, rows: int) -> bool:
