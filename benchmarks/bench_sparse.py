@@ -26,6 +26,19 @@ Cases (``--case``, default all):
   of ``J``, two per torch thread, and for ``J^T u`` on row blocks of a CSR of
   ``J^T``, or with one block scipy's CSC kernel along ``J``'s rows);
   medians of process CPU time and wall time per product.
+* ``kernels``: formulations of the bundle adjustment's products (random
+  values on its structure), each checked bit for bit against scipy's CSR
+  kernel (``csr_matvec``, what the solver runs): the CSR kernel on ``J`` and
+  on ``J^T``'s CSR; ``J^T u`` scattered along ``J``'s rows (``csc_matvec``);
+  an ELL layout (every row of ``J`` has 12 entries) summed column pass by
+  column pass in numpy (``take``, ``multiply``, ``add``: each row's sum in
+  the kernel's order); scipy's BSR kernel on 2 x 3 blocks (``J``) and 3 x 2
+  blocks (``J^T``), whose per-block loops sum each row in the same order;
+  ``J^T u`` as column panels of ``J`` (equal entry counts) scattered one
+  panel per thread. Calling-thread CPU nanoseconds per entry, medians of
+  rounds that alternate the formulations, with 1 thread and with 2 threads
+  (each runs half of the rows, or one panel; ``J v`` then ``J^T u``, as LSMR
+  alternates them).
 * ``threads``: the bundle adjustment (numpy residuals) by the working tree
   with 1 and with ``--threads`` torch threads, alternated in this process
   (``torch.set_num_threads`` before each solve), ``--repeat`` rounds: what a
@@ -48,7 +61,7 @@ the script.
 
 Usage::
 
-    python benchmarks/bench_sparse.py [--case ba broyden big matvec groups threads]
+    python benchmarks/bench_sparse.py [--case ba broyden big matvec kernels groups threads]
            [--quick] [--workers K]
            [--threads 2] [--before REV] [--repeat 3]
 """
@@ -340,6 +353,160 @@ def run_matvec(args: Any) -> dict[str, Any]:
     return out
 
 
+def run_kernels(args: Any) -> dict[str, Any]:
+    """ns per entry of formulations of ``J v`` and ``J^T u`` (module notes), 1 and 2 threads."""
+    import threading
+
+    from scipy.sparse._sparsetools import bsr_matvec, csc_matvec, csr_matvec
+
+    size = dict(n_cameras=8, n_points=500) if args.quick else {}
+    S = sp.csr_array(bundle_adjustment(seed=args.seed, **size)["sparsity"], dtype=float)
+    S.sort_indices()
+    rng = np.random.default_rng(args.seed)
+    m, n = S.shape
+    nnz = S.nnz
+    ip, ix = S.indptr.astype(np.int32), S.indices.astype(np.int32)
+    data = rng.standard_normal(nnz)
+    St = sp.csr_array((data, ix, ip), shape=(m, n)).T.tocsr()
+    St.sort_indices()
+    tp, tx, td = St.indptr.astype(np.int32), St.indices.astype(np.int32), St.data
+    v, u = rng.standard_normal(n), rng.standard_normal(m)
+    k = int(ip[1] - ip[0])
+    assert np.all(np.diff(ip) == k)  # every row of the bundle adjustment: 12 entries
+    ell_cols = np.ascontiguousarray(ix.reshape(m, k).T).astype(np.intp)
+    ell_vals = np.ascontiguousarray(data.reshape(m, k).T)
+    bsr = sp.bsr_array(sp.csr_array((data, ix, ip), shape=(m, n)), blocksize=(2, 3))
+    bsr.sort_indices()
+    bsr_t = sp.bsr_array(St, blocksize=(3, 2))
+    bsr_t.sort_indices()
+    assert bsr.data.size == nnz and bsr_t.data.size == nnz  # dense 2 x 3 blocks, no fill
+    col_end = np.cumsum(np.bincount(ix, minlength=n))
+    cut = int(np.searchsorted(col_end, nnz / 2)) + 1
+    panels = []
+    for c0, c1 in ((0, cut), (cut, n)):
+        P = sp.csr_array((data, ix, ip), shape=(m, n))[:, c0:c1].tocsr()
+        P.sort_indices()
+        panels.append((c0, c1, P.indptr.astype(np.int32), (P.indices + c0).astype(np.int32),
+                       P.data.copy()))
+
+    def halves(ptr: np.ndarray, rows: int) -> list[tuple[int, int]]:
+        mid = int(np.searchsorted(ptr, ptr[-1] / 2))
+        return [(0, mid), (mid, rows)]
+
+    rows_j, rows_t = halves(ip, m), halves(tp, n)
+    rows_b, rows_bt = halves(bsr.indptr, m // 2), halves(bsr_t.indptr, n // 3)
+    tmp = np.empty(m)
+
+    def csr_fwd(out: np.ndarray, lo: int, hi: int) -> None:
+        part = out[lo:hi]
+        part.fill(0)
+        csr_matvec(hi - lo, n, ip[lo:hi + 1] - ip[lo], ix[ip[lo]:ip[hi]], data[ip[lo]:ip[hi]],
+                   v, part)
+
+    def csr_bwd(out: np.ndarray, lo: int, hi: int) -> None:
+        part = out[lo:hi]
+        part.fill(0)
+        csr_matvec(hi - lo, m, tp[lo:hi + 1] - tp[lo], tx[tp[lo]:tp[hi]], td[tp[lo]:tp[hi]],
+                   u, part)
+
+    def ell_fwd(out: np.ndarray, lo: int, hi: int) -> None:
+        part, t = out[lo:hi], tmp[lo:hi]
+        part.fill(0)
+        for j in range(k):  # acc += vals_j * v[cols_j]: each row's sum in the kernel's order
+            np.take(v, ell_cols[j, lo:hi], out=t)
+            np.multiply(t, ell_vals[j, lo:hi], out=t)
+            np.add(part, t, out=part)
+
+    def bsr_fwd(out: np.ndarray, lo: int, hi: int) -> None:
+        part = out[2 * lo:2 * hi]
+        part.fill(0)
+        a, b = bsr.indptr[lo], bsr.indptr[hi]
+        bsr_matvec(hi - lo, n // 3, 2, 3, bsr.indptr[lo:hi + 1] - a, bsr.indices[a:b],
+                   bsr.data[a:b].reshape(-1), v, part)
+
+    def bsr_bwd(out: np.ndarray, lo: int, hi: int) -> None:
+        part = out[3 * lo:3 * hi]
+        part.fill(0)
+        a, b = bsr_t.indptr[lo], bsr_t.indptr[hi]
+        bsr_matvec(hi - lo, m // 2, 3, 2, bsr_t.indptr[lo:hi + 1] - a, bsr_t.indices[a:b],
+                   bsr_t.data[a:b].reshape(-1), u, part)
+
+    def scatter_bwd(out: np.ndarray, which: int, _: int) -> None:
+        if which < 0:  # one thread: the whole of J
+            out.fill(0)
+            csc_matvec(n, m, ip, ix, data, u, out)
+            return
+        c0, c1, pp, px, pd = panels[which]
+        out[c0:c1] = 0
+        csc_matvec(n, m, pp, px, pd, u, out)
+
+    one_fwd, one_bwd = [(0, m)], [(0, n)]
+    forms = {  # name: (J v over row ranges, its ranges per thread, J^T u, its ranges per thread)
+        "CSR kernel (J, J^T's CSR): the solver's": (csr_fwd, rows_j, csr_bwd, rows_t),
+        "ELL column passes (numpy), J^T u as CSR": (ell_fwd, rows_j, csr_bwd, rows_t),
+        "BSR 2x3 / 3x2 (scipy bsr_matvec)": (bsr_fwd, rows_b, bsr_bwd, rows_bt),
+        "CSR J v; J^T u scattered (csc_matvec; 2 threads: column panels)":
+            (csr_fwd, rows_j, scatter_bwd, [(0, 0), (1, 0)]),
+    }
+    ref_f, ref_b = np.zeros(m), np.zeros(n)
+    csr_fwd(ref_f, 0, m)
+    csr_bwd(ref_b, 0, n)
+    out: dict[str, Any] = {"m": m, "n": n, "nnz": int(nnz)}
+    outs = {"f": np.zeros(m), "b": np.zeros(n)}
+    for name, (fw, _, bw, parts_b) in forms.items():
+        fw(outs["f"], 0, m if fw is not bsr_fwd else m // 2)
+        if bw is scatter_bwd:
+            for which, _x in parts_b:
+                bw(outs["b"], which, 0)
+        else:
+            bw(outs["b"], 0, n if bw is not bsr_bwd else n // 3)
+        out[name] = {"bitwise": bool(np.array_equal(outs["f"], ref_f)
+                                     and np.array_equal(outs["b"], ref_b))}
+
+    def one_round(fw: Any, bw: Any, rf: list, rb: list, threads: int, it: int) -> float:
+        """Thread CPU ns per entry of ``it`` pairs (J v, J^T u), split over ``threads``."""
+        barrier = threading.Barrier(threads)
+        cpu = [0.0] * threads
+
+        def work(t: int) -> None:
+            c0 = time.thread_time()
+            for _ in range(it):
+                for r in (rf if threads == 2 else one_fwd_of(fw))[t::threads]:
+                    fw(outs["f"], *r)
+                barrier.wait()
+                for r in (rb if threads == 2 else one_bwd_of(bw))[t::threads]:
+                    bw(outs["b"], *r)
+                barrier.wait()
+            cpu[t] = time.thread_time() - c0
+
+        helpers = [threading.Thread(target=work, args=(t,)) for t in range(1, threads)]
+        for h in helpers:
+            h.start()
+        work(0)
+        for h in helpers:
+            h.join()
+        return 1e9 * sum(cpu) / (it * 2 * nnz)
+
+    def one_fwd_of(fw: Any) -> list:
+        return [(0, m // 2)] if fw is bsr_fwd else one_fwd
+
+    def one_bwd_of(bw: Any) -> list:
+        if bw is scatter_bwd:
+            return [(-1, 0)]
+        return [(0, n // 3)] if bw is bsr_bwd else one_bwd
+
+    it = 5 if args.quick else 20
+    samples: dict[tuple, list] = {}
+    for _ in range(max(3, args.repeat)):
+        for name, (fw, rf, bw, rb) in forms.items():
+            for threads in (1, 2):
+                samples.setdefault((name, threads), []).append(
+                    one_round(fw, bw, rf, rb, threads, it))
+    for (name, threads), xs in samples.items():
+        out[name][f"ns_per_entry_{threads}t"] = statistics.median(xs)
+    return out
+
+
 def run_groups(args: Any) -> dict[str, Any]:
     """Column grouping: scipy's compiled one, ours in scipy's order, ours largest first."""
     from scipy.optimize._numdiff import group_columns as scipy_groups
@@ -400,7 +567,7 @@ def _solve_rows(label: str, r: dict[str, Any], kind: str) -> list[list[Any]]:
 def main() -> None:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--case", nargs="+", default=["ba", "broyden", "big"],
-                   choices=["ba", "broyden", "big", "matvec", "groups", "threads"])
+                   choices=["ba", "broyden", "big", "matvec", "kernels", "groups", "threads"])
     p.add_argument("--before", default=None,
                    help="also run the package as of this commit, in the same process")
     p.add_argument("--repeat", type=int, default=3,
@@ -442,6 +609,14 @@ def main() -> None:
         print(md_table(["product", "CPU ms", "wall ms", "CPU / scipy's"],
                        [[k, v["cpu_ms"], v["wall_ms"], v["cpu_ms"] / base[k.split(" ", 1)[1]
                          if k.startswith(("scipy", "ours")) else k.split(" ", 2)[2]]]
+                        for k, v in r.items() if isinstance(v, dict)]))
+    if "kernels" in args.case:
+        r = results["kernels"] = run_kernels(args)
+        print(f"\nformulations of J v and J^T u, bundle adjustment structure (m={r['m']}, "
+              f"n={r['n']}, nnz={r['nnz']}): thread CPU ns per entry, medians (1 thread; 2 "
+              f"threads, each half of the rows or one panel); bit for bit against the CSR kernel:")
+        print(md_table(["formulation", "1 thread ns/entry", "2 threads ns/entry", "bitwise"],
+                       [[k, v["ns_per_entry_1t"], v["ns_per_entry_2t"], v["bitwise"]]
                         for k, v in r.items() if isinstance(v, dict)]))
     if "threads" in args.case:
         r = results["threads"] = run_threads(args)
