@@ -116,22 +116,20 @@ def build_one_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, j
     ``optimality`` floats (0-d tensors for a torch caller), counts ints;
     ``jac`` and ``grad`` are None where ``out`` holds no ``J`` or ``g``.
     """
-    # (a count or float of a (1,) tensor through ``tolist``: the same number as ``item``,
-    # without its two dispatched operations)
-    status = int(out["status"].tolist()[0])
+    status = int(out["status"].item())
     active = out["active_mask"][0]
     if method in ("trf", "gn", "gd") and not bounded:
         active = active.to(out["x"].dtype)
     if ns.kind == "torch":
         cost, optimality = out["cost"][0].clone(), out["optimality"][0].clone()
     else:
-        cost, optimality = float(out["cost"].tolist()[0]), float(out["optimality"].tolist()[0])
+        cost, optimality = float(out["cost"].item()), float(out["optimality"].item())
     to_user = ns.to_user
-    njev = None if (method == "lm" and not callable(jac)) else int(out["njev"].tolist()[0])
+    njev = None if (method == "lm" and not callable(jac)) else int(out["njev"].item())
     return OptimizeResult(
         x=to_user(out["x"][0]), cost=cost, fun=to_user(out["f_true"][0]),
         jac=to_user(out["J"][0]) if "J" in out else None,
         grad=to_user(out["g"][0]) if "g" in out else None,
-        optimality=optimality, active_mask=to_user(active), nfev=int(out["nfev"].tolist()[0]),
+        optimality=optimality, active_mask=to_user(active), nfev=int(out["nfev"].item()),
         njev=njev, status=status, message=codes.message(status),
         success=bool(codes.success(status)))
