@@ -219,6 +219,10 @@ class RowwiseFunction:
         ``(k, m)``) or a Jacobian (at most 2-D, stacked to ``(k, m, n)``).
     """
 
+    #: a function of one point never receives the engine's residuals (``EngineJacobian``
+    #: asks; the vectorised adapter may)
+    takes_residuals = False
+
     def __init__(self, fn: Callable, args: Any, kwargs: dict, ns: Namespace,
                  workers: Any = None, try_vmap: bool = True, kind: str = "fun") -> None:
         self.kind = kind
