@@ -243,9 +243,10 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
     else:
         # (a CPU tensor too: its float64 host values, copied by numpy, without a torch
         # parallel region over a long x0)
-        x0_t = _engine_tensor(x0_host, dev, dt).reshape(B, n)
-    lb_t = _engine_tensor(lb, dev, dt).reshape(B, n)
-    ub_t = _engine_tensor(ub, dev, dt).reshape(B, n)
+        # (shaped by numpy before the copy: no torch operation for the shape)
+        x0_t = _engine_tensor(x0_host.reshape(B, n), dev, dt)
+    lb_t = _engine_tensor(lb.reshape(B, n), dev, dt)
+    ub_t = _engine_tensor(ub.reshape(B, n), dev, dt)
     bounded = not free and bool(np.isfinite(lb).any() or np.isfinite(ub).any())
     if method == "trf" and bounded:
         x0_t = make_strictly_feasible(x0_t, lb_t, ub_t)
@@ -284,6 +285,17 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
 #: what :func:`~torchimize_scipy._arrays.detect_namespace` makes of a numpy ``x0`` without
 #: ``device`` and ``dtype``
 _NUMPY_NS = Namespace("numpy", torch.device("cpu"), torch.float64)
+
+
+#: the problem index of one problem on the CPU (read, never written: the engine writes no
+#: row of a one-problem state in place)
+_CPU_IDS = torch.zeros(1, dtype=torch.long)
+
+
+def one_problem_ids(device: torch.device) -> Tensor:
+    """The index ``[0]`` of a single problem on ``device`` (on the CPU one shared tensor)."""
+    return _CPU_IDS if device.type == "cpu" else torch.zeros(1, dtype=torch.long,
+                                                               device=device)
 
 
 def _engine_tensor(a: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -372,7 +384,7 @@ def jacobian_at_x0(p: Prepared, f0: Tensor, method: str, jac: Any, jac_sparsity:
     ns = p.ns
     if not callable(jac):
         use_sparsity(p, method, jac, jac_sparsity, tr_solver, m, n)
-        J0 = p.jac(p.x0, f0, torch.zeros(1, dtype=torch.long, device=ns.device)) if n > 0 \
+        J0 = p.jac(p.x0, f0, one_problem_ids(ns.device)) if n > 0 \
             else torch.zeros(1, m, 0, device=ns.device, dtype=ns.dtype)
         form = "dense" if p.jac.pattern is None else "sparse"
     else:

@@ -34,6 +34,7 @@ from ._frontend import (
     first_value,
     jacobian_at_x0,
     jacobian_finite_at_x0,
+    one_problem_ids,
     prepare,
 )
 from ._jac_forms import result_jacobian
@@ -225,14 +226,14 @@ def least_squares(
             # nothing to optimise: scipy reports the start ('lm': MINPACK's improper input)
             out = _no_variables(f0, loss_obj, method)
         else:
-            if dense_jac:
+            if dense_jac and (J0.dtype != ns.dtype or J0.device != ns.device):
                 J0 = J0.to(device=ns.device, dtype=ns.dtype)
             if not jacobian_finite_at_x0(J0):
                 # scipy's 'trf' and 'dogbox' fail in their first factorisation of J0
                 # (ValueError / LinAlgError); every method refuses it here, by name
                 raise ValueError("array must not contain infs or NaNs: the Jacobian is not "
                                  "finite in the initial point.")
-            start = initial_state(torch.zeros(1, dtype=torch.long, device=ns.device), p.x0, f0, J0,
+            start = initial_state(one_problem_ids(ns.device), p.x0, f0, J0,
                                   p.lb, p.ub, p.x_scale)
             keys = _ONE_RESULT_KEYS[dense_jac, final_jacobian]
             out = solve(EngineRun(
