@@ -25,9 +25,9 @@ from . import _implicit as implicit
 from ._arrays import Namespace, as_numpy
 from ._batch import final_jacobian_of_this_call
 from ._blas_threads import serial_torch, user_threads
-from ._driver import EngineRun, initial_state, prefers_gram, result_buffers, solve
+from ._driver import EngineRun, initial_state, prefers_gram, solve
 from ._engine import status as codes
-from ._engine.loop import RESULT_KEYS
+from ._engine.loop import RESULT_KEYS, one_problem_slots
 from ._frontend import (
     all_finite,
     check_residuals_and_loss,
@@ -241,7 +241,7 @@ def least_squares(
                 xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
                 jac_scale=isinstance(p.x_scale, str), use_gram=prefers_gram(m, n), verbose=verbose,
                 callback=_wrap_callback(callback, ns) if callback is not None else None,
-                out=result_buffers(1, n, m, ns.dtype, ns.device, keys),
+                out=one_problem_slots(keys),
                 tr_solver=tr_solver, tr_options=tr_options,
                 final_jacobian=final_jacobian))
             if track:

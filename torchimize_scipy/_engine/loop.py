@@ -874,10 +874,27 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
     return n_finished
 
 
+#: the value of a result key of one problem's output (``least_squares``) that the
+#: write-out fills with the result itself (:func:`_write_out`), instead of a buffer
+ONE_SLOT = object()
+#: result keys of integer values
+_INTEGER_KEYS = frozenset({"active_mask", "nfev", "njev", "nit", "status"})
+
+
+def one_problem_slots(keys: tuple[str, ...] | list[str]) -> State:
+    """The output of a run of one problem: a :data:`ONE_SLOT` per result key, which
+    :func:`_write_out` replaces by that result (no buffers to allocate and copy into)."""
+    return dict.fromkeys(keys, ONE_SLOT)
+
+
 def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask, count: int,
                out: State, late_cost: bool = False) -> None:
     """Write the results of the rows where ``mask`` (values of ``hs``) holds into ``out``
-    (``late_cost``: their cost taken now, of their residuals; see :func:`_late_cost`)."""
+    (``late_cost``: their cost taken now, of their residuals; see :func:`_late_cost`).
+
+    A :data:`ONE_SLOT` of one problem's output becomes the value itself, as a ``(1, ...)``
+    tensor of the buffer's dtype (integers ``long``, others ``x``'s): the state's own
+    tensor, which the engine never writes, or the tensor of a host value."""
     sub = take(state, _rows(hs, mask, count))
     own = rule.result_fields(problem, sub)
     ids = sub["ids"]
@@ -900,6 +917,11 @@ def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask
         if dest is None:
             continue
         v = value()
+        if dest is ONE_SLOT:  # one problem's output: the value itself
+            t = as_tensor(v)
+            kind = torch.long if k in _INTEGER_KEYS else state["x"].dtype
+            out[k] = t if t.dtype == kind else t.to(kind)
+            continue
         if dest.shape[0] == 1:  # one problem's buffers (its id is 0): written whole
             if is_host_value(v):  # (one problem's host value, Scalars.keep: no tensor made)
                 dest.fill_(v.item() if isinstance(v, np.generic) else v)
