@@ -514,12 +514,15 @@ def _print_row(state: State, header: bool) -> None:
           f"{float(state['cost'][0]):^15.4e}{red_s}{stp_s}{float(state['optimality'][0]):^15.2e}")
 
 
-def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
+def admit(problem: Problem, rule: StepRule, state: State,
+          late_cost: bool = False) -> tuple[int, int]:
     """Turn the initial rows of new problems into engine state, in place.
 
     ``state`` holds ``ids, x, f_true, J_true, lb, ub, scale, scale_inv, nfev,
     njev`` (``J_true`` is the raw Jacobian at ``x``) and optionally a preset
     ``status``; the loop's and the step rule's per-problem keys are added.
+    ``late_cost`` (:func:`_late_cost`: nothing reads a cost before the write-out,
+    which takes its own): the start's cost is not taken, NaN stands for it.
 
     Returns the number of rows that start an outer iteration (``fresh``) and
     the number of rows already stopped that do not (non-finite start, or a
@@ -555,7 +558,8 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
     # a row starts its first outer iteration unless it stopped for good already
     fresh = (status != term.CALLBACK_STOP) & (status != term.NONFINITE)
     state.update(
-        f=f, J=J, g=g, G=G, cost=problem.cost(state["f_true"]), nit=nit, status=status,
+        f=f, J=J, g=g, G=G, cost=nan if late_cost else problem.cost(state["f_true"]),
+        nit=nit, status=status,
         fresh=fresh, optimality=optimality, last_reduction=last[0], last_step_norm=last[1],
     )
     rule.init_state(problem, state)
@@ -677,8 +681,8 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
     """The body of :func:`run`; ``blas`` holds the tail's single-threaded MKL setting."""
     B = state["x"].shape[0]
     capacity = B if capacity is None else capacity
-    n_fresh, n_stopped = admit(problem, rule, state)
     late_cost = _late_cost(problem, rule, B, on_iteration, refill)
+    n_fresh, n_stopped = admit(problem, rule, state, late_cost)
     serial_tail = False
     # verbose=2: scipy's iteration table (one problem); whether its header is still due
     table = {"header": True} if problem.verbose == 2 and rule.prints_table else None

@@ -535,7 +535,10 @@ class LevenbergMarquardt(StepRule):
     def result_fields(self, problem: Problem, state: dict) -> ResultFields:
         x = state["x"]
         # (one problem's zeros from numpy: no torch operation)
-        active = torch.from_numpy(np.zeros(x.shape, dtype=np.int64)) if for_rows(x).floats \
-            else torch.zeros_like(x, dtype=torch.long)
+        if for_rows(x).floats:
+            zeros = np.zeros(x.shape, dtype=np.int64)
+            active = remember_rows(torch.from_numpy(zeros), zeros)
+        else:
+            active = torch.zeros_like(x, dtype=torch.long)
         return ResultFields(active,
                             njev=reported_njev(state["njev"], state["uncounted_jac"]))
