@@ -203,6 +203,10 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
     ``args`` per problem, ``fun`` vectorised or not. Without ``batch``, ``x0``
     is ``(n,)`` (or a scalar) and ``fun`` is a function of one point, whose
     finite-difference points are evaluated through ``workers`` when given.
+    The default bounds ``(-inf, inf)`` (``_validation.unbounded_default``) are
+    neither broadcast through ``prepare_bounds`` nor checked by ``check_bounds``:
+    of its tests only ``x0``'s can fail there (NaN is outside every bound, scipy's
+    error), and that one is kept.
     """
     # (a numpy array with the defaults is numpy's float64 on the CPU, what detect_namespace
     # answers after asking array_api_compat: no look-up)

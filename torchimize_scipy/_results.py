@@ -4,7 +4,8 @@
 :class:`BatchOptimizeResult` in the caller's array kind; ``least_squares``
 returns the same fields for its one problem (``res[0]``, a plain
 :class:`scipy.optimize.OptimizeResult`), built by :func:`build_one_result` without
-the batch result.
+the batch result, from the host values and rows its result tensors remember
+(one float64 problem on the CPU: no torch operation per field).
 ``message`` and ``success`` come only from the status table of
 :mod:`torchimize_scipy._engine.status`.
 """

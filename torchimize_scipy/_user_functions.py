@@ -15,7 +15,12 @@ A callable robust loss is adapted the same way (:func:`user_loss`): a function
 of one problem's ``z (m,)`` returning ``(3, m)``, or of a batch's ``z (b, m)``
 returning ``(3, b, m)``. Internal callers may wrap a vectorised ``jac`` in
 :class:`WithResiduals` to be handed the residuals the engine holds at its
-points (finite differences need them and would otherwise evaluate them again).
+points (finite differences need them and would otherwise evaluate them again);
+a function of one point may carry ``engine_rows``, its own function of the
+engine's rows of one problem (``curve_fit``'s whitened model, which passes the
+parameters to ``f`` as scalars and returns arrays of its own), which
+:class:`RowwiseFunction` then calls instead of copying a numpy row out and
+the float64 value back in.
 """
 
 from __future__ import annotations

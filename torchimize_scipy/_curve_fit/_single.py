@@ -5,6 +5,14 @@ row by row as scipy does), MINPACK's bookkeeping for 'lm' (:mod:`._leastsq`)
 and the covariance (:mod:`._covariance`) are those of
 :func:`batch_curve_fit`; the minimisation is :func:`least_squares`, and for
 'lm' the results are translated to what scipy's ``leastsq`` reports.
+
+``least_squares`` receives the model's functions as :class:`_EngineCall`
+objects: a function of one point (its checks at ``x0``), and of the engine's
+rows ``(1, N)`` for a numpy model on the host (``engine_rows``, which the
+frontend's row adapter calls directly): the model hands ``f`` the parameters
+as scalars and returns arrays of its own, so the engine's host rows are read
+without a copy and its float64 residuals and Jacobians are not copied back
+(the values are the same; scipy's ``curve_fit`` example: about 3 % of a fit).
 """
 
 from __future__ import annotations

@@ -25,7 +25,11 @@ dropped from the working state (compaction), so it costs no further
 evaluations. The write-out selects the rows of a value only for a result the
 caller keeps (no rows of ``J`` without ``return_jac``), and rows are selected
 by :func:`gather_rows` (``index_select``; numpy's ``take`` for a large CPU
-tensor that is not contiguous, such as LAPACK's column-major inverses). The
+tensor that is not contiguous, such as LAPACK's column-major inverses), into
+the caller's result buffers; one problem's output (``least_squares``,
+:func:`one_problem_slots`) takes the result tensors themselves instead (the
+state's own, which the engine never writes, or tensors of its host values:
+no buffers allocated and copied into, no reads back). The
 residual and Jacobian callables only ever see the rows of running problems,
 together with their problem indices. A stream of problems can be fed in
 (``refill``): whenever at most half of ``capacity`` rows are running, the next
