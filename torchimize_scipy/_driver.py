@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._blas_threads import serial_blas, serial_torch
-from ._engine.host_scalars import scalars
+from ._engine.host_scalars import remember_rows, scalars
 from ._engine.loop import ONE_SLOT, RESULT_KEYS, run
 from ._engine.problem import BatchedFun, BatchedJac, Problem
 from ._engine.steps import make_rule
@@ -314,16 +314,31 @@ def initial_state(ids: Tensor, x0: Tensor, f0: Tensor, J0: Tensor, lb: Tensor, u
     loss scaling); ``x_scale`` is ``'jac'`` or ``(b, n)``; ``status`` may
     preset a status for problems that must not run (e.g. non-finite
     residuals at ``x0``).
+
+    One float64 problem on the host (``host_scalars.Scalars.floats``) makes its
+    unit scale in numpy and keeps its counts as host values (``Scalars.keep``): the
+    same values, without a torch operation.
     """
+    one = scalars(x0).floats
     if isinstance(x_scale, str):
-        scale = torch.ones_like(x0)
+        if one:  # (1 / 1 is 1 exactly: both of ones)
+            scale, scale_inv = (remember_rows(torch.from_numpy(a), a)
+                                for a in (np.ones(x0.shape), np.ones(x0.shape)))
+        else:
+            scale = torch.ones_like(x0)
+            scale_inv = 1.0 / scale
     else:
         scale = x_scale.to(device=x0.device, dtype=x0.dtype)
-    ones = torch.ones(x0.shape[0], dtype=torch.long, device=x0.device)
+        scale_inv = 1.0 / scale
+    if one:
+        nfev, njev = np.int64(1), np.int64(1)
+    else:
+        ones = torch.ones(x0.shape[0], dtype=torch.long, device=x0.device)
+        nfev, njev = ones.clone(), ones.clone()
     state = {
         "ids": ids, "x": x0, "f_true": f0, "J_true": J0,
-        "lb": lb, "ub": ub, "scale": scale, "scale_inv": 1.0 / scale,
-        "nfev": ones.clone(), "njev": ones.clone(),
+        "lb": lb, "ub": ub, "scale": scale, "scale_inv": scale_inv,
+        "nfev": nfev, "njev": njev,
     }
     if status is not None:
         state["status"] = status
