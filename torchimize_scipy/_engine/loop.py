@@ -686,7 +686,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
     B = state["x"].shape[0]
     capacity = B if capacity is None else capacity
     late_cost = _late_cost(problem, rule, B, on_iteration, refill)
-    n_fresh, n_stopped = admit(problem, rule, state, late_cost)
+    n_fresh, n_stopped = admit(problem, rule, state, late_cost=late_cost)
     serial_tail = False
     # verbose=2: scipy's iteration table (one problem); whether its header is still due
     table = {"header": True} if problem.verbose == 2 and rule.prints_table else None
