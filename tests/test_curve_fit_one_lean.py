@@ -10,6 +10,9 @@
 * The first residuals and Jacobian of a float64 CPU problem remember their host
   rows (``_frontend.first_value``); the book keeps its own evaluations'
   arrays (``owned``) without copies and copies anything else.
+* The model takes the engine's rows directly (``_EngineCall.engine_rows``), its
+  other dtypes converted and checked as any value; one problem's results are the
+  engine's own tensors (``loop.one_problem_slots``), its result arrays copies.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _parity import ONE_EVAL_RTOL, assert_close_scaled
+from _parity import ONE_EVAL_RTOL, assert_close_scaled, assert_x_close
 
 from torchimize_scipy import curve_fit
 from torchimize_scipy._arrays import Namespace
@@ -192,3 +195,88 @@ def test_a_solve_inside_the_users_model_keeps_its_final_jacobian():
         assert one.nfev == ref.nfev
         assert many.jac is not None and np.all(np.isfinite(many.jac))
         assert_close_scaled(many.jac[0], ref.jac, rtol=ONE_EVAL_RTOL)
+
+
+def test_engine_rows_reach_the_model_without_the_point_path(monkeypatch):
+    """A numpy model's residuals and differences are called with the engine's rows
+    (``_EngineCall.engine_rows``): the point functions run only for the frontend's first
+    residuals and Jacobian at ``x0`` (its checks); ``f`` still gets scalar parameters,
+    and the fit is scipy's."""
+    from scipy.optimize import curve_fit as scipy_curve_fit
+
+    from torchimize_scipy._curve_fit import _single
+
+    points = {"residuals": 0, "fd_jacobian": 0}
+    for name in points:
+        real = getattr(_single._OneProblem, name)
+
+        def counting(self, p, _real=real, _name=name):
+            points[_name] += 1
+            return _real(self, p)
+
+        monkeypatch.setattr(_single._OneProblem, name, counting)
+    kinds = set()
+
+    def f(x, a, b, c):
+        kinds.add(type(a))
+        return _decay(x, a, b, c)
+
+    x, y = _data()
+    popt, pcov, info, _, _ = curve_fit(f, x, y, full_output=True)
+    assert points == {"residuals": 1, "fd_jacobian": 1}
+    assert kinds == {np.float64}
+    ref, ref_cov, ref_info, _, _ = scipy_curve_fit(_decay, x, y, full_output=True)
+    assert info["nfev"] == ref_info["nfev"]
+    assert_x_close(popt, ref)
+
+
+def test_engine_rows_other_dtypes_are_converted_and_checked():
+    """What ``engine_rows`` returns in another dtype goes through the adapter's usual
+    conversion and checks: float32 residuals are widened, complex ones refused."""
+    from torchimize_scipy._user_functions import RowwiseFunction
+
+    class Rows:
+        def __init__(self, out):
+            self.out = out
+
+        def __call__(self, p):  # (the point path: not taken for the engine's rows)
+            raise AssertionError
+
+        def engine_rows(self, x, idx):
+            return self.out
+
+    ns = Namespace("numpy", torch.device("cpu"), torch.float64)
+    x = torch.ones(1, 2, dtype=torch.float64)
+    wide = RowwiseFunction(Rows(np.array([[1.5, 2.5, 3.5]], dtype=np.float32)), (), {}, ns)(x, IDS)
+    assert wide.dtype == torch.float64 and wide.tolist() == [[1.5, 2.5, 3.5]]
+    own = np.array([[1.0, 2.0]])
+    same = RowwiseFunction(Rows(own), (), {}, ns)(x, IDS)
+    assert host_rows(same) is own  # (its own float64 array: no copy)
+    with pytest.raises(ValueError):
+        RowwiseFunction(Rows(np.array([[1.0 + 1.0j]])), (), {}, ns)(x, IDS)
+    # extra arguments: the adapter calls the function of one point, as for any function
+    assert RowwiseFunction(Rows(own), (1.0,), {}, ns)._engine_rows is None
+
+
+def test_one_problem_result_arrays_are_private():
+    """``least_squares`` of one problem hands over the engine's own result tensors
+    (``loop.one_problem_slots``): the arrays of its result are copies, so writing one
+    changes no other field and no later solve."""
+    from torchimize_scipy import least_squares
+
+    t = np.linspace(0, 4, 80)  # (more than 64 residuals: rows beyond the tolist copies)
+    y = _decay(t, 2.5, 1.3, 0.5)
+
+    def fun(p):
+        return _decay(t, *p) - y
+
+    res = least_squares(fun, np.ones(3), method="lm")
+    again = least_squares(fun, np.ones(3), method="lm")
+    x, f = res.x.copy(), res.fun.copy()
+    res.fun[:] = 7.0
+    res.x[:] = -1.0
+    np.testing.assert_array_equal(again.x, x)
+    np.testing.assert_array_equal(again.fun, f)
+    assert res.jac is not None and res.jac.flags.writeable
+    assert isinstance(res.nfev, int) and isinstance(res.cost, float) and res.status in (1, 2, 3, 4)
+    assert res.active_mask.dtype == np.int64 and res.active_mask.tolist() == [0, 0, 0]

@@ -178,8 +178,8 @@ def test_x_scale_of_ones_is_marked_on_the_engine_alias_only():
     seen = {}
     original = loop.admit
 
-    def spy(problem, rule, state):
-        out = original(problem, rule, state)
+    def spy(problem, rule, state, **kwargs):
+        out = original(problem, rule, state, **kwargs)
         seen.update(scale=state["scale"], scale_inv=state["scale_inv"])
         return out
 

@@ -263,7 +263,8 @@ def test_host_svd_sums_u_t_f_on_the_host_for_small_matrices(m, n):
 
 def test_one_problem_takes_its_cost_once_at_write_out(monkeypatch):
     """'lm' reads no cost while it iterates: one problem's loop takes the cost of the
-    residuals it stops at when it writes the result (and at x0), not at every trial."""
+    residuals it stops at when it writes the result, not at every trial nor at x0
+    (``loop.admit(late_cost=True)``)."""
     from torchimize_scipy._engine.problem import Problem
 
     calls = []
@@ -281,13 +282,17 @@ def test_one_problem_takes_its_cost_once_at_write_out(monkeypatch):
         return p[0] * np.exp(-p[1] * t) + p[2] - y
 
     res = ts.least_squares(fun, np.ones(3), method="lm")
-    assert res.nfev > 5 and len(calls) == 2  # (x0 and the result)
+    assert res.nfev > 5 and len(calls) == 1  # (the result only)
     # (torch's sum against numpy's: m positive terms, each sum within (m - 1) eps)
     np.testing.assert_allclose(res.cost, 0.5 * np.sum(res.fun ** 2),
                                rtol=2 * t.size * np.finfo(np.float64).eps)
     calls.clear()
     res_trf = ts.least_squares(fun, np.ones(3), method="trf")  # (trf reads its costs)
     assert len(calls) >= res_trf.nfev
+    # a run that stops at x0 (its gradient is zero there) takes the cost of x0, once
+    calls.clear()
+    still = ts.least_squares(lambda p: np.array([p[0] - 1.0, 2.0]), np.ones(1), method="lm")
+    assert len(calls) == 1 and still.cost == 2.0 and still.nfev == 1
 
 
 def test_quiet_is_numpys_errstate_ignoring_every_error():

@@ -570,3 +570,36 @@ def test_hypothesis_bad_method(method):
     with pytest.raises(ValueError, match=re.escape("`method` must be 'trf', 'dogbox', 'lm', "
                                                    "'gn' or 'gd'.")):
         least_squares(fun_identity, np.zeros(2), method=method)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+def test_default_bounds_fast_path_refuses_nan_x0_as_check_bounds(method):
+    """``prepare`` skips the bound checks for the default ``(-inf, inf)`` (every variable
+    free) but keeps their one test that can fail: a NaN in ``x0`` is outside every bound,
+    with scipy's message, as it is for the same infinite bounds given as arrays."""
+    msg = "Initial guess is outside of provided bounds"
+    x0 = np.array([1.0, np.nan])
+    for bounds in [(-np.inf, np.inf), (np.full(2, -np.inf), np.full(2, np.inf))]:
+        with pytest.raises(ValueError, match=msg):
+            least_squares(fun_identity, x0, bounds=bounds, method=method)
+    assert scipy_error(fun_identity, x0, method=method) == msg
+    # infinite x0 entries are inside: the fast path lets them through as check_bounds does
+    from torchimize_scipy._validation import check_bounds, unbounded_default
+
+    assert unbounded_default((-np.inf, np.inf)) and not unbounded_default((-np.inf, 1e300))
+    check_bounds(np.full(2, -np.inf), np.full(2, np.inf), np.array([np.inf, 0.0]), method)
+
+
+def test_default_bounds_fast_path_same_result_as_infinite_arrays():
+    """The default bounds and the same bounds as arrays give the same unbounded solve."""
+    x0 = np.array([-1.2, 1.0])
+
+    def rosen(x):
+        return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+    for method in ("trf", "lm"):
+        a = least_squares(rosen, x0, method=method)
+        b = least_squares(rosen, x0, method=method, bounds=(np.full(2, -np.inf), [np.inf] * 2))
+        assert a.nfev == b.nfev and a.status == b.status
+        np.testing.assert_allclose(a.x, b.x, rtol=1e-12, atol=0)
+        assert isinstance(a.x, np.ndarray) and a.x.dtype == np.float64

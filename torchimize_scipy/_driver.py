@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from ._blas_threads import serial_blas, serial_torch
-from ._engine.host_scalars import scalars
-from ._engine.loop import RESULT_KEYS, run
+from ._engine.host_scalars import remember_rows, scalars
+from ._engine.loop import ONE_SLOT, RESULT_KEYS, run
 from ._engine.problem import BatchedFun, BatchedJac, Problem
 from ._engine.steps import make_rule
 
@@ -158,7 +158,8 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
     start, refill = spec.start, spec.refill
     scaling = None
     if spec.method == "lm" and spec.loss is None:
-        scaling = _LMScaling.of(start, out["x"].shape[0])
+        # (the problems of the output: its buffers' rows, or one problem's slots)
+        scaling = _LMScaling.of(start, B if out["x"] is ONE_SLOT else out["x"].shape[0])
         if scaling is not None:
             problem.fun, problem.jac = scaling.fun(spec.fun), scaling.jac(spec.jac)
             start = scaling.rows(start)
@@ -285,17 +286,24 @@ class _LMScaling:
         return scaled
 
     def restore(self, out: dict[str, Tensor]) -> None:
-        """Divide the scaled rows of the results back (in place)."""
+        """Divide the scaled rows of the results back (new tensors: one problem's output
+        holds the engine's own, :func:`~._engine.loop.one_problem_slots`)."""
         c = self.table.to(out["x"].device)
         inv = 1.0 / c  # (exact: powers of two, at most 2**1023)
-        f = out["f_true"].mul_(inv[:, None])
+        f = out["f_true"] = _times(out["f_true"], inv[:, None])
         if "J" in out:
-            out["J"].mul_(inv[:, None, None])
+            out["J"] = _times(out["J"], inv[:, None, None])
         # (twice by 1 / c, not once by its square, which may overflow where g = 0)
         if "g" in out:
-            out["g"].mul_(inv[:, None]).mul_(inv[:, None])
-        out["optimality"].mul_(inv).mul_(inv)
-        out["cost"].copy_(torch.where(c != 1, 0.5 * (f * f).sum(-1), out["cost"]))
+            out["g"] = _times(_times(out["g"], inv[:, None]), inv[:, None])
+        out["optimality"] = _times(_times(out["optimality"], inv), inv)
+        cost = out["cost"]
+        out["cost"] = torch.where(c != 1, 0.5 * (f * f).sum(-1), cost).to(cost.dtype)
+
+
+def _times(t: Tensor, s: Tensor) -> Tensor:
+    """``t * s`` in ``t``'s dtype: the values of ``t.mul_(s)``, in a new tensor."""
+    return torch.mul(t, s).to(t.dtype)
 
 
 def initial_state(ids: Tensor, x0: Tensor, f0: Tensor, J0: Tensor, lb: Tensor, ub: Tensor,
@@ -306,16 +314,31 @@ def initial_state(ids: Tensor, x0: Tensor, f0: Tensor, J0: Tensor, lb: Tensor, u
     loss scaling); ``x_scale`` is ``'jac'`` or ``(b, n)``; ``status`` may
     preset a status for problems that must not run (e.g. non-finite
     residuals at ``x0``).
+
+    One float64 problem on the host (``host_scalars.Scalars.floats``) makes its
+    unit scale in numpy and keeps its counts as host values (``Scalars.keep``): the
+    same values, without a torch operation.
     """
+    one = scalars(x0).floats
     if isinstance(x_scale, str):
-        scale = torch.ones_like(x0)
+        if one:  # (1 / 1 is 1 exactly: both of ones)
+            scale, scale_inv = (remember_rows(torch.from_numpy(a), a)
+                                for a in (np.ones(x0.shape), np.ones(x0.shape)))
+        else:
+            scale = torch.ones_like(x0)
+            scale_inv = 1.0 / scale
     else:
         scale = x_scale.to(device=x0.device, dtype=x0.dtype)
-    ones = torch.ones(x0.shape[0], dtype=torch.long, device=x0.device)
+        scale_inv = 1.0 / scale
+    if one:
+        nfev, njev = np.int64(1), np.int64(1)
+    else:
+        ones = torch.ones(x0.shape[0], dtype=torch.long, device=x0.device)
+        nfev, njev = ones.clone(), ones.clone()
     state = {
         "ids": ids, "x": x0, "f_true": f0, "J_true": J0,
-        "lb": lb, "ub": ub, "scale": scale, "scale_inv": 1.0 / scale,
-        "nfev": ones.clone(), "njev": ones.clone(),
+        "lb": lb, "ub": ub, "scale": scale, "scale_inv": scale_inv,
+        "nfev": nfev, "njev": njev,
     }
     if status is not None:
         state["status"] = status

@@ -49,6 +49,7 @@ from ._validation import (
     check_tr_options,
     check_x_scale,
     prepare_bounds,
+    unbounded_default,
 )
 
 
@@ -202,8 +203,15 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
     ``args`` per problem, ``fun`` vectorised or not. Without ``batch``, ``x0``
     is ``(n,)`` (or a scalar) and ``fun`` is a function of one point, whose
     finite-difference points are evaluated through ``workers`` when given.
+    The default bounds ``(-inf, inf)`` (``_validation.unbounded_default``) are
+    neither broadcast through ``prepare_bounds`` nor checked by ``check_bounds``:
+    of its tests only ``x0``'s can fail there (NaN is outside every bound, scipy's
+    error), and that one is kept.
     """
-    ns = detect_namespace(x0, device, dtype)
+    # (a numpy array with the defaults is numpy's float64 on the CPU, what detect_namespace
+    # answers after asking array_api_compat: no look-up)
+    ns = _NUMPY_NS if (type(x0) is np.ndarray and device is None and dtype is None) \
+        else detect_namespace(x0, device, dtype)
     x0_host = as_numpy(x0)
     if np.iscomplexobj(x0_host):
         raise ValueError("`x0` must be real.")
@@ -219,9 +227,16 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
         if x0_host.ndim > 1:
             raise ValueError("`x0` must have at most 1 dimension.")
         B, n = 1, x0_host.size
-    lb, ub = prepare_bounds(bounds, n, batch=B if batch else None)
-    # in a batch, a problem whose x0 has a NaN fails alone (status 5)
-    check_bounds(lb, ub, x0_host, method, nan_ok=batch)
+    free = unbounded_default(bounds)
+    if free:  # every variable free (the default): the arrays check_bounds would pass
+        lb, ub = np.full((B, n) if batch else n, -np.inf), np.full((B, n) if batch else n, np.inf)
+        # (of its tests only x0's can fail: NaN is outside every bound, as in scipy)
+        if not batch and np.isnan(x0_host).any():
+            raise ValueError("Initial guess is outside of provided bounds")
+    else:
+        lb, ub = prepare_bounds(bounds, n, batch=B if batch else None)
+        # in a batch, a problem whose x0 has a NaN fails alone (status 5)
+        check_bounds(lb, ub, x0_host, method, nan_ok=batch)
     x_scale = check_x_scale(x_scale, x0_host, method)
     ftol, xtol, gtol = check_tolerance(ftol, xtol, gtol, method, dtype=ns.dtype, stacklevel=5)
     rel_step = check_diff_step(diff_step, n)
@@ -232,10 +247,11 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
     else:
         # (a CPU tensor too: its float64 host values, copied by numpy, without a torch
         # parallel region over a long x0)
-        x0_t = _engine_tensor(x0_host, dev, dt).reshape(B, n)
-    lb_t = _engine_tensor(lb, dev, dt).reshape(B, n)
-    ub_t = _engine_tensor(ub, dev, dt).reshape(B, n)
-    bounded = bool(np.isfinite(lb).any() or np.isfinite(ub).any())
+        # (shaped by numpy before the copy: no torch operation for the shape)
+        x0_t = _engine_tensor(x0_host.reshape(B, n), dev, dt)
+    lb_t = _engine_tensor(lb.reshape(B, n), dev, dt)
+    ub_t = _engine_tensor(ub.reshape(B, n), dev, dt)
+    bounded = not free and bool(np.isfinite(lb).any() or np.isfinite(ub).any())
     if method == "trf" and bounded:
         x0_t = make_strictly_feasible(x0_t, lb_t, ub_t)
     scale = x_scale if isinstance(x_scale, str) else torch.as_tensor(
@@ -268,6 +284,22 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
     return Prepared(ns=ns, x0_host=x0_host, x0=x0_t, lb=lb_t, ub=ub_t, bounded=bounded,
                     x_scale=scale, ftol=ftol, xtol=xtol, gtol=gtol, fun=fun_b, jac_user=jac_b,
                     jac=engine_jac)
+
+
+#: what :func:`~torchimize_scipy._arrays.detect_namespace` makes of a numpy ``x0`` without
+#: ``device`` and ``dtype``
+_NUMPY_NS = Namespace("numpy", torch.device("cpu"), torch.float64)
+
+
+#: the problem index of one problem on the CPU (read, never written: the engine writes no
+#: row of a one-problem state in place)
+_CPU_IDS = torch.zeros(1, dtype=torch.long)
+
+
+def one_problem_ids(device: torch.device) -> Tensor:
+    """The index ``[0]`` of a single problem on ``device`` (on the CPU one shared tensor)."""
+    return _CPU_IDS if device.type == "cpu" else torch.zeros(1, dtype=torch.long,
+                                                               device=device)
 
 
 def _engine_tensor(a: np.ndarray, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -356,7 +388,7 @@ def jacobian_at_x0(p: Prepared, f0: Tensor, method: str, jac: Any, jac_sparsity:
     ns = p.ns
     if not callable(jac):
         use_sparsity(p, method, jac, jac_sparsity, tr_solver, m, n)
-        J0 = p.jac(p.x0, f0, torch.zeros(1, dtype=torch.long, device=ns.device)) if n > 0 \
+        J0 = p.jac(p.x0, f0, one_problem_ids(ns.device)) if n > 0 \
             else torch.zeros(1, m, 0, device=ns.device, dtype=ns.dtype)
         form = "dense" if p.jac.pattern is None else "sparse"
     else:

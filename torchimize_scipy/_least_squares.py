@@ -25,15 +25,16 @@ from . import _implicit as implicit
 from ._arrays import Namespace, as_numpy
 from ._batch import final_jacobian_of_this_call
 from ._blas_threads import serial_torch, user_threads
-from ._driver import EngineRun, initial_state, prefers_gram, result_buffers, solve
+from ._driver import EngineRun, initial_state, prefers_gram, solve
 from ._engine import status as codes
-from ._engine.loop import RESULT_KEYS
+from ._engine.loop import RESULT_KEYS, one_problem_slots
 from ._frontend import (
     all_finite,
     check_residuals_and_loss,
     first_value,
     jacobian_at_x0,
     jacobian_finite_at_x0,
+    one_problem_ids,
     prepare,
 )
 from ._jac_forms import result_jacobian
@@ -225,14 +226,14 @@ def least_squares(
             # nothing to optimise: scipy reports the start ('lm': MINPACK's improper input)
             out = _no_variables(f0, loss_obj, method)
         else:
-            if dense_jac:
+            if dense_jac and (J0.dtype != ns.dtype or J0.device != ns.device):
                 J0 = J0.to(device=ns.device, dtype=ns.dtype)
             if not jacobian_finite_at_x0(J0):
                 # scipy's 'trf' and 'dogbox' fail in their first factorisation of J0
                 # (ValueError / LinAlgError); every method refuses it here, by name
                 raise ValueError("array must not contain infs or NaNs: the Jacobian is not "
                                  "finite in the initial point.")
-            start = initial_state(torch.zeros(1, dtype=torch.long, device=ns.device), p.x0, f0, J0,
+            start = initial_state(one_problem_ids(ns.device), p.x0, f0, J0,
                                   p.lb, p.ub, p.x_scale)
             keys = _ONE_RESULT_KEYS[dense_jac, final_jacobian]
             out = solve(EngineRun(
@@ -240,7 +241,7 @@ def least_squares(
                 xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
                 jac_scale=isinstance(p.x_scale, str), use_gram=prefers_gram(m, n), verbose=verbose,
                 callback=_wrap_callback(callback, ns) if callback is not None else None,
-                out=result_buffers(1, n, m, ns.dtype, ns.device, keys),
+                out=one_problem_slots(keys),
                 tr_solver=tr_solver, tr_options=tr_options,
                 final_jacobian=final_jacobian))
             if track:

@@ -4,7 +4,8 @@
 :class:`BatchOptimizeResult` in the caller's array kind; ``least_squares``
 returns the same fields for its one problem (``res[0]``, a plain
 :class:`scipy.optimize.OptimizeResult`), built by :func:`build_one_result` without
-the batch result.
+the batch result, from the host values and rows its result tensors remember
+(one float64 problem on the CPU: no torch operation per field).
 ``message`` and ``success`` come only from the status table of
 :mod:`torchimize_scipy._engine.status`.
 """
@@ -21,6 +22,7 @@ from scipy.optimize import OptimizeResult
 
 from ._arrays import Namespace, as_numpy
 from ._engine import status as codes
+from ._engine.host_scalars import host_rows, host_value
 
 #: Result fields with a leading batch dimension, in the order of scipy's result.
 ARRAY_FIELDS = ("x", "cost", "fun", "jac", "grad", "optimality", "active_mask", "nfev", "njev",
@@ -116,20 +118,39 @@ def build_one_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, j
     ``optimality`` floats (0-d tensors for a torch caller), counts ints;
     ``jac`` and ``grad`` are None where ``out`` holds no ``J`` or ``g``.
     """
-    status = int(out["status"].item())
-    active = out["active_mask"][0]
+    status = int(_item(out["status"]))
+    active = out["active_mask"]
     if method in ("trf", "gn", "gd") and not bounded:
         active = active.to(out["x"].dtype)
     if ns.kind == "torch":
         cost, optimality = out["cost"][0].clone(), out["optimality"][0].clone()
     else:
-        cost, optimality = float(out["cost"].item()), float(out["optimality"].item())
-    to_user = ns.to_user
-    njev = None if (method == "lm" and not callable(jac)) else int(out["njev"].item())
+        cost, optimality = float(_item(out["cost"])), float(_item(out["optimality"]))
+    njev = None if (method == "lm" and not callable(jac)) else int(_item(out["njev"]))
     return OptimizeResult(
-        x=to_user(out["x"][0]), cost=cost, fun=to_user(out["f_true"][0]),
-        jac=to_user(out["J"][0]) if "J" in out else None,
-        grad=to_user(out["g"][0]) if "g" in out else None,
-        optimality=optimality, active_mask=to_user(active), nfev=int(out["nfev"].item()),
+        x=_row(ns, out["x"]), cost=cost, fun=_row(ns, out["f_true"]),
+        jac=_row(ns, out["J"]) if "J" in out else None,
+        grad=_row(ns, out["g"]) if "g" in out else None,
+        optimality=optimality, active_mask=_row(ns, active), nfev=int(_item(out["nfev"])),
         njev=njev, status=status, message=codes.message(status),
         success=bool(codes.success(status)))
+
+
+def _item(t: torch.Tensor) -> Any:
+    """``t.item()`` of a ``(1,)`` result: the host value the tensor remembers where it
+    carries one (one problem's counts and codes, :func:`~._engine.loop.one_problem_slots`;
+    the same number, no torch operation)."""
+    v = host_value(t)
+    if v is None:
+        return t.item()
+    return v.item() if isinstance(v, np.generic) else np.asarray(v).reshape(-1)[0].item()
+
+
+def _row(ns: Namespace, t: torch.Tensor) -> Any:
+    """``ns.to_user(t[0])`` of a ``(1, ...)`` result; for a numpy caller a copy of the host
+    rows the tensor remembers where it carries them (the same values, a private array)."""
+    if ns.kind == "numpy":
+        rows = host_rows(t)
+        if rows is not None:
+            return rows[0].copy()
+    return ns.to_user(t[0])

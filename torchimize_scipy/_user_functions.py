@@ -15,7 +15,12 @@ A callable robust loss is adapted the same way (:func:`user_loss`): a function
 of one problem's ``z (m,)`` returning ``(3, m)``, or of a batch's ``z (b, m)``
 returning ``(3, b, m)``. Internal callers may wrap a vectorised ``jac`` in
 :class:`WithResiduals` to be handed the residuals the engine holds at its
-points (finite differences need them and would otherwise evaluate them again).
+points (finite differences need them and would otherwise evaluate them again);
+a function of one point may carry ``engine_rows``, its own function of the
+engine's rows of one problem (``curve_fit``'s whitened model, which passes the
+parameters to ``f`` as scalars and returns arrays of its own), which
+:class:`RowwiseFunction` then calls instead of copying a numpy row out and
+the float64 value back in.
 """
 
 from __future__ import annotations
@@ -219,6 +224,10 @@ class RowwiseFunction:
         ``(k, m)``) or a Jacobian (at most 2-D, stacked to ``(k, m, n)``).
     """
 
+    #: a function of one point never receives the engine's residuals (``EngineJacobian``
+    #: asks; the vectorised adapter may)
+    takes_residuals = False
+
     def __init__(self, fn: Callable, args: Any, kwargs: dict, ns: Namespace,
                  workers: Any = None, try_vmap: bool = True, kind: str = "fun") -> None:
         self.kind = kind
@@ -233,6 +242,14 @@ class RowwiseFunction:
         self._per_problem = isinstance(args, PerProblemArgs)
         self._host = ns.device.type == "cpu"
         self._numpy_dtype = {torch.float64: np.float64, torch.float32: np.float32}.get(ns.dtype)
+        # a function of ours that takes the engine's rows of one problem itself
+        # (``engine_rows``: curve_fit's whitened model, which passes the parameters to the
+        # user's ``f`` as scalars and returns arrays of its own): called with them directly,
+        # without a copy of the row and of its float64 result (numpy, host, no extra arguments)
+        rows = getattr(fn, "engine_rows", None)
+        self._engine_rows = rows if (
+            rows is not None and ns.kind == "numpy" and self._host and not args
+            and not kwargs and self.map is None and self._numpy_dtype is np.float64) else None
 
     def _args_for(self, i: int) -> tuple:
         if self._per_problem:
@@ -304,7 +321,16 @@ class RowwiseFunction:
                 out = self._shaped(out.reshape(k, *_atleast(out.shape[1:], self._ndim)))
                 return self.ns.from_user(out, complex_ok=complex_ok or x.is_complex(),
                                          what=self.kind)
-        if self.map is None and self.ns.kind == "numpy":
+        if self._engine_rows is not None and k == 1:
+            out = self._engine_rows(x, idx)  # (1, ...): this call's own array
+            if type(out) is np.ndarray and out.dtype == np.float64 \
+                    and out.ndim == self._ndim + 1 and out.flags.c_contiguous:
+                return remember_rows(torch.from_numpy(out), out)  # (nobody writes it)
+            vals = [out[0]]  # (another dtype or layout: converted and checked as any value)
+            fast = self._stack_numpy(vals)
+            if fast is not None:
+                return fast
+        elif self.map is None and self.ns.kind == "numpy":
             vals = self._call_numpy(x, idx.tolist() if self._per_problem else None)
             fast = self._stack_numpy(vals)
             if fast is not None:

@@ -7,6 +7,7 @@ tolerances) so that a call that scipy rejects is rejected here with the same
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -67,6 +68,18 @@ def check_tr_options(tr_options: Any, method: str, tr_solver: str, bounded: bool
     from ._engine.steps.trf_lsmr import lsmr_keywords
 
     lsmr_keywords(tr_options, method, bounded)  # the engine's split of the options, checked
+
+
+def unbounded_default(bounds: Any) -> bool:
+    """Whether ``bounds`` is ``(-inf, inf)`` as two Python floats (the default of
+    ``least_squares`` and ``curve_fit``).
+
+    Such bounds need neither broadcasting nor tests: every parameter is free
+    (``prepare`` then tests only ``x0`` for NaN, the one test of :func:`check_bounds`
+    that could fail).
+    """
+    return (type(bounds) is tuple and len(bounds) == 2 and type(bounds[0]) is float
+            and type(bounds[1]) is float and bounds[0] == -math.inf and bounds[1] == math.inf)
 
 
 def prepare_bounds(bounds: Any, n: int, batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:

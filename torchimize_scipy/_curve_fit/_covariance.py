@@ -81,7 +81,9 @@ def inverse_from_r(R: Any, back: list[int] | None = None) -> Any:
         singular = (R.diagonal(0, -2, -1) == 0).any(-1)[:, None, None]
         safe = xp.where(singular, xp.eye(n, dtype=R.dtype, device=device(R)), R)
     Rt = safe if xp is _TORCH_XP else torch.from_numpy(safe)
-    eye = _identity(n, Rt.dtype, Rt.device).expand_as(Rt)
+    # (one problem: the identity kept with its batch dimension, no view made per call)
+    eye = _identity(n, Rt.dtype, Rt.device, B) if B == 1 else \
+        _identity(n, Rt.dtype, Rt.device).expand_as(Rt)
     Rinv = torch.linalg.solve_triangular(Rt, eye, upper=True)
     if xp is not _TORCH_XP and B == 1 and 0 < n and n * n * n < BMM_NAIVE_TERMS:
         # one small problem: Rinv Rinv^T summed on the host in the order of torch's own
@@ -123,12 +125,16 @@ def _running_dot(u: list[float], v: list[float]) -> float:
 _IDENTITIES: dict[tuple, torch.Tensor] = {}
 
 
-def _identity(n: int, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-    """The ``(n, n)`` identity, kept for a few sizes, dtypes and devices."""
-    key = (n, dtype, str(dev))
+def _identity(n: int, dtype: torch.dtype, dev: torch.device,
+              batch: int | None = None) -> torch.Tensor:
+    """The ``(n, n)`` identity (``(batch, n, n)`` copies of it with ``batch``), kept for a
+    few sizes, dtypes and devices."""
+    key = (n, dtype, str(dev), batch)
     eye = _IDENTITIES.get(key)
     if eye is None:
         eye = torch.eye(n, dtype=dtype, device=dev)
+        if batch is not None:
+            eye = eye.expand(batch, n, n).contiguous()
         if len(_IDENTITIES) < 64:
             _IDENTITIES[key] = eye
     return eye

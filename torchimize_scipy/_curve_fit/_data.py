@@ -11,7 +11,6 @@ problem. The ``sigma`` transform is either ``('diag', 1 / sigma)`` of shape
 from __future__ import annotations
 
 import inspect
-import math
 import types
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from .._arrays import to_host
 from .._user_functions import _ascending_run
+from .._validation import unbounded_default  # noqa: F401  (curve_fit's test of its default)
 
 #: What ``curve_fit`` raises for NaN or inf in checked data (numpy's text); also the
 #: message of the problems ``batch_curve_fit`` keeps out of the solve for that reason.
@@ -60,15 +60,6 @@ def feasible_start(lb: np.ndarray, ub: np.ndarray) -> np.ndarray:
     p0 = np.where(lo & ~hi, np.where(lo, lb, 0) + 1, p0)
     p0 = np.where(~lo & hi, np.where(hi, ub, 0) - 1, p0)
     return p0
-
-
-def unbounded_default(bounds: Any) -> bool:
-    """Whether ``bounds`` is ``(-inf, inf)`` as two Python floats (``curve_fit``'s default).
-
-    Such bounds need neither broadcasting nor tests: every parameter is free.
-    """
-    return (type(bounds) is tuple and len(bounds) == 2 and type(bounds[0]) is float
-            and type(bounds[1]) is float and bounds[0] == -math.inf and bounds[1] == math.inf)
 
 
 def any_bound(lb: np.ndarray, ub: np.ndarray) -> bool:

@@ -163,6 +163,13 @@ def is_host_value(v: Any) -> bool:
     return type(v) in _HOST_TYPES
 
 
+def host_value(t: Tensor) -> Any:
+    """The host value a 0-d or ``(B,)`` tensor remembers (:meth:`Scalars.tensor`,
+    :meth:`Scalars.tensors`, :func:`as_tensor`: an array, or a numpy scalar of one
+    float64 problem), or None."""
+    return getattr(t, _HOST_VALUE, None)
+
+
 def host_rows(t: Tensor) -> np.ndarray | None:
     """The host array a tensor of two or more dimensions remembers (:meth:`Scalars.rows`,
     :func:`remember_rows`), or None."""

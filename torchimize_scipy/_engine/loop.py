@@ -25,7 +25,11 @@ dropped from the working state (compaction), so it costs no further
 evaluations. The write-out selects the rows of a value only for a result the
 caller keeps (no rows of ``J`` without ``return_jac``), and rows are selected
 by :func:`gather_rows` (``index_select``; numpy's ``take`` for a large CPU
-tensor that is not contiguous, such as LAPACK's column-major inverses). The
+tensor that is not contiguous, such as LAPACK's column-major inverses), into
+the caller's result buffers; one problem's output (``least_squares``,
+:func:`one_problem_slots`) takes the result tensors themselves instead (the
+state's own, which the engine never writes, or tensors of its host values:
+no buffers allocated and copied into, no reads back). The
 residual and Jacobian callables only ever see the rows of running problems,
 together with their problem indices. A stream of problems can be fed in
 (``refill``): whenever at most half of ``capacity`` rows are running, the next
@@ -514,12 +518,15 @@ def _print_row(state: State, header: bool) -> None:
           f"{float(state['cost'][0]):^15.4e}{red_s}{stp_s}{float(state['optimality'][0]):^15.2e}")
 
 
-def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
+def admit(problem: Problem, rule: StepRule, state: State,
+          late_cost: bool = False) -> tuple[int, int]:
     """Turn the initial rows of new problems into engine state, in place.
 
     ``state`` holds ``ids, x, f_true, J_true, lb, ub, scale, scale_inv, nfev,
     njev`` (``J_true`` is the raw Jacobian at ``x``) and optionally a preset
     ``status``; the loop's and the step rule's per-problem keys are added.
+    ``late_cost`` (:func:`_late_cost`: nothing reads a cost before the write-out,
+    which takes its own): the start's cost is not taken, NaN stands for it.
 
     Returns the number of rows that start an outer iteration (``fresh``) and
     the number of rows already stopped that do not (non-finite start, or a
@@ -555,7 +562,8 @@ def admit(problem: Problem, rule: StepRule, state: State) -> tuple[int, int]:
     # a row starts its first outer iteration unless it stopped for good already
     fresh = (status != term.CALLBACK_STOP) & (status != term.NONFINITE)
     state.update(
-        f=f, J=J, g=g, G=G, cost=problem.cost(state["f_true"]), nit=nit, status=status,
+        f=f, J=J, g=g, G=G, cost=nan if late_cost else problem.cost(state["f_true"]),
+        nit=nit, status=status,
         fresh=fresh, optimality=optimality, last_reduction=last[0], last_step_norm=last[1],
     )
     rule.init_state(problem, state)
@@ -677,8 +685,8 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
     """The body of :func:`run`; ``blas`` holds the tail's single-threaded MKL setting."""
     B = state["x"].shape[0]
     capacity = B if capacity is None else capacity
-    n_fresh, n_stopped = admit(problem, rule, state)
     late_cost = _late_cost(problem, rule, B, on_iteration, refill)
+    n_fresh, n_stopped = admit(problem, rule, state, late_cost=late_cost)
     serial_tail = False
     # verbose=2: scipy's iteration table (one problem); whether its header is still due
     table = {"header": True} if problem.verbose == 2 and rule.prints_table else None
@@ -874,10 +882,27 @@ def _top_stage(problem: Problem, rule: StepRule, sub: RowView, partial: bool, n_
     return n_finished
 
 
+#: the value of a result key of one problem's output (``least_squares``) that the
+#: write-out fills with the result itself (:func:`_write_out`), instead of a buffer
+ONE_SLOT = object()
+#: result keys of integer values
+_INTEGER_KEYS = frozenset({"active_mask", "nfev", "njev", "nit", "status"})
+
+
+def one_problem_slots(keys: tuple[str, ...] | list[str]) -> State:
+    """The output of a run of one problem: a :data:`ONE_SLOT` per result key, which
+    :func:`_write_out` replaces by that result (no buffers to allocate and copy into)."""
+    return dict.fromkeys(keys, ONE_SLOT)
+
+
 def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask, count: int,
                out: State, late_cost: bool = False) -> None:
     """Write the results of the rows where ``mask`` (values of ``hs``) holds into ``out``
-    (``late_cost``: their cost taken now, of their residuals; see :func:`_late_cost`)."""
+    (``late_cost``: their cost taken now, of their residuals; see :func:`_late_cost`).
+
+    A :data:`ONE_SLOT` of one problem's output becomes the value itself, as a ``(1, ...)``
+    tensor of the buffer's dtype (integers ``long``, others ``x``'s): the state's own
+    tensor, which the engine never writes, or the tensor of a host value."""
     sub = take(state, _rows(hs, mask, count))
     own = rule.result_fields(problem, sub)
     ids = sub["ids"]
@@ -900,6 +925,11 @@ def _write_out(problem: Problem, rule: StepRule, state: State, hs: Scalars, mask
         if dest is None:
             continue
         v = value()
+        if dest is ONE_SLOT:  # one problem's output: the value itself
+            t = as_tensor(v)
+            kind = torch.long if k in _INTEGER_KEYS else state["x"].dtype
+            out[k] = t if t.dtype == kind else t.to(kind)
+            continue
         if dest.shape[0] == 1:  # one problem's buffers (its id is 0): written whole
             if is_host_value(v):  # (one problem's host value, Scalars.keep: no tensor made)
                 dest.fill_(v.item() if isinstance(v, np.generic) else v)

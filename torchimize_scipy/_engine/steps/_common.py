@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..counts import known_finite
-from ..host_scalars import Scalars
+from ..host_scalars import Scalars, for_rows
 from ..linalg import Factors
 from ..problem import Problem
 from ..termination import SINGULAR, stop_running
@@ -91,7 +92,11 @@ FACTOR_KEYS = tuple(f"fac_{name}" for name in Factors._fields)
 
 
 def alloc_factors(problem: Problem, state: dict, augmented: bool) -> None:
-    """Placeholders for the factorisation of each problem (see :func:`linalg.factorize`)."""
+    """Placeholders for the factorisation of each problem (see :func:`linalg.factorize`).
+
+    One float64 problem on the host (:attr:`~..host_scalars.Scalars.floats`) makes its
+    zeros in numpy (:func:`host_zeros`: no torch factory operation per run).
+    """
     x = state["x"]
     B, n = x.shape
     k = svd_width(problem, augmented)
@@ -99,8 +104,18 @@ def alloc_factors(problem: Problem, state: dict, augmented: bool) -> None:
     if problem.use_gram and problem.m >= n:
         gram = (x.new_zeros(B, n, n), x.new_zeros(B, n, n), x.new_zeros(B, n),
                 torch.zeros(B, dtype=torch.bool, device=x.device))
-    store_factors(state, Factors(x.new_zeros(B, k), x.new_zeros(B, n, k), x.new_zeros(B, k),
-                                 *(gram or ())))
+    hs = for_rows(x)
+    store_factors(state, Factors(host_zeros(hs, x, B, k), host_zeros(hs, x, B, n, k),
+                                 host_zeros(hs, x, B, k), *(gram or ())))
+
+
+def host_zeros(hs: Scalars, like: Tensor, *shape: int) -> Tensor:
+    """``like.new_zeros(shape)``; for one float64 problem on the host
+    (:attr:`~..host_scalars.Scalars.floats`) the tensor of a numpy array of zeros,
+    remembering it as its host rows (the same values, without a torch operation)."""
+    if hs.floats and len(shape) >= 2:
+        return hs.tensor_rows(np.zeros(shape))
+    return like.new_zeros(*shape)
 
 
 def store_factors(state: dict, fac: Factors) -> None:

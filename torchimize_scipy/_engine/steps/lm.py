@@ -94,7 +94,7 @@ from torch.linalg import vector_norm as vnorm
 
 from .. import host_lapack
 from ..counts import count_true, known_finite, mark_finite, remember
-from ..host_scalars import Floats, Scalars, for_rows, remember_rows
+from ..host_scalars import Floats, Scalars, as_tensor, for_rows, remember_rows
 from ..linalg import Factors, factorize, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import BMM_NAIVE_TERMS, Problem, host_transposed_rows
@@ -269,11 +269,12 @@ class LevenbergMarquardt(StepRule):
         self._admitted = True
         x = state["x"]
         B = x.shape[0]
-        if problem.jac_scale:
-            state["diag"] = torch.ones_like(x)
+        hs = for_rows(x)
+        if problem.jac_scale:  # (one problem: from numpy, no torch operation)
+            state["diag"] = hs.tensor_rows(np.ones(x.shape)) if hs.floats else torch.ones_like(x)
         else:
             state["diag"] = state["scale_inv"].clone()
-        if for_rows(x).floats:  # one problem: host values (host_scalars.Scalars.keep)
+        if hs.floats:  # one problem: host values (host_scalars.Scalars.keep)
             zero = np.float64(0.0)
             state.update(delta=zero, par=zero, xnorm=zero, gnorm=zero, fnorm=zero,
                          no_step_yet=np.bool_(True), radius_set=np.bool_(False),
@@ -290,7 +291,14 @@ class LevenbergMarquardt(StepRule):
             state["uncounted_jac"] = torch.zeros(B, dtype=torch.long, device=x.device)
         alloc_factors(problem, state, augmented=False)
         # MINPACK's basic Gauss-Newton step on (nearly) rank-deficient rows (see build_model)
-        state["basic_rows"] = torch.zeros(B, dtype=torch.bool, device=x.device)
+        # (its count known: build_model reads none while no row is rank deficient)
+        if hs.floats:  # one problem: the shared (1,) False and zeros from numpy
+            no = as_tensor(np.bool_(False))
+            state["basic_rows"], state["basic_full"] = remember(no, 0), no
+            state["gn_step"] = hs.tensor_rows(np.zeros(x.shape))  # the Gauss-Newton step
+            state["basic_curv"] = as_tensor(np.float64(0.0))
+            return
+        state["basic_rows"] = remember(torch.zeros(B, dtype=torch.bool, device=x.device), 0)
         state["gn_step"] = torch.zeros_like(x)  # the Gauss-Newton step (scaled)
         state["basic_curv"] = x.new_zeros(B)
         state["basic_full"] = torch.zeros(B, dtype=torch.bool, device=x.device)
@@ -525,5 +533,12 @@ class LevenbergMarquardt(StepRule):
         return problem.use_gram
 
     def result_fields(self, problem: Problem, state: dict) -> ResultFields:
-        return ResultFields(torch.zeros_like(state["x"], dtype=torch.long),
+        x = state["x"]
+        # (one problem's zeros from numpy: no torch operation)
+        if for_rows(x).floats:
+            zeros = np.zeros(x.shape, dtype=np.int64)
+            active = remember_rows(torch.from_numpy(zeros), zeros)
+        else:
+            active = torch.zeros_like(x, dtype=torch.long)
+        return ResultFields(active,
                             njev=reported_njev(state["njev"], state["uncounted_jac"]))
