@@ -13,6 +13,8 @@
 * The model takes the engine's rows directly (``_EngineCall.engine_rows``), its
   other dtypes converted and checked as any value; one problem's results are the
   engine's own tensors (``loop.one_problem_slots``), its result arrays copies.
+* A model that refills one array at every call fits as in scipy: each shifted
+  point's value is copied before the next call.
 """
 
 from __future__ import annotations
@@ -280,3 +282,60 @@ def test_one_problem_result_arrays_are_private():
     assert res.jac is not None and res.jac.flags.writeable
     assert isinstance(res.nfev, int) and isinstance(res.cost, float) and res.status in (1, 2, 3, 4)
     assert res.active_mask.dtype == np.int64 and res.active_mask.tolist() == [0, 0, 0]
+
+
+def _refilled_model():
+    """A model that returns the same array at every call, refilled (and one analytic
+    Jacobian that does the same): scipy's ``curve_fit`` takes ``f(x) - ydata`` at
+    once, so such a model gives scipy's fit."""
+    buf: dict = {}
+
+    def f(xx, a, b, c):
+        out = buf.setdefault("f", np.empty(xx.shape))
+        out[...] = _decay(xx, a, b, c)
+        return out
+
+    def fjac(xx, a, b, c):
+        out = buf.setdefault("J", np.empty((xx.size, 3)))
+        e = np.exp(-b * xx)
+        out[:, 0], out[:, 1], out[:, 2] = e, -a * xx * e, 1.0
+        return out
+
+    return f, fjac
+
+
+@pytest.mark.parametrize("method", ["lm", "trf"])
+@pytest.mark.parametrize("jac", [None, "analytic"])
+@pytest.mark.parametrize("sigma", [None, "diag"])
+def test_a_model_that_refills_one_array_fits_as_in_scipy(method, jac, sigma):
+    """The finite differences' shifted points are evaluated one after another: each
+    value is copied before the next call (before, all of them were the last one: a
+    wrong fit for 'lm' without ``jac``). An unweighted analytic Jacobian, the user's
+    own array, is copied before the engine keeps it (no case here reads a stale one)."""
+    from scipy.optimize import curve_fit as scipy_curve_fit
+
+    x, y = _data()
+    f, fjac = _refilled_model()
+    kw = {"p0": [1.0, 1.0, 1.0], "method": method,
+          "jac": fjac if jac else None,
+          "sigma": None if sigma is None else np.full(x.size, 0.2)}
+    ref_p, ref_c = scipy_curve_fit(_decay, x, y, **kw)
+    p, c = curve_fit(f, x, y, **kw)
+    assert_x_close(p, ref_p, rtol=1e-6)
+    assert_close_scaled(c, ref_c, 1e-4, scale=np.sqrt(np.outer(np.diag(ref_c), np.diag(ref_c))))
+
+
+def test_a_torch_model_that_refills_one_tensor_fits_as_scipy():
+    from scipy.optimize import curve_fit as scipy_curve_fit
+
+    x, y = _data()
+    out = torch.empty(x.size, dtype=torch.float64)
+
+    def f(xx, a, b, c):
+        out.copy_(a * torch.exp(-b * xx) + c)
+        return out
+
+    ref_p, _ = scipy_curve_fit(_decay, x, y, p0=[1.0, 1.0, 1.0])
+    p, _ = curve_fit(f, torch.as_tensor(x), torch.as_tensor(y), p0=[1.0, 1.0, 1.0])
+    assert isinstance(p, torch.Tensor)
+    assert_x_close(p, ref_p, rtol=1e-6)

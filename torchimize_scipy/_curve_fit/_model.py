@@ -133,15 +133,21 @@ class WhitenedModel:
         """``fn`` at the parameter rows ``P (rows, N)``: outputs stacked along axis 0."""
         if not self.rowwise:
             return fn(x, *[P[:, j:j + 1] for j in range(self.n)])
+        # Several rows: each output is copied as soon as ``fn`` returns it, before the next
+        # call: a model may return the same array every time, refilled (scipy's
+        # ``curve_fit`` takes ``f(x) - ydata`` at once, so such a model works there)
         if isinstance(P, torch.Tensor):
-            outs = [fn(x, *p) for p in P]
-            return torch.stack([o if isinstance(o, torch.Tensor) else torch.as_tensor(
-                np.asarray(o), device=P.device, dtype=P.dtype) for o in outs])
+            if P.shape[0] == 1:  # (stack copies the one output)
+                o = fn(x, *P[0])
+                return torch.stack([o if isinstance(o, torch.Tensor) else torch.as_tensor(
+                    np.asarray(o), device=P.device, dtype=P.dtype)])
+            return torch.stack([o.clone() if isinstance(o, torch.Tensor) else torch.as_tensor(
+                np.array(o), device=P.device, dtype=P.dtype) for o in (fn(x, *p) for p in P)])
         if P.shape[0] == 1:  # the usual call of curve_fit: no stacking
             return np.asarray(fn(x, *P[0]))[None]
         # (np.array of the list: one C call where np.stack's Python layers cost several
-        # times more; the same copies, and it refuses outputs of different shapes)
-        return np.array([np.asarray(fn(x, *p)) for p in P])
+        # times more, and it refuses outputs of different shapes)
+        return np.array([np.array(fn(x, *p)) for p in P])
 
     def _chunk_rows(self, rows: int, repeat: int, like: Any) -> int:
         """Rows of ``P`` per call of ``f`` (a multiple of ``repeat``; ``rows``: one call).

@@ -11,8 +11,10 @@ objects: a function of one point (its checks at ``x0``), and of the engine's
 rows ``(1, N)`` for a numpy model on the host (``engine_rows``, which the
 frontend's row adapter calls directly): the model hands ``f`` the parameters
 as scalars and returns arrays of its own, so the engine's host rows are read
-without a copy and its float64 residuals and Jacobians are not copied back
-(the values are the same; scipy's ``curve_fit`` example: about 3 % of a fit).
+without a copy and its float64 residuals are not copied back (the values are
+the same; scipy's ``curve_fit`` example: about 3 % of a fit). An unweighted
+analytic Jacobian is the array the user's ``jac`` returned, which its next
+call may refill: that one is copied.
 """
 
 from __future__ import annotations
@@ -354,8 +356,9 @@ class _OneProblem:
 
     def jacobian_rows(self, x: torch.Tensor, idx: Any) -> Any:
         """:meth:`jacobian` at the engine's rows (as :meth:`residual_rows`), ``(1, m, N)``,
-        row-major."""
-        return np.ascontiguousarray(self.model.jacobian(_host_point(x), self.ids))
+        row-major: a copy, since unweighted it is the array the user's ``jac`` returned,
+        which the next call may refill (the engine keeps the values it is handed)."""
+        return np.array(self.model.jacobian(_host_point(x), self.ids), order="C")
 
     def fd_jacobian_rows(self, x: torch.Tensor, idx: Any) -> Any:
         """:meth:`fd_jacobian` at the engine's rows (as :meth:`residual_rows`), ``(1, m, N)``,
