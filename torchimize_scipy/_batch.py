@@ -280,22 +280,27 @@ def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: flo
     # the first residuals also tell whether the solution must carry gradients
     probe = implicit.GradProbe(p.fun.fn) if ns.kind == "torch" and torch.is_grad_enabled() \
         else None
-    if probe is not None:
-        p.fun.fn = probe
+    # and the dtype of fun's own values (float32 residuals: see fd_dtype below)
+    user_fn = p.fun.fn
+    p.fun.fn = seen = _OutputDtype(probe if probe is not None else user_fn)
     try:
         f0_first = p.fun(p.x0[:first], torch.arange(first, device=dev))
     except RuntimeError as exc:
         implicit.check_numpy_error(exc)
         raise
     finally:
-        if probe is not None:
-            p.fun.fn = probe.fn
+        p.fun.fn = user_fn
     track = implicit.requested(ns, fun, args, kwargs, f_scale, loss, probe=probe)
     if f0_first.ndim != 2 or f0_first.shape[0] != first:
         raise ValueError("`fun` must return an array of shape (b, m) for x of shape (b, n); "
                          f"got {tuple(f0_first.shape)} for b = {first}.")
     m = f0_first.shape[1]
     loss_obj = check_residuals_and_loss(method, n, f0_first, loss, f_scale, ns, rowwise=False)
+    f32 = seen.float32 and ns.dtype == torch.float64
+    if f32 and isinstance(p.jac, EngineJacobian):
+        # float32 residuals take float32-sized default steps (scipy gh-12991), as each
+        # problem's least_squares would; they were float32, so the cast back is exact
+        p.jac.fd_dtype = torch.float32
     sparse = jac_sparsity is not None and not callable(jac)
     if sparse:
         use_sparsity(p, method, jac, jac_sparsity, None, m, n)
@@ -345,6 +350,8 @@ def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: flo
     if sparse:
         merged.pop("J", None)  # the engine hands out the sparse Jacobians of the last rows
     res = build_result(merged, ns, method, jac, p.bounded)
+    if f32 and ns.kind == "numpy":
+        res.fun = res.fun.astype(np.float32)  # scipy returns fun's own dtype
     if verbose >= 1:
         print(repr(res))
     return res
@@ -362,6 +369,20 @@ def default_chunk_size(B: int, m: int, n: int, device: torch.device) -> int:
     """Problems held at once when ``chunk_size`` is None."""
     budget = CPU_CHUNK_ENTRIES if torch.device(device).type == "cpu" else GPU_CHUNK_ENTRIES
     return max(1, min(B, budget // max(1, m * n)))
+
+
+class _OutputDtype:
+    """Wraps ``fun`` for its first call and records whether it returned float32 values
+    (a numpy array or a tensor; a vmapped tensor shows its dtype too)."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.float32 = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.fn(*args, **kwargs)
+        self.float32 = getattr(out, "dtype", None) in (np.float32, torch.float32)
+        return out
 
 
 class _BlockSource:
