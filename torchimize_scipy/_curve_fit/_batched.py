@@ -141,7 +141,9 @@ def batch_curve_fit(
     **kwargs
         Options of :func:`curve_fit` / ``least_squares`` (``ftol``, ``xtol``,
         ``gtol``, ``x_scale``, ``loss``, ``maxfev``/``max_nfev``, ``epsfcn``,
-        ``diag``, ...), common to all problems.
+        ``diag``, ...), common to all problems; ``x_scale`` and ``diag`` may
+        also be ``(B, P)``, one row per problem (any other 2-D shape raises
+        ``ValueError``).
 
     Returns
     -------
@@ -223,8 +225,6 @@ def batch_curve_fit(
     # reported as failed and kept out of the solve.
     good = data.finite_rows() & np.isfinite(p0_host).all(axis=1)
     good_idx = np.flatnonzero(good)
-    if "x_scale" in kwargs and np.ndim(to_host(kwargs["x_scale"])) == 2:
-        kwargs["x_scale"] = np.asarray(to_host(kwargs["x_scale"]), dtype=float)[good_idx]
 
     jac_arg: Any = model.jacobian if callable(jac) else ("2-point" if jac is None else jac)
     book = None
@@ -248,6 +248,14 @@ def batch_curve_fit(
         kwargs.update(lm_tolerances(opts))
     elif "max_nfev" not in kwargs:
         kwargs["max_nfev"] = kwargs.pop("maxfev", None)
+    if "x_scale" in kwargs and np.ndim(to_host(kwargs["x_scale"])) == 2:
+        # per problem (or 1 / diag of 'lm', set above): the rows of the problems solved
+        x_scale = np.asarray(to_host(kwargs["x_scale"]), dtype=float)
+        if x_scale.shape != (B, n):
+            raise ValueError(f"Inconsistent shapes between `x_scale` {x_scale.shape} and "
+                             f"`p0` {(B, n)}: a 2-D `x_scale` (or `diag`) holds one row "
+                             "per problem.")
+        kwargs["x_scale"] = x_scale[good_idx]
 
     label = progress if isinstance(progress, str) else f"batch_curve_fit[{method}]"
     t = _solve_good(model.residuals, p0_host, jac_arg, lb, ub, method, good_idx, B, M, ns,
