@@ -126,9 +126,13 @@ def batch_least_squares(
         ``vectorized=False``: ``fun(x (n,), *args_i, **kwargs)``
         for one problem, mapped over the batch: with :func:`torch.vmap` for
         torch code that allows it (per-problem ``args`` mapped along when they
-        are tensors), a loop otherwise. The returned arrays are used without a
-        copy, so ``fun`` and ``jac`` must not return a buffer they overwrite
-        in later calls (scipy's finite differences have the same rule).
+        are tensors), a loop otherwise. Vectorised, the returned arrays are
+        used without a copy, so ``fun`` and ``jac`` must not return a buffer
+        they overwrite in later calls (scipy's finite differences have the
+        same rule); not vectorised, each problem's value is copied as it
+        returns, so one array refilled at every call works as in a loop of
+        ``least_squares`` calls. Float32 residuals of a float64 batch take
+        float32-sized finite-difference steps, as in ``least_squares``.
     x0 : array_like or Tensor, shape (B, n)
         Starting points. A row holding a NaN does not stop the batch (a
         single ``least_squares`` raises "Initial guess is outside of provided

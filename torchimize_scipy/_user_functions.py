@@ -204,6 +204,22 @@ class PerProblemArgs:
         return tuple(a[i] if s else a for a, s in zip(self.args, self.sliced, strict=False))
 
 
+def _own(v: Any) -> Any:
+    """A value ``fn`` returned for one of several rows, kept before ``fn`` is called for
+    the next: a copy of an array or tensor, which ``fn`` may refill at every call (as a
+    loop of single problems allows: each of its values is used before the next call)."""
+    if type(v) is np.ndarray:
+        return v.copy()
+    if isinstance(v, Tensor):
+        return v.clone()
+    return v
+
+
+def _same(v: Any) -> Any:
+    """The value of a single row, which is converted or stacked before the next call."""
+    return v
+
+
 class RowwiseFunction:
     """Evaluate a function of one point on every row of a batch.
 
@@ -288,9 +304,11 @@ class RowwiseFunction:
             else:
                 return out.reshape(x.shape[0], -1)
         ids = idx.tolist()
-        # each row a copy: ``fn`` may write to its argument, as with the other paths
-        return torch.stack([torch.as_tensor(self.fn(x[r].clone(), *self._args_for(ids[r]),
-                                                    **self.kwargs)).reshape(-1)
+        # each row a copy: ``fn`` may write to its argument, as with the other paths; each
+        # value kept as it returns (_own): ``fn`` may refill one array at every call
+        own = _own if x.shape[0] > 1 else _same
+        return torch.stack([own(torch.as_tensor(self.fn(x[r].clone(), *self._args_for(ids[r]),
+                                                        **self.kwargs))).reshape(-1)
                             for r in range(x.shape[0])])
 
     def call_one(self, x: Tensor, i: int = 0) -> Any:
@@ -349,7 +367,8 @@ class RowwiseFunction:
             ids = idx.tolist()
             rows = [x[r] for r in range(k)]
             if self.map is None:
-                vals = [self.call_one(rows[r], ids[r]) for r in range(k)]
+                own = _own if k > 1 else _same
+                vals = [own(self.call_one(rows[r], ids[r])) for r in range(k)]
             else:
                 items = [(self.ns.row_to_fun(rows[r]), self._args_for(ids[r]))
                          for r in range(k)]
@@ -384,9 +403,11 @@ class RowwiseFunction:
         xn = x.numpy() if self._host and not x.requires_grad else x.detach().cpu().numpy()
         if xn.dtype == np.float32:
             xn = xn.astype(np.float64)
+        # several rows: each value kept as it returns (_own), before the next call
+        own = _own if xn.shape[0] > 1 else _same
         if ids is not None:
-            return [fn(xn[r].copy(), *args.row(ids[r]), **kwargs) for r in range(len(ids))]
-        return [fn(xn[r].copy(), *args, **kwargs) for r in range(xn.shape[0])]
+            return [own(fn(xn[r].copy(), *args.row(ids[r]), **kwargs)) for r in range(len(ids))]
+        return [own(fn(xn[r].copy(), *args, **kwargs)) for r in range(xn.shape[0])]
 
     def _stack_numpy(self, vals: list) -> Tensor | None:
         """Convert numpy results in one go when they are real arrays of one dtype and shape.
