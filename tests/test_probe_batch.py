@@ -79,3 +79,91 @@ def test_per_problem_x_scale_of_another_batch_raises(rows):
     with pytest.raises(ValueError, match="Inconsistent shapes between `x_scale`"):
         batch_curve_fit(_decay, _XC, _YC, np.ones((4, 3)), method="trf",
                         x_scale=np.ones((rows, 3)))
+
+
+@pytest.mark.parametrize("method", ["trf", "lm"])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_rowwise_fun_and_jac_that_refill_one_array(method, kind):
+    """``vectorized=False`` with a ``fun`` and ``jac`` that refill one array at every
+    call (which a loop of single problems allows, scipy's included, with an analytic
+    Jacobian): every problem got the values of the last problem evaluated (the batch's
+    rows were stacked after all calls), a fit 2 units off."""
+    if kind == "torch":
+        T = torch.as_tensor(_T)
+        fbuf, jbuf = torch.empty(20, dtype=torch.float64), torch.empty(20, 2, dtype=torch.float64)
+
+        def fun(p, y):
+            fbuf.copy_(p[0] * torch.exp(-p[1] * T) - y)
+            return fbuf
+
+        def jac(p, y):
+            e = torch.exp(-p[1] * T)
+            jbuf[:, 0] = e
+            jbuf[:, 1] = -p[0] * T * e
+            return jbuf
+    else:
+        fbuf, jbuf = np.empty(20), np.empty((20, 2))
+
+        def fun(p, y):
+            fbuf[:] = p[0] * np.exp(-p[1] * _T) - y
+            return fbuf
+
+        def jac(p, y):
+            e = np.exp(-p[1] * _T)
+            jbuf[:, 0] = e
+            jbuf[:, 1] = -p[0] * _T * e
+            return jbuf
+
+    conv = torch.as_tensor if kind == "torch" else np.asarray
+    x0, Y = conv(np.ones((3, 2))), conv(_Y)
+    res = batch_least_squares(fun, x0, jac=jac, args=(Y,), method=method, vectorized=False)
+    for i in range(3):
+        ref = least_squares(fun, x0[i], jac=jac, args=(Y[i],), method=method)
+        assert_x_close(res.x[i], ref.x)
+        assert_close_scaled(res.cost[i], ref.cost, 1e-8, err_msg="cost")
+
+
+@pytest.mark.parametrize("method, chunk_size", [("lm", None), ("dogbox", 2), ("trf", None)])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_batch_curve_fit_jac_that_returns_views_of_one_buffer(method, chunk_size, kind):
+    """An unweighted analytic ``jac`` returning ``buf[:b]`` of one preallocated array
+    (works in scipy's ``curve_fit``, where each Jacobian is used before the next call):
+    the engine kept that array, which later calls refilled (pcov off 95-fold for 'lm',
+    popt off 2e-7 for 'dogbox' in chunks of 2)."""
+    from torchimize_scipy import curve_fit
+
+    xp = torch if kind == "torch" else np
+    buf = torch.empty(64, 25, 3, dtype=torch.float64) if kind == "torch" else np.empty(
+        (64, 25, 3))
+
+    def model(x, a, k, c):
+        return a * xp.exp(-k * x) + c
+
+    def jac_buf(x, a, k, c):
+        out = buf[:a.shape[0]]
+        e = xp.exp(-k * x)
+        out[..., 0] = e
+        out[..., 1] = -a * x * e
+        out[..., 2] = 1.0
+        return out
+
+    def jac_fresh(x, a, k, c):
+        e = xp.exp(-k * x)
+        return xp.stack([e, -a * x * e, xp.ones_like(e)], -1)
+
+    conv = torch.as_tensor if kind == "torch" else np.asarray
+    rng = np.random.default_rng(7)
+    true = np.c_[rng.uniform(1, 3, 9), rng.uniform(0.3, 2, 9), rng.uniform(-.5, .5, 9)]
+    Y = _decay(_XC, true[:, :1], true[:, 1:2], true[:, 2:]) + 0.02 * rng.standard_normal(
+        (9, 25))
+    p0 = np.tile([1.0, 1.0, 0.0], (9, 1))
+    p0[3], p0[6] = [5.0, 0.1, 2.0], [0.1, 4.0, -1.0]  # slower problems beside fast ones
+    keep = [0, 1, 2, 4, 5, 7, 8]  # (3 and 6 need more than maxfev for 'lm')
+    x, Y, P0 = conv(_XC), conv(Y[keep]), conv(p0[keep])
+    popt, pcov = batch_curve_fit(model, x, Y, P0, method=method, jac=jac_buf,
+                                 chunk_size=chunk_size)
+    for i in range(len(keep)):
+        ref, ref_cov = curve_fit(model, x, Y[i], P0[i], method=method, jac=jac_fresh)
+        assert_x_close(popt[i], ref)
+        assert_close_scaled(pcov[i], ref_cov, 1e-6, scale=np.abs(np.asarray(ref_cov)).max(),
+                            err_msg="pcov")

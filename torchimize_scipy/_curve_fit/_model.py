@@ -255,6 +255,10 @@ class WhitenedModel:
             J = _swap_last(J)
         if keep is not None:
             J = _mask(J, keep[..., None])
+        elif self.data.tkind is None and not self.rowwise:
+            # unweighted, a batch's J is the user's own array, which the next call may
+            # refill while the engine keeps this one: copied (curve_fit copies its own rows)
+            J = J.clone() if isinstance(J, torch.Tensor) else np.array(J)
         J = whiten(J, self.data.tkind, T)
         if self.book is not None:
             self.book.record_jac(ids, J, lambda: self._value_at(P, ids))
