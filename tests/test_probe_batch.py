@@ -167,3 +167,19 @@ def test_batch_curve_fit_jac_that_returns_views_of_one_buffer(method, chunk_size
         assert_x_close(popt[i], ref)
         assert_close_scaled(pcov[i], ref_cov, 1e-6, scale=np.abs(np.asarray(ref_cov)).max(),
                             err_msg="pcov")
+
+
+def test_batch_least_squares_per_problem_diff_step_raises():
+    """A ``(B, n)`` ``diff_step`` (the error said "the shape of `x0`", which is (B, n)
+    in a batch) failed deep in the differences with a torch size error; (1, n) with an
+    IndexError."""
+    def rows(x, y):
+        return x[:, :1] * np.exp(-x[:, 1:] * _T) - y
+
+    with pytest.raises(ValueError, match="`diff_step` must be a scalar or of shape"):
+        batch_least_squares(rows, np.ones((3, 2)), args=(_Y,), diff_step=np.full((3, 2), 1e-3))
+
+
+def test_batch_curve_fit_per_problem_diff_step_raises():
+    with pytest.raises(ValueError, match="`diff_step` must be a scalar or of shape"):
+        batch_curve_fit(_decay, _XC, _YC, np.ones((4, 3)), diff_step=np.full((4, 3), 1e-3))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import _implicit as implicit
+from ._arrays import to_host
 from ._blas_threads import serial_torch
 from ._dask import dispatch, has_dask
 from ._driver import EngineRun, initial_state, result_buffers, solve
@@ -162,7 +163,8 @@ def batch_least_squares(
         Soft margin of the robust loss (finite and nonzero, else a
         ``ValueError`` for the whole batch: it is one option for all).
     diff_step : array_like, optional
-        Relative finite-difference step.
+        Relative finite-difference step, a scalar or ``(n,)``: one for all
+        problems (a 2-D array raises ``ValueError``).
     max_nfev : int, optional
         Evaluation budget per problem.
     verbose : {0, 1, 2}, optional
@@ -258,6 +260,7 @@ def batch_least_squares(
     if has_dask(x0, args, bounds, x_scale):  # lazy, block by block: torchimize_scipy.dask
         return dispatch("batch_least_squares", locals())
     check_options(method, jac, None, None, loss, verbose, max_nfev, None)
+    check_shared_diff_step(diff_step)
     p = prepare(fun, x0, jac, bounds, method, ftol, xtol, gtol, x_scale, diff_step, args, kwargs,
                 device=device, dtype=dtype, batch=True, vectorized=vectorized)
     # a Jacobian kept sparse on the CPU (jac_sparsity): the whole call, the evaluations and
@@ -359,6 +362,13 @@ def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: flo
     if verbose >= 1:
         print(repr(res))
     return res
+
+
+def check_shared_diff_step(diff_step: Any) -> None:
+    """``diff_step`` is one relative step for all problems: a scalar or ``(n,)``."""
+    if diff_step is not None and np.ndim(to_host(diff_step)) > 1:
+        raise ValueError("`diff_step` must be a scalar or of shape (n,), one relative step "
+                         f"for all problems; got shape {np.shape(to_host(diff_step))}.")
 
 
 #: Jacobian entries of the problems held at once, by default: on the CPU 2**21

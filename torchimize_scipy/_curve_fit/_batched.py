@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import OptimizeWarning
 
 from .._arrays import as_numpy, detect_namespace, to_host
-from .._batch import batch_least_squares, without_final_jacobians
+from .._batch import batch_least_squares, check_shared_diff_step, without_final_jacobians
 from .._dask import dispatch, has_dask
 from .._engine import status as codes
 from .._user_functions import WithResiduals
@@ -212,6 +212,7 @@ def batch_curve_fit(
                          "to compute pcov.")
     if method == "lm":
         reject_loss(kwargs, "batch_curve_fit")
+    check_shared_diff_step(kwargs.get("diff_step"))
 
     data = FitData.batch(xdata, Y)
     data.keep_sources(xdata, ydata)
