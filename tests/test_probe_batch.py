@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests._parity import assert_bitwise_equal, assert_close_scaled, assert_x_close
+from tests._parity import (
+    assert_bitwise_equal,
+    assert_close_scaled,
+    assert_counts_close,
+    assert_x_close,
+)
 from torchimize_scipy import batch_curve_fit, batch_least_squares, least_squares
 
 _T = np.linspace(0.0, 3.0, 20)
@@ -183,3 +188,36 @@ def test_batch_least_squares_per_problem_diff_step_raises():
 def test_batch_curve_fit_per_problem_diff_step_raises():
     with pytest.raises(ValueError, match="`diff_step` must be a scalar or of shape"):
         batch_curve_fit(_decay, _XC, _YC, np.ones((4, 3)), diff_step=np.full((4, 3), 1e-3))
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+def test_rowwise_sparse_jac_refilled_in_place(method):
+    """``vectorized=False`` with a ``jac`` that refills the ``data`` of one CSR matrix
+    (a common way to avoid rebuilding its structure): every problem's step used the
+    last problem's Jacobian (15 evaluations instead of 5, a wrong gradient at the end)."""
+    import scipy.sparse as sp
+
+    n = 8
+    y = np.random.default_rng(28).uniform(0.5, 2, (5, n))
+    J = sp.diags([0.1 * np.ones(n - 1), 2 * np.ones(n), 0.1 * np.ones(n - 1)], [-1, 0, 1],
+                 shape=(n, n), format="csr")
+    on_diagonal = np.array([J.indptr[i] + (i > 0) for i in range(n)])
+
+    def fun(x, yi):
+        r = x**2 - yi
+        r[1:] += 0.1 * x[:-1]
+        r[:-1] += 0.1 * x[1:]
+        return r
+
+    def jac(x, yi):
+        J.data[on_diagonal] = 2 * x
+        return J
+
+    x0 = np.ones((5, n))
+    x0[2] *= 3
+    res = batch_least_squares(fun, x0, jac=jac, args=(y,), method=method, vectorized=False)
+    for i in range(5):
+        ref = least_squares(fun, x0[i], jac=jac, args=(y[i],), method=method)
+        assert_x_close(res.x[i], ref.x)
+        assert_counts_close(res.status[i], ref.status, res.nfev[i], ref.nfev)
+        assert_close_scaled(res.grad[i], ref.grad, 1e-10, err_msg="grad")

@@ -39,7 +39,13 @@ from ._jac_forms import engine_jacobian, jacobian_form
 from ._jacobian import autograd_jacobian, finite_difference_jacobian
 from ._loss import LossFunction, make_loss
 from ._sparsity import SparsityPattern, check_jac_sparsity, grouped_difference
-from ._user_functions import PerProblemArgs, RowwiseFunction, VectorizedFunction, user_loss
+from ._user_functions import (
+    PerProblemArgs,
+    RowwiseFunction,
+    VectorizedFunction,
+    own_value,
+    user_loss,
+)
 from ._validation import (
     FD_METHODS,
     check_bounds,
@@ -144,7 +150,10 @@ class EngineJacobian:
                              "values must return a torch sparse tensor of shape (b, m, n); "
                              f"got {type(J).__name__}.")
         ids = idx.tolist()
-        values = [self.user.call_one(x[r], ids[r]) for r in range(x.shape[0])]
+        # several problems: each value kept as it returns (a sparse matrix refilled at every
+        # call would otherwise give every problem the last one's)
+        own = own_value if x.shape[0] > 1 else (lambda v: v)
+        values = [own(self.user.call_one(x[r], ids[r])) for r in range(x.shape[0])]
         return engine_jacobian(values, m, n, dtype, x.device)
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 import torch
 from torch import Tensor
 
@@ -204,15 +205,21 @@ class PerProblemArgs:
         return tuple(a[i] if s else a for a, s in zip(self.args, self.sliced, strict=False))
 
 
-def _own(v: Any) -> Any:
+def own_value(v: Any) -> Any:
     """A value ``fn`` returned for one of several rows, kept before ``fn`` is called for
-    the next: a copy of an array or tensor, which ``fn`` may refill at every call (as a
-    loop of single problems allows: each of its values is used before the next call)."""
+    the next: a copy of an array, tensor or ``scipy.sparse`` matrix, which ``fn`` may
+    refill at every call (as a loop of single problems allows: each of its values is
+    used before the next call)."""
     if type(v) is np.ndarray:
         return v.copy()
     if isinstance(v, Tensor):
         return v.clone()
+    if scipy.sparse.issparse(v):
+        return v.copy()
     return v
+
+
+_own = own_value
 
 
 def _same(v: Any) -> Any:
