@@ -212,7 +212,17 @@ class WhitenedModel:
         elif not torch_in:
             out = np.asarray(out)
         if self.rowwise:
-            r = (out - y).reshape(rows // repeat, repeat, -1)
+            if out.ndim == 1:  # 0-d outputs, stacked: one value per row
+                out = out.reshape(rows, 1)
+            r = out - y
+            if r.shape != out.shape and r.shape != (rows, *y.shape):
+                # e.g. a column (M, 1) against ydata (M,): f - ydata would be (M, M)
+                raise ValueError(
+                    f"`f` returned an array of shape {tuple(out.shape[1:])} that does not "
+                    f"match `ydata` of shape {tuple(y.shape)}: `f(xdata, *p) - ydata` "
+                    f"would have shape {tuple(r.shape[1:])}. Return an array of the "
+                    "shape of `ydata` (or a single value).")
+            r = r.reshape(rows // repeat, repeat, -1)
         else:
             if out.shape != (rows, self.data.M):
                 out = out.expand(rows, self.data.M) if torch_in else np.broadcast_to(

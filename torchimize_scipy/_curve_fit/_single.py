@@ -557,7 +557,7 @@ def _nonfinite_start_lm(problem: _OneProblem, p0: Any, n: int, f0: Any, user_jac
     else:
         fjac, ipvt, qtf = (np.full((n, m), np.nan), np.arange(n, dtype=np.int32),
                            np.full(n, np.nan))
-    popt = p0.detach().clone() if isinstance(p0, torch.Tensor) else np.array(p0, copy=True)
+    popt = p0.detach().clone() if isinstance(p0, torch.Tensor) else np.array(p0, dtype=np.float64)
     infodict = _infodict(f0, nfev, 1 if user_jac else None, fjac, ipvt, qtf, popt)
     with np.errstate(invalid="ignore", over="ignore"):
         chisq = float(np.sum(fvec.astype(float) ** 2))

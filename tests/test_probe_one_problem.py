@@ -1,0 +1,81 @@
+"""What a user switching one import line may write, on one problem (``curve_fit``).
+
+Each test pins a case that once gave a wrong answer or an answer of the wrong
+kind, against what scipy (1.17) does with the same call:
+
+* a model whose output does not broadcast to the shape of ``ydata`` one to one
+  (a column ``(M, 1)`` against ``ydata (M,)``, or ``(M,)`` against ``ydata (M, 1)``)
+  made ``f - ydata`` an ``(M, M)`` array of every difference and fitted it; scipy
+  refuses it (MINPACK: "not a proper array of floats"; ``least_squares``: more
+  than one dimension), and so do we, with a ValueError naming the shapes;
+* a model returning one value (broadcast against ``ydata`` by the subtraction,
+  as scipy allows): MINPACK's forward differences stacked the shifted points'
+  0-d outputs into one row;
+* 'lm' from a point where the residuals are not finite returns ``p0`` as
+  float64 (scipy's ``leastsq`` returns a float array), not in ``p0``'s integer dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.optimize as so
+from _parity import assert_x_close
+
+from torchimize_scipy import curve_fit
+
+XD = np.linspace(0, 4, 30)
+YD = 2.5 * np.exp(-1.3 * XD) + 0.5 + 0.02 * np.random.default_rng(0).standard_normal(30)
+
+
+def _decay(x, a, b, c):
+    return a * np.exp(-b * x) + c
+
+
+@pytest.mark.parametrize("method", ["lm", "trf", "dogbox"])
+def test_column_model_against_flat_ydata_is_refused(method):
+    def column(x, a, b, c):
+        return _decay(x, a, b, c)[:, None]
+
+    with pytest.raises(ValueError, match=r"shape \(30, 1\).*\(30,\).*\(30, 30\)"):
+        curve_fit(column, XD, YD, p0=[1, 1, 1], method=method)
+
+
+@pytest.mark.parametrize("method", ["lm", "trf", "dogbox"])
+def test_flat_model_against_column_ydata_is_refused(method):
+    with pytest.raises(ValueError, match=r"shape \(30,\).*\(30, 1\)"):
+        curve_fit(_decay, XD, YD[:, None], p0=[1, 1, 1], method=method)
+
+
+def test_matching_column_shapes_still_fit():
+    def column(x, a, b, c):
+        return _decay(x, a, b, c)[:, None]
+
+    popt, _ = curve_fit(column, XD, YD[:, None], p0=[1, 1, 1])
+    ref, _ = so.curve_fit(_decay, XD, YD, p0=[1, 1, 1])
+    assert_x_close(popt, ref)
+
+
+def test_scalar_model_lm_broadcasts_as_scipy():
+    def constant(x, a, b, c):
+        return a + b + c  # one value for every point (rank-deficient on purpose)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        popt, _ = curve_fit(constant, XD, YD, p0=[1, 1, 1])
+        ref, _ = so.curve_fit(constant, XD, YD, p0=[1, 1, 1])
+    assert_x_close(popt, ref)
+    assert abs(popt.sum() - YD.mean()) < 1e-8
+
+
+@pytest.mark.parametrize("p0", [[1, 1, 1], np.array([1, 1, 1])])
+def test_lm_nonfinite_start_returns_float_popt(p0):
+    y = np.r_[YD[:-1], np.nan]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        popt, pcov = curve_fit(_decay, XD, y, p0=p0, check_finite=False)
+    assert popt.dtype == np.float64
+    np.testing.assert_array_equal(popt, [1.0, 1.0, 1.0])
+    assert np.isinf(pcov).all()
