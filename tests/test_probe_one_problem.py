@@ -1,4 +1,4 @@
-"""What a user switching one import line may write, on one problem (``curve_fit``).
+"""What a user switching one import line may write, on one problem (curve_fit, least_squares).
 
 Each test pins a case that once gave a wrong answer or an answer of the wrong
 kind, against what scipy (1.17) does with the same call:
@@ -12,7 +12,9 @@ kind, against what scipy (1.17) does with the same call:
   as scipy allows): MINPACK's forward differences stacked the shifted points'
   0-d outputs into one row;
 * 'lm' from a point where the residuals are not finite returns ``p0`` as
-  float64 (scipy's ``leastsq`` returns a float array), not in ``p0``'s integer dtype.
+  float64 (scipy's ``leastsq`` returns a float array), not in ``p0``'s integer dtype;
+* read-only residuals (``np.broadcast_to``, a frozen array) reached ``torch.from_numpy``,
+  whose UserWarning about non-writable memory scipy never gives.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pytest
 import scipy.optimize as so
 from _parity import assert_x_close
 
-from torchimize_scipy import curve_fit
+from torchimize_scipy import curve_fit, least_squares
 
 XD = np.linspace(0, 4, 30)
 YD = 2.5 * np.exp(-1.3 * XD) + 0.5 + 0.02 * np.random.default_rng(0).standard_normal(30)
@@ -79,3 +81,26 @@ def test_lm_nonfinite_start_returns_float_popt(p0):
     assert popt.dtype == np.float64
     np.testing.assert_array_equal(popt, [1.0, 1.0, 1.0])
     assert np.isinf(pcov).all()
+
+
+def _read_only(a):
+    a = np.array(a, dtype=float)
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("method", ["trf", "lm"])
+def test_read_only_residuals_raise_no_torch_warning(method):
+    # scipy takes read-only arrays from ``fun`` silently; torch would warn of them
+    # (once per process: this test fails only where it runs first)
+    t = np.linspace(0, 3, 20)
+    y = 3 * np.exp(-0.7 * t)
+
+    def fun(p):
+        return _read_only(p[0] * np.exp(-p[1] * t) - y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = least_squares(fun, [1.0, 1.0], method=method)
+    ref = so.least_squares(fun, [1.0, 1.0], method=method)
+    assert_x_close(res.x, ref.x)

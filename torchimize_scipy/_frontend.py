@@ -438,7 +438,7 @@ def first_value(ns: Namespace, a: np.ndarray, shape: tuple[int, ...], what: str)
     nothing (no torch operation).
     """
     if ns.device.type == "cpu" and ns.dtype == torch.float64 and type(a) is np.ndarray \
-            and a.dtype == np.float64:
+            and a.dtype == np.float64 and a.flags.writeable:
         return tensor_of_host(np.ascontiguousarray(a).reshape(shape))
     return ns.from_user(a, what=what).reshape(shape)
 
