@@ -104,3 +104,12 @@ def test_read_only_residuals_raise_no_torch_warning(method):
         res = least_squares(fun, [1.0, 1.0], method=method)
     ref = so.least_squares(fun, [1.0, 1.0], method=method)
     assert_x_close(res.x, ref.x)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+def test_nan_sigma_is_named_as_nan(method):
+    sigma = np.r_[np.nan, np.ones(29)]
+    with pytest.raises(ValueError, match=r"not finite in the initial point: `sigma` contains NaN"):
+        curve_fit(_decay, XD, YD, p0=[1, 1, 1], sigma=sigma, method=method)
+    with pytest.raises(ValueError, match="`sigma` contains zeros"):
+        curve_fit(_decay, XD, YD, p0=[1, 1, 1], sigma=np.r_[0.0, np.ones(29)], method=method)

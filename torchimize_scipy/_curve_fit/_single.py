@@ -411,11 +411,14 @@ def _all_finite(a: Any) -> bool:
 
 
 def _name_zero_sigma(error: ValueError, data: FitData) -> None:
-    """Re-raise ``least_squares``'s non-finite start naming a zero ``sigma`` as its cause."""
+    """Re-raise ``least_squares``'s non-finite start naming a zero (or NaN) ``sigma`` as its
+    cause (the weights ``1 / sigma`` are then infinite, or NaN)."""
     if (data.tkind == "diag" and str(error).startswith(NONFINITE_START)
             and not np.isfinite(data.T).all()):
-        raise ValueError(f"{NONFINITE_START}: `sigma` contains zeros (a standard deviation "
-                         "of 0 gives an infinite weight).") from error
+        if np.isinf(data.T).any():
+            raise ValueError(f"{NONFINITE_START}: `sigma` contains zeros (a standard "
+                             "deviation of 0 gives an infinite weight).") from error
+        raise ValueError(f"{NONFINITE_START}: `sigma` contains NaN.") from error
 
 
 def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any,
