@@ -13,6 +13,8 @@ kind, against what scipy (1.17) does with the same call:
   0-d outputs into one row;
 * 'lm' from a point where the residuals are not finite returns ``p0`` as
   float64 (scipy's ``leastsq`` returns a float array), not in ``p0``'s integer dtype;
+* a one-parameter model whose ``jac`` returns a 1-D ``(M,)`` array: scipy's
+  ``leastsq`` takes it as the one column; we refused it for 'lm';
 * read-only residuals (``np.broadcast_to``, a frozen array) reached ``torch.from_numpy``,
   whose UserWarning about non-writable memory scipy never gives.
 """
@@ -113,3 +115,24 @@ def test_nan_sigma_is_named_as_nan(method):
         curve_fit(_decay, XD, YD, p0=[1, 1, 1], sigma=sigma, method=method)
     with pytest.raises(ValueError, match="`sigma` contains zeros"):
         curve_fit(_decay, XD, YD, p0=[1, 1, 1], sigma=np.r_[0.0, np.ones(29)], method=method)
+
+
+@pytest.mark.parametrize("col_deriv", [False, True])
+def test_lm_one_parameter_jac_may_be_one_dimensional(col_deriv):
+    # scipy's leastsq takes a 1-D Jacobian (M,) of a one-parameter model as its column;
+    # least_squares ('trf', 'dogbox') refuses it, and so does curve_fit there
+    def model(x, b):
+        return 2.5 * np.exp(-b * x)
+
+    def jac(x, b):
+        return -2.5 * x * np.exp(-b * x)
+
+    popt, pcov, info, _, _ = curve_fit(model, XD, YD, p0=[1.0], jac=jac, col_deriv=col_deriv,
+                                       full_output=True)
+    ref = so.curve_fit(model, XD, YD, p0=[1.0], jac=jac, col_deriv=col_deriv,
+                       full_output=True)
+    assert_x_close(popt, ref[0])
+    np.testing.assert_allclose(pcov, ref[1], rtol=1e-6)
+    assert info["njev"] == ref[2]["njev"]
+    with pytest.raises(ValueError, match="wrong shape"):
+        curve_fit(model, XD, YD, p0=[1.0], jac=jac, method="trf")

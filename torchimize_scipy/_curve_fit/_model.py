@@ -126,6 +126,9 @@ class WhitenedModel:
         self.col_deriv = col_deriv
         self.rowwise = rowwise
         self.book: LeastsqBook | None = None
+        #: ``curve_fit(method='lm')`` of one parameter: ``jac`` may return a 1-D ``(M,)``
+        #: array (scipy's ``leastsq`` takes it as the Jacobian's one column)
+        self.vector_jac = False
         #: the dtype of the residuals :meth:`residuals` last returned (numpy's or torch's)
         self.residual_dtype: Any = None
 
@@ -261,6 +264,8 @@ class WhitenedModel:
                 np.asarray(J), device=P.device, dtype=P.dtype)
         else:
             J = np.asarray(J)
+        if self.vector_jac and J.ndim == 2:  # rows of 1-D (M,) values: one column each
+            J = J[:, None, :] if self.col_deriv else J[..., None]
         if self.col_deriv:
             J = _swap_last(J)
         if keep is not None:

@@ -260,6 +260,7 @@ def curve_fit(
     col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False
     problem = _OneProblem(WhitenedModel(f, jac if callable(jac) else None, data, n, col_deriv,
                                         rowwise=True))
+    problem.model.vector_jac = method == "lm" and n == 1
     jac_arg: Any = problem.jac if callable(jac) else ("2-point" if jac is None else jac)
     if "args" in kwargs:
         raise ValueError("'args' is not a supported keyword argument.")
