@@ -16,7 +16,14 @@ kind, against what scipy (1.17) does with the same call:
 * a one-parameter model whose ``jac`` returns a 1-D ``(M,)`` array: scipy's
   ``leastsq`` takes it as the one column; we refused it for 'lm';
 * read-only residuals (``np.broadcast_to``, a frozen array) reached ``torch.from_numpy``,
-  whose UserWarning about non-writable memory scipy never gives.
+  whose UserWarning about non-writable memory scipy never gives;
+* a NaN in ``sigma`` was reported as "``sigma`` contains zeros";
+* float16 residuals (``least_squares``) took float64-sized difference steps: a zero
+  Jacobian and a stop at ``x0`` reported as converged (scipy sizes the step by the
+  residuals' epsilon, as we did for float32);
+* ``jac='cs'`` on a function that drops the imaginary part: scipy reads a zero
+  Jacobian and returns ``x0`` as converged; we raised torch's "imag is not implemented",
+  and now a ValueError that names the cause.
 """
 
 from __future__ import annotations
@@ -136,3 +143,32 @@ def test_lm_one_parameter_jac_may_be_one_dimensional(col_deriv):
     assert info["njev"] == ref[2]["njev"]
     with pytest.raises(ValueError, match="wrong shape"):
         curve_fit(model, XD, YD, p0=[1.0], jac=jac, method="trf")
+
+
+T20 = np.linspace(0, 3, 20)
+Y20 = 3 * np.exp(-0.7 * T20) + 0.1 * np.sin(5 * T20)
+
+
+@pytest.mark.parametrize("method", ["trf", "lm"])
+def test_float16_residuals_take_float16_sized_steps(method):
+    # scipy sizes the default difference step by the residuals' epsilon; a float64-sized
+    # step left float16 residuals unchanged: a zero Jacobian, a stop at x0 (status 1)
+    def fun(p):
+        return (p[0] * np.exp(-p[1] * T20) - Y20).astype(np.float16)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = least_squares(fun, [1.0, 1.0], method=method)
+        ref = so.least_squares(fun, [1.0, 1.0], method=method)
+    assert res.nfev > 5
+    np.testing.assert_allclose(res.x, ref.x, rtol=2e-3)
+
+
+@pytest.mark.parametrize("sparsity", [None, np.ones((20, 2))])
+def test_complex_step_of_a_real_function_is_refused(sparsity):
+    # scipy reads a zero Jacobian from such a function and returns x0 as converged
+    def fun(p):
+        return np.real(p[0] * np.exp(-p[1] * T20) - Y20)
+
+    with pytest.raises(ValueError, match="jac='cs': `fun` returned real values"):
+        least_squares(fun, [1.0, 1.0], jac="cs", jac_sparsity=sparsity)

@@ -209,10 +209,11 @@ def least_squares(
             raise ValueError("Residuals are not finite in the initial point.")
         m = f0.shape[1]
         loss_obj = check_residuals_and_loss(method, n, f0, loss, f_scale, ns, rowwise=True)
-        if f0_raw.dtype == np.float32 and ns.dtype == torch.float64:
-            # float32 residuals take float32-sized default steps (scipy gh-12991);
-            # the residuals themselves were float32, so this cast is exact
-            p.jac.fd_dtype = torch.float32
+        if f0_raw.dtype in _NARROW_FLOATS and f0_raw.dtype.itemsize < ns.dtype.itemsize:
+            # float32 (or float16) residuals take default steps sized by their own
+            # epsilon (scipy gh-12991; a float64-sized step leaves float16 residuals
+            # unchanged: a zero Jacobian); they were of that dtype, so this cast is exact
+            p.jac.fd_dtype = _NARROW_FLOATS[f0_raw.dtype]
         J0, tr_solver = jacobian_at_x0(p, f0, method, jac, jac_sparsity, tr_solver, tr_options,
                                        x_scale)
         dense_jac = isinstance(J0, torch.Tensor) and J0.layout == torch.strided
@@ -282,6 +283,10 @@ def _one_result_keys(dense_jac: bool, final_jacobian: bool) -> tuple[str, ...]:
 
 
 #: :func:`_one_result_keys` by ``(dense_jac, final_jacobian)`` (made once).
+#: residual dtypes narrower than an engine's float64 (or float32) whose own epsilon sizes the
+#: default finite-difference steps, and their torch dtypes
+_NARROW_FLOATS = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+
 _ONE_RESULT_KEYS = {(d, f): _one_result_keys(d, f) for d in (False, True) for f in (False, True)}
 
 
