@@ -73,8 +73,8 @@ class EngineJacobian:
         ``(B, n)`` bounds indexed by problem id; finite differences respect
         them when given.
     fd_dtype : torch.dtype, optional
-        dtype in which finite differences see the residuals (float32 residuals
-        take float32-sized default steps, as scipy's gh-12991).
+        dtype in which finite differences see the residuals (float32 or float16
+        residuals take default steps sized by their epsilon, as scipy's gh-12991).
 
     Attributes
     ----------
