@@ -13,8 +13,8 @@ kind, against what scipy (1.17) does with the same call:
   0-d outputs into one row;
 * 'lm' from a point where the residuals are not finite returns ``p0`` as
   float64 (scipy's ``leastsq`` returns a float array), not in ``p0``'s integer dtype;
-* a one-parameter model whose ``jac`` returns a 1-D ``(M,)`` array: scipy's
-  ``leastsq`` takes it as the one column; we refused it for 'lm';
+* a one-parameter model whose ``jac`` returns a 1-D ``(M,)`` (or ``(1, M)``) array:
+  scipy's ``leastsq`` takes it as the one column; we refused it for 'lm';
 * read-only residuals (``np.broadcast_to``, a frozen array) reached ``torch.from_numpy``,
   whose UserWarning about non-writable memory scipy never gives;
 * a NaN in ``sigma`` was reported as "``sigma`` contains zeros";
@@ -125,14 +125,15 @@ def test_nan_sigma_is_named_as_nan(method):
 
 
 @pytest.mark.parametrize("col_deriv", [False, True])
-def test_lm_one_parameter_jac_may_be_one_dimensional(col_deriv):
-    # scipy's leastsq takes a 1-D Jacobian (M,) of a one-parameter model as its column;
-    # least_squares ('trf', 'dogbox') refuses it, and so does curve_fit there
+@pytest.mark.parametrize("shape", [(-1,), (1, -1), (-1, 1)])
+def test_lm_one_parameter_jac_may_be_one_dimensional(col_deriv, shape):
+    # scipy's leastsq takes a 1-D Jacobian (M,) (or (1, M)) of a one-parameter model as
+    # its column; least_squares ('trf', 'dogbox') refuses it, and so does curve_fit there
     def model(x, b):
         return 2.5 * np.exp(-b * x)
 
     def jac(x, b):
-        return -2.5 * x * np.exp(-b * x)
+        return (-2.5 * x * np.exp(-b * x)).reshape(shape)
 
     popt, pcov, info, _, _ = curve_fit(model, XD, YD, p0=[1.0], jac=jac, col_deriv=col_deriv,
                                        full_output=True)
@@ -141,8 +142,9 @@ def test_lm_one_parameter_jac_may_be_one_dimensional(col_deriv):
     assert_x_close(popt, ref[0])
     np.testing.assert_allclose(pcov, ref[1], rtol=1e-6)
     assert info["njev"] == ref[2]["njev"]
-    with pytest.raises(ValueError, match="wrong shape"):
-        curve_fit(model, XD, YD, p0=[1.0], jac=jac, method="trf")
+    if shape != (-1, 1):
+        with pytest.raises(ValueError, match="wrong shape"):
+            curve_fit(model, XD, YD, p0=[1.0], jac=jac, method="trf")
 
 
 T20 = np.linspace(0, 3, 20)

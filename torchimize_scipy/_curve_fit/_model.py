@@ -126,8 +126,8 @@ class WhitenedModel:
         self.col_deriv = col_deriv
         self.rowwise = rowwise
         self.book: LeastsqBook | None = None
-        #: ``curve_fit(method='lm')`` of one parameter: ``jac`` may return a 1-D ``(M,)``
-        #: array (scipy's ``leastsq`` takes it as the Jacobian's one column)
+        #: ``curve_fit(method='lm')`` of one parameter: ``jac`` may return its ``M`` values
+        #: as ``(M,)`` or ``(1, M)`` too (scipy's ``leastsq`` takes them as the one column)
         self.vector_jac = False
         #: the dtype of the residuals :meth:`residuals` last returned (numpy's or torch's)
         self.residual_dtype: Any = None
@@ -264,9 +264,9 @@ class WhitenedModel:
                 np.asarray(J), device=P.device, dtype=P.dtype)
         else:
             J = np.asarray(J)
-        if self.vector_jac and J.ndim == 2:  # rows of 1-D (M,) values: one column each
-            J = J[:, None, :] if self.col_deriv else J[..., None]
-        if self.col_deriv:
+        if self.vector_jac:  # one parameter: (M,), (1, M) or (M, 1), each row the column
+            J = J.reshape(J.shape[0], -1, 1)
+        elif self.col_deriv:
             J = _swap_last(J)
         if keep is not None:
             J = _mask(J, keep[..., None])
