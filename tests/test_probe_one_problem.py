@@ -21,6 +21,7 @@ kind, against what scipy (1.17) does with the same call:
 * float16 residuals (``least_squares``) took float64-sized difference steps: a zero
   Jacobian and a stop at ``x0`` reported as converged (scipy sizes the step by the
   residuals' epsilon, as we did for float32);
+* a 2-D ``p0`` with 'lm': scipy's ``leastsq`` flattens it; we refused it;
 * ``jac='cs'`` on a function that drops the imaginary part: scipy reads a zero
   Jacobian and returns ``x0`` as converged; we raised torch's "imag is not implemented",
   and now a ValueError that names the cause.
@@ -174,3 +175,12 @@ def test_complex_step_of_a_real_function_is_refused(sparsity):
 
     with pytest.raises(ValueError, match="jac='cs': `fun` returned real values"):
         least_squares(fun, [1.0, 1.0], jac="cs", jac_sparsity=sparsity)
+
+
+def test_lm_flattens_a_two_dimensional_p0():
+    popt, _ = curve_fit(_decay, XD, YD, p0=[[1.0, 1.0, 1.0]])
+    ref, _ = so.curve_fit(_decay, XD, YD, p0=[[1.0, 1.0, 1.0]])
+    assert popt.shape == ref.shape == (3,)
+    assert_x_close(popt, ref)
+    with pytest.raises(ValueError, match="`x0` must have at most 1 dimension"):
+        curve_fit(_decay, XD, YD, p0=[[1.0, 1.0, 1.0]], method="trf")

@@ -267,6 +267,7 @@ def curve_fit(
 
     if method == "lm":
         reject_loss(kwargs, "curve_fit")
+        p0 = p0.reshape(-1)  # (scipy's leastsq flattens p0; least_squares refuses 2-D x0)
         if ns is not None:
             ns_lm = ns
         elif kwargs.get("device") is None and kwargs.get("dtype") is None:
