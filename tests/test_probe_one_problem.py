@@ -22,6 +22,7 @@ kind, against what scipy (1.17) does with the same call:
   Jacobian and a stop at ``x0`` reported as converged (scipy sizes the step by the
   residuals' epsilon, as we did for float32);
 * a 2-D ``p0`` with 'lm': scipy's ``leastsq`` flattens it; we refused it;
+* numpy data fitted in ``dtype=torch.float32`` with 'lm': ``pcov`` came back float64;
 * ``jac='cs'`` on a function that drops the imaginary part: scipy reads a zero
   Jacobian and returns ``x0`` as converged; we raised torch's "imag is not implemented",
   and now a ValueError that names the cause.
@@ -34,6 +35,7 @@ import warnings
 import numpy as np
 import pytest
 import scipy.optimize as so
+import torch
 from _parity import assert_x_close
 
 from torchimize_scipy import curve_fit, least_squares
@@ -184,3 +186,13 @@ def test_lm_flattens_a_two_dimensional_p0():
     assert_x_close(popt, ref)
     with pytest.raises(ValueError, match="`x0` must have at most 1 dimension"):
         curve_fit(_decay, XD, YD, p0=[[1.0, 1.0, 1.0]], method="trf")
+
+
+@pytest.mark.parametrize("method", ["lm", "trf"])
+def test_numpy_data_in_float32_gives_float32_pcov(method):
+    # (pcov of 'lm' was float64 beside a float32 popt; 'trf' gave both float32)
+    popt, pcov = curve_fit(_decay, XD, YD, p0=[1, 1, 1], method=method, dtype=torch.float32)
+    assert popt.dtype == pcov.dtype == np.float32
+    ref, ref_cov = so.curve_fit(_decay, XD, YD, p0=[1, 1, 1], method=method)
+    np.testing.assert_allclose(popt, ref, rtol=1e-3)
+    np.testing.assert_allclose(pcov, ref_cov, rtol=1e-2, atol=1e-9)

@@ -303,6 +303,8 @@ def curve_fit(
     if indeterminate:
         warnings.warn(COV_MSG, category=OptimizeWarning, stacklevel=2)
     pcov = as_tensor(pcov[0]).to(ns.device, ns.dtype) if ns is not None else as_numpy(pcov[0])
+    if isinstance(popt, np.ndarray) and pcov.dtype != popt.dtype:  # 'lm' with dtype=float32
+        pcov = pcov.astype(popt.dtype)
     if full_output:
         return popt, pcov, infodict, mesg, ier
     return popt, pcov
