@@ -23,6 +23,8 @@ kind, against what scipy (1.17) does with the same call:
   residuals' epsilon, as we did for float32);
 * a 2-D ``p0`` with 'lm': scipy's ``leastsq`` flattens it; we refused it;
 * numpy data fitted in ``dtype=torch.float32`` with 'lm': ``pcov`` came back float64;
+* 'lm' with MINPACK's differences dropped ``jac_sparsity`` and ``workers`` silently (scipy's
+  ``leastsq`` refuses both with a TypeError);
 * ``jac='cs'`` on a function that drops the imaginary part: scipy reads a zero
   Jacobian and returns ``x0`` as converged; we raised torch's "imag is not implemented",
   and now a ValueError that names the cause.
@@ -196,3 +198,24 @@ def test_numpy_data_in_float32_gives_float32_pcov(method):
     ref, ref_cov = so.curve_fit(_decay, XD, YD, p0=[1, 1, 1], method=method)
     np.testing.assert_allclose(popt, ref, rtol=1e-3)
     np.testing.assert_allclose(pcov, ref_cov, rtol=1e-2, atol=1e-9)
+
+
+def test_lm_refuses_jac_sparsity_with_minpack_differences():
+    # (it was dropped silently: MINPACK's differences use no pattern)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'jac_sparsity'"):
+        curve_fit(_decay, XD, YD, p0=[1, 1, 1], jac_sparsity=np.ones((30, 3)))
+
+
+def test_lm_refuses_workers_with_minpack_differences():
+    # (the map was never called: MINPACK's shifted points go to f in one call)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'workers'"):
+        curve_fit(_decay, XD, YD, p0=[1, 1, 1], workers=map)
+    calls = []
+
+    def counting_map(fn, items):
+        calls.append(1)
+        return map(fn, items)
+
+    popt, _ = curve_fit(_decay, XD, YD, p0=[1, 1, 1], method="trf", workers=counting_map)
+    assert calls
+    assert_x_close(popt, so.curve_fit(_decay, XD, YD, p0=[1, 1, 1], method="trf")[0])

@@ -450,6 +450,15 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
     opts = leastsq_options(kwargs, n, user_jac)
     model = problem.model
     minpack_fd = jac_arg == "2-point"
+    if minpack_fd:
+        # MINPACK's forward differences evaluate f in one call of its n shifted points:
+        # neither a sparsity pattern nor a map of workers would be used (scipy's leastsq
+        # takes neither: a TypeError; least_squares' 'lm' refuses jac_sparsity)
+        for key in ("jac_sparsity", "workers"):
+            if kwargs.get(key) is not None:
+                raise TypeError(f"curve_fit() with method='lm' got an unexpected keyword "
+                                f"argument '{key}' (MINPACK's forward differences take "
+                                "none; use method='trf' or 'dogbox').")
     rel = None
     if user_jac or minpack_fd:
         rel = minpack_step(opts["epsfcn"], kwargs.pop("diff_step", None), n, ns.dtype)
