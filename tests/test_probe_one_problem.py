@@ -25,6 +25,7 @@ kind, against what scipy (1.17) does with the same call:
 * numpy data fitted in ``dtype=torch.float32`` with 'lm': ``pcov`` came back float64;
 * 'lm' with MINPACK's differences dropped ``jac_sparsity`` and ``workers`` silently (scipy's
   ``leastsq`` refuses both with a TypeError);
+* 'lm' given both ``epsfcn`` and ``diff_step`` used ``epsfcn`` and dropped ``diff_step``;
 * ``jac='cs'`` on a function that drops the imaginary part: scipy reads a zero
   Jacobian and returns ``x0`` as converged; we raised torch's "imag is not implemented",
   and now a ValueError that names the cause.
@@ -219,3 +220,10 @@ def test_lm_refuses_workers_with_minpack_differences():
     popt, _ = curve_fit(_decay, XD, YD, p0=[1, 1, 1], method="trf", workers=counting_map)
     assert calls
     assert_x_close(popt, so.curve_fit(_decay, XD, YD, p0=[1, 1, 1], method="trf")[0])
+
+
+@pytest.mark.parametrize("jac", [None, "3-point"])
+def test_lm_refuses_epsfcn_with_diff_step(jac):
+    # (epsfcn won and diff_step was dropped silently)
+    with pytest.raises(ValueError, match="Give only one of `epsfcn` and `diff_step`"):
+        curve_fit(_decay, XD, YD, p0=[1, 1, 1], jac=jac, epsfcn=1e-8, diff_step=1e-3)
