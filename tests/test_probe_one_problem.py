@@ -26,6 +26,8 @@ kind, against what scipy (1.17) does with the same call:
 * 'lm' with MINPACK's differences dropped ``jac_sparsity`` and ``workers`` silently (scipy's
   ``leastsq`` refuses both with a TypeError);
 * 'lm' given both ``epsfcn`` and ``diff_step`` used ``epsfcn`` and dropped ``diff_step``;
+* a sparse Jacobian (``jac_sparsity``, a sparse or operator ``jac``) failed in ``pcov``'s
+  SVD, as in scipy ("object arrays are not supported"); it is taken as dense there;
 * ``jac='cs'`` on a function that drops the imaginary part: scipy reads a zero
   Jacobian and returns ``x0`` as converged; we raised torch's "imag is not implemented",
   and now a ValueError that names the cause.
@@ -227,3 +229,24 @@ def test_lm_refuses_epsfcn_with_diff_step(jac):
     # (epsfcn won and diff_step was dropped silently)
     with pytest.raises(ValueError, match="Give only one of `epsfcn` and `diff_step`"):
         curve_fit(_decay, XD, YD, p0=[1, 1, 1], jac=jac, epsfcn=1e-8, diff_step=1e-3)
+
+
+def _decay_jac(x, a, b, c):
+    e = np.exp(-b * x)
+    return np.stack([e, -a * x * e, np.ones_like(x)], 1)
+
+
+@pytest.mark.parametrize("form", ["jac_sparsity", "sparse", "operator"])
+def test_sparse_jacobian_gives_the_dense_pcov(form):
+    # scipy's SVD of a sparse matrix or an operator fails ("object arrays are not
+    # supported"); ours failed the same way: the covariance now takes them as dense
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import aslinearoperator
+
+    kw = {"jac_sparsity": np.ones((30, 3))} if form == "jac_sparsity" else {
+        "jac": (lambda *a: sp.csr_matrix(_decay_jac(*a))) if form == "sparse"
+        else (lambda *a: aslinearoperator(_decay_jac(*a))), "tr_solver": "lsmr"}
+    popt, pcov = curve_fit(_decay, XD, YD, p0=[1, 1, 1], method="trf", **kw)
+    ref, ref_cov = so.curve_fit(_decay, XD, YD, p0=[1, 1, 1], method="trf", jac=_decay_jac)
+    assert_x_close(popt, ref, xtol=1e-6)
+    np.testing.assert_allclose(pcov, ref_cov, rtol=1e-5)

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
 import torch
 from scipy.optimize import OptimizeWarning
 
@@ -292,7 +294,7 @@ def curve_fit(
         ier, mesg, popt = res.status, res.message, res.x
         ysize = as_numpy(res.fun).size
         chisq = 2 * float(as_numpy(res.cost))  # pcov is not differentiated
-        cov = normal_inverse(as_tensor(res.jac)[None], svd_pinv, gram_first=False)
+        cov = normal_inverse(as_tensor(_dense(res.jac))[None], svd_pinv, gram_first=False)
 
     if isinstance(cov, torch.Tensor):
         ok, chisqs = (torch.ones(1, dtype=torch.bool, device=cov.device),
@@ -406,6 +408,18 @@ def _host_point(x: torch.Tensor) -> np.ndarray:
     or a copy."""
     known = host_rows(x)
     return known if known is not None else np.array(x.tolist(), dtype=np.float64)
+
+
+def _dense(J: Any) -> Any:
+    """``J`` itself, or a sparse Jacobian (a sparse ``jac`` or ``jac_sparsity``) or a
+    linear operator as a dense array for the covariance (scipy's SVD of them fails)."""
+    if scipy.sparse.issparse(J):
+        return J.toarray()
+    if isinstance(J, scipy.sparse.linalg.LinearOperator):
+        return J.matmat(np.eye(J.shape[1]))
+    if isinstance(J, torch.Tensor) and J.layout != torch.strided:
+        return J.to_dense()
+    return J
 
 
 def _all_finite(a: Any) -> bool:
