@@ -28,6 +28,8 @@ kind, against what scipy (1.17) does with the same call:
 * 'lm' given both ``epsfcn`` and ``diff_step`` used ``epsfcn`` and dropped ``diff_step``;
 * a sparse Jacobian (``jac_sparsity``, a sparse or operator ``jac``) failed in ``pcov``'s
   SVD, as in scipy ("object arrays are not supported"); it is taken as dense there;
+* ``res.fun`` of float16 residuals came back float64 ('trf', 'dogbox': scipy keeps fun's
+  dtype) and of float32 ones float32 with 'lm' (scipy's MINPACK: float64);
 * ``jac='cs'`` on a function that drops the imaginary part: scipy reads a zero
   Jacobian and returns ``x0`` as converged; we raised torch's "imag is not implemented",
   and now a ValueError that names the cause.
@@ -250,3 +252,17 @@ def test_sparse_jacobian_gives_the_dense_pcov(form):
     ref, ref_cov = so.curve_fit(_decay, XD, YD, p0=[1, 1, 1], method="trf", jac=_decay_jac)
     assert_x_close(popt, ref, xtol=1e-6)
     np.testing.assert_allclose(pcov, ref_cov, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_result_fun_dtype_is_scipys(method, dtype):
+    # scipy's 'trf'/'dogbox' return fun in the dtype fun returned; MINPACK's 'lm' float64
+    def fun(p):
+        return (p[0] * np.exp(-p[1] * T20) - Y20).astype(dtype)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = least_squares(fun, [1.0, 1.0], method=method)
+    assert res.fun.dtype == (np.float64 if method == "lm" else dtype)
+    np.testing.assert_array_equal(res.fun, fun(res.x).astype(res.fun.dtype))

@@ -252,8 +252,9 @@ def least_squares(
         result = build_one_result(out, ns, method, jac, p.bounded)
         if sparse_J is not None:
             result.jac = result_jacobian(sparse_J, numpy_caller=ns.kind != "torch")
-        if ns.kind == "numpy" and f0_raw.dtype == np.float32:
-            result.fun = result.fun.astype(np.float32)  # scipy returns fun's own dtype
+        if ns.kind == "numpy" and f0_raw.dtype in _NARROW_FLOATS and method != "lm":
+            # scipy's 'trf' and 'dogbox' return fun's own dtype (MINPACK's 'lm': float64)
+            result.fun = result.fun.astype(f0_raw.dtype)
         if verbose >= 1:
             initial_cost = float(loss_obj.cost(f0)[0]) if loss_obj is not None else float(
                 0.5 * (f0 * f0).sum())
