@@ -86,7 +86,10 @@ class Namespace:
             arr = np.asarray(a)
             if arr.dtype == object:
                 raise ValueError("`fun` and `jac` must return numeric array_like values.")
-            t = torch.from_numpy(np.ascontiguousarray(arr))
+            arr = np.ascontiguousarray(arr)
+            if not arr.flags.writeable:  # (torch warns of read-only memory; scipy does not)
+                arr = arr.copy()
+            t = torch.from_numpy(arr)
         if t.is_complex():
             if not complex_ok:
                 dtype = a.dtype if isinstance(a, torch.Tensor) else np.asarray(a).dtype

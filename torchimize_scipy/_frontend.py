@@ -79,8 +79,8 @@ class EngineJacobian:
         ``(B, n)`` bounds indexed by problem id; finite differences respect
         them when given.
     fd_dtype : torch.dtype, optional
-        dtype in which finite differences see the residuals (float32 residuals
-        take float32-sized default steps, as scipy's gh-12991).
+        dtype in which finite differences see the residuals (float32 or float16
+        residuals take default steps sized by their epsilon, as scipy's gh-12991).
 
     Attributes
     ----------
@@ -447,7 +447,7 @@ def first_value(ns: Namespace, a: np.ndarray, shape: tuple[int, ...], what: str)
     nothing (no torch operation).
     """
     if ns.device.type == "cpu" and ns.dtype == torch.float64 and type(a) is np.ndarray \
-            and a.dtype == np.float64:
+            and a.dtype == np.float64 and a.flags.writeable:
         return tensor_of_host(np.ascontiguousarray(a).reshape(shape))
     return ns.from_user(a, what=what).reshape(shape)
 

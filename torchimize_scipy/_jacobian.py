@@ -114,6 +114,18 @@ def default_rel_step(x_dtype: torch.dtype, f_dtype: torch.dtype, method: FDMetho
     raise ValueError(f"Unknown method {method!r}, should be one of {_FD_METHODS}.")
 
 
+def complex_part(F: Tensor) -> Tensor:
+    """``F.imag`` of ``fun``'s values at complex points (``jac='cs'``); real values (a
+    ``fun`` that casts to a real dtype, or takes ``abs``) lost the imaginary part the
+    Jacobian is read from: a ValueError (scipy reads a zero Jacobian from them)."""
+    if not F.is_complex():
+        raise ValueError("jac='cs': `fun` returned real values at complex points; "
+                         "complex-step differentiation needs `fun` to carry the "
+                         "imaginary part through (no cast to a real dtype, no abs or .real). "
+                         "Use jac='2-point' or '3-point' for such a function.")
+    return F.imag
+
+
 def _absolute_step(x0: Tensor, rstep: float, rel_step: Tensor | float | None) -> Tensor:
     """Absolute steps ``h`` (same shape as ``x0``) from relative steps."""
     sign_x0 = torch.where(x0 >= 0, 1.0, -1.0).to(x0.dtype)
@@ -342,7 +354,7 @@ def finite_difference_jacobian(
     if method == "cs":
         xc = torch.complex(x0, torch.zeros_like(x0))
         return differences(xc, [torch.complex(x0, h)],
-                           lambda v, j, out: torch.div(v[0].imag, at(h, j), out=out))
+                           lambda v, j, out: torch.div(complex_part(v[0]), at(h, j), out=out))
 
     bounded = lb is not None or ub is not None
     if bounded:

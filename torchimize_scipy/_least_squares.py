@@ -209,10 +209,11 @@ def least_squares(
             raise ValueError("Residuals are not finite in the initial point.")
         m = f0.shape[1]
         loss_obj = check_residuals_and_loss(method, n, f0, loss, f_scale, ns, rowwise=True)
-        if f0_raw.dtype == np.float32 and ns.dtype == torch.float64:
-            # float32 residuals take float32-sized default steps (scipy gh-12991);
-            # the residuals themselves were float32, so this cast is exact
-            p.jac.fd_dtype = torch.float32
+        if f0_raw.dtype in _NARROW_FLOATS and f0_raw.dtype.itemsize < ns.dtype.itemsize:
+            # float32 (or float16) residuals take default steps sized by their own
+            # epsilon (scipy gh-12991; a float64-sized step leaves float16 residuals
+            # unchanged: a zero Jacobian); they were of that dtype, so this cast is exact
+            p.jac.fd_dtype = _NARROW_FLOATS[f0_raw.dtype]
         J0, tr_solver = jacobian_at_x0(p, f0, method, jac, jac_sparsity, tr_solver, tr_options,
                                        x_scale)
         dense_jac = isinstance(J0, torch.Tensor) and J0.layout == torch.strided
@@ -251,8 +252,9 @@ def least_squares(
         result = build_one_result(out, ns, method, jac, p.bounded)
         if sparse_J is not None:
             result.jac = result_jacobian(sparse_J, numpy_caller=ns.kind != "torch")
-        if ns.kind == "numpy" and f0_raw.dtype == np.float32:
-            result.fun = result.fun.astype(np.float32)  # scipy returns fun's own dtype
+        if ns.kind == "numpy" and f0_raw.dtype in _NARROW_FLOATS and method != "lm":
+            # scipy's 'trf' and 'dogbox' return fun's own dtype (MINPACK's 'lm': float64)
+            result.fun = result.fun.astype(f0_raw.dtype)
         if verbose >= 1:
             initial_cost = float(loss_obj.cost(f0)[0]) if loss_obj is not None else float(
                 0.5 * (f0 * f0).sum())
@@ -282,6 +284,10 @@ def _one_result_keys(dense_jac: bool, final_jacobian: bool) -> tuple[str, ...]:
 
 
 #: :func:`_one_result_keys` by ``(dense_jac, final_jacobian)`` (made once).
+#: residual dtypes narrower than an engine's float64 (or float32) whose own epsilon sizes the
+#: default finite-difference steps, and their torch dtypes
+_NARROW_FLOATS = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+
 _ONE_RESULT_KEYS = {(d, f): _one_result_keys(d, f) for d in (False, True) for f in (False, True)}
 
 

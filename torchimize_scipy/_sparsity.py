@@ -76,7 +76,13 @@ from torch import Tensor
 from ._arrays import to_host
 from ._blas_threads import serial_torch
 from ._engine.csr import CallsOnHelpers, csr_plan, cuts_rows, helper_threads
-from ._jacobian import _absolute_step, _adjust_one_sided, default_rel_step, three_point_points
+from ._jacobian import (
+    _absolute_step,
+    _adjust_one_sided,
+    complex_part,
+    default_rel_step,
+    three_point_points,
+)
 from ._user_functions import RowwiseFunction
 
 try:  # scipy's compiled greedy grouping (any enumeration order); numpy's first fit otherwise
@@ -609,7 +615,7 @@ def grouped_difference(fun: Callable[[Tensor, Tensor], Tensor], x: Tensor, f0: T
     if method == "cs":
         xc = torch.complex(x0, torch.zeros_like(x0))
         F = evaluate(points(torch.complex(x0, h), xc).unsqueeze(0))[0]
-        values = at_nonzeros(F).imag / h[:, cols]
+        values = complex_part(at_nonzeros(F)) / h[:, cols]
         return pattern.sparse(values)
 
     bounded = lb is not None

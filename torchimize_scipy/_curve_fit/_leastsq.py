@@ -124,6 +124,9 @@ def leastsq_options(kwargs: dict, n: int, user_jac: bool) -> dict:
         if "x_scale" in kwargs:
             raise ValueError("Give only one of `diag` and `x_scale`.")
         kwargs["x_scale"] = 1.0 / np.asarray(to_host(diag), dtype=float)
+    if opts["epsfcn"] is not None and kwargs.get("diff_step") is not None:
+        # (each sets the relative step: one would be dropped)
+        raise ValueError("Give only one of `epsfcn` and `diff_step`.")
     return opts
 
 

@@ -126,6 +126,9 @@ class WhitenedModel:
         self.col_deriv = col_deriv
         self.rowwise = rowwise
         self.book: LeastsqBook | None = None
+        #: ``curve_fit(method='lm')`` of one parameter: ``jac`` may return its ``M`` values
+        #: as ``(M,)`` or ``(1, M)`` too (scipy's ``leastsq`` takes them as the one column)
+        self.vector_jac = False
         #: the dtype of the residuals :meth:`residuals` last returned (numpy's or torch's)
         self.residual_dtype: Any = None
 
@@ -212,7 +215,17 @@ class WhitenedModel:
         elif not torch_in:
             out = np.asarray(out)
         if self.rowwise:
-            r = (out - y).reshape(rows // repeat, repeat, -1)
+            if out.ndim == 1:  # 0-d outputs, stacked: one value per row
+                out = out.reshape(rows, 1)
+            r = out - y
+            if r.shape != out.shape and r.shape != (rows, *y.shape):
+                # e.g. a column (M, 1) against ydata (M,): f - ydata would be (M, M)
+                raise ValueError(
+                    f"`f` returned an array of shape {tuple(out.shape[1:])} that does not "
+                    f"match `ydata` of shape {tuple(y.shape)}: `f(xdata, *p) - ydata` "
+                    f"would have shape {tuple(r.shape[1:])}. Return an array of the "
+                    "shape of `ydata` (or a single value).")
+            r = r.reshape(rows // repeat, repeat, -1)
         else:
             if out.shape != (rows, self.data.M):
                 out = out.expand(rows, self.data.M) if torch_in else np.broadcast_to(
@@ -251,7 +264,9 @@ class WhitenedModel:
                 np.asarray(J), device=P.device, dtype=P.dtype)
         else:
             J = np.asarray(J)
-        if self.col_deriv:
+        if self.vector_jac:  # one parameter: (M,), (1, M) or (M, 1), each row the column
+            J = J.reshape(J.shape[0], -1, 1)
+        elif self.col_deriv:
             J = _swap_last(J)
         if keep is not None:
             J = _mask(J, keep[..., None])

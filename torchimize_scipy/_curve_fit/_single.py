@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
 import torch
 from scipy.optimize import OptimizeWarning
 
@@ -260,12 +262,14 @@ def curve_fit(
     col_deriv = bool(kwargs.pop("col_deriv", False)) if method == "lm" else False
     problem = _OneProblem(WhitenedModel(f, jac if callable(jac) else None, data, n, col_deriv,
                                         rowwise=True))
+    problem.model.vector_jac = method == "lm" and n == 1
     jac_arg: Any = problem.jac if callable(jac) else ("2-point" if jac is None else jac)
     if "args" in kwargs:
         raise ValueError("'args' is not a supported keyword argument.")
 
     if method == "lm":
         reject_loss(kwargs, "curve_fit")
+        p0 = p0.reshape(-1)  # (scipy's leastsq flattens p0; least_squares refuses 2-D x0)
         if ns is not None:
             ns_lm = ns
         elif kwargs.get("device") is None and kwargs.get("dtype") is None:
@@ -290,7 +294,7 @@ def curve_fit(
         ier, mesg, popt = res.status, res.message, res.x
         ysize = as_numpy(res.fun).size
         chisq = 2 * float(as_numpy(res.cost))  # pcov is not differentiated
-        cov = normal_inverse(as_tensor(res.jac)[None], svd_pinv, gram_first=False)
+        cov = normal_inverse(as_tensor(_dense(res.jac))[None], svd_pinv, gram_first=False)
 
     if isinstance(cov, torch.Tensor):
         ok, chisqs = (torch.ones(1, dtype=torch.bool, device=cov.device),
@@ -301,6 +305,8 @@ def curve_fit(
     if indeterminate:
         warnings.warn(COV_MSG, category=OptimizeWarning, stacklevel=2)
     pcov = as_tensor(pcov[0]).to(ns.device, ns.dtype) if ns is not None else as_numpy(pcov[0])
+    if isinstance(popt, np.ndarray) and pcov.dtype != popt.dtype:  # 'lm' with dtype=float32
+        pcov = pcov.astype(popt.dtype)
     if full_output:
         return popt, pcov, infodict, mesg, ier
     return popt, pcov
@@ -404,6 +410,18 @@ def _host_point(x: torch.Tensor) -> np.ndarray:
     return known if known is not None else np.array(x.tolist(), dtype=np.float64)
 
 
+def _dense(J: Any) -> Any:
+    """``J`` itself, or a sparse Jacobian (a sparse ``jac`` or ``jac_sparsity``) or a
+    linear operator as a dense array for the covariance (scipy's SVD of them fails)."""
+    if scipy.sparse.issparse(J):
+        return J.toarray()
+    if isinstance(J, scipy.sparse.linalg.LinearOperator):
+        return J.matmat(np.eye(J.shape[1]))
+    if isinstance(J, torch.Tensor) and J.layout != torch.strided:
+        return J.to_dense()
+    return J
+
+
 def _all_finite(a: Any) -> bool:
     if isinstance(a, torch.Tensor):
         return bool(torch.isfinite(a).all())
@@ -411,11 +429,14 @@ def _all_finite(a: Any) -> bool:
 
 
 def _name_zero_sigma(error: ValueError, data: FitData) -> None:
-    """Re-raise ``least_squares``'s non-finite start naming a zero ``sigma`` as its cause."""
+    """Re-raise ``least_squares``'s non-finite start naming a zero (or NaN) ``sigma`` as its
+    cause (the weights ``1 / sigma`` are then infinite, or NaN)."""
     if (data.tkind == "diag" and str(error).startswith(NONFINITE_START)
             and not np.isfinite(data.T).all()):
-        raise ValueError(f"{NONFINITE_START}: `sigma` contains zeros (a standard deviation "
-                         "of 0 gives an infinite weight).") from error
+        if np.isinf(data.T).any():
+            raise ValueError(f"{NONFINITE_START}: `sigma` contains zeros (a standard "
+                             "deviation of 0 gives an infinite weight).") from error
+        raise ValueError(f"{NONFINITE_START}: `sigma` contains NaN.") from error
 
 
 def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any,
@@ -443,6 +464,15 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
     opts = leastsq_options(kwargs, n, user_jac)
     model = problem.model
     minpack_fd = jac_arg == "2-point"
+    if minpack_fd:
+        # MINPACK's forward differences evaluate f in one call of its n shifted points:
+        # neither a sparsity pattern nor a map of workers would be used (scipy's leastsq
+        # takes neither: a TypeError; least_squares' 'lm' refuses jac_sparsity)
+        for key in ("jac_sparsity", "workers"):
+            if kwargs.get(key) is not None:
+                raise TypeError(f"curve_fit() with method='lm' got an unexpected keyword "
+                                f"argument '{key}' (MINPACK's forward differences take "
+                                "none; use method='trf' or 'dogbox').")
     rel = None
     if user_jac or minpack_fd:
         rel = minpack_step(opts["epsfcn"], kwargs.pop("diff_step", None), n, ns.dtype)
@@ -557,7 +587,7 @@ def _nonfinite_start_lm(problem: _OneProblem, p0: Any, n: int, f0: Any, user_jac
     else:
         fjac, ipvt, qtf = (np.full((n, m), np.nan), np.arange(n, dtype=np.int32),
                            np.full(n, np.nan))
-    popt = p0.detach().clone() if isinstance(p0, torch.Tensor) else np.array(p0, copy=True)
+    popt = p0.detach().clone() if isinstance(p0, torch.Tensor) else np.array(p0, dtype=np.float64)
     infodict = _infodict(f0, nfev, 1 if user_jac else None, fjac, ipvt, qtf, popt)
     with np.errstate(invalid="ignore", over="ignore"):
         chisq = float(np.sum(fvec.astype(float) ** 2))
