@@ -283,11 +283,11 @@ def _one_result_keys(dense_jac: bool, final_jacobian: bool) -> tuple[str, ...]:
     return tuple(k for k in RESULT_KEYS if k not in unread)
 
 
-#: :func:`_one_result_keys` by ``(dense_jac, final_jacobian)`` (made once).
 #: residual dtypes narrower than an engine's float64 (or float32) whose own epsilon sizes the
 #: default finite-difference steps, and their torch dtypes
 _NARROW_FLOATS = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
 
+#: :func:`_one_result_keys` by ``(dense_jac, final_jacobian)`` (made once).
 _ONE_RESULT_KEYS = {(d, f): _one_result_keys(d, f) for d in (False, True) for f in (False, True)}
 
 
