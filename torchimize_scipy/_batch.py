@@ -395,7 +395,10 @@ class _OutputDtype:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.fn(*args, **kwargs)
-        self.float32 = getattr(out, "dtype", None) in (np.float32, torch.float32)
+        dt = getattr(out, "dtype", None)
+        # (numpy's and torch's float32; no comparison with another library's dtype object,
+        # which array_api_strict warns of)
+        self.float32 = dt is torch.float32 or (isinstance(dt, np.dtype) and dt == np.float32)
         return out
 
 
