@@ -210,16 +210,13 @@ def own_value(v: Any) -> Any:
     the next: a copy of an array, tensor or ``scipy.sparse`` matrix, which ``fn`` may
     refill at every call (as a loop of single problems allows: each of its values is
     used before the next call)."""
-    if type(v) is np.ndarray:
+    if isinstance(v, np.ndarray):  # (subclasses too: a masked array, np.matrix)
         return v.copy()
     if isinstance(v, Tensor):
         return v.clone()
     if scipy.sparse.issparse(v):
         return v.copy()
     return v
-
-
-_own = own_value
 
 
 def _same(v: Any) -> Any:
@@ -312,8 +309,8 @@ class RowwiseFunction:
                 return out.reshape(x.shape[0], -1)
         ids = idx.tolist()
         # each row a copy: ``fn`` may write to its argument, as with the other paths; each
-        # value kept as it returns (_own): ``fn`` may refill one array at every call
-        own = _own if x.shape[0] > 1 else _same
+        # value kept as it returns (own_value): ``fn`` may refill one array at every call
+        own = own_value if x.shape[0] > 1 else _same
         return torch.stack([own(torch.as_tensor(self.fn(x[r].clone(), *self._args_for(ids[r]),
                                                         **self.kwargs))).reshape(-1)
                             for r in range(x.shape[0])])
@@ -374,7 +371,7 @@ class RowwiseFunction:
             ids = idx.tolist()
             rows = [x[r] for r in range(k)]
             if self.map is None:
-                own = _own if k > 1 else _same
+                own = own_value if k > 1 else _same
                 vals = [own(self.call_one(rows[r], ids[r])) for r in range(k)]
             else:
                 items = [(self.ns.row_to_fun(rows[r]), self._args_for(ids[r]))
@@ -410,8 +407,8 @@ class RowwiseFunction:
         xn = x.numpy() if self._host and not x.requires_grad else x.detach().cpu().numpy()
         if xn.dtype == np.float32:
             xn = xn.astype(np.float64)
-        # several rows: each value kept as it returns (_own), before the next call
-        own = _own if xn.shape[0] > 1 else _same
+        # several rows: each value kept as it returns (own_value), before the next call
+        own = own_value if xn.shape[0] > 1 else _same
         if ids is not None:
             return [own(fn(xn[r].copy(), *args.row(ids[r]), **kwargs)) for r in range(len(ids))]
         return [own(fn(xn[r].copy(), *args, **kwargs)) for r in range(xn.shape[0])]
