@@ -210,8 +210,8 @@ def own_value(v: Any) -> Any:
     the next: a copy of an array, tensor or ``scipy.sparse`` matrix, which ``fn`` may
     refill at every call (as a loop of single problems allows: each of its values is
     used before the next call)."""
-    if isinstance(v, np.ndarray):  # (subclasses too: a masked array, np.matrix)
-        return v.copy()
+    if isinstance(v, np.ndarray):  # (subclasses too: a masked array, np.matrix; the
+        return v.copy(order="K")  # layout kept: a transposed view stays transposed)
     if isinstance(v, Tensor):
         return v.clone()
     if scipy.sparse.issparse(v):

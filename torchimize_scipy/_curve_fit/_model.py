@@ -30,6 +30,7 @@ import torch
 from array_api_compat import array_namespace, device
 
 from .. import _implicit as implicit
+from .._user_functions import own_value
 from ._data import FitData
 from ._leastsq import LeastsqBook, as_tensor
 
@@ -144,8 +145,9 @@ class WhitenedModel:
                 o = fn(x, *P[0])
                 return torch.stack([o if isinstance(o, torch.Tensor) else torch.as_tensor(
                     np.asarray(o), device=P.device, dtype=P.dtype)])
-            return torch.stack([o.clone() if isinstance(o, torch.Tensor) else torch.as_tensor(
-                np.array(o), device=P.device, dtype=P.dtype) for o in (fn(x, *p) for p in P)])
+            return torch.stack([o if isinstance(o, torch.Tensor) else torch.as_tensor(
+                np.asarray(o), device=P.device, dtype=P.dtype)
+                for o in (own_value(fn(x, *p)) for p in P)])
         if P.shape[0] == 1:  # the usual call of curve_fit: no stacking
             return np.asarray(fn(x, *P[0]))[None]
         # (np.array of the list: one C call where np.stack's Python layers cost several
@@ -273,7 +275,7 @@ class WhitenedModel:
         elif self.data.tkind is None and not self.rowwise:
             # unweighted, a batch's J is the user's own array, which the next call may
             # refill while the engine keeps this one: copied (curve_fit copies its own rows)
-            J = J.clone() if isinstance(J, torch.Tensor) else np.array(J)
+            J = own_value(J)
         J = whiten(J, self.data.tkind, T)
         if self.book is not None:
             self.book.record_jac(ids, J, lambda: self._value_at(P, ids))
