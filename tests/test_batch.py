@@ -1076,7 +1076,8 @@ def test_result_item_types(small_result):
     assert isinstance(r.jac, np.ndarray) and r.jac.shape == (M, N)
     assert isinstance(r.grad, np.ndarray) and r.grad.shape == (N,)
     assert isinstance(r.active_mask, np.ndarray) and r.active_mask.shape == (N,)
-    assert type(r.cost) is float and type(r.optimality) is float
+    # (least_squares' and scipy's numpy scalars)
+    assert type(r.cost) is np.float64 and type(r.optimality) is np.float64
     for name in ("nfev", "njev", "status"):
         assert type(r[name]) is int
     assert type(r.success) is bool and isinstance(r.message, str)

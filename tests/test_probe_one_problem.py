@@ -32,7 +32,10 @@ kind, against what scipy (1.17) does with the same call:
   dtype) and of float32 ones float32 with 'lm' (scipy's MINPACK: float64);
 * ``jac='cs'`` on a function that drops the imaginary part: scipy reads a zero
   Jacobian and returns ``x0`` as converged; we raised torch's "imag is not implemented",
-  and now a ValueError that names the cause.
+  and now a ValueError that names the cause;
+* 'lm' went on when ``fun`` returned fewer residuals than at ``x0`` (scipy's MINPACK
+  wrapper raises "The array returned by a function changed size between calls");
+* ``cost`` and ``optimality`` came back as Python floats (scipy's: ``np.float64``).
 """
 
 from __future__ import annotations
@@ -266,3 +269,39 @@ def test_result_fun_dtype_is_scipys(method, dtype):
         res = least_squares(fun, [1.0, 1.0], method=method)
     assert res.fun.dtype == (np.float64 if method == "lm" else dtype)
     np.testing.assert_array_equal(res.fun, fun(res.x).astype(res.fun.dtype))
+
+
+def _shrinking(calls_before: int):
+    """Residuals of length 3 for the first calls, then of length 2."""
+    seen = [0]
+
+    def fun(p):
+        seen[0] += 1
+        if seen[0] < calls_before:
+            return np.array([p[0] - 1.0, p[1] - 2.0, p[0] * p[1]])
+        return np.array([p[0] - 1.0, p[1] - 2.0])
+
+    return fun
+
+
+def _jac3(p):
+    return np.array([[1.0, 0.0], [0.0, 1.0], [p[1], p[0]]])
+
+
+@pytest.mark.parametrize("jac", ["2-point", "analytic"])
+def test_lm_refuses_residuals_that_change_length(jac):
+    """The residuals shrink after the first Jacobian: scipy's 'lm' raises, and so do we
+    (we went on with the shorter residuals)."""
+    j = _jac3 if jac == "analytic" else jac
+    with pytest.raises(ValueError, match="changed size between calls"):
+        so.least_squares(_shrinking(4), [0.0, 0.0], jac=j, method="lm")
+    with pytest.raises(ValueError, match="changed size between calls"):
+        least_squares(_shrinking(4), [0.0, 0.0], jac=j, method="lm")
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+def test_cost_and_optimality_are_numpy_scalars(method):
+    ref = so.least_squares(lambda p: p - 1.0, [0.0, 0.0], method=method)
+    res = least_squares(lambda p: p - 1.0, [0.0, 0.0], method=method)
+    assert type(res.cost) is type(ref.cost) is np.float64
+    assert type(res.optimality) is type(ref.optimality) is np.float64

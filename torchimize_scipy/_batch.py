@@ -303,11 +303,13 @@ def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: flo
                          f"got {tuple(f0_first.shape)} for b = {first}.")
     m = f0_first.shape[1]
     loss_obj = check_residuals_and_loss(method, n, f0_first, loss, f_scale, ns, rowwise=False)
-    f32 = seen.float32 and ns.dtype == torch.float64
-    if f32 and isinstance(p.jac, EngineJacobian):
-        # float32 residuals take float32-sized default steps (scipy gh-12991), as each
-        # problem's least_squares would; they were float32, so the cast back is exact
-        p.jac.fd_dtype = torch.float32
+    narrow = seen.narrow
+    if narrow is not None and narrow.itemsize < ns.dtype.itemsize \
+            and isinstance(p.jac, EngineJacobian):
+        # float32 (or float16) residuals take default steps sized by their own epsilon
+        # (scipy gh-12991), as each problem's least_squares would; they were of that
+        # dtype, so the cast back is exact
+        p.jac.fd_dtype = narrow
     sparse = jac_sparsity is not None and not callable(jac)
     if sparse:
         use_sparsity(p, method, jac, jac_sparsity, None, m, n)
@@ -357,8 +359,11 @@ def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: flo
     if sparse:
         merged.pop("J", None)  # the engine hands out the sparse Jacobians of the last rows
     res = build_result(merged, ns, method, jac, p.bounded)
-    if f32 and ns.kind == "numpy":
-        res.fun = res.fun.astype(np.float32)  # scipy returns fun's own dtype
+    if narrow is not None and ns.kind == "numpy" and method != "lm" \
+            and narrow.itemsize < ns.dtype.itemsize:
+        # each problem's least_squares returns fun's own dtype, as scipy's 'trf' and
+        # 'dogbox' (MINPACK's 'lm': float64)
+        res.fun = res.fun.astype(_NUMPY_OF[narrow])
     if verbose >= 1:
         print(repr(res))
     return res
@@ -386,20 +391,29 @@ def default_chunk_size(B: int, m: int, n: int, device: torch.device) -> int:
 
 
 class _OutputDtype:
-    """Wraps ``fun`` for its first call and records whether it returned float32 values
-    (a numpy array or a tensor; a vmapped tensor shows its dtype too)."""
+    """Wraps ``fun`` for its first call and records the narrow float dtype (float32 or
+    float16, numpy's or torch's) of what it returned, as a torch dtype, or None (a
+    vmapped tensor shows its dtype too)."""
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
-        self.float32 = False
+        self.narrow: torch.dtype | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.fn(*args, **kwargs)
         dt = getattr(out, "dtype", None)
-        # (numpy's and torch's float32; no comparison with another library's dtype object,
+        # (numpy's and torch's dtypes; no comparison with another library's dtype object,
         # which array_api_strict warns of)
-        self.float32 = dt is torch.float32 or (isinstance(dt, np.dtype) and dt == np.float32)
+        if dt is torch.float32 or dt is torch.float16:
+            self.narrow = dt
+        elif isinstance(dt, np.dtype):
+            self.narrow = _NARROW_NUMPY.get(dt)
         return out
+
+
+#: numpy's narrow float dtypes and the torch dtype of their difference steps
+_NARROW_NUMPY = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+_NUMPY_OF = {t: d for d, t in _NARROW_NUMPY.items()}
 
 
 class _BlockSource:

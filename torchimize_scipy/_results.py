@@ -61,7 +61,9 @@ class BatchOptimizeResult(OptimizeResult):
                 continue
             item = value[i, ...]  # also for array-API arrays, which need every axis named
             if name in ("cost", "optimality"):
-                item = item.clone() if isinstance(item, torch.Tensor) else float(item)
+                # (scipy's numpy scalar for numpy results; a 0-d tensor for torch ones)
+                item = item.clone() if isinstance(item, torch.Tensor) else (
+                    item[()] if isinstance(item, np.ndarray) else float(item))
             elif name in ("nfev", "njev", "status"):
                 item = int(item)
             elif name == "success":
@@ -108,6 +110,11 @@ def build_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, jac: 
     )
 
 
+#: the numpy scalar type of a numpy caller's ``cost`` and ``optimality`` per engine dtype
+_NUMPY_SCALARS = {torch.float64: np.float64, torch.float32: np.float32,
+                  torch.float16: np.float16}
+
+
 def build_one_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, jac: Any,
                      bounded: bool) -> OptimizeResult:
     """``build_result(out, ...)[0]`` for the output of one problem (``least_squares``).
@@ -115,7 +122,8 @@ def build_one_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, j
     The same fields, values and types, read from the engine's ``(1, ...)``
     tensors directly (no batch result to index, no per-field
     batch-dimension conversions): arrays in the caller's kind, ``cost`` and
-    ``optimality`` floats (0-d tensors for a torch caller), counts ints;
+    ``optimality`` numpy scalars of the engine's dtype for a numpy caller (scipy's
+    ``np.float64``), 0-d tensors for a torch caller, floats otherwise, counts ints;
     ``jac`` and ``grad`` are None where ``out`` holds no ``J`` or ``g``.
     """
     status = int(_item(out["status"]))
@@ -124,6 +132,9 @@ def build_one_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, j
         active = active.to(out["x"].dtype)
     if ns.kind == "torch":
         cost, optimality = out["cost"][0].clone(), out["optimality"][0].clone()
+    elif ns.kind == "numpy":  # numpy scalars of the engine's dtype, as scipy's np.float64
+        scalar = _NUMPY_SCALARS.get(out["cost"].dtype, np.float64)
+        cost, optimality = scalar(_item(out["cost"])), scalar(_item(out["optimality"]))
     else:
         cost, optimality = float(_item(out["cost"])), float(_item(out["optimality"]))
     njev = None if (method == "lm" and not callable(jac)) else int(_item(out["njev"]))

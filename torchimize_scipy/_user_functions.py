@@ -59,9 +59,11 @@ _KEEP_SELECTIONS = 2
 
 
 def _is_array(a: Any) -> bool:
-    """numpy, torch or any other array-API array (not lists or scalars)."""
+    """numpy, torch or any other array-API array (not lists, scalars or classes)."""
     if is_torch(a) or isinstance(a, np.ndarray):
         return True
+    if isinstance(a, type):  # a class such as np.float32 has its instances' attributes
+        return False
     try:
         import array_api_compat
 

@@ -72,6 +72,10 @@ from .steps.base import LOOP_KEYS, StepRule
 
 State = dict[str, Tensor]
 
+#: MINPACK's error (scipy's wording) for residuals whose length changed between calls
+#: (rules with ``fixed_residual_count``)
+RESIDUALS_CHANGED_SIZE = "The array returned by a function changed size between calls"
+
 #: Keys written to the output for every problem.
 RESULT_KEYS = ("x", "cost", "f_true", "J", "g", "optimality", "active_mask", "nfev", "njev",
                "nit", "status")
@@ -751,6 +755,8 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
         trial = rule.propose_step(problem, state)
         x_new = trial.x_new
         f_new = problem.fun(x_new, state["ids"])
+        if rule.fixed_residual_count and f_new.shape[-1] != problem.m:
+            raise ValueError(RESIDUALS_CHANGED_SIZE)
         nfev = hs.view(state["nfev"])[0] + 1
         f_new, cost_new, fin = _trial_cost(problem, hs, f_new, not late_cost)
         state["nfev"], = hs.keep(nfev)

@@ -112,12 +112,17 @@ class StepRule(ABC):
         the status it may set changes running rows only
         (:func:`~.termination.stop_running`). :func:`~..loop.on_rows` then runs
         it on every row when most rows go on, without a ``torch.where`` per key.
+    fixed_residual_count : bool
+        Whether residuals of another length than at ``x0`` are an error (MINPACK
+        checks every evaluation's length; scipy's 'trf' and 'dogbox' go on with
+        the new length, and so do ours).
     """
 
     state_keys: ClassVar[frozenset[str]] = frozenset()
     budget_at_top: ClassVar[bool] = True
     prints_table: ClassVar[bool] = True
     model_on_stopped_rows: ClassVar[bool] = False
+    fixed_residual_count: ClassVar[bool] = False
 
     @abstractmethod
     def init_state(self, problem: Problem, state: dict) -> None:

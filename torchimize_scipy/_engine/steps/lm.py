@@ -255,6 +255,7 @@ class LevenbergMarquardt(StepRule):
     })
     budget_at_top = False  # MINPACK tests nfev after each trial
     prints_table = False  # scipy prints no iteration table for 'lm'
+    fixed_residual_count = True  # MINPACK's wrapper refuses residuals of another length
     # build_model writes the factors, the Gauss-Newton step and its basic-row data (read
     # by propose_step only) and SINGULAR on running rows: rows that stopped at the top
     # may keep what it computes for them (loop.on_rows, no torch.where per key)
