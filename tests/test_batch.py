@@ -701,17 +701,17 @@ def test_slow_problem_runs_beside_the_next_problems():
     assert_batches_identical(res, batch_least_squares(fun_v, x0, jac=jac_v, args=(y,)))
 
 
-def test_lm_without_final_jacobians_evaluates_minpacks_jacobians_only():
+def test_lm_minpack_bookkeeping_evaluates_minpacks_jacobians_only():
     # batch_curve_fit's 'lm' (MINPACK's bookkeeping) reads no result at the final
     # Jacobian; there the engine skips the one scipy evaluates after MINPACK stops
-    from torchimize_scipy._batch import without_final_jacobians
+    from torchimize_scipy._batch import minpack_bookkeeping
 
     B = 24
     x0, y = make_data(B, seed=5)
     ids = np.arange(B)
     default, skipping = Recorder(), Recorder()
     ref = batch_least_squares(default.fun, x0, jac=default.jac, method="lm", args=(y, ids))
-    with without_final_jacobians():
+    with minpack_bookkeeping():
         res = batch_least_squares(skipping.fun, x0, jac=skipping.jac, method="lm",
                                   args=(y, ids))
     for name in ("x", "cost", "fun", "status", "nfev", "njev"):  # the same arithmetic per row

@@ -141,11 +141,11 @@ def test_book_keeps_owned_arrays_and_copies_the_others():
     assert book.rows["summary"] is not J2 and book.rows["prev_summary"] is J
 
 
-def test_least_squares_without_final_jacobians_writes_no_jac_or_grad():
+def test_least_squares_minpack_bookkeeping_writes_no_jac_or_grad():
     # curve_fit's 'lm' with MINPACK's bookkeeping reads neither: the one problem's engine
     # writes no J, g (nor nit) buffer, and the result holds None for them
     from torchimize_scipy import least_squares
-    from torchimize_scipy._batch import without_final_jacobians
+    from torchimize_scipy._batch import minpack_bookkeeping
     from torchimize_scipy._least_squares import _one_result_keys
 
     x, y = _data()
@@ -154,7 +154,7 @@ def test_least_squares_without_final_jacobians_writes_no_jac_or_grad():
         return _decay(x, *p) - y
 
     ref = least_squares(fun, np.ones(3), method="lm")
-    with without_final_jacobians():
+    with minpack_bookkeeping():
         res = least_squares(fun, np.ones(3), method="lm")
     assert res.jac is None and res.grad is None
     assert ref.jac.shape == (50, 3) and ref.grad.shape == (3,)
@@ -169,7 +169,7 @@ def test_least_squares_without_final_jacobians_writes_no_jac_or_grad():
 
 
 def test_a_solve_inside_the_users_model_keeps_its_final_jacobian():
-    """The flag of ``without_final_jacobians`` is consumed by curve_fit's own solve: a
+    """The flag of ``minpack_bookkeeping`` is consumed by curve_fit's own solve: a
     ``least_squares`` or ``batch_least_squares`` that the user's model runs is a plain one."""
     from scipy.optimize import least_squares as scipy_least_squares
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.optimize as so
 import torch
 
 from tests._parity import (
@@ -245,3 +246,26 @@ def test_a_class_in_args_is_shared():
     for i in range(3):
         ref = least_squares(one, x0[i], args=(_Y[i], np.float64))
         assert_x_close(res.x[i], ref.x, rtol=1e-9)
+
+
+@pytest.mark.parametrize("maxfev", [5, 10, 20])
+def test_batch_curve_fit_lm_differences_count_against_maxfev(maxfev):
+    """MINPACK's ``lmdif`` counts its forward differences in ``nfev`` and stops at
+    ``maxfev`` by that count (scipy's ``leastsq``): the batch counted only the trials,
+    so a problem ran on past ``maxfev`` (model calls and ``nfev`` 17 for ``maxfev=5``)
+    while reporting ``ier = 5``."""
+    calls = [0]
+
+    def model(x, a, k, c):
+        calls[0] += np.size(a)
+        return _decay(x, a, k, c)
+
+    p0 = np.ones((4, 3))
+    _, _, info, _, ier = batch_curve_fit(model, _XC, _YC, p0=p0, maxfev=maxfev,
+                                         full_output=True)
+    for i in range(4):
+        _, _, ref, _, ref_ier = so.leastsq(lambda p, i=i: _decay(_XC, *p) - _YC[i], p0[i],
+                                           maxfev=maxfev, full_output=True)
+        assert ier[i] == ref_ier
+        assert info["nfev"][i] == ref["nfev"]
+    assert calls[0] == int(np.sum(info["nfev"]))  # no evaluation past MINPACK's stop

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,52 +36,74 @@ from ._results import ARRAY_FIELDS, BatchOptimizeResult, build_result
 from ._validation import check_options
 
 __all__ = ["ARRAY_FIELDS", "BatchOptimizeResult", "batch_least_squares", "default_chunk_size",
-           "without_final_jacobians"]
+           "minpack_bookkeeping"]
 
-#: Whether calls of :func:`batch_least_squares` (and of ``least_squares``) in this context
-#: evaluate the Jacobian at the point accepted by a problem's stopping trial (see
-#: without_final_jacobians).
-_FINAL_JACOBIAN: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "torchimize_scipy_final_jacobian", default=True)
+class EngineMode(NamedTuple):
+    """How an internal caller's solve runs (:func:`minpack_bookkeeping`).
+
+    Attributes
+    ----------
+    final_jacobian : bool
+        Evaluate the Jacobian at the point accepted by a problem's stopping
+        trial (``Problem.final_jacobian``).
+    evals_per_jacobian : int
+        Residual evaluations each Jacobian counts against ``max_nfev``
+        (``Problem.evals_per_jacobian``).
+    """
+
+    final_jacobian: bool = True
+    evals_per_jacobian: int = 0
+
+
+_DEFAULT_MODE = EngineMode()
+
+#: How calls of :func:`batch_least_squares` (and of ``least_squares``) in this context run
+#: (see minpack_bookkeeping).
+_MODE: contextvars.ContextVar[EngineMode] = contextvars.ContextVar(
+    "torchimize_scipy_engine_mode", default=_DEFAULT_MODE)
 
 
 @contextlib.contextmanager
-def without_final_jacobians() -> Iterator[None]:
-    """Within the block, :func:`batch_least_squares` and ``least_squares`` skip their
-    final Jacobians.
+def minpack_bookkeeping(evals_per_jacobian: int = 0) -> Iterator[None]:
+    """Within the block, :func:`batch_least_squares` and ``least_squares`` keep MINPACK's
+    books: no final Jacobians, and each Jacobian costs ``evals_per_jacobian`` evaluations.
 
     For internal callers that read neither ``jac``, ``grad``, ``optimality``
     nor ``njev`` of the result at the final point (``batch_curve_fit``'s and
     ``curve_fit``'s 'lm' with MINPACK's bookkeeping, whose covariance is that of
     MINPACK's last Jacobian, which precedes the stopping trial): the Jacobian
     that scipy evaluates after MINPACK returns is then not evaluated
-    (``Problem.final_jacobian``). Scoped to the calling thread and context.
+    (``Problem.final_jacobian``). ``evals_per_jacobian = n`` where the
+    Jacobians are MINPACK's forward differences, which ``lmdif`` counts in
+    ``nfev`` and against ``maxfev`` (``Problem.evals_per_jacobian``). Scoped
+    to the calling thread and context.
     """
-    token = _FINAL_JACOBIAN.set(False)
+    token = _MODE.set(EngineMode(False, int(evals_per_jacobian)))
     try:
         yield
     finally:
-        _FINAL_JACOBIAN.reset(token)
+        _MODE.reset(token)
 
 
 @contextlib.contextmanager
-def final_jacobian_of_this_call() -> Iterator[bool]:
-    """Whether the calling solve evaluates its final Jacobians, consumed by it.
+def engine_mode_of_this_call() -> Iterator[EngineMode]:
+    """How the calling solve runs, consumed by it.
 
-    False within :func:`without_final_jacobians`. Inside the block, which
-    runs the user's functions, the flag is back to its default: a
+    Not the default only within :func:`minpack_bookkeeping`. Inside the block,
+    which runs the user's functions, the mode is back to its default: a
     ``least_squares`` or :func:`batch_least_squares` that those functions
     start themselves is a plain one (final Jacobian evaluated, ``jac`` and
-    ``grad`` filled); only the solve that reads the flag skips it.
+    ``grad`` filled); only the solve that reads the mode takes it.
     """
-    if _FINAL_JACOBIAN.get():
-        yield True
+    mode = _MODE.get()
+    if mode == _DEFAULT_MODE:
+        yield mode
         return
-    token = _FINAL_JACOBIAN.set(True)
+    token = _MODE.set(_DEFAULT_MODE)
     try:
-        yield False
+        yield mode
     finally:
-        _FINAL_JACOBIAN.reset(token)
+        _MODE.reset(token)
 
 
 def batch_least_squares(
@@ -266,16 +288,16 @@ def batch_least_squares(
     # a Jacobian kept sparse on the CPU (jac_sparsity): the whole call, the evaluations and
     # checks at x0 included, holds this thread's torch count at 1, as least_squares does;
     # the caller's fun, jac and loss keep their counts (_blas_threads.user_threads)
-    with final_jacobian_of_this_call() as final_jacobian, \
+    with engine_mode_of_this_call() as mode, \
             serial_torch(p.x0.device) if jac_sparsity is not None else nullcontext():
         return _solve(p, fun, jac, method, loss, f_scale, args, kwargs, max_nfev, verbose,
-                      chunk_size, jac_sparsity, return_jac, progress, final_jacobian)
+                      chunk_size, jac_sparsity, return_jac, progress, mode)
 
 
 def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: float,
            args: tuple, kwargs: dict, max_nfev: int | None, verbose: int,
            chunk_size: int | None, jac_sparsity: Any, return_jac: bool,
-           progress: bool | str, final_jacobian: bool = True) -> BatchOptimizeResult:
+           progress: bool | str, mode: EngineMode = _DEFAULT_MODE) -> BatchOptimizeResult:
     """:func:`batch_least_squares` after its options are checked and translated (``p``)."""
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size <= 0):
         raise ValueError("`chunk_size` must be None or a positive integer.")
@@ -347,7 +369,7 @@ def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: flo
             refill=blocks.take, capacity=chunk_size,
             on_finish=bar.finished if bar is not None else None,
             on_iteration=bar.iteration if bar is not None else None,
-            final_jacobian=final_jacobian,
+            final_jacobian=mode.final_jacobian, evals_per_jacobian=mode.evals_per_jacobian,
             **({"tr_solver": "lsmr"} if sparse else {})))
         complete = True
     finally:

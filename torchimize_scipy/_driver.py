@@ -98,6 +98,8 @@ class EngineRun:
         ``on_iteration(state)`` after every round.
     final_jacobian : bool
         As :class:`~torchimize_scipy._engine.problem.Problem`.
+    evals_per_jacobian : int
+        As :class:`~torchimize_scipy._engine.problem.Problem`.
     """
 
     method: str
@@ -123,6 +125,7 @@ class EngineRun:
     tr_solver: str = "exact"
     tr_options: dict | None = None
     final_jacobian: bool = True
+    evals_per_jacobian: int = 0
 
 
 def solve(spec: EngineRun) -> dict[str, Tensor]:
@@ -152,7 +155,7 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
         gtol=spec.gtol, max_nfev=max_nfev, jac_scale=spec.jac_scale, bounded=spec.bounded,
         callback=spec.callback, verbose=spec.verbose, use_gram=spec.use_gram,
         step_length=spec.step_length, tr_solver=spec.tr_solver,
-        final_jacobian=spec.final_jacobian)
+        final_jacobian=spec.final_jacobian, evals_per_jacobian=spec.evals_per_jacobian)
     out = spec.out if spec.out is not None else result_buffers(B, n, m, x0.dtype, x0.device)
     rule = make_rule(spec.method, spec.tr_solver, spec.tr_options, spec.bounded)
     start, refill = spec.start, spec.refill

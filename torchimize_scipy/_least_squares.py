@@ -23,7 +23,7 @@ from scipy.optimize import OptimizeResult
 
 from . import _implicit as implicit
 from ._arrays import Namespace, as_numpy
-from ._batch import final_jacobian_of_this_call
+from ._batch import engine_mode_of_this_call
 from ._blas_threads import serial_torch, user_threads
 from ._driver import EngineRun, initial_state, prefers_gram, solve
 from ._engine import status as codes
@@ -190,7 +190,7 @@ def least_squares(
     # a Jacobian kept sparse on the CPU (jac_sparsity): no torch parallel region in the
     # checks and the evaluations at x0 either (the caller's functions keep their threads;
     # _blas_threads.serial_torch, and the driver's note on it)
-    with final_jacobian_of_this_call() as final_jacobian, \
+    with engine_mode_of_this_call() as mode, \
             serial_torch(p.x0.device) if jac_sparsity is not None else nullcontext():
         ns, n = p.ns, p.x0.shape[1]
         try:
@@ -236,7 +236,7 @@ def least_squares(
                                  "finite in the initial point.")
             start = initial_state(one_problem_ids(ns.device), p.x0, f0, J0,
                                   p.lb, p.ub, p.x_scale)
-            keys = _ONE_RESULT_KEYS[dense_jac, final_jacobian]
+            keys = _ONE_RESULT_KEYS[dense_jac, mode.final_jacobian]
             out = solve(EngineRun(
                 method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj, ftol=p.ftol,
                 xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
@@ -244,7 +244,8 @@ def least_squares(
                 callback=_wrap_callback(callback, ns) if callback is not None else None,
                 out=one_problem_slots(keys),
                 tr_solver=tr_solver, tr_options=tr_options,
-                final_jacobian=final_jacobian))
+                final_jacobian=mode.final_jacobian,
+                evals_per_jacobian=mode.evals_per_jacobian))
             if track:
                 idx = torch.zeros(1, dtype=torch.long, device=ns.device)
                 implicit.attach(out, lambda x: p.fun.raw(x, idx), loss_obj)
@@ -270,7 +271,7 @@ def _one_result_keys(dense_jac: bool, final_jacobian: bool) -> tuple[str, ...]:
 
     ``nit`` is not a field of scipy's result; a sparse or operator Jacobian
     is handed out by the engine as it is (no dense buffer). Without the final
-    Jacobian (:func:`~torchimize_scipy._batch.without_final_jacobians`, for
+    Jacobian (:func:`~torchimize_scipy._batch.minpack_bookkeeping`, for
     internal callers that read neither) ``jac`` and ``grad`` would be those
     of the Jacobian before the stopping trial: they are not written, and the
     result holds None for them.

@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import OptimizeWarning
 
 from .._arrays import as_numpy, detect_namespace, to_host
-from .._batch import batch_least_squares, check_shared_diff_step, without_final_jacobians
+from .._batch import batch_least_squares, check_shared_diff_step, minpack_bookkeeping
 from .._dask import dispatch, has_dask
 from .._engine import status as codes
 from .._user_functions import WithResiduals
@@ -260,7 +260,7 @@ def batch_curve_fit(
 
     label = progress if isinstance(progress, str) else f"batch_curve_fit[{method}]"
     t = _solve_good(model.residuals, p0_host, jac_arg, lb, ub, method, good_idx, B, M, ns,
-                    torch_mode, book is not None,
+                    torch_mode, None if book is None else (0 if callable(jac) else n),
                     dict(kwargs, chunk_size=chunk_size, progress=progress and label))
     status, nfev = t["status"], t["nfev"]
     njev = None
@@ -308,13 +308,15 @@ def batch_curve_fit(
 
 def _solve_good(fun: Callable, p0: np.ndarray, jac: Any, lb: np.ndarray, ub: np.ndarray,
                 method: str, good_idx: np.ndarray, B: int, M: int, ns: Any, torch_mode: bool,
-                minpack_last: bool, kwargs: dict) -> dict:
+                minpack: int | None, kwargs: dict) -> dict:
     """Solve the problems ``good_idx`` and scatter the results into B-sized tensors.
 
     The problems left out keep NaN results, a zero Jacobian and the status
-    ``NONFINITE``. ``minpack_last``: no Jacobian is evaluated after a
-    problem's last trial, so that ``jac`` is MINPACK's last Jacobian
-    (``'lm'`` with :class:`LeastsqBook`).
+    ``NONFINITE``. ``minpack`` (``'lm'`` with :class:`LeastsqBook`; None
+    otherwise): no Jacobian is evaluated after a problem's last trial, so that
+    ``jac`` is MINPACK's last Jacobian, and each Jacobian counts ``minpack``
+    evaluations against ``max_nfev`` (``n`` for MINPACK's forward differences,
+    0 for the user's ``jac``; :func:`~torchimize_scipy._batch.minpack_bookkeeping`).
     """
     n = lb.shape[1]
     dev, dt = ns.device, ns.dtype
@@ -334,7 +336,7 @@ def _solve_good(fun: Callable, p0: np.ndarray, jac: Any, lb: np.ndarray, ub: np.
         ids: Any = torch.as_tensor(good_idx, device=dev)
     else:
         x0, ids = p0[good_idx], good_idx
-    final = without_final_jacobians() if minpack_last else contextlib.nullcontext()
+    final = minpack_bookkeeping(minpack) if minpack is not None else contextlib.nullcontext()
     with final:
         res = batch_least_squares(fun, x0, jac=jac, bounds=(lb[good_idx], ub[good_idx]),
                                   method=method, args=(ids,), device=dev, dtype=dt, **kwargs)

@@ -32,7 +32,7 @@ from scipy.optimize import OptimizeWarning
 
 from .. import _implicit as implicit
 from .._arrays import Namespace, as_numpy, detect_namespace, to_host
-from .._batch import without_final_jacobians
+from .._batch import minpack_bookkeeping
 from .._engine.host_scalars import host_rows
 from .._least_squares import least_squares
 from .._validation import prepare_bounds
@@ -497,7 +497,9 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
     # with the book, the covariance and counts are those of MINPACK's last Jacobian, which
     # precedes the stopping trial: the engine evaluates none at the point that trial
     # accepts (the Jacobian scipy evaluates after MINPACK returns; nothing here reads it)
-    final = without_final_jacobians() if book is not None else contextlib.nullcontext()
+    # (the differences' evaluations need no count in the engine: the book stops the
+    # solve at maxfev with MaxfevReached)
+    final = minpack_bookkeeping() if book is not None else contextlib.nullcontext()
     try:
         with final:
             res = least_squares(problem.fun, p0, jac=jac_arg, method="lm",

@@ -109,6 +109,12 @@ class Problem:
         one as made (the 'lm' rule reports it less one); for callers that
         read none of them (``batch_curve_fit``'s 'lm', whose covariance comes
         from MINPACK's last Jacobian).
+    evals_per_jacobian
+        Residual evaluations that each Jacobian costs against ``max_nfev``
+        (0: none). MINPACK's ``lmdif`` (``leastsq`` and so ``curve_fit``'s
+        'lm' without ``jac``) counts the ``n`` evaluations of its forward
+        differences in ``nfev`` and stops at ``maxfev`` by that count; the 'lm'
+        rule then tests ``nfev + evals_per_jacobian * njev``.
     """
 
     fun: BatchedFun
@@ -128,6 +134,7 @@ class Problem:
     step_length: float | None = None
     tr_solver: str = "exact"
     final_jacobian: bool = True
+    evals_per_jacobian: int = 0
 
     @property
     def products_only(self) -> bool:

@@ -512,6 +512,8 @@ class LevenbergMarquardt(StepRule):
             par = xp.where(shrink, par / temp, xp.where(grow, 0.5 * par, par))
             accept = ratio >= 1e-4
             xnorm = xp.where(accept, xnorm_new, xnorm)
+            if problem.evals_per_jacobian:  # MINPACK's differences count against maxfev
+                nfev = nfev + problem.evals_per_jacobian * hs.view(state["njev"])[0]
             status = minpack_status(actred, prered, ratio, delta, xnorm, gnorm, nfev,
                                     problem.max_nfev, problem.ftol, problem.xtol, xp=xp)
             state["xnorm"] = hs.renewed(state["xnorm"], xnorm)  # (kept by a rejection)
