@@ -337,17 +337,50 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
     put(state, rows, view)
 
 
-def compact(state: State, keep: Tensor) -> None:
+def compact(state: State, keep: Tensor, defer: tuple[str, ...] = ()) -> Deferred | None:
     """Drop the rows of finished problems from every tensor of ``state``.
 
     Keys holding the same tensor (``f`` and ``f_true`` for the linear loss)
-    stay shared: each tensor is gathered once.
+    stay shared: each tensor is gathered once. The keys in ``defer`` keep
+    their old rows for now: the returned :data:`Deferred` (None if ``defer``
+    names no key) gathers them later (:func:`gather_deferred`), unless the
+    round's trial replaces them whole first (see :data:`DEFERRABLE_KEYS`).
     """
     done: dict[int, Tensor] = {}
+    later = tuple(k for k in defer if k in state)
     for k, v in state.items():
+        if k in later:
+            continue
         new = done.get(id(v))
         if new is None:
             # (one problem's host value, Scalars.keep: a (1,) tensor first)
+            new = done[id(v)] = _keep_unit(v, _owned(gather_rows(as_tensor(v), keep)))
+        state[k] = new
+    return (keep, later) if later else None
+
+
+#: Rows still to gather (the ``keep`` of :func:`compact`) and the keys that keep their
+#: old rows until then.
+Deferred = tuple[Tensor, tuple[str, ...]]
+
+#: Keys whose compaction the loop may put off until the trial that follows it (given a
+#: rule whose trial does not read them, :meth:`~.steps.base.StepRule.trial_unread`): an
+#: accepted trial on every row, the usual round of a large batch, replaces each of them
+#: whole before anything reads them, so their kept rows need never be copied ('lm' at
+#: B = 20,000: the ``J`` of 64 x 4 per row is most of what a compaction copies).
+DEFERRABLE_KEYS = frozenset({"f_true", "f", "J", "g", "G"})
+
+
+def gather_deferred(state: State, deferred: Deferred | None) -> None:
+    """Compact the keys that :func:`compact` put off (the same rows, the same values)."""
+    if deferred is None:
+        return
+    keep, keys = deferred
+    done: dict[int, Tensor] = {}
+    for k in keys:
+        v = state[k]
+        new = done.get(id(v))
+        if new is None:
             new = done[id(v)] = _keep_unit(v, _owned(gather_rows(as_tensor(v), keep)))
         state[k] = new
 
@@ -719,6 +752,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
                                                          problem.n, TAIL_ENTRIES))
         # ---- top of an outer iteration: optimality, gtol, budget -------------
         n_top, n_fresh = n_fresh, 0
+        deferred: Deferred | None = None
         # ``n_finished``: rows stopped now (those of the top that do not go on, and
         # ``n_stopped`` others); None: the factorisations stopped some, recount
         n_finished: int | None = n_stopped
@@ -743,9 +777,13 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
                 on_finish(n_finished)
             if n_finished == rows and refill is None:
                 return
-            compact(state, hs.indices(finished == False))  # noqa: E712 (numpy scalars too)
             if n_finished == rows:
+                compact(state, hs.indices(finished == False))  # noqa: E712 (numpy scalars too)
                 continue  # every row finished: admit the next problems
+            # (keys the trial neither reads nor, when it accepts every row, keeps: gathered
+            # only if some row rejects its trial, see DEFERRABLE_KEYS)
+            deferred = compact(state, hs.indices(finished == False),  # noqa: E712
+                               DEFERRABLE_KEYS.intersection(rule.trial_unread(problem, state)))
 
         # ---- one trial per running problem -----------------------------------
         # (the per-problem counters, codes and masks are values of ``hs``: on the host
@@ -783,7 +821,11 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             accept = accept & (status == term.RUNNING)
             n_accept, n_fresh, n_stops = hs.count_many(accept, boundary, stops)
             if n_stops:
+                gather_deferred(state, deferred)
+                deferred = None
                 _move_without_jacobian(state, hs, stops, n_stops, x_acc, f_new, cost_new)
+        if n_accept != hs.B:  # (every row accepted: the deferred keys are replaced below)
+            gather_deferred(state, deferred)
         if n_accept:
             arows = _rows(hs, accept, n_accept)
             sub = state if arows is None else take(state, arows)  # (every row: in place)
