@@ -833,10 +833,16 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
             sub["f_true"] = f_new if arows is None else gather_rows(f_new, arows)
             if cost_new is not None:  # (None: taken at write-out, _late_cost)
                 sub["cost"] = cost_new if arows is None else gather_rows(cost_new, arows)
+            if arows is None:
+                # (every row accepted: the old point's Jacobian and products, replaced
+                # below, are let go first, so that the new Jacobian may take their memory
+                # instead of fresh pages: 'lm' at B = 20,000, x MB per call fewer page faults)
+                state["J"] = state["f"] = state["g"] = state["G"] = None
             J_true = problem.jac(sub["x"], sub["f_true"], sub["ids"])
             hs_sub = hs if arows is None else for_rows(sub["x"])
             sub["njev"], = hs_sub.keep(hs_sub.view(sub["njev"])[0] + 1)
             sub["f"], sub["J"], sub["g"], sub["G"] = problem.linearize(sub["f_true"], J_true)
+            del J_true  # (held by the state alone, so the next round can let it go)
             bad = jacobian_nonfinite_rows(sub["J"], sub["G"])
             if bad is None:
                 sub["J"] = _marked_finite(sub["J"])
