@@ -50,7 +50,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 import torch
@@ -340,7 +340,7 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
     put(state, rows, view)
 
 
-def compact(state: State, keep: Tensor, defer: tuple[str, ...] = ()) -> Deferred | None:
+def compact(state: State, keep: Tensor, defer: Collection[str] = ()) -> Deferred | None:
     """Drop the rows of finished problems from every tensor of ``state``.
 
     Keys holding the same tensor (``f`` and ``f_true`` for the linear loss)
@@ -350,7 +350,7 @@ def compact(state: State, keep: Tensor, defer: tuple[str, ...] = ()) -> Deferred
     round's trial replaces them whole first (see :data:`DEFERRABLE_KEYS`).
     """
     done: dict[int, Tensor] = {}
-    later = tuple(k for k in defer if k in state)
+    later = tuple(k for k in state if k in defer)  # (in the state's order)
     for k, v in state.items():
         if k in later:
             continue

@@ -163,7 +163,7 @@ class StepRule(ABC):
 
         The loop may then compact those of :data:`~..loop.DEFERRABLE_KEYS` after the
         trial, or not at all where the trial's accepted rows replace them whole
-        (:func:`~..loop.compact`). None by default: the rule may read anything.
+        (:func:`~..loop.compact`). No key by default: the rule may read any.
         """
         return ()
 
