@@ -96,3 +96,57 @@ def test_write_out_selects_jacobian_rows_only_when_returned(monkeypatch, return_
     assert int((res.status > 0).sum()) == 40
     assert ("J" in read) == return_jac
     assert ("x" in read) and ("f_true" in read)
+
+
+def test_deferred_keys_keep_their_rows_until_gathered():
+    """``compact`` leaves the keys it is told to put off (a rule's trial does not read
+    them) as they were, shared tensors included; ``gather_deferred`` then selects the
+    same rows that compacting them at once would have."""
+    J, f = _big(), _big(shape=(B, 64))
+    state = {"J": J, "f": f, "f_true": f, "x": torch.arange(B * 4.0).reshape(B, 4)}
+    keep = torch.arange(1, B, 3)
+    deferred = compact(state, keep, ("J", "f", "f_true", "absent"))
+    assert state["J"] is J and state["f"] is f and state["f_true"] is f
+    assert torch.equal(state["x"], torch.arange(B * 4.0).reshape(B, 4)[keep])
+    assert deferred is not None and deferred[1] == ("J", "f", "f_true")
+    loop.gather_deferred(state, deferred)
+    assert torch.equal(state["J"], J[keep]) and torch.equal(state["f"], f[keep])
+    assert state["f"] is state["f_true"]  # (one gather for the shared tensor)
+    assert compact(state, torch.arange(2), ()) is None
+
+
+@pytest.mark.parametrize("reject", [False, True])
+def test_lm_batch_whose_rows_finish_apart_matches_one_by_one(reject):
+    """'lm' batches put off compacting ``J``, ``f`` and ``g`` (``trial_unread``): rows
+    that finish at different iterations, with and without rows that reject a trial
+    after others finished, give each problem its own solve's result."""
+    import numpy as np
+
+    from torchimize_scipy import batch_least_squares, least_squares
+
+    t = torch.linspace(0.0, 3.0, 40, dtype=torch.float64)
+    rng = np.random.default_rng(3)
+    truth = np.column_stack([rng.uniform(1, 2, 24), rng.uniform(0.2, 1.5, 24)])
+    y = truth[:, :1] * np.exp(-truth[:, 1:] * t.numpy()) + 0.01 * rng.standard_normal((24, 40))
+    x0 = truth * (1 + 0.3 * rng.uniform(-1, 1, truth.shape))
+    if reject:  # (far starts, whose steps are rejected while the near ones finish)
+        x0[::2] = truth[::2] * rng.uniform(5.0, 20.0, (12, 2))
+
+    def fun(p, yy):
+        return p[:, :1] * torch.exp(-p[:, 1:] * t) - yy
+
+    def jac(p, yy):
+        e = torch.exp(-p[:, 1:] * t)
+        return torch.stack([e, -p[:, :1] * t * e], dim=-1)
+
+    res = batch_least_squares(fun, torch.as_tensor(x0), jac=jac, method="lm",
+                              args=(torch.as_tensor(y),))
+    assert len(set(np.asarray(res.nfev).tolist())) > 1  # rows finish apart
+    for i in range(24):
+        one = least_squares(lambda p, yy=y[i]: p[0] * np.exp(-p[1] * t.numpy()) - yy, x0[i],
+                            jac=lambda p: np.column_stack(
+                                [np.exp(-p[1] * t.numpy()),
+                                 -p[0] * t.numpy() * np.exp(-p[1] * t.numpy())]),
+                            method="lm")
+        assert np.asarray(res.nfev)[i] == one.nfev
+        np.testing.assert_allclose(np.asarray(res.x)[i], one.x, rtol=1e-9, atol=1e-12)

@@ -157,6 +157,16 @@ class StepRule(ABC):
     def result_fields(self, problem: Problem, state: dict) -> ResultFields:
         """The fields the method reports its own way, for stopped problems."""
 
+    def trial_unread(self, problem: Problem, state: dict) -> tuple[str, ...]:
+        """State keys that :meth:`propose_step` and :meth:`assess_trial` do not read on
+        these rows (their factors as :meth:`build_model` left them).
+
+        The loop may then compact those of :data:`~..loop.DEFERRABLE_KEYS` after the
+        trial, or not at all where the trial's accepted rows replace them whole
+        (:func:`~..loop.compact`). No key by default: the rule may read any.
+        """
+        return ()
+
     def reads_cost(self, problem: Problem) -> bool:
         """Whether the rule reads ``state["cost"]`` or a trial's ``cost_new`` while it
         iterates; when not, one problem's loop takes its cost only where it writes the

@@ -530,6 +530,15 @@ class LevenbergMarquardt(StepRule):
     def after_jacobian(self, problem: Problem, state: dict) -> None:
         """MINPACK keeps its own scaling ``diag`` (updated in ``measure_optimality``)."""
 
+    def trial_unread(self, problem: Problem, state: dict) -> tuple[str, ...]:
+        """The trial reads neither the residuals at ``x`` nor the gradient (``|f|`` is
+        kept in ``fnorm``, the step comes from the factors), and reads ``J`` only for
+        ``|J step|`` on rows off the Gram route (:func:`..quadratic.cross_jac`)."""
+        gram = state.get("fac_gram")
+        if gram is not None and count_true(gram) == gram.shape[0]:
+            return ("f_true", "f", "g", "J")
+        return ("f_true", "f", "g")
+
     def reads_cost(self, problem: Problem) -> bool:
         """Only the Gram route's refinement reads the cost (:func:`_squares_from_cost`);
         MINPACK's tests use the norms of the residuals, not ``cost_new``."""
