@@ -215,7 +215,9 @@ def factorize(
     if fin is not None:
         ok = fin & ok
     n_ok = hs.count(ok)
-    ok_t = remember(hs.tensor(ok), n_ok)  # (the count serves routes() too)
+    # (the count serves routes() too; the tensor remembers no host value: one problem's
+    # rules read their own, as numpy scalars)
+    ok_t = remember(torch.from_numpy(ok) if hs.host else ok, n_ok)
     if n_ok == B:
         return Factors(mark_finite(H.new_zeros(B, n)), H.new_zeros(B, n, n), H.new_zeros(B, n),
                        H, Hinv, Atf, ok_t)
