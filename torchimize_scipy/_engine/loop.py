@@ -297,8 +297,9 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
     """Run ``fn`` on the rows of ``state`` selected by ``mask`` and keep what it assigns.
 
     When most rows are selected, ``fn`` runs on all of them and only the
-    selected rows of each assigned tensor are kept (``torch.where``), which
-    avoids gathering and scattering the large per-problem tensors; otherwise
+    selected rows of each assigned tensor are kept (``torch.where``; numpy's where
+    on the host values both tensors remember, :func:`~.host_scalars.where_rows`),
+    which avoids gathering and scattering the large per-problem tensors; otherwise
     the selected rows are gathered, processed and scattered back. ``count``
     is :func:`count_true` of ``mask`` when the caller knows it; ``mask=None``
     selects every row. ``others_free``: the caller lets the rows outside
