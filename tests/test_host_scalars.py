@@ -397,3 +397,22 @@ def test_one_problem_scalars_follow_the_host_switch(monkeypatch):
     monkeypatch.setattr(hs_mod, "HOST", None)
     again = hs_mod.for_rows(x)
     assert again.host and again.floats
+
+
+def test_where_rows_selects_as_torch_where_from_host_values():
+    """host_scalars.where_rows: numpy's selection of the rows both tensors remember, the
+    values of torch.where, remembered by the result; None without both host values."""
+    from torchimize_scipy._engine import host_scalars as hs_mod
+
+    hs = hs_mod.Scalars(torch.zeros(4, 3, dtype=torch.float64))
+    mask = np.array([True, False, True, False])
+    new_rows = hs.tensor_rows(np.arange(12.0).reshape(4, 3))
+    old_rows = hs.tensor_rows(-np.arange(12.0).reshape(4, 3))
+    got = hs_mod.where_rows(mask, new_rows, old_rows)
+    want = torch.where(torch.from_numpy(mask)[:, None], new_rows, old_rows)
+    assert torch.equal(got, want) and hs.rows(got) is hs_mod.host_rows(got)
+    new_v, old_v = hs.tensors(np.array([1, 2, 3, 4]), np.array([5, 6, 7, 8]))
+    got = hs_mod.where_rows(mask, new_v, old_v)
+    assert got.tolist() == [1, 6, 3, 8] and hs_mod.host_value(got).tolist() == [1, 6, 3, 8]
+    plain = torch.zeros(4, 3, dtype=torch.float64)  # (no host value: torch's where instead)
+    assert hs_mod.where_rows(mask, new_rows, plain) is None

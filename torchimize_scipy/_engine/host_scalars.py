@@ -194,6 +194,31 @@ def tensor_of_host(a: np.ndarray) -> Tensor:
     return remember_rows(t, a) if a.ndim >= 2 else t
 
 
+def where_rows(mask: np.ndarray, new: Tensor, old: Tensor) -> Tensor | None:
+    """``torch.where(mask, new, old)`` along the first axis (``mask`` a ``(B,)`` boolean
+    array), taken by numpy from the host values ``new`` and ``old`` both remember
+    (:func:`host_value`, :func:`host_rows`), as a tensor remembering its own; None where
+    either remembers none, or they differ in dtype or shape, or hold more than
+    :data:`GRAIN` entries (torch's threads, and a tensor ``loop.put`` may write in place).
+
+    A selection: the same values as torch's, without a dispatched operation
+    (about 6 µs for a tail's rows against under 2 µs; ``loop.on_rows`` merges
+    about a dozen keys per round). The result is numpy's memory, which the
+    engine never writes into (it remembers a host value).
+    """
+    if new.ndim != old.ndim or new.numel() > GRAIN:
+        return None
+    attr = _HOST_VALUE if new.ndim <= 1 else _HOST_ROWS
+    a, b = getattr(new, attr, None), getattr(old, attr, None)
+    if (type(a) is not _ARRAY or type(b) is not _ARRAY or a.dtype != b.dtype
+            or a.shape != new.shape or b.shape != old.shape or a.shape != b.shape):
+        return None
+    out = np.where(mask.reshape(-1, *([1] * (a.ndim - 1))), a, b)
+    t = torch.from_numpy(out)
+    setattr(t, attr, out)
+    return t
+
+
 def _is_scalar(a: Any) -> bool:
     return type(a) is not _ARRAY
 

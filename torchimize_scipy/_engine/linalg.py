@@ -122,8 +122,12 @@ def inverse_and_condition(H: Tensor) -> tuple[Tensor, Tensor]:
 
 def _condition(H: Tensor, Hinv: Tensor, info: Tensor) -> Tensor:
     """:func:`inverse_and_condition`'s ``cond1`` from ``H``, ``Hinv`` and LU's ``info``."""
-    cond1 = H.abs().sum(-2).amax(-1) * Hinv.abs().sum(-2).amax(-1)
-    return torch.where(info == 0, cond1, torch.inf)
+    return torch.where(info == 0, _condition_product(H, Hinv), torch.inf)
+
+
+def _condition_product(H: Tensor, Hinv: Tensor) -> Tensor:
+    """``|H|_1 |H^{-1}|_1`` per matrix: :func:`_condition` before LU's ``info`` is applied."""
+    return H.abs().sum(-2).amax(-1) * Hinv.abs().sum(-2).amax(-1)
 
 
 def _all_within(H: Tensor, Hinv: Tensor, info: Tensor, limit: float) -> bool:
@@ -201,26 +205,35 @@ def factorize(
         ok = remember(torch.ones(B, dtype=torch.bool, device=H.device), B)
         return Factors(mark_finite(H.new_zeros(B, n)), H.new_zeros(B, n, n), H.new_zeros(B, n),
                        H, Hinv, Atf, ok)
-    cond1 = _condition(H, Hinv, info)
+    # the routes as per-problem values of ``hs``: on the host (CPU) numpy's comparisons,
+    # selections and counts, exact as torch's, without a dispatch or a read each
+    hs = host_scalars.Scalars(info, floats=False)
+    xp = hs.xp
+    cond1 = xp.where(hs.get(info) == 0, hs.get(_condition_product(H, Hinv)), math.inf)
     ok = cond1 <= limit / n  # a NaN cond1 fails too
-    if finite is not None:
-        ok = finite & ok
-    n_ok = count_true(ok)  # (the count serves routes() too)
+    fin = None if finite is None else hs.get(finite)
+    if fin is not None:
+        ok = fin & ok
+    n_ok = hs.count(ok)
+    # (the count serves routes() too; the tensor remembers no host value: one problem's
+    # rules read their own, as numpy scalars)
+    ok_t = remember(torch.from_numpy(ok) if hs.host else ok, n_ok)
     if n_ok == B:
         return Factors(mark_finite(H.new_zeros(B, n)), H.new_zeros(B, n, n), H.new_zeros(B, n),
-                       H, Hinv, Atf, ok)
+                       H, Hinv, Atf, ok_t)
     # beyond this, the eigen-decomposition of H cannot be trusted either: to the SVD
     eig_hopeless = ~(cond1 <= n * limit)
     if n_ok == 0:  # (every row rejected, as in an ill-conditioned tail: no selection)
-        return Factors(*_rejected_factors(H, Atf, J, d, f, diag, finite, eig_hopeless),
-                       H, Hinv, Atf, ok)
-    rows = (~ok).nonzero().squeeze(-1)
+        return Factors(*_rejected_factors(H, Atf, J, d, f, diag, fin, eig_hopeless, hs),
+                       H, Hinv, Atf, ok_t)
+    rows = hs.indices(~ok)
 
     def pick(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.index_select(0, rows)
 
-    eig_rows = pick(~eig_hopeless if finite is None else finite & ~eig_hopeless)
-    n_eig = count_true(eig_rows)
+    eig_rows = (~eig_hopeless if fin is None else fin & ~eig_hopeless)[
+        rows.numpy() if hs.host else rows]
+    n_eig = hs.count(eig_rows)
     if n_eig:
         # (J, d, f and diag stay whole: only the rows eigh does not serve are picked)
         s_b, V_b, uf_b = _eig_factors(pick(H), pick(Atf), J, d, f, diag, eig_rows, rows, n_eig)
@@ -230,12 +243,12 @@ def factorize(
     s = mark_finite(H.new_zeros(B, n)).index_copy(0, rows, s_b)
     V = H.new_zeros(B, n, n).index_copy(0, rows, V_b)
     uf = H.new_zeros(B, n).index_copy(0, rows, uf_b)
-    return Factors(s, V, uf, H, Hinv, Atf, ok)
+    return Factors(s, V, uf, H, Hinv, Atf, ok_t)
 
 
 def _rejected_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
-                      diag: Tensor | None, finite: Tensor | None,
-                      eig_hopeless: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                      diag: Tensor | None, finite, eig_hopeless,
+                      hs: host_scalars.Scalars) -> tuple[Tensor, Tensor, Tensor]:
     """SVD data of every row of a batch that the Gram route rejected entirely.
 
     The rows :func:`factorize` would select are all of them, so each tensor is used
@@ -251,7 +264,7 @@ def _rejected_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Te
         return t.view_as(t) if t.is_contiguous() else t.contiguous()
 
     eig_rows = ~eig_hopeless if finite is None else finite & ~eig_hopeless
-    n_eig = count_true(eig_rows)
+    n_eig = hs.count(eig_rows)
     if n_eig:
         return _eig_factors(whole(H), whole(Atf), J, d, f, diag, eig_rows, None, n_eig)
     A = whole(J) if d is None else whole(J) * whole(d).unsqueeze(-2)
@@ -393,7 +406,7 @@ def _svd_rowwise(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
-                 diag: Tensor | None, finite: Tensor, rows: Tensor | None = None,
+                 diag: Tensor | None, finite, rows: Tensor | None = None,
                  n_finite: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SVD data of the problems the Gram inverse does not serve.
 
@@ -404,36 +417,42 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
     direct SVD of ``A``, which also handles rank deficiency as scipy does.
     ``J``, ``d``, ``f`` and ``diag`` are the whole batch's when ``rows`` (the
     batch rows of ``H``'s rows) is given, else ``H``'s rows; only the rows
-    sent to the SVD are gathered from them. ``n_finite``: the count of
-    ``finite`` when known.
+    sent to the SVD are gathered from them. ``finite`` is a mask of per-problem
+    values of :class:`~.host_scalars.Scalars` (a numpy array on the host, where the
+    test of the eigenvalues is numpy's too: comparisons, exact either way), or a tensor;
+    ``n_finite``: its count when known.
     """
+    hs = host_scalars.Scalars(H, floats=False)
+    xp = hs.xp
+    if isinstance(finite, Tensor):
+        finite = hs.get(finite)
     lam = torch.zeros_like(H[..., 0])
     V = torch.zeros_like(H)
     R = H.shape[0]
     if n_finite is None:
-        n_finite = count_true(finite)
+        n_finite = hs.count(finite)
     try:
         if n_finite == R:
             with serial_lapack(H):
                 lam, V = torch.linalg.eigh(H)
         elif n_finite:  # the others go to the SVD
-            sel = finite.nonzero().squeeze(-1)
+            sel = hs.indices(finite)
             with serial_lapack(H):
                 lam_r, V_r = torch.linalg.eigh(H.index_select(0, sel))
             lam, V = lam.index_copy(0, sel, lam_r), V.index_copy(0, sel, V_r)
     except RuntimeError:  # send every problem through the (per-problem safe) SVD
-        finite = torch.zeros_like(finite)
+        finite = xp.zeros_like(finite)
     lam = lam.flip(-1)
     V = V.flip(-1)
-    lam_max = lam[:, :1]
-    bad = (~(lam[:, -1:] > lam_max / gram_cond_limit(H.dtype)).squeeze(-1)
-           | ~torch.isfinite(lam_max[:, 0]) | ~finite)
+    ev = hs.rows(lam)
+    bad = (~(ev[:, -1] > ev[:, 0] / gram_cond_limit(H.dtype)) | ~xp.isfinite(ev[:, 0])
+           | ~finite)
     # (the square roots on the (R, n) rows as ever: torch's vectorised sqrt rounds
     # some entries differently from its scalar tail, so the layout stays)
     s = lam.clamp(min=0).sqrt()
     suf = torch.bmm(V.transpose(-1, -2), Atf.unsqueeze(-1)).squeeze(-1)
     uf = safe_div(suf, s)
-    bad_rows = bad.nonzero().squeeze(-1)
+    bad_rows = hs.indices(bad)
     if bad_rows.numel():
         src = bad_rows if rows is None else rows.index_select(0, bad_rows)
         A = J.index_select(0, src)

@@ -66,9 +66,11 @@ from .host_scalars import (
     as_tensor,
     for_rows,
     host_rows,
+    host_value,
     is_host_value,
     remember_rows,
     scalars,
+    where_rows,
 )
 from .problem import Problem
 from .steps.base import LOOP_KEYS, StepRule
@@ -298,8 +300,9 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
     """Run ``fn`` on the rows of ``state`` selected by ``mask`` and keep what it assigns.
 
     When most rows are selected, ``fn`` runs on all of them and only the
-    selected rows of each assigned tensor are kept (``torch.where``), which
-    avoids gathering and scattering the large per-problem tensors; otherwise
+    selected rows of each assigned tensor are kept (``torch.where``; numpy's where
+    on the host values both tensors remember, :func:`~.host_scalars.where_rows`),
+    which avoids gathering and scattering the large per-problem tensors; otherwise
     the selected rows are gathered, processed and scattered back. ``count``
     is :func:`count_true` of ``mask`` when the caller knows it; ``mask=None``
     selects every row. ``others_free``: the caller lets the rows outside
@@ -327,12 +330,23 @@ def on_rows(state: State, mask: Tensor | None, fn: Callable[[RowView], None],
         view = RowView(state, None)
         fn(view)
         keeps: dict[int, Tensor] = {}  # the mask shaped for each rank, made once
+        # (on the host, keys whose old and new values both remember their host values
+        # merge in numpy: the same selection, host_scalars.where_rows)
+        on_host = host_value(mask)
+        if type(on_host) is not np.ndarray:
+            on_host = None
         for k in view.written:
             new = dict.__getitem__(view, k)
-            keep = keeps.get(new.ndim)
-            if keep is None:
-                keep = keeps[new.ndim] = mask.view(-1, *([1] * (new.ndim - 1)))
-            state[k] = torch.where(keep, new, state[k])
+            old = state[k]
+            if new is old:  # (the same tensor: every row is kept either way)
+                continue
+            merged = None if on_host is None else where_rows(on_host, new, old)
+            if merged is None:
+                keep = keeps.get(new.ndim)
+                if keep is None:
+                    keep = keeps[new.ndim] = mask.view(-1, *([1] * (new.ndim - 1)))
+                merged = torch.where(keep, new, old)
+            state[k] = merged
         return
     rows = _indices(mask)
     view = RowView(state, rows)
