@@ -179,6 +179,14 @@ def _ssr(p, x, y):
     return float(((biexp(x, *p) - y) ** 2).sum())
 
 
+def _terms_by_rate(p):
+    """``(a1, k1, a2, k2)`` with the slower decay first: the two terms are
+    interchangeable, and from a symmetric start which one ends up first is decided by
+    rounding (it differs between CPUs, for scipy and for us alike)."""
+    p = np.asarray(p, dtype=float)
+    return p if p[1] <= p[3] else p[[2, 3, 0, 1]]
+
+
 def test_biexp_symmetric_start_converges():
     """Issue 19's reproducer: from p0 = 1 scipy reaches SSR 1.5e-31; the minimum-norm
     step stayed at a1 == a2, k1 == k2 with SSR 0.33."""
@@ -190,7 +198,7 @@ def test_biexp_symmetric_start_converges():
         ours = curve_fit(biexp, x, y, jac=biexp_jac)[0]
     assert _ssr(ref, x, y) < 1e-20
     assert _ssr(ours, x, y) < 1e-20
-    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+    np.testing.assert_allclose(_terms_by_rate(ours), _terms_by_rate(ref), rtol=1e-6)
 
 
 def test_biexp_symmetric_start_batch():
