@@ -102,7 +102,9 @@ def alloc_factors(problem: Problem, state: dict, augmented: bool) -> None:
     k = svd_width(problem, augmented)
     gram = None
     if problem.use_gram and problem.m >= n:
+        # (no row on the Gram route yet, and none rejected by its test)
         gram = (x.new_zeros(B, n, n), x.new_zeros(B, n, n), x.new_zeros(B, n),
+                torch.zeros(B, dtype=torch.bool, device=x.device),
                 torch.zeros(B, dtype=torch.bool, device=x.device))
     hs = for_rows(x)
     store_factors(state, Factors(host_zeros(hs, x, B, k), host_zeros(hs, x, B, n, k),

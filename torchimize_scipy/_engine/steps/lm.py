@@ -387,7 +387,7 @@ class LevenbergMarquardt(StepRule):
                 # factorisation needs no test of its own (linalg.svd_factors)
                 d = mark_finite(d)
             fac = factorize(state["J"], d, state["f"], gram=state["G"], g=state["g"],
-                            use_gram=problem.use_gram)
+                            use_gram=problem.use_gram, rejected=state.get("fac_rejected"))
             ff = (_squares_from_cost(hs, state["cost"])
                   if hs.host and fac.gram is not None and problem.loss is None else None)
             p_gn = refine_gauss_newton(fac, minimum_norm_step(fac, host=hs.host),

@@ -171,7 +171,7 @@ class TRF(StepRule):
         state["tr_scaling"] = d
         state["g_h"] = times(d, state["g"])
         fac = factorize(state["J"], d, state["f"], diag_h, gram=state["G"], g=state["g"],
-                        use_gram=problem.use_gram)
+                        use_gram=problem.use_gram, rejected=state.get("fac_rejected"))
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
 

@@ -1,0 +1,150 @@
+"""``linalg.factorize``'s ``rejected``: a tail that the Gram route rejected skips its test.
+
+In a batch's ill-conditioned tail the same few rows are rejected by the Gram
+route's test (LU and ``cond1``, then ``eigh``) round after round, and then take
+the SVD anyway. ``Factors.rejected`` remembers each row's verdict; a batch of
+fewer than ``WITHIN_MIN_ROWS`` rows that were all rejected at their last test
+goes to the direct SVD at once. Any other batch is tested as ever, and its
+verdicts replace the remembered ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from torchimize_scipy import batch_least_squares, least_squares
+from torchimize_scipy._engine import linalg
+from torchimize_scipy._engine.linalg import WITHIN_MIN_ROWS, factorize
+
+
+def _jac(B: int, cond_bad: bool, m: int = 20, n: int = 4, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    J = torch.randn(B, m, n, generator=gen, dtype=torch.float64)
+    if cond_bad:  # cond(J)**2 far beyond the Gram limit (and beyond the eigh limit)
+        J[:, :, -1] = J[:, :, 0] + 1e-9 * J[:, :, -1]
+    f = torch.randn(B, m, generator=gen, dtype=torch.float64)
+    d = torch.rand(B, n, generator=gen, dtype=torch.float64) + 0.5
+    return J, f, d
+
+
+def _count_inverses(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = torch.linalg.inv_ex
+    monkeypatch.setattr(torch.linalg, "inv_ex", lambda H: calls.append(H.shape[0]) or real(H))
+    return calls
+
+
+def test_the_test_reports_its_verdicts():
+    J, f, d = _jac(6, cond_bad=False)
+    Jb, _, _ = _jac(6, cond_bad=True)
+    J[::2] = Jb[::2]
+    fac = factorize(J, d, f, use_gram=True)
+    assert fac.rejected.tolist() == [True, False] * 3
+    assert (fac.rejected == ~fac.gram).all()
+    Jg, fg, dg = _jac(5, cond_bad=False)
+    every = factorize(Jg, dg, fg, use_gram=True)
+    assert not bool(every.rejected.any())
+    # single problems (no Gram route): nothing to remember
+    assert factorize(J, d, f, use_gram=False).rejected is None
+
+
+@pytest.mark.parametrize("with_d", [False, True])
+def test_a_rejected_tail_skips_the_test_and_takes_the_direct_svd(with_d, monkeypatch):
+    J, f, d = _jac(5, cond_bad=True)
+    d = d if with_d else None
+    tested = factorize(J, d, f, use_gram=True)
+    assert bool(tested.rejected.all())
+    calls = _count_inverses(monkeypatch)
+    fac = factorize(J, d, f, use_gram=True, rejected=tested.rejected)
+    assert calls == []  # no LU (nor eigh: it would follow the LU)
+    assert not bool(fac.gram.any()) and bool(fac.rejected.all())
+    # the same SVD data as the test's own route for these rows (the direct SVD)
+    for got, want in zip(fac[:3], tested[:3], strict=True):
+        assert torch.equal(got, want)
+
+
+def test_a_row_not_rejected_keeps_the_test_for_every_row(monkeypatch):
+    J, f, d = _jac(6, cond_bad=True)
+    Jg, _, _ = _jac(6, cond_bad=False)
+    J[0] = Jg[0]  # row 0 has become well-conditioned
+    remembered = torch.tensor([True, True, True, True, True, False])
+    calls = _count_inverses(monkeypatch)
+    fac = factorize(J, d, f, use_gram=True, rejected=remembered)
+    assert calls == [6]
+    # the verdicts are the test's, not the remembered ones
+    assert fac.gram.tolist() == [True] + [False] * 5
+    assert fac.rejected.tolist() == [False] + [True] * 5
+
+
+def test_a_rejected_batch_of_many_rows_is_tested(monkeypatch):
+    J, f, d = _jac(WITHIN_MIN_ROWS, cond_bad=True)
+    calls = _count_inverses(monkeypatch)
+    factorize(J, d, f, use_gram=True, rejected=torch.ones(WITHIN_MIN_ROWS, dtype=torch.bool))
+    assert calls == [WITHIN_MIN_ROWS]
+
+
+def test_off_the_host_the_test_always_runs(monkeypatch):
+    monkeypatch.setattr(linalg.host_scalars, "HOST", False)
+    J, f, d = _jac(5, cond_bad=True)
+    calls = _count_inverses(monkeypatch)
+    fac = factorize(J, d, f, use_gram=True, rejected=torch.ones(5, dtype=torch.bool))
+    assert calls == [5]
+    assert bool(fac.rejected.all())
+
+
+# ---------------------------------------------------------------- end to end
+K, M = 2, 40
+T = np.linspace(0.0, 10.0, M)
+
+
+def _peaks(p, y):
+    out = -y
+    for k in range(K):
+        a, mu, s = p[:, 3 * k:3 * k + 1], p[:, 3 * k + 1:3 * k + 2], p[:, 3 * k + 2:3 * k + 3]
+        out = out + a * np.exp(-0.5 * ((T - mu) / s) ** 2)
+    return out
+
+
+def _peaks_jac(p, y):
+    J = np.empty((p.shape[0], M, 3 * K))
+    for k in range(K):
+        a, mu, s = p[:, 3 * k:3 * k + 1], p[:, 3 * k + 1:3 * k + 2], p[:, 3 * k + 2:3 * k + 3]
+        z = (T - mu) / s
+        e = np.exp(-0.5 * z * z)
+        J[:, :, 3 * k] = e
+        J[:, :, 3 * k + 1] = a * e * z / s
+        J[:, :, 3 * k + 2] = a * e * z * z / s
+    return J
+
+
+@pytest.mark.parametrize("method", ["trf", "lm"])
+def test_an_ill_conditioned_batch_matches_single_runs(method, monkeypatch):
+    """Two coinciding peaks (an ill-conditioned fit for hundreds of iterations) beside
+    well-separated ones: the batch skips tests on its rejected tail, and every row ends
+    where a single run (the SVD, as scipy) ends, to the solver's tolerance."""
+    rng = np.random.default_rng(4)
+    B = 8
+    truth = np.stack([np.full(B, 1.0), np.full(B, 4.0), np.full(B, 0.8),
+                      np.full(B, 1.0), 4.0 + np.linspace(0.0, 3.0, B), np.full(B, 0.8)], 1)
+    y = _peaks(truth, np.zeros((B, M))) + 0.05 * rng.normal(size=(B, M))
+    p0 = truth * (1 + 0.05 * rng.normal(size=truth.shape))
+    skipped = []
+    real = linalg._all_rejected_on_host
+
+    def spy(rejected):
+        every = real(rejected)
+        skipped.append(every)
+        return every
+
+    monkeypatch.setattr(linalg, "_all_rejected_on_host", spy)
+    res = batch_least_squares(_peaks, p0, jac=_peaks_jac, args=(y,), method=method,
+                              return_jac=False)
+    assert any(skipped)  # (tests were skipped: the case still exercises the shortcut)
+    for i in range(B):
+        one = least_squares(lambda q, yy=y[i]: _peaks(q[None], yy[None])[0], p0[i],
+                            jac=lambda q, yy=y[i]: _peaks_jac(q[None], yy[None])[0],
+                            method=method)
+        # the same minimum: costs to ftol (1e-8) relative, with a margin for the path
+        assert abs(float(res.cost[i]) - one.cost) <= 1e-6 * one.cost, i
