@@ -727,7 +727,9 @@ def test_forced_worker_threads_lowers_a_count_raised_after_the_process_started()
         "w._AUTO['threads'] = None\n"
         "print(w.worker_threads(force=True), torch.get_num_threads())\n")
     root = str(pathlib.Path(torchimize_scipy.__file__).parents[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    # (MKL_NUM_THREADS in the caller's environment would cap torch's count at start too)
+    env = {k: v for k, v in os.environ.items() if k != "MKL_NUM_THREADS"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=root)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, timeout=300).stdout.split()
     # raised to 2, started with 1; not a worker: no cap, left at 2; forced: lowered to 1
