@@ -33,12 +33,20 @@ FIELDS = ("x", "cost", "fun", "jac", "grad", "optimality", "active_mask", "nfev"
           "status", "success")
 
 
+#: thread-count variables of the caller that the test clusters' workers do not inherit
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 def _local_cluster(n_workers: int) -> distributed.LocalCluster:
     """Worker processes on loopback that import this checkout's torchimize_scipy."""
     root = str(pathlib.Path(torchimize_scipy.__file__).parents[1])
     saved = dict(os.environ)
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
+    # dask's defaults for the workers' thread counts (the nanny's OMP_NUM_THREADS=1, ...)
+    # whatever the caller's environment says: a value set there would reach the workers
+    for name in THREAD_VARIABLES:
+        os.environ.pop(name, None)
     try:
         return distributed.LocalCluster(n_workers=n_workers, processes=True,
                                         threads_per_worker=1, dashboard_address=None,
