@@ -50,14 +50,18 @@ def test_the_test_reports_its_verdicts():
     assert factorize(J, d, f, use_gram=False).rejected is None
 
 
+@pytest.mark.parametrize("with_diag", [False, True])
 @pytest.mark.parametrize("with_d", [False, True])
-def test_a_rejected_tail_skips_the_test_and_takes_the_direct_svd(with_d, monkeypatch):
+def test_a_rejected_tail_skips_the_test_and_takes_the_direct_svd(with_d, with_diag,
+                                                                 monkeypatch):
     J, f, d = _jac(5, cond_bad=True)
     d = d if with_d else None
-    tested = factorize(J, d, f, use_gram=True)
+    # (bounded 'trf': the augmented system, a tiny diagonal that leaves it ill-conditioned)
+    diag = torch.full((5, 4), 1e-24, dtype=torch.float64) if with_diag else None
+    tested = factorize(J, d, f, diag, use_gram=True)
     assert bool(tested.rejected.all())
     calls = _count_inverses(monkeypatch)
-    fac = factorize(J, d, f, use_gram=True, rejected=tested.rejected)
+    fac = factorize(J, d, f, diag, use_gram=True, rejected=tested.rejected)
     assert calls == []  # no LU (nor eigh: it would follow the LU)
     assert not bool(fac.gram.any()) and bool(fac.rejected.all())
     # the same SVD data as the test's own route for these rows (the direct SVD)
