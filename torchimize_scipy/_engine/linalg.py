@@ -646,7 +646,7 @@ def refine_gauss_newton(fac: Factors, p: Tensor, J: Tensor, d: Tensor | None,
     a residual) are returned unchanged and cost nothing. ``ff``: ``(f * f).sum(-1)``
     when the caller has it (twice a linear cost: 'lm', ``steps.lm._squares_from_cost``).
     """
-    if fac.gram is None:
+    if fac.gram is None or count_true(fac.gram) == 0:  # (no Gram row: nothing to refine)
         return p
     if ff is None:
         ff = (f * f).sum(-1)

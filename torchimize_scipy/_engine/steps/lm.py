@@ -389,7 +389,8 @@ class LevenbergMarquardt(StepRule):
             fac = factorize(state["J"], d, state["f"], gram=state["G"], g=state["g"],
                             use_gram=problem.use_gram, rejected=state.get("fac_rejected"))
             ff = (_squares_from_cost(hs, state["cost"])
-                  if hs.host and fac.gram is not None and problem.loss is None else None)
+                  if hs.host and fac.gram is not None and count_true(fac.gram)
+                  and problem.loss is None else None)
             p_gn = refine_gauss_newton(fac, minimum_norm_step(fac, host=hs.host),
                                        state["J"], d, state["f"], ff)
         store_factors(state, fac)
