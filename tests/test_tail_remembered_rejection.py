@@ -13,20 +13,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_tail_rejected_rows import _jac  # (J, f, d; ill-conditioned with cond_bad)
 
 from torchimize_scipy import batch_least_squares, least_squares
 from torchimize_scipy._engine import linalg
 from torchimize_scipy._engine.linalg import WITHIN_MIN_ROWS, factorize
-
-
-def _jac(B: int, cond_bad: bool, m: int = 20, n: int = 4, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    J = torch.randn(B, m, n, generator=gen, dtype=torch.float64)
-    if cond_bad:  # cond(J)**2 far beyond the Gram limit (and beyond the eigh limit)
-        J[:, :, -1] = J[:, :, 0] + 1e-9 * J[:, :, -1]
-    f = torch.randn(B, m, generator=gen, dtype=torch.float64)
-    d = torch.rand(B, n, generator=gen, dtype=torch.float64) + 0.5
-    return J, f, d
 
 
 def _count_inverses(monkeypatch) -> list[int]:

@@ -284,33 +284,29 @@ def _rejected_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Te
     SVD sees none of the marks the loop put on ``J`` (the selection's copy carries
     none: :func:`svd_factors` then tests the entries itself, as before).
     """
-    def whole(t: Tensor | None) -> Tensor | None:
-        if t is None:
-            return None
-        return t.view_as(t) if t.is_contiguous() else t.contiguous()
-
     eig_rows = ~eig_hopeless if finite is None else finite & ~eig_hopeless
     n_eig = hs.count(eig_rows)
     if n_eig:
-        return _eig_factors(whole(H), whole(Atf), J, d, f, diag, eig_rows, None, n_eig)
+        return _eig_factors(_whole(H), _whole(Atf), J, d, f, diag, eig_rows, None, n_eig)
     return _direct_svd_factors(J, d, f, diag)
 
 
 def _direct_svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
                         diag: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD data of every row of a batch, from the SVD of ``J diag(d)`` itself.
+    """SVD data of every row of a batch, from the SVD of ``J diag(d)`` itself (each
+    tensor used whole: :func:`_whole`)."""
+    A = _whole(J) if d is None else _whole(J) * _whole(d).unsqueeze(-2)
+    return svd_factors(A, None, _whole(f), _whole(diag))
 
-    Each tensor is used whole (:func:`_rejected_factors`: a contiguous copy where it
-    is not contiguous, a fresh alias of ``J`` where it is, so that the SVD sees none of
-    the loop's marks on ``J`` and tests the entries itself).
-    """
-    def whole(t: Tensor | None) -> Tensor | None:
-        if t is None:
-            return None
-        return t.view_as(t) if t.is_contiguous() else t.contiguous()
 
-    A = whole(J) if d is None else whole(J) * whole(d).unsqueeze(-2)
-    return svd_factors(A, None, whole(f), whole(diag))
+def _whole(t: Tensor | None) -> Tensor | None:
+    """All of ``t``'s rows, for a factorisation of every row (:func:`_rejected_factors`): a
+    contiguous copy where it is not contiguous (as a selection's copy is), a fresh alias
+    where it is, so that the SVD sees none of the loop's marks on ``J`` and tests the
+    entries itself."""
+    if t is None:
+        return None
+    return t.view_as(t) if t.is_contiguous() else t.contiguous()
 
 
 def _all_rejected_on_host(rejected: Tensor) -> bool:
