@@ -9,11 +9,14 @@ and one matrix is small, and does nothing otherwise.
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 import torch
 
 from torchimize_scipy import _blas_threads
-from torchimize_scipy._engine import linalg
+from torchimize_scipy._engine import csr, linalg
 from torchimize_scipy._engine.linalg import factorize, serial_lapack, svd_factors
 
 needs_threads = pytest.mark.skipif(
@@ -43,7 +46,8 @@ def test_batch_svd_runs_single_threaded(two_threads, monkeypatch):
     f = torch.randn(40, 100, dtype=torch.float64)
     seen = _recording(monkeypatch, "svd")
     svd_factors(J, None, f)
-    assert seen == [1]
+    # (one call, or one per chunk shared with the helper threads: linalg.thin_svd)
+    assert seen and set(seen) == {1}
     assert torch.get_num_threads() == 2  # restored afterwards
 
 
@@ -95,3 +99,96 @@ def test_a_rows_svd_does_not_depend_on_the_batch_size(two_threads):
     small = svd_factors(J[:5].clone(), None, f[:5].clone())
     for x, y in zip(big, small, strict=True):
         assert torch.equal(x[:5], y)
+
+
+# ---- linalg.thin_svd: a batch's SVDs shared with the helper threads ----------------
+
+
+def _plain_svd(A: torch.Tensor):
+    with serial_lapack(A):
+        return torch.linalg.svd(A, full_matrices=False)
+
+
+@pytest.mark.parametrize("shape", [(150, 100, 12), (200, 64, 4), (33, 40, 40)])
+def test_thin_svd_shared_equals_one_call(monkeypatch, shape):
+    # one helper whatever this machine's cores: the chunks' factors are the whole
+    # batch's, bit for bit (each matrix is one sequential gesdd either way)
+    monkeypatch.setattr(csr, "lapack_helpers", lambda: 1)
+    calls = _recording(monkeypatch, "svd")
+    A = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = linalg.thin_svd(A)
+    assert len(calls) == 4  # 2 chunks per thread taking part
+    calls.clear()
+    want = _plain_svd(A)
+    assert len(calls) == 1
+    for x, y in zip(got, want, strict=True):
+        assert x.shape == y.shape and torch.equal(x, y)
+
+
+@pytest.mark.parametrize("shape", [(31, 100, 12), (200, 10, 3), (40, 200, 200)])
+def test_thin_svd_small_batches_take_one_call(monkeypatch, shape):
+    # below SPLIT_MIN_ROWS matrices, at most the grain size in all, or matrices
+    # above it: one call of torch's, as before
+    monkeypatch.setattr(csr, "lapack_helpers", lambda: 1)
+    calls = _recording(monkeypatch, "svd")
+    A = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = linalg.thin_svd(A)
+    assert len(calls) == 1
+    for x, y in zip(got, _plain_svd(A), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_thin_svd_reports_a_failed_chunk(monkeypatch):
+    # LAPACK failing for one matrix of one chunk: RuntimeError, as torch's own call
+    # raises (the callers then factorise problem by problem)
+    monkeypatch.setattr(csr, "lapack_helpers", lambda: 1)
+    A = torch.randn(64, 100, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    A[50, 3, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="converge"):
+        linalg.thin_svd(A)
+    s, V, uf = linalg.svd_direct(A, torch.zeros(64, 100, dtype=torch.float64), None)
+    assert torch.isnan(s[50]).all() and torch.isfinite(s[:50]).all()
+    assert torch.isfinite(s[51:]).all()
+
+
+def test_thin_svd_does_not_wait_for_a_busy_helper(monkeypatch):
+    # a helper that gets no core: the caller factorises every chunk itself
+    monkeypatch.setattr(csr, "lapack_helpers", lambda: 1)
+    A = torch.randn(96, 100, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    release, busy, returned = threading.Event(), threading.Event(), threading.Event()
+
+    def block() -> None:
+        busy.set()
+        release.wait(30)
+        returned.set()
+
+    csr._helpers(1)[0].queue.put(block)
+    assert busy.wait(30)
+    try:
+        got = linalg.thin_svd(A)
+        assert not returned.is_set()  # done without the helper
+    finally:
+        release.set()
+    for x, y in zip(got, _plain_svd(A), strict=True):
+        assert torch.equal(x, y)
+    done = threading.Event()  # once free, the helper finds every chunk claimed
+    csr._helpers(1)[0].queue.put(done.set)
+    assert done.wait(30)
+
+
+@needs_threads
+def test_a_held_tail_still_counts_its_helpers(two_threads):
+    # serial_blas holds this thread's counts at 1 (a batch's tail) and remembers the
+    # two it had: the tail's SVDs are still shared with one helper
+    cpus = os.cpu_count() or 1
+    assert csr.lapack_helpers() == min(2, cpus) - 1
+    with _blas_threads.serial_blas(torch.device("cpu"), 100, 12):
+        assert torch.get_num_threads() == 1
+        assert csr.helper_threads() == 0  # (the products' count is the thread's own)
+        assert csr.lapack_helpers() == min(2, cpus) - 1
+        with _blas_threads.serial_blas(torch.device("cpu"), 100, 12):  # nested
+            assert csr.lapack_helpers() == min(2, cpus) - 1
+        assert csr.lapack_helpers() == min(2, cpus) - 1
+    assert getattr(csr._LOCAL, "outer", None) is None
+    torch.set_num_threads(1)
+    assert csr.lapack_helpers() == 0

@@ -111,7 +111,7 @@ def test_batch_without_svd_rows_keeps_the_whole_batch_solves(monkeypatch):
 def test_batch_tail_holds_one_thread_up_to_tail_entries():
     # 1,500 exponential fits, m = 100, n = 2 (200 entries each, within the grain
     # size): the tail runs single-threaded once nothing is left to admit and at most
-    # TAIL_ENTRIES / 200 = 655 rows run (the grain size alone allowed 163)
+    # TAIL_ENTRIES / 200 rows run (1,310; the grain size alone allowed 163)
     if _blas_threads.mkl_local_threads() is None:
         pytest.skip("torch is not built with MKL")
     _, seen = exp_fits_thread_log(1500, 50.0)

@@ -30,8 +30,12 @@ threaded against 0.092 s single-threaded on 2 idle cores).
 The driver decides once per call from the batch's size; the engine's loop
 (:func:`torchimize_scipy._engine.loop.run`) revisits the decision for the
 tail of a batch: once no problem is left to admit and the running rows hold
-at most ``loop.TAIL_ENTRIES`` (4 x :data:`GRAIN_SIZE`) Jacobian entries, it
-runs the rest of the solve under :func:`serial_blas` too (RESULTS §18-§19).
+at most ``loop.TAIL_ENTRIES`` (8 x :data:`GRAIN_SIZE`) Jacobian entries, it
+runs the rest of the solve under :func:`serial_blas` too (RESULTS §18-§19, §32).
+The block remembers the count the caller had (``csr._LOCAL.outer``), so that
+a tail's batched SVDs still use the other cores on the helper threads of
+:mod:`~torchimize_scipy._engine.csr` (``linalg.thin_svd``), outside any
+parallel region.
 
 Why not ``torch.set_num_threads(1)``: that setting is process-global (torch's
 pool size and MKL's global count), so changing and restoring it around a call
@@ -74,7 +78,10 @@ def _find_set_local() -> Callable[[int], int] | None:
         if not os.path.exists(path):
             continue
         try:
-            lib = ctypes.CDLL(path)  # already loaded by torch: the same handle
+            # already loaded by torch: the same handle. PyDLL keeps the GIL during the
+            # call (it takes well under a microsecond): CDLL would release it and then
+            # wait to get it back from a helper thread (csr's) that holds it meanwhile
+            lib = ctypes.PyDLL(path)
             fn = lib.MKL_Set_Num_Threads_Local  # by value; the lower-case name takes a pointer
         except (OSError, AttributeError):
             return None
@@ -95,7 +102,7 @@ def _find_omp() -> tuple[Callable[[], int], Callable[[int], None]] | None:
         if not os.path.exists(path):
             continue
         try:
-            lib = ctypes.CDLL(path)
+            lib = ctypes.PyDLL(path)  # (the GIL kept, as for _find_set_local)
             get, put = lib.omp_get_max_threads, lib.omp_set_num_threads
         except (OSError, AttributeError):
             return None
@@ -131,7 +138,7 @@ def serial_blas(device: torch.device, m: int, n: int,
         return
     # torch sets MKL's thread-local count itself the first time a thread asks
     # for its thread count; let it do so now rather than inside the block.
-    torch.get_num_threads()
+    threads = torch.get_num_threads()
     previous = _SET_LOCAL(1)
     # torch's own parallel regions (the batched LU behind inv_ex, for one) wake the
     # OpenMP team too: the thread's OpenMP count goes to 1 as well, a per-thread
@@ -139,9 +146,16 @@ def serial_blas(device: torch.device, m: int, n: int,
     omp_previous = None if _OMP is None else _OMP[0]()
     if omp_previous is not None:
         _OMP[1](1)
+    # the count the caller had, for the helper threads that share a batch's SVDs
+    # (csr.lapack_helpers: outside any parallel region, so none left spinning)
+    mark = threads > 1 and getattr(csr._LOCAL, "outer", None) is None
+    if mark:
+        csr._LOCAL.outer = threads
     try:
         yield True
     finally:
+        if mark:
+            csr._LOCAL.outer = None
         _SET_LOCAL(previous)
         if omp_previous is not None:
             _OMP[1](omp_previous)

@@ -595,6 +595,17 @@ def helper_threads() -> int:
     return max(0, min(product_threads(), _CPUS) - 1)
 
 
+def lapack_helpers() -> int:
+    """How many helper threads may share a batch of small factorisations with the caller
+    (:func:`~torchimize_scipy._engine.linalg.thin_svd`): as :func:`helper_threads`, from
+    the count the caller had before :func:`~torchimize_scipy._blas_threads.serial_blas`
+    held its own at 1 (a batch's tail runs single-threaded, and its SVDs still use
+    the other cores, one matrix per thread at a time)."""
+    outer = getattr(_LOCAL, "outer", None)
+    threads = product_threads() if outer is None else outer
+    return max(0, min(threads, _CPUS) - 1)
+
+
 class CallsOnHelpers(SharedJobs):
     """Calls without arguments run once each, shared with the helpers (:class:`SharedJobs`).
 
@@ -605,9 +616,9 @@ class CallsOnHelpers(SharedJobs):
 
     __slots__ = ("calls",)
 
-    def __init__(self, calls: list[Any]) -> None:
+    def __init__(self, calls: list[Any], helpers: int | None = None) -> None:
         self.calls = calls
-        super().__init__(len(calls), helper_threads())
+        super().__init__(len(calls), helper_threads() if helpers is None else helpers)
 
     def _run(self, i: int) -> None:
         self.calls[i]()

@@ -88,16 +88,20 @@ RESULT_KEYS = ("x", "cost", "f_true", "J", "g", "optimality", "active_mask", "nf
 #: A batch's tail runs single-threaded in the calling thread (MKL's thread-local count
 #: and the thread's OpenMP count at 1, :func:`~torchimize_scipy._blas_threads.serial_blas`)
 #: once no problem is left to admit, each problem's Jacobian holds at most torch's grain
-#: size of entries and the running rows' Jacobians at most this many in all (4 x the grain
-#: size: 109 rows of 100 x 12; one larger problem keeps its threads). Below it every operation
-#: of an iteration is too small for a parallel region to pay for its wake-up: on 2 cores
-#: (one busy) the products ``J^T J``, ``J^T f`` and an ``index_copy`` of 100 rows
+#: size of entries and the running rows' Jacobians at most this many in all (8 x the grain
+#: size: 218 rows of 100 x 12; one larger problem keeps its threads). Below it every operation
+#: of an iteration but the SVDs is too small for a parallel region to pay for its wake-up: on
+#: 2 cores (one busy) the products ``J^T J``, ``J^T f`` and an ``index_copy`` of 100 rows
 #: 100 x 12 took 0.51 ms single-threaded against 7.8 ms (median) with the team, of 50 rows
 #: 0.26 ms both ways but 4-6x the CPU time with the team. The factorisations are
-#: single-threaded at every size anyway (``linalg.serial_lapack``); the results were
-#: unchanged by the switch where checked (``bench_tail.py --before``: costs identical on
-#: 2,000 fits, 'trf' and 'lm'; ``engine_ab.py``: 0 of 564 differ on both paths).
-TAIL_ENTRIES = 4 * 32768
+#: single-threaded at every size anyway (``linalg.serial_lapack``), and a round's SVDs are
+#: shared with the helper threads (``linalg.thin_svd``), which no OpenMP worker spinning
+#: after a region competes with: with 4 x the grain size the tail of ``bench_tail.py``
+#: (B = 20,000, 'trf') spent 949 rounds at 100-200 rows on both cores' OpenMP team, 23-25 s
+#: wall and 43-45 s CPU in all; with 8 x and the shared SVDs, 20 s and 29 s (16 x and more
+#: gained nothing further; 'lm' unchanged within the noise). The results are unchanged by the
+#: switch (the same kernels, one thread; costs identical on that batch, 'trf' and 'lm').
+TAIL_ENTRIES = 8 * 32768
 
 
 #: Entries from which :func:`gather_rows` copies the rows of a CPU tensor that is not
