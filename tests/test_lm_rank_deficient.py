@@ -314,6 +314,35 @@ def test_pivoted_qr_factorises_and_orders_like_lapack():
     assert R[2, 3, 3] == 0.0  # the zero column is pivoted last, with an exact zero
 
 
+
+def test_pivoted_qr_on_the_host_recomputes_only_stale_norms(monkeypatch):
+    # nearly dependent columns: downdating a remaining norm loses its digits, and
+    # MINPACK computes it again in full; on the host only the columns where some
+    # problem needs it are summed again, and the factorisation is the same
+    from torchimize_scipy._engine import minpack_qr
+
+    rng = np.random.default_rng(5)
+    J = rng.standard_normal((6, 30, 6))
+    J[:, :, 4] = J[:, :, 0] * (1 + 1e-10) + 1e-9 * J[:, :, 4]  # cancels after column 0
+    J[::2, :, 5] = 2.0 * J[::2, :, 1]  # exactly dependent in half the problems
+    f = rng.standard_normal((6, 30))
+    summed = []
+    seq_norm = minpack_qr._seq_norm
+    monkeypatch.setattr(minpack_qr, "_seq_norm",
+                        lambda a, dim: summed.append(a.shape) or seq_norm(a, dim))
+    R, perm, qtf = pivoted_qr(J.copy(), f.copy())
+    recomputed = [shape for shape in summed if len(shape) == 3][1:]  # (after the first)
+    # (at column j: rows j + 1 .., of the 5 - j columns left, only some)
+    assert recomputed and all(shape[2] < 6 - 30 + shape[1] for shape in recomputed)
+    R_t, perm_t, qtf_t = pivoted_qr(torch.as_tensor(J), torch.as_tensor(f))
+    np.testing.assert_array_equal(perm, perm_t.numpy())
+    np.testing.assert_allclose(R, R_t.numpy(), rtol=0, atol=1e-12)
+    for i in range(6):
+        Jp = J[i][:, perm[i]]
+        np.testing.assert_allclose(R[i].T @ R[i], Jp.T @ Jp, atol=1e-12)
+        np.testing.assert_allclose(R[i].T @ qtf[i], Jp.T @ f[i], atol=1e-12)
+    assert np.all(np.abs(R[::2, 5, 5]) <= 1e-12 * np.abs(R[::2, 0, 0]))
+
 def test_basic_gauss_newton_is_the_basic_solution():
     J = torch.tensor([[[1.0, 10.0, 0.0], [0.0, 0.0, 0.0], [2.0, 20.0, 0.0]]],
                      dtype=torch.float64)

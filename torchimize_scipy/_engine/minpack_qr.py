@@ -129,13 +129,16 @@ def pivoted_qr(J: Any, f: Any) -> tuple[Any, Any, Any]:
     perm = _copy(cols[None, :] + 0 * rows[:, None])  # (B, n): 0, 1, ..., n - 1
     rdiag = xp.zeros_like(norms)
     for j in range(n):
-        # bring the column of largest remaining norm (the first such) into position j
+        # bring the column of largest remaining norm (the first such) into position j:
+        # columns j and kmax trade places in each problem (copies: the same bits)
         kmax = j + xp.argmax(norms[:, j:], -1)  # (B,)
-        swap = _copy(perm) * 0 + cols  # (B, n) identity order
-        swap[:, j] = kmax
-        swap[rows, kmax] = j
-        A = _take(A, swap[:, None, :], 2)
-        norms, ref, perm = _take(norms, swap, 1), _take(ref, swap, 1), _take(perm, swap, 1)
+        for a in (A, norms, ref, perm):
+            at_j, at_k = (a[rows, :, j], a[rows, :, kmax]) if a is A else (a[:, j], a[rows, kmax])
+            at_j = _copy(at_j)  # (a basic slice's view: kept before it is overwritten)
+            if a is A:
+                a[rows, :, j], a[rows, :, kmax] = at_k, at_j
+            else:
+                a[:, j], a[rows, kmax] = at_k, at_j
         # Householder vector of the column's tail, scaled so that v[0] = 1 + |a_jj| / |a|
         a = A[:, j:, j]  # (B, m - j)
         ajnorm = _seq_norm(a, -1)
@@ -148,7 +151,7 @@ def pivoted_qr(J: Any, f: Any) -> tuple[Any, Any, Any]:
         # reflect the remaining columns and the right-hand side
         tail = A[:, j:, j + 1:]  # (B, m - j, n - j - 1)
         coef = _seq_sum(v[:, :, None] * tail, -2) / v0[:, None]
-        A[:, j:, j + 1:] = tail - coef[:, None, :] * v[:, :, None]
+        tail -= coef[:, None, :] * v[:, :, None]  # (a view of A: updated in place)
         coef_b = _seq_sum(v * b[:, j:], -1) / v0
         b[:, j:] = b[:, j:] - coef_b[:, None] * v
         rdiag[:, j] = -ajnorm
@@ -162,9 +165,21 @@ def pivoted_qr(J: Any, f: Any) -> tuple[Any, Any, Any]:
         down = rest * _sqrt(lost.clamp(min=0) if xp is torch else np.maximum(lost, 0.0))
         scaled = down / xp.where(refr != 0, refr, 1.0)
         stale = live & (0.05 * (scaled * scaled) <= eps)  # (x * x is x ** 2 exactly)
-        full = _seq_norm(A[:, j + 1:, j + 1:], -2)
-        norms[:, j + 1:] = xp.where(stale, full, xp.where(live, down, rest))
-        ref[:, j + 1:] = xp.where(stale, full, refr)
+        kept = xp.where(live, down, rest)
+        if xp is torch:
+            full = _seq_norm(A[:, j + 1:, j + 1:], -2)
+            norms[:, j + 1:] = xp.where(stale, full, kept)
+            ref[:, j + 1:] = xp.where(stale, full, refr)
+            continue
+        # on the host, only the columns where some norm is recomputed (each column's
+        # norm is its own running sum: the same bits)
+        norms[:, j + 1:] = kept
+        some = np.flatnonzero(stale.any(0))
+        if some.size:
+            full = _seq_norm(A[:, j + 1:, j + 1 + some], -2)
+            hit = stale[:, some]
+            norms[:, j + 1 + some] = np.where(hit, full, kept[:, some])
+            ref[:, j + 1 + some] = np.where(hit, full, refr[:, some])
     D = xp.zeros_like(A[:, :n, :])
     D[:, cols, cols] = rdiag
     return xp.triu(A[:, :n, :], 1) + D, perm, b[:, :n]
