@@ -109,33 +109,24 @@ def _plain_svd(A: torch.Tensor):
         return torch.linalg.svd(A, full_matrices=False)
 
 
-@pytest.mark.parametrize("shape", [(150, 100, 12), (200, 64, 4), (33, 40, 40)])
-def test_thin_svd_shared_equals_one_call(monkeypatch, shape):
+@pytest.mark.parametrize(("shape", "calls"), [
+    ((150, 100, 12), 4), ((200, 64, 4), 4), ((33, 40, 40), 4),  # shared: 2 chunks a thread
+    # below SPLIT_MIN_ROWS matrices, at most the grain size in all, or matrices above it:
+    # one call of torch's, as before
+    ((31, 100, 12), 1), ((200, 10, 3), 1), ((40, 200, 200), 1)])
+def test_thin_svd_equals_one_call(monkeypatch, shape, calls):
     # one helper whatever this machine's cores: the chunks' factors are the whole
     # batch's, bit for bit (each matrix is one sequential gesdd either way)
     monkeypatch.setattr(csr, "lapack_helpers", lambda: 1)
-    calls = _recording(monkeypatch, "svd")
+    seen = _recording(monkeypatch, "svd")
     A = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     got = linalg.thin_svd(A)
-    assert len(calls) == 4  # 2 chunks per thread taking part
-    calls.clear()
+    assert len(seen) == calls
+    seen.clear()
     want = _plain_svd(A)
-    assert len(calls) == 1
+    assert len(seen) == 1
     for x, y in zip(got, want, strict=True):
         assert x.shape == y.shape and torch.equal(x, y)
-
-
-@pytest.mark.parametrize("shape", [(31, 100, 12), (200, 10, 3), (40, 200, 200)])
-def test_thin_svd_small_batches_take_one_call(monkeypatch, shape):
-    # below SPLIT_MIN_ROWS matrices, at most the grain size in all, or matrices
-    # above it: one call of torch's, as before
-    monkeypatch.setattr(csr, "lapack_helpers", lambda: 1)
-    calls = _recording(monkeypatch, "svd")
-    A = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    got = linalg.thin_svd(A)
-    assert len(calls) == 1
-    for x, y in zip(got, _plain_svd(A), strict=True):
-        assert torch.equal(x, y)
 
 
 def test_thin_svd_reports_a_failed_chunk(monkeypatch):
