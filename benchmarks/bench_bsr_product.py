@@ -18,10 +18,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import scipy.sparse as sp
+from _common import median_time
 from scipy.sparse import _sparsetools
 
 
@@ -47,13 +47,7 @@ def ba_pattern(seed: int = 0) -> sp.csr_array:
 
 def per_entry(call, nnz: int, repeat: int) -> float:
     """Median nanoseconds per stored entry of ``call()`` over ``repeat`` calls."""
-    call()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e9 / nnz
+    return median_time(call, repeat=repeat)[0] * 1e9 / nnz
 
 
 def main() -> None:

@@ -314,7 +314,6 @@ def test_pivoted_qr_factorises_and_orders_like_lapack():
     assert R[2, 3, 3] == 0.0  # the zero column is pivoted last, with an exact zero
 
 
-
 def test_pivoted_qr_on_the_host_recomputes_only_stale_norms(monkeypatch):
     # nearly dependent columns: downdating a remaining norm loses its digits, and
     # MINPACK computes it again in full; on the host only the columns where some
@@ -342,6 +341,7 @@ def test_pivoted_qr_on_the_host_recomputes_only_stale_norms(monkeypatch):
         np.testing.assert_allclose(R[i].T @ R[i], Jp.T @ Jp, atol=1e-12)
         np.testing.assert_allclose(R[i].T @ qtf[i], Jp.T @ f[i], atol=1e-12)
     assert np.all(np.abs(R[::2, 5, 5]) <= 1e-12 * np.abs(R[::2, 0, 0]))
+
 
 def test_basic_gauss_newton_is_the_basic_solution():
     J = torch.tensor([[[1.0, 10.0, 0.0], [0.0, 0.0, 0.0], [2.0, 20.0, 0.0]]],

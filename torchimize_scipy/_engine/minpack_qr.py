@@ -132,13 +132,13 @@ def pivoted_qr(J: Any, f: Any) -> tuple[Any, Any, Any]:
         # bring the column of largest remaining norm (the first such) into position j:
         # columns j and kmax trade places in each problem (copies: the same bits)
         kmax = j + xp.argmax(norms[:, j:], -1)  # (B,)
-        for a in (A, norms, ref, perm):
-            at_j, at_k = (a[rows, :, j], a[rows, :, kmax]) if a is A else (a[:, j], a[rows, kmax])
-            at_j = _copy(at_j)  # (a basic slice's view: kept before it is overwritten)
-            if a is A:
-                a[rows, :, j], a[rows, :, kmax] = at_k, at_j
-            else:
-                a[:, j], a[rows, kmax] = at_k, at_j
+        at_j = _copy(A[:, :, j])  # (a view: kept before it is overwritten)
+        A[:, :, j] = A[rows, :, kmax]
+        A[rows, :, kmax] = at_j
+        for a in (norms, ref, perm):
+            at_j = _copy(a[:, j])
+            a[:, j] = a[rows, kmax]
+            a[rows, kmax] = at_j
         # Householder vector of the column's tail, scaled so that v[0] = 1 + |a_jj| / |a|
         a = A[:, j:, j]  # (B, m - j)
         ajnorm = _seq_norm(a, -1)
