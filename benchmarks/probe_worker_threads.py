@@ -272,7 +272,7 @@ def dask_variant(variant: str, pixels: int, fits: int, workers: int, steps: str)
             cpu.append(sum(client.run(_cpu).values()) - before)
         cpu.append(client.run(counts))
         cpu.append([client.submit(counts, pure=False, workers=[w]).result()
-                    for w in client.scheduler_info()["workers"]])
+                    for w in client.nthreads()])
     return cpu
 
 

@@ -198,7 +198,7 @@ def measure_cluster(config: str, args, data: xr.DataArray, results: dict) -> Non
                  p0=P0).compute()  # imports and first calls out of the timing
         client.run(fit_cpu)
         ys = [client.scatter(first.values[i], workers=[w])
-              for i, w in enumerate(sorted(client.scheduler_info()["workers"]))]
+              for i, w in enumerate(sorted(client.nthreads()))]
         rec = results.setdefault(config, {k: [] for k in (
             "idle_cpu_per_s", "submit_cpu", "submit_fit_cpu", "submit_wall", "graph_cpu",
             "graph_fit_cpu", "graph_wall", "xarray_cpu")})

@@ -652,7 +652,9 @@ def _set_torch_threads(n: int) -> int:
 
 
 def _task_threads(client) -> int:
-    (worker,) = client.scheduler_info()["workers"]
+    # nthreads() asks the scheduler; scheduler_info() returns the client's cached identity,
+    # which the client's periodic refresh (n_workers=0, no workers) can overwrite
+    (worker,) = client.nthreads()
     return client.submit(torch.get_num_threads, pure=False, workers=[worker]).result()
 
 
