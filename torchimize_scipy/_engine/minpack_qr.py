@@ -45,10 +45,13 @@ def _take(a: Any, idx: Any, axis: int) -> Any:
 
 def _sqrt(a: Any) -> Any:
     """Square root, torch's also for an array: torch's float64 ``sqrt`` is not always
-    correctly rounded (numpy's is), and the results must not depend on the route."""
+    correctly rounded (numpy's is), and the results must not depend on the route. An
+    array is a temporary of the caller's and is overwritten (in place through torch's
+    view of it, the same kernel on the same layout)."""
     if isinstance(a, Tensor):
         return a.sqrt()
-    return torch.from_numpy(a).sqrt().numpy()
+    torch.from_numpy(a).sqrt_()
+    return a
 
 
 def _seq_sum(a: Any, dim: int) -> Any:
@@ -56,7 +59,7 @@ def _seq_sum(a: Any, dim: int) -> Any:
     CPU, in torch as in numpy), as a loop in MINPACK would: exactly dependent columns
     then leave exact zeros in ``R`` where MINPACK finds them, which decides its rank (a
     pairwise sum would leave rounding)."""
-    c = _xp(a).cumsum(a, dim)
+    c = a.cumsum(dim)  # (numpy's method and torch's: the same running sum)
     return c[..., -1] if dim == -1 else c[..., -1, :]
 
 
@@ -115,74 +118,95 @@ def pivoted_qr(J: Any, f: Any) -> tuple[Any, Any, Any]:
         The first ``n`` entries of ``Q^T f``.
     """
     xp = _xp(J)
+    host = xp is np
     B, m, n = J.shape
     eps = torch.finfo(J.dtype).eps if xp is torch else np.finfo(J.dtype).eps
-    A = _copy(J)  # work arrays of this function only: updated in place
-    b = _copy(f)
-    norms = _seq_norm(A, -2)  # remaining column norms
-    ref = _copy(norms)  # the norms when last computed in full
+    # the work array of this function, updated in place: J with f appended as column n
+    # (reflected with the others, never pivoted), and below them three rows holding each
+    # column's remaining norm, its norm when last computed in full, and its variable
+    # (exact as a float), so that a pivot is one swap of two columns of it all
+    W = (np.empty((B, m + 3, n + 1), dtype=J.dtype) if host
+         else J.new_empty(B, m + 3, n + 1))
+    W[:, :m, :n] = J
+    W[:, :m, n] = f
+    norms, ref, perm = W[:, m, :n], W[:, m + 1, :n], W[:, m + 2, :n]  # (views)
+    norms[...] = _seq_norm(J, -2)  # remaining column norms
+    ref[...] = norms
     if xp is torch:
         cols = torch.arange(n, device=J.device)
         rows = torch.arange(B, device=J.device)
     else:
         cols, rows = np.arange(n), np.arange(B)
-    perm = _copy(cols[None, :] + 0 * rows[:, None])  # (B, n): 0, 1, ..., n - 1
+    perm[...] = cols
     rdiag = xp.zeros_like(norms)
     for j in range(n):
         # bring the column of largest remaining norm (the first such) into position j:
-        # columns j and kmax trade places in each problem (copies: the same bits)
+        # columns j and kmax trade places in each problem (copies: the same bits); on the
+        # host, a stage where no problem pivots swaps nothing
         kmax = j + xp.argmax(norms[:, j:], -1)  # (B,)
-        at_j = _copy(A[:, :, j])  # (a view: kept before it is overwritten)
-        A[:, :, j] = A[rows, :, kmax]
-        A[rows, :, kmax] = at_j
-        for a in (norms, ref, perm):
-            at_j = _copy(a[:, j])
-            a[:, j] = a[rows, kmax]
-            a[rows, kmax] = at_j
+        if not host or (kmax != j).any():
+            at_j = _copy(W[:, :, j])  # (a view: kept before it is overwritten)
+            W[:, :, j] = W[rows, :, kmax]
+            W[rows, :, kmax] = at_j
         # Householder vector of the column's tail, scaled so that v[0] = 1 + |a_jj| / |a|
-        a = A[:, j:, j]  # (B, m - j)
+        a = W[:, j:m, j]  # (B, m - j)
         ajnorm = _seq_norm(a, -1)
         ajnorm = xp.where(a[:, 0] < 0, -ajnorm, ajnorm)
         move = ajnorm != 0  # a zero column is left alone
-        v = a / xp.where(move, ajnorm, 1.0)[:, None]
+        # (on the host, where every column moves, the selections below would keep every
+        # value: skipped)
+        every = host and bool(move.all())
+        v = a / (ajnorm if every else xp.where(move, ajnorm, 1.0))[:, None]
         v[:, 0] += 1
-        v = xp.where(move[:, None], v, 0.0)
-        v0 = xp.where(move, v[:, 0], 1.0)
-        # reflect the remaining columns and the right-hand side
-        tail = A[:, j:, j + 1:]  # (B, m - j, n - j - 1)
+        if not every:
+            v = xp.where(move[:, None], v, 0.0)
+        v0 = v[:, 0] if every else xp.where(move, v[:, 0], 1.0)
+        # reflect the remaining columns and the right-hand side (in place: a view of W)
+        tail = W[:, j:m, j + 1:]  # (B, m - j, n - j)
         coef = _seq_sum(v[:, :, None] * tail, -2) / v0[:, None]
-        tail -= coef[:, None, :] * v[:, :, None]  # (a view of A: updated in place)
-        coef_b = _seq_sum(v * b[:, j:], -1) / v0
-        b[:, j:] = b[:, j:] - coef_b[:, None] * v
+        tail -= coef[:, None, :] * v[:, :, None]
         rdiag[:, j] = -ajnorm
         if j + 1 == n:
             break
         # downdate the remaining norms; recompute those that lost too many digits
         rest, refr = norms[:, j + 1:], ref[:, j + 1:]
-        live = move[:, None] & (rest != 0)
-        ratio = A[:, j, j + 1:] / xp.where(live, rest, 1.0)
-        lost = 1 - ratio * ratio
-        down = rest * _sqrt(lost.clamp(min=0) if xp is torch else np.maximum(lost, 0.0))
-        scaled = down / xp.where(refr != 0, refr, 1.0)
-        stale = live & (0.05 * (scaled * scaled) <= eps)  # (x * x is x ** 2 exactly)
-        kept = xp.where(live, down, rest)
+        live = (rest != 0) if every else move[:, None] & (rest != 0)
+        if host and live.all():
+            # (every remaining norm is live, and so is every reference norm: one is zero
+            # only while its column's norm is; the selections would keep every value)
+            ratio = W[:, j, j + 1:n] / rest
+            lost = 1 - ratio * ratio
+            kept = rest * _sqrt(np.maximum(lost, 0.0))
+            scaled = kept / refr
+            stale = 0.05 * (scaled * scaled) <= eps  # (x * x is x ** 2 exactly)
+        else:
+            ratio = W[:, j, j + 1:n] / xp.where(live, rest, 1.0)
+            lost = 1 - ratio * ratio
+            down = rest * _sqrt(lost.clamp(min=0) if xp is torch else np.maximum(lost, 0.0))
+            scaled = down / xp.where(refr != 0, refr, 1.0)
+            stale = live & (0.05 * (scaled * scaled) <= eps)
+            kept = xp.where(live, down, rest)
         if xp is torch:
-            full = _seq_norm(A[:, j + 1:, j + 1:], -2)
+            full = _seq_norm(W[:, j + 1:m, j + 1:n], -2)
             norms[:, j + 1:] = xp.where(stale, full, kept)
             ref[:, j + 1:] = xp.where(stale, full, refr)
             continue
         # on the host, only the columns where some norm is recomputed (each column's
         # norm is its own running sum: the same bits)
         norms[:, j + 1:] = kept
+        if not stale.any():
+            continue
         some = np.flatnonzero(stale.any(0))
-        if some.size:
-            full = _seq_norm(A[:, j + 1:, j + 1 + some], -2)
-            hit = stale[:, some]
-            norms[:, j + 1 + some] = np.where(hit, full, kept[:, some])
-            ref[:, j + 1 + some] = np.where(hit, full, refr[:, some])
-    D = xp.zeros_like(A[:, :n, :])
+        full = _seq_norm(W[:, j + 1:m, j + 1 + some], -2)
+        hit = stale[:, some]
+        norms[:, j + 1 + some] = np.where(hit, full, kept[:, some])
+        ref[:, j + 1 + some] = np.where(hit, full, refr[:, some])
+    D = xp.zeros_like(W[:, :n, :n])
     D[:, cols, cols] = rdiag
-    return xp.triu(A[:, :n, :], 1) + D, perm, b[:, :n]
+    R = xp.triu(W[:, :n, :n], 1) + D
+    if host:
+        return R, perm.astype(np.int64), np.ascontiguousarray(W[:, :n, n])
+    return R, perm.long(), W[:, :n, n].contiguous()
 
 
 class BasicStep(NamedTuple):
