@@ -36,13 +36,6 @@ def _copy(a: Any) -> Any:
     return a.clone() if isinstance(a, Tensor) else a.copy()
 
 
-def _take(a: Any, idx: Any, axis: int) -> Any:
-    """``a`` gathered along ``axis`` at ``idx`` (broadcast against ``a``)."""
-    if isinstance(a, Tensor):
-        return torch.take_along_dim(a, idx, axis)
-    return np.take_along_axis(a, np.broadcast_to(idx, a.shape), axis)
-
-
 def _sqrt(a: Any) -> Any:
     """Square root, torch's also for an array: torch's float64 ``sqrt`` is not always
     correctly rounded (numpy's is), and the results must not depend on the route. An
@@ -80,12 +73,11 @@ def _back_substitute(R: Any, b: Any, transpose: bool = False) -> Any:
         for j in range(n - 1, -1, -1):
             w[:, j] = w[:, j] / R[:, j, j]
             if j:
-                w[:, :j] = w[:, :j] - R[:, :j, j] * w[:, j:j + 1]
+                w[:, :j] -= R[:, :j, j] * w[:, j:j + 1]
         return w
-    for j in range(n):  # R^T w = b: first unknown first, with the column of R above it
-        if j:
-            w[:, j] = w[:, j] - _seq_sum(R[:, :j, j] * w[:, :j], -1)
-        w[:, j] = w[:, j] / R[:, j, j]
+    w[:, 0] = w[:, 0] / R[:, 0, 0]
+    for j in range(1, n):  # R^T w = b: first unknown first, with the column of R above it
+        w[:, j] = (w[:, j] - _seq_sum(R[:, :j, j] * w[:, :j], -1)) / R[:, j, j]
     return w
 
 
@@ -297,18 +289,24 @@ def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> tuple[BasicStep, F
     with np.errstate(all="ignore"):  # (numpy: the infinities of a failed row are expected)
         R, perm, qtf = pivoted_qr(Jx, fx)
         zero = xp.diagonal(R, 0, -2, -1) == 0
-        cut = xp.cumsum(zero, -1) > 0  # from the first zero diagonal on
-        full = ~cut[:, -1]
-        eye = np.eye(n, dtype=R.dtype) if host else torch.eye(n, dtype=R.dtype, device=R.device)
-        Rt = xp.where(cut[:, :, None] | cut[:, None, :], eye, R)
-        w = _back_substitute(Rt, xp.where(cut, 0.0, qtf))
+        if host and not zero.any():  # (no zero pivot: the selections below keep every value)
+            Rt, rhs, full = R, qtf, np.ones(B, dtype=bool)
+        else:
+            cut = xp.cumsum(zero, -1) > 0  # from the first zero diagonal on
+            full = ~cut[:, -1]
+            eye = (np.eye(n, dtype=R.dtype) if host
+                   else torch.eye(n, dtype=R.dtype, device=R.device))
+            Rt = xp.where(cut[:, :, None] | cut[:, None, :], eye, R)
+            rhs = xp.where(cut, 0.0, qtf)
+        w = _back_substitute(Rt, rhs)
+        at = (np.arange(B) if host else torch.arange(B, device=R.device))[:, None], perm
         x = xp.zeros_like(w)
-        x[np.arange(B)[:, None] if host else torch.arange(B, device=R.device)[:, None], perm] = w
+        x[at] = w
         p = -dx * x  # x[perm[j]] = w[j] above
         dxnorm = vnorm(torch.from_numpy(p) if host else p, dim=-1)
         dxnorm = dxnorm.numpy() if host else dxnorm
         safe = xp.where(dxnorm > 0, dxnorm, 1.0)
-        wa = _take(dx * p / safe[:, None], perm, 1)
+        wa = (dx * p / safe[:, None])[at]  # (entry j from variable perm[j])
         z = _back_substitute(Rt, wa, transpose=True)
         zz = z * z
         curv = (torch.from_numpy(zz) if host else zz).sum(-1)
