@@ -183,3 +183,115 @@ def test_a_held_tail_still_counts_its_helpers(two_threads):
     assert getattr(csr._LOCAL, "outer", None) is None
     torch.set_num_threads(1)
     assert csr.lapack_helpers() == 0
+
+
+# ---- linalg._speculate: a tail's SVDs started before the Gram route's test ----------
+
+
+def _tail_batch(seed: int, nan: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """80 Jacobians 100 x 12: rows 0-39 beyond the eigen route (nearly dependent
+    columns, cond**2 about 1e18), 40-59 on it (cond**2 about 1e10), 60-79 on the Gram
+    route; with ``nan``, row 7 holds a NaN."""
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(80, 100, 12, dtype=torch.float64, generator=g)
+    J[:40, :, -1] = J[:40, :, 0] + 1e-9 * J[:40, :, -1]
+    J[40:60, :, -1] = J[40:60, :, 0] + 3e-5 * J[40:60, :, -1]
+    if nan:
+        J[7, 5, 3] = float("nan")
+    return J, torch.randn(80, 100, dtype=torch.float64, generator=g)
+
+
+def _rows(*spans: tuple[int, int]) -> torch.Tensor:
+    mask = torch.zeros(80, dtype=torch.bool)
+    for lo, hi in spans:
+        mask[lo:hi] = True
+    return mask
+
+
+@pytest.mark.parametrize("rejected", [
+    _rows((0, 40)),  # as the last test left them: the same rows to the SVD again
+    _rows((0, 60)),  # some now go to eigh: the others are taken
+    _rows((0, 40), (60, 75)),  # some now pass the Gram test
+    _rows((4, 40)),  # rows 0-3 newly rejected: factorised besides the speculated ones
+    _rows((0, 80)),  # every row remembered rejected
+], ids=["same", "some-to-eigh", "some-accepted", "some-new", "all"])
+@pytest.mark.parametrize("case", ["unscaled", "scaled", "nan", "failed", "no-eigh", "no-gram",
+                                  "hopeless"])
+def test_speculative_svds_give_the_tests_factors(monkeypatch, rejected, case):
+    # the SVDs of the rows rejected at their last test start on a helper before the test
+    # (the tail holds the calling thread at one torch thread); whatever the test then
+    # decides, the factors are those of factorising after it, bit for bit. A batch with a
+    # NaN entry factorises its own finite matrices (the NaN row gets NaN factors); where
+    # a speculative SVD failed, the consumers factorise their own. The other batches: no
+    # row on the eigen route, none on the Gram route, or every row beyond both
+    J, f = _tail_batch(5, nan=case == "nan")
+    if case == "no-eigh":
+        J[40:60] = torch.randn(20, 100, 12, dtype=J.dtype,
+                               generator=torch.Generator().manual_seed(8))
+    if case == "no-gram":
+        J[60:, :, -1] = J[60:, :, 0] + 3e-5 * J[60:, :, -1]
+    if case == "hopeless":
+        J[40:, :, -1] = J[40:, :, 0] + 1e-9 * J[40:, :, -1]
+    d = (torch.rand(80, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+         + 0.5) if case == "scaled" else None
+    monkeypatch.setattr(csr, "lapack_helpers", lambda: 1)
+    started = []
+    speculate = linalg._speculate
+
+    def spy(*args):
+        spec = speculate(*args)
+        if case == "failed":
+            spec.svd.failed = True  # (as a chunk that did not converge leaves it)
+        started.append(spec)
+        return spec
+
+    monkeypatch.setattr(linalg, "_speculate", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = factorize(J, d, f, use_gram=True, rejected=rejected.clone())
+        monkeypatch.setattr(linalg, "_speculate", lambda *a: None)
+        want = factorize(J, d, f, use_gram=True, rejected=rejected.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(started) == 1 and started[0] is not None
+    assert started[0].rows.tolist() == rejected.nonzero().squeeze(-1).tolist()
+    assert got.gram.tolist() == want.gram.tolist()
+    assert got.gram.any() == (case not in ("no-gram", "hopeless"))
+    for name in ("s", "V", "uf"):
+        x, y = getattr(got, name), getattr(want, name)
+        assert torch.equal(x[:7], y[:7]) and torch.equal(x[8:], y[8:])
+        assert torch.equal(x[7], y[7]) or (case == "nan" and x[7].isnan().all()
+                                           and y[7].isnan().all())
+
+
+def test_no_speculation_outside_a_held_tail(monkeypatch):
+    # with two torch threads (a batch's rounds above the tail's size), with fewer than
+    # SPLIT_MIN_ROWS rejected rows, with no helper or with a diagonal block: nothing starts
+    J, f = _tail_batch(7)
+    monkeypatch.setattr(csr, "lapack_helpers", lambda: 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert linalg._speculate(J, None, None, _rows((0, 60))) is None
+        torch.set_num_threads(1)
+        assert linalg._speculate(J, None, None, _rows((0, 31))) is None
+        assert linalg._speculate(J, None, torch.ones(80, 12, dtype=J.dtype),
+                                 _rows((0, 60))) is None
+        assert linalg._speculate(J, None, None, None) is None
+        monkeypatch.setattr(csr, "lapack_helpers", lambda: 0)
+        assert linalg._speculate(J, None, None, _rows((0, 60))) is None
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cancelled_jobs_do_not_start():
+    # the speculative SVDs no consumer took are claimed unstarted (no helper here: the
+    # caller's own claims), and waiting after that returns at once
+    ran: list[int] = []
+    job = csr.CallsOnHelpers([lambda i=i: ran.append(i) for i in range(5)], 0)
+    job.cancel()
+    assert ran == []
+    started = csr.CallsOnHelpers([lambda i=i: ran.append(i) for i in range(3)], 0)
+    started.wait()
+    assert ran == [0, 1, 2]
