@@ -37,10 +37,7 @@ prepares one of two representations per problem (a :class:`Factors`):
   its last test, skips the test (LU, ``cond1``, ``eigh``) and takes the direct
   SVD at once, as the test would send nearly all of them; any other batch is
   tested, so a row that has become well-conditioned returns to the Gram route
-  as soon as it shares a round with a row not rejected. In a batch's tail, held
-  at one torch thread, the SVDs of at least ``SPLIT_MIN_ROWS`` rows rejected at
-  their last test start on the helper threads before the test
-  (:func:`_speculate`), and the rows the test rejects again take them.
+  as soon as it shares a round with a row not rejected.
 
 The trust-region subproblem solves built on these factors are in
 :mod:`.trust_region`; MINPACK's pivoted QR for rank-deficient 'lm' steps is in
