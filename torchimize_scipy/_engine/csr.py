@@ -570,14 +570,6 @@ class SharedJobs:
         if self.error is not None:
             raise self.error
 
-    def cancel(self) -> None:
-        """Claim every job no thread has started, so that none starts, then wait for the
-        jobs running (work started speculatively and no longer wanted)."""
-        for i in self.claims:
-            if i >= self.count:
-                break
-        self.wait()
-
 
 #: per calling thread: the thread count the products use while the caller's own
 #: torch count is held at 1 (:func:`~torchimize_scipy._blas_threads.serial_torch`)

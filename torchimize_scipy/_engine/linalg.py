@@ -49,10 +49,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
@@ -218,19 +216,6 @@ def factorize(
         s, V, uf = _direct_svd_factors(J, d, f, diag)
         none = remember(torch.zeros(B, dtype=torch.bool, device=H.device), 0)
         return Factors(s, V, uf, H, H, Atf, none, rejected)
-    spec = _speculate(J, d, diag, rejected)
-    try:
-        return _tested_factors(J, d, f, diag, H, Atf, spec)
-    finally:
-        if spec is not None:
-            spec.close()
-
-
-def _tested_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None, H: Tensor,
-                    Atf: Tensor, spec: _Speculation | None) -> Factors:
-    """:func:`factorize`'s Gram route for the rows its test trusts, SVD data for the others
-    (``spec``: the SVDs started for the rows rejected at their last test, or None)."""
-    B, m, n = J.shape
     if _all_finite_on_host(H, Atf):
         finite = None  # (every row: no mask, and no copy of H by torch.where)
     else:
@@ -265,7 +250,7 @@ def _tested_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None,
     # beyond this, the eigen-decomposition of H cannot be trusted either: to the SVD
     eig_hopeless = ~(cond1 <= n * limit)
     if n_ok == 0:  # (every row rejected, as in an ill-conditioned tail: no selection)
-        return Factors(*_rejected_factors(H, Atf, J, d, f, diag, fin, eig_hopeless, hs, spec),
+        return Factors(*_rejected_factors(H, Atf, J, d, f, diag, fin, eig_hopeless, hs),
                        H, Hinv, Atf, ok_t, rejected_t)
     rows = hs.indices(~ok)
 
@@ -277,12 +262,10 @@ def _tested_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None,
     n_eig = hs.count(eig_rows)
     if n_eig:
         # (J, d, f and diag stay whole: only the rows eigh does not serve are picked)
-        s_b, V_b, uf_b = _eig_factors(pick(H), pick(Atf), J, d, f, diag, eig_rows, rows, n_eig,
-                                      spec)
+        s_b, V_b, uf_b = _eig_factors(pick(H), pick(Atf), J, d, f, diag, eig_rows, rows, n_eig)
     else:  # (a batch's ill-conditioned tail: every rejected problem to the direct SVD)
         A = pick(J) if d is None else pick(J) * pick(d).unsqueeze(-2)
-        s_b, V_b, uf_b = svd_factors(A, None, pick(f), pick(diag),
-                                     svd=_factoriser(spec, rows))
+        s_b, V_b, uf_b = svd_factors(A, None, pick(f), pick(diag))
     s = mark_finite(H.new_zeros(B, n)).index_copy(0, rows, s_b)
     V = H.new_zeros(B, n, n).index_copy(0, rows, V_b)
     uf = H.new_zeros(B, n).index_copy(0, rows, uf_b)
@@ -290,8 +273,8 @@ def _tested_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None,
 
 
 def _rejected_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
-                      diag: Tensor | None, finite, eig_hopeless, hs: host_scalars.Scalars,
-                      spec: _Speculation | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      diag: Tensor | None, finite, eig_hopeless,
+                      hs: host_scalars.Scalars) -> tuple[Tensor, Tensor, Tensor]:
     """SVD data of every row of a batch that the Gram route rejected entirely.
 
     The rows :func:`factorize` would select are all of them, so each tensor is used
@@ -304,17 +287,16 @@ def _rejected_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Te
     eig_rows = ~eig_hopeless if finite is None else finite & ~eig_hopeless
     n_eig = hs.count(eig_rows)
     if n_eig:
-        return _eig_factors(_whole(H), _whole(Atf), J, d, f, diag, eig_rows, None, n_eig,
-                            spec)
-    return _direct_svd_factors(J, d, f, diag, spec)
+        return _eig_factors(_whole(H), _whole(Atf), J, d, f, diag, eig_rows, None, n_eig)
+    return _direct_svd_factors(J, d, f, diag)
 
 
-def _direct_svd_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None,
-                        spec: _Speculation | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def _direct_svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
+                        diag: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """SVD data of every row of a batch, from the SVD of ``J diag(d)`` itself (each
-    tensor used whole: :func:`_whole`; ``spec``: SVDs started for some rows)."""
+    tensor used whole: :func:`_whole`)."""
     A = _whole(J) if d is None else _whole(J) * _whole(d).unsqueeze(-2)
-    return svd_factors(A, None, _whole(f), _whole(diag), svd=_factoriser(spec, None))
+    return svd_factors(A, None, _whole(f), _whole(diag))
 
 
 def _whole(t: Tensor | None) -> Tensor | None:
@@ -396,14 +378,12 @@ def serial_lapack(A: Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def svd_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = None,
-                svd: SVD = None) -> tuple[Tensor, Tensor, Tensor]:
+def svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
+                diag: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD data of the (optionally augmented) scaled Jacobian, per problem.
 
-    Parameters are those of :func:`factorize`; ``svd`` factorises the matrix
-    when every entry is finite (default :func:`thin_svd`; :func:`factorize`
-    passes SVDs it started before its test). Problems with non-finite entries
-    get NaN factors without disturbing the others.
+    Parameters are those of :func:`factorize`. Problems with non-finite
+    entries get NaN factors without disturbing the others.
 
     Returns
     -------
@@ -421,14 +401,14 @@ def svd_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = No
         # so the step rules need not test them either, unless LAPACK failed
         if diag is None:
             try:
-                U, s, Vh = (svd or thin_svd)(A)
+                U, s, Vh = thin_svd(A)
             except RuntimeError:  # (did not converge: svd_direct isolates the problem)
                 return svd_direct(A, f, None)
             uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
             return mark_finite(s), Vh.transpose(-1, -2), uf
         return svd_direct(A, f, diag)
     if math.isfinite(float(A.sum())):  # a finite sum: every entry is finite
-        return svd_direct(A, f, diag, svd)
+        return svd_direct(A, f, diag)
     ok = torch.isfinite(A).flatten(1).all(-1)
     # non-finite rows get NaN factors without disturbing the others
     zero = torch.zeros((), dtype=A.dtype, device=A.device)
@@ -440,17 +420,15 @@ def svd_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = No
             torch.where(ok[:, None], uf, nan))
 
 
-def svd_direct(A: Tensor, f: Tensor, diag: Tensor | None,
-               svd: SVD = None) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of the (augmented) matrix itself, as scipy computes it (``svd``: of ``A``
-    without ``diag``, as :func:`svd_factors`)."""
+def svd_direct(A: Tensor, f: Tensor,
+                        diag: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of the (augmented) matrix itself, as scipy computes it."""
     rhs = f
     if diag is not None:
         A = torch.cat([A, torch.diag_embed(diag.clamp(min=0).sqrt())], dim=-2)
         rhs = torch.cat([rhs, torch.zeros_like(diag)], dim=-1)
-        svd = None  # (another matrix than the one it factorises)
     try:
-        U, s, Vh = (svd or thin_svd)(A)
+        U, s, Vh = thin_svd(A)
     except RuntimeError:  # LAPACK did not converge for some problem: isolate it
         U, s, Vh = _svd_rowwise(A)
     uf = torch.bmm(U.transpose(-1, -2), rhs.unsqueeze(-1)).squeeze(-1)
@@ -482,156 +460,25 @@ def thin_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if not helpers:
         with serial_lapack(A):
             return torch.linalg.svd(A, full_matrices=False)
-    return _SharedSVD(A, helpers, 2 * (helpers + 1)).result()
+    k = min(m, n)
+    U, s, Vh = A.new_empty(B, m, k), A.new_empty(B, k), A.new_empty(B, k, n)
+    chunks = 2 * (helpers + 1)
+    cuts = [B * i // chunks for i in range(chunks + 1)]
+    failed: list[int] = []
 
-
-class _SharedSVD:
-    """The thin SVDs of ``A (B, m, k)`` in ``chunks`` row chunks, started at once on the
-    helper threads (:class:`~.csr.CallsOnHelpers`); :meth:`result` runs the chunks no
-    helper has claimed and waits for the others. Each chunk is ``torch.linalg.svd`` of
-    its rows into the whole batch's outputs under :func:`serial_lapack` (per thread), so
-    every matrix is one sequential ``gesdd``: the values of one call, bit for bit."""
-
-    __slots__ = ("U", "s", "Vh", "failed", "job", "waited")
-
-    def __init__(self, A: Tensor, helpers: int, chunks: int) -> None:
-        B, m, n = A.shape
-        k = min(m, n)
-        self.U, self.s, self.Vh = A.new_empty(B, m, k), A.new_empty(B, k), A.new_empty(B, k, n)
-        self.failed = False
-        self.waited = False
-        cuts = [B * i // chunks for i in range(chunks + 1)]
-        self.job = csr.CallsOnHelpers([functools.partial(self._chunk, A, cuts[i], cuts[i + 1])
-                                       for i in range(chunks)], helpers)
-
-    def _chunk(self, A: Tensor, lo: int, hi: int) -> None:
+    def chunk(lo: int, hi: int) -> None:
         try:
             with serial_lapack(A):  # (per thread: a helper's own counts too)
                 torch.linalg.svd(A[lo:hi], full_matrices=False,
-                                 out=(self.U[lo:hi], self.s[lo:hi], self.Vh[lo:hi]))
+                                 out=(U[lo:hi], s[lo:hi], Vh[lo:hi]))
         except RuntimeError:
-            self.failed = True
+            failed.append(lo)
 
-    def result(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``U, s, Vh`` of every matrix; ``RuntimeError`` where LAPACK did not converge for
-        some matrix, as torch raises."""
-        if not self.waited:
-            self.waited = True
-            self.job.wait()
-        if self.failed:
-            raise RuntimeError("linalg.svd: the algorithm failed to converge for some matrix")
-        return self.U, self.s, self.Vh
-
-    def cancel(self) -> None:
-        """Claim the chunks no thread has started, and wait for those running."""
-        if not self.waited:
-            self.waited = True
-            self.job.cancel()
-
-
-#: A function of a batch ``A`` returning its thin SVD ``U, s, Vh`` (as :func:`thin_svd`),
-#: or None for :func:`thin_svd` itself
-SVD = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None
-
-
-class _Speculation:
-    """SVDs of some rows of a batch, started before :func:`factorize`'s test decides which
-    rows need them (:func:`_speculate`).
-
-    ``rows`` (sorted batch indices) are the rows rejected at their last test; the
-    test nearly always rejects them again (``bench_tail.py``'s 'trf' tail at 100-200
-    rows: 152,097 remembered, 146,150 of them sent to the SVD again). Their SVDs run on
-    the helper threads while the calling thread runs the test (LU, ``cond1``,
-    ``eigh``); then the calling thread shares what is left (:class:`_SharedSVD`).
-    :meth:`factoriser` gives the consumers their matrices' SVDs, the same values as
-    :func:`thin_svd` of the same matrices: each is the same sequential ``gesdd``.
-    """
-
-    __slots__ = ("rows", "B", "svd")
-
-    def __init__(self, A: Tensor, rows: np.ndarray, B: int, helpers: int) -> None:
-        self.rows, self.B = rows, B
-        # (more chunks than thin_svd's: the caller joins late, and the last chunk's
-        # imbalance is what it waits for)
-        self.svd = _SharedSVD(A, helpers, 4 * (helpers + 1))
-
-    def close(self) -> None:
-        """Stop the SVDs that no consumer took (rows the test accepted)."""
-        self.svd.cancel()
-
-    def factoriser(self, src: np.ndarray | None) -> SVD:
-        """:func:`thin_svd` for the matrices of batch rows ``src`` (sorted; None: every
-        row): from the speculative SVDs where ``rows`` holds them, computed now for the
-        others."""
-
-        def svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            try:
-                U, s, Vh = self.svd.result()
-            except RuntimeError:  # (some matrix failed: the consumer's own call decides)
-                return thin_svd(A)
-            want = np.arange(self.B) if src is None else src
-            pos = np.minimum(np.searchsorted(self.rows, want), len(self.rows) - 1)
-            have = self.rows[pos] == want
-            if have.all():
-                if len(want) == len(self.rows):  # (every speculated row, in order)
-                    return U, s, Vh
-                at = torch.from_numpy(pos)
-                return U.index_select(0, at), s.index_select(0, at), Vh.index_select(0, at)
-            # rows the last test had accepted: factorised now, each matrix alone as ever
-            new = torch.from_numpy(np.flatnonzero(~have))
-            U_n, s_n, Vh_n = thin_svd(A.index_select(0, new))
-            old = torch.from_numpy(np.flatnonzero(have))
-            at = torch.from_numpy(pos[have])
-            return (A.new_empty(U_n.shape[0] + len(at), *U.shape[1:])
-                    .index_copy_(0, old, U.index_select(0, at)).index_copy_(0, new, U_n),
-                    A.new_empty(s_n.shape[0] + len(at), *s.shape[1:])
-                    .index_copy_(0, old, s.index_select(0, at)).index_copy_(0, new, s_n),
-                    A.new_empty(Vh_n.shape[0] + len(at), *Vh.shape[1:])
-                    .index_copy_(0, old, Vh.index_select(0, at)).index_copy_(0, new, Vh_n))
-
-        return svd
-
-
-def _speculate(J: Tensor, d: Tensor | None, diag: Tensor | None,
-               rejected: Tensor | None) -> _Speculation | None:
-    """The SVDs of ``J diag(d)``'s rows rejected at their last test, started on the helper
-    threads (:class:`_Speculation`), or None.
-
-    Only where they run beside the calling thread's test without contention: on the
-    host, in a batch's tail that holds the calling thread at one torch thread
-    (:data:`~.loop.TAIL_ENTRIES`) while :func:`~.csr.lapack_helpers` counts a helper,
-    for at least :data:`SPLIT_MIN_ROWS` such rows of torch's grain size at most, and
-    no ``diag`` (the matrices the SVD route factorises are then those rows of ``J
-    diag(d)``, unchanged; a consumer whose matrix is not finite factorises its own,
-    :func:`svd_factors`).
-    """
-    if (rejected is None or diag is not None or not J.is_cpu or host_scalars.HOST is False
-            or torch.get_num_threads() != 1
-            or (J.requires_grad and torch.is_grad_enabled())):
-        return None
-    B, m, n = J.shape
-    if m * n > GRAIN_SIZE:
-        return None
-    count = known_count(rejected)
-    mask = rejected.numpy()
-    if (count if count is not None else int(np.count_nonzero(mask))) < SPLIT_MIN_ROWS:
-        return None
-    helpers = csr.lapack_helpers()
-    if not helpers:
-        return None
-    rows = np.flatnonzero(mask)
-    at = torch.from_numpy(rows)
-    A = J.index_select(0, at)
-    if d is not None:
-        A = A * d.index_select(0, at).unsqueeze(-2)
-    return _Speculation(A, rows, B, helpers)
-
-
-def _factoriser(spec: _Speculation | None, src: Tensor | None) -> SVD:
-    """``spec``'s SVDs for the batch rows ``src`` (None: every row), or None without."""
-    if spec is None:
-        return None
-    return spec.factoriser(None if src is None else src.numpy())
+    csr.CallsOnHelpers([functools.partial(chunk, cuts[i], cuts[i + 1])
+                        for i in range(chunks)], helpers).wait()
+    if failed:
+        raise RuntimeError("linalg.svd: the algorithm failed to converge for some matrix")
+    return U, s, Vh
 
 
 #: Fewest matrices for which :func:`thin_svd` shares a batch with the helper threads
@@ -665,8 +512,7 @@ def _svd_rowwise(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
                  diag: Tensor | None, finite, rows: Tensor | None = None,
-                 n_finite: int | None = None,
-                 spec: _Speculation | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 n_finite: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SVD data of the problems the Gram inverse does not serve.
 
     The eigen-decomposition of ``H = A^T A`` (``(R, n, n)``, with ``A^T b`` in
@@ -679,8 +525,7 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
     sent to the SVD are gathered from them. ``finite`` is a mask of per-problem
     values of :class:`~.host_scalars.Scalars` (a numpy array on the host, where the
     test of the eigenvalues is numpy's too: comparisons, exact either way), or a tensor;
-    ``n_finite``: its count when known. ``spec``: SVDs :func:`factorize` started for
-    some batch rows.
+    ``n_finite``: its count when known.
     """
     hs = host_scalars.Scalars(H, floats=False)
     xp = hs.xp
@@ -719,8 +564,7 @@ def _eig_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
         if d is not None:
             A = A * d.index_select(0, src).unsqueeze(-2)
         s_b, V_b, uf_b = svd_factors(A, None, f.index_select(0, src),
-                                     None if diag is None else diag.index_select(0, src),
-                                     svd=_factoriser(spec, src))
+                                     None if diag is None else diag.index_select(0, src))
         s = s.index_copy(0, bad_rows, s_b)
         V = V.index_copy(0, bad_rows, V_b)
         uf = uf.index_copy(0, bad_rows, uf_b)
