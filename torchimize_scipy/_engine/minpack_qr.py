@@ -163,21 +163,17 @@ def pivoted_qr(J: Any, f: Any) -> tuple[Any, Any, Any]:
         # downdate the remaining norms; recompute those that lost too many digits
         rest, refr = norms[:, j + 1:], ref[:, j + 1:]
         live = (rest != 0) if every else move[:, None] & (rest != 0)
-        if host and live.all():
-            # (every remaining norm is live, and so is every reference norm: one is zero
-            # only while its column's norm is; the selections would keep every value)
-            ratio = W[:, j, j + 1:n] / rest
-            lost = 1 - ratio * ratio
-            kept = rest * _sqrt(np.maximum(lost, 0.0))
-            scaled = kept / refr
-            stale = 0.05 * (scaled * scaled) <= eps  # (x * x is x ** 2 exactly)
-        else:
-            ratio = W[:, j, j + 1:n] / xp.where(live, rest, 1.0)
-            lost = 1 - ratio * ratio
-            down = rest * _sqrt(lost.clamp(min=0) if xp is torch else np.maximum(lost, 0.0))
-            scaled = down / xp.where(refr != 0, refr, 1.0)
-            stale = live & (0.05 * (scaled * scaled) <= eps)
-            kept = xp.where(live, down, rest)
+        # (on the host, where every remaining norm is live, so is every reference norm: one
+        # is zero only while its column's norm is; the selections would keep every value)
+        all_live = host and bool(live.all())
+        ratio = W[:, j, j + 1:n] / (rest if all_live else xp.where(live, rest, 1.0))
+        lost = 1 - ratio * ratio
+        down = rest * _sqrt(lost.clamp(min=0) if xp is torch else np.maximum(lost, 0.0))
+        scaled = down / (refr if all_live else xp.where(refr != 0, refr, 1.0))
+        stale = 0.05 * (scaled * scaled) <= eps  # (x * x is x ** 2 exactly)
+        if not all_live:
+            stale = live & stale
+        kept = down if all_live else xp.where(live, down, rest)
         if xp is torch:
             full = _seq_norm(W[:, j + 1:m, j + 1:n], -2)
             norms[:, j + 1:] = xp.where(stale, full, kept)
