@@ -26,6 +26,16 @@ Usage::
 
 In the A/B the order of the two versions turns every round (before/now, then
 now/before), so an even ``--repeat`` gives each version each position.
+
+With ``--slowest K [K ...]`` (and ``--before``) the A/B runs instead on the
+``K`` slowest problems alone, for each ``K``: the working tree solves the whole
+batch once to rank the problems by ``nfev`` (largest first, ties by index),
+then each version solves those ``K`` as a batch of their own. This is the
+last slow fits of a batch running without the others: the figures are the
+wall time per iteration of the slowest (``ms / it``), the fixed cost of a
+round plus the per-row work of ``K`` ill-conditioned rows::
+
+    PYTHONPATH=$PWD python benchmarks/bench_tail.py --before 13bfbc6 --slowest 1 5 20 53
 """
 
 from __future__ import annotations
@@ -78,6 +88,58 @@ def data(B: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return y, p0
 
 
+def _alternate(args, libs: dict, y: np.ndarray, p0: np.ndarray, method: str) -> dict:
+    """Each fit of ``libs`` on ``(y, p0)``, ``args.repeat`` times, the order turning every
+    round; wall and process-CPU times, the last costs and nfev of each."""
+    wall: dict[str, list[float]] = {k: [] for k in libs}
+    cpu: dict[str, list[float]] = {k: [] for k in libs}
+    costs, nfev = {}, {}
+    for r in range(args.repeat):
+        # (the order turns every round: a fixed one biases a drifting load)
+        for name in (list(libs) if r % 2 == 0 else list(reversed(libs))):
+            fit = libs[name]
+            w0, c0 = time.perf_counter(), time.process_time()
+            res = fit(peaks, p0, jac=peaks_jac, args=(y,), method=method, return_jac=False)
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+            costs[name], nfev[name] = np.asarray(res.cost), np.asarray(res.nfev)
+    return {"wall": wall, "cpu": cpu, "costs": costs, "nfev": nfev}
+
+
+def ab_slowest(args, libs: dict, y: np.ndarray, p0: np.ndarray) -> None:
+    """The A/B on the ``args.slowest`` slowest problems alone (see the module docstring)."""
+    import statistics
+
+    rows, figures = [], []
+    for method in args.methods:
+        ranked = batch_least_squares(peaks, p0, jac=peaks_jac, args=(y,), method=method,
+                                     return_jac=False)
+        order = np.argsort(-np.asarray(ranked.nfev), kind="stable")
+        for k in args.slowest:
+            idx = np.sort(order[:k])
+            runs = _alternate(args, libs, y[idx], p0[idx], method)
+            wall = {n: statistics.median(runs["wall"][n]) for n in libs}
+            its = int(runs["nfev"]["now"].max())
+            same = bool(np.array_equal(runs["costs"]["before"], runs["costs"]["now"]))
+            same_nfev = bool(np.array_equal(runs["nfev"]["before"], runs["nfev"]["now"]))
+            rows.append([method, f"{k:,}", f"{its}", f"{wall['before']:.3f}",
+                         f"{wall['now']:.3f}", f"{1e3 * wall['before'] / its:.2f}",
+                         f"{1e3 * wall['now'] / its:.2f}",
+                         f"{wall['before'] / wall['now']:.2f}x", "yes" if same else "NO",
+                         "yes" if same_nfev else "NO"])
+            figures.append({"method": method, "slowest": k, "nfev_max": its,
+                            "wall": runs["wall"], "cpu": runs["cpu"], "cost_identical": same,
+                            "nfev_identical": same_nfev})
+            print(" | ".join(rows[-1]), flush=True)
+    print(f"A/B on the slowest problems of {len(y):,} alone: {args.before} (before) against the "
+          f"working tree (now), alternated, median of {args.repeat}\n")
+    print(md_table(["method", "slowest", "nfev max", "before wall (s)", "now wall (s)",
+                    "before ms / it", "now ms / it", "speed-up", "costs identical",
+                    "nfev identical"], rows))
+    write_json(args, f"bench_tail_slowest_{args.before}", {"env": environment(args),
+                                                           "results": figures})
+
+
 def ab_before(args, B: int, y: np.ndarray, p0: np.ndarray) -> None:
     """Alternate the package at ``args.before`` and the working tree on the same batch."""
     import statistics
@@ -87,20 +149,13 @@ def ab_before(args, B: int, y: np.ndarray, p0: np.ndarray) -> None:
 
     old = import_commit(args.before, tempfile.mkdtemp())
     libs = {"before": old.batch_least_squares, "now": batch_least_squares}
+    if args.slowest:
+        ab_slowest(args, libs, y, p0)
+        return
     rows, figures = [], []
     for method in args.methods:
-        wall: dict[str, list[float]] = {k: [] for k in libs}
-        cpu: dict[str, list[float]] = {k: [] for k in libs}
-        costs = {}
-        for r in range(args.repeat):
-            # (the order turns every round: a fixed one biases a drifting load)
-            for name in (list(libs) if r % 2 == 0 else list(reversed(libs))):
-                fit = libs[name]
-                w0, c0 = time.perf_counter(), time.process_time()
-                res = fit(peaks, p0, jac=peaks_jac, args=(y,), method=method, return_jac=False)
-                cpu[name].append(time.process_time() - c0)
-                wall[name].append(time.perf_counter() - w0)
-                costs[name] = np.asarray(res.cost)
+        runs = _alternate(args, libs, y, p0, method)
+        wall, cpu, costs = runs["wall"], runs["cpu"], runs["costs"]
         med = {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in libs}
         same = bool(np.array_equal(costs["before"], costs["now"]))
         rows.append([method, f"{B:,}", f"{med['before'][0]:.2f}", f"{med['now'][0]:.2f}",
@@ -127,7 +182,11 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="A/B: calls of each version")
     p.add_argument("--methods", nargs="+", default=["trf", "lm"], choices=("trf", "lm"),
                    help="methods to run (default both)")
+    p.add_argument("--slowest", type=int, nargs="+", default=None,
+                   help="A/B: the K slowest problems alone, for each K (with --before)")
     args = p.parse_args()
+    if args.slowest and not args.before:
+        p.error("--slowest needs --before")
     setup(args)
     B = 2_000 if args.quick else args.B
     sub = min(B, 50 if args.quick else args.scipy_subset)
