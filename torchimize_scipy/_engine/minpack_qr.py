@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from . import host_scalars
+from . import host_lapack, host_scalars
 from .counts import count_true, remember
 from .linalg import Factors, svd_direct
+from .problem import host_transposed_rows
 
 #: Rows whose smallest singular value is at most this multiple of ``eps * s_max`` are
 #: (numerically) rank deficient for 'lm': they take MINPACK's pivoted-QR Gauss-Newton step.
@@ -112,6 +113,8 @@ def pivoted_qr(J: Any, f: Any) -> tuple[Any, Any, Any]:
     xp = _xp(J)
     host = xp is np
     B, m, n = J.shape
+    if host and B == 1 and n:
+        return _pivoted_qr_one(J[0], f[0])
     eps = torch.finfo(J.dtype).eps if xp is torch else np.finfo(J.dtype).eps
     # the work array of this function, updated in place: J with f appended as column n
     # (reflected with the others, never pivoted), and below them three rows holding each
@@ -195,6 +198,81 @@ def pivoted_qr(J: Any, f: Any) -> tuple[Any, Any, Any]:
     if host:
         return R, perm.astype(np.int64), np.ascontiguousarray(W[:, :n, n])
     return R, perm.long(), W[:, :n, n].contiguous()
+
+
+def _pivoted_qr_one(J: np.ndarray, f: np.ndarray) -> tuple[Any, Any, Any]:
+    """:func:`pivoted_qr` of one problem on the host: ``J (m, n)``, ``f (m,)``; the same
+    outputs with a batch axis of one, bit for bit.
+
+    The batch's operations on one problem's values, in the same order (each
+    column's sums sequential, the square roots torch's on arrays of the same
+    lengths), with the per-problem decisions (pivot, zero column, live and
+    stale norms) taken as Python values instead of masks, and each column of
+    ``[J f]`` stored as a contiguous row of the work array ``C (n + 1, m)``: a
+    stage then costs about a third of the batch's numpy operations (a pivot
+    swaps two rows; a zero column, which the batch reflects by a zero vector,
+    still does so, since ``0 * inf`` must stay NaN as there).
+    """
+    m, n = J.shape
+    eps = np.finfo(J.dtype).eps
+    C = np.empty((n + 1, m), dtype=J.dtype)  # work array: column k of [J f] is row k
+    C[:n] = J.T
+    C[n] = f
+    # remaining column norms, their last full norms, and the variables (as in pivoted_qr)
+    norms = _sqrt(np.ascontiguousarray((C[:n] * C[:n]).cumsum(1)[:, -1]))
+    ref = norms.copy()
+    perm = np.arange(n)
+    rdiag = np.zeros(n, dtype=J.dtype)
+    for j in range(n):
+        k = j + int(np.argmax(norms[j:]))
+        if k != j:  # (the batch's swap of two columns of its work array)
+            at_j = C[j].copy()
+            C[j] = C[k]
+            C[k] = at_j
+            norms[j], norms[k] = norms[k], norms[j]
+            ref[j], ref[k] = ref[k], ref[j]
+            perm[j], perm[k] = perm[k], perm[j]
+        a = C[j, j:]
+        ajnorm = _sqrt((a * a).cumsum()[-1:])  # (an array of one: torch's sqrt as the batch's)
+        if a[0] < 0:
+            ajnorm = -ajnorm
+        norm = ajnorm[0]
+        move = norm != 0
+        if move:
+            v = a / norm
+            v[0] += 1
+            v0 = v[0]
+        else:  # (the batch's zero vector and unit divisor for a column left alone)
+            v = np.zeros_like(a)
+            v0 = 1.0
+        tail = C[j + 1:, j:]  # the remaining columns and f, rows j .. m - 1 (a view)
+        coef = (v * tail).cumsum(1)[:, -1] / v0  # (v first, as the batch: NaN payloads)
+        tail -= coef[:, None] * v
+        rdiag[j] = -norm
+        if j + 1 == n:
+            break
+        rest, refr = norms[j + 1:], ref[j + 1:]
+        live = (rest != 0) if move else np.zeros(rest.shape, dtype=bool)
+        all_live = bool(live.all())
+        ratio = C[j + 1:n, j] / (rest if all_live else np.where(live, rest, 1.0))
+        lost = 1 - ratio * ratio
+        down = rest * _sqrt(np.maximum(lost, 0.0))
+        scaled = down / (refr if all_live else np.where(refr != 0, refr, 1.0))
+        stale = 0.05 * (scaled * scaled) <= eps
+        if not all_live:
+            stale = live & stale
+        norms[j + 1:] = down if all_live else np.where(live, down, rest)
+        if not stale.any():
+            continue
+        some = j + 1 + np.flatnonzero(stale)
+        rows = C[some, j + 1:]
+        full = _sqrt(np.ascontiguousarray((rows * rows).cumsum(1)[:, -1]))
+        norms[some] = full
+        ref[some] = full
+    D = np.zeros((n, n), dtype=J.dtype)
+    D[np.arange(n), np.arange(n)] = rdiag
+    R = np.triu(C[:n, :n].T, 1) + D
+    return R[None], perm.astype(np.int64)[None], C[n, :n][None].copy()
 
 
 class BasicStep(NamedTuple):
@@ -306,6 +384,10 @@ def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> tuple[BasicStep, F
         z = _back_substitute(Rt, wa, transpose=True)
         zz = z * z
         curv = (torch.from_numpy(zz) if host else zz).sum(-1)
+        if host and B == 1:
+            one = _basic_one(R, perm, qtf, p, curv, full, dx)
+            if one is not None:
+                return one
     if host:
         R, perm, qtf, p, full = (torch.from_numpy(a) for a in (R, perm, qtf, p, full))
     # SVD data of R P^T D^-1: column j of R scaled by 1 / diag[perm[j]], rows of V unpermuted
@@ -315,3 +397,40 @@ def basic_gauss_newton(J: Tensor, diag: Tensor, f: Tensor) -> tuple[BasicStep, F
           & torch.isfinite(uf).all(-1))
     return (BasicStep(ok, torch.where(ok.unsqueeze(-1), p, 0.0), torch.where(ok, curv, 0.0),
                       full), Factors(s, V, uf))
+
+
+def _basic_one(R: np.ndarray, perm: np.ndarray, qtf: np.ndarray, p: np.ndarray,
+               curv: Tensor, full: np.ndarray,
+               dx: np.ndarray) -> tuple[BasicStep, Factors] | None:
+    """The end of :func:`basic_gauss_newton` for one float64 problem on the host, from its
+    host arrays (each with a batch axis of one): the SVD of ``R P^T D^-1`` is torch's own
+    LAPACK routine called on the host array (:mod:`.host_lapack`, the same bits as
+    ``torch.linalg.svd``), ``U^T Q^T f`` is summed in the order of torch's small ``bmm``
+    kernel (:func:`~.problem.host_transposed_rows`), and the scatter of ``V``'s rows and
+    the finiteness tests are numpy's: the same values as the tensor operations, without
+    their dispatch. None where that does not apply (another dtype, a larger ``R``, a
+    non-finite entry, or LAPACK reporting a failure): the caller then takes the tensors'
+    path, which isolates such a problem.
+    """
+    n = R.shape[-1]
+    if R.dtype != np.float64 or not host_lapack.AVAILABLE or n * n > host_lapack.MAX_ENTRIES:
+        return None
+    # column j of R scaled by 1 / diag[perm[j]] (torch's division, elementwise)
+    A = R[0] / dx[0][perm[0]]
+    if not np.isfinite(A).all():
+        return None
+    out = host_lapack.svd(A)
+    if out is None:
+        return None
+    U, s, Vh = out
+    uf = host_transposed_rows(U, qtf[0])
+    V = np.zeros((n, n))
+    V[perm[0]] = Vh.T  # (row perm[j] of V is row j of R's V)
+    curv_h = curv.numpy()
+    ok = bool(np.isfinite(p).all() and np.isfinite(curv_h[0]) and np.isfinite(s).all()
+              and np.isfinite(uf).all())
+    if not ok:  # (a failed row: the tensors' path sets its values as ever)
+        return None
+    t = torch.from_numpy
+    return (BasicStep(torch.ones(1, dtype=torch.bool), t(p), curv, t(full)),
+            Factors(t(s[None]), t(V[None]), t(uf[None])))

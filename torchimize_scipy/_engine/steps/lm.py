@@ -399,23 +399,32 @@ class LevenbergMarquardt(StepRule):
         # solution, which the minimum-norm SVD step would not reproduce. Full-rank rows
         # (every Gram row among them) keep the factorisation above untouched.
         deficient = rank_deficient_rows(fac)
-        if count_true(deficient):
-            rows = deficient.nonzero().squeeze(-1)
-            basic, qr_fac = basic_gauss_newton(state["J"].index_select(0, rows),
-                                               state["diag"].index_select(0, rows),
-                                               state["f"].index_select(0, rows))
+        n_deficient = count_true(deficient)
+        if n_deficient:
+            # (every row deficient, as one problem's always is: the rows themselves, without
+            # the selections and copies into the state, which would keep every value)
+            every = n_deficient == deficient.shape[0]
+            rows = None if every else deficient.nonzero().squeeze(-1)
+
+            def pick(t: Tensor) -> Tensor:
+                return t if every else t.index_select(0, rows)
+
+            def put(t: Tensor, value: Tensor) -> Tensor:
+                return value if every else t.index_copy(0, rows, value)
+
+            basic, qr_fac = basic_gauss_newton(pick(state["J"]), pick(state["diag"]),
+                                               pick(state["f"]))
             keys = ("basic_rows", "basic_curv", "basic_full")
             values = (basic.rows, basic.curv, basic.full)
             for key, value in zip(keys, values, strict=True):
-                state[key] = torch.zeros_like(state[key]).index_copy(0, rows, value)
-            p_gn = p_gn.index_copy(0, rows, torch.where(basic.rows.unsqueeze(-1), basic.p,
-                                                        p_gn.index_select(0, rows)))
+                state[key] = put(torch.zeros_like(state[key]), value)
+            p_gn = put(p_gn, torch.where(basic.rows.unsqueeze(-1), basic.p, pick(p_gn)))
             # their damped steps from the same R (rows whose QR data is not finite keep the SVD)
             keep = basic.rows
             for key, value in (("fac_s", qr_fac.s), ("fac_V", qr_fac.V), ("fac_uf", qr_fac.uf)):
-                old = state[key].index_select(0, rows)
-                new = torch.where(keep.view(-1, *([1] * (value.ndim - 1))), value, old)
-                state[key] = state[key].index_copy(0, rows, new)
+                new = torch.where(keep.view(-1, *([1] * (value.ndim - 1))), value,
+                                  pick(state[key]))
+                state[key] = put(state[key], new)
         elif count_true(state["basic_rows"]):  # (a mask known empty is kept)
             state["basic_rows"] = remember(torch.zeros_like(state["basic_rows"]), 0)
         state["gn_step"] = p_gn
