@@ -601,3 +601,44 @@ def test_stop_running_takes_one_problems_host_status_with_tensor_masks():
     op = object()
     out = tensor_state({"J": op, "nit": np.int64(2)})
     assert out["J"] is op and out["nit"].tolist() == [2]
+
+
+@pytest.mark.parametrize("row", [0, 1, 2])
+def test_one_problem_pivoted_qr_and_basic_step_agree_with_the_batch(row):
+    """One problem's host route (``_pivoted_qr_one``, ``_basic_one``) against the same
+    problem as a row of a batch (a zero column, dependent columns, a regular row)."""
+    from torchimize_scipy._engine.minpack_qr import basic_gauss_newton, pivoted_qr
+
+    J, f, diag = _rank_deficient(2)
+    R_b, perm_b, qtf_b = pivoted_qr(J.copy(), f.copy())
+    R_1, perm_1, qtf_1 = pivoted_qr(J[row:row + 1].copy(), f[row:row + 1].copy())
+    assert R_1.shape == (1,) + R_b.shape[1:] and perm_1.dtype == np.int64
+    np.testing.assert_array_equal(perm_1[0], perm_b[row])
+    tol = 100 * np.finfo(float).eps * np.abs(J[row]).sum()
+    np.testing.assert_allclose(R_1[0], R_b[row], rtol=0, atol=tol)
+    np.testing.assert_allclose(qtf_1[0], qtf_b[row], rtol=0, atol=tol * np.abs(f[row]).sum())
+
+    Jt, ft, dt = (torch.tensor(a) for a in (J, f, diag))
+    batch, batch_fac = basic_gauss_newton(Jt, dt, ft)
+    one, one_fac = basic_gauss_newton(Jt[row:row + 1], dt[row:row + 1], ft[row:row + 1])
+    assert torch.equal(one.rows, batch.rows[row:row + 1])
+    assert torch.equal(one.full, batch.full[row:row + 1])
+    scale = float(batch.p[row].abs().max())
+    np.testing.assert_allclose(one.p.numpy()[0], batch.p.numpy()[row], rtol=0,
+                               atol=1e-10 * scale)
+    np.testing.assert_allclose(one.curv.numpy()[0], batch.curv.numpy()[row], rtol=1e-10)
+    s_max = float(batch_fac.s[row].max())
+    np.testing.assert_allclose(one_fac.s.numpy()[0], batch_fac.s.numpy()[row], rtol=0,
+                               atol=1e-12 * s_max)
+
+
+def test_one_problem_basic_step_with_a_nan_entry_fails_alone():
+    """A NaN in one problem's Jacobian: its basic step is not taken (the tensors' path)."""
+    from torchimize_scipy._engine.minpack_qr import basic_gauss_newton
+
+    J, f, diag = _rank_deficient(3)
+    J = J[:1].copy()
+    J[0, 2, 1] = np.nan
+    one, _ = basic_gauss_newton(torch.tensor(J), torch.tensor(diag[:1]), torch.tensor(f[:1]))
+    assert one.rows.tolist() == [False]
+    assert torch.equal(one.p, torch.zeros_like(one.p))

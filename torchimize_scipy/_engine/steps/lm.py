@@ -417,7 +417,8 @@ class LevenbergMarquardt(StepRule):
             keys = ("basic_rows", "basic_curv", "basic_full")
             values = (basic.rows, basic.curv, basic.full)
             for key, value in zip(keys, values, strict=True):
-                state[key] = put(torch.zeros_like(state[key]), value)
+                state[key] = value if every else torch.zeros_like(state[key]).index_copy(
+                    0, rows, value)
             p_gn = put(p_gn, torch.where(basic.rows.unsqueeze(-1), basic.p, pick(p_gn)))
             # their damped steps from the same R (rows whose QR data is not finite keep the SVD)
             keep = basic.rows
