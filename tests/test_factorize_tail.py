@@ -38,7 +38,7 @@ def test_hopeless_rows_get_the_direct_svd_and_skip_eigh(bad, scaled, monkeypatch
     rows = torch.arange(B)[bad]
     assert not fac.gram[rows].any() and int(fac.gram.sum()) == B - len(rows)
     A = J[rows] if d is None else J[rows] * d[rows].unsqueeze(-2)
-    s, V, uf = svd_factors(A, None, f[rows])
+    s, V, uf = svd_factors(A, None, f[rows], qr_first=True)  # (a batch's SVD rows)
     assert torch.equal(fac.s[rows], s) and torch.equal(fac.V[rows], V)
     assert torch.equal(fac.uf[rows], uf)
     gram_rows = fac.gram.nonzero().squeeze(-1)
