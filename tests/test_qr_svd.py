@@ -122,6 +122,22 @@ def test_a_non_finite_row_fails_alone():
         assert torch.equal(got[ok], want)
 
 
+def test_a_non_finite_right_hand_side_spoils_only_its_projection():
+    # f is reduced as one more column after A's: the other rows keep their bits, and the
+    # row's own factors of A stay finite (LAPACK may round them differently there)
+    A, f = _tall(4)
+    f[1, 9] = float("inf")
+    s, V, uf = qr_svd(A, f)
+    s0, V0, uf0 = qr_svd(A, torch.where(torch.isfinite(f), f, 0.0))
+    assert not bool(torch.isfinite(uf[1]).any())
+    # (backward stable both ways: each singular value to a few eps of the largest)
+    torch.testing.assert_close(s[1], s0[1], rtol=0, atol=1e-12 * float(s0[1].max()))
+    assert bool(torch.isfinite(V[1]).all())
+    ok = [0, 2, 3]
+    for got, want in zip((s, V, uf), (s0, V0, uf0), strict=True):
+        assert torch.equal(got[ok], want[ok])
+
+
 def test_single_problems_keep_the_svd_of_their_matrix():
     # no Gram route (one problem, as scipy): the SVD of J itself, not its QR first
     A, f = _tall(1)

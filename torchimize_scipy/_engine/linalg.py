@@ -530,10 +530,11 @@ def qr_svd(A: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     :math:`A = Q R` (LAPACK's ``geqrf``), then the SVD of the small triangle,
     :math:`R = U_R \Sigma V^\top`, so that :math:`A = (Q U_R) \Sigma V^\top`
-    and :math:`U^\top b = U_R^\top (Q^\top b)_{1:n}` with :math:`Q^\top b`
-    from the Householder reflectors themselves (``ormqr``): the thin
-    :math:`U` (``m x n``) is never formed, which is most of the cost of a
-    tall matrix's SVD (Golub and Van Loan, *Matrix Computations*, 4th ed.,
+    and :math:`U^\top b = U_R^\top (Q^\top b)_{1:n}`, where
+    :math:`(Q^\top b)_{1:n}` is what the factorisation of ``[A b]`` leaves in
+    its last column (the first ``n`` reflectors are those of ``A``; no
+    ``ormqr`` call): the thin :math:`U` (``m x n``) is never formed, which is
+    the part of a tall matrix's SVD that QR first saves (Golub and Van Loan, *Matrix Computations*, 4th ed.,
     §8.6.3, the R-SVD). The singular values and vectors are those of ``A``
     to rounding. Each matrix is factorised on its own (single-threaded, and
     shared with the helper threads as in :func:`thin_svd`), so a row's values
@@ -550,13 +551,16 @@ def qr_svd(A: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     U = A.new_empty(B, n, n)
     s = A.new_empty(B, n)
     Vh = A.new_empty(B, n, n)
-    qtb = A.new_empty(B, m, 1)
+    qtb = A.new_empty(B, n, 1)
+    # rhs as one more column: the reflectors of the first n columns do not see it, and
+    # it leaves them holding (Q^T rhs)_{1:n} in its first n entries
+    Ab = torch.cat([A, rhs.unsqueeze(-1)], dim=-1)
 
     def chunk(lo: int, hi: int) -> None:
         with serial_lapack(A):
-            qr, tau = torch.geqrf(A[lo:hi])
-            torch.ormqr(qr, tau, rhs[lo:hi].unsqueeze(-1), transpose=True, out=qtb[lo:hi])
-            torch.linalg.svd(qr[:, :n].triu(), full_matrices=False,
+            qr = torch.geqrf(Ab[lo:hi])[0]
+            qtb[lo:hi] = qr[:, :n, n:]
+            torch.linalg.svd(qr[:, :n, :n].triu(), full_matrices=False,
                              out=(U[lo:hi], s[lo:hi], Vh[lo:hi]))
 
     helpers = _lapack_helpers(A)
@@ -564,7 +568,7 @@ def qr_svd(A: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         _on_helpers(B, chunk, helpers)
     else:
         chunk(0, B)
-    uf = torch.bmm(U.transpose(-1, -2), qtb[:, :n]).squeeze(-1)
+    uf = torch.bmm(U.transpose(-1, -2), qtb).squeeze(-1)
     return s, Vh.transpose(-1, -2), uf
 
 
