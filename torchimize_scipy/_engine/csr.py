@@ -29,6 +29,7 @@ allocation, by :mod:`.lsmr`.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import queue
@@ -412,7 +413,7 @@ class _Helper:
         get = self.queue.get
         while True:
             item = get()
-            if item is None:  # pragma: no cover - only after a fork (:func:`_reset_helpers`)
+            if item is None:  # (at exit: :func:`_stop_helpers`)
                 return
             item()
 
@@ -438,6 +439,23 @@ def _reset_helpers() -> None:  # pragma: no cover - runs in a forked child
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_helpers)
+
+
+def _stop_helpers(timeout: float = 5.0) -> None:
+    """End the helper threads (at interpreter exit): each finishes what it runs and
+    returns, so that none is left inside a torch, LAPACK or OpenMP call while the
+    interpreter and those runtimes are torn down (a daemon thread that wakes up
+    during finalisation is stopped wherever it is). A later product starts new ones."""
+    with _HELPERS_LOCK:
+        helpers = list(_HELPERS)
+        _HELPERS.clear()
+    for helper in helpers:
+        helper.queue.put(None)
+    for helper in helpers:
+        helper.thread.join(timeout)
+
+
+atexit.register(_stop_helpers)
 
 
 def _row_blocks(values: np.ndarray, index: tuple, shape: tuple[int, int]) -> list[_Block]:

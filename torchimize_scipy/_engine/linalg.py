@@ -533,12 +533,13 @@ def qr_svd(A: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     and :math:`U^\top b = U_R^\top (Q^\top b)_{1:n}`, where
     :math:`(Q^\top b)_{1:n}` is what the factorisation of ``[A b]`` leaves in
     its last column (the first ``n`` reflectors are those of ``A``; no
-    ``ormqr`` call): the thin :math:`U` (``m x n``) is never formed, which is
-    the part of a tall matrix's SVD that QR first saves (Golub and Van Loan, *Matrix Computations*, 4th ed.,
-    §8.6.3, the R-SVD). The singular values and vectors are those of ``A``
-    to rounding. Each matrix is factorised on its own (single-threaded, and
-    shared with the helper threads as in :func:`thin_svd`), so a row's values
-    do not depend on its batch. Raises ``RuntimeError`` where LAPACK failed.
+    ``ormqr`` call). The thin :math:`U` (``m x n``) is never formed, which is
+    the part of a tall matrix's SVD that QR first saves (Golub and Van Loan,
+    *Matrix Computations*, 4th ed., §8.6.3, the R-SVD). The singular values
+    and vectors are those of ``A`` to rounding. Each matrix is factorised on
+    its own (single-threaded, and shared with the helper threads as in
+    :func:`thin_svd`), so a row's values do not depend on its batch. Raises
+    ``RuntimeError`` where LAPACK failed.
 
     Returns
     -------
