@@ -150,3 +150,14 @@ def test_single_problems_keep_the_svd_of_their_matrix():
     assert not bool(batch.gram.any())
     for got, want in zip(batch[:3], qr_svd(A, f), strict=True):
         assert torch.equal(got, want)
+
+
+def test_a_matrix_that_records_gradients_keeps_the_differentiable_svd():
+    A, f = _tall(3)
+    A.requires_grad_(True)
+    s, V, uf = svd_factors(A, None, f, qr_first=True)
+    (s.sum() + uf.sum()).backward()
+    assert A.grad is not None and bool(torch.isfinite(A.grad).all())
+    with torch.no_grad():
+        want = svd_factors(A.detach(), None, f, qr_first=False)
+    assert torch.equal(s.detach(), want[0]) and torch.equal(uf.detach(), want[2])

@@ -413,7 +413,7 @@ def svd_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = No
             uf = torch.bmm(U.transpose(-1, -2), f.unsqueeze(-1)).squeeze(-1)
             return mark_finite(s), Vh.transpose(-1, -2), uf
         return svd_direct(A, f, diag, qr_first)
-    if math.isfinite(float(A.sum())):  # a finite sum: every entry is finite
+    if math.isfinite(float(A.detach().sum())):  # a finite sum: every entry is finite
         return svd_direct(A, f, diag, qr_first)
     ok = torch.isfinite(A).flatten(1).all(-1)
     # non-finite rows get NaN factors without disturbing the others
@@ -512,17 +512,19 @@ def _on_helpers(B: int, chunk, helpers: int) -> None:
 
 
 #: Smallest ``m / n`` for which a batch's SVD rows are factorised by :func:`qr_svd`
-#: (``svd_factors``' ``qr_first``). Per row, one thread, 150 rows a call: 100 x 12
-#: 48.8 us directly against 39.3 us QR first, 200 x 5 12.9 against 8.5, 1000 x 3 15.3
-#: against 8.9, 48 x 12 27.9 against 26.2; 24 x 12 and 16 x 4 gain nothing. A call
-#: costs about 20 us more (two more LAPACK drivers), so below a ratio of 4 the few
-#: rows of a tail would lose more than the many rows of a batch gain.
+#: (``svd_factors``' ``qr_first``). Per row, one thread, 150 rows a call (RESULTS
+#: §35): 100 x 12 47-53 us directly against 34 us QR first, 200 x 5 11-16 against
+#: 9.5, 1000 x 3 19-49 against 9.4-12; 48 x 12 gains nothing (the 12 x 12 SVD is
+#: most of it) and 24 x 12 loses. A call costs one LAPACK driver more, so a batch of
+#: a few rows gains nothing (8 rows of 100 x 12: 0.90-0.93x).
 QR_FIRST_RATIO = 4
 
 
 def _takes_qr_first(A: Tensor, qr_first: bool) -> bool:
-    """Whether :func:`svd_direct` factorises ``A (B, m, n)`` by :func:`qr_svd`."""
-    return qr_first and A.shape[-2] >= QR_FIRST_RATIO * A.shape[-1]
+    """Whether :func:`svd_direct` factorises ``A (B, m, n)`` by :func:`qr_svd` (not for
+    a matrix that records gradients: ``qr_svd`` writes into its outputs)."""
+    return (qr_first and A.shape[-2] >= QR_FIRST_RATIO * A.shape[-1]
+            and not (A.requires_grad and torch.is_grad_enabled()))
 
 
 def qr_svd(A: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
