@@ -22,6 +22,7 @@ from _parity import assert_cost_close, assert_counts_close, assert_x_close
 
 import torchimize_scipy._blas_threads as bt
 from torchimize_scipy import batch_least_squares, curve_fit, least_squares
+from torchimize_scipy._engine import loop
 
 needs_mkl = pytest.mark.skipif(bt._SET_LOCAL is None, reason="torch is not built with MKL")
 
@@ -148,14 +149,16 @@ def test_batch_of_small_problems_runs_serial_mkl(local_three):
 
 @needs_mkl
 def test_large_batch_of_small_problems_keeps_threads(local_three):
-    """B m n above the grain size (9,000 x 2 x 2): MKL's batched products keep their threads."""
+    """B m n above the tail's limit (70,000 x 2 x 2 > ``loop.TAIL_ENTRIES``): MKL's batched
+    products keep their threads (the rows all finish together: no tail)."""
     seen = []
 
     def fun(x):
         seen.append(bt.mkl_local_threads())
         return torch.stack([10 * (x[:, 1] - x[:, 0] ** 2), 1 - x[:, 0]], dim=1)
 
-    x0 = torch.tensor([[-1.2, 1.0]], dtype=torch.float64).repeat(9000, 1)
+    x0 = torch.tensor([[-1.2, 1.0]], dtype=torch.float64).repeat(70_000, 1)
+    assert 70_000 * 2 * 2 > loop.TAIL_ENTRIES
     res = batch_least_squares(fun, x0, method="lm")
     assert bool(np.all(np.asarray(res.success)))
     assert 1 not in seen

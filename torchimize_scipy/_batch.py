@@ -355,6 +355,9 @@ def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: flo
         blocks = _BlockSource(f0_first=f0_first, fun=p.fun, jac=p.jac, x0=p.x0, lb=p.lb,
                               ub=p.ub, scale=p.x_scale, m=m, verbose=verbose, progress=bar)
         start = blocks.take(chunk_size)
+    # no refill when the first block holds every problem: the engine then knows at once
+    # that none is left to admit (its single-threaded tail may start from the first round)
+    refill = blocks.take if blocks.next < blocks.B else None
     # full-size results, filled as problems finish; on the engine's device for
     # torch input, on the host for numpy input (whatever the engine's device)
     home = dev if ns.kind == "torch" else torch.device("cpu")
@@ -366,7 +369,7 @@ def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: flo
             method=method, fun=p.fun, jac=p.jac, start=start, loss=loss_obj,
             ftol=p.ftol, xtol=p.xtol, gtol=p.gtol, max_nfev=max_nfev, bounded=p.bounded,
             jac_scale=isinstance(p.x_scale, str), use_gram=True, out=merged,
-            refill=blocks.take, capacity=chunk_size,
+            refill=refill, capacity=chunk_size,
             on_finish=bar.finished if bar is not None else None,
             on_iteration=bar.iteration if bar is not None else None,
             final_jacobian=mode.final_jacobian, evals_per_jacobian=mode.evals_per_jacobian,
