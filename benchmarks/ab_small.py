@@ -18,6 +18,8 @@ Cases (numpy functions, as ``bench_single.py`` part 1): Rosenbrock from
 (-1.2, 1) with 'trf', 'dogbox', 'lm', analytic and '2-point'; Broyden
 tridiagonal (n = 9) 'trf'; the soft_l1 exponential fit 'trf'; bounded
 Rosenbrock 'trf'; scipy's ``curve_fit`` documentation example (default 'lm').
+``--set single``: instead, the 16 'trf' and 'dogbox' cases of ``bench_single.py``
+part 1 (its starts: Rosenbrock from (2, 2)).
 
 Usage (from the repository root, so that the working tree's package is the
 one imported)::
@@ -44,7 +46,14 @@ import numpy as np
 import scipy.optimize
 from _common import base_parser, md_table, setup, write_json
 from _small_problems import decay, decay_data, rosenbrock, rosenbrock_jac
-from bench_single import broyden, broyden_jac, exp_fit, exp_fit_data, exp_fit_jac
+from bench_single import (
+    broyden,
+    broyden_jac,
+    exp_fit,
+    exp_fit_data,
+    exp_fit_jac,
+    small_problems,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +90,20 @@ def cases(lib: Any) -> dict[str, Callable[[], Any]]:
     return out
 
 
+def single_cases(lib: Any) -> dict[str, Callable[[], Any]]:
+    """``--set single``: the 'trf' and 'dogbox' cases of ``bench_single.py`` part 1 (its
+    problems and starts: Rosenbrock from (2, 2), Broyden, the soft_l1 fit, bounded
+    Rosenbrock; analytic and '2-point'), the cases issue 14's <= 3x target names."""
+    out: dict[str, Callable[[], Any]] = {}
+    for prob in small_problems(0):
+        for method in ("trf", "dogbox"):
+            for jac_name, jac in (("analytic", prob.jac), ("2-point", "2-point")):
+                out[f"{prob.name.split(' (')[0]} {method} {jac_name}"] = (
+                    lambda p=prob, m=method, j=jac: lib.least_squares(
+                        p.fun, p.x0, jac=j, method=m, **p.options))
+    return out
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     c0, t0 = time.process_time(), time.perf_counter()
     fn()
@@ -91,6 +114,9 @@ def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--before", required=True, help="commit of version A (e.g. ef58869)")
     p.add_argument("--repeat", type=int, default=None, help="calls of each (default 41)")
+    p.add_argument("--set", default="issue", choices=("issue", "single"),
+                   help="cases: 'issue' (issue 14's starts) or 'single' (bench_single.py's "
+                        "trf/dogbox cases)")
     p.add_argument("--only", default=None,
                    help="run only the cases whose name contains this text (e.g. curve_fit)")
     args = p.parse_args()
@@ -103,8 +129,9 @@ def main() -> None:
                  "run with PYTHONPATH=<repository root>")
     with tempfile.TemporaryDirectory() as folder:
         before = import_commit(args.before, folder)
-        libs = {"before": cases(before), "after": cases(after),
-                "scipy": cases(scipy.optimize)}
+        make = cases if args.set == "issue" else single_cases
+        libs = {"before": make(before), "after": make(after),
+                "scipy": make(scipy.optimize)}
         rows = []
         for name in libs["after"]:
             if args.only is not None and args.only not in name:

@@ -77,3 +77,70 @@ def test_svd_threads_keep_their_own_buffers():
     for t in threads:
         t.join()
     assert not wrong
+
+
+# ---- linalg.one_host_svd: one float64 problem's SVD factors for trf and dogbox ----------
+
+def _tensor_factors(A, f, diag):
+    """svd_direct's tensor path (the host path switched off)."""
+    from torchimize_scipy._engine import linalg
+    saved = host_lapack.AVAILABLE
+    host_lapack.AVAILABLE = False
+    try:
+        return linalg.svd_direct(A, f, diag)
+    finally:
+        host_lapack.AVAILABLE = saved
+
+
+@pytest.mark.parametrize("m,n,augmented", [(2, 2, False), (2, 2, True), (1, 2, True),
+                                           (15, 3, False), (9, 9, True), (3, 5, False)])
+def test_one_host_svd_gives_the_tensor_paths_factors(m, n, augmented):
+    from torchimize_scipy._engine.host_scalars import host_rows
+    from torchimize_scipy._engine.linalg import one_host_svd
+
+    rng = np.random.default_rng(m * 10 + n)
+    A = torch.from_numpy(_matrix(rng, m, n)[None])
+    f = torch.from_numpy(rng.standard_normal((1, m)))
+    # a Coleman-Li diagonal: zeros (of either sign) where no bound is near
+    diag = (torch.from_numpy(rng.random((1, n))) * torch.tensor([0.0, -0.0, 1.0] * n)[:n]
+            if augmented else None)
+    got = one_host_svd(A, f, diag)
+    s, V, uf = _tensor_factors(A, f, diag)
+    assert got is not None
+    s_h, V_h, uf_h = got
+    scale = float(s.max())
+    tol = 64 * (m + n) * EPS
+    np.testing.assert_allclose(s_h.numpy(), s.numpy(), rtol=0, atol=tol * scale)
+    # the vectors' signs are LAPACK's on both paths (the same routine); compare the
+    # damped step, free of them, too
+    np.testing.assert_allclose(np.abs(V_h.numpy()), np.abs(V.numpy()), rtol=0, atol=tol)
+    np.testing.assert_allclose(np.abs(uf_h.numpy()), np.abs(uf.numpy()), rtol=0,
+                               atol=tol * float(f.abs().sum()))
+    for t in (s_h, V_h, uf_h):  # the host rows the trust-region solve reads, in C order
+        known = host_rows(t)
+        assert known is not None and known.flags.c_contiguous
+        np.testing.assert_array_equal(known, t.numpy())
+
+
+def test_one_host_svd_leaves_other_cases_to_the_tensor_path():
+    from torchimize_scipy._engine import host_scalars
+    from torchimize_scipy._engine.linalg import one_host_svd
+
+    rng = np.random.default_rng(0)
+    A = torch.from_numpy(rng.standard_normal((1, 4, 2)))
+    f = torch.from_numpy(rng.standard_normal((1, 4)))
+    assert one_host_svd(A, f, None) is not None
+    assert one_host_svd(A.expand(2, 4, 2), f.expand(2, 4), None) is None  # a batch
+    assert one_host_svd(A.float(), f.float(), None) is None  # float32
+    big = torch.from_numpy(rng.standard_normal((1, 200, 2)))  # above MAX_ENTRIES
+    assert one_host_svd(big, torch.zeros(1, 200, dtype=torch.float64), None) is None
+    bad = torch.tensor([[1.0, float("nan")]], dtype=torch.float64)
+    assert one_host_svd(A, f, bad) is None  # a non-finite diagonal: the tensor path tests it
+    with torch.enable_grad():
+        assert one_host_svd(A.clone().requires_grad_(), f, None) is None
+    saved = host_scalars.HOST
+    host_scalars.HOST = False  # (the code a GPU runs)
+    try:
+        assert one_host_svd(A, f, None) is None
+    finally:
+        host_scalars.HOST = saved

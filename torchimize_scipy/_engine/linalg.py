@@ -51,13 +51,16 @@ import functools
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from .._blas_threads import GRAIN_SIZE, serial_blas
-from . import csr, host_scalars
+from . import csr, host_lapack, host_scalars
 from .counts import count_true, known_count, known_finite, known_unit, mark_finite, remember
+from .host_scalars import host_rows, remember_rows
+from .problem import host_transposed_rows
 
 
 class Factors(NamedTuple):
@@ -403,6 +406,9 @@ def svd_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = No
         # needs no test; its singular values are finite too (s_max^2 <= trace(J^T J)),
         # so the step rules need not test them either, unless LAPACK failed
         if diag is None:
+            host = None if _takes_qr_first(A, qr_first) else one_host_svd(A, f, None)
+            if host is not None:
+                return mark_finite(host[0]), host[1], host[2]
             try:
                 if _takes_qr_first(A, qr_first):
                     s, V, uf = qr_svd(A, f)
@@ -431,7 +437,11 @@ def svd_direct(A: Tensor, f: Tensor, diag: Tensor | None,
                qr_first: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of the (augmented) matrix itself, as scipy computes it (with ``qr_first``, a
     tall one through :func:`qr_svd`; where LAPACK fails there, the SVD of the matrix
-    itself, which isolates the failing problem)."""
+    itself, which isolates the failing problem). The callers have proven ``A`` finite (one
+    problem's goes to :func:`one_host_svd`)."""
+    host = None if _takes_qr_first(A, qr_first) else one_host_svd(A, f, diag)
+    if host is not None:
+        return host
     rhs = f
     if diag is not None:
         A = torch.cat([A, torch.diag_embed(diag.clamp(min=0).sqrt())], dim=-2)
@@ -445,6 +455,66 @@ def svd_direct(A: Tensor, f: Tensor, diag: Tensor | None,
         U, s, Vh = _svd_rowwise(A)
     uf = torch.bmm(U.transpose(-1, -2), rhs.unsqueeze(-1)).squeeze(-1)
     return s, Vh.transpose(-1, -2), uf
+
+
+def one_host_svd(A: Tensor, f: Tensor,
+                 diag: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`svd_direct`'s factors of one float64 problem on the CPU, from its host arrays.
+
+    The same values as the tensor path, bit for bit: the matrix augmented by
+    ``diag(sqrt(max(diag, 0)))`` (torch's ``clamp`` and ``sqrt``; its float64
+    ``sqrt`` on the CPU is not numpy's in the last bit now and then), and
+    :func:`host_svd_factors` of it. The factors remember their host rows
+    (:func:`~.host_scalars.remember_rows`), which the trust-region solve
+    reads. The finite ``A`` has been proven so by the
+    caller. None where the path does not apply (a batch, another dtype or
+    device, gradients recorded, more than :data:`~.host_lapack.MAX_ENTRIES`
+    entries, a non-finite ``diag``, :data:`~.host_scalars.HOST` off) or LAPACK
+    failed: the caller's tensor path then runs as before.
+    """
+    B, m, n = A.shape
+    rows = m if diag is None else m + n
+    if (B != 1 or not host_lapack.AVAILABLE or not 0 < rows * n <= host_lapack.MAX_ENTRIES
+            or A.dtype != torch.float64 or not A.is_cpu or host_scalars.HOST is False
+            or (A.requires_grad and torch.is_grad_enabled()) or f.requires_grad):
+        return None
+    a, f_h = _host_rows_of(A)[0], _host_rows_of(f)[0]
+    if diag is not None:
+        # (torch's own square roots: its float64 sqrt on the CPU is not correctly rounded
+        # everywhere, and numpy's would differ from it in the last bit now and then)
+        root = diag.clamp(min=0).sqrt().numpy()[0]
+        if not np.isfinite(root).all():
+            return None
+        a = np.concatenate([a, np.diag(root)])
+        f_h = np.concatenate([f_h, np.zeros(n)])
+    return host_svd_factors(a, f_h)
+
+
+def host_svd_factors(a: np.ndarray, f: np.ndarray) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``s (1, k)``, ``V (1, n, k)`` and ``U^T f (1, k)`` of one finite float64 host matrix
+    ``a (m, n)`` with at most :data:`~.host_lapack.MAX_ENTRIES` entries, as CPU tensors
+    remembering their host rows, with the values ``torch.linalg.svd`` and ``torch.bmm``
+    give (:mod:`.host_lapack`'s ``gesdd``; ``U^T f`` summed in the order of torch's small
+    ``bmm`` kernel, :func:`~.problem.host_transposed_rows`); None where LAPACK failed.
+    Requires :data:`.host_lapack.AVAILABLE`."""
+    out = host_lapack.svd(a)
+    if out is None:  # (did not converge: the caller's tensor path isolates the problem)
+        return None
+    U_h, s_h, Vh_h = out
+    n, k = a.shape[1], s_h.shape[0]
+    s_h = s_h.reshape(1, k)
+    # (V contiguous, as Scalars.rows gives it: numpy's products depend on the layout)
+    V_h = np.ascontiguousarray(Vh_h.T).reshape(1, n, k)
+    uf_h = np.ascontiguousarray(host_transposed_rows(U_h, f)).reshape(1, k)
+    return (remember_rows(torch.from_numpy(s_h), s_h),
+            remember_rows(torch.from_numpy(V_h), V_h),
+            remember_rows(torch.from_numpy(uf_h), uf_h))
+
+
+def _host_rows_of(t: Tensor) -> np.ndarray:
+    """The host array of the CPU tensor ``t`` (the one it remembers, or its memory)."""
+    known = host_rows(t)
+    return t.detach().numpy() if known is None else known
 
 
 def thin_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -95,7 +95,7 @@ from torch.linalg import vector_norm as vnorm
 from .. import host_lapack
 from ..counts import count_true, known_finite, mark_finite, remember
 from ..host_scalars import Floats, Scalars, as_tensor, for_rows, remember_rows
-from ..linalg import Factors, factorize, refine_gauss_newton
+from ..linalg import Factors, factorize, host_svd_factors, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
 from ..problem import BMM_NAIVE_TERMS, Problem, host_transposed_rows
 from ..quadratic import cross_jac, jac_times
@@ -160,19 +160,12 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor,
     m, n = A.shape[-2:]
     if host_lapack.AVAILABLE and 0 < m * n <= host_lapack.MAX_ENTRIES:
         # torch's own LAPACK routine called on the host arrays (host_lapack: the same bits)
-        out = host_lapack.svd(A[0])
+        # (U^T f: m k <= MAX_ENTRIES < BMM_NAIVE_TERMS multiply-adds, summed on the host
+        # in the order of torch's own bmm kernel: the same values)
+        out = host_svd_factors(A[0], f_h[0])
         if out is None:  # (did not converge: the tensor path isolates the problem)
             return None
-        U_h, s_h, Vh_h = out
-        k = s_h.shape[0]
-        s_h = s_h.reshape(1, k)
-        s = mark_finite(remember_rows(torch.from_numpy(s_h), s_h))
-        # U^T f (m k <= MAX_ENTRIES < BMM_NAIVE_TERMS multiply-adds) summed on the host in
-        # the order of torch's own bmm kernel: the same values (host_transposed_rows)
-        uf = hs.tensor_rows(host_transposed_rows(U_h, f_h[0])[None])
-        # (V contiguous, as Scalars.rows gives it: numpy's products depend on the layout)
-        V_h = np.ascontiguousarray(Vh_h.T).reshape(1, n, k)
-        return Factors(s, remember_rows(torch.from_numpy(V_h), V_h), uf)
+        return Factors(mark_finite(out[0]), out[1], out[2])
     try:
         U, s, Vh = torch.linalg.svd(torch.from_numpy(A), full_matrices=False)
     except RuntimeError:  # (did not converge: the tensor path isolates the problem)
