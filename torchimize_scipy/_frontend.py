@@ -263,8 +263,8 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
     bounded = not free and bool(np.isfinite(lb).any() or np.isfinite(ub).any())
     if method == "trf" and bounded:
         x0_t = make_strictly_feasible(x0_t, lb_t, ub_t)
-    scale = x_scale if isinstance(x_scale, str) else torch.as_tensor(
-        x_scale, device=dev, dtype=dt).reshape(B, n)
+    scale = x_scale if isinstance(x_scale, str) else _engine_tensor(x_scale.reshape(B, n),
+                                                                     dev, dt)
 
     kwargs = {} if kwargs is None else kwargs
     # 'autograd' differentiates fun with torch.func: fun then works on tensors

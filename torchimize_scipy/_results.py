@@ -127,9 +127,14 @@ def build_one_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, j
     ``jac`` and ``grad`` are None where ``out`` holds no ``J`` or ``g``.
     """
     status = int(_item(out["status"]))
+    x = _row(ns, out["x"])
     active = out["active_mask"]
-    if method in ("trf", "gn", "gd") and not bounded:
+    as_float = method in ("trf", "gn", "gd") and not bounded  # (scipy's zeros like x)
+    if as_float and ns.kind != "numpy":
         active = active.to(out["x"].dtype)
+    active = _row(ns, active)
+    if as_float and ns.kind == "numpy":  # (numpy's cast of the host row: no torch operation)
+        active = active.astype(x.dtype)
     if ns.kind == "torch":
         cost, optimality = out["cost"][0].clone(), out["optimality"][0].clone()
     elif ns.kind == "numpy":  # numpy scalars of the engine's dtype, as scipy's np.float64
@@ -139,10 +144,10 @@ def build_one_result(out: dict[str, torch.Tensor], ns: Namespace, method: str, j
         cost, optimality = float(_item(out["cost"])), float(_item(out["optimality"]))
     njev = None if (method == "lm" and not callable(jac)) else int(_item(out["njev"]))
     return OptimizeResult(
-        x=_row(ns, out["x"]), cost=cost, fun=_row(ns, out["f_true"]),
+        x=x, cost=cost, fun=_row(ns, out["f_true"]),
         jac=_row(ns, out["J"]) if "J" in out else None,
         grad=_row(ns, out["g"]) if "g" in out else None,
-        optimality=optimality, active_mask=_row(ns, active), nfev=int(_item(out["nfev"])),
+        optimality=optimality, active_mask=active, nfev=int(_item(out["nfev"])),
         njev=njev, status=status, message=codes.message(status),
         success=bool(codes.success(status)))
 

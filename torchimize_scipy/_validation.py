@@ -128,7 +128,7 @@ def check_x_scale(x_scale: Any, x0: np.ndarray, method: str) -> np.ndarray | str
     if x_scale is None:
         if method == "lm":
             return "jac"
-        x_scale = 1.0
+        return np.ones(x0.shape)  # (scipy's default 1.0, every entry: nothing to check)
     if isinstance(x_scale, str) and x_scale == "jac":
         return x_scale
     try:

@@ -24,7 +24,11 @@ def bound_activity(problem: Problem, state: dict) -> ResultFields:
         active = find_active_constraints(state["x"], state["lb"], state["ub"],
                                          rtol=problem.xtol)
     else:
-        active = torch.zeros_like(state["x"], dtype=torch.long)
+        x = state["x"]
+        hs = for_rows(x)
+        # (one float64 problem: numpy's zeros, remembered as the tensor's host rows)
+        active = (hs.tensor_rows(np.zeros(x.shape, dtype=np.int64)) if hs.floats
+                  else torch.zeros_like(x, dtype=torch.long))
     return ResultFields(active)
 
 

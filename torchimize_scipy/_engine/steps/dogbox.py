@@ -81,10 +81,23 @@ class Dogbox(StepRule):
     def init_state(self, problem: Problem, state: dict) -> None:
         initial_scale(problem, state)
         x = state["x"]
+        sc = for_rows(x)
+        if sc.floats:  # one float64 problem: its start's values on the host, exact as torch's
+            with sc.quiet():
+                x_h, lb_h, ub_h, scale_inv = (sc.rows(state[k])
+                                              for k in ("x", "lb", "ub", "scale_inv"))
+                delta = _max_abs(sc, x_h * scale_inv)
+                state["delta"] = _kept(sc, sc.xp.where(delta == 0, 1.0, delta))
+                state["on_bound"] = sc.tensor_rows(
+                    np.where(x_h == ub_h, 1, np.where(x_h == lb_h, -1, 0)).astype(np.int64))
+            state["free"] = sc.tensor_rows(np.ones(x.shape, dtype=bool))
+            state["newton"] = sc.tensor_rows(np.zeros(x.shape))
+            state["antigrad_quad"] = _kept(sc, sc.full(0.0))
+            state["antigrad_lin"] = _kept(sc, sc.full(0.0))
+            return
         delta = inf_norm(x * state["scale_inv"])
         delta = torch.where(delta == 0, 1.0, delta)
-        sc = for_rows(x)
-        state["delta"] = _kept(sc, sc.get(delta)) if sc.floats else delta
+        state["delta"] = delta
         on_bound = torch.zeros_like(x, dtype=torch.long)
         on_bound = torch.where(x == state["lb"], -1, on_bound)
         state["on_bound"] = torch.where(x == state["ub"], 1, on_bound)

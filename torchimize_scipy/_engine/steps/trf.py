@@ -114,13 +114,14 @@ class TRF(StepRule):
             delta = vnorm(state["x"] * state["scale_inv"] / v.sqrt(), dim=-1)
         else:  # v = 1: the division by sqrt(v) is exact
             delta = vnorm(state["x"] * state["scale_inv"], dim=-1)
-        delta = torch.where(delta == 0, 1.0, delta)
         x = state["x"]
         sc = for_rows(x)
         if sc.floats:  # one problem: its radius, damping and theta as host values
+            delta = sc.get(delta)
             state["delta"], state["alpha"], state["theta"] = sc.keep(
-                sc.get(delta), sc.full(0.0), sc.full(0.0))
+                sc.xp.where(delta == 0, 1.0, delta), sc.full(0.0), sc.full(0.0))
         else:
+            delta = torch.where(delta == 0, 1.0, delta)
             state["delta"] = delta
             state["alpha"] = torch.zeros_like(delta)
             state["theta"] = torch.zeros_like(delta)
