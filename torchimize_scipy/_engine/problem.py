@@ -276,6 +276,20 @@ def host_transposed_rows(A: np.ndarray, f: np.ndarray) -> np.ndarray:
     return np.add.accumulate(A * f[:, None], axis=0)[-1]
 
 
+def host_matvec_rows(A: np.ndarray, v: np.ndarray) -> np.ndarray | None:
+    """``A v (1, n)`` of one problem's host arrays ``A (1, n, k)`` and ``v (1, k)`` as
+    ``torch.bmm(A, v[..., None])`` computes it below :data:`BMM_NAIVE_TERMS`
+    multiply-adds ``n k`` (its small kernel: each entry the sum over ``j`` in order
+    from zero; ``np.add.accumulate`` adds the same terms in the same order, as in
+    :func:`host_transposed_rows`), or None at and above that size (MKL's order)."""
+    n, k = A.shape[-2], A.shape[-1]
+    if n * k >= BMM_NAIVE_TERMS:
+        return None
+    if k == 0:
+        return np.zeros((1, n), dtype=np.float64)
+    return np.ascontiguousarray(np.add.accumulate(A[0] * v[0], axis=1)[:, -1])[None]
+
+
 def _host_normal_equations(f: list[float], J: list[list[float]],
                            n: int) -> tuple[np.ndarray, np.ndarray]:
     """``J^T f (1, n)`` and ``J^T J (1, n, n)`` of one problem's few rows ``J (m, n)``

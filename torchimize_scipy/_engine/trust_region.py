@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
-from .host_scalars import Scalars, scalars
+from .host_scalars import Scalars, host_rows, scalars
 from .linalg import (
     Factors,
     gauss_newton_step,
@@ -46,6 +46,7 @@ from .linalg import (
     routes,
 )
 from .minpack_qr import BasicStep
+from .problem import host_matvec_rows
 
 
 def radius_mismatch(fac: Factors, alpha: Tensor | None,
@@ -231,6 +232,11 @@ def _v_times(sc: Scalars, fac: Factors, coef: Any) -> Tensor:
     scale instead of negating the rows (``(-a) b`` and ``a (-b)`` are the
     same numbers, signed zeros included).
     """
+    if sc.floats:  # one problem: summed on the host in bmm's order (the same values)
+        V = host_rows(fac.V)
+        Vc = None if V is None else host_matvec_rows(V, coef)
+        if Vc is not None:
+            return sc.tensor_rows(Vc)
     col = torch.from_numpy(coef[..., None]) if sc.host else coef.unsqueeze(-1)
     return torch.bmm(fac.V, col).squeeze_(-1)
 
@@ -564,6 +570,10 @@ def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True
                           for v, u in zip(s_l, uf[0].tolist(), strict=True)]])
         if not torch_product:
             return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
+        V = host_rows(fac.V)
+        Vc = None if V is None else host_matvec_rows(V, coef)
+        if Vc is not None:  # (torch's bmm, summed on the host in its order: the same values)
+            return sc.tensor_rows(-Vc)
     else:
         with sc.quiet() if quiet else contextlib.nullcontext():
             keep = s > eps * s[:, :1]
