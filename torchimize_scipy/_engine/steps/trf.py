@@ -194,7 +194,10 @@ class TRF(StepRule):
             model, kw = _model_rows(state, None, sc)
             with sc.quiet():
                 value = evaluate_quadratic(*model, sc.rows(p_h), **kw)
-            x_new = state["x"] + step
+                # (one problem: numpy's sum of the host rows, the same values, which the
+                # residual function's adapter then reads without a conversion)
+                x_new = (sc.tensor_rows(sc.rows(state["x"]) + sc.rows(step)) if sc.floats
+                         else state["x"] + step)
         # (on the host the negation is numpy's, on a scalar)
         predicted, = _keep(sc, state, -value) if sc.host else (-value,)
         # (x_scale of ones: the step is the scaled step, the same tensor)
