@@ -414,3 +414,66 @@ def test_one_bound_only_and_scalar_rel_step(method):
         )
         J_ref = scipy_jac(method, np.full(N, 1e-7), bounds)
         np.testing.assert_allclose(J.numpy(), J_ref, rtol=1e-12, atol=0)
+
+
+# ---- one float64 problem: the steps and quotients in numpy (_host_differences) ----------
+
+def _one_problem_fun(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    a = x.numpy()
+    return torch.from_numpy(np.stack([np.sin(a[:, 0]) * a[:, 1], a[:, 0] ** 3 - a[:, 2],
+                                      np.exp(0.1 * a[:, 1]) + a[:, 2] ** 2], axis=1))
+
+
+@pytest.mark.parametrize("method", ["2-point", "3-point"])
+@pytest.mark.parametrize("bounds_kind", ["none", "tight", "upper_only"])
+def test_one_problem_on_the_host_gives_the_tensor_paths_jacobian(monkeypatch, method,
+                                                                 bounds_kind):
+    from torchimize_scipy._engine import host_scalars
+
+    # 0, a negative entry, entries on and next to the bounds (one-sided adjustments)
+    x = torch.tensor([[0.0, -2.5, 1.0]], dtype=torch.float64)
+    lb = ub = None
+    if bounds_kind == "tight":
+        lb = torch.tensor([[-1e-9, -2.5, 1.0 - 1e-12]], dtype=torch.float64)
+        ub = torch.tensor([[1e-9, 3.0, 1.0]], dtype=torch.float64)
+    elif bounds_kind == "upper_only":
+        ub = torch.tensor([[0.0, np.inf, 1.0 + 1e-10]], dtype=torch.float64)
+    f0 = _one_problem_fun(x, torch.zeros(1, dtype=torch.long))
+    calls = []
+    real = jacobian_module._host_differences
+    monkeypatch.setattr(jacobian_module, "_host_differences",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    J = finite_difference_jacobian(_one_problem_fun, x, f0, None, method, None, lb, ub)
+    assert calls == [1]
+    monkeypatch.setattr(host_scalars, "HOST", False)  # (the tensor path)
+    J_ref = finite_difference_jacobian(_one_problem_fun, x, f0, None, method, None, lb, ub)
+    assert calls == [1]
+    assert J.shape == J_ref.shape == (1, 3, 3) and J.stride() == J_ref.stride()
+    scale = float(J_ref.abs().max())
+    np.testing.assert_allclose(J.numpy(), J_ref.numpy(), rtol=0,
+                               atol=64 * np.finfo(np.float64).eps * scale)
+
+
+@pytest.mark.parametrize("case", ["batch", "float32", "cs", "rel_step"])
+def test_other_cases_keep_the_tensor_path(monkeypatch, case):
+    calls = []
+    monkeypatch.setattr(jacobian_module, "_host_differences",
+                        lambda *a, **k: calls.append(1))
+    x = torch.tensor([[0.5, -2.5, 1.0]], dtype=torch.float64)
+    method, rel_step = "2-point", None
+    if case == "batch":
+        x = x.repeat(2, 1)
+    elif case == "float32":
+        x = x.float()
+    elif case == "cs":
+        method = "cs"
+    else:
+        rel_step = 1e-6
+
+    def fun(p, idx):
+        return torch.stack([p[:, 0] * p[:, 1], p[:, 2] ** 2], dim=1)
+
+    f0 = fun(x, torch.zeros(x.shape[0], dtype=torch.long))
+    J = finite_difference_jacobian(fun, x, f0, None, method, rel_step)
+    assert calls == []
+    assert J.shape == (x.shape[0], 2, 3) and torch.isfinite(J).all()
