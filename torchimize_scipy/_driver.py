@@ -330,6 +330,9 @@ def initial_state(ids: Tensor, x0: Tensor, f0: Tensor, J0: Tensor, lb: Tensor, u
         else:
             scale = torch.ones_like(x0)
             scale_inv = 1.0 / scale
+    elif one and bool((x_scale.detach().cpu().numpy() == 1).all()):  # (1 / 1 = 1 exactly)
+        scale, scale_inv = (remember_rows(torch.from_numpy(a), a)
+                            for a in (np.ones(x0.shape), np.ones(x0.shape)))
     else:
         scale = x_scale.to(device=x0.device, dtype=x0.dtype)
         scale_inv = 1.0 / scale

@@ -337,7 +337,8 @@ def _call(fun: BatchedFun, pts: Tensor, idx: Tensor, m: int) -> Tensor:
     """Evaluate ``fun`` on ``pts`` of shape ``(S, B, n, n)``; returns ``(S, B, n, m)``."""
     s, b, n, _ = pts.shape
     # idx.repeat_interleave(n).repeat(s), without the slow repeat_interleave
-    rows_idx = idx.view(1, b, 1).expand(s, b, n).reshape(-1)
+    # (one problem: its id repeated, a view)
+    rows_idx = idx.expand(s * n) if b == 1 else idx.view(1, b, 1).expand(s, b, n).reshape(-1)
     out = fun(pts.reshape(s * b * n, n), rows_idx)
     if out.shape != (s * b * n, m):
         raise ValueError(
