@@ -10,8 +10,10 @@ Part 1 -- small problems with numpy functions (the per-call overhead regime):
 
 Each with 'trf', 'dogbox' and 'lm' (where scipy allows it: no bounds, linear
 loss) and with ``jac='2-point'`` and the analytic Jacobian: median wall time
-of a call for scipy and for ours, the ratio ours/scipy, evaluation counts and
-the relative difference of the final costs. The median CPU time of the
+of a call for scipy and for ours, timed in ``--rounds`` alternating blocks (the
+machine's load drifts between blocks; each round's ratio comes from two blocks
+measured moments apart, and the ratio reported is their median), evaluation
+counts and the relative difference of the final costs. The median CPU time of the
 process (all its threads) is recorded too, with its ratio: on a shared,
 loaded machine it does not count the time the process waits to be scheduled,
 so its ratio is the steadier one there (threads spinning or working count).
@@ -26,7 +28,7 @@ final costs.
 Usage::
 
     python benchmarks/bench_single.py [--quick] [--device cpu] [--dtype float64]
-           [--threads 2] [--repeat 7] [--dense-m 200000]
+           [--threads 2] [--repeat 7] [--rounds 5] [--dense-m 200000]
 """
 
 from __future__ import annotations
@@ -187,7 +189,17 @@ def median_times(fn: Callable[[], Any], repeat: int, min_time: float,
 
 
 def compare(problem: Problem, method: str, jac_kind: str, args, dev, dt, repeat: int,
-            min_time: float) -> dict[str, Any]:
+            min_time: float, rounds: int = 1) -> dict[str, Any]:
+    """One case: scipy's and our median time per call, and their ratio.
+
+    With ``rounds > 1`` the two are timed in alternating blocks (scipy then ours,
+    then ours then scipy, ...), each block a :func:`median_times` of its own
+    (consecutive calls of one implementation, warm as in a loop of fits); the
+    ratio is the median of the rounds' ratios, each from two blocks measured
+    moments apart, so that a change of the machine's load between blocks moves
+    one round, not the result. The times reported are the medians over the
+    rounds.
+    """
     jac = problem.jac if jac_kind == "analytic" else jac_kind
 
     def run_scipy():
@@ -198,14 +210,25 @@ def compare(problem: Problem, method: str, jac_kind: str, args, dev, dt, repeat:
         return least_squares(problem.fun, problem.x0, jac=jac, method=method, device=dev,
                              dtype=dt, **problem.options)
 
-    t_s, c_s, rs = median_times(run_scipy, repeat, min_time)
-    t_o, c_o, ro = median_times(run_ours, repeat, min_time, dev)
+    per_round = []
+    for r in range(max(1, rounds)):
+        if r % 2 == 0:
+            t_s, c_s, rs = median_times(run_scipy, repeat, min_time)
+            t_o, c_o, ro = median_times(run_ours, repeat, min_time, dev)
+        else:
+            t_o, c_o, ro = median_times(run_ours, repeat, min_time, dev)
+            t_s, c_s, rs = median_times(run_scipy, repeat, min_time)
+        per_round.append((t_s, t_o, c_s, c_o))
+    t_s, t_o, c_s, c_o = (statistics.median(v) for v in zip(*per_round, strict=True))
+    ratio = statistics.median(o / s for s, o, _, _ in per_round)
+    cpu_ratio = statistics.median(o / max(s, 1e-9) for _, _, s, o in per_round)
     # costs below 1e-20 (zero-residual problems) are compared absolutely
     rel = abs(float(ro.cost) - rs.cost) / max(abs(rs.cost), 1e-20)
     return {"problem": problem.name, "method": method, "jac": jac_kind,
-            "seconds_scipy": t_s, "seconds_ours": t_o, "ratio": t_o / t_s,
+            "seconds_scipy": t_s, "seconds_ours": t_o, "ratio": ratio,
+            "round_ratios": [o / s for s, o, _, _ in per_round],
             "cpu_seconds_scipy": c_s, "cpu_seconds_ours": c_o,
-            "cpu_ratio": c_o / max(c_s, 1e-9),
+            "cpu_ratio": cpu_ratio,
             "nfev_scipy": int(rs.nfev), "nfev_ours": int(ro.nfev),
             "cost_scipy": float(rs.cost), "cost_ours": float(ro.cost), "cost_rel_diff": rel,
             "status_scipy": int(rs.status), "status_ours": int(ro.status)}
@@ -230,6 +253,9 @@ def main() -> None:
                    help="timed calls per case (default 7 small / 3 dense; quick 3 / 1)")
     p.add_argument("--min-time", type=float, default=None,
                    help="keep repeating small cases until this many seconds (default 0.5)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="alternating scipy/ours blocks per small case; the ratio is the "
+                        "median of the rounds' ratios (default 5; quick 1)")
     p.add_argument("--dense-m", type=int, default=None,
                    help="residuals of the dense problem (default 200000; quick 20000)")
     p.add_argument("--dense-model", choices=("gauss", "exp"), default="gauss")
@@ -241,6 +267,7 @@ def main() -> None:
         return
     repeat = args.repeat or (3 if args.quick else 7)
     min_time = args.min_time if args.min_time is not None else (0.05 if args.quick else 0.5)
+    rounds = args.rounds or (1 if args.quick else 5)
 
     print(f"part 1: small problems ({args.device}, {args.dtype}, {args.threads} threads)",
           flush=True)
@@ -249,7 +276,8 @@ def main() -> None:
     for prob in small_problems(args.seed):
         for method in prob.methods:
             for jac_kind in ("2-point", "analytic"):
-                small.append(compare(prob, method, jac_kind, args, dev, dt, repeat, min_time))
+                small.append(compare(prob, method, jac_kind, args, dev, dt, repeat, min_time,
+                                     rounds))
     print(f"({time.perf_counter() - t0:.1f} s)\n")
     print("### Small problems: median time of one call\n")
     print_rows(small, "ms")
@@ -274,8 +302,10 @@ def main() -> None:
         print_rows(dense, "s")
 
     path = write_json(args, "bench_single", {
-        "note": "median wall time per call after one warm-up call; numpy functions",
-        "repeat": repeat, "min_time": min_time, "small": small,
+        "note": ("median wall time per call after one warm-up call; numpy functions; small "
+                 "cases in alternating scipy/ours blocks, the ratio the median of the "
+                 "rounds' ratios"),
+        "repeat": repeat, "min_time": min_time, "rounds": rounds, "small": small,
         "dense": dense, "dense_model": args.dense_model})
     print(f"\nresults: {path}")
 

@@ -100,8 +100,10 @@ _HOST_VALUE = "_tsc_host_value"
 _HOST_ROWS = "_tsc_host_rows"
 #: attribute of a ``(B, k)`` tensor: the host's values of its rows' norms (:meth:`Scalars.norm`)
 _NORM = "_tsc_host_norm"
-#: tensors of at most this many entries reach numpy through ``tolist`` (:meth:`Scalars.view`)
-_SMALL = 64
+#: tensors of at most this many entries reach numpy through ``tolist`` (:meth:`Scalars.view`):
+#: one problem's rows of such a tensor are a C-ordered copy, whatever its strides
+SMALL_ENTRIES = 64
+_SMALL = SMALL_ENTRIES
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
           torch.bool: np.bool_, torch.int64: np.int64, torch.int32: np.int32}
 

@@ -36,7 +36,7 @@ from torch.linalg import vector_norm as vnorm
 
 from ..bounds import in_bounds, step_size_to_bound
 from ..counts import known_count, remember
-from ..host_scalars import Scalars, for_rows
+from ..host_scalars import SMALL_ENTRIES, Scalars, for_rows
 from ..linalg import factorize
 from ..problem import Problem
 from ..quadratic import (
@@ -122,8 +122,21 @@ class Dogbox(StepRule):
     def build_model(self, problem: Problem, state: dict) -> None:
         free = state["free"]
         every = _all_free(free)
-        J_free = _free_columns(state["J"], free, every)
-        g_free = state["g"] if every else torch.where(free, state["g"], 0.0)
+        sc = for_rows(state["x"])
+        J = state["J"]
+        # one small problem with frozen variables: J's and g's free parts on the host
+        # (numpy's products and selections: the same values; the rows C-ordered, as the
+        # host's copy of the tensor path's J_free would be)
+        host_free = (not every and sc.floats and isinstance(J, Tensor)
+                     and J.shape[-2] * J.shape[-1] <= SMALL_ENTRIES)
+        if host_free:
+            free_h = sc.rows(free)
+            with sc.quiet():  # (inf * 0 is NaN there as here, without a warning)
+                J_free = sc.tensor_rows(sc.rows(J) * free_h[:, None, :])
+            g_free = sc.tensor_rows(np.where(free_h, sc.rows(state["g"]), 0.0))
+        else:
+            J_free = _free_columns(J, free, every)
+            g_free = state["g"] if every else torch.where(free, state["g"], 0.0)
         G = state["G"]
         G_free = None
         if problem.use_gram:
@@ -140,11 +153,15 @@ class Dogbox(StepRule):
         # module notes (the cut-off and quotients on the host when on the CPU)
         newton = minimum_norm_step(fac, rcond=0.5 * torch.finfo(J_free.dtype).eps,
                                    torch_product=True)
-        state["newton"] = newton if every else torch.where(free, newton, 0.0)
+        if every:
+            state["newton"] = newton
+        elif host_free:
+            state["newton"] = sc.tensor_rows(np.where(free_h, sc.rows(newton), 0.0))
+        else:
+            state["newton"] = torch.where(free, newton, 0.0)
         flag_singular_factors(state, fac.s)
         # -g_free vanishes on the fixed variables: J_free (-g_free) = J (-g_free); the
         # model's coefficients on the host when on the CPU (Scalars; numpy's products)
-        sc = for_rows(state["x"])
         gram = fac.gram
         if gram is not None:
             gram = sc.get(gram)
