@@ -136,6 +136,11 @@ def serial_blas(device: torch.device, m: int, n: int,
     if _SET_LOCAL is None or device.type != "cpu" or not is_small(m, n, limit):
         yield False
         return
+    if getattr(csr._LOCAL, "serial", False):
+        # inside another such block of this thread (the driver's, around a small run's
+        # loop): the counts are 1 already, and that block restores them
+        yield True
+        return
     # torch sets MKL's thread-local count itself the first time a thread asks
     # for its thread count; let it do so now rather than inside the block.
     threads = torch.get_num_threads()
@@ -151,9 +156,11 @@ def serial_blas(device: torch.device, m: int, n: int,
     mark = threads > 1 and getattr(csr._LOCAL, "outer", None) is None
     if mark:
         csr._LOCAL.outer = threads
+    csr._LOCAL.serial = True
     try:
         yield True
     finally:
+        csr._LOCAL.serial = False
         if mark:
             csr._LOCAL.outer = None
         _SET_LOCAL(previous)
