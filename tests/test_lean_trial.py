@@ -258,3 +258,26 @@ def test_serial_blas_sets_the_threads_openmp_count_for_this_thread_only():
     # a large problem keeps the threads
     with bt.serial_blas(torch.device("cpu"), 10**6, 10) as serial:
         assert not serial and torch.get_num_threads() == before
+
+
+def test_serial_blas_inside_another_sets_nothing_and_the_outer_restores():
+    from torchimize_scipy import _blas_threads as bt
+
+    if bt._OMP is None or bt._SET_LOCAL is None:
+        pytest.skip("torch without MKL or an OpenMP runtime")
+    before, mkl_before = torch.get_num_threads(), bt.mkl_local_threads()
+    calls = []
+    real = bt._SET_LOCAL
+    try:
+        bt._SET_LOCAL = lambda n: calls.append(n) or real(n)
+        with bt.serial_blas(torch.device("cpu"), 10, 2) as outer:
+            set_by_outer = len(calls)
+            with bt.serial_blas(torch.device("cpu"), 10, 2, limit=10**6) as inner:
+                assert outer and inner
+                assert len(calls) == set_by_outer  # the inner block set nothing
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1  # (still the outer block's count)
+    finally:
+        bt._SET_LOCAL = real
+    assert torch.get_num_threads() == before and bt.mkl_local_threads() == mkl_before
+    assert not bt.csr._LOCAL.serial  # the mark is gone: the next block sets the counts again
