@@ -167,10 +167,11 @@ def main() -> None:
                      f"{r['ratio_after']:.1f}", f"{r['cpu_ratio_before']:.1f}",
                      f"{r['cpu_ratio_after']:.1f}", f"{r['after_over_before']:.3f}"]
                     for r in rows]))
-    path = write_json(args, f"ab_small_{args.before}", {
+    suffix = "" if args.set == "issue" else f"_{args.set}"
+    path = write_json(args, f"ab_small_{args.before}{suffix}", {
         "note": ("interleaved calls, the order turning through all permutations; medians "
                  "of wall and process-CPU time"),
-        "before": args.before, "repeat": repeat, "rows": rows})
+        "before": args.before, "set": args.set, "repeat": repeat, "rows": rows})
     print(f"\nresults: {path}")
 
 
