@@ -477,3 +477,16 @@ def test_other_cases_keep_the_tensor_path(monkeypatch, case):
     J = finite_difference_jacobian(fun, x, f0, None, method, rel_step)
     assert calls == []
     assert J.shape == (x.shape[0], 2, 3) and torch.isfinite(J).all()
+
+
+def test_one_problem_on_the_host_keeps_the_functions_own_warnings():
+    # the steps and quotients are taken with numpy's errors ignored, the user's function
+    # is not: its overflow warns as it does under scipy
+    def fun(x, idx):
+        a = x.numpy()
+        return torch.from_numpy(np.exp(1000.0 * a))
+
+    x = torch.tensor([[0.0, 0.8]], dtype=torch.float64)  # (exp(800) overflows)
+    f0 = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        finite_difference_jacobian(fun, x, f0, None, "2-point")

@@ -76,6 +76,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._engine import host_scalars
+
 __all__ = ["autograd_jacobian", "default_rel_step", "finite_difference_jacobian"]
 
 BatchedFun = Callable[[Tensor, Tensor], Tensor]
@@ -200,8 +202,6 @@ def _on_host(x0: Tensor, f0: Tensor, method: str, rel_step: Tensor | float | Non
     """Whether :func:`finite_difference_jacobian` takes :func:`_host_differences`: one
     float64 problem on the CPU, '2-point' or '3-point' with the default relative step,
     nothing recording gradients, the host path of the engine not switched off."""
-    from ._engine import host_scalars
-
     return (x0.shape[0] == 1 and method != "cs" and rel_step is None
             and x0.dtype == torch.float64 and f0.dtype == torch.float64
             and x0.device.type == "cpu" and f0.device.type == "cpu"
@@ -223,15 +223,13 @@ def _host_differences(fun: BatchedFun, x0: Tensor, f0: Tensor, idx: Tensor, meth
     array), so that later products see the same strides. For one small problem
     this replaces some 40 torch operations per Jacobian by numpy's on a few entries.
     """
-    from ._engine.host_scalars import host_rows
-
     def host(t: Tensor) -> np.ndarray:
-        known = host_rows(t)
+        known = host_scalars.host_rows(t)
         return (known if known is not None else t.numpy())[0]
 
     x, f = host(x0), host(f0)
     n, m = x.shape[0], f.shape[0]
-    with np.errstate(all="ignore"):  # (torch warns of nothing; inf - inf is NaN there too)
+    with host_scalars.quiet():  # (torch warns of nothing; inf - inf is NaN there too)
         sign = np.where(x >= 0, 1.0, -1.0)
         ax = np.abs(x)
         h = rstep * sign * np.where(ax < 1.0, 1.0, ax)  # (torch.clamp(min=1): NaN stays)
@@ -254,14 +252,15 @@ def _host_differences(fun: BatchedFun, x0: Tensor, f0: Tensor, idx: Tensor, meth
             points = [xa, xb]
         eye = np.eye(n, dtype=bool)
         pts = np.stack([np.where(eye, xk[:, None], x[None, :]) for xk in points])
-        values = _call(fun, torch.from_numpy(pts.reshape(len(points), 1, n, n)), idx, m)
-        v = values.numpy().reshape(len(points), n, m)
+    # (the user's function outside the ignore-all state: its own warnings show, as in scipy)
+    values = _call(fun, torch.from_numpy(pts.reshape(len(points), 1, n, n)), idx, m)
+    v = values.numpy().reshape(len(points), n, m)
+    with host_scalars.quiet():
         if method == "2-point":
             jt = (v[0] - f[None, :]) / (x1 - x)[:, None]
         else:
             fa, fb = v[0], v[1]
-            side = one_sided[:, None]
-            df = np.where(side, -3.0 * f[None, :] + 4 * fa - fb, fb - fa)
+            df = np.where(one_sided[:, None], -3.0 * f[None, :] + 4 * fa - fb, fb - fa)
             jt = df / np.where(one_sided, xb - x, xb - xa)[:, None]
     return torch.from_numpy(np.ascontiguousarray(jt).reshape(1, n, m)).transpose(-1, -2)
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .._loss import LossFunction, scale_for_robust_loss
-from .host_scalars import Scalars, scalars
+from .host_scalars import Scalars, quiet, scalars
 
 #: Residuals and variables up to which one float64 problem's cost and ``J^T f``, ``J^T J``
 #: are summed on the host (:meth:`Problem.cost`, :meth:`Problem.linearize`): torch's sum
@@ -287,7 +287,8 @@ def host_matvec_rows(A: np.ndarray, v: np.ndarray) -> np.ndarray | None:
         return None
     if k == 0:
         return np.zeros((1, n), dtype=np.float64)
-    return np.ascontiguousarray(np.add.accumulate(A[0] * v[0], axis=1)[:, -1])[None]
+    with quiet():  # (an overflow gives inf, a 0 * inf NaN, as in torch: without a warning)
+        return np.ascontiguousarray(np.add.accumulate(A[0] * v[0], axis=1)[:, -1])[None]
 
 
 def _host_normal_equations(f: list[float], J: list[list[float]],
