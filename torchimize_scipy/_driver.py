@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ._blas_threads import serial_blas, serial_torch
+from ._engine.counts import mark_unit
 from ._engine.host_scalars import remember_rows, scalars
 from ._engine.loop import ONE_SLOT, RESULT_KEYS, run
 from ._engine.problem import BatchedFun, BatchedJac, Problem
@@ -331,7 +332,8 @@ def initial_state(ids: Tensor, x0: Tensor, f0: Tensor, J0: Tensor, lb: Tensor, u
             scale = torch.ones_like(x0)
             scale_inv = 1.0 / scale
     elif one and bool((x_scale.detach().cpu().numpy() == 1).all()):  # (1 / 1 = 1 exactly)
-        scale, scale_inv = (remember_rows(torch.from_numpy(a), a)
+        # (private tensors of ones, marked so: the step rules multiply by neither)
+        scale, scale_inv = (mark_unit(remember_rows(torch.from_numpy(a), a))
                             for a in (np.ones(x0.shape), np.ones(x0.shape)))
     else:
         scale = x_scale.to(device=x0.device, dtype=x0.dtype)

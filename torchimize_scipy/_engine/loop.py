@@ -631,8 +631,9 @@ def admit(problem: Problem, rule: StepRule, state: State,
                        f"{sorted(undeclared)}")
     n_fresh = hs.count(hs.view(fresh)[0])
     scale = state["scale"]
-    if not problem.jac_scale and (bool((hs.rows(scale) == 1).all()) if hs.host else
-                                  not problem.bounded and count_true(scale != 1) == 0):
+    if not problem.jac_scale and not known_unit(scale) and (
+            bool((hs.rows(scale) == 1).all()) if hs.host else
+            not problem.bounded and count_true(scale != 1) == 0):
         # x_scale of ones: no products by it (counts.times; off the host one read here
         # saves the unbounded factorisations' finiteness reads); the mark goes on an
         # alias, never on a tensor the caller may hold

@@ -112,8 +112,8 @@ class TRF(StepRule):
             v, dv = _coleman_li(state)
             v = _scaled_v(v, dv, state["scale_inv"])
             delta = vnorm(state["x"] * state["scale_inv"] / v.sqrt(), dim=-1)
-        else:  # v = 1: the division by sqrt(v) is exact
-            delta = vnorm(state["x"] * state["scale_inv"], dim=-1)
+        else:  # v = 1: the division by sqrt(v) is exact (and a product by ones too)
+            delta = vnorm(times(state["scale_inv"], state["x"]), dim=-1)
         x = state["x"]
         sc = for_rows(x)
         if sc.floats:  # one problem: its radius, damping and theta as host values
