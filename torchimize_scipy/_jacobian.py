@@ -254,7 +254,7 @@ def _host_differences(fun: BatchedFun, x0: Tensor, f0: Tensor, idx: Tensor, meth
         pts = np.stack([np.where(eye, xk[:, None], x[None, :]) for xk in points])
     # (the user's function outside the ignore-all state: its own warnings show, as in scipy)
     values = _call(fun, torch.from_numpy(pts.reshape(len(points), 1, n, n)), idx, m)
-    v = values.numpy().reshape(len(points), n, m)
+    v = values.detach().numpy().reshape(len(points), n, m)
     with host_scalars.quiet():
         if method == "2-point":
             jt = (v[0] - f[None, :]) / (x1 - x)[:, None]
