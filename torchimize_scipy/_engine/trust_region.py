@@ -360,7 +360,11 @@ def _solve_scipy(sc: Scalars, fac: Factors, delta: Tensor, alpha0: Tensor, m: in
     svd_only = not has_gram
     coef0 = q_svd = None
     if has_svd:
-        coef0 = xp.where(sp.s2 != 0, sp.suf / sp.s2, 0.0)
+        if sp.floats is not None:  # one problem's rows: the quotients on Python floats
+            coef0 = np.array([[a / b if b != 0 else 0.0 for a, b in
+                               zip(sp.suf[0].tolist(), sp.s2[0].tolist(), strict=True)]])
+        else:
+            coef0 = xp.where(sp.s2 != 0, sp.suf / sp.s2, 0.0)
         q_svd = _v_times(sc, fac, coef0)
     if svd_only:
         p_gn = q_svd  # (the Gauss-Newton step negated)
