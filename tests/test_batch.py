@@ -1282,3 +1282,16 @@ def test_result_index_must_be_integer():
     with pytest.raises(TypeError):
         res[1.5]
     assert res[np.int64(1)].cost == res.cost[1]
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+@pytest.mark.parametrize("jac", ["2-point", "3-point"])
+def test_blocks_of_one_problem_equal_the_batch(method, jac):
+    """Blocks of one problem take the host paths of one float64 problem (its SVD, its
+    differences, its start); each problem's results are still those of the batch, bit for
+    bit (the same IEEE operations)."""
+    B = 6
+    x0, y = make_data(B, seed=5, outliers=True)
+    kw = dict(method=method, jac=jac, bounds=(0.2, 1.6), args=(y,))
+    base = batch_least_squares(fun_v, x0, **kw)
+    assert_batches_identical(batch_least_squares(fun_v, x0, chunk_size=1, **kw), base)
