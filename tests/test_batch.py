@@ -1295,3 +1295,15 @@ def test_blocks_of_one_problem_equal_the_batch(method, jac):
     kw = dict(method=method, jac=jac, bounds=(0.2, 1.6), args=(y,))
     base = batch_least_squares(fun_v, x0, **kw)
     assert_batches_identical(batch_least_squares(fun_v, x0, chunk_size=1, **kw), base)
+
+
+@pytest.mark.parametrize("seed", [1, 3, 5, 13])
+def test_lm_problem_running_alone_keeps_the_batchs_bits(seed):
+    """A block of one 'lm' problem (``chunk_size=1``), or the last problem still running,
+    keeps the batch's arithmetic (``host_scalars.batch_rows``): one float64 problem of
+    ``least_squares`` takes numpy's norms, a batch torch's. These seeds differed at
+    1e-11..1e-7 before."""
+    x0, y = make_data(8, seed=seed, outliers=True)
+    base = batch_least_squares(fun_v, x0, method="lm", args=(y,))
+    assert_batches_identical(batch_least_squares(fun_v, x0, method="lm", args=(y,),
+                                                 chunk_size=1), base)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._blas_threads import serial_blas, serial_torch
 from ._engine.counts import mark_unit
-from ._engine.host_scalars import remember_rows, scalars
+from ._engine.host_scalars import batch_rows, remember_rows, scalars
 from ._engine.loop import ONE_SLOT, RESULT_KEYS, run
 from ._engine.problem import BatchedFun, BatchedJac, Problem
 from ._engine.steps import make_rule
@@ -101,6 +101,11 @@ class EngineRun:
         As :class:`~torchimize_scipy._engine.problem.Problem`.
     evals_per_jacobian : int
         As :class:`~torchimize_scipy._engine.problem.Problem`.
+    batch_rows : bool
+        The rows are problems of a batch (``batch_least_squares``): a block or
+        a tail of one problem keeps the batch's arithmetic
+        (:func:`~torchimize_scipy._engine.host_scalars.batch_rows`), so that a
+        problem's results do not depend on the problems beside it.
     """
 
     method: str
@@ -127,6 +132,7 @@ class EngineRun:
     tr_options: dict | None = None
     final_jacobian: bool = True
     evals_per_jacobian: int = 0
+    batch_rows: bool = False
 
 
 def solve(spec: EngineRun) -> dict[str, Tensor]:
@@ -178,7 +184,8 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
     J0 = start["J_true"]
     sparse = isinstance(J0, Tensor) and J0.layout in (torch.sparse_coo, torch.sparse_csr)
     with serial_blas(x0.device, rows * m, n), \
-            serial_torch(x0.device) if sparse else nullcontext():
+            serial_torch(x0.device) if sparse else nullcontext(), \
+            batch_rows() if spec.batch_rows else nullcontext():
         run(problem, rule, start, out, spec.on_finish, spec.on_iteration,
             refill, spec.capacity)
     if scaling is not None:

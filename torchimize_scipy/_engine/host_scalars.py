@@ -74,6 +74,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -295,7 +297,8 @@ class Scalars:
         tests.
     floats : bool, optional
         One float64 problem on the host keeps ``numpy.float64`` scalars
-        (default); False keeps arrays of one entry (for the tests).
+        (default, except inside :func:`batch_rows`: a batch's block or tail of
+        one problem); False keeps arrays of one entry.
 
     Attributes
     ----------
@@ -329,7 +332,9 @@ class Scalars:
             host = HOST
         self.host = on_cpu if host is None else bool(host) and on_cpu
         single = self.host and self.B == 1 and dtype == torch.float64
-        self.floats = single if floats is None else bool(floats) and single
+        if floats is None:  # (a batch's block or tail of one problem: its arrays, batch_rows)
+            floats = not getattr(_BATCH, "rows", False)
+        self.floats = bool(floats) and single
         self.xp: Any = Floats if self.floats else (np if self.host else torch)
 
     # ---------------------------------------------------------------- to the scalars
@@ -741,19 +746,41 @@ def scalars(like: Tensor, host: bool | None = None, B: int | None = None) -> Sca
         return Scalars(like, host)
     if B is None:
         B = like.shape[0]
-    if B == 1:  # one problem (over 150 calls per curve_fit): by dtype and host alone
+    batch = getattr(_BATCH, "rows", False)
+    if B == 1 and not batch:  # one problem (over 150 calls per curve_fit): by dtype and host
         one = _ONE_ROW.get((like.dtype, host))
         if one is not None and one[0] is HOST:
             return one[1]
-    key = (B, like.dtype, host, HOST)
+    key = (B, like.dtype, host, HOST, batch)
     sc = _FOR_ROWS.get(key)
     if sc is None:
         if len(_FOR_ROWS) >= 256:  # (streamed batches shrink through many sizes)
             _FOR_ROWS.clear()
         sc = _FOR_ROWS[key] = Scalars(like, host)
-    if B == 1:
+    if B == 1 and not batch:
         _ONE_ROW[(like.dtype, host)] = (HOST, sc)
     return sc
+
+
+#: per thread: whether the engine's loop runs a batch's rows (:func:`batch_rows`)
+_BATCH = threading.local()
+
+
+@contextlib.contextmanager
+def batch_rows() -> Iterator[None]:
+    """Within the block, this thread's engine runs problems of a batch
+    (``batch_least_squares``): a state of one row (a block of one problem, or the last
+    problem still running) keeps the batch's arrays of one entry (:class:`Scalars` with
+    ``floats`` False) instead of one problem's host scalars. One float64 problem
+    (``least_squares``, ``curve_fit``) takes numpy's norms and sums where a batch takes
+    torch's ('lm'); a batch's problem must give the same bits whichever problems run
+    beside it (``docs/parity.md``), also when it runs alone."""
+    previous = getattr(_BATCH, "rows", False)
+    _BATCH.rows = True
+    try:
+        yield
+    finally:
+        _BATCH.rows = previous
 
 
 #: :func:`scalars`' objects for CPU tensors
