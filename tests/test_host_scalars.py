@@ -416,3 +416,18 @@ def test_where_rows_selects_as_torch_where_from_host_values():
     assert got.tolist() == [1, 6, 3, 8] and hs_mod.host_value(got).tolist() == [1, 6, 3, 8]
     plain = torch.zeros(4, 3, dtype=torch.float64)  # (no host value: torch's where instead)
     assert hs_mod.where_rows(mask, new_rows, plain) is None
+
+
+def test_batch_rows_keeps_a_row_alone_on_the_batch_path():
+    from torchimize_scipy._engine import host_scalars
+
+    x = torch.zeros(1, 3, dtype=torch.float64)
+    assert host_scalars.for_rows(x).floats  # one problem: host scalars
+    with host_scalars.batch_rows():
+        sc = host_scalars.for_rows(x)
+        assert not sc.floats and sc.host  # a batch's row alone: arrays of one entry
+        assert not host_scalars.Scalars(x).floats
+        with host_scalars.batch_rows(False):  # a single solve inside a batch's function
+            assert host_scalars.for_rows(x).floats
+        assert not host_scalars.for_rows(x).floats
+    assert host_scalars.for_rows(x).floats

@@ -185,7 +185,7 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
     sparse = isinstance(J0, Tensor) and J0.layout in (torch.sparse_coo, torch.sparse_csr)
     with serial_blas(x0.device, rows * m, n), \
             serial_torch(x0.device) if sparse else nullcontext(), \
-            batch_rows() if spec.batch_rows else nullcontext():
+            batch_rows(spec.batch_rows):
         run(problem, rule, start, out, spec.on_finish, spec.on_iteration,
             refill, spec.capacity)
     if scaling is not None:

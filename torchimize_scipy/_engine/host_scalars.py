@@ -767,16 +767,17 @@ _BATCH = threading.local()
 
 
 @contextlib.contextmanager
-def batch_rows() -> Iterator[None]:
+def batch_rows(on: bool = True) -> Iterator[None]:
     """Within the block, this thread's engine runs problems of a batch
-    (``batch_least_squares``): a state of one row (a block of one problem, or the last
-    problem still running) keeps the batch's arrays of one entry (:class:`Scalars` with
-    ``floats`` False) instead of one problem's host scalars. One float64 problem
+    (``batch_least_squares``; ``on`` False: one problem, as outside any block, also
+    inside a batch's user function): a state of one row (a block of one problem, or the
+    last problem still running) keeps the batch's arrays of one entry (:class:`Scalars`
+    with ``floats`` False) instead of one problem's host scalars. One float64 problem
     (``least_squares``, ``curve_fit``) takes numpy's norms and sums where a batch takes
     torch's ('lm'); a batch's problem must give the same bits whichever problems run
     beside it (``docs/parity.md``), also when it runs alone."""
     previous = getattr(_BATCH, "rows", False)
-    _BATCH.rows = True
+    _BATCH.rows = on
     try:
         yield
     finally:
