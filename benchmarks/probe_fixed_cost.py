@@ -14,12 +14,12 @@ Usage::
 from __future__ import annotations
 
 import statistics
-import time
 
 import _env  # noqa: F401  (sets BLAS threads before numpy is imported)
 import numpy as np
 import scipy.optimize
 from _common import base_parser, md_table, setup, write_json
+from bench_single import median_times
 
 from torchimize_scipy import least_squares
 
@@ -33,14 +33,8 @@ def jac(x):
 
 
 def block(solve, x0, method: str, calls: int) -> float:
-    for _ in range(calls // 6):  # (warm)
-        solve(fun, x0, jac=jac, method=method)
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        solve(fun, x0, jac=jac, method=method)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``calls`` consecutive calls (``bench_single.median_times``)."""
+    return median_times(lambda: solve(fun, x0, jac=jac, method=method), calls, 0.0)[0]
 
 
 def main() -> None:

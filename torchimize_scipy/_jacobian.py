@@ -224,8 +224,7 @@ def _host_differences(fun: BatchedFun, x0: Tensor, f0: Tensor, idx: Tensor, meth
     this replaces some 40 torch operations per Jacobian by numpy's on a few entries.
     """
     def host(t: Tensor) -> np.ndarray:
-        known = host_scalars.host_rows(t)
-        return (known if known is not None else t.numpy())[0]
+        return host_scalars.host_array(t)[0]
 
     x, f = host(x0), host(f0)
     n, m = x.shape[0], f.shape[0]

@@ -180,6 +180,13 @@ def host_rows(t: Tensor) -> np.ndarray | None:
     return getattr(t, _HOST_ROWS, None)
 
 
+def host_array(t: Tensor) -> np.ndarray:
+    """The host array of the CPU tensor ``t``: the one it remembers (:func:`host_rows`), or
+    a view of its memory."""
+    known = getattr(t, _HOST_ROWS, None)
+    return t.detach().numpy() if known is None else known
+
+
 def remember_rows(t: Tensor, a: np.ndarray) -> Tensor:
     """``t``, a CPU tensor of two or more dimensions made from (or equal to) the private
     array ``a`` of its shape and dtype, remembering ``a`` as its host value (so that

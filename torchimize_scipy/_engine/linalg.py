@@ -59,7 +59,7 @@ from torch.linalg import vector_norm as vnorm
 from .._blas_threads import GRAIN_SIZE, serial_blas
 from . import csr, host_lapack, host_scalars
 from .counts import count_true, known_count, known_finite, known_unit, mark_finite, remember
-from .host_scalars import host_rows, remember_rows
+from .host_scalars import host_array, host_rows, remember_rows
 from .problem import host_transposed_rows
 
 
@@ -481,7 +481,7 @@ def one_host_svd(A: Tensor, f: Tensor,
             or A.dtype != torch.float64 or not A.is_cpu or host_scalars.HOST is False
             or (A.requires_grad and torch.is_grad_enabled()) or f.requires_grad):
         return None
-    a, f_h = _host_rows_of(A)[0], _host_rows_of(f)[0]
+    a, f_h = host_array(A)[0], host_array(f)[0]
     if diag is not None:
         # (torch's own square roots: its float64 sqrt on the CPU is not correctly rounded
         # everywhere, and numpy's would differ from it in the last bit now and then)
@@ -512,12 +512,6 @@ def host_svd_factors(a: np.ndarray, f: np.ndarray) -> tuple[Tensor, Tensor, Tens
     return (remember_rows(torch.from_numpy(s_h), s_h),
             remember_rows(torch.from_numpy(V_h), V_h),
             remember_rows(torch.from_numpy(uf_h), uf_h))
-
-
-def _host_rows_of(t: Tensor) -> np.ndarray:
-    """The host array of the CPU tensor ``t`` (the one it remembers, or its memory)."""
-    known = host_rows(t)
-    return t.detach().numpy() if known is None else known
 
 
 def thin_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
