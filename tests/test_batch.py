@@ -915,6 +915,19 @@ def test_chunk_size_invariance_bounded_robust():
     assert_batches_identical(batch_least_squares(fun_v, x0, chunk_size=2, **kw), base)
 
 
+@pytest.mark.parametrize("loss", ["soft_l1", "huber", "cauchy", "arctan"])
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+def test_chunk_size_invariance_robust_losses(method, loss):
+    """Robust losses too: a row's loss values and its scaled Jacobian's layout do not
+    depend on its neighbours (before, 'trf' rows differed at 1e-13 for 1-3 of 8 seeds)."""
+    for seed in range(4):
+        x0, y = make_data(7, seed=seed, outliers=True)
+        kw = dict(method=method, loss=loss, f_scale=0.1, args=(y,))
+        base = batch_least_squares(fun_v, x0, **kw)
+        for cs in (1, 3):
+            assert_batches_identical(batch_least_squares(fun_v, x0, chunk_size=cs, **kw), base)
+
+
 def test_progress_bar(capsys):
     B = 9
     x0, y = make_data(B, seed=22)

@@ -223,3 +223,21 @@ def test_scale_for_robust_loss_clipping():
         (J_s.transpose(1, 2) @ f_s[..., None])[..., 0],
         (J.transpose(1, 2) @ (rho[1] * f)[..., None])[..., 0],
     )
+
+
+@pytest.mark.parametrize("name", ["soft_l1", "huber", "cauchy", "arctan"])
+def test_a_rows_values_do_not_depend_on_its_place_in_the_batch(name):
+    """Each row of ``(B, m)`` residuals gets the values it gets alone, bit for bit: no
+    kernel whose vector lanes and scalar tail round differently (torch's float64
+    ``t**-1.5`` on the CPU did, so a batch cut into other chunks gave other bits)."""
+    gen = torch.Generator().manual_seed(1)
+    for B, m in [(6, 9), (7, 15), (40, 9), (3, 100)]:
+        f = 3 * torch.randn(B, m, generator=gen, dtype=torch.float64)
+        J = torch.randn(B, m, 3, generator=gen, dtype=torch.float64)
+        loss = make_loss(name, 0.5)
+        rho = loss.rho(f.clone())
+        J_s, f_s = loss.scaled_system(J, f.clone())
+        for i in range(B):
+            assert torch.equal(loss.rho(f[i:i + 1].clone())[:, 0], rho[:, i])
+            J_i, f_i = loss.scaled_system(J[i:i + 1].clone(), f[i:i + 1].clone())
+            assert torch.equal(J_i[0], J_s[i]) and torch.equal(f_i[0], f_s[i])

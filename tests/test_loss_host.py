@@ -92,8 +92,8 @@ def test_host_loss_keeps_non_finite_values(name):
 
 def test_host_loss_calls_few_torch_kernels():
     """soft_l1 with 15 residuals: the cost calls two torch kernels (square root, sum),
-    the linearisation two (the power -1.5 and the scaling's square root); the tensor
-    code calls 8 and 19 (with the products)."""
+    the linearisation one (the scaling's square root; ``t**-1.5`` is ``t**-0.5 / t``, in
+    Python floats); the tensor code calls 8 and 19 (with the products)."""
     loss = make_loss("soft_l1", 0.1)
     prob = _problem(15, 3, loss)
     f, J = _data(np.random.default_rng(0), 15, 3)
@@ -106,7 +106,7 @@ def test_host_loss_calls_few_torch_kernels():
         prob.linearize(f, J)
     kernels = [n for n in names if n in ("sqrt", "sum", "pow", "__pow__", "mul", "div",
                                           "__mul__", "__truediv__", "clamp", "bmm")]
-    assert sorted(kernels) == ["pow", "sqrt"]
+    assert sorted(kernels) == ["sqrt"]
 
 
 @pytest.mark.parametrize("case", ["batch", "float32", "large", "callable", "tensor_scale",

@@ -1,11 +1,12 @@
-"""``linalg.factorize``'s ``rejected``: a tail that the Gram route rejected skips its test.
+"""``linalg.factorize``'s ``rejected``: a row the Gram route rejected keeps the SVD.
 
 In a batch's ill-conditioned tail the same few rows are rejected by the Gram
 route's test (LU and ``cond1``, then ``eigh``) round after round, and then take
-the SVD anyway. ``Factors.rejected`` remembers each row's verdict; a batch of
-fewer than ``WITHIN_MIN_ROWS`` rows that were all rejected at their last test
-goes to the direct SVD at once. Any other batch is tested as ever, and its
-verdicts replace the remembered ones.
+the SVD anyway. ``Factors.rejected`` remembers each row's verdict; a row
+rejected once takes the direct SVD from then on, whatever the other rows of its
+batch do (its route depends on its own history alone, so a batch cut into
+other chunks gives each problem the same bits), and a batch whose every row was
+rejected skips the LU and the test at once, at any size.
 """
 
 from __future__ import annotations
@@ -60,33 +61,47 @@ def test_a_rejected_tail_skips_the_test_and_takes_the_direct_svd(with_d, with_di
         assert torch.equal(got, want)
 
 
-def test_a_row_not_rejected_keeps_the_test_for_every_row(monkeypatch):
+def test_a_row_rejected_before_keeps_the_svd_beside_rows_that_are_tested(monkeypatch):
     J, f, d = _jac(6, cond_bad=True)
     Jg, _, _ = _jac(6, cond_bad=False)
-    J[0] = Jg[0]  # row 0 has become well-conditioned
+    J[0] = Jg[0]  # row 0 has become well-conditioned, but was rejected before
+    J[5] = Jg[5]  # row 5 is well-conditioned and was not rejected
     remembered = torch.tensor([True, True, True, True, True, False])
     calls = _count_inverses(monkeypatch)
     fac = factorize(J, d, f, use_gram=True, rejected=remembered)
-    assert calls == [6]
-    # the verdicts are the test's, not the remembered ones
-    assert fac.gram.tolist() == [True] + [False] * 5
-    assert fac.rejected.tolist() == [False] + [True] * 5
+    assert calls == [6]  # (row 5 is tested)
+    assert fac.gram.tolist() == [False] * 5 + [True]
+    assert fac.rejected.tolist() == [True] * 5 + [False]
+    # each rejected row's SVD data are those it gets in a tail of its own (the direct
+    # SVD): the same route whatever its neighbours
+    alone = factorize(J[:5], d[:5], f[:5], use_gram=True, rejected=remembered[:5])
+    for got, want in zip(fac[:3], alone[:3], strict=True):
+        assert torch.equal(got[:5], want)
 
 
-def test_a_rejected_batch_of_many_rows_is_tested(monkeypatch):
+def test_a_rejected_batch_of_many_rows_skips_the_test(monkeypatch):
     J, f, d = _jac(WITHIN_MIN_ROWS, cond_bad=True)
     calls = _count_inverses(monkeypatch)
-    factorize(J, d, f, use_gram=True, rejected=torch.ones(WITHIN_MIN_ROWS, dtype=torch.bool))
-    assert calls == [WITHIN_MIN_ROWS]
+    fac = factorize(J, d, f, use_gram=True,
+                    rejected=torch.ones(WITHIN_MIN_ROWS, dtype=torch.bool))
+    assert calls == []
+    assert not bool(fac.gram.any()) and bool(fac.rejected.all())
 
 
-def test_off_the_host_the_test_always_runs(monkeypatch):
-    monkeypatch.setattr(linalg.host_scalars, "HOST", False)
+def test_off_the_host_the_rows_take_the_same_route(monkeypatch):
+    """Off the host no count is read: the test runs, and the rows rejected before still
+    take the direct SVD, with the host's values."""
     J, f, d = _jac(5, cond_bad=True)
+    Jg, _, _ = _jac(5, cond_bad=False)
+    J[1] = Jg[1]  # (would pass the test)
+    on_host = factorize(J, d, f, use_gram=True, rejected=torch.ones(5, dtype=torch.bool))
+    monkeypatch.setattr(linalg.host_scalars, "HOST", False)
     calls = _count_inverses(monkeypatch)
     fac = factorize(J, d, f, use_gram=True, rejected=torch.ones(5, dtype=torch.bool))
     assert calls == [5]
-    assert bool(fac.rejected.all())
+    assert bool(fac.rejected.all()) and not bool(fac.gram.any())
+    for got, want in zip(fac[:3], on_host[:3], strict=True):
+        assert torch.equal(got, want)
 
 
 # ---------------------------------------------------------------- end to end
@@ -117,7 +132,7 @@ def _peaks_jac(p, y):
 @pytest.mark.parametrize("method", ["trf", "lm"])
 def test_an_ill_conditioned_batch_matches_single_runs(method, monkeypatch):
     """Two coinciding peaks (an ill-conditioned fit for hundreds of iterations) beside
-    well-separated ones: the batch skips tests on its rejected tail, and every row ends
+    well-separated ones: the batch skips the test on its rejected tail, and every row ends
     where a single run (the SVD, as scipy) ends, to the solver's tolerance."""
     rng = np.random.default_rng(4)
     B = 8
@@ -126,14 +141,14 @@ def test_an_ill_conditioned_batch_matches_single_runs(method, monkeypatch):
     y = _peaks(truth, np.zeros((B, M))) + 0.05 * rng.normal(size=(B, M))
     p0 = truth * (1 + 0.05 * rng.normal(size=truth.shape))
     skipped = []
-    real = linalg._all_rejected_on_host
+    real = linalg._count_rejected
 
     def spy(rejected):
-        every = real(rejected)
-        skipped.append(every)
-        return every
+        count = real(rejected)
+        skipped.append(count == rejected.shape[0])
+        return count
 
-    monkeypatch.setattr(linalg, "_all_rejected_on_host", spy)
+    monkeypatch.setattr(linalg, "_count_rejected", spy)
     res = batch_least_squares(_peaks, p0, jac=_peaks_jac, args=(y,), method=method,
                               return_jac=False)
     assert any(skipped)  # (tests were skipped: the case still exercises the shortcut)
@@ -143,3 +158,22 @@ def test_an_ill_conditioned_batch_matches_single_runs(method, monkeypatch):
                             method=method)
         # the same minimum: costs to ftol (1e-8) relative, with a margin for the path
         assert abs(float(res.cost[i]) - one.cost) <= 1e-6 * one.cost, i
+
+
+@pytest.mark.parametrize("method", ["trf", "lm"])
+def test_an_ill_conditioned_batch_cut_into_chunks_gives_the_same_bits(method):
+    """A row's route (Gram, eigh or SVD) depends on its own history, not on whether its
+    neighbours were rejected too: blocks of one problem give the batch's bits (before,
+    every seed differed, 'lm' by up to 3e-6 in x)."""
+    rng = np.random.default_rng(0)
+    B = 12
+    truth = np.stack([np.full(B, 1.0), np.full(B, 4.0), np.full(B, 0.8),
+                      np.full(B, 1.0), 4.0 + np.linspace(0.0, 3.0, B), np.full(B, 0.8)], 1)
+    y = _peaks(truth, np.zeros((B, M))) + 0.05 * rng.normal(size=(B, M))
+    p0 = truth * (1 + 0.1 * rng.normal(size=truth.shape))
+    kw = dict(jac=_peaks_jac, args=(y,), method=method)
+    base = batch_least_squares(_peaks, p0, **kw)
+    for cs in (1, 5):
+        res = batch_least_squares(_peaks, p0, chunk_size=cs, **kw)
+        for field in ("x", "cost", "nfev", "njev", "status", "optimality"):
+            np.testing.assert_array_equal(getattr(res, field), getattr(base, field))

@@ -58,10 +58,13 @@ loss's value and derivatives are written once against an operations
 namespace: :class:`_TensorOps` (tensors) or :class:`_FloatOps` (lists of
 floats), whose ``map`` applies an elementwise formula of ``+ - * /`` and
 comparisons, written for either, in one pass. These operations are exact in
-IEEE arithmetic; the square root, powers other than 2 and -0.5, ``log1p``,
-``arctan`` and the cost's sum are torch's own kernels on the row (torch's
-float64 ``sqrt`` and ``pow`` are not always correctly rounded on this CPU,
-and its sum groups the terms its own way), so both give the same values.
+IEEE arithmetic; the square root, ``log1p``, ``arctan`` and the cost's sum
+are torch's own kernels on the row (torch's float64 ``sqrt`` is not always
+correctly rounded on this CPU, and its sum groups the terms its own way), so
+both give the same values. The only powers are ``t**2`` (``t * t``) and
+``t**-0.5``; ``t**-1.5`` is ``t**-0.5 / t``: torch's float64 ``pow`` by -1.5
+on the CPU rounds differently in its vector lanes and in a tensor's scalar
+tail, which would make a row's value depend on its place in a batch.
 """
 
 from __future__ import annotations
@@ -260,8 +263,11 @@ def _at_most_one(z: Tensor) -> Tensor:
     return z <= 1
 
 
-def _minus_half(p: Tensor) -> Tensor:
-    return -0.5 * p
+def _minus_half_over(r: Tensor, t: Tensor) -> Tensor:
+    """``-0.5 t**-1.5`` from ``r = t**-0.5``: ``-0.5 * (r / t)``. Not ``t**-1.5``: torch's
+    float64 ``pow`` on the CPU rounds differently in its vector lanes and in a tensor's
+    scalar tail, so a row's value would depend on its place in a ``(B, m)`` tensor."""
+    return -0.5 * (r / t)
 
 
 def _reciprocal(t: Tensor) -> Tensor:
@@ -286,7 +292,8 @@ def _soft_l1_value(z: Tensor, ops: Any = _TENSORS) -> Tensor:
 
 def _soft_l1_derivatives(z: Tensor, ops: Any = _TENSORS) -> tuple[Tensor, Tensor]:
     t = ops.one_plus(z)
-    return ops.power(t, -0.5), ops.map(_minus_half, ops.power(t, -1.5))
+    r = ops.power(t, -0.5)
+    return r, ops.map(_minus_half_over, r, t)
 
 
 def _soft_l1_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -312,8 +319,9 @@ def _huber_value(z: Tensor, ops: Any = _TENSORS) -> Tensor:
 def _huber_derivatives(z: Tensor, ops: Any = _TENSORS) -> tuple[Tensor, Tensor]:
     inner = ops.map(_at_most_one, z)
     zo = ops.where(inner, ops.ones_like(z), z)  # (see _huber_value)
-    return (ops.where(inner, ops.ones_like(z), ops.power(zo, -0.5)),
-            ops.where(inner, ops.zeros_like(z), ops.map(_minus_half, ops.power(zo, -1.5))))
+    r = ops.power(zo, -0.5)
+    return (ops.where(inner, ops.ones_like(z), r),
+            ops.where(inner, ops.zeros_like(z), ops.map(_minus_half_over, r, zo)))
 
 
 def _huber_parts(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:

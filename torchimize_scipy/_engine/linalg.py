@@ -33,11 +33,11 @@ prepares one of two representations per problem (a :class:`Factors`):
   (a few rows' tail computes :math:`\kappa_1` at once). A batch that the route
   rejects entirely takes its SVD data from its whole tensors, without selecting
   every row first. Each row's verdict is remembered (``Factors.rejected``): a
-  tail of fewer than ``WITHIN_MIN_ROWS`` rows, every one of them rejected at
-  its last test, skips the test (LU, ``cond1``, ``eigh``) and takes the direct
-  SVD at once, as the test would send nearly all of them; any other batch is
-  tested, so a row that has become well-conditioned returns to the Gram route
-  as soon as it shares a round with a row not rejected.
+  row rejected once takes the direct SVD (scipy's own factorisation) for the
+  rest of its run, without the test, whatever its neighbours do, so that its
+  route, and its bits, depend on its own history alone (a batch cut into other
+  chunks gives the same results); a batch whose every row was rejected skips
+  the LU and the test (``cond1``, ``eigh``) at once.
 
 The trust-region subproblem solves built on these factors are in
 :mod:`.trust_region`; MINPACK's pivoted QR for rank-deficient 'lm' steps is in
@@ -188,11 +188,13 @@ def factorize(
         Take the Gram route where it is trusted (batches) instead of the
         direct SVD (single problems, as scipy).
     rejected : Tensor, shape (B,), bool, optional
-        The previous factorisation's :attr:`Factors.rejected` of these rows.
-        On the host, a batch of fewer than :data:`WITHIN_MIN_ROWS` rows that
-        were all rejected at their last test skips the test and takes the
-        direct SVD at once (:data:`WITHIN_MIN_ROWS`' note: a batch's
-        ill-conditioned tail).
+        The previous factorisation's :attr:`Factors.rejected` of these rows. A
+        row rejected once keeps the direct SVD (scipy's own factorisation) for
+        the rest of its run, without the test, whatever the other rows of the
+        batch do: each problem's route, and so its arithmetic, depends on its
+        own history alone (a batch cut into other chunks gives the same bits).
+        A batch whose every row was rejected skips the LU and the test at once
+        (a batch's ill-conditioned tail).
 
     Returns
     -------
@@ -211,11 +213,10 @@ def factorize(
         Atf = Atf * d
     if diag is not None:
         H = H + torch.diag_embed(diag.clamp(min=0))
-    if rejected is not None and B < WITHIN_MIN_ROWS and _all_rejected_on_host(rejected):
-        # every row was rejected at its last test: the direct SVD at once, as the test
-        # would send them (the rows LU or eigh would pass are rare there, and the SVD,
-        # scipy's own factorisation, serves them too). ``H`` stands in for ``Hinv``,
-        # which no row reads (no Gram row).
+    n_sticky = None if rejected is None else _count_rejected(rejected)
+    if n_sticky == B:
+        # every row was rejected before: the direct SVD at once, as each row's own rule
+        # says. ``H`` stands in for ``Hinv``, which no row reads (no Gram row).
         s, V, uf = _direct_svd_factors(J, d, f, diag)
         none = remember(torch.zeros(B, dtype=torch.bool, device=H.device), 0)
         return Factors(s, V, uf, H, H, Atf, none, rejected)
@@ -228,7 +229,8 @@ def factorize(
     with serial_lapack(H):
         Hinv, info = torch.linalg.inv_ex(H)
     limit = gram_cond_limit(H.dtype)
-    if finite is None and B >= WITHIN_MIN_ROWS and _all_within(H, Hinv, info, limit / n):
+    if finite is None and not n_sticky and B >= WITHIN_MIN_ROWS \
+            and _all_within(H, Hinv, info, limit / n):
         # every row on the Gram route, proven without its condition number
         ok = remember(torch.ones(B, dtype=torch.bool, device=H.device), B)
         return Factors(mark_finite(H.new_zeros(B, n)), H.new_zeros(B, n, n), H.new_zeros(B, n),
@@ -242,6 +244,10 @@ def factorize(
     fin = None if finite is None else hs.get(finite)
     if fin is not None:
         ok = fin & ok
+    # (None: no row rejected before, or nothing remembered)
+    sticky = None if rejected is None or n_sticky == 0 else hs.get(rejected)
+    if sticky is not None:
+        ok = ok & ~sticky
     n_ok = hs.count(ok)
     # (the count serves routes() too; the tensor remembers no host value: one problem's
     # rules read their own, as numpy scalars)
@@ -250,8 +256,11 @@ def factorize(
     if n_ok == B:
         return Factors(mark_finite(H.new_zeros(B, n)), H.new_zeros(B, n, n), H.new_zeros(B, n),
                        H, Hinv, Atf, ok_t, rejected_t)
-    # beyond this, the eigen-decomposition of H cannot be trusted either: to the SVD
+    # beyond this, the eigen-decomposition of H cannot be trusted either: to the SVD (as
+    # every row rejected before)
     eig_hopeless = ~(cond1 <= n * limit)
+    if sticky is not None:
+        eig_hopeless = eig_hopeless | sticky
     if n_ok == 0:  # (every row rejected, as in an ill-conditioned tail: no selection)
         return Factors(*_rejected_factors(H, Atf, J, d, f, diag, fin, eig_hopeless, hs),
                        H, Hinv, Atf, ok_t, rejected_t)
@@ -312,14 +321,16 @@ def _whole(t: Tensor | None) -> Tensor | None:
     return t.view_as(t) if t.is_contiguous() else t.contiguous()
 
 
-def _all_rejected_on_host(rejected: Tensor) -> bool:
-    """Whether every row of ``rejected`` (a bool tensor) is True, read on the host without
-    a dispatch (its remembered count, or numpy's view); False off the host, where the
-    test runs as ever (:func:`_all_within`)."""
-    if not rejected.is_cpu or host_scalars.HOST is False:
-        return False
+def _count_rejected(rejected: Tensor) -> int | None:
+    """How many rows of ``rejected`` (a bool tensor) are True: its remembered count, or
+    numpy's on the host; None off the host, where no count is read (the rows' own masks
+    send them to the SVD all the same, one selection later)."""
     count = known_count(rejected)
-    return bool(rejected.numpy().all()) if count is None else count == rejected.shape[0]
+    if count is not None:
+        return count
+    if not rejected.is_cpu or host_scalars.HOST is False:
+        return None
+    return int(np.count_nonzero(rejected.numpy()))
 
 
 #: Fewest rows for which :func:`factorize` first tries :func:`_all_within` (which saves
@@ -327,11 +338,8 @@ def _all_rejected_on_host(rejected: Tensor) -> bool:
 #: the few rows of a batch's tail, the test costs about as many torch operations as
 #: ``cond1`` itself (8 and 10, each with one host read), and an ill-conditioned tail
 #: fails it round after round ('lm' on ``bench_tail.py``: 1,000 of 1,012 models).
-#: Either way the same rows take the Gram route, with the same values. Below it, too, a
-#: batch whose every row was rejected at its last test is not tested again
-#: (:func:`factorize`'s ``rejected``; on ``bench_tail.py``, B = 2,000: 1,072 of 1,204
-#: 'trf' factorisations and 1,100 of 1,199 'lm' ones, in which the test would have passed
-#: 61 rows in all for 'trf' and none for 'lm').
+#: Either way the same rows take the Gram route, with the same values. (A row rejected
+#: before is not tested again at any batch size: :func:`factorize`'s ``rejected``.)
 WITHIN_MIN_ROWS = 64
 
 
