@@ -3,11 +3,12 @@
 The batch loop selects whole rows of its per-problem tensors (compaction, row
 views, the write-out of finished problems). From
 :data:`~torchimize_scipy._engine.loop.NUMPY_ROWS_MIN` entries on, the rows
-of a CPU tensor that is not contiguous are copied by numpy's ``take`` instead
-of torch's ``index_select``: the tests check the rows, the layout of the
-result, that the source is left alone, and that a compacted tensor is still
-written in place by ``put``. The write-out selects the rows of a value only
-for a result the caller keeps.
+of a CPU tensor laid out in no order of its dimensions are copied by numpy's
+``take`` instead of torch's ``index_select``; every move keeps a tensor's
+layout (``row_layout``: a transposed Jacobian stays transposed). The tests
+check the rows, the layout of the result, that the source is left alone, and
+that a compacted tensor is still written in place by ``put``. The write-out
+selects the rows of a value only for a result the caller keeps.
 """
 
 from __future__ import annotations
@@ -38,14 +39,53 @@ def test_gather_rows_takes_the_rows(dtype):
     assert torch.equal(t[5], _big(dtype)[5])
 
 
-def test_gather_rows_of_a_transposed_batch_is_contiguous():
+def test_gather_rows_of_a_transposed_batch_keeps_its_layout():
     t = _big(shape=(B * 8, 4, 4)).mT  # LAPACK's column-major inverses
     rows = torch.arange(0, B * 8, 3)
     out = gather_rows(t, rows)
-    assert out.is_contiguous()
+    assert out.stride() == (16, 1, 4)  # (row_layout: the rows stay column-major)
     assert torch.equal(out[7], t[21])
     out.zero_()  # a copy: the source keeps its values
     assert torch.equal(t[21], _big(shape=(B * 8, 4, 4)).mT[21])
+
+
+def test_gather_rows_of_a_strided_slice_takes_numpys_copy(monkeypatch):
+    t = _big(shape=(B, 64, 8))[:, :, ::2]  # (laid out in no order of its dimensions)
+    assert loop.row_layout(t) is None and not t.is_contiguous()
+    taken = []
+    real = loop.np.take
+    monkeypatch.setattr(loop.np, "take", lambda *a, **k: taken.append(1) or real(*a, **k))
+    rows = torch.tensor([3, 0, 4000])
+    out = gather_rows(t, rows)
+    assert taken == [1] and out.is_contiguous()
+    for i, r in enumerate(rows.tolist()):
+        assert torch.equal(out[i], t[r])
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 3), (B, 64, 4)])
+def test_moves_of_rows_keep_a_transposed_layout(shape):
+    """Compaction, merges (out of place) and appended rows keep the Jacobian's layout of
+    finite differences, so that a moved row's products sum in the same order."""
+    J = _big(shape=(shape[0], shape[2], shape[1])).mT
+    layout = J.stride()
+    state = {"J": J, "x": torch.zeros(shape[0], 3)}
+    compact(state, torch.arange(0, shape[0], 2))
+    kept = state["J"]
+    assert kept.stride() == (layout[0], 1, shape[1]) and torch.equal(kept, J[::2])
+    view = RowView(state, torch.tensor([1]))
+    view["J"] = view["J"] * 2
+    state["other"] = kept  # (held elsewhere too: merged out of place)
+    put(state, torch.tensor([1]), view)
+    assert state["J"].stride() == kept.stride()
+    assert torch.equal(state["J"][1], 2 * J[2]) and torch.equal(state["J"][0], J[0])
+    del state["other"]
+    more = {"J": J[:2].clone(memory_format=torch.preserve_format),
+            "x": torch.zeros(2, 3)}
+    assert more["J"].stride() == J.stride()
+    n = state["J"].shape[0]
+    loop.concat(state, more)
+    assert state["J"].stride() == (layout[0], 1, shape[1])
+    assert torch.equal(state["J"][n:], J[:2])
 
 
 def test_small_or_autograd_tensors_stay_with_torch():

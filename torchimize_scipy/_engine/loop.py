@@ -27,8 +27,9 @@ trial replaces, such as 'lm''s ``J`` on the Gram route, are compacted only if
 some row rejects its trial: :data:`DEFERRABLE_KEYS`). The write-out selects the
 rows of a value only for a result the caller keeps (no rows of ``J`` without
 ``return_jac``), and rows are selected
-by :func:`gather_rows` (``index_select``; numpy's ``take`` for a large CPU
-tensor that is not contiguous, such as LAPACK's column-major inverses), into
+by :func:`gather_rows` (``index_select``, keeping a tensor's layout:
+:func:`row_layout`; numpy's ``take`` for a large CPU tensor laid out in no
+order of its dimensions), into
 the caller's result buffers; one problem's output (``least_squares``,
 :func:`one_problem_slots`) takes the result tensors themselves instead (the
 state's own, which the engine never writes, or tensors of its host values:
@@ -51,6 +52,7 @@ import contextlib
 import math
 import sys
 from collections.abc import Callable, Collection
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,19 +116,53 @@ _NUMPY_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.in
                            torch.complex64, torch.complex128})
 
 
-def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
-    """``t.index_select(0, rows)``: the same values, in a new contiguous tensor.
+def row_layout(t: Any) -> tuple[int, ...] | None:
+    """The order of ``t``'s dimensions (the batch's first) in which a strided tensor that
+    is not contiguous is laid out contiguously, or None (contiguous, not a strided
+    tensor, or no such order): e.g. ``(0, 2, 1)`` for a ``(B, m, n)`` Jacobian of
+    finite differences, whose rows are stored transposed.
 
-    The rows of a large CPU tensor that is not contiguous (a ``(B, n, n)``
-    batch of inverses in LAPACK's column-major layout, 'lm''s and 'trf''s
-    ``fac_Hinv`` on the Gram route) are copied by numpy's ``take`` into a
-    contiguous tensor of torch's: ``index_select`` walks their strides
-    element by element (at 8,192 rows of 4 x 4, 0.5 ms against 1.0 ms). A
-    copy: the same bits either way. Contiguous tensors stay with
-    ``index_select``, as fast as numpy there (a 'lm' Jacobian of 64 x 4:
-    4.0-6.2 ms both ways at 5,500-8,200 rows). A sparse or operator Jacobian
-    (``tr_solver='lsmr'``) selects its own rows.
+    The loop's moves of rows (:func:`gather_rows`, :func:`put`, :func:`concat`) keep that
+    layout. torch's ``index_select``, ``index_copy`` and ``cat`` would return row-major
+    tensors, and a row's products (``bmm``, numpy's ``matmul``) sum in an order that
+    depends on the layout: a problem whose rows were moved (its neighbours finished,
+    or joined) would round differently from one whose rows were not, and a batch cut
+    into other chunks would give other bits.
     """
+    if not isinstance(t, Tensor) or t.ndim < 3 or t.layout != torch.strided \
+            or t.is_contiguous():
+        return None
+    order = (0, *sorted(range(1, t.ndim), key=t.stride, reverse=True))
+    return order if t.stride(0) >= max(t.stride()) and t.permute(order).is_contiguous() \
+        else None
+
+
+def _undo(order: tuple[int, ...]) -> tuple[int, ...]:
+    """The permutation that undoes ``order``."""
+    back = [0] * len(order)
+    for i, d in enumerate(order):
+        back[d] = i
+    return tuple(back)
+
+
+def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """``t.index_select(0, rows)``: the same values, in a new tensor of ``t``'s layout
+    (:func:`row_layout`; contiguous where ``t`` is laid out in no order).
+
+    A tensor laid out in an order of its dimensions (a ``(B, n, n)`` batch of
+    inverses in LAPACK's column-major layout, 'lm''s and 'trf''s ``fac_Hinv``
+    on the Gram route; a Jacobian of finite differences) has the rows of its
+    contiguous permutation selected by ``index_select`` (as fast as numpy
+    there: a 'lm' Jacobian of 64 x 4, 4.0-6.2 ms both ways at 5,500-8,200
+    rows). The rows of a large CPU tensor laid out in no such order are
+    copied by numpy's ``take`` into a contiguous tensor of torch's:
+    ``index_select`` walks their strides element by element (at 8,192 rows
+    of 4 x 4, 0.5 ms against 1.0 ms). A copy: the same bits either way. A
+    sparse or operator Jacobian (``tr_solver='lsmr'``) selects its own rows.
+    """
+    order = row_layout(t)
+    if order is not None:  # (the rows of the contiguous permutation, permuted back)
+        return gather_rows(t.permute(order), rows).permute(_undo(order))
     if (not isinstance(t, Tensor) or t.numel() < NUMPY_ROWS_MIN or t.is_contiguous()
             or t.device.type != "cpu"
             or rows.device.type != "cpu" or t.layout != torch.strided
@@ -202,6 +238,9 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
                 old = state[k]
                 if old.numel() >= IN_PLACE_MIN and _private(state, sub, k, v, old):
                     merged = done[key] = old.index_copy_(0, rows, v)
+                elif (order := row_layout(old)) is not None:  # (old's layout kept)
+                    merged = done[key] = _owned(old.permute(order).index_copy(
+                        0, rows, v.permute(order)).permute(_undo(order)))
                 else:
                     merged = done[key] = _owned(old.index_copy(0, rows, v))
                 del old
@@ -669,8 +708,15 @@ def concat(state: State, new: State) -> None:
         merged = done.get(key)
         if merged is None:
             # (a sparse or operator Jacobian, tr_solver='lsmr', concatenates itself)
-            merged = done[key] = (torch.cat([v, new[k]]) if isinstance(v, Tensor)
-                                  else v.cat_rows(new[k]))
+            if not isinstance(v, Tensor):
+                merged = v.cat_rows(new[k])
+            elif (order := row_layout(v)) is not None and row_layout(new[k]) == order:
+                # (the rows' common layout kept: see row_layout)
+                merged = torch.cat([v.permute(order), new[k].permute(order)]).permute(
+                    _undo(order))
+            else:
+                merged = torch.cat([v, new[k]])
+            done[key] = merged
             if known_unit(new[k]):  # (ones and ones: still ones)
                 merged = _keep_unit(v, merged)
         state[k] = merged

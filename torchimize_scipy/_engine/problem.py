@@ -196,7 +196,6 @@ class Problem:
         replaced by the squared column norms ``(B, n)``
         (:func:`~torchimize_scipy._engine.operator.linearize_products`).
         """
-        J_true = _batch_layout(J_true)
         if self.products_only:
             from .operator import linearize_products
 
@@ -237,26 +236,6 @@ class Problem:
         Jt = J.transpose(-1, -2)
         g = torch.bmm(Jt, f.unsqueeze(-1)).squeeze(-1)
         return f, J, g, torch.bmm(Jt, J)
-
-
-def _batch_layout(J: Tensor) -> Tensor:
-    """A batch's dense Jacobian in the row-major layout (``J`` itself when it is already,
-    or not a strided tensor, or one float64 problem of ``least_squares``).
-
-    A row's products with ``J`` (``bmm``, numpy's ``matmul``) sum in an order that
-    depends on the layout, and the loop's moves of rows (:func:`~.loop.compact`,
-    :func:`~.loop.concat`, :func:`~.loop.put`) return row-major tensors: a problem
-    whose rows were moved would otherwise round differently from one whose were not,
-    so that a batch cut into other chunks would give other bits. Finite differences
-    make the transposed layout; one contiguous copy per Jacobian fixes the layout for
-    the whole run. One float64 problem (:attr:`~.host_scalars.Scalars.floats`) is never
-    moved and keeps its layout (and its time).
-    """
-    if not isinstance(J, Tensor) or J.layout != torch.strided or J.is_contiguous():
-        return J
-    if J.shape[0] == 1 and scalars(J).floats:
-        return J
-    return J.contiguous()
 
 
 def _host_sum_sq(f: list[float]) -> float:
