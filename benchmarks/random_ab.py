@@ -11,7 +11,8 @@ with ``--torch``, 'autograd' instead of analytic), bounds on some variables,
 a robust loss and ``x_scale`` ('jac', an array, ones or the default). Every
 field of the two results (``x``, ``cost``, ``fun``, ``grad``, ``optimality``,
 ``active_mask``, ``nfev``, ``njev``, ``status``) and the types of ``cost``
-and ``active_mask`` must be equal; the differing problems are printed.
+and ``active_mask`` must be equal; the differing problems are printed, with how
+they differ (the fields, the change of ``x`` and ``cost``, the counts).
 
 Usage (from the repository root)::
 
@@ -84,6 +85,21 @@ def _equal(u: Any, v: Any) -> bool:
     return bool(np.array_equal(u, v, equal_nan=u.dtype.kind == "f"))
 
 
+def _how(a: Any, b: Any, keys: tuple[str, ...]) -> str:
+    """How two results differ: the fields, the largest change of ``x`` relative to
+    ``1 + |x|``, of ``cost`` relative to ``max(cost, 1e-300)``, and the counts."""
+    if isinstance(a, Exception) or isinstance(b, Exception):
+        return f"{a!r} / {b!r}"
+    fields = [k for k in keys if not _equal(getattr(a, k), getattr(b, k))]
+    xa, xb = np.asarray(a.x, dtype=float), np.asarray(b.x, dtype=float)
+    dx = float(np.max(np.abs(xa - xb) / (1 + np.abs(xa)))) if xa.size else 0.0
+    ca, cb = float(a.cost), float(b.cost)
+    dc = abs(ca - cb) / max(abs(ca), 1e-300)
+    counts = (f"nfev {a.nfev}->{b.nfev}, status {a.status}->{b.status}"
+              if ("nfev" in fields or "status" in fields) else "nfev, status equal")
+    return f"fields {fields}; x {dx:.1e} rel, cost {dc:.1e} rel; {counts}"
+
+
 def _solve(lib: Any, fun: Any, x0: Any, kw: dict) -> Any:
     try:
         return lib.least_squares(fun, x0.copy() if isinstance(x0, np.ndarray) else x0.clone(),
@@ -118,7 +134,8 @@ def main() -> None:
             if not same:
                 differ += 1
                 shown = {k: v for k, v in kw.items() if isinstance(v, str)}
-                print(f"problem {i} differs: {shown}, bounds: {'bounds' in kw}")
+                print(f"problem {i} differs: {shown}, bounds: {'bounds' in kw}; "
+                      f"{_how(a, b, keys)}")
     print(f"{args.count} problems ({'torch' if args.torch else 'numpy'} functions), "
           f"{differ} differ from {args.before}")
 

@@ -431,3 +431,32 @@ def test_batch_rows_keeps_a_row_alone_on_the_batch_path():
             assert host_scalars.for_rows(x).floats
         assert not host_scalars.for_rows(x).floats
     assert host_scalars.for_rows(x).floats
+
+
+def test_one_problems_norm_is_the_correctly_rounded_root_of_its_sum_in_order():
+    """One float64 problem's norms on Python floats (no torch reduction): the squares
+    added in order, ``math.sqrt``; remembered on the tensor; inf and NaN kept. A batch
+    keeps torch's norms."""
+    import math
+
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 2, 9, 40):
+        t = torch.randn(1, n, generator=gen, dtype=torch.float64) * 1e3
+        sc = Scalars(t)
+        assert sc.floats
+        got = sc.norm(t)
+        total = 0.0
+        for v in t[0].tolist():
+            total += v * v
+        assert type(got) is np.float64 and got == math.sqrt(total)
+        # (torch's sum groups the squares otherwise: within the bound of a sum of n terms)
+        assert abs(got - float(torch.linalg.vector_norm(t))) <= n * np.finfo(float).eps * got
+        assert sc.norm(t, keepdim=True) is got  # (remembered; the scalar is both)
+    for bad, want in ((float("inf"), math.inf), (float("nan"), None)):
+        t = torch.tensor([[1.0, bad]], dtype=torch.float64)
+        value = Scalars(t).norm(t)
+        assert (value == want) if want is not None else np.isnan(value)
+    rows = torch.randn(3, 9, generator=gen, dtype=torch.float64)
+    sc = Scalars(rows)
+    assert not sc.floats
+    assert np.array_equal(sc.norm(rows), torch.linalg.vector_norm(rows, dim=-1).numpy())

@@ -421,7 +421,13 @@ class Scalars:
 
         On the host the norms (not columns; for :attr:`floats` the scalar, which
         is both) are remembered on the tensor: the current point's norm serves
-        every trial from it, and a step's its trial.
+        every trial from it, and a step's its trial. One float64 problem
+        (:attr:`floats`) sums its squares on Python floats in order and takes
+        ``math.sqrt`` (correctly rounded): no torch reduction dispatched and
+        read back. Its last bits may differ from torch's, whose vectorised sum
+        groups the terms otherwise; a batch keeps torch's, and a block of one
+        problem in a batch is no :attr:`floats` problem (:func:`batch_rows`), so
+        a batch's bits do not depend on its chunks.
         """
         if not self.host:
             return vnorm(t, dim=-1, keepdim=keepdim)
@@ -430,8 +436,17 @@ class Scalars:
             known = getattr(t, _NORM, None)
             if known is not None:
                 return known
+        if self.floats:
+            rows = getattr(t, _HOST_ROWS, None)
+            total = 0.0
+            for v in (t.tolist()[0] if rows is None else rows[0].tolist()):
+                total += v * v
+            # (a sum of squares is not negative: inf and NaN pass through math.sqrt)
+            value = np.float64(math.sqrt(total))
+            setattr(t, _NORM, value)
+            return value
         r = vnorm(t, dim=-1, keepdim=keepdim)
-        value = np.float64(r.item()) if self.floats else r.numpy()
+        value = r.numpy()
         if memo:
             setattr(t, _NORM, value)
         return value
