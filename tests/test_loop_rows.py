@@ -72,11 +72,12 @@ def test_moves_of_rows_keep_a_transposed_layout(shape):
     compact(state, torch.arange(0, shape[0], 2))
     kept = state["J"]
     assert kept.stride() == (layout[0], 1, shape[1]) and torch.equal(kept, J[::2])
+    assert not kept._is_view()  # (a tensor of its own: put may write it in place)
     view = RowView(state, torch.tensor([1]))
     view["J"] = view["J"] * 2
     state["other"] = kept  # (held elsewhere too: merged out of place)
     put(state, torch.tensor([1]), view)
-    assert state["J"].stride() == kept.stride()
+    assert state["J"].stride() == kept.stride() and not state["J"]._is_view()
     assert torch.equal(state["J"][1], 2 * J[2]) and torch.equal(state["J"][0], J[0])
     del state["other"]
     more = {"J": J[:2].clone(memory_format=torch.preserve_format),
@@ -84,8 +85,19 @@ def test_moves_of_rows_keep_a_transposed_layout(shape):
     assert more["J"].stride() == J.stride()
     n = state["J"].shape[0]
     loop.concat(state, more)
-    assert state["J"].stride() == (layout[0], 1, shape[1])
+    assert state["J"].stride() == (layout[0], 1, shape[1]) and not state["J"]._is_view()
     assert torch.equal(state["J"][n:], J[:2])
+
+
+def test_a_compacted_transposed_jacobian_is_still_written_in_place():
+    state = {"J": _big(shape=(B, 4, 64)).mT, "x": torch.zeros(B, 4)}
+    compact(state, torch.arange(0, B, 2))
+    ident, layout = id(state["J"]), state["J"].stride()
+    rows = torch.tensor([1, 7])
+    sub = RowView(state, rows)
+    sub["J"] = sub["J"] + 1
+    put(state, rows, sub)
+    assert id(state["J"]) == ident and state["J"].stride() == layout
 
 
 def test_small_or_autograd_tensors_stay_with_torch():

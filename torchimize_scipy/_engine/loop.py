@@ -137,12 +137,17 @@ def row_layout(t: Any) -> tuple[int, ...] | None:
         else None
 
 
-def _undo(order: tuple[int, ...]) -> tuple[int, ...]:
-    """The permutation that undoes ``order``."""
-    back = [0] * len(order)
-    for i, d in enumerate(order):
-        back[d] = i
-    return tuple(back)
+def _empty_in_layout(like: Tensor, rows: int, order: tuple[int, ...]) -> Tensor:
+    """An empty tensor of ``rows`` rows shaped as ``like``'s, laid out contiguously in the
+    order ``order`` of its dimensions (:func:`row_layout`), and no view: ``put`` may
+    then write it in place (:func:`_private`), as any tensor the loop makes."""
+    shape = (rows, *like.shape[1:])
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= shape[d]
+    return torch.empty_strided(shape, strides, dtype=like.dtype, device=like.device)
 
 
 def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
@@ -161,8 +166,10 @@ def gather_rows(t: Tensor, rows: Tensor) -> Tensor:
     sparse or operator Jacobian (``tr_solver='lsmr'``) selects its own rows.
     """
     order = row_layout(t)
-    if order is not None:  # (the rows of the contiguous permutation, permuted back)
-        return gather_rows(t.permute(order), rows).permute(_undo(order))
+    if order is not None:  # (the rows of the contiguous permutation, in t's layout)
+        out = _empty_in_layout(t, rows.shape[0], order)
+        torch.index_select(t.permute(order), 0, rows, out=out.permute(order))
+        return out
     if (not isinstance(t, Tensor) or t.numel() < NUMPY_ROWS_MIN or t.is_contiguous()
             or t.device.type != "cpu"
             or rows.device.type != "cpu" or t.layout != torch.strided
@@ -239,8 +246,10 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
                 if old.numel() >= IN_PLACE_MIN and _private(state, sub, k, v, old):
                     merged = done[key] = old.index_copy_(0, rows, v)
                 elif (order := row_layout(old)) is not None:  # (old's layout kept)
-                    merged = done[key] = _owned(old.permute(order).index_copy(
-                        0, rows, v.permute(order)).permute(_undo(order)))
+                    merged = _empty_in_layout(old, old.shape[0], order)
+                    merged.copy_(old)
+                    merged.permute(order).index_copy_(0, rows, v.permute(order))
+                    done[key] = merged = _owned(merged)
                 else:
                     merged = done[key] = _owned(old.index_copy(0, rows, v))
                 del old
@@ -712,8 +721,8 @@ def concat(state: State, new: State) -> None:
                 merged = v.cat_rows(new[k])
             elif (order := row_layout(v)) is not None and row_layout(new[k]) == order:
                 # (the rows' common layout kept: see row_layout)
-                merged = torch.cat([v.permute(order), new[k].permute(order)]).permute(
-                    _undo(order))
+                merged = _empty_in_layout(v, v.shape[0] + new[k].shape[0], order)
+                torch.cat([v.permute(order), new[k].permute(order)], out=merged.permute(order))
             else:
                 merged = torch.cat([v, new[k]])
             done[key] = merged
