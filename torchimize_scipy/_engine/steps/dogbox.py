@@ -177,19 +177,25 @@ class Dogbox(StepRule):
     def propose_step(self, problem: Problem, state: dict) -> DogboxTrial:
         # the elementwise work on (B, n) rows on the host when on the CPU (Scalars); the
         # model's value (products with J) and the step's norm are torch operations
+        # (every variable free, as always without bounds: the selections by ``free`` are
+        # the identity, and without bounds so is the clip to them; skipped, the same values)
         sc = for_rows(state["x"])
         xp, rows = sc.xp, sc.rows
         x, lb, ub = rows(state["x"]), rows(state["lb"]), rows(state["ub"])
+        every = _all_free(state["free"])
         free, on_bound = sc.view(state["free"], state["on_bound"])
         with sc.quiet():
-            g_free = xp.where(free, rows(state["g"]), 0.0)
+            g_free = rows(state["g"]) if every else xp.where(free, rows(state["g"]), 0.0)
             tr = sc.get_col(state["delta"]) * rows(state["scale"])
             step, hits, tr_hit = _dogleg(sc, x, rows(state["newton"]), g_free,
                                          state["antigrad_quad"], state["antigrad_lin"], tr, lb,
                                          ub)
-            step = xp.where(free, step, 0.0)
-            x_new = xp.minimum(xp.maximum(x + step, lb), ub)
-            on_bound_new = xp.where(free, hits, on_bound)
+            if not every:
+                step = xp.where(free, step, 0.0)
+            x_new = x + step
+            if problem.bounded:
+                x_new = xp.minimum(xp.maximum(x_new, lb), ub)
+            on_bound_new = hits if every else xp.where(free, hits, on_bound)
             step_h_norm = _max_abs(sc, step * rows(state["scale_inv"]))
         step_t = sc.tensor_rows(step)
         predicted = self.predicted_reduction(state, sc.tensor_rows(g_free), step_t)
