@@ -129,17 +129,23 @@ def _peaks_jac(p, y):
     return J
 
 
+def _coinciding_peaks(B: int, seed: int, spread: float) -> tuple[np.ndarray, np.ndarray]:
+    """Data ``y`` and starts ``p0`` of ``B`` fits of two peaks: the first at 4, the second
+    from 4 (coinciding: ill-conditioned) to 7 (well separated); starts ``spread`` off."""
+    rng = np.random.default_rng(seed)
+    truth = np.stack([np.full(B, 1.0), np.full(B, 4.0), np.full(B, 0.8),
+                      np.full(B, 1.0), 4.0 + np.linspace(0.0, 3.0, B), np.full(B, 0.8)], 1)
+    y = _peaks(truth, np.zeros((B, M))) + 0.05 * rng.normal(size=(B, M))
+    return y, truth * (1 + spread * rng.normal(size=truth.shape))
+
+
 @pytest.mark.parametrize("method", ["trf", "lm"])
 def test_an_ill_conditioned_batch_matches_single_runs(method, monkeypatch):
     """Two coinciding peaks (an ill-conditioned fit for hundreds of iterations) beside
     well-separated ones: the batch skips the test on its rejected tail, and every row ends
     where a single run (the SVD, as scipy) ends, to the solver's tolerance."""
-    rng = np.random.default_rng(4)
     B = 8
-    truth = np.stack([np.full(B, 1.0), np.full(B, 4.0), np.full(B, 0.8),
-                      np.full(B, 1.0), 4.0 + np.linspace(0.0, 3.0, B), np.full(B, 0.8)], 1)
-    y = _peaks(truth, np.zeros((B, M))) + 0.05 * rng.normal(size=(B, M))
-    p0 = truth * (1 + 0.05 * rng.normal(size=truth.shape))
+    y, p0 = _coinciding_peaks(B, seed=4, spread=0.05)
     skipped = []
     real = linalg._count_rejected
 
@@ -165,12 +171,7 @@ def test_an_ill_conditioned_batch_cut_into_chunks_gives_the_same_bits(method):
     """A row's route (Gram, eigh or SVD) depends on its own history, not on whether its
     neighbours were rejected too: blocks of one problem give the batch's bits (before,
     every seed differed, 'lm' by up to 3e-6 in x)."""
-    rng = np.random.default_rng(0)
-    B = 12
-    truth = np.stack([np.full(B, 1.0), np.full(B, 4.0), np.full(B, 0.8),
-                      np.full(B, 1.0), 4.0 + np.linspace(0.0, 3.0, B), np.full(B, 0.8)], 1)
-    y = _peaks(truth, np.zeros((B, M))) + 0.05 * rng.normal(size=(B, M))
-    p0 = truth * (1 + 0.1 * rng.normal(size=truth.shape))
+    y, p0 = _coinciding_peaks(12, seed=0, spread=0.1)
     kw = dict(jac=_peaks_jac, args=(y,), method=method)
     base = batch_least_squares(_peaks, p0, **kw)
     for cs in (1, 5):
