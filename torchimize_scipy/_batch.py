@@ -255,7 +255,13 @@ def batch_least_squares(
     trusted, the SVD of ``J`` as a single call does. Results therefore agree
     with a loop of :func:`torchimize_scipy.least_squares` calls to rounding
     (about 1e-8 relative in ``x`` with finite-difference Jacobians), and they
-    do not depend on ``chunk_size`` or on the other problems of the batch.
+    do not depend on ``chunk_size`` or on the other problems of the batch: a
+    problem whose Gram matrix was rejected once keeps the SVD for the rest of
+    its run. On the CPU that holds bit for bit where each problem's matrices
+    have an even number of entries; MKL rounds a matrix that does not start on
+    a 16-byte boundary differently, so for odd sizes (9 x 9, say) set
+    ``MKL_CBWR=AUTO,STRICT`` before Python starts if you need the same bits in
+    every chunking (``docs/parity.md``).
 
     A call runs until its slowest problem stops, and each iteration has a
     fixed cost of a few hundred tensor operations (about 0.5-3 ms on a CPU)
