@@ -118,3 +118,24 @@ def test_gauss_newton_threshold_is_lapack_eps(small, kept):
     ref, ours = run(so.least_squares), run(least_squares)
     np.testing.assert_allclose(ours.x, ref.x, rtol=1e-9, atol=1e-12)
     assert (abs(ours.x[1]) > 0.1) == kept
+
+
+def test_one_problems_free_variables_and_optimality_are_numpys():
+    """measure_optimality's Python-number path for one problem gives numpy's values:
+    the free mask and the max-norm of the free gradient (NaN kept, infinities, -0.0)."""
+    from torchimize_scipy._engine.steps.dogbox import _free_and_optimality
+
+    rng = np.random.default_rng(7)
+    cases = [(rng.integers(-1, 2, 6), rng.normal(size=6)) for _ in range(50)]
+    cases += [(np.array([0, 1, -1]), np.array([-0.0, np.inf, -np.inf])),
+              (np.array([0, 0, 1]), np.array([1.0, np.nan, 2.0])),
+              (np.array([1, 0]), np.array([np.nan, 3.0])),  # (frozen NaN: 1 * NaN < 0 fails)
+              (np.array([], dtype=np.int64), np.array([]))]
+    for on_bound, g in cases:
+        free, opt = _free_and_optimality(on_bound.tolist(), g.tolist())
+        want_free = (on_bound[None] * g[None] < 0) == 0
+        want = np.amax(np.abs(np.where(want_free, g[None], 0.0)), initial=0.0)
+        assert free.shape == (1, len(g)) and free.dtype == bool
+        assert np.array_equal(free, want_free)
+        assert type(opt) is np.float64
+        assert (opt == want) or (np.isnan(opt) and np.isnan(want))

@@ -111,8 +111,11 @@ class Dogbox(StepRule):
         sc = for_rows(state["x"])
         g = sc.rows(state["g"])
         on_bound, = sc.view(state["on_bound"])
-        free = (on_bound * g < 0) == 0  # (not frozen at a bound)
-        optimality = _max_abs(sc, sc.xp.where(free, g, 0.0))
+        if sc.floats:  # one problem: its few values as Python numbers (the same IEEE values)
+            free, optimality = _free_and_optimality(on_bound[0].tolist(), g[0].tolist())
+        else:
+            free = (on_bound * g < 0) == 0  # (not frozen at a bound)
+            optimality = _max_abs(sc, sc.xp.where(free, g, 0.0))
         state["free"] = free_t = sc.tensor_rows(free)
         if sc.host:  # (the host knows whether every variable is free: _all_free)
             remember(free_t, int(np.count_nonzero(free)))
@@ -256,6 +259,23 @@ def _kept(sc: Scalars, value):
     if sc.floats:
         return sc.keep(value)[0]
     return sc.tensor(value) if sc.host else value
+
+
+def _free_and_optimality(on_bound: list[int], g: list[float]) -> tuple[np.ndarray, np.float64]:
+    """:meth:`Dogbox.measure_optimality`'s free variables ``(1, n)`` and max-norm of the
+    free gradient of one problem from its rows as Python numbers: the same products,
+    comparisons and maximum as numpy's (a NaN propagates, as through ``numpy.amax``)."""
+    free = [not b * v < 0 for b, v in zip(on_bound, g, strict=True)]
+    best = 0.0
+    for keep, v in zip(free, g, strict=True):
+        if keep:
+            a = abs(v)
+            if a != a:  # (NaN)
+                best = a
+                break
+            if a > best:
+                best = a
+    return np.array([free], dtype=bool), np.float64(best)
 
 
 def _max_abs(sc: Scalars, a) -> object:
