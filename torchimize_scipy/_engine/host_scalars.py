@@ -187,6 +187,15 @@ def host_array(t: Tensor) -> np.ndarray:
     return t.detach().numpy() if known is None else known
 
 
+def sum_of_squares(values: list[float]) -> float:
+    """``sum(v**2)`` of one problem's few values (Python floats: IEEE double arithmetic,
+    an overflow gives inf without a warning), the terms added in order from the first."""
+    total = 0.0
+    for v in values:
+        total = total + v * v
+    return total
+
+
 def remember_rows(t: Tensor, a: np.ndarray) -> Tensor:
     """``t``, a CPU tensor of two or more dimensions made from (or equal to) the private
     array ``a`` of its shape and dtype, remembering ``a`` as its host value (so that
@@ -438,9 +447,7 @@ class Scalars:
                 return known
         if self.floats:
             rows = getattr(t, _HOST_ROWS, None)
-            total = 0.0
-            for v in (t.tolist()[0] if rows is None else rows[0].tolist()):
-                total += v * v
+            total = sum_of_squares(t.tolist()[0] if rows is None else rows[0].tolist())
             # (a sum of squares is not negative: inf and NaN pass through math.sqrt)
             value = np.float64(math.sqrt(total))
             setattr(t, _NORM, value)

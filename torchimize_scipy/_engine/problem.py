@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .._loss import LossFunction, scale_for_robust_loss
-from .host_scalars import Scalars, quiet, scalars
+from .host_scalars import Scalars, quiet, scalars, sum_of_squares
 
 #: Residuals and variables up to which one float64 problem's cost and ``J^T f``, ``J^T J``
 #: are summed on the host (:meth:`Problem.cost`, :meth:`Problem.linearize`): torch's sum
@@ -159,7 +159,9 @@ class Problem:
             if f.shape[-1] <= HOST_SUM_ROWS and not f.requires_grad:
                 hs = scalars(f)
                 if hs.floats:  # one float64 problem: its few squares summed on the host
-                    return hs.tensors(np.float64(0.5 * _host_sum_sq(hs.view(f)[0][0].tolist())))[0]
+                    # (the squares added in order: torch's order for so few entries)
+                    total = sum_of_squares(hs.view(f)[0][0].tolist())
+                    return hs.tensors(np.float64(0.5 * total))[0]
             if self.products_only and f.device.type == "cpu" and f.dtype == torch.float64 \
                     and not f.requires_grad:  # numpy on this thread: no torch parallel region
                 a = f.numpy()  # beside the sparse products' helper threads (trf_lsmr)
@@ -238,16 +240,6 @@ class Problem:
         return f, J, g, torch.bmm(Jt, J)
 
 
-def _host_sum_sq(f: list[float]) -> float:
-    """``sum(f**2)`` of one problem's few residuals ``f`` (Python floats: IEEE double
-    arithmetic, an overflow gives inf without a warning), the terms added in order from
-    the first (torch's order for so few entries; see :data:`HOST_SUM_ROWS`)."""
-    total = 0.0
-    for v in f:
-        total = total + v * v
-    return total
-
-
 def host_transposed_product(A: list[list[float]], f: list[float], n: int) -> list[float]:
     """``A^T f`` of one problem's few rows ``A (m, n)`` as Python floats, each entry
     the sum over the rows in order from zero, as torch's small ``bmm`` kernel adds
@@ -294,8 +286,8 @@ def host_matvec_rows(A: np.ndarray, v: np.ndarray) -> np.ndarray | None:
 def _host_normal_equations(f: list[float], J: list[list[float]],
                            n: int) -> tuple[np.ndarray, np.ndarray]:
     """``J^T f (1, n)`` and ``J^T J (1, n, n)`` of one problem's few rows ``J (m, n)``
-    (Python floats, as :func:`_host_sum_sq`), each entry the sum over the rows in order
-    from zero, as torch's small ``bmm`` kernel adds them; ``J^T J`` is symmetric
+    (Python floats, as :func:`~.host_scalars.sum_of_squares`), each entry the sum over
+    the rows in order from zero, as torch's small ``bmm`` kernel adds them; ``J^T J`` is symmetric
     entry by entry (the same products in the same order)."""
     g = host_transposed_product(J, f, n)
     G = [[0.0] * n for _ in range(n)]
