@@ -468,11 +468,12 @@ def test_products_finish_on_the_calling_thread_when_the_helpers_are_busy(monkeyp
     whole = op.BlockCSR(J)
     assert len(whole._a) == 1
     monkeypatch.setattr(op, "_BLOCK_NNZ", 50)
+    monkeypatch.setattr(op, "SPLIT_NNZ", 100)  # each problem in two transposed blocks
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         cut = op.BlockCSR(J)
-        assert len(cut._a) == 4
+        assert len(cut._a) == 4 and cut.shared
         p = torch.as_tensor(rng.standard_normal((2, 80)))
         u = torch.as_tensor(rng.standard_normal((2, 300)))
         release, busy, returned = threading.Event(), threading.Event(), threading.Event()
@@ -487,9 +488,10 @@ def test_products_finish_on_the_calling_thread_when_the_helpers_are_busy(monkeyp
         try:  # the helper busy: the products run here, in full
             assert_bitwise_equal(cut.matvec(p), whole.matvec(p))
             assert_bitwise_equal(cut.rmatvec(u), whole.rmatvec(u))
-            out = np.full((2, 300), np.nan)
-            cut.start_matvec(p.numpy(), out).wait()
-            assert_bitwise_equal(torch.from_numpy(out), whole.matvec(p))
+            t, w = np.full((2, 300), np.nan), np.full((2, 80), np.nan)
+            cut.start_fused(p.numpy(), np.zeros((2, 300)), 0.0, t, np.empty((2, 300)), w).wait()
+            assert_bitwise_equal(torch.from_numpy(t), whole.matvec(p))
+            assert_bitwise_equal(torch.from_numpy(w), cut.rmatvec(torch.from_numpy(t)))
             assert not returned.is_set()  # done without the helper
         finally:
             release.set()
@@ -510,19 +512,21 @@ def test_products_with_helpers_sum_each_row_once(monkeypatch):
     J = _to_coo(_sparse_batch(rng, 3, m=400, n=120))
     whole = op.BlockCSR(J)
     monkeypatch.setattr(op, "_BLOCK_NNZ", 30)
+    monkeypatch.setattr(op, "SPLIT_NNZ", 300)  # each problem in two transposed blocks
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         cut = op.BlockCSR(J)
-        assert len(cut._a) == 4
+        assert len(cut._a) == 4 and cut.shared
         p = rng.standard_normal((3, 120))
         u = rng.standard_normal((3, 400))
         ref = whole.matvec(torch.as_tensor(p)).numpy()
-        ref_t = whole.rmatvec(torch.as_tensor(u)).numpy()
+        ref_t = cut.rmatvec(torch.as_tensor(u)).numpy()
+        ref_w = cut.rmatvec(torch.as_tensor(ref)).numpy()
         for _ in range(200):
-            out = np.zeros((3, 400))
-            cut.start_matvec(p, out).wait()
-            assert np.array_equal(out, ref)
+            out, w = np.zeros((3, 400)), np.full((3, 120), np.nan)
+            cut.start_fused(p, u, 0.0, out, np.empty_like(u), w).wait()
+            assert np.array_equal(out, ref) and np.array_equal(w, ref_w)
             acc, acc_ref = np.ones((3, 400)), np.ones((3, 400))
             cut.matvec_into(p, acc)  # sums onto what is there, as one block does
             whole.matvec_into(p, acc_ref)
@@ -570,9 +574,10 @@ def test_products_raise_a_helpers_error(monkeypatch):
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_products_started_ahead_leave_lsmr_unchanged(monkeypatch, B):
-    """With several row blocks LSMR starts the next A v before updating its scalars; the
-    iterates, stopping reasons and counts are those of one block, bit for bit (problems
-    of a batch stop at different iterations: the frozen ones' rows are discarded)."""
+    """With its products shared with a helper, LSMR (one problem) starts the next pass
+    over A before updating its scalars; the iterates, stopping reasons and counts are
+    those of one thread, bit for bit (problems of a batch stop at different iterations:
+    the frozen ones' rows are discarded)."""
     from torchimize_scipy._engine import csr as op
 
     rng = np.random.default_rng(22)
@@ -582,13 +587,18 @@ def test_products_started_ahead_leave_lsmr_unchanged(monkeypatch, B):
     kw = {"atol": 1e-9, "btol": 1e-9} if B > 1 else {}
     if B > 1:  # problems stop at different iterations
         b[1] *= 1e-3
-    one = lsmr(J, b, damp=torch.linspace(0.0, 0.5, B, dtype=torch.float64), **kw)
-    monkeypatch.setattr(op, "_BLOCK_NNZ", 40)
+    monkeypatch.setattr(op, "SPLIT_NNZ", 400)  # each problem in transposed blocks
     old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = lsmr(J, b, damp=torch.linspace(0.0, 0.5, B, dtype=torch.float64), **kw)
+    finally:
+        torch.set_num_threads(old)
+    monkeypatch.setattr(op, "_BLOCK_NNZ", 40)
     torch.set_num_threads(2)
     try:
         A = as_operator(J)
-        assert len(A._csr._a) == 4
+        assert len(A._csr._a) == 4 and A._csr.shared
         ahead = lsmr(A, b, damp=torch.linspace(0.0, 0.5, B, dtype=torch.float64), **kw)
     finally:
         torch.set_num_threads(old)
@@ -675,46 +685,44 @@ def test_one_problem_float_scalars_exact_start_and_breakdown():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_row_blocks_subtract_in_place_bit_for_bit(monkeypatch, dtype):
-    """``J w - c y`` formed in the row blocks (one problem, several blocks): the same
-    values as the zeroed product followed by ``out = prod - y c``, both ways and for a
-    product started ahead; nothing done for a batch or one block. LSMR with its
-    products so cut (two threads) gives one thread's result bit for bit."""
+def test_fused_pass_is_the_separate_products_bit_for_bit(monkeypatch, dtype):
+    """The fused pass forms ``t = J w - c y`` with the operations of the zeroed product
+    followed by ``t - y c`` (one coefficient, or one per problem), and ``J^T t`` with
+    those of the transposed product, bit for bit, for problems cut into transposed
+    blocks or not. LSMR so cut (two threads) gives one thread's result bit for bit."""
     from torchimize_scipy._engine import csr as op
 
     rng = np.random.default_rng(31)
-    J = _to_coo(_sparse_batch(rng, 1, m=400, n=150)).to(dtype)
-    whole = op.BlockCSR(J)
-    npt = whole.np_dtype
-    w, u = rng.standard_normal((1, 150)).astype(npt), rng.standard_normal((1, 400)).astype(npt)
-    y_m, y_n = rng.standard_normal((1, 400)).astype(npt), rng.standard_normal((1, 150)).astype(npt)
-
-    def reference(forward, vec, c, y):
-        prod = np.zeros_like(y)
-        (whole.matvec_into if forward else whole.rmatvec_into)(vec, prod)
-        return np.subtract(prod, np.multiply(y, c, out=np.empty_like(y)))
-
+    monkeypatch.setattr(op, "SPLIT_NNZ", 6000)  # 400 x 150 at 15 %: about 9,000 entries
     monkeypatch.setattr(op, "_BLOCK_NNZ", 40)
+    for B in (1, 3):
+        J = _to_coo(_sparse_batch(rng, B, m=400, n=150)).to(dtype)
+        for split in (True, False):
+            if not split:
+                monkeypatch.setattr(op, "SPLIT_NNZ", 10**9)
+            csr = op.BlockCSR(J)
+            npt = csr.np_dtype
+            w = rng.standard_normal((B, 150)).astype(npt)
+            y = rng.standard_normal((B, 400)).astype(npt)
+            coefs = [np.linspace(-1.3, 0.7, B, dtype=npt).reshape(B, 1)]
+            if B == 1:
+                coefs += [npt.type(0.75)]
+            for c in coefs:
+                prod = np.zeros_like(y)
+                csr.matvec_into(w, prod)
+                ref_t = np.subtract(prod, np.multiply(y, c, out=np.empty_like(y)))
+                ref_w = np.zeros_like(w)
+                csr.rmatvec_into(ref_t, ref_w)
+                t, at = np.full_like(y, np.nan), np.full_like(w, np.nan)
+                csr.start_fused(w, y, c, t, np.empty_like(y), at).wait()
+                assert np.array_equal(t, ref_t) and np.array_equal(at, ref_w)
+        monkeypatch.setattr(op, "SPLIT_NNZ", 6000)
+    J = _to_coo(_sparse_batch(rng, 1, m=400, n=150)).to(dtype)
+    b = torch.as_tensor(rng.standard_normal((1, 400)), dtype=dtype)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        cut = op.BlockCSR(J)
-        assert len(cut._a) == 4
-        for c in (npt.type(0.75), np.full((1, 1), -1.3, dtype=npt)):
-            for forward, vec, y in ((True, w, y_m), (False, u, y_n)):
-                out, tmp = np.full_like(y, np.nan), np.empty_like(y)
-                assert cut.sub_into(forward, vec, c, y, out, tmp)
-                assert np.array_equal(out, reference(forward, vec, c, y))
-            raw, tmp = np.full_like(y_m, np.nan), np.empty_like(y_m)
-            cut.start_matvec(w, raw, (y_m, c, tmp)).wait()
-            assert np.array_equal(raw, reference(True, w, c, y_m))
-        assert not whole.sub_into(True, w, 0.5, y_m, np.empty_like(y_m), np.empty_like(y_m))
-        batch = op.BlockCSR(_to_coo(_sparse_batch(rng, 2, m=400, n=150)).to(dtype))
-        assert len(batch._a) == 4
-        y2 = np.ones((2, 400), dtype=npt)
-        assert not batch.sub_into(True, np.ones((2, 150), dtype=npt), 0.5, y2,
-                                  np.empty_like(y2), np.empty_like(y2))
-        b = torch.as_tensor(rng.standard_normal((1, 400)), dtype=dtype)
+        assert op.BlockCSR(J).shared
         cut_res = lsmr(J, b, atol=1e-10, btol=1e-10)
     finally:
         torch.set_num_threads(old)
@@ -738,23 +746,34 @@ def test_product_started_ahead_lands_in_the_next_buffer_without_a_copy(monkeypat
     rng = np.random.default_rng(41)
     J = _to_coo(_sparse_batch(rng, 1, m=400, n=150))
     b = torch.as_tensor(rng.standard_normal((1, 400)))
-    one = lsmr(J, b, atol=1e-10, btol=1e-10)
-    monkeypatch.setattr(op, "_BLOCK_NNZ", 40)
+    monkeypatch.setattr(op, "SPLIT_NNZ", 6000)  # two transposed blocks
     old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = lsmr(J, b, atol=1e-10, btol=1e-10)
+    finally:
+        torch.set_num_threads(old)
+    monkeypatch.setattr(op, "_BLOCK_NNZ", 40)
     torch.set_num_threads(2)
     try:
         A = as_operator(J)
-        assert len(A._csr._a) == 4
+        assert len(A._csr._a) == 4 and A._csr.shared
         vx = lv.HostVectors(A, torch.float64)
         w, y = rng.standard_normal((1, 150)), rng.standard_normal((1, 400))
         dest, out = np.full((1, 400), np.nan), np.full((1, 400), np.nan)
         pending = vx.start_forward(w, y, 0.5, dest)
         assert pending.subtracted and pending.out is dest
         assert vx.product_sub(True, w, 0.5, y, dest, np.empty_like(y), pending) is dest
-        pending = vx.start_forward(w, y, 0.5)  # no destination: our buffer, then a copy
-        assert pending.out is vx.raw
+        at = vx.At_t.copy()
+        pending = vx.start_forward(w, y, 0.5)  # no destination: a buffer, then a copy
+        assert pending.out is not dest
         got = vx.product_sub(True, w, 0.5, y, out, np.empty_like(y), pending)
-        assert got is out and np.array_equal(out, dest)
+        assert got is out and np.array_equal(out, dest) and np.array_equal(vx.At_t, at)
+        # the transposed product that follows: (A^T t) scale - c v, from the same pass
+        v = rng.standard_normal((1, 150))
+        nxt = vx.product_sub(False, out * 0.25, 2.0, v, np.empty((1, 150)),
+                             np.empty((1, 150)), scale=0.25)
+        assert np.array_equal(nxt, at * 0.25 - v * 2.0)
         copies = []
         real_copyto = np.copyto
         monkeypatch.setattr(lv.np, "copyto", lambda *a, **k: (copies.append(1),

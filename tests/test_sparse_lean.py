@@ -65,33 +65,81 @@ def test_block_csr_rmatvec_without_the_transpose() -> None:
     assert_close_scaled(csr.rmatvec(u), ref, ONE_EVAL_RTOL)
     out = np.zeros((J.shape[0], J.shape[2]))
     csr.rmatvec_into(np.ascontiguousarray(u.numpy()), out)
-    assert csr._at_blocks is None  # no transposed copy for either
+    assert csr._plan._t is None  # no transposed arrays for either
     assert_close_scaled(out, ref, ONE_EVAL_RTOL)
-    again = op.BlockCSR(J)
-    _ = again._at  # the transposed CSR made first: the products go through it
-    assert_close_scaled(again.rmatvec(u), ref, ONE_EVAL_RTOL)
-    assert_bitwise_equal(again.rmatvec(u), again.rmatvec(u))
+    assert_bitwise_equal(torch.from_numpy(out), csr.rmatvec(u))
 
 
-def test_block_csr_parallel_rmatvec_builds_the_transpose(monkeypatch) -> None:
-    """With several row blocks LSMR's ``J^T u`` runs on the row blocks of the
-    transposed CSR (made once, on first need)."""
+def test_transposed_blocks_cut_large_problems_only(monkeypatch) -> None:
+    """The host's ``J^T u`` blocks: small problems whole (consecutive ones merged at
+    problem boundaries), a large one cut into blocks of equal entry counts summed into
+    partials, added in block order over that problem's columns only."""
     rng = np.random.default_rng(6)
-    J = _batch(rng, m=200, n=90)
-    u = rng.standard_normal(J.shape[:2])
+    J = _batch(rng, B=4, m=200, n=90)
+    B, m, n = J.shape
+    counts = [int((J.indices()[0] == b).sum()) for b in range(B)]
+    monkeypatch.setattr(op, "_BLOCK_NNZ", 10**9)
+    monkeypatch.setattr(op, "SPLIT_NNZ", sorted(counts)[2])  # the two largest are cut
+    monkeypatch.setattr(op, "_SPLIT_BLOCK_NNZ", 1)  # into _SPLIT_MAX blocks ...
+    monkeypatch.setattr(op, "_SPLIT_MAX", 3)  # ... of three
+    plan = op.csr_plan(J.indices(), (B, m, n)).transposed_blocks()
+    cut = [c >= op.SPLIT_NNZ for c in counts]
+    assert op.split_counts(counts).tolist() == [3 if c else 1 for c in cut]
+    spans = {(b0, b1) for *_, b0, b1 in plan.blocks}
+    for b in range(B):
+        mine = [blk for blk in plan.blocks if blk[7] <= b < blk[8]]
+        if cut[b]:  # three blocks of its own rows, parts 0, 1, 2, covering them in order
+            assert [blk[6] for blk in mine] == [0, 1, 2] and (b, b + 1) in spans
+            assert mine[0][4] == b * m and mine[-1][5] == (b + 1) * m
+            assert all(x[5] == y[4] for x, y in zip(mine, mine[1:], strict=False))
+            sizes = [blk[3] - blk[2] for blk in mine]
+            assert max(sizes) - min(sizes) <= 2 * n  # equal entry counts, to a row
+        else:  # one block, summed into w itself
+            assert len(mine) == 1 and mine[0][6] == 0
+    assert plan.parts == 2
+    assert {(p, c0, c1) for p, c0, c1 in plan.adds} == {
+        (p, b * n, (b + 1) * n) for p in (1, 2) for b in range(B) if cut[b]} or any(
+        c1 - c0 > n for _, c0, c1 in plan.adds)  # (neighbours' spans merged)
+    u = rng.standard_normal((B, m))
     ref = torch.einsum("bmn,bm->bn", J.to_dense(), torch.as_tensor(u))
-    monkeypatch.setattr(op, "_BLOCK_NNZ", 100)
+    csr = op.BlockCSR(J)
+    out = np.zeros((B, n))
+    csr.rmatvec_into(u, out)
+    assert_close_scaled(out, ref, ONE_EVAL_RTOL)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_transposed_products_of_a_problem_do_not_depend_on_its_batch(monkeypatch,
+                                                                     threads) -> None:
+    """A problem's ``J^T u`` (cut or not) is the same bits alone, in a batch of
+    problems of other sizes, and on one or two threads: its blocks are its own."""
+    rng = np.random.default_rng(7)
+    parts = [_batch(rng, B=1, m=m, n=40, density=0.2) for m in (60, 300, 90)]
+    monkeypatch.setattr(op, "_BLOCK_NNZ", 200)  # the small ones merged per ~200 entries
+    monkeypatch.setattr(op, "SPLIT_NNZ", 1000)  # the middle one cut
+    monkeypatch.setattr(op, "_SPLIT_BLOCK_NNZ", 700)
+    us = [rng.standard_normal((1, p.shape[1])) for p in parts]
+    alone = [op.BlockCSR(p).rmatvec(torch.as_tensor(u)) for p, u in zip(parts, us, strict=True)]
+    m = max(p.shape[1] for p in parts)
+    idx, val, u_pad = [], [], np.zeros((3, m))
+    for b, (p, u) in enumerate(zip(parts, us, strict=True)):  # padded to m rows of zeros
+        i = p.indices().clone()
+        i[0] = b
+        idx.append(i)
+        val.append(p.values())
+        u_pad[b, :p.shape[1]] = u[0]
+    batch = torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(val), (3, m, 40),
+                                    check_invariants=True).coalesce()
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
-        csr = op.BlockCSR(J)
-        assert len(csr._a) == 4 and csr._at_blocks is None
-        out = np.zeros((J.shape[0], J.shape[2]))
-        csr.rmatvec_into(u, out)
-        assert csr._at_blocks is not None and len(csr._at_blocks) == 4
-        assert_close_scaled(out, ref, ONE_EVAL_RTOL)
+        csr = op.BlockCSR(batch)
+        assert op.split_counts([p._nnz() for p in parts]).tolist()[1] > 1
+        got = csr.rmatvec(torch.as_tensor(u_pad))
     finally:
         torch.set_num_threads(old)
+    for b in range(3):
+        assert_bitwise_equal(got[b], alone[b][0])
 
 
 def test_block_csr_scaled_values_and_products() -> None:
@@ -280,8 +328,8 @@ def test_pipelined_differences_build_the_indices_on_a_helper(monkeypatch, block_
     """The first pipelined Jacobian of a pattern gets its groups' nonzeros, COO indices
     and CSR plan from a helper thread (made while ``fun`` runs): the same integers as
     the caller makes (``host_groups`` and ``sparse`` of a fresh pattern), the plan
-    registered for the engine, and its transposed arrays made ahead exactly when the
-    products will be cut into row blocks."""
+    registered for the engine, with its transposed blocks made ahead (and no
+    transposed CSR arrays: the host does not use them)."""
     from torchimize_scipy import _sparsity as mod
 
     monkeypatch.setattr(op, "_BLOCK_NNZ", block_nnz)
@@ -295,13 +343,11 @@ def test_pipelined_differences_build_the_indices_on_a_helper(monkeypatch, block_
         J = grouped_difference(fun, x, f0, idx, pattern, "2-point")
         indices, plan = pattern._on[("coo", "cpu", 1)]
         assert mod._HostGroups(pattern, 1)._job is None  # known now: nothing started
-        cut = op.cuts_rows(pattern.rows.size, n)
     finally:
         torch.set_num_threads(old)
-    assert cut == (block_nnz == 40)
     assert J.indices().data_ptr() == indices.data_ptr()
     assert op._find_plan(indices, (1, n, n)) is plan
-    assert (plan._t is not None) == cut
+    assert plan._tb is not None and plan._t is None  # the host's blocks, no transposed CSR
     fresh = SparsityPattern.from_structure(_tridiagonal(n))
     ref = fresh.sparse(torch.zeros(1, fresh.rows.size, dtype=torch.float64))
     assert torch.equal(indices, ref.indices())
@@ -312,9 +358,11 @@ def test_pipelined_differences_build_the_indices_on_a_helper(monkeypatch, block_
     for part, ref_part in zip(pattern.host_groups(), fresh.host_groups(), strict=True):
         assert all(np.array_equal(a, b) and a.dtype == b.dtype
                    for a, b in zip(part, ref_part, strict=True))
-    if cut:
-        assert torch.equal(plan.perm_t, ref_plan.perm_t)
-        assert torch.equal(plan.col_t, ref_plan.col_t)
+    ours, theirs = plan.transposed_blocks(), ref_plan.transposed_blocks()
+    assert ours.adds == theirs.adds and ours.parts == theirs.parts
+    assert len(ours.blocks) == len(theirs.blocks) == 1  # one problem, not cut
+    for a, b in zip(ours.blocks, theirs.blocks, strict=True):
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
 
 
 def test_pipelined_differences_finish_on_the_caller_when_the_helper_is_busy() -> None:

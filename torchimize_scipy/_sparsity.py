@@ -75,7 +75,7 @@ from torch import Tensor
 
 from ._arrays import to_host
 from ._blas_threads import serial_torch
-from ._engine.csr import CallsOnHelpers, csr_plan, cuts_rows, helper_threads
+from ._engine.csr import CallsOnHelpers, csr_plan, helper_threads
 from ._jacobian import (
     _absolute_step,
     _adjust_one_sided,
@@ -411,14 +411,13 @@ class SparsityPattern:
         return torch.sparse_coo_tensor(indices, values.reshape(-1), (B, *self.shape),
                                        is_coalesced=True, check_invariants=False)
 
-    def _coo_indices(self, B: int, device: torch.device,
-                     transposed: bool = False) -> tuple[Tensor, Any]:
+    def _coo_indices(self, B: int, device: torch.device) -> tuple[Tensor, Any]:
         """The COO indices ``(3, B nnz)`` of a batch of ``B`` and their registered CSR plan.
 
         Reads only this pattern's host arrays and writes nothing of it, so a
         helper thread may run it while the caller evaluates the residuals
-        (:class:`_HostGroups`). With ``transposed`` the plan's
-        transposed index arrays are made as well.
+        (:class:`_HostGroups`). On the CPU the plan's transposed blocks (the
+        cut of the host's ``J^T u`` products) are made as well.
         """
         nnz = self.rows.size
         if device.type == "cpu":  # numpy on this thread (as in :meth:`on`)
@@ -431,8 +430,8 @@ class SparsityPattern:
             indices = torch.stack([batch, rows.repeat(B), cols.repeat(B)])
         # the engine's CSR index arrays, registered for as long as this pattern lives
         plan = csr_plan(indices, (B, *self.shape), register=True)
-        if transposed:
-            plan.perm_t  # noqa: B018 - computed now, where it is free (its values are the same)
+        if device.type == "cpu":
+            plan.transposed_blocks()  # made now, where it is free (a helper's, when pipelined)
         return indices, plan
 
     def _keep_indices(self, key: tuple, made: tuple[Tensor, Any]) -> None:
@@ -449,8 +448,7 @@ class _HostGroups:
     also need the group's nonzeros (:meth:`part`). On a pattern's first
     Jacobian those (:meth:`SparsityPattern._group_nonzeros`), and the COO
     indices and CSR plan that :meth:`SparsityPattern.sparse` then finds
-    (with the plan's transposed arrays when the products will be cut into
-    row blocks: :func:`~torchimize_scipy._engine.csr.cuts_rows`), are made
+    (with the plan's transposed blocks), are made
     by a helper meanwhile (:class:`~torchimize_scipy._engine.csr.CallsOnHelpers`),
     not by the caller before its first evaluation: 30-50 ms of the caller's
     time per solve of the bundle adjustment of ``bench_sparse.py``. The
@@ -474,9 +472,8 @@ class _HostGroups:
             self._ready = threading.Event()
             calls.append(self._make_parts)
         if self._coo_key not in pattern._on:
-            transposed = cuts_rows(B * pattern.rows.size, B * pattern.shape[0])
             calls.append(lambda: self._made.__setitem__(
-                "coo", pattern._coo_indices(B, torch.device("cpu"), transposed)))
+                "coo", pattern._coo_indices(B, torch.device("cpu"))))
         if calls:
             self._job = CallsOnHelpers(calls)
 

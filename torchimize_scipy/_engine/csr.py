@@ -1,30 +1,43 @@
 """Sparse ``(B, m, n)`` Jacobians as block-diagonal CSR matrices, and their products.
 
 A batch of sparse Jacobians is one block-diagonal matrix of ``B m`` rows and
-``B n`` columns. :class:`BlockCSR` keeps a CSR form of it and one of its
-transpose (the transpose's entry order found once per sparsity structure,
-:func:`csr_plan`), so that both ``J v`` and ``J^T u`` are row-wise sparse dot
-products. On the CPU they run in scipy's compiled CSR kernel over the
-tensors' memory, in row blocks of equal entry counts (two per torch thread
-when torch has several: :func:`product_threads`, which keeps the caller's
-count while a step rule holds its torch count at 1) shared between the calling thread and helper
-threads of the process (:class:`_Product`: every thread claims the next
-block from one counter, so a helper that gets no core never stalls a
-product; each row is one loop whoever runs it, so the result does not depend
-on the split); on other devices in torch's CSR kernel. On the host the
-transposed CSR is made only when it pays: for ``J^T u`` in parallel row
-blocks. With one block (one torch thread, or a small matrix), and for the
-one-off ``J^T u`` of a Jacobian (the gradient), the product scatters along
-``J``'s rows in scipy's CSC kernel instead (what scipy's ``J.T @ u`` runs),
-summing each entry over the rows in the same increasing order: no transposed
-copy per Jacobian, and one matrix streamed per LSMR iteration instead of two.
-For LSMR's ``A w - c y`` of one problem the row blocks also form ``y c`` and
-the difference over their own rows (:meth:`BlockCSR.sub_into`): the same
-elementwise operations, shared by the threads. A row block is its offsets and
-views of the index and value arrays, handed to the kernel as they are (a
-scipy matrix per block would copy views under half of their array in its
-format check). Used by :mod:`.operator` and, on numpy arrays without
-allocation, by :mod:`.lsmr`.
+``B n`` columns. :class:`BlockCSR` keeps its CSR form; on other devices also
+one of its transpose (the transpose's entry order found once per sparsity
+structure, :func:`csr_plan`), so that both ``J v`` and ``J^T u`` run in
+torch's CSR kernel.
+
+On the CPU the products run in scipy's compiled kernels over the tensors'
+memory, shared between the calling thread and helper threads of the process
+(:class:`SharedJobs`: every thread claims the next job from one counter, so
+a helper that gets no core never stalls a product):
+
+* ``J v`` in row blocks of equal entry counts (two per torch thread when
+  torch has several: :func:`product_threads`, which keeps the caller's
+  count while a step rule holds its torch count at 1). Each row is one loop
+  whoever runs it, so the result does not depend on the split.
+* ``J^T u`` scattered along ``J``'s own rows (scipy's CSC kernel over the
+  CSR arrays, what scipy's ``J.T @ u`` runs), in *transposed blocks* fixed
+  by each problem's structure (:func:`_transposed_plan`): a problem of fewer
+  than :data:`SPLIT_NNZ` entries is one block, summed over its rows in
+  increasing order (scipy's order; consecutive such problems share a job,
+  their columns being disjoint); a larger one is cut into a few blocks of
+  equal entry counts, each summed into a partial vector of its own, and the
+  partials are added in block order. The cut depends on the problem alone,
+  not on the thread count nor on its neighbours, so neither does the
+  result. No transposed copy of the values is made.
+* LSMR's pair ``t = J v - c y`` and ``J^T t`` in one pass over ``J``
+  (:meth:`BlockCSR.start_fused`): each transposed block forms its rows of
+  ``t`` and scatters them at once, while they are in cache. ``J`` is
+  streamed once per LSMR iteration instead of twice (and no ``J^T`` beside
+  it), which is what bounds a large problem's products on a few cores
+  (RESULTS §38). A row's ``t`` is the same operations as the separate
+  product's (zeroed sums, then ``y c`` subtracted).
+
+A block is its rows' offsets (from 0) and views of the index and value
+arrays, handed to the kernels as they are (a scipy matrix per block would
+copy views under half of their array in its format check). Used by
+:mod:`.operator` and, on numpy arrays without allocation, by
+:mod:`.lsmr_vectors`.
 """
 
 from __future__ import annotations
@@ -54,22 +67,19 @@ except ImportError:  # pragma: no cover - a scipy that moved it: the transposed 
 
 
 class BlockCSR:
-    """The products of a sparse ``(B, m, n)`` Jacobian: block-diagonal CSR forms of J and J^T.
+    """The products of a sparse ``(B, m, n)`` Jacobian over its block-diagonal CSR form.
 
     ``A (B m, B n)`` holds problem ``b``'s block at rows ``b m ..`` and columns
-    ``b n ..``; ``A^T (B n, B m)`` is stored as a second CSR matrix (its values
-    a gather of ``A``'s), so that both products read their matrix row by row;
-    on the host that copy is made on first need (module notes).
-    On the CPU the products run in scipy's compiled CSR kernel on numpy views
-    of the tensors (no copy; about twice as fast as torch's CPU sparse kernel
-    on one thread, ``benchmarks/bench_sparse.py --case matvec``); a large
-    matrix is cut into row blocks of equal entry counts, two per torch thread
-    (``torch.get_num_threads()``; one block for one thread), multiplied in
-    parallel by the calling thread and the helpers (scipy's kernel releases the
-    GIL; each row's sum is the same whatever the cut, so the result does not
-    depend on the thread count). :meth:`matvec_into`, :meth:`rmatvec_into`
-    and :meth:`start_matvec` work on numpy arrays of the caller's (LSMR's
-    buffers). On other devices the products run in torch's CSR kernel.
+    ``b n ..``. On the CPU the products run in scipy's compiled kernels on
+    numpy views of the tensors (no copy; about twice as fast as torch's CPU
+    sparse kernel on one thread, ``benchmarks/bench_sparse.py --case
+    matvec``), shared with the helper threads (module notes): ``J v`` in
+    row blocks, ``J^T u`` in the structure's transposed blocks, and LSMR's
+    pair ``J v - c y``, ``J^T (J v - c y)`` in one pass
+    (:meth:`start_fused`). :meth:`matvec_into`, :meth:`rmatvec_into` and
+    :meth:`start_fused` work on numpy arrays of the caller's (LSMR's
+    buffers). On other devices the products run in torch's CSR kernel, on
+    ``A`` and on a CSR copy of ``A^T`` (its values a gather of ``A``'s).
 
     The index arrays depend only on the structure. Those of a ``jac_sparsity``
     are computed once per solve (:func:`csr_plan`, kept by the pattern and
@@ -109,7 +119,8 @@ class BlockCSR:
             vals = values.detach().contiguous().numpy()
             self._vals = vals
             self._a = _row_blocks(vals, plan.host, (B * m, B * n))
-            self._at_blocks: list[_Block] | None = None  # J^T's CSR, made on first need
+            self._t_jobs: list[_TJob] | None = None  # the transposed blocks, made on first need
+            self._parts: np.ndarray | None = None  # their partial vectors
             self.np_dtype = vals.dtype
         else:
             self.values_t = values.index_select(0, plan.perm_t)
@@ -121,33 +132,26 @@ class BlockCSR:
                 self._at = torch.sparse_csr_tensor(plan.crow_t, plan.col_t, self.values_t,
                                                    (B * n, B * m), check_invariants=False)
 
+    def _transposed_jobs(self) -> tuple[list[_TJob], np.ndarray | None, _TPlan]:
+        """The transposed blocks over this Jacobian's values, and their partial vectors."""
+        tp = self._plan.transposed_blocks()
+        if self._t_jobs is None:
+            vals = self._vals
+            self._t_jobs = [_TJob(ptr, ix, vals[a:b], lo, hi, part, b0, b1)
+                            for ptr, ix, a, b, lo, hi, part, b0, b1 in tp.blocks]
+            if tp.parts:
+                self._parts = np.empty((tp.parts, self.shape[0] * self.shape[2]),
+                                       dtype=self.np_dtype)
+        return self._t_jobs, self._parts, tp
+
     @property
-    def _at(self) -> Any:
-        """The CSR form of ``A^T``: on the host its row blocks, made on first use.
-
-        On the host a Jacobian whose transposed products are few (the
-        unscaled one of an outer iteration: ``g = J^T f`` once) never needs
-        it (:meth:`rmatvec` scatters along ``A``'s rows instead); the one LSMR
-        multiplies with hundreds of times gets it once, one gather of the values.
-        """
-        if self._at_blocks is None:
-            B, m, n = self.shape
-            vals_t = np.take(self._vals, self._plan.perm_t.numpy())
-            self._at_blocks = _row_blocks(vals_t, self._plan.host_t, (B * n, B * m))
-        return self._at_blocks
-
-    @_at.setter
-    def _at(self, value: Any) -> None:
-        self._at_blocks = value
+    def shared(self) -> bool:
+        """Whether the host's transposed products are cut into several blocks (shared with
+        the helper threads; one block runs on the calling thread)."""
+        return self._host and len(self._transposed_jobs()[0]) > 1
 
     def _apply(self, M: Any, vec: Tensor, rows: int) -> Tensor:
-        B = self.shape[0]
-        if self._host:  # numpy views both ways (no torch operation but the product's)
-            w = self._host_vector(vec)
-            out = np.zeros(B * rows, dtype=self.np_dtype)
-            _accumulate(M, w, out)
-            return torch.from_numpy(out.reshape(B, rows))
-        return (M @ vec.to(self.values.dtype).reshape(-1, 1)).reshape(B, rows)
+        return (M @ vec.to(self.values.dtype).reshape(-1, 1)).reshape(self.shape[0], rows)
 
     def _host_vector(self, vec: Tensor) -> np.ndarray:
         if vec.dtype != self.values.dtype or vec.requires_grad:
@@ -156,82 +160,52 @@ class BlockCSR:
 
     @property
     def on_host(self) -> bool:
-        """Whether the products run in scipy's kernel on the host (:meth:`matvec_into`)."""
+        """Whether the products run in scipy's kernels on the host (:meth:`matvec_into`)."""
         return self._host
 
     def matvec_into(self, p: np.ndarray, out: np.ndarray) -> None:
         """``out += J p`` on the host: ``p (B, n)``, ``out (B, m)``, C-contiguous numpy arrays.
 
         The kernel adds each row's products to the value already in ``out``
-        (in the row's column order), in place: no allocation, and a caller
-        that starts ``out`` at ``-c u`` gets ``J p - c u`` in the same pass.
-        Only for a BlockCSR on the host (:attr:`on_host`), arrays of the
-        values' dtype.
+        (in the row's column order), in place: no allocation. Only for a
+        BlockCSR on the host (:attr:`on_host`), arrays of the values' dtype.
         """
         _accumulate(self._a, self._checked(p), self._checked(out))
 
     def rmatvec_into(self, u: np.ndarray, out: np.ndarray) -> None:
         """``out += J^T u`` on the host: ``u (B, m)``, ``out (B, n)`` (as :meth:`matvec_into`).
 
-        With ``A`` in one row block (one torch thread, or a small matrix) the
-        product scatters along ``A``'s rows (:meth:`_scatter_into`, as scipy's
-        ``J.T @ u``): no transposed copy is made, and the solver streams one
-        matrix instead of two. With several blocks it runs on the row blocks
-        of ``A^T``'s CSR, in parallel. Both sum each entry over the rows in
-        increasing order.
+        Scattered along ``J``'s rows in the transposed blocks (module
+        notes): no transposed copy is made, and a problem's sums depend on
+        its own structure only.
         """
-        if len(self._a) == 1 and self._at_blocks is None and _csc_matvec is not None:
-            self._scatter_into(self._checked(u), self._checked(out))
-        else:
-            _accumulate(self._at, self._checked(u), self._checked(out))
+        self.start_fused(None, None, None, self._checked(u), None, self._checked(out),
+                         zero=False).wait()
 
-    def _scatter_into(self, u: np.ndarray, out: np.ndarray) -> None:
-        """``out += A^T u`` (flat host arrays) in scipy's CSC kernel over ``A``'s CSR arrays."""
+    def start_fused(self, v: np.ndarray | None, y: np.ndarray | None, c: Any,
+                    t: np.ndarray, tmp: np.ndarray | None, w: np.ndarray,
+                    zero: bool = True) -> _Transposed:
+        """Start ``t = J v - c y`` and ``w = J^T t`` in one pass (host); ``wait()`` finishes.
+
+        ``v (B, n)``, ``y``, ``t``, ``tmp (B, m)``, ``w (B, n)``, C-contiguous
+        arrays of the values' dtype; ``c`` a scalar or one coefficient per
+        problem (``(B, 1)``). Each transposed block zeroes its rows of
+        ``t``, sums ``J v`` into them, subtracts ``y c`` (formed in ``tmp``),
+        and scatters them into ``w`` (zeroed by the block first) or into its
+        partial vector; ``wait()`` adds the partials to ``w`` in block order.
+        The caller may work meanwhile, and must not touch the arrays until
+        ``wait()`` returns. With ``v`` None, ``t`` is an input (``w += J^T
+        t`` with ``zero`` False: :meth:`rmatvec_into`).
+        """
+        jobs, parts, tp = self._transposed_jobs()
         B, m, n = self.shape
-        indptr, indices = self._plan.host
-        _csc_matvec(B * n, B * m, indptr, indices, self._vals, u, out)
-
-    def start_matvec(self, p: np.ndarray, out: np.ndarray,
-                     sub: tuple | None = None) -> _Product | None:
-        """Start ``out = J p`` on the helper threads (host, several row blocks); None otherwise.
-
-        The caller may work meanwhile, must not touch ``p``, ``out`` or the
-        arrays of ``sub``, and finishes the product with ``wait()``. With
-        ``sub = (y, c, tmp)`` each row block then subtracts ``c y`` from its
-        rows (:meth:`sub_into`).
-        """
-        if not self._host or len(self._a) == 1:
-            return None
-        return _Product(self._a, self._checked(p), self._checked(out), True,
-                        self._checked_sub(sub))
-
-    def sub_into(self, forward: bool, w: np.ndarray, c: Any, y: np.ndarray, out: np.ndarray,
-                 tmp: np.ndarray) -> bool:
-        """``out = J w - c y`` (``forward``) or ``J^T w - c y`` in parallel row blocks, if cut.
-
-        Each block zeroes its rows of ``out``, sums its products into them,
-        then writes ``tmp = y c`` and ``out - tmp`` over the same rows: the
-        operations, and so the values, of a zeroed product followed by
-        ``np.subtract(out, np.multiply(y, c, out=tmp), out=out)``, with those
-        two passes shared between the threads while the rows are in cache.
-        For one problem (``c`` a scalar or a single entry) on the host, with
-        the matrix cut into several blocks; returns False (nothing done)
-        otherwise.
-        """
-        if not self._host or len(self._a) == 1 or self.shape[0] != 1 or np.size(c) != 1:
-            return False
-        blocks = self._a if forward else self._at
-        sub = self._checked_sub((y, c, tmp))
-        _Product(blocks, self._checked(w), self._checked(out), True, sub).wait()
-        return True
-
-    def _checked_sub(self, sub: tuple | None) -> tuple | None:
-        if sub is None:
-            return None
-        y, c, tmp = sub
-        if isinstance(c, np.ndarray):
-            c = c.reshape(())  # (one problem: the same multiplications as by its (1, 1) form)
-        return self._checked(y), c, self._checked(tmp)
+        fwd = None
+        if v is not None:
+            c = np.asarray(c, dtype=self.np_dtype)
+            c = c.reshape(()) if c.size == 1 and (B == 1 or c.ndim == 0) else c.reshape(B, 1)
+            fwd = (self._checked(v), self._checked(y), c, self._checked(tmp))
+        return _Transposed(jobs, self._checked(t), self._checked(w), parts, tp.adds,
+                           self.shape, fwd, zero)
 
     def _checked(self, a: np.ndarray) -> np.ndarray:
         """``a`` flattened as a view (the kernel writes into it: a copy would lose the sums)."""
@@ -241,21 +215,19 @@ class BlockCSR:
 
     def matvec(self, p: Tensor) -> Tensor:
         """``J p`` for ``p (B, n)``: ``(B, m)``."""
+        if self._host:  # numpy views both ways (no torch operation but the product's)
+            B, m, _ = self.shape
+            out = np.zeros(B * m, dtype=self.np_dtype)
+            _accumulate(self._a, self._host_vector(p), out)
+            return torch.from_numpy(out.reshape(B, m))
         return self._apply(self._a, p, self.shape[1])
 
     def rmatvec(self, u: Tensor) -> Tensor:
-        """``J^T u`` for ``u (B, m)``: ``(B, n)``.
-
-        On the host, before ``A^T``'s CSR is made, the product scatters along
-        ``A``'s rows in scipy's CSC kernel (``A``'s CSR read as the CSC form
-        of ``A^T``: what ``J.T @ u`` runs in scipy), one pass on this thread,
-        with no transposed copy of the values. Each output entry is summed
-        over the rows in increasing order, as the CSR form of ``A^T`` sums it.
-        """
-        if self._host and self._at_blocks is None and _csc_matvec is not None:
+        """``J^T u`` for ``u (B, m)``: ``(B, n)`` (on the host in the transposed blocks)."""
+        if self._host:
             B, _, n = self.shape
             out = np.zeros(B * n, dtype=self.np_dtype)
-            self._scatter_into(self._host_vector(u), out)
+            self.rmatvec_into(self._host_vector(u), out)
             return torch.from_numpy(out.reshape(B, n))
         return self._apply(self._at, u, self.shape[2])
 
@@ -285,16 +257,24 @@ class CSRPlan:
 
     Those of ``A``: ``row``, ``col``, ``crow`` (and ``host``, their int32/int64
     numpy forms on the CPU). Those of ``A^T`` (``perm_t``, the entry order of
-    ``A^T``; ``crow_t``, ``col_t``; ``host_t``) are computed on first use: on
-    the host only parallel ``J^T u`` products need them (:class:`BlockCSR`).
+    ``A^T``; ``crow_t``, ``col_t``; ``host_t``) are computed on first use (the
+    products of other devices need them; the host's ``J^T u`` scatters along
+    ``A``'s rows in :meth:`transposed_blocks` instead).
     """
 
-    __slots__ = ("indices", "shape", "row", "col", "crow", "host", "_t", "__weakref__")
+    __slots__ = ("indices", "shape", "row", "col", "crow", "host", "_t", "_tb", "__weakref__")
 
     def __init__(self, **arrays: Any) -> None:
         self._t: tuple | None = None
+        self._tb: _TPlan | None = None
         for k, v in arrays.items():
             setattr(self, k, v)
+
+    def transposed_blocks(self) -> _TPlan:
+        """The host's transposed blocks of this structure (:func:`_transposed_plan`), made once."""
+        if self._tb is None:
+            self._tb = _transposed_plan(self.host, self.shape)
+        return self._tb
 
     @property
     def perm_t(self) -> Tensor:
@@ -490,13 +470,108 @@ def _block_count(nnz: int, rows: int) -> int:
     return int(max(1, min(threads if threads == 1 else 2 * threads, nnz // _BLOCK_NNZ, rows)))
 
 
-def cuts_rows(nnz: int, rows: int) -> bool:
-    """Whether a host Jacobian of ``nnz`` entries and ``rows`` rows gets several row blocks.
+#: a problem of at least this many entries gets several transposed blocks, each summed
+#: into a partial vector of its own (:func:`_transposed_plan`; smaller ones: one block,
+#: scipy's order). The bundle adjustment of ``bench_sparse.py`` (746,496 entries) runs
+#: fastest in two blocks on 2 cores (RESULTS §38)
+SPLIT_NNZ = 2 * _BLOCK_NNZ
+#: entries per transposed block beyond the first two, and the most blocks of a problem
+_SPLIT_BLOCK_NNZ = 1_000_000
+_SPLIT_MAX = 8
 
-    Then its ``J^T u`` products run on the CSR form of ``J^T`` (:class:`BlockCSR`),
-    whose index arrays (:attr:`CSRPlan.perm_t`) are worth making ahead.
+
+def split_counts(nnz: np.ndarray) -> np.ndarray:
+    """How many transposed blocks problems of ``nnz`` entries are cut into (1: not cut).
+
+    A function of each problem's own entry count only, so that its ``J^T u``
+    sums depend neither on the thread count nor on its neighbours.
     """
-    return _block_count(nnz, rows) > 1
+    nnz = np.asarray(nnz, dtype=np.int64)
+    return np.where(nnz < SPLIT_NNZ, 1, np.clip(nnz // _SPLIT_BLOCK_NNZ, 2, _SPLIT_MAX))
+
+
+class _TPlan(NamedTuple):
+    """The transposed blocks of a host CSR structure (:func:`_transposed_plan`).
+
+    ``blocks``: per block ``(indptr from 0, column indices view, a, b, lo, hi,
+    part, b0, b1)``: rows ``lo:hi`` (entries ``a:b``) of problems ``b0:b1``
+    (one problem when it is cut), summed into ``w`` (``part`` 0) or into
+    partial vector ``part - 1``; ``adds``: ``(part, c0, c1)``, the column
+    ranges where a partial is added to ``w``, in order; ``parts``: how many
+    partial vectors.
+    """
+
+    blocks: list[tuple]
+    adds: list[tuple[int, int, int]]
+    parts: int
+
+
+class _TJob(NamedTuple):
+    """One transposed block over a Jacobian's values (:class:`_TPlan`'s ``blocks``)."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    lo: int
+    hi: int
+    part: int
+    b0: int
+    b1: int
+
+
+def _transposed_plan(index: tuple, shape: tuple) -> _TPlan:
+    """Cut a host CSR structure ``(B, m, n)`` into transposed blocks (module notes).
+
+    Problem ``b`` (rows ``b m ..``) of ``nnz_b`` entries is cut into
+    :func:`split_counts` blocks of equal entry counts; consecutive uncut
+    problems share blocks of about ``_BLOCK_NNZ`` entries (their columns are
+    disjoint, so the sums are those of each alone), cut at problem
+    boundaries only. The loop runs over blocks, not problems.
+    """
+    indptr, indices = index
+    B, m, n = shape
+    starts = indptr[np.arange(B + 1) * m].astype(np.int64)
+    counts = np.diff(starts)
+    k = split_counts(counts)
+    cut = k > 1
+    # a block of uncut problems starts at a cut problem's end, or where the entries
+    # pass another multiple of _BLOCK_NNZ
+    bucket = starts[:-1] // _BLOCK_NNZ
+    first = np.ones(B, dtype=bool)
+    first[1:] = cut[1:] | cut[:-1] | (bucket[1:] != bucket[:-1])
+    heads = np.flatnonzero(first)
+    ends = np.r_[heads[1:], B]
+    blocks: list[tuple] = []
+    adds: dict[int, list[list[int]]] = {}
+    parts = 0
+
+    def block(lo: int, hi: int, part: int, b0: int, b1: int) -> None:
+        a, b = int(indptr[lo]), int(indptr[hi])
+        ptr = indptr[lo:hi + 1]
+        if a != 0:
+            ptr = ptr - indptr[lo]  # (the same integer type: scipy's kernels need one type)
+        blocks.append((ptr, indices[a:b], a, b, lo, hi, part, b0, b1))
+
+    for b0, b1 in zip(heads.tolist(), ends.tolist(), strict=True):
+        if not cut[b0]:
+            block(b0 * m, b1 * m, 0, b0, b1)
+            continue
+        kb = int(k[b0])
+        rows = indptr[b0 * m:(b0 + 1) * m + 1]
+        edges = np.unique(np.r_[0, np.searchsorted(rows, starts[b0] + np.arange(1, kb)
+                                                   * (counts[b0] / kb)), m])
+        for part, (lo, hi) in enumerate(zip(edges[:-1].tolist(), edges[1:].tolist(),
+                                            strict=True)):
+            block(b0 * m + lo, b0 * m + hi, part, b0, b0 + 1)
+            if part:
+                spans = adds.setdefault(part, [])
+                if spans and spans[-1][1] == b0 * n:
+                    spans[-1][1] = (b0 + 1) * n  # contiguous with the previous problem's
+                else:
+                    spans.append([b0 * n, (b0 + 1) * n])
+        parts = max(parts, len(edges) - 2)
+    order = [(part, c0, c1) for part in sorted(adds) for c0, c1 in adds[part]]
+    return _TPlan(blocks, order, parts)
 
 
 class _Block(NamedTuple):
@@ -647,26 +722,86 @@ class _Product(SharedJobs):
 
     One job per block (:class:`SharedJobs`), handed to up to ``blocks - 1``
     helpers. Each block writes only its own rows, and a row's sum is the
-    same loop whoever runs it. With ``sub = (y, c, tmp)`` a block then
-    writes ``tmp = y c`` and ``out - tmp`` over its rows (1-D arrays, ``c`` a
-    scalar: :meth:`BlockCSR.sub_into`).
+    same loop whoever runs it.
     """
 
-    __slots__ = ("blocks", "w", "out", "zero", "sub")
+    __slots__ = ("blocks", "w", "out", "zero")
 
-    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool,
-                 sub: tuple | None = None) -> None:
-        self.blocks, self.w, self.out, self.zero, self.sub = blocks, w, out, zero, sub
+    def __init__(self, blocks: list[_Block], w: np.ndarray, out: np.ndarray,
+                 zero: bool) -> None:
+        self.blocks, self.w, self.out, self.zero = blocks, w, out, zero
         super().__init__(len(blocks), helper_threads())
 
     def _run(self, i: int) -> None:
-        block = self.blocks[i]
-        _accumulate_block(block, self.w, self.out, self.zero)
-        if self.sub is not None:
-            y, c, tmp = self.sub
-            lo, hi = block.lo, block.hi
-            part = self.out[lo:hi]
-            np.subtract(part, np.multiply(y[lo:hi], c, out=tmp[lo:hi]), out=part)
+        _accumulate_block(self.blocks[i], self.w, self.out, self.zero)
+
+
+class _Transposed(SharedJobs):
+    """The transposed blocks of one product, shared by the caller and the helpers.
+
+    Per block (:class:`_TJob`): with ``fwd = (v, y, c, tmp, m)`` its rows of
+    ``t`` are first formed as ``J v - y c`` (zeroed, summed, ``tmp = y c``
+    subtracted: the operations of a separate product); then they are
+    scattered into ``w`` (part 0, zeroed over the block's problems first with
+    ``zero``) or into the block's partial vector (zeroed over its problem
+    first). :meth:`wait` adds the partials to ``w`` in block order.
+    """
+
+    __slots__ = ("jobs", "t", "w", "parts", "adds", "m", "n", "fwd", "zero")
+
+    def __init__(self, jobs: list[_TJob], t: np.ndarray, w: np.ndarray,
+                 parts: np.ndarray | None, adds: list, shape: tuple, fwd: tuple | None,
+                 zero: bool) -> None:
+        self.jobs, self.t, self.w, self.parts, self.adds = jobs, t, w, parts, adds
+        _, self.m, self.n = shape
+        self.fwd, self.zero = fwd, zero
+        # (one block runs on the calling thread alone: no helper is woken for it)
+        super().__init__(len(jobs), helper_threads() if len(jobs) > 1 else 0)
+
+    def _run(self, i: int) -> None:
+        indptr, indices, data, lo, hi, part, b0, b1 = self.jobs[i]
+        m, n = self.m, self.n
+        ncol = self.w.size
+        rows = self.t[lo:hi]
+        if self.fwd is not None:
+            v, y, c, tmp = self.fwd
+            rows.fill(0)
+            if _csr_matvec is not None:
+                _csr_matvec(hi - lo, ncol, indptr, indices, data, v, rows)
+            else:  # pragma: no cover - scipy without its kernel module: the public product
+                rows += sp.csr_array((data, indices, indptr), shape=(hi - lo, ncol)) @ v
+            if c.ndim == 0:
+                yc = np.multiply(y[lo:hi], c, out=tmp[lo:hi])
+            elif lo == b0 * m and hi == b1 * m:  # whole problems: one coefficient each
+                k = b1 - b0
+                yc = np.multiply(y[lo:hi].reshape(k, m), c[b0:b1],
+                                 out=tmp[lo:hi].reshape(k, m)).reshape(-1)
+            else:  # rows of one problem
+                yc = np.multiply(y[lo:hi], c[b0], out=tmp[lo:hi])
+            np.subtract(rows, yc, out=rows)
+        if part:
+            dest = self.parts[part - 1]
+            dest[b0 * n:b1 * n].fill(0)
+        else:
+            dest = self.w
+            if self.zero:
+                dest[b0 * n:b1 * n].fill(0)
+        _scatter(indptr, indices, data, rows, dest, ncol)
+
+    def wait(self) -> None:
+        super().wait()
+        for part, c0, c1 in self.adds:
+            seg = self.w[c0:c1]
+            np.add(seg, self.parts[part - 1][c0:c1], out=seg)
+
+
+def _scatter(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray,
+             out: np.ndarray, ncol: int) -> None:
+    """``out += A_rows^T rows`` in scipy's CSC kernel over the rows' CSR arrays."""
+    if _csc_matvec is not None:
+        _csc_matvec(ncol, rows.size, indptr, indices, data, rows, out)
+    else:  # pragma: no cover - scipy without its kernel module: the public product
+        out += sp.csr_array((data, indices, indptr), shape=(rows.size, ncol)).T @ rows
 
 
 def _accumulate(blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool = False) -> None:

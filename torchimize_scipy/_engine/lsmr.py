@@ -238,8 +238,11 @@ def lsmr(A: Any, b: Tensor, damp: float | Tensor = 0.0, atol: float = 1e-6, btol
             pending = None
             beta = sc.norm(u_new)
             go = beta > 0
-            vx.scale_(u_new, sc.coef(sc.inverse(beta)))
-            v_new = vx.product_sub(False, u_new, sc.coef(beta), v.cur, v.spare, tn)
+            inv_beta = sc.coef(sc.inverse(beta))
+            vx.scale_(u_new, inv_beta)
+            # (A^T u_new: on the host's sparse path A^T of the unscaled u, times inv_beta)
+            v_new = vx.product_sub(False, u_new, sc.coef(beta), v.cur, v.spare, tn,
+                                   scale=inv_beta)
             alpha_new = sc.norm(v_new)
             vx.scale_(v_new, sc.coef(sc.inverse(alpha_new)))
             if not sc.all(go):  # beta = 0: v and alpha stay (the reference implementation)

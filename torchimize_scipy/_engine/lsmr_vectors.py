@@ -8,13 +8,13 @@ host no torch operation runs per iteration, so neither torch's OpenMP
 threads nor a threaded BLAS ``dot`` is woken for the long vectors: each
 would leave threads spinning beside the products' row blocks, which on 2
 cores cost more than the arithmetic (the norms use numpy's own loop for that
-reason, :func:`sq_norms`). A sparse Jacobian on the host sums its products
-into buffers of ours in scipy's kernel
-(:meth:`~torchimize_scipy._engine.csr.BlockCSR.matvec_into`), and when its
-rows are cut into several blocks a product can be started on the lean
-helper threads of :mod:`.csr` (:meth:`HostVectors.start_forward`) and
-finished later. Every vector has a spare buffer (:class:`Vector`), so a long
-solve allocates nothing per iteration.
+reason, :func:`sq_norms`). A sparse Jacobian on the host forms each
+iteration's two products in one pass over its values, in scipy's kernels,
+into buffers of ours (:meth:`~torchimize_scipy._engine.csr.BlockCSR.start_fused`);
+for one problem that pass is started on the lean helper threads of
+:mod:`.csr` (:meth:`HostVectors.start_forward`) while this thread updates
+the solution, and finished later. Every vector has a spare buffer
+(:class:`Vector`), so a long solve allocates nothing per iteration.
 """
 
 from __future__ import annotations
@@ -67,16 +67,21 @@ class HostVectors:
     """The vector work of LSMR on the host: numpy arrays, no torch operation.
 
     numpy's elementwise loops run on the calling thread (no OpenMP team to
-    wake, none left spinning beside the products' row blocks) at a fraction
-    of a torch operation's dispatch cost. A sparse Jacobian on the host
-    (:meth:`~torchimize_scipy._engine.operator.JacobianOperator.host_accumulators`)
-    sums its products into a zeroed buffer of ours (no allocation, so no page
-    faults; the same sums as ``A @ w``); any other operator is applied to
-    tensors over the arrays' memory. ``A w - c y`` is then formed as
-    scipy's lsmr forms it (``c y`` subtracted from the product), rather than
-    by starting the sums at ``-c y``: that would save a pass but round
-    differently (on the bundle adjustment of ``bench_sparse.py`` it cost an
-    LSMR iteration more than scipy's).
+    wake, none left spinning beside the products' blocks) at a fraction of a
+    torch operation's dispatch cost. A sparse Jacobian on the host
+    (:meth:`~torchimize_scipy._engine.operator.JacobianOperator.host_csr`)
+    forms each iteration's ``t = A v - c u`` and ``A^T t`` in one pass over
+    ``A`` (:meth:`~torchimize_scipy._engine.csr.BlockCSR.start_fused`, into
+    buffers of ours: no allocation, so no page faults), and the next ``v`` is
+    ``(A^T t) / beta - beta v``: the transposed product of the unscaled
+    ``t``, scaled after (:meth:`product_sub`'s ``scale``), where scipy's lsmr
+    multiplies ``A^T`` with ``t / beta``; the two differ by rounding only.
+    ``t`` itself is formed as scipy's lsmr forms it (``c u`` subtracted from
+    the product summed into zeros), rather than by starting the sums at
+    ``-c u``: that would save a pass but round differently (on the bundle
+    adjustment of ``bench_sparse.py`` it cost an LSMR iteration more than
+    scipy's). Any other operator is applied to tensors over the arrays'
+    memory.
     """
 
     sub, mul, add = staticmethod(np.subtract), staticmethod(np.multiply), staticmethod(np.add)
@@ -86,8 +91,9 @@ class HostVectors:
         self.dtype = torch.empty((), dtype=dtype).numpy().dtype
         csr = A.host_csr() if isinstance(A, JacobianOperator) else None
         self.csr = csr if csr is not None and A.dtype == dtype else None
-        self.raw: np.ndarray | None = None  # where a product started ahead is summed
-        self.raw_tmp: np.ndarray | None = None  # its ``c y``, when its blocks subtract it
+        self.At_t: np.ndarray | None = None  # A^T t of the last t formed (sparse on the host)
+        self._fresh = False  # whether At_t belongs to the t product_sub returned last
+        self._tmp: np.ndarray | None = None  # the ``c y`` of a product started ahead
 
     def from_tensor(self, t: Tensor) -> np.ndarray:
         return t.detach().numpy()
@@ -128,61 +134,64 @@ class HostVectors:
         r = self.A.matvec(t) if forward else self.A.rmatvec(t)
         return np.ascontiguousarray(r.detach().numpy(), dtype=self.dtype)
 
+    def _start_pair(self, w: np.ndarray, y: np.ndarray, c: Any, out: np.ndarray,
+                    tmp: np.ndarray) -> Any:
+        """Start ``out = A w - c y`` and ``At_t = A^T out`` (a sparse Jacobian on the host)."""
+        if self.At_t is None:
+            self.At_t = self.empty(w.shape[0], self.A.shape[2])
+        self._fresh = False
+        return self.csr.start_fused(w, y, c, out, tmp, self.At_t)
+
     def start_forward(self, w: np.ndarray, y: np.ndarray | None = None, c: Any = None,
                       dest: np.ndarray | None = None) -> Any:
-        """Start ``A w`` on the products' helper threads, or None (then it is done when needed).
+        """Start the next :meth:`product_sub` ``A w - c y`` on the helper threads, or None.
 
-        The pending product is handed to the next :meth:`product_sub`; ``w``
-        (and ``y``) must stay unchanged until then. With ``y`` and ``c``
-        (the ``y`` and ``c`` that next :meth:`product_sub` will get) the
-        row blocks also form ``A w - c y`` where they can
-        (:meth:`~torchimize_scipy._engine.csr.BlockCSR.sub_into`: one
-        problem), written straight into ``dest`` when given (the ``out`` that
-        next :meth:`product_sub` will get; no copy then), else into a buffer
-        of ours that :meth:`product_sub` copies. ``dest`` must not be read
-        or written until then (:attr:`_Pending.out` names the array written).
+        One problem with a sparse Jacobian on the host whose products are
+        shared with the helper threads: the pass that forms
+        ``A w - c y`` and its transposed product
+        (:meth:`~torchimize_scipy._engine.csr.BlockCSR.start_fused`), written
+        into ``dest`` (the ``out`` that next :meth:`product_sub` will get; no
+        copy then) when it can take it, else into a buffer of ours that
+        :meth:`product_sub` copies. ``w``, ``y`` and ``dest`` must stay
+        untouched until then (:attr:`_Pending.out` names the array written).
         """
-        if self.csr is None:
+        if self.csr is None or y is None or w.shape[0] != 1 or np.size(c) != 1 \
+                or not self.csr.shared:  # (one block: nothing would run beside this thread)
             return None
-        if self.raw is None:
-            self.raw = self.zeros(w.shape[0], self.A.shape[1])
-        sub = None
-        out = self.raw
-        if y is not None and w.shape[0] == 1 and np.size(c) == 1:
-            if self.raw_tmp is None:
-                self.raw_tmp = self.empty_like(self.raw)
-            sub = (y, c, self.raw_tmp)
-            if dest is not None and dest.shape == out.shape and dest.dtype == out.dtype \
-                    and dest.flags.c_contiguous:
-                out = dest
-        product = self.csr.start_matvec(w, out, sub)
-        if product is None:
-            return None
-        return _Pending(product, sub is not None, out)
+        if self._tmp is None:
+            self._tmp = self.empty_like(y)
+        if dest is None or dest.shape != y.shape or dest.dtype != y.dtype \
+                or not dest.flags.c_contiguous:
+            dest = self.empty_like(y)
+        return _Pending(self._start_pair(w, y, c, dest, self._tmp), True, dest)
 
     def product_sub(self, forward: bool, w: np.ndarray, c: Any, y: np.ndarray, out: np.ndarray,
-                    tmp: np.ndarray, pending: Any = None) -> np.ndarray:
+                    tmp: np.ndarray, pending: Any = None, scale: Any = None) -> np.ndarray:
         """``A w - c y`` (``forward``) or ``A^T w - c y``, written into ``out``.
 
-        ``pending`` is ``A w`` started by :meth:`start_forward`, if any (with
-        ``c y`` already subtracted when it says so). A sparse Jacobian cut
-        into row blocks subtracts ``c y`` in its blocks
-        (:meth:`~torchimize_scipy._engine.csr.BlockCSR.sub_into`); the values
-        are those of the product summed into zeros and then
-        ``out = A w - (y c)``, as scipy's lsmr forms them.
+        ``pending`` is the ``A w - c y`` started by :meth:`start_forward`, if
+        any. With a sparse Jacobian on the host the forward product also
+        forms ``A^T`` of its result (:meth:`_start_pair`), and the
+        transposed one that follows, for ``w`` that result times ``scale``
+        (``1 / beta``), is ``(A^T t) scale - c y`` (class notes).
         """
-        if pending is not None:
+        if forward and pending is not None:
             pending.wait()
-            if pending.subtracted:
-                if pending.out is not out:
-                    np.copyto(out, pending.out)
+            if pending.out is not out:
+                np.copyto(out, pending.out)
+            self._fresh = True
+            return out
+        if self.csr is not None:
+            if forward:
+                self._start_pair(w, y, c, out, tmp).wait()
+                self._fresh = True
                 return out
-            prod = self.raw
-        elif self.csr is not None:  # the product summed into zeros, as ``A @ w``: same rounding
-            if self.csr.sub_into(forward, w, c, y, out, tmp):
-                return out
+            if self._fresh and scale is not None:
+                self._fresh = False
+                prod = np.multiply(self.At_t, scale, out=out)
+                return np.subtract(prod, np.multiply(y, c, out=tmp), out=out)
             out.fill(0)
-            (self.csr.matvec_into if forward else self.csr.rmatvec_into)(w, out)
+            self.csr.rmatvec_into(w, out)
             prod = out
         else:
             prod = self.product(forward, w)
@@ -190,8 +199,8 @@ class HostVectors:
 
 
 class _Pending(NamedTuple):
-    """A product started ahead (:meth:`HostVectors.start_forward`) and whether it
-    subtracts ``c y`` itself."""
+    """A product started ahead (:meth:`HostVectors.start_forward`), whether it
+    subtracts ``c y`` itself, and the array it writes."""
 
     product: Any
     subtracted: bool
@@ -248,5 +257,5 @@ class DeviceVectors:
         return None  # (a device runs its products asynchronously anyway)
 
     def product_sub(self, forward: bool, w: Tensor, c: Any, y: Tensor, out: Tensor,
-                    tmp: Tensor, pending: Any = None) -> Tensor:
+                    tmp: Tensor, pending: Any = None, scale: Any = None) -> Tensor:
         return torch.sub(self.product(forward, w), torch.mul(y, c, out=tmp), out=out)
