@@ -84,7 +84,8 @@ def test_transposed_blocks_cut_large_problems_only(monkeypatch) -> None:
     monkeypatch.setattr(op, "_SPLIT_MAX", 3)  # ... of three
     plan = op.csr_plan(J.indices(), (B, m, n)).transposed_blocks()
     cut = [c >= op.SPLIT_NNZ for c in counts]
-    assert op.split_counts(counts).tolist() == [3 if c else 1 for c in cut]
+    assert op.split_counts(counts, n).tolist() == [3 if c else 1 for c in cut]
+    assert op.split_counts(counts, max(counts)).tolist() == [1] * B  # too few per column
     spans = {(b0, b1) for *_, b0, b1 in plan.blocks}
     for b in range(B):
         mine = [blk for blk in plan.blocks if blk[7] <= b < blk[8]]
@@ -134,7 +135,7 @@ def test_transposed_products_of_a_problem_do_not_depend_on_its_batch(monkeypatch
     torch.set_num_threads(threads)
     try:
         csr = op.BlockCSR(batch)
-        assert op.split_counts([p._nnz() for p in parts]).tolist()[1] > 1
+        assert op.split_counts([p._nnz() for p in parts], 40).tolist()[1] > 1
         got = csr.rmatvec(torch.as_tensor(u_pad))
     finally:
         torch.set_num_threads(old)

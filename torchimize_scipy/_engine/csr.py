@@ -470,24 +470,30 @@ def _block_count(nnz: int, rows: int) -> int:
     return int(max(1, min(threads if threads == 1 else 2 * threads, nnz // _BLOCK_NNZ, rows)))
 
 
-#: a problem of at least this many entries gets several transposed blocks, each summed
-#: into a partial vector of its own (:func:`_transposed_plan`; smaller ones: one block,
-#: scipy's order). The bundle adjustment of ``bench_sparse.py`` (746,496 entries) runs
-#: fastest in two blocks on 2 cores (RESULTS §38)
+#: a problem of at least this many entries, and at least :data:`SPLIT_PER_COLUMN` per
+#: column, gets several transposed blocks, each summed into a partial vector of its own
+#: (:func:`_transposed_plan`; others: one block, scipy's order). A partial costs a pass
+#: over the problem's ``n`` columns to zero and one to add, which pays only where the
+#: blocks' entries outnumber them: the bundle adjustment of ``bench_sparse.py`` (746,496
+#: entries, 31 a column) runs fastest in two blocks on 2 cores, Broyden's tridiagonal
+#: Jacobian (3 a column) uncut, on one core or two (RESULTS §38)
 SPLIT_NNZ = 2 * _BLOCK_NNZ
+SPLIT_PER_COLUMN = 8
 #: entries per transposed block beyond the first two, and the most blocks of a problem
 _SPLIT_BLOCK_NNZ = 1_000_000
 _SPLIT_MAX = 8
 
 
-def split_counts(nnz: np.ndarray) -> np.ndarray:
-    """How many transposed blocks problems of ``nnz`` entries are cut into (1: not cut).
+def split_counts(nnz: Any, n: int) -> np.ndarray:
+    """How many transposed blocks problems of ``nnz`` entries and ``n`` columns are cut
+    into (1: not cut).
 
-    A function of each problem's own entry count only, so that its ``J^T u``
-    sums depend neither on the thread count nor on its neighbours.
+    A function of each problem's own size only, so that its ``J^T u`` sums
+    depend neither on the thread count nor on its neighbours.
     """
     nnz = np.asarray(nnz, dtype=np.int64)
-    return np.where(nnz < SPLIT_NNZ, 1, np.clip(nnz // _SPLIT_BLOCK_NNZ, 2, _SPLIT_MAX))
+    small = (nnz < SPLIT_NNZ) | (nnz < SPLIT_PER_COLUMN * n)
+    return np.where(small, 1, np.clip(nnz // _SPLIT_BLOCK_NNZ, 2, _SPLIT_MAX))
 
 
 class _TPlan(NamedTuple):
@@ -532,7 +538,7 @@ def _transposed_plan(index: tuple, shape: tuple) -> _TPlan:
     B, m, n = shape
     starts = indptr[np.arange(B + 1) * m].astype(np.int64)
     counts = np.diff(starts)
-    k = split_counts(counts)
+    k = split_counts(counts, n)
     cut = k > 1
     # a block of uncut problems starts at a cut problem's end, or where the entries
     # pass another multiple of _BLOCK_NNZ
