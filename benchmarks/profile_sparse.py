@@ -90,8 +90,8 @@ def instrument_ours() -> None:
 
     wrap(lsmr_vectors.HostVectors, "product_sub", "LSMR products (+ subtraction)")
     wrap(lsmr_vectors.HostVectors, "product", "LSMR products (+ subtraction)")
-    wrap(csr._Product, "wait", "LSMR wait for the product started ahead")
-    wrap(csr.BlockCSR, "start_matvec", "LSMR start of the product ahead")
+    wrap(csr._Transposed, "wait", "LSMR wait for the pass over J (J v - c u, J^T of it)")
+    wrap(csr.BlockCSR, "start_fused", "LSMR start of the pass over J")
     wrap(trf_lsmr, "lsmr", "LSMR rest (scalars, vector updates)")
     wrap(frontend, "grouped_difference", "fd without fun (grouped differences)")
     wrap(csr.CallsOnHelpers, "wait", "fd: wait for the gathers handed to a helper")
@@ -114,27 +114,22 @@ def instrument_kernels(csr: Any) -> None:
     import threading
 
     caller = threading.get_ident()
-    block, scatter = csr._accumulate_block, csr.BlockCSR._scatter_into
+    forward, scatter = csr._csr_matvec, csr._csc_matvec
 
     def who() -> str:
         return "caller" if threading.get_ident() == caller else "helper"
 
-    def timed_block(b: Any, w: np.ndarray, out: np.ndarray, zero: bool) -> None:
-        c0 = time.thread_time()
-        block(b, w, out, zero)
-        e = _KERNELS[("row block (J v, or J^T u on J^T's CSR)", who())]
-        e[0] += b.nnz if hasattr(b, "nnz") else b.A.nnz  # (a tree before b58f031)
-        e[1] += time.thread_time() - c0
+    def timed(kernel: Any, label: str) -> Any:
+        def run(n_row: int, n_col: int, ptr: np.ndarray, *rest: Any) -> None:
+            c0 = time.thread_time()
+            kernel(n_row, n_col, ptr, *rest)
+            e = _KERNELS[(label, who())]
+            e[0] += int(ptr[-1] - ptr[0])
+            e[1] += time.thread_time() - c0
+        return run
 
-    def timed_scatter(self: Any, u: np.ndarray, out: np.ndarray) -> None:
-        c0 = time.thread_time()
-        scatter(self, u, out)
-        e = _KERNELS[("J^T u scattered along J's rows", who())]
-        e[0] += self._vals.size
-        e[1] += time.thread_time() - c0
-
-    csr._accumulate_block = timed_block
-    csr.BlockCSR._scatter_into = timed_scatter
+    csr._csr_matvec = timed(forward, "CSR kernel (J v rows)")
+    csr._csc_matvec = timed(scatter, "CSC kernel (J^T u scattered along J's rows)")
 
 
 def thread_cpu() -> dict[str, float]:

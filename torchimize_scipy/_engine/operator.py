@@ -135,7 +135,7 @@ class JacobianOperator:
     def host_csr(self) -> BlockCSR | None:
         """The host CSR form of an unscaled sparse Jacobian whose products run on the host.
 
-        Its ``matvec_into``, ``rmatvec_into`` and ``start_matvec`` work on
+        Its ``matvec_into``, ``rmatvec_into`` and ``start_fused`` work on
         numpy arrays without allocating (:class:`~torchimize_scipy._engine.csr.BlockCSR`).
         None for other kinds, devices, or with a scaling (:meth:`folded`
         moves the scalings into the values).
