@@ -220,11 +220,13 @@ def test_finish_covariance_host_shared_count():
 def test_leastsq_message_formats_one_of_the_table():
     opts = {"ftol": 1e-3, "xtol": 2e-4, "gtol": 0.0, "maxfev": 800}
     table = _leastsq.leastsq_messages(opts)
-    assert sorted(table) == [1, 2, 3, 4, 5]
+    assert sorted(table) == [1, 2, 3, 4, 5, 6, 7, 8]
     for info, text in table.items():
         assert _leastsq.leastsq_message(opts, info) == text
     assert table[5] == "Number of calls to function has reached maxfev = 800."
     assert "at most 0.001000" in table[1] and "most 0.000200" in table[3]
+    assert table[6].startswith("ftol=0.001000 is too small")
+    assert table[8].startswith("gtol=0.000000 is too small")
     with pytest.raises(ValueError, match="info = 0"):
         _leastsq.leastsq_message(opts, 0)
 

@@ -366,7 +366,7 @@ def test_marked_jacobian_alias_keeps_the_host_rows():
 
 def test_minpack_status_takes_eps_of_the_values_dtype():
     # the table lookup of MINPACK's epsmch: float64 scalars and arrays, float32 arrays
-    from torchimize_scipy._engine.termination import GTOL, minpack_status
+    from torchimize_scipy._engine.termination import GTOL_TINY, minpack_status
 
     def status(gnorm, dtype):
         one = np.ones(1, dtype=dtype)
@@ -374,12 +374,12 @@ def test_minpack_status_takes_eps_of_the_values_dtype():
                               100, 1e-8, 1e-8, xp=np)[0]
 
     eps32 = float(np.finfo(np.float32).eps)
-    assert status(eps32 / 2, np.float32) == GTOL  # below float32's epsmch
+    assert status(eps32 / 2, np.float32) == GTOL_TINY  # below float32's epsmch
     assert status(eps32 / 2, np.float64) == RUNNING  # far above float64's
-    assert status(np.finfo(np.float64).eps, np.float64) == GTOL
+    assert status(np.finfo(np.float64).eps, np.float64) == GTOL_TINY
     one = np.float64(1.0)
     assert minpack_status(one / 2, one / 2, one, one, one, np.float64(1e-17), np.int64(1),
-                          100, 1e-8, 1e-8, xp=Floats) == GTOL
+                          100, 1e-8, 1e-8, xp=Floats) == GTOL_TINY
 
 
 def test_one_problem_scalars_follow_the_host_switch(monkeypatch):

@@ -57,13 +57,30 @@ def test_minpack_status_rows():
 
 
 def test_minpack_tolerance_too_small_tests():
-    """MINPACK's codes 6-8 (``ftol``/``xtol``/``gtol`` at rounding level) map to 2, 3, 1."""
+    """MINPACK's info 6-8 (relative reductions, radius, ``gnorm`` at rounding level) have
+    codes of their own, failures; in MINPACK's order the last that holds wins (8 over 7
+    over 6 over the budget's 5), and the ftol/xtol tests before all of them."""
     eps = np.finfo(float).eps
     # rows: gnorm, radius, reductions at rounding level; with zero tolerances
     got = _minpack(actred=[1e-3, 1e-3, eps / 2], prered=[1e-3, 1e-3, eps / 2],
                    ratio=[1.0] * 3, delta=[1.0, eps / 2, 1.0], xnorm=[1.0] * 3,
                    gnorm=[eps / 2, 1.0, 1.0], nfev=[1, 1, 1], ftol=0.0, xtol=0.0)
-    assert got == [term.GTOL, term.XTOL, term.FTOL]
+    assert got == [term.GTOL_TINY, term.XTOL_TINY, term.FTOL_TINY]
+    assert not any(term.success(np.array(got)))
+    # several at once, and the budget spent too: the last of 5, 6, 7, 8 that holds
+    got = _minpack(actred=[eps / 2] * 4, prered=[eps / 2] * 4, ratio=[1.0] * 4,
+                   delta=[eps / 2, eps / 2, 1.0, 1.0], xnorm=[1.0] * 4,
+                   gnorm=[eps / 2, 1.0, 1.0, 1.0], nfev=[9, 9, 9, 1], max_nfev=9,
+                   ftol=0.0, xtol=0.0)
+    assert got == [term.GTOL_TINY, term.XTOL_TINY, term.FTOL_TINY, term.FTOL_TINY]
+    got = _minpack(actred=[1e-3], prered=[1e-3], ratio=[1.0], delta=[1.0], xnorm=[1.0],
+                   gnorm=[1.0], nfev=[9], max_nfev=9, ftol=0.0, xtol=0.0)
+    assert got == [term.MAX_NFEV]
+    # tolerances of at least eps: the ftol / xtol tests hold wherever these do
+    got = _minpack(actred=[1e-3, eps / 2], prered=[1e-3, eps / 2], ratio=[1.0] * 2,
+                   delta=[eps / 2, 1.0], xnorm=[1.0] * 2, gnorm=[1.0] * 2, nfev=[1, 1],
+                   ftol=eps, xtol=eps)
+    assert got == [term.XTOL, term.FTOL]
 
 
 def test_minpack_ftol_needs_a_fair_ratio():

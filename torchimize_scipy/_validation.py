@@ -7,8 +7,11 @@ tolerances) so that a call that scipy rejects is rejected here with the same
 
 from __future__ import annotations
 
+import contextvars
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -151,6 +154,25 @@ def check_x_scale(x_scale: Any, x0: np.ndarray, method: str) -> np.ndarray | str
 EPS32 = float(np.finfo(np.float32).eps)
 
 
+#: set by ``curve_fit``'s 'lm' (scipy's ``leastsq``) around its solve: for method 'lm'
+#: tolerances below machine epsilon, 0 among them, are then taken as they are, without a
+#: warning, as ``leastsq`` takes them (MINPACK then stops with its "tolerance too small"
+#: codes where they decide; ``termination.FTOL_TINY``). The first check of the solve
+#: consumes it, so that a solve inside the user's function keeps scipy's checks.
+_LEASTSQ_TOLERANCES: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "torchimize_scipy_leastsq_tolerances", default=False)
+
+
+@contextmanager
+def leastsq_tolerances() -> Iterator[None]:
+    """Accept 'lm' tolerances below machine epsilon in the next check (``leastsq``'s rule)."""
+    token = _LEASTSQ_TOLERANCES.set(True)
+    try:
+        yield
+    finally:
+        _LEASTSQ_TOLERANCES.reset(token)
+
+
 def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
                     eps: float = float(np.finfo(float).eps),
                     dtype: Any = None, stacklevel: int = 4) -> tuple[float, float, float]:
@@ -163,8 +185,10 @@ def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
     relative change, so such a test would only fire on rounding noise, after
     extra evaluations. A tolerance below float64's epsilon keeps scipy's
     meaning (the warning says the test is effectively disabled) and 0/None
-    disables the test, in any dtype. ``stacklevel`` is the warnings' level as
-    seen from the inner check (4: the caller of the function that called this one).
+    disables the test, in any dtype. Inside :func:`leastsq_tolerances`, 'lm'
+    takes any non-negative tolerance as ``leastsq`` does. ``stacklevel`` is
+    the warnings' level as seen from the inner check (4: the caller of the
+    function that called this one).
     """
 
     def check(tol: Any, name: str) -> float:
@@ -176,6 +200,12 @@ def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
                           stacklevel=stacklevel)
         return float(tol)
 
+    if method == "lm" and _LEASTSQ_TOLERANCES.get():
+        _LEASTSQ_TOLERANCES.set(False)  # (consumed: see leastsq_tolerances)
+        ftol, xtol, gtol = (0.0 if t is None else float(t) for t in (ftol, xtol, gtol))
+        if dtype is not None and str(dtype) in ("torch.float32", "float32"):
+            ftol, xtol, gtol = (EPS32 if eps <= t < EPS32 else t for t in (ftol, xtol, gtol))
+        return ftol, xtol, gtol
     ftol = check(ftol, "ftol")
     xtol = check(xtol, "xtol")
     gtol = check(gtol, "gtol")

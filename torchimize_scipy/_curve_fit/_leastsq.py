@@ -30,7 +30,8 @@ LEASTSQ_GTOL = 0.0
 LEASTSQ_KEYS = ("col_deriv", "ftol", "xtol", "gtol", "maxfev", "epsfcn", "factor", "diag")
 #: least_squares status -> MINPACK ``info`` (the ``ier`` of ``leastsq``).
 STATUS_TO_IER = {codes.FTOL: 1, codes.XTOL: 2, codes.FTOL_XTOL: 3, codes.GTOL: 4,
-                 codes.MAX_NFEV: 5}
+                 codes.MAX_NFEV: 5, codes.FTOL_TINY: 6, codes.XTOL_TINY: 7,
+                 codes.GTOL_TINY: 8}
 _EPS = float(np.finfo(float).eps)
 #: :meth:`LeastsqBook._select`'s index for "every problem, in order".
 ALL = slice(None)
@@ -133,11 +134,15 @@ def leastsq_options(kwargs: dict, n: int, user_jac: bool) -> dict:
 def lm_tolerances(opts: dict) -> dict:
     """``least_squares('lm')`` keywords from ``leastsq``'s options.
 
-    ``least_squares`` needs tolerances of at least machine epsilon; ``leastsq``
-    accepts smaller ones (including ``gtol=0``, its default).
+    ``least_squares`` needs tolerances of at least machine epsilon;
+    ``leastsq`` accepts smaller ones (including ``gtol=0``, its default), and
+    MINPACK then stops with its "tolerance too small" codes (``info`` 6, 7,
+    8) where they decide. The caller solves inside
+    :func:`~torchimize_scipy._validation.leastsq_tolerances`, which lets them
+    through as they are.
     """
-    return {"ftol": max(opts["ftol"], _EPS), "xtol": max(opts["xtol"], _EPS),
-            "gtol": max(opts["gtol"], _EPS), "max_nfev": opts["maxfev"]}
+    return {"ftol": opts["ftol"], "xtol": opts["xtol"], "gtol": opts["gtol"],
+            "max_nfev": opts["maxfev"]}
 
 
 def epsfcn_diff_step(epsfcn: Any, kwargs: dict) -> None:
@@ -157,7 +162,7 @@ def minpack_step(epsfcn: Any, diff_step: Any, n: int, dtype: Any) -> Any:
 
 
 def leastsq_message(opts: dict, info: int) -> str:
-    """``leastsq``'s termination message for MINPACK's ``info`` (1 to 5)."""
+    """``leastsq``'s termination message for MINPACK's ``info`` (1 to 8; scipy's texts)."""
     if info == 1:
         return ("Both actual and predicted relative reductions in the sum of squares\n"
                 f"  are at most {opts['ftol']:f}")
@@ -172,13 +177,22 @@ def leastsq_message(opts: dict, info: int) -> str:
                 f"  Jacobian is at most {opts['gtol']:f} in absolute value")
     if info == 5:
         return f"Number of calls to function has reached maxfev = {opts['maxfev']}."
+    if info == 6:
+        return (f"ftol={opts['ftol']:f} is too small, no further reduction in the sum of "
+                "squares\n  is possible.")
+    if info == 7:
+        return (f"xtol={opts['xtol']:f} is too small, no further improvement in the "
+                "approximate\n  solution is possible.")
+    if info == 8:
+        return (f"gtol={opts['gtol']:f} is too small, func(x) is orthogonal to the columns "
+                "of\n  the Jacobian to machine precision.")
     raise ValueError(f"no leastsq message for info = {info}")
 
 
 def leastsq_messages(opts: dict) -> dict[int, str]:
-    """``leastsq``'s termination messages for MINPACK's ``info`` 1 to 5 (a batch's table;
+    """``leastsq``'s termination messages for MINPACK's ``info`` 1 to 8 (a batch's table;
     one fit formats only its own, :func:`leastsq_message`)."""
-    return {info: leastsq_message(opts, info) for info in range(1, 6)}
+    return {info: leastsq_message(opts, info) for info in range(1, 9)}
 
 
 def status_to_ier(status: torch.Tensor) -> torch.Tensor:

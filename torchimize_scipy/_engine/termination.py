@@ -43,6 +43,14 @@ FTOL_XTOL = 4
 # ours: inside a batch a failing problem stops while the others carry on
 NONFINITE = 5
 SINGULAR = 6
+#: ours, 'lm' only: MINPACK's "tolerance too small" stops (its info 6, 7 and 8: the
+#: relative reductions, the radius or the gradient at rounding level). They can win only
+#: where that tolerance is below machine epsilon, which ``least_squares`` refuses for
+#: 'lm' and scipy's ``leastsq`` (``curve_fit``'s 'lm') accepts; ``curve_fit`` then
+#: raises, as scipy's does. Failures, like 5 and 6.
+FTOL_TINY = 7
+XTOL_TINY = 8
+GTOL_TINY = 9
 
 #: Sentinel for "still running" inside the engine; never returned.
 RUNNING = -100
@@ -51,12 +59,13 @@ RUNNING = -100
 def success(status: Any) -> Any:
     """Whether a status code (an int, or a tensor or array of codes) reports a solution.
 
-    As scipy: the positive codes (a ``gtol``, ``ftol`` or ``xtol`` test was
+    As scipy: the codes 1 to 4 (a ``gtol``, ``ftol`` or ``xtol`` test was
     met) are successes; 0 (budget exhausted), -1 and -2 are not. Our codes 5
-    (non-finite values) and 6 (singular step) are failures although positive.
-    Returns a bool for an int, an elementwise boolean for a tensor or array.
+    (non-finite values), 6 (singular step) and 7 to 9 (a tolerance below
+    machine epsilon, 'lm') are failures although positive. Returns a bool for
+    an int, an elementwise boolean for a tensor or array.
     """
-    return (status > 0) & (status != NONFINITE) & (status != SINGULAR)
+    return (status > 0) & (status < NONFINITE)
 
 
 def stop_running(status: Any, stop: Any, code: int, xp: Any = torch) -> Any:
@@ -139,12 +148,16 @@ def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
                    xtol: float, xp: Any = None) -> Tensor:
     """MINPACK ``lmder``'s tests after a trial, mapped onto scipy's codes.
 
-    In MINPACK's order, the last that holds wins: its "tolerance too small"
-    tests (``gnorm``, radius or relative reductions at rounding level:
-    reported as ``GTOL``, ``XTOL``, ``FTOL`` since scipy has no codes for
-    them), the budget (``MAX_NFEV``), then ``ftol`` on the actual and
-    predicted relative reductions and ``xtol`` on the radius ``delta <= xtol
-    * |diag x|``.
+    ``ftol`` on the actual and predicted relative reductions and ``xtol`` on
+    the radius ``delta <= xtol * |diag x|`` come first (``FTOL``, ``XTOL``,
+    ``FTOL_XTOL``); where neither holds, as in MINPACK the last of these that
+    holds wins: the budget (``MAX_NFEV``), then the "tolerance too small"
+    tests, relative reductions, radius and ``gnorm`` at rounding level
+    (``FTOL_TINY``, ``XTOL_TINY``, ``GTOL_TINY``: MINPACK's info 6, 7, 8).
+    With tolerances of at least machine epsilon (``least_squares``' 'lm'
+    requires them) each of those implies the corresponding ``ftol``,
+    ``xtol`` or (at the top of the iteration) ``gtol`` test, so they never
+    decide there.
     """
     # (tensors, or numpy values with their namespace ``xp``: 'lm' keeps its scalars on
     # the host on the CPU, see host_scalars)
@@ -160,11 +173,11 @@ def minpack_status(actred: Tensor, prered: Tensor, ratio: Tensor, delta: Tensor,
     abs_actred = abs(actred)
     ftol_ok = (abs_actred <= ftol) & (prered <= ftol) & half_ok
     xtol_ok = delta <= xtol * xnorm
-    status = xp.where(gnorm <= eps, GTOL, RUNNING)
-    status = xp.where(delta <= eps * xnorm, XTOL, status)
+    status = xp.where(budget_spent(nfev, max_nfev), MAX_NFEV, RUNNING)
     tiny_f = (abs_actred <= eps) & (prered <= eps) & half_ok
-    status = xp.where(tiny_f, FTOL, status)
-    status = xp.where(budget_spent(nfev, max_nfev), MAX_NFEV, status)
+    status = xp.where(tiny_f, FTOL_TINY, status)
+    status = xp.where(delta <= eps * xnorm, XTOL_TINY, status)
+    status = xp.where(gnorm <= eps, GTOL_TINY, status)
     return xp.where(xtol_ok, xp.where(ftol_ok, FTOL_XTOL, XTOL),
                     xp.where(ftol_ok, FTOL, status))
 

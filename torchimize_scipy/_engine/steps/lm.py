@@ -16,7 +16,8 @@ ratio :math:`\ge 10^{-4}` are taken, and the termination tests are MINPACK's:
 \mathrm{xtol}\,\lVert \mathrm{diag}\,x\rVert`, ``gtol`` on the largest cosine
 between ``f`` and a column of ``J``. MINPACK's codes map onto scipy's status
 (1 -> 2, 2 -> 3, 3 -> 4, 4 -> 1, 5 -> 0); its "tolerance too small" codes 6, 7
-and 8, which scipy cannot map, are reported as 2, 3 and 1.
+and 8 have codes of their own (failures, :mod:`..termination`), which only
+tolerances below machine epsilon can reach (``curve_fit``, as ``leastsq``).
 
 Full-rank problems solve every trial from the SVD (or, in batches, the Gram
 inverse) of the scaled Jacobian, whose Gauss-Newton step is MINPACK's to
