@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -143,6 +144,26 @@ def lm_tolerances(opts: dict) -> dict:
     """
     return {"ftol": opts["ftol"], "xtol": opts["xtol"], "gtol": opts["gtol"],
             "max_nfev": opts["maxfev"]}
+
+
+#: the start of the engine's message for a user Jacobian of the wrong shape
+_JAC_SHAPE = re.compile(r"The return value of `jac` has wrong shape: expected (\([^)]*\)), "
+                        r"actual (\([^)]*\))")
+
+
+def dfun_shape_error(e: ValueError) -> TypeError | None:
+    """``leastsq``'s ``TypeError`` for a ``jac`` (its ``Dfun``) of the wrong shape, or None.
+
+    scipy's ``curve_fit`` hands its ``jac`` to ``leastsq`` as ``Dfun``, whose
+    shape check raises ``TypeError`` with this text (naming curve_fit's
+    wrapper, ``_memoized_func``); ``least_squares`` raises ``ValueError``.
+    """
+    found = _JAC_SHAPE.match(str(e))
+    if found is None:
+        return None
+    return TypeError("leastsq: there is a mismatch between the input and output shape of "
+                     "the 'Dfun' argument '_memoized_func'.Shape should be "
+                     f"{found.group(1)} but it is {found.group(2)}.")
 
 
 def epsfcn_diff_step(epsfcn: Any, kwargs: dict) -> None:

@@ -132,6 +132,10 @@ class WhitenedModel:
         self.vector_jac = False
         #: the dtype of the residuals :meth:`residuals` last returned (numpy's or torch's)
         self.residual_dtype: Any = None
+        #: ``curve_fit`` (one problem): a covariance ``sigma`` refuses non-finite residuals
+        #: or Jacobians at every evaluation with scipy's ``ValueError`` (its triangular
+        #: solve checks them); a batch's problem fails alone instead
+        self.finite_for_cholesky = False
 
     def _call(self, fn: Callable, x: Any, P: Any) -> Any:
         """``fn`` at the parameter rows ``P (rows, N)``: outputs stacked along axis 0."""
@@ -243,8 +247,17 @@ class WhitenedModel:
         if keep is not None:  # (r: this call's own array, `out - y`)
             r = _mask_residuals(r, keep) if not self.rowwise else _mask(r, keep[..., None, :])
         if self.data.tkind is not None:  # whiten the repeat columns of each problem at once
+            self._check_for_cholesky(r)
             r = _swap_last(whiten(_swap_last(r), self.data.tkind, T))
         return r.reshape(rows, -1)
+
+    def _check_for_cholesky(self, a: Any) -> None:
+        """scipy's ``ValueError`` for values a covariance's triangular solve refuses."""
+        if self.finite_for_cholesky and self.data.tkind == "chol":
+            finite = bool(torch.isfinite(a).all()) if isinstance(a, torch.Tensor) \
+                else bool(np.isfinite(a).all())
+            if not finite:
+                raise ValueError("array must not contain infs or NaNs")
 
     def residuals(self, P: Any, ids: Any) -> Any:
         """Whitened residuals, recorded by the book: the function the solver calls."""
@@ -276,6 +289,8 @@ class WhitenedModel:
             # unweighted, a batch's J is the user's own array, which the next call may
             # refill while the engine keeps this one: copied (curve_fit copies its own rows)
             J = own_value(J)
+        if self.data.tkind is not None:
+            self._check_for_cholesky(J)
         J = whiten(J, self.data.tkind, T)
         if self.book is not None:
             self.book.record_jac(ids, J, lambda: self._value_at(P, ids))

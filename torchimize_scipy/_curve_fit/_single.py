@@ -52,6 +52,7 @@ from ._leastsq import (
     STATUS_TO_IER,
     LeastsqBook,
     MaxfevReached,
+    dfun_shape_error,
     epsfcn_diff_step,
     leastsq_message,
     leastsq_options,
@@ -263,6 +264,7 @@ def curve_fit(
     problem = _OneProblem(WhitenedModel(f, jac if callable(jac) else None, data, n, col_deriv,
                                         rowwise=True))
     problem.model.vector_jac = method == "lm" and n == 1
+    problem.model.finite_for_cholesky = True  # (scipy's error for a covariance sigma)
     jac_arg: Any = problem.jac if callable(jac) else ("2-point" if jac is None else jac)
     if "args" in kwargs:
         raise ValueError("'args' is not a supported keyword argument.")
@@ -508,6 +510,9 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
         raise RuntimeError("Optimal parameters not found: "
                            + leastsq_message(opts, 5)) from None
     except ValueError as e:
+        shape_error = dfun_shape_error(e) if user_jac else None
+        if shape_error is not None:
+            raise shape_error from None
         if (problem.first_r is None or _all_finite(problem.first_r)
                 or not str(e).startswith(NONFINITE_START)):
             raise
