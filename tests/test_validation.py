@@ -278,10 +278,11 @@ def test_fun_returns_2d(method):
 @pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
 def test_fun_returns_2d_finite_differences(method):
     """With a finite-difference jac scipy 1.17 fails earlier, inside ``approx_derivative``
-    ("`f0` passed has more than 1 dimension."); we give the frontend's message."""
+    ("`f0` passed has more than 1 dimension."), and so do we (with a callable ``jac``
+    both give the frontend's message: ``tests/test_scipy_messages_probe.py``)."""
     assert scipy_error(fun_2d, 2.0, method=method) == "`f0` passed has more than 1 dimension."
     our_error(fun_2d, 2.0, method=method,
-              match=re.escape("`fun` must return at most 1-d array_like. f0.shape: (3, 1)"))
+              match=re.escape("`f0` passed has more than 1 dimension."))
 
 
 @pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])

@@ -202,6 +202,8 @@ def least_squares(
         f0_raw = np.atleast_1d(as_numpy(f0_user))
         del f0_user  # its graph, if any, is not needed
         if f0_raw.ndim != 1:
+            if not callable(jac):  # (scipy differences at x0 first: approx_derivative's)
+                raise ValueError("`f0` passed has more than 1 dimension.")
             raise ValueError("`fun` must return at most 1-d array_like. "
                              f"f0.shape: {f0_raw.shape}")
         f0 = first_value(p.fun.ns, f0_raw, (1, f0_raw.shape[0]), "fun")
@@ -218,6 +220,8 @@ def least_squares(
                                        x_scale)
         dense_jac = isinstance(J0, torch.Tensor) and J0.layout == torch.strided
 
+        if callback is not None and not callable(callback):  # (scipy's, from inspect)
+            raise TypeError(f"{callback!r} is not a callable object")
         if method == "lm" and callback is not None:
             warnings.warn("Callback function specified, but not supported with `lm` method.",
                           stacklevel=2)

@@ -282,6 +282,9 @@ def curve_fit(
         popt, cov, infodict, mesg, ier, ysize, chisq = _fit_lm(
             problem, p0, n, data.M, jac_arg, callable(jac), kwargs, ns_lm, full_output)
     else:
+        if data.M == 0:  # (scipy fails on it with an IndexError in its covariance)
+            raise ValueError("`ydata` holds no observation to fit (none is left after "
+                             "`nan_policy='omit'`).")
         if "max_nfev" not in kwargs:
             kwargs["max_nfev"] = kwargs.pop("maxfev", None)
         try:

@@ -418,7 +418,7 @@ class Scalars:
         if known is not None:
             return known
         # (one small problem: a copy, from two dispatches instead of four)
-        if self.floats and t.numel() <= _SMALL:
+        if self.floats and 0 < t.numel() <= _SMALL:  # (tolist() of an empty one drops dims)
             a = np.array(t.tolist(), dtype=np.float64)
         else:
             a = t.numpy()
@@ -601,7 +601,7 @@ class Scalars:
             value = getattr(t, attr, None)
             if value is None:
                 size = t.numel()
-                if size > _SMALL:
+                if size > _SMALL or size == 0:  # (tolist() of an empty one drops dims)
                     value = t.numpy()
                 elif self.floats and size == 1 and t.ndim == 1:  # a (1,) column
                     value = _NUMPY[t.dtype](t.tolist()[0])
