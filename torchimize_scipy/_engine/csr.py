@@ -198,7 +198,7 @@ class BlockCSR:
         t`` with ``zero`` False: :meth:`rmatvec_into`).
         """
         jobs, parts, tp = self._transposed_jobs()
-        B, m, n = self.shape
+        B = self.shape[0]
         fwd = None
         if v is not None:
             c = np.asarray(c, dtype=self.np_dtype)

@@ -163,7 +163,7 @@ class HostVectors:
         if dest is None or dest.shape != y.shape or dest.dtype != y.dtype \
                 or not dest.flags.c_contiguous:
             dest = self.empty_like(y)
-        return _Pending(self._start_pair(w, y, c, dest, self._tmp), True, dest)
+        return _Pending(self._start_pair(w, y, c, dest, self._tmp), dest)
 
     def product_sub(self, forward: bool, w: np.ndarray, c: Any, y: np.ndarray, out: np.ndarray,
                     tmp: np.ndarray, pending: Any = None, scale: Any = None) -> np.ndarray:
@@ -199,11 +199,10 @@ class HostVectors:
 
 
 class _Pending(NamedTuple):
-    """A product started ahead (:meth:`HostVectors.start_forward`), whether it
-    subtracts ``c y`` itself, and the array it writes."""
+    """A pass started ahead (:meth:`HostVectors.start_forward`) and the array it writes
+    ``A w - c y`` into."""
 
     product: Any
-    subtracted: bool
     out: np.ndarray
 
     def wait(self) -> None:
