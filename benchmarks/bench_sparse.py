@@ -449,7 +449,8 @@ def run_kernels(args: Any) -> dict[str, Any]:
 
     one_fwd, one_bwd = [(0, m)], [(0, n)]
     forms = {  # name: (J v over row ranges, its ranges per thread, J^T u, its ranges per thread)
-        "CSR kernel (J, J^T's CSR): the solver's": (csr_fwd, rows_j, csr_bwd, rows_t),
+        "CSR kernel (J, J^T's CSR): the solver's before RESULTS §38": (csr_fwd, rows_j, csr_bwd,
+                                                                    rows_t),
         "ELL column passes (numpy), J^T u as CSR": (ell_fwd, rows_j, csr_bwd, rows_t),
         "BSR 2x3 / 3x2 (scipy bsr_matvec)": (bsr_fwd, rows_b, bsr_bwd, rows_bt),
         "CSR J v; J^T u scattered (csc_matvec; 2 threads: column panels)":

@@ -62,7 +62,7 @@ except ImportError:  # pragma: no cover - a scipy that moved it: the public prod
     _csr_matvec = None
 try:  # its CSC kernel: y += A x scattered along the columns (what ``A.T @ u`` runs)
     from scipy.sparse._sparsetools import csc_matvec as _csc_matvec
-except ImportError:  # pragma: no cover - a scipy that moved it: the transposed CSR instead
+except ImportError:  # pragma: no cover - a scipy that moved it: the public product instead
     _csc_matvec = None
 
 
