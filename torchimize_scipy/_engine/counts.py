@@ -15,6 +15,8 @@ proven finite), whose finiteness test then needs no read, and
 :func:`mark_unit` a scaling of ones (``x_scale`` of 1, the default), by which
 :func:`times` multiplies by returning its argument (``v * 1`` is ``v``
 exactly, so a mark lost to compaction or concatenation changes no value).
+Residuals whose rows that were not finite the loop set to zero remember the
+values as evaluated (:func:`remember_evaluated`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor
 _COUNT = "_tsc_true_count"
 _FINITE = "_tsc_known_finite"
 _UNIT = "_tsc_known_unit"
+_EVALUATED = "_tsc_evaluated"
 
 
 def count_true(mask: Tensor) -> int:
@@ -83,3 +86,19 @@ def times(d: Tensor | None, v: Tensor) -> Tensor:
     if d is None or getattr(d, _UNIT, False):
         return v
     return v * d
+
+
+def remember_evaluated(zeroed: Tensor, evaluated: Tensor) -> Tensor:
+    """``zeroed`` (residuals whose rows that were not finite are set to zero), remembering
+    the residuals as evaluated (:func:`evaluated`)."""
+    setattr(zeroed, _EVALUATED, evaluated)
+    return zeroed
+
+
+def evaluated(f: Tensor) -> Tensor:
+    """The residuals as evaluated behind ``f`` (:func:`remember_evaluated`), or ``f``.
+
+    For MINPACK's norm of a row that is not finite ('lm'), which depends on
+    its NaN and infinite entries.
+    """
+    return getattr(f, _EVALUATED, f)

@@ -60,7 +60,7 @@ from torch import Tensor
 
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
-from .counts import count_true, known_unit, mark_finite, mark_unit
+from .counts import count_true, known_unit, mark_finite, mark_unit, remember_evaluated
 from .host_scalars import (
     _HOST_ROWS,
     ALL_REDUCE,
@@ -505,9 +505,10 @@ def _finite_rows(hs: Scalars, f: Tensor):
 
 def _trial_cost(problem: Problem, hs: Scalars, f: Tensor,
                 with_cost: bool = True) -> tuple[Tensor, Tensor | None, object]:
-    """The trial's residuals ``f (B, m)``, zero in rows that are not finite; their cost
-    (None without ``with_cost``: see :func:`_late_cost`); and which rows are finite, as
-    values of ``hs``.
+    """The trial's residuals ``f (B, m)``, zero in rows that are not finite (remembering
+    the evaluated ones: :func:`~.counts.evaluated`); their cost (None without
+    ``with_cost``: see :func:`_late_cost`); and which rows are finite, as values of
+    ``hs``.
 
     On the host, when the cost proves the residuals finite
     (:attr:`Problem.cost_proves_finite`), a finite cost in every row settles
@@ -527,7 +528,8 @@ def _trial_cost(problem: Problem, hs: Scalars, f: Tensor,
         if with_cost and cost is None:
             cost = problem.cost(f)
         return f, cost, fin
-    f = torch.where(hs.tensors(fin)[0].unsqueeze(-1), f, 0.0)
+    # (the evaluated values kept for a rule that reads them: counts.evaluated)
+    f = remember_evaluated(torch.where(hs.tensors(fin)[0].unsqueeze(-1), f, 0.0), f)
     return f, problem.cost(f) if with_cost else None, fin
 
 

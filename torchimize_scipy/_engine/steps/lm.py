@@ -94,7 +94,7 @@ from torch import Tensor
 from torch.linalg import vector_norm as vnorm
 
 from .. import host_lapack
-from ..counts import count_true, known_finite, mark_finite, remember
+from ..counts import count_true, evaluated, known_finite, mark_finite, remember
 from ..host_scalars import Floats, Scalars, as_tensor, for_rows, remember_rows
 from ..linalg import Factors, factorize, host_svd_factors, refine_gauss_newton
 from ..minpack_qr import BasicStep, basic_gauss_newton, rank_deficient_rows
@@ -183,6 +183,21 @@ def _host_svd(hs: Scalars, J: Tensor, diag: Tensor, f: Tensor,
     V_h = np.ascontiguousarray(Vh_h.transpose(0, 2, 1))
     return Factors(mark_finite(s), remember_rows(torch.from_numpy(V_h), V_h),
                    hs.tensor_rows(host_transposed_rows(U_h[0], f_h[0])[None]))
+
+
+def _enorm_nonfinite(hs: Scalars, f: Tensor) -> Any:
+    """MINPACK's ``enorm`` of residual rows that are not all finite, per problem.
+
+    Its scaled sum of squares gives ``inf`` for a row with exactly one
+    infinite entry and no NaN, and NaN for a row with a NaN or two infinities
+    or more (``inf / inf``). After such a trial MINPACK's radius update
+    then differs: ``0.1 |f_new| >= |f|`` holds for ``inf``, not for NaN (the
+    shrink factor is then ``0.5 dirder / (dirder + 0.5 actred)``, not 0.1).
+    Read for the rows that are not finite only; finite rows are the caller's.
+    """
+    nan_row = torch.isnan(f).any(-1) | (torch.isinf(f).sum(-1) >= 2)
+    rows, = hs.view(nan_row)
+    return hs.xp.where(rows, float("nan"), float("inf"))
 
 
 def _squares_from_cost(hs: Scalars, cost: Tensor) -> Tensor | None:
@@ -489,6 +504,8 @@ class LevenbergMarquardt(StepRule):
                 # (the square root of a zero damping, a Gauss-Newton step, is zero: no torch op)
                 par_sqrt = par if hs.host and not par.any() else hs.view(trial.par.sqrt())[0]
             fnorm1 = xp.where(finite, fnorm_new, xp.inf)
+            if hs.count(finite) != hs.B:  # (a host count: no read off the host)
+                fnorm1 = xp.where(finite, fnorm1, _enorm_nonfinite(hs, evaluated(f_new)))
             safe_f = xp.where(fnorm != 0, fnorm, 1.0)
             tenth1 = 0.1 * fnorm1
             small = tenth1 < fnorm

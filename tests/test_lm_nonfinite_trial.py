@@ -1,0 +1,73 @@
+"""'lm' after a trial whose residuals are not finite takes MINPACK's path (found by
+probing): MINPACK's norm of such a row is inf for one infinite entry and NaN for a NaN
+or two infinities, and only an infinite norm cuts the radius by 0.1."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.optimize as so
+import torch
+
+from torchimize_scipy import batch_least_squares, curve_fit, least_squares
+from torchimize_scipy._engine import host_scalars
+from torchimize_scipy._engine.steps.lm import _enorm_nonfinite
+
+T = np.linspace(0, 3, 25)
+Y = 2.3249 * np.exp(-1.4126 * T) - 0.3143 + 0.01 * np.sin(9 * T)
+X0 = np.array([0.1, 8.0, -1.0])  # the first trial overflows exp: many infinite residuals
+
+
+def _fun(x):
+    return x[0] * np.exp(-x[1] * T) + x[2] - Y
+
+
+def _jac(x):
+    e = np.exp(-x[1] * T)
+    return np.stack([e, -x[0] * T * e, np.ones_like(e)], axis=-1)
+
+
+def test_minpacks_norm_of_rows_that_are_not_finite():
+    f = torch.tensor([[1.0, np.inf, 2.0], [np.inf, -np.inf, 0.0], [np.nan, 1.0, 1.0],
+                      [np.inf, np.nan, 0.0]], dtype=torch.float64)
+    got = np.asarray(_enorm_nonfinite(host_scalars.for_rows(torch.zeros(4, 2,
+                                                                         dtype=torch.float64)), f))
+    assert np.isposinf(got[0]) and np.isnan(got[1:]).all()
+
+
+def test_the_path_after_an_overflowing_trial_is_scipys():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (exp overflows, on both sides)
+        for max_nfev in (None, 6):
+            ours = least_squares(_fun, X0, jac=_jac, method="lm", max_nfev=max_nfev)
+            ref = so.least_squares(_fun, X0, jac=_jac, method="lm", max_nfev=max_nfev)
+            assert (ours.nfev, ours.njev) == (ref.nfev, ref.njev)
+            # six evaluations stop long before convergence: the point reached tells the path
+            np.testing.assert_allclose(ours.x, ref.x, rtol=1e-6)
+        ours = curve_fit(lambda t, a, k, c: a * np.exp(-k * t) + c, T, Y, p0=X0,
+                         full_output=True)
+        ref = so.curve_fit(lambda t, a, k, c: a * np.exp(-k * t) + c, T, Y, p0=X0,
+                           full_output=True)
+    assert ours[2]["nfev"] == ref[2]["nfev"]
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_a_batch_takes_it_per_problem(monkeypatch, host):
+    monkeypatch.setattr(host_scalars, "HOST", host)
+    x0 = np.array([X0, [2.0, 1.0, 0.0], [0.1, 9.0, 1.0]])
+
+    def fb(x):
+        return x[:, :1] * np.exp(-x[:, 1:2] * T) + x[:, 2:3] - Y
+
+    def jb(x):
+        e = np.exp(-x[:, 1:2] * T)
+        return np.stack([e, -x[:, :1] * T * e, np.ones_like(e)], axis=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = batch_least_squares(fb, x0, jac=jb, method="lm", max_nfev=6)
+        for k in range(3):
+            ref = so.least_squares(_fun, x0[k], jac=_jac, method="lm", max_nfev=6)
+            assert (int(res.nfev[k]), int(res.njev[k])) == (ref.nfev, ref.njev)
+            np.testing.assert_allclose(np.asarray(res.x[k]), ref.x, rtol=1e-6)
