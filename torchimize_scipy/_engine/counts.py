@@ -102,3 +102,10 @@ def evaluated(f: Tensor) -> Tensor:
     its NaN and infinite entries.
     """
     return getattr(f, _EVALUATED, f)
+
+
+def forget_evaluated(f: Tensor) -> None:
+    """Drop what :func:`remember_evaluated` kept on ``f`` (once the trial is assessed,
+    so that a large batch's evaluated residuals do not live on with ``f``)."""
+    if hasattr(f, _EVALUATED):
+        delattr(f, _EVALUATED)

@@ -60,7 +60,14 @@ from torch import Tensor
 
 from .._blas_threads import is_small, serial_blas
 from . import termination as term
-from .counts import count_true, known_unit, mark_finite, mark_unit, remember_evaluated
+from .counts import (
+    count_true,
+    forget_evaluated,
+    known_unit,
+    mark_finite,
+    mark_unit,
+    remember_evaluated,
+)
 from .host_scalars import (
     _HOST_ROWS,
     ALL_REDUCE,
@@ -879,6 +886,7 @@ def _run(problem: Problem, rule: StepRule, state: State, out: State,
         state["nfev"], = hs.keep(nfev)
         finite, = hs.tensors(fin)
         verdict = rule.assess_trial(problem, state, trial, f_new, cost_new, finite)
+        forget_evaluated(f_new)  # (the zeroed rows' values: no longer needed, not kept alive)
         x_acc = verdict.x_accepted
         accept, code, status, nit = hs.view(verdict.accept, verdict.status, state["status"],
                                             state["nit"])
