@@ -379,7 +379,8 @@ def _solve(p: Any, fun: Callable, jac: Any, method: str, loss: Any, f_scale: flo
             on_finish=bar.finished if bar is not None else None,
             on_iteration=bar.iteration if bar is not None else None,
             final_jacobian=mode.final_jacobian, evals_per_jacobian=mode.evals_per_jacobian,
-            batch_rows=True, **({"tr_solver": "lsmr"} if sparse else {})))
+            batch_rows=True, lm_factor=p.lm_factor,
+            **({"tr_solver": "lsmr"} if sparse else {})))
         complete = True
     finally:
         if bar is not None:

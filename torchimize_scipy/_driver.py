@@ -23,7 +23,7 @@ from ._blas_threads import serial_blas, serial_torch
 from ._engine.counts import mark_unit
 from ._engine.host_scalars import batch_rows, remember_rows, scalars
 from ._engine.loop import ONE_SLOT, RESULT_KEYS, run
-from ._engine.problem import BatchedFun, BatchedJac, Problem
+from ._engine.problem import LM_FACTOR, BatchedFun, BatchedJac, Problem
 from ._engine.steps import make_rule
 
 
@@ -133,6 +133,7 @@ class EngineRun:
     final_jacobian: bool = True
     evals_per_jacobian: int = 0
     batch_rows: bool = False
+    lm_factor: float = LM_FACTOR
 
 
 def solve(spec: EngineRun) -> dict[str, Tensor]:
@@ -162,7 +163,8 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
         gtol=spec.gtol, max_nfev=max_nfev, jac_scale=spec.jac_scale, bounded=spec.bounded,
         callback=spec.callback, verbose=spec.verbose, use_gram=spec.use_gram,
         step_length=spec.step_length, tr_solver=spec.tr_solver,
-        final_jacobian=spec.final_jacobian, evals_per_jacobian=spec.evals_per_jacobian)
+        final_jacobian=spec.final_jacobian, evals_per_jacobian=spec.evals_per_jacobian,
+        lm_factor=spec.lm_factor)
     out = spec.out if spec.out is not None else result_buffers(B, n, m, x0.dtype, x0.device)
     rule = make_rule(spec.method, spec.tr_solver, spec.tr_options, spec.bounded)
     start, refill = spec.start, spec.refill

@@ -35,6 +35,7 @@ from torch import Tensor
 from ._arrays import Namespace, as_numpy, detect_namespace
 from ._engine.bounds import make_strictly_feasible
 from ._engine.host_scalars import host_rows, tensor_of_host
+from ._engine.problem import LM_FACTOR
 from ._jac_forms import engine_jacobian, jacobian_form
 from ._jacobian import autograd_jacobian, finite_difference_jacobian
 from ._loss import LossFunction, make_loss
@@ -55,6 +56,7 @@ from ._validation import (
     check_tr_options,
     check_x_scale,
     prepare_bounds,
+    take_leastsq_options,
     unbounded_default,
 )
 
@@ -182,6 +184,9 @@ class Prepared:
         The adapted callable ``jac``.
     jac : EngineJacobian
         The engine's Jacobian.
+    lm_factor : float
+        MINPACK's initial step bound for 'lm' (``leastsq``'s ``factor``; 100
+        unless ``curve_fit`` set another).
     """
 
     ns: Namespace
@@ -197,6 +202,7 @@ class Prepared:
     fun: RowwiseFunction | VectorizedFunction
     jac_user: RowwiseFunction | VectorizedFunction | None
     jac: EngineJacobian
+    lm_factor: float = LM_FACTOR
 
 
 def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: Any, xtol: Any,
@@ -247,7 +253,9 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
         # in a batch, a problem whose x0 has a NaN fails alone (status 5)
         check_bounds(lb, ub, x0_host, method, nan_ok=batch)
     x_scale = check_x_scale(x_scale, x0_host, method)
-    ftol, xtol, gtol = check_tolerance(ftol, xtol, gtol, method, dtype=ns.dtype, stacklevel=5)
+    leastsq = take_leastsq_options(method)  # (curve_fit's 'lm': leastsq's rules)
+    ftol, xtol, gtol = check_tolerance(ftol, xtol, gtol, method, dtype=ns.dtype, stacklevel=5,
+                                       leastsq=leastsq is not None)
     rel_step = check_diff_step(diff_step, n)
 
     dev, dt = ns.device, ns.dtype
@@ -292,7 +300,8 @@ def prepare(fun: Callable, x0: Any, jac: Any, bounds: Any, method: str, ftol: An
                                 lb=lb_t if bounded else None, ub=ub_t if bounded else None)
     return Prepared(ns=ns, x0_host=x0_host, x0=x0_t, lb=lb_t, ub=ub_t, bounded=bounded,
                     x_scale=scale, ftol=ftol, xtol=xtol, gtol=gtol, fun=fun_b, jac_user=jac_b,
-                    jac=engine_jac)
+                    jac=engine_jac,
+                    lm_factor=LM_FACTOR if leastsq is None else leastsq["factor"])
 
 
 #: what :func:`~torchimize_scipy._arrays.detect_namespace` makes of a numpy ``x0`` without

@@ -249,7 +249,7 @@ def least_squares(
                 out=one_problem_slots(keys),
                 tr_solver=tr_solver, tr_options=tr_options,
                 final_jacobian=mode.final_jacobian,
-                evals_per_jacobian=mode.evals_per_jacobian))
+                evals_per_jacobian=mode.evals_per_jacobian, lm_factor=p.lm_factor))
             if track:
                 idx = torch.zeros(1, dtype=torch.long, device=ns.device)
                 implicit.attach(out, lambda x: p.fun.raw(x, idx), loss_obj)

@@ -154,28 +154,40 @@ def check_x_scale(x_scale: Any, x0: np.ndarray, method: str) -> np.ndarray | str
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-#: set by ``curve_fit``'s 'lm' (scipy's ``leastsq``) around its solve: for method 'lm'
-#: tolerances below machine epsilon, 0 among them, are then taken as they are, without a
-#: warning, as ``leastsq`` takes them (MINPACK then stops with its "tolerance too small"
-#: codes where they decide; ``termination.FTOL_TINY``). The first check of the solve
-#: consumes it, so that a solve inside the user's function keeps scipy's checks.
-_LEASTSQ_TOLERANCES: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "torchimize_scipy_leastsq_tolerances", default=False)
+#: set by ``curve_fit``'s 'lm' (scipy's ``leastsq``) around its solve: ``leastsq``'s
+#: options for method 'lm' (its ``factor``), and its rule that tolerances below machine
+#: epsilon, 0 among them, are taken as they are, without a warning (MINPACK then stops
+#: with its "tolerance too small" codes where they decide; ``termination.FTOL_TINY``).
+#: The first ``prepare`` of the solve takes them (:func:`take_leastsq_options`), so that
+#: a solve inside the user's function keeps scipy's checks.
+_LEASTSQ: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "torchimize_scipy_leastsq", default=None)
 
 
 @contextmanager
-def leastsq_tolerances() -> Iterator[None]:
-    """Accept 'lm' tolerances below machine epsilon in the next check (``leastsq``'s rule)."""
-    token = _LEASTSQ_TOLERANCES.set(True)
+def leastsq_tolerances(factor: float = 100.0) -> Iterator[None]:
+    """Solve the next 'lm' problem by ``leastsq``'s rules: its tolerances as they are, and
+    MINPACK's initial step bound ``factor`` (:func:`take_leastsq_options`)."""
+    token = _LEASTSQ.set({"factor": float(factor)})
     try:
         yield
     finally:
-        _LEASTSQ_TOLERANCES.reset(token)
+        _LEASTSQ.reset(token)
+
+
+def take_leastsq_options(method: str) -> dict | None:
+    """The options :func:`leastsq_tolerances` set for this 'lm' solve, taken (None else)."""
+    opts = _LEASTSQ.get()
+    if method != "lm" or opts is None:
+        return None
+    _LEASTSQ.set(None)
+    return opts
 
 
 def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
                     eps: float = float(np.finfo(float).eps),
-                    dtype: Any = None, stacklevel: int = 4) -> tuple[float, float, float]:
+                    dtype: Any = None, stacklevel: int = 4,
+                    leastsq: bool = False) -> tuple[float, float, float]:
     """None means 0; below-epsilon values warn; scipy's errors when all are too small.
 
     The warnings and errors are scipy's, against float64's epsilon. When the
@@ -185,10 +197,10 @@ def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
     relative change, so such a test would only fire on rounding noise, after
     extra evaluations. A tolerance below float64's epsilon keeps scipy's
     meaning (the warning says the test is effectively disabled) and 0/None
-    disables the test, in any dtype. Inside :func:`leastsq_tolerances`, 'lm'
-    takes any non-negative tolerance as ``leastsq`` does. ``stacklevel`` is
-    the warnings' level as seen from the inner check (4: the caller of the
-    function that called this one).
+    disables the test, in any dtype. With ``leastsq`` ('lm' inside
+    :func:`leastsq_tolerances`) any non-negative tolerance is taken as
+    ``leastsq`` takes it. ``stacklevel`` is the warnings' level as seen from
+    the inner check (4: the caller of the function that called this one).
     """
 
     def check(tol: Any, name: str) -> float:
@@ -200,8 +212,7 @@ def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
                           stacklevel=stacklevel)
         return float(tol)
 
-    if method == "lm" and _LEASTSQ_TOLERANCES.get():
-        _LEASTSQ_TOLERANCES.set(False)  # (consumed: see leastsq_tolerances)
+    if leastsq:
         ftol, xtol, gtol = (0.0 if t is None else float(t) for t in (ftol, xtol, gtol))
         if dtype is not None and str(dtype) in ("torch.float32", "float32"):
             ftol, xtol, gtol = (EPS32 if eps <= t < EPS32 else t for t in (ftol, xtol, gtol))

@@ -261,7 +261,8 @@ def batch_curve_fit(
     label = progress if isinstance(progress, str) else f"batch_curve_fit[{method}]"
     t = _solve_good(model.residuals, p0_host, jac_arg, lb, ub, method, good_idx, B, M, ns,
                     torch_mode, None if book is None else (0 if callable(jac) else n),
-                    dict(kwargs, chunk_size=chunk_size, progress=progress and label))
+                    dict(kwargs, chunk_size=chunk_size, progress=progress and label),
+                    opts["factor"] if method == "lm" else 100.0)
     status, nfev = t["status"], t["nfev"]
     njev = None
     if method == "lm":
@@ -308,7 +309,7 @@ def batch_curve_fit(
 
 def _solve_good(fun: Callable, p0: np.ndarray, jac: Any, lb: np.ndarray, ub: np.ndarray,
                 method: str, good_idx: np.ndarray, B: int, M: int, ns: Any, torch_mode: bool,
-                minpack: int | None, kwargs: dict) -> dict:
+                minpack: int | None, kwargs: dict, lm_factor: float = 100.0) -> dict:
     """Solve the problems ``good_idx`` and scatter the results into B-sized tensors.
 
     The problems left out keep NaN results, a zero Jacobian and the status
@@ -338,7 +339,7 @@ def _solve_good(fun: Callable, p0: np.ndarray, jac: Any, lb: np.ndarray, ub: np.
         x0, ids = p0[good_idx], good_idx
     final = minpack_bookkeeping(minpack) if minpack is not None else contextlib.nullcontext()
     # ('lm' takes leastsq's tolerances, below machine epsilon too)
-    loose = leastsq_tolerances() if method == "lm" else contextlib.nullcontext()
+    loose = leastsq_tolerances(lm_factor) if method == "lm" else contextlib.nullcontext()
     with final, loose:
         res = batch_least_squares(fun, x0, jac=jac, bounds=(lb[good_idx], ub[good_idx]),
                                   method=method, args=(ids,), device=dev, dtype=dt, **kwargs)

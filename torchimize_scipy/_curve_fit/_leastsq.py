@@ -119,9 +119,7 @@ def leastsq_options(kwargs: dict, n: int, user_jac: bool) -> dict:
                 or (diag is not None and bool(np.any(np.asarray(to_host(diag)) <= 0))))
     if improper:  # MINPACK's info = 0; curve_fit turns it into a RuntimeError
         raise RuntimeError("Optimal parameters not found: Improper input parameters.")
-    if factor != 100:
-        raise ValueError("torchimize_scipy's 'lm' only supports factor=100 (MINPACK's "
-                         "default initial step bound).")
+    opts["factor"] = float(factor)
     if diag is not None:
         if "x_scale" in kwargs:
             raise ValueError("Give only one of `diag` and `x_scale`.")

@@ -151,7 +151,7 @@ def curve_fit(
         ``ftol``, ``xtol``, ``gtol`` (defaults 1.49012e-8, 1.49012e-8, 0),
         ``maxfev`` (default ``200 (N + 1)``, ``100 (N + 1)`` with a callable
         ``jac``), ``epsfcn`` (``diff_step = sqrt(epsfcn)``), ``diag``
-        (``x_scale = 1 / diag``), ``col_deriv`` and ``factor`` (only 100).
+        (``x_scale = 1 / diag``), ``col_deriv`` and ``factor``.
 
     Returns
     -------
@@ -506,7 +506,7 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
     # solve at maxfev with MaxfevReached)
     final = minpack_bookkeeping() if book is not None else contextlib.nullcontext()
     try:
-        with final, leastsq_tolerances():
+        with final, leastsq_tolerances(opts["factor"]):
             res = least_squares(problem.fun, p0, jac=jac_arg, method="lm",
                                 **lm_tolerances(opts), **kwargs)
     except MaxfevReached:

@@ -63,6 +63,10 @@ BatchedFun = Callable[[Tensor, Tensor], Tensor]
 BatchedJac = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
+#: MINPACK's default initial step bound factor (``leastsq``'s ``factor``)
+LM_FACTOR = 100.0
+
+
 @dataclass
 class Problem:
     """Everything the engine needs that is fixed for a run.
@@ -115,6 +119,10 @@ class Problem:
         'lm' without ``jac``) counts the ``n`` evaluations of its forward
         differences in ``nfev`` and stops at ``maxfev`` by that count; the 'lm'
         rule then tests ``nfev + evals_per_jacobian * njev``.
+    lm_factor
+        MINPACK's initial step bound for 'lm': the first radius is
+        ``lm_factor * |diag x0|`` (``lm_factor`` where that is 0);
+        ``leastsq``'s ``factor``, :data:`LM_FACTOR` by default.
     """
 
     fun: BatchedFun
@@ -135,6 +143,7 @@ class Problem:
     tr_solver: str = "exact"
     final_jacobian: bool = True
     evals_per_jacobian: int = 0
+    lm_factor: float = LM_FACTOR
 
     @property
     def products_only(self) -> bool:

@@ -118,7 +118,6 @@ from ._common import (
 )
 from .base import ResultFields, StepRule, Verdict
 
-FACTOR = 100.0
 
 def _norms(hs: Scalars, a: Any) -> Any:
     """Row norms of ``a`` as per-problem values of ``hs``: a tensor's by torch's reduction
@@ -368,7 +367,8 @@ class LevenbergMarquardt(StepRule):
                 # (a norm: torch's reduction for a batch, numpy's for one problem)
                 xnorm = _norms(hs, state["diag"] * state["x"] if not hs.floats
                                else diag * hs.view(state["x"])[0])
-                delta0 = xp.where(xnorm == 0, FACTOR, FACTOR * xnorm)
+                factor = problem.lm_factor  # (MINPACK's initial step bound, 100 by default)
+                delta0 = xp.where(xnorm == 0, factor, factor * xnorm)
                 delta, old_xnorm = hs.view(state["delta"], state["xnorm"])
                 state["delta"], state["xnorm"] = hs.keep(xp.where(start, delta0, delta),
                                                         xp.where(start, xnorm, old_xnorm))
