@@ -70,3 +70,20 @@ def test_curve_fit_left_without_observations_is_a_clear_error(method):
         return a * np.exp(-b * x) + c
     with pytest.raises(ValueError, match="no observation to fit"):
         curve_fit(f, x, np.full(20, np.nan), method=method, nan_policy="omit")
+
+
+def test_a_device_torch_has_not_is_a_clear_error():
+    """``device=`` (our extra) that torch cannot use: a ``ValueError`` naming it, not
+    torch's ``AssertionError`` from the first copy to it."""
+    import torch
+
+    def fun(x):
+        return x - 1.0
+    with pytest.raises(ValueError, match="`device`='nonsense' is not a torch device"):
+        least_squares(fun, X0, device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`device`='cuda:1': torch has no CUDA device"):
+            least_squares(fun, X0, device="cuda:1")
+        with pytest.raises(ValueError, match="torch has no CUDA device"):
+            curve_fit(lambda x, a: a * x, np.arange(3.0), np.arange(3.0), device="cuda")
+    assert type(least_squares(fun, X0, device="cpu").x) is np.ndarray

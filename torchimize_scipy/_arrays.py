@@ -162,8 +162,10 @@ def detect_namespace(x0: Any, device: Any = None, dtype: Any = None) -> Namespac
     dtype (integers become float64); ``device=``/``dtype=`` override both.
     """
     tdtype = _torch_dtype(dtype) if dtype is not None else None
+    if device is not None:
+        device = _torch_device(device)
     if is_torch(x0):
-        dev = torch.device(device) if device is not None else x0.device
+        dev = device if device is not None else x0.device
         if tdtype is None:
             tdtype = x0.dtype if x0.is_floating_point() else torch.float64
             _check_engine_dtype(tdtype, "`x0` has dtype")
@@ -177,8 +179,21 @@ def detect_namespace(x0: Any, device: Any = None, dtype: Any = None) -> Namespac
             ns = None
         if ns is not None and not array_api_compat.is_numpy_namespace(ns):
             kind, xp = "xp", ns
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = device if device is not None else torch.device("cpu")
     return Namespace(kind, dev, tdtype or torch.float64, xp)
+
+
+def _torch_device(device: Any) -> torch.device:
+    """``device=`` as a torch device, with a ``ValueError`` naming it where torch has no
+    such device (not torch's ``AssertionError`` from deep inside the first copy)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"`device`={device!r} is not a torch device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device`={device!r}: torch has no CUDA device here "
+                         "(torch.cuda.is_available() is False).")
+    return dev
 
 
 #: Dtypes the engine computes in: torch's linear algebra has no half precision.
