@@ -165,7 +165,7 @@ _LEASTSQ: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
 
 
 @contextmanager
-def leastsq_tolerances(factor: float = 100.0) -> Iterator[None]:
+def leastsq_rules(factor: float = 100.0) -> Iterator[None]:
     """Solve the next 'lm' problem by ``leastsq``'s rules: its tolerances as they are, and
     MINPACK's initial step bound ``factor`` (:func:`take_leastsq_options`)."""
     token = _LEASTSQ.set({"factor": float(factor)})
@@ -176,7 +176,7 @@ def leastsq_tolerances(factor: float = 100.0) -> Iterator[None]:
 
 
 def take_leastsq_options(method: str) -> dict | None:
-    """The options :func:`leastsq_tolerances` set for this 'lm' solve, taken (None else)."""
+    """The options :func:`leastsq_rules` set for this 'lm' solve, taken (None else)."""
     opts = _LEASTSQ.get()
     if method != "lm" or opts is None:
         return None
@@ -198,7 +198,7 @@ def check_tolerance(ftol: Any, xtol: Any, gtol: Any, method: str,
     extra evaluations. A tolerance below float64's epsilon keeps scipy's
     meaning (the warning says the test is effectively disabled) and 0/None
     disables the test, in any dtype. With ``leastsq`` ('lm' inside
-    :func:`leastsq_tolerances`) any non-negative tolerance is taken as
+    :func:`leastsq_rules`) any non-negative tolerance is taken as
     ``leastsq`` takes it. ``stacklevel`` is the warnings' level as seen from
     the inner check (4: the caller of the function that called this one).
     """

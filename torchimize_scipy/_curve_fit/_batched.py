@@ -23,7 +23,7 @@ from .._batch import batch_least_squares, check_shared_diff_step, minpack_bookke
 from .._dask import dispatch, has_dask
 from .._engine import status as codes
 from .._user_functions import WithResiduals
-from .._validation import leastsq_tolerances, prepare_bounds
+from .._validation import leastsq_rules, prepare_bounds
 from ._covariance import COV_MSG, finish_covariance, normal_inverse, qr_inverse, svd_pinv
 from ._data import (
     NONFINITE_DATA_MSG,
@@ -339,7 +339,7 @@ def _solve_good(fun: Callable, p0: np.ndarray, jac: Any, lb: np.ndarray, ub: np.
         x0, ids = p0[good_idx], good_idx
     final = minpack_bookkeeping(minpack) if minpack is not None else contextlib.nullcontext()
     # ('lm' takes leastsq's tolerances, below machine epsilon too)
-    loose = leastsq_tolerances(lm_factor) if method == "lm" else contextlib.nullcontext()
+    loose = leastsq_rules(lm_factor) if method == "lm" else contextlib.nullcontext()
     with final, loose:
         res = batch_least_squares(fun, x0, jac=jac, bounds=(lb[good_idx], ub[good_idx]),
                                   method=method, args=(ids,), device=dev, dtype=dt, **kwargs)

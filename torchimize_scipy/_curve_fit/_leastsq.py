@@ -137,7 +137,7 @@ def lm_tolerances(opts: dict) -> dict:
     ``leastsq`` accepts smaller ones (including ``gtol=0``, its default), and
     MINPACK then stops with its "tolerance too small" codes (``info`` 6, 7,
     8) where they decide. The caller solves inside
-    :func:`~torchimize_scipy._validation.leastsq_tolerances`, which lets them
+    :func:`~torchimize_scipy._validation.leastsq_rules`, which lets them
     through as they are.
     """
     return {"ftol": opts["ftol"], "xtol": opts["xtol"], "gtol": opts["gtol"],

@@ -35,7 +35,7 @@ from .._arrays import Namespace, as_numpy, detect_namespace, to_host
 from .._batch import minpack_bookkeeping
 from .._engine.host_scalars import host_rows
 from .._least_squares import least_squares
-from .._validation import leastsq_tolerances, prepare_bounds
+from .._validation import leastsq_rules, prepare_bounds
 from ._covariance import COV_MSG, finish_covariance, normal_inverse, pivoted_inverse, svd_pinv
 from ._data import (
     FitData,
@@ -506,7 +506,7 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
     # solve at maxfev with MaxfevReached)
     final = minpack_bookkeeping() if book is not None else contextlib.nullcontext()
     try:
-        with final, leastsq_tolerances(opts["factor"]):
+        with final, leastsq_rules(opts["factor"]):
             res = least_squares(problem.fun, p0, jac=jac_arg, method="lm",
                                 **lm_tolerances(opts), **kwargs)
     except MaxfevReached:
