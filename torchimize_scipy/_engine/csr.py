@@ -137,7 +137,8 @@ class BlockCSR:
         tp = self._plan.transposed_blocks()
         if self._t_jobs is None:
             vals = self._vals
-            self._t_jobs = [_TJob(ptr, ix, vals[a:b], lo, hi, part, b0, b1)
+            n_col = self.shape[0] * self.shape[2]
+            self._t_jobs = [_TJob(_Block(ptr, ix, vals[a:b], n_col, lo, hi), part, b0, b1)
                             for ptr, ix, a, b, lo, hi, part, b0, b1 in tp.blocks]
             if tp.parts:
                 self._parts = np.empty((tp.parts, self.shape[0] * self.shape[2]),
@@ -513,13 +514,10 @@ class _TPlan(NamedTuple):
 
 
 class _TJob(NamedTuple):
-    """One transposed block over a Jacobian's values (:class:`_TPlan`'s ``blocks``)."""
+    """One transposed block over a Jacobian's values (:class:`_TPlan`'s ``blocks``): its
+    rows as a :class:`_Block` of ``J``, its partial vector and its problems ``b0:b1``."""
 
-    indptr: np.ndarray
-    indices: np.ndarray
-    data: np.ndarray
-    lo: int
-    hi: int
+    block: _Block
     part: int
     b0: int
     b1: int
@@ -745,7 +743,7 @@ class _Product(SharedJobs):
 class _Transposed(SharedJobs):
     """The transposed blocks of one product, shared by the caller and the helpers.
 
-    Per block (:class:`_TJob`): with ``fwd = (v, y, c, tmp, m)`` its rows of
+    Per block (:class:`_TJob`): with ``fwd = (v, y, c, tmp)`` its rows of
     ``t`` are first formed as ``J v - y c`` (zeroed, summed, ``tmp = y c``
     subtracted: the operations of a separate product); then they are
     scattered into ``w`` (part 0, zeroed over the block's problems first with
@@ -765,17 +763,13 @@ class _Transposed(SharedJobs):
         super().__init__(len(jobs), helper_threads() if len(jobs) > 1 else 0)
 
     def _run(self, i: int) -> None:
-        indptr, indices, data, lo, hi, part, b0, b1 = self.jobs[i]
+        block, part, b0, b1 = self.jobs[i]
+        lo, hi = block.lo, block.hi
         m, n = self.m, self.n
-        ncol = self.w.size
         rows = self.t[lo:hi]
         if self.fwd is not None:
             v, y, c, tmp = self.fwd
-            rows.fill(0)
-            if _csr_matvec is not None:
-                _csr_matvec(hi - lo, ncol, indptr, indices, data, v, rows)
-            else:  # pragma: no cover - scipy without its kernel module: the public product
-                rows += sp.csr_array((data, indices, indptr), shape=(hi - lo, ncol)) @ v
+            _accumulate_block(block, v, self.t, True)  # (the rows zeroed, then J v summed)
             if c.ndim == 0:
                 yc = np.multiply(y[lo:hi], c, out=tmp[lo:hi])
             elif lo == b0 * m and hi == b1 * m:  # whole problems: one coefficient each
@@ -792,7 +786,7 @@ class _Transposed(SharedJobs):
             dest = self.w
             if self.zero:
                 dest[b0 * n:b1 * n].fill(0)
-        _scatter(indptr, indices, data, rows, dest, ncol)
+        _scatter(block, rows, dest)
 
     def wait(self) -> None:
         super().wait()
@@ -801,13 +795,13 @@ class _Transposed(SharedJobs):
             np.add(seg, self.parts[part - 1][c0:c1], out=seg)
 
 
-def _scatter(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray,
-             out: np.ndarray, ncol: int) -> None:
-    """``out += A_rows^T rows`` in scipy's CSC kernel over the rows' CSR arrays."""
+def _scatter(block: _Block, rows: np.ndarray, out: np.ndarray) -> None:
+    """``out += A_block^T rows`` in scipy's CSC kernel over the block's CSR arrays."""
+    indptr, indices, data, n_col = block.indptr, block.indices, block.data, block.n_col
     if _csc_matvec is not None:
-        _csc_matvec(ncol, rows.size, indptr, indices, data, rows, out)
+        _csc_matvec(n_col, rows.size, indptr, indices, data, rows, out)
     else:  # pragma: no cover - scipy without its kernel module: the public product
-        out += sp.csr_array((data, indices, indptr), shape=(rows.size, ncol)).T @ rows
+        out += sp.csr_array((data, indices, indptr), shape=(rows.size, n_col)).T @ rows
 
 
 def _accumulate(blocks: list[_Block], w: np.ndarray, out: np.ndarray, zero: bool = False) -> None:
