@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.optimize as so
 import torch
+from _parity import assert_counts_close
 
 from torchimize_scipy import batch_least_squares, curve_fit, least_squares
 from torchimize_scipy._engine import host_scalars
@@ -40,17 +41,25 @@ def test_minpacks_norm_of_rows_that_are_not_finite():
 def test_the_path_after_an_overflowing_trial_is_scipys():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # (exp overflows, on both sides)
-        for max_nfev in (None, 6):
-            ours = least_squares(_fun, X0, jac=_jac, method="lm", max_nfev=max_nfev)
-            ref = so.least_squares(_fun, X0, jac=_jac, method="lm", max_nfev=max_nfev)
-            assert (ours.nfev, ours.njev) == (ref.nfev, ref.njev)
-            # six evaluations stop long before convergence: the point reached tells the path
-            np.testing.assert_allclose(ours.x, ref.x, rtol=1e-6)
+        # six evaluations stop long before convergence: the counts and the point reached
+        # tell the path, exactly (the defect: another point, x[1] 0.54 against 4.19)
+        ours = least_squares(_fun, X0, jac=_jac, method="lm", max_nfev=6)
+        ref = so.least_squares(_fun, X0, jac=_jac, method="lm", max_nfev=6)
+        assert_counts_close(ours.status, ref.status, (ours.nfev, ours.njev),
+                            (ref.nfev, ref.njev), exact=True)
+        np.testing.assert_allclose(ours.x, ref.x, rtol=1e-6)
+        # to convergence: the same solution, counts within an iteration (rounding decides
+        # the last stop test; the defect cost two evaluations early on, 15 against 17)
+        ours = least_squares(_fun, X0, jac=_jac, method="lm")
+        ref = so.least_squares(_fun, X0, jac=_jac, method="lm")
+        assert_counts_close(ours.status, ref.status, ours.nfev, ref.nfev, slack=1)
+        np.testing.assert_allclose(ours.x, ref.x, rtol=1e-6)
         ours = curve_fit(lambda t, a, k, c: a * np.exp(-k * t) + c, T, Y, p0=X0,
                          full_output=True)
         ref = so.curve_fit(lambda t, a, k, c: a * np.exp(-k * t) + c, T, Y, p0=X0,
                            full_output=True)
-    assert ours[2]["nfev"] == ref[2]["nfev"]
+    assert_counts_close(ours[4], ref[4], ours[2]["nfev"], ref[2]["nfev"], slack=len(X0) + 1)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("host", [True, False])
@@ -69,5 +78,7 @@ def test_a_batch_takes_it_per_problem(monkeypatch, host):
         res = batch_least_squares(fb, x0, jac=jb, method="lm", max_nfev=6)
         for k in range(3):
             ref = so.least_squares(_fun, x0[k], jac=_jac, method="lm", max_nfev=6)
-            assert (int(res.nfev[k]), int(res.njev[k])) == (ref.nfev, ref.njev)
+            assert_counts_close(int(res.status[k]), ref.status,
+                                (int(res.nfev[k]), int(res.njev[k])), (ref.nfev, ref.njev),
+                                exact=True)
             np.testing.assert_allclose(np.asarray(res.x[k]), ref.x, rtol=1e-6)
