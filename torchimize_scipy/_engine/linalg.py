@@ -39,6 +39,12 @@ prepares one of two representations per problem (a :class:`Factors`):
   chunks gives the same results); a batch whose every row was rejected skips
   the LU and the test (``cond1``, ``eigh``) at once.
 
+A row whose Jacobian has not changed since its factors were made (a batch row
+whose last trial was rejected, when the loop rebuilds the models of a batch
+most of whose rows are fresh and keeps the fresh rows' alone) is given its
+factors (``known``): the direct SVD, the costly part of a batch's tail
+(about 30 us a 12 x 12 matrix), skips it.
+
 The trust-region subproblem solves built on these factors are in
 :mod:`.trust_region`; MINPACK's pivoted QR for rank-deficient 'lm' steps is in
 :mod:`.minpack_qr`.
@@ -95,6 +101,25 @@ class Factors(NamedTuple):
     b: Tensor | None = None
     gram: Tensor | None = None
     rejected: Tensor | None = None
+
+
+class KnownFactors(NamedTuple):
+    """SVD data that :func:`factorize` need not compute again (its ``known``).
+
+    Attributes
+    ----------
+    rows : numpy.ndarray, shape (B,), bool
+        True where the row's factors are known: its ``J``, ``d``, ``f`` and
+        ``diag`` are those its ``s``, ``V`` and ``uf`` below were made from.
+    s, V, uf : Tensor
+        :class:`Factors`' fields of every row of the batch (read on the known
+        rows only).
+    """
+
+    rows: np.ndarray
+    s: Tensor
+    V: Tensor
+    uf: Tensor
 
 
 #: Largest ``cond_2(A^T A) = cond(A)**2`` for which the Gram route is trusted
@@ -169,7 +194,7 @@ def _all_within(H: Tensor, Hinv: Tensor, info: Tensor, limit: float) -> bool:
 def factorize(
     J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None = None,
     gram: Tensor | None = None, g: Tensor | None = None, use_gram: bool = False,
-    rejected: Tensor | None = None,
+    rejected: Tensor | None = None, known: KnownFactors | None = None,
 ) -> Factors:
     """Prepare the damped least-squares solves of ``A = [J diag(d); diag(diag)^(1/2)]``.
 
@@ -195,6 +220,11 @@ def factorize(
         own history alone (a batch cut into other chunks gives the same bits).
         A batch whose every row was rejected skips the LU and the test at once
         (a batch's ill-conditioned tail).
+    known : KnownFactors, optional
+        Rows (on the host) whose factors are known already: the direct SVD of
+        the rows the Gram route rejects skips them, and they take the known
+        ``s``, ``V`` and ``uf``. The other rows' values are those of a
+        factorisation of every row (each row is factorised on its own).
 
     Returns
     -------
@@ -217,7 +247,7 @@ def factorize(
     if n_sticky == B:
         # every row was rejected before: the direct SVD at once, as each row's own rule
         # says. ``H`` stands in for ``Hinv``, which no row reads (no Gram row).
-        s, V, uf = _direct_svd_factors(J, d, f, diag)
+        s, V, uf = _direct_svd_factors(J, d, f, diag, known)
         none = remember(torch.zeros(B, dtype=torch.bool, device=H.device), 0)
         return Factors(s, V, uf, H, H, Atf, none, rejected)
     if _all_finite_on_host(H, Atf):
@@ -262,7 +292,7 @@ def factorize(
     if sticky is not None:
         eig_hopeless = eig_hopeless | sticky
     if n_ok == 0:  # (every row rejected, as in an ill-conditioned tail: no selection)
-        return Factors(*_rejected_factors(H, Atf, J, d, f, diag, fin, eig_hopeless, hs),
+        return Factors(*_rejected_factors(H, Atf, J, d, f, diag, fin, eig_hopeless, hs, known),
                        H, Hinv, Atf, ok_t, rejected_t)
     rows = hs.indices(~ok)
 
@@ -285,8 +315,8 @@ def factorize(
 
 
 def _rejected_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Tensor,
-                      diag: Tensor | None, finite, eig_hopeless,
-                      hs: host_scalars.Scalars) -> tuple[Tensor, Tensor, Tensor]:
+                      diag: Tensor | None, finite, eig_hopeless, hs: host_scalars.Scalars,
+                      known: KnownFactors | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SVD data of every row of a batch that the Gram route rejected entirely.
 
     The rows :func:`factorize` would select are all of them, so each tensor is used
@@ -294,19 +324,36 @@ def _rejected_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Te
     values, one fewer copy each): a contiguous copy where a tensor is not contiguous
     (as the selection's copy is), and a fresh alias of ``J`` where it is, so that the
     SVD sees none of the marks the loop put on ``J`` (the selection's copy carries
-    none: :func:`svd_factors` then tests the entries itself, as before).
+    none: :func:`svd_factors` then tests the entries itself, as before). Rows of
+    ``known`` skip the direct SVD (:func:`_direct_svd_factors`).
     """
     eig_rows = ~eig_hopeless if finite is None else finite & ~eig_hopeless
     n_eig = hs.count(eig_rows)
     if n_eig:
         return _eig_factors(_whole(H), _whole(Atf), J, d, f, diag, eig_rows, None, n_eig)
-    return _direct_svd_factors(J, d, f, diag)
+    return _direct_svd_factors(J, d, f, diag, known)
 
 
-def _direct_svd_factors(J: Tensor, d: Tensor | None, f: Tensor,
-                        diag: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _direct_svd_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None,
+                        known: KnownFactors | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SVD data of every row of a batch, from the SVD of ``J diag(d)`` itself (each
-    tensor used whole: :func:`_whole`)."""
+    tensor used whole: :func:`_whole`); the rows of ``known`` take their known
+    factors instead, and the others are selected (the same values: each matrix is
+    factorised on its own)."""
+    if known is not None and known.rows.any() and known.s.shape == (J.shape[0], J.shape[-1]):
+        rows = torch.from_numpy(np.flatnonzero(~known.rows)).to(J.device)
+        if not rows.numel():
+            return known.s, known.V, known.uf
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.index_select(0, rows)
+
+        A = pick(J) if d is None else pick(J) * pick(d).unsqueeze(-2)
+        s_b, V_b, uf_b = svd_factors(A, None, pick(f), pick(diag), qr_first=True)
+        s = known.s.index_copy(0, rows, s_b)
+        if known_finite(s_b) and known_finite(known.s):
+            mark_finite(s)
+        return s, known.V.index_copy(0, rows, V_b), known.uf.index_copy(0, rows, uf_b)
     A = _whole(J) if d is None else _whole(J) * _whole(d).unsqueeze(-2)
     return svd_factors(A, None, _whole(f), _whole(diag), qr_first=True)
 

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from ..counts import known_finite
-from ..host_scalars import Scalars, for_rows
-from ..linalg import Factors
+from ..host_scalars import Scalars, for_rows, host_value
+from ..linalg import Factors, KnownFactors
 from ..problem import Problem
 from ..termination import SINGULAR, stop_running
 from .base import ResultFields
@@ -93,6 +93,25 @@ def svd_width(problem: Problem, augmented: bool) -> int:
 
 #: State keys holding a :class:`linalg.Factors` between ``build_model`` and ``propose_step``.
 FACTOR_KEYS = tuple(f"fac_{name}" for name in Factors._fields)
+
+
+def known_factors(state: dict) -> KnownFactors | None:
+    """The stored factors of the rows of ``state`` that are not fresh (``factorize``'s ``known``).
+
+    The loop builds a round's models on the fresh rows (a new Jacobian, or
+    stopped); where most rows of a batch are fresh it builds them on every row
+    and keeps the fresh rows' results alone (``loop.on_rows``). A row that is
+    not fresh had its last trial rejected: its Jacobian, scaling and residuals
+    are those its stored factors were made from, so they need not be made
+    again (and whatever is built on them is not kept). None where every row
+    is fresh, or the per-problem values are not on the host.
+    """
+    if "fresh" not in state or FACTOR_KEYS[0] not in state:
+        return None
+    fresh = host_value(state["fresh"])
+    if type(fresh) is not np.ndarray or fresh.shape != (state["x"].shape[0],) or fresh.all():
+        return None
+    return KnownFactors(~fresh, state["fac_s"], state["fac_V"], state["fac_uf"])
 
 
 def alloc_factors(problem: Problem, state: dict, augmented: bool) -> None:

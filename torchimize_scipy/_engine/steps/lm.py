@@ -113,6 +113,7 @@ from ._common import (
     column_norms,
     flag_singular_factors,
     inf_norm,
+    known_factors,
     load_factors,
     store_factors,
 )
@@ -396,7 +397,8 @@ class LevenbergMarquardt(StepRule):
                 # factorisation needs no test of its own (linalg.svd_factors)
                 d = mark_finite(d)
             fac = factorize(state["J"], d, state["f"], gram=state["G"], g=state["g"],
-                            use_gram=problem.use_gram, rejected=state.get("fac_rejected"))
+                            use_gram=problem.use_gram, rejected=state.get("fac_rejected"),
+                            known=known_factors(state))
             ff = (_squares_from_cost(hs, state["cost"])
                   if hs.host and fac.gram is not None and count_true(fac.gram)
                   and problem.loss is None else None)

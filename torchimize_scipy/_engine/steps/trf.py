@@ -52,6 +52,7 @@ from ._common import (
     flag_singular_factors,
     inf_norm,
     initial_scale,
+    known_factors,
     load_factors,
     store_factors,
     update_jac_scale,
@@ -172,7 +173,8 @@ class TRF(StepRule):
         state["tr_scaling"] = d
         state["g_h"] = times(d, state["g"])
         fac = factorize(state["J"], d, state["f"], diag_h, gram=state["G"], g=state["g"],
-                        use_gram=problem.use_gram, rejected=state.get("fac_rejected"))
+                        use_gram=problem.use_gram, rejected=state.get("fac_rejected"),
+                        known=known_factors(state))
         store_factors(state, fac)
         flag_singular_factors(state, fac.s)
 
