@@ -61,6 +61,32 @@ def test_known_rows_take_their_factors_and_the_others_keep_their_bits(remembered
     assert not bool(fac.gram.any()) and bool(fac.rejected.all())
 
 
+def test_beside_gram_rows_the_known_rejected_rows_skip_the_svd(monkeypatch):
+    """Rows 0, 2, 4 rejected (ill-conditioned), 1, 3, 5 on the Gram route; rows 2 and 3
+    known: only rows 0 and 4 are factorised, row 2 takes its known factors, and the Gram
+    rows keep theirs whether known or not."""
+    B = 6
+    J, f, d = _jac(B, cond_bad=False)
+    Jb, _, _ = _jac(B, cond_bad=True)
+    J[::2] = Jb[::2]
+    whole = factorize(J, d, f, use_gram=True)
+    assert whole.gram.tolist() == [False, True] * 3
+    n = J.shape[-1]
+    rows = np.array([False, False, True, True, False, False])
+    known = KnownFactors(rows, torch.full((B, n), 7.0, dtype=J.dtype),
+                         torch.full((B, n, n), 3.0, dtype=J.dtype),
+                         torch.full((B, n), -2.0, dtype=J.dtype))
+    calls = _svd_rows_spy(monkeypatch)
+    fac = factorize(J, d, f, use_gram=True, known=known)
+    assert calls == [2]
+    assert fac.gram.tolist() == whole.gram.tolist()
+    redone = torch.tensor([0, 1, 3, 4, 5])
+    for got, want in zip(fac, whole, strict=True):
+        assert torch.equal(got.index_select(0, redone), want.index_select(0, redone))
+    for got, stand_in in zip(fac[:3], known[1:], strict=True):
+        assert torch.equal(got[2], stand_in[2])
+
+
 def test_every_row_known_makes_no_svd(monkeypatch):
     B = 3
     J, f, d = _jac(B, cond_bad=True)

@@ -306,8 +306,7 @@ def factorize(
         # (J, d, f and diag stay whole: only the rows eigh does not serve are picked)
         s_b, V_b, uf_b = _eig_factors(pick(H), pick(Atf), J, d, f, diag, eig_rows, rows, n_eig)
     else:  # (a batch's ill-conditioned tail: every rejected problem to the direct SVD)
-        A = pick(J) if d is None else pick(J) * pick(d).unsqueeze(-2)
-        s_b, V_b, uf_b = svd_factors(A, None, pick(f), pick(diag), qr_first=True)
+        s_b, V_b, uf_b = _direct_svd_factors(J, d, f, diag, _known_of(known, rows), rows)
     s = mark_finite(H.new_zeros(B, n)).index_copy(0, rows, s_b)
     V = H.new_zeros(B, n, n).index_copy(0, rows, V_b)
     uf = H.new_zeros(B, n).index_copy(0, rows, uf_b)
@@ -335,27 +334,43 @@ def _rejected_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Te
 
 
 def _direct_svd_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None,
-                        known: KnownFactors | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD data of every row of a batch, from the SVD of ``J diag(d)`` itself (each
-    tensor used whole: :func:`_whole`); the rows of ``known`` take their known
-    factors instead, and the others are selected (the same values: each matrix is
+                        known: KnownFactors | None = None,
+                        rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD data of the rows ``rows`` of a batch (every row when None), from the SVD of
+    ``J diag(d)`` itself; every row's tensors are used whole (:func:`_whole`), others
+    selected. The rows of ``known`` (indexed as the result's) take their known factors
+    instead, and only the others are selected (the same values: each matrix is
     factorised on its own)."""
-    if known is not None and known.rows.any() and known.s.shape == (J.shape[0], J.shape[-1]):
-        rows = torch.from_numpy(np.flatnonzero(~known.rows)).to(J.device)
-        if not rows.numel():
+    k = J.shape[0] if rows is None else rows.shape[0]
+    if known is not None and known.rows.any() and known.s.shape == (k, J.shape[-1]):
+        need = torch.from_numpy(np.flatnonzero(~known.rows)).to(J.device)
+        if not need.numel():
             return known.s, known.V, known.uf
-
+        s_b, V_b, uf_b = _direct_svd_factors(J, d, f, diag, None,
+                                             need if rows is None else rows.index_select(0, need))
+        s = known.s.index_copy(0, need, s_b)
+        if known_finite(s_b) and known_finite(known.s):
+            mark_finite(s)
+        return s, known.V.index_copy(0, need, V_b), known.uf.index_copy(0, need, uf_b)
+    if rows is not None:
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.index_select(0, rows)
 
         A = pick(J) if d is None else pick(J) * pick(d).unsqueeze(-2)
-        s_b, V_b, uf_b = svd_factors(A, None, pick(f), pick(diag), qr_first=True)
-        s = known.s.index_copy(0, rows, s_b)
-        if known_finite(s_b) and known_finite(known.s):
-            mark_finite(s)
-        return s, known.V.index_copy(0, rows, V_b), known.uf.index_copy(0, rows, uf_b)
+        return svd_factors(A, None, pick(f), pick(diag), qr_first=True)
     A = _whole(J) if d is None else _whole(J) * _whole(d).unsqueeze(-2)
     return svd_factors(A, None, _whole(f), _whole(diag), qr_first=True)
+
+
+def _known_of(known: KnownFactors | None, rows: Tensor) -> KnownFactors | None:
+    """``known`` of the batch rows ``rows`` alone (None where none of them is known)."""
+    if known is None:
+        return None
+    sub = known.rows[rows.numpy()]
+    if not sub.any():
+        return None
+    return KnownFactors(sub, known.s.index_select(0, rows), known.V.index_select(0, rows),
+                        known.uf.index_select(0, rows))
 
 
 def _whole(t: Tensor | None) -> Tensor | None:
