@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_parity import fun_broyden
 from test_tail_rejected_rows import _jac  # (J, f, d; ill-conditioned with cond_bad)
 from test_tail_remembered_rejection import M, _peaks, _peaks_jac
 
@@ -21,6 +22,7 @@ from torchimize_scipy import batch_least_squares
 from torchimize_scipy._engine import linalg
 from torchimize_scipy._engine.linalg import KnownFactors, factorize
 from torchimize_scipy._engine.steps import _common, lm, trf
+from torchimize_scipy._engine.termination import NONFINITE, RUNNING
 
 
 def _svd_rows_spy(monkeypatch) -> list[int]:
@@ -107,13 +109,34 @@ def test_known_factors_are_the_stale_rows_of_the_state():
     hs = Scalars(x[:, 0], floats=False)
     state = {"x": x, "fac_s": torch.arange(8.0).view(4, 2), "fac_V": torch.zeros(4, 2, 2),
              "fac_uf": torch.zeros(4, 2)}
+    state["status"], = hs.keep(np.full(4, RUNNING))
     assert _common.known_factors(state) is None  # (no freshness known)
     state["fresh"], = hs.keep(np.array([True, False, True, False]))
     known = _common.known_factors(state)
     np.testing.assert_array_equal(known.rows, [False, True, False, True])
     assert known.s is state["fac_s"]
+    # a row that stopped is factorised again (its factors may decide a batch-wide path)
+    state["status"], = hs.keep(np.array([RUNNING, RUNNING, RUNNING, NONFINITE]))
+    np.testing.assert_array_equal(_common.known_factors(state).rows, [False, True, False, False])
     state["fresh"], = hs.keep(np.ones(4, dtype=bool))
     assert _common.known_factors(state) is None  # every row fresh: nothing to skip
+
+
+@pytest.mark.parametrize("method, loss", [("trf", "linear"), ("trf", "cauchy"),
+                                          ("dogbox", "cauchy"), ("lm", "linear")])
+def test_a_batch_with_a_non_finite_start_keeps_its_bits(method, loss, monkeypatch):
+    """Broyden's function from perturbed starts, one of them NaN (a row that stops at once
+    and stays in the batch): the same bits as with every row refactorised."""
+    X0 = -np.ones(9) + 0.05 * np.random.default_rng(7).standard_normal((6, 9))
+    X0[0] = -1.0
+    X0[3, 0] = np.nan
+    kw = dict(method=method, vectorized=False, loss=loss, f_scale=0.3, bounds=(-np.inf, np.inf))
+    res = batch_least_squares(fun_broyden, X0, **kw)
+    for rule in (lm, trf):
+        monkeypatch.setattr(rule, "known_factors", lambda state: None)
+    every = batch_least_squares(fun_broyden, X0, **kw)
+    for field in ("x", "cost", "fun", "nfev", "njev", "status", "optimality"):
+        np.testing.assert_array_equal(getattr(res, field), getattr(every, field))
 
 
 @pytest.mark.parametrize("method", ["trf", "lm"])

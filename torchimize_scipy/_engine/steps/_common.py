@@ -12,7 +12,7 @@ from ..counts import known_finite
 from ..host_scalars import Scalars, for_rows, host_value
 from ..linalg import Factors, KnownFactors
 from ..problem import Problem
-from ..termination import SINGULAR, stop_running
+from ..termination import RUNNING, SINGULAR, stop_running
 from .base import ResultFields
 
 
@@ -101,17 +101,25 @@ def known_factors(state: dict) -> KnownFactors | None:
     The loop builds a round's models on the fresh rows (a new Jacobian, or
     stopped); where most rows of a batch are fresh it builds them on every row
     and keeps the fresh rows' results alone (``loop.on_rows``). A row that is
-    not fresh had its last trial rejected: its Jacobian, scaling and residuals
-    are those its stored factors were made from, so they need not be made
-    again (and whatever is built on them is not kept). None where every row
-    is fresh, or the per-problem values are not on the host.
+    not fresh and still running had its last trial rejected: its Jacobian,
+    scaling and residuals are those its stored factors were made from, so they
+    need not be made again (and whatever is built on them is not kept). A row
+    that stopped is factorised as before (its factors, NaN for a non-finite
+    start, may decide a batch-wide path). None where no row is known, or the
+    per-problem values are not on the host.
     """
     if "fresh" not in state or FACTOR_KEYS[0] not in state:
         return None
     fresh = host_value(state["fresh"])
     if type(fresh) is not np.ndarray or fresh.shape != (state["x"].shape[0],) or fresh.all():
         return None
-    return KnownFactors(~fresh, state["fac_s"], state["fac_V"], state["fac_uf"])
+    status = host_value(state["status"])
+    if type(status) is not np.ndarray or status.shape != fresh.shape:
+        return None
+    known = ~fresh & (status == RUNNING)
+    if not known.any():
+        return None
+    return KnownFactors(known, state["fac_s"], state["fac_V"], state["fac_uf"])
 
 
 def alloc_factors(problem: Problem, state: dict, augmented: bool) -> None:
