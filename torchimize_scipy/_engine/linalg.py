@@ -39,11 +39,11 @@ prepares one of two representations per problem (a :class:`Factors`):
   chunks gives the same results); a batch whose every row was rejected skips
   the LU and the test (``cond1``, ``eigh``) at once.
 
-A row whose Jacobian has not changed since its factors were made (a batch row
-whose last trial was rejected, when the loop rebuilds the models of a batch
-most of whose rows are fresh and keeps the fresh rows' alone) is given its
-factors (``known``): the direct SVD, the costly part of a batch's tail
-(about 30 us a 12 x 12 matrix), skips it.
+A row whose Jacobian has not changed since its factors were made (a running
+batch row whose last trial was rejected, when the loop rebuilds the models of
+a batch most of whose rows are fresh and keeps the fresh rows' alone) is given
+its factors (``known``): the direct SVD, the costly part of a batch's tail
+(about 30 us a 12 x 12 triangle), skips it.
 
 The trust-region subproblem solves built on these factors are in
 :mod:`.trust_region`; MINPACK's pivoted QR for rank-deficient 'lm' steps is in
@@ -336,11 +336,10 @@ def _rejected_factors(H: Tensor, Atf: Tensor, J: Tensor, d: Tensor | None, f: Te
 def _direct_svd_factors(J: Tensor, d: Tensor | None, f: Tensor, diag: Tensor | None,
                         known: KnownFactors | None = None,
                         rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD data of the rows ``rows`` of a batch (every row when None), from the SVD of
-    ``J diag(d)`` itself; every row's tensors are used whole (:func:`_whole`), others
-    selected. The rows of ``known`` (indexed as the result's) take their known factors
-    instead, and only the others are selected (the same values: each matrix is
-    factorised on its own)."""
+    """SVD data of the rows ``rows`` of a batch, from the SVD of ``J diag(d)`` itself;
+    with ``rows`` None every row, from the whole tensors (:func:`_whole`). The rows of
+    ``known`` (indexed as the result's) take their known factors instead and only the
+    others are selected (the same values: each matrix is factorised on its own)."""
     k = J.shape[0] if rows is None else rows.shape[0]
     if known is not None and known.rows.any() and known.s.shape == (k, J.shape[-1]):
         need = torch.from_numpy(np.flatnonzero(~known.rows)).to(J.device)
