@@ -258,9 +258,9 @@ class CSRPlan:
 
     Those of ``A``: ``row``, ``col``, ``crow`` (and ``host``, their int32/int64
     numpy forms on the CPU). Those of ``A^T`` (``perm_t``, the entry order of
-    ``A^T``; ``crow_t``, ``col_t``; ``host_t``) are computed on first use (the
-    products of other devices need them; the host's ``J^T u`` scatters along
-    ``A``'s rows in :meth:`transposed_blocks` instead).
+    ``A^T``; ``crow_t``, ``col_t``) are computed on first use: the products of
+    other devices need them (the host's ``J^T u`` scatters along ``A``'s rows
+    in :meth:`transposed_blocks` instead).
     """
 
     __slots__ = ("indices", "shape", "row", "col", "crow", "host", "_t", "_tb", "__weakref__")
@@ -289,32 +289,16 @@ class CSRPlan:
     def col_t(self) -> Tensor:
         return self._transpose()[2]
 
-    @property
-    def host_t(self) -> tuple | None:
-        return self._transpose()[3]
-
     def _transpose(self) -> tuple:
-        """``(perm_t, crow_t, col_t, host_t)``, computed once."""
+        """``(perm_t, crow_t, col_t)``, computed once: the entries sorted by column, stably
+        (rows stay sorted within a column, the order of a CSR -> CSC conversion)."""
         if self._t is None:
             B, m, n = self.shape
-            if self.host is not None:
-                crow, col = self.host
-                # the order of the entries in A^T: scipy's CSR -> CSC conversion (a compiled
-                # counting sort, rows kept sorted within a column) of the entries' numbers
-                order = sp.csr_array((np.arange(col.size, dtype=np.int64), col, crow),
-                                     shape=(B * m, B * n), copy=False).tocsc()
-                it = col.dtype
-                host_t = (order.indptr.astype(it, copy=False),
-                          order.indices.astype(it, copy=False))
-                self._t = (torch.from_numpy(order.data),
-                           torch.from_numpy(host_t[0].astype(np.int64)),
-                           torch.from_numpy(host_t[1].astype(np.int64)), host_t)
-            else:
-                col = self.col
-                perm_t = torch.sort(col, stable=True).indices  # rows stay sorted in a column
-                crow_t = torch.zeros(B * n + 1, dtype=torch.long, device=col.device)
-                crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=B * n), 0)
-                self._t = (perm_t, crow_t, self.row.index_select(0, perm_t), None)
+            col = self.col
+            perm_t = torch.sort(col, stable=True).indices
+            crow_t = torch.zeros(B * n + 1, dtype=torch.long, device=col.device)
+            crow_t[1:] = torch.cumsum(torch.bincount(col, minlength=B * n), 0)
+            self._t = (perm_t, crow_t, self.row.index_select(0, perm_t))
         return self._t
 
 
