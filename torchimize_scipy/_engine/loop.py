@@ -250,7 +250,9 @@ def put(state: State, rows: Tensor | None, sub: RowView) -> None:
             merged = done.get(key)
             if merged is None:
                 old = state[k]
-                if old.numel() >= IN_PLACE_MIN and _private(state, sub, k, v, old):
+                # (an operator Jacobian, tr_solver='lsmr', merges its rows out of place)
+                if isinstance(old, Tensor) and old.numel() >= IN_PLACE_MIN \
+                        and _private(state, sub, k, v, old):
                     merged = done[key] = old.index_copy_(0, rows, v)
                 elif (order := row_layout(old)) is not None:  # (old's layout kept)
                     merged = _empty_in_layout(old, old.shape[0], order)
