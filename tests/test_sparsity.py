@@ -249,6 +249,19 @@ def test_fewest_groups_beat_or_tie_scipy_on_the_benchmark_structures() -> None:
     assert groups.max() + 1 <= scipy_group_columns(tri).max() + 1
 
 
+@pytest.mark.parametrize("n", [10, 30, 2000])
+@pytest.mark.parametrize("b", [1, 2, 4])
+def test_banded_structures_get_the_least_groups(n: int, b: int) -> None:
+    """``b`` diagonals on each side: ``2 b + 1`` groups (every column meets its ``2 b``
+    neighbours in some row, so no fewer are possible); scipy's random order takes more at
+    some sizes (tridiagonal, n = 30: 4)."""
+    S = sp.diags_array([np.ones(n - abs(k)) for k in range(-b, b + 1)],
+                       offsets=list(range(-b, b + 1))).tocsr()
+    groups = fewest_groups(S)
+    _assert_valid(S, groups)
+    assert groups.max() + 1 == 2 * b + 1 <= scipy_group_columns(S).max() + 1
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_numpy_first_fit_gives_the_compiled_groups(monkeypatch, seed: int) -> None:
     """Where scipy's compiled grouping is missing, the numpy first fit stands in: same groups."""
