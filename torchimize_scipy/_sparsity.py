@@ -256,7 +256,8 @@ def fewest_groups(structure: Any) -> np.ndarray:
 
     Greedy first fit with the columns in decreasing order of the total count
     of entries of their rows (an upper bound of their degree in the column
-    intersection graph), ties in scipy's random order (module notes).
+    intersection graph), ties in scipy's random order; or in the columns' own
+    order where that gives fewer groups (a banded structure; module notes).
 
     Parameters
     ----------
