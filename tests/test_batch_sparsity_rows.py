@@ -68,13 +68,13 @@ def test_a_row_whose_residuals_turn_nan_stops_alone(method):
     X0 = -np.ones((3, n))
     poison = np.array([[0.0], [1.0], [0.0]])
     res = batch_least_squares(broyden, X0, args=(poison,), jac_sparsity=S, method=method)
-    dense = batch_least_squares(broyden, X0, args=(poison,), method=method)
     # the clean rows: solved as scipy solves them
     ref = scipy.optimize.least_squares(lambda x: broyden(x[None], poison[:1])[0], X0[0],
                                        jac_sparsity=S, method=method)
     for i in (0, 2):
         assert int(res.status[i]) > 0
         np.testing.assert_allclose(res.x[i], ref.x, rtol=0, atol=1e-7)
-    # the poisoned row ends as it does with a dense Jacobian: stopped, not NaN
-    assert int(res.status[1]) == int(dense.status[1])
+    # the poisoned row stops on its own (its NaN trials shrink its radius until a tolerance
+    # or the budget stops it; which one depends on the path), at a finite point
+    assert int(res.status[1]) in (0, 2, 3, 4)
     assert np.isfinite(res.x[1]).all() and np.isfinite(float(res.cost[1]))
