@@ -93,8 +93,15 @@ def whiten(a: Any, kind: str | None, T: Any) -> Any:
     """``L^{-1} a`` for the columns ``a (b, M, k)`` of each problem (``T``: 1 or b rows).
 
     ``kind`` 'diag': ``T (1 or b, M)`` is ``1 / sigma``; 'chol': ``T (1 or b,
-    M, M)`` is the lower Cholesky factor, applied by one batched triangular
-    solve (numpy arrays pass through torch without copies).
+    M, M)`` is the lower Cholesky factor, applied by a batched triangular
+    solve of each column on its own (numpy arrays pass through torch without
+    copies). A solve of several columns at once (BLAS's ``trsm``) rounds a
+    column differently by how many others it has and where it stands among
+    them, so the residuals of a point whitened alone (a trial) and beside
+    others (MINPACK's shifted points) would differ in the last bits, and a
+    batch cut into other chunks, whose points are grouped otherwise, would
+    give other bits; one column at a time (``trsv``) gives each column the
+    same bits wherever it is.
     """
     if kind is None:
         return a
@@ -106,7 +113,13 @@ def whiten(a: Any, kind: str | None, T: Any) -> Any:
     if numpy_in:
         a, T = torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(T)
         a = a.to(torch.promote_types(a.dtype, T.dtype))
-    out = torch.linalg.solve_triangular(T.to(a.dtype), a, upper=False)
+    T = T.to(a.dtype)
+    k = a.shape[-1]
+    if k <= 1:
+        out = torch.linalg.solve_triangular(T, a, upper=False)
+    else:
+        out = torch.cat([torch.linalg.solve_triangular(T, a[..., j:j + 1], upper=False)
+                         for j in range(k)], -1)
     return out.numpy() if numpy_in else out
 
 
