@@ -259,7 +259,7 @@ class WhitenedModel:
             r = out.reshape(-1, repeat, self.data.M) - y[..., None, :]
         if keep is not None:  # (r: this call's own array, `out - y`)
             r = _mask_residuals(r, keep) if not self.rowwise else _mask(r, keep[..., None, :])
-        if self.data.tkind is not None:  # whiten the repeat columns of each problem at once
+        if self.data.tkind is not None:  # whiten the repeat columns of each problem (one call)
             self._check_for_cholesky(r)
             r = _swap_last(whiten(_swap_last(r), self.data.tkind, T))
         return r.reshape(rows, -1)
