@@ -395,6 +395,18 @@ def test_empty_tr_options_accepted(tr_options):
     assert least_squares(fun_trivial, 2.0, tr_options=tr_options).success
 
 
+@pytest.mark.parametrize("method", ["trf", "dogbox"])
+@pytest.mark.parametrize("tr_options", [[("atol", 1e-10)], [], (), "atol"])
+def test_tr_options_not_a_mapping_with_lsmr(method, tr_options):
+    """scipy's lsmr solvers fail on such ``tr_options`` (TypeError or AttributeError); ours
+    is one clear TypeError before any work."""
+    with pytest.raises((TypeError, AttributeError)):
+        so.least_squares(fun_trivial, 2.0, method=method, tr_solver="lsmr", tr_options=tr_options)
+    with pytest.raises(TypeError, match=r"`tr_options` must be a dict of keyword arguments "
+                                        r"for tr_solver='lsmr', not (list|tuple|str)"):
+        least_squares(fun_trivial, 2.0, method=method, tr_solver="lsmr", tr_options=tr_options)
+
+
 def test_tr_options_with_lm_ignored():
     ref = so.least_squares(fun_trivial, 2.0, tr_options={"regularize": False}, method="lm")
     with pytest.warns(UserWarning, match=r"\['regularize'\] are ignored with method='lm'"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,11 +55,17 @@ def check_tr_options(tr_options: Any, method: str, tr_solver: str, bounded: bool
     it, as scipy does. With 'exact' (and with 'lm') scipy ignores
     ``tr_options``, as its documentation says; so do we, so that scipy code
     runs unchanged, but a ``UserWarning`` names the ignored keys (no option is
-    ignored silently).
+    ignored silently). With 'lsmr', ``tr_options`` that is not a mapping is
+    a ``TypeError`` (scipy's solvers fail on it with errors of their own).
     """
+    lsmr = method != "lm" and tr_solver == "lsmr"
+    if lsmr and tr_options is not None and not isinstance(tr_options, Mapping):
+        # (scipy's solvers fail on it with an AttributeError or a TypeError of their own)
+        raise TypeError("`tr_options` must be a dict of keyword arguments for "
+                        f"tr_solver='lsmr', not {type(tr_options).__name__}.")
     if not tr_options:
         return
-    if method == "lm" or tr_solver == "exact":
+    if not lsmr:
         solver = "method='lm'" if method == "lm" else "tr_solver='exact'"
         warnings.warn(f"`tr_options` {sorted(tr_options)} are ignored with {solver}: they "
                       "apply to tr_solver='lsmr' only (scipy ignores them too).",
