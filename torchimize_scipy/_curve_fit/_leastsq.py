@@ -253,7 +253,19 @@ def minpack_qr_outputs(J: np.ndarray, fvec: np.ndarray | None,
         Q = _lapack(orgqr, raw[:, :m].copy(), tau, overwrite_a=1)[0]
     else:
         Q = _lapack(orgqr, raw.copy(), tau, overwrite_a=1)[0]
-    return fjac.T.copy(), perm.astype(np.int32), Q.T @ fvec, R
+    qtf = Q.T @ fvec
+    # A column with nothing below its diagonal (the last of a square J, or exact zeros):
+    # LAPACK leaves it alone (tau = 0), MINPACK's qrfac reflects it all the same (its
+    # reflector e_j -> -e_j), which negates row j of R and entry j of Q^T f. Taken over
+    # where the diagonal is non-zero (MINPACK skips a zero column too).
+    k = min(m, n)
+    flip = (tau[:k] == 0) & (raw[np.arange(k), np.arange(k)] != 0)
+    if flip.any():
+        rows = np.flatnonzero(flip)
+        fjac[rows] -= 2.0 * upper[rows]  # (R's part of the row; earlier reflectors' kept)
+        R[rows[rows < n]] *= -1
+        qtf[rows] = -qtf[rows]
+    return fjac.T.copy(), perm.astype(np.int32), qtf, R
 
 
 @functools.lru_cache(maxsize=64)
