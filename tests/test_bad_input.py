@@ -423,3 +423,20 @@ def test_progress_estimate():
     assert bar.evals == 10 and bar.bar.total == 16
     bar.close(True)
     assert bar.bar.total == 10
+
+
+def _sq_minus_one(x):
+    return x**2 - 1
+
+
+@pytest.mark.parametrize("solve", ["scipy", "least_squares", "batch_least_squares"])
+def test_kwargs_not_a_mapping_names_the_users_function(solve):
+    """Python's own TypeError for ``fun(*args, **kwargs)`` names ``fun``, not a wrapper of ours."""
+    x0 = np.full(2, 2.0)
+    call = {"scipy": lambda: so.least_squares(_sq_minus_one, x0, kwargs=[1]),
+            "least_squares": lambda: least_squares(_sq_minus_one, x0, kwargs=[1]),
+            "batch_least_squares":
+                lambda: batch_least_squares(_sq_minus_one, x0[None], kwargs=[1])}
+    with pytest.raises(TypeError, match=r"_sq_minus_one\(\) argument after \*\* must be a "
+                                        r"mapping, not list"):
+        call[solve]()

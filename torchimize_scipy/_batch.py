@@ -430,6 +430,12 @@ class _OutputDtype:
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
         self.narrow: torch.dtype | None = None
+        # the user's name in Python's own errors of the call (a ``kwargs`` that is not a
+        # mapping: "<module>.<name>() argument after ** must be a mapping")
+        for name in ("__module__", "__qualname__"):
+            value = getattr(fn, name, None)
+            if isinstance(value, str):
+                setattr(self, name, value)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.fn(*args, **kwargs)
