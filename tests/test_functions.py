@@ -528,3 +528,25 @@ def test_single_option_errors():
     # the defaults, given explicitly, are accepted
     its = tf.lsq_lma(x0, fun, tau=1e-3, meth="marq", rho1=0.25, rho2=0.75, bet=2, gam=3)
     assert its.info["status"] > 0
+
+
+def test_float32_default_tolerances_raised_as_in_batch_least_squares():
+    """float32 ``p`` with the 1e-8 defaults: the tolerances are raised to float32's
+    epsilon, so no problem ends on MINPACK's "tolerance too small" codes (7-9, which
+    scipy never returns) and the solutions are float64's to float32 precision."""
+    g = torch.Generator().manual_seed(0)
+    T = torch.linspace(0, 2, 15)
+    amp = torch.rand(64, 1, generator=g) + 1
+    rate = torch.rand(64, 1, generator=g) + 0.5
+    Y = amp * torch.exp(-rate * T) + 0.02 * torch.randn(64, 15, generator=g)
+
+    def fun(p, Y):
+        return (p[:, :1] * torch.exp(-p[:, 1:2] * T.to(p.dtype)) - Y)[:, None]
+
+    res32 = tf.lsq_lma_parallel(torch.ones(64, 2), fun, None, args=(Y,))
+    res64 = tf.lsq_lma_parallel(torch.ones(64, 2, dtype=torch.float64), fun, None,
+                                args=(Y.double(),))
+    status = res32.info["status"]
+    assert not bool(((status >= 7) & (status <= 9)).any()), status.tolist()
+    assert bool((status >= 1).all() & (status <= 4).all()), status.tolist()
+    torch.testing.assert_close(res32.info["x"].double(), res64.info["x"], rtol=1e-4, atol=1e-5)

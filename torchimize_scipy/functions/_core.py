@@ -39,6 +39,7 @@ from torch import Tensor
 from .._driver import EngineRun, initial_state, prefers_gram, solve
 from .._engine import status as codes
 from .._frontend import EngineJacobian
+from .._validation import EPS32
 
 __all__ = [
     "Iterates", "ParallelModel", "SingleModel", "check_step",
@@ -412,6 +413,10 @@ def single_result(x0: Tensor, iterates: Iterates) -> Iterates:
     return out
 
 
+#: float64's machine epsilon (the lower end of the float32 raise of the tolerances)
+EPS64 = float(torch.finfo(torch.float64).eps)
+
+
 def run_torchimize(method: str, p: Any, function: Callable, jac_function: Callable | None,
                    args: Sequence, *, parallel: bool, tolerances: tuple | None, max_iter: Any,
                    rule_options: Callable[[], dict], wvec: Any = None,
@@ -428,6 +433,11 @@ def run_torchimize(method: str, p: Any, function: Callable, jac_function: Callab
     """
     x0 = start_point(p, 2 if parallel else 1)
     ftol, xtol, gtol = (0.0, 0.0, 0.0) if tolerances is None else check_tolerances(*tolerances)
+    if x0.dtype == torch.float32:
+        # as batch_least_squares: float32 resolves no relative change below its epsilon, so
+        # a tolerance from float64's epsilon up to float32's (the 1e-8 defaults) is raised to
+        # it; smaller ones (and 0) keep their meaning
+        ftol, xtol, gtol = (EPS32 if EPS64 <= t < EPS32 else t for t in (ftol, xtol, gtol))
     options = rule_options()
     max_iter = check_max_iter(max_iter)
     if not parallel:
