@@ -210,3 +210,42 @@ def test_func_is_called_for_whole_blocks_with_columns():
     assert (60, 1) in shapes  # a Jacobian: 3 steps for each of the 20 pixels
     # four times the pixels (the same ones): as many calls, each with four times the rows
     assert [(4 * b, 1) for b, _ in shapes] == shapes4
+
+
+def _decay(t, a, k):
+    return a * np.exp(-k * t)
+
+
+@pytest.mark.parametrize("valid_points", [1, 2])
+@pytest.mark.parametrize("errors", ["raise", "ignore"])
+def test_pixel_with_fewer_points_than_parameters_raises_as_xarray(valid_points, errors):
+    """'lm' (no bounds): xarray's curvefit raises scipy's TypeError for such a pixel,
+    whatever ``errors`` says; so do we, with the same message."""
+    t = np.linspace(0.0, 3.0, 20)
+    Y = 2 * np.exp(-np.outer([0.5, 1.0, 2.0], t))
+    Y[2, valid_points:] = np.nan
+    func = _decay if valid_points == 1 else (lambda t, a, k, c: a * np.exp(-k * t) + c)
+    d = xr.DataArray(Y, dims=("pix", "t"), coords={"t": t})
+    with pytest.raises(TypeError) as ref:
+        d.curvefit("t", func, errors=errors)
+    with pytest.raises(TypeError) as got:
+        curvefit(d, "t", func, errors=errors)
+    assert str(got.value) == str(ref.value)
+
+
+def test_pixel_with_fewer_points_than_parameters_bounded_fits_as_xarray():
+    """With bounds ('trf') neither raises: the pixel is fitted (inf covariance)."""
+    t = np.linspace(0.0, 3.0, 20)
+    Y = 2 * np.exp(-np.outer([0.5, 1.0, 2.0], t))
+    Y[2, 1:] = np.nan
+    d = xr.DataArray(Y, dims=("pix", "t"), coords={"t": t})
+    kw = dict(bounds={"k": (0.0, 10.0)})
+    with pytest.warns(Warning):
+        ref = d.curvefit("t", _decay, **kw)
+    with pytest.warns(Warning, match="Covariance of the parameters could not be estimated"):
+        got = curvefit(d, "t", _decay, **kw)
+    np.testing.assert_allclose(got.curvefit_coefficients.values[:2],
+                               ref.curvefit_coefficients.values[:2], rtol=X_RTOL)
+    assert np.isfinite(got.curvefit_coefficients.values[2]).all()
+    assert np.isinf(got.curvefit_covariance.values[2]).all()
+    assert np.isinf(ref.curvefit_covariance.values[2]).all()

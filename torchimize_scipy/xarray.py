@@ -106,6 +106,10 @@ def curvefit(
         not inspectable without ``param_names``.
     RuntimeError
         With ``errors='raise'``, when a fit fails.
+    TypeError
+        With xarray's (scipy's) message, whatever ``errors`` says: a pixel
+        with fewer valid points than parameters (but at least one) fitted by
+        'lm' (the default without bounds).
 
     Notes
     -----
@@ -298,6 +302,12 @@ class _BlockFit:
             xdata = np.stack([np.broadcast_to(x, (rows.size, y.shape[1])) for x in xr_rows],
                              axis=1)  # (b, k, N): f receives (k, b, N)
         yr = y if whole else y[rows]
+        valid = ~np.isnan(yr)
+        for x in xr_rows:
+            valid &= ~np.isnan(x) if x.ndim == 2 else ~np.isnan(x)[None, :]
+        bounded = bool((np.isfinite(lower[rows]) | np.isfinite(upper[rows])).any())
+        if self.skipna and self.kwargs.get("method", "trf" if bounded else "lm") == "lm":
+            _few_points(valid.sum(axis=1), self.P)
         options = {"nan_policy": "omit" if self.skipna else "raise", **self.kwargs}
         with warnings.catch_warnings():
             # failed fits are reported by `errors`, as xarray does
@@ -306,9 +316,6 @@ class _BlockFit:
             popt, pcov = batch_curve_fit(self.func, xdata, yr, start[rows],
                                          bounds=(lower[rows], upper[rows]), **options)
         if self.errors == "raise":
-            valid = ~np.isnan(yr)
-            for x in xr_rows:
-                valid &= ~np.isnan(x) if x.ndim == 2 else ~np.isnan(x)[None, :]
             has_data = valid.any(axis=1) if self.skipna else np.ones(len(rows), dtype=bool)
             failed = np.isnan(popt).any(axis=1) & has_data
             if failed.any():
@@ -317,3 +324,22 @@ class _BlockFit:
                                    f"{int(rows[np.argmax(failed)])}); errors='ignore' gives "
                                    "them NaN.")
         return popt, pcov
+
+
+def _few_points(counts: np.ndarray, P: int) -> None:
+    """xarray's error for a pixel whose valid points are fewer than the parameters, 'lm'.
+
+    xarray's ``curvefit`` hands each pixel's valid points to scipy's
+    ``curve_fit``, which raises ``TypeError`` there (leastsq's message for one
+    point, its own otherwise) whatever ``errors`` says; a pixel without valid
+    points gets NaN instead.
+    """
+    few = (counts > 0) & (counts < P)
+    if not few.any():
+        return
+    m = int(counts[np.argmax(few)])
+    if m == 1:
+        raise TypeError(f"Improper input: func input vector length N={P} must not exceed "
+                        f"func output vector length M={m}")
+    raise TypeError(f"The number of func parameters={P} must not exceed the number of "
+                    f"data points={m}")

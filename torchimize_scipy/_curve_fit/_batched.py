@@ -136,8 +136,10 @@ def batch_curve_fit(
         residual and a zero Jacobian row, so ``fvec`` holds 0 there and the
         reduced chi-square of ``pcov`` divides by that problem's own count
         of observations less ``P``. A problem left with no observation fails;
-        one left with ``P`` or fewer gets an ``inf`` ``pcov`` (unless
-        ``absolute_sigma``).
+        with 'lm', so does one left with fewer than ``P`` (where
+        :func:`curve_fit` raises ``TypeError``; its ``mesg`` is that error's
+        text, ``ier`` 0); one left with ``P`` or fewer otherwise gets an
+        ``inf`` ``pcov`` (unless ``absolute_sigma``).
     **kwargs
         Options of :func:`curve_fit` / ``least_squares`` (``ftol``, ``xtol``,
         ``gtol``, ``x_scale``, ``loss``, ``maxfev``/``max_nfev``, ``epsfcn``,
@@ -225,6 +227,16 @@ def batch_curve_fit(
     # curve_fit rejects non-finite data (check_finite); here such problems are
     # reported as failed and kept out of the solve.
     good = data.finite_rows() & np.isfinite(p0_host).all(axis=1)
+    # 'lm' on fewer observations than parameters: curve_fit raises TypeError on such a
+    # data set (MINPACK cannot start); here the problem fails alone, with that message
+    few = None
+    if method == "lm" and keep is not None:
+        counts = keep.sum(axis=1)
+        few = good & (counts < n)
+        if few.any():
+            good = good & ~few
+        else:
+            few = None
     good_idx = np.flatnonzero(good)
 
     jac_arg: Any = model.jacobian if callable(jac) else ("2-point" if jac is None else jac)
@@ -266,7 +278,7 @@ def batch_curve_fit(
     status, nfev = t["status"], t["nfev"]
     njev = None
     if method == "lm":
-        ier = status_to_ier(status)
+        ier = status_to_ier(status)  # (0, improper input, for the problems left out)
         cov = normal_inverse(t["jac"], qr_inverse)
         if book is not None:
             ier = torch.where(book.hit, 5, ier)
@@ -301,6 +313,10 @@ def batch_curve_fit(
         return out(popt), out(cov)
     mesg = [NONFINITE_DATA_MSG if not g else table[i] if i in table else codes.message(s)
             for g, i, s in zip(good.tolist(), ier.tolist(), status.tolist(), strict=True)]
+    if few is not None:
+        for b in np.flatnonzero(few).tolist():
+            mesg[b] = (f"The number of func parameters={n} must not exceed the number of "
+                       f"data points={int(counts[b])}")
     infodict = {"nfev": out(nfev), "fvec": out(t["fun"])}
     if njev is not None and callable(jac):  # 'lm' only, as leastsq
         infodict["njev"] = out(njev)
