@@ -122,6 +122,31 @@ def test_dask_x0_and_args_with_other_chunks_match_in_memory():
     assert_same_result(lazy.compute(scheduler="threads"), ref)
 
 
+def test_float32_torch_x0_computes_in_float32_as_in_memory():
+    """A float32 tensor ``x0`` (or ``p0``) sets the blocks' dtype, as in memory (``fun``
+    receives numpy blocks without ``device``): the same as the in-memory call on numpy
+    float32 arrays with ``dtype=torch.float32``, the same path."""
+    t, y = decay_data(60)
+    t32, y32 = t.astype(np.float32), y.astype(np.float32)
+    calls = []
+
+    def seen(x, y, t):
+        calls.append(x.dtype)
+        return residuals(x, y, t)
+
+    x0 = torch.ones(60, 2)
+    ref = batch_least_squares(residuals, x0.numpy(), args=(y32, t32), dtype=torch.float32)
+    lazy = batch_least_squares(seen, x0, args=(da.from_array(y32, chunks=20), t32))
+    assert lazy.x.dtype == np.float32
+    assert_same_result(lazy.compute(scheduler="sync"), ref)
+    assert set(calls) == {np.dtype(np.float32)}
+    popt_ref, _ = batch_curve_fit(decay, t32, y32, x0.numpy(), dtype=torch.float32)
+    popt, _ = batch_curve_fit(decay, t32, da.from_array(y32, chunks=20), x0)
+    popt = popt.compute(scheduler="sync")
+    assert popt.dtype == np.float32
+    assert_bitwise_equal(popt, popt_ref)
+
+
 def test_nothing_runs_before_compute():
     calls = []
     t, y = decay_data(40)

@@ -202,6 +202,16 @@ def _batch_shape(x0: Any, name: str) -> tuple[int, int]:
     return int(B), int(n)
 
 
+def default_dtype(dtype: Any, *inputs: Any) -> Any:
+    """``dtype``, else the in-memory default: float32 where the first torch tensor among
+    ``inputs`` is float32 (the blocks reach the workers as numpy arrays, which would
+    otherwise compute in float64), else None (float64)."""
+    if dtype is not None:
+        return dtype
+    first = next((a for a in inputs if isinstance(a, torch.Tensor)), None)
+    return torch.float32 if first is not None and first.dtype == torch.float32 else None
+
+
 def _float_dtype(dtype: Any) -> np.dtype:
     if dtype is None:
         return np.dtype(np.float64)

@@ -58,6 +58,7 @@ from ._dask_blocks import (
     _no_progress,
     _on_device,
     _rows,
+    default_dtype,
 )
 from ._dask_workers import configure_workers
 from ._validation import check_options
@@ -255,6 +256,7 @@ def batch_least_squares(
         x_scale = leaves.take(x_scale)
     args_tree = tuple(leaves.take(a) if _ndim(a) >= 1 and _rows(a) == B else a
                       for a in tuple(args))
+    dtype = default_dtype(dtype, x0)
     static = {"fun": fun, "jac": jac, "x0": x0_leaf, "bounds": bounds_tree, "args": args_tree,
               "x_scale": x_scale, "kwargs": kwargs or {},
               "options": {"method": method, "ftol": ftol, "xtol": xtol, "gtol": gtol,
@@ -466,6 +468,8 @@ def batch_curve_fit(
     if _ndim(kwargs.get("x_scale")) == 2 and _rows(kwargs["x_scale"]) == B:
         kwargs["x_scale"] = leaves.take(kwargs["x_scale"])
     leaves.lead_order([p0_leaf, y_leaf])
+    dtype = default_dtype(dtype, p0, ydata, *(xdata if isinstance(xdata, (tuple, list))
+                                               else (xdata,)))
     static = {"f": f, "xdata": x_tree, "ydata": y_leaf, "p0": p0_leaf, "sigma": sigma_tree,
               "bounds": bounds_tree, "kwargs": kwargs,
               "options": {"absolute_sigma": absolute_sigma, "method": method, "jac": jac,
