@@ -202,6 +202,12 @@ def _radius_terms(sc: Scalars, fac: Factors, sp: _Spectral, alpha: Any, delta: A
         pn_s = _torch_row_norm(sc, coef) if exact else sc.row_norm(coef, keepdim=True)
         cube = denom**3 if xp is torch else denom * denom * denom
         terms = sp.suf2 / cube if positive else xp.where(nonzero, sp.suf2 / cube, 0.0)
+        if denom.dtype == torch.float32 or denom.dtype == np.float32:
+            # float32's denom**3 underflows to 0 below denom ~ 1e-15 (alpha shrinking to
+            # a zero singular value: 0 / 0 = NaN would stop the row); there the same
+            # term as (suf / denom)**2 / denom. float64 would need denom < 1e-103.
+            under = (cube == 0) & (denom != 0)
+            terms = xp.where(under, coef * coef / xp.where(under, denom, 1.0), terms)
         total = _torch_row_sum(sc, terms) if exact else sc.row_sum(terms, keepdim=True)
         dpos_s = total / xp.where(pn_s > 0, pn_s, 1.0)
     gr = sp.gram_rows
