@@ -490,3 +490,26 @@ def test_one_problem_on_the_host_keeps_the_functions_own_warnings():
     f0 = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="overflow"):
         finite_difference_jacobian(fun, x, f0, None, "2-point")
+
+
+def _rosen_scalar_ops(x):  # 0-d float32 tensors times Python floats (float64 tangents in jvp)
+    return torch.stack([10.0 * (x[1] - x[0] ** 2), 1.0 - x[0]])
+
+
+@pytest.mark.parametrize("method", ["trf", "dogbox", "lm"])
+def test_autograd_float32_with_python_float_constants(method):
+    """torch's forward mode gives such a function float64 tangents for float32 ``x``;
+    the Jacobian is taken in ``x``'s dtype and the solve matches scipy's."""
+    import scipy.optimize as so
+
+    from torchimize_scipy import least_squares
+
+    ref = so.least_squares(lambda x: _rosen_scalar_ops(torch.as_tensor(x)).numpy(),
+                           [2.0, 2.0], method=method)
+    res = least_squares(_rosen_scalar_ops, torch.tensor([2.0, 2.0]), jac="autograd",
+                        method=method)
+    assert res.x.dtype == torch.float32 and res.jac.dtype == torch.float32
+    np.testing.assert_allclose(res.x.numpy(), ref.x, rtol=1e-5)
+    J = autograd_jacobian(lambda X: torch.stack([_rosen_scalar_ops(r) for r in X]),
+                          torch.tensor([[2.0, 2.0]]))
+    assert J.dtype == torch.float32

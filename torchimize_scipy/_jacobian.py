@@ -706,7 +706,9 @@ def autograd_jacobian(
             # the kept errors' tracebacks reference this frame: free them now
             # rather than leave a reference cycle (and its tensors) to the GC
             errors.clear()
-            return jac.detach()
+            # (torch's forward mode can return float64 tangents for float32 x: a 0-d
+            # float32 tensor times a Python float; the Jacobian is taken in x's dtype)
+            return jac.detach() if jac.dtype == x.dtype else jac.detach().to(x.dtype)
     for exc in reversed(errors):  # chain the plainest formulation's message
         if _converts_to_numpy(exc):
             raise ValueError(AUTOGRAD_NEEDS_TORCH) from exc
