@@ -367,6 +367,48 @@ def test_batch_failed_problem_leaves_the_others_alone():
     assert bool((y.grad[2] == 0).all())
 
 
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_batch_failed_problem_with_bad_data_leaves_shared_gradients_alone(bad_value):
+    """A problem that fails on non-finite data (status 5): masked out, or left out of the
+    loss, it gives the other problems' gradients, also of a tensor they all share (0 * NaN
+    on its residuals' graph spoilt them); asked for, its gradient is NaN (undefined)."""
+    B = 4
+    thetas = THETA.repeat(B, 1) * torch.tensor([1.0, 1.1, 0.9, 1.2])[:, None]
+    y0 = torch.stack([data(th) for th in thetas])
+    y0[2, 5] = bad_value
+    keep = [0, 1, 3]
+
+    def vfun(x, y, gain):
+        return x[:, :1] * torch.exp(-x[:, 1:] * T * gain) - y
+
+    def run(rows, loss_of):
+        y = y0[rows].clone().requires_grad_(True)
+        gain = torch.tensor(1.0, requires_grad=True)
+        res = batch_least_squares(vfun, torch.ones(len(rows), 2), args=(y,),
+                                  kwargs={"gain": gain}, jac="autograd", **TIGHT)
+        loss_of(res).backward()
+        return res, y.grad, gain.grad
+
+    ok = torch.tensor([True, True, False, True])
+    res, y_grad, gain_grad = run(list(range(B)),
+                                 lambda r: (torch.where(ok[:, None], r.x, 0.0) @ W).sum())
+    assert res.status.tolist()[2] == 5
+    _, y_ref, gain_ref = run(keep, lambda r: (r.x @ W).sum())
+    assert bool(torch.isfinite(gain_grad)) and bool((y_grad[2] == 0).all())
+    assert_grad_close(gain_grad, gain_ref, rtol=1e-7)
+    assert_grad_close(y_grad[keep], y_ref, rtol=1e-7)
+    # the others' cost alone: no NaN either
+    _, y_grad, gain_grad = run(list(range(B)), lambda r: r.cost[keep].sum())
+    _, y_ref, gain_ref = run(keep, lambda r: r.cost.sum())
+    # (noiseless data: the costs and their gradients are rounding noise, ~1e-17)
+    torch.testing.assert_close(gain_grad, gain_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(y_grad[keep], y_ref, rtol=0, atol=1e-12)
+    # asked of the failed problem: NaN, with the warning
+    with pytest.warns(RuntimeWarning, match="NaN for 1 problem"):
+        _, y_grad, gain_grad = run(list(range(B)), lambda r: (r.x @ W).sum())
+    assert bool(torch.isnan(gain_grad)) and bool(torch.isnan(y_grad[2]).all())
+
+
 # ------------------------------------------------------------ batches
 @pytest.mark.parametrize("vectorized", [True, False])
 @pytest.mark.parametrize("method", METHODS)

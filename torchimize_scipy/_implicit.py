@@ -341,13 +341,17 @@ def _describe(mask: Tensor) -> str:
 class _Adjoint:
     """What the backward pass of :class:`_ImplicitStep` needs (graph of ``g``, masks)."""
 
-    def __init__(self, g: Tensor, xs: Tensor, free: Tensor, ok: Tensor) -> None:
+    def __init__(self, g: Tensor, xs: Tensor, free: Tensor, ok: Tensor,
+                 bad: Tensor | None = None) -> None:
         self.g, self.xs, self.free, self.ok = g, xs, free, ok
+        self.bad = bad  # rows with non-finite residuals, kept out of g's graph
+        self.undefined: Tensor | None = None  # of the last apply()
 
     def apply(self, v: Tensor) -> Tensor:
         with torch.enable_grad():
             H = _hessian(self.g, self.xs)
         lam, flags = solve_adjoint(H.detach(), v, self.free, self.ok)
+        self.undefined = flags["undefined"]
         if bool(flags["undefined"].any()):
             warnings.warn(
                 "Gradient through the solution is NaN for " + _describe(flags["undefined"])
@@ -372,15 +376,27 @@ class _ImplicitStep(torch.autograd.Function):
     """``S(g) = 0`` in value; in the backward pass ``v -> -H^{-1} v`` (see the module)."""
 
     @staticmethod
-    def forward(ctx: Any, g: Tensor, adjoint: _Adjoint) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, g: Tensor, adjoint: _Adjoint,  # noqa: D102
+                poison: Tensor | None = None) -> Tensor:
         ctx.adjoint = adjoint
         return torch.zeros_like(g)
 
     @staticmethod
-    def backward(ctx: Any, v: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+    def backward(ctx: Any, v: Tensor) -> tuple[Tensor, None, Tensor | None]:  # noqa: D102
         if torch.is_grad_enabled():  # create_graph=True: a second derivative is coming
             raise RuntimeError(HIGHER_ORDER)
-        return -ctx.adjoint.apply(v), None
+        adjoint = ctx.adjoint
+        lam = -adjoint.apply(v)
+        poison = None
+        if adjoint.bad is not None and ctx.needs_input_grad[2]:
+            # an asked row with non-finite residuals: NaN into what its residuals depend
+            # on (its lam is NaN, but its row of g is a constant); none asked: nothing
+            asked = adjoint.bad & adjoint.undefined
+            if bool(asked.any()):
+                nan = torch.full((), float("nan"), dtype=v.dtype, device=v.device)
+                poison = torch.where(asked, nan, torch.zeros((), dtype=v.dtype,
+                                                            device=v.device))
+        return lam, None, poison
 
 
 # ---------------------------------------------------------------- attach
@@ -416,6 +432,25 @@ def attach(out: dict[str, Tensor], resid: Callable[[Tensor], Tensor],
         _STATE.depth -= 1
 
 
+def _finite_rows_only(f: Tensor, fill: float | None) -> tuple[Tensor, Tensor | None]:
+    """``f (B, m)`` with its rows that hold a non-finite value out of the graph, and those
+    rows (``(B,)`` bool; None when there are none).
+
+    Such a row (a failed problem: NaN data, an overflow) would turn a zero
+    incoming gradient into NaN (``0 * NaN``) on its way to the tensors that
+    every problem shares (a ``kwargs`` entry, a captured parameter), spoiling
+    the others' gradients. Its values are kept (``fill`` None, ``f`` detached
+    there: a loss that takes them is NaN already) or replaced by ``fill`` (the
+    graph of the gradient ``g``; a gradient asked of such a row's ``x`` is
+    undefined, and :class:`_ImplicitStep` makes it NaN by another path).
+    """
+    bad = ~torch.isfinite(f.detach()).all(-1)
+    if not bool(bad.any()):
+        return f, None
+    other = f.detach() if fill is None else torch.full_like(f, fill)
+    return torch.where(bad[:, None], other, f), bad
+
+
 def _attach(out: dict[str, Tensor], resid: Callable[[Tensor], Tensor],
             loss: LossFunction | None, x: Tensor, xs: Tensor, finite: Tensor, zero: Tensor,
             free: Tensor, ok: Tensor) -> None:
@@ -423,7 +458,8 @@ def _attach(out: dict[str, Tensor], resid: Callable[[Tensor], Tensor],
     dt = x.dtype
     with torch.enable_grad():
         try:
-            f = torch.as_tensor(resid(xs)).to(dt)
+            f_raw = torch.as_tensor(resid(xs)).to(dt)
+            f, bad = _finite_rows_only(f_raw, 0.0)
             cost = _differentiable_cost(f, loss)
             (g,) = torch.autograd.grad(cost.sum(), xs, create_graph=True)
         except RuntimeError as exc:
@@ -433,8 +469,12 @@ def _attach(out: dict[str, Tensor], resid: Callable[[Tensor], Tensor],
                     what="its residuals do not depend on `x` through torch operations")) \
                     from exc
             raise
-        x_out = x.detach() + _ImplicitStep.apply(g, _Adjoint(g, xs, free, ok))
+        # the rows kept out of g's graph reach fun's inputs through their residuals'
+        # sums instead, NaN where a gradient of their x is asked (undefined)
+        poison = None if bad is None else torch.where(bad, f_raw.sum(-1), 0.0)
+        x_out = x.detach() + _ImplicitStep.apply(g, _Adjoint(g, xs, free, ok, bad), poison)
         f_out = torch.as_tensor(resid(torch.where(finite, x_out, zero))).to(dt)
+        f_out, _ = _finite_rows_only(f_out, None)
         c_out = _differentiable_cost(f_out, loss)
     out["x"] = x_out
     out["f_true"] = out["f_true"].detach() + (f_out - f_out.detach())
