@@ -616,3 +616,54 @@ def test_default_bounds_fast_path_same_result_as_infinite_arrays():
         assert a.nfev == b.nfev and a.status == b.status
         np.testing.assert_allclose(a.x, b.x, rtol=1e-12, atol=0)
         assert isinstance(a.x, np.ndarray) and a.x.dtype == np.float64
+
+
+def _three(x):
+    return np.array([x[0] - 1, x[1] - 2, x[2] * x[0], x[1] + x[2]])
+
+
+@pytest.mark.parametrize(("method", "jac"), [("trf", "2-point"), ("trf", "3-point"),
+                                             ("dogbox", "2-point"), ("dogbox", "3-point"),
+                                             ("lm", "2-point")])
+def test_diff_step_of_length_one_broadcasts_as_scipy(method, jac):
+    x0 = np.array([0.5, 0.5, 0.5])
+    ref = so.least_squares(_three, x0, jac=jac, method=method, diff_step=[1e-4])
+    res = least_squares(_three, x0, jac=jac, method=method, diff_step=[1e-4])
+    same = least_squares(_three, x0, jac=jac, method=method, diff_step=1e-4)
+    np.testing.assert_array_equal(res.x, same.x)  # the same path: a scalar step
+    np.testing.assert_allclose(res.x, ref.x, rtol=1e-6, atol=1e-9)
+    assert res.nfev == ref.nfev
+
+
+@pytest.mark.parametrize("diff_step", [np.full((3, 3), 1e-3), np.array([[1e-3] * 3]),
+                                       [1e-3, 1e-3]])
+def test_diff_step_of_another_shape_refused(diff_step):
+    """scipy fails with numpy's errors (ValueError, IndexError); ours names the option."""
+    with pytest.raises((ValueError, IndexError)):
+        so.least_squares(_three, np.full(3, 0.5), diff_step=diff_step)
+    our_error(_three, np.full(3, 0.5), diff_step=diff_step,
+              match=r"`diff_step` must be a scalar or have the shape of `x0`")
+
+
+@pytest.mark.parametrize("method", ["lm", "dogbox"])
+def test_tr_options_not_a_mapping_ignored_where_scipy_ignores_it(method):
+    ref = so.least_squares(fun_trivial, 2.0, method=method, tr_options=3)
+    with pytest.warns(UserWarning, match=r"`tr_options` 3 are ignored"):
+        res = least_squares(fun_trivial, 2.0, method=method, tr_options=3)
+    np.testing.assert_allclose(res.x, ref.x, atol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "loss"), [("trf", "linear"), ("trf", "soft_l1"),
+                                              ("dogbox", "linear"), ("dogbox", "soft_l1"),
+                                              ("lm", "linear")])
+def test_cost_dtype_of_float32_residuals_as_scipy(method, loss):
+    """scipy's 'trf'/'dogbox' keep float32 residuals' dtype in ``fun`` and, for the linear
+    loss, in ``cost`` (``0.5 f.f``); 'lm' and robust losses give float64."""
+
+    def f32(x):
+        return np.array([10 * (x[1] - x[0] ** 2), 1 - x[0]], dtype=np.float32)
+
+    ref = so.least_squares(f32, [2.0, 2.0], method=method, loss=loss)
+    res = least_squares(f32, [2.0, 2.0], method=method, loss=loss)
+    assert type(res.cost) is type(ref.cost)
+    assert res.fun.dtype == ref.fun.dtype

@@ -134,9 +134,10 @@ def least_squares(
     tr_options : dict, optional
         With ``tr_solver='lsmr'``: LSMR's ``atol``, ``btol``, ``conlim``,
         ``maxiter`` (and ``x0``), plus ``damp`` and ``regularize`` ('trf') as
-        scipy takes them; an unknown key is scipy's ``TypeError``. With
-        'exact' a non-empty dict raises a ``ValueError`` naming it (scipy
-        ignores it); 'lm' ignores it, as scipy.
+        scipy takes them; an unknown key is scipy's ``TypeError``, and a
+        ``tr_options`` that is not a dict a ``TypeError``. With 'exact' and
+        with 'lm' it is ignored, as scipy ignores it, with a ``UserWarning``
+        naming it.
     jac_sparsity : {None, array_like, sparse matrix}, optional, shape (m, n)
         Which entries of the Jacobian can be nonzero, for finite differences:
         columns that share no row are perturbed together (scipy's greedy
@@ -258,8 +259,11 @@ def least_squares(
         if sparse_J is not None:
             result.jac = result_jacobian(sparse_J, numpy_caller=ns.kind != "torch")
         if ns.kind == "numpy" and f0_raw.dtype in _NARROW_FLOATS and method != "lm":
-            # scipy's 'trf' and 'dogbox' return fun's own dtype (MINPACK's 'lm': float64)
+            # scipy's 'trf' and 'dogbox' return fun's own dtype (MINPACK's 'lm': float64),
+            # and the linear loss's cost, 0.5 f.f, in it too (a robust one's is float64)
             result.fun = result.fun.astype(f0_raw.dtype)
+            if isinstance(loss, str) and loss == "linear":
+                result.cost = f0_raw.dtype.type(result.cost)
         if verbose >= 1:
             initial_cost = float(loss_obj.cost(f0)[0]) if loss_obj is not None else float(
                 0.5 * (f0 * f0).sum())

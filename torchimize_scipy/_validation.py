@@ -67,7 +67,8 @@ def check_tr_options(tr_options: Any, method: str, tr_solver: str, bounded: bool
         return
     if not lsmr:
         solver = "method='lm'" if method == "lm" else "tr_solver='exact'"
-        warnings.warn(f"`tr_options` {sorted(tr_options)} are ignored with {solver}: they "
+        named = sorted(tr_options) if isinstance(tr_options, Mapping) else repr(tr_options)
+        warnings.warn(f"`tr_options` {named} are ignored with {solver}: they "
                       "apply to tr_solver='lsmr' only (scipy ignores them too).",
                       UserWarning, stacklevel=4)
         return
@@ -265,8 +266,8 @@ def check_diff_step(diff_step: Any, n: int) -> np.ndarray | None:
     if diff_step is None:
         return None
     arr = np.asarray(to_host(diff_step), dtype=float)
-    if arr.ndim == 0:
-        arr = np.full(n, float(arr))
-    if arr.shape[-1] != n:
+    if arr.ndim == 0 or arr.shape == (1,):  # (scipy broadcasts one step against x0)
+        arr = np.full(n, float(arr.reshape(())))
+    if arr.shape != (n,):  # (scipy fails on 2-D steps with errors of numpy's)
         raise ValueError("`diff_step` must be a scalar or have the shape of `x0`.")
     return arr
