@@ -440,3 +440,31 @@ def test_kwargs_not_a_mapping_names_the_users_function(solve):
     with pytest.raises(TypeError, match=r"_sq_minus_one\(\) argument after \*\* must be a "
                                         r"mapping, not list"):
         call[solve]()
+
+
+def _three_residuals(x):
+    return np.array([x[0] - 1, x[1] - 2, x[0] + x[1]])
+
+
+def test_jac_changing_shape_mid_run_names_one_points_shapes():
+    """A ``jac`` of one point that changes its shape after ``x0``: the message shows the
+    shapes of one point's Jacobian (scipy fails inside numpy with a shape error too)."""
+
+    def jac(x):
+        return np.array([[1.0, 0], [0, 1], [1, 1]]) if x[0] == 0.5 else np.ones((2, 2))
+
+    with pytest.raises(ValueError):
+        so.least_squares(_three_residuals, np.full(2, 0.5), jac=jac)
+    with pytest.raises(ValueError, match=re.escape("expected (3, 2), actual (2, 2)")):
+        least_squares(_three_residuals, np.full(2, 0.5), jac=jac)
+
+
+def test_fun_changing_length_mid_run_says_so():
+    def fun(x):
+        return _three_residuals(x) if x[0] == 0.5 else _three_residuals(x)[:2]
+
+    with pytest.raises(ValueError):
+        so.least_squares(fun, np.full(2, 0.5))
+    with pytest.raises(ValueError, match=r"`fun` returned arrays of different shapes at "
+                                         r"different points .*\[\(2,\), \(3,\)\]"):
+        least_squares(fun, np.full(2, 0.5))

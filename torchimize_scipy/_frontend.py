@@ -118,8 +118,11 @@ class EngineJacobian:
             J = self.user(x, idx, residuals=f) if getattr(self.user, "takes_residuals", False) \
                 else self.user(x, idx)
             if tuple(J.shape) != (k, m, n):
+                # (a function of one point is shown its own shapes, not the stack's)
+                one = not isinstance(self.user, VectorizedFunction)
                 raise ValueError("The return value of `jac` has wrong shape: expected "
-                                 f"{(k, m, n)}, actual {tuple(J.shape)}.")
+                                 f"{(m, n) if one else (k, m, n)}, actual "
+                                 f"{tuple(J.shape[1:]) if one else tuple(J.shape)}.")
             return J
         if self.kind in FD_METHODS:
             if self.fd_dtype is not None:

@@ -384,8 +384,8 @@ class RowwiseFunction:
         parts = [p.reshape(_atleast(tuple(p.shape), self._ndim)) for p in parts]
         shapes = {tuple(p.shape) for p in parts}
         if len(shapes) > 1:
-            raise ValueError(f"`{self.kind}` returned arrays of different shapes for different "
-                             f"problems: {sorted(shapes)}.")
+            raise ValueError(f"`{self.kind}` returned arrays of different shapes at different "
+                             f"points (problems, or difference steps): {sorted(shapes)}.")
         return self._shaped(torch.stack(parts))
 
     def _call_numpy(self, x: Tensor, ids: list | None) -> list:
