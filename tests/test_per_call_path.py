@@ -365,7 +365,10 @@ def test_last_minpack_jacobian_of_one_as_batched(status, jac_last):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_minpack_qr_outputs_as_scipy_qr(shape, dtype):
     """``fjac, ipvt, qtf, R`` from one pivoted QR are those of ``scipy.linalg.qr``'s
-    'raw' and 'economic' modes (the route before: two factorisations)."""
+    'raw' and 'economic' modes (the route before: two factorisations), with MINPACK's
+    signs: a column with nothing below its diagonal (``tau = 0``: the last of a square
+    J), which LAPACK leaves alone, is reflected by MINPACK (its row of R and its entry
+    of Q^T f negated; ``tests/test_curve_fit_fjac_signs.py`` against ``leastsq``)."""
     import scipy.linalg
 
     from torchimize_scipy._curve_fit._leastsq import minpack_qr_outputs
@@ -378,13 +381,18 @@ def test_minpack_qr_outputs_as_scipy_qr(shape, dtype):
     (raw, tau), _, perm = scipy.linalg.qr(J, pivoting=True, mode="raw")
     Q, _, _ = scipy.linalg.qr(J, pivoting=True, mode="economic")
     tol = 50 * np.finfo(dtype).eps * max(1.0, np.abs(J).max())
+    k = min(m, n)
+    sign = np.where((tau[:k] == 0) & (np.diag(raw)[:k] != 0), -1.0, 1.0).astype(dtype)
+    assert (sign == -1).sum() == (1 if m == n else 0)  # (random J: only the square's last)
+    sign_m = np.concatenate([sign, np.ones(m - k, dtype=dtype)])
     assert ipvt.dtype == np.int32 and ipvt.tolist() == perm.tolist()
     assert fjac.dtype == dtype and fjac.shape == (n, m) and fjac.flags.c_contiguous
-    np.testing.assert_allclose(R, np.triu(raw[:n, :n]), rtol=0, atol=tol)
+    np.testing.assert_allclose(R, sign[:, None] * np.triu(raw[:n, :n]), rtol=0, atol=tol)
     np.testing.assert_allclose(
-        fjac.T, np.triu(raw) + np.tril(raw, -1) * tau[np.newaxis, :n], rtol=0, atol=tol)
-    np.testing.assert_allclose(qtf, Q.T @ f, rtol=0, atol=tol * np.abs(f).sum())
-    np.testing.assert_allclose(J[:, ipvt], Q @ R, rtol=0, atol=tol)
+        fjac.T, sign_m[:, None] * np.triu(raw) + np.tril(raw, -1) * tau[np.newaxis, :n],
+        rtol=0, atol=tol)
+    np.testing.assert_allclose(qtf, sign * (Q.T @ f), rtol=0, atol=tol * np.abs(f).sum())
+    np.testing.assert_allclose(J[:, ipvt], (Q * sign) @ R, rtol=0, atol=tol)
 
 
 def test_minpack_qr_outputs_refuses_nonfinite():
