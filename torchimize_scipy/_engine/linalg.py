@@ -883,12 +883,16 @@ def grad_norm(fac: Factors, route: tuple[bool, bool] | None = None,
                       vnorm(suf, dim=-1, keepdim=keepdim) if has_svd else None)
 
 
-def gauss_newton_step(fac: Factors, rcond: float | None = None) -> Tensor:
+def gauss_newton_step(fac: Factors, rcond: float | None = None,
+                      rank_limit: Tensor | None = None) -> Tensor:
     """Minimum-norm least-squares step ``-pinv(A) b``, ``(B, n)``.
 
     On SVD rows, singular values below ``rcond * s_max`` (default: the
-    dtype's epsilon) are treated as zero; Gram rows have full rank and use
-    ``H^{-1}``.
+    dtype's epsilon) are treated as zero, and so are those beyond
+    ``rank_limit (B,)`` (the count of columns not zeroed, where the caller
+    zeroed columns: their singular values are rounding noise, see
+    :func:`~.trust_region.minimum_norm_step`); Gram rows have full rank and
+    use ``H^{-1}``.
     """
     has_gram, has_svd = routes(fac)
     p_svd = None
@@ -897,6 +901,9 @@ def gauss_newton_step(fac: Factors, rcond: float | None = None) -> Tensor:
         if rcond is None:
             rcond = torch.finfo(s.dtype).eps
         keep = s > rcond * s[:, :1]
+        if rank_limit is not None:
+            index = torch.arange(s.shape[-1], device=s.device)
+            keep = keep & (index < rank_limit.to(s.device).unsqueeze(-1))
         coef = torch.where(keep, safe_div(uf, s), 0.0)
         p_svd = -torch.bmm(fac.V, coef.unsqueeze(-1)).squeeze(-1)
     return mix_routes(fac, gram_solve(fac, None, with_q=False)[0] if has_gram else None,

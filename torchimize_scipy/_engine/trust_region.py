@@ -549,7 +549,8 @@ def _scatter_rows(sc: Scalars, rows: Any, base: Any, values: Any) -> Any:
 
 
 def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True,
-                      rcond: float | None = None, torch_product: bool = False) -> Tensor:
+                      rcond: float | None = None, torch_product: bool = False,
+                      rank_limit: Tensor | None = None) -> Tensor:
     """:func:`~.linalg.gauss_newton_step`, its spectral work on the host.
 
     With the factors on the CPU the cut-off of the singular values (below
@@ -564,20 +565,30 @@ def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True
     operations to 4). ``host`` as for :class:`~.host_scalars.Scalars`;
     ``quiet=False`` where the caller holds :meth:`~.host_scalars.Scalars.quiet`
     already (numpy's ``errstate`` costs about 2 µs per entry).
+
+    ``rank_limit (B,)``: where the caller zeroed columns of ``J`` (the
+    variables 'dogbox' freezes), the count of the others. A zeroed column
+    adds an exact zero singular value, which the SVD returns as rounding
+    noise (about ``eps s_max``) that may pass the cut-off and send a long
+    step through every variable; the singular values beyond that count are
+    dropped, which is the SVD of the free columns alone (scipy's
+    ``lstsq(J[:, free], -f)``) up to rounding.
     """
     sc = scalars(fac.s, host=host)
     has_gram, has_svd = routes(fac)
     if not sc.host or not has_svd:
-        return gauss_newton_step(fac, rcond)
+        return gauss_newton_step(fac, rcond, rank_limit)
     s, uf = sc.rows(fac.s), sc.rows(fac.uf)
     eps = rcond if rcond is not None else _EPS.get(fac.s.dtype) or torch.finfo(fac.s.dtype).eps
+    limit = None if rank_limit is None else sc.rows(rank_limit)
     if sc.floats and not has_gram:
         # one problem: the quotients on Python floats (the same operations, see
         # _radius_one), the product with V on the host too (numpy's, see host_norm)
         s_l = s[0].tolist()
         cut = eps * s_l[0] if s_l else 0.0
-        coef = np.array([[u / v if (v > cut and v != 0) else 0.0
-                          for v, u in zip(s_l, uf[0].tolist(), strict=True)]])
+        rank = len(s_l) if limit is None else int(limit[0])
+        coef = np.array([[u / v if (v > cut and v != 0 and i < rank) else 0.0
+                          for i, (v, u) in enumerate(zip(s_l, uf[0].tolist(), strict=True))]])
         if not torch_product:
             return sc.tensor_rows(-(sc.rows(fac.V) @ coef[..., None])[..., 0])
         V = host_rows(fac.V)
@@ -587,6 +598,8 @@ def minimum_norm_step(fac: Factors, host: bool | None = None, quiet: bool = True
     else:
         with sc.quiet() if quiet else contextlib.nullcontext():
             keep = s > eps * s[:, :1]
+            if limit is not None:
+                keep = keep & (np.arange(s.shape[-1]) < limit[:, None])
             coef = np.where(keep, np.where(s != 0, uf / s, 0.0), 0.0)
     p_svd = -torch.bmm(fac.V, torch.from_numpy(coef.reshape(*coef.shape, 1))).squeeze(-1)
     return mix_routes(fac, gram_solve(fac, None, with_q=False)[0] if has_gram else None, p_svd)

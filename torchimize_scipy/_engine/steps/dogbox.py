@@ -22,7 +22,11 @@ for scipy and for us alike (``benchmarks/sweep_symmetric.py``). The frozen
 variables take exactly no Gauss-Newton step: the SVD of the Jacobian with
 their columns zeroed leaves rounding noise on them, which would fail the
 dogleg's in-bounds test at an active bound and cut every step to the Cauchy
-point.
+point. Each zeroed column adds a zero singular value, which the SVD returns
+as rounding noise near :math:`\epsilon` times the largest; such a value can
+pass the cut-off and send a long step through the free variables too, so the
+singular values beyond the count of free variables are dropped (the step is
+then that of the free columns alone, as scipy's ``lstsq(J[:, free], -f)``).
 """
 
 from __future__ import annotations
@@ -154,8 +158,10 @@ class Dogbox(StepRule):
                         use_gram=problem.use_gram)
         # gelsd's threshold (eps/2 * s_max) and no step on the frozen variables: see the
         # module notes (the cut-off and quotients on the host when on the CPU)
+        # (the zeroed columns' singular values dropped: the SVD of the free columns alone)
+        n_free = None if every else free.sum(-1)
         newton = minimum_norm_step(fac, rcond=0.5 * torch.finfo(J_free.dtype).eps,
-                                   torch_product=True)
+                                   torch_product=True, rank_limit=n_free)
         if every:
             state["newton"] = newton
         elif host_free:
