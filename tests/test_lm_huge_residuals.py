@@ -129,3 +129,33 @@ def test_a_nan_row_does_not_hide_a_huge_one():
     assert c is not None
     assert c[0] == 1 and c[2] == 1
     assert 1.0 <= float(f0[1].abs().max() * c[1]) < 2.0
+
+
+@pytest.mark.parametrize("tiny", [1e-170, 1e-200, 1e-300])
+def test_tiny_residuals_solved_like_scipy(tiny):
+    """Residuals and Jacobian far below 1e-154: their squares underflow to 0, so the
+    gradient test passed at x0 (status 1 after 1 evaluation); MINPACK's scaled norms and
+    ratios solve it, and so does the run scaled up by a power of two."""
+    def fun(x):
+        return tiny * np.array([x[0] - 1, 10 * (x[1] - x[0] ** 2), x[0] * x[1] - 1.5])
+
+    ref = so.least_squares(fun, [0.5, 0.3], method="lm")
+    res = least_squares(fun, [0.5, 0.3], method="lm")
+    assert ref.nfev > 2 and ref.status in (2, 3, 4)
+    assert_x_close(res.x, ref.x)
+    assert_status_equivalent(res.status, ref.status)
+    assert_counts_close(res.status, ref.status, res.nfev, ref.nfev)
+    assert res.cost == ref.cost == 0.0  # (0.5 f.f of the problem's residuals: underflows)
+    np.testing.assert_allclose(res.fun, fun(res.x), rtol=1e-6, atol=1e-6 * tiny)
+
+
+def test_factors_scale_tiny_rows_up_and_leave_zero_rows():
+    f0 = torch.tensor([[1e-170, 0.0], [0.0, 0.0], [1.0, 2.0], [5e-324, 0.0]],
+                      dtype=torch.float64)
+    J0 = torch.cat([torch.full((1, 2, 1), 1e-170), torch.zeros(1, 2, 1),
+                    torch.ones(1, 2, 1), torch.zeros(1, 2, 1)]).double()
+    c = _LMScaling.factors(f0, J0)
+    assert c[1] == 1 and c[2] == 1  # a zero row (nothing to scale) and a normal one
+    assert 1.0 <= float(f0[0].abs().max() * c[0]) < 2.0
+    assert np.frexp(float(c[0]))[0] == 0.5
+    assert torch.isfinite(c[3]) and c[3] > 1  # (a subnormal row: c capped, finite)

@@ -199,6 +199,9 @@ def solve(spec: EngineRun) -> dict[str, Tensor]:
 #: residuals (:class:`_LMScaling`): beyond it sums of squares of a few such entries (and of
 #: the scaled variables ``diag * x``) come near float64's overflow at 2**1024.
 LM_SCALE_ABOVE = 2.0**400
+#: ... and where the largest is below this (squares of such residuals underflow, and the
+#: gradient test would pass at once: MINPACK's ratios do not)
+LM_SCALE_BELOW = 2.0**-400
 
 
 class _LMScaling:
@@ -217,9 +220,11 @@ class _LMScaling:
     largest), so the scaled run takes MINPACK's steps. Only MINPACK's
     absolute constants do not scale: the radius 100 of a start ``diag * x0 =
     0`` and the smallest positive damping. Rows whose largest ``|f0|`` or
-    ``|J0|`` reaches :data:`LM_SCALE_ABOVE` get the ``c = 2**-e`` that
-    brings that largest entry into ``[1, 2)``; all others keep ``c = 1`` and run
-    as before. ``f`` never grows on an accepted step, so a scale chosen at
+    ``|J0|`` reaches :data:`LM_SCALE_ABOVE`, or whose largest entry of both
+    is below :data:`LM_SCALE_BELOW` (but not zero: squares of such residuals
+    underflow to 0, and the gradient test would pass at ``x0``), get the
+    ``c = 2**-e`` that brings that largest entry into ``[1, 2)``; all others
+    keep ``c = 1`` and run as before. ``f`` never grows on an accepted step, so a scale chosen at
     ``x0`` keeps the residuals in range (a Jacobian that grows by hundreds of
     orders of magnitude later is not covered). The results are divided back:
     ``fun``, ``jac``, ``grad`` and ``optimality`` are those of the problem,
@@ -240,18 +245,19 @@ class _LMScaling:
         hs = scalars(f0)
         if hs.floats:  # one problem: its entries on the host (read once: the engine reads them)
             f_h, J_h = hs.view(f0, J0)
-            if np.maximum(np.abs(f_h).max(), np.abs(J_h).max()) < LM_SCALE_ABOVE:
+            peak = np.maximum(np.abs(f_h).max(), np.abs(J_h).max())
+            if LM_SCALE_BELOW <= peak < LM_SCALE_ABOVE:
                 return None
-        peaks = torch.cat([torch.stack(torch.aminmax(f0)), torch.stack(torch.aminmax(J0))])
-        if float(peaks.abs().max()) < LM_SCALE_ABOVE:
-            return None
         big = torch.maximum(torch.linalg.vector_norm(f0, ord=math.inf, dim=-1),
                             torch.linalg.vector_norm(J0.flatten(1), ord=math.inf, dim=-1))
-        huge = torch.isfinite(big) & (big >= LM_SCALE_ABOVE)  # (non-finite rows stop at x0)
+        # (non-finite rows stop at x0; a zero row has nothing to scale)
+        huge = torch.isfinite(big) & ((big >= LM_SCALE_ABOVE) | (big < LM_SCALE_BELOW)) \
+            & (big > 0)
         if not bool(huge.any()):
             return None
-        # (largest entry scaled into [1, 2): 1 / c stays finite even for entries near 2**1024)
-        exponent = torch.frexp(torch.where(huge, big, 1.0)).exponent - 1
+        # (largest entry scaled into [1, 2): 1 / c stays finite even for entries near 2**1024,
+        # and c itself for subnormal ones)
+        exponent = (torch.frexp(torch.where(huge, big, 1.0)).exponent - 1).clamp(min=-1000)
         return torch.where(huge, torch.ldexp(torch.ones_like(big), -exponent), 1.0)
 
     @classmethod
