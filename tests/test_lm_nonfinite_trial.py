@@ -82,3 +82,29 @@ def test_a_batch_takes_it_per_problem(monkeypatch, host):
                                 (int(res.nfev[k]), int(res.njev[k])), (ref.nfev, ref.njev),
                                 exact=True)
             np.testing.assert_allclose(np.asarray(res.x[k]), ref.x, rtol=1e-6)
+
+
+def test_float32_trial_with_overflowing_residuals_keeps_float32():
+    """float32 'lm' whose trial overflows (exp of a large step): MINPACK's norm of that
+    trial (inf / NaN) was a float64 value, which made the radius and the rest of the run
+    float64 (TypeError in one problem's subproblem, a dtype error in a batch)."""
+    import scipy.optimize as so
+    import torch
+
+    from torchimize_scipy import batch_curve_fit, curve_fit
+
+    t = np.linspace(0, 4, 40)
+    y = 1e3 * (2.5 * np.exp(-1.3 * t) + 0.5
+               + 0.02 * np.random.default_rng(0).standard_normal(40))
+    ref = so.curve_fit(lambda x, a, k, c: a * np.exp(-k * x) + c, t, y, p0=[1, 1, 0])[0]
+
+    def model(x, a, k, c):
+        return a * torch.exp(-k * x) + c
+
+    tt, yy = torch.tensor(t, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    popt, _ = curve_fit(model, tt, yy, p0=torch.tensor([1.0, 1.0, 0.0]))
+    assert popt.dtype == torch.float32
+    np.testing.assert_allclose(popt.numpy(), ref, rtol=2e-4)
+    popt, _ = batch_curve_fit(model, tt, yy[None].repeat(3, 1), p0=torch.tensor([[1.0, 1, 0]] * 3))
+    assert popt.dtype == torch.float32
+    np.testing.assert_allclose(popt.numpy(), np.broadcast_to(ref, (3, 3)), rtol=2e-4)

@@ -197,7 +197,14 @@ def _enorm_nonfinite(hs: Scalars, f: Tensor) -> Any:
     """
     nan_row = torch.isnan(f).any(-1) | (torch.isinf(f).sum(-1) >= 2)
     rows, = hs.view(nan_row)
-    return hs.xp.where(rows, float("nan"), float("inf"))
+    norms = hs.xp.where(rows, float("nan"), float("inf"))
+    # (in f's dtype: a float64 norm in a float32 run made the radius, and every value
+    # after it, float64)
+    if not hs.host:
+        return norms.to(f.dtype)
+    if f.dtype != torch.float32:
+        return norms
+    return np.float32(norms) if np.ndim(norms) == 0 else norms.astype(np.float32)
 
 
 def _squares_from_cost(hs: Scalars, cost: Tensor) -> Tensor | None:
