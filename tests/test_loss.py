@@ -241,3 +241,34 @@ def test_a_rows_values_do_not_depend_on_its_place_in_the_batch(name):
             assert torch.equal(loss.rho(f[i:i + 1].clone())[:, 0], rho[:, i])
             J_i, f_i = loss.scaled_system(J[i:i + 1].clone(), f[i:i + 1].clone())
             assert torch.equal(J_i[0], J_s[i]) and torch.equal(f_i[0], f_s[i])
+
+
+def test_soft_l1_float32_without_cancellation():
+    """float32 ``2 (sqrt(1 + z) - 1)`` cancels for small z (0 below z ~ 6e-8); the value is
+    the exact one to float32's rounding for every z."""
+    from torchimize_scipy._loss import soft_l1
+
+    z64 = torch.logspace(-12, 4, 200, dtype=torch.float64)
+    ref = 2 * z64 / (torch.sqrt(1 + z64) + 1)  # (float64 without its own cancellation)
+    got = soft_l1(z64.to(torch.float32))[0].double()
+    torch.testing.assert_close(got, ref, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+
+
+def test_soft_l1_float32_cost_at_large_f_scale_is_scipys():
+    """f_scale = 100 (z ~ 1e-6): the float32 cost was 0.0095 against scipy's 0.0176."""
+    import scipy.optimize as so
+
+    from torchimize_scipy import least_squares
+
+    t = np.linspace(0, 4, 30)
+    y = 2.5 * np.exp(-1.3 * t) + 0.5 + 0.05 * np.sin(7 * t)
+
+    def fun(x, lib=np):
+        return x[0] * lib.exp(-x[1] * lib.asarray(t, dtype=x.dtype)) + x[2] \
+            - lib.asarray(y, dtype=x.dtype)
+
+    ref = so.least_squares(fun, [1.0, 1.0, 0.0], loss="soft_l1", f_scale=100.0)
+    res = least_squares(lambda x: fun(x, torch), torch.tensor([1.0, 1.0, 0.0]),
+                        loss="soft_l1", f_scale=100.0)
+    np.testing.assert_allclose(float(res.cost), ref.cost, rtol=1e-5)
+    np.testing.assert_allclose(res.x.numpy(), ref.x, rtol=1e-4)
