@@ -249,3 +249,22 @@ def test_pixel_with_fewer_points_than_parameters_bounded_fits_as_xarray():
     assert np.isfinite(got.curvefit_coefficients.values[2]).all()
     assert np.isinf(got.curvefit_covariance.values[2]).all()
     assert np.isinf(ref.curvefit_covariance.values[2]).all()
+
+
+def test_failed_pixels_reported_by_errors_without_touching_warning_filters(recwarn,
+                                                                         monkeypatch):
+    """A failed fit is reported by ``errors`` (NaN with 'ignore'), not by batch_curve_fit's
+    OptimizeWarning, and without ``warnings.catch_warnings``, which replaces the
+    process-wide filter list (other threads' filters lost under dask's threads)."""
+    import warnings
+
+    def refused(*args, **kwargs):
+        raise AssertionError("warnings.catch_warnings used during a fit")
+
+    d = cube(ny=2, nx=2)
+    monkeypatch.setattr(warnings, "catch_warnings", refused)
+    got = curvefit(d, "band", gaussian, p0={"a": 1.0, "mu": 0.0, "s": 0.2},
+                   errors="ignore", kwargs={"maxfev": 2})
+    monkeypatch.undo()
+    assert not [w for w in recwarn if "Optimal parameters not found" in str(w.message)]
+    assert np.isnan(got.curvefit_coefficients.values).all()

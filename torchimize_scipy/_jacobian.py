@@ -653,6 +653,10 @@ def autograd_jacobian(
         When every formulation fails because ``fun_torch`` converts the tensors
         it receives to numpy (:data:`AUTOGRAD_NEEDS_TORCH`, chained to torch's
         error). Any other error of the last formulation is raised unchanged.
+        An exception that is not a ``RuntimeError`` (what torch's transforms
+        raise for what they cannot do) comes from the caller's code: it is
+        raised at once, not answered by another formulation (which would call
+        ``fun_torch`` again and could let a one-off error pass).
 
     Notes
     -----
@@ -700,8 +704,8 @@ def autograd_jacobian(
     for attempt in attempts:
         try:
             jac = attempt()
-        except Exception as exc:  # noqa: BLE001 - the next formulation may work
-            errors.append(exc)
+        except RuntimeError as exc:  # (torch's transforms fail with RuntimeError only)
+            errors.append(exc)  # the next formulation may work
         else:
             # the kept errors' tracebacks reference this frame: free them now
             # rather than leave a reference cycle (and its tensors) to the GC

@@ -39,6 +39,7 @@ from ._frontend import (
 )
 from ._jac_forms import result_jacobian
 from ._results import build_one_result
+from ._user_functions import caller_grad
 from ._validation import check_options
 
 
@@ -329,6 +330,7 @@ def _wrap_callback(callback: Callable, ns: Namespace) -> Callable[[dict], bool]:
     except (TypeError, ValueError):
         params = set()
     by_name = params == {"intermediate_result"}
+    grad = torch.is_grad_enabled()  # (the caller's mode, as scipy calls it: caller_grad)
 
     def engine_callback(state: dict) -> bool:
         res = OptimizeResult(x=ns.to_user(state["x"][0].clone()),
@@ -337,7 +339,8 @@ def _wrap_callback(callback: Callable, ns: Namespace) -> Callable[[dict], bool]:
         cost = state["cost"][0]
         res["cost"] = cost.clone() if ns.kind == "torch" else float(cost)
         try:
-            with user_threads():  # (the caller's thread counts, also in a sparse solve)
+            # (the caller's thread counts, also in a sparse solve, and grad mode)
+            with user_threads(), caller_grad(grad):
                 if by_name:
                     callback(intermediate_result=res)
                 else:

@@ -25,6 +25,7 @@ the float64 value back in.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -207,6 +208,23 @@ class PerProblemArgs:
         return tuple(a[i] if s else a for a, s in zip(self.args, self.sliced, strict=False))
 
 
+_NO_CHANGE = contextlib.nullcontext()
+
+
+def caller_grad(enabled: bool) -> Any:
+    """The caller's grad mode for a call of its code inside the engine's loop.
+
+    The loop runs under ``torch.no_grad()`` (it records no graph of its
+    iterations); scipy calls ``fun``, ``jac``, ``loss`` and ``callback`` in
+    the caller's own mode, and code that uses autograd inside them (a residual
+    that is the gradient of an energy, a ``jac`` built with
+    ``torch.autograd.grad``) needs it. ``enabled``: the mode when the solve
+    began. What these calls return is detached at the boundary
+    (:meth:`~torchimize_scipy._arrays.Namespace.from_user`).
+    """
+    return torch.enable_grad() if enabled and not torch.is_grad_enabled() else _NO_CHANGE
+
+
 def own_value(v: Any) -> Any:
     """A value ``fn`` returned for one of several rows, kept before ``fn`` is called for
     the next: a copy of an array, tensor or ``scipy.sparse`` matrix, which ``fn`` may
@@ -258,6 +276,7 @@ class RowwiseFunction:
         self.kwargs = kwargs
         self.ns = ns
         self.map = _make_map(workers)
+        self._grad = torch.is_grad_enabled()  # (the caller's: see caller_grad)
         self._vmap_ok = try_vmap and ns.kind == "torch"
         # decided once, not per evaluation
         self._ndim = 1 if kind == "fun" else 2
@@ -298,7 +317,7 @@ class RowwiseFunction:
 
     def raw(self, x: Tensor, idx: Tensor) -> Tensor:
         """Differentiable evaluation for torch functions (no detach), ``(k, m)``."""
-        with user_threads():
+        with user_threads(), caller_grad(self._grad):
             return self._raw(x, idx)
 
     def _raw(self, x: Tensor, idx: Tensor) -> Tensor:
@@ -320,10 +339,11 @@ class RowwiseFunction:
     def call_one(self, x: Tensor, i: int = 0) -> Any:
         """Raw call for one point (the caller's return value, unconverted)."""
         row = self.ns.row_to_fun(x)
-        if self.ns.kind != "torch":
-            return self.fn(row, *self._args_for(i), **self.kwargs)
-        with user_threads():
-            return self.fn(row, *self._args_for(i), **self.kwargs)
+        with caller_grad(self._grad):
+            if self.ns.kind != "torch":
+                return self.fn(row, *self._args_for(i), **self.kwargs)
+            with user_threads():
+                return self.fn(row, *self._args_for(i), **self.kwargs)
 
     def __call__(self, x: Tensor, idx: Tensor, complex_ok: bool = False) -> Tensor:
         """``(k, m)`` (or ``(k, m, n)`` for a Jacobian) at the rows ``x (k, n)``.
@@ -333,6 +353,10 @@ class RowwiseFunction:
         _blas_threads.user_threads`); numpy and other array kinds do not use
         torch's threads.
         """
+        with caller_grad(self._grad):
+            return self._call(x, idx, complex_ok)
+
+    def _call(self, x: Tensor, idx: Tensor, complex_ok: bool) -> Tensor:
         k = x.shape[0]
         # (the caller's own torch count, also inside a solve that holds this thread's at 1)
         if self._vmap_ok and k > 1 and (x.shape[-1] < _VMAP_MAX_N or product_threads() > 1):
@@ -545,6 +569,7 @@ class VectorizedFunction:
         self.kwargs = kwargs
         self.ns = ns
         self.kind = kind
+        self._grad = torch.is_grad_enabled()  # (the caller's: see caller_grad)
         #: ``fn`` also takes the residuals at its points (a :class:`WithResiduals` ``jac``)
         self.takes_residuals = isinstance(fn, WithResiduals)
         #: numpy dtype of the engine's tensors when they live on the host and the caller
@@ -555,7 +580,7 @@ class VectorizedFunction:
 
     def raw(self, x: Tensor, idx: Tensor) -> Tensor:
         """Differentiable evaluation for torch functions (no detach), ``(b, m)``."""
-        with user_threads():
+        with user_threads(), caller_grad(self._grad):
             return torch.as_tensor(self.fn(x, *self.args.select(idx), **self.kwargs))
 
     def __call__(self, x: Tensor, idx: Tensor, complex_ok: bool = False,
@@ -565,6 +590,11 @@ class VectorizedFunction:
         ``residuals (b, m)``: the engine's residuals at ``x``, handed on (in the
         caller's kind, not copied) when ``fn`` takes them (:attr:`takes_residuals`).
         """
+        with caller_grad(self._grad):
+            return self._call(x, idx, complex_ok, residuals)
+
+    def _call(self, x: Tensor, idx: Tensor, complex_ok: bool,
+              residuals: Tensor | None) -> Tensor:
         kwargs = self.kwargs
         if residuals is not None and self.takes_residuals:
             kwargs = dict(kwargs, residuals=self._user_view(residuals))
@@ -610,17 +640,20 @@ def user_loss(loss: Callable, ns: Namespace, m: int, rowwise: bool) -> Callable[
     problem with a fresh array of the caller's kind (numpy float64 unless the
     caller works in torch) and must return ``(3, m)`` (else scipy's
     ``ValueError``). Otherwise (``batch_least_squares``) ``loss(z (b, m))``
-    returns ``(3, b, m)``.
+    returns ``(3, b, m)``. Called in the caller's grad mode (:func:`caller_grad`).
     """
+    grad = torch.is_grad_enabled()
     if rowwise:
         def rho_rows(z: Tensor) -> Tensor:
             rows = []
             for i in range(z.shape[0]):
                 if ns.kind == "torch":
-                    with user_threads():
+                    with user_threads(), caller_grad(grad):
                         r = loss(z[i])
                 else:
-                    r = np.asarray(as_numpy(loss(ns.row_to_fun(z[i]))), dtype=float)
+                    with caller_grad(grad):
+                        r = loss(ns.row_to_fun(z[i]))
+                    r = np.asarray(as_numpy(r), dtype=float)
                 r = ns.from_user(r, what="loss")
                 if tuple(r.shape) != (3, m):
                     raise ValueError("The return value of `loss` callable has wrong shape.")
@@ -631,9 +664,11 @@ def user_loss(loss: Callable, ns: Namespace, m: int, rowwise: bool) -> Callable[
 
     def rho_batch(z: Tensor) -> Tensor:  # its shape is checked by the LossFunction
         if ns.kind == "torch":
-            with user_threads():
+            with user_threads(), caller_grad(grad):
                 out = loss(z)
             return ns.from_user(out, what="loss")
-        return ns.from_user(loss(z.detach().cpu().numpy()), what="loss")
+        with caller_grad(grad):
+            out = loss(z.detach().cpu().numpy())
+        return ns.from_user(out, what="loss")
 
     return rho_batch

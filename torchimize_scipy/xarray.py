@@ -16,12 +16,10 @@ Requires the ``xarray`` extra: ``pip install torchimize-scipy[xarray]``.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import OptimizeWarning
 
 try:
     import xarray as xr
@@ -30,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "'torchimize-scipy[xarray]'") from exc
 
 from . import batch_curve_fit
+from ._curve_fit._batched import QUIET_FAILED
 from ._dask_workers import prepare_worker
 
 __all__ = ["curvefit"]
@@ -309,12 +308,14 @@ class _BlockFit:
         if self.skipna and self.kwargs.get("method", "trf" if bounded else "lm") == "lm":
             _few_points(valid.sum(axis=1), self.P)
         options = {"nan_policy": "omit" if self.skipna else "raise", **self.kwargs}
-        with warnings.catch_warnings():
-            # failed fits are reported by `errors`, as xarray does
-            warnings.filterwarnings("ignore", "Optimal parameters not found",
-                                    OptimizeWarning)
+        # failed fits are reported by `errors`, as xarray does: batch_curve_fit's warning
+        # of them left out for this call (a context variable: thread-safe under dask)
+        token = QUIET_FAILED.set(True)
+        try:
             popt, pcov = batch_curve_fit(self.func, xdata, yr, start[rows],
                                          bounds=(lower[rows], upper[rows]), **options)
+        finally:
+            QUIET_FAILED.reset(token)
         if self.errors == "raise":
             has_data = valid.any(axis=1) if self.skipna else np.ones(len(rows), dtype=bool)
             failed = np.isnan(popt).any(axis=1) & has_data

@@ -10,6 +10,7 @@ of the solve and reported with the status ``NONFINITE`` (where
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,13 @@ from ._leastsq import (
     status_to_ier,
 )
 from ._model import WhitenedModel
+
+#: True (per thread and context) where the caller reports failed fits itself and the
+#: "Optimal parameters not found" warning is left out (``torchimize_scipy.xarray``,
+#: whose ``errors`` decides; a ``warnings.catch_warnings`` block there would replace the
+#: process-wide filter list under dask's threads)
+QUIET_FAILED: contextvars.ContextVar[bool] = contextvars.ContextVar("quiet_failed",
+                                                                    default=False)
 
 
 def batch_curve_fit(
@@ -301,7 +309,7 @@ def batch_curve_fit(
         warnings.warn(f"{COV_MSG} for {indeterminate} of {B} problems",
                       category=OptimizeWarning, stacklevel=2)
     failed = int((~ok).sum())
-    if failed:
+    if failed and not QUIET_FAILED.get():
         warnings.warn(f"Optimal parameters not found for {failed} of {B} problems; their "
                       "popt and pcov are NaN (see `mesg` and `ier` with full_output=True)",
                       category=OptimizeWarning, stacklevel=2)
