@@ -113,3 +113,29 @@ def test_autograd_jacobian_passes_the_callers_exception_at_once(error):
         least_squares(fun, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64),
                       jac="autograd")
     assert len(calls) == 3
+
+
+def _derivative_model(x, a, k):
+    """A model that is the derivative of another, by autograd: -a k exp(-k x)."""
+    xt = torch.tensor(np.asarray(x, dtype=float), requires_grad=True)
+    antiderivative = (float(a) * torch.exp(-float(k) * xt)).sum()
+    (d,) = torch.autograd.grad(antiderivative, xt)
+    return d.numpy()
+
+
+@pytest.mark.parametrize("method", ["lm", "trf"])
+def test_curve_fit_model_using_autograd_inside(method):
+    from torchimize_scipy import batch_curve_fit, curve_fit
+
+    ydata = -2.5 * 1.3 * np.exp(-1.3 * T) + 0.01 * np.sin(5 * T)
+    ref = so.curve_fit(_derivative_model, T, ydata, p0=[1.0, 1.0], method=method)
+    got = curve_fit(_derivative_model, T, ydata, p0=[1.0, 1.0], method=method)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+
+    def vectorised(x, a, k):  # a, k (b, 1)
+        return np.stack([_derivative_model(x, ai, ki)
+                         for ai, ki in zip(a[:, 0], k[:, 0], strict=True)])
+
+    popt, _ = batch_curve_fit(vectorised, T, np.stack([ydata, ydata]), np.ones((2, 2)),
+                              method=method)
+    np.testing.assert_allclose(popt, np.stack([ref[0], ref[0]]), rtol=1e-6)

@@ -225,6 +225,16 @@ def caller_grad(enabled: bool) -> Any:
     return torch.enable_grad() if enabled and not torch.is_grad_enabled() else _NO_CHANGE
 
 
+def _caller_grad_of(fn: Callable) -> bool:
+    """The grad mode to call ``fn`` in: the caller's, unless ``fn`` is a wrapper of ours
+    that calls the caller's code in it itself (``CALLER_GRAD_INSIDE``: ``curve_fit``'s
+    model, whose own work, e.g. its cache-sized groups of calls, reads the engine's
+    mode)."""
+    target = fn.fn if isinstance(fn, WithResiduals) else fn
+    owner = getattr(target, "__self__", target)
+    return torch.is_grad_enabled() and not getattr(owner, "CALLER_GRAD_INSIDE", False)
+
+
 def own_value(v: Any) -> Any:
     """A value ``fn`` returned for one of several rows, kept before ``fn`` is called for
     the next: a copy of an array, tensor or ``scipy.sparse`` matrix, which ``fn`` may
@@ -276,7 +286,7 @@ class RowwiseFunction:
         self.kwargs = kwargs
         self.ns = ns
         self.map = _make_map(workers)
-        self._grad = torch.is_grad_enabled()  # (the caller's: see caller_grad)
+        self._grad = _caller_grad_of(fn)  # (the caller's: see caller_grad)
         self._vmap_ok = try_vmap and ns.kind == "torch"
         # decided once, not per evaluation
         self._ndim = 1 if kind == "fun" else 2
@@ -569,7 +579,7 @@ class VectorizedFunction:
         self.kwargs = kwargs
         self.ns = ns
         self.kind = kind
-        self._grad = torch.is_grad_enabled()  # (the caller's: see caller_grad)
+        self._grad = _caller_grad_of(fn)  # (the caller's: see caller_grad)
         #: ``fn`` also takes the residuals at its points (a :class:`WithResiduals` ``jac``)
         self.takes_residuals = isinstance(fn, WithResiduals)
         #: numpy dtype of the engine's tensors when they live on the host and the caller

@@ -30,7 +30,7 @@ import torch
 from array_api_compat import array_namespace, device
 
 from .. import _implicit as implicit
-from .._user_functions import own_value
+from .._user_functions import caller_grad, own_value
 from ._data import FitData
 from ._leastsq import LeastsqBook, as_tensor
 
@@ -131,10 +131,15 @@ class WhitenedModel:
     'lm' with MINPACK's bookkeeping) records every evaluation.
     """
 
+    #: it calls ``f`` and ``jac`` in the caller's grad mode itself (:meth:`_call`); the
+    #: engine calls it in its own (``_user_functions._caller_grad_of``)
+    CALLER_GRAD_INSIDE = True
+
     def __init__(self, f: Callable, jac: Callable | None, data: FitData, n: int,
                  col_deriv: bool, rowwise: bool) -> None:
         self.f = f
         self.jac = jac
+        self._grad = torch.is_grad_enabled()  # (the caller's mode at the fit's start)
         self.data = data
         self.n = n
         self.col_deriv = col_deriv
@@ -151,7 +156,12 @@ class WhitenedModel:
         self.finite_for_cholesky = False
 
     def _call(self, fn: Callable, x: Any, P: Any) -> Any:
-        """``fn`` at the parameter rows ``P (rows, N)``: outputs stacked along axis 0."""
+        """``fn`` at the parameter rows ``P (rows, N)``: outputs stacked along axis 0, in the
+        caller's grad mode (:func:`~torchimize_scipy._user_functions.caller_grad`)."""
+        with caller_grad(self._grad):
+            return self._call_in_mode(fn, x, P)
+
+    def _call_in_mode(self, fn: Callable, x: Any, P: Any) -> Any:
         if not self.rowwise:
             return fn(x, *[P[:, j:j + 1] for j in range(self.n)])
         # Several rows: each output is copied as soon as ``fn`` returns it, before the next

@@ -399,6 +399,8 @@ class _EngineCall:
     """
 
     __slots__ = ("point", "engine_rows")
+    #: the model calls ``f`` in the caller's grad mode itself (``WhitenedModel._call``)
+    CALLER_GRAD_INSIDE = True
 
     def __init__(self, point: Callable, rows: Callable | None) -> None:
         self.point = point
