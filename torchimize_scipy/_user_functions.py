@@ -382,7 +382,9 @@ class RowwiseFunction:
         _blas_threads.user_threads`); numpy and other array kinds do not use
         torch's threads.
         """
-        with caller_grad(self._grad):
+        if not self._grad:  # (a wrapper of ours, or a caller without grad mode)
+            return self._call(x, idx, complex_ok)
+        with caller_grad(True):
             return self._call(x, idx, complex_ok)
 
     def _call(self, x: Tensor, idx: Tensor, complex_ok: bool) -> Tensor:
@@ -619,7 +621,9 @@ class VectorizedFunction:
         ``residuals (b, m)``: the engine's residuals at ``x``, handed on (in the
         caller's kind, not copied) when ``fn`` takes them (:attr:`takes_residuals`).
         """
-        with caller_grad(self._grad):
+        if not self._grad:  # (a wrapper of ours, or a caller without grad mode)
+            return self._call(x, idx, complex_ok, residuals)
+        with caller_grad(True):
             return self._call(x, idx, complex_ok, residuals)
 
     def _call(self, x: Tensor, idx: Tensor, complex_ok: bool,
