@@ -485,3 +485,27 @@ def test_subspace_gram_on_the_host_and_with_autograd() -> None:
     G2.sum().backward()
     assert_close_scaled(leaf.grad, 2 * JS.sum(-1, keepdim=True).expand(-1, -1, 2),
                         ONE_EVAL_RTOL)
+
+
+def _saddle(x):  # at x1 = 0 a saddle of the cost; the Gauss-Newton model is flat along x1
+    return np.array([x[0] - 1, 2 * x[0] + x[1] ** 2 - 3, x[0] * x[1] ** 2])
+
+
+def _flat_start(x):  # J = 0 at the start (finite differences of order h)
+    return np.array([x[0] ** 2 - 1, x[0] * x[1], x[1] ** 2 - 4, x[0] ** 3 + x[1] ** 3 - 2])
+
+
+@pytest.mark.parametrize(("fun", "x0", "kw"), [
+    (_saddle, [0.5, 0.0], {}),
+    (_flat_start, [0.0, 0.0], {"ftol": 1e-12, "xtol": 1e-12, "gtol": 1e-12}),
+], ids=["saddle", "flat-start"])
+def test_two_variables_take_the_whole_plane_as_scipy(fun, x0, kw):
+    """n = 2 with the LSMR step along the gradient, itself an eigenvector of a flat model:
+    the second basis vector was zeroed (the model along the gradient only) and the solve
+    stayed on the saddle (cost 0.1 against scipy's 0.0902; 8.13 against 5.62); scipy's QR
+    of the two vectors completes the plane, and so does ours now, turned as LAPACK's."""
+    ref = scipy_least_squares(fun, x0, tr_solver="lsmr", **kw)
+    res = least_squares(fun, x0, tr_solver="lsmr", **kw)
+    np.testing.assert_allclose(res.cost, ref.cost, rtol=1e-9)
+    np.testing.assert_allclose(res.x, ref.x, rtol=1e-6, atol=1e-9)
+    assert res.nfev == ref.nfev

@@ -31,8 +31,13 @@ operator (:mod:`.._engine.operator`):
   multiple of :math:`g_h` to rounding (LSMR stopped after one iteration,
   typical of a large regularisation), the second basis vector would be
   rounding noise, i.e. a random direction (scipy keeps it, so its step there
-  is decided by rounding); it is set to zero instead, which leaves the model
-  along the gradient and makes the step reproducible.
+  is decided by rounding); the model's Hessian times :math:`g_h` (the next
+  Krylov vector) takes its place, and where that too is along :math:`g_h`
+  the second basis vector is zero, which leaves the model along the gradient
+  and makes the step reproducible. With :math:`n = 2` the plane is the whole
+  space (as scipy's QR of the two vectors completes it): the second vector
+  is the unit vector perpendicular to :math:`g_h`, which a step off a saddle
+  along a flat direction of the model needs.
 * With bounds the step then goes through the reflective selection of
   :mod:`.trf` (cut-back, reflected and anti-gradient steps), whose quadratic
   models are evaluated by products.
@@ -308,7 +313,15 @@ class TRFLSMR(TRF):
         # direction; the next Krylov vector, the model's Hessian times g_h, takes its place
         tiny = 64 * torch.finfo(g.dtype).eps * vnorm(gn_h, dim=-1)
         collinear = r22 <= tiny
-        if bool(collinear.any()):
+        if g_h.shape[-1] == 2 and bool(collinear.any()):
+            # n = 2: the plane is the whole space, as scipy's QR of the two vectors completes
+            # it (g_h an eigenvector of a flat model, at a saddle, needs the other direction)
+            q1 = S[..., 0]
+            # (turned as LAPACK's Householder QR turns it: the sign of g_h's first entry)
+            turn = torch.where(q1[..., :1] >= 0, 1.0, -1.0)
+            perp = torch.stack([-q1[..., 1], q1[..., 0]], -1) * turn
+            S = torch.stack([q1, torch.where(collinear.unsqueeze(-1), perp, S[..., 1])], -1)
+        elif bool(collinear.any()):
             Hg = J_h.rmatvec(J_h.matvec(g_h))
             if diag_h is not None:
                 Hg = Hg + diag_h * g_h
