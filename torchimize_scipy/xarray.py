@@ -305,7 +305,7 @@ class _BlockFit:
         for x in xr_rows:
             valid &= ~np.isnan(x) if x.ndim == 2 else ~np.isnan(x)[None, :]
         bounded = bool((np.isfinite(lower[rows]) | np.isfinite(upper[rows])).any())
-        if self.skipna and self.kwargs.get("method", "trf" if bounded else "lm") == "lm":
+        if self.skipna and (self.kwargs.get("method") or ("trf" if bounded else "lm")) == "lm":
             _few_points(valid.sum(axis=1), self.P)
         options = {"nan_policy": "omit" if self.skipna else "raise", **self.kwargs}
         # failed fits are reported by `errors`, as xarray does: batch_curve_fit's warning
