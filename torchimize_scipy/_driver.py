@@ -238,8 +238,8 @@ class _LMScaling:
     @staticmethod
     def factors(f0: Tensor, J0: Tensor) -> Tensor | None:
         """``c`` per row of ``f0 (b, m)``, ``J0 (b, m, n)``; None when every ``c`` is 1."""
-        # (the usual case: one pass over each without a temporary |J0|, one read; a NaN
-        # anywhere makes the screen NaN, and the rows are then looked at one by one)
+        # (a batch: each row's largest entry, one pass over f0 and J0 in their own layouts
+        # without a temporary |J0|, and one read; tiny rows need the rows' own values)
         if f0.numel() == 0 or J0.numel() == 0:
             return None
         hs = scalars(f0)
@@ -249,7 +249,7 @@ class _LMScaling:
             if LM_SCALE_BELOW <= peak < LM_SCALE_ABOVE:
                 return None
         big = torch.maximum(torch.linalg.vector_norm(f0, ord=math.inf, dim=-1),
-                            torch.linalg.vector_norm(J0.flatten(1), ord=math.inf, dim=-1))
+                            torch.linalg.vector_norm(J0, ord=math.inf, dim=(-2, -1)))
         # (non-finite rows stop at x0; a zero row has nothing to scale)
         huge = torch.isfinite(big) & ((big >= LM_SCALE_ABOVE) | (big < LM_SCALE_BELOW)) \
             & (big > 0)

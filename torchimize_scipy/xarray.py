@@ -29,6 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from . import batch_curve_fit
 from ._curve_fit._batched import QUIET_FAILED
+from ._curve_fit._data import too_many_parameters
 from ._dask_workers import prepare_worker
 
 __all__ = ["curvefit"]
@@ -342,5 +343,4 @@ def _few_points(counts: np.ndarray, P: int) -> None:
     if m == 1:
         raise TypeError(f"Improper input: func input vector length N={P} must not exceed "
                         f"func output vector length M={m}")
-    raise TypeError(f"The number of func parameters={P} must not exceed the number of "
-                    f"data points={m}")
+    raise TypeError(too_many_parameters(P, m))

@@ -32,6 +32,7 @@ from ._data import (
     any_bound,
     method_for_bounds,
     sigma_transform,
+    too_many_parameters,
     torch_lead,
 )
 from ._leastsq import (
@@ -215,8 +216,7 @@ def batch_curve_fit(
     if "args" in kwargs:
         raise ValueError("'args' is not a supported keyword argument.")
     if method == "lm" and n > M:
-        raise TypeError(f"The number of func parameters={n} must not"
-                        f" exceed the number of data points={M}")
+        raise TypeError(too_many_parameters(n, M))
     if "return_jac" in kwargs:
         raise ValueError("`return_jac` cannot be set: batch_curve_fit needs the Jacobians "
                          "to compute pcov.")
@@ -323,8 +323,7 @@ def batch_curve_fit(
             for g, i, s in zip(good.tolist(), ier.tolist(), status.tolist(), strict=True)]
     if few is not None:
         for b in np.flatnonzero(few).tolist():
-            mesg[b] = (f"The number of func parameters={n} must not exceed the number of "
-                       f"data points={int(counts[b])}")
+            mesg[b] = too_many_parameters(n, int(counts[b]))
     infodict = {"nfev": out(nfev), "fvec": out(t["fun"])}
     if njev is not None and callable(jac):  # 'lm' only, as leastsq
         infodict["njev"] = out(njev)

@@ -28,6 +28,12 @@ from .._validation import unbounded_default  # noqa: F401  (curve_fit's test of 
 NONFINITE_DATA_MSG = "array must not contain infs or NaNs"
 
 
+def too_many_parameters(n: int, m: int) -> str:
+    """What ``curve_fit`` ('lm') raises as ``TypeError`` for ``n`` parameters and ``m < n``
+    data points (scipy's text); also the message of such a problem of a batch."""
+    return f"The number of func parameters={n} must not exceed the number of data points={m}"
+
+
 # ---------------------------------------------------------------------------
 # parameters: count, default start, the tensor that decides device and dtype
 # ---------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from ._data import (
     float_array,
     method_for_bounds,
     sigma_transform,
+    too_many_parameters,
     torch_lead,
     unbounded_default,
 )
@@ -461,8 +462,7 @@ def _fit_lm(problem: _OneProblem, p0: Any, n: int, ysize_data: int, jac_arg: Any
     pivots of the QR alone (:func:`minpack_qr_outputs`' ``factors_only``).
     """
     if ysize_data != 1 and n > ysize_data:
-        raise TypeError(f"The number of func parameters={n} must not"
-                        f" exceed the number of data points={ysize_data}")
+        raise TypeError(too_many_parameters(n, ysize_data))
     if ysize_data == 1:  # the model may broadcast: check its real length first
         m = np.atleast_1d(as_numpy(problem.evaluate(p0))).size
         if n > m:
